@@ -1,0 +1,698 @@
+//! Agent configuration: the TOML file that declares the apps on this node.
+//!
+//! The file is read in two steps, as the rest of the agent expects: serde
+//! turns the text into a [`RawConfig`] that mirrors the file (unknown keys are
+//! errors), then [`Config::new`] checks every value and gathers *all*
+//! problems, each with the file, line and key, so an operator fixes the file
+//! in one go.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the agent looks when neither `--config` nor `SLIPWAY_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/slipway/agent.toml";
+
+/// Releases kept by `prune` when the app does not say (the seeds' "keep 5").
+pub const DEFAULT_KEEP: usize = 5;
+/// Failed and bad releases kept for inspection beyond the good ones.
+pub const DEFAULT_KEEP_FAILED: usize = 2;
+/// Refuse archives that would expand past this many bytes.
+pub const DEFAULT_MAX_EXPANDED: u64 = 4 << 30;
+/// Refuse archives with more entries than this (a zip-bomb of empty files).
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+/// Free space that must remain on the app root's filesystem after unpacking.
+pub const DEFAULT_FREE_SPACE_MARGIN: u64 = 256 << 20;
+/// How long one hook command may run before it is killed.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One problem in the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `apps.web.keep`.
+    pub key: String,
+    /// 1-based line of the key in the file, when it could be located.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// Everything wrong with one configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(path, problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn render_problems(path: &Path, problems: &[ConfigProblem]) -> String {
+    let mut out = format!(
+        "invalid config file {} ({} problem{})",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        match p.line {
+            Some(line) => out.push_str(&format!(
+                "\n  {}:{line}: {}: {}",
+                path.display(),
+                p.key,
+                p.message
+            )),
+            None => out.push_str(&format!("\n  {}: {}: {}", path.display(), p.key, p.message)),
+        }
+    }
+    out
+}
+
+/// The file as written, before any value is checked.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub apps: BTreeMap<String, RawApp>,
+}
+
+/// One `[apps.NAME]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub root: String,
+    pub keep: Option<i64>,
+    pub keep_failed: Option<i64>,
+    #[serde(default)]
+    pub shared_files: Vec<String>,
+    #[serde(default)]
+    pub shared_dirs: Vec<String>,
+    /// When true, a real file in the artifact at a shared path is kept and the
+    /// shared link is skipped; when false (default) that is an error.
+    #[serde(default)]
+    pub artifact_wins: bool,
+    pub content_store: Option<bool>,
+    pub max_entries: Option<i64>,
+    pub max_expanded_size: Option<Size>,
+    pub free_space_margin: Option<Size>,
+    #[serde(default)]
+    pub hooks: RawHooks,
+}
+
+/// `[apps.NAME.hooks]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHooks {
+    #[serde(default)]
+    pub before_activate: Vec<String>,
+    #[serde(default)]
+    pub after_activate: Vec<String>,
+    pub timeout: Option<DurationValue>,
+}
+
+/// A byte size written as an integer or a string such as `"4GiB"` or `"512MB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(i64),
+    Text(String),
+}
+
+/// A duration written as seconds or a string such as `"90s"`, `"5m"`, `"1h"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DurationValue {
+    Seconds(i64),
+    Text(String),
+}
+
+/// The checked configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub path: PathBuf,
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// One app, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    pub name: String,
+    /// Absolute directory holding `releases/`, `shared/`, `current`, `.slipway/`.
+    pub root: PathBuf,
+    /// Good releases kept by prune.
+    pub keep: usize,
+    /// Failed or bad releases kept for inspection.
+    pub keep_failed: usize,
+    /// Files under `shared/` linked into every release (relative paths).
+    pub shared_files: Vec<PathBuf>,
+    /// Directories under `shared/` linked into every release (relative paths).
+    pub shared_dirs: Vec<PathBuf>,
+    pub artifact_wins: bool,
+    /// Hardlink unchanged files from the per-app object store.
+    pub content_store: bool,
+    pub limits: UnpackLimits,
+    pub free_space_margin: u64,
+    pub hooks: Hooks,
+}
+
+/// Bounds on what one artifact may expand to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    pub max_entries: u64,
+    pub max_expanded_bytes: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_expanded_bytes: DEFAULT_MAX_EXPANDED,
+        }
+    }
+}
+
+/// Commands run around activation, each through `sh -c` in the release dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hooks {
+    pub before_activate: Vec<String>,
+    pub after_activate: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            before_activate: Vec::new(),
+            after_activate: Vec::new(),
+            timeout: DEFAULT_HOOK_TIMEOUT,
+        }
+    }
+}
+
+impl AppConfig {
+    /// An app with every default, rooted at `root` (used by the demo and tests).
+    pub fn with_defaults(name: &str, root: PathBuf) -> Self {
+        Self {
+            name: name.to_owned(),
+            root,
+            keep: DEFAULT_KEEP,
+            keep_failed: DEFAULT_KEEP_FAILED,
+            shared_files: Vec::new(),
+            shared_dirs: Vec::new(),
+            artifact_wins: false,
+            content_store: true,
+            limits: UnpackLimits::default(),
+            free_space_margin: DEFAULT_FREE_SPACE_MARGIN,
+            hooks: Hooks::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        };
+        let de = toml::de::Deserializer::parse(text).map_err(|e| {
+            invalid(vec![ConfigProblem {
+                key: "(syntax)".into(),
+                line: e.span().map(|s| line_of_offset(text, s.start)),
+                message: e.message().to_owned(),
+            }])
+        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.inner();
+            invalid(vec![ConfigProblem {
+                line: inner
+                    .span()
+                    .map(|s| line_of_offset(text, s.start))
+                    .or_else(|| locate_key(text, &key)),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: inner.message().to_owned(),
+            }])
+        })?;
+        Self::new(path, text, &raw)
+    }
+
+    /// Converts the raw file into the checked config, reporting every problem.
+    pub fn new(path: &Path, text: &str, raw: &RawConfig) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let mut apps = BTreeMap::new();
+        let mut roots: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for (name, app) in &raw.apps {
+            let mut p = Problems {
+                text,
+                prefix: format!("apps.{name}"),
+                out: &mut problems,
+            };
+            if let Err(msg) = validate_app_name(name) {
+                p.push("", msg);
+            }
+            let root = PathBuf::from(&app.root);
+            if !root.is_absolute() {
+                p.push("root", format!("{:?} must be an absolute path", app.root));
+            } else if root.components().any(|c| c == Component::ParentDir) {
+                p.push("root", format!("{:?} must not contain `..`", app.root));
+            } else if let Some(other) = roots.insert(root.clone(), name.clone()) {
+                p.push(
+                    "root",
+                    format!("{:?} is also the root of app {other:?}", app.root),
+                );
+            }
+            let keep = p.count("keep", app.keep, DEFAULT_KEEP as i64, 1);
+            let keep_failed = p.count(
+                "keep_failed",
+                app.keep_failed,
+                DEFAULT_KEEP_FAILED as i64,
+                0,
+            );
+            let max_entries = p.count(
+                "max_entries",
+                app.max_entries,
+                DEFAULT_MAX_ENTRIES as i64,
+                1,
+            );
+            let max_expanded = p.size(
+                "max_expanded_size",
+                app.max_expanded_size.as_ref(),
+                DEFAULT_MAX_EXPANDED,
+            );
+            let margin = p.size(
+                "free_space_margin",
+                app.free_space_margin.as_ref(),
+                DEFAULT_FREE_SPACE_MARGIN,
+            );
+            let shared_files = p.shared_paths("shared_files", &app.shared_files);
+            let shared_dirs = p.shared_paths("shared_dirs", &app.shared_dirs);
+            for f in &shared_files {
+                if shared_dirs
+                    .iter()
+                    .any(|d| f.starts_with(d) || d.starts_with(f))
+                {
+                    p.push(
+                        "shared_files",
+                        format!("{} overlaps a shared dir", f.display()),
+                    );
+                }
+            }
+            let timeout = match &app.hooks.timeout {
+                None => DEFAULT_HOOK_TIMEOUT,
+                Some(v) => match parse_duration(v) {
+                    Ok(d) => d,
+                    Err(msg) => {
+                        p.push("hooks.timeout", msg);
+                        DEFAULT_HOOK_TIMEOUT
+                    }
+                },
+            };
+            for (key, cmds) in [
+                ("hooks.before_activate", &app.hooks.before_activate),
+                ("hooks.after_activate", &app.hooks.after_activate),
+            ] {
+                if cmds.iter().any(|c| c.trim().is_empty()) {
+                    p.push(key, "hook commands must not be empty".to_owned());
+                }
+            }
+            apps.insert(
+                name.clone(),
+                AppConfig {
+                    name: name.clone(),
+                    root,
+                    keep: keep as usize,
+                    keep_failed: keep_failed as usize,
+                    shared_files,
+                    shared_dirs,
+                    artifact_wins: app.artifact_wins,
+                    content_store: app.content_store.unwrap_or(true),
+                    limits: UnpackLimits {
+                        max_entries,
+                        max_expanded_bytes: max_expanded,
+                    },
+                    free_space_margin: margin,
+                    hooks: Hooks {
+                        before_activate: app.hooks.before_activate.clone(),
+                        after_activate: app.hooks.after_activate.clone(),
+                        timeout,
+                    },
+                },
+            );
+        }
+        if problems.is_empty() {
+            Ok(Self {
+                path: path.to_owned(),
+                apps,
+            })
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// The app called `name`, or an error listing the apps that exist.
+    pub fn app(&self, name: &str) -> Result<&AppConfig, UnknownApp> {
+        self.apps.get(name).ok_or_else(|| UnknownApp {
+            name: name.to_owned(),
+            path: self.path.clone(),
+            known: self.apps.keys().cloned().collect(),
+        })
+    }
+}
+
+/// A command named an app the config file does not declare.
+#[derive(Debug, thiserror::Error)]
+pub struct UnknownApp {
+    pub name: String,
+    pub path: PathBuf,
+    pub known: Vec<String>,
+}
+
+impl fmt::Display for UnknownApp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "app {:?} is not declared in {} (declared: {})",
+            self.name,
+            self.path.display(),
+            if self.known.is_empty() {
+                "none".to_owned()
+            } else {
+                self.known.join(", ")
+            }
+        )
+    }
+}
+
+/// Collects problems for one app, locating each key in the file.
+struct Problems<'a> {
+    text: &'a str,
+    prefix: String,
+    out: &'a mut Vec<ConfigProblem>,
+}
+
+impl Problems<'_> {
+    fn push(&mut self, key: &str, message: String) {
+        let key = if key.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}.{key}", self.prefix)
+        };
+        self.out.push(ConfigProblem {
+            line: locate_key(self.text, &key),
+            key,
+            message,
+        });
+    }
+
+    fn count(&mut self, key: &str, value: Option<i64>, default: i64, min: i64) -> u64 {
+        let v = value.unwrap_or(default);
+        if v < min {
+            self.push(key, format!("must be at least {min}, got {v}"));
+            return default as u64;
+        }
+        v as u64
+    }
+
+    fn size(&mut self, key: &str, value: Option<&Size>, default: u64) -> u64 {
+        match value.map(parse_size) {
+            None => default,
+            Some(Ok(v)) => v,
+            Some(Err(msg)) => {
+                self.push(key, msg);
+                default
+            }
+        }
+    }
+
+    fn shared_paths(&mut self, key: &str, values: &[String]) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        for v in values {
+            match relative_path(v) {
+                Ok(p) if out.contains(&p) => self.push(key, format!("{v:?} is listed twice")),
+                Ok(p) => out.push(p),
+                Err(msg) => self.push(key, msg),
+            }
+        }
+        out
+    }
+}
+
+/// App names become directory and lock names: keep them plain.
+fn validate_app_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "app name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+        ))
+    }
+}
+
+/// A shared path: relative, no `..`, no empty or `.` components.
+pub fn relative_path(v: &str) -> Result<PathBuf, String> {
+    let trimmed = v.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err(format!("{v:?} is empty"));
+    }
+    let p = Path::new(trimmed);
+    if p.is_absolute() {
+        return Err(format!("{v:?} must be relative to the shared dir"));
+    }
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir => {}
+            _ => return Err(format!("{v:?} must not contain `..`")),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(format!("{v:?} names no file"));
+    }
+    Ok(out)
+}
+
+/// Parses `4GiB`, `512MB`, `100k`, `123` (bytes).
+pub fn parse_size(v: &Size) -> Result<u64, String> {
+    match v {
+        Size::Bytes(n) if *n > 0 => Ok(*n as u64),
+        Size::Bytes(n) => Err(format!("size must be positive, got {n}")),
+        Size::Text(s) => {
+            let t = s.trim();
+            let split = t
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: f64 = num
+                .parse()
+                .map_err(|_| format!("{s:?} is not a size (try \"4GiB\" or \"512MB\")"))?;
+            let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1,
+                "k" | "kb" => 1_000,
+                "kib" => 1 << 10,
+                "m" | "mb" => 1_000_000,
+                "mib" => 1 << 20,
+                "g" | "gb" => 1_000_000_000,
+                "gib" => 1 << 30,
+                "t" | "tb" => 1_000_000_000_000,
+                "tib" => 1 << 40,
+                other => return Err(format!("{s:?} has an unknown size unit {other:?}")),
+            };
+            let bytes = n * mult as f64;
+            if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+                return Err(format!("{s:?} is out of range"));
+            }
+            Ok(bytes as u64)
+        }
+    }
+}
+
+/// Parses `90`, `"90s"`, `"5m"`, `"1h"`, `"250ms"`.
+pub fn parse_duration(v: &DurationValue) -> Result<Duration, String> {
+    match v {
+        DurationValue::Seconds(n) if *n > 0 => Ok(Duration::from_secs(*n as u64)),
+        DurationValue::Seconds(n) => Err(format!("duration must be positive, got {n}")),
+        DurationValue::Text(s) => {
+            let t = s.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("{s:?} is not a duration (try \"90s\" or \"5m\")"))?;
+            let d = match unit {
+                "ms" => Duration::from_millis(n),
+                "" | "s" => Duration::from_secs(n),
+                "m" => Duration::from_secs(n * 60),
+                "h" => Duration::from_secs(n * 3600),
+                other => return Err(format!("{s:?} has an unknown duration unit {other:?}")),
+            };
+            if d.is_zero() {
+                return Err(format!("{s:?} must be positive"));
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line of a dotted key such as `apps.web.hooks.timeout`, walking
+/// the document's spans; falls back to the innermost table that exists.
+fn locate_key(text: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut line = None;
+    for part in key.split('.').filter(|p| !p.is_empty()) {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        line = Some(line_of_offset(text, k.span().start));
+        match v.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/slipway/agent.toml"), text)
+    }
+
+    #[test]
+    fn full_app_parses_with_units() {
+        let cfg = parse(
+            r#"
+[apps.web]
+root = "/app"
+keep = 3
+shared_files = [".env"]
+shared_dirs = ["logs/", "public/uploads"]
+max_expanded_size = "1GiB"
+free_space_margin = 1048576
+
+[apps.web.hooks]
+before_activate = ["true"]
+timeout = "2m"
+"#,
+        )
+        .unwrap();
+        let app = cfg.app("web").unwrap();
+        assert_eq!(app.keep, 3);
+        assert_eq!(app.limits.max_expanded_bytes, 1 << 30);
+        assert_eq!(app.free_space_margin, 1 << 20);
+        assert_eq!(app.hooks.timeout, Duration::from_secs(120));
+        assert_eq!(app.shared_dirs[0], PathBuf::from("logs"));
+        assert!(app.content_store);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("[apps.web]\nroot = \"/app\"\nkepp = 3\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/slipway/agent.toml:3"), "{msg}");
+        assert!(msg.contains("kepp"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let err = parse("[apps.web]\nroot = \"/app\"\n\nkeep = \"five\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("apps.web.keep"), "{msg}");
+        assert!(msg.contains(":4:"), "{msg}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported() {
+        let err = parse(
+            "[apps.web]\nroot = \"app\"\nkeep = 0\nshared_dirs = [\"../etc\"]\n[apps.web.hooks]\ntimeout = \"5 fortnights\"\n",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "apps.web.root",
+                "apps.web.keep",
+                "apps.web.shared_dirs",
+                "apps.web.hooks.timeout"
+            ]
+        );
+        assert_eq!(problems[0].line, Some(2));
+        assert_eq!(problems[3].line, Some(6));
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let err = parse("[apps.web]\nroot = \n").unwrap_err();
+        assert!(err.to_string().contains(":2:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_roots_are_refused() {
+        let err = parse("[apps.a]\nroot = \"/app\"\n[apps.b]\nroot = \"/app\"\n").unwrap_err();
+        assert!(err.to_string().contains("also the root of app"), "{err}");
+    }
+
+    #[test]
+    fn unknown_app_lists_known() {
+        let cfg = parse("[apps.web]\nroot = \"/app\"\n").unwrap();
+        let err = cfg.app("api").unwrap_err().to_string();
+        assert!(err.contains("\"api\"") && err.contains("web"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(
+            parse_size(&Size::Text("512MB".into())).unwrap(),
+            512_000_000
+        );
+        assert_eq!(parse_size(&Size::Text("1.5KiB".into())).unwrap(), 1536);
+        assert!(parse_size(&Size::Text("12 parsecs".into())).is_err());
+        assert!(parse_size(&Size::Bytes(-1)).is_err());
+        assert_eq!(
+            parse_duration(&DurationValue::Text("250ms".into())).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(parse_duration(&DurationValue::Text("0s".into())).is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! Slipway agent: the program on every droplet.
+//!
+//! It keeps each app's releases on disk and switches between them atomically,
+//! with or without a controller. Later modules run the app (PM2, Docker),
+//! check its health and talk to the controller.
+//!
+//! # Layout
+//!
+//! - [`config`]: `agent.toml`, checked into an [`config::AppConfig`] per app.
+//! - [`release`]: the release store. A [`release::Store`] gives a locked
+//!   [`release::Session`] (after crash recovery) that deploys, rolls back and
+//!   prunes; its submodules are the pieces of a deploy, in order: `unpack`
+//!   (artifact → staging, with `objects` as the content store and `manifest`
+//!   as the record), `shared` (links), `hooks`, `activate` (the symlink
+//!   switch), all recorded step by step in `journal` under `lock`.
+//! - [`durable`]: temp + fsync + rename writes every state file goes through.
+//! - [`artifact`]: packing a directory into a reproducible artifact.
+//! - [`cli`]: the `slipway-agent` command line over the modules above.
+//! - [`demo`]: the self-contained walk-through behind `slipway-agent demo`.
+//! - [`fault`]: crash points for the crash-safety tests.
+
+pub mod artifact;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod durable;
+pub mod fault;
+pub mod release;

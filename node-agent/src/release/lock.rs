@@ -1,0 +1,167 @@
+//! One operation per app at a time, through `flock(2)`.
+//!
+//! The kernel drops an flock when its holder dies, however it dies, so there
+//! is never a stale lock to clean up by hand (the most common complaint about
+//! Deployer's and Kamal's lock files). The holder writes who it is into the
+//! lock file so a second caller can say *who* holds it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+/// Who holds an app's lock, as written into the lock file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// What the holder is doing: `deploy`, `rollback`, `prune`, `recover`.
+    pub operation: String,
+    /// The release it is working on, when there is one.
+    pub release: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: time::OffsetDateTime,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let started = self
+            .started_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| self.started_at.to_string());
+        write!(f, "pid {} ({}", self.pid, self.operation)?;
+        if let Some(r) = &self.release {
+            write!(f, " of release {r}")?;
+        }
+        write!(f, ", started {started})")
+    }
+}
+
+/// Errors taking the lock.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{operation} in progress for app {app:?} by {}", holder_text(holder))]
+    Busy {
+        app: String,
+        operation: String,
+        holder: Option<Holder>,
+    },
+    #[error("cannot open lock file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn holder_text(h: &Option<Holder>) -> String {
+    match h {
+        Some(h) => h.to_string(),
+        None => "another process (holder unknown)".to_owned(),
+    }
+}
+
+/// A held lock; dropping it releases the lock.
+#[derive(Debug)]
+pub struct AppLock {
+    flock: Flock<File>,
+}
+
+impl AppLock {
+    /// Takes the lock at `path` without waiting, recording `holder` in it.
+    pub fn acquire(path: &Path, app: &str, holder: &Holder) -> Result<Self, LockError> {
+        let io = |source| LockError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        let mut flock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = read_holder(path);
+                return Err(LockError::Busy {
+                    app: app.to_owned(),
+                    operation: holder
+                        .as_ref()
+                        .map(|h| h.operation.clone())
+                        .unwrap_or_else(|| "operation".to_owned()),
+                    holder,
+                });
+            }
+            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+        };
+        let text = serde_json::to_vec(holder).unwrap_or_default();
+        flock.set_len(0).map_err(io)?;
+        flock.seek(SeekFrom::Start(0)).map_err(io)?;
+        flock.write_all(&text).map_err(io)?;
+        Ok(Self { flock: flock })
+    }
+}
+
+impl AppLock {
+    /// Rewrites the holder record (e.g. once the release id is known). Best
+    /// effort: the record only feeds messages.
+    pub fn update(&mut self, holder: &Holder) {
+        let text = serde_json::to_vec(holder).unwrap_or_default();
+        let _ = self.flock.set_len(0);
+        let _ = self.flock.seek(SeekFrom::Start(0));
+        let _ = self.flock.write_all(&text);
+    }
+}
+
+/// The holder recorded in a lock file, if it can be read.
+pub fn read_holder(path: &Path) -> Option<Holder> {
+    let mut text = String::new();
+    File::open(path).ok()?.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether some process holds the lock at `path` right now.
+pub fn is_held(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_) => false,
+        Err((_, errno)) => errno == nix::errno::Errno::EWOULDBLOCK,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(op: &str) -> Holder {
+        Holder {
+            pid: std::process::id(),
+            operation: op.into(),
+            release: Some("v2".into()),
+            started_at: time::OffsetDateTime::now_utc(),
+        }
+    }
+
+    #[test]
+    fn second_acquire_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let held = AppLock::acquire(&p, "web", &holder("deploy")).unwrap();
+        assert!(is_held(&p));
+        let err = AppLock::acquire(&p, "web", &holder("prune")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("deploy in progress"), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("release v2"), "{msg}");
+        drop(held);
+        assert!(!is_held(&p));
+        AppLock::acquire(&p, "web", &holder("prune")).unwrap();
+    }
+}
