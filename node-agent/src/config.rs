@@ -77,7 +77,6 @@ fn render_problems(path: &Path, problems: &[ConfigProblem]) -> String {
 
 /// The file as written, before any value is checked.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub apps: BTreeMap<String, RawApp>,
@@ -85,7 +84,6 @@ pub struct RawConfig {
 
 /// One `[apps.NAME]` table as written.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawApp {
     pub root: String,
     pub keep: Option<i64>,
@@ -108,7 +106,6 @@ pub struct RawApp {
 
 /// `[apps.NAME.hooks]` as written.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHooks {
     #[serde(default)]
     pub before_activate: Vec<String>,
@@ -239,23 +236,44 @@ impl Config {
                 message: e.message().to_owned(),
             }])
         })?;
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.inner();
-            invalid(vec![ConfigProblem {
-                line: inner
-                    .span()
-                    .map(|s| line_of_offset(text, s.start))
-                    .or_else(|| locate_key(text, &key)),
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message: inner.message().to_owned(),
-            }])
-        })?;
-        Self::new(path, text, &raw)
+        // Unknown keys are collected (all of them, with lines) rather than
+        // failing at the first, and reported together with any type error.
+        let mut problems = Vec::new();
+        let mut unknown = |path: serde_ignored::Path<'_>| {
+            let key = path.to_string();
+            let name = key.rsplit('.').next().unwrap_or(&key).to_owned();
+            problems.push(ConfigProblem {
+                line: locate_key(text, &key),
+                key,
+                message: format!("unknown key `{name}`"),
+            });
+        };
+        let result = serde_path_to_error::deserialize::<_, RawConfig>(
+            serde_ignored::Deserializer::new(de, &mut unknown),
+        );
+        match result {
+            Ok(raw) if problems.is_empty() => Self::new(path, text, &raw),
+            Ok(_) => Err(invalid(problems)),
+            Err(e) => {
+                let key = e.path().to_string();
+                let inner = e.inner();
+                let problem = ConfigProblem {
+                    line: inner
+                        .span()
+                        .map(|s| line_of_offset(text, s.start))
+                        .or_else(|| locate_key(text, &key)),
+                    key: if key == "." {
+                        "(top level)".into()
+                    } else {
+                        key
+                    },
+                    message: inner.message().to_owned(),
+                };
+                problems.push(problem);
+                problems.sort_by_key(|p| p.line);
+                Err(invalid(problems))
+            }
+        }
     }
 
     /// Converts the raw file into the checked config, reporting every problem.
@@ -659,6 +677,25 @@ timeout = "2m"
         );
         assert_eq!(problems[0].line, Some(2));
         assert_eq!(problems[3].line, Some(6));
+    }
+
+    #[test]
+    fn all_unknown_keys_and_a_type_error_are_reported_together() {
+        let err = parse("[apps.web]\nroot = \"/app\"\nbogus = 1\nkeep = \"x\"\n[apps.web.hooks]\nbefor = []\n[agent]\n")
+            .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let keys: Vec<_> = problems.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("apps.web.bogus", Some(3)),
+                ("apps.web.keep", Some(4)),
+                ("apps.web.hooks.befor", Some(6)),
+                ("agent", Some(7)),
+            ]
+        );
     }
 
     #[test]

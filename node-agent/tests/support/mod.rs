@@ -1,0 +1,257 @@
+//! Test harness: a node (temp dir + agent.toml) driven through the real
+//! `slipway-agent` binary, and artifact builders (honest and crafted).
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_slipway-agent");
+
+/// One simulated droplet: its own directory, config and app root.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub root: PathBuf,
+}
+
+/// The result of one CLI run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        Self {
+            code: out.status.code(),
+            signal: out.status.signal(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, Some(0), "expected success: {self:#?}");
+        self
+    }
+
+    #[track_caller]
+    pub fn fails(self, code: i32) -> Self {
+        assert_eq!(self.code, Some(code), "expected exit {code}: {self:#?}");
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("bad json ({e}): {}", self.stdout))
+    }
+}
+
+impl Node {
+    /// A node with app `web` (shared `.env` and `logs/`) plus `extra` TOML
+    /// lines inside `[apps.web]`.
+    pub fn new(extra: &str) -> Self {
+        Self::with_config(|root| {
+            format!(
+                "[apps.web]\nroot = \"{}\"\nshared_files = [\".env\"]\nshared_dirs = [\"logs\"]\n{extra}\n",
+                root.display()
+            )
+        })
+    }
+
+    pub fn with_config(make: impl FnOnce(&Path) -> String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("app");
+        let config = dir.path().join("agent.toml");
+        fs::write(&config, make(&root)).unwrap();
+        fs::create_dir_all(root.join("shared")).unwrap();
+        fs::write(root.join("shared/.env"), "SECRET=s3cr3t\n").unwrap();
+        Self { dir, config, root }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("SLIPWAY_TEST_CRASH_AT");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd(args).output().unwrap())
+    }
+
+    /// Writes an artifact with `files` into the node dir and returns its path.
+    pub fn artifact(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::write(&path, targz(&tar_of(files))).unwrap();
+        path
+    }
+
+    pub fn deploy(&self, artifact: &Path, id: &str) -> Run {
+        self.run(&[
+            "deploy",
+            "--app",
+            "web",
+            "--artifact",
+            artifact.to_str().unwrap(),
+            "--id",
+            id,
+        ])
+    }
+
+    pub fn releases(&self) -> Value {
+        self.run(&["releases", "--app", "web", "--json"])
+            .ok()
+            .json()
+    }
+
+    pub fn current(&self) -> Option<String> {
+        let t = fs::read_link(self.root.join("current")).ok()?;
+        Some(t.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// The release ids recorded, with their status.
+    pub fn statuses(&self) -> Vec<(String, String)> {
+        self.releases()["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_owned(),
+                    r["status"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Release dirs on disk.
+    pub fn dirs_on_disk(&self) -> BTreeSet<String> {
+        match fs::read_dir(self.root.join("releases")) {
+            Ok(d) => d
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => BTreeSet::new(),
+        }
+    }
+
+    /// Every path under the node dir, for "nothing written outside" checks.
+    pub fn all_paths(&self) -> BTreeSet<PathBuf> {
+        let mut out = BTreeSet::new();
+        walk(self.dir.path(), &mut out);
+        out
+    }
+
+    pub fn staging_is_empty(&self) -> bool {
+        fs::read_dir(self.root.join(".slipway/staging"))
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true)
+    }
+}
+
+fn walk(p: &Path, out: &mut BTreeSet<PathBuf>) {
+    if let Ok(d) = fs::read_dir(p) {
+        for e in d {
+            let e = e.unwrap();
+            out.insert(e.path());
+            if e.file_type().unwrap().is_dir() {
+                walk(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// An ordinary tar of regular files (parents implied).
+pub fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut t = RawTar::default();
+    for (name, body) in files {
+        t.file(name, 0o644, body.as_bytes());
+    }
+    t.finish()
+}
+
+pub fn targz(tar: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(tar).unwrap();
+    enc.finish().unwrap()
+}
+
+pub fn tarzst(tar: &[u8]) -> Vec<u8> {
+    zstd::stream::encode_all(tar, 3).unwrap()
+}
+
+/// Builds tar streams byte by byte, so tests can write entries no honest
+/// tool would (absolute names, `..`, escaping links, device nodes).
+#[derive(Default)]
+pub struct RawTar {
+    out: Vec<u8>,
+}
+
+impl RawTar {
+    pub fn entry(
+        &mut self,
+        name: &str,
+        kind: tar::EntryType,
+        mode: u32,
+        link: Option<&str>,
+        data: &[u8],
+    ) -> &mut Self {
+        let mut h = tar::Header::new_ustar();
+        {
+            let old = h.as_old_mut();
+            assert!(name.len() < 100, "test names stay short");
+            old.name = [0; 100];
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(l) = link {
+                old.linkname = [0; 100];
+                old.linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+        }
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_cksum();
+        self.out.extend_from_slice(h.as_bytes());
+        self.out.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        self.out.extend(std::iter::repeat_n(0u8, pad));
+        self
+    }
+
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.entry(name, tar::EntryType::Regular, mode, None, data)
+    }
+
+    pub fn dir(&mut self, name: &str) -> &mut Self {
+        self.entry(name, tar::EntryType::Directory, 0o755, None, b"")
+    }
+
+    pub fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
+        self.entry(name, tar::EntryType::Symlink, 0o777, Some(target), b"")
+    }
+
+    pub fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
+        self.entry(name, tar::EntryType::Link, 0o644, Some(target), b"")
+    }
+
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.out);
+        out.extend(std::iter::repeat_n(0u8, 1024));
+        out
+    }
+}
