@@ -2,6 +2,9 @@
 //! the agent again: `current` must point at a complete release and the
 //! journal must agree with the disk.
 
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::fs;
@@ -49,13 +52,11 @@ fn assert_consistent(node: &Node, expect_current: &str) {
     assert_eq!(node.current().as_deref(), Some(expect_current), "{rel:#}");
     assert_eq!(rel["current"].as_str(), Some(expect_current));
     let version = fs::read_to_string(node.root.join("current/VERSION")).unwrap();
-    assert_eq!(
-        node.root
-            .join("releases")
-            .join(expect_current)
-            .join("VERSION")
-            .exists(),
-        true
+    let dir = node.root.join("releases").join(expect_current);
+    assert!(
+        dir.join("VERSION").is_file(),
+        "{} incomplete",
+        dir.display()
     );
     assert!(!version.is_empty());
     node.run(&["verify", "--app", "web"]).ok();

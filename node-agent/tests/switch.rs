@@ -1,6 +1,9 @@
 //! A reader resolving `current` in a tight loop during 1,000 switches never
 //! sees it missing or dangling.
 
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,9 @@
 //! Crafted archives: each is refused with an error naming the entry, nothing
 //! is written outside staging, staging is removed, and `current` is unchanged.
 
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::fs;

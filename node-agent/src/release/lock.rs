@@ -100,7 +100,7 @@ impl AppLock {
         flock.set_len(0).map_err(io)?;
         flock.seek(SeekFrom::Start(0)).map_err(io)?;
         flock.write_all(&text).map_err(io)?;
-        Ok(Self { flock: flock })
+        Ok(Self { flock })
     }
 }
 

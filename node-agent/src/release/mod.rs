@@ -1184,7 +1184,7 @@ pub fn plan_prune(
     rollback_target: Option<&ReleaseId>,
 ) -> Vec<ReleaseId> {
     let mut newest_first: Vec<&Release> = releases.iter().collect();
-    newest_first.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    newest_first.sort_by_key(|r| std::cmp::Reverse(r.created_at));
     let mut good = 0;
     let mut failed = 0;
     let mut remove = Vec::new();

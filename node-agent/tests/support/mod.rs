@@ -1,6 +1,8 @@
 //! Test harness: a node (temp dir + agent.toml) driven through the real
 //! `slipway-agent` binary, and artifact builders (honest and crafted).
-#![allow(dead_code, unreachable_pub)]
+// Each test binary uses part of the harness; a failed setup step should
+// panic with its error, which is what unwrap does.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::fs;
