@@ -718,6 +718,15 @@ timeout = "2m"
     }
 
     #[test]
+    fn packaged_example_is_valid() {
+        let text = include_str!("../../packaging/agent.toml.example");
+        let cfg = parse(text).unwrap();
+        let web = cfg.app("web").unwrap();
+        assert_eq!(web.root, PathBuf::from("/app"));
+        assert_eq!(web.shared_dirs.len(), 2);
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(
             parse_size(&Size::Text("512MB".into())).unwrap(),

@@ -255,8 +255,78 @@ struct Tree<'a> {
     reused_files: u64,
     expanded: u64,
     written_since_check: u64,
-    buf: Vec<u8>,
     big_buf: Vec<u8>,
+    pool: Pool,
+}
+
+/// One small file for a writer thread: hash it, then link it from the store
+/// or write it.
+struct Job {
+    index: usize,
+    dest: PathBuf,
+    data: Vec<u8>,
+    mode: u32,
+}
+
+/// What a writer thread did with a [`Job`].
+struct Done {
+    index: usize,
+    dest: PathBuf,
+    mode: u32,
+    result: io::Result<(String, bool)>,
+}
+
+/// Writer threads for small files. Creating a file is most of the cost of
+/// unpacking (inode allocation in the kernel), and it runs in parallel across
+/// directories; the archive itself must be read in order, on one thread.
+struct Pool {
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    done: std::sync::mpsc::Receiver<Done>,
+    outstanding: usize,
+}
+
+/// Jobs queued ahead of the writers (each at most [`SMALL_FILE`] bytes).
+const QUEUE: usize = 64;
+
+fn writers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+fn writer(
+    jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
+    done: std::sync::mpsc::Sender<Done>,
+    store: Option<&ObjectStore>,
+) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let result = (|| {
+            let sha256 = hex::encode(Sha256::digest(&job.data));
+            if let Some(s) = store {
+                if s.link_into(&sha256, job.mode, &job.dest)? {
+                    return Ok((sha256, true));
+                }
+            }
+            let mut f = create(&job.dest)?;
+            f.write_all(&job.data)?;
+            finish(&f, job.mode)?;
+            Ok((sha256, false))
+        })();
+        if done
+            .send(Done {
+                index: job.index,
+                dest: job.dest,
+                mode: job.mode,
+                result,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// Unpacks `artifact` into the empty or missing directory `staging`.
@@ -271,22 +341,48 @@ pub fn unpack(
         move |source| UnpackError::Io { path, source }
     };
     fs::create_dir_all(staging).map_err(io_err(staging))?;
-    let mut tree = Tree {
-        staging,
-        opts,
-        dirs: HashSet::from([PathBuf::new()]),
-        symlinks: HashMap::new(),
-        files: HashMap::new(),
-        dir_modes: Vec::new(),
-        entries: Vec::new(),
-        index: HashMap::new(),
-        new_objects: Vec::new(),
-        reused_files: 0,
-        expanded: 0,
-        written_since_check: 0,
-        buf: Vec::new(),
-        big_buf: vec![0; COPY_BUF],
-    };
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
+    let job_rx = std::sync::Mutex::new(job_rx);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
+    std::thread::scope(|scope| {
+        for _ in 0..writers() {
+            let (rx, tx, store) = (&job_rx, done_tx.clone(), opts.store);
+            scope.spawn(move || writer(rx, tx, store));
+        }
+        drop(done_tx);
+        let tree = Tree {
+            staging,
+            opts,
+            dirs: HashSet::from([PathBuf::new()]),
+            symlinks: HashMap::new(),
+            files: HashMap::new(),
+            dir_modes: Vec::new(),
+            entries: Vec::new(),
+            index: HashMap::new(),
+            new_objects: Vec::new(),
+            reused_files: 0,
+            expanded: 0,
+            written_since_check: 0,
+            big_buf: vec![0; COPY_BUF],
+            pool: Pool {
+                jobs: Some(job_tx),
+                done: done_rx,
+                outstanding: 0,
+            },
+        };
+        // On error the tree (and so the job sender) is dropped here: the
+        // writers finish what is queued and stop before the scope ends, so the
+        // caller can remove staging with nothing still writing into it.
+        read_archive(artifact, format, tree)
+    })
+}
+
+fn read_archive(
+    artifact: &Path,
+    format: Format,
+    mut tree: Tree<'_>,
+) -> Result<Unpacked, UnpackError> {
+    let opts = tree.opts;
     let mut archive = tar::Archive::new(decoder(artifact, format)?);
     let mut count = 0u64;
     let mut last: Option<String> = None;
@@ -321,6 +417,7 @@ pub fn unpack(
                 tree.file(&name, &rel, mode, size, &mut entry, &last)?;
                 files_written += 1;
                 if files_written == 3 {
+                    tree.flush()?;
                     fault::point("mid_unpack");
                 }
             } else if kind.is_symlink() {
@@ -353,6 +450,7 @@ pub fn unpack(
     // zstd's checksum) are checked: a corrupt tail must not pass.
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| corrupt(&last, &e))?;
+    tree.flush()?;
     tree.check_symlinks()?;
     tree.apply_dir_modes()?;
     Ok(Unpacked {
@@ -461,7 +559,11 @@ impl Tree<'_> {
                 what: "would replace a directory",
             });
         }
-        if self.symlinks.remove(rel).is_some() || self.files.remove(rel).is_some() {
+        if self.symlinks.contains_key(rel) || self.files.contains_key(rel) {
+            // A duplicate entry: the earlier file may still be queued.
+            self.flush()?;
+            self.symlinks.remove(rel);
+            self.files.remove(rel);
             fs::remove_file(self.staging.join(rel)).map_err(self.io(rel))?;
         }
         Ok(())
@@ -550,69 +652,127 @@ impl Tree<'_> {
         } else {
             mode
         };
-        let sha256;
         if size <= SMALL_FILE {
-            self.buf.clear();
+            let mut buf = Vec::with_capacity(size as usize);
             data.take(size)
-                .read_to_end(&mut self.buf)
+                .read_to_end(&mut buf)
                 .map_err(|e| corrupt(last, &e))?;
-            if self.buf.len() as u64 != size {
+            if buf.len() as u64 != size {
                 return Err(corrupt(last, &io::ErrorKind::UnexpectedEof.into()));
             }
-            sha256 = hex::encode(Sha256::digest(&self.buf));
-            let linked = match store {
-                Some(s) => s.link_into(&sha256, mode, &dest).map_err(self.io(rel))?,
-                None => false,
-            };
-            if linked {
+            // The hash is filled in when the writer reports back.
+            let i = self.record(
+                rel,
+                EntryKind::File {
+                    mode,
+                    size,
+                    sha256: String::new(),
+                },
+            );
+            self.files.insert(rel.to_owned(), i);
+            self.submit(Job {
+                index: i,
+                dest,
+                data: buf,
+                mode,
+            })?;
+            return self.wrote(size);
+        }
+        let mut f = create(&dest).map_err(self.io(rel))?;
+        let mut hasher = Sha256::new();
+        let mut done = 0u64;
+        loop {
+            let n = data
+                .read(&mut self.big_buf)
+                .map_err(|e| corrupt(last, &e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&self.big_buf[..n]);
+            f.write_all(&self.big_buf[..n]).map_err(self.io(rel))?;
+            done += n as u64;
+            self.wrote(n as u64)?;
+        }
+        if done != size {
+            return Err(corrupt(last, &io::ErrorKind::UnexpectedEof.into()));
+        }
+        finish(&f, mode).map_err(self.io(rel))?;
+        drop(f);
+        let sha256 = hex::encode(hasher.finalize());
+        if let Some(s) = store {
+            // Swap the fresh copy for the stored one when there is one.
+            let tmp = dest.with_file_name(format!(
+                ".slipway-dup-{}",
+                dest.file_name()
+                    .map(OsStr::to_string_lossy)
+                    .unwrap_or_default()
+            ));
+            if s.link_into(&sha256, mode, &tmp).map_err(self.io(rel))? {
+                fs::rename(&tmp, &dest).map_err(self.io(rel))?;
                 self.reused_files += 1;
             } else {
-                let mut f = create(&dest).map_err(self.io(rel))?;
-                f.write_all(&self.buf).map_err(self.io(rel))?;
-                finish(&f, mode).map_err(self.io(rel))?;
-                self.wrote(size)?;
                 self.new_object(store, &dest, &sha256, mode);
-            }
-        } else {
-            let mut f = create(&dest).map_err(self.io(rel))?;
-            let mut hasher = Sha256::new();
-            let mut done = 0u64;
-            loop {
-                let n = data
-                    .read(&mut self.big_buf)
-                    .map_err(|e| corrupt(last, &e))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&self.big_buf[..n]);
-                f.write_all(&self.big_buf[..n]).map_err(self.io(rel))?;
-                done += n as u64;
-                self.wrote(n as u64)?;
-            }
-            if done != size {
-                return Err(corrupt(last, &io::ErrorKind::UnexpectedEof.into()));
-            }
-            finish(&f, mode).map_err(self.io(rel))?;
-            drop(f);
-            sha256 = hex::encode(hasher.finalize());
-            if let Some(s) = store {
-                // Swap the fresh copy for the stored one when there is one.
-                let tmp = dest.with_file_name(format!(
-                    ".slipway-dup-{}",
-                    dest.file_name()
-                        .map(OsStr::to_string_lossy)
-                        .unwrap_or_default()
-                ));
-                if s.link_into(&sha256, mode, &tmp).map_err(self.io(rel))? {
-                    fs::rename(&tmp, &dest).map_err(self.io(rel))?;
-                    self.reused_files += 1;
-                } else {
-                    self.new_object(store, &dest, &sha256, mode);
-                }
             }
         }
         let i = self.record(rel, EntryKind::File { mode, size, sha256 });
         self.files.insert(rel.to_owned(), i);
+        Ok(())
+    }
+
+    /// Queues a small file for the writers, collecting any finished ones.
+    fn submit(&mut self, job: Job) -> Result<(), UnpackError> {
+        while let Ok(done) = self.pool.done.try_recv() {
+            self.complete(done)?;
+        }
+        let dest = job.dest.clone();
+        let sent = self.pool.jobs.as_ref().map(|tx| tx.send(job));
+        match sent {
+            Some(Ok(())) => {
+                self.pool.outstanding += 1;
+                Ok(())
+            }
+            _ => Err(UnpackError::Io {
+                path: dest,
+                source: io::Error::other("writer threads stopped"),
+            }),
+        }
+    }
+
+    /// Records what a writer did.
+    fn complete(&mut self, done: Done) -> Result<(), UnpackError> {
+        self.pool.outstanding -= 1;
+        let (sha256, linked) = done.result.map_err(|source| UnpackError::Io {
+            path: done.dest.clone(),
+            source,
+        })?;
+        if linked {
+            self.reused_files += 1;
+        } else {
+            self.new_object(self.opts.store, &done.dest, &sha256, done.mode);
+        }
+        if let Some(Entry {
+            kind: EntryKind::File { sha256: slot, .. },
+            ..
+        }) = self.entries.get_mut(done.index)
+        {
+            *slot = sha256;
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued file is on disk.
+    fn flush(&mut self) -> Result<(), UnpackError> {
+        while self.pool.outstanding > 0 {
+            match self.pool.done.recv() {
+                Ok(done) => self.complete(done)?,
+                Err(_) => {
+                    return Err(UnpackError::Io {
+                        path: self.staging.to_owned(),
+                        source: io::Error::other("writer threads stopped"),
+                    })
+                }
+            }
+        }
         Ok(())
     }
 
@@ -683,6 +843,8 @@ impl Tree<'_> {
         if target_rel == rel {
             return Err(bad());
         }
+        // The target may still be queued for a writer.
+        self.flush()?;
         let kind = self.entries[i].kind.clone();
         self.parents(name, rel)?;
         self.clear(name, rel)?;

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs every check and test of the
+# workspace. This is the README's test command; .ci/run calls it.
+#
+# Environment:
+#   SLIPWAY_SKIP_INSTALL=1   do not install system packages (already there)
+#   SLIPWAY_SKIP_LINT=1      skip cargo fmt --check and clippy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- what the tests need ---------------------------------------------------
+# The release engine's tests need only cargo, tar and sh. Later parts (PM2,
+# Docker, PostgreSQL) add their packages here, installed only when missing.
+need_apt=()
+command -v tar >/dev/null || need_apt+=(tar)
+command -v gzip >/dev/null || need_apt+=(gzip)
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+
+# --- lint --------------------------------------------------------------------
+if [ "${SLIPWAY_SKIP_LINT:-0}" != 1 ]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+# --- tests ---------------------------------------------------------------------
+log "cargo test"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+set +e
+cargo test --workspace --locked 2>&1 | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ {
+       for (i = 1; i <= NF; i++) {
+         if ($(i+1) ~ /^passed/)  p += $i
+         if ($(i+1) ~ /^failed/)  f += $i
+         if ($(i+1) ~ /^ignored/) s += $i
+       }
+     }
+     END { printf "\nsummary: %d passed, %d failed, %d skipped\n", p, f, s }' "$out"
+exit "$status"
