@@ -98,7 +98,7 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
-        if x % 11 == 0 {
+        if x.is_multiple_of(11) {
             out.extend_from_slice(format!("{:x}", x >> 20).as_bytes());
         }
     }
