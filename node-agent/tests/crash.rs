@@ -9,17 +9,8 @@ mod support;
 
 use std::fs;
 
+use slipway_agent::fault::DEPLOY_POINTS;
 use support::Node;
-
-const DEPLOY_POINTS: &[&str] = &[
-    "after_fetch",
-    "mid_unpack",
-    "after_unpack",
-    "after_link",
-    "after_hooks",
-    "after_switch",
-    "before_commit",
-];
 
 fn files(version: &str) -> Vec<(String, String)> {
     let mut f: Vec<(String, String)> = (0..20)
@@ -93,25 +84,7 @@ fn kill_at_every_deploy_step_then_recover() {
             let v1 = artifact(&node, "v1");
             node.deploy(&v1, "v1").ok();
             let v2 = artifact(&node, "v2");
-            let out = node
-                .cmd(&[
-                    "deploy",
-                    "--app",
-                    "web",
-                    "--artifact",
-                    v2.to_str().unwrap(),
-                    "--id",
-                    "v2",
-                ])
-                .env("SLIPWAY_TEST_CRASH_AT", point)
-                .output()
-                .unwrap();
-            use std::os::unix::process::ExitStatusExt;
-            assert_eq!(
-                out.status.signal(),
-                Some(9),
-                "{point}: deploy was not killed: {out:?}"
-            );
+            node.deploy_killed_at(point, &v2, "v2");
 
             // The next run finds the interrupted deploy and undoes it.
             let rel = node.releases();
@@ -144,20 +117,7 @@ fn kill_during_first_deploy_leaves_no_broken_current() {
     for point in ["mid_unpack", "after_switch", "before_commit"] {
         let node = Node::new("");
         let v1 = artifact(&node, "v1");
-        let out = node
-            .cmd(&[
-                "deploy",
-                "--app",
-                "web",
-                "--artifact",
-                v1.to_str().unwrap(),
-                "--id",
-                "v1",
-            ])
-            .env("SLIPWAY_TEST_CRASH_AT", point)
-            .output()
-            .unwrap();
-        assert!(out.status.code().is_none(), "{point}: not killed");
+        node.deploy_killed_at(point, &v1, "v1");
         let rel = node.releases();
         assert!(rel["current"].is_null(), "{point}: {rel:#}");
         assert!(!node.root.join("current").exists());
@@ -178,12 +138,7 @@ fn kill_during_rollback_and_prune_is_finished() {
         node.dirs_on_disk().into_iter().collect::<Vec<_>>(),
         ["v2", "v3"]
     );
-    let out = node
-        .cmd(&["rollback", "--app", "web"])
-        .env("SLIPWAY_TEST_CRASH_AT", "after_rollback_switch")
-        .output()
-        .unwrap();
-    assert!(out.status.code().is_none());
+    node.run_killed_at("after_rollback_switch", &["rollback", "--app", "web"]);
     let rel = node.releases();
     assert!(
         rel["recovered"]
@@ -198,20 +153,7 @@ fn kill_during_rollback_and_prune_is_finished() {
     let a4 = artifact(&node, "v4");
     node.deploy(&a4, "v4").ok();
     let a5 = artifact(&node, "v5");
-    let out = node
-        .cmd(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            a5.to_str().unwrap(),
-            "--id",
-            "v5",
-        ])
-        .env("SLIPWAY_TEST_CRASH_AT", "mid_prune")
-        .output()
-        .unwrap();
-    assert!(out.status.code().is_none());
+    node.deploy_killed_at("mid_prune", &a5, "v5");
     let rel = node.releases();
     assert!(
         rel["recovered"]

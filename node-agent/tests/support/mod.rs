@@ -113,6 +113,40 @@ impl Node {
         ])
     }
 
+    /// Runs `args` with the crash point armed and asserts the agent died of
+    /// SIGKILL there.
+    #[track_caller]
+    pub fn run_killed_at(&self, point: &str, args: &[&str]) {
+        let run = Run::from(
+            self.cmd(args)
+                .env("SLIPWAY_TEST_CRASH_AT", point)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(
+            run.signal,
+            Some(9),
+            "{point}: the agent was not killed there: {run:#?}"
+        );
+    }
+
+    /// Deploys with the crash point armed (see [`Node::run_killed_at`]).
+    #[track_caller]
+    pub fn deploy_killed_at(&self, point: &str, artifact: &Path, id: &str) {
+        self.run_killed_at(
+            point,
+            &[
+                "deploy",
+                "--app",
+                "web",
+                "--artifact",
+                artifact.to_str().unwrap(),
+                "--id",
+                id,
+            ],
+        );
+    }
+
     pub fn releases(&self) -> Value {
         self.run(&["releases", "--app", "web", "--json"])
             .ok()
