@@ -24,6 +24,15 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
+# Real PM2 and a real Docker engine for the driver tests (each script installs
+# only what is missing and is safe to run again).
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ]; then
+  log "PM2"
+  bash scripts/setup-pm2.sh
+  log "Docker engine"
+  bash scripts/setup-docker.sh
+fi
+
 # --- lint --------------------------------------------------------------------
 if [ "${SLIPWAY_SKIP_LINT:-0}" != 1 ]; then
   log "cargo fmt --check"

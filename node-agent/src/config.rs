@@ -102,6 +102,63 @@ pub struct RawApp {
     pub free_space_margin: Option<Size>,
     #[serde(default)]
     pub hooks: RawHooks,
+    /// `[apps.NAME.run]`: how the app runs; absent = files only.
+    pub run: Option<RawRun>,
+    /// `[apps.NAME.health]`: the readiness gate and liveness check.
+    pub health: Option<RawHealth>,
+}
+
+/// `[apps.NAME.run]` as written; which keys apply depends on `driver`.
+#[derive(Debug, Deserialize)]
+pub struct RawRun {
+    pub driver: String,
+    // pm2
+    pub name: Option<String>,
+    pub ecosystem: Option<String>,
+    pub script: Option<String>,
+    pub instances: Option<Instances>,
+    pub exec_mode: Option<String>,
+    pub pm2_home: Option<String>,
+    pub pm2_bin: Option<String>,
+    pub user: Option<String>,
+    // docker
+    pub image: Option<String>,
+    pub image_archive: Option<String>,
+    pub container_port: Option<i64>,
+    pub ports: Option<Vec<i64>>,
+    pub host_ip: Option<String>,
+    pub memory: Option<Size>,
+    pub cpus: Option<f64>,
+    pub restart: Option<String>,
+    pub docker_socket: Option<String>,
+    // docker and exec
+    pub command: Option<Vec<String>>,
+    pub stop_grace: Option<DurationValue>,
+}
+
+/// PM2 `instances`: a count or `"max"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Instances {
+    Count(i64),
+    Text(String),
+}
+
+/// `[apps.NAME.health]` as written.
+#[derive(Debug, Deserialize)]
+pub struct RawHealth {
+    pub check: String,
+    pub url: Option<String>,
+    pub status: Option<String>,
+    pub body_contains: Option<String>,
+    pub address: Option<String>,
+    pub command: Option<String>,
+    pub timeout: Option<DurationValue>,
+    pub interval: Option<DurationValue>,
+    pub successes: Option<i64>,
+    pub start_period: Option<DurationValue>,
+    pub deadline: Option<DurationValue>,
+    pub liveness_interval: Option<DurationValue>,
 }
 
 /// `[apps.NAME.hooks]` as written.
@@ -139,7 +196,7 @@ pub struct Config {
 }
 
 /// One app, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AppConfig {
     pub name: String,
     /// Absolute directory holding `releases/`, `shared/`, `current`, `.slipway/`.
@@ -158,6 +215,111 @@ pub struct AppConfig {
     pub limits: UnpackLimits,
     pub free_space_margin: u64,
     pub hooks: Hooks,
+    /// How the app runs (PM2, Docker, or supervised by the agent).
+    pub run: Option<RunConfig>,
+    /// How the app's health is checked.
+    pub health: Option<HealthConfig>,
+}
+
+/// Which process driver runs the app, with its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunConfig {
+    Pm2(Pm2Config),
+    Docker(DockerConfig),
+    Exec(ExecConfig),
+}
+
+impl RunConfig {
+    pub fn driver_name(&self) -> &'static str {
+        match self {
+            Self::Pm2(_) => "pm2",
+            Self::Docker(_) => "docker",
+            Self::Exec(_) => "exec",
+        }
+    }
+}
+
+/// PM2: the app runs under a PM2 daemon, started or reloaded from `current`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pm2Config {
+    /// PM2 process name (default: the app name).
+    pub name: String,
+    /// Ecosystem file relative to the release (default `ecosystem.config.js`
+    /// when present and no `script` is given).
+    pub ecosystem: Option<PathBuf>,
+    /// Script relative to the release, when there is no ecosystem file.
+    pub script: Option<PathBuf>,
+    /// Number of instances; 0 means "max" (one per core).
+    pub instances: u32,
+    /// Cluster mode reloads with zero downtime; fork mode restarts.
+    pub cluster: bool,
+    pub pm2_home: Option<PathBuf>,
+    pub pm2_bin: PathBuf,
+    /// Run PM2 as this user (the agent runs as root).
+    pub user: Option<String>,
+}
+
+/// Docker: one container per release, blue/green across a host port pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerConfig {
+    /// A local image reference, used when there is no `image_archive`.
+    pub image: Option<String>,
+    /// An image tarball (`docker save` output) inside the release.
+    pub image_archive: Option<PathBuf>,
+    pub container_port: u16,
+    /// Host ports the old and new container alternate between.
+    pub ports: [u16; 2],
+    pub host_ip: String,
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+    /// Docker restart policy name: no, always, unless-stopped, on-failure.
+    pub restart: String,
+    pub socket: PathBuf,
+    /// Overrides the image's command.
+    pub command: Vec<String>,
+    pub stop_grace: Duration,
+}
+
+/// Exec: the agent supervises one process itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecConfig {
+    /// Program and arguments, run in `current/`.
+    pub command: Vec<String>,
+    /// Time between SIGTERM and SIGKILL when stopping.
+    pub stop_grace: Duration,
+}
+
+/// Health checks: the readiness gate after activation and periodic liveness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub check: CheckConfig,
+    /// One probe's time limit.
+    pub timeout: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Consecutive passes the gate needs (K).
+    pub successes: u32,
+    /// Failures in this window after activation do not end the gate early.
+    pub start_period: Duration,
+    /// The gate fails if it has not passed by then.
+    pub deadline: Duration,
+    /// Time between liveness probes once deployed.
+    pub liveness_interval: Duration,
+}
+
+/// One kind of probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckConfig {
+    /// GET `url`; `{port}` is replaced by the port the driver activated on.
+    Http {
+        url: String,
+        status: (u16, u16),
+        body_contains: Option<String>,
+    },
+    /// Connect to `address` (`host:port`; `{port}` as for http).
+    Tcp { address: String },
+    /// `sh -c command` in `current/`; exit 0 passes.
+    Exec { command: String },
 }
 
 /// Bounds on what one artifact may expand to.
@@ -209,6 +371,8 @@ impl AppConfig {
             limits: UnpackLimits::default(),
             free_space_margin: DEFAULT_FREE_SPACE_MARGIN,
             hooks: Hooks::default(),
+            run: None,
+            health: None,
         }
     }
 }
@@ -355,6 +519,16 @@ impl Config {
                     p.push(key, "hook commands must not be empty".to_owned());
                 }
             }
+            let run = app.run.as_ref().and_then(|r| p.run(name, r));
+            let health = app.health.as_ref().and_then(|h| p.health(h));
+            if let (Some(RunConfig::Docker(_)), Some(h)) = (&run, &health) {
+                if !h.check.mentions_port() {
+                    p.push(
+                        "health",
+                        "with the docker driver the check must use {port} (the blue/green host port), e.g. url = \"http://127.0.0.1:{port}/api/health\"".into(),
+                    );
+                }
+            }
             apps.insert(
                 name.clone(),
                 AppConfig {
@@ -376,6 +550,8 @@ impl Config {
                         after_activate: app.hooks.after_activate.clone(),
                         timeout,
                     },
+                    run,
+                    health,
                 },
             );
         }
@@ -478,6 +654,275 @@ impl Problems<'_> {
         }
         out
     }
+}
+
+impl CheckConfig {
+    fn mentions_port(&self) -> bool {
+        match self {
+            Self::Http { url, .. } => url.contains("{port}"),
+            Self::Tcp { address } => address.contains("{port}"),
+            Self::Exec { command } => command.contains("{port}"),
+        }
+    }
+}
+
+impl Problems<'_> {
+    fn duration(&mut self, key: &str, v: Option<&DurationValue>, default: Duration) -> Duration {
+        match v.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(msg)) => {
+                self.push(key, msg);
+                default
+            }
+        }
+    }
+
+    fn port(&mut self, key: &str, v: i64) -> u16 {
+        match u16::try_from(v) {
+            Ok(p) if p > 0 => p,
+            _ => {
+                self.push(key, format!("{v} is not a port (1-65535)"));
+                1
+            }
+        }
+    }
+
+    /// Keys that belong to other drivers are errors, so a typo'd driver name
+    /// or a leftover setting does not silently do nothing.
+    fn not_for(&mut self, driver: &str, keys: &[(&str, bool)]) {
+        for (key, present) in keys {
+            if *present {
+                self.push(&format!("run.{key}"), format!("is not a setting of the {driver} driver"));
+            }
+        }
+    }
+
+    fn run(&mut self, app: &str, r: &RawRun) -> Option<RunConfig> {
+        let pm2_keys = [
+            ("name", r.name.is_some()),
+            ("ecosystem", r.ecosystem.is_some()),
+            ("script", r.script.is_some()),
+            ("instances", r.instances.is_some()),
+            ("exec_mode", r.exec_mode.is_some()),
+            ("pm2_home", r.pm2_home.is_some()),
+            ("pm2_bin", r.pm2_bin.is_some()),
+            ("user", r.user.is_some()),
+        ];
+        let docker_keys = [
+            ("image", r.image.is_some()),
+            ("image_archive", r.image_archive.is_some()),
+            ("container_port", r.container_port.is_some()),
+            ("ports", r.ports.is_some()),
+            ("host_ip", r.host_ip.is_some()),
+            ("memory", r.memory.is_some()),
+            ("cpus", r.cpus.is_some()),
+            ("restart", r.restart.is_some()),
+            ("docker_socket", r.docker_socket.is_some()),
+        ];
+        let grace = self.duration("run.stop_grace", r.stop_grace.as_ref(), Duration::from_secs(10));
+        match r.driver.as_str() {
+            "pm2" => {
+                self.not_for("pm2", &docker_keys);
+                self.not_for("pm2", &[("command", r.command.is_some()), ("stop_grace", r.stop_grace.is_some())]);
+                let ecosystem = r.ecosystem.as_deref().map(|e| self.release_path("run.ecosystem", e));
+                let script = r.script.as_deref().map(|e| self.release_path("run.script", e));
+                if ecosystem.is_some() && script.is_some() {
+                    self.push("run.script", "give either ecosystem or script, not both".into());
+                }
+                let instances = match &r.instances {
+                    None => 0,
+                    Some(Instances::Count(n)) if *n >= 1 && *n <= 1024 => *n as u32,
+                    Some(Instances::Text(t)) if t == "max" => 0,
+                    Some(other) => {
+                        self.push("run.instances", format!("{other:?} must be 1-1024 or \"max\""));
+                        0
+                    }
+                };
+                let cluster = match r.exec_mode.as_deref() {
+                    None | Some("cluster") => true,
+                    Some("fork") => false,
+                    Some(other) => {
+                        self.push("run.exec_mode", format!("{other:?} must be \"cluster\" or \"fork\""));
+                        true
+                    }
+                };
+                Some(RunConfig::Pm2(Pm2Config {
+                    name: r.name.clone().unwrap_or_else(|| app.to_owned()),
+                    ecosystem: ecosystem.flatten(),
+                    script: script.flatten(),
+                    instances,
+                    cluster,
+                    pm2_home: r.pm2_home.as_ref().map(PathBuf::from),
+                    pm2_bin: PathBuf::from(r.pm2_bin.as_deref().unwrap_or("pm2")),
+                    user: r.user.clone(),
+                }))
+            }
+            "docker" => {
+                self.not_for("docker", &pm2_keys);
+                let image_archive = r.image_archive.as_deref().and_then(|e| self.release_path("run.image_archive", e));
+                if r.image.is_none() && image_archive.is_none() {
+                    self.push("run.image", "the docker driver needs image or image_archive".into());
+                }
+                let container_port = match r.container_port {
+                    Some(p) => self.port("run.container_port", p),
+                    None => {
+                        self.push("run.container_port", "the docker driver needs container_port".into());
+                        1
+                    }
+                };
+                let ports = match r.ports.as_deref() {
+                    Some([a, b]) => {
+                        let (a, b) = (self.port("run.ports", *a), self.port("run.ports", *b));
+                        if a == b {
+                            self.push("run.ports", "the two blue/green ports must differ".into());
+                        }
+                        [a, b]
+                    }
+                    _ => {
+                        self.push("run.ports", "give two host ports, e.g. ports = [8080, 8081]".into());
+                        [1, 2]
+                    }
+                };
+                let memory_bytes = r.memory.as_ref().map(|m| match parse_size(m) {
+                    Ok(v) => v,
+                    Err(msg) => {
+                        self.push("run.memory", msg);
+                        0
+                    }
+                });
+                if let Some(c) = r.cpus {
+                    if !(c > 0.0 && c <= 1024.0) {
+                        self.push("run.cpus", format!("{c} must be between 0 and 1024"));
+                    }
+                }
+                let restart = r.restart.clone().unwrap_or_else(|| "unless-stopped".into());
+                if !["no", "always", "unless-stopped", "on-failure"].contains(&restart.as_str()) {
+                    self.push("run.restart", format!("{restart:?} must be no, always, unless-stopped or on-failure"));
+                }
+                Some(RunConfig::Docker(DockerConfig {
+                    image: r.image.clone(),
+                    image_archive,
+                    container_port,
+                    ports,
+                    host_ip: r.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                    memory_bytes,
+                    cpus: r.cpus,
+                    restart,
+                    socket: PathBuf::from(r.docker_socket.as_deref().unwrap_or("/var/run/docker.sock")),
+                    command: r.command.clone().unwrap_or_default(),
+                    stop_grace: grace,
+                }))
+            }
+            "exec" => {
+                self.not_for("exec", &pm2_keys);
+                self.not_for("exec", &docker_keys);
+                let command = r.command.clone().unwrap_or_default();
+                if command.is_empty() || command[0].trim().is_empty() {
+                    self.push("run.command", "the exec driver needs command = [\"program\", \"arg\", ...]".into());
+                }
+                Some(RunConfig::Exec(ExecConfig {
+                    command,
+                    stop_grace: grace,
+                }))
+            }
+            other => {
+                self.push("run.driver", format!("{other:?} must be \"pm2\", \"docker\" or \"exec\""));
+                None
+            }
+        }
+    }
+
+    fn release_path(&mut self, key: &str, v: &str) -> Option<PathBuf> {
+        match relative_path(v) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                self.push(key, format!("{msg} (paths are relative to the release)"));
+                None
+            }
+        }
+    }
+
+    fn health(&mut self, h: &RawHealth) -> Option<HealthConfig> {
+        let check = match h.check.as_str() {
+            "http" => {
+                let url = h.url.clone().unwrap_or_default();
+                if !url.starts_with("http://") {
+                    self.push("health.url", format!("{url:?} must be an http:// URL (the check runs on the node)"));
+                }
+                let status = match h.status.as_deref() {
+                    None => (200, 399),
+                    Some(s) => match parse_status_range(s) {
+                        Some(r) => r,
+                        None => {
+                            self.push("health.status", format!("{s:?} must be a code or a range like \"200-399\""));
+                            (200, 399)
+                        }
+                    },
+                };
+                CheckConfig::Http {
+                    url,
+                    status,
+                    body_contains: h.body_contains.clone(),
+                }
+            }
+            "tcp" => {
+                let address = h.address.clone().unwrap_or_default();
+                if !address.contains(':') {
+                    self.push("health.address", format!("{address:?} must be host:port"));
+                }
+                CheckConfig::Tcp { address }
+            }
+            "exec" => {
+                let command = h.command.clone().unwrap_or_default();
+                if command.trim().is_empty() {
+                    self.push("health.command", "the exec check needs a command".into());
+                }
+                CheckConfig::Exec { command }
+            }
+            other => {
+                self.push("health.check", format!("{other:?} must be \"http\", \"tcp\" or \"exec\""));
+                return None;
+            }
+        };
+        let successes = match h.successes {
+            None => 3,
+            Some(n) if (1..=1000).contains(&n) => n as u32,
+            Some(n) => {
+                self.push("health.successes", format!("{n} must be 1-1000"));
+                3
+            }
+        };
+        let cfg = HealthConfig {
+            check,
+            timeout: self.duration("health.timeout", h.timeout.as_ref(), Duration::from_secs(2)),
+            interval: self.duration("health.interval", h.interval.as_ref(), Duration::from_secs(1)),
+            successes,
+            start_period: self.duration("health.start_period", h.start_period.as_ref(), Duration::from_secs(5)),
+            deadline: self.duration("health.deadline", h.deadline.as_ref(), Duration::from_secs(60)),
+            liveness_interval: self.duration(
+                "health.liveness_interval",
+                h.liveness_interval.as_ref(),
+                Duration::from_secs(15),
+            ),
+        };
+        if cfg.deadline <= cfg.start_period {
+            self.push("health.deadline", "must be longer than start_period".into());
+        }
+        Some(cfg)
+    }
+}
+
+/// `"200"` or `"200-399"`.
+fn parse_status_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = s.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&a) && (100..=599).contains(&b) && a <= b).then_some((a, b))
 }
 
 /// App names become directory and lock names: keep them plain.

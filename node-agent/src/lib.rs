@@ -23,6 +23,8 @@ pub mod artifact;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod driver;
 pub mod durable;
+pub mod envfile;
 pub mod fault;
 pub mod release;

@@ -1,0 +1,165 @@
+//! Process drivers: what runs the app once `current` points at a release.
+//!
+//! Every driver implements [`Driver`]. The deploy calls [`Driver::activate`]
+//! after the switch, runs the health gate against the [`Activation`] it
+//! returns, then either [`Driver::commit`]s (retire what was replaced) or, on
+//! a failed gate, switches `current` back and calls [`Driver::restore`].
+//!
+//! - [`pm2`]: the app runs under PM2, reloaded with zero downtime in cluster
+//!   mode.
+//! - [`docker`]: one container per release through the Engine API, blue/green
+//!   across a host port pair.
+//! - [`exec`]: the agent supervises one process itself (`slipway-agent
+//!   supervise`): restart on crash with backoff, SIGTERM then SIGKILL.
+
+pub mod docker;
+pub mod exec;
+pub mod pm2;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::config::{AppConfig, RunConfig};
+use crate::envfile;
+use crate::release::ReleaseId;
+
+/// Errors from a driver, with the driver's own words.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{driver}: {message}")]
+    Failed { driver: &'static str, message: String },
+    #[error("{driver}: cannot run {command}: {source}")]
+    Spawn {
+        driver: &'static str,
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read the app's environment file: {0}")]
+    Env(#[from] envfile::EnvError),
+}
+
+impl DriverError {
+    pub fn failed(driver: &'static str, message: impl Into<String>) -> Self {
+        Self::Failed {
+            driver,
+            message: message.into(),
+        }
+    }
+}
+
+/// The release a driver is asked to run.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub app: AppConfig,
+    pub release: ReleaseId,
+    /// `root/current`: drivers run from this path (not the resolved release
+    /// dir) so a reload follows the symlink to the new release.
+    pub current: PathBuf,
+    /// `root/releases/<id>`, for files of this very release (image archives).
+    pub release_dir: PathBuf,
+    /// `shared/.env`, parsed; handed to the app, never shown.
+    pub env: Vec<(String, String)>,
+}
+
+impl Target {
+    /// The target for `release` of `app`, reading `shared/.env` if present.
+    pub fn new(app: &AppConfig, release: &ReleaseId) -> Result<Self, DriverError> {
+        let env_path = app.root.join("shared/.env");
+        let env = match std::fs::read_to_string(&env_path) {
+            Ok(text) => envfile::parse(&env_path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(envfile::EnvError::Read {
+                    path: env_path,
+                    source: e,
+                }
+                .into())
+            }
+        };
+        Ok(Self {
+            app: app.clone(),
+            release: release.clone(),
+            current: app.root.join("current"),
+            release_dir: app.root.join("releases").join(release.as_str()),
+            env,
+        })
+    }
+
+    /// Environment every driver gives the app besides `.env`.
+    pub fn slipway_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SLIPWAY_APP".into(), self.app.name.clone()),
+            ("SLIPWAY_RELEASE".into(), self.release.to_string()),
+        ]
+    }
+}
+
+/// What an activation brought up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Activation {
+    /// The port the new release serves on, when the driver chose it (docker's
+    /// blue/green port); health checks substitute it for `{port}`.
+    pub port: Option<u16>,
+    /// Driver-specific handle (container id) for commit/restore.
+    pub handle: Option<String>,
+    /// One line for the deploy log and report.
+    pub detail: String,
+}
+
+/// One running process (or container) of the app.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ProcessInfo {
+    pub name: String,
+    pub pid: Option<u32>,
+    /// Driver's word: online, stopped, errored, running, exited, backoff…
+    pub status: String,
+    pub restarts: u64,
+    pub memory_bytes: Option<u64>,
+    pub cpu_percent: Option<f64>,
+    pub uptime_secs: Option<u64>,
+    /// The release it runs, when the driver knows.
+    pub release: Option<String>,
+}
+
+/// What `status` shows of a driver. Never environment values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DriverStatus {
+    pub driver: String,
+    pub processes: Vec<ProcessInfo>,
+    /// E.g. "fork mode: reload is a restart, not zero-downtime".
+    pub notes: Vec<String>,
+}
+
+/// Runs an app.
+pub trait Driver: fmt::Debug + Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Runs the release `current` points at: starts the app if it is not
+    /// running, otherwise replaces it (with zero downtime where the driver
+    /// can).
+    fn activate(&self, target: &Target) -> Result<Activation, DriverError>;
+
+    /// The gate passed: retire whatever `activation` replaced.
+    fn commit(&self, target: &Target, activation: &Activation) -> Result<(), DriverError>;
+
+    /// The gate failed and `current` points at `previous` again: put the
+    /// previous release back in service and drop `failed`.
+    fn restore(&self, previous: &Target, failed: &Activation) -> Result<Activation, DriverError>;
+
+    /// Stops the app.
+    fn stop(&self, app: &AppConfig) -> Result<(), DriverError>;
+
+    /// The app's processes.
+    fn status(&self, app: &AppConfig) -> Result<DriverStatus, DriverError>;
+}
+
+/// The driver an app is configured with, if any.
+pub fn for_app(app: &AppConfig) -> Option<Box<dyn Driver>> {
+    match app.run.as_ref()? {
+        RunConfig::Pm2(c) => Some(Box::new(pm2::Pm2::new(c.clone()))),
+        RunConfig::Docker(c) => Some(Box::new(docker::Docker::new(c.clone()))),
+        RunConfig::Exec(c) => Some(Box::new(exec::Exec::new(c.clone()))),
+    }
+}
