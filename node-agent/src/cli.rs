@@ -84,11 +84,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Every app's state on this node.
+    /// Every app's state on this node: releases, processes, health, and the
+    /// node's cpu, memory, load and disks.
     Status {
         #[arg(long)]
         json: bool,
     },
+    /// Restart the current release through the app's driver, then run the
+    /// health gate.
+    Restart {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the app's processes (the release files stay).
+    Stop {
+        #[arg(long)]
+        app: String,
+    },
+    /// Run the agent: liveness checks for every app, until SIGTERM.
+    Run,
     /// Pack a directory into an artifact (.tar.gz, or .tar.zst by extension)
     /// and print its sha256.
     Pack {
@@ -96,6 +112,18 @@ pub enum Command {
         dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Run an app's command and keep it running (started by the exec driver).
+    #[command(hide = true)]
+    Supervise {
+        /// The app root (its `current/` is the working directory).
+        #[arg(long)]
+        root: PathBuf,
+        /// Milliseconds between SIGTERM and SIGKILL when stopping.
+        #[arg(long, default_value_t = 10_000)]
+        grace_ms: u64,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Walk through deploy, releases, rollback and prune in a scratch directory.
     Demo {
@@ -204,6 +232,15 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         crate::demo::run(dir)?;
         return Ok(0);
     }
+    if let Command::Supervise {
+        root,
+        grace_ms,
+        command,
+    } = &cli.command
+    {
+        crate::supervise::run(root, command, std::time::Duration::from_millis(*grace_ms))?;
+        return Ok(0);
+    }
     if let Command::Pack { dir, out } = &cli.command {
         if !dir.is_dir() {
             return Err(usage(format!("--dir {} is not a directory", dir.display())));
@@ -233,6 +270,22 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 sha256,
                 id,
             })?;
+            if report.outcome != "succeeded" {
+                if json {
+                    print_json(&report);
+                } else {
+                    println!(
+                        "deploy of {} release {} ROLLED BACK: {}",
+                        report.app,
+                        report.release,
+                        report.failure.as_deref().unwrap_or("unknown failure")
+                    );
+                    if let Some(r) = &report.restored {
+                        println!("{r}");
+                    }
+                }
+                return Ok(1);
+            }
             if json {
                 print_json(&report);
             } else {
@@ -249,6 +302,15 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 if let Some(prev) = &report.previous {
                     println!("previous release {prev} is the rollback target");
                 }
+                if let Some(a) = &report.activation {
+                    println!("{}", a.detail);
+                }
+                if let Some(h) = &report.health {
+                    println!(
+                        "healthy after {} probes ({} ms): {}",
+                        h.probes, h.elapsed_ms, h.last.output
+                    );
+                }
                 if !report.pruned.is_empty() {
                     let ids: Vec<_> = report.pruned.iter().map(ReleaseId::as_str).collect();
                     println!("pruned {}", ids.join(", "));
@@ -260,9 +322,13 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             let to = to.as_deref().map(parse_id).transpose()?;
             let mut session = store.begin("rollback", to.as_ref())?;
             let report = session.rollback(to.as_ref())?;
+            let code = u8::from(report.problem.is_some());
             if json {
                 print_json(&report);
             } else {
+                if let Some(p) = &report.problem {
+                    println!("warning: the release is current but not serving healthily: {p}");
+                }
                 match &report.from {
                     Some(from) => println!(
                         "{}: current is now {} (rolled back from {from}, now marked bad)",
@@ -271,6 +337,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                     None => println!("{}: current is now {}", report.app, report.to),
                 }
             }
+            return Ok(code);
         }
         Command::Releases { app, json } => {
             let snap = store_for(&config, &app)?.snapshot()?;
@@ -324,33 +391,58 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         Command::Status { json } => {
             let mut apps = Vec::new();
             for app in config.apps.values() {
-                let snap = Store::new(app).snapshot()?;
-                let free = release::unpack::SpaceGuard::available(&app.root).ok();
-                apps.push(AppStatus {
-                    snapshot: snap,
-                    disk_free_bytes: free,
-                });
+                apps.push(app_status(app)?);
             }
+            let roots: Vec<PathBuf> = config.apps.values().map(|a| a.root.clone()).collect();
+            let node = crate::metrics::snapshot(&roots);
             if json {
-                print_json(&serde_json::json!({ "apps": apps }));
+                print_json(&serde_json::json!({ "node": node, "apps": apps }));
             } else {
-                for a in &apps {
-                    let s = &a.snapshot;
-                    println!(
-                        "{:<16} current {:<32} releases {:<3} {}",
-                        s.app,
-                        s.current.as_ref().map_or("-", ReleaseId::as_str),
-                        s.releases.len(),
-                        match (&s.lock_holder, &s.in_progress) {
-                            (Some(h), _) => format!("busy: {h}"),
-                            (None, Some(op)) => format!("interrupted {}", op.name()),
-                            _ => "idle".into(),
-                        }
-                    );
+                print_status(&node, &apps);
+            }
+        }
+        Command::Restart { app, json } => {
+            let store = store_for(&config, &app)?;
+            let mut session = store.begin("restart", None)?;
+            let (release, activation, health) = session.restart()?;
+            if json {
+                print_json(
+                    &serde_json::json!({ "app": app, "release": release, "activation": activation, "health": health }),
+                );
+            } else {
+                println!("{app}: restarted {release}: {}", activation.detail);
+                if let Some(h) = health {
+                    println!("healthy after {} probes: {}", h.probes, h.last.output);
                 }
             }
         }
-        Command::Demo { .. } | Command::Pack { .. } => {
+        Command::Stop { app } => {
+            let app_cfg = config.app(&app).map_err(|e| usage(e.to_string()))?;
+            let Some(driver) = crate::driver::for_app(app_cfg) else {
+                return Err(usage(format!(
+                    "app {app:?} has no [apps.{app}.run] driver to stop"
+                )));
+            };
+            let store = Store::new(app_cfg);
+            let _session = store.begin("stop", None)?;
+            driver.stop(app_cfg).map_err(|e| Failure {
+                code: 1,
+                message: e.to_string(),
+            })?;
+            println!("{app}: stopped ({})", driver.name());
+        }
+        Command::Run => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+            runtime.block_on(crate::liveness::run(
+                config,
+                crate::liveness::shutdown_signal(),
+            ))?;
+        }
+        Command::Demo { .. } | Command::Pack { .. } | Command::Supervise { .. } => {
             return Err(usage("internal: command handled earlier".into()))
         }
     }
@@ -361,7 +453,101 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
 struct AppStatus {
     #[serde(flatten)]
     snapshot: Snapshot,
-    disk_free_bytes: Option<u64>,
+    /// The driver's view of the app's processes (never environment values).
+    processes: Option<crate::driver::DriverStatus>,
+    /// Set when the driver could not be asked.
+    process_error: Option<String>,
+    /// Latest liveness results, kept by `slipway-agent run`.
+    liveness: Option<crate::health::Liveness>,
+}
+
+fn app_status(app: &crate::config::AppConfig) -> Result<AppStatus, Failure> {
+    let snapshot = Store::new(app).snapshot()?;
+    let (processes, process_error) = match crate::driver::for_app(app) {
+        None => (None, None),
+        Some(d) => match d.status(app) {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+    };
+    Ok(AppStatus {
+        snapshot,
+        processes,
+        process_error,
+        liveness: crate::health::Liveness::load(&app.root),
+    })
+}
+
+fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus]) {
+    const GIB: f64 = (1u64 << 30) as f64;
+    println!(
+        "node {}: cpu {:.0}% of {} cores, memory {:.1}/{:.1} GiB, load {:.2} {:.2} {:.2}",
+        node.hostname.as_deref().unwrap_or("?"),
+        node.cpu_percent,
+        node.cores,
+        node.mem_used_bytes as f64 / GIB,
+        node.mem_total_bytes as f64 / GIB,
+        node.load1,
+        node.load5,
+        node.load15
+    );
+    for d in &node.disks {
+        println!(
+            "disk {} ({}): {:.1}/{:.1} GiB used",
+            d.path.display(),
+            d.mount
+                .as_ref()
+                .map_or("?".into(), |m| m.display().to_string()),
+            d.used_bytes as f64 / GIB,
+            d.total_bytes as f64 / GIB
+        );
+    }
+    for a in apps {
+        let s = &a.snapshot;
+        println!(
+            "\n{:<16} current {:<32} releases {:<3} {}",
+            s.app,
+            s.current.as_ref().map_or("-", ReleaseId::as_str),
+            s.releases.len(),
+            match (&s.lock_holder, &s.in_progress) {
+                (Some(h), _) => format!("busy: {h}"),
+                (None, Some(op)) => format!("interrupted {}", op.name()),
+                _ => "idle".into(),
+            }
+        );
+        if let Some(p) = &a.processes {
+            for proc_ in &p.processes {
+                println!(
+                    "  {:<20} {:<10} pid {:<8} restarts {:<4} mem {:>6.1} MiB  release {}",
+                    proc_.name,
+                    proc_.status,
+                    proc_.pid.map_or("-".into(), |p| p.to_string()),
+                    proc_.restarts,
+                    proc_.memory_bytes.unwrap_or(0) as f64 / 1048576.0,
+                    proc_.release.as_deref().unwrap_or("-")
+                );
+            }
+            for n in &p.notes {
+                println!("  note: {n}");
+            }
+        }
+        if let Some(e) = &a.process_error {
+            println!("  processes: {e}");
+        }
+        if let Some(l) = &a.liveness {
+            println!(
+                "  health: {} ({} probes, {} failures in a row; last: {})",
+                match l.healthy {
+                    Some(true) => "healthy",
+                    Some(false) => "UNHEALTHY",
+                    None => "unknown",
+                },
+                l.probes,
+                l.consecutive_failures,
+                l.last_output.as_deref().unwrap_or("-")
+            );
+        }
+    }
 }
 
 fn print_releases(snap: &Snapshot) {

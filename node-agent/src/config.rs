@@ -156,6 +156,7 @@ pub struct RawHealth {
     pub timeout: Option<DurationValue>,
     pub interval: Option<DurationValue>,
     pub successes: Option<i64>,
+    pub retries: Option<i64>,
     pub start_period: Option<DurationValue>,
     pub deadline: Option<DurationValue>,
     pub liveness_interval: Option<DurationValue>,
@@ -299,6 +300,9 @@ pub struct HealthConfig {
     pub interval: Duration,
     /// Consecutive passes the gate needs (K).
     pub successes: u32,
+    /// Consecutive failures tolerated after the start period before the gate
+    /// fails early (and liveness turns unhealthy).
+    pub retries: u32,
     /// Failures in this window after activation do not end the gate early.
     pub start_period: Duration,
     /// The gate fails if it has not passed by then.
@@ -693,7 +697,10 @@ impl Problems<'_> {
     fn not_for(&mut self, driver: &str, keys: &[(&str, bool)]) {
         for (key, present) in keys {
             if *present {
-                self.push(&format!("run.{key}"), format!("is not a setting of the {driver} driver"));
+                self.push(
+                    &format!("run.{key}"),
+                    format!("is not a setting of the {driver} driver"),
+                );
             }
         }
     }
@@ -720,22 +727,44 @@ impl Problems<'_> {
             ("restart", r.restart.is_some()),
             ("docker_socket", r.docker_socket.is_some()),
         ];
-        let grace = self.duration("run.stop_grace", r.stop_grace.as_ref(), Duration::from_secs(10));
+        let grace = self.duration(
+            "run.stop_grace",
+            r.stop_grace.as_ref(),
+            Duration::from_secs(10),
+        );
         match r.driver.as_str() {
             "pm2" => {
                 self.not_for("pm2", &docker_keys);
-                self.not_for("pm2", &[("command", r.command.is_some()), ("stop_grace", r.stop_grace.is_some())]);
-                let ecosystem = r.ecosystem.as_deref().map(|e| self.release_path("run.ecosystem", e));
-                let script = r.script.as_deref().map(|e| self.release_path("run.script", e));
+                self.not_for(
+                    "pm2",
+                    &[
+                        ("command", r.command.is_some()),
+                        ("stop_grace", r.stop_grace.is_some()),
+                    ],
+                );
+                let ecosystem = r
+                    .ecosystem
+                    .as_deref()
+                    .map(|e| self.release_path("run.ecosystem", e));
+                let script = r
+                    .script
+                    .as_deref()
+                    .map(|e| self.release_path("run.script", e));
                 if ecosystem.is_some() && script.is_some() {
-                    self.push("run.script", "give either ecosystem or script, not both".into());
+                    self.push(
+                        "run.script",
+                        "give either ecosystem or script, not both".into(),
+                    );
                 }
                 let instances = match &r.instances {
                     None => 0,
                     Some(Instances::Count(n)) if *n >= 1 && *n <= 1024 => *n as u32,
                     Some(Instances::Text(t)) if t == "max" => 0,
                     Some(other) => {
-                        self.push("run.instances", format!("{other:?} must be 1-1024 or \"max\""));
+                        self.push(
+                            "run.instances",
+                            format!("{other:?} must be 1-1024 or \"max\""),
+                        );
                         0
                     }
                 };
@@ -743,7 +772,10 @@ impl Problems<'_> {
                     None | Some("cluster") => true,
                     Some("fork") => false,
                     Some(other) => {
-                        self.push("run.exec_mode", format!("{other:?} must be \"cluster\" or \"fork\""));
+                        self.push(
+                            "run.exec_mode",
+                            format!("{other:?} must be \"cluster\" or \"fork\""),
+                        );
                         true
                     }
                 };
@@ -760,14 +792,23 @@ impl Problems<'_> {
             }
             "docker" => {
                 self.not_for("docker", &pm2_keys);
-                let image_archive = r.image_archive.as_deref().and_then(|e| self.release_path("run.image_archive", e));
+                let image_archive = r
+                    .image_archive
+                    .as_deref()
+                    .and_then(|e| self.release_path("run.image_archive", e));
                 if r.image.is_none() && image_archive.is_none() {
-                    self.push("run.image", "the docker driver needs image or image_archive".into());
+                    self.push(
+                        "run.image",
+                        "the docker driver needs image or image_archive".into(),
+                    );
                 }
                 let container_port = match r.container_port {
                     Some(p) => self.port("run.container_port", p),
                     None => {
-                        self.push("run.container_port", "the docker driver needs container_port".into());
+                        self.push(
+                            "run.container_port",
+                            "the docker driver needs container_port".into(),
+                        );
                         1
                     }
                 };
@@ -780,7 +821,10 @@ impl Problems<'_> {
                         [a, b]
                     }
                     _ => {
-                        self.push("run.ports", "give two host ports, e.g. ports = [8080, 8081]".into());
+                        self.push(
+                            "run.ports",
+                            "give two host ports, e.g. ports = [8080, 8081]".into(),
+                        );
                         [1, 2]
                     }
                 };
@@ -798,7 +842,10 @@ impl Problems<'_> {
                 }
                 let restart = r.restart.clone().unwrap_or_else(|| "unless-stopped".into());
                 if !["no", "always", "unless-stopped", "on-failure"].contains(&restart.as_str()) {
-                    self.push("run.restart", format!("{restart:?} must be no, always, unless-stopped or on-failure"));
+                    self.push(
+                        "run.restart",
+                        format!("{restart:?} must be no, always, unless-stopped or on-failure"),
+                    );
                 }
                 Some(RunConfig::Docker(DockerConfig {
                     image: r.image.clone(),
@@ -809,7 +856,9 @@ impl Problems<'_> {
                     memory_bytes,
                     cpus: r.cpus,
                     restart,
-                    socket: PathBuf::from(r.docker_socket.as_deref().unwrap_or("/var/run/docker.sock")),
+                    socket: PathBuf::from(
+                        r.docker_socket.as_deref().unwrap_or("/var/run/docker.sock"),
+                    ),
                     command: r.command.clone().unwrap_or_default(),
                     stop_grace: grace,
                 }))
@@ -819,7 +868,10 @@ impl Problems<'_> {
                 self.not_for("exec", &docker_keys);
                 let command = r.command.clone().unwrap_or_default();
                 if command.is_empty() || command[0].trim().is_empty() {
-                    self.push("run.command", "the exec driver needs command = [\"program\", \"arg\", ...]".into());
+                    self.push(
+                        "run.command",
+                        "the exec driver needs command = [\"program\", \"arg\", ...]".into(),
+                    );
                 }
                 Some(RunConfig::Exec(ExecConfig {
                     command,
@@ -827,7 +879,10 @@ impl Problems<'_> {
                 }))
             }
             other => {
-                self.push("run.driver", format!("{other:?} must be \"pm2\", \"docker\" or \"exec\""));
+                self.push(
+                    "run.driver",
+                    format!("{other:?} must be \"pm2\", \"docker\" or \"exec\""),
+                );
                 None
             }
         }
@@ -848,14 +903,20 @@ impl Problems<'_> {
             "http" => {
                 let url = h.url.clone().unwrap_or_default();
                 if !url.starts_with("http://") {
-                    self.push("health.url", format!("{url:?} must be an http:// URL (the check runs on the node)"));
+                    self.push(
+                        "health.url",
+                        format!("{url:?} must be an http:// URL (the check runs on the node)"),
+                    );
                 }
                 let status = match h.status.as_deref() {
                     None => (200, 399),
                     Some(s) => match parse_status_range(s) {
                         Some(r) => r,
                         None => {
-                            self.push("health.status", format!("{s:?} must be a code or a range like \"200-399\""));
+                            self.push(
+                                "health.status",
+                                format!("{s:?} must be a code or a range like \"200-399\""),
+                            );
                             (200, 399)
                         }
                     },
@@ -881,7 +942,10 @@ impl Problems<'_> {
                 CheckConfig::Exec { command }
             }
             other => {
-                self.push("health.check", format!("{other:?} must be \"http\", \"tcp\" or \"exec\""));
+                self.push(
+                    "health.check",
+                    format!("{other:?} must be \"http\", \"tcp\" or \"exec\""),
+                );
                 return None;
             }
         };
@@ -893,13 +957,34 @@ impl Problems<'_> {
                 3
             }
         };
+        let retries = match h.retries {
+            None => 3,
+            Some(n) if (0..=1000).contains(&n) => n as u32,
+            Some(n) => {
+                self.push("health.retries", format!("{n} must be 0-1000"));
+                3
+            }
+        };
         let cfg = HealthConfig {
             check,
+            retries,
             timeout: self.duration("health.timeout", h.timeout.as_ref(), Duration::from_secs(2)),
-            interval: self.duration("health.interval", h.interval.as_ref(), Duration::from_secs(1)),
+            interval: self.duration(
+                "health.interval",
+                h.interval.as_ref(),
+                Duration::from_secs(1),
+            ),
             successes,
-            start_period: self.duration("health.start_period", h.start_period.as_ref(), Duration::from_secs(5)),
-            deadline: self.duration("health.deadline", h.deadline.as_ref(), Duration::from_secs(60)),
+            start_period: self.duration(
+                "health.start_period",
+                h.start_period.as_ref(),
+                Duration::from_secs(5),
+            ),
+            deadline: self.duration(
+                "health.deadline",
+                h.deadline.as_ref(),
+                Duration::from_secs(60),
+            ),
             liveness_interval: self.duration(
                 "health.liveness_interval",
                 h.liveness_interval.as_ref(),

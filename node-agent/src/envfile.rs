@@ -35,7 +35,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<(String, String)>, EnvError>
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let line = line.strip_prefix("export ").map(str::trim_start).unwrap_or(line);
+        let line = line
+            .strip_prefix("export ")
+            .map(str::trim_start)
+            .unwrap_or(line);
         let Some((key, value)) = line.split_once('=') else {
             return Err(err("expected KEY=value".into()));
         };
@@ -49,7 +52,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<(String, String)>, EnvError>
         let value = value.trim();
         let value = if let Some(rest) = value.strip_prefix('"') {
             let Some(end) = rest.rfind('"') else {
-                return Err(err(format!("unterminated double quote in the value of {key}")));
+                return Err(err(format!(
+                    "unterminated double quote in the value of {key}"
+                )));
             };
             let mut v = String::new();
             let mut chars = rest[..end].chars();
@@ -67,7 +72,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<(String, String)>, EnvError>
             v
         } else if let Some(rest) = value.strip_prefix('\'') {
             let Some(end) = rest.rfind('\'') else {
-                return Err(err(format!("unterminated single quote in the value of {key}")));
+                return Err(err(format!(
+                    "unterminated single quote in the value of {key}"
+                )));
             };
             rest[..end].to_owned()
         } else {

@@ -27,4 +27,8 @@ pub mod driver;
 pub mod durable;
 pub mod envfile;
 pub mod fault;
+pub mod health;
+pub mod liveness;
+pub mod metrics;
 pub mod release;
+pub mod supervise;

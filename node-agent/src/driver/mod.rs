@@ -29,7 +29,10 @@ use crate::release::ReleaseId;
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error("{driver}: {message}")]
-    Failed { driver: &'static str, message: String },
+    Failed {
+        driver: &'static str,
+        message: String,
+    },
     #[error("{driver}: cannot run {command}: {source}")]
     Spawn {
         driver: &'static str,

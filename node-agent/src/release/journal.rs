@@ -59,6 +59,10 @@ pub struct Release {
     /// Why it is failed or bad.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The port its driver serves it on (docker's blue/green port), for
+    /// liveness checks that use `{port}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// The step a deploy has durably reached.
@@ -230,6 +234,7 @@ mod tests {
             files: 0,
             bytes: 0,
             reason: None,
+            port: None,
         }
     }
 

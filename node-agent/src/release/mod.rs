@@ -35,6 +35,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::config::AppConfig;
+use crate::driver::{self, Activation, Target};
+use crate::health::{self, GatePassed, ProbeTarget};
 use crate::{durable, fault};
 pub use id::{InvalidId, ReleaseId};
 pub use journal::{DeployStep, Journal, Operation, Release, ReleaseStatus};
@@ -58,6 +60,10 @@ pub enum ReleaseError {
     Shared(#[from] shared::SharedError),
     #[error(transparent)]
     InvalidId(#[from] InvalidId),
+    #[error(transparent)]
+    Driver(#[from] driver::DriverError),
+    #[error(transparent)]
+    Gate(#[from] health::GateFailed),
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -194,6 +200,21 @@ pub struct StepTiming {
 pub struct DeployReport {
     pub app: String,
     pub release: ReleaseId,
+    /// `succeeded`, or `rolled_back` when the release failed once live (driver,
+    /// health gate or after_activate hook) and the previous one was restored.
+    pub outcome: &'static str,
+    /// Why it was rolled back, with the failing check's last output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// What happened to the previous release on rollback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<String>,
+    /// What the driver brought up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
+    /// The readiness gate that passed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<GatePassed>,
     pub previous: Option<ReleaseId>,
     pub artifact_sha256: String,
     /// `unpacked`, `rebuilt from manifest`, `reactivated` or `already current`.
@@ -214,6 +235,14 @@ pub struct RollbackReport {
     pub app: String,
     pub from: Option<ReleaseId>,
     pub to: ReleaseId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<GatePassed>,
+    /// The driver or health gate failed after the switch: `current` is on
+    /// `to`, but it is not serving healthily.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// The outcome of a prune.
@@ -308,6 +337,8 @@ impl Store {
             journal,
             lock,
             holder,
+            live: None,
+            served: None,
             recovered: None,
         };
         session.recovered = session.recover()?;
@@ -410,6 +441,12 @@ pub struct Session<'a> {
     journal: Journal,
     lock: lock::AppLock,
     holder: Holder,
+    /// Set once the driver was asked to run the release being deployed (with
+    /// what it brought up, as far as known): a failure from then on must also
+    /// put the previous release back in service.
+    live: Option<Activation>,
+    /// What the driver and gate did for the release being deployed.
+    served: Option<(Activation, Option<GatePassed>)>,
     /// What recovery did when the session began.
     pub recovered: Option<String>,
 }
@@ -493,8 +530,15 @@ impl Session<'_> {
                 ..
             }) => {
                 let reason = format!("deploy interrupted at step {step:?} (process {pid} died)");
-                let outcome =
-                    self.undo_deploy(&release, previous.as_ref(), &reason, !reactivate)?;
+                // From `Activated` on, the driver may be running the release.
+                let live = (step >= DeployStep::Activated).then(Activation::default);
+                let outcome = self.undo_deploy(
+                    &release,
+                    previous.as_ref(),
+                    &reason,
+                    !reactivate,
+                    live.as_ref(),
+                )?;
                 Some(format!("{reason}: {outcome}"))
             }
             Some(Operation::Rollback { from, to, pid, .. }) => {
@@ -535,20 +579,25 @@ impl Session<'_> {
 
     /// Undoes an uncommitted deploy of `id`: `current` back to `previous`,
     /// staging removed, the release kept as failed if it reached `releases/`.
+    /// `live` is set when the driver may be running `id`: the previous
+    /// release is then put back in service through the driver too.
     fn undo_deploy(
         &mut self,
         id: &ReleaseId,
         previous: Option<&ReleaseId>,
         reason: &str,
         mark_failed: bool,
+        live: Option<&Activation>,
     ) -> Result<String> {
         let p = self.paths().clone();
         let mut outcome = String::new();
+        let mut restored_to = None;
         if self.current()?.as_ref() == Some(id) {
             match previous {
                 Some(prev) if p.release(prev).is_dir() => {
                     activate::switch(&p.root, prev).map_err(ReleaseError::io("switch", &p.root))?;
                     outcome = format!("current restored to {prev}");
+                    restored_to = Some(prev.clone());
                 }
                 _ => {
                     activate::clear(&p.root)
@@ -556,6 +605,10 @@ impl Session<'_> {
                     outcome = "current removed (there was no previous release)".into();
                 }
             }
+        }
+        if let Some(failed) = live {
+            outcome.push_str("; ");
+            outcome.push_str(&self.restore_previous(restored_to.as_ref(), failed));
         }
         let staging = p.staging.join(id.as_str());
         durable::remove_tree(&staging).map_err(ReleaseError::io("remove", &staging))?;
@@ -575,6 +628,7 @@ impl Session<'_> {
                     files: manifest.as_ref().map_or(0, Manifest::file_count),
                     bytes: manifest.as_ref().map_or(0, Manifest::total_bytes),
                     reason: None,
+                    port: None,
                 });
             }
             if mark_failed {
@@ -598,6 +652,109 @@ impl Session<'_> {
         self.journal.op = None;
         self.save()?;
         Ok(outcome)
+    }
+
+    /// Runs release `id` (which `current` points at) with the app's driver
+    /// and holds it to the readiness gate.
+    fn serve(&mut self, id: &ReleaseId) -> Result<(Activation, Option<GatePassed>)> {
+        let app = self.app().clone();
+        let mut activation = Activation::default();
+        if let Some(driver) = driver::for_app(&app) {
+            let target = Target::new(&app, id)?;
+            // From here on a failure must also restart the previous release.
+            self.live = Some(Activation::default());
+            activation = driver.activate(&target)?;
+            tracing::info!(driver = driver.name(), "{}", activation.detail);
+            self.live = Some(activation.clone());
+        }
+        let health = match &app.health {
+            Some(cfg) => {
+                let target = ProbeTarget {
+                    port: activation.port,
+                    cwd: self.paths().release(id),
+                };
+                let passed = health::gate(cfg, &target)?;
+                tracing::info!(
+                    probes = passed.probes,
+                    ms = passed.elapsed_ms,
+                    "health gate passed: {}",
+                    passed.last.output
+                );
+                Some(passed)
+            }
+            None => None,
+        };
+        if let Some(driver) = driver::for_app(&app) {
+            let target = Target::new(&app, id)?;
+            if let Err(e) = driver.commit(&target, &activation) {
+                // The new release serves and is healthy; leftovers of the old
+                // one are worth a warning, not a rollback.
+                tracing::warn!(error = %e, "could not retire the previous release's processes");
+            }
+        }
+        Ok((activation, health))
+    }
+
+    /// Puts `previous` (now `current` again) back in service after `failed`
+    /// went wrong, and says how that went. Best effort: the switch back
+    /// already happened, and what fails here is reported, not raised.
+    fn restore_previous(&mut self, previous: Option<&ReleaseId>, failed: &Activation) -> String {
+        let app = self.app().clone();
+        let Some(driver) = driver::for_app(&app) else {
+            return "no driver configured".into();
+        };
+        let Some(prev) = previous else {
+            return match driver.stop(&app) {
+                Ok(()) => format!("{} stopped the app (no previous release)", driver.name()),
+                Err(e) => format!("stopping the app failed: {e}"),
+            };
+        };
+        let target = match Target::new(&app, prev) {
+            Ok(t) => t,
+            Err(e) => return format!("cannot restart {prev}: {e}"),
+        };
+        let restored = match driver.restore(&target, failed) {
+            Ok(a) => a,
+            Err(e) => return format!("{} could not restart {prev}: {e}", driver.name()),
+        };
+        let mut out = format!("{} restarted {prev}", driver.name());
+        if let Some(cfg) = &app.health {
+            let probe_target = ProbeTarget {
+                port: restored.port,
+                cwd: self.paths().release(prev),
+            };
+            match health::gate(cfg, &probe_target) {
+                Ok(p) => out.push_str(&format!(" and it is healthy ({})", p.last.output)),
+                Err(e) => out.push_str(&format!(" but it is not healthy either: {e}")),
+            }
+        }
+        if let Err(e) = driver.commit(&target, &restored) {
+            out.push_str(&format!(" (cleanup of the failed release: {e})"));
+        }
+        if let Some(r) = self.journal.get_mut(prev) {
+            r.port = restored.port.or(r.port);
+        }
+        out
+    }
+
+    /// Restarts the current release through the driver and holds it to the
+    /// health gate (`slipway-agent restart`).
+    pub fn restart(&mut self) -> Result<(ReleaseId, Activation, Option<GatePassed>)> {
+        let current = self
+            .current()?
+            .ok_or_else(|| ReleaseError::NoRollbackTarget {
+                app: self.app().name.clone(),
+                current: "none: nothing is deployed".into(),
+            })?;
+        let (a, h) = self.serve(&current)?;
+        self.live = None;
+        if let Some(port) = a.port {
+            if let Some(r) = self.journal.get_mut(&current) {
+                r.port = Some(port);
+            }
+            self.save()?;
+        }
+        Ok((current, a, h))
     }
 
     fn set_step(&mut self, new: DeployStep) -> Result<()> {
@@ -632,6 +789,11 @@ impl Session<'_> {
                     return Ok(DeployReport {
                         app: self.app().name.clone(),
                         release: id,
+                        outcome: "succeeded",
+                        failure: None,
+                        restored: None,
+                        activation: None,
+                        health: None,
                         previous,
                         artifact_sha256: sha,
                         method: "already current",
@@ -676,20 +838,58 @@ impl Session<'_> {
         let stats = match result {
             Ok(s) => s,
             Err(err) => {
-                let outcome = self.undo_deploy(&id, previous.as_ref(), &err.to_string(), true)?;
-                return Err(ReleaseError::DeployFailed {
-                    id,
-                    outcome,
-                    source: Box::new(err),
+                let live = self.live.take();
+                let reached_current = self.current()?.as_ref() == Some(&id);
+                let outcome = self.undo_deploy(
+                    &id,
+                    previous.as_ref(),
+                    &err.to_string(),
+                    true,
+                    live.as_ref(),
+                )?;
+                if !reached_current {
+                    return Err(ReleaseError::DeployFailed {
+                        id,
+                        outcome,
+                        source: Box::new(err),
+                    });
+                }
+                // It went live and failed: report a rollback, not an error.
+                tracing::warn!(release = %id, error = %err, "deploy rolled back: {outcome}");
+                let r = self.journal.get(&id).cloned();
+                return Ok(DeployReport {
+                    app: self.app().name.clone(),
+                    release: id,
+                    outcome: "rolled_back",
+                    failure: Some(err.to_string()),
+                    restored: Some(outcome),
+                    activation: live,
+                    health: None,
+                    previous,
+                    artifact_sha256: sha,
+                    method: "unpacked",
+                    files: r.as_ref().map_or(0, |r| r.files),
+                    bytes: r.as_ref().map_or(0, |r| r.bytes),
+                    reused_files: 0,
+                    new_objects: 0,
+                    total_ms: timer.total_ms(),
+                    steps: timer.steps,
+                    pruned: Vec::new(),
                 });
             }
         };
+        let (activation, health) = match self.served.take() {
+            Some((a, h)) => (Some(a), h),
+            None => (None, None),
+        };
+        self.live = None;
         fault::point("before_commit");
         let now = OffsetDateTime::now_utc();
         if let Some(r) = self.journal.get_mut(&id) {
             r.status = ReleaseStatus::Good;
             r.reason = None;
             r.activated_at = Some(now);
+            r.port = activation.as_ref().and_then(|a| a.port);
         }
         self.journal.op = None;
         self.save()?;
@@ -705,6 +905,11 @@ impl Session<'_> {
         Ok(DeployReport {
             app: self.app().name.clone(),
             release: id,
+            outcome: "succeeded",
+            failure: None,
+            restored: None,
+            activation,
+            health,
             previous,
             artifact_sha256: sha,
             method: stats.method,
@@ -749,6 +954,7 @@ impl Session<'_> {
                 files: manifest.file_count(),
                 bytes: manifest.total_bytes(),
                 reason: None,
+                port: None,
             });
             self.set_step(DeployStep::Unpacked)?;
             fault::point("after_unpack");
@@ -783,6 +989,9 @@ impl Session<'_> {
         fault::point("after_switch");
         self.set_step(DeployStep::Activated)?;
         timer.lap("activate");
+
+        self.served = Some(self.serve(id)?);
+        timer.lap("driver_and_health");
 
         let ctx = hooks::HookContext {
             app: &app.name,
@@ -1023,10 +1232,26 @@ impl Session<'_> {
         fault::point("after_rollback_switch");
         self.finish_rollback(current.as_ref(), &target)?;
         tracing::info!(app = %self.app().name, to = %target, "rolled back");
+        // Serve the release rolled back to. A failure here does not undo the
+        // rollback (the operator asked for this release); it is reported.
+        let (activation, health, problem) = match self.serve(&target) {
+            Ok((a, h)) => (Some(a), h, None),
+            Err(e) => (self.live.take(), None, Some(e.to_string())),
+        };
+        self.live = None;
+        if let Some(port) = activation.as_ref().and_then(|a| a.port) {
+            if let Some(r) = self.journal.get_mut(&target) {
+                r.port = Some(port);
+            }
+            self.save()?;
+        }
         Ok(RollbackReport {
             app: self.app().name.clone(),
             from: current,
             to: target,
+            activation,
+            health,
+            problem,
         })
     }
 
@@ -1251,6 +1476,7 @@ mod tests {
             files: 0,
             bytes: 0,
             reason: None,
+            port: None,
         }
     }
 

@@ -1,0 +1,101 @@
+//! Node metrics for `status` and the controller heartbeat, from sysinfo.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
+
+/// One snapshot of the node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeMetrics {
+    pub hostname: Option<String>,
+    /// Average over all cores, sampled over [`sysinfo::MINIMUM_CPU_UPDATE_INTERVAL`].
+    pub cpu_percent: f32,
+    pub cores: usize,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub uptime_secs: u64,
+    /// The file system of each app root.
+    pub disks: Vec<DiskUse>,
+}
+
+/// Use of the file system holding one path.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskUse {
+    /// The app root asked about.
+    pub path: PathBuf,
+    /// Its file system's mount point, when found.
+    pub mount: Option<PathBuf>,
+    pub used_bytes: u64,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// Samples the node; `paths` are the app roots whose disks to report.
+pub fn snapshot(paths: &[PathBuf]) -> NodeMetrics {
+    let mut sys = System::new_with_specifics(
+        RefreshKind::nothing()
+            .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
+            .with_memory(MemoryRefreshKind::nothing().with_ram()),
+    );
+    // CPU usage is a difference between two samples.
+    std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+    sys.refresh_cpu_usage();
+    let load = System::load_average();
+    let disks = Disks::new_with_refreshed_list();
+    NodeMetrics {
+        hostname: System::host_name(),
+        cpu_percent: sys.global_cpu_usage(),
+        cores: sys.cpus().len(),
+        mem_used_bytes: sys.used_memory(),
+        mem_total_bytes: sys.total_memory(),
+        load1: load.one,
+        load5: load.five,
+        load15: load.fifteen,
+        uptime_secs: System::uptime(),
+        disks: paths.iter().filter_map(|p| disk_use(p, &disks)).collect(),
+    }
+}
+
+fn disk_use(path: &Path, disks: &Disks) -> Option<DiskUse> {
+    // The root may not exist yet: measure its nearest existing ancestor.
+    let existing = path.ancestors().find(|a| a.exists())?;
+    let st = nix::sys::statvfs::statvfs(existing).ok()?;
+    let frag = st.fragment_size() as u64;
+    let total = st.blocks() as u64 * frag;
+    let free = st.blocks_free() as u64 * frag;
+    let canonical = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_owned());
+    let mount = disks
+        .list()
+        .iter()
+        .map(|d| d.mount_point())
+        .filter(|m| canonical.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+        .map(Path::to_path_buf);
+    Some(DiskUse {
+        path: path.to_owned(),
+        mount,
+        used_bytes: total.saturating_sub(free),
+        total_bytes: total,
+        available_bytes: st.blocks_available() as u64 * frag,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_has_sane_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = snapshot(&[dir.path().join("not/yet/created")]);
+        assert!(m.mem_total_bytes > 0 && m.mem_used_bytes <= m.mem_total_bytes);
+        assert!(m.cores >= 1);
+        assert!((0.0..=100.0).contains(&m.cpu_percent));
+        let d = &m.disks[0];
+        assert!(d.total_bytes > 0 && d.used_bytes <= d.total_bytes);
+    }
+}

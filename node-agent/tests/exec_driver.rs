@@ -1,0 +1,342 @@
+//! The exec driver end to end through the real binary: the agent supervises
+//! a small Python HTTP server, the health gate decides, and a release that
+//! answers 500 on /api/health ends rolled back with the previous one serving.
+
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{tar_of, targz, Node};
+
+const SECRET: &str = "s3cr3t-never-shown";
+
+/// Serves `VERSION` on /, and on /api/health answers the status in `HEALTH`
+/// (default 200) unless `shared/fail` exists (then 503).
+const SERVER: &str = r#"
+import http.server, os, socketserver
+VERSION = open("VERSION").read().strip()
+STATUS = int(open("HEALTH").read()) if os.path.exists("HEALTH") else 200
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 200
+        if self.path == "/api/health":
+            code = 503 if os.path.exists("../../shared/fail") else STATUS
+        body = ("%s %d" % (VERSION, os.getpid())).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+socketserver.TCPServer.allow_reuse_address = True
+with socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H) as s:
+    s.serve_forever()
+"#;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct App {
+    node: Node,
+    port: u16,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        // Never leave a supervisor behind, whatever the test did.
+        let _ = self.node.run(&["stop", "--app", "web"]);
+    }
+}
+
+fn app(extra_health: &str) -> App {
+    let port = free_port();
+    let node = Node::new(&format!(
+        r#"
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "3s"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{port}/api/health"
+status = "200-299"
+interval = "100ms"
+successes = 2
+retries = 2
+start_period = "1s"
+deadline = "15s"
+liveness_interval = "200ms"
+{extra_health}
+"#
+    ));
+    fs::write(
+        node.root.join("shared/.env"),
+        format!("PORT={port}\nAPI_KEY={SECRET}\n"),
+    )
+    .unwrap();
+    App { node, port }
+}
+
+fn release(node: &Node, version: &str, health: Option<u16>) -> PathBuf {
+    let mut files = vec![
+        ("server.py", SERVER.to_owned()),
+        ("VERSION", version.to_owned()),
+    ];
+    if let Some(code) = health {
+        files.push(("HEALTH", code.to_string()));
+    }
+    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let path = node.dir.path().join(format!("{version}.tar.gz"));
+    fs::write(&path, targz(&tar_of(&refs))).unwrap();
+    path
+}
+
+fn deploy_json(node: &Node, artifact: &Path, id: &str) -> (Option<i32>, Value) {
+    let run = node.run(&[
+        "deploy",
+        "--app",
+        "web",
+        "--artifact",
+        artifact.to_str().unwrap(),
+        "--id",
+        id,
+        "--json",
+    ]);
+    let code = run.code;
+    (code, run.json())
+}
+
+/// GET http://127.0.0.1:port/path → (status, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().ok()?,
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()))
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status(node: &Node) -> Value {
+    node.run(&["status", "--json"]).ok().json()
+}
+
+#[test]
+fn unhealthy_release_is_rolled_back_and_previous_keeps_serving() {
+    let a = app("");
+    let v1 = release(&a.node, "v1", None);
+    let (code, rep) = deploy_json(&a.node, &v1, "v1");
+    assert_eq!(code, Some(0), "{rep:#}");
+    assert_eq!(rep["outcome"], "succeeded");
+    assert!(rep["health"]["probes"].as_u64().unwrap() >= 2, "{rep:#}");
+    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+
+    let v2 = release(&a.node, "v2", Some(500));
+    let (code, rep) = deploy_json(&a.node, &v2, "v2");
+    assert_eq!(code, Some(1), "{rep:#}");
+    assert_eq!(rep["outcome"], "rolled_back", "{rep:#}");
+    let failure = rep["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("HTTP 500"),
+        "last check output missing: {failure}"
+    );
+    let restored = rep["restored"].as_str().unwrap();
+    assert!(
+        restored.contains("current restored to v1") && restored.contains("healthy"),
+        "{restored}"
+    );
+    assert_eq!(a.node.current().as_deref(), Some("v1"));
+    let (code, body) = get(a.port, "/api/health").unwrap();
+    assert_eq!((code, body.split(' ').next().unwrap()), (200, "v1"));
+    let st = a.node.statuses();
+    assert!(st.contains(&("v2".into(), "failed".into())), "{st:?}");
+
+    // Status shows the supervised process, typed, and no environment values.
+    let s = status(&a.node);
+    let text = s.to_string();
+    assert!(!text.contains(SECRET), "status leaked an environment value");
+    let proc_ = &s["apps"][0]["processes"]["processes"][0];
+    assert_eq!(proc_["status"], "running", "{s:#}");
+    assert_eq!(proc_["release"], "v1");
+    assert!(proc_["memory_bytes"].as_u64().unwrap() > 0, "{s:#}");
+    assert!(s["node"]["mem_total_bytes"].as_u64().unwrap() > 0);
+    assert!(s["node"]["disks"][0]["total_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn supervisor_restarts_a_crashed_app_and_rollback_restarts_the_old_release() {
+    let a = app("");
+    a.node.deploy(&release(&a.node, "v1", None), "v1").ok();
+    a.node.deploy(&release(&a.node, "v2", None), "v2").ok();
+    assert!(get(a.port, "/").unwrap().1.starts_with("v2 "));
+    let pid = status(&a.node)["apps"][0]["processes"]["processes"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the app to be restarted", Duration::from_secs(20), || {
+        let p = &status(&a.node)["apps"][0]["processes"]["processes"][0];
+        p["pid"].as_u64().is_some_and(|n| n != pid)
+            && p["restarts"].as_u64() == Some(1)
+            && get(a.port, "/").is_some()
+    });
+
+    let rep = a
+        .node
+        .run(&["rollback", "--app", "web", "--json"])
+        .ok()
+        .json();
+    assert_eq!(rep["to"], "v1");
+    assert!(rep["health"]["probes"].as_u64().is_some(), "{rep:#}");
+    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+
+    a.node.run(&["stop", "--app", "web"]).ok();
+    assert!(get(a.port, "/").is_none(), "app still answers after stop");
+    let p = &status(&a.node)["apps"][0]["processes"]["processes"][0];
+    assert!(p["status"].as_str().unwrap().contains("stopped"), "{p:#}");
+    a.node.run(&["restart", "--app", "web"]).ok();
+    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+}
+
+#[test]
+fn first_release_failing_its_gate_leaves_nothing_running() {
+    let a = app("");
+    let (code, rep) = deploy_json(&a.node, &release(&a.node, "v1", Some(500)), "v1");
+    assert_eq!(code, Some(1));
+    assert_eq!(rep["outcome"], "rolled_back");
+    assert!(
+        rep["restored"]
+            .as_str()
+            .unwrap()
+            .contains("stopped the app"),
+        "{rep:#}"
+    );
+    assert!(a.node.current().is_none());
+    assert!(get(a.port, "/").is_none());
+}
+
+#[test]
+fn crash_after_going_live_restores_the_previous_release_process() {
+    let a = app("");
+    a.node.deploy(&release(&a.node, "v1", None), "v1").ok();
+    let v2 = release(&a.node, "v2", None);
+    a.node.deploy_killed_at("before_commit", &v2, "v2");
+    // The killed deploy left v2 running; the next command recovers.
+    assert!(get(a.port, "/").unwrap().1.starts_with("v2 "));
+    let rel = a.node.releases();
+    assert!(
+        rel["recovered"]
+            .as_str()
+            .unwrap()
+            .contains("exec restarted v1"),
+        "{rel:#}"
+    );
+    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+}
+
+#[test]
+fn liveness_failures_are_recorded_with_timestamps() {
+    let a = app("");
+    a.node.deploy(&release(&a.node, "v1", None), "v1").ok();
+    let mut agent: Child = a
+        .node
+        .cmd(&["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("a healthy liveness record", Duration::from_secs(20), || {
+            status(&a.node)["apps"][0]["liveness"]["healthy"] == true
+        });
+        fs::write(a.node.root.join("shared/fail"), "").unwrap();
+        wait_until(
+            "liveness to turn unhealthy",
+            Duration::from_secs(20),
+            || status(&a.node)["apps"][0]["liveness"]["healthy"] == false,
+        );
+        let l = &status(&a.node)["apps"][0]["liveness"];
+        let f = &l["failures"][0];
+        assert!(f["output"].as_str().unwrap().contains("HTTP 503"), "{l:#}");
+        assert!(f["at"].as_str().unwrap().starts_with("20"), "{l:#}");
+        assert_eq!(l["release"], "v1");
+    }));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let code = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s.code();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = agent.kill();
+            panic!("agent did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn bad_run_and_health_config_is_refused_with_keys() {
+    let node = Node::new("[apps.web.run]\ndriver = \"systemd\"\n[apps.web.health]\ncheck = \"http\"\nurl = \"ftp://x\"\nsuccesses = 0\n");
+    let run = node.run(&["status"]).fails(64);
+    assert!(run.stderr.contains("apps.web.run.driver"), "{}", run.stderr);
+    assert!(run.stderr.contains("apps.web.health.url"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("apps.web.health.successes"),
+        "{}",
+        run.stderr
+    );
+    let node = Node::new("[apps.web.run]\ndriver = \"exec\"\ncommand = [\"x\"]\nports = [1, 2]\n");
+    let run = node.run(&["status"]).fails(64);
+    assert!(
+        run.stderr
+            .contains("apps.web.run.ports: is not a setting of the exec driver"),
+        "{}",
+        run.stderr
+    );
+}
