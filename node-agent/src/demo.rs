@@ -1,10 +1,12 @@
-//! `slipway-agent demo`: the release engine end to end in a scratch directory.
+//! `slipway-agent demo`: the agent end to end in a scratch directory.
 //!
-//! It writes an `agent.toml`, packs three versions of a small sample app and
-//! runs the same commands an operator would, printing each one first: deploy,
-//! a second deploy (mostly hardlinked from the content store), a broken deploy
-//! that is refused before activation, releases, rollback, redeploy, verify,
-//! prune and status.
+//! It writes an `agent.toml` for one app run by the exec driver (the agent
+//! supervises a small Python web server) behind an HTTP health gate, packs
+//! three releases and runs the commands an operator would, printing each one
+//! first: deploy, a second deploy (mostly hardlinked from the content store),
+//! a release whose health check answers 500 (rolled back automatically),
+//! releases, a node-local rollback, a redeploy rebuilt from its manifest,
+//! verify, prune and status. The app is stopped at the end.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -44,24 +46,45 @@ shared_dirs = ["logs"]
 
 [apps.web.hooks]
 # Refuse a release that lacks its entry point, before it goes live.
-before_activate = ["test -f server.js"]
+before_activate = ["test -f server.py"]
 after_activate = ["echo \"$(date -u +%FT%TZ) $SLIPWAY_RELEASE is live (was: ${{SLIPWAY_PREVIOUS:-none}})\" >> logs/activations.log"]
 timeout = "30s"
+
+# The agent supervises the app itself (the exec driver)...
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "3s"
+
+# ...and a release stays live only if /api/health passes 3 times in a row.
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "200ms"
+successes = 3
+start_period = "2s"
+deadline = "20s"
 "#,
             root.display()
         ),
     )?;
+    // The URL above reads its port from the release; here it is fixed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let text = fs::read_to_string(&config)?.replace("{port}", &port.to_string());
+    fs::write(&config, text)?;
     fs::create_dir_all(root.join("shared"))?;
     fs::write(
         root.join("shared/.env"),
-        "PORT=3000\nDATABASE_URL=postgres://demo\n",
+        format!("PORT={port}\nDATABASE_URL=postgres://demo:secret@db/app\n"),
     )?;
 
     let artifacts = dir.join("artifacts");
     fs::create_dir_all(&artifacts)?;
-    let v1 = sample(&dir, &artifacts, "v1", "hello from v1", true)?;
-    let v2 = sample(&dir, &artifacts, "v2", "hello from v2", true)?;
-    let broken = sample(&dir, &artifacts, "v3", "this build lost server.js", false)?;
+    let v1 = sample(&dir, &artifacts, "v1", 200)?;
+    let v2 = sample(&dir, &artifacts, "v2", 200)?;
+    let broken = sample(&dir, &artifacts, "v3", 500)?;
 
     println!(
         "Slipway demo in {}\nconfig: {}\n",
@@ -69,75 +92,88 @@ timeout = "30s"
         config.display()
     );
     let c = config.to_string_lossy().into_owned();
-    let s = |p: &Path| p.to_string_lossy().into_owned();
-    step(
-        &c,
-        &[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            &s(&v1),
-            "--id",
-            "v1",
-        ],
-        0,
-    )?;
-    step(
-        &c,
-        &[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            &s(&v2),
-            "--id",
-            "v2",
-        ],
-        0,
-    )?;
-    println!("# v3 lacks server.js: before_activate refuses it and current stays v2");
-    step(
-        &c,
-        &[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            &s(&broken),
-            "--id",
-            "v3",
-        ],
-        1,
-    )?;
-    step(&c, &["releases", "--app", "web"], 0)?;
-    println!("# roll back on this node alone, no controller needed");
-    step(&c, &["rollback", "--app", "web"], 0)?;
-    println!("# the same artifact again: rebuilt from its manifest by hardlinks, no unpacking");
-    step(
-        &c,
-        &[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            &s(&v2),
-            "--id",
-            "v4",
-        ],
-        0,
-    )?;
-    step(&c, &["verify", "--app", "web"], 0)?;
-    step(&c, &["prune", "--app", "web", "--keep", "2"], 0)?;
-    step(&c, &["releases", "--app", "web"], 0)?;
-    step(&c, &["status"], 0)?;
+    let result = walk_through(&c, [&v1, &v2, &broken], port);
+    // Whatever happened, do not leave the demo app running.
+    let stopped = step(&c, &["stop", "--app", "web"], 0);
+    result?;
+    stopped?;
     println!(
-        "current -> {}\nactivations: \n{}",
+        "current -> {}\nactivations:\n{}",
         fs::read_link(root.join("current"))?.display(),
         fs::read_to_string(root.join("shared/logs/activations.log")).unwrap_or_default()
     );
     println!("Everything is in {}; remove it when done.", dir.display());
     Ok(())
+}
+
+fn walk_through(c: &str, [v1, v2, broken]: [&Path; 3], port: u16) -> anyhow::Result<()> {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    step(
+        c,
+        &["deploy", "--app", "web", "--artifact", &s(v1), "--id", "v1"],
+        0,
+    )?;
+    show(port);
+    println!("# v2: unchanged files are hardlinked from the content store");
+    step(
+        c,
+        &["deploy", "--app", "web", "--artifact", &s(v2), "--id", "v2"],
+        0,
+    )?;
+    show(port);
+    println!("# v3 answers 500 on /api/health: the gate fails and v2 is restored, automatically");
+    step(
+        c,
+        &[
+            "deploy",
+            "--app",
+            "web",
+            "--artifact",
+            &s(broken),
+            "--id",
+            "v3",
+        ],
+        1,
+    )?;
+    show(port);
+    step(c, &["releases", "--app", "web"], 0)?;
+    println!("# roll back on this node alone, no controller needed");
+    step(c, &["rollback", "--app", "web"], 0)?;
+    show(port);
+    println!("# the same artifact again: rebuilt from its manifest by hardlinks, no unpacking");
+    step(
+        c,
+        &["deploy", "--app", "web", "--artifact", &s(v2), "--id", "v4"],
+        0,
+    )?;
+    show(port);
+    step(c, &["verify", "--app", "web"], 0)?;
+    step(c, &["prune", "--app", "web", "--keep", "2"], 0)?;
+    step(c, &["releases", "--app", "web"], 0)?;
+    step(c, &["status"], 0)?;
+    Ok(())
+}
+
+/// Prints what the app answers right now.
+fn show(port: u16) {
+    use std::io::{Read, Write};
+    let answer = (|| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .ok()?;
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.split("\r\n\r\n").nth(1).map(|b| b.trim().to_owned())
+    })();
+    println!(
+        "$ curl http://127.0.0.1:{port}/\n{}\n",
+        answer.as_deref().unwrap_or("(no answer)")
+    );
 }
 
 fn step(config: &str, args: &[&str], expect: u8) -> anyhow::Result<()> {
@@ -159,35 +195,37 @@ fn step(config: &str, args: &[&str], expect: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A small Node-style app tree packed into `artifacts/<name>.tar.gz`.
-fn sample(
-    dir: &Path,
-    artifacts: &Path,
-    name: &str,
-    greeting: &str,
-    with_server: bool,
-) -> anyhow::Result<PathBuf> {
+/// A small Python web app packed into `artifacts/web-<name>.tar.gz`; its
+/// /api/health answers `health`.
+fn sample(dir: &Path, artifacts: &Path, name: &str, health: u16) -> anyhow::Result<PathBuf> {
     let src = dir.join("src").join(name);
     fs::create_dir_all(src.join("lib"))?;
     fs::create_dir_all(src.join("public"))?;
-    if with_server {
-        fs::write(
-            src.join("server.js"),
-            format!(
-                "const http = require('http');\nhttp.createServer((q, r) => r.end({greeting:?})).listen(process.env.PORT || 3000);\n"
-            ),
-        )?;
-    }
     fs::write(
-        src.join("package.json"),
-        format!("{{\"name\":\"web\",\"version\":\"{name}\"}}\n"),
+        src.join("server.py"),
+        format!(
+            r#"import http.server, os, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = {health} if self.path == "/api/health" else 200
+        body = "hello from {name} (pid %d)\n" % os.getpid()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+    def log_message(self, *a):
+        pass
+socketserver.TCPServer.allow_reuse_address = True
+socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#
+        ),
     )?;
     // Most of an app does not change between releases: the content store
     // keeps one copy of these.
     for i in 0..50 {
         fs::write(
-            src.join("lib").join(format!("mod{i}.js")),
-            format!("module.exports = {i};\n").repeat(40),
+            src.join("lib").join(format!("mod{i}.py")),
+            format!("VALUE = {i}\n").repeat(40),
         )?;
     }
     fs::write(src.join("public/index.html"), "<h1>web</h1>\n")?;
