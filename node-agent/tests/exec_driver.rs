@@ -184,6 +184,11 @@ fn unhealthy_release_is_rolled_back_and_previous_keeps_serving() {
     assert_eq!((code, body.split(' ').next().unwrap()), (200, "v1"));
     let st = a.node.statuses();
     assert!(st.contains(&("v2".into(), "failed".into())), "{st:?}");
+    let log = fs::read_to_string(a.node.root.join(".slipway/logs/v2.log")).unwrap();
+    assert!(
+        log.contains("health gate failed") && log.contains("ROLLED BACK"),
+        "{log}"
+    );
 
     // Status shows the supervised process, typed, and no environment values.
     let s = status(&a.node);

@@ -456,6 +456,20 @@ struct Timer {
     start: Instant,
     last: Instant,
     steps: Vec<StepTiming>,
+    /// The deploy log, once the release id is known.
+    log: Option<PathBuf>,
+}
+
+/// Appends one timestamped line to a deploy log (best effort: the log is
+/// for people; a write failure must not fail the deploy).
+fn log_line(log: Option<&Path>, text: &str) {
+    let Some(log) = log else { return };
+    let stamp = OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(log) {
+        let _ = writeln!(f, "{stamp} {text}");
+    }
 }
 
 impl Timer {
@@ -465,6 +479,7 @@ impl Timer {
             start: now,
             last: now,
             steps: Vec::new(),
+            log: None,
         }
     }
     fn lap(&mut self, step: &'static str) {
@@ -474,10 +489,11 @@ impl Timer {
             ms: (now - self.last).as_secs_f64() * 1e3,
         });
         self.last = now;
-        tracing::info!(
-            step,
-            ms = format!("{:.1}", self.steps.last().map_or(0.0, |s| s.ms)),
-            "deploy step done"
+        let ms = self.steps.last().map_or(0.0, |s| s.ms);
+        tracing::info!(step, ms = format!("{ms:.1}"), "deploy step done");
+        log_line(
+            self.log.as_deref(),
+            &format!("step {step} done in {ms:.1} ms"),
         );
     }
     fn total_ms(&self) -> f64 {
@@ -665,6 +681,7 @@ impl Session<'_> {
             self.live = Some(Activation::default());
             activation = driver.activate(&target)?;
             tracing::info!(driver = driver.name(), "{}", activation.detail);
+            log_line(Some(&self.paths().log(id)), &activation.detail);
             self.live = Some(activation.clone());
         }
         let health = match &app.health {
@@ -673,7 +690,16 @@ impl Session<'_> {
                     port: activation.port,
                     cwd: self.paths().release(id),
                 };
-                let passed = health::gate(cfg, &target)?;
+                let passed = health::gate(cfg, &target).inspect_err(|e| {
+                    log_line(Some(&self.paths().log(id)), &e.to_string());
+                })?;
+                log_line(
+                    Some(&self.paths().log(id)),
+                    &format!(
+                        "health gate passed after {} probes: {}",
+                        passed.probes, passed.last.output
+                    ),
+                );
                 tracing::info!(
                     probes = passed.probes,
                     ms = passed.elapsed_ms,
@@ -815,6 +841,14 @@ impl Session<'_> {
         }
         self.holder.release = Some(id.to_string());
         self.lock.update(&self.holder);
+        timer.log = Some(self.paths().log(&id));
+        log_line(
+            timer.log.as_deref(),
+            &format!(
+                "deploy of {id} (artifact sha256 {sha}) by pid {}",
+                std::process::id()
+            ),
+        );
         self.journal.op = Some(Operation::Deploy {
             release: id.clone(),
             previous: previous.clone(),
@@ -848,6 +882,7 @@ impl Session<'_> {
                     live.as_ref(),
                 )?;
                 if !reached_current {
+                    log_line(timer.log.as_deref(), &format!("FAILED: {err}; {outcome}"));
                     return Err(ReleaseError::DeployFailed {
                         id,
                         outcome,
@@ -856,6 +891,10 @@ impl Session<'_> {
                 }
                 // It went live and failed: report a rollback, not an error.
                 tracing::warn!(release = %id, error = %err, "deploy rolled back: {outcome}");
+                log_line(
+                    timer.log.as_deref(),
+                    &format!("ROLLED BACK: {err}; {outcome}"),
+                );
                 let r = self.journal.get(&id).cloned();
                 return Ok(DeployReport {
                     app: self.app().name.clone(),
