@@ -9,6 +9,8 @@
 // A failed setup step should panic with its error, which is what unwrap does.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -95,13 +97,7 @@ fn container_names(app: &str) -> Vec<String> {
 }
 
 fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    support::docker_cli(args)
 }
 
 // --- fixtures -----------------------------------------------------------------
@@ -171,26 +167,8 @@ impl World {
     /// (or without that file: every health probe gets 404).
     fn image(&mut self, version: &str, with_health: bool) -> String {
         let tag = format!("slipway-test-{}:{version}", self.app);
-        let rootfs = self.dir.path().join(format!("rootfs-{version}"));
-        fs::create_dir_all(rootfs.join("bin")).unwrap();
-        fs::create_dir_all(rootfs.join("www/api")).unwrap();
-        fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-        fs::write(rootfs.join("www/index.html"), format!("{version}\n")).unwrap();
-        if with_health {
-            fs::write(rootfs.join("www/api/health"), format!("ok {version}\n")).unwrap();
-        }
-        let tarball = self.dir.path().join(format!("rootfs-{version}.tar"));
-        let mut builder = tar::Builder::new(fs::File::create(&tarball).unwrap());
-        builder.append_dir_all(".", &rootfs).unwrap();
-        builder.into_inner().unwrap().sync_all().unwrap();
         self.cleanup.images.push(tag.clone());
-        docker(&[
-            "import",
-            "--change",
-            r#"CMD ["/bin/busybox","httpd","-f","-p","3000","-h","/www"]"#,
-            tarball.to_str().unwrap(),
-            &tag,
-        ]);
+        support::busybox_image(self.dir.path(), &tag, version, with_health);
         tag
     }
 
