@@ -1,0 +1,168 @@
+//! PM2 through the whole agent: deploy in cluster mode behind the health
+//! gate; a release answering 500 on /api/health is rolled back and PM2 serves
+//! the previous one again.
+
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::{tar_of, targz, Node};
+
+const SERVER: &str = r#"'use strict';
+const http = require('http');
+const fs = require('fs');
+const VERSION = fs.readFileSync('VERSION', 'utf8').trim();
+const HEALTH = fs.existsSync('HEALTH') ? Number(fs.readFileSync('HEALTH', 'utf8')) : 200;
+http.createServer((req, res) => {
+  const code = req.url === '/api/health' ? HEALTH : 200;
+  const body = `${VERSION} ${process.pid}`;
+  res.writeHead(code, { 'content-length': Buffer.byteLength(body), connection: 'close' });
+  res.end(body);
+}).listen(Number(process.env.PORT), '127.0.0.1');
+"#;
+
+/// Kills this test's PM2 daemon, whatever happened.
+struct Pm2Home(PathBuf);
+
+impl Drop for Pm2Home {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pm2")
+            .arg("kill")
+            .env("PM2_HOME", &self.0)
+            .output();
+    }
+}
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().ok()?,
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        code,
+        text.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+    ))
+}
+
+#[test]
+fn pm2_cluster_deploy_gated_on_health_and_rolled_back_on_500() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = Node::new(&format!(
+        r#"
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+instances = 2
+exec_mode = "cluster"
+pm2_home = "{}"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{port}/api/health"
+interval = "100ms"
+successes = 3
+retries = 2
+start_period = "1s"
+deadline = "30s"
+"#,
+        pm2_home.path().display()
+    ));
+    fs::write(
+        node.root.join("shared/.env"),
+        format!("PORT={port}\nAPP_SECRET=s3cr3t-pm2\n"),
+    )
+    .unwrap();
+    let artifact = |v: &str, health: Option<&str>| {
+        let mut files = vec![("server.js", SERVER), ("VERSION", v)];
+        if let Some(h) = health {
+            files.push(("HEALTH", h));
+        }
+        let p = node.dir.path().join(format!("{v}.tar.gz"));
+        fs::write(&p, targz(&tar_of(&files))).unwrap();
+        p
+    };
+    let json = |a: &PathBuf, id: &str| {
+        node.run(&[
+            "deploy",
+            "--app",
+            "web",
+            "--artifact",
+            a.to_str().unwrap(),
+            "--id",
+            id,
+            "--json",
+        ])
+    };
+
+    let r1 = json(&artifact("v1", None), "v1").ok().json();
+    assert_eq!(r1["outcome"], "succeeded", "{r1:#}");
+    assert!(get(port, "/").unwrap().1.starts_with("v1 "));
+
+    let run = json(&artifact("v2", Some("500")), "v2");
+    assert_eq!(run.code, Some(1), "{run:#?}");
+    let r2 = run.json();
+    assert_eq!(r2["outcome"], "rolled_back", "{r2:#}");
+    assert!(
+        r2["failure"].as_str().unwrap().contains("HTTP 500"),
+        "{r2:#}"
+    );
+    assert!(
+        r2["restored"]
+            .as_str()
+            .unwrap()
+            .contains("pm2 restarted v1"),
+        "{r2:#}"
+    );
+    assert_eq!(node.current().as_deref(), Some("v1"));
+    for _ in 0..4 {
+        let (code, body) = get(port, "/api/health").unwrap();
+        assert_eq!(
+            (code, body.split(' ').next().unwrap()),
+            (200, "v1"),
+            "v1 not serving on every worker"
+        );
+    }
+
+    let status = node.run(&["status", "--json"]).ok().json();
+    assert!(
+        !status.to_string().contains("s3cr3t-pm2"),
+        "status leaked .env"
+    );
+    let procs = status["apps"][0]["processes"]["processes"]
+        .as_array()
+        .unwrap();
+    assert_eq!(procs.len(), 2, "{status:#}");
+    assert!(
+        procs
+            .iter()
+            .all(|p| p["status"] == "online" && p["release"] == "v1"),
+        "{status:#}"
+    );
+}
