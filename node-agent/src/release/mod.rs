@@ -1375,6 +1375,16 @@ impl Session<'_> {
             .map_err(ReleaseError::io("collect objects in", &p.objects))?;
         report.objects_removed = gc.objects_removed;
         report.bytes_freed = gc.bytes_freed;
+        // Deploy logs of deploys that left no release (refused artifacts,
+        // failed unpacks) stay until here, for the operator to read.
+        for entry in fs::read_dir(&p.logs).map_err(ReleaseError::io("read", &p.logs))? {
+            let entry = entry.map_err(ReleaseError::io("read", &p.logs))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(".log").unwrap_or(&name);
+            if !self.journal.releases.iter().any(|r| r.id.as_str() == id) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         // Cached artifacts of releases that are gone.
         for entry in fs::read_dir(&p.cache).map_err(ReleaseError::io("read", &p.cache))? {
             let entry = entry.map_err(ReleaseError::io("read", &p.cache))?;
