@@ -8,12 +8,10 @@
 mod support;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use support::{busybox_image, docker_cli, targz, Node, RawTar};
+use support::{busybox_image, docker_cli, http_get, targz, Node, RawTar};
 
 /// Removes the app's containers and the test's images, whatever happened.
 struct Cleanup {
@@ -44,31 +42,6 @@ impl Drop for Cleanup {
                 .output();
         }
     }
-}
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().ok()?,
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        code,
-        text.split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or("")
-            .trim()
-            .to_owned(),
-    ))
 }
 
 /// An artifact holding `image.tar` (`docker save` of `tag`).
@@ -150,14 +123,14 @@ deadline = "20s"
     let r1 = deploy(&artifacts[0], "v1").ok().json();
     assert_eq!(r1["outcome"], "succeeded", "{r1:#}");
     let p1 = r1["activation"]["port"].as_u64().unwrap() as u16;
-    assert_eq!(get(p1, "/").unwrap(), (200, "v1".to_owned()));
+    assert_eq!(http_get(p1, "/").unwrap(), (200, "v1".to_owned()));
 
     let r2 = deploy(&artifacts[1], "v2").ok().json();
     let p2 = r2["activation"]["port"].as_u64().unwrap() as u16;
     assert_ne!(p1, p2, "blue/green must alternate ports");
-    assert_eq!(get(p2, "/").unwrap(), (200, "v2".to_owned()));
+    assert_eq!(http_get(p2, "/").unwrap(), (200, "v2".to_owned()));
     assert!(
-        get(p1, "/").is_none(),
+        http_get(p1, "/").is_none(),
         "old container still serving after commit"
     );
 
@@ -171,7 +144,7 @@ deadline = "20s"
     );
     assert_eq!(node.current().as_deref(), Some("v2"));
     assert_eq!(
-        get(p2, "/").unwrap(),
+        http_get(p2, "/").unwrap(),
         (200, "v2".to_owned()),
         "previous release not serving"
     );
@@ -206,5 +179,5 @@ deadline = "20s"
     // A node-local rollback restarts v1's image on the other port.
     let rb = node.run(&["rollback", "--app", &app, "--json"]).ok().json();
     let p = rb["activation"]["port"].as_u64().unwrap() as u16;
-    assert_eq!(get(p, "/").unwrap(), (200, "v1".to_owned()), "{rb:#}");
+    assert_eq!(http_get(p, "/").unwrap(), (200, "v1".to_owned()), "{rb:#}");
 }

@@ -8,14 +8,13 @@
 mod support;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{tar_of, targz, Node};
+use support::{http_get, tar_of, targz, Node};
 
 const SECRET: &str = "s3cr3t-never-shown";
 
@@ -121,25 +120,6 @@ fn deploy_json(node: &Node, artifact: &Path, id: &str) -> (Option<i32>, Value) {
     (code, run.json())
 }
 
-/// GET http://127.0.0.1:port/path → (status, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().ok()?,
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()))
-}
-
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -163,7 +143,7 @@ fn unhealthy_release_is_rolled_back_and_previous_keeps_serving() {
     assert_eq!(code, Some(0), "{rep:#}");
     assert_eq!(rep["outcome"], "succeeded");
     assert!(rep["health"]["probes"].as_u64().unwrap() >= 2, "{rep:#}");
-    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
 
     let v2 = release(&a.node, "v2", Some(500));
     let (code, rep) = deploy_json(&a.node, &v2, "v2");
@@ -180,7 +160,7 @@ fn unhealthy_release_is_rolled_back_and_previous_keeps_serving() {
         "{restored}"
     );
     assert_eq!(a.node.current().as_deref(), Some("v1"));
-    let (code, body) = get(a.port, "/api/health").unwrap();
+    let (code, body) = http_get(a.port, "/api/health").unwrap();
     assert_eq!((code, body.split(' ').next().unwrap()), (200, "v1"));
     let st = a.node.statuses();
     assert!(st.contains(&("v2".into(), "failed".into())), "{st:?}");
@@ -207,7 +187,7 @@ fn supervisor_restarts_a_crashed_app_and_rollback_restarts_the_old_release() {
     let a = app("");
     a.node.deploy(&release(&a.node, "v1", None), "v1").ok();
     a.node.deploy(&release(&a.node, "v2", None), "v2").ok();
-    assert!(get(a.port, "/").unwrap().1.starts_with("v2 "));
+    assert!(http_get(a.port, "/").unwrap().1.starts_with("v2 "));
     let pid = status(&a.node)["apps"][0]["processes"]["processes"][0]["pid"]
         .as_u64()
         .unwrap();
@@ -220,7 +200,7 @@ fn supervisor_restarts_a_crashed_app_and_rollback_restarts_the_old_release() {
         let p = &status(&a.node)["apps"][0]["processes"]["processes"][0];
         p["pid"].as_u64().is_some_and(|n| n != pid)
             && p["restarts"].as_u64() == Some(1)
-            && get(a.port, "/").is_some()
+            && http_get(a.port, "/").is_some()
     });
 
     let rep = a
@@ -230,14 +210,17 @@ fn supervisor_restarts_a_crashed_app_and_rollback_restarts_the_old_release() {
         .json();
     assert_eq!(rep["to"], "v1");
     assert!(rep["health"]["probes"].as_u64().is_some(), "{rep:#}");
-    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
 
     a.node.run(&["stop", "--app", "web"]).ok();
-    assert!(get(a.port, "/").is_none(), "app still answers after stop");
+    assert!(
+        http_get(a.port, "/").is_none(),
+        "app still answers after stop"
+    );
     let p = &status(&a.node)["apps"][0]["processes"]["processes"][0];
     assert!(p["status"].as_str().unwrap().contains("stopped"), "{p:#}");
     a.node.run(&["restart", "--app", "web"]).ok();
-    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
 }
 
 #[test]
@@ -254,7 +237,7 @@ fn first_release_failing_its_gate_leaves_nothing_running() {
         "{rep:#}"
     );
     assert!(a.node.current().is_none());
-    assert!(get(a.port, "/").is_none());
+    assert!(http_get(a.port, "/").is_none());
 }
 
 #[test]
@@ -264,7 +247,7 @@ fn crash_after_going_live_restores_the_previous_release_process() {
     let v2 = release(&a.node, "v2", None);
     a.node.deploy_killed_at("before_commit", &v2, "v2");
     // The killed deploy left v2 running; the next command recovers.
-    assert!(get(a.port, "/").unwrap().1.starts_with("v2 "));
+    assert!(http_get(a.port, "/").unwrap().1.starts_with("v2 "));
     let rel = a.node.releases();
     assert!(
         rel["recovered"]
@@ -273,7 +256,7 @@ fn crash_after_going_live_restores_the_previous_release_process() {
             .contains("exec restarted v1"),
         "{rel:#}"
     );
-    assert!(get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
 }
 
 #[test]

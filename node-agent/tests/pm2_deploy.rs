@@ -8,12 +8,10 @@
 mod support;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use support::{tar_of, targz, Node};
+use support::{http_get, tar_of, targz, Node};
 
 const SERVER: &str = r#"'use strict';
 const http = require('http');
@@ -38,31 +36,6 @@ impl Drop for Pm2Home {
             .env("PM2_HOME", &self.0)
             .output();
     }
-}
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().ok()?,
-        Duration::from_secs(2),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        code,
-        text.split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or("")
-            .trim()
-            .to_owned(),
-    ))
 }
 
 #[test]
@@ -123,7 +96,7 @@ deadline = "30s"
 
     let r1 = json(&artifact("v1", None), "v1").ok().json();
     assert_eq!(r1["outcome"], "succeeded", "{r1:#}");
-    assert!(get(port, "/").unwrap().1.starts_with("v1 "));
+    assert!(http_get(port, "/").unwrap().1.starts_with("v1 "));
 
     let run = json(&artifact("v2", Some("500")), "v2");
     assert_eq!(run.code, Some(1), "{run:#?}");
@@ -142,7 +115,7 @@ deadline = "30s"
     );
     assert_eq!(node.current().as_deref(), Some("v1"));
     for _ in 0..4 {
-        let (code, body) = get(port, "/api/health").unwrap();
+        let (code, body) = http_get(port, "/api/health").unwrap();
         assert_eq!(
             (code, body.split(' ').next().unwrap()),
             (200, "v1"),
