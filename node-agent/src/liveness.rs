@@ -1,7 +1,9 @@
-//! `slipway-agent run`: the long-running agent. For now it runs every app's
-//! liveness check on its interval and records the results (with timestamps)
-//! in `.slipway/health.json`, which `status` shows; the controller link joins
-//! it later.
+//! `slipway-agent run`: the long-running agent. On start it brings back apps
+//! of the exec driver whose supervisor is gone (after a reboot: PM2 and
+//! Docker have their own resurrection), then runs every app's liveness check
+//! on its interval and records the results (with timestamps) in
+//! `.slipway/health.json`, which `status` shows. The controller link joins it
+//! later.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,15 +11,23 @@ use std::time::Duration;
 use cancel::CancelFlag;
 use time::OffsetDateTime;
 
-use crate::config::{AppConfig, Config};
+use crate::config::{AppConfig, Config, RunConfig};
 use crate::health::{self, Liveness, ProbeTarget};
-use crate::release::{activate, Journal};
+use crate::release::{activate, Journal, Store};
+use crate::supervise;
 
 /// How long shutdown waits for in-flight probes.
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs liveness loops for every app with a health check until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let apps: Vec<AppConfig> = config.apps.values().cloned().collect();
+    tokio::task::spawn_blocking(move || {
+        for app in &apps {
+            resurrect(app);
+        }
+    })
+    .await?;
     let stop = CancelFlag::default();
     let mut tasks = Vec::new();
     for app in config.apps.values() {
@@ -54,6 +64,35 @@ async fn watch(app: AppConfig, stop: CancelFlag) {
             _ = tokio::time::sleep(cfg.liveness_interval) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// Starts the current release of an exec-driver app that has no running
+/// supervisor. Errors are logged: one app must not keep the agent down.
+fn resurrect(app: &AppConfig) {
+    if !matches!(app.run, Some(RunConfig::Exec(_))) {
+        return;
+    }
+    if supervise::is_running(&supervise::RunFiles::new(&app.root)) {
+        return;
+    }
+    let current = match activate::read_current(&app.root) {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(app = %app.name, error = %e, "cannot read current release");
+            return;
+        }
+    };
+    // Under the app's lock, so a deploy starting now cannot race the start.
+    let store = Store::new(app);
+    let result = store
+        .begin("start", Some(&current))
+        .map_err(|e| e.to_string())
+        .and_then(|mut session| session.restart().map_err(|e| e.to_string()));
+    match result {
+        Ok((release, a, _)) => tracing::info!(app = %app.name, %release, "started: {}", a.detail),
+        Err(e) => tracing::error!(app = %app.name, error = %e, "cannot start the app"),
     }
 }
 

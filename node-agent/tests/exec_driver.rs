@@ -263,6 +263,9 @@ fn crash_after_going_live_restores_the_previous_release_process() {
 fn liveness_failures_are_recorded_with_timestamps() {
     let a = app("");
     a.node.deploy(&release(&a.node, "v1", None), "v1").ok();
+    // As after a reboot: no supervisor. `run` brings the app back first.
+    a.node.run(&["stop", "--app", "web"]).ok();
+    assert!(http_get(a.port, "/").is_none());
     let mut agent: Child = a
         .node
         .cmd(&["run"])
@@ -271,6 +274,11 @@ fn liveness_failures_are_recorded_with_timestamps() {
         .spawn()
         .unwrap();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            "the app to be started by the agent",
+            Duration::from_secs(20),
+            || http_get(a.port, "/").is_some_and(|(_, body)| body.starts_with("v1 ")),
+        );
         wait_until("a healthy liveness record", Duration::from_secs(20), || {
             status(&a.node)["apps"][0]["liveness"]["healthy"] == true
         });
