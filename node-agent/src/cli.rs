@@ -130,6 +130,9 @@ pub enum Command {
         /// Directory to work in (default: a new temp dir, kept afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// What runs the sample app.
+        #[arg(long, value_enum, default_value = "auto")]
+        driver: crate::demo::DemoDriver,
     },
 }
 
@@ -228,8 +231,8 @@ fn print_json<T: Serialize>(value: &T) {
 }
 
 fn execute(cli: Cli) -> Result<u8, Failure> {
-    if let Command::Demo { dir } = cli.command {
-        crate::demo::run(dir)?;
+    if let Command::Demo { dir, driver } = cli.command {
+        crate::demo::run(dir, driver)?;
         return Ok(0);
     }
     if let Command::Supervise {

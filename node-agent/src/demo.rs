@@ -1,7 +1,9 @@
 //! `slipway-agent demo`: the agent end to end in a scratch directory.
 //!
-//! It writes an `agent.toml` for one app run by the exec driver (the agent
-//! supervises a small Python web server) behind an HTTP health gate, packs
+//! It writes an `agent.toml` for one small Node web app, run by PM2 in
+//! cluster mode when `pm2` is installed (the test command installs it) and
+//! otherwise supervised by the agent itself (the exec driver), behind an
+//! HTTP health gate; packs
 //! three releases and runs the commands an operator would, printing each one
 //! first: deploy, a second deploy (mostly hardlinked from the content store),
 //! a release whose health check answers 500 (rolled back automatically),
@@ -17,8 +19,37 @@ use clap::Parser;
 use crate::artifact::{pack_dir, Compression};
 use crate::cli::{self, Cli};
 
+/// Which driver runs the demo app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoDriver {
+    /// PM2 if `pm2` is on PATH, else exec.
+    Auto,
+    Pm2,
+    Exec,
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
 /// Runs the walk-through in `dir` (a new temp dir by default).
-pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub fn run(dir: Option<PathBuf>, driver: DemoDriver) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        on_path("node"),
+        "the demo app needs `node` (Node.js) on PATH"
+    );
+    let use_pm2 = match driver {
+        DemoDriver::Pm2 => {
+            anyhow::ensure!(
+                on_path("pm2"),
+                "--driver pm2: `pm2` is not on PATH (npm install -g pm2)"
+            );
+            true
+        }
+        DemoDriver::Exec => false,
+        DemoDriver::Auto => on_path("pm2"),
+    };
     let dir = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("slipway-demo-{}", std::process::id())),
@@ -34,6 +65,28 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
         );
     }
     let config = dir.join("agent.toml");
+    let run_section = if use_pm2 {
+        format!(
+            r#"# PM2 runs the app in cluster mode from /current: a reload is zero-downtime.
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+instances = 2
+exec_mode = "cluster"
+pm2_home = "{}"
+"#,
+            dir.join("pm2").display()
+        )
+    } else {
+        r#"# No PM2 here: the agent supervises the app itself (the exec driver).
+# (Install PM2 — the test command does — and the demo uses it instead.)
+[apps.web.run]
+driver = "exec"
+command = ["node", "server.js"]
+stop_grace = "3s"
+"#
+        .to_owned()
+    };
     fs::write(
         &config,
         format!(
@@ -46,17 +99,12 @@ shared_dirs = ["logs"]
 
 [apps.web.hooks]
 # Refuse a release that lacks its entry point, before it goes live.
-before_activate = ["test -f server.py"]
+before_activate = ["test -f server.js"]
 after_activate = ["echo \"$(date -u +%FT%TZ) $SLIPWAY_RELEASE is live (was: ${{SLIPWAY_PREVIOUS:-none}})\" >> logs/activations.log"]
 timeout = "30s"
 
-# The agent supervises the app itself (the exec driver)...
-[apps.web.run]
-driver = "exec"
-command = ["python3", "server.py"]
-stop_grace = "3s"
-
-# ...and a release stays live only if /api/health passes 3 times in a row.
+{run_section}
+# A release stays live only if /api/health passes 3 times in a row.
 [apps.web.health]
 check = "http"
 url = "http://127.0.0.1:{{port}}/api/health"
@@ -65,7 +113,7 @@ successes = 3
 start_period = "2s"
 deadline = "20s"
 "#,
-            root.display()
+            root.display(),
         ),
     )?;
     // The URL above reads its port from the release; here it is fixed.
@@ -93,8 +141,16 @@ deadline = "20s"
     );
     let c = config.to_string_lossy().into_owned();
     let result = walk_through(&c, [&v1, &v2, &broken], port);
-    // Whatever happened, do not leave the demo app running.
+    // Whatever happened, do not leave the demo app (or its PM2) running.
     let stopped = step(&c, &["stop", "--app", "web"], 0);
+    if use_pm2 {
+        let _ = std::process::Command::new("pm2")
+            .arg("kill")
+            .env("PM2_HOME", dir.join("pm2"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
     result?;
     stopped?;
     println!(
@@ -195,28 +251,23 @@ fn step(config: &str, args: &[&str], expect: u8) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A small Python web app packed into `artifacts/web-<name>.tar.gz`; its
+/// A small Node web app packed into `artifacts/web-<name>.tar.gz`; its
 /// /api/health answers `health`.
 fn sample(dir: &Path, artifacts: &Path, name: &str, health: u16) -> anyhow::Result<PathBuf> {
     let src = dir.join("src").join(name);
     fs::create_dir_all(src.join("lib"))?;
     fs::create_dir_all(src.join("public"))?;
     fs::write(
-        src.join("server.py"),
+        src.join("server.js"),
         format!(
-            r#"import http.server, os, socketserver
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        code = {health} if self.path == "/api/health" else 200
-        body = "hello from {name} (pid %d)\n" % os.getpid()
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
-    def log_message(self, *a):
-        pass
-socketserver.TCPServer.allow_reuse_address = True
-socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+            r#"'use strict';
+const http = require('http');
+http.createServer((req, res) => {{
+  const code = req.url === '/api/health' ? {health} : 200;
+  const body = `hello from {name} (pid ${{process.pid}})\n`;
+  res.writeHead(code, {{ 'content-length': Buffer.byteLength(body), connection: 'close' }});
+  res.end(body);
+}}).listen(Number(process.env.PORT), '127.0.0.1');
 "#
         ),
     )?;
@@ -224,8 +275,8 @@ socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever(
     // keeps one copy of these.
     for i in 0..50 {
         fs::write(
-            src.join("lib").join(format!("mod{i}.py")),
-            format!("VALUE = {i}\n").repeat(40),
+            src.join("lib").join(format!("mod{i}.js")),
+            format!("module.exports.v{i} = {i};\n").repeat(40),
         )?;
     }
     fs::write(src.join("public/index.html"), "<h1>web</h1>\n")?;
