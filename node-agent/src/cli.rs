@@ -267,12 +267,28 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         } => {
             let store = store_for(&config, &app)?;
             let id = id.as_deref().map(parse_id).transpose()?;
-            let mut session = store.begin("deploy", id.as_ref())?;
-            let report = session.deploy(&DeployRequest {
-                artifact,
-                sha256,
-                id,
-            })?;
+            let result = store.begin("deploy", id.as_ref()).and_then(|mut session| {
+                session.deploy(&DeployRequest {
+                    artifact,
+                    sha256,
+                    id,
+                })
+            });
+            let report = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    // CI reading --json gets a machine-readable failure too
+                    // (current was never switched, or was switched back).
+                    if json {
+                        print_json(&serde_json::json!({
+                            "app": app,
+                            "outcome": "failed",
+                            "error": e.to_string(),
+                        }));
+                    }
+                    return Err(e.into());
+                }
+            };
             if report.outcome != "succeeded" {
                 if json {
                     print_json(&report);

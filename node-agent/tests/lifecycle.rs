@@ -388,9 +388,16 @@ fn checksum_ids_space_and_formats() {
             v1.to_str().unwrap(),
             "--sha256",
             &bad_sha,
+            "--json",
         ])
         .fails(1);
     assert!(run.stderr.contains("expected 0000"), "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["outcome"], "failed");
+    assert!(
+        j["error"].as_str().unwrap().contains("expected 0000"),
+        "{j:#}"
+    );
     assert!(node.dirs_on_disk().is_empty());
     let run = node
         .run(&[
