@@ -517,3 +517,47 @@ fn bad_config_exits_64_with_file_line_and_key() {
     let run = node.run(&["status", "--json"]).ok().json();
     assert_eq!(run["apps"][0]["app"], "web");
 }
+
+#[test]
+fn polling_releases_and_status_never_makes_a_deploy_fail() {
+    // Each deploy holds the lock for a while (its hook sleeps).
+    let node = std::sync::Arc::new(Node::new(
+        "[apps.web.hooks]\nbefore_activate = [\"sleep 0.3\"]",
+    ));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (node, stop) = (node.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut polls = 0;
+            // Bounded: at most 2,000 polls, and never past the deploys.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && polls < 2000 {
+                let args: &[&str] = if polls % 10 == 9 {
+                    &["status", "--json"]
+                } else {
+                    &["releases", "--app", "web", "--json"]
+                };
+                node.run(args).ok();
+                polls += 1;
+            }
+            polls
+        })
+    };
+    for v in ["v1", "v2", "v3", "v4", "v5"] {
+        node.deploy(&art(&node, v), v).ok();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let polls = poller.join().unwrap();
+    assert!(polls > 20, "the poller barely ran ({polls} polls)");
+    assert_eq!(node.current().as_deref(), Some("v5"));
+    // Deterministically: whoever takes the lock rewrites its holder record;
+    // reads leave it alone.
+    let lock = node.root.join(".slipway/lock");
+    fs::write(&lock, "sentinel").unwrap();
+    node.run(&["releases", "--app", "web"]).ok();
+    node.run(&["status"]).ok();
+    assert_eq!(
+        fs::read_to_string(&lock).unwrap(),
+        "sentinel",
+        "a read took the lock"
+    );
+}

@@ -360,16 +360,24 @@ impl Store {
                 releases: Vec::new(),
             });
         }
-        match self.begin("inspect", None) {
-            Ok(session) => session.snapshot(),
-            Err(ReleaseError::Lock(LockError::Busy { holder, .. })) => {
-                let journal = Journal::load(&self.paths.journal, &self.app.name)?;
-                let mut snap = snapshot_of(self, &journal)?;
-                snap.lock_holder = holder;
-                Ok(snap)
+        // Reading takes no lock, so polling `releases`/`status` never makes a
+        // deploy fail with "busy". Only a journal left mid-operation by a dead
+        // process needs the lock, to recover.
+        let journal = Journal::load(&self.paths.journal, &self.app.name)?;
+        let busy = lock::is_held(&self.paths.lock);
+        if journal.op.is_some() && !busy {
+            match self.begin("recover", None) {
+                Ok(session) => return session.snapshot(),
+                Err(ReleaseError::Lock(LockError::Busy { .. })) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        let journal = Journal::load(&self.paths.journal, &self.app.name)?;
+        let mut snap = snapshot_of(self, &journal)?;
+        if lock::is_held(&self.paths.lock) {
+            snap.lock_holder = lock::read_holder(&self.paths.lock);
+        }
+        Ok(snap)
     }
 
     /// Re-hashes release `id` (default: current) against its manifest.
