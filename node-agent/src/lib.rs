@@ -6,13 +6,21 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `agent.toml`, checked into an [`config::AppConfig`] per app.
+//! - [`config`]: `agent.toml`, checked into an [`config::AppConfig`] per app
+//!   (release settings, `[run]` driver, `[health]` check).
 //! - [`release`]: the release store. A [`release::Store`] gives a locked
 //!   [`release::Session`] (after crash recovery) that deploys, rolls back and
 //!   prunes; its submodules are the pieces of a deploy, in order: `unpack`
 //!   (artifact → staging, with `objects` as the content store and `manifest`
 //!   as the record), `shared` (links), `hooks`, `activate` (the symlink
 //!   switch), all recorded step by step in `journal` under `lock`.
+//! - [`driver`]: runs the release `current` points at (PM2, Docker, exec);
+//!   the deploy calls it after the switch and [`health`] gates the result.
+//! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
+//! - [`supervise`]: the process the exec driver leaves running.
+//! - [`liveness`]: `slipway-agent run`, the long-running loop.
+//! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
+//! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
 //! - [`artifact`]: packing a directory into a reproducible artifact.
 //! - [`cli`]: the `slipway-agent` command line over the modules above.

@@ -561,3 +561,34 @@ fn polling_releases_and_status_never_makes_a_deploy_fail() {
         "a read took the lock"
     );
 }
+
+#[test]
+fn redeploying_an_existing_good_release_id_reactivates_it() {
+    let node = Node::new("");
+    let v1 = art(&node, "v1");
+    node.deploy(&v1, "v1").ok();
+    node.deploy(&art(&node, "v2"), "v2").ok();
+    let rep = node
+        .run(&[
+            "deploy",
+            "--app",
+            "web",
+            "--artifact",
+            v1.to_str().unwrap(),
+            "--id",
+            "v1",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(rep["method"], "reactivated", "{rep:#}");
+    assert_eq!(node.current().as_deref(), Some("v1"));
+    assert_eq!(
+        node.statuses(),
+        vec![("v1".into(), "good".into()), ("v2".into(), "good".into())]
+    );
+    assert_eq!(
+        fs::read_to_string(node.root.join("current/VERSION")).unwrap(),
+        "v1"
+    );
+}

@@ -4,14 +4,18 @@
 //!
 //! ```text
 //! Started ─fetch+verify─▶ Fetched ─unpack─▶ Unpacked ─link shared─▶ Linked
-//!   ─before_activate─▶ Hooked ─switch current─▶ Activated ─after_activate─▶ commit (good)
+//!   ─before_activate─▶ Hooked ─syncfs, switch current─▶ Activated
+//!   ─driver.activate, health gate, driver.commit─▶ ─after_activate─▶ commit (good) ─▶ prune
 //! ```
 //!
 //! The journal records the step before and after each transition. A failure
 //! (or a crash, found by the next process that takes the lock) *undoes* an
 //! uncommitted deploy: `current` goes back to the previous release, staging is
 //! removed, and a release that reached `releases/` is kept as `failed` with the
-//! reason. A rollback that already switched `current` is finished; one that did
+//! reason. From `Activated` on, the driver may be running the new release, so
+//! the undo also has the driver restart the previous one (and checks its
+//! health); a deploy that failed there is reported `rolled_back`, not as an
+//! error. A rollback that already switched `current` is finished; one that did
 //! not is dropped. A prune is always finished.
 
 pub mod activate;
