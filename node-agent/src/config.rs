@@ -106,6 +106,24 @@ pub struct RawApp {
     pub run: Option<RawRun>,
     /// `[apps.NAME.health]`: the readiness gate and liveness check.
     pub health: Option<RawHealth>,
+    /// `[apps.NAME.logs]`: rotation and retention of the app's logs.
+    #[serde(default)]
+    pub logs: RawLogs,
+    /// Free space on the root's file system below which the agent prunes
+    /// (docker images, rotated logs, cached artifacts, store objects).
+    pub disk_pressure_free: Option<Size>,
+}
+
+/// `[apps.NAME.logs]` as written.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawLogs {
+    pub paths: Option<Vec<String>>,
+    pub max_size: Option<Size>,
+    pub max_age: Option<DurationValue>,
+    pub keep: Option<i64>,
+    pub compress: Option<String>,
+    pub docker_max_size: Option<Size>,
+    pub docker_max_file: Option<i64>,
 }
 
 /// `[apps.NAME.run]` as written; which keys apply depends on `driver`.
@@ -220,6 +238,55 @@ pub struct AppConfig {
     pub run: Option<RunConfig>,
     /// How the app's health is checked.
     pub health: Option<HealthConfig>,
+    pub logs: LogsConfig,
+    /// Prune under disk pressure when free space drops below this.
+    pub disk_pressure_free: Option<u64>,
+}
+
+/// How an app's logs are rotated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogsConfig {
+    /// Globs relative to the app root (default `shared/logs/*.log`). The exec
+    /// driver's output and PM2's log files of the app are always included.
+    pub paths: Vec<String>,
+    /// Rotate a file once it is bigger than this.
+    pub max_size: Option<u64>,
+    /// Rotate a file once its oldest line is older than this (by the time of
+    /// its last rotation, or its creation).
+    pub max_age: Option<Duration>,
+    /// Rotated files kept per log.
+    pub keep: usize,
+    pub compress: Compress,
+    /// json-file `max-size` and `max-file` for containers the agent starts.
+    pub docker_max_size: u64,
+    pub docker_max_file: u32,
+}
+
+/// Compression of rotated logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compress {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Rotated files kept per log when the app does not say.
+pub const DEFAULT_LOG_KEEP: usize = 14;
+/// Size that triggers a rotation by default.
+pub const DEFAULT_LOG_MAX_SIZE: u64 = 50 << 20;
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            paths: vec!["shared/logs/*.log".into()],
+            max_size: Some(DEFAULT_LOG_MAX_SIZE),
+            max_age: Some(Duration::from_secs(24 * 3600)),
+            keep: DEFAULT_LOG_KEEP,
+            compress: Compress::Gzip,
+            docker_max_size: DEFAULT_LOG_MAX_SIZE,
+            docker_max_file: 5,
+        }
+    }
 }
 
 /// Which process driver runs the app, with its settings.
@@ -377,6 +444,8 @@ impl AppConfig {
             hooks: Hooks::default(),
             run: None,
             health: None,
+            logs: LogsConfig::default(),
+            disk_pressure_free: None,
         }
     }
 }
@@ -525,6 +594,11 @@ impl Config {
             }
             let run = app.run.as_ref().and_then(|r| p.run(name, r));
             let health = app.health.as_ref().and_then(|h| p.health(h));
+            let logs = p.logs(&app.logs);
+            let disk_pressure_free = app
+                .disk_pressure_free
+                .as_ref()
+                .map(|v| p.size("disk_pressure_free", Some(v), 0));
             if let (Some(RunConfig::Docker(_)), Some(h)) = (&run, &health) {
                 if !h.check.mentions_port() {
                     p.push(
@@ -556,6 +630,8 @@ impl Config {
                     },
                     run,
                     health,
+                    logs,
+                    disk_pressure_free,
                 },
             );
         }
@@ -888,6 +964,71 @@ impl Problems<'_> {
         }
     }
 
+    fn logs(&mut self, l: &RawLogs) -> LogsConfig {
+        let d = LogsConfig::default();
+        let paths = match &l.paths {
+            None => d.paths.clone(),
+            Some(globs) => {
+                for g in globs {
+                    if g.starts_with('/') || g.split('/').any(|c| c == "..") {
+                        self.push(
+                            "logs.paths",
+                            format!("{g:?} must be relative to the app root, without `..`"),
+                        );
+                    } else if let Err(e) = glob::Pattern::new(g) {
+                        self.push("logs.paths", format!("{g:?} is not a valid glob: {e}"));
+                    }
+                }
+                globs.clone()
+            }
+        };
+        let keep = match l.keep {
+            None => d.keep,
+            Some(n) if (1..=10_000).contains(&n) => n as usize,
+            Some(n) => {
+                self.push("logs.keep", format!("{n} must be 1-10000"));
+                d.keep
+            }
+        };
+        let compress = match l.compress.as_deref() {
+            None | Some("gzip") => Compress::Gzip,
+            Some("zstd") => Compress::Zstd,
+            Some("none") => Compress::None,
+            Some(other) => {
+                self.push(
+                    "logs.compress",
+                    format!("{other:?} must be \"gzip\", \"zstd\" or \"none\""),
+                );
+                Compress::Gzip
+            }
+        };
+        let docker_max_file = match l.docker_max_file {
+            None => d.docker_max_file,
+            Some(n) if (1..=1000).contains(&n) => n as u32,
+            Some(n) => {
+                self.push("logs.docker_max_file", format!("{n} must be 1-1000"));
+                d.docker_max_file
+            }
+        };
+        LogsConfig {
+            paths,
+            max_size: Some(self.size("logs.max_size", l.max_size.as_ref(), DEFAULT_LOG_MAX_SIZE)),
+            max_age: Some(self.duration(
+                "logs.max_age",
+                l.max_age.as_ref(),
+                Duration::from_secs(24 * 3600),
+            )),
+            keep,
+            compress,
+            docker_max_size: self.size(
+                "logs.docker_max_size",
+                l.docker_max_size.as_ref(),
+                DEFAULT_LOG_MAX_SIZE,
+            ),
+            docker_max_file,
+        }
+    }
+
     fn release_path(&mut self, key: &str, v: &str) -> Option<PathBuf> {
         match relative_path(v) {
             Ok(p) => Some(p),
@@ -1103,6 +1244,7 @@ pub fn parse_duration(v: &DurationValue) -> Result<Duration, String> {
                 "" | "s" => Duration::from_secs(n),
                 "m" => Duration::from_secs(n * 60),
                 "h" => Duration::from_secs(n * 3600),
+                "d" => Duration::from_secs(n * 86400),
                 other => return Err(format!("{s:?} has an unknown duration unit {other:?}")),
             };
             if d.is_zero() {

@@ -19,6 +19,7 @@
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
 //! - [`supervise`]: the process the exec driver leaves running.
 //! - [`liveness`]: `slipway-agent run`, the long-running loop.
+//! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
@@ -37,6 +38,7 @@ pub mod envfile;
 pub mod fault;
 pub mod health;
 pub mod liveness;
+pub mod logs;
 pub mod metrics;
 pub mod release;
 pub mod supervise;

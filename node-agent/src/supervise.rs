@@ -26,6 +26,8 @@ use crate::{durable, envfile, release};
 /// First restart delay after a crash; doubles per crash up to the cap.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a stopped child's remaining output may take to reach the log.
+const COPY_DRAIN: Duration = Duration::from_secs(2);
 /// A child that stayed up this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -67,6 +69,10 @@ pub struct State {
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub started_at: Option<OffsetDateTime>,
     pub last_exit: Option<String>,
+    /// Bumped each time the output log is reopened (after a rotation
+    /// renamed it): the rotator waits for this before compressing.
+    #[serde(default)]
+    pub log_generation: u64,
 }
 
 impl State {
@@ -114,6 +120,46 @@ pub fn run(root: &Path, command: &[String], grace: Duration) -> anyhow::Result<(
     runtime.block_on(supervise(root, &files, command, grace))
 }
 
+/// The app's output file, shared by the stdout and stderr copiers. Whole
+/// lines are written under the lock, so a reopen never splits a line.
+type SharedLog = std::sync::Arc<tokio::sync::Mutex<tokio::fs::File>>;
+
+/// Longest line kept whole; longer output is written in pieces.
+const MAX_LINE: usize = 64 << 10;
+
+async fn open_output(files: &RunFiles) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&files.output)
+        .await
+}
+
+/// Copies one pipe of the child into the log, line by line.
+async fn copy_lines(pipe: impl tokio::io::AsyncRead + Unpin, log: SharedLog) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut reader = tokio::io::BufReader::new(pipe);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => break,
+        };
+        if n == 0 {
+            break;
+        }
+        let mut f = log.lock().await;
+        if f.write_all(&line).await.is_err() {
+            break;
+        }
+    }
+}
+
 async fn supervise(
     root: &Path,
     files: &RunFiles,
@@ -123,6 +169,13 @@ async fn supervise(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // SIGUSR1: a rotation renamed the output log; reopen it.
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let log: SharedLog = std::sync::Arc::new(tokio::sync::Mutex::new(
+        open_output(files)
+            .await
+            .with_context(|| format!("cannot open {}", files.output.display()))?,
+    ));
     let mut state = State {
         supervisor_pid: std::process::id(),
         status: "starting".into(),
@@ -134,7 +187,7 @@ async fn supervise(
             .ok()
             .flatten()
             .map(|r| r.to_string());
-        let child = spawn(root, files, command, release.as_deref());
+        let child = spawn(root, command, release.as_deref());
         let mut child = match child {
             Ok(c) => c,
             Err(e) => {
@@ -151,6 +204,13 @@ async fn supervise(
                 }
             }
         };
+        let mut copiers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            copiers.push(tokio::spawn(copy_lines(out, log.clone())));
+        }
+        if let Some(err) = child.stderr.take() {
+            copiers.push(tokio::spawn(copy_lines(err, log.clone())));
+        }
         let started = tokio::time::Instant::now();
         state.generation += 1;
         state.child_pid = child.id();
@@ -159,8 +219,31 @@ async fn supervise(
         state.started_at = Some(OffsetDateTime::now_utc());
         state.save(files);
         let pgid = child.id().map(|p| Pid::from_raw(p as i32));
-        tokio::select! {
-            exit = child.wait() => {
+        let exit = loop {
+            tokio::select! {
+                exit = child.wait() => break Some(exit),
+                _ = usr1.recv() => reopen(files, &log, &mut state).await,
+                _ = hup.recv() => {
+                    stop(&mut child, pgid, grace).await;
+                    state.last_exit = Some("restarted for a new release".into());
+                    backoff = BACKOFF_START;
+                    break None;
+                }
+                _ = term.recv() => { stop(&mut child, pgid, grace).await; state.status = "stopping".into(); break None }
+                _ = int.recv() => { stop(&mut child, pgid, grace).await; state.status = "stopping".into(); break None }
+            }
+        };
+        // What the child wrote before it ended still reaches the log (its
+        // pipes close with it; a grandchild holding them is not waited for).
+        for c in copiers {
+            let _ = tokio::time::timeout(COPY_DRAIN, c).await;
+        }
+        if state.status == "stopping" {
+            break;
+        }
+        match exit {
+            None => continue,
+            Some(exit) => {
                 let how = match exit {
                     Ok(s) => s.to_string(),
                     Err(e) => e.to_string(),
@@ -174,21 +257,22 @@ async fn supervise(
                 state.status = "backoff".into();
                 state.save(files);
                 tracing::warn!(exit = %how, delay = ?backoff, "app exited; restarting");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = hup.recv() => {}
-                    _ = term.recv() => break,
-                    _ = int.recv() => break,
+                let wake = tokio::time::sleep(backoff);
+                tokio::pin!(wake);
+                let quit = loop {
+                    tokio::select! {
+                        _ = &mut wake => break false,
+                        _ = usr1.recv() => reopen(files, &log, &mut state).await,
+                        _ = hup.recv() => break false,
+                        _ = term.recv() => break true,
+                        _ = int.recv() => break true,
+                    }
+                };
+                if quit {
+                    break;
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            _ = hup.recv() => {
-                stop(&mut child, pgid, grace).await;
-                state.last_exit = Some("restarted for a new release".into());
-                backoff = BACKOFF_START;
-            }
-            _ = term.recv() => { stop(&mut child, pgid, grace).await; break }
-            _ = int.recv() => { stop(&mut child, pgid, grace).await; break }
         }
     }
     state.status = "stopped".into();
@@ -197,9 +281,24 @@ async fn supervise(
     Ok(())
 }
 
+/// Reopens the output log after a rotation renamed it, and says so in the
+/// state file (the rotator waits for that before compressing).
+async fn reopen(files: &RunFiles, log: &SharedLog, state: &mut State) {
+    let mut f = log.lock().await;
+    match open_output(files).await {
+        Ok(new) => {
+            *f = new;
+            state.log_generation += 1;
+            state.save(files);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, path = %files.output.display(), "cannot reopen the output log")
+        }
+    }
+}
+
 fn spawn(
     root: &Path,
-    files: &RunFiles,
     command: &[String],
     release: Option<&str>,
 ) -> anyhow::Result<tokio::process::Child> {
@@ -209,12 +308,6 @@ fn spawn(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", env_path.display())),
     };
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&files.output)
-        .with_context(|| format!("cannot open {}", files.output.display()))?;
-    let err = log.try_clone()?;
     let current = root.join("current");
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..])
@@ -223,8 +316,8 @@ fn spawn(
         .env("SLIPWAY_APP_ROOT", root)
         .env("SLIPWAY_RELEASE", release.unwrap_or(""))
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(err))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     cmd.spawn()

@@ -277,7 +277,37 @@ impl Pm2 {
         app.insert("instances".into(), self.instances_value());
         app.insert("exec_mode".into(), Value::from(self.exec_mode()));
         app.insert("env".into(), Value::Object(env));
+        // The agent owns the app's logs (rotation, retention): one out and
+        // one error file for all instances, in the app's shared logs dir.
+        let [out, err] = self.log_files(&target.app.root);
+        if let Some(dir) = out.parent() {
+            fs::create_dir_all(dir).map_err(|e| {
+                DriverError::failed(DRIVER, format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        app.insert("out_file".into(), Value::from(path_str(&out)?));
+        app.insert("error_file".into(), Value::from(path_str(&err)?));
+        app.insert("merge_logs".into(), Value::from(true));
         Ok(app)
+    }
+
+    /// The app's stdout and stderr log files.
+    pub fn log_files(&self, root: &Path) -> [PathBuf; 2] {
+        let dir = root.join("shared/logs");
+        [
+            dir.join(format!("pm2-{}-out.log", self.config.name)),
+            dir.join(format!("pm2-{}-error.log", self.config.name)),
+        ]
+    }
+
+    /// Has PM2 reopen its log files (after a rotation renamed them).
+    pub fn reload_logs(&self) -> Result<(), DriverError> {
+        let pm2 = Runner::new(&self.config)?;
+        if !pm2.daemon_running() {
+            return Ok(());
+        }
+        pm2.run(&[OsStr::new("reloadLogs")], QUERY_TIMEOUT)
+            .map(|_| ())
     }
 
     /// Loads the entry for this app from an ecosystem file with node.
