@@ -346,6 +346,9 @@ pub struct DockerConfig {
     /// Overrides the image's command.
     pub command: Vec<String>,
     pub stop_grace: Duration,
+    /// json-file log limits for the containers (from `[apps.NAME.logs]`).
+    pub log_max_size: u64,
+    pub log_max_file: u32,
 }
 
 /// Exec: the agent supervises one process itself.
@@ -592,9 +595,13 @@ impl Config {
                     p.push(key, "hook commands must not be empty".to_owned());
                 }
             }
-            let run = app.run.as_ref().and_then(|r| p.run(name, r));
+            let mut run = app.run.as_ref().and_then(|r| p.run(name, r));
             let health = app.health.as_ref().and_then(|h| p.health(h));
             let logs = p.logs(&app.logs);
+            if let Some(RunConfig::Docker(d)) = &mut run {
+                d.log_max_size = logs.docker_max_size;
+                d.log_max_file = logs.docker_max_file;
+            }
             let disk_pressure_free = app
                 .disk_pressure_free
                 .as_ref()
@@ -937,6 +944,9 @@ impl Problems<'_> {
                     ),
                     command: r.command.clone().unwrap_or_default(),
                     stop_grace: grace,
+                    // Filled in from [logs] once that table is read.
+                    log_max_size: DEFAULT_LOG_MAX_SIZE,
+                    log_max_file: LogsConfig::default().docker_max_file,
                 }))
             }
             "exec" => {

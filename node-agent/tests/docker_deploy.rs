@@ -36,6 +36,17 @@ impl Drop for Cleanup {
                     .output();
             }
         }
+        let reference = format!("reference=slipway/{}:*", self.app.to_ascii_lowercase());
+        if let Ok(out) = std::process::Command::new("docker")
+            .args(["images", "-q", "--filter", &reference])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = std::process::Command::new("docker")
+                    .args(["rmi", "-f", id])
+                    .output();
+            }
+        }
         for i in &self.images {
             let _ = std::process::Command::new("docker")
                 .args(["rmi", "-f", i])

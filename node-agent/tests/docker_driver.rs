@@ -125,6 +125,18 @@ impl Drop for Cleanup {
                 }
             }
         }
+        for app in &self.apps {
+            // Release tags the driver made (slipway/<app>:<release>).
+            let reference = format!("reference=slipway/{}:*", app.to_ascii_lowercase());
+            if let Ok(out) = Command::new("docker")
+                .args(["images", "-q", "--filter", &reference])
+                .output()
+            {
+                for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("docker").args(["rmi", "-f", id]).output();
+                }
+            }
+        }
         for image in &self.images {
             let _ = Command::new("docker").args(["rmi", "-f", image]).output();
         }
@@ -186,6 +198,8 @@ impl World {
             command: Vec::new(),
             // busybox httpd ignores SIGTERM as PID 1: keep the kill quick.
             stop_grace: Duration::from_secs(1),
+            log_max_size: 1 << 20,
+            log_max_file: 3,
         }
     }
 
@@ -415,7 +429,16 @@ fn image_archive_is_loaded_from_the_release() {
     let a = driver.activate(&target).unwrap();
     assert_eq!(wait_for(a.port.unwrap(), "/api/health", 200), "ok vx\n");
     let c = inspect(handle(&a)).unwrap();
-    assert_eq!(c.config.unwrap().image.as_deref(), Some(tag.as_str()));
+    // The container runs the release's own tag of the loaded image.
+    let release_tag = format!("slipway/{}:vx", w.app.to_ascii_lowercase());
+    assert_eq!(
+        c.config.unwrap().image.as_deref(),
+        Some(release_tag.as_str())
+    );
+    assert!(
+        !docker(&["images", "-q", &tag]).is_empty(),
+        "loaded image tag kept"
+    );
 
     // A release without its archive: the error names the file.
     let mut missing = config.clone();
@@ -465,6 +488,11 @@ fn env_and_limits_reach_the_container_but_not_status() {
     }
     let host = c.host_config.as_ref().unwrap();
     assert_eq!(host.memory, Some(64 * 1024 * 1024));
+    let log = host.log_config.as_ref().unwrap();
+    assert_eq!(log.typ.as_deref(), Some("json-file"));
+    let opts = log.config.as_ref().unwrap();
+    assert_eq!(opts.get("max-size").map(String::as_str), Some("1048576"));
+    assert_eq!(opts.get("max-file").map(String::as_str), Some("3"));
     assert_eq!(host.nano_cpus, Some(500_000_000));
     let policy = host.restart_policy.as_ref().unwrap();
     assert_eq!(policy.name, Some(RestartPolicyNameEnum::UNLESS_STOPPED));
@@ -527,6 +555,8 @@ fn config_without_engine(socket: PathBuf) -> DockerConfig {
         socket,
         command: Vec::new(),
         stop_grace: Duration::from_secs(1),
+        log_max_size: 1 << 20,
+        log_max_file: 3,
     }
 }
 

@@ -29,11 +29,12 @@ use std::time::{Duration, Instant};
 use bollard::errors::Error as ApiError;
 use bollard::models::{
     ContainerCreateBody, ContainerStateStatusEnum, ContainerStatsResponse, ContainerSummary,
-    HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    HostConfig, HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ImportImageOptions, InspectContainerOptions, ListContainersOptions,
-    RemoveContainerOptions, StartContainerOptions, StatsOptions, StopContainerOptions,
+    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
+    StatsOptions, StopContainerOptions, TagImageOptions,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
@@ -130,6 +131,11 @@ impl Driver for Docker {
         })
     }
 
+    fn prune_images(&self, app: &AppConfig, keep: &[ReleaseId]) -> Result<u64, DriverError> {
+        let keep: Vec<String> = keep.iter().map(ToString::to_string).collect();
+        self.run(|d| async move { d.prune_images(&app.name, &keep).await })
+    }
+
     fn status(&self, app: &AppConfig) -> Result<DriverStatus, DriverError> {
         self.run(|engine| async move { engine.status(&app.name).await })
     }
@@ -141,6 +147,11 @@ fn failed(message: impl Into<String>) -> DriverError {
 
 /// `slipway-<app>-<release>`: one container per release, recognisable in
 /// `docker ps`.
+/// The repository under which release images of `app` are tagged.
+pub fn release_repo(app: &str) -> String {
+    format!("slipway/{}", app.to_ascii_lowercase())
+}
+
 pub fn container_name(app: &str, release: &ReleaseId) -> String {
     format!("slipway-{app}-{release}")
 }
@@ -391,6 +402,7 @@ impl<'a> Engine<'a> {
 
     async fn activate(&self, target: &Target) -> Result<Activation, DriverError> {
         let image = self.image_for(target).await?;
+        let image = self.tag_release(&image, target).await?;
         let name = container_name(&target.app.name, &target.release);
         let mut live = Vec::new();
         for c in self.containers(&target.app.name).await? {
@@ -686,6 +698,77 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Tags `image` as `slipway/<app>:<release>`: the release's own name for
+    /// its image, so pruning can tell which images belong to releases that
+    /// are gone (and a rollback finds its image even if the source tag moved).
+    async fn tag_release(&self, image: &str, target: &Target) -> Result<String, DriverError> {
+        let repo = release_repo(&target.app.name);
+        let options = TagImageOptions {
+            repo: Some(repo.clone()),
+            tag: Some(target.release.to_string()),
+        };
+        self.api
+            .tag_image(image, Some(options))
+            .await
+            .map_err(|e| {
+                self.err(
+                    format_args!("cannot tag image {image:?} as {repo}:{}", target.release),
+                    e,
+                )
+            })?;
+        Ok(format!("{repo}:{}", target.release))
+    }
+
+    /// Removes the release tags of `app` whose release is not in `keep`,
+    /// and the images left without a tag by that. Returns bytes freed (the
+    /// engine's size of each image actually deleted).
+    async fn prune_images(&self, app: &str, keep: &[String]) -> Result<u64, DriverError> {
+        let repo = release_repo(app);
+        let options = ListImagesOptions {
+            filters: Some(HashMap::from([(
+                "reference".to_owned(),
+                vec![format!("{repo}:*")],
+            )])),
+            ..Default::default()
+        };
+        let images = self
+            .api
+            .list_images(Some(options))
+            .await
+            .map_err(|e| self.err("cannot list images", e))?;
+        let mut freed = 0u64;
+        for image in images {
+            let tags: Vec<&String> = image
+                .repo_tags
+                .iter()
+                .filter(|t| t.starts_with(&format!("{repo}:")))
+                .collect();
+            let mut deleted = false;
+            for tag in &tags {
+                let release = tag.rsplit(':').next().unwrap_or("");
+                if keep.iter().any(|k| k == release) {
+                    continue;
+                }
+                // Not forced: an image a container still uses stays.
+                match self
+                    .api
+                    .remove_image(tag, None::<RemoveImageOptions>, None)
+                    .await
+                {
+                    Ok(items) => deleted |= items.iter().any(|i| i.deleted.is_some()),
+                    Err(e) if is_status(&e, 409) => {
+                        tracing::info!(image = %tag, "image still in use; kept")
+                    }
+                    Err(e) => return Err(self.err(format_args!("cannot remove image {tag}"), e)),
+                }
+            }
+            if deleted {
+                freed += u64::try_from(image.size).unwrap_or(0);
+            }
+        }
+        Ok(freed)
+    }
+
     async fn create(
         &self,
         target: &Target,
@@ -744,6 +827,14 @@ impl<'a> Engine<'a> {
                 }),
                 memory,
                 nano_cpus,
+                // Bounded container logs: the engine rotates them itself.
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), config.log_max_size.to_string()),
+                        ("max-file".to_owned(), config.log_max_file.to_string()),
+                    ])),
+                }),
                 ..Default::default()
             }),
             ..Default::default()

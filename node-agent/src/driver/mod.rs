@@ -156,6 +156,12 @@ pub trait Driver: fmt::Debug + Send + Sync {
 
     /// The app's processes.
     fn status(&self, app: &AppConfig) -> Result<DriverStatus, DriverError>;
+
+    /// Removes what the driver keeps per release (Docker images) for
+    /// releases not in `keep`; returns bytes freed. Most drivers keep nothing.
+    fn prune_images(&self, _app: &AppConfig, _keep: &[ReleaseId]) -> Result<u64, DriverError> {
+        Ok(0)
+    }
 }
 
 /// The driver an app is configured with, if any.
