@@ -72,6 +72,23 @@ pub enum Command {
         app: String,
         #[arg(long)]
         keep: Option<usize>,
+        /// Instead: free space as under disk pressure (images of releases
+        /// gone, rotated logs past retention, cached artifacts, store
+        /// objects) until free space is above the app's disk_pressure_free.
+        #[arg(long, conflicts_with = "keep")]
+        pressure: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The app's log files and their rotation state; --rotate rotates the
+    /// ones that are due (--force: every non-empty one).
+    Logs {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        rotate: bool,
+        #[arg(long, requires = "rotate")]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -366,7 +383,101 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 print_releases(&snap);
             }
         }
-        Command::Prune { app, keep, json } => {
+        Command::Prune {
+            app,
+            pressure: true,
+            json,
+            ..
+        } => {
+            let store = store_for(&config, &app)?;
+            let Some(threshold) = store.app().disk_pressure_free else {
+                return Err(usage(format!(
+                    "app {app:?} has no disk_pressure_free threshold in {}",
+                    config.path.display()
+                )));
+            };
+            let mut session = store.begin("prune", None)?;
+            let report = session.relieve_pressure(threshold)?;
+            if json {
+                print_json(&report);
+            } else {
+                for (step, bytes) in &report.steps {
+                    println!("{step:<18} freed {bytes} bytes");
+                }
+                println!(
+                    "free space {} -> {} bytes (threshold {}): {}",
+                    report.free_before,
+                    report.free_after,
+                    report.threshold,
+                    if report.relieved {
+                        "ok"
+                    } else {
+                        "STILL BELOW THE THRESHOLD"
+                    }
+                );
+            }
+            return Ok(u8::from(!report.relieved));
+        }
+        Command::Logs {
+            app,
+            rotate,
+            force,
+            json,
+        } => {
+            let app_cfg = config.app(&app).map_err(|e| usage(e.to_string()))?;
+            let (rotations, errors) = if rotate {
+                crate::logs::rotate_app(app_cfg, force)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let state = crate::logs::LogsState::load(&app_cfg.root);
+            let files: Vec<serde_json::Value> = crate::logs::discover(app_cfg)
+                .iter()
+                .map(|f| {
+                    serde_json::json!({
+                        "path": f.path,
+                        "method": f.method.name(),
+                        "bytes": std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0),
+                        "rotated_files": crate::logs::rotated_files(&f.path),
+                        "state": state.files.get(&f.path),
+                    })
+                })
+                .collect();
+            if json {
+                print_json(&serde_json::json!({
+                    "app": app,
+                    "files": files,
+                    "rotations": rotations,
+                    "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                }));
+            } else {
+                for r in &rotations {
+                    println!(
+                        "rotated {} -> {} ({} bytes, {})",
+                        r.file.display(),
+                        r.rotated_to.display(),
+                        r.bytes,
+                        r.method
+                    );
+                }
+                for f in &files {
+                    println!(
+                        "{}  {} bytes  {} rotated  ({})",
+                        f["path"].as_str().unwrap_or(""),
+                        f["bytes"],
+                        f["rotated_files"].as_array().map_or(0, Vec::len),
+                        f["method"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            return Ok(u8::from(!errors.is_empty()));
+        }
+        Command::Prune {
+            app, keep, json, ..
+        } => {
             let store = store_for(&config, &app)?;
             let keep = keep.unwrap_or(store.app().keep);
             if keep == 0 {
@@ -478,6 +589,10 @@ struct AppStatus {
     process_error: Option<String>,
     /// Latest liveness results, kept by `slipway-agent run`.
     liveness: Option<crate::health::Liveness>,
+    /// Rotation state of each log file (last rotation, count, method).
+    logs: crate::logs::LogsState,
+    /// The last prune and what it freed.
+    last_prune: Option<crate::release::PruneRecord>,
 }
 
 fn app_status(app: &crate::config::AppConfig) -> Result<AppStatus, Failure> {
@@ -494,6 +609,8 @@ fn app_status(app: &crate::config::AppConfig) -> Result<AppStatus, Failure> {
         processes,
         process_error,
         liveness: crate::health::Liveness::load(&app.root),
+        logs: crate::logs::LogsState::load(&app.root),
+        last_prune: crate::release::PruneRecord::load(&app.root),
     })
 }
 

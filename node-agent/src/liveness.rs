@@ -1,9 +1,11 @@
 //! `slipway-agent run`: the long-running agent. On start it brings back apps
 //! of the exec driver whose supervisor is gone (after a reboot: PM2 and
-//! Docker have their own resurrection), then runs every app's liveness check
-//! on its interval and records the results (with timestamps) in
-//! `.slipway/health.json`, which `status` shows. The controller link joins it
-//! later.
+//! Docker have their own resurrection). Then, per app: the liveness check on
+//! its interval, with results (and timestamps) in `.slipway/health.json`;
+//! and housekeeping — logs rotated as soon as inotify says one passed its
+//! size (or on a tick, for age), and pruning when free space falls below the
+//! app's `disk_pressure_free`. `status` shows all of it. The controller link
+//! joins it later.
 
 use std::future::Future;
 use std::time::Duration;
@@ -34,6 +36,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         if app.health.is_some() {
             tasks.push(tokio::spawn(watch(app.clone(), stop.clone())));
         }
+        tasks.push(tokio::spawn(housekeeping(app.clone(), stop.clone())));
     }
     tracing::info!(apps = tasks.len(), "agent running liveness checks");
     shutdown.await;
@@ -63,6 +66,124 @@ async fn watch(app: AppConfig, stop: CancelFlag) {
         tokio::select! {
             _ = tokio::time::sleep(cfg.liveness_interval) => {}
             _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// How often logs are checked for age and the disk for pressure, and new log
+/// directories picked up, when no file event comes first.
+const HOUSEKEEPING_TICK: Duration = Duration::from_secs(30);
+/// The same without inotify (polling fallback).
+const POLL_TICK: Duration = Duration::from_secs(2);
+/// File events are gathered this long before logs are checked again, so a
+/// busy writer does not make the agent spin.
+const EVENT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Rotates the app's logs when due (at once when a file event says one grew,
+/// otherwise on a tick) and relieves disk pressure.
+async fn housekeeping(app: AppConfig, stop: CancelFlag) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = LogWatcher::new(tx);
+    if watcher.is_none() {
+        tracing::warn!(app = %app.name, "inotify unavailable; polling logs every {POLL_TICK:?}");
+    }
+    loop {
+        if let Some(w) = &mut watcher {
+            w.watch_dirs(&app);
+        }
+        let a = app.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || housekeep_once(&a)).await {
+            tracing::warn!(app = %app.name, error = %e, "housekeeping panicked");
+        }
+        let tick = if watcher.is_some() {
+            HOUSEKEEPING_TICK
+        } else {
+            POLL_TICK
+        };
+        tokio::select! {
+            _ = rx.recv() => tokio::time::sleep(EVENT_DEBOUNCE).await,
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One pass: rotate due logs, then prune if the disk is under pressure.
+pub fn housekeep_once(app: &AppConfig) {
+    let (_, errors) = crate::logs::rotate_app(app, false);
+    for e in errors {
+        tracing::warn!(app = %app.name, error = %e, "log rotation failed");
+    }
+    let Some(threshold) = app.disk_pressure_free else {
+        return;
+    };
+    let free = match crate::release::unpack::SpaceGuard::available(&app.root) {
+        Ok(f) => f,
+        Err(_) => return,
+    };
+    if free >= threshold {
+        return;
+    }
+    tracing::warn!(app = %app.name, free, threshold, "disk pressure: pruning");
+    let store = Store::new(app);
+    match store.begin("disk pressure", None) {
+        Ok(mut session) => {
+            if let Err(e) = session.relieve_pressure(threshold) {
+                tracing::error!(app = %app.name, error = %e, "pruning under disk pressure failed");
+            }
+        }
+        // A deploy or prune is running; the next tick tries again.
+        Err(e) => tracing::info!(app = %app.name, error = %e, "disk pressure prune postponed"),
+    }
+}
+
+/// inotify on the directories of an app's logs; any event wakes the loop.
+struct LogWatcher {
+    watcher: notify::RecommendedWatcher,
+    watched: std::collections::BTreeSet<std::path::PathBuf>,
+}
+
+impl LogWatcher {
+    fn new(tx: tokio::sync::mpsc::Sender<()>) -> Option<Self> {
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if matches!(
+                    ev.kind,
+                    notify::EventKind::Modify(_) | notify::EventKind::Create(_)
+                ) {
+                    // A full channel already holds a wake-up: dropping is fine.
+                    let _ = tx.try_send(());
+                }
+            }
+        })
+        .ok()?;
+        Some(Self {
+            watcher,
+            watched: std::collections::BTreeSet::new(),
+        })
+    }
+
+    /// Adds the directories of the app's current log files (new ones appear
+    /// as apps start writing).
+    fn watch_dirs(&mut self, app: &AppConfig) {
+        use notify::Watcher;
+        let dirs: std::collections::BTreeSet<_> = crate::logs::discover(app)
+            .into_iter()
+            .filter_map(|f| f.path.parent().map(std::path::Path::to_path_buf))
+            .chain([app.root.join("shared/logs")])
+            .filter(|d| d.is_dir())
+            .collect();
+        for d in dirs {
+            if !self.watched.contains(&d) {
+                match self.watcher.watch(&d, notify::RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        self.watched.insert(d);
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %d.display(), error = %e, "cannot watch log directory")
+                    }
+                }
+            }
         }
     }
 }

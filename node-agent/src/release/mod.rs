@@ -34,7 +34,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -255,8 +255,54 @@ pub struct PruneReport {
     pub removed: Vec<ReleaseId>,
     pub kept: Vec<ReleaseId>,
     pub objects_removed: u64,
+    /// Bytes freed by collecting store objects.
     pub bytes_freed: u64,
     pub cached_artifacts_removed: u64,
+    pub cached_artifact_bytes_freed: u64,
+    /// Bytes freed by removing the driver's images of releases gone.
+    pub image_bytes_freed: u64,
+}
+
+/// What the agent did under disk pressure (free space below
+/// `disk_pressure_free`), in the order it tried.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PressureReport {
+    pub threshold: u64,
+    pub free_before: u64,
+    pub free_after: u64,
+    /// (step, bytes freed): docker images, rotated logs, cached artifacts,
+    /// store objects; it stops once free space is back above the threshold.
+    pub steps: Vec<(String, u64)>,
+    pub relieved: bool,
+}
+
+/// The last prune of an app, kept in `.slipway/prune-last.json` for `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneRecord {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// `prune` (command or after a deploy) or `disk_pressure`.
+    pub trigger: String,
+    pub bytes_freed: u64,
+    pub detail: serde_json::Value,
+}
+
+impl PruneRecord {
+    pub fn path(root: &Path) -> PathBuf {
+        root.join(".slipway/prune-last.json")
+    }
+
+    pub fn load(root: &Path) -> Option<Self> {
+        serde_json::from_slice(&fs::read(Self::path(root)).ok()?).ok()
+    }
+
+    fn save(&self, root: &Path) {
+        if let Ok(data) = serde_json::to_vec_pretty(self) {
+            if let Err(e) = durable::write_atomic(&Self::path(root), &data) {
+                tracing::warn!(error = %e, "cannot record the prune");
+            }
+        }
+    }
 }
 
 /// A release as `releases` shows it.
@@ -1398,22 +1444,152 @@ impl Session<'_> {
             }
         }
         // Cached artifacts of releases that are gone.
-        for entry in fs::read_dir(&p.cache).map_err(ReleaseError::io("read", &p.cache))? {
-            let entry = entry.map_err(ReleaseError::io("read", &p.cache))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !self
-                .journal
-                .releases
-                .iter()
-                .any(|r| r.artifact_sha256 == name)
-            {
-                let _ = fs::remove_file(entry.path());
-                report.cached_artifacts_removed += 1;
+        let referenced: Vec<String> = self
+            .journal
+            .releases
+            .iter()
+            .map(|r| r.artifact_sha256.clone())
+            .collect();
+        let (n, bytes) = self.remove_cached_except(&referenced)?;
+        report.cached_artifacts_removed = n;
+        report.cached_artifact_bytes_freed = bytes;
+        // The driver's per-release images of releases gone.
+        if let Some(driver) = driver::for_app(self.app()) {
+            let kept: Vec<ReleaseId> = self.journal.releases.iter().map(|r| r.id.clone()).collect();
+            match driver.prune_images(self.app(), &kept) {
+                Ok(b) => report.image_bytes_freed = b,
+                Err(e) => tracing::warn!(error = %e, "could not prune the driver's images"),
             }
         }
         if !report.removed.is_empty() {
             tracing::info!(app = %self.app().name, removed = %join_ids(&report.removed), "pruned");
         }
+        PruneRecord {
+            at: OffsetDateTime::now_utc(),
+            trigger: "prune".into(),
+            bytes_freed: report.bytes_freed
+                + report.cached_artifact_bytes_freed
+                + report.image_bytes_freed,
+            detail: serde_json::to_value(&report).unwrap_or_default(),
+        }
+        .save(&p.root);
+        Ok(report)
+    }
+
+    /// Removes cached artifacts whose sha256 is not in `keep`.
+    fn remove_cached_except(&self, keep: &[String]) -> Result<(u64, u64)> {
+        let cache = &self.paths().cache;
+        let (mut n, mut bytes) = (0, 0);
+        for entry in fs::read_dir(cache).map_err(ReleaseError::io("read", cache))? {
+            let entry = entry.map_err(ReleaseError::io("read", cache))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if fs::remove_file(entry.path()).is_ok() {
+                    n += 1;
+                    bytes += size;
+                }
+            }
+        }
+        Ok((n, bytes))
+    }
+
+    /// Frees space in order — the driver's images of releases gone, rotated
+    /// logs past retention, cached artifacts (all but those of the current
+    /// release and the rollback target), unreferenced store objects — until
+    /// free space is back above `threshold`. Never touches a release.
+    pub fn relieve_pressure(&mut self, threshold: u64) -> Result<PressureReport> {
+        let root = self.paths().root.clone();
+        let free = || unpack::SpaceGuard::available(&root).map_err(ReleaseError::io("stat", &root));
+        let free_before = free()?;
+        let mut report = PressureReport {
+            threshold,
+            free_before,
+            free_after: free_before,
+            steps: Vec::new(),
+            relieved: free_before >= threshold,
+        };
+        let app = self.app().clone();
+        let current = self.current()?;
+        let target = self.journal.rollback_target(current.as_ref()).cloned();
+        for step in [
+            "docker images",
+            "rotated logs",
+            "cached artifacts",
+            "store objects",
+        ] {
+            if report.free_after >= threshold {
+                break;
+            }
+            let freed = match step {
+                "docker images" => match driver::for_app(&app) {
+                    Some(d) => {
+                        let kept: Vec<ReleaseId> =
+                            self.journal.releases.iter().map(|r| r.id.clone()).collect();
+                        d.prune_images(&app, &kept).unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "could not prune images");
+                            0
+                        })
+                    }
+                    None => continue,
+                },
+                "rotated logs" => {
+                    let mut bytes = 0;
+                    for log in crate::logs::discover(&app) {
+                        let sizes: Vec<(PathBuf, u64)> = crate::logs::rotated_files(&log.path)
+                            .into_iter()
+                            .map(|p| {
+                                let n = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                                (p, n)
+                            })
+                            .collect();
+                        if let Ok(removed) = crate::logs::retain(&log.path, app.logs.keep) {
+                            bytes += sizes
+                                .iter()
+                                .filter(|(p, _)| removed.contains(p))
+                                .map(|(_, n)| n)
+                                .sum::<u64>();
+                        }
+                    }
+                    bytes
+                }
+                "cached artifacts" => {
+                    let keep: Vec<String> = [
+                        current.as_ref().and_then(|c| self.journal.get(c)),
+                        target.as_ref(),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .map(|r| r.artifact_sha256.clone())
+                    .collect();
+                    self.remove_cached_except(&keep)?.1
+                }
+                _ => {
+                    let p = self.paths().clone();
+                    self.store
+                        .objects
+                        .gc()
+                        .map_err(ReleaseError::io("collect objects in", &p.objects))?
+                        .bytes_freed
+                }
+            };
+            report.steps.push((step.to_owned(), freed));
+            report.free_after = free()?;
+        }
+        report.relieved = report.free_after >= threshold;
+        let total: u64 = report.steps.iter().map(|(_, b)| b).sum();
+        if report.relieved {
+            tracing::info!(app = %app.name, freed = total, "disk pressure relieved");
+        } else {
+            tracing::error!(app = %app.name, free = report.free_after, threshold, "disk pressure persists after pruning everything the agent may prune");
+        }
+        PruneRecord {
+            at: OffsetDateTime::now_utc(),
+            trigger: "disk_pressure".into(),
+            bytes_freed: total,
+            detail: serde_json::to_value(&report).unwrap_or_default(),
+        }
+        .save(&root);
         Ok(report)
     }
 

@@ -1,0 +1,530 @@
+//! The agent's link to the controller: enrollment and the mTLS session.
+//!
+//! Enrollment: the agent generates its key pair locally (the private key never
+//! leaves the node), sends a CSR with the one-time join token, and stores the
+//! returned client certificate and the controller's CA in the state dir.
+//! Before the token (a secret) is sent, the controller is authenticated
+//! against the CA fingerprint pinned in the token: the TLS chain it presents
+//! must contain that exact CA, and its server certificate must chain to it.
+//! There is no trust-on-first-use.
+//!
+//! Session: [`connect`] dials the controller with the client certificate,
+//! opens the AgentLink stream, sends Hello and waits for the Welcome.
+//!
+//! This file depends only on external crates (no `crate::` paths), so the
+//! controller's integration tests can compile it as a module of their own.
+
+use std::error::Error as StdError;
+use std::fs;
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+use slipway_proto::join_token::{JoinToken, ParseJoinTokenError};
+use slipway_proto::v1::agent_link_client::AgentLinkClient;
+use slipway_proto::v1::enrollment_client::EnrollmentClient;
+use slipway_proto::v1::{
+    agent_message, controller_message, AgentMessage, ControllerMessage, EnrollRequest, Hello,
+    Welcome,
+};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Streaming;
+
+/// The node's private key (mode 0600).
+pub const KEY_FILE: &str = "node.key";
+/// The node's client certificate.
+pub const CERT_FILE: &str = "node.pem";
+/// The controller CA, verified against the join token's pin at enrollment.
+pub const CA_FILE: &str = "ca.pem";
+/// The node id the controller assigned (also the certificate's CN).
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// Port used when the controller address has none.
+pub const DEFAULT_PORT: u16 = 7443;
+/// Give up on a TCP/TLS connect after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Give up waiting for the controller's Welcome after this long.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Agent messages queued for sending before senders wait.
+const OUTBOUND_QUEUE: usize = 16;
+
+/// Errors from enrolling or connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The join token is malformed.
+    #[error(transparent)]
+    Token(#[from] ParseJoinTokenError),
+    /// The controller address cannot be used.
+    #[error("invalid controller address {0:?}: expected host:port or https://host:port")]
+    Address(String),
+    /// TCP, TLS or HTTP/2 setup failed (including a controller whose CA does
+    /// not match the pin, or a client certificate the controller refused).
+    #[error("cannot reach controller {addr}: {message}")]
+    Connect {
+        /// Controller address.
+        addr: String,
+        /// The whole error chain.
+        message: String,
+    },
+    /// The controller answered enrollment with an error.
+    #[error("controller refused enrollment: {0}")]
+    EnrollRefused(String),
+    /// The controller refused the session.
+    #[error("controller refused the session: {0}")]
+    SessionRefused(String),
+    /// The CA the controller returned is not the one pinned in the token.
+    #[error("controller CA sha256 {got} does not match {expected} pinned in the join token")]
+    CaMismatch {
+        /// From the token.
+        expected: String,
+        /// From the controller.
+        got: String,
+    },
+    /// The controller sent something that is not PEM of the expected kind.
+    #[error("controller sent an invalid {0}")]
+    BadPem(&'static str),
+    /// A state file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Generating the key or CSR failed.
+    #[error("key generation: {0}")]
+    Key(#[from] rcgen::Error),
+    /// rustls refused our certificates or key.
+    #[error("tls configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The session ended before the controller's Welcome.
+    #[error("controller closed the session before its Welcome")]
+    NoWelcome,
+    /// The first controller message was not a Welcome.
+    #[error("expected Welcome from the controller, got {0}")]
+    Unexpected(String),
+}
+
+/// What enrollment stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolled {
+    /// The node id the controller assigned.
+    pub node_id: String,
+    /// Certificate expiry (seconds since the Unix epoch).
+    pub expires_at_unix: i64,
+    /// Where the client certificate was written.
+    pub cert_path: PathBuf,
+}
+
+/// An open AgentLink session.
+#[derive(Debug)]
+pub struct Session {
+    /// The controller's answer to Hello.
+    pub welcome: Welcome,
+    /// Send heartbeats, progress and results here.
+    pub outbound: mpsc::Sender<AgentMessage>,
+    /// Commands from the controller.
+    pub inbound: Streaming<ControllerMessage>,
+}
+
+/// Enrolls this node with the controller at `controller` using `token`, and
+/// stores key, certificate, CA and node id in `state_dir`.
+pub async fn enroll(
+    controller: &str,
+    token: &str,
+    state_dir: &Path,
+    node_name: &str,
+) -> Result<Enrolled, LinkError> {
+    let token: JoinToken = token.parse()?;
+    let target = Target::parse(controller)?;
+
+    create_private_dir(state_dir)?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    // The controller chooses the certificate's subject; the CN here only
+    // helps a human reading the CSR.
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_name);
+    params.distinguished_name = dn;
+    let csr_pem = params.serialize_request(&key)?.pem()?;
+
+    let config = pinned_config(&token.ca_sha256)?;
+    let channel = connect_channel(&target, config).await?;
+    let response = EnrollmentClient::new(channel)
+        .enroll(EnrollRequest {
+            join_token: token.to_string(),
+            node_name: node_name.to_owned(),
+            csr_pem,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            labels: Default::default(),
+        })
+        .await
+        .map_err(|status| LinkError::EnrollRefused(status_text(&status)))?
+        .into_inner();
+
+    // The TLS verifier already proved the server holds the pinned CA; check
+    // that the CA we are told to trust from now on is that same one.
+    let ca_der = CertificateDer::from_pem_slice(response.ca_pem.as_bytes())
+        .map_err(|_| LinkError::BadPem("CA certificate"))?;
+    let got = sha256_hex(&ca_der);
+    if got != token.ca_sha256 {
+        return Err(LinkError::CaMismatch {
+            expected: token.ca_sha256,
+            got,
+        });
+    }
+    CertificateDer::from_pem_slice(response.cert_pem.as_bytes())
+        .map_err(|_| LinkError::BadPem("client certificate"))?;
+
+    write_file(&state_dir.join(KEY_FILE), &key.serialize_pem(), 0o600)?;
+    write_file(&state_dir.join(CA_FILE), &response.ca_pem, 0o644)?;
+    write_file(&state_dir.join(NODE_ID_FILE), &response.node_id, 0o644)?;
+    // Certificate last: its presence means enrollment completed.
+    let cert_path = state_dir.join(CERT_FILE);
+    write_file(&cert_path, &response.cert_pem, 0o644)?;
+    Ok(Enrolled {
+        node_id: response.node_id,
+        expires_at_unix: response.expires_at_unix,
+        cert_path,
+    })
+}
+
+/// Opens the AgentLink session with the identity enrolled in `state_dir`,
+/// sends `hello` (an empty `node_id` is filled from the state dir) and waits
+/// for the controller's Welcome.
+pub async fn connect(controller: &str, state_dir: &Path, mut hello: Hello) -> Result<Session, LinkError> {
+    let target = Target::parse(controller)?;
+    let ca_pem = read_file(&state_dir.join(CA_FILE))?;
+    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
+    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
+    if hello.node_id.is_empty() {
+        hello.node_id = read_file(&state_dir.join(NODE_ID_FILE))?.trim().to_owned();
+    }
+    if hello.agent_version.is_empty() {
+        hello.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+    }
+
+    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
+    let channel = connect_channel(&target, config).await?;
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    // The queue is empty, so this cannot fail for lack of room.
+    let _ = tx.try_send(AgentMessage {
+        kind: Some(agent_message::Kind::Hello(hello)),
+    });
+    let mut inbound = AgentLinkClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
+        .into_inner();
+    let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| LinkError::NoWelcome)?
+        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?;
+    match first {
+        Some(ControllerMessage {
+            kind: Some(controller_message::Kind::Welcome(welcome)),
+        }) => Ok(Session {
+            welcome,
+            outbound: tx,
+            inbound,
+        }),
+        Some(other) => Err(LinkError::Unexpected(format!("{:?}", other.kind))),
+        None => Err(LinkError::NoWelcome),
+    }
+}
+
+/// Where the controller is: what to dial and what name its certificate
+/// must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    /// `host:port` to dial.
+    authority: String,
+    /// Host part, checked against the server certificate.
+    host: String,
+}
+
+impl Target {
+    fn parse(text: &str) -> Result<Self, LinkError> {
+        let bad = || LinkError::Address(text.to_owned());
+        let rest = text.strip_prefix("https://").unwrap_or(text);
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+            return Err(bad());
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+            match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None if after.is_empty() => (host, None),
+                None => return Err(bad()),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        let port: u16 = match port {
+            Some(port) => port.parse().map_err(|_| bad())?,
+            None => DEFAULT_PORT,
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Self {
+            authority,
+            host: host.to_owned(),
+        })
+    }
+}
+
+/// Dials `target` over TLS with `config` and sets up HTTP/2 for tonic.
+///
+/// tonic's own `ClientTlsConfig` cannot take a custom rustls config (the
+/// pinned verifier), so TLS is done here by a connector and tonic sees a
+/// plain `http://` endpoint over the already encrypted stream.
+async fn connect_channel(target: &Target, config: Arc<ClientConfig>) -> Result<Channel, LinkError> {
+    let connect_err = |message: String| LinkError::Connect {
+        addr: target.authority.clone(),
+        message,
+    };
+    let server_name = ServerName::try_from(target.host.clone())
+        .map_err(|_| LinkError::Address(target.host.clone()))?;
+    let tls = TlsConnector::from(config);
+    let authority = target.authority.clone();
+    let connector = tower::service_fn(move |_: Uri| {
+        let tls = tls.clone();
+        let server_name = server_name.clone();
+        let authority = authority.clone();
+        async move {
+            let tcp = TcpStream::connect(&authority).await?;
+            // Small gRPC frames (heartbeats) should go out at once.
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(server_name, tcp).await?;
+            Ok::<_, io::Error>(TokioIo::new(stream))
+        }
+    });
+    Endpoint::from_shared(format!("http://{}", target.authority))
+        .map_err(|err| connect_err(error_chain(&err)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|err| connect_err(error_chain(&err)))
+}
+
+/// The one rustls backend: ring (as tonic's `tls-ring`); named explicitly so
+/// this never depends on a process-wide default being installed.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Client config for enrollment: no client certificate (we have none yet);
+/// the server is trusted only through the pinned CA.
+fn pinned_config(ca_sha256: &str) -> Result<Arc<ClientConfig>, LinkError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCaVerifier {
+        ca_sha256: ca_sha256.to_owned(),
+        provider: provider.clone(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client config for the session: the stored CA is the only root, and our
+/// enrolled certificate is the client identity.
+fn mtls_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ClientConfig>, LinkError> {
+    let mut roots = RootCertStore::empty();
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|_| LinkError::BadPem("CA certificate"))?;
+    roots.add(ca)?;
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|_| LinkError::BadPem("client certificate"))?];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|_| LinkError::BadPem("private key"))?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Trusts a server only if the chain it presents contains the CA whose
+/// sha256 the join token pins, and its certificate verifies against that CA
+/// (validity, server name, signatures) like any webpki check.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    ca_sha256: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|cert| sha256_hex(cert) == self.ca_sha256)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "controller does not present the CA pinned in the join token (sha256 {})",
+                    self.ca_sha256
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|err| rustls::Error::General(err.to_string()))?;
+        webpki.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A tonic status as one line: code, message and any transport cause.
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(source) = status.source() {
+        text.push_str(": ");
+        text.push_str(&error_chain(source));
+    }
+    text
+}
+
+/// `err: cause: cause...` — TLS alerts are usually several levels down.
+fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), LinkError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| LinkError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn read_file(path: &Path) -> Result<String, LinkError> {
+    fs::read_to_string(path).map_err(|source| LinkError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Temp file + fsync + rename, with the mode set at creation so a key is
+/// never readable by others, even for an instant.
+fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), LinkError> {
+    let io_err = |source| LinkError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err)?;
+    file.write_all(contents.as_bytes()).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    fs::rename(&tmp, path).map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_addresses() {
+        let t = Target::parse("https://ctl.example.com:8443/").unwrap();
+        assert_eq!(t.authority, "ctl.example.com:8443");
+        assert_eq!(t.host, "ctl.example.com");
+        assert_eq!(Target::parse("10.0.0.5").unwrap().authority, "10.0.0.5:7443");
+        let v6 = Target::parse("[::1]:9000").unwrap();
+        assert_eq!((v6.authority.as_str(), v6.host.as_str()), ("[::1]:9000", "::1"));
+        for bad in ["", "http://x:1", "x:port", "x:1/path", ":1"] {
+            assert!(Target::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
