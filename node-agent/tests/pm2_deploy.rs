@@ -20,6 +20,7 @@ const VERSION = fs.readFileSync('VERSION', 'utf8').trim();
 const HEALTH = fs.existsSync('HEALTH') ? Number(fs.readFileSync('HEALTH', 'utf8')) : 200;
 http.createServer((req, res) => {
   const code = req.url === '/api/health' ? HEALTH : 200;
+  if (req.url.startsWith('/log/')) console.log(`request ${req.url.slice(5)}`);
   const body = `${VERSION} ${process.pid}`;
   res.writeHead(code, { 'content-length': Buffer.byteLength(body), connection: 'close' });
   res.end(body);
@@ -138,4 +139,58 @@ deadline = "30s"
             .all(|p| p["status"] == "online" && p["release"] == "v1"),
         "{status:#}"
     );
+}
+
+#[test]
+fn pm2_logs_are_rotated_with_reload_logs_and_nothing_is_lost() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = Node::new(&format!(
+        "[apps.web.run]\ndriver = \"pm2\"\nscript = \"server.js\"\ninstances = 2\npm2_home = \"{}\"\n[apps.web.logs]\ncompress = \"gzip\"\n",
+        pm2_home.path().display()
+    ));
+    fs::write(node.root.join("shared/.env"), format!("PORT={port}\n")).unwrap();
+    let a = node.dir.path().join("v1.tar.gz");
+    fs::write(&a, targz(&tar_of(&[("server.js", SERVER), ("VERSION", "v1")]))).unwrap();
+    node.deploy(&a, "v1").ok();
+    let out = node.root.join("shared/logs/pm2-web-out.log");
+    let mut n = 0;
+    let mut round = |count: usize| {
+        for _ in 0..count {
+            assert_eq!(http_get(port, &format!("/log/{n}")).unwrap().0, 200);
+            n += 1;
+        }
+    };
+    round(50);
+    wait_for_lines(&out, 50);
+    let rep = node.run(&["logs", "--app", "web", "--rotate", "--force", "--json"]).ok().json();
+    let rotations = rep["rotations"].as_array().unwrap();
+    let r = rotations.iter().find(|r| r["file"] == out.to_str().unwrap()).unwrap();
+    assert_eq!(r["method"], "pm2 reloadLogs", "{rep:#}");
+    round(50);
+    wait_for_lines(&out, 50);
+    // Both halves complete: the first in the rotated file, the rest in the
+    // file PM2 reopened.
+    let rotated = std::path::PathBuf::from(r["rotated_to"].as_str().unwrap());
+    let mut first = String::new();
+    use std::io::Read;
+    flate2::read::GzDecoder::new(fs::File::open(&rotated).unwrap()).read_to_string(&mut first).unwrap();
+    let count = |text: &str| text.lines().filter(|l| l.starts_with("request ")).count();
+    assert_eq!(count(&first), 50, "{first}");
+    assert_eq!(count(&fs::read_to_string(&out).unwrap()), 50);
+}
+
+/// Waits until `path` holds at least `n` request lines (PM2 writes logs
+/// asynchronously).
+fn wait_for_lines(path: &std::path::Path, n: usize) {
+    let t = std::time::Instant::now();
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if text.lines().filter(|l| l.starts_with("request ")).count() >= n {
+            return;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(15), "{} never reached {n} lines:\n{text}", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
