@@ -207,7 +207,11 @@ pub async fn enroll(
 /// Opens the AgentLink session with the identity enrolled in `state_dir`,
 /// sends `hello` (an empty `node_id` is filled from the state dir) and waits
 /// for the controller's Welcome.
-pub async fn connect(controller: &str, state_dir: &Path, mut hello: Hello) -> Result<Session, LinkError> {
+pub async fn connect(
+    controller: &str,
+    state_dir: &Path,
+    mut hello: Hello,
+) -> Result<Session, LinkError> {
     let target = Target::parse(controller)?;
     let ca_pem = read_file(&state_dir.join(CA_FILE))?;
     let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
@@ -357,7 +361,11 @@ fn pinned_config(ca_sha256: &str) -> Result<Arc<ClientConfig>, LinkError> {
 
 /// Client config for the session: the stored CA is the only root, and our
 /// enrolled certificate is the client identity.
-fn mtls_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ClientConfig>, LinkError> {
+fn mtls_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ClientConfig>, LinkError> {
     let mut roots = RootCertStore::empty();
     let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
         .map_err(|_| LinkError::BadPem("CA certificate"))?;
@@ -403,9 +411,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|err| rustls::Error::General(err.to_string()))?;
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|err| rustls::Error::General(err.to_string()))?;
         webpki.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -520,9 +529,15 @@ mod tests {
         let t = Target::parse("https://ctl.example.com:8443/").unwrap();
         assert_eq!(t.authority, "ctl.example.com:8443");
         assert_eq!(t.host, "ctl.example.com");
-        assert_eq!(Target::parse("10.0.0.5").unwrap().authority, "10.0.0.5:7443");
+        assert_eq!(
+            Target::parse("10.0.0.5").unwrap().authority,
+            "10.0.0.5:7443"
+        );
         let v6 = Target::parse("[::1]:9000").unwrap();
-        assert_eq!((v6.authority.as_str(), v6.host.as_str()), ("[::1]:9000", "::1"));
+        assert_eq!(
+            (v6.authority.as_str(), v6.host.as_str()),
+            ("[::1]:9000", "::1")
+        );
         for bad in ["", "http://x:1", "x:port", "x:1/path", ":1"] {
             assert!(Target::parse(bad).is_err(), "{bad:?}");
         }

@@ -83,6 +83,7 @@ fn blue_green_deploy_gated_on_health_and_rolled_back_when_it_fails() {
             r#"[apps.{app}]
 root = "{}"
 shared_files = [".env"]
+keep_failed = 0
 
 [apps.{app}.run]
 driver = "docker"
@@ -191,4 +192,25 @@ deadline = "20s"
     let rb = node.run(&["rollback", "--app", &app, "--json"]).ok().json();
     let p = rb["activation"]["port"].as_u64().unwrap() as u16;
     assert_eq!(http_get(p, "/").unwrap(), (200, "v1".to_owned()), "{rb:#}");
+
+    // Prune: v2 (bad) and v3 (failed) go, and with them their release images.
+    let images = || {
+        let mut v: Vec<String> = docker_cli(&[
+            "images",
+            "--filter",
+            &format!("reference=slipway/{app}:*"),
+            "--format",
+            "{{.Tag}}",
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(images(), ["v1", "v2", "v3"]);
+    let pr = node.run(&["prune", "--app", &app, "--json"]).ok().json();
+    assert_eq!(pr["removed"], serde_json::json!(["v2", "v3"]), "{pr:#}");
+    assert!(pr["image_bytes_freed"].as_u64().unwrap() > 0, "{pr:#}");
+    assert_eq!(images(), ["v1"]);
 }

@@ -143,7 +143,11 @@ deadline = "30s"
 
 #[test]
 fn pm2_logs_are_rotated_with_reload_logs_and_nothing_is_lost() {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
     let node = Node::new(&format!(
@@ -152,7 +156,11 @@ fn pm2_logs_are_rotated_with_reload_logs_and_nothing_is_lost() {
     ));
     fs::write(node.root.join("shared/.env"), format!("PORT={port}\n")).unwrap();
     let a = node.dir.path().join("v1.tar.gz");
-    fs::write(&a, targz(&tar_of(&[("server.js", SERVER), ("VERSION", "v1")]))).unwrap();
+    fs::write(
+        &a,
+        targz(&tar_of(&[("server.js", SERVER), ("VERSION", "v1")])),
+    )
+    .unwrap();
     node.deploy(&a, "v1").ok();
     let out = node.root.join("shared/logs/pm2-web-out.log");
     let mut n = 0;
@@ -164,9 +172,15 @@ fn pm2_logs_are_rotated_with_reload_logs_and_nothing_is_lost() {
     };
     round(50);
     wait_for_lines(&out, 50);
-    let rep = node.run(&["logs", "--app", "web", "--rotate", "--force", "--json"]).ok().json();
+    let rep = node
+        .run(&["logs", "--app", "web", "--rotate", "--force", "--json"])
+        .ok()
+        .json();
     let rotations = rep["rotations"].as_array().unwrap();
-    let r = rotations.iter().find(|r| r["file"] == out.to_str().unwrap()).unwrap();
+    let r = rotations
+        .iter()
+        .find(|r| r["file"] == out.to_str().unwrap())
+        .unwrap();
     assert_eq!(r["method"], "pm2 reloadLogs", "{rep:#}");
     round(50);
     wait_for_lines(&out, 50);
@@ -175,7 +189,9 @@ fn pm2_logs_are_rotated_with_reload_logs_and_nothing_is_lost() {
     let rotated = std::path::PathBuf::from(r["rotated_to"].as_str().unwrap());
     let mut first = String::new();
     use std::io::Read;
-    flate2::read::GzDecoder::new(fs::File::open(&rotated).unwrap()).read_to_string(&mut first).unwrap();
+    flate2::read::GzDecoder::new(fs::File::open(&rotated).unwrap())
+        .read_to_string(&mut first)
+        .unwrap();
     let count = |text: &str| text.lines().filter(|l| l.starts_with("request ")).count();
     assert_eq!(count(&first), 50, "{first}");
     assert_eq!(count(&fs::read_to_string(&out).unwrap()), 50);
@@ -190,7 +206,11 @@ fn wait_for_lines(path: &std::path::Path, n: usize) {
         if text.lines().filter(|l| l.starts_with("request ")).count() >= n {
             return;
         }
-        assert!(t.elapsed() < std::time::Duration::from_secs(15), "{} never reached {n} lines:\n{text}", path.display());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "{} never reached {n} lines:\n{text}",
+            path.display()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

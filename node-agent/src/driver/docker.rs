@@ -737,18 +737,35 @@ impl<'a> Engine<'a> {
             .await
             .map_err(|e| self.err("cannot list images", e))?;
         let mut freed = 0u64;
+        let ours = |t: &String| t.starts_with(&format!("{repo}:"));
         for image in images {
-            let tags: Vec<&String> = image
-                .repo_tags
-                .iter()
-                .filter(|t| t.starts_with(&format!("{repo}:")))
-                .collect();
-            let mut deleted = false;
-            for tag in &tags {
-                let release = tag.rsplit(':').next().unwrap_or("");
-                if keep.iter().any(|k| k == release) {
-                    continue;
+            // A listing filtered by reference shows only the matching tags;
+            // the image's other tags (the archive's own) come from inspect.
+            let tags = match self.api.inspect_image(&image.id).await {
+                Ok(i) => i.repo_tags.unwrap_or_default(),
+                Err(e) if is_status(&e, 404) => continue,
+                Err(e) => {
+                    return Err(self.err(format_args!("cannot inspect image {}", image.id), e))
                 }
+            };
+            let release_of = |t: &String| t.rsplit(':').next().unwrap_or("").to_owned();
+            let in_use = tags.iter().any(|t| {
+                (ours(t) && keep.contains(&release_of(t)))
+                    || self.config.image.as_deref() == Some(t.as_str())
+            });
+            // An image a kept release (or the configured `image`) still
+            // names only loses the tags of releases gone; any other image
+            // loses all its tags (the archive's own tag too), which deletes
+            // it unless a container still uses it.
+            let doomed: Vec<&String> = if in_use {
+                tags.iter()
+                    .filter(|t| ours(t) && !keep.contains(&release_of(t)))
+                    .collect()
+            } else {
+                tags.iter().collect()
+            };
+            let mut deleted = false;
+            for tag in doomed {
                 // Not forced: an image a container still uses stays.
                 match self
                     .api
@@ -757,7 +774,8 @@ impl<'a> Engine<'a> {
                 {
                     Ok(items) => deleted |= items.iter().any(|i| i.deleted.is_some()),
                     Err(e) if is_status(&e, 409) => {
-                        tracing::info!(image = %tag, "image still in use; kept")
+                        tracing::info!(image = %tag, "image still in use; kept");
+                        break;
                     }
                     Err(e) => return Err(self.err(format_args!("cannot remove image {tag}"), e)),
                 }
