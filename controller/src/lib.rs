@@ -6,7 +6,40 @@
 //!
 //! # Layout
 //!
+//! - [`cli`] / [`config`]: flags and the TOML file, checked into
+//!   [`config::ServeConfig`].
+//! - [`server`]: `serve` wires everything: loads the [`ca`], opens the
+//!   [`store`], builds the [`tls`] listener and mounts the two services.
+//! - [`ca`]: the CA (rcgen) in the data dir; server certificate; signs node
+//!   CSRs. [`crypto`]: the one rustls backend (ring), randomness, fingerprints.
+//! - [`tls`]: accepts TLS (client certificate optional, verified against the
+//!   CA when present) and audits refused client certificates.
+//! - [`enroll`]: Enrollment service: [`token`] + CSR → node + certificate.
+//! - [`session`]: AgentLink service: identifies the node by its verified
+//!   certificate, checks the Hello, answers with a Welcome.
+//! - [`store`]: SQLite through sqlx (nodes, join tokens, audit events);
+//!   [`audit`]: the audit event shape and types.
 //! - [`proto`]: the agent ⇄ controller protocol, re-exported so that the
 //!   controller and its tests name one set of message types.
+//!
+//! Data flow: agent ─TLS─▶ [`tls::incoming`] ─▶ tonic ─▶ [`enroll`] /
+//! [`session`] ─▶ [`store`] (every refusal also becomes an audit event).
 
 pub use slipway_proto as proto;
+
+pub mod audit;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod enroll;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod tls;
+pub mod token;
+
+/// Seconds since the Unix epoch, the unit of every stored timestamp.
+pub(crate) fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}

@@ -120,8 +120,25 @@ pub enum Command {
         #[arg(long)]
         app: String,
     },
-    /// Run the agent: liveness checks for every app, until SIGTERM.
+    /// Run the agent: liveness checks, log rotation and disk-pressure
+    /// pruning for every app, until SIGTERM.
     Run,
+    /// Enroll this node with a controller using a one-time join token (from
+    /// `slipway-controller token create`). The key is made here and never
+    /// leaves the node.
+    Enroll {
+        /// host:port or https://host:port of the controller.
+        #[arg(long, env = "SLIPWAY_CONTROLLER")]
+        controller: String,
+        #[arg(long, env = "SLIPWAY_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where the key, certificate and CA are kept.
+        #[arg(long, default_value = "/var/lib/slipway-agent")]
+        state_dir: PathBuf,
+        /// This node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Pack a directory into an artifact (.tar.gz, or .tar.zst by extension)
     /// and print its sha256.
     Pack {
@@ -572,9 +589,10 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 crate::liveness::shutdown_signal(),
             ))?;
         }
-        Command::Demo { .. } | Command::Pack { .. } | Command::Supervise { .. } => {
-            return Err(usage("internal: command handled earlier".into()))
-        }
+        Command::Demo { .. }
+        | Command::Pack { .. }
+        | Command::Supervise { .. }
+        | Command::Enroll { .. } => return Err(usage("internal: command handled earlier".into())),
     }
     Ok(0)
 }

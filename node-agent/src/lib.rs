@@ -18,6 +18,8 @@
 //!   the deploy calls it after the switch and [`health`] gates the result.
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
 //! - [`supervise`]: the process the exec driver leaves running.
+//! - [`link`]: the controller session: enroll (join token + a key made here
+//!   → client certificate), mTLS connect.
 //! - [`liveness`]: `slipway-agent run`, the long-running loop.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
@@ -37,6 +39,7 @@ pub mod durable;
 pub mod envfile;
 pub mod fault;
 pub mod health;
+pub mod link;
 pub mod liveness;
 pub mod logs;
 pub mod metrics;

@@ -12,6 +12,9 @@
 //!
 //! - `proto/slipway/v1/agent.proto` — the source of truth; the comments there
 //!   explain why each message and field exists and become the rustdoc here.
+//! - [`join_token`] — the `slw1.<id>.<secret>.<ca-sha256>` join token
+//!   format, shared by the controller (prints tokens) and the agent (reads
+//!   the pinned CA fingerprint before trusting the controller).
 //! - `build.rs` — compiles the .proto with `protox` (pure Rust, no system
 //!   `protoc`) and generates code with `tonic-prost-build`.
 //! - [`v1`] — everything generated for package `slipway.v1`:
@@ -29,6 +32,8 @@
 //! Changing the protocol: add fields and oneof cases with new numbers, never
 //! renumber or reuse one; breaking changes go in a new `slipway.v2` package
 //! next to `v1`.
+
+pub mod join_token;
 
 /// Generated code for protobuf package `slipway.v1` (messages, enums, and
 /// the `Enrollment` / `AgentLink` clients and servers).

@@ -1,0 +1,101 @@
+//! Audit events in the seeds' `AUDIT_EVENTS` shape: who did what to which
+//! resource, whether it worked, and why not. Written by [`crate::store`].
+
+use serde_json::Value;
+
+/// A join token was created (`slipway-controller token create`).
+pub const TOKEN_CREATED: &str = "TOKEN_CREATED";
+/// A node traded a join token and a CSR for its first certificate.
+pub const NODE_ENROLLED: &str = "NODE_ENROLLED";
+/// An enrollment was refused (bad, expired or reused token, bad CSR).
+pub const NODE_ENROLL_REFUSED: &str = "NODE_ENROLL_REFUSED";
+/// An AgentLink session was refused after the TLS handshake (no client
+/// certificate, unknown or revoked certificate, Hello for another node).
+pub const NODE_CONNECT_REFUSED: &str = "NODE_CONNECT_REFUSED";
+/// A TLS handshake failed because the client certificate was not acceptable
+/// (signed by another CA, expired, not yet valid...).
+pub const CLIENT_CERT_REFUSED: &str = "CLIENT_CERT_REFUSED";
+
+/// `status` of an event that worked.
+pub const STATUS_SUCCESS: &str = "success";
+/// `status` of an event that was refused or failed (the seeds query this).
+pub const STATUS_ERROR: &str = "error";
+
+/// One audit event to record; `id` and `created_at` are set when stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEvent {
+    /// One of the constants in this module.
+    pub event_type: &'static str,
+    /// Who acted: "operator", a node id, or a peer address before we know more.
+    pub actor: String,
+    /// Kind of thing acted on: "node", "join_token", "connection".
+    pub resource_type: &'static str,
+    /// Which one (node id, token id, peer address).
+    pub resource_id: String,
+    /// Event-specific facts as a JSON object.
+    pub details: Value,
+    /// [`STATUS_SUCCESS`] or [`STATUS_ERROR`].
+    pub status: &'static str,
+    /// Why it failed, for `status = error`.
+    pub error_message: Option<String>,
+}
+
+impl AuditEvent {
+    /// A successful event.
+    pub fn success(
+        event_type: &'static str,
+        actor: impl Into<String>,
+        resource_type: &'static str,
+        resource_id: impl Into<String>,
+        details: Value,
+    ) -> Self {
+        Self {
+            event_type,
+            actor: actor.into(),
+            resource_type,
+            resource_id: resource_id.into(),
+            details,
+            status: STATUS_SUCCESS,
+            error_message: None,
+        }
+    }
+
+    /// A refused or failed event carrying the reason.
+    pub fn error(
+        event_type: &'static str,
+        actor: impl Into<String>,
+        resource_type: &'static str,
+        resource_id: impl Into<String>,
+        details: Value,
+        error_message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status: STATUS_ERROR,
+            error_message: Some(error_message.into()),
+            ..Self::success(event_type, actor, resource_type, resource_id, details)
+        }
+    }
+}
+
+/// An audit event as stored, for `slipway audit` and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// UUID v4.
+    pub id: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// See [`AuditEvent::event_type`].
+    pub event_type: String,
+    /// See [`AuditEvent::actor`].
+    pub actor: String,
+    /// See [`AuditEvent::resource_type`].
+    pub resource_type: String,
+    /// See [`AuditEvent::resource_id`].
+    pub resource_id: String,
+    /// See [`AuditEvent::details`].
+    pub details: Value,
+    /// See [`AuditEvent::status`].
+    pub status: String,
+    /// See [`AuditEvent::error_message`].
+    pub error_message: Option<String>,
+}

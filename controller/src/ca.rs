@@ -1,0 +1,429 @@
+//! The controller's small certificate authority (rcgen, ECDSA P-256).
+//!
+//! On first start it creates, in the data dir, a CA certificate and a server
+//! certificate for the controller's listen address; later starts reuse them.
+//! Private keys are written mode 0600. Node client certificates are issued
+//! from CSRs, so node keys never leave the nodes.
+
+use std::fs;
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::crypto::{self, CryptoError};
+
+/// CA certificate (public; agents receive it at enrollment).
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// CA private key: whoever reads it can mint node certificates.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// The controller's TLS server certificate.
+pub const SERVER_CERT_FILE: &str = "server.pem";
+/// The controller's TLS server key.
+pub const SERVER_KEY_FILE: &str = "server.key";
+/// The hosts the server certificate was made for; a different `--listen`
+/// issues a new one.
+const SERVER_HOSTS_FILE: &str = "server.hosts";
+
+/// Default node certificate lifetime: short, so a lost node key is only
+/// useful for days (renewal over mTLS will keep healthy nodes current).
+pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// CA lifetime: long, since rotating it means re-enrolling every node.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Server certificate lifetime.
+const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// Certificates start this far in the past, so a node whose clock is a little
+/// behind the controller's does not see a "not yet valid" certificate.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Errors from the CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Reading or writing a file in the data dir failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// A stored certificate or key could not be parsed.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: rcgen::Error,
+    },
+    /// The node's CSR is malformed or its signature does not verify.
+    #[error("invalid certificate signing request: {0}")]
+    Csr(rcgen::Error),
+    /// Creating or signing a certificate failed.
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// No random serial number.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// The CA and the controller's own server identity, loaded from the data dir.
+pub struct Ca {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key: KeyPair,
+}
+
+/// The controller's TLS server certificate chain and key.
+pub struct ServerIdentity {
+    /// Server certificate, then the CA (so an enrolling agent can find the
+    /// CA its token pins in what the server presents).
+    pub chain: Vec<CertificateDer<'static>>,
+    key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    // Hand-written so the private key never ends up in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity").finish_non_exhaustive()
+    }
+}
+
+impl ServerIdentity {
+    /// The server's private key.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+impl std::fmt::Debug for Ca {
+    // Hand-written so the private keys never end up in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A certificate issued to a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// PEM certificate.
+    pub pem: String,
+    /// sha256 hex of the DER: how the controller recognises the node later.
+    pub fingerprint: String,
+    /// Hex serial number.
+    pub serial: String,
+    /// Expiry, seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl Ca {
+    /// Loads the CA from `data_dir`, creating it (and the dir, mode 0700) on
+    /// first use.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, CaError> {
+        create_private_dir(data_dir)?;
+        let ca_cert_path = data_dir.join(CA_CERT_FILE);
+        let ca_key_path = data_dir.join(CA_KEY_FILE);
+        let now = OffsetDateTime::now_utc();
+
+        let (cert_pem, key) = if ca_key_path.exists() && ca_cert_path.exists() {
+            let key_pem = read(&ca_key_path)?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Parse {
+                path: ca_key_path.clone(),
+                source,
+            })?;
+            (read(&ca_cert_path)?, key)
+        } else {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            let mut params = CertificateParams::default();
+            // A random suffix tells controllers' CAs apart, in logs and for
+            // webpki, which picks a client certificate's issuer by name.
+            params.distinguished_name = common_name(&format!(
+                "Slipway controller CA {}",
+                crypto::random_hex::<4>()?
+            ));
+            // pathlen 0: the CA signs leaves only, never another CA.
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            params.not_before = now - CLOCK_SKEW;
+            params.not_after = now + CA_VALIDITY;
+            params.serial_number = Some(random_serial()?);
+            let cert = params.self_signed(&key)?;
+            // Key first: a crash between the two writes leaves no certificate
+            // without its key, and the next start recreates both.
+            write_private(&ca_key_path, &key.serialize_pem())?;
+            write_public(&ca_cert_path, &cert.pem())?;
+            (cert.pem(), key)
+        };
+        let cert_der = pem_to_der(&ca_cert_path, &cert_pem)?;
+
+        Ok(Self {
+            cert_pem,
+            cert_der,
+            key,
+        })
+    }
+
+    /// Loads the controller's TLS server certificate from `data_dir`, or
+    /// issues a new one when it is missing or was made for other hosts
+    /// (`serve --listen` changed). `hosts` are names/IPs it must be valid
+    /// for; `localhost` and `127.0.0.1` are always added.
+    pub fn server_identity(
+        &self,
+        data_dir: &Path,
+        hosts: &[String],
+    ) -> Result<ServerIdentity, CaError> {
+        let mut hosts: Vec<String> = hosts.to_vec();
+        for default in ["localhost", "127.0.0.1"] {
+            if !hosts.iter().any(|h| h == default) {
+                hosts.push(default.to_owned());
+            }
+        }
+        let hosts_line = hosts.join(" ");
+        let cert_path = data_dir.join(SERVER_CERT_FILE);
+        let key_path = data_dir.join(SERVER_KEY_FILE);
+        let hosts_path = data_dir.join(SERVER_HOSTS_FILE);
+        let reuse = cert_path.exists()
+            && key_path.exists()
+            && fs::read_to_string(&hosts_path).is_ok_and(|h| h.trim() == hosts_line);
+        let (cert_pem, key_pem) = if reuse {
+            (read(&cert_path)?, read(&key_path)?)
+        } else {
+            let now = OffsetDateTime::now_utc();
+            let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            let mut params = CertificateParams::new(hosts)?;
+            params.distinguished_name = common_name("Slipway controller");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.not_before = now - CLOCK_SKEW;
+            params.not_after = now + SERVER_CERT_VALIDITY;
+            params.serial_number = Some(random_serial()?);
+            params.use_authority_key_identifier_extension = true;
+            let cert = params.signed_by(&key, &issuer)?;
+            write_private(&key_path, &key.serialize_pem())?;
+            write_public(&cert_path, &cert.pem())?;
+            write_public(&hosts_path, &format!("{hosts_line}\n"))?;
+            (cert.pem(), key.serialize_pem())
+        };
+        let cert_der = pem_to_der(&cert_path, &cert_pem)?;
+        let key_der = KeyPair::from_pem(&key_pem)
+            .map_err(|source| CaError::Parse {
+                path: key_path,
+                source,
+            })?
+            .serialize_der();
+        Ok(ServerIdentity {
+            chain: vec![cert_der, self.cert_der.clone()],
+            key_der,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// sha256 hex of the CA certificate's DER: what join tokens pin.
+    pub fn fingerprint(&self) -> String {
+        crypto::sha256_hex(&self.cert_der)
+    }
+
+    /// Issues a client certificate for `node_id` valid for `validity` from now.
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let now = OffsetDateTime::now_utc();
+        self.sign_node_csr_between(csr_pem, node_id, now - CLOCK_SKEW, now + validity)
+    }
+
+    /// Issues a client certificate for `node_id` with an explicit validity
+    /// window (tests use it to make expired certificates).
+    ///
+    /// Only the CSR's public key is used: subject, SANs and usages are chosen
+    /// here, so a node cannot ask for a server or CA certificate or for
+    /// another node's name.
+    pub fn sign_node_csr_between(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Csr)?;
+        let serial = random_serial()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(node_id);
+        params.subject_alt_names = vec![SanType::URI(
+            format!("urn:slipway:node:{node_id}").try_into()?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.serial_number = Some(serial.clone());
+        params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let cert = params.signed_by(&csr.public_key, &issuer)?;
+        Ok(IssuedCert {
+            pem: cert.pem(),
+            fingerprint: crypto::sha256_hex(cert.der()),
+            serial: hex::encode(serial.as_ref()),
+            not_after: not_after.unix_timestamp(),
+        })
+    }
+}
+
+fn common_name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// 16 random bytes with the top bit clear, so the DER integer stays positive
+/// and within RFC 5280's 20-octet limit.
+fn random_serial() -> Result<SerialNumber, CryptoError> {
+    let mut bytes = crypto::random_bytes::<16>()?;
+    bytes[0] &= 0x7f;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn pem_to_der(path: &Path, pem: &str) -> Result<CertificateDer<'static>, CaError> {
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CaError::Io {
+        path: path.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), CaError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CaError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    fs::read_to_string(path).map_err(|source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write_public(path: &Path, contents: &str) -> Result<(), CaError> {
+    write_with_mode(path, contents, 0o644)
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
+    write_with_mode(path, contents, 0o600)
+}
+
+/// Writes via a temp file + fsync + rename, so a crash never leaves a
+/// half-written key, and the mode is set at creation (never world-readable,
+/// even for an instant).
+fn write_with_mode(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
+    let io_err = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err)?;
+    file.write_all(contents.as_bytes()).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    fs::rename(&tmp, path).map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn creates_once_with_private_keys_and_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Ca::load_or_create(dir.path()).unwrap();
+        let server = first
+            .server_identity(dir.path(), &["10.0.0.5".to_owned()])
+            .unwrap();
+        for key in [CA_KEY_FILE, SERVER_KEY_FILE] {
+            let mode = fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        let second = Ca::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.fingerprint(), second.fingerprint());
+        let again = second
+            .server_identity(dir.path(), &["10.0.0.5".to_owned()])
+            .unwrap();
+        assert_eq!(server.chain, again.chain);
+        let moved = second
+            .server_identity(dir.path(), &["10.0.0.6".to_owned()])
+            .unwrap();
+        assert_ne!(server.chain[0], moved.chain[0]);
+        assert_eq!(server.chain[1], moved.chain[1]);
+    }
+
+    #[test]
+    fn node_cert_uses_only_the_csr_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        // The node asks for a CA certificate named like the controller...
+        let mut asked = CertificateParams::new(vec!["controller.example".to_owned()]).unwrap();
+        asked.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = asked.serialize_request(&key).unwrap().pem().unwrap();
+        let issued = ca.sign_node_csr(&csr, "n-1", NODE_CERT_VALIDITY).unwrap();
+        // ...and gets a plain client certificate (webpki refuses a CA
+        // certificate or one without the client-auth EKU as a client leaf).
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            crypto::provider(),
+        )
+        .build()
+        .unwrap();
+        use rustls::pki_types::pem::PemObject as _;
+        let leaf = CertificateDer::from_pem_slice(issued.pem.as_bytes()).unwrap();
+        verifier
+            .verify_client_cert(&leaf, &[], rustls::pki_types::UnixTime::now())
+            .unwrap();
+        assert_eq!(issued.fingerprint, crypto::sha256_hex(&leaf));
+        assert!(ca
+            .sign_node_csr("not a csr", "n-1", NODE_CERT_VALIDITY)
+            .is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! The Enrollment service: a join token plus a CSR become a node and its
+//! first client certificate. Reachable without a client certificate.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use slipway_proto::join_token::JoinToken;
+use slipway_proto::v1::enrollment_server::Enrollment;
+use slipway_proto::v1::{EnrollRequest, EnrollResponse};
+use tonic::{Request, Response, Status};
+
+use crate::audit::{self, AuditEvent};
+use crate::ca::{Ca, CaError};
+use crate::crypto::{self, CryptoError};
+use crate::store::{self, NewNode, Store, StoreError};
+use crate::token;
+
+/// Longest node name accepted (droplet names are at most 255 characters).
+const MAX_NODE_NAME: usize = 255;
+
+/// Why an enrollment was refused. The message goes to the agent and into
+/// the audit log, so it names the problem but never the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The token text is not a join token.
+    #[error(transparent)]
+    Malformed(#[from] slipway_proto::join_token::ParseJoinTokenError),
+    /// The token pins a different CA: it was made by another controller.
+    #[error("join token {0} was issued by another controller (CA fingerprint mismatch)")]
+    WrongController(String),
+    /// No such token, or the secret does not match.
+    #[error("join token {0} is unknown")]
+    Unknown(String),
+    /// The token was already used.
+    #[error("join token {0} was already used")]
+    Used(String),
+    /// The token's TTL has passed.
+    #[error("join token {0} has expired")]
+    Expired(String),
+    /// The node name is empty or too long.
+    #[error("node name must be 1 to {MAX_NODE_NAME} characters")]
+    NodeName,
+    /// The CSR is unusable.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No randomness for the node id.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+impl From<EnrollError> for Status {
+    fn from(err: EnrollError) -> Self {
+        match err {
+            EnrollError::Malformed(_)
+            | EnrollError::NodeName
+            | EnrollError::Ca(CaError::Csr(_)) => Status::invalid_argument(err.to_string()),
+            EnrollError::WrongController(_)
+            | EnrollError::Unknown(_)
+            | EnrollError::Used(_)
+            | EnrollError::Expired(_) => Status::permission_denied(err.to_string()),
+            // Internal details stay in the server log and the audit event.
+            EnrollError::Ca(_) | EnrollError::Store(_) | EnrollError::Crypto(_) => {
+                Status::internal("enrollment failed inside the controller; see its log")
+            }
+        }
+    }
+}
+
+/// The Enrollment gRPC service.
+#[derive(Debug, Clone)]
+pub struct EnrollmentService {
+    ca: Arc<Ca>,
+    store: Store,
+    /// Lifetime of issued node certificates.
+    cert_validity: Duration,
+}
+
+impl EnrollmentService {
+    /// A service issuing certificates valid for `cert_validity`.
+    pub fn new(ca: Arc<Ca>, store: Store, cert_validity: Duration) -> Self {
+        Self {
+            ca,
+            store,
+            cert_validity,
+        }
+    }
+
+    async fn try_enroll(
+        &self,
+        req: &EnrollRequest,
+        now: i64,
+    ) -> Result<EnrollResponse, EnrollError> {
+        let token: JoinToken = req.join_token.parse()?;
+        if token.ca_sha256 != self.ca.fingerprint() {
+            return Err(EnrollError::WrongController(token.id));
+        }
+        let name = req.node_name.trim();
+        if name.is_empty() || name.len() > MAX_NODE_NAME {
+            return Err(EnrollError::NodeName);
+        }
+        let node_id = format!("n-{}", crypto::random_hex::<8>()?);
+        // Sign before touching the token, so a bad CSR does not burn it.
+        let issued = self
+            .ca
+            .sign_node_csr(&req.csr_pem, &node_id, self.cert_validity)?;
+
+        let mut tx = self.store.begin().await?;
+        let row = store::join_token(&mut tx, &token.id)
+            .await?
+            .filter(|row| row.secret_hash == token::secret_hash(&token.secret))
+            .ok_or_else(|| EnrollError::Unknown(token.id.clone()))?;
+        if row.used_at.is_some() {
+            return Err(EnrollError::Used(token.id));
+        }
+        if row.expires_at <= now {
+            return Err(EnrollError::Expired(token.id));
+        }
+        if !store::use_join_token(&mut tx, &token.id, &node_id, now).await? {
+            // Lost a race with a concurrent enrollment using the same token.
+            return Err(EnrollError::Used(token.id));
+        }
+        let labels = node_labels(&req.labels, &row.tags);
+        store::insert_node(
+            &mut tx,
+            &NewNode {
+                id: &node_id,
+                name,
+                cert_serial: &issued.serial,
+                cert_fingerprint: &issued.fingerprint,
+                cert_expires_at: issued.not_after,
+                labels: &labels,
+                agent_version: &req.agent_version,
+                enrolled_at: now,
+            },
+        )
+        .await?;
+        store::insert_audit(
+            &mut tx,
+            &AuditEvent::success(
+                audit::NODE_ENROLLED,
+                &node_id,
+                "node",
+                &node_id,
+                serde_json::json!({
+                    "name": name,
+                    "join_token": token.id,
+                    "cert_serial": issued.serial,
+                    "cert_expires_at": issued.not_after,
+                    "labels": labels,
+                    "agent_version": req.agent_version,
+                }),
+            ),
+            now,
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::from)?;
+
+        Ok(EnrollResponse {
+            node_id,
+            cert_pem: issued.pem,
+            ca_pem: self.ca.cert_pem().to_owned(),
+            expires_at_unix: issued.not_after,
+        })
+    }
+}
+
+/// The node's labels: what the agent reported, overridden by the join
+/// token's tags (the operator's word wins over the node's). A tag
+/// `env:production` becomes label `env = production`; a bare tag `pf-core`
+/// becomes `pf-core = ""`.
+fn node_labels(
+    reported: &std::collections::HashMap<String, String>,
+    tags: &[String],
+) -> serde_json::Value {
+    let mut labels: BTreeMap<&str, &str> = reported
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    for tag in tags {
+        let (key, value) = tag.split_once(':').unwrap_or((tag.as_str(), ""));
+        labels.insert(key, value);
+    }
+    serde_json::json!(labels)
+}
+
+#[tonic::async_trait]
+impl Enrollment for EnrollmentService {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let req = request.into_inner();
+        let now = crate::now_unix();
+        match self.try_enroll(&req, now).await {
+            Ok(response) => {
+                tracing::info!(node_id = %response.node_id, name = %req.node_name, %peer, "node enrolled");
+                Ok(Response::new(response))
+            }
+            Err(err) => {
+                tracing::warn!(%peer, name = %req.node_name, %err, "enrollment refused");
+                // Token id only (the part before the secret), never the secret.
+                let token_id = req
+                    .join_token
+                    .parse::<JoinToken>()
+                    .map(|t| t.id)
+                    .unwrap_or_default();
+                let event = AuditEvent::error(
+                    audit::NODE_ENROLL_REFUSED,
+                    &peer,
+                    "join_token",
+                    token_id,
+                    serde_json::json!({ "peer": peer, "name": req.node_name }),
+                    err.to_string(),
+                );
+                if let Err(audit_err) = self.store.audit(&event, now).await {
+                    tracing::error!(%audit_err, "could not record audit event");
+                }
+                Err(err.into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_tags_override_reported_labels() {
+        let reported = [
+            ("env".to_owned(), "staging".to_owned()),
+            ("region".to_owned(), "fra1".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        let labels = node_labels(
+            &reported,
+            &["env:production".to_owned(), "pf-core".to_owned()],
+        );
+        assert_eq!(
+            labels,
+            serde_json::json!({"env": "production", "region": "fra1", "pf-core": ""})
+        );
+    }
+}

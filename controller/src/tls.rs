@@ -1,0 +1,138 @@
+//! The controller's TLS listener.
+//!
+//! One port serves both services. Client certificates are *optional* at the
+//! TLS layer (`allow_unauthenticated`) because an enrolling node has none
+//! yet; but any certificate that *is* presented must chain to our CA and be
+//! within its validity, or the handshake fails. The AgentLink handlers then
+//! refuse every request whose connection carries no verified certificate
+//! (see [`crate::session`]). A second port just for enrollment would also
+//! work, but would double the firewall rules and cloud-init settings for
+//! every droplet.
+//!
+//! We accept TLS ourselves (tokio-rustls) rather than through tonic's
+//! `ServerTlsConfig` so that a refused client certificate becomes an audit
+//! event: tonic would drop the failed connection silently.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::audit::{self, AuditEvent};
+use crate::ca::{Ca, ServerIdentity};
+use crate::crypto;
+use crate::store::Store;
+
+/// A client that has not finished its handshake by then is dropped, so idle
+/// sockets cannot pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying
+/// again, instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// Handshaken connections waiting for tonic to pick them up.
+const ACCEPTED_QUEUE: usize = 64;
+
+/// Errors building the TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the certificates or key.
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The rustls server configuration: our chain, optional client certificates
+/// verified against our CA, HTTP/2 only.
+pub fn server_config(ca: &Ca, identity: &ServerIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = crypto::provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert_der().clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key())?;
+    // gRPC is HTTP/2; without ALPN some clients would try HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections, runs the TLS handshakes concurrently, and yields
+/// the finished ones to tonic. Stops when tonic drops the stream (shutdown).
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    store: Store,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            };
+            // Small gRPC frames (heartbeats) should go out at once.
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let store = store.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(err)) => handshake_failed(&store, peer, &err).await,
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Audits handshakes that failed because of the client's certificate; other
+/// failures (port scanners, plain HTTP) are only logged, so they cannot
+/// flood the audit log.
+async fn handshake_failed(store: &Store, peer: SocketAddr, err: &io::Error) {
+    let rustls_err = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let Some(rustls::Error::InvalidCertificate(reason)) = rustls_err else {
+        tracing::debug!(%peer, %err, "tls handshake failed");
+        return;
+    };
+    let message = format!("client certificate refused: {reason:?}");
+    tracing::warn!(%peer, "{message}");
+    let event = AuditEvent::error(
+        audit::CLIENT_CERT_REFUSED,
+        peer.to_string(),
+        "connection",
+        peer.to_string(),
+        serde_json::json!({ "peer": peer.to_string() }),
+        message,
+    );
+    if let Err(err) = store.audit(&event, crate::now_unix()).await {
+        tracing::error!(%err, "could not record audit event");
+    }
+}

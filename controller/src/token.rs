@@ -1,0 +1,132 @@
+//! Join tokens: one-time, expiring secrets that let a fresh node enroll.
+//! The format lives in [`slipway_proto::join_token`]; this module creates
+//! tokens and parses `--ttl` / `--tag` values.
+
+use std::time::Duration;
+
+use slipway_proto::join_token::JoinToken;
+
+use crate::audit::{self, AuditEvent};
+use crate::crypto::{self, CryptoError};
+use crate::store::{Store, StoreError};
+
+/// Default lifetime of a join token: long enough to boot a droplet and run
+/// install.sh, short enough that a leaked cloud-init file is soon useless.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60 * 60);
+
+/// Errors from creating tokens or parsing their options.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// `--ttl` is not like `90s`, `30m`, `1h` or `7d`.
+    #[error("invalid TTL {0:?}: expected a positive number with unit s, m, h or d (e.g. 1h)")]
+    Ttl(String),
+    /// `--tag` is empty or contains whitespace.
+    #[error("invalid tag {0:?}: expected key:value or key without whitespace")]
+    Tag(String),
+    /// Storing the token failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No randomness for the secret.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// Parses a TTL such as `90s`, `30m`, `1h`, `7d`.
+pub fn parse_ttl(text: &str) -> Result<Duration, TokenError> {
+    let err = || TokenError::Ttl(text.to_owned());
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| err())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 60 * 60,
+        "d" => 24 * 60 * 60,
+        _ => return Err(err()),
+    };
+    match number.checked_mul(unit_secs) {
+        Some(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(err()),
+    }
+}
+
+/// Checks a `--tag` value (`env:production`, `pf-core`).
+pub fn check_tag(tag: &str) -> Result<(), TokenError> {
+    if tag.is_empty() || tag.chars().any(char::is_whitespace) || tag.starts_with(':') {
+        return Err(TokenError::Tag(tag.to_owned()));
+    }
+    Ok(())
+}
+
+/// Creates and stores a token, audits TOKEN_CREATED, and returns the token,
+/// whose text is shown to the operator once and never stored.
+pub async fn create(
+    store: &Store,
+    ca_sha256: &str,
+    ttl: Duration,
+    tags: &[String],
+    now: i64,
+) -> Result<JoinToken, TokenError> {
+    for tag in tags {
+        check_tag(tag)?;
+    }
+    let token = JoinToken {
+        id: crypto::random_hex::<8>()?,
+        secret: crypto::random_hex::<32>()?,
+        ca_sha256: ca_sha256.to_owned(),
+    };
+    let ttl_secs = i64::try_from(ttl.as_secs()).map_err(|_| TokenError::Ttl(format!("{ttl:?}")))?;
+    let expires_at = now.saturating_add(ttl_secs);
+    store
+        .insert_join_token(
+            &token.id,
+            &secret_hash(&token.secret),
+            tags,
+            now,
+            expires_at,
+        )
+        .await?;
+    store
+        .audit(
+            &AuditEvent::success(
+                audit::TOKEN_CREATED,
+                "operator",
+                "join_token",
+                &token.id,
+                serde_json::json!({ "expires_at": expires_at, "tags": tags }),
+            ),
+            now,
+        )
+        .await?;
+    Ok(token)
+}
+
+/// What is stored for a secret. A plain sha256 is enough: the secret is 256
+/// random bits, so there is nothing for a slow password hash to protect.
+pub fn secret_hash(secret: &str) -> String {
+    crypto::sha256_hex(secret.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_units() {
+        assert_eq!(parse_ttl("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_ttl("1h").unwrap(), DEFAULT_TTL);
+        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_secs(604_800));
+        for bad in ["", "h", "1", "0h", "1w", "-1h", "1.5h"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tags() {
+        check_tag("env:production").unwrap();
+        check_tag("pf-core").unwrap();
+        for bad in ["", "a b", ":x"] {
+            assert!(check_tag(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Enrollment and agent sessions over real TLS: a controller on 127.0.0.1:0,
+//! the agent side from node-agent/src/link.rs, certificates made in the test.
+
+// Tests unwrap freely: a panic with its message is the failure report.
+#![allow(clippy::unwrap_used)]
+
+// The agent's link module, compiled here because node-agent does not yet
+// depend on the TLS crates; items only the agent binary uses look unused
+// and `pub` looks unreachable from inside a test crate.
+#[path = "../../node-agent/src/link.rs"]
+#[allow(unreachable_pub, dead_code)]
+mod link;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use slipway_controller::audit::AuditRecord;
+use slipway_controller::ca::Ca;
+use slipway_controller::config::ServeConfig;
+use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
+use slipway_controller::proto::v1::{agent_message, AgentMessage, Hello};
+use slipway_controller::server::{self, ServeError};
+use slipway_controller::store::Store;
+use slipway_controller::{crypto, token};
+use tempfile::TempDir;
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Endpoint, Uri};
+
+/// Bound on every wait, so a broken server fails the test instead of hanging.
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A controller serving on a free loopback port from a temp data dir.
+struct Controller {
+    addr: SocketAddr,
+    data_dir: TempDir,
+    ca: Ca,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Controller {
+    async fn start() -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        // Create the CA before the server starts, so tokens made by the test
+        // and the server's own load agree on it.
+        let ca = Ca::load_or_create(data_dir.path()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServeConfig {
+            data_dir: data_dir.path().to_owned(),
+            listen: addr,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = server::serve(&config, listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+            // Printed so a server that fails to start explains the test failure.
+            if let Err(err) = &served {
+                eprintln!("controller stopped: {err}");
+            }
+            served
+        });
+        Self {
+            addr,
+            data_dir,
+            ca,
+            stop,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    async fn store(&self) -> Store {
+        Store::open(self.data_dir.path()).await.unwrap()
+    }
+
+    /// A join token valid for an hour from `now_offset_secs` from now.
+    async fn token_at(&self, now_offset_secs: i64) -> String {
+        let now = OffsetDateTime::now_utc().unix_timestamp() + now_offset_secs;
+        token::create(
+            &self.store().await,
+            &self.ca.fingerprint(),
+            token::DEFAULT_TTL,
+            &["env:production".to_owned()],
+            now,
+        )
+        .await
+        .unwrap()
+        .to_string()
+    }
+
+    async fn token(&self) -> String {
+        self.token_at(0).await
+    }
+
+    async fn audit(&self) -> Vec<AuditRecord> {
+        self.store().await.audit_events().await.unwrap()
+    }
+
+    /// Waits until an audit event of `event_type` exists (some are written
+    /// by the server after the client has already seen its error).
+    async fn wait_for_event(&self, event_type: &str) -> AuditRecord {
+        let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+        loop {
+            if let Some(event) = self
+                .audit()
+                .await
+                .into_iter()
+                .find(|e| e.event_type == event_type)
+            {
+                return event;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {event_type} audit event; got {:#?}",
+                self.audit().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(TEST_TIMEOUT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn enroll(
+    controller: &Controller,
+    token: &str,
+    state: &Path,
+) -> Result<link::Enrolled, link::LinkError> {
+    tokio::time::timeout(
+        TEST_TIMEOUT,
+        link::enroll(&controller.url(), token, state, "web-1"),
+    )
+    .await
+    .unwrap()
+}
+
+async fn connect(
+    controller: &Controller,
+    state: &Path,
+    node_id: &str,
+) -> Result<link::Session, link::LinkError> {
+    let hello = Hello {
+        node_id: node_id.to_owned(),
+        ..Hello::default()
+    };
+    tokio::time::timeout(TEST_TIMEOUT, link::connect(&controller.url(), state, hello))
+        .await
+        .unwrap()
+}
+
+/// Writes an agent state dir holding a key and a certificate for it issued
+/// by `issuer` with the given validity, plus the controller's real CA.
+fn forged_state(
+    controller: &Controller,
+    issuer: &Ca,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> TempDir {
+    let state = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let cert = issuer
+        .sign_node_csr_between(&csr, "n-forged", not_before, not_after)
+        .unwrap();
+    let dir = state.path();
+    std::fs::write(dir.join(link::KEY_FILE), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join(link::CERT_FILE), cert.pem).unwrap();
+    std::fs::write(dir.join(link::CA_FILE), controller.ca.cert_pem()).unwrap();
+    std::fs::write(dir.join(link::NODE_ID_FILE), "n-forged").unwrap();
+    state
+}
+
+#[tokio::test]
+async fn enrollment_then_mtls_session() {
+    let controller = Controller::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let token = controller.token().await;
+
+    let enrolled = enroll(&controller, &token, state.path()).await.unwrap();
+    assert!(enrolled.node_id.starts_with("n-"), "{}", enrolled.node_id);
+    let week = 7 * 24 * 3600;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    assert!((enrolled.expires_at_unix - now - week).abs() < 60);
+    use std::os::unix::fs::PermissionsExt as _;
+    let key_mode = std::fs::metadata(state.path().join(link::KEY_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    assert_eq!(session.welcome.node_id, enrolled.node_id);
+    assert_eq!(session.welcome.heartbeat_interval_secs, 5);
+
+    // The node is recorded (found by its certificate) and was seen just now.
+    use rustls::pki_types::pem::PemObject as _;
+    let cert_pem = std::fs::read(state.path().join(link::CERT_FILE)).unwrap();
+    let cert = CertificateDer::from_pem_slice(&cert_pem).unwrap();
+    let node = controller
+        .store()
+        .await
+        .node_by_fingerprint(&crypto::sha256_hex(&cert))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(node.id, enrolled.node_id);
+    assert_eq!(node.name, "web-1");
+    assert!(node.last_seen_at.unwrap() >= now);
+
+    let events = controller.audit().await;
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["TOKEN_CREATED", "NODE_ENROLLED"]);
+    let enrolled_event = &events[1];
+    assert_eq!(enrolled_event.status, "success");
+    assert_eq!(enrolled_event.resource_id, enrolled.node_id);
+    assert_eq!(enrolled_event.details["labels"]["env"], "production");
+
+    // Closing our side ends the session cleanly.
+    drop(session.outbound);
+    assert!(session.inbound.message().await.unwrap().is_none());
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn agent_link_without_client_cert_is_refused() {
+    let controller = Controller::start().await;
+    // TLS that trusts the controller but presents no client certificate,
+    // as an enrolling node does.
+    let mut roots = RootCertStore::empty();
+    roots.add(controller.ca.cert_der().clone()).unwrap();
+    let mut config = ClientConfig::builder_with_provider(crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let addr = controller.addr;
+    let connector = tower::service_fn(move |_: Uri| {
+        let tls = tls.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+        }
+    });
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
+    let hello = AgentMessage {
+        kind: Some(agent_message::Kind::Hello(Hello {
+            node_id: "n-anyone".to_owned(),
+            ..Hello::default()
+        })),
+    };
+    let status = AgentLinkClient::new(channel)
+        .connect(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        status.message().contains("client certificate"),
+        "{status:?}"
+    );
+
+    let event = controller.wait_for_event("NODE_CONNECT_REFUSED").await;
+    assert_eq!(event.status, "error");
+    assert!(event.error_message.unwrap().contains("client certificate"),);
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn cert_from_another_ca_is_refused() {
+    let controller = Controller::start().await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_ca = Ca::load_or_create(other_dir.path()).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let state = forged_state(
+        &controller,
+        &other_ca,
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    );
+
+    let err = connect(&controller, state.path(), "").await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            link::LinkError::Connect { .. } | link::LinkError::SessionRefused(_)
+        ),
+        "{text}"
+    );
+
+    let event = controller.wait_for_event("CLIENT_CERT_REFUSED").await;
+    assert_eq!(event.status, "error");
+    let reason = event.error_message.unwrap();
+    // UnknownIssuer; BadSignature if the other CA happened to share our name.
+    assert!(
+        reason.contains("UnknownIssuer") || reason.contains("BadSignature"),
+        "{reason}"
+    );
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn expired_cert_is_refused() {
+    let controller = Controller::start().await;
+    let now = OffsetDateTime::now_utc();
+    let state = forged_state(
+        &controller,
+        &controller.ca,
+        now - time::Duration::days(8),
+        now - time::Duration::days(1),
+    );
+
+    let err = connect(&controller, state.path(), "").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            link::LinkError::Connect { .. } | link::LinkError::SessionRefused(_)
+        ),
+        "{err}"
+    );
+
+    let event = controller.wait_for_event("CLIENT_CERT_REFUSED").await;
+    let reason = event.error_message.unwrap();
+    assert!(reason.contains("Expired"), "{reason}");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn expired_join_token_is_refused() {
+    let controller = Controller::start().await;
+    // Made two hours ago with a one-hour TTL.
+    let token = controller.token_at(-2 * 3600).await;
+    let state = tempfile::tempdir().unwrap();
+
+    let err = enroll(&controller, &token, state.path()).await.unwrap_err();
+    assert!(matches!(err, link::LinkError::EnrollRefused(_)), "{err}");
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert!(!state.path().join(link::CERT_FILE).exists());
+
+    let event = controller.wait_for_event("NODE_ENROLL_REFUSED").await;
+    assert_eq!(event.status, "error");
+    assert!(event.error_message.unwrap().contains("expired"));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn reused_join_token_is_refused() {
+    let controller = Controller::start().await;
+    let token = controller.token().await;
+    let first = tempfile::tempdir().unwrap();
+    enroll(&controller, &token, first.path()).await.unwrap();
+
+    let second = tempfile::tempdir().unwrap();
+    let err = enroll(&controller, &token, second.path())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already used"), "{err}");
+
+    let event = controller.wait_for_event("NODE_ENROLL_REFUSED").await;
+    assert!(event.error_message.unwrap().contains("already used"));
+    assert_eq!(
+        controller
+            .audit()
+            .await
+            .iter()
+            .filter(|e| e.event_type == "NODE_ENROLLED")
+            .count(),
+        1
+    );
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn token_pinning_another_ca_is_refused_by_the_agent() {
+    let controller = Controller::start().await;
+    let token = controller.token().await;
+    // Same token, but pinning some other CA: as if the agent were talking to
+    // an impostor controller.
+    let (head, _pin) = token.rsplit_once('.').unwrap();
+    let wrong = format!("{head}.{}", "ab".repeat(32));
+    let state = tempfile::tempdir().unwrap();
+
+    let err = enroll(&controller, &wrong, state.path()).await.unwrap_err();
+    assert!(matches!(err, link::LinkError::Connect { .. }), "{err}");
+    assert!(
+        err.to_string().contains("pinned in the join token"),
+        "{err}"
+    );
+
+    // The agent stopped before sending the secret: the controller saw no
+    // enrollment attempt, and the real token still works.
+    assert!(controller
+        .audit()
+        .await
+        .iter()
+        .all(|e| e.event_type == "TOKEN_CREATED"));
+    enroll(&controller, &token, state.path()).await.unwrap();
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn hello_for_another_node_is_refused() {
+    let controller = Controller::start().await;
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    enroll(&controller, &controller.token().await, a.path())
+        .await
+        .unwrap();
+    let node_b = enroll(&controller, &controller.token().await, b.path())
+        .await
+        .unwrap();
+
+    // Node A's certificate, claiming to be node B.
+    let err = connect(&controller, a.path(), &node_b.node_id)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, link::LinkError::SessionRefused(_)), "{err}");
+    assert!(err.to_string().contains("PermissionDenied"), "{err}");
+    assert!(err.to_string().contains(&node_b.node_id), "{err}");
+
+    let event = controller.wait_for_event("NODE_CONNECT_REFUSED").await;
+    assert!(event.error_message.unwrap().contains("claims node"));
+    assert_ne!(event.actor, node_b.node_id);
+    controller.stop().await;
+}
