@@ -80,7 +80,28 @@ fn render_problems(path: &Path, problems: &[ConfigProblem]) -> String {
 pub struct RawConfig {
     #[serde(default)]
     pub apps: BTreeMap<String, RawApp>,
+    /// `[controller]`: where the agent reports (absent: node-local only).
+    pub controller: Option<RawController>,
 }
+
+/// `[controller]` as written.
+#[derive(Debug, Deserialize)]
+pub struct RawController {
+    pub url: String,
+    pub state_dir: Option<String>,
+}
+
+/// The controller this node reports to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// `host:port` or `https://host:port`.
+    pub url: String,
+    /// Where `slipway-agent enroll` put the key, certificate and CA.
+    pub state_dir: PathBuf,
+}
+
+/// Where enrollment keeps the node's identity by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/slipway-agent";
 
 /// One `[apps.NAME]` table as written.
 #[derive(Debug, Deserialize)]
@@ -212,6 +233,7 @@ pub struct Config {
     /// The file it came from, for messages.
     pub path: PathBuf,
     pub apps: BTreeMap<String, AppConfig>,
+    pub controller: Option<ControllerConfig>,
 }
 
 /// One app, checked.
@@ -642,10 +664,33 @@ impl Config {
                 },
             );
         }
+        let controller = raw.controller.as_ref().map(|c| {
+            if c.url.trim().is_empty() {
+                problems.push(ConfigProblem {
+                    key: "controller.url".into(),
+                    line: locate_key(text, "controller.url"),
+                    message: "must name the controller, e.g. \"controller.example.com:7443\""
+                        .into(),
+                });
+            }
+            let state_dir = PathBuf::from(c.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+            if !state_dir.is_absolute() {
+                problems.push(ConfigProblem {
+                    key: "controller.state_dir".into(),
+                    line: locate_key(text, "controller.state_dir"),
+                    message: format!("{} must be an absolute path", state_dir.display()),
+                });
+            }
+            ControllerConfig {
+                url: c.url.trim().to_owned(),
+                state_dir,
+            }
+        });
         if problems.is_empty() {
             Ok(Self {
                 path: path.to_owned(),
                 apps,
+                controller,
             })
         } else {
             Err(ConfigError::Invalid {

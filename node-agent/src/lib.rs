@@ -22,6 +22,8 @@
 //!   → client certificate), mTLS connect.
 //! - [`liveness`]: `slipway-agent run`, the long-running loop.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
+//! - [`uplink`]: the session `run` keeps with the controller (heartbeats,
+//!   reconnect with backoff and jitter).
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
@@ -45,3 +47,4 @@ pub mod logs;
 pub mod metrics;
 pub mod release;
 pub mod supervise;
+pub mod uplink;

@@ -38,6 +38,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
         tasks.push(tokio::spawn(housekeeping(app.clone(), stop.clone())));
     }
+    if let Some(ctl) = config.controller.clone() {
+        let s = stop.clone();
+        tasks.push(tokio::spawn(crate::uplink::run(
+            config.clone(),
+            ctl,
+            async move {
+                s.cancelled().await;
+            },
+        )));
+    }
     tracing::info!(apps = tasks.len(), "agent running liveness checks");
     shutdown.await;
     stop.cancel();

@@ -1,0 +1,283 @@
+//! The agent's session with the controller, kept up by `slipway-agent run`.
+//!
+//! The agent dials out (droplets open no inbound port) with the identity
+//! `slipway-agent enroll` stored, sends Hello with the state of every app,
+//! then a heartbeat on the interval the controller announced in its Welcome
+//! — the first one at a random point of the first interval, so a fleet that
+//! reconnects together does not heartbeat together. When the session drops
+//! (or cannot be opened) it reconnects with exponential backoff and full
+//! jitter, capped at 60 s.
+//!
+//! Nothing here touches the apps: losing the controller leaves them running,
+//! their health checks and log rotation going, and node-local deploy and
+//! rollback working.
+
+use std::time::Duration;
+
+use slipway_proto::v1::{
+    agent_message, controller_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics,
+    ReleaseInfo,
+};
+
+use crate::config::{AppConfig, Config, ControllerConfig};
+use crate::health::Liveness;
+use crate::link;
+use crate::release::Store;
+
+/// First reconnect delay ceiling; doubles per failed attempt.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Reconnect delay ceiling, as the issue asks.
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// Heartbeat interval when the controller does not say.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the session up until `stop` resolves.
+pub async fn run(
+    config: Config,
+    ctl: ControllerConfig,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut rng = Jitter::seeded();
+    let mut attempt: u32 = 0;
+    loop {
+        let hello = {
+            let cfg = config.clone();
+            tokio::task::spawn_blocking(move || Hello {
+                node_id: String::new(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                apps: app_statuses(&cfg),
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let outcome = tokio::select! {
+            r = link::connect(&ctl.url, &ctl.state_dir, hello) => r,
+            () = &mut stop => return,
+        };
+        match outcome {
+            Ok(session) => {
+                attempt = 0;
+                tracing::info!(controller = %ctl.url, node = %session.welcome.node_id, "connected to the controller");
+                let interval = match session.welcome.heartbeat_interval_secs {
+                    0 => DEFAULT_INTERVAL,
+                    n => Duration::from_secs(u64::from(n)),
+                };
+                let ended = tokio::select! {
+                    e = serve(&config, session, interval, &mut rng) => e,
+                    () = &mut stop => return,
+                };
+                tracing::warn!(controller = %ctl.url, "controller session ended: {ended}");
+            }
+            Err(e) => {
+                tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}")
+            }
+        }
+        let delay = backoff(attempt, &mut rng);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = &mut stop => return,
+        }
+    }
+}
+
+/// Heartbeats until the session breaks; returns why it ended.
+async fn serve(
+    config: &Config,
+    mut session: link::Session,
+    interval: Duration,
+    rng: &mut Jitter,
+) -> String {
+    // Staggered first beat: somewhere in the first interval.
+    let mut next = tokio::time::Instant::now() + rng.below(interval);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {
+                next += interval;
+                let cfg = config.clone();
+                let beat = match tokio::task::spawn_blocking(move || heartbeat(&cfg)).await {
+                    Ok(b) => b,
+                    Err(e) => return format!("heartbeat task failed: {e}"),
+                };
+                if session.outbound.send(AgentMessage { kind: Some(agent_message::Kind::Heartbeat(beat)) }).await.is_err() {
+                    return "the stream closed".into();
+                }
+            }
+            msg = session.inbound.message() => match msg {
+                Ok(Some(m)) => handle(m),
+                Ok(None) => return "the controller closed the stream".into(),
+                Err(status) => return format!("{}: {}", status.code(), status.message()),
+            }
+        }
+    }
+}
+
+fn handle(msg: slipway_proto::v1::ControllerMessage) {
+    match msg.kind {
+        Some(controller_message::Kind::Welcome(_)) | None => {}
+        // Commands come with the command issue; say so rather than ignore.
+        Some(other) => {
+            tracing::warn!("controller sent a message this agent does not run yet: {other:?}")
+        }
+    }
+}
+
+/// The full exponential step is `BASE * 2^attempt` capped at `CAP`; the delay
+/// is uniform in `[0, step)` ("full jitter").
+pub fn backoff(attempt: u32, rng: &mut Jitter) -> Duration {
+    let step = BACKOFF_BASE
+        .checked_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .unwrap_or(BACKOFF_CAP)
+        .min(BACKOFF_CAP);
+    rng.below(step)
+}
+
+/// A small xorshift generator for jitter: spreading reconnects needs no
+/// cryptographic randomness, only different seeds per process.
+#[derive(Debug, Clone)]
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn seeded() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self((nanos ^ (u64::from(std::process::id()) << 32)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in `[0, d)`.
+    pub fn below(&mut self, d: Duration) -> Duration {
+        let nanos = d.as_nanos() as u64;
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.next() % nanos)
+    }
+}
+
+/// One heartbeat: the node's metrics and every app's state.
+pub fn heartbeat(config: &Config) -> Heartbeat {
+    let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
+    let m = crate::metrics::snapshot(&roots);
+    let disks = m
+        .disks
+        .iter()
+        .map(|d| slipway_proto::v1::DiskUsage {
+            mount: d
+                .mount
+                .as_ref()
+                .map_or_else(|| d.path.display().to_string(), |p| p.display().to_string()),
+            used_bytes: d.used_bytes,
+            total_bytes: d.total_bytes,
+        })
+        .collect();
+    Heartbeat {
+        unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+        metrics: Some(NodeMetrics {
+            cpu_percent: f64::from(m.cpu_percent),
+            mem_used_bytes: m.mem_used_bytes,
+            mem_total_bytes: m.mem_total_bytes,
+            load1: m.load1,
+            load5: m.load5,
+            load15: m.load15,
+            disks,
+        }),
+        apps: app_statuses(config),
+        ..Heartbeat::default()
+    }
+}
+
+/// What the controller needs of each app; an app whose state cannot be
+/// read is reported with the error as its health.
+pub fn app_statuses(config: &Config) -> Vec<AppStatus> {
+    config.apps.values().map(app_status).collect()
+}
+
+fn app_status(app: &AppConfig) -> AppStatus {
+    let snap = match Store::new(app).snapshot() {
+        Ok(s) => s,
+        Err(e) => {
+            return AppStatus {
+                app: app.name.clone(),
+                health: format!("error: {e}"),
+                ..AppStatus::default()
+            }
+        }
+    };
+    let health = match Liveness::load(&app.root).and_then(|l| l.healthy.map(|h| (h, l))) {
+        Some((true, _)) => "healthy".to_owned(),
+        Some((false, l)) => format!("unhealthy: {}", l.last_output.unwrap_or_default()),
+        None if app.health.is_some() => "unknown".to_owned(),
+        None => "no check".to_owned(),
+    };
+    AppStatus {
+        app: app.name.clone(),
+        current_release: snap
+            .current
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        releases: snap
+            .releases
+            .iter()
+            .map(|r| ReleaseInfo {
+                id: r.release.id.to_string(),
+                status: r.release.status.as_str().to_owned(),
+                created_at_unix: r.release.created_at.unix_timestamp(),
+                artifact_sha256: r.release.artifact_sha256.clone(),
+            })
+            .collect(),
+        health,
+        in_progress: snap.lock_holder.is_some() || snap.in_progress.is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_growing_cap() {
+        let mut rng = Jitter::seeded();
+        for attempt in 0..30 {
+            let cap = BACKOFF_BASE
+                .checked_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+                .unwrap_or(BACKOFF_CAP)
+                .min(BACKOFF_CAP);
+            for _ in 0..100 {
+                assert!(backoff(attempt, &mut rng) < cap.max(Duration::from_nanos(1)));
+            }
+        }
+        // Spread: 1,000 agents at attempt 10 do not land together.
+        let mut delays: Vec<u128> = (0..1000)
+            .map(|_| backoff(10, &mut rng).as_millis())
+            .collect();
+        delays.sort_unstable();
+        let spread = delays[899] - delays[99];
+        assert!(spread > 30_000, "the middle 80% span only {spread} ms");
+    }
+
+    #[test]
+    fn app_status_reports_releases_and_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = AppConfig::with_defaults("web", dir.path().join("app"));
+        let st = app_status(&app);
+        assert_eq!(
+            (
+                st.app.as_str(),
+                st.current_release.as_str(),
+                st.health.as_str()
+            ),
+            ("web", "", "no check")
+        );
+        assert!(!st.in_progress);
+    }
+}
