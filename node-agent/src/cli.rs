@@ -269,6 +269,33 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         crate::demo::run(dir, driver)?;
         return Ok(0);
     }
+    if let Command::Enroll {
+        controller,
+        token,
+        state_dir,
+        name,
+    } = &cli.command
+    {
+        let name = match name {
+            Some(n) => n.clone(),
+            None => sysinfo::System::host_name()
+                .ok_or_else(|| anyhow::anyhow!("cannot read the host name (give --name)"))?,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+        let enrolled = runtime
+            .block_on(crate::link::enroll(controller, token, state_dir, &name))
+            .map_err(|e| anyhow::anyhow!("enrollment failed: {e}"))?;
+        println!(
+            "enrolled as node {} (certificate {}, expires at unix time {})",
+            enrolled.node_id,
+            enrolled.cert_path.display(),
+            enrolled.expires_at_unix
+        );
+        return Ok(0);
+    }
     if let Command::Supervise {
         root,
         grace_ms,
