@@ -1,0 +1,301 @@
+//! End-to-end harness: `Controller::start()`, `Agent::enroll(&controller)`,
+//! each a real process of the workspace's binaries with its own directories.
+// A failed set-up step should panic with its error, as unwrap does.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A binary of this workspace, built by `cargo test --workspace` (which
+/// builds every package's binaries before running any test).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn check(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops a child with SIGTERM (SIGKILL after 10 s).
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A controller process with its own data dir.
+pub struct Controller {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Controller {
+    pub fn start() -> Self {
+        let mut c = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            child: None,
+        };
+        c.restart();
+        c
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let log = fs::File::create(self.dir.path().join("controller.log")).unwrap();
+        let child = Command::new(bin("slipway-controller"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.url())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = self.url();
+        wait_until("the controller to listen", Duration::from_secs(30), || {
+            TcpStream::connect(&addr).is_ok()
+        });
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
+    }
+
+    pub fn token(&self) -> String {
+        let out = Command::new(bin("slipway-controller"))
+            .args(["token", "create", "--ttl", "10m", "--data-dir"])
+            .arg(self.data_dir())
+            .output()
+            .unwrap();
+        check(out, "token create").trim().to_owned()
+    }
+
+    /// `slipway-controller <args> --data-dir DIR`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("slipway-controller"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One simulated droplet: an agent with its own root, config and identity.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub config: PathBuf,
+    pub root: PathBuf,
+    pub port: u16,
+    run: Option<Child>,
+}
+
+/// A tiny HTTP app for the exec driver: / and /api/health answer the
+/// release's VERSION.
+pub const APP: &str = r#"import http.server, os, socketserver
+V = open("VERSION").read().strip()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = V.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+socketserver.TCPServer.allow_reuse_address = True
+socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+impl Agent {
+    /// Enrolls a new node with `controller` and writes its agent.toml (one
+    /// exec-driver app `web` behind an HTTP health gate).
+    pub fn enroll(controller: &Controller, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("app");
+        let state = dir.path().join("state");
+        let port = free_port();
+        let config = dir.path().join("agent.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"[controller]
+url = "{url}"
+state_dir = "{state}"
+
+[apps.web]
+root = "{root}"
+shared_files = [".env"]
+
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "2s"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{port}/api/health"
+interval = "100ms"
+successes = 2
+start_period = "1s"
+deadline = "15s"
+liveness_interval = "500ms"
+"#,
+                url = controller.url(),
+                state = state.display(),
+                root = root.display(),
+            ),
+        )
+        .unwrap();
+        fs::create_dir_all(root.join("shared")).unwrap();
+        fs::write(root.join("shared/.env"), format!("PORT={port}\n")).unwrap();
+        let agent = Self {
+            dir,
+            name: name.to_owned(),
+            config,
+            root,
+            port,
+            run: None,
+        };
+        let token = controller.token();
+        let out = agent.cli(&[
+            "enroll",
+            "--controller",
+            &controller.url(),
+            "--token",
+            &token,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--name",
+            name,
+        ]);
+        check(out, "enroll");
+        agent
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("slipway-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Builds the `web` artifact of `version` and deploys it on this node.
+    pub fn deploy(&self, version: &str) -> Value {
+        let art = self.dir.path().join(format!("{version}.tar.gz"));
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            fs::File::create(&art).unwrap(),
+            flate2::Compression::fast(),
+        ));
+        for (name, body) in [("server.py", APP), ("VERSION", version)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, body.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap().flush().unwrap();
+        let out = self.cli(&["deploy", "--app", "web", "--artifact", art.to_str().unwrap(), "--id", version, "--json"]);
+        serde_json::from_str(&check(out, "deploy")).unwrap()
+    }
+
+    /// Starts `slipway-agent run` (liveness, logs, controller session).
+    pub fn run(&mut self) {
+        let log = fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        self.run = Some(
+            Command::new(bin("slipway-agent"))
+                .arg("--config")
+                .arg(&self.config)
+                .arg("run")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// What the app answers on /, if anything.
+    pub fn get(&self) -> Option<String> {
+        use std::io::Read;
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.split("\r\n\r\n").nth(1).map(str::to_owned)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.run.take() {
+            terminate(&mut c);
+        }
+        let _ = self.cli(&["stop", "--app", "web"]);
+    }
+}
