@@ -18,14 +18,21 @@ fn connections(agent: &Agent) -> usize {
 #[test]
 fn fleet_keeps_serving_and_deploying_without_its_controller_and_reconnects() {
     let mut controller = Controller::start();
-    let mut agents: Vec<Agent> = ["n1", "n2", "n3"].iter().map(|n| Agent::enroll(&controller, n)).collect();
+    let mut agents: Vec<Agent> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| Agent::enroll(&controller, n))
+        .collect();
     for a in &mut agents {
         let rep = a.deploy("v1");
         assert_eq!(rep["outcome"], "succeeded", "{rep:#}");
         a.run();
     }
     for a in &agents {
-        wait_until(&format!("{} to connect", a.name), Duration::from_secs(30), || connections(a) >= 1);
+        wait_until(
+            &format!("{} to connect", a.name),
+            Duration::from_secs(30),
+            || connections(a) >= 1,
+        );
         assert_eq!(a.get().as_deref(), Some("v1"));
     }
 
@@ -45,6 +52,10 @@ fn fleet_keeps_serving_and_deploying_without_its_controller_and_reconnects() {
     // Back: every agent reconnects by itself (backoff capped at 60 s).
     controller.restart();
     for a in &agents {
-        wait_until(&format!("{} to reconnect", a.name), Duration::from_secs(75), || connections(a) >= 2);
+        wait_until(
+            &format!("{} to reconnect", a.name),
+            Duration::from_secs(75),
+            || connections(a) >= 2,
+        );
     }
 }

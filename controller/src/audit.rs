@@ -16,6 +16,15 @@ pub const NODE_CONNECT_REFUSED: &str = "NODE_CONNECT_REFUSED";
 /// (signed by another CA, expired, not yet valid...).
 pub const CLIENT_CERT_REFUSED: &str = "CLIENT_CERT_REFUSED";
 
+/// A node renewed its certificate over mTLS (the old one stays valid
+/// until it expires).
+pub const CERT_RENEWED: &str = "CERT_RENEWED";
+/// A certificate renewal was refused (revoked node, bad CSR).
+pub const CERT_RENEW_REFUSED: &str = "CERT_RENEW_REFUSED";
+/// An operator revoked a node (`node revoke`): its certificates are refused
+/// and its stream closed.
+pub const NODE_REVOKED: &str = "NODE_REVOKED";
+
 /// `status` of an event that worked.
 pub const STATUS_SUCCESS: &str = "success";
 /// `status` of an event that was refused or failed (the seeds query this).

@@ -25,12 +25,50 @@ pub enum Command {
     /// Manage join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Show the fleet: state, last heartbeat, agent version and RSS, host
+    /// metrics and apps of every node (works while `serve` runs).
+    Nodes(NodesArgs),
+    /// Act on one node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `nodes` flags.
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Print JSON (an array of nodes) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `node` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Revoke a node: its certificates are refused from now on and a running
+    /// `serve` closes its stream within seconds. Cannot be undone; the
+    /// droplet must enroll again with a new join token.
+    Revoke(NodeRevokeArgs),
+}
+
+/// `node revoke` flags.
+#[derive(Debug, Args)]
+pub struct NodeRevokeArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Node id (n-...), or its name if no other node has that name.
+    pub node: String,
 }
 
 /// `serve` flags; each may instead come from the `--config` file.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with the same keys (data_dir, listen); flags win over it.
+    /// TOML file with the same keys (data_dir, listen) plus heartbeats_per_sec
+    /// (fleet-wide target, default 50) and unreachable_after_intervals
+    /// (default 3); flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Directory for the CA, keys and database (created mode 0700).

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::liveness;
+use crate::session::LinkSettings;
+
 /// Default listen address: loopback, so a first start exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
@@ -32,6 +35,16 @@ pub enum ConfigError {
     /// A required setting is missing everywhere.
     #[error("missing setting {0} (give --{0} or set it in --config)")]
     Missing(&'static str),
+    /// A setting is out of range.
+    #[error("setting {key} = {value} is invalid: {why}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What would be valid.
+        why: &'static str,
+    },
 }
 
 /// The TOML file: same keys as the flags.
@@ -42,6 +55,12 @@ pub struct RawConfig {
     pub data_dir: Option<PathBuf>,
     /// Address for the gRPC listener.
     pub listen: Option<SocketAddr>,
+    /// Heartbeats per second aimed for across the fleet; the announced
+    /// interval grows with the fleet to keep to it (default 50).
+    pub heartbeats_per_sec: Option<u32>,
+    /// Missed heartbeat intervals before a node is unreachable, also the
+    /// grace period (in intervals) after a controller start (default 3).
+    pub unreachable_after_intervals: Option<u32>,
 }
 
 impl RawConfig {
@@ -65,6 +84,23 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Address for the gRPC listener (enrollment and agent links).
     pub listen: SocketAddr,
+    /// Heartbeat policy and certificate lifetime for agent sessions.
+    pub link: LinkSettings,
+    /// Missed heartbeat intervals before a node is unreachable (and the
+    /// grace period after start, in intervals).
+    pub unreachable_after: u32,
+}
+
+impl ServeConfig {
+    /// Defaults for everything but where to keep data and listen (tests).
+    pub fn with_defaults(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            link: LinkSettings::default(),
+            unreachable_after: liveness::DEFAULT_UNREACHABLE_AFTER,
+        }
+    }
 }
 
 impl ServeConfig {
@@ -81,7 +117,31 @@ impl ServeConfig {
                 .parse()
                 .map_err(|_| ConfigError::Missing("listen"))?,
         };
-        Ok(Self { data_dir, listen })
+        let mut config = Self::with_defaults(data_dir, listen);
+        if let Some(rate) = flags.heartbeats_per_sec.or(file.heartbeats_per_sec) {
+            if rate == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "heartbeats_per_sec",
+                    value: rate.to_string(),
+                    why: "must be at least 1",
+                });
+            }
+            config.link.heartbeat.target_rate = rate;
+        }
+        if let Some(after) = flags
+            .unreachable_after_intervals
+            .or(file.unreachable_after_intervals)
+        {
+            if after == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "unreachable_after_intervals",
+                    value: after.to_string(),
+                    why: "must be at least 1",
+                });
+            }
+            config.unreachable_after = after;
+        }
+        Ok(config)
     }
 }
 
@@ -109,14 +169,19 @@ mod tests {
         let file = RawConfig {
             data_dir: Some("/file".into()),
             listen: Some("127.0.0.1:1".parse().unwrap()),
+            unreachable_after_intervals: Some(4),
+            ..RawConfig::default()
         };
         let flags = RawConfig {
             data_dir: None,
             listen: Some("127.0.0.1:2".parse().unwrap()),
+            ..RawConfig::default()
         };
         let config = ServeConfig::new(flags, Some(file)).unwrap();
         assert_eq!(config.data_dir, PathBuf::from("/file"));
         assert_eq!(config.listen.port(), 2);
+        assert_eq!(config.unreachable_after, 4);
+        assert_eq!(config.link.heartbeat.target_rate, 50);
         assert!(ServeConfig::new(RawConfig::default(), None).is_err());
     }
 }

@@ -16,8 +16,14 @@
 //!   CA when present) and audits refused client certificates.
 //! - [`enroll`]: Enrollment service: [`token`] + CSR → node + certificate.
 //! - [`session`]: AgentLink service: identifies the node by its verified
-//!   certificate, checks the Hello, answers with a Welcome.
-//! - [`store`]: SQLite through sqlx (nodes, join tokens, audit events);
+//!   certificate, checks the Hello, answers with a Welcome, stores
+//!   heartbeats; renews certificates. [`registry`]: the live sessions
+//!   (closed on revocation, replacement, shutdown). [`liveness`]: pure rules
+//!   for the heartbeat interval and a node's state.
+//! - [`fleet`]: the fleet view (`nodes`) and `node revoke`, from the
+//!   database only, so they work from another process while `serve` runs.
+//! - [`store`]: SQLite through sqlx (nodes and their certificates, join
+//!   tokens, the controller's start record, audit events);
 //!   [`audit`]: the audit event shape and types.
 //! - [`proto`]: the agent ⇄ controller protocol, re-exported so that the
 //!   controller and its tests name one set of message types.
@@ -33,6 +39,9 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod enroll;
+pub mod fleet;
+pub mod liveness;
+pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;

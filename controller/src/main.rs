@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use slipway_controller::ca::Ca;
-use slipway_controller::cli::{Cli, Command, ServeArgs, TokenCommand, TokenCreateArgs};
+use slipway_controller::cli::{
+    Cli, Command, NodeCommand, NodeRevokeArgs, NodesArgs, ServeArgs, TokenCommand, TokenCreateArgs,
+};
 use slipway_controller::config::{ConfigError, RawConfig, ServeConfig};
 use slipway_controller::store::Store;
-use slipway_controller::{crypto, server, token};
+use slipway_controller::{crypto, fleet, server, token};
 
 /// EX_USAGE: bad configuration or arguments.
 const EXIT_USAGE: u8 = 64;
@@ -76,7 +78,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Token(TokenCommand::Create(args)) => token_create(args).await,
+        Command::Nodes(args) => nodes(args).await,
+        Command::Node(NodeCommand::Revoke(args)) => node_revoke(args).await,
     }
+}
+
+async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
+    let store = Store::open(&args.data_dir)
+        .await
+        .context("opening the controller database")?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let nodes = fleet::nodes(&store, now).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+    } else {
+        print!("{}", fleet::render_table(&nodes));
+    }
+    Ok(())
+}
+
+async fn node_revoke(args: NodeRevokeArgs) -> anyhow::Result<()> {
+    let store = Store::open(&args.data_dir)
+        .await
+        .context("opening the controller database")?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let revoked = fleet::revoke(&store, &args.node, "operator", now).await?;
+    if revoked.newly {
+        println!("revoked node {}", revoked.node_id);
+    } else {
+        println!("node {} was already revoked", revoked.node_id);
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -88,6 +120,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let flags = RawConfig {
         data_dir: args.data_dir,
         listen: args.listen,
+        ..RawConfig::default()
     };
     let config = ServeConfig::new(flags, file)?;
     server::run(config, shutdown_signal()).await?;

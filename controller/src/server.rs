@@ -1,21 +1,39 @@
 //! `serve`: load the CA, open the store, and run both gRPC services on one
 //! TLS listener until `shutdown` resolves.
+//!
+//! Revocations are made by another process (`node revoke` writes the
+//! database), so the server polls the database every [`REVOCATION_POLL`] and
+//! closes the stream of every revoked node that holds one. (A revoked node's
+//! next heartbeat also closes it, and any new request is refused at once.)
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use slipway_proto::v1::agent_link_server::AgentLinkServer;
 use slipway_proto::v1::enrollment_server::EnrollmentServer;
 use tokio::net::TcpListener;
 
-use crate::ca::{Ca, CaError, NODE_CERT_VALIDITY};
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::{Ca, CaError};
 use crate::config::ServeConfig;
 use crate::enroll::EnrollmentService;
-use crate::session::{AgentLinkService, DEFAULT_HEARTBEAT_INTERVAL};
+use crate::registry::{CloseReason, Sessions};
+use crate::session::AgentLinkService;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
+
+/// How often `serve` looks for nodes revoked by another process: the longest
+/// a revoked node's open stream survives when it sends nothing.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
+/// HTTP/2 pings on idle connections, so a vanished agent (droplet powered
+/// off, no FIN) does not hold a session forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// An unanswered ping closes the connection after this long.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Errors that stop the server from starting or running (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -69,12 +87,60 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, ca_sha256 = %ca.fingerprint(), "controller listening");
 
-    let enrollment = EnrollmentService::new(ca.clone(), store.clone(), NODE_CERT_VALIDITY);
-    let link = AgentLinkService::new(store.clone(), DEFAULT_HEARTBEAT_INTERVAL);
-    tonic::transport::Server::builder()
+    let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
+    let sessions = Sessions::new();
+    let link = AgentLinkService::new(ca, store.clone(), sessions.clone(), config.link);
+    store
+        .record_controller_start(crate::now_unix(), config.unreachable_after)
+        .await?;
+
+    let stop_polling = CancellationToken::new();
+    let poller = tokio::spawn(poll_revocations(
+        store.clone(),
+        sessions.clone(),
+        stop_polling.clone(),
+    ));
+    // Graceful HTTP/2 shutdown waits for open streams; agent sessions never
+    // end by themselves, so close them when shutdown begins.
+    let closing = sessions.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.close_all(CloseReason::Shutdown);
+    };
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(AgentLinkServer::new(link))
         .serve_with_incoming_shutdown(tls::incoming(listener, tls_config, store), shutdown)
-        .await?;
+        .await;
+    stop_polling.cancel();
+    let _ = poller.await;
+    served?;
     Ok(())
+}
+
+/// Closes the sessions of revoked nodes until `stop` is cancelled.
+async fn poll_revocations(store: Store, sessions: Sessions, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(REVOCATION_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if sessions.is_empty() {
+            continue;
+        }
+        match store.revoked_node_ids().await {
+            Ok(revoked) => {
+                for node_id in revoked {
+                    if sessions.close(&node_id, CloseReason::Revoked) {
+                        tracing::info!(%node_id, "closed the session of a revoked node");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, "could not check for revoked nodes"),
+        }
+    }
 }

@@ -1,14 +1,38 @@
-//! The AgentLink service: enrolled agents' sessions over mTLS.
+//! The AgentLink service: enrolled agents' sessions and certificate renewal
+//! over mTLS.
 //!
 //! The node is identified by the certificate its TLS connection was verified
-//! with (looked up by fingerprint in the store), never by message fields: a
-//! Hello that names another node is refused.
+//! with (looked up by fingerprint among the node's live certificates), never
+//! by message fields: a Hello that names another node is refused.
+//!
+//! # Session contract
+//!
+//! 1. Agent sends Hello (its node id, version, apps). The controller answers
+//!    Welcome: the heartbeat interval (see [`crate::liveness`]), its clock,
+//!    and `renew_cert_after_unix`.
+//! 2. Agent sends a Heartbeat every interval. Each is stored as the node's
+//!    latest state (`nodes` columns) and refreshes `last_seen_at`.
+//! 3. The controller closes the stream with a status when the node is
+//!    revoked (PERMISSION_DENIED), the node opened a newer session (ABORTED),
+//!    or the controller shuts down (UNAVAILABLE). Revocation is noticed on
+//!    the next heartbeat (its UPDATE skips revoked nodes) and by the server's
+//!    poll of the database every [`crate::server::REVOCATION_POLL`],
+//!    whichever comes first.
+//!
+//! # Renew contract
+//!
+//! `Renew(csr_pem)` over mTLS with a current certificate returns a new
+//! certificate for the same node (validity [`crate::ca::NODE_CERT_VALIDITY`]
+//! by default). Both certificates work until each expires; the agent writes
+//! the new one and uses it from its next connection, without dropping the
+//! open session. Audited as CERT_RENEWED / CERT_RENEW_REFUSED.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use slipway_proto::v1::agent_link_server::AgentLink;
 use slipway_proto::v1::{
-    agent_message, controller_message, AgentMessage, ControllerMessage, RenewRequest,
+    agent_message, controller_message, AgentMessage, ControllerMessage, Heartbeat, RenewRequest,
     RenewResponse, Welcome,
 };
 use tokio::sync::mpsc;
@@ -16,11 +40,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::{self, AuditEvent};
+use crate::ca::{Ca, CaError};
 use crate::crypto;
-use crate::store::{NodeRow, Store, StoreError};
+use crate::fleet;
+use crate::liveness::{self, HeartbeatPolicy};
+use crate::registry::{CloseReason, SessionHandle, Sessions};
+use crate::store::{self, HeartbeatRecord, PeerCert, Store, StoreError};
 
-/// Default heartbeat interval told to agents in the Welcome.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// An agent must send its Hello this soon after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Controller messages queued per session before sends wait.
@@ -49,6 +75,9 @@ pub enum SessionError {
         /// Node named in the Hello.
         claimed: String,
     },
+    /// The CSR of a renewal is unusable, or signing failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -63,10 +92,39 @@ impl From<SessionError> for Status {
             SessionError::Revoked(_) | SessionError::IdentityMismatch { .. } => {
                 Status::permission_denied(err.to_string())
             }
-            SessionError::NoHello => Status::invalid_argument(err.to_string()),
-            SessionError::Store(_) => {
+            SessionError::NoHello | SessionError::Ca(CaError::Csr(_)) => {
+                Status::invalid_argument(err.to_string())
+            }
+            SessionError::Ca(_) | SessionError::Store(_) => {
                 Status::internal("session failed inside the controller; see its log")
             }
+        }
+    }
+}
+
+/// The gRPC status that ends a session the controller closes.
+fn close_status(node_id: &str, reason: CloseReason) -> Status {
+    match reason {
+        CloseReason::Revoked => Status::from(SessionError::Revoked(node_id.to_owned())),
+        CloseReason::Replaced => Status::aborted(format!("node {node_id} opened a newer session")),
+        CloseReason::Shutdown => Status::unavailable("controller is shutting down"),
+    }
+}
+
+/// Settings of the AgentLink service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkSettings {
+    /// How the announced heartbeat interval grows with the fleet.
+    pub heartbeat: HeartbeatPolicy,
+    /// Lifetime of certificates issued by Renew.
+    pub cert_validity: Duration,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: HeartbeatPolicy::default(),
+            cert_validity: crate::ca::NODE_CERT_VALIDITY,
         }
     }
 }
@@ -74,42 +132,47 @@ impl From<SessionError> for Status {
 /// The AgentLink gRPC service.
 #[derive(Debug, Clone)]
 pub struct AgentLinkService {
+    ca: Arc<Ca>,
     store: Store,
-    heartbeat_interval: Duration,
+    sessions: Sessions,
+    settings: LinkSettings,
 }
 
 impl AgentLinkService {
-    /// A service telling agents to heartbeat every `heartbeat_interval`.
-    pub fn new(store: Store, heartbeat_interval: Duration) -> Self {
+    /// A service registering live sessions in `sessions`.
+    pub fn new(ca: Arc<Ca>, store: Store, sessions: Sessions, settings: LinkSettings) -> Self {
         Self {
+            ca,
             store,
-            heartbeat_interval,
+            sessions,
+            settings,
         }
     }
 
-    /// The node whose verified certificate this request came with.
-    async fn peer_node<T>(&self, request: &Request<T>) -> Result<NodeRow, SessionError> {
+    /// The node (and certificate) this request's verified TLS client
+    /// certificate belongs to; refused if unknown or revoked.
+    async fn peer<T>(&self, request: &Request<T>) -> Result<PeerCert, SessionError> {
         let certs = request.peer_certs().ok_or(SessionError::NoClientCert)?;
         let leaf = certs.first().ok_or(SessionError::NoClientCert)?;
         let fingerprint = crypto::sha256_hex(leaf);
-        let node = self
+        let peer = self
             .store
-            .node_by_fingerprint(&fingerprint)
+            .peer_cert(&fingerprint)
             .await?
             .ok_or(SessionError::UnknownCert(fingerprint))?;
-        if node.revoked_at.is_some() {
-            return Err(SessionError::Revoked(node.id));
+        if peer.node.revoked_at.is_some() {
+            return Err(SessionError::Revoked(peer.node.id));
         }
-        Ok(node)
+        Ok(peer)
     }
 
     async fn open(
         &self,
         request: Request<Streaming<AgentMessage>>,
         actor: &mut String,
-    ) -> Result<(NodeRow, Streaming<AgentMessage>), SessionError> {
-        let node = self.peer_node(&request).await?;
-        actor.clone_from(&node.id);
+    ) -> Result<(PeerCert, slipway_proto::v1::Hello, Streaming<AgentMessage>), SessionError> {
+        let peer = self.peer(&request).await?;
+        actor.clone_from(&peer.node.id);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await;
         let Ok(Ok(Some(AgentMessage {
@@ -118,19 +181,53 @@ impl AgentLinkService {
         else {
             return Err(SessionError::NoHello);
         };
-        if hello.node_id != node.id {
+        if hello.node_id != peer.node.id {
             return Err(SessionError::IdentityMismatch {
-                cert: node.id,
+                cert: peer.node.id,
                 claimed: hello.node_id,
             });
         }
-        Ok((node, inbound))
+        Ok((peer, hello, inbound))
     }
 
-    async fn refuse(&self, peer: &str, actor: &str, err: &SessionError) {
-        tracing::warn!(%peer, %err, "agent session refused");
+    /// Registers the session and records it; returns the Welcome.
+    async fn accept(
+        &self,
+        peer: &PeerCert,
+        hello: &slipway_proto::v1::Hello,
+    ) -> Result<(SessionHandle, Welcome), SessionError> {
+        let node_id = &peer.node.id;
+        // Registered first, so the interval counts this node and a revoke
+        // racing with this accept is seen by either the UPDATE or the poll.
+        let handle = self.sessions.register(node_id);
+        let interval = liveness::heartbeat_interval(self.sessions.len(), &self.settings.heartbeat);
+        let now = crate::now_unix();
+        let recorded = self
+            .store
+            .record_session(
+                node_id,
+                now,
+                &hello.agent_version,
+                &fleet::apps_json(&hello.apps),
+                interval.as_secs(),
+            )
+            .await?;
+        if !recorded {
+            return Err(SessionError::Revoked(node_id.clone()));
+        }
+        let welcome = Welcome {
+            node_id: node_id.clone(),
+            heartbeat_interval_secs: u32::try_from(interval.as_secs()).unwrap_or(u32::MAX),
+            unix_time: now,
+            renew_cert_after_unix: renew_after(peer.issued_at, peer.expires_at),
+        };
+        Ok((handle, welcome))
+    }
+
+    async fn refuse(&self, event_type: &'static str, peer: &str, actor: &str, err: &SessionError) {
+        tracing::warn!(%peer, %err, event_type, "agent request refused");
         let event = AuditEvent::error(
-            audit::NODE_CONNECT_REFUSED,
+            event_type,
             actor,
             "node",
             actor,
@@ -141,6 +238,136 @@ impl AgentLinkService {
             tracing::error!(%audit_err, "could not record audit event");
         }
     }
+
+    async fn try_renew(
+        &self,
+        request: Request<RenewRequest>,
+        actor: &mut String,
+    ) -> Result<RenewResponse, SessionError> {
+        let peer = self.peer(&request).await?;
+        let node = peer.node;
+        actor.clone_from(&node.id);
+        let req = request.into_inner();
+        let issued = self
+            .ca
+            .sign_node_csr(&req.csr_pem, &node.id, self.settings.cert_validity)?;
+        let now = crate::now_unix();
+        let mut tx = self.store.begin().await?;
+        store::insert_node_cert(
+            &mut tx,
+            &node.id,
+            &issued.fingerprint,
+            &issued.serial,
+            now,
+            issued.not_after,
+        )
+        .await?;
+        if !store::set_newest_cert(
+            &mut tx,
+            &node.id,
+            &issued.fingerprint,
+            &issued.serial,
+            issued.not_after,
+            now,
+        )
+        .await?
+        {
+            // Revoked between the check and now; the transaction rolls back.
+            return Err(SessionError::Revoked(node.id));
+        }
+        store::insert_audit(
+            &mut tx,
+            &AuditEvent::success(
+                audit::CERT_RENEWED,
+                &node.id,
+                "node",
+                &node.id,
+                serde_json::json!({
+                    "old_expires_at": peer.expires_at,
+                    "cert_serial": issued.serial,
+                    "cert_fingerprint": issued.fingerprint,
+                    "cert_expires_at": issued.not_after,
+                }),
+            ),
+            now,
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        tracing::info!(node_id = %node.id, expires_at = issued.not_after, "certificate renewed");
+        Ok(RenewResponse {
+            cert_pem: issued.pem,
+            expires_at_unix: issued.not_after,
+        })
+    }
+}
+
+/// When an agent should renew a certificate valid from `issued_at` to
+/// `expires_at`: two thirds into its life.
+pub fn renew_after(issued_at: i64, expires_at: i64) -> i64 {
+    issued_at + (expires_at - issued_at).max(0) * 2 / 3
+}
+
+/// Reads the agent's messages until it ends the stream or the controller
+/// closes the session; stores every heartbeat.
+async fn run_session(
+    store: Store,
+    node_id: String,
+    handle: SessionHandle,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+) {
+    let closed_by = loop {
+        let message = tokio::select! {
+            reason = handle.closed() => break Some(reason),
+            message = inbound.message() => message,
+        };
+        match message {
+            Ok(Some(AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+            })) => match record_heartbeat(&store, &node_id, &heartbeat).await {
+                Ok(true) => {}
+                Ok(false) => break Some(CloseReason::Revoked),
+                Err(err) => tracing::warn!(%node_id, %err, "could not record heartbeat"),
+            },
+            // Progress and results belong to commands (not sent yet).
+            Ok(Some(_)) => {}
+            Ok(None) => break None,
+            Err(status) => {
+                tracing::debug!(%node_id, %status, "agent stream failed");
+                break None;
+            }
+        }
+    };
+    match closed_by {
+        Some(reason) => {
+            tracing::info!(%node_id, ?reason, "controller closed the agent session");
+            // A full queue means the agent is not reading; dropping `tx`
+            // ends the stream anyway.
+            let _ = tx.try_send(Err(close_status(&node_id, reason)));
+        }
+        None => tracing::info!(%node_id, "agent disconnected"),
+    }
+}
+
+async fn record_heartbeat(
+    store: &Store,
+    node_id: &str,
+    heartbeat: &Heartbeat,
+) -> Result<bool, StoreError> {
+    let metrics = heartbeat.metrics.as_ref().map(fleet::metrics_json);
+    let apps = fleet::apps_json(&heartbeat.apps);
+    store
+        .record_heartbeat(
+            node_id,
+            crate::now_unix(),
+            &HeartbeatRecord {
+                agent_version: &heartbeat.agent_version,
+                agent_rss_bytes: heartbeat.agent_rss_bytes,
+                metrics: metrics.as_ref(),
+                apps: &apps,
+            },
+        )
+        .await
 }
 
 #[tonic::async_trait]
@@ -151,60 +378,74 @@ impl AgentLink for AgentLinkService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer = request
+        let peer_addr = request
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         // Until the certificate names a node, the peer address is the actor.
-        let mut actor = peer.clone();
-        let (node, mut inbound) = match self.open(request, &mut actor).await {
-            Ok(opened) => opened,
+        let mut actor = peer_addr.clone();
+        let opened = match self.open(request, &mut actor).await {
+            Ok(opened) => self
+                .accept(&opened.0, &opened.1)
+                .await
+                .map(|accepted| (opened, accepted)),
+            Err(err) => Err(err),
+        };
+        let ((peer, _hello, inbound), (handle, welcome)) = match opened {
+            Ok(accepted) => accepted,
             Err(err) => {
-                self.refuse(&peer, &actor, &err).await;
+                self.refuse(audit::NODE_CONNECT_REFUSED, &peer_addr, &actor, &err)
+                    .await;
                 return Err(err.into());
             }
         };
-        let now = crate::now_unix();
-        self.store
-            .touch_node(&node.id, now)
-            .await
-            .map_err(SessionError::from)?;
-        tracing::info!(node_id = %node.id, name = %node.name, %peer, "agent connected");
+        let node = peer.node;
+        tracing::info!(
+            node_id = %node.id, name = %node.name, peer = %peer_addr,
+            heartbeat_secs = welcome.heartbeat_interval_secs, "agent connected"
+        );
 
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let welcome = ControllerMessage {
-            kind: Some(controller_message::Kind::Welcome(Welcome {
-                node_id: node.id.clone(),
-                heartbeat_interval_secs: u32::try_from(self.heartbeat_interval.as_secs())
-                    .unwrap_or(u32::MAX),
-                unix_time: now,
-            })),
-        };
         // The queue is empty, so this cannot fail for lack of room.
-        let _ = tx.try_send(Ok(welcome));
-
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            // Holding `tx` here keeps the session open until the agent ends
-            // it; commands will be sent through a registry of these senders.
-            let _tx = tx;
-            while let Ok(Some(message)) = inbound.message().await {
-                if let Some(agent_message::Kind::Heartbeat(_)) = message.kind {
-                    if let Err(err) = store.touch_node(&node.id, crate::now_unix()).await {
-                        tracing::warn!(node_id = %node.id, %err, "could not record heartbeat");
-                    }
-                }
-            }
-            tracing::info!(node_id = %node.id, "agent disconnected");
-        });
+        let _ = tx.try_send(Ok(ControllerMessage {
+            kind: Some(controller_message::Kind::Welcome(welcome)),
+        }));
+        tokio::spawn(run_session(
+            self.store.clone(),
+            node.id,
+            handle,
+            inbound,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn renew(
         &self,
-        _request: Request<RenewRequest>,
+        request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
-        Err(Status::unimplemented(
-            "certificate renewal is not implemented yet",
-        ))
+        let peer_addr = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let mut actor = peer_addr.clone();
+        match self.try_renew(request, &mut actor).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(err) => {
+                self.refuse(audit::CERT_RENEW_REFUSED, &peer_addr, &actor, &err)
+                    .await;
+                Err(err.into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_life() {
+        let week = 7 * 24 * 3600;
+        assert_eq!(renew_after(1_000, 1_000 + week), 1_000 + week * 2 / 3);
+        assert_eq!(renew_after(1_000, 900), 1_000);
     }
 }

@@ -1,5 +1,6 @@
 //! Persistent controller state in one SQLite file (`<data-dir>/controller.db`,
-//! WAL mode) through sqlx: nodes, join tokens and the audit log.
+//! WAL mode) through sqlx: nodes (with their certificates and latest
+//! heartbeat), join tokens, the controller's start record and the audit log.
 //!
 //! Queries are checked at run time (no `query!` macros), so building needs no
 //! `DATABASE_URL`. Migrations are embedded SQL files applied in order at
@@ -21,7 +22,10 @@ use crate::crypto::{self, CryptoError};
 pub const DB_FILE: &str = "controller.db";
 
 /// Embedded migrations; entry `i` moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_heartbeat_certs.sql"),
+];
 
 /// How long a writer waits for another process (e.g. `token create` while
 /// `serve` runs) to release the database before giving up.
@@ -93,6 +97,70 @@ pub struct NodeRow {
     pub last_seen_at: Option<i64>,
 }
 
+/// A live certificate and the node it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The node.
+    pub node: NodeRow,
+    /// When this certificate was issued (seconds since the epoch).
+    pub issued_at: i64,
+    /// When it expires.
+    pub expires_at: i64,
+}
+
+/// A heartbeat as stored: protocol fields already turned into JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatRecord<'a> {
+    /// Agent version; empty keeps the stored one (older agents omit it).
+    pub agent_version: &'a str,
+    /// Agent RSS, bytes.
+    pub agent_rss_bytes: u64,
+    /// Host metrics, if the agent sent them.
+    pub metrics: Option<&'a serde_json::Value>,
+    /// JSON array of app states.
+    pub apps: &'a serde_json::Value,
+}
+
+/// What `serve` recorded at its last start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControllerStart {
+    /// Seconds since the epoch.
+    pub started_at: i64,
+    /// Missed heartbeat intervals before a node is unreachable.
+    pub unreachable_after: u32,
+}
+
+/// A node with its latest reported state, for the fleet view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetRow {
+    /// Node id.
+    pub id: String,
+    /// Node name.
+    pub name: String,
+    /// JSON object of labels.
+    pub labels: serde_json::Value,
+    /// Agent version last reported.
+    pub agent_version: String,
+    /// Enrollment time.
+    pub enrolled_at: i64,
+    /// Revocation time.
+    pub revoked_at: Option<i64>,
+    /// Last Hello or heartbeat.
+    pub last_seen_at: Option<i64>,
+    /// Last heartbeat.
+    pub heartbeat_at: Option<i64>,
+    /// Agent RSS from the last heartbeat.
+    pub agent_rss_bytes: Option<u64>,
+    /// Host metrics JSON from the last heartbeat.
+    pub metrics: Option<serde_json::Value>,
+    /// JSON array of app states from the last Hello or heartbeat.
+    pub apps: serde_json::Value,
+    /// Interval announced in the node's last Welcome.
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Expiry of the node's newest certificate.
+    pub cert_expires_at: i64,
+}
+
 /// Everything recorded about a freshly enrolled node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewNode<'a> {
@@ -114,9 +182,33 @@ pub struct NewNode<'a> {
     pub enrolled_at: i64,
 }
 
+/// SQLITE_BUSY (5) or SQLITE_LOCKED (6), with or without extended bits.
+fn is_busy(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+}
+
 impl Store {
     /// Opens (creating if needed) `<data_dir>/controller.db` and migrates it.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        // sqlx applies `journal_mode` before `busy_timeout` on a new
+        // connection, so opening while another process (or pool) is in the
+        // middle of its first transaction can fail at once with "database is
+        // locked" instead of waiting: retry until the busy timeout.
+        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Self::open_once(data_dir).await {
+                Err(StoreError::Db(sqlx::Error::Database(e)))
+                    if is_busy(e.code().as_deref()) && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_once(data_dir: &Path) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(data_dir.join(DB_FILE))
             .create_if_missing(true)
@@ -236,38 +328,198 @@ impl Store {
             .collect()
     }
 
-    /// The node holding the certificate with this fingerprint, if any.
+    /// The node holding the certificate with this fingerprint, if any (any
+    /// of its live certificates: the newest or one a renewal superseded).
     pub async fn node_by_fingerprint(
         &self,
         fingerprint: &str,
     ) -> Result<Option<NodeRow>, StoreError> {
+        Ok(self.peer_cert(fingerprint).await?.map(|peer| peer.node))
+    }
+
+    /// The certificate with this fingerprint and the node it belongs to.
+    pub async fn peer_cert(&self, fingerprint: &str) -> Result<Option<PeerCert>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, name, cert_fingerprint, revoked_at, last_seen_at
-             FROM nodes WHERE cert_fingerprint = ?1",
+            "SELECT n.id, n.name, n.cert_fingerprint, n.revoked_at, n.last_seen_at,
+                    c.issued_at, c.expires_at
+             FROM node_certs c JOIN nodes n ON n.id = c.node_id
+             WHERE c.fingerprint = ?1",
         )
         .bind(fingerprint)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| {
-            Ok(NodeRow {
-                id: row.try_get("id")?,
-                name: row.try_get("name")?,
-                cert_fingerprint: row.try_get("cert_fingerprint")?,
-                revoked_at: row.try_get("revoked_at")?,
-                last_seen_at: row.try_get("last_seen_at")?,
+            Ok(PeerCert {
+                node: NodeRow {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    cert_fingerprint: row.try_get("cert_fingerprint")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                    last_seen_at: row.try_get("last_seen_at")?,
+                },
+                issued_at: row.try_get("issued_at")?,
+                expires_at: row.try_get("expires_at")?,
             })
         })
         .transpose()
     }
 
-    /// Records that the node was just heard from.
-    pub async fn touch_node(&self, node_id: &str, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE nodes SET last_seen_at = ?1 WHERE id = ?2")
-            .bind(now)
-            .bind(node_id)
-            .execute(&self.pool)
-            .await?;
+    /// Records an accepted session: the Hello's version and apps and the
+    /// heartbeat interval announced. False (nothing written) if the node is
+    /// revoked meanwhile.
+    pub async fn record_session(
+        &self,
+        node_id: &str,
+        now: i64,
+        agent_version: &str,
+        apps: &serde_json::Value,
+        heartbeat_interval_secs: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE nodes SET last_seen_at = ?1,
+                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
+                    apps = ?3, heartbeat_interval_secs = ?4
+             WHERE id = ?5 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(agent_version)
+        .bind(apps.to_string())
+        .bind(i64::try_from(heartbeat_interval_secs).unwrap_or(i64::MAX))
+        .bind(node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores the node's latest heartbeat. False (nothing written) if the
+    /// node is revoked: the caller then closes the session.
+    pub async fn record_heartbeat(
+        &self,
+        node_id: &str,
+        now: i64,
+        heartbeat: &HeartbeatRecord<'_>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE nodes SET last_seen_at = ?1, heartbeat_at = ?1,
+                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
+                    agent_rss_bytes = ?3, metrics = ?4, apps = ?5
+             WHERE id = ?6 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(heartbeat.agent_version)
+        .bind(i64::try_from(heartbeat.agent_rss_bytes).unwrap_or(i64::MAX))
+        .bind(heartbeat.metrics.map(serde_json::Value::to_string))
+        .bind(heartbeat.apps.to_string())
+        .bind(node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ids of every revoked node.
+    pub async fn revoked_node_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM nodes WHERE revoked_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Records that `serve` started now, with its liveness setting.
+    pub async fn record_controller_start(
+        &self,
+        started_at: i64,
+        unreachable_after: u32,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO controller_state (id, started_at, unreachable_after_intervals)
+             VALUES (1, ?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET started_at = ?1, unreachable_after_intervals = ?2",
+        )
+        .bind(started_at)
+        .bind(i64::from(unreachable_after))
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    /// When `serve` last started and its unreachable-after setting, if it
+    /// ever ran on this data dir.
+    pub async fn controller_start(&self) -> Result<Option<ControllerStart>, StoreError> {
+        let row = sqlx::query(
+            "SELECT started_at, unreachable_after_intervals FROM controller_state WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let after: i64 = row.try_get("unreachable_after_intervals")?;
+            Ok(ControllerStart {
+                started_at: row.try_get("started_at")?,
+                unreachable_after: u32::try_from(after).unwrap_or(u32::MAX),
+            })
+        })
+        .transpose()
+    }
+
+    /// Every node with its latest heartbeat, by name.
+    pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, labels, agent_version, enrolled_at, revoked_at, last_seen_at,
+                    heartbeat_at, agent_rss_bytes, metrics, apps, heartbeat_interval_secs,
+                    cert_expires_at
+             FROM nodes ORDER BY name, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let json = |column: &'static str, text: &str| {
+                    serde_json::from_str(text).map_err(|source| StoreError::Json { column, source })
+                };
+                let labels: String = row.try_get("labels")?;
+                let metrics: Option<String> = row.try_get("metrics")?;
+                let apps: String = row.try_get("apps")?;
+                let rss: Option<i64> = row.try_get("agent_rss_bytes")?;
+                let interval: Option<i64> = row.try_get("heartbeat_interval_secs")?;
+                Ok(FleetRow {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    labels: json("nodes.labels", &labels)?,
+                    agent_version: row.try_get("agent_version")?,
+                    enrolled_at: row.try_get("enrolled_at")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                    last_seen_at: row.try_get("last_seen_at")?,
+                    heartbeat_at: row.try_get("heartbeat_at")?,
+                    agent_rss_bytes: rss.and_then(|v| u64::try_from(v).ok()),
+                    metrics: metrics.map(|m| json("nodes.metrics", &m)).transpose()?,
+                    apps: json("nodes.apps", &apps)?,
+                    heartbeat_interval_secs: interval.and_then(|v| u64::try_from(v).ok()),
+                    cert_expires_at: row.try_get("cert_expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Finds a node by id, or by name when exactly one node has that name.
+    pub async fn find_node(&self, id_or_name: &str) -> Result<Vec<NodeRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, cert_fingerprint, revoked_at, last_seen_at FROM nodes
+             WHERE id = ?1 OR (name = ?1 AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = ?1))",
+        )
+        .bind(id_or_name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(NodeRow {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    cert_fingerprint: row.try_get("cert_fingerprint")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                    last_seen_at: row.try_get("last_seen_at")?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -362,9 +614,84 @@ pub async fn insert_node(
     .bind(node.labels.to_string())
     .bind(node.agent_version)
     .bind(node.enrolled_at)
+    .execute(&mut *conn)
+    .await?;
+    insert_node_cert(
+        conn,
+        node.id,
+        node.cert_fingerprint,
+        node.cert_serial,
+        node.enrolled_at,
+        node.cert_expires_at,
+    )
+    .await
+}
+
+/// Adds a live certificate of `node_id` (enrollment or renewal); the node's
+/// other certificates stay valid.
+pub async fn insert_node_cert(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    fingerprint: &str,
+    serial: &str,
+    issued_at: i64,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO node_certs (fingerprint, node_id, serial, issued_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(fingerprint)
+    .bind(node_id)
+    .bind(serial)
+    .bind(issued_at)
+    .bind(expires_at)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// After a renewal: makes the new certificate the node's newest and drops
+/// its certificates that have expired (TLS refuses them anyway). False if
+/// the node was revoked meanwhile.
+pub async fn set_newest_cert(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    fingerprint: &str,
+    serial: &str,
+    expires_at: i64,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE nodes SET cert_fingerprint = ?1, cert_serial = ?2, cert_expires_at = ?3
+         WHERE id = ?4 AND revoked_at IS NULL",
+    )
+    .bind(fingerprint)
+    .bind(serial)
+    .bind(expires_at)
+    .bind(node_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM node_certs WHERE node_id = ?1 AND expires_at <= ?2")
+        .bind(node_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a node revoked; false if it already was.
+pub async fn revoke_node(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query("UPDATE nodes SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL")
+        .bind(now)
+        .bind(node_id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 #[cfg(test)]
@@ -397,6 +724,42 @@ mod tests {
         assert_eq!(events[0].event_type, "TOKEN_CREATED");
         assert_eq!(events[0].details["ttl_secs"], 3600);
         assert_eq!(events[0].status, "success");
+    }
+
+    #[tokio::test]
+    async fn version_1_nodes_keep_their_certificate_after_migrating() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let options = SqliteConnectOptions::new()
+                .filename(dir.path().join(DB_FILE))
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            let mut conn = pool.acquire().await.unwrap();
+            conn.execute(MIGRATIONS[0]).await.unwrap();
+            conn.execute("PRAGMA user_version = 1").await.unwrap();
+            conn.execute(
+                "INSERT INTO nodes (id, name, cert_serial, cert_fingerprint, cert_expires_at,
+                                    enrolled_at)
+                 VALUES ('n-1', 'web-1', '01', 'fp1', 2000, 1000)",
+            )
+            .await
+            .unwrap();
+            drop(conn);
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.unwrap();
+        let peer = store.peer_cert("fp1").await.unwrap().unwrap();
+        assert_eq!(peer.node.id, "n-1");
+        assert_eq!((peer.issued_at, peer.expires_at), (1000, 2000));
+        let fleet = store.fleet().await.unwrap();
+        assert_eq!(fleet[0].apps, serde_json::json!([]));
+        assert_eq!(fleet[0].metrics, None);
+        assert_eq!(store.controller_start().await.unwrap(), None);
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(version, 2);
     }
 
     #[tokio::test]

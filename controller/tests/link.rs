@@ -1,5 +1,6 @@
-//! Enrollment and agent sessions over real TLS: a controller on 127.0.0.1:0,
-//! the agent side from node-agent/src/link.rs, certificates made in the test.
+//! Enrollment, agent sessions, heartbeats, certificate renewal and
+//! revocation over real TLS: a controller on 127.0.0.1:0, the agent side
+//! from node-agent/src/link.rs, certificates made in the test.
 
 // Tests unwrap freely: a panic with its message is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -23,17 +24,20 @@ use rustls::{ClientConfig, RootCertStore};
 use slipway_controller::audit::AuditRecord;
 use slipway_controller::ca::Ca;
 use slipway_controller::config::ServeConfig;
+use slipway_controller::liveness::NodeState;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
-use slipway_controller::proto::v1::{agent_message, AgentMessage, Hello};
+use slipway_controller::proto::v1::{
+    agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics, RenewRequest,
+};
 use slipway_controller::server::{self, ServeError};
 use slipway_controller::store::Store;
-use slipway_controller::{crypto, token};
+use slipway_controller::{crypto, fleet, token};
 use tempfile::TempDir;
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Bound on every wait, so a broken server fails the test instead of hanging.
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -55,10 +59,7 @@ impl Controller {
         let ca = Ca::load_or_create(data_dir.path()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = ServeConfig {
-            data_dir: data_dir.path().to_owned(),
-            listen: addr,
-        };
+        let config = ServeConfig::with_defaults(data_dir.path().to_owned(), addr);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let served = server::serve(&config, listener, async {
@@ -454,4 +455,368 @@ async fn hello_for_another_node_is_refused() {
     assert!(event.error_message.unwrap().contains("claims node"));
     assert_ne!(event.actor, node_b.node_id);
     controller.stop().await;
+}
+
+/// An mTLS channel to the controller with this client certificate and key
+/// (the test's own, so it can call Renew without the agent's code).
+async fn mtls_channel(controller: &Controller, cert_pem: &str, key_pem: &str) -> Channel {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::PrivateKeyDer;
+    let mut roots = RootCertStore::empty();
+    roots.add(controller.ca.cert_der().clone()).unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let mut config = ClientConfig::builder_with_provider(crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let addr = controller.addr;
+    let connector = tower::service_fn(move |_: Uri| {
+        let tls = tls.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+        }
+    });
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap()
+}
+
+/// Calls Renew with the identity in `state`; on success returns the new
+/// key and certificate PEMs.
+async fn renew(
+    controller: &Controller,
+    state: &Path,
+) -> Result<(String, String, i64), tonic::Status> {
+    let cert = std::fs::read_to_string(state.join(link::CERT_FILE)).unwrap();
+    let key = std::fs::read_to_string(state.join(link::KEY_FILE)).unwrap();
+    let channel = mtls_channel(controller, &cert, &key).await;
+    let new_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr_pem = CertificateParams::default()
+        .serialize_request(&new_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let response = tokio::time::timeout(
+        TEST_TIMEOUT,
+        AgentLinkClient::new(channel).renew(RenewRequest { csr_pem }),
+    )
+    .await
+    .unwrap()?
+    .into_inner();
+    Ok((
+        new_key.serialize_pem(),
+        response.cert_pem,
+        response.expires_at_unix,
+    ))
+}
+
+/// The fleet view of one node, as `slipway-controller nodes` shows it.
+async fn node_view(controller: &Controller, node_id: &str) -> fleet::NodeView {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    fleet::nodes(&controller.store().await, now)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.id == node_id)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn heartbeat_is_stored_and_shown_in_nodes() {
+    let controller = Controller::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let enrolled = enroll(&controller, &controller.token().await, state.path())
+        .await
+        .unwrap();
+    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    // Renewal is due two thirds into the week-long certificate.
+    let due = session.welcome.renew_cert_after_unix - now;
+    assert!((due - 7 * 24 * 3600 * 2 / 3).abs() < 60, "{due}");
+
+    // Before any heartbeat: online (the Hello counts), no heartbeat yet.
+    let before = node_view(&controller, &enrolled.node_id).await;
+    assert_eq!(before.state, NodeState::Online);
+    assert_eq!(before.heartbeat_age_secs, None);
+
+    let heartbeat = Heartbeat {
+        unix_time: now,
+        metrics: Some(NodeMetrics {
+            cpu_percent: 42.0,
+            mem_used_bytes: 512 * 1024 * 1024,
+            mem_total_bytes: 2 * 1024 * 1024 * 1024,
+            load1: 0.5,
+            load5: 0.25,
+            load15: 0.125,
+            disks: Vec::new(),
+        }),
+        apps: vec![AppStatus {
+            app: "web".to_owned(),
+            current_release: "r-abc123".to_owned(),
+            health: "healthy".to_owned(),
+            ..AppStatus::default()
+        }],
+        agent_version: "9.9.9".to_owned(),
+        agent_rss_bytes: 24 * 1024 * 1024,
+    };
+    session
+        .outbound
+        .send(AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+        })
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+    let view = loop {
+        let view = node_view(&controller, &enrolled.node_id).await;
+        if view.heartbeat_age_secs.is_some() {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heartbeat not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(view.state, NodeState::Online);
+    assert_eq!(view.agent_version, "9.9.9");
+    assert_eq!(view.agent_rss_bytes, Some(24 * 1024 * 1024));
+    let metrics = view.metrics.clone().unwrap();
+    assert!((metrics.cpu_percent - 42.0).abs() < f64::EPSILON);
+    assert_eq!(metrics.mem_total_bytes, 2 * 1024 * 1024 * 1024);
+    assert_eq!(view.apps.len(), 1);
+    assert_eq!(view.apps[0].current_release, "r-abc123");
+    assert_eq!(view.apps[0].health, "healthy");
+    assert_eq!(view.labels["env"], "production");
+
+    let table = fleet::render_table(std::slice::from_ref(&view));
+    for expected in [
+        enrolled.node_id.as_str(),
+        "web-1",
+        "env=production",
+        "online",
+        "9.9.9",
+        "24.0M",
+        "42%",
+        "512.0M/2.0G",
+        "web@r-abc123 (healthy)",
+    ] {
+        assert!(
+            table.contains(expected),
+            "{expected:?} missing from\n{table}"
+        );
+    }
+    let json = serde_json::to_value(&view).unwrap();
+    assert_eq!(json["state"], "online");
+    assert_eq!(json["agent_rss_bytes"], 24 * 1024 * 1024);
+
+    drop(session.outbound);
+    assert!(session.inbound.message().await.unwrap().is_none());
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn renewed_cert_works_and_the_old_one_still_does() {
+    let controller = Controller::start().await;
+    let old = tempfile::tempdir().unwrap();
+    let enrolled = enroll(&controller, &controller.token().await, old.path())
+        .await
+        .unwrap();
+
+    let (key_pem, cert_pem, expires_at) = renew(&controller, old.path()).await.unwrap();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    assert!((expires_at - now - 7 * 24 * 3600).abs() < 60);
+
+    // A state dir holding only the new key and certificate.
+    let new = tempfile::tempdir().unwrap();
+    for file in [link::CA_FILE, link::NODE_ID_FILE] {
+        std::fs::copy(old.path().join(file), new.path().join(file)).unwrap();
+    }
+    std::fs::write(new.path().join(link::KEY_FILE), &key_pem).unwrap();
+    std::fs::write(new.path().join(link::CERT_FILE), &cert_pem).unwrap();
+
+    let with_new = connect(&controller, new.path(), "").await.unwrap();
+    assert_eq!(with_new.welcome.node_id, enrolled.node_id);
+    // The old certificate keeps working until it expires (the agent may
+    // not have switched yet); its session replaces the newer one.
+    let with_old = connect(&controller, old.path(), "").await.unwrap();
+    assert_eq!(with_old.welcome.node_id, enrolled.node_id);
+
+    // The store's newest certificate is the renewed one.
+    use rustls::pki_types::pem::PemObject as _;
+    let new_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let node = controller
+        .store()
+        .await
+        .node_by_fingerprint(&crypto::sha256_hex(&new_der))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(node.cert_fingerprint, crypto::sha256_hex(&new_der));
+
+    let event = controller.wait_for_event("CERT_RENEWED").await;
+    assert_eq!(event.status, "success");
+    assert_eq!(event.resource_id, enrolled.node_id);
+    assert_eq!(event.actor, enrolled.node_id);
+    assert_eq!(event.details["cert_expires_at"], expires_at);
+
+    // Renewing with the new certificate works too.
+    renew(&controller, new.path()).await.unwrap();
+    drop(with_new);
+    drop(with_old);
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn renew_needs_a_client_certificate_of_a_known_node() {
+    let controller = Controller::start().await;
+    // Signed by our CA but never enrolled: no node owns it.
+    let now = OffsetDateTime::now_utc();
+    let state = forged_state(
+        &controller,
+        &controller.ca,
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    );
+    let status = renew(&controller, state.path()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let event = controller.wait_for_event("CERT_RENEW_REFUSED").await;
+    assert!(event.error_message.unwrap().contains("no enrolled node"));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
+    let controller = Controller::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let enrolled = enroll(&controller, &controller.token().await, state.path())
+        .await
+        .unwrap();
+    let mut session = connect(&controller, state.path(), "").await.unwrap();
+
+    // As `slipway-controller node revoke` does, from "another process"
+    // (a separate connection pool on the same database file).
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let revoked_at = tokio::time::Instant::now();
+    let revoked = fleet::revoke(&controller.store().await, "web-1", "operator", now)
+        .await
+        .unwrap();
+    assert_eq!(revoked.node_id, enrolled.node_id);
+    assert!(revoked.newly);
+
+    // The agent sends nothing: the server's poll must close the stream.
+    let limit = server::REVOCATION_POLL + Duration::from_secs(2);
+    let ended = tokio::time::timeout(limit, session.inbound.message())
+        .await
+        .expect("the revoked node's stream stayed open");
+    let status = ended.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    assert!(revoked_at.elapsed() <= limit);
+
+    let err = connect(&controller, state.path(), "").await.unwrap_err();
+    assert!(matches!(err, link::LinkError::SessionRefused(_)), "{err}");
+    assert!(err.to_string().contains("revoked"), "{err}");
+    let status = renew(&controller, state.path()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    let events = controller.audit().await;
+    let revoke_event = events
+        .iter()
+        .find(|e| e.event_type == "NODE_REVOKED")
+        .unwrap();
+    assert_eq!(revoke_event.resource_id, enrolled.node_id);
+    assert_eq!(revoke_event.actor, "operator");
+    let refused = controller.wait_for_event("NODE_CONNECT_REFUSED").await;
+    assert!(refused.error_message.unwrap().contains("revoked"));
+    controller.wait_for_event("CERT_RENEW_REFUSED").await;
+
+    assert_eq!(
+        node_view(&controller, &enrolled.node_id).await.state,
+        NodeState::Revoked
+    );
+    // Revoking again changes nothing and records nothing.
+    let again = fleet::revoke(
+        &controller.store().await,
+        &enrolled.node_id,
+        "operator",
+        now,
+    )
+    .await
+    .unwrap();
+    assert!(!again.newly);
+    assert_eq!(
+        controller
+            .audit()
+            .await
+            .iter()
+            .filter(|e| e.event_type == "NODE_REVOKED")
+            .count(),
+        1
+    );
+    drop(session.outbound);
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_from_a_revoked_node_closes_its_stream_at_once() {
+    let controller = Controller::start().await;
+    let state = tempfile::tempdir().unwrap();
+    enroll(&controller, &controller.token().await, state.path())
+        .await
+        .unwrap();
+    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    fleet::revoke(&controller.store().await, "web-1", "operator", now)
+        .await
+        .unwrap();
+    session
+        .outbound
+        .send(AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(Heartbeat::default())),
+        })
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_controller_ends_live_sessions() {
+    let controller = Controller::start().await;
+    let state = tempfile::tempdir().unwrap();
+    enroll(&controller, &controller.token().await, state.path())
+        .await
+        .unwrap();
+    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    // Would hang if graceful shutdown waited for the open stream.
+    controller.stop().await;
+    let ended = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+        .await
+        .unwrap();
+    match ended {
+        Ok(None) => {}
+        Ok(Some(message)) => panic!("unexpected {message:?}"),
+        Err(status) => assert!(
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown
+            ),
+            "{status:?}"
+        ),
+    }
 }

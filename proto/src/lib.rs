@@ -103,6 +103,8 @@ mod tests {
                 health: "healthy".to_owned(),
                 in_progress: true,
             }],
+            agent_version: "0.1.0".to_owned(),
+            agent_rss_bytes: 24 * 1024 * 1024,
         }
     }
 
@@ -135,6 +137,8 @@ mod tests {
         assert_eq!(app.releases[0].status, "active");
         assert_eq!(app.releases[0].created_at_unix, 1_704_067_200);
         assert_eq!(app.releases[0].artifact_sha256.len(), 64);
+        assert_eq!(hb.agent_version, "0.1.0");
+        assert_eq!(hb.agent_rss_bytes, 24 * 1024 * 1024);
     }
 
     /// Minimal controller side: answers every `Hello` with a `StatusRequest`

@@ -27,13 +27,20 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -260,7 +267,16 @@ liveness_interval = "500ms"
             b.append_data(&mut h, name, body.as_bytes()).unwrap();
         }
         b.into_inner().unwrap().finish().unwrap().flush().unwrap();
-        let out = self.cli(&["deploy", "--app", "web", "--artifact", art.to_str().unwrap(), "--id", version, "--json"]);
+        let out = self.cli(&[
+            "deploy",
+            "--app",
+            "web",
+            "--artifact",
+            art.to_str().unwrap(),
+            "--id",
+            version,
+            "--json",
+        ]);
         serde_json::from_str(&check(out, "deploy")).unwrap()
     }
 

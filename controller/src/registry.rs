@@ -1,0 +1,184 @@
+//! The live agent sessions of this controller process: node id → a handle
+//! that closes the session. Used to count connected nodes (heartbeat
+//! interval), to close a revoked node's stream, to replace a stale session
+//! when a node reconnects, and to end every stream at shutdown (graceful
+//! HTTP/2 shutdown otherwise waits for long-lived streams forever).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use tokio_util::sync::CancellationToken;
+
+/// Why the controller closed a session; becomes the gRPC status the agent sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The node was revoked (`node revoke`).
+    Revoked,
+    /// The same node opened a newer session (e.g. after a network change the
+    /// old TCP connection was not yet noticed dead).
+    Replaced,
+    /// The controller is shutting down.
+    Shutdown,
+}
+
+/// Closes one session: cancellation plus the first reason given.
+#[derive(Debug, Default)]
+struct Closer {
+    token: CancellationToken,
+    reason: OnceLock<CloseReason>,
+}
+
+impl Closer {
+    fn close(&self, reason: CloseReason) {
+        // The first reason wins; later ones describe the same close.
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Tells this session apart from a newer one of the same node.
+    session_id: u64,
+    closer: Arc<Closer>,
+}
+
+/// The registry; cheap to clone (shared).
+#[derive(Debug, Clone, Default)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    live: Mutex<HashMap<String, Entry>>,
+    next_id: AtomicU64,
+}
+
+/// Held by a running session; dropping it unregisters the session.
+#[derive(Debug)]
+pub struct SessionHandle {
+    sessions: Sessions,
+    node_id: String,
+    session_id: u64,
+    closer: Arc<Closer>,
+}
+
+impl SessionHandle {
+    /// Resolves when the controller closes this session, with the reason.
+    pub async fn closed(&self) -> CloseReason {
+        self.closer.token.cancelled().await;
+        self.closer
+            .reason
+            .get()
+            .copied()
+            .unwrap_or(CloseReason::Shutdown)
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        let mut live = self.sessions.lock();
+        // Only remove our own entry: a newer session may have replaced it.
+        if live
+            .get(&self.node_id)
+            .is_some_and(|e| e.session_id == self.session_id)
+        {
+            live.remove(&self.node_id);
+        }
+    }
+}
+
+impl Sessions {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // The map stays consistent even if a holder panicked (every change
+        // is a single insert or remove), so a poisoned lock is still usable.
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new session of `node_id`, closing any older one of the
+    /// same node ([`CloseReason::Replaced`]): a node holds one stream.
+    pub fn register(&self, node_id: &str) -> SessionHandle {
+        let closer = Arc::new(Closer::default());
+        let session_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let old = self.lock().insert(
+            node_id.to_owned(),
+            Entry {
+                session_id,
+                closer: closer.clone(),
+            },
+        );
+        if let Some(old) = old {
+            old.closer.close(CloseReason::Replaced);
+        }
+        SessionHandle {
+            sessions: self.clone(),
+            node_id: node_id.to_owned(),
+            session_id,
+            closer,
+        }
+    }
+
+    /// Number of nodes holding a session.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no node holds a session.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True if `node_id` holds a session.
+    pub fn contains(&self, node_id: &str) -> bool {
+        self.lock().contains_key(node_id)
+    }
+
+    /// Closes `node_id`'s session, if it has one; true if it had.
+    pub fn close(&self, node_id: &str, reason: CloseReason) -> bool {
+        let live = self.lock();
+        match live.get(node_id) {
+            Some(entry) => {
+                entry.closer.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every session (controller shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        for entry in self.lock().values() {
+            entry.closer.close(reason);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn newer_session_replaces_and_old_drop_keeps_it() {
+        let sessions = Sessions::new();
+        let first = sessions.register("n-1");
+        let second = sessions.register("n-1");
+        assert_eq!(first.closed().await, CloseReason::Replaced);
+        drop(first);
+        assert!(sessions.contains("n-1"));
+        assert!(sessions.close("n-1", CloseReason::Revoked));
+        assert_eq!(second.closed().await, CloseReason::Revoked);
+        drop(second);
+        assert!(sessions.is_empty());
+        assert!(!sessions.close("n-1", CloseReason::Revoked));
+    }
+}
