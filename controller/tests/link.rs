@@ -820,3 +820,44 @@ async fn stopping_the_controller_ends_live_sessions() {
         ),
     }
 }
+
+#[tokio::test]
+async fn the_agent_renews_in_place_and_reconnects_with_the_new_certificate() {
+    let controller = Controller::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let token = controller.token().await;
+    enroll(&controller, &token, state.path()).await.unwrap();
+    let old_cert = std::fs::read_to_string(state.path().join(link::CERT_FILE)).unwrap();
+    let old_key = std::fs::read_to_string(state.path().join(link::KEY_FILE)).unwrap();
+
+    // An open session is not disturbed by the renewal.
+    let session = connect(&controller, state.path(), "").await.unwrap();
+    let beat = || AgentMessage {
+        kind: Some(agent_message::Kind::Heartbeat(Heartbeat::default())),
+    };
+    let expiry = tokio::time::timeout(TEST_TIMEOUT, link::renew(&controller.url(), state.path()))
+        .await
+        .unwrap()
+        .unwrap();
+    let week = 7 * 24 * 3600;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    assert!((expiry - now - week).abs() < 60);
+    let new_cert = std::fs::read_to_string(state.path().join(link::CERT_FILE)).unwrap();
+    let new_key = std::fs::read_to_string(state.path().join(link::KEY_FILE)).unwrap();
+    assert_ne!(old_cert, new_cert);
+    assert_ne!(old_key, new_key, "a new key pair is made for the renewal");
+    assert!(session.outbound.send(beat()).await.is_ok());
+
+    // The next connection uses the new pair; the old one is kept aside.
+    connect(&controller, state.path(), "").await.unwrap();
+    assert!(state
+        .path()
+        .join(format!("{}.old", link::CERT_FILE))
+        .exists());
+    let events = controller.store().await.audit_events().await.unwrap();
+    assert!(
+        events.iter().any(|e| e.event_type == "CERT_RENEWED"),
+        "{events:?}"
+    );
+    controller.stop().await;
+}

@@ -252,6 +252,47 @@ pub async fn connect(
     }
 }
 
+/// Renews this node's certificate over mTLS with a new key made here; the
+/// new key and certificate replace the old ones on disk (temp + rename, key
+/// first is never used alone: both are written before the next connect
+/// reads them). The open session is not touched: the controller keeps the
+/// old certificate valid until it expires. Returns the new expiry.
+pub async fn renew(controller: &str, state_dir: &Path) -> Result<i64, LinkError> {
+    let target = Target::parse(controller)?;
+    let ca_pem = read_file(&state_dir.join(CA_FILE))?;
+    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
+    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
+    let node_id = read_file(&state_dir.join(NODE_ID_FILE))?.trim().to_owned();
+
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_id.as_str());
+    params.distinguished_name = dn;
+    let csr_pem = params.serialize_request(&key)?.pem()?;
+
+    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
+    let channel = connect_channel(&target, config).await?;
+    let response = AgentLinkClient::new(channel)
+        .renew(slipway_proto::v1::RenewRequest { csr_pem })
+        .await
+        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
+        .into_inner();
+    CertificateDer::from_pem_slice(response.cert_pem.as_bytes())
+        .map_err(|_| LinkError::BadPem("client certificate"))?;
+    // Both files change together for the next connect: write them under
+    // temporary names, then rename the key and the certificate in turn. A
+    // crash between the two renames leaves a key that does not match the
+    // certificate; the old pair is kept as .old to recover by hand.
+    let key_path = state_dir.join(KEY_FILE);
+    let cert_path = state_dir.join(CERT_FILE);
+    let _ = fs::copy(&key_path, state_dir.join(format!("{KEY_FILE}.old")));
+    let _ = fs::copy(&cert_path, state_dir.join(format!("{CERT_FILE}.old")));
+    write_file(&key_path, &key.serialize_pem(), 0o600)?;
+    write_file(&cert_path, &response.cert_pem, 0o644)?;
+    Ok(response.expires_at_unix)
+}
+
 /// Where the controller is: what to dial and what name its certificate
 /// must carry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -63,11 +63,18 @@ pub async fn run(
                     0 => DEFAULT_INTERVAL,
                     n => Duration::from_secs(u64::from(n)),
                 };
+                let renew_at = session.welcome.renew_cert_after_unix;
                 let ended = tokio::select! {
-                    e = serve(&config, session, interval, &mut rng) => e,
+                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng) => e,
                     () = &mut stop => return,
                 };
-                tracing::warn!(controller = %ctl.url, "controller session ended: {ended}");
+                if ended.code == tonic::Code::PermissionDenied {
+                    // Revoked: reconnecting would only be refused again. The
+                    // apps keep running; re-enroll to rejoin.
+                    tracing::error!(controller = %ctl.url, "this node was revoked by the controller ({}); not reconnecting", ended.text);
+                    return;
+                }
+                tracing::warn!(controller = %ctl.url, "controller session ended: {}", ended.text);
             }
             Err(e) => {
                 tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}")
@@ -82,32 +89,70 @@ pub async fn run(
     }
 }
 
-/// Heartbeats until the session breaks; returns why it ended.
+/// Why a session ended: the gRPC code (PermissionDenied = revoked) and text.
+#[derive(Debug)]
+struct Ended {
+    code: tonic::Code,
+    text: String,
+}
+
+impl Ended {
+    fn other(text: impl Into<String>) -> Self {
+        Self {
+            code: tonic::Code::Unknown,
+            text: text.into(),
+        }
+    }
+}
+
+/// Heartbeats until the session breaks, renewing the certificate when the
+/// controller said to; returns why it ended.
 async fn serve(
     config: &Config,
+    ctl: &ControllerConfig,
     mut session: link::Session,
     interval: Duration,
+    renew_at: i64,
     rng: &mut Jitter,
-) -> String {
+) -> Ended {
     // Staggered first beat: somewhere in the first interval.
     let mut next = tokio::time::Instant::now() + rng.below(interval);
+    let mut renew_due = renew_at > 0;
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next) => {
                 next += interval;
+                if renew_due && time::OffsetDateTime::now_utc().unix_timestamp() >= renew_at {
+                    // The session stays up on the old certificate, which the
+                    // controller honours until it expires; the next connect
+                    // uses the new one. A failure is retried next beat.
+                    match link::renew(&ctl.url, &ctl.state_dir).await {
+                        Ok(expiry) => {
+                            renew_due = false;
+                            tracing::info!(expires_at_unix = expiry, "certificate renewed");
+                        }
+                        Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
+                    }
+                }
                 let cfg = config.clone();
                 let beat = match tokio::task::spawn_blocking(move || heartbeat(&cfg)).await {
                     Ok(b) => b,
-                    Err(e) => return format!("heartbeat task failed: {e}"),
+                    Err(e) => return Ended::other(format!("heartbeat task failed: {e}")),
                 };
-                if session.outbound.send(AgentMessage { kind: Some(agent_message::Kind::Heartbeat(beat)) }).await.is_err() {
-                    return "the stream closed".into();
+                let msg = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(beat)) };
+                if session.outbound.send(msg).await.is_err() {
+                    return Ended::other("the stream closed");
                 }
             }
             msg = session.inbound.message() => match msg {
                 Ok(Some(m)) => handle(m),
-                Ok(None) => return "the controller closed the stream".into(),
-                Err(status) => return format!("{}: {}", status.code(), status.message()),
+                Ok(None) => return Ended::other("the controller closed the stream"),
+                Err(status) => {
+                    return Ended {
+                        code: status.code(),
+                        text: format!("{}: {}", status.code(), status.message()),
+                    }
+                }
             }
         }
     }
@@ -191,8 +236,21 @@ pub fn heartbeat(config: &Config) -> Heartbeat {
             disks,
         }),
         apps: app_statuses(config),
-        ..Heartbeat::default()
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_rss_bytes: own_rss_bytes(),
     }
+}
+
+/// This process's resident memory, so a leak shows fleet-wide.
+fn own_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// What the controller needs of each app; an app whose state cannot be
