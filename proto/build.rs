@@ -1,4 +1,5 @@
-//! Compiles `proto/slipway/v1/agent.proto` into Rust at build time.
+//! Compiles `proto/slipway/v1/agent.proto` and `control.proto` (the CLI's
+//! controller API) into Rust at build time.
 //!
 //! `protox` parses the .proto in pure Rust (no system `protoc`), producing a
 //! `FileDescriptorSet` that `tonic-prost-build` turns into prost messages plus
@@ -7,7 +8,10 @@
 use std::error::Error;
 
 const INCLUDE_DIR: &str = "proto";
-const PROTOS: &[&str] = &["proto/slipway/v1/agent.proto"];
+const PROTOS: &[&str] = &[
+    "proto/slipway/v1/agent.proto",
+    "proto/slipway/v1/control.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     // `compile_fds` does not know the source paths, so tell cargo ourselves.

@@ -25,6 +25,28 @@ pub const CERT_RENEW_REFUSED: &str = "CERT_RENEW_REFUSED";
 /// and its stream closed.
 pub const NODE_REVOKED: &str = "NODE_REVOKED";
 
+/// An agent's FetchArtifact was refused (no or unknown certificate,
+/// revoked node, unknown digest).
+pub const ARTIFACT_FETCH_REFUSED: &str = "ARTIFACT_FETCH_REFUSED";
+
+/// A deploy was recorded and its commands sent to the selected nodes.
+pub const DEPLOY_STARTED: &str = "DEPLOY_STARTED";
+/// Every node of a deploy succeeded.
+pub const DEPLOY_COMPLETED: &str = "DEPLOY_COMPLETED";
+/// At least one node of a deploy failed (details name them and why).
+pub const DEPLOY_FAILED: &str = "DEPLOY_FAILED";
+/// A rollback was recorded and its commands sent.
+pub const ROLLBACK_STARTED: &str = "ROLLBACK_STARTED";
+/// Every node of a rollback succeeded.
+pub const ROLLBACK_COMPLETED: &str = "ROLLBACK_COMPLETED";
+/// At least one node of a rollback failed.
+pub const ROLLBACK_FAILED: &str = "ROLLBACK_FAILED";
+/// An artifact was uploaded (or re-uploaded) through the controller API.
+pub const ARTIFACT_UPLOADED: &str = "ARTIFACT_UPLOADED";
+/// A controller API call was refused: no, unknown or out-of-scope token,
+/// or an upload whose bytes did not match the declared digest.
+pub const API_CALL_REFUSED: &str = "API_CALL_REFUSED";
+
 /// `status` of an event that worked.
 pub const STATUS_SUCCESS: &str = "success";
 /// `status` of an event that was refused or failed (the seeds query this).

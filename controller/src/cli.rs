@@ -84,6 +84,20 @@ pub struct ServeArgs {
 pub enum TokenCommand {
     /// Print a one-time join token for `slipway-agent enroll`.
     Create(TokenCreateArgs),
+    /// Print an API token for the `slipway` CLI (shown once, stored hashed).
+    Api(TokenApiArgs),
+}
+
+/// `token api` flags.
+#[derive(Debug, Args)]
+pub struct TokenApiArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// What the token may do: `read`, or `deploy:APP` (deploy and roll back
+    /// APP, and read); repeatable or comma-separated.
+    #[arg(long = "scope", value_name = "SCOPE", required = true)]
+    pub scopes: Vec<String>,
 }
 
 /// `token create` flags.

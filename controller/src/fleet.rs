@@ -129,7 +129,7 @@ pub fn apps_json(apps: &[AppStatus]) -> serde_json::Value {
 }
 
 /// One node in `slipway-controller nodes` (also its `--json` shape).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
     /// Node id.
     pub id: String,

@@ -20,6 +20,13 @@
 //!   heartbeats; renews certificates. [`registry`]: the live sessions
 //!   (closed on revocation, replacement, shutdown). [`liveness`]: pure rules
 //!   for the heartbeat interval and a node's state.
+//! - [`api`]: Control service for the `slipway` CLI (API tokens from
+//!   [`apitoken`]): nodes, audit, artifact upload, deploy and rollback.
+//!   [`deploy`]: sends one command per selected node through the
+//!   [`registry`], routes the agents' progress and results back by command
+//!   id, records per-node results and the outcome. [`artifacts`]: the
+//!   content-addressed artifact store (upload, and FetchArtifact for agents).
+//!   [`client`]: the CLI's TLS channel (`src/bin/slipway.rs`).
 //! - [`fleet`]: the fleet view (`nodes`) and `node revoke`, from the
 //!   database only, so they work from another process while `serve` runs.
 //! - [`store`]: SQLite through sqlx (nodes and their certificates, join
@@ -30,14 +37,22 @@
 //!
 //! Data flow: agent ─TLS─▶ [`tls::incoming`] ─▶ tonic ─▶ [`enroll`] /
 //! [`session`] ─▶ [`store`] (every refusal also becomes an audit event).
+//! CLI ─TLS─▶ [`api`] ─▶ [`deploy`] ─▶ [`registry`] ─▶ agent sessions;
+//! their Progress / CommandResult ─▶ [`session`] ─▶ [`deploy::Commands`] ─▶
+//! the CLI's event stream and [`store`].
 
 pub use slipway_proto as proto;
 
+pub mod api;
+pub mod apitoken;
+pub mod artifacts;
 pub mod audit;
 pub mod ca;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod deploy;
 pub mod enroll;
 pub mod fleet;
 pub mod liveness;

@@ -74,7 +74,7 @@ pub fn heartbeat_interval(connected: usize, policy: &HeartbeatPolicy) -> Duratio
 }
 
 /// Liveness of a node as shown in the fleet view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     /// Heard from within the allowed silence.

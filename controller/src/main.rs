@@ -7,11 +7,12 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use slipway_controller::ca::Ca;
 use slipway_controller::cli::{
-    Cli, Command, NodeCommand, NodeRevokeArgs, NodesArgs, ServeArgs, TokenCommand, TokenCreateArgs,
+    Cli, Command, NodeCommand, NodeRevokeArgs, NodesArgs, ServeArgs, TokenApiArgs, TokenCommand,
+    TokenCreateArgs,
 };
 use slipway_controller::config::{ConfigError, RawConfig, ServeConfig};
 use slipway_controller::store::Store;
-use slipway_controller::{crypto, fleet, server, token};
+use slipway_controller::{apitoken, crypto, fleet, server, token};
 
 /// EX_USAGE: bad configuration or arguments.
 const EXIT_USAGE: u8 = 64;
@@ -47,6 +48,10 @@ fn main() -> ExitCode {
                         e.downcast_ref(),
                         Some(token::TokenError::Ttl(_) | token::TokenError::Tag(_))
                     )
+                    || matches!(
+                        e.downcast_ref(),
+                        Some(apitoken::ApiTokenError::Scope(_) | apitoken::ApiTokenError::NoScope)
+                    )
             });
             if usage {
                 ExitCode::from(EXIT_USAGE)
@@ -78,6 +83,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Token(TokenCommand::Create(args)) => token_create(args).await,
+        Command::Token(TokenCommand::Api(args)) => token_api(args).await,
         Command::Nodes(args) => nodes(args).await,
         Command::Node(NodeCommand::Revoke(args)) => node_revoke(args).await,
     }
@@ -139,6 +145,16 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let token = token::create(&store, &ca.fingerprint(), ttl, &args.tags, now).await?;
     println!("{token}");
+    Ok(())
+}
+
+async fn token_api(args: TokenApiArgs) -> anyhow::Result<()> {
+    let scopes = apitoken::parse_scopes(&args.scopes)?;
+    let store = Store::open(&args.data_dir)
+        .await
+        .context("opening the controller database")?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    println!("{}", apitoken::create(&store, &scopes, now).await?);
     Ok(())
 }
 

@@ -8,7 +8,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use slipway_proto::v1::ControllerMessage;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// The outbound half of a session: what the controller sends to the agent.
+pub type Outbound = mpsc::Sender<Result<ControllerMessage, tonic::Status>>;
 
 /// Why the controller closed a session; becomes the gRPC status the agent sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +47,9 @@ struct Entry {
     /// Tells this session apart from a newer one of the same node.
     session_id: u64,
     closer: Arc<Closer>,
+    /// Where commands for this node go; set once the Welcome is queued
+    /// ([`SessionHandle::accept_commands`]), so it is always sent first.
+    outbound: Option<Outbound>,
 }
 
 /// The registry; cheap to clone (shared).
@@ -74,6 +82,20 @@ impl SessionHandle {
             .get()
             .copied()
             .unwrap_or(CloseReason::Shutdown)
+    }
+}
+
+impl SessionHandle {
+    /// From now on [`Sessions::send`] queues commands on `outbound` (unless
+    /// a newer session of the node replaced this one).
+    pub fn accept_commands(&self, outbound: Outbound) {
+        let mut live = self.sessions.lock();
+        if let Some(entry) = live
+            .get_mut(&self.node_id)
+            .filter(|e| e.session_id == self.session_id)
+        {
+            entry.outbound = Some(outbound);
+        }
     }
 }
 
@@ -115,6 +137,7 @@ impl Sessions {
             Entry {
                 session_id,
                 closer: closer.clone(),
+                outbound: None,
             },
         );
         if let Some(old) = old {
@@ -143,6 +166,17 @@ impl Sessions {
         self.lock().contains_key(node_id)
     }
 
+    /// Queues `message` on `node_id`'s session; false if the node holds no
+    /// session or it ended meanwhile.
+    pub async fn send(&self, node_id: &str, message: ControllerMessage) -> bool {
+        // Cloned out so the lock is not held across the await.
+        let outbound = self.lock().get(node_id).and_then(|e| e.outbound.clone());
+        match outbound {
+            Some(outbound) => outbound.send(Ok(message)).await.is_ok(),
+            None => false,
+        }
+    }
+
     /// Closes `node_id`'s session, if it has one; true if it had.
     pub fn close(&self, node_id: &str, reason: CloseReason) -> bool {
         let live = self.lock();
@@ -166,6 +200,19 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn commands_reach_a_session_only_once_it_accepts_them() {
+        let sessions = Sessions::new();
+        let handle = sessions.register("n-1");
+        let msg = ControllerMessage::default();
+        assert!(!sessions.send("n-1", msg.clone()).await);
+        let (tx, mut rx) = mpsc::channel(1);
+        handle.accept_commands(tx);
+        assert!(sessions.send("n-1", msg.clone()).await);
+        assert_eq!(rx.recv().await.unwrap().unwrap(), msg);
+        assert!(!sessions.send("n-2", msg).await);
+    }
 
     #[tokio::test]
     async fn newer_session_replaces_and_old_drop_keeps_it() {

@@ -1,5 +1,6 @@
-//! `serve`: load the CA, open the store, and run both gRPC services on one
-//! TLS listener until `shutdown` resolves.
+//! `serve`: load the CA, open the store, and run the gRPC services
+//! (Enrollment, AgentLink, Control) on one TLS listener until `shutdown`
+//! resolves.
 //!
 //! Revocations are made by another process (`node revoke` writes the
 //! database), so the server polls the database every [`REVOCATION_POLL`] and
@@ -13,13 +14,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use slipway_proto::v1::agent_link_server::AgentLinkServer;
+use slipway_proto::v1::control_server::ControlServer;
 use slipway_proto::v1::enrollment_server::EnrollmentServer;
 use tokio::net::TcpListener;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api::ControlService;
+use crate::artifacts::Artifacts;
 use crate::ca::{Ca, CaError};
 use crate::config::ServeConfig;
+use crate::deploy::Commands;
 use crate::enroll::EnrollmentService;
 use crate::registry::{CloseReason, Sessions};
 use crate::session::AgentLinkService;
@@ -85,11 +90,26 @@ pub async fn serve(
     let store = Store::open(&config.data_dir).await?;
     let tls_config = tls::server_config(&ca, &identity)?;
     let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, ca_sha256 = %ca.fingerprint(), "controller listening");
+    // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
+    let ca_pem = config.data_dir.join(crate::ca::CA_CERT_FILE);
+    tracing::info!(
+        addr = ?local, ca_sha256 = %ca.fingerprint(), ca_pem = %ca_pem.display(),
+        "controller listening"
+    );
 
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
     let sessions = Sessions::new();
-    let link = AgentLinkService::new(ca, store.clone(), sessions.clone(), config.link);
+    let artifacts = Artifacts::new(&config.data_dir);
+    let commands = Commands::new();
+    let link = AgentLinkService::new(
+        ca,
+        store.clone(),
+        sessions.clone(),
+        config.link,
+        artifacts.clone(),
+        commands.clone(),
+    );
+    let control = ControlService::new(store.clone(), sessions.clone(), commands, artifacts);
     store
         .record_controller_start(crate::now_unix(), config.unreachable_after)
         .await?;
@@ -112,6 +132,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(AgentLinkServer::new(link))
+        .add_service(ControlServer::new(control))
         .serve_with_incoming_shutdown(tls::incoming(listener, tls_config, store), shutdown)
         .await;
     stop_polling.cancel();

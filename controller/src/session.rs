@@ -12,7 +12,11 @@
 //!    and `renew_cert_after_unix`.
 //! 2. Agent sends a Heartbeat every interval. Each is stored as the node's
 //!    latest state (`nodes` columns) and refreshes `last_seen_at`.
-//! 3. The controller closes the stream with a status when the node is
+//! 3. Commands (Deploy, Rollback, ...) are queued on the stream only after
+//!    the Welcome. The agent's Progress and CommandResult are handed to the
+//!    deployment that sent the command ([`crate::deploy::Commands`]), and
+//!    only if the command was sent to this node.
+//! 4. The controller closes the stream with a status when the node is
 //!    revoked (PERMISSION_DENIED), the node opened a newer session (ABORTED),
 //!    or the controller shuts down (UNAVAILABLE). Revocation is noticed on
 //!    the next heartbeat (its UPDATE skips revoked nodes) and by the server's
@@ -32,16 +36,18 @@ use std::time::Duration;
 
 use slipway_proto::v1::agent_link_server::AgentLink;
 use slipway_proto::v1::{
-    agent_message, controller_message, AgentMessage, ControllerMessage, Heartbeat, RenewRequest,
-    RenewResponse, Welcome,
+    agent_message, controller_message, AgentMessage, ArtifactChunk, ControllerMessage,
+    FetchArtifactRequest, Heartbeat, RenewRequest, RenewResponse, Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::artifacts::{ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
 use crate::ca::{Ca, CaError};
 use crate::crypto;
+use crate::deploy::Commands;
 use crate::fleet;
 use crate::liveness::{self, HeartbeatPolicy};
 use crate::registry::{CloseReason, SessionHandle, Sessions};
@@ -81,6 +87,9 @@ pub enum SessionError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The requested artifact is unknown or unreadable.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
 }
 
 impl From<SessionError> for Status {
@@ -98,6 +107,7 @@ impl From<SessionError> for Status {
             SessionError::Ca(_) | SessionError::Store(_) => {
                 Status::internal("session failed inside the controller; see its log")
             }
+            SessionError::Artifact(err) => err.into(),
         }
     }
 }
@@ -136,16 +146,30 @@ pub struct AgentLinkService {
     store: Store,
     sessions: Sessions,
     settings: LinkSettings,
+    /// Where FetchArtifact reads from.
+    artifacts: Artifacts,
+    /// Where agents' Progress and CommandResult go (by command id).
+    commands: Commands,
 }
 
 impl AgentLinkService {
-    /// A service registering live sessions in `sessions`.
-    pub fn new(ca: Arc<Ca>, store: Store, sessions: Sessions, settings: LinkSettings) -> Self {
+    /// A service registering live sessions in `sessions` and serving
+    /// artifacts from `artifacts`.
+    pub fn new(
+        ca: Arc<Ca>,
+        store: Store,
+        sessions: Sessions,
+        settings: LinkSettings,
+        artifacts: Artifacts,
+        commands: Commands,
+    ) -> Self {
         Self {
             ca,
             store,
             sessions,
             settings,
+            artifacts,
+            commands,
         }
     }
 
@@ -308,9 +332,12 @@ pub fn renew_after(issued_at: i64, expires_at: i64) -> i64 {
 }
 
 /// Reads the agent's messages until it ends the stream or the controller
-/// closes the session; stores every heartbeat.
+/// closes the session; stores every heartbeat and routes progress and
+/// results to the deployment that sent the command.
 async fn run_session(
     store: Store,
+    commands: Commands,
+    sessions: Sessions,
     node_id: String,
     handle: SessionHandle,
     mut inbound: Streaming<AgentMessage>,
@@ -329,7 +356,13 @@ async fn run_session(
                 Ok(false) => break Some(CloseReason::Revoked),
                 Err(err) => tracing::warn!(%node_id, %err, "could not record heartbeat"),
             },
-            // Progress and results belong to commands (not sent yet).
+            Ok(Some(AgentMessage {
+                kind: Some(agent_message::Kind::Progress(progress)),
+            })) => commands.progress(&node_id, progress),
+            Ok(Some(AgentMessage {
+                kind: Some(agent_message::Kind::Result(result)),
+            })) => commands.result(&node_id, result),
+            // A second Hello or an empty frame: nothing to do.
             Ok(Some(_)) => {}
             Ok(None) => break None,
             Err(status) => {
@@ -346,6 +379,13 @@ async fn run_session(
             let _ = tx.try_send(Err(close_status(&node_id, reason)));
         }
         None => tracing::info!(%node_id, "agent disconnected"),
+    }
+    drop(handle);
+    // A node that already opened a newer session (this one was replaced)
+    // has its commands again there; only a node now without a session
+    // starts the deployments' reconnect grace.
+    if !sessions.contains(&node_id) {
+        commands.disconnected(&node_id);
     }
 }
 
@@ -373,6 +413,39 @@ async fn record_heartbeat(
 #[tonic::async_trait]
 impl AgentLink for AgentLinkService {
     type ConnectStream = ReceiverStream<Result<ControllerMessage, Status>>;
+    type FetchArtifactStream = ReceiverStream<Result<ArtifactChunk, Status>>;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let peer_addr = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let mut actor = peer_addr.clone();
+        let fetched = async {
+            let peer = self.peer(&request).await?;
+            actor.clone_from(&peer.node.id);
+            let req = request.get_ref();
+            let stream = self.artifacts.chunks(&req.sha256, &req.command_id).await?;
+            tracing::info!(
+                node_id = %peer.node.id, sha256 = %req.sha256, command_id = %req.command_id,
+                "agent fetching artifact"
+            );
+            Ok::<_, SessionError>(stream)
+        }
+        .await;
+        match fetched {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(err) => {
+                // An unknown digest is the agent's (or deployer's) mistake,
+                // not an identity problem, but still worth an audit line.
+                self.refuse(audit::ARTIFACT_FETCH_REFUSED, &peer_addr, &actor, &err)
+                    .await;
+                Err(err.into())
+            }
+        }
+    }
 
     async fn connect(
         &self,
@@ -409,8 +482,26 @@ impl AgentLink for AgentLinkService {
         let _ = tx.try_send(Ok(ControllerMessage {
             kind: Some(controller_message::Kind::Welcome(welcome)),
         }));
+        // Only now may commands be queued: the Welcome always comes first.
+        handle.accept_commands(tx.clone());
+        // Commands sent to an earlier session and not answered yet go out
+        // again (the agent runs a command id at most once).
+        let resend = self.commands.reconnected(&node.id);
+        if !resend.is_empty() {
+            tracing::info!(node_id = %node.id, commands = resend.len(), "re-sending unanswered commands");
+            let resend_tx = tx.clone();
+            tokio::spawn(async move {
+                for message in resend {
+                    if resend_tx.send(Ok(message)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         tokio::spawn(run_session(
             self.store.clone(),
+            self.commands.clone(),
+            self.sessions.clone(),
             node.id,
             handle,
             inbound,

@@ -25,6 +25,7 @@ pub const DB_FILE: &str = "controller.db";
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_heartbeat_certs.sql"),
+    include_str!("../migrations/0003_api_deployments.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -182,6 +183,42 @@ pub struct NewNode<'a> {
     pub enrolled_at: i64,
 }
 
+/// A stored API token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTokenRow {
+    /// Public part of the token.
+    pub id: String,
+    /// sha256 hex of the secret part.
+    pub secret_hash: String,
+    /// Scopes as written ("read", "deploy:web").
+    pub scopes: Vec<String>,
+    /// Set when the token was revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// A deployment to record, with the nodes it targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDeployment<'a> {
+    /// `d-…`.
+    pub id: &'a str,
+    /// "deploy" or "rollback".
+    pub kind: &'a str,
+    /// The app.
+    pub app: &'a str,
+    /// Release deployed or rolled back to.
+    pub release_id: &'a str,
+    /// Artifact digest ("" for a rollback).
+    pub artifact_sha256: &'a str,
+    /// API token id.
+    pub actor: &'a str,
+    /// Selector as JSON.
+    pub selector: &'a serde_json::Value,
+    /// Now.
+    pub started_at: i64,
+    /// (node id, command id) per target.
+    pub nodes: &'a [(String, String)],
+}
+
 /// SQLITE_BUSY (5) or SQLITE_LOCKED (6), with or without extended bits.
 fn is_busy(code: Option<&str>) -> bool {
     code.and_then(|c| c.parse::<i32>().ok())
@@ -300,11 +337,17 @@ impl Store {
 
     /// Every audit event, oldest first.
     pub async fn audit_events(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit_events_since(i64::MIN).await
+    }
+
+    /// Audit events at or after `since`, oldest first.
+    pub async fn audit_events_since(&self, since: i64) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, created_at, event_type, actor, resource_type, resource_id, details,
                     status, error_message
-             FROM audit_events ORDER BY created_at, rowid",
+             FROM audit_events WHERE created_at >= ?1 ORDER BY created_at, rowid",
         )
+        .bind(since)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
@@ -496,6 +539,158 @@ impl Store {
                     heartbeat_interval_secs: interval.and_then(|v| u64::try_from(v).ok()),
                     cert_expires_at: row.try_get("cert_expires_at")?,
                 })
+            })
+            .collect()
+    }
+
+    /// Stores a new API token.
+    pub async fn insert_api_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        scopes: &[String],
+        created_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, secret_hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(id)
+        .bind(secret_hash)
+        .bind(serde_json::Value::from(scopes.to_vec()).to_string())
+        .bind(created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Loads an API token by id.
+    pub async fn api_token(&self, id: &str) -> Result<Option<ApiTokenRow>, StoreError> {
+        let row =
+            sqlx::query("SELECT id, secret_hash, scopes, revoked_at FROM api_tokens WHERE id = ?1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|row| {
+            let scopes: String = row.try_get("scopes")?;
+            Ok(ApiTokenRow {
+                id: row.try_get("id")?,
+                secret_hash: row.try_get("secret_hash")?,
+                scopes: serde_json::from_str(&scopes).map_err(|source| StoreError::Json {
+                    column: "api_tokens.scopes",
+                    source,
+                })?,
+                revoked_at: row.try_get("revoked_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records a deployment (status running), its pending per-node rows and
+    /// the start audit event, together.
+    pub async fn insert_deployment(
+        &self,
+        deployment: &NewDeployment<'_>,
+        started: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
+                                      selector, status, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)",
+        )
+        .bind(deployment.id)
+        .bind(deployment.kind)
+        .bind(deployment.app)
+        .bind(deployment.release_id)
+        .bind(deployment.artifact_sha256)
+        .bind(deployment.actor)
+        .bind(deployment.selector.to_string())
+        .bind(deployment.started_at)
+        .execute(&mut *tx)
+        .await?;
+        for (node_id, command_id) in deployment.nodes {
+            sqlx::query(
+                "INSERT INTO deployment_nodes (deployment_id, node_id, command_id, outcome)
+                 VALUES (?1, ?2, ?3, 'pending')",
+            )
+            .bind(deployment.id)
+            .bind(node_id)
+            .bind(command_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        insert_audit(&mut tx, started, deployment.started_at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records how one node of a deployment ended.
+    pub async fn record_node_result(
+        &self,
+        command_id: &str,
+        outcome: &str,
+        release_id: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE deployment_nodes SET outcome = ?1, release_id = ?2, message = ?3,
+                    finished_at = ?4
+             WHERE command_id = ?5",
+        )
+        .bind(outcome)
+        .bind(release_id)
+        .bind(message)
+        .bind(now)
+        .bind(command_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a deployment finished and records the final audit event, together.
+    pub async fn finish_deployment(
+        &self,
+        id: &str,
+        status: &str,
+        message: &str,
+        finished: &AuditEvent,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE deployments SET status = ?1, message = ?2, finished_at = ?3 WHERE id = ?4",
+        )
+        .bind(status)
+        .bind(message)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        insert_audit(&mut tx, finished, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Per-node rows of a deployment: (node id, outcome, message), by node.
+    pub async fn deployment_nodes(
+        &self,
+        deployment_id: &str,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node_id, outcome, message FROM deployment_nodes
+             WHERE deployment_id = ?1 ORDER BY node_id",
+        )
+        .bind(deployment_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("node_id")?,
+                    row.try_get("outcome")?,
+                    row.try_get("message")?,
+                ))
             })
             .collect()
     }
@@ -759,7 +954,7 @@ mod tests {
             .fetch_one(&store.pool)
             .await
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
     #[tokio::test]

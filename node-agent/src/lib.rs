@@ -22,6 +22,8 @@
 //!   → client certificate), mTLS connect.
 //! - [`liveness`]: `slipway-agent run`, the long-running loop.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
+//! - [`commands`]: deploy, rollback, prune, restart and status commands
+//!   from the controller, idempotent per command id.
 //! - [`uplink`]: the session `run` keeps with the controller (heartbeats,
 //!   reconnect with backoff and jitter).
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
@@ -34,6 +36,7 @@
 
 pub mod artifact;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod driver;

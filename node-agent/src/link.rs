@@ -293,6 +293,77 @@ pub async fn renew(controller: &str, state_dir: &Path) -> Result<i64, LinkError>
     Ok(response.expires_at_unix)
 }
 
+/// Downloads artifact `sha256` from the controller over mTLS into `dest`
+/// (temp + rename), chunk by chunk, checking offsets and the digest. Returns
+/// the size.
+pub async fn fetch_artifact(
+    controller: &str,
+    state_dir: &Path,
+    sha256: &str,
+    command_id: &str,
+    dest: &Path,
+) -> Result<u64, LinkError> {
+    let target = Target::parse(controller)?;
+    let ca_pem = read_file(&state_dir.join(CA_FILE))?;
+    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
+    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
+    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
+    let channel = connect_channel(&target, config).await?;
+    let mut stream = AgentLinkClient::new(channel)
+        .fetch_artifact(slipway_proto::v1::FetchArtifactRequest {
+            sha256: sha256.to_owned(),
+            command_id: command_id.to_owned(),
+        })
+        .await
+        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
+        .into_inner();
+    let tmp = dest.with_extension("part");
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| LinkError::Io { path, source }
+    };
+    let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    let mut finished = false;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
+    {
+        if chunk.offset != offset {
+            let _ = fs::remove_file(&tmp);
+            return Err(LinkError::Unexpected(format!(
+                "artifact chunk at offset {} where {offset} was expected",
+                chunk.offset
+            )));
+        }
+        hasher.update(&chunk.data);
+        file.write_all(&chunk.data).map_err(io_err(&tmp))?;
+        offset += chunk.data.len() as u64;
+        if chunk.last {
+            finished = true;
+            break;
+        }
+    }
+    let got = hex_lower(&hasher.finalize());
+    if !finished || got != sha256 {
+        let _ = fs::remove_file(&tmp);
+        return Err(LinkError::Unexpected(if finished {
+            format!("artifact from the controller has sha256 {got}, expected {sha256}")
+        } else {
+            format!("artifact stream ended after {offset} bytes without its last chunk")
+        }));
+    }
+    file.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, dest).map_err(io_err(dest))?;
+    Ok(offset)
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Where the controller is: what to dial and what name its certificate
 /// must carry.
 #[derive(Debug, Clone, PartialEq, Eq)]

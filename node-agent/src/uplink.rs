@@ -15,8 +15,7 @@
 use std::time::Duration;
 
 use slipway_proto::v1::{
-    agent_message, controller_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics,
-    ReleaseInfo,
+    agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics, ReleaseInfo,
 };
 
 use crate::config::{AppConfig, Config, ControllerConfig};
@@ -40,6 +39,7 @@ pub async fn run(
     tokio::pin!(stop);
     let mut rng = Jitter::seeded();
     let mut attempt: u32 = 0;
+    let outbox = crate::commands::Outbox::default();
     loop {
         let hello = {
             let cfg = config.clone();
@@ -65,7 +65,7 @@ pub async fn run(
                 };
                 let renew_at = session.welcome.renew_cert_after_unix;
                 let ended = tokio::select! {
-                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng) => e,
+                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng, &outbox) => e,
                     () = &mut stop => return,
                 };
                 if ended.code == tonic::Code::PermissionDenied {
@@ -114,7 +114,9 @@ async fn serve(
     interval: Duration,
     renew_at: i64,
     rng: &mut Jitter,
+    outbox: &crate::commands::Outbox,
 ) -> Ended {
+    outbox.attach(session.outbound.clone());
     // Staggered first beat: somewhere in the first interval.
     let mut next = tokio::time::Instant::now() + rng.below(interval);
     let mut renew_due = renew_at > 0;
@@ -145,7 +147,11 @@ async fn serve(
                 }
             }
             msg = session.inbound.message() => match msg {
-                Ok(Some(m)) => handle(m),
+                Ok(Some(m)) => {
+                    // Commands run beside the heartbeats; the app lock keeps
+                    // two of them off the same app.
+                    tokio::spawn(crate::commands::execute(config.clone(), ctl.clone(), m, outbox.clone()));
+                }
                 Ok(None) => return Ended::other("the controller closed the stream"),
                 Err(status) => {
                     return Ended {
@@ -154,16 +160,6 @@ async fn serve(
                     }
                 }
             }
-        }
-    }
-}
-
-fn handle(msg: slipway_proto::v1::ControllerMessage) {
-    match msg.kind {
-        Some(controller_message::Kind::Welcome(_)) | None => {}
-        // Commands come with the command issue; say so rather than ignore.
-        Some(other) => {
-            tracing::warn!("controller sent a message this agent does not run yet: {other:?}")
         }
     }
 }

@@ -12,6 +12,9 @@
 //!
 //! - `proto/slipway/v1/agent.proto` — the source of truth; the comments there
 //!   explain why each message and field exists and become the rustdoc here.
+//! - `proto/slipway/v1/control.proto` — the controller API the `slipway` CLI
+//!   calls ([`v1::control_client`] / [`v1::control_server`]): nodes, audit,
+//!   artifact upload, deploy and rollback with streamed progress.
 //! - [`join_token`] — the `slw1.<id>.<secret>.<ca-sha256>` join token
 //!   format, shared by the controller (prints tokens) and the agent (reads
 //!   the pinned CA fingerprint before trusting the controller).
@@ -68,8 +71,9 @@ mod tests {
     use crate::v1::agent_link_client::AgentLinkClient;
     use crate::v1::agent_link_server::{AgentLink, AgentLinkServer};
     use crate::v1::{
-        agent_message, controller_message, AgentMessage, AppStatus, ControllerMessage, DiskUsage,
-        Heartbeat, Hello, NodeMetrics, ReleaseInfo, RenewRequest, RenewResponse, StatusRequest,
+        agent_message, controller_message, AgentMessage, AppStatus, ArtifactChunk,
+        ControllerMessage, DiskUsage, FetchArtifactRequest, Heartbeat, Hello, NodeMetrics,
+        ReleaseInfo, RenewRequest, RenewResponse, StatusRequest,
     };
 
     /// Guards against a test hanging forever if the server never answers.
@@ -178,6 +182,15 @@ mod tests {
             &self,
             _request: Request<RenewRequest>,
         ) -> Result<Response<RenewResponse>, Status> {
+            Err(Status::unimplemented("not part of this test"))
+        }
+
+        type FetchArtifactStream = ReceiverStream<Result<ArtifactChunk, Status>>;
+
+        async fn fetch_artifact(
+            &self,
+            _request: Request<FetchArtifactRequest>,
+        ) -> Result<Response<Self::FetchArtifactStream>, Status> {
             Err(Status::unimplemented("not part of this test"))
         }
     }

@@ -254,19 +254,7 @@ liveness_interval = "500ms"
 
     /// Builds the `web` artifact of `version` and deploys it on this node.
     pub fn deploy(&self, version: &str) -> Value {
-        let art = self.dir.path().join(format!("{version}.tar.gz"));
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-            fs::File::create(&art).unwrap(),
-            flate2::Compression::fast(),
-        ));
-        for (name, body) in [("server.py", APP), ("VERSION", version)] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(body.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, body.as_bytes()).unwrap();
-        }
-        b.into_inner().unwrap().finish().unwrap().flush().unwrap();
+        let art = artifact(self.dir.path(), version, APP);
         let out = self.cli(&[
             "deploy",
             "--app",
@@ -304,6 +292,57 @@ liveness_interval = "500ms"
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
         text.split("\r\n\r\n").nth(1).map(str::to_owned)
+    }
+}
+
+/// Writes `<dir>/<version>.tar.gz`: `server.py` (`app`) and `VERSION`.
+pub fn artifact(dir: &Path, version: &str, app: &str) -> PathBuf {
+    let art = dir.join(format!("{version}.tar.gz"));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        fs::File::create(&art).unwrap(),
+        flate2::Compression::fast(),
+    ));
+    for (name, body) in [("server.py", app), ("VERSION", version)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, body.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap().flush().unwrap();
+    art
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(fs::read(path).unwrap()))
+}
+
+impl Controller {
+    /// The CA certificate the `slipway` CLI trusts.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.data_dir().join("ca.pem")
+    }
+
+    /// A new API token (`slipway-controller token api --scope …`).
+    pub fn api_token(&self, scopes: &str) -> String {
+        let out = self.cli(&["token", "api", "--scope", scopes]);
+        check(out, "token api").trim().to_owned()
+    }
+
+    /// `slipway --controller … --ca … --token TOKEN <args>`.
+    pub fn slipway(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(bin("slipway"))
+            .arg("--controller")
+            .arg(self.url())
+            .arg("--ca")
+            .arg(self.ca_pem())
+            .arg("--token")
+            .arg(token)
+            .args(args)
+            .output()
+            .unwrap()
     }
 }
 

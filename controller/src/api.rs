@@ -1,0 +1,441 @@
+//! The Control service: the controller API the `slipway` CLI calls, on the
+//! same TLS port as the agents (no client certificate; an API token in
+//! `authorization: Bearer …` metadata instead, see [`crate::apitoken`]).
+//!
+//! Every refused call (no or unknown token, a scope that does not cover the
+//! app, an upload whose bytes do not match its digest) is audited as
+//! API_CALL_REFUSED with the token id (never the secret) as actor.
+
+use slipway_proto::v1::control_server::Control;
+use slipway_proto::v1::{
+    selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
+    ListNodesRequest, ListNodesResponse, RollbackRequest, Selector, UploadArtifactResponse,
+    UploadChunk,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::apitoken::{self, ApiTokenError, Caller};
+use crate::artifacts::{self, ArtifactError, Artifacts};
+use crate::audit::{self, AuditEvent};
+use crate::deploy::{self, Action, Commands, Plan, Target};
+use crate::fleet;
+use crate::registry::Sessions;
+use crate::store::{Store, StoreError};
+
+/// Errors of API calls; each maps to one gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No `authorization: Bearer` metadata.
+    #[error(
+        "an API token is required (authorization: Bearer …; slipway --token or SLIPWAY_TOKEN)"
+    )]
+    NoToken,
+    /// The token is malformed, unknown or revoked.
+    #[error(transparent)]
+    Token(#[from] ApiTokenError),
+    /// The token's scopes do not allow this call.
+    #[error("token {token} may not {what} (scopes: {scopes})")]
+    Scope {
+        /// Token id.
+        token: String,
+        /// What was asked, e.g. "deploy app api".
+        what: String,
+        /// What the token has.
+        scopes: String,
+    },
+    /// A request field is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The selector matches no node.
+    #[error("no enrolled node matches {0}")]
+    NoNodes(String),
+    /// The artifact to deploy was never uploaded.
+    #[error("artifact {0} is not on the controller; upload it first (slipway deploy does)")]
+    NoArtifact(String),
+    /// Artifact store.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// Database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        match err {
+            ApiError::NoToken
+            | ApiError::Token(ApiTokenError::Malformed | ApiTokenError::Unknown) => {
+                Status::unauthenticated(err.to_string())
+            }
+            ApiError::Scope { .. } => Status::permission_denied(err.to_string()),
+            ApiError::Invalid(_) => Status::invalid_argument(err.to_string()),
+            ApiError::NoNodes(_) | ApiError::NoArtifact(_) => {
+                Status::failed_precondition(err.to_string())
+            }
+            ApiError::Artifact(err) => err.into(),
+            ApiError::Token(_) | ApiError::Store(_) => {
+                tracing::error!(%err, "controller api");
+                Status::internal("the controller failed; see its log")
+            }
+        }
+    }
+}
+
+/// The Control gRPC service.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    store: Store,
+    sessions: Sessions,
+    commands: Commands,
+    artifacts: Artifacts,
+}
+
+/// Who is calling, for audit events before the token is known.
+fn peer_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+}
+
+fn bearer<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim().to_owned())
+}
+
+fn scopes_text(caller: &Caller) -> String {
+    caller
+        .scopes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn selector_json(selector: Option<&Selector>) -> serde_json::Value {
+    match selector.and_then(|s| s.target.as_ref()) {
+        Some(selector::Target::Tag(tag)) => serde_json::json!({ "tag": tag }),
+        Some(selector::Target::Node(node)) => serde_json::json!({ "node": node }),
+        None => serde_json::json!({}),
+    }
+}
+
+impl ControlService {
+    /// The service.
+    pub fn new(store: Store, sessions: Sessions, commands: Commands, artifacts: Artifacts) -> Self {
+        Self {
+            store,
+            sessions,
+            commands,
+            artifacts,
+        }
+    }
+
+    /// Authenticates the call and checks `allowed`; on refusal records
+    /// API_CALL_REFUSED.
+    async fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        what: &str,
+        allowed: impl FnOnce(&Caller) -> bool,
+    ) -> Result<Caller, Status> {
+        let token = bearer(request);
+        let checked = match token.as_deref() {
+            None => Err(ApiError::NoToken),
+            Some(token) => match apitoken::authenticate(&self.store, token).await {
+                Ok(caller) if allowed(&caller) => Ok(caller),
+                Ok(caller) => Err(ApiError::Scope {
+                    token: caller.token_id.clone(),
+                    what: what.to_owned(),
+                    scopes: scopes_text(&caller),
+                }),
+                Err(err) => Err(err.into()),
+            },
+        };
+        match checked {
+            Ok(caller) => Ok(caller),
+            Err(err) => {
+                let peer = peer_of(request);
+                let actor = token
+                    .as_deref()
+                    .and_then(apitoken::token_id)
+                    .map_or_else(|| peer.clone(), ToOwned::to_owned);
+                self.refused(&actor, &peer, what, &err).await;
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn refused(&self, actor: &str, peer: &str, what: &str, err: &ApiError) {
+        tracing::warn!(%actor, %peer, %err, "api call refused");
+        let event = AuditEvent::error(
+            audit::API_CALL_REFUSED,
+            actor,
+            "api",
+            what,
+            serde_json::json!({ "peer": peer, "call": what }),
+            err.to_string(),
+        );
+        if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
+            tracing::error!(%err, "could not record audit event");
+        }
+    }
+
+    /// The enrolled, non-revoked nodes a selector names.
+    async fn select(&self, selector: Option<&Selector>) -> Result<Vec<Target>, ApiError> {
+        let rows = self.store.fleet().await?;
+        let live = rows.into_iter().filter(|r| r.revoked_at.is_none());
+        let targets: Vec<Target> = match selector.and_then(|s| s.target.as_ref()) {
+            None => live
+                .map(|r| Target {
+                    node_id: r.id,
+                    name: r.name,
+                })
+                .collect(),
+            Some(selector::Target::Tag(tag)) => {
+                let (key, value) = tag.split_once(':').unwrap_or((tag.as_str(), ""));
+                live.filter(|r| r.labels.get(key).and_then(|v| v.as_str()) == Some(value))
+                    .map(|r| Target {
+                        node_id: r.id,
+                        name: r.name,
+                    })
+                    .collect()
+            }
+            Some(selector::Target::Node(node)) => {
+                let found = self.store.find_node(node).await?;
+                found
+                    .into_iter()
+                    .filter(|n| n.revoked_at.is_none())
+                    .map(|n| Target {
+                        node_id: n.id,
+                        name: n.name,
+                    })
+                    .collect()
+            }
+        };
+        if targets.is_empty() {
+            return Err(ApiError::NoNodes(selector_json(selector).to_string()));
+        }
+        Ok(targets)
+    }
+
+    async fn run_plan(
+        &self,
+        plan: Plan,
+    ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
+        let mut events = deploy::start(&self.store, &self.sessions, &self.commands, plan)
+            .await
+            .map_err(ApiError::from)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if tx.send(Ok(event)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn try_upload(
+        &self,
+        mut inbound: Streaming<UploadChunk>,
+    ) -> Result<UploadArtifactResponse, ApiError> {
+        let first = inbound
+            .message()
+            .await
+            .map_err(|s| ApiError::Invalid(format!("upload stream: {}", s.message())))?
+            .ok_or_else(|| ApiError::Invalid("empty upload".to_owned()))?;
+        artifacts::check_digest(&first.sha256)?;
+        let sha256 = first.sha256;
+        if self.artifacts.contains(&sha256).await? {
+            let size = self.artifacts.size(&sha256).await?;
+            return Ok(UploadArtifactResponse {
+                sha256,
+                size,
+                already_present: true,
+            });
+        }
+        let mut upload = self.artifacts.upload(&sha256).await?;
+        upload.write(&first.data).await?;
+        while let Some(chunk) = inbound
+            .message()
+            .await
+            .map_err(|s| ApiError::Invalid(format!("upload stream: {}", s.message())))?
+        {
+            upload.write(&chunk.data).await?;
+        }
+        let size = upload.finish().await?;
+        Ok(UploadArtifactResponse {
+            sha256,
+            size,
+            already_present: false,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    type DeployStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type RollbackStream = ReceiverStream<Result<DeployEvent, Status>>;
+
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        self.authorize(&request, "list nodes", Caller::can_read)
+            .await?;
+        let nodes = fleet::nodes(&self.store, crate::now_unix())
+            .await
+            .map_err(ApiError::from)?;
+        let nodes_json = serde_json::to_string(&nodes)
+            .map_err(|err| Status::internal(format!("encoding the fleet view: {err}")))?;
+        Ok(Response::new(ListNodesResponse { nodes_json }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        self.authorize(&request, "list audit events", Caller::can_read)
+            .await?;
+        let since = request.get_ref().since_unix;
+        let events = self
+            .store
+            .audit_events_since(since)
+            .await
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|e| AuditEntry {
+                id: e.id,
+                created_at_unix: e.created_at,
+                event_type: e.event_type,
+                actor: e.actor,
+                resource_type: e.resource_type,
+                resource_id: e.resource_id,
+                details_json: e.details.to_string(),
+                status: e.status,
+                error_message: e.error_message.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(ListAuditResponse { events }))
+    }
+
+    async fn upload_artifact(
+        &self,
+        request: Request<Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadArtifactResponse>, Status> {
+        let caller = self
+            .authorize(&request, "upload artifacts", Caller::can_deploy_any)
+            .await?;
+        let peer = peer_of(&request);
+        match self.try_upload(request.into_inner()).await {
+            Ok(done) => {
+                let event = AuditEvent::success(
+                    audit::ARTIFACT_UPLOADED,
+                    &caller.token_id,
+                    "artifact",
+                    &done.sha256,
+                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
+                );
+                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
+                    tracing::error!(%err, "could not record audit event");
+                }
+                tracing::info!(sha256 = %done.sha256, size = done.size, "artifact uploaded");
+                Ok(Response::new(done))
+            }
+            Err(err) => {
+                self.refused(&caller.token_id, &peer, "upload artifact", &err)
+                    .await;
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<DeployRequest>,
+    ) -> Result<Response<Self::DeployStream>, Status> {
+        let app = request.get_ref().app.clone();
+        let what = format!("deploy app {app}");
+        let caller = self
+            .authorize(&request, &what, |c| c.can_deploy(&app))
+            .await?;
+        let req = request.into_inner();
+        let checked = async {
+            if !apitoken::is_app_name(&req.app) {
+                return Err(ApiError::Invalid(format!("invalid app name {:?}", req.app)));
+            }
+            artifacts::check_digest(&req.sha256)?;
+            if !self.artifacts.contains(&req.sha256).await? {
+                return Err(ApiError::NoArtifact(req.sha256.clone()));
+            }
+            let release_id = if req.release_id.is_empty() {
+                deploy::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
+            } else if is_release_id(&req.release_id) {
+                req.release_id.clone()
+            } else {
+                return Err(ApiError::Invalid(format!(
+                    "invalid release id {:?}: letters, digits, . _ - (at most 128)",
+                    req.release_id
+                )));
+            };
+            let targets = self.select(req.selector.as_ref()).await?;
+            Ok((release_id, targets))
+        }
+        .await;
+        let (release_id, targets) = checked.map_err(Status::from)?;
+        let plan = Plan {
+            app: req.app,
+            action: Action::Deploy {
+                release_id,
+                sha256: req.sha256,
+                git_sha: req.git_sha,
+            },
+            targets,
+            actor: caller.token_id,
+            selector: selector_json(req.selector.as_ref()),
+        };
+        Ok(Response::new(self.run_plan(plan).await?))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<Self::RollbackStream>, Status> {
+        let app = request.get_ref().app.clone();
+        let what = format!("roll back app {app}");
+        let caller = self
+            .authorize(&request, &what, |c| c.can_deploy(&app))
+            .await?;
+        let req = request.into_inner();
+        if !req.to_release_id.is_empty() && !is_release_id(&req.to_release_id) {
+            return Err(
+                ApiError::Invalid(format!("invalid release id {:?}", req.to_release_id)).into(),
+            );
+        }
+        let targets = self.select(req.selector.as_ref()).await?;
+        let plan = Plan {
+            app: req.app,
+            action: Action::Rollback {
+                to_release_id: req.to_release_id,
+            },
+            targets,
+            actor: caller.token_id,
+            selector: selector_json(req.selector.as_ref()),
+        };
+        Ok(Response::new(self.run_plan(plan).await?))
+    }
+}
+
+/// The agent's release id rule: `[A-Za-z0-9][A-Za-z0-9._-]*`, ≤ 128 bytes.
+fn is_release_id(id: &str) -> bool {
+    id.len() <= 128
+        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}

@@ -1,0 +1,223 @@
+//! API tokens for the `slipway` CLI: `slwa1.<id>.<secret>`, printed once,
+//! stored as the sha256 of the secret, with scopes that say what the token
+//! may do: `read` (list nodes and audit events) or `deploy:<app>` (upload,
+//! deploy and roll back that app, and read).
+
+use std::fmt;
+
+use crate::audit::{self, AuditEvent};
+use crate::crypto::{self, CryptoError};
+use crate::store::{Store, StoreError};
+
+/// Prefix of every API token, so a leaked one is recognisable (and told
+/// apart from a join token, `slw1.`).
+const PREFIX: &str = "slwa1";
+
+/// Errors from creating or checking API tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiTokenError {
+    /// A `--scope` value that is neither `read` nor `deploy:<app>`.
+    #[error("invalid scope {0:?}: expected read or deploy:APP (APP of letters, digits, . _ -)")]
+    Scope(String),
+    /// No scope given.
+    #[error("an API token needs at least one scope (--scope read or --scope deploy:APP)")]
+    NoScope,
+    /// The token is not in the `slwa1.<id>.<secret>` format.
+    #[error("malformed API token")]
+    Malformed,
+    /// Unknown id, wrong secret or revoked.
+    #[error("unknown or revoked API token")]
+    Unknown,
+    /// Storing or loading failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No randomness for the secret.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// List nodes, audit events.
+    Read,
+    /// Upload, deploy and roll back this app (implies read).
+    Deploy(String),
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read => f.write_str("read"),
+            Self::Deploy(app) => write!(f, "deploy:{app}"),
+        }
+    }
+}
+
+/// True if `app` is a usable app name: the agent makes it a directory.
+pub fn is_app_name(app: &str) -> bool {
+    !app.is_empty()
+        && app.len() <= 64
+        && !app.starts_with('.')
+        && app
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl std::str::FromStr for Scope {
+    type Err = ApiTokenError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.split_once(':') {
+            None if text == "read" => Ok(Self::Read),
+            Some(("deploy", app)) if is_app_name(app) => Ok(Self::Deploy(app.to_owned())),
+            _ => Err(ApiTokenError::Scope(text.to_owned())),
+        }
+    }
+}
+
+/// Parses `--scope` values, each possibly a comma-separated list.
+pub fn parse_scopes(values: &[String]) -> Result<Vec<Scope>, ApiTokenError> {
+    let scopes = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<Scope>, _>>()?;
+    if scopes.is_empty() {
+        return Err(ApiTokenError::NoScope);
+    }
+    Ok(scopes)
+}
+
+/// An authenticated API caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Token id: the actor in audit events.
+    pub token_id: String,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+}
+
+impl Caller {
+    /// Any scope allows reading.
+    pub fn can_read(&self) -> bool {
+        !self.scopes.is_empty()
+    }
+
+    /// True if the token may deploy (and roll back) `app`.
+    pub fn can_deploy(&self, app: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| matches!(s, Scope::Deploy(a) if a == app))
+    }
+
+    /// True if the token may deploy some app (uploads need this).
+    pub fn can_deploy_any(&self) -> bool {
+        self.scopes.iter().any(|s| matches!(s, Scope::Deploy(_)))
+    }
+}
+
+/// Creates a token, audits TOKEN_CREATED, and returns its text (shown once).
+pub async fn create(store: &Store, scopes: &[Scope], now: i64) -> Result<String, ApiTokenError> {
+    if scopes.is_empty() {
+        return Err(ApiTokenError::NoScope);
+    }
+    let id = crypto::random_hex::<8>()?;
+    let secret = crypto::random_hex::<32>()?;
+    let scopes: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+    store
+        .insert_api_token(&id, &crate::token::secret_hash(&secret), &scopes, now)
+        .await?;
+    store
+        .audit(
+            &AuditEvent::success(
+                audit::TOKEN_CREATED,
+                "operator",
+                "api_token",
+                &id,
+                serde_json::json!({ "scopes": scopes }),
+            ),
+            now,
+        )
+        .await?;
+    Ok(format!("{PREFIX}.{id}.{secret}"))
+}
+
+/// The id part of a token, if it is well formed (for audit events about a
+/// refused token; the secret is never logged).
+pub fn token_id(token: &str) -> Option<&str> {
+    let mut parts = token.splitn(3, '.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(PREFIX), Some(id), Some(_)) if !id.is_empty() => Some(id),
+        _ => None,
+    }
+}
+
+/// Checks a token against the store.
+pub async fn authenticate(store: &Store, token: &str) -> Result<Caller, ApiTokenError> {
+    let mut parts = token.splitn(3, '.');
+    let (Some(PREFIX), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(ApiTokenError::Malformed);
+    };
+    let row = store.api_token(id).await?.ok_or(ApiTokenError::Unknown)?;
+    // Both sides are hex sha256 of 256-bit secrets: comparing hashes leaks
+    // nothing useful through timing.
+    if row.revoked_at.is_some() || row.secret_hash != crate::token::secret_hash(secret) {
+        return Err(ApiTokenError::Unknown);
+    }
+    let scopes = row
+        .scopes
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<Scope>, _>>()?;
+    Ok(Caller {
+        token_id: row.id,
+        scopes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_parse() {
+        let scopes =
+            parse_scopes(&["read".to_owned(), "deploy:web,deploy:api".to_owned()]).unwrap();
+        assert_eq!(
+            scopes,
+            [
+                Scope::Read,
+                Scope::Deploy("web".to_owned()),
+                Scope::Deploy("api".to_owned())
+            ]
+        );
+        for bad in ["write", "deploy:", "deploy:a/b", "deploy:..", "read:x"] {
+            assert!(parse_scopes(&[bad.to_owned()]).is_err(), "{bad}");
+        }
+        assert!(parse_scopes(&[]).is_err());
+    }
+
+    #[tokio::test]
+    async fn created_token_authenticates_with_its_scopes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let token = create(&store, &[Scope::Deploy("web".to_owned())], 10)
+            .await
+            .unwrap();
+        let caller = authenticate(&store, &token).await.unwrap();
+        assert!(caller.can_deploy("web") && !caller.can_deploy("api") && caller.can_read());
+        assert_eq!(token_id(&token), Some(caller.token_id.as_str()));
+        let forged = format!("{}x", &token[..token.len() - 1]);
+        assert!(matches!(
+            authenticate(&store, &forged).await,
+            Err(ApiTokenError::Unknown)
+        ));
+        assert!(matches!(
+            authenticate(&store, "nope").await,
+            Err(ApiTokenError::Malformed)
+        ));
+    }
+}

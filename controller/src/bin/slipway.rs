@@ -1,0 +1,450 @@
+//! `slipway`: the CLI for CI jobs and people. Talks to the controller's
+//! Control API over TLS (trusting only `--ca`) with an API token.
+//!
+//! Exit codes: 0 success; 1 a node failed (the output says which and why)
+//! or any other error; 64 bad arguments.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use slipway_controller::client;
+use slipway_controller::fleet::{self, NodeView};
+use slipway_controller::proto::v1::control_client::ControlClient;
+use slipway_controller::proto::v1::{
+    deploy_event, selector, DeployEvent, DeployRequest, ListAuditRequest, ListNodesRequest,
+    Outcome, RollbackRequest, Selector, UploadChunk,
+};
+use tokio::io::AsyncReadExt as _;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+
+/// EX_USAGE.
+const EXIT_USAGE: u8 = 64;
+/// Upload message size: well under gRPC's 4 MiB limit.
+const UPLOAD_CHUNK: usize = 256 * 1024;
+/// Upload messages read ahead of the network.
+const UPLOAD_AHEAD: usize = 4;
+
+/// Slipway: deploy to and inspect a fleet through its controller.
+///
+/// Exit codes: 0 success; 1 a node failed (the output says which and why)
+/// or another error; 64 bad arguments.
+#[derive(Debug, Parser)]
+#[command(name = "slipway", version)]
+struct Cli {
+    /// Controller address, HOST:PORT.
+    #[arg(
+        long,
+        env = "SLIPWAY_CONTROLLER",
+        global = true,
+        value_name = "HOST:PORT"
+    )]
+    controller: Option<String>,
+    /// The controller's CA certificate (ca.pem in its data dir; `serve`
+    /// logs the path).
+    #[arg(long, env = "SLIPWAY_CA", global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// API token (`slipway-controller token api`).
+    #[arg(long, env = "SLIPWAY_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Upload ARTIFACT (streamed; skipped if the controller has it) and
+    /// deploy it to the selected nodes, printing progress per node.
+    Deploy(DeployArgs),
+    /// Roll the selected nodes back (to their previous release, or --to).
+    Rollback(RollbackArgs),
+    /// Show the fleet.
+    Nodes(ReadArgs),
+    /// Show audit events.
+    Audit(AuditArgs),
+}
+
+/// Which nodes; none means every enrolled node.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct Target {
+    /// Nodes with this label, `key:value` (e.g. env:production).
+    #[arg(long)]
+    tag: Option<String>,
+    /// One node, by id or name.
+    #[arg(long)]
+    node: Option<String>,
+}
+
+impl Target {
+    fn selector(&self) -> Option<Selector> {
+        let target = match (&self.tag, &self.node) {
+            (Some(tag), _) => selector::Target::Tag(tag.clone()),
+            (None, Some(node)) => selector::Target::Node(node.clone()),
+            (None, None) => return None,
+        };
+        Some(Selector {
+            target: Some(target),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct DeployArgs {
+    /// App name.
+    app: String,
+    /// The artifact (.tar.gz / .tar.zst) to upload.
+    artifact: PathBuf,
+    /// sha256 (hex) of ARTIFACT; the controller and every agent check it.
+    #[arg(long)]
+    sha: String,
+    #[command(flatten)]
+    target: Target,
+    /// Release id [default: <UTC time>-<sha[..12]>].
+    #[arg(long)]
+    id: Option<String>,
+    /// Git commit the artifact was built from (shown with the release).
+    #[arg(long)]
+    git_sha: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RollbackArgs {
+    /// App name.
+    app: String,
+    #[command(flatten)]
+    target: Target,
+    /// Release to go back to [default: each node's previous release].
+    #[arg(long)]
+    to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// Only events this recent: 90s, 30m, 1h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Print JSON (an array of events).
+    #[arg(long)]
+    json: bool,
+}
+
+/// A failure the user must fix in the arguments (exit 64).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    slipway_controller::crypto::install_default_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if err.chain().any(|e| e.is::<Usage>()) {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+struct Api {
+    client: ControlClient<Channel>,
+    token: MetadataValue<Ascii>,
+}
+
+async fn api(cli: &Cli) -> anyhow::Result<Api> {
+    let controller = cli.controller.as_deref().ok_or_else(|| {
+        Usage("no controller: give --controller HOST:PORT or set SLIPWAY_CONTROLLER".to_owned())
+    })?;
+    let ca = cli
+        .ca
+        .as_deref()
+        .ok_or_else(|| Usage("no CA: give --ca FILE or set SLIPWAY_CA".to_owned()))?;
+    let token = cli
+        .token
+        .as_deref()
+        .ok_or_else(|| Usage("no API token: give --token or set SLIPWAY_TOKEN".to_owned()))?;
+    let roots = client::load_ca(ca).map_err(|e| Usage(e.to_string()))?;
+    let channel = client::connect(controller, roots).await?;
+    Ok(Api {
+        // Large fleets' node lists can exceed the 4 MiB default.
+        client: ControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+        token: client::bearer(token).map_err(|e| Usage(e.to_string()))?,
+    })
+}
+
+/// gRPC errors as one readable line.
+fn status_error(what: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut api = api(&cli).await?;
+    match &cli.command {
+        Command::Deploy(args) => deploy(&mut api, args).await,
+        Command::Rollback(args) => rollback(&mut api, args).await,
+        Command::Nodes(args) => nodes(&mut api, args).await,
+        Command::Audit(args) => audit(&mut api, args).await,
+    }
+}
+
+async fn upload(api: &mut Api, path: &Path, sha256: &str) -> anyhow::Result<()> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_AHEAD);
+    let sha = sha256.to_owned();
+    let display = path.display().to_string();
+    let mut reader = tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let mut data = Vec::with_capacity(UPLOAD_CHUNK);
+            let n = (&mut file)
+                .take(UPLOAD_CHUNK as u64)
+                .read_to_end(&mut data)
+                .await
+                .with_context(|| format!("reading {display}"))?;
+            if n == 0 && !first {
+                break;
+            }
+            let chunk = UploadChunk {
+                sha256: if first { sha.clone() } else { String::new() },
+                data,
+            };
+            first = false;
+            // The controller may answer (already present) before reading
+            // everything: then stop.
+            if tx.send(chunk).await.is_err() || n == 0 {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let request = client::authed(tokio_stream::wrappers::ReceiverStream::new(rx), &api.token);
+    let response = api.client.upload_artifact(request).await;
+    // A read error ends the stream early; report it rather than the
+    // digest mismatch the controller then sees.
+    let read = tokio::time::timeout(Duration::from_secs(1), &mut reader).await;
+    reader.abort();
+    if let Ok(Ok(Err(err))) = read {
+        return Err(err);
+    }
+    let response = response
+        .map_err(|s| status_error("upload refused", s))?
+        .into_inner();
+    if response.already_present {
+        println!(
+            "artifact {} already on the controller ({} bytes)",
+            response.sha256, response.size
+        );
+    } else {
+        println!(
+            "uploaded artifact {} ({} bytes)",
+            response.sha256, response.size
+        );
+    }
+    Ok(())
+}
+
+async fn deploy(api: &mut Api, args: &DeployArgs) -> anyhow::Result<ExitCode> {
+    let sha = args.sha.to_ascii_lowercase();
+    if slipway_controller::artifacts::check_digest(&sha).is_err() {
+        bail!(Usage(format!(
+            "--sha {:?} is not a sha256 (64 hex characters)",
+            args.sha
+        )));
+    }
+    upload(api, &args.artifact, &sha).await?;
+    let request = DeployRequest {
+        app: args.app.clone(),
+        sha256: sha,
+        release_id: args.id.clone().unwrap_or_default(),
+        selector: args.target.selector(),
+        git_sha: args.git_sha.clone().unwrap_or_default(),
+    };
+    let stream = api
+        .client
+        .deploy(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("deploy refused", s))?
+        .into_inner();
+    follow(stream, "deploy").await
+}
+
+async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
+    let request = RollbackRequest {
+        app: args.app.clone(),
+        to_release_id: args.to.clone().unwrap_or_default(),
+        selector: args.target.selector(),
+    };
+    let stream = api
+        .client
+        .rollback(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("rollback refused", s))?
+        .into_inner();
+    follow(stream, "rollback").await
+}
+
+fn outcome_word(outcome: i32) -> &'static str {
+    match Outcome::try_from(outcome) {
+        Ok(Outcome::Succeeded) => "SUCCEEDED",
+        Ok(Outcome::RolledBack) => "ROLLED_BACK",
+        _ => "FAILED",
+    }
+}
+
+/// Prints a deployment's events as plain lines; the exit code says whether
+/// every node succeeded.
+async fn follow(mut stream: tonic::Streaming<DeployEvent>, what: &str) -> anyhow::Result<ExitCode> {
+    while let Some(event) = stream
+        .message()
+        .await
+        .map_err(|s| status_error(&format!("{what} stream"), s))?
+    {
+        match event.kind {
+            Some(deploy_event::Kind::Started(s)) => {
+                let names: Vec<&str> = s.nodes.iter().map(|n| n.node_name.as_str()).collect();
+                println!(
+                    "{what} {} of {} release {} to {} node(s): {}",
+                    s.deployment_id,
+                    s.app,
+                    if s.release_id.is_empty() {
+                        "(previous)"
+                    } else {
+                        &s.release_id
+                    },
+                    s.nodes.len(),
+                    names.join(", ")
+                );
+            }
+            Some(deploy_event::Kind::Progress(p)) => {
+                println!("[{}] {}: {}", p.node_name, p.step, p.message);
+            }
+            Some(deploy_event::Kind::NodeResult(r)) => {
+                let release = if r.release_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (release {})", r.release_id)
+                };
+                let why = if r.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.message)
+                };
+                println!(
+                    "[{}] {}{release}{why}",
+                    r.node_name,
+                    outcome_word(r.outcome)
+                );
+            }
+            Some(deploy_event::Kind::Finished(f)) => {
+                if f.succeeded {
+                    println!("{what} {} succeeded: {}", f.deployment_id, f.message);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                eprintln!("{what} {} failed: {}", f.deployment_id, f.message);
+                return Ok(ExitCode::FAILURE);
+            }
+            None => {}
+        }
+    }
+    bail!("the controller ended the {what} stream before the result; check `slipway audit`")
+}
+
+async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
+    let response = api
+        .client
+        .list_nodes(client::authed(ListNodesRequest {}, &api.token))
+        .await
+        .map_err(|s| status_error("listing nodes", s))?
+        .into_inner();
+    let nodes: Vec<NodeView> =
+        serde_json::from_str(&response.nodes_json).context("decoding the fleet view")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+    } else {
+        print!("{}", fleet::render_table(&nodes));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(api: &mut Api, args: &AuditArgs) -> anyhow::Result<ExitCode> {
+    let since_unix = match &args.since {
+        Some(since) => {
+            let ago =
+                slipway_controller::token::parse_ttl(since).map_err(|e| Usage(e.to_string()))?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            now - i64::try_from(ago.as_secs()).unwrap_or(i64::MAX / 2)
+        }
+        None => 0,
+    };
+    let events = api
+        .client
+        .list_audit(client::authed(ListAuditRequest { since_unix }, &api.token))
+        .await
+        .map_err(|s| status_error("listing audit events", s))?
+        .into_inner()
+        .events;
+    if args.json {
+        let json: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.id,
+                    "created_at": e.created_at_unix,
+                    "event_type": e.event_type,
+                    "actor": e.actor,
+                    "resource_type": e.resource_type,
+                    "resource_id": e.resource_id,
+                    "details": serde_json::from_str::<serde_json::Value>(&e.details_json)
+                        .unwrap_or(serde_json::Value::Null),
+                    "status": e.status,
+                    "error_message": if e.error_message.is_empty() { None } else { Some(&e.error_message) },
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let format = time::format_description::well_known::Rfc3339;
+    for e in &events {
+        let when = time::OffsetDateTime::from_unix_timestamp(e.created_at_unix)
+            .ok()
+            .and_then(|t| t.format(&format).ok())
+            .unwrap_or_else(|| e.created_at_unix.to_string());
+        let error = if e.error_message.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", e.error_message)
+        };
+        println!(
+            "{when}  {:<22} {:<7} {:<18} {}:{}{error}",
+            e.event_type, e.status, e.actor, e.resource_type, e.resource_id
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

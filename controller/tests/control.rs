@@ -1,0 +1,622 @@
+//! The Control API (what the `slipway` CLI calls) and artifact transfer,
+//! over real TLS: API-token scopes, uploads, FetchArtifact, and a deploy
+//! driven through agent sessions that answer like the agent does.
+
+// Tests unwrap freely: a panic with its message is the failure report.
+#![allow(clippy::unwrap_used)]
+
+// The agent's link module (enroll + session), compiled here by path as in
+// link.rs; items only the agent binary uses look unused.
+#[path = "../../node-agent/src/link.rs"]
+#[allow(unreachable_pub, dead_code)]
+mod link;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use slipway_controller::apitoken::{self, Scope};
+use slipway_controller::audit::AuditRecord;
+use slipway_controller::ca::Ca;
+use slipway_controller::config::ServeConfig;
+use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
+use slipway_controller::proto::v1::control_client::ControlClient;
+use slipway_controller::proto::v1::{
+    agent_message, controller_message, deploy_event, selector, AgentMessage, CommandResult,
+    DeployEvent, DeployRequest, FetchArtifactRequest, Hello, ListAuditRequest, ListNodesRequest,
+    Outcome, Progress, Selector, UploadChunk,
+};
+use slipway_controller::server::{self, ServeError};
+use slipway_controller::store::Store;
+use slipway_controller::{client, crypto, token};
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+/// Bound on every wait, so a broken server fails the test instead of hanging.
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A controller serving on a free loopback port from a temp data dir.
+struct Controller {
+    addr: SocketAddr,
+    data_dir: TempDir,
+    ca: Ca,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Controller {
+    async fn start() -> Self {
+        crypto::install_default_provider();
+        let data_dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(data_dir.path()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServeConfig::with_defaults(data_dir.path().to_owned(), addr);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server::serve(&config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Self {
+            addr,
+            data_dir,
+            ca,
+            stop,
+            task,
+        }
+    }
+
+    async fn store(&self) -> Store {
+        Store::open(self.data_dir.path()).await.unwrap()
+    }
+
+    async fn api_token(&self, scopes: &[Scope]) -> String {
+        apitoken::create(&self.store().await, scopes, 0)
+            .await
+            .unwrap()
+    }
+
+    async fn audit(&self) -> Vec<AuditRecord> {
+        self.store().await.audit_events().await.unwrap()
+    }
+
+    /// A Control client trusting only the controller's CA (as the CLI does).
+    async fn control(&self) -> ControlClient<Channel> {
+        let roots = client::load_ca(&self.data_dir.path().join("ca.pem")).unwrap();
+        let channel = client::connect(&self.addr.to_string(), roots)
+            .await
+            .unwrap();
+        ControlClient::new(channel)
+    }
+
+    /// Enrolls a node named `name` and returns its state dir and node id.
+    async fn enroll(&self, name: &str) -> (TempDir, String) {
+        let join = token::create(
+            &self.store().await,
+            &self.ca.fingerprint(),
+            token::DEFAULT_TTL,
+            &["env:production".to_owned()],
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        )
+        .await
+        .unwrap()
+        .to_string();
+        let state = tempfile::tempdir().unwrap();
+        let url = format!("https://127.0.0.1:{}", self.addr.port());
+        let enrolled =
+            tokio::time::timeout(TEST_TIMEOUT, link::enroll(&url, &join, state.path(), name))
+                .await
+                .unwrap()
+                .unwrap();
+        (state, enrolled.node_id)
+    }
+
+    async fn connect(&self, state: &Path, node_id: &str) -> link::Session {
+        let url = format!("https://127.0.0.1:{}", self.addr.port());
+        let hello = Hello {
+            node_id: node_id.to_owned(),
+            ..Hello::default()
+        };
+        tokio::time::timeout(TEST_TIMEOUT, link::connect(&url, state, hello))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// An AgentLink client with the node identity in `state`.
+    async fn agent_link(&self, state: &Path) -> AgentLinkClient<Channel> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::PrivateKeyDer;
+        let cert_pem = std::fs::read(state.join(link::CERT_FILE)).unwrap();
+        let key_pem = std::fs::read(state.join(link::KEY_FILE)).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.cert_der().clone()).unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(&cert_pem).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
+        let mut config = ClientConfig::builder_with_provider(crypto::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = self.addr;
+        let connector = tower::service_fn(move |_: Uri| {
+            let tls = tls.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("127.0.0.1").unwrap();
+                Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+            }
+        });
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_with_connector(connector)
+            .await
+            .unwrap();
+        AgentLinkClient::new(channel)
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(TEST_TIMEOUT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    client::authed(message, &client::bearer(token).unwrap())
+}
+
+/// Uploads `data` declaring `sha256`, in small pieces.
+async fn upload(
+    control: &mut ControlClient<Channel>,
+    token: &str,
+    sha256: &str,
+    data: &[u8],
+) -> Result<slipway_controller::proto::v1::UploadArtifactResponse, tonic::Status> {
+    let mut chunks: Vec<UploadChunk> = data
+        .chunks(100_000)
+        .map(|d| UploadChunk {
+            sha256: String::new(),
+            data: d.to_vec(),
+        })
+        .collect();
+    if chunks.is_empty() {
+        chunks.push(UploadChunk::default());
+    }
+    chunks[0].sha256 = sha256.to_owned();
+    control
+        .upload_artifact(authed(tokio_stream::iter(chunks), token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn deploy_request(app: &str, sha256: &str, node: Option<&str>) -> DeployRequest {
+    DeployRequest {
+        app: app.to_owned(),
+        sha256: sha256.to_owned(),
+        release_id: String::new(),
+        selector: node.map(|n| Selector {
+            target: Some(selector::Target::Node(n.to_owned())),
+        }),
+        git_sha: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn token_scopes_are_enforced_and_refusals_audited() {
+    let controller = Controller::start().await;
+    let read = controller.api_token(&[Scope::Read]).await;
+    let web = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let mut control = controller.control().await;
+    let data = b"artifact bytes".to_vec();
+    let sha = crypto::sha256_hex(&data);
+
+    // No token, or a forged one: UNAUTHENTICATED.
+    let err = control.list_nodes(ListNodesRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let forged = format!("{}0", &read[..read.len() - 1]);
+    let err = control
+        .list_nodes(authed(ListNodesRequest {}, &forged))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // A read token reads, but cannot upload or deploy.
+    let nodes = control
+        .list_nodes(authed(ListNodesRequest {}, &read))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nodes.nodes_json, "[]");
+    let err = upload(&mut control, &read, &sha, &data).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = control
+        .deploy(authed(deploy_request("web", &sha, None), &read))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // deploy:web may upload and deploy web, not api.
+    upload(&mut control, &web, &sha, &data).await.unwrap();
+    let err = control
+        .deploy(authed(deploy_request("api", &sha, None), &web))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("deploy app api"), "{err:?}");
+    // For web it gets past the scope check (and fails for lack of nodes).
+    let err = control
+        .deploy(authed(deploy_request("web", &sha, None), &web))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let refused: Vec<AuditRecord> = controller
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "API_CALL_REFUSED")
+        .collect();
+    assert_eq!(refused.len(), 5, "{refused:#?}");
+    assert!(refused.iter().all(|e| e.status == "error"));
+    let web_id = apitoken::token_id(&web).unwrap();
+    let api_refusal = refused.iter().find(|e| e.actor == web_id).unwrap();
+    assert_eq!(api_refusal.resource_id, "deploy app api");
+    // The claimed token id is the actor (the forged token claims the read
+    // token's id: 1 + upload + deploy); no secret is stored.
+    let read_id = apitoken::token_id(&read).unwrap();
+    assert_eq!(refused.iter().filter(|e| e.actor == read_id).count(), 3);
+    let all = serde_json::to_string(
+        &controller
+            .audit()
+            .await
+            .iter()
+            .map(|e| e.details.clone())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert!(!all.contains(read.rsplit('.').next().unwrap()));
+
+    let audit = control
+        .list_audit(authed(ListAuditRequest { since_unix: 0 }, &read))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(audit.events.iter().any(|e| e.event_type == "TOKEN_CREATED"));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn upload_with_the_wrong_digest_is_refused_and_reupload_is_cheap() {
+    let controller = Controller::start().await;
+    let token = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let mut control = controller.control().await;
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+    let sha = crypto::sha256_hex(&data);
+
+    let wrong = crypto::sha256_hex(b"something else");
+    let err = upload(&mut control, &token, &wrong, &data)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("mismatch"), "{err:?}");
+    let artifacts = controller.data_dir.path().join("artifacts");
+    assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 0);
+    assert!(controller
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event_type == "API_CALL_REFUSED" && e.resource_id == "upload artifact"));
+
+    let first = upload(&mut control, &token, &sha, &data).await.unwrap();
+    assert_eq!((first.size, first.already_present), (700_000, false));
+    assert_eq!(std::fs::read(artifacts.join(&sha)).unwrap(), data);
+    // Again: answered from the store, bytes not needed.
+    let again = upload(&mut control, &token, &sha, &data[..10])
+        .await
+        .unwrap();
+    assert_eq!((again.size, again.already_present), (700_000, true));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
+    let controller = Controller::start().await;
+    let token = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let mut control = controller.control().await;
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let sha = crypto::sha256_hex(&data);
+    upload(&mut control, &token, &sha, &data).await.unwrap();
+    let (state, _node_id) = controller.enroll("web-1").await;
+    let mut agent = controller.agent_link(state.path()).await;
+
+    let mut stream = agent
+        .fetch_artifact(FetchArtifactRequest {
+            sha256: sha.clone(),
+            command_id: "c-1".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let mut chunks = 0;
+    let mut saw_last = false;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        assert!(!saw_last, "chunk after the last one");
+        assert_eq!(chunk.offset, got.len() as u64);
+        assert_eq!(chunk.command_id, "c-1");
+        assert!(chunk.data.len() <= 256 * 1024);
+        got.extend_from_slice(&chunk.data);
+        saw_last = chunk.last;
+        chunks += 1;
+    }
+    assert!(saw_last);
+    assert_eq!(chunks, 3);
+    assert_eq!(got, data);
+
+    let unknown = crypto::sha256_hex(b"never uploaded");
+    let err = agent
+        .fetch_artifact(FetchArtifactRequest {
+            sha256: unknown,
+            command_id: "c-2".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = agent
+        .fetch_artifact(FetchArtifactRequest {
+            sha256: "../controller.db".to_owned(),
+            command_id: "c-3".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Without a client certificate (the CLI's TLS): refused.
+    let roots = client::load_ca(&controller.data_dir.path().join("ca.pem")).unwrap();
+    let channel = client::connect(&controller.addr.to_string(), roots)
+        .await
+        .unwrap();
+    let err = AgentLinkClient::new(channel)
+        .fetch_artifact(FetchArtifactRequest {
+            sha256: sha,
+            command_id: "c-4".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(controller
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event_type == "ARTIFACT_FETCH_REFUSED"));
+    controller.stop().await;
+}
+
+/// Plays the agent's part for one command on `session`: expects a Deploy,
+/// sends two Progress and a CommandResult with `outcome`.
+async fn answer_deploy(session: &mut link::Session, outcome: Outcome, message: &str) -> String {
+    let command = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(controller_message::Kind::Deploy(deploy)) = command.kind else {
+        panic!("expected a Deploy, got {command:?}");
+    };
+    assert!(deploy.artifact_url.is_empty());
+    assert_eq!(deploy.artifact_sha256.len(), 64);
+    for step in ["fetch", "activate"] {
+        session
+            .outbound
+            .send(AgentMessage {
+                kind: Some(agent_message::Kind::Progress(Progress {
+                    command_id: deploy.command_id.clone(),
+                    step: step.to_owned(),
+                    message: format!("{step} done"),
+                    unix_time: 1,
+                })),
+            })
+            .await
+            .unwrap();
+    }
+    session
+        .outbound
+        .send(AgentMessage {
+            kind: Some(agent_message::Kind::Result(CommandResult {
+                command_id: deploy.command_id.clone(),
+                outcome: outcome as i32,
+                release_id: deploy.release_id.clone(),
+                message: message.to_owned(),
+            })),
+        })
+        .await
+        .unwrap();
+    deploy.command_id
+}
+
+async fn collect(mut stream: tonic::Streaming<DeployEvent>) -> Vec<DeployEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(TEST_TIMEOUT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        events.push(event);
+    }
+    events
+}
+
+#[tokio::test]
+async fn deploy_reaches_online_nodes_and_reports_each_result() {
+    let controller = Controller::start().await;
+    let token = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let mut control = controller.control().await;
+    let data = b"release".to_vec();
+    let sha = crypto::sha256_hex(&data);
+    upload(&mut control, &token, &sha, &data).await.unwrap();
+    let (state_a, node_a) = controller.enroll("web-a").await;
+    let (state_b, node_b) = controller.enroll("web-b").await;
+    let (_state_c, node_c) = controller.enroll("web-c").await; // never connects
+    let mut a = controller.connect(state_a.path(), &node_a).await;
+    let mut b = controller.connect(state_b.path(), &node_b).await;
+
+    let mut request = deploy_request("web", &sha, None);
+    request.selector = Some(Selector {
+        target: Some(selector::Target::Tag("env:production".to_owned())),
+    });
+    let stream = control
+        .deploy(authed(request, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let (command_a, command_b, events) = tokio::join!(
+        answer_deploy(&mut a, Outcome::Succeeded, ""),
+        answer_deploy(&mut b, Outcome::RolledBack, "health gate failed"),
+        collect(stream),
+    );
+    assert_ne!(command_a, command_b);
+    assert!(command_a.ends_with(&node_a), "{command_a}");
+
+    let Some(deploy_event::Kind::Started(started)) = &events[0].kind else {
+        panic!("{events:?}");
+    };
+    assert_eq!(started.nodes.len(), 3);
+    assert!(started.release_id.ends_with(&sha[..12]), "{started:?}");
+    let progress = events
+        .iter()
+        .filter(|e| matches!(e.kind, Some(deploy_event::Kind::Progress(_))))
+        .count();
+    assert_eq!(progress, 4);
+    let results: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(deploy_event::Kind::NodeResult(r)) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results.len(), 3);
+    let of = |id: &str| results.iter().find(|r| r.node_id == id).unwrap();
+    assert_eq!(of(&node_a).outcome, Outcome::Succeeded as i32);
+    assert_eq!(of(&node_b).outcome, Outcome::RolledBack as i32);
+    assert_eq!(of(&node_c).outcome, Outcome::Failed as i32);
+    assert!(of(&node_c).message.contains("unreachable"));
+    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("{events:?}");
+    };
+    assert!(!finished.succeeded);
+    assert_eq!(finished.failed_nodes, 2);
+    assert!(finished
+        .message
+        .contains("web-b (rolled back: health gate failed)"));
+    assert!(finished.message.contains("web-c (unreachable"));
+
+    let audit = controller.audit().await;
+    let started = audit
+        .iter()
+        .find(|e| e.event_type == "DEPLOY_STARTED")
+        .unwrap();
+    assert_eq!(started.actor, apitoken::token_id(&token).unwrap());
+    let failed = audit
+        .iter()
+        .find(|e| e.event_type == "DEPLOY_FAILED")
+        .unwrap();
+    assert_eq!(failed.details["failed_nodes"].as_array().unwrap().len(), 2);
+    let rows = controller
+        .store()
+        .await
+        .deployment_nodes(&finished.deployment_id)
+        .await
+        .unwrap();
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(outcomes.len(), 3);
+    assert!(outcomes.contains(&"succeeded") && outcomes.contains(&"rolled_back"));
+
+    // Only node a this time: it succeeds, so the deploy does.
+    let stream = control
+        .deploy(authed(deploy_request("web", &sha, Some("web-a")), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, events) = tokio::join!(
+        answer_deploy(&mut a, Outcome::Succeeded, ""),
+        collect(stream)
+    );
+    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("{events:?}");
+    };
+    assert!(finished.succeeded, "{finished:?}");
+    assert!(controller
+        .audit()
+        .await
+        .iter()
+        .any(|e| e.event_type == "DEPLOY_COMPLETED"));
+    drop(a);
+    drop(b);
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_reconnects_mid_command_gets_it_again() {
+    let controller = Controller::start().await;
+    let token = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let mut control = controller.control().await;
+    let data = b"release".to_vec();
+    let sha = crypto::sha256_hex(&data);
+    upload(&mut control, &token, &sha, &data).await.unwrap();
+    let (state, node_id) = controller.enroll("web-a").await;
+    let mut first = controller.connect(state.path(), &node_id).await;
+
+    let stream = control
+        .deploy(authed(deploy_request("web", &sha, Some("web-a")), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let command = tokio::time::timeout(TEST_TIMEOUT, first.inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(controller_message::Kind::Deploy(sent)) = command.kind else {
+        panic!("expected a Deploy, got {command:?}");
+    };
+    // The connection drops before the agent answers; it reconnects.
+    drop(first);
+    let mut second = controller.connect(state.path(), &node_id).await;
+    let (command_id, events) = tokio::join!(
+        answer_deploy(&mut second, Outcome::Succeeded, ""),
+        collect(stream)
+    );
+    assert_eq!(command_id, sent.command_id);
+    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("{events:?}");
+    };
+    assert!(finished.succeeded, "{finished:?}");
+    controller.stop().await;
+}

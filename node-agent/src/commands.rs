@@ -1,0 +1,521 @@
+//! Commands from the controller, run on this node.
+//!
+//! Each command carries an id and is idempotent here: its result is recorded
+//! in `<state_dir>/commands.json`, and a command id seen before is answered
+//! with the recorded result instead of being run twice (a controller that
+//! re-sends after a reconnect must not deploy twice). Progress is streamed as
+//! it happens; every command ends with exactly one `CommandResult`.
+//!
+//! The work itself is the same code as the node-local CLI: a [`Store`]
+//! session (lock, journal, recovery) for deploy, rollback, prune and restart.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use slipway_proto::v1::{
+    agent_message, controller_message, AgentMessage, CommandResult, ControllerMessage, Outcome,
+    Progress,
+};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ControllerConfig};
+use crate::durable;
+use crate::link;
+use crate::release::{DeployRequest, ReleaseId, Store};
+
+/// Results kept for idempotency: enough for any realistic re-send window.
+const KEEP_RESULTS: usize = 500;
+
+/// A recorded result, as kept in `commands.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub command_id: String,
+    /// `succeeded`, `failed`, `rolled_back`.
+    pub outcome: String,
+    pub release_id: String,
+    pub message: String,
+}
+
+impl Recorded {
+    fn to_proto(&self) -> CommandResult {
+        CommandResult {
+            command_id: self.command_id.clone(),
+            outcome: match self.outcome.as_str() {
+                "succeeded" => Outcome::Succeeded,
+                "rolled_back" => Outcome::RolledBack,
+                _ => Outcome::Failed,
+            } as i32,
+            release_id: self.release_id.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// The results of commands already run, newest last.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Ledger {
+    pub results: VecDeque<Recorded>,
+}
+
+impl Ledger {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("commands.json")
+    }
+
+    pub fn load(state_dir: &Path) -> Self {
+        std::fs::read(Self::path(state_dir))
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default()
+    }
+
+    fn find(&self, id: &str) -> Option<&Recorded> {
+        self.results.iter().find(|r| r.command_id == id)
+    }
+
+    fn record(state_dir: &Path, r: Recorded) {
+        let mut ledger = Self::load(state_dir);
+        ledger.results.retain(|x| x.command_id != r.command_id);
+        ledger.results.push_back(r);
+        while ledger.results.len() > KEEP_RESULTS {
+            ledger.results.pop_front();
+        }
+        match serde_json::to_vec(&ledger) {
+            Ok(data) => {
+                if let Err(e) = durable::write_atomic(&Self::path(state_dir), &data) {
+                    tracing::warn!(error = %e, "cannot record a command result");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode command results"),
+        }
+    }
+}
+
+/// Where command output goes: the *current* session's stream. A command
+/// outlives the session it came on (a reconnect mid-deploy); its progress and
+/// result then go to the new session, which the controller expects.
+#[derive(Debug, Clone, Default)]
+pub struct Outbox(std::sync::Arc<std::sync::Mutex<Option<mpsc::Sender<AgentMessage>>>>);
+
+impl Outbox {
+    /// Points the outbox at a new session's stream.
+    pub fn attach(&self, tx: mpsc::Sender<AgentMessage>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(tx);
+        }
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<AgentMessage>> {
+        self.0.lock().ok().and_then(|s| s.clone())
+    }
+}
+
+/// Command ids running right now: a re-send of one of them is not run again
+/// (its result will reach the current session when it is done).
+fn in_flight() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    SET.get_or_init(Default::default)
+}
+
+/// Sends one message on the current session (with no session the message is
+/// dropped: the controller re-sends the command after a reconnect and gets
+/// the recorded result).
+async fn send(out: &Outbox, kind: agent_message::Kind) {
+    if let Some(tx) = out.sender() {
+        let _ = tx.send(AgentMessage { kind: Some(kind) }).await;
+    }
+}
+
+async fn progress(out: &Outbox, id: &str, step: &str, message: String) {
+    send(
+        out,
+        agent_message::Kind::Progress(Progress {
+            command_id: id.to_owned(),
+            step: step.to_owned(),
+            message,
+            unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+        }),
+    )
+    .await;
+}
+
+/// Runs the command in `msg` (if it is one) and reports on `out`.
+pub async fn execute(config: Config, ctl: ControllerConfig, msg: ControllerMessage, out: Outbox) {
+    let Some(kind) = msg.kind else { return };
+    let id = match &kind {
+        controller_message::Kind::Deploy(d) => d.command_id.clone(),
+        controller_message::Kind::Rollback(r) => r.command_id.clone(),
+        controller_message::Kind::Prune(p) => p.command_id.clone(),
+        controller_message::Kind::StatusRequest(s) => s.command_id.clone(),
+        controller_message::Kind::Restart(r) => r.command_id.clone(),
+        controller_message::Kind::Welcome(_) => return,
+        controller_message::Kind::ArtifactChunk(_) => {
+            tracing::warn!("inline artifact chunks are not used by this agent (it fetches artifacts by digest)");
+            return;
+        }
+    };
+    if id.is_empty() {
+        tracing::warn!("controller command without an id ignored");
+        return;
+    }
+    if let Some(done) = Ledger::load(&ctl.state_dir).find(&id).cloned() {
+        tracing::info!(command = %id, "command already run; sending its recorded result");
+        send(&out, agent_message::Kind::Result(done.to_proto())).await;
+        return;
+    }
+    let fresh = in_flight()
+        .lock()
+        .map(|mut s| s.insert(id.clone()))
+        .unwrap_or(true);
+    if !fresh {
+        tracing::info!(command = %id, "command is still running; its result will follow");
+        return;
+    }
+    let result = run(&config, &ctl, &id, kind, &out).await;
+    if let Ok(mut s) = in_flight().lock() {
+        s.remove(&id);
+    }
+    // Status requests are not worth remembering: asking again is harmless.
+    if result.outcome != "status" {
+        Ledger::record(&ctl.state_dir, result.clone());
+    }
+    let mut r = result.to_proto();
+    if result.outcome == "status" {
+        r.outcome = Outcome::Succeeded as i32;
+    }
+    send(&out, agent_message::Kind::Result(r)).await;
+}
+
+fn recorded(id: &str, outcome: &str, release: &str, message: impl Into<String>) -> Recorded {
+    Recorded {
+        command_id: id.to_owned(),
+        outcome: outcome.to_owned(),
+        release_id: release.to_owned(),
+        message: message.into(),
+    }
+}
+
+async fn run(
+    config: &Config,
+    ctl: &ControllerConfig,
+    id: &str,
+    kind: controller_message::Kind,
+    out: &Outbox,
+) -> Recorded {
+    use controller_message::Kind;
+    let app_of = |name: &str| config.app(name).cloned().map_err(|e| e.to_string());
+    match kind {
+        Kind::Deploy(d) => {
+            let app = match app_of(&d.app) {
+                Ok(a) => a,
+                Err(e) => return recorded(id, "failed", &d.release_id, e),
+            };
+            if !d.artifact_url.is_empty() {
+                return recorded(
+                    id,
+                    "failed",
+                    &d.release_id,
+                    format!("artifact_url downloads are not supported by this agent yet ({}); upload the artifact to the controller", d.artifact_url),
+                );
+            }
+            let release = match (!d.release_id.is_empty())
+                .then(|| ReleaseId::new(&d.release_id))
+                .transpose()
+            {
+                Ok(r) => r,
+                Err(e) => return recorded(id, "failed", &d.release_id, e.to_string()),
+            };
+            progress(
+                out,
+                id,
+                "fetch",
+                format!("downloading artifact {}", d.artifact_sha256),
+            )
+            .await;
+            let downloads = ctl.state_dir.join("downloads");
+            if let Err(e) = std::fs::create_dir_all(&downloads) {
+                return recorded(
+                    id,
+                    "failed",
+                    &d.release_id,
+                    format!("cannot create {}: {e}", downloads.display()),
+                );
+            }
+            let file = downloads.join(format!(
+                "{}-{id}",
+                d.artifact_sha256.get(..16).unwrap_or("artifact")
+            ));
+            let size =
+                match link::fetch_artifact(&ctl.url, &ctl.state_dir, &d.artifact_sha256, id, &file)
+                    .await
+                {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return recorded(
+                            id,
+                            "failed",
+                            &d.release_id,
+                            format!("cannot fetch the artifact: {e}"),
+                        )
+                    }
+                };
+            progress(
+                out,
+                id,
+                "deploy",
+                format!("artifact verified ({size} bytes); deploying"),
+            )
+            .await;
+            let sha = d.artifact_sha256.clone();
+            let f = file.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let store = Store::new(&app);
+                let mut session = store.begin("deploy", release.as_ref())?;
+                session.deploy(&DeployRequest {
+                    artifact: f,
+                    sha256: Some(sha),
+                    id: release,
+                })
+            })
+            .await;
+            let _ = std::fs::remove_file(&file);
+            match result {
+                Ok(Ok(r)) if r.outcome == "succeeded" => recorded(
+                    id,
+                    "succeeded",
+                    r.release.as_str(),
+                    format!(
+                        "{} ({}; {} files) in {:.0} ms{}",
+                        r.release,
+                        r.method,
+                        r.files,
+                        r.total_ms,
+                        r.health
+                            .as_ref()
+                            .map_or(String::new(), |h| format!("; healthy: {}", h.last.output))
+                    ),
+                ),
+                Ok(Ok(r)) => recorded(
+                    id,
+                    "rolled_back",
+                    r.release.as_str(),
+                    format!(
+                        "{}; {}",
+                        r.failure.unwrap_or_default(),
+                        r.restored.unwrap_or_default()
+                    ),
+                ),
+                Ok(Err(e)) => recorded(id, "failed", &d.release_id, e.to_string()),
+                Err(e) => recorded(
+                    id,
+                    "failed",
+                    &d.release_id,
+                    format!("deploy task failed: {e}"),
+                ),
+            }
+        }
+        Kind::Rollback(r) => {
+            let app = match app_of(&r.app) {
+                Ok(a) => a,
+                Err(e) => return recorded(id, "failed", &r.to_release_id, e),
+            };
+            let to = match (!r.to_release_id.is_empty())
+                .then(|| ReleaseId::new(&r.to_release_id))
+                .transpose()
+            {
+                Ok(t) => t,
+                Err(e) => return recorded(id, "failed", &r.to_release_id, e.to_string()),
+            };
+            progress(out, id, "rollback", "switching current".into()).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let store = Store::new(&app);
+                let mut session = store.begin("rollback", to.as_ref())?;
+                session.rollback(to.as_ref())
+            })
+            .await;
+            match result {
+                Ok(Ok(rep)) => match rep.problem {
+                    None => recorded(
+                        id,
+                        "succeeded",
+                        rep.to.as_str(),
+                        format!("current is now {}", rep.to),
+                    ),
+                    Some(p) => recorded(
+                        id,
+                        "failed",
+                        rep.to.as_str(),
+                        format!(
+                            "current is now {} but it is not serving healthily: {p}",
+                            rep.to
+                        ),
+                    ),
+                },
+                Ok(Err(e)) => recorded(id, "failed", &r.to_release_id, e.to_string()),
+                Err(e) => recorded(
+                    id,
+                    "failed",
+                    &r.to_release_id,
+                    format!("rollback task failed: {e}"),
+                ),
+            }
+        }
+        Kind::Prune(p) => {
+            let app = match app_of(&p.app) {
+                Ok(a) => a,
+                Err(e) => return recorded(id, "failed", "", e),
+            };
+            let keep = if p.keep == 0 {
+                app.keep
+            } else {
+                p.keep as usize
+            };
+            let result = tokio::task::spawn_blocking(move || {
+                let store = Store::new(&app);
+                let mut session = store.begin("prune", None)?;
+                session.prune(keep)
+            })
+            .await;
+            match result {
+                Ok(Ok(rep)) => {
+                    let ids: Vec<&str> = rep.removed.iter().map(ReleaseId::as_str).collect();
+                    recorded(
+                        id,
+                        "succeeded",
+                        "",
+                        format!("removed {} release(s): {}", ids.len(), ids.join(", ")),
+                    )
+                }
+                Ok(Err(e)) => recorded(id, "failed", "", e.to_string()),
+                Err(e) => recorded(id, "failed", "", format!("prune task failed: {e}")),
+            }
+        }
+        Kind::Restart(r) => {
+            let app = match app_of(&r.app) {
+                Ok(a) => a,
+                Err(e) => return recorded(id, "failed", "", e),
+            };
+            let result = tokio::task::spawn_blocking(move || {
+                let store = Store::new(&app);
+                let mut session = store.begin("restart", None)?;
+                session.restart()
+            })
+            .await;
+            match result {
+                Ok(Ok((release, a, _))) => recorded(id, "succeeded", release.as_str(), a.detail),
+                Ok(Err(e)) => recorded(id, "failed", "", e.to_string()),
+                Err(e) => recorded(id, "failed", "", format!("restart task failed: {e}")),
+            }
+        }
+        Kind::StatusRequest(_) => {
+            let cfg = config.clone();
+            if let Ok(beat) =
+                tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg)).await
+            {
+                send(out, agent_message::Kind::Heartbeat(beat)).await;
+            }
+            recorded(id, "status", "", "status sent")
+        }
+        Kind::Welcome(_) | Kind::ArtifactChunk(_) => recorded(id, "failed", "", "not a command"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slipway_proto::v1::{Prune, Rollback, StatusRequest};
+
+    fn setup() -> (tempfile::TempDir, Config, ControllerConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[apps.web]\nroot = \"{}\"\n",
+            dir.path().join("app").display()
+        );
+        let config = Config::parse(&dir.path().join("agent.toml"), &text).unwrap();
+        let ctl = ControllerConfig {
+            url: "127.0.0.1:1".into(),
+            state_dir: dir.path().join("state"),
+        };
+        std::fs::create_dir_all(&ctl.state_dir).unwrap();
+        (dir, config, ctl)
+    }
+
+    async fn run_one(
+        config: &Config,
+        ctl: &ControllerConfig,
+        kind: controller_message::Kind,
+    ) -> Vec<AgentMessage> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let out = Outbox::default();
+        out.attach(tx);
+        execute(
+            config.clone(),
+            ctl.clone(),
+            ControllerMessage { kind: Some(kind) },
+            out,
+        )
+        .await;
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    fn result_of(msgs: &[AgentMessage]) -> CommandResult {
+        msgs.iter()
+            .find_map(|m| match &m.kind {
+                Some(agent_message::Kind::Result(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_command_id_is_run_once_and_its_result_replayed() {
+        let (_dir, config, ctl) = setup();
+        let rollback = controller_message::Kind::Rollback(Rollback {
+            command_id: "c-1".into(),
+            app: "web".into(),
+            to_release_id: String::new(),
+        });
+        let first = result_of(&run_one(&config, &ctl, rollback.clone()).await);
+        assert_eq!(first.outcome, Outcome::Failed as i32);
+        assert!(
+            first.message.contains("no good release"),
+            "{}",
+            first.message
+        );
+        // The ledger answers the re-send with the same result.
+        let again = result_of(&run_one(&config, &ctl, rollback).await);
+        assert_eq!(again, first);
+        assert_eq!(Ledger::load(&ctl.state_dir).results.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_apps_and_status_requests() {
+        let (_dir, config, ctl) = setup();
+        let prune = controller_message::Kind::Prune(Prune {
+            command_id: "c-2".into(),
+            app: "api".into(),
+            keep: 3,
+        });
+        let r = result_of(&run_one(&config, &ctl, prune).await);
+        assert_eq!(r.outcome, Outcome::Failed as i32);
+        assert!(
+            r.message.contains("\"api\" is not declared"),
+            "{}",
+            r.message
+        );
+        let status = controller_message::Kind::StatusRequest(StatusRequest {
+            command_id: "c-3".into(),
+        });
+        let msgs = run_one(&config, &ctl, status).await;
+        assert!(msgs
+            .iter()
+            .any(|m| matches!(m.kind, Some(agent_message::Kind::Heartbeat(_)))));
+        assert_eq!(result_of(&msgs).outcome, Outcome::Succeeded as i32);
+    }
+}
