@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The fleet demo — the README's first command. On this machine alone:
+#   a controller on SQLite, three agents (each its own root dir and process)
+#   enrolled with one-time join tokens over mTLS, a push deploy of a sample
+#   web app to all three, a broken release sent to one node that its health
+#   gate rolls back, a node-local rollback, and the fleet view.
+# Everything is stopped at the end; the files stay in the printed directory.
+#
+# Environment:
+#   SLIPWAY_BIN_DIR   use these binaries instead of building target/release
+#   SLIPWAY_DEMO_DIR  work here (default: a new temp dir)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${SLIPWAY_BIN_DIR:-}" ]; then
+  echo "building (cargo build --release) ..."
+  cargo build --release --workspace --bins -q
+  BIN="$PWD/target/release"
+else
+  BIN="$(cd "$SLIPWAY_BIN_DIR" && pwd)"
+fi
+command -v python3 >/dev/null || { echo "the demo app needs python3" >&2; exit 1; }
+
+DIR="${SLIPWAY_DEMO_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/slipway-fleet-demo.XXXXXX")}"
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+say() { printf '\n# %s\n' "$*"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
+get() { python3 - "$1" <<'PY'
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=3).read().decode().strip())
+except Exception as e:
+    print(f"(no answer: {e})")
+PY
+}
+
+PIDS=()
+NODES=(n1 n2 n3)
+cleanup() {
+  for n in "${NODES[@]}"; do
+    [ -f "$DIR/$n/agent.toml" ] && "$BIN/slipway-agent" --config "$DIR/$n/agent.toml" stop --app web >/dev/null 2>&1 || true
+  done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+say "a controller on SQLite (CA and server certificate made on first start)"
+CPORT=$(free_port)
+"$BIN/slipway-controller" serve --data-dir "$DIR/controller" --listen "127.0.0.1:$CPORT" 2>"$DIR/controller.log" &
+PIDS+=($!)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$CPORT") 2>/dev/null && break; sleep 0.1; done
+echo "controller on 127.0.0.1:$CPORT (log: $DIR/controller.log)"
+
+say "three droplets: enroll each with a one-time token, then start its agent"
+declare -A APORT
+for n in "${NODES[@]}"; do
+  APORT[$n]=$(free_port)
+  mkdir -p "$DIR/$n/app/shared"
+  echo "PORT=${APORT[$n]}" > "$DIR/$n/app/shared/.env"
+  cat > "$DIR/$n/agent.toml" <<EOF
+[controller]
+url = "127.0.0.1:$CPORT"
+state_dir = "$DIR/$n/state"
+
+[apps.web]
+root = "$DIR/$n/app"
+shared_files = [".env"]
+
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "2s"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:${APORT[$n]}/api/health"
+interval = "200ms"
+successes = 3
+start_period = "1s"
+deadline = "15s"
+liveness_interval = "2s"
+EOF
+  TOKEN=$("$BIN/slipway-controller" token create --ttl 10m --tag env:demo --data-dir "$DIR/controller")
+  echo "\$ slipway-agent --config $DIR/$n/agent.toml enroll --controller 127.0.0.1:$CPORT --token ${TOKEN:0:14}… --state-dir $DIR/$n/state --name $n"
+  "$BIN/slipway-agent" --config "$DIR/$n/agent.toml" enroll --controller "127.0.0.1:$CPORT" \
+    --token "$TOKEN" --state-dir "$DIR/$n/state" --name "$n"
+  "$BIN/slipway-agent" --config "$DIR/$n/agent.toml" run 2>"$DIR/$n/agent.log" &
+  PIDS+=($!)
+done
+
+say "the sample app: v1 and v2, and a v3 whose /api/health answers 500"
+for v in v1 v2 v3; do
+  mkdir -p "$DIR/src/$v"
+  health=200; [ "$v" = v3 ] && health=500
+  cat > "$DIR/src/$v/server.py" <<EOF
+import http.server, os, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = $health if self.path == "/api/health" else 200
+        body = b"hello from $v"
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+socketserver.TCPServer.allow_reuse_address = True
+socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+EOF
+  "$BIN/slipway-agent" pack --dir "$DIR/src/$v" --out "$DIR/web-$v.tar.gz" >/dev/null
+done
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+export SLIPWAY_CONTROLLER="127.0.0.1:$CPORT" SLIPWAY_CA="$DIR/controller/ca.pem"
+SLIPWAY_TOKEN=$("$BIN/slipway-controller" token api --scope deploy:web --data-dir "$DIR/controller")
+export SLIPWAY_TOKEN
+for _ in $(seq 100); do
+  [ "$("$BIN/slipway" nodes --json | python3 -c 'import json,sys; print(sum(n["state"]=="online" for n in json.load(sys.stdin)))')" = 3 ] && break
+  sleep 0.2
+done
+
+say "push deploy from CI: upload once, every node fetches it over mTLS, health-gated"
+show "$BIN/slipway" deploy web "$DIR/web-v1.tar.gz" --sha "$(sha "$DIR/web-v1.tar.gz")" --id v1
+for n in "${NODES[@]}"; do echo "$n: $(get "${APORT[$n]}")"; done
+show "$BIN/slipway" deploy web "$DIR/web-v2.tar.gz" --sha "$(sha "$DIR/web-v2.tar.gz")" --id v2
+
+say "a bad release to n2: its health gate fails and n2 rolls back by itself"
+if show "$BIN/slipway" deploy web "$DIR/web-v3.tar.gz" --sha "$(sha "$DIR/web-v3.tar.gz")" --id v3 --node n2; then
+  echo "expected the deploy of v3 to fail" >&2; exit 1
+fi
+for n in "${NODES[@]}"; do echo "$n: $(get "${APORT[$n]}")"; done
+
+say "an emergency rollback on n3 alone, as an operator on the droplet would"
+show "$BIN/slipway-agent" --config "$DIR/n3/agent.toml" rollback --app web
+echo "n3: $(get "${APORT[n3]}")"
+
+sleep 3  # one more heartbeat, so the fleet view has the latest state
+say "fleet health"
+show "$BIN/slipway" nodes
+show "$BIN/slipway" audit --since 1h
+echo
+echo "Everything is in $DIR (stopped now)."

@@ -1,0 +1,43 @@
+//! The README's first command, `bash scripts/demo.sh`, end to end on the
+//! binaries this test run built.
+
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::Command;
+
+#[test]
+fn fleet_demo_runs_end_to_end() {
+    let bins = support::bin("slipway").parent().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("SLIPWAY_BIN_DIR", &bins)
+        .env("SLIPWAY_DEMO_DIR", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "3 of 3 nodes succeeded",
+        "n2: hello from v2",
+        "ROLLED_BACK (release v3)",
+        "HTTP 500",
+        "n3: hello from v1",
+        "DEPLOY_FAILED",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "demo output lacks {needle:?}:\n{stdout}"
+        );
+    }
+    // The fleet view lists the three nodes online.
+    assert_eq!(stdout.matches(" online ").count(), 3, "{stdout}");
+}
