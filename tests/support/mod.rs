@@ -89,6 +89,11 @@ impl Controller {
         c
     }
 
+    /// The running controller's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
