@@ -5,11 +5,8 @@
 // Tests unwrap freely: a panic with its message is the failure report.
 #![allow(clippy::unwrap_used)]
 
-// The agent's link module (enroll + session), compiled here by path as in
-// link.rs; items only the agent binary uses look unused.
-#[path = "../../node-agent/src/link.rs"]
-#[allow(unreachable_pub, dead_code)]
-mod link;
+// The agent side of the link, as the agent binary uses it.
+use slipway_agent::link;
 
 use std::net::SocketAddr;
 use std::path::Path;
