@@ -137,9 +137,20 @@ say "an emergency rollback on n3 alone, as an operator on the droplet would"
 show "$BIN/slipway-agent" --config "$DIR/n3/agent.toml" rollback --app web
 echo "n3: $(get "${APORT[n3]}")"
 
-sleep 3  # one more heartbeat, so the fleet view has the latest state
+# The fleet view is as fresh as each node's last heartbeat (every 5 s here):
+# wait until it shows n3's local rollback and the others settled.
+for _ in $(seq 100); do
+  "$BIN/slipway" releases web --json | python3 -c '
+import json, sys
+want = {"n1": "v2", "n2": "v2", "n3": "v1"}
+rows = json.load(sys.stdin)
+ok = len(rows) == 3 and all(want[r["node"]] == r["current_release"] and r["health"] == "healthy" for r in rows)
+sys.exit(0 if ok else 1)' && break
+  sleep 0.2
+done
 say "fleet health"
 show "$BIN/slipway" nodes
+show "$BIN/slipway" releases web
 show "$BIN/slipway" audit --since 1h
 echo
 echo "Everything is in $DIR (stopped now)."

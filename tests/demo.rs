@@ -32,6 +32,7 @@ fn fleet_demo_runs_end_to_end() {
         "HTTP 500",
         "n3: hello from v1",
         "DEPLOY_FAILED",
+        "n2 (Online): current v2",
     ] {
         assert!(
             stdout.contains(needle),
@@ -40,4 +41,17 @@ fn fleet_demo_runs_end_to_end() {
     }
     // The fleet view lists the three nodes online.
     assert_eq!(stdout.matches(" online ").count(), 3, "{stdout}");
+    // `slipway releases web`: v3 failed on n2, v2 marked bad on n3.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("v3") && l.trim_end().ends_with("failed")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("v2") && l.trim_end().ends_with("bad")),
+        "{stdout}"
+    );
 }

@@ -63,6 +63,9 @@ enum Command {
     Rollback(RollbackArgs),
     /// Show the fleet.
     Nodes(ReadArgs),
+    /// An app's releases on every node (from the nodes' last heartbeats):
+    /// which is current, which failed or was rolled away from.
+    Releases(ReleasesArgs),
     /// Show audit events.
     Audit(AuditArgs),
 }
@@ -124,6 +127,16 @@ struct RollbackArgs {
 
 #[derive(Debug, Args)]
 struct ReadArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `releases` arguments.
+#[derive(Debug, Args)]
+struct ReleasesArgs {
+    /// The app.
+    app: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -207,6 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deploy(args) => deploy(&mut api, args).await,
         Command::Rollback(args) => rollback(&mut api, args).await,
         Command::Nodes(args) => nodes(&mut api, args).await,
+        Command::Releases(args) => releases(&mut api, args).await,
         Command::Audit(args) => audit(&mut api, args).await,
     }
 }
@@ -388,6 +402,53 @@ async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
     } else {
         print!("{}", fleet::render_table(&nodes));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn releases(api: &mut Api, args: &ReleasesArgs) -> anyhow::Result<ExitCode> {
+    let response = api
+        .client
+        .list_nodes(client::authed(ListNodesRequest {}, &api.token))
+        .await
+        .map_err(|s| status_error("listing nodes", s))?
+        .into_inner();
+    let nodes: Vec<NodeView> =
+        serde_json::from_str(&response.nodes_json).context("decoding the fleet view")?;
+    // (node, its state of the app) for every node that has the app.
+    let rows: Vec<(&NodeView, &fleet::App)> = nodes
+        .iter()
+        .filter_map(|n| n.apps.iter().find(|a| a.app == args.app).map(|a| (n, a)))
+        .collect();
+    if rows.is_empty() {
+        bail!("no node reports an app named {:?}", args.app);
+    }
+    if args.json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(n, a)| {
+                serde_json::json!({
+                    "node": n.name,
+                    "node_id": n.id,
+                    "state": n.state,
+                    "current_release": a.current_release,
+                    "health": a.health,
+                    "releases": a.releases,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (n, a) in rows {
+        println!(
+            "{} ({:?}): current {} — {}",
+            n.name, n.state, a.current_release, a.health
+        );
+        for r in a.releases.iter().rev() {
+            let mark = if r.id == a.current_release { "*" } else { " " };
+            println!("  {mark} {:<32} {}", r.id, r.status);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
