@@ -265,60 +265,61 @@ fn print_json<T: Serialize>(value: &T) {
 }
 
 fn execute(cli: Cli) -> Result<u8, Failure> {
-    if let Command::Demo { dir, driver } = cli.command {
-        crate::demo::run(dir, driver)?;
-        return Ok(0);
-    }
-    if let Command::Enroll {
-        controller,
-        token,
-        state_dir,
-        name,
-    } = &cli.command
-    {
-        let name = match name {
-            Some(n) => n.clone(),
-            None => sysinfo::System::host_name()
-                .ok_or_else(|| anyhow::anyhow!("cannot read the host name (give --name)"))?,
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-        let enrolled = runtime
-            .block_on(crate::link::enroll(controller, token, state_dir, &name))
-            .map_err(|e| anyhow::anyhow!("enrollment failed: {e}"))?;
-        println!(
-            "enrolled as node {} (certificate {}, expires at unix time {})",
-            enrolled.node_id,
-            enrolled.cert_path.display(),
-            enrolled.expires_at_unix
-        );
-        return Ok(0);
-    }
-    if let Command::Supervise {
-        root,
-        grace_ms,
+    // Commands that need no agent.toml run without reading it.
+    let Cli {
+        config: config_path,
         command,
-    } = &cli.command
-    {
-        crate::supervise::run(root, command, std::time::Duration::from_millis(*grace_ms))?;
-        return Ok(0);
-    }
-    if let Command::Pack { dir, out } = &cli.command {
-        if !dir.is_dir() {
-            return Err(usage(format!("--dir {} is not a directory", dir.display())));
+        ..
+    } = cli;
+    let load = || Config::load(&config_path);
+    match command {
+        Command::Demo { dir, driver } => {
+            crate::demo::run(dir, driver)?;
         }
-        crate::artifact::pack_dir(dir, out, crate::artifact::Compression::for_path(out)).map_err(
-            |e| anyhow::anyhow!("cannot pack {} into {}: {e}", dir.display(), out.display()),
-        )?;
-        let sha = release::hash_file(out)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", out.display()))?;
-        println!("{sha}  {}", out.display());
-        return Ok(0);
-    }
-    let config = Config::load(&cli.config)?;
-    match cli.command {
+        Command::Enroll {
+            controller,
+            token,
+            state_dir,
+            name,
+        } => {
+            let name = match name {
+                Some(n) => n.clone(),
+                None => sysinfo::System::host_name()
+                    .ok_or_else(|| anyhow::anyhow!("cannot read the host name (give --name)"))?,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+            let enrolled = runtime
+                .block_on(crate::link::enroll(&controller, &token, &state_dir, &name))
+                .map_err(|e| anyhow::anyhow!("enrollment failed: {e}"))?;
+            println!(
+                "enrolled as node {} (certificate {}, expires at unix time {})",
+                enrolled.node_id,
+                enrolled.cert_path.display(),
+                enrolled.expires_at_unix
+            );
+        }
+        Command::Supervise {
+            root,
+            grace_ms,
+            command,
+        } => {
+            crate::supervise::run(&root, &command, std::time::Duration::from_millis(grace_ms))?;
+        }
+        Command::Pack { dir, out } => {
+            if !dir.is_dir() {
+                return Err(usage(format!("--dir {} is not a directory", dir.display())));
+            }
+            crate::artifact::pack_dir(&dir, &out, crate::artifact::Compression::for_path(&out))
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot pack {} into {}: {e}", dir.display(), out.display())
+                })?;
+            let sha = release::hash_file(&out)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", out.display()))?;
+            println!("{sha}  {}", out.display());
+        }
         Command::Deploy {
             app,
             artifact,
@@ -326,6 +327,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             id,
             json,
         } => {
+            let config = load()?;
             let store = store_for(&config, &app)?;
             let id = id.as_deref().map(parse_id).transpose()?;
             let result = store.begin("deploy", id.as_ref()).and_then(|mut session| {
@@ -398,6 +400,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Rollback { app, to, json } => {
+            let config = load()?;
             let store = store_for(&config, &app)?;
             let to = to.as_deref().map(parse_id).transpose()?;
             let mut session = store.begin("rollback", to.as_ref())?;
@@ -420,6 +423,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             return Ok(code);
         }
         Command::Releases { app, json } => {
+            let config = load()?;
             let snap = store_for(&config, &app)?.snapshot()?;
             if json {
                 print_json(&snap);
@@ -433,6 +437,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             json,
             ..
         } => {
+            let config = load()?;
             let store = store_for(&config, &app)?;
             let Some(threshold) = store.app().disk_pressure_free else {
                 return Err(usage(format!(
@@ -468,6 +473,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             force,
             json,
         } => {
+            let config = load()?;
             let app_cfg = config.app(&app).map_err(|e| usage(e.to_string()))?;
             let (rotations, errors) = if rotate {
                 crate::logs::rotate_app(app_cfg, force)
@@ -522,6 +528,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         Command::Prune {
             app, keep, json, ..
         } => {
+            let config = load()?;
             let store = store_for(&config, &app)?;
             let keep = keep.unwrap_or(store.app().keep);
             if keep == 0 {
@@ -544,6 +551,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Verify { app, id, json } => {
+            let config = load()?;
             let store = store_for(&config, &app)?;
             let id = id.as_deref().map(parse_id).transpose()?;
             let report = store.verify(id.as_ref())?;
@@ -563,6 +571,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             return Ok(if report.ok() { 0 } else { 1 });
         }
         Command::Status { json } => {
+            let config = load()?;
             let mut apps = Vec::new();
             for app in config.apps.values() {
                 apps.push(app_status(app)?);
@@ -576,6 +585,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Restart { app, json } => {
+            let config = load()?;
             let store = store_for(&config, &app)?;
             let mut session = store.begin("restart", None)?;
             let (release, activation, health) = session.restart()?;
@@ -591,6 +601,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Stop { app } => {
+            let config = load()?;
             let app_cfg = config.app(&app).map_err(|e| usage(e.to_string()))?;
             let Some(driver) = crate::driver::for_app(app_cfg) else {
                 return Err(usage(format!(
@@ -606,6 +617,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             println!("{app}: stopped ({})", driver.name());
         }
         Command::Run => {
+            let config = load()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -616,10 +628,6 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 crate::liveness::shutdown_signal(),
             ))?;
         }
-        Command::Demo { .. }
-        | Command::Pack { .. }
-        | Command::Supervise { .. }
-        | Command::Enroll { .. } => return Err(usage("internal: command handled earlier".into())),
     }
     Ok(0)
 }
