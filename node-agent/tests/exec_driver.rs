@@ -14,7 +14,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{http_get, tar_of, targz, Node};
+use support::{http_get, tar_of, targz, wait_until, Node};
 
 const SECRET: &str = "s3cr3t-never-shown";
 
@@ -118,17 +118,6 @@ fn deploy_json(node: &Node, artifact: &Path, id: &str) -> (Option<i32>, Value) {
     ]);
     let code = run.code;
     (code, run.json())
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn status(node: &Node) -> Value {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{tar_of, targz, Node};
+use support::{tar_of, targz, wait_until, Node};
 
 /// Writes `0..LINES` one line per write(2), in bursts, then touches
 /// `../../shared/done`.
@@ -28,17 +28,6 @@ for i in range(LINES):
 open("../../shared/done", "w").close()
 time.sleep(3600)
 "#;
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The agent's long-running loop, stopped (SIGTERM) on drop.
 struct Agent(Child);

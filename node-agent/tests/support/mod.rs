@@ -359,3 +359,15 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
             .to_owned(),
     ))
 }
+
+/// Polls `f` until it holds; fails the test after `limit`, naming `what`.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
