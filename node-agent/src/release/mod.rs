@@ -413,16 +413,17 @@ impl Store {
         // Reading takes no lock, so polling `releases`/`status` never makes a
         // deploy fail with "busy". Only a journal left mid-operation by a dead
         // process needs the lock, to recover.
-        let journal = Journal::load(&self.paths.journal, &self.app.name)?;
-        let busy = lock::is_held(&self.paths.lock);
-        if journal.op.is_some() && !busy {
+        let mut journal = Journal::load(&self.paths.journal, &self.app.name)?;
+        if journal.op.is_some() && !lock::is_held(&self.paths.lock) {
             match self.begin("recover", None) {
                 Ok(session) => return session.snapshot(),
-                Err(ReleaseError::Lock(LockError::Busy { .. })) => {}
+                // Someone took the lock in between: read what they wrote.
+                Err(ReleaseError::Lock(LockError::Busy { .. })) => {
+                    journal = Journal::load(&self.paths.journal, &self.app.name)?;
+                }
                 Err(e) => return Err(e),
             }
         }
-        let journal = Journal::load(&self.paths.journal, &self.app.name)?;
         let mut snap = snapshot_of(self, &journal)?;
         if lock::is_held(&self.paths.lock) {
             snap.lock_holder = lock::read_holder(&self.paths.lock);
