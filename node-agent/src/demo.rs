@@ -29,8 +29,9 @@ pub enum DemoDriver {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| {
+        crate::driver::pm2::find_executable(Path::new(program), &paths).is_some()
+    })
 }
 
 /// Runs the walk-through in `dir` (a new temp dir by default).

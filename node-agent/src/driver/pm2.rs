@@ -930,8 +930,9 @@ impl Runner {
     }
 }
 
-/// `name` as a path (with a `/`) or looked up in `path`.
-fn find_executable(name: &Path, path: &OsStr) -> Option<PathBuf> {
+/// `name` itself if it has a directory part, else the first executable of
+/// that name in the `PATH`-style list `path`.
+pub(crate) fn find_executable(name: &Path, path: &OsStr) -> Option<PathBuf> {
     let is_exec = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0);
     if name.components().count() > 1 || name.is_absolute() {
         return is_exec(name).then(|| name.to_owned());
