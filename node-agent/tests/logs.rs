@@ -178,8 +178,11 @@ fn a_log_that_jumps_past_its_size_is_rotated_within_seconds() {
     // Well past the size; the agent's tick is 30 s, so only inotify can
     // make this fast.
     fs::write(&live, "x".repeat(200 << 10) + "\n").unwrap();
+    // Done once the rotated copy is compressed (the uncompressed copy exists
+    // for a moment while the compressor runs).
     wait_until("the rotation", Duration::from_secs(5), || {
-        !rotated_siblings(&live).is_empty()
+        let r = rotated_siblings(&live);
+        !r.is_empty() && r.iter().all(|p| p.extension().is_some_and(|e| e == "zst"))
     });
     let rotated = rotated_siblings(&live);
     assert!(
