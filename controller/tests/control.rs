@@ -229,7 +229,10 @@ async fn token_scopes_are_enforced_and_refusals_audited() {
     // No token, or a forged one: UNAUTHENTICATED.
     let err = control.list_nodes(ListNodesRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let forged = format!("{}0", &read[..read.len() - 1]);
+    // Change the secret's last character (to one it is not: a token ending
+    // in '0' must not be "forged" into itself).
+    let last = if read.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &read[..read.len() - 1]);
     let err = control
         .list_nodes(authed(ListNodesRequest {}, &forged))
         .await
