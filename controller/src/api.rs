@@ -8,6 +8,10 @@
 
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
+    controller_message, ControllerMessage, FleetStatusRequest, FleetStatusResponse, PruneRequest,
+    RestartRequest, StatusRequest,
+};
+use slipway_proto::v1::{
     selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
     ListNodesRequest, ListNodesResponse, RollbackRequest, Selector, UploadArtifactResponse,
     UploadChunk,
@@ -18,10 +22,15 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::apitoken::{self, ApiTokenError, Caller};
 use crate::artifacts::{self, ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
-use crate::deploy::{self, Action, Commands, Plan, Target};
+use crate::deploy::{self, Action, Answer, Commands, Plan, Target};
 use crate::fleet;
 use crate::registry::Sessions;
 use crate::store::{Store, StoreError};
+
+/// How long a refreshed FleetStatus waits for the nodes' fresh heartbeats.
+pub const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest `keep` a Prune accepts (0 = each node's configured `keep`).
+pub const MAX_PRUNE_KEEP: u32 = 1000;
 
 /// Errors of API calls; each maps to one gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +249,89 @@ impl ControlService {
         Ok(ReceiverStream::new(rx))
     }
 
+    /// Restart and Prune: checks the app name, then the token's
+    /// `deploy:<app>` scope, selects the nodes and starts the deployment.
+    async fn run_command<T>(
+        &self,
+        request: &Request<T>,
+        app: &str,
+        verb: &str,
+        selector: Option<&Selector>,
+        action: Action,
+    ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
+        // The name is checked first: an invalid one could never be in a
+        // scope, and "invalid app name" says more than "may not".
+        if !apitoken::is_app_name(app) {
+            return Err(ApiError::Invalid(format!(
+                "invalid app name {app:?}: letters, digits, . _ - (at most 64, not starting with .)"
+            ))
+            .into());
+        }
+        let what = format!("{verb} app {app}");
+        let caller = self
+            .authorize(request, &what, |c| c.can_deploy(app))
+            .await?;
+        let targets = self.select(selector).await?;
+        let plan = Plan {
+            app: app.to_owned(),
+            action,
+            targets,
+            actor: caller.token_id,
+            selector: selector_json(selector),
+        };
+        self.run_plan(plan).await
+    }
+
+    /// Asks every enrolled, non-revoked node for a fresh heartbeat (a
+    /// StatusRequest), all at once, waiting at most [`REFRESH_WAIT`]; the
+    /// answers by node id. A node's session stores its heartbeat before it
+    /// hands over the result, so the store is current once this returns.
+    async fn refresh(
+        &self,
+    ) -> Result<std::collections::HashMap<String, fleet::RefreshAnswer>, ApiError> {
+        let prefix = format!(
+            "s-{}",
+            crate::crypto::random_hex::<8>().map_err(StoreError::from)?
+        );
+        let mut asks = tokio::task::JoinSet::new();
+        for row in self.store.fleet().await? {
+            if row.revoked_at.is_some() {
+                continue;
+            }
+            let commands = self.commands.clone();
+            let sessions = self.sessions.clone();
+            let command_id = format!("{prefix}.{}", row.id);
+            asks.spawn(async move {
+                let message = ControllerMessage {
+                    kind: Some(controller_message::Kind::StatusRequest(StatusRequest {
+                        command_id: command_id.clone(),
+                    })),
+                };
+                let answer = commands
+                    .ask(&sessions, &row.id, &command_id, message, REFRESH_WAIT)
+                    .await;
+                let answer = match answer {
+                    Answer::Result(_) => fleet::RefreshAnswer::Answered,
+                    Answer::NoSession => fleet::RefreshAnswer::NoSession,
+                    Answer::Disconnected => fleet::RefreshAnswer::Disconnected,
+                    Answer::TimedOut => fleet::RefreshAnswer::TimedOut,
+                };
+                (row.id, answer)
+            });
+        }
+        let mut answers = std::collections::HashMap::new();
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok((node_id, answer)) => {
+                    answers.insert(node_id, answer);
+                }
+                // A node missing from the answers counts as not answering.
+                Err(err) => tracing::error!(%err, "a status request task failed"),
+            }
+        }
+        Ok(answers)
+    }
+
     async fn try_upload(
         &self,
         mut inbound: Streaming<UploadChunk>,
@@ -281,6 +373,8 @@ impl ControlService {
 impl Control for ControlService {
     type DeployStream = ReceiverStream<Result<DeployEvent, Status>>;
     type RollbackStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type RestartStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type PruneStream = ReceiverStream<Result<DeployEvent, Status>>;
 
     async fn list_nodes(
         &self,
@@ -428,6 +522,92 @@ impl Control for ControlService {
             selector: selector_json(req.selector.as_ref()),
         };
         Ok(Response::new(self.run_plan(plan).await?))
+    }
+
+    async fn restart(
+        &self,
+        request: Request<RestartRequest>,
+    ) -> Result<Response<Self::RestartStream>, Status> {
+        let req = request.get_ref();
+        let stream = self
+            .run_command(
+                &request,
+                &req.app,
+                "restart",
+                req.selector.as_ref(),
+                Action::Restart,
+            )
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn prune(
+        &self,
+        request: Request<PruneRequest>,
+    ) -> Result<Response<Self::PruneStream>, Status> {
+        let req = request.get_ref();
+        if req.keep > MAX_PRUNE_KEEP {
+            return Err(ApiError::Invalid(format!(
+                "keep {} is out of range: 1..={MAX_PRUNE_KEEP} releases, or 0 for each node's configured keep",
+                req.keep
+            ))
+            .into());
+        }
+        let stream = self
+            .run_command(
+                &request,
+                &req.app,
+                "prune",
+                req.selector.as_ref(),
+                Action::Prune { keep: req.keep },
+            )
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn fleet_status(
+        &self,
+        request: Request<FleetStatusRequest>,
+    ) -> Result<Response<FleetStatusResponse>, Status> {
+        self.authorize(&request, "read the fleet status", Caller::can_read)
+            .await?;
+        let req = request.into_inner();
+        let app = (!req.app.is_empty()).then_some(req.app.as_str());
+        if app.is_some_and(|a| !apitoken::is_app_name(a)) {
+            return Err(ApiError::Invalid(format!("invalid app name {:?}", req.app)).into());
+        }
+        let refresh = if req.refresh {
+            Some(self.refresh().await?)
+        } else {
+            None
+        };
+        let now = crate::now_unix();
+        let views = fleet::nodes(&self.store, now)
+            .await
+            .map_err(ApiError::from)?;
+        let connected: Vec<String> = views
+            .iter()
+            .filter(|v| self.sessions.contains(&v.id))
+            .map(|v| v.id.clone())
+            .collect();
+        let deployments = self
+            .store
+            .last_deployments(app)
+            .await
+            .map_err(ApiError::from)?;
+        let status = fleet::summarize_status(
+            &views,
+            &fleet::StatusInputs {
+                app,
+                connected: &connected,
+                refresh: refresh.as_ref(),
+                deployments: &deployments,
+                now,
+            },
+        );
+        let status_json = serde_json::to_string(&status)
+            .map_err(|err| Status::internal(format!("encoding the fleet status: {err}")))?;
+        Ok(Response::new(FleetStatusResponse { status_json }))
     }
 }
 

@@ -41,6 +41,18 @@ pub const ROLLBACK_STARTED: &str = "ROLLBACK_STARTED";
 pub const ROLLBACK_COMPLETED: &str = "ROLLBACK_COMPLETED";
 /// At least one node of a rollback failed.
 pub const ROLLBACK_FAILED: &str = "ROLLBACK_FAILED";
+/// A restart was recorded and its commands sent.
+pub const RESTART_STARTED: &str = "RESTART_STARTED";
+/// Every node of a restart restarted its app and passed the health gate.
+pub const RESTART_COMPLETED: &str = "RESTART_COMPLETED";
+/// At least one node of a restart failed (details name them and why).
+pub const RESTART_FAILED: &str = "RESTART_FAILED";
+/// A prune was recorded and its commands sent.
+pub const PRUNE_STARTED: &str = "PRUNE_STARTED";
+/// Every node of a prune removed its old releases.
+pub const PRUNE_COMPLETED: &str = "PRUNE_COMPLETED";
+/// At least one node of a prune failed (details name them and why).
+pub const PRUNE_FAILED: &str = "PRUNE_FAILED";
 /// An artifact was uploaded (or re-uploaded) through the controller API.
 pub const ARTIFACT_UPLOADED: &str = "ARTIFACT_UPLOADED";
 /// A controller API call was refused: no, unknown or out-of-scope token,

@@ -188,6 +188,13 @@ pub enum Action {
         /// Target release.
         to_release_id: String,
     },
+    /// Restart the app's current release (driver restart, health gate).
+    Restart,
+    /// Delete old releases (never the current one or the rollback target).
+    Prune {
+        /// Releases to keep; 0 = the app's `keep` setting on each node.
+        keep: u32,
+    },
 }
 
 impl Action {
@@ -195,6 +202,8 @@ impl Action {
         match self {
             Self::Deploy { .. } => "deploy",
             Self::Rollback { .. } => "rollback",
+            Self::Restart => "restart",
+            Self::Prune { .. } => "prune",
         }
     }
 
@@ -202,6 +211,31 @@ impl Action {
         match self {
             Self::Deploy { release_id, .. } => release_id,
             Self::Rollback { to_release_id } => to_release_id,
+            Self::Restart | Self::Prune { .. } => "",
+        }
+    }
+
+    /// The audit event type recorded when the deployment starts.
+    fn started_event(&self) -> &'static str {
+        match self {
+            Self::Deploy { .. } => audit::DEPLOY_STARTED,
+            Self::Rollback { .. } => audit::ROLLBACK_STARTED,
+            Self::Restart => audit::RESTART_STARTED,
+            Self::Prune { .. } => audit::PRUNE_STARTED,
+        }
+    }
+
+    /// The audit event type recorded when it ends.
+    fn finished_event(&self, succeeded: bool) -> &'static str {
+        match (self, succeeded) {
+            (Self::Deploy { .. }, true) => audit::DEPLOY_COMPLETED,
+            (Self::Deploy { .. }, false) => audit::DEPLOY_FAILED,
+            (Self::Rollback { .. }, true) => audit::ROLLBACK_COMPLETED,
+            (Self::Rollback { .. }, false) => audit::ROLLBACK_FAILED,
+            (Self::Restart, true) => audit::RESTART_COMPLETED,
+            (Self::Restart, false) => audit::RESTART_FAILED,
+            (Self::Prune { .. }, true) => audit::PRUNE_COMPLETED,
+            (Self::Prune { .. }, false) => audit::PRUNE_FAILED,
         }
     }
 
@@ -227,6 +261,15 @@ impl Action {
                     to_release_id: to_release_id.clone(),
                 })
             }
+            Self::Restart => controller_message::Kind::Restart(slipway_proto::v1::Restart {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+            }),
+            Self::Prune { keep } => controller_message::Kind::Prune(slipway_proto::v1::Prune {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+                keep: *keep,
+            }),
         };
         ControllerMessage { kind: Some(kind) }
     }
@@ -315,10 +358,7 @@ pub async fn start(
         .map(|t| (t.node_id.clone(), format!("{deployment_id}.{}", t.node_id)))
         .collect();
     let now = crate::now_unix();
-    let (started_type, resource) = match plan.action {
-        Action::Deploy { .. } => (audit::DEPLOY_STARTED, "deployment"),
-        Action::Rollback { .. } => (audit::ROLLBACK_STARTED, "deployment"),
-    };
+    let (started_type, resource) = (plan.action.started_event(), "deployment");
     let mut details = serde_json::json!({
         "deployment_id": deployment_id,
         "app": plan.app,
@@ -329,9 +369,12 @@ pub async fn start(
     if let Action::Deploy { sha256, .. } = &plan.action {
         details["artifact_sha256"] = serde_json::Value::from(sha256.as_str());
     }
+    if let Action::Prune { keep } = &plan.action {
+        details["keep"] = serde_json::Value::from(*keep);
+    }
     let sha = match &plan.action {
         Action::Deploy { sha256, .. } => sha256.as_str(),
-        Action::Rollback { .. } => "",
+        Action::Rollback { .. } | Action::Restart | Action::Prune { .. } => "",
     };
     store
         .insert_deployment(
@@ -565,13 +608,7 @@ impl Run {
             .filter_map(|(_, c)| results.remove(c))
             .collect();
         let (succeeded, failed_nodes, message) = summarize(&ordered);
-        let rollback = matches!(self.plan.action, Action::Rollback { .. });
-        let event_type = match (rollback, succeeded) {
-            (false, true) => audit::DEPLOY_COMPLETED,
-            (false, false) => audit::DEPLOY_FAILED,
-            (true, true) => audit::ROLLBACK_COMPLETED,
-            (true, false) => audit::ROLLBACK_FAILED,
-        };
+        let event_type = self.plan.action.finished_event(succeeded);
         let failed: Vec<serde_json::Value> = ordered
             .iter()
             .filter(|r| r.outcome != Outcome::Succeeded as i32)
@@ -634,6 +671,58 @@ impl Run {
                 message,
             })))
             .await;
+    }
+}
+
+/// How a one-off command sent with [`Commands::ask`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The node's CommandResult.
+    Result(CommandResult),
+    /// The node holds no session with this controller.
+    NoSession,
+    /// Its session ended before it answered.
+    Disconnected,
+    /// No answer within the wait.
+    TimedOut,
+}
+
+impl Commands {
+    /// Sends `message` (whose command id is `command_id`) to `node_id` and
+    /// waits at most `wait` for the node's CommandResult. Nothing is recorded
+    /// in the database: for commands such as StatusRequest whose only effect
+    /// is the answer (a heartbeat the session stores before the result).
+    pub async fn ask(
+        &self,
+        sessions: &Sessions,
+        node_id: &str,
+        command_id: &str,
+        message: ControllerMessage,
+        wait: Duration,
+    ) -> Answer {
+        let deadline = Instant::now() + wait;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Registered before sending, so a fast answer is never lost.
+        self.register(command_id, node_id, tx, message.clone());
+        let answer = async {
+            match tokio::time::timeout_at(deadline, sessions.send(node_id, message)).await {
+                Ok(true) => {}
+                Ok(false) => return Answer::NoSession,
+                Err(_) => return Answer::TimedOut,
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some((_, NodeEvent::Result(result)))) => return Answer::Result(result),
+                    Ok(Some((_, NodeEvent::Disconnected))) => return Answer::Disconnected,
+                    Ok(Some((_, NodeEvent::Progress(_) | NodeEvent::Reconnected))) => {}
+                    // The sender lives in the registration until `forget`.
+                    Ok(None) | Err(_) => return Answer::TimedOut,
+                }
+            }
+        }
+        .await;
+        self.forget(command_id);
+        answer
     }
 }
 

@@ -408,9 +408,894 @@ pub async fn revoke(
     })
 }
 
+/// How a node answered the StatusRequest of a refreshed `slipway status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshAnswer {
+    /// It sent a fresh heartbeat (stored before this summary was made).
+    Answered,
+    /// It holds no session with the controller, so it was not asked.
+    NoSession,
+    /// Its session ended before it answered.
+    Disconnected,
+    /// No answer within the refresh wait.
+    TimedOut,
+}
+
+impl RefreshAnswer {
+    /// Why the node did not answer, or `None` if it did.
+    pub fn failure(self) -> Option<&'static str> {
+        match self {
+            Self::Answered => None,
+            Self::NoSession => Some("no session with the controller"),
+            Self::Disconnected => Some("its session ended"),
+            Self::TimedOut => Some("timed out"),
+        }
+    }
+}
+
+/// One node in the fleet summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node id.
+    pub id: String,
+    /// Node name.
+    pub name: String,
+    /// online / unreachable / unknown / revoked, from its last contact.
+    pub state: NodeState,
+    /// Holds a session with the controller right now.
+    pub connected: bool,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_secs: Option<i64>,
+    /// Agent version last reported.
+    pub agent_version: String,
+    /// Agent RSS last reported, bytes.
+    pub agent_rss_bytes: Option<u64>,
+    /// Its answer to the refresh, if one was asked for.
+    pub refresh: Option<RefreshAnswer>,
+}
+
+/// Nodes on which one release of an app is current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseNodes {
+    /// Release id; "" = nothing activated yet.
+    pub release: String,
+    /// How many nodes.
+    pub count: usize,
+    /// Their names.
+    pub nodes: Vec<String>,
+}
+
+/// An app that is not healthy on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnhealthyApp {
+    /// Node id.
+    pub node_id: String,
+    /// Node name.
+    pub node_name: String,
+    /// Release current there.
+    pub release: String,
+    /// The verdict as the agent reported it ("unhealthy: …", "error: …").
+    pub health: String,
+    /// The failing check's last output (the verdict without its prefix).
+    pub output: String,
+}
+
+/// One app across the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSummary {
+    /// App name.
+    pub app: String,
+    /// Which release is current on how many nodes, most nodes first.
+    pub releases: Vec<ReleaseNodes>,
+    /// Nodes where the app's last health verdict is not healthy.
+    pub unhealthy: Vec<UnhealthyApp>,
+    /// Nodes where a deploy, rollback or prune holds the app's lock.
+    pub busy: Vec<String>,
+    /// The app's latest deployment (any kind) with its per-node results.
+    pub last_deployment: Option<store::DeploymentRecord>,
+}
+
+/// Nodes whose agent runs one version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionNodes {
+    /// Agent version.
+    pub version: String,
+    /// How many nodes.
+    pub count: usize,
+    /// Their names.
+    pub nodes: Vec<String>,
+}
+
+/// Agent versions in use and agents whose memory stands out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AgentSummary {
+    /// Versions reported, most nodes first.
+    pub versions: Vec<VersionNodes>,
+    /// Median agent RSS over the nodes that reported one.
+    pub rss_median_bytes: Option<u64>,
+    /// Nodes whose agent RSS is above [`RSS_OUTLIER_FACTOR`] × the median
+    /// (and more than [`RSS_OUTLIER_MIN_EXCESS`] above it): (name, bytes).
+    pub rss_outliers: Vec<(String, u64)>,
+}
+
+/// An agent counts as an RSS outlier above this multiple of the median...
+pub const RSS_OUTLIER_FACTOR: u64 = 2;
+/// ...and this far above it (small agents vary by a few MiB).
+pub const RSS_OUTLIER_MIN_EXCESS: u64 = 16 * 1024 * 1024;
+
+/// The fleet summary of `slipway status` (the FleetStatus API's JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// When it was made (seconds since the epoch).
+    pub generated_at: i64,
+    /// The app filter, if any (then only nodes reporting the app count).
+    pub app: Option<String>,
+    /// Whether nodes were asked for a fresh heartbeat first.
+    pub refreshed: bool,
+    /// Nodes by state (every state, zeros included).
+    pub counts: std::collections::BTreeMap<String, usize>,
+    /// The nodes, by name.
+    pub nodes: Vec<NodeStatus>,
+    /// The apps, by name.
+    pub apps: Vec<AppSummary>,
+    /// Agent versions and RSS.
+    pub agents: AgentSummary,
+    /// What is not online and healthy, one line each; empty = all is well.
+    pub problems: Vec<String>,
+    /// Worth knowing but not a problem (revoked nodes, release or version
+    /// drift, memory outliers, failed or running deployments).
+    pub notes: Vec<String>,
+}
+
+impl FleetStatus {
+    /// True when nothing is wrong (`slipway status` exits 0).
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The inputs of [`summarize_status`] besides the fleet view.
+#[derive(Debug, Clone, Default)]
+pub struct StatusInputs<'a> {
+    /// Only this app.
+    pub app: Option<&'a str>,
+    /// Ids of the nodes holding a session now.
+    pub connected: &'a [String],
+    /// Answers to the refresh by node id; `None` = no refresh was asked.
+    pub refresh: Option<&'a std::collections::HashMap<String, RefreshAnswer>>,
+    /// The latest deployment of each app.
+    pub deployments: &'a [store::DeploymentRecord],
+    /// Now (seconds since the epoch).
+    pub now: i64,
+}
+
+/// Groups `(key, name)` pairs: most names first, then by key.
+fn grouped<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<ReleaseNodes> {
+    let mut groups: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for (key, name) in pairs {
+        groups.entry(key).or_default().push(name.to_owned());
+    }
+    let mut out: Vec<ReleaseNodes> = groups
+        .into_iter()
+        .map(|(key, nodes)| ReleaseNodes {
+            release: key.to_owned(),
+            count: nodes.len(),
+            nodes,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.release.cmp(&b.release))
+    });
+    out
+}
+
+fn list(groups: &[ReleaseNodes]) -> String {
+    groups
+        .iter()
+        .map(|g| {
+            let what = if g.release.is_empty() {
+                "nothing"
+            } else {
+                &g.release
+            };
+            format!("{what} on {}", g.nodes.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The median of agent RSS values and the nodes well above it.
+fn rss_summary(rss: &[(String, u64)]) -> (Option<u64>, Vec<(String, u64)>) {
+    let mut values: Vec<u64> = rss.iter().map(|(_, v)| *v).collect();
+    if values.is_empty() {
+        return (None, Vec::new());
+    }
+    values.sort_unstable();
+    let mid = values.len() / 2;
+    let median = if values.len().is_multiple_of(2) {
+        values[mid - 1] / 2 + values[mid] / 2
+    } else {
+        values[mid]
+    };
+    let outliers = rss
+        .iter()
+        .filter(|(_, v)| {
+            *v > median.saturating_mul(RSS_OUTLIER_FACTOR)
+                && v.saturating_sub(median) > RSS_OUTLIER_MIN_EXCESS
+        })
+        .cloned()
+        .collect();
+    (Some(median), outliers)
+}
+
+/// The fleet summary from the fleet view (pure: the caller gathers the
+/// sessions, refresh answers and deployments).
+///
+/// Problems (exit 1 of `slipway status`): no node (reporting the app); a
+/// node unreachable, or unknown since the controller started; a node that
+/// did not answer a refresh; an app whose last health verdict is not
+/// healthy ("unhealthy: …", "error: …") on a non-revoked node. Revoked
+/// nodes, nodes between sessions, release drift, agent version drift, RSS
+/// outliers, running or failed deployments and apps never deployed are notes.
+pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetStatus {
+    let considered: Vec<&NodeView> = views
+        .iter()
+        .filter(|v| {
+            inputs
+                .app
+                .is_none_or(|app| v.apps.iter().any(|a| a.app == app))
+        })
+        .collect();
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    let mut counts: std::collections::BTreeMap<String, usize> = [
+        NodeState::Online,
+        NodeState::Unreachable,
+        NodeState::Unknown,
+        NodeState::Revoked,
+    ]
+    .iter()
+    .map(|s| (s.as_str().to_owned(), 0))
+    .collect();
+    match inputs.app {
+        Some(app) if considered.is_empty() => problems.push(format!("no node reports app {app}")),
+        None if considered.is_empty() => problems.push("no node is enrolled".to_owned()),
+        _ => {}
+    }
+    let mut nodes = Vec::with_capacity(considered.len());
+    for v in &considered {
+        *counts.entry(v.state.as_str().to_owned()).or_default() += 1;
+        let connected = inputs.connected.contains(&v.id);
+        let refresh = inputs.refresh.map(|answers| {
+            answers
+                .get(&v.id)
+                .copied()
+                .unwrap_or(RefreshAnswer::NoSession)
+        });
+        let heard = v
+            .heartbeat_age_secs
+            .map_or_else(|| "never".to_owned(), |age| format!("{age}s ago"));
+        match v.state {
+            NodeState::Unreachable => problems.push(format!(
+                "{} is unreachable (last heartbeat {heard})",
+                v.name
+            )),
+            NodeState::Unknown => problems.push(format!(
+                "{} has not been heard from since the controller started",
+                v.name
+            )),
+            NodeState::Revoked => notes.push(format!("{} is revoked", v.name)),
+            NodeState::Online => match refresh.and_then(RefreshAnswer::failure) {
+                Some(why) => problems.push(format!(
+                    "{} did not answer the status request ({why}; last heartbeat {heard})",
+                    v.name
+                )),
+                None if !connected => notes.push(format!(
+                    "{} holds no session right now (last heartbeat {heard})",
+                    v.name
+                )),
+                None => {}
+            },
+        }
+        nodes.push(NodeStatus {
+            id: v.id.clone(),
+            name: v.name.clone(),
+            state: v.state,
+            connected,
+            heartbeat_age_secs: v.heartbeat_age_secs,
+            agent_version: v.agent_version.clone(),
+            agent_rss_bytes: v.agent_rss_bytes,
+            refresh,
+        });
+    }
+
+    let live: Vec<&&NodeView> = considered
+        .iter()
+        .filter(|v| v.state != NodeState::Revoked)
+        .collect();
+    let mut app_names: std::collections::BTreeSet<&str> = live
+        .iter()
+        .flat_map(|v| v.apps.iter().map(|a| a.app.as_str()))
+        .filter(|a| inputs.app.is_none_or(|f| f == *a))
+        .collect();
+    app_names.extend(
+        inputs
+            .deployments
+            .iter()
+            .map(|d| d.app.as_str())
+            .filter(|a| inputs.app.is_none_or(|f| f == *a)),
+    );
+    let mut apps = Vec::with_capacity(app_names.len());
+    for name in app_names {
+        let on: Vec<(&NodeView, &App)> = live
+            .iter()
+            .filter_map(|v| v.apps.iter().find(|a| a.app == name).map(|a| (**v, a)))
+            .collect();
+        let releases = grouped(
+            on.iter()
+                .map(|(v, a)| (a.current_release.as_str(), v.name.as_str())),
+        );
+        if releases.len() > 1 {
+            notes.push(format!("{name}: releases differ: {}", list(&releases)));
+        }
+        let mut unhealthy = Vec::new();
+        let mut busy = Vec::new();
+        for (v, a) in &on {
+            if a.in_progress {
+                busy.push(v.name.clone());
+            }
+            if a.current_release.is_empty() {
+                notes.push(format!("{name} has no release on {}", v.name));
+                continue;
+            }
+            let bad = a
+                .health
+                .strip_prefix("unhealthy:")
+                .or_else(|| a.health.starts_with("error:").then_some(a.health.as_str()));
+            if let Some(output) = bad {
+                let output = output.trim().to_owned();
+                problems.push(format!(
+                    "{name} on {} ({}) is not healthy: {}",
+                    v.name, a.current_release, a.health
+                ));
+                unhealthy.push(UnhealthyApp {
+                    node_id: v.id.clone(),
+                    node_name: v.name.clone(),
+                    release: a.current_release.clone(),
+                    health: a.health.clone(),
+                    output,
+                });
+            }
+        }
+        let last_deployment = inputs.deployments.iter().find(|d| d.app == name).cloned();
+        if let Some(d) = &last_deployment {
+            match d.status.as_str() {
+                "succeeded" => {}
+                "running" => notes.push(format!("{name}: {} {} is running", d.kind, d.id)),
+                _ => notes.push(format!(
+                    "{name}: last {} {} failed: {}",
+                    d.kind, d.id, d.message
+                )),
+            }
+        }
+        apps.push(AppSummary {
+            app: name.to_owned(),
+            releases,
+            unhealthy,
+            busy,
+            last_deployment,
+        });
+    }
+
+    let versions = grouped(
+        live.iter()
+            .filter(|v| !v.agent_version.is_empty())
+            .map(|v| (v.agent_version.as_str(), v.name.as_str())),
+    );
+    if versions.len() > 1 {
+        notes.push(format!("agent versions differ: {}", list(&versions)));
+    }
+    let rss: Vec<(String, u64)> = live
+        .iter()
+        .filter_map(|v| v.agent_rss_bytes.map(|r| (v.name.clone(), r)))
+        .collect();
+    let (rss_median_bytes, rss_outliers) = rss_summary(&rss);
+    let versions = versions
+        .into_iter()
+        .map(|g| VersionNodes {
+            version: g.release,
+            count: g.count,
+            nodes: g.nodes,
+        })
+        .collect();
+    for (name, value) in &rss_outliers {
+        notes.push(format!(
+            "agent on {name} uses {} (fleet median {})",
+            bytes(*value),
+            bytes(rss_median_bytes.unwrap_or(0))
+        ));
+    }
+    FleetStatus {
+        generated_at: inputs.now,
+        app: inputs.app.map(ToOwned::to_owned),
+        refreshed: inputs.refresh.is_some(),
+        counts,
+        nodes,
+        apps,
+        agents: AgentSummary {
+            versions,
+            rss_median_bytes,
+            rss_outliers,
+        },
+        problems,
+        notes,
+    }
+}
+
+/// `slipway status` as text: node counts and table, apps, notes, problems,
+/// and a last line saying whether all is well.
+pub fn render_status(status: &FleetStatus) -> String {
+    let mut out = String::new();
+    let counts: Vec<String> = status
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    let scope = status
+        .app
+        .as_ref()
+        .map_or_else(String::new, |a| format!(" reporting app {a}"));
+    let _ = writeln!(
+        out,
+        "nodes{scope}: {} ({})",
+        status.nodes.len(),
+        if counts.is_empty() {
+            "none".to_owned()
+        } else {
+            counts.join(", ")
+        }
+    );
+    if !status.nodes.is_empty() {
+        let mut rows = vec![[
+            "NAME",
+            "STATE",
+            "SESSION",
+            "HEARTBEAT",
+            "VERSION",
+            "RSS",
+            "REFRESH",
+        ]
+        .map(str::to_owned)];
+        for n in &status.nodes {
+            rows.push([
+                n.name.clone(),
+                n.state.as_str().to_owned(),
+                if n.connected { "yes" } else { "no" }.to_owned(),
+                n.heartbeat_age_secs
+                    .map_or_else(|| "-".to_owned(), |age| format!("{age}s ago")),
+                if n.agent_version.is_empty() {
+                    "-".to_owned()
+                } else {
+                    n.agent_version.clone()
+                },
+                n.agent_rss_bytes.map_or_else(|| "-".to_owned(), bytes),
+                match n.refresh {
+                    None => "-".to_owned(),
+                    Some(RefreshAnswer::Answered) => "answered".to_owned(),
+                    Some(answer) => {
+                        format!("did not answer ({})", answer.failure().unwrap_or_default())
+                    }
+                },
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    for app in &status.apps {
+        let _ = writeln!(out, "\napp {}", app.app);
+        for r in &app.releases {
+            let release = if r.release.is_empty() {
+                "(none)"
+            } else {
+                &r.release
+            };
+            let _ = writeln!(
+                out,
+                "  {release} current on {} node(s): {}",
+                r.count,
+                r.nodes.join(", ")
+            );
+        }
+        for u in &app.unhealthy {
+            let _ = writeln!(
+                out,
+                "  UNHEALTHY on {} ({}): {}",
+                u.node_name, u.release, u.output
+            );
+        }
+        if !app.busy.is_empty() {
+            let _ = writeln!(out, "  busy on: {}", app.busy.join(", "));
+        }
+        if let Some(d) = &app.last_deployment {
+            let release = if d.release_id.is_empty() {
+                String::new()
+            } else {
+                format!(" of {}", d.release_id)
+            };
+            let _ = writeln!(
+                out,
+                "  last {} {}{release}: {} ({}s ago){}",
+                d.kind,
+                d.id,
+                d.status,
+                status.generated_at.saturating_sub(d.started_at).max(0),
+                if d.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", d.message)
+                }
+            );
+            for n in &d.nodes {
+                let name = if n.node_name.is_empty() {
+                    &n.node_id
+                } else {
+                    &n.node_name
+                };
+                let _ = writeln!(
+                    out,
+                    "    [{name}] {}{}",
+                    n.outcome,
+                    if n.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", n.message)
+                    }
+                );
+            }
+        }
+    }
+    if !status.agents.versions.is_empty() {
+        let versions: Vec<String> = status
+            .agents
+            .versions
+            .iter()
+            .map(|v| format!("{} on {}", v.version, v.nodes.join(", ")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nagents: {}; RSS median {}",
+            versions.join("; "),
+            status
+                .agents
+                .rss_median_bytes
+                .map_or_else(|| "-".to_owned(), bytes)
+        );
+    }
+    if !status.notes.is_empty() {
+        out.push_str("\nnotes:\n");
+        for n in &status.notes {
+            let _ = writeln!(out, "  - {n}");
+        }
+    }
+    if !status.problems.is_empty() {
+        out.push_str("\nproblems:\n");
+        for p in &status.problems {
+            let _ = writeln!(out, "  - {p}");
+        }
+    }
+    out
+}
+
+/// Left-aligned columns, two spaces apart, the last one unpadded.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn app(name: &str, release: &str, health: &str) -> App {
+        App {
+            app: name.to_owned(),
+            current_release: release.to_owned(),
+            health: health.to_owned(),
+            in_progress: false,
+            releases: Vec::new(),
+        }
+    }
+
+    fn node(name: &str, state: NodeState, version: &str, rss_mib: u64, apps: Vec<App>) -> NodeView {
+        NodeView {
+            id: format!("n-{name}"),
+            name: name.to_owned(),
+            labels: serde_json::json!({}),
+            state,
+            last_seen_at: Some(100),
+            heartbeat_age_secs: Some(3),
+            agent_version: version.to_owned(),
+            agent_rss_bytes: Some(rss_mib * MIB),
+            metrics: None,
+            apps,
+            revoked_at: None,
+            cert_expires_at: 0,
+        }
+    }
+
+    fn deployment(app: &str, status: &str, message: &str) -> store::DeploymentRecord {
+        store::DeploymentRecord {
+            id: "d-1".to_owned(),
+            kind: "restart".to_owned(),
+            app: app.to_owned(),
+            release_id: String::new(),
+            actor: "t".to_owned(),
+            status: status.to_owned(),
+            started_at: 90,
+            finished_at: Some(95),
+            message: message.to_owned(),
+            nodes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_healthy_fleet_has_no_problems() {
+        let views = [
+            node(
+                "a",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app("web", "v1", "healthy")],
+            ),
+            node(
+                "b",
+                NodeState::Online,
+                "1.0",
+                22,
+                vec![app("web", "v1", "healthy")],
+            ),
+        ];
+        let connected = ["n-a".to_owned(), "n-b".to_owned()];
+        let answers: std::collections::HashMap<String, RefreshAnswer> = connected
+            .iter()
+            .map(|id| (id.clone(), RefreshAnswer::Answered))
+            .collect();
+        let deployments = [deployment("web", "succeeded", "2 of 2 nodes succeeded")];
+        let status = summarize_status(
+            &views,
+            &StatusInputs {
+                app: None,
+                connected: &connected,
+                refresh: Some(&answers),
+                deployments: &deployments,
+                now: 100,
+            },
+        );
+        assert!(status.ok(), "{:?}", status.problems);
+        assert!(status.notes.is_empty(), "{:?}", status.notes);
+        assert!(status.refreshed);
+        assert_eq!(status.counts["online"], 2);
+        assert_eq!(status.counts["unreachable"], 0);
+        assert_eq!(
+            status.apps[0].releases,
+            [ReleaseNodes {
+                release: "v1".to_owned(),
+                count: 2,
+                nodes: vec!["a".to_owned(), "b".to_owned()],
+            }]
+        );
+        assert_eq!(status.apps[0].last_deployment.as_ref().unwrap().id, "d-1");
+        assert_eq!(status.agents.rss_median_bytes, Some(21 * MIB));
+        let text = render_status(&status);
+        assert!(text.contains("v1 current on 2 node(s): a, b"), "{text}");
+        assert!(!text.contains("problems"), "{text}");
+    }
+
+    #[test]
+    fn problems_and_notes_name_the_node_and_why() {
+        let views = [
+            node(
+                "a",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app("web", "v2", "healthy")],
+            ),
+            node(
+                "b",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app("web", "v1", "unhealthy: HTTP 500: sick")],
+            ),
+            node(
+                "c",
+                NodeState::Unreachable,
+                "1.0",
+                20,
+                vec![app("web", "v1", "healthy")],
+            ),
+            node(
+                "d",
+                NodeState::Unknown,
+                "0.9",
+                21,
+                vec![app("web", "v1", "error: bad journal")],
+            ),
+            node(
+                "e",
+                NodeState::Revoked,
+                "0.1",
+                900,
+                vec![app("web", "v0", "unhealthy: x")],
+            ),
+            node(
+                "f",
+                NodeState::Online,
+                "1.0",
+                200,
+                vec![app("web", "v1", "unknown")],
+            ),
+            node(
+                "g",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app("web", "", "unknown")],
+            ),
+        ];
+        // a answered; b timed out; f and g were not connected (g answered
+        // nothing, f was between sessions before the refresh).
+        let connected = ["n-a".to_owned(), "n-b".to_owned(), "n-g".to_owned()];
+        let answers: std::collections::HashMap<String, RefreshAnswer> = [
+            ("n-a", RefreshAnswer::Answered),
+            ("n-b", RefreshAnswer::TimedOut),
+            ("n-f", RefreshAnswer::NoSession),
+            ("n-g", RefreshAnswer::Answered),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let deployments = [deployment(
+            "web",
+            "failed",
+            "1 of 1 nodes failed: c (unreachable)",
+        )];
+        let status = summarize_status(
+            &views,
+            &StatusInputs {
+                app: None,
+                connected: &connected,
+                refresh: Some(&answers),
+                deployments: &deployments,
+                now: 100,
+            },
+        );
+        assert_eq!(
+            status.problems,
+            [
+                "b did not answer the status request (timed out; last heartbeat 3s ago)",
+                "c is unreachable (last heartbeat 3s ago)",
+                "d has not been heard from since the controller started",
+                "f did not answer the status request (no session with the controller; last heartbeat 3s ago)",
+                "web on b (v1) is not healthy: unhealthy: HTTP 500: sick",
+                "web on d (v1) is not healthy: error: bad journal",
+            ]
+        );
+        assert_eq!(
+            status.notes,
+            [
+                "e is revoked",
+                "web: releases differ: v1 on b, c, d, f; nothing on g; v2 on a",
+                "web has no release on g",
+                "web: last restart d-1 failed: 1 of 1 nodes failed: c (unreachable)",
+                "agent versions differ: 1.0 on a, b, c, f, g; 0.9 on d",
+                "agent on f uses 200.0M (fleet median 20.0M)",
+            ]
+        );
+        assert_eq!(status.counts["revoked"], 1);
+        assert_eq!(status.counts["unknown"], 1);
+        let unhealthy = &status.apps[0].unhealthy;
+        assert_eq!(unhealthy.len(), 2);
+        assert_eq!(unhealthy[0].node_name, "b");
+        assert_eq!(unhealthy[0].output, "HTTP 500: sick");
+        assert_eq!(unhealthy[1].output, "error: bad journal");
+        assert_eq!(status.agents.rss_outliers, [("f".to_owned(), 200 * MIB)]);
+        assert_eq!(
+            status.nodes[1].refresh,
+            Some(RefreshAnswer::TimedOut),
+            "{:?}",
+            status.nodes[1]
+        );
+        let text = render_status(&status);
+        assert!(
+            text.contains("UNHEALTHY on b (v1): HTTP 500: sick"),
+            "{text}"
+        );
+        assert!(text.contains("did not answer (timed out)"), "{text}");
+    }
+
+    #[test]
+    fn an_app_filter_keeps_the_nodes_reporting_it() {
+        let views = [
+            node(
+                "a",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app("web", "v1", "healthy")],
+            ),
+            node(
+                "b",
+                NodeState::Unreachable,
+                "1.0",
+                20,
+                vec![app("api", "v7", "healthy")],
+            ),
+        ];
+        let connected = ["n-a".to_owned()];
+        let inputs = |app| StatusInputs {
+            app,
+            connected: &connected,
+            refresh: None,
+            deployments: &[],
+            now: 100,
+        };
+        let web = summarize_status(&views, &inputs(Some("web")));
+        assert!(web.ok(), "{:?}", web.problems);
+        assert_eq!(web.nodes.len(), 1);
+        assert_eq!(web.apps.len(), 1);
+        assert_eq!(web.nodes[0].refresh, None);
+        let api = summarize_status(&views, &inputs(Some("api")));
+        assert_eq!(api.problems, ["b is unreachable (last heartbeat 3s ago)"]);
+        let none = summarize_status(&views, &inputs(Some("db")));
+        assert_eq!(none.problems, ["no node reports app db"]);
+        assert!(!summarize_status(&[], &inputs(None)).ok());
+    }
+
+    #[test]
+    fn rss_outliers_are_well_above_the_median() {
+        assert_eq!(rss_summary(&[]), (None, vec![]));
+        let rss = |values: &[u64]| -> Vec<(String, u64)> {
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("n{i}"), v * MIB))
+                .collect()
+        };
+        // Even count: the mean of the middle two.
+        assert_eq!(rss_summary(&rss(&[10, 20, 30, 40])).0, Some(25 * MIB));
+        // Twice the median but only 10 MiB above it: not an outlier.
+        assert_eq!(rss_summary(&rss(&[5, 5, 15])).1, vec![]);
+        // Far above: an outlier; exactly twice: not.
+        let (median, outliers) = rss_summary(&rss(&[20, 20, 40, 100]));
+        assert_eq!(median, Some(30 * MIB));
+        assert_eq!(outliers, vec![("n3".to_owned(), 100 * MIB)]);
+    }
 
     #[test]
     fn byte_units() {

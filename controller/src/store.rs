@@ -219,6 +219,49 @@ pub struct NewDeployment<'a> {
     pub nodes: &'a [(String, String)],
 }
 
+/// A recorded deployment (deploy, rollback, restart or prune) with its
+/// per-node results, for `slipway status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeploymentRecord {
+    /// `d-…`.
+    pub id: String,
+    /// "deploy", "rollback", "restart" or "prune".
+    pub kind: String,
+    /// The app.
+    pub app: String,
+    /// Release deployed or rolled back to ("" when none was named).
+    pub release_id: String,
+    /// API token id that asked for it.
+    pub actor: String,
+    /// "running", "succeeded" or "failed".
+    pub status: String,
+    /// Seconds since the epoch.
+    pub started_at: i64,
+    /// When the last node answered.
+    pub finished_at: Option<i64>,
+    /// The one-line summary ("2 of 3 nodes failed: …").
+    pub message: String,
+    /// One entry per target node, by node name.
+    pub nodes: Vec<DeploymentNodeRecord>,
+}
+
+/// How one node of a recorded deployment ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeploymentNodeRecord {
+    /// Node id.
+    pub node_id: String,
+    /// Node name ("" if the node is gone from the database).
+    pub node_name: String,
+    /// "pending", "succeeded", "failed" or "rolled_back".
+    pub outcome: String,
+    /// Release current on the node afterwards, if it said.
+    pub release_id: String,
+    /// Why, especially on failure.
+    pub message: String,
+    /// When the node's result was recorded.
+    pub finished_at: Option<i64>,
+}
+
 /// SQLITE_BUSY (5) or SQLITE_LOCKED (6), with or without extended bits.
 fn is_busy(code: Option<&str>) -> bool {
     code.and_then(|c| c.parse::<i32>().ok())
@@ -695,6 +738,64 @@ impl Store {
             .collect()
     }
 
+    /// The latest deployment of each app (of `app` only, if given), by app
+    /// name, with its per-node results.
+    pub async fn last_deployments(
+        &self,
+        app: Option<&str>,
+    ) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.kind, d.app, d.release_id, d.actor, d.status, d.started_at,
+                    d.finished_at, d.message
+             FROM deployments d
+             WHERE d.rowid = (SELECT d2.rowid FROM deployments d2 WHERE d2.app = d.app
+                              ORDER BY d2.started_at DESC, d2.rowid DESC LIMIT 1)
+               AND (?1 IS NULL OR d.app = ?1)
+             ORDER BY d.app",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let nodes = sqlx::query(
+                "SELECT dn.node_id, COALESCE(n.name, '') AS node_name, dn.outcome,
+                        dn.release_id, dn.message, dn.finished_at
+                 FROM deployment_nodes dn LEFT JOIN nodes n ON n.id = dn.node_id
+                 WHERE dn.deployment_id = ?1 ORDER BY node_name, dn.node_id",
+            )
+            .bind(&id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|n| {
+                Ok(DeploymentNodeRecord {
+                    node_id: n.try_get("node_id")?,
+                    node_name: n.try_get("node_name")?,
+                    outcome: n.try_get("outcome")?,
+                    release_id: n.try_get("release_id")?,
+                    message: n.try_get("message")?,
+                    finished_at: n.try_get("finished_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+            out.push(DeploymentRecord {
+                id,
+                kind: row.try_get("kind")?,
+                app: row.try_get("app")?,
+                release_id: row.try_get("release_id")?,
+                actor: row.try_get("actor")?,
+                status: row.try_get("status")?,
+                started_at: row.try_get("started_at")?,
+                finished_at: row.try_get("finished_at")?,
+                message: row.try_get("message")?,
+                nodes,
+            });
+        }
+        Ok(out)
+    }
+
     /// Finds a node by id, or by name when exactly one node has that name.
     pub async fn find_node(&self, id_or_name: &str) -> Result<Vec<NodeRow>, StoreError> {
         let rows = sqlx::query(
@@ -955,6 +1056,106 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn last_deployments_are_the_newest_per_app_with_node_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let mut conn = store.pool.acquire().await.unwrap();
+        insert_node(
+            &mut conn,
+            &NewNode {
+                id: "n-1",
+                name: "web-1",
+                cert_serial: "01",
+                cert_fingerprint: "fp1",
+                cert_expires_at: 2000,
+                labels: &serde_json::json!({}),
+                agent_version: "1.0",
+                enrolled_at: 1,
+            },
+        )
+        .await
+        .unwrap();
+        drop(conn);
+        let record = |id: &'static str, kind: &'static str, app: &'static str, at: i64| {
+            let store = store.clone();
+            async move {
+                let nodes = [
+                    ("n-1".to_owned(), format!("{id}.n-1")),
+                    ("n-gone".to_owned(), format!("{id}.n-gone")),
+                ];
+                store
+                    .insert_deployment(
+                        &NewDeployment {
+                            id,
+                            kind,
+                            app,
+                            release_id: "",
+                            artifact_sha256: "",
+                            actor: "t",
+                            selector: &serde_json::json!({}),
+                            started_at: at,
+                            nodes: &nodes,
+                        },
+                        &AuditEvent::success(
+                            audit::RESTART_STARTED,
+                            "t",
+                            "deployment",
+                            id,
+                            serde_json::json!({}),
+                        ),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        record("d-1", "deploy", "web", 10).await;
+        record("d-2", "prune", "web", 20).await;
+        // Same second as d-2: the later insert wins.
+        record("d-3", "restart", "web", 20).await;
+        record("d-4", "deploy", "api", 5).await;
+        store
+            .record_node_result("d-3.n-1", "succeeded", "v3", "restarted", 21)
+            .await
+            .unwrap();
+        let ev = AuditEvent::success(
+            audit::RESTART_COMPLETED,
+            "t",
+            "deployment",
+            "d-3",
+            serde_json::json!({}),
+        );
+        store
+            .finish_deployment("d-3", "failed", "1 of 2 nodes failed", &ev, 22)
+            .await
+            .unwrap();
+
+        let all = store.last_deployments(None).await.unwrap();
+        let ids: Vec<(&str, &str)> = all
+            .iter()
+            .map(|d| (d.app.as_str(), d.id.as_str()))
+            .collect();
+        assert_eq!(ids, [("api", "d-4"), ("web", "d-3")]);
+        let web = &all[1];
+        assert_eq!(web.kind, "restart");
+        assert_eq!(web.status, "failed");
+        assert_eq!(web.finished_at, Some(22));
+        assert_eq!(web.message, "1 of 2 nodes failed");
+        // Unknown nodes sort first (no name), then by name.
+        assert_eq!(web.nodes.len(), 2);
+        assert_eq!(web.nodes[0].node_id, "n-gone");
+        assert_eq!(web.nodes[0].node_name, "");
+        assert_eq!(web.nodes[0].outcome, "pending");
+        assert_eq!(web.nodes[1].node_name, "web-1");
+        assert_eq!(web.nodes[1].outcome, "succeeded");
+        assert_eq!(web.nodes[1].release_id, "v3");
+        assert_eq!(web.nodes[1].finished_at, Some(21));
+        let api = store.last_deployments(Some("api")).await.unwrap();
+        assert_eq!(api.len(), 1);
+        assert_eq!(api[0].id, "d-4");
+        assert!(store.last_deployments(Some("db")).await.unwrap().is_empty());
     }
 
     #[tokio::test]

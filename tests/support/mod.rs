@@ -359,3 +359,35 @@ impl Drop for Agent {
         let _ = self.cli(&["stop", "--app", "web"]);
     }
 }
+
+impl Agent {
+    /// Stops `slipway-agent run` (the app keeps running under its
+    /// supervisor, as on a droplet whose agent died).
+    pub fn stop_run(&mut self) {
+        if let Some(mut c) = self.run.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// The pid of the app process the exec driver's supervisor runs, from
+    /// its `state.json`.
+    pub fn app_pid(&self) -> Option<u64> {
+        let state = fs::read(self.root.join(".slipway/run/state.json")).ok()?;
+        serde_json::from_slice::<Value>(&state).ok()?["child_pid"].as_u64()
+    }
+
+    /// The release directories on this node, sorted.
+    pub fn release_dirs(&self) -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(self.root.join("releases"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    // Staging directories are hidden.
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+}

@@ -2,7 +2,8 @@
 //! Control API over TLS (trusting only `--ca`) with an API token.
 //!
 //! Exit codes: 0 success; 1 a node failed (the output says which and why)
-//! or any other error; 64 bad arguments.
+//! or any other error; 64 bad arguments. `slipway status` exits 1 when a
+//! node is not online or an app not healthy, naming each.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,6 +18,7 @@ use slipway_controller::proto::v1::{
     deploy_event, selector, DeployEvent, DeployRequest, ListAuditRequest, ListNodesRequest,
     Outcome, RollbackRequest, Selector, UploadChunk,
 };
+use slipway_controller::proto::v1::{FleetStatusRequest, PruneRequest, RestartRequest};
 use tokio::io::AsyncReadExt as _;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
@@ -68,6 +70,55 @@ enum Command {
     Releases(ReleasesArgs),
     /// Show audit events.
     Audit(AuditArgs),
+    /// Fleet summary: nodes by state, releases current per app, unhealthy
+    /// apps with their check's output, agent drift, last deployments.
+    /// Exits 0 when every node is online and every app healthy, 1 naming
+    /// what is not (for `watch` and monitoring).
+    Status(StatusArgs),
+    /// Restart an app's current release on the selected nodes (behind its
+    /// health gate), printing the result per node.
+    Restart(RestartArgs),
+    /// Delete an app's old releases on the selected nodes (never the
+    /// current one or the rollback target), printing the result per node.
+    Prune(PruneArgs),
+}
+
+/// `status` arguments.
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Only this app (and the nodes that report it).
+    #[arg(long)]
+    app: Option<String>,
+    /// Ask every connected node for a fresh heartbeat first (waits at most
+    /// 10 s; a node that does not answer is a problem).
+    #[arg(long)]
+    refresh: bool,
+    /// Print JSON (same exit code).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `restart` arguments.
+#[derive(Debug, Args)]
+struct RestartArgs {
+    /// App name.
+    app: String,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// `prune` arguments.
+#[derive(Debug, Args)]
+struct PruneArgs {
+    /// App name.
+    app: String,
+    /// Releases to keep on each node (1-1000) [default: the app's `keep`
+    /// in each node's agent.toml]. The current release and the rollback
+    /// target are always kept.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    keep: Option<u32>,
+    #[command(flatten)]
+    target: Target,
 }
 
 /// Which nodes; none means every enrolled node.
@@ -144,7 +195,8 @@ struct ReleasesArgs {
 
 #[derive(Debug, Args)]
 struct AuditArgs {
-    /// Only events this recent: 90s, 30m, 1h, 7d.
+    /// Only events this recent (90s, 30m, 1h, 7d) or at or after this
+    /// time (RFC 3339, e.g. 2026-01-02T03:04:05Z).
     #[arg(long)]
     since: Option<String>,
     /// Print JSON (an array of events).
@@ -222,6 +274,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Nodes(args) => nodes(&mut api, args).await,
         Command::Releases(args) => releases(&mut api, args).await,
         Command::Audit(args) => audit(&mut api, args).await,
+        Command::Status(args) => status(&mut api, args).await,
+        Command::Restart(args) => restart(&mut api, args).await,
+        Command::Prune(args) => prune(&mut api, args).await,
     }
 }
 
@@ -455,12 +510,7 @@ async fn releases(api: &mut Api, args: &ReleasesArgs) -> anyhow::Result<ExitCode
 
 async fn audit(api: &mut Api, args: &AuditArgs) -> anyhow::Result<ExitCode> {
     let since_unix = match &args.since {
-        Some(since) => {
-            let ago =
-                slipway_controller::token::parse_ttl(since).map_err(|e| Usage(e.to_string()))?;
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            now - i64::try_from(ago.as_secs()).unwrap_or(i64::MAX / 2)
-        }
+        Some(since) => since_unix(since, time::OffsetDateTime::now_utc().unix_timestamp())?,
         None => 0,
     };
     let events = api
@@ -508,4 +558,158 @@ async fn audit(api: &mut Api, args: &AuditArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--since`: a duration back from `now` (`90s`, `30m`, `1h`, `7d`) or an
+/// RFC 3339 time, as seconds since the epoch.
+fn since_unix(since: &str, now: i64) -> Result<i64, Usage> {
+    if let Ok(ago) = slipway_controller::token::parse_ttl(since) {
+        return Ok(now.saturating_sub(i64::try_from(ago.as_secs()).unwrap_or(i64::MAX)));
+    }
+    time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+        .map(time::OffsetDateTime::unix_timestamp)
+        .map_err(|_| {
+            Usage(format!(
+                "--since {since:?} is neither a duration (90s, 30m, 1h, 7d) nor an RFC 3339 time (2026-01-02T03:04:05Z)"
+            ))
+        })
+}
+
+async fn status(api: &mut Api, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let request = FleetStatusRequest {
+        app: args.app.clone().unwrap_or_default(),
+        refresh: args.refresh,
+    };
+    let response = api
+        .client
+        .fleet_status(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("fleet status", s))?
+        .into_inner();
+    let status: fleet::FleetStatus =
+        serde_json::from_str(&response.status_json).context("decoding the fleet status")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", fleet::render_status(&status));
+    }
+    if status.ok() {
+        if !args.json {
+            println!("\nOK: every node online, every app healthy");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "status: {} problem(s): {}",
+        status.problems.len(),
+        status.problems.join("; ")
+    );
+    Ok(ExitCode::FAILURE)
+}
+
+async fn restart(api: &mut Api, args: &RestartArgs) -> anyhow::Result<ExitCode> {
+    let request = RestartRequest {
+        app: args.app.clone(),
+        selector: args.target.selector(),
+    };
+    let stream = api
+        .client
+        .restart(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("restart refused", s))?
+        .into_inner();
+    follow_command(stream, "restart").await
+}
+
+async fn prune(api: &mut Api, args: &PruneArgs) -> anyhow::Result<ExitCode> {
+    let request = PruneRequest {
+        app: args.app.clone(),
+        keep: args.keep.unwrap_or(0),
+        selector: args.target.selector(),
+    };
+    let stream = api
+        .client
+        .prune(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("prune refused", s))?
+        .into_inner();
+    follow_command(stream, "prune").await
+}
+
+/// Prints a restart's or prune's events as plain lines; the exit code says
+/// whether every node succeeded, and the last line names the nodes that
+/// did not and why.
+async fn follow_command(
+    mut stream: tonic::Streaming<DeployEvent>,
+    what: &str,
+) -> anyhow::Result<ExitCode> {
+    while let Some(event) = stream
+        .message()
+        .await
+        .map_err(|s| status_error(&format!("{what} stream"), s))?
+    {
+        match event.kind {
+            Some(deploy_event::Kind::Started(s)) => {
+                let names: Vec<&str> = s.nodes.iter().map(|n| n.node_name.as_str()).collect();
+                println!(
+                    "{what} {} of {} on {} node(s): {}",
+                    s.deployment_id,
+                    s.app,
+                    s.nodes.len(),
+                    names.join(", ")
+                );
+            }
+            Some(deploy_event::Kind::Progress(p)) => {
+                println!("[{}] {}: {}", p.node_name, p.step, p.message);
+            }
+            Some(deploy_event::Kind::NodeResult(r)) => {
+                let release = if r.release_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (release {})", r.release_id)
+                };
+                let why = if r.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.message)
+                };
+                println!(
+                    "[{}] {}{release}{why}",
+                    r.node_name,
+                    outcome_word(r.outcome)
+                );
+            }
+            Some(deploy_event::Kind::Finished(f)) => {
+                if f.succeeded {
+                    println!("{what} {} succeeded: {}", f.deployment_id, f.message);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                eprintln!("{what} {} failed: {}", f.deployment_id, f.message);
+                return Ok(ExitCode::FAILURE);
+            }
+            None => {}
+        }
+    }
+    bail!("the controller ended the {what} stream before the result; check `slipway audit`")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_duration_or_an_rfc3339_time() {
+        assert_eq!(since_unix("1h", 10_000).unwrap(), 10_000 - 3600);
+        assert_eq!(since_unix("90s", 100).unwrap(), 10);
+        assert_eq!(
+            since_unix("2026-01-02T03:04:05Z", 0).unwrap(),
+            time::macros::datetime!(2026-01-02 03:04:05 UTC).unix_timestamp()
+        );
+        assert_eq!(
+            since_unix("2026-01-02T04:04:05+01:00", 0).unwrap(),
+            time::macros::datetime!(2026-01-02 03:04:05 UTC).unix_timestamp()
+        );
+        let err = since_unix("yesterday", 0).unwrap_err().to_string();
+        assert!(err.contains("\"yesterday\" is neither"), "{err}");
+    }
 }
