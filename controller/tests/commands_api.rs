@@ -1,0 +1,495 @@
+//! The Control API's Restart, Prune and FleetStatus over real TLS, with
+//! agent sessions simulated by the agent's own link module: input checks
+//! and scopes, a refresh that a silent node does not answer, and a restart
+//! re-sent with the same command id after a reconnect.
+
+// Tests unwrap freely: a panic with its message is the failure report.
+#![allow(clippy::unwrap_used)]
+
+use slipway_agent::link;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use slipway_controller::apitoken::{self, Scope};
+use slipway_controller::ca::Ca;
+use slipway_controller::config::ServeConfig;
+use slipway_controller::fleet::{FleetStatus, RefreshAnswer};
+use slipway_controller::proto::v1::control_client::ControlClient;
+use slipway_controller::proto::v1::{
+    agent_message, controller_message, deploy_event, selector, AgentMessage, AppStatus,
+    CommandResult, DeployEvent, FleetStatusRequest, Heartbeat, Hello, Outcome, PruneRequest,
+    RestartRequest, Selector,
+};
+use slipway_controller::server::{self, ServeError};
+use slipway_controller::store::Store;
+use slipway_controller::{client, crypto, token};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Bound on every wait (the refresh itself waits at most 10 s).
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A controller serving on a free loopback port from a temp data dir.
+struct Controller {
+    addr: SocketAddr,
+    data_dir: TempDir,
+    ca: Ca,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Controller {
+    async fn start() -> Self {
+        crypto::install_default_provider();
+        let data_dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(data_dir.path()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServeConfig::with_defaults(data_dir.path().to_owned(), addr);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server::serve(&config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Self {
+            addr,
+            data_dir,
+            ca,
+            stop,
+            task,
+        }
+    }
+
+    async fn store(&self) -> Store {
+        Store::open(self.data_dir.path()).await.unwrap()
+    }
+
+    async fn api_token(&self, scopes: &[Scope]) -> String {
+        apitoken::create(&self.store().await, scopes, 0)
+            .await
+            .unwrap()
+    }
+
+    async fn control(&self) -> ControlClient<Channel> {
+        let roots = client::load_ca(&self.data_dir.path().join("ca.pem")).unwrap();
+        let channel = client::connect(&self.addr.to_string(), roots)
+            .await
+            .unwrap();
+        ControlClient::new(channel)
+    }
+
+    /// Enrolls a node named `name`: its state dir and node id.
+    async fn enroll(&self, name: &str) -> (TempDir, String) {
+        let join = token::create(
+            &self.store().await,
+            &self.ca.fingerprint(),
+            token::DEFAULT_TTL,
+            &[],
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        )
+        .await
+        .unwrap()
+        .to_string();
+        let state = tempfile::tempdir().unwrap();
+        let url = format!("https://127.0.0.1:{}", self.addr.port());
+        let enrolled =
+            tokio::time::timeout(TEST_TIMEOUT, link::enroll(&url, &join, state.path(), name))
+                .await
+                .unwrap()
+                .unwrap();
+        (state, enrolled.node_id)
+    }
+
+    async fn connect(&self, state: &Path, node_id: &str) -> link::Session {
+        let url = format!("https://127.0.0.1:{}", self.addr.port());
+        let hello = Hello {
+            node_id: node_id.to_owned(),
+            ..Hello::default()
+        };
+        tokio::time::timeout(TEST_TIMEOUT, link::connect(&url, state, hello))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(TEST_TIMEOUT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    client::authed(message, &client::bearer(token).unwrap())
+}
+
+fn on_node(node: &str) -> Option<Selector> {
+    Some(Selector {
+        target: Some(selector::Target::Node(node.to_owned())),
+    })
+}
+
+async fn next_command(session: &mut link::Session) -> controller_message::Kind {
+    tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .kind
+        .unwrap()
+}
+
+async fn send(session: &link::Session, kind: agent_message::Kind) {
+    session
+        .outbound
+        .send(AgentMessage { kind: Some(kind) })
+        .await
+        .unwrap();
+}
+
+async fn collect(mut stream: tonic::Streaming<DeployEvent>) -> Vec<DeployEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(TEST_TIMEOUT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        events.push(event);
+    }
+    events
+}
+
+async fn fleet_status(
+    control: &mut ControlClient<Channel>,
+    token: &str,
+    app: &str,
+    refresh: bool,
+) -> Result<FleetStatus, tonic::Status> {
+    let response = control
+        .fleet_status(authed(
+            FleetStatusRequest {
+                app: app.to_owned(),
+                refresh,
+            },
+            token,
+        ))
+        .await?
+        .into_inner();
+    Ok(serde_json::from_str(&response.status_json).unwrap())
+}
+
+#[tokio::test]
+async fn restart_and_prune_check_input_and_scope() {
+    let controller = Controller::start().await;
+    let deployer = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let reader = controller.api_token(&[Scope::Read]).await;
+    let mut control = controller.control().await;
+    let (_state, node_id) = controller.enroll("web-a").await;
+
+    let err = control
+        .prune(authed(
+            PruneRequest {
+                app: "web".to_owned(),
+                keep: 1001,
+                selector: None,
+            },
+            &deployer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("keep 1001 is out of range: 1..=1000"),
+        "{err:?}"
+    );
+    let err = control
+        .restart(authed(
+            RestartRequest {
+                app: "../web".to_owned(),
+                selector: None,
+            },
+            &deployer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("invalid app name \"../web\""),
+        "{err:?}"
+    );
+    let err = fleet_status(&mut control, &reader, "a/b", false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Scope: a read token, or a deploy token for another app, may not.
+    for (token, app) in [(&reader, "web"), (&deployer, "api")] {
+        let err = control
+            .restart(authed(
+                RestartRequest {
+                    app: app.to_owned(),
+                    selector: None,
+                },
+                token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message()
+                .contains(&format!("may not restart app {app}")),
+            "{err:?}"
+        );
+    }
+    let err = control
+        .prune(authed(
+            PruneRequest {
+                app: "web".to_owned(),
+                keep: 2,
+                selector: None,
+            },
+            &reader,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let refused: Vec<String> = controller
+        .store()
+        .await
+        .audit_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "API_CALL_REFUSED")
+        .map(|e| e.resource_id)
+        .collect();
+    assert_eq!(
+        refused,
+        ["restart app web", "restart app api", "prune app web"]
+    );
+
+    // A node with no session: the prune is recorded and fails naming it.
+    let stream = control
+        .prune(authed(
+            PruneRequest {
+                app: "web".to_owned(),
+                keep: 0,
+                selector: on_node("web-a"),
+            },
+            &deployer,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let events = collect(stream).await;
+    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("{events:?}");
+    };
+    assert!(!finished.succeeded);
+    assert_eq!(
+        finished.message,
+        "1 of 1 nodes failed: web-a (unreachable (no live session))"
+    );
+    let last = controller
+        .store()
+        .await
+        .last_deployments(Some("web"))
+        .await
+        .unwrap();
+    assert_eq!(last[0].kind, "prune");
+    assert_eq!(last[0].nodes[0].node_id, node_id);
+    let types: Vec<String> = controller
+        .store()
+        .await
+        .audit_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .filter(|t| t.starts_with("PRUNE"))
+        .collect();
+    assert_eq!(types, ["PRUNE_STARTED", "PRUNE_FAILED"]);
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_refresh_waits_for_fresh_heartbeats_and_names_silent_nodes() {
+    let controller = Controller::start().await;
+    let reader = controller.api_token(&[Scope::Read]).await;
+    let mut control = controller.control().await;
+    let (state_a, id_a) = controller.enroll("web-a").await;
+    let (state_b, id_b) = controller.enroll("web-b").await;
+    let (_state_c, id_c) = controller.enroll("web-c").await;
+    let mut a = controller.connect(state_a.path(), &id_a).await;
+    let mut b = controller.connect(state_b.path(), &id_b).await;
+
+    // web-a answers its StatusRequest with a heartbeat, then the result;
+    // web-b receives it and says nothing; web-c never connected.
+    let answer_a = async {
+        let controller_message::Kind::StatusRequest(request) = next_command(&mut a).await else {
+            panic!("expected a StatusRequest");
+        };
+        send(
+            &a,
+            agent_message::Kind::Heartbeat(Heartbeat {
+                unix_time: 1,
+                metrics: None,
+                apps: vec![AppStatus {
+                    app: "web".to_owned(),
+                    current_release: "v7".to_owned(),
+                    health: "unhealthy: HTTP 500: sick".to_owned(),
+                    ..AppStatus::default()
+                }],
+                agent_version: "9.9.9".to_owned(),
+                agent_rss_bytes: 1234,
+            }),
+        )
+        .await;
+        send(
+            &a,
+            agent_message::Kind::Result(CommandResult {
+                command_id: request.command_id.clone(),
+                outcome: Outcome::Succeeded as i32,
+                release_id: String::new(),
+                message: "status sent".to_owned(),
+            }),
+        )
+        .await;
+        request.command_id
+    };
+    let silent_b = async {
+        let controller_message::Kind::StatusRequest(request) = next_command(&mut b).await else {
+            panic!("expected a StatusRequest");
+        };
+        request.command_id
+    };
+    let (status, id_from_a, id_from_b) = tokio::join!(
+        fleet_status(&mut control, &reader, "", true),
+        answer_a,
+        silent_b
+    );
+    let status = status.unwrap();
+    assert!(id_from_a.ends_with(&format!(".{id_a}")), "{id_from_a}");
+    assert!(id_from_b.ends_with(&format!(".{id_b}")), "{id_from_b}");
+    assert!(status.refreshed);
+    let answer = |id: &str| {
+        status
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.refresh)
+    };
+    assert_eq!(answer(&id_a), Some(RefreshAnswer::Answered));
+    assert_eq!(answer(&id_b), Some(RefreshAnswer::TimedOut));
+    assert_eq!(answer(&id_c), Some(RefreshAnswer::NoSession));
+    // web-a's heartbeat was stored before its answer counted.
+    let web = &status.apps[0];
+    assert_eq!(web.releases[0].release, "v7");
+    assert_eq!(web.releases[0].nodes, ["web-a"]);
+    assert_eq!(web.unhealthy[0].output, "HTTP 500: sick");
+    assert_eq!(
+        status.problems,
+        [
+            "web-b did not answer the status request (timed out; last heartbeat never)",
+            "web-c has not been heard from since the controller started",
+            "web on web-a (v7) is not healthy: unhealthy: HTTP 500: sick",
+        ]
+    );
+    // Without a refresh nobody is asked.
+    let plain = fleet_status(&mut control, &reader, "web", false)
+        .await
+        .unwrap();
+    assert!(!plain.refreshed);
+    assert!(plain.nodes.iter().all(|n| n.refresh.is_none()));
+    assert_eq!(plain.nodes.len(), 1);
+    drop((a, b));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_is_resent_with_the_same_command_id_after_a_reconnect() {
+    let controller = Controller::start().await;
+    let token = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let mut control = controller.control().await;
+    let (state, node_id) = controller.enroll("web-a").await;
+    let mut first = controller.connect(state.path(), &node_id).await;
+
+    let stream = control
+        .restart(authed(
+            RestartRequest {
+                app: "web".to_owned(),
+                selector: on_node(&node_id),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let controller_message::Kind::Restart(sent) = next_command(&mut first).await else {
+        panic!("expected a Restart");
+    };
+    assert_eq!(sent.app, "web");
+    // The connection drops before the agent answers; on its new session the
+    // same command id comes again (the agent's ledger answers a known id
+    // from its record instead of restarting twice).
+    drop(first);
+    let mut second = controller.connect(state.path(), &node_id).await;
+    let controller_message::Kind::Restart(again) = next_command(&mut second).await else {
+        panic!("expected the Restart again");
+    };
+    assert_eq!(again.command_id, sent.command_id);
+    send(
+        &second,
+        agent_message::Kind::Result(CommandResult {
+            command_id: again.command_id.clone(),
+            outcome: Outcome::Succeeded as i32,
+            release_id: "v3".to_owned(),
+            message: "restarted".to_owned(),
+        }),
+    )
+    .await;
+    let events = collect(stream).await;
+    let results: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(deploy_event::Kind::NodeResult(r)) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results.len(), 1, "{events:?}");
+    assert_eq!(results[0].release_id, "v3");
+    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("{events:?}");
+    };
+    assert!(finished.succeeded, "{finished:?}");
+    assert!(sent.command_id.starts_with(&finished.deployment_id));
+    let types: Vec<String> = controller
+        .store()
+        .await
+        .audit_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .filter(|t| t.starts_with("RESTART"))
+        .collect();
+    assert_eq!(types, ["RESTART_STARTED", "RESTART_COMPLETED"]);
+    drop(second);
+    controller.stop().await;
+}
