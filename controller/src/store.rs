@@ -201,7 +201,7 @@ pub struct ApiTokenRow {
 pub struct NewDeployment<'a> {
     /// `d-…`.
     pub id: &'a str,
-    /// "deploy" or "rollback".
+    /// "deploy", "rollback", "restart" or "prune".
     pub kind: &'a str,
     /// The app.
     pub app: &'a str,
