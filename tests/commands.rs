@@ -297,8 +297,10 @@ fn restart_prune_and_status_across_three_agents() {
     agents[2].stop_run();
     let out = controller.slipway(&reader, &["status", "--refresh"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // "(no session …)", or "(its session ended …)" if the controller had
+    // not yet seen the connection close when it asked.
     assert!(
-        stderr(&out).contains("n3 did not answer the status request (no session"),
+        stderr(&out).contains("n3 did not answer the status request ("),
         "{}",
         text(&out)
     );
