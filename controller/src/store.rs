@@ -747,7 +747,8 @@ impl Store {
         const WHY: &str = "controller restarted before the deployment finished";
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, kind, app, release_id, actor FROM deployments WHERE status = 'running'",
+            "SELECT id, kind, app, release_id, actor FROM deployments WHERE status = 'running'
+             ORDER BY started_at, rowid",
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -1169,6 +1170,81 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    fn new_deployment<'a>(
+        id: &'a str,
+        app: &'a str,
+        nodes: &'a [NewDeploymentNode<'a>],
+        json: &'a serde_json::Value,
+    ) -> NewDeployment<'a> {
+        NewDeployment {
+            id,
+            kind: "deploy",
+            app,
+            release_id: "v1",
+            artifact_sha256: "",
+            actor: "tok-1",
+            selector: json,
+            rollout: json,
+            started_at: 1_000,
+            nodes,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_running_deployment_per_app_until_a_restart_abandons_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let json = serde_json::json!({});
+        let nodes = [NewDeploymentNode {
+            node_id: "n-1",
+            command_id: "d-1.n-1",
+            batch: 1,
+            prior_release: "v0",
+        }];
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            json.clone(),
+        );
+        store
+            .insert_deployment(&new_deployment("d-1", "web", &nodes, &json), &started)
+            .await
+            .unwrap();
+        // Another app is not blocked.
+        store
+            .insert_deployment(&new_deployment("d-2", "api", &[], &json), &started)
+            .await
+            .unwrap();
+        let err = store
+            .insert_deployment(&new_deployment("d-3", "web", &[], &json), &started)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AppBusy { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "app web has a deploy running: deployment d-1, started by tok-1 at \
+             1970-01-01T00:16:40Z; wait for it to finish (slipway audit shows it)"
+        );
+
+        let abandoned = store.abandon_running_deployments(2_000).await.unwrap();
+        assert_eq!(abandoned, vec!["d-1".to_owned(), "d-2".to_owned()]);
+        let d1 = store.deployment("d-1").await.unwrap().unwrap();
+        assert_eq!(d1.status, "failed");
+        assert!(d1.stop_reason.contains("controller restarted"), "{d1:?}");
+        let rows = store.deployment_nodes("d-1").await.unwrap();
+        assert_eq!(rows[0].1, "failed");
+        let failed = store.audit_events().await.unwrap();
+        assert!(failed
+            .iter()
+            .any(|e| e.event_type == "DEPLOY_FAILED" && e.resource_id == "d-1"));
+        store
+            .insert_deployment(&new_deployment("d-4", "web", &[], &json), &started)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
