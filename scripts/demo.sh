@@ -2,8 +2,9 @@
 # The fleet demo — the README's first command. On this machine alone:
 #   a controller on SQLite, three agents (each its own root dir and process)
 #   enrolled with one-time join tokens over mTLS, a push deploy of a sample
-#   web app to all three, a broken release sent to one node that its health
-#   gate rolls back, a node-local rollback, and the fleet view.
+#   web app to all three, a rolling deploy one node at a time, a broken
+#   release sent to one node that its health gate rolls back, a node-local
+#   rollback, and the fleet view.
 # Everything is stopped at the end; the files stay in the printed directory.
 #
 # Environment:
@@ -123,12 +124,14 @@ for _ in $(seq 100); do
 done
 
 say "push deploy from CI: upload once, every node fetches it over mTLS, health-gated"
-show "$BIN/slipway" deploy web "$DIR/web-v1.tar.gz" --sha "$(sha "$DIR/web-v1.tar.gz")" --id v1
+show "$BIN/slipway" deploy web "$DIR/web-v1.tar.gz" --sha "$(sha "$DIR/web-v1.tar.gz")" --id v1 --wait
 for n in "${NODES[@]}"; do echo "$n: $(get "${APORT[$n]}")"; done
-show "$BIN/slipway" deploy web "$DIR/web-v2.tar.gz" --sha "$(sha "$DIR/web-v2.tar.gz")" --id v2
+say "a rolling deploy of v2, one node at a time (a failure would stop it and roll back)"
+show "$BIN/slipway" deploy web "$DIR/web-v2.tar.gz" --sha "$(sha "$DIR/web-v2.tar.gz")" --id v2 \
+  --strategy rolling --max-parallel 1 --wait
 
 say "a bad release to n2: its health gate fails and n2 rolls back by itself"
-if show "$BIN/slipway" deploy web "$DIR/web-v3.tar.gz" --sha "$(sha "$DIR/web-v3.tar.gz")" --id v3 --node n2; then
+if show "$BIN/slipway" deploy web "$DIR/web-v3.tar.gz" --sha "$(sha "$DIR/web-v3.tar.gz")" --id v3 --node n2 --wait; then
   echo "expected the deploy of v3 to fail" >&2; exit 1
 fi
 for n in "${NODES[@]}"; do echo "$n: $(get "${APORT[$n]}")"; done

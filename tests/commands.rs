@@ -132,6 +132,7 @@ fn restart_prune_and_status_across_three_agents() {
                 &sha,
                 "--id",
                 version,
+                "--wait",
             ],
         );
         assert!(out.status.success(), "{}", text(&out));

@@ -62,6 +62,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
             &sha1,
             "--id",
             "v1",
+            "--wait",
         ],
     );
     assert!(!refused.status.success(), "{}", text(&refused));
@@ -82,6 +83,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
             &sha1,
             "--id",
             "v1",
+            "--wait",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -115,6 +117,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
             &sha2,
             "--id",
             "v2",
+            "--wait",
             "--node",
             "n2",
         ],
@@ -147,6 +150,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
             &sha1,
             "--id",
             "v1",
+            "--wait",
             "--node",
             "n1",
         ],
@@ -167,6 +171,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
             &sha3,
             "--id",
             "v3",
+            "--wait",
             "--node",
             "n3",
         ],
@@ -175,7 +180,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
     assert_eq!(agents[2].get().as_deref(), Some("v3"));
     let out = controller.slipway(
         &deployer,
-        &["rollback", "web", "--node", "n3", "--to", "v1"],
+        &["rollback", "web", "--node", "n3", "--to", "v1", "--wait"],
     );
     assert!(out.status.success(), "{}", text(&out));
     assert!(

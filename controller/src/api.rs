@@ -83,6 +83,10 @@ impl From<ApiError> for Status {
                 Status::failed_precondition(err.to_string())
             }
             ApiError::Artifact(err) => err.into(),
+            // One deployment per app at a time.
+            ApiError::Store(StoreError::AppBusy { .. }) => {
+                Status::failed_precondition(err.to_string())
+            }
             ApiError::Token(_) | ApiError::Store(_) => {
                 tracing::error!(%err, "controller api");
                 Status::internal("the controller failed; see its log")
@@ -278,6 +282,8 @@ impl ControlService {
             targets,
             actor: caller.token_id,
             selector: selector_json(selector),
+            // Every selected node at once.
+            rollout: deploy::Rollout::default(),
         };
         self.run_plan(plan).await
     }
@@ -463,10 +469,23 @@ impl Control for ControlService {
             if !apitoken::is_app_name(&req.app) {
                 return Err(ApiError::Invalid(format!("invalid app name {:?}", req.app)));
             }
-            artifacts::check_digest(&req.sha256)?;
-            if !self.artifacts.contains(&req.sha256).await? {
-                return Err(ApiError::NoArtifact(req.sha256.clone()));
+            if req.artifact_url.is_empty() {
+                artifacts::check_digest(&req.sha256)?;
+                if !self.artifacts.contains(&req.sha256).await? {
+                    return Err(ApiError::NoArtifact(req.sha256.clone()));
+                }
+            } else {
+                check_artifact_url(&req.artifact_url)?;
+                if artifacts::check_digest(&req.sha256).is_err() {
+                    return Err(ApiError::Invalid(format!(
+                        "sha256 {:?} of artifact_url is not a sha256 (64 lowercase hex \
+                         characters); agents verify the download against it",
+                        req.sha256
+                    )));
+                }
             }
+            let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())
+                .map_err(|e| ApiError::Invalid(e.to_string()))?;
             let release_id = if req.release_id.is_empty() {
                 deploy::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
             } else if is_release_id(&req.release_id) {
@@ -478,20 +497,22 @@ impl Control for ControlService {
                 )));
             };
             let targets = self.select(req.selector.as_ref()).await?;
-            Ok((release_id, targets))
+            Ok((release_id, targets, rollout))
         }
         .await;
-        let (release_id, targets) = checked.map_err(Status::from)?;
+        let (release_id, targets, rollout) = checked.map_err(Status::from)?;
         let plan = Plan {
             app: req.app,
             action: Action::Deploy {
                 release_id,
                 sha256: req.sha256,
                 git_sha: req.git_sha,
+                artifact_url: req.artifact_url,
             },
             targets,
             actor: caller.token_id,
             selector: selector_json(req.selector.as_ref()),
+            rollout,
         };
         Ok(Response::new(self.run_plan(plan).await?))
     }
@@ -511,6 +532,8 @@ impl Control for ControlService {
                 ApiError::Invalid(format!("invalid release id {:?}", req.to_release_id)).into(),
             );
         }
+        let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())
+            .map_err(|e| Status::from(ApiError::Invalid(e.to_string())))?;
         let targets = self.select(req.selector.as_ref()).await?;
         let plan = Plan {
             app: req.app,
@@ -520,6 +543,7 @@ impl Control for ControlService {
             targets,
             actor: caller.token_id,
             selector: selector_json(req.selector.as_ref()),
+            rollout,
         };
         Ok(Response::new(self.run_plan(plan).await?))
     }
@@ -618,4 +642,57 @@ fn is_release_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Longest artifact URL accepted (agents log it, the audit keeps it).
+const MAX_URL_LEN: usize = 2048;
+
+/// An artifact URL agents can download from: `https://HOST/...`, no
+/// whitespace or control characters, at most [`MAX_URL_LEN`] bytes.
+fn check_artifact_url(url: &str) -> Result<(), ApiError> {
+    let invalid = |why: &str| ApiError::Invalid(format!("artifact_url {url:?} {why}"));
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(invalid(
+            "is not an https:// URL (agents download only over TLS)",
+        ));
+    };
+    if url.len() > MAX_URL_LEN {
+        return Err(invalid(&format!("is longer than {MAX_URL_LEN} bytes")));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid("contains whitespace or control characters"));
+    }
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    if host.is_empty() || host.starts_with(':') {
+        return Err(invalid("has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifact_urls_must_be_https_with_a_host() {
+        assert!(check_artifact_url("https://example.com/web.tar.gz").is_ok());
+        assert!(check_artifact_url("https://10.0.0.5:8443/a?x=1").is_ok());
+        for (url, why) in [
+            ("http://example.com/web.tar.gz", "is not an https:// URL"),
+            ("ftp://example.com/web.tar.gz", "is not an https:// URL"),
+            ("example.com/web.tar.gz", "is not an https:// URL"),
+            ("https:///web.tar.gz", "has no host"),
+            ("https://:443/web.tar.gz", "has no host"),
+            ("https://example.com/a b", "whitespace"),
+        ] {
+            let err = check_artifact_url(url).unwrap_err();
+            assert!(matches!(err, ApiError::Invalid(_)), "{url}");
+            assert!(err.to_string().contains(why), "{url}: {err}");
+            assert!(
+                matches!(Status::from(err).code(), tonic::Code::InvalidArgument),
+                "{url}"
+            );
+        }
+    }
 }

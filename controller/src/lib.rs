@@ -22,9 +22,11 @@
 //!   for the heartbeat interval and a node's state.
 //! - [`api`]: Control service for the `slipway` CLI (API tokens from
 //!   [`apitoken`]): nodes, audit, artifact upload, deploy and rollback.
-//!   [`deploy`]: sends one command per selected node through the
-//!   [`registry`], routes the agents' progress and results back by command
-//!   id, records per-node results and the outcome. [`artifacts`]: the
+//!   [`deploy`]: runs the rollout (all at once, rolling, canary: pure
+//!   batch planning and `next_step`), sends one command per node through
+//!   the [`registry`], routes the agents' progress and results back by
+//!   command id, stops and rolls back on too many failures, records
+//!   per-node results and the outcome (one deployment per app at a time). [`artifacts`]: the
 //!   content-addressed artifact store (upload, and FetchArtifact for agents).
 //!   [`client`]: the CLI's TLS channel (`src/bin/slipway.rs`).
 //! - [`fleet`]: the fleet view (`nodes`) and `node revoke`, from the

@@ -88,6 +88,15 @@ pub async fn serve(
     let ca = Arc::new(Ca::load_or_create(&config.data_dir)?);
     let identity = ca.server_identity(&config.data_dir, &[config.listen.ip().to_string()])?;
     let store = Store::open(&config.data_dir).await?;
+    // No deployment of this process runs yet: any marked running was
+    // interrupted by a crash or restart and must not block its app.
+    let abandoned = store.abandon_running_deployments(crate::now_unix()).await?;
+    if !abandoned.is_empty() {
+        tracing::warn!(
+            deployments = ?abandoned,
+            "marked deployments interrupted by a controller restart as failed"
+        );
+    }
     let tls_config = tls::server_config(&ca, &identity)?;
     let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.

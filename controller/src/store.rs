@@ -1,6 +1,7 @@
 //! Persistent controller state in one SQLite file (`<data-dir>/controller.db`,
 //! WAL mode) through sqlx: nodes (with their certificates and latest
-//! heartbeat), join tokens, the controller's start record and the audit log.
+//! heartbeat), join tokens, the controller's start record, API tokens,
+//! deployments with their per-node results, and the audit log.
 //!
 //! Queries are checked at run time (no `query!` macros), so building needs no
 //! `DATABASE_URL`. Migrations are embedded SQL files applied in order at
@@ -26,6 +27,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_heartbeat_certs.sql"),
     include_str!("../migrations/0003_api_deployments.sql"),
+    include_str!("../migrations/0004_rollouts.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -60,6 +62,23 @@ pub enum StoreError {
     /// An id could not be generated.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// A deployment of the app is running: one at a time per app.
+    #[error(
+        "app {app} has a {kind} running: deployment {deployment_id}, started by {actor} at \
+         {started}; wait for it to finish (slipway audit shows it)"
+    )]
+    AppBusy {
+        /// The app.
+        app: String,
+        /// The running deployment.
+        deployment_id: String,
+        /// "deploy" or "rollback".
+        kind: String,
+        /// Who started it (API token id).
+        actor: String,
+        /// When (RFC 3339, UTC).
+        started: String,
+    },
 }
 
 /// Handle to the database; cheap to clone.
@@ -213,10 +232,47 @@ pub struct NewDeployment<'a> {
     pub actor: &'a str,
     /// Selector as JSON.
     pub selector: &'a serde_json::Value,
+    /// Rollout (strategy and its settings) as JSON.
+    pub rollout: &'a serde_json::Value,
     /// Now.
     pub started_at: i64,
-    /// (node id, command id) per target.
-    pub nodes: &'a [(String, String)],
+    /// Every target, in rollout order.
+    pub nodes: &'a [NewDeploymentNode<'a>],
+}
+
+/// One target of a deployment to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDeploymentNode<'a> {
+    /// The node.
+    pub node_id: &'a str,
+    /// The command sent to it (unique).
+    pub command_id: &'a str,
+    /// 1-based batch of the rollout it is in.
+    pub batch: u32,
+    /// Release current on it before ('' unknown): where the controller
+    /// sends it back if the rollout stops.
+    pub prior_release: &'a str,
+}
+
+/// A deployment as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentRow {
+    /// `d-…`.
+    pub id: String,
+    /// "deploy" or "rollback".
+    pub kind: String,
+    /// The app.
+    pub app: String,
+    /// API token id that started it.
+    pub actor: String,
+    /// 'running', 'succeeded', 'failed'.
+    pub status: String,
+    /// Start time.
+    pub started_at: i64,
+    /// Summary once finished.
+    pub message: String,
+    /// Why the rollout stopped early ('' if it did not).
+    pub stop_reason: String,
 }
 
 /// A recorded deployment (deploy, rollback, restart or prune) with its
@@ -252,7 +308,7 @@ pub struct DeploymentNodeRecord {
     pub node_id: String,
     /// Node name ("" if the node is gone from the database).
     pub node_name: String,
-    /// "pending", "succeeded", "failed" or "rolled_back".
+    /// "pending", "succeeded", "failed", "rolled_back" or "skipped".
     pub outcome: String,
     /// Release current on the node afterwards, if it said.
     pub release_id: String,
@@ -629,17 +685,44 @@ impl Store {
     }
 
     /// Records a deployment (status running), its pending per-node rows and
-    /// the start audit event, together.
+    /// the start audit event, together; refused with
+    /// [`StoreError::AppBusy`] while another deployment of the app runs
+    /// (checked in the same write transaction, so two requests racing
+    /// cannot both start).
     pub async fn insert_deployment(
         &self,
         deployment: &NewDeployment<'_>,
         started: &AuditEvent,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
+        let running = sqlx::query(
+            "SELECT id, kind, actor, started_at FROM deployments
+             WHERE app = ?1 AND status = 'running' ORDER BY started_at LIMIT 1",
+        )
+        .bind(deployment.app)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = running {
+            let started_at: i64 = row.try_get("started_at")?;
+            let started = time::OffsetDateTime::from_unix_timestamp(started_at)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| started_at.to_string());
+            return Err(StoreError::AppBusy {
+                app: deployment.app.to_owned(),
+                deployment_id: row.try_get("id")?,
+                kind: row.try_get("kind")?,
+                actor: row.try_get("actor")?,
+                started,
+            });
+        }
         sqlx::query(
             "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
-                                      selector, status, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8)",
+                                      selector, rollout, status, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
         )
         .bind(deployment.id)
         .bind(deployment.kind)
@@ -648,23 +731,152 @@ impl Store {
         .bind(deployment.artifact_sha256)
         .bind(deployment.actor)
         .bind(deployment.selector.to_string())
+        .bind(deployment.rollout.to_string())
         .bind(deployment.started_at)
         .execute(&mut *tx)
         .await?;
-        for (node_id, command_id) in deployment.nodes {
+        for node in deployment.nodes {
             sqlx::query(
-                "INSERT INTO deployment_nodes (deployment_id, node_id, command_id, outcome)
-                 VALUES (?1, ?2, ?3, 'pending')",
+                "INSERT INTO deployment_nodes (deployment_id, node_id, command_id, outcome,
+                                               batch, prior_release)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
             )
             .bind(deployment.id)
-            .bind(node_id)
-            .bind(command_id)
+            .bind(node.node_id)
+            .bind(node.command_id)
+            .bind(i64::from(node.batch))
+            .bind(node.prior_release)
             .execute(&mut *tx)
             .await?;
         }
         insert_audit(&mut tx, started, deployment.started_at).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The release each node last switched `app` to through this
+    /// controller (a succeeded deploy or rollback), with when: node id →
+    /// (release id, finished at).
+    pub async fn last_switched_releases(
+        &self,
+        app: &str,
+    ) -> Result<std::collections::HashMap<String, (String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT n.node_id, n.release_id, n.finished_at
+             FROM deployment_nodes n JOIN deployments d ON d.id = n.deployment_id
+             WHERE d.app = ?1 AND n.outcome = 'succeeded' AND n.release_id != ''
+                   AND n.finished_at IS NOT NULL
+             ORDER BY n.finished_at, n.rowid",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            // Later rows replace earlier ones: the newest wins.
+            out.insert(
+                row.try_get("node_id")?,
+                (row.try_get("release_id")?, row.try_get("finished_at")?),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Marks every deployment still `running` failed ("controller
+    /// restarted"), with its unanswered nodes, and records its final audit
+    /// event: run at start-up, when no deployment of this process can be
+    /// running, so an interrupted one never blocks its app. Returns the ids.
+    pub async fn abandon_running_deployments(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        const WHY: &str = "controller restarted before the deployment finished";
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, kind, app, release_id, actor FROM deployments WHERE status = 'running'
+             ORDER BY started_at, rowid",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ids = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let kind: String = row.try_get("kind")?;
+            let app: String = row.try_get("app")?;
+            let release_id: String = row.try_get("release_id")?;
+            let actor: String = row.try_get("actor")?;
+            let unanswered: Vec<String> = sqlx::query_scalar(
+                "SELECT node_id FROM deployment_nodes
+                 WHERE deployment_id = ?1 AND outcome = 'pending' ORDER BY rowid",
+            )
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE deployment_nodes SET outcome = 'failed', message = ?1, finished_at = ?2
+                 WHERE deployment_id = ?3 AND outcome = 'pending'",
+            )
+            .bind("controller restarted before the node's result")
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE deployments SET status = 'failed', message = ?1, stop_reason = ?1,
+                        finished_at = ?2
+                 WHERE id = ?3",
+            )
+            .bind(WHY)
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            let event_type = match kind.as_str() {
+                "rollback" => crate::audit::ROLLBACK_FAILED,
+                "restart" => crate::audit::RESTART_FAILED,
+                "prune" => crate::audit::PRUNE_FAILED,
+                _ => crate::audit::DEPLOY_FAILED,
+            };
+            let event = AuditEvent::error(
+                event_type,
+                &actor,
+                "deployment",
+                &id,
+                serde_json::json!({
+                    "deployment_id": id,
+                    "app": app,
+                    "release_id": release_id,
+                    "stop_reason": WHY,
+                    "unanswered_nodes": unanswered,
+                }),
+                WHY,
+            );
+            insert_audit(&mut tx, &event, now).await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// A deployment by id.
+    pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, kind, app, actor, status, started_at, message, stop_reason
+             FROM deployments WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(DeploymentRow {
+                id: row.try_get("id")?,
+                kind: row.try_get("kind")?,
+                app: row.try_get("app")?,
+                actor: row.try_get("actor")?,
+                status: row.try_get("status")?,
+                started_at: row.try_get("started_at")?,
+                message: row.try_get("message")?,
+                stop_reason: row.try_get("stop_reason")?,
+            })
+        })
+        .transpose()
     }
 
     /// Records how one node of a deployment ended.
@@ -692,22 +904,26 @@ impl Store {
     }
 
     /// Marks a deployment finished and records the final audit event, together.
+    /// `stop_reason` says why a rollout stopped early ('' if it did not).
     pub async fn finish_deployment(
         &self,
         id: &str,
         status: &str,
         message: &str,
+        stop_reason: &str,
         finished: &AuditEvent,
         now: i64,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "UPDATE deployments SET status = ?1, message = ?2, finished_at = ?3 WHERE id = ?4",
+            "UPDATE deployments SET status = ?1, message = ?2, stop_reason = ?5, finished_at = ?3
+             WHERE id = ?4",
         )
         .bind(status)
         .bind(message)
         .bind(now)
         .bind(id)
+        .bind(stop_reason)
         .execute(&mut *tx)
         .await?;
         insert_audit(&mut tx, finished, now).await?;
@@ -1058,6 +1274,81 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
+    fn new_deployment<'a>(
+        id: &'a str,
+        app: &'a str,
+        nodes: &'a [NewDeploymentNode<'a>],
+        json: &'a serde_json::Value,
+    ) -> NewDeployment<'a> {
+        NewDeployment {
+            id,
+            kind: "deploy",
+            app,
+            release_id: "v1",
+            artifact_sha256: "",
+            actor: "tok-1",
+            selector: json,
+            rollout: json,
+            started_at: 1_000,
+            nodes,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_running_deployment_per_app_until_a_restart_abandons_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let json = serde_json::json!({});
+        let nodes = [NewDeploymentNode {
+            node_id: "n-1",
+            command_id: "d-1.n-1",
+            batch: 1,
+            prior_release: "v0",
+        }];
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            json.clone(),
+        );
+        store
+            .insert_deployment(&new_deployment("d-1", "web", &nodes, &json), &started)
+            .await
+            .unwrap();
+        // Another app is not blocked.
+        store
+            .insert_deployment(&new_deployment("d-2", "api", &[], &json), &started)
+            .await
+            .unwrap();
+        let err = store
+            .insert_deployment(&new_deployment("d-3", "web", &[], &json), &started)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AppBusy { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "app web has a deploy running: deployment d-1, started by tok-1 at \
+             1970-01-01T00:16:40Z; wait for it to finish (slipway audit shows it)"
+        );
+
+        let abandoned = store.abandon_running_deployments(2_000).await.unwrap();
+        assert_eq!(abandoned, vec!["d-1".to_owned(), "d-2".to_owned()]);
+        let d1 = store.deployment("d-1").await.unwrap().unwrap();
+        assert_eq!(d1.status, "failed");
+        assert!(d1.stop_reason.contains("controller restarted"), "{d1:?}");
+        let rows = store.deployment_nodes("d-1").await.unwrap();
+        assert_eq!(rows[0].1, "failed");
+        let failed = store.audit_events().await.unwrap();
+        assert!(failed
+            .iter()
+            .any(|e| e.event_type == "DEPLOY_FAILED" && e.resource_id == "d-1"));
+        store
+            .insert_deployment(&new_deployment("d-4", "web", &[], &json), &started)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn last_deployments_are_the_newest_per_app_with_node_results() {
         let dir = tempfile::tempdir().unwrap();
@@ -1082,9 +1373,20 @@ mod tests {
         let record = |id: &'static str, kind: &'static str, app: &'static str, at: i64| {
             let store = store.clone();
             async move {
+                let commands = [format!("{id}.n-1"), format!("{id}.n-gone")];
                 let nodes = [
-                    ("n-1".to_owned(), format!("{id}.n-1")),
-                    ("n-gone".to_owned(), format!("{id}.n-gone")),
+                    NewDeploymentNode {
+                        node_id: "n-1",
+                        command_id: &commands[0],
+                        batch: 1,
+                        prior_release: "",
+                    },
+                    NewDeploymentNode {
+                        node_id: "n-gone",
+                        command_id: &commands[1],
+                        batch: 1,
+                        prior_release: "",
+                    },
                 ];
                 store
                     .insert_deployment(
@@ -1096,6 +1398,7 @@ mod tests {
                             artifact_sha256: "",
                             actor: "t",
                             selector: &serde_json::json!({}),
+                            rollout: &serde_json::json!({}),
                             started_at: at,
                             nodes: &nodes,
                         },
@@ -1111,26 +1414,35 @@ mod tests {
                     .unwrap();
             }
         };
+        let finish = |id: &'static str, at: i64| {
+            let store = store.clone();
+            async move {
+                let ev = AuditEvent::success(
+                    audit::RESTART_COMPLETED,
+                    "t",
+                    "deployment",
+                    id,
+                    serde_json::json!({}),
+                );
+                store
+                    .finish_deployment(id, "failed", "1 of 2 nodes failed", "", &ev, at)
+                    .await
+                    .unwrap();
+            }
+        };
+        // One running deployment per app: each ends before the next.
         record("d-1", "deploy", "web", 10).await;
+        finish("d-1", 11).await;
         record("d-2", "prune", "web", 20).await;
+        finish("d-2", 20).await;
         // Same second as d-2: the later insert wins.
         record("d-3", "restart", "web", 20).await;
-        record("d-4", "deploy", "api", 5).await;
         store
             .record_node_result("d-3.n-1", "succeeded", "v3", "restarted", 21)
             .await
             .unwrap();
-        let ev = AuditEvent::success(
-            audit::RESTART_COMPLETED,
-            "t",
-            "deployment",
-            "d-3",
-            serde_json::json!({}),
-        );
-        store
-            .finish_deployment("d-3", "failed", "1 of 2 nodes failed", &ev, 22)
-            .await
-            .unwrap();
+        finish("d-3", 22).await;
+        record("d-4", "deploy", "api", 5).await;
 
         let all = store.last_deployments(None).await.unwrap();
         let ids: Vec<(&str, &str)> = all

@@ -212,6 +212,7 @@ fn deploy_request(app: &str, sha256: &str, node: Option<&str>) -> DeployRequest 
             target: Some(selector::Target::Node(n.to_owned())),
         }),
         git_sha: String::new(),
+        ..DeployRequest::default()
     }
 }
 

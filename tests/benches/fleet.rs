@@ -200,6 +200,7 @@ fn deploy_latency(n: usize) {
             &sha,
             "--id",
             "v1",
+            "--wait",
         ],
     );
     let took = t.elapsed();

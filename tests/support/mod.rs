@@ -361,6 +361,50 @@ impl Drop for Agent {
 }
 
 impl Agent {
+    /// Appends `KEY=VALUE` lines to the app's `shared/.env` (the exec
+    /// driver hands it to every release it starts).
+    pub fn add_env(&self, lines: &str) {
+        let path = self.root.join("shared/.env");
+        let mut env = fs::read_to_string(&path).unwrap();
+        env.push_str(lines);
+        if !env.ends_with('\n') {
+            env.push('\n');
+        }
+        fs::write(path, env).unwrap();
+    }
+
+    /// The release `current` points at on disk, if any.
+    pub fn current(&self) -> Option<String> {
+        let target = fs::read_link(self.root.join("current")).ok()?;
+        Some(target.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// Whether a release directory `id` exists on disk (it was deployed here).
+    pub fn has_release(&self, id: &str) -> bool {
+        self.root.join("releases").join(id).exists()
+    }
+}
+
+impl Controller {
+    /// The `slipway` command line (binary and global flags) as one shell
+    /// string, for running it under `script` (a pseudo-terminal).
+    pub fn slipway_shell(&self, token: &str, args: &[&str]) -> String {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut line = vec![
+            quote(&bin("slipway").to_string_lossy()),
+            "--controller".to_owned(),
+            quote(&self.url()),
+            "--ca".to_owned(),
+            quote(&self.ca_pem().to_string_lossy()),
+            "--token".to_owned(),
+            quote(token),
+        ];
+        line.extend(args.iter().map(|a| quote(a)));
+        line.join(" ")
+    }
+}
+
+impl Agent {
     /// Stops `slipway-agent run` (the app keeps running under its
     /// supervisor, as on a droplet whose agent died).
     pub fn stop_run(&mut self) {

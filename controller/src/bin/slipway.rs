@@ -5,6 +5,10 @@
 //! or any other error; 64 bad arguments. `slipway status` exits 1 when a
 //! node is not online or an app not healthy, naming each.
 
+// In a directory of its own: a file directly in src/bin would be a binary.
+#[path = "slipway/progress.rs"]
+mod progress;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,8 +19,8 @@ use slipway_controller::client;
 use slipway_controller::fleet::{self, NodeView};
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
-    deploy_event, selector, DeployEvent, DeployRequest, ListAuditRequest, ListNodesRequest,
-    Outcome, RollbackRequest, Selector, UploadChunk,
+    deploy_event, rollout, selector, DeployEvent, DeployRequest, ListAuditRequest,
+    ListNodesRequest, RollbackRequest, Rollout, Selector, UploadChunk,
 };
 use slipway_controller::proto::v1::{FleetStatusRequest, PruneRequest, RestartRequest};
 use tokio::io::AsyncReadExt as _;
@@ -58,10 +62,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Upload ARTIFACT (streamed; skipped if the controller has it) and
-    /// deploy it to the selected nodes, printing progress per node.
+    /// Upload ARTIFACT (streamed; skipped if the controller has it), or
+    /// name an https --url, and deploy it to the selected nodes following
+    /// --strategy. Returns once the deployment started; --wait follows it
+    /// to the end (live per node) and exits 1 if any node did not succeed.
     Deploy(DeployArgs),
-    /// Roll the selected nodes back (to their previous release, or --to).
+    /// Roll the selected nodes back (to their previous release, or --to);
+    /// --wait and the rollout flags as for deploy.
     Rollback(RollbackArgs),
     /// Show the fleet.
     Nodes(ReadArgs),
@@ -76,10 +83,11 @@ enum Command {
     /// what is not (for `watch` and monitoring).
     Status(StatusArgs),
     /// Restart an app's current release on the selected nodes (behind its
-    /// health gate), printing the result per node.
+    /// health gate), following it to the end like `deploy --wait`.
     Restart(RestartArgs),
     /// Delete an app's old releases on the selected nodes (never the
-    /// current one or the rollback target), printing the result per node.
+    /// current one or the rollback target), following it to the end like
+    /// `deploy --wait`.
     Prune(PruneArgs),
 }
 
@@ -105,6 +113,9 @@ struct RestartArgs {
     app: String,
     #[command(flatten)]
     target: Target,
+    /// Print every node's outcome as JSON at the end.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `prune` arguments.
@@ -119,6 +130,9 @@ struct PruneArgs {
     keep: Option<u32>,
     #[command(flatten)]
     target: Target,
+    /// Print every node's outcome as JSON at the end.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Which nodes; none means every enrolled node.
@@ -150,11 +164,16 @@ impl Target {
 struct DeployArgs {
     /// App name.
     app: String,
-    /// The artifact (.tar.gz / .tar.zst) to upload.
-    artifact: PathBuf,
-    /// sha256 (hex) of ARTIFACT; the controller and every agent check it.
-    #[arg(long)]
+    /// The artifact (.tar.gz / .tar.zst) to upload (not with --url).
+    #[arg(required_unless_present = "url", conflicts_with = "url")]
+    artifact: Option<PathBuf>,
+    /// sha256 (hex) of the artifact; the controller and every agent check it.
+    #[arg(long, visible_alias = "sha256", value_name = "DIGEST")]
     sha: String,
+    /// Nothing is uploaded: every agent downloads the artifact from this
+    /// https:// URL itself and checks it against --sha256.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
     #[command(flatten)]
     target: Target,
     /// Release id [default: <UTC time>-<sha[..12]>].
@@ -163,6 +182,91 @@ struct DeployArgs {
     /// Git commit the artifact was built from (shown with the release).
     #[arg(long)]
     git_sha: Option<String>,
+    #[command(flatten)]
+    rollout: RolloutArgs,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+/// `--strategy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StrategyArg {
+    /// Every node at once.
+    All,
+    /// Batches of --max-parallel nodes, one after the other.
+    Rolling,
+    /// --canary nodes first, then the rest in batches of --max-parallel.
+    Canary,
+}
+
+/// How the selected nodes are taken through a deploy or rollback.
+#[derive(Debug, Args)]
+struct RolloutArgs {
+    /// all: every node at once. rolling / canary: in batches; when more
+    /// than --max-unavailable nodes fail, the rollout stops, the nodes not
+    /// started are skipped and the ones already switched are rolled back.
+    #[arg(long, value_enum, default_value_t = StrategyArg::All)]
+    strategy: StrategyArg,
+    /// Nodes per batch (rolling: default 1; canary: after the canary
+    /// batch, default all the rest at once).
+    #[arg(long, value_name = "N")]
+    max_parallel: Option<u32>,
+    /// Node failures tolerated before the rollout stops [default: 0].
+    #[arg(long, value_name = "N")]
+    max_unavailable: Option<u32>,
+    /// Canary nodes, deployed first on their own (--strategy canary only)
+    /// [default: 1].
+    #[arg(long, value_name = "N")]
+    canary: Option<u32>,
+}
+
+impl RolloutArgs {
+    /// The request's rollout; a flag that does not fit the strategy is a
+    /// usage error.
+    fn to_proto(&self) -> Result<Option<Rollout>, Usage> {
+        let usage = |text: &str| Err(Usage(text.to_owned()));
+        if self.canary.is_some() && self.strategy != StrategyArg::Canary {
+            return usage("--canary N needs --strategy canary");
+        }
+        let strategy = match self.strategy {
+            StrategyArg::All => {
+                if self.max_parallel.is_some() || self.max_unavailable.is_some() {
+                    return usage(
+                        "--max-parallel and --max-unavailable need --strategy rolling or canary",
+                    );
+                }
+                return Ok(None);
+            }
+            StrategyArg::Rolling => rollout::Strategy::Rolling,
+            StrategyArg::Canary => rollout::Strategy::Canary,
+        };
+        if self.max_parallel == Some(0) {
+            return usage("--max-parallel must be at least 1");
+        }
+        if self.canary == Some(0) {
+            return usage("--canary must be at least 1");
+        }
+        Ok(Some(Rollout {
+            strategy: strategy as i32,
+            max_parallel: self.max_parallel.unwrap_or(0),
+            max_unavailable: self.max_unavailable.unwrap_or(0),
+            canary: self.canary.unwrap_or(0),
+        }))
+    }
+}
+
+/// Follow the deployment or not.
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Follow the deployment until every node finished (live on a
+    /// terminal, plain lines otherwise); exit 1 naming every node that
+    /// failed, was skipped or rolled back, and why.
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON: the deployment id and target nodes, or with --wait the
+    /// outcome of every node.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +278,10 @@ struct RollbackArgs {
     /// Release to go back to [default: each node's previous release].
     #[arg(long)]
     to: Option<String>,
+    #[command(flatten)]
+    rollout: RolloutArgs,
+    #[command(flatten)]
+    wait: WaitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -280,7 +388,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn upload(api: &mut Api, path: &Path, sha256: &str) -> anyhow::Result<()> {
+/// Uploads `path`; `quiet` (--json) prints nothing.
+async fn upload(api: &mut Api, path: &Path, sha256: &str, quiet: bool) -> anyhow::Result<()> {
     let mut file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("opening {}", path.display()))?;
@@ -324,7 +433,8 @@ async fn upload(api: &mut Api, path: &Path, sha256: &str) -> anyhow::Result<()> 
     let response = response
         .map_err(|s| status_error("upload refused", s))?
         .into_inner();
-    if response.already_present {
+    if quiet {
+    } else if response.already_present {
         println!(
             "artifact {} already on the controller ({} bytes)",
             response.sha256, response.size
@@ -346,13 +456,19 @@ async fn deploy(api: &mut Api, args: &DeployArgs) -> anyhow::Result<ExitCode> {
             args.sha
         )));
     }
-    upload(api, &args.artifact, &sha).await?;
+    let rollout = args.rollout.to_proto()?;
+    // The URL's scheme is the controller's to check (INVALID_ARGUMENT).
+    if let Some(artifact) = &args.artifact {
+        upload(api, artifact, &sha, args.wait.json).await?;
+    }
     let request = DeployRequest {
         app: args.app.clone(),
         sha256: sha,
         release_id: args.id.clone().unwrap_or_default(),
         selector: args.target.selector(),
         git_sha: args.git_sha.clone().unwrap_or_default(),
+        artifact_url: args.url.clone().unwrap_or_default(),
+        rollout,
     };
     let stream = api
         .client
@@ -360,7 +476,7 @@ async fn deploy(api: &mut Api, args: &DeployArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|s| status_error("deploy refused", s))?
         .into_inner();
-    follow(stream, "deploy").await
+    follow_or_return(stream, "deploy", &args.wait).await
 }
 
 async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
@@ -368,6 +484,7 @@ async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Result<ExitCode
         app: args.app.clone(),
         to_release_id: args.to.clone().unwrap_or_default(),
         selector: args.target.selector(),
+        rollout: args.rollout.to_proto()?,
     };
     let stream = api
         .client
@@ -375,73 +492,49 @@ async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Result<ExitCode
         .await
         .map_err(|s| status_error("rollback refused", s))?
         .into_inner();
-    follow(stream, "rollback").await
+    follow_or_return(stream, "rollback", &args.wait).await
 }
 
-fn outcome_word(outcome: i32) -> &'static str {
-    match Outcome::try_from(outcome) {
-        Ok(Outcome::Succeeded) => "SUCCEEDED",
-        Ok(Outcome::RolledBack) => "ROLLED_BACK",
-        _ => "FAILED",
+/// With --wait, follows the deployment to its end; else returns once the
+/// controller reported it started (it runs on regardless).
+async fn follow_or_return(
+    mut stream: tonic::Streaming<DeployEvent>,
+    what: &str,
+    wait: &WaitArgs,
+) -> anyhow::Result<ExitCode> {
+    if wait.wait {
+        return progress::follow(stream, what, progress::Output::detect(wait.json)).await;
     }
-}
-
-/// Prints a deployment's events as plain lines; the exit code says whether
-/// every node succeeded.
-async fn follow(mut stream: tonic::Streaming<DeployEvent>, what: &str) -> anyhow::Result<ExitCode> {
-    while let Some(event) = stream
+    let first = stream
         .message()
         .await
-        .map_err(|s| status_error(&format!("{what} stream"), s))?
-    {
-        match event.kind {
-            Some(deploy_event::Kind::Started(s)) => {
-                let names: Vec<&str> = s.nodes.iter().map(|n| n.node_name.as_str()).collect();
-                println!(
-                    "{what} {} of {} release {} to {} node(s): {}",
-                    s.deployment_id,
-                    s.app,
-                    if s.release_id.is_empty() {
-                        "(previous)"
-                    } else {
-                        &s.release_id
-                    },
-                    s.nodes.len(),
-                    names.join(", ")
-                );
-            }
-            Some(deploy_event::Kind::Progress(p)) => {
-                println!("[{}] {}: {}", p.node_name, p.step, p.message);
-            }
-            Some(deploy_event::Kind::NodeResult(r)) => {
-                let release = if r.release_id.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (release {})", r.release_id)
-                };
-                let why = if r.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", r.message)
-                };
-                println!(
-                    "[{}] {}{release}{why}",
-                    r.node_name,
-                    outcome_word(r.outcome)
-                );
-            }
-            Some(deploy_event::Kind::Finished(f)) => {
-                if f.succeeded {
-                    println!("{what} {} succeeded: {}", f.deployment_id, f.message);
-                    return Ok(ExitCode::SUCCESS);
-                }
-                eprintln!("{what} {} failed: {}", f.deployment_id, f.message);
-                return Ok(ExitCode::FAILURE);
-            }
-            None => {}
-        }
+        .map_err(|s| status_error(&format!("{what} stream"), s))?;
+    let Some(deploy_event::Kind::Started(started)) = first.and_then(|e| e.kind) else {
+        bail!("the controller did not confirm the {what}; check `slipway audit`");
+    };
+    if wait.json {
+        let out = serde_json::json!({
+            "deployment_id": started.deployment_id,
+            "app": started.app,
+            "release_id": started.release_id,
+            "rollout": progress::rollout_text(&started),
+            "started_by": started.actor,
+            "nodes": started
+                .nodes
+                .iter()
+                .map(|n| serde_json::json!({ "node_id": n.node_id, "node_name": n.node_name }))
+                .collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{}", progress::started_line(what, &started));
+        println!(
+            "{what} {} started; it goes on on the controller (--wait follows it; \
+             `slipway releases {}` and `slipway audit` show how it went)",
+            started.deployment_id, started.app
+        );
     }
-    bail!("the controller ended the {what} stream before the result; check `slipway audit`")
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
@@ -618,7 +711,7 @@ async fn restart(api: &mut Api, args: &RestartArgs) -> anyhow::Result<ExitCode> 
         .await
         .map_err(|s| status_error("restart refused", s))?
         .into_inner();
-    follow_command(stream, "restart").await
+    progress::follow(stream, "restart", progress::Output::detect(args.json)).await
 }
 
 async fn prune(api: &mut Api, args: &PruneArgs) -> anyhow::Result<ExitCode> {
@@ -633,64 +726,7 @@ async fn prune(api: &mut Api, args: &PruneArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|s| status_error("prune refused", s))?
         .into_inner();
-    follow_command(stream, "prune").await
-}
-
-/// Prints a restart's or prune's events as plain lines; the exit code says
-/// whether every node succeeded, and the last line names the nodes that
-/// did not and why.
-async fn follow_command(
-    mut stream: tonic::Streaming<DeployEvent>,
-    what: &str,
-) -> anyhow::Result<ExitCode> {
-    while let Some(event) = stream
-        .message()
-        .await
-        .map_err(|s| status_error(&format!("{what} stream"), s))?
-    {
-        match event.kind {
-            Some(deploy_event::Kind::Started(s)) => {
-                let names: Vec<&str> = s.nodes.iter().map(|n| n.node_name.as_str()).collect();
-                println!(
-                    "{what} {} of {} on {} node(s): {}",
-                    s.deployment_id,
-                    s.app,
-                    s.nodes.len(),
-                    names.join(", ")
-                );
-            }
-            Some(deploy_event::Kind::Progress(p)) => {
-                println!("[{}] {}: {}", p.node_name, p.step, p.message);
-            }
-            Some(deploy_event::Kind::NodeResult(r)) => {
-                let release = if r.release_id.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (release {})", r.release_id)
-                };
-                let why = if r.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", r.message)
-                };
-                println!(
-                    "[{}] {}{release}{why}",
-                    r.node_name,
-                    outcome_word(r.outcome)
-                );
-            }
-            Some(deploy_event::Kind::Finished(f)) => {
-                if f.succeeded {
-                    println!("{what} {} succeeded: {}", f.deployment_id, f.message);
-                    return Ok(ExitCode::SUCCESS);
-                }
-                eprintln!("{what} {} failed: {}", f.deployment_id, f.message);
-                return Ok(ExitCode::FAILURE);
-            }
-            None => {}
-        }
-    }
-    bail!("the controller ended the {what} stream before the result; check `slipway audit`")
+    progress::follow(stream, "prune", progress::Output::detect(args.json)).await
 }
 
 #[cfg(test)]

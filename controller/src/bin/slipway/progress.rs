@@ -1,0 +1,334 @@
+//! How `slipway deploy --wait` / `rollback --wait` show a deployment's
+//! events: live per-node spinners (indicatif) when stdout and stderr are
+//! terminals, plain timestamped lines otherwise (CI logs), or one JSON
+//! object at the end (`--json`). The exit code says whether every node
+//! succeeded.
+
+use std::collections::HashMap;
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use slipway_controller::proto::v1::{
+    deploy_event, rollout, DeployEvent, DeployFinished, DeployStarted, NodeResult, Outcome,
+};
+
+/// How often a live spinner moves.
+const TICK: Duration = Duration::from_millis(120);
+
+/// Where and how events are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// Spinners on a terminal.
+    Live,
+    /// Timestamped lines.
+    Plain,
+    /// One JSON object at the end.
+    Json,
+}
+
+impl Output {
+    /// Live on a terminal (stdout and stderr both), else plain; JSON when
+    /// asked.
+    pub(crate) fn detect(json: bool) -> Self {
+        if json {
+            Self::Json
+        } else if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+            Self::Live
+        } else {
+            Self::Plain
+        }
+    }
+}
+
+/// `SUCCEEDED`, `FAILED`, `ROLLED_BACK`, `SKIPPED`.
+pub(crate) fn outcome_word(outcome: i32) -> &'static str {
+    match Outcome::try_from(outcome) {
+        Ok(Outcome::Succeeded) => "SUCCEEDED",
+        Ok(Outcome::RolledBack) => "ROLLED_BACK",
+        Ok(Outcome::Skipped) => "SKIPPED",
+        _ => "FAILED",
+    }
+}
+
+/// `all_at_once`, `rolling (max parallel 2, max unavailable 0)`, ...
+pub(crate) fn rollout_text(started: &DeployStarted) -> String {
+    let Some(r) = &started.rollout else {
+        return "all_at_once".to_owned();
+    };
+    match rollout::Strategy::try_from(r.strategy) {
+        Ok(rollout::Strategy::Rolling) => format!(
+            "rolling, max parallel {}, max unavailable {}",
+            r.max_parallel, r.max_unavailable
+        ),
+        Ok(rollout::Strategy::Canary) => format!(
+            "canary {} then {}, max unavailable {}",
+            r.canary,
+            if r.max_parallel == 0 {
+                "the rest".to_owned()
+            } else {
+                format!("batches of {}", r.max_parallel)
+            },
+            r.max_unavailable
+        ),
+        _ => "all_at_once".to_owned(),
+    }
+}
+
+/// The first line about a started deployment.
+pub(crate) fn started_line(what: &str, s: &DeployStarted) -> String {
+    let names: Vec<&str> = s.nodes.iter().map(|n| n.node_name.as_str()).collect();
+    let release = match (what, s.release_id.as_str()) {
+        // They keep each node's current release.
+        ("restart" | "prune", _) => String::new(),
+        (_, "") => " release (previous)".to_owned(),
+        (_, id) => format!(" release {id}"),
+    };
+    format!(
+        "{what} {} of {}{release} to {} node(s) ({}): {}",
+        s.deployment_id,
+        s.app,
+        s.nodes.len(),
+        rollout_text(s),
+        names.join(", ")
+    )
+}
+
+fn result_text(r: &NodeResult) -> String {
+    let release = if r.release_id.is_empty() {
+        String::new()
+    } else {
+        format!(" (release {})", r.release_id)
+    };
+    let why = if r.message.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", r.message)
+    };
+    format!("{}{release}{why}", outcome_word(r.outcome))
+}
+
+fn stamp() -> String {
+    let format = time::macros::format_description!("[hour]:[minute]:[second]");
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .unwrap_or_default()
+}
+
+/// The live display: one spinner per node.
+struct Live {
+    multi: MultiProgress,
+    bars: HashMap<String, ProgressBar>,
+    width: usize,
+}
+
+impl Live {
+    fn new() -> Self {
+        Self {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            bars: HashMap::new(),
+            width: 0,
+        }
+    }
+
+    fn running_style(&self) -> ProgressStyle {
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {{prefix:<{}}} {{wide_msg}}",
+            self.width
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+    }
+
+    fn done_style(&self, mark: &str) -> ProgressStyle {
+        ProgressStyle::with_template(&format!("{mark} {{prefix:<{}}} {{wide_msg}}", self.width))
+            .unwrap_or_else(|_| ProgressStyle::default_spinner())
+    }
+
+    fn start(&mut self, s: &DeployStarted) {
+        self.width = s.nodes.iter().map(|n| n.node_name.len()).max().unwrap_or(0);
+        for n in &s.nodes {
+            let bar = self.multi.add(ProgressBar::new_spinner());
+            bar.set_style(self.running_style());
+            bar.set_prefix(n.node_name.clone());
+            bar.set_message("waiting for its batch");
+            self.bars.insert(n.node_id.clone(), bar);
+        }
+    }
+
+    fn bar(&self, node_id: &str) -> Option<&ProgressBar> {
+        self.bars.get(node_id)
+    }
+
+    fn line(&self, text: &str) {
+        let _ = self.multi.println(text);
+    }
+
+    fn finish(&self) {
+        for bar in self.bars.values() {
+            bar.finish();
+        }
+    }
+}
+
+/// Follows a deployment's event stream to its end and shows it; exit code
+/// 0 only if every node succeeded.
+pub(crate) async fn follow(
+    mut stream: tonic::Streaming<DeployEvent>,
+    what: &str,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let mut live = (output == Output::Live).then(Live::new);
+    let mut started: Option<DeployStarted> = None;
+    // node id -> its last result (a node rolled back by the controller
+    // after it succeeded gets a second one).
+    let mut results: HashMap<String, NodeResult> = HashMap::new();
+    let plain = |text: String| {
+        if output == Output::Plain {
+            println!("{} {text}", stamp());
+        }
+    };
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(status) => {
+                if let Some(live) = &live {
+                    live.finish();
+                }
+                bail!("{what} stream: {} ({:?})", status.message(), status.code());
+            }
+        };
+        match event.kind {
+            Some(deploy_event::Kind::Started(s)) => {
+                plain(started_line(what, &s));
+                if let Some(live) = &mut live {
+                    println!("{}", started_line(what, &s));
+                    live.start(&s);
+                    for bar in live.bars.values() {
+                        bar.enable_steady_tick(TICK);
+                    }
+                }
+                started = Some(s);
+            }
+            Some(deploy_event::Kind::Batch(b)) => {
+                let names: Vec<&str> = b.nodes.iter().map(|n| n.node_name.as_str()).collect();
+                let text = format!(
+                    "batch {}/{}{}: {}",
+                    b.index,
+                    b.count,
+                    if b.canary { " (canary)" } else { "" },
+                    names.join(", ")
+                );
+                plain(text.clone());
+                if let Some(live) = &live {
+                    live.line(&text);
+                    for n in &b.nodes {
+                        if let Some(bar) = live.bar(&n.node_id) {
+                            bar.set_message("starting");
+                        }
+                    }
+                }
+            }
+            Some(deploy_event::Kind::Progress(p)) => {
+                plain(format!("[{}] {}: {}", p.node_name, p.step, p.message));
+                if let Some(bar) = live.as_ref().and_then(|l| l.bar(&p.node_id)) {
+                    bar.set_message(format!("{}: {}", p.step, p.message));
+                }
+            }
+            Some(deploy_event::Kind::NodeResult(r)) => {
+                plain(format!("[{}] {}", r.node_name, result_text(&r)));
+                if let Some(live) = &live {
+                    if let Some(bar) = live.bar(&r.node_id) {
+                        let mark = match Outcome::try_from(r.outcome) {
+                            Ok(Outcome::Succeeded) => "✓",
+                            Ok(Outcome::Skipped) => "-",
+                            _ => "✗",
+                        };
+                        bar.disable_steady_tick();
+                        bar.set_style(live.done_style(mark));
+                        bar.set_message(result_text(&r));
+                    }
+                }
+                results.insert(r.node_id.clone(), r);
+            }
+            Some(deploy_event::Kind::Finished(f)) => {
+                if let Some(live) = &live {
+                    live.finish();
+                }
+                return Ok(finished(what, output, started.as_ref(), &results, &f));
+            }
+            None => {}
+        }
+    }
+    if let Some(live) = &live {
+        live.finish();
+    }
+    bail!("the controller ended the {what} stream before the result; check `slipway audit`")
+}
+
+/// Prints the end of a deployment; the exit code.
+fn finished(
+    what: &str,
+    output: Output,
+    started: Option<&DeployStarted>,
+    results: &HashMap<String, NodeResult>,
+    f: &DeployFinished,
+) -> ExitCode {
+    let in_order: Vec<&NodeResult> = match started {
+        Some(s) => s
+            .nodes
+            .iter()
+            .filter_map(|n| results.get(&n.node_id))
+            .collect(),
+        None => results.values().collect(),
+    };
+    if output == Output::Json {
+        let nodes: Vec<serde_json::Value> = in_order
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "node_id": r.node_id,
+                    "node_name": r.node_name,
+                    "outcome": outcome_word(r.outcome).to_ascii_lowercase(),
+                    "release_id": r.release_id,
+                    "message": r.message,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "deployment_id": f.deployment_id,
+            "app": started.map(|s| s.app.as_str()),
+            "release_id": started.map(|s| s.release_id.as_str()),
+            "succeeded": f.succeeded,
+            "failed_nodes": f.failed_nodes,
+            "message": f.message,
+            "stop_reason": f.stop_reason,
+            "stopped_by": f.stopped_by,
+            "nodes": nodes,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        if !f.stop_reason.is_empty() {
+            eprintln!("{what} {}: {}", f.deployment_id, f.stop_reason);
+        }
+        // The not-succeeded nodes, one per line, then the summary.
+        for r in in_order
+            .iter()
+            .filter(|r| r.outcome != Outcome::Succeeded as i32)
+        {
+            eprintln!("  {} {}", r.node_name, result_text(r));
+        }
+        if f.succeeded {
+            println!("{what} {} succeeded: {}", f.deployment_id, f.message);
+        } else {
+            eprintln!("{what} {} failed: {}", f.deployment_id, f.message);
+        }
+    }
+    if f.succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
