@@ -194,6 +194,36 @@ fn restart_prune_and_status_across_three_agents() {
     assert_eq!(after[2], before[2], "n3's app was restarted");
     assert_eq!(agents[1].get().as_deref(), Some("v3"));
 
+    // A rolling restart takes the nodes one at a time: every app process
+    // changes, every node still serves.
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "restart",
+            "web",
+            "--strategy",
+            "rolling",
+            "--max-parallel",
+            "1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).contains("batch 3/3: n3"), "{}", text(&out));
+    for (a, pid) in agents.iter().zip(&after) {
+        assert_ne!(
+            a.app_pid(),
+            Some(*pid),
+            "{}'s app was not restarted",
+            a.name
+        );
+        assert_eq!(
+            a.get().as_deref(),
+            Some("v3"),
+            "{} does not serve v3",
+            a.name
+        );
+    }
+
     // A read token may not restart or prune: refused, named, audited.
     let out = controller.slipway(&reader, &["restart", "web"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -331,8 +361,8 @@ fn restart_prune_and_status_across_three_agents() {
     assert!(out.status.success(), "{}", text(&out));
     let events: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     let count = |t: &str| events.iter().filter(|e| e["event_type"] == t).count();
-    assert_eq!(count("RESTART_STARTED"), 2);
-    assert_eq!(count("RESTART_COMPLETED"), 1);
+    assert_eq!(count("RESTART_STARTED"), 3);
+    assert_eq!(count("RESTART_COMPLETED"), 2);
     assert_eq!(count("RESTART_FAILED"), 1);
     assert_eq!(count("PRUNE_STARTED"), 2);
     assert_eq!(count("PRUNE_COMPLETED"), 2);

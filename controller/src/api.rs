@@ -253,7 +253,7 @@ impl ControlService {
         Ok(ReceiverStream::new(rx))
     }
 
-    /// Restart and Prune: checks the app name, then the token's
+    /// Restart and Prune: checks the app name and rollout, then the token's
     /// `deploy:<app>` scope, selects the nodes and starts the deployment.
     async fn run_command<T>(
         &self,
@@ -262,6 +262,7 @@ impl ControlService {
         verb: &str,
         selector: Option<&Selector>,
         action: Action,
+        rollout: Option<&slipway_proto::v1::Rollout>,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
         // The name is checked first: an invalid one could never be in a
         // scope, and "invalid app name" says more than "may not".
@@ -271,6 +272,8 @@ impl ControlService {
             ))
             .into());
         }
+        let rollout = deploy::Rollout::from_proto(rollout)
+            .map_err(|e| Status::from(ApiError::Invalid(e.to_string())))?;
         let what = format!("{verb} app {app}");
         let caller = self
             .authorize(request, &what, |c| c.can_deploy(app))
@@ -282,8 +285,7 @@ impl ControlService {
             targets,
             actor: caller.token_id,
             selector: selector_json(selector),
-            // Every selected node at once.
-            rollout: deploy::Rollout::default(),
+            rollout,
         };
         self.run_plan(plan).await
     }
@@ -560,6 +562,7 @@ impl Control for ControlService {
                 "restart",
                 req.selector.as_ref(),
                 Action::Restart,
+                req.rollout.as_ref(),
             )
             .await?;
         Ok(Response::new(stream))
@@ -584,6 +587,8 @@ impl Control for ControlService {
                 "prune",
                 req.selector.as_ref(),
                 Action::Prune { keep: req.keep },
+                // Pruning disturbs no app: every node at once.
+                None,
             )
             .await?;
         Ok(Response::new(stream))

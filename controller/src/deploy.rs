@@ -236,6 +236,13 @@ impl Action {
         }
     }
 
+    /// Whether it makes nodes run another release, so that a stopped
+    /// rollout sends the nodes it switched back (restart and prune keep the
+    /// current release: nothing to undo).
+    fn switches_release(&self) -> bool {
+        matches!(self, Self::Deploy { .. } | Self::Rollback { .. })
+    }
+
     /// The audit event type recorded when the deployment starts.
     fn started_event(&self) -> &'static str {
         match self {
@@ -1058,6 +1065,7 @@ impl Run {
                     results[i] = Some(result);
                     skipped.push(i);
                 }
+                NodeState::Succeeded if !self.plan.action.switches_release() => {}
                 NodeState::Succeeded => {
                     let switched_to = results[i]
                         .as_ref()

@@ -18,9 +18,9 @@ use slipway_controller::config::ServeConfig;
 use slipway_controller::fleet::{FleetStatus, RefreshAnswer};
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
-    agent_message, controller_message, deploy_event, selector, AgentMessage, AppStatus,
+    agent_message, controller_message, deploy_event, rollout, selector, AgentMessage, AppStatus,
     CommandResult, DeployEvent, FleetStatusRequest, Heartbeat, Hello, Outcome, PruneRequest,
-    RestartRequest, Selector,
+    RestartRequest, Rollout, Selector,
 };
 use slipway_controller::server::{self, ServeError};
 use slipway_controller::store::Store;
@@ -221,6 +221,7 @@ async fn restart_and_prune_check_input_and_scope() {
             RestartRequest {
                 app: "../web".to_owned(),
                 selector: None,
+                rollout: None,
             },
             &deployer,
         ))
@@ -243,6 +244,7 @@ async fn restart_and_prune_check_input_and_scope() {
                 RestartRequest {
                     app: app.to_owned(),
                     selector: None,
+                    rollout: None,
                 },
                 token,
             ))
@@ -435,6 +437,7 @@ async fn a_restart_is_resent_with_the_same_command_id_after_a_reconnect() {
             RestartRequest {
                 app: "web".to_owned(),
                 selector: on_node(&node_id),
+                rollout: None,
             },
             &token,
         ))
@@ -491,5 +494,133 @@ async fn a_restart_is_resent_with_the_same_command_id_after_a_reconnect() {
         .collect();
     assert_eq!(types, ["RESTART_STARTED", "RESTART_COMPLETED"]);
     drop(second);
+    controller.stop().await;
+}
+
+/// Answers the next command on `session`, which must be a Restart.
+async fn answer_restart(session: &mut link::Session, outcome: Outcome, message: &str) {
+    let controller_message::Kind::Restart(restart) = next_command(session).await else {
+        panic!("expected a Restart");
+    };
+    send(
+        session,
+        agent_message::Kind::Result(CommandResult {
+            command_id: restart.command_id,
+            outcome: outcome as i32,
+            release_id: "v3".to_owned(),
+            message: message.to_owned(),
+        }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_rolling_restart_stops_at_a_failure_and_rolls_nothing_back() {
+    let controller = Controller::start().await;
+    let token = controller
+        .api_token(&[Scope::Deploy("web".to_owned())])
+        .await;
+    let mut control = controller.control().await;
+    let mut sessions = Vec::new();
+    for name in ["web-a", "web-b", "web-c"] {
+        let (state, id) = controller.enroll(name).await;
+        let session = controller.connect(state.path(), &id).await;
+        sessions.push((state, session));
+    }
+    // A rollout that makes no sense is refused before anything runs.
+    let err = control
+        .restart(authed(
+            RestartRequest {
+                app: "web".to_owned(),
+                selector: None,
+                rollout: Some(Rollout {
+                    strategy: rollout::Strategy::AllAtOnce as i32,
+                    max_parallel: 2,
+                    max_unavailable: 0,
+                    canary: 0,
+                }),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // One node at a time, in name order: web-a restarts, web-b fails its
+    // health gate, so web-c is skipped; web-a is left as it is (a restart
+    // switched no release, there is nothing to roll back).
+    let stream = control
+        .restart(authed(
+            RestartRequest {
+                app: "web".to_owned(),
+                selector: None,
+                rollout: Some(Rollout {
+                    strategy: rollout::Strategy::Rolling as i32,
+                    max_parallel: 1,
+                    max_unavailable: 0,
+                    canary: 0,
+                }),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let [(_, a), (_, b), _] = &mut sessions[..] else {
+        unreachable!()
+    };
+    let (events, ()) = tokio::join!(collect(stream), async {
+        answer_restart(a, Outcome::Succeeded, "restarted").await;
+        answer_restart(b, Outcome::Failed, "health gate failed: HTTP 500").await;
+    });
+    // Had the controller sent web-a a rollback, it would still be waiting
+    // for web-a's answer instead of finishing.
+    let results: Vec<(String, i32)> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(deploy_event::Kind::NodeResult(r)) => Some((r.node_name.clone(), r.outcome)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("web-a".to_owned(), Outcome::Succeeded as i32),
+            ("web-b".to_owned(), Outcome::Failed as i32),
+            ("web-c".to_owned(), Outcome::Skipped as i32),
+        ],
+        "{events:?}"
+    );
+    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("{events:?}");
+    };
+    assert!(!finished.succeeded, "{finished:?}");
+    assert_eq!(
+        finished.stop_reason,
+        "deployment stopped after web-b failed"
+    );
+    let last = controller
+        .store()
+        .await
+        .last_deployments(Some("web"))
+        .await
+        .unwrap();
+    let outcomes: Vec<&str> = last[0].nodes.iter().map(|n| n.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["succeeded", "failed", "skipped"]);
+    let failed = controller
+        .store()
+        .await
+        .audit_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event_type == "RESTART_FAILED")
+        .unwrap();
+    assert_eq!(
+        failed.details["strategy"], "rolling",
+        "{:?}",
+        failed.details
+    );
+    drop(sessions);
     controller.stop().await;
 }

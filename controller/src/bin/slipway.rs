@@ -83,7 +83,9 @@ enum Command {
     /// what is not (for `watch` and monitoring).
     Status(StatusArgs),
     /// Restart an app's current release on the selected nodes (behind its
-    /// health gate), following it to the end like `deploy --wait`.
+    /// health gate), all at once or rolling (--strategy), following it to
+    /// the end like `deploy --wait`. A stopped rolling restart skips the
+    /// nodes not yet restarted.
     Restart(RestartArgs),
     /// Delete an app's old releases on the selected nodes (never the
     /// current one or the rollback target), following it to the end like
@@ -113,6 +115,8 @@ struct RestartArgs {
     app: String,
     #[command(flatten)]
     target: Target,
+    #[command(flatten)]
+    rollout: RolloutArgs,
     /// Print every node's outcome as JSON at the end.
     #[arg(long)]
     json: bool,
@@ -204,7 +208,8 @@ enum StrategyArg {
 struct RolloutArgs {
     /// all: every node at once. rolling / canary: in batches; when more
     /// than --max-unavailable nodes fail, the rollout stops, the nodes not
-    /// started are skipped and the ones already switched are rolled back.
+    /// started are skipped and the ones a deploy or rollback already
+    /// switched are rolled back.
     #[arg(long, value_enum, default_value_t = StrategyArg::All)]
     strategy: StrategyArg,
     /// Nodes per batch (rolling: default 1; canary: after the canary
@@ -704,6 +709,7 @@ async fn restart(api: &mut Api, args: &RestartArgs) -> anyhow::Result<ExitCode> 
     let request = RestartRequest {
         app: args.app.clone(),
         selector: args.target.selector(),
+        rollout: args.rollout.to_proto()?,
     };
     let stream = api
         .client
