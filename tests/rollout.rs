@@ -397,7 +397,41 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     });
     for a in &agents {
         assert_eq!(a.current().as_deref(), Some("s4"), "{}", a.name);
+        assert_eq!(a.get().as_deref(), Some("s4"), "{}", a.name);
     }
+
+    // A node offline when its batch starts fails it: the rollout stops
+    // and the node already switched (m1) goes back to s4.
+    let (m1, mut m2) = {
+        let mut it = agents.into_iter();
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    m2.stop_run();
+    let out = deploy(
+        &controller,
+        &deployer,
+        work.path(),
+        "s5",
+        APP,
+        &["--strategy", "rolling", "--wait", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["succeeded"], false, "{done}");
+    assert_eq!(done["stopped_by"], "m2", "{done}");
+    assert_eq!(
+        done["stop_reason"], "deployment stopped after m2 failed",
+        "{done}"
+    );
+    let nodes = done["nodes"].as_array().unwrap();
+    assert_eq!(nodes[0]["node_name"], "m1", "{done}");
+    assert_eq!(nodes[0]["outcome"], "rolled_back", "{done}");
+    assert_eq!(nodes[0]["release_id"], "s4", "{done}");
+    assert_eq!(nodes[1]["outcome"], "failed", "{done}");
+    assert_eq!(m1.current().as_deref(), Some("s4"));
+    assert!(m1.has_release("s5"), "m1 never switched to s5");
+    assert_eq!(m2.current().as_deref(), Some("s4"));
+    assert_eq!(m2.get().as_deref(), Some("s4"), "m2's app kept serving");
 
     // --url: the controller checks the scheme, passes URL and digest on.
     let sha = "ab".repeat(32);

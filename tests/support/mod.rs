@@ -403,3 +403,13 @@ impl Controller {
         line.join(" ")
     }
 }
+
+impl Agent {
+    /// Stops `slipway-agent run` (SIGTERM): the node drops its controller
+    /// session; its apps keep running.
+    pub fn stop_run(&mut self) {
+        if let Some(mut c) = self.run.take() {
+            terminate(&mut c);
+        }
+    }
+}
