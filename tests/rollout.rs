@@ -260,14 +260,44 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--canary N needs --strategy canary"));
 
     // The live display on a terminal: run under a pseudo-terminal.
-    if Command::new("script").arg("--version").output().is_err() {
+    if Command::new("script").arg("--version").output().is_ok() {
+        live_display_on_a_terminal(&controller, &deployer, &agents, work.path(), &app);
+    } else {
         println!("skipping the terminal display check: `script` (util-linux) is not installed");
-        return;
+        let out = deploy(&controller, &deployer, work.path(), "v5", &app, &["--wait"]);
+        assert!(out.status.success(), "{}", text(&out));
     }
-    let art = artifact(work.path(), "v5", &app);
+
+    // A rolling rollback, one node at a time, each to its previous good
+    // release (v2 was rolled away from on n1, v4 failed on n2).
+    let out = controller.slipway(
+        &deployer,
+        &["rollback", "web", "--strategy", "rolling", "--wait"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("batch 3/3: n3"), "{}", text(&out));
+    assert!(stdout.contains("3 of 3 nodes succeeded"), "{}", text(&out));
+    let now: Vec<Option<String>> = agents.iter().map(Agent::current).collect();
+    assert_eq!(
+        now,
+        [Some("v4"), Some("v1"), Some("v4")].map(|v| v.map(str::to_owned))
+    );
+}
+
+/// `slipway deploy --wait` of v5 under `script` (a pseudo-terminal): the
+/// live display, the exit code and the summary.
+fn live_display_on_a_terminal(
+    controller: &Controller,
+    deployer: &str,
+    agents: &[Agent],
+    work: &Path,
+    app: &str,
+) {
+    let art = artifact(work, "v5", app);
     let sha = sha256_file(&art);
     let line = controller.slipway_shell(
-        &deployer,
+        deployer,
         &[
             "deploy",
             "web",
@@ -295,7 +325,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
         !shown.contains("[n1] fetch"),
         "plain lines on a terminal: {shown}"
     );
-    for a in &agents {
+    for a in agents {
         assert_eq!(a.current().as_deref(), Some("v5"), "{}", a.name);
     }
 }
