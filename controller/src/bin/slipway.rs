@@ -372,7 +372,9 @@ async fn upload(api: &mut Api, path: &Path, sha256: &str, quiet: bool) -> anyhow
         .map_err(|s| status_error("upload refused", s))?
         .into_inner();
     if quiet {
-    } else if response.already_present {
+        return Ok(());
+    }
+    if response.already_present {
         println!(
             "artifact {} already on the controller ({} bytes)",
             response.sha256, response.size
