@@ -21,7 +21,7 @@
 //!   (closed on revocation, replacement, shutdown). [`liveness`]: pure rules
 //!   for the heartbeat interval and a node's state.
 //! - [`api`]: Control service for the `slipway` CLI (API tokens from
-//!   [`apitoken`]): nodes, audit, artifact upload, deploy and rollback.
+//!   [`apitoken`], or client certificates from [`operator`]): nodes, audit, artifact upload, deploy and rollback.
 //!   [`deploy`]: sends one command per selected node through the
 //!   [`registry`], routes the agents' progress and results back by command
 //!   id, records per-node results and the outcome. [`artifacts`]: the
@@ -56,6 +56,7 @@ pub mod deploy;
 pub mod enroll;
 pub mod fleet;
 pub mod liveness;
+pub mod operator;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -620,3 +620,229 @@ async fn a_node_that_reconnects_mid_command_gets_it_again() {
     assert!(finished.succeeded, "{finished:?}");
     controller.stop().await;
 }
+
+/// A Control client presenting the certificate and key in these files.
+async fn control_as(controller: &Controller, cert: &Path, key: &Path) -> ControlClient<Channel> {
+    let roots = client::load_ca(&controller.data_dir.path().join("ca.pem")).unwrap();
+    let identity = client::load_identity(cert, key).unwrap();
+    let channel = client::connect_as(&controller.addr.to_string(), roots, Some(identity))
+        .await
+        .unwrap();
+    ControlClient::new(channel)
+}
+
+/// Writes an operator's certificate and key into `dir`, as `operator
+/// create` does; returns (id, cert path, key path).
+async fn operator(
+    controller: &Controller,
+    dir: &Path,
+    name: &str,
+    scopes: &[Scope],
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let issued = slipway_controller::operator::create(
+        &controller.store().await,
+        &controller.ca,
+        name,
+        scopes,
+        slipway_controller::operator::DEFAULT_VALIDITY,
+        None,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )
+    .await
+    .unwrap();
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, issued.key_pem.unwrap()).unwrap();
+    (issued.operator.id, cert, key)
+}
+
+#[tokio::test]
+async fn operator_certificates_call_the_api_within_their_scopes_until_revoked() {
+    let controller = Controller::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, cert, key) = operator(
+        &controller,
+        dir.path(),
+        "ci",
+        &[Scope::Deploy("web".to_owned())],
+    )
+    .await;
+    let mut control = control_as(&controller, &cert, &key).await;
+
+    // No token: the certificate is the caller.
+    control
+        .list_nodes(tonic::Request::new(ListNodesRequest {}))
+        .await
+        .unwrap();
+    let data = b"operator upload".to_vec();
+    let sha = crypto::sha256_hex(&data);
+    let mut chunks = vec![UploadChunk {
+        sha256: sha.clone(),
+        data,
+    }];
+    let uploaded = control
+        .upload_artifact(tokio_stream::iter(std::mem::take(&mut chunks)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(uploaded.sha256, sha);
+    let denied = control
+        .deploy(tonic::Request::new(deploy_request("api", &sha, None)))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains(&id), "{}", denied.message());
+    assert!(
+        denied.message().contains("deploy:web"),
+        "{}",
+        denied.message()
+    );
+
+    // Revoked: refused at the next call, on the same connection.
+    slipway_controller::operator::revoke(&controller.store().await, &id, 0)
+        .await
+        .unwrap();
+    let refused = control
+        .list_nodes(tonic::Request::new(ListNodesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("revoked"),
+        "{}",
+        refused.message()
+    );
+
+    let audit = controller.audit().await;
+    let refusals: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event_type == "API_CALL_REFUSED")
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert!(refusals.iter().all(|e| e.actor == id), "{refusals:?}");
+    assert!(audit
+        .iter()
+        .any(|e| e.event_type == "OPERATOR_CREATED" && e.resource_id == id));
+    assert!(audit
+        .iter()
+        .any(|e| e.event_type == "OPERATOR_REVOKED" && e.resource_id == id));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn node_and_operator_certificates_stay_in_their_lanes() {
+    let controller = Controller::start().await;
+    // A node's certificate opens no API call...
+    let (state, _node_id) = controller.enroll("web-1").await;
+    let mut control = control_as(
+        &controller,
+        &state.path().join(link::CERT_FILE),
+        &state.path().join(link::KEY_FILE),
+    )
+    .await;
+    let refused = control
+        .list_nodes(tonic::Request::new(ListNodesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("node certificate"),
+        "{}",
+        refused.message()
+    );
+
+    // ...and an operator's certificate opens no agent link.
+    let op_state = tempfile::tempdir().unwrap();
+    let (_id, cert, key) = operator(&controller, op_state.path(), "alice", &[Scope::Read]).await;
+    std::fs::rename(&cert, op_state.path().join(link::CERT_FILE)).unwrap();
+    std::fs::rename(&key, op_state.path().join(link::KEY_FILE)).unwrap();
+    let mut agent_link = controller.agent_link(op_state.path()).await;
+    let hello = AgentMessage {
+        kind: Some(agent_message::Kind::Hello(Hello {
+            node_id: "n-0000000000000000".to_owned(),
+            ..Hello::default()
+        })),
+    };
+    let refused = agent_link
+        .connect(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_api_token_is_refused_at_its_next_call() {
+    let controller = Controller::start().await;
+    let token = controller.api_token(&[Scope::Read]).await;
+    let mut control = controller.control().await;
+    control
+        .list_nodes(authed(ListNodesRequest {}, &token))
+        .await
+        .unwrap();
+    let (id, newly) = apitoken::revoke(&controller.store().await, &token, 0)
+        .await
+        .unwrap();
+    assert!(newly);
+    let refused = control
+        .list_nodes(authed(ListNodesRequest {}, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let audit = controller.audit().await;
+    assert!(audit
+        .iter()
+        .any(|e| e.event_type == "TOKEN_REVOKED" && e.resource_id == id));
+    assert!(audit
+        .iter()
+        .any(|e| e.event_type == "API_CALL_REFUSED" && e.actor == id));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_certificate_covers_the_configured_server_names() {
+    crypto::install_default_provider();
+    let data_dir = tempfile::tempdir().unwrap();
+    let ca = Ca::load_or_create(data_dir.path()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = ServeConfig::with_defaults(data_dir.path().to_owned(), addr);
+    config.server_names = vec!["ctl.example.test".to_owned(), "192.0.2.10".to_owned()];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server::serve(&config, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).unwrap();
+    let tls = ClientConfig::builder_with_provider(crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    // A real handshake, verifying the certificate for each name.
+    let handshake = |name: &'static str| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from(name).unwrap();
+            tokio::time::timeout(TEST_TIMEOUT, connector.connect(name, tcp))
+                .await
+                .unwrap()
+        }
+    };
+    for good in ["ctl.example.test", "192.0.2.10", "127.0.0.1", "localhost"] {
+        handshake(good)
+            .await
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    let err = handshake("other.example.test").await.unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
