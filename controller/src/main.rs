@@ -212,14 +212,18 @@ async fn token_list(args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_revoked(what: &str, id: &str, newly: bool) {
+    if newly {
+        println!("revoked {what} {id}");
+    } else {
+        println!("{what} {id} was already revoked");
+    }
+}
+
 async fn token_revoke(args: RevokeArgs) -> anyhow::Result<()> {
     let store = open_store(&args.data_dir).await?;
     let (id, newly) = apitoken::revoke(&store, args.id.trim(), now()).await?;
-    if newly {
-        println!("revoked API token {id}");
-    } else {
-        println!("API token {id} was already revoked");
-    }
+    print_revoked("API token", &id, newly);
     Ok(())
 }
 
@@ -335,11 +339,7 @@ async fn operator_list(args: ListArgs) -> anyhow::Result<()> {
 async fn operator_revoke(args: RevokeArgs) -> anyhow::Result<()> {
     let store = open_store(&args.data_dir).await?;
     let (id, newly) = operator::revoke(&store, args.id.trim(), now()).await?;
-    if newly {
-        println!("revoked operator {id}");
-    } else {
-        println!("operator {id} was already revoked");
-    }
+    print_revoked("operator", &id, newly);
     Ok(())
 }
 

@@ -621,6 +621,17 @@ async fn a_node_that_reconnects_mid_command_gets_it_again() {
     controller.stop().await;
 }
 
+/// True if `audit` has an `event_type` event for which `matches` holds.
+fn audited(
+    audit: &[AuditRecord],
+    event_type: &str,
+    matches: impl Fn(&AuditRecord) -> bool,
+) -> bool {
+    audit
+        .iter()
+        .any(|e| e.event_type == event_type && matches(e))
+}
+
 /// A Control client presenting the certificate and key in these files.
 async fn control_as(controller: &Controller, cert: &Path, key: &Path) -> ControlClient<Channel> {
     let roots = client::load_ca(&controller.data_dir.path().join("ca.pem")).unwrap();
@@ -721,12 +732,8 @@ async fn operator_certificates_call_the_api_within_their_scopes_until_revoked() 
         .collect();
     assert_eq!(refusals.len(), 2, "{refusals:?}");
     assert!(refusals.iter().all(|e| e.actor == id), "{refusals:?}");
-    assert!(audit
-        .iter()
-        .any(|e| e.event_type == "OPERATOR_CREATED" && e.resource_id == id));
-    assert!(audit
-        .iter()
-        .any(|e| e.event_type == "OPERATOR_REVOKED" && e.resource_id == id));
+    assert!(audited(&audit, "OPERATOR_CREATED", |e| e.resource_id == id));
+    assert!(audited(&audit, "OPERATOR_REVOKED", |e| e.resource_id == id));
     controller.stop().await;
 }
 
@@ -791,12 +798,8 @@ async fn a_revoked_api_token_is_refused_at_its_next_call() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     let audit = controller.audit().await;
-    assert!(audit
-        .iter()
-        .any(|e| e.event_type == "TOKEN_REVOKED" && e.resource_id == id));
-    assert!(audit
-        .iter()
-        .any(|e| e.event_type == "API_CALL_REFUSED" && e.actor == id));
+    assert!(audited(&audit, "TOKEN_REVOKED", |e| e.resource_id == id));
+    assert!(audited(&audit, "API_CALL_REFUSED", |e| e.actor == id));
     controller.stop().await;
 }
 
