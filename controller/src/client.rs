@@ -103,25 +103,32 @@ impl std::fmt::Debug for ClientIdentity {
 
 /// Reads a PEM certificate chain and its PEM private key.
 pub fn load_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, ClientError> {
-    use rustls::pki_types::pem::PemObject as _;
     let err = |path: &Path, why: String| ClientError::Identity {
         path: path.display().to_string(),
         why,
     };
     let cert_pem = std::fs::read(cert).map_err(|e| err(cert, e.to_string()))?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(err(cert, "no PEM certificate in it".to_owned()));
-    }
     let key_pem = std::fs::read(key).map_err(|e| err(key, e.to_string()))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| err(key, format!("no usable PEM private key in it ({e})")))?;
-    Ok(ClientIdentity {
-        chain,
-        key: key_der,
-    })
+    identity_from_pem(&cert_pem, &key_pem)
+        .map_err(|(is_key, why)| err(if is_key { key } else { cert }, why))
+}
+
+/// Parses a PEM certificate chain and PEM private key; on error says
+/// whether the key (true) or the certificate was at fault, and why.
+pub fn identity_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<ClientIdentity, (bool, String)> {
+    use rustls::pki_types::pem::PemObject as _;
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (false, e.to_string()))?;
+    if chain.is_empty() {
+        return Err((false, "no PEM certificate in it".to_owned()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| (true, format!("no usable PEM private key in it ({e})")))?;
+    Ok(ClientIdentity { chain, key })
 }
 
 /// A TLS channel to the controller at `address`, verified against `roots`.
