@@ -1,5 +1,6 @@
 //! `slipway`: the CLI for CI jobs and people. Talks to the controller's
-//! Control API over TLS (trusting only `--ca`) with an API token.
+//! Control API over TLS (trusting only `--ca`) with an API token or an
+//! operator client certificate.
 //!
 //! Exit codes: 0 success; 1 a node failed (the output says which and why)
 //! or any other error; 64 bad arguments.
@@ -54,6 +55,25 @@ struct Cli {
     /// API token (`slipway-controller token api`).
     #[arg(long, env = "SLIPWAY_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// Operator client certificate (`slipway-controller operator create`),
+    /// used instead of a token; needs --key.
+    #[arg(
+        long,
+        env = "SLIPWAY_CERT",
+        global = true,
+        value_name = "FILE",
+        requires = "key"
+    )]
+    cert: Option<PathBuf>,
+    /// Private key of --cert.
+    #[arg(
+        long,
+        env = "SLIPWAY_KEY",
+        global = true,
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -286,7 +306,8 @@ fn main() -> ExitCode {
 
 struct Api {
     client: ControlClient<Channel>,
-    token: MetadataValue<Ascii>,
+    /// None when the caller is the operator certificate of the channel.
+    token: Option<MetadataValue<Ascii>>,
 }
 
 async fn api(cli: &Cli) -> anyhow::Result<Api> {
@@ -297,16 +318,34 @@ async fn api(cli: &Cli) -> anyhow::Result<Api> {
         .ca
         .as_deref()
         .ok_or_else(|| Usage("no CA: give --ca FILE or set SLIPWAY_CA".to_owned()))?;
-    let token = cli
-        .token
-        .as_deref()
-        .ok_or_else(|| Usage("no API token: give --token or set SLIPWAY_TOKEN".to_owned()))?;
+    let identity = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => {
+            Some(client::load_identity(cert, key).map_err(|e| Usage(e.to_string()))?)
+        }
+        _ => None,
+    };
+    let token = match (cli.token.as_deref(), &identity) {
+        (Some(token), _) => Some(client::bearer(token).map_err(|e| Usage(e.to_string()))?),
+        (None, Some(_)) => None,
+        (None, None) => {
+            return Err(Usage(
+                "no credentials: give --token (SLIPWAY_TOKEN), or --cert and --key (SLIPWAY_CERT, SLIPWAY_KEY)"
+                    .to_owned(),
+            )
+            .into())
+        }
+    };
     let roots = client::load_ca(ca).map_err(|e| Usage(e.to_string()))?;
-    let channel = client::connect(controller, roots).await?;
+    let channel = client::connect_as(controller, roots, identity)
+        .await
+        .map_err(|e| match e {
+            client::ClientError::Identity { .. } => anyhow::Error::from(Usage(e.to_string())),
+            other => other.into(),
+        })?;
     Ok(Api {
         // Large fleets' node lists can exceed the 4 MiB default.
         client: ControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
-        token: client::bearer(token).map_err(|e| Usage(e.to_string()))?,
+        token,
     })
 }
 
