@@ -177,7 +177,7 @@ fn operator_create_refuses_bad_input_and_writes_nothing() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("--key"), "{}", text(&out));
     // No credentials at all: a usage error naming both ways.
     let out = Command::new(bin("slipway"))

@@ -5,6 +5,21 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// EX_USAGE: the exit code of both binaries for bad arguments or
+/// configuration.
+pub const EXIT_USAGE: u8 = 64;
+
+/// Parses the command line of either binary. Bad arguments print clap's
+/// message and give [`EXIT_USAGE`] (clap alone would exit 2); `--help` and
+/// `--version` print and give success.
+pub fn parse<C: Parser>() -> Result<C, std::process::ExitCode> {
+    C::try_parse().map_err(|err| {
+        let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+        let _ = err.print();
+        std::process::ExitCode::from(code)
+    })
+}
+
 /// The Slipway controller: fleet state, enrollment CA and the agent link.
 ///
 /// Exit codes: 0 success, 64 bad configuration or arguments, 1 any other

@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use slipway_controller::ca::Ca;
 use slipway_controller::cli::{
     Cli, Command, ListArgs, NodeCommand, NodeRevokeArgs, NodesArgs, OperatorCommand,
@@ -14,11 +13,13 @@ use slipway_controller::config::{ConfigError, RawConfig, ServeConfig};
 use slipway_controller::store::Store;
 use slipway_controller::{apitoken, crypto, fleet, operator, server, token};
 
-/// EX_USAGE: bad configuration or arguments.
-const EXIT_USAGE: u8 = 64;
+use slipway_controller::cli::EXIT_USAGE;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match slipway_controller::cli::parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -26,8 +26,7 @@ use tokio::io::AsyncReadExt as _;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
-/// EX_USAGE.
-const EXIT_USAGE: u8 = 64;
+use slipway_controller::cli::EXIT_USAGE;
 /// Upload message size: well under gRPC's 4 MiB limit.
 const UPLOAD_CHUNK: usize = 256 * 1024;
 /// Upload messages read ahead of the network.
@@ -279,7 +278,10 @@ struct AuditArgs {
 struct Usage(String);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match slipway_controller::cli::parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     slipway_controller::crypto::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
