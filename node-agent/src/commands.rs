@@ -8,6 +8,9 @@
 //!
 //! The work itself is the same code as the node-local CLI: a [`Store`]
 //! session (lock, journal, recovery) for deploy, rollback, prune and restart.
+//! A deploy's artifact is fetched from the controller by digest, or — when
+//! the command carries `artifact_url` — downloaded by the agent itself into
+//! the app's artifact cache ([`crate::download`]).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -19,10 +22,11 @@ use slipway_proto::v1::{
 };
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ControllerConfig};
+use crate::config::{AppConfig, Config, ControllerConfig};
+use crate::download;
 use crate::durable;
 use crate::link;
-use crate::release::{DeployRequest, ReleaseId, Store};
+use crate::release::{DeployReport, DeployRequest, ReleaseId, Store};
 
 /// Results kept for idempotency: enough for any realistic re-send window.
 const KEEP_RESULTS: usize = 500;
@@ -197,6 +201,123 @@ fn recorded(id: &str, outcome: &str, release: &str, message: impl Into<String>) 
     }
 }
 
+/// Sends progress from synchronous code (a download's progress callback):
+/// dropped when the session's queue is full, as a later line supersedes it.
+fn progress_now(out: &Outbox, id: &str, step: &str, message: String) {
+    if let Some(tx) = out.sender() {
+        let _ = tx.try_send(AgentMessage {
+            kind: Some(agent_message::Kind::Progress(Progress {
+                command_id: id.to_owned(),
+                step: step.to_owned(),
+                message,
+                unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+            })),
+        });
+    }
+}
+
+/// The recorded result of a deploy: the report of the release store, or
+/// why it failed (`Err` of the outer result: the task itself failed).
+fn deploy_outcome(
+    id: &str,
+    release_id: &str,
+    result: Result<Result<DeployReport, String>, tokio::task::JoinError>,
+) -> Recorded {
+    match result {
+        Ok(Ok(r)) if r.outcome == "succeeded" => recorded(
+            id,
+            "succeeded",
+            r.release.as_str(),
+            format!(
+                "{} ({}; {} files) in {:.0} ms{}",
+                r.release,
+                r.method,
+                r.files,
+                r.total_ms,
+                r.health
+                    .as_ref()
+                    .map_or(String::new(), |h| format!("; healthy: {}", h.last.output))
+            ),
+        ),
+        Ok(Ok(r)) => recorded(
+            id,
+            "rolled_back",
+            r.release.as_str(),
+            format!(
+                "{}; {}",
+                r.failure.unwrap_or_default(),
+                r.restored.unwrap_or_default()
+            ),
+        ),
+        Ok(Err(e)) => recorded(id, "failed", release_id, e),
+        Err(e) => recorded(id, "failed", release_id, format!("deploy task failed: {e}")),
+    }
+}
+
+/// A deploy whose artifact the agent downloads itself from an HTTPS URL:
+/// under the app's lock (so nothing prunes the cache in between), the
+/// artifact is fetched into the app's artifact cache — or found there — and
+/// deployed like a fetched one. Download progress goes to the controller.
+async fn deploy_from_url(
+    config: &Config,
+    app: AppConfig,
+    release: Option<ReleaseId>,
+    url: String,
+    sha256: String,
+    id: &str,
+    out: &Outbox,
+) -> Result<Result<DeployReport, String>, tokio::task::JoinError> {
+    progress(
+        out,
+        id,
+        "fetch",
+        format!("downloading artifact {sha256} from {url}"),
+    )
+    .await;
+    let settings = config.artifacts.clone();
+    let handle = tokio::runtime::Handle::current();
+    let out = out.clone();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        // A bad digest or URL is refused before the lock is taken.
+        let sha256 = download::normalize_sha256(&sha256).map_err(|e| e.to_string())?;
+        download::parse_url(&url).map_err(|e| e.to_string())?;
+        let store = Store::new(&app);
+        let mut session = store
+            .begin("deploy", release.as_ref())
+            .map_err(|e| e.to_string())?;
+        let mut report = |line: String| progress_now(&out, &id, "fetch", line);
+        // This is a blocking-pool thread: waiting on the runtime is allowed.
+        let fetched = handle
+            .block_on(download::fetch(
+                &url,
+                &sha256,
+                &store.paths().cache,
+                &settings,
+                &mut report,
+            ))
+            .map_err(|e| format!("cannot download the artifact: {e}"))?;
+        progress_now(
+            &out,
+            &id,
+            "deploy",
+            format!(
+                "artifact verified ({} bytes{}); deploying",
+                fetched.bytes,
+                if fetched.cached { ", cached" } else { "" }
+            ),
+        );
+        session
+            .deploy(&DeployRequest {
+                artifact: fetched.path,
+                sha256: Some(sha256),
+                id: release,
+            })
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
 async fn run(
     config: &Config,
     ctl: &ControllerConfig,
@@ -212,14 +333,6 @@ async fn run(
                 Ok(a) => a,
                 Err(e) => return recorded(id, "failed", &d.release_id, e),
             };
-            if !d.artifact_url.is_empty() {
-                return recorded(
-                    id,
-                    "failed",
-                    &d.release_id,
-                    format!("artifact_url downloads are not supported by this agent yet ({}); upload the artifact to the controller", d.artifact_url),
-                );
-            }
             let release = match (!d.release_id.is_empty())
                 .then(|| ReleaseId::new(&d.release_id))
                 .transpose()
@@ -227,6 +340,19 @@ async fn run(
                 Ok(r) => r,
                 Err(e) => return recorded(id, "failed", &d.release_id, e.to_string()),
             };
+            if !d.artifact_url.is_empty() {
+                let result = deploy_from_url(
+                    config,
+                    app,
+                    release,
+                    d.artifact_url.clone(),
+                    d.artifact_sha256.clone(),
+                    id,
+                    out,
+                )
+                .await;
+                return deploy_outcome(id, &d.release_id, result);
+            }
             progress(
                 out,
                 id,
@@ -279,42 +405,10 @@ async fn run(
                     id: release,
                 })
             })
-            .await;
+            .await
+            .map(|r| r.map_err(|e| e.to_string()));
             let _ = std::fs::remove_file(&file);
-            match result {
-                Ok(Ok(r)) if r.outcome == "succeeded" => recorded(
-                    id,
-                    "succeeded",
-                    r.release.as_str(),
-                    format!(
-                        "{} ({}; {} files) in {:.0} ms{}",
-                        r.release,
-                        r.method,
-                        r.files,
-                        r.total_ms,
-                        r.health
-                            .as_ref()
-                            .map_or(String::new(), |h| format!("; healthy: {}", h.last.output))
-                    ),
-                ),
-                Ok(Ok(r)) => recorded(
-                    id,
-                    "rolled_back",
-                    r.release.as_str(),
-                    format!(
-                        "{}; {}",
-                        r.failure.unwrap_or_default(),
-                        r.restored.unwrap_or_default()
-                    ),
-                ),
-                Ok(Err(e)) => recorded(id, "failed", &d.release_id, e.to_string()),
-                Err(e) => recorded(
-                    id,
-                    "failed",
-                    &d.release_id,
-                    format!("deploy task failed: {e}"),
-                ),
-            }
+            deploy_outcome(id, &d.release_id, result)
         }
         Kind::Rollback(r) => {
             let app = match app_of(&r.app) {

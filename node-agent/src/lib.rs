@@ -30,6 +30,8 @@
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
 //! - [`artifact`]: packing a directory into a reproducible artifact.
+//! - [`download`]: artifacts fetched from an HTTPS URL + sha256 into the
+//!   app's artifact cache (deploy by URL, from the CLI or the controller).
 //! - [`cli`]: the `slipway-agent` command line over the modules above.
 //! - [`demo`]: the self-contained walk-through behind `slipway-agent demo`.
 //! - [`fault`]: crash points for the crash-safety tests.
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod download;
 pub mod driver;
 pub mod durable;
 pub mod envfile;
