@@ -26,6 +26,8 @@
 //!   from the controller, idempotent per command id.
 //! - [`uplink`]: the session `run` keeps with the controller (heartbeats,
 //!   reconnect with backoff and jitter).
+//! - [`state_watch`]: inotify on each app's `current` and journal, so
+//!   `uplink` heartbeats at once after a node-local deploy or rollback.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
@@ -52,5 +54,6 @@ pub mod liveness;
 pub mod logs;
 pub mod metrics;
 pub mod release;
+pub mod state_watch;
 pub mod supervise;
 pub mod uplink;
