@@ -546,7 +546,14 @@ impl Config {
         // failing at the first, and reported together with any type error.
         let mut problems = Vec::new();
         let mut unknown = |path: serde_ignored::Path<'_>| {
-            let key = path.to_string();
+            // serde_ignored shows an optional table (`[controller]`,
+            // `[artifacts]`) as a `?` segment; the file has no such key.
+            let key = path
+                .to_string()
+                .split('.')
+                .filter(|part| *part != "?")
+                .collect::<Vec<_>>()
+                .join(".");
             let name = key.rsplit('.').next().unwrap_or(&key).to_owned();
             problems.push(ConfigProblem {
                 line: locate_key(text, &key),
@@ -1537,6 +1544,42 @@ timeout = "2m"
         let web = cfg.app("web").unwrap();
         assert_eq!(web.root, PathBuf::from("/app"));
         assert_eq!(web.shared_dirs.len(), 2);
+    }
+
+    #[test]
+    fn artifacts_settings_are_checked() {
+        let cfg = parse("[apps.web]\nroot = \"/app\"\n").unwrap();
+        assert_eq!(cfg.artifacts, ArtifactsConfig::default());
+        let cfg = parse(
+            "[apps.web]\nroot = \"/app\"\n[artifacts]\nmax_size = \"1MiB\"\nconnect_timeout = \"2s\"\nread_timeout = 7\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.artifacts.max_size, 1 << 20);
+        assert_eq!(cfg.artifacts.connect_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.artifacts.read_timeout, Duration::from_secs(7));
+        assert_eq!(cfg.artifacts.ca_file, None);
+        let err = parse(
+            "[apps.web]\nroot = \"/app\"\n\n[artifacts]\nca_file = \"/nonexistent/ca.pem\"\nread_timeout = \"0s\"\nretries = 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        // Unknown keys are reported first, alone, like elsewhere in the file.
+        assert!(err.contains(":7: artifacts.retries: unknown key"), "{err}");
+        let err = parse("[controller]\nurl = \"c:7443\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":3: controller.bogus: unknown key"), "{err}");
+        let err = parse(
+            "[apps.web]\nroot = \"/app\"\n\n[artifacts]\nca_file = \"/nonexistent/ca.pem\"\nread_timeout = \"0s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                ":5: artifacts.ca_file: cannot read the artifacts CA file /nonexistent/ca.pem"
+            ) && err.contains(":6: artifacts.read_timeout"),
+            "{err}"
+        );
     }
 
     #[test]
