@@ -8,9 +8,11 @@
 //!
 //! The work itself is the same code as the node-local CLI: a [`Store`]
 //! session (lock, journal, recovery) for deploy, rollback, prune and restart.
-//! A deploy's artifact is fetched from the controller by digest, or — when
-//! the command carries `artifact_url` — downloaded by the agent itself into
-//! the app's artifact cache ([`crate::download`]).
+//! A deploy's artifact is fetched from the controller by digest or — when
+//! the command carries `artifact_url` — downloaded by the agent itself
+//! ([`crate::download`]); either way into the app's artifact cache under its
+//! sha256, with the app locked, and not at all when the cache already holds
+//! that digest.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -254,24 +256,37 @@ fn deploy_outcome(
     }
 }
 
-/// A deploy whose artifact the agent downloads itself from an HTTPS URL:
-/// under the app's lock (so nothing prunes the cache in between), the
-/// artifact is fetched into the app's artifact cache — or found there — and
-/// deployed like a fetched one. Download progress goes to the controller.
-async fn deploy_from_url(
+/// Where a deploy's artifact comes from.
+#[derive(Debug)]
+enum Source {
+    /// The controller holds it: fetched by digest over the mTLS link.
+    Controller(ControllerConfig),
+    /// The agent downloads it itself from this HTTPS URL.
+    Url(String),
+}
+
+/// A deploy from the controller: under the app's lock (so nothing prunes
+/// the cache in between), the artifact is found in the app's artifact cache
+/// by its digest or fetched into it from `source`, then deployed. Fetch
+/// progress goes to the controller.
+async fn deploy_artifact(
     config: &Config,
     app: AppConfig,
     release: Option<ReleaseId>,
-    url: String,
+    source: Source,
     sha256: String,
     id: &str,
     out: &Outbox,
 ) -> Result<Result<DeployReport, String>, tokio::task::JoinError> {
+    let from = match &source {
+        Source::Controller(_) => "the controller".to_owned(),
+        Source::Url(url) => url.clone(),
+    };
     progress(
         out,
         id,
         "fetch",
-        format!("downloading artifact {sha256} from {url}"),
+        format!("downloading artifact {sha256} from {from}"),
     )
     .await;
     let settings = config.artifacts.clone();
@@ -281,22 +296,48 @@ async fn deploy_from_url(
     tokio::task::spawn_blocking(move || {
         // A bad digest or URL is refused before the lock is taken.
         let sha256 = download::normalize_sha256(&sha256).map_err(|e| e.to_string())?;
-        download::parse_url(&url).map_err(|e| e.to_string())?;
+        if let Source::Url(url) = &source {
+            download::parse_url(url).map_err(|e| e.to_string())?;
+        }
         let store = Store::new(&app);
         let mut session = store
             .begin("deploy", release.as_ref())
             .map_err(|e| e.to_string())?;
+        let cache = &store.paths().cache;
         let mut report = |line: String| progress_now(&out, &id, "fetch", line);
         // This is a blocking-pool thread: waiting on the runtime is allowed.
-        let fetched = handle
-            .block_on(download::fetch(
-                &url,
-                &sha256,
-                &store.paths().cache,
-                &settings,
-                &mut report,
-            ))
-            .map_err(|e| format!("cannot download the artifact: {e}"))?;
+        let fetched = match &source {
+            Source::Url(url) => handle
+                .block_on(download::fetch(url, &sha256, cache, &settings, &mut report))
+                .map_err(|e| format!("cannot download the artifact: {e}"))?,
+            Source::Controller(ctl) => {
+                match download::cached(cache, &sha256).map_err(|e| e.to_string())? {
+                    Some(hit) => {
+                        report(format!(
+                        "artifact {sha256} is already cached; not fetching it from the controller"
+                    ));
+                        hit
+                    }
+                    None => {
+                        let dest = cache.join(&sha256);
+                        let bytes = handle
+                            .block_on(link::fetch_artifact(
+                                &ctl.url,
+                                &ctl.state_dir,
+                                &sha256,
+                                &id,
+                                &dest,
+                            ))
+                            .map_err(|e| format!("cannot fetch the artifact: {e}"))?;
+                        download::Fetched {
+                            path: dest,
+                            bytes,
+                            cached: false,
+                        }
+                    }
+                }
+            }
+        };
         progress_now(
             &out,
             &id,
@@ -340,74 +381,21 @@ async fn run(
                 Ok(r) => r,
                 Err(e) => return recorded(id, "failed", &d.release_id, e.to_string()),
             };
-            if !d.artifact_url.is_empty() {
-                let result = deploy_from_url(
-                    config,
-                    app,
-                    release,
-                    d.artifact_url.clone(),
-                    d.artifact_sha256.clone(),
-                    id,
-                    out,
-                )
-                .await;
-                return deploy_outcome(id, &d.release_id, result);
-            }
-            progress(
-                out,
+            let source = if d.artifact_url.is_empty() {
+                Source::Controller(ctl.clone())
+            } else {
+                Source::Url(d.artifact_url.clone())
+            };
+            let result = deploy_artifact(
+                config,
+                app,
+                release,
+                source,
+                d.artifact_sha256.clone(),
                 id,
-                "fetch",
-                format!("downloading artifact {}", d.artifact_sha256),
+                out,
             )
             .await;
-            let downloads = ctl.state_dir.join("downloads");
-            if let Err(e) = std::fs::create_dir_all(&downloads) {
-                return recorded(
-                    id,
-                    "failed",
-                    &d.release_id,
-                    format!("cannot create {}: {e}", downloads.display()),
-                );
-            }
-            let file = downloads.join(format!(
-                "{}-{id}",
-                d.artifact_sha256.get(..16).unwrap_or("artifact")
-            ));
-            let size =
-                match link::fetch_artifact(&ctl.url, &ctl.state_dir, &d.artifact_sha256, id, &file)
-                    .await
-                {
-                    Ok(n) => n,
-                    Err(e) => {
-                        return recorded(
-                            id,
-                            "failed",
-                            &d.release_id,
-                            format!("cannot fetch the artifact: {e}"),
-                        )
-                    }
-                };
-            progress(
-                out,
-                id,
-                "deploy",
-                format!("artifact verified ({size} bytes); deploying"),
-            )
-            .await;
-            let sha = d.artifact_sha256.clone();
-            let f = file.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app);
-                let mut session = store.begin("deploy", release.as_ref())?;
-                session.deploy(&DeployRequest {
-                    artifact: f,
-                    sha256: Some(sha),
-                    id: release,
-                })
-            })
-            .await
-            .map(|r| r.map_err(|e| e.to_string()));
-            let _ = std::fs::remove_file(&file);
             deploy_outcome(id, &d.release_id, result)
         }
         Kind::Rollback(r) => {
@@ -586,6 +574,55 @@ mod tests {
         let again = result_of(&run_one(&config, &ctl, rollback).await);
         assert_eq!(again, first);
         assert_eq!(Ledger::load(&ctl.state_dir).results.len(), 1);
+    }
+
+    fn deploy_of(id: &str, sha: &str) -> controller_message::Kind {
+        controller_message::Kind::Deploy(slipway_proto::v1::Deploy {
+            command_id: id.into(),
+            app: "web".into(),
+            release_id: format!("r-{id}"),
+            artifact_sha256: sha.into(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cached_digest_is_not_fetched_from_the_controller_again() {
+        let (dir, config, ctl) = setup();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("VERSION"), "v1").unwrap();
+        let artifact = dir.path().join("v1.tar.gz");
+        crate::artifact::pack_dir(&src, &artifact, crate::artifact::Compression::Gzip).unwrap();
+        let sha = crate::release::hash_file(&artifact).unwrap();
+
+        // Not cached: the controller path is taken and fails (this node was
+        // never enrolled), leaving nothing in the cache.
+        let r = result_of(&run_one(&config, &ctl, deploy_of("c-4", &sha)).await);
+        assert_eq!(r.outcome, Outcome::Failed as i32);
+        assert!(
+            r.message.contains("cannot fetch the artifact"),
+            "{}",
+            r.message
+        );
+        let cache = dir.path().join("app/.slipway/cache");
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+
+        // Cached (an earlier deploy of the same digest): deployed without
+        // the controller.
+        std::fs::copy(&artifact, cache.join(&sha)).unwrap();
+        let msgs = run_one(&config, &ctl, deploy_of("c-5", &sha.to_uppercase())).await;
+        let r = result_of(&msgs);
+        assert_eq!(r.outcome, Outcome::Succeeded as i32, "{}", r.message);
+        assert_eq!(r.release_id, "r-c-5");
+        assert!(msgs.iter().any(|m| matches!(&m.kind,
+            Some(agent_message::Kind::Progress(p)) if p.message.contains("already cached"))));
+        let current = std::fs::read_to_string(dir.path().join("app/current/VERSION")).unwrap();
+        assert_eq!(current, "v1");
+
+        // A digest that is not one is refused before anything is fetched.
+        let r = result_of(&run_one(&config, &ctl, deploy_of("c-6", "abc")).await);
+        assert!(r.message.contains("64 hexadecimal"), "{}", r.message);
     }
 
     #[tokio::test]

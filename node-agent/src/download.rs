@@ -223,25 +223,13 @@ pub async fn fetch(
 ) -> Result<Fetched, DownloadError> {
     let expected = normalize_sha256(sha256)?;
     let uri = parse_url(url)?;
-    let dest = cache_dir.join(&expected);
-    if dest.is_file() {
-        let actual = crate::release::hash_file(&dest).map_err(DownloadError::io("read", &dest))?;
-        if actual == expected {
-            let bytes = fs::metadata(&dest)
-                .map_err(DownloadError::io("stat", &dest))?
-                .len();
-            progress(format!(
-                "artifact {expected} is already cached; not downloading {url}"
-            ));
-            return Ok(Fetched {
-                path: dest,
-                bytes,
-                cached: true,
-            });
-        }
-        // A damaged cache entry is replaced by a fresh download.
-        fs::remove_file(&dest).map_err(DownloadError::io("remove", &dest))?;
+    if let Some(hit) = cached(cache_dir, &expected)? {
+        progress(format!(
+            "artifact {expected} is already cached; not downloading {url}"
+        ));
+        return Ok(hit);
     }
+    let dest = cache_dir.join(&expected);
     let tls = Arc::new(client_config(url, settings.ca_file.as_deref())?);
     let mut pause = FIRST_RETRY_PAUSE;
     let mut attempt = 1;
@@ -271,6 +259,28 @@ pub async fn fetch(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The artifact with digest `expected` (lower-case hex) if the cache holds
+/// it intact; a damaged entry is removed so a fresh copy can take its place.
+pub fn cached(cache_dir: &Path, expected: &str) -> Result<Option<Fetched>, DownloadError> {
+    let path = cache_dir.join(expected);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let actual = crate::release::hash_file(&path).map_err(DownloadError::io("read", &path))?;
+    if actual != expected {
+        fs::remove_file(&path).map_err(DownloadError::io("remove", &path))?;
+        return Ok(None);
+    }
+    let bytes = fs::metadata(&path)
+        .map_err(DownloadError::io("stat", &path))?
+        .len();
+    Ok(Some(Fetched {
+        path,
+        bytes,
+        cached: true,
+    }))
 }
 
 /// The client TLS config: system roots plus the configured extra CA, ring.
