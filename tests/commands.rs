@@ -60,6 +60,12 @@ fn sick_file(agent: &Agent) -> PathBuf {
     agent.dir.path().join("sick")
 }
 
+/// The app's health as the agent's liveness loop last recorded it.
+fn local_health(agent: &Agent) -> Option<bool> {
+    let record = fs::read(agent.root.join(".slipway/health.json")).ok()?;
+    serde_json::from_slice::<Value>(&record).ok()?["healthy"].as_bool()
+}
+
 /// `slipway status --refresh --json`: the summary and whether it exited 0.
 fn refreshed_status(controller: &Controller, token: &str) -> (bool, Value, Output) {
     let out = controller.slipway(token, &["status", "--refresh", "--json"]);
@@ -277,13 +283,15 @@ fn restart_prune_and_status_across_three_agents() {
     );
     assert_eq!(agents[2].release_dirs(), ["v1", "v2", "v3"]);
 
-    // n3's app turns unhealthy: status names it with the check's output
-    // and exits 1; the others are not named.
+    // n3's app turns unhealthy. As soon as n3's agent knows (its liveness
+    // record), a refreshed status names it with the check's output and
+    // exits 1, without waiting for n3's next heartbeat (a health change
+    // sends none by itself); the others are not named.
     fs::write(sick_file(&agents[2]), "").unwrap();
     wait_until(
-        "n3 to be reported unhealthy",
+        "n3's agent to see it unhealthy",
         Duration::from_secs(30),
-        || !refreshed_status(&controller, &reader).0,
+        || local_health(&agents[2]) == Some(false),
     );
     let out = controller.slipway(&reader, &["status", "--refresh"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -311,12 +319,16 @@ fn restart_prune_and_status_across_three_agents() {
         "{status:#}"
     );
     fs::remove_file(sick_file(&agents[2])).unwrap();
-    wait_until("n3 to be healthy again", Duration::from_secs(30), || {
-        refreshed_status(&controller, &reader).0
-    });
+    wait_until(
+        "n3's agent to see it healthy",
+        Duration::from_secs(30),
+        || local_health(&agents[2]) == Some(true),
+    );
+    let (ok, status, out) = refreshed_status(&controller, &reader);
+    assert!(ok, "{}", text(&out));
+    assert_eq!(status["problems"], serde_json::json!([]), "{status:#}");
 
-    // A node-local rollback on n1 shows at once with --refresh, without
-    // waiting for n1's next heartbeat.
+    // A node-local rollback on n1 shows at once with --refresh.
     let out = agents[0].cli(&["rollback", "--app", "web"]);
     assert!(out.status.success(), "{}", text(&out));
     let (_, status, _) = refreshed_status(&controller, &reader);

@@ -260,14 +260,44 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--canary N needs --strategy canary"));
 
     // The live display on a terminal: run under a pseudo-terminal.
-    if Command::new("script").arg("--version").output().is_err() {
+    if Command::new("script").arg("--version").output().is_ok() {
+        live_display_on_a_terminal(&controller, &deployer, &agents, work.path(), &app);
+    } else {
         println!("skipping the terminal display check: `script` (util-linux) is not installed");
-        return;
+        let out = deploy(&controller, &deployer, work.path(), "v5", &app, &["--wait"]);
+        assert!(out.status.success(), "{}", text(&out));
     }
-    let art = artifact(work.path(), "v5", &app);
+
+    // A rolling rollback, one node at a time, each to its previous good
+    // release (v2 was rolled away from on n1, v4 failed on n2).
+    let out = controller.slipway(
+        &deployer,
+        &["rollback", "web", "--strategy", "rolling", "--wait"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("batch 3/3: n3"), "{}", text(&out));
+    assert!(stdout.contains("3 of 3 nodes succeeded"), "{}", text(&out));
+    let now: Vec<Option<String>> = agents.iter().map(Agent::current).collect();
+    assert_eq!(
+        now,
+        [Some("v4"), Some("v1"), Some("v4")].map(|v| v.map(str::to_owned))
+    );
+}
+
+/// `slipway deploy --wait` of v5 under `script` (a pseudo-terminal): the
+/// live display, the exit code and the summary.
+fn live_display_on_a_terminal(
+    controller: &Controller,
+    deployer: &str,
+    agents: &[Agent],
+    work: &Path,
+    app: &str,
+) {
+    let art = artifact(work, "v5", app);
     let sha = sha256_file(&art);
     let line = controller.slipway_shell(
-        &deployer,
+        deployer,
         &[
             "deploy",
             "web",
@@ -295,7 +325,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
         !shown.contains("[n1] fetch"),
         "plain lines on a terminal: {shown}"
     );
-    for a in &agents {
+    for a in agents {
         assert_eq!(a.current().as_deref(), Some("v5"), "{}", a.name);
     }
 }
@@ -397,7 +427,41 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     });
     for a in &agents {
         assert_eq!(a.current().as_deref(), Some("s4"), "{}", a.name);
+        assert_eq!(a.get().as_deref(), Some("s4"), "{}", a.name);
     }
+
+    // A node offline when its batch starts fails it: the rollout stops
+    // and the node already switched (m1) goes back to s4.
+    let (m1, mut m2) = {
+        let mut it = agents.into_iter();
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    m2.stop_run();
+    let out = deploy(
+        &controller,
+        &deployer,
+        work.path(),
+        "s5",
+        APP,
+        &["--strategy", "rolling", "--wait", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["succeeded"], false, "{done}");
+    assert_eq!(done["stopped_by"], "m2", "{done}");
+    assert_eq!(
+        done["stop_reason"], "deployment stopped after m2 failed",
+        "{done}"
+    );
+    let nodes = done["nodes"].as_array().unwrap();
+    assert_eq!(nodes[0]["node_name"], "m1", "{done}");
+    assert_eq!(nodes[0]["outcome"], "rolled_back", "{done}");
+    assert_eq!(nodes[0]["release_id"], "s4", "{done}");
+    assert_eq!(nodes[1]["outcome"], "failed", "{done}");
+    assert_eq!(m1.current().as_deref(), Some("s4"));
+    assert!(m1.has_release("s5"), "m1 never switched to s5");
+    assert_eq!(m2.current().as_deref(), Some("s4"));
+    assert_eq!(m2.get().as_deref(), Some("s4"), "m2's app kept serving");
 
     // --url: the controller checks the scheme, passes URL and digest on.
     let sha = "ab".repeat(32);

@@ -1,10 +1,13 @@
 //! The Control service: the controller API the `slipway` CLI calls, on the
-//! same TLS port as the agents (no client certificate; an API token in
-//! `authorization: Bearer …` metadata instead, see [`crate::apitoken`]).
+//! same TLS port as the agents. The caller is an API token in
+//! `authorization: Bearer …` metadata (see [`crate::apitoken`]) or, without
+//! one, an operator client certificate presented in the TLS handshake (see
+//! [`crate::operator`]); both carry scopes.
 //!
-//! Every refused call (no or unknown token, a scope that does not cover the
-//! app, an upload whose bytes do not match its digest) is audited as
-//! API_CALL_REFUSED with the token id (never the secret) as actor.
+//! Every refused call (no or unknown token or certificate, a scope that does
+//! not cover the app, an upload whose bytes do not match its digest) is
+//! audited as API_CALL_REFUSED with the token or operator id (never the
+//! secret) as actor.
 
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
@@ -24,6 +27,7 @@ use crate::artifacts::{self, ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
 use crate::deploy::{self, Action, Answer, Commands, Plan, Target};
 use crate::fleet;
+use crate::operator::{self, OperatorError};
 use crate::registry::Sessions;
 use crate::store::{Store, StoreError};
 
@@ -35,11 +39,14 @@ pub const MAX_PRUNE_KEEP: u32 = 1000;
 /// Errors of API calls; each maps to one gRPC status.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No `authorization: Bearer` metadata.
+    /// No `authorization: Bearer` metadata and no client certificate.
     #[error(
-        "an API token is required (authorization: Bearer …; slipway --token or SLIPWAY_TOKEN)"
+        "an API token (slipway --token or SLIPWAY_TOKEN) or an operator certificate (slipway --cert and --key) is required"
     )]
     NoToken,
+    /// The client certificate is not a live operator's.
+    #[error(transparent)]
+    Operator(Box<OperatorError>),
     /// The token is malformed, unknown or revoked.
     #[error(transparent)]
     Token(#[from] ApiTokenError),
@@ -70,11 +77,27 @@ pub enum ApiError {
     Store(#[from] StoreError),
 }
 
+impl From<OperatorError> for ApiError {
+    fn from(err: OperatorError) -> Self {
+        Self::Operator(Box::new(err))
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
         match err {
             ApiError::NoToken
             | ApiError::Token(ApiTokenError::Malformed | ApiTokenError::Unknown) => {
+                Status::unauthenticated(err.to_string())
+            }
+            ApiError::Operator(ref op)
+                if matches!(
+                    **op,
+                    OperatorError::NodeCert
+                        | OperatorError::UnknownCert(_)
+                        | OperatorError::Revoked(_)
+                ) =>
+            {
                 Status::unauthenticated(err.to_string())
             }
             ApiError::Scope { .. } => Status::permission_denied(err.to_string()),
@@ -87,7 +110,7 @@ impl From<ApiError> for Status {
             ApiError::Store(StoreError::AppBusy { .. }) => {
                 Status::failed_precondition(err.to_string())
             }
-            ApiError::Token(_) | ApiError::Store(_) => {
+            ApiError::Token(_) | ApiError::Operator(_) | ApiError::Store(_) => {
                 tracing::error!(%err, "controller api");
                 Status::internal("the controller failed; see its log")
             }
@@ -156,26 +179,48 @@ impl ControlService {
         allowed: impl FnOnce(&Caller) -> bool,
     ) -> Result<Caller, Status> {
         let token = bearer(request);
-        let checked = match token.as_deref() {
-            None => Err(ApiError::NoToken),
-            Some(token) => match apitoken::authenticate(&self.store, token).await {
-                Ok(caller) if allowed(&caller) => Ok(caller),
-                Ok(caller) => Err(ApiError::Scope {
-                    token: caller.token_id.clone(),
-                    what: what.to_owned(),
-                    scopes: scopes_text(&caller),
-                }),
-                Err(err) => Err(err.into()),
-            },
+        // The verified client certificate, if the handshake had one.
+        let leaf = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        let authenticated = match (token.as_deref(), leaf.as_deref()) {
+            (Some(token), _) => apitoken::authenticate(&self.store, token)
+                .await
+                .map_err(ApiError::from),
+            (None, Some(leaf)) => operator::authenticate(&self.store, leaf)
+                .await
+                .map_err(ApiError::from),
+            (None, None) => Err(ApiError::NoToken),
+        };
+        let checked = match authenticated {
+            Ok(caller) if allowed(&caller) => Ok(caller),
+            Ok(caller) => Err(ApiError::Scope {
+                token: caller.token_id.clone(),
+                what: what.to_owned(),
+                scopes: scopes_text(&caller),
+            }),
+            Err(err) => Err(err),
         };
         match checked {
             Ok(caller) => Ok(caller),
             Err(err) => {
                 let peer = peer_of(request);
-                let actor = token
-                    .as_deref()
-                    .and_then(apitoken::token_id)
-                    .map_or_else(|| peer.clone(), ToOwned::to_owned);
+                // The best name we have: the token or operator, else the peer.
+                let actor = match &err {
+                    ApiError::Scope { token, .. } => Some(token.clone()),
+                    ApiError::Operator(op) => match &**op {
+                        OperatorError::Revoked(id) => Some(id.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+                .or_else(|| {
+                    token
+                        .as_deref()
+                        .and_then(apitoken::token_id)
+                        .map(ToOwned::to_owned)
+                })
+                .unwrap_or_else(|| peer.clone());
                 self.refused(&actor, &peer, what, &err).await;
                 Err(err.into())
             }

@@ -28,6 +28,9 @@ pub enum ApiTokenError {
     /// Unknown id, wrong secret or revoked.
     #[error("unknown or revoked API token")]
     Unknown,
+    /// `token revoke` named no stored token.
+    #[error("no API token with id {0:?} (slipway-controller token list shows them)")]
+    NotFound(String),
     /// Storing or loading failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -155,6 +158,28 @@ pub fn token_id(token: &str) -> Option<&str> {
     }
 }
 
+/// Revokes the token `id_or_token` (its id, or the whole token text) and
+/// audits TOKEN_REVOKED; returns the id and whether it was newly revoked.
+/// Calls with it fail from then on (each call checks the store).
+pub async fn revoke(
+    store: &Store,
+    id_or_token: &str,
+    now: i64,
+) -> Result<(String, bool), ApiTokenError> {
+    let id = token_id(id_or_token).unwrap_or(id_or_token).to_owned();
+    let event = AuditEvent::success(
+        audit::TOKEN_REVOKED,
+        "operator",
+        "api_token",
+        &id,
+        serde_json::json!({}),
+    );
+    match store.revoke_api_token(&id, &event, now).await? {
+        None => Err(ApiTokenError::NotFound(id)),
+        Some(newly) => Ok((id, newly)),
+    }
+}
+
 /// Checks a token against the store.
 pub async fn authenticate(store: &Store, token: &str) -> Result<Caller, ApiTokenError> {
     let mut parts = token.splitn(3, '.');
@@ -219,5 +244,39 @@ mod tests {
             authenticate(&store, "nope").await,
             Err(ApiTokenError::Malformed)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_no_longer_authenticates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let token = create(&store, &[Scope::Read], 10).await.unwrap();
+        let other = create(&store, &[Scope::Read], 11).await.unwrap();
+        // By the whole token text, as an operator may paste it.
+        let (id, newly) = revoke(&store, &token, 20).await.unwrap();
+        assert!(newly);
+        assert_eq!(Some(id.as_str()), token_id(&token));
+        assert!(matches!(
+            authenticate(&store, &token).await,
+            Err(ApiTokenError::Unknown)
+        ));
+        assert!(authenticate(&store, &other).await.is_ok());
+        // Again: not an error, but nothing new.
+        assert!(!revoke(&store, &id, 30).await.unwrap().1);
+        assert!(matches!(
+            revoke(&store, "0011223344556677", 30).await,
+            Err(ApiTokenError::NotFound(_))
+        ));
+        let listed = store.api_tokens().await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].revoked_at, Some(20));
+        assert_eq!(listed[1].revoked_at, None);
+        let events = store.audit_events().await.unwrap();
+        let revoked: Vec<_> = events
+            .iter()
+            .filter(|e| e.event_type == audit::TOKEN_REVOKED)
+            .collect();
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(revoked[0].resource_id, id);
     }
 }

@@ -55,6 +55,12 @@ pub const PRUNE_COMPLETED: &str = "PRUNE_COMPLETED";
 pub const PRUNE_FAILED: &str = "PRUNE_FAILED";
 /// An artifact was uploaded (or re-uploaded) through the controller API.
 pub const ARTIFACT_UPLOADED: &str = "ARTIFACT_UPLOADED";
+/// An API token was revoked (`slipway-controller token revoke`).
+pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
+/// An operator client certificate was issued (`operator create`).
+pub const OPERATOR_CREATED: &str = "OPERATOR_CREATED";
+/// An operator client certificate was revoked (`operator revoke`).
+pub const OPERATOR_REVOKED: &str = "OPERATOR_REVOKED";
 /// A controller API call was refused: no, unknown or out-of-scope token,
 /// or an upload whose bytes did not match the declared digest.
 pub const API_CALL_REFUSED: &str = "API_CALL_REFUSED";

@@ -271,12 +271,63 @@ impl Ca {
         not_after: OffsetDateTime,
     ) -> Result<IssuedCert, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Csr)?;
+        self.sign_client(
+            &csr.public_key,
+            node_id,
+            &format!("urn:slipway:node:{node_id}"),
+            not_before,
+            not_after,
+        )
+    }
+
+    /// Issues an operator client certificate (for the `slipway` CLI) for the
+    /// key in `csr_pem`, or for a key made here when `csr_pem` is None;
+    /// returns the certificate and the new key's PEM (None with a CSR).
+    ///
+    /// The certificate names the operator (`CN=op-…`, SAN
+    /// `urn:slipway:operator:op-…`), never a node, so it cannot open an agent
+    /// link: AgentLink only accepts certificates recorded for a node.
+    pub fn issue_operator(
+        &self,
+        csr_pem: Option<&str>,
+        operator_id: &str,
+        validity: Duration,
+    ) -> Result<(IssuedCert, Option<String>), CaError> {
+        let now = OffsetDateTime::now_utc();
+        let uri = format!("urn:slipway:operator:{operator_id}");
+        let (not_before, not_after) = (now - CLOCK_SKEW, now + validity);
+        match csr_pem {
+            Some(pem) => {
+                let csr = CertificateSigningRequestParams::from_pem(pem).map_err(CaError::Csr)?;
+                let cert =
+                    self.sign_client(&csr.public_key, operator_id, &uri, not_before, not_after)?;
+                Ok((cert, None))
+            }
+            None => {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                let cert = self.sign_client(&key, operator_id, &uri, not_before, not_after)?;
+                Ok((cert, Some(key.serialize_pem())))
+            }
+        }
+    }
+
+    /// A client-auth-only leaf for `public_key` named `cn`, with one URI SAN.
+    ///
+    /// Only the public key comes from the requester: subject, SANs and usages
+    /// are chosen here, so nobody can ask for a server or CA certificate or
+    /// for another identity's name.
+    fn sign_client(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        cn: &str,
+        uri: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, CaError> {
         let serial = random_serial()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = common_name(node_id);
-        params.subject_alt_names = vec![SanType::URI(
-            format!("urn:slipway:node:{node_id}").try_into()?,
-        )];
+        params.distinguished_name = common_name(cn);
+        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = not_before;
@@ -284,7 +335,7 @@ impl Ca {
         params.serial_number = Some(serial.clone());
         params.use_authority_key_identifier_extension = true;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        let cert = params.signed_by(&csr.public_key, &issuer)?;
+        let cert = params.signed_by(public_key, &issuer)?;
         Ok(IssuedCert {
             pem: cert.pem(),
             fingerprint: crypto::sha256_hex(cert.der()),

@@ -5,6 +5,21 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// EX_USAGE: the exit code of both binaries for bad arguments or
+/// configuration.
+pub const EXIT_USAGE: u8 = 64;
+
+/// Parses the command line of either binary. Bad arguments print clap's
+/// message and give [`EXIT_USAGE`] (clap alone would exit 2); `--help` and
+/// `--version` print and give success.
+pub fn parse<C: Parser>() -> Result<C, std::process::ExitCode> {
+    C::try_parse().map_err(|err| {
+        let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+        let _ = err.print();
+        std::process::ExitCode::from(code)
+    })
+}
+
 /// The Slipway controller: fleet state, enrollment CA and the agent link.
 ///
 /// Exit codes: 0 success, 64 bad configuration or arguments, 1 any other
@@ -31,6 +46,68 @@ pub enum Command {
     /// Act on one node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Manage operator client certificates for the `slipway` CLI.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+}
+
+/// `operator` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Issue a client certificate for the `slipway` CLI (`--cert`/`--key`)
+    /// with scopes, like an API token's. Writes NAME.pem (and NAME.key,
+    /// mode 0600, unless --csr gives a key made elsewhere) into --out.
+    Create(OperatorCreateArgs),
+    /// List operator certificates.
+    List(ListArgs),
+    /// Revoke an operator certificate: calls with it are refused from the
+    /// next one on.
+    Revoke(RevokeArgs),
+}
+
+/// `operator create` flags.
+#[derive(Debug, Args)]
+pub struct OperatorCreateArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Who holds it, e.g. ci-github or alice (letters, digits, . _ -).
+    pub name: String,
+    /// What it may do: `read`, or `deploy:APP`; repeatable or comma-separated.
+    #[arg(long = "scope", value_name = "SCOPE", required = true)]
+    pub scopes: Vec<String>,
+    /// How long the certificate is valid: 12h, 30d, ...
+    #[arg(long, default_value = "90d")]
+    pub ttl: String,
+    /// A PEM certificate signing request whose key stays with the operator;
+    /// without it a key is made here and written next to the certificate.
+    #[arg(long, value_name = "FILE")]
+    pub csr: Option<PathBuf>,
+    /// Directory to write NAME.pem (and NAME.key) into (created if missing).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out: PathBuf,
+}
+
+/// Flags of the `list` subcommands.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of the `revoke` subcommands.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Which one: its id (or, for operators, a name only one live operator
+    /// has; for API tokens, the whole token text).
+    pub id: String,
 }
 
 /// `nodes` flags.
@@ -77,6 +154,12 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7443].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// A DNS name or IP address agents and the CLI reach the controller by,
+    /// put into its server certificate (repeatable; adds to the file's
+    /// `server_names`). The listen address, or with 0.0.0.0 / [::] every
+    /// local interface address and the host name, are always included.
+    #[arg(long = "server-name", value_name = "NAME")]
+    pub server_names: Vec<String>,
 }
 
 /// `token` subcommands.
@@ -86,6 +169,10 @@ pub enum TokenCommand {
     Create(TokenCreateArgs),
     /// Print an API token for the `slipway` CLI (shown once, stored hashed).
     Api(TokenApiArgs),
+    /// List API tokens (ids and scopes; secrets are never stored).
+    List(ListArgs),
+    /// Revoke an API token: calls with it are refused from the next one on.
+    Revoke(RevokeArgs),
 }
 
 /// `token api` flags.

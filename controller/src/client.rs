@@ -1,13 +1,14 @@
 //! The client side of the Control API, for the `slipway` CLI: a TLS channel
-//! that trusts only the controller's CA (`--ca`), and the API token added
-//! to every request.
+//! that trusts only the controller's CA (`--ca`), optionally presenting an
+//! operator client certificate (`--cert`/`--key`), and the API token added
+//! to every request when one is given.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tonic::metadata::MetadataValue;
@@ -24,6 +25,14 @@ pub enum ClientError {
     /// The CA file could not be read or holds no certificate.
     #[error("CA file {path}: {why}")]
     Ca {
+        /// The file.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// The client certificate or key file is unusable.
+    #[error("{path}: {why}")]
+    Identity {
         /// The file.
         path: String,
         /// Why.
@@ -77,19 +86,81 @@ pub fn load_ca(path: &Path) -> Result<RootCertStore, ClientError> {
     Ok(roots)
 }
 
+/// An operator's client certificate chain and key (`slipway --cert --key`).
+pub struct ClientIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    // Hand-written so the private key never ends up in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificates", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a PEM certificate chain and its PEM private key.
+pub fn load_identity(cert: &Path, key: &Path) -> Result<ClientIdentity, ClientError> {
+    let err = |path: &Path, why: String| ClientError::Identity {
+        path: path.display().to_string(),
+        why,
+    };
+    let cert_pem = std::fs::read(cert).map_err(|e| err(cert, e.to_string()))?;
+    let key_pem = std::fs::read(key).map_err(|e| err(key, e.to_string()))?;
+    identity_from_pem(&cert_pem, &key_pem)
+        .map_err(|(is_key, why)| err(if is_key { key } else { cert }, why))
+}
+
+/// Parses a PEM certificate chain and PEM private key; on error says
+/// whether the key (true) or the certificate was at fault, and why.
+pub fn identity_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<ClientIdentity, (bool, String)> {
+    use rustls::pki_types::pem::PemObject as _;
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (false, e.to_string()))?;
+    if chain.is_empty() {
+        return Err((false, "no PEM certificate in it".to_owned()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| (true, format!("no usable PEM private key in it ({e})")))?;
+    Ok(ClientIdentity { chain, key })
+}
+
 /// A TLS channel to the controller at `address`, verified against `roots`.
 pub async fn connect(address: &str, roots: RootCertStore) -> Result<Channel, ClientError> {
+    connect_as(address, roots, None).await
+}
+
+/// Like [`connect`], presenting `identity` as the TLS client certificate.
+pub async fn connect_as(
+    address: &str,
+    roots: RootCertStore,
+    identity: Option<ClientIdentity>,
+) -> Result<Channel, ClientError> {
     let (host, port) = parse_address(address)?;
     let server_name =
         ServerName::try_from(host.clone()).map_err(|_| ClientError::Address(address.to_owned()))?;
-    let mut config = ClientConfig::builder_with_provider(crypto::provider())
+    let config = ClientConfig::builder_with_provider(crypto::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Ca {
             path: String::new(),
             why: e.to_string(),
         })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => config.with_no_client_auth(),
+        Some(identity) => config
+            .with_client_auth_cert(identity.chain, identity.key)
+            .map_err(|e| ClientError::Identity {
+                path: "--cert/--key".to_owned(),
+                why: format!("the certificate and key do not go together: {e}"),
+            })?,
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
     let target = format!("{host}:{port}");
@@ -122,12 +193,32 @@ pub fn bearer(token: &str) -> Result<MetadataValue<tonic::metadata::Ascii>, Clie
         .map_err(|_| ClientError::Token)
 }
 
-/// Wraps `message` in a request carrying the token.
-pub fn authed<T>(message: T, token: &MetadataValue<tonic::metadata::Ascii>) -> tonic::Request<T> {
+/// What a request carries to say who is calling: an API token
+/// (`authorization` metadata), or nothing when the channel presents an
+/// operator certificate.
+pub trait Authorization {
+    /// Adds the caller's metadata to `request`.
+    fn apply(&self, metadata: &mut tonic::metadata::MetadataMap);
+}
+
+impl Authorization for MetadataValue<tonic::metadata::Ascii> {
+    fn apply(&self, metadata: &mut tonic::metadata::MetadataMap) {
+        metadata.insert("authorization", self.clone());
+    }
+}
+
+impl Authorization for Option<MetadataValue<tonic::metadata::Ascii>> {
+    fn apply(&self, metadata: &mut tonic::metadata::MetadataMap) {
+        if let Some(token) = self {
+            token.apply(metadata);
+        }
+    }
+}
+
+/// Wraps `message` in a request carrying the token, if any.
+pub fn authed<T>(message: T, token: &impl Authorization) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", token.clone());
+    token.apply(request.metadata_mut());
     request
 }
 

@@ -61,6 +61,9 @@ pub struct RawConfig {
     /// Missed heartbeat intervals before a node is unreachable, also the
     /// grace period (in intervals) after a controller start (default 3).
     pub unreachable_after_intervals: Option<u32>,
+    /// DNS names or IP addresses agents and the CLI use to reach the
+    /// controller, put into its server certificate.
+    pub server_names: Option<Vec<String>>,
 }
 
 impl RawConfig {
@@ -89,6 +92,9 @@ pub struct ServeConfig {
     /// Missed heartbeat intervals before a node is unreachable (and the
     /// grace period after start, in intervals).
     pub unreachable_after: u32,
+    /// Extra names/addresses for the server certificate (see
+    /// [`ServeConfig::certificate_hosts`]).
+    pub server_names: Vec<String>,
 }
 
 impl ServeConfig {
@@ -99,8 +105,89 @@ impl ServeConfig {
             listen,
             link: LinkSettings::default(),
             unreachable_after: liveness::DEFAULT_UNREACHABLE_AFTER,
+            server_names: Vec::new(),
         }
     }
+
+    /// The names and addresses the server certificate must be valid for:
+    /// `server_names`, then the listen address — or, when listening on
+    /// every interface (0.0.0.0 / [::]), each local interface address and
+    /// the host name, since agents dial one of those. (`localhost` and
+    /// 127.0.0.1 are added by [`crate::ca::Ca::server_identity`].)
+    pub fn certificate_hosts(&self) -> Vec<String> {
+        let mut hosts = self.server_names.clone();
+        let mut add = |host: String| {
+            if !hosts.contains(&host) {
+                hosts.push(host);
+            }
+        };
+        let ip = self.listen.ip();
+        if ip.is_unspecified() {
+            for address in local_addresses() {
+                if address.is_ipv4() || ip.is_ipv6() {
+                    add(address.to_string());
+                }
+            }
+            if let Ok(name) = nix::unistd::gethostname() {
+                if let Some(name) = name.to_str().filter(|n| is_dns_name(n)) {
+                    add(name.to_owned());
+                }
+            }
+        } else {
+            add(ip.to_string());
+        }
+        hosts
+    }
+}
+
+/// The addresses of this machine's interfaces (empty if they cannot be
+/// listed).
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for interface in addresses {
+        let Some(address) = interface.address else {
+            continue;
+        };
+        let ip = if let Some(v4) = address.as_sockaddr_in() {
+            std::net::IpAddr::V4(v4.ip())
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            // Link-local addresses need a scope id; nobody dials them.
+            let ip = v6.ip();
+            if ip.segments()[0] & 0xffc0 == 0xfe80 {
+                continue;
+            }
+            std::net::IpAddr::V6(ip)
+        } else {
+            continue;
+        };
+        if !found.contains(&ip) {
+            found.push(ip);
+        }
+    }
+    found
+}
+
+/// True if `name` is a usable DNS name for a certificate: dot-separated
+/// labels of letters, digits and '-', not starting or ending with '-'.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// True if `name` can go into the server certificate: an IP address or a
+/// DNS name (a leading `*.` wildcard is allowed).
+fn is_server_name(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok() || is_dns_name(name.strip_prefix("*.").unwrap_or(name))
 }
 
 impl ServeConfig {
@@ -118,6 +205,23 @@ impl ServeConfig {
                 .map_err(|_| ConfigError::Missing("listen"))?,
         };
         let mut config = Self::with_defaults(data_dir, listen);
+        for name in file
+            .server_names
+            .unwrap_or_default()
+            .into_iter()
+            .chain(flags.server_names.unwrap_or_default())
+        {
+            if !is_server_name(&name) {
+                return Err(ConfigError::Invalid {
+                    key: "server_names",
+                    value: name,
+                    why: "expected a DNS name (e.g. ctl.example.com) or an IP address",
+                });
+            }
+            if !config.server_names.contains(&name) {
+                config.server_names.push(name);
+            }
+        }
         if let Some(rate) = flags.heartbeats_per_sec.or(file.heartbeats_per_sec) {
             if rate == 0 {
                 return Err(ConfigError::Invalid {
@@ -183,5 +287,56 @@ mod tests {
         assert_eq!(config.unreachable_after, 4);
         assert_eq!(config.link.heartbeat.target_rate, 50);
         assert!(ServeConfig::new(RawConfig::default(), None).is_err());
+    }
+
+    #[test]
+    fn server_names_are_checked_and_go_into_the_certificate_hosts() {
+        let file = RawConfig {
+            data_dir: Some("/d".into()),
+            listen: Some("10.0.0.5:7443".parse().unwrap()),
+            server_names: Some(vec!["ctl.example.com".to_owned()]),
+            ..RawConfig::default()
+        };
+        let flags = RawConfig {
+            server_names: Some(vec!["203.0.113.7".to_owned(), "ctl.example.com".to_owned()]),
+            ..RawConfig::default()
+        };
+        let config = ServeConfig::new(flags, Some(file)).unwrap();
+        assert_eq!(
+            config.certificate_hosts(),
+            ["ctl.example.com", "203.0.113.7", "10.0.0.5"]
+        );
+        for bad in [
+            "",
+            "a b",
+            "-x.example",
+            "ctl_1.example",
+            "x..y",
+            "http://ctl",
+        ] {
+            let flags = RawConfig {
+                data_dir: Some("/d".into()),
+                server_names: Some(vec![bad.to_owned()]),
+                ..RawConfig::default()
+            };
+            let err = ServeConfig::new(flags, None).unwrap_err().to_string();
+            assert!(err.contains("server_names"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn listening_everywhere_covers_the_local_addresses() {
+        let mut config = ServeConfig::with_defaults("/d".into(), "0.0.0.0:7443".parse().unwrap());
+        config.server_names = vec!["ctl.example.com".to_owned()];
+        let hosts = config.certificate_hosts();
+        assert_eq!(hosts[0], "ctl.example.com");
+        // Every machine has a loopback interface; the unspecified address
+        // itself is never a name.
+        assert!(hosts.iter().any(|h| h == "127.0.0.1"), "{hosts:?}");
+        assert!(!hosts.iter().any(|h| h == "0.0.0.0"), "{hosts:?}");
+        assert!(
+            hosts.iter().all(|h| !h.contains(':')),
+            "IPv4 listener: {hosts:?}"
+        );
     }
 }

@@ -87,6 +87,8 @@ struct Pending {
     /// The command, sent again when the node reconnects (the agent answers
     /// a command id it already ran with its recorded result).
     message: ControllerMessage,
+    /// Set when a new session of the node got the command again.
+    resent: bool,
 }
 
 /// Routes agents' Progress and CommandResult to the deployment waiting for
@@ -120,6 +122,7 @@ impl Commands {
                 node_id: node_id.to_owned(),
                 events,
                 message,
+                resent: false,
             },
         );
     }
@@ -127,10 +130,11 @@ impl Commands {
     /// The commands still waiting on `node_id`'s answer, to send again on
     /// its new session; their deployments learn the node is back.
     pub fn reconnected(&self, node_id: &str) -> Vec<ControllerMessage> {
-        let live = self.lock();
-        live.iter()
+        let mut live = self.lock();
+        live.iter_mut()
             .filter(|(_, p)| p.node_id == node_id)
             .map(|(command_id, p)| {
+                p.resent = true;
                 let _ = p.events.send((command_id.clone(), NodeEvent::Reconnected));
                 p.message.clone()
             })
@@ -139,6 +143,18 @@ impl Commands {
 
     fn forget(&self, command_id: &str) {
         self.lock().remove(command_id);
+    }
+
+    /// After sending `command_id` failed: forgets it unless the node
+    /// reconnected meanwhile and its new session got it (then it is out
+    /// after all: true, and it stays pending).
+    fn forget_unless_resent(&self, command_id: &str) -> bool {
+        let mut live = self.lock();
+        if live.get(command_id).is_some_and(|p| p.resent) {
+            return true;
+        }
+        live.remove(command_id);
+        false
     }
 
     /// Hands a Progress from `node_id`'s session to its deployment.
@@ -859,10 +875,7 @@ impl Run {
         let sent = tokio::time::timeout(SEND_TIMEOUT, self.sessions.send(node_id, message))
             .await
             .unwrap_or(false);
-        if !sent {
-            self.commands.forget(command_id);
-        }
-        sent
+        sent || self.commands.forget_unless_resent(command_id)
     }
 
     /// Waits until one in-flight command ends (answer, timeout or lost
@@ -1552,5 +1565,18 @@ mod tests {
             },
         );
         assert!(matches!(rx.try_recv(), Ok((_, NodeEvent::Result(_)))));
+    }
+
+    #[test]
+    fn a_failed_send_is_forgotten_unless_a_new_session_got_it() {
+        let commands = Commands::new();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        commands.register("d-1.n-a", "n-a", tx.clone(), ControllerMessage::default());
+        assert!(!commands.forget_unless_resent("d-1.n-a"));
+        assert_eq!(commands.reconnected("n-a").len(), 0, "forgotten");
+        commands.register("d-2.n-a", "n-a", tx, ControllerMessage::default());
+        assert_eq!(commands.reconnected("n-a").len(), 1);
+        assert!(commands.forget_unless_resent("d-2.n-a"));
+        assert_eq!(commands.reconnected("n-a").len(), 1, "still pending");
     }
 }

@@ -21,7 +21,7 @@
 //!   (closed on revocation, replacement, shutdown). [`liveness`]: pure rules
 //!   for the heartbeat interval and a node's state.
 //! - [`api`]: Control service for the `slipway` CLI (API tokens from
-//!   [`apitoken`]): nodes, audit, artifact upload, deploy and rollback.
+//!   [`apitoken`], or client certificates from [`operator`]): nodes, audit, artifact upload, deploy and rollback.
 //!   [`deploy`]: runs the rollout (all at once, rolling, canary: pure
 //!   batch planning and `next_step`), sends one command per node through
 //!   the [`registry`], routes the agents' progress and results back by
@@ -58,6 +58,7 @@ pub mod deploy;
 pub mod enroll;
 pub mod fleet;
 pub mod liveness;
+pub mod operator;
 pub mod registry;
 pub mod server;
 pub mod session;

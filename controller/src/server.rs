@@ -86,7 +86,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let ca = Arc::new(Ca::load_or_create(&config.data_dir)?);
-    let identity = ca.server_identity(&config.data_dir, &[config.listen.ip().to_string()])?;
+    let hosts = config.certificate_hosts();
+    let identity = ca.server_identity(&config.data_dir, &hosts)?;
     let store = Store::open(&config.data_dir).await?;
     // No deployment of this process runs yet: any marked running was
     // interrupted by a crash or restart and must not block its app.
@@ -103,7 +104,7 @@ pub async fn serve(
     let ca_pem = config.data_dir.join(crate::ca::CA_CERT_FILE);
     tracing::info!(
         addr = ?local, ca_sha256 = %ca.fingerprint(), ca_pem = %ca_pem.display(),
-        "controller listening"
+        server_names = %hosts.join(" "), "controller listening"
     );
 
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);

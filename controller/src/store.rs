@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_heartbeat_certs.sql"),
     include_str!("../migrations/0003_api_deployments.sql"),
     include_str!("../migrations/0004_rollouts.sql"),
+    include_str!("../migrations/0005_operators.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -215,6 +216,38 @@ pub struct ApiTokenRow {
     pub revoked_at: Option<i64>,
 }
 
+/// An API token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApiTokenInfo {
+    /// Public part of the token.
+    pub id: String,
+    /// Scopes as written.
+    pub scopes: Vec<String>,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+    /// Set when the token was revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// An operator certificate as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OperatorRow {
+    /// `op-…`, also the certificate's common name.
+    pub id: String,
+    /// Label given at creation.
+    pub name: String,
+    /// sha256 hex of the certificate's DER.
+    pub cert_fingerprint: String,
+    /// Scopes as written ("read", "deploy:web").
+    pub scopes: Vec<String>,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+    /// When the certificate expires.
+    pub expires_at: i64,
+    /// Set when it was revoked.
+    pub revoked_at: Option<i64>,
+}
+
 /// A deployment to record, with the nodes it targets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewDeployment<'a> {
@@ -316,6 +349,32 @@ pub struct DeploymentNodeRecord {
     pub message: String,
     /// When the node's result was recorded.
     pub finished_at: Option<i64>,
+}
+
+/// Columns of [`OperatorRow`], in [`operator_row`]'s order.
+const OPERATOR_COLUMNS: &str =
+    "id, name, cert_fingerprint, scopes, created_at, expires_at, revoked_at";
+
+fn operator_row(row: &sqlx::sqlite::SqliteRow) -> Result<OperatorRow, StoreError> {
+    Ok(OperatorRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        cert_fingerprint: row.try_get("cert_fingerprint")?,
+        scopes: json_column(row, "scopes", "operators.scopes")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+/// A JSON column parsed into `T`.
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &sqlx::sqlite::SqliteRow,
+    name: &str,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    let text: String = row.try_get(name)?;
+    serde_json::from_str(&text).map_err(|source| StoreError::Json { column, source })
 }
 
 /// SQLITE_BUSY (5) or SQLITE_LOCKED (6), with or without extended bits.
@@ -682,6 +741,127 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Every API token, oldest first (ids and scopes only).
+    pub async fn api_tokens(&self) -> Result<Vec<ApiTokenInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, scopes, created_at, revoked_at FROM api_tokens ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(ApiTokenInfo {
+                    id: row.try_get("id")?,
+                    scopes: json_column(&row, "scopes", "api_tokens.scopes")?,
+                    created_at: row.try_get("created_at")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes an API token and audits it, together. `Ok(None)`: no such
+    /// token; `Ok(Some(false))`: it was already revoked (nothing audited).
+    pub async fn revoke_api_token(
+        &self,
+        id: &str,
+        event: &AuditEvent,
+        now: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let mut tx = self.begin().await?;
+        let exists: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT revoked_at FROM api_tokens WHERE id = ?1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(revoked_at) = exists else {
+            return Ok(None);
+        };
+        if revoked_at.is_some() {
+            return Ok(Some(false));
+        }
+        sqlx::query("UPDATE api_tokens SET revoked_at = ?1 WHERE id = ?2")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        insert_audit(&mut tx, event, now).await?;
+        tx.commit().await?;
+        Ok(Some(true))
+    }
+
+    /// Stores a new operator certificate and its creation audit event.
+    pub async fn insert_operator(
+        &self,
+        operator: &OperatorRow,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO operators (id, name, cert_fingerprint, scopes, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&operator.id)
+        .bind(&operator.name)
+        .bind(&operator.cert_fingerprint)
+        .bind(serde_json::Value::from(operator.scopes.clone()).to_string())
+        .bind(operator.created_at)
+        .bind(operator.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        insert_audit(&mut tx, event, operator.created_at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The operator whose certificate has this sha256, if any.
+    pub async fn operator_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<OperatorRow>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {OPERATOR_COLUMNS} FROM operators WHERE cert_fingerprint = ?1"
+        ))
+        .bind(fingerprint)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(operator_row).transpose()
+    }
+
+    /// Every operator certificate, oldest first.
+    pub async fn operators(&self) -> Result<Vec<OperatorRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {OPERATOR_COLUMNS} FROM operators ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(operator_row).collect()
+    }
+
+    /// Revokes an operator certificate and audits it, together; false if it
+    /// already was revoked (nothing audited).
+    pub async fn revoke_operator(
+        &self,
+        id: &str,
+        event: &AuditEvent,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE operators SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, event, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Records a deployment (status running), its pending per-node rows and

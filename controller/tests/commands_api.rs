@@ -6,129 +6,22 @@
 // Tests unwrap freely: a panic with its message is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use slipway_agent::link;
+use support::{Controller, TEST_TIMEOUT};
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::Duration;
-
-use slipway_controller::apitoken::{self, Scope};
-use slipway_controller::ca::Ca;
-use slipway_controller::config::ServeConfig;
+use slipway_controller::apitoken::Scope;
+use slipway_controller::client;
 use slipway_controller::fleet::{FleetStatus, RefreshAnswer};
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
     agent_message, controller_message, deploy_event, rollout, selector, AgentMessage, AppStatus,
-    CommandResult, DeployEvent, FleetStatusRequest, Heartbeat, Hello, Outcome, PruneRequest,
+    CommandResult, DeployEvent, FleetStatusRequest, Heartbeat, Outcome, PruneRequest,
     RestartRequest, Rollout, Selector,
 };
-use slipway_controller::server::{self, ServeError};
-use slipway_controller::store::Store;
-use slipway_controller::{client, crypto, token};
-use tempfile::TempDir;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Code;
-
-/// Bound on every wait (the refresh itself waits at most 10 s).
-const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A controller serving on a free loopback port from a temp data dir.
-struct Controller {
-    addr: SocketAddr,
-    data_dir: TempDir,
-    ca: Ca,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Controller {
-    async fn start() -> Self {
-        crypto::install_default_provider();
-        let data_dir = tempfile::tempdir().unwrap();
-        let ca = Ca::load_or_create(data_dir.path()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = ServeConfig::with_defaults(data_dir.path().to_owned(), addr);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server::serve(&config, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Self {
-            addr,
-            data_dir,
-            ca,
-            stop,
-            task,
-        }
-    }
-
-    async fn store(&self) -> Store {
-        Store::open(self.data_dir.path()).await.unwrap()
-    }
-
-    async fn api_token(&self, scopes: &[Scope]) -> String {
-        apitoken::create(&self.store().await, scopes, 0)
-            .await
-            .unwrap()
-    }
-
-    async fn control(&self) -> ControlClient<Channel> {
-        let roots = client::load_ca(&self.data_dir.path().join("ca.pem")).unwrap();
-        let channel = client::connect(&self.addr.to_string(), roots)
-            .await
-            .unwrap();
-        ControlClient::new(channel)
-    }
-
-    /// Enrolls a node named `name`: its state dir and node id.
-    async fn enroll(&self, name: &str) -> (TempDir, String) {
-        let join = token::create(
-            &self.store().await,
-            &self.ca.fingerprint(),
-            token::DEFAULT_TTL,
-            &[],
-            time::OffsetDateTime::now_utc().unix_timestamp(),
-        )
-        .await
-        .unwrap()
-        .to_string();
-        let state = tempfile::tempdir().unwrap();
-        let url = format!("https://127.0.0.1:{}", self.addr.port());
-        let enrolled =
-            tokio::time::timeout(TEST_TIMEOUT, link::enroll(&url, &join, state.path(), name))
-                .await
-                .unwrap()
-                .unwrap();
-        (state, enrolled.node_id)
-    }
-
-    async fn connect(&self, state: &Path, node_id: &str) -> link::Session {
-        let url = format!("https://127.0.0.1:{}", self.addr.port());
-        let hello = Hello {
-            node_id: node_id.to_owned(),
-            ..Hello::default()
-        };
-        tokio::time::timeout(TEST_TIMEOUT, link::connect(&url, state, hello))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn stop(self) {
-        self.stop.send(()).unwrap();
-        tokio::time::timeout(TEST_TIMEOUT, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
 
 fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
     client::authed(message, &client::bearer(token).unwrap())

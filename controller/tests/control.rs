@@ -5,21 +5,19 @@
 // Tests unwrap freely: a panic with its message is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 // The agent side of the link, as the agent binary uses it.
 use slipway_agent::link;
+use support::{audited, Controller, TEST_TIMEOUT};
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use slipway_controller::apitoken::{self, Scope};
 use slipway_controller::audit::AuditRecord;
-use slipway_controller::ca::Ca;
-use slipway_controller::config::ServeConfig;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
@@ -27,153 +25,10 @@ use slipway_controller::proto::v1::{
     DeployEvent, DeployRequest, FetchArtifactRequest, Hello, ListAuditRequest, ListNodesRequest,
     Outcome, Progress, Selector, UploadChunk,
 };
-use slipway_controller::server::{self, ServeError};
-use slipway_controller::store::Store;
-use slipway_controller::{client, crypto, token};
-use tempfile::TempDir;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint, Uri};
+use slipway_controller::{client, crypto};
+use tokio::net::TcpStream;
+use tonic::transport::Channel;
 use tonic::Code;
-
-/// Bound on every wait, so a broken server fails the test instead of hanging.
-const TEST_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A controller serving on a free loopback port from a temp data dir.
-struct Controller {
-    addr: SocketAddr,
-    data_dir: TempDir,
-    ca: Ca,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Controller {
-    async fn start() -> Self {
-        crypto::install_default_provider();
-        let data_dir = tempfile::tempdir().unwrap();
-        let ca = Ca::load_or_create(data_dir.path()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = ServeConfig::with_defaults(data_dir.path().to_owned(), addr);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server::serve(&config, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        Self {
-            addr,
-            data_dir,
-            ca,
-            stop,
-            task,
-        }
-    }
-
-    async fn store(&self) -> Store {
-        Store::open(self.data_dir.path()).await.unwrap()
-    }
-
-    async fn api_token(&self, scopes: &[Scope]) -> String {
-        apitoken::create(&self.store().await, scopes, 0)
-            .await
-            .unwrap()
-    }
-
-    async fn audit(&self) -> Vec<AuditRecord> {
-        self.store().await.audit_events().await.unwrap()
-    }
-
-    /// A Control client trusting only the controller's CA (as the CLI does).
-    async fn control(&self) -> ControlClient<Channel> {
-        let roots = client::load_ca(&self.data_dir.path().join("ca.pem")).unwrap();
-        let channel = client::connect(&self.addr.to_string(), roots)
-            .await
-            .unwrap();
-        ControlClient::new(channel)
-    }
-
-    /// Enrolls a node named `name` and returns its state dir and node id.
-    async fn enroll(&self, name: &str) -> (TempDir, String) {
-        let join = token::create(
-            &self.store().await,
-            &self.ca.fingerprint(),
-            token::DEFAULT_TTL,
-            &["env:production".to_owned()],
-            time::OffsetDateTime::now_utc().unix_timestamp(),
-        )
-        .await
-        .unwrap()
-        .to_string();
-        let state = tempfile::tempdir().unwrap();
-        let url = format!("https://127.0.0.1:{}", self.addr.port());
-        let enrolled =
-            tokio::time::timeout(TEST_TIMEOUT, link::enroll(&url, &join, state.path(), name))
-                .await
-                .unwrap()
-                .unwrap();
-        (state, enrolled.node_id)
-    }
-
-    async fn connect(&self, state: &Path, node_id: &str) -> link::Session {
-        let url = format!("https://127.0.0.1:{}", self.addr.port());
-        let hello = Hello {
-            node_id: node_id.to_owned(),
-            ..Hello::default()
-        };
-        tokio::time::timeout(TEST_TIMEOUT, link::connect(&url, state, hello))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
-    /// An AgentLink client with the node identity in `state`.
-    async fn agent_link(&self, state: &Path) -> AgentLinkClient<Channel> {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::PrivateKeyDer;
-        let cert_pem = std::fs::read(state.join(link::CERT_FILE)).unwrap();
-        let key_pem = std::fs::read(state.join(link::KEY_FILE)).unwrap();
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.cert_der().clone()).unwrap();
-        let chain = vec![CertificateDer::from_pem_slice(&cert_pem).unwrap()];
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
-        let mut config = ClientConfig::builder_with_provider(crypto::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let addr = self.addr;
-        let connector = tower::service_fn(move |_: Uri| {
-            let tls = tls.clone();
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                let name = ServerName::try_from("127.0.0.1").unwrap();
-                Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
-            }
-        });
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_with_connector(connector)
-            .await
-            .unwrap();
-        AgentLinkClient::new(channel)
-    }
-
-    async fn stop(self) {
-        self.stop.send(()).unwrap();
-        tokio::time::timeout(TEST_TIMEOUT, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
 
 fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
     client::authed(message, &client::bearer(token).unwrap())
@@ -619,5 +474,202 @@ async fn a_node_that_reconnects_mid_command_gets_it_again() {
         panic!("{events:?}");
     };
     assert!(finished.succeeded, "{finished:?}");
+    controller.stop().await;
+}
+
+/// Writes an operator's certificate and key into `dir`, as `operator
+/// create` does; returns (id, cert path, key path).
+async fn operator(
+    controller: &Controller,
+    dir: &Path,
+    name: &str,
+    scopes: &[Scope],
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let issued = slipway_controller::operator::create(
+        &controller.store().await,
+        &controller.ca,
+        name,
+        scopes,
+        slipway_controller::operator::DEFAULT_VALIDITY,
+        None,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    )
+    .await
+    .unwrap();
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, issued.key_pem.unwrap()).unwrap();
+    (issued.operator.id, cert, key)
+}
+
+#[tokio::test]
+async fn operator_certificates_call_the_api_within_their_scopes_until_revoked() {
+    let controller = Controller::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, cert, key) = operator(
+        &controller,
+        dir.path(),
+        "ci",
+        &[Scope::Deploy("web".to_owned())],
+    )
+    .await;
+    let mut control = controller.control_as(&cert, &key).await;
+
+    // No token: the certificate is the caller.
+    control
+        .list_nodes(tonic::Request::new(ListNodesRequest {}))
+        .await
+        .unwrap();
+    let data = b"operator upload".to_vec();
+    let sha = crypto::sha256_hex(&data);
+    let mut chunks = vec![UploadChunk {
+        sha256: sha.clone(),
+        data,
+    }];
+    let uploaded = control
+        .upload_artifact(tokio_stream::iter(std::mem::take(&mut chunks)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(uploaded.sha256, sha);
+    let denied = control
+        .deploy(tonic::Request::new(deploy_request("api", &sha, None)))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains(&id), "{}", denied.message());
+    assert!(
+        denied.message().contains("deploy:web"),
+        "{}",
+        denied.message()
+    );
+
+    // Revoked: refused at the next call, on the same connection.
+    slipway_controller::operator::revoke(&controller.store().await, &id, 0)
+        .await
+        .unwrap();
+    let refused = control
+        .list_nodes(tonic::Request::new(ListNodesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("revoked"),
+        "{}",
+        refused.message()
+    );
+
+    let audit = controller.audit().await;
+    let refusals: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event_type == "API_CALL_REFUSED")
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert!(refusals.iter().all(|e| e.actor == id), "{refusals:?}");
+    assert!(audited(&audit, "OPERATOR_CREATED", |e| e.resource_id == id));
+    assert!(audited(&audit, "OPERATOR_REVOKED", |e| e.resource_id == id));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn node_and_operator_certificates_stay_in_their_lanes() {
+    let controller = Controller::start().await;
+    // A node's certificate opens no API call...
+    let (state, _node_id) = controller.enroll("web-1").await;
+    let mut control = controller
+        .control_as(
+            &state.path().join(link::CERT_FILE),
+            &state.path().join(link::KEY_FILE),
+        )
+        .await;
+    let refused = control
+        .list_nodes(tonic::Request::new(ListNodesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("node certificate"),
+        "{}",
+        refused.message()
+    );
+
+    // ...and an operator's certificate opens no agent link.
+    let op_state = tempfile::tempdir().unwrap();
+    let (_id, cert, key) = operator(&controller, op_state.path(), "alice", &[Scope::Read]).await;
+    std::fs::rename(&cert, op_state.path().join(link::CERT_FILE)).unwrap();
+    std::fs::rename(&key, op_state.path().join(link::KEY_FILE)).unwrap();
+    let mut agent_link = controller.agent_link(op_state.path()).await;
+    let hello = AgentMessage {
+        kind: Some(agent_message::Kind::Hello(Hello {
+            node_id: "n-0000000000000000".to_owned(),
+            ..Hello::default()
+        })),
+    };
+    let refused = agent_link
+        .connect(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_api_token_is_refused_at_its_next_call() {
+    let controller = Controller::start().await;
+    let token = controller.api_token(&[Scope::Read]).await;
+    let mut control = controller.control().await;
+    control
+        .list_nodes(authed(ListNodesRequest {}, &token))
+        .await
+        .unwrap();
+    let (id, newly) = apitoken::revoke(&controller.store().await, &token, 0)
+        .await
+        .unwrap();
+    assert!(newly);
+    let refused = control
+        .list_nodes(authed(ListNodesRequest {}, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let audit = controller.audit().await;
+    assert!(audited(&audit, "TOKEN_REVOKED", |e| e.resource_id == id));
+    assert!(audited(&audit, "API_CALL_REFUSED", |e| e.actor == id));
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_certificate_covers_the_configured_server_names() {
+    let controller = Controller::start_with(|config| {
+        config.server_names = vec!["ctl.example.test".to_owned(), "192.0.2.10".to_owned()];
+    })
+    .await;
+    let addr = controller.addr;
+    let mut roots = RootCertStore::empty();
+    roots.add(controller.ca.cert_der().clone()).unwrap();
+    let tls = ClientConfig::builder_with_provider(crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    // A real handshake, verifying the certificate for each name.
+    let handshake = |name: &'static str| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from(name).unwrap();
+            tokio::time::timeout(TEST_TIMEOUT, connector.connect(name, tcp))
+                .await
+                .unwrap()
+        }
+    };
+    for good in ["ctl.example.test", "192.0.2.10", "127.0.0.1", "localhost"] {
+        handshake(good)
+            .await
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    let err = handshake("other.example.test").await.unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
     controller.stop().await;
 }

@@ -5,10 +5,12 @@
 // Tests unwrap freely: a panic with its message is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 // The agent side of the link, as the agent binary uses it.
 use slipway_agent::link;
+use support::{Controller, TEST_TIMEOUT};
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,128 +19,18 @@ use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use slipway_controller::audit::AuditRecord;
 use slipway_controller::ca::Ca;
-use slipway_controller::config::ServeConfig;
 use slipway_controller::liveness::NodeState;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::{
     agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics, RenewRequest,
 };
-use slipway_controller::server::{self, ServeError};
-use slipway_controller::store::Store;
-use slipway_controller::{crypto, fleet, token};
+use slipway_controller::server::{self};
+use slipway_controller::{crypto, fleet};
 use tempfile::TempDir;
 use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-/// Bound on every wait, so a broken server fails the test instead of hanging.
-const TEST_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A controller serving on a free loopback port from a temp data dir.
-struct Controller {
-    addr: SocketAddr,
-    data_dir: TempDir,
-    ca: Ca,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Controller {
-    async fn start() -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
-        // Create the CA before the server starts, so tokens made by the test
-        // and the server's own load agree on it.
-        let ca = Ca::load_or_create(data_dir.path()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = ServeConfig::with_defaults(data_dir.path().to_owned(), addr);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let served = server::serve(&config, listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-            // Printed so a server that fails to start explains the test failure.
-            if let Err(err) = &served {
-                eprintln!("controller stopped: {err}");
-            }
-            served
-        });
-        Self {
-            addr,
-            data_dir,
-            ca,
-            stop,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.addr.port())
-    }
-
-    async fn store(&self) -> Store {
-        Store::open(self.data_dir.path()).await.unwrap()
-    }
-
-    /// A join token valid for an hour from `now_offset_secs` from now.
-    async fn token_at(&self, now_offset_secs: i64) -> String {
-        let now = OffsetDateTime::now_utc().unix_timestamp() + now_offset_secs;
-        token::create(
-            &self.store().await,
-            &self.ca.fingerprint(),
-            token::DEFAULT_TTL,
-            &["env:production".to_owned()],
-            now,
-        )
-        .await
-        .unwrap()
-        .to_string()
-    }
-
-    async fn token(&self) -> String {
-        self.token_at(0).await
-    }
-
-    async fn audit(&self) -> Vec<AuditRecord> {
-        self.store().await.audit_events().await.unwrap()
-    }
-
-    /// Waits until an audit event of `event_type` exists (some are written
-    /// by the server after the client has already seen its error).
-    async fn wait_for_event(&self, event_type: &str) -> AuditRecord {
-        let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
-        loop {
-            if let Some(event) = self
-                .audit()
-                .await
-                .into_iter()
-                .find(|e| e.event_type == event_type)
-            {
-                return event;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {event_type} audit event; got {:#?}",
-                self.audit().await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(()).unwrap();
-        tokio::time::timeout(TEST_TIMEOUT, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
+use tokio::net::TcpStream;
+use tonic::transport::{Endpoint, Uri};
 
 async fn enroll(
     controller: &Controller,
@@ -453,39 +345,6 @@ async fn hello_for_another_node_is_refused() {
     controller.stop().await;
 }
 
-/// An mTLS channel to the controller with this client certificate and key
-/// (the test's own, so it can call Renew without the agent's code).
-async fn mtls_channel(controller: &Controller, cert_pem: &str, key_pem: &str) -> Channel {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::PrivateKeyDer;
-    let mut roots = RootCertStore::empty();
-    roots.add(controller.ca.cert_der().clone()).unwrap();
-    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let mut config = ClientConfig::builder_with_provider(crypto::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let addr = controller.addr;
-    let connector = tower::service_fn(move |_: Uri| {
-        let tls = tls.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let name = ServerName::try_from("127.0.0.1").unwrap();
-            Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
-        }
-    });
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_with_connector(connector)
-        .await
-        .unwrap()
-}
-
 /// Calls Renew with the identity in `state`; on success returns the new
 /// key and certificate PEMs.
 async fn renew(
@@ -494,7 +353,9 @@ async fn renew(
 ) -> Result<(String, String, i64), tonic::Status> {
     let cert = std::fs::read_to_string(state.join(link::CERT_FILE)).unwrap();
     let key = std::fs::read_to_string(state.join(link::KEY_FILE)).unwrap();
-    let channel = mtls_channel(controller, &cert, &key).await;
+    let channel = controller
+        .mtls_channel(cert.as_bytes(), key.as_bytes())
+        .await;
     let new_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let csr_pem = CertificateParams::default()
         .serialize_request(&new_key)

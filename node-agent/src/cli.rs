@@ -35,12 +35,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Deploy an artifact (.tar.gz, .tar.zst or .tar) as a new release.
+    /// Deploy an artifact (.tar.gz, .tar.zst or .tar) as a new release, from
+    /// a local file (--artifact) or downloaded from an https:// URL (--url,
+    /// which needs --sha256; see `[artifacts]` in agent.toml).
     Deploy {
         #[arg(long)]
         app: String,
-        #[arg(long)]
-        artifact: PathBuf,
+        #[arg(long, required_unless_present = "url")]
+        artifact: Option<PathBuf>,
+        /// Download the artifact from this https:// URL into the app's
+        /// artifact cache (not again when its sha256 is already cached).
+        #[arg(long, conflicts_with = "artifact", requires = "sha256")]
+        url: Option<String>,
         /// Expected sha256 of the artifact; the deploy is refused on mismatch.
         #[arg(long)]
         sha256: Option<String>,
@@ -323,6 +329,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         Command::Deploy {
             app,
             artifact,
+            url,
             sha256,
             id,
             json,
@@ -330,13 +337,23 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             let config = load()?;
             let store = store_for(&config, &app)?;
             let id = id.as_deref().map(parse_id).transpose()?;
-            let result = store.begin("deploy", id.as_ref()).and_then(|mut session| {
-                session.deploy(&DeployRequest {
-                    artifact,
-                    sha256,
-                    id,
-                })
-            });
+            let result = match (artifact, url) {
+                (Some(artifact), None) => store
+                    .begin("deploy", id.as_ref())
+                    .and_then(|mut session| {
+                        session.deploy(&DeployRequest {
+                            artifact,
+                            sha256,
+                            id,
+                        })
+                    })
+                    .map_err(Failure::from),
+                (None, Some(url)) => deploy_from_url(&config, &store, &url, sha256, id),
+                // clap enforces exactly one of them; this is the message if not.
+                _ => Err(usage(
+                    "give exactly one of --artifact FILE or --url URL".into(),
+                )),
+            };
             let report = match result {
                 Ok(r) => r,
                 Err(e) => {
@@ -346,10 +363,10 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                         print_json(&serde_json::json!({
                             "app": app,
                             "outcome": "failed",
-                            "error": e.to_string(),
+                            "error": e.message,
                         }));
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
             if report.outcome != "succeeded" {
@@ -630,6 +647,48 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         }
     }
     Ok(0)
+}
+
+/// `deploy --url`: under the app's lock, downloads the artifact into the
+/// app's artifact cache (or finds it there), then deploys it.
+fn deploy_from_url(
+    config: &Config,
+    store: &Store,
+    url: &str,
+    sha256: Option<String>,
+    id: Option<ReleaseId>,
+) -> Result<release::DeployReport, Failure> {
+    let download_failure = |e: crate::download::DownloadError| Failure {
+        code: if e.is_usage() { EXIT_USAGE } else { 1 },
+        message: format!("cannot download the artifact: {e}"),
+    };
+    let Some(sha256) = sha256 else {
+        return Err(usage(
+            "--url needs --sha256 HEX (the artifact's digest)".into(),
+        ));
+    };
+    // Bad input is refused before the lock is taken or anything is fetched.
+    let sha256 = crate::download::normalize_sha256(&sha256).map_err(download_failure)?;
+    crate::download::parse_url(url).map_err(download_failure)?;
+    let mut session = store.begin("deploy", id.as_ref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+    let fetched = runtime
+        .block_on(crate::download::fetch(
+            url,
+            &sha256,
+            &store.paths().cache,
+            &config.artifacts,
+            &mut |line| eprintln!("{line}"),
+        ))
+        .map_err(download_failure)?;
+    Ok(session.deploy(&DeployRequest {
+        artifact: fetched.path,
+        sha256: Some(sha256),
+        id,
+    })?)
 }
 
 #[derive(Debug, Serialize)]

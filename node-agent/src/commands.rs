@@ -8,6 +8,11 @@
 //!
 //! The work itself is the same code as the node-local CLI: a [`Store`]
 //! session (lock, journal, recovery) for deploy, rollback, prune and restart.
+//! A deploy's artifact is fetched from the controller by digest or — when
+//! the command carries `artifact_url` — downloaded by the agent itself
+//! ([`crate::download`]); either way into the app's artifact cache under its
+//! sha256, with the app locked, and not at all when the cache already holds
+//! that digest.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -19,10 +24,11 @@ use slipway_proto::v1::{
 };
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ControllerConfig};
+use crate::config::{AppConfig, Config, ControllerConfig};
+use crate::download;
 use crate::durable;
 use crate::link;
-use crate::release::{DeployRequest, ReleaseId, Store};
+use crate::release::{DeployReport, DeployRequest, ReleaseId, Store};
 
 /// Results kept for idempotency: enough for any realistic re-send window.
 const KEEP_RESULTS: usize = 500;
@@ -197,6 +203,162 @@ fn recorded(id: &str, outcome: &str, release: &str, message: impl Into<String>) 
     }
 }
 
+/// Sends progress from synchronous code (a download's progress callback):
+/// dropped when the session's queue is full, as a later line supersedes it.
+fn progress_now(out: &Outbox, id: &str, step: &str, message: String) {
+    if let Some(tx) = out.sender() {
+        let _ = tx.try_send(AgentMessage {
+            kind: Some(agent_message::Kind::Progress(Progress {
+                command_id: id.to_owned(),
+                step: step.to_owned(),
+                message,
+                unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+            })),
+        });
+    }
+}
+
+/// The recorded result of a deploy: the report of the release store, or
+/// why it failed (`Err` of the outer result: the task itself failed).
+fn deploy_outcome(
+    id: &str,
+    release_id: &str,
+    result: Result<Result<DeployReport, String>, tokio::task::JoinError>,
+) -> Recorded {
+    match result {
+        Ok(Ok(r)) if r.outcome == "succeeded" => recorded(
+            id,
+            "succeeded",
+            r.release.as_str(),
+            format!(
+                "{} ({}; {} files) in {:.0} ms{}",
+                r.release,
+                r.method,
+                r.files,
+                r.total_ms,
+                r.health
+                    .as_ref()
+                    .map_or(String::new(), |h| format!("; healthy: {}", h.last.output))
+            ),
+        ),
+        Ok(Ok(r)) => recorded(
+            id,
+            "rolled_back",
+            r.release.as_str(),
+            format!(
+                "{}; {}",
+                r.failure.unwrap_or_default(),
+                r.restored.unwrap_or_default()
+            ),
+        ),
+        Ok(Err(e)) => recorded(id, "failed", release_id, e),
+        Err(e) => recorded(id, "failed", release_id, format!("deploy task failed: {e}")),
+    }
+}
+
+/// Where a deploy's artifact comes from.
+#[derive(Debug)]
+enum Source {
+    /// The controller holds it: fetched by digest over the mTLS link.
+    Controller(ControllerConfig),
+    /// The agent downloads it itself from this HTTPS URL.
+    Url(String),
+}
+
+/// A deploy from the controller: under the app's lock (so nothing prunes
+/// the cache in between), the artifact is found in the app's artifact cache
+/// by its digest or fetched into it from `source`, then deployed. Fetch
+/// progress goes to the controller.
+async fn deploy_artifact(
+    config: &Config,
+    app: AppConfig,
+    release: Option<ReleaseId>,
+    source: Source,
+    sha256: String,
+    id: &str,
+    out: &Outbox,
+) -> Result<Result<DeployReport, String>, tokio::task::JoinError> {
+    let from = match &source {
+        Source::Controller(_) => "the controller".to_owned(),
+        Source::Url(url) => url.clone(),
+    };
+    progress(
+        out,
+        id,
+        "fetch",
+        format!("downloading artifact {sha256} from {from}"),
+    )
+    .await;
+    let settings = config.artifacts.clone();
+    let handle = tokio::runtime::Handle::current();
+    let out = out.clone();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        // A bad digest or URL is refused before the lock is taken.
+        let sha256 = download::normalize_sha256(&sha256).map_err(|e| e.to_string())?;
+        if let Source::Url(url) = &source {
+            download::parse_url(url).map_err(|e| e.to_string())?;
+        }
+        let store = Store::new(&app);
+        let mut session = store
+            .begin("deploy", release.as_ref())
+            .map_err(|e| e.to_string())?;
+        let cache = &store.paths().cache;
+        let mut report = |line: String| progress_now(&out, &id, "fetch", line);
+        // This is a blocking-pool thread: waiting on the runtime is allowed.
+        let fetched = match &source {
+            Source::Url(url) => handle
+                .block_on(download::fetch(url, &sha256, cache, &settings, &mut report))
+                .map_err(|e| format!("cannot download the artifact: {e}"))?,
+            Source::Controller(ctl) => {
+                match download::cached(cache, &sha256).map_err(|e| e.to_string())? {
+                    Some(hit) => {
+                        report(format!(
+                        "artifact {sha256} is already cached; not fetching it from the controller"
+                    ));
+                        hit
+                    }
+                    None => {
+                        let dest = cache.join(&sha256);
+                        let bytes = handle
+                            .block_on(link::fetch_artifact(
+                                &ctl.url,
+                                &ctl.state_dir,
+                                &sha256,
+                                &id,
+                                &dest,
+                            ))
+                            .map_err(|e| format!("cannot fetch the artifact: {e}"))?;
+                        download::Fetched {
+                            path: dest,
+                            bytes,
+                            cached: false,
+                        }
+                    }
+                }
+            }
+        };
+        progress_now(
+            &out,
+            &id,
+            "deploy",
+            format!(
+                "artifact verified ({} bytes{}); deploying",
+                fetched.bytes,
+                if fetched.cached { ", cached" } else { "" }
+            ),
+        );
+        session
+            .deploy(&DeployRequest {
+                artifact: fetched.path,
+                sha256: Some(sha256),
+                id: release,
+            })
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
 async fn run(
     config: &Config,
     ctl: &ControllerConfig,
@@ -212,14 +374,6 @@ async fn run(
                 Ok(a) => a,
                 Err(e) => return recorded(id, "failed", &d.release_id, e),
             };
-            if !d.artifact_url.is_empty() {
-                return recorded(
-                    id,
-                    "failed",
-                    &d.release_id,
-                    format!("artifact_url downloads are not supported by this agent yet ({}); upload the artifact to the controller", d.artifact_url),
-                );
-            }
             let release = match (!d.release_id.is_empty())
                 .then(|| ReleaseId::new(&d.release_id))
                 .transpose()
@@ -227,94 +381,22 @@ async fn run(
                 Ok(r) => r,
                 Err(e) => return recorded(id, "failed", &d.release_id, e.to_string()),
             };
-            progress(
-                out,
+            let source = if d.artifact_url.is_empty() {
+                Source::Controller(ctl.clone())
+            } else {
+                Source::Url(d.artifact_url.clone())
+            };
+            let result = deploy_artifact(
+                config,
+                app,
+                release,
+                source,
+                d.artifact_sha256.clone(),
                 id,
-                "fetch",
-                format!("downloading artifact {}", d.artifact_sha256),
+                out,
             )
             .await;
-            let downloads = ctl.state_dir.join("downloads");
-            if let Err(e) = std::fs::create_dir_all(&downloads) {
-                return recorded(
-                    id,
-                    "failed",
-                    &d.release_id,
-                    format!("cannot create {}: {e}", downloads.display()),
-                );
-            }
-            let file = downloads.join(format!(
-                "{}-{id}",
-                d.artifact_sha256.get(..16).unwrap_or("artifact")
-            ));
-            let size =
-                match link::fetch_artifact(&ctl.url, &ctl.state_dir, &d.artifact_sha256, id, &file)
-                    .await
-                {
-                    Ok(n) => n,
-                    Err(e) => {
-                        return recorded(
-                            id,
-                            "failed",
-                            &d.release_id,
-                            format!("cannot fetch the artifact: {e}"),
-                        )
-                    }
-                };
-            progress(
-                out,
-                id,
-                "deploy",
-                format!("artifact verified ({size} bytes); deploying"),
-            )
-            .await;
-            let sha = d.artifact_sha256.clone();
-            let f = file.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app);
-                let mut session = store.begin("deploy", release.as_ref())?;
-                session.deploy(&DeployRequest {
-                    artifact: f,
-                    sha256: Some(sha),
-                    id: release,
-                })
-            })
-            .await;
-            let _ = std::fs::remove_file(&file);
-            match result {
-                Ok(Ok(r)) if r.outcome == "succeeded" => recorded(
-                    id,
-                    "succeeded",
-                    r.release.as_str(),
-                    format!(
-                        "{} ({}; {} files) in {:.0} ms{}",
-                        r.release,
-                        r.method,
-                        r.files,
-                        r.total_ms,
-                        r.health
-                            .as_ref()
-                            .map_or(String::new(), |h| format!("; healthy: {}", h.last.output))
-                    ),
-                ),
-                Ok(Ok(r)) => recorded(
-                    id,
-                    "rolled_back",
-                    r.release.as_str(),
-                    format!(
-                        "{}; {}",
-                        r.failure.unwrap_or_default(),
-                        r.restored.unwrap_or_default()
-                    ),
-                ),
-                Ok(Err(e)) => recorded(id, "failed", &d.release_id, e.to_string()),
-                Err(e) => recorded(
-                    id,
-                    "failed",
-                    &d.release_id,
-                    format!("deploy task failed: {e}"),
-                ),
-            }
+            deploy_outcome(id, &d.release_id, result)
         }
         Kind::Rollback(r) => {
             let app = match app_of(&r.app) {
@@ -492,6 +574,55 @@ mod tests {
         let again = result_of(&run_one(&config, &ctl, rollback).await);
         assert_eq!(again, first);
         assert_eq!(Ledger::load(&ctl.state_dir).results.len(), 1);
+    }
+
+    fn deploy_of(id: &str, sha: &str) -> controller_message::Kind {
+        controller_message::Kind::Deploy(slipway_proto::v1::Deploy {
+            command_id: id.into(),
+            app: "web".into(),
+            release_id: format!("r-{id}"),
+            artifact_sha256: sha.into(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cached_digest_is_not_fetched_from_the_controller_again() {
+        let (dir, config, ctl) = setup();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("VERSION"), "v1").unwrap();
+        let artifact = dir.path().join("v1.tar.gz");
+        crate::artifact::pack_dir(&src, &artifact, crate::artifact::Compression::Gzip).unwrap();
+        let sha = crate::release::hash_file(&artifact).unwrap();
+
+        // Not cached: the controller path is taken and fails (this node was
+        // never enrolled), leaving nothing in the cache.
+        let r = result_of(&run_one(&config, &ctl, deploy_of("c-4", &sha)).await);
+        assert_eq!(r.outcome, Outcome::Failed as i32);
+        assert!(
+            r.message.contains("cannot fetch the artifact"),
+            "{}",
+            r.message
+        );
+        let cache = dir.path().join("app/.slipway/cache");
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+
+        // Cached (an earlier deploy of the same digest): deployed without
+        // the controller.
+        std::fs::copy(&artifact, cache.join(&sha)).unwrap();
+        let msgs = run_one(&config, &ctl, deploy_of("c-5", &sha.to_uppercase())).await;
+        let r = result_of(&msgs);
+        assert_eq!(r.outcome, Outcome::Succeeded as i32, "{}", r.message);
+        assert_eq!(r.release_id, "r-c-5");
+        assert!(msgs.iter().any(|m| matches!(&m.kind,
+            Some(agent_message::Kind::Progress(p)) if p.message.contains("already cached"))));
+        let current = std::fs::read_to_string(dir.path().join("app/current/VERSION")).unwrap();
+        assert_eq!(current, "v1");
+
+        // A digest that is not one is refused before anything is fetched.
+        let r = result_of(&run_one(&config, &ctl, deploy_of("c-6", "abc")).await);
+        assert!(r.message.contains("64 hexadecimal"), "{}", r.message);
     }
 
     #[tokio::test]

@@ -82,6 +82,48 @@ pub struct RawConfig {
     pub apps: BTreeMap<String, RawApp>,
     /// `[controller]`: where the agent reports (absent: node-local only).
     pub controller: Option<RawController>,
+    /// `[artifacts]`: how artifacts are downloaded from HTTPS URLs.
+    pub artifacts: Option<RawArtifacts>,
+}
+
+/// `[artifacts]` as written.
+#[derive(Debug, Deserialize)]
+pub struct RawArtifacts {
+    pub ca_file: Option<String>,
+    pub max_size: Option<Size>,
+    pub connect_timeout: Option<DurationValue>,
+    pub read_timeout: Option<DurationValue>,
+}
+
+/// Largest artifact downloaded from a URL when `[artifacts] max_size` is not set.
+pub const DEFAULT_DOWNLOAD_MAX_SIZE: u64 = 2 << 30;
+/// Time allowed for the TCP connect and, separately, the TLS handshake.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed without a byte from the server (response head or body).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the agent downloads artifacts given as an HTTPS URL (see
+/// [`crate::download`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactsConfig {
+    /// A PEM file of extra CA certificates trusted besides the system roots
+    /// (an internal artifact server); checked when the config is read.
+    pub ca_file: Option<PathBuf>,
+    /// Refuse a download larger than this (by Content-Length or as streamed).
+    pub max_size: u64,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Default for ArtifactsConfig {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            max_size: DEFAULT_DOWNLOAD_MAX_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+        }
+    }
 }
 
 /// `[controller]` as written.
@@ -234,6 +276,8 @@ pub struct Config {
     pub path: PathBuf,
     pub apps: BTreeMap<String, AppConfig>,
     pub controller: Option<ControllerConfig>,
+    /// `[artifacts]`: downloads from HTTPS URLs.
+    pub artifacts: ArtifactsConfig,
 }
 
 /// One app, checked.
@@ -502,7 +546,14 @@ impl Config {
         // failing at the first, and reported together with any type error.
         let mut problems = Vec::new();
         let mut unknown = |path: serde_ignored::Path<'_>| {
-            let key = path.to_string();
+            // serde_ignored shows an optional table (`[controller]`,
+            // `[artifacts]`) as a `?` segment; the file has no such key.
+            let key = path
+                .to_string()
+                .split('.')
+                .filter(|part| *part != "?")
+                .collect::<Vec<_>>()
+                .join(".");
             let name = key.rsplit('.').next().unwrap_or(&key).to_owned();
             problems.push(ConfigProblem {
                 line: locate_key(text, &key),
@@ -686,11 +737,23 @@ impl Config {
                 state_dir,
             }
         });
+        let artifacts = match &raw.artifacts {
+            None => ArtifactsConfig::default(),
+            Some(a) => {
+                let mut p = Problems {
+                    text,
+                    prefix: "artifacts".into(),
+                    out: &mut problems,
+                };
+                artifacts_config(&mut p, a)
+            }
+        };
         if problems.is_empty() {
             Ok(Self {
                 path: path.to_owned(),
                 apps,
                 controller,
+                artifacts,
             })
         } else {
             Err(ConfigError::Invalid {
@@ -707,6 +770,36 @@ impl Config {
             path: self.path.clone(),
             known: self.apps.keys().cloned().collect(),
         })
+    }
+}
+
+/// Checks `[artifacts]`: the CA file must be an absolute path to readable
+/// PEM certificates, the limits positive.
+fn artifacts_config(p: &mut Problems<'_>, raw: &RawArtifacts) -> ArtifactsConfig {
+    let d = ArtifactsConfig::default();
+    let ca_file = raw.ca_file.as_ref().and_then(|f| {
+        let path = PathBuf::from(f);
+        if !path.is_absolute() {
+            p.push("ca_file", format!("{f:?} must be an absolute path"));
+            return None;
+        }
+        match crate::download::read_ca_file(&path) {
+            Ok(_) => Some(path),
+            Err(e) => {
+                p.push("ca_file", e.to_string());
+                None
+            }
+        }
+    });
+    ArtifactsConfig {
+        ca_file,
+        max_size: p.size("max_size", raw.max_size.as_ref(), d.max_size),
+        connect_timeout: p.duration(
+            "connect_timeout",
+            raw.connect_timeout.as_ref(),
+            d.connect_timeout,
+        ),
+        read_timeout: p.duration("read_timeout", raw.read_timeout.as_ref(), d.read_timeout),
     }
 }
 
@@ -1451,6 +1544,42 @@ timeout = "2m"
         let web = cfg.app("web").unwrap();
         assert_eq!(web.root, PathBuf::from("/app"));
         assert_eq!(web.shared_dirs.len(), 2);
+    }
+
+    #[test]
+    fn artifacts_settings_are_checked() {
+        let cfg = parse("[apps.web]\nroot = \"/app\"\n").unwrap();
+        assert_eq!(cfg.artifacts, ArtifactsConfig::default());
+        let cfg = parse(
+            "[apps.web]\nroot = \"/app\"\n[artifacts]\nmax_size = \"1MiB\"\nconnect_timeout = \"2s\"\nread_timeout = 7\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.artifacts.max_size, 1 << 20);
+        assert_eq!(cfg.artifacts.connect_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.artifacts.read_timeout, Duration::from_secs(7));
+        assert_eq!(cfg.artifacts.ca_file, None);
+        let err = parse(
+            "[apps.web]\nroot = \"/app\"\n\n[artifacts]\nca_file = \"/nonexistent/ca.pem\"\nread_timeout = \"0s\"\nretries = 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        // Unknown keys are reported first, alone, like elsewhere in the file.
+        assert!(err.contains(":7: artifacts.retries: unknown key"), "{err}");
+        let err = parse("[controller]\nurl = \"c:7443\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":3: controller.bogus: unknown key"), "{err}");
+        let err = parse(
+            "[apps.web]\nroot = \"/app\"\n\n[artifacts]\nca_file = \"/nonexistent/ca.pem\"\nread_timeout = \"0s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                ":5: artifacts.ca_file: cannot read the artifacts CA file /nonexistent/ca.pem"
+            ) && err.contains(":6: artifacts.read_timeout"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,10 +26,14 @@
 //!   from the controller, idempotent per command id.
 //! - [`uplink`]: the session `run` keeps with the controller (heartbeats,
 //!   reconnect with backoff and jitter).
+//! - [`state_watch`]: inotify on each app's `current` and journal, so
+//!   `uplink` heartbeats at once after a node-local deploy or rollback.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
 //! - [`artifact`]: packing a directory into a reproducible artifact.
+//! - [`download`]: artifacts fetched from an HTTPS URL + sha256 into the
+//!   app's artifact cache (deploy by URL, from the CLI or the controller).
 //! - [`cli`]: the `slipway-agent` command line over the modules above.
 //! - [`demo`]: the self-contained walk-through behind `slipway-agent demo`.
 //! - [`fault`]: crash points for the crash-safety tests.
@@ -39,6 +43,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod download;
 pub mod driver;
 pub mod durable;
 pub mod envfile;
@@ -49,5 +54,6 @@ pub mod liveness;
 pub mod logs;
 pub mod metrics;
 pub mod release;
+pub mod state_watch;
 pub mod supervise;
 pub mod uplink;

@@ -6,7 +6,10 @@
 //! — the first one at a random point of the first interval, so a fleet that
 //! reconnects together does not heartbeat together. When the session drops
 //! (or cannot be opened) it reconnects with exponential backoff and full
-//! jitter, capped at 60 s.
+//! jitter, capped at 60 s. A change of an app's `current` or journal (a
+//! node-local deploy or rollback from a shell, say) is sent at once as an
+//! extra heartbeat, so the fleet view does not lag an interval behind
+//! ([`crate::state_watch`]).
 //!
 //! Nothing here touches the apps: losing the controller leaves them running,
 //! their health checks and log rotation going, and node-local deploy and
@@ -22,6 +25,7 @@ use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::health::Liveness;
 use crate::link;
 use crate::release::Store;
+use crate::state_watch::StateWatcher;
 
 /// First reconnect delay ceiling; doubles per failed attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -40,6 +44,14 @@ pub async fn run(
     let mut rng = Jitter::seeded();
     let mut attempt: u32 = 0;
     let outbox = crate::commands::Outbox::default();
+    let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
+    let mut watch = match StateWatcher::new(&roots) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable; node-local changes reach the controller with the next heartbeat");
+            None
+        }
+    };
     loop {
         let hello = {
             let cfg = config.clone();
@@ -65,7 +77,7 @@ pub async fn run(
                 };
                 let renew_at = session.welcome.renew_cert_after_unix;
                 let ended = tokio::select! {
-                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng, &outbox) => e,
+                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng, &outbox, watch.as_mut()) => e,
                     () = &mut stop => return,
                 };
                 if ended.code == tonic::Code::PermissionDenied {
@@ -105,8 +117,10 @@ impl Ended {
     }
 }
 
-/// Heartbeats until the session breaks, renewing the certificate when the
+/// Heartbeats until the session breaks — on the interval, and at once when
+/// `watch` sees an app's state change — renewing the certificate when the
 /// controller said to; returns why it ended.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn serve(
     config: &Config,
     ctl: &ControllerConfig,
@@ -115,6 +129,7 @@ async fn serve(
     renew_at: i64,
     rng: &mut Jitter,
     outbox: &crate::commands::Outbox,
+    mut watch: Option<&mut StateWatcher>,
 ) -> Ended {
     outbox.attach(session.outbound.clone());
     // Staggered first beat: somewhere in the first interval.
@@ -136,14 +151,17 @@ async fn serve(
                         Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
                     }
                 }
-                let cfg = config.clone();
-                let beat = match tokio::task::spawn_blocking(move || heartbeat(&cfg)).await {
-                    Ok(b) => b,
-                    Err(e) => return Ended::other(format!("heartbeat task failed: {e}")),
-                };
-                let msg = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(beat)) };
-                if session.outbound.send(msg).await.is_err() {
-                    return Ended::other("the stream closed");
+                if let Some(w) = watch.as_deref_mut() {
+                    w.refresh();
+                }
+                if let Err(ended) = send_heartbeat(config, &session).await {
+                    return ended;
+                }
+            }
+            () = changed(watch.as_deref_mut()) => {
+                tracing::debug!("app state changed on disk; heartbeat now");
+                if let Err(ended) = send_heartbeat(config, &session).await {
+                    return ended;
                 }
             }
             msg = session.inbound.message() => match msg {
@@ -162,6 +180,30 @@ async fn serve(
             }
         }
     }
+}
+
+/// Resolves when `watch` reports a change; never without a watcher.
+async fn changed(watch: Option<&mut StateWatcher>) {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one heartbeat on the session.
+async fn send_heartbeat(config: &Config, session: &link::Session) -> Result<(), Ended> {
+    let cfg = config.clone();
+    let beat = tokio::task::spawn_blocking(move || heartbeat(&cfg))
+        .await
+        .map_err(|e| Ended::other(format!("heartbeat task failed: {e}")))?;
+    let msg = AgentMessage {
+        kind: Some(agent_message::Kind::Heartbeat(beat)),
+    };
+    session
+        .outbound
+        .send(msg)
+        .await
+        .map_err(|_| Ended::other("the stream closed"))
 }
 
 /// The full exponential step is `BASE * 2^attempt` capped at `CAP`; the delay

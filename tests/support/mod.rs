@@ -405,8 +405,8 @@ impl Controller {
 }
 
 impl Agent {
-    /// Stops `slipway-agent run` (the app keeps running under its
-    /// supervisor, as on a droplet whose agent died).
+    /// Stops `slipway-agent run` (SIGTERM): the node drops its controller
+    /// session; its apps keep running.
     pub fn stop_run(&mut self) {
         if let Some(mut c) = self.run.take() {
             terminate(&mut c);

@@ -1,5 +1,6 @@
 //! `slipway`: the CLI for CI jobs and people. Talks to the controller's
-//! Control API over TLS (trusting only `--ca`) with an API token.
+//! Control API over TLS (trusting only `--ca`) with an API token or an
+//! operator client certificate.
 //!
 //! Exit codes: 0 success; 1 a node failed (the output says which and why)
 //! or any other error; 64 bad arguments. `slipway status` exits 1 when a
@@ -27,8 +28,7 @@ use tokio::io::AsyncReadExt as _;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
-/// EX_USAGE.
-const EXIT_USAGE: u8 = 64;
+use slipway_controller::cli::EXIT_USAGE;
 /// Upload message size: well under gRPC's 4 MiB limit.
 const UPLOAD_CHUNK: usize = 256 * 1024;
 /// Upload messages read ahead of the network.
@@ -56,6 +56,25 @@ struct Cli {
     /// API token (`slipway-controller token api`).
     #[arg(long, env = "SLIPWAY_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// Operator client certificate (`slipway-controller operator create`),
+    /// used instead of a token; needs --key.
+    #[arg(
+        long,
+        env = "SLIPWAY_CERT",
+        global = true,
+        value_name = "FILE",
+        requires = "key"
+    )]
+    cert: Option<PathBuf>,
+    /// Private key of --cert.
+    #[arg(
+        long,
+        env = "SLIPWAY_KEY",
+        global = true,
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -323,7 +342,10 @@ struct AuditArgs {
 struct Usage(String);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match slipway_controller::cli::parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     slipway_controller::crypto::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -350,7 +372,8 @@ fn main() -> ExitCode {
 
 struct Api {
     client: ControlClient<Channel>,
-    token: MetadataValue<Ascii>,
+    /// None when the caller is the operator certificate of the channel.
+    token: Option<MetadataValue<Ascii>>,
 }
 
 async fn api(cli: &Cli) -> anyhow::Result<Api> {
@@ -361,16 +384,34 @@ async fn api(cli: &Cli) -> anyhow::Result<Api> {
         .ca
         .as_deref()
         .ok_or_else(|| Usage("no CA: give --ca FILE or set SLIPWAY_CA".to_owned()))?;
-    let token = cli
-        .token
-        .as_deref()
-        .ok_or_else(|| Usage("no API token: give --token or set SLIPWAY_TOKEN".to_owned()))?;
+    let identity = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => {
+            Some(client::load_identity(cert, key).map_err(|e| Usage(e.to_string()))?)
+        }
+        _ => None,
+    };
+    let token = match (cli.token.as_deref(), &identity) {
+        (Some(token), _) => Some(client::bearer(token).map_err(|e| Usage(e.to_string()))?),
+        (None, Some(_)) => None,
+        (None, None) => {
+            return Err(Usage(
+                "no credentials: give --token (SLIPWAY_TOKEN), or --cert and --key (SLIPWAY_CERT, SLIPWAY_KEY)"
+                    .to_owned(),
+            )
+            .into())
+        }
+    };
     let roots = client::load_ca(ca).map_err(|e| Usage(e.to_string()))?;
-    let channel = client::connect(controller, roots).await?;
+    let channel = client::connect_as(controller, roots, identity)
+        .await
+        .map_err(|e| match e {
+            client::ClientError::Identity { .. } => anyhow::Error::from(Usage(e.to_string())),
+            other => other.into(),
+        })?;
     Ok(Api {
         // Large fleets' node lists can exceed the 4 MiB default.
         client: ControlClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
-        token: client::bearer(token).map_err(|e| Usage(e.to_string()))?,
+        token,
     })
 }
 
@@ -439,7 +480,9 @@ async fn upload(api: &mut Api, path: &Path, sha256: &str, quiet: bool) -> anyhow
         .map_err(|s| status_error("upload refused", s))?
         .into_inner();
     if quiet {
-    } else if response.already_present {
+        return Ok(());
+    }
+    if response.already_present {
         println!(
             "artifact {} already on the controller ({} bytes)",
             response.sha256, response.size

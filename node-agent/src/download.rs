@@ -1,0 +1,645 @@
+//! Artifacts the agent downloads itself from an HTTPS URL (issue 4: "an
+//! HTTPS URL + sha256 that agents download themselves is also accepted").
+//!
+//! The download lands in the app's artifact cache (`.slipway/cache/`), the
+//! same content-addressed cache every deploy copies its artifact into, under
+//! its sha256. A digest already cached (and still intact) is therefore never
+//! downloaded again, and the deploy that follows finds the artifact where it
+//! looks first. The caller holds the app's lock while downloading, so a
+//! concurrent prune cannot remove the file between download and deploy.
+//!
+//! What is refused, each with an error naming the URL: any scheme but
+//! `https`, a server certificate that does not verify against the system
+//! roots plus the optional `[artifacts] ca_file`, a redirect to anything but
+//! `https` or more than [`MAX_REDIRECTS`] of them, a non-2xx status, a body
+//! over `[artifacts] max_size` (by `Content-Length` or as streamed), and a
+//! body whose sha256 is not the expected one. The body is streamed to a temp
+//! file in the cache while hashed, never held in memory; the temp file is
+//! renamed to `<sha256>` only when the digest matches and removed otherwise
+//! (also when the download is cancelled).
+//!
+//! Connection errors, timeouts and 5xx statuses are retried
+//! ([`ATTEMPTS`] in all, with a growing pause); 4xx, TLS verification
+//! failures, size and digest errors are not: trying again cannot fix them.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{StatusCode, Uri};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::ArtifactsConfig;
+use crate::durable;
+
+/// Redirects followed before giving up (each must stay on https).
+pub const MAX_REDIRECTS: usize = 5;
+/// Attempts in all for an error worth retrying (connection, timeout, 5xx).
+pub const ATTEMPTS: u32 = 3;
+/// Pause before the second attempt; doubled before each later one.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How often a running download reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// Sent as `User-Agent`, so a server's logs say who downloaded.
+const USER_AGENT: &str = concat!("slipway-agent/", env!("CARGO_PKG_VERSION"));
+
+/// Why an artifact could not be downloaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("refusing artifact URL {url}: only https:// URLs are accepted")]
+    NotHttps { url: String },
+    #[error("artifact URL {url} is not usable: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("sha256 {value:?} is not 64 hexadecimal characters")]
+    BadSha256 { value: String },
+    #[error("cannot read the artifacts CA file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("no trusted roots to verify {url} against: the system has none and no [artifacts] ca_file is set")]
+    NoRoots { url: String },
+    #[error("cannot connect to {authority} for {url}: {source}")]
+    Connect {
+        url: String,
+        authority: String,
+        source: io::Error,
+    },
+    #[error("TLS handshake with {authority} failed for {url}: {source}")]
+    Tls {
+        url: String,
+        authority: String,
+        source: io::Error,
+    },
+    #[error("timed out after {after:?} {during} for {url}")]
+    Timeout {
+        url: String,
+        during: &'static str,
+        after: Duration,
+    },
+    #[error("HTTP exchange with {url} failed: {source}")]
+    Http { url: String, source: hyper::Error },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("{url} redirected with HTTP {status} but without a usable Location ({location:?})")]
+    BadRedirect {
+        url: String,
+        status: StatusCode,
+        location: String,
+    },
+    #[error("refusing the redirect from {from} to {to}: only https:// is followed")]
+    InsecureRedirect { from: String, to: String },
+    #[error("more than {MAX_REDIRECTS} redirects, starting at {url}")]
+    TooManyRedirects { url: String },
+    #[error("artifact at {url} is larger than the limit of {limit} bytes ({what})")]
+    TooLarge {
+        url: String,
+        limit: u64,
+        what: String,
+    },
+    #[error("artifact from {url} has sha256 {actual}, expected {expected}")]
+    Digest {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("giving up after {attempts} attempts: {last}")]
+    GaveUp {
+        attempts: u32,
+        last: Box<DownloadError>,
+    },
+}
+
+impl DownloadError {
+    /// True for failures another attempt may not hit: connection trouble,
+    /// timeouts and server errors.
+    fn retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Http { .. } => true,
+            Self::Status { status, .. } => status.is_server_error(),
+            _ => false,
+        }
+    }
+
+    /// True when the request itself was wrong (bad URL or digest), not the
+    /// server or the network: the CLI exits with its usage code for these.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::NotHttps { .. } | Self::BadUrl { .. } | Self::BadSha256 { .. }
+        )
+    }
+
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
+/// An artifact in the cache, ready for [`crate::release::Session::deploy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// `<cache>/<sha256>`.
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// True when the digest was already cached and nothing was downloaded.
+    pub cached: bool,
+}
+
+/// Checks a sha256 given on the command line or in a command: 64 hex
+/// characters, returned in lower case (the cache's spelling).
+pub fn normalize_sha256(value: &str) -> Result<String, DownloadError> {
+    let v = value.trim().to_ascii_lowercase();
+    if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(v)
+    } else {
+        Err(DownloadError::BadSha256 {
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// Checks that `url` is an absolute https URL this client can fetch.
+pub fn parse_url(url: &str) -> Result<Uri, DownloadError> {
+    let bad = |reason: &str| DownloadError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if !url.contains("://") {
+        return Err(bad("not an absolute URL (https://host/path)"));
+    }
+    let uri: Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some(_) => {
+            return Err(DownloadError::NotHttps {
+                url: url.to_owned(),
+            })
+        }
+        None => return Err(bad("not an absolute URL (https://host/path)")),
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(bad("no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(bad("credentials in the URL are not supported"));
+    }
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok(uri)
+}
+
+/// Makes sure `<cache_dir>/<sha256>` holds the artifact at `url`: reuses an
+/// intact cached copy, else downloads it (see the module docs for what is
+/// checked and retried). `progress` gets a line now and then for the
+/// operator (bytes so far, percent when the size is known).
+pub async fn fetch(
+    url: &str,
+    sha256: &str,
+    cache_dir: &Path,
+    settings: &ArtifactsConfig,
+    progress: &mut (dyn FnMut(String) + Send),
+) -> Result<Fetched, DownloadError> {
+    let expected = normalize_sha256(sha256)?;
+    let uri = parse_url(url)?;
+    if let Some(hit) = cached(cache_dir, &expected)? {
+        progress(format!(
+            "artifact {expected} is already cached; not downloading {url}"
+        ));
+        return Ok(hit);
+    }
+    let dest = cache_dir.join(&expected);
+    let tls = Arc::new(client_config(url, settings.ca_file.as_deref())?);
+    let mut pause = FIRST_RETRY_PAUSE;
+    let mut attempt = 1;
+    loop {
+        match attempt_once(&uri, url, &expected, &dest, settings, &tls, progress).await {
+            Ok(bytes) => {
+                return Ok(Fetched {
+                    path: dest,
+                    bytes,
+                    cached: false,
+                })
+            }
+            Err(e) if e.retryable() && attempt < ATTEMPTS => {
+                progress(format!(
+                    "attempt {attempt} of {ATTEMPTS} failed ({e}); retrying in {pause:?}"
+                ));
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            Err(e) if e.retryable() => {
+                return Err(DownloadError::GaveUp {
+                    attempts: attempt,
+                    last: Box::new(e),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The artifact with digest `expected` (lower-case hex) if the cache holds
+/// it intact; a damaged entry is removed so a fresh copy can take its place.
+pub fn cached(cache_dir: &Path, expected: &str) -> Result<Option<Fetched>, DownloadError> {
+    let path = cache_dir.join(expected);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let actual = crate::release::hash_file(&path).map_err(DownloadError::io("read", &path))?;
+    if actual != expected {
+        fs::remove_file(&path).map_err(DownloadError::io("remove", &path))?;
+        return Ok(None);
+    }
+    let bytes = fs::metadata(&path)
+        .map_err(DownloadError::io("stat", &path))?
+        .len();
+    Ok(Some(Fetched {
+        path,
+        bytes,
+        cached: true,
+    }))
+}
+
+/// The client TLS config: system roots plus the configured extra CA, ring.
+fn client_config(url: &str, ca_file: Option<&Path>) -> Result<ClientConfig, DownloadError> {
+    let mut roots = RootCertStore::empty();
+    // Unreadable system certificates are skipped, as every TLS client does;
+    // an empty result is caught below.
+    let system = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        for cert in read_ca_file(path)? {
+            roots.add(cert).map_err(|e| DownloadError::CaFile {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(DownloadError::NoRoots {
+            url: url.to_owned(),
+        });
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DownloadError::CaFile {
+            path: ca_file.map(Path::to_owned).unwrap_or_default(),
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The certificates in a PEM file (at least one).
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, DownloadError> {
+    let fail = |reason: String| DownloadError::CaFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let data = fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(fail("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+/// Removes the temp file unless the download was kept (also on
+/// cancellation, when the future is dropped mid-download).
+struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// One attempt: follows redirects, streams the body into a temp file in the
+/// cache, checks size and digest, renames into `dest`. Returns the size.
+async fn attempt_once(
+    start: &Uri,
+    url: &str,
+    expected: &str,
+    dest: &Path,
+    settings: &ArtifactsConfig,
+    tls: &Arc<ClientConfig>,
+    progress: &mut (dyn FnMut(String) + Send),
+) -> Result<u64, DownloadError> {
+    let mut uri = start.clone();
+    let mut redirects = 0;
+    let response = loop {
+        let here = uri.to_string();
+        let response = get(&uri, &here, settings, tls).await?;
+        let status = response.status();
+        if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let next = resolve(&uri, &location).ok_or_else(|| DownloadError::BadRedirect {
+                url: here.clone(),
+                status,
+                location: location.clone(),
+            })?;
+            if next.scheme_str() != Some("https") {
+                return Err(DownloadError::InsecureRedirect {
+                    from: here,
+                    to: location,
+                });
+            }
+            redirects += 1;
+            if redirects > MAX_REDIRECTS {
+                return Err(DownloadError::TooManyRedirects {
+                    url: url.to_owned(),
+                });
+            }
+            progress(format!("{here} redirects to {next}"));
+            uri = next;
+            continue;
+        }
+        if !status.is_success() {
+            return Err(DownloadError::Status { url: here, status });
+        }
+        break response;
+    };
+    let here = uri.to_string();
+    let limit = settings.max_size;
+    let total = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = total {
+        if n > limit {
+            return Err(DownloadError::TooLarge {
+                url: here,
+                limit,
+                what: format!("Content-Length is {n}"),
+            });
+        }
+    }
+    let cache_dir = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(cache_dir).map_err(DownloadError::io("create", cache_dir))?;
+    let tmp = TempFile {
+        path: durable::temp_sibling(&cache_dir.join("download"), "part"),
+        keep: false,
+    };
+    let mut file = tokio::fs::File::create(&tmp.path)
+        .await
+        .map_err(DownloadError::io("create", &tmp.path))?;
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut body = response.into_body();
+    let mut last_report = Instant::now();
+    loop {
+        let frame = tokio::time::timeout(settings.read_timeout, body.frame())
+            .await
+            .map_err(|_| DownloadError::Timeout {
+                url: here.clone(),
+                during: "waiting for the body",
+                after: settings.read_timeout,
+            })?;
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|source| DownloadError::Http {
+            url: here.clone(),
+            source,
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        received += data.len() as u64;
+        if received > limit {
+            return Err(DownloadError::TooLarge {
+                url: here,
+                limit,
+                what: format!("more than {limit} bytes were sent"),
+            });
+        }
+        hasher.update(&data);
+        file.write_all(&data)
+            .await
+            .map_err(DownloadError::io("write", &tmp.path))?;
+        if last_report.elapsed() >= PROGRESS_EVERY {
+            last_report = Instant::now();
+            progress(match total {
+                Some(t) if t > 0 => format!(
+                    "downloaded {received} of {t} bytes ({}%)",
+                    received * 100 / t
+                ),
+                _ => format!("downloaded {received} bytes"),
+            });
+        }
+    }
+    file.sync_all()
+        .await
+        .map_err(DownloadError::io("sync", &tmp.path))?;
+    drop(file);
+    let actual = hex::encode(hasher.finalize());
+    if actual != expected {
+        return Err(DownloadError::Digest {
+            url: here,
+            expected: expected.to_owned(),
+            actual,
+        });
+    }
+    fs::rename(&tmp.path, dest).map_err(DownloadError::io("store", dest))?;
+    let mut tmp = tmp;
+    tmp.keep = true;
+    progress(format!(
+        "downloaded {received} bytes from {here}; sha256 verified"
+    ));
+    Ok(received)
+}
+
+/// One GET over a fresh connection (an artifact is one big request; no pool
+/// needed). Returns the response with its body still to be read.
+async fn get(
+    uri: &Uri,
+    url: &str,
+    settings: &ArtifactsConfig,
+    tls: &Arc<ClientConfig>,
+) -> Result<hyper::Response<hyper::body::Incoming>, DownloadError> {
+    let authority = uri
+        .authority()
+        .ok_or_else(|| DownloadError::BadUrl {
+            url: url.to_owned(),
+            reason: "no host".into(),
+        })?
+        .clone();
+    // `host()` keeps an IPv6 literal's brackets; the socket and the
+    // certificate check want the bare address.
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = authority.port_u16().unwrap_or(443);
+    let timeout = |during| DownloadError::Timeout {
+        url: url.to_owned(),
+        during,
+        after: settings.connect_timeout,
+    };
+    let tcp = tokio::time::timeout(
+        settings.connect_timeout,
+        TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| timeout("connecting"))?
+    .map_err(|source| DownloadError::Connect {
+        url: url.to_owned(),
+        authority: authority.to_string(),
+        source,
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(host.clone()).map_err(|e| DownloadError::BadUrl {
+        url: url.to_owned(),
+        reason: format!("host {host:?}: {e}"),
+    })?;
+    let stream = tokio::time::timeout(
+        settings.connect_timeout,
+        TlsConnector::from(Arc::clone(tls)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| timeout("in the TLS handshake"))?
+    .map_err(|source| DownloadError::Tls {
+        url: url.to_owned(),
+        authority: authority.to_string(),
+        source,
+    })?;
+    let http_err = |source| DownloadError::Http {
+        url: url.to_owned(),
+        source,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http_err)?;
+    // The connection task ends when the response body is read or dropped.
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "artifact download connection ended");
+        }
+    });
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = hyper::Request::get(path)
+        .header(http::header::HOST, authority.as_str())
+        .header(http::header::USER_AGENT, USER_AGENT)
+        .header(http::header::ACCEPT_ENCODING, "identity")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| DownloadError::BadUrl {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+    tokio::time::timeout(settings.read_timeout, sender.send_request(request))
+        .await
+        .map_err(|_| DownloadError::Timeout {
+            url: url.to_owned(),
+            during: "waiting for the response",
+            after: settings.read_timeout,
+        })?
+        .map_err(http_err)
+}
+
+/// Resolves a `Location` against the URL that answered with it (absolute,
+/// scheme-relative, absolute-path and relative-path references).
+fn resolve(base: &Uri, location: &str) -> Option<Uri> {
+    let location = location.trim();
+    if location.is_empty() {
+        return None;
+    }
+    if location.contains("://") {
+        return location.parse().ok();
+    }
+    let scheme = base.scheme_str()?;
+    if let Some(rest) = location.strip_prefix("//") {
+        return format!("{scheme}://{rest}").parse().ok();
+    }
+    let authority = base.authority()?;
+    if location.starts_with('/') {
+        return format!("{scheme}://{authority}{location}").parse().ok();
+    }
+    let dir = base.path().rsplit_once('/').map_or("", |(dir, _)| dir);
+    format!("{scheme}://{authority}{dir}/{location}")
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_absolute_https_urls_are_accepted() {
+        assert!(parse_url("https://example.com/a.tar.gz").is_ok());
+        assert!(parse_url("https://[::1]:8443/a").is_ok());
+        for (url, want) in [
+            ("http://example.com/a.tar.gz", "only https://"),
+            ("ftp://example.com/a", "only https://"),
+            ("example.com/a", "not an absolute URL"),
+            ("https://user:pw@example.com/a", "credentials"),
+            ("https://exa mple.com/a", "not usable"),
+        ] {
+            let e = parse_url(url).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(url), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn digests_are_checked_and_lowercased() {
+        let upper = "AB".repeat(32);
+        assert_eq!(normalize_sha256(&upper).unwrap(), "ab".repeat(32));
+        assert!(normalize_sha256("abc").is_err());
+        assert!(normalize_sha256(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn redirect_locations_resolve_against_the_current_url() {
+        let base: Uri = "https://a.example:8443/dir/file.tar.gz?x=1"
+            .parse()
+            .unwrap();
+        let r = |l: &str| resolve(&base, l).map(|u| u.to_string());
+        assert_eq!(r("https://b.example/x").unwrap(), "https://b.example/x");
+        assert_eq!(r("http://b.example/x").unwrap(), "http://b.example/x");
+        assert_eq!(r("//c.example/y").unwrap(), "https://c.example/y");
+        assert_eq!(r("/z?q=2").unwrap(), "https://a.example:8443/z?q=2");
+        assert_eq!(
+            r("other.tar.gz").unwrap(),
+            "https://a.example:8443/dir/other.tar.gz"
+        );
+        assert_eq!(r(""), None);
+    }
+}
