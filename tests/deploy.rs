@@ -209,3 +209,166 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
     assert_eq!(failed["details"]["failed_nodes"][0]["node_name"], "n2");
     let _ = fs::remove_dir_all(work.path());
 }
+
+/// An HTTPS file server (Python's, with TLS) on 127.0.0.1 serving `dir`,
+/// with a certificate for 127.0.0.1 from a CA made here; logs each request
+/// path to `<dir>/../hits`.
+struct HttpsFiles {
+    child: std::process::Child,
+    port: u16,
+    ca_pem: std::path::PathBuf,
+    hits: std::path::PathBuf,
+}
+
+const HTTPS_SERVER: &str = r#"import http.server, ssl, sys
+root, cert, key, port_file, hits = sys.argv[1:6]
+class H(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **k):
+        super().__init__(*a, directory=root, **k)
+    def log_message(self, fmt, *a):
+        with open(hits, "a") as f:
+            f.write(self.path + "\n")
+httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+with open(port_file + ".tmp", "w") as f:
+    f.write(str(httpd.server_address[1]))
+import os
+os.rename(port_file + ".tmp", port_file)
+httpd.serve_forever()
+"#;
+
+impl HttpsFiles {
+    fn start(work: &std::path::Path, files: &std::path::Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let ca_pem = work.join("artifact-ca.pem");
+        fs::write(&ca_pem, ca_cert.pem()).unwrap();
+        fs::write(work.join("https.pem"), cert.pem()).unwrap();
+        fs::write(work.join("https.key"), key.serialize_pem()).unwrap();
+        fs::write(work.join("https.py"), HTTPS_SERVER).unwrap();
+        let port_file = work.join("https.port");
+        let hits = work.join("hits");
+        let child = std::process::Command::new("python3")
+            .arg(work.join("https.py"))
+            .arg(files)
+            .arg(work.join("https.pem"))
+            .arg(work.join("https.key"))
+            .arg(&port_file)
+            .arg(&hits)
+            .spawn()
+            .unwrap();
+        wait_until("the HTTPS server", Duration::from_secs(20), || {
+            port_file.exists()
+        });
+        let port = fs::read_to_string(&port_file).unwrap().parse().unwrap();
+        Self {
+            child,
+            port,
+            ca_pem,
+            hits,
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("https://127.0.0.1:{}/{name}", self.port)
+    }
+
+    fn hits(&self) -> usize {
+        fs::read_to_string(&self.hits)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+}
+
+impl Drop for HttpsFiles {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn slipway_deploy_url_has_every_agent_download_and_check_the_artifact_itself() {
+    let controller = Controller::start();
+    let work = tempfile::tempdir().unwrap();
+    let files = work.path().join("files");
+    fs::create_dir_all(&files).unwrap();
+    let v1 = artifact(&files, "v1", APP);
+    let sha1 = sha256_file(&v1);
+    let other = artifact(work.path(), "v2", APP);
+    let wrong = sha256_file(&other);
+    let server = HttpsFiles::start(work.path(), &files);
+
+    let mut agents: Vec<Agent> = ["n1", "n2"]
+        .iter()
+        .map(|n| Agent::enroll(&controller, n))
+        .collect();
+    for a in &mut agents {
+        // The artifact server's CA, as a droplet would trust its own.
+        let mut config = fs::read_to_string(&a.config).unwrap();
+        config.push_str(&format!(
+            "\n[artifacts]\nca_file = \"{}\"\n",
+            server.ca_pem.display()
+        ));
+        fs::write(&a.config, config).unwrap();
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    wait_until("two online nodes", Duration::from_secs(30), || {
+        online(&controller, &reader) == 2
+    });
+
+    let url = server.url("v1.tar.gz");
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "deploy", "web", "--url", &url, "--sha256", &sha1, "--id", "v1", "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 of 2 nodes succeeded"),
+        "{}",
+        text(&out)
+    );
+    for a in &agents {
+        assert_eq!(a.get().as_deref(), Some("v1"), "{}", a.name);
+    }
+    // Each agent fetched it itself; the controller never had it.
+    assert_eq!(server.hits(), 2);
+    let uploaded = controller.data_dir().join("artifacts").join(&sha1);
+    assert!(!uploaded.exists());
+
+    // A digest that does not match what the URL serves: every node refuses
+    // it and keeps serving v1.
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "deploy", "web", "--url", &url, "--sha256", &wrong, "--id", "v2", "--wait",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("2 of 2 nodes failed"), "{said}");
+    assert!(
+        said.contains(&format!("has sha256 {sha1}, expected {wrong}")),
+        "{said}"
+    );
+    for a in &agents {
+        assert_eq!(a.get().as_deref(), Some("v1"), "{}", a.name);
+        assert!(!a.root.join("releases/v2").exists(), "{}", a.name);
+    }
+}
