@@ -152,6 +152,7 @@ sys.exit(0 if ok else 1)' && break
   sleep 0.2
 done
 say "fleet health"
+show "$BIN/slipway" status --refresh
 show "$BIN/slipway" nodes
 show "$BIN/slipway" releases web
 show "$BIN/slipway" audit --since 1h

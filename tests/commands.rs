@@ -275,7 +275,7 @@ fn restart_prune_and_status_across_three_agents() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         stdout(&out)
-            .matches("SUCCEEDED: removed 0 release(s)")
+            .matches("SUCCEEDED: removed no release")
             .count(),
         3,
         "{}",

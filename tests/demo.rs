@@ -39,8 +39,21 @@ fn fleet_demo_runs_end_to_end() {
             "demo output lacks {needle:?}:\n{stdout}"
         );
     }
-    // The fleet view lists the three nodes online.
-    assert_eq!(stdout.matches(" online ").count(), 3, "{stdout}");
+    // `slipway status --refresh`: all three online and healthy, exit 0;
+    // `slipway nodes` lists them online too.
+    assert!(stdout.contains("nodes: 3 (3 online)"), "{stdout}");
+    assert!(
+        stdout.contains("OK: every node online, every app healthy"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("n-") && l.contains(" online "))
+            .count(),
+        3,
+        "{stdout}"
+    );
     // `slipway releases web`: v3 failed on n2, v2 marked bad on n3.
     assert!(
         stdout

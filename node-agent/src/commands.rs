@@ -467,7 +467,11 @@ async fn run(
                         id,
                         "succeeded",
                         "",
-                        format!("removed {} release(s): {}", ids.len(), ids.join(", ")),
+                        if ids.is_empty() {
+                            "removed no release".to_owned()
+                        } else {
+                            format!("removed {} release(s): {}", ids.len(), ids.join(", "))
+                        },
                     )
                 }
                 Ok(Err(e)) => recorded(id, "failed", "", e.to_string()),

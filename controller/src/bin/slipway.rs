@@ -100,6 +100,7 @@ enum Command {
     /// apps with their check's output, agent drift, last deployments.
     /// Exits 0 when every node is online and every app healthy, 1 naming
     /// what is not (for `watch` and monitoring).
+    #[command(visible_alias = "fleet")]
     Status(StatusArgs),
     /// Restart an app's current release on the selected nodes (behind its
     /// health gate), all at once or rolling (--strategy), following it to
