@@ -8,41 +8,17 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
 use std::process::{Command, Output};
 
 use support::{artifact, bin, sha256_file, Agent, Controller};
 
-/// `slipway --controller … --ca … --cert … --key … <args>`.
-fn slipway_as(controller: &Controller, cert: &Path, key: &Path, args: &[&str]) -> Output {
-    Command::new(bin("slipway"))
-        .arg("--controller")
-        .arg(controller.url())
-        .arg("--ca")
-        .arg(controller.ca_pem())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .args(args)
-        .env_remove("SLIPWAY_TOKEN")
-        .output()
-        .unwrap()
-}
-
+/// What a command printed: stdout, then stderr.
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn audit(controller: &Controller) -> Vec<serde_json::Value> {
-    let token = controller.api_token("read");
-    let out = controller.slipway(&token, &["audit", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -74,7 +50,7 @@ fn an_operator_certificate_works_like_a_scoped_token_until_revoked() {
         .to_owned();
 
     // Reads with the certificate alone (no token anywhere).
-    let nodes = slipway_as(&controller, &cert, &key, &["nodes", "--json"]);
+    let nodes = controller.slipway_as(&cert, &key, &["nodes", "--json"]);
     assert!(nodes.status.success(), "{}", text(&nodes));
     let nodes: Vec<serde_json::Value> = serde_json::from_slice(&nodes.stdout).unwrap();
     assert_eq!(nodes.len(), 1);
@@ -84,12 +60,7 @@ fn an_operator_certificate_works_like_a_scoped_token_until_revoked() {
     let art = artifact(dir.path(), "v1", "web");
     let sha = sha256_file(&art);
     let art_arg = art.to_str().unwrap();
-    let refused = slipway_as(
-        &controller,
-        &cert,
-        &key,
-        &["deploy", "api", art_arg, "--sha", &sha],
-    );
+    let refused = controller.slipway_as(&cert, &key, &["deploy", "api", art_arg, "--sha", &sha]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
     assert!(text(&refused).contains(&id), "{}", text(&refused));
     assert!(text(&refused).contains("deploy:web"), "{}", text(&refused));
@@ -102,11 +73,11 @@ fn an_operator_certificate_works_like_a_scoped_token_until_revoked() {
     assert!(listed[0]["revoked_at"].is_null());
     let revoked = controller.cli(&["operator", "revoke", "ci"]);
     assert!(revoked.status.success(), "{}", text(&revoked));
-    let after = slipway_as(&controller, &cert, &key, &["nodes"]);
+    let after = controller.slipway_as(&cert, &key, &["nodes"]);
     assert_eq!(after.status.code(), Some(1), "{}", text(&after));
     assert!(text(&after).contains("revoked"), "{}", text(&after));
 
-    let events = audit(&controller);
+    let events = controller.audit(&controller.api_token("read"));
     let of = |t: &str| events.iter().filter(|e| e["event_type"] == t).count();
     assert_eq!(of("OPERATOR_CREATED"), 1);
     assert_eq!(of("OPERATOR_REVOKED"), 1);

@@ -13,7 +13,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{artifact, sha256_file, wait_until, Agent, Controller};
+use support::{artifact, json, sha256_file, stderr, stdout, text, wait_until, Agent, Controller};
 
 /// The test app, whose health endpoint fails (HTTP 500 "sick") while the
 /// file named by `SICK_FILE` (from the app's shared `.env`) exists.
@@ -33,27 +33,6 @@ class H(http.server.BaseHTTPRequestHandler):
 socketserver.TCPServer.allow_reuse_address = True
 socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
-}
 
 /// Where `agent`'s app looks for the file that makes it sick.
 fn sick_file(agent: &Agent) -> PathBuf {
@@ -99,10 +78,7 @@ fn nodes_on(status: &Value, release: &str) -> Vec<String> {
 #[test]
 fn restart_prune_and_status_across_three_agents() {
     let controller = Controller::start();
-    let mut agents: Vec<Agent> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| Agent::enroll(&controller, n))
-        .collect();
+    let mut agents = Agent::enroll_all(&controller, &["n1", "n2", "n3"]);
     for a in &mut agents {
         let env = a.root.join("shared/.env");
         let mut vars = fs::read_to_string(&env).unwrap();
@@ -112,35 +88,14 @@ fn restart_prune_and_status_across_three_agents() {
     }
     let reader = controller.api_token("read");
     let deployer = controller.api_token("deploy:web");
-    wait_until("three online nodes", Duration::from_secs(30), || {
-        let out = controller.slipway(&reader, &["nodes", "--json"]);
-        out.status.success()
-            && serde_json::from_slice::<Vec<Value>>(&out.stdout)
-                .unwrap()
-                .iter()
-                .filter(|n| n["state"] == "online")
-                .count()
-                == 3
-    });
+    controller.wait_online(&reader, 3, Duration::from_secs(30));
 
     // Three releases everywhere, so there is something to prune.
     let work = tempfile::tempdir().unwrap();
     for version in ["v1", "v2", "v3"] {
         let art = artifact(work.path(), version, FLAKY_APP);
         let sha = sha256_file(&art);
-        let out = controller.slipway(
-            &deployer,
-            &[
-                "deploy",
-                "web",
-                art.to_str().unwrap(),
-                "--sha",
-                &sha,
-                "--id",
-                version,
-                "--wait",
-            ],
-        );
+        let out = controller.deploy_web(&deployer, &art, &sha, version, &["--wait"]);
         assert!(out.status.success(), "{}", text(&out));
     }
     for a in &agents {

@@ -8,63 +8,29 @@
 mod support;
 
 use std::fs;
-use std::process::Output;
 use std::time::Duration;
 
-use support::{artifact, sha256_file, wait_until, Agent, Controller, APP};
+use support::{artifact, sha256_file, text, wait_until, Agent, Controller, APP};
 
 /// An app that dies at once: its health gate fails and the agent rolls back.
 const BROKEN_APP: &str = "import sys\nsys.exit(3)\n";
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn online(controller: &Controller, token: &str) -> usize {
-    let out = controller.slipway(token, &["nodes", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    nodes.iter().filter(|n| n["state"] == "online").count()
-}
-
 #[test]
 fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
     let controller = Controller::start();
-    let mut agents: Vec<Agent> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| Agent::enroll(&controller, n))
-        .collect();
+    let mut agents = Agent::enroll_all(&controller, &["n1", "n2", "n3"]);
     for a in &mut agents {
         a.run();
     }
     let reader = controller.api_token("read");
     let deployer = controller.api_token("deploy:web");
-    wait_until("three online nodes", Duration::from_secs(30), || {
-        online(&controller, &reader) == 3
-    });
+    controller.wait_online(&reader, 3, Duration::from_secs(30));
 
     // A read token cannot deploy.
     let work = tempfile::tempdir().unwrap();
     let v1 = artifact(work.path(), "v1", APP);
     let sha1 = sha256_file(&v1);
-    let refused = controller.slipway(
-        &reader,
-        &[
-            "deploy",
-            "web",
-            v1.to_str().unwrap(),
-            "--sha",
-            &sha1,
-            "--id",
-            "v1",
-            "--wait",
-        ],
-    );
+    let refused = controller.deploy_web(&reader, &v1, &sha1, "v1", &["--wait"]);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"),
@@ -73,19 +39,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
     );
 
     // Upload once, deploy everywhere.
-    let out = controller.slipway(
-        &deployer,
-        &[
-            "deploy",
-            "web",
-            v1.to_str().unwrap(),
-            "--sha",
-            &sha1,
-            "--id",
-            "v1",
-            "--wait",
-        ],
-    );
+    let out = controller.deploy_web(&deployer, &v1, &sha1, "v1", &["--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("uploaded artifact"), "{stdout}");
@@ -107,21 +61,7 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
     // to v1, the CLI exits non-zero and says which node and why.
     let bad = artifact(work.path(), "v2", BROKEN_APP);
     let sha2 = sha256_file(&bad);
-    let out = controller.slipway(
-        &deployer,
-        &[
-            "deploy",
-            "web",
-            bad.to_str().unwrap(),
-            "--sha",
-            &sha2,
-            "--id",
-            "v2",
-            "--wait",
-            "--node",
-            "n2",
-        ],
-    );
+    let out = controller.deploy_web(&deployer, &bad, &sha2, "v2", &["--wait", "--node", "n2"]);
     assert!(!out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -140,42 +80,14 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
     }
 
     // The same artifact again is not uploaded twice.
-    let again = controller.slipway(
-        &deployer,
-        &[
-            "deploy",
-            "web",
-            v1.to_str().unwrap(),
-            "--sha",
-            &sha1,
-            "--id",
-            "v1",
-            "--wait",
-            "--node",
-            "n1",
-        ],
-    );
+    let again = controller.deploy_web(&deployer, &v1, &sha1, "v1", &["--wait", "--node", "n1"]);
     assert!(again.status.success(), "{}", text(&again));
     assert!(String::from_utf8_lossy(&again.stdout).contains("already on the controller"));
 
     // Roll one node forward to v3, then back through the controller.
     let v3 = artifact(work.path(), "v3", APP);
     let sha3 = sha256_file(&v3);
-    let out = controller.slipway(
-        &deployer,
-        &[
-            "deploy",
-            "web",
-            v3.to_str().unwrap(),
-            "--sha",
-            &sha3,
-            "--id",
-            "v3",
-            "--wait",
-            "--node",
-            "n3",
-        ],
-    );
+    let out = controller.deploy_web(&deployer, &v3, &sha3, "v3", &["--wait", "--node", "n3"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(agents[2].get().as_deref(), Some("v3"));
     let out = controller.slipway(
@@ -311,10 +223,7 @@ fn slipway_deploy_url_has_every_agent_download_and_check_the_artifact_itself() {
     let wrong = sha256_file(&other);
     let server = HttpsFiles::start(work.path(), &files);
 
-    let mut agents: Vec<Agent> = ["n1", "n2"]
-        .iter()
-        .map(|n| Agent::enroll(&controller, n))
-        .collect();
+    let mut agents = Agent::enroll_all(&controller, &["n1", "n2"]);
     for a in &mut agents {
         // The artifact server's CA, as a droplet would trust its own.
         let mut config = fs::read_to_string(&a.config).unwrap();
@@ -327,9 +236,7 @@ fn slipway_deploy_url_has_every_agent_download_and_check_the_artifact_itself() {
     }
     let reader = controller.api_token("read");
     let deployer = controller.api_token("deploy:web");
-    wait_until("two online nodes", Duration::from_secs(30), || {
-        online(&controller, &reader) == 2
-    });
+    controller.wait_online(&reader, 2, Duration::from_secs(30));
 
     let url = server.url("v1.tar.gz");
     let out = controller.slipway(

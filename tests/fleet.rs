@@ -31,10 +31,7 @@ fn connections(agent: &Agent) -> usize {
 #[test]
 fn fleet_keeps_serving_and_deploying_without_its_controller_and_reconnects() {
     let mut controller = Controller::start();
-    let mut agents: Vec<Agent> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| Agent::enroll(&controller, n))
-        .collect();
+    let mut agents = Agent::enroll_all(&controller, &["n1", "n2", "n3"]);
     for a in &mut agents {
         let rep = a.deploy("v1");
         assert_eq!(rep["outcome"], "succeeded", "{rep:#}");

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::{artifact, sha256_file, wait_until, Agent, Controller, APP};
+use support::{artifact, sha256_file, text, wait_until, Agent, Controller, APP};
 
 /// The test app, failing at start (so its health gate fails and the agent
 /// rolls it back) on a node whose `BREAK` lists the release's VERSION.
@@ -30,30 +30,11 @@ fn slow_app() -> String {
     format!("import time\ntime.sleep(4)\n{APP}")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn online(controller: &Controller, token: &str) -> usize {
-    let out = controller.slipway(token, &["nodes", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    nodes.iter().filter(|n| n["state"] == "online").count()
-}
-
 /// A controller and `names.len()` running agents, all online; each
 /// agent's health gate ignores failures for `start_period`.
 fn fleet(names: &[&str], start_period: &str) -> (Controller, Vec<Agent>, String, String) {
     let controller = Controller::start();
-    let mut agents: Vec<Agent> = names
-        .iter()
-        .map(|n| Agent::enroll(&controller, n))
-        .collect();
+    let mut agents = Agent::enroll_all(&controller, names);
     for a in &mut agents {
         let config = std::fs::read_to_string(&a.config).unwrap();
         let config = config.replace(
@@ -65,9 +46,7 @@ fn fleet(names: &[&str], start_period: &str) -> (Controller, Vec<Agent>, String,
     }
     let reader = controller.api_token("read");
     let deployer = controller.api_token("deploy:web");
-    wait_until("every node online", Duration::from_secs(60), || {
-        online(&controller, &reader) == names.len()
-    });
+    controller.wait_online(&reader, names.len(), Duration::from_secs(60));
     (controller, agents, reader, deployer)
 }
 
@@ -82,23 +61,7 @@ fn deploy(
 ) -> Output {
     let art = artifact(work, version, app);
     let sha = sha256_file(&art);
-    let mut args = vec![
-        "deploy",
-        "web",
-        art.to_str().unwrap(),
-        "--sha",
-        &sha,
-        "--id",
-        version,
-    ];
-    args.extend_from_slice(extra);
-    controller.slipway(token, &args)
-}
-
-fn audit(controller: &Controller, token: &str) -> Vec<serde_json::Value> {
-    let out = controller.slipway(token, &["audit", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
+    controller.deploy_web(token, &art, &sha, version, extra)
 }
 
 /// Current release per node from `slipway releases web --json`.
@@ -178,7 +141,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
     assert!(agents[0].has_release("v2") && agents[1].has_release("v2"));
     assert!(!agents[2].has_release("v2"), "the skipped node was touched");
 
-    let events = audit(&controller, &reader);
+    let events = controller.audit(&reader);
     let failed = events
         .iter()
         .rfind(|e| e["event_type"] == "DEPLOY_FAILED")
@@ -376,7 +339,8 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
             ]
     });
     wait_until("the deployment recorded", Duration::from_secs(30), || {
-        audit(&controller, &reader)
+        controller
+            .audit(&reader)
             .iter()
             .any(|e| e["event_type"] == "DEPLOY_COMPLETED" && e["resource_id"] == id.as_str())
     });
@@ -397,7 +361,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let interrupted = started["deployment_id"].as_str().unwrap().to_owned();
     controller.restart();
-    let events = audit(&controller, &reader);
+    let events = controller.audit(&reader);
     let failed = events
         .iter()
         .find(|e| e["event_type"] == "DEPLOY_FAILED" && e["resource_id"] == interrupted.as_str())
@@ -413,9 +377,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     // still be busy with s3, or have failed it when the restart cut their
     // artifact download: then a node refuses with its own app lock, and
     // the deploy is tried again.)
-    wait_until("both nodes back online", Duration::from_secs(60), || {
-        online(&controller, &reader) == 2
-    });
+    controller.wait_online(&reader, 2, Duration::from_secs(60));
     wait_until("s4 deployed", Duration::from_secs(90), || {
         let out = deploy(&controller, &deployer, work.path(), "s4", APP, &["--wait"]);
         assert!(
@@ -507,7 +469,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     );
     let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let url_id = started["deployment_id"].as_str().unwrap();
-    let events = audit(&controller, &reader);
+    let events = controller.audit(&reader);
     let recorded = events
         .iter()
         .find(|e| e["event_type"] == "DEPLOY_STARTED" && e["resource_id"] == url_id)

@@ -9,59 +9,20 @@
 mod support;
 
 use slipway_agent::link;
-use support::{Controller, TEST_TIMEOUT};
+use support::{
+    authed, collect, finished_of, next_command, node_results, on_node, send, send_result,
+    Controller,
+};
 
 use slipway_controller::apitoken::Scope;
-use slipway_controller::client;
 use slipway_controller::fleet::{FleetStatus, RefreshAnswer};
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
-    agent_message, controller_message, deploy_event, rollout, selector, AgentMessage, AppStatus,
-    CommandResult, DeployEvent, FleetStatusRequest, Heartbeat, Outcome, PruneRequest,
-    RestartRequest, Rollout, Selector,
+    agent_message, controller_message, rollout, AppStatus, FleetStatusRequest, Heartbeat, Outcome,
+    PruneRequest, RestartRequest, Rollout, Selector,
 };
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
-    client::authed(message, &client::bearer(token).unwrap())
-}
-
-fn on_node(node: &str) -> Option<Selector> {
-    Some(Selector {
-        target: Some(selector::Target::Node(node.to_owned())),
-    })
-}
-
-async fn next_command(session: &mut link::Session) -> controller_message::Kind {
-    tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
-        .kind
-        .unwrap()
-}
-
-async fn send(session: &link::Session, kind: agent_message::Kind) {
-    session
-        .outbound
-        .send(AgentMessage { kind: Some(kind) })
-        .await
-        .unwrap();
-}
-
-async fn collect(mut stream: tonic::Streaming<DeployEvent>) -> Vec<DeployEvent> {
-    let mut events = Vec::new();
-    while let Some(event) = tokio::time::timeout(TEST_TIMEOUT, stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        events.push(event);
-    }
-    events
-}
 
 async fn fleet_status(
     control: &mut ControlClient<Channel>,
@@ -82,25 +43,50 @@ async fn fleet_status(
     Ok(serde_json::from_str(&response.status_json).unwrap())
 }
 
+/// A restart of `app` on the nodes `selector` picks, rolled out by `rollout`.
+fn restart_request(
+    app: &str,
+    selector: Option<Selector>,
+    rollout: Option<Rollout>,
+) -> RestartRequest {
+    RestartRequest {
+        app: app.to_owned(),
+        selector,
+        rollout,
+    }
+}
+
+/// A prune of `app` keeping `keep` releases (0: the app's own `keep`)
+/// on the nodes `selector` picks.
+fn prune_request(app: &str, keep: u32, selector: Option<Selector>) -> PruneRequest {
+    PruneRequest {
+        app: app.to_owned(),
+        keep,
+        selector,
+    }
+}
+
+/// A rollout of `strategy` in batches of `max_parallel` nodes, tolerating
+/// no failure.
+fn in_batches(strategy: rollout::Strategy, max_parallel: u32) -> Option<Rollout> {
+    Some(Rollout {
+        strategy: strategy as i32,
+        max_parallel,
+        max_unavailable: 0,
+        canary: 0,
+    })
+}
+
 #[tokio::test]
 async fn restart_and_prune_check_input_and_scope() {
     let controller = Controller::start().await;
-    let deployer = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let deployer = controller.deploy_token("web").await;
     let reader = controller.api_token(&[Scope::Read]).await;
     let mut control = controller.control().await;
     let (_state, node_id) = controller.enroll("web-a").await;
 
     let err = control
-        .prune(authed(
-            PruneRequest {
-                app: "web".to_owned(),
-                keep: 1001,
-                selector: None,
-            },
-            &deployer,
-        ))
+        .prune(authed(prune_request("web", 1001, None), &deployer))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -110,14 +96,7 @@ async fn restart_and_prune_check_input_and_scope() {
         "{err:?}"
     );
     let err = control
-        .restart(authed(
-            RestartRequest {
-                app: "../web".to_owned(),
-                selector: None,
-                rollout: None,
-            },
-            &deployer,
-        ))
+        .restart(authed(restart_request("../web", None, None), &deployer))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -133,14 +112,7 @@ async fn restart_and_prune_check_input_and_scope() {
     // Scope: a read token, or a deploy token for another app, may not.
     for (token, app) in [(&reader, "web"), (&deployer, "api")] {
         let err = control
-            .restart(authed(
-                RestartRequest {
-                    app: app.to_owned(),
-                    selector: None,
-                    rollout: None,
-                },
-                token,
-            ))
+            .restart(authed(restart_request(app, None, None), token))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -151,23 +123,13 @@ async fn restart_and_prune_check_input_and_scope() {
         );
     }
     let err = control
-        .prune(authed(
-            PruneRequest {
-                app: "web".to_owned(),
-                keep: 2,
-                selector: None,
-            },
-            &reader,
-        ))
+        .prune(authed(prune_request("web", 2, None), &reader))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let refused: Vec<String> = controller
-        .store()
+        .audit()
         .await
-        .audit_events()
-        .await
-        .unwrap()
         .into_iter()
         .filter(|e| e.event_type == "API_CALL_REFUSED")
         .map(|e| e.resource_id)
@@ -179,44 +141,21 @@ async fn restart_and_prune_check_input_and_scope() {
 
     // A node with no session: the prune is recorded and fails naming it.
     let stream = control
-        .prune(authed(
-            PruneRequest {
-                app: "web".to_owned(),
-                keep: 0,
-                selector: on_node("web-a"),
-            },
-            &deployer,
-        ))
+        .prune(authed(prune_request("web", 0, on_node("web-a")), &deployer))
         .await
         .unwrap()
         .into_inner();
     let events = collect(stream).await;
-    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
-        panic!("{events:?}");
-    };
+    let finished = finished_of(&events);
     assert!(!finished.succeeded);
     assert_eq!(
         finished.message,
         "1 of 1 nodes failed: web-a (unreachable (no live session))"
     );
-    let last = controller
-        .store()
-        .await
-        .last_deployments(Some("web"))
-        .await
-        .unwrap();
+    let last = controller.last_deployments("web").await;
     assert_eq!(last[0].kind, "prune");
     assert_eq!(last[0].nodes[0].node_id, node_id);
-    let types: Vec<String> = controller
-        .store()
-        .await
-        .audit_events()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .filter(|t| t.starts_with("PRUNE"))
-        .collect();
+    let types = controller.audit_types("PRUNE").await;
     assert_eq!(types, ["PRUNE_STARTED", "PRUNE_FAILED"]);
     controller.stop().await;
 }
@@ -254,14 +193,12 @@ async fn a_refresh_waits_for_fresh_heartbeats_and_names_silent_nodes() {
             }),
         )
         .await;
-        send(
+        send_result(
             &a,
-            agent_message::Kind::Result(CommandResult {
-                command_id: request.command_id.clone(),
-                outcome: Outcome::Succeeded as i32,
-                release_id: String::new(),
-                message: "status sent".to_owned(),
-            }),
+            request.command_id.clone(),
+            Outcome::Succeeded,
+            "",
+            "status sent",
         )
         .await;
         request.command_id
@@ -318,20 +255,14 @@ async fn a_refresh_waits_for_fresh_heartbeats_and_names_silent_nodes() {
 #[tokio::test]
 async fn a_restart_is_resent_with_the_same_command_id_after_a_reconnect() {
     let controller = Controller::start().await;
-    let token = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let token = controller.deploy_token("web").await;
     let mut control = controller.control().await;
     let (state, node_id) = controller.enroll("web-a").await;
     let mut first = controller.connect(state.path(), &node_id).await;
 
     let stream = control
         .restart(authed(
-            RestartRequest {
-                app: "web".to_owned(),
-                selector: on_node(&node_id),
-                rollout: None,
-            },
+            restart_request("web", on_node(&node_id), None),
             &token,
         ))
         .await
@@ -350,41 +281,22 @@ async fn a_restart_is_resent_with_the_same_command_id_after_a_reconnect() {
         panic!("expected the Restart again");
     };
     assert_eq!(again.command_id, sent.command_id);
-    send(
+    send_result(
         &second,
-        agent_message::Kind::Result(CommandResult {
-            command_id: again.command_id.clone(),
-            outcome: Outcome::Succeeded as i32,
-            release_id: "v3".to_owned(),
-            message: "restarted".to_owned(),
-        }),
+        again.command_id.clone(),
+        Outcome::Succeeded,
+        "v3",
+        "restarted",
     )
     .await;
     let events = collect(stream).await;
-    let results: Vec<_> = events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            Some(deploy_event::Kind::NodeResult(r)) => Some(r.clone()),
-            _ => None,
-        })
-        .collect();
+    let results = node_results(&events);
     assert_eq!(results.len(), 1, "{events:?}");
     assert_eq!(results[0].release_id, "v3");
-    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
-        panic!("{events:?}");
-    };
+    let finished = finished_of(&events);
     assert!(finished.succeeded, "{finished:?}");
     assert!(sent.command_id.starts_with(&finished.deployment_id));
-    let types: Vec<String> = controller
-        .store()
-        .await
-        .audit_events()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .filter(|t| t.starts_with("RESTART"))
-        .collect();
+    let types = controller.audit_types("RESTART").await;
     assert_eq!(types, ["RESTART_STARTED", "RESTART_COMPLETED"]);
     drop(second);
     controller.stop().await;
@@ -395,24 +307,13 @@ async fn answer_restart(session: &mut link::Session, outcome: Outcome, message: 
     let controller_message::Kind::Restart(restart) = next_command(session).await else {
         panic!("expected a Restart");
     };
-    send(
-        session,
-        agent_message::Kind::Result(CommandResult {
-            command_id: restart.command_id,
-            outcome: outcome as i32,
-            release_id: "v3".to_owned(),
-            message: message.to_owned(),
-        }),
-    )
-    .await;
+    send_result(session, restart.command_id, outcome, "v3", message).await;
 }
 
 #[tokio::test]
 async fn a_rolling_restart_stops_at_a_failure_and_rolls_nothing_back() {
     let controller = Controller::start().await;
-    let token = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let token = controller.deploy_token("web").await;
     let mut control = controller.control().await;
     let mut sessions = Vec::new();
     for name in ["web-a", "web-b", "web-c"] {
@@ -423,16 +324,7 @@ async fn a_rolling_restart_stops_at_a_failure_and_rolls_nothing_back() {
     // A rollout that makes no sense is refused before anything runs.
     let err = control
         .restart(authed(
-            RestartRequest {
-                app: "web".to_owned(),
-                selector: None,
-                rollout: Some(Rollout {
-                    strategy: rollout::Strategy::AllAtOnce as i32,
-                    max_parallel: 2,
-                    max_unavailable: 0,
-                    canary: 0,
-                }),
-            },
+            restart_request("web", None, in_batches(rollout::Strategy::AllAtOnce, 2)),
             &token,
         ))
         .await
@@ -444,16 +336,7 @@ async fn a_rolling_restart_stops_at_a_failure_and_rolls_nothing_back() {
     // switched no release, there is nothing to roll back).
     let stream = control
         .restart(authed(
-            RestartRequest {
-                app: "web".to_owned(),
-                selector: None,
-                rollout: Some(Rollout {
-                    strategy: rollout::Strategy::Rolling as i32,
-                    max_parallel: 1,
-                    max_unavailable: 0,
-                    canary: 0,
-                }),
-            },
+            restart_request("web", None, in_batches(rollout::Strategy::Rolling, 1)),
             &token,
         ))
         .await
@@ -468,12 +351,9 @@ async fn a_rolling_restart_stops_at_a_failure_and_rolls_nothing_back() {
     });
     // Had the controller sent web-a a rollback, it would still be waiting
     // for web-a's answer instead of finishing.
-    let results: Vec<(String, i32)> = events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            Some(deploy_event::Kind::NodeResult(r)) => Some((r.node_name.clone(), r.outcome)),
-            _ => None,
-        })
+    let results: Vec<(String, i32)> = node_results(&events)
+        .into_iter()
+        .map(|r| (r.node_name.clone(), r.outcome))
         .collect();
     assert_eq!(
         results,
@@ -484,28 +364,18 @@ async fn a_rolling_restart_stops_at_a_failure_and_rolls_nothing_back() {
         ],
         "{events:?}"
     );
-    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
-        panic!("{events:?}");
-    };
+    let finished = finished_of(&events);
     assert!(!finished.succeeded, "{finished:?}");
     assert_eq!(
         finished.stop_reason,
         "deployment stopped after web-b failed"
     );
-    let last = controller
-        .store()
-        .await
-        .last_deployments(Some("web"))
-        .await
-        .unwrap();
+    let last = controller.last_deployments("web").await;
     let outcomes: Vec<&str> = last[0].nodes.iter().map(|n| n.outcome.as_str()).collect();
     assert_eq!(outcomes, ["succeeded", "failed", "skipped"]);
     let failed = controller
-        .store()
+        .audit()
         .await
-        .audit_events()
-        .await
-        .unwrap()
         .into_iter()
         .find(|e| e.event_type == "RESTART_FAILED")
         .unwrap();

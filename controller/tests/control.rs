@@ -9,7 +9,10 @@ mod support;
 
 // The agent side of the link, as the agent binary uses it.
 use slipway_agent::link;
-use support::{audited, Controller, TEST_TIMEOUT};
+use support::{
+    audited, authed, collect, finished_of, next_command, node_results, on_node, send, send_result,
+    Controller, TEST_TIMEOUT,
+};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,18 +24,14 @@ use slipway_controller::audit::AuditRecord;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
-    agent_message, controller_message, deploy_event, selector, AgentMessage, CommandResult,
-    DeployEvent, DeployRequest, FetchArtifactRequest, Hello, ListAuditRequest, ListNodesRequest,
-    Outcome, Progress, Selector, UploadChunk,
+    agent_message, controller_message, deploy_event, selector, AgentMessage, DeployRequest,
+    FetchArtifactRequest, Hello, ListAuditRequest, ListNodesRequest, Outcome, Progress, Selector,
+    UploadChunk,
 };
 use slipway_controller::{client, crypto};
 use tokio::net::TcpStream;
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
-    client::authed(message, &client::bearer(token).unwrap())
-}
 
 /// Uploads `data` declaring `sha256`, in small pieces.
 async fn upload(
@@ -63,9 +62,7 @@ fn deploy_request(app: &str, sha256: &str, node: Option<&str>) -> DeployRequest 
         app: app.to_owned(),
         sha256: sha256.to_owned(),
         release_id: String::new(),
-        selector: node.map(|n| Selector {
-            target: Some(selector::Target::Node(n.to_owned())),
-        }),
+        selector: node.and_then(on_node),
         git_sha: String::new(),
         ..DeployRequest::default()
     }
@@ -75,9 +72,7 @@ fn deploy_request(app: &str, sha256: &str, node: Option<&str>) -> DeployRequest 
 async fn token_scopes_are_enforced_and_refusals_audited() {
     let controller = Controller::start().await;
     let read = controller.api_token(&[Scope::Read]).await;
-    let web = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let web = controller.deploy_token("web").await;
     let mut control = controller.control().await;
     let data = b"artifact bytes".to_vec();
     let sha = crypto::sha256_hex(&data);
@@ -163,9 +158,7 @@ async fn token_scopes_are_enforced_and_refusals_audited() {
 #[tokio::test]
 async fn upload_with_the_wrong_digest_is_refused_and_reupload_is_cheap() {
     let controller = Controller::start().await;
-    let token = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let token = controller.deploy_token("web").await;
     let mut control = controller.control().await;
     let data: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
     let sha = crypto::sha256_hex(&data);
@@ -198,9 +191,7 @@ async fn upload_with_the_wrong_digest_is_refused_and_reupload_is_cheap() {
 #[tokio::test]
 async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
     let controller = Controller::start().await;
-    let token = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let token = controller.deploy_token("web").await;
     let mut control = controller.control().await;
     let data: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let sha = crypto::sha256_hex(&data);
@@ -274,63 +265,39 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
 /// Plays the agent's part for one command on `session`: expects a Deploy,
 /// sends two Progress and a CommandResult with `outcome`.
 async fn answer_deploy(session: &mut link::Session, outcome: Outcome, message: &str) -> String {
-    let command = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Some(controller_message::Kind::Deploy(deploy)) = command.kind else {
+    let command = next_command(session).await;
+    let controller_message::Kind::Deploy(deploy) = command else {
         panic!("expected a Deploy, got {command:?}");
     };
     assert!(deploy.artifact_url.is_empty());
     assert_eq!(deploy.artifact_sha256.len(), 64);
     for step in ["fetch", "activate"] {
-        session
-            .outbound
-            .send(AgentMessage {
-                kind: Some(agent_message::Kind::Progress(Progress {
-                    command_id: deploy.command_id.clone(),
-                    step: step.to_owned(),
-                    message: format!("{step} done"),
-                    unix_time: 1,
-                })),
-            })
-            .await
-            .unwrap();
-    }
-    session
-        .outbound
-        .send(AgentMessage {
-            kind: Some(agent_message::Kind::Result(CommandResult {
+        send(
+            session,
+            agent_message::Kind::Progress(Progress {
                 command_id: deploy.command_id.clone(),
-                outcome: outcome as i32,
-                release_id: deploy.release_id.clone(),
-                message: message.to_owned(),
-            })),
-        })
-        .await
-        .unwrap();
-    deploy.command_id
-}
-
-async fn collect(mut stream: tonic::Streaming<DeployEvent>) -> Vec<DeployEvent> {
-    let mut events = Vec::new();
-    while let Some(event) = tokio::time::timeout(TEST_TIMEOUT, stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        events.push(event);
+                step: step.to_owned(),
+                message: format!("{step} done"),
+                unix_time: 1,
+            }),
+        )
+        .await;
     }
-    events
+    send_result(
+        session,
+        deploy.command_id.clone(),
+        outcome,
+        &deploy.release_id,
+        message,
+    )
+    .await;
+    deploy.command_id
 }
 
 #[tokio::test]
 async fn deploy_reaches_online_nodes_and_reports_each_result() {
     let controller = Controller::start().await;
-    let token = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let token = controller.deploy_token("web").await;
     let mut control = controller.control().await;
     let data = b"release".to_vec();
     let sha = crypto::sha256_hex(&data);
@@ -368,22 +335,14 @@ async fn deploy_reaches_online_nodes_and_reports_each_result() {
         .filter(|e| matches!(e.kind, Some(deploy_event::Kind::Progress(_))))
         .count();
     assert_eq!(progress, 4);
-    let results: Vec<_> = events
-        .iter()
-        .filter_map(|e| match &e.kind {
-            Some(deploy_event::Kind::NodeResult(r)) => Some(r.clone()),
-            _ => None,
-        })
-        .collect();
+    let results = node_results(&events);
     assert_eq!(results.len(), 3);
-    let of = |id: &str| results.iter().find(|r| r.node_id == id).unwrap();
+    let of = |id: &str| *results.iter().find(|r| r.node_id == id).unwrap();
     assert_eq!(of(&node_a).outcome, Outcome::Succeeded as i32);
     assert_eq!(of(&node_b).outcome, Outcome::RolledBack as i32);
     assert_eq!(of(&node_c).outcome, Outcome::Failed as i32);
     assert!(of(&node_c).message.contains("unreachable"));
-    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
-        panic!("{events:?}");
-    };
+    let finished = finished_of(&events);
     assert!(!finished.succeeded);
     assert_eq!(finished.failed_nodes, 2);
     assert!(finished
@@ -422,9 +381,7 @@ async fn deploy_reaches_online_nodes_and_reports_each_result() {
         answer_deploy(&mut a, Outcome::Succeeded, ""),
         collect(stream)
     );
-    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
-        panic!("{events:?}");
-    };
+    let finished = finished_of(&events);
     assert!(finished.succeeded, "{finished:?}");
     assert!(controller
         .audit()
@@ -439,9 +396,7 @@ async fn deploy_reaches_online_nodes_and_reports_each_result() {
 #[tokio::test]
 async fn a_node_that_reconnects_mid_command_gets_it_again() {
     let controller = Controller::start().await;
-    let token = controller
-        .api_token(&[Scope::Deploy("web".to_owned())])
-        .await;
+    let token = controller.deploy_token("web").await;
     let mut control = controller.control().await;
     let data = b"release".to_vec();
     let sha = crypto::sha256_hex(&data);
@@ -454,12 +409,8 @@ async fn a_node_that_reconnects_mid_command_gets_it_again() {
         .await
         .unwrap()
         .into_inner();
-    let command = tokio::time::timeout(TEST_TIMEOUT, first.inbound.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let Some(controller_message::Kind::Deploy(sent)) = command.kind else {
+    let command = next_command(&mut first).await;
+    let controller_message::Kind::Deploy(sent) = command else {
         panic!("expected a Deploy, got {command:?}");
     };
     // The connection drops before the agent answers; it reconnects.
@@ -470,9 +421,7 @@ async fn a_node_that_reconnects_mid_command_gets_it_again() {
         collect(stream)
     );
     assert_eq!(command_id, sent.command_id);
-    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
-        panic!("{events:?}");
-    };
+    let finished = finished_of(&events);
     assert!(finished.succeeded, "{finished:?}");
     controller.stop().await;
 }
@@ -501,6 +450,16 @@ async fn operator(
     std::fs::write(&cert, &issued.cert_pem).unwrap();
     std::fs::write(&key, issued.key_pem.unwrap()).unwrap();
     (issued.operator.id, cert, key)
+}
+
+/// Lists nodes with no token: refused as UNAUTHENTICATED, saying `says`.
+async fn list_nodes_refused(control: &mut ControlClient<Channel>, says: &str) {
+    let refused = control
+        .list_nodes(tonic::Request::new(ListNodesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains(says), "{}", refused.message());
 }
 
 #[tokio::test]
@@ -549,16 +508,7 @@ async fn operator_certificates_call_the_api_within_their_scopes_until_revoked() 
     slipway_controller::operator::revoke(&controller.store().await, &id, 0)
         .await
         .unwrap();
-    let refused = control
-        .list_nodes(tonic::Request::new(ListNodesRequest {}))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
-    assert!(
-        refused.message().contains("revoked"),
-        "{}",
-        refused.message()
-    );
+    list_nodes_refused(&mut control, "revoked").await;
 
     let audit = controller.audit().await;
     let refusals: Vec<_> = audit
@@ -583,16 +533,7 @@ async fn node_and_operator_certificates_stay_in_their_lanes() {
             &state.path().join(link::KEY_FILE),
         )
         .await;
-    let refused = control
-        .list_nodes(tonic::Request::new(ListNodesRequest {}))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
-    assert!(
-        refused.message().contains("node certificate"),
-        "{}",
-        refused.message()
-    );
+    list_nodes_refused(&mut control, "node certificate").await;
 
     // ...and an operator's certificate opens no agent link.
     let op_state = tempfile::tempdir().unwrap();

@@ -45,20 +45,6 @@ async fn enroll(
     .unwrap()
 }
 
-async fn connect(
-    controller: &Controller,
-    state: &Path,
-    node_id: &str,
-) -> Result<link::Session, link::LinkError> {
-    let hello = Hello {
-        node_id: node_id.to_owned(),
-        ..Hello::default()
-    };
-    tokio::time::timeout(TEST_TIMEOUT, link::connect(&controller.url(), state, hello))
-        .await
-        .unwrap()
-}
-
 /// Writes an agent state dir holding a key and a certificate for it issued
 /// by `issuer` with the given validity, plus the controller's real CA.
 fn forged_state(
@@ -103,7 +89,7 @@ async fn enrollment_then_mtls_session() {
         .mode();
     assert_eq!(key_mode & 0o777, 0o600);
 
-    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    let mut session = controller.try_connect(state.path(), "").await.unwrap();
     assert_eq!(session.welcome.node_id, enrolled.node_id);
     assert_eq!(session.welcome.heartbeat_interval_secs, 5);
 
@@ -199,7 +185,7 @@ async fn cert_from_another_ca_is_refused() {
         now + time::Duration::days(1),
     );
 
-    let err = connect(&controller, state.path(), "").await.unwrap_err();
+    let err = controller.try_connect(state.path(), "").await.unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(
@@ -231,7 +217,7 @@ async fn expired_cert_is_refused() {
         now - time::Duration::days(1),
     );
 
-    let err = connect(&controller, state.path(), "").await.unwrap_err();
+    let err = controller.try_connect(state.path(), "").await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -332,7 +318,8 @@ async fn hello_for_another_node_is_refused() {
         .unwrap();
 
     // Node A's certificate, claiming to be node B.
-    let err = connect(&controller, a.path(), &node_b.node_id)
+    let err = controller
+        .try_connect(a.path(), &node_b.node_id)
         .await
         .unwrap_err();
     assert!(matches!(err, link::LinkError::SessionRefused(_)), "{err}");
@@ -394,7 +381,7 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
     let enrolled = enroll(&controller, &controller.token().await, state.path())
         .await
         .unwrap();
-    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    let mut session = controller.try_connect(state.path(), "").await.unwrap();
     let now = OffsetDateTime::now_utc().unix_timestamp();
     // Renewal is due two thirds into the week-long certificate.
     let due = session.welcome.renew_cert_after_unix - now;
@@ -502,11 +489,11 @@ async fn renewed_cert_works_and_the_old_one_still_does() {
     std::fs::write(new.path().join(link::KEY_FILE), &key_pem).unwrap();
     std::fs::write(new.path().join(link::CERT_FILE), &cert_pem).unwrap();
 
-    let with_new = connect(&controller, new.path(), "").await.unwrap();
+    let with_new = controller.try_connect(new.path(), "").await.unwrap();
     assert_eq!(with_new.welcome.node_id, enrolled.node_id);
     // The old certificate keeps working until it expires (the agent may
     // not have switched yet); its session replaces the newer one.
-    let with_old = connect(&controller, old.path(), "").await.unwrap();
+    let with_old = controller.try_connect(old.path(), "").await.unwrap();
     assert_eq!(with_old.welcome.node_id, enrolled.node_id);
 
     // The store's newest certificate is the renewed one.
@@ -559,7 +546,7 @@ async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
     let enrolled = enroll(&controller, &controller.token().await, state.path())
         .await
         .unwrap();
-    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    let mut session = controller.try_connect(state.path(), "").await.unwrap();
 
     // As `slipway-controller node revoke` does, from "another process"
     // (a separate connection pool on the same database file).
@@ -581,7 +568,7 @@ async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
     assert!(status.message().contains("revoked"), "{status:?}");
     assert!(revoked_at.elapsed() <= limit);
 
-    let err = connect(&controller, state.path(), "").await.unwrap_err();
+    let err = controller.try_connect(state.path(), "").await.unwrap_err();
     assert!(matches!(err, link::LinkError::SessionRefused(_)), "{err}");
     assert!(err.to_string().contains("revoked"), "{err}");
     let status = renew(&controller, state.path()).await.unwrap_err();
@@ -632,7 +619,7 @@ async fn a_heartbeat_from_a_revoked_node_closes_its_stream_at_once() {
     enroll(&controller, &controller.token().await, state.path())
         .await
         .unwrap();
-    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    let mut session = controller.try_connect(state.path(), "").await.unwrap();
     let now = OffsetDateTime::now_utc().unix_timestamp();
     fleet::revoke(&controller.store().await, "web-1", "operator", now)
         .await
@@ -659,7 +646,7 @@ async fn stopping_the_controller_ends_live_sessions() {
     enroll(&controller, &controller.token().await, state.path())
         .await
         .unwrap();
-    let mut session = connect(&controller, state.path(), "").await.unwrap();
+    let mut session = controller.try_connect(state.path(), "").await.unwrap();
     // Would hang if graceful shutdown waited for the open stream.
     controller.stop().await;
     let ended = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
@@ -688,7 +675,7 @@ async fn the_agent_renews_in_place_and_reconnects_with_the_new_certificate() {
     let old_key = std::fs::read_to_string(state.path().join(link::KEY_FILE)).unwrap();
 
     // An open session is not disturbed by the renewal.
-    let session = connect(&controller, state.path(), "").await.unwrap();
+    let session = controller.try_connect(state.path(), "").await.unwrap();
     let beat = || AgentMessage {
         kind: Some(agent_message::Kind::Heartbeat(Heartbeat::default())),
     };
@@ -706,7 +693,7 @@ async fn the_agent_renews_in_place_and_reconnects_with_the_new_certificate() {
     assert!(session.outbound.send(beat()).await.is_ok());
 
     // The next connection uses the new pair; the old one is kept aside.
-    connect(&controller, state.path(), "").await.unwrap();
+    controller.try_connect(state.path(), "").await.unwrap();
     assert!(state
         .path()
         .join(format!("{}.old", link::CERT_FILE))

@@ -22,7 +22,7 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use sha2::{Digest as _, Sha256};
-use support::{http_get, tar_of, targz, wait_until, Node, Run};
+use support::{exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node, Run};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// `[artifacts] max_size` in these tests: test artifacts are a few KiB.
@@ -290,11 +290,7 @@ fn nothing_left(node: &Node) {
 #[test]
 fn a_url_deploy_serves_and_the_same_digest_is_not_downloaded_twice() {
     let pki = pki("good");
-    let port = StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     // A real app behind the health gate: the exec driver runs a Python
     // server from the downloaded release.
     const SERVER: &str = r#"
@@ -314,16 +310,7 @@ with socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H) as s:
     s.serve_forever()
 "#;
     let node = Node::new(&format!(
-        r#"
-[apps.web.run]
-driver = "exec"
-command = ["python3", "server.py"]
-stop_grace = "3s"
-
-[apps.web.health]
-check = "http"
-url = "http://127.0.0.1:{port}/"
-interval = "100ms"
+        r#"{}interval = "100ms"
 successes = 1
 deadline = "15s"
 
@@ -331,6 +318,7 @@ deadline = "15s"
 ca_file = "{}"
 max_size = {LIMIT}
 "#,
+        exec_python_web(&format!("http://127.0.0.1:{port}/")),
         pki.ca_file.display()
     ));
     fs::write(node.root.join("shared/.env"), format!("PORT={port}\n")).unwrap();

@@ -8,13 +8,12 @@
 mod support;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{http_get, tar_of, targz, wait_until, Node};
+use support::{exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node};
 
 const SECRET: &str = "s3cr3t-never-shown";
 
@@ -41,14 +40,6 @@ with socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H) as s:
     s.serve_forever()
 "#;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct App {
     node: Node,
     port: u16,
@@ -64,16 +55,7 @@ impl Drop for App {
 fn app(extra_health: &str) -> App {
     let port = free_port();
     let node = Node::new(&format!(
-        r#"
-[apps.web.run]
-driver = "exec"
-command = ["python3", "server.py"]
-stop_grace = "3s"
-
-[apps.web.health]
-check = "http"
-url = "http://127.0.0.1:{port}/api/health"
-status = "200-299"
+        r#"{}status = "200-299"
 interval = "100ms"
 successes = 2
 retries = 2
@@ -81,7 +63,8 @@ start_period = "1s"
 deadline = "15s"
 liveness_interval = "200ms"
 {extra_health}
-"#
+"#,
+        exec_python_web(&format!("http://127.0.0.1:{port}/api/health"))
     ));
     fs::write(
         node.root.join("shared/.env"),

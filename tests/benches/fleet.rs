@@ -184,31 +184,11 @@ fn deploy_latency(n: usize) {
     slipway_agent::artifact::pack_dir(&src, &art, slipway_agent::artifact::Compression::Gzip)
         .unwrap();
     let sha = support::sha256_file(&art);
-    support::wait_until("every agent online", Duration::from_secs(60), || {
-        let out = controller.slipway(&token, &["nodes", "--json"]);
-        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
-            .is_ok_and(|v| v.iter().filter(|n| n["state"] == "online").count() == n)
-    });
+    controller.wait_online(&token, n, Duration::from_secs(60));
     let t = Instant::now();
-    let out = controller.slipway(
-        &token,
-        &[
-            "deploy",
-            "web",
-            art.to_str().unwrap(),
-            "--sha",
-            &sha,
-            "--id",
-            "v1",
-            "--wait",
-        ],
-    );
+    let out = controller.deploy_web(&token, &art, &sha, "v1", &["--wait"]);
     let took = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", support::text(&out));
     println!(
         "deploy latency: {:.1} MB artifact to {n} agents (upload, fetch, unpack, health gate): {:.2} s",
         fs::metadata(&art).unwrap().len() as f64 / 1e6,

@@ -248,6 +248,11 @@ liveness_interval = "500ms"
         agent
     }
 
+    /// [`Agent::enroll`] for each of `names`, in order.
+    pub fn enroll_all(controller: &Controller, names: &[&str]) -> Vec<Self> {
+        names.iter().map(|n| Self::enroll(controller, n)).collect()
+    }
+
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("slipway-agent"))
             .arg("--config")
@@ -336,19 +341,110 @@ impl Controller {
         check(out, "token api").trim().to_owned()
     }
 
-    /// `slipway --controller … --ca … --token TOKEN <args>`.
-    pub fn slipway(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(bin("slipway"))
+    /// `slipway --controller … --ca …`, to which the caller adds its
+    /// credentials and arguments.
+    fn slipway_command(&self) -> Command {
+        let mut command = Command::new(bin("slipway"));
+        command
             .arg("--controller")
             .arg(self.url())
             .arg("--ca")
-            .arg(self.ca_pem())
+            .arg(self.ca_pem());
+        command
+    }
+
+    /// `slipway --controller … --ca … --token TOKEN <args>`.
+    pub fn slipway(&self, token: &str, args: &[&str]) -> Output {
+        self.slipway_command()
             .arg("--token")
             .arg(token)
             .args(args)
             .output()
             .unwrap()
     }
+
+    /// `slipway --controller … --ca … --cert CERT --key KEY <args>`, with no
+    /// token in the environment either.
+    pub fn slipway_as(&self, cert: &Path, key: &Path, args: &[&str]) -> Output {
+        self.slipway_command()
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(args)
+            .env_remove("SLIPWAY_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// `slipway deploy web ART --sha SHA --id ID <extra>` with `token`.
+    pub fn deploy_web(
+        &self,
+        token: &str,
+        art: &Path,
+        sha: &str,
+        id: &str,
+        extra: &[&str],
+    ) -> Output {
+        let mut args = vec![
+            "deploy",
+            "web",
+            art.to_str().unwrap(),
+            "--sha",
+            sha,
+            "--id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        self.slipway(token, &args)
+    }
+
+    /// How many nodes `slipway nodes --json` (with `token`) shows online.
+    pub fn online(&self, token: &str) -> usize {
+        let out = self.slipway(token, &["nodes", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        nodes.iter().filter(|n| n["state"] == "online").count()
+    }
+
+    /// Waits up to `limit` until `n` nodes are online.
+    pub fn wait_online(&self, token: &str, n: usize, limit: Duration) {
+        wait_until(&format!("{n} online nodes"), limit, || {
+            self.online(token) == n
+        });
+    }
+
+    /// The audit log (`slipway audit --json` with `token`).
+    pub fn audit(&self, token: &str) -> Vec<Value> {
+        let out = self.slipway(token, &["audit", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// A command's exit status, stdout and stderr, for failure messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A command's stdout.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's stderr.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command's stdout as JSON.
+pub fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
 }
 
 impl Drop for Agent {

@@ -2,7 +2,8 @@
 //! `serve` on a free loopback port from a temp data dir, with its CA made
 //! first so tokens created by a test and the server agree on it, plus
 //! clients for each way in (Control API with a token or an operator
-//! certificate, AgentLink with a node certificate, enrollment).
+//! certificate, AgentLink with a node certificate, enrollment), and the
+//! agent's side of a session (commands in, results out) as tests play it.
 
 // Each test file uses a part of it.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
@@ -18,9 +19,12 @@ use slipway_controller::ca::Ca;
 use slipway_controller::config::ServeConfig;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::control_client::ControlClient;
-use slipway_controller::proto::v1::Hello;
+use slipway_controller::proto::v1::{
+    agent_message, controller_message, deploy_event, selector, AgentMessage, CommandResult,
+    DeployEvent, DeployFinished, Hello, NodeResult, Outcome, Selector,
+};
 use slipway_controller::server::{self, ServeError};
-use slipway_controller::store::Store;
+use slipway_controller::store::{DeploymentRecord, Store};
 use slipway_controller::{client, crypto, token};
 use tempfile::TempDir;
 use time::OffsetDateTime;
@@ -87,6 +91,16 @@ impl Controller {
         Store::open(self.data_dir.path()).await.unwrap()
     }
 
+    /// The latest deployment (deploy, rollback, restart or prune) of `app`
+    /// with its per-node results, as `slipway status` shows it: one or none.
+    pub async fn last_deployments(&self, app: &str) -> Vec<DeploymentRecord> {
+        self.store()
+            .await
+            .last_deployments(Some(app))
+            .await
+            .unwrap()
+    }
+
     /// A join token (tag env:production) valid for an hour from
     /// `now_offset_secs` from now.
     pub async fn token_at(&self, now_offset_secs: i64) -> String {
@@ -115,9 +129,24 @@ impl Controller {
             .unwrap()
     }
 
+    /// A new API token that may deploy (and restart, prune, roll back) `app`.
+    pub async fn deploy_token(&self, app: &str) -> String {
+        self.api_token(&[Scope::Deploy(app.to_owned())]).await
+    }
+
     /// Every audit event so far.
     pub async fn audit(&self) -> Vec<AuditRecord> {
         self.store().await.audit_events().await.unwrap()
+    }
+
+    /// The types of the audit events so far that start with `prefix`, in order.
+    pub async fn audit_types(&self, prefix: &str) -> Vec<String> {
+        self.audit()
+            .await
+            .into_iter()
+            .map(|e| e.event_type)
+            .filter(|t| t.starts_with(prefix))
+            .collect()
     }
 
     /// Waits until an audit event of `event_type` exists (some are written
@@ -193,13 +222,23 @@ impl Controller {
 
     /// Opens the agent session of an enrolled node, as the agent does.
     pub async fn connect(&self, state: &Path, node_id: &str) -> link::Session {
+        self.try_connect(state, node_id).await.unwrap()
+    }
+
+    /// Tries to open the agent session of the node whose identity is in
+    /// `state`, saying hello as `node_id` ("": the id saved in `state`), as
+    /// the agent does.
+    pub async fn try_connect(
+        &self,
+        state: &Path,
+        node_id: &str,
+    ) -> Result<link::Session, link::LinkError> {
         let hello = Hello {
             node_id: node_id.to_owned(),
             ..Hello::default()
         };
         tokio::time::timeout(TEST_TIMEOUT, link::connect(&self.url(), state, hello))
             .await
-            .unwrap()
             .unwrap()
     }
 
@@ -223,4 +262,88 @@ pub fn audited(
     audit
         .iter()
         .any(|e| e.event_type == event_type && matches(e))
+}
+
+/// `message` with `token` as its bearer credential.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    client::authed(message, &client::bearer(token).unwrap())
+}
+
+/// A selector for the one node `node` (a name or an id).
+pub fn on_node(node: &str) -> Option<Selector> {
+    Some(Selector {
+        target: Some(selector::Target::Node(node.to_owned())),
+    })
+}
+
+/// The next command the controller sends on `session`.
+pub async fn next_command(session: &mut link::Session) -> controller_message::Kind {
+    tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .kind
+        .unwrap()
+}
+
+/// Sends `kind` to the controller on `session`, as the agent does.
+pub async fn send(session: &link::Session, kind: agent_message::Kind) {
+    session
+        .outbound
+        .send(AgentMessage { kind: Some(kind) })
+        .await
+        .unwrap();
+}
+
+/// Answers command `command_id` on `session` with its result.
+pub async fn send_result(
+    session: &link::Session,
+    command_id: String,
+    outcome: Outcome,
+    release_id: &str,
+    message: &str,
+) {
+    send(
+        session,
+        agent_message::Kind::Result(CommandResult {
+            command_id,
+            outcome: outcome as i32,
+            release_id: release_id.to_owned(),
+            message: message.to_owned(),
+        }),
+    )
+    .await;
+}
+
+/// Every event of a deploy-like stream (deploy, restart, prune), up to its end.
+pub async fn collect(mut stream: tonic::Streaming<DeployEvent>) -> Vec<DeployEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(TEST_TIMEOUT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        events.push(event);
+    }
+    events
+}
+
+/// The DeployFinished that must end `events`.
+pub fn finished_of(events: &[DeployEvent]) -> &DeployFinished {
+    let Some(deploy_event::Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("{events:?}");
+    };
+    finished
+}
+
+/// The NodeResult events among `events`, in order.
+pub fn node_results(events: &[DeployEvent]) -> Vec<&NodeResult> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(deploy_event::Kind::NodeResult(r)) => Some(r),
+            _ => None,
+        })
+        .collect()
 }

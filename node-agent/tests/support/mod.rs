@@ -360,6 +360,33 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Config lines for app `web` run as `python3 server.py` by the exec driver
+/// (3 s stop grace), with an HTTP health check on `url`: the caller adds
+/// the rest of `[apps.web.health]` after them.
+pub fn exec_python_web(url: &str) -> String {
+    format!(
+        r#"
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "3s"
+
+[apps.web.health]
+check = "http"
+url = "{url}"
+"#
+    )
+}
+
 /// Polls `f` until it holds; fails the test after `limit`, naming `what`.
 pub fn wait_until(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> bool) {
     let t = std::time::Instant::now();
