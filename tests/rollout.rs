@@ -36,12 +36,7 @@ fn fleet(names: &[&str], start_period: &str) -> (Controller, Vec<Agent>, String,
     let controller = Controller::start();
     let mut agents = Agent::enroll_all(&controller, names);
     for a in &mut agents {
-        let config = std::fs::read_to_string(&a.config).unwrap();
-        let config = config.replace(
-            "start_period = \"1s\"",
-            &format!("start_period = \"{start_period}\""),
-        );
-        std::fs::write(&a.config, config).unwrap();
+        a.set_start_period(start_period);
         a.run();
     }
     let reader = controller.api_token("read");

@@ -162,6 +162,9 @@ fn deploy_latency(n: usize) {
         .map(|i| Agent::enroll(&controller, &format!("d{i}")))
         .collect();
     for a in &mut agents {
+        // n Python apps start at once on a small machine: give them time
+        // (a healthy app still ends the gate as soon as it answers).
+        a.set_start_period("10s");
         a.run();
     }
     let token = controller.api_token("deploy:web");

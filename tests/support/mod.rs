@@ -249,6 +249,20 @@ liveness_interval = "500ms"
     }
 
     /// [`Agent::enroll`] for each of `names`, in order.
+    /// Sets how long the health gate forgives failures after a start
+    /// (`start_period`, 1 s by default here); call before `run`.
+    pub fn set_start_period(&self, period: &str) {
+        let config = fs::read_to_string(&self.config).unwrap();
+        let default = "start_period = \"1s\"";
+        assert!(
+            config.contains(default),
+            "no {default} in {}",
+            self.config.display()
+        );
+        let changed = config.replace(default, &format!("start_period = \"{period}\""));
+        fs::write(&self.config, changed).unwrap();
+    }
+
     pub fn enroll_all(controller: &Controller, names: &[&str]) -> Vec<Self> {
         names.iter().map(|n| Self::enroll(controller, n)).collect()
     }
