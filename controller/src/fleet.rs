@@ -297,26 +297,7 @@ pub fn render_table(nodes: &[NodeView]) -> String {
             if apps.is_empty() { dash() } else { apps },
         ]);
     }
-    let mut widths = [0usize; 11];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<width$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    table(&rows)
 }
 
 /// Bytes in binary units with one decimal: `512.0M`, `1.9G`.
