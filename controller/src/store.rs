@@ -374,7 +374,27 @@ fn json_column<T: serde::de::DeserializeOwned>(
     column: &'static str,
 ) -> Result<T, StoreError> {
     let text: String = row.try_get(name)?;
-    serde_json::from_str(&text).map_err(|source| StoreError::Json { column, source })
+    json_text(&text, column)
+}
+
+/// JSON text read from `column` parsed into `T`.
+fn json_text<T: serde::de::DeserializeOwned>(
+    text: &str,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|source| StoreError::Json { column, source })
+}
+
+/// A [`NodeRow`] from a row selecting `id, name, cert_fingerprint,
+/// revoked_at, last_seen_at` of `nodes`.
+fn node_row(row: &sqlx::sqlite::SqliteRow) -> Result<NodeRow, StoreError> {
+    Ok(NodeRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        cert_fingerprint: row.try_get("cert_fingerprint")?,
+        revoked_at: row.try_get("revoked_at")?,
+        last_seen_at: row.try_get("last_seen_at")?,
+    })
 }
 
 /// SQLITE_BUSY (5) or SQLITE_LOCKED (6), with or without extended bits.
@@ -510,7 +530,6 @@ impl Store {
         .await?;
         rows.into_iter()
             .map(|row| {
-                let details: String = row.try_get("details")?;
                 Ok(AuditRecord {
                     id: row.try_get("id")?,
                     created_at: row.try_get("created_at")?,
@@ -518,10 +537,7 @@ impl Store {
                     actor: row.try_get("actor")?,
                     resource_type: row.try_get("resource_type")?,
                     resource_id: row.try_get("resource_id")?,
-                    details: serde_json::from_str(&details).map_err(|source| StoreError::Json {
-                        column: "audit_events.details",
-                        source,
-                    })?,
+                    details: json_column(&row, "details", "audit_events.details")?,
                     status: row.try_get("status")?,
                     error_message: row.try_get("error_message")?,
                 })
@@ -551,13 +567,7 @@ impl Store {
         .await?;
         row.map(|row| {
             Ok(PeerCert {
-                node: NodeRow {
-                    id: row.try_get("id")?,
-                    name: row.try_get("name")?,
-                    cert_fingerprint: row.try_get("cert_fingerprint")?,
-                    revoked_at: row.try_get("revoked_at")?,
-                    last_seen_at: row.try_get("last_seen_at")?,
-                },
+                node: node_row(&row)?,
                 issued_at: row.try_get("issued_at")?,
                 expires_at: row.try_get("expires_at")?,
             })
@@ -674,26 +684,23 @@ impl Store {
         .await?;
         rows.into_iter()
             .map(|row| {
-                let json = |column: &'static str, text: &str| {
-                    serde_json::from_str(text).map_err(|source| StoreError::Json { column, source })
-                };
-                let labels: String = row.try_get("labels")?;
                 let metrics: Option<String> = row.try_get("metrics")?;
-                let apps: String = row.try_get("apps")?;
                 let rss: Option<i64> = row.try_get("agent_rss_bytes")?;
                 let interval: Option<i64> = row.try_get("heartbeat_interval_secs")?;
                 Ok(FleetRow {
                     id: row.try_get("id")?,
                     name: row.try_get("name")?,
-                    labels: json("nodes.labels", &labels)?,
+                    labels: json_column(&row, "labels", "nodes.labels")?,
                     agent_version: row.try_get("agent_version")?,
                     enrolled_at: row.try_get("enrolled_at")?,
                     revoked_at: row.try_get("revoked_at")?,
                     last_seen_at: row.try_get("last_seen_at")?,
                     heartbeat_at: row.try_get("heartbeat_at")?,
                     agent_rss_bytes: rss.and_then(|v| u64::try_from(v).ok()),
-                    metrics: metrics.map(|m| json("nodes.metrics", &m)).transpose()?,
-                    apps: json("nodes.apps", &apps)?,
+                    metrics: metrics
+                        .map(|m| json_text(&m, "nodes.metrics"))
+                        .transpose()?,
+                    apps: json_column(&row, "apps", "nodes.apps")?,
                     heartbeat_interval_secs: interval.and_then(|v| u64::try_from(v).ok()),
                     cert_expires_at: row.try_get("cert_expires_at")?,
                 })
@@ -729,14 +736,10 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?;
         row.map(|row| {
-            let scopes: String = row.try_get("scopes")?;
             Ok(ApiTokenRow {
                 id: row.try_get("id")?,
                 secret_hash: row.try_get("secret_hash")?,
-                scopes: serde_json::from_str(&scopes).map_err(|source| StoreError::Json {
-                    column: "api_tokens.scopes",
-                    source,
-                })?,
+                scopes: json_column(&row, "scopes", "api_tokens.scopes")?,
                 revoked_at: row.try_get("revoked_at")?,
             })
         })
@@ -1201,17 +1204,7 @@ impl Store {
         .bind(id_or_name)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(NodeRow {
-                    id: row.try_get("id")?,
-                    name: row.try_get("name")?,
-                    cert_fingerprint: row.try_get("cert_fingerprint")?,
-                    revoked_at: row.try_get("revoked_at")?,
-                    last_seen_at: row.try_get("last_seen_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(node_row).collect()
     }
 }
 
@@ -1252,14 +1245,10 @@ pub async fn join_token(
     .fetch_optional(conn)
     .await?;
     row.map(|row| {
-        let tags: String = row.try_get("tags")?;
         Ok(JoinTokenRow {
             id: row.try_get("id")?,
             secret_hash: row.try_get("secret_hash")?,
-            tags: serde_json::from_str(&tags).map_err(|source| StoreError::Json {
-                column: "join_tokens.tags",
-                source,
-            })?,
+            tags: json_column(&row, "tags", "join_tokens.tags")?,
             expires_at: row.try_get("expires_at")?,
             used_at: row.try_get("used_at")?,
         })
