@@ -92,25 +92,12 @@ EOF
   PIDS+=($!)
 done
 
-say "the sample app: v1 and v2, and a v3 whose /api/health answers 500"
+say "the sample app (tests/fixtures/server.py): v1 and v2, and a v3 whose /api/health answers 500"
 for v in v1 v2 v3; do
   mkdir -p "$DIR/src/$v"
-  health=200; [ "$v" = v3 ] && health=500
-  cat > "$DIR/src/$v/server.py" <<EOF
-import http.server, os, socketserver
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        code = $health if self.path == "/api/health" else 200
-        body = b"hello from $v"
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-socketserver.TCPServer.allow_reuse_address = True
-socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-EOF
+  cp tests/fixtures/server.py "$DIR/src/$v/"
+  echo "hello from $v" > "$DIR/src/$v/VERSION"
+  if [ "$v" = v3 ]; then echo 500 > "$DIR/src/$v/HEALTH"; fi
   "$BIN/slipway-agent" pack --dir "$DIR/src/$v" --out "$DIR/web-$v.tar.gz" >/dev/null
 done
 sha() { sha256sum "$1" | cut -d' ' -f1; }

@@ -13,26 +13,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{artifact, json, sha256_file, stderr, stdout, text, wait_until, Agent, Controller};
-
-/// The test app, whose health endpoint fails (HTTP 500 "sick") while the
-/// file named by `SICK_FILE` (from the app's shared `.env`) exists.
-const FLAKY_APP: &str = r#"import http.server, os, socketserver
-V = open("VERSION").read().strip()
-SICK = os.environ["SICK_FILE"]
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        sick = self.path == "/api/health" and os.path.exists(SICK)
-        body = b"sick" if sick else V.encode()
-        self.send_response(500 if sick else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-socketserver.TCPServer.allow_reuse_address = True
-socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"#;
+use support::{
+    artifact, json, sha256_file, stderr, stdout, text, wait_until, Agent, Controller, APP,
+};
 
 /// Where `agent`'s app looks for the file that makes it sick.
 fn sick_file(agent: &Agent) -> PathBuf {
@@ -93,7 +76,7 @@ fn restart_prune_and_status_across_three_agents() {
     // Three releases everywhere, so there is something to prune.
     let work = tempfile::tempdir().unwrap();
     for version in ["v1", "v2", "v3"] {
-        let art = artifact(work.path(), version, FLAKY_APP);
+        let art = artifact(work.path(), version, APP);
         let sha = sha256_file(&art);
         let out = controller.deploy_web(&deployer, &art, &sha, version, &["--wait"]);
         assert!(out.status.success(), "{}", text(&out));
@@ -265,7 +248,10 @@ fn restart_prune_and_status_across_three_agents() {
     assert_eq!(unhealthy.len(), 1, "{status:#}");
     assert_eq!(unhealthy[0]["node_name"], "n3", "{status:#}");
     assert!(
-        unhealthy[0]["output"].as_str().unwrap().contains("500"),
+        unhealthy[0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 503"),
         "{status:#}"
     );
     assert_eq!(

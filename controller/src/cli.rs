@@ -20,6 +20,18 @@ pub fn parse<C: Parser>() -> Result<C, std::process::ExitCode> {
     })
 }
 
+/// The multi-thread tokio runtime of either binary; if it cannot start,
+/// prints why and gives exit code 1.
+pub fn runtime() -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("error: cannot start the async runtime: {err}");
+            std::process::ExitCode::FAILURE
+        })
+}
+
 /// The Slipway controller: fleet state, enrollment CA and the agent link.
 ///
 /// Exit codes: 0 success, 64 bad configuration or arguments, 1 any other

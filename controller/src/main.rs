@@ -29,15 +29,9 @@ fn main() -> ExitCode {
         .init();
     crypto::install_default_provider();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match slipway_controller::cli::runtime() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,11 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
-    let store = Store::open(&args.data_dir)
-        .await
-        .context("opening the controller database")?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let nodes = fleet::nodes(&store, now).await?;
+    let store = open_store(&args.data_dir).await?;
+    let nodes = fleet::nodes(&store, now()).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
     } else {
@@ -120,16 +111,9 @@ async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
 }
 
 async fn node_revoke(args: NodeRevokeArgs) -> anyhow::Result<()> {
-    let store = Store::open(&args.data_dir)
-        .await
-        .context("opening the controller database")?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let revoked = fleet::revoke(&store, &args.node, "operator", now).await?;
-    if revoked.newly {
-        println!("revoked node {}", revoked.node_id);
-    } else {
-        println!("node {} was already revoked", revoked.node_id);
-    }
+    let store = open_store(&args.data_dir).await?;
+    let revoked = fleet::revoke(&store, &args.node, "operator", now()).await?;
+    print_revoked("node", &revoked.node_id, revoked.newly);
     Ok(())
 }
 
@@ -156,22 +140,16 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
         token::check_tag(tag)?;
     }
     let ca = Ca::load_or_create(&args.data_dir).context("loading the controller CA")?;
-    let store = Store::open(&args.data_dir)
-        .await
-        .context("opening the controller database")?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let token = token::create(&store, &ca.fingerprint(), ttl, &args.tags, now).await?;
+    let store = open_store(&args.data_dir).await?;
+    let token = token::create(&store, &ca.fingerprint(), ttl, &args.tags, now()).await?;
     println!("{token}");
     Ok(())
 }
 
 async fn token_api(args: TokenApiArgs) -> anyhow::Result<()> {
     let scopes = apitoken::parse_scopes(&args.scopes)?;
-    let store = Store::open(&args.data_dir)
-        .await
-        .context("opening the controller database")?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    println!("{}", apitoken::create(&store, &scopes, now).await?);
+    let store = open_store(&args.data_dir).await?;
+    println!("{}", apitoken::create(&store, &scopes, now()).await?);
     Ok(())
 }
 

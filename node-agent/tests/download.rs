@@ -22,7 +22,9 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use sha2::{Digest as _, Sha256};
-use support::{exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node, Run};
+use support::{
+    exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node, Run, SAMPLE_APP,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// `[artifacts] max_size` in these tests: test artifacts are a few KiB.
@@ -291,24 +293,8 @@ fn nothing_left(node: &Node) {
 fn a_url_deploy_serves_and_the_same_digest_is_not_downloaded_twice() {
     let pki = pki("good");
     let port = free_port();
-    // A real app behind the health gate: the exec driver runs a Python
-    // server from the downloaded release.
-    const SERVER: &str = r#"
-import http.server, os, socketserver
-VERSION = open("VERSION").read().strip()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = VERSION.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-socketserver.TCPServer.allow_reuse_address = True
-with socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H) as s:
-    s.serve_forever()
-"#;
+    // A real app behind the health gate: the exec driver runs the sample
+    // app from the downloaded release.
     let node = Node::new(&format!(
         r#"{}interval = "100ms"
 successes = 1
@@ -330,7 +316,7 @@ max_size = {LIMIT}
     }
     let _stop = Stop(&node);
     let v1 = targz(&tar_of(&[
-        ("server.py", SERVER),
+        ("server.py", SAMPLE_APP),
         ("VERSION", "v1-from-https"),
     ]));
     let sha = sha256(&v1);

@@ -13,32 +13,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node};
+use support::{exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node, SAMPLE_APP};
 
 const SECRET: &str = "s3cr3t-never-shown";
-
-/// Serves `VERSION` on /, and on /api/health answers the status in `HEALTH`
-/// (default 200) unless `shared/fail` exists (then 503).
-const SERVER: &str = r#"
-import http.server, os, socketserver
-VERSION = open("VERSION").read().strip()
-STATUS = int(open("HEALTH").read()) if os.path.exists("HEALTH") else 200
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        code = 200
-        if self.path == "/api/health":
-            code = 503 if os.path.exists("../../shared/fail") else STATUS
-        body = ("%s %d" % (VERSION, os.getpid())).encode()
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-socketserver.TCPServer.allow_reuse_address = True
-with socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H) as s:
-    s.serve_forever()
-"#;
 
 struct App {
     node: Node,
@@ -68,7 +45,10 @@ liveness_interval = "200ms"
     ));
     fs::write(
         node.root.join("shared/.env"),
-        format!("PORT={port}\nAPI_KEY={SECRET}\n"),
+        format!(
+            "PORT={port}\nAPI_KEY={SECRET}\nSICK_FILE={}\n",
+            node.root.join("shared/fail").display()
+        ),
     )
     .unwrap();
     App { node, port }
@@ -76,7 +56,7 @@ liveness_interval = "200ms"
 
 fn release(node: &Node, version: &str, health: Option<u16>) -> PathBuf {
     let mut files = vec![
-        ("server.py", SERVER.to_owned()),
+        ("server.py", SAMPLE_APP.to_owned()),
         ("VERSION", version.to_owned()),
     ];
     if let Some(code) = health {
@@ -115,7 +95,7 @@ fn unhealthy_release_is_rolled_back_and_previous_keeps_serving() {
     assert_eq!(code, Some(0), "{rep:#}");
     assert_eq!(rep["outcome"], "succeeded");
     assert!(rep["health"]["probes"].as_u64().unwrap() >= 2, "{rep:#}");
-    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v1");
 
     let v2 = release(&a.node, "v2", Some(500));
     let (code, rep) = deploy_json(&a.node, &v2, "v2");
@@ -133,7 +113,7 @@ fn unhealthy_release_is_rolled_back_and_previous_keeps_serving() {
     );
     assert_eq!(a.node.current().as_deref(), Some("v1"));
     let (code, body) = http_get(a.port, "/api/health").unwrap();
-    assert_eq!((code, body.split(' ').next().unwrap()), (200, "v1"));
+    assert_eq!((code, body.as_str()), (200, "v1"));
     let st = a.node.statuses();
     assert!(st.contains(&("v2".into(), "failed".into())), "{st:?}");
     let log = fs::read_to_string(a.node.root.join(".slipway/logs/v2.log")).unwrap();
@@ -159,7 +139,7 @@ fn supervisor_restarts_a_crashed_app_and_rollback_restarts_the_old_release() {
     let a = app("");
     a.node.deploy(&release(&a.node, "v1", None), "v1").ok();
     a.node.deploy(&release(&a.node, "v2", None), "v2").ok();
-    assert!(http_get(a.port, "/").unwrap().1.starts_with("v2 "));
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v2");
     let pid = status(&a.node)["apps"][0]["processes"]["processes"][0]["pid"]
         .as_u64()
         .unwrap();
@@ -182,7 +162,7 @@ fn supervisor_restarts_a_crashed_app_and_rollback_restarts_the_old_release() {
         .json();
     assert_eq!(rep["to"], "v1");
     assert!(rep["health"]["probes"].as_u64().is_some(), "{rep:#}");
-    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v1");
 
     a.node.run(&["stop", "--app", "web"]).ok();
     assert!(
@@ -192,7 +172,7 @@ fn supervisor_restarts_a_crashed_app_and_rollback_restarts_the_old_release() {
     let p = &status(&a.node)["apps"][0]["processes"]["processes"][0];
     assert!(p["status"].as_str().unwrap().contains("stopped"), "{p:#}");
     a.node.run(&["restart", "--app", "web"]).ok();
-    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v1");
 }
 
 #[test]
@@ -219,7 +199,7 @@ fn crash_after_going_live_restores_the_previous_release_process() {
     let v2 = release(&a.node, "v2", None);
     a.node.deploy_killed_at("before_commit", &v2, "v2");
     // The killed deploy left v2 running; the next command recovers.
-    assert!(http_get(a.port, "/").unwrap().1.starts_with("v2 "));
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v2");
     let rel = a.node.releases();
     assert!(
         rel["recovered"]
@@ -228,7 +208,7 @@ fn crash_after_going_live_restores_the_previous_release_process() {
             .contains("exec restarted v1"),
         "{rel:#}"
     );
-    assert!(http_get(a.port, "/").unwrap().1.starts_with("v1 "));
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v1");
 }
 
 #[test]
@@ -249,7 +229,7 @@ fn liveness_failures_are_recorded_with_timestamps() {
         wait_until(
             "the app to be started by the agent",
             Duration::from_secs(20),
-            || http_get(a.port, "/").is_some_and(|(_, body)| body.starts_with("v1 ")),
+            || http_get(a.port, "/").is_some_and(|(_, body)| body == "v1"),
         );
         wait_until("a healthy liveness record", Duration::from_secs(20), || {
             status(&a.node)["apps"][0]["liveness"]["healthy"] == true

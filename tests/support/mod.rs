@@ -165,22 +165,11 @@ pub struct Agent {
     run: Option<Child>,
 }
 
-/// A tiny HTTP app for the exec driver: / and /api/health answer the
-/// release's VERSION.
-pub const APP: &str = r#"import http.server, os, socketserver
-V = open("VERSION").read().strip()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = V.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-socketserver.TCPServer.allow_reuse_address = True
-socketserver.TCPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"#;
+/// The sample app for the exec driver (`python3 server.py`, tests/fixtures/
+/// server.py): every path answers the release's VERSION; /api/health
+/// answers 503 while the file named by `SICK_FILE` in the app's `.env`
+/// exists.
+pub const APP: &str = include_str!("../fixtures/server.py");
 
 impl Agent {
     /// Enrolls a new node with `controller` and writes its agent.toml (one

@@ -348,15 +348,9 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     slipway_controller::crypto::install_default_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match slipway_controller::cli::runtime() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
@@ -586,15 +580,19 @@ async fn follow_or_return(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
+/// The fleet view, as `slipway-controller nodes` shows it.
+async fn fetch_nodes(api: &mut Api) -> anyhow::Result<Vec<NodeView>> {
     let response = api
         .client
         .list_nodes(client::authed(ListNodesRequest {}, &api.token))
         .await
         .map_err(|s| status_error("listing nodes", s))?
         .into_inner();
-    let nodes: Vec<NodeView> =
-        serde_json::from_str(&response.nodes_json).context("decoding the fleet view")?;
+    serde_json::from_str(&response.nodes_json).context("decoding the fleet view")
+}
+
+async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
+    let nodes = fetch_nodes(api).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
     } else {
@@ -604,14 +602,7 @@ async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn releases(api: &mut Api, args: &ReleasesArgs) -> anyhow::Result<ExitCode> {
-    let response = api
-        .client
-        .list_nodes(client::authed(ListNodesRequest {}, &api.token))
-        .await
-        .map_err(|s| status_error("listing nodes", s))?
-        .into_inner();
-    let nodes: Vec<NodeView> =
-        serde_json::from_str(&response.nodes_json).context("decoding the fleet view")?;
+    let nodes = fetch_nodes(api).await?;
     // (node, its state of the app) for every node that has the app.
     let rows: Vec<(&NodeView, &fleet::App)> = nodes
         .iter()

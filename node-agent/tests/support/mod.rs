@@ -360,6 +360,13 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+/// The sample app of the workspace's tests (tests/fixtures/server.py), run
+/// as `python3 server.py` with `PORT` from the app's `.env`: every path
+/// answers the release's `VERSION`; /api/health answers the status in the
+/// release's `HEALTH` file (200 without one), or 503 while the file named
+/// by `SICK_FILE` exists.
+pub const SAMPLE_APP: &str = include_str!("../../../tests/fixtures/server.py");
+
 /// A loopback TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
