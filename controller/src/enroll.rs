@@ -193,9 +193,7 @@ impl Enrollment for EnrollmentService {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer = crate::peer_addr(&request);
         let req = request.into_inner();
         let now = crate::now_unix();
         match self.try_enroll(&req, now).await {

@@ -70,3 +70,11 @@ pub mod token;
 pub(crate) fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
+
+/// The caller's address as text ("unknown" if tonic has none): the actor of
+/// audit events written before the caller is identified.
+pub(crate) fn peer_addr<T>(request: &tonic::Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+}

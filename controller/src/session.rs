@@ -419,9 +419,7 @@ impl AgentLink for AgentLinkService {
         &self,
         request: Request<FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        let peer_addr = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer_addr = crate::peer_addr(&request);
         let mut actor = peer_addr.clone();
         let fetched = async {
             let peer = self.peer(&request).await?;
@@ -451,19 +449,16 @@ impl AgentLink for AgentLinkService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer_addr = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer_addr = crate::peer_addr(&request);
         // Until the certificate names a node, the peer address is the actor.
         let mut actor = peer_addr.clone();
-        let opened = match self.open(request, &mut actor).await {
-            Ok(opened) => self
-                .accept(&opened.0, &opened.1)
-                .await
-                .map(|accepted| (opened, accepted)),
-            Err(err) => Err(err),
-        };
-        let ((peer, _hello, inbound), (handle, welcome)) = match opened {
+        let opened = async {
+            let (peer, hello, inbound) = self.open(request, &mut actor).await?;
+            let accepted = self.accept(&peer, &hello).await?;
+            Ok::<_, SessionError>((peer, inbound, accepted))
+        }
+        .await;
+        let (peer, inbound, (handle, welcome)) = match opened {
             Ok(accepted) => accepted,
             Err(err) => {
                 self.refuse(audit::NODE_CONNECT_REFUSED, &peer_addr, &actor, &err)
@@ -514,9 +509,7 @@ impl AgentLink for AgentLinkService {
         &self,
         request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
-        let peer_addr = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer_addr = crate::peer_addr(&request);
         let mut actor = peer_addr.clone();
         match self.try_renew(request, &mut actor).await {
             Ok(response) => Ok(Response::new(response)),
