@@ -10,9 +10,8 @@
 //!
 //! Session: [`connect`] dials the controller with the client certificate,
 //! opens the AgentLink stream, sends Hello and waits for the Welcome.
-//!
-//! This file depends only on external crates (no `crate::` paths), so the
-//! controller's integration tests can compile it as a module of their own.
+//! [`renew`] and [`fetch_artifact`] dial the same way, each on a connection
+//! of its own.
 
 use std::error::Error as StdError;
 use std::fs;
@@ -157,11 +156,7 @@ pub async fn enroll(
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     // The controller chooses the certificate's subject; the CN here only
     // helps a human reading the CSR.
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, node_name);
-    params.distinguished_name = dn;
-    let csr_pem = params.serialize_request(&key)?.pem()?;
+    let csr_pem = csr_pem(&key, node_name)?;
 
     let config = pinned_config(&token.ca_sha256)?;
     let channel = connect_channel(&target, config).await?;
@@ -212,19 +207,13 @@ pub async fn connect(
     state_dir: &Path,
     mut hello: Hello,
 ) -> Result<Session, LinkError> {
-    let target = Target::parse(controller)?;
-    let ca_pem = read_file(&state_dir.join(CA_FILE))?;
-    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
-    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
     if hello.node_id.is_empty() {
-        hello.node_id = read_file(&state_dir.join(NODE_ID_FILE))?.trim().to_owned();
+        hello.node_id = read_node_id(state_dir)?;
     }
     if hello.agent_version.is_empty() {
         hello.agent_version = env!("CARGO_PKG_VERSION").to_owned();
     }
-
-    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
-    let channel = connect_channel(&target, config).await?;
+    let channel = mtls_channel(controller, state_dir).await?;
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
     // The queue is empty, so this cannot fail for lack of room.
     let _ = tx.try_send(AgentMessage {
@@ -258,21 +247,10 @@ pub async fn connect(
 /// reads them). The open session is not touched: the controller keeps the
 /// old certificate valid until it expires. Returns the new expiry.
 pub async fn renew(controller: &str, state_dir: &Path) -> Result<i64, LinkError> {
-    let target = Target::parse(controller)?;
-    let ca_pem = read_file(&state_dir.join(CA_FILE))?;
-    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
-    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
-    let node_id = read_file(&state_dir.join(NODE_ID_FILE))?.trim().to_owned();
-
+    let node_id = read_node_id(state_dir)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, node_id.as_str());
-    params.distinguished_name = dn;
-    let csr_pem = params.serialize_request(&key)?.pem()?;
-
-    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
-    let channel = connect_channel(&target, config).await?;
+    let csr_pem = csr_pem(&key, &node_id)?;
+    let channel = mtls_channel(controller, state_dir).await?;
     let response = AgentLinkClient::new(channel)
         .renew(slipway_proto::v1::RenewRequest { csr_pem })
         .await
@@ -303,12 +281,7 @@ pub async fn fetch_artifact(
     command_id: &str,
     dest: &Path,
 ) -> Result<u64, LinkError> {
-    let target = Target::parse(controller)?;
-    let ca_pem = read_file(&state_dir.join(CA_FILE))?;
-    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
-    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
-    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
-    let channel = connect_channel(&target, config).await?;
+    let channel = mtls_channel(controller, state_dir).await?;
     let mut stream = AgentLinkClient::new(channel)
         .fetch_artifact(slipway_proto::v1::FetchArtifactRequest {
             sha256: sha256.to_owned(),
@@ -346,7 +319,7 @@ pub async fn fetch_artifact(
             break;
         }
     }
-    let got = hex_lower(&hasher.finalize());
+    let got = hex::encode(hasher.finalize());
     if !finished || got != sha256 {
         let _ = fs::remove_file(&tmp);
         return Err(LinkError::Unexpected(if finished {
@@ -360,8 +333,29 @@ pub async fn fetch_artifact(
     Ok(offset)
 }
 
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A CSR for `key` with `common_name` as its CN.
+fn csr_pem(key: &KeyPair, common_name: &str) -> Result<String, LinkError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+/// The node id enrollment stored in `state_dir`.
+fn read_node_id(state_dir: &Path) -> Result<String, LinkError> {
+    Ok(read_file(&state_dir.join(NODE_ID_FILE))?.trim().to_owned())
+}
+
+/// Dials `controller` over mTLS with the identity enrolled in `state_dir`
+/// (its CA as the only root, its certificate and key as the client).
+async fn mtls_channel(controller: &str, state_dir: &Path) -> Result<Channel, LinkError> {
+    let target = Target::parse(controller)?;
+    let ca_pem = read_file(&state_dir.join(CA_FILE))?;
+    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
+    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
+    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
+    connect_channel(&target, config).await
 }
 
 /// Where the controller is: what to dial and what name its certificate
