@@ -720,6 +720,7 @@ pub async fn start(
         .collect();
     let now = crate::now_unix();
     let started_type = plan.action.started_event();
+    let rollout_json = plan.rollout.to_json();
     let mut details = serde_json::json!({
         "deployment_id": deployment_id,
         "app": plan.app,
@@ -727,7 +728,7 @@ pub async fn start(
         "selector": plan.selector,
         "nodes": plan.targets.iter().map(|t| &t.node_id).collect::<Vec<_>>(),
         "strategy": plan.rollout.strategy.name(),
-        "rollout": plan.rollout.to_json(),
+        "rollout": rollout_json,
     });
     if let Action::Prune { keep } = &plan.action {
         details["keep"] = serde_json::Value::from(*keep);
@@ -746,7 +747,6 @@ pub async fn start(
     if !url.is_empty() {
         details["artifact_url"] = serde_json::Value::from(url);
     }
-    let rollout_json = plan.rollout.to_json();
     store
         .insert_deployment(
             &NewDeployment {
@@ -865,17 +865,39 @@ impl Run {
         }
     }
 
-    /// Registers and sends one command; false (nothing pending) if the
-    /// node has no live session.
-    async fn send(&self, index: usize, command_id: &str, message: ControllerMessage) -> bool {
+    /// Registers and sends one command to target `index` and adds it to
+    /// `inflight`; false (nothing pending) if the node has no live session.
+    async fn send(
+        &self,
+        index: usize,
+        command_id: String,
+        message: ControllerMessage,
+        inflight: &mut HashMap<String, InFlight>,
+    ) -> bool {
         let node_id = &self.plan.targets[index].node_id;
         // Registered before sending, so a fast answer is never lost.
-        self.commands
-            .register(command_id, node_id, self.events_tx.clone(), message.clone());
+        self.commands.register(
+            &command_id,
+            node_id,
+            self.events_tx.clone(),
+            message.clone(),
+        );
         let sent = tokio::time::timeout(SEND_TIMEOUT, self.sessions.send(node_id, message))
             .await
             .unwrap_or(false);
-        sent || self.commands.forget_unless_resent(command_id)
+        if !sent && !self.commands.forget_unless_resent(&command_id) {
+            return false;
+        }
+        let now = Instant::now();
+        inflight.insert(
+            command_id,
+            InFlight {
+                index,
+                sent_at: now,
+                deadline: now + COMMAND_TIMEOUT,
+            },
+        );
+        true
     }
 
     /// Waits until one in-flight command ends (answer, timeout or lost
@@ -1006,17 +1028,8 @@ impl Run {
                     for i in batch.nodes {
                         let command_id = self.command_ids[i].clone();
                         let message = self.plan.action.message(&command_id, &self.plan.app);
-                        if self.send(i, &command_id, message).await {
+                        if self.send(i, command_id, message, &mut inflight).await {
                             states[i] = NodeState::Running;
-                            let now = Instant::now();
-                            inflight.insert(
-                                command_id,
-                                InFlight {
-                                    index: i,
-                                    sent_at: now,
-                                    deadline: now + COMMAND_TIMEOUT,
-                                },
-                            );
                         } else {
                             let result = self.result(
                                 i,
@@ -1105,17 +1118,7 @@ impl Run {
                     let undo_id = format!("{}.undo", self.command_ids[i]);
                     let undo = Action::Rollback { to_release_id: to };
                     let message = undo.message(&undo_id, &self.plan.app);
-                    if self.send(i, &undo_id, message).await {
-                        let now = Instant::now();
-                        inflight.insert(
-                            undo_id,
-                            InFlight {
-                                index: i,
-                                sent_at: now,
-                                deadline: now + COMMAND_TIMEOUT,
-                            },
-                        );
-                    } else {
+                    if !self.send(i, undo_id, message, &mut inflight).await {
                         let why = format!(
                             "{reason}; could not roll it back: unreachable (no live session)"
                         );
