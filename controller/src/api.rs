@@ -83,6 +83,22 @@ impl From<OperatorError> for ApiError {
     }
 }
 
+impl From<deploy::RolloutError> for ApiError {
+    fn from(err: deploy::RolloutError) -> Self {
+        Self::Invalid(err.to_string())
+    }
+}
+
+/// Refuses an app name no scope or node could hold ([`apitoken::is_app_name`]).
+fn check_app_name(app: &str) -> Result<(), ApiError> {
+    if apitoken::is_app_name(app) {
+        return Ok(());
+    }
+    Err(ApiError::Invalid(format!(
+        "invalid app name {app:?}: letters, digits, . _ - (at most 64, not starting with .)"
+    )))
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
         match err {
@@ -311,14 +327,8 @@ impl ControlService {
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
         // The name is checked first: an invalid one could never be in a
         // scope, and "invalid app name" says more than "may not".
-        if !apitoken::is_app_name(app) {
-            return Err(ApiError::Invalid(format!(
-                "invalid app name {app:?}: letters, digits, . _ - (at most 64, not starting with .)"
-            ))
-            .into());
-        }
-        let rollout = deploy::Rollout::from_proto(rollout)
-            .map_err(|e| Status::from(ApiError::Invalid(e.to_string())))?;
+        check_app_name(app)?;
+        let rollout = deploy::Rollout::from_proto(rollout).map_err(ApiError::from)?;
         let what = format!("{verb} app {app}");
         let caller = self
             .authorize(request, &what, |c| c.can_deploy(app))
@@ -513,9 +523,7 @@ impl Control for ControlService {
             .await?;
         let req = request.into_inner();
         let checked = async {
-            if !apitoken::is_app_name(&req.app) {
-                return Err(ApiError::Invalid(format!("invalid app name {:?}", req.app)));
-            }
+            check_app_name(&req.app)?;
             if req.artifact_url.is_empty() {
                 artifacts::check_digest(&req.sha256)?;
                 if !self.artifacts.contains(&req.sha256).await? {
@@ -531,17 +539,12 @@ impl Control for ControlService {
                     )));
                 }
             }
-            let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())
-                .map_err(|e| ApiError::Invalid(e.to_string()))?;
+            let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())?;
             let release_id = if req.release_id.is_empty() {
                 deploy::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
-            } else if is_release_id(&req.release_id) {
-                req.release_id.clone()
             } else {
-                return Err(ApiError::Invalid(format!(
-                    "invalid release id {:?}: letters, digits, . _ - (at most 128)",
-                    req.release_id
-                )));
+                check_release_id(&req.release_id)?;
+                req.release_id.clone()
             };
             let targets = self.select(req.selector.as_ref()).await?;
             Ok((release_id, targets, rollout))
@@ -574,13 +577,10 @@ impl Control for ControlService {
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
         let req = request.into_inner();
-        if !req.to_release_id.is_empty() && !is_release_id(&req.to_release_id) {
-            return Err(
-                ApiError::Invalid(format!("invalid release id {:?}", req.to_release_id)).into(),
-            );
+        if !req.to_release_id.is_empty() {
+            check_release_id(&req.to_release_id)?;
         }
-        let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())
-            .map_err(|e| Status::from(ApiError::Invalid(e.to_string())))?;
+        let rollout = deploy::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
         let targets = self.select(req.selector.as_ref()).await?;
         let plan = Plan {
             app: req.app,
@@ -647,8 +647,8 @@ impl Control for ControlService {
             .await?;
         let req = request.into_inner();
         let app = (!req.app.is_empty()).then_some(req.app.as_str());
-        if app.is_some_and(|a| !apitoken::is_app_name(a)) {
-            return Err(ApiError::Invalid(format!("invalid app name {:?}", req.app)).into());
+        if let Some(app) = app {
+            check_app_name(app)?;
         }
         let refresh = if req.refresh {
             Some(self.refresh().await?)
@@ -686,12 +686,19 @@ impl Control for ControlService {
 }
 
 /// The agent's release id rule: `[A-Za-z0-9][A-Za-z0-9._-]*`, ≤ 128 bytes.
-fn is_release_id(id: &str) -> bool {
-    id.len() <= 128
+fn check_release_id(id: &str) -> Result<(), ApiError> {
+    let valid = id.len() <= 128
         && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if valid {
+        return Ok(());
+    }
+    Err(ApiError::Invalid(format!(
+        "invalid release id {id:?}: letters, digits, . _ - (at most 128, starting with a \
+         letter or digit)"
+    )))
 }
 
 /// Longest artifact URL accepted (agents log it, the audit keeps it).
@@ -723,6 +730,27 @@ fn check_artifact_url(url: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_names_and_release_ids_are_refused_with_the_rule() {
+        check_app_name("web-1.x_y").unwrap();
+        let err = check_app_name("../web").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid app name \"../web\": letters, digits"),
+            "{err}"
+        );
+        check_release_id("20260102T030405Z-abababababab").unwrap();
+        for bad in ["", "-v1", ".v1", "a/b", "v 1", &"v".repeat(129)] {
+            let err = check_release_id(bad).unwrap_err();
+            assert!(matches!(err, ApiError::Invalid(_)), "{bad:?}");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("invalid release id {bad:?}: letters, digits")),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn artifact_urls_must_be_https_with_a_host() {
