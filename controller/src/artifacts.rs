@@ -83,6 +83,12 @@ pub fn check_digest(sha256: &str) -> Result<(), ArtifactError> {
     }
 }
 
+/// Turns an I/O error on `path` into [`ArtifactError::Io`].
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArtifactError {
+    let path = path.to_owned();
+    move |source| ArtifactError::Io { path, source }
+}
+
 /// The store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
@@ -138,14 +144,7 @@ impl Artifacts {
             }
             Err(source) => return Err(ArtifactError::Io { path, source }),
         };
-        let size = file
-            .metadata()
-            .await
-            .map_err(|source| ArtifactError::Io {
-                path: path.clone(),
-                source,
-            })?
-            .len();
+        let size = file.metadata().await.map_err(io_err(&path))?.len();
         let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
         let command_id = command_id.to_owned();
         tokio::spawn(async move {
@@ -185,17 +184,11 @@ impl Artifacts {
     /// Starts an upload of an artifact declared to have digest `sha256`.
     pub async fn upload(&self, sha256: &str) -> Result<Upload, ArtifactError> {
         let dest = self.path(sha256)?;
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ArtifactError::Io { path, source }
-        };
         tokio::fs::create_dir_all(&self.dir)
             .await
             .map_err(io_err(&self.dir))?;
-        let suffix = crate::crypto::random_hex::<8>().map_err(|e| ArtifactError::Io {
-            path: self.dir.clone(),
-            source: io::Error::other(e),
-        })?;
+        let suffix =
+            crate::crypto::random_hex::<8>().map_err(|e| io_err(&self.dir)(io::Error::other(e)))?;
         let temp = self.dir.join(format!(".upload-{suffix}"));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -252,10 +245,6 @@ impl Upload {
             });
         }
         let temp = self.temp.clone().unwrap_or_default();
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ArtifactError::Io { path, source }
-        };
         self.file.sync_all().await.map_err(io_err(&temp))?;
         tokio::fs::rename(&temp, &self.dest)
             .await
