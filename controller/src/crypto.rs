@@ -1,7 +1,7 @@
 //! The one cryptography backend (ring) and the small primitives built on it:
 //! secure random ids and secrets, and certificate fingerprints.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
 use sha2::{Digest as _, Sha256};
@@ -20,8 +20,12 @@ pub enum CryptoError {
 /// links. rustls' own default would pull in aws-lc-rs (a C/cmake build) and,
 /// with two backends linked, `ServerConfig::builder()` panics at run time
 /// because it cannot choose. Configs are built with this provider explicitly.
+/// Built once: every random id and every TLS config shares it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 /// Installs [`provider`] as the process default, for any library code that
