@@ -38,6 +38,10 @@ pub enum ClientError {
         /// Why.
         why: String,
     },
+    /// rustls refused the client configuration (the backend lacks the
+    /// protocol versions).
+    #[error("client TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
     /// The API token cannot be sent as metadata.
     #[error("the API token contains characters not allowed in a header")]
     Token,
@@ -119,7 +123,6 @@ pub fn identity_from_pem(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<ClientIdentity, (bool, String)> {
-    use rustls::pki_types::pem::PemObject as _;
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| (false, e.to_string()))?;
@@ -146,11 +149,7 @@ pub async fn connect_as(
     let server_name =
         ServerName::try_from(host.clone()).map_err(|_| ClientError::Address(address.to_owned()))?;
     let config = ClientConfig::builder_with_provider(crypto::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Ca {
-            path: String::new(),
-            why: e.to_string(),
-        })?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
     let mut config = match identity {
         None => config.with_no_client_auth(),
