@@ -197,7 +197,7 @@ pub(crate) async fn follow(
                 if let Some(live) = &live {
                     live.finish();
                 }
-                bail!("{what} stream: {} ({:?})", status.message(), status.code());
+                return Err(crate::status_error(&format!("{what} stream"), status));
             }
         };
         match event.kind {
