@@ -22,6 +22,16 @@ pub enum EnvError {
     },
 }
 
+/// Reads and parses `root/shared/.env`; no file means no variables.
+pub fn load(root: &Path) -> Result<Vec<(String, String)>, EnvError> {
+    let path = root.join("shared/.env");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&path, &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(EnvError::Read { path, source }),
+    }
+}
+
 /// Parses `text` (read from `path`, for messages).
 pub fn parse(path: &Path, text: &str) -> Result<Vec<(String, String)>, EnvError> {
     let mut out: Vec<(String, String)> = Vec::new();

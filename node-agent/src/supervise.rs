@@ -302,12 +302,7 @@ fn spawn(
     command: &[String],
     release: Option<&str>,
 ) -> anyhow::Result<tokio::process::Child> {
-    let env_path = root.join("shared/.env");
-    let env = match fs::read_to_string(&env_path) {
-        Ok(text) => envfile::parse(&env_path, &text)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", env_path.display())),
-    };
+    let env = envfile::load(root)?;
     let current = root.join("current");
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..])

@@ -69,18 +69,7 @@ pub struct Target {
 impl Target {
     /// The target for `release` of `app`, reading `shared/.env` if present.
     pub fn new(app: &AppConfig, release: &ReleaseId) -> Result<Self, DriverError> {
-        let env_path = app.root.join("shared/.env");
-        let env = match std::fs::read_to_string(&env_path) {
-            Ok(text) => envfile::parse(&env_path, &text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                return Err(envfile::EnvError::Read {
-                    path: env_path,
-                    source: e,
-                }
-                .into())
-            }
-        };
+        let env = envfile::load(&app.root)?;
         Ok(Self {
             app: app.clone(),
             release: release.clone(),
