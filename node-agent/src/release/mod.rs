@@ -734,11 +734,14 @@ impl Session<'_> {
     fn serve(&mut self, id: &ReleaseId) -> Result<(Activation, Option<GatePassed>)> {
         let app = self.app().clone();
         let mut activation = Activation::default();
-        if let Some(driver) = driver::for_app(&app) {
-            let target = Target::new(&app, id)?;
+        let driven = match driver::for_app(&app) {
+            Some(driver) => Some((Target::new(&app, id)?, driver)),
+            None => None,
+        };
+        if let Some((target, driver)) = &driven {
             // From here on a failure must also restart the previous release.
             self.live = Some(Activation::default());
-            activation = driver.activate(&target)?;
+            activation = driver.activate(target)?;
             tracing::info!(driver = driver.name(), "{}", activation.detail);
             log_line(Some(&self.paths().log(id)), &activation.detail);
             self.live = Some(activation.clone());
@@ -769,9 +772,8 @@ impl Session<'_> {
             }
             None => None,
         };
-        if let Some(driver) = driver::for_app(&app) {
-            let target = Target::new(&app, id)?;
-            if let Err(e) = driver.commit(&target, &activation) {
+        if let Some((target, driver)) = &driven {
+            if let Err(e) = driver.commit(target, &activation) {
                 // The new release serves and is healthy; leftovers of the old
                 // one are worth a warning, not a rollback.
                 tracing::warn!(error = %e, "could not retire the previous release's processes");
