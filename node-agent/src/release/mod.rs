@@ -1110,16 +1110,13 @@ impl Session<'_> {
     /// hash. Returns the cached path and the sha256.
     fn fetch(&self, src: &Path, expected: Option<&str>) -> Result<(PathBuf, String)> {
         let cache = &self.paths().cache;
-        let expected = match expected {
-            Some(e) => {
-                let e = e.trim().to_ascii_lowercase();
-                if e.len() != 64 || !e.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(ReleaseError::BadSha256 { value: e });
-                }
-                Some(e)
-            }
-            None => None,
-        };
+        let expected = expected
+            .map(|e| {
+                crate::download::normalize_sha256(e).map_err(|_| ReleaseError::BadSha256 {
+                    value: e.to_owned(),
+                })
+            })
+            .transpose()?;
         if let Some(e) = &expected {
             let cached = cache.join(e);
             if cached.is_file() {
