@@ -835,13 +835,18 @@ impl Session<'_> {
             })?;
         let (a, h) = self.serve(&current)?;
         self.live = None;
-        if let Some(port) = a.port {
-            if let Some(r) = self.journal.get_mut(&current) {
-                r.port = Some(port);
-            }
-            self.save()?;
-        }
+        self.record_port(&current, a.port)?;
         Ok((current, a, h))
+    }
+
+    /// Records the port the driver now serves `id` on (for liveness checks
+    /// that use `{port}`); no port leaves the journal as it is.
+    fn record_port(&mut self, id: &ReleaseId, port: Option<u16>) -> Result<()> {
+        let Some(port) = port else { return Ok(()) };
+        if let Some(r) = self.journal.get_mut(id) {
+            r.port = Some(port);
+        }
+        self.save()
     }
 
     fn set_step(&mut self, new: DeployStep) -> Result<()> {
@@ -1336,12 +1341,7 @@ impl Session<'_> {
             Err(e) => (self.live.take(), None, Some(e.to_string())),
         };
         self.live = None;
-        if let Some(port) = activation.as_ref().and_then(|a| a.port) {
-            if let Some(r) = self.journal.get_mut(&target) {
-                r.port = Some(port);
-            }
-            self.save()?;
-        }
+        self.record_port(&target, activation.as_ref().and_then(|a| a.port))?;
         Ok(RollbackReport {
             app: self.app().name.clone(),
             from: current,
