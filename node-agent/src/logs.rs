@@ -342,7 +342,7 @@ pub fn rotate(app: &AppConfig, file: &LogFile, now: OffsetDateTime) -> Result<Ro
         }
     }
     let rotated_to = compress(&to, app.logs.compress)?;
-    let removed = retain(&file.path, app.logs.keep)?;
+    let (removed, _) = retain(&file.path, app.logs.keep)?;
     tracing::info!(file = %file.path.display(), to = %rotated_to.display(), bytes, "rotated");
     Ok(Rotation {
         file: file.path.clone(),
@@ -485,16 +485,19 @@ fn rotated_key(name: &str) -> (i64, u64) {
     (unix, n)
 }
 
-/// Keeps the newest `keep` rotated files of `path`; returns what it removed.
-pub fn retain(path: &Path, keep: usize) -> Result<Vec<PathBuf>, LogError> {
+/// Keeps the newest `keep` rotated files of `path`; returns what it removed
+/// and the bytes that freed.
+pub fn retain(path: &Path, keep: usize) -> Result<(Vec<PathBuf>, u64), LogError> {
     let files = rotated_files(path);
     let excess = files.len().saturating_sub(keep);
-    let mut removed = Vec::new();
+    let (mut removed, mut bytes) = (Vec::new(), 0);
     for f in files.into_iter().take(excess) {
+        let size = fs::metadata(&f).map_or(0, |m| m.len());
         fs::remove_file(&f).map_err(io_err("remove", &f))?;
+        bytes += size;
         removed.push(f);
     }
-    Ok(removed)
+    Ok((removed, bytes))
 }
 
 #[cfg(test)]

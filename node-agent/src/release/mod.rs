@@ -1533,26 +1533,11 @@ impl Session<'_> {
                     }
                     None => continue,
                 },
-                "rotated logs" => {
-                    let mut bytes = 0;
-                    for log in crate::logs::discover(&app) {
-                        let sizes: Vec<(PathBuf, u64)> = crate::logs::rotated_files(&log.path)
-                            .into_iter()
-                            .map(|p| {
-                                let n = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                                (p, n)
-                            })
-                            .collect();
-                        if let Ok(removed) = crate::logs::retain(&log.path, app.logs.keep) {
-                            bytes += sizes
-                                .iter()
-                                .filter(|(p, _)| removed.contains(p))
-                                .map(|(_, n)| n)
-                                .sum::<u64>();
-                        }
-                    }
-                    bytes
-                }
+                "rotated logs" => crate::logs::discover(&app)
+                    .iter()
+                    .filter_map(|log| crate::logs::retain(&log.path, app.logs.keep).ok())
+                    .map(|(_, bytes)| bytes)
+                    .sum(),
                 "cached artifacts" => {
                     let keep: Vec<String> = [
                         current.as_ref().and_then(|c| self.journal.get(c)),
