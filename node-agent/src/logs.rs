@@ -210,39 +210,9 @@ pub fn due(app: &AppConfig, file: &Path, state: &FileState, now: OffsetDateTime)
 
 /// Rotates every due log of `app` (or every non-empty one with `force`).
 pub fn rotate_app(app: &AppConfig, force: bool) -> (Vec<Rotation>, Vec<LogError>) {
-    // One rotator per app at a time (the agent's loop and a `logs --rotate`
-    // may both try): waits, rather than fails, for the other to finish.
-    let lock_path = app.root.join(".slipway/logs.lock");
-    let _lock = match fs::create_dir_all(app.root.join(".slipway")).and_then(|()| {
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-    }) {
-        Ok(f) => match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive) {
-            Ok(l) => l,
-            Err((_, e)) => {
-                return (
-                    Vec::new(),
-                    vec![LogError::Io {
-                        action: "lock",
-                        path: lock_path,
-                        source: io::Error::from(e),
-                    }],
-                )
-            }
-        },
-        Err(e) => {
-            return (
-                Vec::new(),
-                vec![LogError::Io {
-                    action: "open",
-                    path: lock_path,
-                    source: e,
-                }],
-            )
-        }
+    let _lock = match lock_rotation(&app.root) {
+        Ok(l) => l,
+        Err(e) => return (Vec::new(), vec![e]),
     };
     let now = OffsetDateTime::now_utc();
     let mut state = LogsState::load(&app.root);
@@ -277,6 +247,29 @@ pub fn rotate_app(app: &AppConfig, force: bool) -> (Vec<Rotation>, Vec<LogError>
         });
     }
     (done, errors)
+}
+
+/// Takes the app's rotation lock. One rotator per app at a time (the agent's
+/// loop and a `logs --rotate` may both try): waits, rather than fails, for the
+/// other to finish.
+fn lock_rotation(root: &Path) -> Result<nix::fcntl::Flock<File>, LogError> {
+    let path = root.join(".slipway/logs.lock");
+    let file = fs::create_dir_all(root.join(".slipway"))
+        .and_then(|()| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+        })
+        .map_err(io_err("open", &path))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        LogError::Io {
+            action: "lock",
+            path,
+            source: io::Error::from(e),
+        }
+    })
 }
 
 /// A rotated name beside `path`, after every existing one: within the same
