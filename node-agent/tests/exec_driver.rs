@@ -69,18 +69,8 @@ fn release(node: &Node, version: &str, health: Option<u16>) -> PathBuf {
 }
 
 fn deploy_json(node: &Node, artifact: &Path, id: &str) -> (Option<i32>, Value) {
-    let run = node.run(&[
-        "deploy",
-        "--app",
-        "web",
-        "--artifact",
-        artifact.to_str().unwrap(),
-        "--id",
-        id,
-        "--json",
-    ]);
-    let code = run.code;
-    (code, run.json())
+    let run = node.deploy_json(artifact, id);
+    (run.code, run.json())
 }
 
 fn status(node: &Node) -> Value {

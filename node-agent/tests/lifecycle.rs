@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{tar_of, tarzst, Node};
+use support::{deploy_args, tar_of, tarzst, wait_until, Node};
 
 fn app_files(version: &str, n: usize) -> Vec<(String, String)> {
     let mut f: Vec<(String, String)> = (0..n)
@@ -33,18 +33,6 @@ fn art(node: &Node, version: &str) -> std::path::PathBuf {
     node.artifact(&format!("{version}.tar.gz"), &refs)
 }
 
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn second_deploy_fails_at_once_naming_the_holder_and_lock_dies_with_it() {
     let node = Node::new("");
@@ -62,20 +50,14 @@ fn second_deploy_fails_at_once_naming_the_holder_and_lock_dies_with_it() {
     .unwrap();
     let v1 = art(&node, "v1");
     let mut first = node
-        .cmd(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            v1.to_str().unwrap(),
-            "--id",
-            "v1",
-        ])
+        .cmd(&deploy_args(&v1, "v1"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for(&entered);
+    wait_until("the first deploy's hook", Duration::from_secs(20), || {
+        entered.exists()
+    });
     let v2 = art(&node, "v2");
     let t = Instant::now();
     let run = node.deploy(&v2, "v2").fails(1);
@@ -227,19 +209,7 @@ fn prune_keeps_good_releases_despite_failed_ones() {
 fn content_store_hardlinks_unchanged_files_and_gc_frees_them() {
     let node = Node::new("keep = 1\nkeep_failed = 0");
     node.deploy(&art(&node, "v1"), "v1").ok();
-    let report = node
-        .run(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            art(&node, "v2").to_str().unwrap(),
-            "--id",
-            "v2",
-            "--json",
-        ])
-        .ok()
-        .json();
+    let report = node.deploy_json(&art(&node, "v2"), "v2").ok().json();
     assert_eq!(report["reused_files"], 30, "{report:#}");
     assert_eq!(report["new_objects"], 1, "{report:#}");
     let a = fs::metadata(node.root.join("releases/v1/lib/m0.js")).unwrap();
@@ -250,19 +220,7 @@ fn content_store_hardlinks_unchanged_files_and_gc_frees_them() {
     let v2 = fs::metadata(node.root.join("releases/v2/VERSION")).unwrap();
     assert_ne!(v1.ino(), v2.ino());
     // Same artifact again: rebuilt from the manifest, nothing unpacked.
-    let report = node
-        .run(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            art(&node, "v2").to_str().unwrap(),
-            "--id",
-            "v2b",
-            "--json",
-        ])
-        .ok()
-        .json();
+    let report = node.deploy_json(&art(&node, "v2"), "v2b").ok().json();
     assert_eq!(report["method"], "rebuilt from manifest");
     // v1 is pruned (keep 1: v2b current, v2 rollback target); its only
     // private object (VERSION "v1") is collected.
@@ -447,19 +405,7 @@ fn checksum_ids_space_and_formats() {
         run.stderr
     );
     // Same id, same artifact, already current: a no-op success.
-    let rep = node
-        .run(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            v1.to_str().unwrap(),
-            "--id",
-            id,
-            "--json",
-        ])
-        .ok()
-        .json();
+    let rep = node.deploy_json(&v1, id).ok().json();
     assert_eq!(rep["method"], "already current");
 
     // zstd artifacts.
@@ -568,19 +514,7 @@ fn redeploying_an_existing_good_release_id_reactivates_it() {
     let v1 = art(&node, "v1");
     node.deploy(&v1, "v1").ok();
     node.deploy(&art(&node, "v2"), "v2").ok();
-    let rep = node
-        .run(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            v1.to_str().unwrap(),
-            "--id",
-            "v1",
-            "--json",
-        ])
-        .ok()
-        .json();
+    let rep = node.deploy_json(&v1, "v1").ok().json();
     assert_eq!(rep["method"], "reactivated", "{rep:#}");
     assert_eq!(node.current().as_deref(), Some("v1"));
     assert_eq!(

@@ -8,10 +8,9 @@
 mod support;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
 
-use support::{http_get, tar_of, targz, Node};
+use support::{free_port, http_get, Node};
 
 const SERVER: &str = r#"'use strict';
 const http = require('http');
@@ -41,11 +40,7 @@ impl Drop for Pm2Home {
 
 #[test]
 fn pm2_cluster_deploy_gated_on_health_and_rolled_back_on_500() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
     let node = Node::new(&format!(
@@ -78,28 +73,14 @@ deadline = "30s"
         if let Some(h) = health {
             files.push(("HEALTH", h));
         }
-        let p = node.dir.path().join(format!("{v}.tar.gz"));
-        fs::write(&p, targz(&tar_of(&files))).unwrap();
-        p
-    };
-    let json = |a: &PathBuf, id: &str| {
-        node.run(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            a.to_str().unwrap(),
-            "--id",
-            id,
-            "--json",
-        ])
+        node.artifact(&format!("{v}.tar.gz"), &files)
     };
 
-    let r1 = json(&artifact("v1", None), "v1").ok().json();
+    let r1 = node.deploy_json(&artifact("v1", None), "v1").ok().json();
     assert_eq!(r1["outcome"], "succeeded", "{r1:#}");
     assert!(http_get(port, "/").unwrap().1.starts_with("v1 "));
 
-    let run = json(&artifact("v2", Some("500")), "v2");
+    let run = node.deploy_json(&artifact("v2", Some("500")), "v2");
     assert_eq!(run.code, Some(1), "{run:#?}");
     let r2 = run.json();
     assert_eq!(r2["outcome"], "rolled_back", "{r2:#}");
@@ -143,11 +124,7 @@ deadline = "30s"
 
 #[test]
 fn pm2_logs_are_rotated_with_reload_logs_and_nothing_is_lost() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
     let node = Node::new(&format!(
@@ -155,12 +132,7 @@ fn pm2_logs_are_rotated_with_reload_logs_and_nothing_is_lost() {
         pm2_home.path().display()
     ));
     fs::write(node.root.join("shared/.env"), format!("PORT={port}\n")).unwrap();
-    let a = node.dir.path().join("v1.tar.gz");
-    fs::write(
-        &a,
-        targz(&tar_of(&[("server.js", SERVER), ("VERSION", "v1")])),
-    )
-    .unwrap();
+    let a = node.artifact("v1.tar.gz", &[("server.js", SERVER), ("VERSION", "v1")]);
     node.deploy(&a, "v1").ok();
     let out = node.root.join("shared/logs/pm2-web-out.log");
     let mut n = 0;

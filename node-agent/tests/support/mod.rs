@@ -101,16 +101,16 @@ impl Node {
         path
     }
 
+    /// `deploy --app web --artifact <artifact> --id <id>`.
     pub fn deploy(&self, artifact: &Path, id: &str) -> Run {
-        self.run(&[
-            "deploy",
-            "--app",
-            "web",
-            "--artifact",
-            artifact.to_str().unwrap(),
-            "--id",
-            id,
-        ])
+        self.run(&deploy_args(artifact, id))
+    }
+
+    /// [`Node::deploy`] with `--json`: the report is on stdout.
+    pub fn deploy_json(&self, artifact: &Path, id: &str) -> Run {
+        let mut args = deploy_args(artifact, id).to_vec();
+        args.push("--json");
+        self.run(&args)
     }
 
     /// Runs `args` with the crash point armed and asserts the agent died of
@@ -133,18 +133,7 @@ impl Node {
     /// Deploys with the crash point armed (see [`Node::run_killed_at`]).
     #[track_caller]
     pub fn deploy_killed_at(&self, point: &str, artifact: &Path, id: &str) {
-        self.run_killed_at(
-            point,
-            &[
-                "deploy",
-                "--app",
-                "web",
-                "--artifact",
-                artifact.to_str().unwrap(),
-                "--id",
-                id,
-            ],
-        );
+        self.run_killed_at(point, &deploy_args(artifact, id));
     }
 
     pub fn releases(&self) -> Value {
@@ -358,6 +347,19 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
             .trim()
             .to_owned(),
     ))
+}
+
+/// The arguments of `deploy --app web --artifact <artifact> --id <id>`.
+pub fn deploy_args<'a>(artifact: &'a Path, id: &'a str) -> [&'a str; 7] {
+    [
+        "deploy",
+        "--app",
+        "web",
+        "--artifact",
+        artifact.to_str().unwrap(),
+        "--id",
+        id,
+    ]
 }
 
 /// The sample app of the workspace's tests (tests/fixtures/server.py), run
