@@ -247,7 +247,16 @@ mod tests {
             revoke(&store, "ci", 21).await.unwrap().0,
             second.operator.id
         );
-        assert!(!revoke(&store, "ci", 22).await.is_ok_and(|(_, n)| n));
+        // Again by id: not an error, but nothing new. By name: both are
+        // revoked now, so the name no longer picks one.
+        assert!(matches!(
+            revoke(&store, &second.operator.id, 22).await,
+            Ok((_, false))
+        ));
+        assert!(matches!(
+            revoke(&store, "ci", 22).await,
+            Err(OperatorError::Ambiguous { .. })
+        ));
         assert!(matches!(
             revoke(&store, "nobody", 22).await,
             Err(OperatorError::NotFound(_))
