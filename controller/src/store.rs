@@ -287,27 +287,6 @@ pub struct NewDeploymentNode<'a> {
     pub prior_release: &'a str,
 }
 
-/// A deployment as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeploymentRow {
-    /// `d-…`.
-    pub id: String,
-    /// "deploy" or "rollback".
-    pub kind: String,
-    /// The app.
-    pub app: String,
-    /// API token id that started it.
-    pub actor: String,
-    /// 'running', 'succeeded', 'failed'.
-    pub status: String,
-    /// Start time.
-    pub started_at: i64,
-    /// Summary once finished.
-    pub message: String,
-    /// Why the rollout stopped early ('' if it did not).
-    pub stop_reason: String,
-}
-
 /// A recorded deployment (deploy, rollback, restart or prune) with its
 /// per-node results, for `slipway status`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -1038,30 +1017,6 @@ impl Store {
         Ok(ids)
     }
 
-    /// A deployment by id.
-    pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, kind, app, actor, status, started_at, message, stop_reason
-             FROM deployments WHERE id = ?1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| {
-            Ok(DeploymentRow {
-                id: row.try_get("id")?,
-                kind: row.try_get("kind")?,
-                app: row.try_get("app")?,
-                actor: row.try_get("actor")?,
-                status: row.try_get("status")?,
-                started_at: row.try_get("started_at")?,
-                message: row.try_get("message")?,
-                stop_reason: row.try_get("stop_reason")?,
-            })
-        })
-        .transpose()
-    }
-
     /// Records how one node of a deployment ended.
     pub async fn record_node_result(
         &self,
@@ -1503,9 +1458,16 @@ mod tests {
 
         let abandoned = store.abandon_running_deployments(2_000).await.unwrap();
         assert_eq!(abandoned, vec!["d-1".to_owned(), "d-2".to_owned()]);
-        let d1 = store.deployment("d-1").await.unwrap().unwrap();
-        assert_eq!(d1.status, "failed");
-        assert!(d1.stop_reason.contains("controller restarted"), "{d1:?}");
+        let (status, stop_reason): (String, String) =
+            sqlx::query_as("SELECT status, stop_reason FROM deployments WHERE id = 'd-1'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(status, "failed");
+        assert!(
+            stop_reason.contains("controller restarted"),
+            "{stop_reason}"
+        );
         let rows = store.deployment_nodes("d-1").await.unwrap();
         assert_eq!(rows[0].1, "failed");
         let failed = store.audit_events().await.unwrap();
