@@ -284,7 +284,14 @@ async fn supervise(
 /// Reopens the output log after a rotation renamed it, and says so in the
 /// state file (the rotator waits for that before compressing).
 async fn reopen(files: &RunFiles, log: &SharedLog, state: &mut State) {
+    use tokio::io::AsyncWriteExt;
     let mut f = log.lock().await;
+    // tokio writes a file in the background: the last line may still be on
+    // its way to the renamed file, and must land before the rotator (told
+    // below) compresses it.
+    if let Err(e) = f.flush().await {
+        tracing::error!(error = %e, path = %files.output.display(), "cannot write the output log");
+    }
     match open_output(files).await {
         Ok(new) => {
             *f = new;
