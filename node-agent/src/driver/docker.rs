@@ -145,13 +145,13 @@ fn failed(message: impl Into<String>) -> DriverError {
     DriverError::failed(DRIVER, message)
 }
 
-/// `slipway-<app>-<release>`: one container per release, recognisable in
-/// `docker ps`.
 /// The repository under which release images of `app` are tagged.
 pub fn release_repo(app: &str) -> String {
     format!("slipway/{}", app.to_ascii_lowercase())
 }
 
+/// `slipway-<app>-<release>`: one container per release, recognisable in
+/// `docker ps`.
 pub fn container_name(app: &str, release: &ReleaseId) -> String {
     format!("slipway-{app}-{release}")
 }
