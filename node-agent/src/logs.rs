@@ -216,6 +216,7 @@ pub fn rotate_app(app: &AppConfig, force: bool) -> (Vec<Rotation>, Vec<LogError>
     };
     let now = OffsetDateTime::now_utc();
     let mut state = LogsState::load(&app.root);
+    let before = state.clone();
     let (mut done, mut errors) = (Vec::new(), Vec::new());
     for file in discover(app) {
         let entry = state.files.entry(file.path.clone()).or_default();
@@ -238,6 +239,11 @@ pub fn rotate_app(app: &AppConfig, force: bool) -> (Vec<Rotation>, Vec<LogError>
             }
             Err(e) => errors.push(e),
         }
+    }
+    // Most passes (one per burst of writes to a watched log) change nothing:
+    // they need not rewrite and fsync the file.
+    if state == before {
+        return (done, errors);
     }
     if let Err(e) = state.save(&app.root) {
         errors.push(LogError::Io {
@@ -555,6 +561,27 @@ mod tests {
         assert!(due(&a, &live, &st, now));
         fs::write(&live, "").unwrap();
         assert!(!due(&a, &live, &st, now), "empty files are never rotated");
+    }
+
+    #[test]
+    fn a_pass_that_changes_nothing_leaves_the_state_file_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = app(dir.path());
+        let live = dir.path().join("shared/logs/app.log");
+        fs::create_dir_all(live.parent().unwrap()).unwrap();
+        fs::write(&live, "short\n").unwrap();
+        let state = LogsState::path(dir.path());
+        rotate_app(&a, false);
+        let first = fs::metadata(&state).unwrap().ino();
+        let (done, errors) = rotate_app(&a, false);
+        assert!(done.is_empty() && errors.is_empty(), "{errors:?}");
+        // write_atomic renames a new file in: the same inode means no rewrite.
+        assert_eq!(fs::metadata(&state).unwrap().ino(), first);
+        fs::write(&live, "x".repeat(200)).unwrap();
+        let (done, _) = rotate_app(&a, false);
+        assert_eq!(done.len(), 1);
+        assert_ne!(fs::metadata(&state).unwrap().ino(), first);
     }
 
     #[test]
