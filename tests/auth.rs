@@ -8,18 +8,9 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use support::{artifact, bin, sha256_file, Agent, Controller};
-
-/// What a command printed: stdout, then stderr.
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use support::{artifact, bin, sha256_file, text, Agent, Controller};
 
 #[test]
 fn an_operator_certificate_works_like_a_scoped_token_until_revoked() {

@@ -22,10 +22,7 @@ fn log_of(agent: &Agent) -> String {
 }
 
 fn connections(agent: &Agent) -> usize {
-    fs::read_to_string(agent.dir.path().join("agent.log"))
-        .unwrap_or_default()
-        .matches("connected to the controller")
-        .count()
+    log_of(agent).matches("connected to the controller").count()
 }
 
 #[test]
