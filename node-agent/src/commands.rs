@@ -134,17 +134,18 @@ async fn send(out: &Outbox, kind: agent_message::Kind) {
     }
 }
 
+/// A progress line of command `id`, stamped now.
+fn progress_kind(id: &str, step: &str, message: String) -> agent_message::Kind {
+    agent_message::Kind::Progress(Progress {
+        command_id: id.to_owned(),
+        step: step.to_owned(),
+        message,
+        unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+    })
+}
+
 async fn progress(out: &Outbox, id: &str, step: &str, message: String) {
-    send(
-        out,
-        agent_message::Kind::Progress(Progress {
-            command_id: id.to_owned(),
-            step: step.to_owned(),
-            message,
-            unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
-        }),
-    )
-    .await;
+    send(out, progress_kind(id, step, message)).await;
 }
 
 /// Runs the command in `msg` (if it is one) and reports on `out`.
@@ -166,6 +167,18 @@ pub async fn execute(config: Config, ctl: ControllerConfig, msg: ControllerMessa
         tracing::warn!("controller command without an id ignored");
         return;
     }
+    if let controller_message::Kind::StatusRequest(_) = kind {
+        // Answered with a fresh heartbeat: it changes nothing, so asking
+        // again is harmless and it is neither recorded nor de-duplicated.
+        let cfg = config.clone();
+        if let Ok(beat) = tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg)).await
+        {
+            send(&out, agent_message::Kind::Heartbeat(beat)).await;
+        }
+        let done = recorded(&id, "succeeded", "", "status sent");
+        send(&out, agent_message::Kind::Result(done.to_proto())).await;
+        return;
+    }
     if let Some(done) = Ledger::load(&ctl.state_dir).find(&id).cloned() {
         tracing::info!(command = %id, "command already run; sending its recorded result");
         send(&out, agent_message::Kind::Result(done.to_proto())).await;
@@ -183,14 +196,8 @@ pub async fn execute(config: Config, ctl: ControllerConfig, msg: ControllerMessa
     if let Ok(mut s) = in_flight().lock() {
         s.remove(&id);
     }
-    // Status requests are not worth remembering: asking again is harmless.
-    if result.outcome != "status" {
-        Ledger::record(&ctl.state_dir, result.clone());
-    }
-    let mut r = result.to_proto();
-    if result.outcome == "status" {
-        r.outcome = Outcome::Succeeded as i32;
-    }
+    let r = result.to_proto();
+    Ledger::record(&ctl.state_dir, result);
     send(&out, agent_message::Kind::Result(r)).await;
 }
 
@@ -208,12 +215,7 @@ fn recorded(id: &str, outcome: &str, release: &str, message: impl Into<String>) 
 fn progress_now(out: &Outbox, id: &str, step: &str, message: String) {
     if let Some(tx) = out.sender() {
         let _ = tx.try_send(AgentMessage {
-            kind: Some(agent_message::Kind::Progress(Progress {
-                command_id: id.to_owned(),
-                step: step.to_owned(),
-                message,
-                unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
-            })),
+            kind: Some(progress_kind(id, step, message)),
         });
     }
 }
@@ -495,16 +497,10 @@ async fn run(
                 Err(e) => recorded(id, "failed", "", format!("restart task failed: {e}")),
             }
         }
-        Kind::StatusRequest(_) => {
-            let cfg = config.clone();
-            if let Ok(beat) =
-                tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg)).await
-            {
-                send(out, agent_message::Kind::Heartbeat(beat)).await;
-            }
-            recorded(id, "status", "", "status sent")
+        // `execute` answers status requests and ignores the rest.
+        Kind::StatusRequest(_) | Kind::Welcome(_) | Kind::ArtifactChunk(_) => {
+            recorded(id, "failed", "", "not a command")
         }
-        Kind::Welcome(_) | Kind::ArtifactChunk(_) => recorded(id, "failed", "", "not a command"),
     }
 }
 
