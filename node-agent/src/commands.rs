@@ -81,6 +81,11 @@ impl Ledger {
     }
 
     fn record(state_dir: &Path, r: Recorded) {
+        // Commands for different apps finish concurrently: without this,
+        // two of them could each load the file, add their own result and
+        // write, and the first write would be lost.
+        static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _writer = WRITER.lock();
         let mut ledger = Self::load(state_dir);
         ledger.results.retain(|x| x.command_id != r.command_id);
         ledger.results.push_back(r);
