@@ -312,38 +312,38 @@ async fn deploy_artifact(
             .map_err(|e| e.to_string())?;
         let cache = &store.paths().cache;
         let mut report = |line: String| progress_now(&out, &id, "fetch", line);
-        // This is a blocking-pool thread: waiting on the runtime is allowed.
-        let fetched = match &source {
-            Source::Url(url) => handle
-                .block_on(download::fetch(url, &sha256, cache, &settings, &mut report))
-                .map_err(|e| format!("cannot download the artifact: {e}"))?,
-            Source::Controller(ctl) => {
-                match download::cached(cache, &sha256).map_err(|e| e.to_string())? {
-                    Some(hit) => {
-                        report(format!(
-                        "artifact {sha256} is already cached; not fetching it from the controller"
-                    ));
-                        hit
-                    }
-                    None => {
-                        let dest = cache.join(&sha256);
-                        let bytes = handle
-                            .block_on(link::fetch_artifact(
-                                &ctl.url,
-                                &ctl.state_dir,
-                                &sha256,
-                                &id,
-                                &dest,
-                            ))
-                            .map_err(|e| format!("cannot fetch the artifact: {e}"))?;
-                        download::Fetched {
-                            path: dest,
-                            bytes,
-                            cached: false,
-                        }
+        // One cache check for both sources (the same digest deployed before
+        // is not fetched again). This is a blocking-pool thread: waiting on
+        // the runtime is allowed.
+        let fetched = match download::cached(cache, &sha256).map_err(|e| e.to_string())? {
+            Some(hit) => {
+                report(format!(
+                    "artifact {sha256} is already cached; not fetching it from {from}"
+                ));
+                hit
+            }
+            None => match &source {
+                Source::Url(url) => handle
+                    .block_on(download::fetch(url, &sha256, cache, &settings, &mut report))
+                    .map_err(|e| format!("cannot download the artifact: {e}"))?,
+                Source::Controller(ctl) => {
+                    let dest = cache.join(&sha256);
+                    let bytes = handle
+                        .block_on(link::fetch_artifact(
+                            &ctl.url,
+                            &ctl.state_dir,
+                            &sha256,
+                            &id,
+                            &dest,
+                        ))
+                        .map_err(|e| format!("cannot fetch the artifact: {e}"))?;
+                    download::Fetched {
+                        path: dest,
+                        bytes,
+                        cached: false,
                     }
                 }
-            }
+            },
         };
         progress_now(
             &out,
