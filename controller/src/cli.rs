@@ -32,6 +32,24 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
         })
 }
 
+/// The error and its causes on one line for either binary's `error:`
+/// line, skipping causes whose text the previous messages already include
+/// (our errors embed their source, so anyhow's `{:#}` would repeat it).
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
 /// The Slipway controller: fleet state, enrollment CA and the agent link.
 ///
 /// Exit codes: 0 success, 64 bad configuration or arguments, 1 any other
@@ -211,4 +229,25 @@ pub struct TokenCreateArgs {
     /// Tag for the enrolled node, e.g. env:production (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context as _;
+
+    /// An error that embeds its source in its message, as ours do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot connect to 127.0.0.1:1: {0}")]
+    struct Connect(#[source] std::io::Error);
+
+    #[test]
+    fn error_text_names_each_cause_once() {
+        let err = Err::<(), _>(Connect(std::io::Error::other("connection refused")))
+            .context("listing nodes")
+            .unwrap_err();
+        assert_eq!(
+            super::error_text(&err),
+            "listing nodes: cannot connect to 127.0.0.1:1: connection refused"
+        );
+    }
 }

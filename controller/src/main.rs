@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", error_text(&err));
+            eprintln!("error: {}", slipway_controller::cli::error_text(&err));
             let usage = err.chain().any(|e| {
                 e.is::<ConfigError>()
                     || matches!(
@@ -65,23 +65,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// The error and its causes on one line, skipping causes whose text the
-/// previous messages already include (our errors embed their source).
-fn error_text(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let cause = cause.to_string();
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -355,7 +355,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", slipway_controller::cli::error_text(&err));
             if err.chain().any(|e| e.is::<Usage>()) {
                 ExitCode::from(EXIT_USAGE)
             } else {
