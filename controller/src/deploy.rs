@@ -656,14 +656,8 @@ async fn prior_releases(store: &Store, plan: &Plan) -> Result<Vec<String>, Store
         .await?
         .into_iter()
         .filter_map(|row| {
-            let current = row
-                .apps
-                .as_array()?
-                .iter()
-                .find(|a| a["app"] == plan.app.as_str())?["current_release"]
-                .as_str()?
-                .to_owned();
-            Some((row.id, (current, row.last_seen_at.unwrap_or(0))))
+            let app = row.apps.into_iter().find(|a| a.app == plan.app)?;
+            Some((row.id, (app.current_release, row.last_seen_at.unwrap_or(0))))
         })
         .collect();
     let deployed = store.last_switched_releases(&plan.app).await?;

@@ -3,7 +3,8 @@
 //! (SQLite WAL): `slipway-controller nodes` and `node revoke`.
 //!
 //! Heartbeats are stored as JSON in the shapes defined here ([`Metrics`],
-//! [`App`]), converted once from the protocol types.
+//! [`App`]), converted once from the protocol types and read back into
+//! them by [`Store::fleet`].
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -169,17 +170,13 @@ pub async fn nodes(store: &Store, now: i64) -> Result<Vec<NodeView>, StoreError>
             (s.started_at, s.unreachable_after)
         });
     let rows = store.fleet().await?;
-    rows.into_iter()
+    Ok(rows
+        .into_iter()
         .map(|row| view(row, now, started_at, unreachable_after))
-        .collect()
+        .collect())
 }
 
-fn view(
-    row: FleetRow,
-    now: i64,
-    started_at: i64,
-    unreachable_after: u32,
-) -> Result<NodeView, StoreError> {
+fn view(row: FleetRow, now: i64, started_at: i64, unreachable_after: u32) -> NodeView {
     let interval = row
         .heartbeat_interval_secs
         .map_or(liveness::DEFAULT_MIN_INTERVAL, Duration::from_secs);
@@ -194,19 +191,7 @@ fn view(
             unreachable_after,
         )
     };
-    let metrics = row
-        .metrics
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|source| StoreError::Json {
-            column: "nodes.metrics",
-            source,
-        })?;
-    let apps = serde_json::from_value(row.apps).map_err(|source| StoreError::Json {
-        column: "nodes.apps",
-        source,
-    })?;
-    Ok(NodeView {
+    NodeView {
         id: row.id,
         name: row.name,
         labels: row.labels,
@@ -215,11 +200,11 @@ fn view(
         heartbeat_age_secs: row.heartbeat_at.map(|t| now.saturating_sub(t).max(0)),
         agent_version: row.agent_version,
         agent_rss_bytes: row.agent_rss_bytes,
-        metrics,
-        apps,
+        metrics: row.metrics,
+        apps: row.apps,
         revoked_at: row.revoked_at,
         cert_expires_at: row.cert_expires_at,
-    })
+    }
 }
 
 /// The fleet as a text table, one node per line.

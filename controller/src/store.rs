@@ -18,6 +18,7 @@ use sqlx::{Executor as _, Row as _};
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::crypto::{self, CryptoError};
+use crate::fleet::{App, Metrics};
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "controller.db";
@@ -172,10 +173,10 @@ pub struct FleetRow {
     pub heartbeat_at: Option<i64>,
     /// Agent RSS from the last heartbeat.
     pub agent_rss_bytes: Option<u64>,
-    /// Host metrics JSON from the last heartbeat.
-    pub metrics: Option<serde_json::Value>,
-    /// JSON array of app states from the last Hello or heartbeat.
-    pub apps: serde_json::Value,
+    /// Host metrics from the last heartbeat.
+    pub metrics: Option<Metrics>,
+    /// App states from the last Hello or heartbeat.
+    pub apps: Vec<App>,
     /// Interval announced in the node's last Welcome.
     pub heartbeat_interval_secs: Option<u64>,
     /// Expiry of the node's newest certificate.
@@ -651,7 +652,8 @@ impl Store {
         .transpose()
     }
 
-    /// Every node with its latest heartbeat, by name.
+    /// Every node with its latest heartbeat, by name (metrics and apps in
+    /// the [`crate::fleet`] shapes they were stored in).
     pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, labels, agent_version, enrolled_at, revoked_at, last_seen_at,
@@ -1388,7 +1390,7 @@ mod tests {
         assert_eq!(peer.node.id, "n-1");
         assert_eq!((peer.issued_at, peer.expires_at), (1000, 2000));
         let fleet = store.fleet().await.unwrap();
-        assert_eq!(fleet[0].apps, serde_json::json!([]));
+        assert_eq!(fleet[0].apps, []);
         assert_eq!(fleet[0].metrics, None);
         assert_eq!(store.controller_start().await.unwrap(), None);
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
