@@ -21,15 +21,12 @@ if ! command -v pm2 >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   # --no-fund/--no-audit: no network chatter beyond the install itself.
   $SUDO npm install -g --no-fund --no-audit "pm2@${PM2_VERSION}"
-  # npm's global bin dir may not be on PATH for this shell (custom prefix).
-  if ! command -v pm2 >/dev/null; then
-    PATH="$(npm prefix -g)/bin:$PATH"
-    export PATH
-    command -v pm2 >/dev/null || {
-      echo "setup-pm2: pm2 installed but not on PATH; add $(npm prefix -g)/bin to PATH" >&2
-      exit 1
-    }
-  fi
+  # npm's global bin dir may not be on PATH (custom prefix). Exporting it
+  # here would not reach the tests (this script runs in its own shell).
+  command -v pm2 >/dev/null || {
+    echo "setup-pm2: pm2 installed but not on PATH; add $(npm prefix -g)/bin to PATH" >&2
+    exit 1
+  }
 fi
 
 # `pm2 --version` would start a daemon in ~/.pm2 as a side effect; the
