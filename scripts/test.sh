@@ -11,11 +11,14 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 
 # --- what the tests need ---------------------------------------------------
-# The release engine's tests need only cargo, tar and sh. Later parts (PM2,
-# Docker, PostgreSQL) add their packages here, installed only when missing.
+# Installed only when missing: tar and gzip for the release engine's tests,
+# python3 for the sample app the exec-driver and end-to-end tests run, and
+# `script` (a pseudo-terminal for the live deploy display in tests/rollout.rs).
 need_apt=()
 command -v tar >/dev/null || need_apt+=(tar)
 command -v gzip >/dev/null || need_apt+=(gzip)
+command -v python3 >/dev/null || need_apt+=(python3)
+command -v script >/dev/null || need_apt+=(bsdutils)
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

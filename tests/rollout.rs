@@ -218,13 +218,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--canary N needs --strategy canary"));
 
     // The live display on a terminal: run under a pseudo-terminal.
-    if Command::new("script").arg("--version").output().is_ok() {
-        live_display_on_a_terminal(&controller, &deployer, &agents, work.path(), &app);
-    } else {
-        println!("skipping the terminal display check: `script` (util-linux) is not installed");
-        let out = deploy(&controller, &deployer, work.path(), "v5", &app, &["--wait"]);
-        assert!(out.status.success(), "{}", text(&out));
-    }
+    live_display_on_a_terminal(&controller, &deployer, &agents, work.path(), &app);
 
     // A rolling rollback, one node at a time, each to its previous good
     // release (v2 was rolled away from on n1, v4 failed on n2).
@@ -274,7 +268,7 @@ fn live_display_on_a_terminal(
     let out = Command::new("script")
         .args(["-qec", &line, "/dev/null"])
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot run `script` (util-linux; apt: bsdutils): {e}"));
     let shown = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(shown.contains("3 of 3 nodes succeeded"), "{shown}");
