@@ -357,13 +357,10 @@ impl ControlService {
             crate::crypto::random_hex::<8>().map_err(StoreError::from)?
         );
         let mut asks = tokio::task::JoinSet::new();
-        for row in self.store.fleet().await? {
-            if row.revoked_at.is_some() {
-                continue;
-            }
+        for node_id in self.store.live_node_ids().await? {
             let commands = self.commands.clone();
             let sessions = self.sessions.clone();
-            let command_id = format!("{prefix}.{}", row.id);
+            let command_id = format!("{prefix}.{node_id}");
             asks.spawn(async move {
                 let message = ControllerMessage {
                     kind: Some(controller_message::Kind::StatusRequest(StatusRequest {
@@ -371,7 +368,7 @@ impl ControlService {
                     })),
                 };
                 let answer = commands
-                    .ask(&sessions, &row.id, &command_id, message, REFRESH_WAIT)
+                    .ask(&sessions, &node_id, &command_id, message, REFRESH_WAIT)
                     .await;
                 let answer = match answer {
                     Answer::Result(_) => fleet::RefreshAnswer::Answered,
@@ -379,7 +376,7 @@ impl ControlService {
                     Answer::Disconnected => fleet::RefreshAnswer::Disconnected,
                     Answer::TimedOut => fleet::RefreshAnswer::TimedOut,
                 };
-                (row.id, answer)
+                (node_id, answer)
             });
         }
         let mut answers = std::collections::HashMap::new();

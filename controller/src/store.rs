@@ -616,6 +616,15 @@ impl Store {
         )
     }
 
+    /// Ids of every node not revoked, by id.
+    pub async fn live_node_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM nodes WHERE revoked_at IS NULL ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Records that `serve` started now, with its liveness setting.
     pub async fn record_controller_start(
         &self,
