@@ -83,9 +83,7 @@ impl SessionHandle {
             .copied()
             .unwrap_or(CloseReason::Shutdown)
     }
-}
 
-impl SessionHandle {
     /// From now on [`Sessions::send`] queues commands on `outbound` (unless
     /// a newer session of the node replaced this one).
     pub fn accept_commands(&self, outbound: Outbound) {
