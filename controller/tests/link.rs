@@ -32,19 +32,6 @@ use time::OffsetDateTime;
 use tokio::net::TcpStream;
 use tonic::transport::{Endpoint, Uri};
 
-async fn enroll(
-    controller: &Controller,
-    token: &str,
-    state: &Path,
-) -> Result<link::Enrolled, link::LinkError> {
-    tokio::time::timeout(
-        TEST_TIMEOUT,
-        link::enroll(&controller.url(), token, state, "web-1"),
-    )
-    .await
-    .unwrap()
-}
-
 /// Writes an agent state dir holding a key and a certificate for it issued
 /// by `issuer` with the given validity, plus the controller's real CA.
 fn forged_state(
@@ -77,7 +64,10 @@ async fn enrollment_then_mtls_session() {
     let state = tempfile::tempdir().unwrap();
     let token = controller.token().await;
 
-    let enrolled = enroll(&controller, &token, state.path()).await.unwrap();
+    let enrolled = controller
+        .try_enroll(&token, state.path(), "web-1")
+        .await
+        .unwrap();
     assert!(enrolled.node_id.starts_with("n-"), "{}", enrolled.node_id);
     let week = 7 * 24 * 3600;
     let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -239,7 +229,10 @@ async fn expired_join_token_is_refused() {
     let token = controller.token_at(-2 * 3600).await;
     let state = tempfile::tempdir().unwrap();
 
-    let err = enroll(&controller, &token, state.path()).await.unwrap_err();
+    let err = controller
+        .try_enroll(&token, state.path(), "web-1")
+        .await
+        .unwrap_err();
     assert!(matches!(err, link::LinkError::EnrollRefused(_)), "{err}");
     assert!(err.to_string().contains("expired"), "{err}");
     assert!(!state.path().join(link::CERT_FILE).exists());
@@ -255,10 +248,14 @@ async fn reused_join_token_is_refused() {
     let controller = Controller::start().await;
     let token = controller.token().await;
     let first = tempfile::tempdir().unwrap();
-    enroll(&controller, &token, first.path()).await.unwrap();
+    controller
+        .try_enroll(&token, first.path(), "web-1")
+        .await
+        .unwrap();
 
     let second = tempfile::tempdir().unwrap();
-    let err = enroll(&controller, &token, second.path())
+    let err = controller
+        .try_enroll(&token, second.path(), "web-1")
         .await
         .unwrap_err();
     assert!(err.to_string().contains("already used"), "{err}");
@@ -287,7 +284,10 @@ async fn token_pinning_another_ca_is_refused_by_the_agent() {
     let wrong = format!("{head}.{}", "ab".repeat(32));
     let state = tempfile::tempdir().unwrap();
 
-    let err = enroll(&controller, &wrong, state.path()).await.unwrap_err();
+    let err = controller
+        .try_enroll(&wrong, state.path(), "web-1")
+        .await
+        .unwrap_err();
     assert!(matches!(err, link::LinkError::Connect { .. }), "{err}");
     assert!(
         err.to_string().contains("pinned in the join token"),
@@ -301,7 +301,10 @@ async fn token_pinning_another_ca_is_refused_by_the_agent() {
         .await
         .iter()
         .all(|e| e.event_type == "TOKEN_CREATED"));
-    enroll(&controller, &token, state.path()).await.unwrap();
+    controller
+        .try_enroll(&token, state.path(), "web-1")
+        .await
+        .unwrap();
     controller.stop().await;
 }
 
@@ -310,10 +313,12 @@ async fn hello_for_another_node_is_refused() {
     let controller = Controller::start().await;
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    enroll(&controller, &controller.token().await, a.path())
+    controller
+        .try_enroll(&controller.token().await, a.path(), "web-1")
         .await
         .unwrap();
-    let node_b = enroll(&controller, &controller.token().await, b.path())
+    let node_b = controller
+        .try_enroll(&controller.token().await, b.path(), "web-1")
         .await
         .unwrap();
 
@@ -378,7 +383,8 @@ async fn node_view(controller: &Controller, node_id: &str) -> fleet::NodeView {
 async fn heartbeat_is_stored_and_shown_in_nodes() {
     let controller = Controller::start().await;
     let state = tempfile::tempdir().unwrap();
-    let enrolled = enroll(&controller, &controller.token().await, state.path())
+    let enrolled = controller
+        .try_enroll(&controller.token().await, state.path(), "web-1")
         .await
         .unwrap();
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
@@ -473,7 +479,8 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
 async fn renewed_cert_works_and_the_old_one_still_does() {
     let controller = Controller::start().await;
     let old = tempfile::tempdir().unwrap();
-    let enrolled = enroll(&controller, &controller.token().await, old.path())
+    let enrolled = controller
+        .try_enroll(&controller.token().await, old.path(), "web-1")
         .await
         .unwrap();
 
@@ -543,7 +550,8 @@ async fn renew_needs_a_client_certificate_of_a_known_node() {
 async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
     let controller = Controller::start().await;
     let state = tempfile::tempdir().unwrap();
-    let enrolled = enroll(&controller, &controller.token().await, state.path())
+    let enrolled = controller
+        .try_enroll(&controller.token().await, state.path(), "web-1")
         .await
         .unwrap();
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
@@ -616,7 +624,8 @@ async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
 async fn a_heartbeat_from_a_revoked_node_closes_its_stream_at_once() {
     let controller = Controller::start().await;
     let state = tempfile::tempdir().unwrap();
-    enroll(&controller, &controller.token().await, state.path())
+    controller
+        .try_enroll(&controller.token().await, state.path(), "web-1")
         .await
         .unwrap();
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
@@ -643,7 +652,8 @@ async fn a_heartbeat_from_a_revoked_node_closes_its_stream_at_once() {
 async fn stopping_the_controller_ends_live_sessions() {
     let controller = Controller::start().await;
     let state = tempfile::tempdir().unwrap();
-    enroll(&controller, &controller.token().await, state.path())
+    controller
+        .try_enroll(&controller.token().await, state.path(), "web-1")
         .await
         .unwrap();
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
@@ -670,7 +680,10 @@ async fn the_agent_renews_in_place_and_reconnects_with_the_new_certificate() {
     let controller = Controller::start().await;
     let state = tempfile::tempdir().unwrap();
     let token = controller.token().await;
-    enroll(&controller, &token, state.path()).await.unwrap();
+    controller
+        .try_enroll(&token, state.path(), "web-1")
+        .await
+        .unwrap();
     let old_cert = std::fs::read_to_string(state.path().join(link::CERT_FILE)).unwrap();
     let old_key = std::fs::read_to_string(state.path().join(link::KEY_FILE)).unwrap();
 

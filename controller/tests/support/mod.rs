@@ -210,14 +210,21 @@ impl Controller {
     pub async fn enroll(&self, name: &str) -> (TempDir, String) {
         let join = self.token().await;
         let state = tempfile::tempdir().unwrap();
-        let enrolled = tokio::time::timeout(
-            TEST_TIMEOUT,
-            link::enroll(&self.url(), &join, state.path(), name),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let enrolled = self.try_enroll(&join, state.path(), name).await.unwrap();
         (state, enrolled.node_id)
+    }
+
+    /// Tries to enroll a node named `name` with join token `join`, its
+    /// identity written to `state`, as the agent does.
+    pub async fn try_enroll(
+        &self,
+        join: &str,
+        state: &Path,
+        name: &str,
+    ) -> Result<link::Enrolled, link::LinkError> {
+        tokio::time::timeout(TEST_TIMEOUT, link::enroll(&self.url(), join, state, name))
+            .await
+            .unwrap()
     }
 
     /// Opens the agent session of an enrolled node, as the agent does.
