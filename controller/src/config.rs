@@ -111,7 +111,7 @@ impl ServeConfig {
 
     /// The names and addresses the server certificate must be valid for:
     /// `server_names`, then the listen address — or, when listening on
-    /// every interface (0.0.0.0 / [::]), each local interface address and
+    /// every interface (`0.0.0.0` / `[::]`), each local interface address and
     /// the host name, since agents dial one of those. (`localhost` and
     /// 127.0.0.1 are added by [`crate::ca::Ca::server_identity`].)
     pub fn certificate_hosts(&self) -> Vec<String> {

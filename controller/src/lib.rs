@@ -9,7 +9,8 @@
 //! - [`cli`] / [`config`]: flags and the TOML file, checked into
 //!   [`config::ServeConfig`].
 //! - [`server`]: `serve` wires everything: loads the [`ca`], opens the
-//!   [`store`], builds the [`tls`] listener and mounts the two services.
+//!   [`store`], builds the [`tls`] listener and mounts the three services
+//!   ([`enroll`], [`session`], [`api`]).
 //! - [`ca`]: the CA (rcgen) in the data dir; server certificate; signs node
 //!   CSRs. [`crypto`]: the one rustls backend (ring), randomness, fingerprints.
 //! - [`tls`]: accepts TLS (client certificate optional, verified against the
