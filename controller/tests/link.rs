@@ -311,29 +311,18 @@ async fn token_pinning_another_ca_is_refused_by_the_agent() {
 #[tokio::test]
 async fn hello_for_another_node_is_refused() {
     let controller = Controller::start().await;
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
-    controller
-        .try_enroll(&controller.token().await, a.path(), "web-1")
-        .await
-        .unwrap();
-    let node_b = controller
-        .try_enroll(&controller.token().await, b.path(), "web-1")
-        .await
-        .unwrap();
+    let (a, _) = controller.enroll("web-1").await;
+    let (_b, node_b) = controller.enroll("web-1").await;
 
     // Node A's certificate, claiming to be node B.
-    let err = controller
-        .try_connect(a.path(), &node_b.node_id)
-        .await
-        .unwrap_err();
+    let err = controller.try_connect(a.path(), &node_b).await.unwrap_err();
     assert!(matches!(err, link::LinkError::SessionRefused(_)), "{err}");
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
-    assert!(err.to_string().contains(&node_b.node_id), "{err}");
+    assert!(err.to_string().contains(&node_b), "{err}");
 
     let event = controller.wait_for_event("NODE_CONNECT_REFUSED").await;
     assert!(event.error_message.unwrap().contains("claims node"));
-    assert_ne!(event.actor, node_b.node_id);
+    assert_ne!(event.actor, node_b);
     controller.stop().await;
 }
 
@@ -382,11 +371,7 @@ async fn node_view(controller: &Controller, node_id: &str) -> fleet::NodeView {
 #[tokio::test]
 async fn heartbeat_is_stored_and_shown_in_nodes() {
     let controller = Controller::start().await;
-    let state = tempfile::tempdir().unwrap();
-    let enrolled = controller
-        .try_enroll(&controller.token().await, state.path(), "web-1")
-        .await
-        .unwrap();
+    let (state, node_id) = controller.enroll("web-1").await;
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
     let now = OffsetDateTime::now_utc().unix_timestamp();
     // Renewal is due two thirds into the week-long certificate.
@@ -394,7 +379,7 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
     assert!((due - 7 * 24 * 3600 * 2 / 3).abs() < 60, "{due}");
 
     // Before any heartbeat: online (the Hello counts), no heartbeat yet.
-    let before = node_view(&controller, &enrolled.node_id).await;
+    let before = node_view(&controller, &node_id).await;
     assert_eq!(before.state, NodeState::Online);
     assert_eq!(before.heartbeat_age_secs, None);
 
@@ -428,7 +413,7 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
 
     let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
     let view = loop {
-        let view = node_view(&controller, &enrolled.node_id).await;
+        let view = node_view(&controller, &node_id).await;
         if view.heartbeat_age_secs.is_some() {
             break view;
         }
@@ -451,7 +436,7 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
 
     let table = fleet::render_table(std::slice::from_ref(&view));
     for expected in [
-        enrolled.node_id.as_str(),
+        node_id.as_str(),
         "web-1",
         "env=production",
         "online",
@@ -478,11 +463,7 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
 #[tokio::test]
 async fn renewed_cert_works_and_the_old_one_still_does() {
     let controller = Controller::start().await;
-    let old = tempfile::tempdir().unwrap();
-    let enrolled = controller
-        .try_enroll(&controller.token().await, old.path(), "web-1")
-        .await
-        .unwrap();
+    let (old, node_id) = controller.enroll("web-1").await;
 
     let (key_pem, cert_pem, expires_at) = renew(&controller, old.path()).await.unwrap();
     let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -497,11 +478,11 @@ async fn renewed_cert_works_and_the_old_one_still_does() {
     std::fs::write(new.path().join(link::CERT_FILE), &cert_pem).unwrap();
 
     let with_new = controller.try_connect(new.path(), "").await.unwrap();
-    assert_eq!(with_new.welcome.node_id, enrolled.node_id);
+    assert_eq!(with_new.welcome.node_id, node_id);
     // The old certificate keeps working until it expires (the agent may
     // not have switched yet); its session replaces the newer one.
     let with_old = controller.try_connect(old.path(), "").await.unwrap();
-    assert_eq!(with_old.welcome.node_id, enrolled.node_id);
+    assert_eq!(with_old.welcome.node_id, node_id);
 
     // The store's newest certificate is the renewed one.
     use rustls::pki_types::pem::PemObject as _;
@@ -517,8 +498,8 @@ async fn renewed_cert_works_and_the_old_one_still_does() {
 
     let event = controller.wait_for_event("CERT_RENEWED").await;
     assert_eq!(event.status, "success");
-    assert_eq!(event.resource_id, enrolled.node_id);
-    assert_eq!(event.actor, enrolled.node_id);
+    assert_eq!(event.resource_id, node_id);
+    assert_eq!(event.actor, node_id);
     assert_eq!(event.details["cert_expires_at"], expires_at);
 
     // Renewing with the new certificate works too.
@@ -549,11 +530,7 @@ async fn renew_needs_a_client_certificate_of_a_known_node() {
 #[tokio::test]
 async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
     let controller = Controller::start().await;
-    let state = tempfile::tempdir().unwrap();
-    let enrolled = controller
-        .try_enroll(&controller.token().await, state.path(), "web-1")
-        .await
-        .unwrap();
+    let (state, node_id) = controller.enroll("web-1").await;
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
 
     // As `slipway-controller node revoke` does, from "another process"
@@ -563,7 +540,7 @@ async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
     let revoked = fleet::revoke(&controller.store().await, "web-1", "operator", now)
         .await
         .unwrap();
-    assert_eq!(revoked.node_id, enrolled.node_id);
+    assert_eq!(revoked.node_id, node_id);
     assert!(revoked.newly);
 
     // The agent sends nothing: the server's poll must close the stream.
@@ -587,25 +564,20 @@ async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
         .iter()
         .find(|e| e.event_type == "NODE_REVOKED")
         .unwrap();
-    assert_eq!(revoke_event.resource_id, enrolled.node_id);
+    assert_eq!(revoke_event.resource_id, node_id);
     assert_eq!(revoke_event.actor, "operator");
     let refused = controller.wait_for_event("NODE_CONNECT_REFUSED").await;
     assert!(refused.error_message.unwrap().contains("revoked"));
     controller.wait_for_event("CERT_RENEW_REFUSED").await;
 
     assert_eq!(
-        node_view(&controller, &enrolled.node_id).await.state,
+        node_view(&controller, &node_id).await.state,
         NodeState::Revoked
     );
     // Revoking again changes nothing and records nothing.
-    let again = fleet::revoke(
-        &controller.store().await,
-        &enrolled.node_id,
-        "operator",
-        now,
-    )
-    .await
-    .unwrap();
+    let again = fleet::revoke(&controller.store().await, &node_id, "operator", now)
+        .await
+        .unwrap();
     assert!(!again.newly);
     assert_eq!(
         controller
@@ -623,11 +595,7 @@ async fn revoke_closes_the_live_stream_and_refuses_the_next_connection() {
 #[tokio::test]
 async fn a_heartbeat_from_a_revoked_node_closes_its_stream_at_once() {
     let controller = Controller::start().await;
-    let state = tempfile::tempdir().unwrap();
-    controller
-        .try_enroll(&controller.token().await, state.path(), "web-1")
-        .await
-        .unwrap();
+    let (state, _) = controller.enroll("web-1").await;
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
     let now = OffsetDateTime::now_utc().unix_timestamp();
     fleet::revoke(&controller.store().await, "web-1", "operator", now)
@@ -651,11 +619,7 @@ async fn a_heartbeat_from_a_revoked_node_closes_its_stream_at_once() {
 #[tokio::test]
 async fn stopping_the_controller_ends_live_sessions() {
     let controller = Controller::start().await;
-    let state = tempfile::tempdir().unwrap();
-    controller
-        .try_enroll(&controller.token().await, state.path(), "web-1")
-        .await
-        .unwrap();
+    let (state, _) = controller.enroll("web-1").await;
     let mut session = controller.try_connect(state.path(), "").await.unwrap();
     // Would hang if graceful shutdown waited for the open stream.
     controller.stop().await;
