@@ -265,12 +265,24 @@ fn exec(command: &str, cwd: &Path, timeout: Duration) -> Result<String, String> 
             Err(e) => return Err(format!("waiting for `{command}`: {e}")),
         }
     };
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
     if status.is_none() {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = child.wait();
+    }
+    // A process the command left in the background may hold the pipes open:
+    // it has until the deadline, then its group is killed so the reads end
+    // (the time limit holds for the whole probe).
+    let reading = || {
+        !out.iter()
+            .chain(&err)
+            .all(std::thread::JoinHandle::is_finished)
+    };
+    while reading() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if reading() {
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     }
     let mut output = out.and_then(|h| h.join().ok()).unwrap_or_default();
     output.push_str(&err.and_then(|h| h.join().ok()).unwrap_or_default());
@@ -447,6 +459,7 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::net::TcpListener;
 
     /// A tiny HTTP server answering `responses` in turn (then the last one).
@@ -566,6 +579,30 @@ mod tests {
             !p.ok && p.output.contains("exit status: 3") && p.output.contains("checking"),
             "{p:?}"
         );
+        // Output held open by a background process ends at the time limit.
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let lingering = CheckConfig::Exec {
+            command: format!("sleep 300 & echo $! > {}; echo started", pid_file.display()),
+        };
+        let p = probe(&lingering, Duration::from_millis(500), &here(None));
+        assert!(p.ok && p.output.contains("started"), "{p:?}");
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let state = || {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()?.to_owned()))
+        };
+        let gone = (0..200).any(|_| {
+            let s = state();
+            std::thread::sleep(Duration::from_millis(10));
+            s.is_none() || s.as_deref() == Some("Z")
+        });
+        assert!(gone, "background sleep {pid} still runs: {:?}", state());
         let slow = CheckConfig::Exec {
             command: "sleep 5".into(),
         };
