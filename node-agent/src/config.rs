@@ -716,26 +716,12 @@ impl Config {
             );
         }
         let controller = raw.controller.as_ref().map(|c| {
-            if c.url.trim().is_empty() {
-                problems.push(ConfigProblem {
-                    key: "controller.url".into(),
-                    line: locate_key(text, "controller.url"),
-                    message: "must name the controller, e.g. \"controller.example.com:7443\""
-                        .into(),
-                });
-            }
-            let state_dir = PathBuf::from(c.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
-            if !state_dir.is_absolute() {
-                problems.push(ConfigProblem {
-                    key: "controller.state_dir".into(),
-                    line: locate_key(text, "controller.state_dir"),
-                    message: format!("{} must be an absolute path", state_dir.display()),
-                });
-            }
-            ControllerConfig {
-                url: c.url.trim().to_owned(),
-                state_dir,
-            }
+            let mut p = Problems {
+                text,
+                prefix: "controller".into(),
+                out: &mut problems,
+            };
+            controller_config(&mut p, c)
         });
         let artifacts = match &raw.artifacts {
             None => ArtifactsConfig::default(),
@@ -770,6 +756,27 @@ impl Config {
             path: self.path.clone(),
             known: self.apps.keys().cloned().collect(),
         })
+    }
+}
+
+/// Checks `[controller]`: a non-empty address, an absolute state dir.
+fn controller_config(p: &mut Problems<'_>, raw: &RawController) -> ControllerConfig {
+    if raw.url.trim().is_empty() {
+        p.push(
+            "url",
+            "must name the controller, e.g. \"controller.example.com:7443\"".into(),
+        );
+    }
+    let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+    if !state_dir.is_absolute() {
+        p.push(
+            "state_dir",
+            format!("{} must be an absolute path", state_dir.display()),
+        );
+    }
+    ControllerConfig {
+        url: raw.url.trim().to_owned(),
+        state_dir,
     }
 }
 
@@ -1569,6 +1576,22 @@ timeout = "2m"
             .unwrap_err()
             .to_string();
         assert!(err.contains(":3: controller.bogus: unknown key"), "{err}");
+        let err = parse("[controller]\nurl = \" \"\nstate_dir = \"state\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2: controller.url: must name the controller")
+                && err.contains(":3: controller.state_dir: state must be an absolute path"),
+            "{err}"
+        );
+        let cfg = parse("[controller]\nurl = \" c:7443 \"\n").unwrap();
+        assert_eq!(
+            cfg.controller,
+            Some(ControllerConfig {
+                url: "c:7443".into(),
+                state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            })
+        );
         let err = parse(
             "[apps.web]\nroot = \"/app\"\n\n[artifacts]\nca_file = \"/nonexistent/ca.pem\"\nread_timeout = \"0s\"\n",
         )
