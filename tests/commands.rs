@@ -63,10 +63,7 @@ fn restart_prune_and_status_across_three_agents() {
     let controller = Controller::start();
     let mut agents = Agent::enroll_all(&controller, &["n1", "n2", "n3"]);
     for a in &mut agents {
-        let env = a.root.join("shared/.env");
-        let mut vars = fs::read_to_string(&env).unwrap();
-        vars.push_str(&format!("SICK_FILE={}\n", sick_file(a).display()));
-        fs::write(&env, vars).unwrap();
+        a.add_env(&format!("SICK_FILE={}", sick_file(a).display()));
         a.run();
     }
     let reader = controller.api_token("read");

@@ -237,7 +237,6 @@ liveness_interval = "500ms"
         agent
     }
 
-    /// [`Agent::enroll`] for each of `names`, in order.
     /// Sets how long the health gate forgives failures after a start
     /// (`start_period`, 1 s by default here); call before `run`.
     pub fn set_start_period(&self, period: &str) {
@@ -252,6 +251,7 @@ liveness_interval = "500ms"
         fs::write(&self.config, changed).unwrap();
     }
 
+    /// [`Agent::enroll`] for each of `names`, in order.
     pub fn enroll_all(controller: &Controller, names: &[&str]) -> Vec<Self> {
         names.iter().map(|n| Self::enroll(controller, n)).collect()
     }
@@ -452,9 +452,7 @@ pub fn json(out: &Output) -> Value {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.run.take() {
-            terminate(&mut c);
-        }
+        self.stop_run();
         let _ = self.cli(&["stop", "--app", "web"]);
     }
 }
