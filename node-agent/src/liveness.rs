@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use crate::config::{AppConfig, Config, RunConfig};
 use crate::health::{self, Liveness, ProbeTarget};
-use crate::release::{activate, Journal, Store};
+use crate::release::{activate, Journal, Paths, Store};
 use crate::supervise;
 
 /// How long shutdown waits for in-flight probes.
@@ -236,7 +236,7 @@ pub fn probe_once(app: &AppConfig) -> std::io::Result<()> {
     let Some(current) = activate::read_current(&app.root)? else {
         return Ok(());
     };
-    let port = Journal::load(&app.root.join(".slipway/journal.json"), &app.name)
+    let port = Journal::load(&Paths::new(&app.root).journal, &app.name)
         .ok()
         .and_then(|j| j.get(&current).and_then(|r| r.port));
     let target = ProbeTarget {
