@@ -289,15 +289,11 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             name,
         } => {
             let name = match name {
-                Some(n) => n.clone(),
+                Some(n) => n,
                 None => sysinfo::System::host_name()
                     .ok_or_else(|| anyhow::anyhow!("cannot read the host name (give --name)"))?,
             };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-            let enrolled = runtime
+            let enrolled = current_thread_runtime()?
                 .block_on(crate::link::enroll(&controller, &token, &state_dir, &name))
                 .map_err(|e| anyhow::anyhow!("enrollment failed: {e}"))?;
             println!(
@@ -649,6 +645,14 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// A runtime for the one async call of a command (enroll, deploy --url).
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}").into())
+}
+
 /// `deploy --url`: under the app's lock, downloads the artifact into the
 /// app's artifact cache (or finds it there), then deploys it.
 fn deploy_from_url(
@@ -671,11 +675,7 @@ fn deploy_from_url(
     let sha256 = crate::download::normalize_sha256(&sha256).map_err(download_failure)?;
     crate::download::parse_url(url).map_err(download_failure)?;
     let mut session = store.begin("deploy", id.as_ref())?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-    let fetched = runtime
+    let fetched = current_thread_runtime()?
         .block_on(crate::download::fetch(
             url,
             &sha256,
