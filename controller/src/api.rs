@@ -260,40 +260,49 @@ impl ControlService {
 
     /// The enrolled, non-revoked nodes a selector names.
     async fn select(&self, selector: Option<&Selector>) -> Result<Vec<Target>, ApiError> {
-        let rows = self.store.fleet().await?;
-        let live = rows.into_iter().filter(|r| r.revoked_at.is_none());
         let targets: Vec<Target> = match selector.and_then(|s| s.target.as_ref()) {
-            None => live
-                .map(|r| Target {
-                    node_id: r.id,
-                    name: r.name,
+            None => self.live_targets(None).await?,
+            // `key:value`, or `key` for a label without a value.
+            Some(selector::Target::Tag(tag)) => {
+                let label = tag.split_once(':').unwrap_or((tag.as_str(), ""));
+                self.live_targets(Some(label)).await?
+            }
+            Some(selector::Target::Node(node)) => self
+                .store
+                .find_node(node)
+                .await?
+                .into_iter()
+                .filter(|n| n.revoked_at.is_none())
+                .map(|n| Target {
+                    node_id: n.id,
+                    name: n.name,
                 })
                 .collect(),
-            Some(selector::Target::Tag(tag)) => {
-                let (key, value) = tag.split_once(':').unwrap_or((tag.as_str(), ""));
-                live.filter(|r| r.labels.get(key).and_then(|v| v.as_str()) == Some(value))
-                    .map(|r| Target {
-                        node_id: r.id,
-                        name: r.name,
-                    })
-                    .collect()
-            }
-            Some(selector::Target::Node(node)) => {
-                let found = self.store.find_node(node).await?;
-                found
-                    .into_iter()
-                    .filter(|n| n.revoked_at.is_none())
-                    .map(|n| Target {
-                        node_id: n.id,
-                        name: n.name,
-                    })
-                    .collect()
-            }
         };
         if targets.is_empty() {
             return Err(ApiError::NoNodes(selector_json(selector).to_string()));
         }
         Ok(targets)
+    }
+
+    /// The non-revoked nodes, all of them or those with `label` (key, value).
+    async fn live_targets(&self, label: Option<(&str, &str)>) -> Result<Vec<Target>, ApiError> {
+        Ok(self
+            .store
+            .fleet()
+            .await?
+            .into_iter()
+            .filter(|r| r.revoked_at.is_none())
+            .filter(|r| {
+                label.is_none_or(|(key, value)| {
+                    r.labels.get(key).and_then(|v| v.as_str()) == Some(value)
+                })
+            })
+            .map(|r| Target {
+                node_id: r.id,
+                name: r.name,
+            })
+            .collect())
     }
 
     async fn run_plan(
