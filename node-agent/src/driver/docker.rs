@@ -419,14 +419,7 @@ impl<'a> Engine<'a> {
             }
         }
         let port = pick_port(self.config.ports, &live).map_err(failed)?;
-        let id = self.create(target, &image, &name, port).await?;
-        if let Err(e) = self.start(&id, &name, port).await {
-            // Leave nothing half-made behind: the old container still serves.
-            if let Err(cleanup) = self.remove(&id, &name).await {
-                tracing::warn!(container = %name, error = %cleanup, "cannot remove the container that failed to start");
-            }
-            return Err(e);
-        }
+        let id = self.launch(target, &image, &name, port).await?;
         tracing::info!(container = %name, port, image = %image, "container started");
         Ok(Activation {
             port: Some(port),
@@ -494,13 +487,7 @@ impl<'a> Engine<'a> {
             None => {
                 let image = self.image_for(previous).await?;
                 let port = pick_port(self.config.ports, &[]).map_err(failed)?;
-                let id = self.create(previous, &image, &name, port).await?;
-                if let Err(e) = self.start(&id, &name, port).await {
-                    if let Err(cleanup) = self.remove(&id, &name).await {
-                        tracing::warn!(container = %name, error = %cleanup, "cannot remove the container that failed to start");
-                    }
-                    return Err(e);
-                }
+                let id = self.launch(previous, &image, &name, port).await?;
                 Ok(Activation {
                     port: Some(port),
                     handle: Some(id),
@@ -508,6 +495,26 @@ impl<'a> Engine<'a> {
                 })
             }
         }
+    }
+
+    /// Creates and starts the container `name` of `target` on `port`;
+    /// returns its id. One that fails to start is removed: nothing
+    /// half-made is left behind (what served before still serves).
+    async fn launch(
+        &self,
+        target: &Target,
+        image: &str,
+        name: &str,
+        port: u16,
+    ) -> Result<String, DriverError> {
+        let id = self.create(target, image, name, port).await?;
+        if let Err(e) = self.start(&id, name, port).await {
+            if let Err(cleanup) = self.remove(&id, name).await {
+                tracing::warn!(container = %name, error = %cleanup, "cannot remove the container that failed to start");
+            }
+            return Err(e);
+        }
+        Ok(id)
     }
 
     async fn status(&self, app: &str) -> Result<DriverStatus, DriverError> {
