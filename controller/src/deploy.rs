@@ -329,7 +329,7 @@ pub struct Plan {
     pub action: Action,
     /// Selected nodes (not empty), in rollout order.
     pub targets: Vec<Target>,
-    /// API token id asking.
+    /// API token or operator id asking.
     pub actor: String,
     /// Selector as given, for the record.
     pub selector: serde_json::Value,

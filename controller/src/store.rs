@@ -76,7 +76,7 @@ pub enum StoreError {
         deployment_id: String,
         /// "deploy" or "rollback".
         kind: String,
-        /// Who started it (API token id).
+        /// Who started it (API token or operator id).
         actor: String,
         /// When (RFC 3339, UTC).
         started: String,
@@ -262,7 +262,7 @@ pub struct NewDeployment<'a> {
     pub release_id: &'a str,
     /// Artifact digest ("" for a rollback).
     pub artifact_sha256: &'a str,
-    /// API token id.
+    /// API token or operator id.
     pub actor: &'a str,
     /// Selector as JSON.
     pub selector: &'a serde_json::Value,
@@ -300,7 +300,7 @@ pub struct DeploymentRecord {
     pub app: String,
     /// Release deployed or rolled back to ("" when none was named).
     pub release_id: String,
-    /// API token id that asked for it.
+    /// API token or operator id that asked for it.
     pub actor: String,
     /// "running", "succeeded" or "failed".
     pub status: String,
