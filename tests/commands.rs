@@ -13,9 +13,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{
-    artifact, json, sha256_file, stderr, stdout, text, wait_until, Agent, Controller, APP,
-};
+use support::{json, stderr, stdout, text, wait_until, Agent, Controller, APP};
 
 /// Where `agent`'s app looks for the file that makes it sick.
 fn sick_file(agent: &Agent) -> PathBuf {
@@ -73,9 +71,7 @@ fn restart_prune_and_status_across_three_agents() {
     // Three releases everywhere, so there is something to prune.
     let work = tempfile::tempdir().unwrap();
     for version in ["v1", "v2", "v3"] {
-        let art = artifact(work.path(), version, APP);
-        let sha = sha256_file(&art);
-        let out = controller.deploy_web(&deployer, &art, &sha, version, &["--wait"]);
+        let out = controller.deploy_version(&deployer, work.path(), version, APP, &["--wait"]);
         assert!(out.status.success(), "{}", text(&out));
     }
     for a in &agents {

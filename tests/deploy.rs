@@ -59,9 +59,13 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
 
     // A release that fails its health gate, sent to n2 only: n2 rolls back
     // to v1, the CLI exits non-zero and says which node and why.
-    let bad = artifact(work.path(), "v2", BROKEN_APP);
-    let sha2 = sha256_file(&bad);
-    let out = controller.deploy_web(&deployer, &bad, &sha2, "v2", &["--wait", "--node", "n2"]);
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v2",
+        BROKEN_APP,
+        &["--wait", "--node", "n2"],
+    );
     assert!(!out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -85,9 +89,13 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
     assert!(String::from_utf8_lossy(&again.stdout).contains("already on the controller"));
 
     // Roll one node forward to v3, then back through the controller.
-    let v3 = artifact(work.path(), "v3", APP);
-    let sha3 = sha256_file(&v3);
-    let out = controller.deploy_web(&deployer, &v3, &sha3, "v3", &["--wait", "--node", "n3"]);
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v3",
+        APP,
+        &["--wait", "--node", "n3"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(agents[2].get().as_deref(), Some("v3"));
     let out = controller.slipway(

@@ -11,7 +11,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use support::{artifact, sha256_file, text, wait_until, Agent, Controller, APP};
@@ -45,20 +45,6 @@ fn fleet(names: &[&str], start_period: &str) -> (Controller, Vec<Agent>, String,
     (controller, agents, reader, deployer)
 }
 
-/// `slipway deploy web <artifact of VERSION> --sha … --id VERSION <extra>`.
-fn deploy(
-    controller: &Controller,
-    token: &str,
-    work: &Path,
-    version: &str,
-    app: &str,
-    extra: &[&str],
-) -> Output {
-    let art = artifact(work, version, app);
-    let sha = sha256_file(&art);
-    controller.deploy_web(token, &art, &sha, version, extra)
-}
-
 /// Current release per node from `slipway releases web --json`.
 fn reported_current(controller: &Controller, token: &str) -> Vec<(String, String)> {
     let out = controller.slipway(token, &["releases", "web", "--json"]);
@@ -85,7 +71,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
     agents[1].add_env("BREAK=v2,v4");
 
     // All at once (the default), unchanged: every node gets v1.
-    let out = deploy(&controller, &deployer, work.path(), "v1", &app, &["--wait"]);
+    let out = controller.deploy_version(&deployer, work.path(), "v1", &app, &["--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("(all_at_once)"), "{stdout}");
@@ -96,8 +82,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
 
     // Rolling, one node at a time: n1 switches to v2, n2 fails its health
     // gate, so n3 is skipped and n1 is sent back to v1.
-    let out = deploy(
-        &controller,
+    let out = controller.deploy_version(
         &deployer,
         work.path(),
         "v2",
@@ -149,8 +134,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
     assert_eq!(details["skipped_nodes"], serde_json::json!(["n3"]));
 
     // Canary: the canary (n1) fails, so nobody else is touched.
-    let out = deploy(
-        &controller,
+    let out = controller.deploy_version(
         &deployer,
         work.path(),
         "v3",
@@ -177,8 +161,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
 
     // One failure tolerated: n2 fails, the rollout goes on to n3 and keeps
     // n1; the deploy still fails and names n2.
-    let out = deploy(
-        &controller,
+    let out = controller.deploy_version(
         &deployer,
         work.path(),
         "v4",
@@ -206,14 +189,7 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
     assert_eq!(agents[2].current().as_deref(), Some("v4"));
 
     // Flags that do not fit the strategy are usage errors (exit 64).
-    let out = deploy(
-        &controller,
-        &deployer,
-        work.path(),
-        "v5",
-        &app,
-        &["--canary", "2"],
-    );
+    let out = controller.deploy_version(&deployer, work.path(), "v5", &app, &["--canary", "2"]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--canary N needs --strategy canary"));
 
@@ -290,14 +266,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     let slow = slow_app();
 
     // Without --wait: back at once with the deployment id and the nodes.
-    let out = deploy(
-        &controller,
-        &deployer,
-        work.path(),
-        "s1",
-        &slow,
-        &["--json"],
-    );
+    let out = controller.deploy_version(&deployer, work.path(), "s1", &slow, &["--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = started["deployment_id"].as_str().unwrap().to_owned();
@@ -306,7 +275,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
 
     // While it runs, another deploy or rollback of the app is refused and
     // names it.
-    let out = deploy(&controller, &deployer, work.path(), "s2", APP, &["--wait"]);
+    let out = controller.deploy_version(&deployer, work.path(), "s2", APP, &["--wait"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("FailedPrecondition"), "{}", text(&out));
@@ -338,14 +307,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     }
 
     // A deployment a controller restart interrupted does not block the app.
-    let out = deploy(
-        &controller,
-        &deployer,
-        work.path(),
-        "s3",
-        &slow,
-        &["--json"],
-    );
+    let out = controller.deploy_version(&deployer, work.path(), "s3", &slow, &["--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let interrupted = started["deployment_id"].as_str().unwrap().to_owned();
@@ -368,7 +330,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
     // the deploy is tried again.)
     controller.wait_online(&reader, 2, Duration::from_secs(60));
     wait_until("s4 deployed", Duration::from_secs(90), || {
-        let out = deploy(&controller, &deployer, work.path(), "s4", APP, &["--wait"]);
+        let out = controller.deploy_version(&deployer, work.path(), "s4", APP, &["--wait"]);
         assert!(
             !String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"),
             "{}",
@@ -388,8 +350,7 @@ fn one_deployment_per_app_and_deploys_that_return_at_once() {
         (it.next().unwrap(), it.next().unwrap())
     };
     m2.stop_run();
-    let out = deploy(
-        &controller,
+    let out = controller.deploy_version(
         &deployer,
         work.path(),
         "s5",

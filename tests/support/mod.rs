@@ -402,6 +402,20 @@ impl Controller {
         self.slipway(token, &args)
     }
 
+    /// Builds the artifact of `version` (`app` as its server.py) in `work`
+    /// and deploys it: `slipway deploy web ART --sha … --id VERSION <extra>`.
+    pub fn deploy_version(
+        &self,
+        token: &str,
+        work: &Path,
+        version: &str,
+        app: &str,
+        extra: &[&str],
+    ) -> Output {
+        let art = artifact(work, version, app);
+        self.deploy_web(token, &art, &sha256_file(&art), version, extra)
+    }
+
     /// How many nodes `slipway nodes --json` (with `token`) shows online.
     pub fn online(&self, token: &str) -> usize {
         let out = self.slipway(token, &["nodes", "--json"]);
