@@ -52,18 +52,16 @@ impl Exec {
     /// for a child running in `target.release`.
     fn restart_in(&self, target: &Target) -> Result<Activation, DriverError> {
         let files = RunFiles::new(&target.app.root);
-        let before = State::load(&files).map_or(0, |s| s.generation);
-        let running = supervise::is_running(&files);
+        let state = State::load(&files);
+        let before = state.as_ref().map_or(0, |s| s.generation);
         let mut spawned = None;
-        if running {
-            let pid = State::load(&files)
-                .map(|s| s.supervisor_pid)
-                .ok_or_else(|| {
-                    DriverError::failed(
-                        "exec",
-                        format!("{} is locked but has no state", files.state.display()),
-                    )
-                })?;
+        if supervise::is_running(&files) {
+            let pid = state.as_ref().map(|s| s.supervisor_pid).ok_or_else(|| {
+                DriverError::failed(
+                    "exec",
+                    format!("{} is locked but has no state", files.state.display()),
+                )
+            })?;
             kill(Pid::from_raw(pid as i32), Signal::SIGHUP).map_err(|e| {
                 DriverError::failed("exec", format!("cannot signal supervisor pid {pid}: {e}"))
             })?;
