@@ -332,11 +332,30 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, Downloa
     Ok(certs)
 }
 
-/// Removes the temp file unless the download was kept (also on
-/// cancellation, when the future is dropped mid-download).
-struct TempFile {
+/// A temp file removed when dropped unless it was persisted: on any error
+/// return, and on cancellation (a future dropped mid-download).
+#[derive(Debug)]
+pub(crate) struct TempFile {
     path: PathBuf,
     keep: bool,
+}
+
+impl TempFile {
+    /// Takes charge of `path` (not created here).
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self { path, keep: false }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the file to `dest`; from then on it is kept.
+    pub(crate) fn persist(mut self, dest: &Path) -> io::Result<()> {
+        fs::rename(&self.path, dest)?;
+        self.keep = true;
+        Ok(())
+    }
 }
 
 impl Drop for TempFile {
@@ -415,13 +434,10 @@ async fn attempt_once(
     }
     let cache_dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(cache_dir).map_err(DownloadError::io("create", cache_dir))?;
-    let tmp = TempFile {
-        path: durable::temp_sibling(&cache_dir.join("download"), "part"),
-        keep: false,
-    };
-    let mut file = tokio::fs::File::create(&tmp.path)
+    let tmp = TempFile::new(durable::temp_sibling(&cache_dir.join("download"), "part"));
+    let mut file = tokio::fs::File::create(tmp.path())
         .await
-        .map_err(DownloadError::io("create", &tmp.path))?;
+        .map_err(DownloadError::io("create", tmp.path()))?;
     let mut hasher = Sha256::new();
     let mut received = 0u64;
     let mut body = response.into_body();
@@ -453,7 +469,7 @@ async fn attempt_once(
         hasher.update(&data);
         file.write_all(&data)
             .await
-            .map_err(DownloadError::io("write", &tmp.path))?;
+            .map_err(DownloadError::io("write", tmp.path()))?;
         if last_report.elapsed() >= PROGRESS_EVERY {
             last_report = Instant::now();
             progress(match total {
@@ -467,7 +483,7 @@ async fn attempt_once(
     }
     file.sync_all()
         .await
-        .map_err(DownloadError::io("sync", &tmp.path))?;
+        .map_err(DownloadError::io("sync", tmp.path()))?;
     drop(file);
     let actual = hex::encode(hasher.finalize());
     if actual != expected {
@@ -477,9 +493,8 @@ async fn attempt_once(
             actual,
         });
     }
-    fs::rename(&tmp.path, dest).map_err(DownloadError::io("store", dest))?;
-    let mut tmp = tmp;
-    tmp.keep = true;
+    tmp.persist(dest)
+        .map_err(DownloadError::io("store", dest))?;
     progress(format!(
         "downloaded {received} bytes from {here}; sha256 verified"
     ));

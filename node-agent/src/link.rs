@@ -44,6 +44,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
+use crate::download::TempFile;
+use crate::durable;
+
 /// The node's private key (mode 0600).
 pub const KEY_FILE: &str = "node.key";
 /// The node's client certificate.
@@ -290,12 +293,13 @@ pub async fn fetch_artifact(
         .await
         .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
         .into_inner();
-    let tmp = dest.with_extension("part");
+    // Removed on every error return, a broken stream included.
+    let tmp = TempFile::new(durable::temp_sibling(dest, "part"));
     let io_err = |path: &Path| {
         let path = path.to_owned();
         move |source| LinkError::Io { path, source }
     };
-    let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut file = fs::File::create(tmp.path()).map_err(io_err(tmp.path()))?;
     let mut hasher = Sha256::new();
     let mut offset = 0u64;
     let mut finished = false;
@@ -305,14 +309,13 @@ pub async fn fetch_artifact(
         .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
     {
         if chunk.offset != offset {
-            let _ = fs::remove_file(&tmp);
             return Err(LinkError::Unexpected(format!(
                 "artifact chunk at offset {} where {offset} was expected",
                 chunk.offset
             )));
         }
         hasher.update(&chunk.data);
-        file.write_all(&chunk.data).map_err(io_err(&tmp))?;
+        file.write_all(&chunk.data).map_err(io_err(tmp.path()))?;
         offset += chunk.data.len() as u64;
         if chunk.last {
             finished = true;
@@ -321,15 +324,14 @@ pub async fn fetch_artifact(
     }
     let got = hex::encode(hasher.finalize());
     if !finished || got != sha256 {
-        let _ = fs::remove_file(&tmp);
         return Err(LinkError::Unexpected(if finished {
             format!("artifact from the controller has sha256 {got}, expected {sha256}")
         } else {
             format!("artifact stream ended after {offset} bytes without its last chunk")
         }));
     }
-    file.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, dest).map_err(io_err(dest))?;
+    file.sync_all().map_err(io_err(tmp.path()))?;
+    tmp.persist(dest).map_err(io_err(dest))?;
     Ok(offset)
 }
 
@@ -606,24 +608,25 @@ fn read_file(path: &Path) -> Result<String, LinkError> {
     })
 }
 
-/// Temp file + fsync + rename, with the mode set at creation so a key is
-/// never readable by others, even for an instant.
+/// Temp file + fsync + rename + directory fsync (as [`durable::write_atomic`]),
+/// with the mode set at creation so a key is never readable by others, even
+/// for an instant. The temp file is removed on failure.
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), LinkError> {
     let io_err = |source| LinkError::Io {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
+    let tmp = TempFile::new(durable::temp_sibling(path, "tmp"));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(&tmp)
+        .open(tmp.path())
         .map_err(io_err)?;
     file.write_all(contents.as_bytes()).map_err(io_err)?;
     file.sync_all().map_err(io_err)?;
-    fs::rename(&tmp, path).map_err(io_err)
+    tmp.persist(path).map_err(io_err)?;
+    durable::fsync_parent(path).map_err(io_err)
 }
 
 #[cfg(test)]
