@@ -130,19 +130,21 @@ pub async fn create(store: &Store, scopes: &[Scope], now: i64) -> Result<String,
     let id = crypto::random_hex::<8>()?;
     let secret = crypto::random_hex::<32>()?;
     let scopes: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+    let created = AuditEvent::success(
+        audit::TOKEN_CREATED,
+        "operator",
+        "api_token",
+        &id,
+        serde_json::json!({ "scopes": scopes }),
+    );
+    // The token and its audit event are written together.
     store
-        .insert_api_token(&id, &crate::token::secret_hash(&secret), &scopes, now)
-        .await?;
-    store
-        .audit(
-            &AuditEvent::success(
-                audit::TOKEN_CREATED,
-                "operator",
-                "api_token",
-                &id,
-                serde_json::json!({ "scopes": scopes }),
-            ),
+        .insert_api_token(
+            &id,
+            &crate::token::secret_hash(&secret),
+            &scopes,
             now,
+            &created,
         )
         .await?;
     Ok(format!("{PREFIX}.{id}.{secret}"))

@@ -477,8 +477,10 @@ impl Store {
         tags: &[String],
         created_at: i64,
         expires_at: i64,
+        created: &AuditEvent,
     ) -> Result<(), StoreError> {
         let tags = serde_json::Value::from(tags.to_vec()).to_string();
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO join_tokens (id, secret_hash, tags, created_at, expires_at)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -488,8 +490,10 @@ impl Store {
         .bind(tags)
         .bind(created_at)
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        insert_audit(&mut tx, created, created_at).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -705,7 +709,9 @@ impl Store {
         secret_hash: &str,
         scopes: &[String],
         created_at: i64,
+        created: &AuditEvent,
     ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO api_tokens (id, secret_hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4)",
         )
@@ -713,8 +719,10 @@ impl Store {
         .bind(secret_hash)
         .bind(serde_json::Value::from(scopes.to_vec()).to_string())
         .bind(created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        insert_audit(&mut tx, created, created_at).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1612,16 +1620,33 @@ mod tests {
         assert!(store.last_deployments(Some("db")).await.unwrap().is_empty());
     }
 
+    fn created(id: &str) -> AuditEvent {
+        AuditEvent::success(
+            audit::TOKEN_CREATED,
+            "operator",
+            "join_token",
+            id,
+            serde_json::json!({}),
+        )
+    }
+
     #[tokio::test]
     async fn a_token_is_used_once_and_never_after_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
         store
-            .insert_join_token("a", "h", &["env:production".to_owned()], 0, 100)
+            .insert_join_token(
+                "a",
+                "h",
+                &["env:production".to_owned()],
+                0,
+                100,
+                &created("a"),
+            )
             .await
             .unwrap();
         store
-            .insert_join_token("b", "h", &[], 0, 100)
+            .insert_join_token("b", "h", &[], 0, 100, &created("b"))
             .await
             .unwrap();
         let mut conn = store.pool.acquire().await.unwrap();

@@ -77,6 +77,14 @@ pub async fn create(
     };
     let ttl_secs = i64::try_from(ttl.as_secs()).map_err(|_| TokenError::Ttl(format!("{ttl:?}")))?;
     let expires_at = now.saturating_add(ttl_secs);
+    let created = AuditEvent::success(
+        audit::TOKEN_CREATED,
+        "operator",
+        "join_token",
+        &token.id,
+        serde_json::json!({ "expires_at": expires_at, "tags": tags }),
+    );
+    // The token and its audit event are written together.
     store
         .insert_join_token(
             &token.id,
@@ -84,18 +92,7 @@ pub async fn create(
             tags,
             now,
             expires_at,
-        )
-        .await?;
-    store
-        .audit(
-            &AuditEvent::success(
-                audit::TOKEN_CREATED,
-                "operator",
-                "join_token",
-                &token.id,
-                serde_json::json!({ "expires_at": expires_at, "tags": tags }),
-            ),
-            now,
+            &created,
         )
         .await?;
     Ok(token)
