@@ -143,13 +143,6 @@ pub struct ControlService {
     artifacts: Artifacts,
 }
 
-/// Who is calling, for audit events before the token is known.
-fn peer_of<T>(request: &Request<T>) -> String {
-    request
-        .remote_addr()
-        .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
-}
-
 fn bearer<T>(request: &Request<T>) -> Option<String> {
     let value = request.metadata().get("authorization")?.to_str().ok()?;
     let token = value
@@ -220,7 +213,7 @@ impl ControlService {
         match checked {
             Ok(caller) => Ok(caller),
             Err(err) => {
-                let peer = peer_of(request);
+                let peer = crate::peer_addr(request);
                 // The best name we have: the token or operator, else the peer.
                 let actor = match &err {
                     ApiError::Scope { token, .. } => Some(token.clone()),
@@ -412,13 +405,17 @@ impl ControlService {
             .ok_or_else(|| ApiError::Invalid("empty upload".to_owned()))?;
         artifacts::check_digest(&first.sha256)?;
         let sha256 = first.sha256;
-        if self.artifacts.contains(&sha256).await? {
-            let size = self.artifacts.size(&sha256).await?;
-            return Ok(UploadArtifactResponse {
-                sha256,
-                size,
-                already_present: true,
-            });
+        // One stat answers both "is it there?" and its size.
+        match self.artifacts.size(&sha256).await {
+            Ok(size) => {
+                return Ok(UploadArtifactResponse {
+                    sha256,
+                    size,
+                    already_present: true,
+                })
+            }
+            Err(ArtifactError::NotFound(_)) => {}
+            Err(err) => return Err(err.into()),
         }
         let mut upload = self.artifacts.upload(&sha256).await?;
         upload.write(&first.data).await?;
@@ -494,7 +491,7 @@ impl Control for ControlService {
         let caller = self
             .authorize(&request, "upload artifacts", Caller::can_deploy_any)
             .await?;
-        let peer = peer_of(&request);
+        let peer = crate::peer_addr(&request);
         match self.try_upload(request.into_inner()).await {
             Ok(done) => {
                 let event = AuditEvent::success(
