@@ -9,11 +9,12 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use support::{exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node, SAMPLE_APP};
+use support::{
+    exec_python_web, free_port, http_get, tar_of, targz, wait_until, Node, RunningAgent, SAMPLE_APP,
+};
 
 const SECRET: &str = "s3cr3t-never-shown";
 
@@ -208,54 +209,28 @@ fn liveness_failures_are_recorded_with_timestamps() {
     // As after a reboot: no supervisor. `run` brings the app back first.
     a.node.run(&["stop", "--app", "web"]).ok();
     assert!(http_get(a.port, "/").is_none());
-    let mut agent: Child = a
-        .node
-        .cmd(&["run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until(
-            "the app to be started by the agent",
-            Duration::from_secs(20),
-            || http_get(a.port, "/").is_some_and(|(_, body)| body == "v1"),
-        );
-        wait_until("a healthy liveness record", Duration::from_secs(20), || {
-            status(&a.node)["apps"][0]["liveness"]["healthy"] == true
-        });
-        fs::write(a.node.root.join("shared/fail"), "").unwrap();
-        wait_until(
-            "liveness to turn unhealthy",
-            Duration::from_secs(20),
-            || status(&a.node)["apps"][0]["liveness"]["healthy"] == false,
-        );
-        let l = &status(&a.node)["apps"][0]["liveness"];
-        let f = &l["failures"][0];
-        assert!(f["output"].as_str().unwrap().contains("HTTP 503"), "{l:#}");
-        assert!(f["at"].as_str().unwrap().starts_with("20"), "{l:#}");
-        assert_eq!(l["release"], "v1");
-    }));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let t = Instant::now();
-    let code = loop {
-        if let Some(s) = agent.try_wait().unwrap() {
-            break s.code();
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = agent.kill();
-            panic!("agent did not stop on SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    if let Err(p) = result {
-        std::panic::resume_unwind(p);
-    }
-    assert_eq!(code, Some(0));
+    // A panic below drops the agent, which stops it.
+    let mut agent = RunningAgent::start(&a.node);
+    wait_until(
+        "the app to be started by the agent",
+        Duration::from_secs(20),
+        || http_get(a.port, "/").is_some_and(|(_, body)| body == "v1"),
+    );
+    wait_until("a healthy liveness record", Duration::from_secs(20), || {
+        status(&a.node)["apps"][0]["liveness"]["healthy"] == true
+    });
+    fs::write(a.node.root.join("shared/fail"), "").unwrap();
+    wait_until(
+        "liveness to turn unhealthy",
+        Duration::from_secs(20),
+        || status(&a.node)["apps"][0]["liveness"]["healthy"] == false,
+    );
+    let l = &status(&a.node)["apps"][0]["liveness"];
+    let f = &l["failures"][0];
+    assert!(f["output"].as_str().unwrap().contains("HTTP 503"), "{l:#}");
+    assert!(f["at"].as_str().unwrap().starts_with("20"), "{l:#}");
+    assert_eq!(l["release"], "v1");
+    assert_eq!(agent.stop(), Some(0), "the agent's exit code on SIGTERM");
 }
 
 #[test]

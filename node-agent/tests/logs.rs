@@ -11,10 +11,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{tar_of, targz, wait_until, Node};
+use support::{tar_of, targz, wait_until, Node, RunningAgent};
 
 /// Writes `0..LINES` one line per write(2), in bursts, then touches
 /// `../../shared/done`.
@@ -28,37 +27,6 @@ for i in range(LINES):
 open("../../shared/done", "w").close()
 time.sleep(3600)
 "#;
-
-/// The agent's long-running loop, stopped (SIGTERM) on drop.
-struct Agent(Child);
-
-impl Agent {
-    fn start(node: &Node) -> Self {
-        Self(
-            node.cmd(&["run"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(10) {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Text of a log file, decompressed when rotated.
 fn read_log(p: &Path) -> String {
@@ -110,7 +78,7 @@ compress = "gzip"
     );
     let art = node.dir.path().join("w.tar.gz");
     fs::write(&art, targz(&tar_of(&[("writer.py", WRITER)]))).unwrap();
-    let agent = Agent::start(&node);
+    let agent = RunningAgent::start(&node);
     node.deploy(&art, "v1").ok();
     // A second rotator racing the agent's own: `logs --rotate --force`.
     let done = node.root.join("shared/done");
@@ -173,7 +141,7 @@ fn a_log_that_jumps_past_its_size_is_rotated_within_seconds() {
     fs::create_dir_all(&logs).unwrap();
     let live = logs.join("app.log");
     fs::write(&live, "boot\n").unwrap();
-    let _agent = Agent::start(&node);
+    let _agent = RunningAgent::start(&node);
     std::thread::sleep(Duration::from_millis(500));
     // Well past the size; the agent's tick is 30 s, so only inotify can
     // make this fast.

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -347,6 +348,46 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
             .trim()
             .to_owned(),
     ))
+}
+
+/// `slipway-agent run` of a node (output discarded), stopped with SIGTERM
+/// on drop if the test did not stop it.
+pub struct RunningAgent(Option<Child>);
+
+impl RunningAgent {
+    pub fn start(node: &Node) -> Self {
+        let child = node
+            .cmd(&["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self(Some(child))
+    }
+
+    /// Sends SIGTERM and waits up to 10 s for the agent to exit (then kills
+    /// it): its exit code, None if it had to be killed or died of a signal.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.0.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// The arguments of `deploy --app web --artifact <artifact> --id <id>`.
