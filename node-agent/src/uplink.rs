@@ -343,14 +343,24 @@ mod tests {
     #[test]
     fn backoff_is_full_jitter_under_a_growing_cap() {
         let mut rng = Jitter::seeded();
-        for attempt in 0..30 {
-            let cap = BACKOFF_BASE
-                .checked_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
-                .unwrap_or(BACKOFF_CAP)
-                .min(BACKOFF_CAP);
-            for _ in 0..100 {
-                assert!(backoff(attempt, &mut rng) < cap.max(Duration::from_nanos(1)));
-            }
+        // The step doubles from 500 ms and stops at 60 s; each delay is
+        // below the step and, over many draws, reaches close to it.
+        let ms = Duration::from_millis;
+        for (attempt, step) in [
+            (0, ms(500)),
+            (1, ms(1_000)),
+            (2, ms(2_000)),
+            (6, ms(32_000)),
+            (7, ms(60_000)),
+            (16, ms(60_000)),
+            (17, ms(60_000)),
+            (u32::MAX, ms(60_000)),
+        ] {
+            let most = (0..2000).map(|_| backoff(attempt, &mut rng)).max().unwrap();
+            assert!(
+                most < step && most > step * 9 / 10,
+                "attempt {attempt}: longest of 2000 delays {most:?}, step {step:?}"
+            );
         }
         // Spread: 1,000 agents at attempt 10 do not land together.
         let mut delays: Vec<u128> = (0..1000)
