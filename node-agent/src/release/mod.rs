@@ -1453,14 +1453,7 @@ impl Session<'_> {
         let (n, bytes) = self.remove_cached_except(&referenced)?;
         report.cached_artifacts_removed = n;
         report.cached_artifact_bytes_freed = bytes;
-        // The driver's per-release images of releases gone.
-        if let Some(driver) = driver::for_app(self.app()) {
-            let kept: Vec<ReleaseId> = self.journal.releases.iter().map(|r| r.id.clone()).collect();
-            match driver.prune_images(self.app(), &kept) {
-                Ok(b) => report.image_bytes_freed = b,
-                Err(e) => tracing::warn!(error = %e, "could not prune the driver's images"),
-            }
-        }
+        report.image_bytes_freed = self.prune_driver_images().unwrap_or(0);
         if !report.removed.is_empty() {
             tracing::info!(app = %self.app().name, removed = %join_ids(&report.removed), "pruned");
         }
@@ -1474,6 +1467,18 @@ impl Session<'_> {
         }
         .save(&p.root);
         Ok(report)
+    }
+
+    /// Has the driver remove its per-release images of releases gone from
+    /// the journal; returns the bytes freed, or `None` without a driver. A
+    /// failure is only a warning (nothing freed).
+    fn prune_driver_images(&self) -> Option<u64> {
+        let driver = driver::for_app(self.app())?;
+        let kept: Vec<ReleaseId> = self.journal.releases.iter().map(|r| r.id.clone()).collect();
+        Some(driver.prune_images(self.app(), &kept).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not prune the driver's images");
+            0
+        }))
     }
 
     /// Removes cached artifacts whose sha256 is not in `keep`.
@@ -1522,15 +1527,8 @@ impl Session<'_> {
                 break;
             }
             let freed = match step {
-                "docker images" => match driver::for_app(&app) {
-                    Some(d) => {
-                        let kept: Vec<ReleaseId> =
-                            self.journal.releases.iter().map(|r| r.id.clone()).collect();
-                        d.prune_images(&app, &kept).unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "could not prune images");
-                            0
-                        })
-                    }
+                "docker images" => match self.prune_driver_images() {
+                    Some(bytes) => bytes,
                     None => continue,
                 },
                 "rotated logs" => crate::logs::discover(&app)
