@@ -28,6 +28,14 @@ DIR="$(cd "$DIR" && pwd)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 say() { printf '\n# %s\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
+# Runs "$@" every 0.2 s until it succeeds; after 20 s the demo fails, naming
+# what it waited for.
+wait_for() {
+  local what=$1; shift
+  for _ in $(seq 100); do "$@" && return 0; sleep 0.2; done
+  echo "demo: timed out after 20 s waiting for $what" >&2
+  exit 1
+}
 get() { python3 - "$1" <<'PY'
 import sys, urllib.request
 try:
@@ -52,7 +60,8 @@ say "a controller on SQLite (CA and server certificate made on first start)"
 CPORT=$(free_port)
 "$BIN/slipway-controller" serve --data-dir "$DIR/controller" --listen "127.0.0.1:$CPORT" 2>"$DIR/controller.log" &
 PIDS+=($!)
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$CPORT") 2>/dev/null && break; sleep 0.1; done
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$CPORT") 2>/dev/null; }
+wait_for "the controller to listen on 127.0.0.1:$CPORT" listening
 echo "controller on 127.0.0.1:$CPORT (log: $DIR/controller.log)"
 
 say "three droplets: enroll each with a one-time token, then start its agent"
@@ -105,10 +114,10 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 export SLIPWAY_CONTROLLER="127.0.0.1:$CPORT" SLIPWAY_CA="$DIR/controller/ca.pem"
 SLIPWAY_TOKEN=$("$BIN/slipway-controller" token api --scope deploy:web --data-dir "$DIR/controller")
 export SLIPWAY_TOKEN
-for _ in $(seq 100); do
-  [ "$("$BIN/slipway" nodes --json | python3 -c 'import json,sys; print(sum(n["state"]=="online" for n in json.load(sys.stdin)))')" = 3 ] && break
-  sleep 0.2
-done
+all_online() {
+  [ "$("$BIN/slipway" nodes --json | python3 -c 'import json,sys; print(sum(n["state"]=="online" for n in json.load(sys.stdin)))')" = 3 ]
+}
+wait_for "the three nodes to be online" all_online
 
 say "push deploy from CI: upload once, every node fetches it over mTLS, health-gated"
 show "$BIN/slipway" deploy web "$DIR/web-v1.tar.gz" --sha "$(sha "$DIR/web-v1.tar.gz")" --id v1 --wait
@@ -129,15 +138,15 @@ echo "n3: $(get "${APORT[n3]}")"
 
 # The fleet view is as fresh as each node's last heartbeat (every 5 s here):
 # wait until it shows n3's local rollback and the others settled.
-for _ in $(seq 100); do
+settled() {
   "$BIN/slipway" releases web --json | python3 -c '
 import json, sys
 want = {"n1": "v2", "n2": "v2", "n3": "v1"}
 rows = json.load(sys.stdin)
 ok = len(rows) == 3 and all(want[r["node"]] == r["current_release"] and r["health"] == "healthy" for r in rows)
-sys.exit(0 if ok else 1)' && break
-  sleep 0.2
-done
+sys.exit(0 if ok else 1)'
+}
+wait_for "the fleet view to show v2 on n1 and n2, v1 on n3, all healthy" settled
 say "fleet health"
 show "$BIN/slipway" status --refresh
 show "$BIN/slipway" nodes
