@@ -66,6 +66,11 @@ pub fn run(dir: Option<PathBuf>, driver: DemoDriver) -> anyhow::Result<()> {
         );
     }
     let config = dir.join("agent.toml");
+    // A free port for the sample app (its shared .env sets PORT) and its
+    // health check.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let run_section = if use_pm2 {
         format!(
             r#"# PM2 runs the app in cluster mode from /current: a reload is zero-downtime.
@@ -108,7 +113,7 @@ timeout = "30s"
 # A release stays live only if /api/health passes 3 times in a row.
 [apps.web.health]
 check = "http"
-url = "http://127.0.0.1:{{port}}/api/health"
+url = "http://127.0.0.1:{port}/api/health"
 interval = "200ms"
 successes = 3
 start_period = "2s"
@@ -117,12 +122,6 @@ deadline = "20s"
             root.display(),
         ),
     )?;
-    // The URL above reads its port from the release; here it is fixed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let text = fs::read_to_string(&config)?.replace("{port}", &port.to_string());
-    fs::write(&config, text)?;
     fs::create_dir_all(root.join("shared"))?;
     fs::write(
         root.join("shared/.env"),
