@@ -122,11 +122,8 @@ pub fn discover(app: &AppConfig) -> Vec<LogFile> {
 /// Whether `path` is a rotated file (`name-YYYYMMDD-<time>[.N][.gz|.zst]`),
 /// not a live log.
 fn is_rotated(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let base = name.trim_end_matches(".gz").trim_end_matches(".zst");
+    let name = file_name(path);
+    let base = uncompressed(&name);
     base.match_indices('-').any(|(i, _)| {
         let rest = &base[i + 1..];
         rest.len() > 9
@@ -134,6 +131,18 @@ fn is_rotated(path: &Path) -> bool {
             && rest.as_bytes()[8] == b'-'
             && rest[9..].bytes().all(|b| b.is_ascii_digit() || b == b'.')
     })
+}
+
+/// The file name of `path` as text.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A rotated file's name without its compression suffix.
+fn uncompressed(name: &str) -> &str {
+    name.trim_end_matches(".gz").trim_end_matches(".zst")
 }
 
 fn date_stamp(t: OffsetDateTime) -> String {
@@ -282,10 +291,7 @@ fn lock_rotation(root: &Path) -> Result<nix::fcntl::Flock<File>, LogError> {
 /// second a `.N` suffix one higher than any present (so the order survives
 /// retention deleting the oldest).
 fn rotated_name(path: &Path, now: OffsetDateTime) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file_name(path);
     let base = format!("{name}-{}-{}", date_stamp(now), now.unix_timestamp());
     let same_second: Vec<u64> = path
         .parent()
@@ -296,7 +302,7 @@ fn rotated_name(path: &Path, now: OffsetDateTime) -> PathBuf {
         .filter_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
             let rest = n.strip_prefix(&base)?;
-            let rest = rest.trim_end_matches(".gz").trim_end_matches(".zst");
+            let rest = uncompressed(rest);
             match rest {
                 "" => Some(0),
                 r => r.strip_prefix('.')?.parse().ok(),
@@ -395,10 +401,7 @@ pub fn compress(path: &Path, how: Compress) -> Result<PathBuf, LogError> {
         Compress::Gzip => "gz",
         Compress::Zstd => "zst",
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file_name(path);
     let out = path.with_file_name(format!("{name}.{ext}"));
     let tmp = durable::temp_sibling(&out, "part");
     let result = (|| -> io::Result<()> {
@@ -436,12 +439,7 @@ pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
     let Some(dir) = path.parent() else {
         return Vec::new();
     };
-    let prefix = format!(
-        "{}-",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
+    let prefix = format!("{}-", file_name(path));
     let mut out: Vec<(SystemTime, String, PathBuf)> = fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -471,7 +469,7 @@ pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
 
 /// (unix time, suffix number) of a rotated name, for ordering.
 fn rotated_key(name: &str) -> (i64, u64) {
-    let base = name.trim_end_matches(".gz").trim_end_matches(".zst");
+    let base = uncompressed(name);
     let (stamp, n) = match base.rsplit_once('.') {
         Some((s, n)) if n.bytes().all(|b| b.is_ascii_digit()) => (s, n.parse().unwrap_or(0)),
         _ => (base, 0),
