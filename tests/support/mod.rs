@@ -147,6 +147,128 @@ impl Controller {
             .output()
             .unwrap()
     }
+
+    /// The CA certificate the `slipway` CLI trusts.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.data_dir().join("ca.pem")
+    }
+
+    /// A new API token (`slipway-controller token api --scope …`).
+    pub fn api_token(&self, scopes: &str) -> String {
+        let out = self.cli(&["token", "api", "--scope", scopes]);
+        check(out, "token api").trim().to_owned()
+    }
+
+    /// `slipway --controller … --ca …`, to which the caller adds its
+    /// credentials and arguments.
+    fn slipway_command(&self) -> Command {
+        let mut command = Command::new(bin("slipway"));
+        command
+            .arg("--controller")
+            .arg(self.url())
+            .arg("--ca")
+            .arg(self.ca_pem());
+        command
+    }
+
+    /// `slipway --controller … --ca … --token TOKEN <args>`.
+    pub fn slipway(&self, token: &str, args: &[&str]) -> Output {
+        self.slipway_command()
+            .arg("--token")
+            .arg(token)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `slipway --controller … --ca … --cert CERT --key KEY <args>`, with no
+    /// token in the environment either.
+    pub fn slipway_as(&self, cert: &Path, key: &Path, args: &[&str]) -> Output {
+        self.slipway_command()
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(args)
+            .env_remove("SLIPWAY_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// `slipway deploy web ART --sha SHA --id ID <extra>` with `token`.
+    pub fn deploy_web(
+        &self,
+        token: &str,
+        art: &Path,
+        sha: &str,
+        id: &str,
+        extra: &[&str],
+    ) -> Output {
+        let mut args = vec![
+            "deploy",
+            "web",
+            art.to_str().unwrap(),
+            "--sha",
+            sha,
+            "--id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        self.slipway(token, &args)
+    }
+
+    /// Builds the artifact of `version` (`app` as its server.py) in `work`
+    /// and deploys it: `slipway deploy web ART --sha … --id VERSION <extra>`.
+    pub fn deploy_version(
+        &self,
+        token: &str,
+        work: &Path,
+        version: &str,
+        app: &str,
+        extra: &[&str],
+    ) -> Output {
+        let art = artifact(work, version, app);
+        self.deploy_web(token, &art, &sha256_file(&art), version, extra)
+    }
+
+    /// How many nodes `slipway nodes --json` (with `token`) shows online.
+    pub fn online(&self, token: &str) -> usize {
+        let out = self.slipway(token, &["nodes", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        nodes.iter().filter(|n| n["state"] == "online").count()
+    }
+
+    /// Waits up to `limit` until `n` nodes are online.
+    pub fn wait_online(&self, token: &str, n: usize, limit: Duration) {
+        wait_until(&format!("{n} online nodes"), limit, || {
+            self.online(token) == n
+        });
+    }
+
+    /// The audit log (`slipway audit --json` with `token`).
+    pub fn audit(&self, token: &str) -> Vec<Value> {
+        let out = self.slipway(token, &["audit", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The `slipway` command line (binary and global flags) as one shell
+    /// string, for running it under `script` (a pseudo-terminal).
+    pub fn slipway_shell(&self, token: &str, args: &[&str]) -> String {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut line = vec![
+            quote(&bin("slipway").to_string_lossy()),
+            "--controller".to_owned(),
+            quote(&self.url()),
+            "--ca".to_owned(),
+            quote(&self.ca_pem().to_string_lossy()),
+            "--token".to_owned(),
+            quote(token),
+        ];
+        line.extend(args.iter().map(|a| quote(a)));
+        line.join(" ")
+    }
 }
 
 impl Drop for Controller {
@@ -168,7 +290,7 @@ pub struct Agent {
 /// The sample app for the exec driver (`python3 server.py`, tests/fixtures/
 /// server.py): every path answers the release's VERSION; /api/health
 /// answers 503 while the file named by `SICK_FILE` in the app's `.env`
-/// exists.
+/// exists, else the status in the release's HEALTH file (200 without one).
 pub const APP: &str = include_str!("../fixtures/server.py");
 
 impl Agent {
@@ -306,6 +428,59 @@ liveness_interval = "500ms"
         s.read_to_string(&mut text).ok()?;
         text.split("\r\n\r\n").nth(1).map(str::to_owned)
     }
+
+    /// Appends `KEY=VALUE` lines to the app's `shared/.env` (the exec
+    /// driver hands it to every release it starts).
+    pub fn add_env(&self, lines: &str) {
+        let path = self.root.join("shared/.env");
+        let mut env = fs::read_to_string(&path).unwrap();
+        env.push_str(lines);
+        if !env.ends_with('\n') {
+            env.push('\n');
+        }
+        fs::write(path, env).unwrap();
+    }
+
+    /// The release `current` points at on disk, if any.
+    pub fn current(&self) -> Option<String> {
+        let target = fs::read_link(self.root.join("current")).ok()?;
+        Some(target.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// Whether a release directory `id` exists on disk (it was deployed here).
+    pub fn has_release(&self, id: &str) -> bool {
+        self.root.join("releases").join(id).exists()
+    }
+
+    /// Stops `slipway-agent run` (SIGTERM): the node drops its controller
+    /// session; its apps keep running.
+    pub fn stop_run(&mut self) {
+        if let Some(mut c) = self.run.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// The pid of the app process the exec driver's supervisor runs, from
+    /// its `state.json`.
+    pub fn app_pid(&self) -> Option<u64> {
+        let state = fs::read(self.root.join(".slipway/run/state.json")).ok()?;
+        serde_json::from_slice::<Value>(&state).ok()?["child_pid"].as_u64()
+    }
+
+    /// The release directories on this node, sorted.
+    pub fn release_dirs(&self) -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(self.root.join("releases"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    // Staging directories are hidden.
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
 }
 
 /// Writes `<dir>/<version>.tar.gz`: `server.py` (`app`) and `VERSION`.
@@ -330,113 +505,6 @@ pub fn artifact(dir: &Path, version: &str, app: &str) -> PathBuf {
 pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(fs::read(path).unwrap()))
-}
-
-impl Controller {
-    /// The CA certificate the `slipway` CLI trusts.
-    pub fn ca_pem(&self) -> PathBuf {
-        self.data_dir().join("ca.pem")
-    }
-
-    /// A new API token (`slipway-controller token api --scope …`).
-    pub fn api_token(&self, scopes: &str) -> String {
-        let out = self.cli(&["token", "api", "--scope", scopes]);
-        check(out, "token api").trim().to_owned()
-    }
-
-    /// `slipway --controller … --ca …`, to which the caller adds its
-    /// credentials and arguments.
-    fn slipway_command(&self) -> Command {
-        let mut command = Command::new(bin("slipway"));
-        command
-            .arg("--controller")
-            .arg(self.url())
-            .arg("--ca")
-            .arg(self.ca_pem());
-        command
-    }
-
-    /// `slipway --controller … --ca … --token TOKEN <args>`.
-    pub fn slipway(&self, token: &str, args: &[&str]) -> Output {
-        self.slipway_command()
-            .arg("--token")
-            .arg(token)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// `slipway --controller … --ca … --cert CERT --key KEY <args>`, with no
-    /// token in the environment either.
-    pub fn slipway_as(&self, cert: &Path, key: &Path, args: &[&str]) -> Output {
-        self.slipway_command()
-            .arg("--cert")
-            .arg(cert)
-            .arg("--key")
-            .arg(key)
-            .args(args)
-            .env_remove("SLIPWAY_TOKEN")
-            .output()
-            .unwrap()
-    }
-
-    /// `slipway deploy web ART --sha SHA --id ID <extra>` with `token`.
-    pub fn deploy_web(
-        &self,
-        token: &str,
-        art: &Path,
-        sha: &str,
-        id: &str,
-        extra: &[&str],
-    ) -> Output {
-        let mut args = vec![
-            "deploy",
-            "web",
-            art.to_str().unwrap(),
-            "--sha",
-            sha,
-            "--id",
-            id,
-        ];
-        args.extend_from_slice(extra);
-        self.slipway(token, &args)
-    }
-
-    /// Builds the artifact of `version` (`app` as its server.py) in `work`
-    /// and deploys it: `slipway deploy web ART --sha … --id VERSION <extra>`.
-    pub fn deploy_version(
-        &self,
-        token: &str,
-        work: &Path,
-        version: &str,
-        app: &str,
-        extra: &[&str],
-    ) -> Output {
-        let art = artifact(work, version, app);
-        self.deploy_web(token, &art, &sha256_file(&art), version, extra)
-    }
-
-    /// How many nodes `slipway nodes --json` (with `token`) shows online.
-    pub fn online(&self, token: &str) -> usize {
-        let out = self.slipway(token, &["nodes", "--json"]);
-        assert!(out.status.success(), "{}", text(&out));
-        let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        nodes.iter().filter(|n| n["state"] == "online").count()
-    }
-
-    /// Waits up to `limit` until `n` nodes are online.
-    pub fn wait_online(&self, token: &str, n: usize, limit: Duration) {
-        wait_until(&format!("{n} online nodes"), limit, || {
-            self.online(token) == n
-        });
-    }
-
-    /// The audit log (`slipway audit --json` with `token`).
-    pub fn audit(&self, token: &str) -> Vec<Value> {
-        let out = self.slipway(token, &["audit", "--json"]);
-        assert!(out.status.success(), "{}", text(&out));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
 }
 
 /// A command's exit status, stdout and stderr, for failure messages.
@@ -468,81 +536,5 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop_run();
         let _ = self.cli(&["stop", "--app", "web"]);
-    }
-}
-
-impl Agent {
-    /// Appends `KEY=VALUE` lines to the app's `shared/.env` (the exec
-    /// driver hands it to every release it starts).
-    pub fn add_env(&self, lines: &str) {
-        let path = self.root.join("shared/.env");
-        let mut env = fs::read_to_string(&path).unwrap();
-        env.push_str(lines);
-        if !env.ends_with('\n') {
-            env.push('\n');
-        }
-        fs::write(path, env).unwrap();
-    }
-
-    /// The release `current` points at on disk, if any.
-    pub fn current(&self) -> Option<String> {
-        let target = fs::read_link(self.root.join("current")).ok()?;
-        Some(target.file_name()?.to_string_lossy().into_owned())
-    }
-
-    /// Whether a release directory `id` exists on disk (it was deployed here).
-    pub fn has_release(&self, id: &str) -> bool {
-        self.root.join("releases").join(id).exists()
-    }
-}
-
-impl Controller {
-    /// The `slipway` command line (binary and global flags) as one shell
-    /// string, for running it under `script` (a pseudo-terminal).
-    pub fn slipway_shell(&self, token: &str, args: &[&str]) -> String {
-        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-        let mut line = vec![
-            quote(&bin("slipway").to_string_lossy()),
-            "--controller".to_owned(),
-            quote(&self.url()),
-            "--ca".to_owned(),
-            quote(&self.ca_pem().to_string_lossy()),
-            "--token".to_owned(),
-            quote(token),
-        ];
-        line.extend(args.iter().map(|a| quote(a)));
-        line.join(" ")
-    }
-}
-
-impl Agent {
-    /// Stops `slipway-agent run` (SIGTERM): the node drops its controller
-    /// session; its apps keep running.
-    pub fn stop_run(&mut self) {
-        if let Some(mut c) = self.run.take() {
-            terminate(&mut c);
-        }
-    }
-
-    /// The pid of the app process the exec driver's supervisor runs, from
-    /// its `state.json`.
-    pub fn app_pid(&self) -> Option<u64> {
-        let state = fs::read(self.root.join(".slipway/run/state.json")).ok()?;
-        serde_json::from_slice::<Value>(&state).ok()?["child_pid"].as_u64()
-    }
-
-    /// The release directories on this node, sorted.
-    pub fn release_dirs(&self) -> Vec<String> {
-        let mut ids: Vec<String> = fs::read_dir(self.root.join("releases"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    // Staging directories are hidden.
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        ids.sort();
-        ids
     }
 }
