@@ -13,6 +13,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// across processes.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Reads a JSON record written with [`write_json`]: `None` when it is
+/// missing or unreadable (such records are status, rewritten as they go).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
+/// Replaces `path` with `value` as pretty JSON, through [`write_atomic`].
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let data = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    write_atomic(path, &data)
+}
+
 /// A temp name beside `path`, unique to this process and call.
 pub fn temp_sibling(path: &Path, tag: &str) -> std::path::PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);

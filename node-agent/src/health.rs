@@ -415,13 +415,11 @@ impl Liveness {
     }
 
     pub fn load(root: &Path) -> Option<Self> {
-        let data = std::fs::read(Self::path(root)).ok()?;
-        serde_json::from_slice(&data).ok()
+        durable::read_json(&Self::path(root))
     }
 
     pub fn save(&self, root: &Path) -> std::io::Result<()> {
-        let data = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        durable::write_atomic(&Self::path(root), &data)
+        durable::write_json(&Self::path(root), self)
     }
 
     /// Folds one probe in: unhealthy after more than `retries` failures in a

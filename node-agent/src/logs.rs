@@ -174,16 +174,12 @@ impl LogsState {
     }
 
     pub fn load(root: &Path) -> Self {
-        fs::read(Self::path(root))
-            .ok()
-            .and_then(|d| serde_json::from_slice(&d).ok())
-            .unwrap_or_default()
+        durable::read_json(&Self::path(root)).unwrap_or_default()
     }
 
     pub fn save(&self, root: &Path) -> io::Result<()> {
-        let data = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         fs::create_dir_all(root.join(".slipway"))?;
-        durable::write_atomic(&Self::path(root), &data)
+        durable::write_json(&Self::path(root), self)
     }
 }
 

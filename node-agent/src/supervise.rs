@@ -77,14 +77,12 @@ pub struct State {
 
 impl State {
     pub fn load(files: &RunFiles) -> Option<Self> {
-        serde_json::from_slice(&fs::read(&files.state).ok()?).ok()
+        durable::read_json(&files.state)
     }
 
     fn save(&self, files: &RunFiles) {
-        if let Ok(data) = serde_json::to_vec_pretty(self) {
-            if let Err(e) = durable::write_atomic(&files.state, &data) {
-                tracing::warn!(error = %e, "cannot write supervisor state");
-            }
+        if let Err(e) = durable::write_json(&files.state, self) {
+            tracing::warn!(error = %e, "cannot write supervisor state");
         }
     }
 }

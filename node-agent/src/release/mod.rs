@@ -293,14 +293,12 @@ impl PruneRecord {
     }
 
     pub fn load(root: &Path) -> Option<Self> {
-        serde_json::from_slice(&fs::read(Self::path(root)).ok()?).ok()
+        durable::read_json(&Self::path(root))
     }
 
     fn save(&self, root: &Path) {
-        if let Ok(data) = serde_json::to_vec_pretty(self) {
-            if let Err(e) = durable::write_atomic(&Self::path(root), &data) {
-                tracing::warn!(error = %e, "cannot record the prune");
-            }
+        if let Err(e) = durable::write_json(&Self::path(root), self) {
+            tracing::warn!(error = %e, "cannot record the prune");
         }
     }
 }
