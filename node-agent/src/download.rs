@@ -65,6 +65,8 @@ pub enum DownloadError {
     BadSha256 { value: String },
     #[error("cannot read the artifacts CA file {path}: {reason}")]
     CaFile { path: PathBuf, reason: String },
+    #[error("cannot set up TLS for {url}: {reason}")]
+    TlsSetup { url: String, reason: String },
     #[error("no trusted roots to verify {url} against: the system has none and no [artifacts] ca_file is set")]
     NoRoots { url: String },
     #[error("cannot connect to {authority} for {url}: {source}")]
@@ -306,8 +308,8 @@ fn client_config(url: &str, ca_file: Option<&Path>) -> Result<ClientConfig, Down
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| DownloadError::CaFile {
-            path: ca_file.map(Path::to_owned).unwrap_or_default(),
+        .map_err(|e| DownloadError::TlsSetup {
+            url: url.to_owned(),
             reason: e.to_string(),
         })?
         .with_root_certificates(roots)
