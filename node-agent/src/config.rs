@@ -1551,6 +1551,22 @@ timeout = "2m"
         let web = cfg.app("web").unwrap();
         assert_eq!(web.root, PathBuf::from("/app"));
         assert_eq!(web.shared_dirs.len(), 2);
+        assert_eq!(cfg.controller, None);
+        // The commented-out [controller] table is valid once uncommented.
+        let controller: String = text
+            .lines()
+            .skip_while(|l| *l != "# [controller]")
+            .take_while(|l| !l.is_empty())
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        let cfg = parse(&format!("{text}\n{controller}")).unwrap();
+        assert_eq!(
+            cfg.controller,
+            Some(ControllerConfig {
+                url: "controller.example.com:7443".into(),
+                state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            })
+        );
     }
 
     #[test]
