@@ -14,7 +14,6 @@ use support::{
     Controller, TEST_TIMEOUT,
 };
 
-use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
@@ -426,14 +425,13 @@ async fn a_node_that_reconnects_mid_command_gets_it_again() {
     controller.stop().await;
 }
 
-/// Writes an operator's certificate and key into `dir`, as `operator
-/// create` does; returns (id, cert path, key path).
+/// Creates an operator as `operator create` does; returns its id,
+/// certificate and key (PEM).
 async fn operator(
     controller: &Controller,
-    dir: &Path,
     name: &str,
     scopes: &[Scope],
-) -> (String, std::path::PathBuf, std::path::PathBuf) {
+) -> (String, String, String) {
     let issued = slipway_controller::operator::create(
         &controller.store().await,
         &controller.ca,
@@ -445,11 +443,7 @@ async fn operator(
     )
     .await
     .unwrap();
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}.key"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, issued.key_pem.unwrap()).unwrap();
-    (issued.operator.id, cert, key)
+    (issued.operator.id, issued.cert_pem, issued.key_pem.unwrap())
 }
 
 /// Lists nodes with no token: refused as UNAUTHENTICATED, saying `says`.
@@ -465,15 +459,12 @@ async fn list_nodes_refused(control: &mut ControlClient<Channel>, says: &str) {
 #[tokio::test]
 async fn operator_certificates_call_the_api_within_their_scopes_until_revoked() {
     let controller = Controller::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (id, cert, key) = operator(
-        &controller,
-        dir.path(),
-        "ci",
-        &[Scope::Deploy("web".to_owned())],
-    )
-    .await;
-    let mut control = controller.control_as(&cert, &key).await;
+    let (id, cert, key) = operator(&controller, "ci", &[Scope::Deploy("web".to_owned())]).await;
+    let mut control = ControlClient::new(
+        controller
+            .mtls_channel(cert.as_bytes(), key.as_bytes())
+            .await,
+    );
 
     // No token: the certificate is the caller.
     control
@@ -482,12 +473,12 @@ async fn operator_certificates_call_the_api_within_their_scopes_until_revoked() 
         .unwrap();
     let data = b"operator upload".to_vec();
     let sha = crypto::sha256_hex(&data);
-    let mut chunks = vec![UploadChunk {
+    let chunk = UploadChunk {
         sha256: sha.clone(),
         data,
-    }];
+    };
     let uploaded = control
-        .upload_artifact(tokio_stream::iter(std::mem::take(&mut chunks)))
+        .upload_artifact(tokio_stream::iter(vec![chunk]))
         .await
         .unwrap()
         .into_inner();
@@ -537,9 +528,9 @@ async fn node_and_operator_certificates_stay_in_their_lanes() {
 
     // ...and an operator's certificate opens no agent link.
     let op_state = tempfile::tempdir().unwrap();
-    let (_id, cert, key) = operator(&controller, op_state.path(), "alice", &[Scope::Read]).await;
-    std::fs::rename(&cert, op_state.path().join(link::CERT_FILE)).unwrap();
-    std::fs::rename(&key, op_state.path().join(link::KEY_FILE)).unwrap();
+    let (_id, cert, key) = operator(&controller, "alice", &[Scope::Read]).await;
+    std::fs::write(op_state.path().join(link::CERT_FILE), cert).unwrap();
+    std::fs::write(op_state.path().join(link::KEY_FILE), key).unwrap();
     let mut agent_link = controller.agent_link(op_state.path()).await;
     let hello = AgentMessage {
         kind: Some(agent_message::Kind::Hello(Hello {
