@@ -280,7 +280,7 @@ struct Done {
 /// unpacking (inode allocation in the kernel), and it runs in parallel across
 /// directories; the archive itself must be read in order, on one thread.
 struct Pool {
-    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
     done: std::sync::mpsc::Receiver<Done>,
     outstanding: usize,
 }
@@ -365,7 +365,7 @@ pub fn unpack(
             written_since_check: 0,
             big_buf: vec![0; COPY_BUF],
             pool: Pool {
-                jobs: Some(job_tx),
+                jobs: job_tx,
                 done: done_rx,
                 outstanding: 0,
             },
@@ -724,18 +724,13 @@ impl Tree<'_> {
         while let Ok(done) = self.pool.done.try_recv() {
             self.complete(done)?;
         }
-        let dest = job.dest.clone();
-        let sent = self.pool.jobs.as_ref().map(|tx| tx.send(job));
-        match sent {
-            Some(Ok(())) => {
-                self.pool.outstanding += 1;
-                Ok(())
-            }
-            _ => Err(UnpackError::Io {
-                path: dest,
-                source: io::Error::other("writer threads stopped"),
-            }),
-        }
+        // A failed send hands the job back: its path names the file.
+        self.pool.jobs.send(job).map_err(|unsent| UnpackError::Io {
+            path: unsent.0.dest,
+            source: io::Error::other("writer threads stopped"),
+        })?;
+        self.pool.outstanding += 1;
+        Ok(())
     }
 
     /// Records what a writer did.
