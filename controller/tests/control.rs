@@ -304,6 +304,15 @@ async fn deploy_reaches_online_nodes_and_reports_each_result() {
     let (state_a, node_a) = controller.enroll("web-a").await;
     let (state_b, node_b) = controller.enroll("web-b").await;
     let (_state_c, node_c) = controller.enroll("web-c").await; // never connects
+                                                               // Online but tagged otherwise: the tag selector must leave it out.
+    let staging = tempfile::tempdir().unwrap();
+    let join = controller.token_tagged(0, "env:staging").await;
+    let node_s = controller
+        .try_enroll(&join, staging.path(), "web-s")
+        .await
+        .unwrap()
+        .node_id;
+    let _s = controller.connect(staging.path(), &node_s).await;
     let mut a = controller.connect(state_a.path(), &node_a).await;
     let mut b = controller.connect(state_b.path(), &node_b).await;
 
@@ -328,6 +337,10 @@ async fn deploy_reaches_online_nodes_and_reports_each_result() {
         panic!("{events:?}");
     };
     assert_eq!(started.nodes.len(), 3);
+    assert!(
+        started.nodes.iter().all(|n| n.node_id != node_s),
+        "{started:?}"
+    );
     assert!(started.release_id.ends_with(&sha[..12]), "{started:?}");
     let progress = events
         .iter()

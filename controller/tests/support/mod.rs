@@ -104,12 +104,18 @@ impl Controller {
     /// A join token (tag env:production) valid for an hour from
     /// `now_offset_secs` from now.
     pub async fn token_at(&self, now_offset_secs: i64) -> String {
+        self.token_tagged(now_offset_secs, "env:production").await
+    }
+
+    /// A join token giving the node `tag`, valid for an hour from
+    /// `now_offset_secs` from now.
+    pub async fn token_tagged(&self, now_offset_secs: i64, tag: &str) -> String {
         let now = OffsetDateTime::now_utc().unix_timestamp() + now_offset_secs;
         token::create(
             &self.store().await,
             &self.ca.fingerprint(),
             token::DEFAULT_TTL,
-            &["env:production".to_owned()],
+            &[tag.to_owned()],
             now,
         )
         .await
