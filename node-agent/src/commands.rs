@@ -70,10 +70,7 @@ impl Ledger {
     }
 
     pub fn load(state_dir: &Path) -> Self {
-        std::fs::read(Self::path(state_dir))
-            .ok()
-            .and_then(|d| serde_json::from_slice(&d).ok())
-            .unwrap_or_default()
+        durable::read_json(&Self::path(state_dir)).unwrap_or_default()
     }
 
     fn find(&self, id: &str) -> Option<&Recorded> {
@@ -92,13 +89,9 @@ impl Ledger {
         while ledger.results.len() > KEEP_RESULTS {
             ledger.results.pop_front();
         }
-        match serde_json::to_vec(&ledger) {
-            Ok(data) => {
-                if let Err(e) = durable::write_atomic(&Self::path(state_dir), &data) {
-                    tracing::warn!(error = %e, "cannot record a command result");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot encode command results"),
+        let path = Self::path(state_dir);
+        if let Err(e) = durable::write_json(&path, &ledger) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record a command result");
         }
     }
 }
