@@ -191,11 +191,13 @@ pub async fn execute(config: Config, ctl: ControllerConfig, msg: ControllerMessa
         return;
     }
     let result = run(&config, &ctl, &id, kind, &out).await;
+    let r = result.to_proto();
+    // Recorded before it stops counting as in flight: a re-send in between
+    // finds one or the other, never neither.
+    Ledger::record(&ctl.state_dir, result);
     if let Ok(mut s) = in_flight().lock() {
         s.remove(&id);
     }
-    let r = result.to_proto();
-    Ledger::record(&ctl.state_dir, result);
     send(&out, agent_message::Kind::Result(r)).await;
 }
 
