@@ -576,6 +576,25 @@ mod tests {
         assert_eq!(Ledger::load(&ctl.state_dir).results.len(), 1);
     }
 
+    #[test]
+    fn results_recorded_concurrently_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let state_dir = dir.path();
+                scope.spawn(move || {
+                    for i in 0..10 {
+                        Ledger::record(
+                            state_dir,
+                            recorded(&format!("c-{t}-{i}"), "succeeded", "", "done"),
+                        );
+                    }
+                });
+            }
+        });
+        assert_eq!(Ledger::load(dir.path()).results.len(), 80);
+    }
+
     fn deploy_of(id: &str, sha: &str) -> controller_message::Kind {
         controller_message::Kind::Deploy(slipway_proto::v1::Deploy {
             command_id: id.into(),
