@@ -1,6 +1,8 @@
 //! Node metrics for `status` and the controller heartbeat, from sysinfo.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use serde::Serialize;
 use sysinfo::{CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
@@ -9,7 +11,9 @@ use sysinfo::{CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Refresh
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeMetrics {
     pub hostname: Option<String>,
-    /// Average over all cores, sampled over [`sysinfo::MINIMUM_CPU_UPDATE_INTERVAL`].
+    /// Average over all cores since the previous snapshot of this process
+    /// (the last heartbeat), or over [`sysinfo::MINIMUM_CPU_UPDATE_INTERVAL`]
+    /// for the first one.
     pub cpu_percent: f32,
     pub cores: usize,
     pub mem_used_bytes: u64,
@@ -36,14 +40,27 @@ pub struct DiskUse {
 
 /// Samples the node; `paths` are the app roots whose disks to report.
 pub fn snapshot(paths: &[PathBuf]) -> NodeMetrics {
-    let mut sys = System::new_with_specifics(
-        RefreshKind::nothing()
-            .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
-            .with_memory(MemoryRefreshKind::nothing().with_ram()),
-    );
-    // CPU usage is a difference between two samples.
-    std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+    // One sampler per process: CPU usage is the difference between two
+    // samples, so keeping the last one makes a heartbeat report the CPU
+    // since the previous heartbeat instead of building a new `System` and
+    // sleeping for a second sample every time.
+    static SAMPLER: Mutex<Option<(System, Instant)>> = Mutex::new(None);
+    let mut sampler = SAMPLER.lock().unwrap_or_else(PoisonError::into_inner);
+    let (sys, sampled_at) = sampler.get_or_insert_with(|| {
+        let sys = System::new_with_specifics(
+            RefreshKind::nothing()
+                .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
+                .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        );
+        (sys, Instant::now())
+    });
+    // Samples closer together than sysinfo's minimum give no usable figure.
+    if let Some(wait) = sysinfo::MINIMUM_CPU_UPDATE_INTERVAL.checked_sub(sampled_at.elapsed()) {
+        std::thread::sleep(wait);
+    }
     sys.refresh_cpu_usage();
+    sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+    *sampled_at = Instant::now();
     let load = System::load_average();
     // Only the mount points are used (statvfs below measures each root):
     // refreshing nothing spares a statvfs of every mount, overlays included,
@@ -91,6 +108,17 @@ fn disk_use(path: &Path, disks: &Disks) -> Option<DiskUse> {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn back_to_back_snapshots_both_have_figures() {
+        // The second comes sooner than sysinfo's minimum CPU interval after
+        // the first: it waits for the rest of it instead of reporting noise.
+        for _ in 0..2 {
+            let m = snapshot(&[]);
+            assert!((0.0..=100.0).contains(&m.cpu_percent));
+            assert!(m.mem_total_bytes > 0 && m.mem_used_bytes <= m.mem_total_bytes);
+        }
+    }
 
     #[test]
     fn snapshot_has_sane_numbers() {
