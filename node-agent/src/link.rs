@@ -575,8 +575,10 @@ fn status_text(status: &tonic::Status) -> String {
     text
 }
 
-/// `err: cause: cause...` — TLS alerts are usually several levels down.
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
+/// `err: cause: cause...` on one line, skipping causes already in the text
+/// (TLS alerts are usually several levels down; the Docker driver uses it
+/// for engine errors too).
+pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -297,22 +297,6 @@ fn uptime_secs(started_at: &str) -> Option<u64> {
     u64::try_from(secs).ok()
 }
 
-/// An error and its sources, one line, for failures that are neither the
-/// engine's answer nor the transport's.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
-}
-
 /// The innermost cause of a transport error, lowercased: hyper's "client
 /// error (Connect)" only wraps the "connection refused" that explains it.
 fn root_cause(e: &dyn std::error::Error) -> String {
@@ -396,7 +380,7 @@ impl<'a> Engine<'a> {
                 self.config.socket.display(),
                 root_cause(&e)
             )),
-            e => failed(format!("{what}: {}", chain(&e))),
+            e => failed(format!("{what}: {}", crate::link::error_chain(&e))),
         }
     }
 
