@@ -10,8 +10,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use cancel::CancelFlag;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{AppConfig, Config, RunConfig};
 use crate::health::{self, Liveness, ProbeTarget};
@@ -30,7 +30,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     })
     .await?;
-    let stop = CancelFlag::default();
+    let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for app in config.apps.values() {
         if app.health.is_some() {
@@ -59,7 +59,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-async fn watch(app: AppConfig, stop: CancelFlag) {
+async fn watch(app: AppConfig, stop: CancellationToken) {
     let Some(cfg) = app.health.clone() else {
         return;
     };
@@ -91,7 +91,7 @@ const EVENT_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Rotates the app's logs when due (at once when a file event says one grew,
 /// otherwise on a tick) and relieves disk pressure.
-async fn housekeeping(app: AppConfig, stop: CancelFlag) {
+async fn housekeeping(app: AppConfig, stop: CancellationToken) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = LogWatcher::new(tx);
     if watcher.is_none() {
@@ -262,38 +262,6 @@ pub fn probe_once(app: &AppConfig) -> std::io::Result<()> {
         }
     }
     record.save(&app.root)
-}
-
-/// A cancellation flag shared by the loops (a `watch` channel underneath).
-mod cancel {
-    use tokio::sync::watch;
-
-    #[derive(Debug, Clone)]
-    pub(super) struct CancelFlag {
-        tx: std::sync::Arc<watch::Sender<bool>>,
-        rx: watch::Receiver<bool>,
-    }
-
-    impl Default for CancelFlag {
-        fn default() -> Self {
-            let (tx, rx) = watch::channel(false);
-            Self {
-                tx: std::sync::Arc::new(tx),
-                rx,
-            }
-        }
-    }
-
-    impl CancelFlag {
-        pub(super) fn cancel(&self) {
-            let _ = self.tx.send(true);
-        }
-
-        pub(super) async fn cancelled(&self) {
-            let mut rx = self.rx.clone();
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
