@@ -334,40 +334,6 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, Downloa
     Ok(certs)
 }
 
-/// A temp file removed when dropped unless it was persisted: on any error
-/// return, and on cancellation (a future dropped mid-download).
-#[derive(Debug)]
-pub(crate) struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempFile {
-    /// Takes charge of `path` (not created here).
-    pub(crate) fn new(path: PathBuf) -> Self {
-        Self { path, keep: false }
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Renames the file to `dest`; from then on it is kept.
-    pub(crate) fn persist(mut self, dest: &Path) -> io::Result<()> {
-        fs::rename(&self.path, dest)?;
-        self.keep = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// One attempt: follows redirects, streams the body into a temp file in the
 /// cache, checks size and digest, renames into `dest`. Returns the size.
 async fn attempt_once(
@@ -436,7 +402,7 @@ async fn attempt_once(
     }
     let cache_dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(cache_dir).map_err(DownloadError::io("create", cache_dir))?;
-    let tmp = TempFile::new(durable::temp_sibling(&cache_dir.join("download"), "part"));
+    let tmp = durable::TempFile::new(durable::temp_sibling(&cache_dir.join("download"), "part"));
     let mut file = tokio::fs::File::create(tmp.path())
         .await
         .map_err(DownloadError::io("create", tmp.path()))?;

@@ -6,7 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Makes temp names unique within one process; the pid makes them unique
@@ -118,5 +118,39 @@ mod tests {
         remove_tree(&t).unwrap();
         assert!(!t.exists());
         remove_tree(&t).unwrap();
+    }
+}
+
+/// A temp file removed when dropped unless it was persisted: on any error
+/// return, and on cancellation (a future dropped mid-download).
+#[derive(Debug)]
+pub struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempFile {
+    /// Takes charge of `path` (not created here).
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, keep: false }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the file to `dest`; from then on it is kept.
+    pub fn persist(mut self, dest: &Path) -> io::Result<()> {
+        fs::rename(&self.path, dest)?;
+        self.keep = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }

@@ -44,7 +44,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
-use crate::download::TempFile;
 use crate::durable;
 
 /// The node's private key (mode 0600).
@@ -294,7 +293,7 @@ pub async fn fetch_artifact(
         .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
         .into_inner();
     // Removed on every error return, a broken stream included.
-    let tmp = TempFile::new(durable::temp_sibling(dest, "part"));
+    let tmp = durable::TempFile::new(durable::temp_sibling(dest, "part"));
     let io_err = |path: &Path| {
         let path = path.to_owned();
         move |source| LinkError::Io { path, source }
@@ -618,7 +617,7 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), LinkError> {
         path: path.to_owned(),
         source,
     };
-    let tmp = TempFile::new(durable::temp_sibling(path, "tmp"));
+    let tmp = durable::TempFile::new(durable::temp_sibling(path, "tmp"));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
