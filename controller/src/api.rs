@@ -9,6 +9,7 @@
 //! audited as API_CALL_REFUSED with the token or operator id (never the
 //! secret) as actor.
 
+use slipway_proto::limits::{self, Validate};
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
     controller_message, ControllerMessage, FleetStatusRequest, FleetStatusResponse, PruneRequest,
@@ -89,14 +90,16 @@ impl From<deploy::RolloutError> for ApiError {
     }
 }
 
-/// Refuses an app name no scope or node could hold ([`apitoken::is_app_name`]).
-fn check_app_name(app: &str) -> Result<(), ApiError> {
-    if apitoken::is_app_name(app) {
-        return Ok(());
+impl From<limits::FieldError> for ApiError {
+    fn from(err: limits::FieldError) -> Self {
+        Self::Invalid(err.to_string())
     }
-    Err(ApiError::Invalid(format!(
-        "invalid app name {app:?}: letters, digits, . _ - (at most 64, not starting with .)"
-    )))
+}
+
+/// Refuses a request with a field outside its rule or limit, before
+/// anything (authorization included) uses it.
+fn validated<M: Validate>(message: &M) -> Result<(), ApiError> {
+    Ok(message.validate()?)
 }
 
 impl From<ApiError> for Status {
@@ -327,9 +330,6 @@ impl ControlService {
         action: Action,
         rollout: Option<&slipway_proto::v1::Rollout>,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        // The name is checked first: an invalid one could never be in a
-        // scope, and "invalid app name" says more than "may not".
-        check_app_name(app)?;
         let rollout = deploy::Rollout::from_proto(rollout).map_err(ApiError::from)?;
         let what = format!("{verb} app {app}");
         let caller = self
@@ -405,19 +405,30 @@ impl ControlService {
             .ok_or_else(|| ApiError::Invalid("empty upload".to_owned()))?;
         artifacts::check_digest(&first.sha256)?;
         let sha256 = first.sha256;
-        // One stat answers both "is it there?" and its size.
+        // One stat answers both "is it there?" and its size. The stored copy
+        // was verified against its digest when it came; a client whose file
+        // has another size does not hold that artifact (its CLI hashes the
+        // file before it asks, so this catches a client that did not).
         match self.artifacts.size(&sha256).await {
-            Ok(size) => {
+            Ok(stored) if stored == first.size => {
                 return Ok(UploadArtifactResponse {
                     sha256,
-                    size,
+                    size: stored,
                     already_present: true,
                 })
+            }
+            Ok(stored) => {
+                return Err(ArtifactError::NotThatArtifact {
+                    sha256,
+                    stored,
+                    declared: first.size,
+                }
+                .into())
             }
             Err(ArtifactError::NotFound(_)) => {}
             Err(err) => return Err(err.into()),
         }
-        let mut upload = self.artifacts.upload(&sha256).await?;
+        let mut upload = self.artifacts.upload(&sha256, first.size).await?;
         upload.write(&first.data).await?;
         while let Some(chunk) = inbound
             .message()
@@ -448,9 +459,10 @@ impl Control for ControlService {
     ) -> Result<Response<ListNodesResponse>, Status> {
         self.authorize(&request, "list nodes", Caller::can_read)
             .await?;
-        let nodes = fleet::nodes(&self.store, crate::now_unix())
+        let mut nodes = fleet::nodes(&self.store, crate::now_unix())
             .await
             .map_err(ApiError::from)?;
+        fleet::apply_sessions(&mut nodes, |id| self.sessions.contains(id));
         let nodes_json = serde_json::to_string(&nodes)
             .map_err(|err| Status::internal(format!("encoding the fleet view: {err}")))?;
         Ok(Response::new(ListNodesResponse { nodes_json }))
@@ -519,6 +531,9 @@ impl Control for ControlService {
         &self,
         request: Request<DeployRequest>,
     ) -> Result<Response<Self::DeployStream>, Status> {
+        // Fields are checked first: an invalid name could never be in a
+        // scope, and "invalid app name" says more than "may not".
+        validated(request.get_ref())?;
         let app = request.get_ref().app.clone();
         let what = format!("deploy app {app}");
         let caller = self
@@ -526,27 +541,17 @@ impl Control for ControlService {
             .await?;
         let req = request.into_inner();
         let checked = async {
-            check_app_name(&req.app)?;
             if req.artifact_url.is_empty() {
-                artifacts::check_digest(&req.sha256)?;
                 if !self.artifacts.contains(&req.sha256).await? {
                     return Err(ApiError::NoArtifact(req.sha256.clone()));
                 }
             } else {
                 check_artifact_url(&req.artifact_url)?;
-                if artifacts::check_digest(&req.sha256).is_err() {
-                    return Err(ApiError::Invalid(format!(
-                        "sha256 {:?} of artifact_url is not a sha256 (64 lowercase hex \
-                         characters); agents verify the download against it",
-                        req.sha256
-                    )));
-                }
             }
             let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())?;
             let release_id = if req.release_id.is_empty() {
                 deploy::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
             } else {
-                check_release_id(&req.release_id)?;
                 req.release_id.clone()
             };
             let targets = self.select(req.selector.as_ref()).await?;
@@ -574,15 +579,13 @@ impl Control for ControlService {
         &self,
         request: Request<RollbackRequest>,
     ) -> Result<Response<Self::RollbackStream>, Status> {
+        validated(request.get_ref())?;
         let app = request.get_ref().app.clone();
         let what = format!("roll back app {app}");
         let caller = self
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
         let req = request.into_inner();
-        if !req.to_release_id.is_empty() {
-            check_release_id(&req.to_release_id)?;
-        }
         let rollout = deploy::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
         let targets = self.select(req.selector.as_ref()).await?;
         let plan = Plan {
@@ -603,6 +606,7 @@ impl Control for ControlService {
         request: Request<RestartRequest>,
     ) -> Result<Response<Self::RestartStream>, Status> {
         let req = request.get_ref();
+        validated(req)?;
         let stream = self
             .run_command(
                 &request,
@@ -621,6 +625,7 @@ impl Control for ControlService {
         request: Request<PruneRequest>,
     ) -> Result<Response<Self::PruneStream>, Status> {
         let req = request.get_ref();
+        validated(req)?;
         if req.keep > MAX_PRUNE_KEEP {
             return Err(ApiError::Invalid(format!(
                 "keep {} is out of range: 1..={MAX_PRUNE_KEEP} releases, or 0 for each node's configured keep",
@@ -649,19 +654,18 @@ impl Control for ControlService {
         self.authorize(&request, "read the fleet status", Caller::can_read)
             .await?;
         let req = request.into_inner();
+        validated(&req)?;
         let app = (!req.app.is_empty()).then_some(req.app.as_str());
-        if let Some(app) = app {
-            check_app_name(app)?;
-        }
         let refresh = if req.refresh {
             Some(self.refresh().await?)
         } else {
             None
         };
         let now = crate::now_unix();
-        let views = fleet::nodes(&self.store, now)
+        let mut views = fleet::nodes(&self.store, now)
             .await
             .map_err(ApiError::from)?;
+        fleet::apply_sessions(&mut views, |id| self.sessions.contains(id));
         let connected: Vec<String> = views
             .iter()
             .filter(|v| self.sessions.contains(&v.id))
@@ -688,36 +692,21 @@ impl Control for ControlService {
     }
 }
 
-/// The agent's release id rule: `[A-Za-z0-9][A-Za-z0-9._-]*`, ≤ 128 bytes.
-fn check_release_id(id: &str) -> Result<(), ApiError> {
-    let valid = id.len() <= 128
-        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if valid {
-        return Ok(());
-    }
-    Err(ApiError::Invalid(format!(
-        "invalid release id {id:?}: letters, digits, . _ - (at most 128, starting with a \
-         letter or digit)"
-    )))
-}
-
-/// Longest artifact URL accepted (agents log it, the audit keeps it).
-const MAX_URL_LEN: usize = 2048;
-
 /// An artifact URL agents can download from: `https://HOST/...`, no
-/// whitespace or control characters, at most [`MAX_URL_LEN`] bytes.
+/// whitespace or control characters, at most [`limits::MAX_URL`] bytes.
 fn check_artifact_url(url: &str) -> Result<(), ApiError> {
-    let invalid = |why: &str| ApiError::Invalid(format!("artifact_url {url:?} {why}"));
+    let invalid =
+        |why: &str| ApiError::Invalid(format!("artifact_url {} {why}", limits::shown(url)));
     let Some(rest) = url.strip_prefix("https://") else {
         return Err(invalid(
             "is not an https:// URL (agents download only over TLS)",
         ));
     };
-    if url.len() > MAX_URL_LEN {
-        return Err(invalid(&format!("is longer than {MAX_URL_LEN} bytes")));
+    if url.len() > limits::MAX_URL {
+        return Err(invalid(&format!(
+            "is longer than {} bytes",
+            limits::MAX_URL
+        )));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid("contains whitespace or control characters"));
@@ -736,23 +725,33 @@ mod tests {
 
     #[test]
     fn app_names_and_release_ids_are_refused_with_the_rule() {
-        check_app_name("web-1.x_y").unwrap();
-        let err = check_app_name("../web").unwrap_err();
+        let request = |app: &str, id: &str| DeployRequest {
+            app: app.to_owned(),
+            sha256: "a".repeat(64),
+            release_id: id.to_owned(),
+            ..Default::default()
+        };
+        validated(&request("web-1.x_y", "20260102T030405Z-abababababab")).unwrap();
+        let err = validated(&request("../web", "")).unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("invalid app name \"../web\": letters, digits"),
+                .starts_with("app: invalid app name \"../web\": 1 to 64 letters, digits"),
             "{err}"
         );
-        check_release_id("20260102T030405Z-abababababab").unwrap();
-        for bad in ["", "-v1", ".v1", "a/b", "v 1", &"v".repeat(129)] {
-            let err = check_release_id(bad).unwrap_err();
+        for bad in ["-v1", ".v1", "a/b", "v 1", &"v".repeat(129)] {
+            let err = validated(&request("web", bad)).unwrap_err();
             assert!(matches!(err, ApiError::Invalid(_)), "{bad:?}");
             assert!(
-                err.to_string()
-                    .starts_with(&format!("invalid release id {bad:?}: letters, digits")),
+                err.to_string().starts_with(&format!(
+                    "release_id: invalid release id {}: 1 to 128 letters, digits",
+                    limits::shown(bad)
+                )),
                 "{err}"
             );
         }
+        // A huge value is cut in the message: it travels in a gRPC header.
+        let err = validated(&request("web", &"v".repeat(100_000))).unwrap_err();
+        assert!(err.to_string().len() < 300, "{err}");
     }
 
     #[test]

@@ -58,14 +58,7 @@ impl fmt::Display for Scope {
 }
 
 /// True if `app` is a usable app name: the agent makes it a directory.
-pub fn is_app_name(app: &str) -> bool {
-    !app.is_empty()
-        && app.len() <= 64
-        && !app.starts_with('.')
-        && app
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
+pub use slipway_proto::limits::is_app_name;
 
 impl std::str::FromStr for Scope {
     type Err = ApiTokenError;

@@ -24,6 +24,8 @@ pub const ARTIFACTS_DIR: &str = "artifacts";
 pub const CHUNK_SIZE: usize = 256 * 1024;
 /// Chunks read ahead of a slow agent; bounds memory per download.
 const CHUNKS_AHEAD: usize = 4;
+/// Largest artifact accepted: the agents' default `[artifacts] max_size`.
+pub const MAX_ARTIFACT_SIZE: u64 = 2 * 1024 * 1024 * 1024;
 
 /// Errors of the artifact store.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,31 @@ pub enum ArtifactError {
         /// How many bytes were received.
         bytes: u64,
     },
+    /// The upload's declared size is over [`MAX_ARTIFACT_SIZE`].
+    #[error("artifact size {0} bytes is over the limit of {MAX_ARTIFACT_SIZE}")]
+    TooLarge(u64),
+    /// The bytes received are not as many as the upload declared.
+    #[error("upload declared {declared} bytes but sent {received} bytes or more")]
+    SizeMismatch {
+        /// What the client said.
+        declared: u64,
+        /// What came (so far).
+        received: u64,
+    },
+    /// The store holds the digest with another size than the client's file:
+    /// the client's file is not the artifact of that digest.
+    #[error(
+        "the controller holds artifact {sha256} with {stored} bytes, but the upload \
+         declares {declared} bytes: the file given is not the artifact of that digest"
+    )]
+    NotThatArtifact {
+        /// The digest.
+        sha256: String,
+        /// Size of the stored artifact.
+        stored: u64,
+        /// Size the client declared.
+        declared: u64,
+    },
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -57,9 +84,11 @@ pub enum ArtifactError {
 impl From<ArtifactError> for Status {
     fn from(err: ArtifactError) -> Self {
         match err {
-            ArtifactError::BadDigest(_) | ArtifactError::Mismatch { .. } => {
-                Status::invalid_argument(err.to_string())
-            }
+            ArtifactError::BadDigest(_)
+            | ArtifactError::Mismatch { .. }
+            | ArtifactError::TooLarge(_)
+            | ArtifactError::SizeMismatch { .. }
+            | ArtifactError::NotThatArtifact { .. } => Status::invalid_argument(err.to_string()),
             ArtifactError::NotFound(_) => Status::not_found(err.to_string()),
             ArtifactError::Io { .. } => {
                 tracing::error!(%err, "artifact store");
@@ -181,8 +210,12 @@ impl Artifacts {
         Ok(ReceiverStream::new(rx))
     }
 
-    /// Starts an upload of an artifact declared to have digest `sha256`.
-    pub async fn upload(&self, sha256: &str) -> Result<Upload, ArtifactError> {
+    /// Starts an upload of an artifact declared to have digest `sha256`
+    /// and `size` bytes.
+    pub async fn upload(&self, sha256: &str, size: u64) -> Result<Upload, ArtifactError> {
+        if size > MAX_ARTIFACT_SIZE {
+            return Err(ArtifactError::TooLarge(size));
+        }
         let dest = self.path(sha256)?;
         tokio::fs::create_dir_all(&self.dir)
             .await
@@ -198,6 +231,7 @@ impl Artifacts {
             .map_err(io_err(&temp))?;
         Ok(Upload {
             declared: sha256.to_owned(),
+            declared_size: size,
             dest,
             temp: Some(temp),
             file,
@@ -212,6 +246,8 @@ impl Artifacts {
 #[derive(Debug)]
 pub struct Upload {
     declared: String,
+    /// Bytes the client said it sends: more is refused as it streams.
+    declared_size: u64,
     dest: PathBuf,
     /// Removed on drop unless renamed into place.
     temp: Option<PathBuf>,
@@ -223,8 +259,14 @@ pub struct Upload {
 impl Upload {
     /// Appends bytes.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), ArtifactError> {
-        self.hasher.update(data);
         self.bytes += data.len() as u64;
+        if self.bytes > self.declared_size {
+            return Err(ArtifactError::SizeMismatch {
+                declared: self.declared_size,
+                received: self.bytes,
+            });
+        }
+        self.hasher.update(data);
         self.file
             .write_all(data)
             .await
@@ -236,6 +278,12 @@ impl Upload {
 
     /// Checks the digest and moves the file into the store; returns its size.
     pub async fn finish(mut self) -> Result<u64, ArtifactError> {
+        if self.bytes != self.declared_size {
+            return Err(ArtifactError::SizeMismatch {
+                declared: self.declared_size,
+                received: self.bytes,
+            });
+        }
         let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
         if actual != self.declared {
             return Err(ArtifactError::Mismatch {
@@ -273,7 +321,7 @@ mod tests {
         let store = Artifacts::new(dir.path());
         let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 10).map(|i| (i % 251) as u8).collect();
         let sha = crate::crypto::sha256_hex(&data);
-        let mut up = store.upload(&sha).await.unwrap();
+        let mut up = store.upload(&sha, data.len() as u64).await.unwrap();
         for part in data.chunks(1000) {
             up.write(part).await.unwrap();
         }
@@ -299,11 +347,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Artifacts::new(dir.path());
         let sha = crate::crypto::sha256_hex(b"right");
-        let mut up = store.upload(&sha).await.unwrap();
+        let mut up = store.upload(&sha, 5).await.unwrap();
         up.write(b"wrong").await.unwrap();
         assert!(matches!(
             up.finish().await,
             Err(ArtifactError::Mismatch { .. })
+        ));
+        // More or fewer bytes than declared.
+        let mut up = store.upload(&sha, 4).await.unwrap();
+        assert!(matches!(
+            up.write(b"right").await,
+            Err(ArtifactError::SizeMismatch {
+                declared: 4,
+                received: 5
+            })
+        ));
+        // The caller drops a failed upload; its temp file goes with it.
+        drop(up);
+        let mut up = store.upload(&sha, 6).await.unwrap();
+        up.write(b"right").await.unwrap();
+        assert!(matches!(
+            up.finish().await,
+            Err(ArtifactError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            store.upload(&sha, MAX_ARTIFACT_SIZE + 1).await,
+            Err(ArtifactError::TooLarge(_))
         ));
         assert!(!store.contains(&sha).await.unwrap());
         // No temp file is left behind.

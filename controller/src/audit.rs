@@ -24,7 +24,13 @@ pub const CERT_RENEW_REFUSED: &str = "CERT_RENEW_REFUSED";
 /// An operator revoked a node (`node revoke`): its certificates are refused
 /// and its stream closed.
 pub const NODE_REVOKED: &str = "NODE_REVOKED";
+/// A node enrolled with `--replace` under the name of a live node, which
+/// was revoked in the same step (actor: the new node).
+pub const NODE_REPLACED: &str = "NODE_REPLACED";
 
+/// A message on an agent's session broke a field's rule or limit; the
+/// session was ended (the error names the field).
+pub const AGENT_MESSAGE_REFUSED: &str = "AGENT_MESSAGE_REFUSED";
 /// An agent's FetchArtifact was refused (no or unknown certificate,
 /// revoked node, unknown digest).
 pub const ARTIFACT_FETCH_REFUSED: &str = "ARTIFACT_FETCH_REFUSED";

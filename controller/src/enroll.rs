@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use slipway_proto::join_token::JoinToken;
+use slipway_proto::limits::{self, FieldError, Validate as _};
 use slipway_proto::v1::enrollment_server::Enrollment;
 use slipway_proto::v1::{EnrollRequest, EnrollResponse};
 use tonic::{Request, Response, Status};
@@ -15,9 +16,6 @@ use crate::ca::{Ca, CaError};
 use crate::crypto::{self, CryptoError};
 use crate::store::{self, NewNode, Store, StoreError};
 use crate::token;
-
-/// Longest node name accepted (droplet names are at most 255 characters).
-const MAX_NODE_NAME: usize = 255;
 
 /// Why an enrollment was refused. The message goes to the agent and into
 /// the audit log, so it names the problem but never the secret.
@@ -38,9 +36,22 @@ pub enum EnrollError {
     /// The token's TTL has passed.
     #[error("join token {0} has expired")]
     Expired(String),
-    /// The node name is empty or too long.
-    #[error("node name must be 1 to {MAX_NODE_NAME} characters")]
-    NodeName,
+    /// A field breaks its rule or limit (the node name, labels, …).
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    /// A live node already has the name, and `--replace` was not given.
+    #[error(
+        "node name {name} is taken by node {existing} (enrolled {enrolled_at}); \
+         enroll with --replace to replace that node (it is revoked), or choose another name"
+    )]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The live node that has it.
+        existing: String,
+        /// When that node enrolled (RFC 3339).
+        enrolled_at: String,
+    },
     /// The CSR is unusable.
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -56,8 +67,9 @@ impl From<EnrollError> for Status {
     fn from(err: EnrollError) -> Self {
         match err {
             EnrollError::Malformed(_)
-            | EnrollError::NodeName
+            | EnrollError::Field(_)
             | EnrollError::Ca(CaError::Csr(_)) => Status::invalid_argument(err.to_string()),
+            EnrollError::NameTaken { .. } => Status::already_exists(err.to_string()),
             EnrollError::WrongController(_)
             | EnrollError::Unknown(_)
             | EnrollError::Used(_)
@@ -94,14 +106,12 @@ impl EnrollmentService {
         req: &EnrollRequest,
         now: i64,
     ) -> Result<EnrollResponse, EnrollError> {
+        req.validate()?;
         let token: JoinToken = req.join_token.parse()?;
         if token.ca_sha256 != self.ca.fingerprint() {
             return Err(EnrollError::WrongController(token.id));
         }
-        let name = req.node_name.trim();
-        if name.is_empty() || name.len() > MAX_NODE_NAME {
-            return Err(EnrollError::NodeName);
-        }
+        let name = req.node_name.as_str();
         let node_id = format!("n-{}", crypto::random_hex::<8>()?);
         // Sign before touching the token, so a bad CSR does not burn it.
         let issued = self
@@ -123,6 +133,22 @@ impl EnrollmentService {
             // Lost a race with a concurrent enrollment using the same token.
             return Err(EnrollError::Used(token.id));
         }
+        // Names are unique among live nodes: a second `n1` would make every
+        // `--node n1` ambiguous. Replacing is explicit and audited.
+        let replaced = match store::live_node_named(&mut tx, name).await? {
+            None => None,
+            Some((existing, _)) if req.replace => {
+                store::revoke_node(&mut tx, &existing, now).await?;
+                Some(existing)
+            }
+            Some((existing, enrolled_at)) => {
+                return Err(EnrollError::NameTaken {
+                    name: name.to_owned(),
+                    existing,
+                    enrolled_at: crate::rfc3339(enrolled_at),
+                });
+            }
+        };
         let labels = node_labels(&req.labels, &row.tags);
         store::insert_node(
             &mut tx,
@@ -157,6 +183,20 @@ impl EnrollmentService {
             now,
         )
         .await?;
+        if let Some(old) = &replaced {
+            store::insert_audit(
+                &mut tx,
+                &AuditEvent::success(
+                    audit::NODE_REPLACED,
+                    &node_id,
+                    "node",
+                    old,
+                    serde_json::json!({ "name": name, "replaced_by": node_id }),
+                ),
+                now,
+            )
+            .await?;
+        }
         tx.commit().await.map_err(StoreError::from)?;
 
         Ok(EnrollResponse {
@@ -198,11 +238,11 @@ impl Enrollment for EnrollmentService {
         let now = crate::now_unix();
         match self.try_enroll(&req, now).await {
             Ok(response) => {
-                tracing::info!(node_id = %response.node_id, name = %req.node_name, %peer, "node enrolled");
+                tracing::info!(node_id = %response.node_id, name = ?req.node_name, %peer, "node enrolled");
                 Ok(Response::new(response))
             }
             Err(err) => {
-                tracing::warn!(%peer, name = %req.node_name, %err, "enrollment refused");
+                tracing::warn!(%peer, name = %limits::shown(&req.node_name), %err, "enrollment refused");
                 // Token id only (the part before the secret), never the secret.
                 let token_id = req
                     .join_token
@@ -214,7 +254,7 @@ impl Enrollment for EnrollmentService {
                     &peer,
                     "join_token",
                     token_id,
-                    serde_json::json!({ "peer": peer, "name": req.node_name }),
+                    serde_json::json!({ "peer": peer, "name": limits::truncate(&req.node_name, limits::MAX_NODE_NAME) }),
                     err.to_string(),
                 );
                 if let Err(audit_err) = self.store.audit(&event, now).await {

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use slipway_proto::limits;
 use slipway_proto::v1::{AppStatus, NodeMetrics};
 
 use crate::audit::{self, AuditEvent};
@@ -204,6 +205,18 @@ fn view(row: FleetRow, now: i64, started_at: i64, unreachable_after: u32) -> Nod
         apps: row.apps,
         revoked_at: row.revoked_at,
         cert_expires_at: row.cert_expires_at,
+    }
+}
+
+/// Marks the nodes that look online from their last heartbeat but hold no
+/// session (`connected` says which do) as [`NodeState::Disconnected`]: a
+/// command could not reach them, so the controller's own views never call
+/// them online.
+pub fn apply_sessions(views: &mut [NodeView], connected: impl Fn(&str) -> bool) {
+    for view in views {
+        if view.state == NodeState::Online && !connected(&view.id) {
+            view.state = NodeState::Disconnected;
+        }
     }
 }
 
@@ -622,6 +635,7 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
         NodeState::Unreachable,
         NodeState::Unknown,
         NodeState::Revoked,
+        NodeState::Disconnected,
     ]
     .iter()
     .map(|s| (s.as_str().to_owned(), 0))
@@ -654,6 +668,11 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
                 v.name
             )),
             NodeState::Revoked => notes.push(format!("{} is revoked", v.name)),
+            NodeState::Disconnected => problems.push(format!(
+                "{} holds no session with the controller (last heartbeat {heard}): \
+                 commands cannot reach it",
+                v.name
+            )),
             NodeState::Online => match refresh.and_then(RefreshAnswer::failure) {
                 Some(why) => problems.push(format!(
                     "{} did not answer the status request ({why}; last heartbeat {heard})",
@@ -814,7 +833,7 @@ pub fn render_status(status: &FleetStatus) -> String {
     let scope = status
         .app
         .as_ref()
-        .map_or_else(String::new, |a| format!(" reporting app {a}"));
+        .map_or_else(String::new, |a| format!(" reporting app {}", esc(a)));
     let _ = writeln!(
         out,
         "nodes{scope}: {} ({})",
@@ -861,47 +880,49 @@ pub fn render_status(status: &FleetStatus) -> String {
         out.push_str(&table(&rows));
     }
     for app in &status.apps {
-        let _ = writeln!(out, "\napp {}", app.app);
+        let _ = writeln!(out, "\napp {}", esc(&app.app));
         for r in &app.releases {
             let release = if r.release.is_empty() {
-                "(none)"
+                "(none)".to_owned()
             } else {
-                &r.release
+                esc(&r.release)
             };
             let _ = writeln!(
                 out,
                 "  {release} current on {} node(s): {}",
                 r.count,
-                r.nodes.join(", ")
+                esc(&r.nodes.join(", "))
             );
         }
         for u in &app.unhealthy {
             let _ = writeln!(
                 out,
                 "  UNHEALTHY on {} ({}): {}",
-                u.node_name, u.release, u.output
+                esc(&u.node_name),
+                esc(&u.release),
+                limits::one_line(&u.output, limits::MAX_HEALTH)
             );
         }
         if !app.busy.is_empty() {
-            let _ = writeln!(out, "  busy on: {}", app.busy.join(", "));
+            let _ = writeln!(out, "  busy on: {}", esc(&app.busy.join(", ")));
         }
         if let Some(d) = &app.last_deployment {
             let release = if d.release_id.is_empty() {
                 String::new()
             } else {
-                format!(" of {}", d.release_id)
+                format!(" of {}", esc(&d.release_id))
             };
             let _ = writeln!(
                 out,
                 "  last {} {}{release}: {} ({}s ago){}",
-                d.kind,
-                d.id,
-                d.status,
+                esc(&d.kind),
+                esc(&d.id),
+                esc(&d.status),
                 status.generated_at.saturating_sub(d.started_at).max(0),
                 if d.message.is_empty() {
                     String::new()
                 } else {
-                    format!(": {}", d.message)
+                    format!(": {}", limits::one_line(&d.message, limits::MAX_MESSAGE))
                 }
             );
             for n in &d.nodes {
@@ -912,12 +933,13 @@ pub fn render_status(status: &FleetStatus) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "    [{name}] {}{}",
-                    n.outcome,
+                    "    [{}] {}{}",
+                    esc(name),
+                    esc(&n.outcome),
                     if n.message.is_empty() {
                         String::new()
                     } else {
-                        format!(": {}", n.message)
+                        format!(": {}", limits::one_line(&n.message, limits::MAX_MESSAGE))
                     }
                 );
             }
@@ -928,7 +950,7 @@ pub fn render_status(status: &FleetStatus) -> String {
             .agents
             .versions
             .iter()
-            .map(|v| format!("{} on {}", v.version, v.nodes.join(", ")))
+            .map(|v| format!("{} on {}", esc(&v.version), esc(&v.nodes.join(", "))))
             .collect();
         let _ = writeln!(
             out,
@@ -943,28 +965,55 @@ pub fn render_status(status: &FleetStatus) -> String {
     if !status.notes.is_empty() {
         out.push_str("\nnotes:\n");
         for n in &status.notes {
-            let _ = writeln!(out, "  - {n}");
+            let _ = writeln!(out, "  - {}", limits::one_line(n, limits::MAX_MESSAGE));
         }
     }
     if !status.problems.is_empty() {
         out.push_str("\nproblems:\n");
         for p in &status.problems {
-            let _ = writeln!(out, "  - {p}");
+            let _ = writeln!(out, "  - {}", limits::one_line(p, limits::MAX_MESSAGE));
         }
     }
     out
 }
 
-/// Left-aligned columns, two spaces apart, the last one unpadded.
+/// Widest table column: a longer value (a label list, a hostile name from
+/// an old database) is cut with `…` so one row cannot widen every other.
+const MAX_COLUMN: usize = 80;
+
+/// A value from outside on one line of text output: control characters
+/// escaped (a newline in a name cannot forge a line), cut at a name's length.
+fn esc(value: &str) -> String {
+    limits::one_line(value, limits::MAX_NODE_NAME)
+}
+
+/// Left-aligned columns, two spaces apart, the last one unpadded. Every
+/// cell is shown on one line (control characters escaped) and all but the
+/// last cut at [`MAX_COLUMN`] characters.
 fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|row| {
+            let mut i = 0;
+            row.clone().map(|cell| {
+                i += 1;
+                let max = if i == N {
+                    limits::MAX_MESSAGE
+                } else {
+                    MAX_COLUMN
+                };
+                limits::one_line(&cell, max)
+            })
+        })
+        .collect();
     let mut widths = [0usize; N];
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in rows {
+    for row in &rows {
         let mut line = String::new();
         for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
             if i + 1 == N {

@@ -72,6 +72,17 @@ pub(crate) fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// A stored timestamp as RFC 3339 (UTC), or the number if out of range.
+pub(crate) fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
 /// The caller's address as text ("unknown" if tonic has none): the actor of
 /// audit events written before the caller is identified.
 pub(crate) fn peer_addr<T>(request: &tonic::Request<T>) -> String {

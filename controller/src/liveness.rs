@@ -86,6 +86,10 @@ pub enum NodeState {
     Unknown,
     /// Revoked by an operator; its certificates are refused.
     Revoked,
+    /// Heard from within the allowed silence but holding no session with
+    /// the running controller, so no command can reach it (only the
+    /// controller itself knows its sessions: views it serves say this).
+    Disconnected,
 }
 
 impl NodeState {
@@ -96,6 +100,7 @@ impl NodeState {
             Self::Unreachable => "unreachable",
             Self::Unknown => "unknown",
             Self::Revoked => "revoked",
+            Self::Disconnected => "disconnected",
         }
     }
 }
@@ -118,7 +123,9 @@ pub fn node_state(
             .saturating_mul(u64::from(unreachable_after)),
     )
     .unwrap_or(i64::MAX);
-    if last_seen.is_some_and(|seen| now.saturating_sub(seen) <= allowed) {
+    // Heard before this controller started means heard by an earlier one:
+    // the node has not connected to this one yet.
+    if last_seen.is_some_and(|seen| seen >= started_at && now.saturating_sub(seen) <= allowed) {
         return NodeState::Online;
     }
     if now.saturating_sub(started_at) < allowed {

@@ -214,7 +214,9 @@ async fn operator_create(args: OperatorCreateArgs) -> anyhow::Result<()> {
             );
         }
     }
-    std::fs::create_dir_all(&args.out)
+    // 0700 whatever the umask: the directory holds a private key.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let ca = Ca::load_or_create(&args.data_dir).context("loading the controller CA")?;
     let store = open_store(&args.data_dir).await?;

@@ -34,6 +34,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use slipway_proto::limits::{FieldError, Validate as _};
 use slipway_proto::v1::agent_link_server::AgentLink;
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, ArtifactChunk, ControllerMessage,
@@ -90,6 +91,9 @@ pub enum SessionError {
     /// The requested artifact is unknown or unreadable.
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    /// A field of the agent's message breaks its rule or limit.
+    #[error(transparent)]
+    Field(#[from] FieldError),
 }
 
 impl From<SessionError> for Status {
@@ -101,7 +105,7 @@ impl From<SessionError> for Status {
             SessionError::Revoked(_) | SessionError::IdentityMismatch { .. } => {
                 Status::permission_denied(err.to_string())
             }
-            SessionError::NoHello | SessionError::Ca(CaError::Csr(_)) => {
+            SessionError::NoHello | SessionError::Ca(CaError::Csr(_)) | SessionError::Field(_) => {
                 Status::invalid_argument(err.to_string())
             }
             SessionError::Ca(_) | SessionError::Store(_) => {
@@ -205,6 +209,7 @@ impl AgentLinkService {
         else {
             return Err(SessionError::NoHello);
         };
+        hello.validate().map_err(|e| e.within("hello"))?;
         if hello.node_id != peer.node.id {
             return Err(SessionError::IdentityMismatch {
                 cert: peer.node.id,
@@ -272,6 +277,7 @@ impl AgentLinkService {
         let node = peer.node;
         actor.clone_from(&node.id);
         let req = request.into_inner();
+        req.validate()?;
         let issued = self
             .ca
             .sign_node_csr(&req.csr_pem, &node.id, self.settings.cert_validity)?;
@@ -348,6 +354,17 @@ async fn run_session(
             reason = handle.closed() => break Some(reason),
             message = inbound.message() => message,
         };
+        // Every field is checked before anything stores or routes it; an
+        // agent that breaks a limit has its session ended, naming the field.
+        if let Ok(Some(message)) = &message {
+            if let Err(err) = message.validate() {
+                refuse_message(&store, &node_id, &err).await;
+                let _ = tx.try_send(Err(Status::invalid_argument(format!(
+                    "message refused: {err}"
+                ))));
+                break None;
+            }
+        }
         match message {
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
@@ -389,6 +406,22 @@ async fn run_session(
     }
 }
 
+/// Logs and audits an agent message that broke a field's rule or limit.
+async fn refuse_message(store: &Store, node_id: &str, err: &FieldError) {
+    tracing::warn!(%node_id, %err, "agent message refused; session ended");
+    let event = AuditEvent::error(
+        audit::AGENT_MESSAGE_REFUSED,
+        node_id,
+        "node",
+        node_id,
+        serde_json::json!({ "field": err.field }),
+        err.to_string(),
+    );
+    if let Err(audit_err) = store.audit(&event, crate::now_unix()).await {
+        tracing::error!(%audit_err, "could not record audit event");
+    }
+}
+
 async fn record_heartbeat(
     store: &Store,
     node_id: &str,
@@ -425,6 +458,7 @@ impl AgentLink for AgentLinkService {
             let peer = self.peer(&request).await?;
             actor.clone_from(&peer.node.id);
             let req = request.get_ref();
+            req.validate()?;
             let stream = self.artifacts.chunks(&req.sha256, &req.command_id).await?;
             tracing::info!(
                 node_id = %peer.node.id, sha256 = %req.sha256, command_id = %req.command_id,
@@ -468,7 +502,7 @@ impl AgentLink for AgentLinkService {
         };
         let node = peer.node;
         tracing::info!(
-            node_id = %node.id, name = %node.name, peer = %peer_addr,
+            node_id = %node.id, name = ?node.name, peer = %peer_addr,
             heartbeat_secs = welcome.heartbeat_interval_secs, "agent connected"
         );
 

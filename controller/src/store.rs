@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_api_deployments.sql"),
     include_str!("../migrations/0004_rollouts.sql"),
     include_str!("../migrations/0005_operators.sql"),
+    include_str!("../migrations/0006_unique_node_names.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -885,13 +886,7 @@ impl Store {
         .await?;
         if let Some(row) = running {
             let started_at: i64 = row.try_get("started_at")?;
-            let started = time::OffsetDateTime::from_unix_timestamp(started_at)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| started_at.to_string());
+            let started = crate::rfc3339(started_at);
             return Err(StoreError::AppBusy {
                 app: deployment.app.to_owned(),
                 deployment_id: row.try_get("id")?,
@@ -1169,11 +1164,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Finds a node by id, or by name when exactly one node has that name.
+    /// Finds a node by id, or else the live node of that name (names are
+    /// unique among live nodes; revoked nodes are found by id only).
     pub async fn find_node(&self, id_or_name: &str) -> Result<Vec<NodeRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, cert_fingerprint, revoked_at, last_seen_at FROM nodes
-             WHERE id = ?1 OR (name = ?1 AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = ?1))",
+             WHERE id = ?1
+                OR (name = ?1 AND revoked_at IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = ?1))",
         )
         .bind(id_or_name)
         .fetch_all(&self.pool)
@@ -1333,6 +1331,21 @@ pub async fn set_newest_cert(
         .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// The id and enrollment time of the live (non-revoked) node named `name`,
+/// if any, on `conn`.
+pub async fn live_node_named(
+    conn: &mut SqliteConnection,
+    name: &str,
+) -> Result<Option<(String, i64)>, StoreError> {
+    let row =
+        sqlx::query("SELECT id, enrolled_at FROM nodes WHERE name = ?1 AND revoked_at IS NULL")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
+    row.map(|row| Ok((row.try_get("id")?, row.try_get("enrolled_at")?)))
+        .transpose()
 }
 
 /// Marks a node revoked; false if it already was.

@@ -20,9 +20,9 @@ pub enum TokenError {
     /// `--ttl` is not like `90s`, `30m`, `1h` or `7d`.
     #[error("invalid TTL {0:?}: expected a positive number with unit s, m, h or d (e.g. 1h)")]
     Ttl(String),
-    /// `--tag` is empty or contains whitespace.
-    #[error("invalid tag {0:?}: expected key:value or key without whitespace")]
-    Tag(String),
+    /// `--tag` breaks the label rule (see [`slipway_proto::limits::check_tag`]).
+    #[error("invalid tag: {0}")]
+    Tag(slipway_proto::limits::FieldError),
     /// Storing the token failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -52,10 +52,7 @@ pub fn parse_ttl(text: &str) -> Result<Duration, TokenError> {
 
 /// Checks a `--tag` value (`env:production`, `pf-core`).
 pub fn check_tag(tag: &str) -> Result<(), TokenError> {
-    if tag.is_empty() || tag.chars().any(char::is_whitespace) || tag.starts_with(':') {
-        return Err(TokenError::Tag(tag.to_owned()));
-    }
-    Ok(())
+    slipway_proto::limits::check_tag("--tag", tag).map_err(TokenError::Tag)
 }
 
 /// Creates and stores a token, audits TOKEN_CREATED, and returns the token,

@@ -42,14 +42,15 @@ async fn upload(
     let mut chunks: Vec<UploadChunk> = data
         .chunks(100_000)
         .map(|d| UploadChunk {
-            sha256: String::new(),
             data: d.to_vec(),
+            ..Default::default()
         })
         .collect();
     if chunks.is_empty() {
         chunks.push(UploadChunk::default());
     }
     chunks[0].sha256 = sha256.to_owned();
+    chunks[0].size = data.len() as u64;
     control
         .upload_artifact(authed(tokio_stream::iter(chunks), token))
         .await
@@ -180,10 +181,20 @@ async fn upload_with_the_wrong_digest_is_refused_and_reupload_is_cheap() {
     assert_eq!((first.size, first.already_present), (700_000, false));
     assert_eq!(std::fs::read(artifacts.join(&sha)).unwrap(), data);
     // Again: answered from the store, bytes not needed.
-    let again = upload(&mut control, &token, &sha, &data[..10])
-        .await
-        .unwrap();
+    let again = upload(&mut control, &token, &sha, &data).await.unwrap();
     assert_eq!((again.size, again.already_present), (700_000, true));
+    // A client whose file has another size does not hold that artifact,
+    // whatever digest it names: refused, not "already present".
+    let other = upload(&mut control, &token, &sha, &data[..10])
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    assert!(
+        other
+            .message()
+            .contains("declares 10 bytes: the file given is not the artifact of that digest"),
+        "{other:?}"
+    );
     controller.stop().await;
 }
 
@@ -488,6 +499,7 @@ async fn operator_certificates_call_the_api_within_their_scopes_until_revoked() 
     let sha = crypto::sha256_hex(&data);
     let chunk = UploadChunk {
         sha256: sha.clone(),
+        size: data.len() as u64,
         data,
     };
     let uploaded = control

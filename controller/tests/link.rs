@@ -312,7 +312,7 @@ async fn token_pinning_another_ca_is_refused_by_the_agent() {
 async fn hello_for_another_node_is_refused() {
     let controller = Controller::start().await;
     let (a, _) = controller.enroll("web-1").await;
-    let (_b, node_b) = controller.enroll("web-1").await;
+    let (_b, node_b) = controller.enroll("web-2").await;
 
     // Node A's certificate, claiming to be node B.
     let err = controller.try_connect(a.path(), &node_b).await.unwrap_err();

@@ -141,9 +141,16 @@ pub enum Command {
         /// Where the key, certificate and CA are kept.
         #[arg(long, default_value = "/var/lib/slipway-agent")]
         state_dir: PathBuf,
-        /// This node's name (default: the host name).
+        /// This node's name (default: the host name): 1 to 253 letters,
+        /// digits, . _ - starting with a letter or digit, unique among the
+        /// controller's live nodes.
         #[arg(long)]
         name: Option<String>,
+        /// Take the name over from the live node that has it (e.g. this
+        /// droplet rebuilt): that node is revoked, and the controller audits
+        /// it as NODE_REPLACED.
+        #[arg(long)]
+        replace: bool,
     },
     /// Pack a directory into an artifact (.tar.gz, or .tar.zst by extension)
     /// and print its sha256.
@@ -287,14 +294,23 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             token,
             state_dir,
             name,
+            replace,
         } => {
             let name = match name {
                 Some(n) => n,
                 None => sysinfo::System::host_name()
                     .ok_or_else(|| anyhow::anyhow!("cannot read the host name (give --name)"))?,
             };
+            slipway_proto::limits::check_node_name("--name", &name)
+                .map_err(|e| usage(e.to_string()))?;
             let enrolled = current_thread_runtime()?
-                .block_on(crate::link::enroll(&controller, &token, &state_dir, &name))
+                .block_on(crate::link::enroll(
+                    &controller,
+                    &token,
+                    &state_dir,
+                    &name,
+                    replace,
+                ))
                 .map_err(|e| anyhow::anyhow!("enrollment failed: {e}"))?;
             println!(
                 "enrolled as node {} (certificate {}, expires at unix time {})",

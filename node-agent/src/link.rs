@@ -144,12 +144,15 @@ pub struct Session {
 }
 
 /// Enrolls this node with the controller at `controller` using `token`, and
-/// stores key, certificate, CA and node id in `state_dir`.
+/// stores key, certificate, CA and node id in `state_dir`. `replace` takes
+/// the name over from a live node that has it (which is then revoked);
+/// without it the controller refuses a name in use.
 pub async fn enroll(
     controller: &str,
     token: &str,
     state_dir: &Path,
     node_name: &str,
+    replace: bool,
 ) -> Result<Enrolled, LinkError> {
     let token: JoinToken = token.parse()?;
     let target = Target::parse(controller)?;
@@ -169,6 +172,7 @@ pub async fn enroll(
             csr_pem,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             labels: Default::default(),
+            replace,
         })
         .await
         .map_err(|status| LinkError::EnrollRefused(status_text(&status)))?

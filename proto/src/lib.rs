@@ -15,6 +15,8 @@
 //! - `proto/slipway/v1/control.proto` — the controller API the `slipway` CLI
 //!   calls ([`v1::control_client`] / [`v1::control_server`]): nodes, audit,
 //!   artifact upload, deploy and rollback with streamed progress.
+//! - [`limits`] — the name rules and the limit of every field a peer
+//!   sends, checked by whoever receives it ([`limits::Validate`]).
 //! - [`join_token`] — the `slw1.<id>.<secret>.<ca-sha256>` join token
 //!   format, shared by the controller (prints tokens) and the agent (reads
 //!   the pinned CA fingerprint before trusting the controller).
@@ -37,6 +39,7 @@
 //! next to `v1`.
 
 pub mod join_token;
+pub mod limits;
 
 /// Generated code for protobuf package `slipway.v1` (messages, enums, and
 /// the `Enrollment` / `AgentLink` clients and servers).

@@ -78,7 +78,7 @@ fn heartbeats(n: usize, window: Duration) {
             .unwrap()
             .to_string();
             let state = dir.path().join(format!("a{i}"));
-            link::enroll(&url, &token, &state, &format!("sim{i}"))
+            link::enroll(&url, &token, &state, &format!("sim{i}"), false)
                 .await
                 .unwrap();
             sessions.push(link::connect(&url, &state, Hello::default()).await.unwrap());

@@ -18,6 +18,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use slipway_controller::client;
 use slipway_controller::fleet::{self, NodeView};
+use slipway_controller::proto::limits::{self, Validate as _};
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
     deploy_event, rollout, selector, DeployEvent, DeployRequest, ListAuditRequest,
@@ -191,9 +192,16 @@ struct DeployArgs {
     /// The artifact (.tar.gz / .tar.zst) to upload (not with --url).
     #[arg(required_unless_present = "url", conflicts_with = "url")]
     artifact: Option<PathBuf>,
-    /// sha256 (hex) of the artifact; the controller and every agent check it.
-    #[arg(long, visible_alias = "sha256", value_name = "DIGEST")]
-    sha: String,
+    /// sha256 (hex) of the artifact; the controller and every agent check
+    /// it. Required with --url; with ARTIFACT the file is hashed here and
+    /// a --sha that does not match it is refused before anything is sent.
+    #[arg(
+        long,
+        visible_alias = "sha256",
+        value_name = "DIGEST",
+        required_unless_present = "artifact"
+    )]
+    sha: Option<String>,
     /// Nothing is uploaded: every agent downloads the artifact from this
     /// https:// URL itself and checks it against --sha256.
     #[arg(long, value_name = "URL")]
@@ -429,8 +437,45 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Uploads `path`; `quiet` (--json) prints nothing.
-async fn upload(api: &mut Api, path: &Path, sha256: &str, quiet: bool) -> anyhow::Result<()> {
+/// Hash-read size: large reads keep hashing at disk speed.
+const HASH_BUFFER: usize = 1024 * 1024;
+
+/// The sha256 (lowercase hex) and size of the file at `path`.
+async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; HASH_BUFFER];
+        let mut size = 0u64;
+        loop {
+            let n = file
+                .read(&mut buffer)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            hasher.update(&buffer[..n]);
+        }
+        Ok((hex::encode(hasher.finalize()), size))
+    })
+    .await
+    .context("hashing the artifact")?
+}
+
+/// Uploads `path`, whose sha256 is `sha256` and size `size` (as hashed
+/// here); `quiet` (--json) prints nothing.
+async fn upload(
+    api: &mut Api,
+    path: &Path,
+    sha256: &str,
+    size: u64,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let mut file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("opening {}", path.display()))?;
@@ -449,9 +494,17 @@ async fn upload(api: &mut Api, path: &Path, sha256: &str, quiet: bool) -> anyhow
             if n == 0 && !first {
                 break;
             }
-            let chunk = UploadChunk {
-                sha256: if first { sha.clone() } else { String::new() },
-                data,
+            let chunk = if first {
+                UploadChunk {
+                    sha256: sha.clone(),
+                    size,
+                    data,
+                }
+            } else {
+                UploadChunk {
+                    data,
+                    ..UploadChunk::default()
+                }
             };
             first = false;
             // The controller may answer (already present) before reading
@@ -492,27 +545,54 @@ async fn upload(api: &mut Api, path: &Path, sha256: &str, quiet: bool) -> anyhow
 }
 
 async fn deploy(api: &mut Api, args: &DeployArgs) -> anyhow::Result<ExitCode> {
-    let sha = args.sha.to_ascii_lowercase();
-    if slipway_controller::artifacts::check_digest(&sha).is_err() {
-        bail!(Usage(format!(
-            "--sha {:?} is not a sha256 (64 hex characters)",
-            args.sha
-        )));
+    let given = args.sha.as_deref().map(str::to_ascii_lowercase);
+    if let Some(sha) = &given {
+        if slipway_controller::artifacts::check_digest(sha).is_err() {
+            bail!(Usage(format!(
+                "--sha {} is not a sha256 (64 hex characters)",
+                limits::shown(sha)
+            )));
+        }
     }
     let rollout = args.rollout.to_proto()?;
-    // The URL's scheme is the controller's to check (INVALID_ARGUMENT).
-    if let Some(artifact) = &args.artifact {
-        upload(api, artifact, &sha, args.wait.json).await?;
-    }
+    // The file given is what ships: hash it before asking the controller
+    // anything, so a stale or mistyped --sha cannot deploy other bytes the
+    // controller happens to hold under that digest.
+    let uploading = match &args.artifact {
+        Some(path) => {
+            let (actual, size) = hash_file(path).await?;
+            if let Some(sha) = given.as_deref().filter(|sha| *sha != actual) {
+                bail!(Usage(format!(
+                    "--sha {sha} does not match {} (its sha256 is {actual}, {size} bytes); \
+                     nothing was deployed: check the digest, or leave out --sha",
+                    path.display()
+                )));
+            }
+            Some((path, actual, size))
+        }
+        None => None,
+    };
+    let sha = match (&uploading, given) {
+        (Some((_, actual, _)), _) => actual.clone(),
+        (None, Some(sha)) => sha,
+        (None, None) => bail!(Usage("--sha is required with --url".to_owned())),
+    };
     let request = DeployRequest {
         app: args.app.clone(),
-        sha256: sha,
+        sha256: sha.clone(),
         release_id: args.id.clone().unwrap_or_default(),
         selector: args.target.selector(),
         git_sha: args.git_sha.clone().unwrap_or_default(),
         artifact_url: args.url.clone().unwrap_or_default(),
         rollout,
     };
+    // The controller checks every field too; checked here, a bad one is a
+    // usage error before anything is uploaded.
+    request.validate().map_err(|e| Usage(e.to_string()))?;
+    // The URL's scheme is the controller's to check (INVALID_ARGUMENT).
+    if let Some((path, _, size)) = uploading {
+        upload(api, path, &sha, size, args.wait.json).await?;
+    }
     let stream = api
         .client
         .deploy(client::authed(request, &api.token))
@@ -680,14 +760,21 @@ async fn audit(api: &mut Api, args: &AuditArgs) -> anyhow::Result<ExitCode> {
             .ok()
             .and_then(|t| t.format(&format).ok())
             .unwrap_or_else(|| e.created_at_unix.to_string());
+        // Actors, resources and errors can carry what a peer sent: one
+        // line each, control characters escaped, so no row can be forged.
+        let line = |text: &str| limits::one_line(text, limits::MAX_MESSAGE);
         let error = if e.error_message.is_empty() {
             String::new()
         } else {
-            format!("  {}", e.error_message)
+            format!("  {}", line(&e.error_message))
         };
         println!(
             "{when}  {:<22} {:<7} {:<18} {}:{}{error}",
-            e.event_type, e.status, e.actor, e.resource_type, e.resource_id
+            line(&e.event_type),
+            line(&e.status),
+            line(&e.actor),
+            line(&e.resource_type),
+            line(&e.resource_id)
         );
     }
     Ok(ExitCode::SUCCESS)

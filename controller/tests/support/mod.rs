@@ -228,9 +228,23 @@ impl Controller {
         state: &Path,
         name: &str,
     ) -> Result<link::Enrolled, link::LinkError> {
-        tokio::time::timeout(TEST_TIMEOUT, link::enroll(&self.url(), join, state, name))
-            .await
-            .unwrap()
+        self.try_enroll_with(join, state, name, false).await
+    }
+
+    /// [`Self::try_enroll`], replacing the live node of that name if `replace`.
+    pub async fn try_enroll_with(
+        &self,
+        join: &str,
+        state: &Path,
+        name: &str,
+        replace: bool,
+    ) -> Result<link::Enrolled, link::LinkError> {
+        tokio::time::timeout(
+            TEST_TIMEOUT,
+            link::enroll(&self.url(), join, state, name, replace),
+        )
+        .await
+        .unwrap()
     }
 
     /// Opens the agent session of an enrolled node, as the agent does.

@@ -1,0 +1,656 @@
+//! What a peer may send: the name rules and a limit for every string and
+//! collection of every request, checked by whoever receives it.
+//!
+//! Both sides share these so that a well-behaved sender stays within what
+//! the receiver accepts (the agent cuts its own long messages with
+//! [`truncate`]), while the receiver never takes the sender's word for it:
+//! the controller calls [`Validate::validate`] on every request and agent
+//! message, the agent on every command. A failed check names the field, the
+//! rule or limit, and the offending value as [`shown`] (escaped and cut, so
+//! a hostile value cannot forge a log line or blow up an error header).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::v1::{
+    agent_message, controller_message, selector, AgentMessage, AppStatus, CommandResult,
+    ControllerMessage, DeployRequest, EnrollRequest, FetchArtifactRequest, FleetStatusRequest,
+    Heartbeat, Hello, NodeMetrics, Progress, PruneRequest, RenewRequest, RestartRequest,
+    RollbackRequest, Selector,
+};
+
+/// Node names: a droplet's host name fits (DNS names are at most 253).
+pub const MAX_NODE_NAME: usize = 253;
+/// App names: the agent makes each a directory and a systemd-style unit.
+pub const MAX_APP_NAME: usize = 64;
+/// Release ids: a directory name under `releases/`.
+pub const MAX_RELEASE_ID: usize = 128;
+/// Labels per node: tags such as `env:production`, `product:<id>`.
+pub const MAX_LABELS: usize = 64;
+/// A label's key.
+pub const MAX_LABEL_KEY: usize = 63;
+/// A label's value.
+pub const MAX_LABEL_VALUE: usize = 255;
+/// A git commit id: 40 hex (SHA-1) or 64 hex (SHA-256) digits, or a prefix.
+pub const MAX_GIT_SHA: usize = 64;
+/// Shortest git commit prefix accepted (git's own default abbreviation).
+pub const MIN_GIT_SHA: usize = 7;
+/// Agent version strings (`0.1.0`, `0.2.0-rc.1+abcdef`).
+pub const MAX_VERSION: usize = 64;
+/// Human-readable messages (results, progress, refusals).
+pub const MAX_MESSAGE: usize = 16 * 1024;
+/// A health verdict with the failing check's output.
+pub const MAX_HEALTH: usize = 4 * 1024;
+/// Short words: progress steps, release states.
+pub const MAX_WORD: usize = 64;
+/// Command ids the controller makes (`<deployment>-<node>`).
+pub const MAX_COMMAND_ID: usize = 128;
+/// Node ids (`n-` and 16 hex digits).
+pub const MAX_NODE_ID: usize = 64;
+/// Apps one node reports.
+pub const MAX_APPS: usize = 256;
+/// Releases one app reports (keep is at most 1000, plus failed ones).
+pub const MAX_RELEASES: usize = 2048;
+/// Disks (mounts) one node reports.
+pub const MAX_DISKS: usize = 256;
+/// A mount point's path.
+pub const MAX_MOUNT: usize = 4096;
+/// A PEM certificate signing request.
+pub const MAX_CSR_PEM: usize = 16 * 1024;
+/// A join token (`slw1.<id>.<secret>.<ca-sha256>` is about 150 characters).
+pub const MAX_JOIN_TOKEN: usize = 512;
+/// Artifact URLs.
+pub const MAX_URL: usize = 2048;
+/// A label selector (`key:value`).
+pub const MAX_TAG: usize = MAX_LABEL_KEY + 1 + MAX_LABEL_VALUE;
+/// Characters of a refused value shown back in an error or a log line.
+const SHOWN_CHARS: usize = 64;
+
+/// One field of a message broke its rule or limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Where, e.g. `heartbeat.apps[3].releases[0].id`.
+    pub field: String,
+    /// What is wrong, with the limit or rule.
+    pub problem: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+impl FieldError {
+    /// An error for `field`.
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The same error for the field as part of `outer` (`outer.field`).
+    #[must_use]
+    pub fn within(mut self, outer: &str) -> Self {
+        self.field = format!("{outer}.{}", self.field);
+        self
+    }
+}
+
+/// A value from outside as it may be printed: control characters escaped,
+/// cut after a few dozen characters with the full length said.
+#[derive(Debug, Clone, Copy)]
+pub struct Shown<'a>(&'a str);
+
+/// See [`Shown`].
+pub fn shown(value: &str) -> Shown<'_> {
+    Shown(value)
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for c in self.0.chars().take(SHOWN_CHARS) {
+            write!(f, "{}", c.escape_debug())?;
+        }
+        f.write_str("\"")?;
+        let chars = self.0.chars().count();
+        if chars > SHOWN_CHARS {
+            write!(f, "… ({} bytes)", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// `value` cut to at most `max` bytes at a character boundary, for a
+/// sender that must stay within a limit (its own long message).
+pub fn truncate(value: &str, max: usize) -> &str {
+    if value.len() <= max {
+        return value;
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
+/// Text printed into a table cell or a one-line log: control characters
+/// (newlines, escapes) escaped so a value cannot split a row or forge a
+/// line, and cut to `max` characters with `…`.
+pub fn one_line(value: &str, max: usize) -> String {
+    let mut out = String::with_capacity(value.len().min(max + 8));
+    let mut count = 0;
+    for c in value.chars() {
+        if count >= max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        count += 1;
+    }
+    out
+}
+
+fn too_long(field: &str, value: &str, max: usize) -> FieldError {
+    FieldError::new(
+        field,
+        format!(
+            "{} bytes is over the limit of {max} ({})",
+            value.len(),
+            shown(value)
+        ),
+    )
+}
+
+/// At most `max` bytes.
+pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    if value.len() > max {
+        return Err(too_long(field, value, max));
+    }
+    Ok(())
+}
+
+/// At most `max` bytes and no control characters (one line).
+pub fn check_line(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    check_len(field, value, max)?;
+    if value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            format!("{} contains control characters", shown(value)),
+        ));
+    }
+    Ok(())
+}
+
+/// At most `max` items.
+pub fn check_count(field: &str, count: usize, max: usize) -> Result<(), FieldError> {
+    if count > max {
+        return Err(FieldError::new(
+            field,
+            format!("{count} entries is over the limit of {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// A name: 1 to `max` of letters, digits, `. _ -`, starting with a letter
+/// or digit.
+fn check_name(field: &str, what: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    let valid = !value.is_empty()
+        && value.len() <= max
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && value.chars().all(is_name_char);
+    if valid {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!(
+            "invalid {what} {}: 1 to {max} letters, digits, . _ - starting with a letter or digit",
+            shown(value)
+        ),
+    ))
+}
+
+/// Node names (the same rule is checked at enrollment and in selectors).
+pub fn check_node_name(field: &str, name: &str) -> Result<(), FieldError> {
+    check_name(field, "node name", name, MAX_NODE_NAME)
+}
+
+/// App names, as the agent's config allows them: 1 to 64 letters, digits,
+/// `. _ -`, not starting with `.` (the agent makes each a directory).
+pub fn check_app_name(field: &str, app: &str) -> Result<(), FieldError> {
+    if is_app_name(app) {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!(
+            "invalid app name {}: 1 to {MAX_APP_NAME} letters, digits, . _ - not starting with .",
+            shown(app)
+        ),
+    ))
+}
+
+/// True if `app` is a usable app name (see [`check_app_name`]).
+pub fn is_app_name(app: &str) -> bool {
+    !app.is_empty()
+        && app.len() <= MAX_APP_NAME
+        && !app.starts_with('.')
+        && app.chars().all(is_name_char)
+}
+
+/// Release ids: a directory under `releases/`.
+pub fn check_release_id(field: &str, id: &str) -> Result<(), FieldError> {
+    check_name(field, "release id", id, MAX_RELEASE_ID)
+}
+
+/// Empty, or a release id.
+fn check_optional_release_id(field: &str, id: &str) -> Result<(), FieldError> {
+    if id.is_empty() {
+        return Ok(());
+    }
+    check_release_id(field, id)
+}
+
+/// A sha256 as stored: 64 lowercase hex digits.
+pub fn check_sha256(field: &str, digest: &str) -> Result<(), FieldError> {
+    let valid = digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if valid {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!(
+            "{} is not a sha256 (64 lowercase hex digits)",
+            shown(digest)
+        ),
+    ))
+}
+
+/// Empty, or a git commit id: 7 to 64 hex digits.
+pub fn check_git_sha(field: &str, sha: &str) -> Result<(), FieldError> {
+    if sha.is_empty() {
+        return Ok(());
+    }
+    let valid = (MIN_GIT_SHA..=MAX_GIT_SHA).contains(&sha.len())
+        && sha.bytes().all(|b| b.is_ascii_hexdigit());
+    if valid {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!(
+            "{} is not a git commit id ({MIN_GIT_SHA} to {MAX_GIT_SHA} hex digits)",
+            shown(sha)
+        ),
+    ))
+}
+
+/// A label key: 1 to 63 letters, digits, `. _ - /`.
+pub fn check_label_key(field: &str, key: &str) -> Result<(), FieldError> {
+    let valid = !key.is_empty()
+        && key.len() <= MAX_LABEL_KEY
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    if valid {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!(
+            "invalid label key {}: 1 to {MAX_LABEL_KEY} letters, digits, . _ - /",
+            shown(key)
+        ),
+    ))
+}
+
+/// A label value: at most 255 bytes, no whitespace or control characters.
+pub fn check_label_value(field: &str, value: &str) -> Result<(), FieldError> {
+    check_len(field, value, MAX_LABEL_VALUE)?;
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "label value {} contains whitespace or control characters",
+                shown(value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Labels as a node reports them: at most [`MAX_LABELS`], each key and
+/// value within its rule.
+pub fn check_labels(field: &str, labels: &HashMap<String, String>) -> Result<(), FieldError> {
+    check_count(field, labels.len(), MAX_LABELS)?;
+    for (key, value) in labels {
+        check_label_key(&format!("{field}[{}]", shown(key)), key)?;
+        check_label_value(&format!("{field}[{key}]"), value)?;
+    }
+    Ok(())
+}
+
+/// A tag (`key:value` or a bare `key`), as join tokens carry and selectors
+/// match.
+pub fn check_tag(field: &str, tag: &str) -> Result<(), FieldError> {
+    check_len(field, tag, MAX_TAG)?;
+    let (key, value) = tag.split_once(':').unwrap_or((tag, ""));
+    check_label_key(field, key)?;
+    check_label_value(field, value)
+}
+
+/// A node selector: a node by id or name, or a tag.
+pub fn check_selector(field: &str, selector: Option<&Selector>) -> Result<(), FieldError> {
+    match selector.and_then(|s| s.target.as_ref()) {
+        None => Ok(()),
+        Some(selector::Target::Node(node)) => check_node_name(&format!("{field}.node"), node),
+        Some(selector::Target::Tag(tag)) => check_tag(&format!("{field}.tag"), tag),
+    }
+}
+
+/// A message's fields within their rules and limits.
+pub trait Validate {
+    /// The first field (in declaration order) that breaks its rule.
+    fn validate(&self) -> Result<(), FieldError>;
+}
+
+impl Validate for EnrollRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_len("join_token", &self.join_token, MAX_JOIN_TOKEN)?;
+        check_node_name("node_name", &self.node_name)?;
+        check_len("csr_pem", &self.csr_pem, MAX_CSR_PEM)?;
+        check_line("agent_version", &self.agent_version, MAX_VERSION)?;
+        check_labels("labels", &self.labels)
+    }
+}
+
+impl Validate for RenewRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_len("csr_pem", &self.csr_pem, MAX_CSR_PEM)
+    }
+}
+
+impl Validate for FetchArtifactRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_sha256("sha256", &self.sha256)?;
+        check_line("command_id", &self.command_id, MAX_COMMAND_ID)
+    }
+}
+
+fn check_apps(field: &str, apps: &[AppStatus]) -> Result<(), FieldError> {
+    check_count(field, apps.len(), MAX_APPS)?;
+    for (i, app) in apps.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        check_app_name(&format!("{at}.app"), &app.app)?;
+        check_optional_release_id(&format!("{at}.current_release"), &app.current_release)?;
+        check_len(&format!("{at}.health"), &app.health, MAX_HEALTH)?;
+        check_count(&format!("{at}.releases"), app.releases.len(), MAX_RELEASES)?;
+        for (j, release) in app.releases.iter().enumerate() {
+            let at = format!("{at}.releases[{j}]");
+            check_release_id(&format!("{at}.id"), &release.id)?;
+            check_line(&format!("{at}.status"), &release.status, MAX_WORD)?;
+            if !release.artifact_sha256.is_empty() {
+                check_sha256(&format!("{at}.artifact_sha256"), &release.artifact_sha256)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_metrics(field: &str, metrics: &NodeMetrics) -> Result<(), FieldError> {
+    for (name, value) in [
+        ("cpu_percent", metrics.cpu_percent),
+        ("load1", metrics.load1),
+        ("load5", metrics.load5),
+        ("load15", metrics.load15),
+    ] {
+        if !value.is_finite() || value < 0.0 {
+            return Err(FieldError::new(
+                format!("{field}.{name}"),
+                format!("{value} is not a finite number ≥ 0"),
+            ));
+        }
+    }
+    check_count(&format!("{field}.disks"), metrics.disks.len(), MAX_DISKS)?;
+    for (i, disk) in metrics.disks.iter().enumerate() {
+        check_line(&format!("{field}.disks[{i}].mount"), &disk.mount, MAX_MOUNT)?;
+    }
+    Ok(())
+}
+
+impl Validate for Hello {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_line("node_id", &self.node_id, MAX_NODE_ID)?;
+        check_line("agent_version", &self.agent_version, MAX_VERSION)?;
+        check_apps("apps", &self.apps)
+    }
+}
+
+impl Validate for Heartbeat {
+    fn validate(&self) -> Result<(), FieldError> {
+        if let Some(metrics) = &self.metrics {
+            check_metrics("metrics", metrics)?;
+        }
+        check_apps("apps", &self.apps)?;
+        check_line("agent_version", &self.agent_version, MAX_VERSION)
+    }
+}
+
+impl Validate for Progress {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_line("command_id", &self.command_id, MAX_COMMAND_ID)?;
+        check_line("step", &self.step, MAX_WORD)?;
+        check_len("message", &self.message, MAX_MESSAGE)
+    }
+}
+
+impl Validate for CommandResult {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_line("command_id", &self.command_id, MAX_COMMAND_ID)?;
+        check_optional_release_id("release_id", &self.release_id)?;
+        check_len("message", &self.message, MAX_MESSAGE)
+    }
+}
+
+impl Validate for AgentMessage {
+    fn validate(&self) -> Result<(), FieldError> {
+        match &self.kind {
+            None => Ok(()),
+            Some(agent_message::Kind::Hello(m)) => m.validate().map_err(|e| e.within("hello")),
+            Some(agent_message::Kind::Heartbeat(m)) => {
+                m.validate().map_err(|e| e.within("heartbeat"))
+            }
+            Some(agent_message::Kind::Progress(m)) => {
+                m.validate().map_err(|e| e.within("progress"))
+            }
+            Some(agent_message::Kind::Result(m)) => m.validate().map_err(|e| e.within("result")),
+        }
+    }
+}
+
+impl Validate for ControllerMessage {
+    fn validate(&self) -> Result<(), FieldError> {
+        use controller_message::Kind;
+        let command = |id: &str, app: &str| {
+            check_line("command_id", id, MAX_COMMAND_ID)?;
+            check_app_name("app", app)
+        };
+        match &self.kind {
+            None | Some(Kind::StatusRequest(_) | Kind::ArtifactChunk(_) | Kind::Welcome(_)) => {
+                Ok(())
+            }
+            Some(Kind::Deploy(d)) => {
+                command(&d.command_id, &d.app)?;
+                check_release_id("release_id", &d.release_id)?;
+                check_sha256("artifact_sha256", &d.artifact_sha256)?;
+                check_len("artifact_url", &d.artifact_url, MAX_URL)?;
+                check_git_sha("git_sha", &d.git_sha)
+            }
+            .map_err(|e: FieldError| e.within("deploy")),
+            Some(Kind::Rollback(r)) => command(&r.command_id, &r.app)
+                .and_then(|()| check_optional_release_id("to_release_id", &r.to_release_id))
+                .map_err(|e| e.within("rollback")),
+            Some(Kind::Prune(p)) => command(&p.command_id, &p.app).map_err(|e| e.within("prune")),
+            Some(Kind::Restart(r)) => {
+                command(&r.command_id, &r.app).map_err(|e| e.within("restart"))
+            }
+        }
+    }
+}
+
+impl Validate for DeployRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_sha256("sha256", &self.sha256)?;
+        check_optional_release_id("release_id", &self.release_id)?;
+        check_selector("selector", self.selector.as_ref())?;
+        check_git_sha("git_sha", &self.git_sha)?;
+        check_len("artifact_url", &self.artifact_url, MAX_URL)
+    }
+}
+
+impl Validate for RollbackRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_optional_release_id("to_release_id", &self.to_release_id)?;
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for RestartRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for PruneRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for FleetStatusRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.app.is_empty() {
+            return Ok(());
+        }
+        check_app_name("app", &self.app)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_one_rule() {
+        for good in ["n1", "web-1.prod_a", &"a".repeat(MAX_NODE_NAME)] {
+            check_node_name("node_name", good).unwrap();
+        }
+        for bad in [
+            "",
+            "../../etc",
+            "a/b",
+            "<script>",
+            "n1\nFAKE LOG LINE",
+            "-n",
+            ".n",
+            "a b",
+            &"a".repeat(MAX_NODE_NAME + 1),
+        ] {
+            let err = check_node_name("node_name", bad).unwrap_err();
+            assert_eq!(err.field, "node_name");
+            assert!(err.problem.starts_with("invalid node name"), "{err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn shown_values_are_escaped_and_cut() {
+        assert_eq!(shown("a\nb").to_string(), r#""a\nb""#);
+        let long = "x".repeat(100_000);
+        let text = shown(&long).to_string();
+        assert!(text.len() < 100, "{text}");
+        assert!(text.ends_with("… (100000 bytes)"), "{text}");
+        assert_eq!(one_line("a\nb\u{1b}[31m", 80), "a\\nb\\u{1b}[31m");
+        assert_eq!(one_line("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn limits_hold_at_the_edge() {
+        let mut labels = HashMap::new();
+        for i in 0..MAX_LABELS {
+            labels.insert(format!("k{i}"), "v".repeat(MAX_LABEL_VALUE));
+        }
+        check_labels("labels", &labels).unwrap();
+        labels.insert("one-more".to_owned(), String::new());
+        let err = check_labels("labels", &labels).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "labels: {} entries is over the limit of {MAX_LABELS}",
+                MAX_LABELS + 1
+            )
+        );
+        let mut labels = HashMap::new();
+        labels.insert("k".to_owned(), "v".repeat(MAX_LABEL_VALUE + 1));
+        let err = check_labels("labels", &labels).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("labels[k]: 256 bytes is over the limit of 255"));
+
+        check_git_sha("git_sha", &"a".repeat(40)).unwrap();
+        check_git_sha("git_sha", "").unwrap();
+        let err = check_git_sha("git_sha", &"a".repeat(1_000_000)).unwrap_err();
+        assert!(err.to_string().len() < 200, "{err}");
+    }
+
+    #[test]
+    fn nested_fields_are_named() {
+        let beat = Heartbeat {
+            apps: vec![AppStatus {
+                app: "web".to_owned(),
+                releases: vec![crate::v1::ReleaseInfo {
+                    id: "../x".to_owned(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let message = AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(beat)),
+        };
+        let err = message.validate().unwrap_err();
+        assert_eq!(err.field, "heartbeat.apps[0].releases[0].id");
+    }
+}
