@@ -31,7 +31,7 @@ pub const MAX_ARTIFACT_SIZE: u64 = 2 * 1024 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     /// A digest that is not 64 lowercase hex characters.
-    #[error("invalid sha256 {0:?}: expected 64 lowercase hex characters")]
+    #[error("invalid sha256 {}: expected 64 lowercase hex characters", slipway_proto::limits::shown(.0))]
     BadDigest(String),
     /// No artifact with this digest is stored.
     #[error("no artifact with sha256 {0}")]
