@@ -1313,6 +1313,83 @@ mod tests {
     }
 
     #[test]
+    fn hostile_values_cannot_split_rows_or_widen_the_table() {
+        let mut evil = node(
+            "n1\nFAKE ROW online",
+            NodeState::Online,
+            "0.1\u{1b}[31m",
+            10,
+            vec![app("web", "v1", "unhealthy: line one\nline two")],
+        );
+        // 1,000 labels of 100 characters, and one of 70,000: the cell is cut.
+        evil.labels = serde_json::Value::Object(
+            (0..1000)
+                .map(|i| (format!("k{i}"), serde_json::json!("v".repeat(100))))
+                .chain([("big".to_owned(), serde_json::json!("x".repeat(70_000)))])
+                .collect(),
+        );
+        let nodes = [evil, node("n2", NodeState::Online, "0.1", 10, vec![])];
+        let table = render_table(&nodes);
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(table.lines().all(|l| l.chars().count() < 1500), "{table}");
+        assert!(table.contains("n1\\nFAKE ROW online"), "{table}");
+        assert!(!table.contains('\u{1b}'), "{table}");
+
+        let status = summarize_status(
+            &nodes,
+            &StatusInputs {
+                app: None,
+                connected: &[],
+                refresh: None,
+                deployments: &[],
+                now: 200,
+            },
+        );
+        let text = render_status(&status);
+        assert!(!text.lines().any(|l| l.starts_with("FAKE")), "{text}");
+        assert!(text.contains("line one\\nline two"), "{text}");
+    }
+
+    #[test]
+    fn online_needs_a_session_in_the_controllers_views() {
+        let mut views = vec![
+            node("a", NodeState::Online, "0.1", 10, vec![]),
+            node("b", NodeState::Online, "0.1", 10, vec![]),
+            node("c", NodeState::Unreachable, "0.1", 10, vec![]),
+        ];
+        apply_sessions(&mut views, |id| id == "n-a");
+        let states: Vec<NodeState> = views.iter().map(|v| v.state).collect();
+        assert_eq!(
+            states,
+            [
+                NodeState::Online,
+                NodeState::Disconnected,
+                NodeState::Unreachable
+            ]
+        );
+        let connected = ["n-a".to_owned()];
+        let status = summarize_status(
+            &views,
+            &StatusInputs {
+                app: None,
+                connected: &connected,
+                refresh: None,
+                deployments: &[],
+                now: 200,
+            },
+        );
+        assert!(!status.ok());
+        assert!(
+            status
+                .problems
+                .iter()
+                .any(|p| p.starts_with("b holds no session with the controller")),
+            "{:?}",
+            status.problems
+        );
+    }
+
+    #[test]
     fn byte_units() {
         assert_eq!(bytes(512), "512B");
         assert_eq!(bytes(24 * 1024 * 1024), "24.0M");

@@ -224,6 +224,12 @@ mod tests {
             node_state(Some(10_010), 10_012, started, FIVE, 3),
             NodeState::Online
         );
+        // Heard by the previous controller a moment before this one
+        // started: not online until it connects to this one.
+        assert_eq!(
+            node_state(Some(9_998), 10_001, started, FIVE, 3),
+            NodeState::Unknown
+        );
         // A longer interval (large fleet) stretches both windows.
         let twenty = Duration::from_secs(20);
         assert_eq!(
