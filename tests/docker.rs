@@ -2,7 +2,8 @@
 //! release) pushed through the controller to `slipway-agent run`: deploys
 //! that serve, a deploy the health gate rolls back, `slipway rollback`,
 //! `restart` and `prune`, and the images of pruned releases removed from
-//! the engine while the current release's and the rollback target's stay.
+//! the engine (by prunes, and by `run`'s housekeeping under disk pressure)
+//! while the current release's and the rollback target's stay.
 //!
 //! `run` calls the driver on the blocking threads of its runtime; the local
 //! `slipway-agent deploy` tests (node-agent/tests/docker_*) never do.
@@ -349,6 +350,36 @@ liveness_interval = "500ms"
     for gone in ["v0", "v2", "v3"] {
         assert!(!has_image(&format!("{repo}:{gone}")), "{repo}:{gone} kept");
     }
+    assert_eq!(serving(ports), ["v4"]);
+
+    // Housekeeping in `run`: under disk pressure it first removes release
+    // tags of releases gone (here a stray one, as a prune whose image
+    // removal failed would leave), keeping those of the releases left.
+    agent.stop_run();
+    docker(&["tag", &format!("{repo}:v1"), &format!("{repo}:gone")]);
+    let config = fs::read_to_string(&agent.config).unwrap();
+    let pressed = config.replacen(
+        "keep_failed = 0\n",
+        "keep_failed = 0\ndisk_pressure_free = \"1000000TB\"\n",
+        1,
+    );
+    assert_ne!(config, pressed);
+    fs::write(&agent.config, pressed).unwrap();
+    agent.run();
+    let last_prune = || -> Option<serde_json::Value> {
+        let record = fs::read(agent.root.join(".slipway/prune-last.json")).ok()?;
+        serde_json::from_slice(&record).ok()
+    };
+    support::wait_until(
+        "housekeeping to remove the stray release tag",
+        Duration::from_secs(30),
+        || {
+            !has_image(&format!("{repo}:gone"))
+                && last_prune().is_some_and(|p| p["trigger"] == "disk_pressure")
+        },
+    );
+    assert_eq!(release_images(), ["v1", "v4"]);
+    assert_eq!(agent.release_dirs(), ["v1", "v4"]);
     assert_eq!(serving(ports), ["v4"]);
 
     agent.stop_run();
