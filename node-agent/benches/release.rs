@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use slipway_agent::artifact::{pack_dir, Compression};
+use slipway_agent::bridge::Bridge;
 use slipway_agent::config::{AppConfig, UnpackLimits};
 use slipway_agent::release::objects::ObjectStore;
 use slipway_agent::release::{activate, unpack, DeployRequest, ReleaseId, Store};
@@ -294,6 +295,8 @@ fn disk_usage(dir: &Path, seen: &mut HashSet<u64>) -> u64 {
 }
 
 fn redeploy_and_disk(work: &Path, quick: bool, rows: &mut Vec<Row>) {
+    // The bench app has no driver; the store wants a runtime all the same.
+    let bridge = Bridge::owned().unwrap();
     let rounds = if quick { 2 } else { 5 };
     let src = work.join("rd-src");
     make_tree(&src, 2000, 20 << 20, 0);
@@ -309,7 +312,7 @@ fn redeploy_and_disk(work: &Path, quick: bool, rows: &mut Vec<Row>) {
     let mut roots = Vec::new();
     for r in 0..rounds {
         let root = work.join(format!("rd-root-{r}"));
-        let store = Store::new(&app(root.clone()));
+        let store = Store::new(&app(root.clone()), &bridge);
         first_t.push(deploy(&store, &art, "first"));
         again_t.push(deploy(&store, &art, "again"));
         roots.push(root);
@@ -333,7 +336,7 @@ fn redeploy_and_disk(work: &Path, quick: bool, rows: &mut Vec<Row>) {
 
     // Ten near-identical releases: each changes 20 of the 2,000 files.
     let root = work.join("disk-root");
-    let store = Store::new(&app(root.clone()));
+    let store = Store::new(&app(root.clone()), &bridge);
     let mut one = 0;
     for v in 0..10u64 {
         let s = work.join(format!("disk-src-{v}"));

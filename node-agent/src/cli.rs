@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+use crate::bridge::Bridge;
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::release::{self, DeployRequest, ReleaseError, ReleaseId, Snapshot, Store};
 
@@ -261,9 +262,17 @@ pub fn run_code(cli: Cli) -> u8 {
     }
 }
 
+/// The store of `app` for this one-shot command, with the runtime its
+/// driver blocks on (one per command).
 fn store_for(config: &Config, app: &str) -> Result<Store, Failure> {
     let app = config.app(app).map_err(|e| usage(e.to_string()))?;
-    Ok(Store::new(app))
+    Ok(Store::new(app, &owned_bridge()?))
+}
+
+/// The runtime a one-shot command's blocking code (a driver, a download)
+/// blocks on: built once per command, never per call.
+fn owned_bridge() -> Result<Bridge, Failure> {
+    Bridge::owned().map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}").into())
 }
 
 fn parse_id(id: &str) -> Result<ReleaseId, Failure> {
@@ -601,9 +610,10 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Status { json } => {
             let config = load()?;
+            let bridge = owned_bridge()?;
             let mut apps = Vec::new();
             for app in config.apps.values() {
-                apps.push(app_status(app)?);
+                apps.push(app_status(app, &bridge)?);
             }
             let roots: Vec<PathBuf> = config.apps.values().map(|a| a.root.clone()).collect();
             let node = crate::metrics::snapshot(&roots);
@@ -632,12 +642,13 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         Command::Stop { app } => {
             let config = load()?;
             let app_cfg = config.app(&app).map_err(|e| usage(e.to_string()))?;
-            let Some(driver) = crate::driver::for_app(app_cfg) else {
+            let bridge = owned_bridge()?;
+            let Some(driver) = crate::driver::for_app(app_cfg, &bridge) else {
                 return Err(usage(format!(
                     "app {app:?} has no [apps.{app}.run] driver to stop"
                 )));
             };
-            let store = Store::new(app_cfg);
+            let store = Store::new(app_cfg, &bridge);
             let _session = store.begin("stop", None)?;
             driver.stop(app_cfg).map_err(|e| Failure {
                 code: 1,
@@ -661,7 +672,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// A runtime for the one async call of a command (enroll, deploy --url).
+/// A runtime for the one async call of `enroll`.
 fn current_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -691,7 +702,8 @@ fn deploy_from_url(
     let sha256 = crate::download::normalize_sha256(&sha256).map_err(download_failure)?;
     crate::download::parse_url(url).map_err(download_failure)?;
     let mut session = store.begin("deploy", id.as_ref())?;
-    let fetched = current_thread_runtime()?
+    let fetched = store
+        .bridge()
         .block_on(crate::download::fetch(
             url,
             &sha256,
@@ -723,9 +735,9 @@ struct AppStatus {
     last_prune: Option<crate::release::PruneRecord>,
 }
 
-fn app_status(app: &crate::config::AppConfig) -> Result<AppStatus, Failure> {
-    let snapshot = Store::new(app).snapshot()?;
-    let (processes, process_error) = match crate::driver::for_app(app) {
+fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStatus, Failure> {
+    let snapshot = Store::new(app, bridge).snapshot()?;
+    let (processes, process_error) = match crate::driver::for_app(app, bridge) {
         None => (None, None),
         Some(d) => match d.status(app) {
             Ok(s) => (Some(s), None),

@@ -24,6 +24,7 @@ use slipway_proto::v1::{
 };
 use tokio::sync::mpsc;
 
+use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::download;
 use crate::durable;
@@ -169,7 +170,9 @@ pub async fn execute(config: Config, ctl: ControllerConfig, msg: ControllerMessa
         // Answered with a fresh heartbeat: it changes nothing, so asking
         // again is harmless and it is neither recorded nor de-duplicated.
         let cfg = config.clone();
-        if let Ok(beat) = tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg)).await
+        let bridge = Bridge::current();
+        if let Ok(beat) =
+            tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg, &bridge)).await
         {
             send(&out, agent_message::Kind::Heartbeat(beat)).await;
         }
@@ -301,7 +304,7 @@ async fn deploy_artifact(
         if let Source::Url(url) = &source {
             download::parse_url(url).map_err(|e| e.to_string())?;
         }
-        let store = Store::new(&app);
+        let store = Store::new(&app, &Bridge::from(handle.clone()));
         let mut session = store
             .begin("deploy", release.as_ref())
             .map_err(|e| e.to_string())?;
@@ -370,6 +373,8 @@ async fn run(
 ) -> Recorded {
     use controller_message::Kind;
     let app_of = |name: &str| config.app(name).cloned().map_err(|e| e.to_string());
+    // The app's driver blocks on this runtime from the blocking threads below.
+    let bridge = Bridge::current();
     match kind {
         Kind::Deploy(d) => {
             let app = match app_of(&d.app) {
@@ -414,7 +419,7 @@ async fn run(
             };
             progress(out, id, "rollback", "switching current".into()).await;
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app);
+                let store = Store::new(&app, &bridge);
                 let mut session = store.begin("rollback", to.as_ref())?;
                 session.rollback(to.as_ref())
             })
@@ -457,7 +462,7 @@ async fn run(
                 p.keep as usize
             };
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app);
+                let store = Store::new(&app, &bridge);
                 let mut session = store.begin("prune", None)?;
                 session.prune(keep)
             })
@@ -486,7 +491,7 @@ async fn run(
                 Err(e) => return recorded(id, "failed", "", e),
             };
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app);
+                let store = Store::new(&app, &bridge);
                 let mut session = store.begin("restart", None)?;
                 session.restart()
             })

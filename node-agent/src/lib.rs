@@ -31,6 +31,9 @@
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
+//! - [`bridge`]: how blocking code (a driver on a `spawn_blocking` thread)
+//!   blocks on an async client: the daemon's runtime handle, or one runtime
+//!   a one-shot command owns; handed down from whoever starts the work.
 //! - [`artifact`]: packing a directory into a reproducible artifact.
 //! - [`download`]: artifacts fetched from an HTTPS URL + sha256 into the
 //!   app's artifact cache (deploy by URL, from the CLI or the controller).
@@ -39,6 +42,7 @@
 //! - [`fault`]: crash points for the crash-safety tests.
 
 pub mod artifact;
+pub mod bridge;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, RunConfig};
 use crate::health::{self, Liveness, ProbeTarget};
 use crate::release::{activate, Journal, Paths, Store};
@@ -23,10 +24,13 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs liveness loops for every app with a health check until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Drivers block on this (multi-thread) runtime from its blocking threads.
+    let bridge = Bridge::current();
     let apps: Vec<AppConfig> = config.apps.values().cloned().collect();
+    let b = bridge.clone();
     tokio::task::spawn_blocking(move || {
         for app in &apps {
-            resurrect(app);
+            resurrect(app, &b);
         }
     })
     .await?;
@@ -36,7 +40,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         if app.health.is_some() {
             tasks.push(tokio::spawn(watch(app.clone(), stop.clone())));
         }
-        tasks.push(tokio::spawn(housekeeping(app.clone(), stop.clone())));
+        tasks.push(tokio::spawn(housekeeping(
+            app.clone(),
+            bridge.clone(),
+            stop.clone(),
+        )));
     }
     if let Some(ctl) = config.controller.clone() {
         let s = stop.clone();
@@ -91,7 +99,7 @@ const EVENT_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Rotates the app's logs when due (at once when a file event says one grew,
 /// otherwise on a tick) and relieves disk pressure.
-async fn housekeeping(app: AppConfig, stop: CancellationToken) {
+async fn housekeeping(app: AppConfig, bridge: Bridge, stop: CancellationToken) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = LogWatcher::new(tx);
     if watcher.is_none() {
@@ -101,8 +109,8 @@ async fn housekeeping(app: AppConfig, stop: CancellationToken) {
         if let Some(w) = &mut watcher {
             w.watch_dirs(&app);
         }
-        let a = app.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || housekeep_once(&a)).await {
+        let (a, b) = (app.clone(), bridge.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || housekeep_once(&a, &b)).await {
             tracing::warn!(app = %app.name, error = %e, "housekeeping panicked");
         }
         let tick = if watcher.is_some() {
@@ -118,8 +126,9 @@ async fn housekeeping(app: AppConfig, stop: CancellationToken) {
     }
 }
 
-/// One pass: rotate due logs, then prune if the disk is under pressure.
-pub fn housekeep_once(app: &AppConfig) {
+/// One pass: rotate due logs, then prune if the disk is under pressure
+/// (the driver's images first, through `bridge`).
+pub fn housekeep_once(app: &AppConfig, bridge: &Bridge) {
     let (_, errors) = crate::logs::rotate_app(app, false);
     for e in errors {
         tracing::warn!(app = %app.name, error = %e, "log rotation failed");
@@ -135,7 +144,7 @@ pub fn housekeep_once(app: &AppConfig) {
         return;
     }
     tracing::warn!(app = %app.name, free, threshold, "disk pressure: pruning");
-    let store = Store::new(app);
+    let store = Store::new(app, bridge);
     match store.begin("disk pressure", None) {
         Ok(mut session) => {
             if let Err(e) = session.relieve_pressure(threshold) {
@@ -200,7 +209,7 @@ impl LogWatcher {
 
 /// Starts the current release of an exec-driver app that has no running
 /// supervisor. Errors are logged: one app must not keep the agent down.
-fn resurrect(app: &AppConfig) {
+fn resurrect(app: &AppConfig, bridge: &Bridge) {
     if !matches!(app.run, Some(RunConfig::Exec(_))) {
         return;
     }
@@ -216,7 +225,7 @@ fn resurrect(app: &AppConfig) {
         }
     };
     // Under the app's lock, so a deploy starting now cannot race the start.
-    let store = Store::new(app);
+    let store = Store::new(app, bridge);
     let result = store
         .begin("start", Some(&current))
         .map_err(|e| e.to_string())

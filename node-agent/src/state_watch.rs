@@ -138,7 +138,13 @@ mod tests {
         let root = dir.join("app");
         let text = format!("[apps.web]\nroot = \"{}\"\n", root.display());
         let config = Config::parse(&dir.join("agent.toml"), &text).unwrap();
-        (Store::new(config.app("web").unwrap()), root)
+        (
+            Store::new(
+                config.app("web").unwrap(),
+                &crate::bridge::Bridge::current(),
+            ),
+            root,
+        )
     }
 
     fn artifact(dir: &Path, version: &str) -> PathBuf {

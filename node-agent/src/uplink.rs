@@ -21,6 +21,7 @@ use slipway_proto::v1::{
     agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics, ReleaseInfo,
 };
 
+use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::health::Liveness;
 use crate::link;
@@ -55,10 +56,11 @@ pub async fn run(
     loop {
         let hello = {
             let cfg = config.clone();
+            let bridge = Bridge::current();
             tokio::task::spawn_blocking(move || Hello {
                 node_id: String::new(),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                apps: app_statuses(&cfg),
+                apps: app_statuses(&cfg, &bridge),
             })
             .await
             .unwrap_or_default()
@@ -193,7 +195,8 @@ async fn changed(watch: Option<&mut StateWatcher>) {
 /// Sends one heartbeat on the session.
 async fn send_heartbeat(config: &Config, session: &link::Session) -> Result<(), Ended> {
     let cfg = config.clone();
-    let beat = tokio::task::spawn_blocking(move || heartbeat(&cfg))
+    let bridge = Bridge::current();
+    let beat = tokio::task::spawn_blocking(move || heartbeat(&cfg, &bridge))
         .await
         .map_err(|e| Ended::other(format!("heartbeat task failed: {e}")))?;
     let msg = AgentMessage {
@@ -246,8 +249,9 @@ impl Jitter {
     }
 }
 
-/// One heartbeat: the node's metrics and every app's state.
-pub fn heartbeat(config: &Config) -> Heartbeat {
+/// One heartbeat: the node's metrics and every app's state (reading it may
+/// finish an interrupted operation through the app's driver, on `bridge`).
+pub fn heartbeat(config: &Config, bridge: &Bridge) -> Heartbeat {
     let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
     let m = crate::metrics::snapshot(&roots);
     let disks = m
@@ -273,7 +277,7 @@ pub fn heartbeat(config: &Config) -> Heartbeat {
             load15: m.load15,
             disks,
         }),
-        apps: app_statuses(config),
+        apps: app_statuses(config, bridge),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         agent_rss_bytes: own_rss_bytes(),
     }
@@ -293,12 +297,16 @@ fn own_rss_bytes() -> u64 {
 
 /// What the controller needs of each app; an app whose state cannot be
 /// read is reported with the error as its health.
-pub fn app_statuses(config: &Config) -> Vec<AppStatus> {
-    config.apps.values().map(app_status).collect()
+pub fn app_statuses(config: &Config, bridge: &Bridge) -> Vec<AppStatus> {
+    config
+        .apps
+        .values()
+        .map(|app| app_status(app, bridge))
+        .collect()
 }
 
-fn app_status(app: &AppConfig) -> AppStatus {
-    let snap = match Store::new(app).snapshot() {
+fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
+    let snap = match Store::new(app, bridge).snapshot() {
         Ok(s) => s,
         Err(e) => {
             return AppStatus {
@@ -375,7 +383,7 @@ mod tests {
     fn app_status_reports_releases_and_health() {
         let dir = tempfile::tempdir().unwrap();
         let app = AppConfig::with_defaults("web", dir.path().join("app"));
-        let st = app_status(&app);
+        let st = app_status(&app, &Bridge::owned().unwrap());
         assert_eq!(
             (
                 st.app.as_str(),

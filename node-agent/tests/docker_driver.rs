@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use bollard::models::{ContainerInspectResponse, RestartPolicyNameEnum};
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
+use slipway_agent::bridge::Bridge;
 use slipway_agent::config::{AppConfig, DockerConfig, RunConfig};
 use slipway_agent::driver::docker::{container_name, Docker, LABEL_APP, LABEL_PORT, LABEL_RELEASE};
 use slipway_agent::driver::{Activation, Driver, Target};
@@ -94,6 +95,12 @@ fn container_names(app: &str) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The runtime a driver of these tests blocks on: each test thread is a
+/// one-shot caller, like the `slipway-agent` CLI.
+fn bridge() -> Bridge {
+    Bridge::owned().unwrap()
 }
 
 fn docker(args: &[&str]) -> String {
@@ -303,7 +310,7 @@ fn blue_green_activate_then_commit() {
 
     let c1 = w.config(Some(&v1));
     let t1 = w.target(&c1, "v1");
-    let a1 = Docker::new(c1).activate(&t1).unwrap();
+    let a1 = Docker::new(c1, bridge()).activate(&t1).unwrap();
     assert_eq!(a1.port, Some(port_a));
     let name1 = container_name(&w.app, &t1.release);
     assert_eq!(a1.detail, format!("container {name1} on port {port_a}"));
@@ -311,7 +318,7 @@ fn blue_green_activate_then_commit() {
 
     let c2 = w.config(Some(&v2));
     let t2 = w.target(&c2, "v2");
-    let driver = Docker::new(c2);
+    let driver = Docker::new(c2, bridge());
     let a2 = driver.activate(&t2).unwrap();
     assert_eq!(a2.port, Some(port_b));
     assert_eq!(wait_for(port_b, "/api/health", 200), "ok v2\n");
@@ -365,7 +372,7 @@ fn restore_puts_the_previous_release_back() {
 
     let c2 = w.config(Some(&v2));
     let t2 = w.target(&c2, "v2");
-    let d2 = Docker::new(c2);
+    let d2 = Docker::new(c2, bridge());
     let a2 = d2.activate(&t2).unwrap();
     d2.commit(&t2, &a2).unwrap();
     assert_eq!(wait_for(port_a, "/api/health", 200), "ok v2\n");
@@ -373,7 +380,7 @@ fn restore_puts_the_previous_release_back() {
     // v3 comes up but fails its health check.
     let c3 = w.config(Some(&v3));
     let t3 = w.target(&c3, "v3");
-    let d3 = Docker::new(c3);
+    let d3 = Docker::new(c3, bridge());
     let a3 = d3.activate(&t3).unwrap();
     assert_eq!(a3.port, Some(port_b));
     wait_for(port_b, "/api/health", 404);
@@ -399,7 +406,9 @@ fn restore_puts_the_previous_release_back() {
     let a3 = d3.activate(&t3).unwrap();
     assert_eq!(a3.port, Some(port_a), "no container runs: the first port");
     let t2 = w.target(&w.config(Some(&v2)), "v2");
-    let back = Docker::new(w.config(Some(&v2))).restore(&t2, &a3).unwrap();
+    let back = Docker::new(w.config(Some(&v2)), bridge())
+        .restore(&t2, &a3)
+        .unwrap();
     assert!(inspect(handle(&a3)).is_none());
     assert_eq!(back.port, Some(port_a));
     assert!(back.detail.contains("recreated"), "{}", back.detail);
@@ -407,7 +416,7 @@ fn restore_puts_the_previous_release_back() {
 
     // A stopped previous container is started again.
     docker(&["stop", "-t", "1", handle(&back)]);
-    let again = Docker::new(w.config(Some(&v2)))
+    let again = Docker::new(w.config(Some(&v2)), bridge())
         .restore(&t2, &Activation::default())
         .unwrap();
     assert_eq!(again.handle, back.handle);
@@ -425,7 +434,7 @@ fn image_archive_is_loaded_from_the_release() {
     docker(&["save", "-o", archive.to_str().unwrap(), &tag]);
     docker(&["rmi", &tag]);
 
-    let driver = Docker::new(config.clone());
+    let driver = Docker::new(config.clone(), bridge());
     let a = driver.activate(&target).unwrap();
     assert_eq!(wait_for(a.port.unwrap(), "/api/health", 200), "ok vx\n");
     let c = inspect(handle(&a)).unwrap();
@@ -443,14 +452,14 @@ fn image_archive_is_loaded_from_the_release() {
     // A release without its archive: the error names the file.
     let mut missing = config.clone();
     missing.image_archive = Some(PathBuf::from("nope.tar"));
-    let err = Docker::new(missing)
+    let err = Docker::new(missing, bridge())
         .activate(&target)
         .unwrap_err()
         .to_string();
     assert!(err.contains("nope.tar"), "{err}");
 
     // A local image that is not there is never pulled.
-    let err = Docker::new(w.config(Some("slipway-test-absent:nothing")))
+    let err = Docker::new(w.config(Some("slipway-test-absent:nothing")), bridge())
         .activate(&target)
         .unwrap_err()
         .to_string();
@@ -472,7 +481,7 @@ fn env_and_limits_reach_the_container_but_not_status() {
     .unwrap();
     let config = w.config(Some(&image));
     let target = w.target(&config, "v1");
-    let driver = Docker::new(config);
+    let driver = Docker::new(config, bridge());
     let a = driver.activate(&target).unwrap();
     wait_for(a.port.unwrap(), "/api/health", 200);
 
@@ -523,7 +532,7 @@ fn a_taken_port_fails_the_activation_and_leaves_nothing() {
     let _holder = TcpListener::bind(("127.0.0.1", w.ports[0])).unwrap();
     let config = w.config(Some(&image));
     let target = w.target(&config, "v1");
-    let err = Docker::new(config)
+    let err = Docker::new(config, bridge())
         .activate(&target)
         .unwrap_err()
         .to_string();
@@ -572,7 +581,7 @@ fn unreachable_socket_is_a_clear_error() {
         (dir.path().join("missing.sock"), "no such socket"),
         (plain_file, "connection refused"),
     ] {
-        let driver = Docker::new(config_without_engine(socket.clone()));
+        let driver = Docker::new(config_without_engine(socket.clone()), bridge());
         let want = format!(
             "docker: cannot reach the docker engine at {}: {why}",
             socket.display()
@@ -584,11 +593,32 @@ fn unreachable_socket_is_a_clear_error() {
     }
 }
 
-#[tokio::test]
-async fn calling_from_async_code_is_an_error_not_a_panic() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = AppConfig::with_defaults("web", dir.path().join("app"));
-    let driver = Docker::new(config_without_engine(PathBuf::from(SOCKET)));
-    let err = driver.status(&app).unwrap_err().to_string();
-    assert!(err.contains("spawn_blocking"), "{err}");
+/// `slipway-agent run` calls the driver on the blocking threads of its
+/// multi-thread runtime (spawn_blocking), where a runtime handle is entered:
+/// with that runtime's handle as its bridge, the driver deploys there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_on_the_blocking_threads_of_the_daemon_runtime() {
+    let mut w = World::new("blocking");
+    let v1 = w.image("v1", true);
+    let config = w.config(Some(&v1));
+    let target = w.target(&config, "v1");
+    let app = w.app_config(&config);
+    let driver = Docker::new(config, Bridge::current());
+    let (a, status) = tokio::task::spawn_blocking(move || {
+        let a = driver.activate(&target).unwrap();
+        driver.commit(&target, &a).unwrap();
+        let status = driver.status(&app).unwrap();
+        driver
+            .prune_images(&app, std::slice::from_ref(&target.release))
+            .unwrap();
+        (a, status)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.processes.len(), 1, "{status:?}");
+    let port = a.port.unwrap();
+    let body = tokio::task::spawn_blocking(move || wait_for(port, "/api/health", 200))
+        .await
+        .unwrap();
+    assert_eq!(body, "ok v1\n");
 }

@@ -281,6 +281,8 @@ impl Drop for Controller {
 pub struct Agent {
     pub dir: tempfile::TempDir,
     pub name: String,
+    /// The app its agent.toml declares (stopped when the agent is dropped).
+    pub app: String,
     pub config: PathBuf,
     pub root: PathBuf,
     pub port: u16,
@@ -297,19 +299,9 @@ impl Agent {
     /// Enrolls a new node with `controller` and writes its agent.toml (one
     /// exec-driver app `web` behind an HTTP health gate).
     pub fn enroll(controller: &Controller, name: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("app");
-        let state = dir.path().join("state");
-        let port = free_port();
-        let config = dir.path().join("agent.toml");
-        fs::write(
-            &config,
+        let agent = Self::enroll_with(controller, name, "web", |root, port| {
             format!(
-                r#"[controller]
-url = "{url}"
-state_dir = "{state}"
-
-[apps.web]
+                r#"[apps.web]
 root = "{root}"
 shared_files = [".env"]
 
@@ -327,17 +319,46 @@ start_period = "1s"
 deadline = "15s"
 liveness_interval = "500ms"
 "#,
+                root = root.display(),
+            )
+        });
+        fs::create_dir_all(agent.root.join("shared")).unwrap();
+        fs::write(
+            agent.root.join("shared/.env"),
+            format!("PORT={}\n", agent.port),
+        )
+        .unwrap();
+        agent
+    }
+
+    /// Enrolls a new node with `controller` whose agent.toml declares one
+    /// app, `app`: `apps` writes its `[apps.<app>…]` tables from the app's
+    /// root and a free port (`Agent::port`) for it to use.
+    pub fn enroll_with(
+        controller: &Controller,
+        name: &str,
+        app: &str,
+        apps: impl FnOnce(&Path, u16) -> String,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("app");
+        let state = dir.path().join("state");
+        let port = free_port();
+        let config = dir.path().join("agent.toml");
+        fs::write(
+            &config,
+            format!(
+                "[controller]\nurl = \"{url}\"\nstate_dir = \"{state}\"\n\n{apps}",
                 url = controller.url(),
                 state = state.display(),
-                root = root.display(),
+                apps = apps(&root, port),
             ),
         )
         .unwrap();
-        fs::create_dir_all(root.join("shared")).unwrap();
-        fs::write(root.join("shared/.env"), format!("PORT={port}\n")).unwrap();
         let agent = Self {
             dir,
             name: name.to_owned(),
+            app: app.to_owned(),
             config,
             root,
             port,
@@ -535,6 +556,6 @@ pub fn json(out: &Output) -> Value {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop_run();
-        let _ = self.cli(&["stop", "--app", "web"]);
+        let _ = self.cli(&["stop", "--app", &self.app]);
     }
 }

@@ -15,10 +15,12 @@
 //! - `slipway.release`: the release id;
 //! - `slipway.port`: the host port of the pair it was given.
 //!
-//! The [`Driver`] trait is synchronous: every call builds a current-thread
-//! tokio runtime and blocks on it. Call it from a blocking thread
-//! (`spawn_blocking`), never from inside a runtime; that is refused with an
-//! error rather than a panic.
+//! The [`Driver`] trait is synchronous: every call blocks on the Engine API
+//! through the [`Bridge`] the driver was built with (the daemon's runtime
+//! handle under `slipway-agent run`, a runtime of the one-shot command's
+//! own otherwise). Call it from a blocking thread (`spawn_blocking`), never
+//! from async code. One driver keeps one engine client: it connects (and
+//! negotiates the API version) on its first call, not on every call.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,6 +42,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use super::{Activation, Driver, DriverError, DriverStatus, ProcessInfo, Target};
+use crate::bridge::Bridge;
 use crate::config::{AppConfig, DockerConfig};
 use crate::release::ReleaseId;
 
@@ -74,33 +77,39 @@ const CHUNK: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Docker {
     config: DockerConfig,
+    /// The runtime the engine client runs on (see the module docs).
+    bridge: Bridge,
+    /// The version-negotiated engine client, made by the first call: its
+    /// connections live on `bridge`'s runtime, so it is never shared across
+    /// bridges. A failed connect is not kept; the next call tries again.
+    api: tokio::sync::OnceCell<bollard::Docker>,
 }
 
 impl Docker {
-    pub fn new(config: DockerConfig) -> Self {
-        Self { config }
+    pub fn new(config: DockerConfig, bridge: Bridge) -> Self {
+        Self {
+            config,
+            bridge,
+            api: tokio::sync::OnceCell::new(),
+        }
     }
 
-    /// Runs `work` against the engine on a private current-thread runtime.
+    /// Runs `work` against the engine, blocking on the driver's bridge.
     fn run<'a, T, F, Fut>(&'a self, work: F) -> Result<T, DriverError>
     where
         F: FnOnce(Engine<'a>) -> Fut,
         Fut: Future<Output = Result<T, DriverError>>,
     {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // block_on inside a runtime would panic; say what to do instead.
-            return Err(failed(
-                "the docker driver blocks: call it from a blocking thread (spawn_blocking), \
-                 not from async code",
-            ));
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| failed(format!("cannot start a runtime for the engine api: {e}")))?;
-        runtime.block_on(async {
-            let engine = Engine::connect(&self.config).await?;
-            work(engine).await
+        self.bridge.block_on(async {
+            let api = self
+                .api
+                .get_or_try_init(|| Engine::connect(&self.config))
+                .await?;
+            work(Engine {
+                api,
+                config: &self.config,
+            })
+            .await
         })
     }
 }
@@ -318,12 +327,14 @@ fn is_status(e: &ApiError, code: u16) -> bool {
 
 /// A connected, version-negotiated engine client and the driver's settings.
 struct Engine<'a> {
-    api: bollard::Docker,
+    api: &'a bollard::Docker,
     config: &'a DockerConfig,
 }
 
 impl<'a> Engine<'a> {
-    async fn connect(config: &'a DockerConfig) -> Result<Self, DriverError> {
+    /// A client of the engine at the configured socket, speaking its API
+    /// version.
+    async fn connect(config: &DockerConfig) -> Result<bollard::Docker, DriverError> {
         let socket = &config.socket;
         let unreachable = |why: &dyn fmt::Display| {
             failed(format!(
@@ -357,7 +368,7 @@ impl<'a> Engine<'a> {
                 ))
             })?
             .map_err(|e| unreachable(&root_cause(&e)))?;
-        Ok(Self { api, config })
+        Ok(api)
     }
 
     /// `what: <the engine's message>`; transport failures say the engine is

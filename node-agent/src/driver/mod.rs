@@ -21,6 +21,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::bridge::Bridge;
 use crate::config::{AppConfig, RunConfig};
 use crate::envfile;
 use crate::release::ReleaseId;
@@ -153,11 +154,12 @@ pub trait Driver: fmt::Debug + Send + Sync {
     }
 }
 
-/// The driver an app is configured with, if any.
-pub fn for_app(app: &AppConfig) -> Option<Box<dyn Driver>> {
+/// The driver an app is configured with, if any. `bridge` is how a driver
+/// with an async client (docker) blocks on it: the caller's runtime.
+pub fn for_app(app: &AppConfig, bridge: &Bridge) -> Option<Box<dyn Driver>> {
     match app.run.as_ref()? {
         RunConfig::Pm2(c) => Some(Box::new(pm2::Pm2::new(c.clone()))),
-        RunConfig::Docker(c) => Some(Box::new(docker::Docker::new(c.clone()))),
+        RunConfig::Docker(c) => Some(Box::new(docker::Docker::new(c.clone(), bridge.clone()))),
         RunConfig::Exec(c) => Some(Box::new(exec::Exec::new(c.clone()))),
     }
 }

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use crate::bridge::Bridge;
 use crate::config::AppConfig;
 use crate::driver::{self, Activation, Target};
 use crate::health::{self, GatePassed, ProbeTarget};
@@ -182,6 +183,8 @@ pub struct Store {
     app: AppConfig,
     paths: Paths,
     objects: ObjectStore,
+    /// Handed to the app's driver: how it blocks on an async client.
+    bridge: Bridge,
 }
 
 /// What to deploy.
@@ -332,13 +335,21 @@ pub struct Snapshot {
 }
 
 impl Store {
-    pub fn new(app: &AppConfig) -> Self {
+    /// The store of `app`; its driver (for deploys, rollbacks, restarts,
+    /// prunes and crash recovery) reaches async clients through `bridge`.
+    pub fn new(app: &AppConfig, bridge: &Bridge) -> Self {
         let paths = Paths::new(&app.root);
         Self {
             objects: ObjectStore::new(paths.objects.clone()),
             app: app.clone(),
             paths,
+            bridge: bridge.clone(),
         }
+    }
+
+    /// The app's driver, if it has one.
+    fn driver(&self) -> Option<Box<dyn driver::Driver>> {
+        driver::for_app(&self.app, &self.bridge)
     }
 
     pub fn paths(&self) -> &Paths {
@@ -347,6 +358,12 @@ impl Store {
 
     pub fn app(&self) -> &AppConfig {
         &self.app
+    }
+
+    /// How blocking work on this store reaches async clients (its driver's,
+    /// an artifact download's).
+    pub fn bridge(&self) -> &Bridge {
+        &self.bridge
     }
 
     fn ensure_layout(&self) -> Result<()> {
@@ -732,7 +749,7 @@ impl Session<'_> {
     fn serve(&mut self, id: &ReleaseId) -> Result<(Activation, Option<GatePassed>)> {
         let app = self.app().clone();
         let mut activation = Activation::default();
-        let driven = match driver::for_app(&app) {
+        let driven = match self.store.driver() {
             Some(driver) => Some((Target::new(&app, id)?, driver)),
             None => None,
         };
@@ -785,7 +802,7 @@ impl Session<'_> {
     /// already happened, and what fails here is reported, not raised.
     fn restore_previous(&mut self, previous: Option<&ReleaseId>, failed: &Activation) -> String {
         let app = self.app().clone();
-        let Some(driver) = driver::for_app(&app) else {
+        let Some(driver) = self.store.driver() else {
             return "no driver configured".into();
         };
         let Some(prev) = previous else {
@@ -1471,7 +1488,7 @@ impl Session<'_> {
     /// the journal; returns the bytes freed, or `None` without a driver. A
     /// failure is only a warning (nothing freed).
     fn prune_driver_images(&self) -> Option<u64> {
-        let driver = driver::for_app(self.app())?;
+        let driver = self.store.driver()?;
         let kept: Vec<ReleaseId> = self.journal.releases.iter().map(|r| r.id.clone()).collect();
         Some(driver.prune_images(self.app(), &kept).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not prune the driver's images");
