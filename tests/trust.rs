@@ -22,7 +22,13 @@ fn enroll(controller: &Controller, name: &str, extra: &[&str]) -> (tempfile::Tem
     let state = tempfile::tempdir().unwrap();
     let token = controller.token();
     let out = Command::new(bin("slipway-agent"))
-        .args(["enroll", "--controller", &controller.url(), "--token", &token])
+        .args([
+            "enroll",
+            "--controller",
+            &controller.url(),
+            "--token",
+            &token,
+        ])
         .arg("--state-dir")
         .arg(state.path())
         .args(["--name", name])
@@ -52,24 +58,36 @@ fn a_deploy_ships_the_file_it_was_given_whatever_sha_is_named() {
     let v4_arg = v4.to_str().unwrap();
     let mistaken = controller.slipway(
         &token,
-        &["deploy", "web", v4_arg, "--sha", &v1_sha, "--id", "v4e", "--wait"],
+        &[
+            "deploy", "web", v4_arg, "--sha", &v1_sha, "--id", "v4e", "--wait",
+        ],
     );
     assert_eq!(mistaken.status.code(), Some(64), "{}", text(&mistaken));
     let said = stderr(&mistaken);
-    assert!(said.contains(&format!("--sha {v1_sha} does not match")), "{said}");
+    assert!(
+        said.contains(&format!("--sha {v1_sha} does not match")),
+        "{said}"
+    );
     assert!(said.contains(&sha256_file(&v4)), "{said}");
     assert!(!text(&mistaken).contains("already on the controller"));
     // And a digest the controller does not hold: refused the same way.
     let unknown = "0".repeat(64);
-    let out = controller.slipway(&token, &["deploy", "web", v4_arg, "--sha", &unknown, "--wait"]);
+    let out = controller.slipway(
+        &token,
+        &["deploy", "web", v4_arg, "--sha", &unknown, "--wait"],
+    );
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(stderr(&out).contains("does not match"), "{}", text(&out));
     // Nothing was deployed, uploaded or even started.
     let audit = controller.audit(&token);
-    assert!(!audit.iter().any(|e| e["resource_id"] == "v4e"
-        || e["details"]["release_id"] == "v4e"));
+    assert!(!audit
+        .iter()
+        .any(|e| e["resource_id"] == "v4e" || e["details"]["release_id"] == "v4e"));
     assert_eq!(
-        audit.iter().filter(|e| e["event_type"] == "DEPLOY_STARTED").count(),
+        audit
+            .iter()
+            .filter(|e| e["event_type"] == "DEPLOY_STARTED")
+            .count(),
         1,
         "{audit:#?}"
     );
@@ -108,21 +126,43 @@ fn node_names_are_unique_checked_and_escaped() {
     assert!(out.status.success(), "{}", text(&out));
     let read = controller.api_token("read,deploy:web");
     let nodes = json(&controller.slipway(&read, &["nodes", "--json"]));
-    let named: Vec<_> = nodes.as_array().unwrap().iter().filter(|n| n["name"] == "n1").collect();
+    let named: Vec<_> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["name"] == "n1")
+        .collect();
     assert_eq!(named.len(), 2, "{nodes:#}");
-    assert_eq!(named.iter().filter(|n| n["state"] == "revoked").count(), 1, "{nodes:#}");
+    assert_eq!(
+        named.iter().filter(|n| n["state"] == "revoked").count(),
+        1,
+        "{nodes:#}"
+    );
     let audit = controller.audit(&read);
     assert!(
-        audit.iter().any(|e| e["event_type"] == "NODE_REPLACED" && e["resource_id"] == first_id.as_str()),
+        audit
+            .iter()
+            .any(|e| e["event_type"] == "NODE_REPLACED" && e["resource_id"] == first_id.as_str()),
         "{audit:#?}"
     );
     // A selector by name targets the one live node.
     let out = controller.slipway(&read, &["restart", "web", "--node", "n1", "--json"]);
     let results = json(&out);
-    assert_eq!(results["nodes"].as_array().map(Vec::len), Some(1), "{}", text(&out));
+    assert_eq!(
+        results["nodes"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        text(&out)
+    );
 
     // Hostile names: refused by the agent before it dials (exit 64)...
-    for bad in ["../../etc", "a/b", "<script>", "n1\nFAKE LOG LINE", &"n".repeat(254)] {
+    for bad in [
+        "../../etc",
+        "a/b",
+        "<script>",
+        "n1\nFAKE LOG LINE",
+        &"n".repeat(254),
+    ] {
         let (_s, out) = enroll(&controller, bad, &[]);
         assert_eq!(out.status.code(), Some(64), "{bad:?}: {}", text(&out));
         assert!(stderr(&out).contains("invalid node name"), "{}", text(&out));
@@ -131,7 +171,9 @@ fn node_names_are_unique_checked_and_escaped() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let refused = runtime.block_on(raw_enroll(&controller, "n1\nFAKE LOG LINE"));
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains(r#"invalid node name "n1\nFAKE LOG LINE""#));
+    assert!(refused
+        .message()
+        .contains(r#"invalid node name "n1\nFAKE LOG LINE""#));
     // In every selector.
     for args in [
         vec!["restart", "web", "--node", "../../etc"],
@@ -146,15 +188,26 @@ fn node_names_are_unique_checked_and_escaped() {
             said.contains("invalid node name") || said.contains("label value"),
             "{args:?}: {said}"
         );
-        assert!(said.contains("InvalidArgument") || out.status.code() == Some(64), "{said}");
+        assert!(
+            said.contains("InvalidArgument") || out.status.code() == Some(64),
+            "{said}"
+        );
     }
     // Nothing from outside forged a log line or a table row.
     let log = controller_log(&controller);
-    assert!(!log.lines().any(|l| l.starts_with("FAKE LOG LINE")), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("FAKE LOG LINE")),
+        "{log}"
+    );
     assert!(log.contains(r"n1\nFAKE LOG LINE"), "{log}");
     let table = controller.slipway(&read, &["nodes"]);
     assert!(table.status.success(), "{}", text(&table));
-    assert_eq!(String::from_utf8_lossy(&table.stdout).lines().count(), 3, "{}", text(&table));
+    assert_eq!(
+        String::from_utf8_lossy(&table.stdout).lines().count(),
+        3,
+        "{}",
+        text(&table)
+    );
 }
 
 /// Enrolls `name` over gRPC with no client-side check, as a hostile agent
@@ -199,9 +252,12 @@ fn fields_at_just_under_and_over_their_limits_through_the_cli() {
     let id_128 = "v".repeat(128);
     let id_129 = "v".repeat(129);
     let id_huge = "v".repeat(100_000);
-    let sha_huge = "a".repeat(1_000_000);
+    let sha_huge = "a".repeat(100_000);
     for (extra, expected) in [
-        (vec!["--id", id_129.as_str()], "release_id: invalid release id"),
+        (
+            vec!["--id", id_129.as_str()],
+            "release_id: invalid release id",
+        ),
         (vec!["--id", id_huge.as_str()], "(100000 bytes)"),
         (vec!["--git-sha", sha_huge.as_str()], "git_sha: "),
         (vec!["--git-sha", "not-hex!"], "is not a git commit id"),
@@ -225,7 +281,11 @@ fn fields_at_just_under_and_over_their_limits_through_the_cli() {
     let over = format!("k:{}", "v".repeat(256));
     let out = controller.cli(&["token", "create", "--tag", &over]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(stderr(&out).contains("256 bytes is over the limit of 255"), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("256 bytes is over the limit of 255"),
+        "{}",
+        text(&out)
+    );
     let nodes = controller.slipway(&token, &["nodes"]);
     assert!(nodes.status.success(), "{}", text(&nodes));
     let listed = controller.cli(&["nodes"]);
@@ -253,7 +313,11 @@ fn status_is_not_ok_while_nodes_hold_no_session() {
     controller.restart();
     let after = controller.slipway(&token, &["status"]);
     assert_eq!(after.status.code(), Some(1), "{}", text(&after));
-    assert!(!text(&after).contains("every node online"), "{}", text(&after));
+    assert!(
+        !text(&after).contains("every node online"),
+        "{}",
+        text(&after)
+    );
     assert!(
         text(&after).contains("has not been heard from since the controller started"),
         "{}",
@@ -272,11 +336,17 @@ fn status_is_not_ok_while_nodes_hold_no_session() {
     }
     controller.wait_online(&token, 2, Duration::from_secs(30));
     agents[1].stop_run();
+    // (A node whose Hello came in the restart's own second reads as not
+    // heard from since the start once its session is gone: also not online.)
     wait_until("n2 to lose its session", Duration::from_secs(15), || {
         let out = controller.slipway(&token, &["status"]);
         out.status.code() == Some(1)
-            && text(&out).contains("n2 holds no session with the controller")
+            && (stderr(&out).contains("1 problem(s): n2 holds no session with the controller")
+                || stderr(&out)
+                    .contains("1 problem(s): n2 has not been heard from since the controller"))
     });
+    let out = controller.slipway(&token, &["status"]);
+    assert!(!text(&out).contains("every node online"), "{}", text(&out));
 }
 
 #[test]
@@ -298,6 +368,10 @@ fn operator_out_dir_is_private_whatever_the_umask() {
     assert!(out.status.success(), "{}", text(&out));
     let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
-    let key = fs::metadata(target.join("ci.key")).unwrap().permissions().mode() & 0o777;
+    let key = fs::metadata(target.join("ci.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(key, 0o600);
 }

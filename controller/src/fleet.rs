@@ -208,14 +208,17 @@ fn view(row: FleetRow, now: i64, started_at: i64, unreachable_after: u32) -> Nod
     }
 }
 
-/// Marks the nodes that look online from their last heartbeat but hold no
-/// session (`connected` says which do) as [`NodeState::Disconnected`]: a
-/// command could not reach them, so the controller's own views never call
-/// them online.
+/// The controller's own views know its sessions (`connected` says which
+/// node holds one): a node that looks online from its last heartbeat but
+/// holds no session is [`NodeState::Disconnected`] (no command could reach
+/// it), and one not yet heard from since the start that holds a session is
+/// online (its Hello came in the start's second).
 pub fn apply_sessions(views: &mut [NodeView], connected: impl Fn(&str) -> bool) {
     for view in views {
-        if view.state == NodeState::Online && !connected(&view.id) {
-            view.state = NodeState::Disconnected;
+        match (view.state, connected(&view.id)) {
+            (NodeState::Online, false) => view.state = NodeState::Disconnected,
+            (NodeState::Unknown, true) => view.state = NodeState::Online,
+            _ => {}
         }
     }
 }
@@ -1367,7 +1370,7 @@ mod tests {
                 NodeState::Unreachable
             ]
         );
-        let connected = ["n-a".to_owned()];
+        let connected = ["n-a".to_owned(), "n-d".to_owned()];
         let status = summarize_status(
             &views,
             &StatusInputs {

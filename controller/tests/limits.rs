@@ -5,6 +5,9 @@
 //! render afterwards. Fixed cases at, just under and over each limit, then a
 //! property test with arbitrary strings and sizes in every field.
 
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::HashMap;
@@ -453,7 +456,7 @@ async fn throw(
                 app: f.a.clone(),
                 sha256: f.b.clone(),
                 release_id: f.c.clone(),
-                selector: selector(&f.b, f.n % 2 == 0),
+                selector: selector(&f.b, f.n.is_multiple_of(2)),
                 git_sha: f.c.clone(),
                 artifact_url: f.b.clone(),
                 rollout: None,
@@ -467,7 +470,7 @@ async fn throw(
             RollbackRequest {
                 app: f.a.clone(),
                 to_release_id: f.b.clone(),
-                selector: selector(&f.c, f.n % 3 == 0),
+                selector: selector(&f.c, f.n.is_multiple_of(3)),
                 rollout: None,
             },
             token,
@@ -522,16 +525,20 @@ async fn throw(
         .collect();
     let answer = enroll
         .enroll(EnrollRequest {
-            join_token: if f.n % 4 == 0 {
+            join_token: if f.n.is_multiple_of(4) {
                 f.c.clone()
             } else {
                 controller.token().await
             },
             node_name: f.a.clone(),
-            csr_pem: if f.n % 5 == 0 { f.b.clone() } else { csr("n") },
+            csr_pem: if f.n.is_multiple_of(5) {
+                f.b.clone()
+            } else {
+                csr("n")
+            },
             agent_version: f.c.clone(),
             labels,
-            replace: f.n % 2 == 0,
+            replace: f.n.is_multiple_of(2),
         })
         .await;
     assert_clear("enroll", &answer);

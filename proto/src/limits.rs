@@ -143,8 +143,7 @@ pub fn truncate(value: &str, max: usize) -> &str {
 /// line, and cut to `max` characters with `…`.
 pub fn one_line(value: &str, max: usize) -> String {
     let mut out = String::with_capacity(value.len().min(max + 8));
-    let mut count = 0;
-    for c in value.chars() {
+    for (count, c) in value.chars().enumerate() {
         if count >= max {
             out.push('…');
             break;
@@ -154,7 +153,6 @@ pub fn one_line(value: &str, max: usize) -> String {
         } else {
             out.push(c);
         }
-        count += 1;
     }
     out
 }
