@@ -358,14 +358,14 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                     if json {
                         print_json(&serde_json::json!({
                             "app": app,
-                            "outcome": "failed",
+                            "outcome": release::Outcome::Failed,
                             "error": e.message,
                         }));
                     }
                     return Err(e);
                 }
             };
-            if report.outcome != "succeeded" {
+            if report.outcome != release::Outcome::Succeeded {
                 if json {
                     print_json(&report);
                 } else {

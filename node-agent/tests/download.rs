@@ -574,7 +574,7 @@ fn a_bad_ca_file_is_a_config_error_with_its_line() {
 /// agent, deployed, progress and result reported on the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_deploy_with_an_artifact_url_downloads_and_deploys() {
-    use slipway_agent::commands::{execute, Outbox};
+    use slipway_agent::commands::Commands;
     use slipway_agent::config::{Config, ControllerConfig};
     use slipway_proto::v1::{
         agent_message, controller_message, ControllerMessage, Deploy, Outcome,
@@ -606,13 +606,13 @@ async fn a_controller_deploy_with_an_artifact_url_downloads_and_deploys() {
             ..Default::default()
         })),
     };
+    let commands = Commands::new(config, ctl);
     let run = |msg: ControllerMessage| {
-        let (config, ctl) = (config.clone(), ctl.clone());
+        let commands = commands.clone();
         async move {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-            let out = Outbox::default();
-            out.attach(tx);
-            execute(config, ctl, msg, out).await;
+            commands.attach(tx);
+            commands.execute(msg).await;
             let mut progress = Vec::new();
             let mut result = None;
             while let Ok(m) = rx.try_recv() {

@@ -199,14 +199,47 @@ pub struct StepTiming {
     pub ms: f64,
 }
 
+/// How a deploy or a controller command ended. One type for the deploy
+/// report, `--json` output and the agent's command ledger, so a misspelt
+/// outcome is a compile error rather than a silent failure. Serialised as
+/// `succeeded`, `failed` and `rolled_back`: the spellings `--json` and
+/// `commands.json` have always used, so existing ledgers still read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It did what it was asked.
+    Succeeded,
+    /// It failed; `current` was not switched, or was switched back.
+    Failed,
+    /// The release failed once live and the previous one was restored.
+    RolledBack,
+}
+
+impl Outcome {
+    /// The serialised spelling (`succeeded`, `failed`, `rolled_back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The outcome of a successful deploy.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeployReport {
     pub app: String,
     pub release: ReleaseId,
-    /// `succeeded`, or `rolled_back` when the release failed once live (driver,
+    /// `Succeeded`, or `RolledBack` when the release failed once live (driver,
     /// health gate or after_activate hook) and the previous one was restored.
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     /// Why it was rolled back, with the failing check's last output.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -879,7 +912,7 @@ impl Session<'_> {
                     return Ok(DeployReport {
                         app: self.app().name.clone(),
                         release: id,
-                        outcome: "succeeded",
+                        outcome: Outcome::Succeeded,
                         failure: None,
                         restored: None,
                         activation: None,
@@ -963,7 +996,7 @@ impl Session<'_> {
                 return Ok(DeployReport {
                     app: self.app().name.clone(),
                     release: id,
-                    outcome: "rolled_back",
+                    outcome: Outcome::RolledBack,
                     failure: Some(err.to_string()),
                     restored: Some(outcome),
                     activation: live,
@@ -1008,7 +1041,7 @@ impl Session<'_> {
         Ok(DeployReport {
             app: self.app().name.clone(),
             release: id,
-            outcome: "succeeded",
+            outcome: Outcome::Succeeded,
             failure: None,
             restored: None,
             activation,
