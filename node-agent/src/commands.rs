@@ -513,6 +513,7 @@ async fn deploy_artifact(
                             &sha256,
                             &id,
                             &dest,
+                            &settings,
                         ))
                         .map_err(|e| format!("cannot fetch the artifact: {e}"))?;
                     download::Fetched {
