@@ -653,8 +653,9 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}").into())
 }
 
-/// `deploy --url`: under the app's lock, downloads the artifact into the
-/// app's artifact cache (or finds it there), then deploys it.
+/// `deploy --url`: downloads the artifact into the app's artifact cache (or
+/// finds it there) with the cache pinned but the app not locked — a
+/// `rollback` meanwhile works — then takes the app's lock and deploys it.
 fn deploy_from_url(
     config: &Config,
     store: &Store,
@@ -671,10 +672,12 @@ fn deploy_from_url(
             "--url needs --sha256 HEX (the artifact's digest)".into(),
         ));
     };
-    // Bad input is refused before the lock is taken or anything is fetched.
+    // Bad input is refused before anything is fetched, and so is a deploy
+    // that would find the app busy.
     let sha256 = crate::download::normalize_sha256(&sha256).map_err(download_failure)?;
     crate::download::parse_url(url).map_err(download_failure)?;
-    let mut session = store.begin("deploy", id.as_ref())?;
+    store.check_idle("deploy", id.as_ref())?;
+    let pin = store.pin_cache()?;
     let fetched = current_thread_runtime()?
         .block_on(crate::download::fetch(
             url,
@@ -684,6 +687,10 @@ fn deploy_from_url(
             &mut |line| eprintln!("{line}"),
         ))
         .map_err(download_failure)?;
+    // From here the app's lock keeps prune away; the deploy re-hashes the
+    // cached file under it.
+    let mut session = store.begin("deploy", id.as_ref())?;
+    drop(pin);
     Ok(session.deploy(&DeployRequest {
         artifact: fetched.path,
         sha256: Some(sha256),

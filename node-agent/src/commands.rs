@@ -18,8 +18,9 @@
 //! A deploy's artifact is fetched from the controller by digest or — when
 //! the command carries `artifact_url` — downloaded by the agent itself
 //! ([`crate::download`]); either way into the app's artifact cache under its
-//! sha256, with the app locked, and not at all when the cache already holds
-//! that digest.
+//! sha256, and not at all when the cache already holds that digest. The
+//! fetch runs without the app's lock (the cache is pinned instead, see
+//! [`crate::release::CachePin`]): a rollback during a long download works.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -450,10 +451,13 @@ enum Source {
     Url(String),
 }
 
-/// A deploy from the controller: under the app's lock (so nothing prunes
-/// the cache in between), the artifact is found in the app's artifact cache
-/// by its digest or fetched into it from `source`, then deployed. Fetch
-/// progress goes to the controller.
+/// A deploy from the controller: the artifact is found in the app's
+/// artifact cache by its digest or fetched into it from `source` — with
+/// the cache pinned but the app *not* locked, so a rollback or restart
+/// meanwhile works — then the app's lock is taken and the artifact
+/// deployed (verified again under the lock). Fetch progress goes to the
+/// controller. The fetch is plain async code; file work and the deploy
+/// run on blocking threads.
 async fn deploy_artifact(
     config: &Config,
     app: AppConfig,
@@ -467,6 +471,16 @@ async fn deploy_artifact(
         Source::Controller(_) => "the controller".to_owned(),
         Source::Url(url) => url.clone(),
     };
+    // A bad digest or URL is refused before anything is fetched.
+    let sha256 = match download::normalize_sha256(&sha256) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if let Source::Url(url) = &source {
+        if let Err(e) = download::parse_url(url) {
+            return Ok(Err(e.to_string()));
+        }
+    }
     progress(
         out,
         id,
@@ -474,66 +488,84 @@ async fn deploy_artifact(
         format!("downloading artifact {sha256} from {from}"),
     )
     .await;
-    let settings = config.artifacts.clone();
-    let handle = tokio::runtime::Handle::current();
-    let out = out.clone();
-    let id = id.to_owned();
-    tokio::task::spawn_blocking(move || {
-        // A bad digest or URL is refused before the lock is taken.
-        let sha256 = download::normalize_sha256(&sha256).map_err(|e| e.to_string())?;
-        if let Source::Url(url) = &source {
-            download::parse_url(url).map_err(|e| e.to_string())?;
+    let store = Store::new(&app);
+    // A busy app fails the deploy now rather than after the download; the
+    // pin keeps prune out of the cache until the deploy holds the lock.
+    let pinned = {
+        let (store, release) = (store.clone(), release.clone());
+        tokio::task::spawn_blocking(move || {
+            store.check_idle("deploy", release.as_ref())?;
+            store.pin_cache()
+        })
+        .await?
+    };
+    let pin = match pinned {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let cache = store.paths().cache.clone();
+    let hit = {
+        let (cache, sha256) = (cache.clone(), sha256.clone());
+        tokio::task::spawn_blocking(move || download::cached(&cache, &sha256)).await?
+    };
+    let mut report = |line: String| progress_now(out, id, "fetch", line);
+    // One cache check for both sources (the same digest deployed before is
+    // not fetched again).
+    let fetched = match hit {
+        Err(e) => Err(e.to_string()),
+        Ok(Some(hit)) => {
+            report(format!(
+                "artifact {sha256} is already cached; not fetching it from {from}"
+            ));
+            Ok(hit)
         }
-        let store = Store::new(&app);
+        Ok(None) => match &source {
+            Source::Url(url) => {
+                download::fetch(url, &sha256, &cache, &config.artifacts, &mut report)
+                    .await
+                    .map_err(|e| format!("cannot download the artifact: {e}"))
+            }
+            Source::Controller(ctl) => {
+                let dest = cache.join(&sha256);
+                link::fetch_artifact(
+                    &ctl.url,
+                    &ctl.state_dir,
+                    &sha256,
+                    id,
+                    &dest,
+                    &config.artifacts,
+                )
+                .await
+                .map(|bytes| download::Fetched {
+                    path: dest,
+                    bytes,
+                    cached: false,
+                })
+                .map_err(|e| format!("cannot fetch the artifact: {e}"))
+            }
+        },
+    };
+    let fetched = match fetched {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(e)),
+    };
+    progress(
+        out,
+        id,
+        "deploy",
+        format!(
+            "artifact verified ({} bytes{}); deploying",
+            fetched.bytes,
+            if fetched.cached { ", cached" } else { "" }
+        ),
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
         let mut session = store
             .begin("deploy", release.as_ref())
             .map_err(|e| e.to_string())?;
-        let cache = &store.paths().cache;
-        let mut report = |line: String| progress_now(&out, &id, "fetch", line);
-        // One cache check for both sources (the same digest deployed before
-        // is not fetched again). This is a blocking-pool thread: waiting on
-        // the runtime is allowed.
-        let fetched = match download::cached(cache, &sha256).map_err(|e| e.to_string())? {
-            Some(hit) => {
-                report(format!(
-                    "artifact {sha256} is already cached; not fetching it from {from}"
-                ));
-                hit
-            }
-            None => match &source {
-                Source::Url(url) => handle
-                    .block_on(download::fetch(url, &sha256, cache, &settings, &mut report))
-                    .map_err(|e| format!("cannot download the artifact: {e}"))?,
-                Source::Controller(ctl) => {
-                    let dest = cache.join(&sha256);
-                    let bytes = handle
-                        .block_on(link::fetch_artifact(
-                            &ctl.url,
-                            &ctl.state_dir,
-                            &sha256,
-                            &id,
-                            &dest,
-                            &settings,
-                        ))
-                        .map_err(|e| format!("cannot fetch the artifact: {e}"))?;
-                    download::Fetched {
-                        path: dest,
-                        bytes,
-                        cached: false,
-                    }
-                }
-            },
-        };
-        progress_now(
-            &out,
-            &id,
-            "deploy",
-            format!(
-                "artifact verified ({} bytes{}); deploying",
-                fetched.bytes,
-                if fetched.cached { ", cached" } else { "" }
-            ),
-        );
+        // The app's lock keeps prune away from here on.
+        drop(pin);
         session
             .deploy(&DeployRequest {
                 artifact: fetched.path,

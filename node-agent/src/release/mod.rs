@@ -44,7 +44,7 @@ use crate::health::{self, GatePassed, ProbeTarget};
 use crate::{durable, fault};
 pub use id::{InvalidId, ReleaseId};
 pub use journal::{DeployStep, Journal, Operation, Release, ReleaseStatus};
-pub use lock::{Holder, LockError};
+pub use lock::{CachePin, Holder, LockError};
 use manifest::Manifest;
 use objects::ObjectStore;
 pub use verify::{Finding, VerifyReport};
@@ -135,6 +135,9 @@ pub struct Paths {
     pub journal: PathBuf,
     pub lock: PathBuf,
     pub cache: PathBuf,
+    /// Fetches into `cache` hold it shared; a prune's cache clean-up needs
+    /// it exclusively ([`lock::CachePin`]).
+    pub cache_lock: PathBuf,
     pub objects: PathBuf,
     pub staging: PathBuf,
     pub manifests: PathBuf,
@@ -154,6 +157,7 @@ impl Paths {
             journal: meta.join("journal.json"),
             lock: meta.join("lock"),
             cache: meta.join("cache"),
+            cache_lock: meta.join("cache.lock"),
             objects: meta.join("objects"),
             staging: meta.join("staging"),
             manifests: meta.join("manifests"),
@@ -424,6 +428,29 @@ impl Store {
         };
         session.recovered = session.recover()?;
         Ok(session)
+    }
+
+    /// Fails, naming the holder, when some process holds the app's lock
+    /// right now; takes nothing. A deploy asks this before fetching its
+    /// artifact, so it does not download only to find the app busy.
+    pub fn check_idle(&self, operation: &str, release: Option<&ReleaseId>) -> Result<()> {
+        self.ensure_layout()?;
+        let holder = Holder {
+            pid: std::process::id(),
+            operation: operation.to_owned(),
+            release: release.map(ToString::to_string),
+            started_at: OffsetDateTime::now_utc(),
+        };
+        lock::AppLock::acquire(&self.paths.lock, &self.app.name, &holder)?;
+        Ok(())
+    }
+
+    /// Pins the artifact cache for a fetch that runs without the app's
+    /// lock: until the pin is dropped — once the deploy holds the lock — no
+    /// prune removes anything from the cache (see [`lock::CachePin`]).
+    pub fn pin_cache(&self) -> Result<CachePin> {
+        self.ensure_layout()?;
+        Ok(CachePin::acquire(&self.paths.cache_lock)?)
     }
 
     /// The app's state. Recovers first when no one holds the lock; otherwise
@@ -1512,10 +1539,16 @@ impl Session<'_> {
         }))
     }
 
-    /// Removes cached artifacts whose sha256 is not in `keep`.
+    /// Removes cached artifacts whose sha256 is not in `keep` (and temp
+    /// files of fetches that died) — unless a fetch has the cache pinned:
+    /// then nothing, and the next prune does it.
     fn remove_cached_except(&self, keep: &[String]) -> Result<(u64, u64)> {
         let cache = &self.paths().cache;
         let (mut n, mut bytes) = (0, 0);
+        let Some(_clean) = lock::CacheClean::try_acquire(&self.paths().cache_lock)? else {
+            tracing::info!(app = %self.app().name, "an artifact fetch is in flight; cached artifacts are left for the next prune");
+            return Ok((n, bytes));
+        };
         for entry in fs::read_dir(cache).map_err(ReleaseError::io("read", cache))? {
             let entry = entry.map_err(ReleaseError::io("read", cache))?;
             let name = entry.file_name().to_string_lossy().into_owned();
