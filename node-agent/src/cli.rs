@@ -383,14 +383,14 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                     if json {
                         print_json(&serde_json::json!({
                             "app": app,
-                            "outcome": "failed",
+                            "outcome": release::Outcome::Failed,
                             "error": e.message,
                         }));
                     }
                     return Err(e);
                 }
             };
-            if report.outcome != "succeeded" {
+            if report.outcome != release::Outcome::Succeeded {
                 if json {
                     print_json(&report);
                 } else {
@@ -680,8 +680,9 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}").into())
 }
 
-/// `deploy --url`: under the app's lock, downloads the artifact into the
-/// app's artifact cache (or finds it there), then deploys it.
+/// `deploy --url`: downloads the artifact into the app's artifact cache (or
+/// finds it there) with the cache pinned but the app not locked — a
+/// `rollback` meanwhile works — then takes the app's lock and deploys it.
 fn deploy_from_url(
     config: &Config,
     store: &Store,
@@ -698,10 +699,12 @@ fn deploy_from_url(
             "--url needs --sha256 HEX (the artifact's digest)".into(),
         ));
     };
-    // Bad input is refused before the lock is taken or anything is fetched.
+    // Bad input is refused before anything is fetched, and so is a deploy
+    // that would find the app busy.
     let sha256 = crate::download::normalize_sha256(&sha256).map_err(download_failure)?;
     crate::download::parse_url(url).map_err(download_failure)?;
-    let mut session = store.begin("deploy", id.as_ref())?;
+    store.check_idle("deploy", id.as_ref())?;
+    let pin = store.pin_cache()?;
     let fetched = store
         .bridge()
         .block_on(crate::download::fetch(
@@ -712,6 +715,10 @@ fn deploy_from_url(
             &mut |line| eprintln!("{line}"),
         ))
         .map_err(download_failure)?;
+    // From here the app's lock keeps prune away; the deploy re-hashes the
+    // cached file under it.
+    let mut session = store.begin("deploy", id.as_ref())?;
+    drop(pin);
     Ok(session.deploy(&DeployRequest {
         artifact: fetched.path,
         sha256: Some(sha256),

@@ -6,21 +6,29 @@
 //! re-sends after a reconnect must not deploy twice). Progress is streamed as
 //! it happens; every command ends with exactly one `CommandResult`.
 //!
+//! All of that state — the ledger, the ids in flight, the session output
+//! goes to — belongs to one [`Commands`] the daemon makes (no statics), and
+//! the ledger's file work (read once, fsync'd on every result) runs on
+//! blocking threads, never on a runtime worker. A ledger that cannot be read
+//! (an outcome this agent does not know, say) refuses every command with an
+//! error naming the file, rather than guessing and overwriting it.
+//!
 //! The work itself is the same code as the node-local CLI: a [`Store`]
 //! session (lock, journal, recovery) for deploy, rollback, prune and restart.
 //! A deploy's artifact is fetched from the controller by digest or — when
 //! the command carries `artifact_url` — downloaded by the agent itself
 //! ([`crate::download`]); either way into the app's artifact cache under its
-//! sha256, with the app locked, and not at all when the cache already holds
-//! that digest.
+//! sha256, and not at all when the cache already holds that digest. The
+//! fetch runs without the app's lock (the cache is pinned instead, see
+//! [`crate::release::CachePin`]): a rollback during a long download works.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use slipway_proto::v1::{
-    agent_message, controller_message, AgentMessage, CommandResult, ControllerMessage, Outcome,
-    Progress,
+    agent_message, controller_message, AgentMessage, CommandResult, ControllerMessage, Progress,
 };
 use tokio::sync::mpsc;
 
@@ -29,7 +37,7 @@ use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::download;
 use crate::durable;
 use crate::link;
-use crate::release::{DeployReport, DeployRequest, ReleaseId, Store};
+use crate::release::{DeployReport, DeployRequest, Outcome, ReleaseId, Store};
 
 /// Results kept for idempotency: enough for any realistic re-send window.
 const KEEP_RESULTS: usize = 500;
@@ -38,8 +46,7 @@ const KEEP_RESULTS: usize = 500;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recorded {
     pub command_id: String,
-    /// `succeeded`, `failed`, `rolled_back`.
-    pub outcome: String,
+    pub outcome: Outcome,
     pub release_id: String,
     pub message: String,
 }
@@ -48,19 +55,51 @@ impl Recorded {
     fn to_proto(&self) -> CommandResult {
         CommandResult {
             command_id: self.command_id.clone(),
-            outcome: match self.outcome.as_str() {
-                "succeeded" => Outcome::Succeeded,
-                "rolled_back" => Outcome::RolledBack,
-                _ => Outcome::Failed,
-            } as i32,
+            outcome: proto_outcome(self.outcome) as i32,
             release_id: self.release_id.clone(),
             message: self.message.clone(),
         }
     }
 }
 
+/// The wire value of an outcome (exhaustive: a new outcome must be mapped).
+fn proto_outcome(outcome: Outcome) -> slipway_proto::v1::Outcome {
+    match outcome {
+        Outcome::Succeeded => slipway_proto::v1::Outcome::Succeeded,
+        Outcome::Failed => slipway_proto::v1::Outcome::Failed,
+        Outcome::RolledBack => slipway_proto::v1::Outcome::RolledBack,
+    }
+}
+
+/// The command ledger cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The file exists but cannot be read.
+    #[error("cannot read the command ledger {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not a ledger this agent understands (an unknown outcome,
+    /// say): it is left as it is for the operator, never overwritten.
+    #[error("the command ledger {} is invalid: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// The updated ledger could not be written.
+    #[error("cannot write the command ledger {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The blocking task doing the file work failed.
+    #[error("command ledger task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// The results of commands already run, newest last.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Ledger {
     pub results: VecDeque<Recorded>,
 }
@@ -70,30 +109,110 @@ impl Ledger {
         state_dir.join("commands.json")
     }
 
-    pub fn load(state_dir: &Path) -> Self {
-        durable::read_json(&Self::path(state_dir)).unwrap_or_default()
+    /// Reads the ledger at `path` (blocking): empty when there is none, an
+    /// error naming the file when it cannot be read or parsed.
+    pub fn load(path: &Path) -> Result<Self, LedgerError> {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(LedgerError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        serde_json::from_slice(&data).map_err(|source| LedgerError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     fn find(&self, id: &str) -> Option<&Recorded> {
         self.results.iter().find(|r| r.command_id == id)
     }
 
-    fn record(state_dir: &Path, r: Recorded) {
-        // Commands for different apps finish concurrently: without this,
-        // two of them could each load the file, add their own result and
-        // write, and the first write would be lost.
-        static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _writer = WRITER.lock();
-        let mut ledger = Self::load(state_dir);
-        ledger.results.retain(|x| x.command_id != r.command_id);
-        ledger.results.push_back(r);
-        while ledger.results.len() > KEEP_RESULTS {
-            ledger.results.pop_front();
+    /// Adds `r` (replacing an older result of the same id), keeping the
+    /// newest [`KEEP_RESULTS`].
+    fn add(&mut self, r: Recorded) {
+        self.results.retain(|x| x.command_id != r.command_id);
+        self.results.push_back(r);
+        while self.results.len() > KEEP_RESULTS {
+            self.results.pop_front();
         }
-        let path = Self::path(state_dir);
-        if let Err(e) = durable::write_json(&path, &ledger) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot record a command result");
+    }
+}
+
+/// `commands.json` and the copy of it in memory. Read once (on a blocking
+/// thread), then every result is added in memory and the file rewritten
+/// (temp + fsync + rename, on a blocking thread). The async lock is held
+/// across the write, so writes land in the order results were added and
+/// none is lost; waiting for it parks a task, never a runtime worker.
+#[derive(Debug)]
+pub struct LedgerFile {
+    path: PathBuf,
+    /// `None` until first read; a failed read is not kept, so a ledger the
+    /// operator repaired is picked up by the next command.
+    state: tokio::sync::Mutex<Option<Ledger>>,
+}
+
+impl LedgerFile {
+    /// The ledger in `state_dir` (nothing is read yet).
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: Ledger::path(state_dir),
+            state: tokio::sync::Mutex::new(None),
         }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads the file into `slot` unless it already holds it.
+    async fn loaded<'a>(
+        &self,
+        slot: &'a mut Option<Ledger>,
+    ) -> Result<&'a mut Ledger, LedgerError> {
+        if slot.is_none() {
+            let path = self.path.clone();
+            *slot = Some(tokio::task::spawn_blocking(move || Ledger::load(&path)).await??);
+        }
+        Ok(slot.get_or_insert_with(Ledger::default))
+    }
+
+    /// The recorded result of command `id`, if it ran before.
+    pub async fn find(&self, id: &str) -> Result<Option<Recorded>, LedgerError> {
+        let mut slot = self.state.lock().await;
+        Ok(self.loaded(&mut slot).await?.find(id).cloned())
+    }
+
+    /// Records `r` and writes the ledger durably.
+    pub async fn record(&self, r: Recorded) -> Result<(), LedgerError> {
+        let mut slot = self.state.lock().await;
+        let ledger = self.loaded(&mut slot).await?;
+        ledger.add(r);
+        let snapshot = ledger.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            durable::write_json(&path, &snapshot).map_err(|source| LedgerError::Write {
+                path: path.clone(),
+                source,
+            })
+        })
+        .await?
+    }
+
+    /// Every recorded result, oldest first.
+    pub async fn results(&self) -> Result<Vec<Recorded>, LedgerError> {
+        let mut slot = self.state.lock().await;
+        Ok(self
+            .loaded(&mut slot)
+            .await?
+            .results
+            .iter()
+            .cloned()
+            .collect())
     }
 }
 
@@ -101,11 +220,10 @@ impl Ledger {
 /// outlives the session it came on (a reconnect mid-deploy); its progress and
 /// result then go to the new session, which the controller expects.
 #[derive(Debug, Clone, Default)]
-pub struct Outbox(std::sync::Arc<std::sync::Mutex<Option<mpsc::Sender<AgentMessage>>>>);
+struct Outbox(Arc<Mutex<Option<mpsc::Sender<AgentMessage>>>>);
 
 impl Outbox {
-    /// Points the outbox at a new session's stream.
-    pub fn attach(&self, tx: mpsc::Sender<AgentMessage>) {
+    fn attach(&self, tx: mpsc::Sender<AgentMessage>) {
         if let Ok(mut slot) = self.0.lock() {
             *slot = Some(tx);
         }
@@ -116,12 +234,129 @@ impl Outbox {
     }
 }
 
-/// Command ids running right now: a re-send of one of them is not run again
-/// (its result will reach the current session when it is done).
-fn in_flight() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
-    static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
-        std::sync::OnceLock::new();
-    SET.get_or_init(Default::default)
+/// The agent's command runner, one per daemon (`slipway-agent run` makes
+/// one and keeps it across reconnects, since a command outlives the session
+/// it came on). Cheap to clone: the clones share the state.
+#[derive(Debug, Clone)]
+pub struct Commands {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    ctl: ControllerConfig,
+    /// Results already sent, for idempotency across re-sends.
+    ledger: LedgerFile,
+    /// Command ids running right now: a re-send of one of them is not run
+    /// again (its result reaches the current session when it is done).
+    /// Locked only to insert or remove, never across an await or I/O.
+    in_flight: Mutex<HashSet<String>>,
+    out: Outbox,
+}
+
+impl Commands {
+    /// A runner for the apps in `config`, keeping its ledger in the
+    /// controller state dir.
+    pub fn new(config: Config, ctl: ControllerConfig) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                ledger: LedgerFile::new(&ctl.state_dir),
+                config,
+                ctl,
+                in_flight: Mutex::default(),
+                out: Outbox::default(),
+            }),
+        }
+    }
+
+    /// Points progress and results at a new session's stream.
+    pub fn attach(&self, tx: mpsc::Sender<AgentMessage>) {
+        self.inner.out.attach(tx);
+    }
+
+    /// The ledger of results.
+    pub fn ledger(&self) -> &LedgerFile {
+        &self.inner.ledger
+    }
+
+    /// Runs the command in `msg` (if it is one) and reports on the current
+    /// session.
+    pub async fn execute(&self, msg: ControllerMessage) {
+        let Shared {
+            config,
+            ctl,
+            ledger,
+            in_flight,
+            out,
+        } = &*self.inner;
+        let Some(kind) = msg.kind else { return };
+        let id = match &kind {
+            controller_message::Kind::Deploy(d) => d.command_id.clone(),
+            controller_message::Kind::Rollback(r) => r.command_id.clone(),
+            controller_message::Kind::Prune(p) => p.command_id.clone(),
+            controller_message::Kind::StatusRequest(s) => s.command_id.clone(),
+            controller_message::Kind::Restart(r) => r.command_id.clone(),
+            controller_message::Kind::Welcome(_) => return,
+            controller_message::Kind::ArtifactChunk(_) => {
+                tracing::warn!("inline artifact chunks are not used by this agent (it fetches artifacts by digest)");
+                return;
+            }
+        };
+        if id.is_empty() {
+            tracing::warn!("controller command without an id ignored");
+            return;
+        }
+        if let controller_message::Kind::StatusRequest(_) = kind {
+            // Answered with a fresh heartbeat: it changes nothing, so asking
+            // again is harmless and it is neither recorded nor de-duplicated.
+            let cfg = config.clone();
+            let bridge = Bridge::current();
+            if let Ok(beat) =
+                tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg, &bridge)).await
+            {
+                send(out, agent_message::Kind::Heartbeat(beat)).await;
+            }
+            let done = recorded(&id, Outcome::Succeeded, "", "status sent");
+            send(out, agent_message::Kind::Result(done.to_proto())).await;
+            return;
+        }
+        match ledger.find(&id).await {
+            Ok(Some(done)) => {
+                tracing::info!(command = %id, "command already run; sending its recorded result");
+                send(out, agent_message::Kind::Result(done.to_proto())).await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Without the ledger a re-sent command could run twice:
+                // refuse every command until the file is readable again.
+                tracing::error!(command = %id, "{e}; command not run");
+                let refused = recorded(&id, Outcome::Failed, "", format!("not run: {e}"));
+                send(out, agent_message::Kind::Result(refused.to_proto())).await;
+                return;
+            }
+        }
+        let fresh = in_flight
+            .lock()
+            .map(|mut s| s.insert(id.clone()))
+            .unwrap_or(true);
+        if !fresh {
+            tracing::info!(command = %id, "command is still running; its result will follow");
+            return;
+        }
+        let result = run(config, ctl, &id, kind, out).await;
+        let r = result.to_proto();
+        // Recorded before it stops counting as in flight: a re-send in between
+        // finds one or the other, never neither.
+        if let Err(e) = ledger.record(result).await {
+            tracing::warn!(command = %id, "cannot record the command result: {e}");
+        }
+        if let Ok(mut s) = in_flight.lock() {
+            s.remove(&id);
+        }
+        send(out, agent_message::Kind::Result(r)).await;
+    }
 }
 
 /// Sends one message on the current session (with no session the message is
@@ -147,67 +382,10 @@ async fn progress(out: &Outbox, id: &str, step: &str, message: String) {
     send(out, progress_kind(id, step, message)).await;
 }
 
-/// Runs the command in `msg` (if it is one) and reports on `out`.
-pub async fn execute(config: Config, ctl: ControllerConfig, msg: ControllerMessage, out: Outbox) {
-    let Some(kind) = msg.kind else { return };
-    let id = match &kind {
-        controller_message::Kind::Deploy(d) => d.command_id.clone(),
-        controller_message::Kind::Rollback(r) => r.command_id.clone(),
-        controller_message::Kind::Prune(p) => p.command_id.clone(),
-        controller_message::Kind::StatusRequest(s) => s.command_id.clone(),
-        controller_message::Kind::Restart(r) => r.command_id.clone(),
-        controller_message::Kind::Welcome(_) => return,
-        controller_message::Kind::ArtifactChunk(_) => {
-            tracing::warn!("inline artifact chunks are not used by this agent (it fetches artifacts by digest)");
-            return;
-        }
-    };
-    if id.is_empty() {
-        tracing::warn!("controller command without an id ignored");
-        return;
-    }
-    if let controller_message::Kind::StatusRequest(_) = kind {
-        // Answered with a fresh heartbeat: it changes nothing, so asking
-        // again is harmless and it is neither recorded nor de-duplicated.
-        let cfg = config.clone();
-        let bridge = Bridge::current();
-        if let Ok(beat) =
-            tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg, &bridge)).await
-        {
-            send(&out, agent_message::Kind::Heartbeat(beat)).await;
-        }
-        let done = recorded(&id, "succeeded", "", "status sent");
-        send(&out, agent_message::Kind::Result(done.to_proto())).await;
-        return;
-    }
-    if let Some(done) = Ledger::load(&ctl.state_dir).find(&id).cloned() {
-        tracing::info!(command = %id, "command already run; sending its recorded result");
-        send(&out, agent_message::Kind::Result(done.to_proto())).await;
-        return;
-    }
-    let fresh = in_flight()
-        .lock()
-        .map(|mut s| s.insert(id.clone()))
-        .unwrap_or(true);
-    if !fresh {
-        tracing::info!(command = %id, "command is still running; its result will follow");
-        return;
-    }
-    let result = run(&config, &ctl, &id, kind, &out).await;
-    let r = result.to_proto();
-    // Recorded before it stops counting as in flight: a re-send in between
-    // finds one or the other, never neither.
-    Ledger::record(&ctl.state_dir, result);
-    if let Ok(mut s) = in_flight().lock() {
-        s.remove(&id);
-    }
-    send(&out, agent_message::Kind::Result(r)).await;
-}
-
-fn recorded(id: &str, outcome: &str, release: &str, message: impl Into<String>) -> Recorded {
+fn recorded(id: &str, outcome: Outcome, release: &str, message: impl Into<String>) -> Recorded {
     Recorded {
         command_id: id.to_owned(),
-        outcome: outcome.to_owned(),
+        outcome,
         release_id: release.to_owned(),
         message: message.into(),
     }
@@ -231,9 +409,9 @@ fn deploy_outcome(
     result: Result<Result<DeployReport, String>, tokio::task::JoinError>,
 ) -> Recorded {
     match result {
-        Ok(Ok(r)) if r.outcome == "succeeded" => recorded(
+        Ok(Ok(r)) if r.outcome == Outcome::Succeeded => recorded(
             id,
-            "succeeded",
+            Outcome::Succeeded,
             r.release.as_str(),
             format!(
                 "{} ({}; {} files) in {:.0} ms{}",
@@ -248,7 +426,7 @@ fn deploy_outcome(
         ),
         Ok(Ok(r)) => recorded(
             id,
-            "rolled_back",
+            r.outcome,
             r.release.as_str(),
             format!(
                 "{}; {}",
@@ -256,8 +434,13 @@ fn deploy_outcome(
                 r.restored.unwrap_or_default()
             ),
         ),
-        Ok(Err(e)) => recorded(id, "failed", release_id, e),
-        Err(e) => recorded(id, "failed", release_id, format!("deploy task failed: {e}")),
+        Ok(Err(e)) => recorded(id, Outcome::Failed, release_id, e),
+        Err(e) => recorded(
+            id,
+            Outcome::Failed,
+            release_id,
+            format!("deploy task failed: {e}"),
+        ),
     }
 }
 
@@ -270,10 +453,13 @@ enum Source {
     Url(String),
 }
 
-/// A deploy from the controller: under the app's lock (so nothing prunes
-/// the cache in between), the artifact is found in the app's artifact cache
-/// by its digest or fetched into it from `source`, then deployed. Fetch
-/// progress goes to the controller.
+/// A deploy from the controller: the artifact is found in the app's
+/// artifact cache by its digest or fetched into it from `source` — with
+/// the cache pinned but the app *not* locked, so a rollback or restart
+/// meanwhile works — then the app's lock is taken and the artifact
+/// deployed (verified again under the lock). Fetch progress goes to the
+/// controller. The fetch is plain async code; file work and the deploy
+/// run on blocking threads.
 async fn deploy_artifact(
     config: &Config,
     app: AppConfig,
@@ -287,6 +473,16 @@ async fn deploy_artifact(
         Source::Controller(_) => "the controller".to_owned(),
         Source::Url(url) => url.clone(),
     };
+    // A bad digest or URL is refused before anything is fetched.
+    let sha256 = match download::normalize_sha256(&sha256) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if let Source::Url(url) = &source {
+        if let Err(e) = download::parse_url(url) {
+            return Ok(Err(e.to_string()));
+        }
+    }
     progress(
         out,
         id,
@@ -294,65 +490,84 @@ async fn deploy_artifact(
         format!("downloading artifact {sha256} from {from}"),
     )
     .await;
-    let settings = config.artifacts.clone();
-    let handle = tokio::runtime::Handle::current();
-    let out = out.clone();
-    let id = id.to_owned();
-    tokio::task::spawn_blocking(move || {
-        // A bad digest or URL is refused before the lock is taken.
-        let sha256 = download::normalize_sha256(&sha256).map_err(|e| e.to_string())?;
-        if let Source::Url(url) = &source {
-            download::parse_url(url).map_err(|e| e.to_string())?;
+    let store = Store::new(&app, &Bridge::current());
+    // A busy app fails the deploy now rather than after the download; the
+    // pin keeps prune out of the cache until the deploy holds the lock.
+    let pinned = {
+        let (store, release) = (store.clone(), release.clone());
+        tokio::task::spawn_blocking(move || {
+            store.check_idle("deploy", release.as_ref())?;
+            store.pin_cache()
+        })
+        .await?
+    };
+    let pin = match pinned {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let cache = store.paths().cache.clone();
+    let hit = {
+        let (cache, sha256) = (cache.clone(), sha256.clone());
+        tokio::task::spawn_blocking(move || download::cached(&cache, &sha256)).await?
+    };
+    let mut report = |line: String| progress_now(out, id, "fetch", line);
+    // One cache check for both sources (the same digest deployed before is
+    // not fetched again).
+    let fetched = match hit {
+        Err(e) => Err(e.to_string()),
+        Ok(Some(hit)) => {
+            report(format!(
+                "artifact {sha256} is already cached; not fetching it from {from}"
+            ));
+            Ok(hit)
         }
-        let store = Store::new(&app, &Bridge::from(handle.clone()));
+        Ok(None) => match &source {
+            Source::Url(url) => {
+                download::fetch(url, &sha256, &cache, &config.artifacts, &mut report)
+                    .await
+                    .map_err(|e| format!("cannot download the artifact: {e}"))
+            }
+            Source::Controller(ctl) => {
+                let dest = cache.join(&sha256);
+                link::fetch_artifact(
+                    &ctl.url,
+                    &ctl.state_dir,
+                    &sha256,
+                    id,
+                    &dest,
+                    &config.artifacts,
+                )
+                .await
+                .map(|bytes| download::Fetched {
+                    path: dest,
+                    bytes,
+                    cached: false,
+                })
+                .map_err(|e| format!("cannot fetch the artifact: {e}"))
+            }
+        },
+    };
+    let fetched = match fetched {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(e)),
+    };
+    progress(
+        out,
+        id,
+        "deploy",
+        format!(
+            "artifact verified ({} bytes{}); deploying",
+            fetched.bytes,
+            if fetched.cached { ", cached" } else { "" }
+        ),
+    )
+    .await;
+    tokio::task::spawn_blocking(move || {
         let mut session = store
             .begin("deploy", release.as_ref())
             .map_err(|e| e.to_string())?;
-        let cache = &store.paths().cache;
-        let mut report = |line: String| progress_now(&out, &id, "fetch", line);
-        // One cache check for both sources (the same digest deployed before
-        // is not fetched again). This is a blocking-pool thread: waiting on
-        // the runtime is allowed.
-        let fetched = match download::cached(cache, &sha256).map_err(|e| e.to_string())? {
-            Some(hit) => {
-                report(format!(
-                    "artifact {sha256} is already cached; not fetching it from {from}"
-                ));
-                hit
-            }
-            None => match &source {
-                Source::Url(url) => handle
-                    .block_on(download::fetch(url, &sha256, cache, &settings, &mut report))
-                    .map_err(|e| format!("cannot download the artifact: {e}"))?,
-                Source::Controller(ctl) => {
-                    let dest = cache.join(&sha256);
-                    let bytes = handle
-                        .block_on(link::fetch_artifact(
-                            &ctl.url,
-                            &ctl.state_dir,
-                            &sha256,
-                            &id,
-                            &dest,
-                        ))
-                        .map_err(|e| format!("cannot fetch the artifact: {e}"))?;
-                    download::Fetched {
-                        path: dest,
-                        bytes,
-                        cached: false,
-                    }
-                }
-            },
-        };
-        progress_now(
-            &out,
-            &id,
-            "deploy",
-            format!(
-                "artifact verified ({} bytes{}); deploying",
-                fetched.bytes,
-                if fetched.cached { ", cached" } else { "" }
-            ),
-        );
+        // The app's lock keeps prune away from here on.
+        drop(pin);
         session
             .deploy(&DeployRequest {
                 artifact: fetched.path,
@@ -379,14 +594,14 @@ async fn run(
         Kind::Deploy(d) => {
             let app = match app_of(&d.app) {
                 Ok(a) => a,
-                Err(e) => return recorded(id, "failed", &d.release_id, e),
+                Err(e) => return recorded(id, Outcome::Failed, &d.release_id, e),
             };
             let release = match (!d.release_id.is_empty())
                 .then(|| ReleaseId::new(&d.release_id))
                 .transpose()
             {
                 Ok(r) => r,
-                Err(e) => return recorded(id, "failed", &d.release_id, e.to_string()),
+                Err(e) => return recorded(id, Outcome::Failed, &d.release_id, e.to_string()),
             };
             let source = if d.artifact_url.is_empty() {
                 Source::Controller(ctl.clone())
@@ -408,14 +623,14 @@ async fn run(
         Kind::Rollback(r) => {
             let app = match app_of(&r.app) {
                 Ok(a) => a,
-                Err(e) => return recorded(id, "failed", &r.to_release_id, e),
+                Err(e) => return recorded(id, Outcome::Failed, &r.to_release_id, e),
             };
             let to = match (!r.to_release_id.is_empty())
                 .then(|| ReleaseId::new(&r.to_release_id))
                 .transpose()
             {
                 Ok(t) => t,
-                Err(e) => return recorded(id, "failed", &r.to_release_id, e.to_string()),
+                Err(e) => return recorded(id, Outcome::Failed, &r.to_release_id, e.to_string()),
             };
             progress(out, id, "rollback", "switching current".into()).await;
             let result = tokio::task::spawn_blocking(move || {
@@ -428,13 +643,13 @@ async fn run(
                 Ok(Ok(rep)) => match rep.problem {
                     None => recorded(
                         id,
-                        "succeeded",
+                        Outcome::Succeeded,
                         rep.to.as_str(),
                         format!("current is now {}", rep.to),
                     ),
                     Some(p) => recorded(
                         id,
-                        "failed",
+                        Outcome::Failed,
                         rep.to.as_str(),
                         format!(
                             "current is now {} but it is not serving healthily: {p}",
@@ -442,10 +657,10 @@ async fn run(
                         ),
                     ),
                 },
-                Ok(Err(e)) => recorded(id, "failed", &r.to_release_id, e.to_string()),
+                Ok(Err(e)) => recorded(id, Outcome::Failed, &r.to_release_id, e.to_string()),
                 Err(e) => recorded(
                     id,
-                    "failed",
+                    Outcome::Failed,
                     &r.to_release_id,
                     format!("rollback task failed: {e}"),
                 ),
@@ -454,7 +669,7 @@ async fn run(
         Kind::Prune(p) => {
             let app = match app_of(&p.app) {
                 Ok(a) => a,
-                Err(e) => return recorded(id, "failed", "", e),
+                Err(e) => return recorded(id, Outcome::Failed, "", e),
             };
             let keep = if p.keep == 0 {
                 app.keep
@@ -472,7 +687,7 @@ async fn run(
                     let ids: Vec<&str> = rep.removed.iter().map(ReleaseId::as_str).collect();
                     recorded(
                         id,
-                        "succeeded",
+                        Outcome::Succeeded,
                         "",
                         if ids.is_empty() {
                             "removed no release".to_owned()
@@ -481,14 +696,14 @@ async fn run(
                         },
                     )
                 }
-                Ok(Err(e)) => recorded(id, "failed", "", e.to_string()),
-                Err(e) => recorded(id, "failed", "", format!("prune task failed: {e}")),
+                Ok(Err(e)) => recorded(id, Outcome::Failed, "", e.to_string()),
+                Err(e) => recorded(id, Outcome::Failed, "", format!("prune task failed: {e}")),
             }
         }
         Kind::Restart(r) => {
             let app = match app_of(&r.app) {
                 Ok(a) => a,
-                Err(e) => return recorded(id, "failed", "", e),
+                Err(e) => return recorded(id, Outcome::Failed, "", e),
             };
             let result = tokio::task::spawn_blocking(move || {
                 let store = Store::new(&app, &bridge);
@@ -497,14 +712,16 @@ async fn run(
             })
             .await;
             match result {
-                Ok(Ok((release, a, _))) => recorded(id, "succeeded", release.as_str(), a.detail),
-                Ok(Err(e)) => recorded(id, "failed", "", e.to_string()),
-                Err(e) => recorded(id, "failed", "", format!("restart task failed: {e}")),
+                Ok(Ok((release, a, _))) => {
+                    recorded(id, Outcome::Succeeded, release.as_str(), a.detail)
+                }
+                Ok(Err(e)) => recorded(id, Outcome::Failed, "", e.to_string()),
+                Err(e) => recorded(id, Outcome::Failed, "", format!("restart task failed: {e}")),
             }
         }
         // `execute` answers status requests and ignores the rest.
         Kind::StatusRequest(_) | Kind::Welcome(_) | Kind::ArtifactChunk(_) => {
-            recorded(id, "failed", "", "not a command")
+            recorded(id, Outcome::Failed, "", "not a command")
         }
     }
 }
@@ -512,7 +729,7 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slipway_proto::v1::{Prune, Rollback, StatusRequest};
+    use slipway_proto::v1::{Outcome as Wire, Prune, Rollback, StatusRequest};
 
     fn setup() -> (tempfile::TempDir, Config, ControllerConfig) {
         let dir = tempfile::tempdir().unwrap();
@@ -529,21 +746,22 @@ mod tests {
         (dir, config, ctl)
     }
 
+    /// Runs one command on a runner of its own (so anything remembered
+    /// between two calls went through the ledger file).
     async fn run_one(
         config: &Config,
         ctl: &ControllerConfig,
         kind: controller_message::Kind,
     ) -> Vec<AgentMessage> {
+        run_on(&Commands::new(config.clone(), ctl.clone()), kind).await
+    }
+
+    async fn run_on(commands: &Commands, kind: controller_message::Kind) -> Vec<AgentMessage> {
         let (tx, mut rx) = mpsc::channel(16);
-        let out = Outbox::default();
-        out.attach(tx);
-        execute(
-            config.clone(),
-            ctl.clone(),
-            ControllerMessage { kind: Some(kind) },
-            out,
-        )
-        .await;
+        commands.attach(tx);
+        commands
+            .execute(ControllerMessage { kind: Some(kind) })
+            .await;
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
             out.push(m);
@@ -569,35 +787,108 @@ mod tests {
             to_release_id: String::new(),
         });
         let first = result_of(&run_one(&config, &ctl, rollback.clone()).await);
-        assert_eq!(first.outcome, Outcome::Failed as i32);
+        assert_eq!(first.outcome, Wire::Failed as i32);
         assert!(
             first.message.contains("no good release"),
             "{}",
             first.message
         );
-        // The ledger answers the re-send with the same result.
-        let again = result_of(&run_one(&config, &ctl, rollback).await);
+        // The ledger answers the re-send with the same result, from the
+        // same runner and from a new one (after a restart).
+        let commands = Commands::new(config.clone(), ctl.clone());
+        let again = result_of(&run_on(&commands, rollback.clone()).await);
         assert_eq!(again, first);
-        assert_eq!(Ledger::load(&ctl.state_dir).results.len(), 1);
+        let again = result_of(&run_on(&commands, rollback).await);
+        assert_eq!(again, first);
+        let on_disk = Ledger::load(&Ledger::path(&ctl.state_dir)).unwrap();
+        assert_eq!(on_disk.results.len(), 1);
+        assert_eq!(on_disk.results[0].outcome, Outcome::Failed);
     }
 
     #[test]
     fn results_recorded_concurrently_are_all_kept() {
         let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let ledger = LedgerFile::new(dir.path());
         std::thread::scope(|scope| {
             for t in 0..8 {
-                let state_dir = dir.path();
+                let (ledger, rt) = (&ledger, rt.handle());
                 scope.spawn(move || {
                     for i in 0..10 {
-                        Ledger::record(
-                            state_dir,
-                            recorded(&format!("c-{t}-{i}"), "succeeded", "", "done"),
-                        );
+                        let r = recorded(&format!("c-{t}-{i}"), Outcome::Succeeded, "", "done");
+                        rt.block_on(ledger.record(r)).unwrap();
                     }
                 });
             }
         });
-        assert_eq!(Ledger::load(dir.path()).results.len(), 80);
+        assert_eq!(rt.block_on(ledger.results()).unwrap().len(), 80);
+        let on_disk = Ledger::load(ledger.path()).unwrap();
+        assert_eq!(on_disk.results.len(), 80);
+    }
+
+    /// The ledger's spellings are the ones every earlier agent wrote, and
+    /// an outcome this agent does not know is an error naming the file —
+    /// not a result silently read as failed, nor a file overwritten.
+    #[tokio::test]
+    async fn ledgers_keep_their_spellings_and_an_unknown_outcome_is_an_error() {
+        let (_dir, config, ctl) = setup();
+        let path = Ledger::path(&ctl.state_dir);
+        let entry = |id: &str, outcome: &str| {
+            format!(
+                r#"{{"command_id": "{id}", "outcome": "{outcome}", "release_id": "r", "message": "m"}}"#
+            )
+        };
+        let old = format!(
+            r#"{{"results": [{}, {}, {}]}}"#,
+            entry("c-ok", "succeeded"),
+            entry("c-back", "rolled_back"),
+            entry("c-bad", "failed")
+        );
+        std::fs::write(&path, &old).unwrap();
+        let ledger = Ledger::load(&path).unwrap();
+        let outcomes: Vec<Outcome> = ledger.results.iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::Succeeded, Outcome::RolledBack, Outcome::Failed]
+        );
+        let json = serde_json::to_string(&ledger).unwrap();
+        for word in ["\"succeeded\"", "\"rolled_back\"", "\"failed\""] {
+            assert!(json.contains(word), "{json}");
+        }
+        // A re-sent command is answered from the old file, on the wire too.
+        let back = controller_message::Kind::Prune(Prune {
+            command_id: "c-back".into(),
+            app: "web".into(),
+            keep: 1,
+        });
+        let r = result_of(&run_one(&config, &ctl, back).await);
+        assert_eq!(r.outcome, Wire::RolledBack as i32);
+
+        // A misspelt outcome: every command is refused with the file's
+        // name, nothing runs, and the file is left for the operator.
+        let typo = format!(r#"{{"results": [{}]}}"#, entry("c-ok", "sucess"));
+        std::fs::write(&path, &typo).unwrap();
+        let err = Ledger::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("sucess"),
+            "{err}"
+        );
+        let prune = controller_message::Kind::Prune(Prune {
+            command_id: "c-new".into(),
+            app: "web".into(),
+            keep: 1,
+        });
+        let r = result_of(&run_one(&config, &ctl, prune).await);
+        assert_eq!(r.outcome, Wire::Failed as i32);
+        assert!(
+            r.message.contains(&path.display().to_string()) && r.message.contains("sucess"),
+            "{}",
+            r.message
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), typo);
     }
 
     fn deploy_of(id: &str, sha: &str) -> controller_message::Kind {
@@ -623,7 +914,7 @@ mod tests {
         // Not cached: the controller path is taken and fails (this node was
         // never enrolled), leaving nothing in the cache.
         let r = result_of(&run_one(&config, &ctl, deploy_of("c-4", &sha)).await);
-        assert_eq!(r.outcome, Outcome::Failed as i32);
+        assert_eq!(r.outcome, Wire::Failed as i32);
         assert!(
             r.message.contains("cannot fetch the artifact"),
             "{}",
@@ -637,7 +928,7 @@ mod tests {
         std::fs::copy(&artifact, cache.join(&sha)).unwrap();
         let msgs = run_one(&config, &ctl, deploy_of("c-5", &sha.to_uppercase())).await;
         let r = result_of(&msgs);
-        assert_eq!(r.outcome, Outcome::Succeeded as i32, "{}", r.message);
+        assert_eq!(r.outcome, Wire::Succeeded as i32, "{}", r.message);
         assert_eq!(r.release_id, "r-c-5");
         assert!(msgs.iter().any(|m| matches!(&m.kind,
             Some(agent_message::Kind::Progress(p)) if p.message.contains("already cached"))));
@@ -658,7 +949,7 @@ mod tests {
             keep: 3,
         });
         let r = result_of(&run_one(&config, &ctl, prune).await);
-        assert_eq!(r.outcome, Outcome::Failed as i32);
+        assert_eq!(r.outcome, Wire::Failed as i32);
         assert!(
             r.message.contains("\"api\" is not declared"),
             "{}",
@@ -671,6 +962,6 @@ mod tests {
         assert!(msgs
             .iter()
             .any(|m| matches!(m.kind, Some(agent_message::Kind::Heartbeat(_)))));
-        assert_eq!(result_of(&msgs).outcome, Outcome::Succeeded as i32);
+        assert_eq!(result_of(&msgs).outcome, Wire::Succeeded as i32);
     }
 }

@@ -5,8 +5,11 @@
 //! same content-addressed cache every deploy copies its artifact into, under
 //! its sha256. A digest already cached (and still intact) is therefore never
 //! downloaded again, and the deploy that follows finds the artifact where it
-//! looks first. The caller holds the app's lock while downloading, so a
-//! concurrent prune cannot remove the file between download and deploy.
+//! looks first. The download runs without the app's lock (a node-local
+//! rollback meanwhile must work); the caller pins the cache instead
+//! ([`crate::release::Store::pin_cache`]) until its deploy holds the lock,
+//! so a concurrent prune removes neither the temp file nor the result, and
+//! the deploy verifies the cached file's digest again under the lock.
 //!
 //! What is refused, each with an error naming the URL: any scheme but
 //! `https`, a server certificate that does not verify against the system
@@ -225,7 +228,18 @@ pub async fn fetch(
 ) -> Result<Fetched, DownloadError> {
     let expected = normalize_sha256(sha256)?;
     let uri = parse_url(url)?;
-    if let Some(hit) = cached(cache_dir, &expected)? {
+    // Hashing a cached file of up to `max_size` is blocking work.
+    let hit = {
+        let (dir, digest) = (cache_dir.to_owned(), expected.clone());
+        tokio::task::spawn_blocking(move || cached(&dir, &digest))
+            .await
+            .map_err(|e| DownloadError::Io {
+                action: "check the cache in",
+                path: cache_dir.to_owned(),
+                source: io::Error::other(e),
+            })??
+    };
+    if let Some(hit) = hit {
         progress(format!(
             "artifact {expected} is already cached; not downloading {url}"
         ));

@@ -166,7 +166,7 @@ mod tests {
                 id: Some(id),
             })
             .unwrap();
-        assert_eq!(report.outcome, "succeeded");
+        assert_eq!(report.outcome, crate::release::Outcome::Succeeded);
     }
 
     #[tokio::test]

@@ -44,7 +44,9 @@ pub async fn run(
     tokio::pin!(stop);
     let mut rng = Jitter::seeded();
     let mut attempt: u32 = 0;
-    let outbox = crate::commands::Outbox::default();
+    // One runner for the daemon, not per session: a command outlives the
+    // session it came on, and its result goes to the session of the moment.
+    let commands = crate::commands::Commands::new(config.clone(), ctl.clone());
     let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
     let mut watch = match StateWatcher::new(&roots) {
         Ok(w) => Some(w),
@@ -79,7 +81,7 @@ pub async fn run(
                 };
                 let renew_at = session.welcome.renew_cert_after_unix;
                 let ended = tokio::select! {
-                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng, &outbox, watch.as_mut()) => e,
+                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng, &commands, watch.as_mut()) => e,
                     () = &mut stop => return,
                 };
                 if ended.code == tonic::Code::PermissionDenied {
@@ -130,10 +132,10 @@ async fn serve(
     interval: Duration,
     renew_at: i64,
     rng: &mut Jitter,
-    outbox: &crate::commands::Outbox,
+    commands: &crate::commands::Commands,
     mut watch: Option<&mut StateWatcher>,
 ) -> Ended {
-    outbox.attach(session.outbound.clone());
+    commands.attach(session.outbound.clone());
     // Staggered first beat: somewhere in the first interval.
     let mut next = tokio::time::Instant::now() + rng.below(interval);
     let mut renew_due = renew_at > 0;
@@ -170,7 +172,8 @@ async fn serve(
                 Ok(Some(m)) => {
                     // Commands run beside the heartbeats; the app lock keeps
                     // two of them off the same app.
-                    tokio::spawn(crate::commands::execute(config.clone(), ctl.clone(), m, outbox.clone()));
+                    let commands = commands.clone();
+                    tokio::spawn(async move { commands.execute(m).await });
                 }
                 Ok(None) => return Ended::other("the controller closed the stream"),
                 Err(status) => {

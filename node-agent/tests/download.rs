@@ -83,6 +83,13 @@ enum Reply {
     Status(u16),
     /// 302 to this Location.
     Redirect(String),
+    /// 200 with Content-Length: the first `first` bytes at once, the rest
+    /// only once `gate` is notified (a slow download the test controls).
+    Trickle {
+        body: Vec<u8>,
+        first: usize,
+        gate: Arc<tokio::sync::Notify>,
+    },
 }
 
 /// Decides the reply from the path and how often that path was asked before.
@@ -228,6 +235,17 @@ async fn write_reply<S: tokio::io::AsyncWrite + Unpin>(
             .await?;
             s.write_all(body.as_bytes()).await?;
         }
+        Reply::Trickle { body, first, gate } => {
+            s.write_all(&head(
+                "200 OK",
+                &format!("Content-Length: {}\r\n", body.len()),
+            ))
+            .await?;
+            s.write_all(&body[..first]).await?;
+            s.flush().await?;
+            gate.notified().await;
+            s.write_all(&body[first..]).await?;
+        }
         Reply::Redirect(to) => {
             s.write_all(&head(
                 "302 Found",
@@ -348,6 +366,79 @@ max_size = {LIMIT}
     wait_until("v1-again to serve", Duration::from_secs(10), || {
         http_get(port, "/").is_some_and(|(code, body)| code == 200 && body == "v1-from-https")
     });
+}
+
+/// A download in progress does not hold the app's lock: a node-local
+/// rollback and a prune meanwhile succeed (before, both failed with "deploy
+/// in progress" until the download and the deploy were over), the prune
+/// leaves the download's temp file alone, and the deploy completes once the
+/// rest of the bytes arrive.
+#[test]
+fn a_rollback_and_a_prune_work_during_a_long_download() {
+    let pki = pki("good");
+    let v3 = artifact("v3");
+    let sha = sha256(&v3);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (body, held) = (v3.clone(), gate.clone());
+    let server = Server::start(&pki, move |path, _| match path {
+        "/v3.tar.gz" => Reply::Trickle {
+            body: body.clone(),
+            first: 100,
+            gate: held.clone(),
+        },
+        _ => Reply::Status(404),
+    });
+    // A read timeout far longer than the test waits with the bytes held.
+    let node = Node::new(&format!(
+        "\n[artifacts]\nca_file = \"{}\"\nmax_size = {LIMIT}\nread_timeout = \"120s\"\n",
+        pki.ca_file.display()
+    ));
+    node.deploy(&node.artifact("v1.tar.gz", &[("VERSION", "v1")]), "v1")
+        .ok();
+    node.deploy(&node.artifact("v2.tar.gz", &[("VERSION", "v2")]), "v2")
+        .ok();
+
+    let url = server.url("/v3.tar.gz");
+    let download = node
+        .cmd(&[
+            "deploy", "--app", "web", "--url", &url, "--sha256", &sha, "--id", "v3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first bytes are in the cache's temp file: the download is under way.
+    let part = || {
+        cache(&node)
+            .into_iter()
+            .find(|n| n.contains(".part-"))
+            .filter(|n| {
+                fs::metadata(node.root.join(".slipway/cache").join(n)).is_ok_and(|m| m.len() >= 100)
+            })
+    };
+    wait_until(
+        "the download to be under way",
+        Duration::from_secs(30),
+        || part().is_some(),
+    );
+    let temp = part().unwrap();
+
+    let run = node.run(&["rollback", "--app", "web"]).ok();
+    assert_eq!(node.current().as_deref(), Some("v1"), "{run:#?}");
+    let run = node
+        .run(&["prune", "--app", "web", "--keep", "1", "--json"])
+        .ok();
+    let report = run.json();
+    assert_eq!(report["cached_artifacts_removed"], 0, "{report:#}");
+    assert!(cache(&node).contains(&temp), "{:?}", cache(&node));
+
+    gate.notify_one();
+    let out = download.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(node.current().as_deref(), Some("v3"));
+    assert_eq!(server.hits(), vec!["/v3.tar.gz".to_owned()]);
+    assert!(!cache(&node).iter().any(|n| n.contains(".part-")));
 }
 
 #[test]
@@ -574,7 +665,7 @@ fn a_bad_ca_file_is_a_config_error_with_its_line() {
 /// agent, deployed, progress and result reported on the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_deploy_with_an_artifact_url_downloads_and_deploys() {
-    use slipway_agent::commands::{execute, Outbox};
+    use slipway_agent::commands::Commands;
     use slipway_agent::config::{Config, ControllerConfig};
     use slipway_proto::v1::{
         agent_message, controller_message, ControllerMessage, Deploy, Outcome,
@@ -606,13 +697,13 @@ async fn a_controller_deploy_with_an_artifact_url_downloads_and_deploys() {
             ..Default::default()
         })),
     };
+    let commands = Commands::new(config, ctl);
     let run = |msg: ControllerMessage| {
-        let (config, ctl) = (config.clone(), ctl.clone());
+        let commands = commands.clone();
         async move {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-            let out = Outbox::default();
-            out.attach(tx);
-            execute(config, ctl, msg, out).await;
+            commands.attach(tx);
+            commands.execute(msg).await;
             let mut progress = Vec::new();
             let mut result = None;
             while let Ok(m) = rx.try_recv() {

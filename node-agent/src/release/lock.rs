@@ -122,6 +122,68 @@ pub fn read_holder(path: &Path) -> Option<Holder> {
     serde_json::from_str(&text).ok()
 }
 
+/// A fetch into an app's artifact cache in flight: a shared `flock` on the
+/// cache lock file, taken before the cache is looked at and held until the
+/// deploy that uses the artifact holds the app's lock. A network fetch runs
+/// without the app's lock (a node-local rollback must not wait for a
+/// download), so this is what keeps a prune's cache clean-up — which needs
+/// the same lock exclusively and skips itself when it cannot have it — from
+/// removing a temp file being written or an artifact about to be deployed.
+/// The kernel drops it when its holder dies, so it never goes stale.
+#[derive(Debug)]
+pub struct CachePin {
+    _flock: Flock<File>,
+}
+
+/// The cache clean-up's exclusive hold on the cache lock file: no fetch is
+/// in flight while it lives, and none starts.
+#[derive(Debug)]
+pub struct CacheClean {
+    _flock: Flock<File>,
+}
+
+fn open_lock_file(path: &Path) -> Result<File, LockError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| LockError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+impl CachePin {
+    /// Pins the cache whose lock file is `path`. Blocks while a clean-up
+    /// holds it (a directory scan and a few unlinks), never longer.
+    pub fn acquire(path: &Path) -> Result<Self, LockError> {
+        let file = open_lock_file(path)?;
+        let flock =
+            Flock::lock(file, FlockArg::LockShared).map_err(|(_, errno)| LockError::Io {
+                path: path.to_owned(),
+                source: errno.into(),
+            })?;
+        Ok(Self { _flock: flock })
+    }
+}
+
+impl CacheClean {
+    /// The clean-up's hold, or `None` while some fetch has the cache pinned.
+    pub fn try_acquire(path: &Path) -> Result<Option<Self>, LockError> {
+        let file = open_lock_file(path)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(flock) => Ok(Some(Self { _flock: flock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(LockError::Io {
+                path: path.to_owned(),
+                source: errno.into(),
+            }),
+        }
+    }
+}
+
 /// Whether some process holds the lock at `path` right now.
 pub fn is_held(path: &Path) -> bool {
     let Ok(file) = File::open(path) else {
@@ -163,5 +225,21 @@ mod tests {
         drop(held);
         assert!(!is_held(&p));
         AppLock::acquire(&p, "web", &holder("prune")).unwrap();
+    }
+
+    #[test]
+    fn a_pinned_cache_is_not_cleaned_and_pins_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cache.lock");
+        let first = CachePin::acquire(&p).unwrap();
+        let second = CachePin::acquire(&p).unwrap();
+        assert!(CacheClean::try_acquire(&p).unwrap().is_none());
+        drop(first);
+        assert!(CacheClean::try_acquire(&p).unwrap().is_none());
+        drop(second);
+        let clean = CacheClean::try_acquire(&p).unwrap();
+        assert!(clean.is_some());
+        // A second clean-up at the same time is told to skip too.
+        assert!(CacheClean::try_acquire(&p).unwrap().is_none());
     }
 }

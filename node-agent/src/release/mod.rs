@@ -45,7 +45,7 @@ use crate::health::{self, GatePassed, ProbeTarget};
 use crate::{durable, fault};
 pub use id::{InvalidId, ReleaseId};
 pub use journal::{DeployStep, Journal, Operation, Release, ReleaseStatus};
-pub use lock::{Holder, LockError};
+pub use lock::{CachePin, Holder, LockError};
 use manifest::Manifest;
 use objects::ObjectStore;
 pub use verify::{Finding, VerifyReport};
@@ -136,6 +136,9 @@ pub struct Paths {
     pub journal: PathBuf,
     pub lock: PathBuf,
     pub cache: PathBuf,
+    /// Fetches into `cache` hold it shared; a prune's cache clean-up needs
+    /// it exclusively ([`lock::CachePin`]).
+    pub cache_lock: PathBuf,
     pub objects: PathBuf,
     pub staging: PathBuf,
     pub manifests: PathBuf,
@@ -155,6 +158,7 @@ impl Paths {
             journal: meta.join("journal.json"),
             lock: meta.join("lock"),
             cache: meta.join("cache"),
+            cache_lock: meta.join("cache.lock"),
             objects: meta.join("objects"),
             staging: meta.join("staging"),
             manifests: meta.join("manifests"),
@@ -202,14 +206,47 @@ pub struct StepTiming {
     pub ms: f64,
 }
 
+/// How a deploy or a controller command ended. One type for the deploy
+/// report, `--json` output and the agent's command ledger, so a misspelt
+/// outcome is a compile error rather than a silent failure. Serialised as
+/// `succeeded`, `failed` and `rolled_back`: the spellings `--json` and
+/// `commands.json` have always used, so existing ledgers still read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It did what it was asked.
+    Succeeded,
+    /// It failed; `current` was not switched, or was switched back.
+    Failed,
+    /// The release failed once live and the previous one was restored.
+    RolledBack,
+}
+
+impl Outcome {
+    /// The serialised spelling (`succeeded`, `failed`, `rolled_back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The outcome of a successful deploy.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeployReport {
     pub app: String,
     pub release: ReleaseId,
-    /// `succeeded`, or `rolled_back` when the release failed once live (driver,
+    /// `Succeeded`, or `RolledBack` when the release failed once live (driver,
     /// health gate or after_activate hook) and the previous one was restored.
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     /// Why it was rolled back, with the failing check's last output.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -408,6 +445,29 @@ impl Store {
         };
         session.recovered = session.recover()?;
         Ok(session)
+    }
+
+    /// Fails, naming the holder, when some process holds the app's lock
+    /// right now; takes nothing. A deploy asks this before fetching its
+    /// artifact, so it does not download only to find the app busy.
+    pub fn check_idle(&self, operation: &str, release: Option<&ReleaseId>) -> Result<()> {
+        self.ensure_layout()?;
+        let holder = Holder {
+            pid: std::process::id(),
+            operation: operation.to_owned(),
+            release: release.map(ToString::to_string),
+            started_at: OffsetDateTime::now_utc(),
+        };
+        lock::AppLock::acquire(&self.paths.lock, &self.app.name, &holder)?;
+        Ok(())
+    }
+
+    /// Pins the artifact cache for a fetch that runs without the app's
+    /// lock: until the pin is dropped — once the deploy holds the lock — no
+    /// prune removes anything from the cache (see [`lock::CachePin`]).
+    pub fn pin_cache(&self) -> Result<CachePin> {
+        self.ensure_layout()?;
+        Ok(CachePin::acquire(&self.paths.cache_lock)?)
     }
 
     /// The app's state. Recovers first when no one holds the lock; otherwise
@@ -896,7 +956,7 @@ impl Session<'_> {
                     return Ok(DeployReport {
                         app: self.app().name.clone(),
                         release: id,
-                        outcome: "succeeded",
+                        outcome: Outcome::Succeeded,
                         failure: None,
                         restored: None,
                         activation: None,
@@ -980,7 +1040,7 @@ impl Session<'_> {
                 return Ok(DeployReport {
                     app: self.app().name.clone(),
                     release: id,
-                    outcome: "rolled_back",
+                    outcome: Outcome::RolledBack,
                     failure: Some(err.to_string()),
                     restored: Some(outcome),
                     activation: live,
@@ -1025,7 +1085,7 @@ impl Session<'_> {
         Ok(DeployReport {
             app: self.app().name.clone(),
             release: id,
-            outcome: "succeeded",
+            outcome: Outcome::Succeeded,
             failure: None,
             restored: None,
             activation,
@@ -1496,10 +1556,16 @@ impl Session<'_> {
         }))
     }
 
-    /// Removes cached artifacts whose sha256 is not in `keep`.
+    /// Removes cached artifacts whose sha256 is not in `keep` (and temp
+    /// files of fetches that died) — unless a fetch has the cache pinned:
+    /// then nothing, and the next prune does it.
     fn remove_cached_except(&self, keep: &[String]) -> Result<(u64, u64)> {
         let cache = &self.paths().cache;
         let (mut n, mut bytes) = (0, 0);
+        let Some(_clean) = lock::CacheClean::try_acquire(&self.paths().cache_lock)? else {
+            tracing::info!(app = %self.app().name, "an artifact fetch is in flight; cached artifacts are left for the next prune");
+            return Ok((n, bytes));
+        };
         for entry in fs::read_dir(cache).map_err(ReleaseError::io("read", cache))? {
             let entry = entry.map_err(ReleaseError::io("read", cache))?;
             let name = entry.file_name().to_string_lossy().into_owned();
