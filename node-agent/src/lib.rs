@@ -31,6 +31,8 @@
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
+//! - [`proc`]: runs a command with a deadline, bounded output and a kill
+//!   policy for its whole process group (exec health checks, hooks, `pm2`).
 //! - [`artifact`]: packing a directory into a reproducible artifact.
 //! - [`download`]: artifacts fetched from an HTTPS URL + sha256 into the
 //!   app's artifact cache (deploy by URL, from the CLI or the controller).
@@ -53,6 +55,7 @@ pub mod link;
 pub mod liveness;
 pub mod logs;
 pub mod metrics;
+pub mod proc;
 pub mod release;
 pub mod state_watch;
 pub mod supervise;
