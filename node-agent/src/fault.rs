@@ -30,13 +30,14 @@ pub const DEPLOY_POINTS: &[&str] = &[
     "before_commit",
 ];
 
-/// The crash points a certificate renewal passes, in order (see
-/// `link::install_identity`).
-pub const RENEW_POINTS: &[&str] = &[
-    "renew_mid_write",
-    "renew_after_write",
-    "renew_after_link",
-    "renew_after_switch",
+/// The crash points a switch of the node's key and certificate passes
+/// (enrollment, renewal, migration of the old layout), in order: see
+/// `identity::install`.
+pub const IDENTITY_POINTS: &[&str] = &[
+    "identity_mid_write",
+    "identity_after_write",
+    "identity_after_link",
+    "identity_after_switch",
 ];
 
 #[cfg(feature = "fault-injection")]

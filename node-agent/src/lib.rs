@@ -19,7 +19,9 @@
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
 //! - [`supervise`]: the process the exec driver leaves running.
 //! - [`link`]: the controller session: enroll (join token + a key made here
-//!   → client certificate), mTLS connect.
+//!   → client certificate), mTLS connect, certificate renewal.
+//! - [`identity`]: the node's key and certificate on disk, switched as one
+//!   pair atomically; recovery and migration of older layouts at start.
 //! - [`liveness`]: `slipway-agent run`, the long-running loop.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`commands`]: deploy, rollback, prune, restart and status commands
@@ -51,6 +53,7 @@ pub mod durable;
 pub mod envfile;
 pub mod fault;
 pub mod health;
+pub mod identity;
 pub mod link;
 pub mod liveness;
 pub mod logs;
