@@ -531,7 +531,7 @@ mod tests {
 
     #[test]
     fn kill_at_every_step_leaves_a_matching_pair() {
-        assert!(fault::ENABLED, "built without the fault-injection feature");
+        const { assert!(fault::ENABLED, "built without the fault-injection feature") };
         // (point, whether the new pair is in use after a crash there)
         let expect_new = [
             ("identity_mid_write", false),
