@@ -669,12 +669,19 @@ async fn the_agent_renews_in_place_and_reconnects_with_the_new_certificate() {
     assert_ne!(old_key, new_key, "a new key pair is made for the renewal");
     assert!(session.outbound.send(beat()).await.is_ok());
 
-    // The next connection uses the new pair; the old one is kept aside.
+    // The next connection uses the new pair; the previous one is kept
+    // aside (a reader that resolved the identity link just before the
+    // switch still finds its files), nothing older.
     controller.try_connect(state.path(), "").await.unwrap();
-    assert!(state
-        .path()
-        .join(format!("{}.old", link::CERT_FILE))
-        .exists());
+    let previous = state.path().join("identity-1");
+    assert_eq!(
+        std::fs::read_to_string(previous.join(link::CERT_FILE)).unwrap(),
+        old_cert
+    );
+    assert_eq!(
+        std::fs::read_link(state.path().join(slipway_agent::identity::LINK)).unwrap(),
+        Path::new("identity-2")
+    );
     let events = controller.store().await.audit_events().await.unwrap();
     assert!(
         events.iter().any(|e| e.event_type == "CERT_RENEWED"),

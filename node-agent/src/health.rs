@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -17,11 +17,16 @@ use time::OffsetDateTime;
 
 use crate::config::{CheckConfig, HealthConfig};
 use crate::durable;
+use crate::proc;
 
 /// Bytes of a response or command output kept for messages.
 const OUTPUT_LIMIT: usize = 512;
-/// Bytes of an HTTP response read at most.
+/// Bytes of an HTTP response read at most (and of each output stream of an
+/// exec check kept).
 const RESPONSE_LIMIT: usize = 64 << 10;
+/// An exec check that outlives its timeout gets SIGTERM, then SIGKILL this
+/// much later: short, since the probe's time limit is what a gate counts on.
+const EXEC_KILL_GRACE: Duration = Duration::from_millis(500);
 /// Failure records kept in the liveness file.
 const KEEP_FAILURES: usize = 20;
 
@@ -243,75 +248,29 @@ fn dechunk(body: &str) -> String {
 }
 
 fn exec(command: &str, cwd: &Path, timeout: Duration) -> Result<String, String> {
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run `{command}`: {e}"))?;
-    // Read both pipes on threads so a chatty command cannot block on a full pipe.
-    let out = child.stdout.take().map(read_limited);
-    let err = child.stderr.take().map(read_limited);
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() >= deadline => break None,
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(format!("waiting for `{command}`: {e}")),
-        }
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(command).current_dir(cwd);
+    // A probe is one step: anything it leaves in the background is killed
+    // when it exits, and the time limit covers reading its output.
+    let policy = proc::Policy {
+        timeout,
+        kill_grace: EXEC_KILL_GRACE,
+        after_exit: proc::AfterExit::KillGroup,
     };
-    let group = nix::unistd::Pid::from_raw(child.id() as i32);
-    if status.is_none() {
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = child.wait();
-    }
-    // A process the command left in the background may hold the pipes open:
-    // it has until the deadline, then its group is killed so the reads end
-    // (the time limit holds for the whole probe).
-    let reading = || {
-        !out.iter()
-            .chain(&err)
-            .all(std::thread::JoinHandle::is_finished)
+    let output = proc::Output::Capture {
+        limit: RESPONSE_LIMIT,
     };
-    while reading() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if reading() {
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-    }
-    let mut output = out.and_then(|h| h.join().ok()).unwrap_or_default();
-    output.push_str(&err.and_then(|h| h.join().ok()).unwrap_or_default());
-    match status {
-        None => Err(format!(
+    let done = proc::run(cmd, output, &policy).map_err(|e| format!("`{command}`: {e}"))?;
+    let mut text = done.stdout.text();
+    text.push_str(&done.stderr.text());
+    match done.ending {
+        proc::Ending::TimedOut => Err(format!(
             "`{command}` timed out after {timeout:?}: {}",
-            clip(&output)
+            clip(&text)
         )),
-        Some(s) if s.success() => Ok(output),
-        Some(s) => Err(format!("`{command}` exited with {s}: {}", clip(&output))),
+        proc::Ending::Exited(s) if s.success() => Ok(text),
+        proc::Ending::Exited(s) => Err(format!("`{command}` exited with {s}: {}", clip(&text))),
     }
-}
-
-use std::os::unix::process::CommandExt;
-
-fn read_limited(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if kept.len() < RESPONSE_LIMIT {
-                kept.extend_from_slice(&buf[..n]);
-            }
-        }
-        String::from_utf8_lossy(&kept).into_owned()
-    })
 }
 
 /// A gate that passed.
@@ -457,7 +416,6 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
     use std::net::TcpListener;
 
     /// A tiny HTTP server answering `responses` in turn (then the last one).
@@ -577,30 +535,21 @@ mod tests {
             !p.ok && p.output.contains("exit status: 3") && p.output.contains("checking"),
             "{p:?}"
         );
-        // Output held open by a background process ends at the time limit.
+        // A background process holding the output open does not hold the
+        // probe: it is killed when the check exits.
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("pid");
         let lingering = CheckConfig::Exec {
             command: format!("sleep 300 & echo $! > {}; echo started", pid_file.display()),
         };
-        let p = probe(&lingering, Duration::from_millis(500), &here(None));
+        let p = probe(&lingering, Duration::from_secs(5), &here(None));
         assert!(p.ok && p.output.contains("started"), "{p:?}");
-        let pid: i32 = fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let state = || {
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()?.to_owned()))
-        };
-        let gone = (0..200).any(|_| {
-            let s = state();
-            std::thread::sleep(Duration::from_millis(10));
-            s.is_none() || s.as_deref() == Some("Z")
-        });
-        assert!(gone, "background sleep {pid} still runs: {:?}", state());
+        assert!(p.elapsed_ms < 4000, "{p:?}");
+        let pid = crate::proc::testing::recorded_pid(&pid_file);
+        assert!(
+            crate::proc::testing::is_gone(pid),
+            "background sleep {pid} still runs"
+        );
         let slow = CheckConfig::Exec {
             command: "sleep 5".into(),
         };
@@ -608,6 +557,20 @@ mod tests {
         let p = probe(&slow, Duration::from_millis(200), &here(None));
         assert!(!p.ok && p.output.contains("timed out"), "{p:?}");
         assert!(t.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn exec_check_past_its_timeout_leaves_no_grandchild() {
+        use crate::proc::testing::{forks_grandchild, is_gone, recorded_pid};
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let check = CheckConfig::Exec {
+            command: forks_grandchild(&pid_file),
+        };
+        let p = probe(&check, Duration::from_millis(300), &here(None));
+        assert!(!p.ok && p.output.contains("timed out"), "{p:?}");
+        let pid = recorded_pid(&pid_file);
+        assert!(is_gone(pid), "grandchild {pid} survived the probe");
     }
 
     #[test]

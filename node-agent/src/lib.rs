@@ -19,7 +19,9 @@
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
 //! - [`supervise`]: the process the exec driver leaves running.
 //! - [`link`]: the controller session: enroll (join token + a key made here
-//!   → client certificate), mTLS connect.
+//!   → client certificate), mTLS connect, certificate renewal.
+//! - [`identity`]: the node's key and certificate on disk, switched as one
+//!   pair atomically; recovery and migration of older layouts at start.
 //! - [`liveness`]: `slipway-agent run`, the long-running loop.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`commands`]: deploy, rollback, prune, restart and status commands
@@ -34,6 +36,8 @@
 //! - [`bridge`]: how blocking code (a driver on a `spawn_blocking` thread)
 //!   blocks on an async client: the daemon's runtime handle, or one runtime
 //!   a one-shot command owns; handed down from whoever starts the work.
+//! - [`proc`]: runs a command with a deadline, bounded output and a kill
+//!   policy for its whole process group (exec health checks, hooks, `pm2`).
 //! - [`artifact`]: packing a directory into a reproducible artifact.
 //! - [`download`]: artifacts fetched from an HTTPS URL + sha256 into the
 //!   app's artifact cache (deploy by URL, from the CLI or the controller).
@@ -53,10 +57,12 @@ pub mod durable;
 pub mod envfile;
 pub mod fault;
 pub mod health;
+pub mod identity;
 pub mod link;
 pub mod liveness;
 pub mod logs;
 pub mod metrics;
+pub mod proc;
 pub mod release;
 pub mod state_watch;
 pub mod supervise;

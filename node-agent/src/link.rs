@@ -21,6 +21,10 @@
 //! sends is checked as it comes — offsets contiguous, total within the
 //! limit, the sha256 of the bytes the one asked for — before the file takes
 //! its name in the cache.
+//!
+//! Key and certificate live in [`crate::identity`], which switches them as
+//! one pair: enrollment and renewal hand it the new pair, every dial loads
+//! the pair in use from it.
 
 use std::error::Error as StdError;
 use std::fs;
@@ -58,11 +62,13 @@ use tonic::Streaming;
 
 use crate::config::ArtifactsConfig;
 use crate::durable;
+use crate::identity::{self, IdentityError, Pair};
 
-/// The node's private key (mode 0600).
-pub const KEY_FILE: &str = "node.key";
-/// The node's client certificate.
-pub const CERT_FILE: &str = "node.pem";
+/// The node's private key (mode 0600): a link into the identity in use
+/// ([`crate::identity`]), or a plain file in an older agent's layout.
+pub const KEY_FILE: &str = identity::KEY_FILE;
+/// The node's client certificate (as [`KEY_FILE`]).
+pub const CERT_FILE: &str = identity::CERT_FILE;
 /// The controller CA, verified against the join token's pin at enrollment.
 pub const CA_FILE: &str = "ca.pem";
 /// The node id the controller assigned (also the certificate's CN).
@@ -164,6 +170,9 @@ pub enum LinkError {
         /// What was wrong.
         problem: String,
     },
+    /// The key and certificate on disk cannot be read or switched.
+    #[error("node identity: {0}")]
+    Identity(#[from] IdentityError),
 }
 
 /// What enrollment stored.
@@ -237,12 +246,18 @@ pub async fn enroll(
     CertificateDer::from_pem_slice(response.cert_pem.as_bytes())
         .map_err(|_| LinkError::BadPem("client certificate"))?;
 
-    write_file(&state_dir.join(KEY_FILE), &key.serialize_pem(), 0o600)?;
     write_file(&state_dir.join(CA_FILE), &response.ca_pem, 0o644)?;
     write_file(&state_dir.join(NODE_ID_FILE), &response.node_id, 0o644)?;
-    // Certificate last: its presence means enrollment completed.
+    // Key and certificate last, as one pair: the identity in place means
+    // enrollment completed.
+    identity::install(
+        state_dir,
+        &Pair {
+            key_pem: key.serialize_pem(),
+            cert_pem: response.cert_pem,
+        },
+    )?;
     let cert_path = state_dir.join(CERT_FILE);
-    write_file(&cert_path, &response.cert_pem, 0o644)?;
     Ok(Enrolled {
         node_id: response.node_id,
         expires_at_unix: response.expires_at_unix,
@@ -293,10 +308,10 @@ pub async fn connect(
 }
 
 /// Renews this node's certificate over mTLS with a new key made here; the
-/// new key and certificate replace the old ones on disk (temp + rename, key
-/// first is never used alone: both are written before the next connect
-/// reads them). The open session is not touched: the controller keeps the
-/// old certificate valid until it expires. Returns the new expiry.
+/// new pair replaces the old one on disk in one atomic step
+/// ([`identity::install`]: a crash leaves the old pair or the new one, never
+/// a mix). The open session is not touched: the controller keeps the old
+/// certificate valid until it expires. Returns the new expiry.
 pub async fn renew(controller: &str, state_dir: &Path) -> Result<i64, LinkError> {
     let node_id = read_node_id(state_dir)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -309,16 +324,15 @@ pub async fn renew(controller: &str, state_dir: &Path) -> Result<i64, LinkError>
         .into_inner();
     CertificateDer::from_pem_slice(response.cert_pem.as_bytes())
         .map_err(|_| LinkError::BadPem("client certificate"))?;
-    // Both files change together for the next connect: write them under
-    // temporary names, then rename the key and the certificate in turn. A
-    // crash between the two renames leaves a key that does not match the
-    // certificate; the old pair is kept as .old to recover by hand.
-    let key_path = state_dir.join(KEY_FILE);
-    let cert_path = state_dir.join(CERT_FILE);
-    let _ = fs::copy(&key_path, state_dir.join(format!("{KEY_FILE}.old")));
-    let _ = fs::copy(&cert_path, state_dir.join(format!("{CERT_FILE}.old")));
-    write_file(&key_path, &key.serialize_pem(), 0o600)?;
-    write_file(&cert_path, &response.cert_pem, 0o644)?;
+    let pair = Pair {
+        key_pem: key.serialize_pem(),
+        cert_pem: response.cert_pem,
+    };
+    let dir = state_dir.to_owned();
+    // Files and fsyncs: off the runtime's workers.
+    tokio::task::spawn_blocking(move || identity::install(&dir, &pair))
+        .await
+        .map_err(|e| LinkError::Unexpected(format!("identity install task failed: {e}")))??;
     Ok(response.expires_at_unix)
 }
 
@@ -453,9 +467,9 @@ fn read_node_id(state_dir: &Path) -> Result<String, LinkError> {
 async fn mtls_channel(controller: &str, state_dir: &Path) -> Result<Channel, LinkError> {
     let target = Target::parse(controller)?;
     let ca_pem = read_file(&state_dir.join(CA_FILE))?;
-    let cert_pem = read_file(&state_dir.join(CERT_FILE))?;
-    let key_pem = read_file(&state_dir.join(KEY_FILE))?;
-    let config = mtls_config(&ca_pem, &cert_pem, &key_pem)?;
+    // Both through one look at the identity link: never one of each pair.
+    let pair = identity::load(state_dir)?;
+    let config = mtls_config(&ca_pem, &pair.cert_pem, &pair.key_pem)?;
     connect_channel(&target, config).await
 }
 

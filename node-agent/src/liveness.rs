@@ -4,8 +4,9 @@
 //! its interval, with results (and timestamps) in `.slipway/health.json`;
 //! and housekeeping — logs rotated as soon as inotify says one passed its
 //! size (or on a tick, for age), and pruning when free space falls below the
-//! app's `disk_pressure_free`. `status` shows all of it. The controller link
-//! joins it later.
+//! app's `disk_pressure_free`. `status` shows all of it. With a
+//! `[controller]` in the config, the session with it runs here too
+//! ([`crate::uplink`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,13 +17,16 @@ use tokio_util::sync::CancellationToken;
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, RunConfig};
 use crate::health::{self, Liveness, ProbeTarget};
-use crate::release::{activate, Journal, Paths, Store};
+use crate::release::lock::LockError;
+use crate::release::{activate, Journal, Paths, ReleaseError, Store};
 use crate::supervise;
 
-/// How long shutdown waits for in-flight probes.
+/// How long shutdown waits for each task (an in-flight probe, a rotation).
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Runs liveness loops for every app with a health check until `shutdown`.
+/// Runs, until `shutdown`: a liveness loop for every app with a health
+/// check, housekeeping for every app, and the controller session when one is
+/// configured.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // Drivers block on this (multi-thread) runtime from its blocking threads.
     let bridge = Bridge::current();
@@ -35,33 +39,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     })
     .await?;
     let stop = CancellationToken::new();
+    // Each with what it is, for the shutdown warning.
     let mut tasks = Vec::new();
     for app in config.apps.values() {
         if app.health.is_some() {
-            tasks.push(tokio::spawn(watch(app.clone(), stop.clone())));
+            let t = tokio::spawn(watch(app.clone(), stop.clone()));
+            tasks.push((format!("liveness check of {}", app.name), t));
         }
-        tasks.push(tokio::spawn(housekeeping(
-            app.clone(),
-            bridge.clone(),
-            stop.clone(),
-        )));
+        let t = tokio::spawn(housekeeping(app.clone(), bridge.clone(), stop.clone()));
+        tasks.push((format!("housekeeping of {}", app.name), t));
     }
     if let Some(ctl) = config.controller.clone() {
         let s = stop.clone();
-        tasks.push(tokio::spawn(crate::uplink::run(
-            config.clone(),
-            ctl,
-            async move {
-                s.cancelled().await;
-            },
-        )));
+        let t = tokio::spawn(crate::uplink::run(config.clone(), ctl, async move {
+            s.cancelled().await;
+        }));
+        tasks.push(("controller session".to_owned(), t));
     }
-    tracing::info!(apps = tasks.len(), "agent running liveness checks");
+    tracing::info!(
+        apps = config.apps.len(),
+        liveness_checks = config.apps.values().filter(|a| a.health.is_some()).count(),
+        controller = config.controller.is_some(),
+        "agent running"
+    );
     shutdown.await;
     stop.cancel();
-    for t in tasks {
+    for (what, t) in tasks {
         if tokio::time::timeout(DRAIN, t).await.is_err() {
-            tracing::warn!("a liveness probe did not finish within {DRAIN:?}");
+            tracing::warn!("{what} did not finish within {DRAIN:?} of shutdown");
         }
     }
     Ok(())
@@ -152,7 +157,13 @@ pub fn housekeep_once(app: &AppConfig, bridge: &Bridge) {
             }
         }
         // A deploy or prune is running; the next tick tries again.
-        Err(e) => tracing::info!(app = %app.name, error = %e, "disk pressure prune postponed"),
+        Err(e @ ReleaseError::Lock(LockError::Busy { .. })) => {
+            tracing::info!(app = %app.name, error = %e, "disk pressure prune postponed")
+        }
+        // Anything else (recovery, the journal) is not a busy app.
+        Err(e) => {
+            tracing::error!(app = %app.name, error = %e, "cannot prune under disk pressure")
+        }
     }
 }
 

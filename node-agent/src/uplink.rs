@@ -24,6 +24,7 @@ use slipway_proto::v1::{
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::health::Liveness;
+use crate::identity;
 use crate::link;
 use crate::release::Store;
 use crate::state_watch::StateWatcher;
@@ -42,6 +43,7 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
+    recover_identity(&ctl).await;
     let mut rng = Jitter::seeded();
     let mut attempt: u32 = 0;
     // One runner for the daemon, not per session: a command outlives the
@@ -102,6 +104,23 @@ pub async fn run(
             () = tokio::time::sleep(delay) => {}
             () = &mut stop => return,
         }
+    }
+}
+
+/// Puts the node's key and certificate in order before the first dial:
+/// finishes or undoes an interrupted renewal, migrates an older layout. A
+/// failure is logged; the dial then says what is wrong, and is retried.
+async fn recover_identity(ctl: &ControllerConfig) {
+    let dir = ctl.state_dir.clone();
+    match tokio::task::spawn_blocking(move || identity::recover(&dir)).await {
+        Ok(Ok(identity::Recovered::Migrated { from })) => tracing::info!(
+            state_dir = %ctl.state_dir.display(),
+            "moved the node key and certificate ({from}) into {}/",
+            identity::LINK
+        ),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("node identity: {e}"),
+        Err(e) => tracing::error!("node identity recovery task failed: {e}"),
     }
 }
 

@@ -138,6 +138,27 @@ fn hooks_get_env_and_failures_keep_or_restore_current() {
 }
 
 #[test]
+fn commands_on_an_app_with_nothing_deployed_say_so() {
+    let node = Node::new("");
+    for cmd in ["restart", "verify"] {
+        let run = node.run(&[cmd, "--app", "web"]).fails(1);
+        assert!(
+            run.stderr.contains("app \"web\" has no release deployed")
+                && !run.stderr.contains("roll back"),
+            "{cmd}: {}",
+            run.stderr
+        );
+    }
+    let run = node.run(&["rollback", "--app", "web"]).fails(1);
+    assert!(
+        run.stderr
+            .contains("has no good release to roll back to (nothing is deployed)"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn rollback_marks_bad_skips_bad_and_goes_to_named_release() {
     let node = Node::new("");
     for v in ["v1", "v2", "v3"] {

@@ -37,12 +37,11 @@ use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +52,7 @@ use serde_json::{Map, Value};
 use super::{Activation, Driver, DriverError, DriverStatus, ProcessInfo, Target};
 use crate::config::{AppConfig, Pm2Config};
 use crate::durable;
+use crate::proc;
 
 const DRIVER: &str = "pm2";
 
@@ -70,11 +70,14 @@ const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
 const STABLE_FOR: Duration = Duration::from_secs(1);
 /// Between two `pm2 jlist` polls while waiting for `online`.
 const ONLINE_POLL: Duration = Duration::from_millis(250);
-/// Between two checks whether a child command has exited.
-const CHILD_POLL: Duration = Duration::from_millis(20);
 /// Once a command exited, how long to wait for the rest of its output (a
 /// daemon it spawned must not keep us waiting on an inherited pipe).
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+/// A `pm2` call past its timeout gets SIGTERM, then SIGKILL this much later.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Bytes of each output stream of a `pm2` call kept: `jlist` prints every
+/// process with its whole environment, so this is generous, but bounded.
+const OUTPUT_LIMIT: usize = 16 << 20;
 /// Lines of a failed command's output kept in the error.
 const TAIL_LINES: usize = 12;
 /// PATH for pm2 and node when the agent has none (systemd gives one).
@@ -1133,80 +1136,62 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-/// Runs `cmd` to completion, killing it after `timeout`.
-fn run_bounded(mut cmd: Command, what: &str, timeout: Duration) -> Result<Captured, DriverError> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
+/// Runs `cmd` to completion under [`proc`]'s kill policy: past `timeout`
+/// the CLI's whole process group is killed (SIGTERM, SIGKILL after
+/// [`KILL_GRACE`]); once it exits by itself, whatever it started is left
+/// alone — the daemon a first `pm2` call spawns must outlive it (PM2 puts it
+/// in a session of its own anyway) — and its output is read for at most
+/// [`OUTPUT_GRACE`] more.
+fn run_bounded(cmd: Command, what: &str, timeout: Duration) -> Result<Captured, DriverError> {
+    let policy = proc::Policy {
+        timeout,
+        kill_grace: KILL_GRACE,
+        after_exit: proc::AfterExit::Leave {
+            drain: OUTPUT_GRACE,
+        },
+    };
+    let output = proc::Output::Capture {
+        limit: OUTPUT_LIMIT,
+    };
+    let done = proc::run(cmd, output, &policy).map_err(|e| {
+        if matches!(&e, proc::ProcError::Spawn(s) if s.kind() == io::ErrorKind::NotFound) {
             DriverError::failed(DRIVER, format!("cannot run `{what}`: program not found"))
         } else {
             DriverError::Spawn {
                 driver: DRIVER,
                 command: what.to_owned(),
-                source,
+                source: e.into_io(),
             }
         }
     })?;
-    // Both pipes are drained on threads so a chatty child never blocks on a
-    // full pipe while we wait for it.
-    let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
-    if let Some(out) = child.stdout.take() {
-        drain(out, 0, tx.clone());
-    }
-    if let Some(err) = child.stderr.take() {
-        drain(err, 1, tx);
-    }
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(source) => {
-                return Err(DriverError::Spawn {
-                    driver: DRIVER,
-                    command: what.to_owned(),
-                    source,
-                })
-            }
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    let status = match done.ending {
+        proc::Ending::Exited(status) => status,
+        proc::Ending::TimedOut => {
             return Err(DriverError::failed(
                 DRIVER,
                 format!(
-                    "`{what}` did not finish within {}s; killed it",
+                    "`{what}` did not finish within {}s; killed it and its process group",
                     timeout.as_secs()
                 ),
-            ));
+            ))
         }
-        thread::sleep(CHILD_POLL);
     };
-    let mut output = [Vec::new(), Vec::new()];
-    let grace = Instant::now() + OUTPUT_GRACE;
-    for _ in 0..2 {
-        let left = grace.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((i, buf)) => output[i] = buf,
-            Err(_) => break,
-        }
+    // What a successful call prints is parsed whole (jlist, the ecosystem
+    // JSON): a cut one would only fail to parse, less clearly.
+    if status.success() && done.stdout.dropped > 0 {
+        return Err(DriverError::failed(
+            DRIVER,
+            format!(
+                "`{what}` printed more than {} MiB; not read",
+                OUTPUT_LIMIT >> 20
+            ),
+        ));
     }
-    let [stdout, stderr] = output;
     Ok(Captured {
         status,
-        stdout,
-        stderr,
+        stdout: done.stdout.bytes,
+        stderr: done.stderr.bytes,
     })
-}
-
-fn drain(mut pipe: impl Read + Send + 'static, index: usize, tx: mpsc::Sender<(usize, Vec<u8>)>) {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        let _ = tx.send((index, buf));
-    });
 }
 
 #[cfg(test)]
@@ -1292,6 +1277,35 @@ mod tests {
             strip_release_prefix(Path::new("server.js"), Path::new("/app/releases/v1")),
             None
         );
+    }
+
+    #[test]
+    fn a_call_past_its_timeout_leaves_no_grandchild() {
+        use crate::proc::testing::{forks_grandchild, is_gone, recorded_pid};
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        // `sh SCRIPT` stands in for a hung `pm2` that forked: a script
+        // needs no exec bit, so no ETXTBSY from a fork in a parallel test.
+        let script = dir.path().join("hung-pm2");
+        fs::write(&script, forks_grandchild(&pid_file)).unwrap();
+        let config = Pm2Config {
+            name: "web".into(),
+            ecosystem: None,
+            script: None,
+            instances: 1,
+            cluster: false,
+            pm2_home: Some(dir.path().join("pm2-home")),
+            pm2_bin: PathBuf::from("/bin/sh"),
+            user: None,
+        };
+        let runner = Runner::new(&config).unwrap();
+        let err = runner
+            .run(&[script.as_os_str()], Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not finish within 1s"), "{err}");
+        let pid = recorded_pid(&pid_file);
+        assert!(is_gone(pid), "grandchild {pid} survived the pm2 call");
     }
 
     #[test]

@@ -1,22 +1,19 @@
 //! Deploy hooks: shell commands run around activation.
 //!
-//! Each command runs through `sh -c` in the release directory, in its own
-//! process group (so a timeout kills the whole tree it started), with
+//! Each command runs through `sh -c` in the release directory, with
 //! `SLIPWAY_APP`, `SLIPWAY_RELEASE`, `SLIPWAY_PREVIOUS` and
-//! `SLIPWAY_RELEASE_DIR` set, and its output appended to the deploy log.
+//! `SLIPWAY_RELEASE_DIR` set and its output appended to the deploy log,
+//! under [`crate::proc`]: in its own process group, which is killed at the
+//! timeout and when the hook exits (nothing a hook forks outlives it).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use crate::proc;
 
-/// How often a running hook is polled for exit.
-const POLL: Duration = Duration::from_millis(10);
 /// Time between SIGTERM and SIGKILL when a hook times out.
 const KILL_GRACE: Duration = Duration::from_secs(3);
 /// Output quoted in an error message, from the end of the log.
@@ -45,7 +42,7 @@ pub enum HookError {
     Spawn {
         phase: &'static str,
         command: String,
-        source: io::Error,
+        source: proc::ProcError,
     },
     #[error("cannot write deploy log {path}: {source}")]
     Log { path: PathBuf, source: io::Error },
@@ -86,44 +83,38 @@ fn run_one(phase: &'static str, command: &str, ctx: &HookContext<'_>) -> Result<
         .map_err(log_err)?;
     writeln!(log, "== {phase}: {command}").map_err(log_err)?;
     let start_len = log.metadata().map_err(log_err)?.len();
-    let out = log.try_clone().map_err(log_err)?;
-    let err = log.try_clone().map_err(log_err)?;
-    let spawn_err = |source| HookError::Spawn {
-        phase,
-        command: command.to_owned(),
-        source,
-    };
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg(command)
         .current_dir(ctx.release_dir)
         .env("SLIPWAY_APP", ctx.app)
         .env("SLIPWAY_RELEASE", ctx.release)
         .env("SLIPWAY_PREVIOUS", ctx.previous.unwrap_or(""))
-        .env("SLIPWAY_RELEASE_DIR", ctx.release_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .process_group(0)
-        .spawn()
-        .map_err(spawn_err)?;
-    let deadline = Instant::now() + ctx.timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(spawn_err)? {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(POLL);
+        .env("SLIPWAY_RELEASE_DIR", ctx.release_dir);
+    // A hook is one step of the deploy: nothing it starts in the background
+    // outlives it (a long-running process belongs to the driver).
+    let policy = proc::Policy {
+        timeout: ctx.timeout,
+        kill_grace: KILL_GRACE,
+        after_exit: proc::AfterExit::KillGroup,
     };
+    let done = proc::run(
+        cmd,
+        proc::Output::File(log.try_clone().map_err(log_err)?),
+        &policy,
+    )
+    .map_err(|e| HookError::Spawn {
+        phase,
+        command: command.to_owned(),
+        source: e,
+    })?;
     let tail = || tail(ctx.log, start_len);
-    match status {
-        Some(s) if s.success() => {
+    match done.ending {
+        proc::Ending::Exited(s) if s.success() => {
             writeln!(log, "== {phase}: ok").map_err(log_err)?;
             Ok(())
         }
-        Some(status) => {
+        proc::Ending::Exited(status) => {
             let tail = tail();
             let _ = writeln!(log, "== {phase}: {status}");
             Err(HookError::Failed {
@@ -133,18 +124,7 @@ fn run_one(phase: &'static str, command: &str, ctx: &HookContext<'_>) -> Result<
                 tail,
             })
         }
-        None => {
-            let pgid = Pid::from_raw(child.id() as i32);
-            let _ = killpg(pgid, Signal::SIGTERM);
-            let grace = Instant::now() + KILL_GRACE;
-            while Instant::now() < grace {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(POLL);
-            }
-            let _ = killpg(pgid, Signal::SIGKILL);
-            let _ = child.wait();
+        proc::Ending::TimedOut => {
             let tail = tail();
             let _ = writeln!(log, "== {phase}: timed out after {:?}", ctx.timeout);
             Err(HookError::TimedOut {
@@ -237,18 +217,39 @@ mod tests {
 
     #[test]
     fn timeout_kills_the_process_group() {
+        use crate::proc::testing::{forks_grandchild, is_gone, recorded_pid};
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("deploy.log");
-        let cmd = "sleep 30 & echo started; wait".to_owned();
-        let t = Instant::now();
+        let pid_file = dir.path().join("pid");
+        let cmd = format!("echo started; {}", forks_grandchild(&pid_file));
+        let t = std::time::Instant::now();
         let err = run(
             "after_activate",
             &[cmd],
-            &ctx(dir.path(), &log, Duration::from_millis(300)),
+            &ctx(dir.path(), &log, Duration::from_secs(1)),
         )
         .unwrap_err();
         assert!(matches!(err, HookError::TimedOut { .. }), "{err}");
         assert!(t.elapsed() < Duration::from_secs(10));
         assert!(err.to_string().contains("started"), "{err}");
+        let pid = recorded_pid(&pid_file);
+        assert!(is_gone(pid), "grandchild {pid} survived the hook");
+    }
+
+    #[test]
+    fn nothing_a_hook_forks_outlives_it() {
+        use crate::proc::testing::{is_gone, recorded_pid};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("deploy.log");
+        let pid_file = dir.path().join("pid");
+        let cmd = format!("sleep 1000 & echo $! > '{}'", pid_file.display());
+        run(
+            "after_activate",
+            &[cmd],
+            &ctx(dir.path(), &log, Duration::from_secs(20)),
+        )
+        .unwrap();
+        let pid = recorded_pid(&pid_file);
+        assert!(is_gone(pid), "background {pid} outlived its hook");
     }
 }

@@ -98,9 +98,15 @@ pub enum ReleaseError {
         known: String,
     },
     #[error(
-        "app {app:?} has no good release to roll back to other than the current one ({current})"
+        "app {app:?} has no good release to roll back to {}",
+        current.as_ref().map_or("(nothing is deployed)".to_owned(), |c| format!("other than the current one ({c})"))
     )]
-    NoRollbackTarget { app: String, current: String },
+    NoRollbackTarget {
+        app: String,
+        current: Option<ReleaseId>,
+    },
+    #[error("app {app:?} has no release deployed")]
+    NothingDeployed { app: String },
     #[error("release {id} is already current")]
     AlreadyCurrent { id: ReleaseId },
     #[error("release {id} never deployed successfully ({reason}); it cannot be activated")]
@@ -512,9 +518,8 @@ impl Store {
             Some(id) => id.clone(),
             None => activate::read_current(&self.paths.root)
                 .map_err(ReleaseError::io("read", &self.paths.root.join("current")))?
-                .ok_or_else(|| ReleaseError::NoRollbackTarget {
+                .ok_or_else(|| ReleaseError::NothingDeployed {
                     app: self.app.name.clone(),
-                    current: "none".into(),
                 })?,
         };
         let manifest_path = self.paths.manifest(&id);
@@ -904,9 +909,8 @@ impl Session<'_> {
     pub fn restart(&mut self) -> Result<(ReleaseId, Activation, Option<GatePassed>)> {
         let current = self
             .current()?
-            .ok_or_else(|| ReleaseError::NoRollbackTarget {
+            .ok_or_else(|| ReleaseError::NothingDeployed {
                 app: self.app().name.clone(),
-                current: "none: nothing is deployed".into(),
             })?;
         let (a, h) = self.serve(&current)?;
         self.live = None;
@@ -1387,7 +1391,7 @@ impl Session<'_> {
                 .map(|r| r.id.clone())
                 .ok_or_else(|| ReleaseError::NoRollbackTarget {
                     app: self.app().name.clone(),
-                    current: current.as_ref().map_or("none".into(), ToString::to_string),
+                    current: current.clone(),
                 })?,
         };
         if !p.release(&target).is_dir() {

@@ -118,6 +118,13 @@ impl Node {
     /// SIGKILL there.
     #[track_caller]
     pub fn run_killed_at(&self, point: &str, args: &[&str]) {
+        // The dev-dependency on slipway-agent turns the crash points on.
+        const {
+            assert!(
+                slipway_agent::fault::ENABLED,
+                "built without the fault-injection feature"
+            )
+        };
         let run = Run::from(
             self.cmd(args)
                 .env("SLIPWAY_TEST_CRASH_AT", point)
