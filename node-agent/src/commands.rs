@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use slipway_proto::limits::{self, Validate as _};
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, CommandResult, ControllerMessage, Progress,
 };
@@ -57,7 +58,9 @@ impl Recorded {
             command_id: self.command_id.clone(),
             outcome: proto_outcome(self.outcome) as i32,
             release_id: self.release_id.clone(),
-            message: self.message.clone(),
+            // Within the limit the controller checks (a long hook or check
+            // output is cut, never the reason the session is refused).
+            message: limits::truncate(&self.message, limits::MAX_MESSAGE).to_owned(),
         }
     }
 }
@@ -290,6 +293,9 @@ impl Commands {
             in_flight,
             out,
         } = &*self.inner;
+        // What the controller sends is checked here too, before any of it
+        // names a directory, a release or a file.
+        let checked = msg.validate();
         let Some(kind) = msg.kind else { return };
         let id = match &kind {
             controller_message::Kind::Deploy(d) => d.command_id.clone(),
@@ -305,6 +311,14 @@ impl Commands {
         };
         if id.is_empty() {
             tracing::warn!("controller command without an id ignored");
+            return;
+        }
+        if let Err(err) = checked {
+            tracing::warn!(%err, "controller command refused");
+            if limits::check_line("command_id", &id, limits::MAX_COMMAND_ID).is_ok() {
+                let refused = recorded(&id, Outcome::Failed, "", format!("command refused: {err}"));
+                send(out, agent_message::Kind::Result(refused.to_proto())).await;
+            }
             return;
         }
         if let controller_message::Kind::StatusRequest(_) = kind {
@@ -373,7 +387,7 @@ fn progress_kind(id: &str, step: &str, message: String) -> agent_message::Kind {
     agent_message::Kind::Progress(Progress {
         command_id: id.to_owned(),
         step: step.to_owned(),
-        message,
+        message: limits::truncate(&message, limits::MAX_MESSAGE).to_owned(),
         unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
     })
 }
@@ -805,6 +819,33 @@ mod tests {
         assert_eq!(on_disk.results[0].outcome, Outcome::Failed);
     }
 
+    #[tokio::test]
+    async fn a_command_outside_the_field_rules_is_refused_naming_the_field() {
+        let (dir, config, ctl) = setup();
+        let hostile = controller_message::Kind::Rollback(Rollback {
+            command_id: "c-9".into(),
+            app: "web".into(),
+            to_release_id: "../../etc".into(),
+        });
+        let refused = result_of(&run_one(&config, &ctl, hostile).await);
+        assert_eq!(refused.outcome, Wire::Failed as i32);
+        assert!(
+            refused
+                .message
+                .starts_with("command refused: rollback.to_release_id: invalid release id"),
+            "{}",
+            refused.message
+        );
+        // Nothing ran, so nothing was recorded.
+        assert!(Ledger::load(&Ledger::path(&ctl.state_dir))
+            .map(|l| l.results.is_empty())
+            .unwrap_or(true));
+        assert!(!dir.path().join("app/releases").exists());
+        // A result the agent sends stays within the controller's limit.
+        let long = recorded("c-1", Outcome::Failed, "", "x".repeat(100_000));
+        assert_eq!(long.to_proto().message.len(), limits::MAX_MESSAGE);
+    }
+
     #[test]
     fn results_recorded_concurrently_are_all_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -937,7 +978,12 @@ mod tests {
 
         // A digest that is not one is refused before anything is fetched.
         let r = result_of(&run_one(&config, &ctl, deploy_of("c-6", "abc")).await);
-        assert!(r.message.contains("64 hexadecimal"), "{}", r.message);
+        assert!(
+            r.message
+                .contains(r#"artifact_sha256: "abc" is not a sha256 (64 lowercase hex digits)"#),
+            "{}",
+            r.message
+        );
     }
 
     #[tokio::test]

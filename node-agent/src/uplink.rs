@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use slipway_proto::limits;
 use slipway_proto::v1::{
     agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics, ReleaseInfo,
 };
@@ -333,14 +334,19 @@ fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
         Err(e) => {
             return AppStatus {
                 app: app.name.clone(),
-                health: format!("error: {e}"),
+                health: limits::truncate(&format!("error: {e}"), limits::MAX_HEALTH).to_owned(),
                 ..AppStatus::default()
             }
         }
     };
     let health = match Liveness::load(&app.root).and_then(|l| l.healthy.map(|h| (h, l))) {
         Some((true, _)) => "healthy".to_owned(),
-        Some((false, l)) => format!("unhealthy: {}", l.last_output.unwrap_or_default()),
+        Some((false, l)) => {
+            let text = format!("unhealthy: {}", l.last_output.unwrap_or_default());
+            // Within the limit the controller checks: the check's output is
+            // cut, not the heartbeat refused.
+            limits::truncate(&text, limits::MAX_HEALTH).to_owned()
+        }
         None if app.health.is_some() => "unknown".to_owned(),
         None => "no check".to_owned(),
     };

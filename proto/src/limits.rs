@@ -500,7 +500,8 @@ impl Validate for ControllerMessage {
             Some(Kind::Deploy(d)) => {
                 command(&d.command_id, &d.app)?;
                 check_release_id("release_id", &d.release_id)?;
-                check_sha256("artifact_sha256", &d.artifact_sha256)?;
+                // The agent normalizes the case of a digest it is given.
+                check_sha256("artifact_sha256", &d.artifact_sha256.to_ascii_lowercase())?;
                 check_len("artifact_url", &d.artifact_url, MAX_URL)?;
                 check_git_sha("git_sha", &d.git_sha)
             }
