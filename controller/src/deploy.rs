@@ -1245,7 +1245,7 @@ impl Run {
         {
             tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
         }
-        tracing::info!(deployment_id = %self.deployment_id, %message, "deployment finished");
+        tracing::info!(deployment_id = %self.deployment_id, ?message, "deployment finished");
         // The last event waits for room: it is the one the CLI needs most.
         let _ = self
             .out

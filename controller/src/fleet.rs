@@ -671,11 +671,17 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
                 v.name
             )),
             NodeState::Revoked => notes.push(format!("{} is revoked", v.name)),
-            NodeState::Disconnected => problems.push(format!(
-                "{} holds no session with the controller (last heartbeat {heard}): \
-                 commands cannot reach it",
-                v.name
-            )),
+            NodeState::Disconnected => match refresh.and_then(RefreshAnswer::failure) {
+                Some(why) => problems.push(format!(
+                    "{} did not answer the status request ({why}; last heartbeat {heard})",
+                    v.name
+                )),
+                None => problems.push(format!(
+                    "{} holds no session with the controller (last heartbeat {heard}): \
+                     commands cannot reach it",
+                    v.name
+                )),
+            },
             NodeState::Online => match refresh.and_then(RefreshAnswer::failure) {
                 Some(why) => problems.push(format!(
                     "{} did not answer the status request ({why}; last heartbeat {heard})",
