@@ -68,23 +68,7 @@ fn a_hundred_agents_reconnect_spread_out_after_a_controller_restart() {
             ),
         )
         .unwrap();
-        let token = controller.token();
-        let out = Command::new(bin("slipway-agent"))
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "enroll",
-                "--controller",
-                &controller.url(),
-                "--token",
-                &token,
-                "--name",
-                &format!("a{i}"),
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap();
+        let out = controller.enroll_cli(&format!("a{i}"), &state, &[]);
         assert!(out.status.success(), "enroll a{i}: {out:?}");
         let log = node.join("agent.log");
         fleet.0.push(

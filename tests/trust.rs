@@ -16,25 +16,10 @@ use std::time::Duration;
 
 use support::{artifact, bin, json, sha256_file, stderr, text, wait_until, Agent, Controller, APP};
 
-/// `slipway-agent enroll` of a fresh state dir, without the harness's
-/// success check.
+/// `slipway-agent enroll` into a fresh state dir, unchecked.
 fn enroll(controller: &Controller, name: &str, extra: &[&str]) -> (tempfile::TempDir, Output) {
     let state = tempfile::tempdir().unwrap();
-    let token = controller.token();
-    let out = Command::new(bin("slipway-agent"))
-        .args([
-            "enroll",
-            "--controller",
-            &controller.url(),
-            "--token",
-            &token,
-        ])
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--name", name])
-        .args(extra)
-        .output()
-        .unwrap();
+    let out = controller.enroll_cli(name, state.path(), extra);
     (state, out)
 }
 

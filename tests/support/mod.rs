@@ -138,6 +138,25 @@ impl Controller {
         check(out, "token create").trim().to_owned()
     }
 
+    /// `slipway-agent enroll` of `name` with a new join token, its identity
+    /// in `state`, plus `extra` flags; the output, unchecked.
+    pub fn enroll_cli(&self, name: &str, state: &Path, extra: &[&str]) -> Output {
+        Command::new(bin("slipway-agent"))
+            .args([
+                "enroll",
+                "--controller",
+                &self.url(),
+                "--token",
+                &self.token(),
+            ])
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--name", name])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
     /// `slipway-controller <args> --data-dir DIR`.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("slipway-controller"))
@@ -364,19 +383,7 @@ liveness_interval = "500ms"
             port,
             run: None,
         };
-        let token = controller.token();
-        let out = agent.cli(&[
-            "enroll",
-            "--controller",
-            &controller.url(),
-            "--token",
-            &token,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--name",
-            name,
-        ]);
-        check(out, "enroll");
+        check(controller.enroll_cli(name, &state, &[]), "enroll");
         agent
     }
 
