@@ -220,7 +220,7 @@ impl From<ConfigError> for Failure {
 impl From<ReleaseError> for Failure {
     fn from(e: ReleaseError) -> Self {
         let code = match e {
-            ReleaseError::InvalidId(_) | ReleaseError::BadSha256 { .. } => EXIT_USAGE,
+            ReleaseError::InvalidId(_) | ReleaseError::BadSha256(_) => EXIT_USAGE,
             _ => 1,
         };
         Self {
@@ -343,7 +343,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 .map_err(|e| {
                     anyhow::anyhow!("cannot pack {} into {}: {e}", dir.display(), out.display())
                 })?;
-            let sha = release::hash_file(&out)
+            let sha = crate::digest::Sha256::of_file(&out)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", out.display()))?;
             println!("{sha}  {}", out.display());
         }
@@ -701,7 +701,8 @@ fn deploy_from_url(
     };
     // Bad input is refused before anything is fetched, and so is a deploy
     // that would find the app busy.
-    let sha256 = crate::download::normalize_sha256(&sha256).map_err(download_failure)?;
+    let sha256 = crate::digest::Sha256::parse(&sha256)
+        .map_err(|e| download_failure(e.into()))?;
     crate::download::parse_url(url).map_err(download_failure)?;
     store.check_idle("deploy", id.as_ref())?;
     let pin = store.pin_cache()?;
@@ -721,7 +722,7 @@ fn deploy_from_url(
     drop(pin);
     Ok(session.deploy(&DeployRequest {
         artifact: fetched.path,
-        sha256: Some(sha256),
+        sha256: Some(sha256.into_string()),
         id,
     })?)
 }

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, ControllerConfig};
+use crate::digest::Sha256;
 use crate::download;
 use crate::durable;
 use crate::link;
@@ -474,7 +475,7 @@ async fn deploy_artifact(
         Source::Url(url) => url.clone(),
     };
     // A bad digest or URL is refused before anything is fetched.
-    let sha256 = match download::normalize_sha256(&sha256) {
+    let sha256 = match Sha256::parse(&sha256) {
         Ok(s) => s,
         Err(e) => return Ok(Err(e.to_string())),
     };
@@ -532,7 +533,7 @@ async fn deploy_artifact(
                 link::fetch_artifact(
                     &ctl.url,
                     &ctl.state_dir,
-                    &sha256,
+                    sha256.as_str(),
                     id,
                     &dest,
                     &config.artifacts,
@@ -571,7 +572,7 @@ async fn deploy_artifact(
         session
             .deploy(&DeployRequest {
                 artifact: fetched.path,
-                sha256: Some(sha256),
+                sha256: Some(sha256.into_string()),
                 id: release,
             })
             .map_err(|e| e.to_string())
@@ -909,7 +910,7 @@ mod tests {
         std::fs::write(src.join("VERSION"), "v1").unwrap();
         let artifact = dir.path().join("v1.tar.gz");
         crate::artifact::pack_dir(&src, &artifact, crate::artifact::Compression::Gzip).unwrap();
-        let sha = crate::release::hash_file(&artifact).unwrap();
+        let sha = Sha256::of_file(&artifact).unwrap().into_string();
 
         // Not cached: the controller path is taken and fails (this node was
         // never enrolled), leaving nothing in the cache.

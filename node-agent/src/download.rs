@@ -38,12 +38,12 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::ArtifactsConfig;
+use crate::digest::{self, Hasher, Sha256};
 use crate::durable;
 
 /// Redirects followed before giving up (each must stay on https).
@@ -64,8 +64,8 @@ pub enum DownloadError {
     NotHttps { url: String },
     #[error("artifact URL {url} is not usable: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("sha256 {value:?} is not 64 hexadecimal characters")]
-    BadSha256 { value: String },
+    #[error(transparent)]
+    BadSha256(#[from] digest::BadSha256),
     #[error("cannot read the artifacts CA file {path}: {reason}")]
     CaFile { path: PathBuf, reason: String },
     #[error("cannot set up TLS for {url}: {reason}")]
@@ -145,7 +145,7 @@ impl DownloadError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::NotHttps { .. } | Self::BadUrl { .. } | Self::BadSha256 { .. }
+            Self::NotHttps { .. } | Self::BadUrl { .. } | Self::BadSha256(_)
         )
     }
 
@@ -167,19 +167,6 @@ pub struct Fetched {
     pub bytes: u64,
     /// True when the digest was already cached and nothing was downloaded.
     pub cached: bool,
-}
-
-/// Checks a sha256 given on the command line or in a command: 64 hex
-/// characters, returned in lower case (the cache's spelling).
-pub fn normalize_sha256(value: &str) -> Result<String, DownloadError> {
-    let v = value.trim().to_ascii_lowercase();
-    if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(v)
-    } else {
-        Err(DownloadError::BadSha256 {
-            value: value.to_owned(),
-        })
-    }
 }
 
 /// Checks that `url` is an absolute https URL this client can fetch.
@@ -221,12 +208,11 @@ pub fn parse_url(url: &str) -> Result<Uri, DownloadError> {
 /// operator (bytes so far, percent when the size is known).
 pub async fn fetch(
     url: &str,
-    sha256: &str,
+    expected: &Sha256,
     cache_dir: &Path,
     settings: &ArtifactsConfig,
     progress: &mut (dyn FnMut(String) + Send),
 ) -> Result<Fetched, DownloadError> {
-    let expected = normalize_sha256(sha256)?;
     let uri = parse_url(url)?;
     // Hashing a cached file of up to `max_size` is blocking work.
     let hit = {
@@ -245,12 +231,12 @@ pub async fn fetch(
         ));
         return Ok(hit);
     }
-    let dest = cache_dir.join(&expected);
+    let dest = cache_dir.join(expected);
     let tls = Arc::new(client_config(url, settings.ca_file.as_deref())?);
     let mut pause = FIRST_RETRY_PAUSE;
     let mut attempt = 1;
     loop {
-        match attempt_once(&uri, url, &expected, &dest, settings, &tls, progress).await {
+        match attempt_once(&uri, url, expected, &dest, settings, &tls, progress).await {
             Ok(bytes) => {
                 return Ok(Fetched {
                     path: dest,
@@ -279,13 +265,13 @@ pub async fn fetch(
 
 /// The artifact with digest `expected` (lower-case hex) if the cache holds
 /// it intact; a damaged entry is removed so a fresh copy can take its place.
-pub fn cached(cache_dir: &Path, expected: &str) -> Result<Option<Fetched>, DownloadError> {
+pub fn cached(cache_dir: &Path, expected: &Sha256) -> Result<Option<Fetched>, DownloadError> {
     let path = cache_dir.join(expected);
     if !path.is_file() {
         return Ok(None);
     }
-    let actual = crate::release::hash_file(&path).map_err(DownloadError::io("read", &path))?;
-    if actual != expected {
+    let actual = Sha256::of_file(&path).map_err(DownloadError::io("read", &path))?;
+    if actual != *expected {
         fs::remove_file(&path).map_err(DownloadError::io("remove", &path))?;
         return Ok(None);
     }
@@ -353,7 +339,7 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, Downloa
 async fn attempt_once(
     start: &Uri,
     url: &str,
-    expected: &str,
+    expected: &Sha256,
     dest: &Path,
     settings: &ArtifactsConfig,
     tls: &Arc<ClientConfig>,
@@ -420,7 +406,7 @@ async fn attempt_once(
     let mut file = tokio::fs::File::create(tmp.path())
         .await
         .map_err(DownloadError::io("create", tmp.path()))?;
-    let mut hasher = Sha256::new();
+    let mut hasher = Hasher::new();
     let mut received = 0u64;
     let mut body = response.into_body();
     let mut last_report = Instant::now();
@@ -467,12 +453,12 @@ async fn attempt_once(
         .await
         .map_err(DownloadError::io("sync", tmp.path()))?;
     drop(file);
-    let actual = hex::encode(hasher.finalize());
-    if actual != expected {
+    let actual = hasher.finish();
+    if actual != *expected {
         return Err(DownloadError::Digest {
             url: here,
-            expected: expected.to_owned(),
-            actual,
+            expected: expected.to_string(),
+            actual: actual.into_string(),
         });
     }
     tmp.persist(dest)
@@ -613,14 +599,6 @@ mod tests {
             let e = parse_url(url).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains(url), "{url}: {e}");
         }
-    }
-
-    #[test]
-    fn digests_are_checked_and_lowercased() {
-        let upper = "AB".repeat(32);
-        assert_eq!(normalize_sha256(&upper).unwrap(), "ab".repeat(32));
-        assert!(normalize_sha256("abc").is_err());
-        assert!(normalize_sha256(&"zz".repeat(32)).is_err());
     }
 
     #[test]

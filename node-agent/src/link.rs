@@ -26,7 +26,6 @@
 //! one pair: enrollment and renewal hand it the new pair, every dial loads
 //! the pair in use from it.
 
-use std::error::Error as StdError;
 use std::fs;
 use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
@@ -43,7 +42,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sha2::{Digest as _, Sha256};
 use slipway_proto::join_token::{JoinToken, ParseJoinTokenError};
 use slipway_proto::v1::agent_link_client::AgentLinkClient;
 use slipway_proto::v1::enrollment_client::EnrollmentClient;
@@ -61,7 +59,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
 use crate::config::ArtifactsConfig;
+use crate::digest::{Hasher, Sha256};
 use crate::durable;
+use crate::error::{error_chain, status_text};
 use crate::identity::{self, IdentityError, Pair};
 
 /// The node's private key (mode 0600): a link into the identity in use
@@ -395,7 +395,7 @@ where
     let mut file = tokio::fs::File::create(tmp.path())
         .await
         .map_err(io_err(tmp.path()))?;
-    let mut hasher = Sha256::new();
+    let mut hasher = Hasher::new();
     let mut offset = 0u64;
     loop {
         let next = tokio::time::timeout(limits.read_timeout, stream.next())
@@ -438,8 +438,8 @@ where
             break;
         }
     }
-    let got = hex::encode(hasher.finalize());
-    if !got.eq_ignore_ascii_case(sha256) {
+    let got = hasher.finish();
+    if !got.as_str().eq_ignore_ascii_case(sha256) {
         return Err(bad(format!("received bytes have sha256 {got}")));
     }
     file.sync_all().await.map_err(io_err(tmp.path()))?;
@@ -678,34 +678,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// A tonic status as one line: code, message and any transport cause.
-fn status_text(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    if let Some(source) = status.source() {
-        text.push_str(": ");
-        text.push_str(&error_chain(source));
-    }
-    text
-}
-
-/// `err: cause: cause...` on one line, skipping causes already in the text
-/// (TLS alerts are usually several levels down; the Docker driver uses it
-/// for engine errors too).
-pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    Sha256::of_bytes(bytes).into_string()
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), LinkError> {

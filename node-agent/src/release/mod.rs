@@ -35,11 +35,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::bridge::Bridge;
 use crate::config::AppConfig;
+use crate::digest::{self, HashingWriter, Sha256};
 use crate::driver::{self, Activation, Target};
 use crate::health::{self, GatePassed, ProbeTarget};
 use crate::{durable, fault};
@@ -81,8 +81,8 @@ pub enum ReleaseError {
         expected: String,
         actual: String,
     },
-    #[error("sha256 {value:?} is not 64 hexadecimal characters")]
-    BadSha256 { value: String },
+    #[error(transparent)]
+    BadSha256(#[from] digest::BadSha256),
     #[error(
         "release {id} already exists with artifact sha256 {existing}, not {new}; deploy it under a new id"
     )]
@@ -1194,19 +1194,14 @@ impl Session<'_> {
     /// hash. Returns the cached path and the sha256.
     fn fetch(&self, src: &Path, expected: Option<&str>) -> Result<(PathBuf, String)> {
         let cache = &self.paths().cache;
-        let expected = expected
-            .map(|e| {
-                crate::download::normalize_sha256(e).map_err(|_| ReleaseError::BadSha256 {
-                    value: e.to_owned(),
-                })
-            })
-            .transpose()?;
+        let expected = expected.map(Sha256::parse).transpose()?;
         if let Some(e) = &expected {
             let cached = cache.join(e);
             if cached.is_file() {
-                let actual = hash_file(&cached).map_err(ReleaseError::io("read", &cached))?;
-                if &actual == e {
-                    return Ok((cached, actual));
+                let actual =
+                    Sha256::of_file(&cached).map_err(ReleaseError::io("read", &cached))?;
+                if actual == *e {
+                    return Ok((cached, actual.into_string()));
                 }
                 // A damaged cache entry is dropped and fetched again.
                 let _ = fs::remove_file(&cached);
@@ -1225,8 +1220,8 @@ impl Session<'_> {
         }
         let tmp = durable::temp_sibling(&cache.join("incoming"), "part");
         let result = (|| -> Result<String> {
-            let mut out = File::create(&tmp).map_err(ReleaseError::io("create", &tmp))?;
-            let mut hasher = Sha256::new();
+            let mut out =
+                HashingWriter::new(File::create(&tmp).map_err(ReleaseError::io("create", &tmp))?);
             let mut buf = vec![0u8; 256 << 10];
             loop {
                 let n = input
@@ -1235,11 +1230,10 @@ impl Session<'_> {
                 if n == 0 {
                     break;
                 }
-                hasher.update(&buf[..n]);
                 out.write_all(&buf[..n])
                     .map_err(ReleaseError::io("write", &tmp))?;
             }
-            Ok(hex::encode(hasher.finalize()))
+            Ok(out.finish().1.into_string())
         })();
         let actual = match result {
             Ok(a) => a,
@@ -1253,7 +1247,7 @@ impl Session<'_> {
                 let _ = fs::remove_file(&tmp);
                 return Err(ReleaseError::Checksum {
                     path: src.to_owned(),
-                    expected: e,
+                    expected: e.into_string(),
                     actual,
                 });
             }
@@ -1749,21 +1743,6 @@ fn join_ids(ids: &[ReleaseId]) -> String {
         .map(ReleaseId::as_str)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// sha256 of a whole file, hex.
-pub fn hash_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 #[cfg(test)]
