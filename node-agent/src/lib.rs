@@ -62,6 +62,7 @@ pub mod health;
 pub mod identity;
 pub mod link;
 pub mod liveness;
+pub mod lock;
 pub mod logs;
 pub mod metrics;
 pub mod proc;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, RunConfig};
 use crate::health::{self, Liveness, ProbeTarget};
-use crate::release::lock::LockError;
+use crate::lock::LockError;
 use crate::release::{activate, Journal, Paths, ReleaseError, Store};
 use crate::supervise;
 
