@@ -35,14 +35,13 @@ use http::{StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::ArtifactsConfig;
+use crate::config::{ArtifactsConfig, CaFile};
 use crate::digest::{self, Hasher, Sha256};
 use crate::durable;
 
@@ -232,7 +231,7 @@ pub async fn fetch(
         return Ok(hit);
     }
     let dest = cache_dir.join(expected);
-    let tls = Arc::new(client_config(url, settings.ca_file.as_deref())?);
+    let tls = Arc::new(client_config(url, settings.ca_file.as_ref())?);
     let mut pause = FIRST_RETRY_PAUSE;
     let mut attempt = 1;
     loop {
@@ -286,16 +285,16 @@ pub fn cached(cache_dir: &Path, expected: &Sha256) -> Result<Option<Fetched>, Do
 }
 
 /// The client TLS config: system roots plus the configured extra CA, ring.
-fn client_config(url: &str, ca_file: Option<&Path>) -> Result<ClientConfig, DownloadError> {
+fn client_config(url: &str, ca_file: Option<&CaFile>) -> Result<ClientConfig, DownloadError> {
     let mut roots = RootCertStore::empty();
     // Unreadable system certificates are skipped, as every TLS client does;
     // an empty result is caught below.
     let system = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(system.certs);
-    if let Some(path) = ca_file {
-        for cert in read_ca_file(path)? {
-            roots.add(cert).map_err(|e| DownloadError::CaFile {
-                path: path.to_owned(),
+    if let Some(ca) = ca_file {
+        for cert in &ca.certs {
+            roots.add(cert.clone()).map_err(|e| DownloadError::CaFile {
+                path: ca.path.clone(),
                 reason: e.to_string(),
             })?;
         }
@@ -316,22 +315,6 @@ fn client_config(url: &str, ca_file: Option<&Path>) -> Result<ClientConfig, Down
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
-}
-
-/// The certificates in a PEM file (at least one).
-pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, DownloadError> {
-    let fail = |reason: String| DownloadError::CaFile {
-        path: path.to_owned(),
-        reason,
-    };
-    let data = fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let certs = CertificateDer::pem_slice_iter(&data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(format!("not PEM certificates: {e}")))?;
-    if certs.is_empty() {
-        return Err(fail("no PEM certificate in it".into()));
-    }
-    Ok(certs)
 }
 
 /// One attempt: follows redirects, streams the body into a temp file in the
