@@ -690,7 +690,7 @@ fn deploy_from_url(
     sha256: Option<String>,
     id: Option<ReleaseId>,
 ) -> Result<release::DeployReport, Failure> {
-    let download_failure = |e: crate::download::DownloadError| Failure {
+    let download_failure = |e: crate::artifact::https::DownloadError| Failure {
         code: if e.is_usage() { EXIT_USAGE } else { 1 },
         message: format!("cannot download the artifact: {e}"),
     };
@@ -703,12 +703,12 @@ fn deploy_from_url(
     // that would find the app busy.
     let sha256 = crate::digest::Sha256::parse(&sha256)
         .map_err(|e| download_failure(e.into()))?;
-    crate::download::parse_url(url).map_err(download_failure)?;
+    crate::artifact::https::parse_url(url).map_err(download_failure)?;
     store.check_idle("deploy", id.as_ref())?;
     let pin = store.pin_cache()?;
     let fetched = store
         .bridge()
-        .block_on(crate::download::fetch(
+        .block_on(crate::artifact::https::fetch(
             url,
             &sha256,
             &store.paths().cache,

@@ -17,7 +17,7 @@
 //! session (lock, journal, recovery) for deploy, rollback, prune and restart.
 //! A deploy's artifact is fetched from the controller by digest or — when
 //! the command carries `artifact_url` — downloaded by the agent itself
-//! ([`crate::download`]); either way into the app's artifact cache under its
+//! ([`crate::artifact::https`]); either way into the app's artifact cache under its
 //! sha256, and not at all when the cache already holds that digest. The
 //! fetch runs without the app's lock (the cache is pinned instead, see
 //! [`crate::release::CachePin`]): a rollback during a long download works.
@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::digest::Sha256;
-use crate::download;
+use crate::artifact::https as download;
 use crate::durable;
 use crate::link;
 use crate::release::{DeployReport, DeployRequest, Outcome, ReleaseId, Store};

@@ -52,7 +52,6 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod digest;
-pub mod download;
 pub mod driver;
 pub mod durable;
 pub mod envfile;

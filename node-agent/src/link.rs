@@ -16,7 +16,7 @@
 //! the stream is quiet, instead of a call waiting on it forever.
 //!
 //! An artifact fetched from the controller gets the limits of an HTTPS
-//! download ([`crate::download`], `[artifacts]`): `connect_timeout`, a
+//! download ([`crate::artifact::https`], `[artifacts]`): `connect_timeout`, a
 //! `read_timeout` between two chunks, `max_size`, and what the controller
 //! sends is checked as it comes — offsets contiguous, total within the
 //! limit, the sha256 of the bytes the one asked for — before the file takes
