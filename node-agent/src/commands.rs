@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::digest::Sha256;
+use crate::artifact::cache;
 use crate::artifact::https as download;
 use crate::durable;
 use crate::link;
@@ -509,7 +510,7 @@ async fn deploy_artifact(
     let cache = store.paths().cache.clone();
     let hit = {
         let (cache, sha256) = (cache.clone(), sha256.clone());
-        tokio::task::spawn_blocking(move || download::cached(&cache, &sha256)).await?
+        tokio::task::spawn_blocking(move || cache::lookup(&cache, &sha256)).await?
     };
     let mut report = |line: String| progress_now(out, id, "fetch", line);
     // One cache check for both sources (the same digest deployed before is
@@ -529,21 +530,15 @@ async fn deploy_artifact(
                     .map_err(|e| format!("cannot download the artifact: {e}"))
             }
             Source::Controller(ctl) => {
-                let dest = cache.join(&sha256);
                 link::fetch_artifact(
                     &ctl.url,
                     &ctl.state_dir,
-                    sha256.as_str(),
+                    &sha256,
                     id,
-                    &dest,
+                    &cache,
                     &config.artifacts,
                 )
                 .await
-                .map(|bytes| download::Fetched {
-                    path: dest,
-                    bytes,
-                    cached: false,
-                })
                 .map_err(|e| format!("cannot fetch the artifact: {e}"))
             }
         },

@@ -16,11 +16,8 @@
 //! the stream is quiet, instead of a call waiting on it forever.
 //!
 //! An artifact fetched from the controller gets the limits of an HTTPS
-//! download ([`crate::artifact::https`], `[artifacts]`): `connect_timeout`, a
-//! `read_timeout` between two chunks, `max_size`, and what the controller
-//! sends is checked as it comes — offsets contiguous, total within the
-//! limit, the sha256 of the bytes the one asked for — before the file takes
-//! its name in the cache.
+//! download (`[artifacts]`): `connect_timeout` here, the rest where it is
+//! received ([`crate::artifact::controller`]).
 //!
 //! Key and certificate live in [`crate::identity`], which switches them as
 //! one pair: enrollment and renewal hand it the new pair, every dial loads
@@ -33,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt as _};
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -45,12 +41,10 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use slipway_proto::join_token::{JoinToken, ParseJoinTokenError};
 use slipway_proto::v1::agent_link_client::AgentLinkClient;
 use slipway_proto::v1::enrollment_client::EnrollmentClient;
-use slipway_proto::v1::ArtifactChunk;
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, ControllerMessage, EnrollRequest, Hello,
     Welcome,
 };
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -58,8 +52,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
+use crate::artifact::{self, cache::Fetched, controller::FetchError};
 use crate::config::ArtifactsConfig;
-use crate::digest::{Hasher, Sha256};
+use crate::digest::Sha256;
 use crate::durable;
 use crate::error::{error_chain, status_text};
 use crate::identity::{self, IdentityError, Pair};
@@ -143,7 +138,8 @@ pub enum LinkError {
     /// The first controller message was not a Welcome.
     #[error("expected Welcome from the controller, got {0}")]
     Unexpected(String),
-    /// The controller went quiet for longer than `[artifacts]` allows.
+    /// The controller could not be reached within `[artifacts]
+    /// connect_timeout` for an artifact fetch.
     #[error("controller {addr} sent nothing for {after:?} {during}")]
     Idle {
         /// Controller address.
@@ -153,23 +149,9 @@ pub enum LinkError {
         /// The timeout that fired.
         after: Duration,
     },
-    /// The artifact the controller streams is over `[artifacts] max_size`.
-    #[error("artifact {sha256} from the controller is larger than the limit of {limit} bytes ([artifacts] max_size)")]
-    TooLarge {
-        /// The artifact asked for.
-        sha256: String,
-        /// The limit.
-        limit: u64,
-    },
-    /// The controller's artifact stream broke the protocol (a gap, a
-    /// missing last chunk, other bytes than asked for) or failed.
-    #[error("artifact {sha256} from the controller: {problem}")]
-    BadArtifact {
-        /// The artifact asked for.
-        sha256: String,
-        /// What was wrong.
-        problem: String,
-    },
+    /// The artifact fetch failed once connected.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
     /// The key and certificate on disk cannot be read or switched.
     #[error("node identity: {0}")]
     Identity(#[from] IdentityError),
@@ -336,116 +318,27 @@ pub async fn renew(controller: &str, state_dir: &Path) -> Result<i64, LinkError>
     Ok(response.expires_at_unix)
 }
 
-/// Downloads artifact `sha256` (lower-case hex) from the controller over
-/// mTLS into `dest` (temp + rename), with the limits of `limits` (see the
-/// module docs). Returns the size.
+/// Fetches artifact `sha256` from the controller over mTLS into the app's
+/// artifact cache `cache` ([`artifact::controller`]: the limits of
+/// `limits`, everything checked before the file takes its name), on a
+/// connection of its own.
 pub async fn fetch_artifact(
     controller: &str,
     state_dir: &Path,
-    sha256: &str,
+    sha256: &Sha256,
     command_id: &str,
-    dest: &Path,
+    cache: &Path,
     limits: &ArtifactsConfig,
-) -> Result<u64, LinkError> {
+) -> Result<Fetched, LinkError> {
     let addr = Target::parse(controller)?.authority;
-    let idle = |during, after| LinkError::Idle {
-        addr: addr.clone(),
-        during,
-        after,
-    };
     let channel = tokio::time::timeout(limits.connect_timeout, mtls_channel(controller, state_dir))
         .await
-        .map_err(|_| idle("while connecting", limits.connect_timeout))??;
-    let mut client = AgentLinkClient::new(channel);
-    let request = client.fetch_artifact(slipway_proto::v1::FetchArtifactRequest {
-        sha256: sha256.to_owned(),
-        command_id: command_id.to_owned(),
-    });
-    let stream = tokio::time::timeout(limits.read_timeout, request)
-        .await
-        .map_err(|_| idle("in answer to the fetch", limits.read_timeout))?
-        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
-        .into_inner();
-    receive_artifact(stream, &addr, sha256, dest, limits).await
-}
-
-/// Writes the chunks of `stream` into `dest` (temp + fsync + rename),
-/// checking each against what was asked for and `limits` before the next;
-/// `dest` appears only once the whole artifact has the expected sha256.
-async fn receive_artifact<S>(
-    mut stream: S,
-    addr: &str,
-    sha256: &str,
-    dest: &Path,
-    limits: &ArtifactsConfig,
-) -> Result<u64, LinkError>
-where
-    S: Stream<Item = Result<ArtifactChunk, tonic::Status>> + Unpin,
-{
-    let bad = |problem: String| LinkError::BadArtifact {
-        sha256: sha256.to_owned(),
-        problem,
-    };
-    // Removed on every error return, a broken stream or a timeout included.
-    let tmp = durable::TempFile::new(durable::temp_sibling(dest, "part"));
-    let io_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| LinkError::Io { path, source }
-    };
-    let mut file = tokio::fs::File::create(tmp.path())
-        .await
-        .map_err(io_err(tmp.path()))?;
-    let mut hasher = Hasher::new();
-    let mut offset = 0u64;
-    loop {
-        let next = tokio::time::timeout(limits.read_timeout, stream.next())
-            .await
-            .map_err(|_| LinkError::Idle {
-                addr: addr.to_owned(),
-                during: "in the middle of the artifact",
-                after: limits.read_timeout,
-            })?;
-        let chunk = match next {
-            Some(Ok(chunk)) => chunk,
-            Some(Err(status)) => {
-                return Err(bad(format!("stream failed: {}", status_text(&status))))
-            }
-            None => {
-                return Err(bad(format!(
-                    "stream ended after {offset} bytes without its last chunk"
-                )))
-            }
-        };
-        if chunk.offset != offset {
-            return Err(bad(format!(
-                "chunk at offset {} where {offset} was expected",
-                chunk.offset
-            )));
-        }
-        let len = chunk.data.len() as u64;
-        if offset.saturating_add(len) > limits.max_size {
-            return Err(LinkError::TooLarge {
-                sha256: sha256.to_owned(),
-                limit: limits.max_size,
-            });
-        }
-        hasher.update(&chunk.data);
-        file.write_all(&chunk.data)
-            .await
-            .map_err(io_err(tmp.path()))?;
-        offset += len;
-        if chunk.last {
-            break;
-        }
-    }
-    let got = hasher.finish();
-    if !got.as_str().eq_ignore_ascii_case(sha256) {
-        return Err(bad(format!("received bytes have sha256 {got}")));
-    }
-    file.sync_all().await.map_err(io_err(tmp.path()))?;
-    drop(file);
-    tmp.persist(dest).map_err(io_err(dest))?;
-    Ok(offset)
+        .map_err(|_| LinkError::Idle {
+            addr: addr.clone(),
+            during: "while connecting",
+            after: limits.connect_timeout,
+        })??;
+    Ok(artifact::controller::fetch(channel, &addr, sha256, command_id, cache, limits).await?)
 }
 
 /// A CSR for `key` with `common_name` as its CN.
@@ -723,186 +616,6 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), LinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_stream::wrappers::ReceiverStream;
-
-    type Chunks = ReceiverStream<Result<ArtifactChunk, tonic::Status>>;
-
-    const READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-    fn limits(max_size: u64) -> ArtifactsConfig {
-        ArtifactsConfig {
-            max_size,
-            read_timeout: READ_TIMEOUT,
-            ..ArtifactsConfig::default()
-        }
-    }
-
-    fn chunk(offset: u64, data: &[u8], last: bool) -> Result<ArtifactChunk, tonic::Status> {
-        Ok(ArtifactChunk {
-            command_id: "c-1".into(),
-            offset,
-            data: data.to_vec(),
-            last,
-        })
-    }
-
-    /// A stream of `items`, kept open (like a live controller) while the
-    /// returned sender lives.
-    fn stream(
-        items: Vec<Result<ArtifactChunk, tonic::Status>>,
-    ) -> (Chunks, mpsc::Sender<Result<ArtifactChunk, tonic::Status>>) {
-        let (tx, rx) = mpsc::channel(items.len().max(1));
-        for item in items {
-            tx.try_send(item).unwrap();
-        }
-        (ReceiverStream::new(rx), tx)
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// A controller that stops sending mid-artifact (gone, or its network
-    /// cut) fails the fetch after `read_timeout` of silence, in virtual
-    /// time, leaving nothing in the cache — before, the fetch (and the app
-    /// lock it was taken under) waited forever.
-    #[tokio::test(start_paused = true)]
-    async fn a_controller_that_goes_quiet_mid_artifact_is_given_up_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let sha = sha256_hex(b"abcdef");
-        let dest = dir.path().join(&sha);
-        let (chunks, _open) = stream(vec![chunk(0, b"abc", false)]);
-        let started = tokio::time::Instant::now();
-        let err = receive_artifact(chunks, "ctl:7443", &sha, &dest, &limits(1 << 20))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, LinkError::Idle { after, .. } if after == READ_TIMEOUT),
-            "{err}"
-        );
-        assert!(err.to_string().contains("sent nothing for 30s"), "{err}");
-        let waited = started.elapsed();
-        assert!(
-            waited >= READ_TIMEOUT && waited < READ_TIMEOUT + Duration::from_secs(1),
-            "{waited:?}"
-        );
-        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
-    }
-
-    /// Chunks that keep coming reset the idle timeout: a slow but live
-    /// controller is not cut off.
-    #[tokio::test(start_paused = true)]
-    async fn a_slow_but_steady_controller_is_waited_for() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..40u8).collect();
-        let sha = sha256_hex(&data);
-        let dest = dir.path().join(&sha);
-        let (tx, rx) = mpsc::channel(1);
-        let feeder = tokio::spawn({
-            let data = data.clone();
-            async move {
-                for (i, piece) in data.chunks(10).enumerate() {
-                    // Each gap is most of the timeout; all of them far more.
-                    tokio::time::sleep(READ_TIMEOUT - Duration::from_secs(1)).await;
-                    let last = (i + 1) * 10 == data.len();
-                    tx.send(chunk((i * 10) as u64, piece, last)).await.unwrap();
-                }
-            }
-        });
-        let n = receive_artifact(
-            ReceiverStream::new(rx),
-            "ctl:7443",
-            &sha,
-            &dest,
-            &limits(1 << 20),
-        )
-        .await
-        .unwrap();
-        feeder.await.unwrap();
-        assert_eq!(n, 40);
-        assert_eq!(fs::read(&dest).unwrap(), data);
-        assert_eq!(names(dir.path()), vec![sha]);
-    }
-
-    /// What the controller sends is checked as it arrives: a gap or a
-    /// repeat in the offsets, more than `max_size`, a stream that ends
-    /// without its last chunk or breaks, and bytes that are not the
-    /// artifact asked for are each refused, with nothing left in the cache.
-    #[tokio::test]
-    async fn what_the_controller_sends_is_checked_before_it_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = b"0123456789".to_vec();
-        let sha = sha256_hex(&data);
-        let dest = dir.path().join(&sha);
-        let cases: Vec<(&str, Vec<_>, u64, &str)> = vec![
-            (
-                "gap",
-                vec![chunk(0, b"01234", false), chunk(6, b"6789", true)],
-                100,
-                "chunk at offset 6 where 5 was expected",
-            ),
-            (
-                "repeat",
-                vec![chunk(0, b"01234", false), chunk(0, b"01234", true)],
-                100,
-                "chunk at offset 0 where 5 was expected",
-            ),
-            (
-                "over the limit",
-                vec![chunk(0, b"01234", false), chunk(5, b"56789", true)],
-                9,
-                "larger than the limit of 9 bytes",
-            ),
-            (
-                "no last chunk",
-                vec![chunk(0, &data, false)],
-                100,
-                "stream ended after 10 bytes without its last chunk",
-            ),
-            (
-                "broken stream",
-                vec![
-                    chunk(0, b"01234", false),
-                    Err(tonic::Status::unavailable("controller shutting down")),
-                ],
-                100,
-                "controller shutting down",
-            ),
-            (
-                "other bytes",
-                vec![chunk(0, b"0123456788", true)],
-                100,
-                "received bytes have sha256",
-            ),
-        ];
-        for (what, items, max, want) in cases {
-            let (chunks, tx) = stream(items);
-            drop(tx); // the controller closes after what it sent
-            let err = receive_artifact(chunks, "ctl:7443", &sha, &dest, &limits(max))
-                .await
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(want) && err.contains(&sha), "{what}: {err}");
-            assert!(
-                names(dir.path()).is_empty(),
-                "{what}: {:?}",
-                names(dir.path())
-            );
-        }
-        // Exactly at the limit, in order, the right bytes: kept.
-        let (chunks, _tx) = stream(vec![chunk(0, b"01234", false), chunk(5, b"56789", true)]);
-        let n = receive_artifact(chunks, "ctl:7443", &sha, &dest, &limits(10))
-            .await
-            .unwrap();
-        assert_eq!(n, 10);
-        assert_eq!(fs::read(&dest).unwrap(), data);
-        assert_eq!(names(dir.path()), vec![sha]);
-    }
 
     #[test]
     fn controller_addresses() {
