@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use crate::bridge::Bridge;
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use crate::release::{self, DeployRequest, ReleaseError, ReleaseId, Snapshot, Store};
+use crate::deploy::{self, DeployError, DeployRequest, Deployer};
+use crate::digest::Sha256;
+use crate::release::{self, ReleaseError, ReleaseId, Snapshot};
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -217,10 +219,10 @@ impl From<ConfigError> for Failure {
     }
 }
 
-impl From<ReleaseError> for Failure {
-    fn from(e: ReleaseError) -> Self {
+impl From<DeployError> for Failure {
+    fn from(e: DeployError) -> Self {
         let code = match e {
-            ReleaseError::InvalidId(_) | ReleaseError::BadSha256(_) => EXIT_USAGE,
+            DeployError::Store(ReleaseError::InvalidId(_)) => EXIT_USAGE,
             _ => 1,
         };
         Self {
@@ -262,11 +264,11 @@ pub fn run_code(cli: Cli) -> u8 {
     }
 }
 
-/// The store of `app` for this one-shot command, with the runtime its
-/// driver blocks on (one per command).
-fn store_for(config: &Config, app: &str) -> Result<Store, Failure> {
+/// The deploy pipeline of `app` for this one-shot command, with the
+/// runtime its driver blocks on (one per command).
+fn store_for(config: &Config, app: &str) -> Result<Deployer, Failure> {
     let app = config.app(app).map_err(|e| usage(e.to_string()))?;
-    Ok(Store::new(app, &owned_bridge()?))
+    Ok(Deployer::new(app, &owned_bridge()?))
 }
 
 /// The runtime a one-shot command's blocking code (a driver, a download)
@@ -359,16 +361,19 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             let store = store_for(&config, &app)?;
             let id = id.as_deref().map(parse_id).transpose()?;
             let result = match (artifact, url) {
-                (Some(artifact), None) => store
-                    .begin("deploy", id.as_ref())
-                    .and_then(|mut session| {
-                        session.deploy(&DeployRequest {
-                            artifact,
-                            sha256,
-                            id,
-                        })
-                    })
-                    .map_err(Failure::from),
+                (Some(artifact), None) => (|| {
+                    let sha256 = sha256
+                        .as_deref()
+                        .map(Sha256::parse)
+                        .transpose()
+                        .map_err(|e| usage(e.to_string()))?;
+                    let mut session = store.begin("deploy", id.as_ref())?;
+                    Ok(session.deploy(&DeployRequest {
+                        artifact,
+                        sha256,
+                        id,
+                    })?)
+                })(),
                 (None, Some(url)) => deploy_from_url(&config, &store, &url, sha256, id),
                 // clap enforces exactly one of them; this is the message if not.
                 _ => Err(usage(
@@ -383,14 +388,14 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                     if json {
                         print_json(&serde_json::json!({
                             "app": app,
-                            "outcome": release::Outcome::Failed,
+                            "outcome": deploy::Outcome::Failed,
                             "error": e.message,
                         }));
                     }
                     return Err(e);
                 }
             };
-            if report.outcome != release::Outcome::Succeeded {
+            if report.outcome != deploy::Outcome::Succeeded {
                 if json {
                     print_json(&report);
                 } else {
@@ -577,14 +582,14 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             if json {
                 print_json(&report);
             } else {
-                let ids: Vec<_> = report.removed.iter().map(ReleaseId::as_str).collect();
+                let ids: Vec<_> = report.store.removed.iter().map(ReleaseId::as_str).collect();
                 println!(
                     "removed {} release(s){}{}; freed {} objects ({} bytes)",
                     ids.len(),
                     if ids.is_empty() { "" } else { ": " },
                     ids.join(", "),
-                    report.objects_removed,
-                    report.bytes_freed
+                    report.store.objects_removed,
+                    report.store.bytes_freed
                 );
             }
         }
@@ -648,7 +653,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                     "app {app:?} has no [apps.{app}.run] driver to stop"
                 )));
             };
-            let store = Store::new(app_cfg, &bridge);
+            let store = Deployer::new(app_cfg, &bridge);
             let _session = store.begin("stop", None)?;
             driver.stop(app_cfg).map_err(|e| Failure {
                 code: 1,
@@ -685,11 +690,11 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// `rollback` meanwhile works — then takes the app's lock and deploys it.
 fn deploy_from_url(
     config: &Config,
-    store: &Store,
+    store: &Deployer,
     url: &str,
     sha256: Option<String>,
     id: Option<ReleaseId>,
-) -> Result<release::DeployReport, Failure> {
+) -> Result<deploy::DeployReport, Failure> {
     let download_failure = |e: crate::artifact::https::DownloadError| Failure {
         code: if e.is_usage() { EXIT_USAGE } else { 1 },
         message: format!("cannot download the artifact: {e}"),
@@ -701,7 +706,7 @@ fn deploy_from_url(
     };
     // Bad input is refused before anything is fetched, and so is a deploy
     // that would find the app busy.
-    let sha256 = crate::digest::Sha256::parse(&sha256)
+    let sha256 = Sha256::parse(&sha256)
         .map_err(|e| download_failure(e.into()))?;
     crate::artifact::https::parse_url(url).map_err(download_failure)?;
     store.check_idle("deploy", id.as_ref())?;
@@ -722,7 +727,7 @@ fn deploy_from_url(
     drop(pin);
     Ok(session.deploy(&DeployRequest {
         artifact: fetched.path,
-        sha256: Some(sha256.into_string()),
+        sha256: Some(sha256),
         id,
     })?)
 }
@@ -744,7 +749,7 @@ struct AppStatus {
 }
 
 fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStatus, Failure> {
-    let snapshot = Store::new(app, bridge).snapshot()?;
+    let snapshot = Deployer::new(app, bridge).snapshot()?;
     let (processes, process_error) = match crate::driver::for_app(app, bridge) {
         None => (None, None),
         Some(d) => match d.status(app) {

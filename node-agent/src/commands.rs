@@ -13,7 +13,7 @@
 //! (an outcome this agent does not know, say) refuses every command with an
 //! error naming the file, rather than guessing and overwriting it.
 //!
-//! The work itself is the same code as the node-local CLI: a [`Store`]
+//! The work itself is the same code as the node-local CLI: a [`Deployer`]
 //! session (lock, journal, recovery) for deploy, rollback, prune and restart.
 //! A deploy's artifact is fetched from the controller by digest or — when
 //! the command carries `artifact_url` — downloaded by the agent itself
@@ -39,7 +39,8 @@ use crate::artifact::cache;
 use crate::artifact::https as download;
 use crate::durable;
 use crate::link;
-use crate::release::{DeployReport, DeployRequest, Outcome, ReleaseId, Store};
+use crate::deploy::{DeployReport, DeployRequest, Deployer, Outcome};
+use crate::release::ReleaseId;
 
 /// Results kept for idempotency: enough for any realistic re-send window.
 const KEEP_RESULTS: usize = 500;
@@ -492,7 +493,7 @@ async fn deploy_artifact(
         format!("downloading artifact {sha256} from {from}"),
     )
     .await;
-    let store = Store::new(&app, &Bridge::current());
+    let store = Deployer::new(&app, &Bridge::current());
     // A busy app fails the deploy now rather than after the download; the
     // pin keeps prune out of the cache until the deploy holds the lock.
     let pinned = {
@@ -567,7 +568,7 @@ async fn deploy_artifact(
         session
             .deploy(&DeployRequest {
                 artifact: fetched.path,
-                sha256: Some(sha256.into_string()),
+                sha256: Some(sha256),
                 id: release,
             })
             .map_err(|e| e.to_string())
@@ -630,7 +631,7 @@ async fn run(
             };
             progress(out, id, "rollback", "switching current".into()).await;
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app, &bridge);
+                let store = Deployer::new(&app, &bridge);
                 let mut session = store.begin("rollback", to.as_ref())?;
                 session.rollback(to.as_ref())
             })
@@ -673,14 +674,14 @@ async fn run(
                 p.keep as usize
             };
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app, &bridge);
+                let store = Deployer::new(&app, &bridge);
                 let mut session = store.begin("prune", None)?;
                 session.prune(keep)
             })
             .await;
             match result {
                 Ok(Ok(rep)) => {
-                    let ids: Vec<&str> = rep.removed.iter().map(ReleaseId::as_str).collect();
+                    let ids: Vec<&str> = rep.store.removed.iter().map(ReleaseId::as_str).collect();
                     recorded(
                         id,
                         Outcome::Succeeded,
@@ -702,7 +703,7 @@ async fn run(
                 Err(e) => return recorded(id, Outcome::Failed, "", e),
             };
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app, &bridge);
+                let store = Deployer::new(&app, &bridge);
                 let mut session = store.begin("restart", None)?;
                 session.restart()
             })

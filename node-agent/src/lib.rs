@@ -50,6 +50,7 @@ pub mod bridge;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod deploy;
 pub mod demo;
 pub mod digest;
 pub mod driver;

@@ -18,7 +18,8 @@ use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, RunConfig};
 use crate::health::{self, Liveness, ProbeTarget};
 use crate::lock::LockError;
-use crate::release::{activate, Journal, Paths, ReleaseError, Store};
+use crate::deploy::{DeployError, Deployer};
+use crate::release::{activate, Journal, Paths, ReleaseError};
 use crate::supervise;
 
 /// How long shutdown waits for each task (an in-flight probe, a rotation).
@@ -149,7 +150,7 @@ pub fn housekeep_once(app: &AppConfig, bridge: &Bridge) {
         return;
     }
     tracing::warn!(app = %app.name, free, threshold, "disk pressure: pruning");
-    let store = Store::new(app, bridge);
+    let store = Deployer::new(app, bridge);
     match store.begin("disk pressure", None) {
         Ok(mut session) => {
             if let Err(e) = session.relieve_pressure(threshold) {
@@ -157,7 +158,7 @@ pub fn housekeep_once(app: &AppConfig, bridge: &Bridge) {
             }
         }
         // A deploy or prune is running; the next tick tries again.
-        Err(e @ ReleaseError::Lock(LockError::Busy { .. })) => {
+        Err(e @ DeployError::Store(ReleaseError::Lock(LockError::Busy { .. }))) => {
             tracing::info!(app = %app.name, error = %e, "disk pressure prune postponed")
         }
         // Anything else (recovery, the journal) is not a busy app.
@@ -236,7 +237,7 @@ fn resurrect(app: &AppConfig, bridge: &Bridge) {
         }
     };
     // Under the app's lock, so a deploy starting now cannot race the start.
-    let store = Store::new(app, bridge);
+    let store = Deployer::new(app, bridge);
     let result = store
         .begin("start", Some(&current))
         .map_err(|e| e.to_string())

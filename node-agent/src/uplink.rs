@@ -26,7 +26,7 @@ use crate::config::{AppConfig, Config, ControllerConfig};
 use crate::health::Liveness;
 use crate::identity;
 use crate::link;
-use crate::release::Store;
+use crate::deploy::Deployer;
 use crate::state_watch::StateWatcher;
 
 /// First reconnect delay ceiling; doubles per failed attempt.
@@ -328,7 +328,7 @@ pub fn app_statuses(config: &Config, bridge: &Bridge) -> Vec<AppStatus> {
 }
 
 fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
-    let snap = match Store::new(app, bridge).snapshot() {
+    let snap = match Deployer::new(app, bridge).snapshot() {
         Ok(s) => s,
         Err(e) => {
             return AppStatus {
