@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use slipway_agent::artifact::{pack_dir, Compression};
 use slipway_agent::bridge::Bridge;
 use slipway_agent::config::{AppConfig, UnpackLimits};
-use slipway_agent::release::objects::ObjectStore;
 use slipway_agent::deploy::{DeployRequest, Deployer};
+use slipway_agent::release::objects::ObjectStore;
 use slipway_agent::release::{activate, unpack, ReleaseId};
 
 struct Row {

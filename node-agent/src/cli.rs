@@ -706,8 +706,7 @@ fn deploy_from_url(
     };
     // Bad input is refused before anything is fetched, and so is a deploy
     // that would find the app busy.
-    let sha256 = Sha256::parse(&sha256)
-        .map_err(|e| download_failure(e.into()))?;
+    let sha256 = Sha256::parse(&sha256).map_err(|e| download_failure(e.into()))?;
     crate::artifact::https::parse_url(url).map_err(download_failure)?;
     store.check_idle("deploy", id.as_ref())?;
     let pin = store.pin_cache()?;

@@ -265,9 +265,11 @@ impl Deployer {
     /// held), reads the journal and recovers from any interrupted operation
     /// — through the driver when a deploy that went live is undone.
     pub fn begin(&self, operation: &str, release: Option<&ReleaseId>) -> Result<Session<'_>> {
-        let inner = self
-            .store
-            .begin(operation, release, &mut self.restorer(Activation::default()))?;
+        let inner = self.store.begin(
+            operation,
+            release,
+            &mut self.restorer(Activation::default()),
+        )?;
         Ok(Session {
             deployer: self,
             inner,
@@ -551,7 +553,14 @@ impl Session<'_> {
             .start_deploy(&id, previous.as_ref(), reactivate)?;
         tracing::info!(app = %self.app().name, release = %id, sha256 = %sha, "deploying");
 
-        let result = self.deploy_steps(&id, previous.as_ref(), &cached, &sha, reactivate, &mut timer);
+        let result = self.deploy_steps(
+            &id,
+            previous.as_ref(),
+            &cached,
+            &sha,
+            reactivate,
+            &mut timer,
+        );
         let stats = match result {
             Ok(s) => s,
             Err(err) => {

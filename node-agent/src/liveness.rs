@@ -6,7 +6,7 @@
 //! size (or on a tick, for age), and pruning when free space falls below the
 //! app's `disk_pressure_free`. `status` shows all of it. With a
 //! `[controller]` in the config, the session with it runs here too
-//! ([`crate::uplink`]).
+//! ([`crate::link::session`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, RunConfig};
+use crate::deploy::{DeployError, Deployer};
 use crate::health::{self, Liveness, ProbeTarget};
 use crate::lock::LockError;
-use crate::deploy::{DeployError, Deployer};
 use crate::release::{activate, Journal, Paths, ReleaseError};
 use crate::supervise;
 
@@ -52,7 +52,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     if let Some(ctl) = config.controller.clone() {
         let s = stop.clone();
-        let t = tokio::spawn(crate::uplink::run(config.clone(), ctl, async move {
+        let t = tokio::spawn(crate::link::session::run(config.clone(), ctl, async move {
             s.cancelled().await;
         }));
         tasks.push(("controller session".to_owned(), t));

@@ -665,8 +665,8 @@ fn a_bad_ca_file_is_a_config_error_with_its_line() {
 /// agent, deployed, progress and result reported on the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_deploy_with_an_artifact_url_downloads_and_deploys() {
-    use slipway_agent::commands::Commands;
     use slipway_agent::config::{Config, ControllerConfig};
+    use slipway_agent::link::commands::Commands;
     use slipway_proto::v1::{
         agent_message, controller_message, ControllerMessage, Deploy, Outcome,
     };

@@ -336,7 +336,10 @@ mod tests {
                 .await
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains(want) && err.contains(sha.as_str()), "{what}: {err}");
+            assert!(
+                err.contains(want) && err.contains(sha.as_str()),
+                "{what}: {err}"
+            );
             assert!(
                 names(dir.path()).is_empty(),
                 "{what}: {:?}",

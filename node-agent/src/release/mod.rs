@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::config::AppConfig;
-use crate::{durable, fault, lock};
 pub use crate::lock::{CachePin, Holder, LockError};
+use crate::{durable, fault, lock};
 pub use id::{InvalidId, ReleaseId};
 pub use journal::{DeployStep, Journal, Operation, Release, ReleaseStatus};
 use manifest::Manifest;
@@ -952,10 +952,7 @@ impl<'a> Session<'a> {
     /// Switches back to the previous good release (or `to`), marking the
     /// release rolled away from as bad; returns where from and to. Entirely
     /// node-local: putting `to` in service is the caller's.
-    pub fn rollback(
-        &mut self,
-        to: Option<&ReleaseId>,
-    ) -> Result<(Option<ReleaseId>, ReleaseId)> {
+    pub fn rollback(&mut self, to: Option<&ReleaseId>) -> Result<(Option<ReleaseId>, ReleaseId)> {
         let p = self.paths().clone();
         let current = self.current()?;
         let target = match to {

@@ -18,7 +18,6 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-
 use super::manifest::{Entry, EntryKind, Manifest};
 use super::objects::ObjectStore;
 use crate::config::UnpackLimits;

@@ -19,9 +19,14 @@
 //! download (`[artifacts]`): `connect_timeout` here, the rest where it is
 //! received ([`crate::artifact::controller`]).
 //!
-//! Key and certificate live in [`crate::identity`], which switches them as
+//! Key and certificate live in [`crate::link::identity`], which switches them as
 //! one pair: enrollment and renewal hand it the new pair, every dial loads
 //! the pair in use from it.
+
+pub mod commands;
+pub mod identity;
+pub mod session;
+pub mod watch;
 
 use std::fs;
 use std::io::{self, Write as _};
@@ -52,15 +57,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
+use self::identity::{IdentityError, Pair};
 use crate::artifact::{self, cache::Fetched, controller::FetchError};
 use crate::config::ArtifactsConfig;
 use crate::digest::Sha256;
 use crate::durable;
 use crate::error::{error_chain, status_text};
-use crate::identity::{self, IdentityError, Pair};
 
 /// The node's private key (mode 0600): a link into the identity in use
-/// ([`crate::identity`]), or a plain file in an older agent's layout.
+/// ([`crate::link::identity`]), or a plain file in an older agent's layout.
 pub const KEY_FILE: &str = identity::KEY_FILE;
 /// The node's client certificate (as [`KEY_FILE`]).
 pub const CERT_FILE: &str = identity::CERT_FILE;

@@ -32,14 +32,14 @@ use slipway_proto::v1::{
 };
 use tokio::sync::mpsc;
 
-use crate::bridge::Bridge;
-use crate::config::{AppConfig, Config, ControllerConfig};
-use crate::digest::Sha256;
 use crate::artifact::cache;
 use crate::artifact::https as download;
+use crate::bridge::Bridge;
+use crate::config::{AppConfig, Config, ControllerConfig};
+use crate::deploy::{DeployReport, DeployRequest, Deployer, Outcome};
+use crate::digest::Sha256;
 use crate::durable;
 use crate::link;
-use crate::deploy::{DeployReport, DeployRequest, Deployer, Outcome};
 use crate::release::ReleaseId;
 
 /// Results kept for idempotency: enough for any realistic re-send window.
@@ -316,7 +316,8 @@ impl Commands {
             let cfg = config.clone();
             let bridge = Bridge::current();
             if let Ok(beat) =
-                tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg, &bridge)).await
+                tokio::task::spawn_blocking(move || crate::link::session::heartbeat(&cfg, &bridge))
+                    .await
             {
                 send(out, agent_message::Kind::Heartbeat(beat)).await;
             }
@@ -530,18 +531,16 @@ async fn deploy_artifact(
                     .await
                     .map_err(|e| format!("cannot download the artifact: {e}"))
             }
-            Source::Controller(ctl) => {
-                link::fetch_artifact(
-                    &ctl.url,
-                    &ctl.state_dir,
-                    &sha256,
-                    id,
-                    &cache,
-                    &config.artifacts,
-                )
-                .await
-                .map_err(|e| format!("cannot fetch the artifact: {e}"))
-            }
+            Source::Controller(ctl) => link::fetch_artifact(
+                &ctl.url,
+                &ctl.state_dir,
+                &sha256,
+                id,
+                &cache,
+                &config.artifacts,
+            )
+            .await
+            .map_err(|e| format!("cannot fetch the artifact: {e}")),
         },
     };
     let fetched = match fetched {

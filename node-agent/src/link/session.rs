@@ -9,7 +9,7 @@
 //! jitter, capped at 60 s. A change of an app's `current` or journal (a
 //! node-local deploy or rollback from a shell, say) is sent at once as an
 //! extra heartbeat, so the fleet view does not lag an interval behind
-//! ([`crate::state_watch`]).
+//! ([`crate::link::watch`]).
 //!
 //! Nothing here touches the apps: losing the controller leaves them running,
 //! their health checks and log rotation going, and node-local deploy and
@@ -23,11 +23,10 @@ use slipway_proto::v1::{
 
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, Config, ControllerConfig};
-use crate::health::Liveness;
-use crate::identity;
-use crate::link;
 use crate::deploy::Deployer;
-use crate::state_watch::StateWatcher;
+use crate::health::Liveness;
+use crate::link::watch::StateWatcher;
+use crate::link::{self, identity};
 
 /// First reconnect delay ceiling; doubles per failed attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -48,7 +47,7 @@ pub async fn run(
     let mut attempt: u32 = 0;
     // One runner for the daemon, not per session: a command outlives the
     // session it came on, and its result goes to the session of the moment.
-    let commands = crate::commands::Commands::new(config.clone(), ctl.clone());
+    let commands = crate::link::commands::Commands::new(config.clone(), ctl.clone());
     let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
     let mut watch = match StateWatcher::new(&roots) {
         Ok(w) => Some(w),
@@ -151,7 +150,7 @@ async fn serve(
     interval: Duration,
     renew_at: i64,
     rng: &mut Jitter,
-    commands: &crate::commands::Commands,
+    commands: &crate::link::commands::Commands,
     mut watch: Option<&mut StateWatcher>,
 ) -> Ended {
     commands.attach(session.outbound.clone());

@@ -1,7 +1,7 @@
 //! Noticing, through inotify, that an app's state on disk changed: its
 //! `current` symlink was switched or its journal rewritten — by a node-local
 //! `slipway-agent deploy`/`rollback` run from a shell as much as by a
-//! controller command. The controller session ([`crate::uplink`]) sends a
+//! controller command. The controller session ([`crate::link::session`]) sends a
 //! heartbeat at once on such a change instead of up to one interval later.
 //!
 //! Only those two names count: the liveness loop rewrites `health.json`
