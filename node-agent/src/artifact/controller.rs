@@ -1,5 +1,5 @@
 //! Artifacts fetched from the controller by digest, over the agent's mTLS
-//! link: the link dials ([`crate::link::fetch_artifact`]), this asks for
+//! link: the link dials (its `commands`, for a deploy), this asks for
 //! the artifact and takes it into the app's cache.
 //!
 //! A fetch from the controller gets the limits of an HTTPS download
