@@ -668,9 +668,9 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 .enable_all()
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-            runtime.block_on(crate::liveness::run(
+            runtime.block_on(crate::daemon::run(
                 config,
-                crate::liveness::shutdown_signal(),
+                crate::daemon::shutdown_signal(),
             ))?;
         }
     }

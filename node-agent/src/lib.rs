@@ -59,7 +59,7 @@ pub mod error;
 pub mod fault;
 pub mod health;
 pub mod link;
-pub mod liveness;
+pub mod daemon;
 pub mod lock;
 pub mod logs;
 pub mod metrics;
