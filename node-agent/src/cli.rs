@@ -668,10 +668,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 .enable_all()
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-            runtime.block_on(crate::daemon::run(
-                config,
-                crate::daemon::shutdown_signal(),
-            ))?;
+            runtime.block_on(crate::daemon::run(config, crate::daemon::shutdown_signal()))?;
         }
     }
     Ok(0)
