@@ -50,7 +50,6 @@ pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod deploy;
 pub mod digest;
 pub mod driver;

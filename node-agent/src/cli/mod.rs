@@ -3,6 +3,8 @@
 //! Exit codes: 0 success, 1 the operation failed (the message says why and
 //! what state the app is in), 64 bad usage or configuration (EX_USAGE).
 
+pub mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -182,7 +184,7 @@ pub enum Command {
         dir: Option<PathBuf>,
         /// What runs the sample app.
         #[arg(long, value_enum, default_value = "auto")]
-        driver: crate::demo::DemoDriver,
+        driver: demo::DemoDriver,
     },
 }
 
@@ -298,7 +300,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
     let load = || Config::load(&config_path);
     match command {
         Command::Demo { dir, driver } => {
-            crate::demo::run(dir, driver)?;
+            demo::run(dir, driver)?;
         }
         Command::Enroll {
             controller,
