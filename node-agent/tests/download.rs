@@ -1,4 +1,4 @@
-//! Artifacts the agent downloads itself from an HTTPS URL (issue 4), against
+//! Artifacts the agent downloads itself from an HTTPS URL, against
 //! a real TLS server on 127.0.0.1 whose CA and certificate are made here
 //! with rcgen; the agent trusts that CA through `[artifacts] ca_file`.
 //! Deploys go through the real `slipway-agent deploy --url` binary, and once

@@ -43,7 +43,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTBOUND_QUEUE: usize = 16;
 /// First reconnect delay ceiling; doubles per failed attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// Reconnect delay ceiling, as the issue asks.
+/// Reconnect delay ceiling: a fleet that lost its controller retries at
+/// least once a minute.
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Heartbeat interval when the controller does not say.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
