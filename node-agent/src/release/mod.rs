@@ -196,19 +196,6 @@ pub struct Restored {
     pub port: Option<u16>,
 }
 
-/// A [`Service`] for an app nothing runs: there is nothing to restore.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoService;
-
-impl Service for NoService {
-    fn restore(&mut self, _previous: Option<&ReleaseId>) -> Restored {
-        Restored {
-            outcome: "no driver configured".into(),
-            port: None,
-        }
-    }
-}
-
 /// What a prune removed from the store.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PruneReport {
