@@ -229,10 +229,6 @@ impl Deployer {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     pub fn app(&self) -> &AppConfig {
         self.store.app()
     }
@@ -425,11 +421,6 @@ impl Session<'_> {
 
     fn app(&self) -> &AppConfig {
         self.deployer.app()
-    }
-
-    /// What recovery did when the session began.
-    pub fn recovered(&self) -> Option<&str> {
-        self.inner.recovered.as_deref()
     }
 
     pub fn journal(&self) -> &Journal {

@@ -159,10 +159,6 @@ impl<W: Write> HashingWriter<W> {
         self.written
     }
 
-    pub fn get_ref(&self) -> &W {
-        &self.inner
-    }
-
     /// The writer back, and the digest of everything written to it.
     pub fn finish(self) -> (W, Sha256) {
         (self.inner, self.hasher.finish())

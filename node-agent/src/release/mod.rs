@@ -485,11 +485,7 @@ pub struct UnpackStats {
     pub new_objects: u64,
 }
 
-impl<'a> Session<'a> {
-    pub fn store(&self) -> &'a Store {
-        self.store
-    }
-
+impl Session<'_> {
     fn paths(&self) -> &Paths {
         &self.store.paths
     }
