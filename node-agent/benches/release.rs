@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use slipway_agent::artifact::{pack_dir, Compression};
 use slipway_agent::bridge::Bridge;
 use slipway_agent::config::{AppConfig, UnpackLimits};
+use slipway_agent::deploy::{DeployRequest, Deployer};
 use slipway_agent::release::objects::ObjectStore;
-use slipway_agent::release::{activate, unpack, DeployRequest, ReleaseId, Store};
+use slipway_agent::release::{activate, unpack, ReleaseId};
 
 struct Row {
     name: String,
@@ -267,7 +268,7 @@ fn app(root: PathBuf) -> AppConfig {
     a
 }
 
-fn deploy(store: &Store, art: &Path, id: &str) -> Duration {
+fn deploy(store: &Deployer, art: &Path, id: &str) -> Duration {
     let t = Instant::now();
     let mut s = store.begin("deploy", None).unwrap();
     s.deploy(&DeployRequest {
@@ -295,7 +296,7 @@ fn disk_usage(dir: &Path, seen: &mut HashSet<u64>) -> u64 {
 }
 
 fn redeploy_and_disk(work: &Path, quick: bool, rows: &mut Vec<Row>) {
-    // The bench app has no driver; the store wants a runtime all the same.
+    // The bench app has no driver; the pipeline wants a runtime all the same.
     let bridge = Bridge::owned().unwrap();
     let rounds = if quick { 2 } else { 5 };
     let src = work.join("rd-src");
@@ -312,7 +313,7 @@ fn redeploy_and_disk(work: &Path, quick: bool, rows: &mut Vec<Row>) {
     let mut roots = Vec::new();
     for r in 0..rounds {
         let root = work.join(format!("rd-root-{r}"));
-        let store = Store::new(&app(root.clone()), &bridge);
+        let store = Deployer::new(&app(root.clone()), &bridge);
         first_t.push(deploy(&store, &art, "first"));
         again_t.push(deploy(&store, &art, "again"));
         roots.push(root);
@@ -336,7 +337,7 @@ fn redeploy_and_disk(work: &Path, quick: bool, rows: &mut Vec<Row>) {
 
     // Ten near-identical releases: each changes 20 of the 2,000 files.
     let root = work.join("disk-root");
-    let store = Store::new(&app(root.clone()), &bridge);
+    let store = Deployer::new(&app(root.clone()), &bridge);
     let mut one = 0;
     for v in 0..10u64 {
         let s = work.join(format!("disk-src-{v}"));

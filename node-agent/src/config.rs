@@ -11,6 +11,8 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 /// Where the agent looks when neither `--config` nor `SLIPWAY_CONFIG` is given.
@@ -102,17 +104,50 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed without a byte from the server (response head or body).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How the agent downloads artifacts given as an HTTPS URL (see
-/// [`crate::download`]).
+/// How the agent fetches artifacts: downloads from an HTTPS URL, and the
+/// limits of a fetch from the controller too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArtifactsConfig {
-    /// A PEM file of extra CA certificates trusted besides the system roots
-    /// (an internal artifact server); checked when the config is read.
-    pub ca_file: Option<PathBuf>,
+    /// Extra CA certificates trusted besides the system roots (an internal
+    /// artifact server): `ca_file`, read once when the config is checked.
+    pub ca_file: Option<CaFile>,
     /// Refuse a download larger than this (by Content-Length or as streamed).
     pub max_size: u64,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+}
+
+/// The certificates of `[artifacts] ca_file`, as read when the config was
+/// checked (a download uses these, never the file again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    /// Where they came from, for messages.
+    pub path: PathBuf,
+    /// At least one.
+    pub certs: Vec<CertificateDer<'static>>,
+}
+
+impl CaFile {
+    /// Reads the PEM certificates at `path` (at least one).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let fail = |reason: String| {
+            format!(
+                "cannot read the artifacts CA file {}: {reason}",
+                path.display()
+            )
+        };
+        let data = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let certs = CertificateDer::pem_slice_iter(&data)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(format!("not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(fail("no PEM certificate in it".into()));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            certs,
+        })
+    }
 }
 
 impl Default for ArtifactsConfig {
@@ -790,10 +825,10 @@ fn artifacts_config(p: &mut Problems<'_>, raw: &RawArtifacts) -> ArtifactsConfig
             p.push("ca_file", format!("{f:?} must be an absolute path"));
             return None;
         }
-        match crate::download::read_ca_file(&path) {
-            Ok(_) => Some(path),
+        match CaFile::load(&path) {
+            Ok(ca) => Some(ca),
             Err(e) => {
-                p.push("ca_file", e.to_string());
+                p.push("ca_file", e);
                 None
             }
         }

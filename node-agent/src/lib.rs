@@ -1,69 +1,98 @@
 //! Slipway agent: the program on every droplet.
 //!
-//! It keeps each app's releases on disk and switches between them atomically,
-//! with or without a controller. Later modules run the app (PM2, Docker),
-//! check its health and talk to the controller.
+//! It keeps each app's releases on disk and switches between them
+//! atomically, runs the app (PM2, Docker, or a process it supervises),
+//! holds each release to a health gate, and — when a controller is
+//! configured — reports to it and runs its commands; with or without one.
 //!
 //! # Layout
 //!
-//! - [`config`]: `agent.toml`, checked into an [`config::AppConfig`] per app
-//!   (release settings, `[run]` driver, `[health]` check).
-//! - [`release`]: the release store. A [`release::Store`] gives a locked
-//!   [`release::Session`] (after crash recovery) that deploys, rolls back and
-//!   prunes; its submodules are the pieces of a deploy, in order: `unpack`
-//!   (artifact → staging, with `objects` as the content store and `manifest`
-//!   as the record), `shared` (links), `hooks`, `activate` (the symlink
-//!   switch), all recorded step by step in `journal` under `lock`.
-//! - [`driver`]: runs the release `current` points at (PM2, Docker, exec);
-//!   the deploy calls it after the switch and [`health`] gates the result.
+//! One room per concept, in layers: a module imports only from the layers
+//! below it (and, within its own layer, from rooms that do not import it
+//! back), so data flows one way, from the command line and the controller
+//! down to files and processes. `tests/layers.rs` holds the table and fails
+//! on an import that goes up or round in a circle.
+//!
+//! **L4 — entry points**
+//! - [`cli`]: the `slipway-agent` command line: [`cli::args`] (what clap
+//!   parses), each command run through the layers below, [`cli::demo`] (the
+//!   walk-through behind `slipway-agent demo`) and the printing.
+//!
+//! **L3 — the long-running agent and its controller**
+//! - [`link`]: the controller: dialling and TLS, enrollment and renewal, the
+//!   node's identity on disk, the session `run` keeps up (reconnect with
+//!   backoff and jitter), heartbeats, the controller's commands and their
+//!   ledger, inotify on each app's state.
+//! - [`daemon`]: `slipway-agent run`: liveness checks, housekeeping (log
+//!   rotation, disk pressure) and the controller session, until shutdown.
+//!
+//! **L2 — the pipeline**
+//! - [`deploy`]: deploy, rollback, restart and prune of one app: the release
+//!   store + its driver + the health gate + its logs. Every caller goes
+//!   through a [`deploy::Deployer`].
+//! - [`artifact`]: packing a directory into an artifact, and the app's
+//!   artifact cache with its one verified writer, fed from a file, an HTTPS
+//!   download or the controller.
+//!
+//! **L1 — the pieces of an app**
+//! - [`release`]: the release store: paths, ids, journal, manifests, the
+//!   content store, unpacking, shared links, hooks, the `current` switch,
+//!   verify and prune, each step recorded in the journal; crash recovery.
+//!   It knows nothing of drivers: undoing a deploy that went live asks a
+//!   [`release::Service`], which [`deploy`] provides.
+//! - [`driver`]: what runs the release `current` points at (PM2, Docker,
+//!   exec).
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
-//! - [`supervise`]: the process the exec driver leaves running.
-//! - [`link`]: the controller session: enroll (join token + a key made here
-//!   → client certificate), mTLS connect, certificate renewal.
-//! - [`identity`]: the node's key and certificate on disk, switched as one
-//!   pair atomically; recovery and migration of older layouts at start.
-//! - [`liveness`]: `slipway-agent run`, the long-running loop.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
-//! - [`commands`]: deploy, rollback, prune, restart and status commands
-//!   from the controller, idempotent per command id.
-//! - [`uplink`]: the session `run` keeps with the controller (heartbeats,
-//!   reconnect with backoff and jitter).
-//! - [`state_watch`]: inotify on each app's `current` and journal, so
-//!   `uplink` heartbeats at once after a node-local deploy or rollback.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
-//! - [`envfile`]: `shared/.env` parsing (values never leave the node).
+//! - [`supervise`]: the process the exec driver leaves running.
+//!
+//! **L0 — foundations** (no calls upward)
+//! - [`config`]: `agent.toml`, checked once into runtime values (an
+//!   [`config::AppConfig`] per app, the `[artifacts]` CA certificates).
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
+//! - [`digest`]: sha256: one [`digest::Sha256`] type, file hashing, a hashing
+//!   writer.
+//! - [`lock`]: `flock(2)`: one operation per app, the artifact cache pin.
+//! - [`proc`]: runs a command with a deadline, bounded output and a kill
+//!   policy for its whole process group (hooks, exec checks, `pm2`).
 //! - [`bridge`]: how blocking code (a driver on a `spawn_blocking` thread)
 //!   blocks on an async client: the daemon's runtime handle, or one runtime
 //!   a one-shot command owns; handed down from whoever starts the work.
-//! - [`proc`]: runs a command with a deadline, bounded output and a kill
-//!   policy for its whole process group (exec health checks, hooks, `pm2`).
-//! - [`artifact`]: packing a directory into a reproducible artifact.
-//! - [`download`]: artifacts fetched from an HTTPS URL + sha256 into the
-//!   app's artifact cache (deploy by URL, from the CLI or the controller).
-//! - [`cli`]: the `slipway-agent` command line over the modules above.
-//! - [`demo`]: the self-contained walk-through behind `slipway-agent demo`.
-//! - [`fault`]: crash points for the crash-safety tests.
+//! - [`envfile`]: `shared/.env` parsing (values never leave the node).
+//! - [`error`]: an error and its causes on one line.
+//! - [`fault`]: crash points for the crash-safety tests (`fault-injection`).
 
-pub mod artifact;
-pub mod bridge;
+// L4
 pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod demo;
-pub mod download;
-pub mod driver;
-pub mod durable;
-pub mod envfile;
-pub mod fault;
-pub mod health;
-pub mod identity;
+
+// L3
+pub mod daemon;
 pub mod link;
-pub mod liveness;
+
+// L2
+pub mod artifact;
+pub mod deploy;
+
+// L1
+pub mod driver;
+pub mod health;
 pub mod logs;
 pub mod metrics;
-pub mod proc;
 pub mod release;
-pub mod state_watch;
 pub mod supervise;
-pub mod uplink;
+
+// L0
+pub mod bridge;
+pub mod config;
+pub mod digest;
+pub mod durable;
+pub mod envfile;
+pub mod error;
+pub mod fault;
+pub mod lock;
+pub mod proc;
+
+/// The node identity ([`link::identity`]) at its older path, which the
+/// controller's tests use.
+pub use link::identity;

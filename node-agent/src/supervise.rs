@@ -89,7 +89,7 @@ impl State {
 
 /// Whether a supervisor holds the lock for this root.
 pub fn is_running(files: &RunFiles) -> bool {
-    crate::release::lock::is_held(&files.lock)
+    crate::lock::is_held(&files.lock)
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT.

@@ -23,8 +23,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use sha2::{Digest as _, Sha256};
-use slipway_agent::commands::Commands;
 use slipway_agent::config::{Config, ControllerConfig};
+use slipway_agent::link::commands::Commands;
 use slipway_proto::v1::agent_link_server::{AgentLink, AgentLinkServer};
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, ArtifactChunk, CommandResult,

@@ -1,4 +1,4 @@
-//! Artifacts the agent downloads itself from an HTTPS URL (issue 4), against
+//! Artifacts the agent downloads itself from an HTTPS URL, against
 //! a real TLS server on 127.0.0.1 whose CA and certificate are made here
 //! with rcgen; the agent trusts that CA through `[artifacts] ca_file`.
 //! Deploys go through the real `slipway-agent deploy --url` binary, and once
@@ -665,8 +665,8 @@ fn a_bad_ca_file_is_a_config_error_with_its_line() {
 /// agent, deployed, progress and result reported on the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_deploy_with_an_artifact_url_downloads_and_deploys() {
-    use slipway_agent::commands::Commands;
     use slipway_agent::config::{Config, ControllerConfig};
+    use slipway_agent::link::commands::Commands;
     use slipway_proto::v1::{
         agent_message, controller_message, ControllerMessage, Deploy, Outcome,
     };

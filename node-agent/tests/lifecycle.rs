@@ -440,7 +440,9 @@ fn checksum_ids_space_and_formats() {
 }
 
 fn support_sha(p: &Path) -> String {
-    slipway_agent::release::hash_file(p).unwrap()
+    slipway_agent::digest::Sha256::of_file(p)
+        .unwrap()
+        .into_string()
 }
 
 #[test]

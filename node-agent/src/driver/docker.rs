@@ -391,7 +391,7 @@ impl<'a> Engine<'a> {
                 self.config.socket.display(),
                 root_cause(&e)
             )),
-            e => failed(format!("{what}: {}", crate::link::error_chain(&e))),
+            e => failed(format!("{what}: {}", crate::error::error_chain(&e))),
         }
     }
 

@@ -1,28 +1,28 @@
-//! The release store of one app: deploy, rollback, prune, verify.
+//! The release store of one app: its releases on disk, its journal, its
+//! lock, and the steps a deploy, a rollback and a prune are made of.
 //!
-//! # State machine of a deploy
+//! The store knows nothing of drivers or health checks: it keeps files and
+//! the journal true. The deploy pipeline ([`crate::deploy`]) runs the steps
+//! in order, with the app's driver and health gate between them; its state
+//! machine is documented there. Each step here records itself in the
+//! journal (temp + fsync + rename) before and after it changes anything, so
+//! a crash at any point leaves a journal that says what was in flight.
 //!
-//! ```text
-//! Started ─fetch+verify─▶ Fetched ─unpack─▶ Unpacked ─link shared─▶ Linked
-//!   ─before_activate─▶ Hooked ─syncfs, switch current─▶ Activated
-//!   ─driver.activate, health gate, driver.commit─▶ ─after_activate─▶ commit (good) ─▶ prune
-//! ```
+//! # Recovery
 //!
-//! The journal records the step before and after each transition. A failure
-//! (or a crash, found by the next process that takes the lock) *undoes* an
-//! uncommitted deploy: `current` goes back to the previous release, staging is
-//! removed, and a release that reached `releases/` is kept as `failed` with the
-//! reason. From `Activated` on, the driver may be running the new release, so
-//! the undo also has the driver restart the previous one (and checks its
-//! health); a deploy that failed there is reported `rolled_back`, not as an
-//! error. A rollback that already switched `current` is finished; one that did
+//! A failure (or a crash, found by the next process that takes the lock)
+//! *undoes* an uncommitted deploy: `current` goes back to the previous
+//! release, staging is removed, and a release that reached `releases/` is
+//! kept as `failed` with the reason. A deploy that got as far as
+//! `Activated` may have a driver running the new release: the undo then
+//! asks the caller's [`Service`] to put the previous one back in service.
+//! A rollback that already switched `current` is finished; one that did
 //! not is dropped. A prune is always finished.
 
 pub mod activate;
 pub mod hooks;
 pub mod id;
 pub mod journal;
-pub mod lock;
 pub mod manifest;
 pub mod objects;
 pub mod shared;
@@ -30,24 +30,19 @@ pub mod unpack;
 mod verify;
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::bridge::Bridge;
 use crate::config::AppConfig;
-use crate::driver::{self, Activation, Target};
-use crate::health::{self, GatePassed, ProbeTarget};
-use crate::{durable, fault};
+pub use crate::lock::{CachePin, Holder, LockError};
+use crate::{durable, fault, lock};
 pub use id::{InvalidId, ReleaseId};
 pub use journal::{DeployStep, Journal, Operation, Release, ReleaseStatus};
-pub use lock::{CachePin, Holder, LockError};
 use manifest::Manifest;
-use objects::ObjectStore;
+use objects::{GcStats, ObjectStore};
 pub use verify::{Finding, VerifyReport};
 
 /// Everything that can go wrong in the release store.
@@ -65,24 +60,12 @@ pub enum ReleaseError {
     Shared(#[from] shared::SharedError),
     #[error(transparent)]
     InvalidId(#[from] InvalidId),
-    #[error(transparent)]
-    Driver(#[from] driver::DriverError),
-    #[error(transparent)]
-    Gate(#[from] health::GateFailed),
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
         path: PathBuf,
         source: io::Error,
     },
-    #[error("artifact {path} has sha256 {actual}, expected {expected}")]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-    #[error("sha256 {value:?} is not 64 hexadecimal characters")]
-    BadSha256 { value: String },
     #[error(
         "release {id} already exists with artifact sha256 {existing}, not {new}; deploy it under a new id"
     )]
@@ -111,16 +94,11 @@ pub enum ReleaseError {
     AlreadyCurrent { id: ReleaseId },
     #[error("release {id} never deployed successfully ({reason}); it cannot be activated")]
     NotActivatable { id: ReleaseId, reason: String },
-    #[error("deploy of release {id} failed: {source}; {outcome}")]
-    DeployFailed {
-        id: ReleaseId,
-        outcome: String,
-        source: Box<ReleaseError>,
-    },
 }
 
 impl ReleaseError {
-    fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+    /// `cannot {action} {path}: {error}`.
+    pub fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
         let path = path.to_owned();
         move |source| Self::Io {
             action,
@@ -193,109 +171,32 @@ pub struct Store {
     app: AppConfig,
     paths: Paths,
     objects: ObjectStore,
-    /// Handed to the app's driver: how it blocks on an async client.
-    bridge: Bridge,
 }
 
-/// What to deploy.
-#[derive(Debug, Clone)]
-pub struct DeployRequest {
-    pub artifact: PathBuf,
-    pub sha256: Option<String>,
-    pub id: Option<ReleaseId>,
+/// What serves a release once `current` points at it: the app's driver and
+/// health gate, which the deploy pipeline ([`crate::deploy`]) brings. The
+/// store runs nothing itself; it asks this when it undoes a deploy that
+/// went live — the deploy failing, or recovery after a crash.
+pub trait Service {
+    /// `current` points at `previous` again (`None`: nothing was deployed
+    /// before, `current` is gone) after the release that went live failed:
+    /// put `previous` back in service, or stop the app. Best effort: the
+    /// switch back already happened, so what fails here is reported in
+    /// [`Restored::outcome`], not raised.
+    fn restore(&mut self, previous: Option<&ReleaseId>) -> Restored;
 }
 
-/// Time spent in one step, for the report.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepTiming {
-    pub step: &'static str,
-    pub ms: f64,
+/// What a [`Service`] did to put the previous release back.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// In words, for the journal, the deploy log and the report.
+    pub outcome: String,
+    /// The port the previous release now serves on, when the service chose
+    /// one (recorded in the journal for liveness checks).
+    pub port: Option<u16>,
 }
 
-/// How a deploy or a controller command ended. One type for the deploy
-/// report, `--json` output and the agent's command ledger, so a misspelt
-/// outcome is a compile error rather than a silent failure. Serialised as
-/// `succeeded`, `failed` and `rolled_back`: the spellings `--json` and
-/// `commands.json` have always used, so existing ledgers still read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// It did what it was asked.
-    Succeeded,
-    /// It failed; `current` was not switched, or was switched back.
-    Failed,
-    /// The release failed once live and the previous one was restored.
-    RolledBack,
-}
-
-impl Outcome {
-    /// The serialised spelling (`succeeded`, `failed`, `rolled_back`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::RolledBack => "rolled_back",
-        }
-    }
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The outcome of a successful deploy.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeployReport {
-    pub app: String,
-    pub release: ReleaseId,
-    /// `Succeeded`, or `RolledBack` when the release failed once live (driver,
-    /// health gate or after_activate hook) and the previous one was restored.
-    pub outcome: Outcome,
-    /// Why it was rolled back, with the failing check's last output.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failure: Option<String>,
-    /// What happened to the previous release on rollback.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub restored: Option<String>,
-    /// What the driver brought up.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub activation: Option<Activation>,
-    /// The readiness gate that passed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health: Option<GatePassed>,
-    pub previous: Option<ReleaseId>,
-    pub artifact_sha256: String,
-    /// `unpacked`, `rebuilt from manifest`, `reactivated` or `already current`.
-    pub method: &'static str,
-    pub files: u64,
-    pub bytes: u64,
-    /// Files hardlinked from the content store rather than written.
-    pub reused_files: u64,
-    pub new_objects: u64,
-    pub steps: Vec<StepTiming>,
-    pub total_ms: f64,
-    pub pruned: Vec<ReleaseId>,
-}
-
-/// The outcome of a rollback.
-#[derive(Debug, Clone, Serialize)]
-pub struct RollbackReport {
-    pub app: String,
-    pub from: Option<ReleaseId>,
-    pub to: ReleaseId,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub activation: Option<Activation>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health: Option<GatePassed>,
-    /// The driver or health gate failed after the switch: `current` is on
-    /// `to`, but it is not serving healthily.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub problem: Option<String>,
-}
-
-/// The outcome of a prune.
+/// What a prune removed from the store.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PruneReport {
     pub removed: Vec<ReleaseId>,
@@ -305,21 +206,6 @@ pub struct PruneReport {
     pub bytes_freed: u64,
     pub cached_artifacts_removed: u64,
     pub cached_artifact_bytes_freed: u64,
-    /// Bytes freed by removing the driver's images of releases gone.
-    pub image_bytes_freed: u64,
-}
-
-/// What the agent did under disk pressure (free space below
-/// `disk_pressure_free`), in the order it tried.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PressureReport {
-    pub threshold: u64,
-    pub free_before: u64,
-    pub free_after: u64,
-    /// (step, bytes freed): docker images, rotated logs, cached artifacts,
-    /// store objects; it stops once free space is back above the threshold.
-    pub steps: Vec<(String, u64)>,
-    pub relieved: bool,
 }
 
 /// The last prune of an app, kept in `.slipway/prune-last.json` for `status`.
@@ -342,7 +228,8 @@ impl PruneRecord {
         durable::read_json(&Self::path(root))
     }
 
-    fn save(&self, root: &Path) {
+    /// Records it (best effort: it only feeds `status`).
+    pub fn save(&self, root: &Path) {
         if let Err(e) = durable::write_json(&Self::path(root), self) {
             tracing::warn!(error = %e, "cannot record the prune");
         }
@@ -378,21 +265,14 @@ pub struct Snapshot {
 }
 
 impl Store {
-    /// The store of `app`; its driver (for deploys, rollbacks, restarts,
-    /// prunes and crash recovery) reaches async clients through `bridge`.
-    pub fn new(app: &AppConfig, bridge: &Bridge) -> Self {
+    /// The store of `app`.
+    pub fn new(app: &AppConfig) -> Self {
         let paths = Paths::new(&app.root);
         Self {
             objects: ObjectStore::new(paths.objects.clone()),
             app: app.clone(),
             paths,
-            bridge: bridge.clone(),
         }
-    }
-
-    /// The app's driver, if it has one.
-    fn driver(&self) -> Option<Box<dyn driver::Driver>> {
-        driver::for_app(&self.app, &self.bridge)
     }
 
     pub fn paths(&self) -> &Paths {
@@ -401,12 +281,6 @@ impl Store {
 
     pub fn app(&self) -> &AppConfig {
         &self.app
-    }
-
-    /// How blocking work on this store reaches async clients (its driver's,
-    /// an artifact download's).
-    pub fn bridge(&self) -> &Bridge {
-        &self.bridge
     }
 
     fn ensure_layout(&self) -> Result<()> {
@@ -429,8 +303,14 @@ impl Store {
     }
 
     /// Takes the app's lock (failing at once, naming the holder, if it is
-    /// held), reads the journal and recovers from any interrupted operation.
-    pub fn begin(&self, operation: &str, release: Option<&ReleaseId>) -> Result<Session<'_>> {
+    /// held), reads the journal and recovers from any interrupted operation
+    /// — with `service` when a deploy that went live must be undone.
+    pub fn begin(
+        &self,
+        operation: &str,
+        release: Option<&ReleaseId>,
+        service: &mut dyn Service,
+    ) -> Result<Session<'_>> {
         self.ensure_layout()?;
         let holder = Holder {
             pid: std::process::id(),
@@ -445,11 +325,9 @@ impl Store {
             journal,
             lock,
             holder,
-            live: None,
-            served: None,
             recovered: None,
         };
-        session.recovered = session.recover()?;
+        session.recovered = session.recover(service)?;
         Ok(session)
     }
 
@@ -476,9 +354,10 @@ impl Store {
         Ok(CachePin::acquire(&self.paths.cache_lock)?)
     }
 
-    /// The app's state. Recovers first when no one holds the lock; otherwise
-    /// reads the journal as it stands and reports who holds the lock.
-    pub fn snapshot(&self) -> Result<Snapshot> {
+    /// The app's state. Recovers first (with `service`) when no one holds
+    /// the lock; otherwise reads the journal as it stands and reports who
+    /// holds the lock.
+    pub fn snapshot(&self, service: &mut dyn Service) -> Result<Snapshot> {
         if !self.paths.meta.exists() {
             return Ok(Snapshot {
                 app: self.app.name.clone(),
@@ -496,7 +375,7 @@ impl Store {
         // process needs the lock, to recover.
         let mut journal = Journal::load(&self.paths.journal, &self.app.name)?;
         if journal.op.is_some() && !lock::is_held(&self.paths.lock) {
-            match self.begin("recover", None) {
+            match self.begin("recover", None, service) {
                 Ok(session) => return session.snapshot(),
                 // Someone took the lock in between: read what they wrote.
                 Err(ReleaseError::Lock(LockError::Busy { .. })) => {
@@ -580,64 +459,30 @@ pub struct Session<'a> {
     journal: Journal,
     lock: lock::AppLock,
     holder: Holder,
-    /// Set once the driver was asked to run the release being deployed (with
-    /// what it brought up, as far as known): a failure from then on must also
-    /// put the previous release back in service.
-    live: Option<Activation>,
-    /// What the driver and gate did for the release being deployed.
-    served: Option<(Activation, Option<GatePassed>)>,
     /// What recovery did when the session began.
     pub recovered: Option<String>,
 }
 
-/// Measures steps for the deploy report.
-struct Timer {
-    start: Instant,
-    last: Instant,
-    steps: Vec<StepTiming>,
-    /// The deploy log, once the release id is known.
-    log: Option<PathBuf>,
+/// What deploying an artifact comes to, decided under the lock.
+#[derive(Debug, Clone)]
+pub enum DeployPlan {
+    /// The release is current and good already: nothing to do.
+    AlreadyCurrent { id: ReleaseId, existing: Release },
+    /// Deploy `id`: unpack it, or switch back to it when it is a good
+    /// release still on disk (`reactivate`).
+    Deploy { id: ReleaseId, reactivate: bool },
 }
 
-/// Appends one timestamped line to a deploy log (best effort: the log is
-/// for people; a write failure must not fail the deploy).
-fn log_line(log: Option<&Path>, text: &str) {
-    let Some(log) = log else { return };
-    let stamp = OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(log) {
-        let _ = writeln!(f, "{stamp} {text}");
-    }
-}
-
-impl Timer {
-    fn new() -> Self {
-        let now = Instant::now();
-        Self {
-            start: now,
-            last: now,
-            steps: Vec::new(),
-            log: None,
-        }
-    }
-    fn lap(&mut self, step: &'static str) {
-        let now = Instant::now();
-        self.steps.push(StepTiming {
-            step,
-            ms: (now - self.last).as_secs_f64() * 1e3,
-        });
-        self.last = now;
-        let ms = self.steps.last().map_or(0.0, |s| s.ms);
-        tracing::info!(step, ms = format!("{ms:.1}"), "deploy step done");
-        log_line(
-            self.log.as_deref(),
-            &format!("step {step} done in {ms:.1} ms"),
-        );
-    }
-    fn total_ms(&self) -> f64 {
-        self.start.elapsed().as_secs_f64() * 1e3
-    }
+/// How a release's files came to be, for the deploy report.
+#[derive(Debug, Default)]
+pub struct UnpackStats {
+    /// `unpacked`, `rebuilt from manifest` or `reactivated`.
+    pub method: &'static str,
+    pub files: u64,
+    pub bytes: u64,
+    /// Files hardlinked from the content store rather than written.
+    pub reused_files: u64,
+    pub new_objects: u64,
 }
 
 impl Session<'_> {
@@ -657,7 +502,8 @@ impl Session<'_> {
         Ok(self.journal.save(&self.paths().journal)?)
     }
 
-    fn current(&self) -> Result<Option<ReleaseId>> {
+    /// The release `current` points at.
+    pub fn current(&self) -> Result<Option<ReleaseId>> {
         let root = &self.paths().root;
         activate::read_current(root).map_err(ReleaseError::io("read", &root.join("current")))
     }
@@ -670,7 +516,7 @@ impl Session<'_> {
 
     /// Finishes or undoes whatever the journal says was in flight, and clears
     /// leftovers (staging, trash, temp links).
-    fn recover(&mut self) -> Result<Option<String>> {
+    fn recover(&mut self, service: &mut dyn Service) -> Result<Option<String>> {
         let p = self.paths().clone();
         activate::clean_temp_links(&p.root).map_err(ReleaseError::io("clean", &p.root))?;
         let op = self.journal.op.clone();
@@ -686,13 +532,13 @@ impl Session<'_> {
             }) => {
                 let reason = format!("deploy interrupted at step {step:?} (process {pid} died)");
                 // From `Activated` on, the driver may be running the release.
-                let live = (step >= DeployStep::Activated).then(Activation::default);
+                let live = step >= DeployStep::Activated;
                 let outcome = self.undo_deploy(
                     &release,
                     previous.as_ref(),
                     &reason,
                     !reactivate,
-                    live.as_ref(),
+                    live.then_some(service),
                 )?;
                 Some(format!("{reason}: {outcome}"))
             }
@@ -734,15 +580,15 @@ impl Session<'_> {
 
     /// Undoes an uncommitted deploy of `id`: `current` back to `previous`,
     /// staging removed, the release kept as failed if it reached `releases/`.
-    /// `live` is set when the driver may be running `id`: the previous
-    /// release is then put back in service through the driver too.
-    fn undo_deploy(
+    /// `live` is set when a driver may be running `id`: the previous
+    /// release is then put back in service through it too.
+    pub fn undo_deploy(
         &mut self,
         id: &ReleaseId,
         previous: Option<&ReleaseId>,
         reason: &str,
         mark_failed: bool,
-        live: Option<&Activation>,
+        live: Option<&mut dyn Service>,
     ) -> Result<String> {
         let p = self.paths().clone();
         let mut outcome = String::new();
@@ -761,9 +607,15 @@ impl Session<'_> {
                 }
             }
         }
-        if let Some(failed) = live {
+        if let Some(service) = live {
+            let restored = service.restore(restored_to.as_ref());
             outcome.push_str("; ");
-            outcome.push_str(&self.restore_previous(restored_to.as_ref(), failed));
+            outcome.push_str(&restored.outcome);
+            if let (Some(prev), Some(port)) = (&restored_to, restored.port) {
+                if let Some(r) = self.journal.get_mut(prev) {
+                    r.port = Some(port);
+                }
+            }
         }
         let staging = p.staging.join(id.as_str());
         durable::remove_tree(&staging).map_err(ReleaseError::io("remove", &staging))?;
@@ -809,118 +661,9 @@ impl Session<'_> {
         Ok(outcome)
     }
 
-    /// Runs release `id` (which `current` points at) with the app's driver
-    /// and holds it to the readiness gate.
-    fn serve(&mut self, id: &ReleaseId) -> Result<(Activation, Option<GatePassed>)> {
-        let app = self.app().clone();
-        let mut activation = Activation::default();
-        let driven = match self.store.driver() {
-            Some(driver) => Some((Target::new(&app, id)?, driver)),
-            None => None,
-        };
-        if let Some((target, driver)) = &driven {
-            // From here on a failure must also restart the previous release.
-            self.live = Some(Activation::default());
-            activation = driver.activate(target)?;
-            tracing::info!(driver = driver.name(), "{}", activation.detail);
-            log_line(Some(&self.paths().log(id)), &activation.detail);
-            self.live = Some(activation.clone());
-        }
-        let health = match &app.health {
-            Some(cfg) => {
-                let target = ProbeTarget {
-                    port: activation.port,
-                    cwd: self.paths().release(id),
-                };
-                let passed = health::gate(cfg, &target).inspect_err(|e| {
-                    log_line(Some(&self.paths().log(id)), &e.to_string());
-                })?;
-                log_line(
-                    Some(&self.paths().log(id)),
-                    &format!(
-                        "health gate passed after {} probes: {}",
-                        passed.probes, passed.last.output
-                    ),
-                );
-                tracing::info!(
-                    probes = passed.probes,
-                    ms = passed.elapsed_ms,
-                    "health gate passed: {}",
-                    passed.last.output
-                );
-                Some(passed)
-            }
-            None => None,
-        };
-        if let Some((target, driver)) = &driven {
-            if let Err(e) = driver.commit(target, &activation) {
-                // The new release serves and is healthy; leftovers of the old
-                // one are worth a warning, not a rollback.
-                tracing::warn!(error = %e, "could not retire the previous release's processes");
-            }
-        }
-        Ok((activation, health))
-    }
-
-    /// Puts `previous` (now `current` again) back in service after `failed`
-    /// went wrong, and says how that went. Best effort: the switch back
-    /// already happened, and what fails here is reported, not raised.
-    fn restore_previous(&mut self, previous: Option<&ReleaseId>, failed: &Activation) -> String {
-        let app = self.app().clone();
-        let Some(driver) = self.store.driver() else {
-            return "no driver configured".into();
-        };
-        let Some(prev) = previous else {
-            return match driver.stop(&app) {
-                Ok(()) => format!("{} stopped the app (no previous release)", driver.name()),
-                Err(e) => format!("stopping the app failed: {e}"),
-            };
-        };
-        let target = match Target::new(&app, prev) {
-            Ok(t) => t,
-            Err(e) => return format!("cannot restart {prev}: {e}"),
-        };
-        let restored = match driver.restore(&target, failed) {
-            Ok(a) => a,
-            Err(e) => return format!("{} could not restart {prev}: {e}", driver.name()),
-        };
-        let mut out = format!("{} restarted {prev}", driver.name());
-        if let Some(cfg) = &app.health {
-            let probe_target = ProbeTarget {
-                port: restored.port,
-                cwd: self.paths().release(prev),
-            };
-            match health::gate(cfg, &probe_target) {
-                Ok(p) => out.push_str(&format!(" and it is healthy ({})", p.last.output)),
-                Err(e) => out.push_str(&format!(" but it is not healthy either: {e}")),
-            }
-        }
-        if let Err(e) = driver.commit(&target, &restored) {
-            out.push_str(&format!(" (cleanup of the failed release: {e})"));
-        }
-        if let Some(r) = self.journal.get_mut(prev) {
-            r.port = restored.port.or(r.port);
-        }
-        out
-    }
-
-    /// Restarts the current release through the driver and holds it to the
-    /// health gate (`slipway-agent restart`).
-    pub fn restart(&mut self) -> Result<(ReleaseId, Activation, Option<GatePassed>)> {
-        let current = self
-            .current()?
-            .ok_or_else(|| ReleaseError::NothingDeployed {
-                app: self.app().name.clone(),
-            })?;
-        let (a, h) = self.serve(&current)?;
-        self.live = None;
-        self.record_port(&current, a.port)?;
-        Ok((current, a, h))
-    }
-
     /// Records the port the driver now serves `id` on (for liveness checks
     /// that use `{port}`); no port leaves the journal as it is.
-    fn record_port(&mut self, id: &ReleaseId, port: Option<u16>) -> Result<()> {
+    pub fn record_port(&mut self, id: &ReleaseId, port: Option<u16>) -> Result<()> {
         let Some(port) = port else { return Ok(()) };
         if let Some(r) = self.journal.get_mut(id) {
             r.port = Some(port);
@@ -935,15 +678,15 @@ impl Session<'_> {
         self.save()
     }
 
-    /// Deploys an artifact: the whole state machine above, under the lock.
-    pub fn deploy(&mut self, req: &DeployRequest) -> Result<DeployReport> {
-        let mut timer = Timer::new();
-        let (cached, sha) = self.fetch(&req.artifact, req.sha256.as_deref())?;
-        timer.lap("fetch");
-        let previous = self.current()?;
-        let id = match &req.id {
+    /// Decides what deploying artifact `sha` as `id` (default: a fresh id)
+    /// comes to: nothing (it is current), a reactivation of a good release
+    /// still on disk, or a new release (a failed or bad one under the same
+    /// id is replaced).
+    pub fn plan_deploy(&mut self, id: Option<&ReleaseId>, sha: &str) -> Result<DeployPlan> {
+        let current = self.current()?;
+        let id = match id {
             Some(id) => id.clone(),
-            None => self.fresh_id(&sha),
+            None => self.fresh_id(sha),
         };
         let mut reactivate = false;
         if let Some(existing) = self.journal.get(&id).cloned() {
@@ -951,31 +694,12 @@ impl Session<'_> {
                 return Err(ReleaseError::IdConflict {
                     id,
                     existing: existing.artifact_sha256,
-                    new: sha,
+                    new: sha.to_owned(),
                 });
             }
             if existing.status == ReleaseStatus::Good {
-                if previous.as_ref() == Some(&id) {
-                    tracing::info!(release = %id, "release is already current");
-                    return Ok(DeployReport {
-                        app: self.app().name.clone(),
-                        release: id,
-                        outcome: Outcome::Succeeded,
-                        failure: None,
-                        restored: None,
-                        activation: None,
-                        health: None,
-                        previous,
-                        artifact_sha256: sha,
-                        method: "already current",
-                        files: existing.files,
-                        bytes: existing.bytes,
-                        reused_files: 0,
-                        new_objects: 0,
-                        total_ms: timer.total_ms(),
-                        steps: timer.steps,
-                        pruned: Vec::new(),
-                    });
+                if current.as_ref() == Some(&id) {
+                    return Ok(DeployPlan::AlreadyCurrent { id, existing });
                 }
                 reactivate = true;
             } else {
@@ -984,19 +708,22 @@ impl Session<'_> {
                 self.journal.releases.retain(|r| r.id != id);
             }
         }
+        Ok(DeployPlan::Deploy { id, reactivate })
+    }
+
+    /// Records that the deploy of `id` over `previous` has begun, its
+    /// artifact fetched (`Fetched`); the lock's holder record names it.
+    pub fn start_deploy(
+        &mut self,
+        id: &ReleaseId,
+        previous: Option<&ReleaseId>,
+        reactivate: bool,
+    ) -> Result<()> {
         self.holder.release = Some(id.to_string());
         self.lock.update(&self.holder);
-        timer.log = Some(self.paths().log(&id));
-        log_line(
-            timer.log.as_deref(),
-            &format!(
-                "deploy of {id} (artifact sha256 {sha}) by pid {}",
-                std::process::id()
-            ),
-        );
         self.journal.op = Some(Operation::Deploy {
             release: id.clone(),
-            previous: previous.clone(),
+            previous: previous.cloned(),
             step: DeployStep::Fetched,
             pid: std::process::id(),
             started_at: OffsetDateTime::now_utc(),
@@ -1004,179 +731,68 @@ impl Session<'_> {
         });
         self.save()?;
         fault::point("after_fetch");
-        tracing::info!(app = %self.app().name, release = %id, sha256 = %sha, "deploying");
-
-        let result = self.deploy_steps(
-            &id,
-            previous.as_ref(),
-            &cached,
-            &sha,
-            reactivate,
-            &mut timer,
-        );
-        let stats = match result {
-            Ok(s) => s,
-            Err(err) => {
-                let live = self.live.take();
-                let reached_current = self.current()?.as_ref() == Some(&id);
-                let outcome = self.undo_deploy(
-                    &id,
-                    previous.as_ref(),
-                    &err.to_string(),
-                    true,
-                    live.as_ref(),
-                )?;
-                if !reached_current {
-                    log_line(timer.log.as_deref(), &format!("FAILED: {err}; {outcome}"));
-                    return Err(ReleaseError::DeployFailed {
-                        id,
-                        outcome,
-                        source: Box::new(err),
-                    });
-                }
-                // It went live and failed: report a rollback, not an error.
-                tracing::warn!(release = %id, error = %err, "deploy rolled back: {outcome}");
-                log_line(
-                    timer.log.as_deref(),
-                    &format!("ROLLED BACK: {err}; {outcome}"),
-                );
-                let r = self.journal.get(&id).cloned();
-                return Ok(DeployReport {
-                    app: self.app().name.clone(),
-                    release: id,
-                    outcome: Outcome::RolledBack,
-                    failure: Some(err.to_string()),
-                    restored: Some(outcome),
-                    activation: live,
-                    health: None,
-                    previous,
-                    artifact_sha256: sha,
-                    method: "unpacked",
-                    files: r.as_ref().map_or(0, |r| r.files),
-                    bytes: r.as_ref().map_or(0, |r| r.bytes),
-                    reused_files: 0,
-                    new_objects: 0,
-                    total_ms: timer.total_ms(),
-                    steps: timer.steps,
-                    pruned: Vec::new(),
-                });
-            }
-        };
-        let (activation, health) = match self.served.take() {
-            Some((a, h)) => (Some(a), h),
-            None => (None, None),
-        };
-        self.live = None;
-        fault::point("before_commit");
-        let now = OffsetDateTime::now_utc();
-        if let Some(r) = self.journal.get_mut(&id) {
-            r.status = ReleaseStatus::Good;
-            r.reason = None;
-            r.activated_at = Some(now);
-            r.port = activation.as_ref().and_then(|a| a.port);
-        }
-        self.journal.op = None;
-        self.save()?;
-        timer.lap("commit");
-        let pruned = match self.prune(self.app().keep) {
-            Ok(r) => r.removed,
-            Err(e) => {
-                tracing::warn!(error = %e, "prune after deploy failed; the deploy itself succeeded");
-                Vec::new()
-            }
-        };
-        timer.lap("prune");
-        Ok(DeployReport {
-            app: self.app().name.clone(),
-            release: id,
-            outcome: Outcome::Succeeded,
-            failure: None,
-            restored: None,
-            activation,
-            health,
-            previous,
-            artifact_sha256: sha,
-            method: stats.method,
-            files: stats.files,
-            bytes: stats.bytes,
-            reused_files: stats.reused_files,
-            new_objects: stats.new_objects,
-            total_ms: timer.total_ms(),
-            steps: timer.steps,
-            pruned,
-        })
+        Ok(())
     }
 
-    fn deploy_steps(
-        &mut self,
+    /// Builds release `id` from the cached artifact (`Unpacked`): unpacked,
+    /// or rebuilt from the manifest of a release of the same artifact; then
+    /// records it in the journal as deploying.
+    pub fn unpack(&mut self, id: &ReleaseId, cached: &Path, sha: &str) -> Result<UnpackStats> {
+        let stats = self.build_release(id, cached, sha)?;
+        let manifest_path = self.paths().manifest(id);
+        let manifest =
+            Manifest::load(&manifest_path).map_err(ReleaseError::io("read", &manifest_path))?;
+        self.journal.releases.push(Release {
+            id: id.clone(),
+            status: ReleaseStatus::Deploying,
+            created_at: OffsetDateTime::now_utc(),
+            activated_at: None,
+            artifact_sha256: sha.to_owned(),
+            files: manifest.file_count(),
+            bytes: manifest.total_bytes(),
+            reason: None,
+            port: None,
+        });
+        self.set_step(DeployStep::Unpacked)?;
+        fault::point("after_unpack");
+        Ok(stats)
+    }
+
+    /// Links the app's shared files and directories into release `id`
+    /// (`Linked`).
+    pub fn link_shared(&mut self, id: &ReleaseId) -> Result<()> {
+        let p = self.paths();
+        shared::link(self.app(), &p.shared, &p.release(id))?;
+        self.set_step(DeployStep::Linked)?;
+        fault::point("after_link");
+        Ok(())
+    }
+
+    /// Runs the `before_activate` hooks in release `id` (`Hooked`).
+    pub fn before_activate(&mut self, id: &ReleaseId, previous: Option<&ReleaseId>) -> Result<()> {
+        let commands = self.app().hooks.before_activate.clone();
+        self.run_hooks("before_activate", &commands, id, previous)?;
+        self.set_step(DeployStep::Hooked)?;
+        fault::point("after_hooks");
+        Ok(())
+    }
+
+    /// Runs the `after_activate` hooks in release `id`, now live.
+    pub fn after_activate(&mut self, id: &ReleaseId, previous: Option<&ReleaseId>) -> Result<()> {
+        let commands = self.app().hooks.after_activate.clone();
+        self.run_hooks("after_activate", &commands, id, previous)
+    }
+
+    fn run_hooks(
+        &self,
+        phase: &'static str,
+        commands: &[String],
         id: &ReleaseId,
         previous: Option<&ReleaseId>,
-        cached: &Path,
-        sha: &str,
-        reactivate: bool,
-        timer: &mut Timer,
-    ) -> Result<UnpackStats> {
-        let p = self.paths().clone();
-        let app = self.app().clone();
-        let release_dir = p.release(id);
-        let log = p.log(id);
-        let mut stats = UnpackStats {
-            method: "reactivated",
-            ..UnpackStats::default()
-        };
-        if !reactivate {
-            stats = self.build_release(id, cached, sha)?;
-            timer.lap("unpack");
-            let manifest = Manifest::load(&p.manifest(id))
-                .map_err(ReleaseError::io("read", &p.manifest(id)))?;
-            self.journal.releases.push(Release {
-                id: id.clone(),
-                status: ReleaseStatus::Deploying,
-                created_at: OffsetDateTime::now_utc(),
-                activated_at: None,
-                artifact_sha256: sha.to_owned(),
-                files: manifest.file_count(),
-                bytes: manifest.total_bytes(),
-                reason: None,
-                port: None,
-            });
-            self.set_step(DeployStep::Unpacked)?;
-            fault::point("after_unpack");
-
-            shared::link(&app, &p.shared, &release_dir)?;
-            self.set_step(DeployStep::Linked)?;
-            fault::point("after_link");
-            timer.lap("link_shared");
-
-            let ctx = hooks::HookContext {
-                app: &app.name,
-                release: id.as_str(),
-                previous: previous.map(ReleaseId::as_str),
-                release_dir: &release_dir,
-                log: &log,
-                timeout: app.hooks.timeout,
-            };
-            hooks::run("before_activate", &app.hooks.before_activate, &ctx)?;
-            self.set_step(DeployStep::Hooked)?;
-            fault::point("after_hooks");
-            timer.lap("before_activate");
-        } else {
-            let r = self.journal.get(id).cloned();
-            stats.files = r.as_ref().map_or(0, |r| r.files);
-            stats.bytes = r.as_ref().map_or(0, |r| r.bytes);
-        }
-
-        // Everything the release holds reaches the disk before it goes live.
-        let root = File::open(&p.root).map_err(ReleaseError::io("open", &p.root))?;
-        nix::unistd::syncfs(&root).map_err(|e| ReleaseError::io("sync", &p.root)(e.into()))?;
-        activate::switch(&p.root, id).map_err(ReleaseError::io("switch current in", &p.root))?;
-        fault::point("after_switch");
-        self.set_step(DeployStep::Activated)?;
-        timer.lap("activate");
-
-        self.served = Some(self.serve(id)?);
-        timer.lap("driver_and_health");
-
+    ) -> Result<()> {
+        let app = self.app();
+        let release_dir = self.paths().release(id);
+        let log = self.paths().log(id);
         let ctx = hooks::HookContext {
             app: &app.name,
             release: id.as_str(),
@@ -1185,82 +801,32 @@ impl Session<'_> {
             log: &log,
             timeout: app.hooks.timeout,
         };
-        hooks::run("after_activate", &app.hooks.after_activate, &ctx)?;
-        timer.lap("after_activate");
-        Ok(stats)
+        Ok(hooks::run(phase, commands, &ctx)?)
     }
 
-    /// Copies the artifact into the cache while hashing it, and checks the
-    /// hash. Returns the cached path and the sha256.
-    fn fetch(&self, src: &Path, expected: Option<&str>) -> Result<(PathBuf, String)> {
-        let cache = &self.paths().cache;
-        let expected = expected
-            .map(|e| {
-                crate::download::normalize_sha256(e).map_err(|_| ReleaseError::BadSha256 {
-                    value: e.to_owned(),
-                })
-            })
-            .transpose()?;
-        if let Some(e) = &expected {
-            let cached = cache.join(e);
-            if cached.is_file() {
-                let actual = hash_file(&cached).map_err(ReleaseError::io("read", &cached))?;
-                if &actual == e {
-                    return Ok((cached, actual));
-                }
-                // A damaged cache entry is dropped and fetched again.
-                let _ = fs::remove_file(&cached);
-            }
+    /// Makes release `id` current (`Activated`): everything it holds
+    /// reaches the disk first, then `current` is switched.
+    pub fn switch_to(&mut self, id: &ReleaseId) -> Result<()> {
+        let root = self.paths().root.clone();
+        let dir = File::open(&root).map_err(ReleaseError::io("open", &root))?;
+        nix::unistd::syncfs(&dir).map_err(|e| ReleaseError::io("sync", &root)(e.into()))?;
+        activate::switch(&root, id).map_err(ReleaseError::io("switch current in", &root))?;
+        fault::point("after_switch");
+        self.set_step(DeployStep::Activated)
+    }
+
+    /// Commits the deploy of `id`: a good release, serving on `port` when
+    /// its driver chose one; the operation is over.
+    pub fn commit_deploy(&mut self, id: &ReleaseId, port: Option<u16>) -> Result<()> {
+        let now = OffsetDateTime::now_utc();
+        if let Some(r) = self.journal.get_mut(id) {
+            r.status = ReleaseStatus::Good;
+            r.reason = None;
+            r.activated_at = Some(now);
+            r.port = port;
         }
-        let mut input = File::open(src).map_err(ReleaseError::io("open artifact", src))?;
-        if !input
-            .metadata()
-            .map_err(ReleaseError::io("stat artifact", src))?
-            .is_file()
-        {
-            return Err(ReleaseError::io("read artifact", src)(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
-        let tmp = durable::temp_sibling(&cache.join("incoming"), "part");
-        let result = (|| -> Result<String> {
-            let mut out = File::create(&tmp).map_err(ReleaseError::io("create", &tmp))?;
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 256 << 10];
-            loop {
-                let n = input
-                    .read(&mut buf)
-                    .map_err(ReleaseError::io("read artifact", src))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n])
-                    .map_err(ReleaseError::io("write", &tmp))?;
-            }
-            Ok(hex::encode(hasher.finalize()))
-        })();
-        let actual = match result {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        if let Some(e) = expected {
-            if e != actual {
-                let _ = fs::remove_file(&tmp);
-                return Err(ReleaseError::Checksum {
-                    path: src.to_owned(),
-                    expected: e,
-                    actual,
-                });
-            }
-        }
-        let cached = cache.join(&actual);
-        fs::rename(&tmp, &cached).map_err(ReleaseError::io("store", &cached))?;
-        Ok((cached, actual))
+        self.journal.op = None;
+        self.save()
     }
 
     fn fresh_id(&self, sha: &str) -> ReleaseId {
@@ -1367,8 +933,9 @@ impl Session<'_> {
     }
 
     /// Switches back to the previous good release (or `to`), marking the
-    /// release rolled away from as bad. Entirely node-local.
-    pub fn rollback(&mut self, to: Option<&ReleaseId>) -> Result<RollbackReport> {
+    /// release rolled away from as bad; returns where from and to. Entirely
+    /// node-local: putting `to` in service is the caller's.
+    pub fn rollback(&mut self, to: Option<&ReleaseId>) -> Result<(Option<ReleaseId>, ReleaseId)> {
         let p = self.paths().clone();
         let current = self.current()?;
         let target = match to {
@@ -1413,22 +980,7 @@ impl Session<'_> {
         fault::point("after_rollback_switch");
         self.finish_rollback(current.as_ref(), &target)?;
         tracing::info!(app = %self.app().name, to = %target, "rolled back");
-        // Serve the release rolled back to. A failure here does not undo the
-        // rollback (the operator asked for this release); it is reported.
-        let (activation, health, problem) = match self.serve(&target) {
-            Ok((a, h)) => (Some(a), h, None),
-            Err(e) => (self.live.take(), None, Some(e.to_string())),
-        };
-        self.live = None;
-        self.record_port(&target, activation.as_ref().and_then(|a| a.port))?;
-        Ok(RollbackReport {
-            app: self.app().name.clone(),
-            from: current,
-            to: target,
-            activation,
-            health,
-            problem,
-        })
+        Ok((current, target))
     }
 
     fn finish_rollback(&mut self, from: Option<&ReleaseId>, to: &ReleaseId) -> Result<()> {
@@ -1469,8 +1021,9 @@ impl Session<'_> {
 
     /// Removes old releases: keeps the `keep` newest good ones and
     /// `keep_failed` newest failed or bad ones, and never the current release
-    /// or the rollback target. Then collects unreferenced objects and cached
-    /// artifacts.
+    /// or the rollback target. Then collects unreferenced objects, deploy
+    /// logs and cached artifacts. Records nothing: the caller, who may free
+    /// more (a driver's images), records the prune ([`PruneRecord`]).
     pub fn prune(&mut self, keep: usize) -> Result<PruneReport> {
         let current = self.current()?;
         let target = self
@@ -1505,11 +1058,7 @@ impl Session<'_> {
             report.removed = plan;
         }
         let p = self.paths().clone();
-        let gc = self
-            .store
-            .objects
-            .gc()
-            .map_err(ReleaseError::io("collect objects in", &p.objects))?;
+        let gc = self.collect_objects()?;
         report.objects_removed = gc.objects_removed;
         report.bytes_freed = gc.bytes_freed;
         // Deploy logs of deploys that left no release (refused artifacts,
@@ -1532,38 +1081,16 @@ impl Session<'_> {
         let (n, bytes) = self.remove_cached_except(&referenced)?;
         report.cached_artifacts_removed = n;
         report.cached_artifact_bytes_freed = bytes;
-        report.image_bytes_freed = self.prune_driver_images().unwrap_or(0);
         if !report.removed.is_empty() {
             tracing::info!(app = %self.app().name, removed = %join_ids(&report.removed), "pruned");
         }
-        PruneRecord {
-            at: OffsetDateTime::now_utc(),
-            trigger: "prune".into(),
-            bytes_freed: report.bytes_freed
-                + report.cached_artifact_bytes_freed
-                + report.image_bytes_freed,
-            detail: serde_json::to_value(&report).unwrap_or_default(),
-        }
-        .save(&p.root);
         Ok(report)
-    }
-
-    /// Has the driver remove its per-release images of releases gone from
-    /// the journal; returns the bytes freed, or `None` without a driver. A
-    /// failure is only a warning (nothing freed).
-    fn prune_driver_images(&self) -> Option<u64> {
-        let driver = self.store.driver()?;
-        let kept: Vec<ReleaseId> = self.journal.releases.iter().map(|r| r.id.clone()).collect();
-        Some(driver.prune_images(self.app(), &kept).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "could not prune the driver's images");
-            0
-        }))
     }
 
     /// Removes cached artifacts whose sha256 is not in `keep` (and temp
     /// files of fetches that died) — unless a fetch has the cache pinned:
     /// then nothing, and the next prune does it.
-    fn remove_cached_except(&self, keep: &[String]) -> Result<(u64, u64)> {
+    pub fn remove_cached_except(&self, keep: &[String]) -> Result<(u64, u64)> {
         let cache = &self.paths().cache;
         let (mut n, mut bytes) = (0, 0);
         let Some(_clean) = lock::CacheClean::try_acquire(&self.paths().cache_lock)? else {
@@ -1584,81 +1111,13 @@ impl Session<'_> {
         Ok((n, bytes))
     }
 
-    /// Frees space in order — the driver's images of releases gone, rotated
-    /// logs past retention, cached artifacts (all but those of the current
-    /// release and the rollback target), unreferenced store objects — until
-    /// free space is back above `threshold`. Never touches a release.
-    pub fn relieve_pressure(&mut self, threshold: u64) -> Result<PressureReport> {
-        let root = self.paths().root.clone();
-        let free = || unpack::SpaceGuard::available(&root).map_err(ReleaseError::io("stat", &root));
-        let free_before = free()?;
-        let mut report = PressureReport {
-            threshold,
-            free_before,
-            free_after: free_before,
-            steps: Vec::new(),
-            relieved: free_before >= threshold,
-        };
-        let app = self.app().clone();
-        let current = self.current()?;
-        let target = self.journal.rollback_target(current.as_ref()).cloned();
-        for step in [
-            "docker images",
-            "rotated logs",
-            "cached artifacts",
-            "store objects",
-        ] {
-            if report.free_after >= threshold {
-                break;
-            }
-            let freed = match step {
-                "docker images" => match self.prune_driver_images() {
-                    Some(bytes) => bytes,
-                    None => continue,
-                },
-                "rotated logs" => crate::logs::discover(&app)
-                    .iter()
-                    .filter_map(|log| crate::logs::retain(&log.path, app.logs.keep).ok())
-                    .map(|(_, bytes)| bytes)
-                    .sum(),
-                "cached artifacts" => {
-                    let keep: Vec<String> = [
-                        current.as_ref().and_then(|c| self.journal.get(c)),
-                        target.as_ref(),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .map(|r| r.artifact_sha256.clone())
-                    .collect();
-                    self.remove_cached_except(&keep)?.1
-                }
-                _ => {
-                    let p = self.paths().clone();
-                    self.store
-                        .objects
-                        .gc()
-                        .map_err(ReleaseError::io("collect objects in", &p.objects))?
-                        .bytes_freed
-                }
-            };
-            report.steps.push((step.to_owned(), freed));
-            report.free_after = free()?;
-        }
-        report.relieved = report.free_after >= threshold;
-        let total: u64 = report.steps.iter().map(|(_, b)| b).sum();
-        if report.relieved {
-            tracing::info!(app = %app.name, freed = total, "disk pressure relieved");
-        } else {
-            tracing::error!(app = %app.name, free = report.free_after, threshold, "disk pressure persists after pruning everything the agent may prune");
-        }
-        PruneRecord {
-            at: OffsetDateTime::now_utc(),
-            trigger: "disk_pressure".into(),
-            bytes_freed: total,
-            detail: serde_json::to_value(&report).unwrap_or_default(),
-        }
-        .save(&root);
-        Ok(report)
+    /// Removes store objects no release refers to any more.
+    pub fn collect_objects(&self) -> Result<GcStats> {
+        let p = self.paths();
+        self.store
+            .objects
+            .gc()
+            .map_err(ReleaseError::io("collect objects in", &p.objects))
     }
 
     fn finish_prune(&mut self, remove: &[ReleaseId]) -> Result<()> {
@@ -1691,15 +1150,6 @@ impl Session<'_> {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Default)]
-struct UnpackStats {
-    method: &'static str,
-    files: u64,
-    bytes: u64,
-    reused_files: u64,
-    new_objects: u64,
 }
 
 /// Which releases a prune removes. Pure, so the rules are easy to test:
@@ -1749,21 +1199,6 @@ fn join_ids(ids: &[ReleaseId]) -> String {
         .map(ReleaseId::as_str)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// sha256 of a whole file, hex.
-pub fn hash_file(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 #[cfg(test)]

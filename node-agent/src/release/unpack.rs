@@ -18,11 +18,10 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use super::manifest::{Entry, EntryKind, Manifest};
 use super::objects::ObjectStore;
 use crate::config::UnpackLimits;
+use crate::digest::{HashingWriter, Sha256};
 use crate::fault;
 
 /// Files up to this size are read into memory and hashed before anything is
@@ -304,7 +303,7 @@ fn writer(
         };
         let Ok(job) = job else { return };
         let result = (|| {
-            let sha256 = hex::encode(Sha256::digest(&job.data));
+            let sha256 = Sha256::of_bytes(&job.data).into_string();
             if let Some(s) = store {
                 if s.link_into(&sha256, job.mode, &job.dest)? {
                     return Ok((sha256, true));
@@ -678,8 +677,7 @@ impl Tree<'_> {
             })?;
             return self.wrote(size);
         }
-        let mut f = create(&dest).map_err(self.io(rel))?;
-        let mut hasher = Sha256::new();
+        let mut f = HashingWriter::new(create(&dest).map_err(self.io(rel))?);
         let mut done = 0u64;
         loop {
             let n = data
@@ -688,7 +686,6 @@ impl Tree<'_> {
             if n == 0 {
                 break;
             }
-            hasher.update(&self.big_buf[..n]);
             f.write_all(&self.big_buf[..n]).map_err(self.io(rel))?;
             done += n as u64;
             self.wrote(n as u64)?;
@@ -696,9 +693,10 @@ impl Tree<'_> {
         if done != size {
             return Err(corrupt(last, &io::ErrorKind::UnexpectedEof.into()));
         }
+        let (f, sha256) = f.finish();
         finish(&f, mode).map_err(self.io(rel))?;
         drop(f);
-        let sha256 = hex::encode(hasher.finalize());
+        let sha256 = sha256.into_string();
         if let Some(s) = store {
             // Swap the fresh copy for the stored one when there is one.
             let tmp = dest.with_file_name(format!(

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::hash_file;
 use super::id::ReleaseId;
 use super::manifest::{EntryKind, Manifest};
 use crate::config::AppConfig;
@@ -115,12 +114,12 @@ pub(super) fn verify(
                     continue;
                 }
                 files_checked += 1;
-                let actual = hash_file(&path)?;
-                if &actual != sha256 {
+                let actual = crate::digest::Sha256::of_file(&path)?;
+                if actual != *sha256 {
                     findings.push(Finding::Modified {
                         path: e.path.clone(),
                         expected: sha256.clone(),
-                        actual,
+                        actual: actual.into_string(),
                     });
                 }
                 let actual_mode = meta.permissions().mode() & 0o7777;

@@ -1,9 +1,8 @@
-//! Artifacts the agent downloads itself from an HTTPS URL (issue 4: "an
-//! HTTPS URL + sha256 that agents download themselves is also accepted").
+//! Artifacts the agent downloads itself from an HTTPS URL + sha256.
 //!
-//! The download lands in the app's artifact cache (`.slipway/cache/`), the
-//! same content-addressed cache every deploy copies its artifact into, under
-//! its sha256. A digest already cached (and still intact) is therefore never
+//! The download lands in the app's artifact cache (`.slipway/cache/`,
+//! [`super::cache`]), the same content-addressed cache every deploy copies
+//! its artifact into, under its sha256. A digest already cached (and still intact) is therefore never
 //! downloaded again, and the deploy that follows finds the artifact where it
 //! looks first. The download runs without the app's lock (a node-local
 //! rollback meanwhile must work); the caller pins the cache instead
@@ -16,16 +15,15 @@
 //! roots plus the optional `[artifacts] ca_file`, a redirect to anything but
 //! `https` or more than [`MAX_REDIRECTS`] of them, a non-2xx status, a body
 //! over `[artifacts] max_size` (by `Content-Length` or as streamed), and a
-//! body whose sha256 is not the expected one. The body is streamed to a temp
-//! file in the cache while hashed, never held in memory; the temp file is
-//! renamed to `<sha256>` only when the digest matches and removed otherwise
-//! (also when the download is cancelled).
+//! body whose sha256 is not the expected one. The body is streamed into the
+//! cache through its one writer ([`super::cache::Incoming`]) while hashed,
+//! never held in memory: it takes the name `<sha256>` only when the digest
+//! matches and is removed otherwise (also when the download is cancelled).
 //!
 //! Connection errors, timeouts and 5xx statuses are retried
 //! ([`ATTEMPTS`] in all, with a growing pause); 4xx, TLS verification
 //! failures, size and digest errors are not: trying again cannot fix them.
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,16 +33,14 @@ use http::{StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
-use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::ArtifactsConfig;
-use crate::durable;
+use super::cache::{self, CacheError, Fetched, Incoming};
+use crate::config::{ArtifactsConfig, CaFile};
+use crate::digest::{self, Sha256};
 
 /// Redirects followed before giving up (each must stay on https).
 pub const MAX_REDIRECTS: usize = 5;
@@ -64,8 +60,8 @@ pub enum DownloadError {
     NotHttps { url: String },
     #[error("artifact URL {url} is not usable: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("sha256 {value:?} is not 64 hexadecimal characters")]
-    BadSha256 { value: String },
+    #[error(transparent)]
+    BadSha256(#[from] digest::BadSha256),
     #[error("cannot read the artifacts CA file {path}: {reason}")]
     CaFile { path: PathBuf, reason: String },
     #[error("cannot set up TLS for {url}: {reason}")]
@@ -145,40 +141,33 @@ impl DownloadError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::NotHttps { .. } | Self::BadUrl { .. } | Self::BadSha256 { .. }
+            Self::NotHttps { .. } | Self::BadUrl { .. } | Self::BadSha256(_)
         )
     }
 
-    fn io(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
-        let path = path.to_owned();
-        move |source| Self::Io {
-            action,
-            path,
-            source,
+    /// What went wrong writing the body from `url` into the cache.
+    fn cache(url: &str, e: CacheError) -> Self {
+        match e {
+            CacheError::TooLarge { limit } => Self::TooLarge {
+                url: url.to_owned(),
+                limit,
+                what: format!("more than {limit} bytes were sent"),
+            },
+            CacheError::Digest { expected, actual } => Self::Digest {
+                url: url.to_owned(),
+                expected: expected.into_string(),
+                actual: actual.into_string(),
+            },
+            CacheError::Io {
+                action,
+                path,
+                source,
+            } => Self::Io {
+                action,
+                path,
+                source,
+            },
         }
-    }
-}
-
-/// An artifact in the cache, ready for [`crate::release::Session::deploy`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fetched {
-    /// `<cache>/<sha256>`.
-    pub path: PathBuf,
-    pub bytes: u64,
-    /// True when the digest was already cached and nothing was downloaded.
-    pub cached: bool,
-}
-
-/// Checks a sha256 given on the command line or in a command: 64 hex
-/// characters, returned in lower case (the cache's spelling).
-pub fn normalize_sha256(value: &str) -> Result<String, DownloadError> {
-    let v = value.trim().to_ascii_lowercase();
-    if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(v)
-    } else {
-        Err(DownloadError::BadSha256 {
-            value: value.to_owned(),
-        })
     }
 }
 
@@ -221,23 +210,23 @@ pub fn parse_url(url: &str) -> Result<Uri, DownloadError> {
 /// operator (bytes so far, percent when the size is known).
 pub async fn fetch(
     url: &str,
-    sha256: &str,
+    expected: &Sha256,
     cache_dir: &Path,
     settings: &ArtifactsConfig,
     progress: &mut (dyn FnMut(String) + Send),
 ) -> Result<Fetched, DownloadError> {
-    let expected = normalize_sha256(sha256)?;
     let uri = parse_url(url)?;
     // Hashing a cached file of up to `max_size` is blocking work.
     let hit = {
         let (dir, digest) = (cache_dir.to_owned(), expected.clone());
-        tokio::task::spawn_blocking(move || cached(&dir, &digest))
+        tokio::task::spawn_blocking(move || cache::lookup(&dir, &digest))
             .await
             .map_err(|e| DownloadError::Io {
                 action: "check the cache in",
                 path: cache_dir.to_owned(),
                 source: io::Error::other(e),
-            })??
+            })?
+            .map_err(|e| DownloadError::cache(url, e))?
     };
     if let Some(hit) = hit {
         progress(format!(
@@ -245,19 +234,12 @@ pub async fn fetch(
         ));
         return Ok(hit);
     }
-    let dest = cache_dir.join(&expected);
-    let tls = Arc::new(client_config(url, settings.ca_file.as_deref())?);
+    let tls = Arc::new(client_config(url, settings.ca_file.as_ref())?);
     let mut pause = FIRST_RETRY_PAUSE;
     let mut attempt = 1;
     loop {
-        match attempt_once(&uri, url, &expected, &dest, settings, &tls, progress).await {
-            Ok(bytes) => {
-                return Ok(Fetched {
-                    path: dest,
-                    bytes,
-                    cached: false,
-                })
-            }
+        match attempt_once(&uri, url, expected, cache_dir, settings, &tls, progress).await {
+            Ok(fetched) => return Ok(fetched),
             Err(e) if e.retryable() && attempt < ATTEMPTS => {
                 progress(format!(
                     "attempt {attempt} of {ATTEMPTS} failed ({e}); retrying in {pause:?}"
@@ -277,39 +259,17 @@ pub async fn fetch(
     }
 }
 
-/// The artifact with digest `expected` (lower-case hex) if the cache holds
-/// it intact; a damaged entry is removed so a fresh copy can take its place.
-pub fn cached(cache_dir: &Path, expected: &str) -> Result<Option<Fetched>, DownloadError> {
-    let path = cache_dir.join(expected);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let actual = crate::release::hash_file(&path).map_err(DownloadError::io("read", &path))?;
-    if actual != expected {
-        fs::remove_file(&path).map_err(DownloadError::io("remove", &path))?;
-        return Ok(None);
-    }
-    let bytes = fs::metadata(&path)
-        .map_err(DownloadError::io("stat", &path))?
-        .len();
-    Ok(Some(Fetched {
-        path,
-        bytes,
-        cached: true,
-    }))
-}
-
 /// The client TLS config: system roots plus the configured extra CA, ring.
-fn client_config(url: &str, ca_file: Option<&Path>) -> Result<ClientConfig, DownloadError> {
+fn client_config(url: &str, ca_file: Option<&CaFile>) -> Result<ClientConfig, DownloadError> {
     let mut roots = RootCertStore::empty();
     // Unreadable system certificates are skipped, as every TLS client does;
     // an empty result is caught below.
     let system = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(system.certs);
-    if let Some(path) = ca_file {
-        for cert in read_ca_file(path)? {
-            roots.add(cert).map_err(|e| DownloadError::CaFile {
-                path: path.to_owned(),
+    if let Some(ca) = ca_file {
+        for cert in &ca.certs {
+            roots.add(cert.clone()).map_err(|e| DownloadError::CaFile {
+                path: ca.path.clone(),
                 reason: e.to_string(),
             })?;
         }
@@ -332,33 +292,17 @@ fn client_config(url: &str, ca_file: Option<&Path>) -> Result<ClientConfig, Down
     Ok(config)
 }
 
-/// The certificates in a PEM file (at least one).
-pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, DownloadError> {
-    let fail = |reason: String| DownloadError::CaFile {
-        path: path.to_owned(),
-        reason,
-    };
-    let data = fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let certs = CertificateDer::pem_slice_iter(&data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(format!("not PEM certificates: {e}")))?;
-    if certs.is_empty() {
-        return Err(fail("no PEM certificate in it".into()));
-    }
-    Ok(certs)
-}
-
 /// One attempt: follows redirects, streams the body into a temp file in the
-/// cache, checks size and digest, renames into `dest`. Returns the size.
+/// cache, checks size and digest, names it `<cache_dir>/<sha256>`.
 async fn attempt_once(
     start: &Uri,
     url: &str,
-    expected: &str,
-    dest: &Path,
+    expected: &Sha256,
+    cache_dir: &Path,
     settings: &ArtifactsConfig,
     tls: &Arc<ClientConfig>,
     progress: &mut (dyn FnMut(String) + Send),
-) -> Result<u64, DownloadError> {
+) -> Result<Fetched, DownloadError> {
     let mut uri = start.clone();
     let mut redirects = 0;
     let response = loop {
@@ -414,14 +358,9 @@ async fn attempt_once(
             });
         }
     }
-    let cache_dir = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(cache_dir).map_err(DownloadError::io("create", cache_dir))?;
-    let tmp = durable::TempFile::new(durable::temp_sibling(&cache_dir.join("download"), "part"));
-    let mut file = tokio::fs::File::create(tmp.path())
+    let mut incoming = Incoming::create_async(cache_dir, Some(expected), limit)
         .await
-        .map_err(DownloadError::io("create", tmp.path()))?;
-    let mut hasher = Sha256::new();
-    let mut received = 0u64;
+        .map_err(|e| DownloadError::cache(&here, e))?;
     let mut body = response.into_body();
     let mut last_report = Instant::now();
     loop {
@@ -440,18 +379,11 @@ async fn attempt_once(
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        received += data.len() as u64;
-        if received > limit {
-            return Err(DownloadError::TooLarge {
-                url: here,
-                limit,
-                what: format!("more than {limit} bytes were sent"),
-            });
-        }
-        hasher.update(&data);
-        file.write_all(&data)
+        incoming
+            .write(&data)
             .await
-            .map_err(DownloadError::io("write", tmp.path()))?;
+            .map_err(|e| DownloadError::cache(&here, e))?;
+        let received = incoming.received();
         if last_report.elapsed() >= PROGRESS_EVERY {
             last_report = Instant::now();
             progress(match total {
@@ -463,24 +395,15 @@ async fn attempt_once(
             });
         }
     }
-    file.sync_all()
+    let fetched = incoming
+        .finish()
         .await
-        .map_err(DownloadError::io("sync", tmp.path()))?;
-    drop(file);
-    let actual = hex::encode(hasher.finalize());
-    if actual != expected {
-        return Err(DownloadError::Digest {
-            url: here,
-            expected: expected.to_owned(),
-            actual,
-        });
-    }
-    tmp.persist(dest)
-        .map_err(DownloadError::io("store", dest))?;
+        .map_err(|e| DownloadError::cache(&here, e))?;
     progress(format!(
-        "downloaded {received} bytes from {here}; sha256 verified"
+        "downloaded {} bytes from {here}; sha256 verified",
+        fetched.bytes
     ));
-    Ok(received)
+    Ok(fetched)
 }
 
 /// One GET over a fresh connection (an artifact is one big request; no pool
@@ -613,14 +536,6 @@ mod tests {
             let e = parse_url(url).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains(url), "{url}: {e}");
         }
-    }
-
-    #[test]
-    fn digests_are_checked_and_lowercased() {
-        let upper = "AB".repeat(32);
-        assert_eq!(normalize_sha256(&upper).unwrap(), "ab".repeat(32));
-        assert!(normalize_sha256("abc").is_err());
-        assert!(normalize_sha256(&"zz".repeat(32)).is_err());
     }
 
     #[test]

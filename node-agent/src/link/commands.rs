@@ -6,218 +6,40 @@
 //! re-sends after a reconnect must not deploy twice). Progress is streamed as
 //! it happens; every command ends with exactly one `CommandResult`.
 //!
-//! All of that state — the ledger, the ids in flight, the session output
-//! goes to — belongs to one [`Commands`] the daemon makes (no statics), and
-//! the ledger's file work (read once, fsync'd on every result) runs on
-//! blocking threads, never on a runtime worker. A ledger that cannot be read
-//! (an outcome this agent does not know, say) refuses every command with an
-//! error naming the file, rather than guessing and overwriting it.
+//! All of that state — the [`ledger`](super::ledger), the ids in flight, the
+//! session output goes to — belongs to one [`Commands`] the daemon makes (no
+//! statics). A ledger that cannot be read refuses every command with an
+//! error naming the file.
 //!
-//! The work itself is the same code as the node-local CLI: a [`Store`]
+//! The work itself is the same code as the node-local CLI: a [`Deployer`]
 //! session (lock, journal, recovery) for deploy, rollback, prune and restart.
 //! A deploy's artifact is fetched from the controller by digest or — when
 //! the command carries `artifact_url` — downloaded by the agent itself
-//! ([`crate::download`]); either way into the app's artifact cache under its
+//! ([`crate::artifact::https`]); either way into the app's artifact cache under its
 //! sha256, and not at all when the cache already holds that digest. The
 //! fetch runs without the app's lock (the cache is pinned instead, see
 //! [`crate::release::CachePin`]): a rollback during a long download works.
 
-use std::collections::{HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use slipway_proto::limits::{self, Validate as _};
 use slipway_proto::v1::{
-    agent_message, controller_message, AgentMessage, CommandResult, ControllerMessage, Progress,
+    agent_message, controller_message, AgentMessage, ControllerMessage, Progress,
 };
 use tokio::sync::mpsc;
 
+use super::heartbeat::heartbeat;
+use super::ledger::{LedgerFile, Recorded};
+use super::{tls, LinkError};
+use crate::artifact::cache::{self, Fetched};
+use crate::artifact::https as download;
 use crate::bridge::Bridge;
-use crate::config::{AppConfig, Config, ControllerConfig};
-use crate::download;
-use crate::durable;
-use crate::link;
-use crate::release::{DeployReport, DeployRequest, Outcome, ReleaseId, Store};
-
-/// Results kept for idempotency: enough for any realistic re-send window.
-const KEEP_RESULTS: usize = 500;
-
-/// A recorded result, as kept in `commands.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Recorded {
-    pub command_id: String,
-    pub outcome: Outcome,
-    pub release_id: String,
-    pub message: String,
-}
-
-impl Recorded {
-    fn to_proto(&self) -> CommandResult {
-        CommandResult {
-            command_id: self.command_id.clone(),
-            outcome: proto_outcome(self.outcome) as i32,
-            release_id: self.release_id.clone(),
-            // Within the limit the controller checks (a long hook or check
-            // output is cut, never the reason the session is refused).
-            message: limits::truncate(&self.message, limits::MAX_MESSAGE).to_owned(),
-        }
-    }
-}
-
-/// The wire value of an outcome (exhaustive: a new outcome must be mapped).
-fn proto_outcome(outcome: Outcome) -> slipway_proto::v1::Outcome {
-    match outcome {
-        Outcome::Succeeded => slipway_proto::v1::Outcome::Succeeded,
-        Outcome::Failed => slipway_proto::v1::Outcome::Failed,
-        Outcome::RolledBack => slipway_proto::v1::Outcome::RolledBack,
-    }
-}
-
-/// The command ledger cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
-    /// The file exists but cannot be read.
-    #[error("cannot read the command ledger {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The file is not a ledger this agent understands (an unknown outcome,
-    /// say): it is left as it is for the operator, never overwritten.
-    #[error("the command ledger {} is invalid: {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    /// The updated ledger could not be written.
-    #[error("cannot write the command ledger {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The blocking task doing the file work failed.
-    #[error("command ledger task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
-}
-
-/// The results of commands already run, newest last.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Ledger {
-    pub results: VecDeque<Recorded>,
-}
-
-impl Ledger {
-    pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("commands.json")
-    }
-
-    /// Reads the ledger at `path` (blocking): empty when there is none, an
-    /// error naming the file when it cannot be read or parsed.
-    pub fn load(path: &Path) -> Result<Self, LedgerError> {
-        let data = match std::fs::read(path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => {
-                return Err(LedgerError::Read {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        };
-        serde_json::from_slice(&data).map_err(|source| LedgerError::Parse {
-            path: path.to_owned(),
-            source,
-        })
-    }
-
-    fn find(&self, id: &str) -> Option<&Recorded> {
-        self.results.iter().find(|r| r.command_id == id)
-    }
-
-    /// Adds `r` (replacing an older result of the same id), keeping the
-    /// newest [`KEEP_RESULTS`].
-    fn add(&mut self, r: Recorded) {
-        self.results.retain(|x| x.command_id != r.command_id);
-        self.results.push_back(r);
-        while self.results.len() > KEEP_RESULTS {
-            self.results.pop_front();
-        }
-    }
-}
-
-/// `commands.json` and the copy of it in memory. Read once (on a blocking
-/// thread), then every result is added in memory and the file rewritten
-/// (temp + fsync + rename, on a blocking thread). The async lock is held
-/// across the write, so writes land in the order results were added and
-/// none is lost; waiting for it parks a task, never a runtime worker.
-#[derive(Debug)]
-pub struct LedgerFile {
-    path: PathBuf,
-    /// `None` until first read; a failed read is not kept, so a ledger the
-    /// operator repaired is picked up by the next command.
-    state: tokio::sync::Mutex<Option<Ledger>>,
-}
-
-impl LedgerFile {
-    /// The ledger in `state_dir` (nothing is read yet).
-    pub fn new(state_dir: &Path) -> Self {
-        Self {
-            path: Ledger::path(state_dir),
-            state: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Loads the file into `slot` unless it already holds it.
-    async fn loaded<'a>(
-        &self,
-        slot: &'a mut Option<Ledger>,
-    ) -> Result<&'a mut Ledger, LedgerError> {
-        if slot.is_none() {
-            let path = self.path.clone();
-            *slot = Some(tokio::task::spawn_blocking(move || Ledger::load(&path)).await??);
-        }
-        Ok(slot.get_or_insert_with(Ledger::default))
-    }
-
-    /// The recorded result of command `id`, if it ran before.
-    pub async fn find(&self, id: &str) -> Result<Option<Recorded>, LedgerError> {
-        let mut slot = self.state.lock().await;
-        Ok(self.loaded(&mut slot).await?.find(id).cloned())
-    }
-
-    /// Records `r` and writes the ledger durably.
-    pub async fn record(&self, r: Recorded) -> Result<(), LedgerError> {
-        let mut slot = self.state.lock().await;
-        let ledger = self.loaded(&mut slot).await?;
-        ledger.add(r);
-        let snapshot = ledger.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
-            durable::write_json(&path, &snapshot).map_err(|source| LedgerError::Write {
-                path: path.clone(),
-                source,
-            })
-        })
-        .await?
-    }
-
-    /// Every recorded result, oldest first.
-    pub async fn results(&self) -> Result<Vec<Recorded>, LedgerError> {
-        let mut slot = self.state.lock().await;
-        Ok(self
-            .loaded(&mut slot)
-            .await?
-            .results
-            .iter()
-            .cloned()
-            .collect())
-    }
-}
+use crate::config::{AppConfig, ArtifactsConfig, Config, ControllerConfig};
+use crate::deploy::{DeployReport, DeployRequest, Deployer, Outcome};
+use crate::digest::Sha256;
+use crate::release::ReleaseId;
 
 /// Where command output goes: the *current* session's stream. A command
 /// outlives the session it came on (a reconnect mid-deploy); its progress and
@@ -326,9 +148,7 @@ impl Commands {
             // again is harmless and it is neither recorded nor de-duplicated.
             let cfg = config.clone();
             let bridge = Bridge::current();
-            if let Ok(beat) =
-                tokio::task::spawn_blocking(move || crate::uplink::heartbeat(&cfg, &bridge)).await
-            {
+            if let Ok(beat) = tokio::task::spawn_blocking(move || heartbeat(&cfg, &bridge)).await {
                 send(out, agent_message::Kind::Heartbeat(beat)).await;
             }
             let done = recorded(&id, Outcome::Succeeded, "", "status sent");
@@ -488,7 +308,7 @@ async fn deploy_artifact(
         Source::Url(url) => url.clone(),
     };
     // A bad digest or URL is refused before anything is fetched.
-    let sha256 = match download::normalize_sha256(&sha256) {
+    let sha256 = match Sha256::parse(&sha256) {
         Ok(s) => s,
         Err(e) => return Ok(Err(e.to_string())),
     };
@@ -504,7 +324,7 @@ async fn deploy_artifact(
         format!("downloading artifact {sha256} from {from}"),
     )
     .await;
-    let store = Store::new(&app, &Bridge::current());
+    let store = Deployer::new(&app, &Bridge::current());
     // A busy app fails the deploy now rather than after the download; the
     // pin keeps prune out of the cache until the deploy holds the lock.
     let pinned = {
@@ -522,7 +342,7 @@ async fn deploy_artifact(
     let cache = store.paths().cache.clone();
     let hit = {
         let (cache, sha256) = (cache.clone(), sha256.clone());
-        tokio::task::spawn_blocking(move || download::cached(&cache, &sha256)).await?
+        tokio::task::spawn_blocking(move || cache::lookup(&cache, &sha256)).await?
     };
     let mut report = |line: String| progress_now(out, id, "fetch", line);
     // One cache check for both sources (the same digest deployed before is
@@ -541,24 +361,16 @@ async fn deploy_artifact(
                     .await
                     .map_err(|e| format!("cannot download the artifact: {e}"))
             }
-            Source::Controller(ctl) => {
-                let dest = cache.join(&sha256);
-                link::fetch_artifact(
-                    &ctl.url,
-                    &ctl.state_dir,
-                    &sha256,
-                    id,
-                    &dest,
-                    &config.artifacts,
-                )
-                .await
-                .map(|bytes| download::Fetched {
-                    path: dest,
-                    bytes,
-                    cached: false,
-                })
-                .map_err(|e| format!("cannot fetch the artifact: {e}"))
-            }
+            Source::Controller(ctl) => fetch_from_controller(
+                &ctl.url,
+                &ctl.state_dir,
+                &sha256,
+                id,
+                &cache,
+                &config.artifacts,
+            )
+            .await
+            .map_err(|e| format!("cannot fetch the artifact: {e}")),
         },
     };
     let fetched = match fetched {
@@ -591,6 +403,35 @@ async fn deploy_artifact(
             .map_err(|e| e.to_string())
     })
     .await
+}
+
+/// Fetches artifact `sha256` from the controller over mTLS into the app's
+/// artifact cache `cache` ([`crate::artifact::controller`]: the limits of
+/// `limits`, everything checked before the file takes its name), on a
+/// connection of its own, dialled within `[artifacts] connect_timeout`.
+async fn fetch_from_controller(
+    controller: &str,
+    state_dir: &Path,
+    sha256: &Sha256,
+    command_id: &str,
+    cache: &Path,
+    limits: &ArtifactsConfig,
+) -> Result<Fetched, LinkError> {
+    let addr = tls::Target::parse(controller)?.authority;
+    let channel = tokio::time::timeout(
+        limits.connect_timeout,
+        tls::mtls_channel(controller, state_dir),
+    )
+    .await
+    .map_err(|_| LinkError::Idle {
+        addr: addr.clone(),
+        during: "while connecting",
+        after: limits.connect_timeout,
+    })??;
+    Ok(
+        crate::artifact::controller::fetch(channel, &addr, sha256, command_id, cache, limits)
+            .await?,
+    )
 }
 
 async fn run(
@@ -648,7 +489,7 @@ async fn run(
             };
             progress(out, id, "rollback", "switching current".into()).await;
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app, &bridge);
+                let store = Deployer::new(&app, &bridge);
                 let mut session = store.begin("rollback", to.as_ref())?;
                 session.rollback(to.as_ref())
             })
@@ -691,14 +532,14 @@ async fn run(
                 p.keep as usize
             };
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app, &bridge);
+                let store = Deployer::new(&app, &bridge);
                 let mut session = store.begin("prune", None)?;
                 session.prune(keep)
             })
             .await;
             match result {
                 Ok(Ok(rep)) => {
-                    let ids: Vec<&str> = rep.removed.iter().map(ReleaseId::as_str).collect();
+                    let ids: Vec<&str> = rep.store.removed.iter().map(ReleaseId::as_str).collect();
                     recorded(
                         id,
                         Outcome::Succeeded,
@@ -720,7 +561,7 @@ async fn run(
                 Err(e) => return recorded(id, Outcome::Failed, "", e),
             };
             let result = tokio::task::spawn_blocking(move || {
-                let store = Store::new(&app, &bridge);
+                let store = Deployer::new(&app, &bridge);
                 let mut session = store.begin("restart", None)?;
                 session.restart()
             })
@@ -743,7 +584,8 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slipway_proto::v1::{Outcome as Wire, Prune, Rollback, StatusRequest};
+    use crate::link::ledger::Ledger;
+    use slipway_proto::v1::{CommandResult, Outcome as Wire, Prune, Rollback, StatusRequest};
 
     fn setup() -> (tempfile::TempDir, Config, ControllerConfig) {
         let dir = tempfile::tempdir().unwrap();
@@ -846,30 +688,6 @@ mod tests {
         assert_eq!(long.to_proto().message.len(), limits::MAX_MESSAGE);
     }
 
-    #[test]
-    fn results_recorded_concurrently_are_all_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
-        let ledger = LedgerFile::new(dir.path());
-        std::thread::scope(|scope| {
-            for t in 0..8 {
-                let (ledger, rt) = (&ledger, rt.handle());
-                scope.spawn(move || {
-                    for i in 0..10 {
-                        let r = recorded(&format!("c-{t}-{i}"), Outcome::Succeeded, "", "done");
-                        rt.block_on(ledger.record(r)).unwrap();
-                    }
-                });
-            }
-        });
-        assert_eq!(rt.block_on(ledger.results()).unwrap().len(), 80);
-        let on_disk = Ledger::load(ledger.path()).unwrap();
-        assert_eq!(on_disk.results.len(), 80);
-    }
-
     /// The ledger's spellings are the ones every earlier agent wrote, and
     /// an outcome this agent does not know is an error naming the file —
     /// not a result silently read as failed, nor a file overwritten.
@@ -950,7 +768,7 @@ mod tests {
         std::fs::write(src.join("VERSION"), "v1").unwrap();
         let artifact = dir.path().join("v1.tar.gz");
         crate::artifact::pack_dir(&src, &artifact, crate::artifact::Compression::Gzip).unwrap();
-        let sha = crate::release::hash_file(&artifact).unwrap();
+        let sha = Sha256::of_file(&artifact).unwrap().into_string();
 
         // Not cached: the controller path is taken and fails (this node was
         // never enrolled), leaving nothing in the cache.

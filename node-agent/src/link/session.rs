@@ -1,4 +1,6 @@
-//! The agent's session with the controller, kept up by `slipway-agent run`.
+//! The agent's session with the controller: the AgentLink stream
+//! ([`connect`]: dial with the client certificate, Hello, wait for the
+//! Welcome) and the loop `slipway-agent run` keeps it up with ([`run`]).
 //!
 //! The agent dials out (droplets open no inbound port) with the identity
 //! `slipway-agent enroll` stored, sends Hello with the state of every app,
@@ -9,33 +11,96 @@
 //! jitter, capped at 60 s. A change of an app's `current` or journal (a
 //! node-local deploy or rollback from a shell, say) is sent at once as an
 //! extra heartbeat, so the fleet view does not lag an interval behind
-//! ([`crate::state_watch`]).
+//! ([`crate::link::watch`]).
 //!
 //! Nothing here touches the apps: losing the controller leaves them running,
 //! their health checks and log rotation going, and node-local deploy and
 //! rollback working.
 
+use std::path::Path;
 use std::time::Duration;
 
-use slipway_proto::limits;
+use slipway_proto::v1::agent_link_client::AgentLinkClient;
 use slipway_proto::v1::{
-    agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics, ReleaseInfo,
+    agent_message, controller_message, AgentMessage, ControllerMessage, Hello, Welcome,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 
+use super::commands::Commands;
+use super::enroll::{self, read_node_id};
+use super::heartbeat::{app_statuses, heartbeat};
+use super::watch::StateWatcher;
+use super::{identity, tls, LinkError};
 use crate::bridge::Bridge;
-use crate::config::{AppConfig, Config, ControllerConfig};
-use crate::health::Liveness;
-use crate::identity;
-use crate::link;
-use crate::release::Store;
-use crate::state_watch::StateWatcher;
+use crate::config::{Config, ControllerConfig};
+use crate::error::status_text;
 
+/// Give up waiting for the controller's Welcome after this long.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Agent messages queued for sending before senders wait.
+const OUTBOUND_QUEUE: usize = 16;
 /// First reconnect delay ceiling; doubles per failed attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// Reconnect delay ceiling, as the issue asks.
+/// Reconnect delay ceiling: a fleet that lost its controller retries at
+/// least once a minute.
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Heartbeat interval when the controller does not say.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// An open AgentLink session.
+#[derive(Debug)]
+pub struct Session {
+    /// The controller's answer to Hello.
+    pub welcome: Welcome,
+    /// Send heartbeats, progress and results here.
+    pub outbound: mpsc::Sender<AgentMessage>,
+    /// Commands from the controller.
+    pub inbound: Streaming<ControllerMessage>,
+}
+
+/// Opens the AgentLink session with the identity enrolled in `state_dir`,
+/// sends `hello` (an empty `node_id` is filled from the state dir) and waits
+/// for the controller's Welcome.
+pub async fn connect(
+    controller: &str,
+    state_dir: &Path,
+    mut hello: Hello,
+) -> Result<Session, LinkError> {
+    if hello.node_id.is_empty() {
+        hello.node_id = read_node_id(state_dir)?;
+    }
+    if hello.agent_version.is_empty() {
+        hello.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+    }
+    let channel = tls::mtls_channel(controller, state_dir).await?;
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    // The queue is empty, so this cannot fail for lack of room.
+    let _ = tx.try_send(AgentMessage {
+        kind: Some(agent_message::Kind::Hello(hello)),
+    });
+    let mut inbound = AgentLinkClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?
+        .into_inner();
+    let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| LinkError::NoWelcome)?
+        .map_err(|status| LinkError::SessionRefused(status_text(&status)))?;
+    match first {
+        Some(ControllerMessage {
+            kind: Some(controller_message::Kind::Welcome(welcome)),
+        }) => Ok(Session {
+            welcome,
+            outbound: tx,
+            inbound,
+        }),
+        Some(other) => Err(LinkError::Unexpected(format!("{:?}", other.kind))),
+        None => Err(LinkError::NoWelcome),
+    }
+}
 
 /// Keeps the session up until `stop` resolves.
 pub async fn run(
@@ -49,7 +114,7 @@ pub async fn run(
     let mut attempt: u32 = 0;
     // One runner for the daemon, not per session: a command outlives the
     // session it came on, and its result goes to the session of the moment.
-    let commands = crate::commands::Commands::new(config.clone(), ctl.clone());
+    let commands = Commands::new(config.clone(), ctl.clone());
     let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
     let mut watch = match StateWatcher::new(&roots) {
         Ok(w) => Some(w),
@@ -71,7 +136,7 @@ pub async fn run(
             .unwrap_or_default()
         };
         let outcome = tokio::select! {
-            r = link::connect(&ctl.url, &ctl.state_dir, hello) => r,
+            r = connect(&ctl.url, &ctl.state_dir, hello) => r,
             () = &mut stop => return,
         };
         match outcome {
@@ -148,11 +213,11 @@ impl Ended {
 async fn serve(
     config: &Config,
     ctl: &ControllerConfig,
-    mut session: link::Session,
+    mut session: Session,
     interval: Duration,
     renew_at: i64,
     rng: &mut Jitter,
-    commands: &crate::commands::Commands,
+    commands: &Commands,
     mut watch: Option<&mut StateWatcher>,
 ) -> Ended {
     commands.attach(session.outbound.clone());
@@ -167,7 +232,7 @@ async fn serve(
                     // The session stays up on the old certificate, which the
                     // controller honours until it expires; the next connect
                     // uses the new one. A failure is retried next beat.
-                    match link::renew(&ctl.url, &ctl.state_dir).await {
+                    match enroll::renew(&ctl.url, &ctl.state_dir).await {
                         Ok(expiry) => {
                             renew_due = false;
                             tracing::info!(expires_at_unix = expiry, "certificate renewed");
@@ -216,7 +281,7 @@ async fn changed(watch: Option<&mut StateWatcher>) {
 }
 
 /// Sends one heartbeat on the session.
-async fn send_heartbeat(config: &Config, session: &link::Session) -> Result<(), Ended> {
+async fn send_heartbeat(config: &Config, session: &Session) -> Result<(), Ended> {
     let cfg = config.clone();
     let bridge = Bridge::current();
     let beat = tokio::task::spawn_blocking(move || heartbeat(&cfg, &bridge))
@@ -272,106 +337,6 @@ impl Jitter {
     }
 }
 
-/// One heartbeat: the node's metrics and every app's state (reading it may
-/// finish an interrupted operation through the app's driver, on `bridge`).
-pub fn heartbeat(config: &Config, bridge: &Bridge) -> Heartbeat {
-    let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
-    let m = crate::metrics::snapshot(&roots);
-    let disks = m
-        .disks
-        .iter()
-        .map(|d| slipway_proto::v1::DiskUsage {
-            mount: d
-                .mount
-                .as_ref()
-                .map_or_else(|| d.path.display().to_string(), |p| p.display().to_string()),
-            used_bytes: d.used_bytes,
-            total_bytes: d.total_bytes,
-        })
-        .collect();
-    Heartbeat {
-        unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
-        metrics: Some(NodeMetrics {
-            cpu_percent: f64::from(m.cpu_percent),
-            mem_used_bytes: m.mem_used_bytes,
-            mem_total_bytes: m.mem_total_bytes,
-            load1: m.load1,
-            load5: m.load5,
-            load15: m.load15,
-            disks,
-        }),
-        apps: app_statuses(config, bridge),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        agent_rss_bytes: own_rss_bytes(),
-    }
-}
-
-/// This process's resident memory, so a leak shows fleet-wide.
-fn own_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
-/// What the controller needs of each app; an app whose state cannot be
-/// read is reported with the error as its health.
-pub fn app_statuses(config: &Config, bridge: &Bridge) -> Vec<AppStatus> {
-    config
-        .apps
-        .values()
-        .map(|app| app_status(app, bridge))
-        .collect()
-}
-
-fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
-    let snap = match Store::new(app, bridge).snapshot() {
-        Ok(s) => s,
-        Err(e) => {
-            return AppStatus {
-                app: app.name.clone(),
-                health: limits::truncate(&format!("error: {e}"), limits::MAX_HEALTH).to_owned(),
-                ..AppStatus::default()
-            }
-        }
-    };
-    let health = match Liveness::load(&app.root).and_then(|l| l.healthy.map(|h| (h, l))) {
-        Some((true, _)) => "healthy".to_owned(),
-        Some((false, l)) => {
-            let text = format!("unhealthy: {}", l.last_output.unwrap_or_default());
-            // Within the limit the controller checks: the check's output is
-            // cut, not the heartbeat refused.
-            limits::truncate(&text, limits::MAX_HEALTH).to_owned()
-        }
-        None if app.health.is_some() => "unknown".to_owned(),
-        None => "no check".to_owned(),
-    };
-    AppStatus {
-        app: app.name.clone(),
-        current_release: snap
-            .current
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        releases: snap
-            .releases
-            .iter()
-            .map(|r| ReleaseInfo {
-                id: r.release.id.to_string(),
-                status: r.release.status.as_str().to_owned(),
-                created_at_unix: r.release.created_at.unix_timestamp(),
-                artifact_sha256: r.release.artifact_sha256.clone(),
-            })
-            .collect(),
-        health,
-        in_progress: snap.lock_holder.is_some() || snap.in_progress.is_some(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,21 +370,5 @@ mod tests {
         delays.sort_unstable();
         let spread = delays[899] - delays[99];
         assert!(spread > 30_000, "the middle 80% span only {spread} ms");
-    }
-
-    #[test]
-    fn app_status_reports_releases_and_health() {
-        let dir = tempfile::tempdir().unwrap();
-        let app = AppConfig::with_defaults("web", dir.path().join("app"));
-        let st = app_status(&app, &Bridge::owned().unwrap());
-        assert_eq!(
-            (
-                st.app.as_str(),
-                st.current_release.as_str(),
-                st.health.as_str()
-            ),
-            ("web", "", "no check")
-        );
-        assert!(!st.in_progress);
     }
 }

@@ -16,17 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Parser;
 
+use super::args::{Cli, DemoDriver};
 use crate::artifact::{pack_dir, Compression};
-use crate::cli::{self, Cli};
-
-/// Which driver runs the demo app.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DemoDriver {
-    /// PM2 if `pm2` is on PATH, else exec.
-    Auto,
-    Pm2,
-    Exec,
-}
 
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| {
@@ -34,8 +25,13 @@ fn on_path(program: &str) -> bool {
     })
 }
 
-/// Runs the walk-through in `dir` (a new temp dir by default).
-pub fn run(dir: Option<PathBuf>, driver: DemoDriver) -> anyhow::Result<()> {
+/// Runs the walk-through in `dir` (a new temp dir by default); each command
+/// goes through `run_command`, the command line's own runner, as if typed.
+pub fn run(
+    dir: Option<PathBuf>,
+    driver: DemoDriver,
+    run_command: &dyn Fn(Cli) -> u8,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         on_path("node"),
         "the demo app needs `node` (Node.js) on PATH"
@@ -139,10 +135,13 @@ deadline = "20s"
         dir.display(),
         config.display()
     );
-    let c = config.to_string_lossy().into_owned();
-    let result = walk_through(&c, [&v1, &v2, &broken], port);
+    let sh = Shell {
+        config: config.to_string_lossy().into_owned(),
+        run_command,
+    };
+    let result = walk_through(&sh, [&v1, &v2, &broken], port);
     // Whatever happened, do not leave the demo app (or its PM2) running.
-    let stopped = step(&c, &["stop", "--app", "web"], 0);
+    let stopped = sh.step(&["stop", "--app", "web"], 0);
     if use_pm2 {
         let _ = std::process::Command::new("pm2")
             .arg("kill")
@@ -162,24 +161,21 @@ deadline = "20s"
     Ok(())
 }
 
-fn walk_through(c: &str, [v1, v2, broken]: [&Path; 3], port: u16) -> anyhow::Result<()> {
+fn walk_through(sh: &Shell<'_>, [v1, v2, broken]: [&Path; 3], port: u16) -> anyhow::Result<()> {
     let s = |p: &Path| p.to_string_lossy().into_owned();
-    step(
-        c,
+    sh.step(
         &["deploy", "--app", "web", "--artifact", &s(v1), "--id", "v1"],
         0,
     )?;
     show(port);
     println!("# v2: unchanged files are hardlinked from the content store");
-    step(
-        c,
+    sh.step(
         &["deploy", "--app", "web", "--artifact", &s(v2), "--id", "v2"],
         0,
     )?;
     show(port);
     println!("# v3 answers 500 on /api/health: the gate fails and v2 is restored, automatically");
-    step(
-        c,
+    sh.step(
         &[
             "deploy",
             "--app",
@@ -192,21 +188,20 @@ fn walk_through(c: &str, [v1, v2, broken]: [&Path; 3], port: u16) -> anyhow::Res
         1,
     )?;
     show(port);
-    step(c, &["releases", "--app", "web"], 0)?;
+    sh.step(&["releases", "--app", "web"], 0)?;
     println!("# roll back on this node alone, no controller needed");
-    step(c, &["rollback", "--app", "web"], 0)?;
+    sh.step(&["rollback", "--app", "web"], 0)?;
     show(port);
     println!("# the same artifact again: rebuilt from its manifest by hardlinks, no unpacking");
-    step(
-        c,
+    sh.step(
         &["deploy", "--app", "web", "--artifact", &s(v2), "--id", "v4"],
         0,
     )?;
     show(port);
-    step(c, &["verify", "--app", "web"], 0)?;
-    step(c, &["prune", "--app", "web", "--keep", "2"], 0)?;
-    step(c, &["releases", "--app", "web"], 0)?;
-    step(c, &["status"], 0)?;
+    sh.step(&["verify", "--app", "web"], 0)?;
+    sh.step(&["prune", "--app", "web", "--keep", "2"], 0)?;
+    sh.step(&["releases", "--app", "web"], 0)?;
+    sh.step(&["status"], 0)?;
     Ok(())
 }
 
@@ -232,23 +227,34 @@ fn show(port: u16) {
     );
 }
 
-fn step(config: &str, args: &[&str], expect: u8) -> anyhow::Result<()> {
-    println!("$ slipway-agent {}", args.join(" "));
-    let mut argv = vec!["slipway-agent", "--config", config];
-    argv.extend_from_slice(args);
-    let cli = Cli::try_parse_from(argv).context("demo built a bad command line")?;
-    let code = cli::run_code(cli);
-    if code != expect {
-        anyhow::bail!(
-            "`slipway-agent {}` exited {code}, expected {expect}",
-            args.join(" ")
-        );
+/// Runs commands of the walk-through as the operator would type them.
+struct Shell<'a> {
+    /// `--config` of every command.
+    config: String,
+    /// The command line's runner.
+    run_command: &'a dyn Fn(Cli) -> u8,
+}
+
+impl Shell<'_> {
+    /// Prints `slipway-agent ARGS`, runs it and checks its exit code.
+    fn step(&self, args: &[&str], expect: u8) -> anyhow::Result<()> {
+        println!("$ slipway-agent {}", args.join(" "));
+        let mut argv = vec!["slipway-agent", "--config", &self.config];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).context("demo built a bad command line")?;
+        let code = (self.run_command)(cli);
+        if code != expect {
+            anyhow::bail!(
+                "`slipway-agent {}` exited {code}, expected {expect}",
+                args.join(" ")
+            );
+        }
+        if code != 0 {
+            println!("(exit {code}, as expected)");
+        }
+        println!();
+        Ok(())
     }
-    if code != 0 {
-        println!("(exit {code}, as expected)");
-    }
-    println!();
-    Ok(())
 }
 
 /// A small Node web app packed into `artifacts/web-<name>.tar.gz`; its

@@ -1,4 +1,7 @@
-//! One operation per app at a time, through `flock(2)`.
+//! Locks through `flock(2)`: one operation per app at a time ([`AppLock`]),
+//! the artifact cache pinned by fetches in flight ([`CachePin`],
+//! [`CacheClean`]), and [`is_held`] for any of them (the exec driver's
+//! supervisor says it is alive with one too).
 //!
 //! The kernel drops an flock when its holder dies, however it dies, so there
 //! is never a stale lock to clean up by hand (the most common complaint about

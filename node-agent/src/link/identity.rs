@@ -512,10 +512,12 @@ mod tests {
     /// Runs [`crash_test_child`] in a child process with crash `point` armed;
     /// asserts it was killed there.
     fn run_killed_at(point: &str, action: &str, dir: &Path) {
+        // The test's name is its module path without the crate's.
+        let (_, here) = module_path!().split_once("::").unwrap();
         let out = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "identity::tests::crash_test_child",
+                &format!("{here}::crash_test_child"),
                 "--test-threads=1",
             ])
             .env(CHILD_ENV, format!("{action}:{}", dir.display()))

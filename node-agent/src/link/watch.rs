@@ -1,7 +1,7 @@
 //! Noticing, through inotify, that an app's state on disk changed: its
 //! `current` symlink was switched or its journal rewritten — by a node-local
 //! `slipway-agent deploy`/`rollback` run from a shell as much as by a
-//! controller command. The controller session ([`crate::uplink`]) sends a
+//! controller command. The controller session ([`crate::link::session`]) sends a
 //! heartbeat at once on such a change instead of up to one interval later.
 //!
 //! Only those two names count: the liveness loop rewrites `health.json`
@@ -127,19 +127,20 @@ fn journal_path(root: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::release::{DeployRequest, ReleaseId, Store};
+    use crate::deploy::{DeployRequest, Deployer};
+    use crate::release::ReleaseId;
 
     /// Bound for waiting on an event that must come (not a timing claim).
     const MUST_COME: Duration = Duration::from_secs(10);
     /// Window in which an event that must not come is looked for.
     const MUST_NOT_COME: Duration = Duration::from_millis(1500);
 
-    fn store_for(dir: &Path) -> (Store, PathBuf) {
+    fn store_for(dir: &Path) -> (Deployer, PathBuf) {
         let root = dir.join("app");
         let text = format!("[apps.web]\nroot = \"{}\"\n", root.display());
         let config = Config::parse(&dir.join("agent.toml"), &text).unwrap();
         (
-            Store::new(
+            Deployer::new(
                 config.app("web").unwrap(),
                 &crate::bridge::Bridge::current(),
             ),
@@ -156,7 +157,7 @@ mod tests {
         out
     }
 
-    fn deploy(store: &Store, artifact: PathBuf, id: &str) {
+    fn deploy(store: &Deployer, artifact: PathBuf, id: &str) {
         let id = ReleaseId::new(id).unwrap();
         let mut session = store.begin("deploy", Some(&id)).unwrap();
         let report = session
@@ -166,7 +167,7 @@ mod tests {
                 id: Some(id),
             })
             .unwrap();
-        assert_eq!(report.outcome, crate::release::Outcome::Succeeded);
+        assert_eq!(report.outcome, crate::deploy::Outcome::Succeeded);
     }
 
     #[tokio::test]

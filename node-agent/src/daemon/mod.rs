@@ -1,0 +1,123 @@
+//! `slipway-agent run`: the long-running agent. On start it brings back apps
+//! of the exec driver whose supervisor is gone (after a reboot: PM2 and
+//! Docker have their own resurrection). Then, per app, until shutdown:
+//!
+//! - [`liveness`]: the app's health check on its interval, with results
+//!   (and timestamps) in `.slipway/health.json`;
+//! - [`housekeeping`]: logs rotated as soon as inotify says one passed its
+//!   size (or on a tick, for age), and pruning when free space falls below
+//!   the app's `disk_pressure_free`.
+//!
+//! With a `[controller]` in the config, the session with it runs here too
+//! ([`crate::link::session`]). `status` shows all of it.
+
+pub mod housekeeping;
+pub mod liveness;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::Bridge;
+use crate::config::{AppConfig, Config, RunConfig};
+use crate::deploy::Deployer;
+use crate::release::activate;
+use crate::supervise;
+
+/// How long shutdown waits for each task (an in-flight probe, a rotation).
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs, until `shutdown`: a liveness loop for every app with a health
+/// check, housekeeping for every app, and the controller session when one is
+/// configured.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Drivers block on this (multi-thread) runtime from its blocking threads.
+    let bridge = Bridge::current();
+    let apps: Vec<AppConfig> = config.apps.values().cloned().collect();
+    let b = bridge.clone();
+    tokio::task::spawn_blocking(move || {
+        for app in &apps {
+            resurrect(app, &b);
+        }
+    })
+    .await?;
+    let stop = CancellationToken::new();
+    // Each with what it is, for the shutdown warning.
+    let mut tasks = Vec::new();
+    for app in config.apps.values() {
+        if app.health.is_some() {
+            let t = tokio::spawn(liveness::watch(app.clone(), stop.clone()));
+            tasks.push((format!("liveness check of {}", app.name), t));
+        }
+        let t = tokio::spawn(housekeeping::run(app.clone(), bridge.clone(), stop.clone()));
+        tasks.push((format!("housekeeping of {}", app.name), t));
+    }
+    if let Some(ctl) = config.controller.clone() {
+        let s = stop.clone();
+        let t = tokio::spawn(crate::link::session::run(config.clone(), ctl, async move {
+            s.cancelled().await;
+        }));
+        tasks.push(("controller session".to_owned(), t));
+    }
+    tracing::info!(
+        apps = config.apps.len(),
+        liveness_checks = config.apps.values().filter(|a| a.health.is_some()).count(),
+        controller = config.controller.is_some(),
+        "agent running"
+    );
+    shutdown.await;
+    stop.cancel();
+    for (what, t) in tasks {
+        if tokio::time::timeout(DRAIN, t).await.is_err() {
+            tracing::warn!("{what} did not finish within {DRAIN:?} of shutdown");
+        }
+    }
+    Ok(())
+}
+
+/// Starts the current release of an exec-driver app that has no running
+/// supervisor. Errors are logged: one app must not keep the agent down.
+fn resurrect(app: &AppConfig, bridge: &Bridge) {
+    if !matches!(app.run, Some(RunConfig::Exec(_))) {
+        return;
+    }
+    if supervise::is_running(&supervise::RunFiles::new(&app.root)) {
+        return;
+    }
+    let current = match activate::read_current(&app.root) {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(app = %app.name, error = %e, "cannot read current release");
+            return;
+        }
+    };
+    // Under the app's lock, so a deploy starting now cannot race the start.
+    let store = Deployer::new(app, bridge);
+    let result = store
+        .begin("start", Some(&current))
+        .map_err(|e| e.to_string())
+        .and_then(|mut session| session.restart().map_err(|e| e.to_string()));
+    match result {
+        Ok((release, a, _)) => tracing::info!(app = %app.name, %release, "started: {}", a.detail),
+        Err(e) => tracing::error!(app = %app.name, error = %e, "cannot start the app"),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
