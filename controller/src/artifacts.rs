@@ -221,7 +221,7 @@ impl Artifacts {
             .await
             .map_err(io_err(&self.dir))?;
         let suffix =
-            crate::crypto::random_hex::<8>().map_err(|e| io_err(&self.dir)(io::Error::other(e)))?;
+            crate::pki::crypto::random_hex::<8>().map_err(|e| io_err(&self.dir)(io::Error::other(e)))?;
         let temp = self.dir.join(format!(".upload-{suffix}"));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -320,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Artifacts::new(dir.path());
         let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 10).map(|i| (i % 251) as u8).collect();
-        let sha = crate::crypto::sha256_hex(&data);
+        let sha = crate::pki::crypto::sha256_hex(&data);
         let mut up = store.upload(&sha, data.len() as u64).await.unwrap();
         for part in data.chunks(1000) {
             up.write(part).await.unwrap();
@@ -346,7 +346,7 @@ mod tests {
     async fn mismatch_and_bad_digests_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Artifacts::new(dir.path());
-        let sha = crate::crypto::sha256_hex(b"right");
+        let sha = crate::pki::crypto::sha256_hex(b"right");
         let mut up = store.upload(&sha, 5).await.unwrap();
         up.write(b"wrong").await.unwrap();
         assert!(matches!(

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::liveness;
-use crate::session::LinkSettings;
+use crate::link::liveness;
+use crate::link::session::LinkSettings;
 
 /// Default listen address: loopback, so a first start exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -113,7 +113,7 @@ impl ServeConfig {
     /// `server_names`, then the listen address — or, when listening on
     /// every interface (`0.0.0.0` / `[::]`), each local interface address and
     /// the host name, since agents dial one of those. (`localhost` and
-    /// 127.0.0.1 are added by [`crate::ca::Ca::server_identity`].)
+    /// 127.0.0.1 are added by [`crate::pki::ca::Ca::server_identity`].)
     pub fn certificate_hosts(&self) -> Vec<String> {
         let mut hosts = self.server_names.clone();
         let mut add = |host: String| {

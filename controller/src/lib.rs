@@ -47,25 +47,18 @@
 pub use slipway_proto as proto;
 
 pub mod api;
-pub mod apitoken;
 pub mod artifacts;
 pub mod audit;
-pub mod ca;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod crypto;
-pub mod deploy;
-pub mod enroll;
 pub mod fleet;
-pub mod liveness;
-pub mod operator;
-pub mod registry;
+pub mod link;
+pub mod pki;
+pub mod rollout;
 pub mod server;
-pub mod session;
 pub mod store;
-pub mod tls;
-pub mod token;
 
 /// Seconds since the Unix epoch, the unit of every stored timestamp.
 pub(crate) fn now_unix() -> i64 {

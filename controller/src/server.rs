@@ -22,14 +22,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ControlService;
 use crate::artifacts::Artifacts;
-use crate::ca::{Ca, CaError};
+use crate::pki::ca::{Ca, CaError};
 use crate::config::ServeConfig;
-use crate::deploy::Commands;
-use crate::enroll::EnrollmentService;
-use crate::registry::{CloseReason, Sessions};
-use crate::session::AgentLinkService;
+use crate::rollout::Commands;
+use crate::link::enroll::EnrollmentService;
+use crate::link::registry::{CloseReason, Sessions};
+use crate::link::session::AgentLinkService;
 use crate::store::{Store, StoreError};
-use crate::tls::{self, TlsError};
+use crate::pki::tls::{self, TlsError};
 
 /// How often `serve` looks for nodes revoked by another process: the longest
 /// a revoked node's open stream survives when it sends nothing.
@@ -101,7 +101,7 @@ pub async fn serve(
     let tls_config = tls::server_config(&ca, &identity)?;
     let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
-    let ca_pem = config.data_dir.join(crate::ca::CA_CERT_FILE);
+    let ca_pem = config.data_dir.join(crate::pki::ca::CA_CERT_FILE);
     tracing::info!(
         addr = ?local, ca_sha256 = %ca.fingerprint(), ca_pem = %ca_pem.display(),
         server_names = %hosts.join(" "), "controller listening"

@@ -14,7 +14,7 @@ use support::{
     Controller,
 };
 
-use slipway_controller::apitoken::Scope;
+use slipway_controller::auth::apitoken::Scope;
 use slipway_controller::fleet::{FleetStatus, RefreshAnswer};
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{

@@ -14,7 +14,7 @@ use slipway_proto::limits;
 use slipway_proto::v1::{AppStatus, NodeMetrics};
 
 use crate::audit::{self, AuditEvent};
-use crate::liveness::{self, NodeState};
+use crate::link::liveness::{self, NodeState};
 use crate::store::{self, FleetRow, Store, StoreError};
 
 /// Host metrics as stored and shown.

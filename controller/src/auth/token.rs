@@ -7,7 +7,7 @@ use std::time::Duration;
 use slipway_proto::join_token::JoinToken;
 
 use crate::audit::{self, AuditEvent};
-use crate::crypto::{self, CryptoError};
+use crate::pki::crypto::{self, CryptoError};
 use crate::store::{Store, StoreError};
 
 /// Default lifetime of a join token: long enough to boot a droplet and run

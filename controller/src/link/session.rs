@@ -8,13 +8,13 @@
 //! # Session contract
 //!
 //! 1. Agent sends Hello (its node id, version, apps). The controller answers
-//!    Welcome: the heartbeat interval (see [`crate::liveness`]), its clock,
+//!    Welcome: the heartbeat interval (see [`crate::link::liveness`]), its clock,
 //!    and `renew_cert_after_unix`.
 //! 2. Agent sends a Heartbeat every interval. Each is stored as the node's
 //!    latest state (`nodes` columns) and refreshes `last_seen_at`.
 //! 3. Commands (Deploy, Rollback, ...) are queued on the stream only after
 //!    the Welcome. The agent's Progress and CommandResult are handed to the
-//!    deployment that sent the command ([`crate::deploy::Commands`]), and
+//!    deployment that sent the command ([`crate::rollout::Commands`]), and
 //!    only if the command was sent to this node.
 //! 4. The controller closes the stream with a status when the node is
 //!    revoked (PERMISSION_DENIED), the node opened a newer session (ABORTED),
@@ -26,7 +26,7 @@
 //! # Renew contract
 //!
 //! `Renew(csr_pem)` over mTLS with a current certificate returns a new
-//! certificate for the same node (validity [`crate::ca::NODE_CERT_VALIDITY`]
+//! certificate for the same node (validity [`crate::pki::ca::NODE_CERT_VALIDITY`]
 //! by default). Both certificates work until each expires; the agent writes
 //! the new one and uses it from its next connection, without dropping the
 //! open session. Audited as CERT_RENEWED / CERT_RENEW_REFUSED.
@@ -46,12 +46,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
-use crate::ca::{Ca, CaError};
-use crate::crypto;
-use crate::deploy::Commands;
+use crate::pki::ca::{Ca, CaError};
+use crate::pki::crypto;
+use crate::rollout::Commands;
 use crate::fleet;
-use crate::liveness::{self, HeartbeatPolicy};
-use crate::registry::{CloseReason, SessionHandle, Sessions};
+use crate::link::liveness::{self, HeartbeatPolicy};
+use crate::link::registry::{CloseReason, SessionHandle, Sessions};
 use crate::store::{self, HeartbeatRecord, PeerCert, Store, StoreError};
 
 /// An agent must send its Hello this soon after opening the stream.
@@ -138,7 +138,7 @@ impl Default for LinkSettings {
     fn default() -> Self {
         Self {
             heartbeat: HeartbeatPolicy::default(),
-            cert_validity: crate::ca::NODE_CERT_VALIDITY,
+            cert_validity: crate::pki::ca::NODE_CERT_VALIDITY,
         }
     }
 }

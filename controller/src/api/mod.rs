@@ -1,8 +1,8 @@
 //! The Control service: the controller API the `slipway` CLI calls, on the
 //! same TLS port as the agents. The caller is an API token in
-//! `authorization: Bearer …` metadata (see [`crate::apitoken`]) or, without
+//! `authorization: Bearer …` metadata (see [`crate::auth::apitoken`]) or, without
 //! one, an operator client certificate presented in the TLS handshake (see
-//! [`crate::operator`]); both carry scopes.
+//! [`crate::auth::operator`]); both carry scopes.
 //!
 //! Every refused call (no or unknown token or certificate, a scope that does
 //! not cover the app, an upload whose bytes do not match its digest) is
@@ -23,13 +23,13 @@ use slipway_proto::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::apitoken::{self, ApiTokenError, Caller};
+use crate::auth::apitoken::{self, ApiTokenError, Caller};
 use crate::artifacts::{self, ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
-use crate::deploy::{self, Action, Answer, Commands, Plan, Target};
+use crate::rollout::{self, Action, Answer, Commands, Plan, Target};
 use crate::fleet;
-use crate::operator::{self, OperatorError};
-use crate::registry::Sessions;
+use crate::auth::operator::{self, OperatorError};
+use crate::link::registry::Sessions;
 use crate::store::{Store, StoreError};
 
 /// How long a refreshed FleetStatus waits for the nodes' fresh heartbeats.
@@ -84,8 +84,8 @@ impl From<OperatorError> for ApiError {
     }
 }
 
-impl From<deploy::RolloutError> for ApiError {
-    fn from(err: deploy::RolloutError) -> Self {
+impl From<rollout::RolloutError> for ApiError {
+    fn from(err: rollout::RolloutError) -> Self {
         Self::Invalid(err.to_string())
     }
 }
@@ -305,7 +305,7 @@ impl ControlService {
         &self,
         plan: Plan,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let mut events = deploy::start(&self.store, &self.sessions, &self.commands, plan)
+        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan)
             .await
             .map_err(ApiError::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -330,7 +330,7 @@ impl ControlService {
         action: Action,
         rollout: Option<&slipway_proto::v1::Rollout>,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let rollout = deploy::Rollout::from_proto(rollout).map_err(ApiError::from)?;
+        let rollout = rollout::Rollout::from_proto(rollout).map_err(ApiError::from)?;
         let what = format!("{verb} app {app}");
         let caller = self
             .authorize(request, &what, |c| c.can_deploy(app))
@@ -356,7 +356,7 @@ impl ControlService {
     ) -> Result<std::collections::HashMap<String, fleet::RefreshAnswer>, ApiError> {
         let prefix = format!(
             "s-{}",
-            crate::crypto::random_hex::<8>().map_err(StoreError::from)?
+            crate::pki::crypto::random_hex::<8>().map_err(StoreError::from)?
         );
         let mut asks = tokio::task::JoinSet::new();
         for node_id in self.store.live_node_ids().await? {
@@ -548,9 +548,9 @@ impl Control for ControlService {
             } else {
                 check_artifact_url(&req.artifact_url)?;
             }
-            let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())?;
+            let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
             let release_id = if req.release_id.is_empty() {
-                deploy::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
+                rollout::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
             } else {
                 req.release_id.clone()
             };
@@ -586,7 +586,7 @@ impl Control for ControlService {
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
         let req = request.into_inner();
-        let rollout = deploy::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
+        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
         let targets = self.select(req.selector.as_ref()).await?;
         let plan = Plan {
             app: req.app,

@@ -56,7 +56,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::audit::{self, AuditEvent};
-use crate::registry::Sessions;
+use crate::link::registry::Sessions;
 use crate::store::{NewDeployment, NewDeploymentNode, Store, StoreError};
 
 /// Longest a node may take to answer a command.
@@ -687,7 +687,7 @@ pub async fn start(
     commands: &Commands,
     plan: Plan,
 ) -> Result<mpsc::Receiver<DeployEvent>, StoreError> {
-    let deployment_id = format!("d-{}", crate::crypto::random_hex::<8>()?);
+    let deployment_id = format!("d-{}", crate::pki::crypto::random_hex::<8>()?);
     let batches = plan.rollout.batches(plan.targets.len());
     let command_ids: Vec<String> = plan
         .targets

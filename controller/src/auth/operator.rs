@@ -15,10 +15,10 @@
 
 use std::time::Duration;
 
-use crate::apitoken::{self, ApiTokenError, Caller, Scope};
+use crate::auth::apitoken::{self, ApiTokenError, Caller, Scope};
 use crate::audit::{self, AuditEvent};
-use crate::ca::{Ca, CaError};
-use crate::crypto::{self, CryptoError};
+use crate::pki::ca::{Ca, CaError};
+use crate::pki::crypto::{self, CryptoError};
 use crate::store::{OperatorRow, Store, StoreError};
 
 /// Default lifetime of an operator certificate.

@@ -17,7 +17,7 @@ use sqlx::sqlite::{
 use sqlx::{Executor as _, Row as _};
 
 use crate::audit::{AuditEvent, AuditRecord};
-use crate::crypto::{self, CryptoError};
+use crate::pki::crypto::{self, CryptoError};
 use crate::fleet::{App, Metrics};
 
 /// File name of the database inside the data dir.
@@ -25,12 +25,12 @@ pub const DB_FILE: &str = "controller.db";
 
 /// Embedded migrations; entry `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/0001_init.sql"),
-    include_str!("../migrations/0002_heartbeat_certs.sql"),
-    include_str!("../migrations/0003_api_deployments.sql"),
-    include_str!("../migrations/0004_rollouts.sql"),
-    include_str!("../migrations/0005_operators.sql"),
-    include_str!("../migrations/0006_unique_node_names.sql"),
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_heartbeat_certs.sql"),
+    include_str!("../../migrations/0003_api_deployments.sql"),
+    include_str!("../../migrations/0004_rollouts.sql"),
+    include_str!("../../migrations/0005_operators.sql"),
+    include_str!("../../migrations/0006_unique_node_names.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while

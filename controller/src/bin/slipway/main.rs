@@ -6,8 +6,6 @@
 //! or any other error; 64 bad arguments. `slipway status` exits 1 when a
 //! node is not online or an app not healthy, naming each.
 
-// In a directory of its own: a file directly in src/bin would be a binary.
-#[path = "slipway/progress.rs"]
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -355,7 +353,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    slipway_controller::crypto::install_default_provider();
+    slipway_controller::pki::crypto::install_default_provider();
     let runtime = match slipway_controller::cli::runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -783,7 +781,7 @@ async fn audit(api: &mut Api, args: &AuditArgs) -> anyhow::Result<ExitCode> {
 /// `--since`: a duration back from `now` (`90s`, `30m`, `1h`, `7d`) or an
 /// RFC 3339 time, as seconds since the epoch.
 fn since_unix(since: &str, now: i64) -> Result<i64, Usage> {
-    if let Ok(ago) = slipway_controller::token::parse_ttl(since) {
+    if let Ok(ago) = slipway_controller::auth::token::parse_ttl(since) {
         return Ok(now.saturating_sub(i64::try_from(ago.as_secs()).unwrap_or(i64::MAX)));
     }
     time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)

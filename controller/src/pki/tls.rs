@@ -5,7 +5,7 @@
 //! yet; but any certificate that *is* presented must chain to our CA and be
 //! within its validity, or the handshake fails. The AgentLink handlers then
 //! refuse every request whose connection carries no verified certificate
-//! (see [`crate::session`]). A second port just for enrollment would also
+//! (see [`crate::link::session`]). A second port just for enrollment would also
 //! work, but would double the firewall rules and cloud-init settings for
 //! every droplet.
 //!
@@ -27,8 +27,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::audit::{self, AuditEvent};
-use crate::ca::{Ca, ServerIdentity};
-use crate::crypto;
+use crate::pki::ca::{Ca, ServerIdentity};
+use crate::pki::crypto;
 use crate::store::Store;
 
 /// A client that has not finished its handshake by then is dropped, so idle

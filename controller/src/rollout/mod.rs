@@ -1,0 +1,5 @@
+//! Deployments across the fleet: the rollout policy and its executor.
+
+mod executor;
+
+pub use executor::*;
