@@ -220,8 +220,8 @@ impl Artifacts {
         tokio::fs::create_dir_all(&self.dir)
             .await
             .map_err(io_err(&self.dir))?;
-        let suffix =
-            crate::pki::crypto::random_hex::<8>().map_err(|e| io_err(&self.dir)(io::Error::other(e)))?;
+        let suffix = crate::pki::crypto::random_hex::<8>()
+            .map_err(|e| io_err(&self.dir)(io::Error::other(e)))?;
         let temp = self.dir.join(format!(".upload-{suffix}"));
         let file = tokio::fs::OpenOptions::new()
             .write(true)

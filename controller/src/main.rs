@@ -4,15 +4,15 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use slipway_controller::pki::ca::Ca;
+use slipway_controller::auth::{apitoken, operator, token};
 use slipway_controller::cli::{
     Cli, Command, ListArgs, NodeCommand, NodeRevokeArgs, NodesArgs, OperatorCommand,
     OperatorCreateArgs, RevokeArgs, ServeArgs, TokenApiArgs, TokenCommand, TokenCreateArgs,
 };
 use slipway_controller::config::{ConfigError, RawConfig, ServeConfig};
-use slipway_controller::store::Store;
-use slipway_controller::auth::{apitoken, operator, token};
+use slipway_controller::pki::ca::Ca;
 use slipway_controller::pki::crypto;
+use slipway_controller::store::Store;
 use slipway_controller::{fleet, server};
 
 use slipway_controller::cli::EXIT_USAGE;

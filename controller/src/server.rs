@@ -22,14 +22,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ControlService;
 use crate::artifacts::Artifacts;
-use crate::pki::ca::{Ca, CaError};
 use crate::config::ServeConfig;
-use crate::rollout::Commands;
 use crate::link::enroll::EnrollmentService;
 use crate::link::registry::{CloseReason, Sessions};
 use crate::link::session::AgentLinkService;
-use crate::store::{Store, StoreError};
+use crate::pki::ca::{Ca, CaError};
 use crate::pki::tls::{self, TlsError};
+use crate::rollout::Commands;
+use crate::store::{Store, StoreError};
 
 /// How often `serve` looks for nodes revoked by another process: the longest
 /// a revoked node's open stream survives when it sends nothing.

@@ -18,8 +18,10 @@ use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
-use slipway_controller::auth::apitoken::{self, Scope};
 use slipway_controller::audit::AuditRecord;
+use slipway_controller::auth::apitoken::{self, Scope};
+use slipway_controller::client;
+use slipway_controller::pki::crypto;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
@@ -27,8 +29,6 @@ use slipway_controller::proto::v1::{
     FetchArtifactRequest, Hello, ListAuditRequest, ListNodesRequest, Outcome, Progress, Selector,
     UploadChunk,
 };
-use slipway_controller::client;
-use slipway_controller::pki::crypto;
 use tokio::net::TcpStream;
 use tonic::transport::Channel;
 use tonic::Code;

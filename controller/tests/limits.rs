@@ -16,7 +16,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use slipway_controller::auth::apitoken::Scope;
+use slipway_controller::client;
 use slipway_controller::fleet;
+use slipway_controller::pki::crypto;
 use slipway_controller::proto::limits;
 use slipway_controller::proto::v1::enrollment_client::EnrollmentClient;
 use slipway_controller::proto::v1::{
@@ -25,8 +27,6 @@ use slipway_controller::proto::v1::{
     NodeMetrics, Progress, PruneRequest, ReleaseInfo, RestartRequest, RollbackRequest, Selector,
     UploadChunk,
 };
-use slipway_controller::client;
-use slipway_controller::pki::crypto;
 use support::{authed, Controller, TEST_TIMEOUT};
 use tonic::Code;
 

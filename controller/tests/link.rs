@@ -19,15 +19,15 @@ use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use slipway_controller::pki::ca::Ca;
+use slipway_controller::fleet;
 use slipway_controller::link::liveness::NodeState;
+use slipway_controller::pki::ca::Ca;
+use slipway_controller::pki::crypto;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::{
     agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics, RenewRequest,
 };
 use slipway_controller::server::{self};
-use slipway_controller::fleet;
-use slipway_controller::pki::crypto;
 use tempfile::TempDir;
 use time::OffsetDateTime;
 use tokio::net::TcpStream;

@@ -23,13 +23,13 @@ use slipway_proto::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::apitoken::{self, ApiTokenError, Caller};
 use crate::artifacts::{self, ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
-use crate::rollout::{self, Action, Answer, Commands, Plan, Target};
-use crate::fleet;
+use crate::auth::apitoken::{self, ApiTokenError, Caller};
 use crate::auth::operator::{self, OperatorError};
+use crate::fleet;
 use crate::link::registry::Sessions;
+use crate::rollout::{self, Action, Answer, Commands, Plan, Target};
 use crate::store::{Store, StoreError};
 
 /// How long a refreshed FleetStatus waits for the nodes' fresh heartbeats.

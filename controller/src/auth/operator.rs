@@ -15,8 +15,8 @@
 
 use std::time::Duration;
 
-use crate::auth::apitoken::{self, ApiTokenError, Caller, Scope};
 use crate::audit::{self, AuditEvent};
+use crate::auth::apitoken::{self, ApiTokenError, Caller, Scope};
 use crate::pki::ca::{Ca, CaError};
 use crate::pki::crypto::{self, CryptoError};
 use crate::store::{OperatorRow, Store, StoreError};

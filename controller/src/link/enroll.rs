@@ -12,10 +12,10 @@ use slipway_proto::v1::{EnrollRequest, EnrollResponse};
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditEvent};
+use crate::auth::token;
 use crate::pki::ca::{Ca, CaError};
 use crate::pki::crypto::{self, CryptoError};
 use crate::store::{self, NewNode, Store, StoreError};
-use crate::auth::token;
 
 /// Why an enrollment was refused. The message goes to the agent and into
 /// the audit log, so it names the problem but never the secret.

@@ -1,0 +1,377 @@
+//! Nodes, their certificates and latest reported state (`nodes`, `node_certs`).
+
+use sqlx::sqlite::SqliteConnection;
+use sqlx::Row as _;
+
+use super::{json_column, json_text, Store, StoreError};
+use crate::fleet::{App, Metrics};
+
+/// A node as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// Controller-assigned id, also the certificate's common name.
+    pub id: String,
+    /// Human-friendly name from enrollment.
+    pub name: String,
+    /// sha256 hex of the node's current certificate.
+    pub cert_fingerprint: String,
+    /// Set when the node was revoked; its certificate is then refused.
+    pub revoked_at: Option<i64>,
+    /// Last time a session was accepted or a heartbeat arrived.
+    pub last_seen_at: Option<i64>,
+}
+
+/// A live certificate and the node it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The node.
+    pub node: NodeRow,
+    /// When this certificate was issued (seconds since the epoch).
+    pub issued_at: i64,
+    /// When it expires.
+    pub expires_at: i64,
+}
+
+/// A heartbeat as stored: protocol fields already turned into JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatRecord<'a> {
+    /// Agent version; empty keeps the stored one (older agents omit it).
+    pub agent_version: &'a str,
+    /// Agent RSS, bytes.
+    pub agent_rss_bytes: u64,
+    /// Host metrics, if the agent sent them.
+    pub metrics: Option<&'a serde_json::Value>,
+    /// JSON array of app states.
+    pub apps: &'a serde_json::Value,
+}
+
+/// A node with its latest reported state, for the fleet view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetRow {
+    /// Node id.
+    pub id: String,
+    /// Node name.
+    pub name: String,
+    /// JSON object of labels.
+    pub labels: serde_json::Value,
+    /// Agent version last reported.
+    pub agent_version: String,
+    /// Enrollment time.
+    pub enrolled_at: i64,
+    /// Revocation time.
+    pub revoked_at: Option<i64>,
+    /// Last Hello or heartbeat.
+    pub last_seen_at: Option<i64>,
+    /// Last heartbeat.
+    pub heartbeat_at: Option<i64>,
+    /// Agent RSS from the last heartbeat.
+    pub agent_rss_bytes: Option<u64>,
+    /// Host metrics from the last heartbeat.
+    pub metrics: Option<Metrics>,
+    /// App states from the last Hello or heartbeat.
+    pub apps: Vec<App>,
+    /// Interval announced in the node's last Welcome.
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Expiry of the node's newest certificate.
+    pub cert_expires_at: i64,
+}
+
+/// Everything recorded about a freshly enrolled node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNode<'a> {
+    /// Controller-assigned id.
+    pub id: &'a str,
+    /// Name from the enrollment request.
+    pub name: &'a str,
+    /// Hex serial of the issued certificate.
+    pub cert_serial: &'a str,
+    /// sha256 hex of the issued certificate.
+    pub cert_fingerprint: &'a str,
+    /// Expiry of the issued certificate.
+    pub cert_expires_at: i64,
+    /// JSON object of labels.
+    pub labels: &'a serde_json::Value,
+    /// Agent version from the request.
+    pub agent_version: &'a str,
+    /// Now.
+    pub enrolled_at: i64,
+}
+
+/// A [`NodeRow`] from a row selecting `id, name, cert_fingerprint,
+/// revoked_at, last_seen_at` of `nodes`.
+fn node_row(row: &sqlx::sqlite::SqliteRow) -> Result<NodeRow, StoreError> {
+    Ok(NodeRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        cert_fingerprint: row.try_get("cert_fingerprint")?,
+        revoked_at: row.try_get("revoked_at")?,
+        last_seen_at: row.try_get("last_seen_at")?,
+    })
+}
+
+impl Store {
+    /// The node holding the certificate with this fingerprint, if any (any
+    /// of its live certificates: the newest or one a renewal superseded).
+    pub async fn node_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<NodeRow>, StoreError> {
+        Ok(self.peer_cert(fingerprint).await?.map(|peer| peer.node))
+    }
+
+    /// The certificate with this fingerprint and the node it belongs to.
+    pub async fn peer_cert(&self, fingerprint: &str) -> Result<Option<PeerCert>, StoreError> {
+        let row = sqlx::query(
+            "SELECT n.id, n.name, n.cert_fingerprint, n.revoked_at, n.last_seen_at,
+                    c.issued_at, c.expires_at
+             FROM node_certs c JOIN nodes n ON n.id = c.node_id
+             WHERE c.fingerprint = ?1",
+        )
+        .bind(fingerprint)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(PeerCert {
+                node: node_row(&row)?,
+                issued_at: row.try_get("issued_at")?,
+                expires_at: row.try_get("expires_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records an accepted session: the Hello's version and apps and the
+    /// heartbeat interval announced. False (nothing written) if the node is
+    /// revoked meanwhile.
+    pub async fn record_session(
+        &self,
+        node_id: &str,
+        now: i64,
+        agent_version: &str,
+        apps: &serde_json::Value,
+        heartbeat_interval_secs: u64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE nodes SET last_seen_at = ?1,
+                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
+                    apps = ?3, heartbeat_interval_secs = ?4
+             WHERE id = ?5 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(agent_version)
+        .bind(apps.to_string())
+        .bind(i64::try_from(heartbeat_interval_secs).unwrap_or(i64::MAX))
+        .bind(node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores the node's latest heartbeat. False (nothing written) if the
+    /// node is revoked: the caller then closes the session.
+    pub async fn record_heartbeat(
+        &self,
+        node_id: &str,
+        now: i64,
+        heartbeat: &HeartbeatRecord<'_>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE nodes SET last_seen_at = ?1, heartbeat_at = ?1,
+                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
+                    agent_rss_bytes = ?3, metrics = ?4, apps = ?5
+             WHERE id = ?6 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(heartbeat.agent_version)
+        .bind(i64::try_from(heartbeat.agent_rss_bytes).unwrap_or(i64::MAX))
+        .bind(heartbeat.metrics.map(serde_json::Value::to_string))
+        .bind(heartbeat.apps.to_string())
+        .bind(node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ids of every revoked node.
+    pub async fn revoked_node_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM nodes WHERE revoked_at IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Ids of every node not revoked, by id.
+    pub async fn live_node_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM nodes WHERE revoked_at IS NULL ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Every node with its latest heartbeat, by name (metrics and apps in
+    /// the [`crate::fleet`] shapes they were stored in).
+    pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, labels, agent_version, enrolled_at, revoked_at, last_seen_at,
+                    heartbeat_at, agent_rss_bytes, metrics, apps, heartbeat_interval_secs,
+                    cert_expires_at
+             FROM nodes ORDER BY name, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let metrics: Option<String> = row.try_get("metrics")?;
+                let rss: Option<i64> = row.try_get("agent_rss_bytes")?;
+                let interval: Option<i64> = row.try_get("heartbeat_interval_secs")?;
+                Ok(FleetRow {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    labels: json_column(&row, "labels", "nodes.labels")?,
+                    agent_version: row.try_get("agent_version")?,
+                    enrolled_at: row.try_get("enrolled_at")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                    last_seen_at: row.try_get("last_seen_at")?,
+                    heartbeat_at: row.try_get("heartbeat_at")?,
+                    agent_rss_bytes: rss.and_then(|v| u64::try_from(v).ok()),
+                    metrics: metrics
+                        .map(|m| json_text(&m, "nodes.metrics"))
+                        .transpose()?,
+                    apps: json_column(&row, "apps", "nodes.apps")?,
+                    heartbeat_interval_secs: interval.and_then(|v| u64::try_from(v).ok()),
+                    cert_expires_at: row.try_get("cert_expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Finds a node by id, or else the live node of that name (names are
+    /// unique among live nodes; revoked nodes are found by id only).
+    pub async fn find_node(&self, id_or_name: &str) -> Result<Vec<NodeRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, cert_fingerprint, revoked_at, last_seen_at FROM nodes
+             WHERE id = ?1
+                OR (name = ?1 AND revoked_at IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = ?1))",
+        )
+        .bind(id_or_name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(node_row).collect()
+    }
+}
+
+/// Records a newly enrolled node on `conn`.
+pub async fn insert_node(
+    conn: &mut SqliteConnection,
+    node: &NewNode<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO nodes (id, name, cert_serial, cert_fingerprint, cert_expires_at, labels,
+                            agent_version, enrolled_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .bind(node.id)
+    .bind(node.name)
+    .bind(node.cert_serial)
+    .bind(node.cert_fingerprint)
+    .bind(node.cert_expires_at)
+    .bind(node.labels.to_string())
+    .bind(node.agent_version)
+    .bind(node.enrolled_at)
+    .execute(&mut *conn)
+    .await?;
+    insert_node_cert(
+        conn,
+        node.id,
+        node.cert_fingerprint,
+        node.cert_serial,
+        node.enrolled_at,
+        node.cert_expires_at,
+    )
+    .await
+}
+
+/// Adds a live certificate of `node_id` (enrollment or renewal); the node's
+/// other certificates stay valid.
+pub async fn insert_node_cert(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    fingerprint: &str,
+    serial: &str,
+    issued_at: i64,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO node_certs (fingerprint, node_id, serial, issued_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(fingerprint)
+    .bind(node_id)
+    .bind(serial)
+    .bind(issued_at)
+    .bind(expires_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// After a renewal: makes the new certificate the node's newest and drops
+/// its certificates that have expired (TLS refuses them anyway). False if
+/// the node was revoked meanwhile.
+pub async fn set_newest_cert(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    fingerprint: &str,
+    serial: &str,
+    expires_at: i64,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE nodes SET cert_fingerprint = ?1, cert_serial = ?2, cert_expires_at = ?3
+         WHERE id = ?4 AND revoked_at IS NULL",
+    )
+    .bind(fingerprint)
+    .bind(serial)
+    .bind(expires_at)
+    .bind(node_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM node_certs WHERE node_id = ?1 AND expires_at <= ?2")
+        .bind(node_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The id and enrollment time of the live (non-revoked) node named `name`,
+/// if any, on `conn`.
+pub async fn live_node_named(
+    conn: &mut SqliteConnection,
+    name: &str,
+) -> Result<Option<(String, i64)>, StoreError> {
+    let row =
+        sqlx::query("SELECT id, enrolled_at FROM nodes WHERE name = ?1 AND revoked_at IS NULL")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
+    row.map(|row| Ok((row.try_get("id")?, row.try_get("enrolled_at")?)))
+        .transpose()
+}
+
+/// Marks a node revoked; false if it already was.
+pub async fn revoke_node(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query("UPDATE nodes SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL")
+        .bind(now)
+        .bind(node_id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
