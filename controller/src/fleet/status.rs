@@ -2,133 +2,18 @@
 //! the database only, so they work from another process while `serve` runs
 //! (SQLite WAL): `slipway-controller nodes` and `node revoke`.
 //!
-//! Heartbeats are stored as JSON in the shapes defined here ([`Metrics`],
-//! [`App`]), converted once from the protocol types and read back into
-//! them by [`Store::fleet`].
+//! Metrics and apps are shown in the shapes the store keeps them in
+//! ([`Metrics`], [`App`]).
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use slipway_proto::limits;
-use slipway_proto::v1::{AppStatus, NodeMetrics};
 
 use crate::audit::{self, AuditEvent};
 use crate::link::liveness::{self, NodeState};
-use crate::store::{self, FleetRow, Store, StoreError};
-
-/// Host metrics as stored and shown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    /// Whole-host CPU usage, 0..100.
-    pub cpu_percent: f64,
-    /// Memory in use, bytes.
-    pub mem_used_bytes: u64,
-    /// Installed memory, bytes.
-    pub mem_total_bytes: u64,
-    /// Load averages.
-    pub load1: f64,
-    /// 5-minute load.
-    pub load5: f64,
-    /// 15-minute load.
-    pub load15: f64,
-    /// Filesystems.
-    #[serde(default)]
-    pub disks: Vec<Disk>,
-}
-
-/// One filesystem.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Disk {
-    /// Mount point.
-    pub mount: String,
-    /// Bytes used.
-    pub used_bytes: u64,
-    /// Size, bytes.
-    pub total_bytes: u64,
-}
-
-/// One app on a node as stored and shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct App {
-    /// App name.
-    pub app: String,
-    /// Release `current` points at.
-    pub current_release: String,
-    /// Last health verdict.
-    pub health: String,
-    /// A deploy/rollback/prune holds the app lock.
-    pub in_progress: bool,
-    /// Releases kept on disk.
-    #[serde(default)]
-    pub releases: Vec<Release>,
-}
-
-/// One release directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Release {
-    /// Release id.
-    pub id: String,
-    /// Lifecycle state.
-    pub status: String,
-    /// Unpacked at (seconds since the epoch).
-    pub created_at_unix: i64,
-    /// Artifact sha256.
-    pub artifact_sha256: String,
-}
-
-impl From<&NodeMetrics> for Metrics {
-    fn from(m: &NodeMetrics) -> Self {
-        Self {
-            cpu_percent: m.cpu_percent,
-            mem_used_bytes: m.mem_used_bytes,
-            mem_total_bytes: m.mem_total_bytes,
-            load1: m.load1,
-            load5: m.load5,
-            load15: m.load15,
-            disks: m
-                .disks
-                .iter()
-                .map(|d| Disk {
-                    mount: d.mount.clone(),
-                    used_bytes: d.used_bytes,
-                    total_bytes: d.total_bytes,
-                })
-                .collect(),
-        }
-    }
-}
-
-impl From<&AppStatus> for App {
-    fn from(a: &AppStatus) -> Self {
-        Self {
-            app: a.app.clone(),
-            current_release: a.current_release.clone(),
-            health: a.health.clone(),
-            in_progress: a.in_progress,
-            releases: a
-                .releases
-                .iter()
-                .map(|r| Release {
-                    id: r.id.clone(),
-                    status: r.status.clone(),
-                    created_at_unix: r.created_at_unix,
-                    artifact_sha256: r.artifact_sha256.clone(),
-                })
-                .collect(),
-        }
-    }
-}
-
-/// The JSON stored for a heartbeat's metrics.
-pub fn metrics_json(metrics: &NodeMetrics) -> serde_json::Value {
-    serde_json::to_value(Metrics::from(metrics)).unwrap_or_default()
-}
-
-/// The JSON stored for a list of app states.
-pub fn apps_json(apps: &[AppStatus]) -> serde_json::Value {
-    serde_json::to_value(apps.iter().map(App::from).collect::<Vec<_>>()).unwrap_or_default()
-}
+use crate::store::{self, App, FleetRow, Metrics, Store, StoreError};
 
 /// One node in `slipway-controller nodes` (also its `--json` shape).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -347,7 +232,7 @@ pub struct Revoked {
 }
 
 /// Revokes the node with this id (or unique name): sets `revoked_at` and
-/// records NODE_REVOKED, in one transaction. A running `serve` refuses the
+/// records NODE_REVOKED, together. A running `serve` refuses the
 /// node's next connection at once and closes a stream it holds within
 /// [`crate::server::REVOCATION_POLL`].
 pub async fn revoke(
@@ -367,23 +252,14 @@ pub async fn revoke(
             })
         }
     };
-    let mut tx = store.begin().await?;
-    let newly = store::revoke_node(&mut tx, &node.id, now).await?;
-    if newly {
-        store::insert_audit(
-            &mut tx,
-            &AuditEvent::success(
-                audit::NODE_REVOKED,
-                actor,
-                "node",
-                &node.id,
-                serde_json::json!({ "name": node.name }),
-            ),
-            now,
-        )
-        .await?;
-    }
-    tx.commit().await.map_err(StoreError::from)?;
+    let event = AuditEvent::success(
+        audit::NODE_REVOKED,
+        actor,
+        "node",
+        &node.id,
+        serde_json::json!({ "name": node.name }),
+    );
+    let newly = store.revoke_node(&node.id, &event, now).await?;
     Ok(Revoked {
         node_id: node.id,
         newly,

@@ -48,7 +48,7 @@ impl Store {
 }
 
 /// Inserts an audit event on `conn` (a pooled connection or a transaction).
-pub async fn insert_audit(
+pub(super) async fn insert_audit(
     conn: &mut SqliteConnection,
     event: &AuditEvent,
     now: i64,

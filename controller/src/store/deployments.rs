@@ -391,7 +391,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::audit::{self, AuditEvent};
-    use crate::store::{insert_node, NewNode, Store};
+    use crate::store::nodes::insert_node;
+    use crate::store::{NewNode, Store};
 
     fn new_deployment<'a>(
         id: &'a str,

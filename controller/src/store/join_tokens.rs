@@ -49,35 +49,32 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
-}
 
-/// Loads a join token by id on `conn`.
-pub async fn join_token(
-    conn: &mut SqliteConnection,
-    id: &str,
-) -> Result<Option<JoinTokenRow>, StoreError> {
-    let row = sqlx::query(
-        "SELECT id, secret_hash, tags, expires_at, used_at FROM join_tokens WHERE id = ?1",
-    )
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
-    row.map(|row| {
-        Ok(JoinTokenRow {
-            id: row.try_get("id")?,
-            secret_hash: row.try_get("secret_hash")?,
-            tags: json_column(&row, "tags", "join_tokens.tags")?,
-            expires_at: row.try_get("expires_at")?,
-            used_at: row.try_get("used_at")?,
+    /// Loads a join token by id.
+    pub async fn join_token(&self, id: &str) -> Result<Option<JoinTokenRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, secret_hash, tags, expires_at, used_at FROM join_tokens WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(JoinTokenRow {
+                id: row.try_get("id")?,
+                secret_hash: row.try_get("secret_hash")?,
+                tags: json_column(&row, "tags", "join_tokens.tags")?,
+                expires_at: row.try_get("expires_at")?,
+                used_at: row.try_get("used_at")?,
+            })
         })
-    })
-    .transpose()
+        .transpose()
+    }
 }
 
 /// Marks a token used if (and only if) it is still unused and unexpired.
 /// Returns false when another enrollment won the race or it just expired:
 /// the `WHERE` makes check-and-set one atomic statement.
-pub async fn use_join_token(
+pub(super) async fn use_join_token(
     conn: &mut SqliteConnection,
     id: &str,
     node_id: &str,
@@ -135,7 +132,7 @@ mod tests {
         assert!(use_join_token(&mut conn, "a", "n1", 50).await.unwrap());
         assert!(!use_join_token(&mut conn, "a", "n2", 51).await.unwrap());
         assert!(!use_join_token(&mut conn, "b", "n3", 100).await.unwrap());
-        let a = join_token(&mut conn, "a").await.unwrap().unwrap();
+        let a = store.join_token("a").await.unwrap().unwrap();
         assert_eq!(a.used_at, Some(50));
         assert_eq!(a.tags, vec!["env:production".to_owned()]);
     }

@@ -27,13 +27,12 @@ mod nodes;
 mod operators;
 
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
-pub use audit::insert_audit;
+use audit::insert_audit;
 pub use controller_state::ControllerStart;
 pub use deployments::{DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode};
-pub use join_tokens::{join_token, use_join_token, JoinTokenRow};
+pub use join_tokens::JoinTokenRow;
 pub use nodes::{
-    insert_node, insert_node_cert, live_node_named, revoke_node, set_newest_cert, FleetRow,
-    HeartbeatRecord, NewNode, NodeRow, PeerCert,
+    App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeRow, PeerCert, Release,
 };
 pub use operators::OperatorRow;
 
@@ -201,13 +200,14 @@ impl Store {
         Ok(())
     }
 
-    /// Starts a transaction, for steps that must happen together
-    /// (using a token and recording the node it enrolled).
+    /// Starts a transaction, for steps that must happen together (using a
+    /// token and recording the node it enrolled). Only the store's own
+    /// methods use transactions: callers see one method per step.
     ///
     /// IMMEDIATE: the transaction reads then writes; a deferred one would
     /// fail at once (SQLITE_BUSY, no busy wait) if another writer got in
     /// between, instead of waiting its turn.
-    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 }

@@ -1,10 +1,135 @@
-//! Nodes, their certificates and latest reported state (`nodes`, `node_certs`).
+//! Nodes, their certificates and latest reported state (`nodes`,
+//! `node_certs`), and enrollment, which uses a join token in the same step.
+//!
+//! Heartbeats are stored as JSON in the shapes defined here ([`Metrics`],
+//! [`App`]), converted once from the protocol types and read back into
+//! them by [`Store::fleet`].
 
+use serde::{Deserialize, Serialize};
+use slipway_proto::v1::{AppStatus, Heartbeat, NodeMetrics};
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row as _;
 
-use super::{json_column, json_text, Store, StoreError};
-use crate::fleet::{App, Metrics};
+use super::join_tokens::use_join_token;
+use super::{insert_audit, json_column, json_text, Store, StoreError};
+use crate::audit::{self, AuditEvent};
+
+/// Host metrics as stored and shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Whole-host CPU usage, 0..100.
+    pub cpu_percent: f64,
+    /// Memory in use, bytes.
+    pub mem_used_bytes: u64,
+    /// Installed memory, bytes.
+    pub mem_total_bytes: u64,
+    /// Load averages.
+    pub load1: f64,
+    /// 5-minute load.
+    pub load5: f64,
+    /// 15-minute load.
+    pub load15: f64,
+    /// Filesystems.
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+}
+
+/// One filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Mount point.
+    pub mount: String,
+    /// Bytes used.
+    pub used_bytes: u64,
+    /// Size, bytes.
+    pub total_bytes: u64,
+}
+
+/// One app on a node as stored and shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    /// App name.
+    pub app: String,
+    /// Release `current` points at.
+    pub current_release: String,
+    /// Last health verdict.
+    pub health: String,
+    /// A deploy/rollback/prune holds the app lock.
+    pub in_progress: bool,
+    /// Releases kept on disk.
+    #[serde(default)]
+    pub releases: Vec<Release>,
+}
+
+/// One release directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// Release id.
+    pub id: String,
+    /// Lifecycle state.
+    pub status: String,
+    /// Unpacked at (seconds since the epoch).
+    pub created_at_unix: i64,
+    /// Artifact sha256.
+    pub artifact_sha256: String,
+}
+
+impl From<&NodeMetrics> for Metrics {
+    fn from(m: &NodeMetrics) -> Self {
+        Self {
+            cpu_percent: m.cpu_percent,
+            mem_used_bytes: m.mem_used_bytes,
+            mem_total_bytes: m.mem_total_bytes,
+            load1: m.load1,
+            load5: m.load5,
+            load15: m.load15,
+            disks: m
+                .disks
+                .iter()
+                .map(|d| Disk {
+                    mount: d.mount.clone(),
+                    used_bytes: d.used_bytes,
+                    total_bytes: d.total_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&AppStatus> for App {
+    fn from(a: &AppStatus) -> Self {
+        Self {
+            app: a.app.clone(),
+            current_release: a.current_release.clone(),
+            health: a.health.clone(),
+            in_progress: a.in_progress,
+            releases: a
+                .releases
+                .iter()
+                .map(|r| Release {
+                    id: r.id.clone(),
+                    status: r.status.clone(),
+                    created_at_unix: r.created_at_unix,
+                    artifact_sha256: r.artifact_sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The JSON stored for a heartbeat's metrics.
+fn metrics_json(metrics: &NodeMetrics) -> String {
+    serde_json::to_value(Metrics::from(metrics))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The JSON stored for a list of app states.
+fn apps_json(apps: &[AppStatus]) -> String {
+    serde_json::to_value(apps.iter().map(App::from).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .to_string()
+}
 
 /// A node as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,19 +155,6 @@ pub struct PeerCert {
     pub issued_at: i64,
     /// When it expires.
     pub expires_at: i64,
-}
-
-/// A heartbeat as stored: protocol fields already turned into JSON.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeartbeatRecord<'a> {
-    /// Agent version; empty keeps the stored one (older agents omit it).
-    pub agent_version: &'a str,
-    /// Agent RSS, bytes.
-    pub agent_rss_bytes: u64,
-    /// Host metrics, if the agent sent them.
-    pub metrics: Option<&'a serde_json::Value>,
-    /// JSON array of app states.
-    pub apps: &'a serde_json::Value,
 }
 
 /// A node with its latest reported state, for the fleet view.
@@ -97,6 +209,42 @@ pub struct NewNode<'a> {
     pub enrolled_at: i64,
 }
 
+/// A node to record together with the join token it used: see
+/// [`Store::enroll_node`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEnrollment<'a> {
+    /// The join token (its id); the caller checked its secret.
+    pub token_id: &'a str,
+    /// The node and its first certificate.
+    pub node: NewNode<'a>,
+    /// `enroll --replace`: revoke the live node of the same name instead
+    /// of refusing.
+    pub replace: bool,
+    /// The NODE_ENROLLED event.
+    pub event: &'a AuditEvent,
+}
+
+/// How [`Store::enroll_node`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrolled {
+    /// The node is recorded; `replaced` is the live node of that name it
+    /// revoked (`replace`), if there was one.
+    Node {
+        /// Id of the replaced node.
+        replaced: Option<String>,
+    },
+    /// The token was used, or expired, meanwhile: nothing recorded.
+    TokenSpent,
+    /// A live node has the name and `replace` was not asked: nothing
+    /// recorded (the token stays unused).
+    NameTaken {
+        /// That node's id.
+        existing: String,
+        /// When it enrolled.
+        enrolled_at: i64,
+    },
+}
+
 /// A [`NodeRow`] from a row selecting `id, name, cert_fingerprint,
 /// revoked_at, last_seen_at` of `nodes`.
 fn node_row(row: &sqlx::sqlite::SqliteRow) -> Result<NodeRow, StoreError> {
@@ -148,7 +296,7 @@ impl Store {
         node_id: &str,
         now: i64,
         agent_version: &str,
-        apps: &serde_json::Value,
+        apps: &[AppStatus],
         heartbeat_interval_secs: u64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
@@ -159,7 +307,7 @@ impl Store {
         )
         .bind(now)
         .bind(agent_version)
-        .bind(apps.to_string())
+        .bind(apps_json(apps))
         .bind(i64::try_from(heartbeat_interval_secs).unwrap_or(i64::MAX))
         .bind(node_id)
         .execute(&self.pool)
@@ -167,13 +315,14 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Stores the node's latest heartbeat. False (nothing written) if the
+    /// Stores the node's latest heartbeat (the agent's clock in it is not
+    /// kept: `now` is the controller's). False (nothing written) if the
     /// node is revoked: the caller then closes the session.
     pub async fn record_heartbeat(
         &self,
         node_id: &str,
         now: i64,
-        heartbeat: &HeartbeatRecord<'_>,
+        heartbeat: &Heartbeat,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE nodes SET last_seen_at = ?1, heartbeat_at = ?1,
@@ -182,10 +331,10 @@ impl Store {
              WHERE id = ?6 AND revoked_at IS NULL",
         )
         .bind(now)
-        .bind(heartbeat.agent_version)
+        .bind(&heartbeat.agent_version)
         .bind(i64::try_from(heartbeat.agent_rss_bytes).unwrap_or(i64::MAX))
-        .bind(heartbeat.metrics.map(serde_json::Value::to_string))
-        .bind(heartbeat.apps.to_string())
+        .bind(heartbeat.metrics.as_ref().map(metrics_json))
+        .bind(apps_json(&heartbeat.apps))
         .bind(node_id)
         .execute(&self.pool)
         .await?;
@@ -211,7 +360,7 @@ impl Store {
     }
 
     /// Every node with its latest heartbeat, by name (metrics and apps in
-    /// the [`crate::fleet`] shapes they were stored in).
+    /// the shapes they were stored in, [`Metrics`] and [`App`]).
     pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, labels, agent_version, enrolled_at, revoked_at, last_seen_at,
@@ -261,10 +410,98 @@ impl Store {
         .await?;
         rows.iter().map(node_row).collect()
     }
+
+    /// Records an enrolled node in one transaction: uses the join token
+    /// (only if still unused and unexpired at `node.enrolled_at`), refuses
+    /// a name a live node has unless `replace` (then that node is revoked
+    /// and NODE_REPLACED recorded, the new node as actor), inserts the node
+    /// with its first certificate and records `event`. Nothing is recorded
+    /// unless it ends [`Enrolled::Node`].
+    pub async fn enroll_node(
+        &self,
+        enrollment: &NewEnrollment<'_>,
+    ) -> Result<Enrolled, StoreError> {
+        let node = &enrollment.node;
+        let now = node.enrolled_at;
+        let mut tx = self.begin().await?;
+        if !use_join_token(&mut tx, enrollment.token_id, node.id, now).await? {
+            return Ok(Enrolled::TokenSpent);
+        }
+        // Names are unique among live nodes: a second `n1` would make every
+        // `--node n1` ambiguous. Replacing is explicit and audited.
+        let replaced = match live_node_named(&mut tx, node.name).await? {
+            None => None,
+            Some((existing, _)) if enrollment.replace => {
+                revoke_node(&mut tx, &existing, now).await?;
+                Some(existing)
+            }
+            Some((existing, enrolled_at)) => {
+                return Ok(Enrolled::NameTaken {
+                    existing,
+                    enrolled_at,
+                })
+            }
+        };
+        insert_node(&mut tx, node).await?;
+        insert_audit(&mut tx, enrollment.event, now).await?;
+        if let Some(old) = &replaced {
+            let event = AuditEvent::success(
+                audit::NODE_REPLACED,
+                node.id,
+                "node",
+                old,
+                serde_json::json!({ "name": node.name, "replaced_by": node.id }),
+            );
+            insert_audit(&mut tx, &event, now).await?;
+        }
+        tx.commit().await?;
+        Ok(Enrolled::Node { replaced })
+    }
+
+    /// Records a renewed certificate of `node_id` issued `now`, in one
+    /// transaction: adds it to the node's live certificates (the others
+    /// stay valid), makes it the newest, drops the node's expired ones and
+    /// records `event`. False (nothing recorded) if the node is revoked.
+    pub async fn renew_node_cert(
+        &self,
+        node_id: &str,
+        fingerprint: &str,
+        serial: &str,
+        expires_at: i64,
+        event: &AuditEvent,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        insert_node_cert(&mut tx, node_id, fingerprint, serial, now, expires_at).await?;
+        if !set_newest_cert(&mut tx, node_id, fingerprint, serial, expires_at, now).await? {
+            // Revoked meanwhile; dropping `tx` rolls back.
+            return Ok(false);
+        }
+        insert_audit(&mut tx, event, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Marks a node revoked and records `event`, together; false (nothing
+    /// recorded) if it already was revoked.
+    pub async fn revoke_node(
+        &self,
+        node_id: &str,
+        event: &AuditEvent,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        if !revoke_node(&mut tx, node_id, now).await? {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, event, now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
 }
 
 /// Records a newly enrolled node on `conn`.
-pub async fn insert_node(
+pub(super) async fn insert_node(
     conn: &mut SqliteConnection,
     node: &NewNode<'_>,
 ) -> Result<(), StoreError> {
@@ -296,7 +533,7 @@ pub async fn insert_node(
 
 /// Adds a live certificate of `node_id` (enrollment or renewal); the node's
 /// other certificates stay valid.
-pub async fn insert_node_cert(
+pub(super) async fn insert_node_cert(
     conn: &mut SqliteConnection,
     node_id: &str,
     fingerprint: &str,
@@ -321,7 +558,7 @@ pub async fn insert_node_cert(
 /// After a renewal: makes the new certificate the node's newest and drops
 /// its certificates that have expired (TLS refuses them anyway). False if
 /// the node was revoked meanwhile.
-pub async fn set_newest_cert(
+pub(super) async fn set_newest_cert(
     conn: &mut SqliteConnection,
     node_id: &str,
     fingerprint: &str,
@@ -349,7 +586,7 @@ pub async fn set_newest_cert(
 
 /// The id and enrollment time of the live (non-revoked) node named `name`,
 /// if any, on `conn`.
-pub async fn live_node_named(
+pub(super) async fn live_node_named(
     conn: &mut SqliteConnection,
     name: &str,
 ) -> Result<Option<(String, i64)>, StoreError> {
@@ -363,7 +600,7 @@ pub async fn live_node_named(
 }
 
 /// Marks a node revoked; false if it already was.
-pub async fn revoke_node(
+pub(super) async fn revoke_node(
     conn: &mut SqliteConnection,
     node_id: &str,
     now: i64,

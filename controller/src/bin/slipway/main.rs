@@ -682,7 +682,7 @@ async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
 async fn releases(api: &mut Api, args: &ReleasesArgs) -> anyhow::Result<ExitCode> {
     let nodes = fetch_nodes(api).await?;
     // (node, its state of the app) for every node that has the app.
-    let rows: Vec<(&NodeView, &fleet::App)> = nodes
+    let rows: Vec<(&NodeView, &slipway_controller::store::App)> = nodes
         .iter()
         .filter_map(|n| n.apps.iter().find(|a| a.app == args.app).map(|a| (n, a)))
         .collect();
