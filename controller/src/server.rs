@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ControlService;
 use crate::artifacts::Artifacts;
+use crate::audit::{self, AuditEvent};
 use crate::config::ServeConfig;
 use crate::link::enroll::EnrollmentService;
 use crate::link::registry::{CloseReason, Sessions};
@@ -143,12 +144,32 @@ pub async fn serve(
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(AgentLinkServer::new(link))
         .add_service(ControlServer::new(control))
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls_config, store), shutdown)
+        .serve_with_incoming_shutdown(
+            tls::incoming(listener, tls_config, move |peer, why| {
+                audit_refused_certificate(store.clone(), peer, why)
+            }),
+            shutdown,
+        )
         .await;
     stop_polling.cancel();
     let _ = poller.await;
     served?;
     Ok(())
+}
+
+/// Records a TLS handshake refused for its client certificate.
+async fn audit_refused_certificate(store: Store, peer: SocketAddr, message: String) {
+    let event = AuditEvent::error(
+        audit::CLIENT_CERT_REFUSED,
+        peer.to_string(),
+        "connection",
+        peer.to_string(),
+        serde_json::json!({ "peer": peer.to_string() }),
+        message,
+    );
+    if let Err(err) = store.audit(&event, crate::now_unix()).await {
+        tracing::error!(%err, "could not record audit event");
+    }
 }
 
 /// Closes the sessions of revoked nodes until `stop` is cancelled.
