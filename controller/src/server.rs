@@ -24,12 +24,12 @@ use crate::api::ControlService;
 use crate::artifacts::Artifacts;
 use crate::audit::{self, AuditEvent};
 use crate::config::ServeConfig;
+use crate::link::commands::Commands;
 use crate::link::enroll::EnrollmentService;
 use crate::link::registry::{CloseReason, Sessions};
 use crate::link::session::AgentLinkService;
 use crate::pki::ca::{Ca, CaError};
 use crate::pki::tls::{self, TlsError};
-use crate::rollout::Commands;
 use crate::store::{Store, StoreError};
 
 /// How often `serve` looks for nodes revoked by another process: the longest

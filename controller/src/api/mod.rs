@@ -28,8 +28,9 @@ use crate::audit::{self, AuditEvent};
 use crate::auth::apitoken::{self, ApiTokenError, Caller};
 use crate::auth::operator::{self, OperatorError};
 use crate::fleet;
+use crate::link::commands::{Answer, Commands};
 use crate::link::registry::Sessions;
-use crate::rollout::{self, Action, Answer, Commands, Plan, Target};
+use crate::rollout::{self, Action, Plan, Target};
 use crate::store::{Store, StoreError};
 
 /// How long a refreshed FleetStatus waits for the nodes' fresh heartbeats.

@@ -1,6 +1,8 @@
 //! The agent link: enrollment, the agents' sessions, the registry of live
-//! sessions and the heartbeat rules.
+//! sessions, the routing of commands and their answers, and the heartbeat
+//! rules.
 
+pub mod commands;
 pub mod enroll;
 pub mod liveness;
 pub mod registry;

@@ -46,11 +46,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
+use crate::link::commands::Commands;
 use crate::link::liveness::{self, HeartbeatPolicy};
 use crate::link::registry::{CloseReason, SessionHandle, Sessions};
 use crate::pki::ca::{Ca, CaError};
 use crate::pki::crypto;
-use crate::rollout::Commands;
 use crate::store::{PeerCert, Store, StoreError};
 
 /// An agent must send its Hello this soon after opening the stream.
