@@ -213,7 +213,7 @@ fn node_names_are_unique_checked_and_escaped() {
 /// Enrolls `name` over gRPC with no client-side check, as a hostile agent
 /// would; the controller's refusal.
 async fn raw_enroll(controller: &Controller, name: &str) -> tonic::Status {
-    use slipway_controller::client;
+    use slipway_controller::proto::client;
     use slipway_controller::proto::v1::enrollment_client::EnrollmentClient;
     use slipway_controller::proto::v1::EnrollRequest;
     slipway_controller::pki::crypto::install_default_provider();

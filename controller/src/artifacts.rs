@@ -101,15 +101,8 @@ impl From<ArtifactError> for Status {
 /// Checks that `sha256` is a digest as stored (64 lowercase hex), so it can
 /// never name a path outside the store.
 pub fn check_digest(sha256: &str) -> Result<(), ArtifactError> {
-    if sha256.len() == 64
-        && sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(())
-    } else {
-        Err(ArtifactError::BadDigest(sha256.to_owned()))
-    }
+    slipway_proto::limits::check_sha256("sha256", sha256)
+        .map_err(|_| ArtifactError::BadDigest(sha256.to_owned()))
 }
 
 /// Turns an I/O error on `path` into [`ArtifactError::Io`].

@@ -51,7 +51,6 @@ pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod fleet;
 pub mod link;

@@ -15,10 +15,10 @@ use slipway_controller::pki::crypto;
 use slipway_controller::store::Store;
 use slipway_controller::{fleet, server};
 
-use slipway_controller::cli::EXIT_USAGE;
+use slipway_proto::cli::EXIT_USAGE;
 
 fn main() -> ExitCode {
-    let cli: Cli = match slipway_controller::cli::parse() {
+    let cli: Cli = match slipway_proto::cli::parse() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
@@ -31,14 +31,14 @@ fn main() -> ExitCode {
         .init();
     crypto::install_default_provider();
 
-    let runtime = match slipway_controller::cli::runtime() {
+    let runtime = match slipway_proto::cli::runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", slipway_controller::cli::error_text(&err));
+            eprintln!("error: {}", slipway_proto::cli::error_text(err.as_ref()));
             let usage = err.chain().any(|e| {
                 e.is::<ConfigError>()
                     || matches!(
@@ -87,10 +87,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn nodes(args: NodesArgs) -> anyhow::Result<()> {
     let store = open_store(&args.data_dir).await?;
     let nodes = fleet::nodes(&store, now()).await?;
+    let nodes: Vec<slipway_proto::v1::NodeView> = nodes.iter().map(Into::into).collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        println!("{}", slipway_proto::view::nodes_json(&nodes)?);
     } else {
-        print!("{}", fleet::render_table(&nodes));
+        print!("{}", slipway_proto::view::render_table(&nodes));
     }
     Ok(())
 }

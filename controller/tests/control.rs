@@ -20,8 +20,8 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use slipway_controller::audit::AuditRecord;
 use slipway_controller::auth::apitoken::{self, Scope};
-use slipway_controller::client;
 use slipway_controller::pki::crypto;
+use slipway_controller::proto::client;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
@@ -97,7 +97,7 @@ async fn token_scopes_are_enforced_and_refusals_audited() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(nodes.nodes_json, "[]");
+    assert!(nodes.nodes.is_empty(), "{:?}", nodes.nodes);
     let err = upload(&mut control, &read, &sha, &data).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let err = control

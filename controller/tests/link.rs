@@ -435,7 +435,8 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
     assert_eq!(view.apps[0].health, "healthy");
     assert_eq!(view.labels["env"], "production");
 
-    let table = fleet::render_table(std::slice::from_ref(&view));
+    let wire = slipway_controller::proto::v1::NodeView::from(&view);
+    let table = slipway_controller::proto::view::render_table(std::slice::from_ref(&wire));
     for expected in [
         node_id.as_str(),
         "web-1",
@@ -452,9 +453,10 @@ async fn heartbeat_is_stored_and_shown_in_nodes() {
             "{expected:?} missing from\n{table}"
         );
     }
-    let json = serde_json::to_value(&view).unwrap();
-    assert_eq!(json["state"], "online");
-    assert_eq!(json["agent_rss_bytes"], 24 * 1024 * 1024);
+    let json = slipway_controller::proto::view::nodes_json(&[wire]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json[0]["state"], "online");
+    assert_eq!(json[0]["agent_rss_bytes"], 24 * 1024 * 1024);
 
     drop(session.outbound);
     assert!(session.inbound.message().await.unwrap().is_none());

@@ -20,6 +20,13 @@
 //! - [`join_token`] — the `slw1.<id>.<secret>.<ca-sha256>` join token
 //!   format, shared by the controller (prints tokens) and the agent (reads
 //!   the pinned CA fingerprint before trusting the controller).
+//! - [`crypto`] — the one rustls backend (ring) of every TLS connection.
+//! - With the `cli` feature, what the command-line binaries (`slipway`,
+//!   `slipway-controller`) share: `client` (the Control API channel: TLS
+//!   trusting the controller's CA, an API token or operator certificate),
+//!   `view` (the fleet view and status summary as text and `--json`) and
+//!   `cli` (flag parsing with exit code 64, the runtime, the `error:` line,
+//!   durations like `7d`).
 //! - `build.rs` — compiles the .proto with `protox` (pure Rust, no system
 //!   `protoc`) and generates code with `tonic-prost-build`.
 //! - [`v1`] — everything generated for package `slipway.v1`:
@@ -38,8 +45,15 @@
 //! renumber or reuse one; breaking changes go in a new `slipway.v2` package
 //! next to `v1`.
 
+#[cfg(feature = "cli")]
+pub mod cli;
+#[cfg(feature = "cli")]
+pub mod client;
+pub mod crypto;
 pub mod join_token;
 pub mod limits;
+#[cfg(feature = "cli")]
+pub mod view;
 
 /// Generated code for protobuf package `slipway.v1` (messages, enums, and
 /// the `Enrollment` / `AgentLink` clients and servers).

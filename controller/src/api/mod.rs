@@ -464,9 +464,9 @@ impl Control for ControlService {
             .await
             .map_err(ApiError::from)?;
         fleet::apply_sessions(&mut nodes, |id| self.sessions.contains(id));
-        let nodes_json = serde_json::to_string(&nodes)
-            .map_err(|err| Status::internal(format!("encoding the fleet view: {err}")))?;
-        Ok(Response::new(ListNodesResponse { nodes_json }))
+        Ok(Response::new(ListNodesResponse {
+            nodes: nodes.iter().map(Into::into).collect(),
+        }))
     }
 
     async fn list_audit(
@@ -687,9 +687,9 @@ impl Control for ControlService {
                 now,
             },
         );
-        let status_json = serde_json::to_string(&status)
-            .map_err(|err| Status::internal(format!("encoding the fleet status: {err}")))?;
-        Ok(Response::new(FleetStatusResponse { status_json }))
+        Ok(Response::new(FleetStatusResponse {
+            status: Some((&status).into()),
+        }))
     }
 }
 

@@ -46,7 +46,7 @@ pub struct NewDeploymentNode<'a> {
 
 /// A recorded deployment (deploy, rollback, restart or prune) with its
 /// per-node results, for `slipway status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeploymentRecord {
     /// `d-…`.
     pub id: String,
@@ -71,7 +71,7 @@ pub struct DeploymentRecord {
 }
 
 /// How one node of a recorded deployment ended.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeploymentNodeRecord {
     /// Node id.
     pub node_id: String,

@@ -6,7 +6,7 @@
 //! them by [`Store::fleet`].
 
 use serde::{Deserialize, Serialize};
-use slipway_proto::v1::{AppStatus, Heartbeat, NodeMetrics};
+use slipway_proto::v1::{AppStatus, DiskUsage, Heartbeat, NodeMetrics, ReleaseInfo};
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row as _;
 
@@ -107,6 +107,49 @@ impl From<&AppStatus> for App {
                 .releases
                 .iter()
                 .map(|r| Release {
+                    id: r.id.clone(),
+                    status: r.status.clone(),
+                    created_at_unix: r.created_at_unix,
+                    artifact_sha256: r.artifact_sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&Metrics> for NodeMetrics {
+    fn from(m: &Metrics) -> Self {
+        Self {
+            cpu_percent: m.cpu_percent,
+            mem_used_bytes: m.mem_used_bytes,
+            mem_total_bytes: m.mem_total_bytes,
+            load1: m.load1,
+            load5: m.load5,
+            load15: m.load15,
+            disks: m
+                .disks
+                .iter()
+                .map(|d| DiskUsage {
+                    mount: d.mount.clone(),
+                    used_bytes: d.used_bytes,
+                    total_bytes: d.total_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&App> for AppStatus {
+    fn from(a: &App) -> Self {
+        Self {
+            app: a.app.clone(),
+            current_release: a.current_release.clone(),
+            health: a.health.clone(),
+            in_progress: a.in_progress,
+            releases: a
+                .releases
+                .iter()
+                .map(|r| ReleaseInfo {
                     id: r.id.clone(),
                     status: r.status.clone(),
                     created_at_unix: r.created_at_unix,

@@ -16,10 +16,10 @@ use slipway_agent::link;
 use slipway_controller::audit::AuditRecord;
 use slipway_controller::auth::apitoken::{self, Scope};
 use slipway_controller::auth::token;
-use slipway_controller::client;
 use slipway_controller::config::ServeConfig;
 use slipway_controller::pki::ca::Ca;
 use slipway_controller::pki::crypto;
+use slipway_controller::proto::client;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{

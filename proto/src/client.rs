@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::pki::crypto;
+use crate::crypto;
 
 /// Errors setting up the connection.
 #[derive(Debug, thiserror::Error)]
