@@ -46,18 +46,22 @@
 
 pub use slipway_proto as proto;
 
+pub mod admin;
 pub mod api;
 pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+mod error;
 pub mod fleet;
 pub mod link;
 pub mod pki;
 pub mod rollout;
 pub mod server;
 pub mod store;
+
+pub use error::Error;
 
 /// Seconds since the Unix epoch, the unit of every stored timestamp.
 pub(crate) fn now_unix() -> i64 {

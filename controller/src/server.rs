@@ -196,3 +196,18 @@ async fn poll_revocations(store: Store, sessions: Sessions, stop: CancellationTo
         }
     }
 }
+
+/// Resolves on SIGINT or SIGTERM: the `shutdown` of `serve`.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        // Without a SIGTERM handler, Ctrl-C still works.
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

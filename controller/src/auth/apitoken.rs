@@ -39,6 +39,13 @@ pub enum ApiTokenError {
     Crypto(#[from] CryptoError),
 }
 
+impl ApiTokenError {
+    /// A bad `--scope`, or a token id that names nothing (exit 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Scope(_) | Self::NoScope | Self::NotFound(_))
+    }
+}
+
 /// What a token may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {

@@ -67,6 +67,17 @@ pub enum OperatorError {
     Crypto(#[from] CryptoError),
 }
 
+impl OperatorError {
+    /// A bad name or `--scope`, or an id or name that names no single
+    /// operator (exit 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::Name(_) | Self::Scope(_) | Self::NotFound(_) | Self::Ambiguous { .. }
+        )
+    }
+}
+
 /// A newly issued operator certificate.
 #[derive(Debug)]
 pub struct Issued {

@@ -31,6 +31,13 @@ pub enum TokenError {
     Crypto(#[from] CryptoError),
 }
 
+impl TokenError {
+    /// A bad `--ttl` or `--tag` (exit 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Ttl(_) | Self::Tag(_))
+    }
+}
+
 /// Parses a TTL such as `90s`, `30m`, `1h`, `7d`.
 pub fn parse_ttl(text: &str) -> Result<Duration, TokenError> {
     slipway_proto::cli::parse_duration(text).ok_or_else(|| TokenError::Ttl(text.to_owned()))
