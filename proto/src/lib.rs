@@ -13,8 +13,9 @@
 //! - `proto/slipway/v1/agent.proto` — the source of truth; the comments there
 //!   explain why each message and field exists and become the rustdoc here.
 //! - `proto/slipway/v1/control.proto` — the controller API the `slipway` CLI
-//!   calls ([`v1::control_client`] / [`v1::control_server`]): nodes, audit,
-//!   artifact upload, deploy and rollback with streamed progress.
+//!   calls ([`v1::control_client`] / [`v1::control_server`]): the fleet
+//!   views ([`v1::NodeView`], [`v1::FleetStatus`]), audit, artifact upload,
+//!   deploy, rollback, restart and prune with streamed progress.
 //! - [`limits`] — the name rules and the limit of every field a peer
 //!   sends, checked by whoever receives it ([`limits::Validate`]).
 //! - [`join_token`] — the `slw1.<id>.<secret>.<ca-sha256>` join token
