@@ -1,4 +1,4 @@
-//! The fleet: the view of every node from the database ([`nodes`]), the
+//! The fleet: the view of every node from the database ([`nodes()`]), the
 //! operator's node actions ([`revoke`]), the status summary of `slipway
 //! status` ([`summarize_status`]), and both as the Control API sends them
 //! (`wire`: `From` conversions into the `slipway_proto::v1` messages).

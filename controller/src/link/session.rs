@@ -14,7 +14,7 @@
 //!    latest state (`nodes` columns) and refreshes `last_seen_at`.
 //! 3. Commands (Deploy, Rollback, ...) are queued on the stream only after
 //!    the Welcome. The agent's Progress and CommandResult are handed to the
-//!    deployment that sent the command ([`crate::rollout::Commands`]), and
+//!    deployment that sent the command ([`crate::link::commands::Commands`]), and
 //!    only if the command was sent to this node.
 //! 4. The controller closes the stream with a status when the node is
 //!    revoked (PERMISSION_DENIED), the node opened a newer session (ABORTED),

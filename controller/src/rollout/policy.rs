@@ -67,7 +67,7 @@ pub enum RolloutError {
 /// One batch of a rollout: target indices, started together.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
-    /// Indices into [`Plan::targets`].
+    /// Indices into [`super::Plan::targets`].
     pub nodes: std::ops::Range<usize>,
     /// The canary batch of a canary rollout.
     pub canary: bool,
