@@ -5,28 +5,34 @@
 //!
 //! # Layout
 //!
-//! Rooms (folders) and modules, in layers: a module imports only from the
-//! layers below it.
+//! Rooms (folders) and modules, in layers: each imports only from the
+//! layers below it (and, inside a room, its own lower modules), so no two
+//! rooms import each other.
 //!
 //! ```text
-//! L0  audit (event shapes) · pki/crypto (the rustls backend, random ids,
-//!     fingerprints)
-//! L1  pki/ca (the CA in the data dir: server certificate, node and operator
-//!     certificates) · pki/tls (the listener; refused client certificates go
-//!     to a callback) · artifacts (content-addressed files)
-//! L2  store/ (the only code that speaks SQL: one file per table family,
-//!     transactions inside its methods; the heartbeat shapes it stores)
-//! L3  auth/ (token: join tokens; apitoken: API tokens, the caller and its
-//!     scopes; operator: operator certificates)
-//! L4  link/ (liveness: heartbeat rules; registry: live sessions;
-//!     commands: routing answers to whoever sent the command; enroll;
-//!     session: the AgentLink service)
-//! L5  fleet/ (nodes: the fleet view and node revocation; status: the
-//!     summary, pure; wire: both as API messages) · rollout/ (policy: pure
-//!     batches and next_step; plan; executor)
-//! L6  api/ (the Control service: authorization, selection, streams)
-//! L7  cli (flags) · config (checked ServeConfig) · server (wires it all
-//!     and serves) · admin (token, operator, nodes, node revoke) · Error
+//! L0  audit      event shapes and types
+//!     cli        the flags of `slipway-controller` (clap)
+//!     pki/       crypto (the rustls backend, random ids, fingerprints) <
+//!                ca (the CA in the data dir; node, operator and server
+//!                certificates) < tls (the listener; a refused client
+//!                certificate goes to a callback)
+//! L1  store/     the only code that speaks SQL: one file per table family
+//!                (nodes, join_tokens, api_tokens, operators, deployments,
+//!                audit, controller_state); transactions stay inside its
+//!                methods; the heartbeat shapes it stores (Metrics, App)
+//!     artifacts  the content-addressed artifact files
+//! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
+//!                its scopes) < operator (operator certificates)
+//! L3  link/      liveness (heartbeat rules, pure) · registry (live
+//!                sessions) < commands (routes answers to whoever sent the
+//!                command) < enroll, session (the Enrollment and AgentLink
+//!                services)
+//! L4  fleet/     nodes (the fleet view, node revocation) < status (the
+//!                summary, pure) < wire (both as API messages)
+//!     rollout/   policy (batches, next_step: pure) < plan < executor
+//! L5  api/       the Control service: authorization, selection, streams
+//! L6  config     checked ServeConfig · server (wires it all and serves) ·
+//!     admin      token, operator, nodes, node revoke · Error (is_usage)
 //! ```
 //!
 //! `main.rs` parses and dispatches; the `slipway` CLI (`src/bin/slipway/`)
