@@ -8,6 +8,7 @@ use tonic::transport::Channel;
 
 use crate::{Cli, Usage};
 
+/// A Control API client and the caller's token, added to every request.
 pub(crate) struct Api {
     pub(crate) client: ControlClient<Channel>,
     /// None when the caller is the operator certificate of the channel.

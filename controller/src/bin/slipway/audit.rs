@@ -82,7 +82,7 @@ pub(crate) async fn audit(api: &mut Api, args: &AuditArgs) -> anyhow::Result<Exi
 
 /// `--since`: a duration back from `now` (`90s`, `30m`, `1h`, `7d`) or an
 /// RFC 3339 time, as seconds since the epoch.
-pub(crate) fn since_unix(since: &str, now: i64) -> Result<i64, Usage> {
+fn since_unix(since: &str, now: i64) -> Result<i64, Usage> {
     if let Some(ago) = slipway_proto::cli::parse_duration(since) {
         return Ok(now.saturating_sub(i64::try_from(ago.as_secs()).unwrap_or(i64::MAX)));
     }

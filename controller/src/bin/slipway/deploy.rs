@@ -21,10 +21,9 @@ use crate::progress;
 use crate::Usage;
 
 /// Upload message size: well under gRPC's 4 MiB limit.
-pub(crate) const UPLOAD_CHUNK: usize = 256 * 1024;
-
+const UPLOAD_CHUNK: usize = 256 * 1024;
 /// Upload messages read ahead of the network.
-pub(crate) const UPLOAD_AHEAD: usize = 4;
+const UPLOAD_AHEAD: usize = 4;
 
 /// `restart` arguments.
 #[derive(Debug, Args)]
@@ -60,7 +59,7 @@ pub(crate) struct PruneArgs {
 /// Which nodes; none means every enrolled node.
 #[derive(Debug, Args)]
 #[group(multiple = false)]
-pub(crate) struct Target {
+struct Target {
     /// Nodes with this label, `key:value` (e.g. env:production).
     #[arg(long)]
     tag: Option<String>,
@@ -119,7 +118,7 @@ pub(crate) struct DeployArgs {
 
 /// `--strategy` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum StrategyArg {
+enum StrategyArg {
     /// Every node at once.
     All,
     /// Batches of --max-parallel nodes, one after the other.
@@ -130,7 +129,7 @@ pub(crate) enum StrategyArg {
 
 /// How the selected nodes are taken through a deploy or rollback.
 #[derive(Debug, Args)]
-pub(crate) struct RolloutArgs {
+struct RolloutArgs {
     /// all: every node at once. rolling / canary: in batches; when more
     /// than --max-unavailable nodes fail, the rollout stops, the nodes not
     /// started are skipped and the ones a deploy or rollback already
@@ -187,7 +186,7 @@ impl RolloutArgs {
 
 /// Follow the deployment or not.
 #[derive(Debug, Args)]
-pub(crate) struct WaitArgs {
+struct WaitArgs {
     /// Follow the deployment until every node finished (live on a
     /// terminal, plain lines otherwise); exit 1 naming every node that
     /// failed, was skipped or rolled back, and why.
@@ -215,10 +214,10 @@ pub(crate) struct RollbackArgs {
 }
 
 /// Hash-read size: large reads keep hashing at disk speed.
-pub(crate) const HASH_BUFFER: usize = 1024 * 1024;
+const HASH_BUFFER: usize = 1024 * 1024;
 
 /// The sha256 (lowercase hex) and size of the file at `path`.
-pub(crate) async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
     use sha2::Digest as _;
     use std::io::Read as _;
     let path = path.to_owned();
@@ -246,7 +245,7 @@ pub(crate) async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
 
 /// Uploads `path`, whose sha256 is `sha256` and size `size` (as hashed
 /// here); `quiet` (--json) prints nothing.
-pub(crate) async fn upload(
+async fn upload(
     api: &mut Api,
     path: &Path,
     sha256: &str,
@@ -397,7 +396,7 @@ pub(crate) async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Resu
 
 /// With --wait, follows the deployment to its end; else returns once the
 /// controller reported it started (it runs on regardless).
-pub(crate) async fn follow_or_return(
+async fn follow_or_return(
     mut stream: tonic::Streaming<DeployEvent>,
     what: &str,
     wait: &WaitArgs,

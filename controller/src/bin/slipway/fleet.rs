@@ -45,7 +45,7 @@ pub(crate) struct ReleasesArgs {
 }
 
 /// The fleet view, as `slipway-controller nodes` shows it.
-pub(crate) async fn fetch_nodes(api: &mut Api) -> anyhow::Result<Vec<NodeView>> {
+async fn fetch_nodes(api: &mut Api) -> anyhow::Result<Vec<NodeView>> {
     let response = api
         .client
         .list_nodes(client::authed(ListNodesRequest {}, &api.token))
