@@ -6,6 +6,15 @@
 //! Queries are checked at run time (no `query!` macros), so building needs no
 //! `DATABASE_URL`. Migrations are embedded SQL files applied in order at
 //! start-up and tracked with SQLite's `PRAGMA user_version`.
+//!
+//! The only code that speaks SQL. One file per table family (`nodes`,
+//! `join_tokens`, `api_tokens`, `operators`, `deployments`, `audit`,
+//! `controller_state`), each adding methods to [`Store`]. Steps that must
+//! happen together (enrolling a node with its token, a renewal, a revoke
+//! with its audit event, a deployment and its nodes) are one method that
+//! runs its transaction inside: callers never see a connection or a
+//! transaction, so another engine (PostgreSQL) can sit behind the same
+//! methods.
 
 use std::path::Path;
 use std::time::Duration;
