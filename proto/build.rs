@@ -30,6 +30,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         // with the `Connect` rpc method, and agents need an mTLS `Endpoint`
         // anyway (`AgentLinkClient::new(channel)`).
         .build_transport(false)
+        // Ordered maps where a view shows them: labels and state counts
+        // come out sorted, in tables and JSON alike.
+        .btree_map(".slipway.v1.NodeView.labels")
+        .btree_map(".slipway.v1.FleetStatus.counts")
         .compile_fds(fds)?;
     Ok(())
 }

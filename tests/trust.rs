@@ -198,10 +198,10 @@ fn node_names_are_unique_checked_and_escaped() {
 /// Enrolls `name` over gRPC with no client-side check, as a hostile agent
 /// would; the controller's refusal.
 async fn raw_enroll(controller: &Controller, name: &str) -> tonic::Status {
-    use slipway_controller::client;
+    use slipway_controller::proto::client;
     use slipway_controller::proto::v1::enrollment_client::EnrollmentClient;
     use slipway_controller::proto::v1::EnrollRequest;
-    slipway_controller::crypto::install_default_provider();
+    slipway_controller::pki::crypto::install_default_provider();
     let roots = client::load_ca(&controller.ca_pem()).unwrap();
     let channel = client::connect(&controller.url(), roots).await.unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

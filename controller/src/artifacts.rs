@@ -101,15 +101,8 @@ impl From<ArtifactError> for Status {
 /// Checks that `sha256` is a digest as stored (64 lowercase hex), so it can
 /// never name a path outside the store.
 pub fn check_digest(sha256: &str) -> Result<(), ArtifactError> {
-    if sha256.len() == 64
-        && sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(())
-    } else {
-        Err(ArtifactError::BadDigest(sha256.to_owned()))
-    }
+    slipway_proto::limits::check_sha256("sha256", sha256)
+        .map_err(|_| ArtifactError::BadDigest(sha256.to_owned()))
 }
 
 /// Turns an I/O error on `path` into [`ArtifactError::Io`].
@@ -220,8 +213,8 @@ impl Artifacts {
         tokio::fs::create_dir_all(&self.dir)
             .await
             .map_err(io_err(&self.dir))?;
-        let suffix =
-            crate::crypto::random_hex::<8>().map_err(|e| io_err(&self.dir)(io::Error::other(e)))?;
+        let suffix = crate::pki::crypto::random_hex::<8>()
+            .map_err(|e| io_err(&self.dir)(io::Error::other(e)))?;
         let temp = self.dir.join(format!(".upload-{suffix}"));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -320,7 +313,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Artifacts::new(dir.path());
         let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 10).map(|i| (i % 251) as u8).collect();
-        let sha = crate::crypto::sha256_hex(&data);
+        let sha = crate::pki::crypto::sha256_hex(&data);
         let mut up = store.upload(&sha, data.len() as u64).await.unwrap();
         for part in data.chunks(1000) {
             up.write(part).await.unwrap();
@@ -346,7 +339,7 @@ mod tests {
     async fn mismatch_and_bad_digests_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Artifacts::new(dir.path());
-        let sha = crate::crypto::sha256_hex(b"right");
+        let sha = crate::pki::crypto::sha256_hex(b"right");
         let mut up = store.upload(&sha, 5).await.unwrap();
         up.write(b"wrong").await.unwrap();
         assert!(matches!(

@@ -5,51 +5,6 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// EX_USAGE: the exit code of both binaries for bad arguments or
-/// configuration.
-pub const EXIT_USAGE: u8 = 64;
-
-/// Parses the command line of either binary. Bad arguments print clap's
-/// message and give [`EXIT_USAGE`] (clap alone would exit 2); `--help` and
-/// `--version` print and give success.
-pub fn parse<C: Parser>() -> Result<C, std::process::ExitCode> {
-    C::try_parse().map_err(|err| {
-        let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
-        let _ = err.print();
-        std::process::ExitCode::from(code)
-    })
-}
-
-/// The multi-thread tokio runtime of either binary; if it cannot start,
-/// prints why and gives exit code 1.
-pub fn runtime() -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| {
-            eprintln!("error: cannot start the async runtime: {err}");
-            std::process::ExitCode::FAILURE
-        })
-}
-
-/// The error and its causes on one line for either binary's `error:`
-/// line, skipping causes whose text the previous messages already include
-/// (our errors embed their source, so anyhow's `{:#}` would repeat it).
-pub fn error_text(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let cause = cause.to_string();
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
-}
-
 /// The Slipway controller: fleet state, enrollment CA and the agent link.
 ///
 /// Exit codes: 0 success, 64 bad configuration or arguments, 1 any other
@@ -229,25 +184,4 @@ pub struct TokenCreateArgs {
     /// Tag for the enrolled node, e.g. env:production (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
-}
-
-#[cfg(test)]
-mod tests {
-    use anyhow::Context as _;
-
-    /// An error that embeds its source in its message, as ours do.
-    #[derive(Debug, thiserror::Error)]
-    #[error("cannot connect to 127.0.0.1:1: {0}")]
-    struct Connect(#[source] std::io::Error);
-
-    #[test]
-    fn error_text_names_each_cause_once() {
-        let err = Err::<(), _>(Connect(std::io::Error::other("connection refused")))
-            .context("listing nodes")
-            .unwrap_err();
-        assert_eq!(
-            super::error_text(&err),
-            "listing nodes: cannot connect to 127.0.0.1:1: connection refused"
-        );
-    }
 }

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::liveness;
-use crate::session::LinkSettings;
+use crate::cli::ServeArgs;
+use crate::link::liveness;
+use crate::link::session::LinkSettings;
 
 /// Default listen address: loopback, so a first start exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -45,6 +46,13 @@ pub enum ConfigError {
         /// What would be valid.
         why: &'static str,
     },
+}
+
+impl ConfigError {
+    /// Always: every configuration problem is the operator's to fix (exit 64).
+    pub fn is_usage(&self) -> bool {
+        true
+    }
 }
 
 /// The TOML file: same keys as the flags.
@@ -113,7 +121,7 @@ impl ServeConfig {
     /// `server_names`, then the listen address — or, when listening on
     /// every interface (`0.0.0.0` / `[::]`), each local interface address and
     /// the host name, since agents dial one of those. (`localhost` and
-    /// 127.0.0.1 are added by [`crate::ca::Ca::server_identity`].)
+    /// 127.0.0.1 are added by [`crate::pki::ca::Ca::server_identity`].)
     pub fn certificate_hosts(&self) -> Vec<String> {
         let mut hosts = self.server_names.clone();
         let mut add = |host: String| {
@@ -191,6 +199,22 @@ fn is_server_name(name: &str) -> bool {
 }
 
 impl ServeConfig {
+    /// The configuration of `serve`: its flags over the `--config` file.
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+        let file = args
+            .config
+            .as_deref()
+            .map(RawConfig::from_file)
+            .transpose()?;
+        let flags = RawConfig {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            server_names: Some(args.server_names),
+            ..RawConfig::default()
+        };
+        Self::new(flags, file)
+    }
+
     /// Flags win over the file; `listen` defaults to [`DEFAULT_LISTEN`].
     pub fn new(flags: RawConfig, file: Option<RawConfig>) -> Result<Self, ConfigError> {
         let file = file.unwrap_or_default();

@@ -1,71 +1,73 @@
-//! Slipway controller.
-//!
-//! The controller owns the fleet view, rollouts, the enrollment CA and the
-//! integrations (GitHub, DigitalOcean). It speaks to agents only through the
+//! Slipway controller: enrolls agents and holds their sessions, keeps the
+//! fleet's state, runs rollouts across it, and serves the Control API the
+//! `slipway` CLI calls. It speaks to agents and the CLI only through the
 //! protocol in `slipway-proto`.
 //!
 //! # Layout
 //!
-//! - [`cli`] / [`config`]: flags and the TOML file, checked into
-//!   [`config::ServeConfig`].
-//! - [`server`]: `serve` wires everything: loads the [`ca`], opens the
-//!   [`store`], builds the [`tls`] listener and mounts the three services
-//!   ([`enroll`], [`session`], [`api`]).
-//! - [`ca`]: the CA (rcgen) in the data dir; server certificate; signs node
-//!   CSRs. [`crypto`]: the one rustls backend (ring), randomness, fingerprints.
-//! - [`tls`]: accepts TLS (client certificate optional, verified against the
-//!   CA when present) and audits refused client certificates.
-//! - [`enroll`]: Enrollment service: [`token`] + CSR → node + certificate.
-//! - [`session`]: AgentLink service: identifies the node by its verified
-//!   certificate, checks the Hello, answers with a Welcome, stores
-//!   heartbeats; renews certificates. [`registry`]: the live sessions
-//!   (closed on revocation, replacement, shutdown). [`liveness`]: pure rules
-//!   for the heartbeat interval and a node's state.
-//! - [`api`]: Control service for the `slipway` CLI (API tokens from
-//!   [`apitoken`], or client certificates from [`operator`]): nodes, audit, artifact upload, deploy and rollback.
-//!   [`deploy`]: runs the rollout (all at once, rolling, canary: pure
-//!   batch planning and `next_step`), sends one command per node through
-//!   the [`registry`], routes the agents' progress and results back by
-//!   command id, stops and rolls back on too many failures, records
-//!   per-node results and the outcome (one deployment per app at a time). [`artifacts`]: the
-//!   content-addressed artifact store (upload, and FetchArtifact for agents).
-//!   [`client`]: the CLI's TLS channel (`src/bin/slipway.rs`).
-//! - [`fleet`]: the fleet view (`nodes`) and `node revoke`, from the
-//!   database only, so they work from another process while `serve` runs.
-//! - [`store`]: SQLite through sqlx (nodes and their certificates, join
-//!   tokens, the controller's start record, audit events);
-//!   [`audit`]: the audit event shape and types.
-//! - [`proto`]: the agent ⇄ controller protocol, re-exported so that the
-//!   controller and its tests name one set of message types.
+//! Rooms (folders) and modules, in layers: each imports only from the
+//! layers below it (and, inside a room, its own lower modules), so no two
+//! rooms import each other.
 //!
-//! Data flow: agent ─TLS─▶ [`tls::incoming`] ─▶ tonic ─▶ [`enroll`] /
-//! [`session`] ─▶ [`store`] (every refusal also becomes an audit event).
-//! CLI ─TLS─▶ [`api`] ─▶ [`deploy`] ─▶ [`registry`] ─▶ agent sessions;
-//! their Progress / CommandResult ─▶ [`session`] ─▶ [`deploy::Commands`] ─▶
-//! the CLI's event stream and [`store`].
+//! ```text
+//! L0  audit      event shapes and types
+//!     cli        the flags of `slipway-controller` (clap)
+//!     pki/       crypto (the rustls backend, random ids, fingerprints) <
+//!                ca (the CA in the data dir; node, operator and server
+//!                certificates) < tls (the listener; a refused client
+//!                certificate goes to a callback)
+//! L1  store/     the only code that speaks SQL: one file per table family
+//!                (nodes, join_tokens, api_tokens, operators, deployments,
+//!                audit, controller_state); transactions stay inside its
+//!                methods; the heartbeat shapes it stores (Metrics, App)
+//!     artifacts  the content-addressed artifact files
+//! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
+//!                its scopes) < operator (operator certificates)
+//! L3  link/      liveness (heartbeat rules, pure) · registry (live
+//!                sessions) < commands (routes answers to whoever sent the
+//!                command) < enroll, session (the Enrollment and AgentLink
+//!                services)
+//! L4  fleet/     nodes (the fleet view, node revocation) < status (the
+//!                summary, pure) < wire (both as API messages)
+//!     rollout/   policy (batches, next_step: pure) < plan < executor
+//! L5  api/       the Control service: authorization, selection, streams
+//! L6  config     checked ServeConfig · server (wires it all and serves) ·
+//!     admin      token, operator, nodes, node revoke · Error (is_usage)
+//! ```
+//!
+//! `main.rs` parses and dispatches; the `slipway` CLI (`src/bin/slipway/`)
+//! uses `slipway-proto` only (its `client`, `view` and `cli` modules), not
+//! this library.
+//!
+//! Data flow: agent ─TLS─▶ [`pki::tls::incoming`] ─▶ tonic ─▶
+//! [`link::enroll`] / [`link::session`] ─▶ [`store`] (every refusal also
+//! becomes an audit event). CLI ─TLS─▶ [`api`] ─▶ [`rollout`] ─▶
+//! [`link::registry`] ─▶ agent sessions; their Progress / CommandResult ─▶
+//! [`link::session`] ─▶ [`link::commands`] ─▶ the deployment, which records
+//! results in the [`store`] and streams them to the CLI. Views ([`fleet`])
+//! are read from the [`store`], so `slipway-controller nodes` works from
+//! another process while `serve` runs.
 
+/// The agent ⇄ controller protocol, re-exported so that the controller and
+/// its tests name one set of message types.
 pub use slipway_proto as proto;
 
+pub mod admin;
 pub mod api;
-pub mod apitoken;
 pub mod artifacts;
 pub mod audit;
-pub mod ca;
+pub mod auth;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod crypto;
-pub mod deploy;
-pub mod enroll;
+mod error;
 pub mod fleet;
-pub mod liveness;
-pub mod operator;
-pub mod registry;
+pub mod link;
+pub mod pki;
+pub mod rollout;
 pub mod server;
-pub mod session;
 pub mod store;
-pub mod tls;
-pub mod token;
+
+pub use error::Error;
 
 /// Seconds since the Unix epoch, the unit of every stored timestamp.
 pub(crate) fn now_unix() -> i64 {

@@ -22,14 +22,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ControlService;
 use crate::artifacts::Artifacts;
-use crate::ca::{Ca, CaError};
+use crate::audit::{self, AuditEvent};
 use crate::config::ServeConfig;
-use crate::deploy::Commands;
-use crate::enroll::EnrollmentService;
-use crate::registry::{CloseReason, Sessions};
-use crate::session::AgentLinkService;
+use crate::link::commands::Commands;
+use crate::link::enroll::EnrollmentService;
+use crate::link::registry::{CloseReason, Sessions};
+use crate::link::session::AgentLinkService;
+use crate::pki::ca::{Ca, CaError};
+use crate::pki::tls::{self, TlsError};
 use crate::store::{Store, StoreError};
-use crate::tls::{self, TlsError};
 
 /// How often `serve` looks for nodes revoked by another process: the longest
 /// a revoked node's open stream survives when it sends nothing.
@@ -101,7 +102,7 @@ pub async fn serve(
     let tls_config = tls::server_config(&ca, &identity)?;
     let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
-    let ca_pem = config.data_dir.join(crate::ca::CA_CERT_FILE);
+    let ca_pem = config.data_dir.join(crate::pki::ca::CA_CERT_FILE);
     tracing::info!(
         addr = ?local, ca_sha256 = %ca.fingerprint(), ca_pem = %ca_pem.display(),
         server_names = %hosts.join(" "), "controller listening"
@@ -143,12 +144,32 @@ pub async fn serve(
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(AgentLinkServer::new(link))
         .add_service(ControlServer::new(control))
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls_config, store), shutdown)
+        .serve_with_incoming_shutdown(
+            tls::incoming(listener, tls_config, move |peer, why| {
+                audit_refused_certificate(store.clone(), peer, why)
+            }),
+            shutdown,
+        )
         .await;
     stop_polling.cancel();
     let _ = poller.await;
     served?;
     Ok(())
+}
+
+/// Records a TLS handshake refused for its client certificate.
+async fn audit_refused_certificate(store: Store, peer: SocketAddr, message: String) {
+    let event = AuditEvent::error(
+        audit::CLIENT_CERT_REFUSED,
+        peer.to_string(),
+        "connection",
+        peer.to_string(),
+        serde_json::json!({ "peer": peer.to_string() }),
+        message,
+    );
+    if let Err(err) = store.audit(&event, crate::now_unix()).await {
+        tracing::error!(%err, "could not record audit event");
+    }
 }
 
 /// Closes the sessions of revoked nodes until `stop` is cancelled.
@@ -174,4 +195,19 @@ async fn poll_revocations(store: Store, sessions: Sessions, stop: CancellationTo
             Err(err) => tracing::warn!(%err, "could not check for revoked nodes"),
         }
     }
+}
+
+/// Resolves on SIGINT or SIGTERM: the `shutdown` of `serve`.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        // Without a SIGTERM handler, Ctrl-C still works.
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
 }

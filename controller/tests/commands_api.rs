@@ -14,12 +14,11 @@ use support::{
     Controller,
 };
 
-use slipway_controller::apitoken::Scope;
-use slipway_controller::fleet::{FleetStatus, RefreshAnswer};
+use slipway_controller::auth::apitoken::Scope;
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
-    agent_message, controller_message, rollout, AppStatus, FleetStatusRequest, Heartbeat, Outcome,
-    PruneRequest, RestartRequest, Rollout, Selector,
+    agent_message, controller_message, rollout, AppStatus, FleetStatus, FleetStatusRequest,
+    Heartbeat, Outcome, PruneRequest, RefreshAnswer, RestartRequest, Rollout, Selector,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -40,7 +39,7 @@ async fn fleet_status(
         ))
         .await?
         .into_inner();
-    Ok(serde_json::from_str(&response.status_json).unwrap())
+    Ok(response.status.unwrap())
 }
 
 /// A restart of `app` on the nodes `selector` picks, rolled out by `rollout`.
@@ -223,7 +222,7 @@ async fn a_refresh_waits_for_fresh_heartbeats_and_names_silent_nodes() {
             .nodes
             .iter()
             .find(|n| n.id == id)
-            .and_then(|n| n.refresh)
+            .map(|n| n.refresh())
     };
     assert_eq!(answer(&id_a), Some(RefreshAnswer::Answered));
     assert_eq!(answer(&id_b), Some(RefreshAnswer::TimedOut));
@@ -246,7 +245,10 @@ async fn a_refresh_waits_for_fresh_heartbeats_and_names_silent_nodes() {
         .await
         .unwrap();
     assert!(!plain.refreshed);
-    assert!(plain.nodes.iter().all(|n| n.refresh.is_none()));
+    assert!(plain
+        .nodes
+        .iter()
+        .all(|n| n.refresh() == RefreshAnswer::Unspecified));
     assert_eq!(plain.nodes.len(), 1);
     drop((a, b));
     controller.stop().await;

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use slipway_controller::apitoken::Scope;
-use slipway_controller::fleet;
+use slipway_controller::auth::apitoken::Scope;
+use slipway_controller::pki::crypto;
+use slipway_controller::proto::client;
 use slipway_controller::proto::limits;
 use slipway_controller::proto::v1::enrollment_client::EnrollmentClient;
 use slipway_controller::proto::v1::{
@@ -25,7 +26,7 @@ use slipway_controller::proto::v1::{
     NodeMetrics, Progress, PruneRequest, ReleaseInfo, RestartRequest, RollbackRequest, Selector,
     UploadChunk,
 };
-use slipway_controller::{client, crypto};
+use slipway_controller::proto::view;
 use support::{authed, Controller, TEST_TIMEOUT};
 use tonic::Code;
 
@@ -90,16 +91,15 @@ async fn views_render(controller: &Controller, read: &str) {
         .await
         .unwrap()
         .into_inner();
-    let views: Vec<fleet::NodeView> = serde_json::from_str(&nodes.nodes_json).unwrap();
-    let table = fleet::render_table(&views);
+    let views = nodes.nodes;
+    let table = view::render_table(&views);
     assert_eq!(table.lines().count(), views.len() + 1, "one line per node");
     let status = control
         .fleet_status(authed(FleetStatusRequest::default(), read))
         .await
         .unwrap()
         .into_inner();
-    let status: fleet::FleetStatus = serde_json::from_str(&status.status_json).unwrap();
-    fleet::render_status(&status);
+    view::render_status(&status.status.unwrap());
     control
         .list_audit(authed(ListAuditRequest { since_unix: 0 }, read))
         .await

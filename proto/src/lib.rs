@@ -13,13 +13,21 @@
 //! - `proto/slipway/v1/agent.proto` — the source of truth; the comments there
 //!   explain why each message and field exists and become the rustdoc here.
 //! - `proto/slipway/v1/control.proto` — the controller API the `slipway` CLI
-//!   calls ([`v1::control_client`] / [`v1::control_server`]): nodes, audit,
-//!   artifact upload, deploy and rollback with streamed progress.
+//!   calls ([`v1::control_client`] / [`v1::control_server`]): the fleet
+//!   views ([`v1::NodeView`], [`v1::FleetStatus`]), audit, artifact upload,
+//!   deploy, rollback, restart and prune with streamed progress.
 //! - [`limits`] — the name rules and the limit of every field a peer
 //!   sends, checked by whoever receives it ([`limits::Validate`]).
 //! - [`join_token`] — the `slw1.<id>.<secret>.<ca-sha256>` join token
 //!   format, shared by the controller (prints tokens) and the agent (reads
 //!   the pinned CA fingerprint before trusting the controller).
+//! - [`crypto`] — the one rustls backend (ring) of every TLS connection.
+//! - With the `cli` feature, what the command-line binaries (`slipway`,
+//!   `slipway-controller`) share: `client` (the Control API channel: TLS
+//!   trusting the controller's CA, an API token or operator certificate),
+//!   `view` (the fleet view and status summary as text and `--json`) and
+//!   `cli` (flag parsing with exit code 64, the runtime, the `error:` line,
+//!   durations like `7d`).
 //! - `build.rs` — compiles the .proto with `protox` (pure Rust, no system
 //!   `protoc`) and generates code with `tonic-prost-build`.
 //! - [`v1`] — everything generated for package `slipway.v1`:
@@ -38,8 +46,15 @@
 //! renumber or reuse one; breaking changes go in a new `slipway.v2` package
 //! next to `v1`.
 
+#[cfg(feature = "cli")]
+pub mod cli;
+#[cfg(feature = "cli")]
+pub mod client;
+pub mod crypto;
 pub mod join_token;
 pub mod limits;
+#[cfg(feature = "cli")]
+pub mod view;
 
 /// Generated code for protobuf package `slipway.v1` (messages, enums, and
 /// the `Enrollment` / `AgentLink` clients and servers).

@@ -63,14 +63,14 @@ fn heartbeats(n: usize, window: Duration) {
     let t = Instant::now();
     let sessions = rt.block_on(async {
         let store = slipway_controller::store::Store::open(&data).await.unwrap();
-        let ca = slipway_controller::ca::Ca::load_or_create(&data).unwrap();
+        let ca = slipway_controller::pki::ca::Ca::load_or_create(&data).unwrap();
         let mut sessions = Vec::new();
         for i in 0..n {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let token = slipway_controller::token::create(
+            let token = slipway_controller::auth::token::create(
                 &store,
                 &ca.fingerprint(),
-                slipway_controller::token::DEFAULT_TTL,
+                slipway_controller::auth::token::DEFAULT_TTL,
                 &[],
                 now,
             )

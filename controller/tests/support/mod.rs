@@ -13,10 +13,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use slipway_agent::link;
-use slipway_controller::apitoken::{self, Scope};
 use slipway_controller::audit::AuditRecord;
-use slipway_controller::ca::Ca;
+use slipway_controller::auth::apitoken::{self, Scope};
+use slipway_controller::auth::token;
 use slipway_controller::config::ServeConfig;
+use slipway_controller::pki::ca::Ca;
+use slipway_controller::pki::crypto;
+use slipway_controller::proto::client;
 use slipway_controller::proto::v1::agent_link_client::AgentLinkClient;
 use slipway_controller::proto::v1::control_client::ControlClient;
 use slipway_controller::proto::v1::{
@@ -25,7 +28,6 @@ use slipway_controller::proto::v1::{
 };
 use slipway_controller::server::{self, ServeError};
 use slipway_controller::store::{DeploymentRecord, Store};
-use slipway_controller::{client, crypto, token};
 use tempfile::TempDir;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;

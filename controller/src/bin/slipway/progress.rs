@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use slipway_controller::proto::v1::{
+use slipway_proto::v1::{
     deploy_event, rollout, DeployEvent, DeployFinished, DeployStarted, NodeResult, Outcome,
 };
 
@@ -197,7 +197,7 @@ pub(crate) async fn follow(
                 if let Some(live) = &live {
                     live.finish();
                 }
-                return Err(crate::status_error(&format!("{what} stream"), status));
+                return Err(crate::api::status_error(&format!("{what} stream"), status));
             }
         };
         match event.kind {

@@ -15,10 +15,10 @@
 
 use std::time::Duration;
 
-use crate::apitoken::{self, ApiTokenError, Caller, Scope};
 use crate::audit::{self, AuditEvent};
-use crate::ca::{Ca, CaError};
-use crate::crypto::{self, CryptoError};
+use crate::auth::apitoken::{self, ApiTokenError, Caller, Scope};
+use crate::pki::ca::{Ca, CaError};
+use crate::pki::crypto::{self, CryptoError};
 use crate::store::{OperatorRow, Store, StoreError};
 
 /// Default lifetime of an operator certificate.
@@ -65,6 +65,17 @@ pub enum OperatorError {
     /// No randomness for the id.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+}
+
+impl OperatorError {
+    /// A bad name or `--scope`, or an id or name that names no single
+    /// operator (exit 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::Name(_) | Self::Scope(_) | Self::NotFound(_) | Self::Ambiguous { .. }
+        )
+    }
 }
 
 /// A newly issued operator certificate.

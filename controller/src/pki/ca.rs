@@ -19,7 +19,7 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
-use crate::crypto::{self, CryptoError};
+use crate::pki::crypto::{self, CryptoError};
 
 /// CA certificate (public; agents receive it at enrollment).
 pub const CA_CERT_FILE: &str = "ca.pem";

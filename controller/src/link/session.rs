@@ -8,13 +8,13 @@
 //! # Session contract
 //!
 //! 1. Agent sends Hello (its node id, version, apps). The controller answers
-//!    Welcome: the heartbeat interval (see [`crate::liveness`]), its clock,
+//!    Welcome: the heartbeat interval (see [`crate::link::liveness`]), its clock,
 //!    and `renew_cert_after_unix`.
 //! 2. Agent sends a Heartbeat every interval. Each is stored as the node's
 //!    latest state (`nodes` columns) and refreshes `last_seen_at`.
 //! 3. Commands (Deploy, Rollback, ...) are queued on the stream only after
 //!    the Welcome. The agent's Progress and CommandResult are handed to the
-//!    deployment that sent the command ([`crate::deploy::Commands`]), and
+//!    deployment that sent the command ([`crate::link::commands::Commands`]), and
 //!    only if the command was sent to this node.
 //! 4. The controller closes the stream with a status when the node is
 //!    revoked (PERMISSION_DENIED), the node opened a newer session (ABORTED),
@@ -26,7 +26,7 @@
 //! # Renew contract
 //!
 //! `Renew(csr_pem)` over mTLS with a current certificate returns a new
-//! certificate for the same node (validity [`crate::ca::NODE_CERT_VALIDITY`]
+//! certificate for the same node (validity [`crate::pki::ca::NODE_CERT_VALIDITY`]
 //! by default). Both certificates work until each expires; the agent writes
 //! the new one and uses it from its next connection, without dropping the
 //! open session. Audited as CERT_RENEWED / CERT_RENEW_REFUSED.
@@ -38,7 +38,7 @@ use slipway_proto::limits::{FieldError, Validate as _};
 use slipway_proto::v1::agent_link_server::AgentLink;
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, ArtifactChunk, ControllerMessage,
-    FetchArtifactRequest, Heartbeat, RenewRequest, RenewResponse, Welcome,
+    FetchArtifactRequest, RenewRequest, RenewResponse, Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,13 +46,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
-use crate::ca::{Ca, CaError};
-use crate::crypto;
-use crate::deploy::Commands;
-use crate::fleet;
-use crate::liveness::{self, HeartbeatPolicy};
-use crate::registry::{CloseReason, SessionHandle, Sessions};
-use crate::store::{self, HeartbeatRecord, PeerCert, Store, StoreError};
+use crate::link::commands::Commands;
+use crate::link::liveness::{self, HeartbeatPolicy};
+use crate::link::registry::{CloseReason, SessionHandle, Sessions};
+use crate::pki::ca::{Ca, CaError};
+use crate::pki::crypto;
+use crate::store::{PeerCert, Store, StoreError};
 
 /// An agent must send its Hello this soon after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,7 +137,7 @@ impl Default for LinkSettings {
     fn default() -> Self {
         Self {
             heartbeat: HeartbeatPolicy::default(),
-            cert_validity: crate::ca::NODE_CERT_VALIDITY,
+            cert_validity: crate::pki::ca::NODE_CERT_VALIDITY,
         }
     }
 }
@@ -237,7 +236,7 @@ impl AgentLinkService {
                 node_id,
                 now,
                 &hello.agent_version,
-                &fleet::apps_json(&hello.apps),
+                &hello.apps,
                 interval.as_secs(),
             )
             .await?;
@@ -282,47 +281,33 @@ impl AgentLinkService {
             .ca
             .sign_node_csr(&req.csr_pem, &node.id, self.settings.cert_validity)?;
         let now = crate::now_unix();
-        let mut tx = self.store.begin().await?;
-        store::insert_node_cert(
-            &mut tx,
+        let event = AuditEvent::success(
+            audit::CERT_RENEWED,
             &node.id,
-            &issued.fingerprint,
-            &issued.serial,
-            now,
-            issued.not_after,
-        )
-        .await?;
-        if !store::set_newest_cert(
-            &mut tx,
+            "node",
             &node.id,
-            &issued.fingerprint,
-            &issued.serial,
-            issued.not_after,
-            now,
-        )
-        .await?
-        {
-            // Revoked between the check and now; the transaction rolls back.
+            serde_json::json!({
+                "old_expires_at": peer.expires_at,
+                "cert_serial": issued.serial,
+                "cert_fingerprint": issued.fingerprint,
+                "cert_expires_at": issued.not_after,
+            }),
+        );
+        let renewed = self
+            .store
+            .renew_node_cert(
+                &node.id,
+                &issued.fingerprint,
+                &issued.serial,
+                issued.not_after,
+                &event,
+                now,
+            )
+            .await?;
+        if !renewed {
+            // Revoked between the check and now; nothing was recorded.
             return Err(SessionError::Revoked(node.id));
         }
-        store::insert_audit(
-            &mut tx,
-            &AuditEvent::success(
-                audit::CERT_RENEWED,
-                &node.id,
-                "node",
-                &node.id,
-                serde_json::json!({
-                    "old_expires_at": peer.expires_at,
-                    "cert_serial": issued.serial,
-                    "cert_fingerprint": issued.fingerprint,
-                    "cert_expires_at": issued.not_after,
-                }),
-            ),
-            now,
-        )
-        .await?;
-        tx.commit().await.map_err(StoreError::from)?;
         tracing::info!(node_id = %node.id, expires_at = issued.not_after, "certificate renewed");
         Ok(RenewResponse {
             cert_pem: issued.pem,
@@ -368,7 +353,10 @@ async fn run_session(
         match message {
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
-            })) => match record_heartbeat(&store, &node_id, &heartbeat).await {
+            })) => match store
+                .record_heartbeat(&node_id, crate::now_unix(), &heartbeat)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => break Some(CloseReason::Revoked),
                 Err(err) => tracing::warn!(%node_id, %err, "could not record heartbeat"),
@@ -420,27 +408,6 @@ async fn refuse_message(store: &Store, node_id: &str, err: &FieldError) {
     if let Err(audit_err) = store.audit(&event, crate::now_unix()).await {
         tracing::error!(%audit_err, "could not record audit event");
     }
-}
-
-async fn record_heartbeat(
-    store: &Store,
-    node_id: &str,
-    heartbeat: &Heartbeat,
-) -> Result<bool, StoreError> {
-    let metrics = heartbeat.metrics.as_ref().map(fleet::metrics_json);
-    let apps = fleet::apps_json(&heartbeat.apps);
-    store
-        .record_heartbeat(
-            node_id,
-            crate::now_unix(),
-            &HeartbeatRecord {
-                agent_version: &heartbeat.agent_version,
-                agent_rss_bytes: heartbeat.agent_rss_bytes,
-                metrics: metrics.as_ref(),
-                apps: &apps,
-            },
-        )
-        .await
 }
 
 #[tonic::async_trait]

@@ -5,14 +5,15 @@
 //! yet; but any certificate that *is* presented must chain to our CA and be
 //! within its validity, or the handshake fails. The AgentLink handlers then
 //! refuse every request whose connection carries no verified certificate
-//! (see [`crate::session`]). A second port just for enrollment would also
+//! (see [`crate::link::session`]). A second port just for enrollment would also
 //! work, but would double the firewall rules and cloud-init settings for
 //! every droplet.
 //!
 //! We accept TLS ourselves (tokio-rustls) rather than through tonic's
-//! `ServerTlsConfig` so that a refused client certificate becomes an audit
-//! event: tonic would drop the failed connection silently.
+//! `ServerTlsConfig` so that a refused client certificate is reported (the
+//! server audits it): tonic would drop the failed connection silently.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,10 +27,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::audit::{self, AuditEvent};
-use crate::ca::{Ca, ServerIdentity};
-use crate::crypto;
-use crate::store::Store;
+use crate::pki::ca::{Ca, ServerIdentity};
+use crate::pki::crypto;
 
 /// A client that has not finished its handshake by then is dropped, so idle
 /// sockets cannot pile up.
@@ -71,11 +70,19 @@ pub fn server_config(ca: &Ca, identity: &ServerIdentity) -> Result<Arc<ServerCon
 
 /// Accepts TCP connections, runs the TLS handshakes concurrently, and yields
 /// the finished ones to tonic. Stops when tonic drops the stream (shutdown).
-pub fn incoming(
+///
+/// A handshake that failed because of the client's certificate is passed
+/// to `refused` (the peer and why, e.g. to audit it); other failures (port
+/// scanners, plain HTTP) are only logged, so they cannot flood the audit log.
+pub fn incoming<R, F>(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    store: Store,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    refused: R,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>>
+where
+    R: Fn(SocketAddr, String) -> F + Clone + Send + 'static,
+    F: Future<Output = ()> + Send,
+{
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -96,13 +103,19 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
-            let store = store.clone();
+            let refused = refused.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(err)) => handshake_failed(&store, peer, &err).await,
+                    Ok(Err(err)) => match refused_certificate(&err) {
+                        Some(message) => {
+                            tracing::warn!(%peer, "{message}");
+                            refused(peer, message).await;
+                        }
+                        None => tracing::debug!(%peer, %err, "tls handshake failed"),
+                    },
                     Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                 }
             });
@@ -111,28 +124,14 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// Audits handshakes that failed because of the client's certificate; other
-/// failures (port scanners, plain HTTP) are only logged, so they cannot
-/// flood the audit log.
-async fn handshake_failed(store: &Store, peer: SocketAddr, err: &io::Error) {
+/// Why the client's certificate was refused, if that is why the handshake
+/// failed.
+fn refused_certificate(err: &io::Error) -> Option<String> {
     let rustls_err = err
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     let Some(rustls::Error::InvalidCertificate(reason)) = rustls_err else {
-        tracing::debug!(%peer, %err, "tls handshake failed");
-        return;
+        return None;
     };
-    let message = format!("client certificate refused: {reason:?}");
-    tracing::warn!(%peer, "{message}");
-    let event = AuditEvent::error(
-        audit::CLIENT_CERT_REFUSED,
-        peer.to_string(),
-        "connection",
-        peer.to_string(),
-        serde_json::json!({ "peer": peer.to_string() }),
-        message,
-    );
-    if let Err(err) = store.audit(&event, crate::now_unix()).await {
-        tracing::error!(%err, "could not record audit event");
-    }
+    Some(format!("client certificate refused: {reason:?}"))
 }

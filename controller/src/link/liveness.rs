@@ -28,8 +28,6 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 /// Default and minimum heartbeat interval.
 pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest interval the controller will announce, however large the fleet.
@@ -74,8 +72,7 @@ pub fn heartbeat_interval(connected: usize, policy: &HeartbeatPolicy) -> Duratio
 }
 
 /// Liveness of a node as shown in the fleet view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
     /// Heard from within the allowed silence.
     Online,

@@ -12,10 +12,10 @@ use slipway_proto::v1::{EnrollRequest, EnrollResponse};
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditEvent};
-use crate::ca::{Ca, CaError};
-use crate::crypto::{self, CryptoError};
-use crate::store::{self, NewNode, Store, StoreError};
-use crate::token;
+use crate::auth::token;
+use crate::pki::ca::{Ca, CaError};
+use crate::pki::crypto::{self, CryptoError};
+use crate::store::{Enrolled, NewEnrollment, NewNode, Store, StoreError};
 
 /// Why an enrollment was refused. The message goes to the agent and into
 /// the audit log, so it names the problem but never the secret.
@@ -118,8 +118,9 @@ impl EnrollmentService {
             .ca
             .sign_node_csr(&req.csr_pem, &node_id, self.cert_validity)?;
 
-        let mut tx = self.store.begin().await?;
-        let row = store::join_token(&mut tx, &token.id)
+        let row = self
+            .store
+            .join_token(&token.id)
             .await?
             .filter(|row| row.secret_hash == token::secret_hash(&token.secret))
             .ok_or_else(|| EnrollError::Unknown(token.id.clone()))?;
@@ -129,75 +130,54 @@ impl EnrollmentService {
         if row.expires_at <= now {
             return Err(EnrollError::Expired(token.id));
         }
-        if !store::use_join_token(&mut tx, &token.id, &node_id, now).await? {
+        let labels = node_labels(&req.labels, &row.tags);
+        let event = AuditEvent::success(
+            audit::NODE_ENROLLED,
+            &node_id,
+            "node",
+            &node_id,
+            serde_json::json!({
+                "name": name,
+                "join_token": token.id,
+                "cert_serial": issued.serial,
+                "cert_expires_at": issued.not_after,
+                "labels": labels,
+                "agent_version": req.agent_version,
+            }),
+        );
+        let enrolled = self
+            .store
+            .enroll_node(&NewEnrollment {
+                token_id: &token.id,
+                node: NewNode {
+                    id: &node_id,
+                    name,
+                    cert_serial: &issued.serial,
+                    cert_fingerprint: &issued.fingerprint,
+                    cert_expires_at: issued.not_after,
+                    labels: &labels,
+                    agent_version: &req.agent_version,
+                    enrolled_at: now,
+                },
+                replace: req.replace,
+                event: &event,
+            })
+            .await?;
+        match enrolled {
+            Enrolled::Node { .. } => {}
             // Lost a race with a concurrent enrollment using the same token.
-            return Err(EnrollError::Used(token.id));
-        }
-        // Names are unique among live nodes: a second `n1` would make every
-        // `--node n1` ambiguous. Replacing is explicit and audited.
-        let replaced = match store::live_node_named(&mut tx, name).await? {
-            None => None,
-            Some((existing, _)) if req.replace => {
-                store::revoke_node(&mut tx, &existing, now).await?;
-                Some(existing)
-            }
-            Some((existing, enrolled_at)) => {
+            Enrolled::TokenSpent => return Err(EnrollError::Used(token.id)),
+            Enrolled::NameTaken {
+                existing,
+                enrolled_at,
+            } => {
                 return Err(EnrollError::NameTaken {
                     name: name.to_owned(),
                     existing,
                     enrolled_at: crate::rfc3339(enrolled_at),
-                });
+                })
             }
-        };
-        let labels = node_labels(&req.labels, &row.tags);
-        store::insert_node(
-            &mut tx,
-            &NewNode {
-                id: &node_id,
-                name,
-                cert_serial: &issued.serial,
-                cert_fingerprint: &issued.fingerprint,
-                cert_expires_at: issued.not_after,
-                labels: &labels,
-                agent_version: &req.agent_version,
-                enrolled_at: now,
-            },
-        )
-        .await?;
-        store::insert_audit(
-            &mut tx,
-            &AuditEvent::success(
-                audit::NODE_ENROLLED,
-                &node_id,
-                "node",
-                &node_id,
-                serde_json::json!({
-                    "name": name,
-                    "join_token": token.id,
-                    "cert_serial": issued.serial,
-                    "cert_expires_at": issued.not_after,
-                    "labels": labels,
-                    "agent_version": req.agent_version,
-                }),
-            ),
-            now,
-        )
-        .await?;
-        if let Some(old) = &replaced {
-            store::insert_audit(
-                &mut tx,
-                &AuditEvent::success(
-                    audit::NODE_REPLACED,
-                    &node_id,
-                    "node",
-                    old,
-                    serde_json::json!({ "name": name, "replaced_by": node_id }),
-                ),
-                now,
-            )
-            .await?;
         }
-        tx.commit().await.map_err(StoreError::from)?;
 
         Ok(EnrollResponse {
             node_id,

@@ -1,10 +1,9 @@
-//! The one cryptography backend (ring) and the small primitives built on it:
-//! secure random ids and secrets, and certificate fingerprints.
+//! The one cryptography backend (ring, [`provider`]) and the small
+//! primitives built on it: secure random ids and secrets, and certificate
+//! fingerprints.
 
-use std::sync::{Arc, OnceLock};
-
-use rustls::crypto::CryptoProvider;
 use sha2::{Digest as _, Sha256};
+pub use slipway_proto::crypto::{install_default_provider, provider};
 
 /// Errors from the crypto backend.
 #[derive(Debug, thiserror::Error)]
@@ -12,28 +11,6 @@ pub enum CryptoError {
     /// The operating system's random source failed; nothing secret can be made.
     #[error("secure random source failed")]
     Random,
-}
-
-/// The rustls backend used everywhere in the controller.
-///
-/// Exactly one backend: ring, the one tonic's `tls-ring` feature already
-/// links. rustls' own default would pull in aws-lc-rs (a C/cmake build) and,
-/// with two backends linked, `ServerConfig::builder()` panics at run time
-/// because it cannot choose. Configs are built with this provider explicitly.
-/// Built once: every random id and every TLS config shares it.
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
-}
-
-/// Installs [`provider`] as the process default, for any library code that
-/// builds a rustls config without naming a provider. Called once at start-up
-/// by the binary; a second call (tests starting several servers) is harmless.
-pub fn install_default_provider() {
-    // Err only means a default is already installed, which is what we want.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// `N` bytes from the backend's CSPRNG.

@@ -1,15 +1,15 @@
 //! The Control service: the controller API the `slipway` CLI calls, on the
 //! same TLS port as the agents. The caller is an API token in
-//! `authorization: Bearer …` metadata (see [`crate::apitoken`]) or, without
+//! `authorization: Bearer …` metadata (see [`crate::auth::apitoken`]) or, without
 //! one, an operator client certificate presented in the TLS handshake (see
-//! [`crate::operator`]); both carry scopes.
+//! [`crate::auth::operator`]); both carry scopes.
 //!
 //! Every refused call (no or unknown token or certificate, a scope that does
 //! not cover the app, an upload whose bytes do not match its digest) is
 //! audited as API_CALL_REFUSED with the token or operator id (never the
 //! secret) as actor.
 
-use slipway_proto::limits::{self, Validate};
+use slipway_proto::limits;
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
     controller_message, ControllerMessage, FleetStatusRequest, FleetStatusResponse, PruneRequest,
@@ -23,119 +23,25 @@ use slipway_proto::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::apitoken::{self, ApiTokenError, Caller};
 use crate::artifacts::{self, ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
-use crate::deploy::{self, Action, Answer, Commands, Plan, Target};
+use crate::auth::apitoken::{self, Caller};
+use crate::auth::operator::{self, OperatorError};
 use crate::fleet;
-use crate::operator::{self, OperatorError};
-use crate::registry::Sessions;
+use crate::link::commands::{Answer, Commands};
+use crate::link::registry::Sessions;
+use crate::rollout::{self, Action, Plan, Target};
 use crate::store::{Store, StoreError};
+
+mod error;
+
+use error::validated;
+pub use error::ApiError;
 
 /// How long a refreshed FleetStatus waits for the nodes' fresh heartbeats.
 pub const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest `keep` a Prune accepts (0 = each node's configured `keep`).
 pub const MAX_PRUNE_KEEP: u32 = 1000;
-
-/// Errors of API calls; each maps to one gRPC status.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// No `authorization: Bearer` metadata and no client certificate.
-    #[error(
-        "an API token (slipway --token or SLIPWAY_TOKEN) or an operator certificate (slipway --cert and --key) is required"
-    )]
-    NoToken,
-    /// The client certificate is not a live operator's.
-    #[error(transparent)]
-    Operator(Box<OperatorError>),
-    /// The token is malformed, unknown or revoked.
-    #[error(transparent)]
-    Token(#[from] ApiTokenError),
-    /// The token's scopes do not allow this call.
-    #[error("token {token} may not {what} (scopes: {scopes})")]
-    Scope {
-        /// Token id.
-        token: String,
-        /// What was asked, e.g. "deploy app api".
-        what: String,
-        /// What the token has.
-        scopes: String,
-    },
-    /// A request field is invalid.
-    #[error("{0}")]
-    Invalid(String),
-    /// The selector matches no node.
-    #[error("no enrolled node matches {0}")]
-    NoNodes(String),
-    /// The artifact to deploy was never uploaded.
-    #[error("artifact {0} is not on the controller; upload it first (slipway deploy does)")]
-    NoArtifact(String),
-    /// Artifact store.
-    #[error(transparent)]
-    Artifact(#[from] ArtifactError),
-    /// Database.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<OperatorError> for ApiError {
-    fn from(err: OperatorError) -> Self {
-        Self::Operator(Box::new(err))
-    }
-}
-
-impl From<deploy::RolloutError> for ApiError {
-    fn from(err: deploy::RolloutError) -> Self {
-        Self::Invalid(err.to_string())
-    }
-}
-
-impl From<limits::FieldError> for ApiError {
-    fn from(err: limits::FieldError) -> Self {
-        Self::Invalid(err.to_string())
-    }
-}
-
-/// Refuses a request with a field outside its rule or limit, before
-/// anything (authorization included) uses it.
-fn validated<M: Validate>(message: &M) -> Result<(), ApiError> {
-    Ok(message.validate()?)
-}
-
-impl From<ApiError> for Status {
-    fn from(err: ApiError) -> Self {
-        match err {
-            ApiError::NoToken
-            | ApiError::Token(ApiTokenError::Malformed | ApiTokenError::Unknown) => {
-                Status::unauthenticated(err.to_string())
-            }
-            ApiError::Operator(ref op)
-                if matches!(
-                    **op,
-                    OperatorError::NodeCert
-                        | OperatorError::UnknownCert(_)
-                        | OperatorError::Revoked(_)
-                ) =>
-            {
-                Status::unauthenticated(err.to_string())
-            }
-            ApiError::Scope { .. } => Status::permission_denied(err.to_string()),
-            ApiError::Invalid(_) => Status::invalid_argument(err.to_string()),
-            ApiError::NoNodes(_) | ApiError::NoArtifact(_) => {
-                Status::failed_precondition(err.to_string())
-            }
-            ApiError::Artifact(err) => err.into(),
-            // One deployment per app at a time.
-            ApiError::Store(StoreError::AppBusy { .. }) => {
-                Status::failed_precondition(err.to_string())
-            }
-            ApiError::Token(_) | ApiError::Operator(_) | ApiError::Store(_) => {
-                tracing::error!(%err, "controller api");
-                Status::internal("the controller failed; see its log")
-            }
-        }
-    }
-}
 
 /// The Control gRPC service.
 #[derive(Debug, Clone)]
@@ -305,7 +211,7 @@ impl ControlService {
         &self,
         plan: Plan,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let mut events = deploy::start(&self.store, &self.sessions, &self.commands, plan)
+        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan)
             .await
             .map_err(ApiError::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -330,7 +236,7 @@ impl ControlService {
         action: Action,
         rollout: Option<&slipway_proto::v1::Rollout>,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let rollout = deploy::Rollout::from_proto(rollout).map_err(ApiError::from)?;
+        let rollout = rollout::Rollout::from_proto(rollout).map_err(ApiError::from)?;
         let what = format!("{verb} app {app}");
         let caller = self
             .authorize(request, &what, |c| c.can_deploy(app))
@@ -356,7 +262,7 @@ impl ControlService {
     ) -> Result<std::collections::HashMap<String, fleet::RefreshAnswer>, ApiError> {
         let prefix = format!(
             "s-{}",
-            crate::crypto::random_hex::<8>().map_err(StoreError::from)?
+            crate::pki::crypto::random_hex::<8>().map_err(StoreError::from)?
         );
         let mut asks = tokio::task::JoinSet::new();
         for node_id in self.store.live_node_ids().await? {
@@ -463,9 +369,9 @@ impl Control for ControlService {
             .await
             .map_err(ApiError::from)?;
         fleet::apply_sessions(&mut nodes, |id| self.sessions.contains(id));
-        let nodes_json = serde_json::to_string(&nodes)
-            .map_err(|err| Status::internal(format!("encoding the fleet view: {err}")))?;
-        Ok(Response::new(ListNodesResponse { nodes_json }))
+        Ok(Response::new(ListNodesResponse {
+            nodes: nodes.iter().map(Into::into).collect(),
+        }))
     }
 
     async fn list_audit(
@@ -548,9 +454,9 @@ impl Control for ControlService {
             } else {
                 check_artifact_url(&req.artifact_url)?;
             }
-            let rollout = deploy::Rollout::from_proto(req.rollout.as_ref())?;
+            let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
             let release_id = if req.release_id.is_empty() {
-                deploy::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
+                rollout::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
             } else {
                 req.release_id.clone()
             };
@@ -586,7 +492,7 @@ impl Control for ControlService {
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
         let req = request.into_inner();
-        let rollout = deploy::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
+        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
         let targets = self.select(req.selector.as_ref()).await?;
         let plan = Plan {
             app: req.app,
@@ -686,9 +592,9 @@ impl Control for ControlService {
                 now,
             },
         );
-        let status_json = serde_json::to_string(&status)
-            .map_err(|err| Status::internal(format!("encoding the fleet status: {err}")))?;
-        Ok(Response::new(FleetStatusResponse { status_json }))
+        Ok(Response::new(FleetStatusResponse {
+            status: Some((&status).into()),
+        }))
     }
 }
 

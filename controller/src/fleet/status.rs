@@ -1,398 +1,15 @@
-//! The fleet view and the operator's node actions, read from and written to
-//! the database only, so they work from another process while `serve` runs
-//! (SQLite WAL): `slipway-controller nodes` and `node revoke`.
-//!
-//! Heartbeats are stored as JSON in the shapes defined here ([`Metrics`],
-//! [`App`]), converted once from the protocol types and read back into
-//! them by [`Store::fleet`].
+//! The fleet summary of `slipway status`, pure: from the fleet view, the
+//! sessions, the refresh answers and the last deployments, which nodes and
+//! apps are fine, and the problems and notes about the rest.
 
-use std::fmt::Write as _;
-use std::time::Duration;
+use slipway_proto::view::bytes;
 
-use serde::{Deserialize, Serialize};
-use slipway_proto::limits;
-use slipway_proto::v1::{AppStatus, NodeMetrics};
-
-use crate::audit::{self, AuditEvent};
-use crate::liveness::{self, NodeState};
-use crate::store::{self, FleetRow, Store, StoreError};
-
-/// Host metrics as stored and shown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    /// Whole-host CPU usage, 0..100.
-    pub cpu_percent: f64,
-    /// Memory in use, bytes.
-    pub mem_used_bytes: u64,
-    /// Installed memory, bytes.
-    pub mem_total_bytes: u64,
-    /// Load averages.
-    pub load1: f64,
-    /// 5-minute load.
-    pub load5: f64,
-    /// 15-minute load.
-    pub load15: f64,
-    /// Filesystems.
-    #[serde(default)]
-    pub disks: Vec<Disk>,
-}
-
-/// One filesystem.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Disk {
-    /// Mount point.
-    pub mount: String,
-    /// Bytes used.
-    pub used_bytes: u64,
-    /// Size, bytes.
-    pub total_bytes: u64,
-}
-
-/// One app on a node as stored and shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct App {
-    /// App name.
-    pub app: String,
-    /// Release `current` points at.
-    pub current_release: String,
-    /// Last health verdict.
-    pub health: String,
-    /// A deploy/rollback/prune holds the app lock.
-    pub in_progress: bool,
-    /// Releases kept on disk.
-    #[serde(default)]
-    pub releases: Vec<Release>,
-}
-
-/// One release directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Release {
-    /// Release id.
-    pub id: String,
-    /// Lifecycle state.
-    pub status: String,
-    /// Unpacked at (seconds since the epoch).
-    pub created_at_unix: i64,
-    /// Artifact sha256.
-    pub artifact_sha256: String,
-}
-
-impl From<&NodeMetrics> for Metrics {
-    fn from(m: &NodeMetrics) -> Self {
-        Self {
-            cpu_percent: m.cpu_percent,
-            mem_used_bytes: m.mem_used_bytes,
-            mem_total_bytes: m.mem_total_bytes,
-            load1: m.load1,
-            load5: m.load5,
-            load15: m.load15,
-            disks: m
-                .disks
-                .iter()
-                .map(|d| Disk {
-                    mount: d.mount.clone(),
-                    used_bytes: d.used_bytes,
-                    total_bytes: d.total_bytes,
-                })
-                .collect(),
-        }
-    }
-}
-
-impl From<&AppStatus> for App {
-    fn from(a: &AppStatus) -> Self {
-        Self {
-            app: a.app.clone(),
-            current_release: a.current_release.clone(),
-            health: a.health.clone(),
-            in_progress: a.in_progress,
-            releases: a
-                .releases
-                .iter()
-                .map(|r| Release {
-                    id: r.id.clone(),
-                    status: r.status.clone(),
-                    created_at_unix: r.created_at_unix,
-                    artifact_sha256: r.artifact_sha256.clone(),
-                })
-                .collect(),
-        }
-    }
-}
-
-/// The JSON stored for a heartbeat's metrics.
-pub fn metrics_json(metrics: &NodeMetrics) -> serde_json::Value {
-    serde_json::to_value(Metrics::from(metrics)).unwrap_or_default()
-}
-
-/// The JSON stored for a list of app states.
-pub fn apps_json(apps: &[AppStatus]) -> serde_json::Value {
-    serde_json::to_value(apps.iter().map(App::from).collect::<Vec<_>>()).unwrap_or_default()
-}
-
-/// One node in `slipway-controller nodes` (also its `--json` shape).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeView {
-    /// Node id.
-    pub id: String,
-    /// Node name.
-    pub name: String,
-    /// Labels.
-    pub labels: serde_json::Value,
-    /// online / unreachable / unknown / revoked.
-    pub state: NodeState,
-    /// Last Hello or heartbeat (seconds since the epoch).
-    pub last_seen_at: Option<i64>,
-    /// Seconds since the last heartbeat, at the time of the query.
-    pub heartbeat_age_secs: Option<i64>,
-    /// Agent version last reported.
-    pub agent_version: String,
-    /// Agent RSS, bytes.
-    pub agent_rss_bytes: Option<u64>,
-    /// Host metrics from the last heartbeat.
-    pub metrics: Option<Metrics>,
-    /// Apps from the last Hello or heartbeat.
-    pub apps: Vec<App>,
-    /// When the node was revoked.
-    pub revoked_at: Option<i64>,
-    /// Expiry of its newest certificate.
-    pub cert_expires_at: i64,
-}
-
-/// The fleet as of `now`.
-///
-/// State uses [`liveness::node_state`] with the interval each node was told
-/// and the start time and setting the running (or last) `serve` recorded; a
-/// data dir where `serve` never ran counts as started at the epoch.
-pub async fn nodes(store: &Store, now: i64) -> Result<Vec<NodeView>, StoreError> {
-    let start = store.controller_start().await?;
-    let (started_at, unreachable_after) = start
-        .map_or((0, liveness::DEFAULT_UNREACHABLE_AFTER), |s| {
-            (s.started_at, s.unreachable_after)
-        });
-    let rows = store.fleet().await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| view(row, now, started_at, unreachable_after))
-        .collect())
-}
-
-fn view(row: FleetRow, now: i64, started_at: i64, unreachable_after: u32) -> NodeView {
-    let interval = row
-        .heartbeat_interval_secs
-        .map_or(liveness::DEFAULT_MIN_INTERVAL, Duration::from_secs);
-    let state = if row.revoked_at.is_some() {
-        NodeState::Revoked
-    } else {
-        liveness::node_state(
-            row.last_seen_at,
-            now,
-            started_at,
-            interval,
-            unreachable_after,
-        )
-    };
-    NodeView {
-        id: row.id,
-        name: row.name,
-        labels: row.labels,
-        state,
-        last_seen_at: row.last_seen_at,
-        heartbeat_age_secs: row.heartbeat_at.map(|t| now.saturating_sub(t).max(0)),
-        agent_version: row.agent_version,
-        agent_rss_bytes: row.agent_rss_bytes,
-        metrics: row.metrics,
-        apps: row.apps,
-        revoked_at: row.revoked_at,
-        cert_expires_at: row.cert_expires_at,
-    }
-}
-
-/// The controller's own views know its sessions (`connected` says which
-/// node holds one): a node that looks online from its last heartbeat but
-/// holds no session is [`NodeState::Disconnected`] (no command could reach
-/// it), and one not yet heard from since the start that holds a session is
-/// online (its Hello came in the start's second).
-pub fn apply_sessions(views: &mut [NodeView], connected: impl Fn(&str) -> bool) {
-    for view in views {
-        match (view.state, connected(&view.id)) {
-            (NodeState::Online, false) => view.state = NodeState::Disconnected,
-            (NodeState::Unknown, true) => view.state = NodeState::Online,
-            _ => {}
-        }
-    }
-}
-
-/// The fleet as a text table, one node per line.
-pub fn render_table(nodes: &[NodeView]) -> String {
-    let header = [
-        "ID",
-        "NAME",
-        "LABELS",
-        "STATE",
-        "HEARTBEAT",
-        "VERSION",
-        "RSS",
-        "CPU",
-        "MEM",
-        "LOAD",
-        "APPS",
-    ];
-    let mut rows: Vec<[String; 11]> = vec![header.map(str::to_owned)];
-    for node in nodes {
-        let labels = node
-            .labels
-            .as_object()
-            .map(|labels| {
-                labels
-                    .iter()
-                    .map(|(k, v)| match v.as_str() {
-                        Some("") | None => k.clone(),
-                        Some(v) => format!("{k}={v}"),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .unwrap_or_default();
-        let dash = || "-".to_owned();
-        let (cpu, mem, load) = node.metrics.as_ref().map_or_else(
-            || (dash(), dash(), dash()),
-            |m| {
-                (
-                    format!("{:.0}%", m.cpu_percent),
-                    format!("{}/{}", bytes(m.mem_used_bytes), bytes(m.mem_total_bytes)),
-                    format!("{:.2}", m.load1),
-                )
-            },
-        );
-        let apps = node
-            .apps
-            .iter()
-            .map(|a| {
-                let release = if a.current_release.is_empty() {
-                    "-"
-                } else {
-                    &a.current_release
-                };
-                let health = if a.health.is_empty() { "?" } else { &a.health };
-                format!("{}@{release} ({health})", a.app)
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        rows.push([
-            node.id.clone(),
-            node.name.clone(),
-            if labels.is_empty() { dash() } else { labels },
-            node.state.as_str().to_owned(),
-            node.heartbeat_age_secs
-                .map_or_else(dash, |age| format!("{age}s ago")),
-            if node.agent_version.is_empty() {
-                dash()
-            } else {
-                node.agent_version.clone()
-            },
-            node.agent_rss_bytes.map_or_else(dash, bytes),
-            cpu,
-            mem,
-            load,
-            if apps.is_empty() { dash() } else { apps },
-        ]);
-    }
-    table(&rows)
-}
-
-/// Bytes in binary units with one decimal: `512.0M`, `1.9G`.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
-    #[allow(clippy::cast_precision_loss)] // display only
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n}B")
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
-    }
-}
-
-/// Why a revoke did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum RevokeError {
-    /// No node has that id or name.
-    #[error("no node with id or name {0:?}")]
-    NotFound(String),
-    /// Several nodes share that name.
-    #[error("{count} nodes are named {name:?}; give the node id")]
-    Ambiguous {
-        /// The name given.
-        name: String,
-        /// How many matched.
-        count: usize,
-    },
-    /// The database failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// What a revoke did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revoked {
-    /// The node's id.
-    pub node_id: String,
-    /// False if the node was already revoked (nothing changed, no event).
-    pub newly: bool,
-}
-
-/// Revokes the node with this id (or unique name): sets `revoked_at` and
-/// records NODE_REVOKED, in one transaction. A running `serve` refuses the
-/// node's next connection at once and closes a stream it holds within
-/// [`crate::server::REVOCATION_POLL`].
-pub async fn revoke(
-    store: &Store,
-    id_or_name: &str,
-    actor: &str,
-    now: i64,
-) -> Result<Revoked, RevokeError> {
-    let mut found = store.find_node(id_or_name).await?;
-    let node = match found.len() {
-        0 => return Err(RevokeError::NotFound(id_or_name.to_owned())),
-        1 => found.remove(0),
-        count => {
-            return Err(RevokeError::Ambiguous {
-                name: id_or_name.to_owned(),
-                count,
-            })
-        }
-    };
-    let mut tx = store.begin().await?;
-    let newly = store::revoke_node(&mut tx, &node.id, now).await?;
-    if newly {
-        store::insert_audit(
-            &mut tx,
-            &AuditEvent::success(
-                audit::NODE_REVOKED,
-                actor,
-                "node",
-                &node.id,
-                serde_json::json!({ "name": node.name }),
-            ),
-            now,
-        )
-        .await?;
-    }
-    tx.commit().await.map_err(StoreError::from)?;
-    Ok(Revoked {
-        node_id: node.id,
-        newly,
-    })
-}
+use super::nodes::NodeView;
+use crate::link::liveness::NodeState;
+use crate::store::{self, App};
 
 /// How a node answered the StatusRequest of a refreshed `slipway status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshAnswer {
     /// It sent a fresh heartbeat (stored before this summary was made).
     Answered,
@@ -417,7 +34,7 @@ impl RefreshAnswer {
 }
 
 /// One node in the fleet summary.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStatus {
     /// Node id.
     pub id: String,
@@ -438,7 +55,7 @@ pub struct NodeStatus {
 }
 
 /// Nodes on which one release of an app is current.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseNodes {
     /// Release id; "" = nothing activated yet.
     pub release: String,
@@ -449,7 +66,7 @@ pub struct ReleaseNodes {
 }
 
 /// An app that is not healthy on a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnhealthyApp {
     /// Node id.
     pub node_id: String,
@@ -464,7 +81,7 @@ pub struct UnhealthyApp {
 }
 
 /// One app across the fleet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppSummary {
     /// App name.
     pub app: String,
@@ -479,7 +96,7 @@ pub struct AppSummary {
 }
 
 /// Nodes whose agent runs one version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionNodes {
     /// Agent version.
     pub version: String,
@@ -490,7 +107,7 @@ pub struct VersionNodes {
 }
 
 /// Agent versions in use and agents whose memory stands out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentSummary {
     /// Versions reported, most nodes first.
     pub versions: Vec<VersionNodes>,
@@ -506,8 +123,8 @@ pub const RSS_OUTLIER_FACTOR: u64 = 2;
 /// ...and this far above it (small agents vary by a few MiB).
 pub const RSS_OUTLIER_MIN_EXCESS: u64 = 16 * 1024 * 1024;
 
-/// The fleet summary of `slipway status` (the FleetStatus API's JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The fleet summary of `slipway status` (the FleetStatus API's answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetStatus {
     /// When it was made (seconds since the epoch).
     pub generated_at: i64,
@@ -829,217 +446,15 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
     }
 }
 
-/// `slipway status` as text: node counts and table, apps, notes, problems,
-/// and a last line saying whether all is well.
-pub fn render_status(status: &FleetStatus) -> String {
-    let mut out = String::new();
-    let counts: Vec<String> = status
-        .counts
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(state, n)| format!("{n} {state}"))
-        .collect();
-    let scope = status
-        .app
-        .as_ref()
-        .map_or_else(String::new, |a| format!(" reporting app {}", esc(a)));
-    let _ = writeln!(
-        out,
-        "nodes{scope}: {} ({})",
-        status.nodes.len(),
-        if counts.is_empty() {
-            "none".to_owned()
-        } else {
-            counts.join(", ")
-        }
-    );
-    if !status.nodes.is_empty() {
-        let mut rows = vec![[
-            "NAME",
-            "STATE",
-            "SESSION",
-            "HEARTBEAT",
-            "VERSION",
-            "RSS",
-            "REFRESH",
-        ]
-        .map(str::to_owned)];
-        for n in &status.nodes {
-            rows.push([
-                n.name.clone(),
-                n.state.as_str().to_owned(),
-                if n.connected { "yes" } else { "no" }.to_owned(),
-                n.heartbeat_age_secs
-                    .map_or_else(|| "-".to_owned(), |age| format!("{age}s ago")),
-                if n.agent_version.is_empty() {
-                    "-".to_owned()
-                } else {
-                    n.agent_version.clone()
-                },
-                n.agent_rss_bytes.map_or_else(|| "-".to_owned(), bytes),
-                match n.refresh {
-                    None => "-".to_owned(),
-                    Some(RefreshAnswer::Answered) => "answered".to_owned(),
-                    Some(answer) => {
-                        format!("did not answer ({})", answer.failure().unwrap_or_default())
-                    }
-                },
-            ]);
-        }
-        out.push_str(&table(&rows));
-    }
-    for app in &status.apps {
-        let _ = writeln!(out, "\napp {}", esc(&app.app));
-        for r in &app.releases {
-            let release = if r.release.is_empty() {
-                "(none)".to_owned()
-            } else {
-                esc(&r.release)
-            };
-            let _ = writeln!(
-                out,
-                "  {release} current on {} node(s): {}",
-                r.count,
-                esc(&r.nodes.join(", "))
-            );
-        }
-        for u in &app.unhealthy {
-            let _ = writeln!(
-                out,
-                "  UNHEALTHY on {} ({}): {}",
-                esc(&u.node_name),
-                esc(&u.release),
-                limits::one_line(&u.output, limits::MAX_HEALTH)
-            );
-        }
-        if !app.busy.is_empty() {
-            let _ = writeln!(out, "  busy on: {}", esc(&app.busy.join(", ")));
-        }
-        if let Some(d) = &app.last_deployment {
-            let release = if d.release_id.is_empty() {
-                String::new()
-            } else {
-                format!(" of {}", esc(&d.release_id))
-            };
-            let _ = writeln!(
-                out,
-                "  last {} {}{release}: {} ({}s ago){}",
-                esc(&d.kind),
-                esc(&d.id),
-                esc(&d.status),
-                status.generated_at.saturating_sub(d.started_at).max(0),
-                if d.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", limits::one_line(&d.message, limits::MAX_MESSAGE))
-                }
-            );
-            for n in &d.nodes {
-                let name = if n.node_name.is_empty() {
-                    &n.node_id
-                } else {
-                    &n.node_name
-                };
-                let _ = writeln!(
-                    out,
-                    "    [{}] {}{}",
-                    esc(name),
-                    esc(&n.outcome),
-                    if n.message.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", limits::one_line(&n.message, limits::MAX_MESSAGE))
-                    }
-                );
-            }
-        }
-    }
-    if !status.agents.versions.is_empty() {
-        let versions: Vec<String> = status
-            .agents
-            .versions
-            .iter()
-            .map(|v| format!("{} on {}", esc(&v.version), esc(&v.nodes.join(", "))))
-            .collect();
-        let _ = writeln!(
-            out,
-            "\nagents: {}; RSS median {}",
-            versions.join("; "),
-            status
-                .agents
-                .rss_median_bytes
-                .map_or_else(|| "-".to_owned(), bytes)
-        );
-    }
-    if !status.notes.is_empty() {
-        out.push_str("\nnotes:\n");
-        for n in &status.notes {
-            let _ = writeln!(out, "  - {}", limits::one_line(n, limits::MAX_MESSAGE));
-        }
-    }
-    if !status.problems.is_empty() {
-        out.push_str("\nproblems:\n");
-        for p in &status.problems {
-            let _ = writeln!(out, "  - {}", limits::one_line(p, limits::MAX_MESSAGE));
-        }
-    }
-    out
-}
-
-/// Widest table column: a longer value (a label list, a hostile name from
-/// an old database) is cut with `…` so one row cannot widen every other.
-const MAX_COLUMN: usize = 80;
-
-/// A value from outside on one line of text output: control characters
-/// escaped (a newline in a name cannot forge a line), cut at a name's length.
-fn esc(value: &str) -> String {
-    limits::one_line(value, limits::MAX_NODE_NAME)
-}
-
-/// Left-aligned columns, two spaces apart, the last one unpadded. Every
-/// cell is shown on one line (control characters escaped) and all but the
-/// last cut at [`MAX_COLUMN`] characters.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
-    let rows: Vec<[String; N]> = rows
-        .iter()
-        .map(|row| {
-            let mut i = 0;
-            row.clone().map(|cell| {
-                i += 1;
-                let max = if i == N {
-                    limits::MAX_MESSAGE
-                } else {
-                    MAX_COLUMN
-                };
-                limits::one_line(&cell, max)
-            })
-        })
-        .collect();
-    let mut widths = [0usize; N];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<width$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::apply_sessions;
+
+    /// The summary as `slipway status` prints it.
+    fn render_status(status: &FleetStatus) -> String {
+        slipway_proto::view::render_status(&status.into())
+    }
 
     const MIB: u64 = 1024 * 1024;
 
@@ -1322,28 +737,15 @@ mod tests {
     }
 
     #[test]
-    fn hostile_values_cannot_split_rows_or_widen_the_table() {
-        let mut evil = node(
+    fn hostile_values_cannot_forge_status_lines() {
+        let evil = node(
             "n1\nFAKE ROW online",
             NodeState::Online,
             "0.1\u{1b}[31m",
             10,
             vec![app("web", "v1", "unhealthy: line one\nline two")],
         );
-        // 1,000 labels of 100 characters, and one of 70,000: the cell is cut.
-        evil.labels = serde_json::Value::Object(
-            (0..1000)
-                .map(|i| (format!("k{i}"), serde_json::json!("v".repeat(100))))
-                .chain([("big".to_owned(), serde_json::json!("x".repeat(70_000)))])
-                .collect(),
-        );
         let nodes = [evil, node("n2", NodeState::Online, "0.1", 10, vec![])];
-        let table = render_table(&nodes);
-        assert_eq!(table.lines().count(), 3, "{table}");
-        assert!(table.lines().all(|l| l.chars().count() < 1500), "{table}");
-        assert!(table.contains("n1\\nFAKE ROW online"), "{table}");
-        assert!(!table.contains('\u{1b}'), "{table}");
-
         let status = summarize_status(
             &nodes,
             &StatusInputs {
@@ -1396,12 +798,5 @@ mod tests {
             "{:?}",
             status.problems
         );
-    }
-
-    #[test]
-    fn byte_units() {
-        assert_eq!(bytes(512), "512B");
-        assert_eq!(bytes(24 * 1024 * 1024), "24.0M");
-        assert_eq!(bytes(2 * 1024 * 1024 * 1024), "2.0G");
     }
 }

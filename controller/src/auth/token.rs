@@ -7,7 +7,7 @@ use std::time::Duration;
 use slipway_proto::join_token::JoinToken;
 
 use crate::audit::{self, AuditEvent};
-use crate::crypto::{self, CryptoError};
+use crate::pki::crypto::{self, CryptoError};
 use crate::store::{Store, StoreError};
 
 /// Default lifetime of a join token: long enough to boot a droplet and run
@@ -31,23 +31,16 @@ pub enum TokenError {
     Crypto(#[from] CryptoError),
 }
 
+impl TokenError {
+    /// A bad `--ttl` or `--tag` (exit 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Ttl(_) | Self::Tag(_))
+    }
+}
+
 /// Parses a TTL such as `90s`, `30m`, `1h`, `7d`.
 pub fn parse_ttl(text: &str) -> Result<Duration, TokenError> {
-    let err = || TokenError::Ttl(text.to_owned());
-    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| err())?;
-    let unit_secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 60 * 60,
-        "d" => 24 * 60 * 60,
-        _ => return Err(err()),
-    };
-    match number.checked_mul(unit_secs) {
-        Some(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
-        _ => Err(err()),
-    }
+    slipway_proto::cli::parse_duration(text).ok_or_else(|| TokenError::Ttl(text.to_owned()))
 }
 
 /// Checks a `--tag` value (`env:production`, `pf-core`).

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use crate::audit::{self, AuditEvent};
-use crate::crypto::{self, CryptoError};
+use crate::pki::crypto::{self, CryptoError};
 use crate::store::{Store, StoreError};
 
 /// Prefix of every API token, so a leaked one is recognisable (and told
@@ -37,6 +37,13 @@ pub enum ApiTokenError {
     /// No randomness for the secret.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+}
+
+impl ApiTokenError {
+    /// A bad `--scope`, or a token id that names nothing (exit 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Scope(_) | Self::NoScope | Self::NotFound(_))
+    }
 }
 
 /// What a token may do.
@@ -134,7 +141,7 @@ pub async fn create(store: &Store, scopes: &[Scope], now: i64) -> Result<String,
     store
         .insert_api_token(
             &id,
-            &crate::token::secret_hash(&secret),
+            &crate::auth::token::secret_hash(&secret),
             &scopes,
             now,
             &created,
@@ -184,7 +191,7 @@ pub async fn authenticate(store: &Store, token: &str) -> Result<Caller, ApiToken
     let row = store.api_token(id).await?.ok_or(ApiTokenError::Unknown)?;
     // Both sides are hex sha256 of 256-bit secrets: comparing hashes leaks
     // nothing useful through timing.
-    if row.revoked_at.is_some() || row.secret_hash != crate::token::secret_hash(secret) {
+    if row.revoked_at.is_some() || row.secret_hash != crate::auth::token::secret_hash(secret) {
         return Err(ApiTokenError::Unknown);
     }
     let scopes = row

@@ -1,0 +1,111 @@
+//! The errors of Control API calls and the one place they become gRPC
+//! statuses.
+
+use slipway_proto::limits::{self, Validate};
+use tonic::Status;
+
+use crate::artifacts::ArtifactError;
+use crate::auth::apitoken::ApiTokenError;
+use crate::auth::operator::OperatorError;
+use crate::rollout;
+use crate::store::StoreError;
+
+/// Errors of API calls; each maps to one gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No `authorization: Bearer` metadata and no client certificate.
+    #[error(
+        "an API token (slipway --token or SLIPWAY_TOKEN) or an operator certificate (slipway --cert and --key) is required"
+    )]
+    NoToken,
+    /// The client certificate is not a live operator's.
+    #[error(transparent)]
+    Operator(Box<OperatorError>),
+    /// The token is malformed, unknown or revoked.
+    #[error(transparent)]
+    Token(#[from] ApiTokenError),
+    /// The token's scopes do not allow this call.
+    #[error("token {token} may not {what} (scopes: {scopes})")]
+    Scope {
+        /// Token id.
+        token: String,
+        /// What was asked, e.g. "deploy app api".
+        what: String,
+        /// What the token has.
+        scopes: String,
+    },
+    /// A request field is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The selector matches no node.
+    #[error("no enrolled node matches {0}")]
+    NoNodes(String),
+    /// The artifact to deploy was never uploaded.
+    #[error("artifact {0} is not on the controller; upload it first (slipway deploy does)")]
+    NoArtifact(String),
+    /// Artifact store.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// Database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<OperatorError> for ApiError {
+    fn from(err: OperatorError) -> Self {
+        Self::Operator(Box::new(err))
+    }
+}
+
+impl From<rollout::RolloutError> for ApiError {
+    fn from(err: rollout::RolloutError) -> Self {
+        Self::Invalid(err.to_string())
+    }
+}
+
+impl From<limits::FieldError> for ApiError {
+    fn from(err: limits::FieldError) -> Self {
+        Self::Invalid(err.to_string())
+    }
+}
+
+/// Refuses a request with a field outside its rule or limit, before
+/// anything (authorization included) uses it.
+pub(crate) fn validated<M: Validate>(message: &M) -> Result<(), ApiError> {
+    Ok(message.validate()?)
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        match err {
+            ApiError::NoToken
+            | ApiError::Token(ApiTokenError::Malformed | ApiTokenError::Unknown) => {
+                Status::unauthenticated(err.to_string())
+            }
+            ApiError::Operator(ref op)
+                if matches!(
+                    **op,
+                    OperatorError::NodeCert
+                        | OperatorError::UnknownCert(_)
+                        | OperatorError::Revoked(_)
+                ) =>
+            {
+                Status::unauthenticated(err.to_string())
+            }
+            ApiError::Scope { .. } => Status::permission_denied(err.to_string()),
+            ApiError::Invalid(_) => Status::invalid_argument(err.to_string()),
+            ApiError::NoNodes(_) | ApiError::NoArtifact(_) => {
+                Status::failed_precondition(err.to_string())
+            }
+            ApiError::Artifact(err) => err.into(),
+            // One deployment per app at a time.
+            ApiError::Store(StoreError::AppBusy { .. }) => {
+                Status::failed_precondition(err.to_string())
+            }
+            ApiError::Token(_) | ApiError::Operator(_) | ApiError::Store(_) => {
+                tracing::error!(%err, "controller api");
+                Status::internal("the controller failed; see its log")
+            }
+        }
+    }
+}

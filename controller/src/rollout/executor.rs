@@ -1,0 +1,660 @@
+//! The executor: records a deployment, sends each batch's commands over
+//! the nodes' sessions, follows their answers (timeouts, lost
+//! connections), stops and rolls back as [`next_step`] decides, and
+//! records and streams every node's result and the outcome.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use slipway_proto::v1::{
+    deploy_event, BatchStarted, ControllerMessage, DeployEvent, DeployFinished, DeployStarted,
+    NodeProgress, NodeResult, Outcome, TargetNode,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::plan::{Action, Plan, Target};
+use super::policy::{next_step, outcome_text, summarize, Batch, NodeState, Step};
+use crate::audit::AuditEvent;
+use crate::link::commands::{Commands, NodeEvent};
+use crate::link::registry::Sessions;
+use crate::store::{NewDeployment, NewDeploymentNode, Store, StoreError};
+
+/// Longest a node may take to answer a command.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// After a node's session ends mid-command, how long its result may still
+/// arrive (the agent reconnects and reports) before the node is failed.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(30);
+/// How long a command may wait for room in a node's outbound queue.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events buffered for a slow CLI; the deployment never waits on it.
+const EVENT_QUEUE: usize = 256;
+
+fn event(kind: deploy_event::Kind) -> DeployEvent {
+    DeployEvent { kind: Some(kind) }
+}
+
+fn target_node(t: &Target) -> TargetNode {
+    TargetNode {
+        node_id: t.node_id.clone(),
+        node_name: t.name.clone(),
+    }
+}
+
+/// The release current on each target before the deployment, for rolling
+/// it back if the rollout stops ('' when unknown: the agent's previous).
+/// The newer of the node's last report (Hello or heartbeat) and the last
+/// release this controller saw it switch to.
+async fn prior_releases(store: &Store, plan: &Plan) -> Result<Vec<String>, StoreError> {
+    let reported: HashMap<String, (String, i64)> = store
+        .fleet()
+        .await?
+        .into_iter()
+        .filter_map(|row| {
+            let app = row.apps.into_iter().find(|a| a.app == plan.app)?;
+            Some((row.id, (app.current_release, row.last_seen_at.unwrap_or(0))))
+        })
+        .collect();
+    let deployed = store.last_switched_releases(&plan.app).await?;
+    Ok(plan
+        .targets
+        .iter()
+        .map(|t| {
+            let seen = reported.get(&t.node_id);
+            let ours = deployed.get(&t.node_id);
+            match (seen, ours) {
+                (Some((_, seen_at)), Some((ours, at))) if at >= seen_at => ours.clone(),
+                (Some((seen, _)), _) => seen.clone(),
+                (None, Some((ours, _))) => ours.clone(),
+                (None, None) => String::new(),
+            }
+        })
+        .collect())
+}
+
+/// Starts a deployment: records it (refused with [`StoreError::AppBusy`]
+/// while another deployment of the app runs), starts its first batch, and
+/// returns the stream of its events. The deployment runs to the end even
+/// if the caller stops listening.
+pub async fn start(
+    store: &Store,
+    sessions: &Sessions,
+    commands: &Commands,
+    plan: Plan,
+) -> Result<mpsc::Receiver<DeployEvent>, StoreError> {
+    let deployment_id = format!("d-{}", crate::pki::crypto::random_hex::<8>()?);
+    let batches = plan.rollout.batches(plan.targets.len());
+    let command_ids: Vec<String> = plan
+        .targets
+        .iter()
+        .map(|t| format!("{deployment_id}.{}", t.node_id))
+        .collect();
+    let prior = prior_releases(store, &plan).await?;
+    let mut batch_of = vec![0_u32; plan.targets.len()];
+    for (number, batch) in (1_u32..).zip(&batches) {
+        for i in batch.nodes.clone() {
+            batch_of[i] = number;
+        }
+    }
+    let nodes: Vec<NewDeploymentNode<'_>> = plan
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| NewDeploymentNode {
+            node_id: &t.node_id,
+            command_id: &command_ids[i],
+            batch: batch_of[i],
+            prior_release: &prior[i],
+        })
+        .collect();
+    let now = crate::now_unix();
+    let started_type = plan.action.started_event();
+    let rollout_json = plan.rollout.to_json();
+    let mut details = serde_json::json!({
+        "deployment_id": deployment_id,
+        "app": plan.app,
+        "release_id": plan.action.release_id(),
+        "selector": plan.selector,
+        "nodes": plan.targets.iter().map(|t| &t.node_id).collect::<Vec<_>>(),
+        "strategy": plan.rollout.strategy.name(),
+        "rollout": rollout_json,
+    });
+    if let Action::Prune { keep } = &plan.action {
+        details["keep"] = serde_json::Value::from(*keep);
+    }
+    let (sha, url) = match &plan.action {
+        Action::Deploy {
+            sha256,
+            artifact_url,
+            ..
+        } => (sha256.as_str(), artifact_url.as_str()),
+        Action::Rollback { .. } | Action::Restart | Action::Prune { .. } => ("", ""),
+    };
+    if !sha.is_empty() {
+        details["artifact_sha256"] = serde_json::Value::from(sha);
+    }
+    if !url.is_empty() {
+        details["artifact_url"] = serde_json::Value::from(url);
+    }
+    store
+        .insert_deployment(
+            &NewDeployment {
+                id: &deployment_id,
+                kind: plan.action.kind(),
+                app: &plan.app,
+                release_id: plan.action.release_id(),
+                artifact_sha256: sha,
+                actor: &plan.actor,
+                selector: &plan.selector,
+                rollout: &rollout_json,
+                started_at: now,
+                nodes: &nodes,
+            },
+            &AuditEvent::success(
+                started_type,
+                &plan.actor,
+                "deployment",
+                &deployment_id,
+                details,
+            ),
+        )
+        .await?;
+    drop(nodes);
+    tracing::info!(
+        %deployment_id, app = %plan.app, kind = plan.action.kind(),
+        strategy = plan.rollout.strategy.name(), nodes = plan.targets.len(),
+        batches = batches.len(), "deployment started"
+    );
+
+    let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
+    let _ = out_tx.try_send(event(deploy_event::Kind::Started(DeployStarted {
+        deployment_id: deployment_id.clone(),
+        app: plan.app.clone(),
+        release_id: plan.action.release_id().to_owned(),
+        nodes: plan.targets.iter().map(target_node).collect(),
+        rollout: Some(plan.rollout.to_proto()),
+        actor: plan.actor.clone(),
+    })));
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let run = Run {
+        store: store.clone(),
+        sessions: sessions.clone(),
+        commands: commands.clone(),
+        deployment_id,
+        plan,
+        batches,
+        command_ids,
+        prior,
+        out: out_tx,
+        events_tx: ev_tx,
+    };
+    tokio::spawn(run.execute(ev_rx));
+    Ok(out_rx)
+}
+
+/// A command sent and not answered yet.
+#[derive(Debug)]
+struct InFlight {
+    /// Index of its target.
+    index: usize,
+    /// When it was sent: the command timeout counts from here.
+    sent_at: Instant,
+    /// When the node is failed if it has not answered.
+    deadline: Instant,
+}
+
+/// How a stopped rollout ended for the nodes it had not finished.
+#[derive(Debug)]
+struct Stopped {
+    /// "deployment stopped after web-2 failed".
+    reason: String,
+    /// The target whose failure stopped it.
+    by: usize,
+    /// Targets the controller sent back to their earlier release.
+    rolled_back: Vec<usize>,
+    /// Targets never started.
+    skipped: Vec<usize>,
+}
+
+/// A running deployment: batches, the nodes' answers, the end.
+#[derive(Debug)]
+struct Run {
+    store: Store,
+    sessions: Sessions,
+    commands: Commands,
+    deployment_id: String,
+    plan: Plan,
+    batches: Vec<Batch>,
+    /// Command id per target.
+    command_ids: Vec<String>,
+    /// Release current per target before the deployment ('' unknown).
+    prior: Vec<String>,
+    out: mpsc::Sender<DeployEvent>,
+    /// Handed to [`Commands`] with each command sent.
+    events_tx: mpsc::UnboundedSender<(String, NodeEvent)>,
+}
+
+type Events = mpsc::UnboundedReceiver<(String, NodeEvent)>;
+
+impl Run {
+    fn emit(&self, kind: deploy_event::Kind) {
+        // A CLI that is gone or too slow misses events; the record in the
+        // database and the audit log stay complete.
+        let _ = self.out.try_send(event(kind));
+    }
+
+    fn result(&self, index: usize, outcome: Outcome, release_id: &str, why: &str) -> NodeResult {
+        let target = &self.plan.targets[index];
+        NodeResult {
+            node_id: target.node_id.clone(),
+            node_name: target.name.clone(),
+            outcome: outcome as i32,
+            release_id: release_id.to_owned(),
+            message: why.to_owned(),
+        }
+    }
+
+    /// Registers and sends one command to target `index` and adds it to
+    /// `inflight`; false (nothing pending) if the node has no live session.
+    async fn send(
+        &self,
+        index: usize,
+        command_id: String,
+        message: ControllerMessage,
+        inflight: &mut HashMap<String, InFlight>,
+    ) -> bool {
+        let node_id = &self.plan.targets[index].node_id;
+        // Registered before sending, so a fast answer is never lost.
+        self.commands.register(
+            &command_id,
+            node_id,
+            self.events_tx.clone(),
+            message.clone(),
+        );
+        let sent = tokio::time::timeout(SEND_TIMEOUT, self.sessions.send(node_id, message))
+            .await
+            .unwrap_or(false);
+        if !sent && !self.commands.forget_unless_resent(&command_id) {
+            return false;
+        }
+        let now = Instant::now();
+        inflight.insert(
+            command_id,
+            InFlight {
+                index,
+                sent_at: now,
+                deadline: now + COMMAND_TIMEOUT,
+            },
+        );
+        true
+    }
+
+    /// Waits until one in-flight command ends (answer, timeout or lost
+    /// connection), passing progress on meanwhile. `inflight` is not empty.
+    async fn next_answer(
+        &self,
+        events: &mut Events,
+        inflight: &mut HashMap<String, InFlight>,
+    ) -> (String, usize, NodeResult) {
+        loop {
+            let now = Instant::now();
+            let next = inflight.values().map(|f| f.deadline).min().unwrap_or(now);
+            tokio::select! {
+                received = events.recv() => {
+                    let Some((command_id, ev)) = received else {
+                        // Cannot happen while `events_tx` lives; fail the
+                        // node rather than spin.
+                        if let Some(command_id) = inflight.keys().next().cloned() {
+                            return self.expire(inflight, &command_id, "controller lost the command");
+                        }
+                        continue;
+                    };
+                    let Some(flight) = inflight.get_mut(&command_id) else { continue };
+                    let index = flight.index;
+                    match ev {
+                        NodeEvent::Progress(p) => {
+                            let target = &self.plan.targets[index];
+                            self.emit(deploy_event::Kind::Progress(NodeProgress {
+                                node_id: target.node_id.clone(),
+                                node_name: target.name.clone(),
+                                step: p.step,
+                                message: p.message,
+                                unix_time: p.unix_time,
+                            }));
+                        }
+                        NodeEvent::Result(r) => {
+                            inflight.remove(&command_id);
+                            self.commands.forget(&command_id);
+                            let mut result = self.result(index, Outcome::Failed, &r.release_id, &r.message);
+                            result.outcome = r.outcome;
+                            return (command_id, index, result);
+                        }
+                        NodeEvent::Disconnected => {
+                            flight.deadline = flight.deadline.min(Instant::now() + RECONNECT_GRACE);
+                        }
+                        NodeEvent::Reconnected => {
+                            flight.deadline = flight.sent_at + COMMAND_TIMEOUT;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(next) => {
+                    let now = Instant::now();
+                    let expired = inflight
+                        .iter()
+                        .find(|(_, f)| f.deadline <= now)
+                        .map(|(c, f)| (c.clone(), now >= f.sent_at + COMMAND_TIMEOUT));
+                    if let Some((command_id, timed_out)) = expired {
+                        let why = if timed_out {
+                            "timed out waiting for the node's result"
+                        } else {
+                            "connection lost during the command"
+                        };
+                        return self.expire(inflight, &command_id, why);
+                    }
+                }
+            }
+        }
+    }
+
+    fn expire(
+        &self,
+        inflight: &mut HashMap<String, InFlight>,
+        command_id: &str,
+        why: &str,
+    ) -> (String, usize, NodeResult) {
+        self.commands.forget(command_id);
+        let index = inflight.remove(command_id).map_or(0, |f| f.index);
+        (
+            command_id.to_owned(),
+            index,
+            self.result(index, Outcome::Failed, "", why),
+        )
+    }
+
+    /// Records a node's (latest) result under its command id and reports it.
+    async fn record(&self, index: usize, result: &NodeResult) {
+        let command_id = &self.command_ids[index];
+        tracing::info!(
+            deployment_id = %self.deployment_id, node_id = %result.node_id,
+            outcome = outcome_text(result.outcome), message = %result.message, "node finished"
+        );
+        if let Err(err) = self
+            .store
+            .record_node_result(
+                command_id,
+                outcome_text(result.outcome),
+                &result.release_id,
+                &result.message,
+                crate::now_unix(),
+            )
+            .await
+        {
+            tracing::error!(%err, %command_id, "could not record a node result");
+        }
+        self.emit(deploy_event::Kind::NodeResult(result.clone()));
+    }
+
+    async fn execute(self, mut events: Events) {
+        let n = self.plan.targets.len();
+        let mut states = vec![NodeState::Pending; n];
+        let mut results: Vec<Option<NodeResult>> = vec![None; n];
+        let mut failed_in_order = Vec::new();
+        let mut inflight: HashMap<String, InFlight> = HashMap::new();
+        let batch_count = u32::try_from(self.batches.len()).unwrap_or(u32::MAX);
+        let stopped_by = loop {
+            match next_step(&self.plan.rollout, &self.batches, &states, &failed_in_order) {
+                Step::Start(b) => {
+                    let batch = self.batches[b].clone();
+                    self.emit(deploy_event::Kind::Batch(BatchStarted {
+                        index: u32::try_from(b + 1).unwrap_or(u32::MAX),
+                        count: batch_count,
+                        nodes: self.plan.targets[batch.nodes.clone()]
+                            .iter()
+                            .map(target_node)
+                            .collect(),
+                        canary: batch.canary,
+                    }));
+                    for i in batch.nodes {
+                        let command_id = self.command_ids[i].clone();
+                        let message = self.plan.action.message(&command_id, &self.plan.app);
+                        if self.send(i, command_id, message, &mut inflight).await {
+                            states[i] = NodeState::Running;
+                        } else {
+                            let result = self.result(
+                                i,
+                                Outcome::Failed,
+                                "",
+                                "unreachable (no live session)",
+                            );
+                            self.record(i, &result).await;
+                            states[i] = NodeState::Failed;
+                            failed_in_order.push(i);
+                            results[i] = Some(result);
+                        }
+                    }
+                }
+                Step::Wait => {
+                    let (_, i, result) = self.next_answer(&mut events, &mut inflight).await;
+                    self.record(i, &result).await;
+                    if result.outcome == Outcome::Succeeded as i32 {
+                        states[i] = NodeState::Succeeded;
+                    } else {
+                        states[i] = NodeState::Failed;
+                        failed_in_order.push(i);
+                    }
+                    results[i] = Some(result);
+                }
+                Step::Stop { stopped_by } => break Some(stopped_by),
+                Step::Done => break None,
+            }
+        };
+        let stopped = match stopped_by {
+            Some(by) => Some(self.stop(by, &states, &mut results, &mut events).await),
+            None => None,
+        };
+        self.finish(results, stopped).await;
+    }
+
+    /// The rollout stopped because of target `by`: skips the targets never
+    /// started and rolls back those this deployment switched.
+    async fn stop(
+        &self,
+        by: usize,
+        states: &[NodeState],
+        results: &mut [Option<NodeResult>],
+        events: &mut Events,
+    ) -> Stopped {
+        let reason = format!(
+            "deployment stopped after {} failed",
+            self.plan.targets[by].name
+        );
+        tracing::warn!(deployment_id = %self.deployment_id, %reason, "rollout stopped");
+        let mut skipped = Vec::new();
+        let mut rolled_back = Vec::new();
+        let mut inflight: HashMap<String, InFlight> = HashMap::new();
+        for (i, state) in states.iter().enumerate() {
+            match state {
+                NodeState::Pending => {
+                    let result = self.result(i, Outcome::Skipped, "", &reason);
+                    self.record(i, &result).await;
+                    results[i] = Some(result);
+                    skipped.push(i);
+                }
+                NodeState::Succeeded if !self.plan.action.switches_release() => {}
+                NodeState::Succeeded => {
+                    let switched_to = results[i]
+                        .as_ref()
+                        .map(|r| r.release_id.clone())
+                        .unwrap_or_default();
+                    let to = self.prior[i].clone();
+                    if !to.is_empty() && to == switched_to {
+                        // It already ran that release: nothing changed.
+                        continue;
+                    }
+                    let target = &self.plan.targets[i];
+                    let shown = if to.is_empty() {
+                        "its previous release"
+                    } else {
+                        &to
+                    };
+                    self.emit(deploy_event::Kind::Progress(NodeProgress {
+                        node_id: target.node_id.clone(),
+                        node_name: target.name.clone(),
+                        step: "rollback".to_owned(),
+                        message: format!("{reason}; rolling back to {shown}"),
+                        unix_time: crate::now_unix(),
+                    }));
+                    let undo_id = format!("{}.undo", self.command_ids[i]);
+                    let undo = Action::Rollback { to_release_id: to };
+                    let message = undo.message(&undo_id, &self.plan.app);
+                    if !self.send(i, undo_id, message, &mut inflight).await {
+                        let why = format!(
+                            "{reason}; could not roll it back: unreachable (no live session)"
+                        );
+                        let result = self.result(i, Outcome::Failed, &switched_to, &why);
+                        self.record(i, &result).await;
+                        results[i] = Some(result);
+                    }
+                }
+                NodeState::Failed | NodeState::Running => {}
+            }
+        }
+        while !inflight.is_empty() {
+            let (_, i, answer) = self.next_answer(events, &mut inflight).await;
+            let result = if answer.outcome == Outcome::Succeeded as i32 {
+                rolled_back.push(i);
+                let now_on = if answer.release_id.is_empty() {
+                    "its previous release".to_owned()
+                } else {
+                    answer.release_id.clone()
+                };
+                self.result(
+                    i,
+                    Outcome::RolledBack,
+                    &answer.release_id,
+                    &format!("{reason}; rolled back to {now_on}"),
+                )
+            } else {
+                self.result(
+                    i,
+                    Outcome::Failed,
+                    &answer.release_id,
+                    &format!("{reason}; rolling it back failed: {}", answer.message),
+                )
+            };
+            self.record(i, &result).await;
+            results[i] = Some(result);
+        }
+        Stopped {
+            reason,
+            by,
+            rolled_back,
+            skipped,
+        }
+    }
+
+    async fn finish(self, results: Vec<Option<NodeResult>>, stopped: Option<Stopped>) {
+        let ordered: Vec<NodeResult> = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                // Every target has a result by now; never report success
+                // for one that somehow lacks it.
+                r.unwrap_or_else(|| {
+                    self.result(i, Outcome::Failed, "", "controller lost the command")
+                })
+            })
+            .collect();
+        let (succeeded, failed_nodes, summary) = summarize(&ordered);
+        let message = match &stopped {
+            Some(s) => format!("{}: {summary}", s.reason),
+            None => summary,
+        };
+        let event_type = self.plan.action.finished_event(succeeded);
+        let failed: Vec<serde_json::Value> = ordered
+            .iter()
+            .filter(|r| r.outcome != Outcome::Succeeded as i32)
+            .map(|r| {
+                serde_json::json!({
+                    "node_id": r.node_id,
+                    "node_name": r.node_name,
+                    "outcome": outcome_text(r.outcome),
+                    "message": r.message,
+                })
+            })
+            .collect();
+        let names = |indices: &[usize]| -> Vec<String> {
+            indices
+                .iter()
+                .map(|&i| self.plan.targets[i].name.clone())
+                .collect()
+        };
+        let mut details = serde_json::json!({
+            "deployment_id": self.deployment_id,
+            "app": self.plan.app,
+            "release_id": self.plan.action.release_id(),
+            "strategy": self.plan.rollout.strategy.name(),
+            "rollout": self.plan.rollout.to_json(),
+            "nodes": ordered.len(),
+            "failed_nodes": failed,
+        });
+        if let Some(s) = &stopped {
+            let by = &self.plan.targets[s.by];
+            details["stop_reason"] = serde_json::Value::from(s.reason.as_str());
+            details["stopped_by"] =
+                serde_json::json!({ "node_id": by.node_id, "node_name": by.name });
+            details["rolled_back_nodes"] = serde_json::json!(names(&s.rolled_back));
+            details["skipped_nodes"] = serde_json::json!(names(&s.skipped));
+        }
+        let audit_event = if succeeded {
+            AuditEvent::success(
+                event_type,
+                &self.plan.actor,
+                "deployment",
+                &self.deployment_id,
+                details,
+            )
+        } else {
+            AuditEvent::error(
+                event_type,
+                &self.plan.actor,
+                "deployment",
+                &self.deployment_id,
+                details,
+                &message,
+            )
+        };
+        let status = if succeeded { "succeeded" } else { "failed" };
+        let stop_reason = stopped.as_ref().map_or("", |s| s.reason.as_str());
+        if let Err(err) = self
+            .store
+            .finish_deployment(
+                &self.deployment_id,
+                status,
+                &message,
+                stop_reason,
+                &audit_event,
+                crate::now_unix(),
+            )
+            .await
+        {
+            tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
+        }
+        tracing::info!(deployment_id = %self.deployment_id, ?message, "deployment finished");
+        // The last event waits for room: it is the one the CLI needs most.
+        let _ = self
+            .out
+            .send(event(deploy_event::Kind::Finished(DeployFinished {
+                deployment_id: self.deployment_id.clone(),
+                succeeded,
+                failed_nodes,
+                message,
+                stop_reason: stop_reason.to_owned(),
+                stopped_by: stopped
+                    .as_ref()
+                    .map(|s| self.plan.targets[s.by].name.clone())
+                    .unwrap_or_default(),
+            })))
+            .await;
+    }
+}

@@ -1,0 +1,61 @@
+//! Deployments across the fleet (deploy, rollback, restart, prune): a
+//! rollout plan (all at once, rolling batches, canary then the rest), one
+//! command per node over its live session, progress and results routed
+//! back by command id, the outcome recorded per node and for the whole
+//! deployment.
+//!
+//! - [`policy`]: pure decisions: [`Rollout::batches`], [`next_step`],
+//!   [`summarize`], [`default_release_id`].
+//! - [`plan`]: what is asked: the [`Action`], its [`Target`]s and rollout.
+//! - [`executor`]: [`start`] records the deployment and runs it.
+//!
+//! # State machine of one deployment
+//!
+//! ```text
+//! started ──▶ next_step(rollout, batches, node states):
+//!   Start(batch) ──▶ every node of the batch: online? ── no ──▶ FAILED "unreachable"
+//!                        │ yes
+//!                        ▼
+//!           command sent ──▶ Progress* ──▶ CommandResult ──▶ node done
+//!                        │
+//!                        ├─ session ends, no result within RECONNECT_GRACE
+//!                        │  ──▶ FAILED "connection lost" (a node that
+//!                        │  reconnects gets the command again; the agent
+//!                        │  answers a known id from its record)
+//!                        └─ no result within COMMAND_TIMEOUT ──▶ FAILED "timed out"
+//!   Wait        ──▶ a node of the running batch has not answered yet
+//!   Stop        ──▶ (rolling / canary) a batch ended with more than
+//!                   max_unavailable failed nodes: nodes never started are
+//!                   SKIPPED; nodes this deployment switched are sent a
+//!                   Rollback to the release current on them before
+//!                   ──▶ ROLLED_BACK "deployment stopped after web-2 failed"
+//!   Done        ──▶ every batch ran
+//! finished ──▶ succeeded (every node SUCCEEDED) or failed
+//!              audit DEPLOY_COMPLETED / DEPLOY_FAILED
+//!                    (ROLLBACK_…, RESTART_…, PRUNE_… likewise)
+//! ```
+//!
+//! [`next_step`] and [`Rollout::batches`] are pure: the whole rollout
+//! policy is there, tested without processes.
+//!
+//! Command ids are `<deployment id>.<node id>` (`d-<16 hex>.n-…`), and
+//! `<deployment id>.<node id>.undo` for the controller's rollback of a node
+//! when the rollout stops: unique per node, and they name the deployment in
+//! the agent's logs. An agent's Progress and CommandResult reach the
+//! deployment only when they come from the node the command was sent to
+//! ([`crate::link::commands::Commands`]).
+//!
+//! One deployment per app runs at a time:
+//! [`crate::store::Store::insert_deployment`] refuses a second one while
+//! the first is `running` ([`crate::store::StoreError::AppBusy`]).
+
+pub mod executor;
+pub mod plan;
+pub mod policy;
+
+pub use executor::{start, COMMAND_TIMEOUT, RECONNECT_GRACE};
+pub use plan::{Action, Plan, Target};
+pub use policy::{
+    default_release_id, next_step, summarize, Batch, NodeState, Rollout, RolloutError, Step,
+    Strategy,
+};

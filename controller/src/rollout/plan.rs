@@ -1,0 +1,173 @@
+//! What a deployment is asked to do: the action, its targets and rollout.
+
+use slipway_proto::v1::{controller_message, ControllerMessage};
+
+use super::policy::Rollout;
+use crate::audit;
+
+/// A node a deployment targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Node id.
+    pub node_id: String,
+    /// Node name.
+    pub name: String,
+}
+
+/// What to run on each node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Deploy a release from an artifact.
+    Deploy {
+        /// Release id on every node.
+        release_id: String,
+        /// Artifact digest.
+        sha256: String,
+        /// Git commit (display).
+        git_sha: String,
+        /// An https URL every agent downloads the artifact from itself;
+        /// empty: agents fetch it from the controller by digest.
+        artifact_url: String,
+    },
+    /// Roll back, to a release or ('' ) each node's previous one.
+    Rollback {
+        /// Target release.
+        to_release_id: String,
+    },
+    /// Restart the app's current release (driver restart, health gate).
+    Restart,
+    /// Delete old releases (never the current one or the rollback target).
+    Prune {
+        /// Releases to keep; 0 = the app's `keep` setting on each node.
+        keep: u32,
+    },
+}
+
+impl Action {
+    /// The kind as recorded: `deploy`, `rollback`, `restart`, `prune`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Deploy { .. } => "deploy",
+            Self::Rollback { .. } => "rollback",
+            Self::Restart => "restart",
+            Self::Prune { .. } => "prune",
+        }
+    }
+
+    /// The release deployed or rolled back to ('' if none is named).
+    pub fn release_id(&self) -> &str {
+        match self {
+            Self::Deploy { release_id, .. } => release_id,
+            Self::Rollback { to_release_id } => to_release_id,
+            Self::Restart | Self::Prune { .. } => "",
+        }
+    }
+
+    /// Whether it makes nodes run another release, so that a stopped
+    /// rollout sends the nodes it switched back (restart and prune keep the
+    /// current release: nothing to undo).
+    pub fn switches_release(&self) -> bool {
+        matches!(self, Self::Deploy { .. } | Self::Rollback { .. })
+    }
+
+    /// The audit event type recorded when the deployment starts.
+    pub fn started_event(&self) -> &'static str {
+        match self {
+            Self::Deploy { .. } => audit::DEPLOY_STARTED,
+            Self::Rollback { .. } => audit::ROLLBACK_STARTED,
+            Self::Restart => audit::RESTART_STARTED,
+            Self::Prune { .. } => audit::PRUNE_STARTED,
+        }
+    }
+
+    /// The audit event type recorded when it ends.
+    pub fn finished_event(&self, succeeded: bool) -> &'static str {
+        match (self, succeeded) {
+            (Self::Deploy { .. }, true) => audit::DEPLOY_COMPLETED,
+            (Self::Deploy { .. }, false) => audit::DEPLOY_FAILED,
+            (Self::Rollback { .. }, true) => audit::ROLLBACK_COMPLETED,
+            (Self::Rollback { .. }, false) => audit::ROLLBACK_FAILED,
+            (Self::Restart, true) => audit::RESTART_COMPLETED,
+            (Self::Restart, false) => audit::RESTART_FAILED,
+            (Self::Prune { .. }, true) => audit::PRUNE_COMPLETED,
+            (Self::Prune { .. }, false) => audit::PRUNE_FAILED,
+        }
+    }
+
+    /// The command for one node.
+    pub fn message(&self, command_id: &str, app: &str) -> ControllerMessage {
+        let kind = match self {
+            Self::Deploy {
+                release_id,
+                sha256,
+                git_sha,
+                artifact_url,
+            } => controller_message::Kind::Deploy(slipway_proto::v1::Deploy {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+                release_id: release_id.clone(),
+                // Empty: the agent fetches it with AgentLink.FetchArtifact.
+                artifact_url: artifact_url.clone(),
+                artifact_sha256: sha256.clone(),
+                git_sha: git_sha.clone(),
+            }),
+            Self::Rollback { to_release_id } => {
+                controller_message::Kind::Rollback(slipway_proto::v1::Rollback {
+                    command_id: command_id.to_owned(),
+                    app: app.to_owned(),
+                    to_release_id: to_release_id.clone(),
+                })
+            }
+            Self::Restart => controller_message::Kind::Restart(slipway_proto::v1::Restart {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+            }),
+            Self::Prune { keep } => controller_message::Kind::Prune(slipway_proto::v1::Prune {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+                keep: *keep,
+            }),
+        };
+        ControllerMessage { kind: Some(kind) }
+    }
+}
+
+/// A deployment to start.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The app.
+    pub app: String,
+    /// What to do.
+    pub action: Action,
+    /// Selected nodes (not empty), in rollout order.
+    pub targets: Vec<Target>,
+    /// API token or operator id asking.
+    pub actor: String,
+    /// Selector as given, for the record.
+    pub selector: serde_json::Value,
+    /// How the targets are taken through it.
+    pub rollout: Rollout,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_message_carries_the_artifact_url() {
+        let action = Action::Deploy {
+            release_id: "v1".to_owned(),
+            sha256: "ab".repeat(32),
+            git_sha: String::new(),
+            artifact_url: "https://example.com/web.tar.gz".to_owned(),
+        };
+        match action.message("d-1.n-a", "web").kind {
+            Some(controller_message::Kind::Deploy(d)) => {
+                assert_eq!(d.artifact_url, "https://example.com/web.tar.gz");
+                assert_eq!(d.artifact_sha256, "ab".repeat(32));
+                assert_eq!(d.command_id, "d-1.n-a");
+            }
+            other => panic!("not a deploy: {other:?}"),
+        }
+    }
+}

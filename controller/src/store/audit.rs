@@ -1,0 +1,73 @@
+//! The audit log (`audit_events`).
+
+use sqlx::sqlite::SqliteConnection;
+use sqlx::Row as _;
+
+use super::{json_column, Store, StoreError};
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::pki::crypto;
+
+impl Store {
+    /// Records an audit event on its own.
+    pub async fn audit(&self, event: &AuditEvent, now: i64) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        insert_audit(&mut conn, event, now).await
+    }
+
+    /// Every audit event, oldest first.
+    pub async fn audit_events(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit_events_since(i64::MIN).await
+    }
+
+    /// Audit events at or after `since`, oldest first.
+    pub async fn audit_events_since(&self, since: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, created_at, event_type, actor, resource_type, resource_id, details,
+                    status, error_message
+             FROM audit_events WHERE created_at >= ?1 ORDER BY created_at, rowid",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    id: row.try_get("id")?,
+                    created_at: row.try_get("created_at")?,
+                    event_type: row.try_get("event_type")?,
+                    actor: row.try_get("actor")?,
+                    resource_type: row.try_get("resource_type")?,
+                    resource_id: row.try_get("resource_id")?,
+                    details: json_column(&row, "details", "audit_events.details")?,
+                    status: row.try_get("status")?,
+                    error_message: row.try_get("error_message")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Inserts an audit event on `conn` (a pooled connection or a transaction).
+pub(super) async fn insert_audit(
+    conn: &mut SqliteConnection,
+    event: &AuditEvent,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, created_at, event_type, actor, resource_type,
+                                   resource_id, details, status, error_message)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .bind(crypto::random_uuid()?)
+    .bind(now)
+    .bind(event.event_type)
+    .bind(&event.actor)
+    .bind(event.resource_type)
+    .bind(&event.resource_id)
+    .bind(event.details.to_string())
+    .bind(event.status)
+    .bind(&event.error_message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,599 @@
+//! Deployments and their per-node results (`deployments`, `deployment_nodes`).
+
+use sqlx::Row as _;
+
+use super::{insert_audit, Store, StoreError};
+use crate::audit::AuditEvent;
+
+/// A deployment to record, with the nodes it targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDeployment<'a> {
+    /// `d-…`.
+    pub id: &'a str,
+    /// "deploy", "rollback", "restart" or "prune".
+    pub kind: &'a str,
+    /// The app.
+    pub app: &'a str,
+    /// Release deployed or rolled back to.
+    pub release_id: &'a str,
+    /// Artifact digest ("" for a rollback).
+    pub artifact_sha256: &'a str,
+    /// API token or operator id.
+    pub actor: &'a str,
+    /// Selector as JSON.
+    pub selector: &'a serde_json::Value,
+    /// Rollout (strategy and its settings) as JSON.
+    pub rollout: &'a serde_json::Value,
+    /// Now.
+    pub started_at: i64,
+    /// Every target, in rollout order.
+    pub nodes: &'a [NewDeploymentNode<'a>],
+}
+
+/// One target of a deployment to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDeploymentNode<'a> {
+    /// The node.
+    pub node_id: &'a str,
+    /// The command sent to it (unique).
+    pub command_id: &'a str,
+    /// 1-based batch of the rollout it is in.
+    pub batch: u32,
+    /// Release current on it before ('' unknown): where the controller
+    /// sends it back if the rollout stops.
+    pub prior_release: &'a str,
+}
+
+/// A recorded deployment (deploy, rollback, restart or prune) with its
+/// per-node results, for `slipway status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentRecord {
+    /// `d-…`.
+    pub id: String,
+    /// "deploy", "rollback", "restart" or "prune".
+    pub kind: String,
+    /// The app.
+    pub app: String,
+    /// Release deployed or rolled back to ("" when none was named).
+    pub release_id: String,
+    /// API token or operator id that asked for it.
+    pub actor: String,
+    /// "running", "succeeded" or "failed".
+    pub status: String,
+    /// Seconds since the epoch.
+    pub started_at: i64,
+    /// When the last node answered.
+    pub finished_at: Option<i64>,
+    /// The one-line summary ("2 of 3 nodes failed: …").
+    pub message: String,
+    /// One entry per target node, by node name.
+    pub nodes: Vec<DeploymentNodeRecord>,
+}
+
+/// How one node of a recorded deployment ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentNodeRecord {
+    /// Node id.
+    pub node_id: String,
+    /// Node name ("" if the node is gone from the database).
+    pub node_name: String,
+    /// "pending", "succeeded", "failed", "rolled_back" or "skipped".
+    pub outcome: String,
+    /// Release current on the node afterwards, if it said.
+    pub release_id: String,
+    /// Why, especially on failure.
+    pub message: String,
+    /// When the node's result was recorded.
+    pub finished_at: Option<i64>,
+}
+
+impl Store {
+    /// Records a deployment (status running), its pending per-node rows and
+    /// the start audit event, together; refused with
+    /// [`StoreError::AppBusy`] while another deployment of the app runs
+    /// (checked in the same write transaction, so two requests racing
+    /// cannot both start).
+    pub async fn insert_deployment(
+        &self,
+        deployment: &NewDeployment<'_>,
+        started: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let running = sqlx::query(
+            "SELECT id, kind, actor, started_at FROM deployments
+             WHERE app = ?1 AND status = 'running' ORDER BY started_at LIMIT 1",
+        )
+        .bind(deployment.app)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = running {
+            let started_at: i64 = row.try_get("started_at")?;
+            let started = crate::rfc3339(started_at);
+            return Err(StoreError::AppBusy {
+                app: deployment.app.to_owned(),
+                deployment_id: row.try_get("id")?,
+                kind: row.try_get("kind")?,
+                actor: row.try_get("actor")?,
+                started,
+            });
+        }
+        sqlx::query(
+            "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
+                                      selector, rollout, status, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
+        )
+        .bind(deployment.id)
+        .bind(deployment.kind)
+        .bind(deployment.app)
+        .bind(deployment.release_id)
+        .bind(deployment.artifact_sha256)
+        .bind(deployment.actor)
+        .bind(deployment.selector.to_string())
+        .bind(deployment.rollout.to_string())
+        .bind(deployment.started_at)
+        .execute(&mut *tx)
+        .await?;
+        for node in deployment.nodes {
+            sqlx::query(
+                "INSERT INTO deployment_nodes (deployment_id, node_id, command_id, outcome,
+                                               batch, prior_release)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+            )
+            .bind(deployment.id)
+            .bind(node.node_id)
+            .bind(node.command_id)
+            .bind(i64::from(node.batch))
+            .bind(node.prior_release)
+            .execute(&mut *tx)
+            .await?;
+        }
+        insert_audit(&mut tx, started, deployment.started_at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The release each node last switched `app` to through this
+    /// controller (a succeeded deploy or rollback), with when: node id →
+    /// (release id, finished at).
+    pub async fn last_switched_releases(
+        &self,
+        app: &str,
+    ) -> Result<std::collections::HashMap<String, (String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT n.node_id, n.release_id, n.finished_at
+             FROM deployment_nodes n JOIN deployments d ON d.id = n.deployment_id
+             WHERE d.app = ?1 AND n.outcome = 'succeeded' AND n.release_id != ''
+                   AND n.finished_at IS NOT NULL
+             ORDER BY n.finished_at, n.rowid",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            // Later rows replace earlier ones: the newest wins.
+            out.insert(
+                row.try_get("node_id")?,
+                (row.try_get("release_id")?, row.try_get("finished_at")?),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Marks every deployment still `running` failed ("controller
+    /// restarted"), with its unanswered nodes, and records its final audit
+    /// event: run at start-up, when no deployment of this process can be
+    /// running, so an interrupted one never blocks its app. Returns the ids.
+    pub async fn abandon_running_deployments(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        const WHY: &str = "controller restarted before the deployment finished";
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, kind, app, release_id, actor FROM deployments WHERE status = 'running'
+             ORDER BY started_at, rowid",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ids = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let kind: String = row.try_get("kind")?;
+            let app: String = row.try_get("app")?;
+            let release_id: String = row.try_get("release_id")?;
+            let actor: String = row.try_get("actor")?;
+            let unanswered: Vec<String> = sqlx::query_scalar(
+                "SELECT node_id FROM deployment_nodes
+                 WHERE deployment_id = ?1 AND outcome = 'pending' ORDER BY rowid",
+            )
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE deployment_nodes SET outcome = 'failed', message = ?1, finished_at = ?2
+                 WHERE deployment_id = ?3 AND outcome = 'pending'",
+            )
+            .bind("controller restarted before the node's result")
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE deployments SET status = 'failed', message = ?1, stop_reason = ?1,
+                        finished_at = ?2
+                 WHERE id = ?3",
+            )
+            .bind(WHY)
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            let event_type = match kind.as_str() {
+                "rollback" => crate::audit::ROLLBACK_FAILED,
+                "restart" => crate::audit::RESTART_FAILED,
+                "prune" => crate::audit::PRUNE_FAILED,
+                _ => crate::audit::DEPLOY_FAILED,
+            };
+            let event = AuditEvent::error(
+                event_type,
+                &actor,
+                "deployment",
+                &id,
+                serde_json::json!({
+                    "deployment_id": id,
+                    "app": app,
+                    "release_id": release_id,
+                    "stop_reason": WHY,
+                    "unanswered_nodes": unanswered,
+                }),
+                WHY,
+            );
+            insert_audit(&mut tx, &event, now).await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Records how one node of a deployment ended.
+    pub async fn record_node_result(
+        &self,
+        command_id: &str,
+        outcome: &str,
+        release_id: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE deployment_nodes SET outcome = ?1, release_id = ?2, message = ?3,
+                    finished_at = ?4
+             WHERE command_id = ?5",
+        )
+        .bind(outcome)
+        .bind(release_id)
+        .bind(message)
+        .bind(now)
+        .bind(command_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a deployment finished and records the final audit event, together.
+    /// `stop_reason` says why a rollout stopped early ('' if it did not).
+    pub async fn finish_deployment(
+        &self,
+        id: &str,
+        status: &str,
+        message: &str,
+        stop_reason: &str,
+        finished: &AuditEvent,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE deployments SET status = ?1, message = ?2, stop_reason = ?5, finished_at = ?3
+             WHERE id = ?4",
+        )
+        .bind(status)
+        .bind(message)
+        .bind(now)
+        .bind(id)
+        .bind(stop_reason)
+        .execute(&mut *tx)
+        .await?;
+        insert_audit(&mut tx, finished, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Per-node rows of a deployment: (node id, outcome, message), by node.
+    pub async fn deployment_nodes(
+        &self,
+        deployment_id: &str,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node_id, outcome, message FROM deployment_nodes
+             WHERE deployment_id = ?1 ORDER BY node_id",
+        )
+        .bind(deployment_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("node_id")?,
+                    row.try_get("outcome")?,
+                    row.try_get("message")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The latest deployment of each app (of `app` only, if given), by app
+    /// name, with its per-node results.
+    pub async fn last_deployments(
+        &self,
+        app: Option<&str>,
+    ) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.kind, d.app, d.release_id, d.actor, d.status, d.started_at,
+                    d.finished_at, d.message
+             FROM deployments d
+             WHERE d.rowid = (SELECT d2.rowid FROM deployments d2 WHERE d2.app = d.app
+                              ORDER BY d2.started_at DESC, d2.rowid DESC LIMIT 1)
+               AND (?1 IS NULL OR d.app = ?1)
+             ORDER BY d.app",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let nodes = sqlx::query(
+                "SELECT dn.node_id, COALESCE(n.name, '') AS node_name, dn.outcome,
+                        dn.release_id, dn.message, dn.finished_at
+                 FROM deployment_nodes dn LEFT JOIN nodes n ON n.id = dn.node_id
+                 WHERE dn.deployment_id = ?1 ORDER BY node_name, dn.node_id",
+            )
+            .bind(&id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|n| {
+                Ok(DeploymentNodeRecord {
+                    node_id: n.try_get("node_id")?,
+                    node_name: n.try_get("node_name")?,
+                    outcome: n.try_get("outcome")?,
+                    release_id: n.try_get("release_id")?,
+                    message: n.try_get("message")?,
+                    finished_at: n.try_get("finished_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+            out.push(DeploymentRecord {
+                id,
+                kind: row.try_get("kind")?,
+                app: row.try_get("app")?,
+                release_id: row.try_get("release_id")?,
+                actor: row.try_get("actor")?,
+                status: row.try_get("status")?,
+                started_at: row.try_get("started_at")?,
+                finished_at: row.try_get("finished_at")?,
+                message: row.try_get("message")?,
+                nodes,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{self, AuditEvent};
+    use crate::store::nodes::insert_node;
+    use crate::store::{NewNode, Store};
+
+    fn new_deployment<'a>(
+        id: &'a str,
+        app: &'a str,
+        nodes: &'a [NewDeploymentNode<'a>],
+        json: &'a serde_json::Value,
+    ) -> NewDeployment<'a> {
+        NewDeployment {
+            id,
+            kind: "deploy",
+            app,
+            release_id: "v1",
+            artifact_sha256: "",
+            actor: "tok-1",
+            selector: json,
+            rollout: json,
+            started_at: 1_000,
+            nodes,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_running_deployment_per_app_until_a_restart_abandons_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let json = serde_json::json!({});
+        let nodes = [NewDeploymentNode {
+            node_id: "n-1",
+            command_id: "d-1.n-1",
+            batch: 1,
+            prior_release: "v0",
+        }];
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            json.clone(),
+        );
+        store
+            .insert_deployment(&new_deployment("d-1", "web", &nodes, &json), &started)
+            .await
+            .unwrap();
+        // Another app is not blocked.
+        store
+            .insert_deployment(&new_deployment("d-2", "api", &[], &json), &started)
+            .await
+            .unwrap();
+        let err = store
+            .insert_deployment(&new_deployment("d-3", "web", &[], &json), &started)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AppBusy { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "app web has a deploy running: deployment d-1, started by tok-1 at \
+             1970-01-01T00:16:40Z; wait for it to finish (slipway audit shows it)"
+        );
+
+        let abandoned = store.abandon_running_deployments(2_000).await.unwrap();
+        assert_eq!(abandoned, vec!["d-1".to_owned(), "d-2".to_owned()]);
+        let (status, stop_reason): (String, String) =
+            sqlx::query_as("SELECT status, stop_reason FROM deployments WHERE id = 'd-1'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(status, "failed");
+        assert!(
+            stop_reason.contains("controller restarted"),
+            "{stop_reason}"
+        );
+        let rows = store.deployment_nodes("d-1").await.unwrap();
+        assert_eq!(rows[0].1, "failed");
+        let failed = store.audit_events().await.unwrap();
+        assert!(failed
+            .iter()
+            .any(|e| e.event_type == "DEPLOY_FAILED" && e.resource_id == "d-1"));
+        store
+            .insert_deployment(&new_deployment("d-4", "web", &[], &json), &started)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn last_deployments_are_the_newest_per_app_with_node_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let mut conn = store.pool.acquire().await.unwrap();
+        insert_node(
+            &mut conn,
+            &NewNode {
+                id: "n-1",
+                name: "web-1",
+                cert_serial: "01",
+                cert_fingerprint: "fp1",
+                cert_expires_at: 2000,
+                labels: &serde_json::json!({}),
+                agent_version: "1.0",
+                enrolled_at: 1,
+            },
+        )
+        .await
+        .unwrap();
+        drop(conn);
+        let record = |id: &'static str, kind: &'static str, app: &'static str, at: i64| {
+            let store = store.clone();
+            async move {
+                let commands = [format!("{id}.n-1"), format!("{id}.n-gone")];
+                let nodes = [
+                    NewDeploymentNode {
+                        node_id: "n-1",
+                        command_id: &commands[0],
+                        batch: 1,
+                        prior_release: "",
+                    },
+                    NewDeploymentNode {
+                        node_id: "n-gone",
+                        command_id: &commands[1],
+                        batch: 1,
+                        prior_release: "",
+                    },
+                ];
+                store
+                    .insert_deployment(
+                        &NewDeployment {
+                            id,
+                            kind,
+                            app,
+                            release_id: "",
+                            artifact_sha256: "",
+                            actor: "t",
+                            selector: &serde_json::json!({}),
+                            rollout: &serde_json::json!({}),
+                            started_at: at,
+                            nodes: &nodes,
+                        },
+                        &AuditEvent::success(
+                            audit::RESTART_STARTED,
+                            "t",
+                            "deployment",
+                            id,
+                            serde_json::json!({}),
+                        ),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        let finish = |id: &'static str, at: i64| {
+            let store = store.clone();
+            async move {
+                let ev = AuditEvent::success(
+                    audit::RESTART_COMPLETED,
+                    "t",
+                    "deployment",
+                    id,
+                    serde_json::json!({}),
+                );
+                store
+                    .finish_deployment(id, "failed", "1 of 2 nodes failed", "", &ev, at)
+                    .await
+                    .unwrap();
+            }
+        };
+        // One running deployment per app: each ends before the next.
+        record("d-1", "deploy", "web", 10).await;
+        finish("d-1", 11).await;
+        record("d-2", "prune", "web", 20).await;
+        finish("d-2", 20).await;
+        // Same second as d-2: the later insert wins.
+        record("d-3", "restart", "web", 20).await;
+        store
+            .record_node_result("d-3.n-1", "succeeded", "v3", "restarted", 21)
+            .await
+            .unwrap();
+        finish("d-3", 22).await;
+        record("d-4", "deploy", "api", 5).await;
+
+        let all = store.last_deployments(None).await.unwrap();
+        let ids: Vec<(&str, &str)> = all
+            .iter()
+            .map(|d| (d.app.as_str(), d.id.as_str()))
+            .collect();
+        assert_eq!(ids, [("api", "d-4"), ("web", "d-3")]);
+        let web = &all[1];
+        assert_eq!(web.kind, "restart");
+        assert_eq!(web.status, "failed");
+        assert_eq!(web.finished_at, Some(22));
+        assert_eq!(web.message, "1 of 2 nodes failed");
+        // Unknown nodes sort first (no name), then by name.
+        assert_eq!(web.nodes.len(), 2);
+        assert_eq!(web.nodes[0].node_id, "n-gone");
+        assert_eq!(web.nodes[0].node_name, "");
+        assert_eq!(web.nodes[0].outcome, "pending");
+        assert_eq!(web.nodes[1].node_name, "web-1");
+        assert_eq!(web.nodes[1].outcome, "succeeded");
+        assert_eq!(web.nodes[1].release_id, "v3");
+        assert_eq!(web.nodes[1].finished_at, Some(21));
+        let api = store.last_deployments(Some("api")).await.unwrap();
+        assert_eq!(api.len(), 1);
+        assert_eq!(api[0].id, "d-4");
+        assert!(store.last_deployments(Some("db")).await.unwrap().is_empty());
+    }
+}

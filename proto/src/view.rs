@@ -1,0 +1,787 @@
+//! The fleet views of the Control API as people and scripts see them: the
+//! node table and the status summary as text, and their `--json` shapes.
+//! Shared by `slipway` (over the API) and `slipway-controller nodes` (from
+//! the database), so both print the same table and the same JSON.
+//!
+//! Every value that came from outside (node names, labels, health output,
+//! messages) is printed on one line with control characters escaped
+//! ([`limits::one_line`]), so a hostile value cannot forge a row or a line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::limits;
+use crate::v1::{
+    AppStatus, Deployment, DeploymentNode, FleetStatus, NodeMetrics, NodeState, NodeStatus,
+    NodeView, RefreshAnswer, ReleaseInfo, ReleaseNodes, UnhealthyApp, VersionNodes,
+};
+
+/// Widest table column: a longer value (a label list, a hostile name from
+/// an old database) is cut with `…` so one row cannot widen every other.
+const MAX_COLUMN: usize = 80;
+
+/// The state's name in tables and JSON: `online`, `unreachable`, `unknown`,
+/// `revoked`, `disconnected`.
+pub fn state_name(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Online => "online",
+        NodeState::Unreachable => "unreachable",
+        NodeState::Unknown => "unknown",
+        NodeState::Revoked => "revoked",
+        NodeState::Disconnected => "disconnected",
+        NodeState::Unspecified => "unspecified",
+    }
+}
+
+/// The answer's name in JSON (`answered`, `no_session`, `disconnected`,
+/// `timed_out`), `None` when no refresh was asked.
+pub fn refresh_name(answer: RefreshAnswer) -> Option<&'static str> {
+    match answer {
+        RefreshAnswer::Unspecified => None,
+        RefreshAnswer::Answered => Some("answered"),
+        RefreshAnswer::NoSession => Some("no_session"),
+        RefreshAnswer::Disconnected => Some("disconnected"),
+        RefreshAnswer::TimedOut => Some("timed_out"),
+    }
+}
+
+/// Why a node did not answer the refresh, or `None` if it did (or was not
+/// asked).
+pub fn refresh_failure(answer: RefreshAnswer) -> Option<&'static str> {
+    match answer {
+        RefreshAnswer::Unspecified | RefreshAnswer::Answered => None,
+        RefreshAnswer::NoSession => Some("no session with the controller"),
+        RefreshAnswer::Disconnected => Some("its session ended"),
+        RefreshAnswer::TimedOut => Some("timed out"),
+    }
+}
+
+/// Bytes in binary units with one decimal: `512.0M`, `1.9G`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    #[allow(clippy::cast_precision_loss)] // display only
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// The fleet as a text table, one node per line.
+pub fn render_table(nodes: &[NodeView]) -> String {
+    let header = [
+        "ID",
+        "NAME",
+        "LABELS",
+        "STATE",
+        "HEARTBEAT",
+        "VERSION",
+        "RSS",
+        "CPU",
+        "MEM",
+        "LOAD",
+        "APPS",
+    ];
+    let mut rows: Vec<[String; 11]> = vec![header.map(str::to_owned)];
+    for node in nodes {
+        let labels = node
+            .labels
+            .iter()
+            .map(|(k, v)| {
+                if v.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let dash = || "-".to_owned();
+        let (cpu, mem, load) = node.metrics.as_ref().map_or_else(
+            || (dash(), dash(), dash()),
+            |m| {
+                (
+                    format!("{:.0}%", m.cpu_percent),
+                    format!("{}/{}", bytes(m.mem_used_bytes), bytes(m.mem_total_bytes)),
+                    format!("{:.2}", m.load1),
+                )
+            },
+        );
+        let apps = node
+            .apps
+            .iter()
+            .map(|a| {
+                let release = if a.current_release.is_empty() {
+                    "-"
+                } else {
+                    &a.current_release
+                };
+                let health = if a.health.is_empty() { "?" } else { &a.health };
+                format!("{}@{release} ({health})", a.app)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        rows.push([
+            node.id.clone(),
+            node.name.clone(),
+            if labels.is_empty() { dash() } else { labels },
+            state_name(node.state()).to_owned(),
+            node.heartbeat_age_secs
+                .map_or_else(dash, |age| format!("{age}s ago")),
+            if node.agent_version.is_empty() {
+                dash()
+            } else {
+                node.agent_version.clone()
+            },
+            node.agent_rss_bytes.map_or_else(dash, bytes),
+            cpu,
+            mem,
+            load,
+            if apps.is_empty() { dash() } else { apps },
+        ]);
+    }
+    table(&rows)
+}
+
+/// `slipway status` as text: node counts and table, apps, notes, problems.
+pub fn render_status(status: &FleetStatus) -> String {
+    let mut out = String::new();
+    let counts: Vec<String> = status
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    let scope = status
+        .app
+        .as_ref()
+        .map_or_else(String::new, |a| format!(" reporting app {}", esc(a)));
+    let _ = writeln!(
+        out,
+        "nodes{scope}: {} ({})",
+        status.nodes.len(),
+        if counts.is_empty() {
+            "none".to_owned()
+        } else {
+            counts.join(", ")
+        }
+    );
+    if !status.nodes.is_empty() {
+        let mut rows = vec![[
+            "NAME",
+            "STATE",
+            "SESSION",
+            "HEARTBEAT",
+            "VERSION",
+            "RSS",
+            "REFRESH",
+        ]
+        .map(str::to_owned)];
+        for n in &status.nodes {
+            rows.push([
+                n.name.clone(),
+                state_name(n.state()).to_owned(),
+                if n.connected { "yes" } else { "no" }.to_owned(),
+                n.heartbeat_age_secs
+                    .map_or_else(|| "-".to_owned(), |age| format!("{age}s ago")),
+                if n.agent_version.is_empty() {
+                    "-".to_owned()
+                } else {
+                    n.agent_version.clone()
+                },
+                n.agent_rss_bytes.map_or_else(|| "-".to_owned(), bytes),
+                match n.refresh() {
+                    RefreshAnswer::Unspecified => "-".to_owned(),
+                    RefreshAnswer::Answered => "answered".to_owned(),
+                    answer => format!(
+                        "did not answer ({})",
+                        refresh_failure(answer).unwrap_or_default()
+                    ),
+                },
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    for app in &status.apps {
+        let _ = writeln!(out, "\napp {}", esc(&app.app));
+        for r in &app.releases {
+            let release = if r.release.is_empty() {
+                "(none)".to_owned()
+            } else {
+                esc(&r.release)
+            };
+            let _ = writeln!(
+                out,
+                "  {release} current on {} node(s): {}",
+                r.count,
+                esc(&r.nodes.join(", "))
+            );
+        }
+        for u in &app.unhealthy {
+            let _ = writeln!(
+                out,
+                "  UNHEALTHY on {} ({}): {}",
+                esc(&u.node_name),
+                esc(&u.release),
+                limits::one_line(&u.output, limits::MAX_HEALTH)
+            );
+        }
+        if !app.busy.is_empty() {
+            let _ = writeln!(out, "  busy on: {}", esc(&app.busy.join(", ")));
+        }
+        if let Some(d) = &app.last_deployment {
+            let release = if d.release_id.is_empty() {
+                String::new()
+            } else {
+                format!(" of {}", esc(&d.release_id))
+            };
+            let _ = writeln!(
+                out,
+                "  last {} {}{release}: {} ({}s ago){}",
+                esc(&d.kind),
+                esc(&d.id),
+                esc(&d.status),
+                status.generated_at.saturating_sub(d.started_at).max(0),
+                if d.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", limits::one_line(&d.message, limits::MAX_MESSAGE))
+                }
+            );
+            for n in &d.nodes {
+                let name = if n.node_name.is_empty() {
+                    &n.node_id
+                } else {
+                    &n.node_name
+                };
+                let _ = writeln!(
+                    out,
+                    "    [{}] {}{}",
+                    esc(name),
+                    esc(&n.outcome),
+                    if n.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", limits::one_line(&n.message, limits::MAX_MESSAGE))
+                    }
+                );
+            }
+        }
+    }
+    if let Some(agents) = status.agents.as_ref().filter(|a| !a.versions.is_empty()) {
+        let versions: Vec<String> = agents
+            .versions
+            .iter()
+            .map(|v| format!("{} on {}", esc(&v.version), esc(&v.nodes.join(", "))))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nagents: {}; RSS median {}",
+            versions.join("; "),
+            agents
+                .rss_median_bytes
+                .map_or_else(|| "-".to_owned(), bytes)
+        );
+    }
+    if !status.notes.is_empty() {
+        out.push_str("\nnotes:\n");
+        for n in &status.notes {
+            let _ = writeln!(out, "  - {}", limits::one_line(n, limits::MAX_MESSAGE));
+        }
+    }
+    if !status.problems.is_empty() {
+        out.push_str("\nproblems:\n");
+        for p in &status.problems {
+            let _ = writeln!(out, "  - {}", limits::one_line(p, limits::MAX_MESSAGE));
+        }
+    }
+    out
+}
+
+/// A value from outside on one line of text output: control characters
+/// escaped (a newline in a name cannot forge a line), cut at a name's length.
+fn esc(value: &str) -> String {
+    limits::one_line(value, limits::MAX_NODE_NAME)
+}
+
+/// Left-aligned columns, two spaces apart, the last one unpadded. Every
+/// cell is shown on one line (control characters escaped) and all but the
+/// last cut at [`MAX_COLUMN`] characters.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|row| {
+            let mut i = 0;
+            row.clone().map(|cell| {
+                i += 1;
+                let max = if i == N {
+                    limits::MAX_MESSAGE
+                } else {
+                    MAX_COLUMN
+                };
+                limits::one_line(&cell, max)
+            })
+        })
+        .collect();
+    let mut widths = [0usize; N];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The fleet view as `--json` prints it: an array of nodes.
+pub fn nodes_json(nodes: &[NodeView]) -> Result<String, serde_json::Error> {
+    serde_json::to_string_pretty(&nodes.iter().map(NodeJson::from).collect::<Vec<_>>())
+}
+
+/// The fleet summary as `slipway status --json` prints it.
+pub fn status_json(status: &FleetStatus) -> Result<String, serde_json::Error> {
+    serde_json::to_string_pretty(&StatusJson::from(status))
+}
+
+/// One node in JSON.
+#[derive(Debug, Serialize)]
+struct NodeJson<'a> {
+    id: &'a str,
+    name: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    state: &'static str,
+    last_seen_at: Option<i64>,
+    heartbeat_age_secs: Option<i64>,
+    agent_version: &'a str,
+    agent_rss_bytes: Option<u64>,
+    metrics: Option<MetricsJson<'a>>,
+    apps: Vec<AppJson<'a>>,
+    revoked_at: Option<i64>,
+    cert_expires_at: i64,
+}
+
+impl<'a> From<&'a NodeView> for NodeJson<'a> {
+    fn from(n: &'a NodeView) -> Self {
+        Self {
+            id: &n.id,
+            name: &n.name,
+            labels: &n.labels,
+            state: state_name(n.state()),
+            last_seen_at: n.last_seen_at,
+            heartbeat_age_secs: n.heartbeat_age_secs,
+            agent_version: &n.agent_version,
+            agent_rss_bytes: n.agent_rss_bytes,
+            metrics: n.metrics.as_ref().map(MetricsJson::from),
+            apps: n.apps.iter().map(AppJson::from).collect(),
+            revoked_at: n.revoked_at,
+            cert_expires_at: n.cert_expires_at,
+        }
+    }
+}
+
+/// Host metrics in JSON.
+#[derive(Debug, Serialize)]
+struct MetricsJson<'a> {
+    cpu_percent: f64,
+    mem_used_bytes: u64,
+    mem_total_bytes: u64,
+    load1: f64,
+    load5: f64,
+    load15: f64,
+    disks: Vec<DiskJson<'a>>,
+}
+
+impl<'a> From<&'a NodeMetrics> for MetricsJson<'a> {
+    fn from(m: &'a NodeMetrics) -> Self {
+        Self {
+            cpu_percent: m.cpu_percent,
+            mem_used_bytes: m.mem_used_bytes,
+            mem_total_bytes: m.mem_total_bytes,
+            load1: m.load1,
+            load5: m.load5,
+            load15: m.load15,
+            disks: m
+                .disks
+                .iter()
+                .map(|d| DiskJson {
+                    mount: &d.mount,
+                    used_bytes: d.used_bytes,
+                    total_bytes: d.total_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One filesystem in JSON.
+#[derive(Debug, Serialize)]
+struct DiskJson<'a> {
+    mount: &'a str,
+    used_bytes: u64,
+    total_bytes: u64,
+}
+
+/// One app on a node in JSON.
+#[derive(Debug, Serialize)]
+struct AppJson<'a> {
+    app: &'a str,
+    current_release: &'a str,
+    health: &'a str,
+    in_progress: bool,
+    releases: Vec<ReleaseJson<'a>>,
+}
+
+impl<'a> From<&'a AppStatus> for AppJson<'a> {
+    fn from(a: &'a AppStatus) -> Self {
+        Self {
+            app: &a.app,
+            current_release: &a.current_release,
+            health: &a.health,
+            in_progress: a.in_progress,
+            releases: a.releases.iter().map(ReleaseJson::from).collect(),
+        }
+    }
+}
+
+/// One release of an app in JSON (`slipway releases --json` too).
+#[derive(Debug, Serialize)]
+pub struct ReleaseJson<'a> {
+    id: &'a str,
+    status: &'a str,
+    created_at_unix: i64,
+    artifact_sha256: &'a str,
+}
+
+impl<'a> From<&'a ReleaseInfo> for ReleaseJson<'a> {
+    fn from(r: &'a ReleaseInfo) -> Self {
+        Self {
+            id: &r.id,
+            status: &r.status,
+            created_at_unix: r.created_at_unix,
+            artifact_sha256: &r.artifact_sha256,
+        }
+    }
+}
+
+/// The fleet summary in JSON.
+#[derive(Debug, Serialize)]
+struct StatusJson<'a> {
+    generated_at: i64,
+    app: Option<&'a str>,
+    refreshed: bool,
+    counts: &'a BTreeMap<String, u64>,
+    nodes: Vec<NodeStatusJson<'a>>,
+    apps: Vec<AppSummaryJson<'a>>,
+    agents: AgentsJson<'a>,
+    problems: &'a [String],
+    notes: &'a [String],
+}
+
+impl<'a> From<&'a FleetStatus> for StatusJson<'a> {
+    fn from(s: &'a FleetStatus) -> Self {
+        let agents = s.agents.as_ref();
+        Self {
+            generated_at: s.generated_at,
+            app: s.app.as_deref(),
+            refreshed: s.refreshed,
+            counts: &s.counts,
+            nodes: s.nodes.iter().map(NodeStatusJson::from).collect(),
+            apps: s
+                .apps
+                .iter()
+                .map(|a| AppSummaryJson {
+                    app: &a.app,
+                    releases: a.releases.iter().map(ReleaseNodesJson::from).collect(),
+                    unhealthy: a.unhealthy.iter().map(UnhealthyJson::from).collect(),
+                    busy: &a.busy,
+                    last_deployment: a.last_deployment.as_ref().map(DeploymentJson::from),
+                })
+                .collect(),
+            agents: AgentsJson {
+                versions: agents.map_or_else(Vec::new, |a| {
+                    a.versions.iter().map(VersionNodesJson::from).collect()
+                }),
+                rss_median_bytes: agents.and_then(|a| a.rss_median_bytes),
+                rss_outliers: agents.map_or_else(Vec::new, |a| {
+                    a.rss_outliers
+                        .iter()
+                        .map(|o| (o.node.as_str(), o.rss_bytes))
+                        .collect()
+                }),
+            },
+            problems: &s.problems,
+            notes: &s.notes,
+        }
+    }
+}
+
+/// One node of the summary in JSON.
+#[derive(Debug, Serialize)]
+struct NodeStatusJson<'a> {
+    id: &'a str,
+    name: &'a str,
+    state: &'static str,
+    connected: bool,
+    heartbeat_age_secs: Option<i64>,
+    agent_version: &'a str,
+    agent_rss_bytes: Option<u64>,
+    refresh: Option<&'static str>,
+}
+
+impl<'a> From<&'a NodeStatus> for NodeStatusJson<'a> {
+    fn from(n: &'a NodeStatus) -> Self {
+        Self {
+            id: &n.id,
+            name: &n.name,
+            state: state_name(n.state()),
+            connected: n.connected,
+            heartbeat_age_secs: n.heartbeat_age_secs,
+            agent_version: &n.agent_version,
+            agent_rss_bytes: n.agent_rss_bytes,
+            refresh: refresh_name(n.refresh()),
+        }
+    }
+}
+
+/// One app of the summary in JSON.
+#[derive(Debug, Serialize)]
+struct AppSummaryJson<'a> {
+    app: &'a str,
+    releases: Vec<ReleaseNodesJson<'a>>,
+    unhealthy: Vec<UnhealthyJson<'a>>,
+    busy: &'a [String],
+    last_deployment: Option<DeploymentJson<'a>>,
+}
+
+/// A release and the nodes it is current on, in JSON.
+#[derive(Debug, Serialize)]
+struct ReleaseNodesJson<'a> {
+    release: &'a str,
+    count: u64,
+    nodes: &'a [String],
+}
+
+impl<'a> From<&'a ReleaseNodes> for ReleaseNodesJson<'a> {
+    fn from(r: &'a ReleaseNodes) -> Self {
+        Self {
+            release: &r.release,
+            count: r.count,
+            nodes: &r.nodes,
+        }
+    }
+}
+
+/// An unhealthy app on a node, in JSON.
+#[derive(Debug, Serialize)]
+struct UnhealthyJson<'a> {
+    node_id: &'a str,
+    node_name: &'a str,
+    release: &'a str,
+    health: &'a str,
+    output: &'a str,
+}
+
+impl<'a> From<&'a UnhealthyApp> for UnhealthyJson<'a> {
+    fn from(u: &'a UnhealthyApp) -> Self {
+        Self {
+            node_id: &u.node_id,
+            node_name: &u.node_name,
+            release: &u.release,
+            health: &u.health,
+            output: &u.output,
+        }
+    }
+}
+
+/// A recorded deployment in JSON.
+#[derive(Debug, Serialize)]
+struct DeploymentJson<'a> {
+    id: &'a str,
+    kind: &'a str,
+    app: &'a str,
+    release_id: &'a str,
+    actor: &'a str,
+    status: &'a str,
+    started_at: i64,
+    finished_at: Option<i64>,
+    message: &'a str,
+    nodes: Vec<DeploymentNodeJson<'a>>,
+}
+
+impl<'a> From<&'a Deployment> for DeploymentJson<'a> {
+    fn from(d: &'a Deployment) -> Self {
+        Self {
+            id: &d.id,
+            kind: &d.kind,
+            app: &d.app,
+            release_id: &d.release_id,
+            actor: &d.actor,
+            status: &d.status,
+            started_at: d.started_at,
+            finished_at: d.finished_at,
+            message: &d.message,
+            nodes: d.nodes.iter().map(DeploymentNodeJson::from).collect(),
+        }
+    }
+}
+
+/// One node of a recorded deployment in JSON.
+#[derive(Debug, Serialize)]
+struct DeploymentNodeJson<'a> {
+    node_id: &'a str,
+    node_name: &'a str,
+    outcome: &'a str,
+    release_id: &'a str,
+    message: &'a str,
+    finished_at: Option<i64>,
+}
+
+impl<'a> From<&'a DeploymentNode> for DeploymentNodeJson<'a> {
+    fn from(n: &'a DeploymentNode) -> Self {
+        Self {
+            node_id: &n.node_id,
+            node_name: &n.node_name,
+            outcome: &n.outcome,
+            release_id: &n.release_id,
+            message: &n.message,
+            finished_at: n.finished_at,
+        }
+    }
+}
+
+/// Agent versions and RSS in JSON; outliers as `[name, bytes]` pairs.
+#[derive(Debug, Serialize)]
+struct AgentsJson<'a> {
+    versions: Vec<VersionNodesJson<'a>>,
+    rss_median_bytes: Option<u64>,
+    rss_outliers: Vec<(&'a str, u64)>,
+}
+
+/// An agent version and its nodes, in JSON.
+#[derive(Debug, Serialize)]
+struct VersionNodesJson<'a> {
+    version: &'a str,
+    count: u64,
+    nodes: &'a [String],
+}
+
+impl<'a> From<&'a VersionNodes> for VersionNodesJson<'a> {
+    fn from(v: &'a VersionNodes) -> Self {
+        Self {
+            version: &v.version,
+            count: v.count,
+            nodes: &v.nodes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn node(name: &str, version: &str, rss_mib: u64, apps: Vec<AppStatus>) -> NodeView {
+        NodeView {
+            id: format!("n-{name}"),
+            name: name.to_owned(),
+            state: NodeState::Online as i32,
+            last_seen_at: Some(100),
+            heartbeat_age_secs: Some(3),
+            agent_version: version.to_owned(),
+            agent_rss_bytes: Some(rss_mib * MIB),
+            apps,
+            ..NodeView::default()
+        }
+    }
+
+    fn app(name: &str, release: &str, health: &str) -> AppStatus {
+        AppStatus {
+            app: name.to_owned(),
+            current_release: release.to_owned(),
+            health: health.to_owned(),
+            ..AppStatus::default()
+        }
+    }
+
+    #[test]
+    fn hostile_values_cannot_split_rows_or_widen_the_table() {
+        let mut evil = node(
+            "n1\nFAKE ROW online",
+            "0.1\u{1b}[31m",
+            10,
+            vec![app("web", "v1", "unhealthy: line one\nline two")],
+        );
+        // 1,000 labels of 100 characters, and one of 70,000: the cell is cut.
+        evil.labels = (0..1000)
+            .map(|i| (format!("k{i}"), "v".repeat(100)))
+            .chain([("big".to_owned(), "x".repeat(70_000))])
+            .collect();
+        let nodes = [evil, node("n2", "0.1", 10, vec![])];
+        let table = render_table(&nodes);
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(table.lines().all(|l| l.chars().count() < 1500), "{table}");
+        assert!(table.contains("n1\\nFAKE ROW online"), "{table}");
+        assert!(!table.contains('\u{1b}'), "{table}");
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(512), "512B");
+        assert_eq!(bytes(24 * 1024 * 1024), "24.0M");
+        assert_eq!(bytes(2 * 1024 * 1024 * 1024), "2.0G");
+    }
+
+    #[test]
+    fn json_keeps_the_field_order_and_names() {
+        let mut n = node("a", "1.0", 20, vec![app("web", "v1", "healthy")]);
+        n.labels = [("env".to_owned(), "production".to_owned())].into();
+        let json: serde_json::Value = serde_json::from_str(&nodes_json(&[n]).unwrap()).unwrap();
+        assert_eq!(json[0]["state"], "online");
+        assert_eq!(json[0]["labels"]["env"], "production");
+        assert_eq!(json[0]["metrics"], serde_json::Value::Null);
+        assert_eq!(json[0]["apps"][0]["current_release"], "v1");
+        let text = nodes_json(&[node("b", "1.0", 1, vec![])]).unwrap();
+        let keys: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('"')?.split('"').next())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "id",
+                "name",
+                "labels",
+                "state",
+                "last_seen_at",
+                "heartbeat_age_secs",
+                "agent_version",
+                "agent_rss_bytes",
+                "metrics",
+                "apps",
+                "revoked_at",
+                "cert_expires_at"
+            ]
+        );
+    }
+}
