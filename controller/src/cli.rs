@@ -145,6 +145,11 @@ pub struct ServeArgs {
     /// local interface address and the host name, are always included.
     #[arg(long = "server-name", value_name = "NAME")]
     pub server_names: Vec<String>,
+    /// Once it accepts connections, write the address it listens on (e.g.
+    /// `127.0.0.1:40123`) to FILE, atomically: for scripts and tests that
+    /// start it with `--listen 127.0.0.1:0` and need the port.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// `token` subcommands.

@@ -103,6 +103,8 @@ pub struct ServeConfig {
     /// Extra names/addresses for the server certificate (see
     /// [`ServeConfig::certificate_hosts`]).
     pub server_names: Vec<String>,
+    /// Where to write the bound address once serving (`--ready-file`).
+    pub ready_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -114,6 +116,7 @@ impl ServeConfig {
             link: LinkSettings::default(),
             unreachable_after: liveness::DEFAULT_UNREACHABLE_AFTER,
             server_names: Vec::new(),
+            ready_file: None,
         }
     }
 
@@ -212,7 +215,9 @@ impl ServeConfig {
             server_names: Some(args.server_names),
             ..RawConfig::default()
         };
-        Self::new(flags, file)
+        let mut config = Self::new(flags, file)?;
+        config.ready_file = args.ready_file;
+        Ok(config)
     }
 
     /// Flags win over the file; `listen` defaults to [`DEFAULT_LISTEN`].

@@ -52,6 +52,14 @@ pub enum ServeError {
         /// Why.
         source: io::Error,
     },
+    /// The `--ready-file` could not be written.
+    #[error("cannot write the ready file {}: {source}", path.display())]
+    ReadyFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// The CA or server certificate could not be loaded or created.
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -64,6 +72,14 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Writes `addr` and a newline to `path` through a temp file and a rename,
+/// so a reader never sees half an address.
+fn write_ready_file(path: &std::path::Path, addr: SocketAddr) -> io::Result<()> {
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, format!("{addr}\n"))?;
+    std::fs::rename(&temp, path)
 }
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
@@ -138,6 +154,14 @@ pub async fn serve(
         shutdown.await;
         closing.close_all(CloseReason::Shutdown);
     };
+    // The listener is bound and everything it serves is set up: from here
+    // connections are accepted (queued until the server below takes them).
+    if let (Some(path), Some(addr)) = (&config.ready_file, local) {
+        write_ready_file(path, addr).map_err(|source| ServeError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

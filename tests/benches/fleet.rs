@@ -13,7 +13,7 @@
 // A benchmark that cannot set up should stop with the reason.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-#[path = "../support/mod.rs"]
+#[path = "../it/support/mod.rs"]
 mod support;
 
 use std::fs;

@@ -1,0 +1,582 @@
+//! End-to-end harness: `Controller::start()`, `Agent::enroll(&controller)`,
+//! each a real process of the workspace's binaries with its own directories.
+// A failed set-up step should panic with its error, as unwrap does.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A binary of this workspace, built by `cargo test --workspace` (which
+/// builds every package's binaries before running any test).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn check(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops a child with SIGTERM (SIGKILL after 10 s).
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A controller process with its own data dir.
+pub struct Controller {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Controller {
+    /// Starts on a port the kernel picks (`--listen 127.0.0.1:0`), learnt
+    /// from `--ready-file`: no race with other tests for a free port.
+    pub fn start() -> Self {
+        let mut c = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
+            child: None,
+        };
+        c.restart();
+        c
+    }
+
+    /// The running controller's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again, on the same port: agents are configured with it) and
+    /// waits until it has written its ready file.
+    pub fn restart(&mut self) {
+        self.stop();
+        let ready = self.dir.path().join("ready");
+        let _ = fs::remove_file(&ready);
+        let log = fs::File::create(self.dir.path().join("controller.log")).unwrap();
+        let child = Command::new(bin("slipway-controller"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.url())
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let mut addr = String::new();
+        wait_until(
+            "the controller's ready file",
+            Duration::from_secs(30),
+            || {
+                addr = fs::read_to_string(&ready).unwrap_or_default();
+                !addr.is_empty()
+            },
+        );
+        let port = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+        self.port = port.unwrap_or_else(|| panic!("ready file says {addr:?}"));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            terminate(&mut c);
+        }
+    }
+
+    pub fn token(&self) -> String {
+        let out = Command::new(bin("slipway-controller"))
+            .args(["token", "create", "--ttl", "10m", "--data-dir"])
+            .arg(self.data_dir())
+            .output()
+            .unwrap();
+        check(out, "token create").trim().to_owned()
+    }
+
+    /// `slipway-agent enroll` of `name` with a new join token, its identity
+    /// in `state`, plus `extra` flags; the output, unchecked.
+    pub fn enroll_cli(&self, name: &str, state: &Path, extra: &[&str]) -> Output {
+        Command::new(bin("slipway-agent"))
+            .args([
+                "enroll",
+                "--controller",
+                &self.url(),
+                "--token",
+                &self.token(),
+            ])
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--name", name])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    /// `slipway-controller <args> --data-dir DIR`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("slipway-controller"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .output()
+            .unwrap()
+    }
+
+    /// The CA certificate the `slipway` CLI trusts.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.data_dir().join("ca.pem")
+    }
+
+    /// A new API token (`slipway-controller token api --scope …`).
+    pub fn api_token(&self, scopes: &str) -> String {
+        let out = self.cli(&["token", "api", "--scope", scopes]);
+        check(out, "token api").trim().to_owned()
+    }
+
+    /// `slipway --controller … --ca …`, to which the caller adds its
+    /// credentials and arguments.
+    fn slipway_command(&self) -> Command {
+        let mut command = Command::new(bin("slipway"));
+        command
+            .arg("--controller")
+            .arg(self.url())
+            .arg("--ca")
+            .arg(self.ca_pem());
+        command
+    }
+
+    /// `slipway --controller … --ca … --token TOKEN <args>`.
+    pub fn slipway(&self, token: &str, args: &[&str]) -> Output {
+        self.slipway_command()
+            .arg("--token")
+            .arg(token)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `slipway --controller … --ca … --cert CERT --key KEY <args>`, with no
+    /// token in the environment either.
+    pub fn slipway_as(&self, cert: &Path, key: &Path, args: &[&str]) -> Output {
+        self.slipway_command()
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(args)
+            .env_remove("SLIPWAY_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// `slipway deploy web ART --sha SHA --id ID <extra>` with `token`.
+    pub fn deploy_web(
+        &self,
+        token: &str,
+        art: &Path,
+        sha: &str,
+        id: &str,
+        extra: &[&str],
+    ) -> Output {
+        let mut args = vec![
+            "deploy",
+            "web",
+            art.to_str().unwrap(),
+            "--sha",
+            sha,
+            "--id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        self.slipway(token, &args)
+    }
+
+    /// Builds the artifact of `version` (`app` as its server.py) in `work`
+    /// and deploys it: `slipway deploy web ART --sha … --id VERSION <extra>`.
+    pub fn deploy_version(
+        &self,
+        token: &str,
+        work: &Path,
+        version: &str,
+        app: &str,
+        extra: &[&str],
+    ) -> Output {
+        let art = artifact(work, version, app);
+        self.deploy_web(token, &art, &sha256_file(&art), version, extra)
+    }
+
+    /// How many nodes `slipway nodes --json` (with `token`) shows online.
+    pub fn online(&self, token: &str) -> usize {
+        let out = self.slipway(token, &["nodes", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        nodes.iter().filter(|n| n["state"] == "online").count()
+    }
+
+    /// Waits up to `limit` until `n` nodes are online.
+    pub fn wait_online(&self, token: &str, n: usize, limit: Duration) {
+        wait_until(&format!("{n} online nodes"), limit, || {
+            self.online(token) == n
+        });
+    }
+
+    /// The audit log (`slipway audit --json` with `token`).
+    pub fn audit(&self, token: &str) -> Vec<Value> {
+        let out = self.slipway(token, &["audit", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The `slipway` command line (binary and global flags) as one shell
+    /// string, for running it under `script` (a pseudo-terminal).
+    pub fn slipway_shell(&self, token: &str, args: &[&str]) -> String {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut line = vec![
+            quote(&bin("slipway").to_string_lossy()),
+            "--controller".to_owned(),
+            quote(&self.url()),
+            "--ca".to_owned(),
+            quote(&self.ca_pem().to_string_lossy()),
+            "--token".to_owned(),
+            quote(token),
+        ];
+        line.extend(args.iter().map(|a| quote(a)));
+        line.join(" ")
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One simulated droplet: an agent with its own root, config and identity.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    /// The app its agent.toml declares (stopped when the agent is dropped).
+    pub app: String,
+    pub config: PathBuf,
+    pub root: PathBuf,
+    pub port: u16,
+    run: Option<Child>,
+}
+
+/// The sample app for the exec driver (`python3 server.py`, tests/fixtures/
+/// server.py): every path answers the release's VERSION; /api/health
+/// answers 503 while the file named by `SICK_FILE` in the app's `.env`
+/// exists, else the status in the release's HEALTH file (200 without one).
+pub const APP: &str = include_str!("../../fixtures/server.py");
+
+impl Agent {
+    /// Enrolls a new node with `controller` and writes its agent.toml (one
+    /// exec-driver app `web` behind an HTTP health gate).
+    pub fn enroll(controller: &Controller, name: &str) -> Self {
+        let agent = Self::enroll_with(controller, name, "web", |root, port| {
+            format!(
+                r#"[apps.web]
+root = "{root}"
+shared_files = [".env"]
+
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "2s"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{port}/api/health"
+interval = "100ms"
+successes = 2
+start_period = "1s"
+deadline = "15s"
+liveness_interval = "500ms"
+"#,
+                root = root.display(),
+            )
+        });
+        fs::create_dir_all(agent.root.join("shared")).unwrap();
+        fs::write(
+            agent.root.join("shared/.env"),
+            format!("PORT={}\n", agent.port),
+        )
+        .unwrap();
+        agent
+    }
+
+    /// Enrolls a new node with `controller` whose agent.toml declares one
+    /// app, `app`: `apps` writes its `[apps.<app>…]` tables from the app's
+    /// root and a free port (`Agent::port`) for it to use.
+    pub fn enroll_with(
+        controller: &Controller,
+        name: &str,
+        app: &str,
+        apps: impl FnOnce(&Path, u16) -> String,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("app");
+        let state = dir.path().join("state");
+        let port = free_port();
+        let config = dir.path().join("agent.toml");
+        fs::write(
+            &config,
+            format!(
+                "[controller]\nurl = \"{url}\"\nstate_dir = \"{state}\"\n\n{apps}",
+                url = controller.url(),
+                state = state.display(),
+                apps = apps(&root, port),
+            ),
+        )
+        .unwrap();
+        let agent = Self {
+            dir,
+            name: name.to_owned(),
+            app: app.to_owned(),
+            config,
+            root,
+            port,
+            run: None,
+        };
+        check(controller.enroll_cli(name, &state, &[]), "enroll");
+        agent
+    }
+
+    /// Sets how long the health gate forgives failures after a start
+    /// (`start_period`, 1 s by default here); call before `run`.
+    pub fn set_start_period(&self, period: &str) {
+        let config = fs::read_to_string(&self.config).unwrap();
+        let default = "start_period = \"1s\"";
+        assert!(
+            config.contains(default),
+            "no {default} in {}",
+            self.config.display()
+        );
+        let changed = config.replace(default, &format!("start_period = \"{period}\""));
+        fs::write(&self.config, changed).unwrap();
+    }
+
+    /// [`Agent::enroll`] for each of `names`, in order.
+    pub fn enroll_all(controller: &Controller, names: &[&str]) -> Vec<Self> {
+        names.iter().map(|n| Self::enroll(controller, n)).collect()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("slipway-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Builds the `web` artifact of `version` and deploys it on this node.
+    pub fn deploy(&self, version: &str) -> Value {
+        let art = artifact(self.dir.path(), version, APP);
+        let out = self.cli(&[
+            "deploy",
+            "--app",
+            "web",
+            "--artifact",
+            art.to_str().unwrap(),
+            "--id",
+            version,
+            "--json",
+        ]);
+        serde_json::from_str(&check(out, "deploy")).unwrap()
+    }
+
+    /// Starts `slipway-agent run` (liveness, logs, controller session).
+    pub fn run(&mut self) {
+        let log = fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        self.run = Some(
+            Command::new(bin("slipway-agent"))
+                .arg("--config")
+                .arg(&self.config)
+                .arg("run")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// What the app answers on /, if anything.
+    pub fn get(&self) -> Option<String> {
+        use std::io::Read;
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.split("\r\n\r\n").nth(1).map(str::to_owned)
+    }
+
+    /// Appends `KEY=VALUE` lines to the app's `shared/.env` (the exec
+    /// driver hands it to every release it starts).
+    pub fn add_env(&self, lines: &str) {
+        let path = self.root.join("shared/.env");
+        let mut env = fs::read_to_string(&path).unwrap();
+        env.push_str(lines);
+        if !env.ends_with('\n') {
+            env.push('\n');
+        }
+        fs::write(path, env).unwrap();
+    }
+
+    /// The release `current` points at on disk, if any.
+    pub fn current(&self) -> Option<String> {
+        let target = fs::read_link(self.root.join("current")).ok()?;
+        Some(target.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// Whether a release directory `id` exists on disk (it was deployed here).
+    pub fn has_release(&self, id: &str) -> bool {
+        self.root.join("releases").join(id).exists()
+    }
+
+    /// Stops `slipway-agent run` (SIGTERM): the node drops its controller
+    /// session; its apps keep running.
+    pub fn stop_run(&mut self) {
+        if let Some(mut c) = self.run.take() {
+            terminate(&mut c);
+        }
+    }
+
+    /// The pid of the app process the exec driver's supervisor runs, from
+    /// its `state.json`.
+    pub fn app_pid(&self) -> Option<u64> {
+        let state = fs::read(self.root.join(".slipway/run/state.json")).ok()?;
+        serde_json::from_slice::<Value>(&state).ok()?["child_pid"].as_u64()
+    }
+
+    /// The release directories on this node, sorted.
+    pub fn release_dirs(&self) -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(self.root.join("releases"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    // Staging directories are hidden.
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+}
+
+/// Writes `<dir>/<version>.tar.gz`: `server.py` (`app`) and `VERSION`.
+pub fn artifact(dir: &Path, version: &str, app: &str) -> PathBuf {
+    let art = dir.join(format!("{version}.tar.gz"));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        fs::File::create(&art).unwrap(),
+        flate2::Compression::fast(),
+    ));
+    for (name, body) in [("server.py", app), ("VERSION", version)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, body.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap().flush().unwrap();
+    art
+}
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(fs::read(path).unwrap()))
+}
+
+/// A command's exit status, stdout and stderr, for failure messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A command's stdout.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's stderr.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A command's stdout as JSON.
+pub fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop_run();
+        let _ = self.cli(&["stop", "--app", &self.app]);
+    }
+}
