@@ -13,7 +13,7 @@ log() { printf '\n==> %s\n' "$*"; }
 # --- what the tests need ---------------------------------------------------
 # Installed only when missing: tar and gzip for the release engine's tests,
 # python3 for the sample app the exec-driver and end-to-end tests run, and
-# `script` (a pseudo-terminal for the live deploy display in tests/rollout.rs).
+# `script` (a pseudo-terminal for the live deploy display in tests/it/rollout.rs).
 need_apt=()
 command -v tar >/dev/null || need_apt+=(tar)
 command -v gzip >/dev/null || need_apt+=(gzip)

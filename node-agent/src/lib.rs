@@ -10,7 +10,7 @@
 //! One room per concept, in layers: a module imports only from the layers
 //! below it (and, within its own layer, from rooms that do not import it
 //! back), so data flows one way, from the command line and the controller
-//! down to files and processes. `tests/layers.rs` holds the table and fails
+//! down to files and processes. `tests/it/layers.rs` holds the table and fails
 //! on an import that goes up or round in a circle.
 //!
 //! **L4 — entry points**

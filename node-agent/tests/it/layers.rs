@@ -311,7 +311,7 @@ fn problems(files: &BTreeMap<PathBuf, String>) -> Vec<String> {
         rooms.insert(room.clone());
         let Some(&here) = layer.get(room.as_str()) else {
             problems.push(format!(
-                "src/{}: room `{room}` is not in the layer table of tests/layers.rs",
+                "src/{}: room `{room}` is not in the layer table of tests/it/layers.rs",
                 rel.display()
             ));
             continue;
@@ -327,7 +327,7 @@ fn problems(files: &BTreeMap<PathBuf, String>) -> Vec<String> {
         for u in uses {
             match layer.get(u.to.as_str()) {
                 None => problems.push(format!(
-                    "{}: `{room}` uses crate::{}, which is not in the layer table of tests/layers.rs",
+                    "{}: `{room}` uses crate::{}, which is not in the layer table of tests/it/layers.rs",
                     u.at, u.to
                 )),
                 Some(&there) if there > here => problems.push(format!(
@@ -376,7 +376,7 @@ fn problems(files: &BTreeMap<PathBuf, String>) -> Vec<String> {
     for (name, _) in LAYERS {
         if !rooms.contains(*name) {
             problems.push(format!(
-                "`{name}` is in the layer table of tests/layers.rs but not under src/"
+                "`{name}` is in the layer table of tests/it/layers.rs but not under src/"
             ));
         }
     }
