@@ -25,12 +25,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::docker_image::{busybox_image, docker_cli as docker};
 use crate::support::{sha256_file, stdout, text, Agent, Controller};
 
 /// The engine's socket (the driver's default).
 const SOCKET: &str = "/var/run/docker.sock";
 /// Where Debian's busybox-static puts its binary.
-const BUSYBOX: &str = "/bin/busybox";
 /// The port busybox httpd listens on inside the container.
 const CONTAINER_PORT: u16 = 3000;
 
@@ -48,18 +48,6 @@ fn engine_unreachable() -> Option<String> {
     let _ = s.read_to_string(&mut answer);
     let status = answer.lines().next().unwrap_or_default().to_owned();
     (!status.contains(" 200 ")).then(|| format!("{SOCKET} answered {status:?} to /_ping"))
-}
-
-/// Runs the docker CLI (test set-up and assertions; the agent uses the
-/// Engine API).
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Whether the engine has an image by this reference.
@@ -98,36 +86,6 @@ impl Drop for Cleanup {
             run(&["rmi", "-f", image]);
         }
     }
-}
-
-/// Builds image `tag` with `docker import` from a root file system holding
-/// a static busybox whose httpd serves `/www` on port 3000: `/` says
-/// `version`; `/api/health` exists only if `healthy` (otherwise every
-/// health probe gets 404).
-fn busybox_image(work: &Path, tag: &str, version: &str, healthy: bool) {
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: run scripts/setup-docker.sh (installs busybox-static)"
-    );
-    let rootfs = work.join(format!("rootfs-{version}"));
-    fs::create_dir_all(rootfs.join("bin")).unwrap();
-    fs::create_dir_all(rootfs.join("www/api")).unwrap();
-    fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-    fs::write(rootfs.join("www/index.html"), format!("{version}\n")).unwrap();
-    if healthy {
-        fs::write(rootfs.join("www/api/health"), format!("ok {version}\n")).unwrap();
-    }
-    let tarball = work.join(format!("rootfs-{version}.tar"));
-    let mut builder = tar::Builder::new(fs::File::create(&tarball).unwrap());
-    builder.append_dir_all(".", &rootfs).unwrap();
-    builder.into_inner().unwrap().sync_all().unwrap();
-    docker(&[
-        "import",
-        "--change",
-        r#"CMD ["/bin/busybox","httpd","-f","-p","3000","-h","/www"]"#,
-        tarball.to_str().unwrap(),
-        tag,
-    ]);
 }
 
 /// `<work>/<version>.tar.gz`: `image.tar` (`docker save` of `tag`) and

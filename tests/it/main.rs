@@ -3,6 +3,10 @@
 
 mod support;
 
+// The busybox test images, shared with the agent's own Docker tests.
+#[path = "../../node-agent/tests/it/support/docker_image.rs"]
+mod docker_image;
+
 mod auth;
 mod commands;
 mod demo;

@@ -4,6 +4,8 @@
 // panic with its error, which is what unwrap does.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+mod docker_image;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
@@ -289,47 +291,7 @@ impl RawTar {
     }
 }
 
-/// Builds image `tag` with `docker import` from a scratch root file system
-/// holding a static busybox whose httpd serves `/www` on port 3000:
-/// `index.html` says `version`; `api/health` exists only if `with_health`
-/// (otherwise every health probe gets 404). Nothing is pulled.
-pub fn busybox_image(workdir: &Path, tag: &str, version: &str, with_health: bool) {
-    const BUSYBOX: &str = "/bin/busybox";
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: run scripts/setup-docker.sh (installs busybox-static)"
-    );
-    let rootfs = workdir.join(format!("rootfs-{version}"));
-    fs::create_dir_all(rootfs.join("bin")).unwrap();
-    fs::create_dir_all(rootfs.join("www/api")).unwrap();
-    fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-    fs::write(rootfs.join("www/index.html"), format!("{version}\n")).unwrap();
-    if with_health {
-        fs::write(rootfs.join("www/api/health"), format!("ok {version}\n")).unwrap();
-    }
-    let tarball = workdir.join(format!("rootfs-{version}.tar"));
-    let mut builder = tar::Builder::new(fs::File::create(&tarball).unwrap());
-    builder.append_dir_all(".", &rootfs).unwrap();
-    builder.into_inner().unwrap().sync_all().unwrap();
-    docker_cli(&[
-        "import",
-        "--change",
-        r#"CMD ["/bin/busybox","httpd","-f","-p","3000","-h","/www"]"#,
-        tarball.to_str().unwrap(),
-        tag,
-    ]);
-}
-
-/// Runs the docker CLI (test set-up only: the agent uses the Engine API).
-pub fn docker_cli(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+pub use docker_image::{busybox_image, docker_cli};
 
 /// `GET path` on 127.0.0.1:`port` with a new connection: (status, body), or
 /// `None` when nothing answers within the time limits.

@@ -1,0 +1,52 @@
+//! Test images without a registry: a static busybox httpd imported with
+//! `docker import`. Shared by the agent's Docker tests and the end-to-end
+//! Docker test (which includes this file by path).
+
+// A failed set-up step should panic with its error, as unwrap does.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+/// Builds image `tag` with `docker import` from a scratch root file system
+/// holding a static busybox whose httpd serves `/www` on port 3000:
+/// `index.html` says `version`; `api/health` exists only if `with_health`
+/// (otherwise every health probe gets 404). Nothing is pulled.
+pub fn busybox_image(workdir: &Path, tag: &str, version: &str, with_health: bool) {
+    const BUSYBOX: &str = "/bin/busybox";
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing: run scripts/setup-docker.sh (installs busybox-static)"
+    );
+    let rootfs = workdir.join(format!("rootfs-{version}"));
+    fs::create_dir_all(rootfs.join("bin")).unwrap();
+    fs::create_dir_all(rootfs.join("www/api")).unwrap();
+    fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    fs::write(rootfs.join("www/index.html"), format!("{version}\n")).unwrap();
+    if with_health {
+        fs::write(rootfs.join("www/api/health"), format!("ok {version}\n")).unwrap();
+    }
+    let tarball = workdir.join(format!("rootfs-{version}.tar"));
+    let mut builder = tar::Builder::new(fs::File::create(&tarball).unwrap());
+    builder.append_dir_all(".", &rootfs).unwrap();
+    builder.into_inner().unwrap().sync_all().unwrap();
+    docker_cli(&[
+        "import",
+        "--change",
+        r#"CMD ["/bin/busybox","httpd","-f","-p","3000","-h","/www"]"#,
+        tarball.to_str().unwrap(),
+        tag,
+    ]);
+}
+
+/// Runs the docker CLI (test set-up only: the agent uses the Engine API).
+pub fn docker_cli(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
