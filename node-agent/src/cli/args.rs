@@ -119,7 +119,13 @@ pub enum Command {
     },
     /// Run the agent: liveness checks, log rotation and disk-pressure
     /// pruning for every app, until SIGTERM.
-    Run,
+    Run {
+        /// Once every app's logs are watched (and the first housekeeping
+        /// pass is done), write `ready` to FILE, atomically: for scripts and
+        /// tests that must not act before the agent does.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+    },
     /// Enroll this node with a controller using a one-time join token (from
     /// `slipway-controller token create`). The key is made here and never
     /// leaves the node.

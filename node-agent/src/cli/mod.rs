@@ -499,14 +499,18 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             })?;
             println!("{app}: stopped ({})", driver.name());
         }
-        Command::Run => {
+        Command::Run { ready_file } => {
             let config = load()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-            runtime.block_on(crate::daemon::run(config, crate::daemon::shutdown_signal()))?;
+            runtime.block_on(crate::daemon::run(
+                config,
+                ready_file,
+                crate::daemon::shutdown_signal(),
+            ))?;
         }
     }
     Ok(0)

@@ -22,13 +22,20 @@ const POLL_TICK: Duration = Duration::from_secs(2);
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Rotates the app's logs when due (at once when a file event says one grew,
-/// otherwise on a tick) and relieves disk pressure.
-pub(super) async fn run(app: AppConfig, bridge: Bridge, stop: CancellationToken) {
+/// otherwise on a tick) and relieves disk pressure. `ready` is told once the
+/// log directories are watched and the first pass is done.
+pub(super) async fn run(
+    app: AppConfig,
+    bridge: Bridge,
+    stop: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = LogWatcher::new(tx);
     if watcher.is_none() {
         tracing::warn!(app = %app.name, "inotify unavailable; polling logs every {POLL_TICK:?}");
     }
+    let mut ready = Some(ready);
     loop {
         if let Some(w) = &mut watcher {
             w.watch_dirs(&app);
@@ -36,6 +43,9 @@ pub(super) async fn run(app: AppConfig, bridge: Bridge, stop: CancellationToken)
         let (a, b) = (app.clone(), bridge.clone());
         if let Err(e) = tokio::task::spawn_blocking(move || housekeep_once(&a, &b)).await {
             tracing::warn!(app = %app.name, error = %e, "housekeeping panicked");
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
         }
         let tick = if watcher.is_some() {
             HOUSEKEEPING_TICK

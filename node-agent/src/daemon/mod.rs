@@ -30,8 +30,13 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs, until `shutdown`: a liveness loop for every app with a health
 /// check, housekeeping for every app, and the controller session when one is
-/// configured.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// configured. Once every app's logs are watched and housekept once, the
+/// word `ready` goes to `ready_file` (if given), atomically.
+pub async fn run(
+    config: Config,
+    ready_file: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     // Drivers block on this (multi-thread) runtime from its blocking threads.
     let bridge = Bridge::current();
     let apps: Vec<AppConfig> = config.apps.values().cloned().collect();
@@ -45,12 +50,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let stop = CancellationToken::new();
     // Each with what it is, for the shutdown warning.
     let mut tasks = Vec::new();
+    let mut readiness = Vec::new();
     for app in config.apps.values() {
         if app.health.is_some() {
             let t = tokio::spawn(liveness::watch(app.clone(), stop.clone()));
             tasks.push((format!("liveness check of {}", app.name), t));
         }
-        let t = tokio::spawn(housekeeping::run(app.clone(), bridge.clone(), stop.clone()));
+        let (ready, is_ready) = tokio::sync::oneshot::channel();
+        readiness.push(is_ready);
+        let t = tokio::spawn(housekeeping::run(
+            app.clone(),
+            bridge.clone(),
+            stop.clone(),
+            ready,
+        ));
         tasks.push((format!("housekeeping of {}", app.name), t));
     }
     if let Some(ctl) = config.controller.clone() {
@@ -66,6 +79,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         controller = config.controller.is_some(),
         "agent running"
     );
+    if let Some(path) = ready_file {
+        for is_ready in readiness {
+            // A task that ended early (it panicked) is logged by its join.
+            let _ = is_ready.await;
+        }
+        crate::durable::write_atomic(&path, b"ready\n")
+            .map_err(|e| anyhow::anyhow!("cannot write the ready file {}: {e}", path.display()))?;
+    }
     shutdown.await;
     stop.cancel();
     for (what, t) in tasks {

@@ -139,8 +139,8 @@ fn a_log_that_jumps_past_its_size_is_rotated_within_seconds() {
     fs::create_dir_all(&logs).unwrap();
     let live = logs.join("app.log");
     fs::write(&live, "boot\n").unwrap();
+    // Returns once the agent watches the log directory.
     let _agent = RunningAgent::start(&node);
-    std::thread::sleep(Duration::from_millis(500));
     // Well past the size; the agent's tick is 30 s, so only inotify can
     // make this fast.
     fs::write(&live, "x".repeat(200 << 10) + "\n").unwrap();

@@ -446,17 +446,28 @@ liveness_interval = "500ms"
     }
 
     /// Starts `slipway-agent run` (liveness, logs, controller session).
+    /// Starts `slipway-agent run` and returns once it is ready (its
+    /// `--ready-file`): logs watched, apps housekept once.
     pub fn run(&mut self) {
         let log = fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let ready = self.dir.path().join("agent.ready");
+        let _ = fs::remove_file(&ready);
         self.run = Some(
             Command::new(bin("slipway-agent"))
                 .arg("--config")
                 .arg(&self.config)
                 .arg("run")
+                .arg("--ready-file")
+                .arg(&ready)
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
                 .spawn()
                 .unwrap(),
+        );
+        wait_until(
+            "slipway-agent run to be ready",
+            Duration::from_secs(30),
+            || ready.exists(),
         );
     }
 

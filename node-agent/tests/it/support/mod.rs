@@ -324,13 +324,28 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 pub struct RunningAgent(Option<Child>);
 
 impl RunningAgent {
+    /// Starts `slipway-agent run` and returns once it says (`--ready-file`)
+    /// that every app's logs are watched: no sleep guessing when.
     pub fn start(node: &Node) -> Self {
-        let child = node
-            .cmd(&["run"])
+        let ready = node.dir.path().join("agent.ready");
+        let _ = fs::remove_file(&ready);
+        let mut child = node
+            .cmd(&["run", "--ready-file", ready.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let t = Instant::now();
+        while !ready.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("slipway-agent run exited before it was ready: {status}");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "slipway-agent run not ready after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Self(Some(child))
     }
 
