@@ -169,7 +169,15 @@ fn a_log_that_jumps_past_its_size_is_rotated_within_seconds() {
             fs::metadata(&live).map(|m| m.len()).unwrap_or(1) == 0
                 && rotated_siblings(&live).len() >= before.min(2)
         });
-        std::thread::sleep(Duration::from_millis(300));
+        // The pass ends with the copy compressed and retention applied.
+        wait_until(
+            "the rotation pass to finish",
+            Duration::from_secs(5),
+            || {
+                let r = rotated_siblings(&live);
+                r.len() <= 2 && r.iter().all(|p| p.extension().is_some_and(|e| e == "zst"))
+            },
+        );
     }
     assert_eq!(
         rotated_siblings(&live).len(),
