@@ -227,6 +227,8 @@ liveness_interval = "500ms"
     // Deploys through the controller serve, blue/green across the pair.
     for version in ["v0", "v1", "v2"] {
         let out = deploy(version);
+        // Shown with --nocapture: what a user sees of a Docker deploy.
+        eprint!("{}", stdout(&out));
         assert!(out.status.success(), "{}", text(&out));
         assert!(
             stdout(&out).contains(&format!("[n1] SUCCEEDED (release {version})")),
@@ -239,6 +241,7 @@ liveness_interval = "500ms"
     // An unhealthy release is rolled back by the health gate; v2's
     // container serves on, and v3's is gone.
     let out = deploy("v3");
+    eprint!("{}", stdout(&out));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(stdout(&out).contains("[n1] ROLLED_BACK"), "{}", text(&out));
     assert!(
