@@ -394,7 +394,10 @@ fn binary_size(rows: &mut Vec<Row>) {
                 "binary: no target/dist/slipway-agent; `cargo build --profile dist -p slipway-agent` \
                  builds the shipped one. Reporting this bench's own build instead."
             );
-            (own.to_path_buf(), "agent binary (release profile, not shipped)")
+            (
+                own.to_path_buf(),
+                "agent binary (release profile, not shipped)",
+            )
         }
     };
     let bin = bin.as_path();
