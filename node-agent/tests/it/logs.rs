@@ -88,11 +88,30 @@ compress = "gzip"
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(done.exists(), "the writer did not finish");
-    std::thread::sleep(Duration::from_millis(300));
+    // The supervisor has copied the last line out of the pipe.
+    let live = node.root.join(".slipway/run/output.log");
+    wait_until("the last line in the logs", Duration::from_secs(10), || {
+        rotated_siblings(&live)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "gz"))
+            .chain([&live])
+            .any(|p| {
+                // A copy being compressed may be cut short: read what is there.
+                let mut text = String::new();
+                let Ok(f) = fs::File::open(p) else {
+                    return false;
+                };
+                if p.extension().is_some_and(|e| e == "gz") {
+                    let _ = flate2::read::MultiGzDecoder::new(f).read_to_string(&mut text);
+                } else {
+                    let _ = { f }.read_to_string(&mut text);
+                }
+                text.contains("line 59999\n")
+            })
+    });
     node.run(&["stop", "--app", "web"]).ok();
     drop(agent);
 
-    let live = node.root.join(".slipway/run/output.log");
     let rotated = rotated_siblings(&live);
     assert!(
         rotated.len() >= 10,
