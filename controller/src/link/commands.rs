@@ -194,6 +194,73 @@ pub enum Answer {
 mod tests {
     use super::*;
 
+    /// The wait of `ask` on tokio's paused clock: a node that holds a
+    /// session but never answers times out exactly at the deadline, one
+    /// that answers in time is heard, one without a session is not waited on.
+    #[tokio::test(start_paused = true)]
+    async fn ask_waits_exactly_its_deadline() {
+        let commands = Commands::new();
+        let sessions = Sessions::new();
+        let handle = sessions.register("n-a");
+        let (out, mut sent) = mpsc::channel(4);
+        handle.accept_commands(out);
+        let wait = Duration::from_secs(10);
+
+        let started = tokio::time::Instant::now();
+        let answer = commands
+            .ask(
+                &sessions,
+                "n-a",
+                "s-1.n-a",
+                ControllerMessage::default(),
+                wait,
+            )
+            .await;
+        assert_eq!(answer, Answer::TimedOut);
+        assert_eq!(started.elapsed(), wait);
+        assert!(sent.recv().await.is_some(), "the command went out");
+
+        let answering = {
+            let commands = commands.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                commands.result(
+                    "n-a",
+                    CommandResult {
+                        command_id: "s-2.n-a".to_owned(),
+                        ..CommandResult::default()
+                    },
+                );
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let (answer, ()) = tokio::join!(
+            commands.ask(
+                &sessions,
+                "n-a",
+                "s-2.n-a",
+                ControllerMessage::default(),
+                wait
+            ),
+            answering
+        );
+        assert!(matches!(answer, Answer::Result(_)), "{answer:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+
+        let started = tokio::time::Instant::now();
+        let answer = commands
+            .ask(
+                &sessions,
+                "n-b",
+                "s-3.n-b",
+                ControllerMessage::default(),
+                wait,
+            )
+            .await;
+        assert_eq!(answer, Answer::NoSession);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
     #[test]
     fn a_node_cannot_answer_for_another() {
         let commands = Commands::new();
