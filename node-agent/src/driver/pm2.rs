@@ -32,6 +32,43 @@
 //! - `pm2 jlist` carries each process's whole environment; it is parsed into
 //!   structs that take only the fields shown here, so values never reach a
 //!   [`DriverStatus`] or an error message.
+//!
+//! # Cluster reloads that hang a connection, and why ours do not
+//!
+//! In cluster mode the PM2 daemon ("God") is the Node cluster *master*. With
+//! Node's default scheduling on Linux, round-robin, the master accepts every
+//! connection itself and hands the socket to a worker over IPC, then waits
+//! for the worker's reply before closing its own copy. During `pm2 reload`
+//! the old workers are told to stop; a connection handed to a worker that
+//! is already disconnecting is never answered *and never given back*: the
+//! reply never comes, so the master neither closes the socket nor passes it
+//! on. The client waits forever. Measured with PM2 7.0.4 and Node 20 (plain
+//! `pm2 reload` of a two-instance app under a loop of new connections, no
+//! Slipway involved): 7 hung connections in 6 reloads, and `ss -tnp` showed
+//! each hung connection ESTABLISHED, with unread request bytes, held by
+//! `PM2 v7.0.4: God` — the master, not a worker.
+//!
+//! The cure is the cluster's other policy, `NODE_CLUSTER_SCHED_POLICY=none`:
+//! the master only shares the listening socket, every worker accepts from it
+//! itself, and the kernel spreads connections over the workers (all cores
+//! still used). A connection is then either in the kernel's accept queue,
+//! where any live worker takes it, or owned by one worker that answers it
+//! before it exits — nothing sits in the master. The policy is read once,
+//! when the daemon starts, so every `pm2` call here carries it and a daemon
+//! this agent spawns has it. Same load, same reloads with it: 0 hung in 8
+//! reloads (140,000 requests). A daemon started some other way (an old
+//! `pm2 startup` unit, a user's shell) may lack it; `status` and the
+//! activation detail say so (see [`Runner::balancing`]), and `pm2 kill`
+//! once lets the agent start the apps again under a daemon that has it.
+//!
+//! What the app must do: on SIGINT (PM2's stop signal) stop listening and
+//! finish what is in flight — `server.close()` and exit when it calls back,
+//! within PM2's `kill_timeout` (1.6 s by default; set it in the ecosystem
+//! file). An app that just dies on SIGINT resets the requests it was serving.
+//!
+//! Fork mode has no master to share a socket: a reload stops the one
+//! process and starts the next, so connections are refused in between
+//! ([`FORK_NOTE`]).
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -89,6 +126,16 @@ const DEFAULT_ECOSYSTEMS: [&str; 2] = ["ecosystem.config.js", "ecosystem.config.
 const ECOSYSTEM_LOADER: &str = "process.stdout.write(JSON.stringify(require(process.argv[1])))";
 /// Shown by `status` in fork mode.
 const FORK_NOTE: &str = "fork mode: pm2 reload is a restart, not zero-downtime";
+/// Shown by `status` in cluster mode under a daemon balancing round-robin.
+const ROUND_ROBIN_NOTE: &str = "the pm2 daemon balances cluster connections round-robin (it was \
+     started without NODE_CLUSTER_SCHED_POLICY=none): a reload can leave a connection hanging; \
+     `pm2 kill` once and the agent starts the apps again under a daemon that balances in the kernel";
+/// Shown by `status` in cluster mode under a daemon Slipway configured.
+const KERNEL_BALANCED_NOTE: &str = "cluster mode: zero-downtime reloads, connections balanced by \
+     the kernel; the app must close its server on SIGINT and exit within kill_timeout";
+/// The cluster scheduling policy every `pm2` call (and so the daemon it may
+/// spawn) runs with: see the module doc.
+const SCHED_POLICY: (&str, &str) = ("NODE_CLUSTER_SCHED_POLICY", "none");
 
 /// Runs the app under PM2.
 #[derive(Debug)]
@@ -219,6 +266,10 @@ impl Pm2 {
             let _ = write!(detail, ": {why}");
         } else if action == "reload" && !self.config.cluster {
             detail.push_str("; fork mode: a restart, not zero-downtime");
+        }
+        if self.config.cluster && pm2.balancing() == Balancing::RoundRobin {
+            detail
+                .push_str("; the pm2 daemon balances round-robin: a reload can hang a connection");
         }
         Ok(Activation {
             port: None,
@@ -596,6 +647,12 @@ impl Driver for Pm2 {
                 .any(|p| p.pm2_env.exec_mode.as_deref() == Some("fork_mode"));
         if fork {
             notes.push(FORK_NOTE.to_owned());
+        } else {
+            match pm2.balancing() {
+                Balancing::Kernel => notes.push(KERNEL_BALANCED_NOTE.to_owned()),
+                Balancing::RoundRobin => notes.push(ROUND_ROBIN_NOTE.to_owned()),
+                Balancing::Unknown => {}
+            }
         }
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -783,6 +840,31 @@ fn write_process_file(
     Ok(())
 }
 
+/// How a PM2 daemon hands cluster connections to workers (module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Balancing {
+    /// `NODE_CLUSTER_SCHED_POLICY=none`: workers accept themselves.
+    Kernel,
+    /// Node's default on Linux: the master accepts and hands over.
+    RoundRobin,
+    Unknown,
+}
+
+/// The balancing of a daemon whose environment (NUL-separated
+/// `NAME=value` entries, as `/proc/PID/environ`) is `environ`.
+fn balancing_of(environ: &[u8]) -> Balancing {
+    let key = format!("{}=", SCHED_POLICY.0);
+    let value = environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(key.as_bytes()));
+    match value {
+        Some(v) if v == SCHED_POLICY.1.as_bytes() => Balancing::Kernel,
+        // Node's own parsing: only "none" and "rr" mean anything; the rest
+        // (and no variable at all) is the platform default, round-robin.
+        _ => Balancing::RoundRobin,
+    }
+}
+
 /// How pm2 is run for this app: which binary, as whom, with which PM2_HOME.
 #[derive(Debug)]
 struct Runner {
@@ -851,6 +933,7 @@ impl Runner {
             .env("PATH", &self.path)
             .env("HOME", &self.home)
             .env("PM2_HOME", &self.pm2_home)
+            .env(SCHED_POLICY.0, SCHED_POLICY.1)
             // The daemon a pm2 command spawns inherits this directory; `/`
             // never disappears (a release dir is pruned one day).
             .current_dir("/");
@@ -866,20 +949,31 @@ impl Runner {
     /// Whether a daemon answers for this PM2_HOME (its pid file names a live
     /// process), so read-only calls need not spawn one.
     fn daemon_running(&self) -> bool {
-        let Ok(text) = fs::read_to_string(self.pm2_home.join("pm2.pid")) else {
-            return false;
-        };
-        let Ok(pid) = text.trim().parse::<i32>() else {
-            return false;
-        };
-        if pid <= 0 {
-            return false;
-        }
+        self.daemon_pid().is_some()
+    }
+
+    /// The pid of the live daemon of this PM2_HOME, if one runs.
+    fn daemon_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.pm2_home.join("pm2.pid")).ok()?;
+        let pid = text.trim().parse::<i32>().ok().filter(|&p| p > 0)?;
         match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-            Ok(()) => true,
+            Ok(()) => Some(pid),
             // Alive, owned by another user.
-            Err(nix::errno::Errno::EPERM) => true,
-            Err(_) => false,
+            Err(nix::errno::Errno::EPERM) => Some(pid),
+            Err(_) => None,
+        }
+    }
+
+    /// How the running daemon balances cluster connections: read from its
+    /// environment (`/proc/PID/environ`), where the policy it started with
+    /// is. Unknown when no daemon runs or its environment cannot be read.
+    fn balancing(&self) -> Balancing {
+        let Some(pid) = self.daemon_pid() else {
+            return Balancing::Unknown;
+        };
+        match fs::read(format!("/proc/{pid}/environ")) {
+            Ok(env) => balancing_of(&env),
+            Err(_) => Balancing::Unknown,
         }
     }
 
@@ -1197,6 +1291,32 @@ fn run_bounded(cmd: Command, what: &str, timeout: Duration) -> Result<Captured, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balancing_is_read_from_the_daemon_environment() {
+        let env = |s: &str| s.replace(' ', "\0").into_bytes();
+        assert_eq!(
+            balancing_of(&env("PATH=/bin NODE_CLUSTER_SCHED_POLICY=none HOME=/")),
+            Balancing::Kernel
+        );
+        assert_eq!(
+            balancing_of(&env("PATH=/bin HOME=/")),
+            Balancing::RoundRobin
+        );
+        assert_eq!(
+            balancing_of(&env("NODE_CLUSTER_SCHED_POLICY=rr")),
+            Balancing::RoundRobin
+        );
+        // Another variable that merely ends with the name is not it.
+        assert_eq!(
+            balancing_of(&env("X_NODE_CLUSTER_SCHED_POLICY=none")),
+            Balancing::RoundRobin
+        );
+        assert_eq!(
+            balancing_of(&env("NODE_CLUSTER_SCHED_POLICY=nonesuch")),
+            Balancing::RoundRobin
+        );
+    }
 
     #[test]
     fn jlist_keeps_no_env_values() {

@@ -5,6 +5,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 mod docker_image;
+pub mod load;
 
 use std::collections::BTreeSet;
 use std::fs;
