@@ -7,12 +7,17 @@ mod support;
 #[path = "../../node-agent/tests/it/support/docker_image.rs"]
 mod docker_image;
 
+// The bounded HTTP load loop, shared with the agent's zero-downtime tests.
+#[path = "../../node-agent/tests/it/support/load.rs"]
+mod load;
+
 mod auth;
 mod commands;
 mod demo;
 mod deploy;
 mod docker;
 mod fleet;
+mod pm2;
 mod reconnect;
 mod rollout;
 mod trust;
