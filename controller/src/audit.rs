@@ -20,6 +20,11 @@ pub const CLIENT_CERT_REFUSED: &str = "CLIENT_CERT_REFUSED";
 /// until it expires).
 pub const CERT_RENEWED: &str = "CERT_RENEWED";
 /// A certificate renewal was refused (revoked node, bad CSR).
+/// The controller renewed its own TLS server certificate.
+pub const SERVER_CERT_RENEWED: &str = "SERVER_CERT_RENEWED";
+/// Renewing the controller's TLS server certificate failed (retried).
+pub const SERVER_CERT_RENEW_FAILED: &str = "SERVER_CERT_RENEW_FAILED";
+/// See [`CERT_RENEWED`].
 pub const CERT_RENEW_REFUSED: &str = "CERT_RENEW_REFUSED";
 /// An operator revoked a node (`node revoke`): its certificates are refused
 /// and its stream closed.

@@ -145,6 +145,10 @@ pub struct ServeArgs {
     /// local interface address and the host name, are always included.
     #[arg(long = "server-name", value_name = "NAME")]
     pub server_names: Vec<String>,
+    /// Lifetime of the TLS server certificate [default: 365d]. It is renewed
+    /// while serving at two thirds of it, and at start when past that.
+    #[arg(long, value_name = "DURATION")]
+    pub server_cert_validity: Option<String>,
     /// Once it accepts connections, write the address it listens on (e.g.
     /// `127.0.0.1:40123`) to FILE, atomically: for scripts and tests that
     /// start it with `--listen 127.0.0.1:0` and need the port.

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -72,6 +73,9 @@ pub struct RawConfig {
     /// DNS names or IP addresses agents and the CLI use to reach the
     /// controller, put into its server certificate.
     pub server_names: Option<Vec<String>>,
+    /// Lifetime of the controller's TLS server certificate, e.g. "365d"
+    /// (default; at least 30s). It is renewed at two thirds of it.
+    pub server_cert_validity: Option<String>,
 }
 
 impl RawConfig {
@@ -105,7 +109,14 @@ pub struct ServeConfig {
     pub server_names: Vec<String>,
     /// Where to write the bound address once serving (`--ready-file`).
     pub ready_file: Option<PathBuf>,
+    /// Lifetime of the server certificate; renewed at two thirds of it.
+    pub server_cert_validity: Duration,
 }
+
+/// Default lifetime of the controller's server certificate.
+pub const DEFAULT_SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// The shortest server certificate lifetime accepted (tests use it).
+const MIN_SERVER_CERT_VALIDITY: Duration = Duration::from_secs(30);
 
 impl ServeConfig {
     /// Defaults for everything but where to keep data and listen (tests).
@@ -117,6 +128,7 @@ impl ServeConfig {
             unreachable_after: liveness::DEFAULT_UNREACHABLE_AFTER,
             server_names: Vec::new(),
             ready_file: None,
+            server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
         }
     }
 
@@ -213,6 +225,7 @@ impl ServeConfig {
             data_dir: args.data_dir,
             listen: args.listen,
             server_names: Some(args.server_names),
+            server_cert_validity: args.server_cert_validity,
             ..RawConfig::default()
         };
         let mut config = Self::new(flags, file)?;
@@ -273,6 +286,16 @@ impl ServeConfig {
                 });
             }
             config.unreachable_after = after;
+        }
+        if let Some(text) = flags.server_cert_validity.or(file.server_cert_validity) {
+            let validity = slipway_proto::cli::parse_duration(&text)
+                .filter(|d| *d >= MIN_SERVER_CERT_VALIDITY)
+                .ok_or(ConfigError::Invalid {
+                    key: "server_cert_validity",
+                    value: text,
+                    why: "expected a duration of at least 30s, e.g. 90d or 365d",
+                })?;
+            config.server_cert_validity = validity;
         }
         Ok(config)
     }

@@ -104,7 +104,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let ca = Arc::new(Ca::load_or_create(&config.data_dir)?);
     let hosts = config.certificate_hosts();
-    let identity = ca.server_identity(&config.data_dir, &hosts)?;
+    let identity = ca.server_identity(&config.data_dir, &hosts, config.server_cert_validity)?;
     let store = Store::open(&config.data_dir).await?;
     // No deployment of this process runs yet: any marked running was
     // interrupted by a crash or restart and must not block its app.
@@ -115,14 +115,26 @@ pub async fn serve(
             "marked deployments interrupted by a controller restart as failed"
         );
     }
-    let tls_config = tls::server_config(&ca, &identity)?;
+    let server_cert = tls::ServerCert::new(&identity)?;
+    let tls_config = tls::server_config(&ca, server_cert.clone())?;
     let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
     let ca_pem = config.data_dir.join(crate::pki::ca::CA_CERT_FILE);
     tracing::info!(
         addr = ?local, ca_sha256 = %ca.fingerprint(), ca_pem = %ca_pem.display(),
-        server_names = %hosts.join(" "), "controller listening"
+        server_names = %hosts.join(" "),
+        server_cert_not_after = %crate::rfc3339(identity.not_after),
+        server_cert_renew_at = %crate::rfc3339(identity.renew_at()),
+        "controller listening"
     );
+    let renewal = Renewal {
+        ca: ca.clone(),
+        data_dir: config.data_dir.clone(),
+        hosts: hosts.clone(),
+        validity: config.server_cert_validity,
+        cert: server_cert,
+        store: store.clone(),
+    };
 
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
     let sessions = Sessions::new();
@@ -147,6 +159,7 @@ pub async fn serve(
         sessions.clone(),
         stop_polling.clone(),
     ));
+    let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
     // Graceful HTTP/2 shutdown waits for open streams; agent sessions never
     // end by themselves, so close them when shutdown begins.
     let closing = sessions.clone();
@@ -177,8 +190,99 @@ pub async fn serve(
         .await;
     stop_polling.cancel();
     let _ = poller.await;
+    let _ = renewer.await;
     served?;
     Ok(())
+}
+
+/// Longest sleep between two looks at the wall clock while waiting to renew
+/// the server certificate: a clock stepped forward (NTP, a resumed VM) is
+/// noticed within this.
+const RENEWAL_CHECK: Duration = Duration::from_secs(60);
+/// After a failed renewal, try again this much later.
+const RENEWAL_RETRY: Duration = Duration::from_secs(60);
+
+/// What renewing the server certificate while serving needs.
+struct Renewal {
+    ca: Arc<Ca>,
+    data_dir: std::path::PathBuf,
+    hosts: Vec<String>,
+    validity: Duration,
+    cert: tls::ServerCert,
+    store: Store,
+}
+
+impl Renewal {
+    /// Renews the server certificate each time it reaches two thirds of its
+    /// life (`renew_at` for the first), until `stop`. The new certificate is
+    /// stored, then presented from the next handshake on: sessions already
+    /// open keep theirs and are not dropped.
+    async fn run(self, mut renew_at: i64, stop: CancellationToken) {
+        loop {
+            let now = crate::now_unix();
+            if now < renew_at {
+                let wait = Duration::from_secs(u64::try_from(renew_at - now).unwrap_or(0))
+                    .min(RENEWAL_CHECK);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wait) => continue,
+                }
+            }
+            let issued = {
+                let (ca, dir, hosts, validity) = (
+                    self.ca.clone(),
+                    self.data_dir.clone(),
+                    self.hosts.clone(),
+                    self.validity,
+                );
+                tokio::task::spawn_blocking(move || ca.issue_server(&dir, &hosts, validity)).await
+            };
+            let outcome = match issued {
+                Ok(Ok(identity)) => self
+                    .cert
+                    .set(&identity)
+                    .map(|()| identity)
+                    .map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("renewal task failed: {e}")),
+            };
+            let event = match outcome {
+                Ok(identity) => {
+                    renew_at = identity.renew_at();
+                    tracing::info!(
+                        not_after = %crate::rfc3339(identity.not_after),
+                        renew_at = %crate::rfc3339(renew_at),
+                        "renewed the server certificate"
+                    );
+                    AuditEvent::success(
+                        audit::SERVER_CERT_RENEWED,
+                        "controller",
+                        "server_certificate",
+                        self.hosts.join(" "),
+                        serde_json::json!({
+                            "not_before": crate::rfc3339(identity.not_before),
+                            "not_after": crate::rfc3339(identity.not_after),
+                        }),
+                    )
+                }
+                Err(message) => {
+                    renew_at = crate::now_unix() + RENEWAL_RETRY.as_secs() as i64;
+                    tracing::error!(%message, "could not renew the server certificate; trying again in a minute");
+                    AuditEvent::error(
+                        audit::SERVER_CERT_RENEW_FAILED,
+                        "controller",
+                        "server_certificate",
+                        self.hosts.join(" "),
+                        serde_json::json!({}),
+                        message,
+                    )
+                }
+            };
+            if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
+                tracing::error!(%err, "could not record audit event");
+            }
+        }
+    }
 }
 
 /// Records a TLS handshake refused for its client certificate.

@@ -12,6 +12,7 @@ mod docker_image;
 mod load;
 
 mod auth;
+mod certs;
 mod commands;
 mod demo;
 mod deploy;

@@ -38,8 +38,6 @@ const SERVER_HOSTS_FILE: &str = "server.hosts";
 pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// CA lifetime: long, since rotating it means re-enrolling every node.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
-/// Server certificate lifetime.
-const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// Certificates start this far in the past, so a node whose clock is a little
 /// behind the controller's does not see a "not yet valid" certificate.
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
@@ -87,6 +85,10 @@ pub struct ServerIdentity {
     /// CA its token pins in what the server presents).
     pub chain: Vec<CertificateDer<'static>>,
     key_der: Vec<u8>,
+    /// Validity of the server certificate, seconds since the epoch.
+    pub not_before: i64,
+    /// See `not_before`.
+    pub not_after: i64,
 }
 
 impl std::fmt::Debug for ServerIdentity {
@@ -101,6 +103,17 @@ impl ServerIdentity {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
+
+    /// When the certificate is due for renewal: two thirds into its life,
+    /// seconds since the epoch.
+    pub fn renew_at(&self) -> i64 {
+        renew_at(self.not_before, self.not_after)
+    }
+}
+
+/// Two thirds of the way from `not_before` to `not_after`.
+fn renew_at(not_before: i64, not_after: i64) -> i64 {
+    not_before + (not_after - not_before).max(0) * 2 / 3
 }
 
 impl std::fmt::Debug for Ca {
@@ -184,50 +197,106 @@ impl Ca {
         &self,
         data_dir: &Path,
         hosts: &[String],
+        validity: Duration,
     ) -> Result<ServerIdentity, CaError> {
-        let mut hosts: Vec<String> = hosts.to_vec();
-        for default in ["localhost", "127.0.0.1"] {
-            if !hosts.iter().any(|h| h == default) {
-                hosts.push(default.to_owned());
-            }
-        }
+        let hosts = with_loopback(hosts);
         let hosts_line = hosts.join(" ");
         let cert_path = data_dir.join(SERVER_CERT_FILE);
         let key_path = data_dir.join(SERVER_KEY_FILE);
         let hosts_path = data_dir.join(SERVER_HOSTS_FILE);
-        let reuse = cert_path.exists()
+        let same_hosts = cert_path.exists()
             && key_path.exists()
             && fs::read_to_string(&hosts_path).is_ok_and(|h| h.trim() == hosts_line);
-        let (cert_pem, key_pem) = if reuse {
-            (read(&cert_path)?, read(&key_path)?)
-        } else {
-            let now = OffsetDateTime::now_utc();
-            let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-            let mut params = CertificateParams::new(hosts)?;
-            params.distinguished_name = common_name("Slipway controller");
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.not_before = now - CLOCK_SKEW;
-            params.not_after = now + SERVER_CERT_VALIDITY;
-            params.serial_number = Some(random_serial()?);
-            params.use_authority_key_identifier_extension = true;
-            let cert = params.signed_by(&key, &issuer)?;
-            write_private(&key_path, &key.serialize_pem())?;
-            write_public(&cert_path, &cert.pem())?;
-            write_public(&hosts_path, &format!("{hosts_line}\n"))?;
-            (cert.pem(), key.serialize_pem())
-        };
-        let cert_der = pem_to_der(&cert_path, &cert_pem)?;
-        let key_der = KeyPair::from_pem(&key_pem)
+        if same_hosts {
+            let cert_pem = read(&cert_path)?;
+            let key_pem = read(&key_path)?;
+            let parsed = pem_to_der(&cert_path, &cert_pem)
+                .ok()
+                .and_then(|der| validity_of(&der).map(|v| (der, v)));
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            match parsed {
+                // Kept while it is young: before two thirds of its life.
+                Some((der, (not_before, not_after))) if now < renew_at(not_before, not_after) => {
+                    return self.identity(der, &key_path, &key_pem, not_before, not_after);
+                }
+                Some((_, (_, not_after))) => tracing::info!(
+                    not_after = %crate::rfc3339(not_after),
+                    "the server certificate is past two thirds of its life (or expired): issuing a new one"
+                ),
+                None => tracing::warn!(
+                    path = %cert_path.display(),
+                    "the stored server certificate cannot be read: issuing a new one"
+                ),
+            }
+        }
+        self.issue_server(data_dir, &hosts, validity)
+    }
+
+    /// Issues a new server certificate and key for `hosts` (plus loopback),
+    /// valid from now for `validity`, and stores them in `data_dir` (each
+    /// file replaced atomically).
+    pub fn issue_server(
+        &self,
+        data_dir: &Path,
+        hosts: &[String],
+        validity: Duration,
+    ) -> Result<ServerIdentity, CaError> {
+        let hosts = with_loopback(hosts);
+        let hosts_line = hosts.join(" ");
+        let cert_path = data_dir.join(SERVER_CERT_FILE);
+        let key_path = data_dir.join(SERVER_KEY_FILE);
+        let hosts_path = data_dir.join(SERVER_HOSTS_FILE);
+        let now = OffsetDateTime::now_utc();
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(hosts)?;
+        params.distinguished_name = common_name("Slipway controller");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // Backdated for clock skew, but never by more than a tenth of its
+        // life, or a short-lived certificate would be due for renewal (two
+        // thirds in) the moment it is made.
+        params.not_before = now - CLOCK_SKEW.min(validity / 10);
+        params.not_after = now + validity;
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &issuer)?;
+        let key_pem = key.serialize_pem();
+        // Key first: a crash between the two writes leaves a new key with
+        // the old certificate, which the next start finds unusable and
+        // replaces (the handshake would fail, not accept a wrong key).
+        write_private(&key_path, &key_pem)?;
+        write_public(&cert_path, &cert.pem())?;
+        write_public(&hosts_path, &format!("{hosts_line}\n"))?;
+        let cert_der = cert.der().clone();
+        self.identity(
+            cert_der,
+            &key_path,
+            &key_pem,
+            params.not_before.unix_timestamp(),
+            params.not_after.unix_timestamp(),
+        )
+    }
+
+    fn identity(
+        &self,
+        cert_der: CertificateDer<'static>,
+        key_path: &Path,
+        key_pem: &str,
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<ServerIdentity, CaError> {
+        let key_der = KeyPair::from_pem(key_pem)
             .map_err(|source| CaError::Parse {
-                path: key_path,
+                path: key_path.to_owned(),
                 source,
             })?
             .serialize_der();
         Ok(ServerIdentity {
             chain: vec![cert_der, self.cert_der.clone()],
             key_der,
+            not_before,
+            not_after,
         })
     }
 
@@ -345,6 +414,25 @@ impl Ca {
     }
 }
 
+/// `hosts` with `localhost` and `127.0.0.1` added when missing.
+fn with_loopback(hosts: &[String]) -> Vec<String> {
+    let mut hosts = hosts.to_vec();
+    for default in ["localhost", "127.0.0.1"] {
+        if !hosts.iter().any(|h| h == default) {
+            hosts.push(default.to_owned());
+        }
+    }
+    hosts
+}
+
+/// A certificate's validity (not before, not after), seconds since the
+/// epoch; `None` when it cannot be parsed.
+pub fn validity_of(der: &CertificateDer<'_>) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 fn common_name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
@@ -420,12 +508,52 @@ mod tests {
 
     use super::*;
 
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+    #[test]
+    fn a_server_certificate_past_two_thirds_of_its_life_is_reissued_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let hosts = ["10.0.0.5".to_owned()];
+        // 30 s of life, backdated 3 s: due for renewal 17 s from now.
+        let young = ca
+            .server_identity(dir.path(), &hosts, Duration::from_secs(30))
+            .unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert!(
+            (now - 3..=now + 1).contains(&young.not_before),
+            "{}",
+            young.not_before
+        );
+        assert!((now + 29..=now + 31).contains(&young.not_after));
+        assert_eq!(young.renew_at(), young.not_before + 22);
+        // What was stored reads back with the same validity, and is kept.
+        let kept = ca.server_identity(dir.path(), &hosts, YEAR).unwrap();
+        assert_eq!(kept.chain, young.chain);
+        assert_eq!(
+            (kept.not_before, kept.not_after),
+            (young.not_before, young.not_after)
+        );
+
+        // The renewal point is two thirds in, from the certificate itself.
+        let (nb, na) = validity_of(&young.chain[0]).unwrap();
+        assert_eq!(renew_at(nb, na), nb + (na - nb) * 2 / 3);
+        // Past it (here: a certificate whose life is over) is replaced.
+        assert_eq!(renew_at(100, 100), 100);
+
+        // An unreadable stored certificate is replaced too, not an error.
+        fs::write(dir.path().join(SERVER_CERT_FILE), "not a certificate\n").unwrap();
+        let replaced = ca.server_identity(dir.path(), &hosts, YEAR).unwrap();
+        assert_ne!(replaced.chain[0], young.chain[0]);
+        assert!(replaced.not_after - replaced.not_before > 364 * 24 * 3600);
+    }
+
     #[test]
     fn creates_once_with_private_keys_and_reuses() {
         let dir = tempfile::tempdir().unwrap();
         let first = Ca::load_or_create(dir.path()).unwrap();
         let server = first
-            .server_identity(dir.path(), &["10.0.0.5".to_owned()])
+            .server_identity(dir.path(), &["10.0.0.5".to_owned()], YEAR)
             .unwrap();
         for key in [CA_KEY_FILE, SERVER_KEY_FILE] {
             let mode = fs::metadata(dir.path().join(key))
@@ -437,11 +565,11 @@ mod tests {
         let second = Ca::load_or_create(dir.path()).unwrap();
         assert_eq!(first.fingerprint(), second.fingerprint());
         let again = second
-            .server_identity(dir.path(), &["10.0.0.5".to_owned()])
+            .server_identity(dir.path(), &["10.0.0.5".to_owned()], YEAR)
             .unwrap();
         assert_eq!(server.chain, again.chain);
         let moved = second
-            .server_identity(dir.path(), &["10.0.0.6".to_owned()])
+            .server_identity(dir.path(), &["10.0.0.6".to_owned()], YEAR)
             .unwrap();
         assert_ne!(server.chain[0], moved.chain[0]);
         assert_eq!(server.chain[1], moved.chain[1]);

@@ -16,10 +16,11 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -50,9 +51,55 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// The rustls server configuration: our chain, optional client certificates
-/// verified against our CA, HTTP/2 only.
-pub fn server_config(ca: &Ca, identity: &ServerIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+/// The server certificate every new handshake presents, replaceable while
+/// serving: a renewed certificate is [`ServerCert::set`] here and the next
+/// handshake uses it, while connections already made keep theirs.
+#[derive(Clone)]
+pub struct ServerCert(Arc<RwLock<Arc<CertifiedKey>>>);
+
+impl std::fmt::Debug for ServerCert {
+    // Hand-written so the private key never ends up in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCert").finish_non_exhaustive()
+    }
+}
+
+impl ServerCert {
+    /// Holds `identity`.
+    pub fn new(identity: &ServerIdentity) -> Result<Self, TlsError> {
+        Ok(Self(Arc::new(RwLock::new(certified(identity)?))))
+    }
+
+    /// Presents `identity` from the next handshake on.
+    pub fn set(&self, identity: &ServerIdentity) -> Result<(), TlsError> {
+        let key = certified(identity)?;
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = key;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.0.read().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+fn certified(identity: &ServerIdentity) -> Result<Arc<CertifiedKey>, TlsError> {
+    let key = crypto::provider()
+        .key_provider
+        .load_private_key(identity.key())?;
+    let certified = CertifiedKey::new(identity.chain.clone(), key);
+    // The key must be the certificate's, as with_single_cert would check.
+    certified.keys_match()?;
+    Ok(Arc::new(certified))
+}
+
+/// The rustls server configuration: our chain (from `cert`, which may be
+/// renewed while serving), optional client certificates verified against
+/// our CA, HTTP/2 only.
+pub fn server_config(ca: &Ca, cert: ServerCert) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crypto::provider();
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert_der().clone())?;
@@ -62,7 +109,7 @@ pub fn server_config(ca: &Ca, identity: &ServerIdentity) -> Result<Arc<ServerCon
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.key())?;
+        .with_cert_resolver(Arc::new(cert));
     // gRPC is HTTP/2; without ALPN some clients would try HTTP/1.1.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))

@@ -258,10 +258,7 @@ deadline = "30s"
         report.summary()
     );
     let last = format!("v{DEPLOYS}");
-    assert!(
-        report.bodies.iter().any(|b| *b == last),
-        "{last} never answered"
-    );
+    assert!(report.bodies.contains(&last), "{last} never answered");
     let status = node.run(&["status", "--json"]).ok().json();
     let notes = status["apps"][0]["processes"]["notes"].to_string();
     assert!(

@@ -76,16 +76,27 @@ pub struct Controller {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Extra `serve` flags, kept across restarts.
+    pub serve_args: Vec<String>,
+    /// Run `serve` under this command (e.g. `faketime +400d`), when set.
+    pub wrapper: Vec<String>,
 }
 
 impl Controller {
     /// Starts on a port the kernel picks (`--listen 127.0.0.1:0`), learnt
     /// from `--ready-file`: no race with other tests for a free port.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Controller::start`] with extra `serve` flags.
+    pub fn start_with(serve_args: &[&str]) -> Self {
         let mut c = Self {
             dir: tempfile::tempdir().unwrap(),
             port: 0,
             child: None,
+            serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
+            wrapper: Vec::new(),
         };
         c.restart();
         c
@@ -111,7 +122,15 @@ impl Controller {
         let ready = self.dir.path().join("ready");
         let _ = fs::remove_file(&ready);
         let log = fs::File::create(self.dir.path().join("controller.log")).unwrap();
-        let child = Command::new(bin("slipway-controller"))
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("slipway-controller"));
+                c
+            }
+            None => Command::new(bin("slipway-controller")),
+        };
+        let child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -119,6 +138,7 @@ impl Controller {
             .arg(self.url())
             .arg("--ready-file")
             .arg(&ready)
+            .args(&self.serve_args)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -194,7 +214,7 @@ impl Controller {
 
     /// `slipway --controller … --ca …`, to which the caller adds its
     /// credentials and arguments.
-    fn slipway_command(&self) -> Command {
+    pub fn slipway_command(&self) -> Command {
         let mut command = Command::new(bin("slipway"));
         command
             .arg("--controller")

@@ -9,7 +9,7 @@
 //! for an idempotent request (RFC 9112, 9.3.1); those are counted apart, and
 //! a failure of the retry counts like any other.
 // Shared by the tests and a bench: not every user calls every item.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
