@@ -15,8 +15,8 @@
 #                           (repeatable; e.g. --app web=/app)
 #   --binary FILE           the agent binary, a local file ...
 #   --url URL               ... or downloaded from URL ...
-#   --version V             ... or from BASE/vV/slipway-agent (--base-url, or
-#                           SLIPWAY_BASE_URL)
+#   --version V             ... or from BASE/vV/slipway-agent
+#   --base-url BASE         where --version looks (or SLIPWAY_BASE_URL)
 #   --sha256 HEX            the binary's sha256; without it, looked up in the
 #                           SHA256SUMS file beside the binary (or the URL)
 #   --upgrade               replace only the binary (the old one is kept as
@@ -140,7 +140,10 @@ while [ $# -gt 0 ]; do
     --upgrade) MODE=upgrade; shift ;;
     --uninstall) MODE=uninstall; shift ;;
     --purge) PURGE=1; shift ;;
-    -h|--help) sed -n '2,33p' "$0" 2>/dev/null | sed 's/^# \{0,1\}//' || true; exit 0 ;;
+    -h|--help)
+      awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" 2>/dev/null \
+        || echo "usage: install.sh [--binary FILE | --url URL | --version V] --controller HOST:PORT --token slw1.…"
+      exit 0 ;;
     *) usage_error "unknown argument '$1' (see --help)" ;;
   esac
 done

@@ -80,7 +80,12 @@ impl Chroot {
             .arg(tar)
             .output()
             .unwrap();
-        assert!(out.status.success(), "unpack {}: {}", tar.display(), text(&out));
+        assert!(
+            out.status.success(),
+            "unpack {}: {}",
+            tar.display(),
+            text(&out)
+        );
         let c = Self { dir };
         let opt = c.path("/opt/slipway");
         fs::create_dir_all(&opt).unwrap();
@@ -89,7 +94,10 @@ impl Chroot {
         fs::copy(bins.join("slipway-agent"), opt.join("slipway-agent")).unwrap();
         fs::write(
             opt.join("SHA256SUMS"),
-            format!("{}  slipway-agent\n", sha256_file(&bins.join("slipway-agent"))),
+            format!(
+                "{}  slipway-agent\n",
+                sha256_file(&bins.join("slipway-agent"))
+            ),
         )
         .unwrap();
         c
@@ -249,7 +257,8 @@ fn install_sh_installs_enrolls_and_a_second_run_changes_nothing() {
     assert!(first.contains("created system user slipway"), "{first}");
     assert!(first.contains("enrolled as node"), "{first}");
     assert!(
-        first.contains("systemd is installed but not running") && first.contains("could not be started"),
+        first.contains("systemd is installed but not running")
+            && first.contains("could not be started"),
         "{first}"
     );
     assert!(first.contains("next:"), "{first}");
@@ -286,7 +295,10 @@ fn install_sh_installs_enrolls_and_a_second_run_changes_nothing() {
     for f in ["node.key", "node.pem", "ca.pem", "node-id"] {
         assert!(root.exists(&format!("/var/lib/slipway-agent/{f}")), "{f}");
     }
-    assert_eq!(root.stat("/var/lib/slipway-agent/node.key"), "root:root 600");
+    assert_eq!(
+        root.stat("/var/lib/slipway-agent/node.key"),
+        "root:root 600"
+    );
     assert_eq!(node_names(&controller), ["droplet-1"]);
 
     // Again, the same command (the token is spent): nothing changes.
@@ -313,7 +325,11 @@ fn install_sh_rolls_back_a_failed_run() {
         &"0".repeat(64),
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(stderr_of(&out).contains("sha256 mismatch"), "{}", text(&out));
+    assert!(
+        stderr_of(&out).contains("sha256 mismatch"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(diff(&before, &root.snapshot()), Vec::<String>::new());
 
     // An unreachable controller: user, directories, config, binary and unit
@@ -333,8 +349,14 @@ fn install_sh_rolls_back_a_failed_run() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let all = format!("{}{}", stdout_of(&out), stderr_of(&out));
-    assert!(all.contains("installed /usr/local/bin/slipway-agent"), "{all}");
-    assert!(all.contains(&format!("enrollment with {nobody} failed")), "{all}");
+    assert!(
+        all.contains("installed /usr/local/bin/slipway-agent"),
+        "{all}"
+    );
+    assert!(
+        all.contains(&format!("enrollment with {nobody} failed")),
+        "{all}"
+    );
     assert!(all.contains("rolled back"), "{all}");
     assert_eq!(diff(&before, &root.snapshot()), Vec::<String>::new());
     assert!(!root.has_user("slipway"));
@@ -347,7 +369,12 @@ fn install_sh_refuses_unsupported_architecture_and_init() {
     let out = Command::new("setarch")
         .args(["i686", "chroot"])
         .arg(root.dir.path())
-        .args(["sh", "/opt/slipway/install.sh", "--binary", "/opt/slipway/slipway-agent"])
+        .args([
+            "sh",
+            "/opt/slipway/install.sh",
+            "--binary",
+            "/opt/slipway/slipway-agent",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
@@ -376,7 +403,12 @@ fn install_sh_refuses_unsupported_architecture_and_init() {
 #[test]
 fn install_sh_upgrade_replaces_only_the_binary() {
     let root = Chroot::new();
-    root.install_ok(&["--binary", "/opt/slipway/slipway-agent", "--app", "web=/app"]);
+    root.install_ok(&[
+        "--binary",
+        "/opt/slipway/slipway-agent",
+        "--app",
+        "web=/app",
+    ]);
     let old_sha = sha256_file(&root.path("/usr/local/bin/slipway-agent"));
 
     // Another build: the same program with different bytes (an ELF runs
@@ -387,12 +419,19 @@ fn install_sh_upgrade_replaces_only_the_binary() {
     bytes.extend_from_slice(b"\nanother build\n");
     fs::write(new_dir.join("slipway-agent"), &bytes).unwrap();
     let new_sha = sha256_file(&new_dir.join("slipway-agent"));
-    fs::write(new_dir.join("SHA256SUMS"), format!("{new_sha}  slipway-agent\n")).unwrap();
+    fs::write(
+        new_dir.join("SHA256SUMS"),
+        format!("{new_sha}  slipway-agent\n"),
+    )
+    .unwrap();
 
     // Without --upgrade, an installed binary is kept.
     let kept = root.install_ok(&["--binary", "/opt/new/slipway-agent"]);
     assert!(kept.contains("kept (replace it with --upgrade)"), "{kept}");
-    assert_eq!(sha256_file(&root.path("/usr/local/bin/slipway-agent")), old_sha);
+    assert_eq!(
+        sha256_file(&root.path("/usr/local/bin/slipway-agent")),
+        old_sha
+    );
 
     // A bad sha256 changes nothing.
     let before = root.snapshot();
@@ -408,8 +447,14 @@ fn install_sh_upgrade_replaces_only_the_binary() {
 
     let up = root.install_ok(&["--upgrade", "--binary", "/opt/new/slipway-agent"]);
     assert!(up.contains("replaced /usr/local/bin/slipway-agent"), "{up}");
-    assert_eq!(sha256_file(&root.path("/usr/local/bin/slipway-agent")), new_sha);
-    assert_eq!(sha256_file(&root.path("/usr/local/bin/slipway-agent.old")), old_sha);
+    assert_eq!(
+        sha256_file(&root.path("/usr/local/bin/slipway-agent")),
+        new_sha
+    );
+    assert_eq!(
+        sha256_file(&root.path("/usr/local/bin/slipway-agent.old")),
+        old_sha
+    );
     assert_eq!(
         diff(&before, &root.snapshot()),
         [
@@ -446,7 +491,10 @@ fn install_sh_uninstall_keeps_data_and_purge_removes_it() {
 
     let out = root.install_ok(&["--uninstall"]);
     assert!(out.contains("removed user slipway"), "{out}");
-    assert!(out.contains("kept: /etc/slipway /var/lib/slipway-agent /app"), "{out}");
+    assert!(
+        out.contains("kept: /etc/slipway /var/lib/slipway-agent /app"),
+        "{out}"
+    );
     for gone in [AGENT_UNIT, AGENT_WANTS, "/usr/local/bin/slipway-agent"] {
         assert!(!root.exists(gone), "{gone} is still there");
     }
@@ -485,16 +533,24 @@ fn install_sh_downloads_with_curl_pipe_sh() {
     .unwrap();
     let port = free_port();
     let mut server = Command::new("python3")
-        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
         .current_dir(site.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    crate::support::wait_until("the HTTP server", std::time::Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    crate::support::wait_until(
+        "the HTTP server",
+        std::time::Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
 
     let controller = Controller::start();
     let root = Chroot::new();
@@ -510,7 +566,10 @@ fn install_sh_downloads_with_curl_pipe_sh() {
         .unwrap();
     assert!(out.status.success(), "curl | sh: {}", text(&out));
     let said = stdout_of(&out);
-    assert!(said.contains(&format!("downloading {base}/v0.1.0/slipway-agent")), "{said}");
+    assert!(
+        said.contains(&format!("downloading {base}/v0.1.0/slipway-agent")),
+        "{said}"
+    );
     assert!(said.contains("enrolled as node"), "{said}");
     assert_eq!(node_names(&controller), ["droplet-3"]);
     assert_eq!(
@@ -522,7 +581,11 @@ fn install_sh_downloads_with_curl_pipe_sh() {
     fs::copy(v.join("slipway-agent"), v.join("other")).unwrap();
     let out = root.install_sh(&["--upgrade", "--url", &format!("{base}/v0.1.0/other")]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(stderr_of(&out).contains("SHA256SUMS does not list other"), "{}", text(&out));
+    assert!(
+        stderr_of(&out).contains("SHA256SUMS does not list other"),
+        "{}",
+        text(&out)
+    );
     let _ = server.kill();
     let _ = server.wait();
 }
@@ -538,7 +601,11 @@ fn install_sh_is_shellcheck_clean_and_embeds_the_packaged_unit() {
         "the unit embedded in install.sh differs from packaging/systemd/slipway-agent.service: copy the file between the UNIT_EOF lines"
     );
     let out = Command::new("shellcheck")
-        .args(["install.sh", "tests/install/debian-root.sh", "packaging/deb/build.sh"])
+        .args([
+            "install.sh",
+            "tests/install/debian-root.sh",
+            "packaging/deb/build.sh",
+        ])
         .current_dir(top())
         .output()
         .expect("shellcheck (apt-get install shellcheck; scripts/test.sh does)");
@@ -576,7 +643,11 @@ fn deb_packages_install_upgrade_remove_and_purge() {
     let (agent2, _) = build_debs(&debs.path().join("2"), "0.1.1-1");
 
     let root = Chroot::new();
-    for (deb, name) in [(&agent1, "agent1.deb"), (&agent2, "agent2.deb"), (&ctl1, "ctl1.deb")] {
+    for (deb, name) in [
+        (&agent1, "agent1.deb"),
+        (&agent2, "agent2.deb"),
+        (&ctl1, "ctl1.deb"),
+    ] {
         fs::copy(deb, root.path("/opt/slipway").join(name)).unwrap();
     }
     let dpkg = |args: &[&str]| {
@@ -585,9 +656,8 @@ fn deb_packages_install_upgrade_remove_and_purge() {
         let out = root.run(&all);
         assert!(out.status.success(), "dpkg {args:?}: {}", text(&out));
     };
-    let version = |pkg: &str| {
-        stdout_of(&root.run(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]))
-    };
+    let version =
+        |pkg: &str| stdout_of(&root.run(&["dpkg-query", "-W", "-f=${Status} ${Version}", pkg]));
 
     // Install: user, directories, conffile, unit enabled (not started: no systemd).
     dpkg(&["-i", "/opt/slipway/agent1.deb"]);
@@ -598,7 +668,10 @@ fn deb_packages_install_upgrade_remove_and_purge() {
     assert_eq!(root.stat("/var/lib/slipway-agent"), "root:root 700");
     assert_eq!(root.stat("/usr/bin/slipway-agent"), "root:root 755");
     let unit = fs::read_to_string(root.path("/lib/systemd/system/slipway-agent.service")).unwrap();
-    assert!(unit.contains("ExecStart=/usr/bin/slipway-agent run"), "{unit}");
+    assert!(
+        unit.contains("ExecStart=/usr/bin/slipway-agent run"),
+        "{unit}"
+    );
     assert_eq!(
         fs::read_link(root.path(AGENT_WANTS)).unwrap(),
         Path::new("/lib/systemd/system/slipway-agent.service")
@@ -610,7 +683,14 @@ fn deb_packages_install_upgrade_remove_and_purge() {
     let controller = Controller::start();
     let enroll = Command::new("chroot")
         .arg(root.dir.path())
-        .args(["slipway-agent", "enroll", "--controller", &controller.url(), "--name", "deb-1"])
+        .args([
+            "slipway-agent",
+            "enroll",
+            "--controller",
+            &controller.url(),
+            "--name",
+            "deb-1",
+        ])
         .env("SLIPWAY_JOIN_TOKEN", controller.token())
         .output()
         .unwrap();
@@ -621,19 +701,39 @@ fn deb_packages_install_upgrade_remove_and_purge() {
     // Upgrade: the new version, the edited conffile and the identity kept.
     dpkg(&["-i", "--force-confold", "/opt/slipway/agent2.deb"]);
     assert_eq!(version("slipway-agent"), "install ok installed 0.1.1-1");
-    assert_eq!(fs::read_to_string(root.path("/etc/slipway/agent.toml")).unwrap(), edited);
+    assert_eq!(
+        fs::read_to_string(root.path("/etc/slipway/agent.toml")).unwrap(),
+        edited
+    );
     assert!(root.exists("/var/lib/slipway-agent/node.key"));
     assert!(root.exists(AGENT_WANTS));
 
     // The controller package beside it: its data dir for the service user.
     dpkg(&["-i", "/opt/slipway/ctl1.deb"]);
-    assert_eq!(root.stat("/var/lib/slipway-controller"), "slipway:slipway 700");
-    assert_eq!(root.stat("/etc/slipway/controller.toml"), "root:slipway 640");
+    assert_eq!(
+        root.stat("/var/lib/slipway-controller"),
+        "slipway:slipway 700"
+    );
+    assert_eq!(
+        root.stat("/etc/slipway/controller.toml"),
+        "root:slipway 640"
+    );
     let token = root.run(&[
-        "runuser", "-u", "slipway", "--", "slipway-controller", "token", "create", "--data-dir",
+        "setpriv",
+        "--reuid=slipway",
+        "--regid=slipway",
+        "--clear-groups",
+        "slipway-controller",
+        "token",
+        "create",
+        "--data-dir",
         "/var/lib/slipway-controller",
     ]);
-    assert!(token.status.success(), "token create as slipway: {}", text(&token));
+    assert!(
+        token.status.success(),
+        "token create as slipway: {}",
+        text(&token)
+    );
     assert!(stdout_of(&token).starts_with("slw1."), "{}", text(&token));
     assert!(root.exists("/etc/systemd/system/multi-user.target.wants/slipway-controller.service"));
 
@@ -652,7 +752,11 @@ fn deb_packages_install_upgrade_remove_and_purge() {
     assert!(root.has_user("slipway"));
     // ...until that is purged too.
     dpkg(&["--purge", "slipway-controller"]);
-    for gone in ["/var/lib/slipway-controller", "/etc/slipway", "/usr/bin/slipway"] {
+    for gone in [
+        "/var/lib/slipway-controller",
+        "/etc/slipway",
+        "/usr/bin/slipway",
+    ] {
         assert!(!root.exists(gone), "{gone} is still there");
     }
     assert!(!root.has_user("slipway"));
@@ -686,7 +790,11 @@ fn cloud_init_user_data_is_valid_and_runs_install_sh() {
 
     // The runcmd script parses as sh and runs install.sh with the values.
     let py = "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); print(d['runcmd'][0][2])";
-    let script = Command::new("python3").args(["-c", py]).arg(&file).output().unwrap();
+    let script = Command::new("python3")
+        .args(["-c", py])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(script.status.success(), "{}", text(&script));
     let script = stdout_of(&script);
     assert!(
@@ -695,7 +803,11 @@ fn cloud_init_user_data_is_valid_and_runs_install_sh() {
         "{script}"
     );
     fs::write(dir.path().join("runcmd.sh"), &script).unwrap();
-    let parse = Command::new("sh").arg("-n").arg(dir.path().join("runcmd.sh")).output().unwrap();
+    let parse = Command::new("sh")
+        .arg("-n")
+        .arg(dir.path().join("runcmd.sh"))
+        .output()
+        .unwrap();
     assert!(parse.status.success(), "sh -n: {}", text(&parse));
 
     // The check can fail: a mistyped module key is refused.
