@@ -2,10 +2,10 @@
 # Builds slipway-agent and slipway-controller .deb packages from the static
 # binaries of scripts/build-static.sh, without compiling again.
 #
-#   packaging/deb/build.sh [--profile dist|release|dev] [--deb-version V] [--out DIR]
+#   packaging/deb/build.sh [--profile dist|release|dev] [--deb-version V] [--out DIR] [--fast]
 #
 # Defaults: --profile dist (target/static/dist), the workspace version,
-# --out target/debian. Needs cargo-deb (cargo install cargo-deb --locked).
+# --out target/debian. --fast: quicker, lighter compression (tests). Needs cargo-deb (cargo install cargo-deb --locked).
 # The staged assets (binaries, units with ExecStart in /usr/bin, maintainer
 # scripts with common.sh pasted in) go to target/deb-stage/, which the
 # [package.metadata.deb] tables of node-agent/ and controller/ point at.
@@ -15,12 +15,14 @@ cd "$(dirname "$0")/../.."
 profile=dist
 deb_version=""
 out=target/debian
+fast=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile=${2:?--profile needs a value}; shift 2 ;;
     --deb-version) deb_version=${2:?--deb-version needs a value}; shift 2 ;;
     --out) out=${2:?--out needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --fast) fast=--fast; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "deb/build.sh: unknown argument '$1' (see --help)" >&2; exit 64 ;;
   esac
 done
@@ -52,6 +54,10 @@ mkdir -p "$out"
 for p in slipway-agent slipway-controller; do
   set -- --no-build --no-strip -p "$p" --output "$out"
   [ -z "$deb_version" ] || set -- "$@" --deb-version "$deb_version"
-  cargo deb "$@" >/dev/null || die "cargo deb -p $p failed"
+  [ -z "$fast" ] || set -- "$@" "$fast"
+  # Its output (and a warning per staged asset: they are not built by
+  # cargo, which is the point) only when it fails.
+  cargo deb "$@" >"$stage/cargo-deb-$p.log" 2>&1 \
+    || { cat "$stage/cargo-deb-$p.log" >&2; die "cargo deb -p $p failed"; }
 done
 ls -1 "$out"/*.deb
