@@ -8,6 +8,9 @@
 //! The controller enrolled with runs on the host's loopback: the chroot
 //! shares the network namespace. Needs root (chroot, useradd in the root).
 
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
