@@ -127,6 +127,7 @@ while [ $# -gt 0 ]; do
     --name) need_value "$@"; NODE_NAME=$2; shift 2 ;;
     --app) need_value "$@"
       case "$2" in
+        =*|*[!A-Za-z0-9_-]*=*|*=*[\"\\[:space:]]*) usage_error "--app wants NAME=/absolute/root (NAME of A-Z a-z 0-9 _ -), not '$2'" ;;
         *=/*) ;;
         *) usage_error "--app wants NAME=/absolute/root, not '$2'" ;;
       esac

@@ -665,6 +665,15 @@ fn deb_packages_install_upgrade_remove_and_purge() {
     // Built one after the other: both use target/deb-stage.
     let (agent1, ctl1) = build_debs(&debs.path().join("1"), "0.1.0-1");
     let (agent2, _) = build_debs(&debs.path().join("2"), "0.1.1-1");
+    // The maintainer scripts as packaged (common.sh pasted in; SC2317: not
+    // every script calls every shared helper).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("shellcheck -s sh -e SC2317 target/deb-stage/agent/* target/deb-stage/controller/*")
+        .current_dir(top())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "shellcheck: {}", text(&out));
 
     let root = Chroot::new();
     for (deb, name) in [
