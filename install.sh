@@ -179,6 +179,15 @@ for tool in sha256sum install mktemp; do
   command -v "$tool" >/dev/null 2>&1 || usage_error "missing '$tool' (coreutils)"
 done
 
+# True when the Debian package NAME is installed.
+package_installed() {
+  command -v dpkg-query >/dev/null 2>&1 \
+    && dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q ' installed$'
+}
+if [ "$MODE" != uninstall ] && package_installed slipway-agent; then
+  usage_error "the slipway-agent package is installed: upgrade it with dpkg or apt, not install.sh"
+fi
+
 TMP=$(mktemp -d /tmp/slipway-install.XXXXXX)
 
 # --- the binary: fetched, checked against a sha256, run once -----------------
@@ -469,18 +478,26 @@ do_uninstall() {
   for f in "$BIN" "$BIN.old"; do
     if [ -f "$f" ]; then rm -f "$f"; say "removed $f"; removed=1; fi
   done
-  if getent passwd "$USER_NAME" >/dev/null 2>&1; then
+  if package_installed slipway-controller; then
+    say "kept user $USER_NAME: the slipway-controller package runs as it"
+  elif getent passwd "$USER_NAME" >/dev/null 2>&1; then
     userdel "$USER_NAME"
     getent group "$USER_NAME" >/dev/null 2>&1 && groupdel "$USER_NAME"
     say "removed user $USER_NAME"; removed=1
   fi
   if [ "$PURGE" = 1 ]; then
     for d in $roots "$STATE_DIR" "$CONF_DIR"; do
+      case "$d" in
+        /|/bin|/boot|/dev|/etc|/home|/lib|/lib64|/media|/mnt|/opt|/proc|/root|/run|/sbin|/srv|/sys|/tmp|/usr|/usr/*bin|/usr/lib|/usr/local|/var|/var/lib|/var/log)
+          say "not purging $d: a system directory (agent.toml names it as an app root)"; continue ;;
+      esac
       if [ -e "$d" ]; then rm -rf "$d"; say "purged $d"; removed=1; fi
     done
   else
     # Its group is gone with the user: the kept configuration stays readable by root.
-    [ ! -e "$CONF_DIR" ] || chgrp -R root "$CONF_DIR"
+    if [ -e "$CONF_DIR" ] && ! getent group "$USER_NAME" >/dev/null 2>&1; then
+      chgrp -R root "$CONF_DIR"
+    fi
     kept=""
     for d in "$CONF_DIR" "$STATE_DIR" $roots; do [ ! -e "$d" ] || kept="$kept $d"; done
     [ -z "$kept" ] || say "kept:$kept (remove with --uninstall --purge)"

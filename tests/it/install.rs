@@ -527,8 +527,19 @@ fn install_sh_uninstall_keeps_data_and_purge_removes_it() {
     let again = root.install_ok(&["--uninstall"]);
     assert!(again.contains("not installed: nothing changed"), "{again}");
 
+    // A root that is a system directory is never purged.
+    let conf = root.path("/etc/slipway/agent.toml");
+    let mut text_conf = fs::read_to_string(&conf).unwrap();
+    text_conf.push_str("\n[apps.oops]\nroot = \"/var\"\n");
+    fs::write(&conf, text_conf).unwrap();
+
     let purge = root.install_ok(&["--uninstall", "--purge"]);
     assert!(purge.contains("purged /app"), "{purge}");
+    assert!(
+        purge.contains("not purging /var: a system directory"),
+        "{purge}"
+    );
+    assert!(root.exists("/var/lib/dpkg/status"));
     for gone in ["/app", "/var/lib/slipway-agent", "/etc/slipway"] {
         assert!(!root.exists(gone), "{gone} is still there");
     }
@@ -711,6 +722,14 @@ fn deb_packages_install_upgrade_remove_and_purge() {
     );
     let status = root.run(&["slipway-agent", "status"]);
     assert!(status.status.success(), "agent status: {}", text(&status));
+    // install.sh does not install a second copy beside the package.
+    let out = root.install_sh(&["--binary", "/opt/slipway/slipway-agent"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        stderr_of(&out).contains("the slipway-agent package is installed"),
+        "{}",
+        text(&out)
+    );
 
     // Enrolled as the README says, with the configuration edited.
     let controller = Controller::start();
