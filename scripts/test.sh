@@ -27,6 +27,32 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
+# The install tests (tests/it/install.rs): debootstrap for their Debian root,
+# `shellcheck` for install.sh, cloud-init for `cloud-init schema`, cargo-deb for
+# the packages. Installed only when missing, apt's output to a log file.
+need_tools=()
+command -v debootstrap >/dev/null || need_tools+=(debootstrap)
+command -v shellcheck >/dev/null || need_tools+=(shellcheck)
+command -v cloud-init >/dev/null || need_tools+=(cloud-init)
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  apt_log=$(mktemp -t slipway-apt.XXXXXX.log)
+  if { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+        --no-install-recommends "${need_tools[@]}"; } >"$apt_log" 2>&1; then
+    echo "installed ${need_tools[*]} (apt log: $apt_log)"
+  else
+    tail -n 20 "$apt_log" >&2
+    echo "installing ${need_tools[*]} failed (apt log: $apt_log)" >&2
+    exit 1
+  fi
+fi
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v cargo-deb >/dev/null; then
+  deb_log=$(mktemp -t slipway-cargo-deb.XXXXXX.log)
+  cargo install cargo-deb --locked >"$deb_log" 2>&1 \
+    || { tail -n 20 "$deb_log" >&2; echo "cargo install cargo-deb failed (log: $deb_log)" >&2; exit 1; }
+  echo "installed cargo-deb into ~/.cargo/bin (log: $deb_log)"
+fi
+
 # Real PM2 and a real Docker engine for the driver tests (each script installs
 # only what is missing and is safe to run again).
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ]; then
@@ -45,6 +71,12 @@ if [ "${SLIPWAY_SKIP_LINT:-0}" != 1 ]; then
 fi
 
 # --- tests ---------------------------------------------------------------------
+# The static binaries the install tests put into their Debian root (and
+# package as .deb); the root itself is made once per machine by the tests
+# (tests/install/debian-root.sh, cached in tests/.cache/).
+log "static binaries (target/static/dev)"
+bash scripts/build-static.sh --profile dev >/dev/null
+
 log "cargo test"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT

@@ -18,6 +18,7 @@ mod demo;
 mod deploy;
 mod docker;
 mod fleet;
+mod install;
 mod pm2;
 mod reconnect;
 mod rollout;
