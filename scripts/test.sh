@@ -27,13 +27,15 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
-# The install tests (tests/it/install.rs): debootstrap for their Debian root,
+# The install tests (tests/it/install.rs) and the certificate tests: debootstrap for their Debian root,
 # `shellcheck` for install.sh, cloud-init for `cloud-init schema`, cargo-deb for
 # the packages. Installed only when missing, apt's output to a log file.
 need_tools=()
 command -v debootstrap >/dev/null || need_tools+=(debootstrap)
 command -v shellcheck >/dev/null || need_tools+=(shellcheck)
 command -v cloud-init >/dev/null || need_tools+=(cloud-init)
+# faketime (libfaketime): a controller restarted 400 days on (tests/it/certs.rs).
+command -v faketime >/dev/null || need_tools+=(faketime)
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   apt_log=$(mktemp -t slipway-apt.XXXXXX.log)
