@@ -8,8 +8,9 @@ use std::path::Path;
 use slipway_proto::view;
 
 use crate::auth::{apitoken, operator, token};
+use crate::backup;
+use crate::cli::{BackupArgs, RestoreArgs, TokenApiArgs, TokenCreateArgs};
 use crate::cli::{ListArgs, NodeRevokeArgs, NodesArgs, OperatorCreateArgs, RevokeArgs};
-use crate::cli::{TokenApiArgs, TokenCreateArgs};
 use crate::error::Error;
 use crate::fleet;
 use crate::pki::ca::Ca;
@@ -255,4 +256,64 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), Error> {
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(file_error("writing"))
+}
+
+/// `backup`: an encrypted backup of the data dir, made while `serve` may
+/// run (the database is snapshot with `VACUUM INTO`).
+pub async fn backup(args: BackupArgs) -> Result<(), Error> {
+    let key = backup::Key::from_flags(
+        args.passphrase_file.as_deref(),
+        args.recipient.as_deref(),
+        None,
+    )?;
+    if !args.data_dir.join(crate::pki::ca::CA_KEY_FILE).exists() {
+        return Err(backup::BackupError::Usage(format!(
+            "{} holds no controller CA: is it the data dir `serve` uses?",
+            args.data_dir.display()
+        ))
+        .into());
+    }
+    let store = Store::open(&args.data_dir)
+        .await
+        .map_err(Error::OpenStore)?;
+    let report = backup::backup(&store, &args.data_dir, &args.out, &key).await?;
+    let audit = crate::audit::AuditEvent::success(
+        crate::audit::BACKUP_CREATED,
+        "operator",
+        "backup",
+        report.path.display().to_string(),
+        serde_json::json!({ "size": report.size, "db_size": report.db_size }),
+    );
+    store.audit(&audit, crate::now_unix()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "wrote {} ({} bytes; database {} bytes; CA sha256 {})",
+            report.path.display(),
+            report.size,
+            report.db_size,
+            report.ca_sha256
+        );
+    }
+    Ok(())
+}
+
+/// `restore`: a new data dir from a backup.
+pub async fn restore(args: RestoreArgs) -> Result<(), Error> {
+    let key = backup::Key::from_flags(
+        args.passphrase_file.as_deref(),
+        None,
+        args.identity.as_deref(),
+    )?;
+    let report = backup::restore(&args.from, &args.data_dir, &key).await?;
+    println!(
+        "restored the backup of {} into {} (CA sha256 {}); start it with \
+         `slipway-controller serve --data-dir {}` on the address the agents use",
+        report.created_at,
+        report.data_dir.display(),
+        report.ca_sha256,
+        report.data_dir.display()
+    );
+    Ok(())
 }

@@ -20,6 +20,10 @@ pub const CLIENT_CERT_REFUSED: &str = "CLIENT_CERT_REFUSED";
 /// until it expires).
 pub const CERT_RENEWED: &str = "CERT_RENEWED";
 /// A certificate renewal was refused (revoked node, bad CSR).
+/// A backup of the data dir was written (by `backup` or on schedule).
+pub const BACKUP_CREATED: &str = "BACKUP_CREATED";
+/// A scheduled backup failed.
+pub const BACKUP_FAILED: &str = "BACKUP_FAILED";
 /// The controller renewed its own TLS server certificate.
 pub const SERVER_CERT_RENEWED: &str = "SERVER_CERT_RENEWED";
 /// Renewing the controller's TLS server certificate failed (retried).

@@ -34,6 +34,51 @@ pub enum Command {
     /// Manage operator client certificates for the `slipway` CLI.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Write an encrypted backup of the data dir (database snapshot, CA,
+    /// server certificate) while `serve` runs.
+    Backup(BackupArgs),
+    /// Make a new data dir from a backup: a controller started on it is the
+    /// same controller to every agent (same CA and server names).
+    Restore(RestoreArgs),
+}
+
+/// `backup` flags.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The backup file to write (replaced atomically if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Encrypt to the passphrase on the first line of FILE (at least 8
+    /// characters; never give it on the command line).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Encrypt to this age public key (age1...): only the holder of its
+    /// identity can restore.
+    #[arg(long, value_name = "AGE_PUBLIC_KEY")]
+    pub recipient: Option<String>,
+    /// Print what was written as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `restore` flags.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup file.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// The new data directory: must not exist, or be empty.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Decrypt with the passphrase on the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Decrypt with this age identity file (from `age-keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
 }
 
 /// `operator` subcommands.

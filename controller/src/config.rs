@@ -76,6 +76,35 @@ pub struct RawConfig {
     /// Lifetime of the controller's TLS server certificate, e.g. "365d"
     /// (default; at least 30s). It is renewed at two thirds of it.
     pub server_cert_validity: Option<String>,
+    /// Scheduled backups (file only).
+    pub backup: Option<RawBackup>,
+}
+
+/// `[backup]`: scheduled encrypted backups of the data dir.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackup {
+    /// Directory the backups go to.
+    pub dir: Option<PathBuf>,
+    /// Time between two backups, e.g. "6h" (default "24h").
+    pub every: Option<String>,
+    /// Backups kept (default 7).
+    pub keep: Option<usize>,
+    /// The age public key (age1...) they are encrypted to.
+    pub recipient: Option<String>,
+}
+
+/// Checked `[backup]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSchedule {
+    /// Directory the backups go to.
+    pub dir: PathBuf,
+    /// Time between two backups.
+    pub every: Duration,
+    /// Backups kept.
+    pub keep: usize,
+    /// The age public key they are encrypted to (checked).
+    pub recipient: String,
 }
 
 impl RawConfig {
@@ -111,6 +140,8 @@ pub struct ServeConfig {
     pub ready_file: Option<PathBuf>,
     /// Lifetime of the server certificate; renewed at two thirds of it.
     pub server_cert_validity: Duration,
+    /// Scheduled backups, when `[backup]` is set.
+    pub backup: Option<BackupSchedule>,
 }
 
 /// Default lifetime of the controller's server certificate.
@@ -129,6 +160,7 @@ impl ServeConfig {
             server_names: Vec::new(),
             ready_file: None,
             server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
+            backup: None,
         }
     }
 
@@ -209,6 +241,57 @@ fn is_dns_name(name: &str) -> bool {
 
 /// True if `name` can go into the server certificate: an IP address or a
 /// DNS name (a leading `*.` wildcard is allowed).
+/// Checks `[backup]`: a directory, a recipient that parses, `every` of at
+/// least a minute and `keep` of at least 1.
+fn backup_schedule(raw: RawBackup) -> Result<BackupSchedule, ConfigError> {
+    let dir = raw.dir.ok_or(ConfigError::Invalid {
+        key: "backup.dir",
+        value: "(not set)".into(),
+        why: "[backup] needs dir, e.g. dir = \"/var/backups/slipway\"",
+    })?;
+    if !dir.is_absolute() {
+        return Err(ConfigError::Invalid {
+            key: "backup.dir",
+            value: dir.display().to_string(),
+            why: "must be an absolute path",
+        });
+    }
+    let recipient = raw.recipient.ok_or(ConfigError::Invalid {
+        key: "backup.recipient",
+        value: "(not set)".into(),
+        why: "[backup] needs recipient = \"age1...\", the public key backups are encrypted to",
+    })?;
+    if crate::backup::parse_recipient(&recipient).is_err() {
+        return Err(ConfigError::Invalid {
+            key: "backup.recipient",
+            value: recipient,
+            why: "expected an age public key (age1...), from `age-keygen`; its identity stays off this machine",
+        });
+    }
+    let every_text = raw.every.unwrap_or_else(|| "24h".to_owned());
+    let every = slipway_proto::cli::parse_duration(&every_text)
+        .filter(|d| *d >= Duration::from_secs(60))
+        .ok_or(ConfigError::Invalid {
+            key: "backup.every",
+            value: every_text,
+            why: "expected a duration of at least 1m, e.g. 6h or 24h",
+        })?;
+    let keep = raw.keep.unwrap_or(7);
+    if keep == 0 {
+        return Err(ConfigError::Invalid {
+            key: "backup.keep",
+            value: "0".into(),
+            why: "must be at least 1",
+        });
+    }
+    Ok(BackupSchedule {
+        dir,
+        every,
+        keep,
+        recipient,
+    })
+}
+
 fn is_server_name(name: &str) -> bool {
     name.parse::<std::net::IpAddr>().is_ok() || is_dns_name(name.strip_prefix("*.").unwrap_or(name))
 }
@@ -296,6 +379,9 @@ impl ServeConfig {
                     why: "expected a duration of at least 30s, e.g. 90d or 365d",
                 })?;
             config.server_cert_validity = validity;
+        }
+        if let Some(raw) = file.backup {
+            config.backup = Some(backup_schedule(raw)?);
         }
         Ok(config)
     }

@@ -66,6 +66,9 @@ pub enum Error {
         /// Why the files could not be written.
         source: Box<Error>,
     },
+    /// A backup or restore failed.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// `--json` output could not be encoded.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
@@ -87,6 +90,10 @@ impl Error {
             Self::Token(err) => err.is_usage(),
             Self::ApiToken(err) => err.is_usage(),
             Self::Operator(err) => err.is_usage(),
+            Self::Backup(err) => matches!(
+                err,
+                crate::backup::BackupError::Usage(_) | crate::backup::BackupError::NotEmpty(_)
+            ),
             Self::Serve(_)
             | Self::Revoke(_)
             | Self::OpenStore(_)

@@ -21,6 +21,7 @@
 //!                audit, controller_state); transactions stay inside its
 //!                methods; the heartbeat shapes it stores (Metrics, App)
 //!     artifacts  the content-addressed artifact files
+//!     backup     encrypted backups of the data dir, restore, schedule
 //! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
 //!                its scopes) < operator (operator certificates)
 //! L3  link/      liveness (heartbeat rules, pure) · registry (live
@@ -57,6 +58,7 @@ pub mod api;
 pub mod artifacts;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod config;
 mod error;

@@ -57,5 +57,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Operator(OperatorCommand::Revoke(args)) => admin::operator_revoke(args).await,
         Command::Nodes(args) => admin::nodes(args).await,
         Command::Node(NodeCommand::Revoke(args)) => admin::node_revoke(args).await,
+        Command::Backup(args) => admin::backup(args).await,
+        Command::Restore(args) => admin::restore(args).await,
     }
 }

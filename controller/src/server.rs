@@ -160,6 +160,14 @@ pub async fn serve(
         stop_polling.clone(),
     ));
     let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
+    let backups = config.backup.clone().map(|schedule| {
+        tokio::spawn(scheduled_backups(
+            store.clone(),
+            config.data_dir.clone(),
+            schedule,
+            stop_polling.clone(),
+        ))
+    });
     // Graceful HTTP/2 shutdown waits for open streams; agent sessions never
     // end by themselves, so close them when shutdown begins.
     let closing = sessions.clone();
@@ -191,6 +199,9 @@ pub async fn serve(
     stop_polling.cancel();
     let _ = poller.await;
     let _ = renewer.await;
+    if let Some(backups) = backups {
+        let _ = backups.await;
+    }
     served?;
     Ok(())
 }
@@ -281,6 +292,62 @@ impl Renewal {
             if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
                 tracing::error!(%err, "could not record audit event");
             }
+        }
+    }
+}
+
+/// Writes a backup every `schedule.every` (the first one `every` after the
+/// start), keeping the newest `schedule.keep`, until `stop`; each one, and
+/// each failure, is audited.
+async fn scheduled_backups(
+    store: Store,
+    data_dir: std::path::PathBuf,
+    schedule: crate::config::BackupSchedule,
+    stop: CancellationToken,
+) {
+    let recipient = match crate::backup::parse_recipient(&schedule.recipient) {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::error!(%err, "scheduled backups are off");
+            return;
+        }
+    };
+    let plan = crate::backup::Schedule {
+        dir: schedule.dir.clone(),
+        every: schedule.every,
+        keep: schedule.keep,
+        recipient,
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(plan.every) => {}
+        }
+        let event = match crate::backup::scheduled(&store, &data_dir, &plan).await {
+            Ok(report) => {
+                tracing::info!(path = %report.path.display(), size = report.size, "wrote a scheduled backup");
+                AuditEvent::success(
+                    audit::BACKUP_CREATED,
+                    "controller",
+                    "backup",
+                    report.path.display().to_string(),
+                    serde_json::json!({ "size": report.size, "db_size": report.db_size, "scheduled": true }),
+                )
+            }
+            Err(err) => {
+                tracing::error!(%err, "scheduled backup failed");
+                AuditEvent::error(
+                    audit::BACKUP_FAILED,
+                    "controller",
+                    "backup",
+                    plan.dir.display().to_string(),
+                    serde_json::json!({ "scheduled": true }),
+                    err.to_string(),
+                )
+            }
+        };
+        if let Err(err) = store.audit(&event, crate::now_unix()).await {
+            tracing::error!(%err, "could not record audit event");
         }
     }
 }

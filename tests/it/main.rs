@@ -12,6 +12,7 @@ mod docker_image;
 mod load;
 
 mod auth;
+mod backup;
 mod certs;
 mod commands;
 mod demo;

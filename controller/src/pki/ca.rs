@@ -31,7 +31,7 @@ pub const SERVER_CERT_FILE: &str = "server.pem";
 pub const SERVER_KEY_FILE: &str = "server.key";
 /// The hosts the server certificate was made for; a different `--listen`
 /// issues a new one.
-const SERVER_HOSTS_FILE: &str = "server.hosts";
+pub const SERVER_HOSTS_FILE: &str = "server.hosts";
 
 /// Default node certificate lifetime: short, so a lost node key is only
 /// useful for days (renewal over mTLS will keep healthy nodes current).
@@ -182,6 +182,25 @@ impl Ca {
         };
         let cert_der = pem_to_der(&ca_cert_path, &cert_pem)?;
 
+        Ok(Self {
+            cert_pem,
+            cert_der,
+            key,
+        })
+    }
+
+    /// Loads the CA of `data_dir`, which must have one (never creates it):
+    /// for backups and restores.
+    pub fn load_existing(data_dir: &Path) -> Result<Self, CaError> {
+        let ca_cert_path = data_dir.join(CA_CERT_FILE);
+        let ca_key_path = data_dir.join(CA_KEY_FILE);
+        let key_pem = read(&ca_key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Parse {
+            path: ca_key_path.clone(),
+            source,
+        })?;
+        let cert_pem = read(&ca_cert_path)?;
+        let cert_der = pem_to_der(&ca_cert_path, &cert_pem)?;
         Ok(Self {
             cert_pem,
             cert_der,

@@ -79,6 +79,9 @@ pub enum StoreError {
         /// Newest version this build has migrations for.
         known: usize,
     },
+    /// `PRAGMA integrity_check` found a problem.
+    #[error("the database fails its integrity check: {0}")]
+    Integrity(String),
     /// A JSON column does not hold what we wrote there.
     #[error("corrupt JSON in column {column}: {source}")]
     Json {
@@ -157,6 +160,35 @@ impl Store {
                 other => return other,
             }
         }
+    }
+
+    /// Writes a consistent copy of the whole database to `path` (which must
+    /// not exist) with `VACUUM INTO`: one read transaction, so writers in
+    /// this or another process go on meanwhile (WAL).
+    pub async fn snapshot_into(&self, path: &Path) -> Result<(), StoreError> {
+        let target = path.to_string_lossy().into_owned();
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// SQLite's `PRAGMA integrity_check`: fails naming the first problem.
+    pub async fn integrity_check(&self) -> Result<(), StoreError> {
+        let result: String = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&self.pool)
+            .await?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Integrity(result))
+        }
+    }
+
+    /// Closes every connection (the WAL is checkpointed into the file).
+    pub async fn close(self) {
+        self.pool.close().await;
     }
 
     async fn open_once(data_dir: &Path) -> Result<Self, StoreError> {

@@ -89,6 +89,20 @@ impl Controller {
         Self::start_with(&[])
     }
 
+    /// Starts on the data dir already in `dir` (`dir/data`, e.g. restored
+    /// from a backup), on a port the kernel picks.
+    pub fn start_on(dir: tempfile::TempDir) -> Self {
+        let mut c = Self {
+            dir,
+            port: 0,
+            child: None,
+            serve_args: Vec::new(),
+            wrapper: Vec::new(),
+        };
+        c.restart();
+        c
+    }
+
     /// [`Controller::start`] with extra `serve` flags.
     pub fn start_with(serve_args: &[&str]) -> Self {
         let mut c = Self {
@@ -419,6 +433,17 @@ liveness_interval = "500ms"
         };
         check(controller.enroll_cli(name, &state, &[]), "enroll");
         agent
+    }
+
+    /// Points this agent at another controller address (its agent.toml's
+    /// `url`); call while `run` is stopped.
+    pub fn set_controller_url(&self, url: &str) {
+        let config = fs::read_to_string(&self.config).unwrap();
+        // The first `url` is the [controller] table's (the health check's
+        // comes later).
+        let (head, rest) = config.split_once("\nurl = \"").unwrap();
+        let (_, tail) = rest.split_once('\n').unwrap();
+        fs::write(&self.config, format!("{head}\nurl = \"{url}\"\n{tail}")).unwrap();
     }
 
     /// Sets how long the health gate forgives failures after a start
