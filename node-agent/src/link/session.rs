@@ -72,7 +72,7 @@ pub async fn connect(
         hello.node_id = read_node_id(state_dir)?;
     }
     if hello.agent_version.is_empty() {
-        hello.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+        hello.agent_version = crate::version::REPORTED.to_owned();
     }
     let channel = tls::mtls_channel(controller, state_dir).await?;
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
@@ -129,7 +129,7 @@ pub async fn run(
             let bridge = Bridge::current();
             tokio::task::spawn_blocking(move || Hello {
                 node_id: String::new(),
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                agent_version: crate::version::REPORTED.to_owned(),
                 apps: app_statuses(&cfg, &bridge),
             })
             .await
