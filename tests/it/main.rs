@@ -15,4 +15,6 @@ mod docker;
 mod fleet;
 mod reconnect;
 mod rollout;
+mod static_binary;
+mod systemd;
 mod trust;
