@@ -9,6 +9,7 @@ mod docker_image;
 
 mod auth;
 mod commands;
+mod container;
 mod demo;
 mod deploy;
 mod docker;

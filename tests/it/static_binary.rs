@@ -4,12 +4,15 @@
 //! `/etc/hosts` and the config the test writes — no libc, no NSS modules,
 //! no `/etc/nsswitch.conf`, no `/proc`.
 //!
-//! Name resolution is the usual trap of a static glibc binary: since glibc
-//! 2.34 the `files` and `dns` NSS services are built into libc, so host
-//! names from `/etc/hosts` resolve without loading anything. These tests
-//! prove it by name (`artifacts.test`, `controller.test`) for the agent's
-//! HTTPS download and its controller link, and that a name in no hosts
-//! file fails with a clear error.
+//! Name resolution is the usual trap of a static glibc binary (getaddrinfo
+//! loads NSS modules with dlopen). Since glibc 2.34 the `files` and `dns`
+//! services are built into libc, static or not, so names resolve from
+//! `/etc/hosts` and through the servers of `/etc/resolv.conf` with nothing
+//! loaded. These tests prove it: the agent's HTTPS download by a name in
+//! `/etc/hosts` (`artifacts.test`) and by a name only a DNS server (the
+//! test's, on a loopback address) knows (`dns-only.test`), a clear error
+//! while no one knows it, and the agent's controller link by name
+//! (`controller.test`).
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -77,8 +80,8 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A CA and a server certificate for `name`, both PEM, plus the key.
-fn certificate(name: &str) -> (String, String, String) {
+/// A CA and a server certificate for `names`, both PEM, plus the key.
+fn certificate(names: &[&str]) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -86,7 +89,8 @@ fn certificate(name: &str) -> (String, String, String) {
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
     let issuer = Issuer::from_params(&ca_params, &ca_key);
-    let cert = CertificateParams::new(vec![name.to_owned()])
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = CertificateParams::new(names)
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
@@ -109,6 +113,54 @@ with open(port_file + ".tmp", "w") as f:
 os.rename(port_file + ".tmp", port_file)
 httpd.serve_forever()
 "#;
+
+/// A DNS server on `ADDR`:53 (UDP) for the test: A queries for names under
+/// `.test` answer 127.0.0.1, other names NXDOMAIN, other types (AAAA) an
+/// empty answer. Each question goes to the log file, one `TYPE NAME` line.
+const DNS_SERVER: &str = r#"import socket, struct, sys
+addr, log = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((addr, 53))
+open(log + ".ready", "w").close()
+while True:
+    q, peer = s.recvfrom(512)
+    tid, = struct.unpack(">H", q[:2])
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode()); i += 1 + q[i]
+    qtype, = struct.unpack(">H", q[i + 1:i + 3])
+    question = q[12:i + 5]
+    name = ".".join(labels).lower()
+    with open(log, "a") as f:
+        f.write(f"{qtype} {name}\n")
+    known = name.endswith(".test")
+    answer = b""
+    if known and qtype == 1:
+        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([127, 0, 0, 1])
+    head = struct.pack(">HHHHHH", tid, 0x8180 | (0 if known else 3), 1, 1 if answer else 0, 0, 0)
+    s.sendto(head + question + answer, peer)
+"#;
+
+/// A loopback address of its own for the test's DNS server (port 53 is
+/// fixed: resolv.conf cannot name another; 127.0.0.53 may be systemd-resolved).
+const DNS_ADDR: &str = "127.83.0.53";
+
+/// Starts the DNS server; its log of questions is `work/dns.log`.
+fn dns_server(work: &Path) -> Reaped {
+    fs::write(work.join("dns.py"), DNS_SERVER).unwrap();
+    let log = work.join("dns.log");
+    let child = Command::new("python3")
+        .arg(work.join("dns.py"))
+        .arg(DNS_ADDR)
+        .arg(&log)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Reaped(child);
+    let ready = work.join("dns.log.ready");
+    wait_until("the DNS server", Duration::from_secs(20), || ready.exists());
+    child
+}
 
 /// A child process killed when the test ends, however it ends.
 struct Reaped(Child);
@@ -163,7 +215,7 @@ fn the_binaries_are_static_and_print_their_commit() {
 #[test]
 fn the_static_agent_packs_deploys_and_downloads_by_host_name_in_an_empty_root() {
     let work = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificate("artifacts.test");
+    let (ca, cert, key) = certificate(&["artifacts.test", "dns-only.test"]);
     let root = empty_root(work.path(), "slipway-agent", &["artifacts.test"], Some(&ca));
     fs::create_dir_all(root.join("etc/slipway")).unwrap();
     fs::create_dir_all(root.join("srv/web")).unwrap();
@@ -247,18 +299,39 @@ fn the_static_agent_packs_deploys_and_downloads_by_host_name_in_an_empty_root() 
         cached.display()
     );
 
-    // A name in no hosts file (and no DNS server configured) fails, and
+    // A name in no hosts file, with no DNS server configured, fails and
     // says which host it could not reach.
-    let missing = format!("https://nowhere.test:{port}/v2.tar.gz");
-    let out = agent(&[
-        "deploy", "--app", "web", "--url", &missing, "--sha256", &sha2, "--id", "v3",
-    ]);
+    let missing = format!("https://dns-only.test:{port}/v3.tar.gz");
+    let v3 = artifact(&files, "v3", APP);
+    let sha3 = sha256_file(&v3);
+    let deploy_v3 = || {
+        agent(&[
+            "deploy", "--app", "web", "--url", &missing, "--sha256", &sha3, "--id", "v3",
+        ])
+    };
+    let out = deploy_v3();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("nowhere.test"),
+        String::from_utf8_lossy(&out.stderr).contains("dns-only.test"),
         "{}",
         text(&out)
     );
+
+    // The same name through DNS (the root's /etc/resolv.conf names the
+    // test's server): glibc's built-in dns service, no NSS module loaded.
+    let _dns = dns_server(work.path());
+    fs::write(
+        root.join("etc/resolv.conf"),
+        format!("nameserver {DNS_ADDR}\n"),
+    )
+    .unwrap();
+    ok(deploy_v3(), "deploy --url by a name only DNS knows");
+    assert_eq!(
+        fs::read_link(root.join("srv/web/current")).unwrap(),
+        Path::new("releases/v3")
+    );
+    let asked = fs::read_to_string(work.path().join("dns.log")).unwrap();
+    assert!(asked.contains("1 dns-only.test"), "{asked}");
 }
 
 #[test]
