@@ -64,9 +64,21 @@ fn empty_root(dir: &Path, binary: &str, names: &[&str], ca_pem: Option<&str>) ->
     root
 }
 
+/// chroot(8) from the test's PATH (the command itself runs with an empty
+/// environment, so it cannot be looked up there).
+fn chroot_program() -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("chroot"))
+                .find(|p| p.is_file())
+        })
+        .expect("chroot(8) is on PATH (coreutils)")
+}
+
 /// `chroot ROOT /BINARY args…` with an empty environment.
 fn in_root(root: &Path, binary: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("chroot");
+    let mut c = Command::new(chroot_program());
     c.arg(root)
         .arg(format!("/{binary}"))
         .args(args)
