@@ -44,13 +44,23 @@ pub(crate) fn emit(watched: &[&str]) {
             println!("cargo:rerun-if-changed={}", p.display());
         }
     }
-    let (commit, date) = match from_git(&root, watched) {
-        Some(found) => found,
-        None => match std::env::var("SLIPWAY_GIT_COMMIT") {
-            Ok(c) if !c.trim().is_empty() => (c.trim().chars().take(40).collect(), String::new()),
-            _ => ("unknown".to_owned(), String::new()),
-        },
-    };
+    let (commit, date) = from_git(&root, watched).unwrap_or_else(|| {
+        // Only what a version string may carry (semver build metadata).
+        let given: String = std::env::var("SLIPWAY_GIT_COMMIT")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+            .take(40)
+            .collect();
+        if given.is_empty() {
+            ("unknown".to_owned(), String::new())
+        } else if given.len() == 40 && given.chars().all(|c| c.is_ascii_hexdigit()) {
+            // A full commit id, shown as git's is.
+            (given[..SHORT].to_owned(), String::new())
+        } else {
+            (given, String::new())
+        }
+    });
     println!("cargo:rustc-env=SLIPWAY_BUILD_COMMIT={commit}");
     println!("cargo:rustc-env=SLIPWAY_BUILD_DATE={date}");
     let version = std::env::var("CARGO_PKG_VERSION").unwrap_or_default();
