@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{artifact, bin, free_port, sha256_file, text, wait_until, APP};
+use crate::support::{
+    artifact, bin, free_port, sha256_file, text, wait_until, Agent, Controller, APP,
+};
 
 /// The exposure (`systemd-analyze security`) each unit may have at most:
 /// the figures in the README's "systemd units".
@@ -182,9 +184,14 @@ fn sigterm(child: &Child) {
 }
 
 /// READY=1 (with the ready file already there), watchdog pings at half of
-/// WATCHDOG_USEC, STOPPING=1 on SIGTERM; none of them without the socket's
-/// watchdog meant for this pid.
-fn speaks_sd_notify(socket: &NotifySocket, mut command: Command, ready_file: &Path, what: &str) {
+/// WATCHDOG_USEC, STOPPING=1 on SIGTERM. Returns every message before
+/// STOPPING=1.
+fn speaks_sd_notify(
+    socket: &NotifySocket,
+    mut command: Command,
+    ready_file: &Path,
+    what: &str,
+) -> Vec<String> {
     let child = command
         .env("NOTIFY_SOCKET", &socket.name)
         .env("WATCHDOG_USEC", "400000")
@@ -194,37 +201,44 @@ fn speaks_sd_notify(socket: &NotifySocket, mut command: Command, ready_file: &Pa
         .spawn()
         .unwrap();
     let mut child = Reaped(child);
-    let first = socket
-        .recv(Duration::from_secs(60))
-        .unwrap_or_else(|| panic!("{what}: no notification within 60 s"));
-    assert!(first.starts_with("READY=1\nSTATUS="), "{what}: {first:?}");
+    let mut seen = Vec::new();
+    while !seen
+        .last()
+        .is_some_and(|m: &String| m.starts_with("READY=1"))
+    {
+        let m = socket
+            .recv(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("{what}: no READY=1 within 60 s after {seen:?}"));
+        seen.push(m);
+    }
     assert!(
         ready_file.exists(),
         "{what}: READY=1 comes with the ready file"
     );
-    eprintln!("{what}: {first:?}");
     // 0.4 s watchdog: a ping every 0.2 s.
-    let pings = socket.collect(Duration::from_millis(1500));
-    let n = pings.iter().filter(|m| *m == "WATCHDOG=1").count();
+    let more = socket.collect(Duration::from_millis(1500));
+    let n = more.iter().filter(|m| *m == "WATCHDOG=1").count();
     assert!(
         (4..=12).contains(&n),
-        "{what}: {n} pings in 1.5 s: {pings:?}"
+        "{what}: {n} pings in 1.5 s: {more:?}"
     );
+    seen.extend(more);
     sigterm(&child.0);
-    let mut rest = Vec::new();
+    let mut stopping = None;
     while let Some(m) = socket.recv(Duration::from_secs(10)) {
         if m.starts_with("STOPPING=1") {
-            rest.push(m);
+            stopping = Some(m);
             break;
         }
     }
     assert!(
-        rest.first()
-            .is_some_and(|m| m.starts_with("STOPPING=1\nSTATUS=")),
+        stopping.is_some_and(|m| m.starts_with("STOPPING=1\nSTATUS=")),
         "{what}: no STOPPING=1"
     );
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{what}: exit {status}");
+    eprintln!("{what}: {seen:?}");
+    seen
 }
 
 #[test]
@@ -241,9 +255,14 @@ fn controller_and_agent_speak_sd_notify() {
         .arg(dir.path().join("data"))
         .args(["--listen", "127.0.0.1:0", "--ready-file"])
         .arg(&ready);
-    speaks_sd_notify(&socket, serve, &ready, "slipway-controller serve");
+    let seen = speaks_sd_notify(&socket, serve, &ready, "slipway-controller serve");
+    let served = fs::read_to_string(&ready).unwrap();
+    assert_eq!(
+        seen[0],
+        format!("READY=1\nSTATUS=serving on {}", served.trim())
+    );
 
-    // The agent, on an abstract socket.
+    // The agent with no controller, on an abstract socket.
     let socket = NotifySocket::abstract_name();
     let config = dir.path().join("agent.toml");
     fs::create_dir_all(dir.path().join("app")).unwrap();
@@ -256,21 +275,46 @@ fn controller_and_agent_speak_sd_notify() {
     )
     .unwrap();
     let ready = dir.path().join("agent.ready");
-    let mut run = Command::new(bin("slipway-agent"));
-    run.arg("--config")
-        .arg(&config)
+    let run = || {
+        let mut run = Command::new(bin("slipway-agent"));
+        run.arg("--config")
+            .arg(&config)
+            .args(["run", "--ready-file"])
+            .arg(&ready);
+        run
+    };
+    let seen = speaks_sd_notify(&socket, run(), &ready, "slipway-agent run");
+    assert_eq!(seen[0], "READY=1\nSTATUS=running: 1 app(s), no controller");
+
+    // With a controller, the status line follows the session.
+    let controller = Controller::start();
+    let agent = Agent::enroll_with(&controller, "sd-1", "web", |root, _| {
+        format!("[apps.web]\nroot = \"{}\"\n", root.display())
+    });
+    fs::create_dir_all(&agent.root).unwrap();
+    let socket = NotifySocket::abstract_name();
+    let _ = fs::remove_file(&ready);
+    let mut linked = Command::new(bin("slipway-agent"));
+    linked
+        .arg("--config")
+        .arg(&agent.config)
         .args(["run", "--ready-file"])
         .arg(&ready);
-    speaks_sd_notify(&socket, run, &ready, "slipway-agent run");
+    let seen = speaks_sd_notify(&socket, linked, &ready, "slipway-agent run (controller)");
+    let connected = format!(
+        "STATUS=1 app(s); controller {}: connected as node n-",
+        controller.url()
+    );
+    assert!(
+        seen.iter().any(|m| m.starts_with(&connected)),
+        "{connected} in {seen:?}"
+    );
+    assert!(seen.iter().any(|m| m == "READY=1"), "{seen:?}");
 
     // A watchdog meant for another process (WATCHDOG_PID): READY, no pings.
     let socket = NotifySocket::abstract_name();
     let _ = fs::remove_file(&ready);
-    let child = Command::new(bin("slipway-agent"))
-        .arg("--config")
-        .arg(&config)
-        .args(["run", "--ready-file"])
-        .arg(&ready)
+    let child = run()
         .env("NOTIFY_SOCKET", &socket.name)
         .env("WATCHDOG_USEC", "400000")
         .env("WATCHDOG_PID", "1")

@@ -71,11 +71,17 @@ pub async fn run(
         ));
         tasks.push((format!("housekeeping of {}", app.name), t));
     }
+    let notifier = std::sync::Arc::new(notifier);
     if let Some(ctl) = config.controller.clone() {
         let s = stop.clone();
-        let t = tokio::spawn(crate::link::session::run(config.clone(), ctl, async move {
-            s.cancelled().await;
-        }));
+        let t = tokio::spawn(crate::link::session::run(
+            config.clone(),
+            ctl,
+            notifier.clone(),
+            async move {
+                s.cancelled().await;
+            },
+        ));
         tasks.push(("controller session".to_owned(), t));
     }
     tracing::info!(
@@ -92,16 +98,16 @@ pub async fn run(
         crate::durable::write_atomic(&path, b"ready\n")
             .map_err(|e| anyhow::anyhow!("cannot write the ready file {}: {e}", path.display()))?;
     }
-    let notifier = std::sync::Arc::new(notifier);
-    let status = match &config.controller {
-        Some(ctl) => format!(
-            "running: {} app(s), controller {}",
-            config.apps.len(),
-            ctl.url
-        ),
-        None => format!("running: {} app(s), no controller", config.apps.len()),
+    // With a controller, the status line is the session's (connected,
+    // unreachable…), which may have been sent already.
+    let ready = match &config.controller {
+        Some(_) => notifier.notify("READY=1"),
+        None => notifier.ready(&format!(
+            "running: {} app(s), no controller",
+            config.apps.len()
+        )),
     };
-    if let Err(e) = notifier.ready(&status) {
+    if let Err(e) = ready {
         tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
     }
     if let Some(every) = notifier.watchdog_interval() {
