@@ -90,32 +90,43 @@ pub async fn run(
         controller = config.controller.is_some(),
         "agent running"
     );
-    for is_ready in readiness {
-        // A task that ended early (it panicked) is logged by its join.
-        let _ = is_ready.await;
-    }
-    if let Some(path) = ready_file {
-        crate::durable::write_atomic(&path, b"ready\n")
-            .map_err(|e| anyhow::anyhow!("cannot write the ready file {}: {e}", path.display()))?;
-    }
-    // With a controller, the status line is the session's (connected,
-    // unreachable…), which may have been sent already.
-    let ready = match &config.controller {
-        Some(_) => notifier.notify("READY=1"),
-        None => notifier.ready(&format!(
-            "running: {} app(s), no controller",
-            config.apps.len()
-        )),
+    let all_ready = async {
+        for is_ready in readiness {
+            // A task that ended early (it panicked) is logged by its join.
+            let _ = is_ready.await;
+        }
     };
-    if let Err(e) = ready {
-        tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
+    tokio::pin!(shutdown);
+    // A SIGTERM before the first housekeeping pass ends stops at once.
+    let stopped_before_ready = tokio::select! {
+        () = all_ready => false,
+        () = &mut shutdown => true,
+    };
+    if !stopped_before_ready {
+        if let Some(path) = ready_file {
+            crate::durable::write_atomic(&path, b"ready\n").map_err(|e| {
+                anyhow::anyhow!("cannot write the ready file {}: {e}", path.display())
+            })?;
+        }
+        // With a controller, the status line is the session's (connected,
+        // unreachable…), which may have been sent already.
+        let ready = match &config.controller {
+            Some(_) => notifier.notify("READY=1"),
+            None => notifier.ready(&format!(
+                "running: {} app(s), no controller",
+                config.apps.len()
+            )),
+        };
+        if let Err(e) = ready {
+            tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
+        }
+        if let Some(every) = notifier.watchdog_interval() {
+            tracing::info!(?every, "systemd watchdog on");
+            let t = tokio::spawn(watchdog(notifier.clone(), every, stop.clone()));
+            tasks.push(("systemd watchdog".to_owned(), t));
+        }
+        shutdown.await;
     }
-    if let Some(every) = notifier.watchdog_interval() {
-        tracing::info!(?every, "systemd watchdog on");
-        let t = tokio::spawn(watchdog(notifier.clone(), every, stop.clone()));
-        tasks.push(("systemd watchdog".to_owned(), t));
-    }
-    shutdown.await;
     if let Err(e) = notifier.stopping("stopping (the apps keep running)") {
         tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
     }
