@@ -214,6 +214,11 @@ fn the_binaries_are_static_and_print_their_commit() {
         let said = String::from_utf8_lossy(&ldd.stdout).into_owned()
             + &String::from_utf8_lossy(&ldd.stderr);
         assert!(said.contains("not a dynamic executable"), "{name}: {said}");
+        // file(1), where installed, says so too (not "static-pie linked").
+        if let Ok(out) = Command::new("file").arg("-b").arg(&path).output() {
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains(", statically linked"), "{name}: {said}");
+        }
         let version = ok(
             Command::new(&path).arg("--version").output().unwrap(),
             "--version",
