@@ -19,6 +19,10 @@ command -v tar >/dev/null || need_apt+=(tar)
 command -v gzip >/dev/null || need_apt+=(gzip)
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v script >/dev/null || need_apt+=(bsdutils)
+# systemd-analyze (verify, security) for the unit tests in tests/it/systemd.rs;
+# chroot for the empty-root tests of the static binaries.
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v chroot >/dev/null || need_apt+=(coreutils)
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -74,10 +78,14 @@ fi
 
 # --- tests ---------------------------------------------------------------------
 # The static binaries the install tests put into their Debian root (and
-# package as .deb); the root itself is made once per machine by the tests
-# (tests/install/debian-root.sh, cached in tests/.cache/).
-log "static binaries (target/static/dev)"
-bash scripts/build-static.sh --profile dev >/dev/null
+# package as .deb; the root itself is made once per machine by the tests,
+# tests/install/debian-root.sh, cached in tests/.cache/) and the empty-root
+# and container tests run (tests/it/static_binary.rs, tests/it/container.rs):
+# target/static/dev/, built in a target dir of their own
+# (target/static-build), so the flags of a static build never invalidate
+# the normal one.
+log "static binaries (scripts/build-static.sh --profile dev)"
+bash scripts/build-static.sh --profile dev
 
 log "cargo test"
 out=$(mktemp)

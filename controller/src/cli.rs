@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 /// Exit codes: 0 success, 64 bad configuration or arguments, 1 any other
 /// failure.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version = env!("SLIPWAY_BUILD_VERSION"))]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

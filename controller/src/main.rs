@@ -11,6 +11,7 @@ use slipway_controller::config::ServeConfig;
 use slipway_controller::pki::crypto;
 use slipway_controller::{admin, server, Error};
 use slipway_proto::cli::{error_text, EXIT_USAGE};
+use slipway_proto::notify::Notifier;
 
 fn main() -> ExitCode {
     let cli: Cli = match slipway_proto::cli::parse() {
@@ -25,11 +26,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     crypto::install_default_provider();
+    // Before the runtime's threads start: it edits the environment.
+    let notifier = match &cli.command {
+        Command::Serve(_) => Notifier::take_from_env(),
+        _ => Notifier::none(),
+    };
     let runtime = match slipway_proto::cli::runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, notifier)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", error_text(&err));
@@ -42,11 +48,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
     match cli.command {
         Command::Serve(args) => {
             let config = ServeConfig::from_args(args)?;
-            Ok(server::run(config, server::shutdown_signal()).await?)
+            Ok(server::run(config, notifier, server::shutdown_signal()).await?)
         }
         Command::Token(TokenCommand::Create(args)) => admin::token_create(args).await,
         Command::Token(TokenCommand::Api(args)) => admin::token_api(args).await,

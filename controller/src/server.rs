@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use slipway_proto::notify::Notifier;
 use slipway_proto::v1::agent_link_server::AgentLinkServer;
 use slipway_proto::v1::control_server::ControlServer;
 use slipway_proto::v1::enrollment_server::EnrollmentServer;
@@ -82,9 +83,12 @@ fn write_ready_file(path: &std::path::Path, addr: SocketAddr) -> io::Result<()> 
     std::fs::rename(&temp, path)
 }
 
-/// Binds `config.listen` and serves until `shutdown` resolves.
+/// Binds `config.listen` and serves until `shutdown` resolves, telling
+/// systemd through `notifier` (`READY=1` when the ready file is written,
+/// watchdog pings, `STOPPING=1`).
 pub async fn run(
     config: ServeConfig,
+    notifier: Notifier,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let listener = TcpListener::bind(config.listen)
@@ -93,13 +97,23 @@ pub async fn run(
             addr: config.listen,
             source,
         })?;
-    serve(&config, listener, shutdown).await
+    serve_notifying(&config, listener, notifier, shutdown).await
 }
 
 /// Serves on an already bound listener (tests bind `127.0.0.1:0`).
 pub async fn serve(
     config: &ServeConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    serve_notifying(config, listener, Notifier::none(), shutdown).await
+}
+
+/// [`serve`], telling systemd how it goes.
+async fn serve_notifying(
+    config: &ServeConfig,
+    listener: TcpListener,
+    notifier: Notifier,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let ca = Arc::new(Ca::load_or_create(&config.data_dir)?);
@@ -171,8 +185,13 @@ pub async fn serve(
     // Graceful HTTP/2 shutdown waits for open streams; agent sessions never
     // end by themselves, so close them when shutdown begins.
     let closing = sessions.clone();
+    let notifier = Arc::new(notifier);
+    let stopping = notifier.clone();
     let shutdown = async move {
         shutdown.await;
+        if let Err(e) = stopping.stopping("stopping: closing agent sessions") {
+            tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
+        }
         closing.close_all(CloseReason::Shutdown);
     };
     // The listener is bound and everything it serves is set up: from here
@@ -182,6 +201,17 @@ pub async fn serve(
             path: path.clone(),
             source,
         })?;
+    }
+    let status = match local {
+        Some(addr) => format!("serving on {addr}"),
+        None => "serving".to_owned(),
+    };
+    if let Err(e) = notifier.ready(&status) {
+        tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
+    }
+    if let Some(every) = notifier.watchdog_interval() {
+        tracing::info!(?every, "systemd watchdog on");
+        tokio::spawn(watchdog(notifier.clone(), every, stop_polling.clone()));
     }
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -348,6 +378,21 @@ async fn scheduled_backups(
         };
         if let Err(err) = store.audit(&event, crate::now_unix()).await {
             tracing::error!(%err, "could not record audit event");
+        }
+    }
+}
+
+/// Pings systemd's watchdog every `every` until `stop`, from the runtime
+/// that serves: a wedged runtime stops the pings and systemd restarts it.
+async fn watchdog(notifier: Arc<Notifier>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = notifier.watchdog() {
+            tracing::warn!(error = %e, "cannot notify systemd (WATCHDOG=1)");
         }
     }
 }

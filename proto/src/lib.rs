@@ -22,6 +22,8 @@
 //!   format, shared by the controller (prints tokens) and the agent (reads
 //!   the pinned CA fingerprint before trusting the controller).
 //! - [`crypto`] — the one rustls backend (ring) of every TLS connection.
+//! - [`notify`] — `sd_notify` (READY, WATCHDOG, STOPPING, STATUS) for the
+//!   agent's `run` and the controller's `serve` under systemd.
 //! - With the `cli` feature, what the command-line binaries (`slipway`,
 //!   `slipway-controller`) share: `client` (the Control API channel: TLS
 //!   trusting the controller's CA, an API token or operator certificate),
@@ -53,6 +55,7 @@ pub mod client;
 pub mod crypto;
 pub mod join_token;
 pub mod limits;
+pub mod notify;
 #[cfg(feature = "cli")]
 pub mod view;
 

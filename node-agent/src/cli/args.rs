@@ -9,7 +9,7 @@ use crate::config::DEFAULT_CONFIG_PATH;
 #[derive(Debug, Parser)]
 #[command(
     name = "slipway-agent",
-    version,
+    version = crate::version::LONG,
     about = "Slipway node agent: atomic releases with node-local rollback",
     after_help = "Exit codes: 0 success, 1 operation failed, 64 bad usage or configuration."
 )]

@@ -501,6 +501,8 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Run { ready_file } => {
             let config = load()?;
+            // Before the runtime's threads start: it edits the environment.
+            let notifier = slipway_proto::notify::Notifier::take_from_env();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -509,6 +511,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             runtime.block_on(crate::daemon::run(
                 config,
                 ready_file,
+                notifier,
                 crate::daemon::shutdown_signal(),
             ))?;
         }

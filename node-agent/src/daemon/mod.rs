@@ -17,6 +17,7 @@ pub mod liveness;
 use std::future::Future;
 use std::time::Duration;
 
+use slipway_proto::notify::Notifier;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Bridge;
@@ -31,10 +32,14 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Runs, until `shutdown`: a liveness loop for every app with a health
 /// check, housekeeping for every app, and the controller session when one is
 /// configured. Once every app's logs are watched and housekept once, the
-/// word `ready` goes to `ready_file` (if given), atomically.
+/// word `ready` goes to `ready_file` (if given), atomically, and `READY=1`
+/// to systemd (`notifier`, a `Type=notify` unit), which from then on gets
+/// watchdog pings (when `WatchdogSec=` is set) from this runtime, so a
+/// wedged runtime is restarted; `STOPPING=1` once shutdown begins.
 pub async fn run(
     config: Config,
     ready_file: Option<std::path::PathBuf>,
+    notifier: Notifier,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     // Drivers block on this (multi-thread) runtime from its blocking threads.
@@ -66,11 +71,17 @@ pub async fn run(
         ));
         tasks.push((format!("housekeeping of {}", app.name), t));
     }
+    let notifier = std::sync::Arc::new(notifier);
     if let Some(ctl) = config.controller.clone() {
         let s = stop.clone();
-        let t = tokio::spawn(crate::link::session::run(config.clone(), ctl, async move {
-            s.cancelled().await;
-        }));
+        let t = tokio::spawn(crate::link::session::run(
+            config.clone(),
+            ctl,
+            notifier.clone(),
+            async move {
+                s.cancelled().await;
+            },
+        ));
         tasks.push(("controller session".to_owned(), t));
     }
     tracing::info!(
@@ -79,15 +90,46 @@ pub async fn run(
         controller = config.controller.is_some(),
         "agent running"
     );
-    if let Some(path) = ready_file {
+    let all_ready = async {
         for is_ready in readiness {
             // A task that ended early (it panicked) is logged by its join.
             let _ = is_ready.await;
         }
-        crate::durable::write_atomic(&path, b"ready\n")
-            .map_err(|e| anyhow::anyhow!("cannot write the ready file {}: {e}", path.display()))?;
+    };
+    tokio::pin!(shutdown);
+    // A SIGTERM before the first housekeeping pass ends stops at once.
+    let stopped_before_ready = tokio::select! {
+        () = all_ready => false,
+        () = &mut shutdown => true,
+    };
+    if !stopped_before_ready {
+        if let Some(path) = ready_file {
+            crate::durable::write_atomic(&path, b"ready\n").map_err(|e| {
+                anyhow::anyhow!("cannot write the ready file {}: {e}", path.display())
+            })?;
+        }
+        // With a controller, the status line is the session's (connected,
+        // unreachable…), which may have been sent already.
+        let ready = match &config.controller {
+            Some(_) => notifier.notify("READY=1"),
+            None => notifier.ready(&format!(
+                "running: {} app(s), no controller",
+                config.apps.len()
+            )),
+        };
+        if let Err(e) = ready {
+            tracing::warn!(error = %e, "cannot notify systemd (READY=1)");
+        }
+        if let Some(every) = notifier.watchdog_interval() {
+            tracing::info!(?every, "systemd watchdog on");
+            let t = tokio::spawn(watchdog(notifier.clone(), every, stop.clone()));
+            tasks.push(("systemd watchdog".to_owned(), t));
+        }
+        shutdown.await;
     }
-    shutdown.await;
+    if let Err(e) = notifier.stopping("stopping (the apps keep running)") {
+        tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
+    }
     stop.cancel();
     for (what, t) in tasks {
         if tokio::time::timeout(DRAIN, t).await.is_err() {
@@ -95,6 +137,20 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Pings systemd's watchdog every `every` until `stop`.
+async fn watchdog(notifier: std::sync::Arc<Notifier>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = notifier.watchdog() {
+            tracing::warn!(error = %e, "cannot notify systemd (WATCHDOG=1)");
+        }
+    }
 }
 
 /// Starts the current release of an exec-driver app that has no running

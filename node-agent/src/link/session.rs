@@ -18,8 +18,10 @@
 //! rollback working.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use slipway_proto::notify::Notifier;
 use slipway_proto::v1::agent_link_client::AgentLinkClient;
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, ControllerMessage, Hello, Welcome,
@@ -72,7 +74,7 @@ pub async fn connect(
         hello.node_id = read_node_id(state_dir)?;
     }
     if hello.agent_version.is_empty() {
-        hello.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+        hello.agent_version = crate::version::REPORTED.to_owned();
     }
     let channel = tls::mtls_channel(controller, state_dir).await?;
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
@@ -102,12 +104,20 @@ pub async fn connect(
     }
 }
 
-/// Keeps the session up until `stop` resolves.
+/// Keeps the session up until `stop` resolves. How it goes is told to
+/// systemd as the unit's status line (`notifier`, when under systemd).
 pub async fn run(
     config: Config,
     ctl: ControllerConfig,
+    notifier: Arc<Notifier>,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    let apps = config.apps.len();
+    let status = |what: String| {
+        if let Err(e) = notifier.status(&format!("{apps} app(s); controller {}: {what}", ctl.url)) {
+            tracing::debug!(error = %e, "cannot notify systemd (STATUS)");
+        }
+    };
     tokio::pin!(stop);
     recover_identity(&ctl).await;
     let mut rng = Jitter::seeded();
@@ -129,7 +139,7 @@ pub async fn run(
             let bridge = Bridge::current();
             tokio::task::spawn_blocking(move || Hello {
                 node_id: String::new(),
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                agent_version: crate::version::REPORTED.to_owned(),
                 apps: app_statuses(&cfg, &bridge),
             })
             .await
@@ -143,6 +153,7 @@ pub async fn run(
             Ok(session) => {
                 attempt = 0;
                 tracing::info!(controller = %ctl.url, node = %session.welcome.node_id, "connected to the controller");
+                status(format!("connected as node {}", session.welcome.node_id));
                 let interval = match session.welcome.heartbeat_interval_secs {
                     0 => DEFAULT_INTERVAL,
                     n => Duration::from_secs(u64::from(n)),
@@ -156,12 +167,15 @@ pub async fn run(
                     // Revoked: reconnecting would only be refused again. The
                     // apps keep running; re-enroll to rejoin.
                     tracing::error!(controller = %ctl.url, "this node was revoked by the controller ({}); not reconnecting", ended.text);
+                    status("revoked: not reconnecting (enroll again to rejoin)".to_owned());
                     return;
                 }
                 tracing::warn!(controller = %ctl.url, "controller session ended: {}", ended.text);
+                status(format!("session ended ({}); reconnecting", ended.text));
             }
             Err(e) => {
-                tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}")
+                tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}");
+                status(format!("unreachable (attempt {}): {e}", attempt + 1));
             }
         }
         let delay = backoff(attempt, &mut rng);

@@ -32,7 +32,7 @@ use crate::fleet::{ReadArgs, ReleasesArgs, StatusArgs};
 /// Exit codes: 0 success; 1 a node failed (the output says which and why)
 /// or another error; 64 bad arguments.
 #[derive(Debug, Parser)]
-#[command(name = "slipway", version)]
+#[command(name = "slipway", version = env!("SLIPWAY_BUILD_VERSION"))]
 pub(crate) struct Cli {
     /// Controller address, HOST:PORT.
     #[arg(
