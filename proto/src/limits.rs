@@ -15,8 +15,8 @@ use std::fmt;
 use crate::v1::{
     agent_message, controller_message, selector, AgentMessage, AppStatus, CommandResult,
     ControllerMessage, DeployRequest, EnrollRequest, FetchArtifactRequest, FleetStatusRequest,
-    Heartbeat, Hello, NodeMetrics, Progress, PruneRequest, RenewRequest, RestartRequest,
-    RollbackRequest, Selector,
+    Heartbeat, Hello, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, RenewRequest,
+    RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
 };
 
 /// Node names: a droplet's host name fits (DNS names are at most 253).
@@ -470,6 +470,34 @@ impl Validate for CommandResult {
     }
 }
 
+/// Event ids in one NodeEventAck.
+pub const MAX_EVENT_IDS: usize = 256;
+
+impl Validate for NodeEvent {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_line("event_id", &self.event_id, MAX_COMMAND_ID)?;
+        if self.event_id.is_empty() {
+            return Err(FieldError::new("event_id", "must not be empty"));
+        }
+        if !matches!(
+            NodeEventKind::try_from(self.kind),
+            Ok(NodeEventKind::AppRestored
+                | NodeEventKind::AppCrashlooping
+                | NodeEventKind::AppRolledBack)
+        ) {
+            return Err(FieldError::new(
+                "kind",
+                format!("{} is not a node event kind", self.kind),
+            ));
+        }
+        check_app_name("app", &self.app)?;
+        check_optional_release_id("release_id", &self.release_id)?;
+        check_optional_release_id("from_release_id", &self.from_release_id)?;
+        check_len("cause", &self.cause, MAX_MESSAGE)?;
+        check_len("outcome", &self.outcome, MAX_MESSAGE)
+    }
+}
+
 impl Validate for AgentMessage {
     fn validate(&self) -> Result<(), FieldError> {
         match &self.kind {
@@ -482,6 +510,9 @@ impl Validate for AgentMessage {
                 m.validate().map_err(|e| e.within("progress"))
             }
             Some(agent_message::Kind::Result(m)) => m.validate().map_err(|e| e.within("result")),
+            Some(agent_message::Kind::NodeEvent(m)) => {
+                m.validate().map_err(|e| e.within("node_event"))
+            }
         }
     }
 }
@@ -513,6 +544,20 @@ impl Validate for ControllerMessage {
             Some(Kind::Restart(r)) => {
                 command(&r.command_id, &r.app).map_err(|e| e.within("restart"))
             }
+            Some(Kind::StopApp(r)) => {
+                command(&r.command_id, &r.app).map_err(|e| e.within("stop_app"))
+            }
+            Some(Kind::StartApp(r)) => {
+                command(&r.command_id, &r.app).map_err(|e| e.within("start_app"))
+            }
+            Some(Kind::NodeEventAck(a)) => {
+                check_count("event_ids", a.event_ids.len(), MAX_EVENT_IDS)?;
+                for (i, id) in a.event_ids.iter().enumerate() {
+                    check_line(&format!("event_ids[{i}]"), id, MAX_COMMAND_ID)?;
+                }
+                Ok(())
+            }
+            .map_err(|e: FieldError| e.within("node_event_ack")),
         }
     }
 }
@@ -537,6 +582,20 @@ impl Validate for RollbackRequest {
 }
 
 impl Validate for RestartRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for StopRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for StartRequest {
     fn validate(&self) -> Result<(), FieldError> {
         check_app_name("app", &self.app)?;
         check_selector("selector", self.selector.as_ref())

@@ -362,16 +362,30 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
                 notes.push(format!("{name} has no release on {}", v.name));
                 continue;
             }
+            if let Some(why) = a.health.strip_prefix("stopped:") {
+                // Stopped on purpose: worth knowing, not a failure.
+                notes.push(format!("{name} is stopped on {}:{why}", v.name));
+                continue;
+            }
+            let crashlooping = a.health.starts_with("crashlooping:");
             let bad = a
                 .health
                 .strip_prefix("unhealthy:")
+                .or_else(|| a.health.strip_prefix("crashlooping:"))
                 .or_else(|| a.health.starts_with("error:").then_some(a.health.as_str()));
             if let Some(output) = bad {
                 let output = output.trim().to_owned();
-                problems.push(format!(
-                    "{name} on {} ({}) is not healthy: {}",
-                    v.name, a.current_release, a.health
-                ));
+                problems.push(if crashlooping {
+                    format!(
+                        "{name} on {} ({}) is crashlooping: {output}",
+                        v.name, a.current_release
+                    )
+                } else {
+                    format!(
+                        "{name} on {} ({}) is not healthy: {}",
+                        v.name, a.current_release, a.health
+                    )
+                });
                 unhealthy.push(UnhealthyApp {
                     node_id: v.id.clone(),
                     node_name: v.name.clone(),
