@@ -13,6 +13,7 @@ mod demo;
 mod deploy;
 mod docker;
 mod fleet;
+mod keep;
 mod reconnect;
 mod rollout;
 mod trust;

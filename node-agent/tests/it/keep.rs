@@ -512,3 +512,29 @@ fn recovery_keys_are_checked_with_clear_errors() {
         run.stderr
     );
 }
+
+#[test]
+fn run_logs_one_app_as_one() {
+    use std::io::{BufRead as _, BufReader};
+    let (node, _port) = exec_node("");
+    let mut child = node
+        .cmd(&["run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = None;
+    for line in lines {
+        let line = line.unwrap();
+        if line.contains("agent running") {
+            seen = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = seen.expect("no 'agent running' line");
+    assert!(line.contains("apps=1 "), "{line}");
+    assert!(line.contains("liveness_checks=1"), "{line}");
+}
