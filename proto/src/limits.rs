@@ -550,13 +550,13 @@ impl Validate for ControllerMessage {
             Some(Kind::StartApp(r)) => {
                 command(&r.command_id, &r.app).map_err(|e| e.within("start_app"))
             }
-            Some(Kind::NodeEventAck(a)) => {
+            Some(Kind::NodeEventAck(a)) => (|| {
                 check_count("event_ids", a.event_ids.len(), MAX_EVENT_IDS)?;
                 for (i, id) in a.event_ids.iter().enumerate() {
                     check_line(&format!("event_ids[{i}]"), id, MAX_COMMAND_ID)?;
                 }
                 Ok(())
-            }
+            })()
             .map_err(|e: FieldError| e.within("node_event_ack")),
         }
     }
@@ -621,6 +621,86 @@ impl Validate for FleetStatusRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_events_are_checked_field_by_field() {
+        use crate::v1::{NodeEventAck, NodeEventKind};
+        let good = || NodeEvent {
+            event_id: "web.1764560000000.0".into(),
+            kind: NodeEventKind::AppRestored as i32,
+            app: "web".into(),
+            release_id: "v1".into(),
+            from_release_id: String::new(),
+            cause: "the PM2 daemon is not running".into(),
+            outcome: "repaired".into(),
+            ok: true,
+            unix_time: 1,
+        };
+        good().validate().unwrap();
+        let field = |e: NodeEvent| e.validate().unwrap_err().field;
+        assert_eq!(
+            field(NodeEvent {
+                event_id: String::new(),
+                ..good()
+            }),
+            "event_id"
+        );
+        assert_eq!(
+            field(NodeEvent {
+                event_id: "a\nb".into(),
+                ..good()
+            }),
+            "event_id"
+        );
+        assert_eq!(field(NodeEvent { kind: 0, ..good() }), "kind");
+        assert_eq!(field(NodeEvent { kind: 99, ..good() }), "kind");
+        assert_eq!(
+            field(NodeEvent {
+                app: "../x".into(),
+                ..good()
+            }),
+            "app"
+        );
+        assert_eq!(
+            field(NodeEvent {
+                from_release_id: "../x".into(),
+                ..good()
+            }),
+            "from_release_id"
+        );
+        let long = "x".repeat(MAX_MESSAGE + 1);
+        assert_eq!(
+            field(NodeEvent {
+                cause: long.clone(),
+                ..good()
+            }),
+            "cause"
+        );
+        assert_eq!(
+            field(NodeEvent {
+                outcome: long,
+                ..good()
+            }),
+            "outcome"
+        );
+        let wrapped = AgentMessage {
+            kind: Some(agent_message::Kind::NodeEvent(NodeEvent {
+                kind: 7,
+                ..good()
+            })),
+        };
+        assert_eq!(wrapped.validate().unwrap_err().field, "node_event.kind");
+        let ack = |n: usize| ControllerMessage {
+            kind: Some(controller_message::Kind::NodeEventAck(NodeEventAck {
+                event_ids: vec!["e".into(); n],
+            })),
+        };
+        ack(MAX_EVENT_IDS).validate().unwrap();
+        assert_eq!(
+            ack(MAX_EVENT_IDS + 1).validate().unwrap_err().field,
+            "node_event_ack.event_ids"
+        );
+    }
 
     #[test]
     fn names_follow_one_rule() {

@@ -693,6 +693,55 @@ mod tests {
     }
 
     #[test]
+    fn a_crashlooping_app_is_a_problem_and_a_stopped_one_a_note() {
+        let views = [
+            node(
+                "a",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app(
+                    "web",
+                    "v2",
+                    "crashlooping: 5 restarts of v2 within the window; restarts stopped",
+                )],
+            ),
+            node(
+                "b",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app(
+                    "web",
+                    "v2",
+                    "stopped: on purpose by slipway-agent stop at 2026-12-01T00:00:00Z",
+                )],
+            ),
+        ];
+        let connected = ["n-a".to_owned(), "n-b".to_owned()];
+        let status = summarize_status(
+            &views,
+            &StatusInputs {
+                app: None,
+                connected: &connected,
+                refresh: None,
+                deployments: &[],
+                now: 100,
+            },
+        );
+        assert_eq!(
+            status.problems,
+            ["web on a (v2) is crashlooping: 5 restarts of v2 within the window; restarts stopped"]
+        );
+        assert_eq!(
+            status.notes,
+            ["web is stopped on b: on purpose by slipway-agent stop at 2026-12-01T00:00:00Z"]
+        );
+        assert_eq!(status.apps[0].unhealthy.len(), 1);
+        assert!(!status.ok());
+    }
+
+    #[test]
     fn an_app_filter_keeps_the_nodes_reporting_it() {
         let views = [
             node(
