@@ -112,7 +112,7 @@ pub(super) fn pass(app: &AppConfig, bridge: &Bridge, failures: &mut u32) {
 }
 
 /// Compares what the driver runs with the current release and repairs a
-/// difference. Returns whether it acted (or is waiting to).
+/// difference. Returns whether it repaired (or tried to).
 fn reconcile(app: &AppConfig, bridge: &Bridge, current: &ReleaseId) -> bool {
     let Some(driver) = driver::for_app(app, bridge) else {
         return false;
@@ -135,8 +135,8 @@ fn reconcile(app: &AppConfig, bridge: &Bridge, current: &ReleaseId) -> bool {
         Ok(None) => false,
         Ok(Some(cause)) => {
             tracing::warn!(app = %app.name, release = %current, "{cause}");
-            attempt(app, bridge, current, &cause, Some(port));
-            true
+            // Waiting (backoff) or crashlooping: the probe still runs.
+            attempt(app, bridge, current, &cause, Some(port))
         }
         Err(e) => {
             // The driver cannot say (dockerd down): a repair would fail the
@@ -187,20 +187,32 @@ fn attempt(
         tracing::info!(app = %app.name, ?wait, "{cause}; next restart after the backoff");
         return false;
     }
-    rec.restarts.push(now);
-    if let Err(e) = rec.save(&app.root) {
-        tracing::warn!(app = %app.name, error = %e, "cannot write the restart record");
-    }
     let store = Deployer::new(app, bridge);
     let what = if repair.is_some() {
         "repair"
     } else {
         "restart"
     };
-    let result = store
-        .begin(what, Some(current))
-        .map_err(|e| e.to_string())
-        .and_then(|mut s| s.recover(repair).map_err(|e| e.to_string()));
+    // Locked first: an app a deploy or rollback took meanwhile is not
+    // touched, and its restart is not counted.
+    let mut session = match store.begin(what, Some(current)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(app = %app.name, "{what} put off: {e}");
+            return false;
+        }
+    };
+    match session.snapshot() {
+        Ok(snap) if snap.current.as_ref() == Some(current) => {}
+        // Another release went live meanwhile: the next pass looks again.
+        _ => return false,
+    }
+    rec.restarts.push(now);
+    if let Err(e) = rec.save(&app.root) {
+        tracing::warn!(app = %app.name, error = %e, "cannot write the restart record");
+    }
+    let result = session.recover(repair).map_err(|e| e.to_string());
+    drop(session);
     let (ok, outcome, release) = match result {
         Ok((release, a, gate)) => {
             let healthy = gate.map_or(String::new(), |g| {
