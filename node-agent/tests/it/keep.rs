@@ -329,7 +329,40 @@ liveness_interval = "300ms"
         ev[1]["outcome"].as_str().unwrap().contains("started again"),
         "{ev:#?}"
     );
-    assert_eq!(running(&app), vec![live]);
+    assert_eq!(running(&app), vec![live.clone()]);
+
+    // A container of an older release still live (started by hand, or
+    // left by an old engine state): retired, the live one kept.
+    let old = format!("slipway-{app}-v1");
+    docker_cli(&[
+        "run",
+        "-d",
+        "--name",
+        &old,
+        "--label",
+        &format!("slipway.app={app}"),
+        "--label",
+        "slipway.release=v1",
+        &format!("slipway-keep-{app}:v1"),
+    ]);
+    wait_until(
+        "run to retire the old release's container",
+        Duration::from_secs(30),
+        || running(&app) == vec![live.clone()] && events(&node).len() == 3,
+    );
+    let ev = events(&node);
+    assert!(
+        ev[2]["cause"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{old} of release v1 is still live")),
+        "{ev:#?}"
+    );
+    assert!(
+        ev[2]["outcome"].as_str().unwrap().contains("kept"),
+        "{ev:#?}"
+    );
+    assert!(serves(live_port, "v2"));
     assert_eq!(
         node.run(&["releases", "--app", &app, "--json"]).ok().json()["current"],
         "v2"
