@@ -15,8 +15,8 @@
 //!   session, and one acknowledged is never sent again.
 //!
 //! Every file is replaced through [`crate::durable`]; the read-modify-write
-//! of the events file is serialised within the process (only `run` writes
-//! it).
+//! of the events file is serialised within the process by one mutex (only
+//! `run` — its liveness loops and its controller session — writes it).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -34,8 +34,6 @@ const KEEP_UNSENT: usize = 1000;
 
 /// Serialises read-modify-write of every app's events file in this process.
 static EVENTS_LOCK: Mutex<()> = Mutex::new(());
-/// Wakes the controller session when an event was recorded.
-static EVENTS_ADDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 fn state_dir(root: &Path) -> PathBuf {
     root.join(".slipway")
@@ -51,6 +49,12 @@ fn recovery_path(root: &Path) -> PathBuf {
 
 fn events_path(root: &Path) -> PathBuf {
     state_dir(root).join("events.json")
+}
+
+/// The files of this module for one app, for the controller session's
+/// inotify watch ([`crate::link::watch`] is above; it asks).
+pub fn state_files(root: &Path) -> [PathBuf; 3] {
+    [stopped_path(root), recovery_path(root), events_path(root)]
 }
 
 fn now() -> OffsetDateTime {
@@ -304,7 +308,8 @@ pub struct NewEvent {
     pub ok: bool,
 }
 
-/// Records an event of `app` durably and wakes the controller session.
+/// Records an event of `app` durably (the controller session notices the
+/// file change through inotify).
 pub fn record_event(root: &Path, app: &str, e: NewEvent) -> std::io::Result<Event> {
     let _guard = EVENTS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     std::fs::create_dir_all(state_dir(root))?;
@@ -330,8 +335,6 @@ pub fn record_event(root: &Path, app: &str, e: NewEvent) -> std::io::Result<Even
     events.events.push(event.clone());
     events.trim();
     durable::write_json(&events_path(root), &events)?;
-    drop(_guard);
-    EVENTS_ADDED.notify_one();
     Ok(event)
 }
 
@@ -360,11 +363,6 @@ pub fn mark_sent(root: &Path, ids: &[String]) -> std::io::Result<()> {
         durable::write_json(&events_path(root), &events)?;
     }
     Ok(())
-}
-
-/// Resolves when an event was recorded since the last call.
-pub async fn event_added() {
-    EVENTS_ADDED.notified().await;
 }
 
 #[cfg(test)]

@@ -231,6 +231,12 @@ fn crashlooping_in_slipway_status_and_stop_start_through_the_controller() {
             out.status.code() == Some(1) && last.contains("web on n1 (v2) is crashlooping")
         },
     );
+    // The event travels beside the heartbeat: wait for it, bounded.
+    wait_until(
+        "APP_CRASHLOOPING in the audit log",
+        Duration::from_secs(30),
+        || !of_type(&controller.audit(&reader), "APP_CRASHLOOPING").is_empty(),
+    );
     let events = controller.audit(&reader);
     for t in ["STOP_COMPLETED", "START_COMPLETED", "APP_CRASHLOOPING"] {
         assert_eq!(of_type(&events, t).len(), 1, "{t}: {events:#?}");

@@ -276,15 +276,7 @@ fn crashloop(
         "restarts stopped until `slipway-agent start` (or a deploy, rollback or restart)".to_owned()
     };
     tracing::error!(app = %app.name, release = %current, "crashlooping: {loop_cause}; {action}");
-    rec.crashloop = Some(Crashloop {
-        release: current.to_string(),
-        since: OffsetDateTime::now_utc(),
-        restarts: made,
-        action: action.clone(),
-    });
-    if let Err(e) = rec.save(&app.root) {
-        tracing::warn!(app = %app.name, error = %e, "cannot write the restart record");
-    }
+    // The event first, then the state that `status` shows.
     event(
         app,
         NewEvent {
@@ -292,10 +284,19 @@ fn crashloop(
             release: current.to_string(),
             from_release: String::new(),
             cause: loop_cause.clone(),
-            outcome: action,
+            outcome: action.clone(),
             ok: false,
         },
     );
+    rec.crashloop = Some(Crashloop {
+        release: current.to_string(),
+        since: OffsetDateTime::now_utc(),
+        restarts: made,
+        action,
+    });
+    if let Err(e) = rec.save(&app.root) {
+        tracing::warn!(app = %app.name, error = %e, "cannot write the restart record");
+    }
     if !roll_back {
         return;
     }

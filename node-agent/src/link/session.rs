@@ -234,11 +234,6 @@ async fn serve(
     }
     loop {
         tokio::select! {
-            () = crate::upkeep::event_added() => {
-                if let Err(ended) = send_events(config, &session, &mut sent).await {
-                    return ended;
-                }
-            }
             () = tokio::time::sleep_until(next) => {
                 next += interval;
                 if renew_due && time::OffsetDateTime::now_utc().unix_timestamp() >= renew_at {
@@ -265,6 +260,11 @@ async fn serve(
             }
             () = changed(watch.as_deref_mut()) => {
                 tracing::debug!("app state changed on disk; heartbeat now");
+                // Events first: what the heartbeat shows (a crash loop) is
+                // then already in the audit log.
+                if let Err(ended) = send_events(config, &session, &mut sent).await {
+                    return ended;
+                }
                 if let Err(ended) = send_heartbeat(config, &session).await {
                     return ended;
                 }
