@@ -20,6 +20,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use slipway_proto::limits::Validate as _;
 use slipway_proto::v1::agent_link_client::AgentLinkClient;
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, ControllerMessage, Hello, NodeEvent,
@@ -270,9 +271,18 @@ async fn serve(
                 }
             }
             msg = session.inbound.message() => match msg {
-                Ok(Some(ControllerMessage {
-                    kind: Some(controller_message::Kind::NodeEventAck(ack)),
-                })) => acknowledged(config, ack.event_ids).await,
+                Ok(Some(m @ ControllerMessage {
+                    kind: Some(controller_message::Kind::NodeEventAck(_)),
+                })) => {
+                    // Checked like every controller message: ids within
+                    // their limits (they are only compared, never used as
+                    // names).
+                    if let Err(err) = m.validate() {
+                        tracing::warn!(%err, "node event acknowledgement refused");
+                    } else if let Some(controller_message::Kind::NodeEventAck(ack)) = m.kind {
+                        acknowledged(config, ack.event_ids).await;
+                    }
+                }
                 Ok(Some(m)) => {
                     // Commands run beside the heartbeats; the app lock keeps
                     // two of them off the same app.
