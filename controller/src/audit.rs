@@ -62,6 +62,23 @@ pub const RESTART_STARTED: &str = "RESTART_STARTED";
 pub const RESTART_COMPLETED: &str = "RESTART_COMPLETED";
 /// At least one node of a restart failed (details name them and why).
 pub const RESTART_FAILED: &str = "RESTART_FAILED";
+/// A stop on purpose was recorded and its commands sent (`slipway stop`).
+pub const STOP_STARTED: &str = "STOP_STARTED";
+/// Every node stopped the app and recorded the stop.
+pub const STOP_COMPLETED: &str = "STOP_COMPLETED";
+/// At least one node could not stop the app.
+pub const STOP_FAILED: &str = "STOP_FAILED";
+/// A start was recorded and its commands sent (`slipway start`).
+pub const START_STARTED: &str = "START_STARTED";
+/// Every node started the app and it passed the health gate.
+pub const START_COMPLETED: &str = "START_COMPLETED";
+/// At least one node could not start the app.
+pub const START_FAILED: &str = "START_FAILED";
+/// A node repaired an app by itself: started its current release again
+/// after drift or liveness failures (actor: the node; details: the cause).
+pub const APP_RESTORED: &str = "APP_RESTORED";
+/// A node stopped restarting a crashlooping app.
+pub const APP_CRASHLOOPING: &str = "APP_CRASHLOOPING";
 /// A prune was recorded and its commands sent.
 pub const PRUNE_STARTED: &str = "PRUNE_STARTED";
 /// Every node of a prune removed its old releases.

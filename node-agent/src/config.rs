@@ -210,6 +210,17 @@ pub struct RawApp {
     /// Free space on the root's file system below which the agent prunes
     /// (docker images, rotated logs, cached artifacts, store objects).
     pub disk_pressure_free: Option<Size>,
+    /// Consecutive liveness failures that restart the app (0 = never).
+    pub restart_after: Option<i64>,
+    /// Restarts allowed within `restart_window`; one more is a crash loop.
+    pub max_restarts: Option<i64>,
+    pub restart_window: Option<DurationValue>,
+    /// First pause before a liveness restart; doubled after each one.
+    pub restart_backoff: Option<DurationValue>,
+    /// On a crash loop, roll back to the previous good release when the
+    /// current one went live within `crashloop_grace`.
+    pub rollback_on_crashloop: Option<bool>,
+    pub crashloop_grace: Option<DurationValue>,
 }
 
 /// `[apps.NAME.logs]` as written.
@@ -342,6 +353,45 @@ pub struct AppConfig {
     pub logs: LogsConfig,
     /// Prune under disk pressure when free space drops below this.
     pub disk_pressure_free: Option<u64>,
+    /// What `run` does when the app keeps failing its liveness check.
+    pub recovery: RecoveryConfig,
+}
+
+/// Liveness with consequences: restarts, crash loops, automatic rollback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryConfig {
+    /// Consecutive liveness failures that restart the app; 0 = never.
+    pub restart_after: u32,
+    /// Restarts allowed within `restart_window`; the next one needed marks
+    /// the app crashlooping instead of restarting it.
+    pub max_restarts: u32,
+    pub restart_window: Duration,
+    /// Pause before the first restart of a streak, doubled for each next
+    /// one (capped at [`MAX_RESTART_BACKOFF`]), so a dying app is not
+    /// hammered.
+    pub restart_backoff: Duration,
+    /// Roll back by itself when the app crashloops...
+    pub rollback_on_crashloop: bool,
+    /// ...and its current release went live at most this long ago (an
+    /// older release that starts crashing is more likely the machine's
+    /// fault than the release's).
+    pub crashloop_grace: Duration,
+}
+
+/// The longest pause between two liveness restarts.
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            restart_after: 3,
+            max_restarts: 5,
+            restart_window: Duration::from_secs(600),
+            restart_backoff: Duration::from_secs(5),
+            rollback_on_crashloop: false,
+            crashloop_grace: Duration::from_secs(900),
+        }
+    }
 }
 
 /// How an app's logs are rotated.
@@ -550,6 +600,7 @@ impl AppConfig {
             health: None,
             logs: LogsConfig::default(),
             disk_pressure_free: None,
+            recovery: RecoveryConfig::default(),
         }
     }
 }
@@ -714,6 +765,7 @@ impl Config {
                 .disk_pressure_free
                 .as_ref()
                 .map(|v| p.size("disk_pressure_free", Some(v), 0));
+            let recovery = p.recovery(app, health.is_some());
             if let (Some(RunConfig::Docker(_)), Some(h)) = (&run, &health) {
                 if !h.check.mentions_port() {
                     p.push(
@@ -747,6 +799,7 @@ impl Config {
                     health,
                     logs,
                     disk_pressure_free,
+                    recovery,
                 },
             );
         }
@@ -920,6 +973,88 @@ impl Problems<'_> {
             }
         }
         out
+    }
+}
+
+impl Problems<'_> {
+    /// The app's recovery keys, checked.
+    fn recovery(&mut self, app: &RawApp, has_health: bool) -> RecoveryConfig {
+        let d = RecoveryConfig::default();
+        let restart_after = self.small("restart_after", app.restart_after, d.restart_after, 0);
+        let max_restarts = self.small("max_restarts", app.max_restarts, d.max_restarts, 1);
+        let restart_window = self.duration(
+            "restart_window",
+            app.restart_window.as_ref(),
+            d.restart_window,
+        );
+        let restart_backoff = self.duration(
+            "restart_backoff",
+            app.restart_backoff.as_ref(),
+            d.restart_backoff,
+        );
+        let crashloop_grace = self.duration(
+            "crashloop_grace",
+            app.crashloop_grace.as_ref(),
+            d.crashloop_grace,
+        );
+        for (key, v) in [
+            ("restart_window", restart_window),
+            ("restart_backoff", restart_backoff),
+        ] {
+            if v.is_zero() {
+                self.push(key, "must be longer than 0s".into());
+            }
+        }
+        if restart_backoff > MAX_RESTART_BACKOFF {
+            self.push(
+                "restart_backoff",
+                format!("must be at most {}s", MAX_RESTART_BACKOFF.as_secs()),
+            );
+        }
+        let rollback_on_crashloop = app.rollback_on_crashloop.unwrap_or(false);
+        if !has_health {
+            // Without a check nothing counts failures: these keys would
+            // silently do nothing.
+            for (key, set) in [
+                ("restart_after", app.restart_after.is_some_and(|v| v > 0)),
+                ("rollback_on_crashloop", rollback_on_crashloop),
+            ] {
+                if set {
+                    self.push(
+                        key,
+                        "needs a health check ([apps.NAME.health]) to count liveness failures"
+                            .into(),
+                    );
+                }
+            }
+        }
+        if rollback_on_crashloop && restart_after == 0 {
+            self.push(
+                "rollback_on_crashloop",
+                "needs restart_after > 0 (a crash loop is counted in liveness restarts)".into(),
+            );
+        }
+        RecoveryConfig {
+            restart_after,
+            max_restarts,
+            restart_window,
+            restart_backoff,
+            rollback_on_crashloop,
+            crashloop_grace,
+        }
+    }
+
+    /// A count that fits a u32, at least `min`.
+    fn small(&mut self, key: &str, value: Option<i64>, default: u32, min: i64) -> u32 {
+        let v = value.unwrap_or(i64::from(default));
+        if v < min || v > i64::from(u32::MAX) {
+            self.push(
+                key,
+                format!("must be between {min} and {}, got {v}", u32::MAX),
+            );
+            return default;
+        }
+        v as u32
     }
 }
 

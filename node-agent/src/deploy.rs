@@ -434,6 +434,17 @@ impl Session<'_> {
     /// Runs release `id` (which `current` points at) with the app's driver
     /// and holds it to the readiness gate.
     fn serve(&mut self, id: &ReleaseId) -> Result<(Activation, Option<GatePassed>)> {
+        self.serve_as(id, None)
+    }
+
+    /// [`Session::serve`]; with `repair = Some(port)` the driver repairs
+    /// what is left of the release (recorded on `port`) instead of
+    /// activating it afresh.
+    fn serve_as(
+        &mut self,
+        id: &ReleaseId,
+        repair: Option<Option<u16>>,
+    ) -> Result<(Activation, Option<GatePassed>)> {
         let app = self.app().clone();
         let mut activation = Activation::default();
         let driven = match self.deployer.driver() {
@@ -443,7 +454,10 @@ impl Session<'_> {
         if let Some((target, driver)) = &driven {
             // From here on a failure must also restart the previous release.
             self.live = Some(Activation::default());
-            activation = driver.activate(target)?;
+            activation = match repair {
+                Some(port) => driver.repair(target, port)?,
+                None => driver.activate(target)?,
+            };
             tracing::info!(driver = driver.name(), "{}", activation.detail);
             log_line(Some(&self.paths().log(id)), &activation.detail);
             self.live = Some(activation.clone());
@@ -487,13 +501,60 @@ impl Session<'_> {
     /// Restarts the current release through the driver and holds it to the
     /// health gate (`slipway-agent restart`).
     pub fn restart(&mut self) -> Result<(ReleaseId, Activation, Option<GatePassed>)> {
+        self.run_again("restart")?;
+        self.restart_as(None)
+    }
+
+    /// What `slipway-agent run` does to keep the app running: with `repair
+    /// = Some(port)` the driver puts back what drifted (see
+    /// [`Driver::repair`]), with `None` it restarts the app (liveness
+    /// failures); then the health gate. Unlike [`Session::restart`] it keeps
+    /// a stop on purpose and the restart record.
+    pub fn recover(
+        &mut self,
+        repair: Option<Option<u16>>,
+    ) -> Result<(ReleaseId, Activation, Option<GatePassed>)> {
+        self.restart_as(repair)
+    }
+
+    /// Stops the app on purpose (`stop`): the stop is recorded durably
+    /// first, so `slipway-agent run` neither repairs nor restarts it in
+    /// between or after, then the driver stops it. `by` says who asked.
+    pub fn stop(&mut self, by: &str) -> Result<String> {
+        let app = self.app().clone();
+        crate::upkeep::record_stop(&app.root, by)
+            .map_err(|e| ReleaseError::io("record the stop", &app.root)(e))?;
+        let Some(driver) = self.deployer.driver() else {
+            return Ok("stopped on purpose (no driver: nothing was running)".to_owned());
+        };
+        driver.stop(&app)?;
+        Ok(format!("stopped on purpose ({})", driver.name()))
+    }
+
+    /// Someone runs the app again on purpose: a stop on purpose and the
+    /// restart record (a crash loop) are over.
+    fn run_again(&self, what: &str) -> Result<()> {
+        let root = &self.app().root;
+        let was = crate::upkeep::clear_stop(root)
+            .and_then(|was| crate::upkeep::Recovery::clear(root).map(|()| was))
+            .map_err(|e| ReleaseError::io("clear the stop record", root)(e))?;
+        if was {
+            tracing::info!(app = %self.app().name, "{what}: the app was stopped on purpose; it runs again");
+        }
+        Ok(())
+    }
+
+    fn restart_as(
+        &mut self,
+        repair: Option<Option<u16>>,
+    ) -> Result<(ReleaseId, Activation, Option<GatePassed>)> {
         let current = self
             .inner
             .current()?
             .ok_or_else(|| ReleaseError::NothingDeployed {
                 app: self.app().name.clone(),
             })?;
-        let (a, h) = self.serve(&current)?;
+        let (a, h) = self.serve_as(&current, repair)?;
         self.live = None;
         self.inner.record_port(&current, a.port)?;
         Ok((current, a, h))
@@ -501,6 +562,7 @@ impl Session<'_> {
 
     /// Deploys an artifact: the whole state machine above, under the lock.
     pub fn deploy(&mut self, req: &DeployRequest) -> Result<DeployReport> {
+        self.run_again("deploy")?;
         let mut timer = Timer::new();
         let fetched = cache::copy_file(&self.paths().cache, &req.artifact, req.sha256.as_ref())
             .map_err(|e| DeployError::fetch(&req.artifact, e))?;
@@ -680,6 +742,7 @@ impl Session<'_> {
     /// release rolled away from as bad, and puts it in service. Entirely
     /// node-local.
     pub fn rollback(&mut self, to: Option<&ReleaseId>) -> Result<RollbackReport> {
+        self.run_again("rollback")?;
         let (from, to) = self.inner.rollback(to)?;
         // Serve the release rolled back to. A failure here does not undo the
         // rollback (the operator asked for this release); it is reported.

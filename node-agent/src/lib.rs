@@ -46,6 +46,9 @@
 //! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
 //! - [`supervise`]: the process the exec driver leaves running.
+//! - [`upkeep`]: what `run` keeps about keeping each app running: a stop
+//!   on purpose, the restarts it made (crash loops), and the node events
+//!   (`APP_RESTORED`…) on their way to the controller.
 //!
 //! **L0 — foundations** (no calls upward)
 //! - [`config`]: `agent.toml`, checked once into runtime values (an
@@ -83,6 +86,7 @@ pub mod logs;
 pub mod metrics;
 pub mod release;
 pub mod supervise;
+pub mod upkeep;
 
 // L0
 pub mod bridge;

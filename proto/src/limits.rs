@@ -15,8 +15,8 @@ use std::fmt;
 use crate::v1::{
     agent_message, controller_message, selector, AgentMessage, AppStatus, CommandResult,
     ControllerMessage, DeployRequest, EnrollRequest, FetchArtifactRequest, FleetStatusRequest,
-    Heartbeat, Hello, NodeMetrics, Progress, PruneRequest, RenewRequest, RestartRequest,
-    RollbackRequest, Selector,
+    Heartbeat, Hello, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, RenewRequest,
+    RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
 };
 
 /// Node names: a droplet's host name fits (DNS names are at most 253).
@@ -470,6 +470,34 @@ impl Validate for CommandResult {
     }
 }
 
+/// Event ids in one NodeEventAck.
+pub const MAX_EVENT_IDS: usize = 256;
+
+impl Validate for NodeEvent {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_line("event_id", &self.event_id, MAX_COMMAND_ID)?;
+        if self.event_id.is_empty() {
+            return Err(FieldError::new("event_id", "must not be empty"));
+        }
+        if !matches!(
+            NodeEventKind::try_from(self.kind),
+            Ok(NodeEventKind::AppRestored
+                | NodeEventKind::AppCrashlooping
+                | NodeEventKind::AppRolledBack)
+        ) {
+            return Err(FieldError::new(
+                "kind",
+                format!("{} is not a node event kind", self.kind),
+            ));
+        }
+        check_app_name("app", &self.app)?;
+        check_optional_release_id("release_id", &self.release_id)?;
+        check_optional_release_id("from_release_id", &self.from_release_id)?;
+        check_len("cause", &self.cause, MAX_MESSAGE)?;
+        check_len("outcome", &self.outcome, MAX_MESSAGE)
+    }
+}
+
 impl Validate for AgentMessage {
     fn validate(&self) -> Result<(), FieldError> {
         match &self.kind {
@@ -482,6 +510,9 @@ impl Validate for AgentMessage {
                 m.validate().map_err(|e| e.within("progress"))
             }
             Some(agent_message::Kind::Result(m)) => m.validate().map_err(|e| e.within("result")),
+            Some(agent_message::Kind::NodeEvent(m)) => {
+                m.validate().map_err(|e| e.within("node_event"))
+            }
         }
     }
 }
@@ -513,6 +544,20 @@ impl Validate for ControllerMessage {
             Some(Kind::Restart(r)) => {
                 command(&r.command_id, &r.app).map_err(|e| e.within("restart"))
             }
+            Some(Kind::StopApp(r)) => {
+                command(&r.command_id, &r.app).map_err(|e| e.within("stop_app"))
+            }
+            Some(Kind::StartApp(r)) => {
+                command(&r.command_id, &r.app).map_err(|e| e.within("start_app"))
+            }
+            Some(Kind::NodeEventAck(a)) => (|| {
+                check_count("event_ids", a.event_ids.len(), MAX_EVENT_IDS)?;
+                for (i, id) in a.event_ids.iter().enumerate() {
+                    check_line(&format!("event_ids[{i}]"), id, MAX_COMMAND_ID)?;
+                }
+                Ok(())
+            })()
+            .map_err(|e: FieldError| e.within("node_event_ack")),
         }
     }
 }
@@ -543,6 +588,20 @@ impl Validate for RestartRequest {
     }
 }
 
+impl Validate for StopRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for StartRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
 impl Validate for PruneRequest {
     fn validate(&self) -> Result<(), FieldError> {
         check_app_name("app", &self.app)?;
@@ -562,6 +621,86 @@ impl Validate for FleetStatusRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_events_are_checked_field_by_field() {
+        use crate::v1::{NodeEventAck, NodeEventKind};
+        let good = || NodeEvent {
+            event_id: "web.1764560000000.0".into(),
+            kind: NodeEventKind::AppRestored as i32,
+            app: "web".into(),
+            release_id: "v1".into(),
+            from_release_id: String::new(),
+            cause: "the PM2 daemon is not running".into(),
+            outcome: "repaired".into(),
+            ok: true,
+            unix_time: 1,
+        };
+        good().validate().unwrap();
+        let field = |e: NodeEvent| e.validate().unwrap_err().field;
+        assert_eq!(
+            field(NodeEvent {
+                event_id: String::new(),
+                ..good()
+            }),
+            "event_id"
+        );
+        assert_eq!(
+            field(NodeEvent {
+                event_id: "a\nb".into(),
+                ..good()
+            }),
+            "event_id"
+        );
+        assert_eq!(field(NodeEvent { kind: 0, ..good() }), "kind");
+        assert_eq!(field(NodeEvent { kind: 99, ..good() }), "kind");
+        assert_eq!(
+            field(NodeEvent {
+                app: "../x".into(),
+                ..good()
+            }),
+            "app"
+        );
+        assert_eq!(
+            field(NodeEvent {
+                from_release_id: "../x".into(),
+                ..good()
+            }),
+            "from_release_id"
+        );
+        let long = "x".repeat(MAX_MESSAGE + 1);
+        assert_eq!(
+            field(NodeEvent {
+                cause: long.clone(),
+                ..good()
+            }),
+            "cause"
+        );
+        assert_eq!(
+            field(NodeEvent {
+                outcome: long,
+                ..good()
+            }),
+            "outcome"
+        );
+        let wrapped = AgentMessage {
+            kind: Some(agent_message::Kind::NodeEvent(NodeEvent {
+                kind: 7,
+                ..good()
+            })),
+        };
+        assert_eq!(wrapped.validate().unwrap_err().field, "node_event.kind");
+        let ack = |n: usize| ControllerMessage {
+            kind: Some(controller_message::Kind::NodeEventAck(NodeEventAck {
+                event_ids: vec!["e".into(); n],
+            })),
+        };
+        ack(MAX_EVENT_IDS).validate().unwrap();
+        assert_eq!(
+            ack(MAX_EVENT_IDS + 1).validate().unwrap_err().field,
+            "node_event_ack.event_ids"
+        );
+    }
 
     #[test]
     fn names_follow_one_rule() {

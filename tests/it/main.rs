@@ -21,6 +21,7 @@ mod deploy;
 mod docker;
 mod fleet;
 mod install;
+mod keep;
 mod pm2;
 mod reconnect;
 mod rollout;

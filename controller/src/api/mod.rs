@@ -13,7 +13,7 @@ use slipway_proto::limits;
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
     controller_message, ControllerMessage, FleetStatusRequest, FleetStatusResponse, PruneRequest,
-    RestartRequest, StatusRequest,
+    RestartRequest, StartRequest, StatusRequest, StopRequest,
 };
 use slipway_proto::v1::{
     selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
@@ -357,6 +357,8 @@ impl Control for ControlService {
     type DeployStream = ReceiverStream<Result<DeployEvent, Status>>;
     type RollbackStream = ReceiverStream<Result<DeployEvent, Status>>;
     type RestartStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type StopStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type StartStream = ReceiverStream<Result<DeployEvent, Status>>;
     type PruneStream = ReceiverStream<Result<DeployEvent, Status>>;
 
     async fn list_nodes(
@@ -521,6 +523,44 @@ impl Control for ControlService {
                 req.selector.as_ref(),
                 Action::Restart,
                 req.rollout.as_ref(),
+            )
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn stop(
+        &self,
+        request: Request<StopRequest>,
+    ) -> Result<Response<Self::StopStream>, Status> {
+        let req = request.get_ref();
+        validated(req)?;
+        let stream = self
+            .run_command(
+                &request,
+                &req.app,
+                "stop",
+                req.selector.as_ref(),
+                Action::Stop,
+                None,
+            )
+            .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn start(
+        &self,
+        request: Request<StartRequest>,
+    ) -> Result<Response<Self::StartStream>, Status> {
+        let req = request.get_ref();
+        validated(req)?;
+        let stream = self
+            .run_command(
+                &request,
+                &req.app,
+                "start",
+                req.selector.as_ref(),
+                Action::Start,
+                None,
             )
             .await?;
         Ok(Response::new(stream))

@@ -362,16 +362,30 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
                 notes.push(format!("{name} has no release on {}", v.name));
                 continue;
             }
+            if let Some(why) = a.health.strip_prefix("stopped:") {
+                // Stopped on purpose: worth knowing, not a failure.
+                notes.push(format!("{name} is stopped on {}:{why}", v.name));
+                continue;
+            }
+            let crashlooping = a.health.starts_with("crashlooping:");
             let bad = a
                 .health
                 .strip_prefix("unhealthy:")
+                .or_else(|| a.health.strip_prefix("crashlooping:"))
                 .or_else(|| a.health.starts_with("error:").then_some(a.health.as_str()));
             if let Some(output) = bad {
                 let output = output.trim().to_owned();
-                problems.push(format!(
-                    "{name} on {} ({}) is not healthy: {}",
-                    v.name, a.current_release, a.health
-                ));
+                problems.push(if crashlooping {
+                    format!(
+                        "{name} on {} ({}) is crashlooping: {output}",
+                        v.name, a.current_release
+                    )
+                } else {
+                    format!(
+                        "{name} on {} ({}) is not healthy: {}",
+                        v.name, a.current_release, a.health
+                    )
+                });
                 unhealthy.push(UnhealthyApp {
                     node_id: v.id.clone(),
                     node_name: v.name.clone(),
@@ -676,6 +690,55 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("did not answer (timed out)"), "{text}");
+    }
+
+    #[test]
+    fn a_crashlooping_app_is_a_problem_and_a_stopped_one_a_note() {
+        let views = [
+            node(
+                "a",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app(
+                    "web",
+                    "v2",
+                    "crashlooping: 5 restarts of v2 within the window; restarts stopped",
+                )],
+            ),
+            node(
+                "b",
+                NodeState::Online,
+                "1.0",
+                20,
+                vec![app(
+                    "web",
+                    "v2",
+                    "stopped: on purpose by slipway-agent stop at 2026-12-01T00:00:00Z",
+                )],
+            ),
+        ];
+        let connected = ["n-a".to_owned(), "n-b".to_owned()];
+        let status = summarize_status(
+            &views,
+            &StatusInputs {
+                app: None,
+                connected: &connected,
+                refresh: None,
+                deployments: &[],
+                now: 100,
+            },
+        );
+        assert_eq!(
+            status.problems,
+            ["web on a (v2) is crashlooping: 5 restarts of v2 within the window; restarts stopped"]
+        );
+        assert_eq!(
+            status.notes,
+            ["web is stopped on b: on purpose by slipway-agent stop at 2026-12-01T00:00:00Z"]
+        );
+        assert_eq!(status.apps[0].unhealthy.len(), 1);
+        assert!(!status.ok());
     }
 
     #[test]

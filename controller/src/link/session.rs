@@ -38,7 +38,8 @@ use slipway_proto::limits::{FieldError, Validate as _};
 use slipway_proto::v1::agent_link_server::AgentLink;
 use slipway_proto::v1::{
     agent_message, controller_message, AgentMessage, ArtifactChunk, ControllerMessage,
-    FetchArtifactRequest, RenewRequest, RenewResponse, Welcome,
+    FetchArtifactRequest, NodeEvent, NodeEventAck, NodeEventKind, RenewRequest, RenewResponse,
+    Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -367,6 +368,22 @@ async fn run_session(
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Result(result)),
             })) => commands.result(&node_id, result),
+            Ok(Some(AgentMessage {
+                kind: Some(agent_message::Kind::NodeEvent(event)),
+            })) => {
+                // Acknowledged only once stored, so the agent keeps it
+                // until then; a resend is recorded once (audit_once).
+                if record_node_event(&store, &node_id, &event).await {
+                    let ack = ControllerMessage {
+                        kind: Some(controller_message::Kind::NodeEventAck(NodeEventAck {
+                            event_ids: vec![event.event_id],
+                        })),
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        break None;
+                    }
+                }
+            }
             // A second Hello or an empty frame: nothing to do.
             Ok(Some(_)) => {}
             Ok(None) => break None,
@@ -391,6 +408,66 @@ async fn run_session(
     // starts the deployments' reconnect grace.
     if !sessions.contains(&node_id) {
         commands.disconnected(&node_id);
+    }
+}
+
+/// Records a node event in the audit log (once per node and event id):
+/// a repair as `APP_RESTORED`, a crash loop as `APP_CRASHLOOPING`, an
+/// automatic rollback like a rollback (`ROLLBACK_COMPLETED` /
+/// `ROLLBACK_FAILED`, with `automatic: true`). Returns whether it is stored
+/// (new or already), i.e. may be acknowledged.
+async fn record_node_event(store: &Store, node_id: &str, e: &NodeEvent) -> bool {
+    let kind = NodeEventKind::try_from(e.kind).unwrap_or(NodeEventKind::Unspecified);
+    let event_type = match (kind, e.ok) {
+        (NodeEventKind::AppRestored, _) => audit::APP_RESTORED,
+        (NodeEventKind::AppCrashlooping, _) => audit::APP_CRASHLOOPING,
+        (NodeEventKind::AppRolledBack, true) => audit::ROLLBACK_COMPLETED,
+        (NodeEventKind::AppRolledBack, false) => audit::ROLLBACK_FAILED,
+        // Validation refused it already.
+        (NodeEventKind::Unspecified, _) => return false,
+    };
+    let node_name = store
+        .find_node(node_id)
+        .await
+        .ok()
+        .and_then(|rows| rows.into_iter().find(|n| n.id == node_id))
+        .map(|n| n.name)
+        .unwrap_or_default();
+    let details = serde_json::json!({
+        "node": node_id,
+        "node_name": node_name,
+        "event_id": e.event_id,
+        "release_id": e.release_id,
+        "from_release_id": e.from_release_id,
+        "cause": e.cause,
+        "outcome": e.outcome,
+        "automatic": true,
+        "agent_unix_time": e.unix_time,
+    });
+    let event = if e.ok {
+        AuditEvent::success(event_type, node_id, "app", &e.app, details)
+    } else {
+        AuditEvent::error(
+            event_type,
+            node_id,
+            "app",
+            &e.app,
+            details,
+            e.outcome.clone(),
+        )
+    };
+    let key = format!("{node_id}/{}", e.event_id);
+    match store.audit_once(&key, &event, crate::now_unix()).await {
+        Ok(new) => {
+            if new {
+                tracing::info!(%node_id, app = %e.app, event = event_type, "{}: {}", e.cause, e.outcome);
+            }
+            true
+        }
+        Err(err) => {
+            tracing::error!(%node_id, %err, "could not record node event");
+            false
+        }
     }
 }
 

@@ -128,7 +128,11 @@ pub async fn start(
             artifact_url,
             ..
         } => (sha256.as_str(), artifact_url.as_str()),
-        Action::Rollback { .. } | Action::Restart | Action::Prune { .. } => ("", ""),
+        Action::Rollback { .. }
+        | Action::Restart
+        | Action::Stop
+        | Action::Start
+        | Action::Prune { .. } => ("", ""),
     };
     if !sha.is_empty() {
         details["artifact_sha256"] = serde_json::Value::from(sha);

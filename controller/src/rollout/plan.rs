@@ -36,6 +36,10 @@ pub enum Action {
     },
     /// Restart the app's current release (driver restart, health gate).
     Restart,
+    /// Stop the app on purpose (the agents leave it stopped until Start).
+    Stop,
+    /// Start an app stopped on purpose (health gate).
+    Start,
     /// Delete old releases (never the current one or the rollback target).
     Prune {
         /// Releases to keep; 0 = the app's `keep` setting on each node.
@@ -50,6 +54,8 @@ impl Action {
             Self::Deploy { .. } => "deploy",
             Self::Rollback { .. } => "rollback",
             Self::Restart => "restart",
+            Self::Stop => "stop",
+            Self::Start => "start",
             Self::Prune { .. } => "prune",
         }
     }
@@ -59,7 +65,7 @@ impl Action {
         match self {
             Self::Deploy { release_id, .. } => release_id,
             Self::Rollback { to_release_id } => to_release_id,
-            Self::Restart | Self::Prune { .. } => "",
+            Self::Restart | Self::Stop | Self::Start | Self::Prune { .. } => "",
         }
     }
 
@@ -76,6 +82,8 @@ impl Action {
             Self::Deploy { .. } => audit::DEPLOY_STARTED,
             Self::Rollback { .. } => audit::ROLLBACK_STARTED,
             Self::Restart => audit::RESTART_STARTED,
+            Self::Stop => audit::STOP_STARTED,
+            Self::Start => audit::START_STARTED,
             Self::Prune { .. } => audit::PRUNE_STARTED,
         }
     }
@@ -89,6 +97,10 @@ impl Action {
             (Self::Rollback { .. }, false) => audit::ROLLBACK_FAILED,
             (Self::Restart, true) => audit::RESTART_COMPLETED,
             (Self::Restart, false) => audit::RESTART_FAILED,
+            (Self::Stop, true) => audit::STOP_COMPLETED,
+            (Self::Stop, false) => audit::STOP_FAILED,
+            (Self::Start, true) => audit::START_COMPLETED,
+            (Self::Start, false) => audit::START_FAILED,
             (Self::Prune { .. }, true) => audit::PRUNE_COMPLETED,
             (Self::Prune { .. }, false) => audit::PRUNE_FAILED,
         }
@@ -119,6 +131,14 @@ impl Action {
                 })
             }
             Self::Restart => controller_message::Kind::Restart(slipway_proto::v1::Restart {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+            }),
+            Self::Stop => controller_message::Kind::StopApp(slipway_proto::v1::StopApp {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+            }),
+            Self::Start => controller_message::Kind::StartApp(slipway_proto::v1::StartApp {
                 command_id: command_id.to_owned(),
                 app: app.to_owned(),
             }),

@@ -14,6 +14,44 @@ impl Store {
         insert_audit(&mut conn, event, now).await
     }
 
+    /// Records `event` under an id derived from `key` unless an event with
+    /// that key was recorded before (an agent resending a node event it
+    /// kept until acknowledged). Returns whether it was new.
+    pub async fn audit_once(
+        &self,
+        key: &str,
+        event: &AuditEvent,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let h = crypto::sha256_hex(key.as_bytes());
+        // UUID-shaped (version 5 style bits) so it reads like every other id.
+        let id = format!(
+            "{}-{}-5{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[13..16],
+            &h[16..20],
+            &h[20..32]
+        );
+        let done = sqlx::query(
+            "INSERT OR IGNORE INTO audit_events (id, created_at, event_type, actor, resource_type,
+                                   resource_id, details, status, error_message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(event.event_type)
+        .bind(&event.actor)
+        .bind(event.resource_type)
+        .bind(&event.resource_id)
+        .bind(event.details.to_string())
+        .bind(event.status)
+        .bind(&event.error_message)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Every audit event, oldest first.
     pub async fn audit_events(&self) -> Result<Vec<AuditRecord>, StoreError> {
         self.audit_events_since(i64::MIN).await

@@ -229,6 +229,8 @@ impl Store {
             let event_type = match kind.as_str() {
                 "rollback" => crate::audit::ROLLBACK_FAILED,
                 "restart" => crate::audit::RESTART_FAILED,
+                "stop" => crate::audit::STOP_FAILED,
+                "start" => crate::audit::START_FAILED,
                 "prune" => crate::audit::PRUNE_FAILED,
                 _ => crate::audit::DEPLOY_FAILED,
             };

@@ -23,7 +23,7 @@ use slipway_controller::proto::v1::{
     agent_message, AppStatus, CommandResult, DeployRequest, DiskUsage, EnrollRequest,
     FetchArtifactRequest, FleetStatusRequest, Heartbeat, ListAuditRequest, ListNodesRequest,
     NodeMetrics, Progress, PruneRequest, ReleaseInfo, RestartRequest, RollbackRequest, Selector,
-    UploadChunk,
+    StartRequest, StopRequest, UploadChunk,
 };
 use slipway_controller::proto::view;
 use tonic::Code;
@@ -397,6 +397,68 @@ async fn an_agent_message_over_a_limit_ends_its_session_naming_the_field() {
     controller.stop().await;
 }
 
+#[tokio::test]
+async fn node_events_are_acknowledged_recorded_once_and_checked() {
+    use slipway_controller::proto::v1::{controller_message, NodeEvent, NodeEventKind};
+    let controller = Controller::start().await;
+    let (state, node_id) = controller.enroll("web-1").await;
+    let mut session = controller.connect(state.path(), &node_id).await;
+    let event = |cause: String| NodeEvent {
+        event_id: "web.1.0".to_owned(),
+        kind: NodeEventKind::AppRestored as i32,
+        app: "web".to_owned(),
+        release_id: "v1".to_owned(),
+        cause,
+        outcome: "repaired".to_owned(),
+        ok: true,
+        ..Default::default()
+    };
+    // Sent twice (as after a reconnect before the acknowledgement): both
+    // acknowledged, recorded once.
+    for _ in 0..2 {
+        crate::support::send(
+            &session,
+            agent_message::Kind::NodeEvent(event("gone".into())),
+        )
+        .await;
+        let ack = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match ack.kind {
+            Some(controller_message::Kind::NodeEventAck(a)) => {
+                assert_eq!(a.event_ids, ["web.1.0"]);
+            }
+            other => panic!("expected an acknowledgement, got {other:?}"),
+        }
+    }
+    let recorded: Vec<_> = controller
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "APP_RESTORED")
+        .collect();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].actor, node_id);
+    assert_eq!(recorded[0].resource_id, "web");
+    assert_eq!(recorded[0].details["cause"], "gone");
+    assert_eq!(recorded[0].details["node_name"], "web-1");
+    // Over a limit: the session ends naming the field.
+    crate::support::send(
+        &session,
+        agent_message::Kind::NodeEvent(event("c".repeat(limits::MAX_MESSAGE + 1))),
+    )
+    .await;
+    let ended = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    assert!(ended.message().contains("node_event.cause"), "{ended:?}");
+    controller.stop().await;
+}
+
 // --- property test ----------------------------------------------------------
 
 /// Strings of every kind: short printable, valid names, control characters,
@@ -486,6 +548,26 @@ async fn throw(
         ))
         .await;
     assert_clear("restart", &answer);
+    let answer = control
+        .stop(authed(
+            StopRequest {
+                app: f.a.clone(),
+                selector: selector(&f.b, false),
+            },
+            token,
+        ))
+        .await;
+    assert_clear("stop", &answer);
+    let answer = control
+        .start(authed(
+            StartRequest {
+                app: f.c.clone(),
+                selector: selector(&f.a, true),
+            },
+            token,
+        ))
+        .await;
+    assert_clear("start", &answer);
     let answer = control
         .prune(authed(
             PruneRequest {

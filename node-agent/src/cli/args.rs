@@ -112,10 +112,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop the app's processes (the release files stay).
+    /// Stop the app's processes on purpose (the release files stay):
+    /// `run` leaves it stopped — no repair, no restart — until `start`.
     Stop {
         #[arg(long)]
         app: String,
+    },
+    /// Run an app stopped on purpose (or crashlooping) again: clears the
+    /// stop and the restart record, restarts the current release through
+    /// its driver and runs the health gate.
+    Start {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Run the agent: liveness checks, log rotation and disk-pressure
     /// pruning for every app, until SIGTERM.

@@ -484,20 +484,26 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Stop { app } => {
             let config = load()?;
-            let app_cfg = config.app(&app).map_err(|e| usage(e.to_string()))?;
-            let bridge = owned_bridge()?;
-            let Some(driver) = crate::driver::for_app(app_cfg, &bridge) else {
-                return Err(usage(format!(
-                    "app {app:?} has no [apps.{app}.run] driver to stop"
-                )));
-            };
-            let store = Deployer::new(app_cfg, &bridge);
-            let _session = store.begin("stop", None)?;
-            driver.stop(app_cfg).map_err(|e| Failure {
-                code: 1,
-                message: e.to_string(),
-            })?;
-            println!("{app}: stopped ({})", driver.name());
+            let store = store_for(&config, &app)?;
+            let mut session = store.begin("stop", None)?;
+            let done = session.stop("slipway-agent stop")?;
+            println!("{app}: {done}; `slipway-agent start --app {app}` runs it again");
+        }
+        Command::Start { app, json } => {
+            let config = load()?;
+            let store = store_for(&config, &app)?;
+            let mut session = store.begin("start", None)?;
+            let (release, activation, health) = session.restart()?;
+            if json {
+                print_json(
+                    &serde_json::json!({ "app": app, "release": release, "activation": activation, "health": health }),
+                );
+            } else {
+                println!("{app}: started {release}: {}", activation.detail);
+                if let Some(h) = health {
+                    println!("healthy after {} probes: {}", h.probes, h.last.output);
+                }
+            }
         }
         Command::Run { ready_file } => {
             let config = load()?;
@@ -575,6 +581,7 @@ fn deploy_from_url(
 
 fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStatus, Failure> {
     let snapshot = Deployer::new(app, bridge).snapshot()?;
+    let snapshot_current = snapshot.current.as_ref().map(ToString::to_string);
     let (processes, process_error) = match crate::driver::for_app(app, bridge) {
         None => (None, None),
         Some(d) => match d.status(app) {
@@ -589,5 +596,17 @@ fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStat
         liveness: crate::health::Liveness::load(&app.root),
         logs: crate::logs::LogsState::load(&app.root),
         last_prune: crate::release::PruneRecord::load(&app.root),
+        stopped: crate::upkeep::stopped(&app.root),
+        crashloop: crate::upkeep::crashloop(&app.root, snapshot_current.as_deref()),
+        restarts: crate::upkeep::Recovery::read(&app.root)
+            .filter(|r| r.release == snapshot_current)
+            .map(|r| r.restarts)
+            .unwrap_or_default(),
+        events: {
+            let mut e = crate::upkeep::Events::load(&app.root).events;
+            let skip = e.len().saturating_sub(20);
+            e.drain(..skip);
+            e
+        },
     })
 }

@@ -27,6 +27,16 @@ pub(super) struct AppStatus {
     pub(super) logs: crate::logs::LogsState,
     /// The last prune and what it freed.
     pub(super) last_prune: Option<crate::release::PruneRecord>,
+    /// Set while the app is stopped on purpose (`run` leaves it alone).
+    pub(super) stopped: Option<crate::upkeep::Stopped>,
+    /// Set while the current release is crashlooping (restarts stopped).
+    pub(super) crashloop: Option<crate::upkeep::Crashloop>,
+    /// Restarts and repairs `run` made of the current release (unix
+    /// seconds), within the restart window as last counted.
+    pub(super) restarts: Vec<i64>,
+    /// The latest node events (repairs, crash loops, automatic rollbacks),
+    /// newest last, with whether the controller has them.
+    pub(super) events: Vec<crate::upkeep::Event>,
 }
 
 pub(super) fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus]) {
@@ -84,6 +94,29 @@ pub(super) fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus
         }
         if let Some(e) = &a.process_error {
             println!("  processes: {e}");
+        }
+        if let Some(st) = &a.stopped {
+            println!(
+                "  STOPPED on purpose by {} (`slipway-agent start` runs it again)",
+                st.by
+            );
+        }
+        if let Some(c) = &a.crashloop {
+            println!(
+                "  CRASHLOOPING: {} restarts of {} within the window; {}",
+                c.restarts, c.release, c.action
+            );
+        }
+        for e in a.events.iter().rev().take(5).rev() {
+            println!(
+                "  event {} {} {}: {} -> {}",
+                e.at.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                e.kind.as_str(),
+                e.release,
+                e.cause,
+                e.outcome
+            );
         }
         if let Some(l) = &a.liveness {
             println!(

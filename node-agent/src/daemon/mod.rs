@@ -1,9 +1,12 @@
-//! `slipway-agent run`: the long-running agent. On start it brings back apps
-//! of the exec driver whose supervisor is gone (after a reboot: PM2 and
-//! Docker have their own resurrection). Then, per app, until shutdown:
+//! `slipway-agent run`: the long-running agent. On start it reconciles
+//! every app — what its driver runs against its current release — and
+//! repairs drift (after a reboot: the PM2 daemon gone, containers stopped,
+//! the exec supervisor dead). Then, per app, until shutdown:
 //!
-//! - [`liveness`]: the app's health check on its interval, with results
-//!   (and timestamps) in `.slipway/health.json`;
+//! - [`liveness`]: the same reconcile and the app's health check on its
+//!   interval, with results (and timestamps) in `.slipway/health.json`;
+//!   failures in a row restart the app, too many restarts are a crash loop
+//!   (see the module);
 //! - [`housekeeping`]: logs rotated as soon as inotify says one passed its
 //!   size (or on a tick, for age), and pruning when free space falls below
 //!   the app's `disk_pressure_free`.
@@ -21,10 +24,7 @@ use slipway_proto::notify::Notifier;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Bridge;
-use crate::config::{AppConfig, Config, RunConfig};
-use crate::deploy::Deployer;
-use crate::release::activate;
-use crate::supervise;
+use crate::config::{AppConfig, Config};
 
 /// How long shutdown waits for each task (an in-flight probe, a rotation).
 const DRAIN: Duration = Duration::from_secs(5);
@@ -48,7 +48,8 @@ pub async fn run(
     let b = bridge.clone();
     tokio::task::spawn_blocking(move || {
         for app in &apps {
-            resurrect(app, &b);
+            // Failures counted from here on by each app's loop.
+            liveness::pass(app, &b, &mut 0);
         }
     })
     .await?;
@@ -57,8 +58,8 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut readiness = Vec::new();
     for app in config.apps.values() {
-        if app.health.is_some() {
-            let t = tokio::spawn(liveness::watch(app.clone(), stop.clone()));
+        if app.health.is_some() || app.run.is_some() {
+            let t = tokio::spawn(liveness::watch(app.clone(), bridge.clone(), stop.clone()));
             tasks.push((format!("liveness check of {}", app.name), t));
         }
         let (ready, is_ready) = tokio::sync::oneshot::channel();
@@ -150,35 +151,6 @@ async fn watchdog(notifier: std::sync::Arc<Notifier>, every: Duration, stop: Can
         if let Err(e) = notifier.watchdog() {
             tracing::warn!(error = %e, "cannot notify systemd (WATCHDOG=1)");
         }
-    }
-}
-
-/// Starts the current release of an exec-driver app that has no running
-/// supervisor. Errors are logged: one app must not keep the agent down.
-fn resurrect(app: &AppConfig, bridge: &Bridge) {
-    if !matches!(app.run, Some(RunConfig::Exec(_))) {
-        return;
-    }
-    if supervise::is_running(&supervise::RunFiles::new(&app.root)) {
-        return;
-    }
-    let current = match activate::read_current(&app.root) {
-        Ok(Some(c)) => c,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(app = %app.name, error = %e, "cannot read current release");
-            return;
-        }
-    };
-    // Under the app's lock, so a deploy starting now cannot race the start.
-    let store = Deployer::new(app, bridge);
-    let result = store
-        .begin("start", Some(&current))
-        .map_err(|e| e.to_string())
-        .and_then(|mut session| session.restart().map_err(|e| e.to_string()));
-    match result {
-        Ok((release, a, _)) => tracing::info!(app = %app.name, %release, "started: {}", a.detail),
-        Err(e) => tracing::error!(app = %app.name, error = %e, "cannot start the app"),
     }
 }
 

@@ -131,6 +131,14 @@ impl Driver for Docker {
         self.run(|engine| async move { engine.restore(previous, failed).await })
     }
 
+    fn drift(&self, target: &Target, port: Option<u16>) -> Result<Option<String>, DriverError> {
+        self.run(|engine| async move { engine.drift(target, port).await })
+    }
+
+    fn repair(&self, target: &Target, port: Option<u16>) -> Result<Activation, DriverError> {
+        self.run(|engine| async move { engine.repair(target, port).await })
+    }
+
     fn stop(&self, app: &AppConfig) -> Result<(), DriverError> {
         self.run(|engine| async move {
             for c in engine.containers(&app.name).await? {
@@ -490,6 +498,88 @@ impl<'a> Engine<'a> {
                 })
             }
         }
+    }
+
+    /// What differs from "the container of `target`'s release runs, on
+    /// `port`, alone".
+    async fn drift(
+        &self,
+        target: &Target,
+        port: Option<u16>,
+    ) -> Result<Option<String>, DriverError> {
+        let name = container_name(&target.app.name, &target.release);
+        let containers = self.containers(&target.app.name).await?;
+        let mut problems = Vec::new();
+        match containers.iter().find(|c| c.name == name) {
+            None => problems.push(format!("container {name} is gone (`docker rm`?)")),
+            Some(c) if c.state != "running" => problems.push(format!(
+                "container {name} is {} (dockerd restarted, or `docker stop`?)",
+                c.state
+            )),
+            Some(c) if port.is_some() && c.port != port => problems.push(format!(
+                "container {name} is on port {}, not the live port {}",
+                port_text(c.port),
+                port_text(port)
+            )),
+            Some(_) => {}
+        }
+        for c in containers.iter().filter(|c| c.name != name && c.is_live()) {
+            problems.push(format!(
+                "container {} of release {} is still live",
+                c.name,
+                c.release.as_deref().unwrap_or("?")
+            ));
+        }
+        Ok((!problems.is_empty()).then(|| problems.join("; ")))
+    }
+
+    /// Brings `target`'s container back: started again when it is only
+    /// stopped (the engine binds its port again), recreated on the live
+    /// `port` when it is gone (or on the free port of the pair when another
+    /// container holds it). Other containers go at the commit.
+    async fn repair(&self, target: &Target, port: Option<u16>) -> Result<Activation, DriverError> {
+        let name = container_name(&target.app.name, &target.release);
+        let containers = self.containers(&target.app.name).await?;
+        let mine = containers.iter().find(|c| c.name == name);
+        if let Some(c) = mine {
+            if c.state == "running" && (port.is_none() || c.port == port) {
+                return Ok(Activation {
+                    port: c.port,
+                    handle: Some(c.id.clone()),
+                    detail: format!("container {name} on port {} kept", port_text(c.port)),
+                });
+            }
+            if c.is_stale() && (port.is_none() || c.port == port) {
+                let p = c.port.unwrap_or(self.config.ports[0]);
+                self.start(&c.id, &c.name, p).await?;
+                return Ok(Activation {
+                    port: Some(p),
+                    handle: Some(c.id.clone()),
+                    detail: format!("container {name} on port {p} started again"),
+                });
+            }
+            self.retire(c).await?;
+        }
+        let image = self.image_for(target).await?;
+        let image = self.tag_release(&image, target).await?;
+        let live: Vec<Container> = containers
+            .into_iter()
+            .filter(|c| c.name != name && c.is_live())
+            .collect();
+        let p = match port {
+            Some(p)
+                if self.config.ports.contains(&p) && !live.iter().any(|c| c.port == Some(p)) =>
+            {
+                p
+            }
+            _ => pick_port(self.config.ports, &live).map_err(failed)?,
+        };
+        let id = self.launch(target, &image, &name, p).await?;
+        Ok(Activation {
+            port: Some(p),
+            handle: Some(id),
+            detail: format!("container {name} on port {p} recreated"),
+        })
     }
 
     /// Creates and starts the container `name` of `target` on `port`;

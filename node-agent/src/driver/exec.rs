@@ -198,6 +198,30 @@ impl Driver for Exec {
         ))
     }
 
+    fn drift(&self, target: &Target, _port: Option<u16>) -> Result<Option<String>, DriverError> {
+        let files = RunFiles::new(&target.app.root);
+        if !supervise::is_running(&files) {
+            return Ok(Some(
+                "the exec supervisor is not running (a reboot, or it was killed)".into(),
+            ));
+        }
+        let Some(state) = State::load(&files) else {
+            return Ok(Some("the exec supervisor has written no state".into()));
+        };
+        let want = target.release.as_str();
+        match state.release.as_deref() {
+            // Its own restart of a crashed child (backoff) is not drift.
+            Some(r) if r == want => Ok(None),
+            Some(r) => Ok(Some(format!(
+                "the exec supervisor runs release {r}, not {want}"
+            ))),
+            None => Ok(Some(format!(
+                "the exec supervisor runs no child ({})",
+                state.status
+            ))),
+        }
+    }
+
     fn status(&self, app: &AppConfig) -> Result<DriverStatus, DriverError> {
         let files = RunFiles::new(&app.root);
         let mut status = DriverStatus {

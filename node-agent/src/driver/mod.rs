@@ -144,6 +144,20 @@ pub trait Driver: fmt::Debug + Send + Sync {
     /// Stops the app.
     fn stop(&self, app: &AppConfig) -> Result<(), DriverError>;
 
+    /// Whether the driver runs `target`'s release as it should (`port`: the
+    /// port recorded for it): `None` when it does, else what is wrong, in
+    /// one line ("the PM2 daemon is not running", "container … is gone").
+    /// Asks only; never starts anything.
+    fn drift(&self, target: &Target, port: Option<u16>) -> Result<Option<String>, DriverError>;
+
+    /// Puts `target`'s release back in service after [`Driver::drift`],
+    /// reusing what is left of it where the driver can (Docker: the same
+    /// container, on its port). The caller holds it to the health gate and
+    /// then [`Driver::commit`]s.
+    fn repair(&self, target: &Target, _port: Option<u16>) -> Result<Activation, DriverError> {
+        self.activate(target)
+    }
+
     /// The app's processes.
     fn status(&self, app: &AppConfig) -> Result<DriverStatus, DriverError>;
 

@@ -631,6 +631,56 @@ impl Driver for Pm2 {
         }
     }
 
+    fn drift(&self, target: &Target, _port: Option<u16>) -> Result<Option<String>, DriverError> {
+        let pm2 = Runner::new(&self.config)?;
+        if !pm2.daemon_running() {
+            return Ok(Some(format!(
+                "the PM2 daemon is not running (PM2_HOME {}): a reboot or `pm2 kill`",
+                pm2.pm2_home.display()
+            )));
+        }
+        let status = self.status(&target.app)?;
+        let name = &self.config.name;
+        if status.processes.is_empty() {
+            return Ok(Some(format!(
+                "PM2 has no process named {name:?} (`pm2 delete`?)"
+            )));
+        }
+        let want = target.release.as_str();
+        // PM2 restarting a crashed instance by itself is not drift; one it
+        // gave up on (errored) or that was stopped is.
+        let bad: Vec<String> = status
+            .processes
+            .iter()
+            .filter(|p| {
+                !matches!(
+                    p.status.as_str(),
+                    "online" | "launching" | "waiting restart"
+                )
+            })
+            .map(|p| format!("{} is {}", p.name, p.status))
+            .collect();
+        if !bad.is_empty() {
+            return Ok(Some(format!("PM2: {}", bad.join(", "))));
+        }
+        let elsewhere: Vec<String> = status
+            .processes
+            .iter()
+            .filter(|p| p.status == "online" && p.release.as_deref().is_some_and(|r| r != want))
+            .map(|p| {
+                format!(
+                    "{} runs release {}",
+                    p.name,
+                    p.release.as_deref().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !elsewhere.is_empty() {
+            return Ok(Some(format!("PM2: {}, not {want}", elsewhere.join(", "))));
+        }
+        Ok(None)
+    }
+
     fn status(&self, app: &AppConfig) -> Result<DriverStatus, DriverError> {
         let pm2 = Runner::new(&self.config)?;
         let mut notes = Vec::new();

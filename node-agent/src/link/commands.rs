@@ -125,7 +125,12 @@ impl Commands {
             controller_message::Kind::Prune(p) => p.command_id.clone(),
             controller_message::Kind::StatusRequest(s) => s.command_id.clone(),
             controller_message::Kind::Restart(r) => r.command_id.clone(),
-            controller_message::Kind::Welcome(_) => return,
+            controller_message::Kind::StopApp(r) => r.command_id.clone(),
+            controller_message::Kind::StartApp(r) => r.command_id.clone(),
+            // The session handles acknowledgements itself.
+            controller_message::Kind::Welcome(_) | controller_message::Kind::NodeEventAck(_) => {
+                return
+            }
             controller_message::Kind::ArtifactChunk(_) => {
                 tracing::warn!("inline artifact chunks are not used by this agent (it fetches artifacts by digest)");
                 return;
@@ -574,10 +579,54 @@ async fn run(
                 Err(e) => recorded(id, Outcome::Failed, "", format!("restart task failed: {e}")),
             }
         }
-        // `execute` answers status requests and ignores the rest.
-        Kind::StatusRequest(_) | Kind::Welcome(_) | Kind::ArtifactChunk(_) => {
-            recorded(id, Outcome::Failed, "", "not a command")
+        Kind::StopApp(r) => {
+            let app = match app_of(&r.app) {
+                Ok(a) => a,
+                Err(e) => return recorded(id, Outcome::Failed, "", e),
+            };
+            let by = format!("the controller (command {id})");
+            let result = tokio::task::spawn_blocking(move || {
+                let store = Deployer::new(&app, &bridge);
+                let mut session = store.begin("stop", None)?;
+                let current = session.snapshot()?.current;
+                session.stop(&by).map(|done| (current, done))
+            })
+            .await;
+            match result {
+                Ok(Ok((current, done))) => recorded(
+                    id,
+                    Outcome::Succeeded,
+                    current.as_ref().map_or("", ReleaseId::as_str),
+                    done,
+                ),
+                Ok(Err(e)) => recorded(id, Outcome::Failed, "", e.to_string()),
+                Err(e) => recorded(id, Outcome::Failed, "", format!("stop task failed: {e}")),
+            }
         }
+        Kind::StartApp(r) => {
+            let app = match app_of(&r.app) {
+                Ok(a) => a,
+                Err(e) => return recorded(id, Outcome::Failed, "", e),
+            };
+            let result = tokio::task::spawn_blocking(move || {
+                let store = Deployer::new(&app, &bridge);
+                let mut session = store.begin("start", None)?;
+                session.restart()
+            })
+            .await;
+            match result {
+                Ok(Ok((release, a, _))) => {
+                    recorded(id, Outcome::Succeeded, release.as_str(), a.detail)
+                }
+                Ok(Err(e)) => recorded(id, Outcome::Failed, "", e.to_string()),
+                Err(e) => recorded(id, Outcome::Failed, "", format!("start task failed: {e}")),
+            }
+        }
+        // `execute` answers status requests and ignores the rest.
+        Kind::StatusRequest(_)
+        | Kind::Welcome(_)
+        | Kind::ArtifactChunk(_)
+        | Kind::NodeEventAck(_) => recorded(id, Outcome::Failed, "", "not a command"),
     }
 }
 

@@ -77,7 +77,13 @@ fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
             }
         }
     };
+    let current = snap.current.as_ref().map(ToString::to_string);
+    let kept = crate::upkeep::verdict(&app.root, current.as_deref());
     let health = match Liveness::load(&app.root).and_then(|l| l.healthy.map(|h| (h, l))) {
+        // Stopped on purpose or crashlooping says more than the last probe.
+        _ if kept.is_some() => {
+            limits::truncate(kept.as_deref().unwrap_or_default(), limits::MAX_HEALTH).to_owned()
+        }
         Some((true, _)) => "healthy".to_owned(),
         Some((false, l)) => {
             let text = format!("unhealthy: {}", l.last_output.unwrap_or_default());

@@ -9,8 +9,13 @@
 //!   pair atomically; recovery and migration of older layouts at start.
 //! - [`session`]: the AgentLink stream ([`connect`]) and the loop that keeps
 //!   it up (reconnect with backoff and jitter, heartbeats, renewal).
-//! - [`commands`]: deploy, rollback, prune, restart and status commands
-//!   from the controller, recorded in the [`ledger`] so each runs once.
+//! - [`commands`]: deploy, rollback, prune, restart, stop, start and status
+//!   commands from the controller, recorded in the [`ledger`] so each runs
+//!   once.
+//! - node events (repairs, crash loops, automatic rollbacks that `run`
+//!   made, kept in each app's `.slipway/events.json` by
+//!   [`crate::upkeep`]) go out on every session until the controller
+//!   acknowledges them ([`session`]).
 //! - [`heartbeat`]: the node's metrics and every app's state, for the
 //!   controller.
 //! - [`watch`]: inotify on each app's `current` and journal, so a

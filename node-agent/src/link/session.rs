@@ -21,10 +21,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use slipway_proto::limits::Validate as _;
 use slipway_proto::notify::Notifier;
 use slipway_proto::v1::agent_link_client::AgentLinkClient;
 use slipway_proto::v1::{
-    agent_message, controller_message, AgentMessage, ControllerMessage, Hello, Welcome,
+    agent_message, controller_message, AgentMessage, ControllerMessage, Hello, NodeEvent,
+    NodeEventKind, Welcome,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,6 +40,7 @@ use super::{identity, tls, LinkError};
 use crate::bridge::Bridge;
 use crate::config::{Config, ControllerConfig};
 use crate::error::status_text;
+use crate::upkeep::EventKind;
 
 /// Give up waiting for the controller's Welcome after this long.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -238,6 +241,12 @@ async fn serve(
     // Staggered first beat: somewhere in the first interval.
     let mut next = tokio::time::Instant::now() + rng.below(interval);
     let mut renew_due = renew_at > 0;
+    // Node events sent on this session and not yet acknowledged: not sent
+    // again until the next session (the controller records an id once).
+    let mut sent = std::collections::HashSet::new();
+    if let Err(ended) = send_events(config, &session, &mut sent).await {
+        return ended;
+    }
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next) => {
@@ -260,14 +269,34 @@ async fn serve(
                 if let Err(ended) = send_heartbeat(config, &session).await {
                     return ended;
                 }
+                if let Err(ended) = send_events(config, &session, &mut sent).await {
+                    return ended;
+                }
             }
             () = changed(watch.as_deref_mut()) => {
                 tracing::debug!("app state changed on disk; heartbeat now");
+                // Events first: what the heartbeat shows (a crash loop) is
+                // then already in the audit log.
+                if let Err(ended) = send_events(config, &session, &mut sent).await {
+                    return ended;
+                }
                 if let Err(ended) = send_heartbeat(config, &session).await {
                     return ended;
                 }
             }
             msg = session.inbound.message() => match msg {
+                Ok(Some(m @ ControllerMessage {
+                    kind: Some(controller_message::Kind::NodeEventAck(_)),
+                })) => {
+                    // Checked like every controller message: ids within
+                    // their limits (they are only compared, never used as
+                    // names).
+                    if let Err(err) = m.validate() {
+                        tracing::warn!(%err, "node event acknowledgement refused");
+                    } else if let Some(controller_message::Kind::NodeEventAck(ack)) = m.kind {
+                        acknowledged(config, ack.event_ids).await;
+                    }
+                }
                 Ok(Some(m)) => {
                     // Commands run beside the heartbeats; the app lock keeps
                     // two of them off the same app.
@@ -295,6 +324,74 @@ async fn changed(watch: Option<&mut StateWatcher>) {
 }
 
 /// Sends one heartbeat on the session.
+/// Sends the node events of every app the controller has not acknowledged
+/// and that were not sent on this session yet.
+async fn send_events(
+    config: &Config,
+    session: &Session,
+    sent: &mut std::collections::HashSet<String>,
+) -> Result<(), Ended> {
+    let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
+    let events = tokio::task::spawn_blocking(move || {
+        roots
+            .iter()
+            .flat_map(|r| crate::upkeep::unsent(r))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| Ended::other(format!("event task failed: {e}")))?;
+    for e in events {
+        if !sent.insert(e.id.clone()) {
+            continue;
+        }
+        let cut = |t: &str| {
+            slipway_proto::limits::truncate(t, slipway_proto::limits::MAX_MESSAGE).to_owned()
+        };
+        let kind = match e.kind {
+            EventKind::AppRestored => NodeEventKind::AppRestored,
+            EventKind::AppCrashlooping => NodeEventKind::AppCrashlooping,
+            EventKind::AppRolledBack => NodeEventKind::AppRolledBack,
+        };
+        let msg = AgentMessage {
+            kind: Some(agent_message::Kind::NodeEvent(NodeEvent {
+                event_id: e.id,
+                kind: kind as i32,
+                app: e.app,
+                release_id: e.release,
+                from_release_id: e.from_release,
+                cause: cut(&e.cause),
+                outcome: cut(&e.outcome),
+                ok: e.ok,
+                unix_time: e.at.unix_timestamp(),
+            })),
+        };
+        session
+            .outbound
+            .send(msg)
+            .await
+            .map_err(|_| Ended::other("the stream closed"))?;
+    }
+    Ok(())
+}
+
+/// The controller recorded these events: they are not sent again.
+async fn acknowledged(config: &Config, ids: Vec<String>) {
+    let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
+    let done = tokio::task::spawn_blocking(move || {
+        for r in &roots {
+            crate::upkeep::mark_sent(r, &ids)?;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
+        // Sent again on the next session; the controller records it once.
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot mark node events as acknowledged"),
+        Err(e) => tracing::warn!(error = %e, "event task failed"),
+    }
+}
+
 async fn send_heartbeat(config: &Config, session: &Session) -> Result<(), Ended> {
     let cfg = config.clone();
     let bridge = Bridge::current();

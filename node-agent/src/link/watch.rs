@@ -4,7 +4,11 @@
 //! controller command. The controller session ([`crate::link::session`]) sends a
 //! heartbeat at once on such a change instead of up to one interval later.
 //!
-//! Only those two names count: the liveness loop rewrites `health.json`
+//! So do the files of [`crate::upkeep`] — a node event recorded, a stop on
+//! purpose, a crash loop — so they reach the controller at once too (the
+//! session sends unacknowledged node events on every change and beat).
+//!
+//! Only those names count: the liveness loop rewrites `health.json`
 //! every few seconds and must not turn every probe into a heartbeat. Events
 //! are gathered for [`DEBOUNCE`] after the first one, so a deploy writing
 //! its journal step by step gives one heartbeat per burst, not one per step.
@@ -53,7 +57,11 @@ impl StateWatcher {
     pub fn new(roots: &[PathBuf]) -> notify::Result<Self> {
         let targets: BTreeSet<PathBuf> = roots
             .iter()
-            .flat_map(|r| [r.join("current"), journal_path(r)])
+            .flat_map(|r| {
+                [r.join("current"), journal_path(r)]
+                    .into_iter()
+                    .chain(crate::upkeep::state_files(r))
+            })
             .collect();
         // One pending wake-up is enough: a full channel already holds one.
         let (tx, events) = mpsc::channel(1);

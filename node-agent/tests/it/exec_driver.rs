@@ -204,9 +204,20 @@ fn crash_after_going_live_restores_the_previous_release_process() {
 fn liveness_failures_are_recorded_with_timestamps() {
     let a = app("");
     a.node.deploy(&release(&a.node, "v1", None), "v1").ok();
-    // As after a reboot: no supervisor. `run` brings the app back first.
-    a.node.run(&["stop", "--app", "web"]).ok();
-    assert!(http_get(a.port, "/").is_none());
+    // As after a reboot: no supervisor (nor app). `run` brings the app back
+    // first. (`stop` would be a stop on purpose, which `run` leaves alone.)
+    let state: Value =
+        serde_json::from_slice(&fs::read(a.node.root.join(".slipway/run/state.json")).unwrap())
+            .unwrap();
+    for key in ["supervisor_pid", "child_pid"] {
+        let pid = nix::unistd::Pid::from_raw(state[key].as_i64().unwrap() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    wait_until(
+        "the app to die with its supervisor",
+        Duration::from_secs(10),
+        || http_get(a.port, "/").is_none(),
+    );
     // A panic below drops the agent, which stops it.
     let mut agent = RunningAgent::start(&a.node);
     wait_until(

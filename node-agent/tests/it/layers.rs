@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 1),
     ("release", 1),
     ("supervise", 1),
+    ("upkeep", 1),
     // L0: foundations.
     ("bridge", 0),
     ("config", 0),

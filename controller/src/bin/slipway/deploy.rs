@@ -12,7 +12,7 @@ use slipway_proto::client;
 use slipway_proto::limits::{self, Validate as _};
 use slipway_proto::v1::{
     deploy_event, rollout, selector, DeployEvent, DeployRequest, PruneRequest, RestartRequest,
-    RollbackRequest, Rollout, Selector, UploadChunk,
+    RollbackRequest, Rollout, Selector, StartRequest, StopRequest, UploadChunk,
 };
 use tokio::io::AsyncReadExt as _;
 
@@ -34,6 +34,18 @@ pub(crate) struct RestartArgs {
     target: Target,
     #[command(flatten)]
     rollout: RolloutArgs,
+    /// Print every node's outcome as JSON at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `stop` and `start` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct StopStartArgs {
+    /// App name.
+    app: String,
+    #[command(flatten)]
+    target: Target,
     /// Print every node's outcome as JSON at the end.
     #[arg(long)]
     json: bool,
@@ -449,6 +461,34 @@ pub(crate) async fn restart(api: &mut Api, args: &RestartArgs) -> anyhow::Result
         .map_err(|s| status_error("restart refused", s))?
         .into_inner();
     progress::follow(stream, "restart", progress::Output::detect(args.json)).await
+}
+
+pub(crate) async fn stop(api: &mut Api, args: &StopStartArgs) -> anyhow::Result<ExitCode> {
+    let request = StopRequest {
+        app: args.app.clone(),
+        selector: args.target.selector(),
+    };
+    let stream = api
+        .client
+        .stop(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("stop refused", s))?
+        .into_inner();
+    progress::follow(stream, "stop", progress::Output::detect(args.json)).await
+}
+
+pub(crate) async fn start(api: &mut Api, args: &StopStartArgs) -> anyhow::Result<ExitCode> {
+    let request = StartRequest {
+        app: args.app.clone(),
+        selector: args.target.selector(),
+    };
+    let stream = api
+        .client
+        .start(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("start refused", s))?
+        .into_inner();
+    progress::follow(stream, "start", progress::Output::detect(args.json)).await
 }
 
 pub(crate) async fn prune(api: &mut Api, args: &PruneArgs) -> anyhow::Result<ExitCode> {

@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
 use slipway_proto::cli::{error_text, EXIT_USAGE};
 
 use crate::audit::AuditArgs;
-use crate::deploy::{DeployArgs, PruneArgs, RestartArgs, RollbackArgs};
+use crate::deploy::{DeployArgs, PruneArgs, RestartArgs, RollbackArgs, StopStartArgs};
 use crate::fleet::{ReadArgs, ReleasesArgs, StatusArgs};
 
 /// Slipway: deploy to and inspect a fleet through its controller.
@@ -104,6 +104,13 @@ enum Command {
     /// current one or the rollback target), following it to the end like
     /// `deploy --wait`.
     Prune(PruneArgs),
+    /// Stop an app on purpose on the selected nodes: each agent stops it
+    /// and records the stop, and repairs or restarts nothing of it until
+    /// `slipway start`.
+    Stop(StopStartArgs),
+    /// Start an app stopped on purpose (or crashlooping) on the selected
+    /// nodes, behind its health gate.
+    Start(StopStartArgs),
 }
 
 /// A failure the user must fix in the arguments (exit 64).
@@ -145,5 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => fleet::status(&mut api, args).await,
         Command::Restart(args) => deploy::restart(&mut api, args).await,
         Command::Prune(args) => deploy::prune(&mut api, args).await,
+        Command::Stop(args) => deploy::stop(&mut api, args).await,
+        Command::Start(args) => deploy::start(&mut api, args).await,
     }
 }

@@ -82,7 +82,7 @@ pub(crate) fn started_line(what: &str, s: &DeployStarted) -> String {
     let names: Vec<&str> = s.nodes.iter().map(|n| n.node_name.as_str()).collect();
     let release = match (what, s.release_id.as_str()) {
         // They keep each node's current release.
-        ("restart" | "prune", _) => String::new(),
+        ("restart" | "prune" | "stop" | "start", _) => String::new(),
         (_, "") => " release (previous)".to_owned(),
         (_, id) => format!(" release {id}"),
     };
