@@ -690,3 +690,74 @@ pub async fn scheduled(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use age::secrecy::ExposeSecret as _;
+
+    #[tokio::test]
+    async fn scheduled_backups_keep_the_newest_and_restore_with_the_identity() {
+        let home = tempfile::tempdir().unwrap();
+        let data = home.path().join("data");
+        let ca = Ca::load_or_create(&data).unwrap();
+        let store = Store::open(&data).await.unwrap();
+        let identity = age::x25519::Identity::generate();
+        let schedule = Schedule {
+            dir: home.path().join("backups"),
+            every: Duration::from_secs(60),
+            keep: 2,
+            recipient: identity.to_public(),
+        };
+        let mut written = Vec::new();
+        for _ in 0..3 {
+            written.push(scheduled(&store, &data, &schedule).await.unwrap().path);
+            // Names are by the second.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let mut left: Vec<PathBuf> = fs::read_dir(&schedule.dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        left.sort();
+        assert_eq!(left, written[1..].to_vec(), "the oldest is removed");
+
+        let id_file = home.path().join("key.txt");
+        fs::write(&id_file, identity.to_string().expose_secret()).unwrap();
+        let restored = home.path().join("restored");
+        let report = restore(&written[2], &restored, &Key::IdentityFile(id_file))
+            .await
+            .unwrap();
+        assert_eq!(report.ca_sha256, ca.fingerprint());
+        assert_eq!(
+            Ca::load_existing(&restored).unwrap().fingerprint(),
+            ca.fingerprint()
+        );
+        // A passphrase cannot open a file made for a recipient.
+        let other = home.path().join("other");
+        let err = restore(
+            &written[2],
+            &other,
+            &Key::Passphrase(SecretString::from("a passphrase".to_owned())),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, BackupError::Decrypt { .. }), "{err}");
+        assert!(!other.exists());
+    }
+
+    #[test]
+    fn keys_come_from_exactly_one_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        fs::write(&short, "seven77\n").unwrap();
+        let err = Key::from_flags(Some(&short), None, None).unwrap_err();
+        assert!(err.to_string().contains("at least 8 characters"), "{err}");
+        let err = Key::from_flags(None, None, None).unwrap_err();
+        assert!(err.to_string().contains("--passphrase-file"), "{err}");
+        let err = Key::from_flags(None, Some("age1nope"), None).unwrap_err();
+        assert!(err.to_string().contains("not an age public key"), "{err}");
+        let err = Key::from_flags(Some(&short), Some("x"), None).unwrap_err();
+        assert!(err.to_string().contains("only one"), "{err}");
+    }
+}

@@ -477,4 +477,49 @@ mod tests {
             "IPv4 listener: {hosts:?}"
         );
     }
+
+    #[test]
+    fn backup_schedule_is_checked() {
+        let parse = |text: &str| -> Result<ServeConfig, ConfigError> {
+            let file: RawConfig = toml::from_str(text).unwrap();
+            ServeConfig::new(
+                RawConfig {
+                    data_dir: Some("/var/lib/slipway".into()),
+                    ..RawConfig::default()
+                },
+                Some(file),
+            )
+        };
+        let key = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+        let ok = parse(&format!("[backup]\ndir = \"/b\"\nrecipient = \"{key}\"\n")).unwrap();
+        let b = ok.backup.unwrap();
+        assert_eq!((b.every, b.keep), (Duration::from_secs(86400), 7));
+        for (text, want) in [
+            (format!("[backup]\nrecipient = \"{key}\""), "backup.dir"),
+            ("[backup]\ndir = \"/b\"".to_owned(), "backup.recipient"),
+            (
+                "[backup]\ndir = \"/b\"\nrecipient = \"age1x\"".to_owned(),
+                "age public key",
+            ),
+            (
+                format!("[backup]\ndir = \"b\"\nrecipient = \"{key}\""),
+                "absolute",
+            ),
+            (
+                format!("[backup]\ndir = \"/b\"\nrecipient = \"{key}\"\nevery = \"10s\""),
+                "at least 1m",
+            ),
+            (
+                format!("[backup]\ndir = \"/b\"\nrecipient = \"{key}\"\nkeep = 0"),
+                "at least 1",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let err = parse("server_cert_validity = \"5s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 30s"), "{err}");
+    }
 }
