@@ -62,6 +62,8 @@
 //! - [`envfile`]: `shared/.env` parsing (values never leave the node).
 //! - [`error`]: an error and its causes on one line.
 //! - [`fault`]: crash points for the crash-safety tests (`fault-injection`).
+//! - [`version`]: the version the agent reports (and, in test builds only,
+//!   the trailer that gives a copy of the binary another one).
 
 // L4
 pub mod cli;
@@ -92,6 +94,7 @@ pub mod error;
 pub mod fault;
 pub mod lock;
 pub mod proc;
+pub mod version;
 
 /// The node identity ([`link::identity`]) at its older path, which the
 /// controller's tests use.

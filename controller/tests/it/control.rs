@@ -212,6 +212,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: sha.clone(),
             command_id: "c-1".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap()
@@ -237,6 +238,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: unknown,
             command_id: "c-2".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap_err();
@@ -245,6 +247,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: "../controller.db".to_owned(),
             command_id: "c-3".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap_err();
@@ -259,6 +262,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: sha,
             command_id: "c-4".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap_err();

@@ -169,6 +169,15 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Guard an agent upgrade (started by the agent from its old binary):
+    /// wait for the new agent's commit, else restore the old binary and
+    /// restart the agent.
+    #[command(hide = true)]
+    UpgradeGuard {
+        /// The agent's controller state dir (its `upgrade/` record).
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// Walk through deploy, releases, rollback and prune in a scratch directory.
     Demo {
         /// Directory to work in (default: a new temp dir, kept afterwards).

@@ -43,6 +43,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("fault", 0),
     ("lock", 0),
     ("proc", 0),
+    ("version", 0),
 ];
 
 /// Files that are not rooms: the crate root declares the rooms (and keeps
