@@ -53,6 +53,8 @@ pub enum Scope {
     Read,
     /// Upload, deploy and roll back this app (implies read).
     Deploy(String),
+    /// Upload agent binaries and upgrade the fleet's agents (implies read).
+    AgentUpgrade,
 }
 
 impl fmt::Display for Scope {
@@ -60,6 +62,7 @@ impl fmt::Display for Scope {
         match self {
             Self::Read => f.write_str("read"),
             Self::Deploy(app) => write!(f, "deploy:{app}"),
+            Self::AgentUpgrade => f.write_str("agent-upgrade"),
         }
     }
 }
@@ -73,6 +76,7 @@ impl std::str::FromStr for Scope {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text.split_once(':') {
             None if text == "read" => Ok(Self::Read),
+            None if text == "agent-upgrade" => Ok(Self::AgentUpgrade),
             Some(("deploy", app)) if is_app_name(app) => Ok(Self::Deploy(app.to_owned())),
             _ => Err(ApiTokenError::Scope(text.to_owned())),
         }
@@ -114,6 +118,11 @@ impl Caller {
         self.scopes
             .iter()
             .any(|s| matches!(s, Scope::Deploy(a) if a == app))
+    }
+
+    /// True if the token may upload agent binaries and upgrade agents.
+    pub fn can_upgrade_agents(&self) -> bool {
+        self.scopes.iter().any(|s| matches!(s, Scope::AgentUpgrade))
     }
 
     /// True if the token may deploy some app (uploads need this).

@@ -54,7 +54,7 @@ pub mod plan;
 pub mod policy;
 
 pub use executor::{start, COMMAND_TIMEOUT, RECONNECT_GRACE};
-pub use plan::{Action, Plan, Target};
+pub use plan::{Action, Plan, Target, AGENT_APP};
 pub use policy::{
     default_release_id, next_step, summarize, Batch, NodeState, Rollout, RolloutError, Step,
     Strategy,

@@ -230,6 +230,7 @@ impl Store {
                 "rollback" => crate::audit::ROLLBACK_FAILED,
                 "restart" => crate::audit::RESTART_FAILED,
                 "prune" => crate::audit::PRUNE_FAILED,
+                "agent-upgrade" => crate::audit::AGENT_UPGRADE_FAILED,
                 _ => crate::audit::DEPLOY_FAILED,
             };
             let event = AuditEvent::error(
