@@ -9,8 +9,9 @@
 //!
 //! Modules: [`api`] (the connection and its credentials), [`deploy`]
 //! (deploy, rollback, restart, prune, upload), [`progress`] (following a
-//! deployment live), [`fleet`] (nodes, releases, status), [`audit`].
+//! deployment live), [`agent_upgrade`] (the fleet's agents replaced), [`fleet`] (nodes, releases, status), [`audit`].
 
+mod agent_upgrade;
 mod api;
 mod audit;
 mod deploy;
@@ -23,6 +24,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use slipway_proto::cli::{error_text, EXIT_USAGE};
 
+use crate::agent_upgrade::AgentUpgradeArgs;
 use crate::audit::AuditArgs;
 use crate::deploy::{DeployArgs, PruneArgs, RestartArgs, RollbackArgs};
 use crate::fleet::{ReadArgs, ReleasesArgs, StatusArgs};
@@ -104,6 +106,9 @@ enum Command {
     /// current one or the rollback target), following it to the end like
     /// `deploy --wait`.
     Prune(PruneArgs),
+    /// Upgrade the fleet's agents to a new slipway-agent binary (needs the
+    /// agent-upgrade scope).
+    AgentUpgrade(AgentUpgradeArgs),
 }
 
 /// A failure the user must fix in the arguments (exit 64).
@@ -145,5 +150,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => fleet::status(&mut api, args).await,
         Command::Restart(args) => deploy::restart(&mut api, args).await,
         Command::Prune(args) => deploy::prune(&mut api, args).await,
+        Command::AgentUpgrade(args) => agent_upgrade::agent_upgrade(&mut api, args).await,
     }
 }
