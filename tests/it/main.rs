@@ -16,3 +16,4 @@ mod fleet;
 mod reconnect;
 mod rollout;
 mod trust;
+mod upgrade;

@@ -320,6 +320,9 @@ pub struct Agent {
     pub root: PathBuf,
     pub port: u16,
     run: Option<Child>,
+    /// The binary `run` starts: the workspace's, or the node's own copy
+    /// (`own_binary`) for tests that upgrade it.
+    exe: Option<PathBuf>,
 }
 
 /// The sample app for the exec driver (`python3 server.py`, tests/fixtures/
@@ -396,6 +399,7 @@ liveness_interval = "500ms"
             root,
             port,
             run: None,
+            exe: None,
         };
         check(controller.enroll_cli(name, &state, &[]), "enroll");
         agent
@@ -445,15 +449,52 @@ liveness_interval = "500ms"
         serde_json::from_str(&check(out, "deploy")).unwrap()
     }
 
-    /// Starts `slipway-agent run` (liveness, logs, controller session).
-    /// Starts `slipway-agent run` and returns once it is ready (its
-    /// `--ready-file`): logs watched, apps housekept once.
+    /// Gives this node its own copy of the agent binary
+    /// (`<dir>/bin/slipway-agent`) for `run` to start: an agent upgrade
+    /// replaces the file it runs, never the workspace's. Returns its path.
+    pub fn own_binary(&mut self) -> PathBuf {
+        let dir = self.dir.path().join("bin");
+        fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("slipway-agent");
+        fs::copy(bin("slipway-agent"), &exe).unwrap();
+        self.exe = Some(exe.clone());
+        exe
+    }
+
+    /// The controller state dir (identity, ledger, agent lock, upgrades).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The pid of the `slipway-agent run` holding this node's agent lock,
+    /// if one runs (after an upgrade's rollback it is not `run`'s child).
+    pub fn running_pid(&self) -> Option<u32> {
+        let lock = self.state_dir().join("agent.lock");
+        if !slipway_agent::lock::is_held(&lock) {
+            return None;
+        }
+        slipway_agent::lock::read_holder(&lock).map(|h| h.pid)
+    }
+
+    /// The pid of the process `run` started, if it is running.
+    pub fn child_pid(&self) -> Option<u32> {
+        self.run.as_ref().map(Child::id)
+    }
+
+    /// Starts `slipway-agent run` (liveness, logs, controller session)
+    /// and returns once it is ready (its `--ready-file`): logs watched,
+    /// apps housekept once.
     pub fn run(&mut self) {
-        let log = fs::File::create(self.dir.path().join("agent.log")).unwrap();
-        let ready = self.dir.path().join("agent.ready");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let ready = self.ready_file();
         let _ = fs::remove_file(&ready);
+        let exe = self.exe.clone().unwrap_or_else(|| bin("slipway-agent"));
         self.run = Some(
-            Command::new(bin("slipway-agent"))
+            Command::new(exe)
                 .arg("--config")
                 .arg(&self.config)
                 .arg("run")
@@ -469,6 +510,11 @@ liveness_interval = "500ms"
             Duration::from_secs(30),
             || ready.exists(),
         );
+    }
+
+    /// The `--ready-file` of `run` (written again by a re-exec'd agent).
+    pub fn ready_file(&self) -> PathBuf {
+        self.dir.path().join("agent.ready")
     }
 
     /// What the app answers on /, if anything.
@@ -510,6 +556,19 @@ liveness_interval = "500ms"
     pub fn stop_run(&mut self) {
         if let Some(mut c) = self.run.take() {
             terminate(&mut c);
+        }
+        // An agent an upgrade's guard started again is no child of ours.
+        if let Some(pid) = self.running_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let lock = self.state_dir().join("agent.lock");
+            let t = Instant::now();
+            while slipway_agent::lock::is_held(&lock) && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if slipway_agent::lock::is_held(&lock) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
         }
     }
 
