@@ -11,6 +11,9 @@
 //! binary that way; after a plain `cargo build --workspace`, run
 //! `cargo test -p slipway-agent --no-run` first.
 
+// A failed set-up step should panic with its error, as unwrap does.
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
