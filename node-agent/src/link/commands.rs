@@ -458,8 +458,8 @@ async fn fetch_from_controller(
 }
 
 /// An agent upgrade ([`super::upgrade`]): the binary fetched by digest
-/// into `<state_dir>/upgrade/cache` (size and sha256 checked), copied next
-/// to the executable and run with `--version`, then swapped in and the
+/// into a directory next to the executable (size and sha256 checked),
+/// moved beside it and run with `--version`, then swapped in and the
 /// agent restarted. Returns only when nothing was swapped (the result
 /// FAILED); on success this process is replaced, and the agent that comes
 /// up answers the command.
@@ -505,7 +505,7 @@ async fn upgrade_agent(
         ),
     )
     .await;
-    let cache = state_dir.join("upgrade").join("cache");
+    let cache = super::upgrade::download_dir(&exe);
     // An agent binary is held to [artifacts] too, and to its own limit.
     let mut limits = config.artifacts.clone();
     limits.max_size = limits.max_size.min(slipway_proto::limits::MAX_AGENT_BINARY);
@@ -536,10 +536,13 @@ async fn upgrade_agent(
     };
     let fetched = match fetched {
         Ok(f) => f,
-        Err(e) => return failed(format!("cannot fetch the agent binary: {e}")),
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&cache).await;
+            return failed(format!("cannot fetch the agent binary: {e}"));
+        }
     };
     if fetched.bytes != u.size {
-        let _ = tokio::fs::remove_file(&fetched.path).await;
+        let _ = tokio::fs::remove_dir_all(&cache).await;
         return failed(format!(
             "the agent binary {sha256} has {} bytes, the command says {}",
             fetched.bytes, u.size
@@ -556,13 +559,12 @@ async fn upgrade_agent(
     )
     .await;
     let staged = {
-        let (exe, sha256, expected) = (exe.clone(), sha256.clone(), u.version.clone());
+        let (exe, expected, cache) = (exe.clone(), u.version.clone(), cache.clone());
         let path = fetched.path.clone();
         tokio::task::spawn_blocking(move || {
-            let staged = super::upgrade::stage(&path, &exe, &sha256, &expected);
-            // The copy next to the executable is what runs; the cache is
-            // not kept (an agent binary is not an app artifact).
-            let _ = std::fs::remove_file(&path);
+            let staged = super::upgrade::stage(&path, &exe, &expected);
+            // Nothing is kept in the download directory.
+            let _ = std::fs::remove_dir_all(&cache);
             staged
         })
         .await

@@ -4,8 +4,9 @@
 //! # State machine (one node)
 //!
 //! ```text
-//! command ──▶ fetch by digest (size and sha256 checked) ──▶ copy next to the
-//!   executable as .<name>.new (fsync, sha256 again) ──▶ `new --version`
+//! command ──▶ fetch by digest into .<name>.download/ next to the executable
+//!   (sha256 checked as written, size checked, fsync) ──▶ renamed to
+//!   .<name>.new (same filesystem) ──▶ `new --version`
 //!   (deadline, must print `slipway-agent VERSION`) ── any failure ──▶ FAILED,
 //!   nothing swapped
 //!   ▼
@@ -18,7 +19,7 @@
 //!   <exe> with the same arguments (same pid)
 //!   ▼
 //! new agent: session open (Welcome) ──▶ under `upgrade/lock`: armed and
-//!   running the new digest ──▶ stage committed ──▶ ledger: SUCCEEDED
+//!   running the new file (its inode, recorded) ──▶ stage committed ──▶ ledger: SUCCEEDED
 //!   (release_id = its version) ──▶ record removed ──▶ the controller's
 //!   re-sent command is answered from the ledger
 //! guard: committed or removed ──▶ exits. Still armed at the deadline, or no
@@ -105,6 +106,26 @@ pub enum Stage {
     RolledBack { reason: String },
 }
 
+/// A file by device and inode: a rename keeps it, a copy does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The file at `path` (following links: `/proc/self/exe` is the
+    /// running image even when renamed or deleted).
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
 /// `upgrade/pending.json`: everything the new agent and the guard need.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
@@ -112,8 +133,11 @@ pub struct Pending {
     pub command_id: String,
     pub from_version: String,
     pub to_version: String,
-    /// Digest of the new binary: tells the running agent which one it is.
+    /// Digest of the new binary.
     pub sha256: String,
+    /// The new binary's file: an agent whose running image is this file
+    /// is the new one (cheaper than hashing the image at every start).
+    pub new_file: FileId,
     /// The agent's executable path.
     pub exe: PathBuf,
     /// The old binary, kept.
@@ -249,47 +273,41 @@ pub fn check_idle(state_dir: &Path) -> Result<(), String> {
     }
 }
 
-/// Copies the fetched (verified) binary `fetched` next to `exe`, hashes the
-/// copy against `sha256` and runs it with `--version` (blocking). The
-/// version it reports must be `expected` when that is not empty.
-pub fn stage(
-    fetched: &Path,
-    exe: &Path,
-    sha256: &Sha256,
-    expected: &str,
-) -> Result<(PathBuf, String), String> {
+/// Where the new binary is downloaded: a directory next to the
+/// executable (same filesystem, so it becomes `.<name>.new` by a rename,
+/// with no copy and no second hashing pass).
+pub fn download_dir(exe: &Path) -> PathBuf {
+    let name = exe.file_name().map_or_else(
+        || "slipway-agent".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    exe.with_file_name(format!(".{name}.download"))
+}
+
+/// Moves the fetched binary `fetched` (its sha256 checked as it was
+/// written, fsynced) to `.<name>.new` next to `exe` and runs it with
+/// `--version` (blocking). The version it reports must be `expected` when
+/// that is not empty. Returns the new file and its version.
+pub fn stage(fetched: &Path, exe: &Path, expected: &str) -> Result<(PathBuf, String), String> {
     let new = new_path(exe);
-    let _ = std::fs::remove_file(&new);
-    let copied = (|| -> std::io::Result<()> {
-        std::fs::copy(fetched, &new)?;
-        let file = std::fs::File::open(&new)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o755))?;
-        file.sync_all()
-    })();
-    if let Err(e) = copied {
+    let moved = std::fs::rename(fetched, &new)
+        .and_then(|()| std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| durable::fsync_parent(&new));
+    if let Err(e) = moved {
         let _ = std::fs::remove_file(&new);
         return Err(format!(
             "cannot write the new binary {}: {e}",
             new.display()
         ));
     }
-    let checked = (|| {
-        let actual = Sha256::of_file(&new)
-            .map_err(|e| format!("cannot hash the new binary {}: {e}", new.display()))?;
-        if &actual != sha256 {
-            return Err(format!(
-                "the new binary {} has sha256 {actual} once written, not {sha256}",
-                new.display()
-            ));
-        }
-        let version = binary_version(&new)?;
+    let checked = binary_version(&new).and_then(|version| {
         if !expected.is_empty() && version != expected {
             return Err(format!(
                 "the new binary reports version {version}, but the upgrade is to {expected}"
             ));
         }
         Ok(version)
-    })();
+    });
     match checked {
         Ok(version) => Ok((new, version)),
         Err(e) => {
@@ -413,11 +431,16 @@ pub fn swap_and_restart(staged: Staged, from_version: &str) -> String {
         ));
     }
     let systemd_unit = systemd_unit();
+    let new_file = match FileId::of(&new) {
+        Ok(id) => id,
+        Err(e) => return undo(format!("cannot stat the new binary {}: {e}", new.display())),
+    };
     let record = Pending {
         command_id,
         from_version: from_version.to_owned(),
         to_version: version,
         sha256: sha256.to_string(),
+        new_file,
         exe: exe.clone(),
         old: old.clone(),
         args: args.clone(),
@@ -531,9 +554,9 @@ fn settle_record(state_dir: &Path) -> Result<Option<Recorded>, String> {
     };
     let running = crate::version::current();
     if record.stage == Stage::Armed {
-        let me = Sha256::of_file(Path::new("/proc/self/exe"))
-            .map_err(|e| format!("cannot hash the running agent: {e}"))?;
-        record.stage = if me.as_str() == record.sha256 {
+        let me = FileId::of(Path::new("/proc/self/exe"))
+            .map_err(|e| format!("cannot stat the running agent: {e}"))?;
+        record.stage = if me == record.new_file {
             Stage::Committed
         } else {
             Stage::RolledBack {
@@ -741,6 +764,7 @@ mod tests {
             from_version: "0.1.0".into(),
             to_version: "0.2.0".into(),
             sha256: "ab".repeat(32),
+            new_file: FileId { dev: 1, ino: 2 },
             exe: "/x/slipway-agent".into(),
             old: "/x/slipway-agent.old".into(),
             args: vec!["run".into()],
