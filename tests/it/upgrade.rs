@@ -444,3 +444,59 @@ fn binaries_that_fail_version_or_their_digest_are_refused_before_any_swap() {
     unchanged("refused by the agent's digest check");
     assert_ne!(agent_version(&controller, &token, "ref-1"), NEW_VERSION);
 }
+
+/// The agent killed (SIGKILL, no systemd to restart it) at each point of
+/// its swap: the guard puts the old binary back, or finds it still in
+/// place, and starts the old agent again; the node answers ROLLED_BACK.
+#[test]
+fn an_agent_killed_mid_swap_comes_back_on_its_old_binary() {
+    let controller = Controller::start();
+    let token = controller.api_token("agent-upgrade");
+    let work = tempfile::tempdir().unwrap();
+    let new = agent_with_version(work.path(), NEW_VERSION);
+    for point in ["upgrade_before_swap", "upgrade_after_swap"] {
+        let name = format!("crash-{}", point.replace('_', "-"));
+        let mut agent = Agent::enroll(&controller, &name);
+        agent.deploy("v1");
+        agent.own_binary();
+        agent.set_run_env(slipway_agent::fault::CRASH_ENV, point);
+        agent.run();
+        controller.wait_online(&token, 1, Duration::from_secs(30));
+        let exe = agent.dir.path().join("bin/slipway-agent");
+        let old_sha = sha256_file(&exe);
+        let old_version = agent_version(&controller, &token, &name);
+        let app_pid = agent.app_pid().unwrap();
+        let first_pid = agent.child_pid();
+        let out = controller.slipway(
+            &token,
+            &[
+                "agent-upgrade",
+                "--version-file",
+                new.to_str().unwrap(),
+                "--node",
+                &name,
+                "--commit-deadline",
+                "5",
+                "--wait",
+                "--json",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "{point}: {}", text(&out));
+        let outcome = json(&out);
+        let r = node_result(&outcome, &name);
+        assert_eq!(r["outcome"], "rolled_back", "{point}: {outcome}");
+        assert_eq!(r["release_id"], old_version.as_str(), "{point}: {outcome}");
+        assert_eq!(sha256_file(&exe), old_sha, "{point}");
+        // Another process: the guard started the old agent again.
+        let pid = agent.running_pid();
+        assert!(pid.is_some() && pid != first_pid, "{point}: {pid:?}");
+        assert_eq!(agent.app_pid(), Some(app_pid), "{point}");
+        assert_eq!(agent.get().as_deref(), Some("v1"), "{point}");
+        assert!(!agent.state_dir().join("upgrade/pending.json").exists());
+        agent.stop_run();
+        drop(agent);
+        wait_until("the node to go offline", Duration::from_secs(30), || {
+            controller.online(&token) == 0
+        });
+    }
+}

@@ -323,6 +323,8 @@ pub struct Agent {
     /// The binary `run` starts: the workspace's, or the node's own copy
     /// (`own_binary`) for tests that upgrade it.
     exe: Option<PathBuf>,
+    /// Extra environment for `run` (e.g. a crash point).
+    run_env: Vec<(String, String)>,
 }
 
 /// The sample app for the exec driver (`python3 server.py`, tests/fixtures/
@@ -400,6 +402,7 @@ liveness_interval = "500ms"
             port,
             run: None,
             exe: None,
+            run_env: Vec::new(),
         };
         check(controller.enroll_cli(name, &state, &[]), "enroll");
         agent
@@ -461,6 +464,11 @@ liveness_interval = "500ms"
         exe
     }
 
+    /// Sets `KEY=VALUE` in the environment of the next `run`.
+    pub fn set_run_env(&mut self, key: &str, value: &str) {
+        self.run_env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// The controller state dir (identity, ledger, agent lock, upgrades).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
@@ -500,6 +508,7 @@ liveness_interval = "500ms"
                 .arg("run")
                 .arg("--ready-file")
                 .arg(&ready)
+                .envs(self.run_env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
                 .spawn()
