@@ -13,10 +13,10 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::v1::{
-    agent_message, controller_message, selector, AgentMessage, AgentUpgradeRequest, AppStatus,
-    CommandResult, ControllerMessage, DeployRequest, EnrollRequest, FetchArtifactRequest,
-    FleetStatusRequest, Heartbeat, Hello, NodeMetrics, Progress, PruneRequest, RenewRequest,
-    RestartRequest, RollbackRequest, Selector,
+    agent_message, controller_message, selector, AgentMessage, AgentUpgrade, AgentUpgradeRequest,
+    AppStatus, CommandResult, ControllerMessage, DeployRequest, EnrollRequest,
+    FetchArtifactRequest, FleetStatusRequest, Heartbeat, Hello, NodeMetrics, Progress,
+    PruneRequest, RenewRequest, RestartRequest, RollbackRequest, Selector,
 };
 
 /// Node names: a droplet's host name fits (DNS names are at most 253).
@@ -529,6 +529,23 @@ impl Validate for AgentMessage {
     }
 }
 
+/// The fields of an AgentUpgrade command (the agent checks them before it
+/// fetches anything).
+fn check_agent_upgrade(u: &AgentUpgrade) -> Result<(), FieldError> {
+    check_line("command_id", &u.command_id, MAX_COMMAND_ID)?;
+    check_sha256("sha256", &u.sha256)?;
+    if u.size == 0 || u.size > MAX_AGENT_BINARY {
+        return Err(FieldError::new(
+            "size",
+            format!("{} bytes is out of range (1..={MAX_AGENT_BINARY})", u.size),
+        ));
+    }
+    if !u.version.is_empty() {
+        check_version("version", &u.version)?;
+    }
+    check_commit_deadline("commit_deadline_secs", u.commit_deadline_secs)
+}
+
 impl Validate for ControllerMessage {
     fn validate(&self) -> Result<(), FieldError> {
         use controller_message::Kind;
@@ -557,20 +574,8 @@ impl Validate for ControllerMessage {
                 command(&r.command_id, &r.app).map_err(|e| e.within("restart"))
             }
             Some(Kind::AgentUpgrade(u)) => {
-                check_line("command_id", &u.command_id, MAX_COMMAND_ID)?;
-                check_sha256("sha256", &u.sha256)?;
-                if u.size == 0 || u.size > MAX_AGENT_BINARY {
-                    return Err(FieldError::new(
-                        "size",
-                        format!("{} bytes is out of range (1..={MAX_AGENT_BINARY})", u.size),
-                    ));
-                }
-                if !u.version.is_empty() {
-                    check_version("version", &u.version)?;
-                }
-                check_commit_deadline("commit_deadline_secs", u.commit_deadline_secs)
+                check_agent_upgrade(u).map_err(|e| e.within("agent_upgrade"))
             }
-            .map_err(|e: FieldError| e.within("agent_upgrade")),
         }
     }
 }
@@ -634,6 +639,82 @@ impl Validate for FleetStatusRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_upgrades_are_checked_field_by_field() {
+        use crate::v1::AgentUpgrade;
+        for good in ["0.1.0", "1.2.3-rc.1+git.abc", &"9".repeat(MAX_VERSION)] {
+            check_version("version", good).unwrap();
+        }
+        for bad in [
+            "",
+            "-1",
+            "1 2",
+            "1.0\n",
+            "v/1",
+            &"9".repeat(MAX_VERSION + 1),
+        ] {
+            assert!(check_version("version", bad).is_err(), "{bad:?}");
+        }
+        let good = AgentUpgrade {
+            command_id: "d-1.n-1".into(),
+            sha256: "ab".repeat(32),
+            size: 10,
+            version: "0.2.0".into(),
+            commit_deadline_secs: 60,
+        };
+        let message = |u: AgentUpgrade| ControllerMessage {
+            kind: Some(controller_message::Kind::AgentUpgrade(u)),
+        };
+        message(good.clone()).validate().unwrap();
+        for (bad, field) in [
+            (
+                AgentUpgrade {
+                    size: 0,
+                    ..good.clone()
+                },
+                "agent_upgrade.size",
+            ),
+            (
+                AgentUpgrade {
+                    size: MAX_AGENT_BINARY + 1,
+                    ..good.clone()
+                },
+                "agent_upgrade.size",
+            ),
+            (
+                AgentUpgrade {
+                    sha256: "../x".into(),
+                    ..good.clone()
+                },
+                "agent_upgrade.sha256",
+            ),
+            (
+                AgentUpgrade {
+                    version: "1 0".into(),
+                    ..good.clone()
+                },
+                "agent_upgrade.version",
+            ),
+            (
+                AgentUpgrade {
+                    commit_deadline_secs: 4,
+                    ..good.clone()
+                },
+                "agent_upgrade.commit_deadline_secs",
+            ),
+            (
+                AgentUpgrade {
+                    commit_deadline_secs: MAX_COMMIT_DEADLINE_SECS + 1,
+                    ..good.clone()
+                },
+                "agent_upgrade.commit_deadline_secs",
+            ),
+        ] {
+            let err = message(bad).validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
 
     #[test]
     fn names_follow_one_rule() {
