@@ -22,8 +22,8 @@
 //!   running the new file (its inode, recorded) ──▶ stage committed ──▶ ledger: SUCCEEDED
 //!   (release_id = its version) ──▶ record removed ──▶ the controller's
 //!   re-sent command is answered from the ledger
-//! guard: committed or removed ──▶ exits. Still armed at the deadline, or no
-//!   agent holding `agent.lock` for DEAD_AGENT_GRACE ──▶ under `upgrade/lock`:
+//! guard: committed or removed ──▶ exits. Still armed at the deadline, or
+//!   (without systemd) no agent holding `agent.lock` for DEAD_AGENT_GRACE ──▶ under `upgrade/lock`:
 //!   <exe>.old renamed back over <exe>, stage rolled_back{reason} ──▶ the
 //!   running agent stopped (SIGTERM, SIGKILL) ──▶ old agent started with the
 //!   same arguments (systemd: `systemctl restart UNIT`) ──▶ its session
@@ -61,6 +61,8 @@ const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 const GUARD_POLL: Duration = Duration::from_millis(200);
 /// No agent holding `agent.lock` this long after the swap: the new agent
 /// is not coming up (it exits at start); roll back before the deadline.
+/// Not under systemd, whose `RestartSec` may be longer: there the commit
+/// deadline alone decides.
 const DEAD_AGENT_GRACE: Duration = Duration::from_secs(5);
 /// How long the guard waits for the guard lock to show it started.
 const GUARD_START: Duration = Duration::from_secs(10);
@@ -619,7 +621,7 @@ pub fn guard(state_dir: &Path) -> Result<(), String> {
         if record.stage != Stage::Armed {
             return Ok(());
         }
-        if swapped(&record) && !lock::is_held(&agent_lock) {
+        if record.systemd_unit.is_none() && swapped(&record) && !lock::is_held(&agent_lock) {
             let since = *no_agent_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= DEAD_AGENT_GRACE {
                 return roll_back(
@@ -692,7 +694,12 @@ fn roll_back(state_dir: &Path, reason: &str) -> Result<(), String> {
     tracing::warn!(exe = %record.exe.display(), "agent upgrade rolled back: {reason}");
     if let Some(unit) = &record.systemd_unit {
         // Restarts a hung new agent as well as one crash-looping or given
-        // up on; KillMode=process spares the apps and this guard.
+        // up on (reset-failed clears a start limit it hit);
+        // KillMode=process spares the apps and this guard.
+        let _ = Command::new("systemctl")
+            .arg("reset-failed")
+            .arg(unit)
+            .status();
         let status = Command::new("systemctl")
             .arg("restart")
             .arg(unit)
