@@ -500,3 +500,50 @@ fn an_agent_killed_mid_swap_comes_back_on_its_old_binary() {
         });
     }
 }
+
+/// Under systemd (`INVOCATION_ID` set) the agent does not exec itself: it
+/// exits 75 and the unit's `Restart=on-failure` starts the new binary
+/// (emulated here by a restart loop, as no systemd runs in the tests).
+#[test]
+fn under_systemd_the_agent_exits_and_its_restart_runs_the_new_binary() {
+    let controller = Controller::start();
+    let token = controller.api_token("agent-upgrade");
+    let mut agent = Agent::enroll(&controller, "sd-1");
+    agent.deploy("v1");
+    agent.own_binary();
+    agent.run_supervised();
+    controller.wait_online(&token, 1, Duration::from_secs(30));
+    let first = agent.running_pid().unwrap();
+    let app_pid = agent.app_pid().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let new = agent_with_version(work.path(), NEW_VERSION);
+    let out = controller.slipway(
+        &token,
+        &[
+            "agent-upgrade",
+            "--version-file",
+            new.to_str().unwrap(),
+            "--wait",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let outcome = json(&out);
+    assert_eq!(
+        node_result(&outcome, "sd-1")["release_id"],
+        NEW_VERSION,
+        "{outcome}"
+    );
+    // A new process (the old one exited 75), on the new binary.
+    let now = agent.running_pid().unwrap();
+    assert_ne!(now, first);
+    let log = fs::read_to_string(agent.dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("exited 75"), "{log}");
+    assert_eq!(
+        sha256_file(&agent.dir.path().join("bin/slipway-agent")),
+        sha256_file(&new)
+    );
+    assert_eq!(agent_version(&controller, &token, "sd-1"), NEW_VERSION);
+    assert_eq!(agent.app_pid(), Some(app_pid));
+    assert_eq!(agent.get().as_deref(), Some("v1"));
+}

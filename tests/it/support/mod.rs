@@ -526,6 +526,39 @@ liveness_interval = "500ms"
         self.dir.path().join("agent.ready")
     }
 
+    /// Starts `slipway-agent run` as systemd would with the agent unit's
+    /// `Restart=on-failure` (no systemd runs here): `INVOCATION_ID` set, and
+    /// started again whenever it exits non-zero; returns once it is ready.
+    pub fn run_supervised(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let ready = self.ready_file();
+        let _ = fs::remove_file(&ready);
+        let exe = self.exe.clone().unwrap_or_else(|| bin("slipway-agent"));
+        let restart_loop = r#"while :; do "$0" --config "$1" run --ready-file "$2"; rc=$?; echo "exited $rc" >&2; [ "$rc" -eq 0 ] && exit 0; sleep 0.1; done"#;
+        self.run = Some(
+            Command::new("sh")
+                .arg("-c")
+                .arg(restart_loop)
+                .arg(&exe)
+                .arg(&self.config)
+                .arg(&ready)
+                .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .unwrap(),
+        );
+        wait_until(
+            "slipway-agent run (supervised) to be ready",
+            Duration::from_secs(30),
+            || ready.exists(),
+        );
+    }
+
     /// What the app answers on /, if anything.
     pub fn get(&self) -> Option<String> {
         use std::io::Read;
