@@ -22,7 +22,8 @@
 //! - [`link`]: the controller: dialling and TLS, enrollment and renewal, the
 //!   node's identity on disk, the session `run` keeps up (reconnect with
 //!   backoff and jitter), heartbeats, the controller's commands and their
-//!   ledger, inotify on each app's state.
+//!   ledger, inotify on each app's state, and the agent's upgrade of its own
+//!   binary with the guard that restores the old one.
 //! - [`daemon`]: `slipway-agent run`: liveness checks, housekeeping (log
 //!   rotation, disk pressure) and the controller session, until shutdown.
 //!

@@ -1,7 +1,8 @@
 //! API tokens for the `slipway` CLI: `slwa1.<id>.<secret>`, printed once,
 //! stored as the sha256 of the secret, with scopes that say what the token
-//! may do: `read` (list nodes and audit events) or `deploy:<app>` (upload,
-//! deploy and roll back that app, and read).
+//! may do: `read` (list nodes and audit events), `deploy:<app>` (upload,
+//! deploy and roll back that app, and read) or `agent-upgrade` (upload agent
+//! binaries and upgrade the fleet's agents, and read).
 
 use std::fmt;
 
@@ -16,8 +17,8 @@ const PREFIX: &str = "slwa1";
 /// Errors from creating or checking API tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiTokenError {
-    /// A `--scope` value that is neither `read` nor `deploy:<app>`.
-    #[error("invalid scope {0:?}: expected read or deploy:APP (APP of letters, digits, . _ -)")]
+    /// A `--scope` value that is not `read`, `deploy:<app>` or `agent-upgrade`.
+    #[error("invalid scope {0:?}: expected read, deploy:APP (APP of letters, digits, . _ -) or agent-upgrade")]
     Scope(String),
     /// No scope given.
     #[error("an API token needs at least one scope (--scope read or --scope deploy:APP)")]
