@@ -507,9 +507,28 @@ pub fn swap_and_restart(staged: Staged, from_version: &str) -> String {
     }
     tracing::info!(exe = %exe.display(), "agent binary replaced; re-executing it");
     let err = Command::new(&exe).args(&args).exec();
-    // exec failed: the old process keeps running and the guard, seeing no
-    // commit, puts the old binary back and restarts the agent.
-    format!("cannot execute the new binary {}: {err}", exe.display())
+    // exec failed: this (old) agent keeps running; put the old binary back
+    // now and drop the record, so the guard leaves without restarting it.
+    let why = format!("cannot execute the new binary {}: {err}", exe.display());
+    match undo_swap(&state_dir) {
+        Ok(()) => why,
+        Err(e) => format!("{why}; {e} (the upgrade guard restores it at the deadline)"),
+    }
+}
+
+/// Puts the old binary back at the executable's path and removes the
+/// record (the swapping agent itself, when it cannot restart).
+fn undo_swap(state_dir: &Path) -> Result<(), String> {
+    let _held = lock_upgrade(state_dir)?;
+    let Some(record) = read_record(state_dir)? else {
+        return Ok(());
+    };
+    if swapped(&record) {
+        std::fs::rename(&record.old, &record.exe)
+            .and_then(|()| durable::fsync_parent(&record.exe))
+            .map_err(|e| format!("cannot put the old binary back: {e}"))?;
+    }
+    remove_record(state_dir)
 }
 
 /// After a session opened (Welcome) and before any command is read: settles
