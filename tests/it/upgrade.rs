@@ -139,8 +139,9 @@ fn a_good_binary_is_swapped_in_and_the_apps_keep_serving() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for port in &ports {
                     asked += 1;
-                    if get(*port).as_deref() != Some("v1") {
-                        misses.push(*port);
+                    match get(*port) {
+                        Ok(body) if body == "v1" => {}
+                        other => misses.push((*port, other)),
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -229,15 +230,22 @@ fn a_good_binary_is_swapped_in_and_the_apps_keep_serving() {
     );
 }
 
-/// What the app on `port` answers on /, if anything.
-fn get(port: u16) -> Option<String> {
+/// What the app on `port` answers on /, or why it did not (a generous
+/// read timeout: the machine may be loaded; an app that is down refuses
+/// the connection at once).
+fn get(port: u16) -> Result<String, String> {
     use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
     let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split("\r\n\r\n").nth(1).map(str::to_owned)
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    text.split("\r\n\r\n")
+        .nth(1)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no body in {text:?}"))
 }
 
 #[test]
