@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{bin, json, sha256_file, text, wait_until, Agent, Controller};
+use crate::support::{
+    bin, json, output_retrying, sha256_file, text, wait_until, Agent, Controller,
+};
 
 /// The version the good new binary reports.
 const NEW_VERSION: &str = "9.0.0-test";
@@ -35,10 +37,7 @@ fn agent_with_version(dir: &Path, version: &str) -> PathBuf {
     );
     fs::write(&path, bytes).unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(&path)
-        .arg("--version")
-        .output()
-        .unwrap();
+    let out = output_retrying(std::process::Command::new(&path).arg("--version"));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(version),
         "{} does not honour the test-version trailer: build it with the \

@@ -70,6 +70,17 @@ const GUARD_START: Duration = Duration::from_secs(10);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Bytes of `--version` output kept.
 const VERSION_OUTPUT: usize = 4096;
+/// Tries at running a file just written while another thread's fork may
+/// still hold its write descriptor (ETXTBSY until that child execs).
+const BUSY_TRIES: u32 = 50;
+/// Between those tries.
+const BUSY_WAIT: Duration = Duration::from_millis(20);
+
+/// Whether `e` is ETXTBSY: a file just written is still open for writing
+/// in some process (a fork between our write and its exec).
+fn text_busy(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
+}
 
 /// The upgrade's files under the controller state dir.
 fn upgrade_dir(state_dir: &Path) -> PathBuf {
@@ -322,19 +333,26 @@ pub fn stage(fetched: &Path, exe: &Path, expected: &str) -> Result<(PathBuf, Str
 /// Runs `binary --version` within [`VERSION_TIMEOUT`]: it must exit 0 and
 /// print `slipway-agent VERSION…`; returns VERSION.
 pub fn binary_version(binary: &Path) -> Result<String, String> {
-    let mut cmd = Command::new(binary);
-    cmd.arg("--version");
-    let done = proc::run(
-        cmd,
-        proc::Output::Capture {
+    let policy = proc::Policy {
+        timeout: VERSION_TIMEOUT,
+        kill_grace: Duration::from_secs(1),
+        after_exit: proc::AfterExit::KillGroup,
+    };
+    let mut tries = 0;
+    let done = loop {
+        let mut cmd = Command::new(binary);
+        cmd.arg("--version");
+        let output = proc::Output::Capture {
             limit: VERSION_OUTPUT,
-        },
-        &proc::Policy {
-            timeout: VERSION_TIMEOUT,
-            kill_grace: Duration::from_secs(1),
-            after_exit: proc::AfterExit::KillGroup,
-        },
-    )
+        };
+        match proc::run(cmd, output, &policy) {
+            Err(e) if text_busy(e.io()) && tries < BUSY_TRIES => {
+                tries += 1;
+                std::thread::sleep(BUSY_WAIT);
+            }
+            other => break other,
+        }
+    }
     .map_err(|e| format!("cannot run {} --version: {e}", binary.display()))?;
     let out = done.stdout.text();
     let shown = slipway_proto::limits::one_line(&out, 200);
@@ -506,7 +524,15 @@ pub fn swap_and_restart(staged: Staged, from_version: &str) -> String {
         std::process::exit(EXIT_RESTART);
     }
     tracing::info!(exe = %exe.display(), "agent binary replaced; re-executing it");
-    let err = Command::new(&exe).args(&args).exec();
+    let mut tries = 0;
+    let err = loop {
+        let err = Command::new(&exe).args(&args).exec();
+        if !text_busy(&err) || tries >= BUSY_TRIES {
+            break err;
+        }
+        tries += 1;
+        std::thread::sleep(BUSY_WAIT);
+    };
     // exec failed: this (old) agent keeps running; put the old binary back
     // now and drop the record, so the guard leaves without restarting it.
     let why = format!("cannot execute the new binary {}: {err}", exe.display());

@@ -12,6 +12,34 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Spawns `cmd`, again while the file is busy (ETXTBSY): a binary this
+/// process just wrote may still be open for writing in a child another
+/// test thread forked and that has not exec'd yet.
+pub fn spawn_retrying(cmd: &mut Command) -> Child {
+    for _ in 0..100 {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    cmd.spawn().unwrap()
+}
+
+/// [`spawn_retrying`], waiting for the output.
+pub fn output_retrying(cmd: &mut Command) -> Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    cmd.output().unwrap()
+}
+
 /// A binary of this workspace, built by `cargo test --workspace` (which
 /// builds every package's binaries before running any test).
 pub fn bin(name: &str) -> PathBuf {
@@ -501,7 +529,7 @@ liveness_interval = "500ms"
         let ready = self.ready_file();
         let _ = fs::remove_file(&ready);
         let exe = self.exe.clone().unwrap_or_else(|| bin("slipway-agent"));
-        self.run = Some(
+        self.run = Some(spawn_retrying(
             Command::new(exe)
                 .arg("--config")
                 .arg(&self.config)
@@ -510,10 +538,8 @@ liveness_interval = "500ms"
                 .arg(&ready)
                 .envs(self.run_env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .unwrap(),
-        );
+                .stderr(Stdio::from(log)),
+        ));
         wait_until(
             "slipway-agent run to be ready",
             Duration::from_secs(30),
