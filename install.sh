@@ -48,6 +48,11 @@ unit_text() {
   cat <<'UNIT_EOF'
 # The Slipway node agent. Installed by install.sh or the .deb as
 # /etc/systemd/system/slipway-agent.service (the .deb: /lib/systemd/system).
+# README, "systemd units": what each setting is for and the exposure that
+# remains. The app roots of /etc/slipway/agent.toml must be writable: /app
+# and /srv are; add others in a drop-in (systemctl edit slipway-agent):
+#   [Service]
+#   ReadWritePaths=/var/www/shop /home/deploy/.pm2
 [Unit]
 Description=Slipway node agent (releases, PM2/Docker/exec apps, health, controller link)
 Documentation=https://example.invalid/slipway
@@ -55,7 +60,10 @@ Wants=network-online.target
 After=network-online.target docker.service
 
 [Service]
+# READY=1 once every app's logs are watched; watchdog pings from the agent's
+# runtime at half of WatchdogSec; STOPPING=1 on SIGTERM; STATUS= lines.
 Type=notify
+NotifyAccess=main
 ExecStart=/usr/local/bin/slipway-agent run --config /etc/slipway/agent.toml
 Restart=on-failure
 RestartSec=2s
@@ -64,6 +72,45 @@ WatchdogSec=60s
 # containers: a stopped or restarted agent must not take the apps with it.
 KillMode=process
 TimeoutStopSec=30s
+StateDirectory=slipway-agent
+StateDirectoryMode=0700
+UMask=0022
+
+# Hardening. PM2, its apps and the exec supervisors are started by the
+# agent and share this sandbox; Docker's containers do not (dockerd starts
+# them). It runs as root: it switches to each app's `user`, owns the app
+# roots and talks to /run/docker.sock.
+NoNewPrivileges=yes
+ProtectSystem=strict
+# App roots (the "-" ignores one that does not exist), root's PM2_HOME, and
+# the binary's own directory: `slipway agent-upgrade` writes the new binary
+# beside the old one and renames it into place (install.sh's path; a .deb's
+# agent is upgraded with apt instead).
+ReadWritePaths=-/app -/srv -/root/.pm2 -/usr/local/bin
+# read-only, not yes: an app's `user` may keep its PM2_HOME in its home
+# (add it to ReadWritePaths).
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateMounts=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+# AF_NETLINK: interface lists (Node's os.networkInterfaces(), getifaddrs).
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+SystemCallArchitectures=native
+# What managing apps as root needs: files of any owner in the app roots,
+# switching to an app's user, signalling its processes, apps on ports < 1024.
+CapabilityBoundingSet=CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_KILL CAP_SETUID CAP_SETGID CAP_NET_BIND_SERVICE
 
 [Install]
 WantedBy=multi-user.target

@@ -19,6 +19,9 @@ use tonic::Status;
 
 /// Directory under the data dir holding the artifacts.
 pub const ARTIFACTS_DIR: &str = "artifacts";
+/// Directory under the data dir holding agent binaries for upgrades: apart
+/// from app artifacts, so neither is ever served as the other.
+pub const AGENT_BINARIES_DIR: &str = "agent-binaries";
 /// Size of each chunk sent to agents: far below gRPC's 4 MiB message limit,
 /// large enough that a 20 MB artifact is ~80 messages.
 pub const CHUNK_SIZE: usize = 256 * 1024;
@@ -122,6 +125,13 @@ impl Artifacts {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             dir: data_dir.join(ARTIFACTS_DIR),
+        }
+    }
+
+    /// The store of agent binaries beside this one (`agent-binaries/`).
+    pub fn agent_binaries(&self) -> Self {
+        Self {
+            dir: self.dir.with_file_name(AGENT_BINARIES_DIR),
         }
     }
 

@@ -87,6 +87,14 @@ pub const PRUNE_COMPLETED: &str = "PRUNE_COMPLETED";
 pub const PRUNE_FAILED: &str = "PRUNE_FAILED";
 /// An artifact was uploaded (or re-uploaded) through the controller API.
 pub const ARTIFACT_UPLOADED: &str = "ARTIFACT_UPLOADED";
+/// An agent binary was uploaded for agent upgrades.
+pub const AGENT_BINARY_UPLOADED: &str = "AGENT_BINARY_UPLOADED";
+/// A fleet agent upgrade started.
+pub const AGENT_UPGRADE_STARTED: &str = "AGENT_UPGRADE_STARTED";
+/// Every node of an agent upgrade came back on the new version.
+pub const AGENT_UPGRADE_COMPLETED: &str = "AGENT_UPGRADE_COMPLETED";
+/// A node of an agent upgrade failed or rolled back (or was skipped).
+pub const AGENT_UPGRADE_FAILED: &str = "AGENT_UPGRADE_FAILED";
 /// An API token was revoked (`slipway-controller token revoke`).
 pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
 /// An operator client certificate was issued (`operator create`).

@@ -103,7 +103,8 @@ pub struct OperatorCreateArgs {
     pub data_dir: PathBuf,
     /// Who holds it, e.g. ci-github or alice (letters, digits, . _ -).
     pub name: String,
-    /// What it may do: `read`, or `deploy:APP`; repeatable or comma-separated.
+    /// What it may do: `read`, `deploy:APP` or `agent-upgrade`; repeatable or
+    /// comma-separated.
     #[arg(long = "scope", value_name = "SCOPE", required = true)]
     pub scopes: Vec<String>,
     /// How long the certificate is valid: 12h, 30d, ...
@@ -220,8 +221,9 @@ pub struct TokenApiArgs {
     /// The controller's data directory.
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
-    /// What the token may do: `read`, or `deploy:APP` (deploy and roll back
-    /// APP, and read); repeatable or comma-separated.
+    /// What the token may do: `read`, `deploy:APP` (deploy and roll back
+    /// APP, and read) or `agent-upgrade` (upgrade the fleet's agents, and
+    /// read); repeatable or comma-separated.
     #[arg(long = "scope", value_name = "SCOPE", required = true)]
     pub scopes: Vec<String>,
 }

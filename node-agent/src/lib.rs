@@ -22,7 +22,8 @@
 //! - [`link`]: the controller: dialling and TLS, enrollment and renewal, the
 //!   node's identity on disk, the session `run` keeps up (reconnect with
 //!   backoff and jitter), heartbeats, the controller's commands and their
-//!   ledger, inotify on each app's state.
+//!   ledger, inotify on each app's state, and the agent's upgrade of its own
+//!   binary with the guard that restores the old one.
 //! - [`daemon`]: `slipway-agent run`: liveness checks, housekeeping (log
 //!   rotation, disk pressure) and the controller session, until shutdown.
 //!
@@ -66,7 +67,8 @@
 //! - [`error`]: an error and its causes on one line.
 //! - [`fault`]: crash points for the crash-safety tests (`fault-injection`).
 //! - [`version`]: the version and git commit of the build (`--version`, and
-//!   what the agent reports to the controller).
+//!   what the agent reports to the controller; in test builds only, the
+//!   trailer that gives a copy of the binary another one).
 
 // L4
 pub mod cli;

@@ -1,10 +1,16 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use slipway_agent::cli::{self, Cli, EXIT_USAGE};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // `--version`: the version as the agent reports it everywhere (Hello,
+    // heartbeats), then the commit and date of the build.
+    let parsed = Cli::command()
+        .version(slipway_agent::version::long())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version print to stdout and succeed.

@@ -39,7 +39,7 @@ for b in slipway-agent slipway-controller slipway; do install -m 0755 "$bins/$b"
 # One unit file for install.sh and the .deb: the package puts the binaries
 # in /usr/bin (Debian policy keeps packages out of /usr/local).
 for u in slipway-agent slipway-controller; do
-  sed 's|/usr/local/bin/|/usr/bin/|g' "packaging/systemd/$u.service" > "$stage/$u.service"
+  sed -e 's|/usr/local/bin/|/usr/bin/|g' -e 's| -/usr/local/bin$||' "packaging/systemd/$u.service" > "$stage/$u.service"
 done
 for pkg in agent controller; do
   for s in postinst prerm postrm; do

@@ -13,10 +13,11 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::v1::{
-    agent_message, controller_message, selector, AgentMessage, AppStatus, CommandResult,
-    ControllerMessage, DeployRequest, EnrollRequest, FetchArtifactRequest, FleetStatusRequest,
-    Heartbeat, Hello, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, RenewRequest,
-    RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
+    agent_message, controller_message, selector, AgentMessage, AgentUpgrade, AgentUpgradeRequest,
+    AppStatus, CommandResult, ControllerMessage, DeployRequest, EnrollRequest,
+    FetchArtifactRequest, FleetStatusRequest, Heartbeat, Hello, NodeEvent, NodeEventKind,
+    NodeMetrics, Progress, PruneRequest, RenewRequest, RestartRequest, RollbackRequest, Selector,
+    StartRequest, StopRequest,
 };
 
 /// Node names: a droplet's host name fits (DNS names are at most 253).
@@ -63,6 +64,14 @@ pub const MAX_JOIN_TOKEN: usize = 512;
 pub const MAX_URL: usize = 2048;
 /// A label selector (`key:value`).
 pub const MAX_TAG: usize = MAX_LABEL_KEY + 1 + MAX_LABEL_VALUE;
+/// Fewest seconds an upgraded agent gets to reconnect: a start and a TLS
+/// handshake on a slow droplet.
+pub const MIN_COMMIT_DEADLINE_SECS: u32 = 5;
+/// Most seconds a node may wait for its upgraded agent before the old one
+/// comes back.
+pub const MAX_COMMIT_DEADLINE_SECS: u32 = 3600;
+/// Largest agent binary an upgrade accepts (a static agent is ~20 MB).
+pub const MAX_AGENT_BINARY: u64 = 512 * 1024 * 1024;
 /// Characters of a refused value shown back in an error or a log line.
 const SHOWN_CHARS: usize = 64;
 
@@ -264,6 +273,41 @@ fn check_optional_release_id(field: &str, id: &str) -> Result<(), FieldError> {
         return Ok(());
     }
     check_release_id(field, id)
+}
+
+/// An agent version as `--version` prints it after the program name:
+/// 1–64 of `A-Z a-z 0-9 . + - _`, starting with a letter or digit.
+pub fn check_version(field: &str, version: &str) -> Result<(), FieldError> {
+    let ok = !version.is_empty()
+        && version.len() <= MAX_VERSION
+        && version.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!(
+                "{} is not a version (1-{MAX_VERSION} of A-Z a-z 0-9 . + - _, starting with a letter or digit)",
+                shown(version)
+            ),
+        ))
+    }
+}
+
+/// An upgrade's commit deadline within
+/// [`MIN_COMMIT_DEADLINE_SECS`]..=[`MAX_COMMIT_DEADLINE_SECS`].
+pub fn check_commit_deadline(field: &str, secs: u32) -> Result<(), FieldError> {
+    if (MIN_COMMIT_DEADLINE_SECS..=MAX_COMMIT_DEADLINE_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{secs} s is out of range ({MIN_COMMIT_DEADLINE_SECS}..={MAX_COMMIT_DEADLINE_SECS})"),
+        ))
+    }
 }
 
 /// A sha256 as stored: 64 lowercase hex digits.
@@ -517,6 +561,23 @@ impl Validate for AgentMessage {
     }
 }
 
+/// The fields of an AgentUpgrade command (the agent checks them before it
+/// fetches anything).
+fn check_agent_upgrade(u: &AgentUpgrade) -> Result<(), FieldError> {
+    check_line("command_id", &u.command_id, MAX_COMMAND_ID)?;
+    check_sha256("sha256", &u.sha256)?;
+    if u.size == 0 || u.size > MAX_AGENT_BINARY {
+        return Err(FieldError::new(
+            "size",
+            format!("{} bytes is out of range (1..={MAX_AGENT_BINARY})", u.size),
+        ));
+    }
+    if !u.version.is_empty() {
+        check_version("version", &u.version)?;
+    }
+    check_commit_deadline("commit_deadline_secs", u.commit_deadline_secs)
+}
+
 impl Validate for ControllerMessage {
     fn validate(&self) -> Result<(), FieldError> {
         use controller_message::Kind;
@@ -558,6 +619,9 @@ impl Validate for ControllerMessage {
                 Ok(())
             })()
             .map_err(|e: FieldError| e.within("node_event_ack")),
+            Some(Kind::AgentUpgrade(u)) => {
+                check_agent_upgrade(u).map_err(|e| e.within("agent_upgrade"))
+            }
         }
     }
 }
@@ -578,6 +642,20 @@ impl Validate for RollbackRequest {
         check_app_name("app", &self.app)?;
         check_optional_release_id("to_release_id", &self.to_release_id)?;
         check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for AgentUpgradeRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_sha256("sha256", &self.sha256)?;
+        if !self.version.is_empty() {
+            check_version("version", &self.version)?;
+        }
+        check_selector("selector", self.selector.as_ref())?;
+        if self.commit_deadline_secs != 0 {
+            check_commit_deadline("commit_deadline_secs", self.commit_deadline_secs)?;
+        }
+        Ok(())
     }
 }
 
@@ -700,6 +778,82 @@ mod tests {
             ack(MAX_EVENT_IDS + 1).validate().unwrap_err().field,
             "node_event_ack.event_ids"
         );
+    }
+
+    #[test]
+    fn agent_upgrades_are_checked_field_by_field() {
+        use crate::v1::AgentUpgrade;
+        for good in ["0.1.0", "1.2.3-rc.1+git.abc", &"9".repeat(MAX_VERSION)] {
+            check_version("version", good).unwrap();
+        }
+        for bad in [
+            "",
+            "-1",
+            "1 2",
+            "1.0\n",
+            "v/1",
+            &"9".repeat(MAX_VERSION + 1),
+        ] {
+            assert!(check_version("version", bad).is_err(), "{bad:?}");
+        }
+        let good = AgentUpgrade {
+            command_id: "d-1.n-1".into(),
+            sha256: "ab".repeat(32),
+            size: 10,
+            version: "0.2.0".into(),
+            commit_deadline_secs: 60,
+        };
+        let message = |u: AgentUpgrade| ControllerMessage {
+            kind: Some(controller_message::Kind::AgentUpgrade(u)),
+        };
+        message(good.clone()).validate().unwrap();
+        for (bad, field) in [
+            (
+                AgentUpgrade {
+                    size: 0,
+                    ..good.clone()
+                },
+                "agent_upgrade.size",
+            ),
+            (
+                AgentUpgrade {
+                    size: MAX_AGENT_BINARY + 1,
+                    ..good.clone()
+                },
+                "agent_upgrade.size",
+            ),
+            (
+                AgentUpgrade {
+                    sha256: "../x".into(),
+                    ..good.clone()
+                },
+                "agent_upgrade.sha256",
+            ),
+            (
+                AgentUpgrade {
+                    version: "1 0".into(),
+                    ..good.clone()
+                },
+                "agent_upgrade.version",
+            ),
+            (
+                AgentUpgrade {
+                    commit_deadline_secs: 4,
+                    ..good.clone()
+                },
+                "agent_upgrade.commit_deadline_secs",
+            ),
+            (
+                AgentUpgrade {
+                    commit_deadline_secs: MAX_COMMIT_DEADLINE_SECS + 1,
+                    ..good.clone()
+                },
+                "agent_upgrade.commit_deadline_secs",
+            ),
+        ] {
+            let err = message(bad).validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
     }
 
     #[test]

@@ -28,3 +28,4 @@ mod rollout;
 mod static_binary;
 mod systemd;
 mod trust;
+mod upgrade;

@@ -501,10 +501,17 @@ deadline = "30s"
     }
     deploy("node", &node_art);
 
-    // The exec app started by `run` itself: stopped, then brought back by
-    // the agent's start-up (as after a reboot).
-    let out = agent(&["stop", "--app", "web"]);
-    assert!(out.status.success(), "stop: {}", text(&out));
+    // The exec app started by `run` itself: its supervisor and app killed
+    // (as by a reboot; `slipway-agent stop` would be a stop on purpose,
+    // which the agent leaves alone), then brought back by the agent's
+    // start-up.
+    let before = supervisor_state(&web_root);
+    for key in ["supervisor_pid", "child_pid"] {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid_of(&before, key)),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     wait_until("web stopped", Duration::from_secs(10), || {
         get(web_port).is_none()
     });

@@ -12,8 +12,8 @@
 use slipway_proto::limits;
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
-    controller_message, ControllerMessage, FleetStatusRequest, FleetStatusResponse, PruneRequest,
-    RestartRequest, StartRequest, StatusRequest, StopRequest,
+    controller_message, AgentUpgradeRequest, ControllerMessage, FleetStatusRequest,
+    FleetStatusResponse, PruneRequest, RestartRequest, StartRequest, StatusRequest, StopRequest,
 };
 use slipway_proto::v1::{
     selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
@@ -40,6 +40,9 @@ pub use error::ApiError;
 
 /// How long a refreshed FleetStatus waits for the nodes' fresh heartbeats.
 pub const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long each upgraded agent has to reconnect when the request does not
+/// say: a start and a handshake take seconds; a minute covers a slow droplet.
+pub const DEFAULT_COMMIT_DEADLINE_SECS: u32 = 60;
 /// Largest `keep` a Prune accepts (0 = each node's configured `keep`).
 pub const MAX_PRUNE_KEEP: u32 = 1000;
 
@@ -302,6 +305,7 @@ impl ControlService {
 
     async fn try_upload(
         &self,
+        store: &Artifacts,
         mut inbound: Streaming<UploadChunk>,
     ) -> Result<UploadArtifactResponse, ApiError> {
         let first = inbound
@@ -315,7 +319,7 @@ impl ControlService {
         // was verified against its digest when it came; a client whose file
         // has another size does not hold that artifact (its CLI hashes the
         // file before it asks, so this catches a client that did not).
-        match self.artifacts.size(&sha256).await {
+        match store.size(&sha256).await {
             Ok(stored) if stored == first.size => {
                 return Ok(UploadArtifactResponse {
                     sha256,
@@ -334,7 +338,7 @@ impl ControlService {
             Err(ArtifactError::NotFound(_)) => {}
             Err(err) => return Err(err.into()),
         }
-        let mut upload = self.artifacts.upload(&sha256, first.size).await?;
+        let mut upload = store.upload(&sha256, first.size).await?;
         upload.write(&first.data).await?;
         while let Some(chunk) = inbound
             .message()
@@ -360,6 +364,7 @@ impl Control for ControlService {
     type StopStream = ReceiverStream<Result<DeployEvent, Status>>;
     type StartStream = ReceiverStream<Result<DeployEvent, Status>>;
     type PruneStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type AgentUpgradeStream = ReceiverStream<Result<DeployEvent, Status>>;
 
     async fn list_nodes(
         &self,
@@ -412,7 +417,7 @@ impl Control for ControlService {
             .authorize(&request, "upload artifacts", Caller::can_deploy_any)
             .await?;
         let peer = crate::peer_addr(&request);
-        match self.try_upload(request.into_inner()).await {
+        match self.try_upload(&self.artifacts, request.into_inner()).await {
             Ok(done) => {
                 let event = AuditEvent::success(
                     audit::ARTIFACT_UPLOADED,
@@ -591,6 +596,96 @@ impl Control for ControlService {
             )
             .await?;
         Ok(Response::new(stream))
+    }
+
+    async fn upload_agent_binary(
+        &self,
+        request: Request<Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadArtifactResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                "upload agent binaries",
+                Caller::can_upgrade_agents,
+            )
+            .await?;
+        let peer = crate::peer_addr(&request);
+        let store = self.artifacts.agent_binaries();
+        match self.try_upload(&store, request.into_inner()).await {
+            Ok(done) => {
+                let event = AuditEvent::success(
+                    audit::AGENT_BINARY_UPLOADED,
+                    &caller.token_id,
+                    "agent_binary",
+                    &done.sha256,
+                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
+                );
+                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
+                    tracing::error!(%err, "could not record audit event");
+                }
+                tracing::info!(sha256 = %done.sha256, size = done.size, "agent binary uploaded");
+                Ok(Response::new(done))
+            }
+            Err(err) => {
+                self.refused(&caller.token_id, &peer, "upload agent binary", &err)
+                    .await;
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn agent_upgrade(
+        &self,
+        request: Request<AgentUpgradeRequest>,
+    ) -> Result<Response<Self::AgentUpgradeStream>, Status> {
+        validated(request.get_ref())?;
+        let caller = self
+            .authorize(&request, "upgrade agents", Caller::can_upgrade_agents)
+            .await?;
+        let req = request.into_inner();
+        let checked = async {
+            let store = self.artifacts.agent_binaries();
+            let size = match store.size(&req.sha256).await {
+                Ok(size) => size,
+                Err(ArtifactError::NotFound(_)) => {
+                    return Err(ApiError::NoArtifact(format!(
+                        "{} (no agent binary with that digest; `slipway agent-upgrade` uploads it)",
+                        req.sha256
+                    )))
+                }
+                Err(err) => return Err(err.into()),
+            };
+            if size == 0 || size > limits::MAX_AGENT_BINARY {
+                return Err(ApiError::Invalid(format!(
+                    "agent binary {} has {size} bytes (limit 1..={})",
+                    req.sha256,
+                    limits::MAX_AGENT_BINARY
+                )));
+            }
+            let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
+            let targets = self.select(req.selector.as_ref()).await?;
+            Ok((size, targets, rollout))
+        }
+        .await;
+        let (size, targets, rollout) = checked.map_err(Status::from)?;
+        let commit_deadline_secs = match req.commit_deadline_secs {
+            0 => DEFAULT_COMMIT_DEADLINE_SECS,
+            n => n,
+        };
+        let plan = Plan {
+            app: rollout::AGENT_APP.to_owned(),
+            action: Action::AgentUpgrade {
+                sha256: req.sha256,
+                size,
+                version: req.version,
+                commit_deadline_secs,
+            },
+            targets,
+            actor: caller.token_id,
+            selector: selector_json(req.selector.as_ref()),
+            rollout,
+        };
+        Ok(Response::new(self.run_plan(plan).await?))
     }
 
     async fn fleet_status(

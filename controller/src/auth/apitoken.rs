@@ -1,7 +1,8 @@
 //! API tokens for the `slipway` CLI: `slwa1.<id>.<secret>`, printed once,
 //! stored as the sha256 of the secret, with scopes that say what the token
-//! may do: `read` (list nodes and audit events) or `deploy:<app>` (upload,
-//! deploy and roll back that app, and read).
+//! may do: `read` (list nodes and audit events), `deploy:<app>` (upload,
+//! deploy and roll back that app, and read) or `agent-upgrade` (upload agent
+//! binaries and upgrade the fleet's agents, and read).
 
 use std::fmt;
 
@@ -16,8 +17,8 @@ const PREFIX: &str = "slwa1";
 /// Errors from creating or checking API tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiTokenError {
-    /// A `--scope` value that is neither `read` nor `deploy:<app>`.
-    #[error("invalid scope {0:?}: expected read or deploy:APP (APP of letters, digits, . _ -)")]
+    /// A `--scope` value that is not `read`, `deploy:<app>` or `agent-upgrade`.
+    #[error("invalid scope {0:?}: expected read, deploy:APP (APP of letters, digits, . _ -) or agent-upgrade")]
     Scope(String),
     /// No scope given.
     #[error("an API token needs at least one scope (--scope read or --scope deploy:APP)")]
@@ -53,6 +54,8 @@ pub enum Scope {
     Read,
     /// Upload, deploy and roll back this app (implies read).
     Deploy(String),
+    /// Upload agent binaries and upgrade the fleet's agents (implies read).
+    AgentUpgrade,
 }
 
 impl fmt::Display for Scope {
@@ -60,6 +63,7 @@ impl fmt::Display for Scope {
         match self {
             Self::Read => f.write_str("read"),
             Self::Deploy(app) => write!(f, "deploy:{app}"),
+            Self::AgentUpgrade => f.write_str("agent-upgrade"),
         }
     }
 }
@@ -73,6 +77,7 @@ impl std::str::FromStr for Scope {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text.split_once(':') {
             None if text == "read" => Ok(Self::Read),
+            None if text == "agent-upgrade" => Ok(Self::AgentUpgrade),
             Some(("deploy", app)) if is_app_name(app) => Ok(Self::Deploy(app.to_owned())),
             _ => Err(ApiTokenError::Scope(text.to_owned())),
         }
@@ -114,6 +119,11 @@ impl Caller {
         self.scopes
             .iter()
             .any(|s| matches!(s, Scope::Deploy(a) if a == app))
+    }
+
+    /// True if the token may upload agent binaries and upgrade agents.
+    pub fn can_upgrade_agents(&self) -> bool {
+        self.scopes.iter().any(|s| matches!(s, Scope::AgentUpgrade))
     }
 
     /// True if the token may deploy some app (uploads need this).

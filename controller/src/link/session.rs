@@ -503,10 +503,17 @@ impl AgentLink for AgentLinkService {
             actor.clone_from(&peer.node.id);
             let req = request.get_ref();
             req.validate()?;
-            let stream = self.artifacts.chunks(&req.sha256, &req.command_id).await?;
+            // Agent binaries and app artifacts are separate stores: a
+            // deploy cannot fetch an agent binary, nor an upgrade an app.
+            let store = if req.agent_binary {
+                self.artifacts.agent_binaries()
+            } else {
+                self.artifacts.clone()
+            };
+            let stream = store.chunks(&req.sha256, &req.command_id).await?;
             tracing::info!(
                 node_id = %peer.node.id, sha256 = %req.sha256, command_id = %req.command_id,
-                "agent fetching artifact"
+                agent_binary = req.agent_binary, "agent fetching artifact"
             );
             Ok::<_, SessionError>(stream)
         }

@@ -122,12 +122,22 @@ pub async fn start(
     if let Action::Prune { keep } = &plan.action {
         details["keep"] = serde_json::Value::from(*keep);
     }
+    if let Action::AgentUpgrade {
+        size,
+        commit_deadline_secs,
+        ..
+    } = &plan.action
+    {
+        details["agent_binary_size"] = serde_json::Value::from(*size);
+        details["commit_deadline_secs"] = serde_json::Value::from(*commit_deadline_secs);
+    }
     let (sha, url) = match &plan.action {
         Action::Deploy {
             sha256,
             artifact_url,
             ..
         } => (sha256.as_str(), artifact_url.as_str()),
+        Action::AgentUpgrade { sha256, .. } => (sha256.as_str(), ""),
         Action::Rollback { .. }
         | Action::Restart
         | Action::Stop
@@ -331,10 +341,12 @@ impl Run {
                             self.commands.forget(&command_id);
                             let mut result = self.result(index, Outcome::Failed, &r.release_id, &r.message);
                             result.outcome = r.outcome;
+                            self.agent_upgrade_result(&mut result).await;
                             return (command_id, index, result);
                         }
                         NodeEvent::Disconnected => {
-                            flight.deadline = flight.deadline.min(Instant::now() + RECONNECT_GRACE);
+                            let grace = self.plan.action.reconnect_grace(RECONNECT_GRACE);
+                            flight.deadline = flight.deadline.min(Instant::now() + grace);
                         }
                         NodeEvent::Reconnected => {
                             flight.deadline = flight.sent_at + COMMAND_TIMEOUT;
@@ -358,6 +370,42 @@ impl Run {
                 }
             }
         }
+    }
+
+    /// For an agent upgrade, the node's result carries the version its
+    /// session reported (Hello, heartbeats), not the agent's word in the
+    /// result: "upgraded to X" is what the controller itself saw. A node
+    /// that claims success but reports another version than the binary's
+    /// is failed.
+    async fn agent_upgrade_result(&self, result: &mut NodeResult) {
+        let Action::AgentUpgrade { version, .. } = &self.plan.action else {
+            return;
+        };
+        let reported = match self.store.fleet().await {
+            Ok(rows) => rows
+                .into_iter()
+                .find(|r| r.id == result.node_id)
+                .map(|r| r.agent_version)
+                .unwrap_or_default(),
+            Err(err) => {
+                tracing::error!(%err, "cannot read the node's agent version");
+                String::new()
+            }
+        };
+        if result.outcome == Outcome::Succeeded as i32 {
+            if !version.is_empty() && reported != *version {
+                result.outcome = Outcome::Failed as i32;
+                result.message = format!(
+                    "the node reports agent version {} after the upgrade, not {version}: {}",
+                    slipway_proto::limits::shown(&reported),
+                    result.message
+                );
+            } else {
+                result.message =
+                    format!("upgraded to agent version {reported}: {}", result.message);
+            }
+        }
+        result.release_id = reported;
     }
 
     fn expire(

@@ -1,4 +1,5 @@
-//! Deployments across the fleet (deploy, rollback, restart, prune): a
+//! Deployments across the fleet (deploy, rollback, restart, prune, and
+//! agent upgrades recorded under the app [`AGENT_APP`]): a
 //! rollout plan (all at once, rolling batches, canary then the rest), one
 //! command per node over its live session, progress and results routed
 //! back by command id, the outcome recorded per node and for the whole
@@ -54,7 +55,7 @@ pub mod plan;
 pub mod policy;
 
 pub use executor::{start, COMMAND_TIMEOUT, RECONNECT_GRACE};
-pub use plan::{Action, Plan, Target};
+pub use plan::{Action, Plan, Target, AGENT_APP};
 pub use policy::{
     default_release_id, next_step, summarize, Batch, NodeState, Rollout, RolloutError, Step,
     Strategy,

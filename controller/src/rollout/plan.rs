@@ -1,5 +1,7 @@
 //! What a deployment is asked to do: the action, its targets and rollout.
 
+use std::time::Duration;
+
 use slipway_proto::v1::{controller_message, ControllerMessage};
 
 use super::policy::Rollout;
@@ -45,7 +47,29 @@ pub enum Action {
         /// Releases to keep; 0 = the app's `keep` setting on each node.
         keep: u32,
     },
+    /// Replace the agent's own binary (the plan's app is [`AGENT_APP`]).
+    AgentUpgrade {
+        /// Digest of the uploaded agent binary.
+        sha256: String,
+        /// Its size.
+        size: u64,
+        /// The version the CLI read from it ('' if it could not).
+        version: String,
+        /// Seconds each new agent has to reconnect before its guard
+        /// restores the old binary.
+        commit_deadline_secs: u32,
+    },
 }
+
+/// The "app" an agent upgrade is recorded under: not a valid app name (it
+/// starts with `@`), so no app's deployments can be confused with it, and
+/// one agent upgrade runs at a time like one deployment per app.
+pub const AGENT_APP: &str = "@agent";
+
+/// After a node's session ends mid-upgrade (the agent restarting itself),
+/// how long beyond its commit deadline the controller waits for the node
+/// to come back (its guard's rollback and restart included).
+const UPGRADE_GRACE_MARGIN: Duration = Duration::from_secs(30);
 
 impl Action {
     /// The kind as recorded: `deploy`, `rollback`, `restart`, `prune`.
@@ -57,6 +81,22 @@ impl Action {
             Self::Stop => "stop",
             Self::Start => "start",
             Self::Prune { .. } => "prune",
+            Self::AgentUpgrade { .. } => "agent-upgrade",
+        }
+    }
+
+    /// How long a node that lost its session during the command may take
+    /// to come back with its result: an agent upgrade restarts the agent
+    /// on purpose, and its guard may take the commit deadline to restore
+    /// the old one.
+    pub fn reconnect_grace(&self, default: Duration) -> Duration {
+        match self {
+            Self::AgentUpgrade {
+                commit_deadline_secs,
+                ..
+            } => default
+                .max(Duration::from_secs(u64::from(*commit_deadline_secs)) + UPGRADE_GRACE_MARGIN),
+            _ => default,
         }
     }
 
@@ -66,6 +106,8 @@ impl Action {
             Self::Deploy { release_id, .. } => release_id,
             Self::Rollback { to_release_id } => to_release_id,
             Self::Restart | Self::Stop | Self::Start | Self::Prune { .. } => "",
+            // The version the CLI read: what every node should come up on.
+            Self::AgentUpgrade { version, .. } => version,
         }
     }
 
@@ -85,6 +127,7 @@ impl Action {
             Self::Stop => audit::STOP_STARTED,
             Self::Start => audit::START_STARTED,
             Self::Prune { .. } => audit::PRUNE_STARTED,
+            Self::AgentUpgrade { .. } => audit::AGENT_UPGRADE_STARTED,
         }
     }
 
@@ -103,6 +146,8 @@ impl Action {
             (Self::Start, false) => audit::START_FAILED,
             (Self::Prune { .. }, true) => audit::PRUNE_COMPLETED,
             (Self::Prune { .. }, false) => audit::PRUNE_FAILED,
+            (Self::AgentUpgrade { .. }, true) => audit::AGENT_UPGRADE_COMPLETED,
+            (Self::AgentUpgrade { .. }, false) => audit::AGENT_UPGRADE_FAILED,
         }
     }
 
@@ -146,6 +191,18 @@ impl Action {
                 command_id: command_id.to_owned(),
                 app: app.to_owned(),
                 keep: *keep,
+            }),
+            Self::AgentUpgrade {
+                sha256,
+                size,
+                version,
+                commit_deadline_secs,
+            } => controller_message::Kind::AgentUpgrade(slipway_proto::v1::AgentUpgrade {
+                command_id: command_id.to_owned(),
+                sha256: sha256.clone(),
+                size: *size,
+                version: version.clone(),
+                commit_deadline_secs: *commit_deadline_secs,
             }),
         };
         ControllerMessage { kind: Some(kind) }

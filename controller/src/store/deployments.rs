@@ -232,6 +232,7 @@ impl Store {
                 "stop" => crate::audit::STOP_FAILED,
                 "start" => crate::audit::START_FAILED,
                 "prune" => crate::audit::PRUNE_FAILED,
+                "agent-upgrade" => crate::audit::AGENT_UPGRADE_FAILED,
                 _ => crate::audit::DEPLOY_FAILED,
             };
             let event = AuditEvent::error(

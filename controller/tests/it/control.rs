@@ -38,6 +38,17 @@ async fn upload(
     sha256: &str,
     data: &[u8],
 ) -> Result<slipway_controller::proto::v1::UploadArtifactResponse, tonic::Status> {
+    upload_as(control, token, sha256, data, false).await
+}
+
+/// [`upload`], as an app artifact or (`agent_binary`) an agent binary.
+async fn upload_as(
+    control: &mut ControlClient<Channel>,
+    token: &str,
+    sha256: &str,
+    data: &[u8],
+    agent_binary: bool,
+) -> Result<slipway_controller::proto::v1::UploadArtifactResponse, tonic::Status> {
     let mut chunks: Vec<UploadChunk> = data
         .chunks(100_000)
         .map(|d| UploadChunk {
@@ -50,10 +61,110 @@ async fn upload(
     }
     chunks[0].sha256 = sha256.to_owned();
     chunks[0].size = data.len() as u64;
-    control
-        .upload_artifact(authed(tokio_stream::iter(chunks), token))
+    let request = authed(tokio_stream::iter(chunks), token);
+    if agent_binary {
+        control.upload_agent_binary(request).await
+    } else {
+        control.upload_artifact(request).await
+    }
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn agent_binaries_are_kept_apart_from_app_artifacts_and_need_their_scope() {
+    let controller = Controller::start().await;
+    let deploy = controller.deploy_token("web").await;
+    let upgrade = controller.api_token(&[Scope::AgentUpgrade]).await;
+    let mut control = controller.control().await;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let sha = crypto::sha256_hex(&data);
+
+    // Each kind of upload needs its own scope.
+    let err = upload_as(&mut control, &deploy, &sha, &data, true)
         .await
-        .map(tonic::Response::into_inner)
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = upload_as(&mut control, &upgrade, &sha, &data, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let done = upload_as(&mut control, &upgrade, &sha, &data, true)
+        .await
+        .unwrap();
+    assert!(!done.already_present);
+    assert!(controller
+        .data_dir
+        .path()
+        .join("agent-binaries")
+        .join(&sha)
+        .is_file());
+
+    // An app deploy cannot name it; an agent fetches it only as an agent
+    // binary.
+    let err = control
+        .deploy(authed(deploy_request("web", &sha, None), &deploy))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let (state, _node_id) = controller.enroll("web-1").await;
+    let mut agent = controller.agent_link(state.path()).await;
+    let err = agent
+        .fetch_artifact(FetchArtifactRequest {
+            sha256: sha.clone(),
+            command_id: "c-1".to_owned(),
+            agent_binary: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let mut stream = agent
+        .fetch_artifact(FetchArtifactRequest {
+            sha256: sha.clone(),
+            command_id: "c-2".to_owned(),
+            agent_binary: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        got.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(got, data);
+
+    // An upgrade naming an unknown binary, or out of bounds, is refused.
+    let unknown = slipway_controller::proto::v1::AgentUpgradeRequest {
+        sha256: crypto::sha256_hex(b"never uploaded"),
+        ..Default::default()
+    };
+    let err = control
+        .agent_upgrade(authed(unknown, &upgrade))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let too_short = slipway_controller::proto::v1::AgentUpgradeRequest {
+        sha256: sha.clone(),
+        commit_deadline_secs: 1,
+        ..Default::default()
+    };
+    let err = control
+        .agent_upgrade(authed(too_short, &upgrade))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("commit_deadline_secs"), "{err:?}");
+    let err = control
+        .agent_upgrade(authed(
+            slipway_controller::proto::v1::AgentUpgradeRequest {
+                sha256: sha.clone(),
+                ..Default::default()
+            },
+            &deploy,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    controller.stop().await;
 }
 
 fn deploy_request(app: &str, sha256: &str, node: Option<&str>) -> DeployRequest {
@@ -212,6 +323,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: sha.clone(),
             command_id: "c-1".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap()
@@ -237,6 +349,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: unknown,
             command_id: "c-2".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap_err();
@@ -245,6 +358,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: "../controller.db".to_owned(),
             command_id: "c-3".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap_err();
@@ -259,6 +373,7 @@ async fn fetch_artifact_streams_known_digests_to_enrolled_nodes_only() {
         .fetch_artifact(FetchArtifactRequest {
             sha256: sha,
             command_id: "c-4".to_owned(),
+            agent_binary: false,
         })
         .await
         .unwrap_err();

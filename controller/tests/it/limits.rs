@@ -628,6 +628,7 @@ async fn throw(
         .fetch_artifact(FetchArtifactRequest {
             sha256: f.a.clone(),
             command_id: f.b.clone(),
+            agent_binary: false,
         })
         .await;
     assert_clear("fetch artifact", &answer);

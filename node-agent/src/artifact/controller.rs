@@ -92,10 +92,36 @@ pub async fn fetch(
     cache: &Path,
     limits: &ArtifactsConfig,
 ) -> Result<Fetched, FetchError> {
+    fetch_kind(channel, addr, sha256, command_id, false, cache, limits).await
+}
+
+/// As [`fetch`], for an agent binary of an upgrade: asked for from the
+/// controller's store of agent binaries, never its app artifacts.
+pub async fn fetch_agent_binary(
+    channel: Channel,
+    addr: &str,
+    sha256: &Sha256,
+    command_id: &str,
+    cache: &Path,
+    limits: &ArtifactsConfig,
+) -> Result<Fetched, FetchError> {
+    fetch_kind(channel, addr, sha256, command_id, true, cache, limits).await
+}
+
+async fn fetch_kind(
+    channel: Channel,
+    addr: &str,
+    sha256: &Sha256,
+    command_id: &str,
+    agent_binary: bool,
+    cache: &Path,
+    limits: &ArtifactsConfig,
+) -> Result<Fetched, FetchError> {
     let mut client = AgentLinkClient::new(channel);
     let request = client.fetch_artifact(FetchArtifactRequest {
         sha256: sha256.to_string(),
         command_id: command_id.to_owned(),
+        agent_binary,
     });
     let stream = tokio::time::timeout(limits.read_timeout, request)
         .await

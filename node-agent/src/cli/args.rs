@@ -9,7 +9,7 @@ use crate::config::DEFAULT_CONFIG_PATH;
 #[derive(Debug, Parser)]
 #[command(
     name = "slipway-agent",
-    version = crate::version::LONG,
+    version,
     about = "Slipway node agent: atomic releases with node-local rollback",
     after_help = "Exit codes: 0 success, 1 operation failed, 64 bad usage or configuration."
 )]
@@ -178,6 +178,15 @@ pub enum Command {
         grace_ms: u64,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Guard an agent upgrade (started by the agent from its old binary):
+    /// wait for the new agent's commit, else restore the old binary and
+    /// restart the agent.
+    #[command(hide = true)]
+    UpgradeGuard {
+        /// The agent's controller state dir (its `upgrade/` record).
+        #[arg(long)]
+        state_dir: PathBuf,
     },
     /// Walk through deploy, releases, rollback and prune in a scratch directory.
     Demo {

@@ -168,6 +168,10 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 enrolled.expires_at_unix
             );
         }
+        Command::UpgradeGuard { state_dir } => {
+            crate::link::upgrade::guard(&state_dir)
+                .map_err(|e| anyhow::anyhow!("agent upgrade guard: {e}"))?;
+        }
         Command::Supervise {
             root,
             grace_ms,
@@ -509,6 +513,17 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             let config = load()?;
             // Before the runtime's threads start: it edits the environment.
             let notifier = slipway_proto::notify::Notifier::take_from_env();
+            // One agent per state dir: held for the life of the process (an
+            // exec for an upgrade lets it go, the new image takes it again).
+            let _agent = match &config.controller {
+                Some(ctl) => Some(crate::link::upgrade::lock_agent(&ctl.state_dir).map_err(
+                    |e| Failure {
+                        code: 1,
+                        message: e,
+                    },
+                )?),
+                None => None,
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -127,6 +127,7 @@ impl Commands {
             controller_message::Kind::Restart(r) => r.command_id.clone(),
             controller_message::Kind::StopApp(r) => r.command_id.clone(),
             controller_message::Kind::StartApp(r) => r.command_id.clone(),
+            controller_message::Kind::AgentUpgrade(u) => u.command_id.clone(),
             // The session handles acknowledgements itself.
             controller_message::Kind::Welcome(_) | controller_message::Kind::NodeEventAck(_) => {
                 return
@@ -184,7 +185,29 @@ impl Commands {
             tracing::info!(command = %id, "command is still running; its result will follow");
             return;
         }
-        let result = run(config, ctl, &id, kind, out).await;
+        let result = match kind {
+            controller_message::Kind::AgentUpgrade(u) => {
+                // The restart would cut other commands short.
+                let busy: Vec<String> = in_flight
+                    .lock()
+                    .map(|s| s.iter().filter(|i| **i != id).cloned().collect())
+                    .unwrap_or_default();
+                if busy.is_empty() {
+                    upgrade_agent(config, ctl, &id, u, out).await
+                } else {
+                    recorded(
+                        &id,
+                        Outcome::Failed,
+                        "",
+                        format!(
+                            "agent not upgraded: other commands are running on this node ({})",
+                            busy.join(", ")
+                        ),
+                    )
+                }
+            }
+            kind => run(config, ctl, &id, kind, out).await,
+        };
         let r = result.to_proto();
         // Recorded before it stops counting as in flight: a re-send in between
         // finds one or the other, never neither.
@@ -439,6 +462,148 @@ async fn fetch_from_controller(
     )
 }
 
+/// An agent upgrade ([`super::upgrade`]): the binary fetched by digest
+/// into a directory next to the executable (size and sha256 checked),
+/// moved beside it and run with `--version`, then swapped in and the
+/// agent restarted. Returns only when nothing was swapped (the result
+/// FAILED); on success this process is replaced, and the agent that comes
+/// up answers the command.
+async fn upgrade_agent(
+    config: &Config,
+    ctl: &ControllerConfig,
+    id: &str,
+    u: slipway_proto::v1::AgentUpgrade,
+    out: &Outbox,
+) -> Recorded {
+    let failed = |why: String| {
+        recorded(
+            id,
+            Outcome::Failed,
+            "",
+            format!("agent not upgraded: {why}"),
+        )
+    };
+    let sha256 = match Sha256::parse(&u.sha256) {
+        Ok(s) => s,
+        Err(e) => return failed(e.to_string()),
+    };
+    let exe = match super::upgrade::own_exe() {
+        Ok(e) => e,
+        Err(e) => return failed(e),
+    };
+    let state_dir = ctl.state_dir.clone();
+    {
+        let dir = state_dir.clone();
+        match tokio::task::spawn_blocking(move || super::upgrade::check_idle(&dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return failed(e),
+            Err(e) => return failed(format!("upgrade task failed: {e}")),
+        }
+    }
+    progress(
+        out,
+        id,
+        "fetch",
+        format!(
+            "downloading agent binary {sha256} ({} bytes) from the controller",
+            u.size
+        ),
+    )
+    .await;
+    let cache = super::upgrade::download_dir(&exe);
+    // An agent binary is held to [artifacts] too, and to its own limit.
+    let mut limits = config.artifacts.clone();
+    limits.max_size = limits.max_size.min(slipway_proto::limits::MAX_AGENT_BINARY);
+    let fetched = match tokio::fs::create_dir_all(&cache).await {
+        Err(e) => return failed(format!("cannot create {}: {e}", cache.display())),
+        Ok(()) => match tokio::time::timeout(
+            limits.connect_timeout,
+            tls::mtls_channel(&ctl.url, &state_dir),
+        )
+        .await
+        {
+            Err(_) => {
+                return failed(format!(
+                    "cannot reach the controller within {:?}",
+                    limits.connect_timeout
+                ))
+            }
+            Ok(Err(e)) => return failed(format!("cannot reach the controller: {e}")),
+            Ok(Ok(channel)) => {
+                let addr =
+                    tls::Target::parse(&ctl.url).map_or_else(|_| ctl.url.clone(), |t| t.authority);
+                crate::artifact::controller::fetch_agent_binary(
+                    channel, &addr, &sha256, id, &cache, &limits,
+                )
+                .await
+            }
+        },
+    };
+    let fetched = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&cache).await;
+            return failed(format!("cannot fetch the agent binary: {e}"));
+        }
+    };
+    if fetched.bytes != u.size {
+        let _ = tokio::fs::remove_dir_all(&cache).await;
+        return failed(format!(
+            "the agent binary {sha256} has {} bytes, the command says {}",
+            fetched.bytes, u.size
+        ));
+    }
+    progress(
+        out,
+        id,
+        "verify",
+        format!(
+            "agent binary verified ({} bytes); checking it runs (--version)",
+            fetched.bytes
+        ),
+    )
+    .await;
+    let staged = {
+        let (exe, expected, cache) = (exe.clone(), u.version.clone(), cache.clone());
+        let path = fetched.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let staged = super::upgrade::stage(&path, &exe, &expected);
+            // Nothing is kept in the download directory.
+            let _ = std::fs::remove_dir_all(&cache);
+            staged
+        })
+        .await
+    };
+    let (new, version) = match staged {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return failed(e),
+        Err(e) => return failed(format!("upgrade task failed: {e}")),
+    };
+    let from = crate::version::current();
+    progress(
+        out,
+        id,
+        "restart",
+        format!("swapping agent {from} for {version} and restarting"),
+    )
+    .await;
+    // Let the progress line leave before the process is replaced.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let staged = super::upgrade::Staged {
+        command_id: id.to_owned(),
+        sha256,
+        version,
+        new,
+        exe,
+        state_dir,
+        deadline: std::time::Duration::from_secs(u64::from(u.commit_deadline_secs)),
+    };
+    let why = tokio::task::spawn_blocking(move || super::upgrade::swap_and_restart(staged, from))
+        .await
+        .unwrap_or_else(|e| format!("upgrade task failed: {e}"));
+    failed(why)
+}
+
 async fn run(
     config: &Config,
     ctl: &ControllerConfig,
@@ -622,11 +787,18 @@ async fn run(
                 Err(e) => recorded(id, Outcome::Failed, "", format!("start task failed: {e}")),
             }
         }
-        // `execute` answers status requests and ignores the rest.
+        // `execute` answers status requests, runs agent upgrades itself
+        // and ignores the rest.
         Kind::StatusRequest(_)
         | Kind::Welcome(_)
         | Kind::ArtifactChunk(_)
         | Kind::NodeEventAck(_) => recorded(id, Outcome::Failed, "", "not a command"),
+        Kind::AgentUpgrade(_) => recorded(
+            id,
+            Outcome::Failed,
+            "",
+            "agent upgrade refused: not run beside other commands",
+        ),
     }
 }
 

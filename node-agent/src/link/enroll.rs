@@ -65,7 +65,7 @@ pub async fn enroll(
             join_token: token.to_string(),
             node_name: node_name.to_owned(),
             csr_pem,
-            agent_version: crate::version::REPORTED.to_owned(),
+            agent_version: crate::version::current().to_owned(),
             labels: Default::default(),
             replace,
         })

@@ -39,7 +39,7 @@ pub fn heartbeat(config: &Config, bridge: &Bridge) -> Heartbeat {
             disks,
         }),
         apps: app_statuses(config, bridge),
-        agent_version: crate::version::REPORTED.to_owned(),
+        agent_version: crate::version::current().to_owned(),
         agent_rss_bytes: own_rss_bytes(),
     }
 }

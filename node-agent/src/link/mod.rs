@@ -18,6 +18,8 @@
 //!   acknowledges them ([`session`]).
 //! - [`heartbeat`]: the node's metrics and every app's state, for the
 //!   controller.
+//! - [`upgrade`]: the agent replacing its own binary for the controller
+//!   (`AgentUpgrade`), and the guard that restores the old one.
 //! - [`watch`]: inotify on each app's `current` and journal, so a
 //!   node-local deploy or rollback is heartbeated at once.
 //!
@@ -32,6 +34,7 @@ pub mod identity;
 pub mod ledger;
 pub mod session;
 pub mod tls;
+pub mod upgrade;
 pub mod watch;
 
 use std::io;

@@ -77,7 +77,7 @@ pub async fn connect(
         hello.node_id = read_node_id(state_dir)?;
     }
     if hello.agent_version.is_empty() {
-        hello.agent_version = crate::version::REPORTED.to_owned();
+        hello.agent_version = crate::version::current().to_owned();
     }
     let channel = tls::mtls_channel(controller, state_dir).await?;
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
@@ -142,7 +142,7 @@ pub async fn run(
             let bridge = Bridge::current();
             tokio::task::spawn_blocking(move || Hello {
                 node_id: String::new(),
-                agent_version: crate::version::REPORTED.to_owned(),
+                agent_version: crate::version::current().to_owned(),
                 apps: app_statuses(&cfg, &bridge),
             })
             .await
@@ -155,6 +155,10 @@ pub async fn run(
         match outcome {
             Ok(session) => {
                 attempt = 0;
+                // Before any command is read: an agent upgrade in flight is
+                // committed (or found rolled back) and its result put where
+                // the re-sent command finds it.
+                super::upgrade::settle(&ctl.state_dir, commands.ledger()).await;
                 tracing::info!(controller = %ctl.url, node = %session.welcome.node_id, "connected to the controller");
                 status(format!("connected as node {}", session.welcome.node_id));
                 let interval = match session.welcome.heartbeat_interval_secs {

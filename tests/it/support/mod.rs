@@ -12,6 +12,34 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Spawns `cmd`, again while the file is busy (ETXTBSY): a binary this
+/// process just wrote may still be open for writing in a child another
+/// test thread forked and that has not exec'd yet.
+pub fn spawn_retrying(cmd: &mut Command) -> Child {
+    for _ in 0..100 {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    cmd.spawn().unwrap()
+}
+
+/// [`spawn_retrying`], waiting for the output.
+pub fn output_retrying(cmd: &mut Command) -> Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    cmd.output().unwrap()
+}
+
 /// A binary of this workspace, built by `cargo test --workspace` (which
 /// builds every package's binaries before running any test).
 pub fn bin(name: &str) -> PathBuf {
@@ -354,6 +382,11 @@ pub struct Agent {
     pub root: PathBuf,
     pub port: u16,
     run: Option<Child>,
+    /// The binary `run` starts: the workspace's, or the node's own copy
+    /// (`own_binary`) for tests that upgrade it.
+    exe: Option<PathBuf>,
+    /// Extra environment for `run` (e.g. a crash point).
+    run_env: Vec<(String, String)>,
 }
 
 /// The sample app for the exec driver (`python3 server.py`, tests/fixtures/
@@ -430,6 +463,8 @@ liveness_interval = "500ms"
             root,
             port,
             run: None,
+            exe: None,
+            run_env: Vec::new(),
         };
         check(controller.enroll_cli(name, &state, &[]), "enroll");
         agent
@@ -490,27 +525,106 @@ liveness_interval = "500ms"
         serde_json::from_str(&check(out, "deploy")).unwrap()
     }
 
-    /// Starts `slipway-agent run` (liveness, logs, controller session).
-    /// Starts `slipway-agent run` and returns once it is ready (its
-    /// `--ready-file`): logs watched, apps housekept once.
+    /// Gives this node its own copy of the agent binary
+    /// (`<dir>/bin/slipway-agent`) for `run` to start: an agent upgrade
+    /// replaces the file it runs, never the workspace's. Returns its path.
+    pub fn own_binary(&mut self) -> PathBuf {
+        let dir = self.dir.path().join("bin");
+        fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("slipway-agent");
+        fs::copy(bin("slipway-agent"), &exe).unwrap();
+        self.exe = Some(exe.clone());
+        exe
+    }
+
+    /// Sets `KEY=VALUE` in the environment of the next `run`.
+    pub fn set_run_env(&mut self, key: &str, value: &str) {
+        self.run_env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// The controller state dir (identity, ledger, agent lock, upgrades).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The pid of the `slipway-agent run` holding this node's agent lock,
+    /// if one runs (after an upgrade's rollback it is not `run`'s child).
+    pub fn running_pid(&self) -> Option<u32> {
+        let lock = self.state_dir().join("agent.lock");
+        if !slipway_agent::lock::is_held(&lock) {
+            return None;
+        }
+        slipway_agent::lock::read_holder(&lock).map(|h| h.pid)
+    }
+
+    /// The pid of the process `run` started, if it is running.
+    pub fn child_pid(&self) -> Option<u32> {
+        self.run.as_ref().map(Child::id)
+    }
+
+    /// Starts `slipway-agent run` (liveness, logs, controller session)
+    /// and returns once it is ready (its `--ready-file`): logs watched,
+    /// apps housekept once.
     pub fn run(&mut self) {
-        let log = fs::File::create(self.dir.path().join("agent.log")).unwrap();
-        let ready = self.dir.path().join("agent.ready");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let ready = self.ready_file();
         let _ = fs::remove_file(&ready);
-        self.run = Some(
-            Command::new(bin("slipway-agent"))
+        let exe = self.exe.clone().unwrap_or_else(|| bin("slipway-agent"));
+        self.run = Some(spawn_retrying(
+            Command::new(exe)
                 .arg("--config")
                 .arg(&self.config)
                 .arg("run")
                 .arg("--ready-file")
                 .arg(&ready)
+                .envs(self.run_env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log)),
+        ));
+        wait_until(
+            "slipway-agent run to be ready",
+            Duration::from_secs(30),
+            || ready.exists(),
+        );
+    }
+
+    /// The `--ready-file` of `run` (written again by a re-exec'd agent).
+    pub fn ready_file(&self) -> PathBuf {
+        self.dir.path().join("agent.ready")
+    }
+
+    /// Starts `slipway-agent run` as systemd would with the agent unit's
+    /// `Restart=on-failure` (no systemd runs here): `INVOCATION_ID` set, and
+    /// started again whenever it exits non-zero; returns once it is ready.
+    pub fn run_supervised(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let ready = self.ready_file();
+        let _ = fs::remove_file(&ready);
+        let exe = self.exe.clone().unwrap_or_else(|| bin("slipway-agent"));
+        let restart_loop = r#"while :; do "$0" --config "$1" run --ready-file "$2"; rc=$?; echo "exited $rc" >&2; [ "$rc" -eq 0 ] && exit 0; sleep 0.1; done"#;
+        self.run = Some(
+            Command::new("sh")
+                .arg("-c")
+                .arg(restart_loop)
+                .arg(&exe)
+                .arg(&self.config)
+                .arg(&ready)
+                .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
                 .spawn()
                 .unwrap(),
         );
         wait_until(
-            "slipway-agent run to be ready",
+            "slipway-agent run (supervised) to be ready",
             Duration::from_secs(30),
             || ready.exists(),
         );
@@ -555,6 +669,19 @@ liveness_interval = "500ms"
     pub fn stop_run(&mut self) {
         if let Some(mut c) = self.run.take() {
             terminate(&mut c);
+        }
+        // An agent an upgrade's guard started again is no child of ours.
+        if let Some(pid) = self.running_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let lock = self.state_dir().join("agent.lock");
+            let t = Instant::now();
+            while slipway_agent::lock::is_held(&lock) && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if slipway_agent::lock::is_held(&lock) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
         }
     }
 

@@ -71,7 +71,7 @@ pub(crate) struct PruneArgs {
 /// Which nodes; none means every enrolled node.
 #[derive(Debug, Args)]
 #[group(multiple = false)]
-struct Target {
+pub(crate) struct Target {
     /// Nodes with this label, `key:value` (e.g. env:production).
     #[arg(long)]
     tag: Option<String>,
@@ -81,7 +81,7 @@ struct Target {
 }
 
 impl Target {
-    fn selector(&self) -> Option<Selector> {
+    pub(crate) fn selector(&self) -> Option<Selector> {
         let target = match (&self.tag, &self.node) {
             (Some(tag), _) => selector::Target::Tag(tag.clone()),
             (None, Some(node)) => selector::Target::Node(node.clone()),
@@ -141,7 +141,7 @@ enum StrategyArg {
 
 /// How the selected nodes are taken through a deploy or rollback.
 #[derive(Debug, Args)]
-struct RolloutArgs {
+pub(crate) struct RolloutArgs {
     /// all: every node at once. rolling / canary: in batches; when more
     /// than --max-unavailable nodes fail, the rollout stops, the nodes not
     /// started are skipped and the ones a deploy or rollback already
@@ -164,7 +164,7 @@ struct RolloutArgs {
 impl RolloutArgs {
     /// The request's rollout; a flag that does not fit the strategy is a
     /// usage error.
-    fn to_proto(&self) -> Result<Option<Rollout>, Usage> {
+    pub(crate) fn to_proto(&self) -> Result<Option<Rollout>, Usage> {
         let usage = |text: &str| Err(Usage(text.to_owned()));
         if self.canary.is_some() && self.strategy != StrategyArg::Canary {
             return usage("--canary N needs --strategy canary");
@@ -198,7 +198,7 @@ impl RolloutArgs {
 
 /// Follow the deployment or not.
 #[derive(Debug, Args)]
-struct WaitArgs {
+pub(crate) struct WaitArgs {
     /// Follow the deployment until every node finished (live on a
     /// terminal, plain lines otherwise); exit 1 naming every node that
     /// failed, was skipped or rolled back, and why.
@@ -207,7 +207,7 @@ struct WaitArgs {
     /// Print JSON: the deployment id and target nodes, or with --wait the
     /// outcome of every node.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -229,7 +229,7 @@ pub(crate) struct RollbackArgs {
 const HASH_BUFFER: usize = 1024 * 1024;
 
 /// The sha256 (lowercase hex) and size of the file at `path`.
-async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+pub(crate) async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
     use sha2::Digest as _;
     use std::io::Read as _;
     let path = path.to_owned();
@@ -255,14 +255,31 @@ async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
     .context("hashing the artifact")?
 }
 
+/// What an upload is: an app artifact, or an agent binary (stored apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UploadKind {
+    Artifact,
+    AgentBinary,
+}
+
+impl UploadKind {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Artifact => "artifact",
+            Self::AgentBinary => "agent binary",
+        }
+    }
+}
+
 /// Uploads `path`, whose sha256 is `sha256` and size `size` (as hashed
 /// here); `quiet` (--json) prints nothing.
-async fn upload(
+pub(crate) async fn upload(
     api: &mut Api,
     path: &Path,
     sha256: &str,
     size: u64,
     quiet: bool,
+    kind: UploadKind,
 ) -> anyhow::Result<()> {
     let mut file = tokio::fs::File::open(path)
         .await
@@ -304,7 +321,10 @@ async fn upload(
         anyhow::Ok(())
     });
     let request = client::authed(tokio_stream::wrappers::ReceiverStream::new(rx), &api.token);
-    let response = api.client.upload_artifact(request).await;
+    let response = match kind {
+        UploadKind::Artifact => api.client.upload_artifact(request).await,
+        UploadKind::AgentBinary => api.client.upload_agent_binary(request).await,
+    };
     // A read error ends the stream early; report it rather than the
     // digest mismatch the controller then sees.
     let read = tokio::time::timeout(Duration::from_secs(1), &mut reader).await;
@@ -320,13 +340,17 @@ async fn upload(
     }
     if response.already_present {
         println!(
-            "artifact {} already on the controller ({} bytes)",
-            response.sha256, response.size
+            "{} {} already on the controller ({} bytes)",
+            kind.noun(),
+            response.sha256,
+            response.size
         );
     } else {
         println!(
-            "uploaded artifact {} ({} bytes)",
-            response.sha256, response.size
+            "uploaded {} {} ({} bytes)",
+            kind.noun(),
+            response.sha256,
+            response.size
         );
     }
     Ok(())
@@ -379,7 +403,7 @@ pub(crate) async fn deploy(api: &mut Api, args: &DeployArgs) -> anyhow::Result<E
     request.validate().map_err(|e| Usage(e.to_string()))?;
     // The URL's scheme is the controller's to check (INVALID_ARGUMENT).
     if let Some((path, _, size)) = uploading {
-        upload(api, path, &sha, size, args.wait.json).await?;
+        upload(api, path, &sha, size, args.wait.json, UploadKind::Artifact).await?;
     }
     let stream = api
         .client
@@ -408,7 +432,7 @@ pub(crate) async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Resu
 
 /// With --wait, follows the deployment to its end; else returns once the
 /// controller reported it started (it runs on regardless).
-async fn follow_or_return(
+pub(crate) async fn follow_or_return(
     mut stream: tonic::Streaming<DeployEvent>,
     what: &str,
     wait: &WaitArgs,

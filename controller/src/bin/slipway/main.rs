@@ -9,8 +9,9 @@
 //!
 //! Modules: [`api`] (the connection and its credentials), [`deploy`]
 //! (deploy, rollback, restart, prune, upload), [`progress`] (following a
-//! deployment live), [`fleet`] (nodes, releases, status), [`audit`].
+//! deployment live), [`agent_upgrade`] (the fleet's agents replaced), [`fleet`] (nodes, releases, status), [`audit`].
 
+mod agent_upgrade;
 mod api;
 mod audit;
 mod deploy;
@@ -23,6 +24,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use slipway_proto::cli::{error_text, EXIT_USAGE};
 
+use crate::agent_upgrade::AgentUpgradeArgs;
 use crate::audit::AuditArgs;
 use crate::deploy::{DeployArgs, PruneArgs, RestartArgs, RollbackArgs, StopStartArgs};
 use crate::fleet::{ReadArgs, ReleasesArgs, StatusArgs};
@@ -111,6 +113,9 @@ enum Command {
     /// Start an app stopped on purpose (or crashlooping) on the selected
     /// nodes, behind its health gate.
     Start(StopStartArgs),
+    /// Upgrade the fleet's agents to a new slipway-agent binary (needs the
+    /// agent-upgrade scope).
+    AgentUpgrade(AgentUpgradeArgs),
 }
 
 /// A failure the user must fix in the arguments (exit 64).
@@ -154,5 +159,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => deploy::prune(&mut api, args).await,
         Command::Stop(args) => deploy::stop(&mut api, args).await,
         Command::Start(args) => deploy::start(&mut api, args).await,
+        Command::AgentUpgrade(args) => agent_upgrade::agent_upgrade(&mut api, args).await,
     }
 }
