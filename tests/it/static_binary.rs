@@ -223,8 +223,14 @@ fn the_binaries_are_static_and_print_their_commit() {
             Command::new(&path).arg("--version").output().unwrap(),
             "--version",
         );
-        let expected = format!("{name} {} (commit ", env!("CARGO_PKG_VERSION"));
+        // The agent prints the version it reports (with the commit as
+        // build metadata) first; every binary then names the commit.
+        let expected = match name {
+            "slipway-agent" => format!("{name} {}+", env!("CARGO_PKG_VERSION")),
+            _ => format!("{name} {} (commit ", env!("CARGO_PKG_VERSION")),
+        };
         assert!(version.starts_with(&expected), "{name}: {version}");
+        assert!(version.contains(" (commit "), "{name}: {version}");
         assert!(!version.contains("unknown"), "{name}: {version}");
     }
 }
@@ -251,10 +257,8 @@ fn the_static_agent_packs_deploys_and_downloads_by_host_name_in_an_empty_root() 
     };
 
     let version = ok(agent(&["--version"]), "--version");
-    assert!(
-        version.starts_with("slipway-agent 0.1.0 (commit "),
-        "{version}"
-    );
+    assert!(version.starts_with("slipway-agent 0.1.0+"), "{version}");
+    assert!(version.contains(" (commit "), "{version}");
 
     // pack, then deploy what it packed.
     fs::create_dir_all(root.join("build")).unwrap();
