@@ -239,14 +239,21 @@ fn port_pair() -> [u16; 2] {
     [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
 }
 
-/// `[apps.APP]` of a Docker app on `ports` (busybox httpd on 3000), with no
-/// liveness restarts (the tests watch what reconcile does), `extra` keys
-/// added to its `[run]` table.
-fn docker_app(app: &str, root: &Path, ports: [u16; 2], extra: &str) -> String {
+/// `[apps.APP]` of a Docker app on `ports` (busybox httpd on 3000), with
+/// `restart_after` (the default when `None`), `extra` keys added to its
+/// `[run]` table.
+fn docker_app(
+    app: &str,
+    root: &Path,
+    ports: [u16; 2],
+    restart_after: Option<u32>,
+    extra: &str,
+) -> String {
+    let restart_after = restart_after.map_or(String::new(), |n| format!("restart_after = {n}"));
     format!(
         r#"[apps.{app}]
 root = "{}"
-restart_after = 0
+{restart_after}
 
 [apps.{app}.run]
 driver = "docker"
@@ -306,7 +313,9 @@ fn deploy_image(node: &Node, socket: Option<&Path>, app: &str, version: &str) ->
 fn docker_rm_and_stopped_containers_are_restored_on_the_live_port() {
     let app = format!("keep{}", std::process::id());
     let ports = port_pair();
-    let node = Node::with_config(|root| docker_app(&app, root, ports, r#"restart = "no""#));
+    // No liveness restarts: the test watches what reconcile does.
+    let node =
+        Node::with_config(|root| docker_app(&app, root, ports, Some(0), r#"restart = "no""#));
     let mut cleanup = DockerCleanup {
         app: app.clone(),
         images: Vec::new(),
@@ -413,7 +422,9 @@ fn dockerd_restarted_brings_the_current_release_back_on_its_live_port() {
     // restart = "no": dockerd leaves the container stopped, `run` starts it.
     let by_run = format!("dkn{pid}");
     // The driver's default policy (unless-stopped): dockerd starts the
-    // container itself, and `run` must find nothing to repair.
+    // container itself, and `run` must find nothing to repair. Both apps
+    // keep the default restart_after (3): the liveness failures while
+    // dockerd is down restart nothing, as such a restart would fail too.
     let by_engine = format!("dku{pid}");
     let (run_ports, engine_ports) = (port_pair(), port_pair());
     let sock = format!("docker_socket = \"{}\"", socket.display());
@@ -424,9 +435,16 @@ fn dockerd_restarted_brings_the_current_release_back_on_its_live_port() {
                 &by_run,
                 &root.join(&by_run),
                 run_ports,
+                None,
                 &format!("restart = \"no\"\n{sock}")
             ),
-            docker_app(&by_engine, &root.join(&by_engine), engine_ports, &sock)
+            docker_app(
+                &by_engine,
+                &root.join(&by_engine),
+                engine_ports,
+                None,
+                &sock
+            )
         )
     });
     for (app, ports) in [(&by_run, run_ports), (&by_engine, engine_ports)] {
