@@ -7,7 +7,8 @@
 //!    ([`Driver::repair`]) behind the health gate.
 //! 2. **Liveness**: the health check, each result folded into
 //!    `.slipway/health.json`; `restart_after` failures in a row restart the
-//!    app through its driver.
+//!    app through its driver — not while the driver cannot say what runs
+//!    (dockerd down): that restart would fail too, and count.
 //!
 //! Repairs and restarts are paced (none before the first, then
 //! `restart_backoff` doubled each time) and counted: one more than
@@ -81,7 +82,8 @@ pub(super) fn pass(app: &AppConfig, bridge: &Bridge, failures: &mut u32) {
         *failures = 0;
         return;
     }
-    if reconcile(app, bridge, &current) {
+    let reconciled = reconcile(app, bridge, &current);
+    if reconciled == Reconciled::Repaired {
         *failures = 0;
         return;
     }
@@ -99,7 +101,14 @@ pub(super) fn pass(app: &AppConfig, bridge: &Bridge, failures: &mut u32) {
     }
     *failures = failures.saturating_add(1);
     let after = app.recovery.restart_after;
-    if after > 0 && *failures >= after && driver::for_app(app, bridge).is_some() {
+    if after > 0 && *failures >= after && reconciled == Reconciled::Unknown {
+        // dockerd down (restarting, say): a restart would fail the same way
+        // and count toward a crash loop. The engine's restart policy or the
+        // next reconcile brings the app back once it answers.
+        if *failures == after {
+            tracing::warn!(app = %app.name, "{failures} liveness failures in a row; no restart while the driver cannot be asked");
+        }
+    } else if after > 0 && *failures >= after && driver::for_app(app, bridge).is_some() {
         let cause = format!(
             "{} liveness failures in a row: {}",
             failures,
@@ -111,38 +120,54 @@ pub(super) fn pass(app: &AppConfig, bridge: &Bridge, failures: &mut u32) {
     }
 }
 
+/// What a reconcile found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reconciled {
+    /// Nothing to repair, or a repair put off (backoff, crash loop, a
+    /// deploy in progress), or no driver to ask.
+    Nothing,
+    /// Drift found and repaired (or a repair tried).
+    Repaired,
+    /// The driver could not say what runs (dockerd down).
+    Unknown,
+}
+
 /// Compares what the driver runs with the current release and repairs a
-/// difference. Returns whether it repaired (or tried to).
-fn reconcile(app: &AppConfig, bridge: &Bridge, current: &ReleaseId) -> bool {
+/// difference.
+fn reconcile(app: &AppConfig, bridge: &Bridge, current: &ReleaseId) -> Reconciled {
     let Some(driver) = driver::for_app(app, bridge) else {
-        return false;
+        return Reconciled::Nothing;
     };
     // A deploy or rollback in progress is not drift: its blue/green pair
     // or half-reloaded PM2 is its own business.
     let store = Deployer::new(app, bridge);
     if store.check_idle("reconcile", Some(current)).is_err() {
-        return false;
+        return Reconciled::Nothing;
     }
     let port = recorded_port(app, current);
     let target = match driver::Target::new(app, current) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(app = %app.name, error = %e, "cannot reconcile");
-            return false;
+            return Reconciled::Nothing;
         }
     };
     match driver.drift(&target, port) {
-        Ok(None) => false,
+        Ok(None) => Reconciled::Nothing,
         Ok(Some(cause)) => {
             tracing::warn!(app = %app.name, release = %current, "{cause}");
             // Waiting (backoff) or crashlooping: the probe still runs.
-            attempt(app, bridge, current, &cause, Some(port))
+            if attempt(app, bridge, current, &cause, Some(port)) {
+                Reconciled::Repaired
+            } else {
+                Reconciled::Nothing
+            }
         }
         Err(e) => {
             // The driver cannot say (dockerd down): a repair would fail the
             // same way; the liveness check still tells whether it serves.
             tracing::warn!(app = %app.name, error = %e, "cannot ask the driver what runs");
-            false
+            Reconciled::Unknown
         }
     }
 }

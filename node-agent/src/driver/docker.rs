@@ -258,6 +258,11 @@ fn loaded_references(output: &str) -> Vec<String> {
         .collect()
 }
 
+/// A stop grace in the whole seconds the Engine API takes, rounded up.
+fn grace_secs(grace: Duration) -> u64 {
+    grace.as_secs() + u64::from(grace.subsec_nanos() > 0)
+}
+
 /// Whether the engine restarts a container that exited with `exit_code`
 /// under restart policy `policy`.
 fn will_restart(policy: &str, exit_code: i64) -> bool {
@@ -923,6 +928,10 @@ impl<'a> Engine<'a> {
             labels: Some(labels),
             cmd: (!config.command.is_empty()).then(|| config.command.clone()),
             exposed_ports: Some(vec![container_port.clone()]),
+            // The engine's own stops (`docker stop`, and dockerd stopping
+            // every container when it shuts down) get stop_grace too, not
+            // Docker's 10 s.
+            stop_timeout: Some(i64::try_from(grace_secs(config.stop_grace)).unwrap_or(i64::MAX)),
             host_config: Some(HostConfig {
                 port_bindings: Some(HashMap::from([(
                     container_port,
@@ -1020,10 +1029,8 @@ impl<'a> Engine<'a> {
     /// is fine.
     async fn retire(&self, c: &Container) -> Result<(), DriverError> {
         if c.is_live() {
-            let grace = self.config.stop_grace;
-            let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
             let options = StopContainerOptions {
-                t: Some(i32::try_from(secs).unwrap_or(i32::MAX)),
+                t: Some(i32::try_from(grace_secs(self.config.stop_grace)).unwrap_or(i32::MAX)),
                 ..Default::default()
             };
             match self.api.stop_container(&c.id, Some(options)).await {
@@ -1108,6 +1115,13 @@ mod tests {
             vec!["sha256:abc".to_owned()]
         );
         assert!(loaded_references("something else\n").is_empty());
+    }
+
+    #[test]
+    fn stop_grace_in_whole_seconds_rounds_up() {
+        assert_eq!(grace_secs(Duration::ZERO), 0);
+        assert_eq!(grace_secs(Duration::from_secs(1)), 1);
+        assert_eq!(grace_secs(Duration::from_millis(1500)), 2);
     }
 
     #[test]

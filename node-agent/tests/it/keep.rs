@@ -11,14 +11,14 @@
 
 use std::fs;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::{
-    busybox_image, docker_cli, exec_python_web, free_port, http_get, tar_of, targz, wait_until,
-    Node, RawTar, RunningAgent, SAMPLE_APP,
+    busybox_image_on, docker_cli, docker_cli_on, exec_python_web, free_port, http_get, tar_of,
+    targz, wait_until, Node, PrivateDockerd, RawTar, RunningAgent, SAMPLE_APP,
 };
 
 /// Kills this test's PM2 daemon, whatever happened.
@@ -58,6 +58,17 @@ fn events(node: &Node) -> Vec<Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
+}
+
+/// App `app`'s node events, on a node with several apps.
+fn events_of(node: &Node, app: &str) -> Vec<Value> {
+    let st = status(node);
+    let apps = st["apps"].as_array().unwrap();
+    let a = apps
+        .iter()
+        .find(|a| a["app"] == app)
+        .unwrap_or_else(|| panic!("no app {app} in {st:#}"));
+    a["events"].as_array().cloned().unwrap_or_default()
 }
 
 fn serves(port: u16, version: &str) -> bool {
@@ -200,32 +211,49 @@ impl Drop for DockerCleanup {
 
 /// The names of the app's containers in state `running`.
 fn running(app: &str) -> Vec<String> {
-    docker_cli(&[
-        "ps",
-        "--filter",
-        &format!("label=slipway.app={app}"),
-        "--format",
-        "{{.Names}}",
-    ])
+    running_on(None, app)
+}
+
+/// [`running`] in the engine at `socket` (the machine's when `None`).
+fn running_on(socket: Option<&Path>, app: &str) -> Vec<String> {
+    docker_cli_on(
+        socket,
+        &[
+            "ps",
+            "--filter",
+            &format!("label=slipway.app={app}"),
+            "--format",
+            "{{.Names}}",
+        ],
+    )
     .split_whitespace()
     .map(str::to_owned)
     .collect()
 }
 
-#[test]
-fn docker_rm_and_stopped_containers_are_restored_on_the_live_port() {
-    let app = format!("keep{}", std::process::id());
-    let ports: Vec<u16> = (0..2)
+/// Two free ports on 127.0.0.1: an app's blue/green pair.
+fn port_pair() -> [u16; 2] {
+    let listeners: Vec<TcpListener> = (0..2)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
         .collect();
-    let node = Node::with_config(|root| {
-        format!(
-            r#"[apps.{app}]
+    [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// `[apps.APP]` of a Docker app on `ports` (busybox httpd on 3000), with
+/// `restart_after` (the default when `None`), `extra` keys added to its
+/// `[run]` table.
+fn docker_app(
+    app: &str,
+    root: &Path,
+    ports: [u16; 2],
+    restart_after: Option<u32>,
+    extra: &str,
+) -> String {
+    let restart_after = restart_after.map_or(String::new(), |n| format!("restart_after = {n}"));
+    format!(
+        r#"[apps.{app}]
 root = "{}"
-restart_after = 0
+{restart_after}
 
 [apps.{app}.run]
 driver = "docker"
@@ -235,7 +263,7 @@ ports = [{}, {}]
 host_ip = "127.0.0.1"
 memory = "64MiB"
 stop_grace = "1s"
-restart = "no"
+{extra}
 
 [apps.{app}.health]
 check = "http"
@@ -246,41 +274,56 @@ start_period = "500ms"
 deadline = "20s"
 liveness_interval = "300ms"
 "#,
-            root.display(),
-            ports[0],
-            ports[1]
-        )
-    });
+        root.display(),
+        ports[0],
+        ports[1]
+    )
+}
+
+/// Builds image `slipway-keep-APP:VERSION` in the engine at `socket`, saves
+/// it into an artifact (`image.tar`), deploys that with `slipway-agent
+/// deploy` and returns the port the release went live on.
+fn deploy_image(node: &Node, socket: Option<&Path>, app: &str, version: &str) -> u16 {
+    let tag = format!("slipway-keep-{app}:{version}");
+    busybox_image_on(socket, node.dir.path(), &tag, version, true);
+    let saved = node.dir.path().join(format!("{app}-{version}-image.tar"));
+    docker_cli_on(socket, &["save", "-o", saved.to_str().unwrap(), &tag]);
+    let tar = RawTar::default()
+        .file("image.tar", 0o644, &fs::read(&saved).unwrap())
+        .finish();
+    let art = node.dir.path().join(format!("{app}-{version}.tar.gz"));
+    fs::write(&art, targz(&tar)).unwrap();
+    let r = node
+        .run(&[
+            "deploy",
+            "--app",
+            app,
+            "--artifact",
+            art.to_str().unwrap(),
+            "--id",
+            version,
+            "--json",
+        ])
+        .ok()
+        .json();
+    r["activation"]["port"].as_u64().unwrap() as u16
+}
+
+#[test]
+fn docker_rm_and_stopped_containers_are_restored_on_the_live_port() {
+    let app = format!("keep{}", std::process::id());
+    let ports = port_pair();
+    // No liveness restarts: the test watches what reconcile does.
+    let node =
+        Node::with_config(|root| docker_app(&app, root, ports, Some(0), r#"restart = "no""#));
     let mut cleanup = DockerCleanup {
         app: app.clone(),
         images: Vec::new(),
     };
     let mut live_port = 0;
     for v in ["v1", "v2"] {
-        let tag = format!("slipway-keep-{app}:{v}");
-        busybox_image(node.dir.path(), &tag, v, true);
-        cleanup.images.push(tag.clone());
-        let saved = node.dir.path().join(format!("{v}-image.tar"));
-        docker_cli(&["save", "-o", saved.to_str().unwrap(), &tag]);
-        let tar = RawTar::default()
-            .file("image.tar", 0o644, &fs::read(&saved).unwrap())
-            .finish();
-        let art = node.dir.path().join(format!("{v}.tar.gz"));
-        fs::write(&art, targz(&tar)).unwrap();
-        let r = node
-            .run(&[
-                "deploy",
-                "--app",
-                &app,
-                "--artifact",
-                art.to_str().unwrap(),
-                "--id",
-                v,
-                "--json",
-            ])
-            .ok()
-            .json();
-        live_port = r["activation"]["port"].as_u64().unwrap() as u16;
+        cleanup.images.push(format!("slipway-keep-{app}:{v}"));
+        live_port = deploy_image(&node, None, &app, v);
     }
     // v2 is live on the second port of the pair; v1's container is gone.
     assert_eq!(live_port, ports[1]);
@@ -311,9 +354,9 @@ liveness_interval = "300ms"
         "{ev:#?}"
     );
 
-    // What a dockerd restart leaves for containers with restart = "no"
-    // (restarting the shared dockerd would disturb the tests running beside
-    // this one): the live container stopped. Brought back, same port.
+    // `docker stop` by hand: the live container stopped (what a dockerd
+    // restart leaves with restart = "no", tested for real below). Brought
+    // back, same port.
     docker_cli(&["stop", "-t", "1", &live]);
     wait_until(
         "run to start the stopped container",
@@ -367,6 +410,130 @@ liveness_interval = "300ms"
         node.run(&["releases", "--app", &app, "--json"]).ok().json()["current"],
         "v2"
     );
+}
+
+#[test]
+fn dockerd_restarted_brings_the_current_release_back_on_its_live_port() {
+    // An engine of the test's own: restarting the machine's dockerd would
+    // disturb the tests running beside this one.
+    let mut engine = PrivateDockerd::start();
+    let socket = engine.socket();
+    let pid = std::process::id();
+    // restart = "no": dockerd leaves the container stopped, `run` starts it.
+    let by_run = format!("dkn{pid}");
+    // The driver's default policy (unless-stopped): dockerd starts the
+    // container itself, and `run` must find nothing to repair. Both apps
+    // keep the default restart_after (3): the liveness failures while
+    // dockerd is down restart nothing, as such a restart would fail too.
+    let by_engine = format!("dku{pid}");
+    let (run_ports, engine_ports) = (port_pair(), port_pair());
+    let sock = format!("docker_socket = \"{}\"", socket.display());
+    let node = Node::with_config(|root| {
+        format!(
+            "{}\n{}",
+            docker_app(
+                &by_run,
+                &root.join(&by_run),
+                run_ports,
+                None,
+                &format!("restart = \"no\"\n{sock}")
+            ),
+            docker_app(
+                &by_engine,
+                &root.join(&by_engine),
+                engine_ports,
+                None,
+                &sock
+            )
+        )
+    });
+    for (app, ports) in [(&by_run, run_ports), (&by_engine, engine_ports)] {
+        let mut live_port = 0;
+        for v in ["v1", "v2"] {
+            live_port = deploy_image(&node, Some(&socket), app, v);
+        }
+        assert_eq!(live_port, ports[1], "{app}");
+        assert!(serves(live_port, "v2"), "{app}");
+        assert_eq!(
+            running_on(Some(&socket), app),
+            vec![format!("slipway-{app}-v2")]
+        );
+    }
+    let id_of = |app: &str| {
+        docker_cli_on(
+            Some(&socket),
+            &["inspect", "-f", "{{.Id}}", &format!("slipway-{app}-v2")],
+        )
+    };
+    let ids = [id_of(&by_run), id_of(&by_engine)];
+    assert_eq!(
+        engine.cli(&[
+            "inspect",
+            "-f",
+            "{{.Config.StopTimeout}}",
+            &format!("slipway-{by_run}-v2")
+        ]),
+        "1"
+    );
+    let _agent = RunningAgent::start(&node);
+    some_passes();
+    assert!(events_of(&node, &by_run).is_empty());
+    assert!(events_of(&node, &by_engine).is_empty());
+
+    let old_pid = engine.pid();
+    let took = engine.restart();
+    assert_ne!(engine.pid(), old_pid);
+    // The containers carry stop_grace (1 s) as their stop timeout: dockerd
+    // does not wait Docker's default 10 s for httpd, which ignores SIGTERM.
+    assert!(
+        took < Duration::from_secs(8),
+        "dockerd took {took:?} to stop"
+    );
+    wait_until(
+        "both apps to serve v2 again after the dockerd restart",
+        Duration::from_secs(60),
+        || serves(run_ports[1], "v2") && serves(engine_ports[1], "v2"),
+    );
+    wait_until("run to record the repair", Duration::from_secs(30), || {
+        !events_of(&node, &by_run).is_empty()
+    });
+    let ev = events_of(&node, &by_run);
+    assert_eq!(ev.len(), 1, "{ev:#?}");
+    assert_eq!(ev[0]["kind"], "APP_RESTORED", "{ev:#?}");
+    assert_eq!(ev[0]["release"], "v2", "{ev:#?}");
+    assert_eq!(ev[0]["ok"], true, "{ev:#?}");
+    assert!(
+        ev[0]["cause"].as_str().unwrap().contains("is exited"),
+        "{ev:#?}"
+    );
+    assert!(
+        ev[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("on port {} started again", run_ports[1])),
+        "{ev:#?}"
+    );
+    // The same containers, on the same ports, and nothing else running.
+    assert_eq!(ids, [id_of(&by_run), id_of(&by_engine)]);
+    for app in [&by_run, &by_engine] {
+        assert_eq!(
+            running_on(Some(&socket), app),
+            vec![format!("slipway-{app}-v2")]
+        );
+        assert_eq!(
+            node.run(&["releases", "--app", app, "--json"]).ok().json()["current"],
+            "v2"
+        );
+    }
+    // Docker brought the other app back itself: no repair, then or later.
+    some_passes();
+    assert!(
+        events_of(&node, &by_engine).is_empty(),
+        "{:#?}",
+        events_of(&node, &by_engine)
+    );
+    assert_eq!(events_of(&node, &by_run).len(), 1);
+    assert!(serves(run_ports[1], "v2") && serves(engine_ports[1], "v2"));
 }
 
 /// An exec app (`python3 server.py`) on a free port, `keys` added to

@@ -14,6 +14,18 @@ use std::process::Command;
 /// `index.html` says `version`; `api/health` exists only if `with_health`
 /// (otherwise every health probe gets 404). Nothing is pulled.
 pub fn busybox_image(workdir: &Path, tag: &str, version: &str, with_health: bool) {
+    busybox_image_on(None, workdir, tag, version, with_health);
+}
+
+/// [`busybox_image`] built in the engine listening on `socket` (the
+/// machine's engine when `None`).
+pub fn busybox_image_on(
+    socket: Option<&Path>,
+    workdir: &Path,
+    tag: &str,
+    version: &str,
+    with_health: bool,
+) {
     const BUSYBOX: &str = "/bin/busybox";
     assert!(
         Path::new(BUSYBOX).exists(),
@@ -31,18 +43,31 @@ pub fn busybox_image(workdir: &Path, tag: &str, version: &str, with_health: bool
     let mut builder = tar::Builder::new(fs::File::create(&tarball).unwrap());
     builder.append_dir_all(".", &rootfs).unwrap();
     builder.into_inner().unwrap().sync_all().unwrap();
-    docker_cli(&[
-        "import",
-        "--change",
-        r#"CMD ["/bin/busybox","httpd","-f","-p","3000","-h","/www"]"#,
-        tarball.to_str().unwrap(),
-        tag,
-    ]);
+    docker_cli_on(
+        socket,
+        &[
+            "import",
+            "--change",
+            r#"CMD ["/bin/busybox","httpd","-f","-p","3000","-h","/www"]"#,
+            tarball.to_str().unwrap(),
+            tag,
+        ],
+    );
 }
 
 /// Runs the docker CLI (test set-up only: the agent uses the Engine API).
 pub fn docker_cli(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
+    docker_cli_on(None, args)
+}
+
+/// [`docker_cli`] against the engine listening on `socket` (the machine's
+/// engine when `None`).
+pub fn docker_cli_on(socket: Option<&Path>, args: &[&str]) -> String {
+    let mut cmd = Command::new("docker");
+    if let Some(socket) = socket {
+        cmd.arg("-H").arg(format!("unix://{}", socket.display()));
+    }
+    let out = cmd.args(args).output().unwrap();
     assert!(
         out.status.success(),
         "docker {args:?} failed: {}",

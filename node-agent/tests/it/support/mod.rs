@@ -6,6 +6,7 @@
 
 mod docker_image;
 pub mod load;
+mod private_dockerd;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -292,7 +293,8 @@ impl RawTar {
     }
 }
 
-pub use docker_image::{busybox_image, docker_cli};
+pub use docker_image::{busybox_image, busybox_image_on, docker_cli, docker_cli_on};
+pub use private_dockerd::PrivateDockerd;
 
 /// `GET path` on 127.0.0.1:`port` with a new connection: (status, body), or
 /// `None` when nothing answers within the time limits.
