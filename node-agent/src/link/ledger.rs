@@ -31,10 +31,20 @@ pub struct Recorded {
 impl Recorded {
     /// As sent to the controller.
     pub fn to_proto(&self) -> CommandResult {
+        // A release id the controller would refuse (a result recorded by an
+        // older agent, say) is left out rather than sent: a refused result
+        // would close the session, and the same result would be sent again
+        // on every reconnect.
+        let release_id =
+            if slipway_proto::limits::check_release_id("release_id", &self.release_id).is_ok() {
+                self.release_id.clone()
+            } else {
+                String::new()
+            };
         CommandResult {
             command_id: self.command_id.clone(),
             outcome: proto_outcome(self.outcome) as i32,
-            release_id: self.release_id.clone(),
+            release_id,
             // Within the limit the controller checks (a long hook or check
             // output is cut, never the reason the session is refused).
             message: slipway_proto::limits::truncate(
@@ -203,6 +213,26 @@ impl LedgerFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use slipway_proto::limits::Validate as _;
+
+    #[test]
+    fn a_recorded_result_is_always_sent_in_a_form_the_controller_takes() {
+        let r = Recorded {
+            command_id: "d-1.n-1".into(),
+            outcome: Outcome::Succeeded,
+            // An agent version, once recorded as if it were a release.
+            release_id: "0.1.0+1a2b3c4d5e6f".into(),
+            message: "x".repeat(slipway_proto::limits::MAX_MESSAGE * 2),
+        };
+        let sent = r.to_proto();
+        sent.validate().unwrap();
+        assert_eq!(sent.release_id, "");
+        let good = Recorded {
+            release_id: "v7".into(),
+            ..r
+        };
+        assert_eq!(good.to_proto().release_id, "v7");
+    }
 
     #[test]
     fn results_recorded_concurrently_are_all_kept() {

@@ -20,7 +20,7 @@
 //!   ▼
 //! new agent: session open (Welcome) ──▶ under `upgrade/lock`: armed and
 //!   running the new file (its inode, recorded) ──▶ stage committed ──▶ ledger: SUCCEEDED
-//!   (release_id = its version) ──▶ record removed ──▶ the controller's
+//!   (the version in its message) ──▶ record removed ──▶ the controller's
 //!   re-sent command is answered from the ledger
 //! guard: committed or removed ──▶ exits. Still armed at the deadline, or
 //!   (without systemd) no agent holding `agent.lock` for DEAD_AGENT_GRACE ──▶ under `upgrade/lock`:
@@ -618,7 +618,10 @@ fn settle_record(state_dir: &Path) -> Result<Option<Recorded>, String> {
         Stage::Committed => Recorded {
             command_id: record.command_id.clone(),
             outcome: Outcome::Succeeded,
-            release_id: running.to_owned(),
+            // No release: an agent version is not a release id (it may hold
+            // a `+`); the controller records the version the node's session
+            // reports.
+            release_id: String::new(),
             message: format!(
                 "agent upgraded from {} to {running}; the old binary is kept as {}",
                 record.from_version,
@@ -628,7 +631,7 @@ fn settle_record(state_dir: &Path) -> Result<Option<Recorded>, String> {
         Stage::RolledBack { reason } => Recorded {
             command_id: record.command_id.clone(),
             outcome: Outcome::RolledBack,
-            release_id: running.to_owned(),
+            release_id: String::new(),
             message: format!(
                 "agent upgrade to {} rolled back: {reason}",
                 record.to_version
