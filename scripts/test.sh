@@ -79,7 +79,7 @@ fi
 # --- tests ---------------------------------------------------------------------
 # The static binaries the install tests put into their Debian root (and
 # package as .deb; the root itself is made once per machine by the tests,
-# tests/install/debian-root.sh, cached in tests/.cache/) and the empty-root
+# tests/install/debian-root.sh, cached in ~/.cache/slipway/) and the empty-root
 # and container tests run (tests/it/static_binary.rs, tests/it/container.rs):
 # target/static/dev/, built in a target dir of their own
 # (target/static-build), so the flags of a static build never invalidate

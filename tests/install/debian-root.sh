@@ -5,13 +5,14 @@
 #
 #   tests/install/debian-root.sh [TARBALL]
 #
-# TARBALL defaults to $SLIPWAY_DEBIAN_ROOT, else tests/.cache/debian-12-root.tar
-# (gitignored). The mirror is $SLIPWAY_DEBIAN_MIRROR, else the first Debian
+# TARBALL defaults to $SLIPWAY_DEBIAN_ROOT, else
+# ${XDG_CACHE_HOME:-$HOME/.cache}/slipway/debian-12-root.tar: once per
+# machine, not per clone (CI runs on a fresh clone). The mirror is $SLIPWAY_DEBIAN_MIRROR, else the first Debian
 # URI of this machine's apt sources, else http://deb.debian.org/debian.
 # Needs root and debootstrap (scripts/test.sh installs it).
 set -eu
 cd "$(dirname "$0")/../.."
-out=${1:-${SLIPWAY_DEBIAN_ROOT:-tests/.cache/debian-12-root.tar}}
+out=${1:-${SLIPWAY_DEBIAN_ROOT:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/slipway/debian-12-root.tar}}
 [ -f "$out" ] && exit 0
 mkdir -p "$(dirname "$out")"
 # Tests running at once build it once: the others wait here, then find it.

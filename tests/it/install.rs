@@ -2,7 +2,7 @@
 //! Debian 12 root used as a chroot (systemd installed, not running).
 //!
 //! The root is made once per machine by `tests/install/debian-root.sh`
-//! (debootstrap, cached as a tarball under tests/.cache/); each test unpacks
+//! (debootstrap, cached as a tarball in ~/.cache/slipway/); each test unpacks
 //! it into its own temporary directory. The agent binaries are the static
 //! ones of `scripts/build-static.sh --profile dev` (target/static/dev/).
 //! The controller enrolled with runs on the host's loopback: the chroot
@@ -49,9 +49,16 @@ fn root_tarball() -> &'static Path {
             nix::unistd::Uid::effective().is_root(),
             "the install tests need root (chroot, useradd inside the root)"
         );
+        // Once per machine, not per clone: CI runs on a fresh clone.
         let tar = std::env::var_os("SLIPWAY_DEBIAN_ROOT")
             .map(PathBuf::from)
-            .unwrap_or_else(|| top().join("tests/.cache/debian-12-root.tar"));
+            .unwrap_or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .unwrap_or_else(|| top().join("tests/.cache"))
+                    .join("slipway/debian-12-root.tar")
+            });
         let out = Command::new("sh")
             .arg(top().join("tests/install/debian-root.sh"))
             .arg(&tar)
