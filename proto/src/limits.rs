@@ -589,14 +589,16 @@ impl Validate for ControllerMessage {
             None | Some(Kind::StatusRequest(_) | Kind::ArtifactChunk(_) | Kind::Welcome(_)) => {
                 Ok(())
             }
-            Some(Kind::Deploy(d)) => {
+            // A closure, so each `?` ends it and not `validate`: every
+            // field's error is named within `deploy`.
+            Some(Kind::Deploy(d)) => (|| {
                 command(&d.command_id, &d.app)?;
                 check_release_id("release_id", &d.release_id)?;
                 // The agent normalizes the case of a digest it is given.
                 check_sha256("artifact_sha256", &d.artifact_sha256.to_ascii_lowercase())?;
                 check_len("artifact_url", &d.artifact_url, MAX_URL)?;
                 check_git_sha("git_sha", &d.git_sha)
-            }
+            })()
             .map_err(|e: FieldError| e.within("deploy")),
             Some(Kind::Rollback(r)) => command(&r.command_id, &r.app)
                 .and_then(|()| check_optional_release_id("to_release_id", &r.to_release_id))
@@ -778,6 +780,55 @@ mod tests {
             ack(MAX_EVENT_IDS + 1).validate().unwrap_err().field,
             "node_event_ack.event_ids"
         );
+    }
+
+    #[test]
+    fn every_field_of_a_deploy_command_is_named_within_deploy() {
+        use crate::v1::Deploy;
+        let good = Deploy {
+            command_id: "d-1.n-1".into(),
+            app: "web".into(),
+            release_id: "v1".into(),
+            artifact_sha256: "ab".repeat(32),
+            ..Default::default()
+        };
+        let message = |d: Deploy| ControllerMessage {
+            kind: Some(controller_message::Kind::Deploy(d)),
+        };
+        message(good.clone()).validate().unwrap();
+        for (bad, field) in [
+            (
+                Deploy {
+                    command_id: "a\nb".into(),
+                    ..good.clone()
+                },
+                "deploy.command_id",
+            ),
+            (
+                Deploy {
+                    app: "../x".into(),
+                    ..good.clone()
+                },
+                "deploy.app",
+            ),
+            (
+                Deploy {
+                    release_id: "a b".into(),
+                    ..good.clone()
+                },
+                "deploy.release_id",
+            ),
+            (
+                Deploy {
+                    artifact_sha256: "zz".into(),
+                    ..good.clone()
+                },
+                "deploy.artifact_sha256",
+            ),
+        ] {
+            let err = message(bad.clone()).validate();
+            assert_eq!(err.map_err(|e| e.field), Err(field.to_owned()), "{bad:?}");
+        }
     }
 
     #[test]
