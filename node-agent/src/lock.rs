@@ -64,6 +64,19 @@ fn holder_text(h: &Option<Holder>) -> String {
     }
 }
 
+/// The operations the agent runs by itself (`run`'s liveness and
+/// housekeeping passes): one someone asked for waits for these.
+pub const BACKGROUND_OPERATIONS: [&str; 4] =
+    ["reconcile", "repair", "liveness restart", "disk pressure"];
+/// How long an asked-for operation waits for a background one.
+const BACKGROUND_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Between two tries while waiting.
+const BACKGROUND_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn is_background(operation: &str) -> bool {
+    BACKGROUND_OPERATIONS.contains(&operation)
+}
+
 /// A held lock; dropping it releases the lock.
 #[derive(Debug)]
 pub struct AppLock {
@@ -84,20 +97,37 @@ impl AppLock {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        let mut flock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let holder = read_holder(path);
-                return Err(LockError::Busy {
-                    app: app.to_owned(),
-                    operation: holder
-                        .as_ref()
-                        .map(|h| h.operation.clone())
-                        .unwrap_or_else(|| "operation".to_owned()),
-                    holder,
-                });
+        let ours_is_background = is_background(&holder.operation);
+        let patience = std::time::Instant::now() + BACKGROUND_WAIT;
+        let mut file = file;
+        let mut flock = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let theirs = read_holder(path);
+                    // The agent's own passes (a reconcile, a repair, a
+                    // restart after liveness failures, disk-pressure
+                    // pruning) are short and come by themselves: an
+                    // operation someone asked for waits for them (bounded)
+                    // instead of failing. Anything else is refused at once,
+                    // naming the holder.
+                    let background = theirs.as_ref().is_some_and(|h| is_background(&h.operation));
+                    if background && !ours_is_background && std::time::Instant::now() < patience {
+                        std::thread::sleep(BACKGROUND_POLL);
+                        file = back;
+                        continue;
+                    }
+                    return Err(LockError::Busy {
+                        app: app.to_owned(),
+                        operation: theirs
+                            .as_ref()
+                            .map(|h| h.operation.clone())
+                            .unwrap_or_else(|| "operation".to_owned()),
+                        holder: theirs,
+                    });
+                }
+                Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
             }
-            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
         };
         let text = serde_json::to_vec(holder).unwrap_or_default();
         flock.set_len(0).map_err(io)?;
@@ -228,6 +258,28 @@ mod tests {
         drop(held);
         assert!(!is_held(&p));
         AppLock::acquire(&p, "web", &holder("prune")).unwrap();
+    }
+
+    #[test]
+    fn an_asked_for_operation_waits_for_the_agents_own_pass_and_only_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        // A reconcile holds the lock for a moment: a deploy waits for it.
+        let held = AppLock::acquire(&p, "web", &holder("reconcile")).unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let t = std::time::Instant::now();
+        let deploy = AppLock::acquire(&p, "web", &holder("deploy")).unwrap();
+        assert!(t.elapsed() >= std::time::Duration::from_millis(250));
+        releaser.join().unwrap();
+        drop(deploy);
+        // Another background pass does not wait: it comes again by itself.
+        let held = AppLock::acquire(&p, "web", &holder("repair")).unwrap();
+        let err = AppLock::acquire(&p, "web", &holder("reconcile")).unwrap_err();
+        assert!(err.to_string().contains("repair in progress"), "{err}");
+        drop(held);
     }
 
     #[test]

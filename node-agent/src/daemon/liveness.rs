@@ -213,10 +213,12 @@ fn attempt(
         return false;
     }
     let store = Deployer::new(app, bridge);
-    let what = if repair.is_some() {
-        "repair"
+    // Both are background operations (`lock::BACKGROUND_OPERATIONS`): a
+    // deploy asked for meanwhile waits for them instead of failing.
+    let (what, said) = if repair.is_some() {
+        ("repair", "repair")
     } else {
-        "restart"
+        ("liveness restart", "restart")
     };
     // Locked first: an app a deploy or rollback took meanwhile is not
     // touched, and its restart is not counted.
@@ -246,13 +248,13 @@ fn attempt(
             tracing::info!(app = %app.name, %release, "restored: {}{healthy}", a.detail);
             (
                 true,
-                format!("{what}ed: {}{healthy}", a.detail),
+                format!("{said}ed: {}{healthy}", a.detail),
                 release.to_string(),
             )
         }
         Err(e) => {
-            tracing::error!(app = %app.name, error = %e, "{what} failed");
-            (false, format!("{what} failed: {e}"), current.to_string())
+            tracing::error!(app = %app.name, error = %e, "{said} failed");
+            (false, format!("{said} failed: {e}"), current.to_string())
         }
     };
     event(
