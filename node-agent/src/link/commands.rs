@@ -604,6 +604,32 @@ async fn upgrade_agent(
     failed(why)
 }
 
+/// Restarts `app`'s current release through its driver behind the health
+/// gate, as `operation` ("restart", "start") under the app's lock.
+async fn restart_current(
+    id: &str,
+    app: AppConfig,
+    operation: &'static str,
+    bridge: Bridge,
+) -> Recorded {
+    let result = tokio::task::spawn_blocking(move || {
+        let store = Deployer::new(&app, &bridge);
+        let mut session = store.begin(operation, None)?;
+        session.restart()
+    })
+    .await;
+    match result {
+        Ok(Ok((release, a, _))) => recorded(id, Outcome::Succeeded, release.as_str(), a.detail),
+        Ok(Err(e)) => recorded(id, Outcome::Failed, "", e.to_string()),
+        Err(e) => recorded(
+            id,
+            Outcome::Failed,
+            "",
+            format!("{operation} task failed: {e}"),
+        ),
+    }
+}
+
 async fn run(
     config: &Config,
     ctl: &ControllerConfig,
@@ -725,25 +751,10 @@ async fn run(
                 Err(e) => recorded(id, Outcome::Failed, "", format!("prune task failed: {e}")),
             }
         }
-        Kind::Restart(r) => {
-            let app = match app_of(&r.app) {
-                Ok(a) => a,
-                Err(e) => return recorded(id, Outcome::Failed, "", e),
-            };
-            let result = tokio::task::spawn_blocking(move || {
-                let store = Deployer::new(&app, &bridge);
-                let mut session = store.begin("restart", None)?;
-                session.restart()
-            })
-            .await;
-            match result {
-                Ok(Ok((release, a, _))) => {
-                    recorded(id, Outcome::Succeeded, release.as_str(), a.detail)
-                }
-                Ok(Err(e)) => recorded(id, Outcome::Failed, "", e.to_string()),
-                Err(e) => recorded(id, Outcome::Failed, "", format!("restart task failed: {e}")),
-            }
-        }
+        Kind::Restart(r) => match app_of(&r.app) {
+            Ok(app) => restart_current(id, app, "restart", bridge).await,
+            Err(e) => recorded(id, Outcome::Failed, "", e),
+        },
         Kind::StopApp(r) => {
             let app = match app_of(&r.app) {
                 Ok(a) => a,
@@ -768,25 +779,12 @@ async fn run(
                 Err(e) => recorded(id, Outcome::Failed, "", format!("stop task failed: {e}")),
             }
         }
-        Kind::StartApp(r) => {
-            let app = match app_of(&r.app) {
-                Ok(a) => a,
-                Err(e) => return recorded(id, Outcome::Failed, "", e),
-            };
-            let result = tokio::task::spawn_blocking(move || {
-                let store = Deployer::new(&app, &bridge);
-                let mut session = store.begin("start", None)?;
-                session.restart()
-            })
-            .await;
-            match result {
-                Ok(Ok((release, a, _))) => {
-                    recorded(id, Outcome::Succeeded, release.as_str(), a.detail)
-                }
-                Ok(Err(e)) => recorded(id, Outcome::Failed, "", e.to_string()),
-                Err(e) => recorded(id, Outcome::Failed, "", format!("start task failed: {e}")),
-            }
-        }
+        // A start (clearing a stop on purpose) is a restart of the current
+        // release under its own name.
+        Kind::StartApp(r) => match app_of(&r.app) {
+            Ok(app) => restart_current(id, app, "start", bridge).await,
+            Err(e) => recorded(id, Outcome::Failed, "", e),
+        },
         // `execute` answers status requests, runs agent upgrades itself
         // and ignores the rest.
         Kind::StatusRequest(_)

@@ -43,12 +43,10 @@ impl Drop for Pm2Home {
     }
 }
 
-#[test]
-fn pm2_cluster_deploy_gated_on_health_and_rolled_back_on_500() {
-    let port = free_port();
-    let pm2_home = tempfile::tempdir().unwrap();
-    let _guard = Pm2Home(pm2_home.path().to_owned());
-    let node = Node::new(&format!(
+/// A node whose app `web` is a two-instance PM2 cluster on `port`, gated on
+/// `/api/health` (`successes` in a row, forgiven for `start_period`).
+fn cluster_node(port: u16, pm2_home: &std::path::Path, successes: u32, start_period: &str) -> Node {
+    Node::new(&format!(
         r#"
 [apps.web.run]
 driver = "pm2"
@@ -61,13 +59,21 @@ pm2_home = "{}"
 check = "http"
 url = "http://127.0.0.1:{port}/api/health"
 interval = "100ms"
-successes = 3
+successes = {successes}
 retries = 2
-start_period = "1s"
+start_period = "{start_period}"
 deadline = "30s"
 "#,
-        pm2_home.path().display()
-    ));
+        pm2_home.display()
+    ))
+}
+
+#[test]
+fn pm2_cluster_deploy_gated_on_health_and_rolled_back_on_500() {
+    let port = free_port();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = cluster_node(port, pm2_home.path(), 3, "1s");
     fs::write(
         node.root.join("shared/.env"),
         format!("PORT={port}\nAPP_SECRET=s3cr3t-pm2\n"),
@@ -203,26 +209,7 @@ fn twenty_cluster_deploys_under_load_lose_nothing() {
     let port = free_port();
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
-    let node = Node::new(&format!(
-        r#"
-[apps.web.run]
-driver = "pm2"
-script = "server.js"
-instances = 2
-exec_mode = "cluster"
-pm2_home = "{}"
-
-[apps.web.health]
-check = "http"
-url = "http://127.0.0.1:{port}/api/health"
-interval = "100ms"
-successes = 2
-retries = 2
-start_period = "200ms"
-deadline = "30s"
-"#,
-        pm2_home.path().display()
-    ));
+    let node = cluster_node(port, pm2_home.path(), 2, "200ms");
     fs::write(node.root.join("shared/.env"), format!("PORT={port}\n")).unwrap();
     let artifact = |v: &str| {
         let server = GRACEFUL_SERVER.replace("__RELEASE__", v);
