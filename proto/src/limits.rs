@@ -197,6 +197,15 @@ pub fn check_line(field: &str, value: &str, max: usize) -> Result<(), FieldError
     Ok(())
 }
 
+/// A command id: one line of 1 to MAX_COMMAND_ID bytes (every command the
+/// controller sends has one, and every report names the command it is for).
+pub fn check_command_id(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "is empty"));
+    }
+    check_line(field, value, MAX_COMMAND_ID)
+}
+
 /// At most `max` items.
 pub fn check_count(field: &str, count: usize, max: usize) -> Result<(), FieldError> {
     if count > max {
@@ -435,7 +444,7 @@ impl Validate for RenewRequest {
 impl Validate for FetchArtifactRequest {
     fn validate(&self) -> Result<(), FieldError> {
         check_sha256("sha256", &self.sha256)?;
-        check_line("command_id", &self.command_id, MAX_COMMAND_ID)
+        check_command_id("command_id", &self.command_id)
     }
 }
 
@@ -500,7 +509,7 @@ impl Validate for Heartbeat {
 
 impl Validate for Progress {
     fn validate(&self) -> Result<(), FieldError> {
-        check_line("command_id", &self.command_id, MAX_COMMAND_ID)?;
+        check_command_id("command_id", &self.command_id)?;
         check_line("step", &self.step, MAX_WORD)?;
         check_len("message", &self.message, MAX_MESSAGE)
     }
@@ -508,7 +517,7 @@ impl Validate for Progress {
 
 impl Validate for CommandResult {
     fn validate(&self) -> Result<(), FieldError> {
-        check_line("command_id", &self.command_id, MAX_COMMAND_ID)?;
+        check_command_id("command_id", &self.command_id)?;
         check_optional_release_id("release_id", &self.release_id)?;
         check_len("message", &self.message, MAX_MESSAGE)
     }
@@ -564,7 +573,7 @@ impl Validate for AgentMessage {
 /// The fields of an AgentUpgrade command (the agent checks them before it
 /// fetches anything).
 fn check_agent_upgrade(u: &AgentUpgrade) -> Result<(), FieldError> {
-    check_line("command_id", &u.command_id, MAX_COMMAND_ID)?;
+    check_command_id("command_id", &u.command_id)?;
     check_sha256("sha256", &u.sha256)?;
     if u.size == 0 || u.size > MAX_AGENT_BINARY {
         return Err(FieldError::new(
@@ -582,7 +591,7 @@ impl Validate for ControllerMessage {
     fn validate(&self) -> Result<(), FieldError> {
         use controller_message::Kind;
         let command = |id: &str, app: &str| {
-            check_line("command_id", id, MAX_COMMAND_ID)?;
+            check_command_id("command_id", id)?;
             check_app_name("app", app)
         };
         match &self.kind {
@@ -800,6 +809,13 @@ mod tests {
             (
                 Deploy {
                     command_id: "a\nb".into(),
+                    ..good.clone()
+                },
+                "deploy.command_id",
+            ),
+            (
+                Deploy {
+                    command_id: String::new(),
                     ..good.clone()
                 },
                 "deploy.command_id",

@@ -47,6 +47,26 @@ pub const DEFAULT_COMMIT_DEADLINE_SECS: u32 = 60;
 pub const MAX_PRUNE_KEEP: u32 = 1000;
 
 /// The Control gRPC service.
+/// What an upload stores, for its audit event and log line.
+#[derive(Debug)]
+struct UploadKind {
+    audit_kind: &'static str,
+    target_kind: &'static str,
+    noun: &'static str,
+}
+
+const ARTIFACT_UPLOAD: UploadKind = UploadKind {
+    audit_kind: audit::ARTIFACT_UPLOADED,
+    target_kind: "artifact",
+    noun: "artifact",
+};
+
+const AGENT_BINARY_UPLOAD: UploadKind = UploadKind {
+    audit_kind: audit::AGENT_BINARY_UPLOADED,
+    target_kind: "agent_binary",
+    noun: "agent binary",
+};
+
 #[derive(Debug, Clone)]
 pub struct ControlService {
     store: Store,
@@ -303,6 +323,39 @@ impl ControlService {
         Ok(answers)
     }
 
+    /// Receive an upload into `store`, then audit and log it as `kind`
+    /// says; a refused upload is audited as a refused call.
+    async fn upload(
+        &self,
+        caller: &Caller,
+        request: Request<Streaming<UploadChunk>>,
+        store: &Artifacts,
+        kind: &UploadKind,
+    ) -> Result<Response<UploadArtifactResponse>, Status> {
+        let peer = crate::peer_addr(&request);
+        match self.try_upload(store, request.into_inner()).await {
+            Ok(done) => {
+                let event = AuditEvent::success(
+                    kind.audit_kind,
+                    &caller.token_id,
+                    kind.target_kind,
+                    &done.sha256,
+                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
+                );
+                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
+                    tracing::error!(%err, "could not record audit event");
+                }
+                tracing::info!(sha256 = %done.sha256, size = done.size, "{} uploaded", kind.noun);
+                Ok(Response::new(done))
+            }
+            Err(err) => {
+                let what = format!("upload {}", kind.noun);
+                self.refused(&caller.token_id, &peer, &what, &err).await;
+                Err(err.into())
+            }
+        }
+    }
+
     async fn try_upload(
         &self,
         store: &Artifacts,
@@ -416,28 +469,9 @@ impl Control for ControlService {
         let caller = self
             .authorize(&request, "upload artifacts", Caller::can_deploy_any)
             .await?;
-        let peer = crate::peer_addr(&request);
-        match self.try_upload(&self.artifacts, request.into_inner()).await {
-            Ok(done) => {
-                let event = AuditEvent::success(
-                    audit::ARTIFACT_UPLOADED,
-                    &caller.token_id,
-                    "artifact",
-                    &done.sha256,
-                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
-                );
-                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
-                    tracing::error!(%err, "could not record audit event");
-                }
-                tracing::info!(sha256 = %done.sha256, size = done.size, "artifact uploaded");
-                Ok(Response::new(done))
-            }
-            Err(err) => {
-                self.refused(&caller.token_id, &peer, "upload artifact", &err)
-                    .await;
-                Err(err.into())
-            }
-        }
+        let store = self.artifacts.clone();
+        self.upload(&caller, request, &store, &ARTIFACT_UPLOAD)
+            .await
     }
 
     async fn deploy(
@@ -609,29 +643,9 @@ impl Control for ControlService {
                 Caller::can_upgrade_agents,
             )
             .await?;
-        let peer = crate::peer_addr(&request);
         let store = self.artifacts.agent_binaries();
-        match self.try_upload(&store, request.into_inner()).await {
-            Ok(done) => {
-                let event = AuditEvent::success(
-                    audit::AGENT_BINARY_UPLOADED,
-                    &caller.token_id,
-                    "agent_binary",
-                    &done.sha256,
-                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
-                );
-                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
-                    tracing::error!(%err, "could not record audit event");
-                }
-                tracing::info!(sha256 = %done.sha256, size = done.size, "agent binary uploaded");
-                Ok(Response::new(done))
-            }
-            Err(err) => {
-                self.refused(&caller.token_id, &peer, "upload agent binary", &err)
-                    .await;
-                Err(err.into())
-            }
-        }
+        self.upload(&caller, request, &store, &AGENT_BINARY_UPLOAD)
+            .await
     }
 
     async fn agent_upgrade(
