@@ -22,13 +22,26 @@ need_apt=()
 # Any engine already on PATH (docker-ce, a previous run) is used as it is:
 # docker.io would conflict with docker-ce's packages.
 command -v dockerd >/dev/null || need_apt+=(docker.io)
+# Without recommended packages, AppArmor's parser comes only where the kernel
+# enforces AppArmor (dockerd loads its container profile with it there).
+if [ -e /sys/kernel/security/apparmor ] && ! command -v apparmor_parser >/dev/null; then
+  need_apt+=(apparmor)
+fi
 # The dynamic `busybox` package is not enough: a scratch image has no libc.
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' ||
   need_apt+=(busybox-static)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "setup-docker: installing ${need_apt[*]}"
-  $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  # No recommended packages (needrestart, criu, apparmor are not needed for
+  # the tests); apt's chatter goes to a log file.
+  apt_log=$(mktemp -t slipway-apt-docker.XXXXXX.log)
+  if { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${need_apt[@]}"; } >"$apt_log" 2>&1; then
+    echo "setup-docker: installed ${need_apt[*]} (apt log: $apt_log)"
+  else
+    tail -n 20 "$apt_log" >&2
+    echo "setup-docker: installing ${need_apt[*]} failed (apt log: $apt_log)" >&2
+    exit 1
+  fi
 fi
 command -v dockerd >/dev/null || { echo "setup-docker: dockerd not on PATH after install" >&2; exit 1; }
 command -v docker >/dev/null || { echo "setup-docker: docker CLI not on PATH after install" >&2; exit 1; }

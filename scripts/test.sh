@@ -23,12 +23,6 @@ command -v script >/dev/null || need_apt+=(bsdutils)
 # chroot for the empty-root tests of the static binaries.
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v chroot >/dev/null || need_apt+=(coreutils)
-if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]}"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
-fi
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
 # The install tests (tests/it/install.rs) and the certificate tests: debootstrap for their Debian root,
@@ -40,15 +34,19 @@ command -v shellcheck >/dev/null || need_tools+=(shellcheck)
 command -v cloud-init >/dev/null || need_tools+=(cloud-init)
 # faketime (libfaketime): a controller restarted 400 days on (tests/it/certs.rs).
 command -v faketime >/dev/null || need_tools+=(faketime)
-if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
+# One apt run for everything missing: no recommended packages, apt's chatter
+# to a log file, one line saying what was installed.
+need_apt+=("${need_tools[@]}")
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   apt_log=$(mktemp -t slipway-apt.XXXXXX.log)
+  log "installing ${need_apt[*]} (apt, no recommended packages)"
   if { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
-        --no-install-recommends "${need_tools[@]}"; } >"$apt_log" 2>&1; then
-    echo "installed ${need_tools[*]} (apt log: $apt_log)"
+        --no-install-recommends "${need_apt[@]}"; } >"$apt_log" 2>&1; then
+    echo "installed ${need_apt[*]} (apt log: $apt_log)"
   else
     tail -n 20 "$apt_log" >&2
-    echo "installing ${need_tools[*]} failed (apt log: $apt_log)" >&2
+    echo "installing ${need_apt[*]} failed (apt log: $apt_log)" >&2
     exit 1
   fi
 fi

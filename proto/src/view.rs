@@ -695,8 +695,67 @@ impl<'a> From<&'a VersionNodes> for VersionNodesJson<'a> {
     }
 }
 
+/// The closing line of `slipway status` when nothing is a problem: what is
+/// online and healthy, and how many notes were listed above it, so "OK"
+/// never reads as "nothing to see".
+pub fn ok_headline(status: &FleetStatus) -> String {
+    let online = status.counts.get("online").copied().unwrap_or(0);
+    let nodes = if online == 1 { "node" } else { "nodes" };
+    let apps = match status.apps.len() {
+        0 => "no apps reported".to_owned(),
+        1 => "1 app healthy".to_owned(),
+        n => format!("all {n} apps healthy"),
+    };
+    let mut line = format!("OK: {online} {nodes} online, {apps}");
+    let notes = status.notes.len();
+    if notes > 0 {
+        let shown: Vec<String> = status
+            .notes
+            .iter()
+            .take(3)
+            .map(|n| limits::one_line(n, 60))
+            .collect();
+        let more = if notes > 3 { "; …" } else { "" };
+        let _ = write!(
+            line,
+            " — {notes} note{}: {}{more}",
+            if notes == 1 { "" } else { "s" },
+            shown.join("; ")
+        );
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_ok_headline_counts_the_notes() {
+        let mut status = FleetStatus::default();
+        status.counts.insert("online".into(), 3);
+        status.apps = vec![Default::default(), Default::default()];
+        assert_eq!(
+            ok_headline(&status),
+            "OK: 3 nodes online, all 2 apps healthy"
+        );
+        status.notes = vec![
+            "releases differ for app web".into(),
+            format!("deployment d-4 of web failed: {}", "x".repeat(200)),
+        ];
+        let line = ok_headline(&status);
+        assert!(
+            line.starts_with("OK: 3 nodes online, all 2 apps healthy — 2 notes: releases differ for app web; deployment d-4"),
+            "{line}"
+        );
+        assert!(line.len() < 200, "a long note is shortened: {line}");
+        status.counts.insert("online".into(), 1);
+        status.apps.truncate(1);
+        status.notes.truncate(1);
+        assert_eq!(
+            ok_headline(&status),
+            "OK: 1 node online, 1 app healthy — 1 note: releases differ for app web"
+        );
+    }
+
     use super::*;
 
     const MIB: u64 = 1024 * 1024;

@@ -91,7 +91,7 @@ fn restart_prune_and_status_across_three_agents() {
         text(&out)
     );
     assert!(
-        stdout(&out).contains("OK: every node online"),
+        stdout(&out).contains("OK: 3 nodes online, 1 app healthy"),
         "{}",
         text(&out)
     );

@@ -62,7 +62,7 @@ fn reported_current(controller: &Controller, token: &str) -> Vec<(String, String
 
 #[test]
 fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
-    let (controller, agents, reader, deployer) = fleet(&["n1", "n2", "n3"], "1s");
+    let (controller, agents, reader, deployer) = fleet(&["n1", "n2", "n3"], "3s");
     let work = tempfile::tempdir().unwrap();
     let app = breakable_app();
     agents[0].add_env("BREAK=v3");

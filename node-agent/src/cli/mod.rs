@@ -161,11 +161,17 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                     replace,
                 ))
                 .map_err(|e| anyhow::anyhow!("enrollment failed: {e}"))?;
+            let expires = time::OffsetDateTime::from_unix_timestamp(enrolled.expires_at_unix)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| format!("unix time {}", enrolled.expires_at_unix));
             println!(
-                "enrolled as node {} (certificate {}, expires at unix time {})",
+                "enrolled as node {} (certificate {}, expires {expires})",
                 enrolled.node_id,
                 enrolled.cert_path.display(),
-                enrolled.expires_at_unix
             );
         }
         Command::UpgradeGuard { state_dir } => {

@@ -415,7 +415,7 @@ check = "http"
 url = "http://127.0.0.1:{port}/api/health"
 interval = "100ms"
 successes = 2
-start_period = "1s"
+start_period = "3s"
 deadline = "15s"
 liveness_interval = "500ms"
 "#,
@@ -482,10 +482,11 @@ liveness_interval = "500ms"
     }
 
     /// Sets how long the health gate forgives failures after a start
-    /// (`start_period`, 1 s by default here); call before `run`.
+    /// (`start_period`, 3 s by default here: a Python app can take more than
+    /// a second to listen on a loaded 2-core machine); call before `run`.
     pub fn set_start_period(&self, period: &str) {
         let config = fs::read_to_string(&self.config).unwrap();
-        let default = "start_period = \"1s\"";
+        let default = "start_period = \"3s\"";
         assert!(
             config.contains(default),
             "no {default} in {}",

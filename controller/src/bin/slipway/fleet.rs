@@ -94,9 +94,9 @@ pub(crate) async fn releases(api: &mut Api, args: &ReleasesArgs) -> anyhow::Resu
     }
     for (n, a) in rows {
         println!(
-            "{} ({:?}): current {} — {}",
+            "{} ({}): current {} — {}",
             n.name,
-            n.state(),
+            view::state_name(n.state()),
             a.current_release,
             a.health
         );
@@ -129,7 +129,7 @@ pub(crate) async fn status(api: &mut Api, args: &StatusArgs) -> anyhow::Result<E
     }
     if status.problems.is_empty() {
         if !args.json {
-            println!("\nOK: every node online, every app healthy");
+            println!("\n{}", view::ok_headline(&status));
         }
         return Ok(ExitCode::SUCCESS);
     }
