@@ -250,7 +250,8 @@ pub fn render_status(status: &FleetStatus) -> String {
                 esc(&d.id),
                 esc(&d.status),
                 status.generated_at.saturating_sub(d.started_at).max(0),
-                if d.message.is_empty() {
+                // With node lines below, they give each node's reason once.
+                if d.message.is_empty() || !d.nodes.is_empty() {
                     String::new()
                 } else {
                     format!(": {}", limits::one_line(&d.message, limits::MAX_MESSAGE))
@@ -695,6 +696,28 @@ impl<'a> From<&'a VersionNodes> for VersionNodesJson<'a> {
     }
 }
 
+/// `text` with every line longer than `width` characters cut to it, the
+/// last kept character replaced by `…` (for a terminal; `--json` and the
+/// audit log keep the full text).
+pub fn fit(text: &str, width: usize) -> String {
+    let width = width.max(8);
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let (body, end) = match line.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (line, ""),
+        };
+        if body.chars().count() > width {
+            out.extend(body.chars().take(width - 1));
+            out.push('…');
+        } else {
+            out.push_str(body);
+        }
+        out.push_str(end);
+    }
+    out
+}
+
 /// The closing line of `slipway status` when nothing is a problem: what is
 /// online and healthy, and how many notes were listed above it, so "OK"
 /// never reads as "nothing to see".
@@ -728,6 +751,14 @@ pub fn ok_headline(status: &FleetStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fit_cuts_long_lines_only() {
+        let text = "short\nthis line is longer than twenty characters\n\nlast";
+        assert_eq!(fit(text, 20), "short\nthis line is longer…\n\nlast");
+        assert_eq!(fit("ééééé\n", 4), "ééééé\n", "the width is at least 8");
+        assert_eq!(fit("ééééééééé", 8), "ééééééé…");
+    }
+
     #[test]
     fn the_ok_headline_counts_the_notes() {
         let mut status = FleetStatus::default();

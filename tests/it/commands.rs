@@ -225,7 +225,7 @@ fn restart_prune_and_status_across_three_agents() {
     let out = controller.slipway(&reader, &["status", "--refresh"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        stderr(&out).contains("web on n3 (v3) is not healthy: unhealthy:"),
+        stdout(&out).contains("- web on n3 (v3) is not healthy: unhealthy:"),
         "{}",
         text(&out)
     );
@@ -275,20 +275,32 @@ fn restart_prune_and_status_across_three_agents() {
     // "(no session …)", or "(its session ended …)" if the controller had
     // not yet seen the connection close when it asked.
     assert!(
-        stderr(&out).contains("n3 did not answer the status request ("),
+        stdout(&out).contains("- n3 did not answer the status request ("),
         "{}",
         text(&out)
     );
     let out = controller.slipway(&deployer, &["restart", "web", "--node", "n3"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // The reason once, on the node's line; the end names the node only.
     assert!(
-        stderr(&out).contains("1 of 1 nodes failed: n3 (unreachable (no live session))"),
+        stdout(&out).contains("[n3] FAILED: unreachable (no live session)"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr(&out).contains("failed: 1 of 1 nodes failed: n3 (failed)\n"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        text(&out).matches("unreachable (no live session)").count(),
+        1,
         "{}",
         text(&out)
     );
     wait_until("n3 to be unreachable", Duration::from_secs(60), || {
         let out = controller.slipway(&reader, &["status"]);
-        out.status.code() == Some(1) && stderr(&out).contains("n3 is unreachable")
+        out.status.code() == Some(1) && stdout(&out).contains("- n3 is unreachable")
     });
     let out = controller.slipway(&reader, &["status", "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));

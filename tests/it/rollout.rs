@@ -108,7 +108,14 @@ fn rolling_and_canary_stop_on_failure_and_roll_the_touched_nodes_back() {
         text(&out)
     );
     assert!(
-        stderr.contains("failed: deployment stopped after n2 failed: 3 of 3 nodes failed"),
+        stderr.contains(": deployment stopped after n2 failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr.contains(
+            "failed: 3 of 3 nodes failed: n1 (rolled back), n2 (rolled back), n3 (skipped)"
+        ),
         "{}",
         text(&out)
     );

@@ -400,10 +400,29 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
             match d.status.as_str() {
                 "succeeded" => {}
                 "running" => notes.push(format!("{name}: {} {} is running", d.kind, d.id)),
-                _ => notes.push(format!(
-                    "{name}: last {} {} failed: {}",
-                    d.kind, d.id, d.message
-                )),
+                // The nodes' reasons are listed under the app; the note
+                // names the nodes only.
+                _ => {
+                    let failed: Vec<String> = d
+                        .nodes
+                        .iter()
+                        .filter(|n| n.outcome != "succeeded")
+                        .map(|n| {
+                            let who = if n.node_name.is_empty() {
+                                &n.node_id
+                            } else {
+                                &n.node_name
+                            };
+                            format!("{who} ({})", n.outcome.replace('_', " "))
+                        })
+                        .collect();
+                    let why = if failed.is_empty() {
+                        format!(": {}", d.message)
+                    } else {
+                        format!(" on {}", failed.join(", "))
+                    };
+                    notes.push(format!("{name}: last {} {} failed{why}", d.kind, d.id));
+                }
             }
         }
         apps.push(AppSummary {
@@ -633,11 +652,16 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let deployments = [deployment(
-            "web",
-            "failed",
-            "1 of 1 nodes failed: c (unreachable)",
-        )];
+        let mut failed = deployment("web", "failed", "1 of 1 nodes failed: c (unreachable)");
+        failed.nodes.push(store::DeploymentNodeRecord {
+            node_id: "n-c".to_owned(),
+            node_name: "c".to_owned(),
+            outcome: "rolled_back".to_owned(),
+            release_id: String::new(),
+            message: "unreachable".to_owned(),
+            finished_at: Some(95),
+        });
+        let deployments = [failed];
         let status = summarize_status(
             &views,
             &StatusInputs {
@@ -665,7 +689,7 @@ mod tests {
                 "e is revoked",
                 "web: releases differ: v1 on b, c, d, f; nothing on g; v2 on a",
                 "web has no release on g",
-                "web: last restart d-1 failed: 1 of 1 nodes failed: c (unreachable)",
+                "web: last restart d-1 failed on c (rolled back)",
                 "agent versions differ: 1.0 on a, b, c, f, g; 0.9 on d",
                 "agent on f uses 200.0M (fleet median 20.0M)",
             ]

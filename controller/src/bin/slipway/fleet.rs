@@ -125,7 +125,13 @@ pub(crate) async fn status(api: &mut Api, args: &StatusArgs) -> anyhow::Result<E
     if args.json {
         println!("{}", view::status_json(&status)?);
     } else {
-        print!("{}", view::render_status(&status));
+        let text = view::render_status(&status);
+        // On a terminal, long lines (health output, failure reasons) are
+        // cut to its width; `--json` has the full text.
+        match crate::terminal_width(&console::Term::stdout()) {
+            Some(width) => print!("{}", view::fit(&text, width)),
+            None => print!("{text}"),
+        }
     }
     if status.problems.is_empty() {
         if !args.json {
@@ -133,10 +139,13 @@ pub(crate) async fn status(api: &mut Api, args: &StatusArgs) -> anyhow::Result<E
         }
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!(
-        "status: {} problem(s): {}",
-        status.problems.len(),
-        status.problems.join("; ")
-    );
+    let count = status.problems.len();
+    let problems = if count == 1 { "problem" } else { "problems" };
+    if args.json {
+        eprintln!("status: {count} {problems}: {}", status.problems.join("; "));
+    } else {
+        // Each is listed once, under "problems:" above.
+        eprintln!("status: {count} {problems} (listed above)");
+    }
     Ok(ExitCode::FAILURE)
 }

@@ -123,6 +123,11 @@ enum Command {
 #[error("{0}")]
 pub(crate) struct Usage(pub(crate) String);
 
+/// The width of `term` in columns when it is a terminal.
+pub(crate) fn terminal_width(term: &console::Term) -> Option<usize> {
+    term.size_checked().map(|(_rows, cols)| usize::from(cols))
+}
+
 fn main() -> ExitCode {
     let cli: Cli = match slipway_proto::cli::parse() {
         Ok(cli) => cli,

@@ -110,6 +110,37 @@ fn result_text(r: &NodeResult) -> String {
     format!("{}{release}{why}", outcome_word(r.outcome))
 }
 
+/// "2 of 3 nodes failed: b (failed), c (rolled back)": who did not
+/// succeed and how, without the reasons each node's line already gave;
+/// `None` when no node reported (the controller's message says why then).
+fn failed_summary(results: &[&NodeResult]) -> Option<String> {
+    if results.is_empty() {
+        return None;
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| r.outcome != Outcome::Succeeded as i32)
+        .map(|r| {
+            format!(
+                "{} ({})",
+                r.node_name,
+                outcome_word(r.outcome)
+                    .to_ascii_lowercase()
+                    .replace('_', " ")
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} of {} nodes failed: {}",
+        failed.len(),
+        results.len(),
+        failed.join(", ")
+    ))
+}
+
 fn stamp() -> String {
     let format = time::macros::format_description!("[hour]:[minute]:[second]");
     time::OffsetDateTime::now_utc()
@@ -310,20 +341,28 @@ fn finished(
         });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
+        // Each node's reason was shown once already, on its `[node]` line
+        // or its finished spinner (cut to the terminal's width there; the
+        // full text is in `--json` and `slipway audit`): the end names the
+        // nodes only.
+        let fit = |line: String| match (output, crate::terminal_width(&console::Term::stderr())) {
+            (Output::Live, Some(width)) => slipway_proto::view::fit(&line, width),
+            _ => line,
+        };
         if !f.stop_reason.is_empty() {
-            eprintln!("{what} {}: {}", f.deployment_id, f.stop_reason);
-        }
-        // The not-succeeded nodes, one per line, then the summary.
-        for r in in_order
-            .iter()
-            .filter(|r| r.outcome != Outcome::Succeeded as i32)
-        {
-            eprintln!("  {} {}", r.node_name, result_text(r));
+            eprintln!(
+                "{}",
+                fit(format!("{what} {}: {}", f.deployment_id, f.stop_reason))
+            );
         }
         if f.succeeded {
             println!("{what} {} succeeded: {}", f.deployment_id, f.message);
         } else {
-            eprintln!("{what} {} failed: {}", f.deployment_id, f.message);
+            let summary = failed_summary(&in_order).unwrap_or_else(|| f.message.clone());
+            eprintln!(
+                "{}",
+                fit(format!("{what} {} failed: {summary}", f.deployment_id))
+            );
         }
     }
     if f.succeeded {
