@@ -77,6 +77,13 @@ pub const START_FAILED: &str = "START_FAILED";
 /// A node repaired an app by itself: started its current release again
 /// after drift or liveness failures (actor: the node; details: the cause).
 pub const APP_RESTORED: &str = "APP_RESTORED";
+/// Someone deployed on a node with `slipway-agent deploy` (actor:
+/// `node:user`; details: release, outcome). Reported by the node's agent at
+/// once or when it next connects, recorded once.
+pub const NODE_LOCAL_DEPLOY: &str = "NODE_LOCAL_DEPLOY";
+/// Someone rolled back on a node with `slipway-agent rollback`, marking the
+/// release rolled back from bad there (actor: `node:user`).
+pub const NODE_LOCAL_ROLLBACK: &str = "NODE_LOCAL_ROLLBACK";
 /// A node stopped restarting a crashlooping app.
 pub const APP_CRASHLOOPING: &str = "APP_CRASHLOOPING";
 /// A prune was recorded and its commands sent.

@@ -741,6 +741,12 @@ impl Session<'_> {
     /// Switches back to the previous good release (or `to`), marking the
     /// release rolled away from as bad, and puts it in service. Entirely
     /// node-local.
+    /// Names who asked for this operation: a rollback's reason for marking
+    /// the release bad says it ("… by alice on the node").
+    pub fn set_actor(&mut self, who: impl Into<String>) {
+        self.inner.set_actor(who);
+    }
+
     pub fn rollback(&mut self, to: Option<&ReleaseId>) -> Result<RollbackReport> {
         self.run_again("rollback")?;
         let (from, to) = self.inner.rollback(to)?;

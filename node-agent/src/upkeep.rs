@@ -32,8 +32,30 @@ const KEEP_SENT: usize = 50;
 /// the file without bound (the oldest are dropped, with a warning).
 const KEEP_UNSENT: usize = 1000;
 
-/// Serialises read-modify-write of every app's events file in this process.
+/// Serialises read-modify-write of every app's events file in this process
+/// (threads); [`EventsFileLock`] does it between processes (`slipway-agent
+/// rollback` records an event while `slipway-agent run` marks others sent).
 static EVENTS_LOCK: Mutex<()> = Mutex::new(());
+
+/// An exclusive `flock(2)` on an app's `.slipway/events.lock`, held while
+/// its events file is read, changed and written.
+struct EventsFileLock {
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl EventsFileLock {
+    fn take(root: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(state_dir(root).join("events.lock"))?;
+        let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| std::io::Error::from(errno))?;
+        Ok(Self { _flock: flock })
+    }
+}
 
 fn state_dir(root: &Path) -> PathBuf {
     root.join(".slipway")
@@ -215,6 +237,10 @@ pub enum EventKind {
     AppCrashlooping,
     /// A crashlooping release was rolled back by the agent.
     AppRolledBack,
+    /// Someone on the node deployed with `slipway-agent deploy`.
+    LocalDeploy,
+    /// Someone on the node rolled back with `slipway-agent rollback`.
+    LocalRollback,
 }
 
 impl EventKind {
@@ -223,6 +249,8 @@ impl EventKind {
             Self::AppRestored => "APP_RESTORED",
             Self::AppCrashlooping => "APP_CRASHLOOPING",
             Self::AppRolledBack => "APP_ROLLED_BACK",
+            Self::LocalDeploy => "LOCAL_DEPLOY",
+            Self::LocalRollback => "LOCAL_ROLLBACK",
         }
     }
 }
@@ -247,6 +275,9 @@ pub struct Event {
     pub outcome: String,
     /// Whether it did what it meant to (the app serves again).
     pub ok: bool,
+    /// LOCAL_*: the local user who ran the command.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub actor: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     /// The controller acknowledged it.
@@ -306,6 +337,8 @@ pub struct NewEvent {
     pub cause: String,
     pub outcome: String,
     pub ok: bool,
+    /// Who ran a node-local command; empty for the agent's own events.
+    pub actor: String,
 }
 
 /// Records an event of `app` durably (the controller session notices the
@@ -313,6 +346,7 @@ pub struct NewEvent {
 pub fn record_event(root: &Path, app: &str, e: NewEvent) -> std::io::Result<Event> {
     let _guard = EVENTS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     std::fs::create_dir_all(state_dir(root))?;
+    let _file_lock = EventsFileLock::take(root)?;
     let mut events = Events::load(root);
     let at = now();
     let event = Event {
@@ -328,6 +362,7 @@ pub fn record_event(root: &Path, app: &str, e: NewEvent) -> std::io::Result<Even
         cause: e.cause,
         outcome: e.outcome,
         ok: e.ok,
+        actor: e.actor,
         at,
         sent: false,
     };
@@ -350,6 +385,10 @@ pub fn unsent(root: &Path) -> Vec<Event> {
 /// Marks the events `ids` of the app at `root` as acknowledged.
 pub fn mark_sent(root: &Path, ids: &[String]) -> std::io::Result<()> {
     let _guard = EVENTS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !state_dir(root).is_dir() {
+        return Ok(());
+    }
+    let _file_lock = EventsFileLock::take(root)?;
     let mut events = Events::load(root);
     let mut changed = false;
     for e in &mut events.events {
@@ -391,6 +430,7 @@ mod tests {
             cause: cause.into(),
             outcome: "started".into(),
             ok: true,
+            actor: String::new(),
         };
         let a = record_event(dir.path(), "web", new("a")).unwrap();
         let b = record_event(dir.path(), "web", new("b")).unwrap();

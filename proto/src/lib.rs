@@ -124,6 +124,7 @@ mod tests {
                     status: "active".to_owned(),
                     created_at_unix: 1_704_067_200,
                     artifact_sha256: "ab".repeat(32),
+                    reason: String::new(),
                 }],
                 health: "healthy".to_owned(),
                 in_progress: true,

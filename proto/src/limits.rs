@@ -44,6 +44,11 @@ pub const MAX_MESSAGE: usize = 16 * 1024;
 pub const MAX_HEALTH: usize = 4 * 1024;
 /// Short words: progress steps, release states.
 pub const MAX_WORD: usize = 64;
+/// Why a release is failed or bad (`ReleaseInfo.reason`): one per release
+/// of every heartbeat, so short.
+pub const MAX_RELEASE_REASON: usize = 512;
+/// Who ran a node-local command (`NodeEvent.actor`).
+pub const MAX_ACTOR: usize = 128;
 /// Command ids the controller makes (`<deployment>-<node>`).
 pub const MAX_COMMAND_ID: usize = 128;
 /// Node ids (`n-` and 16 hex digits).
@@ -463,6 +468,7 @@ fn check_apps(field: &str, apps: &[AppStatus]) -> Result<(), FieldError> {
             if !release.artifact_sha256.is_empty() {
                 check_sha256(&format!("{at}.artifact_sha256"), &release.artifact_sha256)?;
             }
+            check_len(&format!("{at}.reason"), &release.reason, MAX_RELEASE_REASON)?;
         }
     }
     Ok(())
@@ -532,15 +538,25 @@ impl Validate for NodeEvent {
         if self.event_id.is_empty() {
             return Err(FieldError::new("event_id", "must not be empty"));
         }
-        if !matches!(
-            NodeEventKind::try_from(self.kind),
-            Ok(NodeEventKind::AppRestored
+        let local = match NodeEventKind::try_from(self.kind) {
+            Ok(
+                NodeEventKind::AppRestored
                 | NodeEventKind::AppCrashlooping
-                | NodeEventKind::AppRolledBack)
-        ) {
+                | NodeEventKind::AppRolledBack,
+            ) => false,
+            Ok(NodeEventKind::LocalDeploy | NodeEventKind::LocalRollback) => true,
+            _ => {
+                return Err(FieldError::new(
+                    "kind",
+                    format!("{} is not a node event kind", self.kind),
+                ))
+            }
+        };
+        check_line("actor", &self.actor, MAX_ACTOR)?;
+        if local && self.actor.is_empty() {
             return Err(FieldError::new(
-                "kind",
-                format!("{} is not a node event kind", self.kind),
+                "actor",
+                "is empty (a node-local command names who ran it)",
             ));
         }
         check_app_name("app", &self.app)?;
@@ -724,8 +740,25 @@ mod tests {
             outcome: "repaired".into(),
             ok: true,
             unix_time: 1,
+            actor: String::new(),
         };
         good().validate().unwrap();
+        // A node-local command names who ran it, on one bounded line.
+        let local = |actor: &str| NodeEvent {
+            kind: NodeEventKind::LocalRollback as i32,
+            actor: actor.into(),
+            ..good()
+        };
+        local("alice").validate().unwrap();
+        assert_eq!(local("").validate().unwrap_err().field, "actor");
+        assert_eq!(local("a\nb").validate().unwrap_err().field, "actor");
+        assert_eq!(
+            local(&"a".repeat(MAX_ACTOR + 1))
+                .validate()
+                .unwrap_err()
+                .field,
+            "actor"
+        );
         let field = |e: NodeEvent| e.validate().unwrap_err().field;
         assert_eq!(
             field(NodeEvent {

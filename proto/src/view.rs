@@ -471,6 +471,8 @@ pub struct ReleaseJson<'a> {
     status: &'a str,
     created_at_unix: i64,
     artifact_sha256: &'a str,
+    /// Why failed or bad, and who marked it; "" otherwise.
+    reason: &'a str,
 }
 
 impl<'a> From<&'a ReleaseInfo> for ReleaseJson<'a> {
@@ -480,6 +482,7 @@ impl<'a> From<&'a ReleaseInfo> for ReleaseJson<'a> {
             status: &r.status,
             created_at_unix: r.created_at_unix,
             artifact_sha256: &r.artifact_sha256,
+            reason: &r.reason,
         }
     }
 }

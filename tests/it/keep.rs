@@ -165,7 +165,9 @@ fn repairs_and_a_crash_loop_rollback_reach_the_audit_log_once() {
         .collect();
     let unique: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique.len(), "{ids:?}");
-    assert_eq!(ids.len(), 6, "{ids:?}");
+    // The local deploy of v1, four repairs, the crash loop, the rollback.
+    assert_eq!(ids.len(), 7, "{ids:?}");
+    assert_eq!(of_type(&events, "NODE_LOCAL_DEPLOY").len(), 1);
     // v2 is marked bad on the node.
     let releases: Value =
         serde_json::from_slice(&agent.cli(&["releases", "--app", "web", "--json"]).stdout).unwrap();
@@ -244,4 +246,110 @@ fn crashlooping_in_slipway_status_and_stop_start_through_the_controller() {
     assert_eq!(of_type(&events, "APP_RESTORED").len(), 2, "{events:#?}");
     // Not rolled back (not configured): v2 stays current, stopped restarting.
     assert_eq!(agent.current().as_deref(), Some("v2"));
+}
+
+/// The login name `slipway-agent` finds for the test's own user.
+fn local_user() -> String {
+    let uid = nix::unistd::getuid();
+    nix::unistd::User::from_uid(uid)
+        .unwrap()
+        .map_or_else(|| format!("uid {uid}"), |u| u.name)
+}
+
+#[test]
+fn node_local_deploys_and_rollbacks_reach_the_audit_log_once() {
+    let mut controller = Controller::start();
+    let reader = controller.api_token("read");
+    let mut agent = enroll(&controller, "n1", "");
+    agent.run();
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+    let user = local_user();
+
+    // Connected: a local deploy reaches the audit log at once.
+    agent.deploy("v1");
+    agent.deploy("v2");
+    wait_until(
+        "two NODE_LOCAL_DEPLOY events in the audit log",
+        Duration::from_secs(30),
+        || of_type(&controller.audit(&reader), "NODE_LOCAL_DEPLOY").len() == 2,
+    );
+    let events = controller.audit(&reader);
+    let deploys = of_type(&events, "NODE_LOCAL_DEPLOY");
+    let v2 = deploys
+        .iter()
+        .find(|e| e["details"]["release_id"] == "v2")
+        .unwrap_or_else(|| panic!("{deploys:#?}"));
+    assert_eq!(v2["actor"], format!("n1:{user}"), "{v2:#}");
+    assert_eq!(v2["status"], "success", "{v2:#}");
+    assert_eq!(v2["details"]["from_release_id"], "v1", "{v2:#}");
+    assert_eq!(v2["details"]["automatic"], false, "{v2:#}");
+    assert_eq!(v2["details"]["local_user"], user.as_str(), "{v2:#}");
+
+    // The controller down: an emergency rollback on the node. It reaches
+    // the audit log when the controller is back, once, and survives the
+    // agent's own restart without a second record.
+    controller.stop();
+    let out = agent.cli(&["rollback", "--app", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(agent.current().as_deref(), Some("v1"));
+    controller.restart();
+    wait_until(
+        "NODE_LOCAL_ROLLBACK in the audit log",
+        Duration::from_secs(60),
+        || !of_type(&controller.audit(&reader), "NODE_LOCAL_ROLLBACK").is_empty(),
+    );
+    agent.stop_run();
+    agent.run();
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+    let events = controller.audit(&reader);
+    let rollbacks = of_type(&events, "NODE_LOCAL_ROLLBACK");
+    assert_eq!(rollbacks.len(), 1, "{rollbacks:#?}");
+    let rb = rollbacks[0];
+    assert_eq!(rb["actor"], format!("n1:{user}"), "{rb:#}");
+    assert_eq!(rb["resource_id"], "web", "{rb:#}");
+    assert_eq!(rb["details"]["from_release_id"], "v2", "{rb:#}");
+    assert_eq!(rb["details"]["release_id"], "v1", "{rb:#}");
+    assert!(
+        rb["details"]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("v2 marked bad"),
+        "{rb:#}"
+    );
+    assert_eq!(of_type(&events, "NODE_LOCAL_DEPLOY").len(), 2);
+
+    // The fleet view says v2 is bad on n1, who marked it and why.
+    let marked = "rolled back to v1 at ";
+    wait_until(
+        "slipway releases to show v2 bad with its reason",
+        Duration::from_secs(30),
+        || {
+            let out = controller.slipway(&reader, &["releases", "web"]);
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            said.lines().any(|l| {
+                l.contains("v2")
+                    && l.contains("bad — ")
+                    && l.contains(marked)
+                    && l.contains(&format!("by {user} on the node"))
+            })
+        },
+    );
+    let out = controller.slipway(&reader, &["releases", "web", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v2 = json[0]["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "v2")
+        .unwrap()
+        .clone();
+    assert_eq!(v2["status"], "bad", "{json:#}");
+    assert!(
+        v2["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("by {user} on the node")),
+        "{json:#}"
+    );
 }

@@ -423,6 +423,8 @@ async fn record_node_event(store: &Store, node_id: &str, e: &NodeEvent) -> bool 
         (NodeEventKind::AppCrashlooping, _) => audit::APP_CRASHLOOPING,
         (NodeEventKind::AppRolledBack, true) => audit::ROLLBACK_COMPLETED,
         (NodeEventKind::AppRolledBack, false) => audit::ROLLBACK_FAILED,
+        (NodeEventKind::LocalDeploy, _) => audit::NODE_LOCAL_DEPLOY,
+        (NodeEventKind::LocalRollback, _) => audit::NODE_LOCAL_ROLLBACK,
         // Validation refused it already.
         (NodeEventKind::Unspecified, _) => return false,
     };
@@ -444,12 +446,33 @@ async fn record_node_event(store: &Store, node_id: &str, e: &NodeEvent) -> bool 
         "automatic": true,
         "agent_unix_time": e.unix_time,
     });
+    // A node-local command names the node and who ran it there; the
+    // agent's own repairs name the node.
+    let local = matches!(
+        kind,
+        NodeEventKind::LocalDeploy | NodeEventKind::LocalRollback
+    );
+    let mut details = details;
+    if local {
+        details["automatic"] = serde_json::json!(false);
+        details["local_user"] = serde_json::json!(e.actor);
+    }
+    let actor = if local {
+        let node = if node_name.is_empty() {
+            node_id
+        } else {
+            &node_name
+        };
+        format!("{node}:{}", e.actor)
+    } else {
+        node_id.to_owned()
+    };
     let event = if e.ok {
-        AuditEvent::success(event_type, node_id, "app", &e.app, details)
+        AuditEvent::success(event_type, &actor, "app", &e.app, details)
     } else {
         AuditEvent::error(
             event_type,
-            node_id,
+            &actor,
             "app",
             &e.app,
             details,

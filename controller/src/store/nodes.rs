@@ -72,6 +72,9 @@ pub struct Release {
     pub created_at_unix: i64,
     /// Artifact sha256.
     pub artifact_sha256: String,
+    /// Why it is failed or bad, and who marked it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 impl From<&NodeMetrics> for Metrics {
@@ -111,6 +114,7 @@ impl From<&AppStatus> for App {
                     status: r.status.clone(),
                     created_at_unix: r.created_at_unix,
                     artifact_sha256: r.artifact_sha256.clone(),
+                    reason: r.reason.clone(),
                 })
                 .collect(),
         }
@@ -154,6 +158,7 @@ impl From<&App> for AppStatus {
                     status: r.status.clone(),
                     created_at_unix: r.created_at_unix,
                     artifact_sha256: r.artifact_sha256.clone(),
+                    reason: r.reason.clone(),
                 })
                 .collect(),
         }

@@ -111,6 +111,94 @@ pub fn run_code(cli: Cli) -> u8 {
 
 /// The deploy pipeline of `app` for this one-shot command, with the
 /// runtime its driver blocks on (one per command).
+/// Who runs this node-local command: the login name (the one behind
+/// `sudo` too), on one line.
+fn local_actor() -> String {
+    let uid = nix::unistd::getuid();
+    let user = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {uid}"), |u| u.name);
+    let who = match std::env::var("SUDO_USER") {
+        Ok(sudo) if !sudo.is_empty() && sudo != user => format!("{sudo} (sudo as {user})"),
+        _ => user,
+    };
+    slipway_proto::limits::one_line(&who, slipway_proto::limits::MAX_ACTOR - 8)
+}
+
+fn local_deploy_event(r: &deploy::DeployReport) -> crate::upkeep::NewEvent {
+    let ok = r.outcome == deploy::Outcome::Succeeded;
+    crate::upkeep::NewEvent {
+        kind: crate::upkeep::EventKind::LocalDeploy,
+        release: if ok {
+            r.release.to_string()
+        } else {
+            r.previous
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        },
+        from_release: r
+            .previous
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        cause: format!(
+            "deploy of release {} (artifact {})",
+            r.release, r.artifact_sha256
+        ),
+        outcome: if ok {
+            format!("release {} is current", r.release)
+        } else {
+            format!(
+                "rolled back: {}",
+                r.failure.as_deref().unwrap_or("unknown failure")
+            )
+        },
+        ok,
+        actor: local_actor(),
+    }
+}
+
+fn local_rollback_event(r: &deploy::RollbackReport) -> crate::upkeep::NewEvent {
+    crate::upkeep::NewEvent {
+        kind: crate::upkeep::EventKind::LocalRollback,
+        release: r.to.to_string(),
+        from_release: r.from.as_ref().map(ToString::to_string).unwrap_or_default(),
+        cause: match &r.from {
+            Some(from) => format!("rollback from {from} to {}", r.to),
+            None => format!("rollback to {}", r.to),
+        },
+        outcome: match &r.problem {
+            None => match &r.from {
+                Some(from) => format!("current is now {}; {from} marked bad", r.to),
+                None => format!("current is now {}", r.to),
+            },
+            Some(p) => format!("current is now {} but it does not serve: {p}", r.to),
+        },
+        ok: r.problem.is_none(),
+        actor: local_actor(),
+    }
+}
+
+/// Records a node-local deploy or rollback as a node event for the
+/// controller's audit log: `slipway-agent run` sends it at once if it is
+/// connected, else when it next is; the controller records an event once.
+/// Nothing is recorded on a node that has no controller configured.
+fn record_local(config: &Config, app: &str, event: crate::upkeep::NewEvent) {
+    if config.controller.is_none() {
+        return;
+    }
+    let Ok(app_config) = config.app(app) else {
+        return;
+    };
+    if let Err(e) = crate::upkeep::record_event(&app_config.root, app, event) {
+        eprintln!(
+            "warning: app {app}: could not record this command for the controller's audit log: {e}"
+        );
+    }
+}
+
 fn store_for(config: &Config, app: &str) -> Result<Deployer, Failure> {
     let app = config.app(app).map_err(|e| usage(e.to_string()))?;
     Ok(Deployer::new(app, &owned_bridge()?))
@@ -229,7 +317,10 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 )),
             };
             let report = match result {
-                Ok(r) => r,
+                Ok(r) => {
+                    record_local(&config, &app, local_deploy_event(&r));
+                    r
+                }
                 Err(e) => {
                     // CI reading --json gets a machine-readable failure too
                     // (current was never switched, or was switched back).
@@ -295,7 +386,10 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             let store = store_for(&config, &app)?;
             let to = to.as_deref().map(parse_id).transpose()?;
             let mut session = store.begin("rollback", to.as_ref())?;
+            session.set_actor(format!("{} on the node", local_actor()));
             let report = session.rollback(to.as_ref())?;
+            drop(session);
+            record_local(&config, &app, local_rollback_event(&report));
             let code = u8::from(report.problem.is_some());
             if json {
                 print_json(&report);

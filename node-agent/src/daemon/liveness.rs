@@ -266,6 +266,7 @@ fn attempt(
             cause: cause.to_owned(),
             outcome,
             ok,
+            actor: String::new(),
         },
     );
     true
@@ -313,6 +314,7 @@ fn crashloop(
             cause: loop_cause.clone(),
             outcome: action.clone(),
             ok: false,
+            actor: String::new(),
         },
     );
     rec.crashloop = Some(Crashloop {
@@ -331,7 +333,10 @@ fn crashloop(
     let result = store
         .begin("rollback", Some(current))
         .map_err(|e| e.to_string())
-        .and_then(|mut s| s.rollback(None).map_err(|e| e.to_string()));
+        .and_then(|mut s| {
+            s.set_actor("the agent (crashlooping)");
+            s.rollback(None).map_err(|e| e.to_string())
+        });
     let (ok, to, outcome) = match result {
         Ok(r) => {
             let ok = r.problem.is_none();
@@ -357,6 +362,7 @@ fn crashloop(
             cause: format!("crashlooping: {loop_cause}"),
             outcome,
             ok,
+            actor: String::new(),
         },
     );
 }

@@ -684,9 +684,11 @@ async fn run(
                 Err(e) => return recorded(id, Outcome::Failed, &r.to_release_id, e.to_string()),
             };
             progress(out, id, "rollback", "switching current".into()).await;
+            let actor = format!("the controller (command {id})");
             let result = tokio::task::spawn_blocking(move || {
                 let store = Deployer::new(&app, &bridge);
                 let mut session = store.begin("rollback", to.as_ref())?;
+                session.set_actor(actor);
                 session.rollback(to.as_ref())
             })
             .await;

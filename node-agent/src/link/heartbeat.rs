@@ -109,6 +109,13 @@ fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
                 status: r.release.status.as_str().to_owned(),
                 created_at_unix: r.release.created_at.unix_timestamp(),
                 artifact_sha256: r.release.artifact_sha256.clone(),
+                reason: r.release.reason.as_deref().map_or_else(String::new, |why| {
+                    slipway_proto::limits::truncate(
+                        &slipway_proto::limits::one_line(why, 400),
+                        slipway_proto::limits::MAX_RELEASE_REASON,
+                    )
+                    .to_owned()
+                }),
             })
             .collect(),
         health,

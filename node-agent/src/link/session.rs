@@ -355,6 +355,8 @@ async fn send_events(
             EventKind::AppRestored => NodeEventKind::AppRestored,
             EventKind::AppCrashlooping => NodeEventKind::AppCrashlooping,
             EventKind::AppRolledBack => NodeEventKind::AppRolledBack,
+            EventKind::LocalDeploy => NodeEventKind::LocalDeploy,
+            EventKind::LocalRollback => NodeEventKind::LocalRollback,
         };
         let msg = AgentMessage {
             kind: Some(agent_message::Kind::NodeEvent(NodeEvent {
@@ -367,6 +369,8 @@ async fn send_events(
                 outcome: cut(&e.outcome),
                 ok: e.ok,
                 unix_time: e.at.unix_timestamp(),
+                actor: slipway_proto::limits::truncate(&e.actor, slipway_proto::limits::MAX_ACTOR)
+                    .to_owned(),
             })),
         };
         session

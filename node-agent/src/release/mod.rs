@@ -326,6 +326,7 @@ impl Store {
             lock,
             holder,
             recovered: None,
+            actor: None,
         };
         session.recovered = session.recover(service)?;
         Ok(session)
@@ -461,6 +462,9 @@ pub struct Session<'a> {
     holder: Holder,
     /// What recovery did when the session began.
     pub recovered: Option<String>,
+    /// Who asked for this operation ("alice on the node", "the controller
+    /// (command c-1)"), named in the reason a rollback marks a release bad.
+    actor: Option<String>,
 }
 
 /// What deploying an artifact comes to, decided under the lock.
@@ -983,16 +987,25 @@ impl Session<'_> {
         Ok((current, target))
     }
 
+    /// Names who asked for this operation (see [`Session::actor`]).
+    pub fn set_actor(&mut self, who: impl Into<String>) {
+        self.actor = Some(who.into());
+    }
+
     fn finish_rollback(&mut self, from: Option<&ReleaseId>, to: &ReleaseId) -> Result<()> {
         let now = OffsetDateTime::now_utc();
         if let Some(from) = from {
             let stamp = now
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
+            let by = self
+                .actor
+                .as_ref()
+                .map_or_else(String::new, |who| format!(" by {who}"));
             self.journal.mark(
                 from,
                 ReleaseStatus::Bad,
-                Some(format!("rolled back to {to} at {stamp}")),
+                Some(format!("rolled back to {to} at {stamp}{by}")),
             );
         }
         if let Some(r) = self.journal.get_mut(to) {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use slipway_proto::client;
 use slipway_proto::v1::{AppStatus, FleetStatusRequest, ListNodesRequest, NodeView};
 use slipway_proto::view;
+use slipway_proto::{client, limits};
 
 use crate::api::{status_error, Api};
 
@@ -102,7 +102,16 @@ pub(crate) async fn releases(api: &mut Api, args: &ReleasesArgs) -> anyhow::Resu
         );
         for r in a.releases.iter().rev() {
             let mark = if r.id == a.current_release { "*" } else { " " };
-            println!("  {mark} {:<32} {}", r.id, r.status);
+            // A failed or bad release says why and who marked it.
+            let why = if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " — {}",
+                    limits::one_line(&r.reason, limits::MAX_RELEASE_REASON)
+                )
+            };
+            println!("  {mark} {:<32} {}{why}", r.id, r.status);
         }
     }
     Ok(ExitCode::SUCCESS)
