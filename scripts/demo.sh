@@ -52,7 +52,9 @@ PIDS=()
 NODES=(n1 n2 n3)
 cleanup() {
   for n in "${NODES[@]}"; do
-    [ -f "$DIR/$n/agent.toml" ] && "$BIN/slipway-agent" --config "$DIR/$n/agent.toml" stop --app web >/dev/null 2>&1 || true
+    if [ -f "$DIR/$n/agent.toml" ]; then
+      "$BIN/slipway-agent" --config "$DIR/$n/agent.toml" stop --app web >/dev/null 2>&1 || true
+    fi
   done
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -152,8 +154,11 @@ sys.exit(0 if ok else 1)'
 wait_for "the fleet view to show v2 on n1 and n2, v1 on n3, all healthy" settled
 say "fleet health"
 show "$BIN/slipway" status --refresh
+echo "(the three \"droplets\" share this machine: they report the same CPU, memory and load)"
 show "$BIN/slipway" nodes
+say "releases per node: n3's v2 is bad, marked by its local rollback (who, when)"
 show "$BIN/slipway" releases web
+say "the audit log: the controller's deploys and n3's local rollback (NODE_LOCAL_ROLLBACK)"
 show "$BIN/slipway" audit --since 1h
 echo
 echo "Everything is in $DIR (stopped now)."

@@ -716,7 +716,13 @@ impl Session<'_> {
         };
         if !reactivate {
             stats = self.inner.unpack(id, cached, sha)?;
-            timer.lap("unpack");
+            // A release whose files are all in the content store is rebuilt
+            // from its manifest by hardlinks: nothing is unpacked.
+            timer.lap(if stats.method == "unpacked" {
+                "unpack"
+            } else {
+                "rebuild"
+            });
             self.inner.link_shared(id)?;
             timer.lap("link_shared");
             self.inner.before_activate(id, previous)?;
@@ -752,13 +758,21 @@ impl Session<'_> {
         let (from, to) = self.inner.rollback(to)?;
         // Serve the release rolled back to. A failure here does not undo the
         // rollback (the operator asked for this release); it is reported.
-        let (activation, health, problem) = match self.serve(&to) {
+        let (activation, health, mut problem) = match self.serve(&to) {
             Ok((a, h)) => (Some(a), h, None),
             Err(e) => (self.live.take(), None, Some(e.to_string())),
         };
         self.live = None;
         self.inner
             .record_port(&to, activation.as_ref().and_then(|a| a.port))?;
+        // The release rolled back to is live again: its after_activate hooks
+        // run as after a deploy (cache warm-up, a notification, the
+        // activations log). A failing hook is reported, not undone.
+        if problem.is_none() {
+            if let Err(e) = self.inner.after_activate(&to, from.as_ref()) {
+                problem = Some(e.to_string());
+            }
+        }
         Ok(RollbackReport {
             app: self.app().name.clone(),
             from,

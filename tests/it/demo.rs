@@ -30,6 +30,9 @@ fn fleet_demo_runs_end_to_end() {
         "HTTP 500",
         "n3: hello from v1",
         "DEPLOY_FAILED",
+        // n3's local rollback, in the audit log and the release view.
+        "NODE_LOCAL_ROLLBACK",
+        "same CPU, memory and load",
         "n2 (online): current v2",
     ] {
         assert!(
@@ -54,17 +57,18 @@ fn fleet_demo_runs_end_to_end() {
         3,
         "{stdout}"
     );
-    // `slipway releases web`: v3 failed on n2, v2 marked bad on n3.
+    // `slipway releases web`: v3 failed on n2 (the gate's reason), v2
+    // marked bad on n3 by its local rollback (who and when).
     assert!(
         stdout
             .lines()
-            .any(|l| l.contains("v3") && l.trim_end().ends_with("failed")),
+            .any(|l| l.contains("v3") && l.contains(" failed — health gate failed")),
         "{stdout}"
     );
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.contains("v2") && l.trim_end().ends_with("bad")),
+        stdout.lines().any(|l| l.contains("v2")
+            && l.contains(" bad — rolled back to v1 at ")
+            && l.trim_end().ends_with(" on the node")),
         "{stdout}"
     );
 }

@@ -96,6 +96,8 @@ stop_grace = "3s"
 [apps.web]
 root = "{}"
 keep = 3
+# Failed and bad releases kept for a look (the newest one).
+keep_failed = 1
 shared_files = [".env"]
 shared_dirs = ["logs"]
 
@@ -192,14 +194,17 @@ fn walk_through(sh: &Shell<'_>, [v1, v2, broken]: [&Path; 3], port: u16) -> anyh
     println!("# roll back on this node alone, no controller needed");
     sh.step(&["rollback", "--app", "web"], 0)?;
     show(port);
-    println!("# the same artifact again: rebuilt from its manifest by hardlinks, no unpacking");
+    println!(
+        "# the same artifact again: rebuilt from its manifest by hardlinks, no unpacking;\n\
+         # then the deploy prunes: the current release, its rollback target and the newest\n\
+         # failed one stay (keep = 3, keep_failed = 1), the older bad v2 goes"
+    );
     sh.step(
         &["deploy", "--app", "web", "--artifact", &s(v2), "--id", "v4"],
         0,
     )?;
     show(port);
     sh.step(&["verify", "--app", "web"], 0)?;
-    sh.step(&["prune", "--app", "web", "--keep", "2"], 0)?;
     sh.step(&["releases", "--app", "web"], 0)?;
     sh.step(&["status"], 0)?;
     Ok(())

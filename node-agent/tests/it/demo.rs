@@ -26,6 +26,11 @@ fn demo(driver: &str) {
         "current is now v1 (rolled back from v2, now marked bad)",
         "rebuilt from manifest",
         "files checked, intact",
+        // The deploy of v4 prunes the older bad release (keep_failed = 1).
+        "pruned v2",
+        // The activations log has the rollback too (after_activate runs
+        // on a rollback like on a deploy).
+        "v1 is live (was: v2)",
         "stopped",
     ] {
         assert!(
