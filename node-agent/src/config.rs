@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use crate::listen::ListenAddr;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
@@ -221,6 +222,9 @@ pub struct RawApp {
     /// current one went live within `crashloop_grace`.
     pub rollback_on_crashloop: Option<bool>,
     pub crashloop_grace: Option<DurationValue>,
+    /// The app's public address, held by the agent across deploys:
+    /// `"0.0.0.0:3000"` or an absolute unix socket path.
+    pub listen: Option<String>,
 }
 
 /// `[apps.NAME.logs]` as written.
@@ -355,6 +359,10 @@ pub struct AppConfig {
     pub disk_pressure_free: Option<u64>,
     /// What `run` does when the app keeps failing its liveness check.
     pub recovery: RecoveryConfig,
+    /// The public address the agent holds for the app (exec driver: handed
+    /// to each process with socket activation); `None`: the app binds its
+    /// own port.
+    pub listen: Option<ListenAddr>,
 }
 
 /// Liveness with consequences: restarts, crash loops, automatic rollback.
@@ -601,6 +609,7 @@ impl AppConfig {
             logs: LogsConfig::default(),
             disk_pressure_free: None,
             recovery: RecoveryConfig::default(),
+            listen: None,
         }
     }
 }
@@ -680,6 +689,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut apps = BTreeMap::new();
         let mut roots: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let mut listens: BTreeMap<ListenAddr, String> = BTreeMap::new();
         for (name, app) in &raw.apps {
             let mut p = Problems {
                 text,
@@ -766,6 +776,10 @@ impl Config {
                 .as_ref()
                 .map(|v| p.size("disk_pressure_free", Some(v), 0));
             let recovery = p.recovery(app, health.is_some());
+            let listen = app
+                .listen
+                .as_deref()
+                .and_then(|l| p.listen(l, run.as_ref(), health.as_ref(), &mut listens, name));
             if let (Some(RunConfig::Docker(_)), Some(h)) = (&run, &health) {
                 if !h.check.mentions_port() {
                     p.push(
@@ -800,6 +814,7 @@ impl Config {
                     logs,
                     disk_pressure_free,
                     recovery,
+                    listen,
                 },
             );
         }
@@ -1055,6 +1070,63 @@ impl Problems<'_> {
             return default;
         }
         v as u32
+    }
+}
+
+impl Problems<'_> {
+    /// `listen`: a valid address, used by one app only, with a driver that
+    /// can hand it over, and a check that probes the new process privately.
+    fn listen(
+        &mut self,
+        text: &str,
+        run: Option<&RunConfig>,
+        health: Option<&HealthConfig>,
+        seen: &mut BTreeMap<ListenAddr, String>,
+        app: &str,
+    ) -> Option<ListenAddr> {
+        let addr = match ListenAddr::parse(text) {
+            Ok(a) => a,
+            Err(msg) => {
+                self.push("listen", msg);
+                return None;
+            }
+        };
+        if let Some(other) = seen.insert(addr.clone(), app.to_owned()) {
+            self.push(
+                "listen",
+                format!("{text:?} is also the address of app {other:?}"),
+            );
+        }
+        match run {
+            Some(RunConfig::Exec(_)) => {}
+            Some(other) => {
+                self.push(
+                    "listen",
+                    format!(
+                        "is not supported by the {} driver yet (only exec hands the socket to the app)",
+                        other.driver_name()
+                    ),
+                );
+                return None;
+            }
+            None => {
+                self.push(
+                    "listen",
+                    "needs [apps.NAME.run] (a process to hand the socket to)".into(),
+                );
+                return None;
+            }
+        }
+        if let Some(h) = health {
+            let network = !matches!(h.check, CheckConfig::Exec { .. });
+            if network && !h.check.mentions_port() {
+                self.push(
+                    "health",
+                    "with listen the check must use {port} (the new process's private probe socket, fd 4), e.g. url = \"http://127.0.0.1:{port}/api/health\"; the public address is shared by the old and new process".into(),
+                );
+            }
+        }
+        Some(addr)
     }
 }
 
@@ -1608,6 +1680,69 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/slipway/agent.toml"), text)
+    }
+
+    #[test]
+    fn listen_is_checked_per_app_and_driver() {
+        let exec = |name: &str, listen: &str, url: &str| {
+            format!(
+                r#"
+[apps.{name}]
+root = "/srv/{name}"
+listen = "{listen}"
+[apps.{name}.run]
+driver = "exec"
+command = ["./app"]
+[apps.{name}.health]
+check = "http"
+url = "{url}"
+"#
+            )
+        };
+        let ok = parse(&exec("web", "0.0.0.0:3000", "http://127.0.0.1:{port}/")).unwrap();
+        assert_eq!(
+            ok.app("web").unwrap().listen.as_ref().unwrap().to_string(),
+            "0.0.0.0:3000"
+        );
+        let unix = parse(&exec("web", "/run/web.sock", "http://127.0.0.1:{port}/")).unwrap();
+        assert!(matches!(
+            unix.app("web").unwrap().listen,
+            Some(ListenAddr::Unix(_))
+        ));
+        let msg = parse(&exec("web", "web:3000", "http://127.0.0.1:{port}/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("apps.web.listen") && msg.contains("is not an address"),
+            "{msg}"
+        );
+        let msg = parse(&exec("web", "127.0.0.1:3000", "http://127.0.0.1:3000/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("apps.web.health") && msg.contains("{port}"),
+            "{msg}"
+        );
+        let two = format!(
+            "{}{}",
+            exec("a", "127.0.0.1:3000", "http://127.0.0.1:{port}/"),
+            exec("b", "127.0.0.1:3000", "http://127.0.0.1:{port}/")
+        );
+        let msg = parse(&two).unwrap_err().to_string();
+        assert!(msg.contains("also the address of app \"a\""), "{msg}");
+        let msg = parse(
+            r#"
+[apps.web]
+root = "/srv/web"
+listen = "127.0.0.1:3000"
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("not supported by the pm2 driver"), "{msg}");
     }
 
     #[test]

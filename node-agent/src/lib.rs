@@ -57,6 +57,8 @@
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
 //! - [`digest`]: sha256: one [`digest::Sha256`] type, file hashing, a hashing
 //!   writer.
+//! - [`listen`]: an app's public address (`listen`), checked, and the
+//!   listening socket the agent binds for it.
 //! - [`lock`]: `flock(2)`: one operation per app, the artifact cache pin.
 //! - [`proc`]: runs a command with a deadline, bounded output and a kill
 //!   policy for its whole process group (hooks, exec checks, `pm2`).
@@ -98,6 +100,7 @@ pub mod durable;
 pub mod envfile;
 pub mod error;
 pub mod fault;
+pub mod listen;
 pub mod lock;
 pub mod proc;
 pub mod version;
