@@ -175,9 +175,22 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         Command::Supervise {
             root,
             grace_ms,
+            listen,
             command,
         } => {
-            crate::supervise::run(&root, &command, std::time::Duration::from_millis(grace_ms))?;
+            let listen = listen
+                .map(|l| crate::listen::ListenAddr::parse(&l))
+                .transpose()
+                .map_err(|e| usage(format!("--listen {e}")))?;
+            crate::supervise::run(
+                &root,
+                &command,
+                std::time::Duration::from_millis(grace_ms),
+                listen.as_ref(),
+            )?;
+        }
+        Command::SocketExec { command } => {
+            return Err(crate::supervise::socket_exec(&command).into());
         }
         Command::Pack { dir, out } => {
             if !dir.is_dir() {
