@@ -765,6 +765,12 @@ impl Config {
                 }
             }
             let mut run = app.run.as_ref().and_then(|r| p.run(name, r));
+            if let (Some(RunConfig::Docker(d)), Some(r)) = (&mut run, &app.run) {
+                if app.listen.is_some() && r.host_ip.is_none() {
+                    // Reached through the agent's proxy only.
+                    d.host_ip = "127.0.0.1".into();
+                }
+            }
             let health = app.health.as_ref().and_then(|h| p.health(h));
             let logs = p.logs(&app.logs);
             if let Some(RunConfig::Docker(d)) = &mut run {
@@ -1099,11 +1105,23 @@ impl Problems<'_> {
         }
         match run {
             Some(RunConfig::Exec(_)) => {}
+            // The agent's front forwards to the blue/green port.
+            Some(RunConfig::Docker(d)) => {
+                if d.host_ip != "127.0.0.1" {
+                    self.push(
+                        "run.host_ip",
+                        format!(
+                            "{:?}: with listen the containers' ports are reached through the agent's proxy and must be bound to \"127.0.0.1\" (the default with listen)",
+                            d.host_ip
+                        ),
+                    );
+                }
+            }
             Some(other) => {
                 self.push(
                     "listen",
                     format!(
-                        "is not supported by the {} driver yet (only exec hands the socket to the app)",
+                        "is not supported by the {} driver in cluster mode (PM2's own reload is zero-downtime there; exec_mode = \"fork\" works with listen)",
                         other.driver_name()
                     ),
                 );

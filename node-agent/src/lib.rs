@@ -43,6 +43,9 @@
 //!   [`release::Service`], which [`deploy`] provides.
 //! - [`driver`]: what runs the release `current` points at (PM2, Docker,
 //!   exec).
+//! - [`front`]: the agent's TCP proxy on an app's public address (docker,
+//!   PM2 fork mode): a detached process per app, switched by a journalled
+//!   target file once the new release is healthy, draining the old one.
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
@@ -85,6 +88,7 @@ pub mod deploy;
 
 // L1
 pub mod driver;
+pub mod front;
 pub mod health;
 pub mod logs;
 pub mod metrics;

@@ -183,6 +183,15 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Hold an app's public address and forward it to the live release
+    /// (started by a deploy of a docker or pm2 fork app with listen).
+    #[command(hide = true)]
+    Front {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        listen: String,
+    },
     /// Exec COMMAND with stdin and stdout as socket-activation fds 3 and 4
     /// (started by the supervisor for each child).
     #[command(hide = true)]

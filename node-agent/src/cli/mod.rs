@@ -189,6 +189,11 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                 listen.as_ref(),
             )?;
         }
+        Command::Front { root, listen } => {
+            let listen = crate::listen::ListenAddr::parse(&listen)
+                .map_err(|e| usage(format!("--listen {e}")))?;
+            crate::front::run(&root, &listen)?;
+        }
         Command::SocketExec { command } => {
             return Err(crate::supervise::socket_exec(&command).into());
         }
@@ -613,7 +618,14 @@ fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStat
     let (processes, process_error) = match crate::driver::for_app(app, bridge) {
         None => (None, None),
         Some(d) => match d.status(app) {
-            Ok(s) => (Some(s), None),
+            Ok(mut s) => {
+                // Docker and PM2 fork mode: the agent's proxy holds the
+                // public address (exec hands the socket over itself).
+                if let (Some(l), false) = (&app.listen, d.name() == "exec") {
+                    s.notes.insert(0, crate::front::describe(&app.root, l));
+                }
+                (Some(s), None)
+            }
             Err(e) => (None, Some(e.to_string())),
         },
     };

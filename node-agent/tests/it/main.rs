@@ -12,6 +12,7 @@ mod docker_driver;
 mod download;
 mod exec_driver;
 mod exec_listen;
+mod front;
 mod keep;
 mod layers;
 mod lifecycle;

@@ -1,0 +1,175 @@
+//! The agent's front (its TCP proxy on the app's public address) with a
+//! real Docker engine of the test's own: deploys of busybox images under
+//! load, each new container on the other blue/green port, lose no request;
+//! the public address never changes; a release that fails its gate never
+//! receives a connection; the front outlives the agent process that
+//! started it.
+
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::load::Load;
+use crate::support::{
+    busybox_image_on, docker_cli_on, free_port, http_get, targz, Node, PrivateDockerd, RawTar,
+};
+
+const LOAD_TIME: Duration = Duration::from_secs(300);
+const LOAD_REQUESTS: usize = 200_000;
+
+fn port_pair() -> [u16; 2] {
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// Release `version` of `app`: `image.tar` of a busybox httpd saying
+/// `version` (without /api/health when `healthy` is false).
+fn image_artifact(node: &Node, socket: &Path, app: &str, version: &str, healthy: bool) -> PathBuf {
+    let tag = format!("slipway-front-{app}:{version}");
+    busybox_image_on(Some(socket), node.dir.path(), &tag, version, healthy);
+    let saved = node.dir.path().join(format!("{version}-image.tar"));
+    docker_cli_on(Some(socket), &["save", "-o", saved.to_str().unwrap(), &tag]);
+    let tar = RawTar::default()
+        .file("image.tar", 0o644, &fs::read(&saved).unwrap())
+        .finish();
+    fs::remove_file(&saved).unwrap();
+    let art = node.dir.path().join(format!("{version}.tar.gz"));
+    fs::write(&art, targz(&tar)).unwrap();
+    art
+}
+
+fn deploy(node: &Node, app: &str, art: &Path, id: &str) -> serde_json::Value {
+    node.run(&[
+        "deploy",
+        "--app",
+        app,
+        "--artifact",
+        art.to_str().unwrap(),
+        "--id",
+        id,
+        "--json",
+    ])
+    .json()
+}
+
+#[test]
+fn docker_deploys_under_load_through_the_front_lose_nothing() {
+    const DEPLOYS: usize = 20;
+    let engine = PrivateDockerd::start();
+    let socket = engine.socket();
+    let app = format!("fr{}", std::process::id());
+    let public = free_port();
+    let ports = port_pair();
+    let node = Node::with_config(|root| {
+        format!(
+            r#"[apps.{app}]
+root = "{}"
+listen = "127.0.0.1:{public}"
+
+[apps.{app}.run]
+driver = "docker"
+image_archive = "image.tar"
+container_port = 3000
+ports = [{}, {}]
+memory = "64MiB"
+stop_grace = "2s"
+docker_socket = "{}"
+
+[apps.{app}.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "100ms"
+successes = 2
+start_period = "500ms"
+deadline = "20s"
+"#,
+            root.join(&app).display(),
+            ports[0],
+            ports[1],
+            socket.display()
+        )
+    });
+    struct Stop<'a>(&'a Node, String);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", &self.1]);
+        }
+    }
+    let _stop = Stop(&node, app.clone());
+    let arts: Vec<PathBuf> = (0..=DEPLOYS)
+        .map(|i| image_artifact(&node, &socket, &app, &format!("v{i}"), true))
+        .collect();
+    let sick = image_artifact(&node, &socket, &app, "sick", false);
+
+    let r = deploy(&node, &app, &arts[0], "v0");
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    assert_eq!(http_get(public, "/").unwrap().1.trim(), "v0");
+    // The container's own port is on loopback only.
+    let bound = docker_cli_on(
+        Some(&socket),
+        &[
+            "ps",
+            "--filter",
+            &format!("label=slipway.app={app}"),
+            "--format",
+            "{{.Ports}}",
+        ],
+    );
+    assert!(bound.starts_with("127.0.0.1:"), "{bound}");
+
+    let load = Load::start(public, "/", 3, 1, LOAD_TIME, LOAD_REQUESTS);
+    let t0 = std::time::Instant::now();
+    let mut deployed = BTreeSet::new();
+    for (i, art) in arts.iter().enumerate().skip(1) {
+        let v = format!("v{i}");
+        let r = deploy(&node, &app, art, &v);
+        assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}");
+        eprintln!(
+            "{:.3}s: {v} deployed: {}",
+            t0.elapsed().as_secs_f64(),
+            r["steps"]
+        );
+        deployed.insert(v);
+        if i == DEPLOYS / 2 {
+            // A release that fails its gate: the front never moves to it.
+            let r = deploy(&node, &app, &sick, "sick");
+            assert_eq!(r["outcome"], "rolled_back", "{r:#}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    eprintln!(
+        "{DEPLOYS} docker deploys through the front: {}",
+        report.summary()
+    );
+    assert_eq!(
+        report.failures(),
+        0,
+        "{}\nfront log:\n{}",
+        report.summary(),
+        fs::read_to_string(node.root.join(&app).join(".slipway/run/front.log")).unwrap_or_default()
+    );
+    assert!(report.ok >= 200, "too little load: {}", report.summary());
+    deployed.insert("v0".into());
+    let seen: BTreeSet<String> = report.bodies.iter().map(|b| b.trim().to_owned()).collect();
+    assert!(
+        seen.is_subset(&deployed),
+        "answers from a release never switched to: {seen:?}"
+    );
+    let last = format!("v{DEPLOYS}");
+    assert_eq!(http_get(public, "/").unwrap().1.trim(), last);
+    let st = node.run(&["status", "--json"]).ok().json();
+    let notes = st["apps"][0]["processes"]["notes"].to_string();
+    assert!(
+        notes.contains(&format!("agent proxy: 127.0.0.1:{public} forwards"))
+            && notes.contains(&last),
+        "{st:#}"
+    );
+}
