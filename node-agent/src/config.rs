@@ -484,6 +484,9 @@ pub struct Pm2Config {
     pub pm2_bin: PathBuf,
     /// Run PM2 as this user (the agent runs as root).
     pub user: Option<String>,
+    /// Fork mode with `listen`: the two ports the blue/green process sets
+    /// alternate between (`PORT` of each), behind the agent's front.
+    pub ports: Option<[u16; 2]>,
 }
 
 /// Docker: one container per release, blue/green across a host port pair.
@@ -782,6 +785,15 @@ impl Config {
                 .as_ref()
                 .map(|v| p.size("disk_pressure_free", Some(v), 0));
             let recovery = p.recovery(app, health.is_some());
+            if let Some(RunConfig::Pm2(c)) = &run {
+                if c.ports.is_some() && (c.cluster || app.listen.is_none()) {
+                    p.push(
+                        "run.ports",
+                        "is a setting of PM2 fork mode (exec_mode = \"fork\") with listen only"
+                            .into(),
+                    );
+                }
+            }
             let listen = app
                 .listen
                 .as_deref()
@@ -1117,6 +1129,14 @@ impl Problems<'_> {
                     );
                 }
             }
+            Some(RunConfig::Pm2(c)) if !c.cluster => {
+                if c.ports.is_none() {
+                    self.push(
+                        "run.ports",
+                        "PM2 fork mode with listen needs two ports for the blue/green process sets, e.g. ports = [3001, 3002] (each set gets one as PORT)".into(),
+                    );
+                }
+            }
             Some(other) => {
                 self.push(
                     "listen",
@@ -1140,7 +1160,7 @@ impl Problems<'_> {
             if network && !h.check.mentions_port() {
                 self.push(
                     "health",
-                    "with listen the check must use {port} (the new process's private probe socket, fd 4), e.g. url = \"http://127.0.0.1:{port}/api/health\"; the public address is shared by the old and new process".into(),
+                    "with listen the check must use {port} (the new release's own port: exec's private probe socket, docker's or PM2's blue/green port), e.g. url = \"http://127.0.0.1:{port}/api/health\"; the public address may still lead to the old release".into(),
                 );
             }
         }
@@ -1176,6 +1196,26 @@ impl Problems<'_> {
             _ => {
                 self.push(key, format!("{v} is not a port (1-65535)"));
                 1
+            }
+        }
+    }
+
+    /// `ports`: two different ports, the blue/green pair.
+    fn port_pair(&mut self, v: &[i64]) -> [u16; 2] {
+        match v {
+            [a, b] => {
+                let (a, b) = (self.port("run.ports", *a), self.port("run.ports", *b));
+                if a == b {
+                    self.push("run.ports", "the two blue/green ports must differ".into());
+                }
+                [a, b]
+            }
+            _ => {
+                self.push(
+                    "run.ports",
+                    format!("{v:?}: give two ports, e.g. ports = [8080, 8081]"),
+                );
+                [1, 2]
             }
         }
     }
@@ -1222,7 +1262,14 @@ impl Problems<'_> {
         );
         match r.driver.as_str() {
             "pm2" => {
-                self.not_for("pm2", &docker_keys);
+                // `ports`: the blue/green pair of fork mode behind listen.
+                let docker_only: Vec<(&str, bool)> = docker_keys
+                    .iter()
+                    .copied()
+                    .filter(|(k, _)| *k != "ports")
+                    .collect();
+                self.not_for("pm2", &docker_only);
+                let ports = r.ports.as_deref().map(|p| self.port_pair(p));
                 self.not_for(
                     "pm2",
                     &[
@@ -1276,6 +1323,7 @@ impl Problems<'_> {
                     pm2_home: r.pm2_home.as_ref().map(PathBuf::from),
                     pm2_bin: PathBuf::from(r.pm2_bin.as_deref().unwrap_or("pm2")),
                     user: r.user.clone(),
+                    ports,
                 }))
             }
             "docker" => {
@@ -1301,14 +1349,8 @@ impl Problems<'_> {
                     }
                 };
                 let ports = match r.ports.as_deref() {
-                    Some([a, b]) => {
-                        let (a, b) = (self.port("run.ports", *a), self.port("run.ports", *b));
-                        if a == b {
-                            self.push("run.ports", "the two blue/green ports must differ".into());
-                        }
-                        [a, b]
-                    }
-                    _ => {
+                    Some(p) => self.port_pair(p),
+                    None => {
                         self.push(
                             "run.ports",
                             "give two host ports, e.g. ports = [8080, 8081]".into(),

@@ -90,7 +90,7 @@ type Result<T, E = DeployError> = std::result::Result<T, E>;
 
 /// How long a switch of the front waits for the previous PM2 process set's
 /// open connections (Docker uses its `stop_grace`).
-const FRONT_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+const FRONT_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What to deploy.
 #[derive(Debug, Clone)]

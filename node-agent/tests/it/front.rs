@@ -173,3 +173,102 @@ deadline = "20s"
         "{st:#}"
     );
 }
+
+/// The PM2 test app (answers `RELEASE PID` on $PORT; SIGINT: stop
+/// accepting, finish in-flight requests, close keep-alive connections).
+const PM2_SERVER: &str = include_str!("../fixtures/pm2-app/server.js");
+
+/// Kills this test's PM2 daemon, whatever happened.
+struct Pm2Home(PathBuf);
+
+impl Drop for Pm2Home {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pm2")
+            .arg("kill")
+            .env("PM2_HOME", &self.0)
+            .output();
+    }
+}
+
+#[test]
+fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
+    const DEPLOYS: usize = 20;
+    let public = free_port();
+    let ports = port_pair();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = Node::new(&format!(
+        r#"listen = "127.0.0.1:{public}"
+
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+instances = 1
+exec_mode = "fork"
+ports = [{}, {}]
+pm2_home = "{}"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "100ms"
+successes = 2
+retries = 2
+start_period = "500ms"
+deadline = "30s"
+"#,
+        ports[0],
+        ports[1],
+        pm2_home.path().display()
+    ));
+    struct Stop<'a>(&'a Node);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", "web"]);
+        }
+    }
+    let _stop = Stop(&node);
+    let artifact = |v: &str| {
+        let server = PM2_SERVER.replace("__RELEASE__", v);
+        node.artifact(&format!("{v}.tar.gz"), &[("server.js", server.as_str())])
+    };
+    let r = node.deploy_json(&artifact("v0"), "v0").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    assert_eq!(r["activation"]["port"].as_u64(), Some(u64::from(ports[0])));
+
+    let load = Load::start(public, "/", 2, 1, LOAD_TIME, LOAD_REQUESTS);
+    let mut deployed = BTreeSet::from(["v0".to_owned()]);
+    for i in 1..=DEPLOYS {
+        let v = format!("v{i}");
+        let r = node.deploy_json(&artifact(&v), &v).ok().json();
+        assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}");
+        // Blue/green: each release on the other port of the pair.
+        assert_eq!(
+            r["activation"]["port"].as_u64(),
+            Some(u64::from(ports[i % 2])),
+            "{r:#}"
+        );
+        deployed.insert(v);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    eprintln!(
+        "{DEPLOYS} pm2 fork deploys through the front: {}",
+        report.summary()
+    );
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+    assert!(report.ok >= 500, "too little load: {}", report.summary());
+    let seen: BTreeSet<String> = report.bodies.iter().cloned().collect();
+    assert!(seen.is_subset(&deployed), "{seen:?}");
+    let last = format!("v{DEPLOYS}");
+    assert!(seen.contains(&last), "{last} never answered");
+    // One process set is left, the last release's.
+    let st = node.run(&["status", "--json"]).ok().json();
+    let procs = st["apps"][0]["processes"]["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{st:#}");
+    let notes = st["apps"][0]["processes"]["notes"].to_string();
+    assert!(
+        notes.contains("agent proxy") && notes.contains("fork mode behind the agent's proxy"),
+        "{st:#}"
+    );
+}
