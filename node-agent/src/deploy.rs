@@ -519,12 +519,14 @@ impl Session<'_> {
             // Docker and PM2 fork mode: the agent's front moves new
             // connections to the healthy release and drains the old one
             // before the driver stops it.
+            fault::point("before_front_switch");
             if let Some(line) = switch_front(&app, activation.port, target.release.as_str())? {
                 log_line(Some(&self.paths().log(id)), &line);
                 tracing::info!("{line}");
             }
         }
         if let Some((target, driver)) = &driven {
+            fault::point("after_front_switch");
             if let Err(e) = driver.commit(target, &activation) {
                 // The new release serves and is healthy; leftovers of the old
                 // one are worth a warning, not a rollback.

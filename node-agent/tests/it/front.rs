@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::support::load::Load;
 use crate::support::{
     busybox_image_on, docker_cli_on, free_port, http_get, targz, Node, PrivateDockerd, RawTar,
+    RunningAgent,
 };
 
 const LOAD_TIME: Duration = Duration::from_secs(300);
@@ -190,14 +191,10 @@ impl Drop for Pm2Home {
     }
 }
 
-#[test]
-fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
-    const DEPLOYS: usize = 20;
-    let public = free_port();
-    let ports = port_pair();
-    let pm2_home = tempfile::tempdir().unwrap();
-    let _guard = Pm2Home(pm2_home.path().to_owned());
-    let node = Node::new(&format!(
+/// A node whose app `web` is a one-instance PM2 fork-mode app behind the
+/// front on `public`, its process sets on `ports`.
+fn pm2_fork_node(public: u16, ports: [u16; 2], pm2_home: &Path) -> Node {
+    Node::new(&format!(
         r#"listen = "127.0.0.1:{public}"
 
 [apps.web.run]
@@ -219,8 +216,18 @@ deadline = "30s"
 "#,
         ports[0],
         ports[1],
-        pm2_home.path().display()
-    ));
+        pm2_home.display()
+    ))
+}
+
+#[test]
+fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
+    const DEPLOYS: usize = 20;
+    let public = free_port();
+    let ports = port_pair();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = pm2_fork_node(public, ports, pm2_home.path());
     struct Stop<'a>(&'a Node);
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
@@ -271,4 +278,101 @@ deadline = "30s"
         notes.contains("agent proxy") && notes.contains("fork mode behind the agent's proxy"),
         "{st:#}"
     );
+}
+
+#[test]
+fn the_front_outlives_restarts_and_a_kill_of_the_agent_under_load() {
+    let public = free_port();
+    let ports = port_pair();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = pm2_fork_node(public, ports, pm2_home.path());
+    struct Stop<'a>(&'a Node);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", "web"]);
+        }
+    }
+    let _stop = Stop(&node);
+    let artifact = |v: &str| {
+        let server = PM2_SERVER.replace("__RELEASE__", v);
+        node.artifact(&format!("{v}.tar.gz"), &[("server.js", server.as_str())])
+    };
+    let r = node.deploy_json(&artifact("v0"), "v0").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    let load = Load::start(public, "/", 2, 1, LOAD_TIME, LOAD_REQUESTS);
+    // `slipway-agent run` starts, stops (SIGTERM), starts and is killed.
+    let mut agent = RunningAgent::start(&node);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.stop(), Some(0));
+    let mut agent = RunningAgent::start(&node);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill();
+    // A deploy after all that switches as usual.
+    let r = node.deploy_json(&artifact("v1"), "v1").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    eprintln!(
+        "agent restarts and a kill -9 under load: {}",
+        report.summary()
+    );
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+    assert!(report.ok >= 200, "too little load: {}", report.summary());
+    assert!(
+        report.bodies.contains(&"v1".to_owned()),
+        "{}",
+        report.summary()
+    );
+}
+
+#[test]
+fn a_kill_of_the_agent_around_the_switch_leaves_one_consistent_release_serving() {
+    assert!(slipway_agent::fault::ENABLED, "tests need the crash points");
+    let public = free_port();
+    let ports = port_pair();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = pm2_fork_node(public, ports, pm2_home.path());
+    struct Stop<'a>(&'a Node);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", "web"]);
+        }
+    }
+    let _stop = Stop(&node);
+    let artifact = |v: &str| {
+        let server = PM2_SERVER.replace("__RELEASE__", v);
+        node.artifact(&format!("{v}.tar.gz"), &[("server.js", server.as_str())])
+    };
+    let r = node.deploy_json(&artifact("v0"), "v0").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    let load = Load::start(public, "/", 2, 1, LOAD_TIME, LOAD_REQUESTS);
+    for (i, point) in slipway_agent::fault::FRONT_POINTS.iter().enumerate() {
+        let v = format!("v{}", i + 1);
+        node.deploy_killed_at(point, &artifact(&v), &v);
+        // The next command finds the interrupted deploy and undoes it: the
+        // front goes back to (or stays on) v0's process set, v's is deleted.
+        let rel = node.releases();
+        assert!(
+            rel["recovered"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("deploy interrupted"),
+            "{point}: {rel:#}"
+        );
+        assert_eq!(node.current().as_deref(), Some("v0"), "{point}");
+        assert_eq!(
+            http_get(public, "/").unwrap().1.split(' ').next(),
+            Some("v0")
+        );
+        let st = node.run(&["status", "--json"]).ok().json();
+        let procs = st["apps"][0]["processes"]["processes"].as_array().unwrap();
+        assert_eq!(procs.len(), 1, "{point}: {st:#}");
+        let notes = st["apps"][0]["processes"]["notes"].to_string();
+        assert!(notes.contains("(release v0)"), "{point}: {st:#}");
+    }
+    let report = load.stop();
+    eprintln!("kills around the switch under load: {}", report.summary());
+    assert_eq!(report.failures(), 0, "{}", report.summary());
 }
