@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use crate::listen::ListenAddr;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
@@ -221,6 +222,9 @@ pub struct RawApp {
     /// current one went live within `crashloop_grace`.
     pub rollback_on_crashloop: Option<bool>,
     pub crashloop_grace: Option<DurationValue>,
+    /// The app's public address, held by the agent across deploys:
+    /// `"0.0.0.0:3000"` or an absolute unix socket path.
+    pub listen: Option<String>,
 }
 
 /// `[apps.NAME.logs]` as written.
@@ -355,6 +359,10 @@ pub struct AppConfig {
     pub disk_pressure_free: Option<u64>,
     /// What `run` does when the app keeps failing its liveness check.
     pub recovery: RecoveryConfig,
+    /// The public address the agent holds for the app (exec driver: handed
+    /// to each process with socket activation); `None`: the app binds its
+    /// own port.
+    pub listen: Option<ListenAddr>,
 }
 
 /// Liveness with consequences: restarts, crash loops, automatic rollback.
@@ -476,6 +484,9 @@ pub struct Pm2Config {
     pub pm2_bin: PathBuf,
     /// Run PM2 as this user (the agent runs as root).
     pub user: Option<String>,
+    /// Fork mode with `listen`: the two ports the blue/green process sets
+    /// alternate between (`PORT` of each), behind the agent's front.
+    pub ports: Option<[u16; 2]>,
 }
 
 /// Docker: one container per release, blue/green across a host port pair.
@@ -601,6 +612,7 @@ impl AppConfig {
             logs: LogsConfig::default(),
             disk_pressure_free: None,
             recovery: RecoveryConfig::default(),
+            listen: None,
         }
     }
 }
@@ -680,6 +692,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut apps = BTreeMap::new();
         let mut roots: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let mut listens: BTreeMap<ListenAddr, String> = BTreeMap::new();
         for (name, app) in &raw.apps {
             let mut p = Problems {
                 text,
@@ -755,6 +768,12 @@ impl Config {
                 }
             }
             let mut run = app.run.as_ref().and_then(|r| p.run(name, r));
+            if let (Some(RunConfig::Docker(d)), Some(r)) = (&mut run, &app.run) {
+                if app.listen.is_some() && r.host_ip.is_none() {
+                    // Reached through the agent's proxy only.
+                    d.host_ip = "127.0.0.1".into();
+                }
+            }
             let health = app.health.as_ref().and_then(|h| p.health(h));
             let logs = p.logs(&app.logs);
             if let Some(RunConfig::Docker(d)) = &mut run {
@@ -766,6 +785,19 @@ impl Config {
                 .as_ref()
                 .map(|v| p.size("disk_pressure_free", Some(v), 0));
             let recovery = p.recovery(app, health.is_some());
+            if let Some(RunConfig::Pm2(c)) = &run {
+                if c.ports.is_some() && (c.cluster || app.listen.is_none()) {
+                    p.push(
+                        "run.ports",
+                        "is a setting of PM2 fork mode (exec_mode = \"fork\") with listen only"
+                            .into(),
+                    );
+                }
+            }
+            let listen = app
+                .listen
+                .as_deref()
+                .and_then(|l| p.listen(l, run.as_ref(), health.as_ref(), &mut listens, name));
             if let (Some(RunConfig::Docker(_)), Some(h)) = (&run, &health) {
                 if !h.check.mentions_port() {
                     p.push(
@@ -800,6 +832,7 @@ impl Config {
                     logs,
                     disk_pressure_free,
                     recovery,
+                    listen,
                 },
             );
         }
@@ -1058,6 +1091,83 @@ impl Problems<'_> {
     }
 }
 
+impl Problems<'_> {
+    /// `listen`: a valid address, used by one app only, with a driver that
+    /// can hand it over, and a check that probes the new process privately.
+    fn listen(
+        &mut self,
+        text: &str,
+        run: Option<&RunConfig>,
+        health: Option<&HealthConfig>,
+        seen: &mut BTreeMap<ListenAddr, String>,
+        app: &str,
+    ) -> Option<ListenAddr> {
+        let addr = match ListenAddr::parse(text) {
+            Ok(a) => a,
+            Err(msg) => {
+                self.push("listen", msg);
+                return None;
+            }
+        };
+        if let Some(other) = seen.insert(addr.clone(), app.to_owned()) {
+            self.push(
+                "listen",
+                format!("{text:?} is also the address of app {other:?}"),
+            );
+        }
+        match run {
+            Some(RunConfig::Exec(_)) => {}
+            // The agent's front forwards to the blue/green port.
+            Some(RunConfig::Docker(d)) => {
+                if d.host_ip != "127.0.0.1" {
+                    self.push(
+                        "run.host_ip",
+                        format!(
+                            "{:?}: with listen the containers' ports are reached through the agent's proxy and must be bound to \"127.0.0.1\" (the default with listen)",
+                            d.host_ip
+                        ),
+                    );
+                }
+            }
+            Some(RunConfig::Pm2(c)) if !c.cluster => {
+                if c.ports.is_none() {
+                    self.push(
+                        "run.ports",
+                        "PM2 fork mode with listen needs two ports for the blue/green process sets, e.g. ports = [3001, 3002] (each set gets one as PORT)".into(),
+                    );
+                }
+            }
+            Some(other) => {
+                self.push(
+                    "listen",
+                    format!(
+                        "is not supported by the {} driver in cluster mode (PM2's own reload is zero-downtime there; exec_mode = \"fork\" works with listen)",
+                        other.driver_name()
+                    ),
+                );
+                return None;
+            }
+            None => {
+                self.push(
+                    "listen",
+                    "needs [apps.NAME.run] (a process to hand the socket to)".into(),
+                );
+                return None;
+            }
+        }
+        if let Some(h) = health {
+            let network = !matches!(h.check, CheckConfig::Exec { .. });
+            if network && !h.check.mentions_port() {
+                self.push(
+                    "health",
+                    "with listen the check must use {port} (the new release's own port: exec's private probe socket, docker's or PM2's blue/green port), e.g. url = \"http://127.0.0.1:{port}/api/health\"; the public address may still lead to the old release".into(),
+                );
+            }
+        }
+        Some(addr)
+    }
+}
+
 impl CheckConfig {
     fn mentions_port(&self) -> bool {
         match self {
@@ -1086,6 +1196,26 @@ impl Problems<'_> {
             _ => {
                 self.push(key, format!("{v} is not a port (1-65535)"));
                 1
+            }
+        }
+    }
+
+    /// `ports`: two different ports, the blue/green pair.
+    fn port_pair(&mut self, v: &[i64]) -> [u16; 2] {
+        match v {
+            [a, b] => {
+                let (a, b) = (self.port("run.ports", *a), self.port("run.ports", *b));
+                if a == b {
+                    self.push("run.ports", "the two blue/green ports must differ".into());
+                }
+                [a, b]
+            }
+            _ => {
+                self.push(
+                    "run.ports",
+                    format!("{v:?}: give two ports, e.g. ports = [8080, 8081]"),
+                );
+                [1, 2]
             }
         }
     }
@@ -1132,7 +1262,14 @@ impl Problems<'_> {
         );
         match r.driver.as_str() {
             "pm2" => {
-                self.not_for("pm2", &docker_keys);
+                // `ports`: the blue/green pair of fork mode behind listen.
+                let docker_only: Vec<(&str, bool)> = docker_keys
+                    .iter()
+                    .copied()
+                    .filter(|(k, _)| *k != "ports")
+                    .collect();
+                self.not_for("pm2", &docker_only);
+                let ports = r.ports.as_deref().map(|p| self.port_pair(p));
                 self.not_for(
                     "pm2",
                     &[
@@ -1186,6 +1323,7 @@ impl Problems<'_> {
                     pm2_home: r.pm2_home.as_ref().map(PathBuf::from),
                     pm2_bin: PathBuf::from(r.pm2_bin.as_deref().unwrap_or("pm2")),
                     user: r.user.clone(),
+                    ports,
                 }))
             }
             "docker" => {
@@ -1211,14 +1349,8 @@ impl Problems<'_> {
                     }
                 };
                 let ports = match r.ports.as_deref() {
-                    Some([a, b]) => {
-                        let (a, b) = (self.port("run.ports", *a), self.port("run.ports", *b));
-                        if a == b {
-                            self.push("run.ports", "the two blue/green ports must differ".into());
-                        }
-                        [a, b]
-                    }
-                    _ => {
+                    Some(p) => self.port_pair(p),
+                    None => {
                         self.push(
                             "run.ports",
                             "give two host ports, e.g. ports = [8080, 8081]".into(),
@@ -1608,6 +1740,69 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/slipway/agent.toml"), text)
+    }
+
+    #[test]
+    fn listen_is_checked_per_app_and_driver() {
+        let exec = |name: &str, listen: &str, url: &str| {
+            format!(
+                r#"
+[apps.{name}]
+root = "/srv/{name}"
+listen = "{listen}"
+[apps.{name}.run]
+driver = "exec"
+command = ["./app"]
+[apps.{name}.health]
+check = "http"
+url = "{url}"
+"#
+            )
+        };
+        let ok = parse(&exec("web", "0.0.0.0:3000", "http://127.0.0.1:{port}/")).unwrap();
+        assert_eq!(
+            ok.app("web").unwrap().listen.as_ref().unwrap().to_string(),
+            "0.0.0.0:3000"
+        );
+        let unix = parse(&exec("web", "/run/web.sock", "http://127.0.0.1:{port}/")).unwrap();
+        assert!(matches!(
+            unix.app("web").unwrap().listen,
+            Some(ListenAddr::Unix(_))
+        ));
+        let msg = parse(&exec("web", "web:3000", "http://127.0.0.1:{port}/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("apps.web.listen") && msg.contains("is not an address"),
+            "{msg}"
+        );
+        let msg = parse(&exec("web", "127.0.0.1:3000", "http://127.0.0.1:3000/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("apps.web.health") && msg.contains("{port}"),
+            "{msg}"
+        );
+        let two = format!(
+            "{}{}",
+            exec("a", "127.0.0.1:3000", "http://127.0.0.1:{port}/"),
+            exec("b", "127.0.0.1:3000", "http://127.0.0.1:{port}/")
+        );
+        let msg = parse(&two).unwrap_err().to_string();
+        assert!(msg.contains("also the address of app \"a\""), "{msg}");
+        let msg = parse(
+            r#"
+[apps.web]
+root = "/srv/web"
+listen = "127.0.0.1:3000"
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("not supported by the pm2 driver"), "{msg}");
     }
 
     #[test]

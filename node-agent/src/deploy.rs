@@ -34,7 +34,7 @@ use time::OffsetDateTime;
 
 use crate::artifact::cache::{self, CacheError};
 use crate::bridge::Bridge;
-use crate::config::AppConfig;
+use crate::config::{AppConfig, RunConfig};
 use crate::digest::Sha256;
 use crate::driver::{self, Activation, Driver, DriverError, Target};
 use crate::fault;
@@ -87,6 +87,10 @@ impl DeployError {
 }
 
 type Result<T, E = DeployError> = std::result::Result<T, E>;
+
+/// How long a switch of the front waits for the previous PM2 process set's
+/// open connections (Docker uses its `stop_grace`).
+const FRONT_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What to deploy.
 #[derive(Debug, Clone)]
@@ -298,6 +302,24 @@ impl Deployer {
     }
 }
 
+/// Points the app's front (the agent's proxy on `listen`) at the release
+/// served on `port`, for the drivers that serve a new release on a port of
+/// its own; `None` when the app has no front (no `listen`, or exec, which
+/// hands the socket itself).
+fn switch_front(app: &AppConfig, port: Option<u16>, release: &str) -> Result<Option<String>> {
+    let (Some(listen), Some(port)) = (&app.listen, port) else {
+        return Ok(None);
+    };
+    let drain = match &app.run {
+        Some(RunConfig::Docker(d)) => d.stop_grace,
+        Some(RunConfig::Pm2(_)) => FRONT_DRAIN,
+        _ => return Ok(None),
+    };
+    crate::front::switch(&app.root, listen, port, release, drain)
+        .map(Some)
+        .map_err(|e| DriverError::failed("front", e.to_string()).into())
+}
+
 /// Puts the previous release back in service through the app's driver and
 /// holds it to the health gate, for the store's undo of a deploy that went
 /// live (`failed`: what the driver had brought up, as far as known).
@@ -340,6 +362,11 @@ impl release::Service for Restorer<'_> {
                 Ok(p) => out.push_str(&format!(" and it is healthy ({})", p.last.output)),
                 Err(e) => out.push_str(&format!(" but it is not healthy either: {e}")),
             }
+        }
+        match switch_front(app, restored.port, prev.as_str()) {
+            Ok(Some(line)) => out.push_str(&format!("; {line}")),
+            Ok(None) => {}
+            Err(e) => out.push_str(&format!("; {e}")),
         }
         if let Err(e) = driver.commit(&target, &restored) {
             out.push_str(&format!(" (cleanup of the failed release: {e})"));
@@ -488,7 +515,18 @@ impl Session<'_> {
             }
             None => None,
         };
+        if let Some((target, _)) = &driven {
+            // Docker and PM2 fork mode: the agent's front moves new
+            // connections to the healthy release and drains the old one
+            // before the driver stops it.
+            fault::point("before_front_switch");
+            if let Some(line) = switch_front(&app, activation.port, target.release.as_str())? {
+                log_line(Some(&self.paths().log(id)), &line);
+                tracing::info!("{line}");
+            }
+        }
         if let Some((target, driver)) = &driven {
+            fault::point("after_front_switch");
             if let Err(e) = driver.commit(target, &activation) {
                 // The new release serves and is healthy; leftovers of the old
                 // one are worth a warning, not a rollback.
@@ -528,6 +566,9 @@ impl Session<'_> {
             return Ok("stopped on purpose (no driver: nothing was running)".to_owned());
         };
         driver.stop(&app)?;
+        if let Err(e) = crate::front::stop(&app.root) {
+            tracing::warn!(error = %e, "cannot stop the app's front");
+        }
         Ok(format!("stopped on purpose ({})", driver.name()))
     }
 

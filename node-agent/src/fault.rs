@@ -30,6 +30,10 @@ pub const DEPLOY_POINTS: &[&str] = &[
     "before_commit",
 ];
 
+/// The crash points around the switch of an app's front (the agent's
+/// proxy): after the new release passed its gate, and after the front
+/// took it, before the old one is retired.
+pub const FRONT_POINTS: &[&str] = &["before_front_switch", "after_front_switch"];
 /// The crash points a switch of the node's key and certificate passes
 /// (enrollment, renewal, migration of the old layout), in order: see
 /// `identity::install`.

@@ -43,6 +43,9 @@
 //!   [`release::Service`], which [`deploy`] provides.
 //! - [`driver`]: what runs the release `current` points at (PM2, Docker,
 //!   exec).
+//! - [`front`]: the agent's TCP proxy on an app's public address (docker,
+//!   PM2 fork mode): a detached process per app, switched by a journalled
+//!   target file once the new release is healthy, draining the old one.
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
@@ -57,6 +60,8 @@
 //! - [`durable`]: temp + fsync + rename writes every state file goes through.
 //! - [`digest`]: sha256: one [`digest::Sha256`] type, file hashing, a hashing
 //!   writer.
+//! - [`listen`]: an app's public address (`listen`), checked, and the
+//!   listening socket the agent binds for it.
 //! - [`lock`]: `flock(2)`: one operation per app, the artifact cache pin.
 //! - [`proc`]: runs a command with a deadline, bounded output and a kill
 //!   policy for its whole process group (hooks, exec checks, `pm2`).
@@ -83,6 +88,7 @@ pub mod deploy;
 
 // L1
 pub mod driver;
+pub mod front;
 pub mod health;
 pub mod logs;
 pub mod metrics;
@@ -98,6 +104,7 @@ pub mod durable;
 pub mod envfile;
 pub mod error;
 pub mod fault;
+pub mod listen;
 pub mod lock;
 pub mod proc;
 pub mod version;

@@ -7,8 +7,18 @@
 //! period — and exits. Its state goes to `.slipway/run/state.json` after every
 //! change so the driver and `status` can read it without talking to it; an
 //! flock on `.slipway/run/supervisor.lock` says it is alive.
+//!
+//! With `--listen ADDR` (the app's `listen`) it binds the public socket once
+//! and keeps it until it exits; every child gets it as fd 3 and its own
+//! private probe socket as fd 4 (see [`socket_exec`]). Then SIGHUP starts the
+//! new child *beside* the live one, SIGUSR2 retires the previous one (SIGTERM,
+//! SIGKILL after the grace period, in the background while the new one
+//! serves) and SIGWINCH drops the new one and makes the previous one live
+//! again. Because the supervisor is detached from the agent, the socket
+//! also outlives a restart (or a kill -9) of `slipway-agent run`.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -21,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::listen::ListenAddr;
 use crate::{durable, envfile, release};
 
 /// First restart delay after a crash; doubles per crash up to the cap.
@@ -73,6 +84,19 @@ pub struct State {
     /// renamed it): the rotator waits for this before compressing.
     #[serde(default)]
     pub log_generation: u64,
+    /// The public address this supervisor holds (`listen`), if any.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// The live child's private probe port (listen mode): `{port}` of the
+    /// health check.
+    #[serde(default)]
+    pub probe_port: Option<u16>,
+    /// The child the live one replaced, still serving on the shared socket
+    /// until the new one passed its gate (listen mode).
+    #[serde(default)]
+    pub previous_pid: Option<u32>,
+    #[serde(default)]
+    pub previous_release: Option<String>,
 }
 
 impl State {
@@ -93,7 +117,12 @@ pub fn is_running(files: &RunFiles) -> bool {
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT.
-pub fn run(root: &Path, command: &[String], grace: Duration) -> anyhow::Result<()> {
+pub fn run(
+    root: &Path,
+    command: &[String],
+    grace: Duration,
+    listen: Option<&ListenAddr>,
+) -> anyhow::Result<()> {
     anyhow::ensure!(!command.is_empty(), "supervise needs a command after --");
     let files = RunFiles::new(root);
     fs::create_dir_all(&files.dir)
@@ -115,7 +144,7 @@ pub fn run(root: &Path, command: &[String], grace: Duration) -> anyhow::Result<(
         .enable_all()
         .build()
         .context("cannot start the supervisor runtime")?;
-    runtime.block_on(supervise(root, &files, command, grace))
+    runtime.block_on(supervise(root, &files, command, grace, listen))
 }
 
 /// The app's output file, shared by the stdout and stderr copiers. Whole
@@ -158,123 +187,236 @@ async fn copy_lines(pipe: impl tokio::io::AsyncRead + Unpin, log: SharedLog) {
     }
 }
 
+/// One running child and what belongs to it.
+struct Slot {
+    child: tokio::process::Child,
+    pid: Option<u32>,
+    release: Option<String>,
+    started: tokio::time::Instant,
+    copiers: Vec<tokio::task::JoinHandle<()>>,
+    /// Its private probe socket (listen mode), kept for its restarts.
+    probe: Option<std::net::TcpListener>,
+}
+
+impl Slot {
+    fn pgid(&self) -> Option<Pid> {
+        self.pid.map(|p| Pid::from_raw(p as i32))
+    }
+
+    fn probe_port(&self) -> Option<u16> {
+        self.probe
+            .as_ref()
+            .and_then(|p| p.local_addr().ok())
+            .map(|a| a.port())
+    }
+
+    /// What the child wrote before it ended still reaches the log (its pipes
+    /// close with it; a grandchild holding them is not waited for).
+    async fn drain_output(&mut self) {
+        for c in self.copiers.drain(..) {
+            let _ = tokio::time::timeout(COPY_DRAIN, c).await;
+        }
+    }
+}
+
+/// Waits for the slot's child to exit; never, when there is none.
+async fn exited(slot: &mut Option<Slot>) -> std::io::Result<std::process::ExitStatus> {
+    match slot {
+        Some(s) => s.child.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stops a child in the background: SIGTERM, SIGKILL after `grace`. Its
+/// in-flight requests finish meanwhile (it stopped accepting first).
+fn retire(mut slot: Slot, grace: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let pgid = slot.pgid();
+        stop(&mut slot.child, pgid, grace).await;
+        slot.drain_output().await;
+    })
+}
+
+/// The state file's view of the live and the previous child.
+fn describe(state: &mut State, live: &Option<Slot>, old: &Option<Slot>) {
+    state.child_pid = live.as_ref().and_then(|s| s.pid);
+    state.probe_port = live.as_ref().and_then(Slot::probe_port);
+    state.previous_pid = old.as_ref().and_then(|s| s.pid);
+    state.previous_release = old.as_ref().and_then(|s| s.release.clone());
+}
+
 async fn supervise(
     root: &Path,
     files: &RunFiles,
     command: &[String],
     grace: Duration,
+    listen: Option<&ListenAddr>,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     // SIGUSR1: a rotation renamed the output log; reopen it.
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    // SIGUSR2: the new child passed its gate: retire the previous one.
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    // SIGWINCH: the new child failed its gate: it goes, the previous one
+    // (still running, still on the socket) is the live one again.
+    let mut winch = signal(SignalKind::window_change())?;
     let log: SharedLog = std::sync::Arc::new(tokio::sync::Mutex::new(
         open_output(files)
             .await
             .with_context(|| format!("cannot open {}", files.output.display()))?,
     ));
+    // The public socket: bound once, kept for this supervisor's lifetime,
+    // handed to every child.
+    let public = match listen {
+        Some(addr) => Some(addr.bind().with_context(|| format!("listen = {addr}"))?),
+        None => None,
+    };
     let mut state = State {
         supervisor_pid: std::process::id(),
         status: "starting".into(),
+        listen: listen.map(ToString::to_string),
         ..State::default()
     };
     let mut backoff = BACKOFF_START;
+    let mut live: Option<Slot> = None;
+    let mut old: Option<Slot> = None;
+    // A crashed child's probe socket, for the child that replaces it (the
+    // port recorded for liveness stays right).
+    let mut reuse_probe: Option<std::net::TcpListener> = None;
+    let mut start_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut retiring: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
-        let release = release::activate::read_current(root)
-            .ok()
-            .flatten()
-            .map(|r| r.to_string());
-        let child = spawn(root, command, release.as_deref());
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                state.status = "failed to start".into();
-                state.child_pid = None;
-                state.last_exit = Some(format!("{e:#}"));
-                state.save(files);
-                tracing::error!(error = %format!("{e:#}"), "cannot start the app");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => { backoff = (backoff * 2).min(BACKOFF_MAX); continue }
-                    _ = hup.recv() => continue,
-                    _ = term.recv() => break,
-                    _ = int.recv() => break,
+        if live.is_none() && start_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
+            start_at = None;
+            let release = release::activate::read_current(root)
+                .ok()
+                .flatten()
+                .map(|r| r.to_string());
+            match spawn(
+                root,
+                command,
+                release.as_deref(),
+                public.as_ref(),
+                reuse_probe.take(),
+            ) {
+                Ok(mut slot) => {
+                    if let Some(out) = slot.child.stdout.take() {
+                        slot.copiers
+                            .push(tokio::spawn(copy_lines(out, log.clone())));
+                    }
+                    if let Some(err) = slot.child.stderr.take() {
+                        slot.copiers
+                            .push(tokio::spawn(copy_lines(err, log.clone())));
+                    }
+                    state.generation += 1;
+                    state.release = release;
+                    state.status = "running".into();
+                    state.started_at = Some(OffsetDateTime::now_utc());
+                    live = Some(slot);
+                }
+                Err((e, probe)) => {
+                    reuse_probe = probe;
+                    state.status = "failed to start".into();
+                    state.last_exit = Some(format!("{e:#}"));
+                    tracing::error!(error = %format!("{e:#}"), "cannot start the app");
+                    start_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
-        };
-        let mut copiers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            copiers.push(tokio::spawn(copy_lines(out, log.clone())));
+            describe(&mut state, &live, &old);
+            state.save(files);
         }
-        if let Some(err) = child.stderr.take() {
-            copiers.push(tokio::spawn(copy_lines(err, log.clone())));
-        }
-        let started = tokio::time::Instant::now();
-        state.generation += 1;
-        state.child_pid = child.id();
-        state.release = release;
-        state.status = "running".into();
-        state.started_at = Some(OffsetDateTime::now_utc());
-        state.save(files);
-        let pgid = child.id().map(|p| Pid::from_raw(p as i32));
-        let exit = loop {
-            tokio::select! {
-                exit = child.wait() => break Some(exit),
-                _ = usr1.recv() => reopen(files, &log, &mut state).await,
-                _ = hup.recv() => {
-                    stop(&mut child, pgid, grace).await;
-                    state.last_exit = Some("restarted for a new release".into());
-                    backoff = BACKOFF_START;
-                    break None;
-                }
-                _ = term.recv() => { stop(&mut child, pgid, grace).await; state.status = "stopping".into(); break None }
-                _ = int.recv() => { stop(&mut child, pgid, grace).await; state.status = "stopping".into(); break None }
-            }
-        };
-        // What the child wrote before it ended still reaches the log (its
-        // pipes close with it; a grandchild holding them is not waited for).
-        for c in copiers {
-            let _ = tokio::time::timeout(COPY_DRAIN, c).await;
-        }
-        if state.status == "stopping" {
-            break;
-        }
-        match exit {
-            None => continue,
-            Some(exit) => {
+        let wake = start_at.unwrap_or_else(|| tokio::time::Instant::now() + BACKOFF_MAX);
+        tokio::select! {
+            exit = exited(&mut live) => {
+                let Some(mut slot) = live.take() else { continue };
+                slot.drain_output().await;
                 let how = match exit {
                     Ok(s) => s.to_string(),
                     Err(e) => e.to_string(),
                 };
                 state.restarts += 1;
                 state.last_exit = Some(how.clone());
-                state.child_pid = None;
-                if started.elapsed() >= STABLE_AFTER {
+                if slot.started.elapsed() >= STABLE_AFTER {
                     backoff = BACKOFF_START;
                 }
+                reuse_probe = slot.probe.take();
                 state.status = "backoff".into();
-                state.save(files);
+                start_at = Some(tokio::time::Instant::now() + backoff);
                 tracing::warn!(exit = %how, delay = ?backoff, "app exited; restarting");
-                let wake = tokio::time::sleep(backoff);
-                tokio::pin!(wake);
-                let quit = loop {
-                    tokio::select! {
-                        _ = &mut wake => break false,
-                        _ = usr1.recv() => reopen(files, &log, &mut state).await,
-                        _ = hup.recv() => break false,
-                        _ = term.recv() => break true,
-                        _ = int.recv() => break true,
-                    }
-                };
-                if quit {
-                    break;
-                }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+                describe(&mut state, &live, &old);
+                state.save(files);
             }
+            exit = exited(&mut old) => {
+                if let Some(mut slot) = old.take() {
+                    slot.drain_output().await;
+                    tracing::warn!(exit = ?exit, "the previous release's process exited");
+                }
+                describe(&mut state, &live, &old);
+                state.save(files);
+            }
+            _ = tokio::time::sleep_until(wake), if start_at.is_some() => {}
+            _ = usr1.recv() => reopen(files, &log, &mut state).await,
+            _ = hup.recv() => {
+                backoff = BACKOFF_START;
+                reuse_probe = None;
+                if public.is_some() {
+                    // The new child starts beside the live one, on the same
+                    // socket; the live one serves until USR2 or WINCH.
+                    if live.is_some() {
+                        if let Some(o) = old.take() {
+                            retiring.push(retire(o, grace));
+                        }
+                        old = live.take();
+                    }
+                } else if let Some(mut l) = live.take() {
+                    let pgid = l.pgid();
+                    stop(&mut l.child, pgid, grace).await;
+                    l.drain_output().await;
+                    state.last_exit = Some("restarted for a new release".into());
+                }
+                start_at = Some(tokio::time::Instant::now());
+            }
+            _ = usr2.recv() => {
+                if let Some(o) = old.take() {
+                    retiring.push(retire(o, grace));
+                }
+                describe(&mut state, &live, &old);
+                state.save(files);
+            }
+            _ = winch.recv() => {
+                if let Some(o) = old.take() {
+                    if let Some(l) = live.take() {
+                        retiring.push(retire(l, grace));
+                    }
+                    state.generation += 1;
+                    state.release = o.release.clone();
+                    state.status = "running".into();
+                    state.last_exit = Some("the new release's process was dropped; the previous one serves".into());
+                    live = Some(o);
+                    start_at = None;
+                    describe(&mut state, &live, &old);
+                    state.save(files);
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
         }
+        retiring.retain(|t| !t.is_finished());
+    }
+    state.status = "stopping".into();
+    state.save(files);
+    for slot in [live.take(), old.take()].into_iter().flatten() {
+        retiring.push(retire(slot, grace));
+    }
+    for t in retiring {
+        let _ = t.await;
     }
     state.status = "stopped".into();
-    state.child_pid = None;
+    describe(&mut state, &live, &old);
     state.save(files);
     Ok(())
 }
@@ -302,26 +444,128 @@ async fn reopen(files: &RunFiles, log: &SharedLog, state: &mut State) {
     }
 }
 
+/// Starts the app's command in `current/`. With a public socket the child
+/// gets it as fd 3 and a private probe socket (`reuse`, else a new one on
+/// 127.0.0.1) as fd 4, through `slipway-agent socket-exec`, which sets
+/// `LISTEN_PID` to the app's own pid. On failure the probe socket comes back
+/// for the next try.
+#[allow(clippy::type_complexity)]
 fn spawn(
     root: &Path,
     command: &[String],
     release: Option<&str>,
-) -> anyhow::Result<tokio::process::Child> {
-    let env = envfile::load(root)?;
+    public: Option<&OwnedFd>,
+    reuse: Option<std::net::TcpListener>,
+) -> Result<Slot, (anyhow::Error, Option<std::net::TcpListener>)> {
+    let env = match envfile::load(root) {
+        Ok(e) => e,
+        Err(e) => return Err((e.into(), reuse)),
+    };
     let current = root.join("current");
-    let mut cmd = tokio::process::Command::new(&command[0]);
-    cmd.args(&command[1..])
-        .current_dir(&current)
+    let mut probe = None;
+    let mut cmd = match public {
+        None => {
+            let mut cmd = tokio::process::Command::new(&command[0]);
+            cmd.args(&command[1..]).stdout(Stdio::piped());
+            cmd
+        }
+        Some(public) => {
+            let listener = match reuse {
+                Some(l) => l,
+                None => std::net::TcpListener::bind(("127.0.0.1", 0))
+                    .map_err(|e| (anyhow::anyhow!("cannot bind a probe socket: {e}"), None))?,
+            };
+            let fds = public
+                .try_clone()
+                .and_then(|p| Ok((p, listener.try_clone()?)));
+            let (public, probe_fd) = match fds {
+                Ok(f) => f,
+                Err(e) => {
+                    return Err((
+                        anyhow::anyhow!("cannot hand the sockets over: {e}"),
+                        Some(listener),
+                    ))
+                }
+            };
+            probe = Some(listener);
+            // /proc/self/exe: this very binary, even if an upgrade replaced
+            // the file since.
+            let mut cmd = tokio::process::Command::new("/proc/self/exe");
+            cmd.arg("socket-exec")
+                .arg("--")
+                .args(command)
+                .stdin(Stdio::from(public))
+                .stdout(Stdio::from(OwnedFd::from(probe_fd)));
+            cmd
+        }
+    };
+    if public.is_none() {
+        cmd.stdin(Stdio::null());
+    }
+    cmd.current_dir(&current)
         .envs(env)
         .env("SLIPWAY_APP_ROOT", root)
         .env("SLIPWAY_RELEASE", release.unwrap_or(""))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    cmd.spawn()
-        .with_context(|| format!("cannot start {:?} in {}", command[0], current.display()))
+    match cmd.spawn() {
+        Ok(child) => Ok(Slot {
+            pid: child.id(),
+            child,
+            release: release.map(str::to_owned),
+            started: tokio::time::Instant::now(),
+            copiers: Vec::new(),
+            probe,
+        }),
+        Err(e) => Err((
+            anyhow::anyhow!(
+                "cannot start {:?} in {}: {e}",
+                command[0],
+                current.display()
+            ),
+            probe,
+        )),
+    }
+}
+
+/// `slipway-agent socket-exec -- COMMAND…`, started by the supervisor with
+/// the public socket as stdin and the probe socket as stdout: puts them at
+/// fds 3 and 4, sends the app's output to stderr (the log pipe), and execs
+/// the command with `LISTEN_FDS=2`, `LISTEN_FDNAMES=public:probe` and
+/// `LISTEN_PID` = its own pid (the systemd socket-activation protocol).
+/// Returns only on failure.
+pub fn socket_exec(command: &[String]) -> anyhow::Error {
+    use std::os::fd::AsFd;
+    use std::os::unix::process::CommandExt;
+    let place = |fd: std::os::fd::BorrowedFd<'_>, at: i32, what: &str| -> anyhow::Result<()> {
+        let got = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD(at))
+            .with_context(|| format!("cannot duplicate the {what} socket"))?;
+        anyhow::ensure!(
+            got == at,
+            "fd {at} is already open, so the {what} socket landed on fd {got}"
+        );
+        Ok(())
+    };
+    let result = (|| -> anyhow::Result<std::io::Error> {
+        anyhow::ensure!(!command.is_empty(), "socket-exec needs a command after --");
+        place(std::io::stdin().as_fd(), 3, "public")?;
+        place(std::io::stdout().as_fd(), 4, "probe")?;
+        nix::unistd::dup2_stdout(std::io::stderr().as_fd()).context("cannot redirect stdout")?;
+        let null = File::open("/dev/null").context("cannot open /dev/null")?;
+        nix::unistd::dup2_stdin(null.as_fd()).context("cannot redirect stdin")?;
+        drop(null);
+        Ok(std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .env("LISTEN_PID", std::process::id().to_string())
+            .env("LISTEN_FDS", "2")
+            .env("LISTEN_FDNAMES", "public:probe")
+            .exec())
+    })();
+    match result {
+        Ok(e) => anyhow::anyhow!("cannot start {:?}: {e}", command[0]),
+        Err(e) => e,
+    }
 }
 
 /// SIGTERM to the child's process group, SIGKILL after `grace`.

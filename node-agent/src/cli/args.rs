@@ -176,6 +176,26 @@ pub enum Command {
         /// Milliseconds between SIGTERM and SIGKILL when stopping.
         #[arg(long, default_value_t = 10_000)]
         grace_ms: u64,
+        /// Hold this public address and hand it to each child (socket
+        /// activation); a new release starts beside the old one.
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Hold an app's public address and forward it to the live release
+    /// (started by a deploy of a docker or pm2 fork app with listen).
+    #[command(hide = true)]
+    Front {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        listen: String,
+    },
+    /// Exec COMMAND with stdin and stdout as socket-activation fds 3 and 4
+    /// (started by the supervisor for each child).
+    #[command(hide = true)]
+    SocketExec {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },

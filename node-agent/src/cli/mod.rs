@@ -269,9 +269,27 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
         Command::Supervise {
             root,
             grace_ms,
+            listen,
             command,
         } => {
-            crate::supervise::run(&root, &command, std::time::Duration::from_millis(grace_ms))?;
+            let listen = listen
+                .map(|l| crate::listen::ListenAddr::parse(&l))
+                .transpose()
+                .map_err(|e| usage(format!("--listen {e}")))?;
+            crate::supervise::run(
+                &root,
+                &command,
+                std::time::Duration::from_millis(grace_ms),
+                listen.as_ref(),
+            )?;
+        }
+        Command::Front { root, listen } => {
+            let listen = crate::listen::ListenAddr::parse(&listen)
+                .map_err(|e| usage(format!("--listen {e}")))?;
+            crate::front::run(&root, &listen)?;
+        }
+        Command::SocketExec { command } => {
+            return Err(crate::supervise::socket_exec(&command).into());
         }
         Command::Pack { dir, out } => {
             if !dir.is_dir() {
@@ -700,7 +718,14 @@ fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStat
     let (processes, process_error) = match crate::driver::for_app(app, bridge) {
         None => (None, None),
         Some(d) => match d.status(app) {
-            Ok(s) => (Some(s), None),
+            Ok(mut s) => {
+                // Docker and PM2 fork mode: the agent's proxy holds the
+                // public address (exec hands the socket over itself).
+                if let (Some(l), false) = (&app.listen, d.name() == "exec") {
+                    s.notes.insert(0, crate::front::describe(&app.root, l));
+                }
+                (Some(s), None)
+            }
             Err(e) => (None, Some(e.to_string())),
         },
     };

@@ -3,9 +3,22 @@
 //! For static binaries, and for machines without PM2. The work is done by a
 //! detached `slipway-agent supervise` process (see [`crate::supervise`]);
 //! this driver starts it, signals it (SIGHUP = restart in the release
-//! `current` now points at, SIGTERM = stop) and reads its state file. A
-//! restart stops the old process before starting the new one: not
-//! zero-downtime, which `status` says.
+//! `current` now points at, SIGTERM = stop) and reads its state file.
+//!
+//! Two modes, which `status` names:
+//! - **socket handover** (the app has `listen`): the supervisor binds the
+//!   public address once and hands it to every child as fd 3 with the
+//!   systemd socket-activation protocol, plus a private probe socket on
+//!   127.0.0.1 as fd 4 (`LISTEN_FDS=2`, `LISTEN_FDNAMES=public:probe`). A
+//!   deploy starts the new release's process beside the old one on the same
+//!   socket; the health gate probes `{port}` = the new process's probe port;
+//!   on a pass the old process gets SIGTERM (USR2 to the supervisor) and
+//!   finishes its in-flight requests within `stop_grace`; on a failure the
+//!   new one goes and the old one never stopped serving (WINCH). The socket
+//!   is never closed between releases, so no client is refused; the
+//!   supervisor is detached, so it also outlives a restart of the agent.
+//! - **restart** (no `listen`): the old process is stopped before the new
+//!   one starts: not zero-downtime.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -17,6 +30,7 @@ use sysinfo::{Pid as SysPid, ProcessesToUpdate, System};
 
 use super::{Activation, Driver, DriverError, DriverStatus, ProcessInfo, Target};
 use crate::config::{AppConfig, ExecConfig};
+use crate::listen::ListenAddr;
 use crate::supervise::{self, RunFiles, State};
 
 /// Environment variable naming the agent binary to run `supervise` with
@@ -32,11 +46,64 @@ const POLL: Duration = Duration::from_millis(25);
 #[derive(Debug)]
 pub struct Exec {
     config: ExecConfig,
+    listen: Option<ListenAddr>,
 }
 
 impl Exec {
-    pub fn new(config: ExecConfig) -> Self {
-        Self { config }
+    pub fn new(config: ExecConfig, listen: Option<ListenAddr>) -> Self {
+        Self { config, listen }
+    }
+
+    /// What `status` says of the mode.
+    fn mode_note(&self) -> String {
+        match &self.listen {
+            Some(a) => format!(
+                "exec driver, socket handover: the agent holds {a} and hands it to the app (LISTEN_FDS); a new release starts beside the old one, which drains within stop_grace once the new one is healthy (zero-downtime)"
+            ),
+            None => "exec driver, restart: a new release stops the old process before starting the new one (not zero-downtime; set listen for socket handover)".into(),
+        }
+    }
+
+    fn signal(pid: u32, sig: Signal) -> Result<(), DriverError> {
+        kill(Pid::from_raw(pid as i32), sig).map_err(|e| {
+            DriverError::failed("exec", format!("cannot signal supervisor pid {pid}: {e}"))
+        })
+    }
+
+    /// Waits until `done` holds for the supervisor's state.
+    fn wait_state(
+        files: &RunFiles,
+        what: &str,
+        mut done: impl FnMut(&State) -> bool,
+    ) -> Result<State, DriverError> {
+        let deadline = Instant::now() + START_WAIT;
+        while Instant::now() < deadline {
+            if let Some(s) = State::load(files).filter(|s| done(s)) {
+                return Ok(s);
+            }
+            std::thread::sleep(POLL);
+        }
+        Err(DriverError::failed(
+            "exec",
+            format!("the supervisor did not {what} within {START_WAIT:?}"),
+        ))
+    }
+
+    fn activation(&self, s: &State) -> Activation {
+        Activation {
+            port: s.probe_port,
+            handle: s.child_pid.map(|p| p.to_string()),
+            detail: format!(
+                "exec: {} running as pid {} under supervisor {}{}",
+                self.config.command.join(" "),
+                s.child_pid.unwrap_or(0),
+                s.supervisor_pid,
+                match (&self.listen, s.probe_port) {
+                    (Some(a), Some(p)) => format!(", on {a} (probe port {p})"),
+                    _ => String::new(),
+                }
+            ),
+        }
     }
 
     fn agent_bin() -> Result<PathBuf, DriverError> {
@@ -52,6 +119,11 @@ impl Exec {
     /// for a child running in `target.release`.
     fn restart_in(&self, target: &Target) -> Result<Activation, DriverError> {
         let files = RunFiles::new(&target.app.root);
+        let want = self.listen.as_ref().map(ToString::to_string);
+        if supervise::is_running(&files) && State::load(&files).is_some_and(|s| s.listen != want) {
+            // The public address changed: a new supervisor binds the new one.
+            self.stop(&target.app)?;
+        }
         let state = State::load(&files);
         let before = state.as_ref().map_or(0, |s| s.generation);
         let mut spawned = None;
@@ -62,9 +134,7 @@ impl Exec {
                     format!("{} is locked but has no state", files.state.display()),
                 )
             })?;
-            kill(Pid::from_raw(pid as i32), Signal::SIGHUP).map_err(|e| {
-                DriverError::failed("exec", format!("cannot signal supervisor pid {pid}: {e}"))
-            })?;
+            Self::signal(pid, Signal::SIGHUP)?;
         } else {
             spawned = Some(self.spawn_supervisor(target, &files)?);
         }
@@ -82,16 +152,7 @@ impl Exec {
                     && s.status == "running"
                     && s.release.as_deref() == Some(target.release.as_str())
                 {
-                    return Ok(Activation {
-                        port: None,
-                        handle: s.child_pid.map(|p| p.to_string()),
-                        detail: format!(
-                            "exec: {} running as pid {} under supervisor {}",
-                            self.config.command.join(" "),
-                            s.child_pid.unwrap_or(0),
-                            s.supervisor_pid
-                        ),
-                    });
+                    return Ok(self.activation(&s));
                 }
                 last = Some(s);
             }
@@ -121,8 +182,11 @@ impl Exec {
             .arg("--root")
             .arg(&target.app.root)
             .arg("--grace-ms")
-            .arg(self.config.stop_grace.as_millis().to_string())
-            .arg("--")
+            .arg(self.config.stop_grace.as_millis().to_string());
+        if let Some(l) = &self.listen {
+            cmd.arg("--listen").arg(l.to_string());
+        }
+        cmd.arg("--")
             .args(&self.config.command)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -155,12 +219,42 @@ impl Driver for Exec {
         self.restart_in(target)
     }
 
-    fn commit(&self, _target: &Target, _activation: &Activation) -> Result<(), DriverError> {
-        // Nothing to retire: the old process was stopped by the restart.
+    fn commit(&self, target: &Target, _activation: &Activation) -> Result<(), DriverError> {
+        // Restart mode: nothing to retire, the restart stopped the old
+        // process. Socket handover: the old one drains now.
+        let files = RunFiles::new(&target.app.root);
+        let Some(state) = State::load(&files).filter(|s| s.previous_pid.is_some()) else {
+            return Ok(());
+        };
+        if !supervise::is_running(&files) {
+            return Ok(());
+        }
+        Self::signal(state.supervisor_pid, Signal::SIGUSR2)?;
+        Self::wait_state(&files, "retire the previous process", |s| {
+            s.previous_pid.is_none()
+        })?;
         Ok(())
     }
 
     fn restore(&self, previous: &Target, _failed: &Activation) -> Result<Activation, DriverError> {
+        let files = RunFiles::new(&previous.app.root);
+        let state = State::load(&files);
+        let want = previous.release.as_str();
+        if let Some(s) = state
+            .filter(|s| s.previous_pid.is_some() && s.previous_release.as_deref() == Some(want))
+        {
+            if supervise::is_running(&files) {
+                // The previous release's process never stopped serving:
+                // drop the new one, keep it.
+                Self::signal(s.supervisor_pid, Signal::SIGWINCH)?;
+                let back = Self::wait_state(&files, "put the previous process back", |n| {
+                    n.generation > s.generation
+                        && n.status == "running"
+                        && n.release.as_deref() == Some(want)
+                })?;
+                return Ok(self.activation(&back));
+            }
+        }
         self.restart_in(previous)
     }
 
@@ -227,7 +321,7 @@ impl Driver for Exec {
         let mut status = DriverStatus {
             driver: "exec".into(),
             processes: Vec::new(),
-            notes: vec!["exec driver: a new release stops the old process before starting the new one (not zero-downtime)".into()],
+            notes: vec![self.mode_note()],
         };
         let alive = supervise::is_running(&files);
         let Some(state) = State::load(&files) else {
@@ -256,6 +350,20 @@ impl Driver for Exec {
             }
         }
         status.processes.push(info);
+        if let (true, Some(pid)) = (alive, state.previous_pid) {
+            // Socket handover, mid-deploy: the old release still serves
+            // until the new one passes its gate.
+            status.processes.push(ProcessInfo {
+                name: format!(
+                    "{} (previous, serving until the new one is healthy)",
+                    app.name
+                ),
+                pid: Some(pid),
+                status: "running".into(),
+                release: state.previous_release.clone(),
+                ..ProcessInfo::default()
+            });
+        }
         Ok(status)
     }
 }

@@ -10,7 +10,9 @@
 //! - [`docker`]: one container per release through the Engine API, blue/green
 //!   across a host port pair.
 //! - [`exec`]: the agent supervises one process itself (`slipway-agent
-//!   supervise`): restart on crash with backoff, SIGTERM then SIGKILL.
+//!   supervise`): restart on crash with backoff, SIGTERM then SIGKILL; with
+//!   `listen`, the public socket is held and handed to each process, so a
+//!   new release starts beside the old one (zero-downtime).
 
 pub mod docker;
 pub mod exec;
@@ -174,6 +176,6 @@ pub fn for_app(app: &AppConfig, bridge: &Bridge) -> Option<Box<dyn Driver>> {
     match app.run.as_ref()? {
         RunConfig::Pm2(c) => Some(Box::new(pm2::Pm2::new(c.clone()))),
         RunConfig::Docker(c) => Some(Box::new(docker::Docker::new(c.clone(), bridge.clone()))),
-        RunConfig::Exec(c) => Some(Box::new(exec::Exec::new(c.clone()))),
+        RunConfig::Exec(c) => Some(Box::new(exec::Exec::new(c.clone(), app.listen.clone()))),
     }
 }

@@ -141,11 +141,133 @@ const SCHED_POLICY: (&str, &str) = ("NODE_CLUSTER_SCHED_POLICY", "none");
 #[derive(Debug)]
 pub struct Pm2 {
     config: Pm2Config,
+    /// Set for one blue/green process set of fork mode behind the front
+    /// (`PORT`).
+    extra_env: Vec<(String, String)>,
 }
+
+/// Shown by `status` for fork mode behind the agent's front.
+const FRONT_NOTE: &str = "fork mode behind the agent's proxy (listen): a new release starts as a second process set on the other port of ports, takes new connections once healthy, and the old set is deleted after its connections drained (zero-downtime)";
 
 impl Pm2 {
     pub fn new(config: Pm2Config) -> Self {
-        Self { config }
+        Self {
+            config,
+            extra_env: Vec::new(),
+        }
+    }
+
+    /// Fork mode behind the front: the blue/green ports, else `None`.
+    fn front_ports(&self) -> Option<[u16; 2]> {
+        self.config.ports.filter(|_| !self.config.cluster)
+    }
+
+    /// The process set on `port` (fork mode behind the front): PM2 name
+    /// `NAME-PORT`, `PORT=port`.
+    fn slot(&self, port: u16) -> Pm2 {
+        let mut config = self.config.clone();
+        config.name = format!("{}-{port}", self.config.name);
+        config.ports = None;
+        Pm2 {
+            config,
+            extra_env: vec![("PORT".into(), port.to_string())],
+        }
+    }
+
+    /// The PM2 names this app's processes may have.
+    fn names(&self) -> Vec<String> {
+        let mut names = vec![self.config.name.clone()];
+        if let Some(ports) = self.front_ports() {
+            names.extend(ports.iter().map(|p| format!("{}-{p}", self.config.name)));
+        }
+        names
+    }
+
+    /// Where the port of the process set that serves is recorded.
+    fn live_file(root: &Path) -> PathBuf {
+        root.join(".slipway/run/pm2-live.json")
+    }
+
+    fn live_port(root: &Path) -> Option<u16> {
+        crate::durable::read_json::<serde_json::Value>(&Self::live_file(root))
+            .and_then(|v| v.get("port").and_then(Value::as_u64))
+            .and_then(|p| u16::try_from(p).ok())
+    }
+
+    /// Starts `target` as a process set on the port the live set does not
+    /// use; the front moves to it once it passed its gate.
+    fn front_activate(&self, target: &Target, ports: [u16; 2]) -> Result<Activation, DriverError> {
+        let pm2 = Runner::new(&self.config)?;
+        let port = match Self::live_port(&target.app.root) {
+            Some(l) if l == ports[0] => ports[1],
+            _ => ports[0],
+        };
+        let slot = self.slot(port);
+        let stale = slot.processes(&pm2)?;
+        if !stale.is_empty() {
+            // Left by a deploy that never finished: this set is not live.
+            pm2.delete(&stale)?;
+        }
+        let mut a = slot.run_release(target)?;
+        a.port = Some(port);
+        a.handle = Some(slot.config.name.clone());
+        let _ = write!(
+            a.detail,
+            "; new process set on port {port}, behind the agent's proxy"
+        );
+        Ok(a)
+    }
+
+    /// The set on `port` serves: record it, delete every other set.
+    fn front_commit(&self, root: &Path, port: u16) -> Result<(), DriverError> {
+        crate::durable::write_json(&Self::live_file(root), &serde_json::json!({ "port": port }))
+            .map_err(|e| {
+                DriverError::failed(
+                    DRIVER,
+                    format!("cannot write {}: {e}", Self::live_file(root).display()),
+                )
+            })?;
+        let pm2 = Runner::new(&self.config)?;
+        let keep = self.slot(port).config.name;
+        let others: Vec<JlistProcess> = self
+            .processes(&pm2)?
+            .into_iter()
+            .filter(|p| p.name.as_deref() != Some(keep.as_str()))
+            .collect();
+        pm2.delete(&others)?;
+        self.save(&pm2);
+        Ok(())
+    }
+
+    /// The new set failed its gate: delete it; the live set (which the
+    /// front never left) serves on, or is started again if it is gone.
+    fn front_restore(
+        &self,
+        previous: &Target,
+        failed: &Activation,
+        ports: [u16; 2],
+    ) -> Result<Activation, DriverError> {
+        let pm2 = Runner::new(&self.config)?;
+        if let Some(p) = failed.port {
+            let dead = self.slot(p).processes(&pm2)?;
+            pm2.delete(&dead)?;
+        }
+        let live = Self::live_port(&previous.app.root)
+            .filter(|p| Some(*p) != failed.port)
+            .unwrap_or(ports[0]);
+        let slot = self.slot(live);
+        let procs = slot.processes(&pm2)?;
+        if !procs.is_empty() && procs.iter().all(|p| p.status() == "online") {
+            return Ok(Activation {
+                port: Some(live),
+                handle: Some(slot.config.name.clone()),
+                detail: format!("pm2 {} kept on port {live}", slot.config.name),
+            });
+        }
+        let mut a = slot.run_release(previous)?;
+        a.port = Some(live);
+        a.handle = Some(slot.config.name.clone());
+        Ok(a)
     }
 
     fn exec_mode(&self) -> &'static str {
@@ -186,10 +308,11 @@ impl Pm2 {
         if !pm2.daemon_running() {
             return Ok(Vec::new());
         }
+        let names = self.names();
         let mut procs: Vec<JlistProcess> = pm2
             .jlist()?
             .into_iter()
-            .filter(|p| p.name.as_deref() == Some(self.config.name.as_str()))
+            .filter(|p| p.name.as_ref().is_some_and(|n| names.contains(n)))
             .collect();
         procs.sort_by_key(|p| p.pm_id);
         Ok(procs)
@@ -322,7 +445,12 @@ impl Pm2 {
                 env.insert(k, Value::from(v));
             }
         }
-        for (k, v) in target.env.iter().chain(target.slipway_env().iter()) {
+        for (k, v) in target
+            .env
+            .iter()
+            .chain(target.slipway_env().iter())
+            .chain(self.extra_env.iter())
+        {
             env.insert(k.clone(), Value::from(v.as_str()));
         }
 
@@ -587,10 +715,16 @@ impl Driver for Pm2 {
     }
 
     fn activate(&self, target: &Target) -> Result<Activation, DriverError> {
-        self.run_release(target)
+        match self.front_ports() {
+            Some(ports) => self.front_activate(target, ports),
+            None => self.run_release(target),
+        }
     }
 
-    fn commit(&self, _target: &Target, _activation: &Activation) -> Result<(), DriverError> {
+    fn commit(&self, target: &Target, activation: &Activation) -> Result<(), DriverError> {
+        if let (Some(_), Some(port)) = (self.front_ports(), activation.port) {
+            return self.front_commit(&target.app.root, port);
+        }
         // The reload replaced the old processes already; all that is left is
         // PM2's dump, so `pm2 resurrect` at boot starts this release's env.
         match Runner::new(&self.config) {
@@ -600,7 +734,10 @@ impl Driver for Pm2 {
         Ok(())
     }
 
-    fn restore(&self, previous: &Target, _failed: &Activation) -> Result<Activation, DriverError> {
+    fn restore(&self, previous: &Target, failed: &Activation) -> Result<Activation, DriverError> {
+        if let Some(ports) = self.front_ports() {
+            return self.front_restore(previous, failed, ports);
+        }
         // `current` points at `previous` again and the processes run from
         // `current`: reloading brings the previous release back, and there is
         // nothing of the failed one to drop beyond what the reload replaces.
@@ -617,7 +754,13 @@ impl Driver for Pm2 {
             // Or `pm2 resurrect` at boot would start it again.
             self.save(&pm2);
         }
-        // The process file holds `.env` values and is useless once stopped.
+        // The process files hold `.env` values and are useless once stopped.
+        if let Some(ports) = self.front_ports() {
+            for p in ports {
+                let _ = fs::remove_file(self.slot(p).process_file(&app.root));
+            }
+            let _ = fs::remove_file(Self::live_file(&app.root));
+        }
         match fs::remove_file(self.process_file(&app.root)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -695,7 +838,9 @@ impl Driver for Pm2 {
             || procs
                 .iter()
                 .any(|p| p.pm2_env.exec_mode.as_deref() == Some("fork_mode"));
-        if fork {
+        if self.front_ports().is_some() {
+            notes.push(FRONT_NOTE.to_owned());
+        } else if fork {
             notes.push(FORK_NOTE.to_owned());
         } else {
             match pm2.balancing() {

@@ -11,6 +11,8 @@ mod docker_deploy;
 mod docker_driver;
 mod download;
 mod exec_driver;
+mod exec_listen;
+mod front;
 mod keep;
 mod layers;
 mod lifecycle;

@@ -151,6 +151,7 @@ impl Fixture {
             pm2_home: Some(self.pm2_home.path().to_owned()),
             pm2_bin: PathBuf::from("pm2"),
             user: None,
+            ports: None,
         }
     }
 

@@ -352,6 +352,14 @@ impl RunningAgent {
         Self(Some(child))
     }
 
+    /// `kill -9`, as a crash or the OOM killer would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits up to 10 s for the agent to exit (then kills
     /// it): its exit code, None if it had to be killed or died of a signal.
     pub fn stop(&mut self) -> Option<i32> {

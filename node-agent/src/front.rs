@@ -1,0 +1,544 @@
+//! `slipway-agent front`: the agent's TCP proxy on an app's public address,
+//! for drivers whose new release listens on a port of its own (Docker's
+//! blue/green host port, PM2 fork mode's blue/green process set).
+//!
+//! One detached front process per app (like the exec supervisor, so it
+//! outlives a restart or a `kill -9` of `slipway-agent run`) binds `listen`
+//! once and forwards every connection to the backend named in
+//! `.slipway/run/front-target.json`, byte for byte (`copy_bidirectional`).
+//! A switch is a journalled step: the deploy writes the new target durably
+//! (temp + fsync + rename) once the new release passed its gate, then sends
+//! SIGHUP; the front answers in `front.json` with the target's `seq`. New
+//! connections go to the new backend from then on; open ones finish on the
+//! old one, whose count the front reports under `draining` until it is
+//! zero; the deploy waits for that, bounded by the driver's stop grace,
+//! before the old backend is stopped. A kill -9 of the agent before the
+//! target is written leaves the front on the old, still running, backend.
+//!
+//! A backend that refuses a connection is tried once more after a re-read
+//! of the target (a switch may be under way); then the client's connection
+//! is closed.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::durable;
+use crate::listen::ListenAddr;
+
+/// How long a backend connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the front may take to start or to answer a switch.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// On SIGTERM: how long open connections may take to finish.
+const EXIT_DRAIN: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Environment variable naming the agent binary to run `front` with (tests
+/// and packagers; default: this executable).
+pub const AGENT_BIN_ENV: &str = "SLIPWAY_AGENT_BIN";
+
+/// The front's files under `<root>/.slipway/run/`.
+#[derive(Debug, Clone)]
+pub struct FrontFiles {
+    pub dir: PathBuf,
+    pub lock: PathBuf,
+    /// What the deploy wants: [`Target`].
+    pub target: PathBuf,
+    /// What the front does: [`FrontState`].
+    pub state: PathBuf,
+    pub log: PathBuf,
+}
+
+impl FrontFiles {
+    pub fn new(root: &Path) -> Self {
+        let dir = root.join(".slipway/run");
+        Self {
+            lock: dir.join("front.lock"),
+            target: dir.join("front-target.json"),
+            state: dir.join("front.json"),
+            log: dir.join("front.log"),
+            dir,
+        }
+    }
+}
+
+/// The backend new connections go to, as the deploy last decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub backend: SocketAddr,
+    /// Bumped by every switch; the front echoes it once applied.
+    pub seq: u64,
+    /// The release behind `backend`, for `status`.
+    #[serde(default)]
+    pub release: Option<String>,
+}
+
+/// What the front reports in `front.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontState {
+    pub pid: u32,
+    pub listen: String,
+    pub backend: Option<SocketAddr>,
+    pub release: Option<String>,
+    pub seq: u64,
+    /// Earlier backends with connections still open.
+    #[serde(default)]
+    pub draining: BTreeMap<String, u64>,
+}
+
+impl FrontState {
+    pub fn load(files: &FrontFiles) -> Option<Self> {
+        durable::read_json(&files.state)
+    }
+}
+
+/// Whether a front holds the lock for this root.
+pub fn is_running(files: &FrontFiles) -> bool {
+    crate::lock::is_held(&files.lock)
+}
+
+/// Errors of the deploy's side of the front.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    #[error("front on {listen}: {message}")]
+    Failed { listen: String, message: String },
+}
+
+fn failed(listen: &ListenAddr, message: impl Into<String>) -> FrontError {
+    FrontError::Failed {
+        listen: listen.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Points the app's front at `127.0.0.1:port` (starting the front if it is
+/// not running), then waits, at most `drain`, for the connections still open
+/// to the previous backend to finish. Returns one line for the deploy log.
+pub fn switch(
+    root: &Path,
+    listen: &ListenAddr,
+    port: u16,
+    release: &str,
+    drain: Duration,
+) -> Result<String, FrontError> {
+    let files = FrontFiles::new(root);
+    fs::create_dir_all(&files.dir).map_err(|e| {
+        failed(
+            listen,
+            format!("cannot create {}: {e}", files.dir.display()),
+        )
+    })?;
+    let backend = SocketAddr::from(([127, 0, 0, 1], port));
+    let before: Option<Target> = durable::read_json(&files.target);
+    if before.as_ref().is_some_and(|t| t.backend == backend)
+        && is_running(&files)
+        && FrontState::load(&files).is_some_and(|s| s.backend == Some(backend))
+    {
+        return Ok(format!("front on {listen} already forwards to {backend}"));
+    }
+    let target = Target {
+        backend,
+        seq: before.map_or(1, |t| t.seq + 1),
+        release: Some(release.to_owned()),
+    };
+    durable::write_json(&files.target, &target).map_err(|e| {
+        failed(
+            listen,
+            format!("cannot write {}: {e}", files.target.display()),
+        )
+    })?;
+    let state = FrontState::load(&files);
+    let running = is_running(&files);
+    if running
+        && state
+            .as_ref()
+            .is_some_and(|s| s.listen != listen.to_string())
+    {
+        // The address changed: a new front binds the new one.
+        stop(root).map_err(|e| failed(listen, e))?;
+    }
+    if is_running(&files) {
+        let pid = state.map(|s| s.pid).unwrap_or(0);
+        kill(Pid::from_raw(pid as i32), Signal::SIGHUP)
+            .map_err(|e| failed(listen, format!("cannot signal front pid {pid}: {e}")))?;
+    } else {
+        spawn(root, listen, &files)?;
+    }
+    let t = Instant::now();
+    let applied = loop {
+        if let Some(s) = FrontState::load(&files).filter(|s| s.seq >= target.seq) {
+            break s;
+        }
+        if t.elapsed() > ANSWER_WAIT {
+            return Err(failed(
+                listen,
+                format!(
+                    "did not take the switch to {backend} within {ANSWER_WAIT:?} (see {})",
+                    files.log.display()
+                ),
+            ));
+        }
+        std::thread::sleep(POLL);
+    };
+    let switched_in = t.elapsed();
+    let mut left = applied.draining;
+    let d = Instant::now();
+    while !left.is_empty() && d.elapsed() < drain {
+        std::thread::sleep(POLL);
+        left = FrontState::load(&files)
+            .map(|s| s.draining)
+            .unwrap_or_default();
+    }
+    let open: u64 = left.values().sum();
+    Ok(format!(
+        "front on {listen} forwards new connections to {backend} (switched in {} ms; {})",
+        switched_in.as_millis(),
+        if open == 0 {
+            format!("previous backend drained in {} ms", d.elapsed().as_millis())
+        } else {
+            format!("{open} connections still open to the previous backend after {drain:?}")
+        }
+    ))
+}
+
+fn agent_bin() -> std::io::Result<PathBuf> {
+    match std::env::var_os(AGENT_BIN_ENV) {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => std::env::current_exe(),
+    }
+}
+
+fn spawn(root: &Path, listen: &ListenAddr, files: &FrontFiles) -> Result<(), FrontError> {
+    let bin =
+        agent_bin().map_err(|e| failed(listen, format!("cannot find the agent binary: {e}")))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&files.log)
+        .map_err(|e| failed(listen, format!("cannot open {}: {e}", files.log.display())))?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("front")
+        .arg("--root")
+        .arg(root)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    // Its own process group: a Ctrl-C on the deploying terminal must not
+    // reach it.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd
+        .spawn()
+        .map_err(|e| failed(listen, format!("cannot start {} front: {e}", bin.display())))?;
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
+/// Stops the app's front, if one runs: SIGTERM, then it finishes the open
+/// connections (bounded) and exits.
+pub fn stop(root: &Path) -> Result<(), String> {
+    let files = FrontFiles::new(root);
+    if !is_running(&files) {
+        return Ok(());
+    }
+    let Some(state) = FrontState::load(&files) else {
+        return Err(format!(
+            "{} is locked but has no state",
+            files.state.display()
+        ));
+    };
+    kill(Pid::from_raw(state.pid as i32), Signal::SIGTERM)
+        .map_err(|e| format!("cannot signal front pid {}: {e}", state.pid))?;
+    let t = Instant::now();
+    while is_running(&files) {
+        if t.elapsed() > EXIT_DRAIN + ANSWER_WAIT {
+            return Err(format!("front pid {} did not stop", state.pid));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// One line for `status`, when the app has a front.
+pub fn describe(root: &Path, listen: &ListenAddr) -> String {
+    let files = FrontFiles::new(root);
+    match (is_running(&files), FrontState::load(&files)) {
+        (true, Some(s)) => format!(
+            "agent proxy: {listen} forwards new connections to {} (release {}){}",
+            s.backend.map_or("nothing yet".into(), |b| b.to_string()),
+            s.release.as_deref().unwrap_or("?"),
+            if s.draining.is_empty() {
+                String::new()
+            } else {
+                format!("; draining {:?}", s.draining)
+            }
+        ),
+        _ => format!("agent proxy: {listen} is not held (no front running; the next deploy or start starts it)"),
+    }
+}
+
+/// Connection counts per backend, and where new connections go.
+#[derive(Debug, Default)]
+struct Routes {
+    target: Option<Target>,
+    open: BTreeMap<SocketAddr, u64>,
+}
+
+impl Routes {
+    fn state(&self, listen: &ListenAddr) -> FrontState {
+        let current = self.target.as_ref().map(|t| t.backend);
+        FrontState {
+            pid: std::process::id(),
+            listen: listen.to_string(),
+            backend: current,
+            release: self.target.as_ref().and_then(|t| t.release.clone()),
+            seq: self.target.as_ref().map_or(0, |t| t.seq),
+            draining: self
+                .open
+                .iter()
+                .filter(|(b, n)| Some(**b) != current && **n > 0)
+                .map(|(b, n)| (b.to_string(), *n))
+                .collect(),
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Routes>>;
+
+/// Runs the front until SIGTERM or SIGINT.
+pub fn run(root: &Path, listen: &ListenAddr) -> anyhow::Result<()> {
+    let files = FrontFiles::new(root);
+    fs::create_dir_all(&files.dir)
+        .with_context(|| format!("cannot create {}", files.dir.display()))?;
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&files.lock)
+        .with_context(|| format!("cannot open {}", files.lock.display()))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| anyhow::anyhow!("{} already has a front ({e})", root.display()))?;
+    let socket = listen
+        .bind()
+        .with_context(|| format!("listen = {listen}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the front's runtime")?;
+    runtime.block_on(serve(files, listen.clone(), socket))
+}
+
+/// Writes the state file off the runtime thread, latest state last.
+fn save(files: &FrontFiles, state: FrontState) {
+    if let Err(e) = durable::write_json(&files.state, &state) {
+        tracing::warn!(error = %e, "cannot write the front's state");
+    }
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+async fn serve(
+    files: FrontFiles,
+    listen: ListenAddr,
+    socket: std::os::fd::OwnedFd,
+) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let listener = match &listen {
+        ListenAddr::Tcp(_) => {
+            let l = std::net::TcpListener::from(socket);
+            l.set_nonblocking(true)?;
+            Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
+        }
+        ListenAddr::Unix(_) => {
+            let l = std::os::unix::net::UnixListener::from(socket);
+            l.set_nonblocking(true)?;
+            Listener::Unix(tokio::net::UnixListener::from_std(l)?)
+        }
+    };
+    let routes: Shared = Arc::new(Mutex::new(Routes {
+        target: durable::read_json(&files.target),
+        open: BTreeMap::new(),
+    }));
+    // Drain progress is written by one task, woken by connection ends.
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let writer = {
+        let (routes, changed, files, listen) = (
+            routes.clone(),
+            changed.clone(),
+            files.clone(),
+            listen.clone(),
+        );
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let state = lock(&routes).state(&listen);
+                if last.as_ref() != Some(&state) {
+                    let f = files.clone();
+                    let s = state.clone();
+                    let _ = tokio::task::spawn_blocking(move || save(&f, s)).await;
+                    last = Some(state);
+                }
+                changed.notified().await;
+            }
+        })
+    };
+    loop {
+        tokio::select! {
+            accepted = accept(&listener) => match accepted {
+                Ok(inbound) => {
+                    let (routes, changed) = (routes.clone(), changed.clone());
+                    let target_path = files.target.clone();
+                    tokio::spawn(async move {
+                        forward(inbound, routes, changed, target_path).await;
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = hup.recv() => {
+                let target: Option<Target> = {
+                    let path = files.target.clone();
+                    tokio::task::spawn_blocking(move || durable::read_json(&path)).await.ok().flatten()
+                };
+                lock(&routes).target = target;
+                changed.notify_one();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    drop(listener);
+    let t = Instant::now();
+    while lock(&routes).open.values().any(|n| *n > 0) && t.elapsed() < EXIT_DRAIN {
+        tokio::time::sleep(POLL).await;
+    }
+    writer.abort();
+    Ok(())
+}
+
+fn lock(routes: &Shared) -> std::sync::MutexGuard<'_, Routes> {
+    // A panic while holding it cannot leave the counts half-changed: every
+    // change is one statement.
+    routes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn accept(l: &Listener) -> std::io::Result<Box<dyn Stream>> {
+    Ok(match l {
+        Listener::Tcp(l) => {
+            let (s, _) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Box::new(s)
+        }
+        Listener::Unix(l) => Box::new(l.accept().await?.0),
+    })
+}
+
+/// Counts a connection against its backend while it lives.
+struct Held {
+    routes: Shared,
+    changed: Arc<tokio::sync::Notify>,
+    backend: SocketAddr,
+}
+
+impl Held {
+    fn new(routes: &Shared, changed: &Arc<tokio::sync::Notify>, backend: SocketAddr) -> Self {
+        *lock(routes).open.entry(backend).or_default() += 1;
+        Self {
+            routes: routes.clone(),
+            changed: changed.clone(),
+            backend,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut r = lock(&self.routes);
+        let draining = r.target.as_ref().map(|t| t.backend) != Some(self.backend);
+        if let Some(n) = r.open.get_mut(&self.backend) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                r.open.remove(&self.backend);
+            }
+        }
+        drop(r);
+        if draining {
+            self.changed.notify_one();
+        }
+    }
+}
+
+async fn forward(
+    mut inbound: Box<dyn Stream>,
+    routes: Shared,
+    changed: Arc<tokio::sync::Notify>,
+    target_path: PathBuf,
+) {
+    for attempt in 0..2 {
+        if attempt == 1 {
+            // Refused or unreachable: a switch may have been written but
+            // not yet signalled; read the target again and retry once.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let path = target_path.clone();
+            if let Ok(Some(t)) =
+                tokio::task::spawn_blocking(move || durable::read_json::<Target>(&path)).await
+            {
+                let mut r = lock(&routes);
+                if r.target.as_ref().is_none_or(|c| c.seq < t.seq) {
+                    r.target = Some(t);
+                    changed.notify_one();
+                }
+            }
+        }
+        let Some(backend) = lock(&routes).target.as_ref().map(|t| t.backend) else {
+            return;
+        };
+        let held = Held::new(&routes, &changed, backend);
+        let out = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(backend))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
+            .and_then(|r| r);
+        match out {
+            Ok(mut outbound) => {
+                let _ = outbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                drop(held);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%backend, error = %e, "cannot reach the backend");
+                drop(held);
+            }
+        }
+    }
+}

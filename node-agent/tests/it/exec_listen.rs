@@ -1,0 +1,171 @@
+//! The exec driver with `listen`: the supervisor holds the app's public
+//! socket and hands it to each release's process (systemd socket
+//! activation), so deploys, failed gates and an app that will not take the
+//! socket lose no request. Real processes: the agent binary, its detached
+//! supervisor and a Python server on the handed-over sockets, with the load
+//! loop of `support::load` (a new TCP connection per request, bounded).
+
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::support::load::Load;
+use crate::support::{free_port, http_get, tar_of, targz, Node, SAMPLE_APP};
+
+const SOCKET_APP: &str = include_str!("../../../tests/fixtures/socket_server.py");
+/// Bounds of every load loop here.
+const LOAD_TIME: Duration = Duration::from_secs(240);
+const LOAD_REQUESTS: usize = 200_000;
+
+struct App {
+    node: Node,
+    port: u16,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        // Never leave a supervisor behind, whatever the test did.
+        let _ = self.node.run(&["stop", "--app", "web"]);
+    }
+}
+
+fn app() -> App {
+    let port = free_port();
+    let node = Node::new(&format!(
+        r#"listen = "127.0.0.1:{port}"
+
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "5s"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+status = "200-299"
+interval = "50ms"
+successes = 2
+retries = 2
+start_period = "1s"
+deadline = "10s"
+"#
+    ));
+    // PORT: what an app that binds its own port (server.py) would use.
+    fs::write(node.root.join("shared/.env"), format!("PORT={port}\n")).unwrap();
+    App { node, port }
+}
+
+/// A release of the socket-activated app (`socket: false`: the plain
+/// server.py, which binds PORT itself and so cannot start).
+fn release(node: &Node, version: &str, health: Option<u16>, socket: bool) -> PathBuf {
+    let server = if socket { SOCKET_APP } else { SAMPLE_APP };
+    let mut files = vec![
+        ("server.py", server.to_owned()),
+        ("VERSION", version.to_owned()),
+    ];
+    if let Some(code) = health {
+        files.push(("HEALTH", code.to_string()));
+    }
+    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let path = node.dir.path().join(format!("{version}.tar.gz"));
+    fs::write(&path, targz(&tar_of(&refs))).unwrap();
+    path
+}
+
+fn status(node: &Node) -> serde_json::Value {
+    node.run(&["status", "--json"]).ok().json()
+}
+
+#[test]
+fn twenty_deploys_under_load_on_the_held_socket_lose_nothing() {
+    let a = app();
+    a.node
+        .deploy(&release(&a.node, "v1", None, true), "v1")
+        .ok();
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v1");
+    let s = status(&a.node);
+    let notes = s["apps"][0]["processes"]["notes"].to_string();
+    assert!(notes.contains("socket handover"), "{s:#}");
+
+    let load = Load::start(a.port, "/", 4, 2, LOAD_TIME, LOAD_REQUESTS);
+    let mut versions = BTreeSet::from(["v1".to_owned()]);
+    for i in 2..=21 {
+        let v = format!("v{i}");
+        let run = a.node.deploy_json(&release(&a.node, &v, None, true), &v);
+        let rep = run.json();
+        assert_eq!(rep["outcome"], "succeeded", "deploy {v}: {rep:#}");
+        versions.insert(v);
+    }
+    // A request after the last switch answers from the last release.
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    assert_eq!(
+        report.failures(),
+        0,
+        "{}\nsupervisor log:\n{}",
+        report.summary(),
+        fs::read_to_string(a.node.root.join(".slipway/run/supervisor.log")).unwrap_or_default()
+            + &fs::read_to_string(a.node.root.join(".slipway/run/output.log")).unwrap_or_default()
+    );
+    assert!(report.ok >= 200, "too little load: {}", report.summary());
+    let seen: BTreeSet<String> = report.bodies.iter().cloned().collect();
+    assert!(
+        seen.is_subset(&versions),
+        "answers from no deployed release: {seen:?}"
+    );
+    assert!(seen.len() >= 10, "releases seen: {seen:?}");
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v21");
+    // One process serves once the deploys are done: the old ones drained.
+    let s = status(&a.node);
+    let procs = s["apps"][0]["processes"]["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{s:#}");
+    assert_eq!(procs[0]["release"], "v21");
+    eprintln!("20 deploys under load: {}", report.summary());
+}
+
+#[test]
+fn failed_gate_and_an_app_that_refuses_the_socket_leave_the_old_release_serving() {
+    let a = app();
+    a.node
+        .deploy(&release(&a.node, "v1", None, true), "v1")
+        .ok();
+    let load = Load::start(a.port, "/", 3, 1, LOAD_TIME, LOAD_REQUESTS);
+    // A release whose private probe answers 500.
+    let run = a
+        .node
+        .deploy_json(&release(&a.node, "v2", Some(500), true), "v2");
+    let rep = run.json();
+    assert_eq!(rep["outcome"], "rolled_back", "{rep:#}");
+    assert!(
+        rep["failure"].as_str().unwrap().contains("HTTP 500"),
+        "{rep:#}"
+    );
+    // A release that binds its own port instead of taking the socket: it
+    // cannot start (the agent holds the address) and never serves.
+    let run = a
+        .node
+        .deploy_json(&release(&a.node, "v3", None, false), "v3");
+    let rep = run.json();
+    assert_eq!(rep["outcome"], "rolled_back", "{rep:#}");
+    let report = load.stop();
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+    // The release on its gate shares the socket (it answers some requests
+    // until it is dropped); the one that cannot take the socket never does.
+    assert!(
+        report.bodies.iter().all(|b| b == "v1" || b == "v2"),
+        "a release that never started answered: {}",
+        report.summary()
+    );
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v1");
+    assert_eq!(a.node.current().as_deref(), Some("v1"));
+    let s = status(&a.node);
+    let procs = s["apps"][0]["processes"]["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{s:#}");
+    assert_eq!(procs[0]["release"], "v1");
+    let log = fs::read_to_string(a.node.root.join(".slipway/run/output.log")).unwrap();
+    assert!(log.contains("Address already in use"), "{log}");
+}

@@ -1,0 +1,378 @@
+//! The agent's front (its TCP proxy on the app's public address) with a
+//! real Docker engine of the test's own: deploys of busybox images under
+//! load, each new container on the other blue/green port, lose no request;
+//! the public address never changes; a release that fails its gate never
+//! receives a connection; the front outlives the agent process that
+//! started it.
+
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::load::Load;
+use crate::support::{
+    busybox_image_on, docker_cli_on, free_port, http_get, targz, Node, PrivateDockerd, RawTar,
+    RunningAgent,
+};
+
+const LOAD_TIME: Duration = Duration::from_secs(300);
+const LOAD_REQUESTS: usize = 200_000;
+
+fn port_pair() -> [u16; 2] {
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// Release `version` of `app`: `image.tar` of a busybox httpd saying
+/// `version` (without /api/health when `healthy` is false).
+fn image_artifact(node: &Node, socket: &Path, app: &str, version: &str, healthy: bool) -> PathBuf {
+    let tag = format!("slipway-front-{app}:{version}");
+    busybox_image_on(Some(socket), node.dir.path(), &tag, version, healthy);
+    let saved = node.dir.path().join(format!("{version}-image.tar"));
+    docker_cli_on(Some(socket), &["save", "-o", saved.to_str().unwrap(), &tag]);
+    let tar = RawTar::default()
+        .file("image.tar", 0o644, &fs::read(&saved).unwrap())
+        .finish();
+    fs::remove_file(&saved).unwrap();
+    let art = node.dir.path().join(format!("{version}.tar.gz"));
+    fs::write(&art, targz(&tar)).unwrap();
+    art
+}
+
+fn deploy(node: &Node, app: &str, art: &Path, id: &str) -> serde_json::Value {
+    node.run(&[
+        "deploy",
+        "--app",
+        app,
+        "--artifact",
+        art.to_str().unwrap(),
+        "--id",
+        id,
+        "--json",
+    ])
+    .json()
+}
+
+#[test]
+fn docker_deploys_under_load_through_the_front_lose_nothing() {
+    const DEPLOYS: usize = 20;
+    let engine = PrivateDockerd::start();
+    let socket = engine.socket();
+    let app = format!("fr{}", std::process::id());
+    let public = free_port();
+    let ports = port_pair();
+    let node = Node::with_config(|root| {
+        format!(
+            r#"[apps.{app}]
+root = "{}"
+listen = "127.0.0.1:{public}"
+
+[apps.{app}.run]
+driver = "docker"
+image_archive = "image.tar"
+container_port = 3000
+ports = [{}, {}]
+memory = "64MiB"
+stop_grace = "2s"
+docker_socket = "{}"
+
+[apps.{app}.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "100ms"
+successes = 2
+start_period = "500ms"
+deadline = "20s"
+"#,
+            root.join(&app).display(),
+            ports[0],
+            ports[1],
+            socket.display()
+        )
+    });
+    struct Stop<'a>(&'a Node, String);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", &self.1]);
+        }
+    }
+    let _stop = Stop(&node, app.clone());
+    let arts: Vec<PathBuf> = (0..=DEPLOYS)
+        .map(|i| image_artifact(&node, &socket, &app, &format!("v{i}"), true))
+        .collect();
+    let sick = image_artifact(&node, &socket, &app, "sick", false);
+
+    let r = deploy(&node, &app, &arts[0], "v0");
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    assert_eq!(http_get(public, "/").unwrap().1.trim(), "v0");
+    // The container's own port is on loopback only.
+    let bound = docker_cli_on(
+        Some(&socket),
+        &[
+            "ps",
+            "--filter",
+            &format!("label=slipway.app={app}"),
+            "--format",
+            "{{.Ports}}",
+        ],
+    );
+    assert!(bound.starts_with("127.0.0.1:"), "{bound}");
+
+    let load = Load::start(public, "/", 3, 1, LOAD_TIME, LOAD_REQUESTS);
+    let t0 = std::time::Instant::now();
+    let mut deployed = BTreeSet::new();
+    for (i, art) in arts.iter().enumerate().skip(1) {
+        let v = format!("v{i}");
+        let r = deploy(&node, &app, art, &v);
+        assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}");
+        eprintln!(
+            "{:.3}s: {v} deployed: {}",
+            t0.elapsed().as_secs_f64(),
+            r["steps"]
+        );
+        deployed.insert(v);
+        if i == DEPLOYS / 2 {
+            // A release that fails its gate: the front never moves to it.
+            let r = deploy(&node, &app, &sick, "sick");
+            assert_eq!(r["outcome"], "rolled_back", "{r:#}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    eprintln!(
+        "{DEPLOYS} docker deploys through the front: {}",
+        report.summary()
+    );
+    assert_eq!(
+        report.failures(),
+        0,
+        "{}\nfront log:\n{}",
+        report.summary(),
+        fs::read_to_string(node.root.join(&app).join(".slipway/run/front.log")).unwrap_or_default()
+    );
+    assert!(report.ok >= 200, "too little load: {}", report.summary());
+    deployed.insert("v0".into());
+    let seen: BTreeSet<String> = report.bodies.iter().map(|b| b.trim().to_owned()).collect();
+    assert!(
+        seen.is_subset(&deployed),
+        "answers from a release never switched to: {seen:?}"
+    );
+    let last = format!("v{DEPLOYS}");
+    assert_eq!(http_get(public, "/").unwrap().1.trim(), last);
+    let st = node.run(&["status", "--json"]).ok().json();
+    let notes = st["apps"][0]["processes"]["notes"].to_string();
+    assert!(
+        notes.contains(&format!("agent proxy: 127.0.0.1:{public} forwards"))
+            && notes.contains(&last),
+        "{st:#}"
+    );
+}
+
+/// The PM2 test app (answers `RELEASE PID` on $PORT; SIGINT: stop
+/// accepting, finish in-flight requests, close keep-alive connections).
+const PM2_SERVER: &str = include_str!("../fixtures/pm2-app/server.js");
+
+/// Kills this test's PM2 daemon, whatever happened.
+struct Pm2Home(PathBuf);
+
+impl Drop for Pm2Home {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pm2")
+            .arg("kill")
+            .env("PM2_HOME", &self.0)
+            .output();
+    }
+}
+
+/// A node whose app `web` is a one-instance PM2 fork-mode app behind the
+/// front on `public`, its process sets on `ports`.
+fn pm2_fork_node(public: u16, ports: [u16; 2], pm2_home: &Path) -> Node {
+    Node::new(&format!(
+        r#"listen = "127.0.0.1:{public}"
+
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+instances = 1
+exec_mode = "fork"
+ports = [{}, {}]
+pm2_home = "{}"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "100ms"
+successes = 2
+retries = 2
+start_period = "500ms"
+deadline = "30s"
+"#,
+        ports[0],
+        ports[1],
+        pm2_home.display()
+    ))
+}
+
+#[test]
+fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
+    const DEPLOYS: usize = 20;
+    let public = free_port();
+    let ports = port_pair();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = pm2_fork_node(public, ports, pm2_home.path());
+    struct Stop<'a>(&'a Node);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", "web"]);
+        }
+    }
+    let _stop = Stop(&node);
+    let artifact = |v: &str| {
+        let server = PM2_SERVER.replace("__RELEASE__", v);
+        node.artifact(&format!("{v}.tar.gz"), &[("server.js", server.as_str())])
+    };
+    let r = node.deploy_json(&artifact("v0"), "v0").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    assert_eq!(r["activation"]["port"].as_u64(), Some(u64::from(ports[0])));
+
+    let load = Load::start(public, "/", 2, 1, LOAD_TIME, LOAD_REQUESTS);
+    let mut deployed = BTreeSet::from(["v0".to_owned()]);
+    for i in 1..=DEPLOYS {
+        let v = format!("v{i}");
+        let r = node.deploy_json(&artifact(&v), &v).ok().json();
+        assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}");
+        // Blue/green: each release on the other port of the pair.
+        assert_eq!(
+            r["activation"]["port"].as_u64(),
+            Some(u64::from(ports[i % 2])),
+            "{r:#}"
+        );
+        deployed.insert(v);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    eprintln!(
+        "{DEPLOYS} pm2 fork deploys through the front: {}",
+        report.summary()
+    );
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+    assert!(report.ok >= 500, "too little load: {}", report.summary());
+    let seen: BTreeSet<String> = report.bodies.iter().cloned().collect();
+    assert!(seen.is_subset(&deployed), "{seen:?}");
+    let last = format!("v{DEPLOYS}");
+    assert!(seen.contains(&last), "{last} never answered");
+    // One process set is left, the last release's.
+    let st = node.run(&["status", "--json"]).ok().json();
+    let procs = st["apps"][0]["processes"]["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{st:#}");
+    let notes = st["apps"][0]["processes"]["notes"].to_string();
+    assert!(
+        notes.contains("agent proxy") && notes.contains("fork mode behind the agent's proxy"),
+        "{st:#}"
+    );
+}
+
+#[test]
+fn the_front_outlives_restarts_and_a_kill_of_the_agent_under_load() {
+    let public = free_port();
+    let ports = port_pair();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = pm2_fork_node(public, ports, pm2_home.path());
+    struct Stop<'a>(&'a Node);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", "web"]);
+        }
+    }
+    let _stop = Stop(&node);
+    let artifact = |v: &str| {
+        let server = PM2_SERVER.replace("__RELEASE__", v);
+        node.artifact(&format!("{v}.tar.gz"), &[("server.js", server.as_str())])
+    };
+    let r = node.deploy_json(&artifact("v0"), "v0").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    let load = Load::start(public, "/", 2, 1, LOAD_TIME, LOAD_REQUESTS);
+    // `slipway-agent run` starts, stops (SIGTERM), starts and is killed.
+    let mut agent = RunningAgent::start(&node);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.stop(), Some(0));
+    let mut agent = RunningAgent::start(&node);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill();
+    // A deploy after all that switches as usual.
+    let r = node.deploy_json(&artifact("v1"), "v1").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    eprintln!(
+        "agent restarts and a kill -9 under load: {}",
+        report.summary()
+    );
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+    assert!(report.ok >= 200, "too little load: {}", report.summary());
+    assert!(
+        report.bodies.contains(&"v1".to_owned()),
+        "{}",
+        report.summary()
+    );
+}
+
+#[test]
+fn a_kill_of_the_agent_around_the_switch_leaves_one_consistent_release_serving() {
+    assert!(slipway_agent::fault::ENABLED, "tests need the crash points");
+    let public = free_port();
+    let ports = port_pair();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let node = pm2_fork_node(public, ports, pm2_home.path());
+    struct Stop<'a>(&'a Node);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop", "--app", "web"]);
+        }
+    }
+    let _stop = Stop(&node);
+    let artifact = |v: &str| {
+        let server = PM2_SERVER.replace("__RELEASE__", v);
+        node.artifact(&format!("{v}.tar.gz"), &[("server.js", server.as_str())])
+    };
+    let r = node.deploy_json(&artifact("v0"), "v0").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    let load = Load::start(public, "/", 2, 1, LOAD_TIME, LOAD_REQUESTS);
+    for (i, point) in slipway_agent::fault::FRONT_POINTS.iter().enumerate() {
+        let v = format!("v{}", i + 1);
+        node.deploy_killed_at(point, &artifact(&v), &v);
+        // The next command finds the interrupted deploy and undoes it: the
+        // front goes back to (or stays on) v0's process set, v's is deleted.
+        let rel = node.releases();
+        assert!(
+            rel["recovered"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("deploy interrupted"),
+            "{point}: {rel:#}"
+        );
+        assert_eq!(node.current().as_deref(), Some("v0"), "{point}");
+        assert_eq!(
+            http_get(public, "/").unwrap().1.split(' ').next(),
+            Some("v0")
+        );
+        let st = node.run(&["status", "--json"]).ok().json();
+        let procs = st["apps"][0]["processes"]["processes"].as_array().unwrap();
+        assert_eq!(procs.len(), 1, "{point}: {st:#}");
+        let notes = st["apps"][0]["processes"]["notes"].to_string();
+        assert!(notes.contains("(release v0)"), "{point}: {st:#}");
+    }
+    let report = load.stop();
+    eprintln!("kills around the switch under load: {}", report.summary());
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+}
