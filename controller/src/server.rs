@@ -162,7 +162,13 @@ async fn serve_notifying(
         artifacts.clone(),
         commands.clone(),
     );
-    let control = ControlService::new(store.clone(), sessions.clone(), commands, artifacts);
+    let control = ControlService::new(
+        store.clone(),
+        sessions.clone(),
+        commands,
+        artifacts,
+        config.data_dir.clone(),
+    );
     store
         .record_controller_start(crate::now_unix(), config.unreachable_after)
         .await?;

@@ -8,6 +8,8 @@
 use std::fs;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::support::{text, wait_until, Agent, Controller};
 
 fn renewals(controller: &Controller, token: &str) -> usize {
@@ -93,4 +95,155 @@ fn a_controller_restarted_400_days_later_reissues_its_server_certificate() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// `slipway status --json` as (exit code, summary), run at the controller's
+/// clock plus `offset` (e.g. "+3645d") when given.
+fn status_at(controller: &Controller, token: &str, offset: Option<&str>) -> (i32, Value) {
+    let mut command = match offset {
+        Some(offset) => {
+            let mut c = std::process::Command::new("faketime");
+            c.args(["-f", offset]).arg(crate::support::bin("slipway"));
+            c
+        }
+        None => std::process::Command::new(crate::support::bin("slipway")),
+    };
+    let out = command
+        .args(["--controller", &controller.url(), "--ca"])
+        .arg(controller.ca_pem())
+        .args(["--token", token, "status", "--json"])
+        .output()
+        .unwrap();
+    let value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    (out.status.code().unwrap_or(-1), value)
+}
+
+fn certificate<'a>(status: &'a Value, kind: &str, name: &str) -> &'a Value {
+    status["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == kind && (name.is_empty() || c["name"] == name))
+        .unwrap_or_else(|| panic!("no {kind} certificate {name}: {status:#}"))
+}
+
+fn lines_with<'a>(status: &'a Value, list: &str, needle: &str) -> Vec<&'a str> {
+    status[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|l| l.contains(needle))
+        .collect()
+}
+
+#[test]
+fn status_shows_every_certificate_and_warns_then_fails_as_expiry_nears() {
+    let mut controller = Controller::start();
+    let mut agent = Agent::enroll(&controller, "h1");
+    agent.run();
+    let reader = controller.api_token("read");
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+
+    // A fresh system: every certificate listed, all fine, exit 0.
+    let (code, status) = status_at(&controller, &reader, None);
+    assert_eq!(code, 0, "{status:#}");
+    let ca = certificate(&status, "ca", "");
+    assert!(ca["days_left"].as_i64().unwrap() >= 3649, "{ca:#}");
+    assert_eq!(ca["level"], "ok");
+    let server = certificate(&status, "server", "controller");
+    assert!(
+        (364..=365).contains(&server["days_left"].as_i64().unwrap()),
+        "{server:#}"
+    );
+    assert_eq!(server["renewed_automatically"], true);
+    let node = certificate(&status, "node", "h1");
+    assert!(
+        (6..=7).contains(&node["days_left"].as_i64().unwrap()),
+        "{node:#}"
+    );
+    assert_eq!(node["level"], "ok");
+    assert!(
+        node["not_after_rfc3339"].as_str().unwrap().ends_with('Z'),
+        "{node:#}"
+    );
+
+    // An operator certificate made for 20 days: a note (exit still 0).
+    let creds = tempfile::tempdir().unwrap();
+    let out_arg = creds.path().to_str().unwrap();
+    for (name, ttl) in [("soon", "20d"), ("late", "5d")] {
+        let out = controller.cli(&[
+            "operator", "create", name, "--scope", "read", "--ttl", ttl, "--out", out_arg,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        if name == "soon" {
+            let (code, status) = status_at(&controller, &reader, None);
+            assert_eq!(code, 0, "{status:#}");
+            assert_eq!(certificate(&status, "operator", "soon")["level"], "warning");
+            assert_eq!(
+                lines_with(&status, "notes", "operator soon's certificate expires in").len(),
+                1,
+                "{status:#}"
+            );
+        }
+    }
+    // One with 5 days left: a problem, exit 1, and the text says which.
+    let (code, status) = status_at(&controller, &reader, None);
+    assert_eq!(code, 1, "{status:#}");
+    assert_eq!(certificate(&status, "operator", "late")["level"], "failing");
+    assert_eq!(
+        lines_with(
+            &status,
+            "problems",
+            "operator late's certificate expires in "
+        )
+        .len(),
+        1,
+        "{status:#}"
+    );
+    let out = controller.slipway(&reader, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let shown = text(&out);
+    assert!(shown.contains("certificates:"), "{shown}");
+    assert!(shown.contains("node certificates: 1"), "{shown}");
+    assert!(
+        shown.contains("- operator late's certificate expires in "),
+        "{shown}"
+    );
+    // Revoking it takes it off the list: status is clean again.
+    let out = controller.cli(&["operator", "revoke", "late"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = controller.cli(&["operator", "revoke", "soon"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (code, status) = status_at(&controller, &reader, None);
+    assert_eq!(code, 0, "{status:#}");
+
+    // 3645 days on the CA (10 years) has 4 days left and the node's
+    // certificate expired long ago: both are problems, named.
+    agent.stop_run();
+    controller.wrapper = ["faketime", "-f", "+3645d"].map(String::from).to_vec();
+    controller.restart();
+    let (code, status) = status_at(&controller, &reader, Some("+3645d"));
+    assert_eq!(code, 1, "{status:#}");
+    assert_eq!(certificate(&status, "ca", "")["level"], "failing");
+    assert_eq!(
+        lines_with(&status, "problems", "the CA Slipway controller CA").len(),
+        1,
+        "{status:#}"
+    );
+    assert_eq!(
+        lines_with(&status, "problems", "ca rotate start").len(),
+        1,
+        "{status:#}"
+    );
+    let node = certificate(&status, "node", "h1");
+    assert!(node["days_left"].as_i64().unwrap() < -3600, "{node:#}");
+    assert_eq!(
+        lines_with(&status, "problems", "node h1's certificate expired").len(),
+        1,
+        "{status:#}"
+    );
+    // The server certificate was reissued at that start: fine.
+    assert_eq!(certificate(&status, "server", "")["level"], "ok");
 }

@@ -53,6 +53,8 @@ pub struct ControlService {
     sessions: Sessions,
     commands: Commands,
     artifacts: Artifacts,
+    /// The data dir: the CA and server certificate whose health status shows.
+    data_dir: std::path::PathBuf,
 }
 
 fn bearer<T>(request: &Request<T>) -> Option<String> {
@@ -82,12 +84,19 @@ fn selector_json(selector: Option<&Selector>) -> serde_json::Value {
 
 impl ControlService {
     /// The service.
-    pub fn new(store: Store, sessions: Sessions, commands: Commands, artifacts: Artifacts) -> Self {
+    pub fn new(
+        store: Store,
+        sessions: Sessions,
+        commands: Commands,
+        artifacts: Artifacts,
+        data_dir: std::path::PathBuf,
+    ) -> Self {
         Self {
             store,
             sessions,
             commands,
             artifacts,
+            data_dir,
         }
     }
 
@@ -717,7 +726,14 @@ impl Control for ControlService {
             .last_deployments(app)
             .await
             .map_err(ApiError::from)?;
-        let status = fleet::summarize_status(
+        // A certificate that cannot be read is a problem status shows, not
+        // a failed call: the rest of the summary still helps.
+        let (certs, unreadable) =
+            match fleet::certs::system_cert_health(&self.data_dir, &self.store, now).await {
+                Ok(certs) => (Some(certs), None),
+                Err(err) => (None, Some(format!("certificate health unknown: {err}"))),
+            };
+        let mut status = fleet::summarize_status(
             &views,
             &fleet::StatusInputs {
                 app,
@@ -725,8 +741,10 @@ impl Control for ControlService {
                 refresh: refresh.as_ref(),
                 deployments: &deployments,
                 now,
+                certs: certs.as_ref(),
             },
         );
+        status.problems.extend(unreadable);
         Ok(Response::new(FleetStatusResponse {
             status: Some((&status).into()),
         }))

@@ -200,6 +200,19 @@ pub struct PeerCert {
     pub expires_at: i64,
 }
 
+/// A live node's newest certificate, for certificate health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCert {
+    /// Node id.
+    pub id: String,
+    /// Node name.
+    pub name: String,
+    /// When the certificate was issued (seconds since the epoch).
+    pub issued_at: i64,
+    /// When it expires.
+    pub expires_at: i64,
+}
+
 /// A node with its latest reported state, for the fleet view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetRow {
@@ -382,6 +395,27 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The newest certificate of every live (unrevoked) node, by name.
+    pub async fn live_node_certs(&self) -> Result<Vec<NodeCert>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT n.id, n.name, c.issued_at, c.expires_at
+             FROM nodes n JOIN node_certs c ON c.fingerprint = n.cert_fingerprint
+             WHERE n.revoked_at IS NULL ORDER BY n.name, n.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(NodeCert {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    issued_at: row.try_get("issued_at")?,
+                    expires_at: row.try_get("expires_at")?,
+                })
+            })
+            .collect()
     }
 
     /// Ids of every revoked node.
