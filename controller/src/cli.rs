@@ -195,6 +195,10 @@ pub struct ServeArgs {
     /// while serving at two thirds of it, and at start when past that.
     #[arg(long, value_name = "DURATION")]
     pub server_cert_validity: Option<String>,
+    /// Lifetime of node certificates issued at enrollment and renewal
+    /// [default: 7d]. Agents renew theirs at two thirds of it.
+    #[arg(long, value_name = "DURATION")]
+    pub node_cert_validity: Option<String>,
     /// Once it accepts connections, write the address it listens on (e.g.
     /// `127.0.0.1:40123`) to FILE, atomically: for scripts and tests that
     /// start it with `--listen 127.0.0.1:0` and need the port.

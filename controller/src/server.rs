@@ -404,15 +404,19 @@ async fn watchdog(notifier: Arc<Notifier>, every: Duration, stop: CancellationTo
 }
 
 /// Records a TLS handshake refused for its client certificate.
-async fn audit_refused_certificate(store: Store, peer: SocketAddr, message: String) {
-    let event = AuditEvent::error(
-        audit::CLIENT_CERT_REFUSED,
-        peer.to_string(),
-        "connection",
-        peer.to_string(),
-        serde_json::json!({ "peer": peer.to_string() }),
-        message,
-    );
+async fn audit_refused_certificate(store: Store, peer: SocketAddr, refusal: tls::Refusal) {
+    let event = match &refusal.expired {
+        // Whose it was and what to do: the node must re-enroll.
+        Some(expired) => crate::link::enroll::expired_refusal(&store, peer, expired).await,
+        None => AuditEvent::error(
+            audit::CLIENT_CERT_REFUSED,
+            peer.to_string(),
+            "connection",
+            peer.to_string(),
+            serde_json::json!({ "peer": peer.to_string() }),
+            refusal.message,
+        ),
+    };
     if let Err(err) = store.audit(&event, crate::now_unix()).await {
         tracing::error!(%err, "could not record audit event");
     }

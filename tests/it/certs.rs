@@ -247,3 +247,129 @@ fn status_shows_every_certificate_and_warns_then_fails_as_expiry_nears() {
     // The server certificate was reissued at that start: fine.
     assert_eq!(certificate(&status, "server", "")["level"], "ok");
 }
+
+#[test]
+fn a_node_back_after_its_certificate_expired_is_told_and_replace_brings_it_back_as_itself() {
+    // Node certificates of 30 s: one expires while its agent is stopped.
+    let controller = Controller::start_with(&["--node-cert-validity", "30s"]);
+    let mut agent = Agent::enroll(&controller, "x1");
+    agent.run();
+    let token = controller.api_token("read,deploy:web");
+    controller.wait_online(&token, 1, Duration::from_secs(30));
+    let work = tempfile::tempdir().unwrap();
+    let out =
+        controller.deploy_version(&token, work.path(), "v1", crate::support::APP, &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let nodes = crate::support::json(&controller.slipway(&token, &["nodes", "--json"]));
+    let id = nodes[0]["id"].as_str().unwrap().to_owned();
+
+    // Stopped past its certificate's end (renewed at most 30 s ago).
+    agent.stop_run();
+    let stopped = std::time::Instant::now();
+    let nodes = crate::support::json(&controller.slipway(&token, &["nodes", "--json"]));
+    let expires = nodes[0]["cert_expires_at"].as_i64().unwrap();
+    let now = time_now();
+    assert!(expires - now <= 31, "{nodes:#}");
+    std::thread::sleep(Duration::from_secs(
+        u64::try_from(expires - now + 2).unwrap_or(0),
+    ));
+    assert!(stopped.elapsed() < Duration::from_secs(40));
+
+    // Back: refused, and both sides say why and what to do.
+    agent.run();
+    let log_path = agent.dir.path().join("agent.log");
+    wait_until(
+        "the agent to say its certificate expired",
+        Duration::from_secs(30),
+        || {
+            fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .contains("this node's certificate expired")
+        },
+    );
+    let log = fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("re-enroll with `slipway-agent enroll --replace --token …`"),
+        "{log}"
+    );
+    let refused = |c: &Controller| {
+        c.audit(&token)
+            .into_iter()
+            .find(|e| e["event_type"] == "CLIENT_CERT_REFUSED" && e["resource_id"] == id.as_str())
+    };
+    wait_until(
+        "the controller to audit the expired certificate",
+        Duration::from_secs(30),
+        || refused(&controller).is_some(),
+    );
+    let event = refused(&controller).unwrap();
+    let message = event["error_message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with(&format!("node x1 ({id}): certificate expired ")),
+        "{event:#}"
+    );
+    assert!(
+        message.contains("slipway-agent enroll --replace --name x1 --token"),
+        "{event:#}"
+    );
+    let controller_log = fs::read_to_string(controller.dir.path().join("controller.log")).unwrap();
+    assert!(
+        controller_log.contains("certificate expired"),
+        "{controller_log}"
+    );
+    // Status fails on it, naming the node.
+    let (code, status) = status_at(&controller, &token, None);
+    assert_eq!(code, 1, "{status:#}");
+    assert_eq!(
+        lines_with(&status, "problems", "node x1's certificate expired").len(),
+        1,
+        "{status:#}"
+    );
+
+    // `enroll --replace` with a new join token: the same node, re-keyed.
+    agent.stop_run();
+    let out = controller.enroll_cli("x1", &agent.state_dir(), &["--replace"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("enrolled as node {id}")),
+        "{}",
+        text(&out)
+    );
+    agent.run();
+    controller.wait_online(&token, 1, Duration::from_secs(30));
+    let nodes = crate::support::json(&controller.slipway(&token, &["nodes", "--json"]));
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "one node, not a second: {nodes:#?}");
+    assert_eq!(nodes[0]["id"], id.as_str());
+    assert_eq!(nodes[0]["name"], "x1");
+    assert_eq!(nodes[0]["state"], "online");
+    assert!(nodes[0]["revoked_at"].is_null(), "{nodes:#?}");
+    let audit = controller.audit(&token);
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["event_type"] == "NODE_REPLACED" && e["resource_id"] == id.as_str()),
+        "{audit:#?}"
+    );
+    // Its history is its own still: the deployment names it, the app
+    // runs v1, and status no longer complains about its certificate.
+    let (_, status) = status_at(&controller, &token, None);
+    let last = &status["apps"][0]["last_deployment"];
+    assert_eq!(last["nodes"][0]["node_id"], id.as_str(), "{status:#}");
+    assert_eq!(last["nodes"][0]["node_name"], "x1", "{status:#}");
+    assert!(
+        lines_with(&status, "problems", "x1's certificate").is_empty(),
+        "{status:#}"
+    );
+    assert_eq!(agent.get().as_deref(), Some("v1"));
+}
+
+fn time_now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
+}

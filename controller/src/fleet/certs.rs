@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use slipway_proto::span;
 
-use crate::pki::ca::{validity_of, CA_CERT_FILE, SERVER_CERT_FILE};
+use crate::pki::ca::{common_name_of, validity_of, CA_CERT_FILE, SERVER_CERT_FILE};
 use crate::store::{Store, StoreError};
 
 /// One day, in seconds.
@@ -275,7 +275,7 @@ pub fn data_dir_certs(data_dir: &Path) -> Result<Vec<CertHealth>, CertHealthErro
                 validity_of(der).ok_or_else(|| bad("a certificate cannot be parsed".to_owned()))?;
             let (name, id) = match kind {
                 CertKind::Ca => (
-                    common_name(der).unwrap_or_else(|| "(no name)".to_owned()),
+                    common_name_of(der).unwrap_or_else(|| "(no name)".to_owned()),
                     crate::pki::crypto::sha256_hex(der),
                 ),
                 _ => ("controller".to_owned(), String::new()),
@@ -290,13 +290,6 @@ pub fn data_dir_certs(data_dir: &Path) -> Result<Vec<CertHealth>, CertHealthErro
         }
     }
     Ok(out)
-}
-
-/// The subject common name of a certificate.
-fn common_name(der: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(ToOwned::to_owned)
 }
 
 /// The certificate health of the whole system at `now`: the CA(s) and the

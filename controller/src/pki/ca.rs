@@ -452,6 +452,14 @@ pub fn validity_of(der: &CertificateDer<'_>) -> Option<(i64, i64)> {
     Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
+/// A certificate's subject common name; `None` when it has none or cannot
+/// be parsed.
+pub fn common_name_of(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(ToOwned::to_owned)
+}
+
 fn common_name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);

@@ -19,9 +19,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -106,6 +109,7 @@ pub fn server_config(ca: &Ca, cert: ServerCert) -> Result<Arc<ServerConfig>, Tls
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()?;
+    let verifier = Arc::new(NamingVerifier(verifier));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -113,6 +117,115 @@ pub fn server_config(ca: &Ca, cert: ServerCert) -> Result<Arc<ServerConfig>, Tls
     // gRPC is HTTP/2; without ALPN some clients would try HTTP/1.1.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A client certificate refused because it has expired: whose, and since
+/// when, so the refusal can say who must re-enroll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredClientCert {
+    /// The certificate's common name: a node id (`n-…`) or an operator id
+    /// (`op-…`); "" if it has none.
+    pub subject: String,
+    /// Its not-after (seconds since the epoch).
+    pub not_after: i64,
+    /// When it was refused (seconds since the epoch).
+    pub refused_at: i64,
+}
+
+impl std::fmt::Display for ExpiredClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "client certificate of {} expired {} ago (not after {})",
+            if self.subject.is_empty() {
+                "(no name)"
+            } else {
+                &self.subject
+            },
+            slipway_proto::span(self.refused_at - self.not_after),
+            crate::rfc3339(self.not_after)
+        )
+    }
+}
+
+impl std::error::Error for ExpiredClientCert {}
+
+/// A refused client certificate: the message, and the expiry details when
+/// that is why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why, as rustls or [`ExpiredClientCert`] says it.
+    pub message: String,
+    /// Set when the certificate had expired.
+    pub expired: Option<ExpiredClientCert>,
+}
+
+/// The WebPKI client verifier, except that an expired certificate's error
+/// names its subject (rustls' own says only when it expired), so the
+/// controller can tell which node must re-enroll.
+#[derive(Debug)]
+struct NamingVerifier(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for NamingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|err| match err {
+                rustls::Error::InvalidCertificate(
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. },
+                ) => {
+                    let expired = ExpiredClientCert {
+                        subject: crate::pki::ca::common_name_of(end_entity).unwrap_or_default(),
+                        not_after: crate::pki::ca::validity_of(end_entity)
+                            .map_or(0, |(_, not_after)| not_after),
+                        refused_at: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                    };
+                    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                        Arc::new(expired),
+                    )))
+                }
+                other => other,
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Accepts TCP connections, runs the TLS handshakes concurrently, and yields
@@ -127,7 +240,7 @@ pub fn incoming<R, F>(
     refused: R,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>>
 where
-    R: Fn(SocketAddr, String) -> F + Clone + Send + 'static,
+    R: Fn(SocketAddr, Refusal) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send,
 {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
@@ -157,9 +270,9 @@ where
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(err)) => match refused_certificate(&err) {
-                        Some(message) => {
-                            tracing::warn!(%peer, "{message}");
-                            refused(peer, message).await;
+                        Some(refusal) => {
+                            tracing::warn!(%peer, "{}", refusal.message);
+                            refused(peer, refusal).await;
                         }
                         None => tracing::debug!(%peer, %err, "tls handshake failed"),
                     },
@@ -173,12 +286,23 @@ where
 
 /// Why the client's certificate was refused, if that is why the handshake
 /// failed.
-fn refused_certificate(err: &io::Error) -> Option<String> {
+fn refused_certificate(err: &io::Error) -> Option<Refusal> {
     let rustls_err = err
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     let Some(rustls::Error::InvalidCertificate(reason)) = rustls_err else {
         return None;
     };
-    Some(format!("client certificate refused: {reason:?}"))
+    if let CertificateError::Other(OtherError(other)) = reason {
+        if let Some(expired) = other.downcast_ref::<ExpiredClientCert>() {
+            return Some(Refusal {
+                message: expired.to_string(),
+                expired: Some(expired.clone()),
+            });
+        }
+    }
+    Some(Refusal {
+        message: format!("client certificate refused: {reason:?}"),
+        expired: None,
+    })
 }

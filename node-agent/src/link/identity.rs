@@ -104,6 +104,39 @@ pub fn load(state_dir: &Path) -> Result<Pair, IdentityError> {
     read_pair(&dir.join(KEY_FILE), &dir.join(CERT_FILE))
 }
 
+/// The not-after (seconds since the epoch) of the certificate in use;
+/// `None` when there is none or it cannot be read.
+pub fn cert_not_after(state_dir: &Path) -> Option<i64> {
+    use rustls::pki_types::pem::PemObject as _;
+    let pair = load(state_dir).ok()?;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pair.cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// What to tell the operator when the certificate in use has expired at
+/// `now` (the controller then refuses every session): how long ago, and
+/// how to bring the node back as itself. `None` while it is valid.
+pub fn expired_message(state_dir: &Path, now: i64) -> Option<String> {
+    let not_after = cert_not_after(state_dir)?;
+    if now < not_after {
+        return None;
+    }
+    let when = time::OffsetDateTime::from_unix_timestamp(not_after)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| not_after.to_string());
+    Some(format!(
+        "this node's certificate expired {} ago (not after {when}), so the controller refuses \
+         it; re-enroll with `slipway-agent enroll --replace --token …` (a new join token: \
+         slipway-controller token create) — the node keeps its name, tags and history",
+        slipway_proto::span(now - not_after)
+    ))
+}
+
 /// Makes `pair` the identity in use, in one atomic step (see the module
 /// doc); returns its dir. One caller at a time (the uplink renews, `enroll`
 /// runs before it).

@@ -181,8 +181,20 @@ pub async fn run(
                 status(format!("session ended ({}); reconnecting", ended.text));
             }
             Err(e) => {
-                tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}");
-                status(format!("unreachable (attempt {}): {e}", attempt + 1));
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                match identity::expired_message(&ctl.state_dir, now) {
+                    // Retrying cannot help, but an `enroll --replace` run
+                    // meanwhile is picked up at the next attempt (each dial
+                    // reads the identity afresh); the apps keep running.
+                    Some(message) => {
+                        tracing::error!(controller = %ctl.url, attempt, "{message} ({e})");
+                        status(message);
+                    }
+                    None => {
+                        tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}");
+                        status(format!("unreachable (attempt {}): {e}", attempt + 1));
+                    }
+                }
             }
         }
         let delay = backoff(attempt, &mut rng);
