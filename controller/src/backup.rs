@@ -32,8 +32,10 @@ use age::secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::pki::ca::{
-    Ca, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_HOSTS_FILE, SERVER_KEY_FILE,
+    Ca, CA_CERT_FILE, CA_KEY_FILE, NEXT_CA_CERT_FILE, NEXT_CA_KEY_FILE, SERVER_CERT_FILE,
+    SERVER_HOSTS_FILE, SERVER_KEY_FILE,
 };
+use crate::pki::rotation::ROTATION_FILE;
 use crate::store::{Store, StoreError, DB_FILE};
 
 /// What `MANIFEST.json` says the file is.
@@ -43,12 +45,17 @@ const VERSION: u32 = 1;
 const MANIFEST: &str = "MANIFEST.json";
 /// The files of the data dir a backup holds besides the database, each
 /// with the mode it is restored with. The CA files must be there.
-const KEY_FILES: [(&str, u32, bool); 5] = [
+/// During a CA rotation the new CA and the rotation's state are in it
+/// too, so a restored controller goes on with the rotation.
+const KEY_FILES: [(&str, u32, bool); 8] = [
     (CA_CERT_FILE, 0o644, true),
     (CA_KEY_FILE, 0o600, true),
     (SERVER_CERT_FILE, 0o644, false),
     (SERVER_KEY_FILE, 0o600, false),
     (SERVER_HOSTS_FILE, 0o644, false),
+    (NEXT_CA_CERT_FILE, 0o644, false),
+    (NEXT_CA_KEY_FILE, 0o600, false),
+    (ROTATION_FILE, 0o644, false),
 ];
 /// Largest manifest accepted on restore.
 const MAX_MANIFEST: u64 = 1 << 20;

@@ -130,7 +130,17 @@ async fn serve_notifying(
         );
     }
     let server_cert = tls::ServerCert::new(&identity)?;
-    let tls_config = tls::server_config(&ca, server_cert.clone())?;
+    let (tls_config, client_trust) = tls::server_config_with_trust(&ca, server_cert.clone())?;
+    let rotation = crate::link::rotation::RotationWatch {
+        data_dir: config.data_dir.clone(),
+        ca: ca.clone(),
+        trust: client_trust,
+        server: server_cert.clone(),
+        hosts: hosts.clone(),
+        validity: config.server_cert_validity,
+        sessions: Sessions::new(),
+        store: store.clone(),
+    };
     let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
     let ca_pem = config.data_dir.join(crate::pki::ca::CA_CERT_FILE);
@@ -151,7 +161,7 @@ async fn serve_notifying(
     };
 
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
-    let sessions = Sessions::new();
+    let sessions = rotation.sessions.clone();
     let artifacts = Artifacts::new(&config.data_dir);
     let commands = Commands::new();
     let link = AgentLinkService::new(
@@ -180,6 +190,7 @@ async fn serve_notifying(
         stop_polling.clone(),
     ));
     let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
+    let rotation = tokio::spawn(rotation.run(stop_polling.clone()));
     let backups = config.backup.clone().map(|schedule| {
         tokio::spawn(scheduled_backups(
             store.clone(),
@@ -235,6 +246,7 @@ async fn serve_notifying(
     stop_polling.cancel();
     let _ = poller.await;
     let _ = renewer.await;
+    let _ = rotation.await;
     if let Some(backups) = backups {
         let _ = backups.await;
     }

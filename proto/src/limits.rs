@@ -20,6 +20,10 @@ use crate::v1::{
     StartRequest, StopRequest,
 };
 
+/// A trust bundle (PEM CA certificates): a few KiB each.
+pub const MAX_TRUST_BUNDLE: usize = 64 * 1024;
+/// CAs in a trust bundle: two during a rotation.
+pub const MAX_TRUSTED_CAS: usize = 4;
 /// Node names: a droplet's host name fits (DNS names are at most 253).
 pub const MAX_NODE_NAME: usize = 253;
 /// App names: the agent makes each a directory and a systemd-style unit.
@@ -624,6 +628,18 @@ impl Validate for ControllerMessage {
             Some(Kind::AgentUpgrade(u)) => {
                 check_agent_upgrade(u).map_err(|e| e.within("agent_upgrade"))
             }
+            Some(Kind::TrustBundle(b)) => (|| {
+                check_len("ca_pem", &b.ca_pem, MAX_TRUST_BUNDLE)?;
+                let blocks = b.ca_pem.matches("-----BEGIN CERTIFICATE-----").count();
+                if blocks == 0 || blocks > MAX_TRUSTED_CAS {
+                    return Err(FieldError::new(
+                        "ca_pem",
+                        format!("holds {blocks} certificates; 1 to {MAX_TRUSTED_CAS} expected"),
+                    ));
+                }
+                check_sha256("signing_ca_sha256", &b.signing_ca_sha256)
+            })()
+            .map_err(|e: FieldError| e.within("trust_bundle")),
         }
     }
 }

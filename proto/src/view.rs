@@ -293,6 +293,24 @@ pub fn render_status(status: &FleetStatus) -> String {
         );
     }
     render_certificates(&mut out, &status.certificates);
+    if let Some(r) = &status.ca_rotation {
+        let _ = writeln!(
+            out,
+            "\nCA rotation {} (new CA sha256 {}): {}",
+            esc(&r.phase),
+            esc(&r.new_ca_sha256),
+            if r.lagging_nodes.is_empty() {
+                "every node is on the new CA (finish it with `slipway-controller ca rotate finish`)"
+                    .to_owned()
+            } else {
+                format!(
+                    "{} node(s) still on the old CA: {}",
+                    r.lagging_nodes.len(),
+                    esc(&r.lagging_nodes.join(", "))
+                )
+            }
+        );
+    }
     if !status.notes.is_empty() {
         out.push_str("\nnotes:\n");
         for n in &status.notes {
@@ -539,6 +557,17 @@ struct StatusJson<'a> {
     problems: &'a [String],
     notes: &'a [String],
     certificates: Vec<CertificateJson<'a>>,
+    ca_rotation: Option<RotationJson<'a>>,
+}
+
+/// A CA rotation in JSON.
+#[derive(Debug, Serialize)]
+struct RotationJson<'a> {
+    phase: &'a str,
+    started_at: i64,
+    old_ca_sha256: &'a str,
+    new_ca_sha256: &'a str,
+    lagging_nodes: &'a [String],
 }
 
 /// One certificate's health in JSON.
@@ -606,6 +635,13 @@ impl<'a> From<&'a FleetStatus> for StatusJson<'a> {
             problems: &s.problems,
             notes: &s.notes,
             certificates: s.certificates.iter().map(CertificateJson::from).collect(),
+            ca_rotation: s.ca_rotation.as_ref().map(|r| RotationJson {
+                phase: &r.phase,
+                started_at: r.started_at,
+                old_ca_sha256: &r.old_ca_sha256,
+                new_ca_sha256: &r.new_ca_sha256,
+                lagging_nodes: &r.lagging_nodes,
+            }),
         }
     }
 }

@@ -745,9 +745,52 @@ impl Control for ControlService {
             },
         );
         status.problems.extend(unreadable);
-        Ok(Response::new(FleetStatusResponse {
-            status: Some((&status).into()),
-        }))
+        let rotation = self.ca_rotation().await;
+        if let Some(r) = &rotation {
+            status.notes.push(format!(
+                "CA rotation started {}: {}",
+                crate::rfc3339(r.started_at),
+                if r.lagging_nodes.is_empty() {
+                    "every live node is on the new CA (slipway-controller ca rotate finish)"
+                        .to_owned()
+                } else {
+                    format!("still on the old CA: {}", r.lagging_nodes.join(", "))
+                }
+            ));
+        }
+        let mut wire: slipway_proto::v1::FleetStatus = (&status).into();
+        wire.ca_rotation = rotation;
+        Ok(Response::new(FleetStatusResponse { status: Some(wire) }))
+    }
+}
+
+impl ControlService {
+    /// The CA rotation in progress and the live nodes still on the old CA
+    /// (newest certificate issued before it started); `None` when there is
+    /// none or it cannot be read (logged).
+    async fn ca_rotation(&self) -> Option<slipway_proto::v1::CaRotation> {
+        let rotation = match crate::pki::rotation::current(&self.data_dir) {
+            Ok(r) => r?,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the CA rotation state");
+                return None;
+            }
+        };
+        let lagging_nodes =
+            match fleet::certs::nodes_on_old_ca(&self.store, rotation.new_ca_since()).await {
+                Ok(names) => names,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot list the nodes on the old CA");
+                    Vec::new()
+                }
+            };
+        Some(slipway_proto::v1::CaRotation {
+            phase: rotation.phase,
+            started_at: rotation.started_at,
+            old_ca_sha256: rotation.old_ca_sha256,
+            new_ca_sha256: rotation.new_ca_sha256,
+            lagging_nodes,
+        })
     }
 }
 

@@ -333,6 +333,19 @@ pub async fn system_cert_health(
     Ok(SystemCertHealth::new(now, certs))
 }
 
+/// During a CA rotation that started at `started_at`: the live nodes
+/// whose newest certificate was issued before it (so by the old CA), by
+/// name.
+pub async fn nodes_on_old_ca(store: &Store, started_at: i64) -> Result<Vec<String>, StoreError> {
+    Ok(store
+        .live_node_certs()
+        .await?
+        .into_iter()
+        .filter(|c| c.issued_at < started_at)
+        .map(|c| c.name)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,6 +110,7 @@ impl From<&FleetStatus> for v1::FleetStatus {
                 .iter()
                 .map(|c| certificate(c, s.generated_at))
                 .collect(),
+            ca_rotation: None,
         }
     }
 }

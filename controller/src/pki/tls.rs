@@ -103,20 +103,66 @@ fn certified(identity: &ServerIdentity) -> Result<Arc<CertifiedKey>, TlsError> {
 /// renewed while serving), optional client certificates verified against
 /// our CA, HTTP/2 only.
 pub fn server_config(ca: &Ca, cert: ServerCert) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(server_config_with_trust(ca, cert)?.0)
+}
+
+/// [`server_config`], and the handle that changes which CAs its client
+/// certificates may chain to while it serves (a CA rotation).
+pub fn server_config_with_trust(
+    ca: &Ca,
+    cert: ServerCert,
+) -> Result<(Arc<ServerConfig>, ClientTrust), TlsError> {
     let provider = crypto::provider();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.cert_der().clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
-    let verifier = Arc::new(NamingVerifier(verifier));
+    let trust = ClientTrust(Arc::new(RwLock::new(client_verifier(&ca.trusted())?)));
+    let verifier = Arc::new(NamingVerifier(trust.clone()));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(cert));
     // gRPC is HTTP/2; without ALPN some clients would try HTTP/1.1.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), trust))
+}
+
+fn client_verifier(
+    cas: &[CertificateDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca.clone())?;
+    }
+    Ok(
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto::provider())
+            .allow_unauthenticated()
+            .build()?,
+    )
+}
+
+/// The CAs client certificates may chain to, replaceable while serving:
+/// from the next handshake on; connections already made are not touched.
+#[derive(Clone)]
+pub struct ClientTrust(Arc<RwLock<Arc<dyn ClientCertVerifier>>>);
+
+impl std::fmt::Debug for ClientTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTrust").finish_non_exhaustive()
+    }
+}
+
+impl ClientTrust {
+    /// Trusts exactly `cas` from the next handshake on.
+    pub fn set(&self, cas: &[CertificateDer<'static>]) -> Result<(), TlsError> {
+        let verifier = client_verifier(cas)?;
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = verifier;
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<dyn ClientCertVerifier> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// A client certificate refused because it has expired: whose, and since
@@ -164,19 +210,20 @@ pub struct Refusal {
 /// names its subject (rustls' own says only when it expired), so the
 /// controller can tell which node must re-enroll.
 #[derive(Debug)]
-struct NamingVerifier(Arc<dyn ClientCertVerifier>);
+struct NamingVerifier(ClientTrust);
 
 impl ClientCertVerifier for NamingVerifier {
     fn offer_client_auth(&self) -> bool {
-        self.0.offer_client_auth()
+        self.0.get().offer_client_auth()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.0.client_auth_mandatory()
+        self.0.get().client_auth_mandatory()
     }
 
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.0.root_hint_subjects()
+        // No hints: clients present the one certificate they have.
+        &[]
     }
 
     fn verify_client_cert(
@@ -186,6 +233,7 @@ impl ClientCertVerifier for NamingVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.0
+            .get()
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|err| match err {
                 rustls::Error::InvalidCertificate(
@@ -211,7 +259,7 @@ impl ClientCertVerifier for NamingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.0.get().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -220,11 +268,11 @@ impl ClientCertVerifier for NamingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.0.get().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.0.get().supported_verify_schemes()
     }
 }
 

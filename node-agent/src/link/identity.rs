@@ -114,6 +114,70 @@ pub fn cert_not_after(state_dir: &Path) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+/// What storing a trust bundle did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trusted {
+    /// The CA file changed.
+    pub changed: bool,
+    /// The bundle asks for a renewal now and the certificate in use is not
+    /// the signing CA's.
+    pub renew: bool,
+}
+
+/// Checks `bundle` (every certificate a CA certificate; the signing CA
+/// among them) and stores it as the CA file of `state_dir` (temp, fsync,
+/// rename). The caller validated its limits.
+pub fn store_trust(
+    state_dir: &Path,
+    bundle: &slipway_proto::v1::TrustBundle,
+) -> Result<Trusted, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let ders: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(bundle.ca_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("ca_pem is not PEM certificates: {e}"))?;
+    let mut signing = None;
+    for (i, der) in ders.iter().enumerate() {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| format!("ca_pem certificate {i} cannot be parsed: {e}"))?;
+        if !cert.is_ca() {
+            return Err(format!("ca_pem certificate {i} is not a CA certificate"));
+        }
+        if crate::digest::Sha256::of_bytes(der.as_ref()).into_string()
+            == bundle.signing_ca_sha256.to_ascii_lowercase()
+        {
+            signing = Some(cert.subject().as_raw().to_vec());
+        }
+    }
+    let signing = signing.ok_or_else(|| {
+        format!(
+            "the signing CA {} is not in the bundle",
+            bundle.signing_ca_sha256
+        )
+    })?;
+    let path = state_dir.join(super::CA_FILE);
+    let changed = fs::read_to_string(&path).ok().as_deref() != Some(bundle.ca_pem.as_str());
+    if changed {
+        crate::durable::write_atomic(&path, bundle.ca_pem.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    // Our certificate's issuer is the signing CA: nothing to renew.
+    let issued_by_signing = load(state_dir).ok().is_some_and(|pair| {
+        rustls::pki_types::CertificateDer::from_pem_slice(pair.cert_pem.as_bytes())
+            .ok()
+            .and_then(|der| {
+                x509_parser::parse_x509_certificate(der.as_ref())
+                    .ok()
+                    .map(|(_, c)| c.issuer().as_raw() == signing.as_slice())
+            })
+            .unwrap_or(false)
+    });
+    Ok(Trusted {
+        changed,
+        renew: bundle.renew_now && !issued_by_signing,
+    })
+}
+
 /// What to tell the operator when the certificate in use has expired at
 /// `now` (the controller then refuses every session): how long ago, and
 /// how to bring the node back as itself. `None` while it is valid.
