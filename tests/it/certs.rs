@@ -373,3 +373,164 @@ fn time_now() -> i64 {
     )
     .unwrap()
 }
+
+/// The CAs in a PEM file, as sha256 hex of their DER.
+fn pem_fingerprints(path: &std::path::Path) -> Vec<String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use sha2::Digest as _;
+    let pem = fs::read(path).unwrap();
+    rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .map(|der| hex::encode(sha2::Sha256::digest(der.unwrap().as_ref())))
+        .collect()
+}
+
+#[test]
+fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
+    let controller = Controller::start();
+    let old_ca = pem_fingerprints(&controller.ca_pem());
+    assert_eq!(old_ca.len(), 1);
+    let mut agents: Vec<Agent> = (0..10)
+        .map(|i| Agent::enroll(&controller, &format!("rot{i}")))
+        .collect();
+    for agent in &mut agents {
+        agent.run();
+    }
+    // Enrolled, then offline while the rotation starts.
+    let mut late = Agent::enroll(&controller, "late");
+    let token = controller.api_token("read,deploy:web");
+    controller.wait_online(&token, 10, Duration::from_secs(60));
+    // An operator certificate of the old CA: refused once it is dropped.
+    let creds = tempfile::tempdir().unwrap();
+    let out = controller.cli(&[
+        "operator",
+        "create",
+        "old-op",
+        "--scope",
+        "read",
+        "--out",
+        creds.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (op_cert, op_key) = (
+        creds.path().join("old-op.pem"),
+        creds.path().join("old-op.key"),
+    );
+
+    // A rolling deploy across the ten, running while the rotation starts.
+    let work = tempfile::tempdir().unwrap();
+    let art = crate::support::artifact(work.path(), "v1", crate::support::APP);
+    let sha = crate::support::sha256_file(&art);
+    let deploy = {
+        let mut command = controller.slipway_command();
+        command
+            .args(["--token", &token, "deploy", "web"])
+            .arg(&art)
+            .args([
+                "--sha",
+                &sha,
+                "--id",
+                "v1",
+                "--wait",
+                "--strategy",
+                "rolling",
+                "--max-parallel",
+                "3",
+                // The offline node fails (unreachable); the rest go on.
+                "--max-unavailable",
+                "1",
+            ]);
+        std::thread::spawn(move || command.output().unwrap())
+    };
+    wait_until("the deployment to start", Duration::from_secs(30), || {
+        controller
+            .audit(&token)
+            .iter()
+            .any(|e| e["event_type"] == "DEPLOY_STARTED")
+    });
+    let out = controller.cli(&["ca", "rotate", "start", "--now"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("CA rotation started"), "{}", text(&out));
+    let bundle = pem_fingerprints(&controller.ca_pem());
+    assert_eq!(bundle.len(), 2, "old and new trusted");
+    assert_eq!(bundle[0], old_ca[0]);
+    let new_ca = bundle[1].clone();
+    // A second start is refused while this one runs.
+    let again = controller.cli(&["ca", "rotate", "start"]);
+    assert_eq!(again.status.code(), Some(64), "{}", text(&again));
+
+    // The node that was offline comes back before finish: it joins.
+    late.run();
+    controller.wait_online(&token, 11, Duration::from_secs(60));
+    // Every node renews onto the new CA; status says who lags meanwhile.
+    wait_until("every node on the new CA", Duration::from_secs(90), || {
+        let (_, status) = status_at(&controller, &token, None);
+        status["ca_rotation"]["lagging_nodes"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let (_, status) = status_at(&controller, &token, None);
+    assert_eq!(status["ca_rotation"]["phase"], "started", "{status:#}");
+    assert_eq!(status["ca_rotation"]["new_ca_sha256"], new_ca.as_str());
+    let certificates = status["certificates"].as_array().unwrap();
+    assert_eq!(
+        certificates.iter().filter(|c| c["kind"] == "ca").count(),
+        2,
+        "{status:#}"
+    );
+    // Every agent has stored the bundle.
+    for agent in agents.iter().chain(std::iter::once(&late)) {
+        let path = agent.state_dir().join("ca.pem");
+        wait_until(
+            "the agent to store the bundle",
+            Duration::from_secs(30),
+            || pem_fingerprints(&path).contains(&new_ca),
+        );
+    }
+    // Every online node deployed; only the offline one failed.
+    let deployed = deploy.join().unwrap();
+    let said = text(&deployed);
+    assert!(said.contains("1 of 11 nodes failed: late"), "{said}");
+    assert_eq!(said.matches("] SUCCEEDED").count(), 10, "{said}");
+
+    let out = controller.cli(&["ca", "rotate", "finish"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(pem_fingerprints(&controller.ca_pem()), [new_ca.clone()]);
+    // The CLI trusting only the new CA reaches the moved server certificate.
+    wait_until(
+        "the server certificate to move to the new CA",
+        Duration::from_secs(30),
+        || controller.slipway(&token, &["nodes"]).status.success(),
+    );
+    let (code, status) = status_at(&controller, &token, None);
+    assert!(status["ca_rotation"].is_null(), "{status:#}");
+    assert_eq!(code, 0, "{status:#}");
+    // Old-CA client certificates are refused.
+    let refused = controller.slipway_as(&op_cert, &op_key, &["nodes"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let audit = controller.audit(&token);
+    for event in ["CA_ROTATION_STARTED", "CA_ROTATION_FINISHED"] {
+        assert!(
+            audit.iter().any(|e| e["event_type"] == event),
+            "{event}: {audit:#?}"
+        );
+    }
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["event_type"] == "CLIENT_CERT_REFUSED"),
+        "{audit:#?}"
+    );
+    // Every agent is still on its first session, on the new CA.
+    for agent in &agents {
+        let log = fs::read_to_string(agent.dir.path().join("agent.log")).unwrap();
+        assert_eq!(
+            log.matches("connected to the controller").count(),
+            1,
+            "{} reconnected:\n{log}",
+            agent.name
+        );
+        assert!(log.contains("certificate renewed onto the new CA"), "{log}");
+        assert_eq!(agent.get().as_deref(), Some("v1"), "{}", agent.name);
+    }
+    assert_eq!(controller.online(&token), 11);
+}
