@@ -494,7 +494,10 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
 
     let out = controller.cli(&["ca", "rotate", "finish"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(pem_fingerprints(&controller.ca_pem()), std::slice::from_ref(&new_ca));
+    assert_eq!(
+        pem_fingerprints(&controller.ca_pem()),
+        std::slice::from_ref(&new_ca)
+    );
     // The CLI trusting only the new CA reaches the moved server certificate.
     wait_until(
         "the server certificate to move to the new CA",

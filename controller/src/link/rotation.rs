@@ -50,6 +50,9 @@ impl RotationWatch {
     pub async fn run(self, stop: CancellationToken) {
         // Nodes that have the current bundle (sent on this run).
         let mut sent: HashSet<String> = HashSet::new();
+        // Bundles go out during a rotation, and after one finished on this
+        // run; otherwise agents already hold what they were enrolled with.
+        let mut finished_here = false;
         let mut tick = tokio::time::interval(ROTATION_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -62,6 +65,7 @@ impl RotationWatch {
                 Ok(false) => {}
                 Ok(true) => {
                     sent.clear();
+                    finished_here = true;
                     if self.ca.next_fingerprint().is_some() {
                         let (dir, now) = (self.data_dir.clone(), crate::now_unix());
                         let marked = tokio::task::spawn_blocking(move || {
@@ -79,10 +83,11 @@ impl RotationWatch {
                     continue;
                 }
             }
-            let renew_now = crate::pki::rotation::current(&self.data_dir)
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.renew_now);
+            let rotation = crate::pki::rotation::current(&self.data_dir).ok().flatten();
+            if rotation.is_none() && !finished_here {
+                continue;
+            }
+            let renew_now = rotation.is_some_and(|r| r.renew_now);
             let bundle = TrustBundle {
                 ca_pem: self.ca.cert_pem(),
                 renew_now,
