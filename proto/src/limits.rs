@@ -719,6 +719,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn trust_bundles_are_bounded() {
+        use crate::v1::TrustBundle;
+        const BLOCK: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+        let bundle = |pem: String, sha: &str| ControllerMessage {
+            kind: Some(controller_message::Kind::TrustBundle(TrustBundle {
+                ca_pem: pem,
+                renew_now: false,
+                signing_ca_sha256: sha.to_owned(),
+            })),
+        };
+        let sha = "a".repeat(64);
+        bundle(BLOCK.repeat(2), &sha).validate().unwrap();
+        let field = |m: ControllerMessage| m.validate().unwrap_err().to_string();
+        assert!(field(bundle(String::new(), &sha)).contains("trust_bundle.ca_pem"));
+        assert!(field(bundle(BLOCK.repeat(5), &sha)).contains("holds 5 certificates"));
+        assert!(field(bundle("x".repeat(MAX_TRUST_BUNDLE + 1), &sha)).contains("ca_pem"));
+        assert!(field(bundle(BLOCK.to_owned(), "nope")).contains("signing_ca_sha256"));
+    }
+
+    #[test]
     fn node_events_are_checked_field_by_field() {
         use crate::v1::{NodeEventAck, NodeEventKind};
         let good = || NodeEvent {

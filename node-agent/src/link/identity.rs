@@ -435,6 +435,58 @@ mod tests {
         }
     }
 
+    /// A CA (self-signed, CA:true) or a plain leaf, PEM, and its sha256.
+    fn cert(is_ca: bool) -> (String, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["x".into()]).unwrap();
+        if is_ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        }
+        let cert = params.self_signed(&key).unwrap();
+        let sha = crate::digest::Sha256::of_bytes(cert.der().as_ref()).into_string();
+        (cert.pem(), sha)
+    }
+
+    #[test]
+    fn a_trust_bundle_is_checked_before_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join(crate::link::CA_FILE);
+        let (old, _) = cert(true);
+        fs::write(&ca_file, &old).unwrap();
+        let (new, new_sha) = cert(true);
+        let (leaf, leaf_sha) = cert(false);
+        let bundle = |pem: String, sha: &str| slipway_proto::v1::TrustBundle {
+            ca_pem: pem,
+            renew_now: true,
+            signing_ca_sha256: sha.to_owned(),
+        };
+        // A leaf in it: refused, the CA file untouched.
+        let err = store_trust(dir.path(), &bundle(format!("{old}{leaf}"), &leaf_sha)).unwrap_err();
+        assert!(
+            err.contains("certificate 1 is not a CA certificate"),
+            "{err}"
+        );
+        // The signing CA must be one of them.
+        let (_, other_sha) = cert(true);
+        let err = store_trust(dir.path(), &bundle(format!("{old}{new}"), &other_sha)).unwrap_err();
+        assert!(err.contains("is not in the bundle"), "{err}");
+        let err = store_trust(dir.path(), &bundle("junk".to_owned(), &new_sha)).unwrap_err();
+        assert!(err.contains("is not in the bundle"), "{err}");
+        assert_eq!(fs::read_to_string(&ca_file).unwrap(), old);
+        // A good one is stored; with no identity to compare, renew now.
+        let done = store_trust(dir.path(), &bundle(format!("{old}{new}"), &new_sha)).unwrap();
+        assert_eq!(
+            done,
+            Trusted {
+                changed: true,
+                renew: true
+            }
+        );
+        assert_eq!(fs::read_to_string(&ca_file).unwrap(), format!("{old}{new}"));
+        let again = store_trust(dir.path(), &bundle(format!("{old}{new}"), &new_sha)).unwrap();
+        assert!(!again.changed);
+    }
+
     fn write_old_layout(state: &Path, key: &str, cert: &str) {
         fs::create_dir_all(state).unwrap();
         fs::write(state.join(KEY_FILE), key).unwrap();
