@@ -397,6 +397,8 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
     }
     // Enrolled, then offline while the rotation starts.
     let mut late = Agent::enroll(&controller, "late");
+    // Enrolled, then offline through the whole rotation.
+    let mut gone = Agent::enroll(&controller, "gone");
     let token = controller.api_token("read,deploy:web");
     controller.wait_online(&token, 10, Duration::from_secs(60));
     // An operator certificate of the old CA: refused once it is dropped.
@@ -437,7 +439,7 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
                 "3",
                 // The offline node fails (unreachable); the rest go on.
                 "--max-unavailable",
-                "1",
+                "2",
             ]);
         std::thread::spawn(move || command.output().unwrap())
     };
@@ -461,13 +463,15 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
     // The node that was offline comes back before finish: it joins.
     late.run();
     controller.wait_online(&token, 11, Duration::from_secs(60));
-    // Every node renews onto the new CA; status says who lags meanwhile.
-    wait_until("every node on the new CA", Duration::from_secs(90), || {
-        let (_, status) = status_at(&controller, &token, None);
-        status["ca_rotation"]["lagging_nodes"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
+    // Every online node renews onto the new CA; status names who lags.
+    wait_until(
+        "every online node on the new CA",
+        Duration::from_secs(90),
+        || {
+            let (_, status) = status_at(&controller, &token, None);
+            status["ca_rotation"]["lagging_nodes"] == serde_json::json!(["gone"])
+        },
+    );
     let (_, status) = status_at(&controller, &token, None);
     assert_eq!(status["ca_rotation"]["phase"], "started", "{status:#}");
     assert_eq!(status["ca_rotation"]["new_ca_sha256"], new_ca.as_str());
@@ -489,10 +493,18 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
     // Every online node deployed; only the offline one failed.
     let deployed = deploy.join().unwrap();
     let said = text(&deployed);
-    assert!(said.contains("1 of 11 nodes failed: late"), "{said}");
+    assert!(said.contains("2 of 12 nodes failed"), "{said}");
     assert_eq!(said.matches("] SUCCEEDED").count(), 10, "{said}");
 
+    // Not finished while a live node is on the old CA, unless forced.
     let out = controller.cli(&["ca", "rotate", "finish"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("still on the old CA: gone"),
+        "{}",
+        text(&out)
+    );
+    let out = controller.cli(&["ca", "rotate", "finish", "--force"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         pem_fingerprints(&controller.ca_pem()),
@@ -504,9 +516,8 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
         Duration::from_secs(30),
         || controller.slipway(&token, &["nodes"]).status.success(),
     );
-    let (code, status) = status_at(&controller, &token, None);
+    let (_, status) = status_at(&controller, &token, None);
     assert!(status["ca_rotation"].is_null(), "{status:#}");
-    assert_eq!(code, 0, "{status:#}");
     // Old-CA client certificates are refused.
     let refused = controller.slipway_as(&op_cert, &op_key, &["nodes"]);
     assert!(!refused.status.success(), "{}", text(&refused));
@@ -536,4 +547,33 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
         assert_eq!(agent.get().as_deref(), Some("v1"), "{}", agent.name);
     }
     assert_eq!(controller.online(&token), 11);
+
+    // The node offline through it all is told to re-enroll; --replace
+    // (a join token of the new CA) brings it back as itself.
+    gone.run();
+    let log_path = gone.dir.path().join("agent.log");
+    wait_until("the stale node to say why", Duration::from_secs(30), || {
+        fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("not from a CA this node trusts")
+    });
+    let log = fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("enroll --replace --token"), "{log}");
+    gone.stop_run();
+    let out = controller.enroll_cli("gone", &gone.state_dir(), &["--replace"]);
+    assert!(out.status.success(), "{}", text(&out));
+    gone.run();
+    controller.wait_online(&token, 12, Duration::from_secs(60));
+    let (_, status) = status_at(&controller, &token, None);
+    let named = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["name"] == "gone")
+        .count();
+    assert_eq!(named, 1, "{status:#}");
+    assert!(
+        lines_with(&status, "problems", "certificate").is_empty(),
+        "{status:#}"
+    );
 }
