@@ -753,6 +753,43 @@ mod tests {
         assert!(!other.exists());
     }
 
+    #[tokio::test]
+    async fn a_rotation_in_progress_is_restored_with_its_new_ca() {
+        let home = tempfile::tempdir().unwrap();
+        let data = home.path().join("data");
+        Ca::load_or_create(&data).unwrap();
+        let store = Store::open(&data).await.unwrap();
+        let rotation = crate::pki::rotation::start(&data, true, 1000).unwrap();
+        let identity = age::x25519::Identity::generate();
+        let schedule = Schedule {
+            dir: home.path().join("backups"),
+            every: Duration::from_secs(60),
+            keep: 1,
+            recipient: identity.to_public(),
+        };
+        let written = scheduled(&store, &data, &schedule).await.unwrap().path;
+        let id_file = home.path().join("key.txt");
+        fs::write(&id_file, identity.to_string().expose_secret()).unwrap();
+        let restored = home.path().join("restored");
+        restore(&written, &restored, &Key::IdentityFile(id_file))
+            .await
+            .unwrap();
+        assert_eq!(
+            crate::pki::rotation::current(&restored).unwrap(),
+            Some(rotation.clone())
+        );
+        let ca = Ca::load_existing(&restored).unwrap();
+        assert_eq!(ca.trusted().len(), 2);
+        assert_eq!(ca.fingerprint(), rotation.old_ca_sha256);
+        assert_eq!(ca.next_fingerprint(), Some(rotation.new_ca_sha256.clone()));
+        // And it can be finished there.
+        crate::pki::rotation::finish(&restored).unwrap();
+        assert_eq!(
+            Ca::load_existing(&restored).unwrap().fingerprint(),
+            rotation.new_ca_sha256
+        );
+    }
+
     #[test]
     fn keys_come_from_exactly_one_flag() {
         let dir = tempfile::tempdir().unwrap();
