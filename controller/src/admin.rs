@@ -212,6 +212,80 @@ pub async fn node_revoke(args: NodeRevokeArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// `ca rotate start`: a new CA beside the current one (see
+/// [`crate::pki::rotation`]); a running `serve` acts on it within seconds.
+pub async fn ca_rotate_start(args: crate::cli::RotateStartArgs) -> Result<(), Error> {
+    load_ca(&args.data_dir)?;
+    let store = open_store(&args.data_dir).await?;
+    let now = crate::now_unix();
+    let rotation = crate::pki::rotation::start(&args.data_dir, args.now, now)?;
+    let event = crate::audit::AuditEvent::success(
+        crate::audit::CA_ROTATION_STARTED,
+        "slipway-controller",
+        "ca",
+        &rotation.new_ca_sha256,
+        serde_json::json!({
+            "old_ca_sha256": rotation.old_ca_sha256,
+            "new_ca_sha256": rotation.new_ca_sha256,
+            "renew_now": rotation.renew_now,
+        }),
+    );
+    store.audit(&event, now).await?;
+    println!(
+        "CA rotation started: new CA sha256 {} trusted beside {}; agents get it within seconds \
+         and renew onto it {}. Finish with `slipway-controller ca rotate finish` once \
+         `slipway status` shows no node on the old CA.",
+        rotation.new_ca_sha256,
+        rotation.old_ca_sha256,
+        if rotation.renew_now {
+            "at once"
+        } else {
+            "at their next renewal"
+        }
+    );
+    Ok(())
+}
+
+/// `ca rotate finish`: the new CA becomes the only one; refused while live
+/// nodes are still on the old one, unless `--force`.
+pub async fn ca_rotate_finish(args: crate::cli::RotateFinishArgs) -> Result<(), Error> {
+    load_ca(&args.data_dir)?;
+    let store = open_store(&args.data_dir).await?;
+    let rotation = crate::pki::rotation::current(&args.data_dir)?
+        .ok_or(crate::pki::rotation::RotationError::NotStarted)?;
+    let lagging = fleet::certs::nodes_on_old_ca(&store, rotation.new_ca_since()).await?;
+    if !lagging.is_empty() && !args.force {
+        return Err(Error::Lagging(lagging));
+    }
+    let rotation = crate::pki::rotation::finish(&args.data_dir)?;
+    let event = crate::audit::AuditEvent::success(
+        crate::audit::CA_ROTATION_FINISHED,
+        "slipway-controller",
+        "ca",
+        &rotation.new_ca_sha256,
+        serde_json::json!({
+            "old_ca_sha256": rotation.old_ca_sha256,
+            "new_ca_sha256": rotation.new_ca_sha256,
+            "left_on_old_ca": lagging,
+        }),
+    );
+    store.audit(&event, crate::now_unix()).await?;
+    println!(
+        "CA rotation finished: only CA sha256 {} is trusted; certificates of the old CA are \
+         refused (operators made before the rotation need new ones){}",
+        rotation.new_ca_sha256,
+        if lagging.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; still on the old CA (re-enroll with --replace): {}",
+                lagging.join(", ")
+            )
+        }
+    );
+    Ok(())
+}
+
 async fn open_store(data_dir: &Path) -> Result<Store, Error> {
     Store::open(data_dir).await.map_err(Error::OpenStore)
 }

@@ -26,6 +26,10 @@ pub const BACKUP_CREATED: &str = "BACKUP_CREATED";
 pub const BACKUP_FAILED: &str = "BACKUP_FAILED";
 /// The controller renewed its own TLS server certificate.
 pub const SERVER_CERT_RENEWED: &str = "SERVER_CERT_RENEWED";
+/// `ca rotate start`: a new CA is trusted and signs client certificates.
+pub const CA_ROTATION_STARTED: &str = "CA_ROTATION_STARTED";
+/// `ca rotate finish`: the old CA is no longer trusted.
+pub const CA_ROTATION_FINISHED: &str = "CA_ROTATION_FINISHED";
 /// Renewing the controller's TLS server certificate failed (retried).
 pub const SERVER_CERT_RENEW_FAILED: &str = "SERVER_CERT_RENEW_FAILED";
 /// See [`CERT_RENEWED`].

@@ -32,8 +32,10 @@ use age::secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::pki::ca::{
-    Ca, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_HOSTS_FILE, SERVER_KEY_FILE,
+    Ca, CA_CERT_FILE, CA_KEY_FILE, NEXT_CA_CERT_FILE, NEXT_CA_KEY_FILE, SERVER_CERT_FILE,
+    SERVER_HOSTS_FILE, SERVER_KEY_FILE,
 };
+use crate::pki::rotation::ROTATION_FILE;
 use crate::store::{Store, StoreError, DB_FILE};
 
 /// What `MANIFEST.json` says the file is.
@@ -43,12 +45,17 @@ const VERSION: u32 = 1;
 const MANIFEST: &str = "MANIFEST.json";
 /// The files of the data dir a backup holds besides the database, each
 /// with the mode it is restored with. The CA files must be there.
-const KEY_FILES: [(&str, u32, bool); 5] = [
+/// During a CA rotation the new CA and the rotation's state are in it
+/// too, so a restored controller goes on with the rotation.
+const KEY_FILES: [(&str, u32, bool); 8] = [
     (CA_CERT_FILE, 0o644, true),
     (CA_KEY_FILE, 0o600, true),
     (SERVER_CERT_FILE, 0o644, false),
     (SERVER_KEY_FILE, 0o600, false),
     (SERVER_HOSTS_FILE, 0o644, false),
+    (NEXT_CA_CERT_FILE, 0o644, false),
+    (NEXT_CA_KEY_FILE, 0o600, false),
+    (ROTATION_FILE, 0o644, false),
 ];
 /// Largest manifest accepted on restore.
 const MAX_MANIFEST: u64 = 1 << 20;
@@ -744,6 +751,43 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, BackupError::Decrypt { .. }), "{err}");
         assert!(!other.exists());
+    }
+
+    #[tokio::test]
+    async fn a_rotation_in_progress_is_restored_with_its_new_ca() {
+        let home = tempfile::tempdir().unwrap();
+        let data = home.path().join("data");
+        Ca::load_or_create(&data).unwrap();
+        let store = Store::open(&data).await.unwrap();
+        let rotation = crate::pki::rotation::start(&data, true, 1000).unwrap();
+        let identity = age::x25519::Identity::generate();
+        let schedule = Schedule {
+            dir: home.path().join("backups"),
+            every: Duration::from_secs(60),
+            keep: 1,
+            recipient: identity.to_public(),
+        };
+        let written = scheduled(&store, &data, &schedule).await.unwrap().path;
+        let id_file = home.path().join("key.txt");
+        fs::write(&id_file, identity.to_string().expose_secret()).unwrap();
+        let restored = home.path().join("restored");
+        restore(&written, &restored, &Key::IdentityFile(id_file))
+            .await
+            .unwrap();
+        assert_eq!(
+            crate::pki::rotation::current(&restored).unwrap(),
+            Some(rotation.clone())
+        );
+        let ca = Ca::load_existing(&restored).unwrap();
+        assert_eq!(ca.trusted().len(), 2);
+        assert_eq!(ca.fingerprint(), rotation.old_ca_sha256);
+        assert_eq!(ca.next_fingerprint(), Some(rotation.new_ca_sha256.clone()));
+        // And it can be finished there.
+        crate::pki::rotation::finish(&restored).unwrap();
+        assert_eq!(
+            Ca::load_existing(&restored).unwrap().fingerprint(),
+            rotation.new_ca_sha256
+        );
     }
 
     #[test]

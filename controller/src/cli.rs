@@ -40,6 +40,53 @@ pub enum Command {
     /// Make a new data dir from a backup: a controller started on it is the
     /// same controller to every agent (same CA and server names).
     Restore(RestoreArgs),
+    /// The CA: rotate it in phases while `serve` runs.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Rotate the CA: `start` trusts a new CA beside the old one and sends
+    /// it to every agent, which renew onto it; `finish` drops the old CA.
+    #[command(subcommand)]
+    Rotate(RotateCommand),
+}
+
+/// `ca rotate` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RotateCommand {
+    /// Make a new CA, trusted beside the current one; new node and operator
+    /// certificates come from it, agents get the bundle and renew onto it.
+    Start(RotateStartArgs),
+    /// Drop the old CA: its certificates are refused from then on; the
+    /// server certificate moves to the new CA.
+    Finish(RotateFinishArgs),
+}
+
+/// `ca rotate start` flags.
+#[derive(Debug, Args)]
+pub struct RotateStartArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Agents renew onto the new CA as soon as they have it, instead of at
+    /// their next renewal.
+    #[arg(long)]
+    pub now: bool,
+}
+
+/// `ca rotate finish` flags.
+#[derive(Debug, Args)]
+pub struct RotateFinishArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Finish even though some live nodes are still on the old CA (they
+    /// will need `slipway-agent enroll --replace`).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `backup` flags.
@@ -195,6 +242,10 @@ pub struct ServeArgs {
     /// while serving at two thirds of it, and at start when past that.
     #[arg(long, value_name = "DURATION")]
     pub server_cert_validity: Option<String>,
+    /// Lifetime of node certificates issued at enrollment and renewal
+    /// [default: 7d]. Agents renew theirs at two thirds of it.
+    #[arg(long, value_name = "DURATION")]
+    pub node_cert_validity: Option<String>,
     /// Once it accepts connections, write the address it listens on (e.g.
     /// `127.0.0.1:40123`) to FILE, atomically: for scripts and tests that
     /// start it with `--listen 127.0.0.1:0` and need the port.

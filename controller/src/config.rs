@@ -76,6 +76,9 @@ pub struct RawConfig {
     /// Lifetime of the controller's TLS server certificate, e.g. "365d"
     /// (default; at least 30s). It is renewed at two thirds of it.
     pub server_cert_validity: Option<String>,
+    /// Lifetime of node certificates, e.g. "7d" (default; at least 30s).
+    /// Agents renew theirs at two thirds of it.
+    pub node_cert_validity: Option<String>,
     /// Scheduled backups (file only).
     pub backup: Option<RawBackup>,
 }
@@ -146,7 +149,8 @@ pub struct ServeConfig {
 
 /// Default lifetime of the controller's server certificate.
 pub const DEFAULT_SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
-/// The shortest server certificate lifetime accepted (tests use it).
+/// The shortest server (and node) certificate lifetime accepted (tests
+/// use it).
 const MIN_SERVER_CERT_VALIDITY: Duration = Duration::from_secs(30);
 
 impl ServeConfig {
@@ -309,6 +313,7 @@ impl ServeConfig {
             listen: args.listen,
             server_names: Some(args.server_names),
             server_cert_validity: args.server_cert_validity,
+            node_cert_validity: args.node_cert_validity,
             ..RawConfig::default()
         };
         let mut config = Self::new(flags, file)?;
@@ -379,6 +384,16 @@ impl ServeConfig {
                     why: "expected a duration of at least 30s, e.g. 90d or 365d",
                 })?;
             config.server_cert_validity = validity;
+        }
+        if let Some(text) = flags.node_cert_validity.or(file.node_cert_validity) {
+            let validity = slipway_proto::cli::parse_duration(&text)
+                .filter(|d| *d >= MIN_SERVER_CERT_VALIDITY)
+                .ok_or(ConfigError::Invalid {
+                    key: "node_cert_validity",
+                    value: text,
+                    why: "expected a duration of at least 30s, e.g. 7d",
+                })?;
+            config.link.cert_validity = validity;
         }
         if let Some(raw) = file.backup {
             config.backup = Some(backup_schedule(raw)?);
@@ -521,5 +536,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("at least 30s"), "{err}");
+        let err = parse("node_cert_validity = \"5s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node_cert_validity"), "{err}");
+        assert_eq!(
+            parse("node_cert_validity = \"2d\"")
+                .unwrap()
+                .link
+                .cert_validity,
+            Duration::from_secs(2 * 24 * 3600)
+        );
     }
 }

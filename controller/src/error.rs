@@ -69,6 +69,18 @@ pub enum Error {
     /// A backup or restore failed.
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
+    /// A CA rotation step was refused or failed.
+    #[error(transparent)]
+    Rotation(#[from] crate::pki::rotation::RotationError),
+    /// `ca rotate finish` while live nodes are still on the old CA.
+    #[error(
+        "{} live node(s) are still on the old CA: {}; wait for them to renew (`ca rotate start \
+         --now` makes them renew at once), or finish with --force (they will need \
+         `slipway-agent enroll --replace`)",
+        .0.len(),
+        .0.join(", ")
+    )]
+    Lagging(Vec<String>),
     /// `--json` output could not be encoded.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
@@ -94,6 +106,8 @@ impl Error {
                 err,
                 crate::backup::BackupError::Usage(_) | crate::backup::BackupError::NotEmpty(_)
             ),
+            Self::Rotation(err) => err.is_usage(),
+            Self::Lagging(_) => true,
             Self::Serve(_)
             | Self::Revoke(_)
             | Self::OpenStore(_)

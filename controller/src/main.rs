@@ -6,7 +6,9 @@
 
 use std::process::ExitCode;
 
-use slipway_controller::cli::{Cli, Command, NodeCommand, OperatorCommand, TokenCommand};
+use slipway_controller::cli::{
+    CaCommand, Cli, Command, NodeCommand, OperatorCommand, RotateCommand, TokenCommand,
+};
 use slipway_controller::config::ServeConfig;
 use slipway_controller::pki::crypto;
 use slipway_controller::{admin, server, Error};
@@ -65,5 +67,11 @@ async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
         Command::Node(NodeCommand::Revoke(args)) => admin::node_revoke(args).await,
         Command::Backup(args) => admin::backup(args).await,
         Command::Restore(args) => admin::restore(args).await,
+        Command::Ca(CaCommand::Rotate(RotateCommand::Start(args))) => {
+            admin::ca_rotate_start(args).await
+        }
+        Command::Ca(CaCommand::Rotate(RotateCommand::Finish(args))) => {
+            admin::ca_rotate_finish(args).await
+        }
     }
 }

@@ -130,7 +130,17 @@ async fn serve_notifying(
         );
     }
     let server_cert = tls::ServerCert::new(&identity)?;
-    let tls_config = tls::server_config(&ca, server_cert.clone())?;
+    let (tls_config, client_trust) = tls::server_config_with_trust(&ca, server_cert.clone())?;
+    let rotation = crate::link::rotation::RotationWatch {
+        data_dir: config.data_dir.clone(),
+        ca: ca.clone(),
+        trust: client_trust,
+        server: server_cert.clone(),
+        hosts: hosts.clone(),
+        validity: config.server_cert_validity,
+        sessions: Sessions::new(),
+        store: store.clone(),
+    };
     let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
     let ca_pem = config.data_dir.join(crate::pki::ca::CA_CERT_FILE);
@@ -151,7 +161,7 @@ async fn serve_notifying(
     };
 
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
-    let sessions = Sessions::new();
+    let sessions = rotation.sessions.clone();
     let artifacts = Artifacts::new(&config.data_dir);
     let commands = Commands::new();
     let link = AgentLinkService::new(
@@ -162,7 +172,13 @@ async fn serve_notifying(
         artifacts.clone(),
         commands.clone(),
     );
-    let control = ControlService::new(store.clone(), sessions.clone(), commands, artifacts);
+    let control = ControlService::new(
+        store.clone(),
+        sessions.clone(),
+        commands,
+        artifacts,
+        config.data_dir.clone(),
+    );
     store
         .record_controller_start(crate::now_unix(), config.unreachable_after)
         .await?;
@@ -174,6 +190,7 @@ async fn serve_notifying(
         stop_polling.clone(),
     ));
     let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
+    let rotation = tokio::spawn(rotation.run(stop_polling.clone()));
     let backups = config.backup.clone().map(|schedule| {
         tokio::spawn(scheduled_backups(
             store.clone(),
@@ -229,6 +246,7 @@ async fn serve_notifying(
     stop_polling.cancel();
     let _ = poller.await;
     let _ = renewer.await;
+    let _ = rotation.await;
     if let Some(backups) = backups {
         let _ = backups.await;
     }
@@ -398,15 +416,19 @@ async fn watchdog(notifier: Arc<Notifier>, every: Duration, stop: CancellationTo
 }
 
 /// Records a TLS handshake refused for its client certificate.
-async fn audit_refused_certificate(store: Store, peer: SocketAddr, message: String) {
-    let event = AuditEvent::error(
-        audit::CLIENT_CERT_REFUSED,
-        peer.to_string(),
-        "connection",
-        peer.to_string(),
-        serde_json::json!({ "peer": peer.to_string() }),
-        message,
-    );
+async fn audit_refused_certificate(store: Store, peer: SocketAddr, refusal: tls::Refusal) {
+    let event = match &refusal.expired {
+        // Whose it was and what to do: the node must re-enroll.
+        Some(expired) => crate::link::enroll::expired_refusal(&store, peer, expired).await,
+        None => AuditEvent::error(
+            audit::CLIENT_CERT_REFUSED,
+            peer.to_string(),
+            "connection",
+            peer.to_string(),
+            serde_json::json!({ "peer": peer.to_string() }),
+            refusal.message,
+        ),
+    };
     if let Err(err) = store.audit(&event, crate::now_unix()).await {
         tracing::error!(%err, "could not record audit event");
     }

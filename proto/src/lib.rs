@@ -78,8 +78,31 @@ pub mod v1 {
     tonic::include_proto!("slipway.v1");
 }
 
+/// A span of time in its largest whole unit, for people: `9 days`,
+/// `1 day`, `5 hours`, `3 minutes`, `40 seconds` (negative spans count as
+/// their size).
+pub fn span(secs: i64) -> String {
+    let secs = secs.unsigned_abs();
+    let (n, unit) = match secs {
+        s if s >= 86_400 => (s / 86_400, "day"),
+        s if s >= 3_600 => (s / 3_600, "hour"),
+        s if s >= 60 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn spans_in_their_largest_unit() {
+        assert_eq!(super::span(9 * 86_400 + 5), "9 days");
+        assert_eq!(super::span(-86_400), "1 day");
+        assert_eq!(super::span(7_200), "2 hours");
+        assert_eq!(super::span(61), "1 minute");
+        assert_eq!(super::span(40), "40 seconds");
+    }
+
     use std::time::Duration;
 
     use prost::Message as _;

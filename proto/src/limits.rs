@@ -20,6 +20,10 @@ use crate::v1::{
     StartRequest, StopRequest,
 };
 
+/// A trust bundle (PEM CA certificates): a few KiB each.
+pub const MAX_TRUST_BUNDLE: usize = 64 * 1024;
+/// CAs in a trust bundle: two during a rotation.
+pub const MAX_TRUSTED_CAS: usize = 4;
 /// Node names: a droplet's host name fits (DNS names are at most 253).
 pub const MAX_NODE_NAME: usize = 253;
 /// App names: the agent makes each a directory and a systemd-style unit.
@@ -649,6 +653,18 @@ impl Validate for ControllerMessage {
             Some(Kind::AgentUpgrade(u)) => {
                 check_agent_upgrade(u).map_err(|e| e.within("agent_upgrade"))
             }
+            Some(Kind::TrustBundle(b)) => (|| {
+                check_len("ca_pem", &b.ca_pem, MAX_TRUST_BUNDLE)?;
+                let blocks = b.ca_pem.matches("-----BEGIN CERTIFICATE-----").count();
+                if blocks == 0 || blocks > MAX_TRUSTED_CAS {
+                    return Err(FieldError::new(
+                        "ca_pem",
+                        format!("holds {blocks} certificates; 1 to {MAX_TRUSTED_CAS} expected"),
+                    ));
+                }
+                check_sha256("signing_ca_sha256", &b.signing_ca_sha256)
+            })()
+            .map_err(|e: FieldError| e.within("trust_bundle")),
         }
     }
 }
@@ -726,6 +742,26 @@ impl Validate for FleetStatusRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trust_bundles_are_bounded() {
+        use crate::v1::TrustBundle;
+        const BLOCK: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+        let bundle = |pem: String, sha: &str| ControllerMessage {
+            kind: Some(controller_message::Kind::TrustBundle(TrustBundle {
+                ca_pem: pem,
+                renew_now: false,
+                signing_ca_sha256: sha.to_owned(),
+            })),
+        };
+        let sha = "a".repeat(64);
+        bundle(BLOCK.repeat(2), &sha).validate().unwrap();
+        let field = |m: ControllerMessage| m.validate().unwrap_err().to_string();
+        assert!(field(bundle(String::new(), &sha)).contains("trust_bundle.ca_pem"));
+        assert!(field(bundle(BLOCK.repeat(5), &sha)).contains("holds 5 certificates"));
+        assert!(field(bundle("x".repeat(MAX_TRUST_BUNDLE + 1), &sha)).contains("ca_pem"));
+        assert!(field(bundle(BLOCK.to_owned(), "nope")).contains("signing_ca_sha256"));
+    }
 
     #[test]
     fn node_events_are_checked_field_by_field() {

@@ -13,9 +13,10 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::limits;
+use crate::span;
 use crate::v1::{
-    AppStatus, Deployment, DeploymentNode, FleetStatus, NodeMetrics, NodeState, NodeStatus,
-    NodeView, RefreshAnswer, ReleaseInfo, ReleaseNodes, UnhealthyApp, VersionNodes,
+    AppStatus, CertificateHealth, Deployment, DeploymentNode, FleetStatus, NodeMetrics, NodeState,
+    NodeStatus, NodeView, RefreshAnswer, ReleaseInfo, ReleaseNodes, UnhealthyApp, VersionNodes,
 };
 
 /// Widest table column: a longer value (a label list, a hostile name from
@@ -292,6 +293,25 @@ pub fn render_status(status: &FleetStatus) -> String {
                 .map_or_else(|| "-".to_owned(), bytes)
         );
     }
+    render_certificates(&mut out, &status.certificates);
+    if let Some(r) = &status.ca_rotation {
+        let _ = writeln!(
+            out,
+            "\nCA rotation {} (new CA sha256 {}): {}",
+            esc(&r.phase),
+            esc(&r.new_ca_sha256),
+            if r.lagging_nodes.is_empty() {
+                "every node is on the new CA (finish it with `slipway-controller ca rotate finish`)"
+                    .to_owned()
+            } else {
+                format!(
+                    "{} node(s) still on the old CA: {}",
+                    r.lagging_nodes.len(),
+                    esc(&r.lagging_nodes.join(", "))
+                )
+            }
+        );
+    }
     if !status.notes.is_empty() {
         out.push_str("\nnotes:\n");
         for n in &status.notes {
@@ -305,6 +325,47 @@ pub fn render_status(status: &FleetStatus) -> String {
         }
     }
     out
+}
+
+/// The certificates section of `slipway status`: the CA(s), the server
+/// certificate and operator certificates each on a line, node certificates
+/// as one line (how many, the soonest to expire) plus a line for each that
+/// is not ok.
+fn render_certificates(out: &mut String, certs: &[CertificateHealth]) {
+    if certs.is_empty() {
+        return;
+    }
+    let days = |c: &CertificateHealth| {
+        if c.days_left < 0 {
+            format!("expired {} ago", span(c.days_left.saturating_mul(86_400)))
+        } else {
+            format!("{} days left", c.days_left)
+        }
+    };
+    let mut rows = vec![["CERTIFICATE", "NAME", "NOT AFTER", "LEFT", "LEVEL"].map(str::to_owned)];
+    let nodes: Vec<&CertificateHealth> = certs.iter().filter(|c| c.kind == "node").collect();
+    for c in certs.iter().filter(|c| c.kind != "node" || c.level != "ok") {
+        rows.push([
+            c.kind.clone(),
+            c.name.clone(),
+            c.not_after_rfc3339.clone(),
+            days(c),
+            c.level.clone(),
+        ]);
+    }
+    out.push_str("\ncertificates:\n");
+    out.push_str(&table(&rows));
+    // Soonest first, as the controller sends them.
+    if let Some(first) = nodes.first() {
+        let _ = writeln!(
+            out,
+            "node certificates: {} (soonest: {} on {}, {})",
+            nodes.len(),
+            esc(&first.not_after_rfc3339),
+            esc(&first.name),
+            days(first)
+        );
+    }
 }
 
 /// A value from outside on one line of text output: control characters
@@ -499,6 +560,48 @@ struct StatusJson<'a> {
     agents: AgentsJson<'a>,
     problems: &'a [String],
     notes: &'a [String],
+    certificates: Vec<CertificateJson<'a>>,
+    ca_rotation: Option<RotationJson<'a>>,
+}
+
+/// A CA rotation in JSON.
+#[derive(Debug, Serialize)]
+struct RotationJson<'a> {
+    phase: &'a str,
+    started_at: i64,
+    old_ca_sha256: &'a str,
+    new_ca_sha256: &'a str,
+    lagging_nodes: &'a [String],
+}
+
+/// One certificate's health in JSON.
+#[derive(Debug, Serialize)]
+struct CertificateJson<'a> {
+    kind: &'a str,
+    name: &'a str,
+    id: &'a str,
+    not_before: i64,
+    not_after: i64,
+    not_after_rfc3339: &'a str,
+    days_left: i64,
+    level: &'a str,
+    renewed_automatically: bool,
+}
+
+impl<'a> From<&'a CertificateHealth> for CertificateJson<'a> {
+    fn from(c: &'a CertificateHealth) -> Self {
+        Self {
+            kind: &c.kind,
+            name: &c.name,
+            id: &c.id,
+            not_before: c.not_before,
+            not_after: c.not_after,
+            not_after_rfc3339: &c.not_after_rfc3339,
+            days_left: c.days_left,
+            level: &c.level,
+            renewed_automatically: c.renewed_automatically,
+        }
+    }
 }
 
 impl<'a> From<&'a FleetStatus> for StatusJson<'a> {
@@ -535,6 +638,14 @@ impl<'a> From<&'a FleetStatus> for StatusJson<'a> {
             },
             problems: &s.problems,
             notes: &s.notes,
+            certificates: s.certificates.iter().map(CertificateJson::from).collect(),
+            ca_rotation: s.ca_rotation.as_ref().map(|r| RotationJson {
+                phase: &r.phase,
+                started_at: r.started_at,
+                old_ca_sha256: &r.old_ca_sha256,
+                new_ca_sha256: &r.new_ca_sha256,
+                lagging_nodes: &r.lagging_nodes,
+            }),
         }
     }
 }

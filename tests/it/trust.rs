@@ -106,9 +106,11 @@ fn node_names_are_unique_checked_and_escaped() {
         "{}",
         text(&out)
     );
-    // --replace takes it over; the old node is revoked, and it is audited.
+    // --replace takes it over: the same node (id, history) with the new
+    // key, not a second one; it is audited.
     let (_third, out) = enroll(&controller, "n1", &["--replace"]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&first_id), "{}", text(&out));
     let read = controller.api_token("read,deploy:web");
     let nodes = json(&controller.slipway(&read, &["nodes", "--json"]));
     let named: Vec<_> = nodes
@@ -117,12 +119,9 @@ fn node_names_are_unique_checked_and_escaped() {
         .iter()
         .filter(|n| n["name"] == "n1")
         .collect();
-    assert_eq!(named.len(), 2, "{nodes:#}");
-    assert_eq!(
-        named.iter().filter(|n| n["state"] == "revoked").count(),
-        1,
-        "{nodes:#}"
-    );
+    assert_eq!(named.len(), 1, "{nodes:#}");
+    assert_eq!(named[0]["id"], first_id.as_str(), "{nodes:#}");
+    assert!(named[0]["revoked_at"].is_null(), "{nodes:#}");
     let audit = controller.audit(&read);
     assert!(
         audit
@@ -187,9 +186,10 @@ fn node_names_are_unique_checked_and_escaped() {
     assert!(log.contains(r"n1\nFAKE LOG LINE"), "{log}");
     let table = controller.slipway(&read, &["nodes"]);
     assert!(table.status.success(), "{}", text(&table));
+    // A header and the one node n1 (replaced, not doubled).
     assert_eq!(
         String::from_utf8_lossy(&table.stdout).lines().count(),
-        3,
+        2,
         "{}",
         text(&table)
     );

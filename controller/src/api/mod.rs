@@ -73,6 +73,8 @@ pub struct ControlService {
     sessions: Sessions,
     commands: Commands,
     artifacts: Artifacts,
+    /// The data dir: the CA and server certificate whose health status shows.
+    data_dir: std::path::PathBuf,
 }
 
 fn bearer<T>(request: &Request<T>) -> Option<String> {
@@ -102,12 +104,19 @@ fn selector_json(selector: Option<&Selector>) -> serde_json::Value {
 
 impl ControlService {
     /// The service.
-    pub fn new(store: Store, sessions: Sessions, commands: Commands, artifacts: Artifacts) -> Self {
+    pub fn new(
+        store: Store,
+        sessions: Sessions,
+        commands: Commands,
+        artifacts: Artifacts,
+        data_dir: std::path::PathBuf,
+    ) -> Self {
         Self {
             store,
             sessions,
             commands,
             artifacts,
+            data_dir,
         }
     }
 
@@ -731,7 +740,14 @@ impl Control for ControlService {
             .last_deployments(app)
             .await
             .map_err(ApiError::from)?;
-        let status = fleet::summarize_status(
+        // A certificate that cannot be read is a problem status shows, not
+        // a failed call: the rest of the summary still helps.
+        let (certs, unreadable) =
+            match fleet::certs::system_cert_health(&self.data_dir, &self.store, now).await {
+                Ok(certs) => (Some(certs), None),
+                Err(err) => (None, Some(format!("certificate health unknown: {err}"))),
+            };
+        let mut status = fleet::summarize_status(
             &views,
             &fleet::StatusInputs {
                 app,
@@ -739,11 +755,56 @@ impl Control for ControlService {
                 refresh: refresh.as_ref(),
                 deployments: &deployments,
                 now,
+                certs: certs.as_ref(),
             },
         );
-        Ok(Response::new(FleetStatusResponse {
-            status: Some((&status).into()),
-        }))
+        status.problems.extend(unreadable);
+        let rotation = self.ca_rotation().await;
+        if let Some(r) = &rotation {
+            status.notes.push(format!(
+                "CA rotation started {}: {}",
+                crate::rfc3339(r.started_at),
+                if r.lagging_nodes.is_empty() {
+                    "every live node is on the new CA (slipway-controller ca rotate finish)"
+                        .to_owned()
+                } else {
+                    format!("still on the old CA: {}", r.lagging_nodes.join(", "))
+                }
+            ));
+        }
+        let mut wire: slipway_proto::v1::FleetStatus = (&status).into();
+        wire.ca_rotation = rotation;
+        Ok(Response::new(FleetStatusResponse { status: Some(wire) }))
+    }
+}
+
+impl ControlService {
+    /// The CA rotation in progress and the live nodes still on the old CA
+    /// (newest certificate issued before it started); `None` when there is
+    /// none or it cannot be read (logged).
+    async fn ca_rotation(&self) -> Option<slipway_proto::v1::CaRotation> {
+        let rotation = match crate::pki::rotation::current(&self.data_dir) {
+            Ok(r) => r?,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the CA rotation state");
+                return None;
+            }
+        };
+        let lagging_nodes =
+            match fleet::certs::nodes_on_old_ca(&self.store, rotation.new_ca_since()).await {
+                Ok(names) => names,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot list the nodes on the old CA");
+                    Vec::new()
+                }
+            };
+        Some(slipway_proto::v1::CaRotation {
+            phase: rotation.phase,
+            started_at: rotation.started_at,
+            old_ca_sha256: rotation.old_ca_sha256,
+            new_ca_sha256: rotation.new_ca_sha256,
+            lagging_nodes,
+        })
     }
 }
 

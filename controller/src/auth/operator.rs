@@ -344,7 +344,7 @@ mod tests {
         ));
         // An unknown certificate (the CA's own) is not an operator.
         assert!(matches!(
-            authenticate(&store, ca.cert_der()).await,
+            authenticate(&store, &ca.cert_der()).await,
             Err(OperatorError::UnknownCert(_))
         ));
     }

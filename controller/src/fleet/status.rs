@@ -4,6 +4,7 @@
 
 use slipway_proto::view::bytes;
 
+use super::certs::{CertHealth, SystemCertHealth};
 use super::nodes::NodeView;
 use crate::link::liveness::NodeState;
 use crate::store::{self, App};
@@ -145,6 +146,9 @@ pub struct FleetStatus {
     /// Worth knowing but not a problem (revoked nodes, release or version
     /// drift, memory outliers, failed or running deployments).
     pub notes: Vec<String>,
+    /// Every certificate in use, soonest expiry first (empty when the
+    /// caller gathered none).
+    pub certificates: Vec<CertHealth>,
 }
 
 impl FleetStatus {
@@ -167,6 +171,9 @@ pub struct StatusInputs<'a> {
     pub deployments: &'a [store::DeploymentRecord],
     /// Now (seconds since the epoch).
     pub now: i64,
+    /// The certificate health of the system: a failing certificate is a
+    /// problem, one that warns a note.
+    pub certs: Option<&'a SystemCertHealth>,
 }
 
 /// Groups `(key, name)` pairs: most names first, then by key.
@@ -462,6 +469,11 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
             bytes(rss_median_bytes.unwrap_or(0))
         ));
     }
+    if let Some(certs) = inputs.certs {
+        let (failing, warning) = certs.findings();
+        problems.extend(failing);
+        notes.extend(warning);
+    }
     FleetStatus {
         generated_at: inputs.now,
         app: inputs.app.map(ToOwned::to_owned),
@@ -476,6 +488,7 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
         },
         problems,
         notes,
+        certificates: inputs.certs.map(|c| c.certs.clone()).unwrap_or_default(),
     }
 }
 
@@ -565,6 +578,7 @@ mod tests {
                 refresh: Some(&answers),
                 deployments: &deployments,
                 now: 100,
+                certs: None,
             },
         );
         assert!(status.ok(), "{:?}", status.problems);
@@ -670,6 +684,7 @@ mod tests {
                 refresh: Some(&answers),
                 deployments: &deployments,
                 now: 100,
+                certs: None,
             },
         );
         assert_eq!(
@@ -751,6 +766,7 @@ mod tests {
                 refresh: None,
                 deployments: &[],
                 now: 100,
+                certs: None,
             },
         );
         assert_eq!(
@@ -790,6 +806,7 @@ mod tests {
             refresh: None,
             deployments: &[],
             now: 100,
+            certs: None,
         };
         let web = summarize_status(&views, &inputs(Some("web")));
         assert!(web.ok(), "{:?}", web.problems);
@@ -841,6 +858,7 @@ mod tests {
                 refresh: None,
                 deployments: &[],
                 now: 200,
+                certs: None,
             },
         );
         let text = render_status(&status);
@@ -874,6 +892,7 @@ mod tests {
                 refresh: None,
                 deployments: &[],
                 now: 200,
+                certs: None,
             },
         );
         assert!(!status.ok());

@@ -4,6 +4,7 @@
 
 use slipway_proto::v1;
 
+use super::certs::CertHealth;
 use super::nodes::NodeView;
 use super::status::{AppSummary, FleetStatus, NodeStatus, RefreshAnswer};
 use crate::link::liveness::NodeState;
@@ -104,7 +105,27 @@ impl From<&FleetStatus> for v1::FleetStatus {
             }),
             problems: s.problems.clone(),
             notes: s.notes.clone(),
+            certificates: s
+                .certificates
+                .iter()
+                .map(|c| certificate(c, s.generated_at))
+                .collect(),
+            ca_rotation: None,
         }
+    }
+}
+
+fn certificate(c: &CertHealth, now: i64) -> v1::CertificateHealth {
+    v1::CertificateHealth {
+        kind: c.kind.as_str().to_owned(),
+        name: c.name.clone(),
+        id: c.id.clone(),
+        not_before: c.not_before,
+        not_after: c.not_after,
+        days_left: c.days_left(now),
+        level: c.level(now).as_str().to_owned(),
+        renewed_automatically: c.renewed_automatically(),
+        not_after_rfc3339: crate::rfc3339(c.not_after),
     }
 }
 

@@ -42,7 +42,8 @@ pub enum EnrollError {
     /// A live node already has the name, and `--replace` was not given.
     #[error(
         "node name {name} is taken by node {existing} (enrolled {enrolled_at}); \
-         enroll with --replace to replace that node (it is revoked), or choose another name"
+         enroll with --replace to take that node over (it keeps its id, tags and \
+         history; its old certificates stop working), or choose another name"
     )]
     NameTaken {
         /// The name asked for.
@@ -51,6 +52,15 @@ pub enum EnrollError {
         existing: String,
         /// When that node enrolled (RFC 3339).
         enrolled_at: String,
+    },
+    /// `--replace`: the node of that name changed (revoked or replaced)
+    /// during the enrollment.
+    #[error("node {node} ({name}) was revoked or replaced meanwhile; enroll again")]
+    Changed {
+        /// The name asked for.
+        name: String,
+        /// The node that had it.
+        node: String,
     },
     /// The CSR is unusable.
     #[error(transparent)]
@@ -70,6 +80,7 @@ impl From<EnrollError> for Status {
             | EnrollError::Field(_)
             | EnrollError::Ca(CaError::Csr(_)) => Status::invalid_argument(err.to_string()),
             EnrollError::NameTaken { .. } => Status::already_exists(err.to_string()),
+            EnrollError::Changed { .. } => Status::aborted(err.to_string()),
             EnrollError::WrongController(_)
             | EnrollError::Unknown(_)
             | EnrollError::Used(_)
@@ -112,7 +123,23 @@ impl EnrollmentService {
             return Err(EnrollError::WrongController(token.id));
         }
         let name = req.node_name.as_str();
-        let node_id = format!("n-{}", crypto::random_hex::<8>()?);
+        // `--replace` keeps the node: the live node of that name is
+        // re-keyed, so the certificate names its id. Who may do it: whoever
+        // holds a valid join token (the same power that may add a node) and
+        // names the node; a revoked node is never brought back this way.
+        let replacing = if req.replace {
+            self.store
+                .find_node(name)
+                .await?
+                .into_iter()
+                .find(|n| n.name == name && n.revoked_at.is_none())
+        } else {
+            None
+        };
+        let node_id = match &replacing {
+            Some(node) => node.id.clone(),
+            None => format!("n-{}", crypto::random_hex::<8>()?),
+        };
         // Sign before touching the token, so a bad CSR does not burn it.
         let issued = self
             .ca
@@ -132,7 +159,11 @@ impl EnrollmentService {
         }
         let labels = node_labels(&req.labels, &row.tags);
         let event = AuditEvent::success(
-            audit::NODE_ENROLLED,
+            if replacing.is_some() {
+                audit::NODE_REPLACED
+            } else {
+                audit::NODE_ENROLLED
+            },
             &node_id,
             "node",
             &node_id,
@@ -143,6 +174,7 @@ impl EnrollmentService {
                 "cert_expires_at": issued.not_after,
                 "labels": labels,
                 "agent_version": req.agent_version,
+                "replaced": replacing.is_some(),
             }),
         );
         let enrolled = self
@@ -159,7 +191,7 @@ impl EnrollmentService {
                     agent_version: &req.agent_version,
                     enrolled_at: now,
                 },
-                replace: req.replace,
+                replace: replacing.as_ref().map(|n| n.id.as_str()),
                 event: &event,
             })
             .await?;
@@ -167,6 +199,12 @@ impl EnrollmentService {
             Enrolled::Node { .. } => {}
             // Lost a race with a concurrent enrollment using the same token.
             Enrolled::TokenSpent => return Err(EnrollError::Used(token.id)),
+            Enrolled::Changed { expected } => {
+                return Err(EnrollError::Changed {
+                    name: name.to_owned(),
+                    node: expected,
+                })
+            }
             Enrolled::NameTaken {
                 existing,
                 enrolled_at,
@@ -186,6 +224,76 @@ impl EnrollmentService {
             expires_at_unix: issued.not_after,
         })
     }
+}
+
+/// The CLIENT_CERT_REFUSED event (and an error log line) for a handshake
+/// refused because the client's certificate expired: a node's names the
+/// node and tells how to bring it back (`enroll --replace`, which keeps the
+/// node), an operator's how to get a new one.
+pub async fn expired_refusal(
+    store: &Store,
+    peer: std::net::SocketAddr,
+    expired: &crate::pki::tls::ExpiredClientCert,
+) -> AuditEvent {
+    let ago = slipway_proto::span(expired.refused_at - expired.not_after);
+    let not_after = crate::rfc3339(expired.not_after);
+    let subject = expired.subject.as_str();
+    // The subject is the CA's word (a certificate it signed), not the peer's.
+    let node = match store.find_node(subject).await {
+        Ok(rows) => rows.into_iter().find(|n| n.id == subject),
+        Err(err) => {
+            tracing::warn!(%err, "cannot look up the node of an expired certificate");
+            None
+        }
+    };
+    let (resource_type, message) = match &node {
+        Some(node) if node.revoked_at.is_some() => (
+            "node",
+            format!(
+                "node {} ({}) presented a certificate that expired {ago} ago (not after \
+                 {not_after}); the node is revoked: enroll it again as a new node",
+                node.name, node.id
+            ),
+        ),
+        Some(node) => (
+            "node",
+            format!(
+                "node {} ({}): certificate expired {ago} ago (not after {not_after}); re-enroll \
+                 with `slipway-agent enroll --replace --name {} --token …` on the node (a new \
+                 join token: slipway-controller token create); it keeps its name, tags and \
+                 history",
+                node.name, node.id, node.name
+            ),
+        ),
+        None if subject.starts_with("op-") => (
+            "operator",
+            format!(
+                "operator certificate {subject} expired {ago} ago (not after {not_after}): \
+                 create a new one (slipway-controller operator create)"
+            ),
+        ),
+        None => ("connection", expired.to_string()),
+    };
+    tracing::error!(%peer, "{message}");
+    let resource_id = if resource_type == "connection" {
+        peer.to_string()
+    } else {
+        subject.to_owned()
+    };
+    AuditEvent::error(
+        audit::CLIENT_CERT_REFUSED,
+        peer.to_string(),
+        resource_type,
+        resource_id,
+        serde_json::json!({
+            "peer": peer.to_string(),
+            "expired": true,
+            "subject": subject,
+            "not_after": not_after,
+            "node_name": node.as_ref().map(|n| n.name.clone()),
+        }),
+        message,
+    )
 }
 
 /// The node's labels: what the agent reported, overridden by the join

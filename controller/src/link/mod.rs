@@ -6,4 +6,5 @@ pub mod commands;
 pub mod enroll;
 pub mod liveness;
 pub mod registry;
+pub mod rotation;
 pub mod session;

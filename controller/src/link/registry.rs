@@ -159,6 +159,11 @@ impl Sessions {
         self.len() == 0
     }
 
+    /// Ids of the nodes holding a session.
+    pub fn node_ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// True if `node_id` holds a session.
     pub fn contains(&self, node_id: &str) -> bool {
         self.lock().contains_key(node_id)

@@ -72,11 +72,29 @@ pub enum CaError {
     Crypto(#[from] CryptoError),
 }
 
-/// The CA and the controller's own server identity, loaded from the data dir.
+/// The new CA of a rotation (`ca rotate start`): its certificate.
+pub const NEXT_CA_CERT_FILE: &str = "ca-next.pem";
+/// The new CA's key: signs node and operator certificates during a
+/// rotation, and becomes `ca.key` at `ca rotate finish`.
+pub const NEXT_CA_KEY_FILE: &str = "ca-next.key";
+
+/// The CA and the controller's own server identity, loaded from the data
+/// dir; [`Ca::reload`] picks up a CA rotation made by another process.
 pub struct Ca {
-    cert_pem: String,
+    state: std::sync::RwLock<std::sync::Arc<CaState>>,
+}
+
+/// What the data dir holds at one moment.
+struct CaState {
+    /// `ca.pem`: every trusted CA (two during a rotation), PEM.
+    bundle_pem: String,
+    /// The same, DER.
+    bundle: Vec<CertificateDer<'static>>,
+    /// The CA whose key is `ca.key`: it signs the server certificate.
     cert_der: CertificateDer<'static>,
     key: KeyPair,
+    /// During a rotation, the new CA: it signs client certificates.
+    next: Option<(CertificateDer<'static>, KeyPair)>,
 }
 
 /// The controller's TLS server certificate chain and key.
@@ -121,6 +139,7 @@ impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
             .field("fingerprint", &self.fingerprint())
+            .field("rotating_to", &self.next_fingerprint())
             .finish_non_exhaustive()
     }
 }
@@ -145,48 +164,39 @@ impl Ca {
         create_private_dir(data_dir)?;
         let ca_cert_path = data_dir.join(CA_CERT_FILE);
         let ca_key_path = data_dir.join(CA_KEY_FILE);
-        let now = OffsetDateTime::now_utc();
-
-        let (cert_pem, key) = if ca_key_path.exists() && ca_cert_path.exists() {
-            let key_pem = read(&ca_key_path)?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Parse {
-                path: ca_key_path.clone(),
-                source,
-            })?;
-            (read(&ca_cert_path)?, key)
-        } else {
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-            let mut params = CertificateParams::default();
-            // A random suffix tells controllers' CAs apart, in logs and for
-            // webpki, which picks a client certificate's issuer by name.
-            params.distinguished_name = common_name(&format!(
-                "Slipway controller CA {}",
-                crypto::random_hex::<4>()?
-            ));
-            // pathlen 0: the CA signs leaves only, never another CA.
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            params.not_before = now - CLOCK_SKEW;
-            params.not_after = now + CA_VALIDITY;
-            params.serial_number = Some(random_serial()?);
-            let cert = params.self_signed(&key)?;
+        if !(ca_key_path.exists() && ca_cert_path.exists()) {
+            let (cert_pem, key_pem) = new_ca()?;
             // Key first: a crash between the two writes leaves no certificate
             // without its key, and the next start recreates both.
-            write_private(&ca_key_path, &key.serialize_pem())?;
-            write_public(&ca_cert_path, &cert.pem())?;
-            (cert.pem(), key)
-        };
-        let cert_der = pem_to_der(&ca_cert_path, &cert_pem)?;
+            write_private(&ca_key_path, &key_pem)?;
+            write_public(&ca_cert_path, &cert_pem)?;
+        }
+        Self::load_existing(data_dir)
+    }
 
-        Ok(Self {
-            cert_pem,
-            cert_der,
-            key,
-        })
+    /// Reads the CA files of `data_dir` again (a rotation started or
+    /// finished by `slipway-controller ca rotate`); true when the trusted
+    /// set or the signing CAs changed.
+    pub fn reload(&self, data_dir: &Path) -> Result<bool, CaError> {
+        let fresh = Self::load_existing(data_dir)?.state();
+        let old = self.state();
+        let same = fresh.bundle == old.bundle
+            && fresh.cert_der == old.cert_der
+            && fresh.next.as_ref().map(|n| &n.0) == old.next.as_ref().map(|n| &n.0);
+        if !same {
+            *self
+                .state
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        }
+        Ok(!same)
+    }
+
+    fn state(&self) -> std::sync::Arc<CaState> {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Loads the CA of `data_dir`, which must have one (never creates it):
@@ -199,13 +209,65 @@ impl Ca {
             path: ca_key_path.clone(),
             source,
         })?;
-        let cert_pem = read(&ca_cert_path)?;
-        let cert_der = pem_to_der(&ca_cert_path, &cert_pem)?;
+        let bundle_pem = read(&ca_cert_path)?;
+        let bundle = pem_bundle(&ca_cert_path, &bundle_pem)?;
+        // The signing CA is the one whose public key is ca.key's: the file
+        // order does not matter, and a rotation's finish that stopped
+        // between writing ca.key and ca.pem still loads.
+        let cert_der = bundle
+            .iter()
+            .find(|der| has_key(der, &key))
+            .cloned()
+            .ok_or_else(|| CaError::Io {
+                path: ca_cert_path.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "no certificate in it matches ca.key",
+                ),
+            })?;
+        let next_cert = data_dir.join(NEXT_CA_CERT_FILE);
+        let next_key = data_dir.join(NEXT_CA_KEY_FILE);
+        let next = if next_cert.exists() && next_key.exists() {
+            let key_pem = read(&next_key)?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::Parse {
+                path: next_key.clone(),
+                source,
+            })?;
+            let der = pem_to_der(&next_cert, &read(&next_cert)?)?;
+            // Finished already (ca.key is this key): no rotation.
+            (der != cert_der).then_some((der, key))
+        } else {
+            None
+        };
         Ok(Self {
-            cert_pem,
-            cert_der,
-            key,
+            state: std::sync::RwLock::new(std::sync::Arc::new(CaState {
+                bundle_pem,
+                bundle,
+                cert_der,
+                key,
+                next,
+            })),
         })
+    }
+
+    /// Every CA the controller trusts (client certificates chaining to any
+    /// are accepted): one, or two during a rotation.
+    pub fn trusted(&self) -> Vec<CertificateDer<'static>> {
+        self.state().bundle.clone()
+    }
+
+    /// The new CA's sha256 during a rotation.
+    pub fn next_fingerprint(&self) -> Option<String> {
+        self.state()
+            .next
+            .as_ref()
+            .map(|(der, _)| crypto::sha256_hex(der))
+    }
+
+    /// Creates a new CA (a rotation's): its key and certificate PEMs.
+    pub fn generate() -> Result<(String, String), CaError> {
+        let (cert, key) = new_ca()?;
+        Ok((cert, key))
     }
 
     /// Loads the controller's TLS server certificate from `data_dir`, or
@@ -266,7 +328,8 @@ impl Ca {
         let key_path = data_dir.join(SERVER_KEY_FILE);
         let hosts_path = data_dir.join(SERVER_HOSTS_FILE);
         let now = OffsetDateTime::now_utc();
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let state = self.state();
+        let issuer = Issuer::from_ca_cert_der(&state.cert_der, &state.key)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(hosts)?;
         params.distinguished_name = common_name("Slipway controller");
@@ -312,26 +375,29 @@ impl Ca {
             })?
             .serialize_der();
         Ok(ServerIdentity {
-            chain: vec![cert_der, self.cert_der.clone()],
+            chain: vec![cert_der, self.state().cert_der.clone()],
             key_der,
             not_before,
             not_after,
         })
     }
 
-    /// The CA certificate, PEM.
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
+    /// Every trusted CA certificate, PEM (`ca.pem`: what an enrolling
+    /// agent stores as its trust), the signing CA first (as `ca rotate`
+    /// writes it).
+    pub fn cert_pem(&self) -> String {
+        self.state().bundle_pem.clone()
     }
 
-    /// The CA certificate, DER.
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
+    /// The CA certificate that signs the server certificate, DER.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.state().cert_der.clone()
     }
 
-    /// sha256 hex of the CA certificate's DER: what join tokens pin.
+    /// sha256 hex of the CA certificate's DER (the one signing the server
+    /// certificate): what join tokens pin.
     pub fn fingerprint(&self) -> String {
-        crypto::sha256_hex(&self.cert_der)
+        crypto::sha256_hex(&self.state().cert_der)
     }
 
     /// Issues a client certificate for `node_id` valid for `validity` from now.
@@ -422,7 +488,14 @@ impl Ca {
         params.not_after = not_after;
         params.serial_number = Some(serial.clone());
         params.use_authority_key_identifier_extension = true;
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        // During a rotation the new CA signs client certificates: the
+        // controller trusts both, and every renewal moves a node onto it.
+        let state = self.state();
+        let (ca_der, ca_key) = state
+            .next
+            .as_ref()
+            .map_or((&state.cert_der, &state.key), |(der, key)| (der, key));
+        let issuer = Issuer::from_ca_cert_der(ca_der, ca_key)?;
         let cert = params.signed_by(public_key, &issuer)?;
         Ok(IssuedCert {
             pem: cert.pem(),
@@ -431,6 +504,54 @@ impl Ca {
             not_after: not_after.unix_timestamp(),
         })
     }
+}
+
+/// A new self-signed CA: (certificate PEM, key PEM).
+fn new_ca() -> Result<(String, String), CaError> {
+    let now = OffsetDateTime::now_utc();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    // A random suffix tells controllers' CAs apart, in logs and for
+    // webpki, which picks a client certificate's issuer by name.
+    params.distinguished_name = common_name(&format!(
+        "Slipway controller CA {}",
+        crypto::random_hex::<4>()?
+    ));
+    // pathlen 0: the CA signs leaves only, never another CA.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + CA_VALIDITY;
+    params.serial_number = Some(random_serial()?);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Every certificate of a PEM file.
+fn pem_bundle(path: &Path, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let bad = |why: String| CaError::Io {
+        path: path.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidData, why),
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("holds no certificate".to_owned()));
+    }
+    Ok(certs)
+}
+
+/// True when `der`'s public key is `key`'s.
+fn has_key(der: &CertificateDer<'_>, key: &KeyPair) -> bool {
+    use rcgen::PublicKeyData as _;
+    x509_parser::parse_x509_certificate(der.as_ref())
+        .is_ok_and(|(_, cert)| cert.public_key().raw == key.subject_public_key_info())
 }
 
 /// `hosts` with `localhost` and `127.0.0.1` added when missing.
@@ -450,6 +571,14 @@ pub fn validity_of(der: &CertificateDer<'_>) -> Option<(i64, i64)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let v = cert.validity();
     Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// A certificate's subject common name; `None` when it has none or cannot
+/// be parsed.
+pub fn common_name_of(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(ToOwned::to_owned)
 }
 
 fn common_name(cn: &str) -> DistinguishedName {

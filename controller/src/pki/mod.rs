@@ -3,4 +3,5 @@
 
 pub mod ca;
 pub mod crypto;
+pub mod rotation;
 pub mod tls;

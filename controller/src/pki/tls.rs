@@ -19,9 +19,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -100,19 +103,177 @@ fn certified(identity: &ServerIdentity) -> Result<Arc<CertifiedKey>, TlsError> {
 /// renewed while serving), optional client certificates verified against
 /// our CA, HTTP/2 only.
 pub fn server_config(ca: &Ca, cert: ServerCert) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(server_config_with_trust(ca, cert)?.0)
+}
+
+/// [`server_config`], and the handle that changes which CAs its client
+/// certificates may chain to while it serves (a CA rotation).
+pub fn server_config_with_trust(
+    ca: &Ca,
+    cert: ServerCert,
+) -> Result<(Arc<ServerConfig>, ClientTrust), TlsError> {
     let provider = crypto::provider();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.cert_der().clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let trust = ClientTrust(Arc::new(RwLock::new(client_verifier(&ca.trusted())?)));
+    let verifier = Arc::new(NamingVerifier(trust.clone()));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(cert));
     // gRPC is HTTP/2; without ALPN some clients would try HTTP/1.1.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), trust))
+}
+
+fn client_verifier(
+    cas: &[CertificateDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca.clone())?;
+    }
+    Ok(
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto::provider())
+            .allow_unauthenticated()
+            .build()?,
+    )
+}
+
+/// The CAs client certificates may chain to, replaceable while serving:
+/// from the next handshake on; connections already made are not touched.
+#[derive(Clone)]
+pub struct ClientTrust(Arc<RwLock<Arc<dyn ClientCertVerifier>>>);
+
+impl std::fmt::Debug for ClientTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTrust").finish_non_exhaustive()
+    }
+}
+
+impl ClientTrust {
+    /// Trusts exactly `cas` from the next handshake on.
+    pub fn set(&self, cas: &[CertificateDer<'static>]) -> Result<(), TlsError> {
+        let verifier = client_verifier(cas)?;
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = verifier;
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<dyn ClientCertVerifier> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A client certificate refused because it has expired: whose, and since
+/// when, so the refusal can say who must re-enroll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredClientCert {
+    /// The certificate's common name: a node id (`n-…`) or an operator id
+    /// (`op-…`); "" if it has none.
+    pub subject: String,
+    /// Its not-after (seconds since the epoch).
+    pub not_after: i64,
+    /// When it was refused (seconds since the epoch).
+    pub refused_at: i64,
+}
+
+impl std::fmt::Display for ExpiredClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "client certificate of {} expired {} ago (not after {})",
+            if self.subject.is_empty() {
+                "(no name)"
+            } else {
+                &self.subject
+            },
+            slipway_proto::span(self.refused_at - self.not_after),
+            crate::rfc3339(self.not_after)
+        )
+    }
+}
+
+impl std::error::Error for ExpiredClientCert {}
+
+/// A refused client certificate: the message, and the expiry details when
+/// that is why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why, as rustls or [`ExpiredClientCert`] says it.
+    pub message: String,
+    /// Set when the certificate had expired.
+    pub expired: Option<ExpiredClientCert>,
+}
+
+/// The WebPKI client verifier, except that an expired certificate's error
+/// names its subject (rustls' own says only when it expired), so the
+/// controller can tell which node must re-enroll.
+#[derive(Debug)]
+struct NamingVerifier(ClientTrust);
+
+impl ClientCertVerifier for NamingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.get().offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.get().client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // No hints: clients present the one certificate they have.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .get()
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|err| match err {
+                rustls::Error::InvalidCertificate(
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. },
+                ) => {
+                    let expired = ExpiredClientCert {
+                        subject: crate::pki::ca::common_name_of(end_entity).unwrap_or_default(),
+                        not_after: crate::pki::ca::validity_of(end_entity)
+                            .map_or(0, |(_, not_after)| not_after),
+                        refused_at: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                    };
+                    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                        Arc::new(expired),
+                    )))
+                }
+                other => other,
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.get().supported_verify_schemes()
+    }
 }
 
 /// Accepts TCP connections, runs the TLS handshakes concurrently, and yields
@@ -127,7 +288,7 @@ pub fn incoming<R, F>(
     refused: R,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>>
 where
-    R: Fn(SocketAddr, String) -> F + Clone + Send + 'static,
+    R: Fn(SocketAddr, Refusal) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send,
 {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
@@ -157,9 +318,9 @@ where
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(err)) => match refused_certificate(&err) {
-                        Some(message) => {
-                            tracing::warn!(%peer, "{message}");
-                            refused(peer, message).await;
+                        Some(refusal) => {
+                            tracing::warn!(%peer, "{}", refusal.message);
+                            refused(peer, refusal).await;
                         }
                         None => tracing::debug!(%peer, %err, "tls handshake failed"),
                     },
@@ -173,12 +334,23 @@ where
 
 /// Why the client's certificate was refused, if that is why the handshake
 /// failed.
-fn refused_certificate(err: &io::Error) -> Option<String> {
+fn refused_certificate(err: &io::Error) -> Option<Refusal> {
     let rustls_err = err
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     let Some(rustls::Error::InvalidCertificate(reason)) = rustls_err else {
         return None;
     };
-    Some(format!("client certificate refused: {reason:?}"))
+    if let CertificateError::Other(OtherError(other)) = reason {
+        if let Some(expired) = other.downcast_ref::<ExpiredClientCert>() {
+            return Some(Refusal {
+                message: expired.to_string(),
+                expired: Some(expired.clone()),
+            });
+        }
+    }
+    Some(Refusal {
+        message: format!("client certificate refused: {reason:?}"),
+        expired: None,
+    })
 }

@@ -41,7 +41,8 @@ pub use controller_state::ControllerStart;
 pub use deployments::{DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode};
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
-    App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeRow, PeerCert, Release,
+    App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeCert, NodeRow, PeerCert,
+    Release,
 };
 pub use operators::OperatorRow;
 

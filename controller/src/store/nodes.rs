@@ -12,7 +12,7 @@ use sqlx::Row as _;
 
 use super::join_tokens::use_join_token;
 use super::{insert_audit, json_column, json_text, Store, StoreError};
-use crate::audit::{self, AuditEvent};
+use crate::audit::AuditEvent;
 
 /// Host metrics as stored and shown.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +205,19 @@ pub struct PeerCert {
     pub expires_at: i64,
 }
 
+/// A live node's newest certificate, for certificate health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCert {
+    /// Node id.
+    pub id: String,
+    /// Node name.
+    pub name: String,
+    /// When the certificate was issued (seconds since the epoch).
+    pub issued_at: i64,
+    /// When it expires.
+    pub expires_at: i64,
+}
+
 /// A node with its latest reported state, for the fleet view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetRow {
@@ -265,21 +278,30 @@ pub struct NewEnrollment<'a> {
     pub token_id: &'a str,
     /// The node and its first certificate.
     pub node: NewNode<'a>,
-    /// `enroll --replace`: revoke the live node of the same name instead
-    /// of refusing.
-    pub replace: bool,
-    /// The NODE_ENROLLED event.
+    /// `enroll --replace`: the id of the live node of that name, which
+    /// this enrollment re-keys instead of adding a node (its certificates
+    /// are replaced by the new one; name, labels, history and apps stay).
+    /// `node.id` is then that id.
+    pub replace: Option<&'a str>,
+    /// The NODE_ENROLLED (or, replacing, NODE_REPLACED) event.
     pub event: &'a AuditEvent,
 }
 
 /// How [`Store::enroll_node`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enrolled {
-    /// The node is recorded; `replaced` is the live node of that name it
-    /// revoked (`replace`), if there was one.
+    /// The node is recorded; `replaced` is the node it re-keyed
+    /// (`replace`), if it did.
     Node {
         /// Id of the replaced node.
         replaced: Option<String>,
+    },
+    /// `replace` named a node that is no longer the live node of that name
+    /// (revoked, or replaced by another enrollment, meanwhile): nothing
+    /// recorded (the token stays unused).
+    Changed {
+        /// The node `replace` named.
+        expected: String,
     },
     /// The token was used, or expired, meanwhile: nothing recorded.
     TokenSpent,
@@ -389,6 +411,27 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// The newest certificate of every live (unrevoked) node, by name.
+    pub async fn live_node_certs(&self) -> Result<Vec<NodeCert>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT n.id, n.name, c.issued_at, c.expires_at
+             FROM nodes n JOIN node_certs c ON c.fingerprint = n.cert_fingerprint
+             WHERE n.revoked_at IS NULL ORDER BY n.name, n.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(NodeCert {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    issued_at: row.try_get("issued_at")?,
+                    expires_at: row.try_get("expires_at")?,
+                })
+            })
+            .collect()
+    }
+
     /// Ids of every revoked node.
     pub async fn revoked_node_ids(&self) -> Result<Vec<String>, StoreError> {
         Ok(
@@ -461,10 +504,12 @@ impl Store {
 
     /// Records an enrolled node in one transaction: uses the join token
     /// (only if still unused and unexpired at `node.enrolled_at`), refuses
-    /// a name a live node has unless `replace` (then that node is revoked
-    /// and NODE_REPLACED recorded, the new node as actor), inserts the node
-    /// with its first certificate and records `event`. Nothing is recorded
-    /// unless it ends [`Enrolled::Node`].
+    /// a name a live node has unless `replace` names that node (then the
+    /// node is re-keyed: its certificates are dropped for the new one, the
+    /// token's tags are merged into its labels, and its id, name, history
+    /// and apps stay), else inserts the node with its first certificate;
+    /// and records `event`. Nothing is recorded unless it ends
+    /// [`Enrolled::Node`].
     pub async fn enroll_node(
         &self,
         enrollment: &NewEnrollment<'_>,
@@ -477,31 +522,31 @@ impl Store {
         }
         // Names are unique among live nodes: a second `n1` would make every
         // `--node n1` ambiguous. Replacing is explicit and audited.
-        let replaced = match live_node_named(&mut tx, node.name).await? {
-            None => None,
-            Some((existing, _)) if enrollment.replace => {
-                revoke_node(&mut tx, &existing, now).await?;
+        let live = live_node_named(&mut tx, node.name).await?;
+        let replaced = match (live, enrollment.replace) {
+            (None, None) => {
+                insert_node(&mut tx, node).await?;
+                None
+            }
+            (Some((existing, _)), Some(expected))
+                if existing == expected && node.id == expected =>
+            {
+                rekey_node(&mut tx, node).await?;
                 Some(existing)
             }
-            Some((existing, enrolled_at)) => {
+            (_, Some(expected)) => {
+                return Ok(Enrolled::Changed {
+                    expected: expected.to_owned(),
+                })
+            }
+            (Some((existing, enrolled_at)), None) => {
                 return Ok(Enrolled::NameTaken {
                     existing,
                     enrolled_at,
                 })
             }
         };
-        insert_node(&mut tx, node).await?;
         insert_audit(&mut tx, enrollment.event, now).await?;
-        if let Some(old) = &replaced {
-            let event = AuditEvent::success(
-                audit::NODE_REPLACED,
-                node.id,
-                "node",
-                old,
-                serde_json::json!({ "name": node.name, "replaced_by": node.id }),
-            );
-            insert_audit(&mut tx, &event, now).await?;
-        }
         tx.commit().await?;
         Ok(Enrolled::Node { replaced })
     }
@@ -566,6 +611,41 @@ pub(super) async fn insert_node(
     .bind(node.labels.to_string())
     .bind(node.agent_version)
     .bind(node.enrolled_at)
+    .execute(&mut *conn)
+    .await?;
+    insert_node_cert(
+        conn,
+        node.id,
+        node.cert_fingerprint,
+        node.cert_serial,
+        node.enrolled_at,
+        node.cert_expires_at,
+    )
+    .await
+}
+
+/// `enroll --replace` of the live node `node.id` on `conn`: every
+/// certificate it had is dropped (the old key opens no new session), the
+/// new one becomes its only one, the labels given are merged over its own
+/// (JSON merge patch: the token's tags win), and the agent version is the
+/// enrolling agent's. Its name, id, history and apps stay.
+async fn rekey_node(conn: &mut SqliteConnection, node: &NewNode<'_>) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM node_certs WHERE node_id = ?1")
+        .bind(node.id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE nodes SET cert_serial = ?1, cert_fingerprint = ?2, cert_expires_at = ?3,
+                labels = json_patch(labels, ?4),
+                agent_version = CASE WHEN ?5 = '' THEN agent_version ELSE ?5 END
+         WHERE id = ?6 AND revoked_at IS NULL",
+    )
+    .bind(node.cert_serial)
+    .bind(node.cert_fingerprint)
+    .bind(node.cert_expires_at)
+    .bind(node.labels.to_string())
+    .bind(node.agent_version)
+    .bind(node.id)
     .execute(&mut *conn)
     .await?;
     insert_node_cert(

@@ -241,18 +241,20 @@ async fn a_name_belongs_to_one_live_node_until_replaced() {
         .try_enroll_with(&controller.token().await, state.path(), "n1", true)
         .await
         .unwrap();
+    // The same node, re-keyed: its id stays, nothing is revoked.
+    assert_eq!(replaced.node_id, first);
     let audit = controller.audit().await;
     assert!(crate::support::audited(&audit, "NODE_REPLACED", |e| {
-        e.resource_id == first && e.actor == replaced.node_id
+        e.resource_id == first && e.actor == first
     }));
-    // The selector finds the one live node of that name.
+    // The selector finds the one live node of that name, whose only
+    // certificate is the new one.
     let store = controller.store().await;
     let found = store.find_node("n1").await.unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0].id, replaced.node_id);
-    assert!(store.find_node(&first).await.unwrap()[0]
-        .revoked_at
-        .is_some());
+    assert_eq!(found[0].id, first);
+    assert!(found[0].revoked_at.is_none());
+    assert_eq!(store.live_node_certs().await.unwrap().len(), 1);
     controller.stop().await;
 }
 

@@ -129,9 +129,9 @@ impl Commands {
             controller_message::Kind::StartApp(r) => r.command_id.clone(),
             controller_message::Kind::AgentUpgrade(u) => u.command_id.clone(),
             // The session handles acknowledgements itself.
-            controller_message::Kind::Welcome(_) | controller_message::Kind::NodeEventAck(_) => {
-                return
-            }
+            controller_message::Kind::Welcome(_)
+            | controller_message::Kind::NodeEventAck(_)
+            | controller_message::Kind::TrustBundle(_) => return,
             controller_message::Kind::ArtifactChunk(_) => {
                 tracing::warn!("inline artifact chunks are not used by this agent (it fetches artifacts by digest)");
                 return;
@@ -792,7 +792,8 @@ async fn run(
         Kind::StatusRequest(_)
         | Kind::Welcome(_)
         | Kind::ArtifactChunk(_)
-        | Kind::NodeEventAck(_) => recorded(id, Outcome::Failed, "", "not a command"),
+        | Kind::NodeEventAck(_)
+        | Kind::TrustBundle(_) => recorded(id, Outcome::Failed, "", "not a command"),
         Kind::AgentUpgrade(_) => recorded(
             id,
             Outcome::Failed,

@@ -104,6 +104,103 @@ pub fn load(state_dir: &Path) -> Result<Pair, IdentityError> {
     read_pair(&dir.join(KEY_FILE), &dir.join(CERT_FILE))
 }
 
+/// The not-after (seconds since the epoch) of the certificate in use;
+/// `None` when there is none or it cannot be read.
+pub fn cert_not_after(state_dir: &Path) -> Option<i64> {
+    use rustls::pki_types::pem::PemObject as _;
+    let pair = load(state_dir).ok()?;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pair.cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// What storing a trust bundle did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trusted {
+    /// The CA file changed.
+    pub changed: bool,
+    /// The bundle asks for a renewal now and the certificate in use is not
+    /// the signing CA's.
+    pub renew: bool,
+}
+
+/// Checks `bundle` (every certificate a CA certificate; the signing CA
+/// among them) and stores it as the CA file of `state_dir` (temp, fsync,
+/// rename). The caller validated its limits.
+pub fn store_trust(
+    state_dir: &Path,
+    bundle: &slipway_proto::v1::TrustBundle,
+) -> Result<Trusted, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let ders: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(bundle.ca_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("ca_pem is not PEM certificates: {e}"))?;
+    let mut signing = None;
+    for (i, der) in ders.iter().enumerate() {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| format!("ca_pem certificate {i} cannot be parsed: {e}"))?;
+        if !cert.is_ca() {
+            return Err(format!("ca_pem certificate {i} is not a CA certificate"));
+        }
+        if crate::digest::Sha256::of_bytes(der.as_ref()).into_string()
+            == bundle.signing_ca_sha256.to_ascii_lowercase()
+        {
+            signing = Some(cert.subject().as_raw().to_vec());
+        }
+    }
+    let signing = signing.ok_or_else(|| {
+        format!(
+            "the signing CA {} is not in the bundle",
+            bundle.signing_ca_sha256
+        )
+    })?;
+    let path = state_dir.join(super::CA_FILE);
+    let changed = fs::read_to_string(&path).ok().as_deref() != Some(bundle.ca_pem.as_str());
+    if changed {
+        crate::durable::write_atomic(&path, bundle.ca_pem.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    // Our certificate's issuer is the signing CA: nothing to renew.
+    let issued_by_signing = load(state_dir).ok().is_some_and(|pair| {
+        rustls::pki_types::CertificateDer::from_pem_slice(pair.cert_pem.as_bytes())
+            .ok()
+            .and_then(|der| {
+                x509_parser::parse_x509_certificate(der.as_ref())
+                    .ok()
+                    .map(|(_, c)| c.issuer().as_raw() == signing.as_slice())
+            })
+            .unwrap_or(false)
+    });
+    Ok(Trusted {
+        changed,
+        renew: bundle.renew_now && !issued_by_signing,
+    })
+}
+
+/// What to tell the operator when the certificate in use has expired at
+/// `now` (the controller then refuses every session): how long ago, and
+/// how to bring the node back as itself. `None` while it is valid.
+pub fn expired_message(state_dir: &Path, now: i64) -> Option<String> {
+    let not_after = cert_not_after(state_dir)?;
+    if now < not_after {
+        return None;
+    }
+    let when = time::OffsetDateTime::from_unix_timestamp(not_after)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| not_after.to_string());
+    Some(format!(
+        "this node's certificate expired {} ago (not after {when}), so the controller refuses \
+         it; re-enroll with `slipway-agent enroll --replace --token …` (a new join token: \
+         slipway-controller token create) — the node keeps its name, tags and history",
+        slipway_proto::span(now - not_after)
+    ))
+}
+
 /// Makes `pair` the identity in use, in one atomic step (see the module
 /// doc); returns its dir. One caller at a time (the uplink renews, `enroll`
 /// runs before it).
@@ -336,6 +433,58 @@ mod tests {
             key_pem: key.serialize_pem(),
             cert_pem: cert.pem(),
         }
+    }
+
+    /// A CA (self-signed, CA:true) or a plain leaf, PEM, and its sha256.
+    fn cert(is_ca: bool) -> (String, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["x".into()]).unwrap();
+        if is_ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        }
+        let cert = params.self_signed(&key).unwrap();
+        let sha = crate::digest::Sha256::of_bytes(cert.der().as_ref()).into_string();
+        (cert.pem(), sha)
+    }
+
+    #[test]
+    fn a_trust_bundle_is_checked_before_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join(crate::link::CA_FILE);
+        let (old, _) = cert(true);
+        fs::write(&ca_file, &old).unwrap();
+        let (new, new_sha) = cert(true);
+        let (leaf, leaf_sha) = cert(false);
+        let bundle = |pem: String, sha: &str| slipway_proto::v1::TrustBundle {
+            ca_pem: pem,
+            renew_now: true,
+            signing_ca_sha256: sha.to_owned(),
+        };
+        // A leaf in it: refused, the CA file untouched.
+        let err = store_trust(dir.path(), &bundle(format!("{old}{leaf}"), &leaf_sha)).unwrap_err();
+        assert!(
+            err.contains("certificate 1 is not a CA certificate"),
+            "{err}"
+        );
+        // The signing CA must be one of them.
+        let (_, other_sha) = cert(true);
+        let err = store_trust(dir.path(), &bundle(format!("{old}{new}"), &other_sha)).unwrap_err();
+        assert!(err.contains("is not in the bundle"), "{err}");
+        let err = store_trust(dir.path(), &bundle("junk".to_owned(), &new_sha)).unwrap_err();
+        assert!(err.contains("is not in the bundle"), "{err}");
+        assert_eq!(fs::read_to_string(&ca_file).unwrap(), old);
+        // A good one is stored; with no identity to compare, renew now.
+        let done = store_trust(dir.path(), &bundle(format!("{old}{new}"), &new_sha)).unwrap();
+        assert_eq!(
+            done,
+            Trusted {
+                changed: true,
+                renew: true
+            }
+        );
+        assert_eq!(fs::read_to_string(&ca_file).unwrap(), format!("{old}{new}"));
+        let again = store_trust(dir.path(), &bundle(format!("{old}{new}"), &new_sha)).unwrap();
+        assert!(!again.changed);
     }
 
     fn write_old_layout(state: &Path, key: &str, cert: &str) {

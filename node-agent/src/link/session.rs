@@ -181,8 +181,29 @@ pub async fn run(
                 status(format!("session ended ({}); reconnecting", ended.text));
             }
             Err(e) => {
-                tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}");
-                status(format!("unreachable (attempt {}): {e}", attempt + 1));
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                match identity::expired_message(&ctl.state_dir, now) {
+                    // Retrying cannot help, but an `enroll --replace` run
+                    // meanwhile is picked up at the next attempt (each dial
+                    // reads the identity afresh); the apps keep running.
+                    Some(message) => {
+                        tracing::error!(controller = %ctl.url, attempt, "{message} ({e})");
+                        status(message);
+                    }
+                    None if e.to_string().contains("UnknownIssuer") => {
+                        let message = format!(
+                            "the controller's certificate is not from a CA this node trusts \
+                             ({e}); if the controller's CA was rotated while this node was \
+                             offline, re-enroll with `slipway-agent enroll --replace --token …`"
+                        );
+                        tracing::error!(controller = %ctl.url, attempt, "{message}");
+                        status(message);
+                    }
+                    None => {
+                        tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}");
+                        status(format!("unreachable (attempt {}): {e}", attempt + 1));
+                    }
+                }
             }
         }
         let delay = backoff(attempt, &mut rng);
@@ -208,6 +229,37 @@ async fn recover_identity(ctl: &ControllerConfig) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::error!("node identity: {e}"),
         Err(e) => tracing::error!("node identity recovery task failed: {e}"),
+    }
+}
+
+/// Stores the controller's trust bundle (a CA rotation) as the node's CA
+/// file, after checking every certificate in it is a CA certificate and
+/// that the CA it signs with is among them; with `renew_now`, renews the
+/// node's certificate at once unless that CA already issued it.
+async fn trust_bundle(ctl: &ControllerConfig, bundle: slipway_proto::v1::TrustBundle) {
+    let dir = ctl.state_dir.clone();
+    let checked = tokio::task::spawn_blocking(move || identity::store_trust(&dir, &bundle))
+        .await
+        .map_err(|e| format!("task failed: {e}"))
+        .and_then(|r| r);
+    match checked {
+        Ok(identity::Trusted { changed, renew }) => {
+            if changed {
+                tracing::info!("stored the controller's new trust bundle (CA rotation)");
+            }
+            if renew {
+                match enroll::renew(&ctl.url, &ctl.state_dir).await {
+                    Ok(expiry) => tracing::info!(
+                        expires_at_unix = expiry,
+                        "certificate renewed onto the new CA"
+                    ),
+                    Err(e) => tracing::warn!(
+                        "renewal onto the new CA failed (the next scheduled renewal retries): {e}"
+                    ),
+                }
+            }
+        }
+        Err(why) => tracing::warn!("trust bundle refused: {why}"),
     }
 }
 
@@ -289,6 +341,15 @@ async fn serve(
                 }
             }
             msg = session.inbound.message() => match msg {
+                Ok(Some(m @ ControllerMessage {
+                    kind: Some(controller_message::Kind::TrustBundle(_)),
+                })) => {
+                    if let Err(err) = m.validate() {
+                        tracing::warn!(%err, "trust bundle refused");
+                    } else if let Some(controller_message::Kind::TrustBundle(bundle)) = m.kind {
+                        trust_bundle(ctl, bundle).await;
+                    }
+                }
                 Ok(Some(m @ ControllerMessage {
                     kind: Some(controller_message::Kind::NodeEventAck(_)),
                 })) => {

@@ -170,10 +170,14 @@ fn mtls_config(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<ClientConfig>, LinkError> {
+    // Every CA of the stored bundle: two during a CA rotation.
     let mut roots = RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-        .map_err(|_| LinkError::BadPem("CA certificate"))?;
-    roots.add(ca)?;
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.map_err(|_| LinkError::BadPem("CA certificate"))?)?;
+    }
+    if roots.is_empty() {
+        return Err(LinkError::BadPem("CA certificate"));
+    }
     let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|_| LinkError::BadPem("client certificate"))?];
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
