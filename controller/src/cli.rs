@@ -40,6 +40,9 @@ pub enum Command {
     /// Make a new data dir from a backup: a controller started on it is the
     /// same controller to every agent (same CA and server names).
     Restore(RestoreArgs),
+    /// The DigitalOcean fleet: droplets of the `[digitalocean]` fleet tags.
+    #[command(subcommand)]
+    Droplets(crate::digitalocean::commands::DropletsCommand),
 }
 
 /// `backup` flags.

@@ -72,6 +72,9 @@ pub enum Error {
     /// `--json` output could not be encoded.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// A DigitalOcean command failed (API, token, sync).
+    #[error(transparent)]
+    DigitalOcean(#[from] crate::digitalocean::commands::DoCommandError),
 }
 
 impl From<OperatorError> for Error {
@@ -90,6 +93,7 @@ impl Error {
             Self::Token(err) => err.is_usage(),
             Self::ApiToken(err) => err.is_usage(),
             Self::Operator(err) => err.is_usage(),
+            Self::DigitalOcean(err) => err.is_usage(),
             Self::Backup(err) => matches!(
                 err,
                 crate::backup::BackupError::Usage(_) | crate::backup::BackupError::NotEmpty(_)

@@ -65,5 +65,8 @@ async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
         Command::Node(NodeCommand::Revoke(args)) => admin::node_revoke(args).await,
         Command::Backup(args) => admin::backup(args).await,
         Command::Restore(args) => admin::restore(args).await,
+        Command::Droplets(command) => {
+            slipway_controller::digitalocean::commands::run(command).await
+        }
     }
 }

@@ -620,6 +620,11 @@ where
     Ok(sender)
 }
 
+/// Checks an API URL as [`Client::new`] would (https, or http to loopback).
+pub(crate) fn check_api_url(url: &str) -> Result<(), DoError> {
+    parse_origin(url).map(drop)
+}
+
 fn parse_origin(url: &str) -> Result<Origin, DoError> {
     let bad = |why: &str| DoError::Config(format!("api_url {url:?}: {why}"));
     let uri: Uri = url.parse().map_err(|e| bad(&format!("not a URL: {e}")))?;

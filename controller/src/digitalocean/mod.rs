@@ -24,6 +24,9 @@
 
 pub mod api;
 pub mod client;
+pub mod commands;
+pub mod config;
+pub mod inventory;
 
 pub use api::{
     Action, DomainRecord, Droplet, Endpoints, Firewall, FirewallRule, NewDroplet, NewRecord,

@@ -1,0 +1,130 @@
+//! `slipway-controller droplets …`: the DigitalOcean commands. They read
+//! `[digitalocean]` (and `data_dir`) from the controller's config file and
+//! work while `serve` runs (the store is SQLite in WAL mode).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::client::DoError;
+use super::config::DoConfig;
+use super::inventory::{self, SyncError};
+use crate::config::{ConfigError, RawConfig};
+use crate::store::{Store, StoreError};
+
+/// `droplets` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DropletsCommand {
+    /// List the droplets of the fleet's tags now and reconcile: new ones
+    /// become expected nodes, gone ones have their nodes retired (certificates
+    /// revoked), every change audited.
+    Sync(DropletsArgs),
+    /// The fleet as DigitalOcean and the agents see it: each droplet with
+    /// its node or "expected, not enrolled", gone droplets, agents without a
+    /// droplet (as of the last sync).
+    List(DropletsArgs),
+}
+
+/// Flags shared by the `droplets` commands.
+#[derive(Debug, Args)]
+pub struct DropletsArgs {
+    /// The controller's config file (its `[digitalocean]` table and data_dir).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The data dir, if not the config file's.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why a `droplets` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DoCommandError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}: no [digitalocean] table (fleet_tags, token_file, ...)")]
+    NotConfigured(String),
+    #[error(transparent)]
+    Api(#[from] DoError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error("opening the controller database: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+impl DoCommandError {
+    /// Bad configuration or token: exit 64.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::Config(_)
+                | Self::NotConfigured(_)
+                | Self::Api(DoError::Config(_))
+                | Self::Sync(SyncError::Api(DoError::Config(_)))
+        )
+    }
+}
+
+/// Reads `[digitalocean]` and the data dir from the config file.
+pub fn load(args: &DropletsArgs) -> Result<(DoConfig, PathBuf), DoCommandError> {
+    let raw = RawConfig::from_file(&args.config)?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(raw.data_dir)
+        .ok_or(ConfigError::Missing("data-dir"))?;
+    let Some(table) = raw.digitalocean else {
+        return Err(DoCommandError::NotConfigured(
+            args.config.display().to_string(),
+        ));
+    };
+    let config = DoConfig::new(table).map_err(ConfigError::DigitalOcean)?;
+    Ok((config, data_dir))
+}
+
+/// Runs a `droplets` command.
+pub async fn run(command: DropletsCommand) -> Result<(), crate::Error> {
+    Ok(run_inner(command).await?)
+}
+
+async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
+    match command {
+        DropletsCommand::Sync(args) => {
+            let (config, data_dir) = load(&args)?;
+            let client = config.client()?;
+            let store = Store::open(&data_dir).await?;
+            let report = inventory::sync(&store, &client, &config, crate::now_unix()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} droplet(s) under {}: {} added, {} retagged, {} gone, {} node(s) retired",
+                    report.droplets,
+                    config.fleet_tags.join(", "),
+                    report.added.len(),
+                    report.retagged.len(),
+                    report.gone.len(),
+                    report.retired.len()
+                );
+                for (id, name) in &report.retired {
+                    println!("retired node {name} ({id}): its droplet is gone");
+                }
+            }
+        }
+        DropletsCommand::List(args) => {
+            let (_, data_dir) = load(&args)?;
+            let store = Store::open(&data_dir).await?;
+            let view = inventory::view(&store).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", inventory::render(&view));
+            }
+        }
+    }
+    Ok(())
+}
