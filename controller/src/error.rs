@@ -72,9 +72,15 @@ pub enum Error {
     /// `--json` output could not be encoded.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    /// A DigitalOcean command failed (API, token, sync).
+    /// A DigitalOcean command failed (API, token, sync); boxed: large.
     #[error(transparent)]
-    DigitalOcean(#[from] crate::digitalocean::commands::DoCommandError),
+    DigitalOcean(Box<crate::digitalocean::commands::DoCommandError>),
+}
+
+impl From<crate::digitalocean::commands::DoCommandError> for Error {
+    fn from(err: crate::digitalocean::commands::DoCommandError) -> Self {
+        Self::DigitalOcean(Box::new(err))
+    }
 }
 
 impl From<OperatorError> for Error {

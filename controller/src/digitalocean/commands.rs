@@ -46,26 +46,38 @@ pub enum DoCommandError {
     Config(#[from] ConfigError),
     #[error("{0}: no [digitalocean] table (fleet_tags, token_file, ...)")]
     NotConfigured(String),
+    /// Boxed, as is `Sync`: both are large.
     #[error(transparent)]
-    Api(#[from] DoError),
+    Api(Box<DoError>),
     #[error(transparent)]
-    Sync(#[from] SyncError),
+    Sync(Box<SyncError>),
     #[error("opening the controller database: {0}")]
     Store(#[from] StoreError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
 }
 
+impl From<DoError> for DoCommandError {
+    fn from(err: DoError) -> Self {
+        Self::Api(Box::new(err))
+    }
+}
+
+impl From<SyncError> for DoCommandError {
+    fn from(err: SyncError) -> Self {
+        Self::Sync(Box::new(err))
+    }
+}
+
 impl DoCommandError {
     /// Bad configuration or token: exit 64.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Self::Config(_)
-                | Self::NotConfigured(_)
-                | Self::Api(DoError::Config(_))
-                | Self::Sync(SyncError::Api(DoError::Config(_)))
-        )
+        match self {
+            Self::Config(_) | Self::NotConfigured(_) => true,
+            Self::Api(e) => matches!(**e, DoError::Config(_)),
+            Self::Sync(e) => matches!(**e, SyncError::Api(DoError::Config(_))),
+            Self::Store(_) | Self::Json(_) => false,
+        }
     }
 }
 
