@@ -480,3 +480,64 @@ async fn the_local_api_refuses_what_the_description_forbids() {
         );
     }
 }
+
+/// The receiver checks the droplet id an agent claims in its Hello: over
+/// the limit ends the session naming the field; a droplet already claimed
+/// by another live node is not recorded for the second and is audited.
+#[tokio::test]
+async fn hello_droplet_ids_are_checked_and_claimed_once() {
+    use slipway_controller::proto::limits::MAX_DROPLET_ID;
+    use slipway_controller::proto::v1::Hello;
+
+    let controller = crate::support::Controller::start().await;
+    let (a, node_a) = controller.enroll("web-1").await;
+    let (b, node_b) = controller.enroll("web-2").await;
+    let hello = |node_id: &str, droplet_id| Hello {
+        node_id: node_id.to_owned(),
+        droplet_id,
+        ..Hello::default()
+    };
+    let connect = |state: std::path::PathBuf, hello: Hello| {
+        let url = controller.url();
+        async move {
+            tokio::time::timeout(
+                crate::support::TEST_TIMEOUT,
+                slipway_agent::link::connect(&url, &state, hello),
+            )
+            .await
+            .unwrap()
+        }
+    };
+
+    let refused = connect(a.path().to_owned(), hello(&node_a, MAX_DROPLET_ID + 1)).await;
+    let err = refused
+        .err()
+        .expect("a droplet id over the limit is refused")
+        .to_string();
+    assert!(
+        err.contains("hello.droplet_id") && err.contains("limit"),
+        "{err}"
+    );
+
+    let _first = connect(a.path().to_owned(), hello(&node_a, 4242))
+        .await
+        .unwrap();
+    let _second = connect(b.path().to_owned(), hello(&node_b, 4242))
+        .await
+        .unwrap();
+    let store = controller.store().await;
+    let claimed = store.node_droplet_ids().await.unwrap();
+    assert!(
+        claimed.contains(&(node_a.clone(), "web-1".to_owned(), Some(4242))),
+        "{claimed:?}"
+    );
+    assert!(
+        claimed.contains(&(node_b.clone(), "web-2".to_owned(), None)),
+        "{claimed:?}"
+    );
+    let audit = controller.audit().await;
+    assert!(
+        crate::support::audited(&audit, "DROPLET_CLAIM_REFUSED", |e| e.resource_id == node_b),
+        "{audit:#?}"
+    );
+}
