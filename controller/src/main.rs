@@ -68,5 +68,6 @@ async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
         Command::Droplets(command) => {
             slipway_controller::digitalocean::commands::run(command).await
         }
+        Command::Validate(args) => slipway_controller::digitalocean::commands::validate(args).await,
     }
 }

@@ -209,3 +209,64 @@ fn the_fleet_follows_droplet_tags() {
 
     api.assert_no_violations();
 }
+
+#[test]
+fn validate_checks_the_digitalocean_token() {
+    let api = DoApi::start();
+    api.add_droplet("web-1", &["env:production"]);
+    api.add_droplet("web-2", &["env:production"]);
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\n\
+             api_url = \"{}\"\nretry_min_wait = \"10ms\"\nretry_max_wait = \"100ms\"\n",
+            work.path().join("data").display(),
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let validate = || {
+        std::process::Command::new(bin("slipway-controller"))
+            .args(["validate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+
+    fs::write(&token_file, format!("{DO_TOKEN}\n")).unwrap();
+    let out = validate();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(said.contains("✓ config:"), "{said}");
+    assert!(
+        said.contains("✓ digitalocean: token accepted")
+            && said.contains("2 droplet(s) under env:production"),
+        "{said}"
+    );
+
+    fs::write(&token_file, "dop_v1_revoked_secret\n").unwrap();
+    let out = validate();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("✗ digitalocean:") && said.contains("401") && said.contains("unauthorized"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("revoked_secret"),
+        "the token is never printed: {said}"
+    );
+
+    fs::remove_file(&token_file).unwrap();
+    let out = validate();
+    assert!(
+        text(&out).contains("✗ digitalocean: cannot read the token file"),
+        "{}",
+        text(&out)
+    );
+    api.assert_no_violations();
+}

@@ -286,6 +286,14 @@ struct DropletBody {
     droplet: Droplet,
 }
 #[derive(Deserialize)]
+struct CountBody {
+    meta: Meta,
+}
+#[derive(Deserialize)]
+struct Meta {
+    total: u64,
+}
+#[derive(Deserialize)]
 struct ActionBody {
     action: Action,
 }
@@ -314,6 +322,15 @@ impl Client {
         let droplets: Vec<Droplet> = self.list(&path, "droplets").await?;
         checked(&path, droplets.iter().map(Droplet::check))?;
         Ok(droplets)
+    }
+
+    /// How many droplets carry `tag` (one small request: `meta.total`);
+    /// `validate` uses it to check the token.
+    pub async fn count_by_tag(&self, tag: &str) -> Result<u64, DoError> {
+        check_tag(tag).map_err(|e| DoError::Config(format!("tag {:?}: {e}", cut(tag))))?;
+        let path = format!("/v2/droplets?tag_name={}&per_page=1&page=1", encode(tag));
+        let body: CountBody = self.get(&path).await?;
+        Ok(body.meta.total)
     }
 
     /// One droplet; [`DoError::is_not_found`] when it is gone.

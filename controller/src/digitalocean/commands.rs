@@ -55,6 +55,9 @@ pub enum DoCommandError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// `validate` printed this many ✗ lines.
+    #[error("{0} check(s) failed")]
+    Invalid(usize),
 }
 
 impl From<DoError> for DoCommandError {
@@ -76,9 +79,71 @@ impl DoCommandError {
             Self::Config(_) | Self::NotConfigured(_) => true,
             Self::Api(e) => matches!(**e, DoError::Config(_)),
             Self::Sync(e) => matches!(**e, SyncError::Api(DoError::Config(_))),
-            Self::Store(_) | Self::Json(_) => false,
+            Self::Store(_) | Self::Json(_) | Self::Invalid(_) => false,
         }
     }
+}
+
+/// `slipway-controller validate` flags.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The controller's config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// `validate`: one ✓/✗ line per check (the config file, the DigitalOcean
+/// token against the API); fails if any check fails.
+pub async fn validate(args: ValidateArgs) -> Result<(), crate::Error> {
+    let mut failed = 0;
+    let mut line = |ok: bool, text: String| {
+        println!("{} {text}", if ok { "✓" } else { "✗" });
+        if !ok {
+            failed += 1;
+        }
+    };
+    let raw = match RawConfig::from_file(&args.config) {
+        Ok(raw) => raw,
+        Err(e) => {
+            line(false, format!("config: {e}"));
+            return Err(DoCommandError::Invalid(failed).into());
+        }
+    };
+    line(true, format!("config: {} parses", args.config.display()));
+    match raw.digitalocean.map(DoConfig::new) {
+        None => line(
+            true,
+            "digitalocean: not configured (no [digitalocean] table)".into(),
+        ),
+        Some(Err(e)) => line(false, format!("digitalocean: {e}")),
+        Some(Ok(config)) => {
+            let tag = &config.fleet_tags[0];
+            let checked = match config.client() {
+                Ok(client) => client
+                    .count_by_tag(tag)
+                    .await
+                    .map(|n| (n, client.rate_limit())),
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok((n, rate)) => line(
+                    true,
+                    format!(
+                        "digitalocean: token accepted by {}; {n} droplet(s) under {tag}{}",
+                        config.api_url,
+                        rate.map(|r| format!("; {} of {} requests left", r.remaining, r.limit))
+                            .unwrap_or_default()
+                    ),
+                ),
+                // DoError's text starts with "digitalocean:".
+                Err(e) => line(false, e.to_string()),
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(DoCommandError::Invalid(failed).into());
+    }
+    Ok(())
 }
 
 /// Reads `[digitalocean]` and the data dir from the config file.
