@@ -199,6 +199,34 @@ fn the_fleet_follows_droplet_tags() {
         text(&out)
     );
 
+    // Retire web-1 and destroy its droplet: node revoked, droplet gone at DO.
+    let out = droplets_cli(&controller, &config, &["retire", "web-1", "--destroy"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        said.contains("retired node web-1") && said.contains("destroyed droplet web-1"),
+        "{said}"
+    );
+    let left = api.control("GET", "/_test/droplets", None);
+    assert!(
+        left.as_array().unwrap().iter().all(|d| d["id"] != web1),
+        "{left:#}"
+    );
+    let nodes = controller.cli(&["nodes", "--json"]);
+    let nodes: Vec<Value> = serde_json::from_slice(&nodes.stdout).unwrap();
+    let web1_node = nodes.iter().find(|n| n["name"] == "web-1").unwrap();
+    assert_eq!(web1_node["state"], "revoked", "{web1_node:#}");
+    let events = controller.audit(&reader);
+    let count = |t: &str| events.iter().filter(|e| e["event_type"] == t).count();
+    assert_eq!((count("NODE_RETIRED"), count("DROPLET_DESTROYED")), (2, 1));
+    let out = droplets_cli(&controller, &config, &["retire", "nope"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("no droplet named \"nope\""),
+        "{}",
+        text(&out)
+    );
+
     // A droplet added in DO shows up by serve's own periodic sync.
     api.add_droplet("web-5", &["env:production"]);
     wait_until(

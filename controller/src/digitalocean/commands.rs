@@ -23,6 +23,21 @@ pub enum DropletsCommand {
     /// its node or "expected, not enrolled", gone droplets, agents without a
     /// droplet (as of the last sync).
     List(DropletsArgs),
+    /// Retire a droplet's node: no longer selected, its certificates
+    /// refused (audited); with --destroy, destroy the droplet too.
+    Retire(RetireArgs),
+}
+
+/// `droplets retire` flags.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// The droplet's name (as synced).
+    pub name: String,
+    /// Destroy the droplet at DigitalOcean after revoking its node.
+    #[arg(long)]
+    pub destroy: bool,
+    #[command(flatten)]
+    pub common: DropletsArgs,
 }
 
 /// Flags shared by the `droplets` commands.
@@ -51,6 +66,8 @@ pub enum DoCommandError {
     Api(Box<DoError>),
     #[error(transparent)]
     Sync(Box<SyncError>),
+    #[error(transparent)]
+    Retire(Box<inventory::RetireError>),
     #[error("opening the controller database: {0}")]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -72,6 +89,12 @@ impl From<SyncError> for DoCommandError {
     }
 }
 
+impl From<inventory::RetireError> for DoCommandError {
+    fn from(err: inventory::RetireError) -> Self {
+        Self::Retire(Box::new(err))
+    }
+}
+
 impl DoCommandError {
     /// Bad configuration or token: exit 64.
     pub fn is_usage(&self) -> bool {
@@ -79,6 +102,7 @@ impl DoCommandError {
             Self::Config(_) | Self::NotConfigured(_) => true,
             Self::Api(e) => matches!(**e, DoError::Config(_)),
             Self::Sync(e) => matches!(**e, SyncError::Api(DoError::Config(_))),
+            Self::Retire(e) => matches!(**e, inventory::RetireError::NotFound(_)),
             Self::Store(_) | Self::Json(_) | Self::Invalid(_) => false,
         }
     }
@@ -189,6 +213,37 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                 );
                 for (id, name) in &report.retired {
                     println!("retired node {name} ({id}): its droplet is gone");
+                }
+            }
+        }
+        DropletsCommand::Retire(args) => {
+            let (config, data_dir) = load(&args.common)?;
+            let client = if args.destroy {
+                Some(config.client()?)
+            } else {
+                None
+            };
+            let store = Store::open(&data_dir).await?;
+            let done = inventory::retire(
+                &store,
+                &args.name,
+                client.as_ref(),
+                "operator",
+                crate::now_unix(),
+            )
+            .await?;
+            if args.common.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                match &done.node {
+                    Some((id, name)) => println!("retired node {name} ({id}): revoked"),
+                    None => println!("droplet {} has no live node to retire", done.droplet_name),
+                }
+                if done.destroyed {
+                    println!(
+                        "destroyed droplet {} ({})",
+                        done.droplet_name, done.droplet_id
+                    );
                 }
             }
         }

@@ -27,6 +27,8 @@ pub const DROPLET_RETAGGED: &str = "DROPLET_RETAGGED";
 pub const DROPLET_GONE: &str = "DROPLET_GONE";
 /// The node of a gone droplet was revoked (its certificates refused).
 pub const NODE_RETIRED: &str = "NODE_RETIRED";
+/// `droplets retire --destroy` destroyed a droplet.
+pub const DROPLET_DESTROYED: &str = "DROPLET_DESTROYED";
 /// A periodic sync failed (the fleet view keeps the last good sync).
 pub const DROPLET_SYNC_FAILED: &str = "DROPLET_SYNC_FAILED";
 /// An agent reported a droplet id another live node already claims.
@@ -163,6 +165,102 @@ async fn audit(
     if let Err(err) = store.audit(&event, now).await {
         tracing::error!(%err, "could not record audit event");
     }
+}
+
+/// What `droplets retire` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retired {
+    pub droplet_id: u64,
+    pub droplet_name: String,
+    /// The node revoked, if one was matched and live: (id, name).
+    pub node: Option<(String, String)>,
+    pub destroyed: bool,
+}
+
+/// Why a retire did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RetireError {
+    #[error(
+        "no droplet named {0:?} under the fleet tags as of the last sync (run `droplets sync`)"
+    )]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("node {node} was retired but destroying droplet {droplet} failed: {source}")]
+    Destroy {
+        node: String,
+        droplet: u64,
+        source: DoError,
+    },
+}
+
+/// `droplets retire NAME [--destroy]`: the droplet's node stops being
+/// selected and its certificates are refused (revoked, audited
+/// `NODE_RETIRED`); with a client, the droplet is then destroyed (audited
+/// `DROPLET_DESTROYED`). The droplet is found by name among the current
+/// synced droplets — the operator names a droplet; the node is the one
+/// matched to it by id.
+pub async fn retire(
+    store: &Store,
+    name: &str,
+    destroy: Option<&Client>,
+    actor: &str,
+    now: i64,
+) -> Result<Retired, RetireError> {
+    let droplet = store
+        .droplets()
+        .await?
+        .into_iter()
+        .find(|d| d.gone_at.is_none() && d.name == name)
+        .ok_or_else(|| RetireError::NotFound(name.to_owned()))?;
+    let mut node = None;
+    if let (Some(node_id), Some(node_name)) = (&droplet.node_id, &droplet.node_name) {
+        let event = AuditEvent::success(
+            NODE_RETIRED,
+            actor,
+            "node",
+            node_id,
+            serde_json::json!({
+                "name": node_name,
+                "droplet_id": droplet.id,
+                "droplet_name": droplet.name,
+                "why": "droplets retire: drained (no longer selected) and certificates revoked",
+            }),
+        );
+        if store.revoke_node(node_id, &event, now).await? {
+            node = Some((node_id.clone(), node_name.clone()));
+        }
+    }
+    let mut destroyed = false;
+    if let Some(client) = destroy {
+        match client.destroy_droplet(droplet.id).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(source) => {
+                return Err(RetireError::Destroy {
+                    node: node.map(|(id, _)| id).unwrap_or_else(|| "(none)".into()),
+                    droplet: droplet.id,
+                    source,
+                })
+            }
+        }
+        store.mark_droplet_gone(droplet.id, now).await?;
+        let event = AuditEvent::success(
+            DROPLET_DESTROYED,
+            actor,
+            "droplet",
+            droplet.id.to_string(),
+            serde_json::json!({ "name": droplet.name, "node": node.as_ref().map(|(id, _)| id) }),
+        );
+        store.audit(&event, now).await?;
+        destroyed = true;
+    }
+    Ok(Retired {
+        droplet_id: droplet.id,
+        droplet_name: droplet.name,
+        node,
+        destroyed,
+    })
 }
 
 /// `serve`'s periodic sync: one at once, then one every `every`, until

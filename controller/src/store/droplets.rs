@@ -152,6 +152,16 @@ impl Store {
         Ok(changes)
     }
 
+    /// Marks a droplet gone now (destroyed by `droplets retire --destroy`).
+    pub async fn mark_droplet_gone(&self, id: u64, now: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE droplets SET gone_at = ?1 WHERE id = ?2 AND gone_at IS NULL")
+            .bind(now)
+            .bind(sql_id(id))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records the droplet id a node's agent reported, unless another live
     /// node already claims it.
     pub async fn claim_droplet(
