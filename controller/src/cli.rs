@@ -43,6 +43,9 @@ pub enum Command {
     /// The DigitalOcean fleet: droplets of the `[digitalocean]` fleet tags.
     #[command(subcommand)]
     Droplets(crate::digitalocean::commands::DropletsCommand),
+    /// DNS records that follow the fleet (DigitalOcean domains).
+    #[command(subcommand)]
+    Dns(crate::digitalocean::commands::DnsCommand),
     /// Check the config file and the credentials it names (the
     /// DigitalOcean token, against the API): one ✓/✗ line each.
     Validate(crate::digitalocean::commands::ValidateArgs),

@@ -68,6 +68,7 @@ async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
         Command::Droplets(command) => {
             slipway_controller::digitalocean::commands::run(command).await
         }
+        Command::Dns(command) => slipway_controller::digitalocean::commands::dns(command).await,
         Command::Validate(args) => slipway_controller::digitalocean::commands::validate(args).await,
     }
 }

@@ -298,3 +298,133 @@ fn validate_checks_the_digitalocean_token() {
     );
     api.assert_no_violations();
 }
+
+#[test]
+fn dns_point_follows_the_tagged_droplets() {
+    let api = DoApi::start();
+    let ip_of = |id: u64| -> String {
+        let all = api.control("GET", "/_test/droplets", None);
+        let d = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap()
+            .clone();
+        d["networks"]["v4"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["type"] == "public")
+            .unwrap()["ip_address"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let web1 = ip_of(api.add_droplet("web-1", &["env:production"]));
+    let web2 = ip_of(api.add_droplet("web-2", &["env:production"]));
+    let stage = ip_of(api.add_droplet("stage-1", &["env:staging"]));
+    api.control(
+        "POST",
+        "/_test/domains",
+        Some(serde_json::json!({ "name": "example.com" })),
+    );
+    let controller = Controller::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let dns = |args: &[&str]| {
+        std::process::Command::new(bin("slipway-controller"))
+            .args(["dns", "point", "app.example.com"])
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(controller.data_dir())
+            .output()
+            .unwrap()
+    };
+    let records = || -> Vec<(String, u64)> {
+        let mut r: Vec<(String, u64)> = api
+            .control("GET", "/_test/records/example.com", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["data"].as_str().unwrap().to_owned(),
+                    r["ttl"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        r.sort();
+        r
+    };
+
+    // Point at staging first, for real.
+    let out = dns(&["--tag", "env:staging", "--apply", "--ttl", "60"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(records(), [(stage.clone(), 60)]);
+
+    // Production, dry run: the diff is printed, nothing changes.
+    let out = dns(&["--tag", "env:production"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        said.contains(&format!("- A app.example.com {stage}")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("+ A app.example.com {web1}")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("+ A app.example.com {web2}")),
+        "{said}"
+    );
+    assert!(said.contains("dry run: 3 change(s)"), "{said}");
+    assert_eq!(records(), [(stage.clone(), 60)]);
+
+    // Applied: exactly the production addresses, with the default TTL.
+    let out = dns(&["--tag", "env:production", "--apply"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut want = vec![(web1.clone(), 300), (web2.clone(), 300)];
+    want.sort();
+    assert_eq!(records(), want);
+    let out = dns(&["--tag", "env:production", "--apply"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already points at 2 address(es)"),
+        "{}",
+        text(&out)
+    );
+
+    // Refusals: a tag with no droplets would empty the name; a TTL too short.
+    let out = dns(&["--tag", "env:nothing", "--apply"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("--allow-empty"), "{}", text(&out));
+    let out = dns(&["--tag", "env:production", "--ttl", "10"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert_eq!(records(), want);
+
+    let events = controller.audit(&controller.api_token("read"));
+    let changed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event_type"] == "DNS_RECORDS_CHANGED")
+        .collect();
+    assert_eq!(
+        changed.len(),
+        2,
+        "one per applied run that changed something"
+    );
+    api.assert_no_violations();
+}

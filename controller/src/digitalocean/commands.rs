@@ -72,6 +72,9 @@ pub enum DoCommandError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// A bad argument (the message says which).
+    #[error("{0}")]
+    Usage(String),
     /// `validate` printed this many ✗ lines.
     #[error("{0} check(s) failed")]
     Invalid(usize),
@@ -99,13 +102,81 @@ impl DoCommandError {
     /// Bad configuration or token: exit 64.
     pub fn is_usage(&self) -> bool {
         match self {
-            Self::Config(_) | Self::NotConfigured(_) => true,
+            Self::Config(_) | Self::NotConfigured(_) | Self::Usage(_) => true,
             Self::Api(e) => matches!(**e, DoError::Config(_)),
             Self::Sync(e) => matches!(**e, SyncError::Api(DoError::Config(_))),
             Self::Retire(e) => matches!(**e, inventory::RetireError::NotFound(_)),
             Self::Store(_) | Self::Json(_) | Self::Invalid(_) => false,
         }
     }
+}
+
+/// `dns` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DnsCommand {
+    /// Make the A records of NAME the public IPv4 addresses of the droplets
+    /// with --tag: created, re-timed or removed to match. A dry run (the
+    /// diff printed) unless --apply.
+    Point(DnsPointArgs),
+}
+
+/// `dns point` flags.
+#[derive(Debug, Args)]
+pub struct DnsPointArgs {
+    /// The name, e.g. app.example.com.
+    pub name: String,
+    /// The droplets whose public addresses the name gets.
+    #[arg(long)]
+    pub tag: String,
+    /// The DigitalOcean domain (zone); default: NAME without its first label.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// TTL of the records, seconds (at least 30).
+    #[arg(long, default_value_t = super::dns::DEFAULT_TTL)]
+    pub ttl: u32,
+    /// Make the changes (default: only print them).
+    #[arg(long)]
+    pub apply: bool,
+    /// Allow removing every record when no droplet has the tag.
+    #[arg(long)]
+    pub allow_empty: bool,
+    #[command(flatten)]
+    pub common: DropletsArgs,
+}
+
+/// Runs a `dns` command.
+pub async fn dns(command: DnsCommand) -> Result<(), crate::Error> {
+    let DnsCommand::Point(args) = command;
+    let run = async {
+        let (config, data_dir) = load(&args.common)?;
+        let client = config.client()?;
+        let store = Store::open(&data_dir).await?;
+        let pointed = super::dns::point(
+            &client,
+            &store,
+            &args.name,
+            args.domain.as_deref(),
+            &args.tag,
+            args.ttl,
+            args.apply,
+            args.allow_empty,
+            "operator",
+            crate::now_unix(),
+        )
+        .await
+        .map_err(|e| match e {
+            super::dns::DnsError::Usage(m) => DoCommandError::Usage(m),
+            super::dns::DnsError::Api(e) => e.into(),
+            super::dns::DnsError::Store(e) => e.into(),
+        })?;
+        if args.common.json {
+            println!("{}", serde_json::to_string_pretty(&pointed)?);
+        } else {
+            print!("{}", super::dns::render(&pointed));
+        }
+        Ok::<(), DoCommandError>(())
+    };
+    Ok(run.await?)
 }
 
 /// `slipway-controller validate` flags.

@@ -26,6 +26,7 @@ pub mod api;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod dns;
 pub mod inventory;
 
 pub use api::{
