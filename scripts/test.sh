@@ -50,6 +50,19 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# openapi-core (pinned) for the local DigitalOcean API of the contract tests
+# (tests/fixtures/do_api.py validates every request against
+# tests/api-specs/digitalocean-v2.json).
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! python3 -c 'import openapi_core' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  pip_log=$(mktemp -t slipway-pip.XXXXXX.log)
+  { python3 -m pip --version || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      $SUDO apt-get install -y -qq --no-install-recommends python3-pip; }; } >"$pip_log" 2>&1
+  python3 -m pip install --quiet openapi-core==0.23.1 >>"$pip_log" 2>&1 \
+    || python3 -m pip install --quiet --break-system-packages openapi-core==0.23.1 >>"$pip_log" 2>&1 \
+    || { tail -n 20 "$pip_log" >&2; echo "pip install openapi-core failed (log: $pip_log)" >&2; exit 1; }
+  echo "installed openapi-core (log: $pip_log)"
+fi
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v cargo-deb >/dev/null; then
   deb_log=$(mktemp -t slipway-cargo-deb.XXXXXX.log)
   cargo install cargo-deb --locked >"$deb_log" 2>&1 \

@@ -43,6 +43,15 @@ pub enum Command {
     /// The CA: rotate it in phases while `serve` runs.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The DigitalOcean fleet: droplets of the `[digitalocean]` fleet tags.
+    #[command(subcommand)]
+    Droplets(crate::digitalocean::commands::DropletsCommand),
+    /// DNS records that follow the fleet (DigitalOcean domains).
+    #[command(subcommand)]
+    Dns(crate::digitalocean::commands::DnsCommand),
+    /// Check the config file and the credentials it names (the
+    /// DigitalOcean token, against the API): one ✓/✗ line each.
+    Validate(crate::digitalocean::commands::ValidateArgs),
 }
 
 /// `ca` subcommands.

@@ -47,6 +47,9 @@ pub enum ConfigError {
         /// What would be valid.
         why: &'static str,
     },
+    /// `[digitalocean]` is wrong; the message names the key.
+    #[error("{0}")]
+    DigitalOcean(String),
 }
 
 impl ConfigError {
@@ -81,6 +84,8 @@ pub struct RawConfig {
     pub node_cert_validity: Option<String>,
     /// Scheduled backups (file only).
     pub backup: Option<RawBackup>,
+    /// The DigitalOcean fleet (file only; `crate::digitalocean::config`).
+    pub digitalocean: Option<crate::digitalocean::config::RawDigitalOcean>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -145,6 +150,8 @@ pub struct ServeConfig {
     pub server_cert_validity: Duration,
     /// Scheduled backups, when `[backup]` is set.
     pub backup: Option<BackupSchedule>,
+    /// The DigitalOcean fleet, when `[digitalocean]` is set.
+    pub digitalocean: Option<crate::digitalocean::config::DoConfig>,
 }
 
 /// Default lifetime of the controller's server certificate.
@@ -165,6 +172,7 @@ impl ServeConfig {
             ready_file: None,
             server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
             backup: None,
+            digitalocean: None,
         }
     }
 
@@ -397,6 +405,12 @@ impl ServeConfig {
         }
         if let Some(raw) = file.backup {
             config.backup = Some(backup_schedule(raw)?);
+        }
+        if let Some(raw) = file.digitalocean {
+            config.digitalocean = Some(
+                crate::digitalocean::config::DoConfig::new(raw)
+                    .map_err(ConfigError::DigitalOcean)?,
+            );
         }
         Ok(config)
     }

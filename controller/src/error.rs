@@ -84,6 +84,15 @@ pub enum Error {
     /// `--json` output could not be encoded.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// A DigitalOcean command failed (API, token, sync); boxed: large.
+    #[error(transparent)]
+    DigitalOcean(Box<crate::digitalocean::commands::DoCommandError>),
+}
+
+impl From<crate::digitalocean::commands::DoCommandError> for Error {
+    fn from(err: crate::digitalocean::commands::DoCommandError) -> Self {
+        Self::DigitalOcean(Box::new(err))
+    }
 }
 
 impl From<OperatorError> for Error {
@@ -102,6 +111,7 @@ impl Error {
             Self::Token(err) => err.is_usage(),
             Self::ApiToken(err) => err.is_usage(),
             Self::Operator(err) => err.is_usage(),
+            Self::DigitalOcean(err) => err.is_usage(),
             Self::Backup(err) => matches!(
                 err,
                 crate::backup::BackupError::Usage(_) | crate::backup::BackupError::NotEmpty(_)

@@ -22,6 +22,8 @@
 //!                methods; the heartbeat shapes it stores (Metrics, App)
 //!     artifacts  the content-addressed artifact files
 //!     backup     encrypted backups of the data dir, restore, schedule
+//!     digitalocean/  client (transport, retries, pages) < api (typed
+//!                operations, checked answers)
 //! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
 //!                its scopes) < operator (operator certificates)
 //! L3  link/      liveness (heartbeat rules, pure) · registry (live
@@ -61,6 +63,7 @@ pub mod auth;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod digitalocean;
 mod error;
 pub mod fleet;
 pub mod link;

@@ -73,5 +73,10 @@ async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
         Command::Ca(CaCommand::Rotate(RotateCommand::Finish(args))) => {
             admin::ca_rotate_finish(args).await
         }
+        Command::Droplets(command) => {
+            slipway_controller::digitalocean::commands::run(command).await
+        }
+        Command::Dns(command) => slipway_controller::digitalocean::commands::dns(command).await,
+        Command::Validate(args) => slipway_controller::digitalocean::commands::validate(args).await,
     }
 }

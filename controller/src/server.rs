@@ -199,6 +199,15 @@ async fn serve_notifying(
             stop_polling.clone(),
         ))
     });
+    let droplet_sync = config.digitalocean.clone().and_then(|c| {
+        let every = c.sync_every?;
+        Some(tokio::spawn(crate::digitalocean::inventory::periodic(
+            store.clone(),
+            c,
+            every,
+            stop_polling.clone(),
+        )))
+    });
     // Graceful HTTP/2 shutdown waits for open streams; agent sessions never
     // end by themselves, so close them when shutdown begins.
     let closing = sessions.clone();
@@ -249,6 +258,9 @@ async fn serve_notifying(
     let _ = rotation.await;
     if let Some(backups) = backups {
         let _ = backups.await;
+    }
+    if let Some(droplet_sync) = droplet_sync {
+        let _ = droplet_sync.await;
     }
     served?;
     Ok(())

@@ -87,6 +87,48 @@ pub struct RawConfig {
     pub controller: Option<RawController>,
     /// `[artifacts]`: how artifacts are downloaded from HTTPS URLs.
     pub artifacts: Option<RawArtifacts>,
+    /// `[digitalocean]`: where the droplet's metadata service is.
+    pub digitalocean: Option<RawDigitalOcean>,
+}
+
+/// `[digitalocean]` as written.
+#[derive(Debug, Deserialize)]
+pub struct RawDigitalOcean {
+    /// `http://169.254.169.254` on a droplet; a loopback URL in tests.
+    pub metadata_url: Option<String>,
+}
+
+/// Checks a `metadata_url`: `http://` to 169.254.169.254 or a loopback
+/// address, with a port or not, no path. Returns (host, port).
+pub fn check_metadata_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .trim_end_matches('/')
+        .strip_prefix("http://")
+        .ok_or_else(|| {
+            format!("{url:?}: must start with http:// (the metadata service is plain HTTP)")
+        })?;
+    if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+        return Err(format!("{url:?}: give only http://host[:port]"));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?}: bad port {p:?}"))?,
+        ),
+        _ => (rest, 80),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| format!("{url:?}: the host must be an IP address"))?;
+    let link_local_metadata = ip == std::net::IpAddr::from([169, 254, 169, 254]);
+    if !(link_local_metadata || ip.is_loopback()) {
+        return Err(format!(
+            "{url:?}: only the metadata address 169.254.169.254 (or a loopback address, for tests)"
+        ));
+    }
+    Ok((host.to_owned(), port))
 }
 
 /// `[artifacts]` as written.
@@ -328,6 +370,9 @@ pub struct Config {
     pub controller: Option<ControllerConfig>,
     /// `[artifacts]`: downloads from HTTPS URLs.
     pub artifacts: ArtifactsConfig,
+    /// `[digitalocean] metadata_url` (checked): the droplet id is read
+    /// there and reported in the Hello; None: not on DigitalOcean.
+    pub metadata_url: Option<String>,
 }
 
 /// One app, checked.
@@ -855,12 +900,29 @@ impl Config {
                 artifacts_config(&mut p, a)
             }
         };
+        let metadata_url = raw
+            .digitalocean
+            .as_ref()
+            .and_then(|d| d.metadata_url.as_deref())
+            .and_then(|url| match check_metadata_url(url) {
+                Ok(_) => Some(url.trim_end_matches('/').to_owned()),
+                Err(why) => {
+                    Problems {
+                        text,
+                        prefix: "digitalocean".into(),
+                        out: &mut problems,
+                    }
+                    .push("metadata_url", why);
+                    None
+                }
+            });
         if problems.is_empty() {
             Ok(Self {
                 path: path.to_owned(),
                 apps,
                 controller,
                 artifacts,
+                metadata_url,
             })
         } else {
             Err(ConfigError::Invalid {

@@ -269,6 +269,7 @@ mod tests {
                         node_id: "node-1".to_owned(),
                         agent_version: "0.1.0".to_owned(),
                         apps: Vec::new(),
+                        droplet_id: 0,
                     })),
                 })
                 .await

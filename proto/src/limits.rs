@@ -503,9 +503,19 @@ impl Validate for Hello {
     fn validate(&self) -> Result<(), FieldError> {
         check_line("node_id", &self.node_id, MAX_NODE_ID)?;
         check_line("agent_version", &self.agent_version, MAX_VERSION)?;
+        if self.droplet_id > MAX_DROPLET_ID {
+            return Err(FieldError::new(
+                "droplet_id",
+                format!("{} is over the limit of {MAX_DROPLET_ID}", self.droplet_id),
+            ));
+        }
         check_apps("apps", &self.apps)
     }
 }
+
+/// Largest droplet id a Hello may carry (2^53 - 1: what JSON numbers and
+/// the controller's SQLite integer hold exactly; DO's ids are far below).
+pub const MAX_DROPLET_ID: u64 = (1 << 53) - 1;
 
 impl Validate for Heartbeat {
     fn validate(&self) -> Result<(), FieldError> {

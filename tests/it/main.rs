@@ -18,6 +18,7 @@ mod commands;
 mod container;
 mod demo;
 mod deploy;
+mod digitalocean;
 mod docker;
 mod fleet;
 mod install;

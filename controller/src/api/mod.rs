@@ -220,7 +220,15 @@ impl ControlService {
     }
 
     /// The non-revoked nodes, all of them or those with `label` (key, value).
+    ///
+    /// A node matched to a synced DigitalOcean droplet is selected by the
+    /// droplet's tags as last synced (`env:production` means the droplets
+    /// the DO console shows under it), any other node by its labels.
     async fn live_targets(&self, label: Option<(&str, &str)>) -> Result<Vec<Target>, ApiError> {
+        let droplet_tags = match label {
+            Some(_) => self.store.droplet_tags_by_node().await?,
+            None => std::collections::HashMap::new(),
+        };
         Ok(self
             .store
             .fleet()
@@ -228,8 +236,11 @@ impl ControlService {
             .into_iter()
             .filter(|r| r.revoked_at.is_none())
             .filter(|r| {
-                label.is_none_or(|(key, value)| {
-                    r.labels.get(key).and_then(|v| v.as_str()) == Some(value)
+                label.is_none_or(|(key, value)| match droplet_tags.get(&r.id) {
+                    Some(tags) => tags
+                        .iter()
+                        .any(|t| t.split_once(':').unwrap_or((t.as_str(), "")) == (key, value)),
+                    None => r.labels.get(key).and_then(|v| v.as_str()) == Some(value),
                 })
             })
             .map(|r| Target {

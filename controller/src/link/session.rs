@@ -244,6 +244,13 @@ impl AgentLinkService {
         if !recorded {
             return Err(SessionError::Revoked(node_id.clone()));
         }
+        crate::digitalocean::inventory::record_droplet_claim(
+            &self.store,
+            node_id,
+            hello.droplet_id,
+            now,
+        )
+        .await?;
         let welcome = Welcome {
             node_id: node_id.clone(),
             heartbeat_interval_secs: u32::try_from(interval.as_secs()).unwrap_or(u32::MAX),

@@ -31,6 +31,7 @@ mod api_tokens;
 mod audit;
 mod controller_state;
 mod deployments;
+mod droplets;
 mod join_tokens;
 mod nodes;
 mod operators;
@@ -39,6 +40,7 @@ pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;
 pub use controller_state::ControllerStart;
 pub use deployments::{DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode};
+pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeCert, NodeRow, PeerCert,
@@ -57,6 +59,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_rollouts.sql"),
     include_str!("../../migrations/0005_operators.sql"),
     include_str!("../../migrations/0006_unique_node_names.sql"),
+    include_str!("../../migrations/0007_droplets.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while

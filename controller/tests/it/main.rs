@@ -6,5 +6,6 @@ mod support;
 
 mod commands_api;
 mod control;
+mod digitalocean;
 mod limits;
 mod link;

@@ -32,6 +32,7 @@ pub mod enroll;
 pub mod heartbeat;
 pub mod identity;
 pub mod ledger;
+pub mod metadata;
 pub mod session;
 pub mod tls;
 pub mod upgrade;

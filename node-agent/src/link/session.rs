@@ -136,7 +136,15 @@ pub async fn run(
             None
         }
     };
+    // Read until it succeeds once (the id of a droplet never changes).
+    let mut droplet_id = 0;
     loop {
+        if let (0, Some(url)) = (droplet_id, &config.metadata_url) {
+            match super::metadata::droplet_id(url).await {
+                Ok(id) => droplet_id = id,
+                Err(e) => tracing::warn!(error = %e, "cannot read the droplet id; reporting none"),
+            }
+        }
         let hello = {
             let cfg = config.clone();
             let bridge = Bridge::current();
@@ -144,6 +152,7 @@ pub async fn run(
                 node_id: String::new(),
                 agent_version: crate::version::current().to_owned(),
                 apps: app_statuses(&cfg, &bridge),
+                droplet_id,
             })
             .await
             .unwrap_or_default()

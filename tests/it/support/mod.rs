@@ -3,6 +3,8 @@
 // A failed set-up step should panic with its error, as unwrap does.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod do_api;
+
 use std::fs;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};

@@ -8,6 +8,8 @@
 // Each test file uses a part of it.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod do_api;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;

@@ -1,0 +1,333 @@
+//! `slipway-controller droplets …`: the DigitalOcean commands. They read
+//! `[digitalocean]` (and `data_dir`) from the controller's config file and
+//! work while `serve` runs (the store is SQLite in WAL mode).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::client::DoError;
+use super::config::DoConfig;
+use super::inventory::{self, SyncError};
+use crate::config::{ConfigError, RawConfig};
+use crate::store::{Store, StoreError};
+
+/// `droplets` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DropletsCommand {
+    /// List the droplets of the fleet's tags now and reconcile: new ones
+    /// become expected nodes, gone ones have their nodes retired (certificates
+    /// revoked), every change audited.
+    Sync(DropletsArgs),
+    /// The fleet as DigitalOcean and the agents see it: each droplet with
+    /// its node or "expected, not enrolled", gone droplets, agents without a
+    /// droplet (as of the last sync).
+    List(DropletsArgs),
+    /// Retire a droplet's node: no longer selected, its certificates
+    /// refused (audited); with --destroy, destroy the droplet too.
+    Retire(RetireArgs),
+}
+
+/// `droplets retire` flags.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// The droplet's name (as synced).
+    pub name: String,
+    /// Destroy the droplet at DigitalOcean after revoking its node.
+    #[arg(long)]
+    pub destroy: bool,
+    #[command(flatten)]
+    pub common: DropletsArgs,
+}
+
+/// Flags shared by the `droplets` commands.
+#[derive(Debug, Args)]
+pub struct DropletsArgs {
+    /// The controller's config file (its `[digitalocean]` table and data_dir).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The data dir, if not the config file's.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why a `droplets` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DoCommandError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}: no [digitalocean] table (fleet_tags, token_file, ...)")]
+    NotConfigured(String),
+    /// Boxed, as is `Sync`: both are large.
+    #[error(transparent)]
+    Api(Box<DoError>),
+    #[error(transparent)]
+    Sync(Box<SyncError>),
+    #[error(transparent)]
+    Retire(Box<inventory::RetireError>),
+    #[error("opening the controller database: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A bad argument (the message says which).
+    #[error("{0}")]
+    Usage(String),
+    /// `validate` printed this many ✗ lines.
+    #[error("{0} check(s) failed")]
+    Invalid(usize),
+}
+
+impl From<DoError> for DoCommandError {
+    fn from(err: DoError) -> Self {
+        Self::Api(Box::new(err))
+    }
+}
+
+impl From<SyncError> for DoCommandError {
+    fn from(err: SyncError) -> Self {
+        Self::Sync(Box::new(err))
+    }
+}
+
+impl From<inventory::RetireError> for DoCommandError {
+    fn from(err: inventory::RetireError) -> Self {
+        Self::Retire(Box::new(err))
+    }
+}
+
+impl DoCommandError {
+    /// Bad configuration or token: exit 64.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Config(_) | Self::NotConfigured(_) | Self::Usage(_) => true,
+            Self::Api(e) => matches!(**e, DoError::Config(_)),
+            Self::Sync(e) => matches!(**e, SyncError::Api(DoError::Config(_))),
+            Self::Retire(e) => matches!(**e, inventory::RetireError::NotFound(_)),
+            Self::Store(_) | Self::Json(_) | Self::Invalid(_) => false,
+        }
+    }
+}
+
+/// `dns` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DnsCommand {
+    /// Make the A records of NAME the public IPv4 addresses of the droplets
+    /// with --tag: created, re-timed or removed to match. A dry run (the
+    /// diff printed) unless --apply.
+    Point(DnsPointArgs),
+}
+
+/// `dns point` flags.
+#[derive(Debug, Args)]
+pub struct DnsPointArgs {
+    /// The name, e.g. app.example.com.
+    pub name: String,
+    /// The droplets whose public addresses the name gets.
+    #[arg(long)]
+    pub tag: String,
+    /// The DigitalOcean domain (zone); default: NAME without its first label.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// TTL of the records, seconds (at least 30).
+    #[arg(long, default_value_t = super::dns::DEFAULT_TTL)]
+    pub ttl: u32,
+    /// Make the changes (default: only print them).
+    #[arg(long)]
+    pub apply: bool,
+    /// Allow removing every record when no droplet has the tag.
+    #[arg(long)]
+    pub allow_empty: bool,
+    #[command(flatten)]
+    pub common: DropletsArgs,
+}
+
+/// Runs a `dns` command.
+pub async fn dns(command: DnsCommand) -> Result<(), crate::Error> {
+    let DnsCommand::Point(args) = command;
+    let run = async {
+        let (config, data_dir) = load(&args.common)?;
+        let client = config.client()?;
+        let store = Store::open(&data_dir).await?;
+        let pointed = super::dns::point(
+            &client,
+            &store,
+            &args.name,
+            args.domain.as_deref(),
+            &args.tag,
+            args.ttl,
+            args.apply,
+            args.allow_empty,
+            "operator",
+            crate::now_unix(),
+        )
+        .await
+        .map_err(|e| match e {
+            super::dns::DnsError::Usage(m) => DoCommandError::Usage(m),
+            super::dns::DnsError::Api(e) => e.into(),
+            super::dns::DnsError::Store(e) => e.into(),
+        })?;
+        if args.common.json {
+            println!("{}", serde_json::to_string_pretty(&pointed)?);
+        } else {
+            print!("{}", super::dns::render(&pointed));
+        }
+        Ok::<(), DoCommandError>(())
+    };
+    Ok(run.await?)
+}
+
+/// `slipway-controller validate` flags.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The controller's config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// `validate`: one ✓/✗ line per check (the config file, the DigitalOcean
+/// token against the API); fails if any check fails.
+pub async fn validate(args: ValidateArgs) -> Result<(), crate::Error> {
+    let mut failed = 0;
+    let mut line = |ok: bool, text: String| {
+        println!("{} {text}", if ok { "✓" } else { "✗" });
+        if !ok {
+            failed += 1;
+        }
+    };
+    let raw = match RawConfig::from_file(&args.config) {
+        Ok(raw) => raw,
+        Err(e) => {
+            line(false, format!("config: {e}"));
+            return Err(DoCommandError::Invalid(failed).into());
+        }
+    };
+    line(true, format!("config: {} parses", args.config.display()));
+    match raw.digitalocean.map(DoConfig::new) {
+        None => line(
+            true,
+            "digitalocean: not configured (no [digitalocean] table)".into(),
+        ),
+        Some(Err(e)) => line(false, format!("digitalocean: {e}")),
+        Some(Ok(config)) => {
+            let tag = &config.fleet_tags[0];
+            let checked = match config.client() {
+                Ok(client) => client
+                    .count_by_tag(tag)
+                    .await
+                    .map(|n| (n, client.rate_limit())),
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok((n, rate)) => line(
+                    true,
+                    format!(
+                        "digitalocean: token accepted by {}; {n} droplet(s) under {tag}{}",
+                        config.api_url,
+                        rate.map(|r| format!("; {} of {} requests left", r.remaining, r.limit))
+                            .unwrap_or_default()
+                    ),
+                ),
+                // DoError's text starts with "digitalocean:".
+                Err(e) => line(false, e.to_string()),
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(DoCommandError::Invalid(failed).into());
+    }
+    Ok(())
+}
+
+/// Reads `[digitalocean]` and the data dir from the config file.
+pub fn load(args: &DropletsArgs) -> Result<(DoConfig, PathBuf), DoCommandError> {
+    let raw = RawConfig::from_file(&args.config)?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(raw.data_dir)
+        .ok_or(ConfigError::Missing("data-dir"))?;
+    let Some(table) = raw.digitalocean else {
+        return Err(DoCommandError::NotConfigured(
+            args.config.display().to_string(),
+        ));
+    };
+    let config = DoConfig::new(table).map_err(ConfigError::DigitalOcean)?;
+    Ok((config, data_dir))
+}
+
+/// Runs a `droplets` command.
+pub async fn run(command: DropletsCommand) -> Result<(), crate::Error> {
+    Ok(run_inner(command).await?)
+}
+
+async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
+    match command {
+        DropletsCommand::Sync(args) => {
+            let (config, data_dir) = load(&args)?;
+            let client = config.client()?;
+            let store = Store::open(&data_dir).await?;
+            let report = inventory::sync(&store, &client, &config, crate::now_unix()).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} droplet(s) under {}: {} added, {} retagged, {} gone, {} node(s) retired",
+                    report.droplets,
+                    config.fleet_tags.join(", "),
+                    report.added.len(),
+                    report.retagged.len(),
+                    report.gone.len(),
+                    report.retired.len()
+                );
+                for (id, name) in &report.retired {
+                    println!("retired node {name} ({id}): its droplet is gone");
+                }
+            }
+        }
+        DropletsCommand::Retire(args) => {
+            let (config, data_dir) = load(&args.common)?;
+            let client = if args.destroy {
+                Some(config.client()?)
+            } else {
+                None
+            };
+            let store = Store::open(&data_dir).await?;
+            let done = inventory::retire(
+                &store,
+                &args.name,
+                client.as_ref(),
+                "operator",
+                crate::now_unix(),
+            )
+            .await?;
+            if args.common.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                match &done.node {
+                    Some((id, name)) => println!("retired node {name} ({id}): revoked"),
+                    None => println!("droplet {} has no live node to retire", done.droplet_name),
+                }
+                if done.destroyed {
+                    println!(
+                        "destroyed droplet {} ({})",
+                        done.droplet_name, done.droplet_id
+                    );
+                }
+            }
+        }
+        DropletsCommand::List(args) => {
+            let (_, data_dir) = load(&args)?;
+            let store = Store::open(&data_dir).await?;
+            let view = inventory::view(&store).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", inventory::render(&view));
+            }
+        }
+    }
+    Ok(())
+}

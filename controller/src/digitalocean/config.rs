@@ -1,0 +1,172 @@
+//! `[digitalocean]` in the controller's config file: the token, the tags
+//! that make up the fleet, the API URL, how often `serve` syncs.
+//!
+//! ```toml
+//! [digitalocean]
+//! token_file = "/etc/slipway/digitalocean-token"  # else $DIGITALOCEAN_ACCESS_TOKEN
+//! fleet_tags = ["env:production"]
+//! sync_every = "60s"                               # default; "0s" turns the periodic sync off
+//! api_url = "https://api.digitalocean.com"         # default
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::api::check_tag;
+use super::client::{Client, DoError, RetryPolicy, Settings, Token, DEFAULT_API_URL, TOKEN_ENV};
+
+/// Shortest periodic sync: each costs one listing per fleet tag, and DO
+/// allows 250 requests a minute.
+pub const MIN_SYNC_EVERY: Duration = Duration::from_secs(10);
+/// Fleet tags at most.
+const MAX_FLEET_TAGS: usize = 16;
+
+/// `[digitalocean]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDigitalOcean {
+    pub token_file: Option<PathBuf>,
+    pub fleet_tags: Option<Vec<String>>,
+    pub api_url: Option<String>,
+    pub sync_every: Option<String>,
+    /// Tests only: the shortest and longest retry wait ("10ms", "1s").
+    pub retry_min_wait: Option<String>,
+    pub retry_max_wait: Option<String>,
+}
+
+/// Checked `[digitalocean]` settings. The token is read when used, so a
+/// rotated token file is picked up without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoConfig {
+    pub token_file: Option<PathBuf>,
+    pub fleet_tags: Vec<String>,
+    pub api_url: String,
+    /// None: no periodic sync in `serve`.
+    pub sync_every: Option<Duration>,
+    pub retry: RetryPolicy,
+}
+
+impl DoConfig {
+    /// Checks every key; the error names the key and what was wrong.
+    pub fn new(raw: RawDigitalOcean) -> Result<Self, String> {
+        let fleet_tags = raw.fleet_tags.unwrap_or_default();
+        if fleet_tags.is_empty() {
+            return Err(
+                "digitalocean.fleet_tags: name at least one tag, e.g. fleet_tags = [\"env:production\"]"
+                    .into(),
+            );
+        }
+        if fleet_tags.len() > MAX_FLEET_TAGS {
+            return Err(format!(
+                "digitalocean.fleet_tags: more than {MAX_FLEET_TAGS} tags"
+            ));
+        }
+        for tag in &fleet_tags {
+            check_tag(tag).map_err(|e| format!("digitalocean.fleet_tags: {tag:?}: {e}"))?;
+        }
+        let duration = |key: &str, text: &str| {
+            parse_wait(text)
+                .ok_or_else(|| format!("digitalocean.{key}: {text:?} is not a duration like 60s"))
+        };
+        let sync_every = match raw.sync_every.as_deref() {
+            None => Some(Duration::from_secs(60)),
+            Some(text) => match duration("sync_every", text)? {
+                d if d.is_zero() => None,
+                d if d < MIN_SYNC_EVERY => {
+                    return Err(format!(
+                        "digitalocean.sync_every: {text:?} is shorter than {MIN_SYNC_EVERY:?}"
+                    ))
+                }
+                d => Some(d),
+            },
+        };
+        let mut retry = RetryPolicy::default();
+        if let Some(text) = raw.retry_min_wait.as_deref() {
+            retry.min_wait = duration("retry_min_wait", text)?;
+        }
+        if let Some(text) = raw.retry_max_wait.as_deref() {
+            retry.max_wait = duration("retry_max_wait", text)?;
+        }
+        if retry.min_wait > retry.max_wait || retry.max_wait > Duration::from_secs(300) {
+            return Err(
+                "digitalocean.retry_*: need retry_min_wait <= retry_max_wait <= 300s".into(),
+            );
+        }
+        let config = Self {
+            token_file: raw.token_file,
+            fleet_tags,
+            api_url: raw.api_url.unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
+            sync_every,
+            retry,
+        };
+        // The URL is checked now, not at the first sync.
+        super::client::check_api_url(&config.api_url)
+            .map_err(|e| format!("digitalocean.api_url: {e}"))?;
+        Ok(config)
+    }
+
+    /// The token: from `token_file`, else `$DIGITALOCEAN_ACCESS_TOKEN`.
+    pub fn token(&self) -> Result<Token, DoError> {
+        match &self.token_file {
+            Some(path) => Token::from_file(path),
+            None => Token::from_env(TOKEN_ENV),
+        }
+    }
+
+    /// A client with these settings (reads the token).
+    pub fn client(&self) -> Result<Client, DoError> {
+        let mut settings = Settings::new(self.token()?);
+        settings.api_url = self.api_url.clone();
+        settings.retry = self.retry;
+        Client::new(settings)
+    }
+}
+
+/// A duration as the rest of the config writes them ("60s", "5m"), plus
+/// "0s" and milliseconds ("10ms", for tests' retry waits).
+fn parse_wait(text: &str) -> Option<Duration> {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    if text == "0s" || text == "0" {
+        return Some(Duration::ZERO);
+    }
+    slipway_proto::cli::parse_duration(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(toml_text: &str) -> RawDigitalOcean {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn every_key_is_checked() {
+        let ok = DoConfig::new(raw("fleet_tags = [\"env:production\"]")).unwrap();
+        assert_eq!(ok.sync_every, Some(Duration::from_secs(60)));
+        assert_eq!(ok.api_url, DEFAULT_API_URL);
+        for (text, want) in [
+            ("", "fleet_tags"),
+            ("fleet_tags = [\"a b\"]", "fleet_tags"),
+            ("fleet_tags = [\"a\"]\nsync_every = \"1s\"", "sync_every"),
+            ("fleet_tags = [\"a\"]\nsync_every = \"soon\"", "sync_every"),
+            (
+                "fleet_tags = [\"a\"]\napi_url = \"http://example.com\"",
+                "api_url",
+            ),
+            (
+                "fleet_tags = [\"a\"]\nretry_min_wait = \"5s\"\nretry_max_wait = \"1s\"",
+                "retry",
+            ),
+        ] {
+            let e = DoConfig::new(raw(text)).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let off = DoConfig::new(raw("fleet_tags = [\"a\"]\nsync_every = \"0s\"")).unwrap();
+        assert_eq!(off.sync_every, None);
+    }
+}

@@ -1,0 +1,430 @@
+//! The DigitalOcean fleet end to end (issue 14): a local DigitalOcean API
+//! that checks every request against the official description, a
+//! controller (`serve` with `[digitalocean]`, and the `droplets` commands),
+//! and real agents (`slipway-agent run`) whose metadata service is a local
+//! server answering their droplet id. Droplets are added, re-tagged and
+//! destroyed behind the controller's back, as in the DO console.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::do_api::{metadata_service, DoApi, DO_TOKEN};
+use crate::support::{bin, text, wait_until, Agent, Controller, APP};
+
+fn droplets_cli(
+    controller: &Controller,
+    config: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(bin("slipway-controller"))
+        .arg("droplets")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(controller.data_dir())
+        .output()
+        .unwrap()
+}
+
+fn list(controller: &Controller, config: &std::path::Path) -> Value {
+    let out = droplets_cli(controller, config, &["list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The node name each current droplet is matched to (None: expected, not enrolled).
+fn matches(view: &Value) -> Vec<(String, Option<String>)> {
+    view["droplets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_owned(),
+                d["node_name"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+fn with_metadata(agent: &Agent, droplet_id: u64) {
+    let url = metadata_service(droplet_id);
+    let mut config = fs::read_to_string(&agent.config).unwrap();
+    config.push_str(&format!("\n[digitalocean]\nmetadata_url = \"{url}\"\n"));
+    fs::write(&agent.config, config).unwrap();
+}
+
+#[test]
+fn the_fleet_follows_droplet_tags() {
+    let api = DoApi::start();
+    let web1 = api.add_droplet("web-1", &["env:production"]);
+    let web2 = api.add_droplet("web-2", &["env:production"]);
+    api.add_droplet("web-3", &["env:production"]);
+    let staging = api.add_droplet("stage-1", &["env:staging"]);
+
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, format!("{DO_TOKEN}\n")).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\n\
+             sync_every = \"10s\"\nretry_min_wait = \"10ms\"\nretry_max_wait = \"200ms\"\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+
+    // Real agents; their join tokens carry no tags, so only the droplets'
+    // DigitalOcean tags can select them. "stray" runs on the staging droplet.
+    let mut agents = Vec::new();
+    for (name, droplet) in [("web-1", web1), ("web-2", web2), ("stray", staging)] {
+        let agent = Agent::enroll(&controller, name);
+        with_metadata(&agent, droplet);
+        agents.push(agent);
+    }
+    for a in &mut agents {
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    controller.wait_online(&reader, 3, Duration::from_secs(30));
+
+    let out = droplets_cli(&controller, &config, &["sync"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 droplet(s) under env:production"),
+        "{}",
+        text(&out)
+    );
+    let view = list(&controller, &config);
+    assert_eq!(
+        matches(&view),
+        [
+            ("web-1".to_owned(), Some("web-1".to_owned())),
+            ("web-2".to_owned(), Some("web-2".to_owned())),
+            ("web-3".to_owned(), None),
+        ],
+        "{view:#}"
+    );
+    let strays = view["agents_without_droplet"].as_array().unwrap();
+    assert_eq!(strays.len(), 1, "{view:#}");
+    assert_eq!(strays[0]["name"], "stray");
+    assert_eq!(strays[0]["reported_droplet_id"], staging);
+    let table = droplets_cli(&controller, &config, &["list"]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let web3_line = table.lines().find(|l| l.starts_with("web-3")).unwrap();
+    assert!(web3_line.contains("expected, not enrolled"), "{table}");
+    assert!(table.contains("agents without a droplet"), "{table}");
+
+    // `--tag env:production` means the droplets DO shows under that tag.
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v1",
+        APP,
+        &["--wait", "--tag", "env:production"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("[web-1] SUCCEEDED") && stdout.contains("[web-2] SUCCEEDED"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("[stray]"), "{stdout}");
+    assert_eq!(agents[2].get(), None, "stray got no deploy");
+
+    // Re-tag web-1 in DO: after a sync, `--tag product:shop` selects it alone.
+    api.set_tags(web1, &["env:production", "product:shop"]);
+    let out = droplets_cli(&controller, &config, &["sync"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 retagged"),
+        "{}",
+        text(&out)
+    );
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v2",
+        APP,
+        &["--wait", "--tag", "product:shop"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(agents[0].get().as_deref(), Some("v2"));
+    assert_eq!(agents[1].get().as_deref(), Some("v1"));
+
+    // Destroy web-2 in DO: its node is retired (revoked) and audited.
+    api.destroy_droplet(web2);
+    let out = droplets_cli(&controller, &config, &["sync"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        said.contains("1 gone, 1 node(s) retired") && said.contains("retired node web-2"),
+        "{said}"
+    );
+    let view = list(&controller, &config);
+    assert_eq!(view["gone"][0]["name"], "web-2", "{view:#}");
+    let nodes = controller.cli(&["nodes", "--json"]);
+    let nodes: Vec<Value> = serde_json::from_slice(&nodes.stdout).unwrap();
+    let web2_node = nodes.iter().find(|n| n["name"] == "web-2").unwrap();
+    assert_eq!(web2_node["state"], "revoked", "{web2_node:#}");
+    let events = controller.audit(&reader);
+    let of = |t: &str| -> Vec<&Value> { events.iter().filter(|e| e["event_type"] == t).collect() };
+    assert!(!of("DROPLET_ADDED").is_empty());
+    assert_eq!(of("DROPLET_RETAGGED").len(), 1, "{events:#?}");
+    assert_eq!(of("DROPLET_GONE").len(), 1);
+    let retired = of("NODE_RETIRED");
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0]["resource_id"], web2_node["id"]);
+    // A deploy to env:production now reaches web-1 only.
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v3",
+        APP,
+        &["--wait", "--tag", "env:production"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("[web-2]"),
+        "{}",
+        text(&out)
+    );
+
+    // Retire web-1 and destroy its droplet: node revoked, droplet gone at DO.
+    let out = droplets_cli(&controller, &config, &["retire", "web-1", "--destroy"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        said.contains("retired node web-1") && said.contains("destroyed droplet web-1"),
+        "{said}"
+    );
+    let left = api.control("GET", "/_test/droplets", None);
+    assert!(
+        left.as_array().unwrap().iter().all(|d| d["id"] != web1),
+        "{left:#}"
+    );
+    let nodes = controller.cli(&["nodes", "--json"]);
+    let nodes: Vec<Value> = serde_json::from_slice(&nodes.stdout).unwrap();
+    let web1_node = nodes.iter().find(|n| n["name"] == "web-1").unwrap();
+    assert_eq!(web1_node["state"], "revoked", "{web1_node:#}");
+    let events = controller.audit(&reader);
+    let count = |t: &str| events.iter().filter(|e| e["event_type"] == t).count();
+    assert_eq!((count("NODE_RETIRED"), count("DROPLET_DESTROYED")), (2, 1));
+    let out = droplets_cli(&controller, &config, &["retire", "nope"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("no droplet named \"nope\""),
+        "{}",
+        text(&out)
+    );
+
+    // A droplet added in DO shows up by serve's own periodic sync.
+    api.add_droplet("web-5", &["env:production"]);
+    wait_until(
+        "serve's periodic sync to see web-5",
+        Duration::from_secs(30),
+        || matches(&list(&controller, &config)).contains(&("web-5".to_owned(), None)),
+    );
+
+    api.assert_no_violations();
+}
+
+#[test]
+fn validate_checks_the_digitalocean_token() {
+    let api = DoApi::start();
+    api.add_droplet("web-1", &["env:production"]);
+    api.add_droplet("web-2", &["env:production"]);
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\n\
+             api_url = \"{}\"\nretry_min_wait = \"10ms\"\nretry_max_wait = \"100ms\"\n",
+            work.path().join("data").display(),
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let validate = || {
+        std::process::Command::new(bin("slipway-controller"))
+            .args(["validate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+
+    fs::write(&token_file, format!("{DO_TOKEN}\n")).unwrap();
+    let out = validate();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(said.contains("✓ config:"), "{said}");
+    assert!(
+        said.contains("✓ digitalocean: token accepted")
+            && said.contains("2 droplet(s) under env:production"),
+        "{said}"
+    );
+
+    fs::write(&token_file, "dop_v1_revoked_secret\n").unwrap();
+    let out = validate();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("✗ digitalocean:") && said.contains("401") && said.contains("unauthorized"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("revoked_secret"),
+        "the token is never printed: {said}"
+    );
+
+    fs::remove_file(&token_file).unwrap();
+    let out = validate();
+    assert!(
+        text(&out).contains("✗ digitalocean: cannot read the token file"),
+        "{}",
+        text(&out)
+    );
+    api.assert_no_violations();
+}
+
+#[test]
+fn dns_point_follows_the_tagged_droplets() {
+    let api = DoApi::start();
+    let ip_of = |id: u64| -> String {
+        let all = api.control("GET", "/_test/droplets", None);
+        let d = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap()
+            .clone();
+        d["networks"]["v4"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["type"] == "public")
+            .unwrap()["ip_address"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let web1 = ip_of(api.add_droplet("web-1", &["env:production"]));
+    let web2 = ip_of(api.add_droplet("web-2", &["env:production"]));
+    let stage = ip_of(api.add_droplet("stage-1", &["env:staging"]));
+    api.control(
+        "POST",
+        "/_test/domains",
+        Some(serde_json::json!({ "name": "example.com" })),
+    );
+    let controller = Controller::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let dns = |args: &[&str]| {
+        std::process::Command::new(bin("slipway-controller"))
+            .args(["dns", "point", "app.example.com"])
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(controller.data_dir())
+            .output()
+            .unwrap()
+    };
+    let records = || -> Vec<(String, u64)> {
+        let mut r: Vec<(String, u64)> = api
+            .control("GET", "/_test/records/example.com", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["data"].as_str().unwrap().to_owned(),
+                    r["ttl"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        r.sort();
+        r
+    };
+
+    // Point at staging first, for real.
+    let out = dns(&["--tag", "env:staging", "--apply", "--ttl", "60"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(records(), [(stage.clone(), 60)]);
+
+    // Production, dry run: the diff is printed, nothing changes.
+    let out = dns(&["--tag", "env:production"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        said.contains(&format!("- A app.example.com {stage}")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("+ A app.example.com {web1}")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("+ A app.example.com {web2}")),
+        "{said}"
+    );
+    assert!(said.contains("dry run: 3 change(s)"), "{said}");
+    assert_eq!(records(), [(stage.clone(), 60)]);
+
+    // Applied: exactly the production addresses, with the default TTL.
+    let out = dns(&["--tag", "env:production", "--apply"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut want = vec![(web1.clone(), 300), (web2.clone(), 300)];
+    want.sort();
+    assert_eq!(records(), want);
+    let out = dns(&["--tag", "env:production", "--apply"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already points at 2 address(es)"),
+        "{}",
+        text(&out)
+    );
+
+    // Refusals: a tag with no droplets would empty the name; a TTL too short.
+    let out = dns(&["--tag", "env:nothing", "--apply"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("--allow-empty"), "{}", text(&out));
+    let out = dns(&["--tag", "env:production", "--ttl", "10"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert_eq!(records(), want);
+
+    let events = controller.audit(&controller.api_token("read"));
+    let changed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event_type"] == "DNS_RECORDS_CHANGED")
+        .collect();
+    assert_eq!(
+        changed.len(),
+        2,
+        "one per applied run that changed something"
+    );
+    api.assert_no_violations();
+}
