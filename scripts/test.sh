@@ -40,6 +40,9 @@ command -v shellcheck >/dev/null || need_tools+=(shellcheck)
 command -v cloud-init >/dev/null || need_tools+=(cloud-init)
 # faketime (libfaketime): a controller restarted 400 days on (tests/it/certs.rs).
 command -v faketime >/dev/null || need_tools+=(faketime)
+# promtool (Debian's prometheus package): `promtool check metrics` on the
+# controller's /metrics (tests/it/metrics.rs).
+command -v promtool >/dev/null || need_tools+=(prometheus)
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   apt_log=$(mktemp -t slipway-apt.XXXXXX.log)

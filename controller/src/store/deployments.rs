@@ -87,6 +87,19 @@ pub struct DeploymentNodeRecord {
     pub finished_at: Option<i64>,
 }
 
+/// How many deployments of one app, kind and status are recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentCount {
+    /// The app.
+    pub app: String,
+    /// "deploy", "rollback", "restart", "prune", ...
+    pub kind: String,
+    /// "running", "succeeded" or "failed".
+    pub status: String,
+    /// How many.
+    pub count: u64,
+}
+
 impl Store {
     /// Records a deployment (status running), its pending per-node rows and
     /// the start audit event, together; refused with
@@ -327,6 +340,28 @@ impl Store {
                     row.try_get("outcome")?,
                     row.try_get("message")?,
                 ))
+            })
+            .collect()
+    }
+
+    /// How many deployments are recorded, by app, kind and status
+    /// ("running", "succeeded", "failed"), for /metrics.
+    pub async fn deployment_counts(&self) -> Result<Vec<DeploymentCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT app, kind, status, COUNT(*) AS n FROM deployments
+             GROUP BY app, kind, status ORDER BY app, kind, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let n: i64 = row.try_get("n")?;
+                Ok(DeploymentCount {
+                    app: row.try_get("app")?,
+                    kind: row.try_get("kind")?,
+                    status: row.try_get("status")?,
+                    count: u64::try_from(n).unwrap_or(0),
+                })
             })
             .collect()
     }

@@ -38,7 +38,9 @@ mod operators;
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;
 pub use controller_state::ControllerStart;
-pub use deployments::{DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode};
+pub use deployments::{
+    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode,
+};
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeRow, PeerCert, Release,
