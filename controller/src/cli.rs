@@ -28,6 +28,11 @@ pub enum Command {
     /// Show the fleet: state, last heartbeat, agent version and RSS, host
     /// metrics and apps of every node (works while `serve` runs).
     Nodes(NodesArgs),
+    /// Print the fleet's Prometheus metrics from the database (for
+    /// node_exporter's textfile collector; works while `serve` runs). A
+    /// running `serve` also answers /metrics with its sessions, its own
+    /// CPU and memory, and the deployment durations it saw.
+    Metrics(MetricsArgs),
     /// Act on one node.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -150,6 +155,14 @@ pub struct NodesArgs {
     /// Print JSON (an array of nodes) instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `metrics` flags.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
 }
 
 /// `node` subcommands.

@@ -110,8 +110,8 @@ pub struct Snapshot {
     pub nodes: Vec<NodeView>,
     /// Deployments recorded, by app, kind and status.
     pub deployments: Vec<DeploymentCount>,
-    /// Open agent sessions.
-    pub sessions: usize,
+    /// Open agent sessions (`None`: not the serving process).
+    pub sessions: Option<usize>,
     /// The controller process, if it could be read.
     pub process: Option<ProcessStats>,
     /// Certificate expiries.
@@ -124,7 +124,10 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct Scraper {
     store: Store,
-    sessions: Sessions,
+    /// The running controller's sessions; `None` from another process
+    /// (then node states come from the database alone, and the process
+    /// figures, which would be that process's, are left out).
+    sessions: Option<Sessions>,
     data_dir: PathBuf,
     /// Kept between scrapes: sysinfo reads /proc for the one process.
     system: Arc<Mutex<sysinfo::System>>,
@@ -135,7 +138,17 @@ impl Scraper {
     pub fn new(store: Store, sessions: Sessions, data_dir: &Path) -> Self {
         Self {
             store,
-            sessions,
+            sessions: Some(sessions),
+            data_dir: data_dir.to_owned(),
+            system: Arc::new(Mutex::new(sysinfo::System::new())),
+        }
+    }
+
+    /// A scraper of the store alone, from a process other than `serve`.
+    pub fn offline(store: Store, data_dir: &Path) -> Self {
+        Self {
+            store,
+            sessions: None,
             data_dir: data_dir.to_owned(),
             system: Arc::new(Mutex::new(sysinfo::System::new())),
         }
@@ -147,21 +160,25 @@ impl Scraper {
         let t = Instant::now();
         let mut views = fleet::nodes(&self.store, now).await?;
         let fleet_secs = t.elapsed().as_secs_f64();
-        fleet::apply_sessions(&mut views, |id| self.sessions.contains(id));
+        if let Some(sessions) = &self.sessions {
+            fleet::apply_sessions(&mut views, |id| sessions.contains(id));
+        }
         let t = Instant::now();
         let deployments = self.store.deployment_counts().await?;
         let deployments_secs = t.elapsed().as_secs_f64();
         let (system, data_dir) = (self.system.clone(), self.data_dir.clone());
+        let ours = self.sessions.is_some();
         // /proc and the certificate files: blocking reads, off the runtime.
         let (process, certs) = tokio::task::spawn_blocking(move || {
-            (process_stats(&system), controller_cert_expiry(&data_dir))
+            let process = if ours { process_stats(&system) } else { None };
+            (process, controller_cert_expiry(&data_dir))
         })
         .await
         .unwrap_or((None, Vec::new()));
         Ok(Snapshot {
             nodes: views,
             deployments,
-            sessions: self.sessions.len(),
+            sessions: self.sessions.as_ref().map(Sessions::len),
             process,
             certs,
             store_seconds: vec![
@@ -173,7 +190,7 @@ impl Scraper {
 
     /// The text `/metrics` answers with.
     pub async fn render(&self) -> Result<String, StoreError> {
-        Ok(encode(&self.snapshot().await?, crate::now_unix()))
+        Ok(encode(&self.snapshot().await?))
     }
 }
 
@@ -238,9 +255,8 @@ impl Families {
     }
 }
 
-/// The exposition text of `snapshot` (with the observed histograms) at
-/// `now`.
-pub fn encode(snapshot: &Snapshot, now: i64) -> String {
+/// The exposition text of `snapshot`, with the observed histograms.
+pub fn encode(snapshot: &Snapshot) -> String {
     let f = Families {
         registry: Registry::new(),
     };
@@ -423,11 +439,13 @@ pub fn encode(snapshot: &Snapshot, now: i64) -> String {
     }
 
     // The controller itself.
-    f.plain(
-        "slipway_controller_sessions",
-        "Agent sessions open with this controller.",
-    )
-    .set(snapshot.sessions as f64);
+    if let Some(n) = snapshot.sessions {
+        f.plain(
+            "slipway_controller_sessions",
+            "Agent sessions open with this controller.",
+        )
+        .set(n as f64);
+    }
     if let Some(p) = snapshot.process {
         f.counter(
             "process_cpu_seconds_total",
@@ -453,20 +471,15 @@ pub fn encode(snapshot: &Snapshot, now: i64) -> String {
     for (query, secs) in &snapshot.store_seconds {
         store.with_label_values(&[query]).set(*secs);
     }
+    // Days left is `(x - time()) / 86400` in a query: promtool's lint
+    // wants base units, and a timestamp does not go stale between scrapes.
     let certs = f.gauge(
         "slipway_certificate_expiry_timestamp_seconds",
         "When the controller's certificates expire (seconds since the epoch).",
         &["cert"],
     );
-    let days = f.gauge(
-        "slipway_certificate_days_left",
-        "Days until the controller's certificates expire (negative once expired).",
-        &["cert"],
-    );
     for c in &snapshot.certs {
         certs.with_label_values(&[&c.cert]).set(c.not_after as f64);
-        days.with_label_values(&[&c.cert])
-            .set((c.not_after - now) as f64 / 86_400.0);
     }
 
     let mut out = Vec::new();
@@ -573,7 +586,7 @@ mod tests {
                 status: "succeeded".to_owned(),
                 count: 4,
             }],
-            sessions: 2,
+            sessions: Some(2),
             process: Some(ProcessStats {
                 cpu_seconds: 1.5,
                 rss_bytes: 30_000_000,
@@ -590,7 +603,7 @@ mod tests {
             false,
             std::time::Duration::from_secs(7),
         );
-        let text = encode(&snapshot, 1_000);
+        let text = encode(&snapshot);
         assert_eq!(value(&text, r#"slipway_nodes{state="online"}"#), Some(2.0));
         assert_eq!(
             value(&text, r#"slipway_nodes{state="unreachable"}"#),
@@ -658,8 +671,11 @@ mod tests {
         assert_eq!(value(&text, "slipway_controller_sessions"), Some(2.0));
         assert_eq!(value(&text, "process_cpu_seconds_total"), Some(1.5));
         assert_eq!(
-            value(&text, r#"slipway_certificate_days_left{cert="server"}"#),
-            Some(30.0)
+            value(
+                &text,
+                r#"slipway_certificate_expiry_timestamp_seconds{cert="server"}"#
+            ),
+            Some((1_000 + 86_400 * 30) as f64)
         );
         assert!(!text.contains("HTTP 500"), "health output is not a label");
         assert!(text.contains("# TYPE slipway_deployment_duration_seconds histogram"));

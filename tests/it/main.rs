@@ -22,6 +22,7 @@ mod docker;
 mod fleet;
 mod install;
 mod keep;
+mod metrics;
 mod pm2;
 mod reconnect;
 mod rollout;
