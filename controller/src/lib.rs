@@ -32,6 +32,7 @@
 //!                summary, pure) < wire (both as API messages)
 //!     rollout/   policy (batches, next_step: pure) < plan < executor
 //! L5  api/       the Control service: authorization, selection, streams
+//!     http/      axum: health, browser sessions, the JSON API (uses api/)
 //! L6  config     checked ServeConfig · server (wires it all and serves) ·
 //!     admin      token, operator, nodes, node revoke · Error (is_usage)
 //! ```
@@ -63,6 +64,7 @@ pub mod cli;
 pub mod config;
 mod error;
 pub mod fleet;
+pub mod http;
 pub mod link;
 pub mod pki;
 pub mod rollout;
