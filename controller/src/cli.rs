@@ -213,6 +213,17 @@ pub struct ServeArgs {
     /// start it with `--listen 127.0.0.1:0` and need the port.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Also serve the HTTP API (and pages) on ADDR, over TLS with the
+    /// controller's server certificate (config: http_listen). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+    /// Serve the HTTP API without TLS; only on a loopback --http-listen
+    /// (config: http_plain).
+    #[arg(long)]
+    pub http_plain: bool,
+    /// Like --ready-file, for the HTTP listener's address.
+    #[arg(long, value_name = "FILE")]
+    pub http_ready_file: Option<PathBuf>,
 }
 
 /// `token` subcommands.

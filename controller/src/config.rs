@@ -78,6 +78,11 @@ pub struct RawConfig {
     pub server_cert_validity: Option<String>,
     /// Scheduled backups (file only).
     pub backup: Option<RawBackup>,
+    /// Address for the HTTP API and pages (off when unset).
+    pub http_listen: Option<SocketAddr>,
+    /// Serve HTTP without TLS: allowed only on a loopback `http_listen`
+    /// (behind a local TLS proxy, or for a look from this machine).
+    pub http_plain: Option<bool>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -142,6 +147,20 @@ pub struct ServeConfig {
     pub server_cert_validity: Duration,
     /// Scheduled backups, when `[backup]` is set.
     pub backup: Option<BackupSchedule>,
+    /// The HTTP API and pages, when `http_listen` is set.
+    pub http: Option<HttpSettings>,
+    /// Where to write the HTTP listener's bound address (`--http-ready-file`).
+    pub http_ready_file: Option<PathBuf>,
+}
+
+/// Checked HTTP listener settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// False: HTTPS with the controller's server certificate. True: plain
+    /// HTTP, which [`ServeConfig::new`] allows on loopback only.
+    pub plain: bool,
 }
 
 /// Default lifetime of the controller's server certificate.
@@ -161,6 +180,8 @@ impl ServeConfig {
             ready_file: None,
             server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
             backup: None,
+            http: None,
+            http_ready_file: None,
         }
     }
 
@@ -309,10 +330,13 @@ impl ServeConfig {
             listen: args.listen,
             server_names: Some(args.server_names),
             server_cert_validity: args.server_cert_validity,
+            http_listen: args.http_listen,
+            http_plain: args.http_plain.then_some(true),
             ..RawConfig::default()
         };
         let mut config = Self::new(flags, file)?;
         config.ready_file = args.ready_file;
+        config.http_ready_file = args.http_ready_file;
         Ok(config)
     }
 
@@ -382,6 +406,27 @@ impl ServeConfig {
         }
         if let Some(raw) = file.backup {
             config.backup = Some(backup_schedule(raw)?);
+        }
+        let plain = flags.http_plain.or(file.http_plain).unwrap_or(false);
+        match flags.http_listen.or(file.http_listen) {
+            Some(listen) => {
+                if plain && !listen.ip().is_loopback() {
+                    return Err(ConfigError::Invalid {
+                        key: "http_plain",
+                        value: format!("true (http_listen = {listen})"),
+                        why: "plain HTTP is allowed only on a loopback address (127.0.0.1, ::1); elsewhere the HTTP API is served over TLS",
+                    });
+                }
+                config.http = Some(HttpSettings { listen, plain });
+            }
+            None if plain => {
+                return Err(ConfigError::Invalid {
+                    key: "http_plain",
+                    value: "true".into(),
+                    why: "needs http_listen (--http-listen ADDR)",
+                })
+            }
+            None => {}
         }
         Ok(config)
     }

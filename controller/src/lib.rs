@@ -35,6 +35,8 @@
 //! L5  api/       the Control service: authorization, selection, streams
 //!     metrics    /metrics: the fleet, deployments and the controller in
 //!                the Prometheus text format, with observe's histograms
+//!     http/      axum: health, browser sessions, the JSON API (uses api/),
+//!                /metrics (uses metrics), the web page
 //! L6  config     checked ServeConfig · server (wires it all and serves) ·
 //!     admin      token, operator, nodes, node revoke · Error (is_usage)
 //! ```
@@ -66,6 +68,7 @@ pub mod cli;
 pub mod config;
 mod error;
 pub mod fleet;
+pub mod http;
 pub mod link;
 pub mod metrics;
 pub mod observe;

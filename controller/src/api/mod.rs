@@ -63,7 +63,8 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
     Some(token.trim().to_owned())
 }
 
-fn scopes_text(caller: &Caller) -> String {
+/// Text of a caller's scopes, comma separated.
+pub(crate) fn scopes_text(caller: &Caller) -> String {
     caller
         .scopes
         .iter()
@@ -77,6 +78,44 @@ fn selector_json(selector: Option<&Selector>) -> serde_json::Value {
         Some(selector::Target::Tag(tag)) => serde_json::json!({ "tag": tag }),
         Some(selector::Target::Node(node)) => serde_json::json!({ "node": node }),
         None => serde_json::json!({}),
+    }
+}
+
+/// The best name a refused call's audit event has for its caller: the token
+/// or operator, else the peer address.
+pub(crate) fn refusal_actor(err: &ApiError, token: Option<&str>, peer: &str) -> String {
+    match err {
+        ApiError::Scope { token, .. } => Some(token.clone()),
+        ApiError::Operator(op) => match &**op {
+            OperatorError::Revoked(id) => Some(id.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+    .or_else(|| token.and_then(apitoken::token_id).map(ToOwned::to_owned))
+    .unwrap_or_else(|| peer.to_owned())
+}
+
+/// Logs and audits a refused call as API_CALL_REFUSED (every front door,
+/// gRPC and HTTP, refuses through here).
+pub(crate) async fn record_refusal(
+    store: &Store,
+    actor: &str,
+    peer: &str,
+    what: &str,
+    err: &ApiError,
+) {
+    tracing::warn!(%actor, %peer, %err, "api call refused");
+    let event = AuditEvent::error(
+        audit::API_CALL_REFUSED,
+        actor,
+        "api",
+        what,
+        serde_json::json!({ "peer": peer, "call": what }),
+        err.to_string(),
+    );
+    if let Err(err) = store.audit(&event, crate::now_unix()).await {
+        tracing::error!(%err, "could not record audit event");
     }
 }
 
@@ -126,22 +165,7 @@ impl ControlService {
             Ok(caller) => Ok(caller),
             Err(err) => {
                 let peer = crate::peer_addr(request);
-                // The best name we have: the token or operator, else the peer.
-                let actor = match &err {
-                    ApiError::Scope { token, .. } => Some(token.clone()),
-                    ApiError::Operator(op) => match &**op {
-                        OperatorError::Revoked(id) => Some(id.clone()),
-                        _ => None,
-                    },
-                    _ => None,
-                }
-                .or_else(|| {
-                    token
-                        .as_deref()
-                        .and_then(apitoken::token_id)
-                        .map(ToOwned::to_owned)
-                })
-                .unwrap_or_else(|| peer.clone());
+                let actor = refusal_actor(&err, token.as_deref(), &peer);
                 self.refused(&actor, &peer, what, &err).await;
                 Err(err.into())
             }
@@ -149,18 +173,7 @@ impl ControlService {
     }
 
     async fn refused(&self, actor: &str, peer: &str, what: &str, err: &ApiError) {
-        tracing::warn!(%actor, %peer, %err, "api call refused");
-        let event = AuditEvent::error(
-            audit::API_CALL_REFUSED,
-            actor,
-            "api",
-            what,
-            serde_json::json!({ "peer": peer, "call": what }),
-            err.to_string(),
-        );
-        if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
-            tracing::error!(%err, "could not record audit event");
-        }
+        record_refusal(&self.store, actor, peer, what, err).await;
     }
 
     /// The enrolled, non-revoked nodes a selector names.

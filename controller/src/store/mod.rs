@@ -34,6 +34,7 @@ mod deployments;
 mod join_tokens;
 mod nodes;
 mod operators;
+mod web_sessions;
 
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;
@@ -46,6 +47,7 @@ pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeRow, PeerCert, Release,
 };
 pub use operators::OperatorRow;
+pub use web_sessions::WebSessionRow;
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "controller.db";
@@ -58,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_rollouts.sql"),
     include_str!("../../migrations/0005_operators.sql"),
     include_str!("../../migrations/0006_unique_node_names.sql"),
+    include_str!("../../migrations/0007_web_sessions.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
