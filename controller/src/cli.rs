@@ -221,6 +221,10 @@ pub struct ServeArgs {
     /// (config: http_plain).
     #[arg(long)]
     pub http_plain: bool,
+    /// Let callers on a loopback address scrape /metrics without an API
+    /// token (config: metrics_loopback_no_auth); others still need one.
+    #[arg(long)]
+    pub metrics_loopback_no_auth: bool,
     /// Like --ready-file, for the HTTP listener's address.
     #[arg(long, value_name = "FILE")]
     pub http_ready_file: Option<PathBuf>,

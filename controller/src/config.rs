@@ -83,6 +83,9 @@ pub struct RawConfig {
     /// Serve HTTP without TLS: allowed only on a loopback `http_listen`
     /// (behind a local TLS proxy, or for a look from this machine).
     pub http_plain: Option<bool>,
+    /// `/metrics` answers callers on a loopback address without a token
+    /// (a Prometheus on the controller's machine); others still need one.
+    pub metrics_loopback_no_auth: Option<bool>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -161,6 +164,8 @@ pub struct HttpSettings {
     /// False: HTTPS with the controller's server certificate. True: plain
     /// HTTP, which [`ServeConfig::new`] allows on loopback only.
     pub plain: bool,
+    /// `/metrics` needs no token from a loopback caller.
+    pub metrics_loopback_no_auth: bool,
 }
 
 /// Default lifetime of the controller's server certificate.
@@ -332,6 +337,7 @@ impl ServeConfig {
             server_cert_validity: args.server_cert_validity,
             http_listen: args.http_listen,
             http_plain: args.http_plain.then_some(true),
+            metrics_loopback_no_auth: args.metrics_loopback_no_auth.then_some(true),
             ..RawConfig::default()
         };
         let mut config = Self::new(flags, file)?;
@@ -417,13 +423,31 @@ impl ServeConfig {
                         why: "plain HTTP is allowed only on a loopback address (127.0.0.1, ::1); elsewhere the HTTP API is served over TLS",
                     });
                 }
-                config.http = Some(HttpSettings { listen, plain });
+                config.http = Some(HttpSettings {
+                    listen,
+                    plain,
+                    metrics_loopback_no_auth: flags
+                        .metrics_loopback_no_auth
+                        .or(file.metrics_loopback_no_auth)
+                        .unwrap_or(false),
+                });
             }
             None if plain => {
                 return Err(ConfigError::Invalid {
                     key: "http_plain",
                     value: "true".into(),
                     why: "needs http_listen (--http-listen ADDR)",
+                })
+            }
+            None if flags
+                .metrics_loopback_no_auth
+                .or(file.metrics_loopback_no_auth)
+                .unwrap_or(false) =>
+            {
+                return Err(ConfigError::Invalid {
+                    key: "metrics_loopback_no_auth",
+                    value: "true".into(),
+                    why: "needs http_listen (--http-listen ADDR): /metrics is served by the HTTP listener",
                 })
             }
             None => {}

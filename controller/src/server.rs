@@ -173,11 +173,19 @@ async fn serve_notifying(
                 config,
                 settings,
                 &server_cert_for_http,
-                crate::http::HttpState::new(
+                crate::http::HttpState::with_metrics(
                     store.clone(),
                     sessions.clone(),
                     control.clone(),
                     CancellationToken::new(),
+                    Some(crate::http::MetricsScrape {
+                        scraper: crate::metrics::Scraper::new(
+                            store.clone(),
+                            sessions.clone(),
+                            &config.data_dir,
+                        ),
+                        loopback_no_auth: settings.metrics_loopback_no_auth,
+                    }),
                 ),
             )
             .await?,

@@ -15,6 +15,7 @@
 //! session  browser login/logout, server-side sessions, the CSRF layer
 //! auth     Principal: the authenticated caller (bearer token or session)
 //! api      the JSON API (/api/v1/...) and its OpenAPI description
+//! metrics  /metrics, the Prometheus scrape (crate::metrics renders it)
 //! ```
 //!
 //! # Adding routes (for the metrics and pages modules)
@@ -78,6 +79,7 @@ use crate::store::Store;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod metrics;
 pub mod session;
 
 pub use auth::{Principal, Via};
@@ -97,6 +99,17 @@ struct Inner {
     sessions: Sessions,
     control: ControlService,
     shutdown: CancellationToken,
+    /// `/metrics`, when this server shows it.
+    metrics: Option<MetricsScrape>,
+}
+
+/// What `/metrics` needs: the scraper and who may scrape without a token.
+#[derive(Debug, Clone)]
+pub struct MetricsScrape {
+    /// Gathers and renders the figures.
+    pub scraper: crate::metrics::Scraper,
+    /// Callers on a loopback address need no token (`metrics_loopback_no_auth`).
+    pub loopback_no_auth: bool,
 }
 
 impl HttpState {
@@ -110,12 +123,29 @@ impl HttpState {
         control: ControlService,
         shutdown: CancellationToken,
     ) -> Self {
+        Self::with_metrics(store, sessions, control, shutdown, None)
+    }
+
+    /// [`HttpState::new`], serving `/metrics` with `metrics` when given.
+    pub fn with_metrics(
+        store: Store,
+        sessions: Sessions,
+        control: ControlService,
+        shutdown: CancellationToken,
+        metrics: Option<MetricsScrape>,
+    ) -> Self {
         Self(Arc::new(Inner {
             store,
             sessions,
             control,
             shutdown,
+            metrics,
         }))
+    }
+
+    /// `/metrics`' scraper, if this server shows metrics.
+    pub fn metrics(&self) -> Option<&MetricsScrape> {
+        self.0.metrics.as_ref()
     }
 
     /// The database (and audit log: [`Store::audit`]).
@@ -148,6 +178,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/login", get(session::login_form).post(session::login))
         .route("/logout", post(session::logout))
         .merge(api::routes())
+        .merge(metrics::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             session::layer,
