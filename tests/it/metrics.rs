@@ -276,6 +276,32 @@ fn metrics_of_a_real_fleet_pass_promtool_and_match_the_fleet() {
     );
     assert_eq!(fetches, Some(3.0), "one fetch step per node: {served}");
 
+    // Every series the example Grafana dashboard queries is served.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../packaging/grafana/slipway-fleet.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("slipway_") || word.starts_with("process_") {
+                    queried += 1;
+                    assert!(
+                        served.contains(&format!("\n{word}{{"))
+                            || served.contains(&format!("\n{word} ")),
+                        "panel {:?} queries {word}, which /metrics does not serve",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(queried > 15, "{queried} series queried");
+
     // A revoked node moves from online to revoked at once.
     let out = controller.cli(&["node", "revoke", "m3"]);
     assert!(out.status.success(), "{}", text(&out));
