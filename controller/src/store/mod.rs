@@ -38,6 +38,7 @@ mod web_sessions;
 
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;
+pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
 pub use deployments::{DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode};
 pub use join_tokens::JoinTokenRow;
