@@ -34,6 +34,7 @@ use crate::rollout::{self, Action, Plan, Target};
 use crate::store::{Store, StoreError};
 
 mod error;
+pub mod live;
 
 use error::validated;
 pub use error::ApiError;
@@ -53,6 +54,18 @@ pub struct ControlService {
     sessions: Sessions,
     commands: Commands,
     artifacts: Artifacts,
+    /// Every deployment started here, for followers by id.
+    live: live::Live,
+}
+
+/// A deployment that has started: its id and its events.
+#[derive(Debug)]
+pub struct Started {
+    /// `d-…`.
+    pub deployment_id: String,
+    /// Its events, the first being `Started`; the deployment runs on if
+    /// this is dropped.
+    pub events: tokio::sync::mpsc::Receiver<DeployEvent>,
 }
 
 fn bearer<T>(request: &Request<T>) -> Option<String> {
@@ -127,7 +140,13 @@ impl ControlService {
             sessions,
             commands,
             artifacts,
+            live: live::Live::default(),
         }
+    }
+
+    /// Running deployments' events, by deployment id.
+    pub fn live(&self) -> &live::Live {
+        &self.live
     }
 
     /// Authenticates the call and checks `allowed`; on refusal records
@@ -223,22 +242,38 @@ impl ControlService {
             .collect())
     }
 
+    /// Starts `plan` (one deployment per app: [`StoreError::AppBusy`]) and
+    /// registers its events with [`Self::live`].
+    async fn start_plan(&self, plan: Plan) -> Result<Started, ApiError> {
+        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan).await?;
+        let first = events.recv().await;
+        let deployment_id = match first.as_ref().and_then(|e| e.kind.as_ref()) {
+            Some(slipway_proto::v1::deploy_event::Kind::Started(started)) => {
+                started.deployment_id.clone()
+            }
+            _ => {
+                return Err(ApiError::Store(StoreError::Integrity(
+                    "a deployment's first event was not Started".to_owned(),
+                )))
+            }
+        };
+        let Some(first) = first else {
+            return Err(ApiError::Store(StoreError::Integrity(
+                "a deployment sent no event".to_owned(),
+            )));
+        };
+        let events = self.live.follow(&deployment_id, first, events);
+        Ok(Started {
+            deployment_id,
+            events,
+        })
+    }
+
     async fn run_plan(
         &self,
         plan: Plan,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan)
-            .await
-            .map_err(ApiError::from)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                if tx.send(Ok(event)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(ReceiverStream::new(rx))
+        Ok(forward(self.start_plan(plan).await?.events))
     }
 
     /// Restart and Prune: checks the app name and rollout, then the token's
@@ -252,21 +287,131 @@ impl ControlService {
         action: Action,
         rollout: Option<&slipway_proto::v1::Rollout>,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let rollout = rollout::Rollout::from_proto(rollout).map_err(ApiError::from)?;
+        rollout::Rollout::from_proto(rollout).map_err(ApiError::from)?;
         let what = format!("{verb} app {app}");
         let caller = self
             .authorize(request, &what, |c| c.can_deploy(app))
             .await?;
+        let started = self
+            .command_for(&caller, app, selector, action, rollout)
+            .await?;
+        Ok(forward(started.events))
+    }
+
+    /// Restart, stop, start or prune `app` for `caller`, whose
+    /// `deploy:<app>` scope was checked: selects the nodes and starts the
+    /// deployment. (The gRPC and HTTP APIs both call this.)
+    pub async fn command_for(
+        &self,
+        caller: &Caller,
+        app: &str,
+        selector: Option<&Selector>,
+        action: Action,
+        rollout: Option<&slipway_proto::v1::Rollout>,
+    ) -> Result<Started, ApiError> {
+        let rollout = rollout::Rollout::from_proto(rollout)?;
         let targets = self.select(selector).await?;
         let plan = Plan {
             app: app.to_owned(),
             action,
             targets,
-            actor: caller.token_id,
+            actor: caller.token_id.clone(),
             selector: selector_json(selector),
             rollout,
         };
-        self.run_plan(plan).await
+        self.start_plan(plan).await
+    }
+
+    /// Deploy for `caller`, whose `deploy:<app>` scope was checked and whose
+    /// request passed [`validated`]: checks the artifact (uploaded, or an
+    /// https URL), the rollout and the selector, then starts it.
+    pub async fn deploy_for(
+        &self,
+        caller: &Caller,
+        req: DeployRequest,
+    ) -> Result<Started, ApiError> {
+        if req.artifact_url.is_empty() {
+            if !self.artifacts.contains(&req.sha256).await? {
+                return Err(ApiError::NoArtifact(req.sha256.clone()));
+            }
+        } else {
+            check_artifact_url(&req.artifact_url)?;
+        }
+        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
+        let release_id = if req.release_id.is_empty() {
+            rollout::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
+        } else {
+            req.release_id.clone()
+        };
+        let targets = self.select(req.selector.as_ref()).await?;
+        let plan = Plan {
+            app: req.app,
+            action: Action::Deploy {
+                release_id,
+                sha256: req.sha256,
+                git_sha: req.git_sha,
+                artifact_url: req.artifact_url,
+            },
+            targets,
+            actor: caller.token_id.clone(),
+            selector: selector_json(req.selector.as_ref()),
+            rollout,
+        };
+        self.start_plan(plan).await
+    }
+
+    /// Rollback for `caller` (scope checked, request validated).
+    pub async fn rollback_for(
+        &self,
+        caller: &Caller,
+        req: RollbackRequest,
+    ) -> Result<Started, ApiError> {
+        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
+        let targets = self.select(req.selector.as_ref()).await?;
+        let plan = Plan {
+            app: req.app,
+            action: Action::Rollback {
+                to_release_id: req.to_release_id,
+            },
+            targets,
+            actor: caller.token_id.clone(),
+            selector: selector_json(req.selector.as_ref()),
+            rollout,
+        };
+        self.start_plan(plan).await
+    }
+
+    /// The fleet summary (`slipway status`), of `app` only if given, after
+    /// asking every node for a fresh heartbeat if `refresh`.
+    pub async fn fleet_status_for(
+        &self,
+        app: Option<&str>,
+        refresh: bool,
+    ) -> Result<fleet::FleetStatus, ApiError> {
+        let refresh = if refresh {
+            Some(self.refresh().await?)
+        } else {
+            None
+        };
+        let now = crate::now_unix();
+        let mut views = fleet::nodes(&self.store, now).await?;
+        fleet::apply_sessions(&mut views, |id| self.sessions.contains(id));
+        let connected: Vec<String> = views
+            .iter()
+            .filter(|v| self.sessions.contains(&v.id))
+            .map(|v| v.id.clone())
+            .collect();
+        let deployments = self.store.last_deployments(app).await?;
+        Ok(fleet::summarize_status(
+            &views,
+            &fleet::StatusInputs {
+                app,
+                connected: &connected,
+                refresh: refresh.as_ref(),
+                deployments: &deployments,
+                now,
+            },
+        ))
     }
 
     /// Asks every enrolled, non-revoked node for a fresh heartbeat (a
@@ -465,40 +610,8 @@ impl Control for ControlService {
         let caller = self
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
-        let req = request.into_inner();
-        let checked = async {
-            if req.artifact_url.is_empty() {
-                if !self.artifacts.contains(&req.sha256).await? {
-                    return Err(ApiError::NoArtifact(req.sha256.clone()));
-                }
-            } else {
-                check_artifact_url(&req.artifact_url)?;
-            }
-            let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
-            let release_id = if req.release_id.is_empty() {
-                rollout::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
-            } else {
-                req.release_id.clone()
-            };
-            let targets = self.select(req.selector.as_ref()).await?;
-            Ok((release_id, targets, rollout))
-        }
-        .await;
-        let (release_id, targets, rollout) = checked.map_err(Status::from)?;
-        let plan = Plan {
-            app: req.app,
-            action: Action::Deploy {
-                release_id,
-                sha256: req.sha256,
-                git_sha: req.git_sha,
-                artifact_url: req.artifact_url,
-            },
-            targets,
-            actor: caller.token_id,
-            selector: selector_json(req.selector.as_ref()),
-            rollout,
-        };
-        Ok(Response::new(self.run_plan(plan).await?))
+        let started = self.deploy_for(&caller, request.into_inner()).await?;
+        Ok(Response::new(forward(started.events)))
     }
 
     async fn rollback(
@@ -511,20 +624,8 @@ impl Control for ControlService {
         let caller = self
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
-        let req = request.into_inner();
-        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
-        let targets = self.select(req.selector.as_ref()).await?;
-        let plan = Plan {
-            app: req.app,
-            action: Action::Rollback {
-                to_release_id: req.to_release_id,
-            },
-            targets,
-            actor: caller.token_id,
-            selector: selector_json(req.selector.as_ref()),
-            rollout,
-        };
-        Ok(Response::new(self.run_plan(plan).await?))
+        let started = self.rollback_for(&caller, request.into_inner()).await?;
+        Ok(Response::new(forward(started.events)))
     }
 
     async fn restart(
@@ -710,45 +811,31 @@ impl Control for ControlService {
         let req = request.into_inner();
         validated(&req)?;
         let app = (!req.app.is_empty()).then_some(req.app.as_str());
-        let refresh = if req.refresh {
-            Some(self.refresh().await?)
-        } else {
-            None
-        };
-        let now = crate::now_unix();
-        let mut views = fleet::nodes(&self.store, now)
-            .await
-            .map_err(ApiError::from)?;
-        fleet::apply_sessions(&mut views, |id| self.sessions.contains(id));
-        let connected: Vec<String> = views
-            .iter()
-            .filter(|v| self.sessions.contains(&v.id))
-            .map(|v| v.id.clone())
-            .collect();
-        let deployments = self
-            .store
-            .last_deployments(app)
-            .await
-            .map_err(ApiError::from)?;
-        let status = fleet::summarize_status(
-            &views,
-            &fleet::StatusInputs {
-                app,
-                connected: &connected,
-                refresh: refresh.as_ref(),
-                deployments: &deployments,
-                now,
-            },
-        );
+        let status = self.fleet_status_for(app, req.refresh).await?;
         Ok(Response::new(FleetStatusResponse {
             status: Some((&status).into()),
         }))
     }
 }
 
+/// A deployment's events as the gRPC stream sends them.
+fn forward(
+    mut events: tokio::sync::mpsc::Receiver<DeployEvent>,
+) -> ReceiverStream<Result<DeployEvent, Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if tx.send(Ok(event)).await.is_err() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 /// An artifact URL agents can download from: `https://HOST/...`, no
 /// whitespace or control characters, at most [`limits::MAX_URL`] bytes.
-fn check_artifact_url(url: &str) -> Result<(), ApiError> {
+pub(crate) fn check_artifact_url(url: &str) -> Result<(), ApiError> {
     let invalid =
         |why: &str| ApiError::Invalid(format!("artifact_url {} {why}", limits::shown(url)));
     let Some(rest) = url.strip_prefix("https://") else {

@@ -11,7 +11,7 @@ use crate::auth::apitoken::ApiTokenError;
 use crate::store::StoreError;
 
 /// The JSON body of every error answer.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// What was wrong, for people.
     pub error: String,

@@ -38,6 +38,7 @@ mod web_sessions;
 
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;
+pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
 pub use deployments::{
     DeploymentCount, DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode,
