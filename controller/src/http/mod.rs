@@ -16,6 +16,7 @@
 //! auth     Principal: the authenticated caller (bearer token or session)
 //! api      the JSON API (/api/v1/...) and its OpenAPI description
 //! metrics  /metrics, the Prometheus scrape (crate::metrics renders it)
+//! pages    the web pages: fleet, app (with its actions), deployment, audit
 //! ```
 //!
 //! # Adding routes (for the metrics and pages modules)
@@ -80,6 +81,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod pages;
 pub mod session;
 
 pub use auth::{Principal, Via};
@@ -179,6 +181,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/logout", post(session::logout))
         .merge(api::routes())
         .merge(metrics::routes())
+        .merge(pages::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             session::layer,
