@@ -43,6 +43,9 @@ command -v faketime >/dev/null || need_tools+=(faketime)
 # promtool (Debian's prometheus package): `promtool check metrics` on the
 # controller's /metrics (tests/it/metrics.rs).
 command -v promtool >/dev/null || need_tools+=(prometheus)
+# Headless Chromium and node/npm for the web page tests (tests/it/web.rs).
+command -v chromium >/dev/null || need_tools+=(chromium)
+command -v npm >/dev/null || need_tools+=(npm)
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   apt_log=$(mktemp -t slipway-apt.XXXXXX.log)
@@ -60,6 +63,18 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v cargo-deb >/dev/null; t
   cargo install cargo-deb --locked >"$deb_log" 2>&1 \
     || { tail -n 20 "$deb_log" >&2; echo "cargo install cargo-deb failed (log: $deb_log)" >&2; exit 1; }
   echo "installed cargo-deb into ~/.cargo/bin (log: $deb_log)"
+fi
+
+# playwright-core (npm) drives that Chromium (tests/web/fleet.cjs); installed
+# once per machine in ~/.cache/slipway/web-test (it downloads no browser: the
+# test launches /usr/bin/chromium).
+web_modules="$HOME/.cache/slipway/web-test"
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ! -d "$web_modules/node_modules/playwright-core" ]; then
+  mkdir -p "$web_modules"
+  npm_log=$(mktemp -t slipway-npm.XXXXXX.log)
+  (cd "$web_modules" && npm install --no-audit --no-fund playwright-core@1) >"$npm_log" 2>&1 \
+    || { tail -n 20 "$npm_log" >&2; echo "npm install playwright-core failed (log: $npm_log)" >&2; exit 1; }
+  echo "installed playwright-core into $web_modules (log: $npm_log)"
 fi
 
 # Real PM2 and a real Docker engine for the driver tests (each script installs

@@ -30,3 +30,4 @@ mod static_binary;
 mod systemd;
 mod trust;
 mod upgrade;
+mod web;

@@ -612,6 +612,9 @@ const LIVE_JS: &str = r#"
   var es=new EventSource('/api/v1/deployments/'+encodeURIComponent(main.dataset.id)+'/events');
   function row(id){return document.querySelector('tr[data-node-id="'+CSS.escape(id)+'"]');}
   function cell(id,name){var r=row(id);return r&&r.querySelector('[data-cell="'+name+'"]');}
+  // The stream replays the deployment from its start: drop what the server rendered.
+  es.onopen=function(){document.getElementById('batches').textContent='';
+    document.querySelectorAll('[data-cell=steps]').forEach(function(ul){ul.textContent='';});};
   es.addEventListener('batch',function(e){var d=JSON.parse(e.data);var li=document.createElement('li');
     li.textContent='batch '+d.index+' of '+d.count+(d.canary?' (canary)':'')+': '+d.nodes.map(function(n){return n.node_name;}).join(', ');
     document.getElementById('batches').appendChild(li);});
@@ -620,7 +623,8 @@ const LIVE_JS: &str = r#"
     var o=cell(d.node_id,'outcome');if(o){o.textContent=d.step;o.className='st running';}});
   es.addEventListener('node_result',function(e){var d=JSON.parse(e.data);var o=cell(d.node_id,'outcome');
     if(o){o.textContent=d.outcome;o.className='st '+d.outcome;}
-    var m=cell(d.node_id,'message');if(m){m.textContent=d.message;}});
+    var m=cell(d.node_id,'message');if(m){m.textContent=d.message;}
+    var r=cell(d.node_id,'release');if(r){r.textContent=d.release_id;}});
   es.addEventListener('finished',function(e){var d=JSON.parse(e.data);var s=document.getElementById('status');
     s.textContent=d.succeeded?'succeeded':'failed';s.className='st '+s.textContent;
     document.getElementById('summary').textContent=d.message;es.close();});
@@ -712,7 +716,7 @@ async fn deployment_page(
                     tr data-node-id=(n.node_id) {
                         td { (if n.node_name.is_empty() { &n.node_id } else { &n.node_name }) }
                         td { span data-cell="outcome" class={"st " (n.outcome)} { (n.outcome) } }
-                        td { (n.release_id) }
+                        td data-cell="release" { (n.release_id) }
                         td.wrap { ul.steps data-cell="steps" {
                             @for (step, message) in steps.get(&n.node_id).map(Vec::as_slice).unwrap_or_default() {
                                 li { (step) ": " (message) }
