@@ -63,12 +63,12 @@ const SSE_QUEUE: usize = 64;
     info(title = "Slipway controller HTTP API", version = "1"),
     paths(
         nodes, apps, app_releases, deployments, deployment, deployment_events, audit, status,
-        deploy, rollback, restart, prune
+        deploy, rollback, restart, prune, upload_artifact, session_info
     ),
     components(schemas(
         ErrorBody, NodeOut, AppOut, AppNodeOut, ReleasesOut, NodeReleasesOut, DeploymentOut,
         DeploymentNodeOut, AuditOut, StartedOut, DeployBody, RollbackBody, RestartBody,
-        PruneBody, SelectorBody, RolloutBody, Strategy
+        PruneBody, SelectorBody, RolloutBody, Strategy, UploadedOut, SessionOut
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -111,6 +111,11 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/deployments/{id}/events", get(deployment_events))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/session", get(session_info))
+        .route(
+            "/api/v1/artifacts/{sha256}",
+            axum::routing::put(upload_artifact),
+        )
 }
 
 /// `GET /api/v1/openapi.json`: this API's OpenAPI 3.1 description (no
@@ -1277,4 +1282,112 @@ async fn prune(
         )
         .await?;
     Ok(started(app, "prune", run))
+}
+
+/// An artifact on the controller.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UploadedOut {
+    /// Its digest.
+    sha256: String,
+    /// Its size, bytes.
+    size: u64,
+    /// It was there already (nothing written).
+    already_present: bool,
+}
+
+/// Upload an artifact (the request body, `Content-Length` bytes) under its
+/// sha256, to deploy it by digest; refused unless the bytes hash to it
+/// (needs a `deploy:<app>` scope).
+#[utoipa::path(put, path = "/api/v1/artifacts/{sha256}", tag = "deployments",
+    params(("sha256" = String, Path, description = "sha256 of the bytes, 64 lowercase hex digits")),
+    request_body(content = String, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored", body = UploadedOut),
+        (status = 200, description = "Already there", body = UploadedOut),
+        (status = 400, description = "Bad digest, or the bytes do not match it", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "The token may not deploy any app", body = ErrorBody),
+        (status = 409, description = "Stored with another size", body = ErrorBody),
+        (status = 411, description = "No Content-Length", body = ErrorBody),
+        (status = 413, description = "Larger than the artifact limit", body = ErrorBody),
+    ))]
+async fn upload_artifact(
+    State(state): State<HttpState>,
+    who: Principal,
+    sha256: Segment,
+    request: axum::extract::Request,
+) -> Result<Response, AppError> {
+    let sha256 = sha256.0;
+    limits::check_sha256("sha256", &sha256).map_err(field_error)?;
+    let size = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or(AppError::LengthRequired)?;
+    if size > crate::artifacts::MAX_ARTIFACT_SIZE {
+        return Err(AppError::TooLarge(format!(
+            "the artifact has {size} bytes, over the limit of {}",
+            crate::artifacts::MAX_ARTIFACT_SIZE
+        )));
+    }
+    who.require(&state, "upload artifacts", Caller::can_deploy_any)
+        .await?;
+    use tokio_stream::StreamExt as _;
+    let chunks = request.into_body().into_data_stream().map(|chunk| {
+        chunk
+            .map(|b| b.to_vec())
+            .map_err(|e| crate::api::ApiError::Invalid(format!("upload body: {e}")))
+    });
+    let done = state
+        .control()
+        .upload_for(&who.caller, &who.peer, sha256, size, chunks)
+        .await?;
+    let code = if done.already_present {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        code,
+        Json(UploadedOut {
+            sha256: done.sha256,
+            size: done.size,
+            already_present: done.already_present,
+        }),
+    )
+        .into_response())
+}
+
+/// Who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionOut {
+    /// The API token id (the actor in audit events).
+    token_id: String,
+    /// Its scopes.
+    scopes: Vec<String>,
+    /// "token" or "session".
+    via: String,
+    /// For a browser session: the CSRF token its state-changing requests
+    /// carry (`X-CSRF-Token` header or `_csrf` form field).
+    csrf_token: Option<String>,
+}
+
+/// The caller: token id, scopes and, for a browser session, its CSRF token.
+#[utoipa::path(get, path = "/api/v1/session", tag = "session",
+    responses(
+        (status = 200, description = "The caller", body = SessionOut),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+    ))]
+async fn session_info(who: Principal) -> Json<SessionOut> {
+    Json(SessionOut {
+        csrf_token: who.csrf_token().map(ToOwned::to_owned),
+        via: match who.via {
+            super::Via::Token => "token",
+            super::Via::Session(_) => "session",
+        }
+        .to_owned(),
+        token_id: who.caller.token_id,
+        scopes: who.caller.scopes.iter().map(ToString::to_string).collect(),
+    })
 }
