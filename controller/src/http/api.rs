@@ -420,7 +420,7 @@ pub struct NodeReleasesOut {
 
 /// Releases of an app per node (from the nodes' last heartbeats).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/releases", tag = "fleet",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     responses(
         (status = 200, description = "Releases per node", body = ReleasesOut),
         (status = 400, description = "Invalid app name", body = ErrorBody),
@@ -544,6 +544,7 @@ fn deployment_out(d: DeploymentRecord, with_nodes: bool) -> DeploymentOut {
 #[into_params(parameter_in = Query)]
 pub struct DeploymentsQuery {
     /// Only this app's.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     app: Option<String>,
     /// Only those started before this (seconds since the epoch): the next page.
     #[param(minimum = 0, maximum = 253_402_300_799_i64)]
@@ -583,7 +584,7 @@ async fn deployments(
 
 /// One deployment with its nodes (and their steps while it runs).
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments",
-    params(("id" = String, Path, description = "Deployment id (d-…)")),
+    params(("id" = String, Path, description = "Deployment id (d-…)", pattern = r"^d-[0-9a-f]{16}$")),
     responses(
         (status = 200, description = "The deployment", body = DeploymentOut),
         (status = 400, description = "Not a deployment id", body = ErrorBody),
@@ -696,7 +697,7 @@ fn outcome_name(outcome: v1::Outcome) -> &'static str {
 /// ended more than a minute ago gets one `snapshot` event (its record)
 /// and the stream ends.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/events", tag = "deployments",
-    params(("id" = String, Path, description = "Deployment id (d-…)")),
+    params(("id" = String, Path, description = "Deployment id (d-…)", pattern = r"^d-[0-9a-f]{16}$")),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Not a deployment id", body = ErrorBody),
@@ -786,8 +787,10 @@ pub struct AuditQuery {
     #[param(minimum = 0, maximum = 253_402_300_799_i64)]
     until: Option<i64>,
     /// Event type, e.g. DEPLOY_FAILED (upper-case letters and `_`).
+    #[param(pattern = r"^[A-Z_]{1,64}$")]
     kind: Option<String>,
     /// Events about this app.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     app: Option<String>,
     /// At most this many, the newest (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -889,6 +892,7 @@ async fn audit(
 #[into_params(parameter_in = Query)]
 pub struct StatusQuery {
     /// Only nodes reporting this app count.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     app: Option<String>,
     /// Ask every node for a fresh heartbeat first (waits up to 10 s).
     refresh: Option<bool>,
@@ -1062,17 +1066,17 @@ fn started(app: String, kind: &str, started: Started) -> Response {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeployBody {
-    /// sha256 of the artifact, 64 hex digits.
-    #[schema(min_length = 64, max_length = 64)]
+    /// sha256 of the artifact, 64 lowercase hex digits.
+    #[schema(pattern = r"^[0-9a-f]{64}$")]
     sha256: String,
     /// An https:// URL the agents download it from.
-    #[schema(max_length = 2048)]
+    #[schema(max_length = 2048, pattern = r"^https://[^/?#@:\s][^\s]*$")]
     artifact_url: Option<String>,
     /// Release id (default `<UTC time>-<sha256[..12]>`).
-    #[schema(max_length = 128)]
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     release_id: Option<String>,
-    /// Git commit it was built from (shown only).
-    #[schema(max_length = 64)]
+    /// Git commit it was built from (shown only): hex.
+    #[schema(pattern = r"^([0-9a-fA-F]{7,64})?$")]
     git_sha: Option<String>,
     /// Which nodes (default every node).
     selector: Option<SelectorBody>,
@@ -1082,7 +1086,7 @@ pub struct DeployBody {
 
 /// Deploy a release of the app (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/deploy", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = DeployBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1125,7 +1129,7 @@ async fn deploy(
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     /// Release to go back to (default each node's previous).
-    #[schema(max_length = 128)]
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     to_release_id: Option<String>,
     /// Which nodes (default every node).
     selector: Option<SelectorBody>,
@@ -1135,7 +1139,7 @@ pub struct RollbackBody {
 
 /// Roll the app back (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/rollback", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = RollbackBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1180,7 +1184,7 @@ pub struct RestartBody {
 
 /// Restart the app and pass its health gate again (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/restart", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = RestartBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1235,7 +1239,7 @@ pub struct PruneBody {
 /// Remove old releases, keeping `keep` (never the current or the rollback
 /// target); every node at once (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/prune", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = PruneBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1299,7 +1303,7 @@ pub struct UploadedOut {
 /// sha256, to deploy it by digest; refused unless the bytes hash to it
 /// (needs a `deploy:<app>` scope).
 #[utoipa::path(put, path = "/api/v1/artifacts/{sha256}", tag = "deployments",
-    params(("sha256" = String, Path, description = "sha256 of the bytes, 64 lowercase hex digits")),
+    params(("sha256" = String, Path, description = "sha256 of the bytes, 64 lowercase hex digits", pattern = r"^[0-9a-f]{64}$")),
     request_body(content = String, content_type = "application/octet-stream"),
     responses(
         (status = 201, description = "Stored", body = UploadedOut),
