@@ -58,6 +58,26 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+# schemathesis (PyPI), pinned: the HTTP API against its OpenAPI description
+# (tests/it/http.rs); curl is its client there.
+command -v curl >/dev/null || need_curl=1
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ "${need_curl:-0}" = 1 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends curl
+fi
+SCHEMATHESIS_VERSION=4.32.5
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] \
+    && ! { command -v st >/dev/null && st --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; }; then
+  command -v pip3 >/dev/null || {
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip
+  }
+  st_log=$(mktemp -t slipway-schemathesis.XXXXXX.log)
+  python3 -m pip install "schemathesis==$SCHEMATHESIS_VERSION" >"$st_log" 2>&1 \
+    || python3 -m pip install --break-system-packages "schemathesis==$SCHEMATHESIS_VERSION" >>"$st_log" 2>&1 \
+    || { tail -n 20 "$st_log" >&2; echo "pip install schemathesis failed (log: $st_log)" >&2; exit 1; }
+  echo "installed schemathesis $SCHEMATHESIS_VERSION (log: $st_log)"
+fi
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v cargo-deb >/dev/null; then
   deb_log=$(mktemp -t slipway-cargo-deb.XXXXXX.log)
   cargo install cargo-deb --locked >"$deb_log" 2>&1 \

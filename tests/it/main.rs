@@ -20,6 +20,7 @@ mod demo;
 mod deploy;
 mod docker;
 mod fleet;
+mod http;
 mod install;
 mod keep;
 mod metrics;

@@ -107,6 +107,8 @@ impl Live {
                 let (closed, _) = broadcast::channel(1);
                 entry.tx = closed;
             }
+            // The starter's stream ends with the deployment's.
+            drop(starter);
             tokio::time::sleep(KEEP_FINISHED).await;
             live.lock().remove(&id);
         });
@@ -122,5 +124,58 @@ impl Live {
             past: entry.events.clone(),
             rest: (!entry.finished).then(|| entry.tx.subscribe()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slipway_proto::v1::{deploy_event, DeployFinished, DeployStarted, NodeProgress};
+
+    fn progress(step: &str) -> DeployEvent {
+        DeployEvent {
+            kind: Some(deploy_event::Kind::Progress(NodeProgress {
+                step: step.to_owned(),
+                ..NodeProgress::default()
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn followers_get_past_and_live_events_and_every_stream_ends_with_the_deployment() {
+        let live = Live::default();
+        let (tx, rx) = mpsc::channel(8);
+        let first = DeployEvent {
+            kind: Some(deploy_event::Kind::Started(DeployStarted {
+                deployment_id: "d-1".to_owned(),
+                ..DeployStarted::default()
+            })),
+        };
+        let mut starter = live.follow("d-1", first, rx);
+        tx.send(progress("fetch")).await.unwrap();
+        // The starter sees both; then a follower joins.
+        assert!(starter.recv().await.is_some());
+        assert!(starter.recv().await.is_some());
+        let followed = live.subscribe("d-1").unwrap();
+        assert_eq!(followed.past.len(), 2);
+        let mut rest = followed.rest.unwrap();
+        tx.send(progress("unpack")).await.unwrap();
+        tx.send(DeployEvent {
+            kind: Some(deploy_event::Kind::Finished(DeployFinished::default())),
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        assert_eq!(rest.recv().await.unwrap(), progress("unpack"));
+        assert!(rest.recv().await.is_ok());
+        assert!(rest.recv().await.is_err(), "the follower's stream ends");
+        assert_eq!(starter.recv().await.unwrap(), progress("unpack"));
+        assert!(starter.recv().await.is_some());
+        assert!(starter.recv().await.is_none(), "the starter's stream ends");
+        // Kept for a late follower, without a live part.
+        let late = live.subscribe("d-1").unwrap();
+        assert_eq!(late.past.len(), 4);
+        assert!(late.rest.is_none());
+        assert!(live.subscribe("d-2").is_none());
     }
 }

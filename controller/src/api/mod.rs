@@ -471,47 +471,118 @@ impl ControlService {
             .await
             .map_err(|s| ApiError::Invalid(format!("upload stream: {}", s.message())))?
             .ok_or_else(|| ApiError::Invalid("empty upload".to_owned()))?;
-        artifacts::check_digest(&first.sha256)?;
-        let sha256 = first.sha256;
-        // One stat answers both "is it there?" and its size. The stored copy
-        // was verified against its digest when it came; a client whose file
-        // has another size does not hold that artifact (its CLI hashes the
-        // file before it asks, so this catches a client that did not).
-        match store.size(&sha256).await {
-            Ok(stored) if stored == first.size => {
-                return Ok(UploadArtifactResponse {
-                    sha256,
-                    size: stored,
-                    already_present: true,
-                })
+        let rest = futures_util::stream::unfold(inbound, |mut inbound| async move {
+            match inbound.message().await {
+                Ok(Some(chunk)) => Some((Ok(chunk.data), inbound)),
+                Ok(None) => None,
+                Err(s) => Some((
+                    Err(ApiError::Invalid(format!("upload stream: {}", s.message()))),
+                    inbound,
+                )),
             }
-            Ok(stored) => {
-                return Err(ArtifactError::NotThatArtifact {
-                    sha256,
-                    stored,
-                    declared: first.size,
-                }
-                .into())
-            }
-            Err(ArtifactError::NotFound(_)) => {}
-            Err(err) => return Err(err.into()),
-        }
-        let mut upload = store.upload(&sha256, first.size).await?;
-        upload.write(&first.data).await?;
-        while let Some(chunk) = inbound
-            .message()
-            .await
-            .map_err(|s| ApiError::Invalid(format!("upload stream: {}", s.message())))?
-        {
-            upload.write(&chunk.data).await?;
-        }
-        let size = upload.finish().await?;
-        Ok(UploadArtifactResponse {
-            sha256,
-            size,
-            already_present: false,
-        })
+        });
+        receive_upload(store, first.sha256, first.size, first.data, rest).await
     }
+
+    /// An artifact upload over HTTP by `caller` (who may deploy some app,
+    /// checked by the caller): the same checks and store as UploadArtifact,
+    /// audited ARTIFACT_UPLOADED, or API_CALL_REFUSED when refused.
+    pub async fn upload_for<S>(
+        &self,
+        caller: &Caller,
+        peer: &str,
+        sha256: String,
+        size: u64,
+        chunks: S,
+    ) -> Result<UploadArtifactResponse, ApiError>
+    where
+        S: futures_util::Stream<Item = Result<Vec<u8>, ApiError>> + Send,
+    {
+        let received = receive_upload(&self.artifacts, sha256, size, Vec::new(), chunks).await;
+        self.uploaded(caller, peer, received).await
+    }
+
+    /// Audits an upload's outcome.
+    async fn uploaded(
+        &self,
+        caller: &Caller,
+        peer: &str,
+        received: Result<UploadArtifactResponse, ApiError>,
+    ) -> Result<UploadArtifactResponse, ApiError> {
+        match received {
+            Ok(done) => {
+                let event = AuditEvent::success(
+                    audit::ARTIFACT_UPLOADED,
+                    &caller.token_id,
+                    "artifact",
+                    &done.sha256,
+                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
+                );
+                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
+                    tracing::error!(%err, "could not record audit event");
+                }
+                tracing::info!(sha256 = %done.sha256, size = done.size, "artifact uploaded");
+                Ok(done)
+            }
+            Err(err) => {
+                self.refused(&caller.token_id, peer, "upload artifact", &err)
+                    .await;
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Receives an upload of `size` bytes with digest `sha256` into `store`:
+/// `first` then the `rest` of the bytes. Already stored with that size:
+/// nothing is written (`already_present`); another size: refused.
+async fn receive_upload<S>(
+    store: &Artifacts,
+    sha256: String,
+    size: u64,
+    first: Vec<u8>,
+    rest: S,
+) -> Result<UploadArtifactResponse, ApiError>
+where
+    S: futures_util::Stream<Item = Result<Vec<u8>, ApiError>>,
+{
+    use futures_util::StreamExt as _;
+    artifacts::check_digest(&sha256)?;
+    // One stat answers both "is it there?" and its size. The stored copy
+    // was verified against its digest when it came; a client whose file
+    // has another size does not hold that artifact (its CLI hashes the
+    // file before it asks, so this catches a client that did not).
+    match store.size(&sha256).await {
+        Ok(stored) if stored == size => {
+            return Ok(UploadArtifactResponse {
+                sha256,
+                size: stored,
+                already_present: true,
+            })
+        }
+        Ok(stored) => {
+            return Err(ArtifactError::NotThatArtifact {
+                sha256,
+                stored,
+                declared: size,
+            }
+            .into())
+        }
+        Err(ArtifactError::NotFound(_)) => {}
+        Err(err) => return Err(err.into()),
+    }
+    let mut upload = store.upload(&sha256, size).await?;
+    upload.write(&first).await?;
+    let mut rest = std::pin::pin!(rest);
+    while let Some(chunk) = rest.next().await {
+        upload.write(&chunk?).await?;
+    }
+    let size = upload.finish().await?;
+    Ok(UploadArtifactResponse {
+        sha256,
+        size,
+        already_present: false,
+    })
 }
 
 #[tonic::async_trait]
@@ -575,27 +646,10 @@ impl Control for ControlService {
             .authorize(&request, "upload artifacts", Caller::can_deploy_any)
             .await?;
         let peer = crate::peer_addr(&request);
-        match self.try_upload(&self.artifacts, request.into_inner()).await {
-            Ok(done) => {
-                let event = AuditEvent::success(
-                    audit::ARTIFACT_UPLOADED,
-                    &caller.token_id,
-                    "artifact",
-                    &done.sha256,
-                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
-                );
-                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
-                    tracing::error!(%err, "could not record audit event");
-                }
-                tracing::info!(sha256 = %done.sha256, size = done.size, "artifact uploaded");
-                Ok(Response::new(done))
-            }
-            Err(err) => {
-                self.refused(&caller.token_id, &peer, "upload artifact", &err)
-                    .await;
-                Err(err.into())
-            }
-        }
+        let received = self.try_upload(&self.artifacts, request.into_inner()).await;
+        Ok(Response::new(
+            self.uploaded(&caller, &peer, received).await?,
+        ))
     }
 
     async fn deploy(

@@ -63,12 +63,12 @@ const SSE_QUEUE: usize = 64;
     info(title = "Slipway controller HTTP API", version = "1"),
     paths(
         nodes, apps, app_releases, deployments, deployment, deployment_events, audit, status,
-        deploy, rollback, restart, prune
+        deploy, rollback, restart, prune, upload_artifact, session_info
     ),
     components(schemas(
         ErrorBody, NodeOut, AppOut, AppNodeOut, ReleasesOut, NodeReleasesOut, DeploymentOut,
         DeploymentNodeOut, AuditOut, StartedOut, DeployBody, RollbackBody, RestartBody,
-        PruneBody, SelectorBody, RolloutBody, Strategy
+        PruneBody, SelectorBody, RolloutBody, Strategy, UploadedOut, SessionOut
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -111,6 +111,11 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/deployments/{id}/events", get(deployment_events))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/session", get(session_info))
+        .route(
+            "/api/v1/artifacts/{sha256}",
+            axum::routing::put(upload_artifact),
+        )
 }
 
 /// `GET /api/v1/openapi.json`: this API's OpenAPI 3.1 description (no
@@ -415,7 +420,7 @@ pub struct NodeReleasesOut {
 
 /// Releases of an app per node (from the nodes' last heartbeats).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/releases", tag = "fleet",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     responses(
         (status = 200, description = "Releases per node", body = ReleasesOut),
         (status = 400, description = "Invalid app name", body = ErrorBody),
@@ -539,6 +544,7 @@ fn deployment_out(d: DeploymentRecord, with_nodes: bool) -> DeploymentOut {
 #[into_params(parameter_in = Query)]
 pub struct DeploymentsQuery {
     /// Only this app's.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     app: Option<String>,
     /// Only those started before this (seconds since the epoch): the next page.
     #[param(minimum = 0, maximum = 253_402_300_799_i64)]
@@ -578,7 +584,7 @@ async fn deployments(
 
 /// One deployment with its nodes (and their steps while it runs).
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments",
-    params(("id" = String, Path, description = "Deployment id (d-…)")),
+    params(("id" = String, Path, description = "Deployment id (d-…)", pattern = r"^d-[0-9a-f]{16}$")),
     responses(
         (status = 200, description = "The deployment", body = DeploymentOut),
         (status = 400, description = "Not a deployment id", body = ErrorBody),
@@ -691,7 +697,7 @@ fn outcome_name(outcome: v1::Outcome) -> &'static str {
 /// ended more than a minute ago gets one `snapshot` event (its record)
 /// and the stream ends.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/events", tag = "deployments",
-    params(("id" = String, Path, description = "Deployment id (d-…)")),
+    params(("id" = String, Path, description = "Deployment id (d-…)", pattern = r"^d-[0-9a-f]{16}$")),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Not a deployment id", body = ErrorBody),
@@ -781,8 +787,10 @@ pub struct AuditQuery {
     #[param(minimum = 0, maximum = 253_402_300_799_i64)]
     until: Option<i64>,
     /// Event type, e.g. DEPLOY_FAILED (upper-case letters and `_`).
+    #[param(pattern = r"^[A-Z_]{1,64}$")]
     kind: Option<String>,
     /// Events about this app.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     app: Option<String>,
     /// At most this many, the newest (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -884,6 +892,7 @@ async fn audit(
 #[into_params(parameter_in = Query)]
 pub struct StatusQuery {
     /// Only nodes reporting this app count.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     app: Option<String>,
     /// Ask every node for a fresh heartbeat first (waits up to 10 s).
     refresh: Option<bool>,
@@ -1057,17 +1066,17 @@ fn started(app: String, kind: &str, started: Started) -> Response {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeployBody {
-    /// sha256 of the artifact, 64 hex digits.
-    #[schema(min_length = 64, max_length = 64)]
+    /// sha256 of the artifact, 64 lowercase hex digits.
+    #[schema(pattern = r"^[0-9a-f]{64}$")]
     sha256: String,
     /// An https:// URL the agents download it from.
-    #[schema(max_length = 2048)]
+    #[schema(max_length = 2048, pattern = r"^https://[^/?#@:\s][^\s]*$")]
     artifact_url: Option<String>,
     /// Release id (default `<UTC time>-<sha256[..12]>`).
-    #[schema(max_length = 128)]
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     release_id: Option<String>,
-    /// Git commit it was built from (shown only).
-    #[schema(max_length = 64)]
+    /// Git commit it was built from (shown only): hex.
+    #[schema(pattern = r"^([0-9a-fA-F]{7,64})?$")]
     git_sha: Option<String>,
     /// Which nodes (default every node).
     selector: Option<SelectorBody>,
@@ -1077,7 +1086,7 @@ pub struct DeployBody {
 
 /// Deploy a release of the app (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/deploy", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = DeployBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1120,7 +1129,7 @@ async fn deploy(
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     /// Release to go back to (default each node's previous).
-    #[schema(max_length = 128)]
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     to_release_id: Option<String>,
     /// Which nodes (default every node).
     selector: Option<SelectorBody>,
@@ -1130,7 +1139,7 @@ pub struct RollbackBody {
 
 /// Roll the app back (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/rollback", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = RollbackBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1175,7 +1184,7 @@ pub struct RestartBody {
 
 /// Restart the app and pass its health gate again (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/restart", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = RestartBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1230,7 +1239,7 @@ pub struct PruneBody {
 /// Remove old releases, keeping `keep` (never the current or the rollback
 /// target); every node at once (needs `deploy:<app>`).
 #[utoipa::path(post, path = "/api/v1/apps/{app}/prune", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = PruneBody,
     responses(
         (status = 202, description = "Started; follow events_url", body = StartedOut),
@@ -1277,4 +1286,112 @@ async fn prune(
         )
         .await?;
     Ok(started(app, "prune", run))
+}
+
+/// An artifact on the controller.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UploadedOut {
+    /// Its digest.
+    sha256: String,
+    /// Its size, bytes.
+    size: u64,
+    /// It was there already (nothing written).
+    already_present: bool,
+}
+
+/// Upload an artifact (the request body, `Content-Length` bytes) under its
+/// sha256, to deploy it by digest; refused unless the bytes hash to it
+/// (needs a `deploy:<app>` scope).
+#[utoipa::path(put, path = "/api/v1/artifacts/{sha256}", tag = "deployments",
+    params(("sha256" = String, Path, description = "sha256 of the bytes, 64 lowercase hex digits", pattern = r"^[0-9a-f]{64}$")),
+    request_body(content = String, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored", body = UploadedOut),
+        (status = 200, description = "Already there", body = UploadedOut),
+        (status = 400, description = "Bad digest, or the bytes do not match it", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "The token may not deploy any app", body = ErrorBody),
+        (status = 409, description = "Stored with another size", body = ErrorBody),
+        (status = 411, description = "No Content-Length", body = ErrorBody),
+        (status = 413, description = "Larger than the artifact limit", body = ErrorBody),
+    ))]
+async fn upload_artifact(
+    State(state): State<HttpState>,
+    who: Principal,
+    sha256: Segment,
+    request: axum::extract::Request,
+) -> Result<Response, AppError> {
+    let sha256 = sha256.0;
+    limits::check_sha256("sha256", &sha256).map_err(field_error)?;
+    let size = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or(AppError::LengthRequired)?;
+    if size > crate::artifacts::MAX_ARTIFACT_SIZE {
+        return Err(AppError::TooLarge(format!(
+            "the artifact has {size} bytes, over the limit of {}",
+            crate::artifacts::MAX_ARTIFACT_SIZE
+        )));
+    }
+    who.require(&state, "upload artifacts", Caller::can_deploy_any)
+        .await?;
+    use tokio_stream::StreamExt as _;
+    let chunks = request.into_body().into_data_stream().map(|chunk| {
+        chunk
+            .map(|b| b.to_vec())
+            .map_err(|e| crate::api::ApiError::Invalid(format!("upload body: {e}")))
+    });
+    let done = state
+        .control()
+        .upload_for(&who.caller, &who.peer, sha256, size, chunks)
+        .await?;
+    let code = if done.already_present {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        code,
+        Json(UploadedOut {
+            sha256: done.sha256,
+            size: done.size,
+            already_present: done.already_present,
+        }),
+    )
+        .into_response())
+}
+
+/// Who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionOut {
+    /// The API token id (the actor in audit events).
+    token_id: String,
+    /// Its scopes.
+    scopes: Vec<String>,
+    /// "token" or "session".
+    via: String,
+    /// For a browser session: the CSRF token its state-changing requests
+    /// carry (`X-CSRF-Token` header or `_csrf` form field).
+    csrf_token: Option<String>,
+}
+
+/// The caller: token id, scopes and, for a browser session, its CSRF token.
+#[utoipa::path(get, path = "/api/v1/session", tag = "session",
+    responses(
+        (status = 200, description = "The caller", body = SessionOut),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+    ))]
+async fn session_info(who: Principal) -> Json<SessionOut> {
+    Json(SessionOut {
+        csrf_token: who.csrf_token().map(ToOwned::to_owned),
+        via: match who.via {
+            super::Via::Token => "token",
+            super::Via::Session(_) => "session",
+        }
+        .to_owned(),
+        token_id: who.caller.token_id,
+        scopes: who.caller.scopes.iter().map(ToString::to_string).collect(),
+    })
 }

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::api::ApiError;
+use crate::artifacts::ArtifactError;
 use crate::auth::apitoken::ApiTokenError;
 use crate::store::StoreError;
 
@@ -49,6 +50,9 @@ pub enum AppError {
     /// missing): 409.
     #[error("{0}")]
     Conflict(String),
+    /// An upload without `Content-Length`: 411.
+    #[error("an upload needs a Content-Length header (its size in bytes)")]
+    LengthRequired,
     /// The body is larger than the route accepts: 413.
     #[error("{0}")]
     TooLarge(String),
@@ -75,6 +79,7 @@ impl AppError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::LengthRequired => StatusCode::LENGTH_REQUIRED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,7 +145,15 @@ impl From<ApiError> for AppError {
                 Self::Invalid { field, message }
             }
             ApiError::NoNodes(_) | ApiError::NoArtifact(_) => Self::Conflict(err.to_string()),
-            ApiError::Artifact(artifact) => Self::Conflict(artifact.to_string()),
+            ApiError::Artifact(artifact) => match artifact {
+                ArtifactError::BadDigest(_)
+                | ArtifactError::Mismatch { .. }
+                | ArtifactError::SizeMismatch { .. } => Self::field("body", artifact.to_string()),
+                ArtifactError::TooLarge(_) => Self::TooLarge(artifact.to_string()),
+                ArtifactError::NotThatArtifact { .. } => Self::Conflict(artifact.to_string()),
+                ArtifactError::NotFound(_) => Self::NotFound(artifact.to_string()),
+                ArtifactError::Io { .. } => Self::Internal(artifact.to_string()),
+            },
             ApiError::Store(store) => store.into(),
             ApiError::Token(_) => Self::Internal(err.to_string()),
         }

@@ -144,6 +144,35 @@ impl Controller {
         c
     }
 
+    /// [`Controller::start`] with the HTTP API too, on a loopback port the
+    /// kernel picks (`--http-listen 127.0.0.1:0`, learnt from
+    /// `--http-ready-file`; see [`Controller::http_url`]).
+    pub fn start_http() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("http-ready");
+        let mut c = Self {
+            dir,
+            port: 0,
+            child: None,
+            serve_args: vec![
+                "--http-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+                "--http-ready-file".to_owned(),
+                ready.to_string_lossy().into_owned(),
+            ],
+            wrapper: Vec::new(),
+        };
+        c.restart();
+        c
+    }
+
+    /// `https://127.0.0.1:PORT` of the HTTP API of a controller started
+    /// with [`Controller::start_http`] (written before the gRPC ready file).
+    pub fn http_url(&self) -> String {
+        let addr = fs::read_to_string(self.dir.path().join("http-ready")).unwrap();
+        format!("https://{}", addr.trim())
+    }
+
     /// The running controller's pid.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
