@@ -59,7 +59,7 @@ fn heartbeat(i: usize) -> Heartbeat {
         }),
         apps: vec![AppStatus {
             app: "web".into(),
-            current_release: if i % 10 == 0 { "v2" } else { "v1" }.into(),
+            current_release: if i.is_multiple_of(10) { "v2" } else { "v1" }.into(),
             health: "healthy".into(),
             ..AppStatus::default()
         }],

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::support::{text, wait_until, Agent, Controller, APP};
 
 /// `promtool check metrics` on `exposition`: its exit status and output.
-pub fn promtool_check(exposition: &str) -> (bool, String) {
+pub(crate) fn promtool_check(exposition: &str) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -37,7 +37,7 @@ pub fn promtool_check(exposition: &str) -> (bool, String) {
 
 /// The value of the sample `series` (name and labels, exactly as
 /// written) in `exposition`.
-pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(exposition: &str, series: &str) -> Option<f64> {
     exposition
         .lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -47,7 +47,7 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
 
 /// A controller serving HTTP too (`--http-listen 127.0.0.1:0` plus
 /// `extra`), and the base URL of its HTTP listener.
-pub fn controller_with_http(extra: &[&str]) -> (Controller, String, tempfile::TempDir) {
+pub(crate) fn controller_with_http(extra: &[&str]) -> (Controller, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("http-ready");
     let mut args = vec![
@@ -73,7 +73,11 @@ pub fn controller_with_http(extra: &[&str]) -> (Controller, String, tempfile::Te
 
 /// `curl` GET of `url` (trusting the controller's CA) with `token` if
 /// given: (HTTP status, Content-Type, body).
-pub fn get(controller: &Controller, url: &str, token: Option<&str>) -> (u16, String, String) {
+pub(crate) fn get(
+    controller: &Controller,
+    url: &str,
+    token: Option<&str>,
+) -> (u16, String, String) {
     let mut cmd = Command::new("curl");
     cmd.args([
         "-sS",

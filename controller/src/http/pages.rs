@@ -61,13 +61,18 @@ pub fn routes() -> Router<HttpState> {
         .route("/audit", get(audit_page))
 }
 
-/// The caller, or the login form for a browser without a session.
-fn signed_in(who: Result<Principal, AppError>) -> Result<Principal, Response> {
+/// The caller; `None` for a browser without a session (sent to the login
+/// form).
+fn signed_in(who: Result<Principal, AppError>) -> Result<Option<Principal>, AppError> {
     match who {
-        Ok(p) => Ok(p),
-        Err(AppError::Unauthenticated(_)) => Err(Redirect::to("/login").into_response()),
-        Err(e) => Err(e.into_response()),
+        Ok(p) => Ok(Some(p)),
+        Err(AppError::Unauthenticated(_)) => Ok(None),
+        Err(e) => Err(e),
     }
+}
+
+fn to_login() -> Response {
+    Redirect::to("/login").into_response()
 }
 
 const STYLE: &str = r#"
@@ -205,9 +210,8 @@ async fn fleet_page(
     State(state): State<HttpState>,
     who: Result<Principal, AppError>,
 ) -> Result<Response, AppError> {
-    let who = match signed_in(who) {
-        Ok(p) => p,
-        Err(r) => return Ok(r),
+    let Some(who) = signed_in(who)? else {
+        return Ok(to_login());
     };
     who.require(&state, "read the fleet", Caller::can_read)
         .await?;
@@ -276,7 +280,7 @@ async fn fleet_page(
                                 Some(a) => {
                                     @let class = crate::metrics::health_class(&a.health);
                                     @let drift = majorities.get(app).and_then(|m| m.as_deref()) != Some(a.current_release.as_str());
-                                    td class=(if class != "healthy" && class != "no_check" { "bad" } else if drift { "drift" } else { "" }) {
+                                    td class=(if matches!(class, "unhealthy" | "crashlooping" | "error") { "bad" } else if drift { "drift" } else { "" }) {
                                         (if a.current_release.is_empty() { "(none)" } else { &a.current_release })
                                         br; span class={"st " (class)} { (class) }
                                         @if a.in_progress { " " span.st.running { "busy" } }
@@ -304,9 +308,8 @@ async fn app_page(
     who: Result<Principal, AppError>,
     Path(app): Path<String>,
 ) -> Result<Response, AppError> {
-    let who = match signed_in(who) {
-        Ok(p) => p,
-        Err(r) => return Ok(r),
+    let Some(who) = signed_in(who)? else {
+        return Ok(to_login());
     };
     check_app(&app)?;
     who.require(&state, "read the fleet", Caller::can_read)
@@ -639,9 +642,8 @@ async fn deployment_page(
     who: Result<Principal, AppError>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    let who = match signed_in(who) {
-        Ok(p) => p,
-        Err(r) => return Ok(r),
+    let Some(who) = signed_in(who)? else {
+        return Ok(to_login());
     };
     let ok =
         id.len() == 18 && id.starts_with("d-") && id[2..].chars().all(|c| c.is_ascii_hexdigit());
@@ -774,9 +776,8 @@ async fn audit_page(
     who: Result<Principal, AppError>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, AppError> {
-    let who = match signed_in(who) {
-        Ok(p) => p,
-        Err(r) => return Ok(r),
+    let Some(who) = signed_in(who)? else {
+        return Ok(to_login());
     };
     let q: AuditQuery = match raw.filter(|r| !r.is_empty()) {
         None => AuditQuery::default(),
