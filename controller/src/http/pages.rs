@@ -221,8 +221,13 @@ async fn fleet_page(
         .store()
         .deployments(None, None, RECENT_DEPLOYMENTS)
         .await?;
+    Ok(page("Fleet", &who, fleet_body(&views, &deployments, now)).into_response())
+}
+
+/// The fleet page's content.
+fn fleet_body(views: &[NodeView], deployments: &[DeploymentRecord], now: i64) -> Markup {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for v in &views {
+    for v in views {
         *counts.entry(v.state.as_str()).or_default() += 1;
     }
     let live: Vec<&NodeView> = views
@@ -234,8 +239,8 @@ async fn fleet_page(
         .flat_map(|v| v.apps.iter().map(|a| a.app.as_str()))
         .collect();
     let majorities: BTreeMap<&str, Option<String>> =
-        apps.iter().map(|a| (*a, majority(&views, a))).collect();
-    let body = html! {
+        apps.iter().map(|a| (*a, majority(views, a))).collect();
+    html! {
         h1 { "Fleet" }
         p.counts {
             @for (state, n) in &counts { span { (state_badge(state)) " " (n) } }
@@ -244,7 +249,7 @@ async fn fleet_page(
         h2 { "Nodes" }
         div.scroll { table #nodes {
             tr { th { "Node" } th { "State" } th { "Last heartbeat" } th { "Agent" } th { "CPU" } th { "Memory" } th { "Disk" } }
-            @for v in &views {
+            @for v in views {
                 tr data-node=(v.name) {
                     td { (v.name) br; span.mut { (v.id) } }
                     td { (state_badge(v.state.as_str())) }
@@ -293,9 +298,8 @@ async fn fleet_page(
             } }
         }
         h2 { "Last deployments" }
-        (deployments_table(&deployments, now))
-    };
-    Ok(page("Fleet", &who, body).into_response())
+        (deployments_table(deployments, now))
+    }
 }
 
 fn check_app(app: &str) -> Result<(), AppError> {
@@ -859,6 +863,58 @@ mod tests {
         let e = rollout_of("rolling", Some("-3")).unwrap_err().to_string();
         assert!(e.contains("batch size"), "{e}");
         assert!(rollout_of("rolling", Some("100001")).is_err());
+    }
+
+    fn node(name: &str, release: &str, health: &str) -> NodeView {
+        NodeView {
+            id: format!("n-{name}"),
+            name: name.to_owned(),
+            labels: serde_json::json!({}),
+            state: NodeState::Online,
+            last_seen_at: Some(990),
+            heartbeat_age_secs: Some(10),
+            agent_version: "0.1.0".to_owned(),
+            agent_rss_bytes: None,
+            metrics: None,
+            apps: vec![crate::store::App {
+                app: "web".to_owned(),
+                current_release: release.to_owned(),
+                health: health.to_owned(),
+                in_progress: false,
+                releases: Vec::new(),
+            }],
+            revoked_at: None,
+            cert_expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_fleet_page_escapes_what_agents_send_and_marks_drift() {
+        let views = [
+            node("a", "v1", "healthy"),
+            node("b", "v1", "healthy"),
+            node(
+                "c<script>alert(1)</script>",
+                "v2\"><img src=x onerror=alert(2)>",
+                "unhealthy: <b>500</b>",
+            ),
+        ];
+        let html = fleet_body(&views, &[], 1_000).into_string();
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains("<img"), "{html}");
+        assert!(
+            html.contains("c&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{html}"
+        );
+        // The unhealthy node's cell is marked bad (bad wins over drift).
+        assert_eq!(html.matches(r#"class="bad""#).count(), 1, "{html}");
+        let drifted = [
+            node("a", "v1", "healthy"),
+            node("b", "v1", "healthy"),
+            node("d", "v0", "healthy"),
+        ];
+        let html = fleet_body(&drifted, &[], 1_000).into_string();
+        assert_eq!(html.matches(r#"class="drift""#).count(), 1, "{html}");
     }
 
     #[test]
