@@ -100,6 +100,17 @@ async function main() {
     seen.batches = batches;
     await page.screenshot({ path: path.join(SHOTS, 'deployment.png'), fullPage: true });
 
+    // The audit log, filtered by kind and app, from its form.
+    await page.goto(BASE + '/audit');
+    await page.fill('input[name=kind]', 'DEPLOY_COMPLETED');
+    await page.fill('input[name=app]', 'web');
+    await Promise.all([page.waitForURL(/\/audit\?/), page.click('text=Filter')]);
+    const kinds = await page.$$eval('#audit tr td:nth-child(2)', (tds) => tds.map((td) => td.textContent));
+    check(kinds.length === 2 && kinds.every((k) => k === 'DEPLOY_COMPLETED'), `audit filter: ${kinds}`);
+    seen.audit = kinds;
+    const bad = await page.goto(BASE + '/audit?kind=%3Cscript%3E');
+    check(bad.status() === 400 && (await bad.text()).includes('"field":"kind"'), `bad kind answered ${bad.status()}`);
+
     // A phone-sized fleet page.
     const phone = await context.newPage();
     await phone.setViewportSize({ width: 390, height: 844 });
