@@ -548,6 +548,28 @@ mod tests {
     }
 
     #[test]
+    fn metrics_without_a_token_on_loopback_is_a_file_key_that_needs_http() {
+        let parse = |text: &str| -> Result<ServeConfig, ConfigError> {
+            let file: RawConfig = toml::from_str(text).unwrap();
+            let flags = RawConfig {
+                data_dir: Some("/d".into()),
+                ..RawConfig::default()
+            };
+            ServeConfig::new(flags, Some(file))
+        };
+        let config =
+            parse("http_listen = \"127.0.0.1:8443\"\nmetrics_loopback_no_auth = true\n").unwrap();
+        assert!(config.http.is_some_and(|h| h.metrics_loopback_no_auth));
+        let config = parse("http_listen = \"127.0.0.1:8443\"\n").unwrap();
+        assert!(config.http.is_some_and(|h| !h.metrics_loopback_no_auth));
+        let err = parse("metrics_loopback_no_auth = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics_loopback_no_auth"), "{err}");
+        assert!(err.contains("http_listen"), "{err}");
+    }
+
+    #[test]
     fn backup_schedule_is_checked() {
         let parse = |text: &str| -> Result<ServeConfig, ConfigError> {
             let file: RawConfig = toml::from_str(text).unwrap();
