@@ -40,6 +40,8 @@ command -v shellcheck >/dev/null || need_tools+=(shellcheck)
 command -v cloud-init >/dev/null || need_tools+=(cloud-init)
 # faketime (libfaketime): a controller restarted 400 days on (tests/it/certs.rs).
 command -v faketime >/dev/null || need_tools+=(faketime)
+# wrk: the HTTP API benchmark (tests/benches/http_api.rs) loads it from loopback.
+command -v wrk >/dev/null || need_tools+=(wrk)
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   apt_log=$(mktemp -t slipway-apt.XXXXXX.log)
