@@ -369,7 +369,7 @@ impl Store {
                  FROM deployment_nodes dn LEFT JOIN nodes n ON n.id = dn.node_id
                  WHERE dn.deployment_id = ?1 ORDER BY node_name, dn.node_id",
         )
-        .bind(&id)
+        .bind(id)
         .fetch_all(&self.pool)
         .await?
         .into_iter()
