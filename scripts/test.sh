@@ -46,6 +46,8 @@ command -v promtool >/dev/null || need_tools+=(prometheus)
 # Headless Chromium and node/npm for the web page tests (tests/it/web.rs).
 command -v chromium >/dev/null || need_tools+=(chromium)
 command -v npm >/dev/null || need_tools+=(npm)
+# wrk: the HTTP API benchmark (tests/benches/http_api.rs) loads it from loopback.
+command -v wrk >/dev/null || need_tools+=(wrk)
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ${#need_tools[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   apt_log=$(mktemp -t slipway-apt.XXXXXX.log)

@@ -476,6 +476,24 @@ fn browser_sessions_set_a_strict_cookie_check_csrf_and_end_with_the_token() {
     for attribute in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(attribute), "{attribute}: {cookie}");
     }
+    // Logging in again from a browser that has a session works too.
+    let (code, _) = with_session(&controller, &jar, "/api/v1/session", &[]);
+    assert_eq!(code, 200);
+    let url = format!("{}/login", controller.http_url());
+    let again = format!("token={deployer}");
+    let (code, _) = curl(
+        &controller,
+        &[
+            "-b",
+            jar.to_str().unwrap(),
+            "-c",
+            jar.to_str().unwrap(),
+            "--data-urlencode",
+            &again,
+            &url,
+        ],
+    );
+    assert_eq!(code, 303);
     let (code, me) = with_session(&controller, &jar, "/api/v1/session", &[]);
     assert_eq!(code, 200, "{me}");
     assert_eq!(me["via"], "session", "{me}");

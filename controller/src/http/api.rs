@@ -269,10 +269,10 @@ pub struct NodeOut {
     agent_rss_bytes: Option<u64>,
     /// Host metrics of the last heartbeat.
     #[schema(value_type = Option<Object>)]
-    metrics: Option<serde_json::Value>,
+    metrics: Option<crate::store::Metrics>,
     /// Apps of the last heartbeat, with their releases.
     #[schema(value_type = Vec<Object>)]
-    apps: Vec<serde_json::Value>,
+    apps: Vec<crate::store::App>,
     /// When the node was revoked.
     revoked_at: Option<i64>,
     /// Expiry of its newest certificate.
@@ -290,6 +290,11 @@ fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, AppError> {
     serde_json::to_value(value).map_err(|e| AppError::Internal(e.to_string()))
 }
 
+/// A node state as the CLI names it.
+fn state_name(state: crate::link::liveness::NodeState) -> String {
+    slipway_proto::view::state_name(v1::NodeState::from(state)).to_owned()
+}
+
 /// The nodes, by name.
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "fleet",
     responses(
@@ -299,11 +304,10 @@ fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, AppError> {
 async fn nodes(State(state): State<HttpState>, who: Principal) -> Result<Response, AppError> {
     who.require(&state, "list nodes", Caller::can_read).await?;
     let views = fleet_views(&state).await?;
-    let mut out = Vec::with_capacity(views.len());
-    for v in views {
-        let wire = v1::NodeView::from(&v);
-        out.push(NodeOut {
-            state: slipway_proto::view::state_name(wire.state()).to_owned(),
+    let out: Vec<NodeOut> = views
+        .into_iter()
+        .map(|v| NodeOut {
+            state: state_name(v.state),
             id: v.id,
             name: v.name,
             labels: v.labels,
@@ -311,12 +315,12 @@ async fn nodes(State(state): State<HttpState>, who: Principal) -> Result<Respons
             heartbeat_age_secs: v.heartbeat_age_secs,
             agent_version: v.agent_version,
             agent_rss_bytes: v.agent_rss_bytes,
-            metrics: v.metrics.as_ref().map(to_value).transpose()?,
-            apps: v.apps.iter().map(to_value).collect::<Result<_, _>>()?,
+            metrics: v.metrics,
+            apps: v.apps,
             revoked_at: v.revoked_at,
             cert_expires_at: v.cert_expires_at,
-        });
-    }
+        })
+        .collect();
     Ok(Json(out).into_response())
 }
 

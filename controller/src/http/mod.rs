@@ -182,11 +182,21 @@ pub fn router(state: HttpState) -> Router {
         .merge(api::routes())
         .merge(metrics::routes())
         .merge(pages::routes())
+        // Unknown paths answer in the API's JSON shape (the pages may set
+        // their own fallback).
+        .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             session::layer,
         ))
         .with_state(state)
+}
+
+/// Any path no route takes: 404 with a JSON error.
+async fn not_found(uri: axum::http::Uri) -> AppError {
+    let path = uri.path();
+    let path = if path.len() > 200 { &path[..200] } else { path };
+    AppError::NotFound(format!("no route for {}", path.escape_default()))
 }
 
 /// `/healthz`: the process is up and serving.
@@ -302,5 +312,77 @@ pub async fn serve(
             tracing::warn!(?DRAIN, "http: open requests did not finish in time; stopping anyway");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::artifacts::Artifacts;
+    use crate::auth::apitoken::{self, Scope};
+    use crate::link::commands::Commands;
+
+    async fn app(dir: &std::path::Path) -> (Router, Store) {
+        let store = Store::open(dir).await.unwrap();
+        let sessions = Sessions::new();
+        let control = ControlService::new(
+            store.clone(),
+            sessions.clone(),
+            Commands::new(),
+            Artifacts::new(dir),
+        );
+        let state = HttpState::new(store.clone(), sessions, control, CancellationToken::new());
+        (router(state), store)
+    }
+
+    async fn call(app: &Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn health_open_api_closed_and_every_error_is_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, store) = app(dir.path()).await;
+        let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+        assert_eq!(call(&app, get("/healthz")).await.0, StatusCode::OK);
+        assert_eq!(call(&app, get("/readyz")).await.0, StatusCode::OK);
+        let (status, body) = call(&app, get("/nope")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body["error"].as_str().unwrap().contains("/nope"), "{body}");
+
+        let (status, body) = call(&app, get("/api/v1/nodes")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        let bad = Request::get("/api/v1/nodes")
+            .header("authorization", "Basic eDp5")
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(&app, bad).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+        let refused = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type == crate::audit::API_CALL_REFUSED)
+            .count();
+        assert_eq!(refused, 2);
+
+        let token = apitoken::create(&store, &[Scope::Read], 1).await.unwrap();
+        let ok = Request::get("/api/v1/nodes")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(&app, ok).await;
+        assert_eq!((status, body), (StatusCode::OK, serde_json::json!([])));
     }
 }

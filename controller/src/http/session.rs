@@ -35,7 +35,8 @@ pub const SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(12 *
 /// Largest form body the CSRF check reads to find `_csrf` (pages' forms
 /// are a few fields); a bigger form must send `X-CSRF-Token`.
 const MAX_FORM: usize = 64 * 1024;
-/// Longest cookie value looked at (ours is 64 hex characters).
+/// Longest cookie value or CSRF header looked at (ours are 64 hex
+/// characters).
 const MAX_COOKIE_VALUE: usize = 128;
 /// Longest token accepted by the login form (a real one is ~90 bytes).
 const MAX_LOGIN_TOKEN: usize = 256;
@@ -133,7 +134,10 @@ pub(crate) async fn layer(
         csrf: row.csrf,
     };
     let mut body = body;
-    if !is_safe(&parts.method) {
+    // Logging in again from a browser that has a session: the login form
+    // carries no CSRF token (it checks the Origin itself).
+    let login = parts.uri.path() == "/login";
+    if !is_safe(&parts.method) && !login {
         let what = format!("{} {}", parts.method, parts.uri.path().escape_default());
         let refuse = |message: &str| {
             let err = ApiError::Invalid(message.to_owned());
@@ -149,7 +153,11 @@ pub(crate) async fn layer(
                 "the Origin header names another site; state-changing requests must come from this one",
             ))
         } else if let Some(given) = header_token {
-            if secrets_match(&given, &info.csrf) {
+            if given.len() > MAX_COOKIE_VALUE {
+                Err(refuse(
+                    "the X-CSRF-Token header is longer than a CSRF token",
+                ))
+            } else if secrets_match(&given, &info.csrf) {
                 Ok(())
             } else {
                 Err(refuse(

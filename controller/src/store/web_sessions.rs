@@ -90,3 +90,59 @@ impl Store {
         Ok(version == super::MIGRATIONS.len() as i64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::audit::{self, AuditEvent};
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn a_session_ends_at_expiry_logout_or_token_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let created = AuditEvent::success(
+            audit::TOKEN_CREATED,
+            "operator",
+            "api_token",
+            "t1",
+            serde_json::json!({}),
+        );
+        store
+            .insert_api_token("t1", "hash", &["read".to_owned()], 10, &created)
+            .await
+            .unwrap();
+        store
+            .insert_web_session("s1", "t1", "c1", 100, 200)
+            .await
+            .unwrap();
+        store
+            .insert_web_session("s2", "t1", "c2", 100, 300)
+            .await
+            .unwrap();
+        let found = store.web_session("s1", 150).await.unwrap().unwrap();
+        assert_eq!((found.token_id.as_str(), found.csrf.as_str()), ("t1", "c1"));
+        // Expired.
+        assert_eq!(store.web_session("s1", 200).await.unwrap(), None);
+        // A new login sweeps the expired ones away.
+        store
+            .insert_web_session("s3", "t1", "c3", 250, 400)
+            .await
+            .unwrap();
+        assert_eq!(store.web_session("s1", 150).await.unwrap(), None);
+        // Logout.
+        assert!(store.delete_web_session("s3").await.unwrap());
+        assert!(!store.delete_web_session("s3").await.unwrap());
+        // Revoking the token ends the rest.
+        assert!(store.web_session("s2", 260).await.unwrap().is_some());
+        let revoked = AuditEvent::success(
+            audit::TOKEN_REVOKED,
+            "operator",
+            "api_token",
+            "t1",
+            serde_json::json!({}),
+        );
+        store.revoke_api_token("t1", &revoked, 270).await.unwrap();
+        assert_eq!(store.web_session("s2", 280).await.unwrap(), None);
+        assert!(store.schema_ready().await.unwrap());
+    }
+}

@@ -43,6 +43,11 @@ pub fn output_retrying(cmd: &mut Command) -> Output {
 /// A binary of this workspace, built by `cargo test --workspace` (which
 /// builds every package's binaries before running any test).
 pub fn bin(name: &str) -> PathBuf {
+    // A benchmark may measure binaries of another profile (a release
+    // controller under a debug-built bench): SLIPWAY_BIN_DIR names their dir.
+    if let Some(dir) = std::env::var_os("SLIPWAY_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let path = exe.parent().and_then(Path::parent).unwrap().join(name);
