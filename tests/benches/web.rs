@@ -11,7 +11,8 @@
 //!   page p99 < 100 ms, JSON p99 < 50 ms);
 //! - `/metrics`: 20 sequential scrapes with curl: time p50/max and size.
 //!
-//! `SLIPWAY_BENCH_QUICK=1`: 100 agents, 5 s of wrk.
+//! `SLIPWAY_BENCH_QUICK=1`: 100 agents, 5 s of wrk. `SLIPWAY_BIN_DIR=target/release`
+//! with `--profile dev`: a release controller under a debug-built bench.
 
 // A benchmark that cannot set up should stop with the reason.
 #![allow(clippy::unwrap_used, missing_docs)]
