@@ -34,6 +34,16 @@ command -v shellcheck >/dev/null || need_tools+=(shellcheck)
 command -v cloud-init >/dev/null || need_tools+=(cloud-init)
 # faketime (libfaketime): a controller restarted 400 days on (tests/it/certs.rs).
 command -v faketime >/dev/null || need_tools+=(faketime)
+# promtool (Debian's prometheus package): `promtool check metrics` on the
+# controller's /metrics (tests/it/metrics.rs).
+command -v promtool >/dev/null || need_tools+=(prometheus)
+# Headless Chromium and node/npm for the web page tests (tests/it/web.rs).
+command -v chromium >/dev/null || need_tools+=(chromium)
+command -v npm >/dev/null || need_tools+=(npm)
+# wrk: the HTTP API benchmark (tests/benches/http_api.rs) loads it from loopback.
+command -v wrk >/dev/null || need_tools+=(wrk)
+# curl: the client of the HTTP API tests (tests/it/http.rs).
+command -v curl >/dev/null || need_tools+=(curl)
 # One apt run for everything missing: no recommended packages, apt's chatter
 # to a log file, one line saying what was installed.
 need_apt+=("${need_tools[@]}")
@@ -63,11 +73,38 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! python3 -c 'import openapi_core' 2
     || { tail -n 20 "$pip_log" >&2; echo "pip install openapi-core failed (log: $pip_log)" >&2; exit 1; }
   echo "installed openapi-core (log: $pip_log)"
 fi
+# schemathesis (PyPI), pinned: the HTTP API against its OpenAPI description
+# (tests/it/http.rs); curl is its client there.
+SCHEMATHESIS_VERSION=4.32.5
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] \
+    && ! { command -v st >/dev/null && st --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; }; then
+  command -v pip3 >/dev/null || {
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip
+  }
+  st_log=$(mktemp -t slipway-schemathesis.XXXXXX.log)
+  python3 -m pip install "schemathesis==$SCHEMATHESIS_VERSION" >"$st_log" 2>&1 \
+    || python3 -m pip install --break-system-packages "schemathesis==$SCHEMATHESIS_VERSION" >>"$st_log" 2>&1 \
+    || { tail -n 20 "$st_log" >&2; echo "pip install schemathesis failed (log: $st_log)" >&2; exit 1; }
+  echo "installed schemathesis $SCHEMATHESIS_VERSION (log: $st_log)"
+fi
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v cargo-deb >/dev/null; then
   deb_log=$(mktemp -t slipway-cargo-deb.XXXXXX.log)
   cargo install cargo-deb --locked >"$deb_log" 2>&1 \
     || { tail -n 20 "$deb_log" >&2; echo "cargo install cargo-deb failed (log: $deb_log)" >&2; exit 1; }
   echo "installed cargo-deb into ~/.cargo/bin (log: $deb_log)"
+fi
+
+# playwright-core (npm) drives that Chromium (tests/web/fleet.cjs); installed
+# once per machine in ~/.cache/slipway/web-test (it downloads no browser: the
+# test launches /usr/bin/chromium).
+web_modules="$HOME/.cache/slipway/web-test"
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && [ ! -d "$web_modules/node_modules/playwright-core" ]; then
+  mkdir -p "$web_modules"
+  npm_log=$(mktemp -t slipway-npm.XXXXXX.log)
+  (cd "$web_modules" && npm install --no-audit --no-fund playwright-core@1) >"$npm_log" 2>&1 \
+    || { tail -n 20 "$npm_log" >&2; echo "npm install playwright-core failed (log: $npm_log)" >&2; exit 1; }
+  echo "installed playwright-core into $web_modules (log: $npm_log)"
 fi
 
 # Real PM2 and a real Docker engine for the driver tests (each script installs

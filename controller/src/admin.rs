@@ -10,7 +10,9 @@ use slipway_proto::view;
 use crate::auth::{apitoken, operator, token};
 use crate::backup;
 use crate::cli::{BackupArgs, RestoreArgs, TokenApiArgs, TokenCreateArgs};
-use crate::cli::{ListArgs, NodeRevokeArgs, NodesArgs, OperatorCreateArgs, RevokeArgs};
+use crate::cli::{
+    ListArgs, MetricsArgs, NodeRevokeArgs, NodesArgs, OperatorCreateArgs, RevokeArgs,
+};
 use crate::error::Error;
 use crate::fleet;
 use crate::pki::ca::Ca;
@@ -201,6 +203,15 @@ pub async fn nodes(args: NodesArgs) -> Result<(), Error> {
     } else {
         print!("{}", view::render_table(&nodes));
     }
+    Ok(())
+}
+
+/// `metrics`: the fleet's metrics from the database, in the Prometheus
+/// text format (no sessions or process figures: those are `serve`'s).
+pub async fn metrics(args: MetricsArgs) -> Result<(), Error> {
+    let store = open_store(&args.data_dir).await?;
+    let scraper = crate::metrics::Scraper::offline(store, &args.data_dir);
+    print!("{}", scraper.render().await?);
     Ok(())
 }
 

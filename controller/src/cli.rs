@@ -28,6 +28,11 @@ pub enum Command {
     /// Show the fleet: state, last heartbeat, agent version and RSS, host
     /// metrics and apps of every node (works while `serve` runs).
     Nodes(NodesArgs),
+    /// Print the fleet's Prometheus metrics from the database (for
+    /// node_exporter's textfile collector; works while `serve` runs). A
+    /// running `serve` also answers /metrics with its sessions, its own
+    /// CPU and memory, and the deployment durations it saw.
+    Metrics(MetricsArgs),
     /// Act on one node.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -208,6 +213,14 @@ pub struct NodesArgs {
     pub json: bool,
 }
 
+/// `metrics` flags.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+}
+
 /// `node` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
@@ -260,6 +273,21 @@ pub struct ServeArgs {
     /// start it with `--listen 127.0.0.1:0` and need the port.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Also serve the HTTP API (and pages) on ADDR, over TLS with the
+    /// controller's server certificate (config: http_listen). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+    /// Serve the HTTP API without TLS; only on a loopback --http-listen
+    /// (config: http_plain).
+    #[arg(long)]
+    pub http_plain: bool,
+    /// Let callers on a loopback address scrape /metrics without an API
+    /// token (config: metrics_loopback_no_auth); others still need one.
+    #[arg(long)]
+    pub metrics_loopback_no_auth: bool,
+    /// Like --ready-file, for the HTTP listener's address.
+    #[arg(long, value_name = "FILE")]
+    pub http_ready_file: Option<PathBuf>,
 }
 
 /// `token` subcommands.

@@ -86,6 +86,14 @@ pub struct RawConfig {
     pub backup: Option<RawBackup>,
     /// The DigitalOcean fleet (file only; `crate::digitalocean::config`).
     pub digitalocean: Option<crate::digitalocean::config::RawDigitalOcean>,
+    /// Address for the HTTP API and pages (off when unset).
+    pub http_listen: Option<SocketAddr>,
+    /// Serve HTTP without TLS: allowed only on a loopback `http_listen`
+    /// (behind a local TLS proxy, or for a look from this machine).
+    pub http_plain: Option<bool>,
+    /// `/metrics` answers callers on a loopback address without a token
+    /// (a Prometheus on the controller's machine); others still need one.
+    pub metrics_loopback_no_auth: Option<bool>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -150,8 +158,24 @@ pub struct ServeConfig {
     pub server_cert_validity: Duration,
     /// Scheduled backups, when `[backup]` is set.
     pub backup: Option<BackupSchedule>,
+    /// The HTTP API and pages, when `http_listen` is set.
+    pub http: Option<HttpSettings>,
+    /// Where to write the HTTP listener's bound address (`--http-ready-file`).
+    pub http_ready_file: Option<PathBuf>,
     /// The DigitalOcean fleet, when `[digitalocean]` is set.
     pub digitalocean: Option<crate::digitalocean::config::DoConfig>,
+}
+
+/// Checked HTTP listener settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// False: HTTPS with the controller's server certificate. True: plain
+    /// HTTP, which [`ServeConfig::new`] allows on loopback only.
+    pub plain: bool,
+    /// `/metrics` needs no token from a loopback caller.
+    pub metrics_loopback_no_auth: bool,
 }
 
 /// Default lifetime of the controller's server certificate.
@@ -173,6 +197,8 @@ impl ServeConfig {
             server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
             backup: None,
             digitalocean: None,
+            http: None,
+            http_ready_file: None,
         }
     }
 
@@ -322,10 +348,14 @@ impl ServeConfig {
             server_names: Some(args.server_names),
             server_cert_validity: args.server_cert_validity,
             node_cert_validity: args.node_cert_validity,
+            http_listen: args.http_listen,
+            http_plain: args.http_plain.then_some(true),
+            metrics_loopback_no_auth: args.metrics_loopback_no_auth.then_some(true),
             ..RawConfig::default()
         };
         let mut config = Self::new(flags, file)?;
         config.ready_file = args.ready_file;
+        config.http_ready_file = args.http_ready_file;
         Ok(config)
     }
 
@@ -411,6 +441,45 @@ impl ServeConfig {
                 crate::digitalocean::config::DoConfig::new(raw)
                     .map_err(ConfigError::DigitalOcean)?,
             );
+        }
+        let plain = flags.http_plain.or(file.http_plain).unwrap_or(false);
+        match flags.http_listen.or(file.http_listen) {
+            Some(listen) => {
+                if plain && !listen.ip().is_loopback() {
+                    return Err(ConfigError::Invalid {
+                        key: "http_plain",
+                        value: format!("true (http_listen = {listen})"),
+                        why: "plain HTTP is allowed only on a loopback address (127.0.0.1, ::1); elsewhere the HTTP API is served over TLS",
+                    });
+                }
+                config.http = Some(HttpSettings {
+                    listen,
+                    plain,
+                    metrics_loopback_no_auth: flags
+                        .metrics_loopback_no_auth
+                        .or(file.metrics_loopback_no_auth)
+                        .unwrap_or(false),
+                });
+            }
+            None if plain => {
+                return Err(ConfigError::Invalid {
+                    key: "http_plain",
+                    value: "true".into(),
+                    why: "needs http_listen (--http-listen ADDR)",
+                })
+            }
+            None if flags
+                .metrics_loopback_no_auth
+                .or(file.metrics_loopback_no_auth)
+                .unwrap_or(false) =>
+            {
+                return Err(ConfigError::Invalid {
+                    key: "metrics_loopback_no_auth",
+                    value: "true".into(),
+                    why: "needs http_listen (--http-listen ADDR): /metrics is served by the HTTP listener",
+                })
+            }
+            None => {}
         }
         Ok(config)
     }
@@ -505,6 +574,28 @@ mod tests {
             hosts.iter().all(|h| !h.contains(':')),
             "IPv4 listener: {hosts:?}"
         );
+    }
+
+    #[test]
+    fn metrics_without_a_token_on_loopback_is_a_file_key_that_needs_http() {
+        let parse = |text: &str| -> Result<ServeConfig, ConfigError> {
+            let file: RawConfig = toml::from_str(text).unwrap();
+            let flags = RawConfig {
+                data_dir: Some("/d".into()),
+                ..RawConfig::default()
+            };
+            ServeConfig::new(flags, Some(file))
+        };
+        let config =
+            parse("http_listen = \"127.0.0.1:8443\"\nmetrics_loopback_no_auth = true\n").unwrap();
+        assert!(config.http.is_some_and(|h| h.metrics_loopback_no_auth));
+        let config = parse("http_listen = \"127.0.0.1:8443\"\n").unwrap();
+        assert!(config.http.is_some_and(|h| !h.metrics_loopback_no_auth));
+        let err = parse("metrics_loopback_no_auth = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics_loopback_no_auth"), "{err}");
+        assert!(err.contains("http_listen"), "{err}");
     }
 
     #[test]

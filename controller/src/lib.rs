@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! L0  audit      event shapes and types
+//!     observe    the executor's duration histograms (process-wide)
 //!     cli        the flags of `slipway-controller` (clap)
 //!     pki/       crypto (the rustls backend, random ids, fingerprints) <
 //!                ca (the CA in the data dir; node, operator and server
@@ -34,6 +35,10 @@
 //!                summary, pure) < wire (both as API messages)
 //!     rollout/   policy (batches, next_step: pure) < plan < executor
 //! L5  api/       the Control service: authorization, selection, streams
+//!     metrics    /metrics: the fleet, deployments and the controller in
+//!                the Prometheus text format, with observe's histograms
+//!     http/      axum: health, browser sessions, the JSON API (uses api/),
+//!                /metrics (uses metrics), the web page
 //! L6  config     checked ServeConfig · server (wires it all and serves) ·
 //!     admin      token, operator, nodes, node revoke · Error (is_usage)
 //! ```
@@ -66,7 +71,10 @@ pub mod config;
 pub mod digitalocean;
 mod error;
 pub mod fleet;
+pub mod http;
 pub mod link;
+pub mod metrics;
+pub mod observe;
 pub mod pki;
 pub mod rollout;
 pub mod server;

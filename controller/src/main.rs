@@ -64,6 +64,7 @@ async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
         Command::Operator(OperatorCommand::List(args)) => admin::operator_list(args).await,
         Command::Operator(OperatorCommand::Revoke(args)) => admin::operator_revoke(args).await,
         Command::Nodes(args) => admin::nodes(args).await,
+        Command::Metrics(args) => admin::metrics(args).await,
         Command::Node(NodeCommand::Revoke(args)) => admin::node_revoke(args).await,
         Command::Backup(args) => admin::backup(args).await,
         Command::Restore(args) => admin::restore(args).await,

@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The HTTP listener could not start.
+    #[error("http: {0}")]
+    Http(String),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -151,6 +154,7 @@ async fn serve_notifying(
         server_cert_renew_at = %crate::rfc3339(identity.renew_at()),
         "controller listening"
     );
+    let server_cert_for_http = server_cert.clone();
     let renewal = Renewal {
         ca: ca.clone(),
         data_dir: config.data_dir.clone(),
@@ -179,6 +183,31 @@ async fn serve_notifying(
         artifacts,
         config.data_dir.clone(),
     );
+    let http = match config.http {
+        Some(settings) => Some(
+            start_http(
+                config,
+                settings,
+                &server_cert_for_http,
+                crate::http::HttpState::with_metrics(
+                    store.clone(),
+                    sessions.clone(),
+                    control.clone(),
+                    CancellationToken::new(),
+                    Some(crate::http::MetricsScrape {
+                        scraper: crate::metrics::Scraper::new(
+                            store.clone(),
+                            sessions.clone(),
+                            &config.data_dir,
+                        ),
+                        loopback_no_auth: settings.metrics_loopback_no_auth,
+                    }),
+                ),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     store
         .record_controller_start(crate::now_unix(), config.unreachable_after)
         .await?;
@@ -253,6 +282,10 @@ async fn serve_notifying(
         )
         .await;
     stop_polling.cancel();
+    if let Some((stop, task)) = http {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     let _ = poller.await;
     let _ = renewer.await;
     let _ = rotation.await;
@@ -264,6 +297,56 @@ async fn serve_notifying(
     }
     served?;
     Ok(())
+}
+
+/// Binds the HTTP listener, writes `--http-ready-file`, and serves the
+/// HTTP API on it (TLS with the server certificate, or plain on loopback)
+/// until the returned sender fires.
+async fn start_http(
+    config: &ServeConfig,
+    settings: crate::config::HttpSettings,
+    server_cert: &tls::ServerCert,
+    state: crate::http::HttpState,
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    ServeError,
+> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServeError::Http(e.to_string()))?;
+    let tls_config = if settings.plain {
+        tracing::warn!(addr = %local, "http api listening WITHOUT TLS (plain HTTP, loopback only)");
+        None
+    } else {
+        tracing::info!(addr = %local, "http api listening (https, the controller's server certificate)");
+        Some(crate::http::tls_config(server_cert.clone())?)
+    };
+    if let Some(path) = &config.http_ready_file {
+        write_ready_file(path, local).map_err(|source| ServeError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let served = crate::http::serve(listener, tls_config, state, async {
+            let _ = stopped.await;
+        })
+        .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "http server failed");
+        }
+    });
+    Ok((stop, task))
 }
 
 /// Longest sleep between two looks at the wall clock while waiting to renew

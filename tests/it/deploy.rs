@@ -131,10 +131,10 @@ fn slipway_deploy_reaches_three_agents_and_reports_a_failing_node() {
 /// An HTTPS file server (Python's, with TLS) on 127.0.0.1 serving `dir`,
 /// with a certificate for 127.0.0.1 from a CA made here; logs each request
 /// path to `<dir>/../hits`.
-struct HttpsFiles {
+pub(crate) struct HttpsFiles {
     child: std::process::Child,
     port: u16,
-    ca_pem: std::path::PathBuf,
+    pub(crate) ca_pem: std::path::PathBuf,
     hits: std::path::PathBuf,
 }
 
@@ -158,7 +158,7 @@ httpd.serve_forever()
 "#;
 
 impl HttpsFiles {
-    fn start(work: &std::path::Path, files: &std::path::Path) -> Self {
+    pub(crate) fn start(work: &std::path::Path, files: &std::path::Path) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -198,7 +198,7 @@ impl HttpsFiles {
         }
     }
 
-    fn url(&self, name: &str) -> String {
+    pub(crate) fn url(&self, name: &str) -> String {
         format!("https://127.0.0.1:{}/{name}", self.port)
     }
 

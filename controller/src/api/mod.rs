@@ -34,6 +34,7 @@ use crate::rollout::{self, Action, Plan, Target};
 use crate::store::{Store, StoreError};
 
 mod error;
+pub mod live;
 
 use error::validated;
 pub use error::ApiError;
@@ -75,6 +76,18 @@ pub struct ControlService {
     artifacts: Artifacts,
     /// The data dir: the CA and server certificate whose health status shows.
     data_dir: std::path::PathBuf,
+    /// Every deployment started here, for followers by id.
+    live: live::Live,
+}
+
+/// A deployment that has started: its id and its events.
+#[derive(Debug)]
+pub struct Started {
+    /// `d-…`.
+    pub deployment_id: String,
+    /// Its events, the first being `Started`; the deployment runs on if
+    /// this is dropped.
+    pub events: tokio::sync::mpsc::Receiver<DeployEvent>,
 }
 
 fn bearer<T>(request: &Request<T>) -> Option<String> {
@@ -85,7 +98,8 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
     Some(token.trim().to_owned())
 }
 
-fn scopes_text(caller: &Caller) -> String {
+/// Text of a caller's scopes, comma separated.
+pub(crate) fn scopes_text(caller: &Caller) -> String {
     caller
         .scopes
         .iter()
@@ -99,6 +113,44 @@ fn selector_json(selector: Option<&Selector>) -> serde_json::Value {
         Some(selector::Target::Tag(tag)) => serde_json::json!({ "tag": tag }),
         Some(selector::Target::Node(node)) => serde_json::json!({ "node": node }),
         None => serde_json::json!({}),
+    }
+}
+
+/// The best name a refused call's audit event has for its caller: the token
+/// or operator, else the peer address.
+pub(crate) fn refusal_actor(err: &ApiError, token: Option<&str>, peer: &str) -> String {
+    match err {
+        ApiError::Scope { token, .. } => Some(token.clone()),
+        ApiError::Operator(op) => match &**op {
+            OperatorError::Revoked(id) => Some(id.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+    .or_else(|| token.and_then(apitoken::token_id).map(ToOwned::to_owned))
+    .unwrap_or_else(|| peer.to_owned())
+}
+
+/// Logs and audits a refused call as API_CALL_REFUSED (every front door,
+/// gRPC and HTTP, refuses through here).
+pub(crate) async fn record_refusal(
+    store: &Store,
+    actor: &str,
+    peer: &str,
+    what: &str,
+    err: &ApiError,
+) {
+    tracing::warn!(%actor, %peer, %err, "api call refused");
+    let event = AuditEvent::error(
+        audit::API_CALL_REFUSED,
+        actor,
+        "api",
+        what,
+        serde_json::json!({ "peer": peer, "call": what }),
+        err.to_string(),
+    );
+    if let Err(err) = store.audit(&event, crate::now_unix()).await {
+        tracing::error!(%err, "could not record audit event");
     }
 }
 
@@ -117,7 +169,13 @@ impl ControlService {
             commands,
             artifacts,
             data_dir,
+            live: live::Live::default(),
         }
+    }
+
+    /// Running deployments' events, by deployment id.
+    pub fn live(&self) -> &live::Live {
+        &self.live
     }
 
     /// Authenticates the call and checks `allowed`; on refusal records
@@ -155,22 +213,7 @@ impl ControlService {
             Ok(caller) => Ok(caller),
             Err(err) => {
                 let peer = crate::peer_addr(request);
-                // The best name we have: the token or operator, else the peer.
-                let actor = match &err {
-                    ApiError::Scope { token, .. } => Some(token.clone()),
-                    ApiError::Operator(op) => match &**op {
-                        OperatorError::Revoked(id) => Some(id.clone()),
-                        _ => None,
-                    },
-                    _ => None,
-                }
-                .or_else(|| {
-                    token
-                        .as_deref()
-                        .and_then(apitoken::token_id)
-                        .map(ToOwned::to_owned)
-                })
-                .unwrap_or_else(|| peer.clone());
+                let actor = refusal_actor(&err, token.as_deref(), &peer);
                 self.refused(&actor, &peer, what, &err).await;
                 Err(err.into())
             }
@@ -178,18 +221,7 @@ impl ControlService {
     }
 
     async fn refused(&self, actor: &str, peer: &str, what: &str, err: &ApiError) {
-        tracing::warn!(%actor, %peer, %err, "api call refused");
-        let event = AuditEvent::error(
-            audit::API_CALL_REFUSED,
-            actor,
-            "api",
-            what,
-            serde_json::json!({ "peer": peer, "call": what }),
-            err.to_string(),
-        );
-        if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
-            tracing::error!(%err, "could not record audit event");
-        }
+        record_refusal(&self.store, actor, peer, what, err).await;
     }
 
     /// The enrolled, non-revoked nodes a selector names.
@@ -250,22 +282,38 @@ impl ControlService {
             .collect())
     }
 
+    /// Starts `plan` (one deployment per app: [`StoreError::AppBusy`]) and
+    /// registers its events with [`Self::live`].
+    async fn start_plan(&self, plan: Plan) -> Result<Started, ApiError> {
+        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan).await?;
+        let first = events.recv().await;
+        let deployment_id = match first.as_ref().and_then(|e| e.kind.as_ref()) {
+            Some(slipway_proto::v1::deploy_event::Kind::Started(started)) => {
+                started.deployment_id.clone()
+            }
+            _ => {
+                return Err(ApiError::Store(StoreError::Integrity(
+                    "a deployment's first event was not Started".to_owned(),
+                )))
+            }
+        };
+        let Some(first) = first else {
+            return Err(ApiError::Store(StoreError::Integrity(
+                "a deployment sent no event".to_owned(),
+            )));
+        };
+        let events = self.live.follow(&deployment_id, first, events);
+        Ok(Started {
+            deployment_id,
+            events,
+        })
+    }
+
     async fn run_plan(
         &self,
         plan: Plan,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan)
-            .await
-            .map_err(ApiError::from)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                if tx.send(Ok(event)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(ReceiverStream::new(rx))
+        Ok(forward(self.start_plan(plan).await?.events))
     }
 
     /// Restart and Prune: checks the app name and rollout, then the token's
@@ -279,21 +327,157 @@ impl ControlService {
         action: Action,
         rollout: Option<&slipway_proto::v1::Rollout>,
     ) -> Result<ReceiverStream<Result<DeployEvent, Status>>, Status> {
-        let rollout = rollout::Rollout::from_proto(rollout).map_err(ApiError::from)?;
+        rollout::Rollout::from_proto(rollout).map_err(ApiError::from)?;
         let what = format!("{verb} app {app}");
         let caller = self
             .authorize(request, &what, |c| c.can_deploy(app))
             .await?;
+        let started = self
+            .command_for(&caller, app, selector, action, rollout)
+            .await?;
+        Ok(forward(started.events))
+    }
+
+    /// Restart, stop, start or prune `app` for `caller`, whose
+    /// `deploy:<app>` scope was checked: selects the nodes and starts the
+    /// deployment. (The gRPC and HTTP APIs both call this.)
+    pub async fn command_for(
+        &self,
+        caller: &Caller,
+        app: &str,
+        selector: Option<&Selector>,
+        action: Action,
+        rollout: Option<&slipway_proto::v1::Rollout>,
+    ) -> Result<Started, ApiError> {
+        let rollout = rollout::Rollout::from_proto(rollout)?;
         let targets = self.select(selector).await?;
         let plan = Plan {
             app: app.to_owned(),
             action,
             targets,
-            actor: caller.token_id,
+            actor: caller.token_id.clone(),
             selector: selector_json(selector),
             rollout,
         };
-        self.run_plan(plan).await
+        self.start_plan(plan).await
+    }
+
+    /// Deploy for `caller`, whose `deploy:<app>` scope was checked and whose
+    /// request passed [`validated`]: checks the artifact (uploaded, or an
+    /// https URL), the rollout and the selector, then starts it.
+    pub async fn deploy_for(
+        &self,
+        caller: &Caller,
+        req: DeployRequest,
+    ) -> Result<Started, ApiError> {
+        if req.artifact_url.is_empty() {
+            if !self.artifacts.contains(&req.sha256).await? {
+                return Err(ApiError::NoArtifact(req.sha256.clone()));
+            }
+        } else {
+            check_artifact_url(&req.artifact_url)?;
+        }
+        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
+        let release_id = if req.release_id.is_empty() {
+            rollout::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
+        } else {
+            req.release_id.clone()
+        };
+        let targets = self.select(req.selector.as_ref()).await?;
+        let plan = Plan {
+            app: req.app,
+            action: Action::Deploy {
+                release_id,
+                sha256: req.sha256,
+                git_sha: req.git_sha,
+                artifact_url: req.artifact_url,
+            },
+            targets,
+            actor: caller.token_id.clone(),
+            selector: selector_json(req.selector.as_ref()),
+            rollout,
+        };
+        self.start_plan(plan).await
+    }
+
+    /// Rollback for `caller` (scope checked, request validated).
+    pub async fn rollback_for(
+        &self,
+        caller: &Caller,
+        req: RollbackRequest,
+    ) -> Result<Started, ApiError> {
+        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
+        let targets = self.select(req.selector.as_ref()).await?;
+        let plan = Plan {
+            app: req.app,
+            action: Action::Rollback {
+                to_release_id: req.to_release_id,
+            },
+            targets,
+            actor: caller.token_id.clone(),
+            selector: selector_json(req.selector.as_ref()),
+            rollout,
+        };
+        self.start_plan(plan).await
+    }
+
+    /// The fleet summary `slipway status` and `GET /api/v1/status` show:
+    /// nodes, apps, deployments, certificate health and a CA rotation in
+    /// progress (`refresh`: every node asked for a fresh heartbeat first).
+    pub async fn fleet_status_for(
+        &self,
+        app: Option<&str>,
+        refresh: bool,
+    ) -> Result<slipway_proto::v1::FleetStatus, ApiError> {
+        let refresh = if refresh {
+            Some(self.refresh().await?)
+        } else {
+            None
+        };
+        let now = crate::now_unix();
+        let mut views = fleet::nodes(&self.store, now).await?;
+        fleet::apply_sessions(&mut views, |id| self.sessions.contains(id));
+        let connected: Vec<String> = views
+            .iter()
+            .filter(|v| self.sessions.contains(&v.id))
+            .map(|v| v.id.clone())
+            .collect();
+        let deployments = self.store.last_deployments(app).await?;
+        // A certificate that cannot be read is a problem status shows, not
+        // a failed call: the rest of the summary still helps.
+        let (certs, unreadable) =
+            match fleet::certs::system_cert_health(&self.data_dir, &self.store, now).await {
+                Ok(certs) => (Some(certs), None),
+                Err(err) => (None, Some(format!("certificate health unknown: {err}"))),
+            };
+        let mut status = fleet::summarize_status(
+            &views,
+            &fleet::StatusInputs {
+                app,
+                connected: &connected,
+                refresh: refresh.as_ref(),
+                deployments: &deployments,
+                now,
+                certs: certs.as_ref(),
+            },
+        );
+        status.problems.extend(unreadable);
+        let rotation = self.ca_rotation().await;
+        if let Some(r) = &rotation {
+            status.notes.push(format!(
+                "CA rotation started {}: {}",
+                crate::rfc3339(r.started_at),
+                if r.lagging_nodes.is_empty() {
+                    "every live node is on the new CA (slipway-controller ca rotate finish)"
+                        .to_owned()
+                } else {
+                    format!("still on the old CA: {}", r.lagging_nodes.join(", "))
+                }
+            ));
+        }
+        let mut wire: slipway_proto::v1::FleetStatus = (&status).into();
+        wire.ca_rotation = rotation;
+        Ok(wire)
     }
 
     /// Asks every enrolled, non-revoked node for a fresh heartbeat (a
@@ -353,27 +537,10 @@ impl ControlService {
         kind: &UploadKind,
     ) -> Result<Response<UploadArtifactResponse>, Status> {
         let peer = crate::peer_addr(&request);
-        match self.try_upload(store, request.into_inner()).await {
-            Ok(done) => {
-                let event = AuditEvent::success(
-                    kind.audit_kind,
-                    &caller.token_id,
-                    kind.target_kind,
-                    &done.sha256,
-                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
-                );
-                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
-                    tracing::error!(%err, "could not record audit event");
-                }
-                tracing::info!(sha256 = %done.sha256, size = done.size, "{} uploaded", kind.noun);
-                Ok(Response::new(done))
-            }
-            Err(err) => {
-                let what = format!("upload {}", kind.noun);
-                self.refused(&caller.token_id, &peer, &what, &err).await;
-                Err(err.into())
-            }
-        }
+        let received = self.try_upload(store, request.into_inner()).await;
+        Ok(Response::new(
+            self.uploaded(caller, &peer, received, kind).await?,
+        ))
     }
 
     async fn try_upload(
@@ -386,47 +553,120 @@ impl ControlService {
             .await
             .map_err(|s| ApiError::Invalid(format!("upload stream: {}", s.message())))?
             .ok_or_else(|| ApiError::Invalid("empty upload".to_owned()))?;
-        artifacts::check_digest(&first.sha256)?;
-        let sha256 = first.sha256;
-        // One stat answers both "is it there?" and its size. The stored copy
-        // was verified against its digest when it came; a client whose file
-        // has another size does not hold that artifact (its CLI hashes the
-        // file before it asks, so this catches a client that did not).
-        match store.size(&sha256).await {
-            Ok(stored) if stored == first.size => {
-                return Ok(UploadArtifactResponse {
-                    sha256,
-                    size: stored,
-                    already_present: true,
-                })
+        let rest = futures_util::stream::unfold(inbound, |mut inbound| async move {
+            match inbound.message().await {
+                Ok(Some(chunk)) => Some((Ok(chunk.data), inbound)),
+                Ok(None) => None,
+                Err(s) => Some((
+                    Err(ApiError::Invalid(format!("upload stream: {}", s.message()))),
+                    inbound,
+                )),
             }
-            Ok(stored) => {
-                return Err(ArtifactError::NotThatArtifact {
-                    sha256,
-                    stored,
-                    declared: first.size,
-                }
-                .into())
-            }
-            Err(ArtifactError::NotFound(_)) => {}
-            Err(err) => return Err(err.into()),
-        }
-        let mut upload = store.upload(&sha256, first.size).await?;
-        upload.write(&first.data).await?;
-        while let Some(chunk) = inbound
-            .message()
-            .await
-            .map_err(|s| ApiError::Invalid(format!("upload stream: {}", s.message())))?
-        {
-            upload.write(&chunk.data).await?;
-        }
-        let size = upload.finish().await?;
-        Ok(UploadArtifactResponse {
-            sha256,
-            size,
-            already_present: false,
-        })
+        });
+        receive_upload(store, first.sha256, first.size, first.data, rest).await
     }
+
+    /// An artifact upload over HTTP by `caller` (who may deploy some app,
+    /// checked by the caller): the same checks and store as UploadArtifact,
+    /// audited ARTIFACT_UPLOADED, or API_CALL_REFUSED when refused.
+    pub async fn upload_for<S>(
+        &self,
+        caller: &Caller,
+        peer: &str,
+        sha256: String,
+        size: u64,
+        chunks: S,
+    ) -> Result<UploadArtifactResponse, ApiError>
+    where
+        S: futures_util::Stream<Item = Result<Vec<u8>, ApiError>> + Send,
+    {
+        let received = receive_upload(&self.artifacts, sha256, size, Vec::new(), chunks).await;
+        self.uploaded(caller, peer, received, &ARTIFACT_UPLOAD).await
+    }
+
+    /// Audits and logs an upload's outcome as `kind` says; a refused
+    /// upload is audited as a refused call.
+    async fn uploaded(
+        &self,
+        caller: &Caller,
+        peer: &str,
+        received: Result<UploadArtifactResponse, ApiError>,
+        kind: &UploadKind,
+    ) -> Result<UploadArtifactResponse, ApiError> {
+        match received {
+            Ok(done) => {
+                let event = AuditEvent::success(
+                    kind.audit_kind,
+                    &caller.token_id,
+                    kind.target_kind,
+                    &done.sha256,
+                    serde_json::json!({ "size": done.size, "already_present": done.already_present }),
+                );
+                if let Err(err) = self.store.audit(&event, crate::now_unix()).await {
+                    tracing::error!(%err, "could not record audit event");
+                }
+                tracing::info!(sha256 = %done.sha256, size = done.size, "{} uploaded", kind.noun);
+                Ok(done)
+            }
+            Err(err) => {
+                let what = format!("upload {}", kind.noun);
+                self.refused(&caller.token_id, peer, &what, &err).await;
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Receives an upload of `size` bytes with digest `sha256` into `store`:
+/// `first` then the `rest` of the bytes. Already stored with that size:
+/// nothing is written (`already_present`); another size: refused.
+async fn receive_upload<S>(
+    store: &Artifacts,
+    sha256: String,
+    size: u64,
+    first: Vec<u8>,
+    rest: S,
+) -> Result<UploadArtifactResponse, ApiError>
+where
+    S: futures_util::Stream<Item = Result<Vec<u8>, ApiError>>,
+{
+    use futures_util::StreamExt as _;
+    artifacts::check_digest(&sha256)?;
+    // One stat answers both "is it there?" and its size. The stored copy
+    // was verified against its digest when it came; a client whose file
+    // has another size does not hold that artifact (its CLI hashes the
+    // file before it asks, so this catches a client that did not).
+    match store.size(&sha256).await {
+        Ok(stored) if stored == size => {
+            return Ok(UploadArtifactResponse {
+                sha256,
+                size: stored,
+                already_present: true,
+            })
+        }
+        Ok(stored) => {
+            return Err(ArtifactError::NotThatArtifact {
+                sha256,
+                stored,
+                declared: size,
+            }
+            .into())
+        }
+        Err(ArtifactError::NotFound(_)) => {}
+        Err(err) => return Err(err.into()),
+    }
+    let mut upload = store.upload(&sha256, size).await?;
+    upload.write(&first).await?;
+    let mut rest = std::pin::pin!(rest);
+    while let Some(chunk) = rest.next().await {
+        upload.write(&chunk?).await?;
+    }
+    let size = upload.finish().await?;
+    Ok(UploadArtifactResponse {
+        sha256,
+        size,
+        already_present: false,
+    })
 }
 
 #[tonic::async_trait]
@@ -506,40 +746,8 @@ impl Control for ControlService {
         let caller = self
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
-        let req = request.into_inner();
-        let checked = async {
-            if req.artifact_url.is_empty() {
-                if !self.artifacts.contains(&req.sha256).await? {
-                    return Err(ApiError::NoArtifact(req.sha256.clone()));
-                }
-            } else {
-                check_artifact_url(&req.artifact_url)?;
-            }
-            let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
-            let release_id = if req.release_id.is_empty() {
-                rollout::default_release_id(&req.sha256, time::OffsetDateTime::now_utc())
-            } else {
-                req.release_id.clone()
-            };
-            let targets = self.select(req.selector.as_ref()).await?;
-            Ok((release_id, targets, rollout))
-        }
-        .await;
-        let (release_id, targets, rollout) = checked.map_err(Status::from)?;
-        let plan = Plan {
-            app: req.app,
-            action: Action::Deploy {
-                release_id,
-                sha256: req.sha256,
-                git_sha: req.git_sha,
-                artifact_url: req.artifact_url,
-            },
-            targets,
-            actor: caller.token_id,
-            selector: selector_json(req.selector.as_ref()),
-            rollout,
-        };
-        Ok(Response::new(self.run_plan(plan).await?))
+        let started = self.deploy_for(&caller, request.into_inner()).await?;
+        Ok(Response::new(forward(started.events)))
     }
 
     async fn rollback(
@@ -552,20 +760,8 @@ impl Control for ControlService {
         let caller = self
             .authorize(&request, &what, |c| c.can_deploy(&app))
             .await?;
-        let req = request.into_inner();
-        let rollout = rollout::Rollout::from_proto(req.rollout.as_ref()).map_err(ApiError::from)?;
-        let targets = self.select(req.selector.as_ref()).await?;
-        let plan = Plan {
-            app: req.app,
-            action: Action::Rollback {
-                to_release_id: req.to_release_id,
-            },
-            targets,
-            actor: caller.token_id,
-            selector: selector_json(req.selector.as_ref()),
-            rollout,
-        };
-        Ok(Response::new(self.run_plan(plan).await?))
+        let started = self.rollback_for(&caller, request.into_inner()).await?;
+        Ok(Response::new(forward(started.events)))
     }
 
     async fn restart(
@@ -731,61 +927,10 @@ impl Control for ControlService {
         let req = request.into_inner();
         validated(&req)?;
         let app = (!req.app.is_empty()).then_some(req.app.as_str());
-        let refresh = if req.refresh {
-            Some(self.refresh().await?)
-        } else {
-            None
-        };
-        let now = crate::now_unix();
-        let mut views = fleet::nodes(&self.store, now)
-            .await
-            .map_err(ApiError::from)?;
-        fleet::apply_sessions(&mut views, |id| self.sessions.contains(id));
-        let connected: Vec<String> = views
-            .iter()
-            .filter(|v| self.sessions.contains(&v.id))
-            .map(|v| v.id.clone())
-            .collect();
-        let deployments = self
-            .store
-            .last_deployments(app)
-            .await
-            .map_err(ApiError::from)?;
-        // A certificate that cannot be read is a problem status shows, not
-        // a failed call: the rest of the summary still helps.
-        let (certs, unreadable) =
-            match fleet::certs::system_cert_health(&self.data_dir, &self.store, now).await {
-                Ok(certs) => (Some(certs), None),
-                Err(err) => (None, Some(format!("certificate health unknown: {err}"))),
-            };
-        let mut status = fleet::summarize_status(
-            &views,
-            &fleet::StatusInputs {
-                app,
-                connected: &connected,
-                refresh: refresh.as_ref(),
-                deployments: &deployments,
-                now,
-                certs: certs.as_ref(),
-            },
-        );
-        status.problems.extend(unreadable);
-        let rotation = self.ca_rotation().await;
-        if let Some(r) = &rotation {
-            status.notes.push(format!(
-                "CA rotation started {}: {}",
-                crate::rfc3339(r.started_at),
-                if r.lagging_nodes.is_empty() {
-                    "every live node is on the new CA (slipway-controller ca rotate finish)"
-                        .to_owned()
-                } else {
-                    format!("still on the old CA: {}", r.lagging_nodes.join(", "))
-                }
-            ));
-        }
-        let mut wire: slipway_proto::v1::FleetStatus = (&status).into();
-        wire.ca_rotation = rotation;
-        Ok(Response::new(FleetStatusResponse { status: Some(wire) }))
+        let status = self.fleet_status_for(app, req.refresh).await?;
+        Ok(Response::new(FleetStatusResponse {
+            status: Some(status),
+        }))
     }
 }
 
@@ -819,9 +964,24 @@ impl ControlService {
     }
 }
 
+/// A deployment's events as the gRPC stream sends them.
+fn forward(
+    mut events: tokio::sync::mpsc::Receiver<DeployEvent>,
+) -> ReceiverStream<Result<DeployEvent, Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if tx.send(Ok(event)).await.is_err() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 /// An artifact URL agents can download from: `https://HOST/...`, no
 /// whitespace or control characters, at most [`limits::MAX_URL`] bytes.
-fn check_artifact_url(url: &str) -> Result<(), ApiError> {
+pub(crate) fn check_artifact_url(url: &str) -> Result<(), ApiError> {
     let invalid =
         |why: &str| ApiError::Invalid(format!("artifact_url {} {why}", limits::shown(url)));
     let Some(rest) = url.strip_prefix("https://") else {

@@ -215,6 +215,24 @@ pub async fn authenticate(store: &Store, token: &str) -> Result<Caller, ApiToken
     })
 }
 
+/// The caller a stored, non-revoked token `id` makes (a browser session
+/// acts for the token it was opened with; its secret was checked at login).
+pub async fn caller_by_id(store: &Store, id: &str) -> Result<Caller, ApiTokenError> {
+    let row = store.api_token(id).await?.ok_or(ApiTokenError::Unknown)?;
+    if row.revoked_at.is_some() {
+        return Err(ApiTokenError::Unknown);
+    }
+    let scopes = row
+        .scopes
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<Scope>, _>>()?;
+    Ok(Caller {
+        token_id: row.id,
+        scopes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

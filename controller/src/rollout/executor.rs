@@ -195,6 +195,7 @@ pub async fn start(
         sessions: sessions.clone(),
         commands: commands.clone(),
         deployment_id,
+        started: Instant::now(),
         plan,
         batches,
         command_ids,
@@ -215,6 +216,8 @@ struct InFlight {
     sent_at: Instant,
     /// When the node is failed if it has not answered.
     deadline: Instant,
+    /// The step the node last reported and since when (for /metrics).
+    step: Option<(String, Instant)>,
 }
 
 /// How a stopped rollout ended for the nodes it had not finished.
@@ -237,6 +240,8 @@ struct Run {
     sessions: Sessions,
     commands: Commands,
     deployment_id: String,
+    /// When it started (its duration on /metrics).
+    started: Instant,
     plan: Plan,
     batches: Vec<Batch>,
     /// Command id per target.
@@ -298,6 +303,7 @@ impl Run {
                 index,
                 sent_at: now,
                 deadline: now + COMMAND_TIMEOUT,
+                step: None,
             },
         );
         true
@@ -327,6 +333,16 @@ impl Run {
                     let index = flight.index;
                     match ev {
                         NodeEvent::Progress(p) => {
+                            let kind = self.plan.action.kind();
+                            match &flight.step {
+                                Some((step, _)) if *step == p.step => {}
+                                _ => {
+                                    let next = (p.step.clone(), Instant::now());
+                                    if let Some((step, since)) = flight.step.replace(next) {
+                                        crate::observe::observe_step(kind, &step, since.elapsed());
+                                    }
+                                }
+                            }
                             let target = &self.plan.targets[index];
                             self.emit(deploy_event::Kind::Progress(NodeProgress {
                                 node_id: target.node_id.clone(),
@@ -337,6 +353,11 @@ impl Run {
                             }));
                         }
                         NodeEvent::Result(r) => {
+                            let kind = self.plan.action.kind();
+                            if let Some((step, since)) = flight.step.take() {
+                                crate::observe::observe_step(kind, &step, since.elapsed());
+                            }
+                            crate::observe::observe_node(kind, outcome_text(r.outcome), flight.sent_at.elapsed());
                             inflight.remove(&command_id);
                             self.commands.forget(&command_id);
                             let mut result = self.result(index, Outcome::Failed, &r.release_id, &r.message);
@@ -677,6 +698,11 @@ impl Run {
             )
         };
         let status = if succeeded { "succeeded" } else { "failed" };
+        crate::observe::observe_deployment(
+            self.plan.action.kind(),
+            succeeded,
+            self.started.elapsed(),
+        );
         let stop_reason = stopped.as_ref().map_or("", |s| s.reason.as_str());
         if let Err(err) = self
             .store

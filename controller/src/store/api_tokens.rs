@@ -118,6 +118,11 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        // Its browser sessions end with it.
+        sqlx::query("DELETE FROM web_sessions WHERE token_id = ?1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         insert_audit(&mut tx, event, now).await?;
         tx.commit().await?;
         Ok(Some(true))

@@ -85,6 +85,61 @@ impl Store {
     }
 }
 
+/// Which audit events [`Store::audit_events_filtered`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// At or after (seconds since the epoch).
+    pub since: Option<i64>,
+    /// Before (seconds since the epoch).
+    pub until: Option<i64>,
+    /// Event type, e.g. DEPLOY_FAILED.
+    pub kind: Option<String>,
+    /// Events about this app (their details' `app`).
+    pub app: Option<String>,
+    /// At most this many, the newest.
+    pub limit: u32,
+}
+
+impl Store {
+    /// Audit events matching `filter`, newest first.
+    pub async fn audit_events_filtered(
+        &self,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, created_at, event_type, actor, resource_type, resource_id, details,
+                    status, error_message
+             FROM audit_events
+             WHERE (?1 IS NULL OR created_at >= ?1) AND (?2 IS NULL OR created_at < ?2)
+               AND (?3 IS NULL OR event_type = ?3)
+               AND (?4 IS NULL OR json_extract(details, '$.app') = ?4)
+             ORDER BY created_at DESC, rowid DESC LIMIT ?5",
+        )
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.kind.as_deref())
+        .bind(filter.app.as_deref())
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    id: row.try_get("id")?,
+                    created_at: row.try_get("created_at")?,
+                    event_type: row.try_get("event_type")?,
+                    actor: row.try_get("actor")?,
+                    resource_type: row.try_get("resource_type")?,
+                    resource_id: row.try_get("resource_id")?,
+                    details: json_column(&row, "details", "audit_events.details")?,
+                    status: row.try_get("status")?,
+                    error_message: row.try_get("error_message")?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Inserts an audit event on `conn` (a pooled connection or a transaction).
 pub(super) async fn insert_audit(
     conn: &mut SqliteConnection,

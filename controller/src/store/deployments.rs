@@ -87,6 +87,19 @@ pub struct DeploymentNodeRecord {
     pub finished_at: Option<i64>,
 }
 
+/// How many deployments of one app, kind and status are recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentCount {
+    /// The app.
+    pub app: String,
+    /// "deploy", "rollback", "restart", "prune", ...
+    pub kind: String,
+    /// "running", "succeeded" or "failed".
+    pub status: String,
+    /// How many.
+    pub count: u64,
+}
+
 impl Store {
     /// Records a deployment (status running), its pending per-node rows and
     /// the start audit event, together; refused with
@@ -331,6 +344,28 @@ impl Store {
             .collect()
     }
 
+    /// How many deployments are recorded, by app, kind and status
+    /// ("running", "succeeded", "failed"), for /metrics.
+    pub async fn deployment_counts(&self) -> Result<Vec<DeploymentCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT app, kind, status, COUNT(*) AS n FROM deployments
+             GROUP BY app, kind, status ORDER BY app, kind, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let n: i64 = row.try_get("n")?;
+                Ok(DeploymentCount {
+                    app: row.try_get("app")?,
+                    kind: row.try_get("kind")?,
+                    status: row.try_get("status")?,
+                    count: u64::try_from(n).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     /// The latest deployment of each app (of `app` only, if given), by app
     /// name, with its per-node results.
     pub async fn last_deployments(
@@ -352,42 +387,100 @@ impl Store {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let id: String = row.try_get("id")?;
-            let nodes = sqlx::query(
-                "SELECT dn.node_id, COALESCE(n.name, '') AS node_name, dn.outcome,
-                        dn.release_id, dn.message, dn.finished_at
-                 FROM deployment_nodes dn LEFT JOIN nodes n ON n.id = dn.node_id
-                 WHERE dn.deployment_id = ?1 ORDER BY node_name, dn.node_id",
-            )
-            .bind(&id)
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|n| {
-                Ok(DeploymentNodeRecord {
-                    node_id: n.try_get("node_id")?,
-                    node_name: n.try_get("node_name")?,
-                    outcome: n.try_get("outcome")?,
-                    release_id: n.try_get("release_id")?,
-                    message: n.try_get("message")?,
-                    finished_at: n.try_get("finished_at")?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-            out.push(DeploymentRecord {
-                id,
-                kind: row.try_get("kind")?,
-                app: row.try_get("app")?,
-                release_id: row.try_get("release_id")?,
-                actor: row.try_get("actor")?,
-                status: row.try_get("status")?,
-                started_at: row.try_get("started_at")?,
-                finished_at: row.try_get("finished_at")?,
-                message: row.try_get("message")?,
-                nodes,
-            });
+            let nodes = self.deployment_node_records(&id).await?;
+            out.push(deployment_record(&row, id, nodes)?);
         }
         Ok(out)
     }
+
+    /// The per-node rows of a deployment, by node name.
+    async fn deployment_node_records(
+        &self,
+        id: &str,
+    ) -> Result<Vec<DeploymentNodeRecord>, StoreError> {
+        sqlx::query(
+            "SELECT dn.node_id, COALESCE(n.name, '') AS node_name, dn.outcome,
+                        dn.release_id, dn.message, dn.finished_at
+                 FROM deployment_nodes dn LEFT JOIN nodes n ON n.id = dn.node_id
+                 WHERE dn.deployment_id = ?1 ORDER BY node_name, dn.node_id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|n| {
+            Ok(DeploymentNodeRecord {
+                node_id: n.try_get("node_id")?,
+                node_name: n.try_get("node_name")?,
+                outcome: n.try_get("outcome")?,
+                release_id: n.try_get("release_id")?,
+                message: n.try_get("message")?,
+                finished_at: n.try_get("finished_at")?,
+            })
+        })
+        .collect()
+    }
+
+    /// Deployments, newest first, of `app` only if given, started before
+    /// `before` (seconds; paging), at most `limit`; without their nodes.
+    pub async fn deployments(
+        &self,
+        app: Option<&str>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message
+             FROM deployments
+             WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR started_at < ?2)
+             ORDER BY started_at DESC, rowid DESC LIMIT ?3",
+        )
+        .bind(app)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| deployment_record(row, row.try_get("id")?, Vec::new()))
+            .collect()
+    }
+
+    /// One deployment with its per-node results.
+    pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message
+             FROM deployments WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let nodes = self.deployment_node_records(id).await?;
+        Ok(Some(deployment_record(&row, id.to_owned(), nodes)?))
+    }
+}
+
+/// A `deployments` row (id, kind, app, release_id, actor, status,
+/// started_at, finished_at, message) with its nodes.
+fn deployment_record(
+    row: &sqlx::sqlite::SqliteRow,
+    id: String,
+    nodes: Vec<DeploymentNodeRecord>,
+) -> Result<DeploymentRecord, StoreError> {
+    Ok(DeploymentRecord {
+        id,
+        kind: row.try_get("kind")?,
+        app: row.try_get("app")?,
+        release_id: row.try_get("release_id")?,
+        actor: row.try_get("actor")?,
+        status: row.try_get("status")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        message: row.try_get("message")?,
+        nodes,
+    })
 }
 
 #[cfg(test)]

@@ -35,11 +35,15 @@ mod droplets;
 mod join_tokens;
 mod nodes;
 mod operators;
+mod web_sessions;
 
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;
+pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
-pub use deployments::{DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode};
+pub use deployments::{
+    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode,
+};
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
@@ -47,6 +51,7 @@ pub use nodes::{
     Release,
 };
 pub use operators::OperatorRow;
+pub use web_sessions::WebSessionRow;
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "controller.db";
@@ -60,6 +65,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0005_operators.sql"),
     include_str!("../../migrations/0006_unique_node_names.sql"),
     include_str!("../../migrations/0007_droplets.sql"),
+    include_str!("../../migrations/0008_web_sessions.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while

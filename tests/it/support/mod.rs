@@ -45,6 +45,11 @@ pub fn output_retrying(cmd: &mut Command) -> Output {
 /// A binary of this workspace, built by `cargo test --workspace` (which
 /// builds every package's binaries before running any test).
 pub fn bin(name: &str) -> PathBuf {
+    // A benchmark may measure binaries of another profile (a release
+    // controller under a debug-built bench): SLIPWAY_BIN_DIR names their dir.
+    if let Some(dir) = std::env::var_os("SLIPWAY_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let path = exe.parent().and_then(Path::parent).unwrap().join(name);
@@ -144,6 +149,35 @@ impl Controller {
         };
         c.restart();
         c
+    }
+
+    /// [`Controller::start`] with the HTTP API too, on a loopback port the
+    /// kernel picks (`--http-listen 127.0.0.1:0`, learnt from
+    /// `--http-ready-file`; see [`Controller::http_url`]).
+    pub fn start_http() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("http-ready");
+        let mut c = Self {
+            dir,
+            port: 0,
+            child: None,
+            serve_args: vec![
+                "--http-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+                "--http-ready-file".to_owned(),
+                ready.to_string_lossy().into_owned(),
+            ],
+            wrapper: Vec::new(),
+        };
+        c.restart();
+        c
+    }
+
+    /// `https://127.0.0.1:PORT` of the HTTP API of a controller started
+    /// with [`Controller::start_http`] (written before the gRPC ready file).
+    pub fn http_url(&self) -> String {
+        let addr = fs::read_to_string(self.dir.path().join("http-ready")).unwrap();
+        format!("https://{}", addr.trim())
     }
 
     /// The running controller's pid.

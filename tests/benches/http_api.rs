@@ -1,0 +1,197 @@
+//! HTTP API latency: `cargo build --release --workspace --bins && cargo
+//! bench -p slipway-e2e --bench http_api` (or with the debug binaries:
+//! `cargo bench -p slipway-e2e --bench http_api --profile dev`).
+//!
+//! A real `slipway-controller serve --http-listen` process with 1,000
+//! simulated agents connected: each enrolled with its own identity and
+//! holding its own mTLS gRPC session from this process (real handshakes),
+//! each having sent one heartbeat (metrics, one app), so the controller
+//! sees 1,000 live sessions and node rows. Then `wrk` (Debian's) loads
+//! `GET /api/v1/nodes` over HTTPS from loopback with an API token for a
+//! fixed time and prints p50/p99 (goal: p99 < 50 ms) and the throughput;
+//! and `/healthz` for the server's floor.
+//!
+//! `SLIPWAY_BENCH_QUICK=1`: 100 agents, 5 s runs.
+
+// A benchmark that cannot set up should stop with the reason.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "../it/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use slipway_agent::link;
+use slipway_proto::v1::{agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics};
+use support::Controller;
+
+/// The p99 goal for `/api/v1/nodes` with 1,000 agents.
+const GOAL_P99_MS: f64 = 50.0;
+
+fn main() {
+    let quick = std::env::var_os("SLIPWAY_BENCH_QUICK").is_some();
+    let (agents, duration) = if quick { (100, 5) } else { (1000, 20) };
+    let controller = Controller::start_http();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = controller.url();
+    let data = controller.data_dir();
+    let t = Instant::now();
+    // The sessions stay open (held here) for the whole measurement.
+    let _sessions = rt.block_on(async {
+        let store = slipway_controller::store::Store::open(&data).await.unwrap();
+        let ca = slipway_controller::pki::ca::Ca::load_or_create(&data).unwrap();
+        let mut sessions = Vec::new();
+        for i in 0..agents {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let token = slipway_controller::auth::token::create(
+                &store,
+                &ca.fingerprint(),
+                slipway_controller::auth::token::DEFAULT_TTL,
+                &[],
+                now,
+            )
+            .await
+            .unwrap()
+            .to_string();
+            let state = dir.path().join(format!("a{i}"));
+            link::enroll(&url, &token, &state, &format!("sim{i}"), false)
+                .await
+                .unwrap();
+            let session = link::connect(&url, &state, Hello::default()).await.unwrap();
+            let beat = Heartbeat {
+                unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+                metrics: Some(NodeMetrics {
+                    cpu_percent: 3.0,
+                    mem_used_bytes: 1 << 30,
+                    mem_total_bytes: 4 << 30,
+                    ..NodeMetrics::default()
+                }),
+                apps: vec![AppStatus {
+                    app: "web".into(),
+                    current_release: "v1".into(),
+                    health: "healthy".into(),
+                    ..AppStatus::default()
+                }],
+                agent_version: "bench".into(),
+                agent_rss_bytes: 8 << 20,
+            };
+            session
+                .outbound
+                .send(AgentMessage {
+                    kind: Some(agent_message::Kind::Heartbeat(beat)),
+                })
+                .await
+                .unwrap();
+            sessions.push(session);
+        }
+        sessions
+    });
+    println!(
+        "http_api: {agents} simulated agents (real mTLS gRPC sessions from this process) enrolled and connected in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let token = controller.api_token("read");
+    let base = controller.http_url();
+    // Every node online and its heartbeat stored before measuring.
+    support::wait_until("every node online", Duration::from_secs(120), || {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(controller.ca_pem())
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .arg(format!("{base}/api/v1/nodes"))
+            .output()
+            .unwrap();
+        let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        nodes
+            .iter()
+            .filter(|n| n["state"] == "online" && !n["apps"].as_array().unwrap().is_empty())
+            .count()
+            == agents
+    });
+    let size = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            "--cacert",
+        ])
+        .arg(controller.ca_pem())
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{base}/api/v1/nodes"))
+        .output()
+        .unwrap();
+    println!(
+        "  /api/v1/nodes answer: {} bytes for {agents} nodes",
+        String::from_utf8_lossy(&size.stdout)
+    );
+    for (path, connections) in [
+        ("/api/v1/nodes", 4),
+        ("/api/v1/nodes", 16),
+        ("/healthz", 16),
+    ] {
+        let (p50, p99, rps) = wrk(&base, path, &token, connections, duration);
+        let goal = if path == "/api/v1/nodes" {
+            format!(
+                " (goal p99 < {GOAL_P99_MS} ms: {})",
+                if p99 < GOAL_P99_MS { "met" } else { "MISSED" }
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  GET {path}, {connections} connections, {duration} s: p50 {p50:.2} ms, p99 {p99:.2} ms, {rps:.0} requests/s{goal}"
+        );
+    }
+}
+
+/// Runs `wrk --latency` (2 threads, `connections` keep-alive HTTPS
+/// connections, `seconds` long) and returns p50 and p99 in ms and
+/// requests per second.
+fn wrk(base: &str, path: &str, token: &str, connections: u32, seconds: u32) -> (f64, f64, f64) {
+    let out = Command::new("wrk")
+        .args(["--latency", "-t", "2"])
+        .args(["-c", &connections.to_string()])
+        .args(["-d", &format!("{seconds}s")])
+        .args(["--timeout", "10s"])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{base}{path}"))
+        .output()
+        .unwrap_or_else(|e| panic!("wrk is not installed ({e}): apt-get install wrk"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {text}");
+    assert!(!text.contains("Non-2xx"), "wrk got error answers:\n{text}");
+    let percentile = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(str::trim))
+            .map(millis)
+            .unwrap_or_else(|| panic!("no {p} line in:\n{text}"))
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in:\n{text}"));
+    (percentile("50%"), percentile("99%"), rps)
+}
+
+/// wrk's "1.23ms" / "456.00us" / "1.02s" in milliseconds.
+fn millis(text: &str) -> f64 {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    number.parse::<f64>().unwrap() * factor
+}
