@@ -1612,6 +1612,7 @@ mod tests {
             pm2_home: Some(dir.path().join("pm2-home")),
             pm2_bin: PathBuf::from("/bin/sh"),
             user: None,
+            ports: None,
         };
         let runner = Runner::new(&config).unwrap();
         let err = runner
@@ -1634,6 +1635,7 @@ mod tests {
             pm2_home: None,
             pm2_bin: PathBuf::from("/nonexistent/pm2"),
             user: None,
+            ports: None,
         };
         let err = Runner::new(&config).unwrap_err().to_string();
         assert_eq!(

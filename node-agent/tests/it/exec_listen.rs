@@ -169,3 +169,52 @@ fn failed_gate_and_an_app_that_refuses_the_socket_leave_the_old_release_serving(
     let log = fs::read_to_string(a.node.root.join(".slipway/run/output.log")).unwrap();
     assert!(log.contains("Address already in use"), "{log}");
 }
+
+/// `GET /` over the unix socket at `path`: the body of a 200.
+fn get_unix(path: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.0 200")
+        .then(|| out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+}
+
+#[test]
+fn a_unix_socket_address_is_held_and_handed_over_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("web.sock");
+    let node = Node::new(&format!(
+        r#"listen = "{}"
+
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py"]
+stop_grace = "5s"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "50ms"
+successes = 2
+start_period = "1s"
+deadline = "10s"
+"#,
+        sock.display()
+    ));
+    let a = App { node, port: 0 };
+    for v in ["v1", "v2", "v3"] {
+        let rep = a
+            .node
+            .deploy_json(&release(&a.node, v, None, true), v)
+            .json();
+        assert_eq!(rep["outcome"], "succeeded", "{rep:#}");
+        assert_eq!(get_unix(&sock).as_deref(), Some(v));
+    }
+    let s = status(&a.node);
+    let notes = s["apps"][0]["processes"]["notes"].to_string();
+    assert!(notes.contains(&sock.display().to_string()), "{s:#}");
+}
