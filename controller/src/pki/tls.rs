@@ -165,10 +165,21 @@ impl ClientTrust {
     }
 }
 
-/// A client certificate refused because it has expired: whose, and since
-/// when, so the refusal can say who must re-enroll.
+/// Why a client certificate that names someone was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertProblem {
+    /// Past its not-after.
+    Expired,
+    /// Not from a CA the controller trusts (one a CA rotation dropped).
+    UntrustedIssuer,
+}
+
+/// A client certificate refused because it has expired or comes from a CA
+/// no longer trusted: whose, so the refusal can say who must re-enroll.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExpiredClientCert {
+pub struct RefusedClientCert {
+    /// Why.
+    pub problem: ClientCertProblem,
     /// The certificate's common name: a node id (`n-…`) or an operator id
     /// (`op-…`); "" if it has none.
     pub subject: String,
@@ -178,23 +189,30 @@ pub struct ExpiredClientCert {
     pub refused_at: i64,
 }
 
-impl std::fmt::Display for ExpiredClientCert {
+impl std::fmt::Display for RefusedClientCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "client certificate of {} expired {} ago (not after {})",
-            if self.subject.is_empty() {
-                "(no name)"
-            } else {
-                &self.subject
-            },
-            slipway_proto::span(self.refused_at - self.not_after),
-            crate::rfc3339(self.not_after)
-        )
+        let subject = if self.subject.is_empty() {
+            "(no name)"
+        } else {
+            &self.subject
+        };
+        match self.problem {
+            ClientCertProblem::Expired => write!(
+                f,
+                "client certificate of {subject} expired {} ago (not after {})",
+                slipway_proto::span(self.refused_at - self.not_after),
+                crate::rfc3339(self.not_after)
+            ),
+            ClientCertProblem::UntrustedIssuer => write!(
+                f,
+                "client certificate of {subject} is not from a CA this controller trusts \
+                 (one a CA rotation dropped?)"
+            ),
+        }
     }
 }
 
-impl std::error::Error for ExpiredClientCert {}
+impl std::error::Error for RefusedClientCert {}
 
 /// A refused client certificate: the message, and the expiry details when
 /// that is why.
@@ -202,8 +220,9 @@ impl std::error::Error for ExpiredClientCert {}
 pub struct Refusal {
     /// Why, as rustls or [`ExpiredClientCert`] says it.
     pub message: String,
-    /// Set when the certificate had expired.
-    pub expired: Option<ExpiredClientCert>,
+    /// Set when the certificate had expired or came from a CA no longer
+    /// trusted.
+    pub named: Option<RefusedClientCert>,
 }
 
 /// The WebPKI client verifier, except that an expired certificate's error
@@ -235,11 +254,19 @@ impl ClientCertVerifier for NamingVerifier {
         self.0
             .get()
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|err| match err {
-                rustls::Error::InvalidCertificate(
-                    CertificateError::Expired | CertificateError::ExpiredContext { .. },
-                ) => {
-                    let expired = ExpiredClientCert {
+            .map_err(|err| {
+                let problem = match &err {
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::Expired | CertificateError::ExpiredContext { .. },
+                    ) => ClientCertProblem::Expired,
+                    rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                        ClientCertProblem::UntrustedIssuer
+                    }
+                    _ => return err,
+                };
+                {
+                    let expired = RefusedClientCert {
+                        problem,
                         subject: crate::pki::ca::common_name_of(end_entity).unwrap_or_default(),
                         not_after: crate::pki::ca::validity_of(end_entity)
                             .map_or(0, |(_, not_after)| not_after),
@@ -249,7 +276,6 @@ impl ClientCertVerifier for NamingVerifier {
                         Arc::new(expired),
                     )))
                 }
-                other => other,
             })
     }
 
@@ -342,15 +368,15 @@ fn refused_certificate(err: &io::Error) -> Option<Refusal> {
         return None;
     };
     if let CertificateError::Other(OtherError(other)) = reason {
-        if let Some(expired) = other.downcast_ref::<ExpiredClientCert>() {
+        if let Some(named) = other.downcast_ref::<RefusedClientCert>() {
             return Some(Refusal {
-                message: expired.to_string(),
-                expired: Some(expired.clone()),
+                message: named.to_string(),
+                named: Some(named.clone()),
             });
         }
     }
     Some(Refusal {
         message: format!("client certificate refused: {reason:?}"),
-        expired: None,
+        named: None,
     })
 }
