@@ -248,7 +248,13 @@ pub async fn refused_cert_event(
             .to_owned(),
     };
     let subject = refused.subject.as_str();
-    // The subject is the CA's word (a certificate it signed), not the peer's.
+    // The CA's word when verified; otherwise only what the peer claims,
+    // and said so.
+    let claimed = if refused.verified {
+        ""
+    } else {
+        "a certificate claiming to be "
+    };
     let node = match store.find_node(subject).await {
         Ok(rows) => rows.into_iter().find(|n| n.id == subject),
         Err(err) => {
@@ -260,14 +266,15 @@ pub async fn refused_cert_event(
         Some(node) if node.revoked_at.is_some() => (
             "node",
             format!(
-                "node {} ({}): {what}; the node is revoked: enroll it again as a new node",
+                "{claimed}node {} ({}): {what}; the node is revoked: enroll it again as a new \
+                 node",
                 node.name, node.id
             ),
         ),
         Some(node) => (
             "node",
             format!(
-                "node {} ({}): {what}; re-enroll with `slipway-agent enroll --replace --name {} \
+                "{claimed}node {} ({}): {what}; re-enroll with `slipway-agent enroll --replace --name {} \
                  --token …` on the node (a new join token: slipway-controller token create); it \
                  keeps its name, tags and history",
                 node.name, node.id, node.name
@@ -276,7 +283,9 @@ pub async fn refused_cert_event(
         None if subject.starts_with("op-") => (
             "operator",
             format!(
-                "operator {subject}: {what}: create a new one (slipway-controller operator create)"
+                "{claimed}operator {}: {what}: create a new one (slipway-controller operator \
+                 create)",
+                slipway_proto::limits::one_line(subject, slipway_proto::limits::MAX_NODE_NAME)
             ),
         ),
         None => ("connection", refused.to_string()),

@@ -181,8 +181,12 @@ pub struct RefusedClientCert {
     /// Why.
     pub problem: ClientCertProblem,
     /// The certificate's common name: a node id (`n-…`) or an operator id
-    /// (`op-…`); "" if it has none.
+    /// (`op-…`); "" if it has none. Its own claim unless `verified`.
     pub subject: String,
+    /// The certificate chains to a CA the controller trusts (an expired
+    /// certificate checked as of its last valid second): the subject is
+    /// the CA's word, not the peer's.
+    pub verified: bool,
     /// Its not-after (seconds since the epoch).
     pub not_after: i64,
     /// When it was refused (seconds since the epoch).
@@ -191,10 +195,14 @@ pub struct RefusedClientCert {
 
 impl std::fmt::Display for RefusedClientCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown =
+            slipway_proto::limits::one_line(&self.subject, slipway_proto::limits::MAX_NODE_NAME);
         let subject = if self.subject.is_empty() {
-            "(no name)"
+            "(no name)".to_owned()
+        } else if self.verified {
+            shown.clone()
         } else {
-            &self.subject
+            format!("(claiming to be {shown})")
         };
         match self.problem {
             ClientCertProblem::Expired => write!(
@@ -205,7 +213,7 @@ impl std::fmt::Display for RefusedClientCert {
             ),
             ClientCertProblem::UntrustedIssuer => write!(
                 f,
-                "client certificate of {subject} is not from a CA this controller trusts \
+                "client certificate {subject} is not from a CA this controller trusts \
                  (one a CA rotation dropped?)"
             ),
         }
@@ -264,12 +272,26 @@ impl ClientCertVerifier for NamingVerifier {
                     }
                     _ => return err,
                 };
+                let not_after =
+                    crate::pki::ca::validity_of(end_entity).map_or(0, |(_, not_after)| not_after);
+                // Expired, but ours? Checked as of its last valid second.
+                let verified = problem == ClientCertProblem::Expired
+                    && u64::try_from(not_after - 1).is_ok_and(|last| {
+                        self.0
+                            .get()
+                            .verify_client_cert(
+                                end_entity,
+                                intermediates,
+                                UnixTime::since_unix_epoch(Duration::from_secs(last)),
+                            )
+                            .is_ok()
+                    });
                 {
                     let expired = RefusedClientCert {
                         problem,
+                        verified,
                         subject: crate::pki::ca::common_name_of(end_entity).unwrap_or_default(),
-                        not_after: crate::pki::ca::validity_of(end_entity)
-                            .map_or(0, |(_, not_after)| not_after),
+                        not_after,
                         refused_at: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
                     };
                     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
