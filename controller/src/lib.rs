@@ -14,9 +14,11 @@
 //!     observe    the executor's duration histograms (process-wide)
 //!     cli        the flags of `slipway-controller` (clap)
 //!     pki/       crypto (the rustls backend, random ids, fingerprints) <
-//!                ca (the CA in the data dir; node, operator and server
-//!                certificates) < tls (the listener; a refused client
-//!                certificate goes to a callback)
+//!                ca (the CA(s) in the data dir; node, operator and server
+//!                certificates) < rotation (CA rotation as data dir files)
+//!                < tls (the listener; client trust and server certificate
+//!                replaceable while serving; a refused client certificate
+//!                goes to a callback, naming an expired one's subject)
 //! L1  store/     the only code that speaks SQL: one file per table family
 //!                (nodes, join_tokens, api_tokens, operators, deployments,
 //!                audit, controller_state); transactions stay inside its
@@ -30,8 +32,11 @@
 //! L3  link/      liveness (heartbeat rules, pure) · registry (live
 //!                sessions) < commands (routes answers to whoever sent the
 //!                command) < enroll, session (the Enrollment and AgentLink
-//!                services)
-//! L4  fleet/     nodes (the fleet view, node revocation) < status (the
+//!                services; `enroll --replace` re-keys a node) · rotation
+//!                (follows a CA rotation while serving: trust, server
+//!                certificate, the bundle to every agent)
+//! L4  fleet/     nodes (the fleet view, node revocation) · certs (the
+//!                certificate health of the whole system) < status (the
 //!                summary, pure) < wire (both as API messages)
 //!     rollout/   policy (batches, next_step: pure) < plan < executor
 //! L5  api/       the Control service: authorization, selection, streams

@@ -512,9 +512,9 @@ async fn watchdog(notifier: Arc<Notifier>, every: Duration, stop: CancellationTo
 
 /// Records a TLS handshake refused for its client certificate.
 async fn audit_refused_certificate(store: Store, peer: SocketAddr, refusal: tls::Refusal) {
-    let event = match &refusal.expired {
+    let event = match &refusal.named {
         // Whose it was and what to do: the node must re-enroll.
-        Some(expired) => crate::link::enroll::expired_refusal(&store, peer, expired).await,
+        Some(named) => crate::link::enroll::refused_cert_event(&store, peer, named).await,
         None => AuditEvent::error(
             audit::CLIENT_CERT_REFUSED,
             peer.to_string(),

@@ -528,10 +528,16 @@ fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
             "{event}: {audit:#?}"
         );
     }
+    // Named, and told what to do.
     assert!(
-        audit
-            .iter()
-            .any(|e| e["event_type"] == "CLIENT_CERT_REFUSED"),
+        audit.iter().any(|e| {
+            e["event_type"] == "CLIENT_CERT_REFUSED"
+                && e["resource_type"] == "operator"
+                && e["error_message"].as_str().is_some_and(|m| {
+                    m.contains("certificate is not from a CA this controller trusts")
+                        && m.contains("operator create")
+                })
+        }),
         "{audit:#?}"
     );
     // Every agent is still on its first session, on the new CA.

@@ -227,22 +227,38 @@ impl EnrollmentService {
 }
 
 /// The CLIENT_CERT_REFUSED event (and an error log line) for a handshake
-/// refused because the client's certificate expired: a node's names the
-/// node and tells how to bring it back (`enroll --replace`, which keeps the
-/// node), an operator's how to get a new one.
-pub async fn expired_refusal(
+/// refused because the client's certificate expired or comes from a CA no
+/// longer trusted (a finished CA rotation): a node's names the node and
+/// tells how to bring it back (`enroll --replace`, which keeps the node),
+/// an operator's how to get a new one.
+pub async fn refused_cert_event(
     store: &Store,
     peer: std::net::SocketAddr,
-    expired: &crate::pki::tls::ExpiredClientCert,
+    refused: &crate::pki::tls::RefusedClientCert,
 ) -> AuditEvent {
-    let ago = slipway_proto::span(expired.refused_at - expired.not_after);
-    let not_after = crate::rfc3339(expired.not_after);
-    let subject = expired.subject.as_str();
-    // The subject is the CA's word (a certificate it signed), not the peer's.
+    use crate::pki::tls::ClientCertProblem;
+    let not_after = crate::rfc3339(refused.not_after);
+    let what = match refused.problem {
+        ClientCertProblem::Expired => format!(
+            "certificate expired {} ago (not after {not_after})",
+            slipway_proto::span(refused.refused_at - refused.not_after)
+        ),
+        ClientCertProblem::UntrustedIssuer => "certificate is not from a CA this controller \
+             trusts (its CA was rotated out while it was away)"
+            .to_owned(),
+    };
+    let subject = refused.subject.as_str();
+    // The CA's word when verified; otherwise only what the peer claims,
+    // and said so.
+    let claimed = if refused.verified {
+        ""
+    } else {
+        "a certificate claiming to be "
+    };
     let node = match store.find_node(subject).await {
         Ok(rows) => rows.into_iter().find(|n| n.id == subject),
         Err(err) => {
-            tracing::warn!(%err, "cannot look up the node of an expired certificate");
+            tracing::warn!(%err, "cannot look up the node of a refused certificate");
             None
         }
     };
@@ -250,29 +266,29 @@ pub async fn expired_refusal(
         Some(node) if node.revoked_at.is_some() => (
             "node",
             format!(
-                "node {} ({}) presented a certificate that expired {ago} ago (not after \
-                 {not_after}); the node is revoked: enroll it again as a new node",
+                "{claimed}node {} ({}): {what}; the node is revoked: enroll it again as a new \
+                 node",
                 node.name, node.id
             ),
         ),
         Some(node) => (
             "node",
             format!(
-                "node {} ({}): certificate expired {ago} ago (not after {not_after}); re-enroll \
-                 with `slipway-agent enroll --replace --name {} --token …` on the node (a new \
-                 join token: slipway-controller token create); it keeps its name, tags and \
-                 history",
+                "{claimed}node {} ({}): {what}; re-enroll with `slipway-agent enroll --replace --name {} \
+                 --token …` on the node (a new join token: slipway-controller token create); it \
+                 keeps its name, tags and history",
                 node.name, node.id, node.name
             ),
         ),
         None if subject.starts_with("op-") => (
             "operator",
             format!(
-                "operator certificate {subject} expired {ago} ago (not after {not_after}): \
-                 create a new one (slipway-controller operator create)"
+                "{claimed}operator {}: {what}: create a new one (slipway-controller operator \
+                 create)",
+                slipway_proto::limits::one_line(subject, slipway_proto::limits::MAX_NODE_NAME)
             ),
         ),
-        None => ("connection", expired.to_string()),
+        None => ("connection", refused.to_string()),
     };
     tracing::error!(%peer, "{message}");
     let resource_id = if resource_type == "connection" {
@@ -287,7 +303,8 @@ pub async fn expired_refusal(
         resource_id,
         serde_json::json!({
             "peer": peer.to_string(),
-            "expired": true,
+            "expired": refused.problem == ClientCertProblem::Expired,
+            "untrusted_issuer": refused.problem == ClientCertProblem::UntrustedIssuer,
             "subject": subject,
             "not_after": not_after,
             "node_name": node.as_ref().map(|n| n.name.clone()),

@@ -165,36 +165,62 @@ impl ClientTrust {
     }
 }
 
-/// A client certificate refused because it has expired: whose, and since
-/// when, so the refusal can say who must re-enroll.
+/// Why a client certificate that names someone was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertProblem {
+    /// Past its not-after.
+    Expired,
+    /// Not from a CA the controller trusts (one a CA rotation dropped).
+    UntrustedIssuer,
+}
+
+/// A client certificate refused because it has expired or comes from a CA
+/// no longer trusted: whose, so the refusal can say who must re-enroll.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExpiredClientCert {
+pub struct RefusedClientCert {
+    /// Why.
+    pub problem: ClientCertProblem,
     /// The certificate's common name: a node id (`n-…`) or an operator id
-    /// (`op-…`); "" if it has none.
+    /// (`op-…`); "" if it has none. Its own claim unless `verified`.
     pub subject: String,
+    /// The certificate chains to a CA the controller trusts (an expired
+    /// certificate checked as of its last valid second): the subject is
+    /// the CA's word, not the peer's.
+    pub verified: bool,
     /// Its not-after (seconds since the epoch).
     pub not_after: i64,
     /// When it was refused (seconds since the epoch).
     pub refused_at: i64,
 }
 
-impl std::fmt::Display for ExpiredClientCert {
+impl std::fmt::Display for RefusedClientCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "client certificate of {} expired {} ago (not after {})",
-            if self.subject.is_empty() {
-                "(no name)"
-            } else {
-                &self.subject
-            },
-            slipway_proto::span(self.refused_at - self.not_after),
-            crate::rfc3339(self.not_after)
-        )
+        let shown =
+            slipway_proto::limits::one_line(&self.subject, slipway_proto::limits::MAX_NODE_NAME);
+        let subject = if self.subject.is_empty() {
+            "(no name)".to_owned()
+        } else if self.verified {
+            shown.clone()
+        } else {
+            format!("(claiming to be {shown})")
+        };
+        match self.problem {
+            ClientCertProblem::Expired => write!(
+                f,
+                "client certificate of {subject} expired {} ago (not after {})",
+                slipway_proto::span(self.refused_at - self.not_after),
+                crate::rfc3339(self.not_after)
+            ),
+            ClientCertProblem::UntrustedIssuer => write!(
+                f,
+                "client certificate {subject} is not from a CA this controller trusts \
+                 (one a CA rotation dropped?)"
+            ),
+        }
     }
 }
 
-impl std::error::Error for ExpiredClientCert {}
+impl std::error::Error for RefusedClientCert {}
 
 /// A refused client certificate: the message, and the expiry details when
 /// that is why.
@@ -202,8 +228,9 @@ impl std::error::Error for ExpiredClientCert {}
 pub struct Refusal {
     /// Why, as rustls or [`ExpiredClientCert`] says it.
     pub message: String,
-    /// Set when the certificate had expired.
-    pub expired: Option<ExpiredClientCert>,
+    /// Set when the certificate had expired or came from a CA no longer
+    /// trusted.
+    pub named: Option<RefusedClientCert>,
 }
 
 /// The WebPKI client verifier, except that an expired certificate's error
@@ -235,21 +262,42 @@ impl ClientCertVerifier for NamingVerifier {
         self.0
             .get()
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|err| match err {
-                rustls::Error::InvalidCertificate(
-                    CertificateError::Expired | CertificateError::ExpiredContext { .. },
-                ) => {
-                    let expired = ExpiredClientCert {
+            .map_err(|err| {
+                let problem = match &err {
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::Expired | CertificateError::ExpiredContext { .. },
+                    ) => ClientCertProblem::Expired,
+                    rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                        ClientCertProblem::UntrustedIssuer
+                    }
+                    _ => return err,
+                };
+                let not_after =
+                    crate::pki::ca::validity_of(end_entity).map_or(0, |(_, not_after)| not_after);
+                // Expired, but ours? Checked as of its last valid second.
+                let verified = problem == ClientCertProblem::Expired
+                    && u64::try_from(not_after - 1).is_ok_and(|last| {
+                        self.0
+                            .get()
+                            .verify_client_cert(
+                                end_entity,
+                                intermediates,
+                                UnixTime::since_unix_epoch(Duration::from_secs(last)),
+                            )
+                            .is_ok()
+                    });
+                {
+                    let expired = RefusedClientCert {
+                        problem,
+                        verified,
                         subject: crate::pki::ca::common_name_of(end_entity).unwrap_or_default(),
-                        not_after: crate::pki::ca::validity_of(end_entity)
-                            .map_or(0, |(_, not_after)| not_after),
+                        not_after,
                         refused_at: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
                     };
                     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
                         Arc::new(expired),
                     )))
                 }
-                other => other,
             })
     }
 
@@ -342,15 +390,15 @@ fn refused_certificate(err: &io::Error) -> Option<Refusal> {
         return None;
     };
     if let CertificateError::Other(OtherError(other)) = reason {
-        if let Some(expired) = other.downcast_ref::<ExpiredClientCert>() {
+        if let Some(named) = other.downcast_ref::<RefusedClientCert>() {
             return Some(Refusal {
-                message: expired.to_string(),
-                expired: Some(expired.clone()),
+                message: named.to_string(),
+                named: Some(named.clone()),
             });
         }
     }
     Some(Refusal {
         message: format!("client certificate refused: {reason:?}"),
-        expired: None,
+        named: None,
     })
 }

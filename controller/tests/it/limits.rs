@@ -223,7 +223,7 @@ async fn enrollment_fields_at_and_over_their_limits() {
 #[tokio::test]
 async fn a_name_belongs_to_one_live_node_until_replaced() {
     let controller = Controller::start().await;
-    let (_a, first) = controller.enroll("n1").await;
+    let (first_state, first) = controller.enroll("n1").await;
     let state = tempfile::tempdir().unwrap();
     let err = controller
         .try_enroll(&controller.token().await, state.path(), "n1")
@@ -255,6 +255,16 @@ async fn a_name_belongs_to_one_live_node_until_replaced() {
     assert_eq!(found[0].id, first);
     assert!(found[0].revoked_at.is_none());
     assert_eq!(store.live_node_certs().await.unwrap().len(), 1);
+    // The old key opens no session any more; the new one does.
+    let err = controller
+        .try_connect(first_state.path(), "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, slipway_agent::link::LinkError::SessionRefused(_)),
+        "{err}"
+    );
+    controller.try_connect(state.path(), "").await.unwrap();
     controller.stop().await;
 }
 
