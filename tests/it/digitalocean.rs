@@ -428,3 +428,103 @@ fn dns_point_follows_the_tagged_droplets() {
     );
     api.assert_no_violations();
 }
+
+#[test]
+fn the_fleet_firewall_is_kept_in_sync() {
+    let api = DoApi::start();
+    let controller = Controller::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    let write_config = |ports: &str| {
+        fs::write(
+            &config,
+            format!(
+                "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\n\n\
+                 [digitalocean.firewall]\ninbound_ports = [{ports}]\nssh_from = [\"192.0.2.0/24\"]\n",
+                token_file.display(),
+                api.base
+            ),
+        )
+        .unwrap();
+    };
+    let sync = |args: &[&str]| {
+        let out = std::process::Command::new(bin("slipway-controller"))
+            .args(["firewall", "sync"])
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(controller.data_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let firewalls = || api.control("GET", "/_test/firewalls", None);
+
+    write_config("\"443\"");
+    let said = sync(&[]);
+    assert!(said.contains("+ firewall slipway-fleet"), "{said}");
+    assert!(
+        said.contains("+ inbound tcp 22 addresses=[192.0.2.0/24]"),
+        "{said}"
+    );
+    assert!(
+        said.contains("+ inbound tcp 443 addresses=[0.0.0.0/0,::/0]"),
+        "{said}"
+    );
+    assert!(
+        said.contains("+ tag env:production") && said.contains("dry run"),
+        "{said}"
+    );
+    assert_eq!(
+        firewalls(),
+        serde_json::json!([]),
+        "a dry run changes nothing"
+    );
+
+    let said = sync(&["--apply"]);
+    assert!(said.contains("applied"), "{said}");
+    let made = firewalls();
+    assert_eq!(made[0]["name"], "slipway-fleet");
+    assert_eq!(made[0]["tags"], serde_json::json!(["env:production"]));
+    let ports: Vec<&str> = made[0]["inbound_rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ports"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ports,
+        ["443", "22"],
+        "only the configured ports and SSH; nothing for the agent"
+    );
+    assert!(sync(&[]).contains("is in sync"));
+
+    write_config("\"443\", \"8000-9000\"");
+    let said = sync(&[]);
+    assert!(
+        said.contains("+ inbound tcp 8000-9000") && !said.contains("- inbound"),
+        "{said}"
+    );
+    sync(&["--apply"]);
+    assert_eq!(firewalls()[0]["inbound_rules"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        firewalls().as_array().unwrap().len(),
+        1,
+        "replaced, not a second one"
+    );
+    assert!(sync(&[]).contains("is in sync"));
+
+    let events = controller.audit(&controller.api_token("read"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event_type"] == "FIREWALL_CHANGED")
+            .count(),
+        2
+    );
+    api.assert_no_violations();
+}

@@ -179,6 +179,76 @@ pub async fn dns(command: DnsCommand) -> Result<(), crate::Error> {
     Ok(run.await?)
 }
 
+/// `firewall` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FirewallCommand {
+    /// Compare the fleet firewall (`[digitalocean.firewall]`, on the fleet
+    /// tags) with DigitalOcean's and print the diff; --apply creates or
+    /// replaces it.
+    Sync(FirewallSyncArgs),
+}
+
+/// `firewall sync` flags.
+#[derive(Debug, Args)]
+pub struct FirewallSyncArgs {
+    /// Make the change (default: only print the diff).
+    #[arg(long)]
+    pub apply: bool,
+    #[command(flatten)]
+    pub common: DropletsArgs,
+}
+
+/// Runs a `firewall` command.
+pub async fn firewall(command: FirewallCommand) -> Result<(), crate::Error> {
+    let FirewallCommand::Sync(args) = command;
+    let run = async {
+        let (config, data_dir) = load(&args.common)?;
+        let Some(firewall) = &config.firewall else {
+            return Err(DoCommandError::Usage(format!(
+                "{}: no [digitalocean.firewall] table (inbound_ports, ssh_from)",
+                args.common.config.display()
+            )));
+        };
+        let client = config.client()?;
+        let store = Store::open(&data_dir).await?;
+        let synced = super::firewall::sync(
+            &client,
+            &store,
+            firewall,
+            &config.fleet_tags,
+            args.apply,
+            "operator",
+            crate::now_unix(),
+        )
+        .await
+        .map_err(|e| match e {
+            super::firewall::FirewallError::Api(e) => e.into(),
+            super::firewall::FirewallError::Store(e) => e.into(),
+            other => DoCommandError::Usage(other.to_string()),
+        })?;
+        if args.common.json {
+            println!("{}", serde_json::to_string_pretty(&synced)?);
+        } else {
+            for line in &synced.diff {
+                println!("{line}");
+            }
+            println!(
+                "{}",
+                match (synced.diff.len(), synced.applied) {
+                    (0, _) => format!("firewall {} is in sync", synced.name),
+                    (n, true) => format!("applied {n} change(s) to firewall {}", synced.name),
+                    (n, false) => format!(
+                        "dry run: {n} change(s) to firewall {}; --apply to make them",
+                        synced.name
+                    ),
+                }
+            );
+        }
+        Ok(())
+    };
+    Ok(run.await?)
+}
+
 /// `slipway-controller validate` flags.
 #[derive(Debug, Args)]
 pub struct ValidateArgs {

@@ -27,6 +27,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod dns;
+pub mod firewall;
 pub mod inventory;
 
 pub use api::{
