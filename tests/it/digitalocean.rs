@@ -528,3 +528,133 @@ fn the_fleet_firewall_is_kept_in_sync() {
     );
     api.assert_no_violations();
 }
+
+/// `droplets create`: the droplet is created with the fleet tags and
+/// user data that `cloud-init schema` accepts and that carries a one-time
+/// join token; a real agent enrolled with that token (as install.sh on the
+/// new droplet would) and reading the new droplet's id joins the fleet as
+/// that droplet. (The boot itself, install.sh under systemd, is not run.)
+#[test]
+fn a_created_droplet_joins_with_its_user_data_token() {
+    let api = DoApi::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\nsync_every = \"0s\"\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+    let out = droplets_cli(
+        &controller,
+        &config,
+        &[
+            "create",
+            "--name",
+            "web-4",
+            "--region",
+            "fra1",
+            "--size",
+            "s-1vcpu-1gb",
+            "--image",
+            "debian-12-x64",
+            "--controller",
+            &controller.url(),
+            "--base-url",
+            "https://dl.example.com/slipway",
+            "--token-ttl",
+            "10m",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = made["id"].as_u64().unwrap();
+    assert_eq!(made["tags"], serde_json::json!(["env:production"]));
+    let user_data = api.control("GET", &format!("/_test/droplets/{id}/user_data"), None)
+        ["user_data"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let file = work.path().join("user-data");
+    fs::write(&file, &user_data).unwrap();
+    let schema = std::process::Command::new("cloud-init")
+        .args(["schema", "--config-file"])
+        .arg(&file)
+        .output()
+        .expect("cloud-init (scripts/test.sh installs it)");
+    assert!(schema.status.success(), "{}\n{user_data}", text(&schema));
+    assert!(
+        user_data.contains(&format!("--controller '{}'", controller.url())),
+        "{user_data}"
+    );
+    assert!(
+        user_data.contains("metadata_url = \"http://169.254.169.254\""),
+        "{user_data}"
+    );
+    let join = user_data
+        .split("SLIPWAY_JOIN_TOKEN='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap()
+        .to_owned();
+
+    // The "booting droplet": enrolls with the token from its user data.
+    let mut agent = Agent::enroll(&controller, "placeholder");
+    let state = agent.dir.path().join("web-4-state");
+    let enroll = |state: &std::path::Path| {
+        std::process::Command::new(bin("slipway-agent"))
+            .args([
+                "enroll",
+                "--controller",
+                &controller.url(),
+                "--token",
+                &join,
+                "--name",
+                "web-4",
+            ])
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap()
+    };
+    let out = enroll(&state);
+    assert!(out.status.success(), "{}", text(&out));
+    let again = enroll(&agent.dir.path().join("other-state"));
+    assert!(
+        !again.status.success(),
+        "the token is one-time: {}",
+        text(&again)
+    );
+    let cfg = fs::read_to_string(&agent.config).unwrap();
+    let old_state = cfg
+        .split("state_dir = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    fs::write(
+        &agent.config,
+        cfg.replace(&old_state, state.to_str().unwrap()),
+    )
+    .unwrap();
+    with_metadata(&agent, id);
+    agent.run();
+    let reader = controller.api_token("read");
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+    let out = droplets_cli(&controller, &config, &["sync"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        matches(&list(&controller, &config)),
+        [("web-4".to_owned(), Some("web-4".to_owned()))]
+    );
+    api.assert_no_violations();
+}

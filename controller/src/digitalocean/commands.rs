@@ -23,9 +23,46 @@ pub enum DropletsCommand {
     /// its node or "expected, not enrolled", gone droplets, agents without a
     /// droplet (as of the last sync).
     List(DropletsArgs),
+    /// Create a droplet that joins by itself: a one-time join token (1h by
+    /// default) and cloud-init user data that runs install.sh with it.
+    Create(Box<CreateArgs>),
     /// Retire a droplet's node: no longer selected, its certificates
     /// refused (audited); with --destroy, destroy the droplet too.
     Retire(RetireArgs),
+}
+
+/// `droplets create` flags.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The droplet's name (also the node's: install.sh uses the host name).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub region: String,
+    #[arg(long)]
+    pub size: String,
+    #[arg(long)]
+    pub image: String,
+    /// Tags of the droplet (repeat); default: the fleet tags.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// SSH key ids or fingerprints (repeat).
+    #[arg(long = "ssh-key")]
+    pub ssh_keys: Vec<String>,
+    /// host:port of the controller, as the droplet dials it.
+    #[arg(long)]
+    pub controller: String,
+    /// Where install.sh and the agent binaries are served (https://).
+    #[arg(long)]
+    pub base_url: String,
+    /// The agent version to install; default: this controller's.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    pub version: String,
+    /// Lifetime of the join token.
+    #[arg(long, default_value = "1h")]
+    pub token_ttl: String,
+    #[command(flatten)]
+    pub common: DropletsArgs,
 }
 
 /// `droplets retire` flags.
@@ -355,6 +392,59 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                 for (id, name) in &report.retired {
                     println!("retired node {name} ({id}): its droplet is gone");
                 }
+            }
+        }
+        DropletsCommand::Create(args) => {
+            let (config, data_dir) = load(&args.common)?;
+            let ttl = crate::auth::token::parse_ttl(&args.token_ttl)
+                .map_err(|e| DoCommandError::Usage(e.to_string()))?;
+            let client = config.client()?;
+            let ca = crate::pki::ca::Ca::load_or_create(&data_dir)
+                .map_err(|e| DoCommandError::Usage(format!("loading the controller CA: {e}")))?;
+            let store = Store::open(&data_dir).await?;
+            let tags = if args.tags.is_empty() {
+                config.fleet_tags.clone()
+            } else {
+                args.tags.clone()
+            };
+            let droplet = super::api::NewDroplet {
+                name: args.name.clone(),
+                region: args.region.clone(),
+                size: args.size.clone(),
+                image: args.image.clone(),
+                ssh_keys: args.ssh_keys.clone(),
+                tags,
+                user_data: None,
+            };
+            let install = super::create::Install {
+                controller: args.controller.clone(),
+                base_url: args.base_url.clone(),
+                version: args.version.clone(),
+            };
+            let made = super::create::create(
+                &client,
+                &store,
+                &ca.fingerprint(),
+                droplet,
+                &install,
+                ttl,
+                crate::now_unix(),
+            )
+            .await
+            .map_err(|e| match e {
+                super::create::CreateError::Api(e) => e.into(),
+                other => DoCommandError::Usage(other.to_string()),
+            })?;
+            if args.common.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "id": made.id, "name": made.name, "status": made.status, "tags": made.tags })
+                );
+            } else {
+                println!(
+                    "created droplet {} ({}), status {}; it enrolls itself on first boot",
+                    made.name, made.id, made.status
+                );
             }
         }
         DropletsCommand::Retire(args) => {

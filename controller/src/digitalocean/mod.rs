@@ -26,6 +26,7 @@ pub mod api;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod create;
 pub mod dns;
 pub mod firewall;
 pub mod inventory;
