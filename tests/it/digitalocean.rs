@@ -529,7 +529,7 @@ fn the_fleet_firewall_is_kept_in_sync() {
     api.assert_no_violations();
 }
 
-/// `droplets create`: the droplet is created with the fleet tags and
+/// `droplets create --wait`: the droplet is created with the fleet tags and
 /// user data that `cloud-init schema` accepts and that carries a one-time
 /// join token; a real agent enrolled with that token (as install.sh on the
 /// new droplet would) and reading the new droplet's id joins the fleet as
@@ -551,10 +551,10 @@ fn a_created_droplet_joins_with_its_user_data_token() {
     )
     .unwrap();
     let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
-    let out = droplets_cli(
-        &controller,
-        &config,
-        &[
+    // `create --wait` runs while the droplet "boots".
+    let create = std::process::Command::new(bin("slipway-controller"))
+        .args([
+            "droplets",
             "create",
             "--name",
             "web-4",
@@ -570,11 +570,30 @@ fn a_created_droplet_joins_with_its_user_data_token() {
             "https://dl.example.com/slipway",
             "--token-ttl",
             "10m",
-            "--json",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+            "--wait",
+            "--wait-timeout",
+            "2m",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(controller.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut made = Value::Null;
+    wait_until("the droplet to be created", Duration::from_secs(30), || {
+        let all = api.control("GET", "/_test/droplets", None);
+        made = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "web-4")
+            .cloned()
+            .unwrap_or(Value::Null);
+        !made.is_null()
+    });
     let id = made["id"].as_u64().unwrap();
     assert_eq!(made["tags"], serde_json::json!(["env:production"]));
     let user_data = api.control("GET", &format!("/_test/droplets/{id}/user_data"), None)
@@ -648,13 +667,53 @@ fn a_created_droplet_joins_with_its_user_data_token() {
     .unwrap();
     with_metadata(&agent, id);
     agent.run();
-    let reader = controller.api_token("read");
-    controller.wait_online(&reader, 1, Duration::from_secs(30));
+    let created = create.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&created.stdout).into_owned();
+    assert!(created.status.success(), "{}", text(&created));
+    assert!(
+        said.contains("created droplet web-4") && said.contains("node web-4"),
+        "{said}"
+    );
+    assert!(said.contains("is online"), "{said}");
+
+    // A droplet that never boots: --wait gives up, exit 1, saying why.
+    let out = droplets_cli(
+        &controller,
+        &config,
+        &[
+            "create",
+            "--name",
+            "web-5",
+            "--region",
+            "fra1",
+            "--size",
+            "s-1vcpu-1gb",
+            "--image",
+            "debian-12-x64",
+            "--controller",
+            &controller.url(),
+            "--base-url",
+            "https://dl.example.com/slipway",
+            "--wait",
+            "--wait-timeout",
+            "1s",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("no online node reported it"),
+        "{}",
+        text(&out)
+    );
+
     let out = droplets_cli(&controller, &config, &["sync"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         matches(&list(&controller, &config)),
-        [("web-4".to_owned(), Some("web-4".to_owned()))]
+        [
+            ("web-4".to_owned(), Some("web-4".to_owned())),
+            ("web-5".to_owned(), None)
+        ]
     );
     api.assert_no_violations();
 }

@@ -61,6 +61,13 @@ pub struct CreateArgs {
     /// Lifetime of the join token.
     #[arg(long, default_value = "1h")]
     pub token_ttl: String,
+    /// Then wait until the droplet's agent has enrolled, reported this
+    /// droplet's id and is online (bounded by --wait-timeout).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, e.g. 10m.
+    #[arg(long, default_value = "10m")]
+    pub wait_timeout: String,
     #[command(flatten)]
     pub common: DropletsArgs,
 }
@@ -109,6 +116,9 @@ pub enum DoCommandError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// `--wait` ran out of time.
+    #[error("{0}")]
+    Timeout(String),
     /// A bad argument (the message says which).
     #[error("{0}")]
     Usage(String),
@@ -143,7 +153,7 @@ impl DoCommandError {
             Self::Api(e) => matches!(**e, DoError::Config(_)),
             Self::Sync(e) => matches!(**e, SyncError::Api(DoError::Config(_))),
             Self::Retire(e) => matches!(**e, inventory::RetireError::NotFound(_)),
-            Self::Store(_) | Self::Json(_) | Self::Invalid(_) => false,
+            Self::Store(_) | Self::Json(_) | Self::Invalid(_) | Self::Timeout(_) => false,
         }
     }
 }
@@ -348,6 +358,45 @@ pub async fn validate(args: ValidateArgs) -> Result<(), crate::Error> {
     Ok(())
 }
 
+/// How often `--wait` looks at the store.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Waits until a live node reports `droplet_id` and is online; its (id, name).
+async fn wait_online(
+    store: &Store,
+    droplet_id: u64,
+    limit: std::time::Duration,
+) -> Result<(String, String), DoCommandError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut said_enrolled = false;
+    loop {
+        let claimed = store
+            .node_droplet_ids()
+            .await?
+            .into_iter()
+            .find(|(_, _, d)| *d == Some(droplet_id));
+        if let Some((node_id, name, _)) = claimed {
+            if !said_enrolled {
+                println!("node {name} ({node_id}) enrolled from droplet {droplet_id}");
+                said_enrolled = true;
+            }
+            let views = crate::fleet::nodes(store, crate::now_unix()).await?;
+            if views
+                .iter()
+                .any(|v| v.id == node_id && v.state == crate::link::liveness::NodeState::Online)
+            {
+                return Ok((node_id, name));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DoCommandError::Timeout(format!(
+                "droplet {droplet_id}: no online node reported it within {limit:?} (see /var/log/cloud-init-output.log on the droplet)"
+            )));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
 /// Reads `[digitalocean]` and the data dir from the config file.
 pub fn load(args: &DropletsArgs) -> Result<(DoConfig, PathBuf), DoCommandError> {
     let raw = RawConfig::from_file(&args.config)?;
@@ -421,6 +470,18 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                 base_url: args.base_url.clone(),
                 version: args.version.clone(),
             };
+            let wait_for = if args.wait {
+                Some(
+                    slipway_proto::cli::parse_duration(&args.wait_timeout).ok_or_else(|| {
+                        DoCommandError::Usage(format!(
+                            "--wait-timeout {:?} is not a duration like 10m",
+                            args.wait_timeout
+                        ))
+                    })?,
+                )
+            } else {
+                None
+            };
             let made = super::create::create(
                 &client,
                 &store,
@@ -444,6 +505,13 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                 println!(
                     "created droplet {} ({}), status {}; it enrolls itself on first boot",
                     made.name, made.id, made.status
+                );
+            }
+            if let Some(limit) = wait_for {
+                let (node_id, node_name) = wait_online(&store, made.id, limit).await?;
+                println!(
+                    "node {node_name} ({node_id}) of droplet {} is online",
+                    made.name
                 );
             }
         }
