@@ -54,6 +54,9 @@ pub enum Command {
     /// DNS records that follow the fleet (DigitalOcean domains).
     #[command(subcommand)]
     Dns(crate::digitalocean::commands::DnsCommand),
+    /// The fleet firewall at DigitalOcean.
+    #[command(subcommand)]
+    Firewall(crate::digitalocean::commands::FirewallCommand),
     /// Check the config file and the credentials it names (the
     /// DigitalOcean token, against the API): one ✓/✗ line each.
     Validate(crate::digitalocean::commands::ValidateArgs),

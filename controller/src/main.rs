@@ -78,6 +78,9 @@ async fn run(cli: Cli, notifier: Notifier) -> Result<(), Error> {
             slipway_controller::digitalocean::commands::run(command).await
         }
         Command::Dns(command) => slipway_controller::digitalocean::commands::dns(command).await,
+        Command::Firewall(command) => {
+            slipway_controller::digitalocean::commands::firewall(command).await
+        }
         Command::Validate(args) => slipway_controller::digitalocean::commands::validate(args).await,
     }
 }

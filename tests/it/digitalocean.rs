@@ -428,3 +428,292 @@ fn dns_point_follows_the_tagged_droplets() {
     );
     api.assert_no_violations();
 }
+
+#[test]
+fn the_fleet_firewall_is_kept_in_sync() {
+    let api = DoApi::start();
+    let controller = Controller::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    let write_config = |ports: &str| {
+        fs::write(
+            &config,
+            format!(
+                "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\n\n\
+                 [digitalocean.firewall]\ninbound_ports = [{ports}]\nssh_from = [\"192.0.2.0/24\"]\n",
+                token_file.display(),
+                api.base
+            ),
+        )
+        .unwrap();
+    };
+    let sync = |args: &[&str]| {
+        let out = std::process::Command::new(bin("slipway-controller"))
+            .args(["firewall", "sync"])
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(controller.data_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let firewalls = || api.control("GET", "/_test/firewalls", None);
+
+    write_config("\"443\"");
+    let said = sync(&[]);
+    assert!(said.contains("+ firewall slipway-fleet"), "{said}");
+    assert!(
+        said.contains("+ inbound tcp 22 addresses=[192.0.2.0/24]"),
+        "{said}"
+    );
+    assert!(
+        said.contains("+ inbound tcp 443 addresses=[0.0.0.0/0,::/0]"),
+        "{said}"
+    );
+    assert!(
+        said.contains("+ tag env:production") && said.contains("dry run"),
+        "{said}"
+    );
+    assert_eq!(
+        firewalls(),
+        serde_json::json!([]),
+        "a dry run changes nothing"
+    );
+
+    let said = sync(&["--apply"]);
+    assert!(said.contains("applied"), "{said}");
+    let made = firewalls();
+    assert_eq!(made[0]["name"], "slipway-fleet");
+    assert_eq!(made[0]["tags"], serde_json::json!(["env:production"]));
+    let ports: Vec<&str> = made[0]["inbound_rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ports"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ports,
+        ["443", "22"],
+        "only the configured ports and SSH; nothing for the agent"
+    );
+    assert!(sync(&[]).contains("is in sync"));
+
+    write_config("\"443\", \"8000-9000\"");
+    let said = sync(&[]);
+    assert!(
+        said.contains("+ inbound tcp 8000-9000") && !said.contains("- inbound"),
+        "{said}"
+    );
+    sync(&["--apply"]);
+    assert_eq!(firewalls()[0]["inbound_rules"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        firewalls().as_array().unwrap().len(),
+        1,
+        "replaced, not a second one"
+    );
+    assert!(sync(&[]).contains("is in sync"));
+
+    let events = controller.audit(&controller.api_token("read"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event_type"] == "FIREWALL_CHANGED")
+            .count(),
+        2
+    );
+    api.assert_no_violations();
+}
+
+/// `droplets create --wait`: the droplet is created with the fleet tags and
+/// user data that `cloud-init schema` accepts and that carries a one-time
+/// join token; a real agent enrolled with that token (as install.sh on the
+/// new droplet would) and reading the new droplet's id joins the fleet as
+/// that droplet. (The boot itself, install.sh under systemd, is not run.)
+#[test]
+fn a_created_droplet_joins_with_its_user_data_token() {
+    let api = DoApi::start();
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\nsync_every = \"0s\"\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+    // `create --wait` runs while the droplet "boots".
+    let create = std::process::Command::new(bin("slipway-controller"))
+        .args([
+            "droplets",
+            "create",
+            "--name",
+            "web-4",
+            "--region",
+            "fra1",
+            "--size",
+            "s-1vcpu-1gb",
+            "--image",
+            "debian-12-x64",
+            "--controller",
+            &controller.url(),
+            "--base-url",
+            "https://dl.example.com/slipway",
+            "--token-ttl",
+            "10m",
+            "--wait",
+            "--wait-timeout",
+            "2m",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(controller.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut made = Value::Null;
+    wait_until("the droplet to be created", Duration::from_secs(30), || {
+        let all = api.control("GET", "/_test/droplets", None);
+        made = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "web-4")
+            .cloned()
+            .unwrap_or(Value::Null);
+        !made.is_null()
+    });
+    let id = made["id"].as_u64().unwrap();
+    assert_eq!(made["tags"], serde_json::json!(["env:production"]));
+    let user_data = api.control("GET", &format!("/_test/droplets/{id}/user_data"), None)
+        ["user_data"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let file = work.path().join("user-data");
+    fs::write(&file, &user_data).unwrap();
+    let schema = std::process::Command::new("cloud-init")
+        .args(["schema", "--config-file"])
+        .arg(&file)
+        .output()
+        .expect("cloud-init (scripts/test.sh installs it)");
+    assert!(schema.status.success(), "{}\n{user_data}", text(&schema));
+    assert!(
+        user_data.contains(&format!("--controller '{}'", controller.url())),
+        "{user_data}"
+    );
+    assert!(
+        user_data.contains("metadata_url = \"http://169.254.169.254\""),
+        "{user_data}"
+    );
+    let join = user_data
+        .split("SLIPWAY_JOIN_TOKEN='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap()
+        .to_owned();
+
+    // The "booting droplet": enrolls with the token from its user data.
+    let mut agent = Agent::enroll(&controller, "placeholder");
+    let state = agent.dir.path().join("web-4-state");
+    let enroll = |state: &std::path::Path| {
+        std::process::Command::new(bin("slipway-agent"))
+            .args([
+                "enroll",
+                "--controller",
+                &controller.url(),
+                "--token",
+                &join,
+                "--name",
+                "web-4",
+            ])
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap()
+    };
+    let out = enroll(&state);
+    assert!(out.status.success(), "{}", text(&out));
+    let again = enroll(&agent.dir.path().join("other-state"));
+    assert!(
+        !again.status.success(),
+        "the token is one-time: {}",
+        text(&again)
+    );
+    let cfg = fs::read_to_string(&agent.config).unwrap();
+    let old_state = cfg
+        .split("state_dir = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    fs::write(
+        &agent.config,
+        cfg.replace(&old_state, state.to_str().unwrap()),
+    )
+    .unwrap();
+    with_metadata(&agent, id);
+    agent.run();
+    let created = create.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&created.stdout).into_owned();
+    assert!(created.status.success(), "{}", text(&created));
+    assert!(
+        said.contains("created droplet web-4") && said.contains("node web-4"),
+        "{said}"
+    );
+    assert!(said.contains("is online"), "{said}");
+
+    // A droplet that never boots: --wait gives up, exit 1, saying why.
+    let out = droplets_cli(
+        &controller,
+        &config,
+        &[
+            "create",
+            "--name",
+            "web-5",
+            "--region",
+            "fra1",
+            "--size",
+            "s-1vcpu-1gb",
+            "--image",
+            "debian-12-x64",
+            "--controller",
+            &controller.url(),
+            "--base-url",
+            "https://dl.example.com/slipway",
+            "--wait",
+            "--wait-timeout",
+            "1s",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("no online node reported it"),
+        "{}",
+        text(&out)
+    );
+
+    let out = droplets_cli(&controller, &config, &["sync"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        matches(&list(&controller, &config)),
+        [
+            ("web-4".to_owned(), Some("web-4".to_owned())),
+            ("web-5".to_owned(), None)
+        ]
+    );
+    api.assert_no_violations();
+}

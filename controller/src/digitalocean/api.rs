@@ -240,7 +240,8 @@ pub struct Firewall {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct FirewallRule {
     pub protocol: String,
-    /// `"22"`, `"8000-9000"`, `"0"` or `"all"`.
+    /// `"22"`, `"8000-9000"`, `"0"` or `"all"`; none for icmp.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ports: String,
     pub sources: Endpoints,
 }
@@ -249,6 +250,7 @@ pub struct FirewallRule {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct OutboundRule {
     pub protocol: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ports: String,
     pub destinations: Endpoints,
 }

@@ -23,9 +23,53 @@ pub enum DropletsCommand {
     /// its node or "expected, not enrolled", gone droplets, agents without a
     /// droplet (as of the last sync).
     List(DropletsArgs),
+    /// Create a droplet that joins by itself: a one-time join token (1h by
+    /// default) and cloud-init user data that runs install.sh with it.
+    Create(Box<CreateArgs>),
     /// Retire a droplet's node: no longer selected, its certificates
     /// refused (audited); with --destroy, destroy the droplet too.
     Retire(RetireArgs),
+}
+
+/// `droplets create` flags.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The droplet's name (also the node's: install.sh uses the host name).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub region: String,
+    #[arg(long)]
+    pub size: String,
+    #[arg(long)]
+    pub image: String,
+    /// Tags of the droplet (repeat); default: the fleet tags.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// SSH key ids or fingerprints (repeat).
+    #[arg(long = "ssh-key")]
+    pub ssh_keys: Vec<String>,
+    /// host:port of the controller, as the droplet dials it.
+    #[arg(long)]
+    pub controller: String,
+    /// Where install.sh and the agent binaries are served (https://).
+    #[arg(long)]
+    pub base_url: String,
+    /// The agent version to install; default: this controller's.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    pub version: String,
+    /// Lifetime of the join token.
+    #[arg(long, default_value = "1h")]
+    pub token_ttl: String,
+    /// Then wait until the droplet's agent has enrolled, reported this
+    /// droplet's id and is online (bounded by --wait-timeout).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, e.g. 10m.
+    #[arg(long, default_value = "10m")]
+    pub wait_timeout: String,
+    #[command(flatten)]
+    pub common: DropletsArgs,
 }
 
 /// `droplets retire` flags.
@@ -72,6 +116,9 @@ pub enum DoCommandError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// `--wait` ran out of time.
+    #[error("{0}")]
+    Timeout(String),
     /// A bad argument (the message says which).
     #[error("{0}")]
     Usage(String),
@@ -106,7 +153,7 @@ impl DoCommandError {
             Self::Api(e) => matches!(**e, DoError::Config(_)),
             Self::Sync(e) => matches!(**e, SyncError::Api(DoError::Config(_))),
             Self::Retire(e) => matches!(**e, inventory::RetireError::NotFound(_)),
-            Self::Store(_) | Self::Json(_) | Self::Invalid(_) => false,
+            Self::Store(_) | Self::Json(_) | Self::Invalid(_) | Self::Timeout(_) => false,
         }
     }
 }
@@ -179,6 +226,76 @@ pub async fn dns(command: DnsCommand) -> Result<(), crate::Error> {
     Ok(run.await?)
 }
 
+/// `firewall` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FirewallCommand {
+    /// Compare the fleet firewall (`[digitalocean.firewall]`, on the fleet
+    /// tags) with DigitalOcean's and print the diff; --apply creates or
+    /// replaces it.
+    Sync(FirewallSyncArgs),
+}
+
+/// `firewall sync` flags.
+#[derive(Debug, Args)]
+pub struct FirewallSyncArgs {
+    /// Make the change (default: only print the diff).
+    #[arg(long)]
+    pub apply: bool,
+    #[command(flatten)]
+    pub common: DropletsArgs,
+}
+
+/// Runs a `firewall` command.
+pub async fn firewall(command: FirewallCommand) -> Result<(), crate::Error> {
+    let FirewallCommand::Sync(args) = command;
+    let run = async {
+        let (config, data_dir) = load(&args.common)?;
+        let Some(firewall) = &config.firewall else {
+            return Err(DoCommandError::Usage(format!(
+                "{}: no [digitalocean.firewall] table (inbound_ports, ssh_from)",
+                args.common.config.display()
+            )));
+        };
+        let client = config.client()?;
+        let store = Store::open(&data_dir).await?;
+        let synced = super::firewall::sync(
+            &client,
+            &store,
+            firewall,
+            &config.fleet_tags,
+            args.apply,
+            "operator",
+            crate::now_unix(),
+        )
+        .await
+        .map_err(|e| match e {
+            super::firewall::FirewallError::Api(e) => e.into(),
+            super::firewall::FirewallError::Store(e) => e.into(),
+            other => DoCommandError::Usage(other.to_string()),
+        })?;
+        if args.common.json {
+            println!("{}", serde_json::to_string_pretty(&synced)?);
+        } else {
+            for line in &synced.diff {
+                println!("{line}");
+            }
+            println!(
+                "{}",
+                match (synced.diff.len(), synced.applied) {
+                    (0, _) => format!("firewall {} is in sync", synced.name),
+                    (n, true) => format!("applied {n} change(s) to firewall {}", synced.name),
+                    (n, false) => format!(
+                        "dry run: {n} change(s) to firewall {}; --apply to make them",
+                        synced.name
+                    ),
+                }
+            );
+        }
+        Ok(())
+    };
+    Ok(run.await?)
+}
+
 /// `slipway-controller validate` flags.
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
@@ -241,6 +358,45 @@ pub async fn validate(args: ValidateArgs) -> Result<(), crate::Error> {
     Ok(())
 }
 
+/// How often `--wait` looks at the store.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Waits until a live node reports `droplet_id` and is online; its (id, name).
+async fn wait_online(
+    store: &Store,
+    droplet_id: u64,
+    limit: std::time::Duration,
+) -> Result<(String, String), DoCommandError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut said_enrolled = false;
+    loop {
+        let claimed = store
+            .node_droplet_ids()
+            .await?
+            .into_iter()
+            .find(|(_, _, d)| *d == Some(droplet_id));
+        if let Some((node_id, name, _)) = claimed {
+            if !said_enrolled {
+                println!("node {name} ({node_id}) enrolled from droplet {droplet_id}");
+                said_enrolled = true;
+            }
+            let views = crate::fleet::nodes(store, crate::now_unix()).await?;
+            if views
+                .iter()
+                .any(|v| v.id == node_id && v.state == crate::link::liveness::NodeState::Online)
+            {
+                return Ok((node_id, name));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DoCommandError::Timeout(format!(
+                "droplet {droplet_id}: no online node reported it within {limit:?} (see /var/log/cloud-init-output.log on the droplet)"
+            )));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
 /// Reads `[digitalocean]` and the data dir from the config file.
 pub fn load(args: &DropletsArgs) -> Result<(DoConfig, PathBuf), DoCommandError> {
     let raw = RawConfig::from_file(&args.config)?;
@@ -285,6 +441,78 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                 for (id, name) in &report.retired {
                     println!("retired node {name} ({id}): its droplet is gone");
                 }
+            }
+        }
+        DropletsCommand::Create(args) => {
+            let (config, data_dir) = load(&args.common)?;
+            let ttl = crate::auth::token::parse_ttl(&args.token_ttl)
+                .map_err(|e| DoCommandError::Usage(e.to_string()))?;
+            let client = config.client()?;
+            let ca = crate::pki::ca::Ca::load_or_create(&data_dir)
+                .map_err(|e| DoCommandError::Usage(format!("loading the controller CA: {e}")))?;
+            let store = Store::open(&data_dir).await?;
+            let tags = if args.tags.is_empty() {
+                config.fleet_tags.clone()
+            } else {
+                args.tags.clone()
+            };
+            let droplet = super::api::NewDroplet {
+                name: args.name.clone(),
+                region: args.region.clone(),
+                size: args.size.clone(),
+                image: args.image.clone(),
+                ssh_keys: args.ssh_keys.clone(),
+                tags,
+                user_data: None,
+            };
+            let install = super::create::Install {
+                controller: args.controller.clone(),
+                base_url: args.base_url.clone(),
+                version: args.version.clone(),
+            };
+            let wait_for = if args.wait {
+                Some(
+                    slipway_proto::cli::parse_duration(&args.wait_timeout).ok_or_else(|| {
+                        DoCommandError::Usage(format!(
+                            "--wait-timeout {:?} is not a duration like 10m",
+                            args.wait_timeout
+                        ))
+                    })?,
+                )
+            } else {
+                None
+            };
+            let made = super::create::create(
+                &client,
+                &store,
+                &ca.fingerprint(),
+                droplet,
+                &install,
+                ttl,
+                crate::now_unix(),
+            )
+            .await
+            .map_err(|e| match e {
+                super::create::CreateError::Api(e) => e.into(),
+                other => DoCommandError::Usage(other.to_string()),
+            })?;
+            if args.common.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "id": made.id, "name": made.name, "status": made.status, "tags": made.tags })
+                );
+            } else {
+                println!(
+                    "created droplet {} ({}), status {}; it enrolls itself on first boot",
+                    made.name, made.id, made.status
+                );
+            }
+            if let Some(limit) = wait_for {
+                let (node_id, node_name) = wait_online(&store, made.id, limit).await?;
+                println!(
+                    "node {node_name} ({node_id}) of droplet {} is online",
+                    made.name
+                );
             }
         }
         DropletsCommand::Retire(args) => {

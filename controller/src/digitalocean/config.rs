@@ -34,6 +34,8 @@ pub struct RawDigitalOcean {
     /// Tests only: the shortest and longest retry wait ("10ms", "1s").
     pub retry_min_wait: Option<String>,
     pub retry_max_wait: Option<String>,
+    /// `[digitalocean.firewall]`: the fleet firewall.
+    pub firewall: Option<super::firewall::RawFirewall>,
 }
 
 /// Checked `[digitalocean]` settings. The token is read when used, so a
@@ -46,6 +48,7 @@ pub struct DoConfig {
     /// None: no periodic sync in `serve`.
     pub sync_every: Option<Duration>,
     pub retry: RetryPolicy,
+    pub firewall: Option<super::firewall::FirewallConfig>,
 }
 
 impl DoConfig {
@@ -100,6 +103,10 @@ impl DoConfig {
             api_url: raw.api_url.unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
             sync_every,
             retry,
+            firewall: raw
+                .firewall
+                .map(super::firewall::FirewallConfig::new)
+                .transpose()?,
         };
         // The URL is checked now, not at the first sync.
         super::client::check_api_url(&config.api_url)

@@ -26,7 +26,9 @@ pub mod api;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod create;
 pub mod dns;
+pub mod firewall;
 pub mod inventory;
 
 pub use api::{
