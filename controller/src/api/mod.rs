@@ -581,7 +581,8 @@ impl ControlService {
         S: futures_util::Stream<Item = Result<Vec<u8>, ApiError>> + Send,
     {
         let received = receive_upload(&self.artifacts, sha256, size, Vec::new(), chunks).await;
-        self.uploaded(caller, peer, received, &ARTIFACT_UPLOAD).await
+        self.uploaded(caller, peer, received, &ARTIFACT_UPLOAD)
+            .await
     }
 
     /// Audits and logs an upload's outcome as `kind` says; a refused

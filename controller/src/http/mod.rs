@@ -334,6 +334,7 @@ mod tests {
             sessions.clone(),
             Commands::new(),
             Artifacts::new(dir),
+            dir.to_path_buf(),
         );
         let state = HttpState::new(store.clone(), sessions, control, CancellationToken::new());
         (router(state), store)
