@@ -41,6 +41,10 @@ pub const NODE_REVOKED: &str = "NODE_REVOKED";
 /// was revoked in the same step (actor: the new node).
 pub const NODE_REPLACED: &str = "NODE_REPLACED";
 
+/// An agent's Hello reported a DigitalOcean droplet id another live node
+/// already claims; it was not recorded (issue 14).
+pub const DROPLET_CLAIM_REFUSED: &str = "DROPLET_CLAIM_REFUSED";
+
 /// A message on an agent's session broke a field's rule or limit; the
 /// session was ended (the error names the field).
 pub const AGENT_MESSAGE_REFUSED: &str = "AGENT_MESSAGE_REFUSED";

@@ -25,8 +25,6 @@
 //!                methods; the heartbeat shapes it stores (Metrics, App)
 //!     artifacts  the content-addressed artifact files
 //!     backup     encrypted backups of the data dir, restore, schedule
-//!     digitalocean/  client (transport, retries, pages) < api (typed
-//!                operations, checked answers)
 //! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
 //!                its scopes) < operator (operator certificates)
 //! L3  link/      liveness (heartbeat rules, pure) · registry (live
@@ -44,6 +42,12 @@
 //!                the Prometheus text format, with observe's histograms
 //!     http/      axum: health, browser sessions, the JSON API (uses api/),
 //!                /metrics (uses metrics), the web page
+//!     digitalocean/  client (transport, retries, pages) < api (typed
+//!                operations, checked answers) < config ([digitalocean]) <
+//!                inventory (sync, retire, the droplets view), dns,
+//!                firewall, create (join token + user data); its `commands`
+//!                (the `droplets`/`dns`/`firewall`/`validate` commands) sit
+//!                at L6 beside admin
 //! L6  config     checked ServeConfig · server (wires it all and serves) ·
 //!     admin      token, operator, nodes, node revoke · Error (is_usage)
 //! ```

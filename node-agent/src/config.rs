@@ -1972,6 +1972,27 @@ timeout = "2m"
     }
 
     #[test]
+    fn the_metadata_url_is_checked() {
+        let text = include_str!("../../packaging/agent.toml.example");
+        assert_eq!(parse(text).unwrap().metadata_url, None);
+        let table: String = text
+            .lines()
+            .skip_while(|l| *l != "# [digitalocean]")
+            .take_while(|l| !l.is_empty())
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        let cfg = parse(&format!("{text}\n{table}")).unwrap();
+        assert_eq!(cfg.metadata_url.as_deref(), Some("http://169.254.169.254"));
+        let err = parse("[digitalocean]\nmetadata_url = \"http://10.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2: digitalocean.metadata_url:") && err.contains("169.254.169.254"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn packaged_example_is_valid() {
         let text = include_str!("../../packaging/agent.toml.example");
         let cfg = parse(text).unwrap();

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::client::{Client, DoError};
 use super::config::DoConfig;
 use crate::audit::AuditEvent;
-use crate::store::{DropletClaim, DropletRow, Store, StoreError};
+use crate::store::{DropletRow, Store, StoreError};
 
 /// Audit actor of what a sync does.
 pub const ACTOR: &str = "digitalocean-sync";
@@ -31,8 +31,6 @@ pub const NODE_RETIRED: &str = "NODE_RETIRED";
 pub const DROPLET_DESTROYED: &str = "DROPLET_DESTROYED";
 /// A periodic sync failed (the fleet view keeps the last good sync).
 pub const DROPLET_SYNC_FAILED: &str = "DROPLET_SYNC_FAILED";
-/// An agent reported a droplet id another live node already claims.
-pub const DROPLET_CLAIM_REFUSED: &str = "DROPLET_CLAIM_REFUSED";
 
 /// Why a sync failed.
 #[derive(Debug, thiserror::Error)]
@@ -315,40 +313,6 @@ pub async fn periodic(
             () = tokio::time::sleep(every) => {}
         }
     }
-}
-
-/// Records the droplet id a node's agent reported in its Hello (0: none;
-/// the limit was checked with the Hello). A droplet id another live node
-/// already claims is not recorded and is audited as refused: the node then
-/// shows as an agent without a droplet.
-pub async fn record_droplet_claim(
-    store: &Store,
-    node_id: &str,
-    droplet_id: u64,
-    now: i64,
-) -> Result<(), StoreError> {
-    if droplet_id == 0 {
-        return Ok(());
-    }
-    match store.claim_droplet(node_id, droplet_id).await? {
-        DropletClaim::Recorded => {
-            tracing::info!(node = %node_id, droplet_id, "node reports its droplet id");
-        }
-        DropletClaim::Unchanged => {}
-        DropletClaim::Conflict { other_node } => {
-            let event = AuditEvent::error(
-                DROPLET_CLAIM_REFUSED,
-                node_id,
-                "node",
-                node_id,
-                serde_json::json!({ "droplet_id": droplet_id, "claimed_by": other_node }),
-                format!("droplet {droplet_id} is already the droplet of live node {other_node}"),
-            );
-            tracing::warn!(node = %node_id, droplet_id, %other_node, "droplet id claimed twice");
-            store.audit(&event, now).await?;
-        }
-    }
-    Ok(())
 }
 
 /// The fleet as DigitalOcean and the agents see it together.

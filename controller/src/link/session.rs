@@ -244,13 +244,7 @@ impl AgentLinkService {
         if !recorded {
             return Err(SessionError::Revoked(node_id.clone()));
         }
-        crate::digitalocean::inventory::record_droplet_claim(
-            &self.store,
-            node_id,
-            hello.droplet_id,
-            now,
-        )
-        .await?;
+        record_droplet_claim(&self.store, node_id, hello.droplet_id, now).await?;
         let welcome = Welcome {
             node_id: node_id.clone(),
             heartbeat_interval_secs: u32::try_from(interval.as_secs()).unwrap_or(u32::MAX),
@@ -635,6 +629,41 @@ impl AgentLink for AgentLinkService {
             }
         }
     }
+}
+
+/// Records the DigitalOcean droplet id a node's agent reported in its Hello
+/// (0: none; the limit was checked with the Hello), by which the fleet view
+/// matches the node to its synced droplet. A droplet id another live node
+/// already claims is not recorded and is audited as refused: the node then
+/// shows as an agent without a droplet.
+async fn record_droplet_claim(
+    store: &Store,
+    node_id: &str,
+    droplet_id: u64,
+    now: i64,
+) -> Result<(), crate::store::StoreError> {
+    if droplet_id == 0 {
+        return Ok(());
+    }
+    match store.claim_droplet(node_id, droplet_id).await? {
+        crate::store::DropletClaim::Recorded => {
+            tracing::info!(node = %node_id, droplet_id, "node reports its droplet id");
+        }
+        crate::store::DropletClaim::Unchanged => {}
+        crate::store::DropletClaim::Conflict { other_node } => {
+            let event = AuditEvent::error(
+                audit::DROPLET_CLAIM_REFUSED,
+                node_id,
+                "node",
+                node_id,
+                serde_json::json!({ "droplet_id": droplet_id, "claimed_by": other_node }),
+                format!("droplet {droplet_id} is already the droplet of live node {other_node}"),
+            );
+            tracing::warn!(node = %node_id, droplet_id, %other_node, "droplet id claimed twice");
+            store.audit(&event, now).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
