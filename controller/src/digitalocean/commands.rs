@@ -18,7 +18,7 @@ pub enum DropletsCommand {
     /// List the droplets of the fleet's tags now and reconcile: new ones
     /// become expected nodes, gone ones have their nodes retired (certificates
     /// revoked), every change audited.
-    Sync(DropletsArgs),
+    Sync(SyncArgs),
     /// The fleet as DigitalOcean and the agents see it: each droplet with
     /// its node or "expected, not enrolled", gone droplets, agents without a
     /// droplet (as of the last sync).
@@ -397,6 +397,18 @@ async fn wait_online(
     }
 }
 
+/// `droplets sync` flags.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub common: DropletsArgs,
+    /// Accept a sync that retires more than half of the fleet's droplets at
+    /// once (refused otherwise: a fleet tag renamed or removed looks like
+    /// that).
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// Reads `[digitalocean]` and the data dir from the config file.
 pub fn load(args: &DropletsArgs) -> Result<(DoConfig, PathBuf), DoCommandError> {
     let raw = RawConfig::from_file(&args.config)?;
@@ -421,11 +433,15 @@ pub async fn run(command: DropletsCommand) -> Result<(), crate::Error> {
 
 async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
     match command {
-        DropletsCommand::Sync(args) => {
+        DropletsCommand::Sync(SyncArgs {
+            common: args,
+            force,
+        }) => {
             let (config, data_dir) = load(&args)?;
             let client = config.client()?;
             let store = Store::open(&data_dir).await?;
-            let report = inventory::sync(&store, &client, &config, crate::now_unix()).await?;
+            let report =
+                inventory::sync(&store, &client, &config, crate::now_unix(), force).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

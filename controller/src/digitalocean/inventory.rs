@@ -39,6 +39,49 @@ pub enum SyncError {
     Api(#[from] DoError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    MassRetire(#[from] MassRetire),
+}
+
+/// The listing would retire most of the fleet at once: more likely a fleet
+/// tag renamed or removed than the droplets destroyed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this sync would retire {} of the {known} droplets of the fleet ({}): was a fleet tag \
+     renamed or removed? Nothing was changed; `slipway-controller droplets sync --force` \
+     accepts it",
+    gone.len(),
+    gone.join(", ")
+)]
+pub struct MassRetire {
+    /// The droplets it would mark gone, by name.
+    pub gone: Vec<String>,
+    /// Live droplets of the fleet before it.
+    pub known: usize,
+}
+
+/// The droplets a sync would mark gone, refused when they are more than
+/// half of a fleet of two or more (unless `force`): the names, for the
+/// refusal. A one-droplet fleet losing its droplet, or a few destroyed
+/// droplets, go through.
+pub fn check_mass_retire(
+    known: &[DropletRow],
+    seen: &[DropletRow],
+    force: bool,
+) -> Result<(), MassRetire> {
+    let live: Vec<&DropletRow> = known.iter().filter(|d| d.gone_at.is_none()).collect();
+    let gone: Vec<String> = live
+        .iter()
+        .filter(|d| !seen.iter().any(|s| s.id == d.id))
+        .map(|d| d.name.clone())
+        .collect();
+    if !force && live.len() >= 2 && gone.len() * 2 > live.len() {
+        return Err(MassRetire {
+            gone,
+            known: live.len(),
+        });
+    }
+    Ok(())
 }
 
 /// What one sync found and did.
@@ -53,12 +96,15 @@ pub struct SyncReport {
     pub retired: Vec<(String, String)>,
 }
 
-/// One sync: see the module docs.
+/// One sync: see the module docs. Refused, changing nothing, when it
+/// would retire more than half of the fleet at once, unless `force`
+/// ([`check_mass_retire`]).
 pub async fn sync(
     store: &Store,
     client: &Client,
     config: &DoConfig,
     now: i64,
+    force: bool,
 ) -> Result<SyncReport, SyncError> {
     let mut seen: BTreeMap<u64, DropletRow> = BTreeMap::new();
     for tag in &config.fleet_tags {
@@ -81,6 +127,7 @@ pub async fn sync(
         }
     }
     let seen: Vec<DropletRow> = seen.into_values().collect();
+    check_mass_retire(&store.droplets().await?, &seen, force)?;
     let changes = store.sync_droplets(&seen, now).await?;
     let mut report = SyncReport {
         droplets: seen.len(),
@@ -276,7 +323,7 @@ pub async fn periodic(
             () = stop.cancelled() => return,
             r = async {
                 let client = config.client()?;
-                sync(&store, &client, &config, crate::now_unix()).await
+                sync(&store, &client, &config, crate::now_unix(), false).await
             } => r,
         };
         match outcome {
@@ -406,4 +453,49 @@ pub fn render(view: &DropletsView) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn droplet(id: u64, gone: bool) -> DropletRow {
+        DropletRow {
+            id,
+            name: format!("web-{id}"),
+            region: "fra1".into(),
+            size: "s-1vcpu-1gb".into(),
+            public_ipv4: None,
+            private_ipv4: None,
+            tags: vec!["env:production".into()],
+            status: "active".into(),
+            first_seen_at: 1,
+            synced_at: 1,
+            gone_at: gone.then_some(2),
+            node_id: None,
+            node_name: None,
+        }
+    }
+
+    #[test]
+    fn a_sync_that_would_retire_most_of_the_fleet_is_refused_unless_forced() {
+        let known: Vec<DropletRow> = (1..=4).map(|id| droplet(id, false)).collect();
+        // Nothing listed (a fleet tag renamed?): refused, naming them.
+        let err = check_mass_retire(&known, &[], false).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("would retire 4 of the 4 droplets") && text.contains("web-1, web-2"),
+            "{text}"
+        );
+        assert!(check_mass_retire(&known, &[], true).is_ok());
+        // Three of four gone: refused; two of four (half): goes through.
+        assert!(check_mass_retire(&known, &known[..1], false).is_err());
+        assert!(check_mass_retire(&known, &known[..2], false).is_ok());
+        // Droplets already gone do not count.
+        let mut with_gone = known.clone();
+        with_gone.push(droplet(9, true));
+        assert!(check_mass_retire(&with_gone, &known[..2], false).is_ok());
+        // A one-droplet fleet losing its droplet goes through.
+        assert!(check_mass_retire(&known[..1], &[], false).is_ok());
+    }
 }
