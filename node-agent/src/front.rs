@@ -216,6 +216,31 @@ pub fn switch(
     ))
 }
 
+/// Starts the app's front if it is not running but a switch was made (after
+/// a reboot, or a kill): it takes up the recorded target. Returns whether
+/// it started one.
+pub fn ensure(root: &Path, listen: &ListenAddr) -> Result<bool, FrontError> {
+    let files = FrontFiles::new(root);
+    if is_running(&files) || !files.target.exists() {
+        return Ok(false);
+    }
+    spawn(root, listen, &files)?;
+    let t = Instant::now();
+    while !is_running(&files) || FrontState::load(&files).is_none_or(|s| s.pid == 0) {
+        if t.elapsed() > ANSWER_WAIT {
+            return Err(failed(
+                listen,
+                format!(
+                    "did not start within {ANSWER_WAIT:?} (see {})",
+                    files.log.display()
+                ),
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(true)
+}
+
 fn agent_bin() -> std::io::Result<PathBuf> {
     match std::env::var_os(AGENT_BIN_ENV) {
         Some(p) => Ok(PathBuf::from(p)),
