@@ -45,6 +45,8 @@ const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// On SIGTERM: how long open connections may take to finish.
 const EXIT_DRAIN: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
+/// A connection that took this long is logged, with where the time went.
+const SLOW: Duration = Duration::from_secs(1);
 
 /// Environment variable naming the agent binary to run `front` with (tests
 /// and packagers; default: this executable).
@@ -212,6 +214,31 @@ pub fn switch(
             format!("{open} connections still open to the previous backend after {drain:?}")
         }
     ))
+}
+
+/// Starts the app's front if it is not running but a switch was made (after
+/// a reboot, or a kill): it takes up the recorded target. Returns whether
+/// it started one.
+pub fn ensure(root: &Path, listen: &ListenAddr) -> Result<bool, FrontError> {
+    let files = FrontFiles::new(root);
+    if is_running(&files) || !files.target.exists() {
+        return Ok(false);
+    }
+    spawn(root, listen, &files)?;
+    let t = Instant::now();
+    while !is_running(&files) || FrontState::load(&files).is_none_or(|s| s.pid == 0) {
+        if t.elapsed() > ANSWER_WAIT {
+            return Err(failed(
+                listen,
+                format!(
+                    "did not start within {ANSWER_WAIT:?} (see {})",
+                    files.log.display()
+                ),
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(true)
 }
 
 fn agent_bin() -> std::io::Result<PathBuf> {
@@ -524,14 +551,19 @@ async fn forward(
             return;
         };
         let held = Held::new(&routes, &changed, backend);
+        let started = Instant::now();
         let out = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(backend))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
             .and_then(|r| r);
         match out {
             Ok(mut outbound) => {
+                let connected = started.elapsed();
                 let _ = outbound.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                if started.elapsed() >= SLOW {
+                    tracing::warn!(%backend, connect_ms = connected.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "slow connection through the front");
+                }
                 drop(held);
                 return;
             }

@@ -82,6 +82,21 @@ pub(super) fn pass(app: &AppConfig, bridge: &Bridge, failures: &mut u32) {
         *failures = 0;
         return;
     }
+    // Docker and PM2 fork mode behind listen: the front holds the public
+    // address; after a reboot (or a kill) it takes up its recorded target.
+    if let (Some(l), Some(run)) = (&app.listen, &app.run) {
+        if run.driver_name() != "exec" {
+            match crate::front::ensure(&app.root, l) {
+                Ok(true) => {
+                    tracing::warn!(app = %app.name, "the app's front was not running; started it on {l}")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(app = %app.name, error = %e, "cannot start the app's front")
+                }
+            }
+        }
+    }
     let reconciled = reconcile(app, bridge, &current);
     if reconciled == Reconciled::Repaired {
         *failures = 0;

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use crate::support::load::Load;
 use crate::support::{
-    busybox_image_on, docker_cli_on, free_port, http_get, targz, Node, PrivateDockerd, RawTar,
-    RunningAgent,
+    busybox_image_on, docker_cli_on, free_port, http_get, targz, wait_until, Node, PrivateDockerd,
+    RawTar, RunningAgent,
 };
 
 const LOAD_TIME: Duration = Duration::from_secs(300);
@@ -323,6 +323,28 @@ fn the_front_outlives_restarts_and_a_kill_of_the_agent_under_load() {
         report.bodies.contains(&"v1".to_owned()),
         "{}",
         report.summary()
+    );
+
+    // The front itself killed (as by a reboot): `run` starts it again on
+    // its recorded target.
+    let state: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(node.root.join(".slipway/run/front.json")).unwrap(),
+    )
+    .unwrap();
+    let pid = state["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the front to be gone", Duration::from_secs(10), || {
+        http_get(public, "/").is_none()
+    });
+    let _agent = RunningAgent::start(&node);
+    wait_until(
+        "run to start the front again",
+        Duration::from_secs(30),
+        || http_get(public, "/").is_some_and(|(_, b)| b.starts_with("v1 ")),
     );
 }
 

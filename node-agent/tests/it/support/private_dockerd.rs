@@ -115,6 +115,19 @@ impl PrivateDockerd {
             .expect("no free 10.231.N.0/24 for the test bridge");
         ip(&["link", "add", &self.bridge, "type", "bridge"]);
         self.bridge_made = true;
+        // A fixed MAC (locally administered, from the net number), as
+        // dockerd gives the bridges it makes: otherwise Linux gives a bridge
+        // the lowest MAC of its ports, so it changes when a container's veth
+        // leaves, and the other containers' ARP entries for the gateway go
+        // stale — their answers are lost for seconds (a blue/green switch
+        // under load sees it as hung requests).
+        ip(&[
+            "link",
+            "set",
+            &self.bridge,
+            "address",
+            &format!("02:42:0a:e7:{net:02x}:01"),
+        ]);
         ip(&[
             "addr",
             "add",
