@@ -668,7 +668,10 @@ fn schemathesis(controller: &Controller, token: &str, args: &[&str]) {
     let url = format!("{}/api/v1/openapi.json", controller.http_url());
     // Bounded: a fixed seed and number of cases per operation, no stored
     // examples, and `timeout` around the whole run.
+    // In a temp dir: schemathesis keeps a cache where it runs.
+    let cwd = tempfile::tempdir().unwrap();
     let out = Command::new("timeout")
+        .current_dir(cwd.path())
         .args(["600", "st", "run", &url, "--tls-verify"])
         .arg(controller.ca_pem())
         .args(["-H", &format!("Authorization: Bearer {token}")])
