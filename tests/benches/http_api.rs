@@ -26,6 +26,32 @@ use slipway_agent::link;
 use slipway_proto::v1::{agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics};
 use support::Controller;
 
+/// How long the simulated agents keep heartbeating (the whole bench).
+const HEARTBEAT_FOR: Duration = Duration::from_secs(600);
+
+/// One heartbeat: host metrics and one healthy app.
+fn heartbeat() -> AgentMessage {
+    AgentMessage {
+        kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+            unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+            metrics: Some(NodeMetrics {
+                cpu_percent: 3.0,
+                mem_used_bytes: 1 << 30,
+                mem_total_bytes: 4 << 30,
+                ..NodeMetrics::default()
+            }),
+            apps: vec![AppStatus {
+                app: "web".into(),
+                current_release: "v1".into(),
+                health: "healthy".into(),
+                ..AppStatus::default()
+            }],
+            agent_version: "bench".into(),
+            agent_rss_bytes: 8 << 20,
+        })),
+    }
+}
+
 /// The p99 goal for `/api/v1/nodes` with 1,000 agents.
 const GOAL_P99_MS: f64 = 50.0;
 
@@ -42,8 +68,7 @@ fn main() {
     let url = controller.url();
     let data = controller.data_dir();
     let t = Instant::now();
-    // The sessions stay open (held here) for the whole measurement.
-    let _sessions = rt.block_on(async {
+    let sessions = rt.block_on(async {
         let store = slipway_controller::store::Store::open(&data).await.unwrap();
         let ca = slipway_controller::pki::ca::Ca::load_or_create(&data).unwrap();
         let mut sessions = Vec::new();
@@ -64,30 +89,6 @@ fn main() {
                 .await
                 .unwrap();
             let session = link::connect(&url, &state, Hello::default()).await.unwrap();
-            let beat = Heartbeat {
-                unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
-                metrics: Some(NodeMetrics {
-                    cpu_percent: 3.0,
-                    mem_used_bytes: 1 << 30,
-                    mem_total_bytes: 4 << 30,
-                    ..NodeMetrics::default()
-                }),
-                apps: vec![AppStatus {
-                    app: "web".into(),
-                    current_release: "v1".into(),
-                    health: "healthy".into(),
-                    ..AppStatus::default()
-                }],
-                agent_version: "bench".into(),
-                agent_rss_bytes: 8 << 20,
-            };
-            session
-                .outbound
-                .send(AgentMessage {
-                    kind: Some(agent_message::Kind::Heartbeat(beat)),
-                })
-                .await
-                .unwrap();
             sessions.push(session);
         }
         sessions
@@ -96,6 +97,31 @@ fn main() {
         "http_api: {agents} simulated agents (real mTLS gRPC sessions from this process) enrolled and connected in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    // Each keeps heartbeating on the interval the controller announced, as
+    // a real agent does, so every node stays online; bounded in time.
+    let interval = Duration::from_secs(u64::from(
+        sessions[0].welcome.heartbeat_interval_secs.max(1),
+    ));
+    let end = Instant::now() + HEARTBEAT_FOR;
+    for s in sessions {
+        rt.spawn(async move {
+            let mut inbound = s.inbound;
+            while Instant::now() < end {
+                if s.outbound.send(heartbeat()).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    message = inbound.message() => {
+                        if !matches!(message, Ok(Some(_))) {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     let token = controller.api_token("read");
     let base = controller.http_url();
     // Every node online and its heartbeat stored before measuring.
