@@ -63,8 +63,13 @@ pub fn health_class(health: &str) -> &'static str {
 /// A certificate's expiry, for `slipway_certificate_expiry_timestamp_seconds`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertExpiry {
-    /// Which: "ca", "server".
+    /// Which: "ca", "server", "node", "operator".
     pub cert: String,
+    /// Whose: the CA's common name, "controller", the node or operator name.
+    pub name: String,
+    /// The CA's sha256 fingerprint, the node or operator id; "" for the
+    /// server certificate.
+    pub id: String,
     /// Not after, seconds since the epoch.
     pub not_after: i64,
 }
@@ -85,6 +90,8 @@ pub fn controller_cert_expiry(data_dir: &Path) -> Vec<CertExpiry> {
             let (_, not_after) = validity_of(&der)?;
             Some(CertExpiry {
                 cert: cert.to_owned(),
+                name: String::new(),
+                id: String::new(),
                 not_after,
             })
         })
@@ -168,13 +175,33 @@ impl Scraper {
         let deployments_secs = t.elapsed().as_secs_f64();
         let (system, data_dir) = (self.system.clone(), self.data_dir.clone());
         let ours = self.sessions.is_some();
-        // /proc and the certificate files: blocking reads, off the runtime.
-        let (process, certs) = tokio::task::spawn_blocking(move || {
-            let process = if ours { process_stats(&system) } else { None };
-            (process, controller_cert_expiry(&data_dir))
-        })
-        .await
-        .unwrap_or((None, Vec::new()));
+        // /proc: a blocking read, off the runtime.
+        let process =
+            tokio::task::spawn_blocking(move || if ours { process_stats(&system) } else { None })
+                .await
+                .unwrap_or(None);
+        // Every certificate `slipway status` judges (the CA or both CAs of a
+        // rotation, the server, each live node, each operator); the
+        // controller's own files alone if the store cannot say.
+        let certs = match fleet::certs::system_cert_health(&data_dir, &self.store, now).await {
+            Ok(health) => health
+                .certs
+                .into_iter()
+                .map(|c| CertExpiry {
+                    cert: c.kind.as_str().to_owned(),
+                    name: c.name,
+                    id: c.id,
+                    not_after: c.not_after,
+                })
+                .collect(),
+            Err(err) => {
+                tracing::warn!(%err, "certificate health for /metrics");
+                let dir = data_dir.clone();
+                tokio::task::spawn_blocking(move || controller_cert_expiry(&dir))
+                    .await
+                    .unwrap_or_default()
+            }
+        };
         Ok(Snapshot {
             nodes: views,
             deployments,
@@ -475,11 +502,14 @@ pub fn encode(snapshot: &Snapshot) -> String {
     // wants base units, and a timestamp does not go stale between scrapes.
     let certs = f.gauge(
         "slipway_certificate_expiry_timestamp_seconds",
-        "When the controller's certificates expire (seconds since the epoch).",
-        &["cert"],
+        "When each certificate of the system expires (seconds since the epoch): \
+         cert = ca, server, node or operator.",
+        &["cert", "name", "id"],
     );
     for c in &snapshot.certs {
-        certs.with_label_values(&[&c.cert]).set(c.not_after as f64);
+        certs
+            .with_label_values(&[&c.cert, &c.name, &c.id])
+            .set(c.not_after as f64);
     }
 
     let mut out = Vec::new();
@@ -594,6 +624,8 @@ mod tests {
             }),
             certs: vec![CertExpiry {
                 cert: "server".to_owned(),
+                name: "controller".to_owned(),
+                id: String::new(),
                 not_after: 1_000 + 86_400 * 30,
             }],
             store_seconds: vec![("fleet", 0.001)],
@@ -673,7 +705,7 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                r#"slipway_certificate_expiry_timestamp_seconds{cert="server"}"#
+                r#"slipway_certificate_expiry_timestamp_seconds{cert="server",id="",name="controller"}"#
             ),
             Some((1_000 + 86_400 * 30) as f64)
         );

@@ -76,7 +76,31 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// The fleet as a text table, one node per line.
+/// How long a node's certificate has left at `now`: "6d", "5h", "expired
+/// 2d ago"; "-" when unknown.
+pub fn cert_left(expires_at: i64, now: i64) -> String {
+    if expires_at <= 0 {
+        return "-".to_owned();
+    }
+    let span = |secs: i64| {
+        if secs >= 86_400 {
+            format!("{}d", secs / 86_400)
+        } else if secs >= 3_600 {
+            format!("{}h", secs / 3_600)
+        } else {
+            format!("{}m", (secs / 60).max(1))
+        }
+    };
+    let left = expires_at - now;
+    if left > 0 {
+        span(left)
+    } else {
+        format!("expired {} ago", span(-left))
+    }
+}
+
+/// The fleet as a text table, one node per line (CERT: what the node's
+/// certificate has left).
 pub fn render_table(nodes: &[NodeView]) -> String {
     let header = [
         "ID",
@@ -89,9 +113,13 @@ pub fn render_table(nodes: &[NodeView]) -> String {
         "CPU",
         "MEM",
         "LOAD",
+        "CERT",
         "APPS",
     ];
-    let mut rows: Vec<[String; 11]> = vec![header.map(str::to_owned)];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut rows: Vec<[String; 12]> = vec![header.map(str::to_owned)];
     for node in nodes {
         let labels = node
             .labels
@@ -146,6 +174,7 @@ pub fn render_table(nodes: &[NodeView]) -> String {
             cpu,
             mem,
             load,
+            cert_left(node.cert_expires_at, now),
             if apps.is_empty() { dash() } else { apps },
         ]);
     }
@@ -871,6 +900,16 @@ mod tests {
         assert_eq!(fit(text, 20), "short\nthis line is longer…\n\nlast");
         assert_eq!(fit("ééééé\n", 4), "ééééé\n", "the width is at least 8");
         assert_eq!(fit("ééééééééé", 8), "ééééééé…");
+    }
+
+    #[test]
+    fn cert_left_reads_in_days_hours_or_expired() {
+        let now = 1_000_000;
+        assert_eq!(cert_left(0, now), "-");
+        assert_eq!(cert_left(now + 6 * 86_400 + 5, now), "6d");
+        assert_eq!(cert_left(now + 5 * 3_600, now), "5h");
+        assert_eq!(cert_left(now + 30, now), "1m");
+        assert_eq!(cert_left(now - 2 * 86_400, now), "expired 2d ago");
     }
 
     #[test]

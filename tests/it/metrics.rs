@@ -215,11 +215,20 @@ fn metrics_of_a_real_fleet_pass_promtool_and_match_the_fleet() {
     // The controller's certificates: a CA for years, a server certificate
     // for days to a year.
     let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    // Every certificate of the system, by kind, name and id.
     let days_left = |cert: &str| {
-        let series = format!(r#"slipway_certificate_expiry_timestamp_seconds{{cert="{cert}"}}"#);
-        (sample(&exposition, &series).unwrap() - now) / 86_400.0
+        let prefix = format!(r#"slipway_certificate_expiry_timestamp_seconds{{cert="{cert}","#);
+        let line = exposition
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{exposition}"));
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        (value - now) / 86_400.0
     };
     let (ca_days, server_days) = (days_left("ca"), days_left("server"));
+    // Each node's certificate (7 days, renewed at two thirds).
+    let node_days = days_left("node");
+    assert!(node_days > 0.0 && node_days <= 7.0, "node {node_days}");
     assert!(ca_days > 365.0, "ca {ca_days}");
     assert!(
         server_days > 0.0 && server_days < ca_days,
