@@ -139,7 +139,8 @@ log "cargo test"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 set +e
-cargo test --workspace --locked 2>&1 | tee "$out"
+# --no-fail-fast: every test binary runs, so the summary counts them all.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$out"
 status=${PIPESTATUS[0]}
 set -e
 
