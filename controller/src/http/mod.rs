@@ -97,6 +97,9 @@ struct Inner {
     sessions: Sessions,
     control: ControlService,
     shutdown: CancellationToken,
+    /// The last `/api/v1/nodes` body and when it was made (see
+    /// [`api::NODES_FRESH`]).
+    nodes: std::sync::Mutex<Option<(std::time::Instant, axum::body::Bytes)>>,
 }
 
 impl HttpState {
@@ -115,7 +118,31 @@ impl HttpState {
             sessions,
             control,
             shutdown,
+            nodes: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// The cached `/api/v1/nodes` body if made within `fresh`.
+    pub(crate) fn cached_nodes(&self, fresh: Duration) -> Option<axum::body::Bytes> {
+        let cache = self
+            .0
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache
+            .as_ref()
+            .filter(|(made, _)| made.elapsed() < fresh)
+            .map(|(_, body)| body.clone())
+    }
+
+    /// Keeps a fresh `/api/v1/nodes` body.
+    pub(crate) fn cache_nodes(&self, body: axum::body::Bytes) {
+        *self
+            .0
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), body));
     }
 
     /// The database (and audit log: [`Store::audit`]).
