@@ -127,6 +127,21 @@ async fn openapi() -> Response {
     }
 }
 
+/// How old a `/api/v1/nodes` answer may be: with 1,000 nodes, building it
+/// (1,000 rows and their JSON) costs milliseconds of CPU, and heartbeats
+/// come every few seconds to a minute, so callers polling it together
+/// share one answer per second (the token is still checked on each call).
+pub const NODES_FRESH: Duration = Duration::from_secs(1);
+
+/// A JSON body already serialized, as bytes.
+fn json_bytes(body: axum::body::Bytes) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
 /// A JSON body already serialized.
 fn json_text(status: StatusCode, text: String) -> Response {
     (
@@ -303,6 +318,9 @@ fn state_name(state: crate::link::liveness::NodeState) -> String {
     ))]
 async fn nodes(State(state): State<HttpState>, who: Principal) -> Result<Response, AppError> {
     who.require(&state, "list nodes", Caller::can_read).await?;
+    if let Some(body) = state.cached_nodes(NODES_FRESH) {
+        return Ok(json_bytes(body));
+    }
     let views = fleet_views(&state).await?;
     let out: Vec<NodeOut> = views
         .into_iter()
@@ -321,7 +339,10 @@ async fn nodes(State(state): State<HttpState>, who: Principal) -> Result<Respons
             cert_expires_at: v.cert_expires_at,
         })
         .collect();
-    Ok(Json(out).into_response())
+    let body = serde_json::to_vec(&out).map_err(|e| AppError::Internal(e.to_string()))?;
+    let body = axum::body::Bytes::from(body);
+    state.cache_nodes(body.clone());
+    Ok(json_bytes(body))
 }
 
 /// One app across the fleet.

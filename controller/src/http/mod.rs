@@ -103,6 +103,9 @@ struct Inner {
     shutdown: CancellationToken,
     /// `/metrics`, when this server shows it.
     metrics: Option<MetricsScrape>,
+    /// The last `/api/v1/nodes` body and when it was made (see
+    /// [`api::NODES_FRESH`]).
+    nodes: std::sync::Mutex<Option<(std::time::Instant, axum::body::Bytes)>>,
 }
 
 /// What `/metrics` needs: the scraper and who may scrape without a token.
@@ -142,7 +145,31 @@ impl HttpState {
             control,
             shutdown,
             metrics,
+            nodes: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// The cached `/api/v1/nodes` body if made within `fresh`.
+    pub(crate) fn cached_nodes(&self, fresh: Duration) -> Option<axum::body::Bytes> {
+        let cache = self
+            .0
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache
+            .as_ref()
+            .filter(|(made, _)| made.elapsed() < fresh)
+            .map(|(_, body)| body.clone())
+    }
+
+    /// Keeps a fresh `/api/v1/nodes` body.
+    pub(crate) fn cache_nodes(&self, body: axum::body::Bytes) {
+        *self
+            .0
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), body));
     }
 
     /// `/metrics`' scraper, if this server shows metrics.
