@@ -122,3 +122,96 @@ deadline = "30s"
     assert!(report.bodies.contains(&last), "{last} never answered");
     assert_eq!(agent.current().as_deref(), Some(last.as_str()));
 }
+
+/// Two free loopback ports (released again: the agent's process sets bind
+/// them).
+fn port_pair() -> [u16; 2] {
+    let listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
+}
+
+#[test]
+fn pushed_pm2_fork_deploys_behind_the_front_under_load_lose_nothing() {
+    const DEPLOYS: usize = 10;
+    let controller = Controller::start();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let home = pm2_home.path().display().to_string();
+    let [a, b] = port_pair();
+    // The public address is the agent's (its front); each release's
+    // process set gets one of `ports` as PORT.
+    let mut agent = Agent::enroll_with(&controller, "f1", "web", |root, port| {
+        format!(
+            r#"[apps.web]
+root = "{root}"
+listen = "127.0.0.1:{port}"
+
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+instances = 1
+exec_mode = "fork"
+ports = [{a}, {b}]
+pm2_home = "{home}"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "100ms"
+successes = 2
+retries = 2
+start_period = "500ms"
+deadline = "30s"
+"#,
+            root = root.display(),
+        )
+    });
+    agent.run();
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+
+    let work = tempfile::tempdir().unwrap();
+    let deploy = |v: &str| {
+        let art = pm2_artifact(work.path(), v);
+        let out = controller.deploy_web(&deployer, &art, &sha256_file(&art), v, &["--wait"]);
+        assert!(out.status.success(), "deploy {v}: {}", text(&out));
+    };
+    deploy("v0");
+
+    // Bounded: 2 threads of new connections and 2 of keep-alive ones, at
+    // most 5 min or 200,000 requests each, all through the front.
+    let load = Load::start(agent.port, "/", 2, 2, Duration::from_secs(300), 200_000);
+    for i in 1..=DEPLOYS {
+        deploy(&format!("v{i}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    eprintln!(
+        "{DEPLOYS} pushed pm2 fork deploys behind the front under load: {}",
+        report.summary()
+    );
+    assert_eq!(
+        report.failures(),
+        0,
+        "requests not answered within {ANSWER_WITHIN:?}: {}",
+        report.summary()
+    );
+    assert!(
+        report.ok > 500,
+        "too little load to tell: {}",
+        report.summary()
+    );
+    let last = format!("v{DEPLOYS}");
+    assert!(report.bodies.contains(&last), "{last} never answered");
+    assert_eq!(agent.current().as_deref(), Some(last.as_str()));
+    // status says which mode serves it.
+    let out = agent.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("fork mode behind the agent's proxy"),
+        "{}",
+        text(&out)
+    );
+}
