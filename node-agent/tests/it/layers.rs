@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("deploy", 2),
     // L1: the pieces of an app.
     ("driver", 1),
+    ("front", 1),
     ("health", 1),
     ("logs", 1),
     ("metrics", 1),
@@ -42,6 +43,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("envfile", 0),
     ("error", 0),
     ("fault", 0),
+    ("listen", 0),
     ("lock", 0),
     ("proc", 0),
     ("version", 0),
