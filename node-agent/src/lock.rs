@@ -72,6 +72,11 @@ pub const BACKGROUND_OPERATIONS: [&str; 4] =
 const BACKGROUND_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Between two tries while waiting.
 const BACKGROUND_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Any holder is waited for this long before the rules below apply: a
+/// holder writes its record only after it took the lock (it reads as
+/// unknown until then), and [`is_held`] probes hold a shared lock for an
+/// instant, with the last holder's record still in the file.
+const UNRECORDED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn is_background(operation: &str) -> bool {
     BACKGROUND_OPERATIONS.contains(&operation)
@@ -99,6 +104,7 @@ impl AppLock {
             .map_err(io)?;
         let ours_is_background = is_background(&holder.operation);
         let patience = std::time::Instant::now() + BACKGROUND_WAIT;
+        let unrecorded_patience = std::time::Instant::now() + UNRECORDED_WAIT;
         let mut file = file;
         let mut flock = loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -112,6 +118,13 @@ impl AppLock {
                     // instead of failing. Anything else is refused at once,
                     // naming the holder.
                     let background = theirs.as_ref().is_some_and(|h| is_background(&h.operation));
+                    // A lock taken a moment ago (no record yet) or an
+                    // is_held probe: wait briefly before judging.
+                    if std::time::Instant::now() < unrecorded_patience {
+                        std::thread::sleep(BACKGROUND_POLL);
+                        file = back;
+                        continue;
+                    }
                     if background && !ours_is_background && std::time::Instant::now() < patience {
                         std::thread::sleep(BACKGROUND_POLL);
                         file = back;
