@@ -80,6 +80,7 @@ use crate::store::Store;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod fresh;
 pub mod metrics;
 pub mod pages;
 pub mod session;
@@ -103,9 +104,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// `/metrics`, when this server shows it.
     metrics: Option<MetricsScrape>,
-    /// The last `/api/v1/nodes` body and when it was made (see
-    /// [`api::NODES_FRESH`]).
-    nodes: std::sync::Mutex<Option<(std::time::Instant, axum::body::Bytes)>>,
+    /// The `/api/v1/nodes` body (see [`api::NODES_FRESH`]).
+    nodes_json: fresh::Fresh<axum::body::Bytes>,
+    /// The fleet's nodes as the pages show them.
+    fleet: fresh::Fresh<Arc<Vec<crate::fleet::NodeView>>>,
 }
 
 /// What `/metrics` needs: the scraper and who may scrape without a token.
@@ -145,31 +147,28 @@ impl HttpState {
             control,
             shutdown,
             metrics,
-            nodes: std::sync::Mutex::new(None),
+            nodes_json: fresh::Fresh::new(api::NODES_FRESH, api::NODES_STALE),
+            fleet: fresh::Fresh::new(api::NODES_FRESH, api::NODES_STALE),
         }))
     }
 
-    /// The cached `/api/v1/nodes` body if made within `fresh`.
-    pub(crate) fn cached_nodes(&self, fresh: Duration) -> Option<axum::body::Bytes> {
-        let cache = self
-            .0
-            .nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache
-            .as_ref()
-            .filter(|(made, _)| made.elapsed() < fresh)
-            .map(|(_, body)| body.clone())
+    /// The `/api/v1/nodes` body, shared for [`api::NODES_FRESH`].
+    pub(crate) fn nodes_json(&self) -> &fresh::Fresh<axum::body::Bytes> {
+        &self.0.nodes_json
     }
 
-    /// Keeps a fresh `/api/v1/nodes` body.
-    pub(crate) fn cache_nodes(&self, body: axum::body::Bytes) {
-        *self
-            .0
-            .nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((std::time::Instant::now(), body));
+    /// The fleet's nodes (sessions applied), shared for [`api::NODES_FRESH`].
+    pub(crate) async fn fleet_views(
+        &self,
+    ) -> Result<Arc<Vec<crate::fleet::NodeView>>, crate::store::StoreError> {
+        self.0
+            .fleet
+            .get(|| async {
+                let mut views = crate::fleet::nodes(self.store(), crate::now_unix()).await?;
+                crate::fleet::apply_sessions(&mut views, |id| self.sessions().contains(id));
+                Ok(Arc::new(views))
+            })
+            .await
     }
 
     /// `/metrics`' scraper, if this server shows metrics.

@@ -18,7 +18,7 @@ use super::policy::{next_step, outcome_text, summarize, Batch, NodeState, Step};
 use crate::audit::AuditEvent;
 use crate::link::commands::{Commands, NodeEvent};
 use crate::link::registry::Sessions;
-use crate::store::{NewDeployment, NewDeploymentNode, Store, StoreError};
+use crate::store::{DeploymentStep, NewDeployment, NewDeploymentNode, Store, StoreError};
 
 /// Longest a node may take to answer a command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -190,6 +190,7 @@ pub async fn start(
         actor: plan.actor.clone(),
     })));
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let n_targets = plan.targets.len();
     let run = Run {
         store: store.clone(),
         sessions: sessions.clone(),
@@ -202,6 +203,7 @@ pub async fn start(
         prior,
         out: out_tx,
         events_tx: ev_tx,
+        steps: std::sync::Mutex::new(vec![Vec::new(); n_targets]),
     };
     tokio::spawn(run.execute(ev_rx));
     Ok(out_rx)
@@ -251,15 +253,52 @@ struct Run {
     out: mpsc::Sender<DeployEvent>,
     /// Handed to [`Commands`] with each command sent.
     events_tx: mpsc::UnboundedSender<(String, NodeEvent)>,
+    /// Steps reported per target, recorded with its result.
+    steps: std::sync::Mutex<Vec<Vec<DeploymentStep>>>,
 }
+
+/// Steps kept per node of a deployment (a node sends about ten; a
+/// misbehaving one cannot grow the record without bound).
+const MAX_STEPS: usize = 100;
+/// Characters kept of a step's message.
+const MAX_STEP_MESSAGE: usize = 1_000;
 
 type Events = mpsc::UnboundedReceiver<(String, NodeEvent)>;
 
 impl Run {
     fn emit(&self, kind: deploy_event::Kind) {
+        if let deploy_event::Kind::Progress(p) = &kind {
+            self.keep_step(p);
+        }
         // A CLI that is gone or too slow misses events; the record in the
         // database and the audit log stay complete.
         let _ = self.out.try_send(event(kind));
+    }
+
+    /// Keeps a node's step for its record (see [`MAX_STEPS`]).
+    fn keep_step(&self, p: &NodeProgress) {
+        let Some(index) = self
+            .plan
+            .targets
+            .iter()
+            .position(|t| t.node_id == p.node_id)
+        else {
+            return;
+        };
+        let mut steps = self
+            .steps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(node) = steps.get_mut(index) else {
+            return;
+        };
+        if node.len() < MAX_STEPS {
+            node.push(DeploymentStep {
+                step: p.step.chars().take(MAX_STEP_MESSAGE).collect(),
+                message: p.message.chars().take(MAX_STEP_MESSAGE).collect(),
+                unix_time: p.unix_time,
+            });
+        }
     }
 
     fn result(&self, index: usize, outcome: Outcome, release_id: &str, why: &str) -> NodeResult {
@@ -447,6 +486,13 @@ impl Run {
     /// Records a node's (latest) result under its command id and reports it.
     async fn record(&self, index: usize, result: &NodeResult) {
         let command_id = &self.command_ids[index];
+        let steps = self
+            .steps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(index)
+            .cloned()
+            .unwrap_or_default();
         tracing::info!(
             deployment_id = %self.deployment_id, node_id = %result.node_id,
             outcome = outcome_text(result.outcome), message = %result.message, "node finished"
@@ -458,6 +504,7 @@ impl Run {
                 outcome_text(result.outcome),
                 &result.release_id,
                 &result.message,
+                &steps,
                 crate::now_unix(),
             )
             .await

@@ -42,7 +42,8 @@ use audit::insert_audit;
 pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
 pub use deployments::{
-    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode,
+    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, DeploymentStep, NewDeployment,
+    NewDeploymentNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use join_tokens::JoinTokenRow;
@@ -66,6 +67,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_unique_node_names.sql"),
     include_str!("../../migrations/0007_droplets.sql"),
     include_str!("../../migrations/0008_web_sessions.sql"),
+    include_str!("../../migrations/0009_deployment_steps.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
