@@ -17,6 +17,7 @@
 //! api      the JSON API (/api/v1/...) and its OpenAPI description
 //! metrics  /metrics, the Prometheus scrape (crate::metrics renders it)
 //! pages    the web pages: fleet, app (with its actions), deployment, audit
+//! hooks    POST /hooks/github: GitHub webhook deliveries (crate::github)
 //! ```
 //!
 //! # Adding routes (for the metrics and pages modules)
@@ -80,6 +81,7 @@ use crate::store::Store;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod hooks;
 pub mod metrics;
 pub mod pages;
 pub mod session;
@@ -106,6 +108,8 @@ struct Inner {
     /// The last `/api/v1/nodes` body and when it was made (see
     /// [`api::NODES_FRESH`]).
     nodes: std::sync::Mutex<Option<(std::time::Instant, axum::body::Bytes)>>,
+    /// `POST /hooks/github`, when `[github]` is configured.
+    github: std::sync::OnceLock<crate::github::Hooks>,
 }
 
 /// What `/metrics` needs: the scraper and who may scrape without a token.
@@ -146,7 +150,29 @@ impl HttpState {
             shutdown,
             metrics,
             nodes: std::sync::Mutex::new(None),
+            github: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Serves `POST /hooks/github` with `hooks` (set once, before serving).
+    #[must_use]
+    pub fn with_github(self, hooks: crate::github::Hooks) -> Self {
+        let _ = self.0.github.set(hooks);
+        self
+    }
+
+    /// [`HttpState::with_github`] when `hooks` is given.
+    #[must_use]
+    pub fn with_github_if(self, hooks: Option<crate::github::Hooks>) -> Self {
+        match hooks {
+            Some(hooks) => self.with_github(hooks),
+            None => self,
+        }
+    }
+
+    /// The GitHub webhooks, when configured.
+    pub fn github(&self) -> Option<&crate::github::Hooks> {
+        self.0.github.get()
     }
 
     /// The cached `/api/v1/nodes` body if made within `fresh`.
@@ -209,6 +235,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(api::routes())
         .merge(metrics::routes())
         .merge(pages::routes())
+        .merge(hooks::routes())
         // Unknown paths answer in the API's JSON shape (the pages may set
         // their own fallback).
         .fallback(not_found)
