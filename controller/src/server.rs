@@ -75,7 +75,7 @@ pub enum ServeError {
     Http(String),
     /// The GitHub client could not be set up.
     #[error("{0}")]
-    Github(#[from] crate::github::GhError),
+    Github(Box<crate::github::GhError>),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -193,7 +193,9 @@ async fn serve_notifying(
     let github_queue = match &config.github {
         Some(github) => {
             let github = Arc::new(github.clone());
-            let client = github.client()?;
+            let client = github
+                .client()
+                .map_err(|e| ServeError::Github(Box::new(e)))?;
             let (observer, notes) = crate::rollout::Observer::channel();
             control = control.with_observer(observer);
             github_hooks = Some(crate::github::Hooks::new(

@@ -374,7 +374,7 @@ impl Queue {
             // Without the Deployment its statuses have nowhere to go.
             let before = self.jobs.len();
             self.jobs.retain(|j| {
-                !(Arc::ptr_eq(&j.tracked, &job.tracked) && !matches!(j.work, Work::Commit { .. }))
+                !Arc::ptr_eq(&j.tracked, &job.tracked) || matches!(j.work, Work::Commit { .. })
             });
             dropped = before - self.jobs.len();
         }

@@ -420,8 +420,7 @@ async fn rollout_notes_become_a_deployment_with_statuses_and_the_replaced_one_go
     );
     let last_progress = statuses
         .iter()
-        .filter(|s| s["state"] == "in_progress")
-        .last()
+        .rfind(|s| s["state"] == "in_progress")
         .unwrap();
     assert!(
         last_progress["description"]
