@@ -17,12 +17,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::gh_api::{app_key, GhApi, APP_ID, INSTALLATION_ID};
+use crate::deploy::HttpsFiles;
+use crate::support::gh_api::{app_key, GhApi, APP_ID, GH_TOKEN, INSTALLATION_ID};
 use crate::support::{artifact, sha256_file, text, wait_until, Agent, Controller, APP};
 
 const SECRET: &str = "webhook secret of the e2e test";
 const SHA1: &str = "1111111111111111111111111111111111111111";
 const SHA2: &str = "2222222222222222222222222222222222222222";
+const SHA3: &str = "3333333333333333333333333333333333333333";
 
 /// `X-Hub-Signature-256` of `body`, as GitHub computes it.
 fn sign(body: &[u8], secret: &str) -> String {
@@ -51,6 +53,39 @@ fn deliver(http: &str, event: &str, delivery: &str, body: &[u8], signature: &str
     s.read_to_string(&mut answer).unwrap();
     let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(rest).unwrap_or(Value::Null))
+}
+
+/// A plain HTTP/1.1 request to the controller's HTTP face.
+fn http_call(
+    http: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // A server may answer (413) before reading a large body.
+    let _ = s.write_all(body);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, rest) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, serde_json::from_str(rest).unwrap_or(Value::Null))
 }
 
@@ -338,5 +373,178 @@ fn webhook_deploys_reach_real_agents_and_github_sees_every_status() {
     );
     let failed_calls = api.log().iter().filter(|e| e["status"] == 500).count();
     assert_eq!(failed_calls, 8, "the 500s were met and retried");
+    api.assert_no_violations();
+}
+
+#[test]
+fn a_push_deploys_the_url_template_checked_against_its_checksums_and_the_http_api_reports_too() {
+    let work = tempfile::tempdir().unwrap();
+    let key = app_key(work.path());
+    let api = GhApi::start(&key);
+    // CI put the artifact of the pushed commit on an HTTPS server, and its
+    // checksums file beside (here: on the local API's file route).
+    let files = work.path().join("files");
+    fs::create_dir_all(&files).unwrap();
+    let v2 = artifact(work.path(), "v2", APP);
+    fs::copy(&v2, files.join(format!("web-{SHA2}.tar.gz"))).unwrap();
+    let digest = sha256_file(&v2);
+    let server = HttpsFiles::start(work.path(), &files);
+    let sums_url = api.add_file(
+        &format!("SHA256SUMS-{SHA2}"),
+        format!(
+            "{}  other.tar.gz\n{digest}  web-{SHA2}.tar.gz\n",
+            "0".repeat(64)
+        )
+        .as_bytes(),
+    );
+    let sums_template = sums_url.replace(SHA2, "{sha}");
+    let url_template = server.url("web-{sha}.tar.gz");
+
+    let token_file = work.path().join("github-token");
+    fs::write(&token_file, format!("{GH_TOKEN}\n")).unwrap();
+    let secret_file = work.path().join("webhook-secret");
+    fs::write(&secret_file, SECRET).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[github]\napi_url = \"{}\"\ntoken_file = \"{}\"\nwebhook_secret_file = \"{}\"\n\
+             retry_min_wait = \"50ms\"\nretry_max_wait = \"300ms\"\n\
+             public_url = \"https://ctl.example.com\"\n\
+             [github.apps.web]\nrepo = \"acme/web\"\nenvironment = \"staging\"\n\
+             [github.apps.web.trigger]\npush = [\"main\"]\n\
+             [github.apps.web.artifact]\nurl = \"{url_template}\"\nchecksums_url = \"{sums_template}\"\n",
+            api.base,
+            token_file.display(),
+            secret_file.display(),
+        ),
+    )
+    .unwrap();
+    let http_ready = work.path().join("http-ready");
+    let controller = Controller::start_with(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--http-plain",
+        "--http-ready-file",
+        http_ready.to_str().unwrap(),
+    ]);
+    let http = fs::read_to_string(&http_ready).unwrap().trim().to_owned();
+    let mut agents = vec![
+        Agent::enroll(&controller, "web-1"),
+        Agent::enroll(&controller, "web-2"),
+    ];
+    for a in &mut agents {
+        let mut c = fs::read_to_string(&a.config).unwrap();
+        c.push_str(&format!(
+            "\n[artifacts]\nca_file = \"{}\"\n",
+            server.ca_pem.display()
+        ));
+        fs::write(&a.config, c).unwrap();
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    controller.wait_online(&reader, 2, Duration::from_secs(30));
+
+    // A body over the limit is refused before anything is read into use.
+    let big = vec![b' '; 6 << 20];
+    let (status, _) = http_call(
+        &http,
+        "POST",
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "big-1"),
+            ("X-Hub-Signature-256", &sign(&big, SECRET)),
+        ],
+        &big,
+    );
+    assert_eq!(status, 413);
+
+    // A push to another branch: ignored; to main: deployed.
+    let push = |branch: &str| {
+        api.webhook(
+            "push",
+            json!({ "ref": format!("refs/heads/{branch}"), "after": SHA2, "deleted": false,
+                    "repository": { "full_name": "acme/web", "name": "web" } }),
+        )
+    };
+    let dev = serde_json::to_vec(&push("dev")).unwrap();
+    let (status, answer) = deliver(&http, "push", "p-1", &dev, &sign(&dev, SECRET));
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("ignored")),
+        "{answer}"
+    );
+    let main = serde_json::to_vec(&push("main")).unwrap();
+    let (status, answer) = deliver(&http, "push", "p-2", &main, &sign(&main, SECRET));
+    assert_eq!(status, 202, "{answer}");
+    wait_until("both agents on v2", Duration::from_secs(60), || {
+        agents.iter().all(|a| a.get().as_deref() == Some("v2"))
+    });
+    wait_until(
+        "the push deployment's success on GitHub",
+        Duration::from_secs(30),
+        || {
+            api.deployments()
+                .first()
+                .is_some_and(|d| states(d).last().map(String::as_str) == Some("success"))
+        },
+    );
+    let first = &api.deployments()[0];
+    assert_eq!(first["request"]["ref"], SHA2);
+    assert_eq!(first["request"]["environment"], "staging");
+    assert_eq!(first["request"]["production_environment"], false);
+    assert_eq!(states(first), ["queued", "in_progress", "success"]);
+    let events = controller.audit(&reader);
+    let hook = events
+        .iter()
+        .find(|e| e["event_type"] == "GITHUB_WEBHOOK_DEPLOY")
+        .unwrap();
+    assert_eq!(hook["details"]["delivery"], "p-2");
+    assert_eq!(hook["details"]["artifact_sha256"], digest.as_str());
+    assert_eq!(
+        hook["details"]["artifact"],
+        server.url(&format!("web-{SHA2}.tar.gz")).as_str()
+    );
+
+    // The HTTP API's deploy with a git_sha: a GitHub deployment too.
+    let v3 = artifact(work.path(), "v3", APP);
+    fs::copy(&v3, files.join("web-v3.tar.gz")).unwrap();
+    let deployer = controller.api_token("deploy:web");
+    let body = json!({ "sha256": sha256_file(&v3), "artifact_url": server.url("web-v3.tar.gz"),
+                       "git_sha": SHA3, "release_id": "v3" })
+    .to_string();
+    let (status, answer) = http_call(
+        &http,
+        "POST",
+        "/api/v1/apps/web/deploy",
+        &[
+            ("Authorization", &format!("Bearer {deployer}")),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(status, 202, "{answer}");
+    wait_until("both agents on v3", Duration::from_secs(60), || {
+        agents.iter().all(|a| a.get().as_deref() == Some("v3"))
+    });
+    wait_until("v3 on GitHub, v2 inactive", Duration::from_secs(30), || {
+        let d = api.deployments();
+        d.len() == 2
+            && states(&d[1]).last().map(String::as_str) == Some("success")
+            && states(&d[0]).last().map(String::as_str) == Some("inactive")
+    });
+    let second = &api.deployments()[1];
+    assert_eq!(second["request"]["ref"], SHA3);
+    let id = answer["deployment_id"].as_str().unwrap();
+    assert_eq!(second["request"]["payload"]["slipway_deployment_id"], id);
+    assert_eq!(
+        second["statuses"][0]["log_url"],
+        format!("https://ctl.example.com/deployments/{id}")
+    );
+    // Token auth: no installation token was minted.
+    assert!(api.log().iter().all(|e| e["auth"] != "app-jwt"));
     api.assert_no_violations();
 }

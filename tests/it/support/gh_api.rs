@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// The fine-grained token the local API accepts.
+pub const GH_TOKEN: &str = "github_pat_e2e_test_token";
 /// The App and installation the local API knows.
 pub const APP_ID: u64 = 424242;
 pub const INSTALLATION_ID: u64 = 777;
@@ -46,7 +48,8 @@ pub struct GhApi {
 }
 
 impl GhApi {
-    /// Accepts installation tokens of App [`APP_ID`] signed with `app_key`.
+    /// Accepts [`GH_TOKEN`], and installation tokens of App [`APP_ID`]
+    /// signed with `app_key`.
     pub fn start(app_key: &Path) -> Self {
         let specs = std::env::var_os("SLIPWAY_API_SPECS")
             .map(PathBuf::from)
@@ -55,6 +58,8 @@ impl GhApi {
             .arg(repo_root().join("tests/fixtures/gh_api.py"))
             .arg("--spec")
             .arg(specs.join("github-rest.json"))
+            .arg("--token")
+            .arg(GH_TOKEN)
             .arg("--app-id")
             .arg(APP_ID.to_string())
             .arg("--installation-id")
@@ -114,6 +119,19 @@ impl GhApi {
             "/_test/assets",
             Some(serde_json::json!({ "name": name, "data_base64": b64 })),
         )
+    }
+
+    /// Serves `data` at `{base}/_test/files/{name}` (not GitHub's API: a
+    /// checksums file a URL template names).
+    pub fn add_file(&self, name: &str, data: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+        self.control(
+            "POST",
+            &format!("/_test/files/{name}"),
+            Some(serde_json::json!({ "data_base64": b64 })),
+        );
+        format!("{}/_test/files/{name}", self.base)
     }
 
     /// Makes the tag `git_ref` point at commit `sha`.
