@@ -215,6 +215,7 @@ async fn serve_notifying(
                 client,
                 store.clone(),
                 notes,
+                abandoned.clone(),
                 stop_github.clone(),
             ))
         }

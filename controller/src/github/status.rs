@@ -20,6 +20,9 @@
 //!              replaced
 //! ```
 //!
+//! A deployment a controller restart cut short (marked failed at start)
+//! gets `error` on GitHub, if its GitHub deployment had not finished.
+//!
 //! A 4xx other than a rate limit is not retried (GitHub would answer the
 //! same); if the Deployment itself could not be created, its later updates
 //! are dropped with it (one audit event says how many).
@@ -104,14 +107,18 @@ struct Queue {
 
 /// Starts the task that sends the statuses of the deployments `notes`
 /// tells of; it ends when `stop` is cancelled or every sender is gone.
+/// `interrupted`: deployments a controller restart cut short (see
+/// [`crate::store::Store::abandon_running_deployments`]); their GitHub
+/// deployments, if they had one still running, get an `error` status.
 pub fn spawn(
     config: Arc<GithubConfig>,
     client: Client,
     store: Store,
     notes: mpsc::Receiver<Note>,
+    interrupted: Vec<String>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    let queue = Queue {
+    let mut queue = Queue {
         config,
         client,
         store,
@@ -119,10 +126,68 @@ pub fn spawn(
         busy: false,
         tracked: std::collections::HashMap::new(),
     };
-    tokio::spawn(queue.run(notes, stop))
+    tokio::spawn(async move {
+        queue.interrupted(interrupted).await;
+        queue.run(notes, stop).await;
+    })
 }
 
 impl Queue {
+    /// Queues `error` for the GitHub deployments of `ids` not finished yet.
+    async fn interrupted(&mut self, ids: Vec<String>) {
+        for id in ids {
+            let row = match self.store.github_deployment(&id).await {
+                Ok(Some(row)) => row,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::error!(%err, deployment_id = %id, "github: cannot read the deployment");
+                    continue;
+                }
+            };
+            if matches!(
+                row.state.as_str(),
+                "success" | "failure" | "error" | "inactive"
+            ) {
+                continue;
+            }
+            let Some(link) = self.config.link(&row.app) else {
+                continue;
+            };
+            let tracked = Arc::new(Tracked {
+                deployment_id: id.clone(),
+                link: link.clone(),
+                sha: row.sha,
+                nodes: 0,
+                release_id: String::new(),
+                log_url: self
+                    .config
+                    .public_url
+                    .as_ref()
+                    .map(|base| format!("{base}/deployments/{id}")),
+                github_id: Mutex::new(u64::try_from(row.github_id).ok()),
+            });
+            let text = "interrupted: the controller restarted during this rollout".to_owned();
+            self.push(
+                &tracked,
+                Work::Status {
+                    state: "error",
+                    text: text.clone(),
+                },
+                true,
+            );
+            if tracked.link.commit_status && is_commit_sha(&tracked.sha) {
+                self.push(
+                    &tracked,
+                    Work::Commit {
+                        state: "error",
+                        text,
+                    },
+                    true,
+                );
+            }
+        }
+    }
+
     async fn run(mut self, mut notes: mpsc::Receiver<Note>, stop: CancellationToken) {
         let mut in_flight: Option<JoinHandle<Result<Option<u64>, GhError>>> = None;
         let mut open = true;

@@ -10,6 +10,7 @@ use super::{Store, StoreError};
 pub struct GithubDeploymentRow {
     /// The Slipway deployment.
     pub deployment_id: String,
+    pub app: String,
     /// GitHub's id.
     pub github_id: i64,
     pub sha: String,
@@ -115,7 +116,7 @@ impl Store {
         except: &str,
     ) -> Result<Vec<GithubDeploymentRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT deployment_id, github_id, sha, state FROM github_deployments
+            "SELECT deployment_id, app, github_id, sha, state FROM github_deployments
              WHERE repo = ?1 AND environment = ?2 AND state = 'success' AND deployment_id != ?3
              ORDER BY updated_at",
         )
@@ -128,12 +129,40 @@ impl Store {
             .map(|row| {
                 Ok(GithubDeploymentRow {
                     deployment_id: row.try_get("deployment_id")?,
+                    app: row.try_get("app")?,
                     github_id: row.try_get("github_id")?,
                     sha: row.try_get("sha")?,
                     state: row.try_get("state")?,
                 })
             })
             .collect()
+    }
+}
+
+impl Store {
+    /// The GitHub Deployment of Slipway deployment `deployment_id`, if one
+    /// was made.
+    pub async fn github_deployment(
+        &self,
+        deployment_id: &str,
+    ) -> Result<Option<GithubDeploymentRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT deployment_id, app, github_id, sha, state FROM github_deployments
+             WHERE deployment_id = ?1",
+        )
+        .bind(deployment_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(GithubDeploymentRow {
+                deployment_id: row.try_get("deployment_id")?,
+                app: row.try_get("app")?,
+                github_id: row.try_get("github_id")?,
+                sha: row.try_get("sha")?,
+                state: row.try_get("state")?,
+            })
+        })
+        .transpose()
     }
 }
 

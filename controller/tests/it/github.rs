@@ -373,6 +373,7 @@ async fn rollout_notes_become_a_deployment_with_statuses_and_the_replaced_one_go
         cfg.client().unwrap(),
         store.clone(),
         notes,
+        Vec::new(),
         stop.clone(),
     );
     for note in [
@@ -454,6 +455,34 @@ async fn rollout_notes_become_a_deployment_with_statuses_and_the_replaced_one_go
             "success slipway/web"
         ]
     );
+    // A failed rollout: failure, and the one it would have replaced stays.
+    observer.note(started("d-3", 2));
+    observer.note(progress("d-3", 1, 2));
+    observer.note(finished("d-3", false));
+    wait_for("d-3's failure", Duration::from_secs(20), || async {
+        api.deployments()
+            .await
+            .get(2)
+            .is_some_and(|d| states(d).last().map(String::as_str) == Some("failure"))
+    })
+    .await;
+    let deployments = api.deployments().await;
+    assert_eq!(
+        states(&deployments[2]),
+        ["queued", "in_progress", "failure"]
+    );
+    assert_eq!(
+        deployments[2]["statuses"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["description"],
+        "web-1 failed"
+    );
+    assert_eq!(
+        states(&deployments[1]),
+        ["queued", "in_progress", "success"]
+    );
     stop.cancel();
     task.await.unwrap();
     api.assert_no_violations().await;
@@ -474,6 +503,7 @@ async fn github_down_gives_up_after_the_deadline_with_an_audit_event_and_never_b
         cfg.client().unwrap(),
         store.clone(),
         notes,
+        Vec::new(),
         stop.clone(),
     );
     // Handing notes over never waits, however GitHub is.
@@ -506,6 +536,59 @@ async fn github_down_gives_up_after_the_deadline_with_an_audit_event_and_never_b
     );
     let message = event.error_message.clone().unwrap();
     assert!(message.contains("HTTP 503"), "{message}");
+    stop.cancel();
+    task.await.unwrap();
+    api.assert_no_violations().await;
+}
+
+#[tokio::test]
+async fn a_rollout_cut_short_by_a_restart_gets_error_on_github() {
+    let api = GhApi::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    let cfg = config(&api, dir.path(), "30s");
+    // Before the restart: a deployment created and in progress.
+    let id = cfg
+        .client()
+        .unwrap()
+        .create_deployment(&repo(), &new_deployment())
+        .await
+        .unwrap();
+    store
+        .record_github_deployment("d-7", "web", "acme/web", "production", id as i64, SHA, 1)
+        .await
+        .unwrap();
+    store
+        .set_github_deployment_state("d-7", "in_progress", 2)
+        .await
+        .unwrap();
+    let (_observer, notes) = Observer::channel();
+    let stop = CancellationToken::new();
+    let task = slipway_controller::github::status::spawn(
+        cfg.clone(),
+        cfg.client().unwrap(),
+        store.clone(),
+        notes,
+        vec!["d-7".to_owned(), "d-unknown".to_owned()],
+        stop.clone(),
+    );
+    wait_for("the error status", Duration::from_secs(20), || async {
+        api.deployments()
+            .await
+            .first()
+            .is_some_and(|d| states(d) == ["error"])
+    })
+    .await;
+    let d = &api.deployments().await[0];
+    assert!(d["statuses"][0]["description"]
+        .as_str()
+        .unwrap()
+        .contains("controller restarted"));
+    wait_for("the commit status", Duration::from_secs(20), || async {
+        api.commit_statuses().await.len() == 1
+    })
+    .await;
+    assert_eq!(api.commit_statuses().await[0]["state"], "error");
     stop.cancel();
     task.await.unwrap();
     api.assert_no_violations().await;
