@@ -593,3 +593,66 @@ async fn a_rollout_cut_short_by_a_restart_gets_error_on_github() {
     task.await.unwrap();
     api.assert_no_violations().await;
 }
+
+#[tokio::test]
+async fn described_webhook_payloads_are_read_and_matched() {
+    use slipway_controller::github::webhook::{matches, parse, Event};
+    let api = GhApi::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("t");
+    std::fs::write(&token, GH_TOKEN).unwrap();
+    let secret = dir.path().join("s");
+    std::fs::write(&secret, "s3cret").unwrap();
+    let cfg = GithubConfig::new(
+        toml::from_str(&format!(
+            "token_file = \"{}\"\nwebhook_secret_file = \"{}\"\n\
+             [apps.api]\nrepo = \"acme/web\"\n[apps.api.trigger]\nworkflow_run = [\"build\"]\n\
+             workflow_branches = [\"main\"]\n[apps.api.artifact]\nurl = \"https://dl.example.com/{{sha}}.tar.gz\"\n\
+             checksums_url = \"https://dl.example.com/{{sha}}.sums\"\n",
+            token.display(),
+            secret.display()
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    // A completed successful run of `build` on main, as the description
+    // shapes it: starts a deployment of its head commit.
+    let run = api
+        .webhook(
+            "workflow-run-completed",
+            json!({ "action": "completed",
+                    "workflow_run": { "name": "build", "conclusion": "success",
+                                      "head_branch": "main", "head_sha": SHA },
+                    "repository": { "full_name": "acme/web" } }),
+        )
+        .await;
+    let event = parse("workflow_run", run.to_string().as_bytes()).unwrap();
+    assert!(matches!(event, Event::WorkflowRun { .. }), "{event:?}");
+    let starts = matches(cfg.links.values(), &event);
+    assert_eq!(starts.len(), 1);
+    assert_eq!(starts[0].sha.as_deref(), Some(SHA));
+    assert_eq!(starts[0].branch.as_deref(), Some("main"));
+    let failed = api
+        .webhook(
+            "workflow-run-completed",
+            json!({ "action": "completed",
+                    "workflow_run": { "name": "build", "conclusion": "failure",
+                                      "head_branch": "main", "head_sha": SHA },
+                    "repository": { "full_name": "acme/web" } }),
+        )
+        .await;
+    let event = parse("workflow_run", failed.to_string().as_bytes()).unwrap();
+    assert!(matches(cfg.links.values(), &event).is_empty());
+    // The described ping is answered as a ping.
+    let ping = api
+        .webhook(
+            "ping",
+            json!({ "zen": "Half measures are as bad as nothing at all." }),
+        )
+        .await;
+    assert!(matches!(
+        parse("ping", ping.to_string().as_bytes()).unwrap(),
+        Event::Ping { .. }
+    ));
+    api.assert_no_violations().await;
+}
