@@ -420,6 +420,19 @@ fn a_push_deploys_the_url_template_checked_against_its_checksums_and_the_http_ap
         ),
     )
     .unwrap();
+    // `validate` checks the token against the linked repository.
+    let out = std::process::Command::new(crate::support::bin("slipway-controller"))
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("✓ github: acme/web (web): deployments readable"),
+        "{said}"
+    );
+    assert!(!said.contains(GH_TOKEN), "{said}");
     let http_ready = work.path().join("http-ready");
     let controller = Controller::start_with(&[
         "--config",

@@ -206,6 +206,14 @@ impl Client {
         Ok(commit.sha.to_ascii_lowercase())
     }
 
+    /// Whether the credentials can read `repo`'s deployments (one page of
+    /// one): what `slipway-controller validate` checks.
+    pub async fn check_repo(&self, repo: &Repo) -> Result<(), GhError> {
+        let path = repo.path("/deployments?per_page=1");
+        let _: Vec<serde_json::Value> = self.get(&path).await?;
+        Ok(())
+    }
+
     /// Downloads release asset `asset_id` (at most `max` bytes) into `sink`.
     pub async fn download_release_asset<S: Sink>(
         &self,
