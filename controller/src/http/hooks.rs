@@ -106,7 +106,10 @@ async fn github(State(state): State<HttpState>, request: Request) -> Response {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b == b'_')
     {
-        let e = AppError::field("X-GitHub-Event", "missing or not an event name");
+        let e = AppError::field(
+            "X-GitHub-Event",
+            "X-GitHub-Event is missing or not an event name (lowercase letters and _)",
+        );
         return refuse(&state, &peer, &delivery, e).await;
     }
     let event = match webhook::parse(&event_name, &body) {
@@ -157,4 +160,183 @@ async fn github(State(state): State<HttpState>, request: Request) -> Response {
         Json(serde_json::json!({ "status": "accepted", "apps": apps, "delivery": delivery })),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::Request as HttpRequest;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::api::ControlService;
+    use crate::artifacts::Artifacts;
+    use crate::link::commands::Commands;
+    use crate::link::registry::Sessions;
+    use crate::store::Store;
+
+    const SECRET: &str = "It's a Secret to Everybody";
+
+    /// The router with `[github]` (a token, the webhook secret, `acme/web`
+    /// linked with a push trigger) when `github`, else without it.
+    async fn app(dir: &std::path::Path, github: bool) -> (Router, Store) {
+        let store = Store::open(dir).await.unwrap();
+        let sessions = Sessions::new();
+        let control = ControlService::new(
+            store.clone(),
+            sessions.clone(),
+            Commands::new(),
+            Artifacts::new(dir),
+            dir.to_path_buf(),
+        );
+        let mut state = HttpState::new(
+            store.clone(),
+            sessions,
+            control.clone(),
+            CancellationToken::new(),
+        );
+        if github {
+            std::fs::write(dir.join("token"), "github_pat_x").unwrap();
+            std::fs::write(dir.join("secret"), SECRET).unwrap();
+            let raw = toml::from_str(&format!(
+                "api_url = \"http://127.0.0.1:9\"\ntoken_file = \"{}\"\nwebhook_secret_file = \"{}\"\n\
+                 [apps.web]\nrepo = \"acme/web\"\n[apps.web.trigger]\npush = [\"main\"]\n\
+                 [apps.web.artifact]\nurl = \"https://dl.example.com/{{sha}}.tar.gz\"\n\
+                 checksums_url = \"https://dl.example.com/{{sha}}.sums\"\n",
+                dir.join("token").display(),
+                dir.join("secret").display()
+            ))
+            .unwrap();
+            let config = Arc::new(crate::github::GithubConfig::new(raw).unwrap());
+            let client = config.client().unwrap();
+            state = state.with_github(crate::github::Hooks::new(config, client, control));
+        }
+        (super::super::router(state), store)
+    }
+
+    fn sign(body: &[u8]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+        format!(
+            "sha256={}",
+            hex::encode(ring::hmac::sign(&key, body).as_ref())
+        )
+    }
+
+    fn delivery(event: &str, id: &str, body: &[u8], signature: Option<&str>) -> HttpRequest<Body> {
+        let mut r = HttpRequest::post("/hooks/github")
+            .header("content-type", "application/json")
+            .header("x-github-event", event)
+            .header("x-github-delivery", id);
+        if let Some(s) = signature {
+            r = r.header("x-hub-signature-256", s);
+        }
+        r.body(Body::from(body.to_vec())).unwrap()
+    }
+
+    async fn call(app: &Router, request: HttpRequest<Body>) -> (StatusCode, serde_json::Value) {
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_bad_delivery_is_refused_with_what_was_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, store) = app(dir.path(), true).await;
+        let ping = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
+        // Signed right: pong; the same id again: ignored.
+        let (status, body) = call(&app, delivery("ping", "a-1", ping, Some(&sign(ping)))).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (StatusCode::OK, Some("pong"))
+        );
+        let (status, body) = call(&app, delivery("ping", "a-1", ping, Some(&sign(ping)))).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (StatusCode::OK, Some("ignored"))
+        );
+        for (request, want_status, want) in [
+            (
+                delivery("ping", "a-2", ping, None),
+                StatusCode::UNAUTHORIZED,
+                "no X-Hub-Signature-256",
+            ),
+            (
+                delivery("ping", "a-3", ping, Some("sha256=00")),
+                StatusCode::UNAUTHORIZED,
+                "not sha256=",
+            ),
+            (
+                delivery("ping", "a-4", b"{}", Some(&sign(ping))),
+                StatusCode::UNAUTHORIZED,
+                "does not match",
+            ),
+            (
+                delivery("ping", "../etc", ping, Some(&sign(ping))),
+                StatusCode::BAD_REQUEST,
+                "X-GitHub-Delivery",
+            ),
+            (
+                delivery("Push!", "a-5", ping, Some(&sign(ping))),
+                StatusCode::BAD_REQUEST,
+                "X-GitHub-Event",
+            ),
+            (
+                delivery("push", "a-6", b"{\"ref\":1}", Some(&sign(b"{\"ref\":1}"))),
+                StatusCode::BAD_REQUEST,
+                "push payload",
+            ),
+        ] {
+            let (status, body) = call(&app, request).await;
+            assert_eq!(status, want_status, "{body}");
+            assert!(
+                body["error"].as_str().unwrap().contains(want),
+                "{want}: {body}"
+            );
+        }
+        let refused = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type == audit::GITHUB_WEBHOOK_REFUSED)
+            .count();
+        assert_eq!(refused, 6);
+        // A malformed delivery was not remembered: fixed and sent again, it counts.
+        let push = format!(
+            r#"{{"ref":"refs/heads/dev","after":"{}","deleted":false,"repository":{{"full_name":"acme/web"}}}}"#,
+            "a".repeat(40)
+        );
+        let (status, body) = call(
+            &app,
+            delivery("push", "a-6", push.as_bytes(), Some(&sign(push.as_bytes()))),
+        )
+        .await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (StatusCode::OK, Some("ignored")),
+            "{body}"
+        );
+        assert!(
+            body["reason"]
+                .as_str()
+                .unwrap()
+                .contains("no app's trigger"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_github_the_hook_is_not_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, _) = app(dir.path(), false).await;
+        let (status, body) = call(&app, delivery("ping", "a-1", b"{}", Some("sha256=00"))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    }
 }
