@@ -206,6 +206,37 @@ impl Client {
         Ok(commit.sha.to_ascii_lowercase())
     }
 
+    /// The deployment of `sha` in `environment` whose payload names Slipway
+    /// deployment `slipway_id`, if GitHub has one (a create whose answer
+    /// was lost).
+    pub async fn find_deployment(
+        &self,
+        repo: &Repo,
+        sha: &str,
+        environment: &str,
+        slipway_id: &str,
+    ) -> Result<Option<u64>, GhError> {
+        #[derive(Deserialize)]
+        struct Listed {
+            id: u64,
+            #[serde(default)]
+            payload: serde_json::Value,
+        }
+        let query: String = serde_urlencoded::to_string([
+            ("sha", sha),
+            ("environment", environment),
+            ("per_page", "100"),
+        ])
+        .map_err(|e| GhError::Config(format!("query: {e}")))?;
+        let listed: Vec<Listed> = self
+            .get(&repo.path(&format!("/deployments?{query}")))
+            .await?;
+        Ok(listed
+            .into_iter()
+            .find(|d| d.payload["slipway_deployment_id"] == slipway_id)
+            .map(|d| d.id))
+    }
+
     /// Whether the credentials can read `repo`'s deployments (one page of
     /// one): what `slipway-controller validate` checks.
     pub async fn check_repo(&self, repo: &Repo) -> Result<(), GhError> {

@@ -3,9 +3,11 @@
 //! authenticated as [`super::auth::Auth`] says, retried, and downloads that
 //! follow a redirect without taking the token to another host.
 //!
-//! Retries ([`RetryPolicy`]): a 429, a 403 that says the rate limit is used
-//! up (`x-ratelimit-remaining: 0`, or a `retry-after`), and any 5xx are
-//! retried for every method; a lost connection only for GET. The wait is
+//! Retries ([`RetryPolicy`]): a 429 and a 403 that says the rate limit is
+//! used up (`x-ratelimit-remaining: 0`, or a `retry-after`) for every method
+//! (GitHub answers them before doing anything); a 5xx and a lost connection
+//! only for GET, so a create is never sent twice from here (the status
+//! queue retries those, looking for an earlier create first). The wait is
 //! `retry-after` when the answer has one, else the time until
 //! `x-ratelimit-reset` when `x-ratelimit-remaining` is 0, else an
 //! exponential backoff with jitter; every wait is clamped to the policy.
@@ -438,7 +440,13 @@ impl Client {
                         renewed = true;
                         continue;
                     }
-                    if !error.is_transient() {
+                    // A 5xx to a POST may come after GitHub acted: not
+                    // sent again here (the status queue retries a create
+                    // only after looking for it). Rate limits are answered
+                    // before anything is done, so they are waited out.
+                    let rate_limited = error.retry_after().is_some()
+                        || answer.status == StatusCode::TOO_MANY_REQUESTS;
+                    if !error.is_transient() || (method != Method::GET && !rate_limited) {
                         return Err(error);
                     }
                     let wait = error

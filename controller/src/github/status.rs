@@ -236,6 +236,7 @@ impl Queue {
                             self.store.clone(),
                             Arc::clone(&job.tracked),
                             job.work.clone(),
+                            job.attempts,
                         )));
                     }
                 }
@@ -486,6 +487,7 @@ async fn send(
     store: Store,
     tracked: Arc<Tracked>,
     work: Work,
+    attempts: u32,
 ) -> Result<Option<u64>, GhError> {
     let link = &tracked.link;
     let github_id = *tracked
@@ -508,6 +510,38 @@ async fn send(
         Work::Create => {
             if github_id.is_some() {
                 return Ok(github_id);
+            }
+            if attempts > 1 {
+                // An earlier try may have created it and lost the answer.
+                if let Some(id) = client
+                    .find_deployment(
+                        &link.repo,
+                        &tracked.sha,
+                        &link.environment,
+                        &tracked.deployment_id,
+                    )
+                    .await?
+                {
+                    tracing::info!(deployment_id = %tracked.deployment_id, github_id = id, "github: the deployment was created by an earlier try");
+                    *tracked
+                        .github_id
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(id);
+                    stored(
+                        store
+                            .record_github_deployment(
+                                &tracked.deployment_id,
+                                &link.app,
+                                &link.repo.to_string(),
+                                &link.environment,
+                                i64::try_from(id).unwrap_or(i64::MAX),
+                                &tracked.sha,
+                                crate::now_unix(),
+                            )
+                            .await,
+                    );
+                    return Ok(Some(id));
+                }
             }
             let new = NewDeployment {
                 git_ref: tracked.sha.clone(),

@@ -194,36 +194,49 @@ async fn a_403_with_the_quota_used_up_waits_for_the_reset() {
 }
 
 #[tokio::test]
-async fn server_errors_are_retried_then_given_up_with_githubs_message() {
+async fn server_errors_are_retried_for_reads_and_given_up_with_githubs_message() {
     let api = GhApi::start(None).await;
+    api.add_commit("v1.0.0", SHA).await;
     api.faults(
-        json!([{ "method": "POST", "path_prefix": "/repos/acme/web/deployments",
+        json!([{ "method": "GET", "path_prefix": "/repos/acme/web/commits/",
                         "status": 502, "count": 2 }]),
     )
     .await;
     let c = client(&api, token());
-    c.create_deployment(&repo(), &new_deployment())
-        .await
-        .unwrap();
+    assert_eq!(c.commit_sha(&repo(), "v1.0.0").await.unwrap(), SHA);
     assert_eq!(
-        statuses_of(&api.log().await, "/repos/acme/web/deployments"),
-        [502, 502, 201]
+        statuses_of(&api.log().await, "/repos/acme/web/commits/v1.0.0"),
+        [502, 502, 200]
     );
     api.faults(
-        json!([{ "method": "POST", "path_prefix": "/repos/acme/web/deployments",
+        json!([{ "method": "GET", "path_prefix": "/repos/acme/web/commits/",
                         "status": 500, "count": 100, "message": "GitHub is down" }]),
     )
     .await;
-    let err = c
-        .create_deployment(&repo(), &new_deployment())
-        .await
-        .unwrap_err();
+    let err = c.commit_sha(&repo(), "v1.0.0").await.unwrap_err();
     assert!(matches!(err, GhError::GaveUp { attempts: 4, .. }), "{err}");
     assert!(err.is_transient());
     let shown = err.to_string();
     assert!(
         shown.contains("GitHub is down") && shown.contains("HTTP 500"),
         "{shown}"
+    );
+    api.control("DELETE", "/_test/faults", None).await;
+    // A 5xx to a create is not sent again by the client (GitHub may have
+    // acted); it is transient, for the status queue to retry.
+    api.faults(
+        json!([{ "method": "POST", "path_prefix": "/repos/acme/web/deployments",
+                        "status": 502, "count": 1 }]),
+    )
+    .await;
+    let err = c
+        .create_deployment(&repo(), &new_deployment())
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert_eq!(
+        statuses_of(&api.log().await, "/repos/acme/web/deployments"),
+        [502]
     );
     // A 422 (no such commit) answers the same each time: not retried.
     let err = c.commit_sha(&repo(), "v9.9.9").await.unwrap_err();
@@ -654,5 +667,60 @@ async fn described_webhook_payloads_are_read_and_matched() {
         parse("ping", ping.to_string().as_bytes()).unwrap(),
         Event::Ping { .. }
     ));
+    api.assert_no_violations().await;
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_not_made_twice() {
+    let api = GhApi::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    let cfg = config(&api, dir.path(), "30s");
+    // GitHub creates the deployment, but the answer is a 502.
+    api.faults(
+        json!([{ "method": "POST", "path_prefix": "/repos/acme/web/deployments",
+                        "status": 502, "count": 4, "after_route": true }]),
+    )
+    .await;
+    let (observer, notes) = Observer::channel();
+    let stop = CancellationToken::new();
+    let task = slipway_controller::github::status::spawn(
+        cfg.clone(),
+        cfg.client().unwrap(),
+        store.clone(),
+        notes,
+        Vec::new(),
+        stop.clone(),
+    );
+    observer.note(started("d-4", 1));
+    observer.note(finished("d-4", true));
+    wait_for("d-4's success", Duration::from_secs(30), || async {
+        api.deployments()
+            .await
+            .iter()
+            .any(|d| states(d).last().map(String::as_str) == Some("success"))
+    })
+    .await;
+    let deployments = api.deployments().await;
+    // One deployment: the queue's next try found the one its payload
+    // names instead of creating another.
+    assert_eq!(deployments.len(), 1, "{deployments:#?}");
+    assert_eq!(
+        states(&deployments[0]),
+        ["queued", "in_progress", "success"]
+    );
+    let posts = api
+        .log()
+        .await
+        .iter()
+        .filter(|e| e["method"] == "POST" && e["path"] == "/repos/acme/web/deployments")
+        .count();
+    assert_eq!(posts, 1);
+    let log = api.log().await;
+    assert!(log
+        .iter()
+        .any(|e| e["method"] == "GET" && e["path"] == "/repos/acme/web/deployments"));
+    stop.cancel();
+    task.await.unwrap();
     api.assert_no_violations().await;
 }
