@@ -68,7 +68,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_unique_node_names.sql"),
     include_str!("../../migrations/0007_droplets.sql"),
     include_str!("../../migrations/0008_web_sessions.sql"),
-    include_str!("../../migrations/0009_github.sql"),
+    include_str!("../../migrations/0010_github.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
