@@ -1,6 +1,4 @@
--- GitHub (issue 13; numbered 0010 to leave 0009 to the env migration of
--- the fleet-env branch: the list in store/mod.rs gives the order). Webhook
--- deliveries already handled (a replayed X-GitHub-Delivery is ignored),
+-- GitHub (issue 13). Webhook deliveries already handled (a replayed X-GitHub-Delivery is ignored),
 -- and the GitHub Deployment made
 -- for each rollout of a linked app (so the one a new rollout replaces gets
 -- its `inactive` status, also after a restart).
