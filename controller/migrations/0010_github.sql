@@ -1,7 +1,7 @@
--- GitHub (issue 13). Webhook deliveries already handled (a replayed X-GitHub-Delivery is ignored),
--- and the GitHub Deployment made
--- for each rollout of a linked app (so the one a new rollout replaces gets
--- its `inactive` status, also after a restart).
+-- GitHub (issue 13). Webhook deliveries already handled (a replayed
+-- X-GitHub-Delivery is ignored), and the GitHub Deployment made for each
+-- rollout of a linked app (so the one a new rollout replaces gets its
+-- `inactive` status, also after a restart).
 
 CREATE TABLE github_deliveries (
     -- X-GitHub-Delivery (checked: letters, digits, '-', at most 100).
