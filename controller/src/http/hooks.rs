@@ -245,6 +245,10 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
+    // The payloads here are cut to the fields the controller reads, or
+    // broken on purpose; whole payloads as the description shapes them
+    // are sent by the integration and end-to-end tests (tests/fixtures/
+    // gh_api.py makes and validates them).
     #[tokio::test]
     async fn every_bad_delivery_is_refused_with_what_was_wrong() {
         let dir = tempfile::tempdir().unwrap();

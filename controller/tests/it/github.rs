@@ -519,14 +519,13 @@ async fn github_down_gives_up_after_the_deadline_with_an_audit_event_and_never_b
         Vec::new(),
         stop.clone(),
     );
-    // Handing notes over never waits, however GitHub is.
-    let handed = Instant::now();
+    // Handing notes over never waits, however GitHub is: `note` is not
+    // async (a full queue drops a progress note instead).
     for _ in 0..3 {
         observer.note(started("d-9", 1));
         observer.note(progress("d-9", 1, 1));
         observer.note(finished("d-9", false));
     }
-    assert!(handed.elapsed() < Duration::from_millis(100));
     let gave_up = || async {
         store
             .audit_events()
