@@ -433,6 +433,45 @@ fn a_push_deploys_the_url_template_checked_against_its_checksums_and_the_http_ap
         "{said}"
     );
     assert!(!said.contains(GH_TOKEN), "{said}");
+    // The secrets from the environment instead of files.
+    let from_env = work.path().join("from-env.toml");
+    let kept: String = fs::read_to_string(&config)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("token_file") && !l.starts_with("webhook_secret_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(&from_env, kept).unwrap();
+    let validate_env = |vars: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(crate::support::bin("slipway-controller"));
+        c.args(["validate", "--config"])
+            .arg(&from_env)
+            .env_remove("SLIPWAY_GITHUB_TOKEN")
+            .env_remove("SLIPWAY_GITHUB_WEBHOOK_SECRET");
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = validate_env(&[
+        ("SLIPWAY_GITHUB_TOKEN", GH_TOKEN),
+        ("SLIPWAY_GITHUB_WEBHOOK_SECRET", SECRET),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("credentials from token $SLIPWAY_GITHUB_TOKEN"),
+        "{}",
+        text(&out)
+    );
+    let out = validate_env(&[("SLIPWAY_GITHUB_WEBHOOK_SECRET", SECRET)]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("✗ github: github.token_file")
+            && said.contains("$SLIPWAY_GITHUB_TOKEN is not set"),
+        "{said}"
+    );
     let http_ready = work.path().join("http-ready");
     let controller = Controller::start_with(&[
         "--config",
