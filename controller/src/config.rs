@@ -50,6 +50,9 @@ pub enum ConfigError {
     /// `[digitalocean]` is wrong; the message names the key.
     #[error("{0}")]
     DigitalOcean(String),
+    /// `[github]` is wrong; the message names the key.
+    #[error("{0}")]
+    Github(String),
 }
 
 impl ConfigError {
@@ -86,6 +89,9 @@ pub struct RawConfig {
     pub backup: Option<RawBackup>,
     /// The DigitalOcean fleet (file only; `crate::digitalocean::config`).
     pub digitalocean: Option<crate::digitalocean::config::RawDigitalOcean>,
+    /// GitHub: credentials, linked apps, webhooks (file only;
+    /// `crate::github::config`).
+    pub github: Option<crate::github::config::RawGithub>,
     /// Address for the HTTP API and pages (off when unset).
     pub http_listen: Option<SocketAddr>,
     /// Serve HTTP without TLS: allowed only on a loopback `http_listen`
@@ -164,6 +170,8 @@ pub struct ServeConfig {
     pub http_ready_file: Option<PathBuf>,
     /// The DigitalOcean fleet, when `[digitalocean]` is set.
     pub digitalocean: Option<crate::digitalocean::config::DoConfig>,
+    /// GitHub deployments and webhooks, when `[github]` is set.
+    pub github: Option<crate::github::GithubConfig>,
 }
 
 /// Checked HTTP listener settings.
@@ -197,6 +205,7 @@ impl ServeConfig {
             server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
             backup: None,
             digitalocean: None,
+            github: None,
             http: None,
             http_ready_file: None,
         }
@@ -442,6 +451,10 @@ impl ServeConfig {
                     .map_err(ConfigError::DigitalOcean)?,
             );
         }
+        if let Some(raw) = file.github {
+            config.github =
+                Some(crate::github::GithubConfig::new(raw).map_err(ConfigError::Github)?);
+        }
         let plain = flags.http_plain.or(file.http_plain).unwrap_or(false);
         match flags.http_listen.or(file.http_listen) {
             Some(listen) => {
@@ -480,6 +493,22 @@ impl ServeConfig {
                 })
             }
             None => {}
+        }
+        if let Some(github) = config.github.as_mut() {
+            // log_url: the controller's pages, at the HTTP face's address
+            // unless `public_url` says where people reach it.
+            if github.public_url.is_none() {
+                if let Some(http) = &config.http {
+                    let host = config.server_names.first().cloned().unwrap_or_else(|| {
+                        match http.listen.ip() {
+                            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                            ip => ip.to_string(),
+                        }
+                    });
+                    let scheme = if http.plain { "http" } else { "https" };
+                    github.public_url = Some(format!("{scheme}://{host}:{}", http.listen.port()));
+                }
+            }
         }
         Ok(config)
     }

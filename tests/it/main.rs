@@ -21,6 +21,7 @@ mod deploy;
 mod digitalocean;
 mod docker;
 mod fleet;
+mod github;
 mod http;
 mod install;
 mod keep;

@@ -78,6 +78,8 @@ pub struct ControlService {
     data_dir: std::path::PathBuf,
     /// Every deployment started here, for followers by id.
     live: live::Live,
+    /// Told how each deployment goes (the GitHub statuses), if set.
+    observer: Option<rollout::Observer>,
 }
 
 /// A deployment that has started: its id and its events.
@@ -170,7 +172,25 @@ impl ControlService {
             artifacts,
             data_dir,
             live: live::Live::default(),
+            observer: None,
         }
+    }
+
+    /// The service, telling `observer` how every deployment goes.
+    #[must_use]
+    pub fn with_observer(mut self, observer: rollout::Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The artifact store deployments are served from.
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.artifacts
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Running deployments' events, by deployment id.
@@ -285,7 +305,14 @@ impl ControlService {
     /// Starts `plan` (one deployment per app: [`StoreError::AppBusy`]) and
     /// registers its events with [`Self::live`].
     async fn start_plan(&self, plan: Plan) -> Result<Started, ApiError> {
-        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan).await?;
+        let mut events = rollout::start_observed(
+            &self.store,
+            &self.sessions,
+            &self.commands,
+            plan,
+            self.observer.clone(),
+        )
+        .await?;
         let first = events.recv().await;
         let deployment_id = match first.as_ref().and_then(|e| e.kind.as_ref()) {
             Some(slipway_proto::v1::deploy_event::Kind::Started(started)) => {

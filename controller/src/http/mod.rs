@@ -17,6 +17,7 @@
 //! api      the JSON API (/api/v1/...) and its OpenAPI description
 //! metrics  /metrics, the Prometheus scrape (crate::metrics renders it)
 //! pages    the web pages: fleet, app (with its actions), deployment, audit
+//! hooks    POST /hooks/github: GitHub webhook deliveries (crate::github)
 //! ```
 //!
 //! # Adding routes (for the metrics and pages modules)
@@ -81,6 +82,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod fresh;
+pub mod hooks;
 pub mod metrics;
 pub mod pages;
 pub mod session;
@@ -108,6 +110,8 @@ struct Inner {
     nodes_json: fresh::Fresh<axum::body::Bytes>,
     /// The fleet's nodes as the pages show them.
     fleet: fresh::Fresh<Arc<Vec<crate::fleet::NodeView>>>,
+    /// `POST /hooks/github`, when `[github]` is configured.
+    github: std::sync::OnceLock<crate::github::Hooks>,
 }
 
 /// What `/metrics` needs: the scraper and who may scrape without a token.
@@ -149,7 +153,29 @@ impl HttpState {
             metrics,
             nodes_json: fresh::Fresh::new(api::NODES_FRESH, api::NODES_STALE),
             fleet: fresh::Fresh::new(api::NODES_FRESH, api::NODES_STALE),
+            github: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Serves `POST /hooks/github` with `hooks` (set once, before serving).
+    #[must_use]
+    pub fn with_github(self, hooks: crate::github::Hooks) -> Self {
+        let _ = self.0.github.set(hooks);
+        self
+    }
+
+    /// [`HttpState::with_github`] when `hooks` is given.
+    #[must_use]
+    pub fn with_github_if(self, hooks: Option<crate::github::Hooks>) -> Self {
+        match hooks {
+            Some(hooks) => self.with_github(hooks),
+            None => self,
+        }
+    }
+
+    /// The GitHub webhooks, when configured.
+    pub fn github(&self) -> Option<&crate::github::Hooks> {
+        self.0.github.get()
     }
 
     /// The `/api/v1/nodes` body, shared for [`api::NODES_FRESH`].
@@ -208,6 +234,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(api::routes())
         .merge(metrics::routes())
         .merge(pages::routes())
+        .merge(hooks::routes())
         // Unknown paths answer in the API's JSON shape (the pages may set
         // their own fallback).
         .fallback(not_found)

@@ -32,6 +32,7 @@ mod audit;
 mod controller_state;
 mod deployments;
 mod droplets;
+mod github;
 mod join_tokens;
 mod nodes;
 mod operators;
@@ -46,6 +47,7 @@ pub use deployments::{
     NewDeploymentNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
+pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeCert, NodeRow, PeerCert,
@@ -67,6 +69,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_unique_node_names.sql"),
     include_str!("../../migrations/0007_droplets.sql"),
     include_str!("../../migrations/0008_web_sessions.sql"),
+    include_str!("../../migrations/0010_github.sql"),
     include_str!("../../migrations/0011_deployment_steps.sql"),
 ];
 
