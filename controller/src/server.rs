@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The secrets key file or the data key it seals.
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
     /// The HTTP listener could not start.
     #[error("http: {0}")]
     Http(String),
@@ -176,12 +179,14 @@ async fn serve_notifying(
         artifacts.clone(),
         commands.clone(),
     );
+    let secrets = crate::secrets::Secrets::open(&store, &config.secrets_key).await?;
     let control = ControlService::new(
         store.clone(),
         sessions.clone(),
         commands,
         artifacts,
         config.data_dir.clone(),
+        secrets,
     );
     let http = match config.http {
         Some(settings) => Some(

@@ -5,7 +5,89 @@
 //! `\n`, `\"` and `\\` escapes). Values never leave the node: nothing here is
 //! logged or reported.
 
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+
+/// Where the app's environment file is, under its root.
+pub fn path(root: &Path) -> PathBuf {
+    root.join("shared/.env")
+}
+
+/// Where the controller's env version of the file is recorded.
+fn version_path(root: &Path) -> PathBuf {
+    root.join(".slipway/env-version")
+}
+
+/// The file's bytes as they are, or None when there is none.
+pub fn read_raw(root: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path(root)) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `shared/.env` with `data` atomically and durably: a temp file
+/// beside it (mode 0600 from its creation, so no reader ever sees the
+/// values under a wider mode), fsync, rename, fsync of the directory. The
+/// file is owned by whoever owns the file it replaces, else the `shared/`
+/// directory (the app's user: the app may read `.env` itself).
+pub fn write(root: &Path, data: &[u8]) -> std::io::Result<()> {
+    let target = path(root);
+    let dir = root.join("shared");
+    std::fs::create_dir_all(&dir)?;
+    let owner = std::fs::metadata(&target)
+        .or_else(|_| std::fs::metadata(&dir))
+        .map(|m| (m.uid(), m.gid()))?;
+    let tmp = crate::durable::temp_sibling(&target, "tmp");
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))?;
+        }
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        crate::durable::fsync_dir(&dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes `shared/.env` (durably): the app had none before a change that
+/// failed.
+pub fn remove(root: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path(root)) {
+        Ok(()) => crate::durable::fsync_dir(&root.join("shared")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The controller's env version the file was last written from; 0 when
+/// the controller never wrote it.
+pub fn version(root: &Path) -> u64 {
+    std::fs::read_to_string(version_path(root))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Records that the file holds the controller's env `version`.
+pub fn record_version(root: &Path, version: u64) -> std::io::Result<()> {
+    let p = version_path(root);
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::durable::write_atomic(&p, format!("{version}\n").as_bytes())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvError {

@@ -12,8 +12,9 @@
 use slipway_proto::limits;
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
-    controller_message, AgentUpgradeRequest, ControllerMessage, FleetStatusRequest,
-    FleetStatusResponse, PruneRequest, RestartRequest, StartRequest, StatusRequest, StopRequest,
+    controller_message, AgentUpgradeRequest, ChangeEnvRequest, ControllerMessage,
+    EnvHistoryRequest, EnvHistoryResponse, FleetStatusRequest, FleetStatusResponse, GetEnvRequest,
+    GetEnvResponse, ListEnvRequest, ListEnvResponse, PruneRequest, RestartRequest, StartRequest, StatusRequest, StopRequest,
 };
 use slipway_proto::v1::{
     selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
@@ -33,6 +34,7 @@ use crate::link::registry::Sessions;
 use crate::rollout::{self, Action, Plan, Target};
 use crate::store::{Store, StoreError};
 
+mod env;
 mod error;
 pub mod live;
 
@@ -78,6 +80,8 @@ pub struct ControlService {
     data_dir: std::path::PathBuf,
     /// Every deployment started here, for followers by id.
     live: live::Live,
+    /// Opens and seals apps' environments.
+    secrets: crate::secrets::Secrets,
 }
 
 /// A deployment that has started: its id and its events.
@@ -162,6 +166,7 @@ impl ControlService {
         commands: Commands,
         artifacts: Artifacts,
         data_dir: std::path::PathBuf,
+        secrets: crate::secrets::Secrets,
     ) -> Self {
         Self {
             store,
@@ -170,7 +175,13 @@ impl ControlService {
             artifacts,
             data_dir,
             live: live::Live::default(),
+            secrets,
         }
+    }
+
+    /// Opens and seals apps' environments.
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
     }
 
     /// Running deployments' events, by deployment id.
@@ -679,6 +690,56 @@ impl Control for ControlService {
     type StartStream = ReceiverStream<Result<DeployEvent, Status>>;
     type PruneStream = ReceiverStream<Result<DeployEvent, Status>>;
     type AgentUpgradeStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type ChangeEnvStream = ReceiverStream<Result<DeployEvent, Status>>;
+
+    async fn change_env(
+        &self,
+        request: Request<ChangeEnvRequest>,
+    ) -> Result<Response<Self::ChangeEnvStream>, Status> {
+        validated(request.get_ref())?;
+        let app = request.get_ref().app.clone();
+        let what = format!("change the env of app {app}");
+        let caller = self
+            .authorize(&request, &what, |c| c.can_deploy(&app))
+            .await?;
+        let started = self.change_env_for(&caller, request.into_inner()).await?;
+        Ok(Response::new(forward(started.events)))
+    }
+
+    async fn list_env(
+        &self,
+        request: Request<ListEnvRequest>,
+    ) -> Result<Response<ListEnvResponse>, Status> {
+        validated(request.get_ref())?;
+        let app = request.get_ref().app.clone();
+        self.authorize(&request, "list env names", Caller::can_read)
+            .await?;
+        Ok(Response::new(self.list_env_for(&app).await?))
+    }
+
+    async fn env_history(
+        &self,
+        request: Request<EnvHistoryRequest>,
+    ) -> Result<Response<EnvHistoryResponse>, Status> {
+        validated(request.get_ref())?;
+        let app = request.get_ref().app.clone();
+        self.authorize(&request, "read env history", Caller::can_read)
+            .await?;
+        Ok(Response::new(self.env_history_for(&app).await?))
+    }
+
+    async fn get_env(
+        &self,
+        request: Request<GetEnvRequest>,
+    ) -> Result<Response<GetEnvResponse>, Status> {
+        validated(request.get_ref())?;
+        let GetEnvRequest { app, key } = request.get_ref().clone();
+        let what = format!("read env values of app {app}");
+        let caller = self
+            .authorize(&request, &what, |c| c.can_read_secrets(&app))
+            .await?;
+        Ok(Response::new(self.get_env_for(&caller, &app, &key).await?))
+    }
 
     async fn list_nodes(
         &self,

@@ -119,6 +119,9 @@ pub async fn start(
         "strategy": plan.rollout.strategy.name(),
         "rollout": rollout_json,
     });
+    if let Action::Env { version, .. } = &plan.action {
+        details["env_version"] = serde_json::Value::from(*version);
+    }
     if let Action::Prune { keep } = &plan.action {
         details["keep"] = serde_json::Value::from(*keep);
     }
@@ -142,7 +145,8 @@ pub async fn start(
         | Action::Restart
         | Action::Stop
         | Action::Start
-        | Action::Prune { .. } => ("", ""),
+        | Action::Prune { .. }
+        | Action::Env { .. } => ("", ""),
     };
     if !sha.is_empty() {
         details["artifact_sha256"] = serde_json::Value::from(sha);
@@ -188,6 +192,7 @@ pub async fn start(
         nodes: plan.targets.iter().map(target_node).collect(),
         rollout: Some(plan.rollout.to_proto()),
         actor: plan.actor.clone(),
+        env_version: plan.action.env_version(),
     })));
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let run = Run {

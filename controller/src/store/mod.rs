@@ -32,6 +32,7 @@ mod audit;
 mod controller_state;
 mod deployments;
 mod droplets;
+mod env;
 mod join_tokens;
 mod nodes;
 mod operators;
@@ -45,6 +46,7 @@ pub use deployments::{
     DeploymentCount, DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
+pub use env::EnvVersionRow;
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeCert, NodeRow, PeerCert,
@@ -66,6 +68,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_unique_node_names.sql"),
     include_str!("../../migrations/0007_droplets.sql"),
     include_str!("../../migrations/0008_web_sessions.sql"),
+    include_str!("../../migrations/0009_env.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -103,6 +106,14 @@ pub enum StoreError {
     /// An id could not be generated.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// Another change stored this env version of the app first.
+    #[error("env of app {app} changed while this change was made (version {version} is taken); try again")]
+    EnvConflict {
+        /// The app.
+        app: String,
+        /// The version both wanted.
+        version: u64,
+    },
     /// A deployment of the app is running: one at a time per app.
     #[error(
         "app {app} has a {kind} running: deployment {deployment_id}, started by {actor} at \

@@ -120,6 +120,7 @@ fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
             .collect(),
         health,
         in_progress: snap.lock_holder.is_some() || snap.in_progress.is_some(),
+        env_version: crate::envfile::version(&app.root),
     }
 }
 
