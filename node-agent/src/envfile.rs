@@ -116,70 +116,11 @@ pub fn load(root: &Path) -> Result<Vec<(String, String)>, EnvError> {
 
 /// Parses `text` (read from `path`, for messages).
 pub fn parse(path: &Path, text: &str) -> Result<Vec<(String, String)>, EnvError> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let err = |message: String| EnvError::Syntax {
-            path: path.to_owned(),
-            line: i + 1,
-            message,
-        };
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let line = line
-            .strip_prefix("export ")
-            .map(str::trim_start)
-            .unwrap_or(line);
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(err("expected KEY=value".into()));
-        };
-        let key = key.trim();
-        let valid_key = !key.is_empty()
-            && !key.as_bytes()[0].is_ascii_digit()
-            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid_key {
-            return Err(err(format!("{key:?} is not a valid variable name")));
-        }
-        let value = value.trim();
-        let value = if let Some(rest) = value.strip_prefix('"') {
-            let Some(end) = rest.rfind('"') else {
-                return Err(err(format!(
-                    "unterminated double quote in the value of {key}"
-                )));
-            };
-            let mut v = String::new();
-            let mut chars = rest[..end].chars();
-            while let Some(c) = chars.next() {
-                if c == '\\' {
-                    match chars.next() {
-                        Some('n') => v.push('\n'),
-                        Some(o) => v.push(o),
-                        None => v.push('\\'),
-                    }
-                } else {
-                    v.push(c);
-                }
-            }
-            v
-        } else if let Some(rest) = value.strip_prefix('\'') {
-            let Some(end) = rest.rfind('\'') else {
-                return Err(err(format!(
-                    "unterminated single quote in the value of {key}"
-                )));
-            };
-            rest[..end].to_owned()
-        } else {
-            // An unquoted value ends at an inline comment.
-            match value.find(" #") {
-                Some(i) => value[..i].trim_end().to_owned(),
-                None => value.to_owned(),
-            }
-        };
-        out.retain(|(k, _)| k != key);
-        out.push((key.to_owned(), value));
-    }
-    Ok(out)
+    slipway_proto::dotenv::parse(text).map_err(|e| EnvError::Syntax {
+        path: path.to_owned(),
+        line: e.line,
+        message: e.message,
+    })
 }
 
 #[cfg(test)]

@@ -53,6 +53,7 @@ pub mod cli;
 #[cfg(feature = "cli")]
 pub mod client;
 pub mod crypto;
+pub mod dotenv;
 pub mod join_token;
 pub mod limits;
 pub mod notify;

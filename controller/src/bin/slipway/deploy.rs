@@ -448,7 +448,7 @@ pub(crate) async fn follow_or_return(
         bail!("the controller did not confirm the {what}; check `slipway audit`");
     };
     if wait.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "deployment_id": started.deployment_id,
             "app": started.app,
             "release_id": started.release_id,
@@ -460,6 +460,9 @@ pub(crate) async fn follow_or_return(
                 .map(|n| serde_json::json!({ "node_id": n.node_id, "node_name": n.node_name }))
                 .collect::<Vec<_>>(),
         });
+        if started.env_version != 0 {
+            out["env_version"] = serde_json::Value::from(started.env_version);
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{}", progress::started_line(what, &started));
