@@ -188,6 +188,12 @@ async fn serve_notifying(
         config.data_dir.clone(),
         secrets,
     );
+    // A node that connects with an app's env behind the controller's
+    // version gets it (an offline node catching up).
+    let catch_up = control.clone();
+    let link = link.on_hello(crate::link::session::OnHello(Arc::new(move |node, apps| {
+        catch_up.env_catch_up(node, apps);
+    })));
     let http = match config.http {
         Some(settings) => Some(
             start_http(

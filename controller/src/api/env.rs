@@ -14,6 +14,38 @@ use crate::rollout::{self, Action, EnvText, Plan};
 use crate::secrets::Vars;
 use crate::store::EnvVersionRow;
 
+/// One problem line per app whose current env version some live node
+/// that runs the app does not hold yet (`slipway status`): names and
+/// versions only.
+pub(crate) fn env_lag(
+    views: &[crate::fleet::NodeView],
+    latest: &[(String, u64)],
+    only: Option<&str>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (app, version) in latest {
+        if only.is_some_and(|o| o != app) {
+            continue;
+        }
+        let lagging: Vec<String> = views
+            .iter()
+            .filter(|v| v.revoked_at.is_none())
+            .filter_map(|v| {
+                let a = v.apps.iter().find(|a| &a.app == app)?;
+                (a.env_version < *version).then(|| format!("{} (has v{})", v.name, a.env_version))
+            })
+            .collect();
+        if !lagging.is_empty() {
+            lines.push(format!(
+                "app {app}: env v{version} is not on {} node(s): {}",
+                lagging.len(),
+                lagging.join(", ")
+            ));
+        }
+    }
+    lines
+}
+
 /// What a change is, for the record.
 fn change_kind(req: &ChangeEnvRequest) -> &'static str {
     if req.rollback_to != 0 {
@@ -219,5 +251,88 @@ impl ControlService {
             ))
         })?;
         Ok(GetEnvResponse { value, version })
+    }
+}
+
+/// How often a catch-up tries again while another deployment of the app
+/// runs, and how many times.
+const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+const CATCH_UP_TRIES: u32 = 60;
+
+impl ControlService {
+    /// A node connected reporting `apps` with the env version each holds:
+    /// every app whose current env version on the controller is newer is
+    /// sent it (a deployment of kind "env" to that node alone, actor
+    /// "controller"), so a node that was offline catches up. Runs in the
+    /// background; retries while another deployment of the app runs.
+    pub fn env_catch_up(&self, node_id: String, apps: Vec<(String, u64)>) {
+        let control = self.clone();
+        tokio::spawn(async move {
+            for (app, have) in apps {
+                let latest = match control.store.env_latest(&app).await {
+                    Ok(Some(latest)) => latest,
+                    Ok(None) => continue,
+                    Err(err) => {
+                        tracing::warn!(%err, %app, "env catch-up: cannot read the env");
+                        continue;
+                    }
+                };
+                if have >= latest.version {
+                    continue;
+                }
+                tracing::info!(%node_id, %app, have, current = latest.version, "env catch-up: the node lags");
+                control.catch_up_one(&node_id, &app, latest).await;
+            }
+        });
+    }
+
+    async fn catch_up_one(&self, node_id: &str, app: &str, latest: EnvVersionRow) {
+        let vars = match self.secrets.open_vars(&latest) {
+            Ok(vars) => vars,
+            Err(err) => {
+                tracing::error!(%err, %app, "env catch-up: cannot open the env");
+                return;
+            }
+        };
+        let text = vars.render();
+        let sha256 = crate::pki::crypto::sha256_hex(text.as_bytes());
+        let selector = slipway_proto::v1::Selector {
+            target: Some(slipway_proto::v1::selector::Target::Node(node_id.to_owned())),
+        };
+        for _ in 0..CATCH_UP_TRIES {
+            let targets = match self.select(Some(&selector)).await {
+                Ok(t) => t,
+                Err(err) => {
+                    tracing::warn!(%err, %app, "env catch-up: node not selectable");
+                    return;
+                }
+            };
+            let plan = Plan {
+                app: app.to_owned(),
+                action: Action::Env {
+                    version: latest.version,
+                    text: EnvText(text.clone()),
+                    sha256: sha256.clone(),
+                },
+                targets,
+                actor: "controller".to_owned(),
+                selector: serde_json::json!({ "node": node_id, "catch_up": true }),
+                rollout: rollout::Rollout::from_proto(None).unwrap_or_default(),
+            };
+            match self.start_plan(plan).await {
+                Ok(started) => {
+                    tracing::info!(%app, %node_id, deployment = %started.deployment_id, version = latest.version, "env catch-up started");
+                    return;
+                }
+                Err(ApiError::Store(crate::store::StoreError::AppBusy { .. })) => {
+                    tokio::time::sleep(CATCH_UP_RETRY).await;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, %app, %node_id, "env catch-up not started");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(%app, %node_id, "env catch-up gave up: the app stayed busy");
     }
 }

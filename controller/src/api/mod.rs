@@ -473,6 +473,9 @@ impl ControlService {
             },
         );
         status.problems.extend(unreadable);
+        status
+            .problems
+            .extend(env::env_lag(&views, &self.store.env_latest_versions().await?, app));
         let rotation = self.ca_rotation().await;
         if let Some(r) = &rotation {
             status.notes.push(format!(
