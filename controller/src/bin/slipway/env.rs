@@ -73,7 +73,7 @@ pub(crate) struct UnsetArgs {
     /// App name.
     app: String,
     /// Names to remove.
-    #[arg(required = true)]
+    #[arg(required = true, value_name = "KEY")]
     keys: Vec<String>,
     #[command(flatten)]
     delivery: Delivery,
@@ -104,7 +104,8 @@ pub(crate) struct GetArgs {
     /// App name.
     app: String,
     /// The variable.
-    key: String,
+    #[arg(value_name = "KEY")]
+    name: String,
     /// Print JSON ({"key", "value", "version"}).
     #[arg(long)]
     json: bool,
@@ -367,7 +368,7 @@ async fn history(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> 
 async fn get(api: &mut Api, args: &GetArgs) -> anyhow::Result<ExitCode> {
     let request = GetEnvRequest {
         app: args.app.clone(),
-        key: args.key.clone(),
+        key: args.name.clone(),
     };
     request.validate().map_err(|e| Usage(format!("env get: {e}")))?;
     let got = api
@@ -377,7 +378,7 @@ async fn get(api: &mut Api, args: &GetArgs) -> anyhow::Result<ExitCode> {
         .map_err(|s| status_error("env get refused", s))?
         .into_inner();
     if args.json {
-        let out = serde_json::json!({ "key": args.key, "value": got.value, "version": got.version });
+        let out = serde_json::json!({ "key": args.name, "value": got.value, "version": got.version });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{}", got.value);
