@@ -313,3 +313,181 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
         "the names should be in the database: {names:?}"
     );
 }
+
+/// `curl` against the controller's HTTP API (its CA) with `token`:
+/// status and JSON body. `body`: POST it as JSON.
+fn http_api(controller: &Controller, token: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let url = format!("{}{path}", controller.http_url());
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "120", "--cacert"])
+        .arg(controller.ca_pem())
+        .args(["-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {token}"));
+    if let Some(body) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
+    }
+    let out = cmd.arg(&url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.trim().parse().unwrap(),
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
+    )
+}
+
+/// Waits for deployment `id` to end; its record.
+fn http_wait_done(controller: &Controller, token: &str, id: &str) -> Value {
+    let mut record = Value::Null;
+    wait_until(&format!("deployment {id}"), Duration::from_secs(120), || {
+        let (code, body) = http_api(controller, token, &format!("/api/v1/deployments/{id}"), None);
+        assert_eq!(code, 200, "{body}");
+        record = body;
+        record["status"] != "running"
+    });
+    record
+}
+
+/// Kills this test's PM2 daemon, whatever happened.
+struct Pm2Home(std::path::PathBuf);
+
+impl Drop for Pm2Home {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pm2")
+            .arg("kill")
+            .env("PM2_HOME", &self.0)
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+/// `<dir>/<version>.tar.gz` with the PM2 env app as server.js.
+fn pm2_env_artifact(dir: &Path, version: &str) -> std::path::PathBuf {
+    let art = dir.join(format!("{version}.tar.gz"));
+    let body = include_str!("../fixtures/envapp.js").replace("__RELEASE__", version);
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        fs::File::create(&art).unwrap(),
+        flate2::Compression::fast(),
+    ));
+    let mut h = tar::Header::new_gnu();
+    h.set_size(body.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "server.js", body.as_bytes()).unwrap();
+    b.into_inner().unwrap().finish().unwrap();
+    art
+}
+
+#[test]
+fn env_over_http_reaches_a_pm2_app_exactly_and_an_unset_variable_disappears() {
+    let controller = Controller::start_http();
+    let pm2_home = tempfile::tempdir().unwrap();
+    let _guard = Pm2Home(pm2_home.path().to_owned());
+    let home = pm2_home.path().display().to_string();
+    let mut agent = Agent::enroll_with(&controller, "p1", "web", |root, port| {
+        format!(
+            r#"[apps.web]
+root = "{root}"
+
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+instances = 2
+exec_mode = "cluster"
+pm2_home = "{home}"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{port}/api/health"
+interval = "100ms"
+successes = 2
+start_period = "200ms"
+deadline = "10s"
+"#,
+            root = root.display(),
+        )
+    });
+    fs::create_dir_all(agent.root.join("shared")).unwrap();
+    agent.run();
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    let secrets = controller.api_token("secrets:web");
+    let other = controller.api_token("deploy:api");
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+
+    // The environment is set before the first deploy: the node takes the
+    // file (nothing runs yet), and the app starts with it.
+    let port = agent.port.to_string();
+    let body = serde_json::json!({ "set": { "PORT": port, "DB_PASSWORD": SECRET, "FEATURE": "on" } });
+    let (code, started) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(&body.to_string()));
+    assert_eq!(code, 202, "{started}");
+    assert_eq!(started["env_version"], 1);
+    assert_eq!(started["kind"], "env");
+    let record = http_wait_done(&controller, &reader, started["deployment_id"].as_str().unwrap());
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert!(!record.to_string().contains(SECRET), "{record}");
+
+    let work = tempfile::tempdir().unwrap();
+    let art = pm2_env_artifact(work.path(), "v1");
+    let out = controller.deploy_web(&deployer, &art, &sha256_file(&art), "v1", &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let env = app_env(agent.port);
+    assert_eq!(env["DB_PASSWORD"], SECRET);
+    assert_eq!(env["FEATURE"], "on");
+
+    // Unset FEATURE: a PM2 reload would keep it; the process must not.
+    let body = serde_json::json!({ "unset": ["FEATURE"] });
+    let (code, started) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(&body.to_string()));
+    assert_eq!(code, 202, "{started}");
+    let record = http_wait_done(&controller, &reader, started["deployment_id"].as_str().unwrap());
+    assert_eq!(record["status"], "succeeded", "{record}");
+    let env = app_env(agent.port);
+    assert!(!env.contains_key("FEATURE"), "PM2 kept a removed variable");
+    assert_eq!(env["DB_PASSWORD"], SECRET);
+    // Every worker of the cluster sees it (each answer comes from one).
+    for _ in 0..6 {
+        assert!(!app_env(agent.port).contains_key("FEATURE"));
+    }
+
+    // A value that breaks the app: the gate fails, the previous env comes
+    // back and PM2 runs with it.
+    let body = serde_json::json!({ "set": { "BREAK_ON": "all" } });
+    let (code, started) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(&body.to_string()));
+    assert_eq!(code, 202, "{started}");
+    let record = http_wait_done(&controller, &reader, started["deployment_id"].as_str().unwrap());
+    assert_eq!(record["status"], "failed", "{record}");
+    assert_eq!(record["nodes"][0]["outcome"], "rolled_back", "{record}");
+    let env = app_env(agent.port);
+    assert!(!env.contains_key("BREAK_ON"));
+    assert_eq!(http_get(agent.port, "/api/health").unwrap().0, 200);
+
+    // Names over HTTP, values only with secrets:web; deploy:api may not
+    // change web's env.
+    let (code, list) = http_api(&controller, &reader, "/api/v1/apps/web/env", None);
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(list["version"], 3);
+    assert!(!list.to_string().contains(SECRET), "{list}");
+    let (code, history) = http_api(&controller, &reader, "/api/v1/apps/web/env/history", None);
+    assert_eq!(code, 200, "{history}");
+    assert_eq!(history["versions"][1]["unset"][0], "FEATURE");
+    let (code, refused) = http_api(&controller, &reader, "/api/v1/apps/web/env/values/DB_PASSWORD", None);
+    assert_eq!(code, 403, "{refused}");
+    let (code, refused) = http_api(&controller, &deployer, "/api/v1/apps/web/env/values/DB_PASSWORD", None);
+    assert_eq!(code, 403, "{refused}");
+    let (code, got) = http_api(&controller, &secrets, "/api/v1/apps/web/env/values/DB_PASSWORD", None);
+    assert_eq!(code, 200, "{got}");
+    assert_eq!(got["value"], SECRET);
+    let (code, refused) = http_api(&controller, &other, "/api/v1/apps/web/env", Some(r#"{"set":{"X":"1"}}"#));
+    assert_eq!(code, 403, "{refused}");
+    let (code, bad) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(r#"{"set":{"1BAD":"x"}}"#));
+    assert_eq!(code, 400, "{bad}");
+
+    // Nothing the controller or the agent wrote holds the value, but the
+    // app's .env and PM2's own files (its process file, its dump).
+    let pm2_files = |p: &Path| {
+        p.ends_with("shared/.env")
+            || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("pm2-"))
+    };
+    assert!(files_containing(controller.dir.path(), SECRET, &|_| false).is_empty());
+    let leaks = files_containing(agent.dir.path(), SECRET, &pm2_files);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

@@ -92,6 +92,8 @@ pub struct Started {
     /// Its events, the first being `Started`; the deployment runs on if
     /// this is dropped.
     pub events: tokio::sync::mpsc::Receiver<DeployEvent>,
+    /// The env version an env change delivers (0 for other kinds).
+    pub env_version: u64,
 }
 
 fn bearer<T>(request: &Request<T>) -> Option<String> {
@@ -298,9 +300,9 @@ impl ControlService {
     async fn start_plan(&self, plan: Plan) -> Result<Started, ApiError> {
         let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan).await?;
         let first = events.recv().await;
-        let deployment_id = match first.as_ref().and_then(|e| e.kind.as_ref()) {
+        let (deployment_id, env_version) = match first.as_ref().and_then(|e| e.kind.as_ref()) {
             Some(slipway_proto::v1::deploy_event::Kind::Started(started)) => {
-                started.deployment_id.clone()
+                (started.deployment_id.clone(), started.env_version)
             }
             _ => {
                 return Err(ApiError::Store(StoreError::Integrity(
@@ -317,6 +319,7 @@ impl ControlService {
         Ok(Started {
             deployment_id,
             events,
+            env_version,
         })
     }
 
