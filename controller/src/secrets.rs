@@ -129,7 +129,8 @@ pub fn load_or_create_key_file(path: &Path) -> Result<[u8; 32], SecretsError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| err(format!("create its directory: {e}")))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| err(format!("create its directory: {e}")))?;
             }
             let key = random::<32>()?;
             let mut file = std::fs::OpenOptions::new()
@@ -177,7 +178,11 @@ impl Secrets {
     /// Seals the variables of `app`'s `version`.
     pub fn seal_vars(&self, app: &str, version: u64, vars: &Vars) -> Result<Vec<u8>, SecretsError> {
         let plain = serde_json::to_vec(&vars.0).map_err(|_| SecretsError::Random)?;
-        seal(&self.data_key, format!("{app}/{version}").as_bytes(), &plain)
+        seal(
+            &self.data_key,
+            format!("{app}/{version}").as_bytes(),
+            &plain,
+        )
     }
 
     /// The variables of a stored version.
@@ -192,7 +197,9 @@ impl Secrets {
             &row.sealed,
         )
         .ok_or_else(corrupt)?;
-        serde_json::from_slice(&plain).map(Vars).map_err(|_| corrupt())
+        serde_json::from_slice(&plain)
+            .map(Vars)
+            .map_err(|_| corrupt())
     }
 }
 
@@ -262,7 +269,9 @@ impl Vars {
     /// with `\\`, `"` and newlines escaped — what the agent's parser reads
     /// back as the same value.
     pub fn render(&self) -> String {
-        let mut out = String::from("# Written by slipway from the controller's env; changes here are replaced.\n");
+        let mut out = String::from(
+            "# Written by slipway from the controller's env; changes here are replaced.\n",
+        );
         for (k, v) in &self.0 {
             out.push_str(k);
             out.push_str("=\"");
@@ -303,7 +312,11 @@ mod tests {
                 .into_iter()
                 .collect(),
         );
-        let (v2, s) = v1.apply(&[("A".into(), "1".into()), ("C".into(), "3".into())], &["B".into()], false);
+        let (v2, s) = v1.apply(
+            &[("A".into(), "1".into()), ("C".into(), "3".into())],
+            &["B".into()],
+            false,
+        );
         assert_eq!(s.set, vec!["C".to_owned()]);
         assert_eq!(s.unset, vec!["B".to_owned()]);
         assert_eq!(v2.0.len(), 2);

@@ -72,13 +72,19 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     /// The secrets key file or the data key it seals.
     #[error(transparent)]
-    Secrets(#[from] crate::secrets::SecretsError),
+    Secrets(Box<crate::secrets::SecretsError>),
     /// The HTTP listener could not start.
     #[error("http: {0}")]
     Http(String),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+impl From<crate::secrets::SecretsError> for ServeError {
+    fn from(err: crate::secrets::SecretsError) -> Self {
+        Self::Secrets(Box::new(err))
+    }
 }
 
 /// Writes `addr` and a newline to `path` through a temp file and a rename,
@@ -191,9 +197,11 @@ async fn serve_notifying(
     // A node that connects with an app's env behind the controller's
     // version gets it (an offline node catching up).
     let catch_up = control.clone();
-    let link = link.on_hello(crate::link::session::OnHello(Arc::new(move |node, apps| {
-        catch_up.env_catch_up(node, apps);
-    })));
+    let link = link.on_hello(crate::link::session::OnHello(Arc::new(
+        move |node, apps| {
+            catch_up.env_catch_up(node, apps);
+        },
+    )));
     let http = match config.http {
         Some(settings) => Some(
             start_http(

@@ -152,6 +152,7 @@ mod tests {
                 }],
                 health: "healthy".to_owned(),
                 in_progress: true,
+                env_version: 3,
             }],
             agent_version: "0.1.0".to_owned(),
             agent_rss_bytes: 24 * 1024 * 1024,

@@ -14,10 +14,10 @@ use std::fmt;
 
 use crate::v1::{
     agent_message, controller_message, selector, AgentMessage, AgentUpgrade, AgentUpgradeRequest,
-    AppStatus, ChangeEnvRequest, CommandResult, EnvHistoryRequest, GetEnvRequest, ListEnvRequest, ControllerMessage, DeployRequest, EnrollRequest,
-    FetchArtifactRequest, FleetStatusRequest, Heartbeat, Hello, NodeEvent, NodeEventKind,
-    NodeMetrics, Progress, PruneRequest, RenewRequest, RestartRequest, RollbackRequest, Selector,
-    StartRequest, StopRequest,
+    AppStatus, ChangeEnvRequest, CommandResult, ControllerMessage, DeployRequest, EnrollRequest,
+    EnvHistoryRequest, FetchArtifactRequest, FleetStatusRequest, GetEnvRequest, Heartbeat, Hello,
+    ListEnvRequest, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, RenewRequest,
+    RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
 };
 
 /// A trust bundle (PEM CA certificates): a few KiB each.
@@ -772,7 +772,10 @@ impl Validate for ChangeEnvRequest {
             ));
         }
         if self.rollback_to == 0 && !self.replace && self.set.is_empty() && self.unset.is_empty() {
-            return Err(FieldError::new("set", "nothing to change: no variable to set or unset"));
+            return Err(FieldError::new(
+                "set",
+                "nothing to change: no variable to set or unset",
+            ));
         }
         check_selector("selector", self.selector.as_ref())
     }

@@ -30,7 +30,11 @@ const SECRET_FROM_FILE: &str = "file-borne-secret-Y2mW-41";
 pub(crate) fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let status = text.split(' ').nth(1)?.parse().ok()?;
@@ -103,7 +107,12 @@ pub(crate) fn files_containing(
 }
 
 /// `slipway --token TOKEN ARGS` with `input` on stdin.
-fn slipway_stdin(controller: &Controller, token: &str, args: &[&str], input: &str) -> std::process::Output {
+fn slipway_stdin(
+    controller: &Controller,
+    token: &str,
+    args: &[&str],
+    input: &str,
+) -> std::process::Output {
     let mut child = controller
         .slipway_command()
         .arg("--token")
@@ -149,8 +158,14 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
         &controller,
         &deployer,
         &[
-            "env", "set", "web", "GREETING=hello", "DB_PASSWORD=-",
-            "--value-file", &value_file_arg, "--wait",
+            "env",
+            "set",
+            "web",
+            "GREETING=hello",
+            "DB_PASSWORD=-",
+            "--value-file",
+            &value_file_arg,
+            "--wait",
         ],
         &format!("{SECRET}\n"),
     );
@@ -161,7 +176,10 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
         assert!(said.contains(&format!("[{}] SUCCEEDED", a.name)), "{said}");
         let env = app_env(a.port);
         assert_eq!(env["GREETING"], "hello");
-        assert_eq!(env["DB_PASSWORD"], SECRET, "the final newline of stdin is dropped");
+        assert_eq!(
+            env["DB_PASSWORD"], SECRET,
+            "the final newline of stdin is dropped"
+        );
         assert_eq!(env["API_KEY"], SECRET_FROM_FILE);
         let env_file = a.root.join("shared/.env");
         use std::os::unix::fs::PermissionsExt as _;
@@ -173,7 +191,10 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
     // The same value again: no new version, nodes untouched (the app
     // keeps its process).
     let pids: Vec<_> = agents.iter().map(Agent::app_pid).collect();
-    let out = controller.slipway(&deployer, &["env", "set", "web", "GREETING=hello", "--wait"]);
+    let out = controller.slipway(
+        &deployer,
+        &["env", "set", "web", "GREETING=hello", "--wait"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(stdout(&out).contains("unchanged"), "{}", text(&out));
     let after: Vec<_> = agents.iter().map(Agent::app_pid).collect();
@@ -184,7 +205,11 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
     assert!(out.status.success(), "{}", text(&out));
     for a in &agents {
         let env = app_env(a.port);
-        assert!(!env.contains_key("GREETING"), "{} still sees GREETING", a.name);
+        assert!(
+            !env.contains_key("GREETING"),
+            "{} still sees GREETING",
+            a.name
+        );
         assert_eq!(env["DB_PASSWORD"], SECRET);
     }
 
@@ -197,14 +222,26 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
     .unwrap();
     let out = controller.slipway(
         &deployer,
-        &["env", "import", "web", "--file", dotenv.to_str().unwrap(), "--wait", "--strategy", "rolling"],
+        &[
+            "env",
+            "import",
+            "web",
+            "--file",
+            dotenv.to_str().unwrap(),
+            "--wait",
+            "--strategy",
+            "rolling",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     for a in &agents {
         let env = app_env(a.port);
         assert_eq!(env["MODE"], "blue green");
         assert_eq!(env["DB_PASSWORD"], SECRET);
-        assert!(!env.contains_key("API_KEY"), "import keeps only the file's variables");
+        assert!(
+            !env.contains_key("API_KEY"),
+            "import keeps only the file's variables"
+        );
     }
 
     // A value that breaks the app on n2: n2's gate fails, its previous
@@ -219,16 +256,26 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
     assert_eq!(app_env(agents[0].port)["BREAK_ON"], "n2");
     assert!(!app_env(agents[1].port).contains_key("BREAK_ON"));
     assert_eq!(http_get(agents[1].port, "/api/health").unwrap().0, 200);
-    assert_eq!(fs::read(agents[1].root.join("shared/.env")).unwrap(), before_n2);
+    assert_eq!(
+        fs::read(agents[1].root.join("shared/.env")).unwrap(),
+        before_n2
+    );
 
     // Status names n2 as lagging (v3 of v4).
     let out = controller.slipway(&reader, &["status", "--refresh", "--json"]);
     let status_text = stdout(&out);
-    assert!(status_text.contains("env v4 is not on 1 node(s): n2 (has v3)"), "{}", text(&out));
+    assert!(
+        status_text.contains("env v4 is not on 1 node(s): n2 (has v3)"),
+        "{}",
+        text(&out)
+    );
 
     // An offline node catches up when it reconnects.
     agents[1].stop_run();
-    let out = controller.slipway(&deployer, &["env", "set", "web", "BREAK_ON=nobody", "--wait"]);
+    let out = controller.slipway(
+        &deployer,
+        &["env", "set", "web", "BREAK_ON=nobody", "--wait"],
+    );
     assert!(!out.status.success(), "n2 is offline: {}", text(&out));
     assert_eq!(app_env(agents[0].port)["BREAK_ON"], "nobody");
     agents[1].run();
@@ -275,7 +322,10 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
     assert_eq!(stdout(&out).trim_end(), SECRET);
 
     // Rollback to v2 (GREETING unset, API_KEY set): a new version, v6.
-    let out = controller.slipway(&deployer, &["env", "rollback", "web", "--to", "2", "--wait"]);
+    let out = controller.slipway(
+        &deployer,
+        &["env", "rollback", "web", "--to", "2", "--wait"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     for a in &agents {
         let env = app_env(a.port);
@@ -283,16 +333,24 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
         assert!(!env.contains_key("MODE"));
     }
     let out = controller.slipway(&reader, &["env", "list", "web", "--json"]);
-    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["version"], 6);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["version"],
+        6
+    );
 
     // Audit: names and versions; a value read is recorded with its name.
     let audit = controller.audit(&reader);
-    let changed: Vec<&Value> = audit.iter().filter(|e| e["event_type"] == "ENV_CHANGED").collect();
+    let changed: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["event_type"] == "ENV_CHANGED")
+        .collect();
     assert_eq!(changed.len(), 6, "{changed:?}");
     assert!(audit
         .iter()
         .any(|e| e["event_type"] == "ENV_VALUE_READ" && e["details"]["key"] == "DB_PASSWORD"));
-    assert!(audit.iter().any(|e| e["event_type"] == "ENV_DELIVERY_FAILED"));
+    assert!(audit
+        .iter()
+        .any(|e| e["event_type"] == "ENV_DELIVERY_FAILED"));
 
     // Secrecy: nothing the controller wrote (database, WAL, log, backups
     // of its state) nor the agents (logs, ledgers, state) holds a value,
@@ -324,7 +382,12 @@ fn http_api(controller: &Controller, token: &str, path: &str, body: Option<&str>
         .args(["-w", "\n%{http_code}", "-H"])
         .arg(format!("Authorization: Bearer {token}"));
     if let Some(body) = body {
-        cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
     }
     let out = cmd.arg(&url).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -338,12 +401,21 @@ fn http_api(controller: &Controller, token: &str, path: &str, body: Option<&str>
 /// Waits for deployment `id` to end; its record.
 fn http_wait_done(controller: &Controller, token: &str, id: &str) -> Value {
     let mut record = Value::Null;
-    wait_until(&format!("deployment {id}"), Duration::from_secs(120), || {
-        let (code, body) = http_api(controller, token, &format!("/api/v1/deployments/{id}"), None);
-        assert_eq!(code, 200, "{body}");
-        record = body;
-        record["status"] != "running"
-    });
+    wait_until(
+        &format!("deployment {id}"),
+        Duration::from_secs(120),
+        || {
+            let (code, body) = http_api(
+                controller,
+                token,
+                &format!("/api/v1/deployments/{id}"),
+                None,
+            );
+            assert_eq!(code, 200, "{body}");
+            record = body;
+            record["status"] != "running"
+        },
+    );
     record
 }
 
@@ -417,12 +489,22 @@ deadline = "10s"
     // The environment is set before the first deploy: the node takes the
     // file (nothing runs yet), and the app starts with it.
     let port = agent.port.to_string();
-    let body = serde_json::json!({ "set": { "PORT": port, "DB_PASSWORD": SECRET, "FEATURE": "on" } });
-    let (code, started) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(&body.to_string()));
+    let body =
+        serde_json::json!({ "set": { "PORT": port, "DB_PASSWORD": SECRET, "FEATURE": "on" } });
+    let (code, started) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(&body.to_string()),
+    );
     assert_eq!(code, 202, "{started}");
     assert_eq!(started["env_version"], 1);
     assert_eq!(started["kind"], "env");
-    let record = http_wait_done(&controller, &reader, started["deployment_id"].as_str().unwrap());
+    let record = http_wait_done(
+        &controller,
+        &reader,
+        started["deployment_id"].as_str().unwrap(),
+    );
     assert_eq!(record["status"], "succeeded", "{record}");
     assert!(!record.to_string().contains(SECRET), "{record}");
 
@@ -436,9 +518,18 @@ deadline = "10s"
 
     // Unset FEATURE: a PM2 reload would keep it; the process must not.
     let body = serde_json::json!({ "unset": ["FEATURE"] });
-    let (code, started) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(&body.to_string()));
+    let (code, started) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(&body.to_string()),
+    );
     assert_eq!(code, 202, "{started}");
-    let record = http_wait_done(&controller, &reader, started["deployment_id"].as_str().unwrap());
+    let record = http_wait_done(
+        &controller,
+        &reader,
+        started["deployment_id"].as_str().unwrap(),
+    );
     assert_eq!(record["status"], "succeeded", "{record}");
     let env = app_env(agent.port);
     assert!(!env.contains_key("FEATURE"), "PM2 kept a removed variable");
@@ -451,9 +542,18 @@ deadline = "10s"
     // A value that breaks the app: the gate fails, the previous env comes
     // back and PM2 runs with it.
     let body = serde_json::json!({ "set": { "BREAK_ON": "all" } });
-    let (code, started) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(&body.to_string()));
+    let (code, started) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(&body.to_string()),
+    );
     assert_eq!(code, 202, "{started}");
-    let record = http_wait_done(&controller, &reader, started["deployment_id"].as_str().unwrap());
+    let record = http_wait_done(
+        &controller,
+        &reader,
+        started["deployment_id"].as_str().unwrap(),
+    );
     assert_eq!(record["status"], "failed", "{record}");
     assert_eq!(record["nodes"][0]["outcome"], "rolled_back", "{record}");
     let env = app_env(agent.port);
@@ -469,23 +569,49 @@ deadline = "10s"
     let (code, history) = http_api(&controller, &reader, "/api/v1/apps/web/env/history", None);
     assert_eq!(code, 200, "{history}");
     assert_eq!(history["versions"][1]["unset"][0], "FEATURE");
-    let (code, refused) = http_api(&controller, &reader, "/api/v1/apps/web/env/values/DB_PASSWORD", None);
+    let (code, refused) = http_api(
+        &controller,
+        &reader,
+        "/api/v1/apps/web/env/values/DB_PASSWORD",
+        None,
+    );
     assert_eq!(code, 403, "{refused}");
-    let (code, refused) = http_api(&controller, &deployer, "/api/v1/apps/web/env/values/DB_PASSWORD", None);
+    let (code, refused) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env/values/DB_PASSWORD",
+        None,
+    );
     assert_eq!(code, 403, "{refused}");
-    let (code, got) = http_api(&controller, &secrets, "/api/v1/apps/web/env/values/DB_PASSWORD", None);
+    let (code, got) = http_api(
+        &controller,
+        &secrets,
+        "/api/v1/apps/web/env/values/DB_PASSWORD",
+        None,
+    );
     assert_eq!(code, 200, "{got}");
     assert_eq!(got["value"], SECRET);
-    let (code, refused) = http_api(&controller, &other, "/api/v1/apps/web/env", Some(r#"{"set":{"X":"1"}}"#));
+    let (code, refused) = http_api(
+        &controller,
+        &other,
+        "/api/v1/apps/web/env",
+        Some(r#"{"set":{"X":"1"}}"#),
+    );
     assert_eq!(code, 403, "{refused}");
-    let (code, bad) = http_api(&controller, &deployer, "/api/v1/apps/web/env", Some(r#"{"set":{"1BAD":"x"}}"#));
+    let (code, bad) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(r#"{"set":{"1BAD":"x"}}"#),
+    );
     assert_eq!(code, 400, "{bad}");
 
     // Nothing the controller or the agent wrote holds the value, but the
     // app's .env and PM2's own files (its process file, its dump).
     let pm2_files = |p: &Path| {
         p.ends_with("shared/.env")
-            || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("pm2-"))
+            || p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pm2-"))
     };
     assert!(files_containing(controller.dir.path(), SECRET, &|_| false).is_empty());
     let leaks = files_containing(agent.dir.path(), SECRET, &pm2_files);

@@ -297,7 +297,9 @@ impl ControlService {
         let text = vars.render();
         let sha256 = crate::pki::crypto::sha256_hex(text.as_bytes());
         let selector = slipway_proto::v1::Selector {
-            target: Some(slipway_proto::v1::selector::Target::Node(node_id.to_owned())),
+            target: Some(slipway_proto::v1::selector::Target::Node(
+                node_id.to_owned(),
+            )),
         };
         for _ in 0..CATCH_UP_TRIES {
             let targets = match self.select(Some(&selector)).await {

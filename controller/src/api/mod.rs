@@ -14,7 +14,8 @@ use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
     controller_message, AgentUpgradeRequest, ChangeEnvRequest, ControllerMessage,
     EnvHistoryRequest, EnvHistoryResponse, FleetStatusRequest, FleetStatusResponse, GetEnvRequest,
-    GetEnvResponse, ListEnvRequest, ListEnvResponse, PruneRequest, RestartRequest, StartRequest, StatusRequest, StopRequest,
+    GetEnvResponse, ListEnvRequest, ListEnvResponse, PruneRequest, RestartRequest, StartRequest,
+    StatusRequest, StopRequest,
 };
 use slipway_proto::v1::{
     selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
@@ -476,9 +477,11 @@ impl ControlService {
             },
         );
         status.problems.extend(unreadable);
-        status
-            .problems
-            .extend(env::env_lag(&views, &self.store.env_latest_versions().await?, app));
+        status.problems.extend(env::env_lag(
+            &views,
+            &self.store.env_latest_versions().await?,
+            app,
+        ));
         let rotation = self.ca_rotation().await;
         if let Some(r) = &rotation {
             status.notes.push(format!(

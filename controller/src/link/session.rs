@@ -162,7 +162,10 @@ pub struct AgentLinkService {
 /// What a new session is told to whoever wants to know: the node id and
 /// its apps with the env version each reported.
 #[derive(Clone)]
-pub struct OnHello(pub Arc<dyn Fn(String, Vec<(String, u64)>) + Send + Sync>);
+pub struct OnHello(pub Arc<HelloHook>);
+
+/// The function behind [`OnHello`].
+pub type HelloHook = dyn Fn(String, Vec<(String, u64)>) + Send + Sync;
 
 impl std::fmt::Debug for OnHello {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -686,12 +686,7 @@ async fn set_env(
             format!("env v{version} failed: {why}; the previous env is back: {restored}"),
         ),
         Ok(Err(err)) => recorded(id, Outcome::Failed, "", format!("env v{version}: {err}")),
-        Err(err) => recorded(
-            id,
-            Outcome::Failed,
-            "",
-            format!("env task failed: {err}"),
-        ),
+        Err(err) => recorded(id, Outcome::Failed, "", format!("env task failed: {err}")),
     }
 }
 

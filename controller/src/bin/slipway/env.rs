@@ -195,9 +195,7 @@ async fn change(
     request.rollout = delivery.rollout.to_proto()?;
     // The controller checks too; here the mistake is named before
     // anything is sent.
-    request
-        .validate()
-        .map_err(|e| Usage(format!("env: {e}")))?;
+    request.validate().map_err(|e| Usage(format!("env: {e}")))?;
     let stream = api
         .client
         .change_env(client::authed(request, &api.token))
@@ -230,9 +228,8 @@ pub(crate) async fn env(api: &mut Api, command: &EnvCommand) -> anyhow::Result<E
             let text = if args.file.as_os_str() == "-" {
                 read_stdin("the .env file")?
             } else {
-                std::fs::read_to_string(&args.file).map_err(|e| {
-                    Usage(format!("cannot read {}: {e}", args.file.display()))
-                })?
+                std::fs::read_to_string(&args.file)
+                    .map_err(|e| Usage(format!("cannot read {}: {e}", args.file.display())))?
             };
             let vars = slipway_proto::dotenv::parse(&text)
                 .map_err(|e| Usage(format!("{}: {e}", args.file.display())))?;
@@ -267,7 +264,10 @@ pub(crate) async fn env(api: &mut Api, command: &EnvCommand) -> anyhow::Result<E
 fn when(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| unix.to_string())
 }
 
@@ -299,12 +299,26 @@ async fn list(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if list.version == 0 {
-        println!("app {} has no env on the controller yet (slipway env set / import)", args.app);
+        println!(
+            "app {} has no env on the controller yet (slipway env set / import)",
+            args.app
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("app {} env version {}: {} variable(s)", args.app, list.version, list.entries.len());
+    println!(
+        "app {} env version {}: {} variable(s)",
+        args.app,
+        list.version,
+        list.entries.len()
+    );
     for e in &list.entries {
-        println!("{:<32} v{:<5} {} {}", e.key, e.version, e.actor, when(e.changed_at));
+        println!(
+            "{:<32} v{:<5} {} {}",
+            e.key,
+            e.version,
+            e.actor,
+            when(e.changed_at)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -370,7 +384,9 @@ async fn get(api: &mut Api, args: &GetArgs) -> anyhow::Result<ExitCode> {
         app: args.app.clone(),
         key: args.name.clone(),
     };
-    request.validate().map_err(|e| Usage(format!("env get: {e}")))?;
+    request
+        .validate()
+        .map_err(|e| Usage(format!("env get: {e}")))?;
     let got = api
         .client
         .get_env(client::authed(request, &api.token))
@@ -378,7 +394,8 @@ async fn get(api: &mut Api, args: &GetArgs) -> anyhow::Result<ExitCode> {
         .map_err(|s| status_error("env get refused", s))?
         .into_inner();
     if args.json {
-        let out = serde_json::json!({ "key": args.name, "value": got.value, "version": got.version });
+        let out =
+            serde_json::json!({ "key": args.name, "value": got.value, "version": got.version });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{}", got.value);
