@@ -35,10 +35,20 @@ pub(crate) fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
+    // busybox httpd may reset the connection after a CGI answer: keep
+    // what came before the reset.
+    let mut bytes = Vec::new();
+    let _ = s.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
-    Some((status, text.split("\r\n\r\n").nth(1)?.to_owned()))
+    // A CGI answer (busybox httpd) passes the script's own "\n\n" on.
+    let body = match (text.find("\r\n\r\n"), text.find("\n\n")) {
+        (Some(a), Some(b)) if b < a => &text[b + 2..],
+        (Some(a), _) => &text[a + 4..],
+        (None, Some(b)) => &text[b + 2..],
+        (None, None) => return None,
+    };
+    Some((status, body.to_owned()))
 }
 
 /// The environment the app on `port` runs with.
@@ -615,5 +625,218 @@ deadline = "10s"
     };
     assert!(files_containing(controller.dir.path(), SECRET, &|_| false).is_empty());
     let leaks = files_containing(agent.dir.path(), SECRET, &pm2_files);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// Builds image `tag` (`docker import`, nothing pulled): a static busybox
+/// whose httpd serves CGI scripts on port 3000: `/cgi-bin/env` prints the
+/// container's environment (`NAME=value` lines), `/cgi-bin/health` answers
+/// 500 while BREAK_ON is "all", else 200.
+fn busybox_env_image(workdir: &Path, tag: &str) {
+    const BUSYBOX: &str = "/bin/busybox";
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing: run scripts/setup-docker.sh (installs busybox-static)"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let rootfs = workdir.join("rootfs-env");
+    fs::create_dir_all(rootfs.join("bin")).unwrap();
+    fs::create_dir_all(rootfs.join("www/cgi-bin")).unwrap();
+    fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    let scripts = [
+        ("env", "#!/bin/sh\necho 'Content-Type: text/plain'\necho\n/bin/busybox env\n"),
+        (
+            "health",
+            "#!/bin/sh\nif [ \"$BREAK_ON\" = all ]; then echo 'Status: 500 Broken'; echo 'Content-Type: text/plain'; echo; echo broken; exit 0; fi\necho 'Content-Type: text/plain'\necho\necho ok\n",
+        ),
+    ];
+    for (name, body) in scripts {
+        let path = rootfs.join("www/cgi-bin").join(name);
+        fs::write(&path, body).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let tarball = workdir.join("rootfs-env.tar");
+    let mut builder = tar::Builder::new(fs::File::create(&tarball).unwrap());
+    builder.follow_symlinks(false);
+    builder.append_dir_all(".", &rootfs).unwrap();
+    builder.into_inner().unwrap().sync_all().unwrap();
+    crate::docker_image::docker_cli(&[
+        "import",
+        "--change",
+        r#"CMD ["/bin/busybox","httpd","-f","-p","3000","-h","/www"]"#,
+        tarball.to_str().unwrap(),
+        tag,
+    ]);
+}
+
+/// The `NAME=value` lines `/cgi-bin/env` prints on `port`, as a map.
+fn container_env(port: u16) -> Option<std::collections::BTreeMap<String, String>> {
+    let (status, body) = http_get(port, "/cgi-bin/env")?;
+    (status == 200).then(|| {
+        body.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    })
+}
+
+#[test]
+fn env_changes_reach_a_docker_app_and_a_breaking_value_rolls_back() {
+    if std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_err() {
+        eprintln!("SKIPPED: no docker engine; run scripts/setup-docker.sh to run it");
+        return;
+    }
+    let app = format!("dkenv{}", std::process::id());
+    let tag = format!("slipway-e2e-{app}:v1");
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let run = |args: &[&str]| {
+                std::process::Command::new("docker")
+                    .args(args)
+                    .output()
+                    .ok()
+            };
+            let label = format!("label=slipway.app={}", self.0);
+            if let Some(out) = run(&["ps", "-aq", "--filter", &label]) {
+                for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    run(&["rm", "-f", id]);
+                }
+            }
+            let reference = format!("reference=slipway/{}:*", self.0);
+            if let Some(out) = run(&["images", "-q", "--filter", &reference]) {
+                for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    run(&["rmi", "-f", id]);
+                }
+            }
+            run(&["rmi", "-f", &self.1]);
+        }
+    }
+    let _cleanup = Cleanup(app.clone(), tag.clone());
+    let ports = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        [
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        ]
+    };
+    let controller = Controller::start();
+    let mut agent = Agent::enroll_with(&controller, "d1", &app, |root, _| {
+        format!(
+            r#"[apps.{app}]
+root = "{root}"
+
+[apps.{app}.run]
+driver = "docker"
+image_archive = "image.tar"
+container_port = 3000
+ports = [{p1}, {p2}]
+host_ip = "127.0.0.1"
+memory = "64MiB"
+stop_grace = "1s"
+
+[apps.{app}.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/cgi-bin/health"
+interval = "100ms"
+successes = 2
+start_period = "500ms"
+deadline = "8s"
+"#,
+            root = root.display(),
+            p1 = ports[0],
+            p2 = ports[1],
+        )
+    });
+    fs::create_dir_all(agent.root.join("shared")).unwrap();
+    agent.run();
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token(&format!("deploy:{app}"));
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+
+    let work = tempfile::tempdir().unwrap();
+    busybox_env_image(work.path(), &tag);
+    let saved = work.path().join("image.tar");
+    crate::docker_image::docker_cli(&["save", "-o", saved.to_str().unwrap(), &tag]);
+    let art = work.path().join("v1.tar.gz");
+    {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            fs::File::create(&art).unwrap(),
+            flate2::Compression::fast(),
+        ));
+        b.append_path_with_name(&saved, "image.tar").unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let env_of = || -> std::collections::BTreeMap<String, String> {
+        ports
+            .iter()
+            .find_map(|p| container_env(*p))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no container serves /cgi-bin/env: {:?}",
+                    ports.map(|p| http_get(p, "/cgi-bin/env"))
+                )
+            })
+    };
+    let sha = sha256_file(&art);
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "deploy",
+            &app,
+            art.to_str().unwrap(),
+            "--sha",
+            &sha,
+            "--id",
+            "v1",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = slipway_stdin(
+        &controller,
+        &deployer,
+        &["env", "set", &app, "TOKEN=-", "COLOR=blue", "--wait"],
+        SECRET,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let env = env_of();
+    assert_eq!(
+        env.get("TOKEN").map(String::as_str),
+        Some(SECRET),
+        "{env:?}"
+    );
+    assert_eq!(env.get("COLOR").map(String::as_str), Some("blue"));
+
+    let out = controller.slipway(&deployer, &["env", "unset", &app, "COLOR", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let env = env_of();
+    assert!(!env.contains_key("COLOR"), "{env:?}");
+    assert_eq!(env.get("TOKEN").map(String::as_str), Some(SECRET));
+
+    // A value that breaks it: rolled back, the container with the
+    // previous env serves.
+    let out = controller.slipway(&deployer, &["env", "set", &app, "BREAK_ON=all", "--wait"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).contains("[d1] ROLLED_BACK"), "{}", text(&out));
+    let env = env_of();
+    assert!(!env.contains_key("BREAK_ON"), "{env:?}");
+    let serving: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|p| http_get(*p, "/cgi-bin/health").is_some_and(|(s, _)| s == 200))
+        .collect();
+    assert_eq!(
+        serving.len(),
+        1,
+        "exactly one healthy container serves: {serving:?}"
+    );
+
+    let leaks = files_containing(controller.dir.path(), SECRET, &|_| false);
+    assert!(leaks.is_empty(), "{leaks:?}");
+    let leaks = files_containing(agent.dir.path(), SECRET, &|p| p.ends_with("shared/.env"));
     assert!(leaks.is_empty(), "{leaks:?}");
 }
