@@ -31,3 +31,9 @@ CREATE TABLE env_versions (
     sealed      BLOB NOT NULL,
     PRIMARY KEY (app, version)
 );
+
+-- The env version each deployment went live with: a deploy records the
+-- app's env version current when it started, an env delivery its own;
+-- NULL when the app had none (or for other kinds). `slipway releases`
+-- shows it per release.
+ALTER TABLE deployments ADD COLUMN env_version INTEGER;

@@ -149,6 +149,7 @@ mod tests {
                     created_at_unix: 1_704_067_200,
                     artifact_sha256: "ab".repeat(32),
                     reason: String::new(),
+                    env_version: 2,
                 }],
                 health: "healthy".to_owned(),
                 in_progress: true,

@@ -348,13 +348,58 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
         6
     );
 
+    // Each release records the env version it went live with. A release
+    // rollback keeps the current env; --with-env brings the release's back.
+    let deploy = |v: &str| {
+        let art = artifact(work.path(), v, ENV_APP);
+        let out = controller.deploy_web(&deployer, &art, &sha256_file(&art), v, &["--wait"]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    deploy("v2"); // with env v6
+    let out = controller.slipway(&deployer, &["env", "set", "web", "COLOR=red", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out)); // v7
+    deploy("v3"); // with env v7
+    wait_until(
+        "releases to show their env versions",
+        Duration::from_secs(30),
+        || {
+            let out = controller.slipway(&reader, &["releases", "web"]);
+            let said = stdout(&out);
+            said.contains("(env v6)") && said.contains("(env v7)")
+        },
+    );
+    let out = controller.slipway(&deployer, &["rollback", "web", "--to", "v2", "--with-env"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for a in &agents {
+        assert_eq!(http_get(a.port, "/").unwrap().1, "v2");
+        assert!(
+            !app_env(a.port).contains_key("COLOR"),
+            "v2's env (v6) has no COLOR"
+        );
+    }
+    let out = controller.slipway(&reader, &["env", "list", "web", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["version"],
+        8
+    );
+    // Back to v3 without --with-env: the current env (v8) stays.
+    let out = controller.slipway(&deployer, &["rollback", "web", "--to", "v3", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for a in &agents {
+        assert_eq!(http_get(a.port, "/").unwrap().1, "v3");
+        assert!(
+            !app_env(a.port).contains_key("COLOR"),
+            "the rollback changed the env"
+        );
+    }
+
     // Audit: names and versions; a value read is recorded with its name.
     let audit = controller.audit(&reader);
     let changed: Vec<&Value> = audit
         .iter()
         .filter(|e| e["event_type"] == "ENV_CHANGED")
         .collect();
-    assert_eq!(changed.len(), 6, "{changed:?}");
+    assert_eq!(changed.len(), 8, "{changed:?}");
     assert!(audit
         .iter()
         .any(|e| e["event_type"] == "ENV_VALUE_READ" && e["details"]["key"] == "DB_PASSWORD"));

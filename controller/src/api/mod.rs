@@ -760,9 +760,26 @@ impl Control for ControlService {
             .await
             .map_err(ApiError::from)?;
         fleet::apply_sessions(&mut nodes, |id| self.sessions.contains(id));
-        Ok(Response::new(ListNodesResponse {
-            nodes: nodes.iter().map(Into::into).collect(),
-        }))
+        let mut nodes: Vec<slipway_proto::v1::NodeView> = nodes.iter().map(Into::into).collect();
+        // Each release's env version, from the controller's deployments.
+        let mut by_app = std::collections::HashMap::new();
+        for node in &mut nodes {
+            for app in &mut node.apps {
+                if !by_app.contains_key(&app.app) {
+                    let versions = self
+                        .store
+                        .release_env_versions(&app.app)
+                        .await
+                        .map_err(ApiError::from)?;
+                    by_app.insert(app.app.clone(), versions);
+                }
+                let versions = &by_app[&app.app];
+                for release in &mut app.releases {
+                    release.env_version = versions.get(&release.id).copied().unwrap_or(0);
+                }
+            }
+        }
+        Ok(Response::new(ListNodesResponse { nodes }))
     }
 
     async fn list_audit(

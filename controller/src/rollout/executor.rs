@@ -108,6 +108,12 @@ pub async fn start(
         })
         .collect();
     let now = crate::now_unix();
+    // What the release goes live with: the app's env version now.
+    let env_version = match &plan.action {
+        Action::Env { version, .. } => Some(*version),
+        Action::Deploy { .. } => store.env_latest(&plan.app).await?.map(|r| r.version),
+        _ => None,
+    };
     let started_type = plan.action.started_event();
     let rollout_json = plan.rollout.to_json();
     let mut details = serde_json::json!({
@@ -167,6 +173,7 @@ pub async fn start(
                 rollout: &rollout_json,
                 started_at: now,
                 nodes: &nodes,
+                env_version,
             },
             &AuditEvent::success(
                 started_type,

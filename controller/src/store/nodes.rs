@@ -164,6 +164,8 @@ impl From<&App> for AppStatus {
                     created_at_unix: r.created_at_unix,
                     artifact_sha256: r.artifact_sha256.clone(),
                     reason: r.reason.clone(),
+                    // The controller fills it in from its deployments.
+                    env_version: 0,
                 })
                 .collect(),
         }

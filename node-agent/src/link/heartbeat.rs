@@ -116,6 +116,8 @@ fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
                     )
                     .to_owned()
                 }),
+                // The controller's record, filled in by it.
+                env_version: 0,
             })
             .collect(),
         health,
