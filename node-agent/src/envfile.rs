@@ -151,4 +151,30 @@ mod tests {
         let err = parse(Path::new(".env"), "A=\"open").unwrap_err();
         assert!(err.to_string().contains("unterminated"));
     }
+
+    #[test]
+    fn a_written_file_is_0600_from_the_start_and_replaced_whole() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert_eq!(read_raw(root).unwrap(), None);
+        assert_eq!(version(root), 0);
+        write(root, b"A=\"1\"\n").unwrap();
+        let mode = std::fs::metadata(path(root)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        write(root, b"B=\"2\"\n").unwrap();
+        assert_eq!(read_raw(root).unwrap().as_deref(), Some(&b"B=\"2\"\n"[..]));
+        assert_eq!(load(root).unwrap(), vec![("B".to_owned(), "2".to_owned())]);
+        // No temp file is left beside it.
+        let names: Vec<String> = std::fs::read_dir(root.join("shared"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![".env".to_owned()]);
+        record_version(root, 7).unwrap();
+        assert_eq!(version(root), 7);
+        remove(root).unwrap();
+        assert_eq!(read_raw(root).unwrap(), None);
+        remove(root).unwrap();
+    }
 }
