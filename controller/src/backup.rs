@@ -782,8 +782,15 @@ mod tests {
             let secrets = crate::secrets::Secrets::open(&store, &key).await.unwrap();
             let row = store.env_latest("web").await.unwrap().unwrap();
             assert_eq!(secrets.open_vars(&row).unwrap(), vars);
-            // Another key file does not open it, and says so.
+            // A missing key file is not made anew, and says so; another
+            // key file does not open it, and says so.
             let other_key = home.path().join("other.key");
+            let err = crate::secrets::Secrets::open(&store, &other_key)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("is missing"), "{err}");
+            assert!(!other_key.exists());
+            crate::secrets::load_or_create_key_file(&other_key).unwrap();
             let err = crate::secrets::Secrets::open(&store, &other_key)
                 .await
                 .unwrap_err();

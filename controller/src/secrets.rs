@@ -158,8 +158,24 @@ impl Secrets {
     /// Opens (or, on the first start, makes) the data key of `store` with
     /// the key file at `key_file`.
     pub async fn open(store: &Store, key_file: &Path) -> Result<Self, SecretsError> {
+        let mut stored = store.env_data_key().await?;
+        if stored.is_some() && !key_file.exists() && !store.has_env_versions().await? {
+            // Nothing was sealed under the lost key file: start afresh.
+            store.drop_unused_env_data_key().await?;
+            stored = None;
+        }
+        if stored.is_some() && !key_file.exists() {
+            // A new key file would never open what is stored: say so
+            // rather than make one.
+            return Err(SecretsError::KeyFile {
+                path: key_file.to_owned(),
+                why: "is missing, but the database holds environments sealed under it; \
+                      restore it (a backup of the data dir holds it)"
+                    .to_owned(),
+            });
+        }
         let file_key = key_of(&load_or_create_key_file(key_file)?);
-        let sealed = match store.env_data_key().await? {
+        let sealed = match stored {
             Some(sealed) => sealed,
             None => {
                 let data = random::<32>()?;
@@ -354,5 +370,49 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_or_create_key_file(&path).unwrap_err().to_string();
         assert!(err.contains("0644") && err.contains("chmod 600"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_key_file_is_replaced_only_while_nothing_is_sealed_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let key = dir.path().join(KEY_FILE);
+        Secrets::open(&store, &key).await.unwrap();
+        std::fs::remove_file(&key).unwrap();
+        // No env yet: a new key file and data key.
+        let secrets = Secrets::open(&store, &key).await.unwrap();
+        assert!(key.exists());
+        let vars = Vars([("K".to_owned(), "v".to_owned())].into());
+        let row = EnvVersionRow {
+            app: "web".to_owned(),
+            version: 1,
+            actor: "t".to_owned(),
+            created_at: 1,
+            change: "set".to_owned(),
+            set_keys: vec!["K".to_owned()],
+            unset_keys: Vec::new(),
+            rollback_to: None,
+            var_count: 1,
+            sealed: secrets.seal_vars("web", 1, &vars).unwrap(),
+        };
+        let event = crate::audit::AuditEvent::success(
+            crate::audit::ENV_CHANGED,
+            "t",
+            "app",
+            "web",
+            serde_json::json!({}),
+        );
+        store.insert_env_version(&row, &event).await.unwrap();
+        // Now the same loss refuses to start, naming the file.
+        std::fs::remove_file(&key).unwrap();
+        let err = Secrets::open(&store, &key).await.unwrap_err().to_string();
+        assert!(
+            err.contains("is missing") && err.contains(KEY_FILE),
+            "{err}"
+        );
+        assert!(!key.exists());
+        // A second change of the same version is refused, not overwritten.
+        let err = store.insert_env_version(&row, &event).await.unwrap_err();
+        assert!(matches!(err, StoreError::EnvConflict { .. }), "{err}");
     }
 }

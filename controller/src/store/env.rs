@@ -84,6 +84,24 @@ impl Store {
         Ok(row.try_get("sealed")?)
     }
 
+    /// Whether any app has an env version.
+    pub async fn has_env_versions(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM env_versions) AS any")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("any")? != 0)
+    }
+
+    /// Forgets the data key; only while no env version is sealed under it
+    /// (false, and nothing done, otherwise).
+    pub async fn drop_unused_env_data_key(&self) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("DELETE FROM env_data_key WHERE NOT EXISTS (SELECT 1 FROM env_versions)")
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// The newest version of `app`'s environment.
     pub async fn env_latest(&self, app: &str) -> Result<Option<EnvVersionRow>, StoreError> {
         let row = sqlx::query(&format!(
