@@ -116,6 +116,17 @@ pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
 pub const OPERATOR_CREATED: &str = "OPERATOR_CREATED";
 /// An operator client certificate was revoked (`operator revoke`).
 pub const OPERATOR_REVOKED: &str = "OPERATOR_REVOKED";
+/// A new version of an app's environment was stored (names and version
+/// only, never values).
+pub const ENV_CHANGED: &str = "ENV_CHANGED";
+/// A value of an app's environment was read (`env get`; the name only).
+pub const ENV_VALUE_READ: &str = "ENV_VALUE_READ";
+/// An env change was delivered to the nodes (kind "env").
+pub const ENV_DELIVERY_STARTED: &str = "ENV_DELIVERY_STARTED";
+/// Every node took the env change.
+pub const ENV_DELIVERY_COMPLETED: &str = "ENV_DELIVERY_COMPLETED";
+/// A node did not take the env change (its gate failed: it went back).
+pub const ENV_DELIVERY_FAILED: &str = "ENV_DELIVERY_FAILED";
 /// A controller API call was refused: no, unknown or out-of-scope token,
 /// or an upload whose bytes did not match the declared digest.
 pub const API_CALL_REFUSED: &str = "API_CALL_REFUSED";

@@ -11,7 +11,11 @@
 //!   mode: the snapshot reads as one transaction and blocks no writer);
 //! - the CA (`ca.pem`, `ca.key`) and the server certificate (`server.pem`,
 //!   `server.key`, `server.hosts`), so a restored controller is the same
-//!   controller to every agent: same CA, same server names.
+//!   controller to every agent: same CA, same server names;
+//! - the secrets key file (`secrets.key`) when it is in the data dir (its
+//!   default place): without it the apps' environments sealed in the
+//!   database do not open. A key file kept elsewhere (`--secrets-key`) is
+//!   not in the backup: keep a copy of it apart.
 //!
 //! Uploaded artifacts are not in it: every agent keeps its releases, and a
 //! deploy uploads its artifact again.
@@ -47,7 +51,7 @@ const MANIFEST: &str = "MANIFEST.json";
 /// with the mode it is restored with. The CA files must be there.
 /// During a CA rotation the new CA and the rotation's state are in it
 /// too, so a restored controller goes on with the rotation.
-const KEY_FILES: [(&str, u32, bool); 8] = [
+const KEY_FILES: [(&str, u32, bool); 9] = [
     (CA_CERT_FILE, 0o644, true),
     (CA_KEY_FILE, 0o600, true),
     (SERVER_CERT_FILE, 0o644, false),
@@ -56,6 +60,7 @@ const KEY_FILES: [(&str, u32, bool); 8] = [
     (NEXT_CA_CERT_FILE, 0o644, false),
     (NEXT_CA_KEY_FILE, 0o600, false),
     (ROTATION_FILE, 0o644, false),
+    (crate::secrets::KEY_FILE, 0o600, false),
 ];
 /// Largest manifest accepted on restore.
 const MAX_MANIFEST: u64 = 1 << 20;
@@ -709,6 +714,31 @@ mod tests {
         let data = home.path().join("data");
         let ca = Ca::load_or_create(&data).unwrap();
         let store = Store::open(&data).await.unwrap();
+        // An app's environment, sealed under the key file in the data dir.
+        let secrets = crate::secrets::Secrets::open(&store, &data.join(crate::secrets::KEY_FILE))
+            .await
+            .unwrap();
+        let vars = crate::secrets::Vars([("K".to_owned(), "v-123".to_owned())].into());
+        let row = crate::store::EnvVersionRow {
+            app: "web".to_owned(),
+            version: 1,
+            actor: "t".to_owned(),
+            created_at: 1,
+            change: "set".to_owned(),
+            set_keys: vec!["K".to_owned()],
+            unset_keys: Vec::new(),
+            rollback_to: None,
+            var_count: 1,
+            sealed: secrets.seal_vars("web", 1, &vars).unwrap(),
+        };
+        let event = crate::audit::AuditEvent::success(
+            "ENV_CHANGED",
+            "t",
+            "app",
+            "web",
+            serde_json::json!({}),
+        );
+        store.insert_env_version(&row, &event).await.unwrap();
         let identity = age::x25519::Identity::generate();
         let schedule = Schedule {
             dir: home.path().join("backups"),
@@ -740,6 +770,36 @@ mod tests {
             Ca::load_existing(&restored).unwrap().fingerprint(),
             ca.fingerprint()
         );
+        // The restored key file opens the restored environment.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let key = restored.join(crate::secrets::KEY_FILE);
+            assert_eq!(
+                fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            let store = Store::open(&restored).await.unwrap();
+            let secrets = crate::secrets::Secrets::open(&store, &key).await.unwrap();
+            let row = store.env_latest("web").await.unwrap().unwrap();
+            assert_eq!(secrets.open_vars(&row).unwrap(), vars);
+            // A missing key file is not made anew, and says so; another
+            // key file does not open it, and says so.
+            let other_key = home.path().join("other.key");
+            let err = crate::secrets::Secrets::open(&store, &other_key)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("is missing"), "{err}");
+            assert!(!other_key.exists());
+            crate::secrets::load_or_create_key_file(&other_key).unwrap();
+            let err = crate::secrets::Secrets::open(&store, &other_key)
+                .await
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("does not open the data key"),
+                "{err}"
+            );
+            store.close().await;
+        }
         // A passphrase cannot open a file made for a recipient.
         let other = home.path().join("other");
         let err = restore(

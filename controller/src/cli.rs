@@ -291,6 +291,11 @@ pub struct ServeArgs {
     /// Like --ready-file, for the HTTP listener's address.
     #[arg(long, value_name = "FILE")]
     pub http_ready_file: Option<PathBuf>,
+    /// The key file apps' environments are sealed under (config:
+    /// secrets_key) [default: DATA_DIR/secrets.key, created 0600 on first
+    /// start]. Keep a copy apart from backups of the data dir.
+    #[arg(long, value_name = "FILE")]
+    pub secrets_key: Option<PathBuf>,
 }
 
 /// `token` subcommands.

@@ -100,6 +100,9 @@ pub struct RawConfig {
     /// `/metrics` answers callers on a loopback address without a token
     /// (a Prometheus on the controller's machine); others still need one.
     pub metrics_loopback_no_auth: Option<bool>,
+    /// The key file apps' environments are sealed under (default
+    /// `<data_dir>/secrets.key`).
+    pub secrets_key: Option<PathBuf>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -172,6 +175,8 @@ pub struct ServeConfig {
     pub digitalocean: Option<crate::digitalocean::config::DoConfig>,
     /// GitHub deployments and webhooks, when `[github]` is set.
     pub github: Option<crate::github::GithubConfig>,
+    /// The key file apps' environments are sealed under.
+    pub secrets_key: PathBuf,
 }
 
 /// Checked HTTP listener settings.
@@ -196,7 +201,6 @@ impl ServeConfig {
     /// Defaults for everything but where to keep data and listen (tests).
     pub fn with_defaults(data_dir: PathBuf, listen: SocketAddr) -> Self {
         Self {
-            data_dir,
             listen,
             link: LinkSettings::default(),
             unreachable_after: liveness::DEFAULT_UNREACHABLE_AFTER,
@@ -208,6 +212,8 @@ impl ServeConfig {
             github: None,
             http: None,
             http_ready_file: None,
+            secrets_key: data_dir.join(crate::secrets::KEY_FILE),
+            data_dir,
         }
     }
 
@@ -360,6 +366,7 @@ impl ServeConfig {
             http_listen: args.http_listen,
             http_plain: args.http_plain.then_some(true),
             metrics_loopback_no_auth: args.metrics_loopback_no_auth.then_some(true),
+            secrets_key: args.secrets_key,
             ..RawConfig::default()
         };
         let mut config = Self::new(flags, file)?;
@@ -382,6 +389,9 @@ impl ServeConfig {
                 .map_err(|_| ConfigError::Missing("listen"))?,
         };
         let mut config = Self::with_defaults(data_dir, listen);
+        if let Some(path) = flags.secrets_key.or(file.secrets_key) {
+            config.secrets_key = path;
+        }
         for name in file
             .server_names
             .unwrap_or_default()

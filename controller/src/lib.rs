@@ -25,6 +25,8 @@
 //!                methods; the heartbeat shapes it stores (Metrics, App)
 //!     artifacts  the content-addressed artifact files
 //!     backup     encrypted backups of the data dir, restore, schedule
+//!     secrets    the key file, the sealed data key, apps' environments
+//!                sealed per version (AES-256-GCM) and rendered as `.env`
 //! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
 //!                its scopes) < operator (operator certificates)
 //! L3  link/      liveness (heartbeat rules, pure) · registry (live
@@ -93,6 +95,7 @@ pub mod metrics;
 pub mod observe;
 pub mod pki;
 pub mod rollout;
+pub mod secrets;
 pub mod server;
 pub mod store;
 

@@ -559,6 +559,7 @@ mod tests {
             current_release: "r1".to_owned(),
             health: health.to_owned(),
             in_progress: false,
+            env_version: 0,
             releases: Vec::new(),
         }
     }

@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The secrets key file or the data key it seals.
+    #[error(transparent)]
+    Secrets(Box<crate::secrets::SecretsError>),
     /// The HTTP listener could not start.
     #[error("http: {0}")]
     Http(String),
@@ -79,6 +82,12 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+impl From<crate::secrets::SecretsError> for ServeError {
+    fn from(err: crate::secrets::SecretsError) -> Self {
+        Self::Secrets(Box::new(err))
+    }
 }
 
 /// Writes `addr` and a newline to `path` through a temp file and a rename,
@@ -179,12 +188,14 @@ async fn serve_notifying(
         artifacts.clone(),
         commands.clone(),
     );
+    let secrets = crate::secrets::Secrets::open(&store, &config.secrets_key).await?;
     let mut control = ControlService::new(
         store.clone(),
         sessions.clone(),
         commands,
         artifacts,
         config.data_dir.clone(),
+        secrets,
     );
     // GitHub: the rollouts' notes go to the status queue (never waited
     // for); the webhook endpoint starts deployments through `control`.
@@ -221,6 +232,14 @@ async fn serve_notifying(
         }
         None => None,
     };
+    // A node that connects with an app's env behind the controller's
+    // version gets it (an offline node catching up).
+    let catch_up = control.clone();
+    let link = link.on_hello(crate::link::session::OnHello(Arc::new(
+        move |node, apps| {
+            catch_up.env_catch_up(node, apps);
+        },
+    )));
     let http = match config.http {
         Some(settings) => Some(
             start_http(

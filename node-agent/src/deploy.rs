@@ -215,6 +215,24 @@ pub struct PressureReport {
     pub relieved: bool,
 }
 
+/// What an env change did on this node (no values in any of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvChange {
+    /// `shared/.env` already held it: nothing was touched.
+    Unchanged,
+    /// Written, and the app restarted with it behind its gate (or not
+    /// running): what happened, in one line.
+    Applied(String),
+    /// The app failed with it: the previous file is back and the app was
+    /// restarted with it.
+    RolledBack {
+        /// Why the new environment failed (the gate or the driver).
+        why: String,
+        /// How the previous one was put back.
+        restored: String,
+    },
+}
+
 /// One app: its release store, and how its driver reaches async clients.
 #[derive(Debug, Clone)]
 pub struct Deployer {
@@ -599,6 +617,74 @@ impl Session<'_> {
         self.live = None;
         self.inner.record_port(&current, a.port)?;
         Ok((current, a, h))
+    }
+
+    /// Replaces the app's `shared/.env` with `content` (the controller's
+    /// env `version`) and restarts the current release through its driver
+    /// behind the health gate. The file already holding `content` touches
+    /// nothing; an app not running (nothing deployed, stopped on purpose)
+    /// gets the file and starts with it later. A failed restart puts the
+    /// previous file back and the release back in service with it
+    /// ([`EnvChange::RolledBack`]). Values are never logged.
+    pub fn set_env(&mut self, content: &[u8], version: u64) -> Result<EnvChange> {
+        let root = self.app().root.clone();
+        let env_path = crate::envfile::path(&root);
+        let old = crate::envfile::read_raw(&root)
+            .map_err(|e| ReleaseError::io("read the environment file", &env_path)(e))?;
+        let record = |v: u64| {
+            crate::envfile::record_version(&root, v)
+                .map_err(|e| ReleaseError::io("record the env version", &root)(e))
+        };
+        if old.as_deref() == Some(content) {
+            record(version)?;
+            return Ok(EnvChange::Unchanged);
+        }
+        crate::envfile::write(&root, content)
+            .map_err(|e| ReleaseError::io("write the environment file", &env_path)(e))?;
+        let current = self.inner.current()?;
+        let idle = match (&current, crate::upkeep::stopped(&root)) {
+            (None, _) => Some("nothing is deployed yet"),
+            (Some(_), Some(_)) => Some("the app is stopped on purpose"),
+            (Some(_), None) if self.deployer.driver().is_none() => Some("the app has no driver"),
+            _ => None,
+        };
+        if let Some(why) = idle {
+            record(version)?;
+            return Ok(EnvChange::Applied(format!(
+                "env v{version} written; {why}: it starts with it"
+            )));
+        }
+        match self.restart_as(None) {
+            Ok((_, activation, _)) => {
+                record(version)?;
+                Ok(EnvChange::Applied(format!(
+                    "env v{version} applied: {}",
+                    activation.detail
+                )))
+            }
+            Err(err) => {
+                let why = err.to_string();
+                let failed = self.live.take().unwrap_or_default();
+                tracing::warn!(app = %self.app().name, version, "env change failed; putting the previous environment back: {why}");
+                match &old {
+                    Some(bytes) => crate::envfile::write(&root, bytes),
+                    None => crate::envfile::remove(&root),
+                }
+                .map_err(|e| ReleaseError::io("restore the environment file", &env_path)(e))?;
+                let restored = match &current {
+                    Some(id) => {
+                        let mut restorer = self.deployer.restorer(failed);
+                        let r = release::Service::restore(&mut restorer, Some(id));
+                        if let Err(e) = self.inner.record_port(id, r.port) {
+                            tracing::warn!(error = %e, "cannot record the restored port");
+                        }
+                        r.outcome
+                    }
+                    None => "nothing to restart".to_owned(),
+                };
+                Ok(EnvChange::RolledBack { why, restored })
+            }
+        }
     }
 
     /// Deploys an artifact: the whole state machine above, under the lock.

@@ -53,6 +53,7 @@ pub mod cli;
 #[cfg(feature = "cli")]
 pub mod client;
 pub mod crypto;
+pub mod dotenv;
 pub mod join_token;
 pub mod limits;
 pub mod notify;
@@ -148,9 +149,11 @@ mod tests {
                     created_at_unix: 1_704_067_200,
                     artifact_sha256: "ab".repeat(32),
                     reason: String::new(),
+                    env_version: 2,
                 }],
                 health: "healthy".to_owned(),
                 in_progress: true,
+                env_version: 3,
             }],
             agent_version: "0.1.0".to_owned(),
             agent_rss_bytes: 24 * 1024 * 1024,

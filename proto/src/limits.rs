@@ -14,10 +14,10 @@ use std::fmt;
 
 use crate::v1::{
     agent_message, controller_message, selector, AgentMessage, AgentUpgrade, AgentUpgradeRequest,
-    AppStatus, CommandResult, ControllerMessage, DeployRequest, EnrollRequest,
-    FetchArtifactRequest, FleetStatusRequest, Heartbeat, Hello, NodeEvent, NodeEventKind,
-    NodeMetrics, Progress, PruneRequest, RenewRequest, RestartRequest, RollbackRequest, Selector,
-    StartRequest, StopRequest,
+    AppStatus, ChangeEnvRequest, CommandResult, ControllerMessage, DeployRequest, EnrollRequest,
+    EnvHistoryRequest, FetchArtifactRequest, FleetStatusRequest, GetEnvRequest, Heartbeat, Hello,
+    ListEnvRequest, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, RenewRequest,
+    RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
 };
 
 /// A trust bundle (PEM CA certificates): a few KiB each.
@@ -81,6 +81,14 @@ pub const MIN_COMMIT_DEADLINE_SECS: u32 = 5;
 pub const MAX_COMMIT_DEADLINE_SECS: u32 = 3600;
 /// Largest agent binary an upgrade accepts (a static agent is ~20 MB).
 pub const MAX_AGENT_BINARY: u64 = 512 * 1024 * 1024;
+/// Longest environment variable name.
+pub const MAX_ENV_KEY: usize = 128;
+/// Longest environment variable value (a PEM key or a JSON credential fits).
+pub const MAX_ENV_VALUE: usize = 64 * 1024;
+/// Most variables one env change names.
+pub const MAX_ENV_VARS: usize = 1024;
+/// Largest `.env` text a SetEnv carries.
+pub const MAX_ENV_CONTENT: usize = 256 * 1024;
 /// Characters of a refused value shown back in an error or a log line.
 const SHOWN_CHARS: usize = 64;
 
@@ -617,6 +625,48 @@ fn check_agent_upgrade(u: &AgentUpgrade) -> Result<(), FieldError> {
     check_commit_deadline("commit_deadline_secs", u.commit_deadline_secs)
 }
 
+/// True if `key` is a usable environment variable name: letters, digits
+/// and `_`, not starting with a digit, at most [`MAX_ENV_KEY`] bytes.
+pub fn is_env_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_ENV_KEY
+        && !key.as_bytes()[0].is_ascii_digit()
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// An environment variable name (see [`is_env_key`]); the message shows the
+/// name, which is never secret.
+pub fn check_env_key(field: &str, key: &str) -> Result<(), FieldError> {
+    if is_env_key(key) {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!(
+            "{} is not a variable name (letters, digits and _, not starting with a digit, at most {MAX_ENV_KEY} bytes)",
+            shown(key)
+        ),
+    ))
+}
+
+/// An environment variable value: at most [`MAX_ENV_VALUE`] bytes, no NUL
+/// or carriage return. The message never shows the value.
+pub fn check_env_value(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.len() > MAX_ENV_VALUE {
+        return Err(FieldError::new(
+            field,
+            format!("value is {} bytes; at most {MAX_ENV_VALUE}", value.len()),
+        ));
+    }
+    if value.contains(['\0', '\r']) {
+        return Err(FieldError::new(
+            field,
+            "value holds a NUL or carriage return character",
+        ));
+    }
+    Ok(())
+}
+
 impl Validate for ControllerMessage {
     fn validate(&self) -> Result<(), FieldError> {
         use controller_message::Kind;
@@ -675,7 +725,78 @@ impl Validate for ControllerMessage {
                 check_sha256("signing_ca_sha256", &b.signing_ca_sha256)
             })()
             .map_err(|e: FieldError| e.within("trust_bundle")),
+            Some(Kind::SetEnv(e)) => (|| {
+                command(&e.command_id, &e.app)?;
+                if e.version == 0 {
+                    return Err(FieldError::new("version", "must be 1 or more"));
+                }
+                if e.content.len() > MAX_ENV_CONTENT {
+                    return Err(FieldError::new(
+                        "content",
+                        format!("{} bytes; at most {MAX_ENV_CONTENT}", e.content.len()),
+                    ));
+                }
+                if e.content.contains('\0') {
+                    return Err(FieldError::new("content", "holds a NUL character"));
+                }
+                check_sha256("sha256", &e.sha256)
+            })()
+            .map_err(|err: FieldError| err.within("set_env")),
         }
+    }
+}
+
+impl Validate for ChangeEnvRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_count("set", self.set.len(), MAX_ENV_VARS)?;
+        check_count("unset", self.unset.len(), MAX_ENV_VARS)?;
+        for (i, var) in self.set.iter().enumerate() {
+            check_env_key(&format!("set[{i}].key"), &var.key)?;
+            check_env_value(&format!("set[{i}].value"), &var.value)?;
+        }
+        for (i, key) in self.unset.iter().enumerate() {
+            check_env_key(&format!("unset[{i}]"), key)?;
+        }
+        if self.replace && !self.unset.is_empty() {
+            return Err(FieldError::new(
+                "unset",
+                "must be empty when replace (import) is set",
+            ));
+        }
+        if self.rollback_to != 0 && (self.replace || !self.set.is_empty() || !self.unset.is_empty())
+        {
+            return Err(FieldError::new(
+                "rollback_to",
+                "a rollback names no variables (set, unset and replace must be empty)",
+            ));
+        }
+        if self.rollback_to == 0 && !self.replace && self.set.is_empty() && self.unset.is_empty() {
+            return Err(FieldError::new(
+                "set",
+                "nothing to change: no variable to set or unset",
+            ));
+        }
+        check_selector("selector", self.selector.as_ref())
+    }
+}
+
+impl Validate for ListEnvRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)
+    }
+}
+
+impl Validate for EnvHistoryRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)
+    }
+}
+
+impl Validate for GetEnvRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_app_name("app", &self.app)?;
+        check_env_key("key", &self.key)
     }
 }
 

@@ -563,6 +563,10 @@ pub struct ReleaseJson<'a> {
     artifact_sha256: &'a str,
     /// Why failed or bad, and who marked it; "" otherwise.
     reason: &'a str,
+    /// The env version it went live with (the controller's record);
+    /// absent when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    env_version: Option<u64>,
 }
 
 impl<'a> From<&'a ReleaseInfo> for ReleaseJson<'a> {
@@ -573,6 +577,7 @@ impl<'a> From<&'a ReleaseInfo> for ReleaseJson<'a> {
             created_at_unix: r.created_at_unix,
             artifact_sha256: &r.artifact_sha256,
             reason: &r.reason,
+            env_version: (r.env_version != 0).then_some(r.env_version),
         }
     }
 }

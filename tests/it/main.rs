@@ -20,6 +20,7 @@ mod demo;
 mod deploy;
 mod digitalocean;
 mod docker;
+mod env;
 mod fleet;
 mod github;
 mod http;

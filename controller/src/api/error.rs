@@ -49,6 +49,22 @@ pub enum ApiError {
     /// Database.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A named env variable or version that is not there.
+    #[error("{0}")]
+    NotFound(String),
+    /// Sealing or opening an environment.
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+    /// An env version was stored, then could not be sent to the nodes.
+    #[error("env version {version} of app {app} is stored, but was not delivered: {reason}")]
+    NotDelivered {
+        /// The app.
+        app: String,
+        /// The version stored.
+        version: u64,
+        /// Why it was not sent.
+        reason: Box<ApiError>,
+    },
 }
 
 impl From<OperatorError> for ApiError {
@@ -102,7 +118,13 @@ impl From<ApiError> for Status {
             ApiError::Store(StoreError::AppBusy { .. }) => {
                 Status::failed_precondition(err.to_string())
             }
-            ApiError::Token(_) | ApiError::Operator(_) | ApiError::Store(_) => {
+            ApiError::NotFound(_) => Status::not_found(err.to_string()),
+            ApiError::NotDelivered { .. } => Status::failed_precondition(err.to_string()),
+            ApiError::Store(StoreError::EnvConflict { .. }) => Status::aborted(err.to_string()),
+            ApiError::Token(_)
+            | ApiError::Operator(_)
+            | ApiError::Store(_)
+            | ApiError::Secrets(_) => {
                 tracing::error!(%err, "controller api");
                 Status::internal("the controller failed; see its log")
             }

@@ -12,8 +12,10 @@
 use slipway_proto::limits;
 use slipway_proto::v1::control_server::Control;
 use slipway_proto::v1::{
-    controller_message, AgentUpgradeRequest, ControllerMessage, FleetStatusRequest,
-    FleetStatusResponse, PruneRequest, RestartRequest, StartRequest, StatusRequest, StopRequest,
+    controller_message, AgentUpgradeRequest, ChangeEnvRequest, ControllerMessage,
+    EnvHistoryRequest, EnvHistoryResponse, FleetStatusRequest, FleetStatusResponse, GetEnvRequest,
+    GetEnvResponse, ListEnvRequest, ListEnvResponse, PruneRequest, RestartRequest, StartRequest,
+    StatusRequest, StopRequest,
 };
 use slipway_proto::v1::{
     selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
@@ -33,6 +35,7 @@ use crate::link::registry::Sessions;
 use crate::rollout::{self, Action, Plan, Target};
 use crate::store::{Store, StoreError};
 
+mod env;
 mod error;
 pub mod live;
 
@@ -80,6 +83,8 @@ pub struct ControlService {
     live: live::Live,
     /// Told how each deployment goes (the GitHub statuses), if set.
     observer: Option<rollout::Observer>,
+    /// Opens and seals apps' environments.
+    secrets: crate::secrets::Secrets,
 }
 
 /// A deployment that has started: its id and its events.
@@ -90,6 +95,8 @@ pub struct Started {
     /// Its events, the first being `Started`; the deployment runs on if
     /// this is dropped.
     pub events: tokio::sync::mpsc::Receiver<DeployEvent>,
+    /// The env version an env change delivers (0 for other kinds).
+    pub env_version: u64,
 }
 
 fn bearer<T>(request: &Request<T>) -> Option<String> {
@@ -164,6 +171,7 @@ impl ControlService {
         commands: Commands,
         artifacts: Artifacts,
         data_dir: std::path::PathBuf,
+        secrets: crate::secrets::Secrets,
     ) -> Self {
         Self {
             store,
@@ -173,6 +181,7 @@ impl ControlService {
             data_dir,
             live: live::Live::default(),
             observer: None,
+            secrets,
         }
     }
 
@@ -181,6 +190,11 @@ impl ControlService {
     pub fn with_observer(mut self, observer: rollout::Observer) -> Self {
         self.observer = Some(observer);
         self
+    }
+
+    /// Opens and seals apps' environments.
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
     }
 
     /// The artifact store deployments are served from.
@@ -314,9 +328,9 @@ impl ControlService {
         )
         .await?;
         let first = events.recv().await;
-        let deployment_id = match first.as_ref().and_then(|e| e.kind.as_ref()) {
+        let (deployment_id, env_version) = match first.as_ref().and_then(|e| e.kind.as_ref()) {
             Some(slipway_proto::v1::deploy_event::Kind::Started(started)) => {
-                started.deployment_id.clone()
+                (started.deployment_id.clone(), started.env_version)
             }
             _ => {
                 return Err(ApiError::Store(StoreError::Integrity(
@@ -333,6 +347,7 @@ impl ControlService {
         Ok(Started {
             deployment_id,
             events,
+            env_version,
         })
     }
 
@@ -489,6 +504,11 @@ impl ControlService {
             },
         );
         status.problems.extend(unreadable);
+        status.problems.extend(env::env_lag(
+            &views,
+            &self.store.env_latest_versions().await?,
+            app,
+        ));
         let rotation = self.ca_rotation().await;
         if let Some(r) = &rotation {
             status.notes.push(format!(
@@ -706,6 +726,56 @@ impl Control for ControlService {
     type StartStream = ReceiverStream<Result<DeployEvent, Status>>;
     type PruneStream = ReceiverStream<Result<DeployEvent, Status>>;
     type AgentUpgradeStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type ChangeEnvStream = ReceiverStream<Result<DeployEvent, Status>>;
+
+    async fn change_env(
+        &self,
+        request: Request<ChangeEnvRequest>,
+    ) -> Result<Response<Self::ChangeEnvStream>, Status> {
+        validated(request.get_ref())?;
+        let app = request.get_ref().app.clone();
+        let what = format!("change the env of app {app}");
+        let caller = self
+            .authorize(&request, &what, |c| c.can_deploy(&app))
+            .await?;
+        let started = self.change_env_for(&caller, request.into_inner()).await?;
+        Ok(Response::new(forward(started.events)))
+    }
+
+    async fn list_env(
+        &self,
+        request: Request<ListEnvRequest>,
+    ) -> Result<Response<ListEnvResponse>, Status> {
+        validated(request.get_ref())?;
+        let app = request.get_ref().app.clone();
+        self.authorize(&request, "list env names", Caller::can_read)
+            .await?;
+        Ok(Response::new(self.list_env_for(&app).await?))
+    }
+
+    async fn env_history(
+        &self,
+        request: Request<EnvHistoryRequest>,
+    ) -> Result<Response<EnvHistoryResponse>, Status> {
+        validated(request.get_ref())?;
+        let app = request.get_ref().app.clone();
+        self.authorize(&request, "read env history", Caller::can_read)
+            .await?;
+        Ok(Response::new(self.env_history_for(&app).await?))
+    }
+
+    async fn get_env(
+        &self,
+        request: Request<GetEnvRequest>,
+    ) -> Result<Response<GetEnvResponse>, Status> {
+        validated(request.get_ref())?;
+        let GetEnvRequest { app, key } = request.get_ref().clone();
+        let what = format!("read env values of app {app}");
+        let caller = self
+            .authorize(&request, &what, |c| c.can_read_secrets(&app))
+            .await?;
+        Ok(Response::new(self.get_env_for(&caller, &app, &key).await?))
+    }
 
     async fn list_nodes(
         &self,
@@ -717,9 +787,26 @@ impl Control for ControlService {
             .await
             .map_err(ApiError::from)?;
         fleet::apply_sessions(&mut nodes, |id| self.sessions.contains(id));
-        Ok(Response::new(ListNodesResponse {
-            nodes: nodes.iter().map(Into::into).collect(),
-        }))
+        let mut nodes: Vec<slipway_proto::v1::NodeView> = nodes.iter().map(Into::into).collect();
+        // Each release's env version, from the controller's deployments.
+        let mut by_app = std::collections::HashMap::new();
+        for node in &mut nodes {
+            for app in &mut node.apps {
+                if !by_app.contains_key(&app.app) {
+                    let versions = self
+                        .store
+                        .release_env_versions(&app.app)
+                        .await
+                        .map_err(ApiError::from)?;
+                    by_app.insert(app.app.clone(), versions);
+                }
+                let versions = &by_app[&app.app];
+                for release in &mut app.releases {
+                    release.env_version = versions.get(&release.id).copied().unwrap_or(0);
+                }
+            }
+        }
+        Ok(Response::new(ListNodesResponse { nodes }))
     }
 
     async fn list_audit(

@@ -1,8 +1,10 @@
 //! API tokens for the `slipway` CLI: `slwa1.<id>.<secret>`, printed once,
 //! stored as the sha256 of the secret, with scopes that say what the token
 //! may do: `read` (list nodes and audit events), `deploy:<app>` (upload,
-//! deploy and roll back that app, and read) or `agent-upgrade` (upload agent
-//! binaries and upgrade the fleet's agents, and read).
+//! deploy and roll back that app, change its environment, and read),
+//! `secrets:<app>` (read the values of that app's environment, and read) or
+//! `agent-upgrade` (upload agent binaries and upgrade the fleet's agents,
+//! and read).
 
 use std::fmt;
 
@@ -18,7 +20,7 @@ const PREFIX: &str = "slwa1";
 #[derive(Debug, thiserror::Error)]
 pub enum ApiTokenError {
     /// A `--scope` value that is not `read`, `deploy:<app>` or `agent-upgrade`.
-    #[error("invalid scope {0:?}: expected read, deploy:APP (APP of letters, digits, . _ -) or agent-upgrade")]
+    #[error("invalid scope {0:?}: expected read, deploy:APP, secrets:APP (APP of letters, digits, . _ -) or agent-upgrade")]
     Scope(String),
     /// No scope given.
     #[error("an API token needs at least one scope (--scope read or --scope deploy:APP)")]
@@ -56,6 +58,8 @@ pub enum Scope {
     Deploy(String),
     /// Upload agent binaries and upgrade the fleet's agents (implies read).
     AgentUpgrade,
+    /// Read the values of this app's environment (`env get`; implies read).
+    Secrets(String),
 }
 
 impl fmt::Display for Scope {
@@ -64,6 +68,7 @@ impl fmt::Display for Scope {
             Self::Read => f.write_str("read"),
             Self::Deploy(app) => write!(f, "deploy:{app}"),
             Self::AgentUpgrade => f.write_str("agent-upgrade"),
+            Self::Secrets(app) => write!(f, "secrets:{app}"),
         }
     }
 }
@@ -79,6 +84,7 @@ impl std::str::FromStr for Scope {
             None if text == "read" => Ok(Self::Read),
             None if text == "agent-upgrade" => Ok(Self::AgentUpgrade),
             Some(("deploy", app)) if is_app_name(app) => Ok(Self::Deploy(app.to_owned())),
+            Some(("secrets", app)) if is_app_name(app) => Ok(Self::Secrets(app.to_owned())),
             _ => Err(ApiTokenError::Scope(text.to_owned())),
         }
     }
@@ -119,6 +125,13 @@ impl Caller {
         self.scopes
             .iter()
             .any(|s| matches!(s, Scope::Deploy(a) if a == app))
+    }
+
+    /// True if the token may read the values of `app`'s environment.
+    pub fn can_read_secrets(&self, app: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| matches!(s, Scope::Secrets(a) if a == app))
     }
 
     /// True if the token may upload agent binaries and upgrade agents.

@@ -64,12 +64,15 @@ const SSE_QUEUE: usize = 64;
     info(title = "Slipway controller HTTP API", version = "1"),
     paths(
         nodes, apps, app_releases, deployments, deployment, deployment_events, audit, status,
-        deploy, rollback, restart, prune, upload_artifact, session_info
+        deploy, rollback, restart, prune, upload_artifact, session_info,
+        list_env, env_history, get_env_value, change_env
     ),
     components(schemas(
         ErrorBody, NodeOut, AppOut, AppNodeOut, ReleasesOut, NodeReleasesOut, DeploymentOut,
         DeploymentNodeOut, AuditOut, StartedOut, DeployBody, RollbackBody, RestartBody,
-        PruneBody, SelectorBody, RolloutBody, Strategy, UploadedOut, SessionOut
+        PruneBody, SelectorBody, RolloutBody, Strategy, UploadedOut, SessionOut,
+        EnvListOut, EnvEntryOut, EnvHistoryOut, EnvVersionOut, EnvValueOut, EnvChangeBody,
+        EnvStartedOut
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -107,6 +110,9 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/apps/{app}/rollback", post(rollback))
         .route("/api/v1/apps/{app}/restart", post(restart))
         .route("/api/v1/apps/{app}/prune", post(prune))
+        .route("/api/v1/apps/{app}/env", get(list_env).post(change_env))
+        .route("/api/v1/apps/{app}/env/history", get(env_history))
+        .route("/api/v1/apps/{app}/env/values/{key}", get(get_env_value))
         .route("/api/v1/deployments", get(deployments))
         .route("/api/v1/deployments/{id}", get(deployment))
         .route("/api/v1/deployments/{id}/events", get(deployment_events))
@@ -1435,4 +1441,270 @@ async fn session_info(who: Principal) -> Json<SessionOut> {
         token_id: who.caller.token_id,
         scopes: who.caller.scopes.iter().map(ToString::to_string).collect(),
     })
+}
+
+/// One name of an app's environment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvEntryOut {
+    /// The name.
+    key: String,
+    /// The version that last set it.
+    version: u64,
+    /// Who (API token or operator id).
+    changed_by: String,
+    /// When (seconds since the Unix epoch).
+    changed_at: i64,
+}
+
+/// An app's environment: names only, never values.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvListOut {
+    /// The app.
+    app: String,
+    /// The current version (0: never set).
+    version: u64,
+    /// Its names, sorted.
+    variables: Vec<EnvEntryOut>,
+}
+
+/// The names of an app's current environment, each with the version that
+/// last set it (any scope; never values).
+#[utoipa::path(get, path = "/api/v1/apps/{app}/env", tag = "env",
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    responses(
+        (status = 200, description = "The names", body = EnvListOut),
+        (status = 400, description = "A bad app name", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+    ))]
+async fn list_env(
+    State(state): State<HttpState>,
+    who: Principal,
+    app: Segment,
+) -> Result<Json<EnvListOut>, AppError> {
+    let app = app_name(app)?;
+    who.require(&state, "list env names", Caller::can_read)
+        .await?;
+    let list = state.control().list_env_for(&app).await?;
+    Ok(Json(EnvListOut {
+        app,
+        version: list.version,
+        variables: list
+            .entries
+            .into_iter()
+            .map(|e| EnvEntryOut {
+                key: e.key,
+                version: e.version,
+                changed_by: e.actor,
+                changed_at: e.changed_at,
+            })
+            .collect(),
+    }))
+}
+
+/// One version of an environment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvVersionOut {
+    /// 1 and up.
+    version: u64,
+    /// Who.
+    changed_by: String,
+    /// When (seconds since the Unix epoch).
+    created_at: i64,
+    /// set, unset, import or rollback.
+    change: String,
+    /// Names set or changed.
+    set: Vec<String>,
+    /// Names removed.
+    unset: Vec<String>,
+    /// For a rollback: the version whose content it restored.
+    rollback_to: Option<u64>,
+    /// Variables after it.
+    count: u64,
+}
+
+/// Every version of an app's environment, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvHistoryOut {
+    /// The app.
+    app: String,
+    /// The versions.
+    versions: Vec<EnvVersionOut>,
+}
+
+/// Every version of an app's environment: who, when, which names (any
+/// scope; never values).
+#[utoipa::path(get, path = "/api/v1/apps/{app}/env/history", tag = "env",
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    responses(
+        (status = 200, description = "The versions, newest first", body = EnvHistoryOut),
+        (status = 400, description = "A bad app name", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+    ))]
+async fn env_history(
+    State(state): State<HttpState>,
+    who: Principal,
+    app: Segment,
+) -> Result<Json<EnvHistoryOut>, AppError> {
+    let app = app_name(app)?;
+    who.require(&state, "read env history", Caller::can_read)
+        .await?;
+    let history = state.control().env_history_for(&app).await?;
+    Ok(Json(EnvHistoryOut {
+        app,
+        versions: history
+            .versions
+            .into_iter()
+            .map(|v| EnvVersionOut {
+                version: v.version,
+                changed_by: v.actor,
+                created_at: v.created_at,
+                change: v.change,
+                set: v.set,
+                unset: v.unset,
+                rollback_to: (v.rollback_to != 0).then_some(v.rollback_to),
+                count: v.count,
+            })
+            .collect(),
+    }))
+}
+
+/// One value.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvValueOut {
+    /// The name.
+    key: String,
+    /// The value.
+    value: String,
+    /// The version it comes from.
+    version: u64,
+}
+
+/// One value of an app's current environment (needs `secrets:<app>`;
+/// audited as ENV_VALUE_READ with the name only).
+#[utoipa::path(get, path = "/api/v1/apps/{app}/env/values/{key}", tag = "env",
+    params(
+        ("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+        ("key" = String, Path, description = "Variable name", pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
+    ),
+    responses(
+        (status = 200, description = "The value", body = EnvValueOut),
+        (status = 400, description = "A bad app or variable name", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "The token may not read this app's values", body = ErrorBody),
+        (status = 404, description = "No such variable", body = ErrorBody),
+    ))]
+async fn get_env_value(
+    State(state): State<HttpState>,
+    who: Principal,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<EnvValueOut>, AppError> {
+    let Path((app, key)) = path.map_err(|e| AppError::field("path", e.body_text()))?;
+    let request = v1::GetEnvRequest {
+        app: app.clone(),
+        key: key.clone(),
+    };
+    request.validate().map_err(field_error)?;
+    who.require(&state, &format!("read env values of app {app}"), |c| {
+        c.can_read_secrets(&app)
+    })
+    .await?;
+    let got = state.control().get_env_for(&who.caller, &app, &key).await?;
+    Ok(Json(EnvValueOut {
+        key,
+        value: got.value,
+        version: got.version,
+    }))
+}
+
+/// Change an app's environment (needs `deploy:<app>`): set and unset
+/// names, or `replace` it with `set` (import), or `rollback_to` an earlier
+/// version's content; stored as a new version and delivered to the nodes.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvChangeBody {
+    /// Variables to set (name to value).
+    set: Option<BTreeMap<String, String>>,
+    /// Names to remove.
+    unset: Option<Vec<String>>,
+    /// `set` is the whole new environment.
+    replace: Option<bool>,
+    /// The version whose content becomes the new version.
+    #[schema(minimum = 1)]
+    rollback_to: Option<u64>,
+    /// Which nodes receive it (default every node).
+    selector: Option<SelectorBody>,
+    /// How (default all at once).
+    rollout: Option<RolloutBody>,
+}
+
+/// An env change that started its delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvStartedOut {
+    /// The version delivered.
+    env_version: u64,
+    /// Its delivery, a deployment of kind env.
+    #[serde(flatten)]
+    started: StartedOut,
+}
+
+/// Change an app's environment and deliver it to the nodes, each behind
+/// its health gate; a node whose gate fails goes back to its previous
+/// environment (needs `deploy:<app>`). Never echoes a value.
+#[utoipa::path(post, path = "/api/v1/apps/{app}/env", tag = "env",
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    request_body = EnvChangeBody,
+    responses(
+        (status = 202, description = "Stored and started; follow events_url", body = EnvStartedOut),
+        (status = 400, description = "A bad field", body = ErrorBody),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "The token may not change this app's env", body = ErrorBody),
+        (status = 404, description = "No such version to roll back to", body = ErrorBody),
+        (status = 409, description = "Stored but not delivered (a deployment of the app runs, or no node matches)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ))]
+async fn change_env(
+    State(state): State<HttpState>,
+    who: Principal,
+    app: Segment,
+    body: Body,
+) -> Result<Response, AppError> {
+    let app = app_name(app)?;
+    let body: EnvChangeBody = json_body(body).await?;
+    let request = v1::ChangeEnvRequest {
+        app: app.clone(),
+        set: body
+            .set
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, value)| v1::EnvVar { key, value })
+            .collect(),
+        unset: body.unset.unwrap_or_default(),
+        replace: body.replace.unwrap_or(false),
+        rollback_to: body.rollback_to.unwrap_or(0),
+        selector: selector(body.selector)?,
+        rollout: rollout_proto(body.rollout)?,
+    };
+    request.validate().map_err(field_error)?;
+    who.require(&state, &format!("change the env of app {app}"), |c| {
+        c.can_deploy(&app)
+    })
+    .await?;
+    let run = state.control().change_env_for(&who.caller, request).await?;
+    let version = run.env_version;
+    let id = run.deployment_id;
+    drop(run.events);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(EnvStartedOut {
+            env_version: version,
+            started: StartedOut {
+                url: format!("/api/v1/deployments/{id}"),
+                events_url: format!("/api/v1/deployments/{id}/events"),
+                deployment_id: id,
+                app,
+                kind: "env".to_owned(),
+            },
+        }),
+    )
+        .into_response())
 }

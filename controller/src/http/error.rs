@@ -116,7 +116,9 @@ impl IntoResponse for AppError {
 impl From<StoreError> for AppError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::AppBusy { .. } => Self::Conflict(err.to_string()),
+            StoreError::AppBusy { .. } | StoreError::EnvConflict { .. } => {
+                Self::Conflict(err.to_string())
+            }
             other => Self::Internal(other.to_string()),
         }
     }
@@ -155,7 +157,9 @@ impl From<ApiError> for AppError {
                 ArtifactError::Io { .. } => Self::Internal(artifact.to_string()),
             },
             ApiError::Store(store) => store.into(),
-            ApiError::Token(_) => Self::Internal(err.to_string()),
+            ApiError::NotFound(what) => Self::NotFound(what),
+            ApiError::NotDelivered { .. } => Self::Conflict(err.to_string()),
+            ApiError::Token(_) | ApiError::Secrets(_) => Self::Internal(err.to_string()),
         }
     }
 }

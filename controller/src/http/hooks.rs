@@ -191,6 +191,9 @@ mod tests {
             Commands::new(),
             Artifacts::new(dir),
             dir.to_path_buf(),
+            crate::secrets::Secrets::open(&store, &dir.join("secrets.key"))
+                .await
+                .unwrap(),
         );
         let mut state = HttpState::new(
             store.clone(),

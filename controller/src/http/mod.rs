@@ -388,6 +388,9 @@ mod tests {
             Commands::new(),
             Artifacts::new(dir),
             dir.to_path_buf(),
+            crate::secrets::Secrets::open(&store, &dir.join("secrets.key"))
+                .await
+                .unwrap(),
         );
         let state = HttpState::new(store.clone(), sessions, control, CancellationToken::new());
         (router(state), store)

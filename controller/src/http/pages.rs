@@ -892,6 +892,7 @@ mod tests {
                 current_release: release.to_owned(),
                 health: health.to_owned(),
                 in_progress: false,
+                env_version: 0,
                 releases: Vec::new(),
             }],
             revoked_at: None,

@@ -154,9 +154,34 @@ pub struct AgentLinkService {
     artifacts: Artifacts,
     /// Where agents' Progress and CommandResult go (by command id).
     commands: Commands,
+    /// Called with each accepted Hello (after the session is live): the
+    /// controller's env catch-up for nodes whose apps' env lags.
+    on_hello: Option<OnHello>,
+}
+
+/// What a new session is told to whoever wants to know: the node id and
+/// its apps with the env version each reported.
+#[derive(Clone)]
+pub struct OnHello(pub Arc<HelloHook>);
+
+/// The function behind [`OnHello`].
+pub type HelloHook = dyn Fn(String, Vec<(String, u64)>) + Send + Sync;
+
+impl std::fmt::Debug for OnHello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnHello")
+    }
 }
 
 impl AgentLinkService {
+    /// Calls `hook` with every accepted session's node id and its apps' env
+    /// versions.
+    #[must_use]
+    pub fn on_hello(mut self, hook: OnHello) -> Self {
+        self.on_hello = Some(hook);
+        self
+    }
+
     /// A service registering live sessions in `sessions` and serving
     /// artifacts from `artifacts`.
     pub fn new(
@@ -174,6 +199,7 @@ impl AgentLinkService {
             settings,
             artifacts,
             commands,
+            on_hello: None,
         }
     }
 
@@ -564,10 +590,10 @@ impl AgentLink for AgentLinkService {
         let opened = async {
             let (peer, hello, inbound) = self.open(request, &mut actor).await?;
             let accepted = self.accept(&peer, &hello).await?;
-            Ok::<_, SessionError>((peer, inbound, accepted))
+            Ok::<_, SessionError>((peer, inbound, accepted, hello.apps))
         }
         .await;
-        let (peer, inbound, (handle, welcome)) = match opened {
+        let (peer, inbound, (handle, welcome), hello_apps) = match opened {
             Ok(accepted) => accepted,
             Err(err) => {
                 self.refuse(audit::NODE_CONNECT_REFUSED, &peer_addr, &actor, &err)
@@ -601,6 +627,15 @@ impl AgentLink for AgentLinkService {
                     }
                 }
             });
+        }
+        if let Some(OnHello(hook)) = &self.on_hello {
+            hook(
+                node.id.clone(),
+                hello_apps
+                    .iter()
+                    .map(|a| (a.app.clone(), a.env_version))
+                    .collect(),
+            );
         }
         tokio::spawn(run_session(
             self.store.clone(),

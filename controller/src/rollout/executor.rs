@@ -121,6 +121,12 @@ pub async fn start_observed(
         })
         .collect();
     let now = crate::now_unix();
+    // What the release goes live with: the app's env version now.
+    let env_version = match &plan.action {
+        Action::Env { version, .. } => Some(*version),
+        Action::Deploy { .. } => store.env_latest(&plan.app).await?.map(|r| r.version),
+        _ => None,
+    };
     let started_type = plan.action.started_event();
     let rollout_json = plan.rollout.to_json();
     let mut details = serde_json::json!({
@@ -132,6 +138,9 @@ pub async fn start_observed(
         "strategy": plan.rollout.strategy.name(),
         "rollout": rollout_json,
     });
+    if let Action::Env { version, .. } = &plan.action {
+        details["env_version"] = serde_json::Value::from(*version);
+    }
     if let Action::Prune { keep } = &plan.action {
         details["keep"] = serde_json::Value::from(*keep);
     }
@@ -155,7 +164,8 @@ pub async fn start_observed(
         | Action::Restart
         | Action::Stop
         | Action::Start
-        | Action::Prune { .. } => ("", ""),
+        | Action::Prune { .. }
+        | Action::Env { .. } => ("", ""),
     };
     if !sha.is_empty() {
         details["artifact_sha256"] = serde_json::Value::from(sha);
@@ -176,6 +186,7 @@ pub async fn start_observed(
                 rollout: &rollout_json,
                 started_at: now,
                 nodes: &nodes,
+                env_version,
             },
             &AuditEvent::success(
                 started_type,
@@ -216,6 +227,7 @@ pub async fn start_observed(
         nodes: plan.targets.iter().map(target_node).collect(),
         rollout: Some(plan.rollout.to_proto()),
         actor: plan.actor.clone(),
+        env_version: plan.action.env_version(),
     })));
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let n_targets = plan.targets.len();

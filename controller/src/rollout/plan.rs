@@ -16,6 +16,17 @@ pub struct Target {
     pub name: String,
 }
 
+/// The `.env` text an env change sends. Its `Debug` shows the size only:
+/// plans are logged, values never are.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvText(pub String);
+
+impl std::fmt::Debug for EnvText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EnvText({} bytes)", self.0.len())
+    }
+}
+
 /// What to run on each node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -59,6 +70,17 @@ pub enum Action {
         /// restores the old binary.
         commit_deadline_secs: u32,
     },
+    /// Write a version of the app's environment as `shared/.env` and
+    /// restart the app behind its health gate (nodes whose file already
+    /// holds it are not touched).
+    Env {
+        /// The env version.
+        version: u64,
+        /// The rendered `.env` text.
+        text: EnvText,
+        /// Its sha256 (hex), checked by the agent.
+        sha256: String,
+    },
 }
 
 /// The "app" an agent upgrade is recorded under: not a valid app name (it
@@ -82,6 +104,7 @@ impl Action {
             Self::Start => "start",
             Self::Prune { .. } => "prune",
             Self::AgentUpgrade { .. } => "agent-upgrade",
+            Self::Env { .. } => "env",
         }
     }
 
@@ -100,12 +123,20 @@ impl Action {
         }
     }
 
+    /// The env version an env change delivers (0 for the other actions).
+    pub fn env_version(&self) -> u64 {
+        match self {
+            Self::Env { version, .. } => *version,
+            _ => 0,
+        }
+    }
+
     /// The release deployed or rolled back to ('' if none is named).
     pub fn release_id(&self) -> &str {
         match self {
             Self::Deploy { release_id, .. } => release_id,
             Self::Rollback { to_release_id } => to_release_id,
-            Self::Restart | Self::Stop | Self::Start | Self::Prune { .. } => "",
+            Self::Restart | Self::Stop | Self::Start | Self::Prune { .. } | Self::Env { .. } => "",
             // The version the CLI read: what every node should come up on.
             Self::AgentUpgrade { version, .. } => version,
         }
@@ -128,6 +159,7 @@ impl Action {
             Self::Start => audit::START_STARTED,
             Self::Prune { .. } => audit::PRUNE_STARTED,
             Self::AgentUpgrade { .. } => audit::AGENT_UPGRADE_STARTED,
+            Self::Env { .. } => audit::ENV_DELIVERY_STARTED,
         }
     }
 
@@ -148,6 +180,8 @@ impl Action {
             (Self::Prune { .. }, false) => audit::PRUNE_FAILED,
             (Self::AgentUpgrade { .. }, true) => audit::AGENT_UPGRADE_COMPLETED,
             (Self::AgentUpgrade { .. }, false) => audit::AGENT_UPGRADE_FAILED,
+            (Self::Env { .. }, true) => audit::ENV_DELIVERY_COMPLETED,
+            (Self::Env { .. }, false) => audit::ENV_DELIVERY_FAILED,
         }
     }
 
@@ -203,6 +237,17 @@ impl Action {
                 size: *size,
                 version: version.clone(),
                 commit_deadline_secs: *commit_deadline_secs,
+            }),
+            Self::Env {
+                version,
+                text,
+                sha256,
+            } => controller_message::Kind::SetEnv(slipway_proto::v1::SetEnv {
+                command_id: command_id.to_owned(),
+                app: app.to_owned(),
+                version: *version,
+                content: text.0.clone(),
+                sha256: sha256.clone(),
             }),
         };
         ControllerMessage { kind: Some(kind) }

@@ -28,6 +28,8 @@ pub struct NewDeployment<'a> {
     pub started_at: i64,
     /// Every target, in rollout order.
     pub nodes: &'a [NewDeploymentNode<'a>],
+    /// The env version it goes live with (deploys and env deliveries).
+    pub env_version: Option<u64>,
 }
 
 /// One target of a deployment to record.
@@ -114,6 +116,31 @@ pub struct DeploymentCount {
 }
 
 impl Store {
+    /// The env version each release of `app` went live with: the newest
+    /// successful-or-not deploy of each release id that recorded one.
+    pub async fn release_env_versions(
+        &self,
+        app: &str,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT release_id, env_version FROM deployments
+             WHERE app = ?1 AND kind = 'deploy' AND env_version IS NOT NULL
+             ORDER BY started_at",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let id: String = row.try_get("release_id")?;
+            let v: i64 = row.try_get("env_version")?;
+            if let Ok(v) = u64::try_from(v) {
+                out.insert(id, v);
+            }
+        }
+        Ok(out)
+    }
+
     /// Records a deployment (status running), its pending per-node rows and
     /// the start audit event, together; refused with
     /// [`StoreError::AppBusy`] while another deployment of the app runs
@@ -145,8 +172,8 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
-                                      selector, rollout, status, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
+                                      selector, rollout, status, started_at, env_version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9, ?10)",
         )
         .bind(deployment.id)
         .bind(deployment.kind)
@@ -157,6 +184,7 @@ impl Store {
         .bind(deployment.selector.to_string())
         .bind(deployment.rollout.to_string())
         .bind(deployment.started_at)
+        .bind(deployment.env_version.and_then(|v| i64::try_from(v).ok()))
         .execute(&mut *tx)
         .await?;
         for node in deployment.nodes {
@@ -533,6 +561,7 @@ mod tests {
             rollout: json,
             started_at: 1_000,
             nodes,
+            env_version: None,
         }
     }
 
@@ -650,6 +679,7 @@ mod tests {
                             rollout: &serde_json::json!({}),
                             started_at: at,
                             nodes: &nodes,
+                            env_version: None,
                         },
                         &AuditEvent::success(
                             audit::RESTART_STARTED,

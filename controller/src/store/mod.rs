@@ -32,6 +32,7 @@ mod audit;
 mod controller_state;
 mod deployments;
 mod droplets;
+mod env;
 mod github;
 mod join_tokens;
 mod nodes;
@@ -47,6 +48,7 @@ pub use deployments::{
     NewDeploymentNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
+pub use env::EnvVersionRow;
 pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
@@ -69,6 +71,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_unique_node_names.sql"),
     include_str!("../../migrations/0007_droplets.sql"),
     include_str!("../../migrations/0008_web_sessions.sql"),
+    include_str!("../../migrations/0009_env.sql"),
     include_str!("../../migrations/0010_github.sql"),
     include_str!("../../migrations/0011_deployment_steps.sql"),
 ];
@@ -108,6 +111,14 @@ pub enum StoreError {
     /// An id could not be generated.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// Another change stored this env version of the app first.
+    #[error("env of app {app} changed while this change was made (version {version} is taken); try again")]
+    EnvConflict {
+        /// The app.
+        app: String,
+        /// The version both wanted.
+        version: u64,
+    },
     /// A deployment of the app is running: one at a time per app.
     #[error(
         "app {app} has a {kind} running: deployment {deployment_id}, started by {actor} at \

@@ -59,6 +59,9 @@ pub struct App {
     /// Releases kept on disk.
     #[serde(default)]
     pub releases: Vec<Release>,
+    /// The env version `shared/.env` was last written from (0: never).
+    #[serde(default)]
+    pub env_version: u64,
 }
 
 /// One release directory.
@@ -106,6 +109,7 @@ impl From<&AppStatus> for App {
             current_release: a.current_release.clone(),
             health: a.health.clone(),
             in_progress: a.in_progress,
+            env_version: a.env_version,
             releases: a
                 .releases
                 .iter()
@@ -150,6 +154,7 @@ impl From<&App> for AppStatus {
             current_release: a.current_release.clone(),
             health: a.health.clone(),
             in_progress: a.in_progress,
+            env_version: a.env_version,
             releases: a
                 .releases
                 .iter()
@@ -159,6 +164,8 @@ impl From<&App> for AppStatus {
                     created_at_unix: r.created_at_unix,
                     artifact_sha256: r.artifact_sha256.clone(),
                     reason: r.reason.clone(),
+                    // The controller fills it in from its deployments.
+                    env_version: 0,
                 })
                 .collect(),
         }

@@ -23,8 +23,12 @@
 //!   When those differ from what this release needs, the app is deleted and
 //!   started again (a restart, said so in the activation detail); a different
 //!   explicit instance count is fixed with `pm2 scale` after the reload.
-//! - A reload merges the new environment into the old one: a variable removed
-//!   from `.env` stays set until the app is deleted. We warn with its name.
+//! - A reload merges the new environment into the old one (`--update-env`
+//!   adds and changes, never removes): a variable removed from `.env` would
+//!   stay set until the app is deleted. So when the last process file set a
+//!   variable this one does not, the app is deleted and started again (a
+//!   restart, said so in the activation detail with the names), and the
+//!   process sees exactly the new environment.
 //! - The `pm2` CLI copies its own environment into the app's, so it runs with
 //!   a cleared environment (PATH, HOME, USER, PM2_HOME only), never the agent's.
 //! - Almost every `pm2` command spawns a daemon when none runs; `status` and
@@ -339,7 +343,7 @@ impl Pm2 {
         let app = self.app_entry(target, &pm2)?;
         check_script(target, &app, &pm2)?;
         let file = self.process_file(&target.app.root);
-        warn_dropped_env(&file, &app);
+        let dropped = dropped_env(&file, &app);
         write_process_file(&file, &app, pm2.owner)?;
 
         let running = self.processes(&pm2)?;
@@ -353,6 +357,16 @@ impl Pm2 {
             // A reload keeps the old script path, cwd and exec mode: only a
             // fresh start applies them.
             tracing::info!(app = %name, %reason, "pm2 cannot reload this change; restarting");
+            pm2.delete(&running)?;
+            action = "restart";
+            why = Some(reason);
+        } else if !running.is_empty() && !dropped.is_empty() {
+            // `--update-env` merges: only a fresh start drops a variable.
+            let reason = format!(
+                "variables removed from the environment ({}): a pm2 reload would keep them",
+                dropped.join(", ")
+            );
+            tracing::info!(app = %name, "{reason}; restarting");
             pm2.delete(&running)?;
             action = "restart";
             why = Some(reason);
@@ -959,9 +973,9 @@ fn path_str(path: &Path) -> Result<&str, DriverError> {
         .ok_or_else(|| DriverError::failed(DRIVER, format!("path {path:?} is not valid UTF-8")))
 }
 
-/// Warns about variables the last process file set that this one does not:
-/// a PM2 reload keeps them (names only; values are never logged).
-fn warn_dropped_env(file: &Path, app: &Map<String, Value>) {
+/// The variables the last process file set that this one does not: a PM2
+/// reload would keep them (names only; values are never read out).
+fn dropped_env(file: &Path, app: &Map<String, Value>) -> Vec<String> {
     #[derive(Deserialize)]
     struct Keys {
         apps: Vec<AppKeys>,
@@ -971,29 +985,26 @@ fn warn_dropped_env(file: &Path, app: &Map<String, Value>) {
         #[serde(default)]
         env: std::collections::BTreeMap<String, IgnoredAny>,
     }
-    let Ok(text) = fs::read(file) else { return };
+    let Ok(text) = fs::read(file) else {
+        return Vec::new();
+    };
     let Ok(old) = serde_json::from_slice::<Keys>(&text) else {
-        return;
+        return Vec::new();
     };
     let new: BTreeSet<&str> = match app.get("env") {
         Some(Value::Object(env)) => env.keys().map(String::as_str).collect(),
         _ => BTreeSet::new(),
     };
-    let dropped: Vec<&str> = old
+    let mut dropped: Vec<String> = old
         .apps
         .iter()
         .flat_map(|a| a.env.keys())
-        .map(String::as_str)
-        .filter(|k| !new.contains(k))
+        .filter(|k| !new.contains(k.as_str()))
+        .cloned()
         .collect();
-    if !dropped.is_empty() {
-        tracing::warn!(
-            file = %file.display(),
-            "variables removed from the environment stay set in the running app until it is \
-             stopped and started again (`slipway-agent stop`, then deploy): {}",
-            dropped.join(", ")
-        );
-    }
+    dropped.sort();
+    dropped.dedup();
+    dropped
 }
 
 /// Writes the process file atomically, readable only by whoever runs pm2.

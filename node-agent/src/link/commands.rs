@@ -128,6 +128,7 @@ impl Commands {
             controller_message::Kind::StopApp(r) => r.command_id.clone(),
             controller_message::Kind::StartApp(r) => r.command_id.clone(),
             controller_message::Kind::AgentUpgrade(u) => u.command_id.clone(),
+            controller_message::Kind::SetEnv(e) => e.command_id.clone(),
             // The session handles acknowledgements itself.
             controller_message::Kind::Welcome(_)
             | controller_message::Kind::NodeEventAck(_)
@@ -630,6 +631,65 @@ async fn restart_current(
     }
 }
 
+/// Writes a version of the app's environment and restarts the app with it
+/// behind its gate (see [`crate::deploy::Session::set_env`]). The content
+/// is checked first: its sha256 and that it parses as a `.env` file.
+/// Results name the version only, never a value.
+async fn set_env(
+    id: &str,
+    app: AppConfig,
+    e: slipway_proto::v1::SetEnv,
+    bridge: Bridge,
+    out: &Outbox,
+) -> Recorded {
+    let version = e.version;
+    let digest = Sha256::of_bytes(e.content.as_bytes());
+    if digest.as_str() != e.sha256.to_ascii_lowercase() {
+        return recorded(
+            id,
+            Outcome::Failed,
+            "",
+            format!(
+                "env v{version} refused: its content does not match the sha256 sent ({})",
+                e.sha256
+            ),
+        );
+    }
+    if let Err(err) = crate::envfile::parse(Path::new("shared/.env"), &e.content) {
+        return recorded(
+            id,
+            Outcome::Failed,
+            "",
+            format!("env v{version} refused: {err}"),
+        );
+    }
+    progress(out, id, "env", format!("writing env v{version}")).await;
+    let result = tokio::task::spawn_blocking(move || {
+        let store = Deployer::new(&app, &bridge);
+        let mut session = store.begin("env", None)?;
+        session.set_env(e.content.as_bytes(), version)
+    })
+    .await;
+    use crate::deploy::EnvChange;
+    match result {
+        Ok(Ok(EnvChange::Unchanged)) => recorded(
+            id,
+            Outcome::Succeeded,
+            "",
+            format!("env v{version} unchanged on this node; the app was not restarted"),
+        ),
+        Ok(Ok(EnvChange::Applied(done))) => recorded(id, Outcome::Succeeded, "", done),
+        Ok(Ok(EnvChange::RolledBack { why, restored })) => recorded(
+            id,
+            Outcome::RolledBack,
+            "",
+            format!("env v{version} failed: {why}; the previous env is back: {restored}"),
+        ),
+        Ok(Err(err)) => recorded(id, Outcome::Failed, "", format!("env v{version}: {err}")),
+        Err(err) => recorded(id, Outcome::Failed, "", format!("env task failed: {err}")),
+    }
+}
+
 async fn run(
     config: &Config,
     ctl: &ControllerConfig,
@@ -786,6 +846,10 @@ async fn run(
         Kind::StartApp(r) => match app_of(&r.app) {
             Ok(app) => restart_current(id, app, "start", bridge).await,
             Err(e) => recorded(id, Outcome::Failed, "", e),
+        },
+        Kind::SetEnv(e) => match app_of(&e.app) {
+            Ok(app) => set_env(id, app, e, bridge, out).await,
+            Err(err) => recorded(id, Outcome::Failed, "", err),
         },
         // `execute` answers status requests, runs agent upgrades itself
         // and ignores the rest.

@@ -116,10 +116,13 @@ fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
                     )
                     .to_owned()
                 }),
+                // The controller's record, filled in by it.
+                env_version: 0,
             })
             .collect(),
         health,
         in_progress: snap.lock_holder.is_some() || snap.in_progress.is_some(),
+        env_version: crate::envfile::version(&app.root),
     }
 }
 

@@ -219,6 +219,12 @@ pub(crate) struct RollbackArgs {
     /// Release to go back to [default: each node's previous release].
     #[arg(long)]
     to: Option<String>,
+    /// Also bring back the env version the release went live with (as a
+    /// new env version, delivered to the same nodes once the rollback
+    /// succeeded; implies --wait). Without it the current env stays
+    /// (rotated secrets stay rotated).
+    #[arg(long, requires = "to")]
+    with_env: bool,
     #[command(flatten)]
     rollout: RolloutArgs,
     #[command(flatten)]
@@ -415,6 +421,9 @@ pub(crate) async fn deploy(api: &mut Api, args: &DeployArgs) -> anyhow::Result<E
 }
 
 pub(crate) async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
+    if args.with_env {
+        return rollback_with_env(api, args).await;
+    }
     let request = RollbackRequest {
         app: args.app.clone(),
         to_release_id: args.to.clone().unwrap_or_default(),
@@ -428,6 +437,67 @@ pub(crate) async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Resu
         .map_err(|s| status_error("rollback refused", s))?
         .into_inner();
     follow_or_return(stream, "rollback", &args.wait).await
+}
+
+/// `rollback --with-env`: the env version release `--to` went live with
+/// (from `slipway releases`' record), the rollback followed to its end,
+/// then that env version's content delivered as a new version.
+async fn rollback_with_env(api: &mut Api, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
+    let to = args.to.clone().unwrap_or_default();
+    let nodes = api
+        .client
+        .list_nodes(client::authed(
+            slipway_proto::v1::ListNodesRequest {},
+            &api.token,
+        ))
+        .await
+        .map_err(|s| status_error("listing nodes", s))?
+        .into_inner()
+        .nodes;
+    let env_version = nodes
+        .iter()
+        .flat_map(|n| n.apps.iter().filter(|a| a.app == args.app))
+        .flat_map(|a| a.releases.iter().filter(|r| r.id == to))
+        .map(|r| r.env_version)
+        .find(|v| *v != 0)
+        .ok_or_else(|| {
+            Usage(format!(
+                "release {to} of {} has no recorded env version (deployed before the \
+                 controller kept its env, or not deployed through it): roll back without --with-env",
+                args.app
+            ))
+        })?;
+    let request = RollbackRequest {
+        app: args.app.clone(),
+        to_release_id: to.clone(),
+        selector: args.target.selector(),
+        rollout: args.rollout.to_proto()?,
+    };
+    let output = progress::Output::detect(args.wait.json);
+    let stream = api
+        .client
+        .rollback(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("rollback refused", s))?
+        .into_inner();
+    let code = progress::follow(stream, "rollback", output).await?;
+    if code != ExitCode::SUCCESS {
+        bail!("the rollback to {to} did not succeed everywhere; env v{env_version} not restored");
+    }
+    let request = slipway_proto::v1::ChangeEnvRequest {
+        app: args.app.clone(),
+        rollback_to: env_version,
+        selector: args.target.selector(),
+        rollout: args.rollout.to_proto()?,
+        ..Default::default()
+    };
+    let stream = api
+        .client
+        .change_env(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("env rollback refused", s))?
+        .into_inner();
+    progress::follow(stream, "env", progress::Output::detect(args.wait.json)).await
 }
 
 /// With --wait, follows the deployment to its end; else returns once the
@@ -448,7 +518,7 @@ pub(crate) async fn follow_or_return(
         bail!("the controller did not confirm the {what}; check `slipway audit`");
     };
     if wait.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "deployment_id": started.deployment_id,
             "app": started.app,
             "release_id": started.release_id,
@@ -460,6 +530,9 @@ pub(crate) async fn follow_or_return(
                 .map(|n| serde_json::json!({ "node_id": n.node_id, "node_name": n.node_name }))
                 .collect::<Vec<_>>(),
         });
+        if started.env_version != 0 {
+            out["env_version"] = serde_json::Value::from(started.env_version);
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{}", progress::started_line(what, &started));

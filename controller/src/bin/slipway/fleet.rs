@@ -111,7 +111,12 @@ pub(crate) async fn releases(api: &mut Api, args: &ReleasesArgs) -> anyhow::Resu
                     limits::one_line(&r.reason, limits::MAX_RELEASE_REASON)
                 )
             };
-            println!("  {mark} {:<32} {}{why}", r.id, r.status);
+            let env = if r.env_version == 0 {
+                String::new()
+            } else {
+                format!(" (env v{})", r.env_version)
+            };
+            println!("  {mark} {:<32} {}{env}{why}", r.id, r.status);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,12 +9,13 @@
 //!
 //! Modules: [`api`] (the connection and its credentials), [`deploy`]
 //! (deploy, rollback, restart, prune, upload), [`progress`] (following a
-//! deployment live), [`agent_upgrade`] (the fleet's agents replaced), [`fleet`] (nodes, releases, status), [`audit`].
+//! deployment live), [`agent_upgrade`] (the fleet's agents replaced), [`env`] (apps' environments), [`fleet`] (nodes, releases, status), [`audit`].
 
 mod agent_upgrade;
 mod api;
 mod audit;
 mod deploy;
+mod env;
 mod fleet;
 mod progress;
 
@@ -116,6 +117,11 @@ enum Command {
     /// Upgrade the fleet's agents to a new slipway-agent binary (needs the
     /// agent-upgrade scope).
     AgentUpgrade(AgentUpgradeArgs),
+    /// An app's environment (`shared/.env` on every node), kept sealed and
+    /// versioned by the controller: set, unset, import, list, get,
+    /// history, rollback.
+    #[command(subcommand)]
+    Env(env::EnvCommand),
 }
 
 /// A failure the user must fix in the arguments (exit 64).
@@ -165,5 +171,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stop(args) => deploy::stop(&mut api, args).await,
         Command::Start(args) => deploy::start(&mut api, args).await,
         Command::AgentUpgrade(args) => agent_upgrade::agent_upgrade(&mut api, args).await,
+        Command::Env(command) => env::env(&mut api, command).await,
     }
 }

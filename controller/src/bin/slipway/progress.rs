@@ -83,6 +83,7 @@ pub(crate) fn started_line(what: &str, s: &DeployStarted) -> String {
     let release = match (what, s.release_id.as_str()) {
         // They keep each node's current release.
         ("restart" | "prune" | "stop" | "start", _) => String::new(),
+        ("env", _) => format!(" env v{}", s.env_version),
         (_, "") => " release (previous)".to_owned(),
         (_, id) => format!(" release {id}"),
     };

@@ -1,0 +1,418 @@
+//! Apps' environments at rest: sealed with AES-256-GCM (ring) under a
+//! random data key, which is itself sealed under the key file
+//! (`secrets.key`, 0600, made on the first start; its path is
+//! configurable). The database holds only sealed blobs, so a copy of it —
+//! or of its WAL, or a backup — shows no value without the key file.
+//!
+//! Also the pure part of a change: applying set/unset/import to a set of
+//! variables, and rendering them as the `.env` text the agents write.
+//! Values never reach a log line, an error or an audit event here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+
+use crate::store::{EnvVersionRow, Store, StoreError};
+
+/// The key file's name in the data dir, by default.
+pub const KEY_FILE: &str = "secrets.key";
+
+/// Associated data of the sealed data key: it opens as nothing else.
+const DATA_KEY_AAD: &[u8] = b"slipway env data key v1";
+
+/// Errors of the key file and of sealing.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    /// The key file cannot be read or made.
+    #[error("secrets key file {path}: {why}")]
+    KeyFile {
+        /// Which file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The key file does not open the data key in the database.
+    #[error(
+        "the secrets key file {0} does not open the data key stored in the database: \
+         it is not the key file this database was set up with (restore that one)"
+    )]
+    WrongKey(PathBuf),
+    /// A stored version does not open (tampered with, or moved).
+    #[error("env version {version} of app {app} does not open: the stored row was altered")]
+    Corrupt {
+        /// The app.
+        app: String,
+        /// The version.
+        version: u64,
+    },
+    /// No randomness for a nonce or a key.
+    #[error("secure random source failed")]
+    Random,
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The opened data key. Its `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct Secrets {
+    data_key: std::sync::Arc<LessSafeKey>,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secrets(..)")
+    }
+}
+
+fn random<const N: usize>() -> Result<[u8; N], SecretsError> {
+    crate::pki::crypto::random_bytes::<N>().map_err(|_| SecretsError::Random)
+}
+
+fn key_of(bytes: &[u8; 32]) -> LessSafeKey {
+    // 32 bytes is AES-256's key length: `new` cannot fail on it.
+    #[allow(clippy::expect_used)]
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("a 32-byte AES-256 key"))
+}
+
+/// nonce || ciphertext || tag.
+fn seal(key: &LessSafeKey, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, SecretsError> {
+    let nonce = random::<NONCE_LEN>()?;
+    let mut out = plain.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut out,
+    )
+    .map_err(|_| SecretsError::Random)?;
+    let mut sealed = nonce.to_vec();
+    sealed.extend_from_slice(&out);
+    Ok(sealed)
+}
+
+/// The plain text of [`seal`]'s output, or None if it does not open.
+fn open(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < NONCE_LEN {
+        return None;
+    }
+    let (nonce, body) = sealed.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut buf = body.to_vec();
+    let plain = key.open_in_place(nonce, Aad::from(aad), &mut buf).ok()?;
+    Some(plain.to_vec())
+}
+
+/// Reads the key file, or makes it (0600, 32 random bytes as hex) when
+/// there is none. A key file others may read is refused.
+pub fn load_or_create_key_file(path: &Path) -> Result<[u8; 32], SecretsError> {
+    let err = |why: String| SecretsError::KeyFile {
+        path: path.to_owned(),
+        why,
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(err(format!(
+                    "mode {mode:04o} lets others read it; `chmod 600` it"
+                )));
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+            let bytes = hex::decode(text.trim())
+                .map_err(|_| err("expected 64 hex characters".to_owned()))?;
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| err("expected 64 hex characters (32 bytes)".to_owned()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| err(format!("create its directory: {e}")))?;
+            }
+            let key = random::<32>()?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| err(format!("create: {e}")))?;
+            file.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|e| err(format!("write: {e}")))?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            tracing::info!(path = %path.display(), "created the secrets key file (keep a copy apart from the backups)");
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+impl Secrets {
+    /// Opens (or, on the first start, makes) the data key of `store` with
+    /// the key file at `key_file`.
+    pub async fn open(store: &Store, key_file: &Path) -> Result<Self, SecretsError> {
+        let mut stored = store.env_data_key().await?;
+        if stored.is_some() && !key_file.exists() && !store.has_env_versions().await? {
+            // Nothing was sealed under the lost key file: start afresh.
+            store.drop_unused_env_data_key().await?;
+            stored = None;
+        }
+        if stored.is_some() && !key_file.exists() {
+            // A new key file would never open what is stored: say so
+            // rather than make one.
+            return Err(SecretsError::KeyFile {
+                path: key_file.to_owned(),
+                why: "is missing, but the database holds environments sealed under it; \
+                      restore it (a backup of the data dir holds it)"
+                    .to_owned(),
+            });
+        }
+        let file_key = key_of(&load_or_create_key_file(key_file)?);
+        let sealed = match stored {
+            Some(sealed) => sealed,
+            None => {
+                let data = random::<32>()?;
+                let sealed = seal(&file_key, DATA_KEY_AAD, &data)?;
+                store.init_env_data_key(&sealed, crate::now_unix()).await?
+            }
+        };
+        let data = open(&file_key, DATA_KEY_AAD, &sealed)
+            .and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
+            .ok_or_else(|| SecretsError::WrongKey(key_file.to_owned()))?;
+        Ok(Self {
+            data_key: std::sync::Arc::new(key_of(&data)),
+        })
+    }
+
+    /// Seals the variables of `app`'s `version`.
+    pub fn seal_vars(&self, app: &str, version: u64, vars: &Vars) -> Result<Vec<u8>, SecretsError> {
+        let plain = serde_json::to_vec(&vars.0).map_err(|_| SecretsError::Random)?;
+        seal(
+            &self.data_key,
+            format!("{app}/{version}").as_bytes(),
+            &plain,
+        )
+    }
+
+    /// The variables of a stored version.
+    pub fn open_vars(&self, row: &EnvVersionRow) -> Result<Vars, SecretsError> {
+        let corrupt = || SecretsError::Corrupt {
+            app: row.app.clone(),
+            version: row.version,
+        };
+        let plain = open(
+            &self.data_key,
+            format!("{}/{}", row.app, row.version).as_bytes(),
+            &row.sealed,
+        )
+        .ok_or_else(corrupt)?;
+        serde_json::from_slice(&plain)
+            .map(Vars)
+            .map_err(|_| corrupt())
+    }
+}
+
+/// An environment: name -> value, sorted. `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Vars(pub BTreeMap<String, String>);
+
+impl fmt::Debug for Vars {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// What a change did to the names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeSummary {
+    /// Names added or given another value.
+    pub set: Vec<String>,
+    /// Names removed.
+    pub unset: Vec<String>,
+}
+
+impl Vars {
+    /// `self` with `set` applied and `unset` removed; with `replace`, `set`
+    /// is the whole new environment. Returns the new one and what changed.
+    pub fn apply(
+        &self,
+        set: &[(String, String)],
+        unset: &[String],
+        replace: bool,
+    ) -> (Vars, ChangeSummary) {
+        let mut next = if replace {
+            BTreeMap::new()
+        } else {
+            self.0.clone()
+        };
+        for (k, v) in set {
+            next.insert(k.clone(), v.clone());
+        }
+        for k in unset {
+            next.remove(k);
+        }
+        let next = Vars(next);
+        let summary = self.diff(&next);
+        (next, summary)
+    }
+
+    /// Which names `next` sets (new or changed) and removes, from `self`.
+    pub fn diff(&self, next: &Vars) -> ChangeSummary {
+        ChangeSummary {
+            set: next
+                .0
+                .iter()
+                .filter(|(k, v)| self.0.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            unset: self
+                .0
+                .keys()
+                .filter(|k| !next.0.contains_key(*k))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The `.env` text: one `KEY="value"` line per variable, double-quoted
+    /// with `\\`, `"` and newlines escaped — what the agent's parser reads
+    /// back as the same value.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# Written by slipway from the controller's env; changes here are replaced.\n",
+        );
+        for (k, v) in &self.0 {
+            out.push_str(k);
+            out.push_str("=\"");
+            for c in v.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    '\n' => out.push_str("\\n"),
+                    c => out.push(c),
+                }
+            }
+            out.push_str("\"\n");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_blobs_open_only_with_their_key_and_place() {
+        let key = key_of(&[7; 32]);
+        let sealed = seal(&key, b"web/1", b"secret-value").unwrap();
+        assert!(!sealed
+            .windows(b"secret-value".len())
+            .any(|w| w == b"secret-value"));
+        assert_eq!(open(&key, b"web/1", &sealed).unwrap(), b"secret-value");
+        assert!(open(&key, b"web/2", &sealed).is_none());
+        assert!(open(&key_of(&[8; 32]), b"web/1", &sealed).is_none());
+    }
+
+    #[test]
+    fn changes_say_which_names_they_touch() {
+        let v1 = Vars(
+            [("A".into(), "1".into()), ("B".into(), "2".into())]
+                .into_iter()
+                .collect(),
+        );
+        let (v2, s) = v1.apply(
+            &[("A".into(), "1".into()), ("C".into(), "3".into())],
+            &["B".into()],
+            false,
+        );
+        assert_eq!(s.set, vec!["C".to_owned()]);
+        assert_eq!(s.unset, vec!["B".to_owned()]);
+        assert_eq!(v2.0.len(), 2);
+        let (v3, s) = v2.apply(&[("Z".into(), "9".into())], &[], true);
+        assert_eq!(v3.0.keys().collect::<Vec<_>>(), vec!["Z"]);
+        assert_eq!(s.unset, vec!["A".to_owned(), "C".to_owned()]);
+        assert_eq!(format!("{v3:?}"), "{\"Z\"}");
+    }
+
+    #[test]
+    fn rendered_values_parse_back_the_same() {
+        let vars = Vars(
+            [
+                ("Q".into(), "say \"hi\" \\ #not a comment".into()),
+                ("ML".into(), "line1\nline2".into()),
+                ("EMPTY".into(), String::new()),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        let text = vars.render();
+        let parsed = slipway_agent::envfile::parse(Path::new(".env"), &text).unwrap();
+        let back: BTreeMap<String, String> = parsed.into_iter().collect();
+        assert_eq!(back, vars.0);
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_and_a_new_one_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k/secrets.key");
+        let k1 = load_or_create_key_file(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load_or_create_key_file(&path).unwrap(), k1);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_or_create_key_file(&path).unwrap_err().to_string();
+        assert!(err.contains("0644") && err.contains("chmod 600"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_key_file_is_replaced_only_while_nothing_is_sealed_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let key = dir.path().join(KEY_FILE);
+        Secrets::open(&store, &key).await.unwrap();
+        std::fs::remove_file(&key).unwrap();
+        // No env yet: a new key file and data key.
+        let secrets = Secrets::open(&store, &key).await.unwrap();
+        assert!(key.exists());
+        let vars = Vars([("K".to_owned(), "v".to_owned())].into());
+        let row = EnvVersionRow {
+            app: "web".to_owned(),
+            version: 1,
+            actor: "t".to_owned(),
+            created_at: 1,
+            change: "set".to_owned(),
+            set_keys: vec!["K".to_owned()],
+            unset_keys: Vec::new(),
+            rollback_to: None,
+            var_count: 1,
+            sealed: secrets.seal_vars("web", 1, &vars).unwrap(),
+        };
+        let event = crate::audit::AuditEvent::success(
+            crate::audit::ENV_CHANGED,
+            "t",
+            "app",
+            "web",
+            serde_json::json!({}),
+        );
+        store.insert_env_version(&row, &event).await.unwrap();
+        // Now the same loss refuses to start, naming the file.
+        std::fs::remove_file(&key).unwrap();
+        let err = Secrets::open(&store, &key).await.unwrap_err().to_string();
+        assert!(
+            err.contains("is missing") && err.contains(KEY_FILE),
+            "{err}"
+        );
+        assert!(!key.exists());
+        // A second change of the same version is refused, not overwritten.
+        let err = store.insert_env_version(&row, &event).await.unwrap_err();
+        assert!(matches!(err, StoreError::EnvConflict { .. }), "{err}");
+    }
+}
