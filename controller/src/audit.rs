@@ -119,6 +119,12 @@ pub const OPERATOR_REVOKED: &str = "OPERATOR_REVOKED";
 /// A controller API call was refused: no, unknown or out-of-scope token,
 /// or an upload whose bytes did not match the declared digest.
 pub const API_CALL_REFUSED: &str = "API_CALL_REFUSED";
+/// A GitHub Actions OIDC token was accepted: its claims and the scopes the
+/// grants gave.
+pub const OIDC_TOKEN_ACCEPTED: &str = "OIDC_TOKEN_ACCEPTED";
+/// A GitHub Actions OIDC token was refused (bad signature, audience,
+/// expiry, or no grant matched: the reason names the claim).
+pub const OIDC_TOKEN_REFUSED: &str = "OIDC_TOKEN_REFUSED";
 
 /// `status` of an event that worked.
 pub const STATUS_SUCCESS: &str = "success";

@@ -50,6 +50,10 @@ pub enum ConfigError {
     /// `[digitalocean]` is wrong; the message names the key.
     #[error("{0}")]
     DigitalOcean(String),
+    /// `[oidc]` is wrong; the message names the file (when there is one)
+    /// and the key, e.g. `oidc.grant[1].repository_id`.
+    #[error("{0}")]
+    Oidc(String),
 }
 
 impl ConfigError {
@@ -94,6 +98,9 @@ pub struct RawConfig {
     /// `/metrics` answers callers on a loopback address without a token
     /// (a Prometheus on the controller's machine); others still need one.
     pub metrics_loopback_no_auth: Option<bool>,
+    /// GitHub Actions OIDC tokens as CI credentials (file only;
+    /// `crate::auth::oidc`).
+    pub oidc: Option<crate::auth::oidc::RawOidc>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -164,6 +171,8 @@ pub struct ServeConfig {
     pub http_ready_file: Option<PathBuf>,
     /// The DigitalOcean fleet, when `[digitalocean]` is set.
     pub digitalocean: Option<crate::digitalocean::config::DoConfig>,
+    /// OIDC tokens and their grants, when `[oidc]` is set.
+    pub oidc: Option<crate::auth::oidc::OidcConfig>,
 }
 
 /// Checked HTTP listener settings.
@@ -197,6 +206,7 @@ impl ServeConfig {
             server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
             backup: None,
             digitalocean: None,
+            oidc: None,
             http: None,
             http_ready_file: None,
         }
@@ -353,7 +363,12 @@ impl ServeConfig {
             metrics_loopback_no_auth: args.metrics_loopback_no_auth.then_some(true),
             ..RawConfig::default()
         };
-        let mut config = Self::new(flags, file)?;
+        let mut config = Self::new(flags, file).map_err(|err| match (err, &args.config) {
+            (ConfigError::Oidc(message), Some(path)) => {
+                ConfigError::Oidc(format!("{}: {message}", path.display()))
+            }
+            (err, _) => err,
+        })?;
         config.ready_file = args.ready_file;
         config.http_ready_file = args.http_ready_file;
         Ok(config)
@@ -441,6 +456,9 @@ impl ServeConfig {
                 crate::digitalocean::config::DoConfig::new(raw)
                     .map_err(ConfigError::DigitalOcean)?,
             );
+        }
+        if let Some(raw) = file.oidc {
+            config.oidc = Some(crate::auth::oidc::OidcConfig::new(raw).map_err(ConfigError::Oidc)?);
         }
         let plain = flags.http_plain.or(file.http_plain).unwrap_or(false);
         match flags.http_listen.or(file.http_listen) {

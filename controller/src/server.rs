@@ -70,6 +70,9 @@ pub enum ServeError {
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The OIDC verifier could not be set up (its CA file).
+    #[error("{0}")]
+    Oidc(String),
     /// The HTTP listener could not start.
     #[error("http: {0}")]
     Http(String),
@@ -176,13 +179,26 @@ async fn serve_notifying(
         artifacts.clone(),
         commands.clone(),
     );
+    let oidc = match &config.oidc {
+        Some(oidc) => {
+            let verifier = crate::auth::oidc::Oidc::new(oidc.clone())
+                .map_err(|e| ServeError::Oidc(e.to_string()))?;
+            tracing::info!(
+                issuer = %oidc.issuer, audience = %oidc.audience, grants = oidc.grants.len(),
+                "accepting GitHub Actions OIDC tokens"
+            );
+            Some(Arc::new(verifier))
+        }
+        None => None,
+    };
     let control = ControlService::new(
         store.clone(),
         sessions.clone(),
         commands,
         artifacts,
         config.data_dir.clone(),
-    );
+    )
+    .with_oidc(oidc);
     let http = match config.http {
         Some(settings) => Some(
             start_http(
