@@ -202,7 +202,7 @@ impl HttpsFiles {
         format!("https://127.0.0.1:{}/{name}", self.port)
     }
 
-    fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         fs::read_to_string(&self.hits)
             .unwrap_or_default()
             .lines()

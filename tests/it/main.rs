@@ -26,6 +26,7 @@ mod install;
 mod keep;
 mod listen;
 mod metrics;
+mod oidc;
 mod pm2;
 mod reconnect;
 mod rollout;
