@@ -289,6 +289,9 @@ impl Runtime {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Actions runtime test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
@@ -771,4 +774,141 @@ fn a_bad_oidc_section_stops_the_controller_naming_the_file_and_key() {
         assert!(err.contains("bad.toml"), "{err}");
         assert!(err.contains(key), "{key}: {err}");
     }
+}
+
+/// The action's steps (`packaging/github/*.sh`) as a runner runs them: the
+/// inputs in the environment action.yml maps them to, `GITHUB_OUTPUT`,
+/// `GITHUB_STEP_SUMMARY`, `GITHUB_PATH`, and the Actions runtime.
+fn action_step(runtime: &Runtime, work: &Path, script: &str, env: &[(&str, &str)]) -> Output {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin("slipway").parent().unwrap().display(),
+        std::env::var("PATH").unwrap()
+    );
+    Command::new("bash")
+        .arg(repo.join("packaging/github").join(script))
+        .env("PATH", path)
+        .env("GITHUB_ACTION_PATH", repo)
+        .env("GITHUB_OUTPUT", work.join("output"))
+        .env("GITHUB_STEP_SUMMARY", work.join("summary.md"))
+        .env("GITHUB_PATH", work.join("path"))
+        .env("RUNNER_TEMP", work)
+        .env("ACTIONS_ID_TOKEN_REQUEST_URL", runtime.request_url())
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", REQUEST_TOKEN)
+        .env("SSL_CERT_FILE", &runtime.ca_pem)
+        .env_remove("SLIPWAY_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `key=value` lines of a GITHUB_OUTPUT file.
+fn outputs(work: &Path) -> std::collections::HashMap<String, String> {
+    fs::read_to_string(work.join("output"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_github_action_installs_the_cli_deploys_with_the_jobs_token_and_reports() {
+    let work = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start(work.path());
+    let key = key_pair(work.path(), "k1");
+    issuer.publish(&[("k1", &key)]);
+    let config = controller_config(work.path(), &issuer);
+    let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+    let mut agent = Agent::enroll(&controller, "a1");
+    agent.run();
+    let reader = controller.api_token("read");
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+    let runtime = Runtime::start(work.path());
+    runtime.mint(
+        AUDIENCE,
+        &sign("k1", &key, &claims(&issuer.url(), AUDIENCE, &json!({}))),
+    );
+    let ca = fs::read_to_string(controller.ca_pem()).unwrap();
+
+    // Step 1, from a URL: downloaded over https, its sha256 checked, put
+    // on GITHUB_PATH; a wrong sha256 installs nothing.
+    let files = work.path().join("files");
+    fs::create_dir_all(&files).unwrap();
+    fs::copy(bin("slipway"), files.join("slipway-0.1.0")).unwrap();
+    let cli_sha = sha256_file(&files.join("slipway-0.1.0"));
+    let server = HttpsFiles::start(work.path(), &files);
+    let url = server.url("slipway-{version}");
+    let step = work.path().join("install");
+    fs::create_dir_all(&step).unwrap();
+    let install = |sha: &str| {
+        action_step(
+            &runtime,
+            &step,
+            "install-cli.sh",
+            &[
+                ("SLIPWAY_CLI_URL", url.as_str()),
+                ("SLIPWAY_CLI_VERSION", "0.1.0"),
+                ("SLIPWAY_CLI_SHA256", sha),
+                ("CURL_CA_BUNDLE", server.ca_pem.to_str().unwrap()),
+            ],
+        )
+    };
+    let out = install(&"0".repeat(64));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cli-sha256 says"), "{}", text(&out));
+    assert!(!step.join("path").exists());
+    let out = install(&cli_sha);
+    assert!(out.status.success(), "{}", text(&out));
+    let added = fs::read_to_string(step.join("path")).unwrap();
+    assert!(Path::new(added.trim()).join("slipway").exists(), "{added}");
+
+    // Step 2: deploy with the job's token; outputs and a summary.
+    let art = artifact(work.path(), "v1", APP);
+    let deploy = |app: &str| {
+        let dir = work.path().join(format!("deploy-{app}"));
+        fs::create_dir_all(&dir).unwrap();
+        let out = action_step(
+            &runtime,
+            &dir,
+            "deploy.sh",
+            &[
+                ("SLIPWAY_CONTROLLER", controller.url().as_str()),
+                ("SLIPWAY_CA_PEM", ca.as_str()),
+                ("SLIPWAY_OIDC_AUDIENCE", AUDIENCE),
+                ("DEPLOY_APP", app),
+                ("DEPLOY_ARTIFACT", art.to_str().unwrap()),
+                ("DEPLOY_RELEASE_ID", "v1"),
+                ("DEPLOY_GIT_SHA", "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"),
+                ("DEPLOY_STRATEGY", "rolling"),
+                ("DEPLOY_MAX_PARALLEL", "1"),
+                ("DEPLOY_MAX_UNAVAILABLE", ""),
+                ("DEPLOY_CANARY", ""),
+                ("DEPLOY_TAG", ""),
+                ("DEPLOY_NODE", ""),
+                // A stored token in the environment is not used.
+                ("SLIPWAY_TOKEN", "slwa1.0000000000000000.stale"),
+            ],
+        );
+        let summary = fs::read_to_string(dir.join("summary.md")).unwrap_or_default();
+        (out, outputs(&dir), summary)
+    };
+    let (out, outs, summary) = deploy("web");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(outs["result"], "succeeded", "{outs:?}");
+    assert_eq!(outs["release-id"], "v1");
+    assert!(outs["deployment-id"].starts_with("d-"), "{outs:?}");
+    assert!(
+        summary.contains("### Slipway deploy of `web`: succeeded"),
+        "{summary}"
+    );
+    assert!(summary.contains("| a1 | succeeded | v1 |"), "{summary}");
+    assert_eq!(agent.current().as_deref(), Some("v1"));
+    // An app the grant does not cover: the step fails, the summary says why.
+    let (out, outs, summary) = deploy("api");
+    assert!(!out.status.success());
+    assert_eq!(outs["result"], "error", "{outs:?}");
+    assert_eq!(outs["deployment-id"], "");
+    assert!(summary.contains("may not"), "{summary}");
 }
