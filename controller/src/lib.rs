@@ -26,7 +26,9 @@
 //!     artifacts  the content-addressed artifact files
 //!     backup     encrypted backups of the data dir, restore, schedule
 //! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
-//!                its scopes) < operator (operator certificates)
+//!                its scopes) < operator (operator certificates) · oidc
+//!                (GitHub Actions OIDC tokens: jwt < jwks < grants, the
+//!                verifier; callers with the granted scopes)
 //! L3  link/      liveness (heartbeat rules, pure) · registry (live
 //!                sessions) < commands (routes answers to whoever sent the
 //!                command) < enroll, session (the Enrollment and AgentLink

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use rustls::RootCertStore;
 use serde::Deserialize;
 
+use super::jwt::RsaKey;
 use super::OidcError;
 
 /// A key set older than this is fetched again before use (GitHub publishes
@@ -25,15 +26,6 @@ const MAX_BODY: usize = 256 * 1024;
 const MAX_KEYS: usize = 64;
 /// The whole fetch (connect, TLS, answer) must end within this.
 const FETCH_DEADLINE: Duration = Duration::from_secs(10);
-
-/// An RSA public key: modulus and exponent, big-endian.
-#[derive(Debug, PartialEq, Eq)]
-pub struct RsaKey {
-    /// Modulus.
-    pub n: Vec<u8>,
-    /// Public exponent.
-    pub e: Vec<u8>,
-}
 
 /// One JWK as published; only RSA signing keys are kept.
 #[derive(Debug, Deserialize)]

@@ -8,13 +8,22 @@ use base64::Engine as _;
 use ring::signature::{RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256};
 use serde_json::{Map, Value};
 
-use super::jwks::RsaKey;
 use super::OidcError;
 
 /// The only signature algorithm accepted: what GitHub signs with. Anything
 /// else (`none`, `HS256` with the public key as a secret, `PS256`...) is
 /// refused before a key is looked at.
 pub const ALGORITHM: &str = "RS256";
+/// An RSA public key: modulus and exponent, big-endian (from the issuer's
+/// JWKS, see [`super::jwks`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RsaKey {
+    /// Modulus.
+    pub n: Vec<u8>,
+    /// Public exponent.
+    pub e: Vec<u8>,
+}
+
 /// Longest `kid` accepted (GitHub's are 40-odd characters).
 const MAX_KID: usize = 256;
 

@@ -600,7 +600,12 @@ impl Oidc {
                 "oidc_token",
                 resource,
                 details(serde_json::json!({
-                    "scopes": crate::api::scopes_text(caller),
+                    "scopes": caller
+                        .scopes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
                     "grants": grants,
                 })),
             ),
