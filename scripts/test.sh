@@ -76,6 +76,19 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! python3 -c 'import openapi_core' 2
     || { tail -n 20 "$pip_log" >&2; echo "pip install openapi-core failed (log: $pip_log)" >&2; exit 1; }
   echo "installed openapi-core (log: $pip_log)"
 fi
+# cryptography (RS256 check of the GitHub App JWT in tests/fixtures/gh_api.py)
+# and openssl (the tests' App keys, `openssl genrsa -traditional`).
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! python3 -c 'import cryptography' 2>/dev/null; then
+  crypto_log=$(mktemp -t slipway-cryptography.XXXXXX.log)
+  python3 -m pip install --quiet cryptography >"$crypto_log" 2>&1 \
+    || python3 -m pip install --quiet --break-system-packages cryptography >>"$crypto_log" 2>&1 \
+    || { tail -n 20 "$crypto_log" >&2; echo "pip install cryptography failed (log: $crypto_log)" >&2; exit 1; }
+  echo "installed cryptography (log: $crypto_log)"
+fi
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v openssl >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
 # schemathesis (PyPI), pinned: the HTTP API against its OpenAPI description
 # (tests/it/http.rs); curl is its client there.
 SCHEMATHESIS_VERSION=4.32.5

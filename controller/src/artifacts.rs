@@ -216,10 +216,21 @@ impl Artifacts {
     /// Starts an upload of an artifact declared to have digest `sha256`
     /// and `size` bytes.
     pub async fn upload(&self, sha256: &str, size: u64) -> Result<Upload, ArtifactError> {
+        check_digest(sha256)?;
+        self.start(Some(sha256), size).await
+    }
+
+    /// Starts receiving `size` bytes whose digest is not known beforehand
+    /// (a download the controller makes itself); [`Upload::finish_any`]
+    /// stores it under the digest of what came.
+    pub async fn receive(&self, size: u64) -> Result<Upload, ArtifactError> {
+        self.start(None, size).await
+    }
+
+    async fn start(&self, sha256: Option<&str>, size: u64) -> Result<Upload, ArtifactError> {
         if size > MAX_ARTIFACT_SIZE {
             return Err(ArtifactError::TooLarge(size));
         }
-        let dest = self.path(sha256)?;
         tokio::fs::create_dir_all(&self.dir)
             .await
             .map_err(io_err(&self.dir))?;
@@ -233,9 +244,9 @@ impl Artifacts {
             .await
             .map_err(io_err(&temp))?;
         Ok(Upload {
-            declared: sha256.to_owned(),
+            declared: sha256.map(str::to_owned),
             declared_size: size,
-            dest,
+            dir: self.dir.clone(),
             temp: Some(temp),
             file,
             hasher: Sha256::new(),
@@ -248,10 +259,13 @@ impl Artifacts {
 /// unfinished, the temp file is removed.
 #[derive(Debug)]
 pub struct Upload {
-    declared: String,
+    /// The digest the client declared (None: whatever comes, see
+    /// [`Artifacts::receive`]).
+    declared: Option<String>,
     /// Bytes the client said it sends: more is refused as it streams.
     declared_size: u64,
-    dest: PathBuf,
+    /// The store's directory; the file lands at `<dir>/<sha256>`.
+    dir: PathBuf,
     /// Removed on drop unless renamed into place.
     temp: Option<PathBuf>,
     file: File,
@@ -280,7 +294,13 @@ impl Upload {
     }
 
     /// Checks the digest and moves the file into the store; returns its size.
-    pub async fn finish(mut self) -> Result<u64, ArtifactError> {
+    pub async fn finish(self) -> Result<u64, ArtifactError> {
+        self.finish_any().await.map(|(_, size)| size)
+    }
+
+    /// Checks the size (and the declared digest, if any) and moves the
+    /// file into the store; returns its digest and size.
+    pub async fn finish_any(mut self) -> Result<(String, u64), ArtifactError> {
         if self.bytes != self.declared_size {
             return Err(ArtifactError::SizeMismatch {
                 declared: self.declared_size,
@@ -288,20 +308,23 @@ impl Upload {
             });
         }
         let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        if actual != self.declared {
-            return Err(ArtifactError::Mismatch {
-                declared: self.declared.clone(),
-                actual,
-                bytes: self.bytes,
-            });
+        if let Some(declared) = &self.declared {
+            if actual != *declared {
+                return Err(ArtifactError::Mismatch {
+                    declared: declared.clone(),
+                    actual,
+                    bytes: self.bytes,
+                });
+            }
         }
         let temp = self.temp.clone().unwrap_or_default();
         self.file.sync_all().await.map_err(io_err(&temp))?;
-        tokio::fs::rename(&temp, &self.dest)
+        let dest = self.dir.join(&actual);
+        tokio::fs::rename(&temp, &dest)
             .await
-            .map_err(io_err(&self.dest))?;
+            .map_err(io_err(&dest))?;
         self.temp = None;
-        Ok(self.bytes)
+        Ok((actual, self.bytes))
     }
 }
 

@@ -126,6 +126,15 @@ pub const OIDC_TOKEN_ACCEPTED: &str = "OIDC_TOKEN_ACCEPTED";
 /// expiry, or no grant matched: the reason names the claim).
 pub const OIDC_TOKEN_REFUSED: &str = "OIDC_TOKEN_REFUSED";
 
+/// A GitHub deployment status (or the Deployment itself, or a commit
+/// status) GitHub did not take before the deadline, or refused: dropped.
+pub const GITHUB_UPDATE_GAVE_UP: &str = "GITHUB_UPDATE_GAVE_UP";
+/// A webhook delivery refused: bad signature, too large, malformed.
+pub const GITHUB_WEBHOOK_REFUSED: &str = "GITHUB_WEBHOOK_REFUSED";
+/// A webhook delivery started a deployment (the delivery id, the event,
+/// the artifact and its digest); or, with status error, could not.
+pub const GITHUB_WEBHOOK_DEPLOY: &str = "GITHUB_WEBHOOK_DEPLOY";
+
 /// `status` of an event that worked.
 pub const STATUS_SUCCESS: &str = "success";
 /// `status` of an event that was refused or failed (the seeds query this).

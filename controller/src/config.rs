@@ -54,6 +54,9 @@ pub enum ConfigError {
     /// and the key, e.g. `oidc.grant[1].repository_id`.
     #[error("{0}")]
     Oidc(String),
+    /// `[github]` is wrong; the message names the key.
+    #[error("{0}")]
+    Github(String),
 }
 
 impl ConfigError {
@@ -90,6 +93,9 @@ pub struct RawConfig {
     pub backup: Option<RawBackup>,
     /// The DigitalOcean fleet (file only; `crate::digitalocean::config`).
     pub digitalocean: Option<crate::digitalocean::config::RawDigitalOcean>,
+    /// GitHub: credentials, linked apps, webhooks (file only;
+    /// `crate::github::config`).
+    pub github: Option<crate::github::config::RawGithub>,
     /// Address for the HTTP API and pages (off when unset).
     pub http_listen: Option<SocketAddr>,
     /// Serve HTTP without TLS: allowed only on a loopback `http_listen`
@@ -173,6 +179,8 @@ pub struct ServeConfig {
     pub digitalocean: Option<crate::digitalocean::config::DoConfig>,
     /// OIDC tokens and their grants, when `[oidc]` is set.
     pub oidc: Option<crate::auth::oidc::OidcConfig>,
+    /// GitHub deployments and webhooks, when `[github]` is set.
+    pub github: Option<crate::github::GithubConfig>,
 }
 
 /// Checked HTTP listener settings.
@@ -207,6 +215,7 @@ impl ServeConfig {
             backup: None,
             digitalocean: None,
             oidc: None,
+            github: None,
             http: None,
             http_ready_file: None,
         }
@@ -460,6 +469,10 @@ impl ServeConfig {
         if let Some(raw) = file.oidc {
             config.oidc = Some(crate::auth::oidc::OidcConfig::new(raw).map_err(ConfigError::Oidc)?);
         }
+        if let Some(raw) = file.github {
+            config.github =
+                Some(crate::github::GithubConfig::new(raw).map_err(ConfigError::Github)?);
+        }
         let plain = flags.http_plain.or(file.http_plain).unwrap_or(false);
         match flags.http_listen.or(file.http_listen) {
             Some(listen) => {
@@ -498,6 +511,22 @@ impl ServeConfig {
                 })
             }
             None => {}
+        }
+        if let Some(github) = config.github.as_mut() {
+            // log_url: the controller's pages, at the HTTP face's address
+            // unless `public_url` says where people reach it.
+            if github.public_url.is_none() {
+                if let Some(http) = &config.http {
+                    let host = config.server_names.first().cloned().unwrap_or_else(|| {
+                        match http.listen.ip() {
+                            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                            ip => ip.to_string(),
+                        }
+                    });
+                    let scheme = if http.plain { "http" } else { "https" };
+                    github.public_url = Some(format!("{scheme}://{host}:{}", http.listen.port()));
+                }
+            }
         }
         Ok(config)
     }

@@ -50,6 +50,12 @@
 //!                firewall, create (join token + user data); its `commands`
 //!                (the `droplets`/`dns`/`firewall`/`validate` commands) sit
 //!                at L6 beside admin
+//!     github/    client (transport, retries, Secret) < auth (App JWT →
+//!                installation token, or a token) < api (typed operations)
+//!                < config ([github], links, triggers) < webhook (pure:
+//!                signature, events, matching) < status (the queue task the
+//!                rollout's observer feeds) < hooks (a matched delivery →
+//!                a deployment through api/); http/ serves /hooks/github
 //! L6  config     checked ServeConfig · server (wires it all and serves) ·
 //!     admin      token, operator, nodes, node revoke · Error (is_usage)
 //! ```
@@ -82,6 +88,7 @@ pub mod config;
 pub mod digitalocean;
 mod error;
 pub mod fleet;
+pub mod github;
 pub mod http;
 pub mod link;
 pub mod metrics;

@@ -76,6 +76,9 @@ pub enum ServeError {
     /// The HTTP listener could not start.
     #[error("http: {0}")]
     Http(String),
+    /// The GitHub client could not be set up.
+    #[error("{0}")]
+    Github(Box<crate::github::GhError>),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -191,7 +194,7 @@ async fn serve_notifying(
         }
         None => None,
     };
-    let control = ControlService::new(
+    let mut control = ControlService::new(
         store.clone(),
         sessions.clone(),
         commands,
@@ -199,6 +202,41 @@ async fn serve_notifying(
         config.data_dir.clone(),
     )
     .with_oidc(oidc);
+    // GitHub: the rollouts' notes go to the status queue (never waited
+    // for); the webhook endpoint starts deployments through `control`.
+    let stop_github = CancellationToken::new();
+    let mut github_hooks = None;
+    let github_queue = match &config.github {
+        Some(github) => {
+            let github = Arc::new(github.clone());
+            let client = github
+                .client()
+                .map_err(|e| ServeError::Github(Box::new(e)))?;
+            let (observer, notes) = crate::rollout::Observer::channel();
+            control = control.with_observer(observer);
+            github_hooks = Some(crate::github::Hooks::new(
+                github.clone(),
+                client.clone(),
+                control.clone(),
+            ));
+            tracing::info!(
+                credentials = %github.sources(),
+                linked_apps = github.links.len(),
+                webhooks = github.credentials.webhook_secret.is_some(),
+                log_url_base = ?github.public_url,
+                "github integration on"
+            );
+            Some(crate::github::status::spawn(
+                github,
+                client,
+                store.clone(),
+                notes,
+                abandoned.clone(),
+                stop_github.clone(),
+            ))
+        }
+        None => None,
+    };
     let http = match config.http {
         Some(settings) => Some(
             start_http(
@@ -218,7 +256,8 @@ async fn serve_notifying(
                         ),
                         loopback_no_auth: settings.metrics_loopback_no_auth,
                     }),
-                ),
+                )
+                .with_github_if(github_hooks.clone()),
             )
             .await?,
         ),
@@ -310,6 +349,10 @@ async fn serve_notifying(
     }
     if let Some(droplet_sync) = droplet_sync {
         let _ = droplet_sync.await;
+    }
+    stop_github.cancel();
+    if let Some(queue) = github_queue {
+        let _ = queue.await;
     }
     served?;
     Ok(())

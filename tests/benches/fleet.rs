@@ -13,14 +13,14 @@
 // A benchmark that cannot set up should stop with the reason.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod sim;
 #[path = "../it/support/mod.rs"]
 mod support;
 
 use std::fs;
 use std::time::{Duration, Instant};
 
-use slipway_agent::link;
-use slipway_proto::v1::{agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics};
+use slipway_proto::v1::{AppStatus, Heartbeat, NodeMetrics};
 use support::{Agent, Controller};
 
 fn proc_stat(pid: u32) -> (f64, u64) {
@@ -61,37 +61,14 @@ fn heartbeats(n: usize, window: Duration) {
     let url = controller.url();
     let data = controller.data_dir();
     let t = Instant::now();
-    let sessions = rt.block_on(async {
-        let store = slipway_controller::store::Store::open(&data).await.unwrap();
-        let ca = slipway_controller::pki::ca::Ca::load_or_create(&data).unwrap();
-        let mut sessions = Vec::new();
-        for i in 0..n {
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let token = slipway_controller::auth::token::create(
-                &store,
-                &ca.fingerprint(),
-                slipway_controller::auth::token::DEFAULT_TTL,
-                &[],
-                now,
-            )
-            .await
-            .unwrap()
-            .to_string();
-            let state = dir.path().join(format!("a{i}"));
-            link::enroll(&url, &token, &state, &format!("sim{i}"), false)
-                .await
-                .unwrap();
-            sessions.push(link::connect(&url, &state, Hello::default()).await.unwrap());
-        }
-        sessions
-    });
+    let sessions = rt.block_on(sim::connect_agents(&url, &data, dir.path(), n, |i| {
+        format!("sim{i}")
+    }));
     println!(
         "heartbeats: {n} agents enrolled and connected in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let interval = Duration::from_secs(u64::from(
-        sessions[0].welcome.heartbeat_interval_secs.max(1),
-    ));
+    let interval = sim::interval(&sessions);
     let (cpu0, _) = proc_stat(pid);
     let beats = rt.block_on(async {
         let mut tasks = Vec::new();
@@ -100,10 +77,12 @@ fn heartbeats(n: usize, window: Duration) {
                 // Staggered like real agents.
                 tokio::time::sleep(interval.mul_f64((i as f64 * 0.618_034) % 1.0)).await;
                 let end = Instant::now() + window;
-                let mut sent = 0u64;
-                let mut inbound = s.inbound;
-                while Instant::now() < end {
-                    let beat = Heartbeat {
+                sim::heartbeat(
+                    s,
+                    interval,
+                    end,
+                    || true,
+                    || Heartbeat {
                         unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
                         metrics: Some(NodeMetrics {
                             cpu_percent: 3.0,
@@ -119,23 +98,9 @@ fn heartbeats(n: usize, window: Duration) {
                         }],
                         agent_version: "bench".into(),
                         agent_rss_bytes: 8 << 20,
-                    };
-                    if s.outbound
-                        .send(AgentMessage {
-                            kind: Some(agent_message::Kind::Heartbeat(beat)),
-                        })
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    sent += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(interval) => {}
-                        _ = inbound.message() => {}
-                    }
-                }
-                sent
+                    },
+                )
+                .await
             }));
         }
         let mut total = 0;

@@ -16,39 +16,37 @@
 // A benchmark that cannot set up should stop with the reason.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod sim;
 #[path = "../it/support/mod.rs"]
 mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use slipway_agent::link;
-use slipway_proto::v1::{agent_message, AgentMessage, AppStatus, Heartbeat, Hello, NodeMetrics};
+use slipway_proto::v1::{AppStatus, Heartbeat, NodeMetrics};
 use support::Controller;
 
 /// How long the simulated agents keep heartbeating (the whole bench).
 const HEARTBEAT_FOR: Duration = Duration::from_secs(600);
 
 /// One heartbeat: host metrics and one healthy app.
-fn heartbeat() -> AgentMessage {
-    AgentMessage {
-        kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
-            unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
-            metrics: Some(NodeMetrics {
-                cpu_percent: 3.0,
-                mem_used_bytes: 1 << 30,
-                mem_total_bytes: 4 << 30,
-                ..NodeMetrics::default()
-            }),
-            apps: vec![AppStatus {
-                app: "web".into(),
-                current_release: "v1".into(),
-                health: "healthy".into(),
-                ..AppStatus::default()
-            }],
-            agent_version: "bench".into(),
-            agent_rss_bytes: 8 << 20,
-        })),
+fn heartbeat() -> Heartbeat {
+    Heartbeat {
+        unix_time: time::OffsetDateTime::now_utc().unix_timestamp(),
+        metrics: Some(NodeMetrics {
+            cpu_percent: 3.0,
+            mem_used_bytes: 1 << 30,
+            mem_total_bytes: 4 << 30,
+            ..NodeMetrics::default()
+        }),
+        apps: vec![AppStatus {
+            app: "web".into(),
+            current_release: "v1".into(),
+            health: "healthy".into(),
+            ..AppStatus::default()
+        }],
+        agent_version: "bench".into(),
+        agent_rss_bytes: 8 << 20,
     }
 }
 
@@ -68,58 +66,19 @@ fn main() {
     let url = controller.url();
     let data = controller.data_dir();
     let t = Instant::now();
-    let sessions = rt.block_on(async {
-        let store = slipway_controller::store::Store::open(&data).await.unwrap();
-        let ca = slipway_controller::pki::ca::Ca::load_or_create(&data).unwrap();
-        let mut sessions = Vec::new();
-        for i in 0..agents {
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let token = slipway_controller::auth::token::create(
-                &store,
-                &ca.fingerprint(),
-                slipway_controller::auth::token::DEFAULT_TTL,
-                &[],
-                now,
-            )
-            .await
-            .unwrap()
-            .to_string();
-            let state = dir.path().join(format!("a{i}"));
-            link::enroll(&url, &token, &state, &format!("sim{i}"), false)
-                .await
-                .unwrap();
-            let session = link::connect(&url, &state, Hello::default()).await.unwrap();
-            sessions.push(session);
-        }
-        sessions
-    });
+    let sessions = rt.block_on(sim::connect_agents(&url, &data, dir.path(), agents, |i| {
+        format!("sim{i}")
+    }));
     println!(
         "http_api: {agents} simulated agents (real mTLS gRPC sessions from this process) enrolled and connected in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     // Each keeps heartbeating on the interval the controller announced, as
     // a real agent does, so every node stays online; bounded in time.
-    let interval = Duration::from_secs(u64::from(
-        sessions[0].welcome.heartbeat_interval_secs.max(1),
-    ));
+    let interval = sim::interval(&sessions);
     let end = Instant::now() + HEARTBEAT_FOR;
     for s in sessions {
-        rt.spawn(async move {
-            let mut inbound = s.inbound;
-            while Instant::now() < end {
-                if s.outbound.send(heartbeat()).await.is_err() {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    message = inbound.message() => {
-                        if !matches!(message, Ok(Some(_))) {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        rt.spawn(sim::heartbeat(s, interval, end, || true, heartbeat));
     }
 
     let token = controller.api_token("read");
@@ -163,7 +122,8 @@ fn main() {
         ("/api/v1/nodes", 16),
         ("/healthz", 16),
     ] {
-        let (p50, p99, rps) = wrk(&base, path, &token, connections, duration);
+        let sim::Wrk { p50, p99, rps } =
+            sim::wrk(&format!("{base}{path}"), &token, connections, duration);
         let goal = if path == "/api/v1/nodes" {
             format!(
                 " (goal p99 < {GOAL_P99_MS} ms: {})",
@@ -176,48 +136,4 @@ fn main() {
             "  GET {path}, {connections} connections, {duration} s: p50 {p50:.2} ms, p99 {p99:.2} ms, {rps:.0} requests/s{goal}"
         );
     }
-}
-
-/// Runs `wrk --latency` (2 threads, `connections` keep-alive HTTPS
-/// connections, `seconds` long) and returns p50 and p99 in ms and
-/// requests per second.
-fn wrk(base: &str, path: &str, token: &str, connections: u32, seconds: u32) -> (f64, f64, f64) {
-    let out = Command::new("wrk")
-        .args(["--latency", "-t", "2"])
-        .args(["-c", &connections.to_string()])
-        .args(["-d", &format!("{seconds}s")])
-        .args(["--timeout", "10s"])
-        .args(["-H", &format!("Authorization: Bearer {token}")])
-        .arg(format!("{base}{path}"))
-        .output()
-        .unwrap_or_else(|e| panic!("wrk is not installed ({e}): apt-get install wrk"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "wrk failed: {text}");
-    assert!(!text.contains("Non-2xx"), "wrk got error answers:\n{text}");
-    let percentile = |p: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(p).map(str::trim))
-            .map(millis)
-            .unwrap_or_else(|| panic!("no {p} line in:\n{text}"))
-    };
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec in:\n{text}"));
-    (percentile("50%"), percentile("99%"), rps)
-}
-
-/// wrk's "1.23ms" / "456.00us" / "1.02s" in milliseconds.
-fn millis(text: &str) -> f64 {
-    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = text.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (text, 1.0)
-    };
-    number.parse::<f64>().unwrap() * factor
 }

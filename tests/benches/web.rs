@@ -17,6 +17,7 @@
 // A benchmark that cannot set up should stop with the reason.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod sim;
 #[path = "../it/support/mod.rs"]
 mod support;
 
@@ -26,10 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slipway_agent::link;
-use slipway_proto::v1::{
-    agent_message, AgentMessage, AppStatus, DiskUsage, Heartbeat, Hello, NodeMetrics,
-};
+use slipway_proto::v1::{AppStatus, DiskUsage, Heartbeat, NodeMetrics};
 use support::{wait_until, Controller};
 
 /// Sequential /metrics scrapes timed.
@@ -69,47 +67,6 @@ fn heartbeat(i: usize) -> Heartbeat {
     }
 }
 
-/// `wrk` on `url`: (requests/s, p50 ms, p99 ms).
-fn wrk(url: &str, token: &str, secs: u64) -> (f64, f64, f64) {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            "-c4",
-            &format!("-d{secs}s"),
-            "--latency",
-            "--timeout",
-            "5s",
-        ])
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {token}"))
-        .arg(url)
-        .output()
-        .expect("wrk (Debian package wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "wrk: {text}");
-    assert!(!text.contains("Non-2xx"), "wrk saw errors: {text}");
-    let ms = |label: &str| -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.trim_start().starts_with(label))
-            .unwrap_or_else(|| panic!("no {label} in {text}"));
-        let v = line.split_whitespace().nth(1).unwrap();
-        if let Some(us) = v.strip_suffix("us") {
-            us.parse::<f64>().unwrap() / 1000.0
-        } else if let Some(ms) = v.strip_suffix("ms") {
-            ms.parse().unwrap()
-        } else {
-            v.strip_suffix('s').unwrap().parse::<f64>().unwrap() * 1000.0
-        }
-    };
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
-    (rps, ms("50%"), ms("99%"))
-}
-
 fn main() {
     let quick = std::env::var_os("SLIPWAY_BENCH_QUICK").is_some();
     let (n, secs) = if quick { (100, 5) } else { (1000, 10) };
@@ -137,59 +94,25 @@ fn main() {
     let url = controller.url();
     let data = controller.data_dir();
     let t = Instant::now();
-    let sessions = rt.block_on(async {
-        let store = slipway_controller::store::Store::open(&data).await.unwrap();
-        let ca = slipway_controller::pki::ca::Ca::load_or_create(&data).unwrap();
-        let mut sessions = Vec::new();
-        for i in 0..n {
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let join = slipway_controller::auth::token::create(
-                &store,
-                &ca.fingerprint(),
-                slipway_controller::auth::token::DEFAULT_TTL,
-                &[],
-                now,
-            )
-            .await
-            .unwrap()
-            .to_string();
-            let state = dir.path().join(format!("a{i}"));
-            link::enroll(&url, &join, &state, &format!("sim{i:04}"), false)
-                .await
-                .unwrap();
-            sessions.push(link::connect(&url, &state, Hello::default()).await.unwrap());
-        }
-        sessions
-    });
+    let sessions = rt.block_on(sim::connect_agents(&url, &data, dir.path(), n, |i| {
+        format!("sim{i:04}")
+    }));
     println!(
         "web: {n} agents enrolled and connected in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    // Heartbeats on the announced interval until the measurements end.
+    // Heartbeats on the announced interval until the measurements end
+    // (bounded: they take a few minutes at most).
     let stop = Arc::new(AtomicBool::new(false));
-    let interval = Duration::from_secs(u64::from(
-        sessions[0].welcome.heartbeat_interval_secs.max(1),
-    ));
+    let interval = sim::interval(&sessions);
+    let end = Instant::now() + Duration::from_secs(600);
     let mut tasks = Vec::new();
     for (i, s) in sessions.into_iter().enumerate() {
         let stop = stop.clone();
-        tasks.push(rt.spawn(async move {
-            let mut inbound = s.inbound;
-            // Bounded: the measurements take a few minutes at most.
-            let end = Instant::now() + Duration::from_secs(600);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                let beat = AgentMessage {
-                    kind: Some(agent_message::Kind::Heartbeat(heartbeat(i))),
-                };
-                if s.outbound.send(beat).await.is_err() {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = inbound.message() => {}
-                }
-            }
-        }));
+        let go_on = move || !stop.load(Ordering::Relaxed);
+        tasks.push(rt.spawn(sim::heartbeat(s, interval, end, go_on, move || {
+            heartbeat(i)
+        })));
     }
     // Every node online with its app, as the controller's /metrics says.
     let metrics_url = format!("{base}/metrics");
@@ -214,11 +137,11 @@ fn main() {
         },
     );
 
-    let (rps, p50, p99) = wrk(&format!("{base}/"), &token, secs);
+    let sim::Wrk { p50, p99, rps } = sim::wrk(&format!("{base}/"), &token, 4, secs);
     println!(
         "web: fleet page / with {n} nodes: {rps:.0} req/s, p50 {p50:.1} ms, p99 {p99:.1} ms (goal p99 < 100 ms)"
     );
-    let (rps, p50, p99) = wrk(&format!("{base}/api/v1/nodes"), &token, secs);
+    let sim::Wrk { p50, p99, rps } = sim::wrk(&format!("{base}/api/v1/nodes"), &token, 4, secs);
     println!(
         "web: /api/v1/nodes with {n} nodes: {rps:.0} req/s, p50 {p50:.1} ms, p99 {p99:.1} ms (goal p99 < 50 ms)"
     );

@@ -131,7 +131,7 @@ fn slow_app() -> String {
 
 #[test]
 fn deploy_over_http_to_real_agents_with_live_steps_and_a_refused_read_token() {
-    let controller = Controller::start_http();
+    let mut controller = Controller::start_http();
     let names = ["h1", "h2", "h3"];
     let mut agents = Agent::enroll_all(&controller, &names);
     for a in &mut agents {
@@ -326,6 +326,7 @@ fn deploy_over_http_to_real_agents_with_live_steps_and_a_refused_read_token() {
     assert!(result_of(order[0]) < first_step(order[1]), "{kinds:?}");
     assert!(result_of(order[1]) < first_step(order[2]), "{kinds:?}");
     let done = wait_done(&controller, &reader, &id2);
+    let v2_done = done.clone();
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["nodes"].as_array().unwrap().len(), 3, "{done}");
     assert!(
@@ -409,6 +410,29 @@ fn deploy_over_http_to_real_agents_with_live_steps_and_a_refused_read_token() {
         let (code, body) = get(&controller, &reader, "/api/v1/status?refresh=true");
         code == 503 && body["problems"].to_string().contains("h3")
     });
+    // The steps are kept with each node's result: a restarted controller
+    // (nothing left in memory) shows the v2 deployment's steps as before.
+    controller.restart();
+    let (code, again) = get(&controller, &reader, &format!("/api/v1/deployments/{id2}"));
+    assert_eq!(code, 200, "{again}");
+    for (before, after) in v2_done["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(again["nodes"].as_array().unwrap())
+    {
+        assert_eq!(after["steps"], before["steps"], "{again}");
+        let steps: Vec<&str> = after["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["step"].as_str().unwrap())
+            .collect();
+        assert!(
+            steps.contains(&"fetch") && steps.contains(&"deploy"),
+            "{steps:?}"
+        );
+    }
 }
 
 /// Logs in with `token`; the cookie jar file and the Set-Cookie line.

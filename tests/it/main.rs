@@ -21,6 +21,7 @@ mod deploy;
 mod digitalocean;
 mod docker;
 mod fleet;
+mod github;
 mod github_action;
 mod http;
 mod install;

@@ -81,6 +81,8 @@ pub struct ControlService {
     live: live::Live,
     /// The GitHub Actions OIDC verifier, when `[oidc]` is configured.
     oidc: Option<std::sync::Arc<Oidc>>,
+    /// Told how each deployment goes (the GitHub statuses), if set.
+    observer: Option<rollout::Observer>,
 }
 
 /// A deployment that has started: its id and its events.
@@ -175,6 +177,7 @@ impl ControlService {
             data_dir,
             live: live::Live::default(),
             oidc: None,
+            observer: None,
         }
     }
 
@@ -201,6 +204,23 @@ impl ControlService {
             };
         }
         Ok(apitoken::authenticate(&self.store, token).await?)
+    }
+
+    /// The service, telling `observer` how every deployment goes.
+    #[must_use]
+    pub fn with_observer(mut self, observer: rollout::Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The artifact store deployments are served from.
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.artifacts
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Running deployments' events, by deployment id.
@@ -313,7 +333,14 @@ impl ControlService {
     /// Starts `plan` (one deployment per app: [`StoreError::AppBusy`]) and
     /// registers its events with [`Self::live`].
     async fn start_plan(&self, plan: Plan) -> Result<Started, ApiError> {
-        let mut events = rollout::start(&self.store, &self.sessions, &self.commands, plan).await?;
+        let mut events = rollout::start_observed(
+            &self.store,
+            &self.sessions,
+            &self.commands,
+            plan,
+            self.observer.clone(),
+        )
+        .await?;
         let first = events.recv().await;
         let deployment_id = match first.as_ref().and_then(|e| e.kind.as_ref()) {
             Some(slipway_proto::v1::deploy_event::Kind::Started(started)) => {

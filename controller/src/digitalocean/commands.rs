@@ -305,7 +305,8 @@ pub struct ValidateArgs {
 }
 
 /// `validate`: one ✓/✗ line per check (the config file, the DigitalOcean
-/// token against the API); fails if any check fails.
+/// token against the API, the GitHub credentials against each linked
+/// repository); fails if any check fails.
 pub async fn validate(args: ValidateArgs) -> Result<(), crate::Error> {
     let mut failed = 0;
     let mut line = |ok: bool, text: String| {
@@ -349,6 +350,40 @@ pub async fn validate(args: ValidateArgs) -> Result<(), crate::Error> {
                 ),
                 // DoError's text starts with "digitalocean:".
                 Err(e) => line(false, e.to_string()),
+            }
+        }
+    }
+    match raw.github.map(crate::github::GithubConfig::new) {
+        None => line(true, "github: not configured (no [github] table)".into()),
+        Some(Err(e)) => line(false, format!("github: {e}")),
+        Some(Ok(config)) => {
+            let client = config.client();
+            line(
+                client.is_ok(),
+                match &client {
+                    Ok(_) => format!(
+                        "github: credentials from {}; {} linked app(s); webhooks {}",
+                        config.sources(),
+                        config.links.len(),
+                        if config.credentials.webhook_secret.is_some() {
+                            "on"
+                        } else {
+                            "off"
+                        }
+                    ),
+                    Err(e) => e.to_string(),
+                },
+            );
+            if let Ok(client) = client {
+                for link in config.links.values() {
+                    match client.check_repo(&link.repo).await {
+                        Ok(()) => line(
+                            true,
+                            format!("github: {} ({}): deployments readable", link.repo, link.app),
+                        ),
+                        Err(e) => line(false, format!("{} ({}): {e}", link.repo, link.app)),
+                    }
+                }
             }
         }
     }

@@ -337,13 +337,29 @@ pub async fn system_cert_health(
 /// whose newest certificate was issued before it (so by the old CA), by
 /// name.
 pub async fn nodes_on_old_ca(store: &Store, started_at: i64) -> Result<Vec<String>, StoreError> {
+    Ok(old_ca_certs(store, started_at)
+        .await?
+        .map(|c| c.name)
+        .collect())
+}
+
+/// The ids of the nodes [`nodes_on_old_ca`] names.
+pub async fn node_ids_on_old_ca(store: &Store, started_at: i64) -> Result<Vec<String>, StoreError> {
+    Ok(old_ca_certs(store, started_at)
+        .await?
+        .map(|c| c.id)
+        .collect())
+}
+
+async fn old_ca_certs(
+    store: &Store,
+    started_at: i64,
+) -> Result<impl Iterator<Item = crate::store::NodeCert>, StoreError> {
     Ok(store
         .live_node_certs()
         .await?
         .into_iter()
-        .filter(|c| c.issued_at < started_at)
-        .map(|c| c.name)
-        .collect())
+        .filter(move |c| c.issued_at < started_at))
 }
 
 #[cfg(test)]

@@ -674,6 +674,7 @@ mod tests {
             release_id: String::new(),
             message: "unreachable".to_owned(),
             finished_at: Some(95),
+            steps: Vec::new(),
         });
         let deployments = [failed];
         let status = summarize_status(

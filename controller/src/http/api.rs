@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -132,6 +133,10 @@ async fn openapi() -> Response {
 /// come every few seconds to a minute, so callers polling it together
 /// share one answer per second (the token is still checked on each call).
 pub const NODES_FRESH: Duration = Duration::from_secs(1);
+
+/// How old an answer callers may get while one of them rebuilds it (see
+/// [`super::fresh`]).
+pub const NODES_STALE: Duration = Duration::from_secs(5);
 
 /// A JSON body already serialized, as bytes.
 fn json_bytes(body: axum::body::Bytes) -> Response {
@@ -295,10 +300,8 @@ pub struct NodeOut {
 }
 
 /// The fleet as of now, with live sessions applied.
-async fn fleet_views(state: &HttpState) -> Result<Vec<fleet::NodeView>, AppError> {
-    let mut views = fleet::nodes(state.store(), crate::now_unix()).await?;
-    fleet::apply_sessions(&mut views, |id| state.sessions().contains(id));
-    Ok(views)
+async fn fleet_views(state: &HttpState) -> Result<Arc<Vec<fleet::NodeView>>, AppError> {
+    Ok(state.fleet_views().await?)
 }
 
 fn to_value<T: Serialize>(value: &T) -> Result<serde_json::Value, AppError> {
@@ -318,30 +321,31 @@ fn state_name(state: crate::link::liveness::NodeState) -> String {
     ))]
 async fn nodes(State(state): State<HttpState>, who: Principal) -> Result<Response, AppError> {
     who.require(&state, "list nodes", Caller::can_read).await?;
-    if let Some(body) = state.cached_nodes(NODES_FRESH) {
-        return Ok(json_bytes(body));
-    }
-    let views = fleet_views(&state).await?;
-    let out: Vec<NodeOut> = views
-        .into_iter()
-        .map(|v| NodeOut {
-            state: state_name(v.state),
-            id: v.id,
-            name: v.name,
-            labels: v.labels,
-            last_seen_at: v.last_seen_at,
-            heartbeat_age_secs: v.heartbeat_age_secs,
-            agent_version: v.agent_version,
-            agent_rss_bytes: v.agent_rss_bytes,
-            metrics: v.metrics,
-            apps: v.apps,
-            revoked_at: v.revoked_at,
-            cert_expires_at: v.cert_expires_at,
+    let body = state
+        .nodes_json()
+        .get(|| async {
+            let views = state.fleet_views().await?;
+            let out: Vec<NodeOut> = views
+                .iter()
+                .map(|v| NodeOut {
+                    state: state_name(v.state),
+                    id: v.id.clone(),
+                    name: v.name.clone(),
+                    labels: v.labels.clone(),
+                    last_seen_at: v.last_seen_at,
+                    heartbeat_age_secs: v.heartbeat_age_secs,
+                    agent_version: v.agent_version.clone(),
+                    agent_rss_bytes: v.agent_rss_bytes,
+                    metrics: v.metrics.clone(),
+                    apps: v.apps.clone(),
+                    revoked_at: v.revoked_at,
+                    cert_expires_at: v.cert_expires_at,
+                })
+                .collect();
+            let body = serde_json::to_vec(&out).map_err(|e| AppError::Internal(e.to_string()))?;
+            Ok::<_, AppError>(axum::body::Bytes::from(body))
         })
-        .collect();
-    let body = serde_json::to_vec(&out).map_err(|e| AppError::Internal(e.to_string()))?;
-    let body = axum::body::Bytes::from(body);
-    state.cache_nodes(body.clone());
+        .await?;
     Ok(json_bytes(body))
 }
 
@@ -388,7 +392,7 @@ async fn apps(
     who.require(&state, "list apps", Caller::can_read).await?;
     let views = fleet_views(&state).await?;
     let mut by_app: BTreeMap<String, Vec<AppNodeOut>> = BTreeMap::new();
-    for v in &views {
+    for v in views.iter() {
         let node_state = slipway_proto::view::state_name(v1::NodeView::from(v).state()).to_owned();
         for a in &v.apps {
             by_app.entry(a.app.clone()).or_default().push(AppNodeOut {
@@ -462,7 +466,7 @@ async fn app_releases(
         .await?;
     let views = fleet_views(&state).await?;
     let mut nodes = Vec::new();
-    for v in &views {
+    for v in views.iter() {
         if let Some(a) = v.apps.iter().find(|a| a.app == app) {
             nodes.push(NodeReleasesOut {
                 node_id: v.id.clone(),
@@ -519,8 +523,8 @@ pub struct DeploymentNodeOut {
     message: String,
     /// When its result came.
     finished_at: Option<i64>,
-    /// Its steps (fetch, verify, unpack, activate, health, ...) while the
-    /// deployment runs and for a minute after; empty later.
+    /// Its steps (fetch, verify, unpack, activate, health, ...): those
+    /// reported so far while it runs, then as recorded with its result.
     steps: Vec<StepOut>,
 }
 
@@ -556,7 +560,15 @@ fn deployment_out(d: DeploymentRecord, with_nodes: bool) -> DeploymentOut {
                     release_id: n.release_id,
                     message: n.message,
                     finished_at: n.finished_at,
-                    steps: Vec::new(),
+                    steps: n
+                        .steps
+                        .into_iter()
+                        .map(|s| StepOut {
+                            step: s.step,
+                            message: s.message,
+                            unix_time: s.unix_time,
+                        })
+                        .collect(),
                 })
                 .collect()
         }),
@@ -607,7 +619,7 @@ async fn deployments(
     ))
 }
 
-/// One deployment with its nodes (and their steps while it runs).
+/// One deployment with its nodes and their steps.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments",
     params(("id" = String, Path, description = "Deployment id (d-…)", pattern = r"^d-[0-9a-f]{16}$")),
     responses(
@@ -635,7 +647,11 @@ async fn deployment(
     {
         for event in &followed.past {
             if let Some(deploy_event::Kind::Progress(p)) = &event.kind {
-                if let Some(node) = nodes.iter_mut().find(|n| n.node_id == p.node_id) {
+                // Nodes with a recorded result have their steps already.
+                let running = nodes
+                    .iter_mut()
+                    .find(|n| n.node_id == p.node_id && n.finished_at.is_none());
+                if let Some(node) = running {
                     node.steps.push(StepOut {
                         step: p.step.clone(),
                         message: p.message.clone(),

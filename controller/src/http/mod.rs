@@ -17,6 +17,7 @@
 //! api      the JSON API (/api/v1/...) and its OpenAPI description
 //! metrics  /metrics, the Prometheus scrape (crate::metrics renders it)
 //! pages    the web pages: fleet, app (with its actions), deployment, audit
+//! hooks    POST /hooks/github: GitHub webhook deliveries (crate::github)
 //! ```
 //!
 //! # Adding routes (for the metrics and pages modules)
@@ -80,6 +81,8 @@ use crate::store::Store;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod fresh;
+pub mod hooks;
 pub mod metrics;
 pub mod pages;
 pub mod session;
@@ -103,9 +106,12 @@ struct Inner {
     shutdown: CancellationToken,
     /// `/metrics`, when this server shows it.
     metrics: Option<MetricsScrape>,
-    /// The last `/api/v1/nodes` body and when it was made (see
-    /// [`api::NODES_FRESH`]).
-    nodes: std::sync::Mutex<Option<(std::time::Instant, axum::body::Bytes)>>,
+    /// The `/api/v1/nodes` body (see [`api::NODES_FRESH`]).
+    nodes_json: fresh::Fresh<axum::body::Bytes>,
+    /// The fleet's nodes as the pages show them.
+    fleet: fresh::Fresh<Arc<Vec<crate::fleet::NodeView>>>,
+    /// `POST /hooks/github`, when `[github]` is configured.
+    github: std::sync::OnceLock<crate::github::Hooks>,
 }
 
 /// What `/metrics` needs: the scraper and who may scrape without a token.
@@ -145,31 +151,50 @@ impl HttpState {
             control,
             shutdown,
             metrics,
-            nodes: std::sync::Mutex::new(None),
+            nodes_json: fresh::Fresh::new(api::NODES_FRESH, api::NODES_STALE),
+            fleet: fresh::Fresh::new(api::NODES_FRESH, api::NODES_STALE),
+            github: std::sync::OnceLock::new(),
         }))
     }
 
-    /// The cached `/api/v1/nodes` body if made within `fresh`.
-    pub(crate) fn cached_nodes(&self, fresh: Duration) -> Option<axum::body::Bytes> {
-        let cache = self
-            .0
-            .nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache
-            .as_ref()
-            .filter(|(made, _)| made.elapsed() < fresh)
-            .map(|(_, body)| body.clone())
+    /// Serves `POST /hooks/github` with `hooks` (set once, before serving).
+    #[must_use]
+    pub fn with_github(self, hooks: crate::github::Hooks) -> Self {
+        let _ = self.0.github.set(hooks);
+        self
     }
 
-    /// Keeps a fresh `/api/v1/nodes` body.
-    pub(crate) fn cache_nodes(&self, body: axum::body::Bytes) {
-        *self
-            .0
-            .nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((std::time::Instant::now(), body));
+    /// [`HttpState::with_github`] when `hooks` is given.
+    #[must_use]
+    pub fn with_github_if(self, hooks: Option<crate::github::Hooks>) -> Self {
+        match hooks {
+            Some(hooks) => self.with_github(hooks),
+            None => self,
+        }
+    }
+
+    /// The GitHub webhooks, when configured.
+    pub fn github(&self) -> Option<&crate::github::Hooks> {
+        self.0.github.get()
+    }
+
+    /// The `/api/v1/nodes` body, shared for [`api::NODES_FRESH`].
+    pub(crate) fn nodes_json(&self) -> &fresh::Fresh<axum::body::Bytes> {
+        &self.0.nodes_json
+    }
+
+    /// The fleet's nodes (sessions applied), shared for [`api::NODES_FRESH`].
+    pub(crate) async fn fleet_views(
+        &self,
+    ) -> Result<Arc<Vec<crate::fleet::NodeView>>, crate::store::StoreError> {
+        self.0
+            .fleet
+            .get(|| async {
+                let mut views = crate::fleet::nodes(self.store(), crate::now_unix()).await?;
+                crate::fleet::apply_sessions(&mut views, |id| self.sessions().contains(id));
+                Ok(Arc::new(views))
+            })
+            .await
     }
 
     /// `/metrics`' scraper, if this server shows metrics.
@@ -209,6 +234,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(api::routes())
         .merge(metrics::routes())
         .merge(pages::routes())
+        .merge(hooks::routes())
         // Unknown paths answer in the API's JSON shape (the pages may set
         // their own fallback).
         .fallback(not_found)

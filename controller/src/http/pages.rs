@@ -20,6 +20,7 @@
 //! A caller without a session or token is sent to `/login`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
@@ -33,7 +34,7 @@ use slipway_proto::v1;
 
 use super::{AppError, HttpState, Principal};
 use crate::auth::apitoken::Caller;
-use crate::fleet::{self, NodeView};
+use crate::fleet::NodeView;
 use crate::link::liveness::NodeState;
 use crate::rollout::Action;
 use crate::store::{AuditFilter, DeploymentRecord};
@@ -161,10 +162,8 @@ fn percent(used: u64, total: u64) -> String {
     format!("{:.0}%", used as f64 * 100.0 / total as f64)
 }
 
-async fn views(state: &HttpState) -> Result<Vec<NodeView>, AppError> {
-    let mut views = fleet::nodes(state.store(), crate::now_unix()).await?;
-    fleet::apply_sessions(&mut views, |id| state.sessions().contains(id));
-    Ok(views)
+async fn views(state: &HttpState) -> Result<Arc<Vec<NodeView>>, AppError> {
+    Ok(state.fleet_views().await?)
 }
 
 fn deployments_table(deployments: &[DeploymentRecord], now: i64) -> Markup {
@@ -667,16 +666,28 @@ async fn deployment_page(
         .deployment(&id)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no deployment {id}")))?;
-    // Steps seen so far (while it runs and for a minute after).
-    let mut steps: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    // Steps: recorded with each node's result; for a node still running,
+    // those seen so far.
+    let mut steps: BTreeMap<String, Vec<(String, String)>> = d
+        .nodes
+        .iter()
+        .filter(|n| !n.steps.is_empty())
+        .map(|n| {
+            let kept = n.steps.iter().map(|s| (s.step.clone(), s.message.clone()));
+            (n.node_id.clone(), kept.collect())
+        })
+        .collect();
+    let recorded: BTreeSet<String> = steps.keys().cloned().collect();
     let mut batches: Vec<String> = Vec::new();
     if let Some(followed) = state.control().live().subscribe(&id) {
         for event in &followed.past {
             match &event.kind {
-                Some(v1::deploy_event::Kind::Progress(p)) => steps
-                    .entry(p.node_id.clone())
-                    .or_default()
-                    .push((p.step.clone(), p.message.clone())),
+                Some(v1::deploy_event::Kind::Progress(p)) if !recorded.contains(&p.node_id) => {
+                    steps
+                        .entry(p.node_id.clone())
+                        .or_default()
+                        .push((p.step.clone(), p.message.clone()));
+                }
                 Some(v1::deploy_event::Kind::Batch(b)) => batches.push(format!(
                     "batch {} of {}{}: {}",
                     b.index,

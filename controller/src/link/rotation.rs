@@ -6,10 +6,10 @@
 //! over its session (authenticated by the CA it already trusts). No
 //! session is dropped: connections already made keep their handshake.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use slipway_proto::v1::{controller_message, ControllerMessage, TrustBundle};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,10 @@ use crate::store::Store;
 /// How often the CA files are looked at: the longest a rotation step waits
 /// before the running controller acts on it.
 pub const ROTATION_POLL: Duration = Duration::from_secs(2);
+
+/// How often a connected node that still lags on the old CA during a
+/// `start --now` rotation is sent the bundle again.
+pub const LAG_RESEND: Duration = Duration::from_secs(10);
 
 /// What following a rotation while serving needs.
 #[derive(Debug)]
@@ -48,11 +52,18 @@ pub struct RotationWatch {
 impl RotationWatch {
     /// Follows the CA files until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        // Nodes that have the current bundle (sent on this run).
-        let mut sent: HashSet<String> = HashSet::new();
+        // What each connected node was last sent, and when. A node gets the
+        // bundle again when it changes (the files moved on, `renew_now`
+        // appeared) and, while it still lags on the old CA, every
+        // [`LAG_RESEND`]: a bundle lost with a session that was closing,
+        // or a renewal that failed, is not the end of it.
+        let mut sent: HashMap<String, (TrustBundle, Instant)> = HashMap::new();
         // Bundles go out during a rotation, and after one finished on this
         // run; otherwise agents already hold what they were enrolled with.
         let mut finished_here = false;
+        // When this run began signing with a new CA (its files appeared),
+        // until the rotation's state records it.
+        let mut signing_began: Option<i64> = None;
         let mut tick = tokio::time::interval(ROTATION_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -64,18 +75,11 @@ impl RotationWatch {
             match self.ca.reload(&self.data_dir) {
                 Ok(false) => {}
                 Ok(true) => {
-                    sent.clear();
                     finished_here = true;
-                    if self.ca.next_fingerprint().is_some() {
-                        let (dir, now) = (self.data_dir.clone(), crate::now_unix());
-                        let marked = tokio::task::spawn_blocking(move || {
-                            crate::pki::rotation::mark_signing(&dir, now)
-                        })
-                        .await;
-                        if !matches!(marked, Ok(Ok(()))) {
-                            tracing::warn!("cannot record when the new CA began signing");
-                        }
-                    }
+                    signing_began = self
+                        .ca
+                        .next_fingerprint()
+                        .map(|_| signing_began.unwrap_or_else(crate::now_unix));
                     self.changed(&before).await;
                 }
                 Err(err) => {
@@ -84,10 +88,32 @@ impl RotationWatch {
                 }
             }
             let rotation = crate::pki::rotation::current(&self.data_dir).ok().flatten();
+            if self.ca.next_fingerprint().is_some() && rotation.is_none() {
+                // `start` writes its state file last: a new CA without it
+                // is a start half written. Its bundle would go out without
+                // `renew_now`; wait for the state.
+                continue;
+            }
+            if let (Some(r), Some(at)) = (&rotation, signing_began) {
+                if r.signing_since.is_none() {
+                    let dir = self.data_dir.clone();
+                    let marked = tokio::task::spawn_blocking(move || {
+                        crate::pki::rotation::mark_signing(&dir, at)
+                    })
+                    .await;
+                    if matches!(marked, Ok(Ok(()))) {
+                        signing_began = None;
+                    } else {
+                        tracing::warn!("cannot record when the new CA began signing (retrying)");
+                    }
+                } else {
+                    signing_began = None;
+                }
+            }
             if rotation.is_none() && !finished_here {
                 continue;
             }
-            let renew_now = rotation.is_some_and(|r| r.renew_now);
+            let renew_now = rotation.as_ref().is_some_and(|r| r.renew_now);
             let bundle = TrustBundle {
                 ca_pem: self.ca.cert_pem(),
                 renew_now,
@@ -96,20 +122,41 @@ impl RotationWatch {
                     .next_fingerprint()
                     .unwrap_or_else(|| self.ca.fingerprint()),
             };
-            for node in self.sessions.node_ids() {
-                if sent.contains(&node) {
+            let lagging: HashSet<String> = match &rotation {
+                Some(r) if r.renew_now => {
+                    match crate::fleet::certs::node_ids_on_old_ca(&self.store, r.new_ca_since())
+                        .await
+                    {
+                        Ok(ids) => ids.into_iter().collect(),
+                        Err(err) => {
+                            tracing::warn!(%err, "cannot tell which nodes lag on the old CA");
+                            HashSet::new()
+                        }
+                    }
+                }
+                _ => HashSet::new(),
+            };
+            let live = self.sessions.node_ids();
+            for node in &live {
+                let due = match sent.get(node) {
+                    None => true,
+                    Some((last, at)) => {
+                        *last != bundle || (lagging.contains(node) && at.elapsed() >= LAG_RESEND)
+                    }
+                };
+                if !due {
                     continue;
                 }
                 let message = ControllerMessage {
                     kind: Some(controller_message::Kind::TrustBundle(bundle.clone())),
                 };
-                if self.sessions.send(&node, message).await {
-                    sent.insert(node);
+                if self.sessions.send(node, message).await {
+                    sent.insert(node.clone(), (bundle.clone(), Instant::now()));
                 }
             }
             // Forget nodes without a session: a new one gets the bundle.
-            let live: HashSet<String> = self.sessions.node_ids().into_iter().collect();
-            sent.retain(|n| live.contains(n));
+            let live: HashSet<String> = live.into_iter().collect();
+            sent.retain(|n, _| live.contains(n));
         }
     }
 
@@ -172,5 +219,83 @@ impl RotationWatch {
             serde_json::json!({ "reason": "CA rotation finished" }),
             message,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::rotation::ROTATION_FILE;
+    use tokio::sync::mpsc;
+
+    /// `start` writes the new CA's files first and its state file last: a
+    /// watch that reads the files in between must not send the bundle
+    /// without `renew_now` and then consider the node served.
+    #[tokio::test]
+    async fn a_start_read_half_written_still_asks_every_node_to_renew() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(Ca::load_or_create(dir.path()).unwrap());
+        let store = Store::open(dir.path()).await.unwrap();
+        let hosts = vec!["localhost".to_owned()];
+        let validity = Duration::from_secs(3600);
+        let identity = ca.server_identity(dir.path(), &hosts, validity).unwrap();
+        let server = ServerCert::new(&identity).unwrap();
+        let (_, trust) = crate::pki::tls::server_config_with_trust(&ca, server.clone()).unwrap();
+        let sessions = Sessions::new();
+        let handle = sessions.register("n1");
+        let (tx, mut rx) = mpsc::channel(8);
+        handle.accept_commands(tx);
+
+        // The new CA's files are there, its state file not yet.
+        crate::pki::rotation::start(dir.path(), true, crate::now_unix()).unwrap();
+        let state = dir.path().join(ROTATION_FILE);
+        let written = std::fs::read(&state).unwrap();
+        std::fs::remove_file(&state).unwrap();
+
+        let stop = CancellationToken::new();
+        let watch = RotationWatch {
+            data_dir: dir.path().to_owned(),
+            ca: ca.clone(),
+            trust,
+            server,
+            hosts,
+            validity,
+            sessions: sessions.clone(),
+            store,
+        };
+        let task = tokio::spawn(watch.run(stop.clone()));
+        // The watch reads the new files (it trusts the new CA)…
+        let waited = std::time::Instant::now();
+        while ca.next_fingerprint().is_none() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(20),
+                "the watch never read the CA files"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(ROTATION_POLL).await;
+        // …and sends nothing while the start is half written.
+        assert!(
+            rx.try_recv().is_err(),
+            "a bundle went out before the state file"
+        );
+        // The state lands: the bundle asks for the renewal.
+        std::fs::write(&state, written).unwrap();
+        let message = tokio::time::timeout(ROTATION_POLL * 5, rx.recv())
+            .await
+            .expect("no bundle within five polls")
+            .unwrap()
+            .unwrap();
+        let Some(controller_message::Kind::TrustBundle(bundle)) = message.kind else {
+            panic!("not a trust bundle: {message:?}");
+        };
+        assert!(bundle.renew_now, "{bundle:?}");
+        assert_eq!(Some(bundle.signing_ca_sha256), ca.next_fingerprint());
+        // When this controller began signing with it is recorded.
+        let recorded = crate::pki::rotation::current(dir.path()).unwrap().unwrap();
+        assert!(recorded.signing_since.is_some(), "{recorded:?}");
+        stop.cancel();
+        task.await.unwrap();
+        drop(handle);
     }
 }

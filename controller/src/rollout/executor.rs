@@ -13,12 +13,13 @@ use slipway_proto::v1::{
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::observer::{Note, Observer};
 use super::plan::{Action, Plan, Target};
 use super::policy::{next_step, outcome_text, summarize, Batch, NodeState, Step};
 use crate::audit::AuditEvent;
 use crate::link::commands::{Commands, NodeEvent};
 use crate::link::registry::Sessions;
-use crate::store::{NewDeployment, NewDeploymentNode, Store, StoreError};
+use crate::store::{DeploymentStep, NewDeployment, NewDeploymentNode, Store, StoreError};
 
 /// Longest a node may take to answer a command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -81,6 +82,18 @@ pub async fn start(
     sessions: &Sessions,
     commands: &Commands,
     plan: Plan,
+) -> Result<mpsc::Receiver<DeployEvent>, StoreError> {
+    start_observed(store, sessions, commands, plan, None).await
+}
+
+/// [`start`], telling `observer` (when given) how the deployment goes,
+/// without ever waiting for it ([`Observer::note`]).
+pub async fn start_observed(
+    store: &Store,
+    sessions: &Sessions,
+    commands: &Commands,
+    plan: Plan,
+    observer: Option<Observer>,
 ) -> Result<mpsc::Receiver<DeployEvent>, StoreError> {
     let deployment_id = format!("d-{}", crate::pki::crypto::random_hex::<8>()?);
     let batches = plan.rollout.batches(plan.targets.len());
@@ -180,6 +193,21 @@ pub async fn start(
         batches = batches.len(), "deployment started"
     );
 
+    if let Some(observer) = &observer {
+        let git_sha = match &plan.action {
+            Action::Deploy { git_sha, .. } => git_sha.clone(),
+            _ => String::new(),
+        };
+        observer.note(Note::Started {
+            deployment_id: deployment_id.clone(),
+            app: plan.app.clone(),
+            kind: plan.action.kind(),
+            release_id: plan.action.release_id().to_owned(),
+            git_sha,
+            nodes: plan.targets.len(),
+            actor: plan.actor.clone(),
+        });
+    }
     let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
     let _ = out_tx.try_send(event(deploy_event::Kind::Started(DeployStarted {
         deployment_id: deployment_id.clone(),
@@ -190,6 +218,7 @@ pub async fn start(
         actor: plan.actor.clone(),
     })));
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let n_targets = plan.targets.len();
     let run = Run {
         store: store.clone(),
         sessions: sessions.clone(),
@@ -202,6 +231,9 @@ pub async fn start(
         prior,
         out: out_tx,
         events_tx: ev_tx,
+        steps: std::sync::Mutex::new(vec![Vec::new(); n_targets]),
+        observer,
+        finished_nodes: std::sync::Mutex::new(HashMap::new()),
     };
     tokio::spawn(run.execute(ev_rx));
     Ok(out_rx)
@@ -251,15 +283,57 @@ struct Run {
     out: mpsc::Sender<DeployEvent>,
     /// Handed to [`Commands`] with each command sent.
     events_tx: mpsc::UnboundedSender<(String, NodeEvent)>,
+    /// Steps reported per target, recorded with its result.
+    steps: std::sync::Mutex<Vec<Vec<DeploymentStep>>>,
+    /// Told of the start, each node's result and the end, if anyone watches.
+    observer: Option<Observer>,
+    /// Whether each node that has a result failed (its latest result), for
+    /// the observer's progress counts.
+    finished_nodes: std::sync::Mutex<HashMap<usize, bool>>,
 }
+
+/// Steps kept per node of a deployment (a node sends about ten; a
+/// misbehaving one cannot grow the record without bound).
+const MAX_STEPS: usize = 100;
+/// Characters kept of a step's message.
+const MAX_STEP_MESSAGE: usize = 1_000;
 
 type Events = mpsc::UnboundedReceiver<(String, NodeEvent)>;
 
 impl Run {
     fn emit(&self, kind: deploy_event::Kind) {
+        if let deploy_event::Kind::Progress(p) = &kind {
+            self.keep_step(p);
+        }
         // A CLI that is gone or too slow misses events; the record in the
         // database and the audit log stay complete.
         let _ = self.out.try_send(event(kind));
+    }
+
+    /// Keeps a node's step for its record (see [`MAX_STEPS`]).
+    fn keep_step(&self, p: &NodeProgress) {
+        let Some(index) = self
+            .plan
+            .targets
+            .iter()
+            .position(|t| t.node_id == p.node_id)
+        else {
+            return;
+        };
+        let mut steps = self
+            .steps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(node) = steps.get_mut(index) else {
+            return;
+        };
+        if node.len() < MAX_STEPS {
+            node.push(DeploymentStep {
+                step: p.step.chars().take(MAX_STEP_MESSAGE).collect(),
+                message: p.message.chars().take(MAX_STEP_MESSAGE).collect(),
+                unix_time: p.unix_time,
+            });
+        }
     }
 
     fn result(&self, index: usize, outcome: Outcome, release_id: &str, why: &str) -> NodeResult {
@@ -447,6 +521,13 @@ impl Run {
     /// Records a node's (latest) result under its command id and reports it.
     async fn record(&self, index: usize, result: &NodeResult) {
         let command_id = &self.command_ids[index];
+        let steps = self
+            .steps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(index)
+            .cloned()
+            .unwrap_or_default();
         tracing::info!(
             deployment_id = %self.deployment_id, node_id = %result.node_id,
             outcome = outcome_text(result.outcome), message = %result.message, "node finished"
@@ -458,6 +539,7 @@ impl Run {
                 outcome_text(result.outcome),
                 &result.release_id,
                 &result.message,
+                &steps,
                 crate::now_unix(),
             )
             .await
@@ -465,6 +547,25 @@ impl Run {
             tracing::error!(%err, %command_id, "could not record a node result");
         }
         self.emit(deploy_event::Kind::NodeResult(result.clone()));
+        if let Some(observer) = &self.observer {
+            let (done, failed) = {
+                let mut finished = self
+                    .finished_nodes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                finished.insert(index, result.outcome != Outcome::Succeeded as i32);
+                (finished.len(), finished.values().filter(|f| **f).count())
+            };
+            observer.note(Note::Progress {
+                deployment_id: self.deployment_id.clone(),
+                app: self.plan.app.clone(),
+                done,
+                failed,
+                nodes: self.plan.targets.len(),
+                node: result.node_name.clone(),
+                outcome: outcome_text(result.outcome).to_owned(),
+            });
+        }
     }
 
     async fn execute(self, mut events: Events) {
@@ -719,6 +820,14 @@ impl Run {
             tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
         }
         tracing::info!(deployment_id = %self.deployment_id, ?message, "deployment finished");
+        if let Some(observer) = &self.observer {
+            observer.note(Note::Finished {
+                deployment_id: self.deployment_id.clone(),
+                app: self.plan.app.clone(),
+                succeeded,
+                message: message.clone(),
+            });
+        }
         // The last event waits for room: it is the one the CLI needs most.
         let _ = self
             .out

@@ -9,6 +9,8 @@
 //!   [`summarize`], [`default_release_id`].
 //! - [`plan`]: what is asked: the [`Action`], its [`Target`]s and rollout.
 //! - [`executor`]: [`start`] records the deployment and runs it.
+//! - [`observer`]: [`Note`]s for a watcher outside the rollout (GitHub's
+//!   deployment statuses), handed over without waiting.
 //!
 //! # State machine of one deployment
 //!
@@ -51,10 +53,12 @@
 //! the first is `running` ([`crate::store::StoreError::AppBusy`]).
 
 pub mod executor;
+pub mod observer;
 pub mod plan;
 pub mod policy;
 
-pub use executor::{start, COMMAND_TIMEOUT, RECONNECT_GRACE};
+pub use executor::{start, start_observed, COMMAND_TIMEOUT, RECONNECT_GRACE};
+pub use observer::{Note, Observer};
 pub use plan::{Action, Plan, Target, AGENT_APP};
 pub use policy::{
     default_release_id, next_step, summarize, Batch, NodeState, Rollout, RolloutError, Step,

@@ -85,6 +85,19 @@ pub struct DeploymentNodeRecord {
     pub message: String,
     /// When the node's result was recorded.
     pub finished_at: Option<i64>,
+    /// The steps it reported, in order (recorded with its result).
+    pub steps: Vec<DeploymentStep>,
+}
+
+/// One step a node reported during a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeploymentStep {
+    /// Step name (fetch, verify, unpack, activate, health, rollback, ...).
+    pub step: String,
+    /// What it said.
+    pub message: String,
+    /// When (seconds since the epoch).
+    pub unix_time: i64,
 }
 
 /// How many deployments of one app, kind and status are recorded.
@@ -269,24 +282,31 @@ impl Store {
         Ok(ids)
     }
 
-    /// Records how one node of a deployment ended.
+    /// Records how one node of a deployment ended, with the steps it
+    /// reported on the way.
     pub async fn record_node_result(
         &self,
         command_id: &str,
         outcome: &str,
         release_id: &str,
         message: &str,
+        steps: &[DeploymentStep],
         now: i64,
     ) -> Result<(), StoreError> {
+        let steps = serde_json::to_string(steps).map_err(|source| StoreError::Json {
+            column: "deployment_nodes.steps",
+            source,
+        })?;
         sqlx::query(
             "UPDATE deployment_nodes SET outcome = ?1, release_id = ?2, message = ?3,
-                    finished_at = ?4
-             WHERE command_id = ?5",
+                    finished_at = ?4, steps = ?5
+             WHERE command_id = ?6",
         )
         .bind(outcome)
         .bind(release_id)
         .bind(message)
         .bind(now)
+        .bind(steps)
         .bind(command_id)
         .execute(&self.pool)
         .await?;
@@ -400,7 +420,7 @@ impl Store {
     ) -> Result<Vec<DeploymentNodeRecord>, StoreError> {
         sqlx::query(
             "SELECT dn.node_id, COALESCE(n.name, '') AS node_name, dn.outcome,
-                        dn.release_id, dn.message, dn.finished_at
+                        dn.release_id, dn.message, dn.finished_at, dn.steps
                  FROM deployment_nodes dn LEFT JOIN nodes n ON n.id = dn.node_id
                  WHERE dn.deployment_id = ?1 ORDER BY node_name, dn.node_id",
         )
@@ -416,6 +436,12 @@ impl Store {
                 release_id: n.try_get("release_id")?,
                 message: n.try_get("message")?,
                 finished_at: n.try_get("finished_at")?,
+                steps: serde_json::from_str(n.try_get::<&str, _>("steps")?).map_err(|source| {
+                    StoreError::Json {
+                        column: "deployment_nodes.steps",
+                        source,
+                    }
+                })?,
             })
         })
         .collect()
@@ -660,8 +686,20 @@ mod tests {
         finish("d-2", 20).await;
         // Same second as d-2: the later insert wins.
         record("d-3", "restart", "web", 20).await;
+        let steps = [
+            DeploymentStep {
+                step: "restart".to_owned(),
+                message: "restarting web".to_owned(),
+                unix_time: 20,
+            },
+            DeploymentStep {
+                step: "health".to_owned(),
+                message: "healthy after 1 check".to_owned(),
+                unix_time: 21,
+            },
+        ];
         store
-            .record_node_result("d-3.n-1", "succeeded", "v3", "restarted", 21)
+            .record_node_result("d-3.n-1", "succeeded", "v3", "restarted", &steps, 21)
             .await
             .unwrap();
         finish("d-3", 22).await;
@@ -687,6 +725,9 @@ mod tests {
         assert_eq!(web.nodes[1].outcome, "succeeded");
         assert_eq!(web.nodes[1].release_id, "v3");
         assert_eq!(web.nodes[1].finished_at, Some(21));
+        // Its steps are kept with its result; a pending node has none.
+        assert_eq!(web.nodes[1].steps, steps);
+        assert!(web.nodes[0].steps.is_empty());
         let api = store.last_deployments(Some("api")).await.unwrap();
         assert_eq!(api.len(), 1);
         assert_eq!(api[0].id, "d-4");

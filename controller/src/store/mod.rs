@@ -32,6 +32,7 @@ mod audit;
 mod controller_state;
 mod deployments;
 mod droplets;
+mod github;
 mod join_tokens;
 mod nodes;
 mod operators;
@@ -42,9 +43,11 @@ use audit::insert_audit;
 pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
 pub use deployments::{
-    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, NewDeployment, NewDeploymentNode,
+    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, DeploymentStep, NewDeployment,
+    NewDeploymentNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
+pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeCert, NodeRow, PeerCert,
@@ -66,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_unique_node_names.sql"),
     include_str!("../../migrations/0007_droplets.sql"),
     include_str!("../../migrations/0008_web_sessions.sql"),
+    include_str!("../../migrations/0010_github.sql"),
+    include_str!("../../migrations/0011_deployment_steps.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while

@@ -7,5 +7,6 @@ mod support;
 mod commands_api;
 mod control;
 mod digitalocean;
+mod github;
 mod limits;
 mod link;

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod do_api;
+pub mod gh_api;
 
 use std::fs;
 use std::io::Write;

@@ -9,6 +9,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod do_api;
+pub mod gh_api;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,143 @@
+//! What the fleet benchmarks share: simulated agents (each enrolled with
+//! its own identity and holding its own mTLS gRPC session from the bench
+//! process: real handshakes, real heartbeats) and `wrk` from loopback.
+
+// Each bench uses part of it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use slipway_agent::link::{self, Session};
+use slipway_proto::v1::{agent_message, AgentMessage, Heartbeat, Hello};
+
+/// Enrolls `n` agents named `name(i)` with the controller listening at
+/// `url` (its data dir `data`: join tokens are made in its store), their
+/// state dirs under `states`, and opens a session for each.
+pub async fn connect_agents(
+    url: &str,
+    data: &Path,
+    states: &Path,
+    n: usize,
+    name: impl Fn(usize) -> String,
+) -> Vec<Session> {
+    let store = slipway_controller::store::Store::open(data).await.unwrap();
+    let ca = slipway_controller::pki::ca::Ca::load_or_create(data).unwrap();
+    let mut sessions = Vec::with_capacity(n);
+    for i in 0..n {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let token = slipway_controller::auth::token::create(
+            &store,
+            &ca.fingerprint(),
+            slipway_controller::auth::token::DEFAULT_TTL,
+            &[],
+            now,
+        )
+        .await
+        .unwrap()
+        .to_string();
+        let state = states.join(format!("a{i}"));
+        link::enroll(url, &token, &state, &name(i), false)
+            .await
+            .unwrap();
+        sessions.push(link::connect(url, &state, Hello::default()).await.unwrap());
+    }
+    sessions
+}
+
+/// The heartbeat interval the controller announced.
+pub fn interval(sessions: &[Session]) -> Duration {
+    Duration::from_secs(u64::from(
+        sessions[0].welcome.heartbeat_interval_secs.max(1),
+    ))
+}
+
+/// Sends `beat()` on `session` every `interval` (as a real agent does)
+/// until `end` or until `go_on` says stop; returns how many were sent.
+pub async fn heartbeat(
+    session: Session,
+    interval: Duration,
+    end: Instant,
+    go_on: impl Fn() -> bool,
+    beat: impl Fn() -> Heartbeat,
+) -> u64 {
+    let mut inbound = session.inbound;
+    let mut sent = 0;
+    while go_on() && Instant::now() < end {
+        let message = AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(beat())),
+        };
+        if session.outbound.send(message).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            message = inbound.message() => {
+                if !matches!(message, Ok(Some(_))) {
+                    break;
+                }
+            }
+        }
+    }
+    sent
+}
+
+/// What `wrk --latency` measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Wrk {
+    /// Median latency, ms.
+    pub p50: f64,
+    /// 99th percentile, ms.
+    pub p99: f64,
+    /// Requests per second.
+    pub rps: f64,
+}
+
+/// Runs `wrk --latency` (2 threads, `connections` keep-alive connections,
+/// `seconds` long) on `url` with an API token.
+pub fn wrk(url: &str, token: &str, connections: u32, seconds: u32) -> Wrk {
+    let out = Command::new("wrk")
+        .args(["--latency", "-t", "2"])
+        .args(["-c", &connections.to_string()])
+        .args(["-d", &format!("{seconds}s")])
+        .args(["--timeout", "10s"])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(url)
+        .output()
+        .unwrap_or_else(|e| panic!("wrk is not installed ({e}): apt-get install wrk"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {text}");
+    assert!(!text.contains("Non-2xx"), "wrk got error answers:\n{text}");
+    let percentile = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(str::trim))
+            .map(millis)
+            .unwrap_or_else(|| panic!("no {p} line in:\n{text}"))
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in:\n{text}"));
+    Wrk {
+        p50: percentile("50%"),
+        p99: percentile("99%"),
+        rps,
+    }
+}
+
+/// wrk's "1.23ms" / "456.00us" / "1.02s" in milliseconds.
+fn millis(text: &str) -> f64 {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    number.parse::<f64>().unwrap() * factor
+}
