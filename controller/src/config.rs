@@ -50,6 +50,10 @@ pub enum ConfigError {
     /// `[digitalocean]` is wrong; the message names the key.
     #[error("{0}")]
     DigitalOcean(String),
+    /// `[oidc]` is wrong; the message names the file (when there is one)
+    /// and the key, e.g. `oidc.grant[1].repository_id`.
+    #[error("{0}")]
+    Oidc(String),
     /// `[github]` is wrong; the message names the key.
     #[error("{0}")]
     Github(String),
@@ -103,6 +107,9 @@ pub struct RawConfig {
     /// The key file apps' environments are sealed under (default
     /// `<data_dir>/secrets.key`).
     pub secrets_key: Option<PathBuf>,
+    /// GitHub Actions OIDC tokens as CI credentials (file only;
+    /// `crate::auth::oidc`).
+    pub oidc: Option<crate::auth::oidc::RawOidc>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -173,6 +180,8 @@ pub struct ServeConfig {
     pub http_ready_file: Option<PathBuf>,
     /// The DigitalOcean fleet, when `[digitalocean]` is set.
     pub digitalocean: Option<crate::digitalocean::config::DoConfig>,
+    /// OIDC tokens and their grants, when `[oidc]` is set.
+    pub oidc: Option<crate::auth::oidc::OidcConfig>,
     /// GitHub deployments and webhooks, when `[github]` is set.
     pub github: Option<crate::github::GithubConfig>,
     /// The key file apps' environments are sealed under.
@@ -209,6 +218,7 @@ impl ServeConfig {
             server_cert_validity: DEFAULT_SERVER_CERT_VALIDITY,
             backup: None,
             digitalocean: None,
+            oidc: None,
             github: None,
             http: None,
             http_ready_file: None,
@@ -369,7 +379,12 @@ impl ServeConfig {
             secrets_key: args.secrets_key,
             ..RawConfig::default()
         };
-        let mut config = Self::new(flags, file)?;
+        let mut config = Self::new(flags, file).map_err(|err| match (err, &args.config) {
+            (ConfigError::Oidc(message), Some(path)) => {
+                ConfigError::Oidc(format!("{}: {message}", path.display()))
+            }
+            (err, _) => err,
+        })?;
         config.ready_file = args.ready_file;
         config.http_ready_file = args.http_ready_file;
         Ok(config)
@@ -460,6 +475,9 @@ impl ServeConfig {
                 crate::digitalocean::config::DoConfig::new(raw)
                     .map_err(ConfigError::DigitalOcean)?,
             );
+        }
+        if let Some(raw) = file.oidc {
+            config.oidc = Some(crate::auth::oidc::OidcConfig::new(raw).map_err(ConfigError::Oidc)?);
         }
         if let Some(raw) = file.github {
             config.github =

@@ -28,7 +28,9 @@
 //!     secrets    the key file, the sealed data key, apps' environments
 //!                sealed per version (AES-256-GCM) and rendered as `.env`
 //! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
-//!                its scopes) < operator (operator certificates)
+//!                its scopes) < operator (operator certificates) · oidc
+//!                (GitHub Actions OIDC tokens: jwt < jwks < grants, the
+//!                verifier; callers with the granted scopes)
 //! L3  link/      liveness (heartbeat rules, pure) · registry (live
 //!                sessions) < commands (routes answers to whoever sent the
 //!                command) < enroll, session (the Enrollment and AgentLink

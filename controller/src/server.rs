@@ -73,6 +73,9 @@ pub enum ServeError {
     /// The secrets key file or the data key it seals.
     #[error(transparent)]
     Secrets(Box<crate::secrets::SecretsError>),
+    /// The OIDC verifier could not be set up (its CA file).
+    #[error("{0}")]
+    Oidc(String),
     /// The HTTP listener could not start.
     #[error("http: {0}")]
     Http(String),
@@ -189,6 +192,18 @@ async fn serve_notifying(
         commands.clone(),
     );
     let secrets = crate::secrets::Secrets::open(&store, &config.secrets_key).await?;
+    let oidc = match &config.oidc {
+        Some(oidc) => {
+            let verifier = crate::auth::oidc::Oidc::new(oidc.clone())
+                .map_err(|e| ServeError::Oidc(e.to_string()))?;
+            tracing::info!(
+                issuer = %oidc.issuer, audience = %oidc.audience, grants = oidc.grants.len(),
+                "accepting GitHub Actions OIDC tokens"
+            );
+            Some(Arc::new(verifier))
+        }
+        None => None,
+    };
     let mut control = ControlService::new(
         store.clone(),
         sessions.clone(),
@@ -196,7 +211,8 @@ async fn serve_notifying(
         artifacts,
         config.data_dir.clone(),
         secrets,
-    );
+    )
+    .with_oidc(oidc);
     // GitHub: the rollouts' notes go to the status queue (never waited
     // for); the webhook endpoint starts deployments through `control`.
     let stop_github = CancellationToken::new();

@@ -29,7 +29,8 @@
 //!   trusting the controller's CA, an API token or operator certificate),
 //!   `view` (the fleet view and status summary as text and `--json`) and
 //!   `cli` (flag parsing with exit code 64, the runtime, the `error:` line,
-//!   durations like `7d`).
+//!   durations like `7d`) and `https` (one bounded HTTPS GET: the GitHub
+//!   Actions OIDC token, the token issuer's keys).
 //! - `build.rs` — compiles the .proto with `protox` (pure Rust, no system
 //!   `protoc`) and generates code with `tonic-prost-build`.
 //! - [`v1`] — everything generated for package `slipway.v1`:
@@ -54,6 +55,8 @@ pub mod cli;
 pub mod client;
 pub mod crypto;
 pub mod dotenv;
+#[cfg(feature = "cli")]
+pub mod https;
 pub mod join_token;
 pub mod limits;
 pub mod notify;

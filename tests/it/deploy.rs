@@ -163,6 +163,11 @@ impl HttpsFiles {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // A name of its own: with rcgen's default name on both, OpenSSL
+        // (curl) takes the server certificate for a self-signed one.
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "slipway test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&ca_params, &ca_key);
@@ -202,7 +207,7 @@ impl HttpsFiles {
         format!("https://127.0.0.1:{}/{name}", self.port)
     }
 
-    fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         fs::read_to_string(&self.hits)
             .unwrap_or_default()
             .lines()

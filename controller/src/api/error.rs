@@ -6,6 +6,7 @@ use tonic::Status;
 
 use crate::artifacts::ArtifactError;
 use crate::auth::apitoken::ApiTokenError;
+use crate::auth::oidc::OidcError;
 use crate::auth::operator::OperatorError;
 use crate::rollout;
 use crate::store::StoreError;
@@ -24,6 +25,9 @@ pub enum ApiError {
     /// The token is malformed, unknown or revoked.
     #[error(transparent)]
     Token(#[from] ApiTokenError),
+    /// A GitHub Actions OIDC token was refused or could not be checked.
+    #[error(transparent)]
+    Oidc(#[from] OidcError),
     /// The token's scopes do not allow this call.
     #[error("token {token} may not {what} (scopes: {scopes})")]
     Scope {
@@ -108,6 +112,13 @@ impl From<ApiError> for Status {
             {
                 Status::unauthenticated(err.to_string())
             }
+            ApiError::Oidc(ref oidc) if oidc.is_unavailable() => {
+                Status::unavailable(err.to_string())
+            }
+            ApiError::Oidc(ref oidc) if oidc.is_forbidden() => {
+                Status::permission_denied(err.to_string())
+            }
+            ApiError::Oidc(_) => Status::unauthenticated(err.to_string()),
             ApiError::Scope { .. } => Status::permission_denied(err.to_string()),
             ApiError::Invalid(_) => Status::invalid_argument(err.to_string()),
             ApiError::NoNodes(_) | ApiError::NoArtifact(_) => {

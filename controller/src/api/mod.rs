@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::artifacts::{self, ArtifactError, Artifacts};
 use crate::audit::{self, AuditEvent};
 use crate::auth::apitoken::{self, Caller};
+use crate::auth::oidc::{self, Oidc, OidcError};
 use crate::auth::operator::{self, OperatorError};
 use crate::fleet;
 use crate::link::commands::{Answer, Commands};
@@ -81,6 +82,8 @@ pub struct ControlService {
     data_dir: std::path::PathBuf,
     /// Every deployment started here, for followers by id.
     live: live::Live,
+    /// The GitHub Actions OIDC verifier, when `[oidc]` is configured.
+    oidc: Option<std::sync::Arc<Oidc>>,
     /// Told how each deployment goes (the GitHub statuses), if set.
     observer: Option<rollout::Observer>,
     /// Opens and seals apps' environments.
@@ -130,6 +133,7 @@ fn selector_json(selector: Option<&Selector>) -> serde_json::Value {
 pub(crate) fn refusal_actor(err: &ApiError, token: Option<&str>, peer: &str) -> String {
     match err {
         ApiError::Scope { token, .. } => Some(token.clone()),
+        ApiError::Oidc(oidc) => oidc.actor().map(ToOwned::to_owned),
         ApiError::Operator(op) => match &**op {
             OperatorError::Revoked(id) => Some(id.clone()),
             _ => None,
@@ -180,9 +184,35 @@ impl ControlService {
             artifacts,
             data_dir,
             live: live::Live::default(),
+            oidc: None,
             observer: None,
             secrets,
         }
+    }
+
+    /// The service accepting GitHub Actions OIDC tokens checked by `oidc`.
+    #[must_use]
+    pub fn with_oidc(mut self, oidc: Option<std::sync::Arc<Oidc>>) -> Self {
+        self.oidc = oidc;
+        self
+    }
+
+    /// Checks a bearer token: an OIDC token (a JWT) when `[oidc]` is
+    /// configured, else an API token. Refusals of OIDC tokens are audited
+    /// (OIDC_TOKEN_REFUSED) by the verifier; the caller audits the refused
+    /// call.
+    pub(crate) async fn authenticate_bearer(
+        &self,
+        token: &str,
+        peer: &str,
+    ) -> Result<Caller, ApiError> {
+        if oidc::looks_like_jwt(token) {
+            return match &self.oidc {
+                Some(verifier) => Ok(verifier.authenticate(&self.store, token, peer).await?),
+                None => Err(OidcError::NotConfigured.into()),
+            };
+        }
+        Ok(apitoken::authenticate(&self.store, token).await?)
     }
 
     /// The service, telling `observer` how every deployment goes.
@@ -225,10 +255,9 @@ impl ControlService {
         let leaf = request
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        let peer = crate::peer_addr(request);
         let authenticated = match (token.as_deref(), leaf.as_deref()) {
-            (Some(token), _) => apitoken::authenticate(&self.store, token)
-                .await
-                .map_err(ApiError::from),
+            (Some(token), _) => self.authenticate_bearer(token, &peer).await,
             (None, Some(leaf)) => operator::authenticate(&self.store, leaf)
                 .await
                 .map_err(ApiError::from),
@@ -246,7 +275,6 @@ impl ControlService {
         match checked {
             Ok(caller) => Ok(caller),
             Err(err) => {
-                let peer = crate::peer_addr(request);
                 let actor = refusal_actor(&err, token.as_deref(), &peer);
                 self.refused(&actor, &peer, what, &err).await;
                 Err(err.into())

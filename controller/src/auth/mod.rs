@@ -1,6 +1,8 @@
 //! Who may do what: join tokens (enrollment), API tokens and operator
-//! certificates (the `slipway` CLI), and the caller with its scopes.
+//! certificates (the `slipway` CLI), GitHub Actions OIDC tokens (CI without
+//! a stored secret), and the caller with its scopes.
 
 pub mod apitoken;
+pub mod oidc;
 pub mod operator;
 pub mod token;

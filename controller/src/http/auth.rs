@@ -1,8 +1,9 @@
 //! Who is calling: the [`Principal`] extractor.
 //!
-//! A request is authenticated by `Authorization: Bearer <API token>` (the
-//! same tokens, checked by the same [`apitoken::authenticate`], as the gRPC
-//! Control API) or by a browser session cookie (see [`super::session`]).
+//! A request is authenticated by `Authorization: Bearer <API token>` or
+//! `Bearer <GitHub Actions OIDC token>` (the same tokens, checked by the same
+//! [`crate::api::ControlService::authenticate_bearer`], as the gRPC Control
+//! API) or by a browser session cookie (see [`super::session`]).
 //! Every refusal (no or unknown token, expired session, a scope that does
 //! not cover the request) is audited as API_CALL_REFUSED through
 //! [`crate::api::record_refusal`], exactly as a refused gRPC call is.
@@ -17,10 +18,11 @@ use super::error::AppError;
 use super::session::{self, SessionInfo};
 use super::HttpState;
 use crate::api::{self, ApiError};
-use crate::auth::apitoken::{self, Caller};
+use crate::auth::apitoken::Caller;
 
-/// Longest `Authorization` header value looked at; a real one is ~90 bytes.
-const MAX_AUTHORIZATION: usize = 512;
+/// Longest `Authorization` header value looked at: an API token is ~90
+/// bytes, an OIDC token up to [`crate::auth::oidc::MAX_TOKEN`].
+const MAX_AUTHORIZATION: usize = crate::auth::oidc::MAX_TOKEN + 64;
 
 /// How the caller proved who it is.
 #[derive(Debug, Clone)]
@@ -135,10 +137,11 @@ impl FromRequestParts<HttpState> for Principal {
             }
         };
         let found = match &token {
-            Some(token) => apitoken::authenticate(state.store(), token)
+            Some(token) => state
+                .control()
+                .authenticate_bearer(token, &peer)
                 .await
-                .map(|caller| (caller, Via::Token))
-                .map_err(ApiError::from),
+                .map(|caller| (caller, Via::Token)),
             None => match parts.extensions.get::<SessionInfo>() {
                 // Looked up (and its CSRF token checked) by the session layer.
                 Some(info) => session::caller(state, info)

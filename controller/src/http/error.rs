@@ -132,6 +132,9 @@ impl From<ApiError> for AppError {
                 Self::Unauthenticated(err.to_string())
             }
             ApiError::Operator(_) => Self::Unauthenticated(err.to_string()),
+            ApiError::Oidc(ref oidc) if oidc.is_unavailable() => Self::Internal(err.to_string()),
+            ApiError::Oidc(ref oidc) if oidc.is_forbidden() => Self::Forbidden(err.to_string()),
+            ApiError::Oidc(_) => Self::Unauthenticated(err.to_string()),
             ApiError::Scope { .. } => Self::Forbidden(err.to_string()),
             ApiError::Invalid(message) => {
                 // Field errors of the shared checks read "field: why".

@@ -156,6 +156,11 @@ impl Controller {
     /// kernel picks (`--http-listen 127.0.0.1:0`, learnt from
     /// `--http-ready-file`; see [`Controller::http_url`]).
     pub fn start_http() -> Self {
+        Self::start_http_with(&[])
+    }
+
+    /// [`Controller::start_http`] with extra `serve` flags.
+    pub fn start_http_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("http-ready");
         let mut c = Self {
@@ -167,7 +172,10 @@ impl Controller {
                 "127.0.0.1:0".to_owned(),
                 "--http-ready-file".to_owned(),
                 ready.to_string_lossy().into_owned(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|a| (*a).to_owned()))
+            .collect(),
             wrapper: Vec::new(),
         };
         c.restart();

@@ -1,12 +1,13 @@
 //! The connection to the controller's Control API and the caller's
-//! credentials: an API token, or an operator certificate on the channel.
+//! credentials: an API token, a GitHub Actions OIDC token (sent the same
+//! way), or an operator certificate on the channel.
 
 use slipway_proto::client;
 use slipway_proto::v1::control_client::ControlClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
-use crate::{Cli, Usage};
+use crate::{oidc, Cli, Usage};
 
 /// A Control API client and the caller's token, added to every request.
 pub(crate) struct Api {
@@ -34,9 +35,13 @@ pub(crate) async fn connect(cli: &Cli) -> anyhow::Result<Api> {
     let token = match (cli.token.as_deref(), &identity) {
         (Some(token), _) => Some(client::bearer(token).map_err(|e| Usage(e.to_string()))?),
         (None, Some(_)) => None,
+        (None, None) if cli.oidc || oidc::available() => {
+            let token = oidc::fetch_token(&cli.oidc_audience).await?;
+            Some(client::bearer(&token).map_err(|e| Usage(e.to_string()))?)
+        }
         (None, None) => {
             return Err(Usage(
-                "no credentials: give --token (SLIPWAY_TOKEN), or --cert and --key (SLIPWAY_CERT, SLIPWAY_KEY)"
+                "no credentials: give --token (SLIPWAY_TOKEN), --cert and --key (SLIPWAY_CERT, SLIPWAY_KEY), or --oidc in a GitHub Actions job"
                     .to_owned(),
             )
             .into())

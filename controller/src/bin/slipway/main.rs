@@ -1,6 +1,6 @@
 //! `slipway`: the CLI for CI jobs and people. Talks to the controller's
-//! Control API over TLS (trusting only `--ca`) with an API token or an
-//! operator client certificate. Depends on `slipway-proto` (the API, its
+//! Control API over TLS (trusting only `--ca`) with an API token, a GitHub
+//! Actions OIDC token (`--oidc`) or an operator client certificate. Depends on `slipway-proto` (the API, its
 //! client and the fleet views), not on the controller library.
 //!
 //! Exit codes: 0 success; 1 a node failed (the output says which and why)
@@ -8,8 +8,10 @@
 //! node is not online or an app not healthy, naming each.
 //!
 //! Modules: [`api`] (the connection and its credentials), [`deploy`]
-//! (deploy, rollback, restart, prune, upload), [`progress`] (following a
-//! deployment live), [`agent_upgrade`] (the fleet's agents replaced), [`env`] (apps' environments), [`fleet`] (nodes, releases, status), [`audit`].
+//! (deploy, rollback, restart, prune, upload), [`oidc`] (the GitHub
+//! Actions token), [`progress`] (following a deployment live),
+//! [`agent_upgrade`] (the fleet's agents replaced), [`env`] (apps'
+//! environments), [`fleet`] (nodes, releases, status), [`audit`].
 
 mod agent_upgrade;
 mod api;
@@ -17,6 +19,7 @@ mod audit;
 mod deploy;
 mod env;
 mod fleet;
+mod oidc;
 mod progress;
 
 use std::path::PathBuf;
@@ -71,6 +74,28 @@ pub(crate) struct Cli {
         requires = "cert"
     )]
     pub(crate) key: Option<PathBuf>,
+    /// Authenticate with a GitHub Actions OIDC token instead of an API
+    /// token: asked for from the Actions runtime (the job needs
+    /// `permissions: id-token: write`). Used without this flag too when
+    /// ACTIONS_ID_TOKEN_REQUEST_URL and _TOKEN are set and no --token or
+    /// --cert is given.
+    #[arg(
+        long,
+        env = "SLIPWAY_OIDC",
+        global = true,
+        conflicts_with_all = ["token", "cert"]
+    )]
+    pub(crate) oidc: bool,
+    /// The audience (`aud`) of the OIDC token: what the controller's
+    /// `[oidc] audience` says.
+    #[arg(
+        long,
+        env = "SLIPWAY_OIDC_AUDIENCE",
+        global = true,
+        value_name = "AUDIENCE",
+        default_value = "slipway"
+    )]
+    pub(crate) oidc_audience: String,
     #[command(subcommand)]
     command: Command,
 }
