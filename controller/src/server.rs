@@ -179,7 +179,7 @@ async fn serve_notifying(
     let control = ControlService::new(
         store.clone(),
         sessions.clone(),
-        commands,
+        commands.clone(),
         artifacts,
         config.data_dir.clone(),
     );
@@ -228,6 +228,13 @@ async fn serve_notifying(
             stop_polling.clone(),
         ))
     });
+    let join_deploys = tokio::spawn(crate::digitalocean::join_deploy::run(
+        store.clone(),
+        sessions.clone(),
+        commands.clone(),
+        Artifacts::new(&config.data_dir),
+        stop_polling.clone(),
+    ));
     let droplet_sync = config.digitalocean.clone().and_then(|c| {
         let every = c.sync_every?;
         Some(tokio::spawn(crate::digitalocean::inventory::periodic(
@@ -292,6 +299,7 @@ async fn serve_notifying(
     if let Some(backups) = backups {
         let _ = backups.await;
     }
+    let _ = join_deploys.await;
     if let Some(droplet_sync) = droplet_sync {
         let _ = droplet_sync.await;
     }

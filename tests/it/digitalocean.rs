@@ -627,7 +627,7 @@ fn a_created_droplet_joins_with_its_user_data_token() {
     // The "booting droplet": enrolls with the token from its user data.
     let mut agent = Agent::enroll(&controller, "placeholder");
     let state = agent.dir.path().join("web-4-state");
-    let enroll = |state: &std::path::Path| {
+    let enroll_as = |name: &str, state: &std::path::Path| {
         std::process::Command::new(bin("slipway-agent"))
             .args([
                 "enroll",
@@ -636,13 +636,47 @@ fn a_created_droplet_joins_with_its_user_data_token() {
                 "--token",
                 &join,
                 "--name",
-                "web-4",
+                name,
             ])
             .arg("--state-dir")
             .arg(state)
             .output()
             .unwrap()
     };
+    let enroll = |state: &std::path::Path| enroll_as("web-4", state);
+    // The token is bound to the droplet's name: under another name it is
+    // refused (naming both), audited, and not spent.
+    let stolen = enroll_as("intruder", &agent.dir.path().join("intruder-state"));
+    assert!(!stolen.status.success(), "{}", text(&stolen));
+    assert!(
+        text(&stolen).contains("bound to node name \"web-4\"")
+            && text(&stolen).contains("\"intruder\""),
+        "{}",
+        text(&stolen)
+    );
+    let reader = controller.api_token("read");
+    let refused = controller
+        .audit(&reader)
+        .into_iter()
+        .find(|e| e["event_type"] == "NODE_ENROLL_REFUSED")
+        .expect("the refusal is audited");
+    assert!(
+        refused.to_string().contains("intruder") && refused.to_string().contains("web-4"),
+        "{refused}"
+    );
+    // An ordinary join token still enrolls any name: web-1, which gets
+    // release v1 of web, the app's current release.
+    let mut web1 = Agent::enroll(&controller, "web-1");
+    web1.run();
+    let deployer = controller.api_token("deploy:web");
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v1",
+        APP,
+        &["--wait", "--node", "web-1"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
     let out = enroll(&state);
     assert!(out.status.success(), "{}", text(&out));
     let again = enroll(&agent.dir.path().join("other-state"));
@@ -675,6 +709,28 @@ fn a_created_droplet_joins_with_its_user_data_token() {
         "{said}"
     );
     assert!(said.contains("is online"), "{said}");
+    // The controller deployed web's current release to the new droplet by
+    // itself, as a deployment of its own, and --wait followed it.
+    assert!(
+        said.contains("node web-4 runs web release v1 (the current release)"),
+        "{said}"
+    );
+    let out = controller.slipway(&reader, &["nodes", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let web4 = nodes.iter().find(|n| n["name"] == "web-4").unwrap();
+    assert_eq!(web4["apps"][0]["current_release"], "v1", "{web4}");
+    let events = controller.audit(&reader);
+    let joined = events
+        .iter()
+        .find(|e| e["event_type"] == "JOIN_DEPLOY")
+        .expect("the join deploy is audited");
+    assert_eq!(joined["details"]["apps"][0]["release_id"], "v1", "{joined}");
+    let deployed = events
+        .iter()
+        .filter(|e| e["event_type"] == "DEPLOY_COMPLETED" && e["actor"] == "controller")
+        .count();
+    assert_eq!(deployed, 1, "one deployment by the controller");
 
     // A droplet that never boots: --wait gives up, exit 1, saying why.
     let out = droplets_cli(

@@ -62,7 +62,8 @@ pub struct CreateArgs {
     #[arg(long, default_value = "1h")]
     pub token_ttl: String,
     /// Then wait until the droplet's agent has enrolled, reported this
-    /// droplet's id and is online (bounded by --wait-timeout).
+    /// droplet's id and is online, and the controller has deployed to it
+    /// each app's current release (bounded by --wait-timeout).
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits, e.g. 10m.
@@ -397,6 +398,73 @@ async fn wait_online(
     }
 }
 
+/// Waits until the controller has deployed, to the node of a droplet
+/// `droplets create` made, each app's current release (see
+/// [`super::join_deploy`]); the apps and releases it runs.
+async fn wait_current(
+    store: &Store,
+    node_id: &str,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<(String, String)>, DoCommandError> {
+    loop {
+        let taken = store.join_deploy_taken(node_id).await?;
+        if taken == Some(true) {
+            let fleet = store.fleet().await?;
+            let apps: Vec<String> = fleet
+                .iter()
+                .find(|r| r.id == node_id)
+                .map(|r| r.apps.iter().map(|a| a.app.clone()).collect())
+                .unwrap_or_default();
+            let mut running = Vec::new();
+            let mut pending = false;
+            for app in apps {
+                let Some((release, _)) = store.current_release(&app).await? else {
+                    continue;
+                };
+                let switched = store.last_switched_releases(&app).await?;
+                if switched.get(node_id).is_some_and(|(r, _)| *r == release) {
+                    running.push((app, release));
+                    continue;
+                }
+                // The node's last deployment of the app, if it ended badly.
+                let failed = store
+                    .last_deployments(Some(&app))
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.status != "running")
+                    .flat_map(|d| d.nodes)
+                    .find(|n| n.node_id == node_id && n.outcome != "succeeded");
+                if let Some(n) = failed {
+                    return Err(DoCommandError::Timeout(format!(
+                        "deploying {app} release {release} to node {} failed ({}): {}",
+                        n.node_name, n.outcome, n.message
+                    )));
+                }
+                let reported = fleet
+                    .iter()
+                    .find(|r| r.id == node_id)
+                    .and_then(|r| r.apps.iter().find(|a| a.app == app))
+                    .is_some_and(|a| a.current_release == release);
+                if reported {
+                    running.push((app, release));
+                } else {
+                    pending = true;
+                }
+            }
+            if !pending {
+                return Ok(running);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DoCommandError::Timeout(format!(
+                "node {node_id} is online but does not run the apps' current releases yet \
+                 (see `slipway deployments` and the controller's log)"
+            )));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
 /// `droplets sync` flags.
 #[derive(Debug, Args)]
 pub struct SyncArgs {
@@ -524,11 +592,19 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                 );
             }
             if let Some(limit) = wait_for {
+                let deadline = tokio::time::Instant::now() + limit;
                 let (node_id, node_name) = wait_online(&store, made.id, limit).await?;
                 println!(
                     "node {node_name} ({node_id}) of droplet {} is online",
                     made.name
                 );
+                let running = wait_current(&store, &node_id, deadline).await?;
+                if running.is_empty() {
+                    println!("no app of node {node_name} has a current release to deploy");
+                }
+                for (app, release) in running {
+                    println!("node {node_name} runs {app} release {release} (the current release)");
+                }
             }
         }
         DropletsCommand::Retire(args) => {

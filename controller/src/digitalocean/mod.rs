@@ -20,6 +20,8 @@
 //! api      the typed operations and the shapes they read, each checked
 //!          with limits before use (droplets, actions, domain records,
 //!          firewalls, tags)
+//! join_deploy  a droplet `droplets create` made gets each app's current
+//!          release once its node is online (through the rollout code)
 //! ```
 
 pub mod api;
@@ -30,6 +32,7 @@ pub mod create;
 pub mod dns;
 pub mod firewall;
 pub mod inventory;
+pub mod join_deploy;
 
 pub use api::{
     Action, DomainRecord, Droplet, Endpoints, Firewall, FirewallRule, NewDroplet, NewRecord,

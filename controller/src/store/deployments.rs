@@ -206,6 +206,23 @@ impl Store {
         Ok(out)
     }
 
+    /// The app's current release as this controller knows it: the release
+    /// id and artifact digest of its last succeeded deploy (not a rollback
+    /// to an older release after it: see [`Self::last_deployments`]).
+    pub async fn current_release(&self, app: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT release_id, artifact_sha256 FROM deployments
+             WHERE app = ?1 AND kind = 'deploy' AND status = 'succeeded'
+                   AND artifact_sha256 != ''
+             ORDER BY started_at DESC, rowid DESC LIMIT 1",
+        )
+        .bind(app)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .transpose()
+    }
+
     /// Marks every deployment still `running` failed ("controller
     /// restarted"), with its unanswered nodes, and records its final audit
     /// event: run at start-up, when no deployment of this process can be

@@ -68,6 +68,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0007_droplets.sql"),
     include_str!("../../migrations/0008_web_sessions.sql"),
     include_str!("../../migrations/0011_deployment_steps.sql"),
+    include_str!("../../migrations/0012_join_token_node_name.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
