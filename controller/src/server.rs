@@ -73,6 +73,10 @@ pub enum ServeError {
     /// The HTTP listener could not start.
     #[error("http: {0}")]
     Http(String),
+    /// `snapshot_before_deploy` is set but the DigitalOcean client cannot
+    /// be made (no token, …).
+    #[error("digitalocean (snapshot_before_deploy): {0}")]
+    DigitalOcean(crate::digitalocean::DoError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -164,6 +168,11 @@ async fn serve_notifying(
         store: store.clone(),
     };
 
+    // The DigitalOcean token is read now, so a bad one stops the start.
+    let snapshot_policy = match &config.digitalocean {
+        Some(c) => c.snapshot_policy().map_err(ServeError::DigitalOcean)?,
+        None => None,
+    };
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
     let sessions = rotation.sessions.clone();
     let artifacts = Artifacts::new(&config.data_dir);
@@ -182,7 +191,8 @@ async fn serve_notifying(
         commands.clone(),
         artifacts,
         config.data_dir.clone(),
-    );
+    )
+    .with_snapshots(snapshot_policy);
     let http = match config.http {
         Some(settings) => Some(
             start_http(

@@ -773,3 +773,197 @@ fn a_created_droplet_joins_with_its_user_data_token() {
     );
     api.assert_no_violations();
 }
+
+/// `snapshot_before_deploy = true` for web: each deploy of web, by the CLI
+/// or the HTTP API, first snapshots the target nodes that are droplets
+/// (POST /v2/droplets/{id}/actions, checked against the description), waits
+/// for the actions, and records their ids on the deployment; an action that
+/// errors or outlasts `snapshot_timeout` refuses the deploy before any node
+/// is touched, audited.
+#[test]
+fn deploys_wait_for_droplet_snapshots() {
+    use crate::http::{get, post, upload, wait_done};
+    let api = DoApi::start();
+    let web1 = api.add_droplet("web-1", &["env:production"]);
+    let web2 = api.add_droplet("web-2", &["env:production"]);
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\n\
+             sync_every = \"0s\"\nretry_min_wait = \"10ms\"\nretry_max_wait = \"100ms\"\n\
+             snapshot_timeout = \"2s\"\nsnapshot_poll = \"20ms\"\n\
+             [digitalocean.apps.web]\nsnapshot_before_deploy = true\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start_http_with(&["--config", config.to_str().unwrap()]);
+    let mut agents = Vec::new();
+    for (name, droplet) in [
+        ("web-1", Some(web1)),
+        ("web-2", Some(web2)),
+        ("plain", None),
+    ] {
+        let agent = Agent::enroll(&controller, name);
+        if let Some(droplet) = droplet {
+            with_metadata(&agent, droplet);
+        }
+        agents.push(agent);
+    }
+    for a in &mut agents {
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    controller.wait_online(&reader, 3, Duration::from_secs(30));
+    let snapshot_posts = || {
+        api.control("GET", "/_test/log", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["method"] == "POST"
+                    && e["path"].as_str().unwrap().ends_with("/actions")
+                    && e["path"].as_str().unwrap().starts_with("/v2/droplets/")
+            })
+            .map(|e| e["path"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let last_deployment = || {
+        let (code, list) = get(&controller, &reader, "/api/v1/deployments?app=web&limit=1");
+        assert_eq!(code, 200, "{list}");
+        let id = list[0]["id"].as_str().unwrap().to_owned();
+        get(&controller, &reader, &format!("/api/v1/deployments/{id}")).1
+    };
+    let snapshot_droplets = |record: &Value| {
+        let mut ids: Vec<u64> = record["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                assert!(s["action_id"].as_u64().unwrap() > 0, "{s}");
+                assert_eq!(s["status"], "completed", "{s}");
+                s["droplet_id"].as_u64().unwrap()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+
+    // The CLI: v1 to all three nodes; the two droplets are snapshotted
+    // first ("plain" is no droplet).
+    let out = controller.deploy_version(&deployer, work.path(), "v1", APP, &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut posted = snapshot_posts();
+    posted.sort();
+    assert_eq!(
+        posted,
+        [
+            format!("/v2/droplets/{web1}/actions"),
+            format!("/v2/droplets/{web2}/actions")
+        ]
+    );
+    let record = last_deployment();
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert_eq!(snapshot_droplets(&record), [web1, web2], "{record}");
+    let events = controller.audit(&reader);
+    let started = events
+        .iter()
+        .find(|e| e["event_type"] == "DEPLOY_STARTED")
+        .unwrap();
+    assert_eq!(
+        started["details"]["snapshots"], record["snapshots"],
+        "{started}"
+    );
+
+    // The HTTP API: a snapshot that errors refuses the deploy, naming the
+    // action; no node is touched.
+    let v2 = crate::support::artifact(work.path(), "v2", APP);
+    let (code, body) = upload(&controller, &deployer, &v2);
+    assert_eq!(code, 201, "{body}");
+    api.control(
+        "POST",
+        "/_test/config",
+        Some(serde_json::json!({ "action_outcome": "errored" })),
+    );
+    let deploy_v2 = format!(
+        r#"{{"sha256":"{}","release_id":"v2"}}"#,
+        crate::support::sha256_file(&v2)
+    );
+    let (code, body) = post(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/deploy",
+        &deploy_v2,
+    );
+    assert_eq!(code, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("snapshot before deploying web failed")
+            && error.contains("errored")
+            && error.contains("no node was touched"),
+        "{body}"
+    );
+    for a in &agents {
+        assert_eq!(a.current().as_deref(), Some("v1"), "{}", a.name);
+    }
+    assert_eq!(
+        last_deployment()["id"],
+        record["id"],
+        "no deployment started"
+    );
+    let failed: Vec<Value> = controller
+        .audit(&reader)
+        .into_iter()
+        .filter(|e| e["event_type"] == "DEPLOY_SNAPSHOT_FAILED")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        failed[0]["details"]["snapshots"].as_array().unwrap().len(),
+        2
+    );
+
+    // The CLI: a snapshot that outlasts snapshot_timeout (2s) likewise.
+    api.control(
+        "POST",
+        "/_test/config",
+        Some(serde_json::json!({ "action_outcome": "completed", "polls_to_complete": 100000 })),
+    );
+    let out = controller.deploy_version(&deployer, work.path(), "v2", APP, &["--wait"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("did not finish within 2s") && text(&out).contains("snapshot_timeout"),
+        "{}",
+        text(&out)
+    );
+    for a in &agents {
+        assert_eq!(a.current().as_deref(), Some("v1"), "{}", a.name);
+    }
+
+    // The HTTP API: snapshots that complete; v2 deployed, ids recorded.
+    api.control(
+        "POST",
+        "/_test/config",
+        Some(serde_json::json!({ "polls_to_complete": 2 })),
+    );
+    let (code, started) = post(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/deploy",
+        &deploy_v2,
+    );
+    assert_eq!(code, 202, "{started}");
+    let id = started["deployment_id"].as_str().unwrap().to_owned();
+    let done = wait_done(&controller, &reader, &id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(snapshot_droplets(&done), [web1, web2], "{done}");
+    for a in &agents {
+        assert_eq!(a.current().as_deref(), Some("v2"), "{}", a.name);
+    }
+    api.assert_no_violations();
+}

@@ -43,7 +43,7 @@ fn curl(controller: &Controller, args: &[&str]) -> (u16, String) {
 }
 
 /// GET `path` with `token`; status and JSON body.
-fn get(controller: &Controller, token: &str, path: &str) -> (u16, Value) {
+pub(crate) fn get(controller: &Controller, token: &str, path: &str) -> (u16, Value) {
     let url = format!("{}{path}", controller.http_url());
     let auth = format!("Authorization: Bearer {token}");
     let (code, body) = curl(controller, &["-H", &auth, &url]);
@@ -54,7 +54,7 @@ fn get(controller: &Controller, token: &str, path: &str) -> (u16, Value) {
 }
 
 /// POST `body` (JSON) to `path` with `token`; status and JSON body.
-fn post(controller: &Controller, token: &str, path: &str, body: &str) -> (u16, Value) {
+pub(crate) fn post(controller: &Controller, token: &str, path: &str, body: &str) -> (u16, Value) {
     let url = format!("{}{path}", controller.http_url());
     let auth = format!("Authorization: Bearer {token}");
     let (code, text) = curl(
@@ -76,7 +76,7 @@ fn post(controller: &Controller, token: &str, path: &str, body: &str) -> (u16, V
 }
 
 /// PUT the artifact at `art` under its digest; status and JSON body.
-fn upload(controller: &Controller, token: &str, art: &Path) -> (u16, Value) {
+pub(crate) fn upload(controller: &Controller, token: &str, art: &Path) -> (u16, Value) {
     let url = format!(
         "{}/api/v1/artifacts/{}",
         controller.http_url(),
@@ -91,7 +91,7 @@ fn upload(controller: &Controller, token: &str, art: &Path) -> (u16, Value) {
 }
 
 /// Waits until deployment `id` is no longer running; its record.
-fn wait_done(controller: &Controller, token: &str, id: &str) -> Value {
+pub(crate) fn wait_done(controller: &Controller, token: &str, id: &str) -> Value {
     let mut record = Value::Null;
     wait_until(
         &format!("deployment {id} to finish"),

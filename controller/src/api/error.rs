@@ -46,6 +46,9 @@ pub enum ApiError {
     /// Artifact store.
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    /// The DigitalOcean snapshots before a deploy failed (not started).
+    #[error("{0}")]
+    Snapshot(String),
     /// Database.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -94,7 +97,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Scope { .. } => Status::permission_denied(err.to_string()),
             ApiError::Invalid(_) => Status::invalid_argument(err.to_string()),
-            ApiError::NoNodes(_) | ApiError::NoArtifact(_) => {
+            ApiError::NoNodes(_) | ApiError::NoArtifact(_) | ApiError::Snapshot(_) => {
                 Status::failed_precondition(err.to_string())
             }
             ApiError::Artifact(err) => err.into(),

@@ -78,6 +78,8 @@ pub struct ControlService {
     data_dir: std::path::PathBuf,
     /// Every deployment started here, for followers by id.
     live: live::Live,
+    /// `snapshot_before_deploy` apps and the DigitalOcean client.
+    snapshots: Option<std::sync::Arc<crate::digitalocean::snapshot::SnapshotPolicy>>,
 }
 
 /// A deployment that has started: its id and its events.
@@ -170,7 +172,19 @@ impl ControlService {
             artifacts,
             data_dir,
             live: live::Live::default(),
+            snapshots: None,
         }
+    }
+
+    /// Snapshots the droplets of the apps `policy` names before each of
+    /// their deploys.
+    #[must_use]
+    pub fn with_snapshots(
+        mut self,
+        policy: Option<crate::digitalocean::snapshot::SnapshotPolicy>,
+    ) -> Self {
+        self.snapshots = policy.map(std::sync::Arc::new);
+        self
     }
 
     /// Running deployments' events, by deployment id.
@@ -358,6 +372,7 @@ impl ControlService {
             actor: caller.token_id.clone(),
             selector: selector_json(selector),
             rollout,
+            snapshots: Vec::new(),
         };
         self.start_plan(plan).await
     }
@@ -384,6 +399,9 @@ impl ControlService {
             req.release_id.clone()
         };
         let targets = self.select(req.selector.as_ref()).await?;
+        let snapshots = self
+            .snapshot_before(&caller.token_id, &req.app, &release_id, &targets)
+            .await?;
         let plan = Plan {
             app: req.app,
             action: Action::Deploy {
@@ -396,8 +414,55 @@ impl ControlService {
             actor: caller.token_id.clone(),
             selector: selector_json(req.selector.as_ref()),
             rollout,
+            snapshots,
         };
         self.start_plan(plan).await
+    }
+
+    /// `snapshot_before_deploy`: snapshots the target droplets and waits
+    /// for them; a failure refuses the deploy (audited DEPLOY_SNAPSHOT_FAILED
+    /// with the action ids started) before any node is touched.
+    async fn snapshot_before(
+        &self,
+        actor: &str,
+        app: &str,
+        release_id: &str,
+        targets: &[Target],
+    ) -> Result<Vec<serde_json::Value>, ApiError> {
+        let Some(policy) = &self.snapshots else {
+            return Ok(Vec::new());
+        };
+        let mut taken = Vec::new();
+        let done = policy
+            .before_deploy(&self.store, app, release_id, targets, &mut taken)
+            .await;
+        let taken: Vec<serde_json::Value> = taken
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap_or_default())
+            .collect();
+        match done {
+            Ok(()) => Ok(taken),
+            Err(crate::digitalocean::snapshot::SnapshotError::Store(err)) => Err(err.into()),
+            Err(err) => {
+                let message = err.to_string();
+                tracing::warn!(%app, "{message}");
+                let event = AuditEvent::error(
+                    audit::DEPLOY_SNAPSHOT_FAILED,
+                    actor,
+                    "app",
+                    app,
+                    serde_json::json!({
+                        "app": app,
+                        "release_id": release_id,
+                        "nodes": targets.iter().map(|t| &t.node_id).collect::<Vec<_>>(),
+                        "snapshots": taken,
+                    }),
+                    message.clone(),
+                );
+                self.store.audit(&event, crate::now_unix()).await?;
+                Err(ApiError::Snapshot(message))
+            }
+        }
     }
 
     /// Rollback for `caller` (scope checked, request validated).
@@ -417,6 +482,7 @@ impl ControlService {
             actor: caller.token_id.clone(),
             selector: selector_json(req.selector.as_ref()),
             rollout,
+            snapshots: Vec::new(),
         };
         self.start_plan(plan).await
     }
@@ -915,6 +981,7 @@ impl Control for ControlService {
             actor: caller.token_id,
             selector: selector_json(req.selector.as_ref()),
             rollout,
+            snapshots: Vec::new(),
         };
         Ok(Response::new(self.run_plan(plan).await?))
     }

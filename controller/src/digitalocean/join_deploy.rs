@@ -100,6 +100,7 @@ pub async fn once(
                     "reason": "droplet joined: current release",
                 }),
                 rollout: Rollout::default(),
+                snapshots: Vec::new(),
             });
         }
         let event = AuditEvent::success(

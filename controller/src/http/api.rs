@@ -506,6 +506,10 @@ pub struct DeploymentOut {
     /// Per node (only on `/api/v1/deployments/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     nodes: Option<Vec<DeploymentNodeOut>>,
+    /// DigitalOcean snapshots taken before it (`snapshot_before_deploy`):
+    /// `node_id`, `node_name`, `droplet_id`, `action_id`, `status` each.
+    #[schema(value_type = Vec<Object>)]
+    snapshots: Vec<serde_json::Value>,
 }
 
 /// One node of a deployment.
@@ -550,6 +554,7 @@ fn deployment_out(d: DeploymentRecord, with_nodes: bool) -> DeploymentOut {
         started_at: d.started_at,
         finished_at: d.finished_at,
         message: d.message,
+        snapshots: d.snapshots,
         nodes: with_nodes.then(|| {
             d.nodes
                 .into_iter()

@@ -119,6 +119,9 @@ pub async fn start(
         "strategy": plan.rollout.strategy.name(),
         "rollout": rollout_json,
     });
+    if !plan.snapshots.is_empty() {
+        details["snapshots"] = serde_json::Value::from(plan.snapshots.clone());
+    }
     if let Action::Prune { keep } = &plan.action {
         details["keep"] = serde_json::Value::from(*keep);
     }
@@ -161,6 +164,7 @@ pub async fn start(
                 actor: &plan.actor,
                 selector: &plan.selector,
                 rollout: &rollout_json,
+                snapshots: &plan.snapshots,
                 started_at: now,
                 nodes: &nodes,
             },

@@ -24,6 +24,8 @@ pub struct NewDeployment<'a> {
     pub selector: &'a serde_json::Value,
     /// Rollout (strategy and its settings) as JSON.
     pub rollout: &'a serde_json::Value,
+    /// DigitalOcean snapshots taken before it (JSON array).
+    pub snapshots: &'a [serde_json::Value],
     /// Now.
     pub started_at: i64,
     /// Every target, in rollout order.
@@ -68,6 +70,9 @@ pub struct DeploymentRecord {
     pub message: String,
     /// One entry per target node, by node name.
     pub nodes: Vec<DeploymentNodeRecord>,
+    /// DigitalOcean snapshots taken before it (`snapshot_before_deploy`):
+    /// node, droplet and action ids.
+    pub snapshots: Vec<serde_json::Value>,
 }
 
 /// How one node of a recorded deployment ended.
@@ -145,8 +150,8 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
-                                      selector, rollout, status, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
+                                      selector, rollout, status, started_at, snapshots)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9, ?10)",
         )
         .bind(deployment.id)
         .bind(deployment.kind)
@@ -157,6 +162,7 @@ impl Store {
         .bind(deployment.selector.to_string())
         .bind(deployment.rollout.to_string())
         .bind(deployment.started_at)
+        .bind(serde_json::Value::from(deployment.snapshots.to_vec()).to_string())
         .execute(&mut *tx)
         .await?;
         for node in deployment.nodes {
@@ -411,7 +417,7 @@ impl Store {
     ) -> Result<Vec<DeploymentRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT d.id, d.kind, d.app, d.release_id, d.actor, d.status, d.started_at,
-                    d.finished_at, d.message
+                    d.finished_at, d.message, d.snapshots
              FROM deployments d
              WHERE d.rowid = (SELECT d2.rowid FROM deployments d2 WHERE d2.app = d.app
                               ORDER BY d2.started_at DESC, d2.rowid DESC LIMIT 1)
@@ -473,7 +479,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DeploymentRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message
+            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message,
+                    snapshots
              FROM deployments
              WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR started_at < ?2)
              ORDER BY started_at DESC, rowid DESC LIMIT ?3",
@@ -491,7 +498,8 @@ impl Store {
     /// One deployment with its per-node results.
     pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message
+            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message,
+                    snapshots
              FROM deployments WHERE id = ?1",
         )
         .bind(id)
@@ -523,6 +531,12 @@ fn deployment_record(
         finished_at: row.try_get("finished_at")?,
         message: row.try_get("message")?,
         nodes,
+        snapshots: serde_json::from_str(row.try_get::<&str, _>("snapshots")?).map_err(
+            |source| StoreError::Json {
+                column: "deployments.snapshots",
+                source,
+            },
+        )?,
     })
 }
 
@@ -548,6 +562,7 @@ mod tests {
             actor: "tok-1",
             selector: json,
             rollout: json,
+            snapshots: &[],
             started_at: 1_000,
             nodes,
         }
@@ -665,6 +680,7 @@ mod tests {
                             actor: "t",
                             selector: &serde_json::json!({}),
                             rollout: &serde_json::json!({}),
+                            snapshots: &[],
                             started_at: at,
                             nodes: &nodes,
                         },

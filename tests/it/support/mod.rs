@@ -155,18 +155,25 @@ impl Controller {
     /// kernel picks (`--http-listen 127.0.0.1:0`, learnt from
     /// `--http-ready-file`; see [`Controller::http_url`]).
     pub fn start_http() -> Self {
+        Self::start_http_with(&[])
+    }
+
+    /// [`Controller::start_http`] with extra `serve` flags.
+    pub fn start_http_with(serve_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("http-ready");
+        let mut args = vec![
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--http-ready-file".to_owned(),
+            ready.to_string_lossy().into_owned(),
+        ];
+        args.extend(serve_args.iter().map(|a| (*a).to_owned()));
         let mut c = Self {
             dir,
             port: 0,
             child: None,
-            serve_args: vec![
-                "--http-listen".to_owned(),
-                "127.0.0.1:0".to_owned(),
-                "--http-ready-file".to_owned(),
-                ready.to_string_lossy().into_owned(),
-            ],
+            serve_args: args,
             wrapper: Vec::new(),
         };
         c.restart();
