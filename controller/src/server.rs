@@ -192,7 +192,8 @@ async fn serve_notifying(
         artifacts,
         config.data_dir.clone(),
     )
-    .with_snapshots(snapshot_policy);
+    .with_snapshots(snapshot_policy)
+    .with_droplets(config.digitalocean.is_some());
     let http = match config.http {
         Some(settings) => Some(
             start_http(

@@ -52,6 +52,16 @@ fn matches(view: &Value) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// The id of node web-1 in `slipway-controller nodes --json`.
+fn web1_node_id(nodes: &[Value]) -> String {
+    nodes
+        .iter()
+        .find(|n| n["name"] == "web-1")
+        .and_then(|n| n["id"].as_str())
+        .unwrap()
+        .to_owned()
+}
+
 fn with_metadata(agent: &Agent, droplet_id: u64) {
     let url = metadata_service(droplet_id);
     let mut config = fs::read_to_string(&agent.config).unwrap();
@@ -81,7 +91,7 @@ fn the_fleet_follows_droplet_tags() {
         ),
     )
     .unwrap();
-    let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+    let controller = Controller::start_http_with(&["--config", config.to_str().unwrap()]);
 
     // Real agents; their join tokens carry no tags, so only the droplets'
     // DigitalOcean tags can select them. "stray" runs on the staging droplet.
@@ -184,6 +194,81 @@ fn the_fleet_follows_droplet_tags() {
     let retired = of("NODE_RETIRED");
     assert_eq!(retired.len(), 1);
     assert_eq!(retired[0]["resource_id"], web2_node["id"]);
+
+    // The fleet views show DigitalOcean's side: web-3 expected, not
+    // enrolled; stray, an agent without a droplet; web-2 gone, its node
+    // retired. `slipway nodes`, `slipway status --json`, /api/v1/droplets.
+    let out = controller.slipway(&reader, &["nodes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}: {table}"))
+            .to_owned()
+    };
+    assert!(table.contains("DigitalOcean droplets:"), "{table}");
+    assert!(line("web-3").contains("expected, not enrolled"), "{table}");
+    assert!(
+        line("web-1").contains(web1_node_id(&nodes).as_str()),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "stray ({}): reports droplet {staging}, not in the fleet",
+            strays[0]["node_id"].as_str().unwrap()
+        )),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("web-2 ({web2}), node web-2 retired")),
+        "{table}"
+    );
+    let out = controller.slipway(&reader, &["status", "--json"]);
+    let status: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let from_status = &status["droplets"];
+    let (code, from_http) = crate::http::get(&controller, &reader, "/api/v1/droplets");
+    assert_eq!(code, 200, "{from_http}");
+    for view in [from_status, &from_http] {
+        let by_name = |list: &str, name: &str| {
+            view[list]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name} not in {list}: {view:#}"))
+        };
+        assert_eq!(
+            by_name("droplets", "web-3")["node_id"],
+            Value::Null,
+            "{view:#}"
+        );
+        assert_eq!(
+            by_name("droplets", "web-1")["node_name"],
+            "web-1",
+            "{view:#}"
+        );
+        assert_eq!(by_name("gone", "web-2")["node_name"], "web-2", "{view:#}");
+        assert_eq!(
+            by_name("gone", "web-2")["node_id"],
+            web2_node["id"],
+            "{view:#}"
+        );
+        assert_eq!(
+            by_name("agents_without_droplet", "stray")["reported_droplet_id"],
+            staging,
+            "{view:#}"
+        );
+    }
+    let out = controller.slipway(&reader, &["status"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("DigitalOcean droplets:") && said.contains("expected, not enrolled"),
+        "{said}"
+    );
     // A deploy to env:production now reaches web-1 only.
     let out = controller.deploy_version(
         &deployer,

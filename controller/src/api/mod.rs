@@ -80,6 +80,9 @@ pub struct ControlService {
     live: live::Live,
     /// `snapshot_before_deploy` apps and the DigitalOcean client.
     snapshots: Option<std::sync::Arc<crate::digitalocean::snapshot::SnapshotPolicy>>,
+    /// The controller has a `[digitalocean]` table: the fleet views show
+    /// the droplets too.
+    digitalocean: bool,
 }
 
 /// A deployment that has started: its id and its events.
@@ -173,7 +176,32 @@ impl ControlService {
             data_dir,
             live: live::Live::default(),
             snapshots: None,
+            digitalocean: false,
         }
+    }
+
+    /// The fleet views show DigitalOcean's side (droplets as last synced).
+    #[must_use]
+    pub fn with_droplets(mut self, configured: bool) -> Self {
+        self.digitalocean = configured;
+        self
+    }
+
+    /// Whether the fleet views show droplets.
+    pub fn shows_droplets(&self) -> bool {
+        self.digitalocean
+    }
+
+    /// The droplets view, when DigitalOcean is configured.
+    pub async fn droplets_view(
+        &self,
+    ) -> Result<Option<crate::digitalocean::inventory::DropletsView>, StoreError> {
+        if !self.digitalocean {
+            return Ok(None);
+        }
+        Ok(Some(
+            crate::digitalocean::inventory::view(&self.store).await?,
+        ))
     }
 
     /// Snapshots the droplets of the apps `policy` names before each of
@@ -756,8 +784,10 @@ impl Control for ControlService {
             .await
             .map_err(ApiError::from)?;
         fleet::apply_sessions(&mut nodes, |id| self.sessions.contains(id));
+        let droplets = self.droplets_view().await.map_err(ApiError::from)?;
         Ok(Response::new(ListNodesResponse {
             nodes: nodes.iter().map(Into::into).collect(),
+            droplets: droplets.as_ref().map(Into::into),
         }))
     }
 
@@ -996,8 +1026,10 @@ impl Control for ControlService {
         validated(&req)?;
         let app = (!req.app.is_empty()).then_some(req.app.as_str());
         let status = self.fleet_status_for(app, req.refresh).await?;
+        let droplets = self.droplets_view().await.map_err(ApiError::from)?;
         Ok(Response::new(FleetStatusResponse {
             status: Some(status),
+            droplets: droplets.as_ref().map(Into::into),
         }))
     }
 }

@@ -426,10 +426,12 @@ async fn wait_current(
                     running.push((app, release));
                     continue;
                 }
+                let last = store.last_deployments(Some(&app)).await?;
+                let deploying = last
+                    .iter()
+                    .any(|d| d.status == "running" && d.nodes.iter().any(|n| n.node_id == node_id));
                 // The node's last deployment of the app, if it ended badly.
-                let failed = store
-                    .last_deployments(Some(&app))
-                    .await?
+                let failed = last
                     .into_iter()
                     .filter(|d| d.status != "running")
                     .flat_map(|d| d.nodes)
@@ -445,7 +447,9 @@ async fn wait_current(
                     .find(|r| r.id == node_id)
                     .and_then(|r| r.apps.iter().find(|a| a.app == app))
                     .is_some_and(|a| a.current_release == release);
-                if reported {
+                // Already running it (nothing was deployed), or a deployment
+                // is still finishing.
+                if reported && !deploying {
                     running.push((app, release));
                 } else {
                     pending = true;

@@ -220,7 +220,65 @@ async fn fleet_page(
         .store()
         .deployments(None, None, RECENT_DEPLOYMENTS)
         .await?;
-    Ok(page("Fleet", &who, fleet_body(&views, &deployments, now)).into_response())
+    let droplets = state.control().droplets_view().await?;
+    let body = html! {
+        (fleet_body(&views, &deployments, now))
+        @if let Some(view) = &droplets { (droplets_section(view)) }
+    };
+    Ok(page("Fleet", &who, body).into_response())
+}
+
+/// DigitalOcean's side of the fleet (when configured): droplets without an
+/// agent, agents without a droplet, gone droplets and their retired nodes.
+fn droplets_section(view: &crate::digitalocean::inventory::DropletsView) -> Markup {
+    html! {
+        h2 { "DigitalOcean droplets" }
+        table.droplets {
+            thead { tr { th { "Droplet" } th { "ID" } th { "Region" } th { "Public IPv4" } th { "Tags" } th { "Node" } } }
+            tbody {
+                @for d in &view.droplets {
+                    tr {
+                        td { (d.name) }
+                        td { (d.id) }
+                        td { (d.region) }
+                        td { (d.public_ipv4.as_deref().unwrap_or("-")) }
+                        td { (d.tags.join(", ")) }
+                        td {
+                            @match (&d.node_name, &d.node_id) {
+                                (Some(name), Some(id)) => { (name) " (" (id) ")" }
+                                _ => { span.problem { "expected, not enrolled" } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if !view.agents_without_droplet.is_empty() {
+            h3 { "Agents without a droplet" }
+            ul.agents-without-droplet {
+                @for a in &view.agents_without_droplet {
+                    li {
+                        (a.name) " (" (a.node_id) "): "
+                        @match a.reported_droplet_id {
+                            Some(id) => { "reports droplet " (id) ", not in the fleet" }
+                            None => { "no droplet id reported" }
+                        }
+                    }
+                }
+            }
+        }
+        @if !view.gone.is_empty() {
+            h3 { "Gone droplets (their nodes retired)" }
+            ul.gone-droplets {
+                @for d in &view.gone {
+                    li {
+                        (d.name) " (" (d.id) ")"
+                        @if let Some(name) = &d.node_name { ", node " (name) " retired" }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The fleet page's content.
