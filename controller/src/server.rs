@@ -76,7 +76,7 @@ pub enum ServeError {
     /// `snapshot_before_deploy` is set but the DigitalOcean client cannot
     /// be made (no token, …).
     #[error("digitalocean (snapshot_before_deploy): {0}")]
-    DigitalOcean(crate::digitalocean::DoError),
+    DigitalOcean(Box<crate::digitalocean::DoError>),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -170,7 +170,9 @@ async fn serve_notifying(
 
     // The DigitalOcean token is read now, so a bad one stops the start.
     let snapshot_policy = match &config.digitalocean {
-        Some(c) => c.snapshot_policy().map_err(ServeError::DigitalOcean)?,
+        Some(c) => c
+            .snapshot_policy()
+            .map_err(|e| ServeError::DigitalOcean(Box::new(e)))?,
         None => None,
     };
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
