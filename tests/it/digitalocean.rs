@@ -1052,3 +1052,29 @@ fn deploys_wait_for_droplet_snapshots() {
     }
     api.assert_no_violations();
 }
+
+/// Without `[digitalocean]`, the fleet views have no droplets part and
+/// `/api/v1/droplets` says DigitalOcean is not configured (404).
+#[test]
+fn without_digitalocean_the_fleet_views_show_no_droplets() {
+    let controller = Controller::start_http();
+    let mut agent = Agent::enroll(&controller, "web-1");
+    agent.run();
+    let reader = controller.api_token("read");
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+    let out = controller.slipway(&reader, &["nodes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("DigitalOcean"), "{}", text(&out));
+    let out = controller.slipway(&reader, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status.get("droplets").is_none(), "{status:#}");
+    let (code, body) = crate::http::get(&controller, &reader, "/api/v1/droplets");
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("DigitalOcean is not configured"),
+        "{body}"
+    );
+}

@@ -924,6 +924,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_droplets_section_names_each_kind() {
+        use crate::digitalocean::inventory::{AgentWithoutDroplet, DropletsView};
+        let droplet =
+            |id: u64, name: &str, node: Option<&str>, gone: Option<i64>| crate::store::DropletRow {
+                id,
+                name: name.to_owned(),
+                region: "fra1".to_owned(),
+                size: "s-1vcpu-1gb".to_owned(),
+                public_ipv4: Some("203.0.113.1".to_owned()),
+                private_ipv4: None,
+                tags: vec!["env:production".to_owned()],
+                status: "active".to_owned(),
+                first_seen_at: 0,
+                synced_at: 0,
+                gone_at: gone,
+                node_id: node.map(|n| format!("n-{n}")),
+                node_name: node.map(str::to_owned),
+            };
+        let view = DropletsView {
+            droplets: vec![
+                droplet(1, "web-1", Some("web-1"), None),
+                droplet(3, "web-3", None, None),
+            ],
+            gone: vec![droplet(2, "web-2", Some("web-2"), Some(5))],
+            agents_without_droplet: vec![AgentWithoutDroplet {
+                node_id: "n-stray".to_owned(),
+                name: "stray<b>".to_owned(),
+                reported_droplet_id: Some(9),
+            }],
+        };
+        let html = droplets_section(&view).into_string();
+        assert!(html.contains("web-1 (n-web-1)"), "{html}");
+        assert!(html.contains("expected, not enrolled"), "{html}");
+        assert!(html.contains("web-2 (2), node web-2 retired"), "{html}");
+        assert!(
+            html.contains("stray&lt;b&gt; (n-stray): reports droplet 9, not in the fleet"),
+            "{html}"
+        );
+    }
+
+    #[test]
     fn rollout_fields_are_checked() {
         assert!(rollout_of("rolling", Some("1")).is_ok());
         assert!(rollout_of("", None).is_ok());
