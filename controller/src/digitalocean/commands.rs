@@ -403,6 +403,7 @@ async fn wait_online(
 /// [`super::join_deploy`]); the apps and releases it runs.
 async fn wait_current(
     store: &Store,
+    artifacts: &crate::artifacts::Artifacts,
     node_id: &str,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<(String, String)>, DoCommandError> {
@@ -418,7 +419,7 @@ async fn wait_current(
             let mut running = Vec::new();
             let mut pending = false;
             for app in apps {
-                let Some((release, _)) = store.current_release(&app).await? else {
+                let Some((release, sha256)) = store.current_release(&app).await? else {
                     continue;
                 };
                 let switched = store.last_switched_releases(&app).await?;
@@ -451,6 +452,14 @@ async fn wait_current(
                 // is still finishing.
                 if reported && !deploying {
                     running.push((app, release));
+                } else if !deploying && !artifacts.contains(&sha256).await.unwrap_or(false) {
+                    // The controller skipped it (see JOIN_DEPLOY): say so
+                    // rather than wait for nothing.
+                    return Err(DoCommandError::Timeout(format!(
+                        "the current release of {app} ({release}) was deployed from a URL and its \
+                         artifact is not on the controller, so it was not sent to node {node_id}: \
+                         deploy it there yourself (slipway deploy {app} … --node {node_id})"
+                    )));
                 } else {
                     pending = true;
                 }
@@ -602,7 +611,8 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                     "node {node_name} ({node_id}) of droplet {} is online",
                     made.name
                 );
-                let running = wait_current(&store, &node_id, deadline).await?;
+                let artifacts = crate::artifacts::Artifacts::new(&data_dir);
+                let running = wait_current(&store, &artifacts, &node_id, deadline).await?;
                 if running.is_empty() {
                     println!("no app of node {node_name} has a current release to deploy");
                 }
