@@ -112,6 +112,12 @@ pub const AGENT_UPGRADE_COMPLETED: &str = "AGENT_UPGRADE_COMPLETED";
 pub const AGENT_UPGRADE_FAILED: &str = "AGENT_UPGRADE_FAILED";
 /// An API token was revoked (`slipway-controller token revoke`).
 pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
+/// The controller took on deploying the current releases to a node that
+/// joined from a droplet `droplets create` made (or failed to start one).
+pub const JOIN_DEPLOY: &str = "JOIN_DEPLOY";
+/// The DigitalOcean snapshots before a deploy (snapshot_before_deploy)
+/// failed or timed out: the deploy was not started.
+pub const DEPLOY_SNAPSHOT_FAILED: &str = "DEPLOY_SNAPSHOT_FAILED";
 /// An operator client certificate was issued (`operator create`).
 pub const OPERATOR_CREATED: &str = "OPERATOR_CREATED";
 /// An operator client certificate was revoked (`operator revoke`).

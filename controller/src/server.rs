@@ -82,6 +82,10 @@ pub enum ServeError {
     /// The GitHub client could not be set up.
     #[error("{0}")]
     Github(Box<crate::github::GhError>),
+    /// `snapshot_before_deploy` is set but the DigitalOcean client cannot
+    /// be made (no token, …).
+    #[error("digitalocean (snapshot_before_deploy): {0}")]
+    DigitalOcean(Box<crate::digitalocean::DoError>),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -179,6 +183,13 @@ async fn serve_notifying(
         store: store.clone(),
     };
 
+    // The DigitalOcean token is read now, so a bad one stops the start.
+    let snapshot_policy = match &config.digitalocean {
+        Some(c) => c
+            .snapshot_policy()
+            .map_err(|e| ServeError::DigitalOcean(Box::new(e)))?,
+        None => None,
+    };
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
     let sessions = rotation.sessions.clone();
     let artifacts = Artifacts::new(&config.data_dir);
@@ -207,12 +218,14 @@ async fn serve_notifying(
     let mut control = ControlService::new(
         store.clone(),
         sessions.clone(),
-        commands,
+        commands.clone(),
         artifacts,
         config.data_dir.clone(),
         secrets,
     )
-    .with_oidc(oidc);
+    .with_oidc(oidc)
+    .with_snapshots(snapshot_policy)
+    .with_droplets(config.digitalocean.is_some());
     // GitHub: the rollouts' notes go to the status queue (never waited
     // for); the webhook endpoint starts deployments through `control`.
     let stop_github = CancellationToken::new();
@@ -302,6 +315,13 @@ async fn serve_notifying(
             stop_polling.clone(),
         ))
     });
+    let join_deploys = tokio::spawn(crate::digitalocean::join_deploy::run(
+        store.clone(),
+        sessions.clone(),
+        commands.clone(),
+        Artifacts::new(&config.data_dir),
+        stop_polling.clone(),
+    ));
     let droplet_sync = config.digitalocean.clone().and_then(|c| {
         let every = c.sync_every?;
         Some(tokio::spawn(crate::digitalocean::inventory::periodic(
@@ -366,6 +386,7 @@ async fn serve_notifying(
     if let Some(backups) = backups {
         let _ = backups.await;
     }
+    let _ = join_deploys.await;
     if let Some(droplet_sync) = droplet_sync {
         let _ = droplet_sync.await;
     }

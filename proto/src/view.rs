@@ -897,6 +897,97 @@ pub fn ok_headline(status: &FleetStatus) -> String {
     line
 }
 
+/// DigitalOcean's side of the fleet, as `slipway nodes` and `slipway
+/// status` print it after the nodes: droplets without an agent ("expected,
+/// not enrolled"), agents without a droplet, and gone droplets (their nodes
+/// retired). Every value the controller sent is cut to one line of its limit.
+pub fn render_droplets(view: &crate::v1::DropletsView) -> String {
+    let name = |s: &str| limits::one_line(s, limits::MAX_NODE_NAME);
+    let mut out = String::from("\nDigitalOcean droplets:\n");
+    let _ = writeln!(
+        out,
+        "{:<24} {:>12} {:<8} {:<15} NODE",
+        "DROPLET", "ID", "REGION", "PUBLIC IPV4"
+    );
+    for d in &view.droplets {
+        let node = if d.node_id.is_empty() {
+            "expected, not enrolled".to_owned()
+        } else {
+            format!("{} ({})", name(&d.node_name), name(&d.node_id))
+        };
+        let ip = if d.public_ipv4.is_empty() {
+            "-"
+        } else {
+            d.public_ipv4.as_str()
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:>12} {:<8} {:<15} {node}",
+            name(&d.name),
+            d.id,
+            name(&d.region),
+            name(ip)
+        );
+    }
+    if !view.agents_without_droplet.is_empty() {
+        out.push_str("agents without a droplet:\n");
+        for a in &view.agents_without_droplet {
+            let reported = if a.reported_droplet_id == 0 {
+                "no droplet id reported".to_owned()
+            } else {
+                format!(
+                    "reports droplet {}, not in the fleet",
+                    a.reported_droplet_id
+                )
+            };
+            let _ = writeln!(
+                out,
+                "  {} ({}): {reported}",
+                name(&a.node_name),
+                name(&a.node_id)
+            );
+        }
+    }
+    if !view.gone.is_empty() {
+        out.push_str("gone droplets (their nodes retired):\n");
+        for d in &view.gone {
+            let node = if d.node_name.is_empty() {
+                String::new()
+            } else {
+                format!(", node {} retired", name(&d.node_name))
+            };
+            let _ = writeln!(out, "  {} ({}){node}", name(&d.name), d.id);
+        }
+    }
+    out
+}
+
+/// The droplets view in JSON (the `droplets` key of `slipway status --json`).
+pub fn droplets_value(view: &crate::v1::DropletsView) -> serde_json::Value {
+    let entry = |d: &crate::v1::DropletEntry| {
+        serde_json::json!({
+            "id": d.id,
+            "name": d.name,
+            "region": d.region,
+            "size": d.size,
+            "public_ipv4": (!d.public_ipv4.is_empty()).then_some(&d.public_ipv4),
+            "tags": d.tags,
+            "node_id": (!d.node_id.is_empty()).then_some(&d.node_id),
+            "node_name": (!d.node_name.is_empty()).then_some(&d.node_name),
+            "gone_at": (d.gone_at_unix != 0).then_some(d.gone_at_unix),
+        })
+    };
+    serde_json::json!({
+        "droplets": view.droplets.iter().map(entry).collect::<Vec<_>>(),
+        "gone": view.gone.iter().map(entry).collect::<Vec<_>>(),
+        "agents_without_droplet": view.agents_without_droplet.iter().map(|a| serde_json::json!({
+            "node_id": a.node_id,
+            "name": a.node_name,
+            "reported_droplet_id": (a.reported_droplet_id != 0).then_some(a.reported_droplet_id),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

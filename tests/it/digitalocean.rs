@@ -52,6 +52,16 @@ fn matches(view: &Value) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// The id of node web-1 in `slipway-controller nodes --json`.
+fn web1_node_id(nodes: &[Value]) -> String {
+    nodes
+        .iter()
+        .find(|n| n["name"] == "web-1")
+        .and_then(|n| n["id"].as_str())
+        .unwrap()
+        .to_owned()
+}
+
 fn with_metadata(agent: &Agent, droplet_id: u64) {
     let url = metadata_service(droplet_id);
     let mut config = fs::read_to_string(&agent.config).unwrap();
@@ -81,7 +91,7 @@ fn the_fleet_follows_droplet_tags() {
         ),
     )
     .unwrap();
-    let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+    let controller = Controller::start_http_with(&["--config", config.to_str().unwrap()]);
 
     // Real agents; their join tokens carry no tags, so only the droplets'
     // DigitalOcean tags can select them. "stray" runs on the staging droplet.
@@ -184,6 +194,81 @@ fn the_fleet_follows_droplet_tags() {
     let retired = of("NODE_RETIRED");
     assert_eq!(retired.len(), 1);
     assert_eq!(retired[0]["resource_id"], web2_node["id"]);
+
+    // The fleet views show DigitalOcean's side: web-3 expected, not
+    // enrolled; stray, an agent without a droplet; web-2 gone, its node
+    // retired. `slipway nodes`, `slipway status --json`, /api/v1/droplets.
+    let out = controller.slipway(&reader, &["nodes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}: {table}"))
+            .to_owned()
+    };
+    assert!(table.contains("DigitalOcean droplets:"), "{table}");
+    assert!(line("web-3").contains("expected, not enrolled"), "{table}");
+    assert!(
+        line("web-1").contains(web1_node_id(&nodes).as_str()),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "stray ({}): reports droplet {staging}, not in the fleet",
+            strays[0]["node_id"].as_str().unwrap()
+        )),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("web-2 ({web2}), node web-2 retired")),
+        "{table}"
+    );
+    let out = controller.slipway(&reader, &["status", "--json"]);
+    let status: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let from_status = &status["droplets"];
+    let (code, from_http) = crate::http::get(&controller, &reader, "/api/v1/droplets");
+    assert_eq!(code, 200, "{from_http}");
+    for view in [from_status, &from_http] {
+        let by_name = |list: &str, name: &str| {
+            view[list]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name} not in {list}: {view:#}"))
+        };
+        assert_eq!(
+            by_name("droplets", "web-3")["node_id"],
+            Value::Null,
+            "{view:#}"
+        );
+        assert_eq!(
+            by_name("droplets", "web-1")["node_name"],
+            "web-1",
+            "{view:#}"
+        );
+        assert_eq!(by_name("gone", "web-2")["node_name"], "web-2", "{view:#}");
+        assert_eq!(
+            by_name("gone", "web-2")["node_id"],
+            web2_node["id"],
+            "{view:#}"
+        );
+        assert_eq!(
+            by_name("agents_without_droplet", "stray")["reported_droplet_id"],
+            staging,
+            "{view:#}"
+        );
+    }
+    let out = controller.slipway(&reader, &["status"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("DigitalOcean droplets:") && said.contains("expected, not enrolled"),
+        "{said}"
+    );
     // A deploy to env:production now reaches web-1 only.
     let out = controller.deploy_version(
         &deployer,
@@ -627,7 +712,7 @@ fn a_created_droplet_joins_with_its_user_data_token() {
     // The "booting droplet": enrolls with the token from its user data.
     let mut agent = Agent::enroll(&controller, "placeholder");
     let state = agent.dir.path().join("web-4-state");
-    let enroll = |state: &std::path::Path| {
+    let enroll_as = |name: &str, state: &std::path::Path| {
         std::process::Command::new(bin("slipway-agent"))
             .args([
                 "enroll",
@@ -636,13 +721,47 @@ fn a_created_droplet_joins_with_its_user_data_token() {
                 "--token",
                 &join,
                 "--name",
-                "web-4",
+                name,
             ])
             .arg("--state-dir")
             .arg(state)
             .output()
             .unwrap()
     };
+    let enroll = |state: &std::path::Path| enroll_as("web-4", state);
+    // The token is bound to the droplet's name: under another name it is
+    // refused (naming both), audited, and not spent.
+    let stolen = enroll_as("intruder", &agent.dir.path().join("intruder-state"));
+    assert!(!stolen.status.success(), "{}", text(&stolen));
+    assert!(
+        text(&stolen).contains("bound to node name \"web-4\"")
+            && text(&stolen).contains("\"intruder\""),
+        "{}",
+        text(&stolen)
+    );
+    let reader = controller.api_token("read");
+    let refused = controller
+        .audit(&reader)
+        .into_iter()
+        .find(|e| e["event_type"] == "NODE_ENROLL_REFUSED")
+        .expect("the refusal is audited");
+    assert!(
+        refused.to_string().contains("intruder") && refused.to_string().contains("web-4"),
+        "{refused}"
+    );
+    // An ordinary join token still enrolls any name: web-1, which gets
+    // release v1 of web, the app's current release.
+    let mut web1 = Agent::enroll(&controller, "web-1");
+    web1.run();
+    let deployer = controller.api_token("deploy:web");
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v1",
+        APP,
+        &["--wait", "--node", "web-1"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
     let out = enroll(&state);
     assert!(out.status.success(), "{}", text(&out));
     let again = enroll(&agent.dir.path().join("other-state"));
@@ -675,6 +794,28 @@ fn a_created_droplet_joins_with_its_user_data_token() {
         "{said}"
     );
     assert!(said.contains("is online"), "{said}");
+    // The controller deployed web's current release to the new droplet by
+    // itself, as a deployment of its own, and --wait followed it.
+    assert!(
+        said.contains("node web-4 runs web release v1 (the current release)"),
+        "{said}"
+    );
+    let out = controller.slipway(&reader, &["nodes", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let nodes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let web4 = nodes.iter().find(|n| n["name"] == "web-4").unwrap();
+    assert_eq!(web4["apps"][0]["current_release"], "v1", "{web4}");
+    let events = controller.audit(&reader);
+    let joined = events
+        .iter()
+        .find(|e| e["event_type"] == "JOIN_DEPLOY")
+        .expect("the join deploy is audited");
+    assert_eq!(joined["details"]["apps"][0]["release_id"], "v1", "{joined}");
+    let deployed = events
+        .iter()
+        .filter(|e| e["event_type"] == "DEPLOY_COMPLETED" && e["actor"] == "controller")
+        .count();
+    assert_eq!(deployed, 1, "one deployment by the controller");
 
     // A droplet that never boots: --wait gives up, exit 1, saying why.
     let out = droplets_cli(
@@ -716,4 +857,224 @@ fn a_created_droplet_joins_with_its_user_data_token() {
         ]
     );
     api.assert_no_violations();
+}
+
+/// `snapshot_before_deploy = true` for web: each deploy of web, by the CLI
+/// or the HTTP API, first snapshots the target nodes that are droplets
+/// (POST /v2/droplets/{id}/actions, checked against the description), waits
+/// for the actions, and records their ids on the deployment; an action that
+/// errors or outlasts `snapshot_timeout` refuses the deploy before any node
+/// is touched, audited.
+#[test]
+fn deploys_wait_for_droplet_snapshots() {
+    use crate::http::{get, post, upload, wait_done};
+    let api = DoApi::start();
+    let web1 = api.add_droplet("web-1", &["env:production"]);
+    let web2 = api.add_droplet("web-2", &["env:production"]);
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\n\
+             sync_every = \"0s\"\nretry_min_wait = \"10ms\"\nretry_max_wait = \"100ms\"\n\
+             snapshot_timeout = \"2s\"\nsnapshot_poll = \"20ms\"\n\
+             [digitalocean.apps.web]\nsnapshot_before_deploy = true\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start_http_with(&["--config", config.to_str().unwrap()]);
+    let mut agents = Vec::new();
+    for (name, droplet) in [
+        ("web-1", Some(web1)),
+        ("web-2", Some(web2)),
+        ("plain", None),
+    ] {
+        let agent = Agent::enroll(&controller, name);
+        if let Some(droplet) = droplet {
+            with_metadata(&agent, droplet);
+        }
+        agents.push(agent);
+    }
+    for a in &mut agents {
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    controller.wait_online(&reader, 3, Duration::from_secs(30));
+    let snapshot_posts = || {
+        api.control("GET", "/_test/log", None)
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["method"] == "POST"
+                    && e["path"].as_str().unwrap().ends_with("/actions")
+                    && e["path"].as_str().unwrap().starts_with("/v2/droplets/")
+            })
+            .map(|e| e["path"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let last_deployment = || {
+        let (code, list) = get(&controller, &reader, "/api/v1/deployments?app=web&limit=1");
+        assert_eq!(code, 200, "{list}");
+        let id = list[0]["id"].as_str().unwrap().to_owned();
+        get(&controller, &reader, &format!("/api/v1/deployments/{id}")).1
+    };
+    let snapshot_droplets = |record: &Value| {
+        let mut ids: Vec<u64> = record["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                assert!(s["action_id"].as_u64().unwrap() > 0, "{s}");
+                assert_eq!(s["status"], "completed", "{s}");
+                s["droplet_id"].as_u64().unwrap()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+
+    // The CLI: v1 to all three nodes; the two droplets are snapshotted
+    // first ("plain" is no droplet).
+    let out = controller.deploy_version(&deployer, work.path(), "v1", APP, &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut posted = snapshot_posts();
+    posted.sort();
+    assert_eq!(
+        posted,
+        [
+            format!("/v2/droplets/{web1}/actions"),
+            format!("/v2/droplets/{web2}/actions")
+        ]
+    );
+    let record = last_deployment();
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert_eq!(snapshot_droplets(&record), [web1, web2], "{record}");
+    let events = controller.audit(&reader);
+    let started = events
+        .iter()
+        .find(|e| e["event_type"] == "DEPLOY_STARTED")
+        .unwrap();
+    assert_eq!(
+        started["details"]["snapshots"], record["snapshots"],
+        "{started}"
+    );
+
+    // The HTTP API: a snapshot that errors refuses the deploy, naming the
+    // action; no node is touched.
+    let v2 = crate::support::artifact(work.path(), "v2", APP);
+    let (code, body) = upload(&controller, &deployer, &v2);
+    assert_eq!(code, 201, "{body}");
+    api.control(
+        "POST",
+        "/_test/config",
+        Some(serde_json::json!({ "action_outcome": "errored" })),
+    );
+    let deploy_v2 = format!(
+        r#"{{"sha256":"{}","release_id":"v2"}}"#,
+        crate::support::sha256_file(&v2)
+    );
+    let (code, body) = post(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/deploy",
+        &deploy_v2,
+    );
+    assert_eq!(code, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("snapshot before deploying web failed")
+            && error.contains("errored")
+            && error.contains("no node was touched"),
+        "{body}"
+    );
+    for a in &agents {
+        assert_eq!(a.current().as_deref(), Some("v1"), "{}", a.name);
+    }
+    assert_eq!(
+        last_deployment()["id"],
+        record["id"],
+        "no deployment started"
+    );
+    let failed: Vec<Value> = controller
+        .audit(&reader)
+        .into_iter()
+        .filter(|e| e["event_type"] == "DEPLOY_SNAPSHOT_FAILED")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        failed[0]["details"]["snapshots"].as_array().unwrap().len(),
+        2
+    );
+
+    // The CLI: a snapshot that outlasts snapshot_timeout (2s) likewise.
+    api.control(
+        "POST",
+        "/_test/config",
+        Some(serde_json::json!({ "action_outcome": "completed", "polls_to_complete": 100000 })),
+    );
+    let out = controller.deploy_version(&deployer, work.path(), "v2", APP, &["--wait"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("did not finish within 2s") && text(&out).contains("snapshot_timeout"),
+        "{}",
+        text(&out)
+    );
+    for a in &agents {
+        assert_eq!(a.current().as_deref(), Some("v1"), "{}", a.name);
+    }
+
+    // The HTTP API: snapshots that complete; v2 deployed, ids recorded.
+    api.control(
+        "POST",
+        "/_test/config",
+        Some(serde_json::json!({ "polls_to_complete": 2 })),
+    );
+    let (code, started) = post(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/deploy",
+        &deploy_v2,
+    );
+    assert_eq!(code, 202, "{started}");
+    let id = started["deployment_id"].as_str().unwrap().to_owned();
+    let done = wait_done(&controller, &reader, &id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(snapshot_droplets(&done), [web1, web2], "{done}");
+    for a in &agents {
+        assert_eq!(a.current().as_deref(), Some("v2"), "{}", a.name);
+    }
+    api.assert_no_violations();
+}
+
+/// Without `[digitalocean]`, the fleet views have no droplets part and
+/// `/api/v1/droplets` says DigitalOcean is not configured (404).
+#[test]
+fn without_digitalocean_the_fleet_views_show_no_droplets() {
+    let controller = Controller::start_http();
+    let mut agent = Agent::enroll(&controller, "web-1");
+    agent.run();
+    let reader = controller.api_token("read");
+    controller.wait_online(&reader, 1, Duration::from_secs(30));
+    let out = controller.slipway(&reader, &["nodes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("DigitalOcean"), "{}", text(&out));
+    let out = controller.slipway(&reader, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status.get("droplets").is_none(), "{status:#}");
+    let (code, body) = crate::http::get(&controller, &reader, "/api/v1/droplets");
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("DigitalOcean is not configured"),
+        "{body}"
+    );
 }

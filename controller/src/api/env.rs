@@ -169,6 +169,7 @@ impl ControlService {
             actor: caller.token_id.clone(),
             selector: selector_json(req.selector.as_ref()),
             rollout,
+            snapshots: Vec::new(),
         };
         self.start_plan(plan).await.map_err(not_delivered)
     }
@@ -320,6 +321,7 @@ impl ControlService {
                 actor: "controller".to_owned(),
                 selector: serde_json::json!({ "node": node_id, "catch_up": true }),
                 rollout: rollout::Rollout::from_proto(None).unwrap_or_default(),
+                snapshots: Vec::new(),
             };
             match self.start_plan(plan).await {
                 Ok(started) => {

@@ -50,6 +50,9 @@ pub enum ApiError {
     /// Artifact store.
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    /// The DigitalOcean snapshots before a deploy failed (not started).
+    #[error("{0}")]
+    Snapshot(String),
     /// Database.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -121,7 +124,7 @@ impl From<ApiError> for Status {
             ApiError::Oidc(_) => Status::unauthenticated(err.to_string()),
             ApiError::Scope { .. } => Status::permission_denied(err.to_string()),
             ApiError::Invalid(_) => Status::invalid_argument(err.to_string()),
-            ApiError::NoNodes(_) | ApiError::NoArtifact(_) => {
+            ApiError::NoNodes(_) | ApiError::NoArtifact(_) | ApiError::Snapshot(_) => {
                 Status::failed_precondition(err.to_string())
             }
             ApiError::Artifact(err) => err.into(),

@@ -88,6 +88,11 @@ pub struct ControlService {
     observer: Option<rollout::Observer>,
     /// Opens and seals apps' environments.
     secrets: crate::secrets::Secrets,
+    /// `snapshot_before_deploy` apps and the DigitalOcean client.
+    snapshots: Option<std::sync::Arc<crate::digitalocean::snapshot::SnapshotPolicy>>,
+    /// The controller has a `[digitalocean]` table: the fleet views show
+    /// the droplets too.
+    digitalocean: bool,
 }
 
 /// A deployment that has started: its id and its events.
@@ -187,6 +192,8 @@ impl ControlService {
             oidc: None,
             observer: None,
             secrets,
+            snapshots: None,
+            digitalocean: false,
         }
     }
 
@@ -235,6 +242,41 @@ impl ControlService {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The fleet views show DigitalOcean's side (droplets as last synced).
+    #[must_use]
+    pub fn with_droplets(mut self, configured: bool) -> Self {
+        self.digitalocean = configured;
+        self
+    }
+
+    /// Whether the fleet views show droplets.
+    pub fn shows_droplets(&self) -> bool {
+        self.digitalocean
+    }
+
+    /// The droplets view, when DigitalOcean is configured.
+    pub async fn droplets_view(
+        &self,
+    ) -> Result<Option<crate::digitalocean::inventory::DropletsView>, StoreError> {
+        if !self.digitalocean {
+            return Ok(None);
+        }
+        Ok(Some(
+            crate::digitalocean::inventory::view(&self.store).await?,
+        ))
+    }
+
+    /// Snapshots the droplets of the apps `policy` names before each of
+    /// their deploys.
+    #[must_use]
+    pub fn with_snapshots(
+        mut self,
+        policy: Option<crate::digitalocean::snapshot::SnapshotPolicy>,
+    ) -> Self {
+        self.snapshots = policy.map(std::sync::Arc::new);
+        self
     }
 
     /// Running deployments' events, by deployment id.
@@ -428,6 +470,7 @@ impl ControlService {
             actor: caller.token_id.clone(),
             selector: selector_json(selector),
             rollout,
+            snapshots: Vec::new(),
         };
         self.start_plan(plan).await
     }
@@ -454,6 +497,9 @@ impl ControlService {
             req.release_id.clone()
         };
         let targets = self.select(req.selector.as_ref()).await?;
+        let snapshots = self
+            .snapshot_before(&caller.token_id, &req.app, &release_id, &targets)
+            .await?;
         let plan = Plan {
             app: req.app,
             action: Action::Deploy {
@@ -466,8 +512,55 @@ impl ControlService {
             actor: caller.token_id.clone(),
             selector: selector_json(req.selector.as_ref()),
             rollout,
+            snapshots,
         };
         self.start_plan(plan).await
+    }
+
+    /// `snapshot_before_deploy`: snapshots the target droplets and waits
+    /// for them; a failure refuses the deploy (audited DEPLOY_SNAPSHOT_FAILED
+    /// with the action ids started) before any node is touched.
+    async fn snapshot_before(
+        &self,
+        actor: &str,
+        app: &str,
+        release_id: &str,
+        targets: &[Target],
+    ) -> Result<Vec<serde_json::Value>, ApiError> {
+        let Some(policy) = &self.snapshots else {
+            return Ok(Vec::new());
+        };
+        let mut taken = Vec::new();
+        let done = policy
+            .before_deploy(&self.store, app, release_id, targets, &mut taken)
+            .await;
+        let taken: Vec<serde_json::Value> = taken
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap_or_default())
+            .collect();
+        match done {
+            Ok(()) => Ok(taken),
+            Err(crate::digitalocean::snapshot::SnapshotError::Store(err)) => Err(err.into()),
+            Err(err) => {
+                let message = err.to_string();
+                tracing::warn!(%app, "{message}");
+                let event = AuditEvent::error(
+                    audit::DEPLOY_SNAPSHOT_FAILED,
+                    actor,
+                    "app",
+                    app,
+                    serde_json::json!({
+                        "app": app,
+                        "release_id": release_id,
+                        "nodes": targets.iter().map(|t| &t.node_id).collect::<Vec<_>>(),
+                        "snapshots": taken,
+                    }),
+                    message.clone(),
+                );
+                self.store.audit(&event, crate::now_unix()).await?;
+                Err(ApiError::Snapshot(message))
+            }
+        }
     }
 
     /// Rollback for `caller` (scope checked, request validated).
@@ -487,6 +580,7 @@ impl ControlService {
             actor: caller.token_id.clone(),
             selector: selector_json(req.selector.as_ref()),
             rollout,
+            snapshots: Vec::new(),
         };
         self.start_plan(plan).await
     }
@@ -834,7 +928,11 @@ impl Control for ControlService {
                 }
             }
         }
-        Ok(Response::new(ListNodesResponse { nodes }))
+        let droplets = self.droplets_view().await.map_err(ApiError::from)?;
+        Ok(Response::new(ListNodesResponse {
+            nodes,
+            droplets: droplets.as_ref().map(Into::into),
+        }))
     }
 
     async fn list_audit(
@@ -1057,6 +1155,7 @@ impl Control for ControlService {
             actor: caller.token_id,
             selector: selector_json(req.selector.as_ref()),
             rollout,
+            snapshots: Vec::new(),
         };
         Ok(Response::new(self.run_plan(plan).await?))
     }
@@ -1071,8 +1170,10 @@ impl Control for ControlService {
         validated(&req)?;
         let app = (!req.app.is_empty()).then_some(req.app.as_str());
         let status = self.fleet_status_for(app, req.refresh).await?;
+        let droplets = self.droplets_view().await.map_err(ApiError::from)?;
         Ok(Response::new(FleetStatusResponse {
             status: Some(status),
+            droplets: droplets.as_ref().map(Into::into),
         }))
     }
 }

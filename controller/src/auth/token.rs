@@ -23,6 +23,9 @@ pub enum TokenError {
     /// `--tag` breaks the label rule (see [`slipway_proto::limits::check_tag`]).
     #[error("invalid tag: {0}")]
     Tag(slipway_proto::limits::FieldError),
+    /// The node name a token is bound to breaks the node name rule.
+    #[error("invalid node name: {0}")]
+    NodeName(slipway_proto::limits::FieldError),
     /// Storing the token failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -34,7 +37,7 @@ pub enum TokenError {
 impl TokenError {
     /// A bad `--ttl` or `--tag` (exit 64).
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Ttl(_) | Self::Tag(_))
+        matches!(self, Self::Ttl(_) | Self::Tag(_) | Self::NodeName(_))
     }
 }
 
@@ -48,8 +51,9 @@ pub fn check_tag(tag: &str) -> Result<(), TokenError> {
     slipway_proto::limits::check_tag("--tag", tag).map_err(TokenError::Tag)
 }
 
-/// Creates and stores a token, audits TOKEN_CREATED, and returns the token,
-/// whose text is shown to the operator once and never stored.
+/// Creates and stores a token good for any node name, audits
+/// TOKEN_CREATED, and returns the token, whose text is shown to the operator
+/// once and never stored.
 pub async fn create(
     store: &Store,
     ca_sha256: &str,
@@ -57,8 +61,25 @@ pub async fn create(
     tags: &[String],
     now: i64,
 ) -> Result<JoinToken, TokenError> {
+    create_bound(store, ca_sha256, ttl, tags, None, now).await
+}
+
+/// Like [`create`]; with `node_name`, the token enrolls only a node of that
+/// name (`droplets create` binds it to the droplet's name, so a token read
+/// from one droplet's user data cannot enroll a node under another name).
+pub async fn create_bound(
+    store: &Store,
+    ca_sha256: &str,
+    ttl: Duration,
+    tags: &[String],
+    node_name: Option<&str>,
+    now: i64,
+) -> Result<JoinToken, TokenError> {
     for tag in tags {
         check_tag(tag)?;
+    }
+    if let Some(name) = node_name {
+        slipway_proto::limits::check_node_name("node name", name).map_err(TokenError::NodeName)?;
     }
     let token = JoinToken {
         id: crypto::random_hex::<8>()?,
@@ -72,7 +93,7 @@ pub async fn create(
         "operator",
         "join_token",
         &token.id,
-        serde_json::json!({ "expires_at": expires_at, "tags": tags }),
+        serde_json::json!({ "expires_at": expires_at, "tags": tags, "node_name": node_name }),
     );
     // The token and its audit event are written together.
     store
@@ -80,6 +101,7 @@ pub async fn create(
             &token.id,
             &secret_hash(&token.secret),
             tags,
+            node_name,
             now,
             expires_at,
             &created,

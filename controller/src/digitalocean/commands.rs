@@ -62,7 +62,8 @@ pub struct CreateArgs {
     #[arg(long, default_value = "1h")]
     pub token_ttl: String,
     /// Then wait until the droplet's agent has enrolled, reported this
-    /// droplet's id and is online (bounded by --wait-timeout).
+    /// droplet's id and is online, and the controller has deployed to it
+    /// each app's current release (bounded by --wait-timeout).
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits, e.g. 10m.
@@ -432,6 +433,86 @@ async fn wait_online(
     }
 }
 
+/// Waits until the controller has deployed, to the node of a droplet
+/// `droplets create` made, each app's current release (see
+/// [`super::join_deploy`]); the apps and releases it runs.
+async fn wait_current(
+    store: &Store,
+    artifacts: &crate::artifacts::Artifacts,
+    node_id: &str,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<(String, String)>, DoCommandError> {
+    loop {
+        let taken = store.join_deploy_taken(node_id).await?;
+        if taken == Some(true) {
+            let fleet = store.fleet().await?;
+            let apps: Vec<String> = fleet
+                .iter()
+                .find(|r| r.id == node_id)
+                .map(|r| r.apps.iter().map(|a| a.app.clone()).collect())
+                .unwrap_or_default();
+            let mut running = Vec::new();
+            let mut pending = false;
+            for app in apps {
+                let Some((release, sha256)) = store.current_release(&app).await? else {
+                    continue;
+                };
+                let switched = store.last_switched_releases(&app).await?;
+                if switched.get(node_id).is_some_and(|(r, _)| *r == release) {
+                    running.push((app, release));
+                    continue;
+                }
+                let last = store.last_deployments(Some(&app)).await?;
+                let deploying = last
+                    .iter()
+                    .any(|d| d.status == "running" && d.nodes.iter().any(|n| n.node_id == node_id));
+                // The node's last deployment of the app, if it ended badly.
+                let failed = last
+                    .into_iter()
+                    .filter(|d| d.status != "running")
+                    .flat_map(|d| d.nodes)
+                    .find(|n| n.node_id == node_id && n.outcome != "succeeded");
+                if let Some(n) = failed {
+                    return Err(DoCommandError::Timeout(format!(
+                        "deploying {app} release {release} to node {} failed ({}): {}",
+                        n.node_name, n.outcome, n.message
+                    )));
+                }
+                let reported = fleet
+                    .iter()
+                    .find(|r| r.id == node_id)
+                    .and_then(|r| r.apps.iter().find(|a| a.app == app))
+                    .is_some_and(|a| a.current_release == release);
+                // Already running it (nothing was deployed), or a deployment
+                // is still finishing.
+                if reported && !deploying {
+                    running.push((app, release));
+                } else if !deploying && !artifacts.contains(&sha256).await.unwrap_or(false) {
+                    // The controller skipped it (see JOIN_DEPLOY): say so
+                    // rather than wait for nothing.
+                    return Err(DoCommandError::Timeout(format!(
+                        "the current release of {app} ({release}) was deployed from a URL and its \
+                         artifact is not on the controller, so it was not sent to node {node_id}: \
+                         deploy it there yourself (slipway deploy {app} … --node {node_id})"
+                    )));
+                } else {
+                    pending = true;
+                }
+            }
+            if !pending {
+                return Ok(running);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DoCommandError::Timeout(format!(
+                "node {node_id} is online but does not run the apps' current releases yet \
+                 (see `slipway deployments` and the controller's log)"
+            )));
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
 /// `droplets sync` flags.
 #[derive(Debug, Args)]
 pub struct SyncArgs {
@@ -559,11 +640,20 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
                 );
             }
             if let Some(limit) = wait_for {
+                let deadline = tokio::time::Instant::now() + limit;
                 let (node_id, node_name) = wait_online(&store, made.id, limit).await?;
                 println!(
                     "node {node_name} ({node_id}) of droplet {} is online",
                     made.name
                 );
+                let artifacts = crate::artifacts::Artifacts::new(&data_dir);
+                let running = wait_current(&store, &artifacts, &node_id, deadline).await?;
+                if running.is_empty() {
+                    println!("no app of node {node_name} has a current release to deploy");
+                }
+                for (app, release) in running {
+                    println!("node {node_name} runs {app} release {release} (the current release)");
+                }
             }
         }
         DropletsCommand::Retire(args) => {

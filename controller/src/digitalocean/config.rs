@@ -36,6 +36,21 @@ pub struct RawDigitalOcean {
     pub retry_max_wait: Option<String>,
     /// `[digitalocean.firewall]`: the fleet firewall.
     pub firewall: Option<super::firewall::RawFirewall>,
+    /// Per app: `[digitalocean.apps.web] snapshot_before_deploy = true`.
+    pub apps: Option<std::collections::BTreeMap<String, RawApp>>,
+    /// How long the snapshots before a deploy may take (default 30m).
+    pub snapshot_timeout: Option<String>,
+    /// How often a snapshot action is polled (default 10s).
+    pub snapshot_poll: Option<String>,
+}
+
+/// `[digitalocean.apps.APP]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    /// Snapshot the app's droplets before each deploy of it.
+    #[serde(default)]
+    pub snapshot_before_deploy: bool,
 }
 
 /// Checked `[digitalocean]` settings. The token is read when used, so a
@@ -49,6 +64,12 @@ pub struct DoConfig {
     pub sync_every: Option<Duration>,
     pub retry: RetryPolicy,
     pub firewall: Option<super::firewall::FirewallConfig>,
+    /// Apps snapshotted before each deploy.
+    pub snapshot_apps: std::collections::BTreeSet<String>,
+    /// Deadline of those snapshots.
+    pub snapshot_timeout: Duration,
+    /// How often they are polled.
+    pub snapshot_poll: Duration,
 }
 
 impl DoConfig {
@@ -97,7 +118,38 @@ impl DoConfig {
                 "digitalocean.retry_*: need retry_min_wait <= retry_max_wait <= 300s".into(),
             );
         }
+        let mut snapshot_apps = std::collections::BTreeSet::new();
+        for (app, table) in raw.apps.unwrap_or_default() {
+            slipway_proto::limits::check_app_name("app", &app)
+                .map_err(|e| format!("digitalocean.apps.{app}: {e}"))?;
+            if table.snapshot_before_deploy {
+                snapshot_apps.insert(app);
+            }
+        }
+        let snapshot_timeout = match raw.snapshot_timeout.as_deref() {
+            None => super::snapshot::DEFAULT_TIMEOUT,
+            Some(text) => match duration("snapshot_timeout", text)? {
+                d if d.is_zero() => {
+                    return Err("digitalocean.snapshot_timeout: must be more than 0s".into())
+                }
+                d => d,
+            },
+        };
+        let snapshot_poll = match raw.snapshot_poll.as_deref() {
+            None => super::snapshot::DEFAULT_POLL,
+            Some(text) => match duration("snapshot_poll", text)? {
+                d if d < Duration::from_millis(10) || d > Duration::from_secs(300) => {
+                    return Err(format!(
+                        "digitalocean.snapshot_poll: {text:?} is not between 10ms and 300s"
+                    ))
+                }
+                d => d,
+            },
+        };
         let config = Self {
+            snapshot_apps,
+            snapshot_timeout,
+            snapshot_poll,
             token_file: raw.token_file,
             fleet_tags,
             api_url: raw.api_url.unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
@@ -123,6 +175,19 @@ impl DoConfig {
     }
 
     /// A client with these settings (reads the token).
+    /// The snapshot policy, when some app has `snapshot_before_deploy`.
+    pub fn snapshot_policy(&self) -> Result<Option<super::snapshot::SnapshotPolicy>, DoError> {
+        if self.snapshot_apps.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(super::snapshot::SnapshotPolicy {
+            client: self.client()?,
+            apps: self.snapshot_apps.clone(),
+            timeout: self.snapshot_timeout,
+            poll: self.snapshot_poll,
+        }))
+    }
+
     pub fn client(&self) -> Result<Client, DoError> {
         let mut settings = Settings::new(self.token()?);
         settings.api_url = self.api_url.clone();
@@ -168,6 +233,18 @@ mod tests {
             (
                 "fleet_tags = [\"a\"]\nretry_min_wait = \"5s\"\nretry_max_wait = \"1s\"",
                 "retry",
+            ),
+            (
+                "fleet_tags = [\"a\"]\nsnapshot_timeout = \"0s\"",
+                "snapshot_timeout",
+            ),
+            (
+                "fleet_tags = [\"a\"]\nsnapshot_poll = \"1h\"",
+                "snapshot_poll",
+            ),
+            (
+                "fleet_tags = [\"a\"]\n[apps.\"a b\"]\nsnapshot_before_deploy = true",
+                "apps.a b",
             ),
         ] {
             let e = DoConfig::new(raw(text)).unwrap_err();

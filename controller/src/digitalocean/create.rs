@@ -1,5 +1,6 @@
 //! `slipway-controller droplets create`: a droplet that joins the fleet by
-//! itself. A one-time join token is made (tagged with the droplet's tags,
+//! itself. A one-time join token is made (bound to the droplet's name,
+//! tagged with the droplet's tags,
 //! short-lived: user data stays readable on the droplet's metadata
 //! service), the cloud-init user data of `packaging/cloud-init/user-data.yaml`
 //! is filled in with it, and a step is added that points the agent at the
@@ -108,7 +109,17 @@ pub async fn create(
     install.check().map_err(CreateError::Usage)?;
     droplet.user_data = Some(String::new());
     droplet.check().map_err(CreateError::Usage)?;
-    let join = token::create(store, ca_sha256, token_ttl, &droplet.tags, now).await?;
+    // Bound to the droplet's name: the token is readable from the droplet's
+    // metadata service, and must not enroll anything but this droplet.
+    let join = token::create_bound(
+        store,
+        ca_sha256,
+        token_ttl,
+        &droplet.tags,
+        Some(&droplet.name),
+        now,
+    )
+    .await?;
     droplet.user_data = Some(user_data(install, &join.to_string()).map_err(CreateError::Usage)?);
     droplet.check().map_err(CreateError::Usage)?;
     Ok(client.create_droplet(&droplet).await?)

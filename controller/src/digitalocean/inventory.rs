@@ -390,7 +390,15 @@ pub async fn view(store: &Store) -> Result<DropletsView, StoreError> {
         .filter(|d| d.gone_at.is_none())
         .map(|d| d.id)
         .collect();
-    let (gone, droplets): (Vec<_>, Vec<_>) = all.into_iter().partition(|d| d.gone_at.is_some());
+    let (mut gone, droplets): (Vec<_>, Vec<_>) = all.into_iter().partition(|d| d.gone_at.is_some());
+    // A gone droplet's node was retired (revoked): named all the same.
+    let retired = store.nodes_of_droplets().await?;
+    for d in gone.iter_mut().filter(|d| d.node_id.is_none()) {
+        if let Some((id, name)) = retired.get(&d.id) {
+            d.node_id = Some(id.clone());
+            d.node_name = Some(name.clone());
+        }
+    }
     let agents_without_droplet = store
         .node_droplet_ids()
         .await?
@@ -407,6 +415,35 @@ pub async fn view(store: &Store) -> Result<DropletsView, StoreError> {
         gone,
         agents_without_droplet,
     })
+}
+
+impl From<&DropletsView> for slipway_proto::v1::DropletsView {
+    fn from(view: &DropletsView) -> Self {
+        let entry = |d: &DropletRow| slipway_proto::v1::DropletEntry {
+            id: d.id,
+            name: d.name.clone(),
+            region: d.region.clone(),
+            size: d.size.clone(),
+            public_ipv4: d.public_ipv4.clone().unwrap_or_default(),
+            tags: d.tags.clone(),
+            node_id: d.node_id.clone().unwrap_or_default(),
+            node_name: d.node_name.clone().unwrap_or_default(),
+            gone_at_unix: d.gone_at.unwrap_or(0),
+        };
+        Self {
+            droplets: view.droplets.iter().map(entry).collect(),
+            gone: view.gone.iter().map(entry).collect(),
+            agents_without_droplet: view
+                .agents_without_droplet
+                .iter()
+                .map(|a| slipway_proto::v1::AgentWithoutDroplet {
+                    node_id: a.node_id.clone(),
+                    node_name: a.name.clone(),
+                    reported_droplet_id: a.reported_droplet_id.unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The view as the table `slipway-controller droplets list` prints.

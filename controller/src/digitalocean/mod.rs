@@ -20,6 +20,9 @@
 //! api      the typed operations and the shapes they read, each checked
 //!          with limits before use (droplets, actions, domain records,
 //!          firewalls, tags)
+//! snapshot  snapshot_before_deploy: droplet snapshots a deploy waits for
+//! join_deploy  a droplet `droplets create` made gets each app's current
+//!          release once its node is online (through the rollout code)
 //! ```
 
 pub mod api;
@@ -30,6 +33,8 @@ pub mod create;
 pub mod dns;
 pub mod firewall;
 pub mod inventory;
+pub mod join_deploy;
+pub mod snapshot;
 
 pub use api::{
     Action, DomainRecord, Droplet, Endpoints, Firewall, FirewallRule, NewDroplet, NewRecord,

@@ -544,6 +544,7 @@ mod tests {
             finished_at: Some(95),
             message: message.to_owned(),
             nodes: Vec::new(),
+            snapshots: Vec::new(),
         }
     }
 

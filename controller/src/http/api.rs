@@ -63,7 +63,7 @@ const SSE_QUEUE: usize = 64;
 #[openapi(
     info(title = "Slipway controller HTTP API", version = "1"),
     paths(
-        nodes, apps, app_releases, deployments, deployment, deployment_events, audit, status,
+        nodes, droplets, apps, app_releases, deployments, deployment, deployment_events, audit, status,
         deploy, rollback, restart, prune, upload_artifact, session_info,
         list_env, env_history, get_env_value, change_env
     ),
@@ -104,6 +104,7 @@ pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/droplets", get(droplets))
         .route("/api/v1/apps", get(apps))
         .route("/api/v1/apps/{app}/releases", get(app_releases))
         .route("/api/v1/apps/{app}/deploy", post(deploy))
@@ -355,6 +356,29 @@ async fn nodes(State(state): State<HttpState>, who: Principal) -> Result<Respons
     Ok(json_bytes(body))
 }
 
+/// DigitalOcean's side of the fleet (droplets as last synced): each
+/// droplet under the fleet's tags with its node, or none ("expected, not
+/// enrolled"); droplets gone (their nodes retired); live nodes matched to
+/// no current droplet.
+#[utoipa::path(get, path = "/api/v1/droplets", tag = "fleet",
+    responses(
+        (status = 200, description = "`droplets`, `gone` and `agents_without_droplet`",
+         body = Object),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 404, description = "DigitalOcean is not configured", body = ErrorBody),
+    ))]
+async fn droplets(State(state): State<HttpState>, who: Principal) -> Result<Response, AppError> {
+    who.require(&state, "list droplets", Caller::can_read)
+        .await?;
+    let view = state.control().droplets_view().await?.ok_or_else(|| {
+        AppError::NotFound(
+            "DigitalOcean is not configured on this controller (no [digitalocean] table)"
+                .to_owned(),
+        )
+    })?;
+    Ok(axum::Json(to_value(&view)?).into_response())
+}
+
 /// One app across the fleet.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AppOut {
@@ -512,6 +536,10 @@ pub struct DeploymentOut {
     /// Per node (only on `/api/v1/deployments/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     nodes: Option<Vec<DeploymentNodeOut>>,
+    /// DigitalOcean snapshots taken before it (`snapshot_before_deploy`):
+    /// `node_id`, `node_name`, `droplet_id`, `action_id`, `status` each.
+    #[schema(value_type = Vec<Object>)]
+    snapshots: Vec<serde_json::Value>,
 }
 
 /// One node of a deployment.
@@ -556,6 +584,7 @@ fn deployment_out(d: DeploymentRecord, with_nodes: bool) -> DeploymentOut {
         started_at: d.started_at,
         finished_at: d.finished_at,
         message: d.message,
+        snapshots: d.snapshots,
         nodes: with_nodes.then(|| {
             d.nodes
                 .into_iter()

@@ -149,7 +149,9 @@ impl From<ApiError> for AppError {
                     .map(ToOwned::to_owned);
                 Self::Invalid { field, message }
             }
-            ApiError::NoNodes(_) | ApiError::NoArtifact(_) => Self::Conflict(err.to_string()),
+            ApiError::NoNodes(_) | ApiError::NoArtifact(_) | ApiError::Snapshot(_) => {
+                Self::Conflict(err.to_string())
+            }
             ApiError::Artifact(artifact) => match artifact {
                 ArtifactError::BadDigest(_)
                 | ArtifactError::Mismatch { .. }

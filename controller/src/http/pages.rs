@@ -220,7 +220,65 @@ async fn fleet_page(
         .store()
         .deployments(None, None, RECENT_DEPLOYMENTS)
         .await?;
-    Ok(page("Fleet", &who, fleet_body(&views, &deployments, now)).into_response())
+    let droplets = state.control().droplets_view().await?;
+    let body = html! {
+        (fleet_body(&views, &deployments, now))
+        @if let Some(view) = &droplets { (droplets_section(view)) }
+    };
+    Ok(page("Fleet", &who, body).into_response())
+}
+
+/// DigitalOcean's side of the fleet (when configured): droplets without an
+/// agent, agents without a droplet, gone droplets and their retired nodes.
+fn droplets_section(view: &crate::digitalocean::inventory::DropletsView) -> Markup {
+    html! {
+        h2 { "DigitalOcean droplets" }
+        table.droplets {
+            thead { tr { th { "Droplet" } th { "ID" } th { "Region" } th { "Public IPv4" } th { "Tags" } th { "Node" } } }
+            tbody {
+                @for d in &view.droplets {
+                    tr {
+                        td { (d.name) }
+                        td { (d.id) }
+                        td { (d.region) }
+                        td { (d.public_ipv4.as_deref().unwrap_or("-")) }
+                        td { (d.tags.join(", ")) }
+                        td {
+                            @match (&d.node_name, &d.node_id) {
+                                (Some(name), Some(id)) => { (name) " (" (id) ")" }
+                                _ => { span.problem { "expected, not enrolled" } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if !view.agents_without_droplet.is_empty() {
+            h3 { "Agents without a droplet" }
+            ul.agents-without-droplet {
+                @for a in &view.agents_without_droplet {
+                    li {
+                        (a.name) " (" (a.node_id) "): "
+                        @match a.reported_droplet_id {
+                            Some(id) => { "reports droplet " (id) ", not in the fleet" }
+                            None => { "no droplet id reported" }
+                        }
+                    }
+                }
+            }
+        }
+        @if !view.gone.is_empty() {
+            h3 { "Gone droplets (their nodes retired)" }
+            ul.gone-droplets {
+                @for d in &view.gone {
+                    li {
+                        (d.name) " (" (d.id) ")"
+                        @if let Some(name) = &d.node_name { ", node " (name) " retired" }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The fleet page's content.
@@ -864,6 +922,47 @@ async fn audit_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_droplets_section_names_each_kind() {
+        use crate::digitalocean::inventory::{AgentWithoutDroplet, DropletsView};
+        let droplet =
+            |id: u64, name: &str, node: Option<&str>, gone: Option<i64>| crate::store::DropletRow {
+                id,
+                name: name.to_owned(),
+                region: "fra1".to_owned(),
+                size: "s-1vcpu-1gb".to_owned(),
+                public_ipv4: Some("203.0.113.1".to_owned()),
+                private_ipv4: None,
+                tags: vec!["env:production".to_owned()],
+                status: "active".to_owned(),
+                first_seen_at: 0,
+                synced_at: 0,
+                gone_at: gone,
+                node_id: node.map(|n| format!("n-{n}")),
+                node_name: node.map(str::to_owned),
+            };
+        let view = DropletsView {
+            droplets: vec![
+                droplet(1, "web-1", Some("web-1"), None),
+                droplet(3, "web-3", None, None),
+            ],
+            gone: vec![droplet(2, "web-2", Some("web-2"), Some(5))],
+            agents_without_droplet: vec![AgentWithoutDroplet {
+                node_id: "n-stray".to_owned(),
+                name: "stray<b>".to_owned(),
+                reported_droplet_id: Some(9),
+            }],
+        };
+        let html = droplets_section(&view).into_string();
+        assert!(html.contains("web-1 (n-web-1)"), "{html}");
+        assert!(html.contains("expected, not enrolled"), "{html}");
+        assert!(html.contains("web-2 (2), node web-2 retired"), "{html}");
+        assert!(
+            html.contains("stray&lt;b&gt; (n-stray): reports droplet 9, not in the fleet"),
+            "{html}"
+        );
+    }
 
     #[test]
     fn rollout_fields_are_checked() {

@@ -36,6 +36,19 @@ pub enum EnrollError {
     /// The token's TTL has passed.
     #[error("join token {0} has expired")]
     Expired(String),
+    /// The token is bound to another node name (`droplets create`).
+    #[error(
+        "join token {token} is bound to node name {bound:?} (made by `droplets create` for \
+         that droplet) and cannot enroll a node named {asked:?}"
+    )]
+    BoundToOtherName {
+        /// The token id.
+        token: String,
+        /// The name it was made for.
+        bound: String,
+        /// The name asked for.
+        asked: String,
+    },
     /// A field breaks its rule or limit (the node name, labels, …).
     #[error(transparent)]
     Field(#[from] FieldError),
@@ -84,7 +97,8 @@ impl From<EnrollError> for Status {
             EnrollError::WrongController(_)
             | EnrollError::Unknown(_)
             | EnrollError::Used(_)
-            | EnrollError::Expired(_) => Status::permission_denied(err.to_string()),
+            | EnrollError::Expired(_)
+            | EnrollError::BoundToOtherName { .. } => Status::permission_denied(err.to_string()),
             // Internal details stay in the server log and the audit event.
             EnrollError::Ca(_) | EnrollError::Store(_) | EnrollError::Crypto(_) => {
                 Status::internal("enrollment failed inside the controller; see its log")
@@ -156,6 +170,15 @@ impl EnrollmentService {
         }
         if row.expires_at <= now {
             return Err(EnrollError::Expired(token.id));
+        }
+        // Refused before the token is used: the droplet it was made for can
+        // still enroll with it.
+        if let Some(bound) = row.node_name.filter(|bound| bound != name) {
+            return Err(EnrollError::BoundToOtherName {
+                token: token.id,
+                bound,
+                asked: name.to_owned(),
+            });
         }
         let labels = node_labels(&req.labels, &row.tags);
         let event = AuditEvent::success(

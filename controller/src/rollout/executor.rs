@@ -141,6 +141,9 @@ pub async fn start_observed(
     if let Action::Env { version, .. } = &plan.action {
         details["env_version"] = serde_json::Value::from(*version);
     }
+    if !plan.snapshots.is_empty() {
+        details["snapshots"] = serde_json::Value::from(plan.snapshots.clone());
+    }
     if let Action::Prune { keep } = &plan.action {
         details["keep"] = serde_json::Value::from(*keep);
     }
@@ -184,6 +187,7 @@ pub async fn start_observed(
                 actor: &plan.actor,
                 selector: &plan.selector,
                 rollout: &rollout_json,
+                snapshots: &plan.snapshots,
                 started_at: now,
                 nodes: &nodes,
                 env_version,

@@ -269,6 +269,9 @@ pub struct Plan {
     pub selector: serde_json::Value,
     /// How the targets are taken through it.
     pub rollout: Rollout,
+    /// DigitalOcean snapshots taken before it (a JSON array; empty when
+    /// none), recorded on the deployment.
+    pub snapshots: Vec<serde_json::Value>,
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub struct NewDeployment<'a> {
     pub selector: &'a serde_json::Value,
     /// Rollout (strategy and its settings) as JSON.
     pub rollout: &'a serde_json::Value,
+    /// DigitalOcean snapshots taken before it (JSON array).
+    pub snapshots: &'a [serde_json::Value],
     /// Now.
     pub started_at: i64,
     /// Every target, in rollout order.
@@ -70,6 +72,9 @@ pub struct DeploymentRecord {
     pub message: String,
     /// One entry per target node, by node name.
     pub nodes: Vec<DeploymentNodeRecord>,
+    /// DigitalOcean snapshots taken before it (`snapshot_before_deploy`):
+    /// node, droplet and action ids.
+    pub snapshots: Vec<serde_json::Value>,
 }
 
 /// How one node of a recorded deployment ended.
@@ -172,8 +177,9 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
-                                      selector, rollout, status, started_at, env_version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9, ?10)",
+                                      selector, rollout, status, started_at, env_version,
+                                      snapshots)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9, ?10, ?11)",
         )
         .bind(deployment.id)
         .bind(deployment.kind)
@@ -185,6 +191,7 @@ impl Store {
         .bind(deployment.rollout.to_string())
         .bind(deployment.started_at)
         .bind(deployment.env_version.and_then(|v| i64::try_from(v).ok()))
+        .bind(serde_json::Value::from(deployment.snapshots.to_vec()).to_string())
         .execute(&mut *tx)
         .await?;
         for node in deployment.nodes {
@@ -232,6 +239,23 @@ impl Store {
             );
         }
         Ok(out)
+    }
+
+    /// The app's current release as this controller knows it: the release
+    /// id and artifact digest of its last succeeded deploy (not a rollback
+    /// to an older release after it: see [`Self::last_deployments`]).
+    pub async fn current_release(&self, app: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT release_id, artifact_sha256 FROM deployments
+             WHERE app = ?1 AND kind = 'deploy' AND status = 'succeeded'
+                   AND artifact_sha256 != ''
+             ORDER BY started_at DESC, rowid DESC LIMIT 1",
+        )
+        .bind(app)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .transpose()
     }
 
     /// Marks every deployment still `running` failed ("controller
@@ -422,7 +446,7 @@ impl Store {
     ) -> Result<Vec<DeploymentRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT d.id, d.kind, d.app, d.release_id, d.actor, d.status, d.started_at,
-                    d.finished_at, d.message
+                    d.finished_at, d.message, d.snapshots
              FROM deployments d
              WHERE d.rowid = (SELECT d2.rowid FROM deployments d2 WHERE d2.app = d.app
                               ORDER BY d2.started_at DESC, d2.rowid DESC LIMIT 1)
@@ -484,7 +508,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DeploymentRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message
+            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message,
+                    snapshots
              FROM deployments
              WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR started_at < ?2)
              ORDER BY started_at DESC, rowid DESC LIMIT ?3",
@@ -502,7 +527,8 @@ impl Store {
     /// One deployment with its per-node results.
     pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message
+            "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message,
+                    snapshots
              FROM deployments WHERE id = ?1",
         )
         .bind(id)
@@ -534,6 +560,12 @@ fn deployment_record(
         finished_at: row.try_get("finished_at")?,
         message: row.try_get("message")?,
         nodes,
+        snapshots: serde_json::from_str(row.try_get::<&str, _>("snapshots")?).map_err(
+            |source| StoreError::Json {
+                column: "deployments.snapshots",
+                source,
+            },
+        )?,
     })
 }
 
@@ -559,6 +591,7 @@ mod tests {
             actor: "tok-1",
             selector: json,
             rollout: json,
+            snapshots: &[],
             started_at: 1_000,
             nodes,
             env_version: None,
@@ -677,6 +710,7 @@ mod tests {
                             actor: "t",
                             selector: &serde_json::json!({}),
                             rollout: &serde_json::json!({}),
+                            snapshots: &[],
                             started_at: at,
                             nodes: &nodes,
                             env_version: None,

@@ -81,6 +81,28 @@ const SELECT: &str = "SELECT d.id, d.name, d.region, d.size, d.public_ipv4, d.pr
    LEFT JOIN nodes n ON n.droplet_id = d.id AND n.revoked_at IS NULL";
 
 impl Store {
+    /// The latest node (revoked ones included) that reported each droplet
+    /// id: droplet id → (node id, node name); for showing the retired node
+    /// of a gone droplet.
+    pub async fn nodes_of_droplets(
+        &self,
+    ) -> Result<std::collections::HashMap<u64, (String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, droplet_id FROM nodes WHERE droplet_id IS NOT NULL
+             ORDER BY enrolled_at, rowid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let droplet: i64 = row.try_get("droplet_id")?;
+            if let Ok(droplet) = u64::try_from(droplet) {
+                out.insert(droplet, (row.try_get("id")?, row.try_get("name")?));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every droplet ever synced (gone ones too), by name.
     pub async fn droplets(&self) -> Result<Vec<DropletRow>, StoreError> {
         let rows = sqlx::query(&format!("{SELECT} ORDER BY d.name, d.id"))

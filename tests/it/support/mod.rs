@@ -160,22 +160,21 @@ impl Controller {
     }
 
     /// [`Controller::start_http`] with extra `serve` flags.
-    pub fn start_http_with(extra: &[&str]) -> Self {
+    pub fn start_http_with(serve_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("http-ready");
+        let mut args = vec![
+            "--http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--http-ready-file".to_owned(),
+            ready.to_string_lossy().into_owned(),
+        ];
+        args.extend(serve_args.iter().map(|a| (*a).to_owned()));
         let mut c = Self {
             dir,
             port: 0,
             child: None,
-            serve_args: vec![
-                "--http-listen".to_owned(),
-                "127.0.0.1:0".to_owned(),
-                "--http-ready-file".to_owned(),
-                ready.to_string_lossy().into_owned(),
-            ]
-            .into_iter()
-            .chain(extra.iter().map(|a| (*a).to_owned()))
-            .collect(),
+            serve_args: args,
             wrapper: Vec::new(),
         };
         c.restart();

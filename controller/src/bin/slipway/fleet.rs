@@ -46,21 +46,30 @@ pub(crate) struct ReleasesArgs {
 
 /// The fleet view, as `slipway-controller nodes` shows it.
 async fn fetch_nodes(api: &mut Api) -> anyhow::Result<Vec<NodeView>> {
-    let response = api
+    Ok(fetch_fleet(api).await?.nodes)
+}
+
+async fn fetch_fleet(api: &mut Api) -> anyhow::Result<slipway_proto::v1::ListNodesResponse> {
+    Ok(api
         .client
         .list_nodes(client::authed(ListNodesRequest {}, &api.token))
         .await
         .map_err(|s| status_error("listing nodes", s))?
-        .into_inner();
-    Ok(response.nodes)
+        .into_inner())
 }
 
+/// `nodes`: the table and, when the controller has DigitalOcean, its
+/// droplets after it; `--json`: the array of nodes (the droplets are in
+/// `slipway status --json`).
 pub(crate) async fn nodes(api: &mut Api, args: &ReadArgs) -> anyhow::Result<ExitCode> {
-    let nodes = fetch_nodes(api).await?;
+    let fleet = fetch_fleet(api).await?;
     if args.json {
-        println!("{}", view::nodes_json(&nodes)?);
+        println!("{}", view::nodes_json(&fleet.nodes)?);
     } else {
-        print!("{}", view::render_table(&nodes));
+        print!("{}", view::render_table(&fleet.nodes));
+        if let Some(droplets) = &fleet.droplets {
+            print!("{}", view::render_droplets(droplets));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -135,11 +144,23 @@ pub(crate) async fn status(api: &mut Api, args: &StatusArgs) -> anyhow::Result<E
         .into_inner();
     let status = response
         .status
+        .clone()
         .context("the controller answered without a fleet status")?;
     if args.json {
-        println!("{}", view::status_json(&status)?);
+        match &response.droplets {
+            None => println!("{}", view::status_json(&status)?),
+            Some(droplets) => {
+                let mut json: serde_json::Value =
+                    serde_json::from_str(&view::status_json(&status)?)?;
+                json["droplets"] = view::droplets_value(droplets);
+                println!("{}", serde_json::to_string_pretty(&json)?);
+            }
+        }
     } else {
-        let text = view::render_status(&status);
+        let mut text = view::render_status(&status);
+        if let Some(droplets) = &response.droplets {
+            text.push_str(&view::render_droplets(droplets));
+        }
         // On a terminal, long lines (health output, failure reasons) are
         // cut to its width; `--json` has the full text.
         match crate::terminal_width(&console::Term::stdout()) {
