@@ -78,8 +78,15 @@ pub(super) fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus
         );
         if let Some(p) = &a.processes {
             for proc_ in &p.processes {
+                // Crash restarts and the agent's own reloads apart: a
+                // reload at every deploy is not a crash.
+                let reloads = if proc_.reloads > 0 {
+                    format!(" reloads {}", proc_.reloads)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "  {:<20} {:<10} pid {:<8} restarts {:<4} mem {:>6.1} MiB  release {}",
+                    "  {:<20} {:<10} pid {:<8} crash restarts {:<3}{reloads} mem {:>6.1} MiB  release {}",
                     proc_.name,
                     proc_.status,
                     proc_.pid.map_or("-".into(), |p| p.to_string()),

@@ -654,6 +654,8 @@ impl<'a> Engine<'a> {
                     .restart_count
                     .and_then(|n| u64::try_from(n).ok())
                     .unwrap_or(0),
+                // A deploy starts a new container: no reloads.
+                reloads: 0,
                 memory_bytes: stats.as_ref().and_then(memory_used),
                 cpu_percent: stats.as_ref().and_then(cpu_percent),
                 uptime_secs: if running {

@@ -110,7 +110,11 @@ pub struct ProcessInfo {
     pub pid: Option<u32>,
     /// Driver's word: online, stopped, errored, running, exited, backoff…
     pub status: String,
+    /// Restarts after a crash (by the process manager).
     pub restarts: u64,
+    /// Restarts the agent made (PM2 reloads at deploys); 0 for drivers
+    /// whose deploys start new processes.
+    pub reloads: u64,
     pub memory_bytes: Option<u64>,
     pub cpu_percent: Option<f64>,
     pub uptime_secs: Option<u64>,

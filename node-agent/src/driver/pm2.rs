@@ -74,7 +74,7 @@
 //! process and starts the next, so connections are refused in between
 //! ([`FORK_NOTE`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
@@ -87,7 +87,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::de::IgnoredAny;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use super::{Activation, Driver, DriverError, DriverStatus, ProcessInfo, Target};
@@ -307,6 +307,11 @@ impl Pm2 {
         root.join(".slipway/run").join(format!("pm2-{safe}.json"))
     }
 
+    /// Where [`Restarts`] are kept: beside the process file.
+    fn restarts_file(&self, root: &Path) -> PathBuf {
+        self.process_file(root).with_extension("restarts.json")
+    }
+
     /// The app's processes in `jlist`, or none when no daemon runs.
     fn processes(&self, pm2: &Runner) -> Result<Vec<JlistProcess>, DriverError> {
         if !pm2.daemon_running() {
@@ -347,6 +352,9 @@ impl Pm2 {
         write_process_file(&file, &app, pm2.owner)?;
 
         let running = self.processes(&pm2)?;
+        let restarts_file = self.restarts_file(&target.app.root);
+        let mut restarts = Restarts::load(&restarts_file);
+        restarts.before_reload(&running);
         let mut action = if running.is_empty() {
             "start"
         } else {
@@ -394,6 +402,13 @@ impl Pm2 {
         }
 
         let online = self.wait_online(&pm2)?;
+        // PM2 counts this reload as a restart of every instance: what the
+        // agent did is remembered, so status tells it from a crash.
+        match self.processes(&pm2) {
+            Ok(now) => restarts.after_reload(&now),
+            Err(e) => tracing::warn!(app = %name, "pm2 restart counts not read: {e}"),
+        }
+        restarts.save(&restarts_file, pm2.owner);
         let mode = self.exec_mode();
         let mut detail = format!(
             "pm2 {action} {name} ({mode}, {online} instance{})",
@@ -869,6 +884,7 @@ impl Driver for Pm2 {
             .unwrap_or(0);
         let releases = app.root.join("releases");
         let releases_real = fs::canonicalize(&releases).unwrap_or(releases);
+        let restarts = Restarts::load(&self.restarts_file(&app.root));
         let processes = procs
             .iter()
             .map(|p| {
@@ -881,7 +897,8 @@ impl Driver for Pm2 {
                     name: p.label(),
                     pid,
                     status: p.status().to_owned(),
-                    restarts: p.pm2_env.restart_time.unwrap_or(0),
+                    restarts: restarts.crashes(p),
+                    reloads: restarts.reloads(p),
                     memory_bytes: p.monit.memory,
                     cpu_percent: p.monit.cpu,
                     uptime_secs: p
@@ -1302,6 +1319,80 @@ impl JlistProcess {
             Some(id) => format!("{name}#{id}"),
             None => name.to_owned(),
         }
+    }
+}
+
+/// PM2's `restart_time` counts every restart of a process: the agent's
+/// reloads (one per instance per deploy) as well as PM2 restarting it after
+/// a crash. This keeps, per PM2 process id, the count right after the
+/// agent's last start or reload and the crash restarts seen before it, so
+/// `status` shows crash restarts and reloads apart. A process the agent has
+/// no record of has all its restarts counted as crashes: a crash is never
+/// hidden.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Restarts {
+    /// `restart_time` right after the agent's last start or reload.
+    baseline: BTreeMap<u64, u64>,
+    /// Crash restarts counted before that.
+    crashes: BTreeMap<u64, u64>,
+}
+
+impl Restarts {
+    fn load(file: &Path) -> Self {
+        fs::read(file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, file: &Path, owner: Option<(u32, u32)>) {
+        let saved = serde_json::to_vec(self)
+            .map_err(io::Error::other)
+            .and_then(|json| durable::write_atomic(file, &json));
+        if let Err(e) = saved {
+            tracing::warn!("cannot keep pm2 restart counts in {}: {e}", file.display());
+            return;
+        }
+        if let Some((uid, gid)) = owner {
+            let _ = std::os::unix::fs::chown(file, Some(uid), Some(gid));
+        }
+    }
+
+    /// Crash restarts of `p`: those counted before the agent's last reload
+    /// and those since.
+    fn crashes(&self, p: &JlistProcess) -> u64 {
+        let now = p.pm2_env.restart_time.unwrap_or(0);
+        let Some(id) = p.pm_id else { return now };
+        let since = now.saturating_sub(self.baseline.get(&id).copied().unwrap_or(0));
+        self.crashes.get(&id).copied().unwrap_or(0) + since
+    }
+
+    /// Restarts of `p` the agent made (reloads).
+    fn reloads(&self, p: &JlistProcess) -> u64 {
+        p.pm2_env
+            .restart_time
+            .unwrap_or(0)
+            .saturating_sub(self.crashes(p))
+    }
+
+    /// Before a reload: crash restarts since the last one are counted.
+    fn before_reload(&mut self, running: &[JlistProcess]) {
+        let crashes = running
+            .iter()
+            .filter_map(|p| Some((p.pm_id?, self.crashes(p))))
+            .collect();
+        self.crashes = crashes;
+    }
+
+    /// After a start or reload: `restart_time` now is the new baseline;
+    /// processes that are gone (a fresh start) are forgotten.
+    fn after_reload(&mut self, now: &[JlistProcess]) {
+        self.baseline = now
+            .iter()
+            .filter_map(|p| Some((p.pm_id?, p.pm2_env.restart_time.unwrap_or(0))))
+            .collect();
+        let live: BTreeSet<u64> = self.baseline.keys().copied().collect();
+        self.crashes.retain(|id, _| live.contains(id));
     }
 }
 

@@ -38,6 +38,17 @@ fn demo(driver: &str) {
             "demo --driver {driver} output lacks {needle:?}:\n{stdout}"
         );
     }
+    // Status tells crash restarts from the agent's own reloads: under PM2
+    // every deploy reloads each instance, and none of that is a crash.
+    assert!(stdout.contains("crash restarts "), "{stdout}");
+    if driver == "pm2" {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains("crash restarts 0") && l.contains(" reloads ")),
+            "{stdout}"
+        );
+    }
     // v2 served before v3 failed its gate, and again after the rollback.
     assert!(stdout.matches("hello from v2").count() >= 2, "{stdout}");
 }

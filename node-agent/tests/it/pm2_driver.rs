@@ -612,3 +612,70 @@ fn run_settings_changes_apply_on_the_next_activation() {
         "{err}"
     );
 }
+
+/// PM2's `restart_time` counts the agent's reloads too: status tells them
+/// apart from restarts after a crash, across further reloads.
+#[test]
+fn reloads_and_crash_restarts_are_told_apart() {
+    let _serial = serial();
+    let fx = Fixture::new();
+    let pm2 = Pm2::new(fx.config(true, 2));
+    let counts = || {
+        let status = pm2.status(&fx.app).unwrap();
+        let mut c: Vec<(String, u64, u64, Option<u32>)> = status
+            .processes
+            .iter()
+            .map(|p| (p.name.clone(), p.restarts, p.reloads, p.pid))
+            .collect();
+        c.sort();
+        c
+    };
+    for id in ["v1", "v2", "v3"] {
+        fx.release(id);
+        let t = fx.switch(id);
+        let a = pm2.activate(&t).unwrap();
+        pm2.commit(&t, &a).unwrap();
+        fx.wait_for_release(id);
+    }
+    // A start and two reloads: no crash, two reloads each.
+    let after_deploys = counts();
+    assert_eq!(after_deploys.len(), 2, "{after_deploys:?}");
+    for (name, crashes, reloads, _) in &after_deploys {
+        assert_eq!((*crashes, *reloads), (0, 2), "{name}: {after_deploys:?}");
+    }
+    // One worker killed: PM2 restarts it, a crash restart.
+    let (victim, _, _, pid) = after_deploys[0].clone();
+    let pid = pid.unwrap();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + HTTP_SETTLE;
+    loop {
+        let now = counts();
+        let restarted = now
+            .iter()
+            .find(|c| c.0 == victim)
+            .is_some_and(|c| c.3.is_some() && c.3 != Some(pid) && c.1 == 1);
+        if restarted {
+            for (name, crashes, reloads, _) in &now {
+                let want = if *name == victim { (1, 2) } else { (0, 2) };
+                assert_eq!((*crashes, *reloads), want, "{name}: {now:?}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "no crash restart seen: {now:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Another reload: the crash stays counted as one, the reloads go on.
+    fx.release("v4");
+    let t = fx.switch("v4");
+    let a = pm2.activate(&t).unwrap();
+    pm2.commit(&t, &a).unwrap();
+    fx.wait_for_release("v4");
+    let last = counts();
+    for (name, crashes, reloads, _) in &last {
+        let want = if *name == victim { (1, 3) } else { (0, 3) };
+        assert_eq!((*crashes, *reloads), want, "{name}: {last:?}");
+    }
+}
