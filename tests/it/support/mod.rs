@@ -216,6 +216,8 @@ impl Controller {
             }
             None => Command::new(bin("slipway-controller")),
         };
+        // Its own process group, so `stop` reaches a wrapper's child too.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command
             .arg("serve")
             .arg("--data-dir")
@@ -245,7 +247,16 @@ impl Controller {
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let group = c.id();
             terminate(&mut c);
+            // A wrapper such as faketime forks the controller and waits for
+            // it: signalling the wrapper alone left the controller running
+            // after the test. The controller runs in its own process group
+            // (see `restart`): whatever is left of it goes too.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 
