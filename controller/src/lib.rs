@@ -100,6 +100,7 @@ pub mod rollout;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod webapi;
 
 pub use error::Error;
 

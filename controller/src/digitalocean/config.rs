@@ -106,7 +106,7 @@ impl DoConfig {
                 d => Some(d),
             },
         };
-        let mut retry = RetryPolicy::default();
+        let mut retry = super::client::DEFAULT_RETRY;
         if let Some(text) = raw.retry_min_wait.as_deref() {
             retry.min_wait = duration("retry_min_wait", text)?;
         }

@@ -25,14 +25,14 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::net::TcpStream;
@@ -212,46 +212,11 @@ impl Secret {
     }
 }
 
-/// How 429/5xx answers (and lost connections) are retried inside one call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub max_retries: u32,
-    /// The first backoff, and the shortest wait.
-    pub min_wait: Duration,
-    /// The longest wait, whatever `retry-after` or the reset say.
-    pub max_wait: Duration,
-}
+pub use crate::webapi::RetryPolicy;
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_retries: 3,
-            min_wait: Duration::from_secs(1),
-            max_wait: Duration::from_secs(30),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The exponential backoff before retry `n` (0-based), with up to 25 %
-    /// jitter so that many controllers do not retry in step.
-    pub fn backoff(&self, n: u32) -> Duration {
-        let base = self
-            .min_wait
-            .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX));
-        let jitter = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos())
-            % 250;
-        self.clamp(base + base.mul_f64(f64::from(jitter) / 1000.0))
-    }
-
-    /// `wait` within the policy's bounds.
-    pub fn clamp(&self, wait: Duration) -> Duration {
-        wait.clamp(self.min_wait, self.max_wait.max(self.min_wait))
-    }
-}
+/// How 429/5xx answers (and lost connections) are retried inside one call
+/// unless the config says otherwise.
+pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy::with_retries(3);
 
 /// What the client is built from.
 #[derive(Debug, Clone)]
@@ -272,24 +237,7 @@ pub struct RateLimit {
     pub reset: u64,
 }
 
-/// An origin (scheme, host, port) and a path prefix, split once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Origin {
-    tls: bool,
-    authority: String,
-    host: String,
-    port: u16,
-    /// A path prefix the API lives under (empty for GitHub itself).
-    prefix: String,
-}
-
-impl Origin {
-    fn same_origin(&self, other: &Origin) -> bool {
-        self.tls == other.tls
-            && self.host.eq_ignore_ascii_case(&other.host)
-            && self.port == other.port
-    }
-}
+pub(crate) use crate::webapi::Origin;
 
 /// A GitHub API client. Cheap to clone; clones share the rate-limit state
 /// and the installation token.
@@ -928,62 +876,12 @@ pub(crate) fn check_api_url(url: &str) -> Result<(), GhError> {
 }
 
 pub(crate) fn parse_origin(url: &str, what: &str) -> Result<Origin, GhError> {
-    let bad = |why: &str| GhError::Config(format!("{what} {url:?}: {why}"));
-    let uri: Uri = url.parse().map_err(|e| bad(&format!("not a URL: {e}")))?;
-    let tls = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => return Err(bad("must start with https://")),
-    };
-    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-    if authority.as_str().contains('@') {
-        return Err(bad("credentials in the URL are not supported"));
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    if !tls {
-        let loopback = host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        if !loopback {
-            return Err(bad(
-                "plain http:// is allowed only to a loopback address (tests); use https://",
-            ));
-        }
-    }
-    Ok(Origin {
-        tls,
-        authority: authority.as_str().to_owned(),
-        port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-        host,
-        prefix: uri.path().trim_end_matches('/').to_owned(),
-    })
+    crate::webapi::parse_origin(url, what).map_err(GhError::Config)
 }
 
 /// System roots, ring, HTTP/1.1 only.
 fn client_config() -> Result<ClientConfig, GhError> {
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if roots.is_empty() {
-        return Err(GhError::Config(
-            "no trusted roots on this system to verify GitHub's certificate".into(),
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| GhError::Config(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    crate::webapi::client_config("GitHub's").map_err(GhError::Config)
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(
@@ -999,15 +897,8 @@ pub(crate) fn decode<T: DeserializeOwned>(
     })
 }
 
-fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::webapi::header_u64;
+pub(crate) use crate::webapi::now_unix;
 
 #[cfg(test)]
 mod tests {

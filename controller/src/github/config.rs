@@ -349,7 +349,7 @@ impl GithubConfig {
             parse_wait(text)
                 .ok_or_else(|| format!("github.{key}: {text:?} is not a duration like 60s"))
         };
-        let mut retry = RetryPolicy::default();
+        let mut retry = super::client::DEFAULT_RETRY;
         if let Some(text) = raw.retry_min_wait.as_deref() {
             retry.min_wait = wait("retry_min_wait", text)?;
         }
