@@ -19,14 +19,14 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use crate::docker_image::{busybox_image, docker_cli as docker};
-use crate::support::{sha256_file, stdout, text, Agent, Controller};
+use crate::support::{free_ports, sha256_file, stdout, text, Agent, Controller};
 
 /// The engine's socket (the driver's default).
 const SOCKET: &str = "/var/run/docker.sock";
@@ -109,15 +109,6 @@ fn artifact(work: &Path, tag: &str, version: &str) -> PathBuf {
     art
 }
 
-/// Two distinct free host ports (both bound at once, then released).
-fn free_ports() -> [u16; 2] {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    [
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    ]
-}
 
 /// What `GET /` answers on 127.0.0.1:`port`, if anything.
 fn get(port: u16) -> Option<String> {

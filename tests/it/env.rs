@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{artifact, sha256_file, stdout, text, wait_until, Agent, Controller};
+use crate::support::{artifact, free_ports, sha256_file, stdout, text, wait_until, Agent, Controller};
 
 /// The exec test app: prints its environment on /env.
 const ENV_APP: &str = include_str!("../fixtures/envapp.py");
@@ -759,14 +759,7 @@ fn env_changes_reach_a_docker_app_and_a_breaking_value_rolls_back() {
         }
     }
     let _cleanup = Cleanup(app.clone(), tag.clone());
-    let ports = {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        [
-            a.local_addr().unwrap().port(),
-            b.local_addr().unwrap().port(),
-        ]
-    };
+    let ports: [u16; 2] = free_ports();
     let controller = Controller::start();
     let mut agent = Agent::enroll_with(&controller, "d1", &app, |root, _| {
         format!(

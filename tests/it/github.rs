@@ -268,17 +268,23 @@ fn webhook_deploys_reach_real_agents_and_github_sees_every_status() {
             .starts_with("2/2 nodes done, 0 failed"),
         "{progress:?}"
     );
-    let commits: Vec<String> = api
-        .commit_statuses()
-        .iter()
-        .map(|c| {
-            format!(
-                "{} {}",
-                c["sha"].as_str().unwrap(),
-                c["state"].as_str().unwrap()
-            )
-        })
-        .collect();
+    // The commit status is the update queued after the deployment's own.
+    let commit_states = || -> Vec<String> {
+        api.commit_statuses()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}",
+                    c["sha"].as_str().unwrap(),
+                    c["state"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    wait_until("the commit's success status", Duration::from_secs(30), || {
+        commit_states().len() >= 2
+    });
+    let commits = commit_states();
     assert_eq!(
         commits,
         [format!("{SHA1} pending"), format!("{SHA1} success")]

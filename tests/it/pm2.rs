@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::load::{Load, ANSWER_WITHIN};
-use crate::support::{sha256_file, text, Agent, Controller};
+use crate::support::{free_ports, sha256_file, text, Agent, Controller};
 
 /// The PM2 test app, which stops gracefully on SIGINT.
 const SERVER_JS: &str = include_str!("../../node-agent/tests/fixtures/pm2-app/server.js");
@@ -123,14 +123,6 @@ deadline = "30s"
     assert_eq!(agent.current().as_deref(), Some(last.as_str()));
 }
 
-/// Two free loopback ports (released again: the agent's process sets bind
-/// them).
-fn port_pair() -> [u16; 2] {
-    let listeners: Vec<std::net::TcpListener> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
-}
 
 #[test]
 fn pushed_pm2_fork_deploys_behind_the_front_under_load_lose_nothing() {
@@ -139,7 +131,7 @@ fn pushed_pm2_fork_deploys_behind_the_front_under_load_lose_nothing() {
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
     let home = pm2_home.path().display().to_string();
-    let [a, b] = port_pair();
+    let [a, b] = free_ports::<2>();
     // The public address is the agent's (its front); each release's
     // process set gets one of `ports` as PORT.
     let mut agent = Agent::enroll_with(&controller, "f1", "web", |root, port| {

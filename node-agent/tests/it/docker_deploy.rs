@@ -6,10 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
 
-use crate::support::{busybox_image, docker_cli, http_get, targz, Node, RawTar};
+use crate::support::{busybox_image, free_ports, docker_cli, http_get, targz, Node, RawTar};
 
 /// Removes the app's containers and the test's images, whatever happened.
 struct Cleanup {
@@ -70,12 +69,7 @@ fn artifact(node: &Node, tag: &str, version: &str) -> PathBuf {
 #[test]
 fn blue_green_deploy_gated_on_health_and_rolled_back_when_it_fails() {
     let app = format!("e2e{}", std::process::id());
-    let ports: Vec<u16> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
+    let ports: [u16; 2] = free_ports();
     let node = Node::with_config(|root| {
         format!(
             r#"[apps.{app}]

@@ -25,6 +25,8 @@ use slipway_agent::driver::docker::{container_name, Docker, LABEL_APP, LABEL_POR
 use slipway_agent::driver::{Activation, Driver, Target};
 use slipway_agent::release::ReleaseId;
 
+use crate::support::free_ports;
+
 const SOCKET: &str = "/var/run/docker.sock";
 /// Where Debian's busybox-static puts its binary.
 const BUSYBOX: &str = "/bin/busybox";
@@ -227,15 +229,6 @@ impl World {
     }
 }
 
-/// Two distinct free host ports (bound on 127.0.0.1:0, then released).
-fn free_ports() -> [u16; 2] {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    [
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    ]
-}
 
 // --- http ---------------------------------------------------------------------
 

@@ -10,12 +10,11 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::load::Load;
-use crate::support::{
+use crate::support::{free_ports, 
     busybox_image_on, docker_cli_on, free_port, http_get, targz, wait_until, Node, PrivateDockerd,
     RawTar, RunningAgent,
 };
@@ -23,12 +22,6 @@ use crate::support::{
 const LOAD_TIME: Duration = Duration::from_secs(300);
 const LOAD_REQUESTS: usize = 200_000;
 
-fn port_pair() -> [u16; 2] {
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
-}
 
 /// Release `version` of `app`: `image.tar` of a busybox httpd saying
 /// `version` (without /api/health when `healthy` is false).
@@ -67,7 +60,7 @@ fn docker_deploys_under_load_through_the_front_lose_nothing() {
     let socket = engine.socket();
     let app = format!("fr{}", std::process::id());
     let public = free_port();
-    let ports = port_pair();
+    let ports = free_ports::<2>();
     let node = Node::with_config(|root| {
         format!(
             r#"[apps.{app}]
@@ -224,7 +217,7 @@ deadline = "30s"
 fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
     const DEPLOYS: usize = 20;
     let public = free_port();
-    let ports = port_pair();
+    let ports = free_ports::<2>();
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
     let node = pm2_fork_node(public, ports, pm2_home.path());
@@ -283,7 +276,7 @@ fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
 #[test]
 fn the_front_outlives_restarts_and_a_kill_of_the_agent_under_load() {
     let public = free_port();
-    let ports = port_pair();
+    let ports = free_ports::<2>();
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
     let node = pm2_fork_node(public, ports, pm2_home.path());
@@ -351,7 +344,7 @@ fn the_front_outlives_restarts_and_a_kill_of_the_agent_under_load() {
 #[test]
 fn a_kill_of_the_agent_around_the_switch_leaves_one_consistent_release_serving() {
     let public = free_port();
-    let ports = port_pair();
+    let ports = free_ports::<2>();
     let pm2_home = tempfile::tempdir().unwrap();
     let _guard = Pm2Home(pm2_home.path().to_owned());
     let node = pm2_fork_node(public, ports, pm2_home.path());

@@ -10,13 +10,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{
+use crate::support::{free_ports, 
     busybox_image_on, docker_cli, docker_cli_on, exec_python_web, free_port, http_get, tar_of,
     targz, wait_until, Node, PrivateDockerd, RawTar, RunningAgent, SAMPLE_APP,
 };
@@ -231,13 +230,6 @@ fn running_on(socket: Option<&Path>, app: &str) -> Vec<String> {
     .collect()
 }
 
-/// Two free ports on 127.0.0.1: an app's blue/green pair.
-fn port_pair() -> [u16; 2] {
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    [0, 1].map(|i| listeners[i].local_addr().unwrap().port())
-}
 
 /// `[apps.APP]` of a Docker app on `ports` (busybox httpd on 3000), with
 /// `restart_after` (the default when `None`), `extra` keys added to its
@@ -312,7 +304,7 @@ fn deploy_image(node: &Node, socket: Option<&Path>, app: &str, version: &str) ->
 #[test]
 fn docker_rm_and_stopped_containers_are_restored_on_the_live_port() {
     let app = format!("keep{}", std::process::id());
-    let ports = port_pair();
+    let ports = free_ports::<2>();
     // No liveness restarts: the test watches what reconcile does.
     let node =
         Node::with_config(|root| docker_app(&app, root, ports, Some(0), r#"restart = "no""#));
@@ -428,7 +420,7 @@ fn dockerd_restarted_brings_the_current_release_back_on_its_live_port() {
     // keep the default restart_after (3): the liveness failures while
     // dockerd is down restart nothing, as such a restart would fail too.
     let by_engine = format!("dku{pid}");
-    let (run_ports, engine_ports) = (port_pair(), port_pair());
+    let (run_ports, engine_ports) = (free_ports::<2>(), free_ports::<2>());
     let sock = format!("docker_socket = \"{}\"", socket.display());
     let node = Node::with_config(|root| {
         format!(

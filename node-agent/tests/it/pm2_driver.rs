@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,6 +23,8 @@ use slipway_agent::config::{AppConfig, Pm2Config};
 use slipway_agent::driver::pm2::Pm2;
 use slipway_agent::driver::{Driver, Target};
 use slipway_agent::release::{activate, ReleaseId};
+
+use crate::support::free_port;
 
 const SERVER_JS: &str = include_str!("../fixtures/pm2-app/server.js");
 const ECOSYSTEM_JS: &str = include_str!("../fixtures/pm2-app/ecosystem.config.js");
@@ -205,10 +207,6 @@ fn dump_len(fx: &Fixture) -> usize {
         .len()
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
 
 #[derive(Debug, Clone)]
 struct Response {
