@@ -109,7 +109,6 @@ fn artifact(work: &Path, tag: &str, version: &str) -> PathBuf {
     art
 }
 
-
 /// What `GET /` answers on 127.0.0.1:`port`, if anything.
 fn get(port: u16) -> Option<String> {
     let addr = ([127, 0, 0, 1], port).into();

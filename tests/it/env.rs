@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{artifact, free_ports, sha256_file, stdout, text, wait_until, Agent, Controller};
+use crate::support::{
+    artifact, free_ports, sha256_file, stdout, text, wait_until, Agent, Controller,
+};
 
 /// The exec test app: prints its environment on /env.
 const ENV_APP: &str = include_str!("../fixtures/envapp.py");

@@ -281,9 +281,11 @@ fn webhook_deploys_reach_real_agents_and_github_sees_every_status() {
             })
             .collect()
     };
-    wait_until("the commit's success status", Duration::from_secs(30), || {
-        commit_states().len() >= 2
-    });
+    wait_until(
+        "the commit's success status",
+        Duration::from_secs(30),
+        || commit_states().len() >= 2,
+    );
     let commits = commit_states();
     assert_eq!(
         commits,

@@ -123,7 +123,6 @@ deadline = "30s"
     assert_eq!(agent.current().as_deref(), Some(last.as_str()));
 }
 
-
 #[test]
 fn pushed_pm2_fork_deploys_behind_the_front_under_load_lose_nothing() {
     const DEPLOYS: usize = 10;

@@ -8,7 +8,7 @@
 use std::fs;
 use std::path::PathBuf;
 
-use crate::support::{busybox_image, free_ports, docker_cli, http_get, targz, Node, RawTar};
+use crate::support::{busybox_image, docker_cli, free_ports, http_get, targz, Node, RawTar};
 
 /// Removes the app's containers and the test's images, whatever happened.
 struct Cleanup {

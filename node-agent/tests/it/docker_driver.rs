@@ -229,7 +229,6 @@ impl World {
     }
 }
 
-
 // --- http ---------------------------------------------------------------------
 
 /// GET `path` on 127.0.0.1:`port`: (status, body), or the connection error.

@@ -14,14 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::load::Load;
-use crate::support::{free_ports, 
-    busybox_image_on, docker_cli_on, free_port, http_get, targz, wait_until, Node, PrivateDockerd,
-    RawTar, RunningAgent,
+use crate::support::{
+    busybox_image_on, docker_cli_on, free_port, free_ports, http_get, targz, wait_until, Node,
+    PrivateDockerd, RawTar, RunningAgent,
 };
 
 const LOAD_TIME: Duration = Duration::from_secs(300);
 const LOAD_REQUESTS: usize = 200_000;
-
 
 /// Release `version` of `app`: `image.tar` of a busybox httpd saying
 /// `version` (without /api/health when `healthy` is false).

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{free_ports, 
-    busybox_image_on, docker_cli, docker_cli_on, exec_python_web, free_port, http_get, tar_of,
-    targz, wait_until, Node, PrivateDockerd, RawTar, RunningAgent, SAMPLE_APP,
+use crate::support::{
+    busybox_image_on, docker_cli, docker_cli_on, exec_python_web, free_port, free_ports, http_get,
+    tar_of, targz, wait_until, Node, PrivateDockerd, RawTar, RunningAgent, SAMPLE_APP,
 };
 
 /// Kills this test's PM2 daemon, whatever happened.
@@ -229,7 +229,6 @@ fn running_on(socket: Option<&Path>, app: &str) -> Vec<String> {
     .map(str::to_owned)
     .collect()
 }
-
 
 /// `[apps.APP]` of a Docker app on `ports` (busybox httpd on 3000), with
 /// `restart_after` (the default when `None`), `extra` keys added to its

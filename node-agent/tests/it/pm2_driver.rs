@@ -207,7 +207,6 @@ fn dump_len(fx: &Fixture) -> usize {
         .len()
 }
 
-
 #[derive(Debug, Clone)]
 struct Response {
     status: u16,
