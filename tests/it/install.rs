@@ -883,3 +883,240 @@ fn cloud_init_user_data_is_valid_and_runs_install_sh() {
         text(&out)
     );
 }
+
+/// The first boot of a droplet made by `slipway-controller droplets create
+/// --wait`, played in the Debian root: cloud-init's part is done by the test
+/// from the user data the local DigitalOcean API received (each
+/// `write_files` entry written with its mode, each `runcmd` step run in the
+/// root under the droplet's host name), so install.sh is fetched over HTTPS
+/// from `--base-url`, downloads and checks the static agent, and enrolls
+/// with the bound join token. systemd is not PID 1 in a chroot: the root's
+/// `systemctl` (wrapped to record its calls) enables the unit but cannot
+/// restart it, and the test, as init, starts the agent unit's command — with the metadata service at a loopback address
+/// instead of 169.254.169.254. The node joins as the droplet, matched by
+/// droplet id, and `create --wait` sees it online.
+#[test]
+fn a_droplet_created_by_the_controller_boots_from_its_user_data_and_joins() {
+    use crate::deploy::HttpsFiles;
+    use crate::support::do_api::{metadata_service, DoApi, DO_TOKEN};
+    use serde_json::Value;
+
+    // The release folder served over HTTPS, as --base-url names it.
+    let work = tempfile::tempdir().unwrap();
+    let site = work.path().join("site");
+    let v = site.join("v0.1.0");
+    fs::create_dir_all(&v).unwrap();
+    fs::copy(top().join("install.sh"), site.join("install.sh")).unwrap();
+    fs::copy(static_dir().join("slipway-agent"), v.join("slipway-agent")).unwrap();
+    fs::write(
+        v.join("SHA256SUMS"),
+        format!("{}  slipway-agent\n", sha256_file(&v.join("slipway-agent"))),
+    )
+    .unwrap();
+    let server = HttpsFiles::start(work.path(), &site);
+    let base = server.url("").trim_end_matches('/').to_owned();
+
+    let api = DoApi::start();
+    let token_file = work.path().join("do-token");
+    fs::write(&token_file, DO_TOKEN).unwrap();
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\nsync_every = \"0s\"\n",
+            token_file.display(),
+            api.base
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+    let create = Command::new(crate::support::bin("slipway-controller"))
+        .args(["droplets", "create", "--name", "web-7", "--region", "fra1"])
+        .args(["--size", "s-1vcpu-1gb", "--image", "debian-12-x64"])
+        .args(["--controller", &controller.url(), "--base-url", &base])
+        .args(["--version", "0.1.0", "--token-ttl", "10m"])
+        .args(["--wait", "--wait-timeout", "3m", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(controller.data_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut made = Value::Null;
+    crate::support::wait_until(
+        "the droplet to be created",
+        std::time::Duration::from_secs(30),
+        || {
+            made = api
+                .control("GET", "/_test/droplets", None)
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == "web-7")
+                .cloned()
+                .unwrap_or(Value::Null);
+            !made.is_null()
+        },
+    );
+    let id = made["id"].as_u64().unwrap();
+    let user_data = api.control("GET", &format!("/_test/droplets/{id}/user_data"), None)
+        ["user_data"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let file = work.path().join("user-data");
+    fs::write(&file, &user_data).unwrap();
+    let py = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
+    let parsed = Command::new("python3")
+        .args(["-c", py])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(parsed.status.success(), "{}", text(&parsed));
+    let cloud: Value = serde_json::from_slice(&parsed.stdout).unwrap();
+
+    // The droplet's image: this root, trusting the release site's CA as a
+    // droplet trusts the public ones, and a systemctl that records.
+    let root = Chroot::new();
+    let bundle = root.path("/etc/ssl/certs/ca-certificates.crt");
+    let mut trusted = fs::read_to_string(&bundle).unwrap();
+    trusted.push_str(&fs::read_to_string(&server.ca_pem).unwrap());
+    fs::write(&bundle, trusted).unwrap();
+    let systemctl = root.path("/usr/bin/systemctl");
+    fs::rename(&systemctl, root.path("/usr/bin/systemctl.real")).unwrap();
+    fs::write(
+        &systemctl,
+        "#!/bin/sh\necho \"$*\" >> /var/log/systemctl.calls\nexec /usr/bin/systemctl.real \"$@\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&systemctl, fs::Permissions::from_mode(0o755)).unwrap();
+
+    // cloud-init: write_files, then each runcmd step, as the droplet.
+    for f in cloud["write_files"].as_array().unwrap() {
+        let path = root.path(f["path"].as_str().unwrap());
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, f["content"].as_str().unwrap()).unwrap();
+        let mode = u32::from_str_radix(f["permissions"].as_str().unwrap(), 8).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let mut said = String::new();
+    for step in cloud["runcmd"].as_array().unwrap() {
+        let argv: Vec<&str> = step
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let out = Command::new("unshare")
+            .args([
+                "--uts",
+                "sh",
+                "-c",
+                "hostname web-7 && exec chroot \"$0\" \"$@\"",
+            ])
+            .arg(root.dir.path())
+            .args(&argv)
+            .env_remove("SLIPWAY_JOIN_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        said.push_str(&text(&out));
+        // The last step restarts the unit: the one thing a chroot cannot do.
+        if !out.status.success() {
+            assert!(
+                argv.last()
+                    .unwrap()
+                    .contains("systemctl restart slipway-agent"),
+                "runcmd step failed: {argv:?}: {}",
+                text(&out)
+            );
+        }
+    }
+    assert!(said.contains("enrolled as node"), "{said}");
+    assert!(
+        !root.exists("/run/slipway/join.env"),
+        "the token file stays"
+    );
+    let calls = fs::read_to_string(root.path("/var/log/systemctl.calls")).unwrap();
+    assert!(calls.contains("restart slipway-agent"), "{calls}");
+    let conf = fs::read_to_string(root.path("/etc/slipway/agent.toml")).unwrap();
+    assert!(
+        conf.contains("[digitalocean]\nmetadata_url = \"http://169.254.169.254\""),
+        "{conf}"
+    );
+    let join = user_data
+        .split("SLIPWAY_JOIN_TOKEN='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap();
+    assert!(
+        !conf.contains(join) && !said.contains(join),
+        "the join token is printed or kept: {said}"
+    );
+
+    // init: the unit's ExecStart, with the droplet's metadata service on
+    // loopback.
+    fs::write(
+        root.path("/etc/slipway/agent.toml"),
+        conf.replace("http://169.254.169.254", &metadata_service(id)),
+    )
+    .unwrap();
+    let unit = fs::read_to_string(root.path(AGENT_UNIT)).unwrap();
+    let exec_start = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap()
+        .to_owned();
+    let mut agent = Command::new("chroot")
+        .arg(root.dir.path())
+        .args(exec_start.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Stop<'a>(&'a mut std::process::Child);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _stop = Stop(&mut agent);
+
+    let created = create.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&created.stdout).into_owned();
+    assert!(created.status.success(), "{}", text(&created));
+    assert!(
+        out.contains("created droplet web-7") && out.contains("is online"),
+        "{out}"
+    );
+    // Matched by the droplet id its metadata service gave, after a sync.
+    let sync = Command::new(crate::support::bin("slipway-controller"))
+        .args(["droplets", "sync", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(controller.data_dir())
+        .output()
+        .unwrap();
+    assert!(sync.status.success(), "{}", text(&sync));
+    let list = Command::new(crate::support::bin("slipway-controller"))
+        .args(["droplets", "list", "--json", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(controller.data_dir())
+        .output()
+        .unwrap();
+    assert!(list.status.success(), "{}", text(&list));
+    let listed: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let droplet = listed["droplets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "web-7")
+        .unwrap();
+    assert_eq!(droplet["node_name"], "web-7", "{listed:#}");
+    assert_eq!(node_names(&controller), ["web-7"]);
+    api.assert_no_violations();
+}
