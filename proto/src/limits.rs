@@ -777,26 +777,44 @@ impl Validate for ChangeEnvRequest {
                 "nothing to change: no variable to set or unset",
             ));
         }
-        check_selector("selector", self.selector.as_ref())
+        if self.rollback_as_of && self.rollback_to == 0 {
+            return Err(FieldError::new(
+                "rollback_as_of",
+                "needs rollback_to (the version to go back to)",
+            ));
+        }
+        check_selector("selector", self.selector.as_ref())?;
+        check_env_layer("tag", &self.tag)
     }
+}
+
+/// An env layer's tag: empty (the base) or a tag as selectors take it.
+pub fn check_env_layer(field: &str, tag: &str) -> Result<(), FieldError> {
+    if tag.is_empty() {
+        return Ok(());
+    }
+    check_tag(field, tag)
 }
 
 impl Validate for ListEnvRequest {
     fn validate(&self) -> Result<(), FieldError> {
-        check_app_name("app", &self.app)
+        check_app_name("app", &self.app)?;
+        check_env_layer("tag", &self.tag)
     }
 }
 
 impl Validate for EnvHistoryRequest {
     fn validate(&self) -> Result<(), FieldError> {
-        check_app_name("app", &self.app)
+        check_app_name("app", &self.app)?;
+        check_env_layer("tag", &self.tag)
     }
 }
 
 impl Validate for GetEnvRequest {
     fn validate(&self) -> Result<(), FieldError> {
         check_app_name("app", &self.app)?;
-        check_env_key("key", &self.key)
+        check_env_key("key", &self.key)?;
+        check_env_layer("tag", &self.tag)
     }
 }
 
