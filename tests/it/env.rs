@@ -496,6 +496,8 @@ fn tag_layers_override_the_base_on_their_nodes_only_and_clashes_are_refused() {
     let reader = controller.api_token("read");
     let deployer = controller.api_token("deploy:web");
     let secrets = controller.api_token("secrets:web");
+    // The token's id (what pages and lists name as who changed it).
+    let deployer_id = deployer.split('.').nth(1).unwrap().to_owned();
     controller.wait_online(&reader, 3, Duration::from_secs(30));
     let work = tempfile::tempdir().unwrap();
     let art = artifact(work.path(), "v1", ENV_APP);
@@ -756,6 +758,29 @@ fn tag_layers_override_the_base_on_their_nodes_only_and_clashes_are_refused() {
         text(&out)
     );
     assert!(!said.contains("p1 (has"), "{said}");
+    // The web pages: the app's env (version, layers, names with their
+    // layer, who, when) and the lagging node; never a value.
+    for path in ["/apps/web", "/"] {
+        let page = http_page(&controller, &reader, path);
+        for shown in [
+            "Version v7",
+            "env:staging</code> (v7)",
+            "role:canary</code> (v4)",
+            "STAGING_TOKEN",
+            "DB_PASSWORD",
+            "overridden by a tag layer",
+            "env v7 is not on 1 node(s): s1 (has v6)",
+        ] {
+            assert!(page.contains(shown), "{path} lacks {shown:?}: {page}");
+        }
+        assert!(
+            page.contains(&deployer_id),
+            "{path} names no changer: {page}"
+        );
+        for value in [SECRET, STAGING_SECRET, "base3"] {
+            assert!(!page.contains(value), "{path} shows a value ({value})");
+        }
+    }
     agents[0].run();
     wait_until("s1 to catch up to env v7", Duration::from_secs(60), || {
         http_get(agents[0].port, "/env")
@@ -965,6 +990,20 @@ fn http_api(controller: &Controller, token: &str, path: &str, body: Option<&str>
         code.trim().parse().unwrap(),
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
     )
+}
+
+/// A page of the controller's web face fetched with `token`: its HTML.
+fn http_page(controller: &Controller, token: &str, path: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-f", "--max-time", "60", "--cacert"])
+        .arg(controller.ca_pem())
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("{}{path}", controller.http_url()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{path}: {}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Waits for deployment `id` to end; its record.
