@@ -944,6 +944,18 @@ fn tag_layers_override_the_base_on_their_nodes_only_and_clashes_are_refused() {
         32 * 1024
     );
 
+    // A layer no live node carries: stored (v12), said not delivered.
+    let out = controller.slipway(
+        &deployer,
+        &["env", "set", "web", "X=1", "--tag", "env:nowhere", "--wait"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("env version 12 of app web is stored, but was not delivered: no live node carries tag env:nowhere"),
+        "{}",
+        text(&out)
+    );
+
     // Secrecy: no value in anything the controller or the agents wrote,
     // but the apps' .env files; nor in the audit.
     let audit = controller.audit(&reader);
