@@ -387,6 +387,47 @@ pub fn effective(history: &[LayerVersion], tags: &BTreeSet<String>) -> (u64, Var
     current
 }
 
+/// [`effective`] for many nodes at once: nodes whose tags meet the app's
+/// layers alike (most of a fleet) share one computation, so a page or a
+/// status over a thousand nodes replays the history a few times, not a
+/// thousand.
+#[derive(Debug)]
+pub struct EffectiveCache<'a> {
+    history: &'a [LayerVersion],
+    layers: BTreeSet<&'a str>,
+    memo: std::collections::HashMap<BTreeSet<String>, (u64, Vars)>,
+}
+
+impl<'a> EffectiveCache<'a> {
+    /// A cache over `history` (oldest first).
+    pub fn new(history: &'a [LayerVersion]) -> Self {
+        Self {
+            history,
+            layers: history
+                .iter()
+                .filter(|v| !v.layer.is_empty())
+                .map(|v| v.layer.as_str())
+                .collect(),
+            memo: std::collections::HashMap::new(),
+        }
+    }
+
+    /// [`effective`] of a node carrying `tags`.
+    pub fn of(&mut self, tags: &BTreeSet<String>) -> (u64, Vars) {
+        let relevant: BTreeSet<String> = tags
+            .iter()
+            .filter(|t| self.layers.contains(t.as_str()))
+            .cloned()
+            .collect();
+        if let Some(found) = self.memo.get(&relevant) {
+            return found.clone();
+        }
+        let found = effective(self.history, &relevant);
+        self.memo.insert(relevant, found.clone());
+        found
+    }
+}
+
 /// Two tag layers of one node that set the same name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerConflict {
@@ -527,6 +568,11 @@ mod tests {
             effective(&history[..4], &none),
             (3, vars(&[("A", "base2"), ("B", "b")]))
         );
+        let mut cache = EffectiveCache::new(&history);
+        let staging_too: BTreeSet<String> = ["env:staging".to_owned(), "pf-core".to_owned()].into();
+        assert_eq!(cache.of(&staging_too), effective(&history, &staging));
+        assert_eq!(cache.of(&staging), effective(&history, &staging));
+        assert_eq!(cache.of(&none), effective(&history, &none));
         // Only a layer the node does not carry: nothing to hold.
         assert_eq!(effective(&history[1..2], &none), (0, Vars::default()));
         assert_eq!(canonical_tag("role:"), "role");

@@ -118,8 +118,9 @@ impl ControlService {
         let mut needs = HashMap::new();
         for app in &apps {
             let (_, history) = self.env_layers(app).await?;
+            let mut effective = secrets::EffectiveCache::new(&history);
             for (target, tags) in &nodes {
-                let (version, _) = secrets::effective(&history, tags);
+                let (version, _) = effective.of(tags);
                 needs.insert((app.clone(), target.node_id.clone()), version);
             }
         }
@@ -277,6 +278,8 @@ impl ControlService {
         };
         let mut targets: Vec<Target> = Vec::new();
         let mut payloads = BTreeMap::new();
+        let mut before = secrets::EffectiveCache::new(&history);
+        let mut now = secrets::EffectiveCache::new(&after);
         for (target, tags) in &nodes {
             if selected
                 .as_ref()
@@ -284,10 +287,10 @@ impl ControlService {
             {
                 continue;
             }
-            let (now_version, now_vars) = secrets::effective(&after, tags);
+            let (now_version, now_vars) = now.of(tags);
             // The effective version moves exactly when the node's
             // environment changes (see `secrets::effective`).
-            let deliver = !changed || secrets::effective(&history, tags).0 != now_version;
+            let deliver = !changed || before.of(tags).0 != now_version;
             if deliver && now_version != 0 {
                 payloads.insert(
                     target.node_id.clone(),

@@ -308,6 +308,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn env_messages_carry_each_nodes_own_environment() {
+        let action = Action::Env {
+            version: 5,
+            payloads: [
+                ("n-a".to_owned(), EnvPayload::new(5, "A=\"1\"\n".to_owned())),
+                ("n-b".to_owned(), EnvPayload::new(3, "A=\"2\"\n".to_owned())),
+            ]
+            .into(),
+        };
+        let sent = |node: &str| match action.message("d-1.x", "web", node).kind {
+            Some(controller_message::Kind::SetEnv(e)) => e,
+            other => panic!("not a SetEnv: {other:?}"),
+        };
+        let (a, b) = (sent("n-a"), sent("n-b"));
+        assert_eq!((a.version, a.content.as_str()), (5, "A=\"1\"\n"));
+        assert_eq!((b.version, b.content.as_str()), (3, "A=\"2\"\n"));
+        assert_eq!(b.sha256, crate::pki::crypto::sha256_hex(b"A=\"2\"\n"));
+        // No payload for a node: version 0, which every agent refuses.
+        assert_eq!(sent("n-c").version, 0);
+        // Plans are logged: sizes, never the text.
+        assert!(!format!("{action:?}").contains("A=\\\"1"), "{action:?}");
+    }
+
+    #[test]
     fn deploy_message_carries_the_artifact_url() {
         let action = Action::Deploy {
             release_id: "v1".to_owned(),
