@@ -825,6 +825,24 @@ fn tag_layers_override_the_base_on_their_nodes_only_and_clashes_are_refused() {
         .find(|v| v["key"] == "REGION")
         .unwrap();
     assert_eq!(region["layer"], "env:production", "{list}");
+    let (code, got) = http_api(
+        &controller,
+        &secrets,
+        "/api/v1/apps/web/env/values/GREETING?tag=env:staging",
+        None,
+    );
+    assert_eq!(code, 200, "{got}");
+    assert_eq!(
+        (&got["value"], &got["layer"]),
+        (&Value::from("later"), &Value::from("env:staging"))
+    );
+    let (code, refused) = http_api(
+        &controller,
+        &reader,
+        "/api/v1/apps/web/env/values/GREETING?tag=env:staging",
+        None,
+    );
+    assert_eq!(code, 403, "{refused}");
     let (code, bad) = http_api(
         &controller,
         &deployer,
@@ -955,6 +973,37 @@ fn tag_layers_override_the_base_on_their_nodes_only_and_clashes_are_refused() {
         "{}",
         text(&out)
     );
+
+    // import --tag replaces that layer's whole content (v13): p1 alone.
+    let layer_file = work.path().join("production.env");
+    fs::write(&layer_file, "REGION=us\n").unwrap();
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "import",
+            "web",
+            "--file",
+            layer_file.to_str().unwrap(),
+            "--tag",
+            "env:production",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("env v13") && said.contains("[p1] SUCCEEDED"),
+        "{said}"
+    );
+    assert!(!said.contains("[s1]") && !said.contains("[c1]"), "{said}");
+    let env = app_env(agents[2].port);
+    assert_eq!(env["REGION"], "us");
+    assert!(
+        !env.contains_key("PAD"),
+        "import keeps only the file's variables"
+    );
+    assert_eq!(env["GREETING"], "base3", "the base stays under the layer");
 
     // Secrecy: no value in anything the controller or the agents wrote,
     // but the apps' .env files; nor in the audit.

@@ -145,23 +145,6 @@ impl Store {
         rows.iter().map(row_to_version).collect()
     }
 
-    /// The newest version of one layer of `app`'s environment.
-    pub async fn env_layer_latest(
-        &self,
-        app: &str,
-        layer: &str,
-    ) -> Result<Option<EnvVersionRow>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM env_versions WHERE app = ?1 AND layer = ?2 \
-             ORDER BY version DESC LIMIT 1"
-        ))
-        .bind(app)
-        .bind(layer)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(row_to_version).transpose()
-    }
-
     /// Every app that has an environment, sorted.
     pub async fn env_apps(&self) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query("SELECT DISTINCT app FROM env_versions ORDER BY app")
