@@ -5,7 +5,10 @@
 //! or of its WAL, or a backup — shows no value without the key file.
 //!
 //! Also the pure part of a change: applying set/unset/import to a set of
-//! variables, and rendering them as the `.env` text the agents write.
+//! variables, rendering them as the `.env` text the agents write, and the
+//! layers: a node's environment is the base overlaid by the layers of the
+//! tags it carries ([`effective`]), and a tag layer may not set a name
+//! another layer of the same node sets ([`conflicts`]).
 //! Values never reach a log line, an error or an audit event here.
 
 use std::collections::{BTreeMap, BTreeSet};

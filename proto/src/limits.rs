@@ -893,6 +893,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn env_layers_take_tags_with_their_limits() {
+        let change = |tag: &str| ChangeEnvRequest {
+            app: "web".to_owned(),
+            unset: vec!["K".to_owned()],
+            tag: tag.to_owned(),
+            ..ChangeEnvRequest::default()
+        };
+        assert!(change("").validate().is_ok());
+        assert!(change("env:staging").validate().is_ok());
+        assert!(change("role").validate().is_ok());
+        let at = format!("k:{}", "v".repeat(MAX_LABEL_VALUE));
+        assert!(change(&at).validate().is_ok());
+        let over = format!("k:{}", "v".repeat(MAX_LABEL_VALUE + 1));
+        assert_eq!(change(&over).validate().unwrap_err().field, "tag");
+        for bad in ["env staging", ":x", "a:b\n"] {
+            let err = change(bad).validate().unwrap_err();
+            assert_eq!(err.field, "tag", "{bad:?}: {err}");
+        }
+        let as_of = ChangeEnvRequest {
+            rollback_as_of: true,
+            ..change("")
+        };
+        assert_eq!(as_of.validate().unwrap_err().field, "rollback_as_of");
+        let list = ListEnvRequest {
+            app: "web".to_owned(),
+            tag: "bad tag".to_owned(),
+        };
+        assert_eq!(list.validate().unwrap_err().field, "tag");
+        let get = GetEnvRequest {
+            app: "web".to_owned(),
+            key: "K".to_owned(),
+            tag: "env:staging".to_owned(),
+        };
+        assert!(get.validate().is_ok());
+    }
+
+    #[test]
     fn trust_bundles_are_bounded() {
         use crate::v1::TrustBundle;
         const BLOCK: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";

@@ -329,11 +329,14 @@ async fn list(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let layers: std::collections::BTreeSet<&str> =
+        list.entries.iter().map(|e| e.layer.as_str()).collect();
     println!(
-        "app {} env version {}: {} variable(s)",
+        "app {} env version {}: {} name(s) in {} layer(s)",
         args.app,
         list.version,
-        list.entries.len()
+        list.entries.len(),
+        layers.len()
     );
     for e in &list.entries {
         let layer = if e.layer.is_empty() {
