@@ -721,6 +721,7 @@ mod tests {
         let vars = crate::secrets::Vars([("K".to_owned(), "v-123".to_owned())].into());
         let row = crate::store::EnvVersionRow {
             app: "web".to_owned(),
+            layer: String::new(),
             version: 1,
             actor: "t".to_owned(),
             created_at: 1,
@@ -729,7 +730,7 @@ mod tests {
             unset_keys: Vec::new(),
             rollback_to: None,
             var_count: 1,
-            sealed: secrets.seal_vars("web", 1, &vars).unwrap(),
+            sealed: secrets.seal_vars("web", 1, "", &vars).unwrap(),
         };
         let event = crate::audit::AuditEvent::success(
             "ENV_CHANGED",

@@ -25,7 +25,7 @@
 //!                methods; the heartbeat shapes it stores (Metrics, App)
 //!     artifacts  the content-addressed artifact files
 //!     backup     encrypted backups of the data dir, restore, schedule
-//!     secrets    the key file, the sealed data key, apps' environments
+//!     secrets    the key file, the sealed data key, apps' environments and their tag layers
 //!                sealed per version (AES-256-GCM) and rendered as `.env`
 //! L2  auth/      token (join tokens) < apitoken (API tokens, the caller and
 //!                its scopes) < operator (operator certificates) · oidc

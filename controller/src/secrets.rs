@@ -5,10 +5,13 @@
 //! or of its WAL, or a backup — shows no value without the key file.
 //!
 //! Also the pure part of a change: applying set/unset/import to a set of
-//! variables, and rendering them as the `.env` text the agents write.
+//! variables, rendering them as the `.env` text the agents write, and the
+//! layers: a node's environment is the base overlaid by the layers of the
+//! tags it carries ([`effective`]), and a tag layer may not set a name
+//! another layer of the same node sets ([`conflicts`]).
 //! Values never reach a log line, an error or an audit event here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -191,14 +194,17 @@ impl Secrets {
         })
     }
 
-    /// Seals the variables of `app`'s `version`.
-    pub fn seal_vars(&self, app: &str, version: u64, vars: &Vars) -> Result<Vec<u8>, SecretsError> {
+    /// Seals the variables of `app`'s `version` (of `layer`: '' for the
+    /// base).
+    pub fn seal_vars(
+        &self,
+        app: &str,
+        version: u64,
+        layer: &str,
+        vars: &Vars,
+    ) -> Result<Vec<u8>, SecretsError> {
         let plain = serde_json::to_vec(&vars.0).map_err(|_| SecretsError::Random)?;
-        seal(
-            &self.data_key,
-            format!("{app}/{version}").as_bytes(),
-            &plain,
-        )
+        seal(&self.data_key, aad(app, version, layer).as_bytes(), &plain)
     }
 
     /// The variables of a stored version.
@@ -209,13 +215,24 @@ impl Secrets {
         };
         let plain = open(
             &self.data_key,
-            format!("{}/{}", row.app, row.version).as_bytes(),
+            aad(&row.app, row.version, &row.layer).as_bytes(),
             &row.sealed,
         )
         .ok_or_else(corrupt)?;
         serde_json::from_slice(&plain)
             .map(Vars)
             .map_err(|_| corrupt())
+    }
+}
+
+/// The associated data of a sealed version: "<app>/<version>" for the
+/// base layer (as before layers existed), "<app>/<version>/<tag>" for a tag
+/// layer, so a row moved to another app, version or layer does not open.
+fn aad(app: &str, version: u64, layer: &str) -> String {
+    if layer.is_empty() {
+        format!("{app}/{version}")
+    } else {
+        format!("{app}/{version}/{layer}")
     }
 }
 
@@ -305,6 +322,172 @@ impl Vars {
     }
 }
 
+/// One version of an app's environment, opened: the layer it changed
+/// ('' for the base, else a tag) and that layer's whole content after it.
+#[derive(Debug, Clone)]
+pub struct LayerVersion {
+    /// The version (one sequence per app across its layers).
+    pub version: u64,
+    /// '' or the tag.
+    pub layer: String,
+    /// The layer's variables after it.
+    pub vars: Vars,
+}
+
+/// A tag as layers and node tag sets spell it: `key:value`, or `key` for a
+/// label without a value (`role:` and `role` are the same tag).
+pub fn canonical_tag(tag: &str) -> String {
+    match tag.split_once(':') {
+        Some((key, "")) => key.to_owned(),
+        _ => tag.to_owned(),
+    }
+}
+
+/// Each layer's content after `history` (oldest first).
+pub fn layer_state(history: &[LayerVersion]) -> BTreeMap<String, Vars> {
+    let mut state = BTreeMap::new();
+    for v in history {
+        state.insert(v.layer.clone(), v.vars.clone());
+    }
+    state
+}
+
+/// The environment of a node carrying `tags` when the layers hold
+/// `state`: the base, overlaid by each tag layer the node carries. Tag
+/// layers are applied in ascending tag order, so should two of them set
+/// the same name (a change that would do so for a live node is refused,
+/// but a node can gain a second tag later) the greater tag wins, the same
+/// on every run.
+pub fn compose(state: &BTreeMap<String, Vars>, tags: &BTreeSet<String>) -> Vars {
+    let mut out = state.get("").cloned().unwrap_or_default();
+    for (layer, vars) in state {
+        if !layer.is_empty() && tags.contains(layer) {
+            out.0
+                .extend(vars.0.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    out
+}
+
+/// The environment a node carrying `tags` gets after `history` (oldest
+/// first), and the version of the newest change that altered it (0: no
+/// version ever gave it a variable). A change to a layer the node does not
+/// carry, or one whose names a carried layer overrides, leaves both alone:
+/// that is the version the node's `.env` should hold.
+pub fn effective(history: &[LayerVersion], tags: &BTreeSet<String>) -> (u64, Vars) {
+    let mut state: BTreeMap<String, Vars> = BTreeMap::new();
+    let mut current = (0, Vars::default());
+    for v in history {
+        if !v.layer.is_empty() && !tags.contains(&v.layer) {
+            continue;
+        }
+        state.insert(v.layer.clone(), v.vars.clone());
+        let next = compose(&state, tags);
+        if next != current.1 || current.0 == 0 {
+            current = (v.version, next);
+        }
+    }
+    current
+}
+
+/// [`effective`] for many nodes at once: nodes whose tags meet the app's
+/// layers alike (most of a fleet) share one computation, so a page or a
+/// status over a thousand nodes replays the history a few times, not a
+/// thousand.
+#[derive(Debug)]
+pub struct EffectiveCache<'a> {
+    history: &'a [LayerVersion],
+    layers: BTreeSet<&'a str>,
+    memo: std::collections::HashMap<BTreeSet<String>, (u64, Vars)>,
+}
+
+impl<'a> EffectiveCache<'a> {
+    /// A cache over `history` (oldest first).
+    pub fn new(history: &'a [LayerVersion]) -> Self {
+        Self {
+            history,
+            layers: history
+                .iter()
+                .filter(|v| !v.layer.is_empty())
+                .map(|v| v.layer.as_str())
+                .collect(),
+            memo: std::collections::HashMap::new(),
+        }
+    }
+
+    /// [`effective`] of a node carrying `tags`.
+    pub fn of(&mut self, tags: &BTreeSet<String>) -> (u64, Vars) {
+        let relevant: BTreeSet<String> = tags
+            .iter()
+            .filter(|t| self.layers.contains(t.as_str()))
+            .cloned()
+            .collect();
+        if let Some(found) = self.memo.get(&relevant) {
+            return found.clone();
+        }
+        let found = effective(self.history, &relevant);
+        self.memo.insert(relevant, found.clone());
+        found
+    }
+}
+
+/// Two tag layers of one node that set the same name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerConflict {
+    /// The node's name.
+    pub node: String,
+    /// The name both set.
+    pub key: String,
+    /// The two tags, sorted.
+    pub tags: (String, String),
+}
+
+impl fmt::Display for LayerConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node {} carries both {} and {}, and both layers would set {}",
+            self.node, self.tags.0, self.tags.1, self.key
+        )
+    }
+}
+
+/// Where layer `changed` (a tag) and another tag layer would both set a
+/// name on one of `nodes` (name, tags) when the layers hold `state`.
+pub fn conflicts(
+    state: &BTreeMap<String, Vars>,
+    nodes: &[(String, BTreeSet<String>)],
+    changed: &str,
+) -> Vec<LayerConflict> {
+    let mut out = Vec::new();
+    let Some(mine) = state.get(changed) else {
+        return out;
+    };
+    for (node, tags) in nodes {
+        if !tags.contains(changed) {
+            continue;
+        }
+        for (layer, vars) in state {
+            if layer.is_empty() || layer == changed || !tags.contains(layer) {
+                continue;
+            }
+            for key in mine.0.keys().filter(|k| vars.0.contains_key(*k)) {
+                let pair = if changed < layer.as_str() {
+                    (changed.to_owned(), layer.clone())
+                } else {
+                    (layer.clone(), changed.to_owned())
+                };
+                out.push(LayerConflict {
+                    node: node.clone(),
+                    key: key.clone(),
+                    tags: pair,
+                });
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +523,93 @@ mod tests {
         assert_eq!(v3.0.keys().collect::<Vec<_>>(), vec!["Z"]);
         assert_eq!(s.unset, vec!["A".to_owned(), "C".to_owned()]);
         assert_eq!(format!("{v3:?}"), "{\"Z\"}");
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vars {
+        Vars(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    fn lv(version: u64, layer: &str, pairs: &[(&str, &str)]) -> LayerVersion {
+        LayerVersion {
+            version,
+            layer: layer.to_owned(),
+            vars: vars(pairs),
+        }
+    }
+
+    #[test]
+    fn a_node_sees_the_base_overlaid_by_its_tags_layers_at_the_version_that_changed_it() {
+        let history = vec![
+            lv(1, "", &[("A", "base"), ("B", "b")]),
+            lv(2, "env:staging", &[("A", "staging")]),
+            // Overridden on staging nodes: they keep v2.
+            lv(3, "", &[("A", "base2"), ("B", "b")]),
+            lv(4, "env:production", &[("C", "prod")]),
+            lv(5, "", &[("A", "base2"), ("B", "b5")]),
+        ];
+        let staging: BTreeSet<String> = ["env:staging".to_owned()].into();
+        let production: BTreeSet<String> = ["env:production".to_owned()].into();
+        let none = BTreeSet::new();
+        assert_eq!(
+            effective(&history[..4], &staging),
+            (2, vars(&[("A", "staging"), ("B", "b")]))
+        );
+        assert_eq!(
+            effective(&history, &staging),
+            (5, vars(&[("A", "staging"), ("B", "b5")]))
+        );
+        assert_eq!(
+            effective(&history[..4], &production),
+            (4, vars(&[("A", "base2"), ("B", "b"), ("C", "prod")]))
+        );
+        assert_eq!(
+            effective(&history[..4], &none),
+            (3, vars(&[("A", "base2"), ("B", "b")]))
+        );
+        let mut cache = EffectiveCache::new(&history);
+        let staging_too: BTreeSet<String> = ["env:staging".to_owned(), "pf-core".to_owned()].into();
+        assert_eq!(cache.of(&staging_too), effective(&history, &staging));
+        assert_eq!(cache.of(&staging), effective(&history, &staging));
+        assert_eq!(cache.of(&none), effective(&history, &none));
+        // Only a layer the node does not carry: nothing to hold.
+        assert_eq!(effective(&history[1..2], &none), (0, Vars::default()));
+        assert_eq!(canonical_tag("role:"), "role");
+        assert_eq!(canonical_tag("env:staging"), "env:staging");
+    }
+
+    #[test]
+    fn two_layers_of_one_node_setting_a_name_are_found_and_the_greater_tag_wins() {
+        let state: BTreeMap<String, Vars> = [
+            (String::new(), vars(&[("K", "base")])),
+            ("env:staging".to_owned(), vars(&[("K", "s"), ("X", "1")])),
+            ("role:api".to_owned(), vars(&[("K", "r")])),
+        ]
+        .into();
+        let both: BTreeSet<String> = ["env:staging".to_owned(), "role:api".to_owned()].into();
+        let nodes = vec![
+            ("web-1".to_owned(), both.clone()),
+            ("web-2".to_owned(), ["env:staging".to_owned()].into()),
+        ];
+        let found = conflicts(&state, &nodes, "role:api");
+        assert_eq!(
+            found,
+            vec![LayerConflict {
+                node: "web-1".to_owned(),
+                key: "K".to_owned(),
+                tags: ("env:staging".to_owned(), "role:api".to_owned()),
+            }]
+        );
+        assert_eq!(
+            found[0].to_string(),
+            "node web-1 carries both env:staging and role:api, and both layers would set K"
+        );
+        assert_eq!(compose(&state, &both).0["K"], "r");
+        assert!(conflicts(&state, &nodes[1..], "env:staging").is_empty());
     }
 
     #[test]
@@ -385,6 +655,7 @@ mod tests {
         let vars = Vars([("K".to_owned(), "v".to_owned())].into());
         let row = EnvVersionRow {
             app: "web".to_owned(),
+            layer: String::new(),
             version: 1,
             actor: "t".to_owned(),
             created_at: 1,
@@ -393,7 +664,7 @@ mod tests {
             unset_keys: Vec::new(),
             rollback_to: None,
             var_count: 1,
-            sealed: secrets.seal_vars("web", 1, &vars).unwrap(),
+            sealed: secrets.seal_vars("web", 1, "", &vars).unwrap(),
         };
         let event = crate::audit::AuditEvent::success(
             crate::audit::ENV_CHANGED,

@@ -777,26 +777,44 @@ impl Validate for ChangeEnvRequest {
                 "nothing to change: no variable to set or unset",
             ));
         }
-        check_selector("selector", self.selector.as_ref())
+        if self.rollback_as_of && self.rollback_to == 0 {
+            return Err(FieldError::new(
+                "rollback_as_of",
+                "needs rollback_to (the version to go back to)",
+            ));
+        }
+        check_selector("selector", self.selector.as_ref())?;
+        check_env_layer("tag", &self.tag)
     }
+}
+
+/// An env layer's tag: empty (the base) or a tag as selectors take it.
+pub fn check_env_layer(field: &str, tag: &str) -> Result<(), FieldError> {
+    if tag.is_empty() {
+        return Ok(());
+    }
+    check_tag(field, tag)
 }
 
 impl Validate for ListEnvRequest {
     fn validate(&self) -> Result<(), FieldError> {
-        check_app_name("app", &self.app)
+        check_app_name("app", &self.app)?;
+        check_env_layer("tag", &self.tag)
     }
 }
 
 impl Validate for EnvHistoryRequest {
     fn validate(&self) -> Result<(), FieldError> {
-        check_app_name("app", &self.app)
+        check_app_name("app", &self.app)?;
+        check_env_layer("tag", &self.tag)
     }
 }
 
 impl Validate for GetEnvRequest {
     fn validate(&self) -> Result<(), FieldError> {
         check_app_name("app", &self.app)?;
-        check_env_key("key", &self.key)
+        check_env_key("key", &self.key)?;
+        check_env_layer("tag", &self.tag)
     }
 }
 
@@ -873,6 +891,43 @@ impl Validate for FleetStatusRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_layers_take_tags_with_their_limits() {
+        let change = |tag: &str| ChangeEnvRequest {
+            app: "web".to_owned(),
+            unset: vec!["K".to_owned()],
+            tag: tag.to_owned(),
+            ..ChangeEnvRequest::default()
+        };
+        assert!(change("").validate().is_ok());
+        assert!(change("env:staging").validate().is_ok());
+        assert!(change("role").validate().is_ok());
+        let at = format!("k:{}", "v".repeat(MAX_LABEL_VALUE));
+        assert!(change(&at).validate().is_ok());
+        let over = format!("k:{}", "v".repeat(MAX_LABEL_VALUE + 1));
+        assert_eq!(change(&over).validate().unwrap_err().field, "tag");
+        for bad in ["env staging", ":x", "a:b\n"] {
+            let err = change(bad).validate().unwrap_err();
+            assert_eq!(err.field, "tag", "{bad:?}: {err}");
+        }
+        let as_of = ChangeEnvRequest {
+            rollback_as_of: true,
+            ..change("")
+        };
+        assert_eq!(as_of.validate().unwrap_err().field, "rollback_as_of");
+        let list = ListEnvRequest {
+            app: "web".to_owned(),
+            tag: "bad tag".to_owned(),
+        };
+        assert_eq!(list.validate().unwrap_err().field, "tag");
+        let get = GetEnvRequest {
+            app: "web".to_owned(),
+            key: "K".to_owned(),
+            tag: "env:staging".to_owned(),
+        };
+        assert!(get.validate().is_ok());
+    }
 
     #[test]
     fn trust_bundles_are_bounded() {

@@ -171,6 +171,42 @@ fn the_fleet_follows_droplet_tags() {
     assert_eq!(agents[0].get().as_deref(), Some("v2"));
     assert_eq!(agents[1].get().as_deref(), Some("v1"));
 
+    // An env layer of a DigitalOcean tag: the droplets under it as last
+    // synced (web-1 alone) get it; web-2's .env is not touched.
+    let web2_env = fs::read(agents[1].root.join("shared/.env")).unwrap();
+    let port = format!("PORT={}", agents[0].port);
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "set",
+            "web",
+            &port,
+            "SHOP=on",
+            "--tag",
+            "product:shop",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("[web-1] SUCCEEDED"), "{said}");
+    assert!(
+        !said.contains("[web-2]") && !said.contains("[stray]"),
+        "{said}"
+    );
+    let web1_env = fs::read_to_string(agents[0].root.join("shared/.env")).unwrap();
+    assert!(web1_env.contains("SHOP=\"on\""), "{web1_env}");
+    assert_eq!(
+        fs::read(agents[1].root.join("shared/.env")).unwrap(),
+        web2_env
+    );
+    assert_eq!(
+        agents[0].get().as_deref(),
+        Some("v2"),
+        "web-1 serves after its env change"
+    );
+
     // Destroy web-2 in DO: its node is retired (revoked) and audited.
     api.destroy_droplet(web2);
     let out = droplets_cli(&controller, &config, &["sync"]);

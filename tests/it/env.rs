@@ -429,6 +429,604 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
     );
 }
 
+/// An exec node like [`exec_node`] whose join token gives it `tags`.
+fn tagged_exec_node(controller: &Controller, name: &str, tags: &[&str]) -> Agent {
+    let node = name.to_owned();
+    let agent = Agent::enroll_tagged(controller, name, "web", tags, |root, port| {
+        format!(
+            r#"[apps.web]
+root = "{root}"
+
+[apps.web.run]
+driver = "exec"
+command = ["python3", "server.py", "{port}", "{node}"]
+stop_grace = "2s"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{port}/api/health"
+interval = "100ms"
+successes = 2
+start_period = "3s"
+deadline = "10s"
+liveness_interval = "500ms"
+"#,
+            root = root.display(),
+        )
+    });
+    fs::create_dir_all(agent.root.join("shared")).unwrap();
+    agent
+}
+
+/// A value set only in the staging layer.
+const STAGING_SECRET: &str = "staging-only-Wq3r-secret-88Jd";
+
+/// The `env list --json` entries as (key, layer or "base", overridden).
+fn listed(controller: &Controller, token: &str, extra: &[&str]) -> Vec<(String, String, bool)> {
+    let mut args = vec!["env", "list", "web", "--json"];
+    args.extend_from_slice(extra);
+    let out = controller.slipway(token, &args);
+    assert!(out.status.success(), "{}", text(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["key"].as_str().unwrap().to_owned(),
+                v["layer"].as_str().unwrap_or("base").to_owned(),
+                v["overridden"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn tag_layers_override_the_base_on_their_nodes_only_and_clashes_are_refused() {
+    let controller = Controller::start_http();
+    let mut agents = vec![
+        tagged_exec_node(&controller, "s1", &["env:staging"]),
+        tagged_exec_node(&controller, "c1", &["env:staging", "role:canary"]),
+        tagged_exec_node(&controller, "p1", &["env:production"]),
+    ];
+    for a in &mut agents {
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    let secrets = controller.api_token("secrets:web");
+    // The token's id (what pages and lists name as who changed it).
+    let deployer_id = deployer.split('.').nth(1).unwrap().to_owned();
+    controller.wait_online(&reader, 3, Duration::from_secs(30));
+    let work = tempfile::tempdir().unwrap();
+    let art = artifact(work.path(), "v1", ENV_APP);
+    let out = controller.deploy_web(&deployer, &art, &sha256_file(&art), "v1", &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (s1, c1, p1) = (&agents[0], &agents[1], &agents[2]);
+
+    // v1: the base, everywhere.
+    let out = slipway_stdin(
+        &controller,
+        &deployer,
+        &[
+            "env",
+            "set",
+            "web",
+            "GREETING=base",
+            "DB_PASSWORD=-",
+            "--wait",
+        ],
+        SECRET,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for a in &agents {
+        assert_eq!(app_env(a.port)["GREETING"], "base");
+    }
+
+    // v2: the staging layer reaches s1 and c1 only; p1 is not touched.
+    let p1_pid = p1.app_pid();
+    let out = slipway_stdin(
+        &controller,
+        &deployer,
+        &[
+            "env",
+            "set",
+            "web",
+            "GREETING=staging",
+            "STAGING_TOKEN=-",
+            "--tag",
+            "env:staging",
+            "--wait",
+        ],
+        STAGING_SECRET,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(said.contains("env v2"), "{said}");
+    assert!(
+        said.contains("[s1] SUCCEEDED") && said.contains("[c1] SUCCEEDED"),
+        "{said}"
+    );
+    assert!(!said.contains("[p1]"), "p1 carries no env:staging: {said}");
+    for a in [s1, c1] {
+        let env = app_env(a.port);
+        assert_eq!(env["GREETING"], "staging", "{}", a.name);
+        assert_eq!(env["STAGING_TOKEN"], STAGING_SECRET);
+        assert_eq!(env["DB_PASSWORD"], SECRET, "the base stays under the layer");
+    }
+    let env = app_env(p1.port);
+    assert_eq!(env["GREETING"], "base");
+    assert!(!env.contains_key("STAGING_TOKEN"));
+    assert_eq!(p1.app_pid(), p1_pid, "p1 was restarted");
+
+    // v3: a base change of a name the staging layer overrides reaches p1
+    // only; the staging nodes' environment does not change.
+    let s1_pid = s1.app_pid();
+    let out = controller.slipway(
+        &deployer,
+        &["env", "set", "web", "GREETING=base3", "--wait"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(said.contains("[p1] SUCCEEDED"), "{said}");
+    assert!(!said.contains("[s1]") && !said.contains("[c1]"), "{said}");
+    assert_eq!(app_env(p1.port)["GREETING"], "base3");
+    assert_eq!(app_env(s1.port)["GREETING"], "staging");
+    assert_eq!(s1.app_pid(), s1_pid, "s1 was restarted");
+
+    // A role:canary layer setting GREETING would clash with env:staging on
+    // c1: refused, naming the node, the name and both tags; nothing stored.
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "set",
+            "web",
+            "GREETING=canary",
+            "--tag",
+            "role:canary",
+            "--wait",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("node c1 carries both env:staging and role:canary")
+            && said.contains("would set GREETING")
+            && said.contains("nothing was stored"),
+        "{said}"
+    );
+    // A name no other layer of c1 sets is fine, and reaches c1 alone (v4).
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "set",
+            "web",
+            "FLAG=on",
+            "--tag",
+            "role:canary",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("env v4") && said.contains("[c1] SUCCEEDED"),
+        "{said}"
+    );
+    assert!(!said.contains("[s1]") && !said.contains("[p1]"), "{said}");
+    assert_eq!(app_env(c1.port)["FLAG"], "on");
+    assert!(!app_env(s1.port).contains_key("FLAG"));
+
+    // list: every name with the layer it is set in; with --tag, what a
+    // node of that tag sees, each name once from its layer. Never values.
+    let all = listed(&controller, &reader, &[]);
+    assert!(
+        all.contains(&("GREETING".to_owned(), "base".to_owned(), true)),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&("GREETING".to_owned(), "env:staging".to_owned(), false)),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&("FLAG".to_owned(), "role:canary".to_owned(), false)),
+        "{all:?}"
+    );
+    let staging = listed(&controller, &reader, &["--tag", "env:staging"]);
+    assert_eq!(
+        staging,
+        vec![
+            ("DB_PASSWORD".to_owned(), "base".to_owned(), false),
+            ("GREETING".to_owned(), "env:staging".to_owned(), false),
+            ("STAGING_TOKEN".to_owned(), "env:staging".to_owned(), false),
+        ]
+    );
+    let out = controller.slipway(&reader, &["env", "list", "web"]);
+    let said = stdout(&out);
+    assert!(
+        said.contains("env:staging") && said.contains("overridden"),
+        "{said}"
+    );
+    // history --tag: that layer's versions only.
+    let out = controller.slipway(
+        &reader,
+        &["env", "history", "web", "--tag", "env:staging", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let versions: Vec<u64> = serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [2]);
+    // get --tag: what a staging node sees; without, the base's.
+    let out = controller.slipway(
+        &secrets,
+        &["env", "get", "web", "GREETING", "--tag", "env:staging"],
+    );
+    assert_eq!(stdout(&out).trim_end(), "staging", "{}", text(&out));
+    let out = controller.slipway(&secrets, &["env", "get", "web", "GREETING"]);
+    assert_eq!(stdout(&out).trim_end(), "base3", "{}", text(&out));
+
+    // Unset in the layer: staging nodes fall back to the base (v5).
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "unset",
+            "web",
+            "GREETING",
+            "--tag",
+            "env:staging",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for a in [s1, c1] {
+        assert_eq!(app_env(a.port)["GREETING"], "base3", "{}", a.name);
+        assert_eq!(app_env(a.port)["STAGING_TOKEN"], STAGING_SECRET);
+    }
+    // Rollback within the layer (v6 = v2's content); a base version is
+    // not one of the layer's.
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "rollback",
+            "web",
+            "--to",
+            "3",
+            "--tag",
+            "env:staging",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "env version 3 of app web is a version of the base layer, not of layer env:staging"
+        ),
+        "{}",
+        text(&out)
+    );
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "rollback",
+            "web",
+            "--to",
+            "2",
+            "--tag",
+            "env:staging",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!stdout(&out).contains("[p1]"), "{}", text(&out));
+    assert_eq!(app_env(s1.port)["GREETING"], "staging");
+
+    // An offline staging node catches up to its own environment (v7)
+    // when it reconnects; status names it meanwhile, and only it.
+    // (A fresh heartbeat of s1 first: the controller keeps its last.)
+    let out = controller.slipway(&reader, &["status", "--refresh", "--json"]);
+    assert!(!stdout(&out).contains("is not on"), "{}", text(&out));
+    agents[0].stop_run();
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "set",
+            "web",
+            "GREETING=later",
+            "--tag",
+            "env:staging",
+            "--wait",
+        ],
+    );
+    assert!(!out.status.success(), "s1 is offline: {}", text(&out));
+    assert_eq!(app_env(agents[1].port)["GREETING"], "later");
+    let out = controller.slipway(&reader, &["status", "--refresh", "--json"]);
+    let said = stdout(&out);
+    assert!(
+        said.contains("env v7 is not on 1 node(s): s1 (has v6)"),
+        "{}",
+        text(&out)
+    );
+    assert!(!said.contains("p1 (has"), "{said}");
+    // The web pages: the app's env (version, layers, names with their
+    // layer, who, when) and the lagging node; never a value.
+    for path in ["/apps/web", "/"] {
+        let page = http_page(&controller, &reader, path);
+        for shown in [
+            "Version v7",
+            "env:staging</code> (v7)",
+            "role:canary</code> (v4)",
+            "STAGING_TOKEN",
+            "DB_PASSWORD",
+            "overridden by a tag layer",
+            "env v7 is not on 1 node(s): s1 (has v6)",
+        ] {
+            assert!(page.contains(shown), "{path} lacks {shown:?}: {page}");
+        }
+        assert!(
+            page.contains(&deployer_id),
+            "{path} names no changer: {page}"
+        );
+        for value in [SECRET, STAGING_SECRET, "base3"] {
+            assert!(!page.contains(value), "{path} shows a value ({value})");
+        }
+    }
+    agents[0].run();
+    wait_until("s1 to catch up to env v7", Duration::from_secs(60), || {
+        http_get(agents[0].port, "/env")
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .is_some_and(|env| env["GREETING"] == "later")
+    });
+    wait_until("status to show no env lag", Duration::from_secs(30), || {
+        let out = controller.slipway(&reader, &["status", "--refresh", "--json"]);
+        !stdout(&out).contains("is not on")
+    });
+    assert_eq!(app_env(agents[2].port)["GREETING"], "base3");
+
+    // Over HTTP: a layer change with its tag, the list per layer.
+    let (code, started) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(r#"{"set":{"REGION":"eu"},"tag":"env:production"}"#),
+    );
+    assert_eq!(code, 202, "{started}");
+    assert_eq!(started["env_version"], 8);
+    let record = http_wait_done(
+        &controller,
+        &reader,
+        started["deployment_id"].as_str().unwrap(),
+    );
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert_eq!(record["nodes"].as_array().unwrap().len(), 1, "{record}");
+    assert_eq!(app_env(agents[2].port)["REGION"], "eu");
+    assert!(!app_env(agents[0].port).contains_key("REGION"));
+    let (code, list) = http_api(
+        &controller,
+        &reader,
+        "/api/v1/apps/web/env?tag=env:production",
+        None,
+    );
+    assert_eq!(code, 200, "{list}");
+    let region = list["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["key"] == "REGION")
+        .unwrap();
+    assert_eq!(region["layer"], "env:production", "{list}");
+    let (code, got) = http_api(
+        &controller,
+        &secrets,
+        "/api/v1/apps/web/env/values/GREETING?tag=env:staging",
+        None,
+    );
+    assert_eq!(code, 200, "{got}");
+    assert_eq!(
+        (&got["value"], &got["layer"]),
+        (&Value::from("later"), &Value::from("env:staging"))
+    );
+    let (code, refused) = http_api(
+        &controller,
+        &reader,
+        "/api/v1/apps/web/env/values/GREETING?tag=env:staging",
+        None,
+    );
+    assert_eq!(code, 403, "{refused}");
+    let (code, bad) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(r#"{"set":{"X":"1"},"tag":"env staging"}"#),
+    );
+    assert_eq!(code, 400, "{bad}");
+    assert_eq!(bad["field"], "tag", "{bad}");
+    let (code, bad) = http_api(&controller, &reader, "/api/v1/apps/web/env?layer=x", None);
+    assert_eq!(code, 400, "{bad}");
+
+    // HTTP rollback with_env: v2 went live with env v8; after the
+    // rollback to v2 succeeded, the base comes back as of v8 (a new
+    // version, v10, delivered as an env deployment).
+    let deploy = |v: &str| {
+        let art = artifact(work.path(), v, ENV_APP);
+        let out = controller.deploy_web(&deployer, &art, &sha256_file(&art), v, &["--wait"]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    deploy("v2");
+    let out = controller.slipway(&deployer, &["env", "set", "web", "GREETING=nine", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    deploy("v3");
+    assert_eq!(app_env(agents[2].port)["GREETING"], "nine");
+    let (code, bad) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/rollback",
+        Some(r#"{"with_env":true}"#),
+    );
+    assert_eq!(code, 400, "{bad}");
+    assert_eq!(bad["field"], "with_env", "{bad}");
+    let (code, started) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/rollback",
+        Some(r#"{"to_release_id":"v2","with_env":true}"#),
+    );
+    assert_eq!(code, 202, "{started}");
+    assert_eq!(started["kind"], "rollback", "{started}");
+    assert_eq!(started["restores_env_version"], 8, "{started}");
+    let record = http_wait_done(
+        &controller,
+        &reader,
+        started["deployment_id"].as_str().unwrap(),
+    );
+    assert_eq!(record["status"], "succeeded", "{record}");
+    wait_until(
+        "the env of release v2 to come back",
+        Duration::from_secs(60),
+        || {
+            http_get(agents[2].port, "/env")
+                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                .is_some_and(|env| env["GREETING"] == "base3")
+        },
+    );
+    assert_eq!(http_get(agents[2].port, "/").unwrap().1, "v2");
+    let (_, history) = http_api(&controller, &reader, "/api/v1/apps/web/env/history", None);
+    assert_eq!(history["versions"][0]["version"], 10, "{history}");
+    assert_eq!(history["versions"][0]["rollback_to"], 8, "{history}");
+    let (code, doc) = http_api(&controller, &reader, "/api/v1/openapi.json", None);
+    assert_eq!(code, 200);
+    let rollback_props = &doc["components"]["schemas"]["RollbackBody"]["properties"];
+    assert!(rollback_props.get("with_env").is_some(), "{rollback_props}");
+    let env_props = &doc["components"]["schemas"]["EnvChangeBody"]["properties"];
+    assert!(env_props.get("tag").is_some(), "{env_props}");
+    // Let the env delivery end before the next change (one per app).
+    wait_until("the env delivery to end", Duration::from_secs(60), || {
+        let (_, list) = http_api(
+            &controller,
+            &reader,
+            "/api/v1/deployments?app=web&limit=1",
+            None,
+        );
+        list.to_string().contains("\"env\"") && !list.to_string().contains("\"running\"")
+    });
+
+    // The HTTP env body cap: 64 KiB exactly is taken, one byte more is
+    // refused with 413 and a JSON error, before anything is stored.
+    let cap = 64 * 1024;
+    let body = |len: usize| {
+        let value = "p".repeat(32 * 1024);
+        let mut b = format!(r#"{{"set":{{"PAD":"{value}"}},"tag":"env:production"}}"#);
+        b.push_str(&" ".repeat(len - b.len()));
+        b
+    };
+    let (code, over) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(&body(cap + 1)),
+    );
+    assert_eq!(code, 413, "{over}");
+    assert!(
+        over["error"].as_str().unwrap().contains("over 65536 bytes"),
+        "{over}"
+    );
+    let (code, started) = http_api(
+        &controller,
+        &deployer,
+        "/api/v1/apps/web/env",
+        Some(&body(cap)),
+    );
+    assert_eq!(code, 202, "{started}");
+    assert_eq!(
+        started["env_version"], 11,
+        "the refused body stored nothing: {started}"
+    );
+    let record = http_wait_done(
+        &controller,
+        &reader,
+        started["deployment_id"].as_str().unwrap(),
+    );
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert_eq!(
+        app_env(agents[2].port)["PAD"].as_str().unwrap().len(),
+        32 * 1024
+    );
+
+    // A layer no live node carries: stored (v12), said not delivered.
+    let out = controller.slipway(
+        &deployer,
+        &["env", "set", "web", "X=1", "--tag", "env:nowhere", "--wait"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("env version 12 of app web is stored, but was not delivered: no live node carries tag env:nowhere"),
+        "{}",
+        text(&out)
+    );
+
+    // import --tag replaces that layer's whole content (v13): p1 alone.
+    let layer_file = work.path().join("production.env");
+    fs::write(&layer_file, "REGION=us\n").unwrap();
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "import",
+            "web",
+            "--file",
+            layer_file.to_str().unwrap(),
+            "--tag",
+            "env:production",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("env v13") && said.contains("[p1] SUCCEEDED"),
+        "{said}"
+    );
+    assert!(!said.contains("[s1]") && !said.contains("[c1]"), "{said}");
+    let env = app_env(agents[2].port);
+    assert_eq!(env["REGION"], "us");
+    assert!(
+        !env.contains_key("PAD"),
+        "import keeps only the file's variables"
+    );
+    assert_eq!(env["GREETING"], "base3", "the base stays under the layer");
+
+    // Secrecy: no value in anything the controller or the agents wrote,
+    // but the apps' .env files; nor in the audit.
+    let audit = controller.audit(&reader);
+    assert!(audit
+        .iter()
+        .any(|e| e["event_type"] == "ENV_CHANGED" && e["details"]["layer"] == "env:staging"));
+    for needle in [SECRET, STAGING_SECRET] {
+        assert!(!serde_json::to_string(&audit).unwrap().contains(needle));
+        let leaks = files_containing(controller.dir.path(), needle, &|_| false);
+        assert!(leaks.is_empty(), "controller files hold a value: {leaks:?}");
+        for a in &agents {
+            let leaks = files_containing(a.dir.path(), needle, &|p| p.ends_with("shared/.env"));
+            assert!(leaks.is_empty(), "{} files hold a value: {leaks:?}", a.name);
+        }
+    }
+    let leaks = files_containing(agents[2].dir.path(), STAGING_SECRET, &|_| false);
+    assert!(
+        leaks.is_empty(),
+        "a production node got the staging layer: {leaks:?}"
+    );
+}
+
 /// `curl` against the controller's HTTP API (its CA) with `token`:
 /// status and JSON body. `body`: POST it as JSON.
 fn http_api(controller: &Controller, token: &str, path: &str, body: Option<&str>) -> (u16, Value) {
@@ -453,6 +1051,20 @@ fn http_api(controller: &Controller, token: &str, path: &str, body: Option<&str>
         code.trim().parse().unwrap(),
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
     )
+}
+
+/// A page of the controller's web face fetched with `token`: its HTML.
+fn http_page(controller: &Controller, token: &str, path: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-f", "--max-time", "60", "--cacert"])
+        .arg(controller.ca_pem())
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("{}{path}", controller.http_url()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{path}: {}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Waits for deployment `id` to end; its record.

@@ -3,7 +3,8 @@
 //! controller and three real agent processes: log in with a token, see the
 //! three nodes, start a rolling deploy from the app page (through its
 //! confirmation step) and watch the deployment page show each node's steps
-//! without a reload, see the refused buttons of a read token. Screenshots
+//! without a reload, see the refused buttons of a read token and the app's
+//! environment (names and layers, never a value). Screenshots
 //! land in target/web-screenshots/.
 //!
 //! scripts/test.sh installs chromium and playwright-core (in
@@ -29,6 +30,9 @@ fn node_modules() -> PathBuf {
             .join(".cache/slipway/web-test/node_modules"),
     }
 }
+
+/// A value the pages must never show.
+const ENV_VALUE: &str = "web-page-secret-Hx72-never-shown";
 
 #[test]
 fn browser_logs_in_sees_the_fleet_and_follows_a_rolling_deploy_live() {
@@ -88,6 +92,25 @@ fn browser_logs_in_sees_the_fleet_and_follows_a_rolling_deploy_live() {
                 .all(|n| n["apps"][0]["current_release"] == "v1")
     });
 
+    // An env layer no node carries (stored, delivered nowhere: the nodes'
+    // .env holds their PORT): the app page lists its name, never its value.
+    let out = controller.slipway(
+        &deployer,
+        &[
+            "env",
+            "set",
+            "web",
+            &format!("WEB_API_KEY={ENV_VALUE}"),
+            "--tag",
+            "env:nowhere",
+        ],
+    );
+    assert!(
+        text(&out).contains("is stored, but was not delivered"),
+        "{}",
+        text(&out)
+    );
+
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/web-screenshots");
     fs::create_dir_all(&shots).unwrap();
     let out = Command::new("node")
@@ -103,6 +126,9 @@ fn browser_logs_in_sees_the_fleet_and_follows_a_rolling_deploy_live() {
             server.url(v2.file_name().unwrap().to_str().unwrap()),
         )
         .env("SHA256", sha256_file(&v2))
+        .env("ENV_NAME", "WEB_API_KEY")
+        .env("ENV_LAYER", "env:nowhere")
+        .env("ENV_VALUE", ENV_VALUE)
         .output()
         .unwrap();
     let report = text(&out);

@@ -1,7 +1,8 @@
 // Headless Chromium against a running controller (driven by tests/it/web.rs):
 // log in with a token, see the fleet's nodes, start a rolling deploy from the
 // app page and watch the deployment page show each node's steps without a
-// reload, then see the refused buttons of a read-only token. Screenshots go
+// reload, then see the refused buttons of a read-only token and the app's
+// environment (names and layers, no value). Screenshots go
 // to $SCREENSHOTS. Prints one JSON line of what it saw; exits 1 on failure.
 'use strict';
 const path = require('path');
@@ -123,6 +124,13 @@ async function main() {
     await reader.page.goto(BASE + '/apps/web');
     const disabled = await reader.page.$$eval('form.act button', (bs) => bs.map((b) => b.disabled));
     check(disabled.length === 3 && disabled.every((d) => d), `buttons not disabled: ${disabled}`);
+    // The app's environment: names with their layer, never a value.
+    const envNames = await reader.page.$$eval('#env-names tr', (trs) =>
+      trs.slice(1).map((tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent.trim())));
+    seen.env = envNames;
+    check(envNames.some((r) => r[0] === env('ENV_NAME') && r[1] === env('ENV_LAYER')),
+      `env names on the app page: ${JSON.stringify(envNames)}`);
+    check(!(await reader.page.content()).includes(env('ENV_VALUE')), 'the app page shows an env value');
     const refused = await reader.page.textContent('.refused');
     check(refused.includes('may not deploy web'), `refusal text: ${refused}`);
     seen.refused = refused;

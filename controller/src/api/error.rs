@@ -62,6 +62,10 @@ pub enum ApiError {
     /// Sealing or opening an environment.
     #[error(transparent)]
     Secrets(#[from] crate::secrets::SecretsError),
+    /// An env change of a tag layer would make two layers of one node set
+    /// the same name (nothing stored).
+    #[error("{0}")]
+    LayerConflict(String),
     /// An env version was stored, then could not be sent to the nodes.
     #[error("env version {version} of app {app} is stored, but was not delivered: {reason}")]
     NotDelivered {
@@ -133,7 +137,9 @@ impl From<ApiError> for Status {
                 Status::failed_precondition(err.to_string())
             }
             ApiError::NotFound(_) => Status::not_found(err.to_string()),
-            ApiError::NotDelivered { .. } => Status::failed_precondition(err.to_string()),
+            ApiError::NotDelivered { .. } | ApiError::LayerConflict(_) => {
+                Status::failed_precondition(err.to_string())
+            }
             ApiError::Store(StoreError::EnvConflict { .. }) => Status::aborted(err.to_string()),
             ApiError::Token(_)
             | ApiError::Operator(_)

@@ -386,6 +386,48 @@ impl ControlService {
             .collect())
     }
 
+    /// The non-revoked nodes with the tags env layers apply by: a node
+    /// matched to a synced DigitalOcean droplet carries the droplet's tags
+    /// as last synced, any other node its labels (`key:value`, or `key` for
+    /// an empty value) — the same tags `--tag` selects by.
+    pub(crate) async fn node_tags(
+        &self,
+    ) -> Result<Vec<(Target, std::collections::BTreeSet<String>)>, ApiError> {
+        let droplet_tags = self.store.droplet_tags_by_node().await?;
+        Ok(self
+            .store
+            .fleet()
+            .await?
+            .into_iter()
+            .filter(|r| r.revoked_at.is_none())
+            .map(|r| {
+                let tags = match droplet_tags.get(&r.id) {
+                    Some(tags) => tags
+                        .iter()
+                        .map(|t| crate::secrets::canonical_tag(t))
+                        .collect(),
+                    None => r
+                        .labels
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|(k, v)| {
+                            v.as_str()
+                                .map(|v| crate::secrets::canonical_tag(&format!("{k}:{v}")))
+                        })
+                        .collect(),
+                };
+                (
+                    Target {
+                        node_id: r.id,
+                        name: r.name,
+                    },
+                    tags,
+                )
+            })
+            .collect())
+    }
+
     /// Starts `plan` (one deployment per app: [`StoreError::AppBusy`]) and
     /// registers its events with [`Self::live`].
     async fn start_plan(&self, plan: Plan) -> Result<Started, ApiError> {
@@ -626,11 +668,7 @@ impl ControlService {
             },
         );
         status.problems.extend(unreadable);
-        status.problems.extend(env::env_lag(
-            &views,
-            &self.store.env_latest_versions().await?,
-            app,
-        ));
+        status.problems.extend(self.env_lag(&views, app).await?);
         let rotation = self.ca_rotation().await;
         if let Some(r) = &rotation {
             status.notes.push(format!(
@@ -869,10 +907,10 @@ impl Control for ControlService {
         request: Request<ListEnvRequest>,
     ) -> Result<Response<ListEnvResponse>, Status> {
         validated(request.get_ref())?;
-        let app = request.get_ref().app.clone();
+        let ListEnvRequest { app, tag } = request.get_ref().clone();
         self.authorize(&request, "list env names", Caller::can_read)
             .await?;
-        Ok(Response::new(self.list_env_for(&app).await?))
+        Ok(Response::new(self.list_env_for(&app, &tag).await?))
     }
 
     async fn env_history(
@@ -880,10 +918,10 @@ impl Control for ControlService {
         request: Request<EnvHistoryRequest>,
     ) -> Result<Response<EnvHistoryResponse>, Status> {
         validated(request.get_ref())?;
-        let app = request.get_ref().app.clone();
+        let EnvHistoryRequest { app, tag } = request.get_ref().clone();
         self.authorize(&request, "read env history", Caller::can_read)
             .await?;
-        Ok(Response::new(self.env_history_for(&app).await?))
+        Ok(Response::new(self.env_history_for(&app, &tag).await?))
     }
 
     async fn get_env(
@@ -891,12 +929,14 @@ impl Control for ControlService {
         request: Request<GetEnvRequest>,
     ) -> Result<Response<GetEnvResponse>, Status> {
         validated(request.get_ref())?;
-        let GetEnvRequest { app, key } = request.get_ref().clone();
+        let GetEnvRequest { app, key, tag } = request.get_ref().clone();
         let what = format!("read env values of app {app}");
         let caller = self
             .authorize(&request, &what, |c| c.can_read_secrets(&app))
             .await?;
-        Ok(Response::new(self.get_env_for(&caller, &app, &key).await?))
+        Ok(Response::new(
+            self.get_env_for(&caller, &app, &key, &tag).await?,
+        ))
     }
 
     async fn list_nodes(

@@ -69,7 +69,7 @@ const SSE_QUEUE: usize = 64;
     ),
     components(schemas(
         ErrorBody, NodeOut, AppOut, AppNodeOut, ReleasesOut, NodeReleasesOut, DeploymentOut,
-        DeploymentNodeOut, AuditOut, StartedOut, DeployBody, RollbackBody, RestartBody,
+        DeploymentNodeOut, AuditOut, StartedOut, DeployBody, RollbackBody, RollbackStartedOut, RestartBody,
         PruneBody, SelectorBody, RolloutBody, Strategy, UploadedOut, SessionOut,
         EnvListOut, EnvEntryOut, EnvHistoryOut, EnvVersionOut, EnvValueOut, EnvChangeBody,
         EnvStartedOut
@@ -1207,10 +1207,31 @@ pub struct RollbackBody {
     /// Release to go back to (default each node's previous).
     #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     to_release_id: Option<String>,
+    /// Also bring back the environment `to_release_id` went live with (as
+    /// `slipway rollback --with-env`): once the rollback succeeded on every
+    /// node, the base layer's content as of that env version becomes a new
+    /// version, delivered as an env deployment (listed under
+    /// `/api/v1/deployments?app=…`). Needs `to_release_id`. Default false:
+    /// the current environment stays (rotated secrets stay rotated).
+    with_env: Option<bool>,
     /// Which nodes (default every node).
     selector: Option<SelectorBody>,
     /// How (default all at once).
     rollout: Option<RolloutBody>,
+}
+
+/// A rollback that started; with `with_env`, the env version that comes
+/// back once it succeeded.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RollbackStartedOut {
+    /// With `with_env`: the env version whose base content is restored
+    /// after the rollback succeeded (a new version, delivered as an env
+    /// deployment of the app).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restores_env_version: Option<u64>,
+    /// The rollback.
+    #[serde(flatten)]
+    started: StartedOut,
 }
 
 /// Roll the app back (needs `deploy:<app>`).
@@ -1218,7 +1239,7 @@ pub struct RollbackBody {
     params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = RollbackBody,
     responses(
-        (status = 202, description = "Started; follow events_url", body = StartedOut),
+        (status = 202, description = "Started; follow events_url", body = RollbackStartedOut),
         (status = 400, description = "A bad field", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "The token may not deploy this app", body = ErrorBody),
@@ -1240,12 +1261,44 @@ async fn rollback(
         rollout: rollout_proto(body.rollout)?,
     };
     request.validate().map_err(field_error)?;
+    let with_env = body.with_env.unwrap_or(false);
+    if with_env && request.to_release_id.is_empty() {
+        return Err(AppError::field(
+            "with_env",
+            "with_env: needs to_release_id (the release whose env comes back)",
+        ));
+    }
     who.require(&state, &format!("roll back app {app}"), |c| {
         c.can_deploy(&app)
     })
     .await?;
-    let run = state.control().rollback_for(&who.caller, request).await?;
-    Ok(started(app, "rollback", run))
+    if !with_env {
+        return Ok(started(
+            app,
+            "rollback",
+            state.control().rollback_for(&who.caller, request).await?,
+        ));
+    }
+    let (run, env_version) = state
+        .control()
+        .rollback_with_env_for(&who.caller, request)
+        .await?;
+    let id = run.deployment_id;
+    drop(run.events);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RollbackStartedOut {
+            restores_env_version: Some(env_version),
+            started: StartedOut {
+                url: format!("/api/v1/deployments/{id}"),
+                events_url: format!("/api/v1/deployments/{id}/events"),
+                deployment_id: id,
+                app,
+                kind: "rollback".to_owned(),
+            },
+        }),
+    )
+        .into_response())
 }
 
 /// Restart (needs `deploy:<app>`).
@@ -1483,6 +1536,27 @@ pub struct EnvEntryOut {
     changed_by: String,
     /// When (seconds since the Unix epoch).
     changed_at: i64,
+    /// The layer it is set in: null for the base, else the tag.
+    layer: Option<String>,
+    /// A base name that a tag layer also sets.
+    overridden: bool,
+}
+
+/// `GET /api/v1/apps/{app}/env` and `.../env/history` parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EnvQuery {
+    /// A tag layer (`env:staging`): list the names a node carrying it
+    /// sees, each from its layer; history: that layer's versions only.
+    #[param(max_length = 319)]
+    tag: Option<String>,
+}
+
+fn env_tag(tag: Option<String>) -> Result<String, AppError> {
+    let tag = tag.unwrap_or_default();
+    limits::check_env_layer("tag", &tag).map_err(field_error)?;
+    Ok(tag)
 }
 
 /// An app's environment: names only, never values.
@@ -1496,10 +1570,10 @@ pub struct EnvListOut {
     variables: Vec<EnvEntryOut>,
 }
 
-/// The names of an app's current environment, each with the version that
-/// last set it (any scope; never values).
+/// The names of an app's current environment, each with its layer and the
+/// version that last set it there (any scope; never values).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/env", tag = "env",
-    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"), EnvQuery),
     responses(
         (status = 200, description = "The names", body = EnvListOut),
         (status = 400, description = "A bad app name", body = ErrorBody),
@@ -1509,11 +1583,14 @@ async fn list_env(
     State(state): State<HttpState>,
     who: Principal,
     app: Segment,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<EnvListOut>, AppError> {
     let app = app_name(app)?;
+    let q: EnvQuery = query(raw)?;
+    let tag = env_tag(q.tag)?;
     who.require(&state, "list env names", Caller::can_read)
         .await?;
-    let list = state.control().list_env_for(&app).await?;
+    let list = state.control().list_env_for(&app, &tag).await?;
     Ok(Json(EnvListOut {
         app,
         version: list.version,
@@ -1525,6 +1602,8 @@ async fn list_env(
                 version: e.version,
                 changed_by: e.actor,
                 changed_at: e.changed_at,
+                layer: (!e.layer.is_empty()).then_some(e.layer),
+                overridden: e.overridden,
             })
             .collect(),
     }))
@@ -1549,6 +1628,8 @@ pub struct EnvVersionOut {
     rollback_to: Option<u64>,
     /// Variables after it.
     count: u64,
+    /// The layer it changed: null for the base, else the tag.
+    layer: Option<String>,
 }
 
 /// Every version of an app's environment, newest first.
@@ -1563,7 +1644,7 @@ pub struct EnvHistoryOut {
 /// Every version of an app's environment: who, when, which names (any
 /// scope; never values).
 #[utoipa::path(get, path = "/api/v1/apps/{app}/env/history", tag = "env",
-    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
+    params(("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"), EnvQuery),
     responses(
         (status = 200, description = "The versions, newest first", body = EnvHistoryOut),
         (status = 400, description = "A bad app name", body = ErrorBody),
@@ -1573,11 +1654,14 @@ async fn env_history(
     State(state): State<HttpState>,
     who: Principal,
     app: Segment,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<EnvHistoryOut>, AppError> {
     let app = app_name(app)?;
+    let q: EnvQuery = query(raw)?;
+    let tag = env_tag(q.tag)?;
     who.require(&state, "read env history", Caller::can_read)
         .await?;
-    let history = state.control().env_history_for(&app).await?;
+    let history = state.control().env_history_for(&app, &tag).await?;
     Ok(Json(EnvHistoryOut {
         app,
         versions: history
@@ -1592,6 +1676,7 @@ async fn env_history(
                 unset: v.unset,
                 rollback_to: (v.rollback_to != 0).then_some(v.rollback_to),
                 count: v.count,
+                layer: (!v.layer.is_empty()).then_some(v.layer),
             })
             .collect(),
     }))
@@ -1606,6 +1691,8 @@ pub struct EnvValueOut {
     value: String,
     /// The version it comes from.
     version: u64,
+    /// The layer it comes from: null for the base, else the tag.
+    layer: Option<String>,
 }
 
 /// One value of an app's current environment (needs `secrets:<app>`;
@@ -1614,6 +1701,7 @@ pub struct EnvValueOut {
     params(
         ("app" = String, Path, description = "App name", pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
         ("key" = String, Path, description = "Variable name", pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
+        EnvQuery,
     ),
     responses(
         (status = 200, description = "The value", body = EnvValueOut),
@@ -1626,22 +1714,29 @@ async fn get_env_value(
     State(state): State<HttpState>,
     who: Principal,
     path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<EnvValueOut>, AppError> {
     let Path((app, key)) = path.map_err(|e| AppError::field("path", e.body_text()))?;
+    let q: EnvQuery = query(raw)?;
     let request = v1::GetEnvRequest {
         app: app.clone(),
         key: key.clone(),
+        tag: q.tag.unwrap_or_default(),
     };
     request.validate().map_err(field_error)?;
     who.require(&state, &format!("read env values of app {app}"), |c| {
         c.can_read_secrets(&app)
     })
     .await?;
-    let got = state.control().get_env_for(&who.caller, &app, &key).await?;
+    let got = state
+        .control()
+        .get_env_for(&who.caller, &app, &key, &request.tag)
+        .await?;
     Ok(Json(EnvValueOut {
         key,
         value: got.value,
         version: got.version,
+        layer: (!got.layer.is_empty()).then_some(got.layer),
     }))
 }
 
@@ -1660,7 +1755,14 @@ pub struct EnvChangeBody {
     /// The version whose content becomes the new version.
     #[schema(minimum = 1)]
     rollback_to: Option<u64>,
-    /// Which nodes receive it (default every node).
+    /// The layer changed: absent for the app's base, else a tag
+    /// (`env:staging`) whose layer overrides the base on the nodes
+    /// carrying it. Only nodes whose effective environment changes receive
+    /// the change.
+    #[schema(max_length = 319)]
+    tag: Option<String>,
+    /// Which nodes may receive it (default every node whose effective
+    /// environment changes).
     selector: Option<SelectorBody>,
     /// How (default all at once).
     rollout: Option<RolloutBody>,
@@ -1712,6 +1814,8 @@ async fn change_env(
         rollback_to: body.rollback_to.unwrap_or(0),
         selector: selector(body.selector)?,
         rollout: rollout_proto(body.rollout)?,
+        tag: body.tag.unwrap_or_default(),
+        rollback_as_of: false,
     };
     request.validate().map_err(field_error)?;
     who.require(&state, &format!("change the env of app {app}"), |c| {

@@ -163,7 +163,9 @@ impl From<ApiError> for AppError {
             },
             ApiError::Store(store) => store.into(),
             ApiError::NotFound(what) => Self::NotFound(what),
-            ApiError::NotDelivered { .. } => Self::Conflict(err.to_string()),
+            ApiError::NotDelivered { .. } | ApiError::LayerConflict(_) => {
+                Self::Conflict(err.to_string())
+            }
             ApiError::Token(_) | ApiError::Secrets(_) => Self::Internal(err.to_string()),
         }
     }

@@ -5,8 +5,12 @@
 //! - `GET /`: the fleet: nodes by state with last heartbeat, agent version,
 //!   CPU, memory and disks; the apps × nodes matrix of current release and
 //!   health, drift (a release other than the app's most common one) and
-//!   bad health highlighted; the last deployments.
-//! - `GET /apps/{app}`: releases per node, the last deployments, and forms
+//!   bad health highlighted; the last deployments; each app's environment
+//!   (as on the app page).
+//! - `GET /apps/{app}`: releases per node, the app's environment (version,
+//!   layers, each name with its layer, who changed it and when — never a
+//!   value — and the nodes whose env version lags), the last deployments,
+//!   and forms
 //!   to deploy by URL, roll back and restart. They need `deploy:<app>`:
 //!   for other tokens they are shown disabled, with why. Each POST shows a
 //!   confirmation page first (`confirm=yes` starts it), carries the
@@ -204,6 +208,65 @@ fn majority(views: &[NodeView], app: &str) -> Option<String> {
         .map(|(r, _)| r.to_owned())
 }
 
+/// An app's environment as the pages show it: its version, each layer
+/// with its newest version, every name with its layer, the version that
+/// last set it, who and when — never a value — and the nodes whose env
+/// version lags.
+async fn env_section(
+    state: &HttpState,
+    views: &[NodeView],
+    app: &str,
+    now: i64,
+) -> Result<Markup, AppError> {
+    let control = state.control();
+    let list = control.list_env_for(app, "").await?;
+    if list.version == 0 {
+        return Ok(html! {
+            p.mut #env { "No environment on the controller yet (slipway env set " (app) " KEY=VALUE)." }
+        });
+    }
+    let history = control.env_history_for(app, "").await?;
+    let mut layers: BTreeMap<String, u64> = BTreeMap::new();
+    for v in &history.versions {
+        let newest = layers.entry(v.layer.clone()).or_default();
+        *newest = (*newest).max(v.version);
+    }
+    let lag = control.env_lag(views, Some(app)).await?;
+    Ok(html! {
+        div #env {
+            p {
+                "Version v" (list.version) ". Layers: "
+                @for (i, (layer, version)) in layers.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    @if layer.is_empty() { "base" } @else { code { (layer) } }
+                    " (v" (version) ")"
+                }
+                "."
+            }
+            div.scroll { table #env-names {
+                tr { th { "Name" } th { "Layer" } th { "Set in" } th { "Changed by" } th { "When" } }
+                @for e in &list.entries {
+                    tr {
+                        td { code { (e.key) } }
+                        td {
+                            @if e.layer.is_empty() { "base" } @else { (e.layer) }
+                            @if e.overridden { " " span.mut { "(overridden by a tag layer)" } }
+                        }
+                        td { "v" (e.version) }
+                        td { (e.actor) }
+                        td { (ago(now, Some(e.changed_at))) }
+                    }
+                }
+            } }
+            @if lag.is_empty() {
+                p.mut { "Every node running " (app) " holds its env version." }
+            } @else {
+                @for line in &lag { p { span.problem { (line) } } }
+            }
+        }
+    })
+}
+
 /// `GET /`: the fleet.
 async fn fleet_page(
     State(state): State<HttpState>,
@@ -221,8 +284,20 @@ async fn fleet_page(
         .deployments(None, None, RECENT_DEPLOYMENTS)
         .await?;
     let droplets = state.control().droplets_view().await?;
+    let mut envs = Vec::new();
+    for app in state.store().env_apps().await? {
+        let section = env_section(&state, &views, &app, now).await?;
+        envs.push((app, section));
+    }
     let body = html! {
         (fleet_body(&views, &deployments, now))
+        @if !envs.is_empty() {
+            h2 { "Environments" }
+            @for (app, section) in &envs {
+                h3 { a href={"/apps/" (app)} { (app) } }
+                (section)
+            }
+        }
         @if let Some(view) = &droplets { (droplets_section(view)) }
     };
     Ok(page("Fleet", &who, body).into_response())
@@ -385,6 +460,7 @@ async fn app_page(
     let scopes = crate::api::scopes_text(&who.caller);
     let csrf = who.csrf_token().unwrap_or_default().to_owned();
     let majority = majority(&views, &app);
+    let env = env_section(&state, &views, &app, now).await?;
     let refused = html! {
         @if !may {
             p.refused { "Your token (" (scopes) ") may not deploy " (app) ": these need the deploy:" (app) " scope." }
@@ -408,6 +484,8 @@ async fn app_page(
                 }
             }
         } }
+        h2 { "Environment" }
+        (env)
         h2 { "Deploy, roll back, restart" }
         (refused)
         form.act method="post" action={"/apps/" (app) "/deploy"} {

@@ -606,7 +606,11 @@ impl Run {
                     }));
                     for i in batch.nodes {
                         let command_id = self.command_ids[i].clone();
-                        let message = self.plan.action.message(&command_id, &self.plan.app);
+                        let message = self.plan.action.message(
+                            &command_id,
+                            &self.plan.app,
+                            &self.plan.targets[i].node_id,
+                        );
                         if self.send(i, command_id, message, &mut inflight).await {
                             states[i] = NodeState::Running;
                         } else {
@@ -696,7 +700,7 @@ impl Run {
                     }));
                     let undo_id = format!("{}.undo", self.command_ids[i]);
                     let undo = Action::Rollback { to_release_id: to };
-                    let message = undo.message(&undo_id, &self.plan.app);
+                    let message = undo.message(&undo_id, &self.plan.app, &target.node_id);
                     if !self.send(i, undo_id, message, &mut inflight).await {
                         let why = format!(
                             "{reason}; could not roll it back: unreachable (no live session)"

@@ -59,7 +59,7 @@ pub mod policy;
 
 pub use executor::{start, start_observed, COMMAND_TIMEOUT, RECONNECT_GRACE};
 pub use observer::{Note, Observer};
-pub use plan::{Action, EnvText, Plan, Target, AGENT_APP};
+pub use plan::{Action, EnvPayload, EnvText, Plan, Target, AGENT_APP};
 pub use policy::{
     default_release_id, next_step, summarize, Batch, NodeState, Rollout, RolloutError, Step,
     Strategy,

@@ -74,13 +74,36 @@ pub enum Action {
     /// restart the app behind its health gate (nodes whose file already
     /// holds it are not touched).
     Env {
-        /// The env version.
+        /// The env version of the change (recorded on the deployment).
         version: u64,
-        /// The rendered `.env` text.
-        text: EnvText,
-        /// Its sha256 (hex), checked by the agent.
-        sha256: String,
+        /// What each target (by node id) is sent: with tag layers, nodes
+        /// carrying different tags get different environments.
+        payloads: std::collections::BTreeMap<String, EnvPayload>,
     },
+}
+
+/// One node's environment in an env change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvPayload {
+    /// The version the node's environment stands at (the newest change
+    /// that altered it).
+    pub version: u64,
+    /// The rendered `.env` text.
+    pub text: EnvText,
+    /// Its sha256 (hex), checked by the agent.
+    pub sha256: String,
+}
+
+impl EnvPayload {
+    /// The payload of `text` at `version`.
+    pub fn new(version: u64, text: String) -> Self {
+        let sha256 = crate::pki::crypto::sha256_hex(text.as_bytes());
+        Self {
+            version,
+            text: EnvText(text),
+            sha256,
+        }
+    }
 }
 
 /// The "app" an agent upgrade is recorded under: not a valid app name (it
@@ -186,7 +209,7 @@ impl Action {
     }
 
     /// The command for one node.
-    pub fn message(&self, command_id: &str, app: &str) -> ControllerMessage {
+    pub fn message(&self, command_id: &str, app: &str, node_id: &str) -> ControllerMessage {
         let kind = match self {
             Self::Deploy {
                 release_id,
@@ -238,17 +261,23 @@ impl Action {
                 version: version.clone(),
                 commit_deadline_secs: *commit_deadline_secs,
             }),
-            Self::Env {
-                version,
-                text,
-                sha256,
-            } => controller_message::Kind::SetEnv(slipway_proto::v1::SetEnv {
-                command_id: command_id.to_owned(),
-                app: app.to_owned(),
-                version: *version,
-                content: text.0.clone(),
-                sha256: sha256.clone(),
-            }),
+            Self::Env { version, payloads } => {
+                // A plan's targets are its payloads' keys (the API builds
+                // both from one list). Were one missing, version 0 is sent:
+                // the agent refuses it (versions start at 1), so the node
+                // fails visibly instead of getting an empty environment.
+                let payload = payloads.get(node_id).cloned().unwrap_or_else(|| {
+                    tracing::error!(%node_id, version, "env change without a payload for a target");
+                    EnvPayload::new(0, String::new())
+                });
+                controller_message::Kind::SetEnv(slipway_proto::v1::SetEnv {
+                    command_id: command_id.to_owned(),
+                    app: app.to_owned(),
+                    version: payload.version,
+                    content: payload.text.0,
+                    sha256: payload.sha256,
+                })
+            }
         };
         ControllerMessage { kind: Some(kind) }
     }
@@ -279,6 +308,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn env_messages_carry_each_nodes_own_environment() {
+        let action = Action::Env {
+            version: 5,
+            payloads: [
+                ("n-a".to_owned(), EnvPayload::new(5, "A=\"1\"\n".to_owned())),
+                ("n-b".to_owned(), EnvPayload::new(3, "A=\"2\"\n".to_owned())),
+            ]
+            .into(),
+        };
+        let sent = |node: &str| match action.message("d-1.x", "web", node).kind {
+            Some(controller_message::Kind::SetEnv(e)) => e,
+            other => panic!("not a SetEnv: {other:?}"),
+        };
+        let (a, b) = (sent("n-a"), sent("n-b"));
+        assert_eq!((a.version, a.content.as_str()), (5, "A=\"1\"\n"));
+        assert_eq!((b.version, b.content.as_str()), (3, "A=\"2\"\n"));
+        assert_eq!(b.sha256, crate::pki::crypto::sha256_hex(b"A=\"2\"\n"));
+        // No payload for a node: version 0, which every agent refuses.
+        assert_eq!(sent("n-c").version, 0);
+        // Plans are logged: sizes, never the text.
+        assert!(!format!("{action:?}").contains("A=\\\"1"), "{action:?}");
+    }
+
+    #[test]
     fn deploy_message_carries_the_artifact_url() {
         let action = Action::Deploy {
             release_id: "v1".to_owned(),
@@ -286,7 +339,7 @@ mod tests {
             git_sha: String::new(),
             artifact_url: "https://example.com/web.tar.gz".to_owned(),
         };
-        match action.message("d-1.n-a", "web").kind {
+        match action.message("d-1.n-a", "web", "n-a").kind {
             Some(controller_message::Kind::Deploy(d)) => {
                 assert_eq!(d.artifact_url, "https://example.com/web.tar.gz");
                 assert_eq!(d.artifact_sha256, "ab".repeat(32));

@@ -12,7 +12,10 @@ use crate::audit::AuditEvent;
 pub struct EnvVersionRow {
     /// The app.
     pub app: String,
-    /// 1 and up.
+    /// The layer: '' for the app's base, else the tag whose nodes it
+    /// overrides the base on (`env:staging`).
+    pub layer: String,
+    /// 1 and up, one sequence per app across its layers.
     pub version: u64,
     /// Who (API token or operator id).
     pub actor: String,
@@ -42,6 +45,7 @@ fn row_to_version(row: &sqlx::sqlite::SqliteRow) -> Result<EnvVersionRow, StoreE
     let rollback_to: Option<i64> = row.try_get("rollback_to")?;
     Ok(EnvVersionRow {
         app: row.try_get("app")?,
+        layer: row.try_get("layer")?,
         version: version_of(row.try_get("version")?)?,
         actor: row.try_get("actor")?,
         created_at: row.try_get("created_at")?,
@@ -55,7 +59,7 @@ fn row_to_version(row: &sqlx::sqlite::SqliteRow) -> Result<EnvVersionRow, StoreE
 }
 
 const COLUMNS: &str = "app, version, actor, created_at, change, set_keys, unset_keys, \
-                       rollback_to, var_count, sealed";
+                       rollback_to, var_count, sealed, layer";
 
 impl Store {
     /// The sealed data key, if one was made.
@@ -141,14 +145,12 @@ impl Store {
         rows.iter().map(row_to_version).collect()
     }
 
-    /// The newest env version of every app that has one.
-    pub async fn env_latest_versions(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows = sqlx::query("SELECT app, MAX(version) AS v FROM env_versions GROUP BY app")
+    /// Every app that has an environment, sorted.
+    pub async fn env_apps(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT app FROM env_versions ORDER BY app")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("app")?, version_of(r.try_get("v")?)?)))
-            .collect()
+        rows.iter().map(|r| Ok(r.try_get("app")?)).collect()
     }
 
     /// Stores `row` as the next version of its app, with `event`, in one
@@ -177,7 +179,8 @@ impl Store {
             i64::try_from(v).map_err(|_| StoreError::Integrity(format!("env version {v} too big")))
         };
         sqlx::query(&format!(
-            "INSERT INTO env_versions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            "INSERT INTO env_versions ({COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
         ))
         .bind(&row.app)
         .bind(as_i64(row.version)?)
@@ -189,6 +192,7 @@ impl Store {
         .bind(row.rollback_to.map(as_i64).transpose()?)
         .bind(as_i64(row.var_count)?)
         .bind(&row.sealed)
+        .bind(&row.layer)
         .execute(&mut *tx)
         .await?;
         insert_audit(&mut tx, event, row.created_at).await?;

@@ -75,6 +75,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0010_github.sql"),
     include_str!("../../migrations/0011_deployment_steps.sql"),
     include_str!("../../migrations/0012_join_token_node_name.sql"),
+    include_str!("../../migrations/0013_env_layers.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while

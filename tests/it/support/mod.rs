@@ -279,24 +279,41 @@ impl Controller {
     }
 
     pub fn token(&self) -> String {
-        let out = Command::new(bin("slipway-controller"))
-            .args(["token", "create", "--ttl", "10m", "--data-dir"])
-            .arg(self.data_dir())
-            .output()
-            .unwrap();
+        self.token_tagged(&[])
+    }
+
+    /// A join token whose node gets `tags` as labels (`env:staging`).
+    pub fn token_tagged(&self, tags: &[&str]) -> String {
+        let mut cmd = Command::new(bin("slipway-controller"));
+        cmd.args(["token", "create", "--ttl", "10m"]);
+        for tag in tags {
+            cmd.args(["--tag", tag]);
+        }
+        let out = cmd.arg("--data-dir").arg(self.data_dir()).output().unwrap();
         check(out, "token create").trim().to_owned()
     }
 
     /// `slipway-agent enroll` of `name` with a new join token, its identity
     /// in `state`, plus `extra` flags; the output, unchecked.
     pub fn enroll_cli(&self, name: &str, state: &Path, extra: &[&str]) -> Output {
+        self.enroll_cli_tagged(name, state, &[], extra)
+    }
+
+    /// [`Controller::enroll_cli`] with a join token carrying `tags`.
+    pub fn enroll_cli_tagged(
+        &self,
+        name: &str,
+        state: &Path,
+        tags: &[&str],
+        extra: &[&str],
+    ) -> Output {
         Command::new(bin("slipway-agent"))
             .args([
                 "enroll",
                 "--controller",
                 &self.url(),
                 "--token",
-                &self.token(),
+                &self.token_tagged(tags),
             ])
             .arg("--state-dir")
             .arg(state)
@@ -513,6 +530,18 @@ liveness_interval = "500ms"
         app: &str,
         apps: impl FnOnce(&Path, u16) -> String,
     ) -> Self {
+        Self::enroll_tagged(controller, name, app, &[], apps)
+    }
+
+    /// [`Agent::enroll_with`] with a join token carrying `tags`, which
+    /// become the node's labels (`env:staging`).
+    pub fn enroll_tagged(
+        controller: &Controller,
+        name: &str,
+        app: &str,
+        tags: &[&str],
+        apps: impl FnOnce(&Path, u16) -> String,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("app");
         let state = dir.path().join("state");
@@ -539,7 +568,10 @@ liveness_interval = "500ms"
             exe: None,
             run_env: Vec::new(),
         };
-        check(controller.enroll_cli(name, &state, &[]), "enroll");
+        check(
+            controller.enroll_cli_tagged(name, &state, tags, &[]),
+            "enroll",
+        );
         agent
     }
 

@@ -487,6 +487,8 @@ async fn rollback_with_env(api: &mut Api, args: &RollbackArgs) -> anyhow::Result
     let request = slipway_proto::v1::ChangeEnvRequest {
         app: args.app.clone(),
         rollback_to: env_version,
+        // The base layer as it stood at that version (tag layers stay).
+        rollback_as_of: true,
         selector: args.target.selector(),
         rollout: args.rollout.to_proto()?,
         ..Default::default()

@@ -11,11 +11,11 @@ use clap::{Args, Subcommand};
 use slipway_proto::client;
 use slipway_proto::limits::{self, Validate as _};
 use slipway_proto::v1::{
-    ChangeEnvRequest, EnvHistoryRequest, EnvVar, GetEnvRequest, ListEnvRequest,
+    selector, ChangeEnvRequest, EnvHistoryRequest, EnvVar, GetEnvRequest, ListEnvRequest, Selector,
 };
 
 use crate::api::{status_error, Api};
-use crate::deploy::{follow_or_return, RolloutArgs, Target, WaitArgs};
+use crate::deploy::{follow_or_return, RolloutArgs, WaitArgs};
 use crate::Usage;
 
 /// `env` subcommands.
@@ -42,11 +42,19 @@ pub(crate) enum EnvCommand {
     Rollback(RollbackEnvArgs),
 }
 
-/// Delivery: which nodes, how, and whether to follow it.
+/// Delivery: which layer, which nodes, how, and whether to follow it.
 #[derive(Debug, Args)]
 pub(crate) struct Delivery {
-    #[command(flatten)]
-    target: Target,
+    /// Change the override layer of the nodes carrying this tag
+    /// (`env:staging`; a label or a synced DigitalOcean tag, as `deploy
+    /// --tag` selects) instead of the app's base environment. Only nodes
+    /// whose effective environment changes receive it.
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
+    /// Deliver to this node only (by id or name); the others get the
+    /// change when they reconnect or with the next one.
+    #[arg(long)]
+    node: Option<String>,
     #[command(flatten)]
     rollout: RolloutArgs,
     #[command(flatten)]
@@ -94,6 +102,10 @@ pub(crate) struct ImportArgs {
 pub(crate) struct ReadEnvArgs {
     /// App name.
     app: String,
+    /// list: the names a node carrying this tag sees, each from its layer;
+    /// history: this tag layer's versions only.
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -106,6 +118,10 @@ pub(crate) struct GetArgs {
     /// The variable.
     #[arg(value_name = "KEY")]
     name: String,
+    /// The value a node carrying this tag sees (its layer's, else the
+    /// base's).
+    #[arg(long, value_name = "TAG")]
+    tag: Option<String>,
     /// Print JSON ({"key", "value", "version"}).
     #[arg(long)]
     json: bool,
@@ -191,7 +207,10 @@ async fn change(
     mut request: ChangeEnvRequest,
     delivery: &Delivery,
 ) -> anyhow::Result<ExitCode> {
-    request.selector = delivery.target.selector();
+    request.selector = delivery.node.as_ref().map(|node| Selector {
+        target: Some(selector::Target::Node(node.clone())),
+    });
+    request.tag = delivery.tag.clone().unwrap_or_default();
     request.rollout = delivery.rollout.to_proto()?;
     // The controller checks too; here the mistake is named before
     // anything is sent.
@@ -273,11 +292,14 @@ fn when(unix: i64) -> String {
 
 async fn list(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> {
     limits::check_app_name("app", &args.app).map_err(|e| Usage(e.to_string()))?;
+    limits::check_env_layer("--tag", args.tag.as_deref().unwrap_or(""))
+        .map_err(|e| Usage(e.to_string()))?;
     let list = api
         .client
         .list_env(client::authed(
             ListEnvRequest {
                 app: args.app.clone(),
+                tag: args.tag.clone().unwrap_or_default(),
             },
             &api.token,
         ))
@@ -290,6 +312,8 @@ async fn list(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> {
             "version": list.version,
             "variables": list.entries.iter().map(|e| serde_json::json!({
                 "key": e.key,
+                "layer": (!e.layer.is_empty()).then_some(&e.layer),
+                "overridden": e.overridden,
                 "version": e.version,
                 "changed_by": e.actor,
                 "changed_at": e.changed_at,
@@ -305,19 +329,33 @@ async fn list(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let layers: std::collections::BTreeSet<&str> =
+        list.entries.iter().map(|e| e.layer.as_str()).collect();
     println!(
-        "app {} env version {}: {} variable(s)",
+        "app {} env version {}: {} name(s) in {} layer(s)",
         args.app,
         list.version,
-        list.entries.len()
+        list.entries.len(),
+        layers.len()
     );
     for e in &list.entries {
+        let layer = if e.layer.is_empty() {
+            "base".to_owned()
+        } else {
+            e.layer.clone()
+        };
         println!(
-            "{:<32} v{:<5} {} {}",
+            "{:<32} {:<20} v{:<5} {} {}{}",
             e.key,
+            layer,
             e.version,
             e.actor,
-            when(e.changed_at)
+            when(e.changed_at),
+            if e.overridden {
+                " (overridden by a tag layer)"
+            } else {
+                ""
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -325,11 +363,14 @@ async fn list(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> {
 
 async fn history(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> {
     limits::check_app_name("app", &args.app).map_err(|e| Usage(e.to_string()))?;
+    limits::check_env_layer("--tag", args.tag.as_deref().unwrap_or(""))
+        .map_err(|e| Usage(e.to_string()))?;
     let history = api
         .client
         .env_history(client::authed(
             EnvHistoryRequest {
                 app: args.app.clone(),
+                tag: args.tag.clone().unwrap_or_default(),
             },
             &api.token,
         ))
@@ -343,6 +384,7 @@ async fn history(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> 
             .map(|v| {
                 serde_json::json!({
                     "version": v.version,
+                    "layer": (!v.layer.is_empty()).then_some(&v.layer),
                     "changed_by": v.actor,
                     "created_at": v.created_at,
                     "change": v.change,
@@ -368,8 +410,9 @@ async fn history(api: &mut Api, args: &ReadEnvArgs) -> anyhow::Result<ExitCode> 
             what.push_str(&format!(" unset {}", v.unset.join(",")));
         }
         println!(
-            "v{:<5} {} {} {}:{what} ({} variable(s))",
+            "v{:<5} {:<20} {} {} {}:{what} ({} variable(s))",
             v.version,
+            if v.layer.is_empty() { "base" } else { &v.layer },
             when(v.created_at),
             v.actor,
             v.change,
@@ -383,6 +426,7 @@ async fn get(api: &mut Api, args: &GetArgs) -> anyhow::Result<ExitCode> {
     let request = GetEnvRequest {
         app: args.app.clone(),
         key: args.name.clone(),
+        tag: args.tag.clone().unwrap_or_default(),
     };
     request
         .validate()
@@ -394,8 +438,12 @@ async fn get(api: &mut Api, args: &GetArgs) -> anyhow::Result<ExitCode> {
         .map_err(|s| status_error("env get refused", s))?
         .into_inner();
     if args.json {
-        let out =
-            serde_json::json!({ "key": args.name, "value": got.value, "version": got.version });
+        let out = serde_json::json!({
+            "key": args.name,
+            "value": got.value,
+            "version": got.version,
+            "layer": (!got.layer.is_empty()).then_some(&got.layer),
+        });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{}", got.value);
