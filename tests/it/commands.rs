@@ -347,3 +347,68 @@ fn restart_prune_and_status_across_three_agents() {
     );
     let _ = fs::remove_dir_all(work.path());
 }
+
+/// A fleet of web and worker nodes: a deploy, restart or env change of
+/// `web` without a selector goes to the nodes whose agent runs web, not to
+/// the worker node (which does not declare it); a worker node named with
+/// `--node` is refused by its agent, naming what it declares.
+#[test]
+fn commands_for_an_app_go_to_the_nodes_that_run_it() {
+    let controller = Controller::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut web = Agent::enroll(&controller, "w1");
+    let mut worker = Agent::enroll_with(&controller, "k1", "worker", |root, port| {
+        format!(
+            "[apps.worker]\nroot = \"{}\"\n\n[apps.worker.run]\ndriver = \"exec\"\n\
+             command = [\"python3\", \"server.py\"]\nstop_grace = \"2s\"\n\n\
+             [apps.worker.health]\ncheck = \"http\"\nurl = \"http://127.0.0.1:{port}/api/health\"\n\
+             interval = \"100ms\"\nsuccesses = 2\nstart_period = \"3s\"\ndeadline = \"15s\"\n",
+            root.display()
+        )
+    });
+    web.run();
+    worker.run();
+    let reader = controller.api_token("read");
+    controller.wait_online(&reader, 2, Duration::from_secs(30));
+    let deployer = controller.api_token("deploy:web");
+
+    let out = controller.deploy_version(&deployer, work.path(), "v1", APP, &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(web.get().as_deref(), Some("v1"));
+    assert!(!text(&out).contains("k1"), "{}", text(&out));
+    // The controller's env is the whole of shared/.env: PORT with it.
+    let port = format!("PORT={}", web.port);
+    let out = controller.slipway(
+        &deployer,
+        &["env", "set", "web", &port, "GREETING=hi", "--wait"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("k1"), "{}", text(&out));
+    let out = controller.slipway(&deployer, &["restart", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("k1"), "{}", text(&out));
+
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v2",
+        APP,
+        &["--wait", "--node", "k1"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not declared") && text(&out).contains("worker"),
+        "{}",
+        text(&out)
+    );
+    // A tag no node running web carries: said, nothing started.
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v3",
+        APP,
+        &["--wait", "--tag", "role:none"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("runs app \"web\""), "{}", text(&out));
+}

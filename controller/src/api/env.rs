@@ -265,17 +265,15 @@ impl ControlService {
             version,
             reason: Box::new(reason),
         };
-        let selected: Option<BTreeSet<String>> = match req.selector.as_ref() {
-            Some(sel) if sel.target.is_some() => Some(
-                self.select(Some(sel))
-                    .await
-                    .map_err(not_delivered)?
-                    .into_iter()
-                    .map(|t| t.node_id)
-                    .collect(),
-            ),
-            _ => None,
-        };
+        // The nodes that run the app (or the ones named), tag layers or not.
+        let selected: Option<BTreeSet<String>> = Some(
+            self.select(req.selector.as_ref(), Some(&app))
+                .await
+                .map_err(not_delivered)?
+                .into_iter()
+                .map(|t| t.node_id)
+                .collect(),
+        );
         let mut targets: Vec<Target> = Vec::new();
         let mut payloads = BTreeMap::new();
         let mut before = secrets::EffectiveCache::new(&history);
@@ -533,7 +531,7 @@ impl ControlService {
         };
         let version = payload.version;
         for _ in 0..CATCH_UP_TRIES {
-            let targets = match self.select(Some(&selector)).await {
+            let targets = match self.select(Some(&selector), Some(app)).await {
                 Ok(t) => t,
                 Err(err) => {
                     tracing::warn!(%err, %app, "env catch-up: node not selectable");

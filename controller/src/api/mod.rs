@@ -328,14 +328,23 @@ impl ControlService {
         record_refusal(&self.store, actor, peer, what, err).await;
     }
 
-    /// The enrolled, non-revoked nodes a selector names.
-    async fn select(&self, selector: Option<&Selector>) -> Result<Vec<Target>, ApiError> {
+    /// The enrolled, non-revoked nodes a selector names. For a command to
+    /// `app`, the whole fleet or a tag means the nodes that run it: a node
+    /// whose agent last reported its apps without `app` is left out (a
+    /// fleet of web and worker droplets deploys `web` to the web ones); a
+    /// node named with `--node` is taken as named, and one never heard
+    /// from is kept (its agent says what it runs when it connects).
+    async fn select(
+        &self,
+        selector: Option<&Selector>,
+        app: Option<&str>,
+    ) -> Result<Vec<Target>, ApiError> {
         let targets: Vec<Target> = match selector.and_then(|s| s.target.as_ref()) {
-            None => self.live_targets(None).await?,
+            None => self.live_targets(None, app).await?,
             // `key:value`, or `key` for a label without a value.
             Some(selector::Target::Tag(tag)) => {
                 let label = tag.split_once(':').unwrap_or((tag.as_str(), ""));
-                self.live_targets(Some(label)).await?
+                self.live_targets(Some(label), app).await?
             }
             Some(selector::Target::Node(node)) => self
                 .store
@@ -350,7 +359,11 @@ impl ControlService {
                 .collect(),
         };
         if targets.is_empty() {
-            return Err(ApiError::NoNodes(selector_json(selector).to_string()));
+            let what = selector_json(selector).to_string();
+            return Err(ApiError::NoNodes(match app {
+                Some(app) => format!("{what} and runs app {app:?}"),
+                None => what,
+            }));
         }
         Ok(targets)
     }
@@ -360,7 +373,11 @@ impl ControlService {
     /// A node matched to a synced DigitalOcean droplet is selected by the
     /// droplet's tags as last synced (`env:production` means the droplets
     /// the DO console shows under it), any other node by its labels.
-    async fn live_targets(&self, label: Option<(&str, &str)>) -> Result<Vec<Target>, ApiError> {
+    async fn live_targets(
+        &self,
+        label: Option<(&str, &str)>,
+        app: Option<&str>,
+    ) -> Result<Vec<Target>, ApiError> {
         let droplet_tags = match label {
             Some(_) => self.store.droplet_tags_by_node().await?,
             None => std::collections::HashMap::new(),
@@ -371,6 +388,7 @@ impl ControlService {
             .await?
             .into_iter()
             .filter(|r| r.revoked_at.is_none())
+            .filter(|r| app.is_none_or(|app| runs_app(r, app)))
             .filter(|r| {
                 label.is_none_or(|(key, value)| match droplet_tags.get(&r.id) {
                     Some(tags) => tags
@@ -504,7 +522,7 @@ impl ControlService {
         rollout: Option<&slipway_proto::v1::Rollout>,
     ) -> Result<Started, ApiError> {
         let rollout = rollout::Rollout::from_proto(rollout)?;
-        let targets = self.select(selector).await?;
+        let targets = self.select(selector, Some(app)).await?;
         let plan = Plan {
             app: app.to_owned(),
             action,
@@ -538,7 +556,7 @@ impl ControlService {
         } else {
             req.release_id.clone()
         };
-        let targets = self.select(req.selector.as_ref()).await?;
+        let targets = self.select(req.selector.as_ref(), Some(&req.app)).await?;
         let snapshots = self
             .snapshot_before(&caller.token_id, &req.app, &release_id, &targets)
             .await?;
@@ -612,7 +630,7 @@ impl ControlService {
         req: RollbackRequest,
     ) -> Result<Started, ApiError> {
         let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
-        let targets = self.select(req.selector.as_ref()).await?;
+        let targets = self.select(req.selector.as_ref(), Some(&req.app)).await?;
         let plan = Plan {
             app: req.app,
             action: Action::Rollback {
@@ -1174,7 +1192,7 @@ impl Control for ControlService {
                 )));
             }
             let rollout = rollout::Rollout::from_proto(req.rollout.as_ref())?;
-            let targets = self.select(req.selector.as_ref()).await?;
+            let targets = self.select(req.selector.as_ref(), None).await?;
             Ok((size, targets, rollout))
         }
         .await;
@@ -1288,6 +1306,13 @@ pub(crate) fn check_artifact_url(url: &str) -> Result<(), ApiError> {
         return Err(invalid("has no host"));
     }
     Ok(())
+}
+
+/// Whether a node runs `app`, as far as the controller knows: its agent's
+/// last report lists it, or the agent never reported (it says when it
+/// connects; until then the node is not left out).
+pub(crate) fn runs_app(node: &crate::store::FleetRow, app: &str) -> bool {
+    node.last_seen_at.is_none() || node.apps.iter().any(|a| a.app == app)
 }
 
 #[cfg(test)]
