@@ -35,8 +35,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ImportImageOptions, InspectContainerOptions, ListContainersOptions,
-    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
-    StatsOptions, StopContainerOptions, TagImageOptions,
+    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, RenameContainerOptions,
+    StartContainerOptions, StatsOptions, StopContainerOptions, TagImageOptions,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
@@ -171,6 +171,14 @@ pub fn release_repo(app: &str) -> String {
 /// `docker ps`.
 pub fn container_name(app: &str, release: &ReleaseId) -> String {
     format!("slipway-{app}-{release}")
+}
+
+/// The name a release's serving container steps aside to while a new
+/// container of the same release (a restart behind the front) passes its
+/// gate on the other port; it goes at the commit, or takes its name back
+/// when the new one fails.
+pub fn aside_name(app: &str, release: &ReleaseId) -> String {
+    format!("{}-aside", container_name(app, release))
 }
 
 /// One container of the app, as the driver needs it.
@@ -416,6 +424,15 @@ impl<'a> Engine<'a> {
         for c in self.containers(&target.app.name).await? {
             if c.is_stale() {
                 self.retire(&c).await?;
+            } else if c.name == name && c.is_live() && target.app.listen.is_some() {
+                // The same release again (a restart, a retried deploy)
+                // behind the front: the serving container keeps serving
+                // under another name until the new one, on the other port,
+                // passed its gate and the front moved to it.
+                let aside = aside_name(&target.app.name, &target.release);
+                self.rename(&c, &aside).await?;
+                tracing::info!(container = %c.name, %aside, "the serving container of the same release steps aside until its replacement is healthy");
+                live.push(c);
             } else if c.name == name {
                 // The same release again (a retried deploy): the container is
                 // replaced, not reused, so it gets this deploy's env and
@@ -459,17 +476,33 @@ impl<'a> Engine<'a> {
         failed_activation: &Activation,
     ) -> Result<Activation, DriverError> {
         let name = container_name(&previous.app.name, &previous.release);
+        let aside = aside_name(&previous.app.name, &previous.release);
         let containers = self.containers(&previous.app.name).await?;
         // After a restore only the previous release runs, as after a commit:
         // every other container of the app goes, the failed one included
         // (the deploy may pass no handle when activation itself failed).
-        let mut kept = None;
+        // One that stepped aside for a restart of its release is the one
+        // to keep (it still serves), under its own name again.
+        let mut kept: Option<Container> = None;
         for c in containers {
-            if c.name == name && failed_activation.handle.as_deref().is_none_or(|h| !c.is(h)) {
-                kept = Some(c);
-            } else {
-                self.retire(&c).await?;
+            let mine = (c.name == name || c.name == aside)
+                && failed_activation.handle.as_deref().is_none_or(|h| !c.is(h));
+            match kept.take() {
+                Some(k) if mine && c.is_live() && !k.is_live() => {
+                    self.retire(&k).await?;
+                    kept = Some(c);
+                }
+                Some(k) => {
+                    kept = Some(k);
+                    self.retire(&c).await?;
+                }
+                None if mine => kept = Some(c),
+                None => self.retire(&c).await?,
             }
+        }
+        if let Some(c) = kept.as_mut().filter(|c| c.name == aside) {
+            self.rename(c, &name).await?;
+            c.name = name.clone();
         }
         match kept {
             Some(c) if c.is_live() => Ok(Activation {
@@ -1044,6 +1077,22 @@ impl<'a> Engine<'a> {
         self.remove(&c.id, &c.name).await?;
         tracing::info!(container = %c.name, "container removed");
         Ok(())
+    }
+
+    /// Renames a container (it keeps running, its port and its labels).
+    async fn rename(&self, c: &Container, to: &str) -> Result<(), DriverError> {
+        let options = RenameContainerOptions {
+            name: to.to_owned(),
+        };
+        self.api
+            .rename_container(&c.id, options)
+            .await
+            .map_err(|e| {
+                self.err(
+                    format_args!("cannot rename container {} to {to}", c.name),
+                    e,
+                )
+            })
     }
 
     async fn remove(&self, id: &str, name: &str) -> Result<(), DriverError> {
