@@ -55,6 +55,11 @@ pub struct Public {
     pub backend: Option<String>,
     /// agent_proxy: connections still open to earlier backends.
     pub draining: u64,
+    /// An address still held for the app that its config no longer names
+    /// (`listen` removed or changed): `run`'s next pass or the next deploy
+    /// lets it go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_behind: Option<String>,
 }
 
 /// The mode `app`'s config gives it.
@@ -77,7 +82,24 @@ pub fn of(app: &AppConfig) -> Public {
         release: None,
         backend: None,
         draining: 0,
+        left_behind: None,
     };
+    let front_files = FrontFiles::new(&app.root);
+    if front::is_running(&front_files) {
+        if let Some(s) = FrontState::load(&front_files) {
+            if mode != Mode::AgentProxy || Some(&s.listen) != address.as_ref() {
+                public.left_behind = Some(s.listen);
+            }
+        }
+    }
+    let run_files = RunFiles::new(&app.root);
+    if supervise::is_running(&run_files) {
+        if let Some(held) = supervise::State::load(&run_files).and_then(|s| s.listen) {
+            if mode != Mode::SocketHandover || Some(&held) != address.as_ref() {
+                public.left_behind = Some(held);
+            }
+        }
+    }
     match mode {
         Mode::SocketHandover => {
             let files = RunFiles::new(&app.root);
@@ -120,5 +142,29 @@ pub fn to_wire(p: &Public) -> slipway_proto::v1::PublicAddress {
 
 /// One line for `status`.
 pub fn line(p: &Public) -> String {
-    slipway_proto::view::public_line(&to_wire(p))
+    let mode = match p.mode {
+        Mode::SocketHandover => "socket handover",
+        Mode::AgentProxy => "agent proxy",
+        Mode::Pm2Cluster => "pm2 cluster",
+        Mode::None => "own port",
+    };
+    let mut line = match (&p.address, &p.release) {
+        (None, _) => format!("no public address held by the agent ({mode})"),
+        (Some(a), None) => {
+            format!("{a} ({mode}): not held right now (the next deploy or start takes it up)")
+        }
+        (Some(a), Some(r)) => format!("{a} ({mode}): new connections go to {r}"),
+    };
+    if let Some(b) = &p.backend {
+        line.push_str(&format!(" on {b}"));
+    }
+    if p.draining > 0 {
+        line.push_str(&format!("; {} draining", p.draining));
+    }
+    if let Some(old) = &p.left_behind {
+        line.push_str(&format!(
+            "; {old} is still held though the config no longer names it (the next `run` pass or deploy lets it go)"
+        ));
+    }
+    line
 }

@@ -191,6 +191,9 @@ struct Container {
     /// The engine's word: created, running, restarting, paused, exited…
     state: String,
     image: String,
+    /// The host addresses its port is published on (empty when it
+    /// publishes none right now: stopped).
+    host_ips: Vec<String>,
 }
 
 impl Container {
@@ -208,9 +211,28 @@ impl Container {
             port: labels.get(LABEL_PORT).and_then(|p| p.parse().ok()),
             state: s.state.map(|st| st.to_string()).unwrap_or_default(),
             image: s.image.unwrap_or_default(),
+            host_ips: s
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p.public_port.is_some())
+                .filter_map(|p| p.ip)
+                .collect(),
             id,
             name,
         })
+    }
+
+    /// Whether its port is published on `host_ip` (`0.0.0.0` covers the
+    /// IPv6 wildcard the engine adds beside it); a container publishing
+    /// nothing right now is not told apart.
+    fn published_on(&self, host_ip: &str) -> bool {
+        let any = |ip: &str| ip == "0.0.0.0" || ip == "::";
+        self.host_ips.is_empty()
+            || self
+                .host_ips
+                .iter()
+                .all(|ip| ip == host_ip || (any(ip) && any(host_ip)))
     }
 
     /// Not running and never will again by itself: safe to remove at once.
@@ -559,6 +581,11 @@ impl<'a> Engine<'a> {
                 port_text(c.port),
                 port_text(port)
             )),
+            Some(c) if !c.published_on(&self.config.host_ip) => problems.push(format!(
+                "container {name} publishes its port on {}, not on host_ip {} (listen added or removed?)",
+                c.host_ips.join(", "),
+                self.config.host_ip
+            )),
             Some(_) => {}
         }
         for c in containers.iter().filter(|c| c.name != name && c.is_live()) {
@@ -580,14 +607,15 @@ impl<'a> Engine<'a> {
         let containers = self.containers(&target.app.name).await?;
         let mine = containers.iter().find(|c| c.name == name);
         if let Some(c) = mine {
-            if c.state == "running" && (port.is_none() || c.port == port) {
+            let published = c.published_on(&self.config.host_ip);
+            if c.state == "running" && (port.is_none() || c.port == port) && published {
                 return Ok(Activation {
                     port: c.port,
                     handle: Some(c.id.clone()),
                     detail: format!("container {name} on port {} kept", port_text(c.port)),
                 });
             }
-            if c.is_stale() && (port.is_none() || c.port == port) {
+            if c.is_stale() && (port.is_none() || c.port == port) && published {
                 let p = c.port.unwrap_or(self.config.ports[0]);
                 self.start(&c.id, &c.name, p).await?;
                 return Ok(Activation {
