@@ -1013,6 +1013,7 @@ mod tests {
                 in_progress: false,
                 env_version: 0,
                 releases: Vec::new(),
+                public: None,
             }],
             revoked_at: None,
             cert_expires_at: 0,

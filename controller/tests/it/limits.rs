@@ -674,6 +674,7 @@ async fn throw(
                     .collect(),
                 in_progress: false,
                 env_version: f.n as u64,
+                public: None,
             }],
             agent_version: f.c.clone(),
             agent_rss_bytes: f.n as u64,

@@ -1166,7 +1166,20 @@ mod tests {
             port: Some(port),
             state: "running".into(),
             image: "img".into(),
+            host_ips: Vec::new(),
         }
+    }
+
+    #[test]
+    fn published_on_tells_loopback_from_the_wildcards() {
+        let mut c = live("a", 8080);
+        assert!(c.published_on("127.0.0.1"), "publishing nothing: not told apart");
+        c.host_ips = vec!["0.0.0.0".into(), "::".into()];
+        assert!(c.published_on("0.0.0.0"));
+        assert!(!c.published_on("127.0.0.1"));
+        c.host_ips = vec!["127.0.0.1".into()];
+        assert!(c.published_on("127.0.0.1"));
+        assert!(!c.published_on("0.0.0.0"));
     }
 
     #[test]
