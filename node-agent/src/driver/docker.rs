@@ -1173,7 +1173,10 @@ mod tests {
     #[test]
     fn published_on_tells_loopback_from_the_wildcards() {
         let mut c = live("a", 8080);
-        assert!(c.published_on("127.0.0.1"), "publishing nothing: not told apart");
+        assert!(
+            c.published_on("127.0.0.1"),
+            "publishing nothing: not told apart"
+        );
         c.host_ips = vec!["0.0.0.0".into(), "::".into()];
         assert!(c.published_on("0.0.0.0"));
         assert!(!c.published_on("127.0.0.1"));
