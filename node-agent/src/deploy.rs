@@ -570,8 +570,17 @@ impl Session<'_> {
                     port: activation.port,
                     cwd: self.paths().release(id),
                 };
-                let passed = health::gate(cfg, &target).inspect_err(|e| {
+                let passed = health::gate(cfg, &target).map_err(|mut e| {
+                    // The driver may know more than the probe (a process
+                    // that exited, and why).
+                    if let Some((_, driver)) = &driven {
+                        if let Some(note) = driver.gate_note(&app, &activation) {
+                            e.why.push_str("; ");
+                            e.why.push_str(&note);
+                        }
+                    }
                     log_line(Some(&self.paths().log(id)), &e.to_string());
+                    e
                 })?;
                 log_line(
                     Some(&self.paths().log(id)),
