@@ -56,10 +56,13 @@ pub struct Public {
     /// agent_proxy: connections still open to earlier backends.
     pub draining: u64,
     /// An address still held for the app that its config no longer names
-    /// (`listen` removed or changed): `run`'s next pass or the next deploy
-    /// lets it go.
+    /// (`listen` removed or changed), and by what: a front (`run`'s next
+    /// pass or the next deploy lets it go) or the exec supervisor (the
+    /// next deploy or restart does).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_behind: Option<String>,
+    #[serde(skip)]
+    left_by: Option<&'static str>,
 }
 
 /// The mode `app`'s config gives it.
@@ -83,12 +86,15 @@ pub fn of(app: &AppConfig) -> Public {
         backend: None,
         draining: 0,
         left_behind: None,
+        left_by: None,
     };
     let front_files = FrontFiles::new(&app.root);
     if front::is_running(&front_files) {
         if let Some(s) = FrontState::load(&front_files) {
             if mode != Mode::AgentProxy || Some(&s.listen) != address.as_ref() {
                 public.left_behind = Some(s.listen);
+                public.left_by =
+                    Some("the agent's front; the next `run` pass or deploy lets it go");
             }
         }
     }
@@ -97,6 +103,8 @@ pub fn of(app: &AppConfig) -> Public {
         if let Some(held) = supervise::State::load(&run_files).and_then(|s| s.listen) {
             if mode != Mode::SocketHandover || Some(&held) != address.as_ref() {
                 public.left_behind = Some(held);
+                public.left_by =
+                    Some("the exec supervisor; the next deploy or restart of the app lets it go");
             }
         }
     }
@@ -163,7 +171,8 @@ pub fn line(p: &Public) -> String {
     }
     if let Some(old) = &p.left_behind {
         line.push_str(&format!(
-            "; {old} is still held though the config no longer names it (the next `run` pass or deploy lets it go)"
+            "; {old} is still held though the config no longer names it (by {})",
+            p.left_by.unwrap_or("the agent")
         ));
     }
     line

@@ -338,22 +338,6 @@ impl Driver for Exec {
         let Some(state) = State::load(&files) else {
             return Ok(Some("the exec supervisor has written no state".into()));
         };
-        let held = state.listen.as_deref().unwrap_or("no address");
-        match &self.listen {
-            // `listen` added, removed or changed since the supervisor
-            // started: a new one, started by the repair, follows the config.
-            Some(l) if state.listen.as_deref() != Some(l.to_string().as_str()) => {
-                return Ok(Some(format!(
-                    "the exec supervisor holds {held}, but listen is {l}"
-                )));
-            }
-            None if state.listen.is_some() => {
-                return Ok(Some(format!(
-                    "the exec supervisor holds {held}, but the app has no listen any more"
-                )));
-            }
-            _ => {}
-        }
         let want = target.release.as_str();
         match state.release.as_deref() {
             // Its own restart of a crashed child (backoff) is not drift.
