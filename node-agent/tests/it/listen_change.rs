@@ -233,3 +233,114 @@ fn a_changed_or_removed_listen_moves_or_stops_the_front() {
     assert_eq!(st["current"], "v3", "{st:#}");
     drop(cleanup);
 }
+
+/// The PM2 test app (answers `RELEASE PID` on $PORT).
+const PM2_SERVER: &str = include_str!("../fixtures/pm2-app/server.js");
+
+/// Stops the app (its front too) and kills this test's PM2 daemon,
+/// whatever happened.
+struct Pm2Cleanup {
+    config: PathBuf,
+    home: PathBuf,
+}
+
+impl Drop for Pm2Cleanup {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["stop", "--app", "web"])
+            .output();
+        let _ = std::process::Command::new("pm2")
+            .arg("kill")
+            .env("PM2_HOME", &self.home)
+            .output();
+    }
+}
+
+fn pm2_config(root: &Path, home: &Path, front: Option<(u16, [u16; 2])>, own: u16) -> String {
+    let (listen, ports, health) = match front {
+        Some((public, pair)) => (
+            format!("listen = \"127.0.0.1:{public}\"\n"),
+            format!("ports = [{}, {}]\n", pair[0], pair[1]),
+            "{port}".to_owned(),
+        ),
+        None => (String::new(), String::new(), own.to_string()),
+    };
+    format!(
+        r#"[apps.web]
+root = "{}"
+shared_files = [".env"]
+{listen}
+[apps.web.run]
+driver = "pm2"
+script = "server.js"
+instances = 1
+exec_mode = "fork"
+{ports}pm2_home = "{}"
+
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{health}/api/health"
+interval = "100ms"
+successes = 2
+retries = 2
+start_period = "500ms"
+deadline = "30s"
+"#,
+        root.display(),
+        home.display()
+    )
+}
+
+#[test]
+fn pm2_fork_mode_without_listen_any_more_drops_its_front_and_process_sets() {
+    let [public, own] = free_ports::<2>();
+    let pair = free_ports::<2>();
+    let home = tempfile::tempdir().unwrap();
+    let node = Node::with_config(|root| pm2_config(root, home.path(), Some((public, pair)), own));
+    let _cleanup = Pm2Cleanup {
+        config: node.config.clone(),
+        home: home.path().to_owned(),
+    };
+    fs::write(node.root.join("shared/.env"), format!("PORT={own}\n")).unwrap();
+    let artifact = |v: &str| {
+        let server = PM2_SERVER.replace("__RELEASE__", v);
+        node.artifact(&format!("{v}.tar.gz"), &[("server.js", server.as_str())])
+    };
+    let r = node.deploy_json(&artifact("v0"), "v0").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    assert!(http_get(public, "/").unwrap().1.starts_with("v0 "));
+    let st = status(&node);
+    assert_eq!(st["public"]["mode"], "agent_proxy", "{st:#}");
+
+    // listen and ports removed: the next deploy runs the app as plain fork
+    // mode on its own PORT, stops the front, deletes the process set.
+    fs::write(&node.config, pm2_config(&node.root, home.path(), None, own)).unwrap();
+    let r = node.deploy_json(&artifact("v1"), "v1").ok().json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    assert!(http_get(public, "/").is_none(), "the front still answers");
+    assert!(http_get(own, "/").unwrap().1.starts_with("v1 "));
+    for p in pair {
+        assert!(
+            http_get(p, "/").is_none(),
+            "the process set on {p} still runs"
+        );
+    }
+    let jlist = std::process::Command::new("pm2")
+        .arg("jlist")
+        .env("PM2_HOME", home.path())
+        .output()
+        .unwrap();
+    let names: Vec<String> = serde_json::from_slice::<serde_json::Value>(&jlist.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, ["web"], "{names:?}");
+    let st = status(&node);
+    assert_eq!(st["public"]["mode"], "none", "{st:#}");
+    assert!(st["public"].get("left_behind").is_none(), "{st:#}");
+}
