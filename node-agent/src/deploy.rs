@@ -683,7 +683,26 @@ impl Session<'_> {
             .ok_or_else(|| ReleaseError::NothingDeployed {
                 app: self.app().name.clone(),
             })?;
-        let (a, h) = self.serve_as(&current, repair)?;
+        let (a, h) = match self.serve_as(&current, repair) {
+            Ok(served) => served,
+            Err(err) => {
+                // Behind the agent's front the release that served still
+                // runs beside its failed replacement (a Docker container
+                // stepped aside, a PM2 process set): put it back in
+                // service as a failed deploy does, rather than leave both.
+                if crate::public::mode(self.app()) == crate::public::Mode::AgentProxy {
+                    if let Some(failed) = self.live.take() {
+                        let mut restorer = self.deployer.restorer(failed);
+                        let r = release::Service::restore(&mut restorer, Some(&current));
+                        tracing::warn!(app = %self.app().name, "{}", r.outcome);
+                        if let Err(e) = self.inner.record_port(&current, r.port) {
+                            tracing::warn!(error = %e, "cannot record the restored port");
+                        }
+                    }
+                }
+                return Err(err);
+            }
+        };
         self.live = None;
         self.inner.record_port(&current, a.port)?;
         Ok((current, a, h))

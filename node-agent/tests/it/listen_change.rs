@@ -344,3 +344,80 @@ fn pm2_fork_mode_without_listen_any_more_drops_its_front_and_process_sets() {
     assert_eq!(st["public"]["mode"], "none", "{st:#}");
     assert!(st["public"].get("left_behind").is_none(), "{st:#}");
 }
+
+#[test]
+fn a_docker_restart_behind_the_front_loses_nothing_and_a_failed_one_keeps_the_old_container() {
+    let app = format!("rs{}", std::process::id());
+    let public = free_ports::<1>()[0];
+    let ports = free_ports::<2>();
+    let listen = format!("127.0.0.1:{public}");
+    let node = Node::with_config(|root| {
+        // The gate fails while SICK exists: the same image, healthy or not.
+        config(root, &app, Some(&listen), ports).replace(
+            "check = \"http\"\nurl = \"http://127.0.0.1:{port}/api/health\"",
+            &format!(
+                "check = \"exec\"\ncommand = \"test ! -e {} && curl -fsS http://127.0.0.1:{{port}}/api/health\"",
+                root.parent().unwrap().join("SICK").display()
+            ),
+        )
+    });
+    let sick = node.dir.path().join("SICK");
+    let mut cleanup = Cleanup {
+        config: node.config.clone(),
+        app: app.clone(),
+        images: Vec::new(),
+    };
+    let art = image_artifact(node.dir.path(), &app, "v0", &mut cleanup.images);
+    let r = node
+        .run(&[
+            "deploy",
+            "--app",
+            &app,
+            "--artifact",
+            art.to_str().unwrap(),
+            "--id",
+            "v0",
+            "--json",
+        ])
+        .json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    let containers = || {
+        docker_cli(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=slipway.app={app}"),
+            "--format",
+            "{{.Names}} {{.State}}",
+        ])
+    };
+    let load =
+        crate::support::load::Load::start(public, "/", 2, 1, Duration::from_secs(120), 100_000);
+    // A restart: a new container of v0 on the other port, then the switch.
+    let out = node.run(&["restart", "--app", &app]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(containers(), format!("slipway-{app}-v0 running"));
+    // A restart whose new container fails its gate: the one that served
+    // (stepped aside meanwhile) serves on, under its own name again.
+    fs::write(&sick, "").unwrap();
+    let out = node.run(&["restart", "--app", &app]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert_eq!(containers(), format!("slipway-{app}-v0 running"));
+    fs::remove_file(&sick).unwrap();
+    let out = node.run(&["restart", "--app", &app]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    eprintln!("docker restarts behind the front: {}", report.summary());
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+    assert!(report.ok >= 100, "too little load: {}", report.summary());
+    assert!(
+        report.bodies.iter().all(|b| b.trim() == "v0"),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(containers(), format!("slipway-{app}-v0 running"));
+    let st = status(&node);
+    assert_eq!(st["public"]["release"], "v0", "{st:#}");
+    drop(cleanup);
+}
