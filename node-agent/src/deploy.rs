@@ -363,12 +363,14 @@ pub fn settle_front(app: &AppConfig) -> Result<Option<String>> {
         }
         return Ok(None);
     }
-    let held = FrontState::load(&files).map(|s| s.listen);
-    let want_text = want.map(ToString::to_string);
-    if held.is_some() && held == want_text {
+    // A front that has not written its state yet (just started) is left
+    // alone: what it holds cannot be told.
+    let Some(old) = FrontState::load(&files).map(|s| s.listen) else {
+        return Ok(None);
+    };
+    if Some(&old) == want.map(ToString::to_string).as_ref() {
         return Ok(None);
     }
-    let old = held.unwrap_or_else(|| "its address".to_owned());
     front::stop(&app.root).map_err(fail)?;
     match want {
         None => {
