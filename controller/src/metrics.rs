@@ -561,6 +561,7 @@ mod tests {
             in_progress: false,
             env_version: 0,
             releases: Vec::new(),
+            public: None,
         }
     }
 

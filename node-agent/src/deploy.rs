@@ -338,6 +338,65 @@ fn switch_front(app: &AppConfig, port: Option<u16>, release: &str) -> Result<Opt
         .map_err(|e| DriverError::failed("front", e.to_string()).into())
 }
 
+/// The app's front after an edit of its config: a front that still holds
+/// an address the app no longer has (`listen` removed, or a driver or mode
+/// that needs no proxy) stops accepting, finishes its open connections
+/// (bounded, see [`crate::front::stop`]) and exits, and its target is
+/// forgotten, so the app is reached on its own port again; a front on an
+/// address `listen` no longer names gives way to a new one on the new
+/// address, forwarding to the recorded backend. Called by `run` at start
+/// and on every liveness pass, and by every activation. Returns what was
+/// done, for the log and the deploy log.
+pub fn settle_front(app: &AppConfig) -> Result<Option<String>> {
+    use crate::front::{self, FrontFiles, FrontState};
+    let files = FrontFiles::new(&app.root);
+    let want = match crate::public::mode(app) {
+        crate::public::Mode::AgentProxy => app.listen.as_ref(),
+        _ => None,
+    };
+    let fail = |e: String| -> DeployError { DriverError::failed("front", e).into() };
+    if !front::is_running(&files) {
+        if want.is_none() && files.target.exists() {
+            // A later `listen` must not start a front on a stale backend.
+            fs::remove_file(&files.target)
+                .map_err(|e| fail(format!("cannot remove {}: {e}", files.target.display())))?;
+        }
+        return Ok(None);
+    }
+    // A front that has not written its state yet (just started) is left
+    // alone: what it holds cannot be told.
+    let Some(old) = FrontState::load(&files).map(|s| s.listen) else {
+        return Ok(None);
+    };
+    if Some(&old) == want.map(ToString::to_string).as_ref() {
+        return Ok(None);
+    }
+    front::stop(&app.root).map_err(fail)?;
+    match want {
+        None => {
+            match fs::remove_file(&files.target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(fail(format!(
+                        "cannot remove {}: {e}",
+                        files.target.display()
+                    )))
+                }
+            }
+            Ok(Some(format!(
+                "listen removed: the agent's front on {old} stopped after its open connections finished; the app is reached on its own port again"
+            )))
+        }
+        Some(l) => {
+            front::ensure(&app.root, l).map_err(|e| fail(e.to_string()))?;
+            Ok(Some(format!(
+                "listen changed from {old} to {l}: a new front holds {l}, forwarding to the recorded backend; {old} is released"
+            )))
+        }
+    }
+}
+
 /// Puts the previous release back in service through the app's driver and
 /// holds it to the health gate, for the store's undo of a deploy that went
 /// live (`failed`: what the driver had brought up, as far as known).
@@ -513,8 +572,17 @@ impl Session<'_> {
                     port: activation.port,
                     cwd: self.paths().release(id),
                 };
-                let passed = health::gate(cfg, &target).inspect_err(|e| {
+                let passed = health::gate(cfg, &target).map_err(|mut e| {
+                    // The driver may know more than the probe (a process
+                    // that exited, and why).
+                    if let Some((_, driver)) = &driven {
+                        if let Some(note) = driver.gate_note(&app, &activation) {
+                            e.why.push_str("; ");
+                            e.why.push_str(&note);
+                        }
+                    }
                     log_line(Some(&self.paths().log(id)), &e.to_string());
+                    e
                 })?;
                 log_line(
                     Some(&self.paths().log(id)),
@@ -538,6 +606,10 @@ impl Session<'_> {
             // connections to the healthy release and drains the old one
             // before the driver stops it.
             fault::point("before_front_switch");
+            if let Some(line) = settle_front(&app)? {
+                log_line(Some(&self.paths().log(id)), &line);
+                tracing::warn!("{line}");
+            }
             if let Some(line) = switch_front(&app, activation.port, target.release.as_str())? {
                 log_line(Some(&self.paths().log(id)), &line);
                 tracing::info!("{line}");
@@ -613,7 +685,26 @@ impl Session<'_> {
             .ok_or_else(|| ReleaseError::NothingDeployed {
                 app: self.app().name.clone(),
             })?;
-        let (a, h) = self.serve_as(&current, repair)?;
+        let (a, h) = match self.serve_as(&current, repair) {
+            Ok(served) => served,
+            Err(err) => {
+                // Behind the agent's front the release that served still
+                // runs beside its failed replacement (a Docker container
+                // stepped aside, a PM2 process set): put it back in
+                // service as a failed deploy does, rather than leave both.
+                if crate::public::mode(self.app()) == crate::public::Mode::AgentProxy {
+                    if let Some(failed) = self.live.take() {
+                        let mut restorer = self.deployer.restorer(failed);
+                        let r = release::Service::restore(&mut restorer, Some(&current));
+                        tracing::warn!(app = %self.app().name, "{}", r.outcome);
+                        if let Err(e) = self.inner.record_port(&current, r.port) {
+                            tracing::warn!(error = %e, "cannot record the restored port");
+                        }
+                    }
+                }
+                return Err(err);
+            }
+        };
         self.live = None;
         self.inner.record_port(&current, a.port)?;
         Ok((current, a, h))

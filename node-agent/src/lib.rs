@@ -46,6 +46,9 @@
 //! - [`front`]: the agent's TCP proxy on an app's public address (docker,
 //!   PM2 fork mode): a detached process per app, switched by a journalled
 //!   target file once the new release is healthy, draining the old one.
+//! - [`public`]: where an app is reached and which release receives its
+//!   new connections (socket handover, agent proxy, PM2 cluster or its own
+//!   port), from what holds the address now; for `status` and heartbeats.
 //! - [`health`]: HTTP/TCP/exec probes, the readiness gate, liveness records.
 //! - [`logs`]: rotation, compression and retention of the app's logs.
 //! - [`metrics`]: node cpu, memory, load and disks (sysinfo) for `status`.
@@ -92,6 +95,7 @@ pub mod front;
 pub mod health;
 pub mod logs;
 pub mod metrics;
+pub mod public;
 pub mod release;
 pub mod supervise;
 pub mod upkeep;

@@ -157,6 +157,13 @@ mod tests {
                 health: "healthy".to_owned(),
                 in_progress: true,
                 env_version: 3,
+                public: Some(crate::v1::PublicAddress {
+                    address: "0.0.0.0:3000".to_owned(),
+                    mode: "agent_proxy".to_owned(),
+                    release: "20240101T000000Z-abc123".to_owned(),
+                    backend: "127.0.0.1:8081".to_owned(),
+                    draining: 2,
+                }),
             }],
             agent_version: "0.1.0".to_owned(),
             agent_rss_bytes: 24 * 1024 * 1024,

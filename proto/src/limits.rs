@@ -16,8 +16,8 @@ use crate::v1::{
     agent_message, controller_message, selector, AgentMessage, AgentUpgrade, AgentUpgradeRequest,
     AppStatus, ChangeEnvRequest, CommandResult, ControllerMessage, DeployRequest, EnrollRequest,
     EnvHistoryRequest, FetchArtifactRequest, FleetStatusRequest, GetEnvRequest, Heartbeat, Hello,
-    ListEnvRequest, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, RenewRequest,
-    RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
+    ListEnvRequest, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, PublicAddress,
+    RenewRequest, RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
 };
 
 /// A trust bundle (PEM CA certificates): a few KiB each.
@@ -51,6 +51,20 @@ pub const MAX_WORD: usize = 64;
 /// Why a release is failed or bad (`ReleaseInfo.reason`): one per release
 /// of every heartbeat, so short.
 pub const MAX_RELEASE_REASON: usize = 512;
+/// An app's public address (`PublicAddress.address`): the agent's own
+/// limit on `listen`.
+pub const MAX_PUBLIC_ADDRESS: usize = 256;
+/// Open connections a front reports as draining: far more than one
+/// process holds file descriptors for.
+pub const MAX_DRAINING: u64 = 1 << 32;
+/// The ways an app's new connections reach a release
+/// (`PublicAddress.mode`), and whether each has an address of its own.
+pub const PUBLIC_MODES: [(&str, bool); 4] = [
+    ("socket_handover", true),
+    ("agent_proxy", true),
+    ("pm2_cluster", false),
+    ("none", false),
+];
 /// Who ran a node-local command (`NodeEvent.actor`).
 pub const MAX_ACTOR: usize = 128;
 /// Command ids the controller makes (`<deployment>-<node>`).
@@ -482,6 +496,69 @@ fn check_apps(field: &str, apps: &[AppStatus]) -> Result<(), FieldError> {
             }
             check_len(&format!("{at}.reason"), &release.reason, MAX_RELEASE_REASON)?;
         }
+        if let Some(public) = &app.public {
+            check_public(&format!("{at}.public"), public)?;
+        }
+    }
+    Ok(())
+}
+
+/// An app's public address as an agent claims it: a known mode; with a
+/// mode that holds an address, an IP and port or an absolute unix socket
+/// path of printable characters; a release id; a loopback backend.
+pub fn check_public(field: &str, p: &PublicAddress) -> Result<(), FieldError> {
+    let Some((_, held)) = PUBLIC_MODES.iter().find(|(m, _)| *m == p.mode) else {
+        let known: Vec<&str> = PUBLIC_MODES.iter().map(|(m, _)| *m).collect();
+        return Err(FieldError::new(
+            format!("{field}.mode"),
+            format!("{} is not one of {}", shown(&p.mode), known.join(", ")),
+        ));
+    };
+    let at = format!("{field}.address");
+    check_line(&at, &p.address, MAX_PUBLIC_ADDRESS)?;
+    if *held {
+        let unix = p.address.starts_with('/')
+            && !p.address.split('/').any(|c| c == "..")
+            && !p.address.ends_with('/');
+        if !unix && p.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(FieldError::new(
+                at,
+                format!(
+                    "{} is neither an IP address and port nor an absolute unix socket path",
+                    shown(&p.address)
+                ),
+            ));
+        }
+    } else if !p.address.is_empty() || !p.release.is_empty() || !p.backend.is_empty() {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "mode {} holds no public address, but address {}, release {} or backend {} is set",
+                p.mode,
+                shown(&p.address),
+                shown(&p.release),
+                shown(&p.backend)
+            ),
+        ));
+    }
+    check_optional_release_id(&format!("{field}.release"), &p.release)?;
+    if !p.backend.is_empty() {
+        let ok = p
+            .backend
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !ok {
+            return Err(FieldError::new(
+                format!("{field}.backend"),
+                format!("{} is not a loopback address and port", shown(&p.backend)),
+            ));
+        }
+    }
+    if p.draining > MAX_DRAINING {
+        return Err(FieldError::new(
+            format!("{field}.draining"),
+            format!("{} is over the limit of {MAX_DRAINING}", p.draining),
+        ));
     }
     Ok(())
 }
@@ -1266,5 +1343,86 @@ mod tests {
         };
         let err = message.validate().unwrap_err();
         assert_eq!(err.field, "heartbeat.apps[0].releases[0].id");
+    }
+
+    #[test]
+    fn a_public_address_claim_is_checked_by_its_receiver() {
+        let public = |address: &str, mode: &str, release: &str, backend: &str| PublicAddress {
+            address: address.to_owned(),
+            mode: mode.to_owned(),
+            release: release.to_owned(),
+            backend: backend.to_owned(),
+            draining: 0,
+        };
+        for ok in [
+            public("0.0.0.0:3000", "agent_proxy", "v7", "127.0.0.1:8081"),
+            public("[::]:80", "socket_handover", "v1", ""),
+            public("/run/web.sock", "socket_handover", "", ""),
+            public("", "none", "", ""),
+            public("", "pm2_cluster", "", ""),
+        ] {
+            check_public("public", &ok).unwrap();
+        }
+        for (bad, field, why) in [
+            (
+                public("0.0.0.0:3000", "proxy", "", ""),
+                "public.mode",
+                "is not one of",
+            ),
+            (
+                public("", "agent_proxy", "", ""),
+                "public.address",
+                "neither",
+            ),
+            (
+                public("localhost:80", "agent_proxy", "", ""),
+                "public.address",
+                "neither",
+            ),
+            (
+                public("/run/../x.sock", "socket_handover", "", ""),
+                "public.address",
+                "neither",
+            ),
+            (
+                public("/run/a\nb", "socket_handover", "", ""),
+                "public.address",
+                "control characters",
+            ),
+            (
+                public(&format!("/{}", "a".repeat(300)), "socket_handover", "", ""),
+                "public.address",
+                "over the limit of 256",
+            ),
+            (
+                public("0.0.0.0:3000", "none", "", ""),
+                "public",
+                "holds no public address",
+            ),
+            (
+                public("0.0.0.0:3000", "agent_proxy", "../v1", ""),
+                "public.release",
+                "",
+            ),
+            (
+                public("0.0.0.0:3000", "agent_proxy", "v1", "10.0.0.1:80"),
+                "public.backend",
+                "not a loopback",
+            ),
+        ] {
+            let err = check_public("public", &bad).unwrap_err();
+            assert_eq!(err.field, field, "{bad:?}: {err}");
+            assert!(err.problem.contains(why), "{bad:?}: {err}");
+        }
+        let beat = Heartbeat {
+            apps: vec![AppStatus {
+                app: "web".to_owned(),
+                public: Some(public("nowhere", "agent_proxy", "", "")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = beat.validate().unwrap_err();
+        assert_eq!(err.field, "apps[0].public.address");
     }
 }

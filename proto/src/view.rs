@@ -16,7 +16,8 @@ use crate::limits;
 use crate::span;
 use crate::v1::{
     AppStatus, CertificateHealth, Deployment, DeploymentNode, FleetStatus, NodeMetrics, NodeState,
-    NodeStatus, NodeView, RefreshAnswer, ReleaseInfo, ReleaseNodes, UnhealthyApp, VersionNodes,
+    NodeStatus, NodeView, PublicAddress, RefreshAnswer, ReleaseInfo, ReleaseNodes, UnhealthyApp,
+    VersionNodes,
 };
 
 /// Widest table column: a longer value (a label list, a hostile name from
@@ -154,7 +155,12 @@ pub fn render_table(nodes: &[NodeView]) -> String {
                     &a.current_release
                 };
                 let health = if a.health.is_empty() { "?" } else { &a.health };
-                format!("{}@{release} ({health})", a.app)
+                let public = a
+                    .public
+                    .as_ref()
+                    .filter(|p| !p.address.is_empty())
+                    .map_or_else(String::new, |p| format!(" {}", public_short(p)));
+                format!("{}@{release} ({health}){public}", a.app)
             })
             .collect::<Vec<_>>()
             .join(", ");
@@ -179,6 +185,49 @@ pub fn render_table(nodes: &[NodeView]) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// Where mode names are shown to people.
+pub fn public_mode_name(mode: &str) -> &str {
+    match mode {
+        "socket_handover" => "socket handover",
+        "agent_proxy" => "agent proxy",
+        "pm2_cluster" => "pm2 cluster",
+        "none" => "own port",
+        other => other,
+    }
+}
+
+/// `0.0.0.0:3000→v7`, or `0.0.0.0:3000 (not held)` when nothing holds the
+/// address right now: for a table cell.
+pub fn public_short(p: &PublicAddress) -> String {
+    if p.release.is_empty() {
+        format!("{} (not held)", esc(&p.address))
+    } else {
+        format!("{}→{}", esc(&p.address), esc(&p.release))
+    }
+}
+
+/// One line on an app's public address: `0.0.0.0:3000 (agent proxy):
+/// new connections go to v7 on 127.0.0.1:8081; 2 draining`.
+pub fn public_line(p: &PublicAddress) -> String {
+    let mode = public_mode_name(&p.mode);
+    if p.address.is_empty() {
+        return format!("no public address held by the agent ({})", esc(mode));
+    }
+    let mut line = format!("{} ({})", esc(&p.address), esc(mode));
+    if p.release.is_empty() {
+        line.push_str(": not held right now (the next deploy or start takes it up)");
+        return line;
+    }
+    let _ = write!(line, ": new connections go to {}", esc(&p.release));
+    if !p.backend.is_empty() {
+        let _ = write!(line, " on {}", esc(&p.backend));
+    }
+    if p.draining > 0 {
+        let _ = write!(line, "; {} draining", p.draining);
+    }
+    line
 }
 
 /// `slipway status` as text: node counts and table, apps, notes, problems.
@@ -254,6 +303,16 @@ pub fn render_status(status: &FleetStatus) -> String {
                 r.count,
                 esc(&r.nodes.join(", "))
             );
+        }
+        for p in &app.public {
+            if let Some(public) = &p.public {
+                let _ = writeln!(
+                    out,
+                    "  public on {}: {}",
+                    esc(&p.node_name),
+                    public_line(public)
+                );
+            }
         }
         for u in &app.unhealthy {
             let _ = writeln!(
@@ -540,6 +599,41 @@ struct AppJson<'a> {
     health: &'a str,
     in_progress: bool,
     releases: Vec<ReleaseJson<'a>>,
+    /// Absent from agents that do not report it.
+    public: Option<PublicJson<'a>>,
+}
+
+/// An app's public address on a node in JSON.
+#[derive(Debug, Serialize)]
+struct PublicJson<'a> {
+    /// `listen`, or null without one.
+    address: Option<&'a str>,
+    mode: &'a str,
+    /// The release new connections go to; null when not held.
+    release: Option<&'a str>,
+    backend: Option<&'a str>,
+    draining: u64,
+}
+
+impl<'a> From<&'a PublicAddress> for PublicJson<'a> {
+    fn from(p: &'a PublicAddress) -> Self {
+        let some = |s: &'a str| (!s.is_empty()).then_some(s);
+        Self {
+            address: some(&p.address),
+            mode: &p.mode,
+            release: some(&p.release),
+            backend: some(&p.backend),
+            draining: p.draining,
+        }
+    }
+}
+
+/// One node's public address of an app in `slipway status --json`.
+#[derive(Debug, Serialize)]
+struct PublicOnNodeJson<'a> {
+    node: &'a str,
+    #[serde(flatten)]
+    public: PublicJson<'a>,
 }
 
 impl<'a> From<&'a AppStatus> for AppJson<'a> {
@@ -550,6 +644,7 @@ impl<'a> From<&'a AppStatus> for AppJson<'a> {
             health: &a.health,
             in_progress: a.in_progress,
             releases: a.releases.iter().map(ReleaseJson::from).collect(),
+            public: a.public.as_ref().map(PublicJson::from),
         }
     }
 }
@@ -656,6 +751,16 @@ impl<'a> From<&'a FleetStatus> for StatusJson<'a> {
                     unhealthy: a.unhealthy.iter().map(UnhealthyJson::from).collect(),
                     busy: &a.busy,
                     last_deployment: a.last_deployment.as_ref().map(DeploymentJson::from),
+                    public: a
+                        .public
+                        .iter()
+                        .filter_map(|p| {
+                            p.public.as_ref().map(|public| PublicOnNodeJson {
+                                node: &p.node_name,
+                                public: PublicJson::from(public),
+                            })
+                        })
+                        .collect(),
                 })
                 .collect(),
             agents: AgentsJson {
@@ -720,6 +825,7 @@ struct AppSummaryJson<'a> {
     unhealthy: Vec<UnhealthyJson<'a>>,
     busy: &'a [String],
     last_deployment: Option<DeploymentJson<'a>>,
+    public: Vec<PublicOnNodeJson<'a>>,
 }
 
 /// A release and the nodes it is current on, in JSON.

@@ -35,7 +35,7 @@ const SOCKET: &str = "/var/run/docker.sock";
 const CONTAINER_PORT: u16 = 3000;
 
 /// Why the engine cannot be used, or `None` when it answers `/_ping`.
-fn engine_unreachable() -> Option<String> {
+pub(crate) fn engine_unreachable() -> Option<String> {
     let mut s = match UnixStream::connect(SOCKET) {
         Ok(s) => s,
         Err(e) => return Some(format!("cannot connect to {SOCKET}: {e}")),
@@ -62,9 +62,9 @@ fn has_image(reference: &str) -> bool {
 
 /// Removes the app's containers (by the driver's label), its release
 /// images (`slipway/<app>:*`) and the test's own tags on drop.
-struct Cleanup {
-    app: String,
-    images: Vec<String>,
+pub(crate) struct Cleanup {
+    pub(crate) app: String,
+    pub(crate) images: Vec<String>,
 }
 
 impl Drop for Cleanup {
@@ -90,7 +90,7 @@ impl Drop for Cleanup {
 
 /// `<work>/<version>.tar.gz`: `image.tar` (`docker save` of `tag`) and
 /// `VERSION`.
-fn artifact(work: &Path, tag: &str, version: &str) -> PathBuf {
+pub(crate) fn artifact(work: &Path, tag: &str, version: &str) -> PathBuf {
     let saved = work.join(format!("{version}-image.tar"));
     docker(&["save", "-o", saved.to_str().unwrap(), tag]);
     let art = work.join(format!("{version}.tar.gz"));

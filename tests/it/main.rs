@@ -22,6 +22,7 @@ mod digitalocean;
 mod docker;
 mod env;
 mod fleet;
+mod front;
 mod github;
 mod github_action;
 mod http;

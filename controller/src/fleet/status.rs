@@ -94,6 +94,9 @@ pub struct AppSummary {
     pub busy: Vec<String>,
     /// The app's latest deployment (any kind) with its per-node results.
     pub last_deployment: Option<store::DeploymentRecord>,
+    /// Per node (by name): the app's public address and the release that
+    /// receives new connections, from agents that report it.
+    pub public: Vec<(String, store::Public)>,
 }
 
 /// Nodes whose agent runs one version.
@@ -438,6 +441,10 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
             unhealthy,
             busy,
             last_deployment,
+            public: on
+                .iter()
+                .filter_map(|(v, a)| a.public.clone().map(|p| (v.name.clone(), p)))
+                .collect(),
         });
     }
 
@@ -512,6 +519,7 @@ mod tests {
             in_progress: false,
             env_version: 0,
             releases: Vec::new(),
+            public: None,
         }
     }
 

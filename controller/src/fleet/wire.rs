@@ -174,6 +174,14 @@ fn app_summary(a: &AppSummary) -> v1::AppSummary {
             .collect(),
         busy: a.busy.clone(),
         last_deployment: a.last_deployment.as_ref().map(deployment),
+        public: a
+            .public
+            .iter()
+            .map(|(node, p)| v1::PublicOnNode {
+                node_name: node.clone(),
+                public: Some(p.into()),
+            })
+            .collect(),
     }
 }
 

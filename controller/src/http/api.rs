@@ -68,7 +68,7 @@ const SSE_QUEUE: usize = 64;
         list_env, env_history, get_env_value, change_env
     ),
     components(schemas(
-        ErrorBody, NodeOut, AppOut, AppNodeOut, ReleasesOut, NodeReleasesOut, DeploymentOut,
+        ErrorBody, NodeOut, AppOut, AppNodeOut, PublicOut, ReleasesOut, NodeReleasesOut, DeploymentOut,
         DeploymentNodeOut, AuditOut, StartedOut, DeployBody, RollbackBody, RollbackStartedOut, RestartBody,
         PruneBody, SelectorBody, RolloutBody, Strategy, UploadedOut, SessionOut,
         EnvListOut, EnvEntryOut, EnvHistoryOut, EnvVersionOut, EnvValueOut, EnvChangeBody,
@@ -297,7 +297,9 @@ pub struct NodeOut {
     /// Host metrics of the last heartbeat.
     #[schema(value_type = Option<Object>)]
     metrics: Option<crate::store::Metrics>,
-    /// Apps of the last heartbeat, with their releases.
+    /// Apps of the last heartbeat, with their releases and (`public`)
+    /// their public address: `address`, `mode`, `release`, `backend`,
+    /// `draining` as in `/api/v1/apps`.
     #[schema(value_type = Vec<Object>)]
     apps: Vec<crate::store::App>,
     /// When the node was revoked.
@@ -407,6 +409,41 @@ pub struct AppNodeOut {
     health: String,
     /// A deploy, rollback or prune holds the app's lock.
     in_progress: bool,
+    /// Its public address and the release receiving new connections;
+    /// absent when the node's agent does not report it.
+    public: Option<PublicOut>,
+}
+
+/// An app's public address on a node (`listen`) and the release that
+/// receives its new connections.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PublicOut {
+    /// `listen` ("0.0.0.0:3000", "[::]:80" or a unix socket path); null
+    /// when the app has none.
+    address: Option<String>,
+    /// socket_handover (exec), agent_proxy (docker, PM2 fork mode),
+    /// pm2_cluster or none (the app's own port).
+    mode: String,
+    /// The release new connections go to; null when the address is not
+    /// held right now.
+    release: Option<String>,
+    /// agent_proxy: the loopback backend new connections go to.
+    backend: Option<String>,
+    /// Connections still finishing on earlier backends.
+    draining: u64,
+}
+
+impl From<&crate::store::Public> for PublicOut {
+    fn from(p: &crate::store::Public) -> Self {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Self {
+            address: some(&p.address),
+            mode: p.mode.clone(),
+            release: some(&p.release),
+            backend: some(&p.backend),
+            draining: p.draining,
+        }
+    }
 }
 
 /// The apps the nodes report, by name, each with its nodes.
@@ -432,6 +469,7 @@ async fn apps(
                 current_release: a.current_release.clone(),
                 health: a.health.clone(),
                 in_progress: a.in_progress,
+                public: a.public.as_ref().map(PublicOut::from),
             });
         }
     }

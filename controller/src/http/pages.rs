@@ -421,6 +421,9 @@ fn fleet_body(views: &[NodeView], deployments: &[DeploymentRecord], now: i64) ->
                                         (if a.current_release.is_empty() { "(none)" } else { &a.current_release })
                                         br; span class={"st " (class)} { (class) }
                                         @if a.in_progress { " " span.st.running { "busy" } }
+                                        @if let Some(p) = a.public.as_ref().filter(|p| !p.address.is_empty()) {
+                                            br; span.mut.public { (public_short(p)) }
+                                        }
                                     }
                                 }
                             }
@@ -432,6 +435,22 @@ fn fleet_body(views: &[NodeView], deployments: &[DeploymentRecord], now: i64) ->
         h2 { "Last deployments" }
         (deployments_table(deployments, now))
     }
+}
+
+/// `0.0.0.0:3000 → v7` for a cell of the fleet matrix.
+fn public_short(p: &crate::store::Public) -> String {
+    if p.release.is_empty() {
+        format!("{} (not held)", p.address)
+    } else {
+        format!("{} → {}", p.address, p.release)
+    }
+}
+
+/// The app page's public address cell: the address, the mode, and where
+/// new connections go.
+fn public_long(p: &crate::store::Public) -> String {
+    let v1 = slipway_proto::v1::PublicAddress::from(p);
+    slipway_proto::view::public_line(&v1)
 }
 
 fn check_app(app: &str) -> Result<(), AppError> {
@@ -470,7 +489,7 @@ async fn app_page(
         h1 { "App " (app) }
         h2 { "Releases per node" }
         div.scroll { table #releases {
-            tr { th { "Node" } th { "State" } th { "Current" } th { "Health" } th { "Releases kept" } }
+            tr { th { "Node" } th { "State" } th { "Current" } th { "Public address" } th { "Health" } th { "Releases kept" } }
             @for v in views.iter().filter(|v| v.apps.iter().any(|a| a.app == app)) {
                 @if let Some(a) = v.apps.iter().find(|a| a.app == app) {
                     @let class = crate::metrics::health_class(&a.health);
@@ -478,6 +497,7 @@ async fn app_page(
                         td { (v.name) }
                         td { (state_badge(v.state.as_str())) }
                         td class=(if majority.as_deref() != Some(a.current_release.as_str()) { "drift" } else { "" }) { (a.current_release) }
+                        td.wrap.public { (a.public.as_ref().map_or_else(|| "–".to_owned(), public_long)) }
                         td.wrap { span class={"st " (class)} { (class) } @if class != "healthy" { pre { (a.health) } } }
                         td.wrap { @for r in &a.releases { span { (r.id) " " span.mut { (r.status) } } br; } }
                     }
@@ -1071,6 +1091,7 @@ mod tests {
                 in_progress: false,
                 env_version: 0,
                 releases: Vec::new(),
+                public: None,
             }],
             revoked_at: None,
             cert_expires_at: 0,

@@ -53,7 +53,7 @@ pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeCert, NodeRow, PeerCert,
-    Release,
+    Public, Release,
 };
 pub use operators::OperatorRow;
 pub use web_sessions::WebSessionRow;

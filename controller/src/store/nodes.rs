@@ -6,7 +6,7 @@
 //! them by [`Store::fleet`].
 
 use serde::{Deserialize, Serialize};
-use slipway_proto::v1::{AppStatus, DiskUsage, Heartbeat, NodeMetrics, ReleaseInfo};
+use slipway_proto::v1::{AppStatus, DiskUsage, Heartbeat, NodeMetrics, PublicAddress, ReleaseInfo};
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row as _;
 
@@ -62,6 +62,52 @@ pub struct App {
     /// The env version `shared/.env` was last written from (0: never).
     #[serde(default)]
     pub env_version: u64,
+    /// Where the app is reached and which release takes new connections;
+    /// absent from agents that do not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<Public>,
+}
+
+/// An app's public address on a node, as stored and shown (checked on
+/// receipt by `slipway_proto::limits::check_public`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Public {
+    /// `listen` ("0.0.0.0:3000" or a unix socket path); "" without one.
+    pub address: String,
+    /// socket_handover, agent_proxy, pm2_cluster or none.
+    pub mode: String,
+    /// The release new connections go to; "" when the address is not held.
+    pub release: String,
+    /// agent_proxy: the loopback backend new connections go to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
+    /// Connections still finishing on earlier backends.
+    #[serde(default)]
+    pub draining: u64,
+}
+
+impl From<&PublicAddress> for Public {
+    fn from(p: &PublicAddress) -> Self {
+        Self {
+            address: p.address.clone(),
+            mode: p.mode.clone(),
+            release: p.release.clone(),
+            backend: p.backend.clone(),
+            draining: p.draining,
+        }
+    }
+}
+
+impl From<&Public> for PublicAddress {
+    fn from(p: &Public) -> Self {
+        Self {
+            address: p.address.clone(),
+            mode: p.mode.clone(),
+            release: p.release.clone(),
+            backend: p.backend.clone(),
+            draining: p.draining,
+        }
+    }
 }
 
 /// One release directory.
@@ -110,6 +156,7 @@ impl From<&AppStatus> for App {
             health: a.health.clone(),
             in_progress: a.in_progress,
             env_version: a.env_version,
+            public: a.public.as_ref().map(Public::from),
             releases: a
                 .releases
                 .iter()
@@ -155,6 +202,7 @@ impl From<&App> for AppStatus {
             health: a.health.clone(),
             in_progress: a.in_progress,
             env_version: a.env_version,
+            public: a.public.as_ref().map(PublicAddress::from),
             releases: a
                 .releases
                 .iter()

@@ -410,6 +410,68 @@ async fn an_agent_message_over_a_limit_ends_its_session_naming_the_field() {
 }
 
 #[tokio::test]
+async fn a_public_address_claim_is_checked_stored_and_a_forged_one_refused() {
+    use slipway_controller::proto::v1::PublicAddress;
+    let controller = Controller::start().await;
+    let (state, node_id) = controller.enroll("web-1").await;
+    let mut session = controller.connect(state.path(), &node_id).await;
+    let app = |address: &str, backend: &str| AppStatus {
+        app: "web".to_owned(),
+        current_release: "v1".to_owned(),
+        public: Some(PublicAddress {
+            address: address.to_owned(),
+            mode: "agent_proxy".to_owned(),
+            release: "v1".to_owned(),
+            backend: backend.to_owned(),
+            draining: 0,
+        }),
+        ..Default::default()
+    };
+    crate::support::send(
+        &session,
+        agent_message::Kind::Heartbeat(Heartbeat {
+            apps: vec![app("0.0.0.0:3000", "127.0.0.1:8081")],
+            ..Default::default()
+        }),
+    )
+    .await;
+    // A backend off the node's loopback: not what the agent's front does.
+    crate::support::send(
+        &session,
+        agent_message::Kind::Heartbeat(Heartbeat {
+            apps: vec![app("0.0.0.0:3000", "10.0.0.9:80")],
+            ..Default::default()
+        }),
+    )
+    .await;
+    let ended = tokio::time::timeout(TEST_TIMEOUT, session.inbound.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    assert!(
+        ended.message().contains(
+            "heartbeat.apps[0].public.backend: \"10.0.0.9:80\" is not a loopback address and port"
+        ),
+        "{ended:?}"
+    );
+    controller.wait_for_event("AGENT_MESSAGE_REFUSED").await;
+    // The first claim was stored as sent; the refused one was not.
+    let fleet = controller.store().await.fleet().await.unwrap();
+    let public = fleet[0].apps[0].public.clone().unwrap();
+    assert_eq!(
+        (
+            public.address.as_str(),
+            public.mode.as_str(),
+            public.release.as_str(),
+            public.backend.as_str()
+        ),
+        ("0.0.0.0:3000", "agent_proxy", "v1", "127.0.0.1:8081")
+    );
+    controller.stop().await;
+}
+
+#[tokio::test]
 async fn node_events_are_acknowledged_recorded_once_and_checked() {
     use slipway_controller::proto::v1::{controller_message, NodeEvent, NodeEventKind};
     let controller = Controller::start().await;
@@ -674,6 +736,7 @@ async fn throw(
                     .collect(),
                 in_progress: false,
                 env_version: f.n as u64,
+                public: None,
             }],
             agent_version: f.c.clone(),
             agent_rss_bytes: f.n as u64,

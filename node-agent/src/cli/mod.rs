@@ -748,5 +748,6 @@ fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStat
             e.drain(..skip);
             e
         },
+        public: crate::public::of(app),
     })
 }

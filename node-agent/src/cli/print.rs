@@ -37,6 +37,8 @@ pub(super) struct AppStatus {
     /// The latest node events (repairs, crash loops, automatic rollbacks),
     /// newest last, with whether the controller has them.
     pub(super) events: Vec<crate::upkeep::Event>,
+    /// Where the app is reached and which release takes new connections.
+    pub(super) public: crate::public::Public,
 }
 
 pub(super) fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus]) {
@@ -76,6 +78,7 @@ pub(super) fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus
                 _ => "idle".into(),
             }
         );
+        println!("  public: {}", crate::public::line(&a.public));
         if let Some(p) = &a.processes {
             for proc_ in &p.processes {
                 // Crash restarts and the agent's own reloads apart: a

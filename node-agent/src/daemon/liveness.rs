@@ -82,6 +82,13 @@ pub(super) fn pass(app: &AppConfig, bridge: &Bridge, failures: &mut u32) {
         *failures = 0;
         return;
     }
+    // `listen` removed or changed since the front started: let the old
+    // address go, or take up the new one.
+    match crate::deploy::settle_front(app) {
+        Ok(Some(line)) => tracing::warn!(app = %app.name, "{line}"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(app = %app.name, error = %e, "cannot settle the app's front"),
+    }
     // Docker and PM2 fork mode behind listen: the front holds the public
     // address; after a reboot (or a kill) it takes up its recorded target.
     if let (Some(l), Some(run)) = (&app.listen, &app.run) {

@@ -35,8 +35,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ImportImageOptions, InspectContainerOptions, ListContainersOptions,
-    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
-    StatsOptions, StopContainerOptions, TagImageOptions,
+    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, RenameContainerOptions,
+    StartContainerOptions, StatsOptions, StopContainerOptions, TagImageOptions,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
@@ -173,6 +173,14 @@ pub fn container_name(app: &str, release: &ReleaseId) -> String {
     format!("slipway-{app}-{release}")
 }
 
+/// The name a release's serving container steps aside to while a new
+/// container of the same release (a restart behind the front) passes its
+/// gate on the other port; it goes at the commit, or takes its name back
+/// when the new one fails.
+pub fn aside_name(app: &str, release: &ReleaseId) -> String {
+    format!("{}-aside", container_name(app, release))
+}
+
 /// One container of the app, as the driver needs it.
 #[derive(Debug, Clone, PartialEq)]
 struct Container {
@@ -183,6 +191,9 @@ struct Container {
     /// The engine's word: created, running, restarting, paused, exited…
     state: String,
     image: String,
+    /// The host addresses its port is published on (empty when it
+    /// publishes none right now: stopped).
+    host_ips: Vec<String>,
 }
 
 impl Container {
@@ -200,9 +211,28 @@ impl Container {
             port: labels.get(LABEL_PORT).and_then(|p| p.parse().ok()),
             state: s.state.map(|st| st.to_string()).unwrap_or_default(),
             image: s.image.unwrap_or_default(),
+            host_ips: s
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p.public_port.is_some())
+                .filter_map(|p| p.ip)
+                .collect(),
             id,
             name,
         })
+    }
+
+    /// Whether its port is published on `host_ip` (`0.0.0.0` covers the
+    /// IPv6 wildcard the engine adds beside it); a container publishing
+    /// nothing right now is not told apart.
+    fn published_on(&self, host_ip: &str) -> bool {
+        let any = |ip: &str| ip == "0.0.0.0" || ip == "::";
+        self.host_ips.is_empty()
+            || self
+                .host_ips
+                .iter()
+                .all(|ip| ip == host_ip || (any(ip) && any(host_ip)))
     }
 
     /// Not running and never will again by itself: safe to remove at once.
@@ -416,6 +446,15 @@ impl<'a> Engine<'a> {
         for c in self.containers(&target.app.name).await? {
             if c.is_stale() {
                 self.retire(&c).await?;
+            } else if c.name == name && c.is_live() && target.app.listen.is_some() {
+                // The same release again (a restart, a retried deploy)
+                // behind the front: the serving container keeps serving
+                // under another name until the new one, on the other port,
+                // passed its gate and the front moved to it.
+                let aside = aside_name(&target.app.name, &target.release);
+                self.rename(&c, &aside).await?;
+                tracing::info!(container = %c.name, %aside, "the serving container of the same release steps aside until its replacement is healthy");
+                live.push(c);
             } else if c.name == name {
                 // The same release again (a retried deploy): the container is
                 // replaced, not reused, so it gets this deploy's env and
@@ -459,17 +498,33 @@ impl<'a> Engine<'a> {
         failed_activation: &Activation,
     ) -> Result<Activation, DriverError> {
         let name = container_name(&previous.app.name, &previous.release);
+        let aside = aside_name(&previous.app.name, &previous.release);
         let containers = self.containers(&previous.app.name).await?;
         // After a restore only the previous release runs, as after a commit:
         // every other container of the app goes, the failed one included
         // (the deploy may pass no handle when activation itself failed).
-        let mut kept = None;
+        // One that stepped aside for a restart of its release is the one
+        // to keep (it still serves), under its own name again.
+        let mut kept: Option<Container> = None;
         for c in containers {
-            if c.name == name && failed_activation.handle.as_deref().is_none_or(|h| !c.is(h)) {
-                kept = Some(c);
-            } else {
-                self.retire(&c).await?;
+            let mine = (c.name == name || c.name == aside)
+                && failed_activation.handle.as_deref().is_none_or(|h| !c.is(h));
+            match kept.take() {
+                Some(k) if mine && c.is_live() && !k.is_live() => {
+                    self.retire(&k).await?;
+                    kept = Some(c);
+                }
+                Some(k) => {
+                    kept = Some(k);
+                    self.retire(&c).await?;
+                }
+                None if mine => kept = Some(c),
+                None => self.retire(&c).await?,
             }
+        }
+        if let Some(c) = kept.as_mut().filter(|c| c.name == aside) {
+            self.rename(c, &name).await?;
+            c.name = name.clone();
         }
         match kept {
             Some(c) if c.is_live() => Ok(Activation {
@@ -526,6 +581,11 @@ impl<'a> Engine<'a> {
                 port_text(c.port),
                 port_text(port)
             )),
+            Some(c) if !c.published_on(&self.config.host_ip) => problems.push(format!(
+                "container {name} publishes its port on {}, not on host_ip {} (listen added or removed?)",
+                c.host_ips.join(", "),
+                self.config.host_ip
+            )),
             Some(_) => {}
         }
         for c in containers.iter().filter(|c| c.name != name && c.is_live()) {
@@ -547,14 +607,15 @@ impl<'a> Engine<'a> {
         let containers = self.containers(&target.app.name).await?;
         let mine = containers.iter().find(|c| c.name == name);
         if let Some(c) = mine {
-            if c.state == "running" && (port.is_none() || c.port == port) {
+            let published = c.published_on(&self.config.host_ip);
+            if c.state == "running" && (port.is_none() || c.port == port) && published {
                 return Ok(Activation {
                     port: c.port,
                     handle: Some(c.id.clone()),
                     detail: format!("container {name} on port {} kept", port_text(c.port)),
                 });
             }
-            if c.is_stale() && (port.is_none() || c.port == port) {
+            if c.is_stale() && (port.is_none() || c.port == port) && published {
                 let p = c.port.unwrap_or(self.config.ports[0]);
                 self.start(&c.id, &c.name, p).await?;
                 return Ok(Activation {
@@ -1046,6 +1107,22 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// Renames a container (it keeps running, its port and its labels).
+    async fn rename(&self, c: &Container, to: &str) -> Result<(), DriverError> {
+        let options = RenameContainerOptions {
+            name: to.to_owned(),
+        };
+        self.api
+            .rename_container(&c.id, options)
+            .await
+            .map_err(|e| {
+                self.err(
+                    format_args!("cannot rename container {} to {to}", c.name),
+                    e,
+                )
+            })
+    }
+
     async fn remove(&self, id: &str, name: &str) -> Result<(), DriverError> {
         let options = RemoveContainerOptions {
             force: true,
@@ -1089,7 +1166,23 @@ mod tests {
             port: Some(port),
             state: "running".into(),
             image: "img".into(),
+            host_ips: Vec::new(),
         }
+    }
+
+    #[test]
+    fn published_on_tells_loopback_from_the_wildcards() {
+        let mut c = live("a", 8080);
+        assert!(
+            c.published_on("127.0.0.1"),
+            "publishing nothing: not told apart"
+        );
+        c.host_ips = vec!["0.0.0.0".into(), "::".into()];
+        assert!(c.published_on("0.0.0.0"));
+        assert!(!c.published_on("127.0.0.1"));
+        c.host_ips = vec!["127.0.0.1".into()];
+        assert!(c.published_on("127.0.0.1"));
+        assert!(!c.published_on("0.0.0.0"));
     }
 
     #[test]

@@ -36,6 +36,11 @@ use crate::supervise::{self, RunFiles, State};
 /// Environment variable naming the agent binary to run `supervise` with
 /// (tests and packagers; default: this executable).
 pub const AGENT_BIN_ENV: &str = "SLIPWAY_AGENT_BIN";
+/// How much of the end of the app's output a failed gate quotes.
+const GATE_TAIL_BYTES: u64 = 4096;
+const GATE_TAIL_LINES: usize = 3;
+/// How long each quoted line may be.
+const GATE_TAIL_LINE_CHARS: usize = 200;
 /// How long a (re)start may take to show a running child.
 const START_WAIT: Duration = Duration::from_secs(30);
 /// Extra time beyond the grace period for the supervisor to exit.
@@ -292,6 +297,37 @@ impl Driver for Exec {
         ))
     }
 
+    fn gate_note(&self, app: &AppConfig, activation: &Activation) -> Option<String> {
+        let files = RunFiles::new(&app.root);
+        let state = State::load(&files)?;
+        let started = activation.handle.as_deref()?;
+        let alive = state.status == "running"
+            && state.child_pid.map(|p| p.to_string()).as_deref() == Some(started);
+        if alive {
+            return None;
+        }
+        let tail = output_tail(&files.output);
+        let mut note = format!(
+            "the process started for it (pid {started}) is gone ({}); {} ends with: {}",
+            state
+                .last_exit
+                .as_deref()
+                .unwrap_or("how it ended is unknown"),
+            files.output.display(),
+            if tail.is_empty() {
+                "(nothing)".to_owned()
+            } else {
+                tail.join(" | ")
+            }
+        );
+        if self.listen.is_some() && tail.iter().any(|l| l.contains("Address already in use")) {
+            note.push_str(
+                "; with listen the agent holds the address: the app must serve on the socket it is handed (LISTEN_FDS), not bind a port of its own (README: \"The public address\")",
+            );
+        }
+        Some(note)
+    }
+
     fn drift(&self, target: &Target, _port: Option<u16>) -> Result<Option<String>, DriverError> {
         let files = RunFiles::new(&target.app.root);
         if !supervise::is_running(&files) {
@@ -366,4 +402,27 @@ impl Driver for Exec {
         }
         Ok(status)
     }
+}
+
+/// The last non-empty lines of the app's output log, each on one line and
+/// cut.
+fn output_tail(path: &std::path::Path) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(GATE_TAIL_BYTES)));
+    let mut bytes = Vec::new();
+    let _ = f.take(GATE_TAIL_BYTES).read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(GATE_TAIL_LINES)..]
+        .iter()
+        .map(|l| slipway_proto::limits::one_line(l, GATE_TAIL_LINE_CHARS))
+        .collect()
 }

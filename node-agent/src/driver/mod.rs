@@ -150,6 +150,14 @@ pub trait Driver: fmt::Debug + Send + Sync {
     /// Stops the app.
     fn stop(&self, app: &AppConfig) -> Result<(), DriverError>;
 
+    /// What the driver knows about why `activation` failed its health gate
+    /// (the exec driver: the process is gone, how it exited and the end of
+    /// its output), appended to the gate's reason; `None` when it knows
+    /// nothing more than the probe.
+    fn gate_note(&self, _app: &AppConfig, _activation: &Activation) -> Option<String> {
+        None
+    }
+
     /// Whether the driver runs `target`'s release as it should (`port`: the
     /// port recorded for it): `None` when it does, else what is wrong, in
     /// one line ("the PM2 daemon is not running", "container … is gone").

@@ -327,6 +327,56 @@ impl Pm2 {
         Ok(procs)
     }
 
+    /// Process sets of fork mode behind `listen` (`NAME-PORT`) that the
+    /// app's config no longer has (`listen` and `ports` removed): left to
+    /// delete once the app runs without them. Another app's processes are
+    /// told apart by their working directory, which is under this app's
+    /// root.
+    fn leftover_sets(&self, pm2: &Runner, root: &Path) -> Result<Vec<JlistProcess>, DriverError> {
+        if self.front_ports().is_some() || !pm2.daemon_running() {
+            return Ok(Vec::new());
+        }
+        let prefix = format!("{}-", self.config.name);
+        Ok(pm2
+            .jlist()?
+            .into_iter()
+            .filter(|p| {
+                p.name
+                    .as_deref()
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .is_some_and(|port| port.parse::<u16>().is_ok())
+                    && p.pm2_env
+                        .pm_cwd
+                        .as_deref()
+                        .is_some_and(|cwd| Path::new(cwd).starts_with(root))
+            })
+            .collect())
+    }
+
+    /// Deletes the [`Pm2::leftover_sets`] and their files.
+    fn delete_leftover_sets(&self, pm2: &Runner, root: &Path) -> Result<(), DriverError> {
+        let left = self.leftover_sets(pm2, root)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = left.iter().map(JlistProcess::label).collect();
+        pm2.delete(&left)?;
+        for p in &left {
+            let Some(port) = p
+                .name
+                .as_deref()
+                .and_then(|n| n.rsplit('-').next())
+                .and_then(|port| port.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            let _ = fs::remove_file(self.slot(port).process_file(root));
+        }
+        let _ = fs::remove_file(Self::live_file(root));
+        tracing::info!(app = %self.config.name, sets = ?names, "deleted the process sets of fork mode behind listen, which the app no longer has");
+        Ok(())
+    }
+
     /// `pm2 save`, so PM2's dump (what `pm2 resurrect` starts at boot)
     /// matches what runs. A failed save only warns: it must not fail a good
     /// deploy or a stop.
@@ -755,9 +805,14 @@ impl Driver for Pm2 {
             return self.front_commit(&target.app.root, port);
         }
         // The reload replaced the old processes already; all that is left is
-        // PM2's dump, so `pm2 resurrect` at boot starts this release's env.
+        // PM2's dump, so `pm2 resurrect` at boot starts this release's env
+        // (and, after `listen` was removed, the process sets it had).
         match Runner::new(&self.config) {
-            Ok(pm2) => self.save(&pm2),
+            Ok(pm2) => {
+                let left = self.delete_leftover_sets(&pm2, &target.app.root);
+                self.save(&pm2);
+                left?;
+            }
             Err(e) => tracing::warn!(app = %self.config.name, "pm2 save skipped: {e}"),
         }
         Ok(())
@@ -777,7 +832,8 @@ impl Driver for Pm2 {
 
     fn stop(&self, app: &AppConfig) -> Result<(), DriverError> {
         let pm2 = Runner::new(&self.config)?;
-        let running = self.processes(&pm2)?;
+        let mut running = self.processes(&pm2)?;
+        running.extend(self.leftover_sets(&pm2, &app.root)?);
         if !running.is_empty() {
             pm2.delete(&running)?;
             // Or `pm2 resurrect` at boot would start it again.

@@ -123,6 +123,7 @@ fn app_status(app: &AppConfig, bridge: &Bridge) -> AppStatus {
         health,
         in_progress: snap.lock_holder.is_some() || snap.in_progress.is_some(),
         env_version: crate::envfile::version(&app.root),
+        public: Some(crate::public::to_wire(&crate::public::of(app))),
     }
 }
 

@@ -151,6 +151,13 @@ fn failed_gate_and_an_app_that_refuses_the_socket_leave_the_old_release_serving(
         .deploy_json(&release(&a.node, "v3", None, false), "v3");
     let rep = run.json();
     assert_eq!(rep["outcome"], "rolled_back", "{rep:#}");
+    // The failure says why: the process is gone, what it said, and what
+    // an app under socket handover must do instead.
+    let failure = rep["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("Address already in use") && failure.contains("LISTEN_FDS"),
+        "{rep:#}"
+    );
     let report = load.stop();
     assert_eq!(report.failures(), 0, "{}", report.summary());
     // The release on its gate shares the socket (it answers some requests
@@ -166,6 +173,11 @@ fn failed_gate_and_an_app_that_refuses_the_socket_leave_the_old_release_serving(
     let procs = s["apps"][0]["processes"]["processes"].as_array().unwrap();
     assert_eq!(procs.len(), 1, "{s:#}");
     assert_eq!(procs[0]["release"], "v1");
+    // status: the address is still handed over, to v1.
+    let public = &s["apps"][0]["public"];
+    assert_eq!(public["mode"], "socket_handover", "{s:#}");
+    assert_eq!(public["address"], format!("127.0.0.1:{}", a.port), "{s:#}");
+    assert_eq!(public["release"], "v1", "{s:#}");
     let log = fs::read_to_string(a.node.root.join(".slipway/run/output.log")).unwrap();
     assert!(log.contains("Address already in use"), "{log}");
 }

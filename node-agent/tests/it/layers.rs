@@ -32,6 +32,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("health", 1),
     ("logs", 1),
     ("metrics", 1),
+    ("public", 1),
     ("release", 1),
     ("supervise", 1),
     ("upkeep", 1),

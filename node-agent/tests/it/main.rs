@@ -16,6 +16,7 @@ mod front;
 mod keep;
 mod layers;
 mod lifecycle;
+mod listen_change;
 mod logs;
 mod pm2_deploy;
 mod pm2_driver;
