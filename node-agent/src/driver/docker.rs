@@ -35,8 +35,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ImportImageOptions, InspectContainerOptions, ListContainersOptions,
-    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, StartContainerOptions,
-    StatsOptions, StopContainerOptions, TagImageOptions,
+    ListImagesOptions, RemoveContainerOptions, RemoveImageOptions, RenameContainerOptions,
+    StartContainerOptions, StatsOptions, StopContainerOptions, TagImageOptions,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
@@ -416,10 +416,33 @@ impl<'a> Engine<'a> {
         for c in self.containers(&target.app.name).await? {
             if c.is_stale() {
                 self.retire(&c).await?;
+            } else if c.name == name && target.app.listen.is_some() && c.is_live() {
+                // The same release again (a restart, a retried deploy)
+                // behind the agent's front: the serving container steps
+                // aside under another name and serves until the switch to
+                // the new one; `commit` retires it like any previous one.
+                let aside = format!("{name}-replaced-{}", &c.id[..c.id.len().min(12)]);
+                self.api
+                    .rename_container(
+                        &c.id,
+                        RenameContainerOptions {
+                            name: aside.clone(),
+                        },
+                    )
+                    .await
+                    .map_err(|e| {
+                        self.err(
+                            format_args!("cannot rename container {} to {aside}", c.name),
+                            e,
+                        )
+                    })?;
+                tracing::info!(container = %c.name, %aside, "the serving container of the same release steps aside until the switch");
+                live.push(c);
             } else if c.name == name {
                 // The same release again (a retried deploy): the container is
                 // replaced, not reused, so it gets this deploy's env and
-                // settings. If it was the one serving, this is a short gap.
+                // settings. If it was the one serving, this is a short gap
+                // (with `listen`, the front avoids it: above).
                 tracing::warn!(container = %c.name, "replacing the running container of the same release");
                 self.retire(&c).await?;
             } else if c.is_live() {
