@@ -114,7 +114,8 @@ pub(super) async fn serve(
 /// A request that could not be forwarded: why, and the request back when it
 /// was never sent (so it can be sent elsewhere).
 enum SendError {
-    Connect(std::io::Error, Request<Incoming>),
+    /// Boxed: the error path only.
+    Connect(std::io::Error, Box<Request<Incoming>>),
     Failed(hyper::Error),
 }
 
@@ -142,7 +143,7 @@ async fn proxy(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
             Ok(resp) => return answer(resp, held),
             Err(SendError::Connect(e, back)) => {
                 tracing::warn!(%backend, error = %e, "cannot reach the backend");
-                req = back;
+                req = *back;
             }
             Err(SendError::Failed(e)) => {
                 tracing::warn!(%backend, error = %e, "the backend failed a request");
@@ -186,7 +187,7 @@ async fn send(
     }
     let mut sender = match connect(backend).await {
         Ok(s) => s,
-        Err(e) => return Err(SendError::Connect(e, req)),
+        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
     match sender.try_send_request(req).await {
         Ok(resp) => {
@@ -196,7 +197,7 @@ async fn send(
         Err(mut e) => match e.take_message() {
             Some(back) => Err(SendError::Connect(
                 std::io::Error::other(format!("closed before the request: {}", e.error())),
-                back,
+                Box::new(back),
             )),
             None => Err(SendError::Failed(e.into_error())),
         },
