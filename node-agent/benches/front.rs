@@ -128,9 +128,11 @@ fn main() {
 
 /// 10 fronts in `mode`, each before a backend of its own, all under wrk at
 /// once: their summed resident memory, sampled in the middle of the load.
+/// RSS counts the pages of the agent binary every front maps; PSS shares
+/// them out, so the PSS sum is what the 10 fronts cost the machine.
 fn memory(wrk: &Path, mode: &str, seconds: u64) {
     let fronts: Vec<Front> = (0..APPS).map(|_| Front::start(backend(), mode)).collect();
-    let idle: u64 = fronts.iter().map(|f| rss_kib(f.child.id())).sum();
+    let idle: Vec<Mem> = fronts.iter().map(|f| Mem::of(f.child.id())).collect();
     let loads: Vec<Child> = fronts
         .iter()
         .map(|f| {
@@ -144,27 +146,45 @@ fn memory(wrk: &Path, mode: &str, seconds: u64) {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(seconds * 500));
-    let busy: Vec<u64> = fronts.iter().map(|f| rss_kib(f.child.id())).collect();
+    let busy: Vec<Mem> = fronts.iter().map(|f| Mem::of(f.child.id())).collect();
     for mut l in loads {
         let _ = l.wait();
     }
-    let sum: u64 = busy.iter().sum();
+    let mib = |v: &[Mem], f: fn(&Mem) -> u64| v.iter().map(f).sum::<u64>() as f64 / 1024.0;
     println!(
-        "{APPS} fronts in {mode} mode under load (wrk -t1 -c4 each, at once): resident memory {:.1} MiB in all ({:.1}–{:.1} MiB each; {:.1} MiB in all idle)",
-        sum as f64 / 1024.0,
-        *busy.iter().min().unwrap() as f64 / 1024.0,
-        *busy.iter().max().unwrap() as f64 / 1024.0,
-        idle as f64 / 1024.0
+        "{APPS} fronts in {mode} mode under load (wrk -t1 -c4 each, at once): RSS {:.1} MiB in all ({:.1}–{:.1} MiB each), PSS {:.1} MiB in all, private {:.1} MiB in all; idle: RSS {:.1}, PSS {:.1} MiB in all",
+        mib(&busy, |m| m.rss),
+        busy.iter().map(|m| m.rss).min().unwrap() as f64 / 1024.0,
+        busy.iter().map(|m| m.rss).max().unwrap() as f64 / 1024.0,
+        mib(&busy, |m| m.pss),
+        mib(&busy, |m| m.private),
+        mib(&idle, |m| m.rss),
+        mib(&idle, |m| m.pss),
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+/// A process's memory in KiB, from `/proc/PID/smaps_rollup`.
+struct Mem {
+    rss: u64,
+    pss: u64,
+    private: u64,
+}
+
+impl Mem {
+    fn of(pid: u32) -> Self {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let kib = |key: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Self {
+            rss: kib("Rss:"),
+            pss: kib("Pss:"),
+            private: kib("Private_Clean:") + kib("Private_Dirty:"),
+        }
+    }
 }
 
 /// Where `name` is on PATH, or why not.
