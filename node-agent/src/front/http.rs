@@ -226,6 +226,15 @@ async fn connect(backend: SocketAddr) -> std::io::Result<SendRequest<Incoming>> 
 /// hop-by-hop headers removed, forwarding headers added.
 fn prepare(req: Request<Incoming>, peer: Option<IpAddr>) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    rewrite(&mut parts, peer, now_us);
+    Request::from_parts(parts, body)
+}
+
+/// [`prepare`] on the request's head, at `now_us` µs since the epoch.
+fn rewrite(parts: &mut http::request::Parts, peer: Option<IpAddr>, now_us: u128) {
     if parts.uri.scheme().is_some() {
         // Absolute form (a client that takes the front for a proxy): the
         // backend gets the path; Host says the authority.
@@ -266,14 +275,10 @@ fn prepare(req: Request<Incoming>, peer: Option<IpAddr>) -> Request<Incoming> {
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if !h.contains_key(&X_REQUEST_START) {
-        let us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        if let Ok(v) = HeaderValue::from_str(&format!("t={us}")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("t={now_us}")) {
             h.insert(X_REQUEST_START, v);
         }
     }
-    Request::from_parts(parts, body)
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -358,5 +363,71 @@ impl Body for ProxyBody {
             Self::Backend { body, .. } => body.size_hint(),
             Self::Short(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(req: http::request::Builder) -> http::request::Parts {
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn forwarding_headers_are_added_and_hop_by_hop_ones_dropped() {
+        let mut p = head(
+            Request::get("/a?b=1")
+                .header("host", "example.com")
+                .header("connection", "keep-alive, x-secret")
+                .header("x-secret", "hop")
+                .header("keep-alive", "timeout=5")
+                .header("te", "trailers")
+                .header("x-forwarded-for", "203.0.113.7")
+                .header("x-forwarded-for", "198.51.100.1")
+                .header("x-app", "kept"),
+        );
+        rewrite(&mut p, Some("192.0.2.9".parse().unwrap()), 42);
+        let h = &p.headers;
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "203.0.113.7, 198.51.100.1, 192.0.2.9"
+        );
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("x-request-start").unwrap(), "t=42");
+        for gone in ["connection", "x-secret", "keep-alive", "te"] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(h.get("x-app").unwrap(), "kept");
+        assert_eq!(h.get("host").unwrap(), "example.com");
+        assert_eq!(p.uri, "/a?b=1");
+        assert_eq!(p.version, http::Version::HTTP_11);
+    }
+
+    #[test]
+    fn an_edge_in_front_keeps_its_proto_and_start_and_unix_clients_add_no_address() {
+        let mut p = head(
+            Request::get("/")
+                .header("x-forwarded-proto", "https")
+                .header("x-request-start", "t=1"),
+        );
+        rewrite(&mut p, None, 42);
+        assert_eq!(p.headers.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(p.headers.get("x-request-start").unwrap(), "t=1");
+        assert!(!p.headers.contains_key("x-forwarded-for"));
+    }
+
+    #[test]
+    fn an_absolute_target_becomes_a_path_with_its_host() {
+        let mut p = head(Request::get("http://example.com:8080/x?y"));
+        rewrite(
+            &mut p,
+            Some("::ffff:10.0.0.1".parse::<IpAddr>().unwrap().to_canonical()),
+            0,
+        );
+        assert_eq!(p.uri, "/x?y");
+        assert_eq!(p.headers.get("host").unwrap(), "example.com:8080");
+        assert_eq!(p.headers.get("x-forwarded-for").unwrap(), "10.0.0.1");
     }
 }
