@@ -51,8 +51,12 @@ fn main() {
     let backend = backend();
     let tcp = Front::start(backend, "tcp");
     let http = Front::start(backend, "http");
+    // Both sides on two threads/workers too (the machine's cores).
+    let tcp2 = Front::start_with(backend, "tcp", 2);
+    let http2 = Front::start_with(backend, "http", 2);
     let wrk = tool("wrk");
-    let nginx = tool("nginx").map(|bin| Nginx::start(&bin, backend));
+    let nginx = tool("nginx").map(|bin| Nginx::start(&bin, backend, 1));
+    let nginx2 = tool("nginx").map(|bin| Nginx::start(&bin, backend, 2));
 
     let mut paths: Vec<(&str, SocketAddr)> = vec![
         ("direct", backend),
@@ -62,6 +66,11 @@ fn main() {
     match &nginx {
         Ok(n) => paths.push(("nginx", n.public)),
         Err(why) => println!("nginx: skipped ({why})"),
+    }
+    paths.push(("front TCP, 2 thr", tcp2.public));
+    paths.push(("front HTTP, 2 thr", http2.public));
+    if let Ok(n) = &nginx2 {
+        paths.push(("nginx, 2 workers", n.public));
     }
 
     println!("{requests} sequential requests, a new TCP connection each:");
@@ -117,9 +126,19 @@ fn main() {
         ),
         _ => println!("  HTTP mode faster than nginx: not measured (nginx or a wrk run missing)"),
     }
-    drop(tcp);
-    drop(http);
-    drop(nginx);
+    match (get("front HTTP, 2 thr"), get("nginx, 2 workers")) {
+        (Some(h), Some(n)) => println!(
+            "  the same with two threads/workers each: {:.0} against {:.0} requests/s ({:+.1} %), p99 {:.1} against {:.1} µs: {}",
+            h.rps,
+            n.rps,
+            (h.rps / n.rps - 1.0) * 100.0,
+            h.p99_us,
+            n.p99_us,
+            if h.rps > n.rps { "met" } else { "NOT met" }
+        ),
+        _ => println!("  the same with two threads/workers each: not measured"),
+    }
+    drop((tcp, http, tcp2, http2, nginx, nginx2));
 
     for mode in ["tcp", "http"] {
         memory(&wrk, mode, seconds.min(5));
@@ -208,6 +227,10 @@ struct Front {
 
 impl Front {
     fn start(backend: SocketAddr, mode: &str) -> Self {
+        Self::start_with(backend, mode, 1)
+    }
+
+    fn start_with(backend: SocketAddr, mode: &str, threads: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join(".slipway/run");
         std::fs::create_dir_all(&run).unwrap();
@@ -221,6 +244,7 @@ impl Front {
             .args(["front", "--root"])
             .arg(dir.path())
             .args(["--listen", &public.to_string()])
+            .env("SLIPWAY_FRONT_THREADS", threads.to_string())
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -252,13 +276,13 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(bin: &Path, backend: SocketAddr) -> Self {
+    fn start(bin: &Path, backend: SocketAddr, workers: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         let public = free_addr();
         let conf = format!(
             r#"daemon off;
-worker_processes 1;
+worker_processes {workers};
 pid {p}/nginx.pid;
 error_log {p}/error.log warn;
 events {{ worker_connections 4096; }}

@@ -52,6 +52,10 @@ const SLOW: Duration = Duration::from_secs(1);
 /// Before the one retry of a backend that could not be reached.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Environment variable setting the front's worker threads (default 1: a
+/// front per app, most apps on a droplet idle; more for one busy app).
+pub const THREADS_ENV: &str = "SLIPWAY_FRONT_THREADS";
+
 /// Environment variable naming the agent binary to run `front` with (tests
 /// and packagers; default: this executable).
 pub const AGENT_BIN_ENV: &str = "SLIPWAY_AGENT_BIN";
@@ -390,10 +394,27 @@ pub fn run(root: &Path, listen: &ListenAddr) -> anyhow::Result<()> {
     let socket = listen
         .bind()
         .with_context(|| format!("listen = {listen}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the front's runtime")?;
+    let threads = match std::env::var(THREADS_ENV) {
+        Err(_) => 1,
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .with_context(|| {
+                format!("{THREADS_ENV}={v:?}: give a number of threads from 1 to 64")
+            })?,
+    };
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the front's runtime")?;
     runtime.block_on(serve(files, listen.clone(), socket))
 }
 
