@@ -1,31 +1,41 @@
-//! The agent's front (its TCP proxy on an app's public address) against
-//! connecting to the backend directly: `cargo bench -p slipway-agent --bench front`.
+//! The agent's front (its proxy on an app's public address) against
+//! connecting to the backend directly and against nginx:
+//! `cargo bench -p slipway-agent --bench front`.
 //!
-//! A small HTTP backend in this process (a thread per connection, `200 ok`,
-//! `Connection: close`) and a real `slipway-agent front` process forwarding
-//! a loopback address to it. For each path (direct, through the front):
-//! - latency: N requests one after another, each on a new TCP connection
-//!   (connect, request, read to EOF): mean, p50, p99, max, and failures;
-//! - throughput: the tests' bounded load loop (4 threads of new
-//!   connections, at most `SLIPWAY_BENCH_SECONDS` s): requests answered and
-//!   failed.
+//! A small HTTP/1.1 backend in this process (a thread per connection,
+//! keep-alive, `200 ok`), real `slipway-agent front` processes in TCP mode
+//! and in HTTP mode (`listen_mode = "http"`), and Debian's nginx as a
+//! reverse proxy with keep-alive to the same backend, started here with a
+//! config and prefix of its own on a loopback port (one worker process, as
+//! the front has one thread). Then:
+//! - latency: N requests one after another, each on a new TCP connection:
+//!   mean, p50, p99, max and failures, per path;
+//! - `wrk --latency` from loopback, keep-alive connections: requests/s and
+//!   p99 per path, compared with the goals (TCP mode within 10 % of direct,
+//!   HTTP mode faster than nginx);
+//! - memory: 10 fronts, each in front of a backend of its own, all under
+//!   `wrk` at once: the sum of their resident memory during the load.
 //!
-//! Then the front's resident memory. `SLIPWAY_BENCH_REQUESTS=N` sets N
-//! (default 5000), `SLIPWAY_BENCH_SECONDS` the load time (default 5).
+//! A missing `wrk` or `nginx` is said and its lines skipped: never a figure
+//! made up. `SLIPWAY_BENCH_REQUESTS=N` sets N (default 5000),
+//! `SLIPWAY_BENCH_SECONDS` the time of each `wrk` run (default 10),
+//! `SLIPWAY_BENCH_CONNECTIONS` its connections (default 32).
 
 // A benchmark that cannot set up should stop with the reason.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-#[path = "../tests/it/support/load.rs"]
-mod load;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_slipway-agent");
-const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+const KEEP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok";
+const CLOSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nok";
+/// Apps (fronts, each with a backend) of the memory figure.
+const APPS: usize = 10;
 
 fn env_or(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -36,85 +46,403 @@ fn env_or(key: &str, default: u64) -> u64 {
 
 fn main() {
     let requests = env_or("SLIPWAY_BENCH_REQUESTS", 5000) as usize;
-    let seconds = env_or("SLIPWAY_BENCH_SECONDS", 5);
+    let seconds = env_or("SLIPWAY_BENCH_SECONDS", 10);
+    let conns = env_or("SLIPWAY_BENCH_CONNECTIONS", 32);
     let backend = backend();
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join(".slipway/run");
-    std::fs::create_dir_all(&run).unwrap();
-    std::fs::write(
-        run.join("front-target.json"),
-        format!(r#"{{"backend":"{backend}","seq":1,"release":"bench"}}"#),
-    )
-    .unwrap();
-    let public = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut front = Command::new(AGENT)
-        .args(["front", "--root"])
-        .arg(dir.path())
-        .args(["--listen", &public.to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while TcpStream::connect(public).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the front did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let tcp = Front::start(backend, "tcp");
+    let http = Front::start(backend, "http");
+    // Both sides on two threads/workers too (the machine's cores).
+    let tcp2 = Front::start_with(backend, "tcp", 2);
+    let http2 = Front::start_with(backend, "http", 2);
+    let wrk = tool("wrk");
+    let nginx = tool("nginx").map(|bin| Nginx::start(&bin, backend, 1));
+    let nginx2 = tool("nginx").map(|bin| Nginx::start(&bin, backend, 2));
+
+    let mut paths: Vec<(&str, SocketAddr)> = vec![
+        ("direct", backend),
+        ("front, TCP mode", tcp.public),
+        ("front, HTTP mode", http.public),
+    ];
+    match &nginx {
+        Ok(n) => paths.push(("nginx", n.public)),
+        Err(why) => println!("nginx: skipped ({why})"),
+    }
+    paths.push(("front TCP, 2 thr", tcp2.public));
+    paths.push(("front HTTP, 2 thr", http2.public));
+    if let Ok(n) = &nginx2 {
+        paths.push(("nginx, 2 workers", n.public));
     }
 
     println!("{requests} sequential requests, a new TCP connection each:");
-    let direct = latency(backend, requests);
-    let fronted = latency(public, requests);
-    for (label, l) in [("direct", &direct), ("through the front", &fronted)] {
+    for (label, addr) in &paths {
+        let l = latency(*addr, requests);
         println!(
             "  {label:<18} mean {:>7.1} µs  p50 {:>7.1} µs  p99 {:>7.1} µs  max {:>8.1} µs  failed {}",
             l.mean, l.p50, l.p99, l.max, l.failed
         );
     }
-    println!(
-        "  added by the front: mean {:+.1} µs, p50 {:+.1} µs, p99 {:+.1} µs",
-        fronted.mean - direct.mean,
-        fronted.p50 - direct.p50,
-        fronted.p99 - direct.p99
-    );
 
-    println!("load loop, 4 threads of new connections, {seconds} s each:");
-    for (label, addr) in [("direct", backend), ("through the front", public)] {
-        let l = load::Load::start(
-            addr.port(),
-            "/",
-            4,
-            0,
-            Duration::from_secs(seconds),
-            1_000_000,
-        );
-        std::thread::sleep(Duration::from_secs(seconds));
-        let r = l.stop();
+    let wrk = match wrk {
+        Ok(w) => w,
+        Err(why) => {
+            println!("wrk: skipped ({why}); no throughput figures");
+            return;
+        }
+    };
+    println!("wrk -t2 -c{conns} -d{seconds}s --latency, keep-alive connections, GET /:");
+    let mut figures = Vec::new();
+    for (label, addr) in &paths {
+        match run_wrk(&wrk, *addr, 2, conns, seconds) {
+            Ok(f) => {
+                println!(
+                    "  {label:<18} {:>9.0} requests/s  p50 {:>8.1} µs  p99 {:>8.1} µs  errors {}",
+                    f.rps, f.p50_us, f.p99_us, f.errors
+                );
+                figures.push((*label, f));
+            }
+            Err(e) => println!("  {label:<18} wrk failed: {e}"),
+        }
+    }
+    let get = |l: &str| figures.iter().find(|(k, _)| *k == l).map(|(_, f)| f);
+    println!("goals:");
+    if let (Some(d), Some(t)) = (get("direct"), get("front, TCP mode")) {
+        let ratio = t.rps / d.rps;
         println!(
-            "  {label:<18} {:>8.0} requests/s, {} failed",
-            r.ok as f64 / seconds as f64,
-            r.failures()
+            "  TCP mode within 10 % of direct: {:.1} % of direct's requests/s, p99 {:+.1} µs: {}",
+            ratio * 100.0,
+            t.p99_us - d.p99_us,
+            if ratio >= 0.9 { "met" } else { "NOT met" }
         );
     }
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", front.id()))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .map(|l| l.trim_start_matches("VmRSS:").trim().to_owned())
-        .unwrap_or_else(|| "?".into());
-    println!("front resident memory after the load: {rss}");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(front.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = front.wait();
+    match (get("front, HTTP mode"), get("nginx")) {
+        (Some(h), Some(n)) => println!(
+            "  HTTP mode faster than nginx: {:.0} against {:.0} requests/s ({:+.1} %), p99 {:.1} against {:.1} µs: {}",
+            h.rps,
+            n.rps,
+            (h.rps / n.rps - 1.0) * 100.0,
+            h.p99_us,
+            n.p99_us,
+            if h.rps > n.rps { "met" } else { "NOT met" }
+        ),
+        _ => println!("  HTTP mode faster than nginx: not measured (nginx or a wrk run missing)"),
+    }
+    match (get("front HTTP, 2 thr"), get("nginx, 2 workers")) {
+        (Some(h), Some(n)) => println!(
+            "  the same with two threads/workers each: {:.0} against {:.0} requests/s ({:+.1} %), p99 {:.1} against {:.1} µs: {}",
+            h.rps,
+            n.rps,
+            (h.rps / n.rps - 1.0) * 100.0,
+            h.p99_us,
+            n.p99_us,
+            if h.rps > n.rps { "met" } else { "NOT met" }
+        ),
+        _ => println!("  the same with two threads/workers each: not measured"),
+    }
+    drop((tcp, http, tcp2, http2, nginx, nginx2));
+
+    for mode in ["tcp", "http"] {
+        memory(&wrk, mode, seconds.min(5));
+    }
 }
 
-/// A loopback HTTP server answering every request `200 ok` and closing.
+/// 10 fronts in `mode`, each before a backend of its own, all under wrk at
+/// once: their summed resident memory, sampled in the middle of the load.
+/// RSS counts the pages of the agent binary every front maps; PSS shares
+/// them out, so the PSS sum is what the 10 fronts cost the machine.
+fn memory(wrk: &Path, mode: &str, seconds: u64) {
+    let fronts: Vec<Front> = (0..APPS).map(|_| Front::start(backend(), mode)).collect();
+    let idle: Vec<Mem> = fronts.iter().map(|f| Mem::of(f.child.id())).collect();
+    let loads: Vec<Child> = fronts
+        .iter()
+        .map(|f| {
+            Command::new(wrk)
+                .args(["-t1", "-c4", &format!("-d{seconds}s")])
+                .arg(format!("http://{}/", f.public))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(seconds * 500));
+    let busy: Vec<Mem> = fronts.iter().map(|f| Mem::of(f.child.id())).collect();
+    for mut l in loads {
+        let _ = l.wait();
+    }
+    let mib = |v: &[Mem], f: fn(&Mem) -> u64| v.iter().map(f).sum::<u64>() as f64 / 1024.0;
+    println!(
+        "{APPS} fronts in {mode} mode under load (wrk -t1 -c4 each, at once): RSS {:.1} MiB in all ({:.1}–{:.1} MiB each), PSS {:.1} MiB in all, private {:.1} MiB in all; idle: RSS {:.1}, PSS {:.1} MiB in all",
+        mib(&busy, |m| m.rss),
+        busy.iter().map(|m| m.rss).min().unwrap() as f64 / 1024.0,
+        busy.iter().map(|m| m.rss).max().unwrap() as f64 / 1024.0,
+        mib(&busy, |m| m.pss),
+        mib(&busy, |m| m.private),
+        mib(&idle, |m| m.rss),
+        mib(&idle, |m| m.pss),
+    );
+}
+
+/// A process's memory in KiB, from `/proc/PID/smaps_rollup`.
+struct Mem {
+    rss: u64,
+    pss: u64,
+    private: u64,
+}
+
+impl Mem {
+    fn of(pid: u32) -> Self {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let kib = |key: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Self {
+            rss: kib("Rss:"),
+            pss: kib("Pss:"),
+            private: kib("Private_Clean:") + kib("Private_Dirty:"),
+        }
+    }
+}
+
+/// Where `name` is on PATH, or why not.
+fn tool(name: &str) -> Result<PathBuf, String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!("{name} is not installed: apt-get install -y --no-install-recommends {name}")
+        })
+}
+
+/// A `slipway-agent front` process on a free loopback port.
+struct Front {
+    child: Child,
+    public: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Front {
+    fn start(backend: SocketAddr, mode: &str) -> Self {
+        Self::start_with(backend, mode, 1)
+    }
+
+    fn start_with(backend: SocketAddr, mode: &str, threads: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join(".slipway/run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(
+            run.join("front-target.json"),
+            format!(r#"{{"backend":"{backend}","seq":1,"release":"bench","mode":"{mode}"}}"#),
+        )
+        .unwrap();
+        let public = free_addr();
+        let child = Command::new(AGENT)
+            .args(["front", "--root"])
+            .arg(dir.path())
+            .args(["--listen", &public.to_string()])
+            .env("SLIPWAY_FRONT_THREADS", threads.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(public, "the front");
+        Self {
+            child,
+            public,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian's nginx as a reverse proxy to `backend`, keep-alive upstream, in
+/// a prefix of its own (nothing of the system's nginx is used or touched).
+struct Nginx {
+    child: Child,
+    public: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(bin: &Path, backend: SocketAddr, workers: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let public = free_addr();
+        let conf = format!(
+            r#"daemon off;
+worker_processes {workers};
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    upstream backend {{
+        server {backend};
+        keepalive 64;
+    }}
+    server {{
+        listen {public};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Request-Start "t=${{msec}}";
+        }}
+    }}
+}}
+"#,
+            p = p.display()
+        );
+        std::fs::write(p.join("nginx.conf"), conf).unwrap();
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(p)
+            .arg("-e")
+            .arg(p.join("error.log"))
+            .arg("-c")
+            .arg(p.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(public, "nginx");
+        Self {
+            child,
+            public,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: nginx's graceful stop.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn wait_for(addr: SocketAddr, what: &str) {
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{what} did not start on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Wrk {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Socket errors and non-2xx answers.
+    errors: u64,
+}
+
+fn run_wrk(
+    wrk: &Path,
+    addr: SocketAddr,
+    threads: u64,
+    conns: u64,
+    secs: u64,
+) -> Result<Wrk, String> {
+    let out = Command::new(wrk)
+        .args([
+            format!("-t{threads}"),
+            format!("-c{conns}"),
+            format!("-d{secs}s"),
+            "--latency".into(),
+            format!("http://{addr}/"),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "wrk exited with {}: {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+            .ok_or_else(|| format!("no {prefix:?} in wrk's output: {text}"))
+    };
+    let rps: f64 = field("Requests/sec:")?
+        .parse()
+        .map_err(|e| format!("requests/s: {e}"))?;
+    let p50_us = duration_us(field("50%")?)?;
+    let p99_us = duration_us(field("99%")?)?;
+    let mut errors = 0;
+    if let Ok(s) = field("Socket errors:") {
+        errors += s
+            .split(',')
+            .filter_map(|kv| kv.split_whitespace().last()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    if let Ok(n) = field("Non-2xx or 3xx responses:") {
+        errors += n.parse::<u64>().unwrap_or(0);
+    }
+    Ok(Wrk {
+        rps,
+        p50_us,
+        p99_us,
+        errors,
+    })
+}
+
+/// wrk's `123.45us`, `1.23ms`, `1.02s` in µs.
+fn duration_us(text: &str) -> Result<f64, String> {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(|| format!("{text:?} has no unit"))?;
+    let (n, unit) = text.split_at(split);
+    let n: f64 = n.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    Ok(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        _ => return Err(format!("{text:?}: unknown unit")),
+    })
+}
+
+/// A loopback HTTP/1.1 server answering every request `200 ok`, keeping
+/// the connection unless the request says `Connection: close`.
 fn backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -127,15 +455,25 @@ fn backend() -> SocketAddr {
 }
 
 fn serve(mut s: TcpStream) {
-    let mut buf = [0u8; 2048];
-    let mut got = Vec::new();
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+    let _ = s.set_nodelay(true);
+    let mut buf = [0u8; 8192];
+    let mut got: Vec<u8> = Vec::new();
+    loop {
+        // Every whole request head in the buffer gets its answer (GETs:
+        // no bodies); pipelined ones too.
+        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            got.drain(..end + 4);
+            let close = head.contains("connection: close");
+            if s.write_all(if close { CLOSE } else { KEEP }).is_err() || close {
+                return;
+            }
+        }
         match s.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
-    let _ = s.write_all(ANSWER);
 }
 
 struct Latency {
@@ -178,7 +516,7 @@ fn one(addr: SocketAddr) -> std::io::Result<()> {
     s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
-    if out.ends_with(b"ok") {
+    if out.starts_with(b"HTTP/1.1 200") && out.ends_with(b"ok") {
         Ok(())
     } else {
         Err(std::io::Error::other("short answer"))

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use crate::listen::ListenAddr;
+use crate::listen::{ListenAddr, ListenMode};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
@@ -267,6 +267,8 @@ pub struct RawApp {
     /// The app's public address, held by the agent across deploys:
     /// `"0.0.0.0:3000"` or an absolute unix socket path.
     pub listen: Option<String>,
+    /// How the agent's proxy forwards `listen`: `"tcp"` or `"http"`.
+    pub listen_mode: Option<String>,
 }
 
 /// `[apps.NAME.logs]` as written.
@@ -408,6 +410,8 @@ pub struct AppConfig {
     /// to each process with socket activation); `None`: the app binds its
     /// own port.
     pub listen: Option<ListenAddr>,
+    /// How the agent's proxy forwards `listen` (docker, PM2 fork mode).
+    pub listen_mode: ListenMode,
 }
 
 /// Liveness with consequences: restarts, crash loops, automatic rollback.
@@ -658,6 +662,7 @@ impl AppConfig {
             disk_pressure_free: None,
             recovery: RecoveryConfig::default(),
             listen: None,
+            listen_mode: ListenMode::Tcp,
         }
     }
 }
@@ -843,6 +848,11 @@ impl Config {
                 .listen
                 .as_deref()
                 .and_then(|l| p.listen(l, run.as_ref(), health.as_ref(), &mut listens, name));
+            let listen_mode = p.listen_mode(
+                app.listen_mode.as_deref(),
+                app.listen.is_some(),
+                run.as_ref(),
+            );
             if let (Some(RunConfig::Docker(_)), Some(h)) = (&run, &health) {
                 if !h.check.mentions_port() {
                     p.push(
@@ -878,6 +888,7 @@ impl Config {
                     disk_pressure_free,
                     recovery,
                     listen,
+                    listen_mode,
                 },
             );
         }
@@ -1156,6 +1167,38 @@ impl Problems<'_> {
 impl Problems<'_> {
     /// `listen`: a valid address, used by one app only, with a driver that
     /// can hand it over, and a check that probes the new process privately.
+    /// `listen_mode`: a known mode, for an app whose `listen` goes through
+    /// the agent's proxy (exec hands the socket itself: no proxy).
+    fn listen_mode(
+        &mut self,
+        text: Option<&str>,
+        has_listen: bool,
+        run: Option<&RunConfig>,
+    ) -> ListenMode {
+        let Some(text) = text else {
+            return ListenMode::Tcp;
+        };
+        let mode = match ListenMode::parse(text) {
+            Ok(m) => m,
+            Err(msg) => {
+                self.push("listen_mode", msg);
+                return ListenMode::Tcp;
+            }
+        };
+        if !has_listen {
+            self.push(
+                "listen_mode",
+                format!("{text:?} needs listen (the public address the agent's proxy holds)"),
+            );
+        } else if mode == ListenMode::Http && matches!(run, Some(RunConfig::Exec(_))) {
+            self.push(
+                "listen_mode",
+                "\"http\" is a mode of the agent's proxy (docker, PM2 fork mode); the exec driver hands the socket itself to the app, with no proxy in between".into(),
+            );
+        }
+        mode
+    }
+
     fn listen(
         &mut self,
         text: &str,
@@ -1865,6 +1908,80 @@ script = "server.js"
         .unwrap_err()
         .to_string();
         assert!(msg.contains("not supported by the pm2 driver"), "{msg}");
+    }
+
+    #[test]
+    fn listen_mode_is_checked() {
+        let docker = |extra: &str| {
+            format!(
+                r#"
+[apps.web]
+root = "/srv/web"
+listen = "127.0.0.1:3000"
+{extra}
+[apps.web.run]
+driver = "docker"
+image = "web:1"
+container_port = 3000
+ports = [8080, 8081]
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/"
+"#
+            )
+        };
+        let app = |cfg: Config| cfg.app("web").unwrap().listen_mode;
+        assert_eq!(app(parse(&docker("")).unwrap()), ListenMode::Tcp);
+        assert_eq!(
+            app(parse(&docker("listen_mode = \"http\"")).unwrap()),
+            ListenMode::Http
+        );
+        assert_eq!(
+            app(parse(&docker("listen_mode = \"tcp\"")).unwrap()),
+            ListenMode::Tcp
+        );
+        let msg = parse(&docker("listen_mode = \"https\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("/etc/slipway/agent.toml:5")
+                && msg.contains("apps.web.listen_mode")
+                && msg.contains("\"https\" is not a mode"),
+            "{msg}"
+        );
+        let msg = parse(
+            r#"
+[apps.web]
+root = "/srv/web"
+listen_mode = "http"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("apps.web.listen_mode") && msg.contains("needs listen"),
+            "{msg}"
+        );
+        let msg = parse(
+            r#"
+[apps.web]
+root = "/srv/web"
+listen = "127.0.0.1:3000"
+listen_mode = "http"
+[apps.web.run]
+driver = "exec"
+command = ["./app"]
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{port}/"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("apps.web.listen_mode") && msg.contains("exec driver hands the socket"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -333,7 +333,7 @@ fn switch_front(app: &AppConfig, port: Option<u16>, release: &str) -> Result<Opt
         Some(RunConfig::Pm2(_)) => FRONT_DRAIN,
         _ => return Ok(None),
     };
-    crate::front::switch(&app.root, listen, port, release, drain)
+    crate::front::switch(&app.root, listen, app.listen_mode, port, release, drain)
         .map(Some)
         .map_err(|e| DriverError::failed("front", e.to_string()).into())
 }

@@ -36,7 +36,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::durable;
-use crate::listen::ListenAddr;
+
+mod http;
+use crate::listen::{ListenAddr, ListenMode};
 
 /// How long a backend connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +49,12 @@ const EXIT_DRAIN: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 /// A connection that took this long is logged, with where the time went.
 const SLOW: Duration = Duration::from_secs(1);
+/// Before the one retry of a backend that could not be reached.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Environment variable setting the front's worker threads (default 1: a
+/// front per app, most apps on a droplet idle; more for one busy app).
+pub const THREADS_ENV: &str = "SLIPWAY_FRONT_THREADS";
 
 /// Environment variable naming the agent binary to run `front` with (tests
 /// and packagers; default: this executable).
@@ -86,6 +94,10 @@ pub struct Target {
     /// The release behind `backend`, for `status`.
     #[serde(default)]
     pub release: Option<String>,
+    /// How new connections are forwarded (`listen_mode`); absent in the
+    /// files of fronts older than the HTTP mode: TCP.
+    #[serde(default)]
+    pub mode: ListenMode,
 }
 
 /// What the front reports in `front.json`.
@@ -96,7 +108,11 @@ pub struct FrontState {
     pub backend: Option<SocketAddr>,
     pub release: Option<String>,
     pub seq: u64,
-    /// Earlier backends with connections still open.
+    /// How new connections are forwarded.
+    #[serde(default)]
+    pub mode: ListenMode,
+    /// Earlier backends with connections (TCP mode) or requests (HTTP
+    /// mode) still open.
     #[serde(default)]
     pub draining: BTreeMap<String, u64>,
 }
@@ -132,6 +148,7 @@ fn failed(listen: &ListenAddr, message: impl Into<String>) -> FrontError {
 pub fn switch(
     root: &Path,
     listen: &ListenAddr,
+    mode: ListenMode,
     port: u16,
     release: &str,
     drain: Duration,
@@ -145,9 +162,11 @@ pub fn switch(
     })?;
     let backend = SocketAddr::from(([127, 0, 0, 1], port));
     let before: Option<Target> = durable::read_json(&files.target);
-    if before.as_ref().is_some_and(|t| t.backend == backend)
+    if before
+        .as_ref()
+        .is_some_and(|t| t.backend == backend && t.mode == mode)
         && is_running(&files)
-        && FrontState::load(&files).is_some_and(|s| s.backend == Some(backend))
+        && FrontState::load(&files).is_some_and(|s| s.backend == Some(backend) && s.mode == mode)
     {
         return Ok(format!("front on {listen} already forwards to {backend}"));
     }
@@ -155,6 +174,7 @@ pub fn switch(
         backend,
         seq: before.map_or(1, |t| t.seq + 1),
         release: Some(release.to_owned()),
+        mode,
     };
     durable::write_json(&files.target, &target).map_err(|e| {
         failed(
@@ -205,13 +225,17 @@ pub fn switch(
             .unwrap_or_default();
     }
     let open: u64 = left.values().sum();
+    let what = match mode {
+        ListenMode::Tcp => "connections",
+        ListenMode::Http => "requests",
+    };
     Ok(format!(
-        "front on {listen} forwards new connections to {backend} (switched in {} ms; {})",
+        "front on {listen} forwards new {what} to {backend} (switched in {} ms; {})",
         switched_in.as_millis(),
         if open == 0 {
             format!("previous backend drained in {} ms", d.elapsed().as_millis())
         } else {
-            format!("{open} connections still open to the previous backend after {drain:?}")
+            format!("{open} {what} still open to the previous backend after {drain:?}")
         }
     ))
 }
@@ -308,7 +332,11 @@ pub fn describe(root: &Path, listen: &ListenAddr) -> String {
     let files = FrontFiles::new(root);
     match (is_running(&files), FrontState::load(&files)) {
         (true, Some(s)) => format!(
-            "agent proxy: {listen} forwards new connections to {} (release {}){}",
+            "agent proxy: {listen} forwards new {} to {} (release {}){}",
+            match s.mode {
+                ListenMode::Tcp => "connections",
+                ListenMode::Http => "requests (listen_mode = http)",
+            },
             s.backend.map_or("nothing yet".into(), |b| b.to_string()),
             s.release.as_deref().unwrap_or("?"),
             if s.draining.is_empty() {
@@ -337,6 +365,7 @@ impl Routes {
             backend: current,
             release: self.target.as_ref().and_then(|t| t.release.clone()),
             seq: self.target.as_ref().map_or(0, |t| t.seq),
+            mode: self.target.as_ref().map_or(ListenMode::Tcp, |t| t.mode),
             draining: self
                 .open
                 .iter()
@@ -365,10 +394,27 @@ pub fn run(root: &Path, listen: &ListenAddr) -> anyhow::Result<()> {
     let socket = listen
         .bind()
         .with_context(|| format!("listen = {listen}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the front's runtime")?;
+    let threads = match std::env::var(THREADS_ENV) {
+        Err(_) => 1,
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .with_context(|| {
+                format!("{THREADS_ENV}={v:?}: give a number of threads from 1 to 64")
+            })?,
+    };
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the front's runtime")?;
     runtime.block_on(serve(files, listen.clone(), socket))
 }
 
@@ -434,12 +480,18 @@ async fn serve(
     loop {
         tokio::select! {
             accepted = accept(&listener) => match accepted {
-                Ok(inbound) => {
+                Ok((inbound, peer)) => {
                     let (routes, changed) = (routes.clone(), changed.clone());
                     let target_path = files.target.clone();
-                    tokio::spawn(async move {
-                        forward(inbound, routes, changed, target_path).await;
-                    });
+                    let mode = lock(&routes).target.as_ref().map_or(ListenMode::Tcp, |t| t.mode);
+                    match mode {
+                        ListenMode::Tcp => tokio::spawn(async move {
+                            forward(inbound, routes, changed, target_path).await;
+                        }),
+                        ListenMode::Http => tokio::spawn(async move {
+                            http::serve(inbound, peer, routes, changed, target_path).await;
+                        }),
+                    };
                 }
                 Err(e) => {
                     // EMFILE and the like: wait a little rather than spin.
@@ -479,14 +531,15 @@ fn lock(routes: &Shared) -> std::sync::MutexGuard<'_, Routes> {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn accept(l: &Listener) -> std::io::Result<Box<dyn Stream>> {
+/// A new client connection and, on TCP, the client's address.
+async fn accept(l: &Listener) -> std::io::Result<(Box<dyn Stream>, Option<std::net::IpAddr>)> {
     Ok(match l {
         Listener::Tcp(l) => {
-            let (s, _) = l.accept().await?;
+            let (s, peer) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Box::new(s)
+            (Box::new(s), Some(peer.ip().to_canonical()))
         }
-        Listener::Unix(l) => Box::new(l.accept().await?.0),
+        Listener::Unix(l) => (Box::new(l.accept().await?.0), None),
     })
 }
 
@@ -525,6 +578,21 @@ impl Drop for Held {
     }
 }
 
+/// The target as now written, for a retry after a failed connect: a switch
+/// may have been written but not yet signalled.
+async fn reread_target(routes: &Shared, changed: &tokio::sync::Notify, target_path: &Path) {
+    let path = target_path.to_owned();
+    if let Ok(Some(t)) =
+        tokio::task::spawn_blocking(move || durable::read_json::<Target>(&path)).await
+    {
+        let mut r = lock(routes);
+        if r.target.as_ref().is_none_or(|c| c.seq < t.seq) {
+            r.target = Some(t);
+            changed.notify_one();
+        }
+    }
+}
+
 async fn forward(
     mut inbound: Box<dyn Stream>,
     routes: Shared,
@@ -535,17 +603,8 @@ async fn forward(
         if attempt == 1 {
             // Refused or unreachable: a switch may have been written but
             // not yet signalled; read the target again and retry once.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let path = target_path.clone();
-            if let Ok(Some(t)) =
-                tokio::task::spawn_blocking(move || durable::read_json::<Target>(&path)).await
-            {
-                let mut r = lock(&routes);
-                if r.target.as_ref().is_none_or(|c| c.seq < t.seq) {
-                    r.target = Some(t);
-                    changed.notify_one();
-                }
-            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+            reread_target(&routes, &changed, &target_path).await;
         }
         let Some(backend) = lock(&routes).target.as_ref().map(|t| t.backend) else {
             return;

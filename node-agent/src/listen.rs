@@ -18,6 +18,42 @@ const MAX_UNIX_PATH: usize = 107;
 /// Longest address text accepted at all.
 const MAX_TEXT: usize = 256;
 
+/// How the agent's proxy (`slipway-agent front`) forwards the public
+/// address: `listen_mode` in the app's config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenMode {
+    /// Bytes copied per connection: any TCP protocol; a connection stays on
+    /// the backend it was opened to.
+    #[default]
+    Tcp,
+    /// HTTP/1.1 terminated by the front: each request goes to the backend
+    /// current when it arrives (keep-alive clients move at a request
+    /// boundary), with `X-Forwarded-*` and `X-Request-Start` added.
+    Http,
+}
+
+impl ListenMode {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "tcp" => Ok(Self::Tcp),
+            "http" => Ok(Self::Http),
+            other => Err(format!(
+                "{other:?} is not a mode: give \"tcp\" (any TCP protocol, the default) or \"http\" (HTTP/1.1, each request to the current release)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ListenMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+        })
+    }
+}
+
 /// Where an app is reached.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ListenAddr {

@@ -458,7 +458,8 @@ impl<'a> Engine<'a> {
             } else if c.name == name {
                 // The same release again (a retried deploy): the container is
                 // replaced, not reused, so it gets this deploy's env and
-                // settings. If it was the one serving, this is a short gap.
+                // settings. If it was the one serving, this is a short gap
+                // (with `listen`, the front avoids it: above).
                 tracing::warn!(container = %c.name, "replacing the running container of the same release");
                 self.retire(&c).await?;
             } else if c.is_live() {

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::load::Load;
+use crate::support::load::{Load, Timeline};
 use crate::support::{
     busybox_image_on, docker_cli_on, free_port, free_ports, http_get, targz, wait_until, Node,
     PrivateDockerd, RawTar, RunningAgent,
@@ -117,13 +117,16 @@ deadline = "20s"
     );
     assert!(bound.starts_with("127.0.0.1:"), "{bound}");
 
-    let load = Load::start(public, "/", 3, 1, LOAD_TIME, LOAD_REQUESTS);
     let t0 = std::time::Instant::now();
+    let mut timeline = Timeline::live("v0", t0);
+    let load = Load::start(public, "/", 3, 1, LOAD_TIME, LOAD_REQUESTS);
     let mut deployed = BTreeSet::new();
     for (i, art) in arts.iter().enumerate().skip(1) {
         let v = format!("v{i}");
+        let started = std::time::Instant::now();
         let r = deploy(&node, &app, art, &v);
         assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}");
+        timeline.step(&v, started, std::time::Instant::now());
         eprintln!(
             "{:.3}s: {v} deployed: {}",
             t0.elapsed().as_secs_f64(),
@@ -156,6 +159,14 @@ deadline = "20s"
         seen.is_subset(&deployed),
         "answers from a release never switched to: {seen:?}"
     );
+    // TCP mode: a connection stays on the backend it was opened to.
+    let stale = timeline.stale(&report, false);
+    assert!(
+        stale.is_empty(),
+        "{} stale: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
     let last = format!("v{DEPLOYS}");
     assert_eq!(http_get(public, "/").unwrap().1.trim(), last);
     let st = node.run(&["status", "--json"]).ok().json();
@@ -165,6 +176,262 @@ deadline = "20s"
             && notes.contains(&last),
         "{st:#}"
     );
+}
+
+/// A node whose app `app` is a Docker app behind the front on `public` in
+/// `listen_mode = "http"`, its containers on `ports`.
+fn docker_http_node(app: &str, public: u16, ports: [u16; 2], socket: &Path) -> Node {
+    Node::with_config(|root| {
+        format!(
+            r#"[apps.{app}]
+root = "{}"
+listen = "127.0.0.1:{public}"
+listen_mode = "http"
+
+[apps.{app}.run]
+driver = "docker"
+image_archive = "image.tar"
+container_port = 3000
+ports = [{}, {}]
+memory = "64MiB"
+stop_grace = "2s"
+docker_socket = "{}"
+
+[apps.{app}.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/api/health"
+interval = "100ms"
+successes = 2
+start_period = "500ms"
+deadline = "20s"
+"#,
+            root.join(app).display(),
+            ports[0],
+            ports[1],
+            socket.display()
+        )
+    })
+}
+
+/// Stops the app however the test ends.
+struct StopApp<'a>(&'a Node, String);
+
+impl Drop for StopApp<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["stop", "--app", &self.1]);
+    }
+}
+
+fn front_log(node: &Node, app: &str) -> String {
+    fs::read_to_string(node.root.join(app).join(".slipway/run/front.log")).unwrap_or_default()
+}
+
+#[test]
+fn docker_deploys_in_http_mode_move_keep_alive_clients_at_a_request_boundary() {
+    const DEPLOYS: usize = 10;
+    let engine = PrivateDockerd::start();
+    let socket = engine.socket();
+    let app = format!("fh{}", std::process::id());
+    let public = free_port();
+    let ports = free_ports::<2>();
+    let node = docker_http_node(&app, public, ports, &socket);
+    let _stop = StopApp(&node, app.clone());
+    let arts: Vec<PathBuf> = (0..=DEPLOYS)
+        .map(|i| image_artifact(&node, &socket, &app, &format!("v{i}"), true))
+        .collect();
+    let sick = image_artifact(&node, &socket, &app, "sick", false);
+    let r = deploy(&node, &app, &arts[0], "v0");
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    assert_eq!(http_get(public, "/").unwrap().1.trim(), "v0");
+
+    // 2 threads of new connections, 3 of keep-alive connections (busybox
+    // httpd closes its side after every answer; the front keeps the
+    // client's connection open across them).
+    let t0 = std::time::Instant::now();
+    let mut timeline = Timeline::live("v0", t0);
+    let load = Load::start(public, "/", 2, 3, LOAD_TIME, LOAD_REQUESTS);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut deployed = BTreeSet::from(["v0".to_owned()]);
+    for (i, art) in arts.iter().enumerate().skip(1) {
+        let v = format!("v{i}");
+        let started = std::time::Instant::now();
+        let r = deploy(&node, &app, art, &v);
+        assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}");
+        timeline.step(&v, started, std::time::Instant::now());
+        eprintln!("{:.3}s: {v} deployed", t0.elapsed().as_secs_f64());
+        deployed.insert(v.clone());
+        // Let the keep-alive clients send a few requests to this release.
+        std::thread::sleep(Duration::from_millis(300));
+        if i == DEPLOYS / 2 {
+            // A release that fails its gate: every request stays on v.
+            let r = deploy(&node, &app, &sick, "sick");
+            assert_eq!(r["outcome"], "rolled_back", "{r:#}");
+            // A restart: the same release in a new container, switched to
+            // like a deploy.
+            let started = std::time::Instant::now();
+            let out = node.run(&["restart", "--app", &app]);
+            let out = out.ok();
+            timeline.step(&v, started, std::time::Instant::now());
+            eprintln!(
+                "{:.3}s: restarted: {}",
+                t0.elapsed().as_secs_f64(),
+                out.stdout
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let report = load.stop();
+    eprintln!(
+        "{DEPLOYS} docker deploys, a failed gate and a restart through the HTTP front: {}",
+        report.summary()
+    );
+    assert_eq!(
+        report.failures(),
+        0,
+        "{}\nfront log:\n{}",
+        report.summary(),
+        front_log(&node, &app)
+    );
+    assert!(report.ok >= 500, "too little load: {}", report.summary());
+    let seen: BTreeSet<String> = report.answers.iter().map(|a| a.release.clone()).collect();
+    assert!(
+        seen.is_subset(&deployed),
+        "answers from a release never switched to (the sick one?): {seen:?}"
+    );
+    // HTTP mode: each request went to a release live when it started...
+    let stale = timeline.stale(&report, true);
+    assert!(
+        stale.is_empty(),
+        "{} stale answers: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+    // ...and the keep-alive connections followed every switch.
+    let missed = timeline.not_followed(&report);
+    assert!(
+        missed.is_empty(),
+        "switches no keep-alive connection followed: {missed:?}"
+    );
+    // Few keep-alive connections carried all of that (no reconnects).
+    let conns: BTreeSet<(usize, u64)> = report
+        .answers
+        .iter()
+        .filter(|a| a.keep_alive)
+        .map(|a| (a.thread, a.conn))
+        .collect();
+    assert!(
+        conns.len() <= 6,
+        "keep-alive clients reconnected: {} connections",
+        conns.len()
+    );
+    let last = format!("v{DEPLOYS}");
+    for t in 2..5 {
+        let last_of_thread = report.answers.iter().rev().find(|a| a.thread == t);
+        assert_eq!(
+            last_of_thread.map(|a| a.release.as_str()),
+            Some(last.as_str()),
+            "keep-alive thread {t}"
+        );
+    }
+    let st = node.run(&["status", "--json"]).ok().json();
+    let notes = st["apps"][0]["processes"]["notes"].to_string();
+    assert!(
+        notes.contains(&format!(
+            "agent proxy: 127.0.0.1:{public} forwards new requests"
+        )) && notes.contains(&last),
+        "{st:#}"
+    );
+}
+
+/// `GET path` with extra header lines; the whole answer.
+fn get_with(port: u16, path: &str, headers: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+#[test]
+fn the_http_front_adds_forwarding_headers_and_answers_502_without_a_backend() {
+    let engine = PrivateDockerd::start();
+    let socket = engine.socket();
+    let app = format!("fx{}", std::process::id());
+    let public = free_port();
+    let ports = free_ports::<2>();
+    let node = docker_http_node(&app, public, ports, &socket);
+    let _stop = StopApp(&node, app.clone());
+    let art = image_artifact(&node, &socket, &app, "v1", true);
+    let r = deploy(&node, &app, &art, "v1");
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let text = get_with(public, "/cgi-bin/headers", "");
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("x-forwarded-for=127.0.0.1\n"), "{text}");
+    assert!(text.contains("x-forwarded-proto=http\n"), "{text}");
+    let start: u128 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-start=t="))
+        .unwrap_or_else(|| panic!("no X-Request-Start: {text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        before <= start && start <= after,
+        "{before} <= {start} <= {after}"
+    );
+    // A chain from a load balancer in front: the client's address is
+    // appended; the balancer's protocol and start time are kept.
+    let text = get_with(
+        public,
+        "/cgi-bin/headers",
+        "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\nX-Request-Start: t=1\r\n",
+    );
+    assert!(
+        text.contains("x-forwarded-for=203.0.113.7, 127.0.0.1\n"),
+        "{text}"
+    );
+    assert!(text.contains("x-forwarded-proto=https\n"), "{text}");
+    assert!(text.contains("x-request-start=t=1\n"), "{text}");
+    // Upgrades are refused, plainly.
+    let text = get_with(
+        public,
+        "/",
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 501"), "{text}");
+    assert!(text.contains("use \"tcp\""), "{text}");
+    // The container gone (not through the agent): the front answers 502
+    // with a short body, after one retry.
+    docker_cli_on(
+        Some(&socket),
+        &[
+            "rm",
+            "-f",
+            &docker_cli_on(
+                Some(&socket),
+                &["ps", "-q", "--filter", &format!("label=slipway.app={app}")],
+            ),
+        ],
+    );
+    let text = get_with(public, "/", "");
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(text.contains("not reachable"), "{text}");
+    assert!(front_log(&node, &app).contains("cannot reach the backend"));
 }
 
 /// The PM2 test app (answers `RELEASE PID` on $PORT; SIGINT: stop

@@ -12,7 +12,9 @@ use std::process::Command;
 /// Builds image `tag` with `docker import` from a scratch root file system
 /// holding a static busybox whose httpd serves `/www` on port 3000:
 /// `index.html` says `version`; `api/health` exists only if `with_health`
-/// (otherwise every health probe gets 404). Nothing is pulled.
+/// (otherwise every health probe gets 404); `cgi-bin/headers` prints
+/// `version` and the `X-Forwarded-*`/`X-Request-Start` headers it got.
+/// Nothing is pulled.
 pub fn busybox_image(workdir: &Path, tag: &str, version: &str, with_health: bool) {
     busybox_image_on(None, workdir, tag, version, with_health);
 }
@@ -39,6 +41,18 @@ pub fn busybox_image_on(
     if with_health {
         fs::write(rootfs.join("www/api/health"), format!("ok {version}\n")).unwrap();
     }
+    // `/cgi-bin/headers`: the forwarding headers the app was given (busybox
+    // httpd hands request headers to CGI as HTTP_* variables).
+    fs::create_dir_all(rootfs.join("www/cgi-bin")).unwrap();
+    let cgi = rootfs.join("www/cgi-bin/headers");
+    fs::write(
+        &cgi,
+        format!(
+            "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\necho \"{version}\"\necho \"x-forwarded-for=$HTTP_X_FORWARDED_FOR\"\necho \"x-forwarded-proto=$HTTP_X_FORWARDED_PROTO\"\necho \"x-request-start=$HTTP_X_REQUEST_START\"\n"
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let tarball = workdir.join(format!("rootfs-{version}.tar"));
     let mut builder = tar::Builder::new(fs::File::create(&tarball).unwrap());
     builder.append_dir_all(".", &rootfs).unwrap();

@@ -21,6 +21,23 @@ use std::time::{Duration, Instant};
 /// Every request must be answered within this, or it counts as hung.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
+/// One answered request: who asked, on which connection, and when.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The load thread, and whether it keeps its connection alive.
+    pub thread: usize,
+    pub keep_alive: bool,
+    /// The thread's connection, numbered from 1 (a new one per request
+    /// for the other threads).
+    pub conn: u64,
+    /// When the connection that carried the request was opened.
+    pub conn_start: Instant,
+    /// When the request was written.
+    pub req_start: Instant,
+    /// The first word of the body (the release).
+    pub release: String,
+}
+
 /// What the load loop saw.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
@@ -28,6 +45,8 @@ pub struct LoadReport {
     pub ok: usize,
     /// The first word of each 200 body, in order per thread (the release).
     pub bodies: Vec<String>,
+    /// Every answered request, in order per thread.
+    pub answers: Vec<Answer>,
     /// No answer within [`ANSWER_WITHIN`] (connect, write or read).
     pub hung: Vec<String>,
     /// Connection reset, or closed before the whole answer.
@@ -48,6 +67,7 @@ impl LoadReport {
     fn merge(&mut self, o: LoadReport) {
         self.ok += o.ok;
         self.bodies.extend(o.bodies);
+        self.answers.extend(o.answers);
         self.hung.extend(o.hung);
         self.reset.extend(o.reset);
         self.refused.extend(o.refused);
@@ -108,7 +128,7 @@ impl Load {
             let path = path.to_owned();
             let ka = i >= new_conns;
             threads.push(thread::spawn(move || {
-                run(addr, &path, ka, &stop, max_time, max_requests)
+                run(i, addr, &path, ka, &stop, max_time, max_requests)
             }));
         }
         Self { stop, threads }
@@ -129,6 +149,7 @@ impl Load {
 }
 
 fn run(
+    thread: usize,
     addr: SocketAddr,
     path: &str,
     keep_alive: bool,
@@ -139,23 +160,42 @@ fn run(
     let start = Instant::now();
     let mut r = LoadReport::default();
     let mut conn: Option<TcpStream> = None;
+    let mut conn_no = 0;
+    let mut conn_start = start;
     for i in 0..max_requests {
         if stop.load(Ordering::SeqCst) || start.elapsed() > max_time {
             break;
         }
         let reused = conn.is_some();
+        let mut req_start = Instant::now();
+        if !reused {
+            conn_no += 1;
+            conn_start = req_start;
+        }
         let mut outcome = request(&mut conn, addr, path, keep_alive);
         if reused && matches!(outcome, Err(Fail::ClosedBeforeAnswer(_))) {
             r.idle_closed += 1;
             conn = None;
+            req_start = Instant::now();
+            conn_no += 1;
+            conn_start = req_start;
             outcome = request(&mut conn, addr, path, keep_alive);
         }
         let at = format!("{:.3}s", start.elapsed().as_secs_f64());
         match outcome {
             Ok(body) => {
                 r.ok += 1;
+                let release = body.split_whitespace().next().unwrap_or("").to_owned();
                 r.bodies
                     .push(body.split(' ').next().unwrap_or("").to_owned());
+                r.answers.push(Answer {
+                    thread,
+                    keep_alive,
+                    conn: conn_no,
+                    conn_start,
+                    req_start,
+                    release,
+                });
             }
             Err(f) => {
                 conn = None;
@@ -303,4 +343,97 @@ fn request(
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// When each release went live: the span of the step (a deploy, a restart)
+/// that switched to it, in order. Checks that answers came from a release
+/// live at the right moment.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    /// (release, step started, step ended).
+    steps: Vec<(String, Instant, Instant)>,
+}
+
+impl Timeline {
+    /// `release` serves from `since` on (the one deployed before the load).
+    pub fn live(release: &str, since: Instant) -> Self {
+        Self {
+            steps: vec![(release.to_owned(), since, since)],
+        }
+    }
+
+    /// A step that switched to `release` ran from `start` to `end`.
+    pub fn step(&mut self, release: &str, start: Instant, end: Instant) {
+        self.steps.push((release.to_owned(), start, end));
+    }
+
+    /// The releases that may answer something started at `t`: the one the
+    /// last finished step switched to, and those of steps under way.
+    fn allowed(&self, t: Instant) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.2 <= t)
+            .map(|s| s.0.as_str())
+            .into_iter()
+            .collect();
+        out.extend(
+            self.steps
+                .iter()
+                .filter(|s| s.1 <= t && t <= s.2)
+                .map(|s| s.0.as_str()),
+        );
+        out
+    }
+
+    /// Answers from a release that was not live when their request
+    /// (`by_request`, HTTP mode) or their connection (TCP mode) started.
+    pub fn stale(&self, report: &LoadReport, by_request: bool) -> Vec<String> {
+        let origin = self.steps.first().map(|s| s.1);
+        report
+            .answers
+            .iter()
+            .filter_map(|a| {
+                let t = if by_request { a.req_start } else { a.conn_start };
+                let ok = self.allowed(t);
+                (!ok.contains(&a.release.as_str())).then(|| {
+                    format!(
+                        "{} answered a {} started at {:.3}s (thread {}, connection {}) when {ok:?} was live",
+                        a.release,
+                        if by_request { "request" } else { "connection" },
+                        origin.map_or(0.0, |o| t.duration_since(o).as_secs_f64()),
+                        a.thread,
+                        a.conn
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Switches that no keep-alive connection followed: for each step to
+    /// another release, some keep-alive connection must have been answered
+    /// by the release before it and then by the new one.
+    pub fn not_followed(&self, report: &LoadReport) -> Vec<String> {
+        // Per keep-alive connection: the releases that answered, in order.
+        let mut per_conn: std::collections::BTreeMap<(usize, u64), Vec<&str>> =
+            std::collections::BTreeMap::new();
+        for a in report.answers.iter().filter(|a| a.keep_alive) {
+            let seq = per_conn.entry((a.thread, a.conn)).or_default();
+            if seq.last() != Some(&a.release.as_str()) {
+                seq.push(&a.release);
+            }
+        }
+        self.steps
+            .windows(2)
+            .filter(|w| w[0].0 != w[1].0)
+            .filter(|w| {
+                let (old, new) = (w[0].0.as_str(), w[1].0.as_str());
+                !per_conn
+                    .values()
+                    .any(|seq| seq.windows(2).any(|p| p[0] == old && p[1] == new))
+            })
+            .map(|w| format!("{} -> {}", w[0].0, w[1].0))
+            .collect()
+    }
 }

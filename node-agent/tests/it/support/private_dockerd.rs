@@ -24,6 +24,11 @@ use nix::unistd::Pid;
 
 use super::docker_image::docker_cli_on;
 
+/// Engines started by this process, for unique bridge names.
+static ENGINES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// Held while a bridge's subnet is picked and assigned.
+static BRIDGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How long the daemon may take to answer after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a SIGTERMed daemon may take to exit: it first stops its
@@ -56,7 +61,12 @@ impl PrivateDockerd {
     pub fn start() -> Self {
         let mut engine = Self {
             dir: tempfile::tempdir().unwrap(),
-            bridge: format!("slwd{}", std::process::id()),
+            // Unique per engine: tests of one process start theirs at once.
+            bridge: format!(
+                "slwd{}x{}",
+                std::process::id(),
+                ENGINES.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ),
             bridge_made: false,
             daemon: None,
         };
@@ -93,6 +103,10 @@ impl PrivateDockerd {
     }
 
     fn make_bridge(&mut self) {
+        // One at a time in this process: the free subnet is read, then taken.
+        let _one = BRIDGES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let used = String::from_utf8_lossy(
             &Command::new("ip")
                 .args(["-4", "-o", "addr"])
