@@ -266,6 +266,7 @@ impl ControlService {
             reason: Box::new(reason),
         };
         // The nodes that run the app (or the ones named), tag layers or not.
+        let named = req.selector.as_ref().is_some_and(|s| s.target.is_some());
         let selected: Option<BTreeSet<String>> = Some(
             self.select(req.selector.as_ref(), Some(&app))
                 .await
@@ -306,7 +307,7 @@ impl ControlService {
             } else {
                 format!(
                     "no live node{} carries tag {layer} with an environment this changes",
-                    if selected.is_some() { " selected" } else { "" }
+                    if named { " selected" } else { "" }
                 )
             };
             return Err(not_delivered(ApiError::Invalid(why)));

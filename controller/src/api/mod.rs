@@ -330,10 +330,11 @@ impl ControlService {
 
     /// The enrolled, non-revoked nodes a selector names. For a command to
     /// `app`, the whole fleet or a tag means the nodes that run it: a node
-    /// whose agent last reported its apps without `app` is left out (a
+    /// whose agent last reported apps, none of them `app`, is left out (a
     /// fleet of web and worker droplets deploys `web` to the web ones); a
-    /// node named with `--node` is taken as named, and one never heard
-    /// from is kept (its agent says what it runs when it connects).
+    /// node named with `--node` is taken as named, and one that reported
+    /// no app (or never connected) is kept: its agent refuses what it
+    /// does not declare.
     async fn select(
         &self,
         selector: Option<&Selector>,
@@ -1309,10 +1310,11 @@ pub(crate) fn check_artifact_url(url: &str) -> Result<(), ApiError> {
 }
 
 /// Whether a node runs `app`, as far as the controller knows: its agent's
-/// last report lists it, or the agent never reported (it says when it
-/// connects; until then the node is not left out).
+/// last report lists it, or names no app at all (never connected, or a
+/// node not set up yet: it is not left out, and its agent says what it
+/// lacks).
 pub(crate) fn runs_app(node: &crate::store::FleetRow, app: &str) -> bool {
-    node.last_seen_at.is_none() || node.apps.iter().any(|a| a.app == app)
+    node.last_seen_at.is_none() || node.apps.is_empty() || node.apps.iter().any(|a| a.app == app)
 }
 
 #[cfg(test)]
