@@ -654,23 +654,13 @@ fn the_fleet_firewall_is_kept_in_sync() {
 /// user data that `cloud-init schema` accepts and that carries a one-time
 /// join token; a real agent enrolled with that token (as install.sh on the
 /// new droplet would) and reading the new droplet's id joins the fleet as
-/// that droplet. (The boot itself, install.sh under systemd, is not run.)
+/// that droplet. (The boot from the user data is played in a Debian root by
+/// `install::a_droplet_created_by_the_controller_boots_from_its_user_data_and_joins`.)
 #[test]
 fn a_created_droplet_joins_with_its_user_data_token() {
     let api = DoApi::start();
     let work = tempfile::tempdir().unwrap();
-    let token_file = work.path().join("do-token");
-    fs::write(&token_file, DO_TOKEN).unwrap();
-    let config = work.path().join("controller.toml");
-    fs::write(
-        &config,
-        format!(
-            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\nsync_every = \"0s\"\n",
-            token_file.display(),
-            api.base
-        ),
-    )
-    .unwrap();
+    let config = api.controller_config(work.path());
     let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
     // `create --wait` runs while the droplet "boots".
     let create = std::process::Command::new(bin("slipway-controller"))
@@ -703,25 +693,10 @@ fn a_created_droplet_joins_with_its_user_data_token() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut made = Value::Null;
-    wait_until("the droplet to be created", Duration::from_secs(30), || {
-        let all = api.control("GET", "/_test/droplets", None);
-        made = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == "web-4")
-            .cloned()
-            .unwrap_or(Value::Null);
-        !made.is_null()
-    });
+    let made = api.wait_droplet("web-4");
     let id = made["id"].as_u64().unwrap();
     assert_eq!(made["tags"], serde_json::json!(["env:production"]));
-    let user_data = api.control("GET", &format!("/_test/droplets/{id}/user_data"), None)
-        ["user_data"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let user_data = api.user_data(id);
     let file = work.path().join("user-data");
     fs::write(&file, &user_data).unwrap();
     let schema = std::process::Command::new("cloud-init")

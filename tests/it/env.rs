@@ -62,31 +62,7 @@ pub(crate) fn app_env(port: u16) -> serde_json::Map<String, Value> {
 
 /// An exec-driver node running ENV_APP as `web`.
 fn exec_node(controller: &Controller, name: &str) -> Agent {
-    let node = name.to_owned();
-    let agent = Agent::enroll_with(controller, name, "web", |root, port| {
-        format!(
-            r#"[apps.web]
-root = "{root}"
-
-[apps.web.run]
-driver = "exec"
-command = ["python3", "server.py", "{port}", "{node}"]
-stop_grace = "2s"
-
-[apps.web.health]
-check = "http"
-url = "http://127.0.0.1:{port}/api/health"
-interval = "100ms"
-successes = 2
-start_period = "3s"
-deadline = "10s"
-liveness_interval = "500ms"
-"#,
-            root = root.display(),
-        )
-    });
-    fs::create_dir_all(agent.root.join("shared")).unwrap();
-    agent
+    tagged_exec_node(controller, name, &[])
 }
 
 /// Every file under `dir` (recursively) whose bytes contain `needle`,
@@ -429,7 +405,8 @@ fn env_changes_reach_every_exec_node_exactly_and_a_breaking_value_rolls_back_the
     );
 }
 
-/// An exec node like [`exec_node`] whose join token gives it `tags`.
+/// An exec-driver node running ENV_APP as `web`, whose join token gives
+/// it `tags` (none: [`exec_node`]).
 fn tagged_exec_node(controller: &Controller, name: &str, tags: &[&str]) -> Agent {
     let node = name.to_owned();
     let agent = Agent::enroll_tagged(controller, name, "web", tags, |root, port| {

@@ -898,7 +898,7 @@ fn cloud_init_user_data_is_valid_and_runs_install_sh() {
 #[test]
 fn a_droplet_created_by_the_controller_boots_from_its_user_data_and_joins() {
     use crate::deploy::HttpsFiles;
-    use crate::support::do_api::{metadata_service, DoApi, DO_TOKEN};
+    use crate::support::do_api::{metadata_service, DoApi};
     use serde_json::Value;
 
     // The release folder served over HTTPS, as --base-url names it.
@@ -917,18 +917,7 @@ fn a_droplet_created_by_the_controller_boots_from_its_user_data_and_joins() {
     let base = server.url("").trim_end_matches('/').to_owned();
 
     let api = DoApi::start();
-    let token_file = work.path().join("do-token");
-    fs::write(&token_file, DO_TOKEN).unwrap();
-    let config = work.path().join("controller.toml");
-    fs::write(
-        &config,
-        format!(
-            "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\nsync_every = \"0s\"\n",
-            token_file.display(),
-            api.base
-        ),
-    )
-    .unwrap();
+    let config = api.controller_config(work.path());
     let controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
     let create = Command::new(crate::support::bin("slipway-controller"))
         .args(["droplets", "create", "--name", "web-7", "--region", "fra1"])
@@ -943,28 +932,8 @@ fn a_droplet_created_by_the_controller_boots_from_its_user_data_and_joins() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut made = Value::Null;
-    crate::support::wait_until(
-        "the droplet to be created",
-        std::time::Duration::from_secs(30),
-        || {
-            made = api
-                .control("GET", "/_test/droplets", None)
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|d| d["name"] == "web-7")
-                .cloned()
-                .unwrap_or(Value::Null);
-            !made.is_null()
-        },
-    );
-    let id = made["id"].as_u64().unwrap();
-    let user_data = api.control("GET", &format!("/_test/droplets/{id}/user_data"), None)
-        ["user_data"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = api.wait_droplet("web-7")["id"].as_u64().unwrap();
+    let user_data = api.user_data(id);
     let file = work.path().join("user-data");
     fs::write(&file, &user_data).unwrap();
     let py = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";

@@ -107,6 +107,49 @@ impl DoApi {
         );
     }
 
+    /// A controller config in `dir` for this API: the fleet is
+    /// `env:production`, no periodic sync (tests run `droplets sync`).
+    pub fn controller_config(&self, dir: &std::path::Path) -> PathBuf {
+        let token_file = dir.join("do-token");
+        std::fs::write(&token_file, DO_TOKEN).unwrap();
+        let config = dir.join("controller.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[digitalocean]\ntoken_file = \"{}\"\nfleet_tags = [\"env:production\"]\napi_url = \"{}\"\nsync_every = \"0s\"\n",
+                token_file.display(),
+                self.base
+            ),
+        )
+        .unwrap();
+        config
+    }
+
+    /// The droplet named `name`, once a create made it (30 s at most).
+    pub fn wait_droplet(&self, name: &str) -> Value {
+        let mut made = Value::Null;
+        crate::support::wait_until("the droplet to be created", Duration::from_secs(30), || {
+            made = self
+                .control("GET", "/_test/droplets", None)
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == name)
+                .cloned()
+                .unwrap_or(Value::Null);
+            !made.is_null()
+        });
+        made
+    }
+
+    /// The user data droplet `id` was created with.
+    pub fn user_data(&self, id: u64) -> String {
+        self.control("GET", &format!("/_test/droplets/{id}/user_data"), None)["user_data"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     /// Fails the test on any request or answer outside the description.
     pub fn assert_no_violations(&self) {
         let v = self.control("GET", "/_test/violations", None);
