@@ -60,35 +60,7 @@ fn docker_deploys_under_load_through_the_front_lose_nothing() {
     let app = format!("fr{}", std::process::id());
     let public = free_port();
     let ports = free_ports::<2>();
-    let node = Node::with_config(|root| {
-        format!(
-            r#"[apps.{app}]
-root = "{}"
-listen = "127.0.0.1:{public}"
-
-[apps.{app}.run]
-driver = "docker"
-image_archive = "image.tar"
-container_port = 3000
-ports = [{}, {}]
-memory = "64MiB"
-stop_grace = "2s"
-docker_socket = "{}"
-
-[apps.{app}.health]
-check = "http"
-url = "http://127.0.0.1:{{port}}/api/health"
-interval = "100ms"
-successes = 2
-start_period = "500ms"
-deadline = "20s"
-"#,
-            root.join(&app).display(),
-            ports[0],
-            ports[1],
-            socket.display()
-        )
-    });
+    let node = docker_front_node(&app, "tcp", public, ports, &socket);
     struct Stop<'a>(&'a Node, String);
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
@@ -179,14 +151,14 @@ deadline = "20s"
 }
 
 /// A node whose app `app` is a Docker app behind the front on `public` in
-/// `listen_mode = "http"`, its containers on `ports`.
-fn docker_http_node(app: &str, public: u16, ports: [u16; 2], socket: &Path) -> Node {
+/// `listen_mode = mode` ("tcp" or "http"), its containers on `ports`.
+fn docker_front_node(app: &str, mode: &str, public: u16, ports: [u16; 2], socket: &Path) -> Node {
     Node::with_config(|root| {
         format!(
             r#"[apps.{app}]
 root = "{}"
 listen = "127.0.0.1:{public}"
-listen_mode = "http"
+listen_mode = "{mode}"
 
 [apps.{app}.run]
 driver = "docker"
@@ -234,7 +206,7 @@ fn docker_deploys_in_http_mode_move_keep_alive_clients_at_a_request_boundary() {
     let app = format!("fh{}", std::process::id());
     let public = free_port();
     let ports = free_ports::<2>();
-    let node = docker_http_node(&app, public, ports, &socket);
+    let node = docker_front_node(&app, "http", public, ports, &socket);
     let _stop = StopApp(&node, app.clone());
     let arts: Vec<PathBuf> = (0..=DEPLOYS)
         .map(|i| image_artifact(&node, &socket, &app, &format!("v{i}"), true))
@@ -365,7 +337,7 @@ fn the_http_front_adds_forwarding_headers_and_answers_502_without_a_backend() {
     let app = format!("fx{}", std::process::id());
     let public = free_port();
     let ports = free_ports::<2>();
-    let node = docker_http_node(&app, public, ports, &socket);
+    let node = docker_front_node(&app, "http", public, ports, &socket);
     let _stop = StopApp(&node, app.clone());
     let art = image_artifact(&node, &socket, &app, "v1", true);
     let r = deploy(&node, &app, &art, "v1");
