@@ -264,7 +264,7 @@ pub async fn ca_rotate_finish(args: crate::cli::RotateFinishArgs) -> Result<(), 
     let store = open_store(&args.data_dir).await?;
     let rotation = crate::pki::rotation::current(&args.data_dir)?
         .ok_or(crate::pki::rotation::RotationError::NotStarted)?;
-    let lagging = fleet::certs::nodes_on_old_ca(&store, rotation.new_ca_since()).await?;
+    let lagging = fleet::certs::nodes_on_old_ca(&store, &rotation).await?;
     if !lagging.is_empty() && !args.force {
         return Err(Error::Lagging(lagging));
     }

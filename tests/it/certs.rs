@@ -389,7 +389,10 @@ fn pem_fingerprints(path: &std::path::Path) -> Vec<String> {
 // (It once timed out here under load: `start` writes its state file last,
 // and a controller that read the new CA files in between sent every node
 // the bundle without `renew_now`, once. The watch now waits for the state
-// and sends the bundle again to nodes that still lag.)
+// and sends the bundle again to nodes that still lag. It failed once more
+// with no node lagging at all: "gone" was enrolled in the same second the
+// rotation started, and lagging was judged by issue time in whole seconds.
+// The store now records which CA signed each certificate.)
 #[test]
 fn ca_rotation_with_ten_agents_and_a_deploy_running_drops_no_session() {
     let controller = Controller::start();

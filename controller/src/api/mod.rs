@@ -1249,14 +1249,13 @@ impl ControlService {
                 return None;
             }
         };
-        let lagging_nodes =
-            match fleet::certs::nodes_on_old_ca(&self.store, rotation.new_ca_since()).await {
-                Ok(names) => names,
-                Err(err) => {
-                    tracing::warn!(%err, "cannot list the nodes on the old CA");
-                    Vec::new()
-                }
-            };
+        let lagging_nodes = match fleet::certs::nodes_on_old_ca(&self.store, &rotation).await {
+            Ok(names) => names,
+            Err(err) => {
+                tracing::warn!(%err, "cannot list the nodes on the old CA");
+                Vec::new()
+            }
+        };
         Some(slipway_proto::v1::CaRotation {
             phase: rotation.phase,
             started_at: rotation.started_at,

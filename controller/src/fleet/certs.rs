@@ -15,6 +15,7 @@ use rustls::pki_types::CertificateDer;
 use slipway_proto::span;
 
 use crate::pki::ca::{common_name_of, validity_of, CA_CERT_FILE, SERVER_CERT_FILE};
+use crate::pki::rotation::Rotation;
 use crate::store::{Store, StoreError};
 
 /// One day, in seconds.
@@ -333,38 +334,71 @@ pub async fn system_cert_health(
     Ok(SystemCertHealth::new(now, certs))
 }
 
-/// During a CA rotation that started at `started_at`: the live nodes
-/// whose newest certificate was issued before it (so by the old CA), by
-/// name.
-pub async fn nodes_on_old_ca(store: &Store, started_at: i64) -> Result<Vec<String>, StoreError> {
-    Ok(old_ca_certs(store, started_at)
+/// During `rotation`: the live nodes whose newest certificate was signed
+/// by the old CA, by name.
+pub async fn nodes_on_old_ca(
+    store: &Store,
+    rotation: &Rotation,
+) -> Result<Vec<String>, StoreError> {
+    Ok(old_ca_certs(store, rotation)
         .await?
         .map(|c| c.name)
         .collect())
 }
 
 /// The ids of the nodes [`nodes_on_old_ca`] names.
-pub async fn node_ids_on_old_ca(store: &Store, started_at: i64) -> Result<Vec<String>, StoreError> {
-    Ok(old_ca_certs(store, started_at)
-        .await?
-        .map(|c| c.id)
-        .collect())
+pub async fn node_ids_on_old_ca(
+    store: &Store,
+    rotation: &Rotation,
+) -> Result<Vec<String>, StoreError> {
+    Ok(old_ca_certs(store, rotation).await?.map(|c| c.id).collect())
 }
 
 async fn old_ca_certs(
     store: &Store,
-    started_at: i64,
+    rotation: &Rotation,
 ) -> Result<impl Iterator<Item = crate::store::NodeCert>, StoreError> {
+    let new_ca = rotation.new_ca_sha256.clone();
+    let since = rotation.new_ca_since();
     Ok(store
         .live_node_certs()
         .await?
         .into_iter()
-        .filter(move |c| c.issued_at < started_at))
+        .filter(move |c| on_old_ca(c, &new_ca, since)))
+}
+
+/// Whether `cert` was signed by a CA other than `new_ca`; certificates
+/// recorded without their CA are judged by issue time (`since`: when the
+/// new CA began signing).
+fn on_old_ca(cert: &crate::store::NodeCert, new_ca: &str, since: i64) -> bool {
+    match &cert.ca_sha256 {
+        Some(ca) => ca != new_ca,
+        None => cert.issued_at < since,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signing_ca_decides_not_the_second_of_issue() {
+        let cert = |issued_at, ca: Option<&str>| crate::store::NodeCert {
+            id: "n".to_owned(),
+            name: "n".to_owned(),
+            issued_at,
+            expires_at: issued_at + 100,
+            ca_sha256: ca.map(str::to_owned),
+        };
+        // Issued in the very second the new CA began signing: its CA says
+        // which one it is, either way.
+        assert!(on_old_ca(&cert(1000, Some("old")), "new", 1000));
+        assert!(!on_old_ca(&cert(1000, Some("new")), "new", 1000));
+        assert!(on_old_ca(&cert(2000, Some("old")), "new", 1000));
+        // Recorded before the store kept the CA: by time.
+        assert!(on_old_ca(&cert(999, None), "new", 1000));
+        assert!(!on_old_ca(&cert(1000, None), "new", 1000));
+    }
 
     fn cert(kind: CertKind, life_days: i64, left_secs: i64) -> CertHealth {
         let now = 1_000_000_000;

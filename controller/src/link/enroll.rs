@@ -209,6 +209,7 @@ impl EnrollmentService {
                     name,
                     cert_serial: &issued.serial,
                     cert_fingerprint: &issued.fingerprint,
+                    cert_ca_sha256: &issued.issuer_sha256,
                     cert_expires_at: issued.not_after,
                     labels: &labels,
                     agent_version: &req.agent_version,

@@ -124,9 +124,7 @@ impl RotationWatch {
             };
             let lagging: HashSet<String> = match &rotation {
                 Some(r) if r.renew_now => {
-                    match crate::fleet::certs::node_ids_on_old_ca(&self.store, r.new_ca_since())
-                        .await
-                    {
+                    match crate::fleet::certs::node_ids_on_old_ca(&self.store, r).await {
                         Ok(ids) => ids.into_iter().collect(),
                         Err(err) => {
                             tracing::warn!(%err, "cannot tell which nodes lag on the old CA");

@@ -325,9 +325,12 @@ impl AgentLinkService {
             .store
             .renew_node_cert(
                 &node.id,
-                &issued.fingerprint,
-                &issued.serial,
-                issued.not_after,
+                &crate::store::NewCert {
+                    fingerprint: &issued.fingerprint,
+                    serial: &issued.serial,
+                    expires_at: issued.not_after,
+                    ca_sha256: &issued.issuer_sha256,
+                },
                 &event,
                 now,
             )

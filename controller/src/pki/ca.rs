@@ -155,6 +155,9 @@ pub struct IssuedCert {
     pub serial: String,
     /// Expiry, seconds since the epoch.
     pub not_after: i64,
+    /// sha256 hex of the certificate of the CA that signed it (during a
+    /// rotation, the new CA).
+    pub issuer_sha256: String,
 }
 
 impl Ca {
@@ -502,6 +505,7 @@ impl Ca {
             fingerprint: crypto::sha256_hex(cert.der()),
             serial: hex::encode(serial.as_ref()),
             not_after: not_after.unix_timestamp(),
+            issuer_sha256: crypto::sha256_hex(ca_der),
         })
     }
 }

@@ -672,6 +672,7 @@ mod tests {
                 name: "web-1",
                 cert_serial: "01",
                 cert_fingerprint: "fp1",
+                cert_ca_sha256: "ca1",
                 cert_expires_at: 2000,
                 labels: &serde_json::json!({}),
                 agent_version: "1.0",

@@ -52,8 +52,8 @@ pub use env::EnvVersionRow;
 pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
 pub use nodes::{
-    App, Disk, Enrolled, FleetRow, Metrics, NewEnrollment, NewNode, NodeCert, NodeRow, PeerCert,
-    Public, Release,
+    App, Disk, Enrolled, FleetRow, Metrics, NewCert, NewEnrollment, NewNode, NodeCert, NodeRow,
+    PeerCert, Public, Release,
 };
 pub use operators::OperatorRow;
 pub use web_sessions::WebSessionRow;
@@ -76,6 +76,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0011_deployment_steps.sql"),
     include_str!("../../migrations/0012_join_token_node_name.sql"),
     include_str!("../../migrations/0013_env_layers.sql"),
+    include_str!("../../migrations/0014_cert_issuer.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while

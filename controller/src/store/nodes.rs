@@ -271,6 +271,9 @@ pub struct NodeCert {
     pub issued_at: i64,
     /// When it expires.
     pub expires_at: i64,
+    /// sha256 hex of the CA that signed it; None for certificates recorded
+    /// before the store kept it.
+    pub ca_sha256: Option<String>,
 }
 
 /// A node with its latest reported state, for the fleet view.
@@ -315,6 +318,8 @@ pub struct NewNode<'a> {
     pub cert_serial: &'a str,
     /// sha256 hex of the issued certificate.
     pub cert_fingerprint: &'a str,
+    /// sha256 hex of the CA certificate that signed it.
+    pub cert_ca_sha256: &'a str,
     /// Expiry of the issued certificate.
     pub cert_expires_at: i64,
     /// JSON object of labels.
@@ -323,6 +328,31 @@ pub struct NewNode<'a> {
     pub agent_version: &'a str,
     /// Now.
     pub enrolled_at: i64,
+}
+
+impl NewNode<'_> {
+    /// Its certificate as [`insert_node_cert`] records it.
+    fn cert(&self) -> NewCert<'_> {
+        NewCert {
+            fingerprint: self.cert_fingerprint,
+            serial: self.cert_serial,
+            expires_at: self.cert_expires_at,
+            ca_sha256: self.cert_ca_sha256,
+        }
+    }
+}
+
+/// A node certificate to record (enrollment or renewal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewCert<'a> {
+    /// sha256 hex of the certificate's DER.
+    pub fingerprint: &'a str,
+    /// Hex serial.
+    pub serial: &'a str,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: i64,
+    /// sha256 hex of the CA certificate that signed it.
+    pub ca_sha256: &'a str,
 }
 
 /// A node to record together with the join token it used: see
@@ -469,7 +499,7 @@ impl Store {
     /// The newest certificate of every live (unrevoked) node, by name.
     pub async fn live_node_certs(&self) -> Result<Vec<NodeCert>, StoreError> {
         let rows = sqlx::query(
-            "SELECT n.id, n.name, c.issued_at, c.expires_at
+            "SELECT n.id, n.name, c.issued_at, c.expires_at, c.ca_sha256
              FROM nodes n JOIN node_certs c ON c.fingerprint = n.cert_fingerprint
              WHERE n.revoked_at IS NULL ORDER BY n.name, n.id",
         )
@@ -482,6 +512,7 @@ impl Store {
                     name: row.try_get("name")?,
                     issued_at: row.try_get("issued_at")?,
                     expires_at: row.try_get("expires_at")?,
+                    ca_sha256: row.try_get("ca_sha256")?,
                 })
             })
             .collect()
@@ -613,15 +644,22 @@ impl Store {
     pub async fn renew_node_cert(
         &self,
         node_id: &str,
-        fingerprint: &str,
-        serial: &str,
-        expires_at: i64,
+        cert: &NewCert<'_>,
         event: &AuditEvent,
         now: i64,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        insert_node_cert(&mut tx, node_id, fingerprint, serial, now, expires_at).await?;
-        if !set_newest_cert(&mut tx, node_id, fingerprint, serial, expires_at, now).await? {
+        insert_node_cert(&mut tx, node_id, cert, now).await?;
+        if !set_newest_cert(
+            &mut tx,
+            node_id,
+            cert.fingerprint,
+            cert.serial,
+            cert.expires_at,
+            now,
+        )
+        .await?
+        {
             // Revoked meanwhile; dropping `tx` rolls back.
             return Ok(false);
         }
@@ -668,15 +706,7 @@ pub(super) async fn insert_node(
     .bind(node.enrolled_at)
     .execute(&mut *conn)
     .await?;
-    insert_node_cert(
-        conn,
-        node.id,
-        node.cert_fingerprint,
-        node.cert_serial,
-        node.enrolled_at,
-        node.cert_expires_at,
-    )
-    .await
+    insert_node_cert(conn, node.id, &node.cert(), node.enrolled_at).await
 }
 
 /// `enroll --replace` of the live node `node.id` on `conn`: every
@@ -703,15 +733,7 @@ async fn rekey_node(conn: &mut SqliteConnection, node: &NewNode<'_>) -> Result<(
     .bind(node.id)
     .execute(&mut *conn)
     .await?;
-    insert_node_cert(
-        conn,
-        node.id,
-        node.cert_fingerprint,
-        node.cert_serial,
-        node.enrolled_at,
-        node.cert_expires_at,
-    )
-    .await
+    insert_node_cert(conn, node.id, &node.cert(), node.enrolled_at).await
 }
 
 /// Adds a live certificate of `node_id` (enrollment or renewal); the node's
@@ -719,20 +741,19 @@ async fn rekey_node(conn: &mut SqliteConnection, node: &NewNode<'_>) -> Result<(
 pub(super) async fn insert_node_cert(
     conn: &mut SqliteConnection,
     node_id: &str,
-    fingerprint: &str,
-    serial: &str,
+    cert: &NewCert<'_>,
     issued_at: i64,
-    expires_at: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO node_certs (fingerprint, node_id, serial, issued_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO node_certs (fingerprint, node_id, serial, issued_at, expires_at, ca_sha256)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
-    .bind(fingerprint)
+    .bind(cert.fingerprint)
     .bind(node_id)
-    .bind(serial)
+    .bind(cert.serial)
     .bind(issued_at)
-    .bind(expires_at)
+    .bind(cert.expires_at)
+    .bind(cert.ca_sha256)
     .execute(conn)
     .await?;
     Ok(())
