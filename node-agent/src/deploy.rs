@@ -630,7 +630,33 @@ impl Session<'_> {
     /// health gate (`slipway-agent restart`).
     pub fn restart(&mut self) -> Result<(ReleaseId, Activation, Option<GatePassed>)> {
         self.run_again("restart")?;
+        self.settle_cut_short()?;
         self.restart_as(None)
+    }
+
+    /// A restart of the current release cut short by a kill of the agent
+    /// (see [`crate::driver::Driver::cut_short`]) is settled before anything
+    /// else starts an instance, as `slipway-agent run` would: the driver
+    /// repairs, the gate, the front's switch (draining the other instance)
+    /// and the commit.
+    fn settle_cut_short(&mut self) -> Result<()> {
+        let Some(current) = self.inner.current()? else {
+            return Ok(());
+        };
+        let Some(driver) = self.deployer.driver() else {
+            return Ok(());
+        };
+        let port = self.journal().get(&current).and_then(|r| r.port);
+        if !driver.cut_short(&Target::new(self.app(), &current)?, port)? {
+            return Ok(());
+        }
+        tracing::warn!(app = %self.app().name, release = %current, "a restart of the current release was cut short; settling which instance serves first");
+        let (_, activation, _) = self.restart_as(Some(port))?;
+        log_line(
+            Some(&self.paths().log(&current)),
+            &format!("restart cut short, settled: {}", activation.detail),
+        );
+        Ok(())
     }
 
     /// What `slipway-agent run` does to keep the app running: with `repair
@@ -718,6 +744,9 @@ impl Session<'_> {
     /// previous file back and the release back in service with it
     /// ([`EnvChange::RolledBack`]). Values are never logged.
     pub fn set_env(&mut self, content: &[u8], version: u64) -> Result<EnvChange> {
+        if crate::upkeep::stopped(&self.app().root).is_none() {
+            self.settle_cut_short()?;
+        }
         let root = self.app().root.clone();
         let env_path = crate::envfile::path(&root);
         let old = crate::envfile::read_raw(&root)
@@ -781,6 +810,7 @@ impl Session<'_> {
     /// Deploys an artifact: the whole state machine above, under the lock.
     pub fn deploy(&mut self, req: &DeployRequest) -> Result<DeployReport> {
         self.run_again("deploy")?;
+        self.settle_cut_short()?;
         let mut timer = Timer::new();
         let fetched = cache::copy_file(&self.paths().cache, &req.artifact, req.sha256.as_ref())
             .map_err(|e| DeployError::fetch(&req.artifact, e))?;
@@ -973,6 +1003,7 @@ impl Session<'_> {
 
     pub fn rollback(&mut self, to: Option<&ReleaseId>) -> Result<RollbackReport> {
         self.run_again("rollback")?;
+        self.settle_cut_short()?;
         let (from, to) = self.inner.rollback(to)?;
         // Serve the release rolled back to. A failure here does not undo the
         // rollback (the operator asked for this release); it is reported.

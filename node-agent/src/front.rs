@@ -166,9 +166,20 @@ pub fn switch(
         .as_ref()
         .is_some_and(|t| t.backend == backend && t.mode == mode)
         && is_running(&files)
-        && FrontState::load(&files).is_some_and(|s| s.backend == Some(backend) && s.mode == mode)
     {
-        return Ok(format!("front on {listen} already forwards to {backend}"));
+        if let Some(s) =
+            FrontState::load(&files).filter(|s| s.backend == Some(backend) && s.mode == mode)
+        {
+            // Switched already (a switch cut short by a kill of the agent,
+            // taken up again): what may still drain from the previous
+            // backend is waited for all the same, as its process is about
+            // to be stopped.
+            let (open, waited) = wait_drained(&files, s.draining, drain);
+            return Ok(format!(
+                "front on {listen} already forwards to {backend}{}",
+                drained_text(mode, open, waited, drain)
+            ));
+        }
     }
     let target = Target {
         backend,
@@ -216,28 +227,53 @@ pub fn switch(
         std::thread::sleep(POLL);
     };
     let switched_in = t.elapsed();
-    let mut left = applied.draining;
+    let (open, waited) = wait_drained(&files, applied.draining, drain);
+    Ok(format!(
+        "front on {listen} forwards new {} to {backend} (switched in {} ms{})",
+        what(mode),
+        switched_in.as_millis(),
+        drained_text(mode, open, waited, drain)
+    ))
+}
+
+/// Waits, at most `drain`, for the connections (requests) the front still
+/// has open to earlier backends to finish: how many are left, and how long
+/// it waited.
+fn wait_drained(
+    files: &FrontFiles,
+    mut left: BTreeMap<String, u64>,
+    drain: Duration,
+) -> (u64, Duration) {
     let d = Instant::now();
     while !left.is_empty() && d.elapsed() < drain {
         std::thread::sleep(POLL);
-        left = FrontState::load(&files)
+        left = FrontState::load(files)
             .map(|s| s.draining)
             .unwrap_or_default();
     }
-    let open: u64 = left.values().sum();
-    let what = match mode {
+    (left.values().sum(), d.elapsed())
+}
+
+fn what(mode: ListenMode) -> &'static str {
+    match mode {
         ListenMode::Tcp => "connections",
         ListenMode::Http => "requests",
-    };
-    Ok(format!(
-        "front on {listen} forwards new {what} to {backend} (switched in {} ms; {})",
-        switched_in.as_millis(),
-        if open == 0 {
-            format!("previous backend drained in {} ms", d.elapsed().as_millis())
-        } else {
-            format!("{open} {what} still open to the previous backend after {drain:?}")
-        }
-    ))
+    }
+}
+
+/// "; previous backend drained in N ms", or what is still open after
+/// `drain`; nothing when there was nothing to drain.
+fn drained_text(mode: ListenMode, open: u64, waited: Duration, drain: Duration) -> String {
+    if open > 0 {
+        format!(
+            "; {open} {} still open to the previous backend after {drain:?}",
+            what(mode)
+        )
+    } else if waited > Duration::ZERO {
+        format!("; previous backend drained in {} ms", waited.as_millis())
+    } else {
+        String::new()
+    }
 }
 
 /// Starts the app's front if it is not running but a switch was made (after

@@ -139,6 +139,13 @@ impl Driver for Docker {
         self.run(|engine| async move { engine.repair(target, port).await })
     }
 
+    fn cut_short(&self, target: &Target, port: Option<u16>) -> Result<bool, DriverError> {
+        self.run(|engine| async move {
+            let containers = engine.containers(&target.app.name).await?;
+            Ok(restart_cut_short(&containers, target, port))
+        })
+    }
+
     fn stop(&self, app: &AppConfig) -> Result<(), DriverError> {
         self.run(|engine| async move {
             for c in engine.containers(&app.name).await? {
@@ -171,6 +178,19 @@ pub fn release_repo(app: &str) -> String {
 /// `docker ps`.
 pub fn container_name(app: &str, release: &ReleaseId) -> String {
     format!("slipway-{app}-{release}")
+}
+
+/// A restart of `target`'s release behind the front cut short: the
+/// container that served stepped aside and still holds the recorded `port`,
+/// and its replacement exists under the release's own name.
+fn restart_cut_short(containers: &[Container], target: &Target, port: Option<u16>) -> bool {
+    let name = container_name(&target.app.name, &target.release);
+    let aside = aside_name(&target.app.name, &target.release);
+    port.is_some()
+        && containers.iter().any(|c| c.name == name)
+        && containers
+            .iter()
+            .any(|c| c.name == aside && c.is_live() && c.port == port)
 }
 
 /// The name a release's serving container steps aside to while a new
@@ -527,6 +547,17 @@ impl<'a> Engine<'a> {
             self.rename(c, &name).await?;
             c.name = name.clone();
         }
+        // A stopped one published as the config no longer says (`listen`
+        // added or removed since it was made): the engine would bind its
+        // old address again on start, so it is made afresh below.
+        if let Some(c) = kept.take() {
+            if c.is_live() || c.published_on(&self.config.host_ip) {
+                kept = Some(c);
+            } else {
+                tracing::info!(container = %c.name, "stopped container publishes on {}, not on host_ip {}: made afresh", c.host_ips.join(", "), self.config.host_ip);
+                self.retire(&c).await?;
+            }
+        }
         match kept {
             Some(c) if c.is_live() => Ok(Activation {
                 port: c.port,
@@ -607,9 +638,20 @@ impl<'a> Engine<'a> {
         let name = container_name(&target.app.name, &target.release);
         let containers = self.containers(&target.app.name).await?;
         let mine = containers.iter().find(|c| c.name == name);
+        // A restart behind the front cut short (the agent killed between
+        // the new container's start and the commit): the one that served
+        // stepped aside and still holds the recorded port, the new one runs
+        // on the other. The new one is kept: the deploy's switch moves the
+        // front to it (if it had not yet) and drains the aside, which the
+        // commit then retires — retiring the new one could cut connections
+        // the front already sent it.
+        let restart_cut_short = restart_cut_short(&containers, target, port);
         if let Some(c) = mine {
             let published = c.published_on(&self.config.host_ip);
-            if c.state == "running" && (port.is_none() || c.port == port) && published {
+            if c.state == "running"
+                && (port.is_none() || c.port == port || restart_cut_short)
+                && published
+            {
                 return Ok(Activation {
                     port: c.port,
                     handle: Some(c.id.clone()),

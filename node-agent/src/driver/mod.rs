@@ -172,6 +172,15 @@ pub trait Driver: fmt::Debug + Send + Sync {
         self.activate(target)
     }
 
+    /// Whether a restart of `target`'s release (recorded on `port`) was
+    /// cut short by a kill of the agent, leaving two instances of it: the
+    /// one that served, and its replacement. Another activation must not
+    /// start before a [`Driver::repair`] settled which one serves (Docker
+    /// behind the front: the stepped-aside container and the new one).
+    fn cut_short(&self, _target: &Target, _port: Option<u16>) -> Result<bool, DriverError> {
+        Ok(false)
+    }
+
     /// The app's processes.
     fn status(&self, app: &AppConfig) -> Result<DriverStatus, DriverError>;
 

@@ -421,3 +421,115 @@ fn a_docker_restart_behind_the_front_loses_nothing_and_a_failed_one_keeps_the_ol
     assert_eq!(st["public"]["release"], "v0", "{st:#}");
     drop(cleanup);
 }
+
+// A kill -9 of the agent in the middle of a Docker restart behind the
+// front, before and after the front moved: the next `slipway-agent run`
+// pass, or the next command, leaves one container of the release serving,
+// under its own name, the recorded port the one it listens on, and no
+// request fails meanwhile.
+#[test]
+fn a_kill_of_the_agent_around_the_switch_of_a_docker_restart_leaves_one_container_serving() {
+    let app = format!("rk{}", std::process::id());
+    let public = free_ports::<1>()[0];
+    let ports = free_ports::<2>();
+    let listen = format!("127.0.0.1:{public}");
+    let node = Node::with_config(|root| config(root, &app, Some(&listen), ports));
+    let mut cleanup = Cleanup {
+        config: node.config.clone(),
+        app: app.clone(),
+        images: Vec::new(),
+    };
+    let art = image_artifact(node.dir.path(), &app, "v0", &mut cleanup.images);
+    let r = node
+        .run(&[
+            "deploy",
+            "--app",
+            &app,
+            "--artifact",
+            art.to_str().unwrap(),
+            "--id",
+            "v0",
+            "--json",
+        ])
+        .json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+    let containers = || {
+        docker_cli(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=slipway.app={app}"),
+            "--format",
+            "{{.Names}} {{.State}}",
+        ])
+    };
+    let load =
+        crate::support::load::Load::start(public, "/", 2, 1, Duration::from_secs(120), 100_000);
+    let t0 = std::time::Instant::now();
+    let doors = ["run", "restart"];
+    for (point, door) in slipway_agent::fault::FRONT_POINTS
+        .iter()
+        .flat_map(|p| doors.map(|d| (p, d)))
+    {
+        eprintln!(
+            "{:.3}s: restart killed at {point}, then {door}",
+            t0.elapsed().as_secs_f64()
+        );
+        node.run_killed_at(point, &["restart", "--app", &app]);
+        let mut agent = match door {
+            // The daemon's next pass settles it...
+            "run" => Some(RunningAgent::start(&node)),
+            // ...and so does the next command, before it starts anything.
+            _ => {
+                let out = node.run(&["restart", "--app", &app]);
+                assert_eq!(out.code, Some(0), "{point}: {out:?}");
+                None
+            }
+        };
+        wait_until(
+            &format!("{point}, {door}: one container of the app, under its own name"),
+            Duration::from_secs(60),
+            || containers() == format!("slipway-{app}-v0 running"),
+        );
+        eprintln!("{:.3}s: one container", t0.elapsed().as_secs_f64());
+        let mut agent = agent.take().unwrap_or_else(|| RunningAgent::start(&node));
+        // A few liveness passes: nothing changes any more.
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(agent.stop(), Some(0), "{point}, {door}");
+        assert_eq!(
+            containers(),
+            format!("slipway-{app}-v0 running"),
+            "{point}, {door}"
+        );
+        let st = status(&node);
+        let port = published(&app);
+        let recorded = st["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["current"] == true)
+            .map(|r| r["port"].to_string())
+            .unwrap_or_default();
+        assert!(
+            port.contains(&format!(":{recorded}->")),
+            "{point}, {door}: recorded port {recorded}, container publishes {port}: {st:#}"
+        );
+        assert_eq!(
+            http_get(public, "/").unwrap().1.trim(),
+            "v0",
+            "{point}, {door}"
+        );
+    }
+    // And a restart after all that works as usual.
+    let out = node.run(&["restart", "--app", &app]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    eprintln!(
+        "kills around a docker restart's switch: {}",
+        report.summary()
+    );
+    assert_eq!(report.failures(), 0, "{}", report.summary());
+    assert_eq!(containers(), format!("slipway-{app}-v0 running"));
+    drop(cleanup);
+}
