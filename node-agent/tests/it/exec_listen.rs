@@ -230,3 +230,53 @@ deadline = "10s"
     let notes = s["apps"][0]["processes"]["notes"].to_string();
     assert!(notes.contains(&sock.display().to_string()), "{s:#}");
 }
+
+// `listen` removed from an exec app's config, then a deploy of a release
+// that binds its own port: the supervisor lets go of the address it held,
+// so the new release can bind it, and `status` says the app is restarted,
+// not handed a socket; added back, the next deploy holds it again.
+#[test]
+fn listen_removed_then_added_back_through_deploys() {
+    let a = app();
+    a.node
+        .deploy(&release(&a.node, "v1", None, true), "v1")
+        .ok();
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v1");
+    let with_listen = fs::read_to_string(&a.node.config).unwrap();
+    let listen_line = format!("listen = \"127.0.0.1:{}\"\n", a.port);
+    assert!(with_listen.contains(&listen_line), "{with_listen}");
+    // Without the held socket the health URL names the app's own port.
+    let without = with_listen.replace(&listen_line, "").replace(
+        "http://127.0.0.1:{port}/api/health",
+        &format!("http://127.0.0.1:{}/api/health", a.port),
+    );
+    fs::write(&a.node.config, &without).unwrap();
+    let rep = a
+        .node
+        .deploy_json(&release(&a.node, "v2", None, false), "v2")
+        .json();
+    assert_eq!(rep["outcome"], "succeeded", "{rep:#}");
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v2");
+    let s = status(&a.node);
+    let notes = s["apps"][0]["processes"]["notes"].to_string();
+    assert!(
+        notes.contains("restart: a new release stops the old process"),
+        "{s:#}"
+    );
+    assert_eq!(s["apps"][0]["public"]["mode"], "none", "{s:#}");
+    let procs = s["apps"][0]["processes"]["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{s:#}");
+    assert_eq!(procs[0]["release"], "v2", "{s:#}");
+
+    // Back again: the socket app is handed the address once more.
+    fs::write(&a.node.config, &with_listen).unwrap();
+    let rep = a
+        .node
+        .deploy_json(&release(&a.node, "v3", None, true), "v3")
+        .json();
+    assert_eq!(rep["outcome"], "succeeded", "{rep:#}");
+    assert_eq!(http_get(a.port, "/").unwrap().1, "v3");
+    let s = status(&a.node);
+    let notes = s["apps"][0]["processes"]["notes"].to_string();
+    assert!(notes.contains("socket handover"), "{s:#}");
+}
