@@ -199,7 +199,7 @@ fn node_and_commands(pki: &Pki, controller: &str) -> (Node, Commands) {
     ));
     let config = Config::load(&node.config).unwrap();
     let ctl = ControllerConfig {
-        url: controller.to_owned(),
+        urls: vec![controller.to_owned()],
         state_dir: pki.state.path().to_owned(),
     };
     (node, Commands::new(config, ctl))
