@@ -2350,7 +2350,7 @@ timeout = "2m"
         let neither = err("[controller]\nstate_dir = \"/var/lib/s\"\n");
         assert!(
             neither.contains("/etc/slipway/agent.toml:1: controller: needs `url")
-                && neither.contains("or `urls`"),
+                && neither.contains("or `urls = ["),
             "{neither}"
         );
         let empty = err("[controller]\nurls = []\n");
