@@ -75,13 +75,14 @@ fn killing_the_replica_an_agent_is_on_moves_it_to_the_other_and_the_app_keeps_se
     let killed_at = Instant::now();
     live.kill();
     let moved = connected_to_other(&agent, &other.https_url(), Duration::from_secs(20));
-    println!(
-        "the agent was on {on}; on {moved} again after {:?}",
-        killed_at.elapsed()
-    );
+    let after = killed_at.elapsed();
     other.wait_online(&reader, 1, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
+    println!(
+        "the agent was on {on}; on {moved} after {after:?}; app load: {}",
+        report.summary()
+    );
     assert!(report.ok > 0, "{}", report.summary());
     assert_eq!(report.failures(), 0, "{}", report.summary());
     // No app was touched.
