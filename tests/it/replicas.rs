@@ -110,6 +110,13 @@ fn killing_the_replica_an_agent_is_on_moves_it_to_the_other_and_the_app_keeps_se
         text(&out)
     );
     assert_eq!(agent.get().as_deref(), Some("v2"));
+    // Its artifact came from the replica the session is on: the dead one
+    // was not tried first.
+    let log = fs::read_to_string(agent.dir.path().join("agent.log")).unwrap();
+    assert!(
+        !log.contains("artifact fetch failed on this controller replica"),
+        "{log}"
+    );
 
     // The killed replica comes back: the agent stays where it is.
     live.restart();
