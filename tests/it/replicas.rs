@@ -118,6 +118,17 @@ fn killing_the_replica_an_agent_is_on_moves_it_to_the_other_and_the_app_keeps_se
         "{log}"
     );
 
+    // `slipway-agent status` for people names the replica too.
+    let status = agent.cli(&["status"]);
+    let which = if moved == urls[0] { 1 } else { 2 };
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains(&format!(
+            "controller: connected to {moved} (replica {which} of 2) as node "
+        )),
+        "{}",
+        text(&status)
+    );
+
     // The killed replica comes back: the agent stays where it is.
     live.restart();
     std::thread::sleep(Duration::from_secs(2));
@@ -176,5 +187,17 @@ fn an_agent_whose_list_holds_dead_addresses_comes_online_through_the_live_one() 
     assert!(
         started_on_dead,
         "no run started on a dead address (each did come online)"
+    );
+    // With `run` stopped, status says there is no session (not what the
+    // last run recorded).
+    let link = agent.link();
+    assert_eq!(link["agent_running"], false, "{link}");
+    assert_eq!(link["connected_to"], Value::Null, "{link}");
+    let status = agent.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout)
+            .contains("controller: no session (slipway-agent run is not running)"),
+        "{}",
+        text(&status)
     );
 }
