@@ -201,3 +201,46 @@ fn an_agent_whose_list_holds_dead_addresses_comes_online_through_the_live_one() 
         text(&status)
     );
 }
+
+#[test]
+fn a_bad_urls_list_stops_the_agent_at_start_naming_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    for (urls, says) in [
+        (
+            r#"["https://a:7443", "http://b:7443"]"#,
+            r#"controller.urls: entry 2: "http://b:7443": not an https:// address"#,
+        ),
+        (
+            "[]",
+            "controller.urls: must list at least one controller address",
+        ),
+        (
+            r#"["https://a:7443", "a:7443"]"#,
+            r#"controller.urls: entry 2 ("a:7443") is the same address as entry 1"#,
+        ),
+    ] {
+        fs::write(
+            &config,
+            format!(
+                "[controller]\nstate_dir = \"{}\"\nurls = {urls}\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(crate::support::bin("slipway-agent"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{}:3: {says}", config.display())),
+            "{}",
+            text(&out)
+        );
+    }
+}
