@@ -16,10 +16,11 @@
 //! step of 0.5 s doubling per failed pass, capped at 60 s — before the next
 //! pass. With one address every failure is a whole pass: the backoff alone,
 //! as before replicas. Every other call to the controller follows the
-//! replica the session is on ([`super::replicas`]). A change of an app's `current` or journal (a
-//! node-local deploy or rollback from a shell, say) is sent at once as an
-//! extra heartbeat, so the fleet view does not lag an interval behind
-//! ([`crate::link::watch`]).
+//! replica the session is on ([`super::replicas`]).
+//!
+//! A change of an app's `current` or journal (a node-local deploy or
+//! rollback from a shell, say) is sent at once as an extra heartbeat, so
+//! the fleet view does not lag an interval behind ([`crate::link::watch`]).
 //!
 //! Nothing here touches the apps: losing the controller leaves them running,
 //! their health checks and log rotation going, and node-local deploy and
