@@ -207,18 +207,87 @@ impl Default for ArtifactsConfig {
 /// `[controller]` as written.
 #[derive(Debug, Deserialize)]
 pub struct RawController {
-    pub url: String,
+    /// One controller (or several replicas behind one address).
+    pub url: Option<String>,
+    /// Controller replicas the agent chooses among (instead of `url`).
+    pub urls: Option<Vec<String>>,
     pub state_dir: Option<String>,
 }
 
 /// The controller this node reports to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerConfig {
-    /// `host:port` or `https://host:port`.
-    pub url: String,
+    /// `host:port` or `https://host:port` of each replica, as written (one
+    /// for `url`, at least one for `urls`): never empty, no two the same
+    /// address. The session picks one at random and moves to the next on
+    /// failure ([`crate::link::replicas`]).
+    pub urls: Vec<String>,
     /// Where `slipway-agent enroll` put the key, certificate and CA.
     pub state_dir: PathBuf,
 }
+
+/// Most replicas `urls` may list: a full pass over them, with the short
+/// pause between two, stays well under the reconnect backoff's cap.
+pub const MAX_CONTROLLER_URLS: usize = 16;
+
+/// A controller address checked: what to dial and the name its server
+/// certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerAddress {
+    /// `host:port` (`[v6]:port`) to dial.
+    pub authority: String,
+    /// The host part, checked against the server certificate.
+    pub host: String,
+}
+
+/// Parses a controller address: `host[:port]` or `https://host[:port]`
+/// (an optional trailing `/`), the port 7443 when not given. The link is
+/// always TLS, so any other scheme (`http://`) is refused.
+pub fn controller_address(text: &str) -> Result<ControllerAddress, String> {
+    let bad = |why: &str| format!("{text:?}: {why} (expected https://host:port or host:port)");
+    let rest = text.strip_prefix("https://").unwrap_or(text);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains("://") {
+        return Err(bad("not an https:// address"));
+    }
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(bad("not a controller address"));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("unclosed `[` in an IPv6 address"))?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, Some(port)),
+            None if after.is_empty() => (host, None),
+            None => return Err(bad("not a controller address")),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        }
+    };
+    let port: u16 = match port {
+        Some(port) => port.parse().map_err(|_| bad("bad port"))?,
+        None => DEFAULT_CONTROLLER_PORT,
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(ControllerAddress {
+        authority,
+        host: host.to_owned(),
+    })
+}
+
+/// Port used when a controller address has none.
+pub const DEFAULT_CONTROLLER_PORT: u16 = 7443;
 
 /// Where enrollment keeps the node's identity by default.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/slipway-agent";
@@ -953,14 +1022,39 @@ impl Config {
     }
 }
 
-/// Checks `[controller]`: a non-empty address, an absolute state dir.
+/// Checks `[controller]`: exactly one of `url` and `urls`, each address
+/// one the link can dial ([`controller_address`]), `urls` a list of 1 to
+/// [`MAX_CONTROLLER_URLS`] different addresses; an absolute state dir.
 fn controller_config(p: &mut Problems<'_>, raw: &RawController) -> ControllerConfig {
-    if raw.url.trim().is_empty() {
-        p.push(
-            "url",
-            "must name the controller, e.g. \"controller.example.com:7443\"".into(),
-        );
-    }
+    let urls = match (&raw.url, &raw.urls) {
+        (Some(_), Some(_)) => {
+            p.push(
+                "urls",
+                "give either `url` (one controller) or `urls` (replicas), not both".into(),
+            );
+            Vec::new()
+        }
+        (None, None) => {
+            p.push(
+                "",
+                "needs `url = \"host:7443\"` (one controller) or `urls = [\"https://a:7443\", \"https://b:7443\"]` (replicas)".into(),
+            );
+            Vec::new()
+        }
+        (Some(url), None) => {
+            let url = url.trim();
+            if url.is_empty() {
+                p.push(
+                    "url",
+                    "must name the controller, e.g. \"controller.example.com:7443\"".into(),
+                );
+            } else if let Err(why) = controller_address(url) {
+                p.push("url", why);
+            }
+            vec![url.to_owned()]
+        }
+        (None, Some(list)) => controller_urls(p, list),
+    };
     let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
     if !state_dir.is_absolute() {
         p.push(
@@ -968,10 +1062,51 @@ fn controller_config(p: &mut Problems<'_>, raw: &RawController) -> ControllerCon
             format!("{} must be an absolute path", state_dir.display()),
         );
     }
-    ControllerConfig {
-        url: raw.url.trim().to_owned(),
-        state_dir,
+    ControllerConfig { urls, state_dir }
+}
+
+/// Checks `urls`: 1 to [`MAX_CONTROLLER_URLS`] addresses, each valid, no
+/// two naming the same host and port. Every bad entry is reported.
+fn controller_urls(p: &mut Problems<'_>, list: &[String]) -> Vec<String> {
+    if list.is_empty() {
+        p.push(
+            "urls",
+            "must list at least one controller address, e.g. [\"https://a:7443\", \"https://b:7443\"]"
+                .into(),
+        );
     }
+    if list.len() > MAX_CONTROLLER_URLS {
+        p.push(
+            "urls",
+            format!(
+                "lists {} addresses; at most {MAX_CONTROLLER_URLS} are allowed",
+                list.len()
+            ),
+        );
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut urls = Vec::new();
+    for (i, url) in list.iter().enumerate() {
+        let url = url.trim();
+        match controller_address(url) {
+            Err(why) => p.push("urls", format!("entry {}: {why}", i + 1)),
+            Ok(addr) => match seen.entry(addr.authority.to_ascii_lowercase()) {
+                std::collections::btree_map::Entry::Occupied(first) => p.push(
+                    "urls",
+                    format!(
+                        "entry {} ({url:?}) is the same address as entry {}",
+                        i + 1,
+                        first.get()
+                    ),
+                ),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(i + 1);
+                }
+            },
+        }
+        urls.push(url.to_owned());
+    }
+    urls
 }
 
 /// Checks `[artifacts]`: the CA file must be an absolute path to readable
@@ -2128,7 +2263,7 @@ timeout = "2m"
         assert_eq!(
             cfg.controller,
             Some(ControllerConfig {
-                url: "controller.example.com:7443".into(),
+                urls: vec!["controller.example.com:7443".into()],
                 state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             })
         );
@@ -2169,7 +2304,7 @@ timeout = "2m"
         assert_eq!(
             cfg.controller,
             Some(ControllerConfig {
-                url: "c:7443".into(),
+                urls: vec!["c:7443".into()],
                 state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             })
         );
@@ -2184,6 +2319,121 @@ timeout = "2m"
             ) && err.contains(":6: artifacts.read_timeout"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn controller_replicas_are_listed_in_urls() {
+        let cfg = parse(
+            "[controller]\nurls = [\"https://a.example:7443\", \" b.example:8443 \", \"https://[::1]:7443/\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.controller,
+            Some(ControllerConfig {
+                urls: vec![
+                    "https://a.example:7443".into(),
+                    "b.example:8443".into(),
+                    "https://[::1]:7443/".into()
+                ],
+                state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            })
+        );
+        // One entry is one controller, as `url`.
+        let one = parse("[controller]\nurls = [\"https://a:7443\"]\n").unwrap();
+        assert_eq!(one.controller.unwrap().urls, ["https://a:7443"]);
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        let both = err("[controller]\nurl = \"a:7443\"\nurls = [\"https://b:7443\"]\n");
+        assert!(
+            both.contains("/etc/slipway/agent.toml:3: controller.urls: give either `url` (one controller) or `urls` (replicas), not both"),
+            "{both}"
+        );
+        let neither = err("[controller]\nstate_dir = \"/var/lib/s\"\n");
+        assert!(
+            neither.contains("/etc/slipway/agent.toml:1: controller: needs `url")
+                && neither.contains("or `urls = ["),
+            "{neither}"
+        );
+        let empty = err("[controller]\nurls = []\n");
+        assert!(
+            empty.contains(":2: controller.urls: must list at least one controller address"),
+            "{empty}"
+        );
+        let dup = err(
+            "[controller]\nurls = [\"https://a:7443\", \"b:1\", \"A:7443\", \"https://b:1/\"]\n",
+        );
+        assert!(
+            dup.contains(
+                ":2: controller.urls: entry 3 (\"A:7443\") is the same address as entry 1"
+            ) && dup.contains(
+                ":2: controller.urls: entry 4 (\"https://b:1/\") is the same address as entry 2"
+            ) && dup.contains("(2 problems)"),
+            "{dup}"
+        );
+        // A port left out is 7443: the same address.
+        let dup = err("[controller]\nurls = [\"https://a\", \"a:7443\"]\n");
+        assert!(
+            dup.contains("entry 2 (\"a:7443\") is the same address as entry 1"),
+            "{dup}"
+        );
+        let plain = err(
+            "[controller]\nstate_dir = \"/s\"\nurls = [\"https://a:7443\", \"http://b:7443\", \"c:port\", \"\"]\n",
+        );
+        assert!(
+            plain.contains(":3: controller.urls: entry 2: \"http://b:7443\": not an https:// address (expected https://host:port or host:port)")
+                && plain.contains(":3: controller.urls: entry 3: \"c:port\": bad port")
+                && plain.contains(":3: controller.urls: entry 4: \"\": not a controller address")
+                && plain.contains("(3 problems)"),
+            "{plain}"
+        );
+        let many: Vec<String> = (0..17).map(|i| format!("\"https://c{i}:7443\"")).collect();
+        let too_many = err(&format!("[controller]\nurls = [{}]\n", many.join(", ")));
+        assert!(
+            too_many.contains(":2: controller.urls: lists 17 addresses; at most 16 are allowed"),
+            "{too_many}"
+        );
+        let sixteen = parse(&format!(
+            "[controller]\nurls = [{}]\n",
+            many[..16].join(", ")
+        ));
+        assert_eq!(sixteen.unwrap().controller.unwrap().urls.len(), 16);
+        let wrong_type = err("[controller]\nurls = \"https://a:7443\"\n");
+        assert!(wrong_type.contains(":2: controller.urls:"), "{wrong_type}");
+        // `url` is checked the same way (it never could dial such a value).
+        let bad_url = err("[controller]\nurl = \"http://a:7443\"\n");
+        assert!(
+            bad_url.contains(":2: controller.url: \"http://a:7443\": not an https:// address"),
+            "{bad_url}"
+        );
+    }
+
+    #[test]
+    fn controller_addresses_parse_to_what_is_dialled() {
+        let a = controller_address("https://ctl.example.com:8443/").unwrap();
+        assert_eq!(
+            (a.authority.as_str(), a.host.as_str()),
+            ("ctl.example.com:8443", "ctl.example.com")
+        );
+        assert_eq!(
+            controller_address("10.0.0.5").unwrap().authority,
+            "10.0.0.5:7443"
+        );
+        let v6 = controller_address("[::1]").unwrap();
+        assert_eq!(
+            (v6.authority.as_str(), v6.host.as_str()),
+            ("[::1]:7443", "::1")
+        );
+        for bad in [
+            "",
+            "http://x:1",
+            "grpc://x",
+            "x:port",
+            "x:1/path",
+            ":1",
+            "[::1",
+            "u@x:1",
+        ] {
+            assert!(controller_address(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,8 +20,9 @@
 //!
 //! **L3 — the long-running agent and its controller**
 //! - [`link`]: the controller: dialling and TLS, enrollment and renewal, the
-//!   node's identity on disk, the session `run` keeps up (reconnect with
-//!   backoff and jitter), heartbeats, the controller's commands and their
+//!   node's identity on disk, the controller replicas (`urls`) and the one
+//!   the session is on, the session `run` keeps up (a random replica first,
+//!   the next one on failure, backoff and jitter), heartbeats, the controller's commands and their
 //!   ledger, inotify on each app's state, and the agent's upgrade of its own
 //!   binary with the guard that restores the old one.
 //! - [`daemon`]: `slipway-agent run`: liveness checks, housekeeping (log

@@ -33,6 +33,7 @@ mod metrics;
 mod oidc;
 mod pm2;
 mod reconnect;
+mod replicas;
 mod rollout;
 mod static_binary;
 mod systemd;

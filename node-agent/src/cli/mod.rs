@@ -26,7 +26,7 @@ use crate::deploy::{self, DeployError, DeployRequest, Deployer};
 use crate::digest::Sha256;
 use crate::release::{ReleaseError, ReleaseId};
 pub use args::{Cli, Command};
-use print::{print_json, print_releases, print_status, AppStatus};
+use print::{print_json, print_releases, print_status, AppStatus, ControllerLink};
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -582,10 +582,11 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
             }
             let roots: Vec<PathBuf> = config.apps.values().map(|a| a.root.clone()).collect();
             let node = crate::metrics::snapshot(&roots);
+            let link = config.controller.as_ref().map(controller_link);
             if json {
-                print_json(&serde_json::json!({ "node": node, "apps": apps }));
+                print_json(&serde_json::json!({ "node": node, "controller": link, "apps": apps }));
             } else {
-                print_status(&node, &apps);
+                print_status(&node, link.as_ref(), &apps);
             }
         }
         Command::Restart { app, json } => {
@@ -710,6 +711,23 @@ fn deploy_from_url(
         sha256: Some(sha256),
         id,
     })?)
+}
+
+/// Where the controller session of this node stands: what `slipway-agent
+/// run` recorded, when it runs (it holds the agent lock); otherwise none.
+fn controller_link(ctl: &crate::config::ControllerConfig) -> ControllerLink {
+    let running = crate::lock::is_held(&crate::link::upgrade::agent_lock_path(&ctl.state_dir));
+    let state = running
+        .then(|| crate::link::replicas::read_state(&ctl.state_dir))
+        .flatten();
+    ControllerLink {
+        replicas: ctl.urls.clone(),
+        agent_running: running,
+        connected_to: state.as_ref().and_then(|s| s.connected_to.clone()),
+        node_id: state.as_ref().and_then(|s| s.node_id.clone()),
+        since_unix: state.as_ref().map(|s| s.since_unix),
+        detail: state.and_then(|s| s.detail),
+    }
 }
 
 fn app_status(app: &crate::config::AppConfig, bridge: &Bridge) -> Result<AppStatus, Failure> {

@@ -12,6 +12,61 @@ pub(super) fn print_json<T: Serialize>(value: &T) {
     }
 }
 
+/// The controller link as `status` shows it: what `slipway-agent run`
+/// records of its session ([`crate::link::replicas::LINK_FILE`]) while it
+/// runs.
+#[derive(Debug, Serialize)]
+pub(super) struct ControllerLink {
+    /// Every configured controller replica, in order.
+    pub(super) replicas: Vec<String>,
+    /// Whether `slipway-agent run` runs (holds the agent lock).
+    pub(super) agent_running: bool,
+    /// The replica its session is on, if one is up.
+    pub(super) connected_to: Option<String>,
+    /// The node id that replica welcomed.
+    pub(super) node_id: Option<String>,
+    /// Since when (seconds since the Unix epoch) it is connected, or not.
+    pub(super) since_unix: Option<i64>,
+    /// While not connected: the last failure and the replica tried next.
+    pub(super) detail: Option<String>,
+}
+
+/// One line about the controller link, for `status`.
+pub(super) fn controller_line(link: &ControllerLink) -> String {
+    let since = link
+        .since_unix
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or_else(String::new, |t| format!(" since {t}"));
+    if !link.agent_running {
+        return format!(
+            "controller: no session (slipway-agent run is not running); configured: {}",
+            link.replicas.join(", ")
+        );
+    }
+    match (&link.connected_to, &link.detail) {
+        (Some(url), _) => {
+            let of = link
+                .replicas
+                .iter()
+                .position(|r| r == url)
+                .map_or_else(String::new, |i| {
+                    format!(" (replica {} of {})", i + 1, link.replicas.len())
+                });
+            let node = link
+                .node_id
+                .as_deref()
+                .map_or_else(String::new, |n| format!(" as node {n}"));
+            format!("controller: connected to {url}{of}{node}{since}")
+        }
+        (None, Some(detail)) => format!("controller: not connected{since}: {detail}"),
+        (None, None) => "controller: not connected yet".to_owned(),
+    }
+}
+
 #[derive(Debug, Serialize)]
 /// One app as `status` shows it.
 pub(super) struct AppStatus {
@@ -41,7 +96,11 @@ pub(super) struct AppStatus {
     pub(super) public: crate::public::Public,
 }
 
-pub(super) fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus]) {
+pub(super) fn print_status(
+    node: &crate::metrics::NodeMetrics,
+    link: Option<&ControllerLink>,
+    apps: &[AppStatus],
+) {
     const GIB: f64 = (1u64 << 30) as f64;
     println!(
         "node {}: cpu {:.0}% of {} cores, memory {:.1}/{:.1} GiB, load {:.2} {:.2} {:.2}",
@@ -64,6 +123,9 @@ pub(super) fn print_status(node: &crate::metrics::NodeMetrics, apps: &[AppStatus
             d.used_bytes as f64 / GIB,
             d.total_bytes as f64 / GIB
         );
+    }
+    if let Some(link) = link {
+        println!("{}", controller_line(link));
     }
     for a in apps {
         let s = &a.snapshot;

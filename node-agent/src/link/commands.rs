@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use super::heartbeat::heartbeat;
 use super::ledger::{LedgerFile, Recorded};
+use super::replicas::{self, Replicas};
 use super::{tls, LinkError};
 use crate::artifact::cache::{self, Fetched};
 use crate::artifact::https as download;
@@ -71,6 +72,9 @@ pub struct Commands {
 struct Shared {
     config: Config,
     ctl: ControllerConfig,
+    /// The controller replicas, and the one the session is on: fetches go
+    /// there first.
+    replicas: Replicas,
     /// Results already sent, for idempotency across re-sends.
     ledger: LedgerFile,
     /// Command ids running right now: a re-send of one of them is not run
@@ -87,6 +91,7 @@ impl Commands {
         Self {
             inner: Arc::new(Shared {
                 ledger: LedgerFile::new(&ctl.state_dir),
+                replicas: Replicas::new(ctl.urls.clone()),
                 config,
                 ctl,
                 in_flight: Mutex::default(),
@@ -105,12 +110,19 @@ impl Commands {
         &self.inner.ledger
     }
 
+    /// The controller replicas: the session records here which one it is
+    /// on, and the commands' own calls to the controller follow it.
+    pub fn replicas(&self) -> &Replicas {
+        &self.inner.replicas
+    }
+
     /// Runs the command in `msg` (if it is one) and reports on the current
     /// session.
     pub async fn execute(&self, msg: ControllerMessage) {
         let Shared {
             config,
             ctl,
+            replicas,
             ledger,
             in_flight,
             out,
@@ -194,7 +206,7 @@ impl Commands {
                     .map(|s| s.iter().filter(|i| **i != id).cloned().collect())
                     .unwrap_or_default();
                 if busy.is_empty() {
-                    upgrade_agent(config, ctl, &id, u, out).await
+                    upgrade_agent(config, ctl, replicas, &id, u, out).await
                 } else {
                     recorded(
                         &id,
@@ -207,7 +219,7 @@ impl Commands {
                     )
                 }
             }
-            kind => run(config, ctl, &id, kind, out).await,
+            kind => run(config, ctl, replicas, &id, kind, out).await,
         };
         let r = result.to_proto();
         // Recorded before it stops counting as in flight: a re-send in between
@@ -310,8 +322,13 @@ fn deploy_outcome(
 /// Where a deploy's artifact comes from.
 #[derive(Debug)]
 enum Source {
-    /// The controller holds it: fetched by digest over the mTLS link.
-    Controller(ControllerConfig),
+    /// The controller holds it: fetched by digest over the mTLS link, from
+    /// the replica the session is on, else from the others.
+    Controller {
+        replicas: Replicas,
+        /// The node's identity for the mTLS dial.
+        state_dir: std::path::PathBuf,
+    },
     /// The agent downloads it itself from this HTTPS URL.
     Url(String),
 }
@@ -333,7 +350,7 @@ async fn deploy_artifact(
     out: &Outbox,
 ) -> Result<Result<DeployReport, String>, tokio::task::JoinError> {
     let from = match &source {
-        Source::Controller(_) => "the controller".to_owned(),
+        Source::Controller { .. } => "the controller".to_owned(),
         Source::Url(url) => url.clone(),
     };
     // A bad digest or URL is refused before anything is fetched.
@@ -390,14 +407,16 @@ async fn deploy_artifact(
                     .await
                     .map_err(|e| format!("cannot download the artifact: {e}"))
             }
-            Source::Controller(ctl) => fetch_from_controller(
-                &ctl.url,
-                &ctl.state_dir,
-                &sha256,
-                id,
-                &cache,
-                &config.artifacts,
-            )
+            Source::Controller {
+                replicas,
+                state_dir,
+            } => replicas::first_answer(replicas, "artifact fetch", |url| {
+                let (sha256, cache, state_dir) = (&sha256, &cache, &state_dir);
+                async move {
+                    fetch_from_controller(&url, state_dir, sha256, id, cache, &config.artifacts)
+                        .await
+                }
+            })
             .await
             .map_err(|e| format!("cannot fetch the artifact: {e}")),
         },
@@ -472,6 +491,7 @@ async fn fetch_from_controller(
 async fn upgrade_agent(
     config: &Config,
     ctl: &ControllerConfig,
+    replicas: &Replicas,
     id: &str,
     u: slipway_proto::v1::AgentUpgrade,
     out: &Outbox,
@@ -515,31 +535,29 @@ async fn upgrade_agent(
     // An agent binary is held to [artifacts] too, and to its own limit.
     let mut limits = config.artifacts.clone();
     limits.max_size = limits.max_size.min(slipway_proto::limits::MAX_AGENT_BINARY);
-    let fetched = match tokio::fs::create_dir_all(&cache).await {
-        Err(e) => return failed(format!("cannot create {}: {e}", cache.display())),
-        Ok(()) => match tokio::time::timeout(
-            limits.connect_timeout,
-            tls::mtls_channel(&ctl.url, &state_dir),
-        )
-        .await
-        {
-            Err(_) => {
-                return failed(format!(
-                    "cannot reach the controller within {:?}",
-                    limits.connect_timeout
-                ))
-            }
-            Ok(Err(e)) => return failed(format!("cannot reach the controller: {e}")),
-            Ok(Ok(channel)) => {
-                let addr =
-                    tls::Target::parse(&ctl.url).map_or_else(|_| ctl.url.clone(), |t| t.authority);
-                crate::artifact::controller::fetch_agent_binary(
-                    channel, &addr, &sha256, id, &cache, &limits,
-                )
-                .await
-            }
-        },
-    };
+    if let Err(e) = tokio::fs::create_dir_all(&cache).await {
+        return failed(format!("cannot create {}: {e}", cache.display()));
+    }
+    // From the replica the session is on, else from the others.
+    let fetched = replicas::first_answer(replicas, "agent binary fetch", |url| {
+        let (state_dir, sha256, cache, limits) = (&state_dir, &sha256, &cache, &limits);
+        async move {
+            let addr = tls::Target::parse(&url)?.authority;
+            let channel =
+                tokio::time::timeout(limits.connect_timeout, tls::mtls_channel(&url, state_dir))
+                    .await
+                    .map_err(|_| LinkError::Idle {
+                        addr: addr.clone(),
+                        during: "while connecting",
+                        after: limits.connect_timeout,
+                    })??;
+            Ok(crate::artifact::controller::fetch_agent_binary(
+                channel, &addr, sha256, id, cache, limits,
+            )
+            .await?)
+        }
+    })
+    .await;
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
@@ -693,6 +711,7 @@ async fn set_env(
 async fn run(
     config: &Config,
     ctl: &ControllerConfig,
+    replicas: &Replicas,
     id: &str,
     kind: controller_message::Kind,
     out: &Outbox,
@@ -715,7 +734,10 @@ async fn run(
                 Err(e) => return recorded(id, Outcome::Failed, &d.release_id, e.to_string()),
             };
             let source = if d.artifact_url.is_empty() {
-                Source::Controller(ctl.clone())
+                Source::Controller {
+                    replicas: replicas.clone(),
+                    state_dir: ctl.state_dir.clone(),
+                }
             } else {
                 Source::Url(d.artifact_url.clone())
             };
@@ -881,7 +903,7 @@ mod tests {
         );
         let config = Config::parse(&dir.path().join("agent.toml"), &text).unwrap();
         let ctl = ControllerConfig {
-            url: "127.0.0.1:1".into(),
+            urls: vec!["127.0.0.1:1".into()],
             state_dir: dir.path().join("state"),
         };
         std::fs::create_dir_all(&ctl.state_dir).unwrap();

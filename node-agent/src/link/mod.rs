@@ -7,8 +7,12 @@
 //! - [`enroll`](mod@enroll): enrollment with a join token, certificate renewal.
 //! - [`identity`]: the node's key and certificate on disk, switched as one
 //!   pair atomically; recovery and migration of older layouts at start.
+//! - [`replicas`]: the controller replicas (`[controller] url` or `urls`),
+//!   the one the session is on, and the order every other call to the
+//!   controller tries them in; the session's state for `status`.
 //! - [`session`]: the AgentLink stream ([`connect`]) and the loop that keeps
-//!   it up (reconnect with backoff and jitter, heartbeats, renewal).
+//!   it up (a random replica first, the next one on failure, backoff and
+//!   jitter; heartbeats, renewal).
 //! - [`commands`]: deploy, rollback, prune, restart, stop, start and status
 //!   commands from the controller, recorded in the [`ledger`] so each runs
 //!   once.
@@ -33,6 +37,7 @@ pub mod heartbeat;
 pub mod identity;
 pub mod ledger;
 pub mod metadata;
+pub mod replicas;
 pub mod session;
 pub mod tls;
 pub mod upgrade;
@@ -60,7 +65,7 @@ pub const CA_FILE: &str = "ca.pem";
 /// The node id the controller assigned (also the certificate's CN).
 pub const NODE_ID_FILE: &str = "node-id";
 /// Port used when the controller address has none.
-pub const DEFAULT_PORT: u16 = 7443;
+pub const DEFAULT_PORT: u16 = crate::config::DEFAULT_CONTROLLER_PORT;
 
 /// Errors from enrolling or connecting.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,10 @@ pub enum LinkError {
     /// The join token is malformed.
     #[error(transparent)]
     Token(#[from] ParseJoinTokenError),
+    /// `[controller]` names no address to try (the config checks refuse
+    /// such a file; a caller that built its own config may not).
+    #[error("no controller address is configured")]
+    NoController,
     /// The controller address cannot be used.
     #[error("invalid controller address {0:?}: expected host:port or https://host:port")]
     Address(String),

@@ -6,12 +6,21 @@
 //! `slipway-agent enroll` stored, sends Hello with the state of every app,
 //! then a heartbeat on the interval the controller announced in its Welcome
 //! — the first one at a random point of the first interval, so a fleet that
-//! reconnects together does not heartbeat together. When the session drops
-//! (or cannot be opened) it reconnects with exponential backoff and full
-//! jitter, capped at 60 s. A change of an app's `current` or journal (a
-//! node-local deploy or rollback from a shell, say) is sent at once as an
-//! extra heartbeat, so the fleet view does not lag an interval behind
-//! ([`crate::link::watch`]).
+//! reconnects together does not heartbeat together.
+//!
+//! With several controller replicas (`[controller] urls`) it starts on one
+//! picked at random and, when the session drops or cannot be opened, moves
+//! to the next one in the list, wrapping around ([`Rotation`]): 250–500 ms
+//! (jittered) before trying the next replica, and once a whole pass over the
+//! list found none, exponential backoff with full jitter — uniform below a
+//! step of 0.5 s doubling per failed pass, capped at 60 s — before the next
+//! pass. With one address every failure is a whole pass: the backoff alone,
+//! as before replicas. Every other call to the controller follows the
+//! replica the session is on ([`super::replicas`]).
+//!
+//! A change of an app's `current` or journal (a node-local deploy or
+//! rollback from a shell, say) is sent at once as an extra heartbeat, so
+//! the fleet view does not lag an interval behind ([`crate::link::watch`]).
 //!
 //! Nothing here touches the apps: losing the controller leaves them running,
 //! their health checks and log rotation going, and node-local deploy and
@@ -33,8 +42,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
 use super::commands::Commands;
-use super::enroll::{self, read_node_id};
+use super::enroll::read_node_id;
 use super::heartbeat::{app_statuses, heartbeat};
+use super::replicas::{self, LinkState, Replicas};
 use super::watch::StateWatcher;
 use super::{identity, tls, LinkError};
 use crate::bridge::Bridge;
@@ -51,6 +61,11 @@ const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// Reconnect delay ceiling: a fleet that lost its controller retries at
 /// least once a minute.
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// Pause before trying the next replica within a pass: uniform in
+/// `[NEXT_REPLICA_MIN, 2 × NEXT_REPLICA_MIN)`, so agents that lost the same
+/// replica do not dial the next one together, and a list of dead replicas
+/// is never walked in a tight loop.
+const NEXT_REPLICA_MIN: Duration = Duration::from_millis(250);
 /// Heartbeat interval when the controller does not say.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -108,7 +123,9 @@ pub async fn connect(
 }
 
 /// Keeps the session up until `stop` resolves. How it goes is told to
-/// systemd as the unit's status line (`notifier`, when under systemd).
+/// systemd as the unit's status line (`notifier`, when under systemd) and
+/// written to the state dir for `slipway-agent status`
+/// ([`replicas::LINK_FILE`]).
 pub async fn run(
     config: Config,
     ctl: ControllerConfig,
@@ -116,18 +133,30 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let apps = config.apps.len();
-    let status = |what: String| {
-        if let Err(e) = notifier.status(&format!("{apps} app(s); controller {}: {what}", ctl.url)) {
+    let status = |url: &str, what: String| {
+        if let Err(e) = notifier.status(&format!("{apps} app(s); controller {url}: {what}")) {
             tracing::debug!(error = %e, "cannot notify systemd (STATUS)");
         }
     };
     tokio::pin!(stop);
     recover_identity(&ctl).await;
     let mut rng = Jitter::seeded();
-    let mut attempt: u32 = 0;
     // One runner for the daemon, not per session: a command outlives the
     // session it came on, and its result goes to the session of the moment.
     let commands = Commands::new(config.clone(), ctl.clone());
+    let replicas = commands.replicas().clone();
+    if replicas.is_empty() {
+        tracing::error!("no controller address configured; not connecting");
+        return;
+    }
+    let mut rotation = Rotation::start(replicas.len(), &mut rng);
+    // What an earlier run recorded is not true of this one.
+    record_down(
+        &ctl,
+        &replicas,
+        format!("starting: dialling {}", replicas.urls()[rotation.at()]),
+    )
+    .await;
     let roots: Vec<_> = config.apps.values().map(|a| a.root.clone()).collect();
     let mut watch = match StateWatcher::new(&roots) {
         Ok(w) => Some(w),
@@ -157,47 +186,86 @@ pub async fn run(
             .await
             .unwrap_or_default()
         };
+        let at = rotation.at();
+        let url = replicas.urls()[at].clone();
+        replicas.dialling(at);
         let outcome = tokio::select! {
-            r = connect(&ctl.url, &ctl.state_dir, hello) => r,
+            r = connect(&url, &ctl.state_dir, hello) => r,
             () = &mut stop => return,
         };
-        match outcome {
+        // Why the session is not up, for the log and `status`.
+        let why = match outcome {
             Ok(session) => {
-                attempt = 0;
+                rotation.connected();
+                replicas.connected(at);
                 // Before any command is read: an agent upgrade in flight is
                 // committed (or found rolled back) and its result put where
                 // the re-sent command finds it.
                 super::upgrade::settle(&ctl.state_dir, commands.ledger()).await;
-                tracing::info!(controller = %ctl.url, node = %session.welcome.node_id, "connected to the controller");
-                status(format!("connected as node {}", session.welcome.node_id));
+                tracing::info!(
+                    controller = %url,
+                    replica = at + 1,
+                    replicas = replicas.len(),
+                    node = %session.welcome.node_id,
+                    "connected to the controller"
+                );
+                status(
+                    &url,
+                    format!("connected as node {}", session.welcome.node_id),
+                );
+                record(
+                    &ctl,
+                    LinkState {
+                        connected_to: Some(url.clone()),
+                        node_id: Some(session.welcome.node_id.clone()),
+                        replicas: replicas.urls().to_vec(),
+                        since_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+                        detail: None,
+                    },
+                )
+                .await;
                 let interval = match session.welcome.heartbeat_interval_secs {
                     0 => DEFAULT_INTERVAL,
                     n => Duration::from_secs(u64::from(n)),
                 };
                 let renew_at = session.welcome.renew_cert_after_unix;
                 let ended = tokio::select! {
-                    e = serve(&config, &ctl, session, interval, renew_at, &mut rng, &commands, watch.as_mut()) => e,
+                    e = serve(&config, &ctl, &replicas, session, interval, renew_at, &mut rng, &commands, watch.as_mut()) => e,
                     () = &mut stop => return,
                 };
+                replicas.disconnected();
                 if ended.code == tonic::Code::PermissionDenied {
                     // Revoked: reconnecting would only be refused again. The
                     // apps keep running; re-enroll to rejoin.
-                    tracing::error!(controller = %ctl.url, "this node was revoked by the controller ({}); not reconnecting", ended.text);
-                    status("revoked: not reconnecting (enroll again to rejoin)".to_owned());
+                    tracing::error!(controller = %url, "this node was revoked by the controller ({}); not reconnecting", ended.text);
+                    status(
+                        &url,
+                        "revoked: not reconnecting (enroll again to rejoin)".to_owned(),
+                    );
+                    record_down(
+                        &ctl,
+                        &replicas,
+                        format!("revoked by {url}: not reconnecting"),
+                    )
+                    .await;
                     return;
                 }
-                tracing::warn!(controller = %ctl.url, "controller session ended: {}", ended.text);
-                status(format!("session ended ({}); reconnecting", ended.text));
+                status(
+                    &url,
+                    format!("session ended ({}); reconnecting", ended.text),
+                );
+                format!("session with {url} ended: {}", ended.text)
             }
             Err(e) => {
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let attempt = rotation.passes();
                 match identity::expired_message(&ctl.state_dir, now) {
                     // Retrying cannot help, but an `enroll --replace` run
                     // meanwhile is picked up at the next attempt (each dial
                     // reads the identity afresh); the apps keep running.
                     Some(message) => {
-                        tracing::error!(controller = %ctl.url, attempt, "{message} ({e})");
-                        status(message);
+                        tracing::error!(controller = %url, attempt, "{message} ({e})");
+                        status(&url, message);
                     }
                     None if e.to_string().contains("UnknownIssuer") => {
                         let message = format!(
@@ -205,23 +273,62 @@ pub async fn run(
                              ({e}); if the controller's CA was rotated while this node was \
                              offline, re-enroll with `slipway-agent enroll --replace --token …`"
                         );
-                        tracing::error!(controller = %ctl.url, attempt, "{message}");
-                        status(message);
+                        tracing::error!(controller = %url, attempt, "{message}");
+                        status(&url, message);
                     }
                     None => {
-                        tracing::warn!(controller = %ctl.url, attempt, "cannot reach the controller: {e}");
-                        status(format!("unreachable (attempt {}): {e}", attempt + 1));
+                        status(&url, format!("unreachable (attempt {}): {e}", attempt + 1));
                     }
                 }
+                format!("cannot reach {url}: {e}")
             }
-        }
-        let delay = backoff(attempt, &mut rng);
-        attempt = attempt.saturating_add(1);
+        };
+        let delay = rotation.failed(&mut rng);
+        let next = &replicas.urls()[rotation.at()];
+        let pass_over = rotation.at_pass_start();
+        tracing::warn!(
+            controller = %url,
+            next = %next,
+            after_ms = delay.as_millis() as u64,
+            "{why}; {}",
+            if replicas.len() == 1 {
+                "reconnecting".to_owned()
+            } else if pass_over {
+                format!("no replica of {} answered; backing off, then trying {next}", replicas.len())
+            } else {
+                format!("moving to the next replica, {next}")
+            }
+        );
+        record_down(&ctl, &replicas, format!("{why}; next: {next}")).await;
+        replicas.dialling(rotation.at());
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = &mut stop => return,
         }
     }
+}
+
+/// Writes `state` for `slipway-agent status`; a failure is only logged
+/// (the session does not depend on it).
+async fn record(ctl: &ControllerConfig, state: LinkState) {
+    let dir = ctl.state_dir.clone();
+    match tokio::task::spawn_blocking(move || replicas::write_state(&dir, &state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot record the link state for status"),
+        Err(e) => tracing::debug!(error = %e, "link state task failed"),
+    }
+}
+
+/// [`record`]s that no session is up, and why.
+async fn record_down(ctl: &ControllerConfig, replicas: &Replicas, detail: String) {
+    let state = LinkState {
+        connected_to: None,
+        node_id: None,
+        replicas: replicas.urls().to_vec(),
+        since_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+        detail: Some(detail),
+    };
+    record(ctl, state).await;
 }
 
 /// Puts the node's key and certificate in order before the first dial:
@@ -245,7 +352,11 @@ async fn recover_identity(ctl: &ControllerConfig) {
 /// file, after checking every certificate in it is a CA certificate and
 /// that the CA it signs with is among them; with `renew_now`, renews the
 /// node's certificate at once unless that CA already issued it.
-async fn trust_bundle(ctl: &ControllerConfig, bundle: slipway_proto::v1::TrustBundle) {
+async fn trust_bundle(
+    ctl: &ControllerConfig,
+    replicas: &Replicas,
+    bundle: slipway_proto::v1::TrustBundle,
+) {
     let dir = ctl.state_dir.clone();
     let checked = tokio::task::spawn_blocking(move || identity::store_trust(&dir, &bundle))
         .await
@@ -257,7 +368,7 @@ async fn trust_bundle(ctl: &ControllerConfig, bundle: slipway_proto::v1::TrustBu
                 tracing::info!("stored the controller's new trust bundle (CA rotation)");
             }
             if renew {
-                match enroll::renew(&ctl.url, &ctl.state_dir).await {
+                match replicas::renew(replicas, &ctl.state_dir).await {
                     Ok(expiry) => tracing::info!(
                         expires_at_unix = expiry,
                         "certificate renewed onto the new CA"
@@ -295,6 +406,7 @@ impl Ended {
 async fn serve(
     config: &Config,
     ctl: &ControllerConfig,
+    replicas: &Replicas,
     mut session: Session,
     interval: Duration,
     renew_at: i64,
@@ -320,7 +432,7 @@ async fn serve(
                     // The session stays up on the old certificate, which the
                     // controller honours until it expires; the next connect
                     // uses the new one. A failure is retried next beat.
-                    match enroll::renew(&ctl.url, &ctl.state_dir).await {
+                    match replicas::renew(replicas, &ctl.state_dir).await {
                         Ok(expiry) => {
                             renew_due = false;
                             tracing::info!(expires_at_unix = expiry, "certificate renewed");
@@ -356,7 +468,7 @@ async fn serve(
                     if let Err(err) = m.validate() {
                         tracing::warn!(%err, "trust bundle refused");
                     } else if let Some(controller_message::Kind::TrustBundle(bundle)) = m.kind {
-                        trust_bundle(ctl, bundle).await;
+                        trust_bundle(ctl, replicas, bundle).await;
                     }
                 }
                 Ok(Some(m @ ControllerMessage {
@@ -496,6 +608,78 @@ pub fn backoff(attempt: u32, rng: &mut Jitter) -> Duration {
     rng.below(step)
 }
 
+/// Which controller replica the session dials, and how long it waits
+/// first: a pure policy (the RNG is passed in), so its order is tested.
+///
+/// It starts on a replica picked at random (a fleet spreads over the
+/// replicas). Each failure — a dial that failed or a session that ended —
+/// moves it to the next replica in the list, wrapping around: within a
+/// pass after a pause uniform in 250–500 ms ([`NEXT_REPLICA_MIN`]); when
+/// the failure completes a pass over the whole list with no session up,
+/// after [`backoff`] of the number of such passes in a row. A session that
+/// comes up starts the count afresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// Replicas in the list (at least 1).
+    len: usize,
+    /// The replica to dial now.
+    at: usize,
+    /// Failures since the current pass began.
+    failed_in_pass: usize,
+    /// Whole passes in a row where no session came up: the backoff's
+    /// attempt number.
+    passes: u32,
+}
+
+impl Rotation {
+    /// Starts on a replica of `len` picked with `rng`.
+    pub fn start(len: usize, rng: &mut Jitter) -> Self {
+        let len = len.max(1);
+        Self {
+            len,
+            at: rng.index(len),
+            failed_in_pass: 0,
+            passes: 0,
+        }
+    }
+
+    /// The replica to dial now (an index into the list).
+    pub fn at(&self) -> usize {
+        self.at
+    }
+
+    /// Whole passes in a row that found no replica.
+    pub fn passes(&self) -> u32 {
+        self.passes
+    }
+
+    /// Whether the replica to dial now begins a new pass (the last failure
+    /// completed one).
+    pub fn at_pass_start(&self) -> bool {
+        self.failed_in_pass == 0
+    }
+
+    /// A session is up: the next failure counts from nothing.
+    pub fn connected(&mut self) {
+        self.failed_in_pass = 0;
+        self.passes = 0;
+    }
+
+    /// The dial failed or the session ended: moves to the next replica and
+    /// returns how long to wait before dialling it.
+    pub fn failed(&mut self, rng: &mut Jitter) -> Duration {
+        self.at = (self.at + 1) % self.len;
+        self.failed_in_pass += 1;
+        if self.failed_in_pass < self.len {
+            return NEXT_REPLICA_MIN + rng.below(NEXT_REPLICA_MIN);
+        }
+        self.failed_in_pass = 0;
+        let delay = backoff(self.passes, rng);
+        self.passes = self.passes.saturating_add(1);
+        delay
+    }
+}
+
 /// A small xorshift generator for jitter: spreading reconnects needs no
 /// cryptographic randomness, only different seeds per process.
 #[derive(Debug, Clone)]
@@ -506,7 +690,21 @@ impl Jitter {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        Self((nanos ^ (u64::from(std::process::id()) << 32)) | 1)
+        Self::from_seed(nanos ^ (u64::from(std::process::id()) << 32))
+    }
+
+    /// A generator whose draws are fixed by `seed` (tests).
+    pub fn from_seed(seed: u64) -> Self {
+        // xorshift never leaves 0.
+        Self(seed | 1)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn index(&mut self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        (self.next() % n as u64) as usize
     }
 
     fn next(&mut self) -> u64 {
@@ -559,5 +757,80 @@ mod tests {
         delays.sort_unstable();
         let spread = delays[899] - delays[99];
         assert!(spread > 30_000, "the middle 80% span only {spread} ms");
+    }
+
+    #[test]
+    fn replicas_are_tried_in_turn_from_a_random_one_with_backoff_after_each_pass() {
+        let ms = Duration::from_millis;
+        for seed in [1, 2, 3, 42, 0xdead_beef] {
+            let mut rng = Jitter::from_seed(seed);
+            let first = Jitter::from_seed(seed).index(3);
+            let mut r = Rotation::start(3, &mut rng);
+            assert_eq!(r.at(), first, "seed {seed}");
+            // Three passes over three dead replicas: next, next, then a
+            // backoff whose step grows per pass (0.5 s, 1 s, 2 s).
+            for pass in 0..3u32 {
+                for hop in 1..=3 {
+                    assert_eq!(r.passes(), pass);
+                    let delay = r.failed(&mut rng);
+                    assert_eq!(
+                        r.at(),
+                        (first + hop) % 3,
+                        "seed {seed} pass {pass} hop {hop}"
+                    );
+                    if hop < 3 {
+                        assert!(!r.at_pass_start());
+                        assert!(
+                            (ms(250)..ms(500)).contains(&delay),
+                            "between replicas: {delay:?}"
+                        );
+                    } else {
+                        assert!(r.at_pass_start());
+                        assert!(delay < ms(500) * 2u32.pow(pass), "pass {pass}: {delay:?}");
+                    }
+                }
+            }
+            // A session comes up; when it drops, the next replica is tried
+            // after the short pause, and the backoff starts again from 0.5 s.
+            r.connected();
+            let at = r.at();
+            let delay = r.failed(&mut rng);
+            assert_eq!(r.at(), (at + 1) % 3);
+            assert!((ms(250)..ms(500)).contains(&delay), "{delay:?}");
+            r.failed(&mut rng);
+            assert!(r.failed(&mut rng) < ms(500));
+            assert_eq!(r.passes(), 1);
+        }
+    }
+
+    #[test]
+    fn the_first_replica_is_spread_over_the_list() {
+        let mut counts = [0u32; 4];
+        for seed in 0..4000u64 {
+            let mut rng = Jitter::from_seed(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            counts[Rotation::start(4, &mut rng).at()] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        // The same seed picks the same replica.
+        let pick = |seed| Rotation::start(5, &mut Jitter::from_seed(seed)).at();
+        assert_eq!(pick(77), pick(77));
+    }
+
+    #[test]
+    fn one_address_backs_off_on_every_failure_as_before_replicas() {
+        let mut rng = Jitter::from_seed(9);
+        let mut r = Rotation::start(1, &mut rng);
+        let ms = Duration::from_millis;
+        for attempt in 0..20u32 {
+            assert_eq!(r.at(), 0);
+            let delay = r.failed(&mut rng);
+            let step = (ms(500) * 2u32.pow(attempt.min(7))).min(ms(60_000));
+            assert!(delay < step, "attempt {attempt}: {delay:?}");
+            assert_eq!(r.passes(), attempt + 1);
+        }
+        r.connected();
+        assert!(r.failed(&mut rng) < ms(500));
+        // An empty list is treated as one (the config refuses it anyway).
+        assert_eq!(Rotation::start(0, &mut rng).at(), 0);
     }
 }

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::{identity, LinkError, CA_FILE, DEFAULT_PORT};
+use super::{identity, LinkError, CA_FILE};
 use crate::digest::Sha256;
 use crate::error::error_chain;
 
@@ -61,41 +61,14 @@ pub(super) struct Target {
 }
 
 impl Target {
+    /// `host[:port]` or `https://host[:port]`, checked as the agent's
+    /// config checks `[controller]` ([`crate::config::controller_address`]).
     pub(super) fn parse(text: &str) -> Result<Self, LinkError> {
-        let bad = || LinkError::Address(text.to_owned());
-        let rest = text.strip_prefix("https://").unwrap_or(text);
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.is_empty() || rest.contains('/') || rest.contains("://") {
-            return Err(bad());
-        }
-        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(bad)?;
-            match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None if after.is_empty() => (host, None),
-                None => return Err(bad()),
-            }
-        } else {
-            match rest.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (rest, None),
-            }
-        };
-        let port: u16 = match port {
-            Some(port) => port.parse().map_err(|_| bad())?,
-            None => DEFAULT_PORT,
-        };
-        if host.is_empty() {
-            return Err(bad());
-        }
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let addr = crate::config::controller_address(text)
+            .map_err(|_| LinkError::Address(text.to_owned()))?;
         Ok(Self {
-            authority,
-            host: host.to_owned(),
+            authority: addr.authority,
+            host: addr.host,
         })
     }
 }

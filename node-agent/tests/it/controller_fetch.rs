@@ -10,10 +10,11 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::{tar_of, targz, Node};
+use crate::support::{free_port, tar_of, targz, Node};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     PKCS_ECDSA_P256_SHA256,
@@ -194,15 +195,116 @@ fn chunk(offset: usize, data: &[u8], last: bool) -> Step {
 /// A files-only node whose artifact limits are short, and the runner that
 /// takes the controller's commands for it.
 fn node_and_commands(pki: &Pki, controller: &str) -> (Node, Commands) {
+    node_and_replicas(pki, &[controller])
+}
+
+/// [`node_and_commands`] with the controller replicas `urls`.
+fn node_and_replicas(pki: &Pki, urls: &[&str]) -> (Node, Commands) {
     let node = Node::new(&format!(
         "\n[artifacts]\nmax_size = 65536\nconnect_timeout = \"5s\"\nread_timeout = \"{READ_TIMEOUT}\"\n"
     ));
     let config = Config::load(&node.config).unwrap();
     let ctl = ControllerConfig {
-        url: controller.to_owned(),
+        urls: urls.iter().map(|u| (*u).to_owned()).collect(),
         state_dir: pki.state.path().to_owned(),
     };
     (node, Commands::new(config, ctl))
+}
+
+/// A fake controller that counts the fetches it is asked for and answers
+/// each with `steps`.
+fn counting(
+    asked: &Arc<AtomicUsize>,
+    steps: impl Fn() -> Vec<Step> + Send + Sync + 'static,
+) -> FakeController {
+    let asked = asked.clone();
+    FakeController {
+        script: Box::new(move |_| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            steps()
+        }),
+    }
+}
+
+/// With controller replicas (`[controller] urls`), the artifact comes from
+/// the replica the session is on; when that one cannot be reached or goes
+/// quiet, from the next ones in the list, each asked once. None of them is
+/// the list's first address by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_comes_from_the_session_replica_else_from_the_next_ones() {
+    let pki = pki();
+    let body = targz(&tar_of(&[("VERSION", "v1")]));
+    let sha = sha256(&body);
+    let (quiet_asked, good_asked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let quiet = start(&pki, counting(&quiet_asked, || vec![Step::Stall])).await;
+    let good = {
+        let body = body.clone();
+        start(
+            &pki,
+            counting(&good_asked, move || vec![chunk(0, &body, true)]),
+        )
+        .await
+    };
+    // Nothing listens there (free a moment ago, below the ephemeral range).
+    let dead = format!("127.0.0.1:{}", free_port());
+
+    // The session is on the good replica (the last in the list): only it
+    // is asked.
+    let (node, commands) = node_and_replicas(&pki, &[&dead, &quiet, &good]);
+    commands.replicas().connected(2);
+    let (result, progress) = run(&commands, deploy("c-1", &sha, "v1")).await;
+    assert_eq!(
+        result.outcome,
+        Outcome::Succeeded as i32,
+        "{result:?} {progress:?}"
+    );
+    assert_eq!(node.current().as_deref(), Some("v1"));
+    assert_eq!(
+        (
+            quiet_asked.load(Ordering::SeqCst),
+            good_asked.load(Ordering::SeqCst)
+        ),
+        (0, 1)
+    );
+
+    // The session is down, about to dial the dead one: the dead one, then
+    // the quiet one (for its read_timeout), then the good one.
+    let (node, commands) = node_and_replicas(&pki, &[&quiet, &good, &dead]);
+    commands.replicas().dialling(2);
+    let (result, progress) =
+        tokio::time::timeout(PATIENCE, run(&commands, deploy("c-2", &sha, "v1")))
+            .await
+            .expect("the fetch still waits on a replica");
+    assert_eq!(
+        result.outcome,
+        Outcome::Succeeded as i32,
+        "{result:?} {progress:?}"
+    );
+    assert_eq!(node.current().as_deref(), Some("v1"));
+    assert_eq!(
+        (
+            quiet_asked.load(Ordering::SeqCst),
+            good_asked.load(Ordering::SeqCst)
+        ),
+        (1, 2)
+    );
+
+    // No replica answers: the deploy fails with the last one's error, after
+    // one try each.
+    let (node, commands) = node_and_replicas(&pki, &[&dead, &quiet]);
+    let (result, _) = tokio::time::timeout(PATIENCE, run(&commands, deploy("c-3", &sha, "v1")))
+        .await
+        .expect("the fetch still waits on a replica");
+    assert_eq!(result.outcome, Outcome::Failed as i32, "{result:?}");
+    assert!(
+        result
+            .message
+            .contains(&format!("controller {quiet} sent nothing for 1s")),
+        "{}",
+        result.message
+    );
+    assert_eq!(quiet_asked.load(Ordering::SeqCst), 2);
+    assert_eq!(node.current(), None);
 }
 
 fn deploy(id: &str, sha: &str, release: &str) -> ControllerMessage {

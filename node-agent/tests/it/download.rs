@@ -682,7 +682,7 @@ async fn a_controller_deploy_with_an_artifact_url_downloads_and_deploys() {
     let state = tempfile::tempdir().unwrap();
     let ctl = ControllerConfig {
         // Never dialled: the artifact comes from the URL, not the controller.
-        url: "127.0.0.1:1".into(),
+        urls: vec!["127.0.0.1:1".into()],
         state_dir: state.path().to_owned(),
     };
     let command = |id: &str, url: &str, sha: &str, release: &str| ControllerMessage {

@@ -134,6 +134,9 @@ pub struct Controller {
     pub serve_args: Vec<String>,
     /// Run `serve` under this command (e.g. `faketime +400d`), when set.
     pub wrapper: Vec<String>,
+    /// Serve this data dir, another controller's (a replica, see
+    /// [`Controller::replica`]), instead of `dir/data`.
+    shared_data: Option<PathBuf>,
 }
 
 impl Controller {
@@ -152,6 +155,7 @@ impl Controller {
             child: None,
             serve_args: Vec::new(),
             wrapper: Vec::new(),
+            shared_data: None,
         };
         c.restart();
         c
@@ -165,6 +169,7 @@ impl Controller {
             child: None,
             serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
             wrapper: Vec::new(),
+            shared_data: None,
         };
         c.restart();
         c
@@ -194,6 +199,7 @@ impl Controller {
             child: None,
             serve_args: args,
             wrapper: Vec::new(),
+            shared_data: None,
         };
         c.restart();
         c
@@ -212,7 +218,47 @@ impl Controller {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.shared_data
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
+    }
+
+    /// A second `slipway-controller serve` of this controller's data dir
+    /// (store, CA, artifacts) on a port of its own, with the same `serve`
+    /// flags: a replica. Its ready file and log are in a dir of its own.
+    pub fn replica(&self) -> Self {
+        assert!(
+            self.wrapper.is_empty(),
+            "a replica of a wrapped controller is not supported"
+        );
+        let mut c = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
+            child: None,
+            serve_args: self.serve_args.clone(),
+            wrapper: Vec::new(),
+            shared_data: Some(self.data_dir()),
+        };
+        c.restart();
+        c
+    }
+
+    /// `https://127.0.0.1:PORT` of the gRPC listener, as an agent's
+    /// `[controller] urls` lists it.
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.url())
+    }
+
+    /// Kills the controller with SIGKILL (no shutdown of any kind: its
+    /// sessions are cut as by a crash) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = c.wait();
+        }
     }
 
     pub fn url(&self) -> String {
@@ -584,6 +630,29 @@ liveness_interval = "500ms"
         let (head, rest) = config.split_once("\nurl = \"").unwrap();
         let (_, tail) = rest.split_once('\n').unwrap();
         fs::write(&self.config, format!("{head}\nurl = \"{url}\"\n{tail}")).unwrap();
+    }
+
+    /// Replaces the `[controller] url` of this agent's agent.toml with
+    /// `urls = [...]` (controller replicas); call while `run` is stopped.
+    pub fn set_controller_urls(&self, urls: &[String]) {
+        let config = fs::read_to_string(&self.config).unwrap();
+        // The first `url` is the [controller] table's (the health check's
+        // comes later).
+        let (head, rest) = config.split_once("\nurl = \"").unwrap();
+        let (_, tail) = rest.split_once('\n').unwrap();
+        let list: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+        fs::write(
+            &self.config,
+            format!("{head}\nurls = [{}]\n{tail}", list.join(", ")),
+        )
+        .unwrap();
+    }
+
+    /// What `slipway-agent status --json` says of the controller link.
+    pub fn link(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        json(&out)["controller"].clone()
     }
 
     /// Sets how long the health gate forgives failures after a start
