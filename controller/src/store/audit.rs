@@ -1,9 +1,9 @@
 //! The audit log (`audit_events`).
 
-use sqlx::sqlite::SqliteConnection;
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 
-use super::{json_column, Store, StoreError};
+use super::{json_column, Backend, Store, StoreError};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::pki::crypto;
 
@@ -34,9 +34,9 @@ impl Store {
             &h[20..32]
         );
         let done = sqlx::query(
-            "INSERT OR IGNORE INTO audit_events (id, created_at, event_type, actor, resource_type,
-                                   resource_id, details, status, error_message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO audit_events (id, created_at, event_type, actor, resource_type,
+                                       resource_id, details, status, error_message)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
         )
         .bind(id)
         .bind(now)
@@ -62,7 +62,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, created_at, event_type, actor, resource_type, resource_id, details,
                     status, error_message
-             FROM audit_events WHERE created_at >= ?1 ORDER BY created_at, rowid",
+             FROM audit_events WHERE created_at >= $1 ORDER BY created_at, rowid",
         )
         .bind(since)
         .fetch_all(&self.pool)
@@ -106,22 +106,29 @@ impl Store {
         &self,
         filter: &AuditFilter,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query(
+        // The details' `app`: the one place the two engines' JSON
+        // functions differ.
+        let app = match self.backend {
+            Backend::Sqlite => "json_extract(details, '$.app')",
+            Backend::Postgres => "(details::jsonb ->> 'app')",
+        };
+        let sql = format!(
             "SELECT id, created_at, event_type, actor, resource_type, resource_id, details,
                     status, error_message
              FROM audit_events
-             WHERE (?1 IS NULL OR created_at >= ?1) AND (?2 IS NULL OR created_at < ?2)
-               AND (?3 IS NULL OR event_type = ?3)
-               AND (?4 IS NULL OR json_extract(details, '$.app') = ?4)
-             ORDER BY created_at DESC, rowid DESC LIMIT ?5",
-        )
-        .bind(filter.since)
-        .bind(filter.until)
-        .bind(filter.kind.as_deref())
-        .bind(filter.app.as_deref())
-        .bind(i64::from(filter.limit))
-        .fetch_all(&self.pool)
-        .await?;
+             WHERE ($1 IS NULL OR created_at >= $1) AND ($2 IS NULL OR created_at < $2)
+               AND ($3 IS NULL OR event_type = $3)
+               AND ($4 IS NULL OR {app} = $4)
+             ORDER BY created_at DESC, rowid DESC LIMIT $5"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(filter.since)
+            .bind(filter.until)
+            .bind(filter.kind.as_deref())
+            .bind(filter.app.as_deref())
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter()
             .map(|row| {
                 Ok(AuditRecord {
@@ -142,14 +149,14 @@ impl Store {
 
 /// Inserts an audit event on `conn` (a pooled connection or a transaction).
 pub(super) async fn insert_audit(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     event: &AuditEvent,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_events (id, created_at, event_type, actor, resource_type,
                                    resource_id, details, status, error_message)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(crypto::random_uuid()?)
     .bind(now)

@@ -55,7 +55,7 @@ fn sql_id(id: u64) -> i64 {
     i64::try_from(id).unwrap_or(i64::MAX)
 }
 
-fn row_to_droplet(row: &sqlx::sqlite::SqliteRow) -> Result<DropletRow, StoreError> {
+fn row_to_droplet(row: &sqlx::any::AnyRow) -> Result<DropletRow, StoreError> {
     let id: i64 = row.try_get("id")?;
     Ok(DropletRow {
         id: u64::try_from(id).unwrap_or_default(),
@@ -134,10 +134,10 @@ impl Store {
             sqlx::query(
                 "INSERT INTO droplets (id, name, region, size, public_ipv4, private_ipv4, tags,
                                        status, first_seen_at, synced_at, gone_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, NULL)
-                 ON CONFLICT (id) DO UPDATE SET name = ?2, region = ?3, size = ?4,
-                     public_ipv4 = ?5, private_ipv4 = ?6, tags = ?7, status = ?8,
-                     synced_at = ?9, gone_at = NULL",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, NULL)
+                 ON CONFLICT (id) DO UPDATE SET name = $2, region = $3, size = $4,
+                     public_ipv4 = $5, private_ipv4 = $6, tags = $7, status = $8,
+                     synced_at = $9, gone_at = NULL",
             )
             .bind(sql_id(d.id))
             .bind(&d.name)
@@ -161,7 +161,7 @@ impl Store {
         }
         for (id, old) in &before {
             if old.gone_at.is_none() && !seen_ids.contains(id) {
-                sqlx::query("UPDATE droplets SET gone_at = ?1 WHERE id = ?2")
+                sqlx::query("UPDATE droplets SET gone_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(sql_id(*id))
                     .execute(&mut *tx)
@@ -176,7 +176,7 @@ impl Store {
 
     /// Marks a droplet gone now (destroyed by `droplets retire --destroy`).
     pub async fn mark_droplet_gone(&self, id: u64, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE droplets SET gone_at = ?1 WHERE id = ?2 AND gone_at IS NULL")
+        sqlx::query("UPDATE droplets SET gone_at = $1 WHERE id = $2 AND gone_at IS NULL")
             .bind(now)
             .bind(sql_id(id))
             .execute(&self.pool)
@@ -193,7 +193,7 @@ impl Store {
     ) -> Result<DropletClaim, StoreError> {
         let mut tx = self.begin().await?;
         let other: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM nodes WHERE droplet_id = ?1 AND revoked_at IS NULL AND id != ?2",
+            "SELECT id FROM nodes WHERE droplet_id = $1 AND revoked_at IS NULL AND id != $2",
         )
         .bind(sql_id(droplet_id))
         .bind(node_id)
@@ -203,8 +203,8 @@ impl Store {
             return Ok(DropletClaim::Conflict { other_node });
         }
         let done = sqlx::query(
-            "UPDATE nodes SET droplet_id = ?1
-              WHERE id = ?2 AND (droplet_id IS NULL OR droplet_id != ?1)",
+            "UPDATE nodes SET droplet_id = $1
+              WHERE id = $2 AND (droplet_id IS NULL OR droplet_id != $1)",
         )
         .bind(sql_id(droplet_id))
         .bind(node_id)

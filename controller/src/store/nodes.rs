@@ -7,11 +7,11 @@
 
 use serde::{Deserialize, Serialize};
 use slipway_proto::v1::{AppStatus, DiskUsage, Heartbeat, NodeMetrics, PublicAddress, ReleaseInfo};
-use sqlx::sqlite::SqliteConnection;
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 
 use super::join_tokens::use_join_token;
-use super::{insert_audit, json_column, json_text, Store, StoreError};
+use super::{insert_audit, json_column, json_text, Backend, Store, StoreError};
 use crate::audit::AuditEvent;
 
 /// Host metrics as stored and shown.
@@ -372,7 +372,7 @@ pub enum Enrolled {
 
 /// A [`NodeRow`] from a row selecting `id, name, cert_fingerprint,
 /// revoked_at, last_seen_at` of `nodes`.
-fn node_row(row: &sqlx::sqlite::SqliteRow) -> Result<NodeRow, StoreError> {
+fn node_row(row: &sqlx::any::AnyRow) -> Result<NodeRow, StoreError> {
     Ok(NodeRow {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -398,7 +398,7 @@ impl Store {
             "SELECT n.id, n.name, n.cert_fingerprint, n.revoked_at, n.last_seen_at,
                     c.issued_at, c.expires_at
              FROM node_certs c JOIN nodes n ON n.id = c.node_id
-             WHERE c.fingerprint = ?1",
+             WHERE c.fingerprint = $1",
         )
         .bind(fingerprint)
         .fetch_optional(&self.pool)
@@ -425,10 +425,10 @@ impl Store {
         heartbeat_interval_secs: u64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE nodes SET last_seen_at = ?1,
-                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
-                    apps = ?3, heartbeat_interval_secs = ?4
-             WHERE id = ?5 AND revoked_at IS NULL",
+            "UPDATE nodes SET last_seen_at = $1,
+                    agent_version = CASE WHEN $2 = '' THEN agent_version ELSE $2 END,
+                    apps = $3, heartbeat_interval_secs = $4
+             WHERE id = $5 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(agent_version)
@@ -450,10 +450,10 @@ impl Store {
         heartbeat: &Heartbeat,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE nodes SET last_seen_at = ?1, heartbeat_at = ?1,
-                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
-                    agent_rss_bytes = ?3, metrics = ?4, apps = ?5
-             WHERE id = ?6 AND revoked_at IS NULL",
+            "UPDATE nodes SET last_seen_at = $1, heartbeat_at = $1,
+                    agent_version = CASE WHEN $2 = '' THEN agent_version ELSE $2 END,
+                    agent_rss_bytes = $3, metrics = $4, apps = $5
+             WHERE id = $6 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(&heartbeat.agent_version)
@@ -547,9 +547,9 @@ impl Store {
     pub async fn find_node(&self, id_or_name: &str) -> Result<Vec<NodeRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, cert_fingerprint, revoked_at, last_seen_at FROM nodes
-             WHERE id = ?1
-                OR (name = ?1 AND revoked_at IS NULL
-                    AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = ?1))",
+             WHERE id = $1
+                OR (name = $1 AND revoked_at IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = $1))",
         )
         .bind(id_or_name)
         .fetch_all(&self.pool)
@@ -650,13 +650,13 @@ impl Store {
 
 /// Records a newly enrolled node on `conn`.
 pub(super) async fn insert_node(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node: &NewNode<'_>,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO nodes (id, name, cert_serial, cert_fingerprint, cert_expires_at, labels,
                             agent_version, enrolled_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(node.id)
     .bind(node.name)
@@ -684,25 +684,32 @@ pub(super) async fn insert_node(
 /// new one becomes its only one, the labels given are merged over its own
 /// (JSON merge patch: the token's tags win), and the agent version is the
 /// enrolling agent's. Its name, id, history and apps stay.
-async fn rekey_node(conn: &mut SqliteConnection, node: &NewNode<'_>) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM node_certs WHERE node_id = ?1")
+async fn rekey_node(conn: &mut AnyConnection, node: &NewNode<'_>) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM node_certs WHERE node_id = $1")
         .bind(node.id)
         .execute(&mut *conn)
         .await?;
-    sqlx::query(
-        "UPDATE nodes SET cert_serial = ?1, cert_fingerprint = ?2, cert_expires_at = ?3,
-                labels = json_patch(labels, ?4),
-                agent_version = CASE WHEN ?5 = '' THEN agent_version ELSE ?5 END
-         WHERE id = ?6 AND revoked_at IS NULL",
-    )
-    .bind(node.cert_serial)
-    .bind(node.cert_fingerprint)
-    .bind(node.cert_expires_at)
-    .bind(node.labels.to_string())
-    .bind(node.agent_version)
-    .bind(node.id)
-    .execute(&mut *conn)
-    .await?;
+    // Labels are a flat object of strings, for which SQLite's JSON merge
+    // patch and PostgreSQL's jsonb `||` agree: the given keys win.
+    let merged = match Backend::of(conn) {
+        Backend::Sqlite => "json_patch(labels, $4)",
+        Backend::Postgres => "(labels::jsonb || $4::jsonb)::text",
+    };
+    let sql = format!(
+        "UPDATE nodes SET cert_serial = $1, cert_fingerprint = $2, cert_expires_at = $3,
+                labels = {merged},
+                agent_version = CASE WHEN $5 = '' THEN agent_version ELSE $5 END
+         WHERE id = $6 AND revoked_at IS NULL"
+    );
+    sqlx::query(&sql)
+        .bind(node.cert_serial)
+        .bind(node.cert_fingerprint)
+        .bind(node.cert_expires_at)
+        .bind(node.labels.to_string())
+        .bind(node.agent_version)
+        .bind(node.id)
+        .execute(&mut *conn)
+        .await?;
     insert_node_cert(
         conn,
         node.id,
@@ -717,7 +724,7 @@ async fn rekey_node(conn: &mut SqliteConnection, node: &NewNode<'_>) -> Result<(
 /// Adds a live certificate of `node_id` (enrollment or renewal); the node's
 /// other certificates stay valid.
 pub(super) async fn insert_node_cert(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     fingerprint: &str,
     serial: &str,
@@ -726,7 +733,7 @@ pub(super) async fn insert_node_cert(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO node_certs (fingerprint, node_id, serial, issued_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(fingerprint)
     .bind(node_id)
@@ -742,7 +749,7 @@ pub(super) async fn insert_node_cert(
 /// its certificates that have expired (TLS refuses them anyway). False if
 /// the node was revoked meanwhile.
 pub(super) async fn set_newest_cert(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     fingerprint: &str,
     serial: &str,
@@ -750,8 +757,8 @@ pub(super) async fn set_newest_cert(
     now: i64,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query(
-        "UPDATE nodes SET cert_fingerprint = ?1, cert_serial = ?2, cert_expires_at = ?3
-         WHERE id = ?4 AND revoked_at IS NULL",
+        "UPDATE nodes SET cert_fingerprint = $1, cert_serial = $2, cert_expires_at = $3
+         WHERE id = $4 AND revoked_at IS NULL",
     )
     .bind(fingerprint)
     .bind(serial)
@@ -759,7 +766,7 @@ pub(super) async fn set_newest_cert(
     .bind(node_id)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("DELETE FROM node_certs WHERE node_id = ?1 AND expires_at <= ?2")
+    sqlx::query("DELETE FROM node_certs WHERE node_id = $1 AND expires_at <= $2")
         .bind(node_id)
         .bind(now)
         .execute(&mut *conn)
@@ -770,11 +777,11 @@ pub(super) async fn set_newest_cert(
 /// The id and enrollment time of the live (non-revoked) node named `name`,
 /// if any, on `conn`.
 pub(super) async fn live_node_named(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
 ) -> Result<Option<(String, i64)>, StoreError> {
     let row =
-        sqlx::query("SELECT id, enrolled_at FROM nodes WHERE name = ?1 AND revoked_at IS NULL")
+        sqlx::query("SELECT id, enrolled_at FROM nodes WHERE name = $1 AND revoked_at IS NULL")
             .bind(name)
             .fetch_optional(conn)
             .await?;
@@ -784,11 +791,11 @@ pub(super) async fn live_node_named(
 
 /// Marks a node revoked; false if it already was.
 pub(super) async fn revoke_node(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let done = sqlx::query("UPDATE nodes SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL")
+    let done = sqlx::query("UPDATE nodes SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
         .bind(now)
         .bind(node_id)
         .execute(conn)

@@ -28,7 +28,7 @@ pub struct OperatorRow {
 const OPERATOR_COLUMNS: &str =
     "id, name, cert_fingerprint, scopes, created_at, expires_at, revoked_at";
 
-fn operator_row(row: &sqlx::sqlite::SqliteRow) -> Result<OperatorRow, StoreError> {
+fn operator_row(row: &sqlx::any::AnyRow) -> Result<OperatorRow, StoreError> {
     Ok(OperatorRow {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -50,7 +50,7 @@ impl Store {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO operators (id, name, cert_fingerprint, scopes, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&operator.id)
         .bind(&operator.name)
@@ -71,7 +71,7 @@ impl Store {
         fingerprint: &str,
     ) -> Result<Option<OperatorRow>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {OPERATOR_COLUMNS} FROM operators WHERE cert_fingerprint = ?1"
+            "SELECT {OPERATOR_COLUMNS} FROM operators WHERE cert_fingerprint = $1"
         ))
         .bind(fingerprint)
         .fetch_optional(&self.pool)
@@ -99,7 +99,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(
-            "UPDATE operators SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+            "UPDATE operators SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(id)
