@@ -171,3 +171,72 @@ pub(super) async fn insert_audit(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::DEPLOY_STARTED;
+
+    crate::store::testing::store_tests!(events_filter_by_time_kind_and_app_newest_first);
+
+    async fn events_filter_by_time_kind_and_app_newest_first(store: Store) {
+        for (at, kind, app) in [
+            (10, DEPLOY_STARTED, "web"),
+            (20, crate::audit::DEPLOY_COMPLETED, "web"),
+            (20, DEPLOY_STARTED, "api"),
+            (30, DEPLOY_STARTED, "web"),
+        ] {
+            let details = serde_json::json!({ "app": app, "n": at });
+            let event = AuditEvent::success(kind, "ci", "deployment", "d", details);
+            store.audit(&event, at).await.unwrap();
+        }
+        let found = |filter: AuditFilter| {
+            let store = store.clone();
+            async move {
+                store
+                    .audit_events_filtered(&filter)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| (e.created_at, e.details["app"].as_str().unwrap().to_owned()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let all = AuditFilter {
+            limit: 10,
+            ..AuditFilter::default()
+        };
+        assert_eq!(
+            found(all.clone()).await,
+            [
+                (30, "web".into()),
+                (20, "api".into()),
+                (20, "web".into()),
+                (10, "web".into())
+            ]
+        );
+        let web_starts = AuditFilter {
+            kind: Some(DEPLOY_STARTED.into()),
+            app: Some("web".into()),
+            ..all.clone()
+        };
+        assert_eq!(
+            found(web_starts).await,
+            [(30, "web".into()), (10, "web".into())]
+        );
+        let window = AuditFilter {
+            since: Some(20),
+            until: Some(30),
+            limit: 1,
+            ..all.clone()
+        };
+        assert_eq!(found(window).await, [(20, "api".into())]);
+
+        // An agent's resent event is recorded once.
+        let event =
+            AuditEvent::success(DEPLOY_STARTED, "n-1", "node", "n-1", serde_json::json!({}));
+        assert!(store.audit_once("n-1/e-1", &event, 40).await.unwrap());
+        assert!(!store.audit_once("n-1/e-1", &event, 41).await.unwrap());
+        assert_eq!(store.audit_events_since(40).await.unwrap().len(), 1);
+    }
+}

@@ -203,3 +203,76 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store::testing::store_tests!(env_versions_follow_one_another_per_app);
+
+    fn version(app: &str, version: u64, sealed: &[u8]) -> EnvVersionRow {
+        EnvVersionRow {
+            app: app.into(),
+            layer: String::new(),
+            version,
+            actor: "ci".into(),
+            created_at: 10 + version as i64,
+            change: "set".into(),
+            set_keys: vec!["A".into()],
+            unset_keys: vec![],
+            rollback_to: None,
+            var_count: 1,
+            sealed: sealed.to_vec(),
+        }
+    }
+
+    async fn env_versions_follow_one_another_per_app(store: Store) {
+        let event = AuditEvent::success("ENV_CHANGED", "ci", "app", "web", serde_json::json!({}));
+        assert_eq!(store.env_data_key().await.unwrap(), None);
+        assert_eq!(
+            store.init_env_data_key(&[1, 2, 0, 255], 1).await.unwrap(),
+            [1, 2, 0, 255]
+        );
+        // The first key stays.
+        assert_eq!(
+            store.init_env_data_key(&[9], 2).await.unwrap(),
+            [1, 2, 0, 255]
+        );
+        assert!(!store.has_env_versions().await.unwrap());
+
+        store
+            .insert_env_version(&version("web", 1, b"one"), &event)
+            .await
+            .unwrap();
+        store
+            .insert_env_version(&version("web", 2, &[0, 1, 2]), &event)
+            .await
+            .unwrap();
+        store
+            .insert_env_version(&version("api", 1, b"x"), &event)
+            .await
+            .unwrap();
+        let taken = store
+            .insert_env_version(&version("web", 2, b"again"), &event)
+            .await;
+        assert!(
+            matches!(taken, Err(StoreError::EnvConflict { version: 2, .. })),
+            "{taken:?}"
+        );
+
+        assert!(store.has_env_versions().await.unwrap());
+        assert!(!store.drop_unused_env_data_key().await.unwrap());
+        assert_eq!(store.env_apps().await.unwrap(), ["api", "web"]);
+        let latest = store.env_latest("web").await.unwrap().unwrap();
+        assert_eq!(
+            (latest.version, latest.sealed.as_slice()),
+            (2, &[0u8, 1, 2][..])
+        );
+        assert_eq!(latest.set_keys, ["A"]);
+        let history = store.env_history("web").await.unwrap();
+        assert_eq!(
+            history.iter().map(|v| v.version).collect::<Vec<_>>(),
+            [1, 2]
+        );
+    }
+}

@@ -483,6 +483,79 @@ mod tests {
     use crate::audit::{self, AuditEvent};
     use sqlx::sqlite::SqlitePool;
 
+    crate::store::testing::store_tests!(the_schema_is_at_the_newest_version);
+
+    async fn the_schema_is_at_the_newest_version(store: Store) {
+        assert!(store.schema_ready().await.unwrap());
+        let newest = store.backend().migrations().len() as i64;
+        assert_eq!(store.schema_version().await.unwrap(), newest);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_replicas_starting_together_migrate_one_at_a_time() {
+        let Some(url) = crate::store::testing::postgres_url().await else {
+            return;
+        };
+        // Without the advisory lock the second CREATE TABLE of the same
+        // schema fails ("already exists") or the version is bumped twice.
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Store::open_postgres(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for open in opens {
+            stores.push(open.await.unwrap().unwrap());
+        }
+        for store in &stores {
+            assert!(store.schema_ready().await.unwrap());
+        }
+        let event = AuditEvent::success(
+            audit::TOKEN_CREATED,
+            "operator",
+            "join_token",
+            "t1",
+            serde_json::json!({}),
+        );
+        stores[0].audit(&event, 10).await.unwrap();
+        for store in stores {
+            store.close().await;
+        }
+        let store = Store::open_postgres(&url).await.unwrap();
+        assert_eq!(store.audit_events().await.unwrap().len(), 1);
+        assert_eq!(
+            store.schema_version().await.unwrap(),
+            POSTGRES_MIGRATIONS.len() as i64
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let refused = store.snapshot_into(&dir.path().join("copy.db")).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("pg_dump")),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_is_an_error_without_the_password() {
+        // A port nothing listens on: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url =
+            PostgresUrl::parse(&format!("postgres://slipway:s3cret@127.0.0.1:{port}/db")).unwrap();
+        let err = Store::open_postgres(&url).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("postgres://slipway:***@127.0.0.1:{port}/db")),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
     #[tokio::test]
     async fn migrates_once_and_reopens() {
         let dir = tempfile::tempdir().unwrap();

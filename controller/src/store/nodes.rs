@@ -802,3 +802,145 @@ pub(super) async fn revoke_node(
         .await?;
     Ok(done.rows_affected() == 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit;
+    use slipway_proto::v1::NodeMetrics;
+
+    crate::store::testing::store_tests!(enrolls_beats_rekeys_and_revokes);
+
+    fn event(kind: &'static str, id: &str) -> AuditEvent {
+        AuditEvent::success(kind, "operator", "node", id, serde_json::json!({}))
+    }
+
+    async fn enrolls_beats_rekeys_and_revokes(store: Store) {
+        for token in ["t1", "t2", "t3"] {
+            let tags = ["env:prod".to_owned()];
+            let created = event(audit::TOKEN_CREATED, token);
+            store
+                .insert_join_token(token, "h", &tags, None, 0, 1000, &created)
+                .await
+                .unwrap();
+        }
+        let labels = serde_json::json!({"env": "prod", "role": "web"});
+        let node = NewNode {
+            id: "n-1",
+            name: "web-1",
+            cert_serial: "01",
+            cert_fingerprint: "fp1",
+            cert_expires_at: 500,
+            labels: &labels,
+            agent_version: "1.0",
+            enrolled_at: 10,
+        };
+        let enrolled = event(audit::NODE_ENROLLED, "n-1");
+        let enrollment = NewEnrollment {
+            token_id: "t1",
+            node: node.clone(),
+            replace: None,
+            event: &enrolled,
+        };
+        assert_eq!(
+            store.enroll_node(&enrollment).await.unwrap(),
+            Enrolled::Node { replaced: None }
+        );
+        // The token is spent; another token with the same name is refused.
+        assert_eq!(
+            store.enroll_node(&enrollment).await.unwrap(),
+            Enrolled::TokenSpent
+        );
+        let again = NewEnrollment {
+            token_id: "t2",
+            ..enrollment.clone()
+        };
+        assert_eq!(
+            store.enroll_node(&again).await.unwrap(),
+            Enrolled::NameTaken {
+                existing: "n-1".into(),
+                enrolled_at: 10
+            }
+        );
+
+        let heartbeat = Heartbeat {
+            agent_version: "1.1".into(),
+            agent_rss_bytes: 4096,
+            metrics: Some(NodeMetrics {
+                cpu_percent: 12.5,
+                load1: 0.25,
+                ..NodeMetrics::default()
+            }),
+            ..Heartbeat::default()
+        };
+        assert!(store.record_heartbeat("n-1", 20, &heartbeat).await.unwrap());
+        let fleet = store.fleet().await.unwrap();
+        assert_eq!(fleet.len(), 1);
+        assert_eq!(fleet[0].agent_version, "1.1");
+        assert_eq!(fleet[0].agent_rss_bytes, Some(4096));
+        assert_eq!(fleet[0].heartbeat_at, Some(20));
+        let metrics = fleet[0].metrics.as_ref().unwrap();
+        assert_eq!((metrics.cpu_percent, metrics.load1), (12.5, 0.25));
+
+        // Re-keyed: the new certificate only, the token's labels merged over
+        // the node's own.
+        let new_labels = serde_json::json!({"env": "staging", "zone": "a"});
+        let replaced = event(audit::NODE_REPLACED, "n-1");
+        let rekey = NewEnrollment {
+            token_id: "t3",
+            node: NewNode {
+                cert_serial: "02",
+                cert_fingerprint: "fp2",
+                cert_expires_at: 900,
+                labels: &new_labels,
+                agent_version: "",
+                enrolled_at: 30,
+                ..node
+            },
+            replace: Some("n-1"),
+            event: &replaced,
+        };
+        assert_eq!(
+            store.enroll_node(&rekey).await.unwrap(),
+            Enrolled::Node {
+                replaced: Some("n-1".into())
+            }
+        );
+        assert!(store.peer_cert("fp1").await.unwrap().is_none());
+        assert_eq!(
+            store.peer_cert("fp2").await.unwrap().unwrap().node.id,
+            "n-1"
+        );
+        let fleet = store.fleet().await.unwrap();
+        assert_eq!(
+            fleet[0].labels,
+            serde_json::json!({"env": "staging", "role": "web", "zone": "a"})
+        );
+        assert_eq!(fleet[0].agent_version, "1.1");
+
+        let revoked = event(audit::NODE_REVOKED, "n-1");
+        assert!(store.revoke_node("n-1", &revoked, 40).await.unwrap());
+        assert!(!store.revoke_node("n-1", &revoked, 41).await.unwrap());
+        assert!(!store.record_heartbeat("n-1", 42, &heartbeat).await.unwrap());
+        assert_eq!(store.live_node_ids().await.unwrap(), Vec::<String>::new());
+        assert_eq!(store.revoked_node_ids().await.unwrap(), ["n-1"]);
+        let kinds: Vec<String> = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_type)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "TOKEN_CREATED",
+                "TOKEN_CREATED",
+                "TOKEN_CREATED",
+                "NODE_ENROLLED",
+                "NODE_REPLACED",
+                "NODE_REVOKED"
+            ]
+        );
+    }
+}

@@ -8,10 +8,10 @@ pub(crate) mod test_postgres;
 
 use super::{PostgresUrl, Store};
 
-/// A store on a fresh database of the test PostgreSQL server; `None` when
+/// The URL of a fresh database of the test PostgreSQL server; `None` when
 /// `SLIPWAY_TEST_NO_POSTGRES=1` skips PostgreSQL (the test then passes
 /// with a note). Panics, failing the test, when the server cannot start.
-pub(crate) async fn postgres_store() -> Option<Store> {
+pub(crate) async fn postgres_url() -> Option<PostgresUrl> {
     if test_postgres::skipped() {
         eprintln!("{}=1: PostgreSQL variant skipped", test_postgres::SKIP_ENV);
         return None;
@@ -20,7 +20,13 @@ pub(crate) async fn postgres_store() -> Option<Store> {
         .await
         .expect("database_url panicked")
         .unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
-    let url = PostgresUrl::parse(&url).expect("test database URL");
+    Some(PostgresUrl::parse(&url).expect("test database URL"))
+}
+
+/// A store on a fresh database of the test PostgreSQL server, as
+/// [`postgres_url`].
+pub(crate) async fn postgres_store() -> Option<Store> {
+    let url = postgres_url().await?;
     Some(
         Store::open_postgres(&url)
             .await
