@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{AnyConnection, AnyPool, ConnectOptions as _, Executor as _, Row as _};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions as _, Connection as _, Executor as _, Row as _};
 
 use crate::pki::crypto::CryptoError;
 
@@ -277,6 +277,17 @@ impl Store {
         sqlx::any::install_default_drivers();
         let options = AnyConnectOptions::from_str(url.secret())
             .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;
+        // One connection first: the pool would retry a refused connection
+        // until its timeout and then say only that it timed out.
+        let first = tokio::time::timeout(POSTGRES_CONNECT_TIMEOUT, options.connect())
+            .await
+            .map_err(|_| {
+                StoreError::Connect(format!(
+                    "{url}: no answer within {POSTGRES_CONNECT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;
+        first.close().await?;
         let pool = AnyPoolOptions::new()
             .max_connections(POSTGRES_MAX_CONNECTIONS)
             .acquire_timeout(POSTGRES_CONNECT_TIMEOUT)

@@ -134,6 +134,9 @@ pub struct Controller {
     pub serve_args: Vec<String>,
     /// Run `serve` under this command (e.g. `faketime +400d`), when set.
     pub wrapper: Vec<String>,
+    /// The PostgreSQL store of `serve` and the admin commands
+    /// (`SLIPWAY_DATABASE_URL`), when not SQLite in the data dir.
+    pub database_url: Option<String>,
 }
 
 impl Controller {
@@ -152,9 +155,35 @@ impl Controller {
             child: None,
             serve_args: Vec::new(),
             wrapper: Vec::new(),
+            database_url: None,
         };
         c.restart();
         c
+    }
+
+    /// [`Controller::start_with`] on the PostgreSQL database at `url` (the
+    /// data dir keeps the CA and keys).
+    pub fn start_postgres(url: &str, serve_args: &[&str]) -> Self {
+        let mut c = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
+            child: None,
+            serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
+            wrapper: Vec::new(),
+            database_url: Some(url.to_owned()),
+        };
+        c.restart();
+        c
+    }
+
+    /// `slipway-controller`, with the store's URL in its environment when
+    /// it is PostgreSQL.
+    fn controller_command(&self) -> Command {
+        let mut command = Command::new(bin("slipway-controller"));
+        if let Some(url) = &self.database_url {
+            command.env("SLIPWAY_DATABASE_URL", url);
+        }
+        command
     }
 
     /// [`Controller::start`] with extra `serve` flags.
@@ -165,6 +194,7 @@ impl Controller {
             child: None,
             serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
             wrapper: Vec::new(),
+            database_url: None,
         };
         c.restart();
         c
@@ -194,6 +224,7 @@ impl Controller {
             child: None,
             serve_args: args,
             wrapper: Vec::new(),
+            database_url: None,
         };
         c.restart();
         c
@@ -234,6 +265,9 @@ impl Controller {
             }
             None => Command::new(bin("slipway-controller")),
         };
+        if let Some(url) = &self.database_url {
+            command.env("SLIPWAY_DATABASE_URL", url);
+        }
         // Its own process group, so `stop` reaches a wrapper's child too.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command
@@ -284,7 +318,7 @@ impl Controller {
 
     /// A join token whose node gets `tags` as labels (`env:staging`).
     pub fn token_tagged(&self, tags: &[&str]) -> String {
-        let mut cmd = Command::new(bin("slipway-controller"));
+        let mut cmd = self.controller_command();
         cmd.args(["token", "create", "--ttl", "10m"]);
         for tag in tags {
             cmd.args(["--tag", tag]);
@@ -325,7 +359,7 @@ impl Controller {
 
     /// `slipway-controller <args> --data-dir DIR`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("slipway-controller"))
+        self.controller_command()
             .args(args)
             .arg("--data-dir")
             .arg(self.data_dir())
