@@ -693,6 +693,43 @@ mod tests {
     }
 
     #[test]
+    fn database_url_comes_from_the_flag_or_the_file_and_is_checked() {
+        let parse = |flag: Option<&str>, file: &str| -> Result<ServeConfig, ConfigError> {
+            ServeConfig::new(
+                RawConfig {
+                    data_dir: Some("/d".into()),
+                    database_url: flag.map(str::to_owned),
+                    ..RawConfig::default()
+                },
+                Some(toml::from_str(file).unwrap()),
+            )
+        };
+        assert_eq!(parse(None, "").unwrap().database_url, None);
+        let file = "database_url = \"postgres://u:pw@file/db\"";
+        let from_file = parse(None, file).unwrap().database_url.unwrap();
+        assert_eq!(from_file.to_string(), "postgres://u:***@file/db");
+        let from_flag = parse(Some("postgresql://u:pw@flag/db"), file).unwrap();
+        assert_eq!(
+            from_flag.database_url.unwrap().to_string(),
+            "postgresql://u:***@flag/db"
+        );
+        for (flag, file, want) in [
+            (Some("mysql://u:pw@h/d"), "", "expected postgres://"),
+            (None, "database_url = \"\"", "empty value"),
+            (
+                None,
+                "database_url = \"postgres://u:pw@h/d\"\n[backup]\ndir = \"/b\"\n\
+                 recipient = \"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\"",
+                "pg_dump",
+            ),
+        ] {
+            let err = parse(flag, file).unwrap_err().to_string();
+            assert!(err.contains("database_url") && err.contains(want), "{err}");
+            assert!(!err.contains("pw@"), "{err}");
+        }
+    }
+
+    #[test]
     fn backup_schedule_is_checked() {
         let parse = |text: &str| -> Result<ServeConfig, ConfigError> {
             let file: RawConfig = toml::from_str(text).unwrap();
