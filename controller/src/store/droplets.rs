@@ -253,3 +253,87 @@ impl Store {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store::testing::store_tests!(synced_droplets_and_the_nodes_on_them);
+
+    fn droplet(id: u64, name: &str, tags: &[&str]) -> DropletRow {
+        DropletRow {
+            id,
+            name: name.into(),
+            region: "fra1".into(),
+            size: "s-1vcpu-1gb".into(),
+            public_ipv4: Some("203.0.113.7".into()),
+            private_ipv4: None,
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            status: "active".into(),
+            first_seen_at: 0,
+            synced_at: 0,
+            gone_at: None,
+            node_id: None,
+            node_name: None,
+        }
+    }
+
+    async fn synced_droplets_and_the_nodes_on_them(store: Store) {
+        let big = u64::try_from(i64::MAX).unwrap();
+        let first = [
+            droplet(7, "web-b", &["pf-core"]),
+            droplet(big, "web-a", &["pf-core"]),
+        ];
+        let sync = store.sync_droplets(&first, 10).await.unwrap();
+        assert_eq!(sync.added.len(), 2);
+        for (id, name) in [("n-1", "node-1"), ("n-2", "node-2")] {
+            sqlx::query(
+                "INSERT INTO nodes (id, name, cert_serial, cert_fingerprint, cert_expires_at,
+                                    enrolled_at) VALUES ($1, $2, '01', $1, 100, 1)",
+            )
+            .bind(id)
+            .bind(name)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            store.claim_droplet("n-1", 7).await.unwrap(),
+            DropletClaim::Recorded
+        );
+        assert_eq!(
+            store.claim_droplet("n-1", 7).await.unwrap(),
+            DropletClaim::Unchanged
+        );
+        assert_eq!(
+            store.claim_droplet("n-2", 7).await.unwrap(),
+            DropletClaim::Conflict {
+                other_node: "n-1".into()
+            }
+        );
+        let droplets = store.droplets().await.unwrap();
+        let names: Vec<&str> = droplets.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["web-a", "web-b"]);
+        assert_eq!(droplets[0].id, big);
+        assert_eq!(droplets[1].node_name.as_deref(), Some("node-1"));
+        assert_eq!(
+            store.droplet_tags_by_node().await.unwrap()["n-1"],
+            ["pf-core"]
+        );
+
+        // Retagged and gone.
+        let second = [droplet(7, "web-b", &["pf-core", "env:production"])];
+        let sync = store.sync_droplets(&second, 20).await.unwrap();
+        assert_eq!((sync.retagged.len(), sync.gone.len()), (1, 1));
+        assert_eq!(sync.gone[0].id, big);
+        let gone = store.droplets().await.unwrap();
+        assert_eq!(gone[0].gone_at, Some(20));
+        assert_eq!(
+            store.nodes_of_droplets().await.unwrap()[&7],
+            ("n-1".to_owned(), "node-1".to_owned())
+        );
+        let ids = store.node_droplet_ids().await.unwrap();
+        assert_eq!(ids[0], ("n-1".into(), "node-1".into(), Some(7)));
+        assert_eq!(ids[1], ("n-2".into(), "node-2".into(), None));
+    }
+}

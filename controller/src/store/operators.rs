@@ -113,3 +113,76 @@ impl Store {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store::testing::store_tests!(operators_api_tokens_and_the_start_record);
+
+    fn event(kind: &'static str, id: &str) -> AuditEvent {
+        AuditEvent::success(kind, "operator", "operator", id, serde_json::json!({}))
+    }
+
+    async fn operators_api_tokens_and_the_start_record(store: Store) {
+        for (id, created_at) in [("op-b", 5), ("op-a", 5), ("op-c", 1)] {
+            let operator = OperatorRow {
+                id: id.into(),
+                name: format!("{id}-name"),
+                cert_fingerprint: format!("fp-{id}"),
+                scopes: vec!["read".into(), "deploy:web".into()],
+                created_at,
+                expires_at: 100,
+                revoked_at: None,
+            };
+            store
+                .insert_operator(&operator, &event(crate::audit::OPERATOR_CREATED, id))
+                .await
+                .unwrap();
+        }
+        let ids: Vec<String> = store
+            .operators()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(ids, ["op-c", "op-a", "op-b"]);
+        let revoked = event(crate::audit::OPERATOR_REVOKED, "op-a");
+        assert!(store.revoke_operator("op-a", &revoked, 7).await.unwrap());
+        assert!(!store.revoke_operator("op-a", &revoked, 8).await.unwrap());
+        let a = store
+            .operator_by_fingerprint("fp-op-a")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.revoked_at, a.scopes.len()), (Some(7), 2));
+
+        let created = event(crate::audit::TOKEN_CREATED, "tok-1");
+        store
+            .insert_api_token("tok-1", "hash", &["read".into()], 3, &created)
+            .await
+            .unwrap();
+        let token = store.api_token("tok-1").await.unwrap().unwrap();
+        assert_eq!(token.scopes, ["read"]);
+        assert_eq!(
+            store.revoke_api_token("tok-1", &created, 4).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            store.revoke_api_token("tok-1", &created, 5).await.unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            store.revoke_api_token("nope", &created, 5).await.unwrap(),
+            None
+        );
+        assert_eq!(store.api_tokens().await.unwrap()[0].revoked_at, Some(4));
+
+        assert_eq!(store.controller_start().await.unwrap(), None);
+        store.record_controller_start(100, 3).await.unwrap();
+        store.record_controller_start(200, 5).await.unwrap();
+        let start = store.controller_start().await.unwrap().unwrap();
+        assert_eq!((start.started_at, start.unreachable_after), (200, 5));
+    }
+}
