@@ -1,6 +1,7 @@
 //! The operator's commands besides `serve`: join tokens, API tokens,
 //! operator certificates, the fleet view and node revocation. Each works on
-//! the data dir directly (SQLite WAL), so it works while `serve` runs.
+//! the data dir directly (SQLite WAL) or on the PostgreSQL store
+//! (`--database-url`), so it works while `serve` runs.
 
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::Path;

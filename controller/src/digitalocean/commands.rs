@@ -1,6 +1,6 @@
 //! `slipway-controller droplets …`: the DigitalOcean commands. They read
 //! `[digitalocean]` (and `data_dir`) from the controller's config file and
-//! work while `serve` runs (the store is SQLite in WAL mode).
+//! work while `serve` runs (the store is SQLite in WAL mode, or PostgreSQL).
 
 use std::path::PathBuf;
 
