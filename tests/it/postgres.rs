@@ -101,13 +101,7 @@ fn two_controllers_on_one_empty_database_both_start() {
     let key = key.to_str().unwrap().to_owned();
     let controllers: Vec<Controller> = std::thread::scope(|scope| {
         let starts: Vec<_> = (0..2)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut c = Controller::start_postgres(&url, &[]);
-                    c.serve_args = vec!["--secrets-key".into(), key.clone()];
-                    c
-                })
-            })
+            .map(|_| scope.spawn(|| Controller::start_postgres(&url, &["--secrets-key", &key])))
             .collect();
         starts.into_iter().map(|s| s.join().unwrap()).collect()
     });

@@ -427,6 +427,10 @@ impl Store {
             .bind(MIGRATE_LOCK)
             .execute(&mut *conn)
             .await?;
+        // Quiet: the notice that the table exists would be logged at every
+        // start.
+        conn.execute("SET LOCAL client_min_messages = warning")
+            .await?;
         conn.execute("CREATE TABLE IF NOT EXISTS slipway_schema (version BIGINT NOT NULL)")
             .await?;
         let version: Option<i64> = sqlx::query_scalar("SELECT version FROM slipway_schema")

@@ -285,14 +285,24 @@ impl Controller {
             .unwrap();
         self.child = Some(child);
         let mut addr = String::new();
-        wait_until(
-            "the controller's ready file",
-            Duration::from_secs(30),
-            || {
-                addr = fs::read_to_string(&ready).unwrap_or_default();
-                !addr.is_empty()
-            },
-        );
+        let started = Instant::now();
+        while addr.is_empty() {
+            addr = fs::read_to_string(&ready).unwrap_or_default();
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if addr.is_empty() && (exited.is_some() || started.elapsed() > Duration::from_secs(30))
+            {
+                let log = fs::read_to_string(self.dir.path().join("controller.log"));
+                panic!(
+                    "the controller wrote no ready file ({}); its log:\n{}",
+                    exited.map_or("still running after 30s".to_owned(), |s| s.to_string()),
+                    log.unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let port = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok());
         self.port = port.unwrap_or_else(|| panic!("ready file says {addr:?}"));
     }
