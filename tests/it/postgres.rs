@@ -29,7 +29,17 @@ fn database() -> Option<String> {
 #[test]
 fn a_controller_on_postgres_enrolls_agents_and_deploys() {
     let Some(url) = database() else { return };
-    let mut controller = Controller::start_postgres(&url, &[]);
+    let http = tempfile::tempdir().unwrap();
+    let http_ready = http.path().join("http-ready");
+    let mut controller = Controller::start_postgres(
+        &url,
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--http-ready-file",
+            http_ready.to_str().unwrap(),
+        ],
+    );
     let mut agents = Agent::enroll_all(&controller, &["p1", "p2"]);
     for a in &mut agents {
         a.run();
@@ -55,6 +65,11 @@ fn a_controller_on_postgres_enrolls_agents_and_deploys() {
             a.name
         );
     }
+    // Ready: the database answers and its schema is this build's.
+    let addr = fs::read_to_string(&http_ready).unwrap();
+    let (code, body) =
+        crate::http::curl(&controller, &[&format!("https://{}/readyz", addr.trim())]);
+    assert_eq!(code, 200, "{body}");
     // The store is the PostgreSQL database: no SQLite file was made.
     assert!(!controller.data_dir().join("controller.db").exists());
 
