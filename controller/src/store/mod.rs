@@ -9,6 +9,9 @@
 //! `DATABASE_URL`. They go through sqlx's `Any` driver in the dialect both
 //! engines speak (`$N` parameters, `ON CONFLICT`, `COALESCE`); the few
 //! places where the engines differ branch on [`Backend`] next to the query.
+//! One copy of every query, rather than one implementation per engine: the
+//! two would have to be kept equal by hand, and the tests running every
+//! store test on both engines check that the one copy means the same.
 //! Migrations are embedded SQL files per engine applied in order at
 //! start-up: SQLite tracks its version in `PRAGMA user_version`,
 //! PostgreSQL in the table `slipway_schema`, under an advisory lock so

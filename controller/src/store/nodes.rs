@@ -882,6 +882,25 @@ mod tests {
         let metrics = fleet[0].metrics.as_ref().unwrap();
         assert_eq!((metrics.cpu_percent, metrics.load1), (12.5, 0.25));
 
+        // Renewed: the new certificate is the newest, the old one still
+        // opens sessions until it expires.
+        let renewed = event(audit::CERT_RENEWED, "n-1");
+        assert!(store
+            .renew_node_cert("n-1", "fp1b", "03", 700, &renewed, 25)
+            .await
+            .unwrap());
+        assert_eq!(
+            store.peer_cert("fp1").await.unwrap().unwrap().node.id,
+            "n-1"
+        );
+        let newest = store.live_node_certs().await.unwrap();
+        assert_eq!((newest[0].issued_at, newest[0].expires_at), (25, 700));
+        assert_eq!(store.find_node("web-1").await.unwrap()[0].id, "n-1");
+        assert_eq!(
+            store.find_node("n-1").await.unwrap()[0].cert_fingerprint,
+            "fp1b"
+        );
+
         // Re-keyed: the new certificate only, the token's labels merged over
         // the node's own.
         let new_labels = serde_json::json!({"env": "staging", "zone": "a"});
@@ -907,6 +926,7 @@ mod tests {
             }
         );
         assert!(store.peer_cert("fp1").await.unwrap().is_none());
+        assert!(store.peer_cert("fp1b").await.unwrap().is_none());
         assert_eq!(
             store.peer_cert("fp2").await.unwrap().unwrap().node.id,
             "n-1"
@@ -938,6 +958,7 @@ mod tests {
                 "TOKEN_CREATED",
                 "TOKEN_CREATED",
                 "NODE_ENROLLED",
+                "CERT_RENEWED",
                 "NODE_REPLACED",
                 "NODE_REVOKED"
             ]
