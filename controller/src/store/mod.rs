@@ -575,6 +575,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sqlite_connections_are_wal_normal_with_foreign_keys_and_a_busy_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        // Every connection of the pool, not only the first.
+        let mut conns = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            conns.push(store.pool.acquire().await.unwrap());
+        }
+        for conn in &mut conns {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(mode, "wal");
+            for (pragma, want) in [
+                ("synchronous", 1),
+                ("foreign_keys", 1),
+                ("busy_timeout", BUSY_TIMEOUT.as_millis() as i64),
+            ] {
+                let got: i64 = sqlx::query_scalar(&format!("PRAGMA {pragma}"))
+                    .fetch_one(&mut **conn)
+                    .await
+                    .unwrap();
+                assert_eq!(got, want, "{pragma}");
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn migrates_once_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
