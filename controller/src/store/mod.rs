@@ -93,7 +93,8 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
-/// SQLite schema as of its 0013.
+/// SQLite schema as of its 0013. A schema change adds a file to both lists
+/// (every store test runs on both engines, so one missing fails them).
 const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("../../migrations-postgres/0001_init.sql")];
 
 /// How long a writer waits for another process (e.g. `token create` while
