@@ -571,15 +571,15 @@ fn deployment_record(
 
 #[cfg(test)]
 mod tests {
-    crate::store::testing::store_tests!(
-        one_running_deployment_per_app_until_a_restart_abandons_it,
-        last_deployments_are_the_newest_per_app_with_node_results
-    );
-
     use super::*;
     use crate::audit::{self, AuditEvent};
     use crate::store::nodes::insert_node;
     use crate::store::{NewNode, Store};
+
+    crate::store::testing::store_tests!(
+        one_running_deployment_per_app_until_a_restart_abandons_it,
+        last_deployments_are_the_newest_per_app_with_node_results
+    );
 
     fn new_deployment<'a>(
         id: &'a str,

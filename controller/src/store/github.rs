@@ -173,12 +173,12 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     crate::store::testing::store_tests!(
         replays_are_recognised_and_the_memory_is_bounded,
         the_replaced_deployment_is_found
     );
-
-    use super::*;
 
     async fn replays_are_recognised_and_the_memory_is_bounded(store: Store) {
         assert!(store.remember_delivery("a", "push", 1, 3).await.unwrap());

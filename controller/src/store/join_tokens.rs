@@ -148,11 +148,11 @@ pub(super) async fn use_join_token(
 
 #[cfg(test)]
 mod tests {
-    crate::store::testing::store_tests!(a_token_is_used_once_and_never_after_expiry);
-
     use super::*;
     use crate::audit::{self, AuditEvent};
     use crate::store::Store;
+
+    crate::store::testing::store_tests!(a_token_is_used_once_and_never_after_expiry);
 
     fn created(id: &str) -> AuditEvent {
         AuditEvent::success(

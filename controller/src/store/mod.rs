@@ -49,7 +49,7 @@ mod operators;
 mod web_sessions;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;

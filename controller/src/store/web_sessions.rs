@@ -91,10 +91,10 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    crate::store::testing::store_tests!(a_session_ends_at_expiry_logout_or_token_revocation);
-
     use crate::audit::{self, AuditEvent};
     use crate::store::Store;
+
+    crate::store::testing::store_tests!(a_session_ends_at_expiry_logout_or_token_revocation);
 
     async fn a_session_ends_at_expiry_logout_or_token_revocation(store: Store) {
         let created = AuditEvent::success(
