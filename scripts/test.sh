@@ -5,6 +5,9 @@
 # Environment:
 #   SLIPWAY_SKIP_INSTALL=1   do not install system packages (already there)
 #   SLIPWAY_SKIP_LINT=1      skip cargo fmt --check and clippy
+#   SLIPWAY_TEST_POSTGRES_BIN=DIR  PostgreSQL's initdb/postgres/createdb for
+#                            the tests (default: the newest /usr/lib/postgresql/*/bin)
+#   SLIPWAY_TEST_NO_POSTGRES=1     skip the PostgreSQL variants of the tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,13 @@ command -v script >/dev/null || need_apt+=(bsdutils)
 # chroot for the empty-root tests of the static binaries.
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v chroot >/dev/null || need_apt+=(coreutils)
+# PostgreSQL (Debian's package) for the store tests on both engines and
+# tests/it/postgres.rs: each test process starts its own server on loopback
+# in a temp dir (controller/src/store/test_postgres.rs), never the cluster
+# the package may start; SLIPWAY_TEST_POSTGRES_BIN names other binaries.
+if [ -z "${SLIPWAY_TEST_POSTGRES_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  need_apt+=(postgresql)
+fi
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
 # The install tests (tests/it/install.rs) and the certificate tests: debootstrap for their Debian root,

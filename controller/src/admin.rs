@@ -1,6 +1,7 @@
 //! The operator's commands besides `serve`: join tokens, API tokens,
 //! operator certificates, the fleet view and node revocation. Each works on
-//! the data dir directly (SQLite WAL), so it works while `serve` runs.
+//! the data dir directly (SQLite WAL) or on the PostgreSQL store
+//! (`--database-url`), so it works while `serve` runs.
 
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::Path;
@@ -16,16 +17,16 @@ use crate::cli::{
 use crate::error::Error;
 use crate::fleet;
 use crate::pki::ca::Ca;
-use crate::store::Store;
+use crate::store::{PostgresUrl, Store};
 
 /// `token create`: prints a one-time join token.
-pub async fn token_create(args: TokenCreateArgs) -> Result<(), Error> {
+pub async fn token_create(args: TokenCreateArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
     let ttl = token::parse_ttl(&args.ttl)?;
     for tag in &args.tags {
         token::check_tag(tag)?;
     }
     let ca = load_ca(&args.data_dir)?;
-    let store = open_store(&args.data_dir).await?;
+    let store = open_store(&args.data_dir, db).await?;
     let token = token::create(
         &store,
         &ca.fingerprint(),
@@ -39,9 +40,9 @@ pub async fn token_create(args: TokenCreateArgs) -> Result<(), Error> {
 }
 
 /// `token api`: prints a new API token.
-pub async fn token_api(args: TokenApiArgs) -> Result<(), Error> {
+pub async fn token_api(args: TokenApiArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
     let scopes = apitoken::parse_scopes(&args.scopes)?;
-    let store = open_store(&args.data_dir).await?;
+    let store = open_store(&args.data_dir, db).await?;
     println!(
         "{}",
         apitoken::create(&store, &scopes, crate::now_unix()).await?
@@ -50,8 +51,8 @@ pub async fn token_api(args: TokenApiArgs) -> Result<(), Error> {
 }
 
 /// `token list`: API tokens, as a table or JSON.
-pub async fn token_list(args: ListArgs) -> Result<(), Error> {
-    let tokens = open_store(&args.data_dir).await?.api_tokens().await?;
+pub async fn token_list(args: ListArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
+    let tokens = open_store(&args.data_dir, db).await?.api_tokens().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tokens)?);
         return Ok(());
@@ -70,8 +71,8 @@ pub async fn token_list(args: ListArgs) -> Result<(), Error> {
 }
 
 /// `token revoke`: revokes an API token by id (or its whole text).
-pub async fn token_revoke(args: RevokeArgs) -> Result<(), Error> {
-    let store = open_store(&args.data_dir).await?;
+pub async fn token_revoke(args: RevokeArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
+    let store = open_store(&args.data_dir, db).await?;
     let (id, newly) = apitoken::revoke(&store, args.id.trim(), crate::now_unix()).await?;
     print_revoked("API token", &id, newly);
     Ok(())
@@ -79,7 +80,10 @@ pub async fn token_revoke(args: RevokeArgs) -> Result<(), Error> {
 
 /// `operator create`: issues an operator certificate and writes it (and
 /// the key made here, unless `--csr`) into `--out`.
-pub async fn operator_create(args: OperatorCreateArgs) -> Result<(), Error> {
+pub async fn operator_create(
+    args: OperatorCreateArgs,
+    db: Option<&PostgresUrl>,
+) -> Result<(), Error> {
     let scopes = apitoken::parse_scopes(&args.scopes).map_err(operator::OperatorError::from)?;
     let validity = token::parse_ttl(&args.ttl)?;
     let csr = args
@@ -115,7 +119,7 @@ pub async fn operator_create(args: OperatorCreateArgs) -> Result<(), Error> {
             source,
         })?;
     let ca = load_ca(&args.data_dir)?;
-    let store = open_store(&args.data_dir).await?;
+    let store = open_store(&args.data_dir, db).await?;
     let issued = operator::create(
         &store,
         &ca,
@@ -159,8 +163,8 @@ pub async fn operator_create(args: OperatorCreateArgs) -> Result<(), Error> {
 }
 
 /// `operator list`: operator certificates, as a table or JSON.
-pub async fn operator_list(args: ListArgs) -> Result<(), Error> {
-    let operators = open_store(&args.data_dir).await?.operators().await?;
+pub async fn operator_list(args: ListArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
+    let operators = open_store(&args.data_dir, db).await?.operators().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&operators)?);
         return Ok(());
@@ -183,16 +187,16 @@ pub async fn operator_list(args: ListArgs) -> Result<(), Error> {
 }
 
 /// `operator revoke`: revokes an operator certificate by id or name.
-pub async fn operator_revoke(args: RevokeArgs) -> Result<(), Error> {
-    let store = open_store(&args.data_dir).await?;
+pub async fn operator_revoke(args: RevokeArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
+    let store = open_store(&args.data_dir, db).await?;
     let (id, newly) = operator::revoke(&store, args.id.trim(), crate::now_unix()).await?;
     print_revoked("operator", &id, newly);
     Ok(())
 }
 
 /// `nodes`: the fleet view from the database, as `slipway nodes` shows it.
-pub async fn nodes(args: NodesArgs) -> Result<(), Error> {
-    let store = open_store(&args.data_dir).await?;
+pub async fn nodes(args: NodesArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
+    let store = open_store(&args.data_dir, db).await?;
     let nodes: Vec<slipway_proto::v1::NodeView> = fleet::nodes(&store, crate::now_unix())
         .await?
         .iter()
@@ -208,16 +212,16 @@ pub async fn nodes(args: NodesArgs) -> Result<(), Error> {
 
 /// `metrics`: the fleet's metrics from the database, in the Prometheus
 /// text format (no sessions or process figures: those are `serve`'s).
-pub async fn metrics(args: MetricsArgs) -> Result<(), Error> {
-    let store = open_store(&args.data_dir).await?;
+pub async fn metrics(args: MetricsArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
+    let store = open_store(&args.data_dir, db).await?;
     let scraper = crate::metrics::Scraper::offline(store, &args.data_dir);
     print!("{}", scraper.render().await?);
     Ok(())
 }
 
 /// `node revoke`: revokes a node by id or unique name.
-pub async fn node_revoke(args: NodeRevokeArgs) -> Result<(), Error> {
-    let store = open_store(&args.data_dir).await?;
+pub async fn node_revoke(args: NodeRevokeArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
+    let store = open_store(&args.data_dir, db).await?;
     let revoked = fleet::revoke(&store, &args.node, "operator", crate::now_unix()).await?;
     print_revoked("node", &revoked.node_id, revoked.newly);
     Ok(())
@@ -225,9 +229,12 @@ pub async fn node_revoke(args: NodeRevokeArgs) -> Result<(), Error> {
 
 /// `ca rotate start`: a new CA beside the current one (see
 /// [`crate::pki::rotation`]); a running `serve` acts on it within seconds.
-pub async fn ca_rotate_start(args: crate::cli::RotateStartArgs) -> Result<(), Error> {
+pub async fn ca_rotate_start(
+    args: crate::cli::RotateStartArgs,
+    db: Option<&PostgresUrl>,
+) -> Result<(), Error> {
     load_ca(&args.data_dir)?;
-    let store = open_store(&args.data_dir).await?;
+    let store = open_store(&args.data_dir, db).await?;
     let now = crate::now_unix();
     let rotation = crate::pki::rotation::start(&args.data_dir, args.now, now)?;
     let event = crate::audit::AuditEvent::success(
@@ -259,9 +266,12 @@ pub async fn ca_rotate_start(args: crate::cli::RotateStartArgs) -> Result<(), Er
 
 /// `ca rotate finish`: the new CA becomes the only one; refused while live
 /// nodes are still on the old one, unless `--force`.
-pub async fn ca_rotate_finish(args: crate::cli::RotateFinishArgs) -> Result<(), Error> {
+pub async fn ca_rotate_finish(
+    args: crate::cli::RotateFinishArgs,
+    db: Option<&PostgresUrl>,
+) -> Result<(), Error> {
     load_ca(&args.data_dir)?;
-    let store = open_store(&args.data_dir).await?;
+    let store = open_store(&args.data_dir, db).await?;
     let rotation = crate::pki::rotation::current(&args.data_dir)?
         .ok_or(crate::pki::rotation::RotationError::NotStarted)?;
     let lagging = fleet::certs::nodes_on_old_ca(&store, &rotation).await?;
@@ -297,8 +307,8 @@ pub async fn ca_rotate_finish(args: crate::cli::RotateFinishArgs) -> Result<(), 
     Ok(())
 }
 
-async fn open_store(data_dir: &Path) -> Result<Store, Error> {
-    Store::open(data_dir).await.map_err(Error::OpenStore)
+async fn open_store(data_dir: &Path, db: Option<&PostgresUrl>) -> Result<Store, Error> {
+    Store::open_at(data_dir, db).await.map_err(Error::OpenStore)
 }
 
 fn load_ca(data_dir: &Path) -> Result<Ca, Error> {
@@ -345,12 +355,20 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), Error> {
 
 /// `backup`: an encrypted backup of the data dir, made while `serve` may
 /// run (the database is snapshot with `VACUUM INTO`).
-pub async fn backup(args: BackupArgs) -> Result<(), Error> {
+pub async fn backup(args: BackupArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
     let key = backup::Key::from_flags(
         args.passphrase_file.as_deref(),
         args.recipient.as_deref(),
         None,
     )?;
+    if let Some(url) = db {
+        return Err(backup::BackupError::Usage(format!(
+            "the store is PostgreSQL ({url}): `backup` covers the SQLite store in the data \
+             dir only; back up the database with pg_dump and the data dir (CA, keys, \
+             secrets.key) with your file backups"
+        ))
+        .into());
+    }
     if !args.data_dir.join(crate::pki::ca::CA_KEY_FILE).exists() {
         return Err(backup::BackupError::Usage(format!(
             "{} holds no controller CA: is it the data dir `serve` uses?",
@@ -385,12 +403,19 @@ pub async fn backup(args: BackupArgs) -> Result<(), Error> {
 }
 
 /// `restore`: a new data dir from a backup.
-pub async fn restore(args: RestoreArgs) -> Result<(), Error> {
+pub async fn restore(args: RestoreArgs, db: Option<&PostgresUrl>) -> Result<(), Error> {
     let key = backup::Key::from_flags(
         args.passphrase_file.as_deref(),
         None,
         args.identity.as_deref(),
     )?;
+    if let Some(url) = db {
+        return Err(backup::BackupError::Usage(format!(
+            "the store is PostgreSQL ({url}): `restore` makes a data dir with a SQLite \
+             store; restore a PostgreSQL database with pg_restore"
+        ))
+        .into());
+    }
     let report = backup::restore(&args.from, &args.data_dir, &key).await?;
     println!(
         "restored the backup of {} into {} (CA sha256 {}); start it with \

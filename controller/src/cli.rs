@@ -15,6 +15,18 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// The store, for every command that opens it: unset for SQLite in the
+    /// data dir (the default), or postgres://USER:PASSWORD@HOST:PORT/DB
+    /// (config: database_url). Prefer the environment variable: a flag is
+    /// visible to every user of the machine in the process list.
+    #[arg(
+        long,
+        global = true,
+        env = "SLIPWAY_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database_url: Option<String>,
 }
 
 /// Subcommands.

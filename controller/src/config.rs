@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::cli::ServeArgs;
 use crate::link::liveness;
 use crate::link::session::LinkSettings;
+use crate::store::PostgresUrl;
 
 /// Default listen address: loopback, so a first start exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -47,6 +48,14 @@ pub enum ConfigError {
         /// What would be valid.
         why: &'static str,
     },
+    /// `database_url` is not one; the value is shown without its password.
+    #[error("setting database_url = {value} is invalid: {why}")]
+    DatabaseUrl {
+        /// The value given, password redacted.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// `[digitalocean]` is wrong; the message names the key.
     #[error("{0}")]
     DigitalOcean(String),
@@ -72,6 +81,9 @@ impl ConfigError {
 pub struct RawConfig {
     /// Where the CA, keys and database live.
     pub data_dir: Option<PathBuf>,
+    /// The store: unset for SQLite in the data dir, or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
+    pub database_url: Option<String>,
     /// Address for the gRPC listener.
     pub listen: Option<SocketAddr>,
     /// Heartbeats per second aimed for across the fleet; the announced
@@ -153,11 +165,21 @@ impl RawConfig {
     }
 }
 
+/// Checks a `database_url` setting (flag, environment or file).
+pub fn database_url(text: &str) -> Result<PostgresUrl, ConfigError> {
+    PostgresUrl::parse(text).map_err(|why| ConfigError::DatabaseUrl {
+        value: format!("{:?}", crate::store::redact(text)),
+        why,
+    })
+}
+
 /// Checked settings for `serve`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
-    /// Where the CA, keys and database live.
+    /// Where the CA, keys and (with SQLite) the database live.
     pub data_dir: PathBuf,
+    /// The PostgreSQL store, when not SQLite in the data dir.
+    pub database_url: Option<PostgresUrl>,
     /// Address for the gRPC listener (enrollment and agent links).
     pub listen: SocketAddr,
     /// Heartbeat policy and certificate lifetime for agent sessions.
@@ -224,6 +246,7 @@ impl ServeConfig {
             http_ready_file: None,
             secrets_key: data_dir.join(crate::secrets::KEY_FILE),
             data_dir,
+            database_url: None,
         }
     }
 
@@ -361,7 +384,9 @@ fn is_server_name(name: &str) -> bool {
 
 impl ServeConfig {
     /// The configuration of `serve`: its flags over the `--config` file.
-    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+    /// `database_url` is the global `--database-url` flag (or its
+    /// environment variable), which wins over the file's.
+    pub fn from_args(args: ServeArgs, database_url: Option<String>) -> Result<Self, ConfigError> {
         let file = args
             .config
             .as_deref()
@@ -369,6 +394,7 @@ impl ServeConfig {
             .transpose()?;
         let flags = RawConfig {
             data_dir: args.data_dir,
+            database_url,
             listen: args.listen,
             server_names: Some(args.server_names),
             server_cert_validity: args.server_cert_validity,
@@ -404,6 +430,9 @@ impl ServeConfig {
                 .map_err(|_| ConfigError::Missing("listen"))?,
         };
         let mut config = Self::with_defaults(data_dir, listen);
+        if let Some(text) = flags.database_url.or(file.database_url) {
+            config.database_url = Some(database_url(&text)?);
+        }
         if let Some(path) = flags.secrets_key.or(file.secrets_key) {
             config.secrets_key = path;
         }
@@ -468,6 +497,14 @@ impl ServeConfig {
             config.link.cert_validity = validity;
         }
         if let Some(raw) = file.backup {
+            if let Some(url) = &config.database_url {
+                return Err(ConfigError::DatabaseUrl {
+                    value: format!("{:?}", url.to_string()),
+                    why: "[backup] covers the SQLite store only: with PostgreSQL back up the \
+                          database with pg_dump (and drop [backup])"
+                        .to_owned(),
+                });
+            }
             config.backup = Some(backup_schedule(raw)?);
         }
         if let Some(raw) = file.digitalocean {
@@ -653,6 +690,43 @@ mod tests {
             .to_string();
         assert!(err.contains("metrics_loopback_no_auth"), "{err}");
         assert!(err.contains("http_listen"), "{err}");
+    }
+
+    #[test]
+    fn database_url_comes_from_the_flag_or_the_file_and_is_checked() {
+        let parse = |flag: Option<&str>, file: &str| -> Result<ServeConfig, ConfigError> {
+            ServeConfig::new(
+                RawConfig {
+                    data_dir: Some("/d".into()),
+                    database_url: flag.map(str::to_owned),
+                    ..RawConfig::default()
+                },
+                Some(toml::from_str(file).unwrap()),
+            )
+        };
+        assert_eq!(parse(None, "").unwrap().database_url, None);
+        let file = "database_url = \"postgres://u:pw@file/db\"";
+        let from_file = parse(None, file).unwrap().database_url.unwrap();
+        assert_eq!(from_file.to_string(), "postgres://u:***@file/db");
+        let from_flag = parse(Some("postgresql://u:pw@flag/db"), file).unwrap();
+        assert_eq!(
+            from_flag.database_url.unwrap().to_string(),
+            "postgresql://u:***@flag/db"
+        );
+        for (flag, file, want) in [
+            (Some("mysql://u:pw@h/d"), "", "expected postgres://"),
+            (None, "database_url = \"\"", "empty value"),
+            (
+                None,
+                "database_url = \"postgres://u:pw@h/d\"\n[backup]\ndir = \"/b\"\n\
+                 recipient = \"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\"",
+                "pg_dump",
+            ),
+        ] {
+            let err = parse(flag, file).unwrap_err().to_string();
+            assert!(err.contains("database_url") && err.contains(want), "{err}");
+            assert!(!err.contains("pw@"), "{err}");
+        }
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //!                < tls (the listener; client trust and server certificate
 //!                replaceable while serving; a refused client certificate
 //!                goes to a callback, naming an expired one's subject)
-//! L1  store/     the only code that speaks SQL: one file per table family
+//! L1  store/     the only code that speaks SQL, on SQLite (default) or
+//!                PostgreSQL (`database_url`): one file per table family
 //!                (nodes, join_tokens, api_tokens, operators, deployments,
 //!                audit, controller_state); transactions stay inside its
 //!                methods; the heartbeat shapes it stores (Metrics, App)

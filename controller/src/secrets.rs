@@ -492,6 +492,10 @@ pub fn conflicts(
 mod tests {
     use super::*;
 
+    crate::store::testing::store_tests!(
+        a_lost_key_file_is_replaced_only_while_nothing_is_sealed_under_it
+    );
+
     #[test]
     fn sealed_blobs_open_only_with_their_key_and_place() {
         let key = key_of(&[7; 32]);
@@ -642,10 +646,8 @@ mod tests {
         assert!(err.contains("0644") && err.contains("chmod 600"), "{err}");
     }
 
-    #[tokio::test]
-    async fn a_lost_key_file_is_replaced_only_while_nothing_is_sealed_under_it() {
+    async fn a_lost_key_file_is_replaced_only_while_nothing_is_sealed_under_it(store: Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
         let key = dir.path().join(KEY_FILE);
         Secrets::open(&store, &key).await.unwrap();
         std::fs::remove_file(&key).unwrap();

@@ -141,7 +141,7 @@ async fn serve_notifying(
     let ca = Arc::new(Ca::load_or_create(&config.data_dir)?);
     let hosts = config.certificate_hosts();
     let identity = ca.server_identity(&config.data_dir, &hosts, config.server_cert_validity)?;
-    let store = Store::open(&config.data_dir).await?;
+    let store = Store::open_at(&config.data_dir, config.database_url.as_ref()).await?;
     // No deployment of this process runs yet: any marked running was
     // interrupted by a crash or restart and must not block its app.
     let abandoned = store.abandon_running_deployments(crate::now_unix()).await?;

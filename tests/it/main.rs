@@ -7,6 +7,11 @@ mod support;
 #[path = "../../node-agent/tests/it/support/docker_image.rs"]
 mod docker_image;
 
+// The private PostgreSQL server of a test process, shared with the
+// controller's store tests.
+#[path = "../../controller/src/store/test_postgres.rs"]
+mod test_postgres;
+
 // The bounded HTTP load loop, shared with the agent's zero-downtime tests.
 #[path = "../../node-agent/tests/it/support/load.rs"]
 mod load;
@@ -32,6 +37,7 @@ mod listen;
 mod metrics;
 mod oidc;
 mod pm2;
+mod postgres;
 mod reconnect;
 mod replicas;
 mod rollout;

@@ -250,6 +250,11 @@ pub async fn caller_by_id(store: &Store, id: &str) -> Result<Caller, ApiTokenErr
 mod tests {
     use super::*;
 
+    crate::store::testing::store_tests!(
+        created_token_authenticates_with_its_scopes,
+        a_revoked_token_no_longer_authenticates
+    );
+
     #[test]
     fn scopes_parse() {
         let scopes =
@@ -268,10 +273,7 @@ mod tests {
         assert!(parse_scopes(&[]).is_err());
     }
 
-    #[tokio::test]
-    async fn created_token_authenticates_with_its_scopes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    async fn created_token_authenticates_with_its_scopes(store: Store) {
         let token = create(&store, &[Scope::Deploy("web".to_owned())], 10)
             .await
             .unwrap();
@@ -289,10 +291,7 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn a_revoked_token_no_longer_authenticates() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    async fn a_revoked_token_no_longer_authenticates(store: Store) {
         let token = create(&store, &[Scope::Read], 10).await.unwrap();
         let other = create(&store, &[Scope::Read], 11).await.unwrap();
         // By the whole token text, as an operator may paste it.

@@ -214,12 +214,15 @@ pub async fn revoke(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn issued_certificates_authenticate_until_revoked() {
+    crate::store::testing::store_tests!(
+        issued_certificates_authenticate_until_revoked,
+        a_csr_keeps_the_key_with_the_operator_and_bad_input_is_refused
+    );
+
+    async fn issued_certificates_authenticate_until_revoked(store: Store) {
         crypto::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::load_or_create(dir.path()).unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
         let scopes = [Scope::Deploy("web".to_owned())];
         let issued = create(&store, &ca, "ci", &scopes, DEFAULT_VALIDITY, None, 10)
             .await
@@ -278,12 +281,10 @@ mod tests {
         assert_eq!(count(audit::OPERATOR_REVOKED), 2);
     }
 
-    #[tokio::test]
-    async fn a_csr_keeps_the_key_with_the_operator_and_bad_input_is_refused() {
+    async fn a_csr_keeps_the_key_with_the_operator_and_bad_input_is_refused(store: Store) {
         crypto::install_default_provider();
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::load_or_create(dir.path()).unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let csr = rcgen::CertificateParams::new(vec!["evil.example".to_owned()])
             .unwrap()

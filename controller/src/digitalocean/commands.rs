@@ -1,6 +1,6 @@
 //! `slipway-controller droplets …`: the DigitalOcean commands. They read
 //! `[digitalocean]` (and `data_dir`) from the controller's config file and
-//! work while `serve` runs (the store is SQLite in WAL mode).
+//! work while `serve` runs (the store is SQLite in WAL mode, or PostgreSQL).
 
 use std::path::PathBuf;
 
@@ -10,7 +10,7 @@ use super::client::DoError;
 use super::config::DoConfig;
 use super::inventory::{self, SyncError};
 use crate::config::{ConfigError, RawConfig};
-use crate::store::{Store, StoreError};
+use crate::store::{PostgresUrl, Store, StoreError};
 
 /// `droplets` subcommands.
 #[derive(Debug, Subcommand)]
@@ -193,12 +193,12 @@ pub struct DnsPointArgs {
 }
 
 /// Runs a `dns` command.
-pub async fn dns(command: DnsCommand) -> Result<(), crate::Error> {
+pub async fn dns(command: DnsCommand, db: Option<&PostgresUrl>) -> Result<(), crate::Error> {
     let DnsCommand::Point(args) = command;
     let run = async {
-        let (config, data_dir) = load(&args.common)?;
+        let (config, data_dir, db) = load(&args.common, db)?;
         let client = config.client()?;
-        let store = Store::open(&data_dir).await?;
+        let store = Store::open_at(&data_dir, db.as_ref()).await?;
         let pointed = super::dns::point(
             &client,
             &store,
@@ -247,10 +247,13 @@ pub struct FirewallSyncArgs {
 }
 
 /// Runs a `firewall` command.
-pub async fn firewall(command: FirewallCommand) -> Result<(), crate::Error> {
+pub async fn firewall(
+    command: FirewallCommand,
+    db: Option<&PostgresUrl>,
+) -> Result<(), crate::Error> {
     let FirewallCommand::Sync(args) = command;
     let run = async {
-        let (config, data_dir) = load(&args.common)?;
+        let (config, data_dir, db) = load(&args.common, db)?;
         let Some(firewall) = &config.firewall else {
             return Err(DoCommandError::Usage(format!(
                 "{}: no [digitalocean.firewall] table (inbound_ports, ssh_from)",
@@ -258,7 +261,7 @@ pub async fn firewall(command: FirewallCommand) -> Result<(), crate::Error> {
             )));
         };
         let client = config.client()?;
-        let store = Store::open(&data_dir).await?;
+        let store = Store::open_at(&data_dir, db.as_ref()).await?;
         let synced = super::firewall::sync(
             &client,
             &store,
@@ -525,9 +528,19 @@ pub struct SyncArgs {
     pub force: bool,
 }
 
-/// Reads `[digitalocean]` and the data dir from the config file.
-pub fn load(args: &DropletsArgs) -> Result<(DoConfig, PathBuf), DoCommandError> {
+/// Reads `[digitalocean]`, the data dir and the store's `database_url`
+/// (`db`, the `--database-url` flag, wins over the file's) from the config
+/// file.
+pub fn load(
+    args: &DropletsArgs,
+    db: Option<&PostgresUrl>,
+) -> Result<(DoConfig, PathBuf, Option<PostgresUrl>), DoCommandError> {
     let raw = RawConfig::from_file(&args.config)?;
+    let db = match (db, &raw.database_url) {
+        (Some(db), _) => Some(db.clone()),
+        (None, Some(text)) => Some(crate::config::database_url(text)?),
+        (None, None) => None,
+    };
     let data_dir = args
         .data_dir
         .clone()
@@ -539,23 +552,26 @@ pub fn load(args: &DropletsArgs) -> Result<(DoConfig, PathBuf), DoCommandError> 
         ));
     };
     let config = DoConfig::new(table).map_err(ConfigError::DigitalOcean)?;
-    Ok((config, data_dir))
+    Ok((config, data_dir, db))
 }
 
 /// Runs a `droplets` command.
-pub async fn run(command: DropletsCommand) -> Result<(), crate::Error> {
-    Ok(run_inner(command).await?)
+pub async fn run(command: DropletsCommand, db: Option<&PostgresUrl>) -> Result<(), crate::Error> {
+    Ok(run_inner(command, db).await?)
 }
 
-async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
+async fn run_inner(
+    command: DropletsCommand,
+    db: Option<&PostgresUrl>,
+) -> Result<(), DoCommandError> {
     match command {
         DropletsCommand::Sync(SyncArgs {
             common: args,
             force,
         }) => {
-            let (config, data_dir) = load(&args)?;
+            let (config, data_dir, db) = load(&args, db)?;
             let client = config.client()?;
-            let store = Store::open(&data_dir).await?;
+            let store = Store::open_at(&data_dir, db.as_ref()).await?;
             let report =
                 inventory::sync(&store, &client, &config, crate::now_unix(), force).await?;
             if args.json {
@@ -576,13 +592,13 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
             }
         }
         DropletsCommand::Create(args) => {
-            let (config, data_dir) = load(&args.common)?;
+            let (config, data_dir, db) = load(&args.common, db)?;
             let ttl = crate::auth::token::parse_ttl(&args.token_ttl)
                 .map_err(|e| DoCommandError::Usage(e.to_string()))?;
             let client = config.client()?;
             let ca = crate::pki::ca::Ca::load_or_create(&data_dir)
                 .map_err(|e| DoCommandError::Usage(format!("loading the controller CA: {e}")))?;
-            let store = Store::open(&data_dir).await?;
+            let store = Store::open_at(&data_dir, db.as_ref()).await?;
             let tags = if args.tags.is_empty() {
                 config.fleet_tags.clone()
             } else {
@@ -657,13 +673,13 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
             }
         }
         DropletsCommand::Retire(args) => {
-            let (config, data_dir) = load(&args.common)?;
+            let (config, data_dir, db) = load(&args.common, db)?;
             let client = if args.destroy {
                 Some(config.client()?)
             } else {
                 None
             };
-            let store = Store::open(&data_dir).await?;
+            let store = Store::open_at(&data_dir, db.as_ref()).await?;
             let done = inventory::retire(
                 &store,
                 &args.name,
@@ -688,8 +704,8 @@ async fn run_inner(command: DropletsCommand) -> Result<(), DoCommandError> {
             }
         }
         DropletsCommand::List(args) => {
-            let (_, data_dir) = load(&args)?;
-            let store = Store::open(&data_dir).await?;
+            let (_, data_dir, db) = load(&args, db)?;
+            let store = Store::open_at(&data_dir, db.as_ref()).await?;
             let view = inventory::view(&store).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&view)?);

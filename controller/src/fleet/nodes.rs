@@ -1,6 +1,6 @@
 //! The fleet view and the operator's node actions, read from and written to
 //! the database only, so they work from another process while `serve` runs
-//! (SQLite WAL): `slipway-controller nodes` and `node revoke`.
+//! (SQLite WAL, or PostgreSQL): `slipway-controller nodes` and `node revoke`.
 //!
 //! Metrics and apps are shown in the shapes the store keeps them in
 //! ([`Metrics`], [`App`]).

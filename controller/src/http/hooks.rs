@@ -178,12 +178,16 @@ mod tests {
     use crate::link::registry::Sessions;
     use crate::store::Store;
 
+    crate::store::testing::store_tests!(
+        every_bad_delivery_is_refused_with_what_was_wrong,
+        without_github_the_hook_is_not_there
+    );
+
     const SECRET: &str = "It's a Secret to Everybody";
 
-    /// The router with `[github]` (a token, the webhook secret, `acme/web`
+    /// The router over `store` (its files in `dir`) with `[github]` (a token, the webhook secret, `acme/web`
     /// linked with a push trigger) when `github`, else without it.
-    async fn app(dir: &std::path::Path, github: bool) -> (Router, Store) {
-        let store = Store::open(dir).await.unwrap();
+    async fn app(dir: &std::path::Path, store: Store, github: bool) -> (Router, Store) {
         let sessions = Sessions::new();
         let control = ControlService::new(
             store.clone(),
@@ -252,10 +256,9 @@ mod tests {
     // broken on purpose; whole payloads as the description shapes them
     // are sent by the integration and end-to-end tests (tests/fixtures/
     // gh_api.py makes and validates them).
-    #[tokio::test]
-    async fn every_bad_delivery_is_refused_with_what_was_wrong() {
+    async fn every_bad_delivery_is_refused_with_what_was_wrong(store: Store) {
         let dir = tempfile::tempdir().unwrap();
-        let (app, store) = app(dir.path(), true).await;
+        let (app, store) = app(dir.path(), store, true).await;
         let ping = br#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
         // Signed right: pong; the same id again: ignored.
         let (status, body) = call(&app, delivery("ping", "a-1", ping, Some(&sign(ping)))).await;
@@ -339,10 +342,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn without_github_the_hook_is_not_there() {
+    async fn without_github_the_hook_is_not_there(store: Store) {
         let dir = tempfile::tempdir().unwrap();
-        let (app, _) = app(dir.path(), false).await;
+        let (app, _) = app(dir.path(), store, false).await;
         let (status, body) = call(&app, delivery("ping", "a-1", b"{}", Some("sha256=00"))).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     }

@@ -379,8 +379,11 @@ mod tests {
     use crate::auth::apitoken::{self, Scope};
     use crate::link::commands::Commands;
 
-    async fn app(dir: &std::path::Path) -> (Router, Store) {
-        let store = Store::open(dir).await.unwrap();
+    crate::store::testing::store_tests!(health_open_api_closed_and_every_error_is_json);
+
+    /// The router over `store`, with its files (artifacts, key file) in
+    /// `dir`.
+    async fn app(dir: &std::path::Path, store: Store) -> (Router, Store) {
         let sessions = Sessions::new();
         let control = ControlService::new(
             store.clone(),
@@ -405,10 +408,9 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
-    #[tokio::test]
-    async fn health_open_api_closed_and_every_error_is_json() {
+    async fn health_open_api_closed_and_every_error_is_json(store: Store) {
         let dir = tempfile::tempdir().unwrap();
-        let (app, store) = app(dir.path()).await;
+        let (app, store) = app(dir.path(), store).await;
         let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
         assert_eq!(call(&app, get("/healthz")).await.0, StatusCode::OK);
         assert_eq!(call(&app, get("/readyz")).await.0, StatusCode::OK);

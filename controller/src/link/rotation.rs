@@ -226,14 +226,14 @@ mod tests {
     use crate::pki::rotation::ROTATION_FILE;
     use tokio::sync::mpsc;
 
+    crate::store::testing::store_tests!(a_start_read_half_written_still_asks_every_node_to_renew);
+
     /// `start` writes the new CA's files first and its state file last: a
     /// watch that reads the files in between must not send the bundle
     /// without `renew_now` and then consider the node served.
-    #[tokio::test]
-    async fn a_start_read_half_written_still_asks_every_node_to_renew() {
+    async fn a_start_read_half_written_still_asks_every_node_to_renew(store: Store) {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(Ca::load_or_create(dir.path()).unwrap());
-        let store = Store::open(dir.path()).await.unwrap();
         let hosts = vec!["localhost".to_owned()];
         let validity = Duration::from_secs(3600);
         let identity = ca.server_identity(dir.path(), &hosts, validity).unwrap();

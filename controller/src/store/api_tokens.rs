@@ -43,7 +43,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO api_tokens (id, secret_hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO api_tokens (id, secret_hash, scopes, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(id)
         .bind(secret_hash)
@@ -59,7 +59,7 @@ impl Store {
     /// Loads an API token by id.
     pub async fn api_token(&self, id: &str) -> Result<Option<ApiTokenRow>, StoreError> {
         let row =
-            sqlx::query("SELECT id, secret_hash, scopes, revoked_at FROM api_tokens WHERE id = ?1")
+            sqlx::query("SELECT id, secret_hash, scopes, revoked_at FROM api_tokens WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -103,7 +103,7 @@ impl Store {
     ) -> Result<Option<bool>, StoreError> {
         let mut tx = self.begin().await?;
         let exists: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT revoked_at FROM api_tokens WHERE id = ?1")
+            sqlx::query_scalar("SELECT revoked_at FROM api_tokens WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -113,13 +113,13 @@ impl Store {
         if revoked_at.is_some() {
             return Ok(Some(false));
         }
-        sqlx::query("UPDATE api_tokens SET revoked_at = ?1 WHERE id = ?2")
+        sqlx::query("UPDATE api_tokens SET revoked_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
             .await?;
         // Its browser sessions end with it.
-        sqlx::query("DELETE FROM web_sessions WHERE token_id = ?1")
+        sqlx::query("DELETE FROM web_sessions WHERE token_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;

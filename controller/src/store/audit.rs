@@ -1,9 +1,9 @@
 //! The audit log (`audit_events`).
 
-use sqlx::sqlite::SqliteConnection;
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 
-use super::{json_column, Store, StoreError};
+use super::{json_column, Backend, Store, StoreError};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::pki::crypto;
 
@@ -34,9 +34,9 @@ impl Store {
             &h[20..32]
         );
         let done = sqlx::query(
-            "INSERT OR IGNORE INTO audit_events (id, created_at, event_type, actor, resource_type,
-                                   resource_id, details, status, error_message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO audit_events (id, created_at, event_type, actor, resource_type,
+                                       resource_id, details, status, error_message)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
         )
         .bind(id)
         .bind(now)
@@ -62,7 +62,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, created_at, event_type, actor, resource_type, resource_id, details,
                     status, error_message
-             FROM audit_events WHERE created_at >= ?1 ORDER BY created_at, rowid",
+             FROM audit_events WHERE created_at >= $1 ORDER BY created_at, rowid",
         )
         .bind(since)
         .fetch_all(&self.pool)
@@ -106,22 +106,29 @@ impl Store {
         &self,
         filter: &AuditFilter,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query(
+        // The details' `app`: the one place the two engines' JSON
+        // functions differ.
+        let app = match self.backend {
+            Backend::Sqlite => "json_extract(details, '$.app')",
+            Backend::Postgres => "(details::jsonb ->> 'app')",
+        };
+        let sql = format!(
             "SELECT id, created_at, event_type, actor, resource_type, resource_id, details,
                     status, error_message
              FROM audit_events
-             WHERE (?1 IS NULL OR created_at >= ?1) AND (?2 IS NULL OR created_at < ?2)
-               AND (?3 IS NULL OR event_type = ?3)
-               AND (?4 IS NULL OR json_extract(details, '$.app') = ?4)
-             ORDER BY created_at DESC, rowid DESC LIMIT ?5",
-        )
-        .bind(filter.since)
-        .bind(filter.until)
-        .bind(filter.kind.as_deref())
-        .bind(filter.app.as_deref())
-        .bind(i64::from(filter.limit))
-        .fetch_all(&self.pool)
-        .await?;
+             WHERE ($1 IS NULL OR created_at >= $1) AND ($2 IS NULL OR created_at < $2)
+               AND ($3 IS NULL OR event_type = $3)
+               AND ($4 IS NULL OR {app} = $4)
+             ORDER BY created_at DESC, rowid DESC LIMIT $5"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(filter.since)
+            .bind(filter.until)
+            .bind(filter.kind.as_deref())
+            .bind(filter.app.as_deref())
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter()
             .map(|row| {
                 Ok(AuditRecord {
@@ -142,14 +149,14 @@ impl Store {
 
 /// Inserts an audit event on `conn` (a pooled connection or a transaction).
 pub(super) async fn insert_audit(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     event: &AuditEvent,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_events (id, created_at, event_type, actor, resource_type,
                                    resource_id, details, status, error_message)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(crypto::random_uuid()?)
     .bind(now)
@@ -163,4 +170,73 @@ pub(super) async fn insert_audit(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::DEPLOY_STARTED;
+
+    crate::store::testing::store_tests!(events_filter_by_time_kind_and_app_newest_first);
+
+    async fn events_filter_by_time_kind_and_app_newest_first(store: Store) {
+        for (at, kind, app) in [
+            (10, DEPLOY_STARTED, "web"),
+            (20, crate::audit::DEPLOY_COMPLETED, "web"),
+            (20, DEPLOY_STARTED, "api"),
+            (30, DEPLOY_STARTED, "web"),
+        ] {
+            let details = serde_json::json!({ "app": app, "n": at });
+            let event = AuditEvent::success(kind, "ci", "deployment", "d", details);
+            store.audit(&event, at).await.unwrap();
+        }
+        let found = |filter: AuditFilter| {
+            let store = store.clone();
+            async move {
+                store
+                    .audit_events_filtered(&filter)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| (e.created_at, e.details["app"].as_str().unwrap().to_owned()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let all = AuditFilter {
+            limit: 10,
+            ..AuditFilter::default()
+        };
+        assert_eq!(
+            found(all.clone()).await,
+            [
+                (30, "web".into()),
+                (20, "api".into()),
+                (20, "web".into()),
+                (10, "web".into())
+            ]
+        );
+        let web_starts = AuditFilter {
+            kind: Some(DEPLOY_STARTED.into()),
+            app: Some("web".into()),
+            ..all.clone()
+        };
+        assert_eq!(
+            found(web_starts).await,
+            [(30, "web".into()), (10, "web".into())]
+        );
+        let window = AuditFilter {
+            since: Some(20),
+            until: Some(30),
+            limit: 1,
+            ..all.clone()
+        };
+        assert_eq!(found(window).await, [(20, "api".into())]);
+
+        // An agent's resent event is recorded once.
+        let event =
+            AuditEvent::success(DEPLOY_STARTED, "n-1", "node", "n-1", serde_json::json!({}));
+        assert!(store.audit_once("n-1/e-1", &event, 40).await.unwrap());
+        assert!(!store.audit_once("n-1/e-1", &event, 41).await.unwrap());
+        assert_eq!(store.audit_events_since(40).await.unwrap().len(), 1);
+    }
 }

@@ -22,8 +22,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO controller_state (id, started_at, unreachable_after_intervals)
-             VALUES (1, ?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET started_at = ?1, unreachable_after_intervals = ?2",
+             VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET started_at = $1, unreachable_after_intervals = $2",
         )
         .bind(started_at)
         .bind(i64::from(unreachable_after))

@@ -129,7 +129,7 @@ impl Store {
     ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         let rows = sqlx::query(
             "SELECT release_id, env_version FROM deployments
-             WHERE app = ?1 AND kind = 'deploy' AND env_version IS NOT NULL
+             WHERE app = $1 AND kind = 'deploy' AND env_version IS NOT NULL
              ORDER BY started_at",
         )
         .bind(app)
@@ -159,7 +159,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let running = sqlx::query(
             "SELECT id, kind, actor, started_at FROM deployments
-             WHERE app = ?1 AND status = 'running' ORDER BY started_at LIMIT 1",
+             WHERE app = $1 AND status = 'running' ORDER BY started_at LIMIT 1",
         )
         .bind(deployment.app)
         .fetch_optional(&mut *tx)
@@ -179,7 +179,7 @@ impl Store {
             "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
                                       selector, rollout, status, started_at, env_version,
                                       snapshots)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9, ?10, ?11)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9, $10, $11)",
         )
         .bind(deployment.id)
         .bind(deployment.kind)
@@ -198,7 +198,7 @@ impl Store {
             sqlx::query(
                 "INSERT INTO deployment_nodes (deployment_id, node_id, command_id, outcome,
                                                batch, prior_release)
-                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+                 VALUES ($1, $2, $3, 'pending', $4, $5)",
             )
             .bind(deployment.id)
             .bind(node.node_id)
@@ -223,7 +223,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT n.node_id, n.release_id, n.finished_at
              FROM deployment_nodes n JOIN deployments d ON d.id = n.deployment_id
-             WHERE d.app = ?1 AND n.outcome = 'succeeded' AND n.release_id != ''
+             WHERE d.app = $1 AND n.outcome = 'succeeded' AND n.release_id != ''
                    AND n.finished_at IS NOT NULL
              ORDER BY n.finished_at, n.rowid",
         )
@@ -247,7 +247,7 @@ impl Store {
     pub async fn current_release(&self, app: &str) -> Result<Option<(String, String)>, StoreError> {
         let row = sqlx::query(
             "SELECT release_id, artifact_sha256 FROM deployments
-             WHERE app = ?1 AND kind = 'deploy' AND status = 'succeeded'
+             WHERE app = $1 AND kind = 'deploy' AND status = 'succeeded'
                    AND artifact_sha256 != ''
              ORDER BY started_at DESC, rowid DESC LIMIT 1",
         )
@@ -280,14 +280,14 @@ impl Store {
             let actor: String = row.try_get("actor")?;
             let unanswered: Vec<String> = sqlx::query_scalar(
                 "SELECT node_id FROM deployment_nodes
-                 WHERE deployment_id = ?1 AND outcome = 'pending' ORDER BY rowid",
+                 WHERE deployment_id = $1 AND outcome = 'pending' ORDER BY rowid",
             )
             .bind(&id)
             .fetch_all(&mut *tx)
             .await?;
             sqlx::query(
-                "UPDATE deployment_nodes SET outcome = 'failed', message = ?1, finished_at = ?2
-                 WHERE deployment_id = ?3 AND outcome = 'pending'",
+                "UPDATE deployment_nodes SET outcome = 'failed', message = $1, finished_at = $2
+                 WHERE deployment_id = $3 AND outcome = 'pending'",
             )
             .bind("controller restarted before the node's result")
             .bind(now)
@@ -295,9 +295,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "UPDATE deployments SET status = 'failed', message = ?1, stop_reason = ?1,
-                        finished_at = ?2
-                 WHERE id = ?3",
+                "UPDATE deployments SET status = 'failed', message = $1, stop_reason = $1,
+                        finished_at = $2
+                 WHERE id = $3",
             )
             .bind(WHY)
             .bind(now)
@@ -350,9 +350,9 @@ impl Store {
             source,
         })?;
         sqlx::query(
-            "UPDATE deployment_nodes SET outcome = ?1, release_id = ?2, message = ?3,
-                    finished_at = ?4, steps = ?5
-             WHERE command_id = ?6",
+            "UPDATE deployment_nodes SET outcome = $1, release_id = $2, message = $3,
+                    finished_at = $4, steps = $5
+             WHERE command_id = $6",
         )
         .bind(outcome)
         .bind(release_id)
@@ -378,8 +378,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "UPDATE deployments SET status = ?1, message = ?2, stop_reason = ?5, finished_at = ?3
-             WHERE id = ?4",
+            "UPDATE deployments SET status = $1, message = $2, stop_reason = $5, finished_at = $3
+             WHERE id = $4",
         )
         .bind(status)
         .bind(message)
@@ -400,7 +400,7 @@ impl Store {
     ) -> Result<Vec<(String, String, String)>, StoreError> {
         let rows = sqlx::query(
             "SELECT node_id, outcome, message FROM deployment_nodes
-             WHERE deployment_id = ?1 ORDER BY node_id",
+             WHERE deployment_id = $1 ORDER BY node_id",
         )
         .bind(deployment_id)
         .fetch_all(&self.pool)
@@ -450,7 +450,7 @@ impl Store {
              FROM deployments d
              WHERE d.rowid = (SELECT d2.rowid FROM deployments d2 WHERE d2.app = d.app
                               ORDER BY d2.started_at DESC, d2.rowid DESC LIMIT 1)
-               AND (?1 IS NULL OR d.app = ?1)
+               AND ($1 IS NULL OR d.app = $1)
              ORDER BY d.app",
         )
         .bind(app)
@@ -474,7 +474,7 @@ impl Store {
             "SELECT dn.node_id, COALESCE(n.name, '') AS node_name, dn.outcome,
                         dn.release_id, dn.message, dn.finished_at, dn.steps
                  FROM deployment_nodes dn LEFT JOIN nodes n ON n.id = dn.node_id
-                 WHERE dn.deployment_id = ?1 ORDER BY node_name, dn.node_id",
+                 WHERE dn.deployment_id = $1 ORDER BY node_name, dn.node_id",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -511,8 +511,8 @@ impl Store {
             "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message,
                     snapshots
              FROM deployments
-             WHERE (?1 IS NULL OR app = ?1) AND (?2 IS NULL OR started_at < ?2)
-             ORDER BY started_at DESC, rowid DESC LIMIT ?3",
+             WHERE ($1 IS NULL OR app = $1) AND ($2 IS NULL OR started_at < $2)
+             ORDER BY started_at DESC, rowid DESC LIMIT $3",
         )
         .bind(app)
         .bind(before)
@@ -529,7 +529,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT id, kind, app, release_id, actor, status, started_at, finished_at, message,
                     snapshots
-             FROM deployments WHERE id = ?1",
+             FROM deployments WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -545,7 +545,7 @@ impl Store {
 /// A `deployments` row (id, kind, app, release_id, actor, status,
 /// started_at, finished_at, message) with its nodes.
 fn deployment_record(
-    row: &sqlx::sqlite::SqliteRow,
+    row: &sqlx::any::AnyRow,
     id: String,
     nodes: Vec<DeploymentNodeRecord>,
 ) -> Result<DeploymentRecord, StoreError> {
@@ -576,6 +576,11 @@ mod tests {
     use crate::store::nodes::insert_node;
     use crate::store::{NewNode, Store};
 
+    crate::store::testing::store_tests!(
+        one_running_deployment_per_app_until_a_restart_abandons_it,
+        last_deployments_are_the_newest_per_app_with_node_results
+    );
+
     fn new_deployment<'a>(
         id: &'a str,
         app: &'a str,
@@ -598,10 +603,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn one_running_deployment_per_app_until_a_restart_abandons_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    async fn one_running_deployment_per_app_until_a_restart_abandons_it(store: Store) {
         let json = serde_json::json!({});
         let nodes = [NewDeploymentNode {
             node_id: "n-1",
@@ -660,10 +662,7 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
-    async fn last_deployments_are_the_newest_per_app_with_node_results() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    async fn last_deployments_are_the_newest_per_app_with_node_results(store: Store) {
         let mut conn = store.pool.acquire().await.unwrap();
         insert_node(
             &mut conn,

@@ -55,7 +55,7 @@ fn sql_id(id: u64) -> i64 {
     i64::try_from(id).unwrap_or(i64::MAX)
 }
 
-fn row_to_droplet(row: &sqlx::sqlite::SqliteRow) -> Result<DropletRow, StoreError> {
+fn row_to_droplet(row: &sqlx::any::AnyRow) -> Result<DropletRow, StoreError> {
     let id: i64 = row.try_get("id")?;
     Ok(DropletRow {
         id: u64::try_from(id).unwrap_or_default(),
@@ -134,10 +134,10 @@ impl Store {
             sqlx::query(
                 "INSERT INTO droplets (id, name, region, size, public_ipv4, private_ipv4, tags,
                                        status, first_seen_at, synced_at, gone_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, NULL)
-                 ON CONFLICT (id) DO UPDATE SET name = ?2, region = ?3, size = ?4,
-                     public_ipv4 = ?5, private_ipv4 = ?6, tags = ?7, status = ?8,
-                     synced_at = ?9, gone_at = NULL",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, NULL)
+                 ON CONFLICT (id) DO UPDATE SET name = $2, region = $3, size = $4,
+                     public_ipv4 = $5, private_ipv4 = $6, tags = $7, status = $8,
+                     synced_at = $9, gone_at = NULL",
             )
             .bind(sql_id(d.id))
             .bind(&d.name)
@@ -161,7 +161,7 @@ impl Store {
         }
         for (id, old) in &before {
             if old.gone_at.is_none() && !seen_ids.contains(id) {
-                sqlx::query("UPDATE droplets SET gone_at = ?1 WHERE id = ?2")
+                sqlx::query("UPDATE droplets SET gone_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(sql_id(*id))
                     .execute(&mut *tx)
@@ -176,7 +176,7 @@ impl Store {
 
     /// Marks a droplet gone now (destroyed by `droplets retire --destroy`).
     pub async fn mark_droplet_gone(&self, id: u64, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE droplets SET gone_at = ?1 WHERE id = ?2 AND gone_at IS NULL")
+        sqlx::query("UPDATE droplets SET gone_at = $1 WHERE id = $2 AND gone_at IS NULL")
             .bind(now)
             .bind(sql_id(id))
             .execute(&self.pool)
@@ -193,7 +193,7 @@ impl Store {
     ) -> Result<DropletClaim, StoreError> {
         let mut tx = self.begin().await?;
         let other: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM nodes WHERE droplet_id = ?1 AND revoked_at IS NULL AND id != ?2",
+            "SELECT id FROM nodes WHERE droplet_id = $1 AND revoked_at IS NULL AND id != $2",
         )
         .bind(sql_id(droplet_id))
         .bind(node_id)
@@ -203,8 +203,8 @@ impl Store {
             return Ok(DropletClaim::Conflict { other_node });
         }
         let done = sqlx::query(
-            "UPDATE nodes SET droplet_id = ?1
-              WHERE id = ?2 AND (droplet_id IS NULL OR droplet_id != ?1)",
+            "UPDATE nodes SET droplet_id = $1
+              WHERE id = $2 AND (droplet_id IS NULL OR droplet_id != $1)",
         )
         .bind(sql_id(droplet_id))
         .bind(node_id)
@@ -251,5 +251,89 @@ impl Store {
                 Ok((d.node_id.unwrap_or_default(), d.tags))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store::testing::store_tests!(synced_droplets_and_the_nodes_on_them);
+
+    fn droplet(id: u64, name: &str, tags: &[&str]) -> DropletRow {
+        DropletRow {
+            id,
+            name: name.into(),
+            region: "fra1".into(),
+            size: "s-1vcpu-1gb".into(),
+            public_ipv4: Some("203.0.113.7".into()),
+            private_ipv4: None,
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            status: "active".into(),
+            first_seen_at: 0,
+            synced_at: 0,
+            gone_at: None,
+            node_id: None,
+            node_name: None,
+        }
+    }
+
+    async fn synced_droplets_and_the_nodes_on_them(store: Store) {
+        let big = u64::try_from(i64::MAX).unwrap();
+        let first = [
+            droplet(7, "web-b", &["pf-core"]),
+            droplet(big, "web-a", &["pf-core"]),
+        ];
+        let sync = store.sync_droplets(&first, 10).await.unwrap();
+        assert_eq!(sync.added.len(), 2);
+        for (id, name) in [("n-1", "node-1"), ("n-2", "node-2")] {
+            sqlx::query(
+                "INSERT INTO nodes (id, name, cert_serial, cert_fingerprint, cert_expires_at,
+                                    enrolled_at) VALUES ($1, $2, '01', $1, 100, 1)",
+            )
+            .bind(id)
+            .bind(name)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            store.claim_droplet("n-1", 7).await.unwrap(),
+            DropletClaim::Recorded
+        );
+        assert_eq!(
+            store.claim_droplet("n-1", 7).await.unwrap(),
+            DropletClaim::Unchanged
+        );
+        assert_eq!(
+            store.claim_droplet("n-2", 7).await.unwrap(),
+            DropletClaim::Conflict {
+                other_node: "n-1".into()
+            }
+        );
+        let droplets = store.droplets().await.unwrap();
+        let names: Vec<&str> = droplets.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["web-a", "web-b"]);
+        assert_eq!(droplets[0].id, big);
+        assert_eq!(droplets[1].node_name.as_deref(), Some("node-1"));
+        assert_eq!(
+            store.droplet_tags_by_node().await.unwrap()["n-1"],
+            ["pf-core"]
+        );
+
+        // Retagged and gone.
+        let second = [droplet(7, "web-b", &["pf-core", "env:production"])];
+        let sync = store.sync_droplets(&second, 20).await.unwrap();
+        assert_eq!((sync.retagged.len(), sync.gone.len()), (1, 1));
+        assert_eq!(sync.gone[0].id, big);
+        let gone = store.droplets().await.unwrap();
+        assert_eq!(gone[0].gone_at, Some(20));
+        assert_eq!(
+            store.nodes_of_droplets().await.unwrap()[&7],
+            ("n-1".to_owned(), "node-1".to_owned())
+        );
+        let ids = store.node_droplet_ids().await.unwrap();
+        assert_eq!(ids[0], ("n-1".into(), "node-1".into(), Some(7)));
+        assert_eq!(ids[1], ("n-2".into(), "node-2".into(), None));
     }
 }

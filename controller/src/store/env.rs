@@ -39,7 +39,7 @@ fn version_of(v: i64) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Integrity(format!("env version {v} is negative")))
 }
 
-fn row_to_version(row: &sqlx::sqlite::SqliteRow) -> Result<EnvVersionRow, StoreError> {
+fn row_to_version(row: &sqlx::any::AnyRow) -> Result<EnvVersionRow, StoreError> {
     let set: String = row.try_get("set_keys")?;
     let unset: String = row.try_get("unset_keys")?;
     let rollback_to: Option<i64> = row.try_get("rollback_to")?;
@@ -75,7 +75,8 @@ impl Store {
     pub async fn init_env_data_key(&self, sealed: &[u8], now: i64) -> Result<Vec<u8>, StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT OR IGNORE INTO env_data_key (id, sealed, created_at) VALUES (1, ?1, ?2)",
+            "INSERT INTO env_data_key (id, sealed, created_at) VALUES (1, $1, $2)
+             ON CONFLICT DO NOTHING",
         )
         .bind(sealed)
         .bind(now)
@@ -90,10 +91,12 @@ impl Store {
 
     /// Whether any app has an env version.
     pub async fn has_env_versions(&self) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT EXISTS (SELECT 1 FROM env_versions) AS any")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<i64, _>("any")? != 0)
+        let row = sqlx::query(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM env_versions) THEN 1 ELSE 0 END AS found",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("found")? != 0)
     }
 
     /// Forgets the data key; only while no env version is sealed under it
@@ -109,7 +112,7 @@ impl Store {
     /// The newest version of `app`'s environment.
     pub async fn env_latest(&self, app: &str) -> Result<Option<EnvVersionRow>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM env_versions WHERE app = ?1 ORDER BY version DESC LIMIT 1"
+            "SELECT {COLUMNS} FROM env_versions WHERE app = $1 ORDER BY version DESC LIMIT 1"
         ))
         .bind(app)
         .fetch_optional(&self.pool)
@@ -125,7 +128,7 @@ impl Store {
     ) -> Result<Option<EnvVersionRow>, StoreError> {
         let v = i64::try_from(version).unwrap_or(i64::MAX);
         let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM env_versions WHERE app = ?1 AND version = ?2"
+            "SELECT {COLUMNS} FROM env_versions WHERE app = $1 AND version = $2"
         ))
         .bind(app)
         .bind(v)
@@ -137,7 +140,7 @@ impl Store {
     /// Every version of `app`'s environment, oldest first.
     pub async fn env_history(&self, app: &str) -> Result<Vec<EnvVersionRow>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM env_versions WHERE app = ?1 ORDER BY version"
+            "SELECT {COLUMNS} FROM env_versions WHERE app = $1 ORDER BY version"
         ))
         .bind(app)
         .fetch_all(&self.pool)
@@ -163,7 +166,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let latest: Option<i64> =
-            sqlx::query("SELECT MAX(version) AS v FROM env_versions WHERE app = ?1")
+            sqlx::query("SELECT MAX(version) AS v FROM env_versions WHERE app = $1")
                 .bind(&row.app)
                 .fetch_one(&mut *tx)
                 .await?
@@ -180,7 +183,7 @@ impl Store {
         };
         sqlx::query(&format!(
             "INSERT INTO env_versions ({COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(&row.app)
         .bind(as_i64(row.version)?)
@@ -198,5 +201,78 @@ impl Store {
         insert_audit(&mut tx, event, row.created_at).await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store::testing::store_tests!(env_versions_follow_one_another_per_app);
+
+    fn version(app: &str, version: u64, sealed: &[u8]) -> EnvVersionRow {
+        EnvVersionRow {
+            app: app.into(),
+            layer: String::new(),
+            version,
+            actor: "ci".into(),
+            created_at: 10 + version as i64,
+            change: "set".into(),
+            set_keys: vec!["A".into()],
+            unset_keys: vec![],
+            rollback_to: None,
+            var_count: 1,
+            sealed: sealed.to_vec(),
+        }
+    }
+
+    async fn env_versions_follow_one_another_per_app(store: Store) {
+        let event = AuditEvent::success("ENV_CHANGED", "ci", "app", "web", serde_json::json!({}));
+        assert_eq!(store.env_data_key().await.unwrap(), None);
+        assert_eq!(
+            store.init_env_data_key(&[1, 2, 0, 255], 1).await.unwrap(),
+            [1, 2, 0, 255]
+        );
+        // The first key stays.
+        assert_eq!(
+            store.init_env_data_key(&[9], 2).await.unwrap(),
+            [1, 2, 0, 255]
+        );
+        assert!(!store.has_env_versions().await.unwrap());
+
+        store
+            .insert_env_version(&version("web", 1, b"one"), &event)
+            .await
+            .unwrap();
+        store
+            .insert_env_version(&version("web", 2, &[0, 1, 2]), &event)
+            .await
+            .unwrap();
+        store
+            .insert_env_version(&version("api", 1, b"x"), &event)
+            .await
+            .unwrap();
+        let taken = store
+            .insert_env_version(&version("web", 2, b"again"), &event)
+            .await;
+        assert!(
+            matches!(taken, Err(StoreError::EnvConflict { version: 2, .. })),
+            "{taken:?}"
+        );
+
+        assert!(store.has_env_versions().await.unwrap());
+        assert!(!store.drop_unused_env_data_key().await.unwrap());
+        assert_eq!(store.env_apps().await.unwrap(), ["api", "web"]);
+        let latest = store.env_latest("web").await.unwrap().unwrap();
+        assert_eq!(
+            (latest.version, latest.sealed.as_slice()),
+            (2, &[0u8, 1, 2][..])
+        );
+        assert_eq!(latest.set_keys, ["A"]);
+        let history = store.env_history("web").await.unwrap();
+        assert_eq!(
+            history.iter().map(|v| v.version).collect::<Vec<_>>(),
+            [1, 2]
+        );
     }
 }

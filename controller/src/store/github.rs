@@ -29,7 +29,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
         let new = sqlx::query(
-            "INSERT OR IGNORE INTO github_deliveries (id, event, received_at) VALUES (?1, ?2, ?3)",
+            "INSERT INTO github_deliveries (id, event, received_at) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
         )
         .bind(id)
         .bind(event)
@@ -40,9 +41,9 @@ impl Store {
             == 1;
         if new {
             sqlx::query(
-                "DELETE FROM github_deliveries WHERE id IN (
+                "DELETE FROM github_deliveries WHERE id NOT IN (
                      SELECT id FROM github_deliveries
-                     ORDER BY received_at DESC, rowid DESC LIMIT -1 OFFSET ?1)",
+                     ORDER BY received_at DESC, rowid DESC LIMIT $1)",
             )
             .bind(i64::from(keep))
             .execute(&mut *tx)
@@ -73,9 +74,13 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT OR REPLACE INTO github_deployments
+            "INSERT INTO github_deployments
              (deployment_id, app, repo, environment, github_id, sha, state, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'created', ?7, ?7)",
+             VALUES ($1, $2, $3, $4, $5, $6, 'created', $7, $7)
+             ON CONFLICT (deployment_id) DO UPDATE SET
+                 app = excluded.app, repo = excluded.repo, environment = excluded.environment,
+                 github_id = excluded.github_id, sha = excluded.sha, state = excluded.state,
+                 created_at = excluded.created_at, updated_at = excluded.updated_at",
         )
         .bind(deployment_id)
         .bind(app)
@@ -97,7 +102,7 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE github_deployments SET state = ?2, updated_at = ?3 WHERE deployment_id = ?1",
+            "UPDATE github_deployments SET state = $2, updated_at = $3 WHERE deployment_id = $1",
         )
         .bind(deployment_id)
         .bind(state)
@@ -117,7 +122,7 @@ impl Store {
     ) -> Result<Vec<GithubDeploymentRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT deployment_id, app, github_id, sha, state FROM github_deployments
-             WHERE repo = ?1 AND environment = ?2 AND state = 'success' AND deployment_id != ?3
+             WHERE repo = $1 AND environment = $2 AND state = 'success' AND deployment_id != $3
              ORDER BY updated_at",
         )
         .bind(repo)
@@ -148,7 +153,7 @@ impl Store {
     ) -> Result<Option<GithubDeploymentRow>, StoreError> {
         let row = sqlx::query(
             "SELECT deployment_id, app, github_id, sha, state FROM github_deployments
-             WHERE deployment_id = ?1",
+             WHERE deployment_id = $1",
         )
         .bind(deployment_id)
         .fetch_optional(&self.pool)
@@ -170,10 +175,12 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn replays_are_recognised_and_the_memory_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    crate::store::testing::store_tests!(
+        replays_are_recognised_and_the_memory_is_bounded,
+        the_replaced_deployment_is_found
+    );
+
+    async fn replays_are_recognised_and_the_memory_is_bounded(store: Store) {
         assert!(store.remember_delivery("a", "push", 1, 3).await.unwrap());
         assert!(!store.remember_delivery("a", "push", 2, 3).await.unwrap());
         for (i, id) in ["b", "c", "d"].iter().enumerate() {
@@ -188,10 +195,7 @@ mod tests {
         assert!(!store.remember_delivery("d", "push", 21, 3).await.unwrap());
     }
 
-    #[tokio::test]
-    async fn the_replaced_deployment_is_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    async fn the_replaced_deployment_is_found(store: Store) {
         store
             .record_github_deployment("d-1", "web", "acme/web", "production", 11, "s1", 1)
             .await

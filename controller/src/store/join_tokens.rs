@@ -1,6 +1,6 @@
 //! Join tokens (`join_tokens`): one-time enrollment secrets, stored hashed.
 
-use sqlx::sqlite::SqliteConnection;
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 
 use super::{insert_audit, json_column, Store, StoreError};
@@ -40,7 +40,7 @@ impl Store {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO join_tokens (id, secret_hash, tags, created_at, expires_at, node_name)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(id)
         .bind(secret_hash)
@@ -59,7 +59,7 @@ impl Store {
     pub async fn join_token(&self, id: &str) -> Result<Option<JoinTokenRow>, StoreError> {
         let row = sqlx::query(
             "SELECT id, secret_hash, tags, expires_at, used_at, node_name FROM join_tokens
-             WHERE id = ?1",
+             WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -98,8 +98,8 @@ impl Store {
     /// true for exactly one caller.
     pub async fn take_join_deploy(&self, id: &str, now: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE join_tokens SET current_deployed_at = ?1
-             WHERE id = ?2 AND current_deployed_at IS NULL",
+            "UPDATE join_tokens SET current_deployed_at = $1
+             WHERE id = $2 AND current_deployed_at IS NULL",
         )
         .bind(now)
         .bind(id)
@@ -114,7 +114,7 @@ impl Store {
     pub async fn join_deploy_taken(&self, node_id: &str) -> Result<Option<bool>, StoreError> {
         let row = sqlx::query(
             "SELECT current_deployed_at FROM join_tokens
-             WHERE used_by = ?1 AND node_name IS NOT NULL
+             WHERE used_by = $1 AND node_name IS NOT NULL
              ORDER BY used_at DESC LIMIT 1",
         )
         .bind(node_id)
@@ -129,14 +129,14 @@ impl Store {
 /// Returns false when another enrollment won the race or it just expired:
 /// the `WHERE` makes check-and-set one atomic statement.
 pub(super) async fn use_join_token(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     id: &str,
     node_id: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query(
-        "UPDATE join_tokens SET used_at = ?1, used_by = ?2
-         WHERE id = ?3 AND used_at IS NULL AND expires_at > ?1",
+        "UPDATE join_tokens SET used_at = $1, used_by = $2
+         WHERE id = $3 AND used_at IS NULL AND expires_at > $1",
     )
     .bind(now)
     .bind(node_id)
@@ -152,6 +152,8 @@ mod tests {
     use crate::audit::{self, AuditEvent};
     use crate::store::Store;
 
+    crate::store::testing::store_tests!(a_token_is_used_once_and_never_after_expiry);
+
     fn created(id: &str) -> AuditEvent {
         AuditEvent::success(
             audit::TOKEN_CREATED,
@@ -162,10 +164,7 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_token_is_used_once_and_never_after_expiry() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    async fn a_token_is_used_once_and_never_after_expiry(store: Store) {
         store
             .insert_join_token(
                 "a",

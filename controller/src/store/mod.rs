@@ -1,11 +1,21 @@
-//! Persistent controller state in one SQLite file (`<data-dir>/controller.db`,
-//! WAL mode) through sqlx: nodes (with their certificates and latest
-//! heartbeat), join tokens, the controller's start record, API tokens,
-//! deployments with their per-node results, and the audit log.
+//! Persistent controller state through sqlx: nodes (with their
+//! certificates and latest heartbeat), join tokens, the controller's start
+//! record, API tokens, deployments with their per-node results, and the
+//! audit log. On SQLite (the default: one file, `<data-dir>/controller.db`,
+//! WAL mode) or on PostgreSQL (`database_url`, [`PostgresUrl`]), behind the
+//! same methods.
 //!
 //! Queries are checked at run time (no `query!` macros), so building needs no
-//! `DATABASE_URL`. Migrations are embedded SQL files applied in order at
-//! start-up and tracked with SQLite's `PRAGMA user_version`.
+//! `DATABASE_URL`. They go through sqlx's `Any` driver in the dialect both
+//! engines speak (`$N` parameters, `ON CONFLICT`, `COALESCE`); the few
+//! places where the engines differ branch on [`Backend`] next to the query.
+//! One copy of every query, rather than one implementation per engine: the
+//! two would have to be kept equal by hand, and the tests running every
+//! store test on both engines check that the one copy means the same.
+//! Migrations are embedded SQL files per engine applied in order at
+//! start-up: SQLite tracks its version in `PRAGMA user_version`,
+//! PostgreSQL in the table `slipway_schema`, under an advisory lock so
+//! replicas starting together migrate one at a time.
 //!
 //! The only code that speaks SQL. One file per table family (`nodes`,
 //! `join_tokens`, `api_tokens`, `operators`, `deployments`, `audit`,
@@ -13,23 +23,22 @@
 //! happen together (enrolling a node with its token, a renewal, a revoke
 //! with its audit event, a deployment and its nodes) are one method that
 //! runs its transaction inside: callers never see a connection or a
-//! transaction, so another engine (PostgreSQL) can sit behind the same
-//! methods.
+//! transaction.
 
 use std::path::Path;
+use std::str::FromStr as _;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
-use sqlx::{Executor as _, Row as _};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyConnection, AnyPool, ConnectOptions as _, Connection as _, Executor as _, Row as _};
 
 use crate::pki::crypto::CryptoError;
 
 mod api_tokens;
 mod audit;
 mod controller_state;
+mod database_url;
 mod deployments;
 mod droplets;
 mod env;
@@ -39,10 +48,14 @@ mod nodes;
 mod operators;
 mod web_sessions;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
 use audit::insert_audit;
 pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
+pub use database_url::{redact, PostgresUrl};
 pub use deployments::{
     DeploymentCount, DeploymentNodeRecord, DeploymentRecord, DeploymentStep, NewDeployment,
     NewDeploymentNode,
@@ -61,7 +74,8 @@ pub use web_sessions::WebSessionRow;
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "controller.db";
 
-/// Embedded migrations; entry `i` moves the schema from version `i` to `i + 1`.
+/// Embedded SQLite migrations; entry `i` moves the schema from version `i`
+/// to `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_heartbeat_certs.sql"),
@@ -79,12 +93,37 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0014_cert_issuer.sql"),
 ];
 
+/// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
+/// SQLite schema as of its 0013. A schema change adds a file to both lists
+/// (every store test runs on both engines, so one missing fails them).
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations-postgres/0001_init.sql"),
+    include_str!("../../migrations-postgres/0002_cert_issuer.sql"),
+];
+
 /// How long a writer waits for another process (e.g. `token create` while
 /// `serve` runs) to release the database before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite allows one writer at a time; a few connections serve concurrent reads.
 const MAX_CONNECTIONS: u32 = 4;
+
+/// PostgreSQL serves many sessions; this bounds one replica's share.
+const POSTGRES_MAX_CONNECTIONS: u32 = 10;
+
+/// How long opening a PostgreSQL store waits for the server before failing.
+const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `pg_advisory_xact_lock` key held while migrating: replicas starting at
+/// once migrate one after the other (the later ones find nothing to do).
+/// Arbitrary but fixed; "slipway1" in ASCII.
+const MIGRATE_LOCK: i64 = 0x736c_6970_7761_7931;
+
+/// `pg_advisory_xact_lock` key every store transaction holds: they run one
+/// at a time, as SQLite's `BEGIN IMMEDIATE` makes them, so a check and the
+/// write that depends on it (one running deployment per app, the next env
+/// version) cannot interleave with another replica's. "slipway2".
+const WRITE_LOCK: i64 = 0x736c_6970_7761_7932;
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +139,13 @@ pub enum StoreError {
         /// Newest version this build has migrations for.
         known: usize,
     },
+    /// The PostgreSQL server could not be reached or refused us; the
+    /// message shows the URL without its password.
+    #[error("database {0}")]
+    Connect(String),
+    /// Something only the SQLite store does was asked of a PostgreSQL one.
+    #[error("{0} is for the SQLite store only; back up a PostgreSQL database with pg_dump")]
+    SqliteOnly(&'static str),
     /// `PRAGMA integrity_check` found a problem.
     #[error("the database fails its integrity check: {0}")]
     Integrity(String),
@@ -141,15 +187,45 @@ pub enum StoreError {
     },
 }
 
+/// Which engine a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The file in the data dir (the default).
+    Sqlite,
+    /// A PostgreSQL database (`database_url`).
+    Postgres,
+}
+
+impl Backend {
+    /// The engine behind `conn`.
+    fn of(conn: &AnyConnection) -> Self {
+        if conn.backend_name() == "PostgreSQL" {
+            Self::Postgres
+        } else {
+            Self::Sqlite
+        }
+    }
+
+    /// This engine's migrations.
+    fn migrations(self) -> &'static [&'static str] {
+        match self {
+            Self::Sqlite => MIGRATIONS,
+            Self::Postgres => POSTGRES_MIGRATIONS,
+        }
+    }
+}
+
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    /// Which engine: for the few queries that differ between them.
+    backend: Backend,
 }
 
 /// A JSON column parsed into `T`.
 fn json_column<T: serde::de::DeserializeOwned>(
-    row: &sqlx::sqlite::SqliteRow,
+    row: &sqlx::any::AnyRow,
     name: &str,
     column: &'static str,
 ) -> Result<T, StoreError> {
@@ -172,15 +248,27 @@ fn is_busy(code: Option<&str>) -> bool {
 }
 
 impl Store {
+    /// The store `database_url` names: PostgreSQL when it is set, else the
+    /// SQLite file in `data_dir` ([`Store::open`]).
+    pub async fn open_at(
+        data_dir: &Path,
+        database_url: Option<&PostgresUrl>,
+    ) -> Result<Self, StoreError> {
+        match database_url {
+            Some(url) => Self::open_postgres(url).await,
+            None => Self::open(data_dir).await,
+        }
+    }
+
     /// Opens (creating if needed) `<data_dir>/controller.db` and migrates it.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        // sqlx applies `journal_mode` before `busy_timeout` on a new
-        // connection, so opening while another process (or pool) is in the
-        // middle of its first transaction can fail at once with "database is
-        // locked" instead of waiting: retry until the busy timeout.
+        sqlx::any::install_default_drivers();
+        // Opening while another process (or pool) is in the middle of its
+        // first transaction can fail at once with "database is locked"
+        // (switching to WAL does not wait): retry until the busy timeout.
         let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
         loop {
-            match Self::open_once(data_dir).await {
+            match Self::open_sqlite_once(data_dir).await {
                 Err(StoreError::Db(sqlx::Error::Database(e)))
                     if is_busy(e.code().as_deref()) && tokio::time::Instant::now() < deadline =>
                 {
@@ -191,12 +279,50 @@ impl Store {
         }
     }
 
+    /// Connects to the PostgreSQL database at `url` and migrates it (one
+    /// replica at a time).
+    pub async fn open_postgres(url: &PostgresUrl) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let options = AnyConnectOptions::from_str(url.secret())
+            .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;
+        // One connection first: the pool would retry a refused connection
+        // until its timeout and then say only that it timed out.
+        let first = tokio::time::timeout(POSTGRES_CONNECT_TIMEOUT, options.connect())
+            .await
+            .map_err(|_| {
+                StoreError::Connect(format!(
+                    "{url}: no answer within {POSTGRES_CONNECT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;
+        first.close().await?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(POSTGRES_MAX_CONNECTIONS)
+            .acquire_timeout(POSTGRES_CONNECT_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;
+        let store = Self {
+            pool,
+            backend: Backend::Postgres,
+        };
+        store.migrate_postgres().await?;
+        Ok(store)
+    }
+
+    /// Which engine this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// Writes a consistent copy of the whole database to `path` (which must
     /// not exist) with `VACUUM INTO`: one read transaction, so writers in
-    /// this or another process go on meanwhile (WAL).
+    /// this or another process go on meanwhile (WAL). SQLite only: a
+    /// PostgreSQL database is backed up with its own tools (`pg_dump`).
     pub async fn snapshot_into(&self, path: &Path) -> Result<(), StoreError> {
+        self.sqlite_only("a snapshot (VACUUM INTO)")?;
         let target = path.to_string_lossy().into_owned();
-        sqlx::query("VACUUM INTO ?")
+        sqlx::query("VACUUM INTO $1")
             .bind(target)
             .execute(&self.pool)
             .await?;
@@ -205,6 +331,7 @@ impl Store {
 
     /// SQLite's `PRAGMA integrity_check`: fails naming the first problem.
     pub async fn integrity_check(&self) -> Result<(), StoreError> {
+        self.sqlite_only("an integrity check")?;
         let result: String = sqlx::query_scalar("PRAGMA integrity_check")
             .fetch_one(&self.pool)
             .await?;
@@ -215,49 +342,76 @@ impl Store {
         }
     }
 
-    /// Closes every connection (the WAL is checkpointed into the file).
+    /// Closes every connection (on SQLite the WAL is checkpointed into the
+    /// file).
     pub async fn close(self) {
         self.pool.close().await;
     }
 
-    async fn open_once(data_dir: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::new()
+    /// The schema version the database is at (its engine's numbering).
+    pub(crate) async fn schema_version(&self) -> Result<i64, StoreError> {
+        let sql = match self.backend {
+            Backend::Sqlite => "PRAGMA user_version",
+            Backend::Postgres => "SELECT version FROM slipway_schema",
+        };
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
+    }
+
+    fn sqlite_only(&self, what: &'static str) -> Result<(), StoreError> {
+        match self.backend {
+            Backend::Sqlite => Ok(()),
+            Backend::Postgres => Err(StoreError::SqliteOnly(what)),
+        }
+    }
+
+    async fn open_sqlite_once(data_dir: &Path) -> Result<Self, StoreError> {
+        let url = SqliteConnectOptions::new()
             .filename(data_dir.join(DB_FILE))
             .create_if_missing(true)
-            // WAL: readers never block the writer, and `token create` can
-            // write while `serve` runs.
-            .journal_mode(SqliteJournalMode::Wal)
-            // NORMAL is durable across process crashes in WAL mode; only a
-            // power loss can drop the last commits.
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
+            .to_url_lossy();
+        let pool = AnyPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .connect_with(options)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    // The busy timeout first, so that switching to WAL waits
+                    // for another process's transaction. WAL: readers never
+                    // block the writer, and `token create` can write while
+                    // `serve` runs. NORMAL is durable across process crashes
+                    // in WAL mode; only a power loss can drop the last
+                    // commits.
+                    conn.execute(
+                        format!(
+                            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
+                             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                            BUSY_TIMEOUT.as_millis()
+                        )
+                        .as_str(),
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(AnyConnectOptions::from_url(&url)?)
             .await?;
-        let store = Self { pool };
-        store.migrate().await?;
+        let store = Self {
+            pool,
+            backend: Backend::Sqlite,
+        };
+        store.migrate_sqlite().await?;
         Ok(store)
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
+    async fn migrate_sqlite(&self) -> Result<(), StoreError> {
         // IMMEDIATE takes the write lock before reading the version, so two
         // processes starting on a fresh file (`serve` and `token create`)
         // cannot both apply the same migration; the second waits, then sees
         // the new version. Schema change and version bump commit together.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let conn: &mut SqliteConnection = &mut tx;
+        let conn: &mut AnyConnection = &mut tx;
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(&mut *conn)
             .await?;
-        if version > MIGRATIONS.len() as i64 {
-            return Err(StoreError::SchemaTooNew {
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
-        let start = usize::try_from(version).unwrap_or(0);
+        let start = check_version(version, MIGRATIONS)?;
         for (index, sql) in MIGRATIONS.iter().enumerate().skip(start) {
             // `Executor::execute` with a plain `&str`: the SQLite driver runs
             // every statement in it, unprepared (`raw_sql().execute()` trips
@@ -270,22 +424,189 @@ impl Store {
         Ok(())
     }
 
+    async fn migrate_postgres(&self) -> Result<(), StoreError> {
+        // One transaction holding an advisory lock: a replica starting
+        // while another migrates waits here, then finds the version bumped.
+        // PostgreSQL's DDL is transactional, so a failed migration leaves
+        // the database as it was.
+        let mut tx = self.pool.begin().await?;
+        let conn: &mut AnyConnection = &mut tx;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATE_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        // Quiet: the notice that the table exists would be logged at every
+        // start.
+        conn.execute("SET LOCAL client_min_messages = warning")
+            .await?;
+        conn.execute("CREATE TABLE IF NOT EXISTS slipway_schema (version BIGINT NOT NULL)")
+            .await?;
+        let version: Option<i64> = sqlx::query_scalar("SELECT version FROM slipway_schema")
+            .fetch_optional(&mut *conn)
+            .await?;
+        let version = match version {
+            Some(version) => version,
+            None => {
+                conn.execute("INSERT INTO slipway_schema (version) VALUES (0)")
+                    .await?;
+                0
+            }
+        };
+        let start = check_version(version, POSTGRES_MIGRATIONS)?;
+        for (index, sql) in POSTGRES_MIGRATIONS.iter().enumerate().skip(start) {
+            // A plain `&str` goes as a simple query: every statement in it.
+            conn.execute(*sql).await?;
+            sqlx::query("UPDATE slipway_schema SET version = $1")
+                .bind(i64::try_from(index + 1).unwrap_or(i64::MAX))
+                .execute(&mut *conn)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Starts a transaction, for steps that must happen together (using a
     /// token and recording the node it enrolled). Only the store's own
     /// methods use transactions: callers see one method per step.
     ///
-    /// IMMEDIATE: the transaction reads then writes; a deferred one would
-    /// fail at once (SQLITE_BUSY, no busy wait) if another writer got in
-    /// between, instead of waiting its turn.
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// On SQLite IMMEDIATE: the transaction reads then writes; a deferred
+    /// one would fail at once (SQLITE_BUSY, no busy wait) if another writer
+    /// got in between, instead of waiting its turn. On PostgreSQL the same
+    /// one-at-a-time order comes from [`WRITE_LOCK`].
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
     }
+}
+
+/// The index of the first migration of `migrations` a database at
+/// `version` still needs.
+fn check_version(version: i64, migrations: &[&str]) -> Result<usize, StoreError> {
+    if version > migrations.len() as i64 {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            known: migrations.len(),
+        });
+    }
+    Ok(usize::try_from(version).unwrap_or(0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::audit::{self, AuditEvent};
+    use sqlx::sqlite::SqlitePool;
+
+    crate::store::testing::store_tests!(the_schema_is_at_the_newest_version);
+
+    async fn the_schema_is_at_the_newest_version(store: Store) {
+        assert!(store.schema_ready().await.unwrap());
+        let newest = store.backend().migrations().len() as i64;
+        assert_eq!(store.schema_version().await.unwrap(), newest);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_replicas_starting_together_migrate_one_at_a_time() {
+        let Some(url) = crate::store::testing::postgres_url().await else {
+            return;
+        };
+        // Without the advisory lock the second CREATE TABLE of the same
+        // schema fails ("already exists") or the version is bumped twice.
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Store::open_postgres(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for open in opens {
+            stores.push(open.await.unwrap().unwrap());
+        }
+        for store in &stores {
+            assert!(store.schema_ready().await.unwrap());
+        }
+        let event = AuditEvent::success(
+            audit::TOKEN_CREATED,
+            "operator",
+            "join_token",
+            "t1",
+            serde_json::json!({}),
+        );
+        stores[0].audit(&event, 10).await.unwrap();
+        for store in stores {
+            store.close().await;
+        }
+        let store = Store::open_postgres(&url).await.unwrap();
+        assert_eq!(store.audit_events().await.unwrap().len(), 1);
+        assert_eq!(
+            store.schema_version().await.unwrap(),
+            POSTGRES_MIGRATIONS.len() as i64
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let refused = store.snapshot_into(&dir.path().join("copy.db")).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("pg_dump")),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_is_an_error_without_the_password() {
+        // A port nothing listens on: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url =
+            PostgresUrl::parse(&format!("postgres://slipway:s3cret@127.0.0.1:{port}/db")).unwrap();
+        let err = Store::open_postgres(&url).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("postgres://slipway:***@127.0.0.1:{port}/db")),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn sqlite_connections_are_wal_normal_with_foreign_keys_and_a_busy_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        // Every connection of the pool, not only the first.
+        let mut conns = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            conns.push(store.pool.acquire().await.unwrap());
+        }
+        for conn in &mut conns {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(mode, "wal");
+            for (pragma, want) in [
+                ("synchronous", 1),
+                ("foreign_keys", 1),
+                ("busy_timeout", BUSY_TIMEOUT.as_millis() as i64),
+            ] {
+                let got: i64 = sqlx::query_scalar(&format!("PRAGMA {pragma}"))
+                    .fetch_one(&mut **conn)
+                    .await
+                    .unwrap();
+                assert_eq!(got, want, "{pragma}");
+            }
+        }
+    }
 
     #[tokio::test]
     async fn migrates_once_and_reopens() {

@@ -7,11 +7,11 @@
 
 use serde::{Deserialize, Serialize};
 use slipway_proto::v1::{AppStatus, DiskUsage, Heartbeat, NodeMetrics, PublicAddress, ReleaseInfo};
-use sqlx::sqlite::SqliteConnection;
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 
 use super::join_tokens::use_join_token;
-use super::{insert_audit, json_column, json_text, Store, StoreError};
+use super::{insert_audit, json_column, json_text, Backend, Store, StoreError};
 use crate::audit::AuditEvent;
 
 /// Host metrics as stored and shown.
@@ -402,7 +402,7 @@ pub enum Enrolled {
 
 /// A [`NodeRow`] from a row selecting `id, name, cert_fingerprint,
 /// revoked_at, last_seen_at` of `nodes`.
-fn node_row(row: &sqlx::sqlite::SqliteRow) -> Result<NodeRow, StoreError> {
+fn node_row(row: &sqlx::any::AnyRow) -> Result<NodeRow, StoreError> {
     Ok(NodeRow {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -428,7 +428,7 @@ impl Store {
             "SELECT n.id, n.name, n.cert_fingerprint, n.revoked_at, n.last_seen_at,
                     c.issued_at, c.expires_at
              FROM node_certs c JOIN nodes n ON n.id = c.node_id
-             WHERE c.fingerprint = ?1",
+             WHERE c.fingerprint = $1",
         )
         .bind(fingerprint)
         .fetch_optional(&self.pool)
@@ -455,10 +455,10 @@ impl Store {
         heartbeat_interval_secs: u64,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE nodes SET last_seen_at = ?1,
-                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
-                    apps = ?3, heartbeat_interval_secs = ?4
-             WHERE id = ?5 AND revoked_at IS NULL",
+            "UPDATE nodes SET last_seen_at = $1,
+                    agent_version = CASE WHEN $2 = '' THEN agent_version ELSE $2 END,
+                    apps = $3, heartbeat_interval_secs = $4
+             WHERE id = $5 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(agent_version)
@@ -480,10 +480,10 @@ impl Store {
         heartbeat: &Heartbeat,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE nodes SET last_seen_at = ?1, heartbeat_at = ?1,
-                    agent_version = CASE WHEN ?2 = '' THEN agent_version ELSE ?2 END,
-                    agent_rss_bytes = ?3, metrics = ?4, apps = ?5
-             WHERE id = ?6 AND revoked_at IS NULL",
+            "UPDATE nodes SET last_seen_at = $1, heartbeat_at = $1,
+                    agent_version = CASE WHEN $2 = '' THEN agent_version ELSE $2 END,
+                    agent_rss_bytes = $3, metrics = $4, apps = $5
+             WHERE id = $6 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(&heartbeat.agent_version)
@@ -578,9 +578,9 @@ impl Store {
     pub async fn find_node(&self, id_or_name: &str) -> Result<Vec<NodeRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, cert_fingerprint, revoked_at, last_seen_at FROM nodes
-             WHERE id = ?1
-                OR (name = ?1 AND revoked_at IS NULL
-                    AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = ?1))",
+             WHERE id = $1
+                OR (name = $1 AND revoked_at IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM nodes WHERE id = $1))",
         )
         .bind(id_or_name)
         .fetch_all(&self.pool)
@@ -688,13 +688,13 @@ impl Store {
 
 /// Records a newly enrolled node on `conn`.
 pub(super) async fn insert_node(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node: &NewNode<'_>,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO nodes (id, name, cert_serial, cert_fingerprint, cert_expires_at, labels,
                             agent_version, enrolled_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(node.id)
     .bind(node.name)
@@ -714,39 +714,46 @@ pub(super) async fn insert_node(
 /// new one becomes its only one, the labels given are merged over its own
 /// (JSON merge patch: the token's tags win), and the agent version is the
 /// enrolling agent's. Its name, id, history and apps stay.
-async fn rekey_node(conn: &mut SqliteConnection, node: &NewNode<'_>) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM node_certs WHERE node_id = ?1")
+async fn rekey_node(conn: &mut AnyConnection, node: &NewNode<'_>) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM node_certs WHERE node_id = $1")
         .bind(node.id)
         .execute(&mut *conn)
         .await?;
-    sqlx::query(
-        "UPDATE nodes SET cert_serial = ?1, cert_fingerprint = ?2, cert_expires_at = ?3,
-                labels = json_patch(labels, ?4),
-                agent_version = CASE WHEN ?5 = '' THEN agent_version ELSE ?5 END
-         WHERE id = ?6 AND revoked_at IS NULL",
-    )
-    .bind(node.cert_serial)
-    .bind(node.cert_fingerprint)
-    .bind(node.cert_expires_at)
-    .bind(node.labels.to_string())
-    .bind(node.agent_version)
-    .bind(node.id)
-    .execute(&mut *conn)
-    .await?;
+    // Labels are a flat object of strings, for which SQLite's JSON merge
+    // patch and PostgreSQL's jsonb `||` agree: the given keys win.
+    let merged = match Backend::of(conn) {
+        Backend::Sqlite => "json_patch(labels, $4)",
+        Backend::Postgres => "(labels::jsonb || $4::jsonb)::text",
+    };
+    let sql = format!(
+        "UPDATE nodes SET cert_serial = $1, cert_fingerprint = $2, cert_expires_at = $3,
+                labels = {merged},
+                agent_version = CASE WHEN $5 = '' THEN agent_version ELSE $5 END
+         WHERE id = $6 AND revoked_at IS NULL"
+    );
+    sqlx::query(&sql)
+        .bind(node.cert_serial)
+        .bind(node.cert_fingerprint)
+        .bind(node.cert_expires_at)
+        .bind(node.labels.to_string())
+        .bind(node.agent_version)
+        .bind(node.id)
+        .execute(&mut *conn)
+        .await?;
     insert_node_cert(conn, node.id, &node.cert(), node.enrolled_at).await
 }
 
 /// Adds a live certificate of `node_id` (enrollment or renewal); the node's
 /// other certificates stay valid.
 pub(super) async fn insert_node_cert(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     cert: &NewCert<'_>,
     issued_at: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO node_certs (fingerprint, node_id, serial, issued_at, expires_at, ca_sha256)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(cert.fingerprint)
     .bind(node_id)
@@ -763,7 +770,7 @@ pub(super) async fn insert_node_cert(
 /// its certificates that have expired (TLS refuses them anyway). False if
 /// the node was revoked meanwhile.
 pub(super) async fn set_newest_cert(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     fingerprint: &str,
     serial: &str,
@@ -771,8 +778,8 @@ pub(super) async fn set_newest_cert(
     now: i64,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query(
-        "UPDATE nodes SET cert_fingerprint = ?1, cert_serial = ?2, cert_expires_at = ?3
-         WHERE id = ?4 AND revoked_at IS NULL",
+        "UPDATE nodes SET cert_fingerprint = $1, cert_serial = $2, cert_expires_at = $3
+         WHERE id = $4 AND revoked_at IS NULL",
     )
     .bind(fingerprint)
     .bind(serial)
@@ -780,7 +787,7 @@ pub(super) async fn set_newest_cert(
     .bind(node_id)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("DELETE FROM node_certs WHERE node_id = ?1 AND expires_at <= ?2")
+    sqlx::query("DELETE FROM node_certs WHERE node_id = $1 AND expires_at <= $2")
         .bind(node_id)
         .bind(now)
         .execute(&mut *conn)
@@ -791,11 +798,11 @@ pub(super) async fn set_newest_cert(
 /// The id and enrollment time of the live (non-revoked) node named `name`,
 /// if any, on `conn`.
 pub(super) async fn live_node_named(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
 ) -> Result<Option<(String, i64)>, StoreError> {
     let row =
-        sqlx::query("SELECT id, enrolled_at FROM nodes WHERE name = ?1 AND revoked_at IS NULL")
+        sqlx::query("SELECT id, enrolled_at FROM nodes WHERE name = $1 AND revoked_at IS NULL")
             .bind(name)
             .fetch_optional(conn)
             .await?;
@@ -805,14 +812,190 @@ pub(super) async fn live_node_named(
 
 /// Marks a node revoked; false if it already was.
 pub(super) async fn revoke_node(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let done = sqlx::query("UPDATE nodes SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL")
+    let done = sqlx::query("UPDATE nodes SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
         .bind(now)
         .bind(node_id)
         .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit;
+    use slipway_proto::v1::NodeMetrics;
+
+    crate::store::testing::store_tests!(enrolls_beats_rekeys_and_revokes);
+
+    fn event(kind: &'static str, id: &str) -> AuditEvent {
+        AuditEvent::success(kind, "operator", "node", id, serde_json::json!({}))
+    }
+
+    async fn enrolls_beats_rekeys_and_revokes(store: Store) {
+        for token in ["t1", "t2", "t3"] {
+            let tags = ["env:prod".to_owned()];
+            let created = event(audit::TOKEN_CREATED, token);
+            store
+                .insert_join_token(token, "h", &tags, None, 0, 1000, &created)
+                .await
+                .unwrap();
+        }
+        let labels = serde_json::json!({"env": "prod", "role": "web"});
+        let node = NewNode {
+            id: "n-1",
+            name: "web-1",
+            cert_serial: "01",
+            cert_fingerprint: "fp1",
+            cert_ca_sha256: "ca-old",
+            cert_expires_at: 500,
+            labels: &labels,
+            agent_version: "1.0",
+            enrolled_at: 10,
+        };
+        let enrolled = event(audit::NODE_ENROLLED, "n-1");
+        let enrollment = NewEnrollment {
+            token_id: "t1",
+            node: node.clone(),
+            replace: None,
+            event: &enrolled,
+        };
+        assert_eq!(
+            store.enroll_node(&enrollment).await.unwrap(),
+            Enrolled::Node { replaced: None }
+        );
+        // The token is spent; another token with the same name is refused.
+        assert_eq!(
+            store.enroll_node(&enrollment).await.unwrap(),
+            Enrolled::TokenSpent
+        );
+        let again = NewEnrollment {
+            token_id: "t2",
+            ..enrollment.clone()
+        };
+        assert_eq!(
+            store.enroll_node(&again).await.unwrap(),
+            Enrolled::NameTaken {
+                existing: "n-1".into(),
+                enrolled_at: 10
+            }
+        );
+
+        let heartbeat = Heartbeat {
+            agent_version: "1.1".into(),
+            agent_rss_bytes: 4096,
+            metrics: Some(NodeMetrics {
+                cpu_percent: 12.5,
+                load1: 0.25,
+                ..NodeMetrics::default()
+            }),
+            ..Heartbeat::default()
+        };
+        assert!(store.record_heartbeat("n-1", 20, &heartbeat).await.unwrap());
+        let fleet = store.fleet().await.unwrap();
+        assert_eq!(fleet.len(), 1);
+        assert_eq!(fleet[0].agent_version, "1.1");
+        assert_eq!(fleet[0].agent_rss_bytes, Some(4096));
+        assert_eq!(fleet[0].heartbeat_at, Some(20));
+        let metrics = fleet[0].metrics.as_ref().unwrap();
+        assert_eq!((metrics.cpu_percent, metrics.load1), (12.5, 0.25));
+
+        // Renewed: the new certificate is the newest, the old one still
+        // opens sessions until it expires.
+        let renewed = event(audit::CERT_RENEWED, "n-1");
+        assert!(store
+            .renew_node_cert(
+                "n-1",
+                &NewCert {
+                    fingerprint: "fp1b",
+                    serial: "03",
+                    expires_at: 700,
+                    ca_sha256: "ca-new",
+                },
+                &renewed,
+                25
+            )
+            .await
+            .unwrap());
+        assert_eq!(
+            store.peer_cert("fp1").await.unwrap().unwrap().node.id,
+            "n-1"
+        );
+        let newest = store.live_node_certs().await.unwrap();
+        assert_eq!((newest[0].issued_at, newest[0].expires_at), (25, 700));
+        // Which CA signed it is kept (a CA rotation's lagging nodes).
+        assert_eq!(newest[0].ca_sha256.as_deref(), Some("ca-new"));
+        assert_eq!(store.find_node("web-1").await.unwrap()[0].id, "n-1");
+        assert_eq!(
+            store.find_node("n-1").await.unwrap()[0].cert_fingerprint,
+            "fp1b"
+        );
+
+        // Re-keyed: the new certificate only, the token's labels merged over
+        // the node's own.
+        let new_labels = serde_json::json!({"env": "staging", "zone": "a"});
+        let replaced = event(audit::NODE_REPLACED, "n-1");
+        let rekey = NewEnrollment {
+            token_id: "t3",
+            node: NewNode {
+                cert_serial: "02",
+                cert_fingerprint: "fp2",
+                cert_expires_at: 900,
+                labels: &new_labels,
+                agent_version: "",
+                enrolled_at: 30,
+                ..node
+            },
+            replace: Some("n-1"),
+            event: &replaced,
+        };
+        assert_eq!(
+            store.enroll_node(&rekey).await.unwrap(),
+            Enrolled::Node {
+                replaced: Some("n-1".into())
+            }
+        );
+        assert!(store.peer_cert("fp1").await.unwrap().is_none());
+        assert!(store.peer_cert("fp1b").await.unwrap().is_none());
+        assert_eq!(
+            store.peer_cert("fp2").await.unwrap().unwrap().node.id,
+            "n-1"
+        );
+        let fleet = store.fleet().await.unwrap();
+        assert_eq!(
+            fleet[0].labels,
+            serde_json::json!({"env": "staging", "role": "web", "zone": "a"})
+        );
+        assert_eq!(fleet[0].agent_version, "1.1");
+
+        let revoked = event(audit::NODE_REVOKED, "n-1");
+        assert!(store.revoke_node("n-1", &revoked, 40).await.unwrap());
+        assert!(!store.revoke_node("n-1", &revoked, 41).await.unwrap());
+        assert!(!store.record_heartbeat("n-1", 42, &heartbeat).await.unwrap());
+        assert_eq!(store.live_node_ids().await.unwrap(), Vec::<String>::new());
+        assert_eq!(store.revoked_node_ids().await.unwrap(), ["n-1"]);
+        let kinds: Vec<String> = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_type)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "TOKEN_CREATED",
+                "TOKEN_CREATED",
+                "TOKEN_CREATED",
+                "NODE_ENROLLED",
+                "CERT_RENEWED",
+                "NODE_REPLACED",
+                "NODE_REVOKED"
+            ]
+        );
+    }
 }

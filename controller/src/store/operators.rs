@@ -28,7 +28,7 @@ pub struct OperatorRow {
 const OPERATOR_COLUMNS: &str =
     "id, name, cert_fingerprint, scopes, created_at, expires_at, revoked_at";
 
-fn operator_row(row: &sqlx::sqlite::SqliteRow) -> Result<OperatorRow, StoreError> {
+fn operator_row(row: &sqlx::any::AnyRow) -> Result<OperatorRow, StoreError> {
     Ok(OperatorRow {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -50,7 +50,7 @@ impl Store {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO operators (id, name, cert_fingerprint, scopes, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&operator.id)
         .bind(&operator.name)
@@ -71,7 +71,7 @@ impl Store {
         fingerprint: &str,
     ) -> Result<Option<OperatorRow>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {OPERATOR_COLUMNS} FROM operators WHERE cert_fingerprint = ?1"
+            "SELECT {OPERATOR_COLUMNS} FROM operators WHERE cert_fingerprint = $1"
         ))
         .bind(fingerprint)
         .fetch_optional(&self.pool)
@@ -99,7 +99,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(
-            "UPDATE operators SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+            "UPDATE operators SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(id)
@@ -111,5 +111,78 @@ impl Store {
         insert_audit(&mut tx, event, now).await?;
         tx.commit().await?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store::testing::store_tests!(operators_api_tokens_and_the_start_record);
+
+    fn event(kind: &'static str, id: &str) -> AuditEvent {
+        AuditEvent::success(kind, "operator", "operator", id, serde_json::json!({}))
+    }
+
+    async fn operators_api_tokens_and_the_start_record(store: Store) {
+        for (id, created_at) in [("op-b", 5), ("op-a", 5), ("op-c", 1)] {
+            let operator = OperatorRow {
+                id: id.into(),
+                name: format!("{id}-name"),
+                cert_fingerprint: format!("fp-{id}"),
+                scopes: vec!["read".into(), "deploy:web".into()],
+                created_at,
+                expires_at: 100,
+                revoked_at: None,
+            };
+            store
+                .insert_operator(&operator, &event(crate::audit::OPERATOR_CREATED, id))
+                .await
+                .unwrap();
+        }
+        let ids: Vec<String> = store
+            .operators()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.id)
+            .collect();
+        assert_eq!(ids, ["op-c", "op-a", "op-b"]);
+        let revoked = event(crate::audit::OPERATOR_REVOKED, "op-a");
+        assert!(store.revoke_operator("op-a", &revoked, 7).await.unwrap());
+        assert!(!store.revoke_operator("op-a", &revoked, 8).await.unwrap());
+        let a = store
+            .operator_by_fingerprint("fp-op-a")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.revoked_at, a.scopes.len()), (Some(7), 2));
+
+        let created = event(crate::audit::TOKEN_CREATED, "tok-1");
+        store
+            .insert_api_token("tok-1", "hash", &["read".into()], 3, &created)
+            .await
+            .unwrap();
+        let token = store.api_token("tok-1").await.unwrap().unwrap();
+        assert_eq!(token.scopes, ["read"]);
+        assert_eq!(
+            store.revoke_api_token("tok-1", &created, 4).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            store.revoke_api_token("tok-1", &created, 5).await.unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            store.revoke_api_token("nope", &created, 5).await.unwrap(),
+            None
+        );
+        assert_eq!(store.api_tokens().await.unwrap()[0].revoked_at, Some(4));
+
+        assert_eq!(store.controller_start().await.unwrap(), None);
+        store.record_controller_start(100, 3).await.unwrap();
+        store.record_controller_start(200, 5).await.unwrap();
+        let start = store.controller_start().await.unwrap().unwrap();
+        assert_eq!((start.started_at, start.unreachable_after), (200, 5));
     }
 }

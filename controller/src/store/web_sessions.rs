@@ -27,13 +27,13 @@ impl Store {
         expires_at: i64,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM web_sessions WHERE expires_at <= ?1")
+        sqlx::query("DELETE FROM web_sessions WHERE expires_at <= $1")
             .bind(now)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
             "INSERT INTO web_sessions (id_hash, token_id, csrf, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id_hash)
         .bind(token_id)
@@ -56,7 +56,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT s.token_id, s.csrf, s.expires_at FROM web_sessions s
              JOIN api_tokens t ON t.id = s.token_id
-             WHERE s.id_hash = ?1 AND s.expires_at > ?2 AND t.revoked_at IS NULL",
+             WHERE s.id_hash = $1 AND s.expires_at > $2 AND t.revoked_at IS NULL",
         )
         .bind(id_hash)
         .bind(now)
@@ -74,7 +74,7 @@ impl Store {
 
     /// Ends a session (logout); false if there was none.
     pub async fn delete_web_session(&self, id_hash: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM web_sessions WHERE id_hash = ?1")
+        let done = sqlx::query("DELETE FROM web_sessions WHERE id_hash = $1")
             .bind(id_hash)
             .execute(&self.pool)
             .await?;
@@ -84,10 +84,8 @@ impl Store {
     /// True if the schema is at the version this build migrates to (the
     /// HTTP `/readyz` check: the database answers and is migrated).
     pub async fn schema_ready(&self) -> Result<bool, StoreError> {
-        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(version == super::MIGRATIONS.len() as i64)
+        let version = self.schema_version().await?;
+        Ok(version == self.backend.migrations().len() as i64)
     }
 }
 
@@ -96,10 +94,9 @@ mod tests {
     use crate::audit::{self, AuditEvent};
     use crate::store::Store;
 
-    #[tokio::test]
-    async fn a_session_ends_at_expiry_logout_or_token_revocation() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+    crate::store::testing::store_tests!(a_session_ends_at_expiry_logout_or_token_revocation);
+
+    async fn a_session_ends_at_expiry_logout_or_token_revocation(store: Store) {
         let created = AuditEvent::success(
             audit::TOKEN_CREATED,
             "operator",

@@ -137,6 +137,9 @@ pub struct Controller {
     /// Serve this data dir, another controller's (a replica, see
     /// [`Controller::replica`]), instead of `dir/data`.
     shared_data: Option<PathBuf>,
+    /// The PostgreSQL store of `serve` and the admin commands
+    /// (`SLIPWAY_DATABASE_URL`), when not SQLite in the data dir.
+    pub database_url: Option<String>,
 }
 
 impl Controller {
@@ -156,9 +159,36 @@ impl Controller {
             serve_args: Vec::new(),
             wrapper: Vec::new(),
             shared_data: None,
+            database_url: None,
         };
         c.restart();
         c
+    }
+
+    /// [`Controller::start_with`] on the PostgreSQL database at `url` (the
+    /// data dir keeps the CA and keys).
+    pub fn start_postgres(url: &str, serve_args: &[&str]) -> Self {
+        let mut c = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
+            child: None,
+            serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
+            wrapper: Vec::new(),
+            shared_data: None,
+            database_url: Some(url.to_owned()),
+        };
+        c.restart();
+        c
+    }
+
+    /// `slipway-controller`, with the store's URL in its environment when
+    /// it is PostgreSQL.
+    fn controller_command(&self) -> Command {
+        let mut command = Command::new(bin("slipway-controller"));
+        if let Some(url) = &self.database_url {
+            command.env("SLIPWAY_DATABASE_URL", url);
+        }
+        command
     }
 
     /// [`Controller::start`] with extra `serve` flags.
@@ -170,6 +200,7 @@ impl Controller {
             serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
             wrapper: Vec::new(),
             shared_data: None,
+            database_url: None,
         };
         c.restart();
         c
@@ -200,6 +231,7 @@ impl Controller {
             serve_args: args,
             wrapper: Vec::new(),
             shared_data: None,
+            database_url: None,
         };
         c.restart();
         c
@@ -238,6 +270,7 @@ impl Controller {
             serve_args: self.serve_args.clone(),
             wrapper: Vec::new(),
             shared_data: Some(self.data_dir()),
+            database_url: self.database_url.clone(),
         };
         c.restart();
         c
@@ -280,6 +313,9 @@ impl Controller {
             }
             None => Command::new(bin("slipway-controller")),
         };
+        if let Some(url) = &self.database_url {
+            command.env("SLIPWAY_DATABASE_URL", url);
+        }
         // Its own process group, so `stop` reaches a wrapper's child too.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command
@@ -297,14 +333,24 @@ impl Controller {
             .unwrap();
         self.child = Some(child);
         let mut addr = String::new();
-        wait_until(
-            "the controller's ready file",
-            Duration::from_secs(30),
-            || {
-                addr = fs::read_to_string(&ready).unwrap_or_default();
-                !addr.is_empty()
-            },
-        );
+        let started = Instant::now();
+        while addr.is_empty() {
+            addr = fs::read_to_string(&ready).unwrap_or_default();
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if addr.is_empty() && (exited.is_some() || started.elapsed() > Duration::from_secs(30))
+            {
+                let log = fs::read_to_string(self.dir.path().join("controller.log"));
+                panic!(
+                    "the controller wrote no ready file ({}); its log:\n{}",
+                    exited.map_or("still running after 30s".to_owned(), |s| s.to_string()),
+                    log.unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let port = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok());
         self.port = port.unwrap_or_else(|| panic!("ready file says {addr:?}"));
     }
@@ -330,7 +376,7 @@ impl Controller {
 
     /// A join token whose node gets `tags` as labels (`env:staging`).
     pub fn token_tagged(&self, tags: &[&str]) -> String {
-        let mut cmd = Command::new(bin("slipway-controller"));
+        let mut cmd = self.controller_command();
         cmd.args(["token", "create", "--ttl", "10m"]);
         for tag in tags {
             cmd.args(["--tag", tag]);
@@ -371,7 +417,7 @@ impl Controller {
 
     /// `slipway-controller <args> --data-dir DIR`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("slipway-controller"))
+        self.controller_command()
             .args(args)
             .arg("--data-dir")
             .arg(self.data_dir())

@@ -1,0 +1,259 @@
+//! Tests only: one private PostgreSQL server per test process, and a fresh
+//! database in it per test (`database_url()`), so tests stay independent
+//! and run in parallel. Std only: the end-to-end test crate includes this
+//! same file (`#[path]`).
+//!
+//! The server runs from Debian's binaries (`postgresql` package): the
+//! directory in `SLIPWAY_TEST_POSTGRES_BIN`, else the newest
+//! `/usr/lib/postgresql/*/bin`. Its data dir is
+//! `$TMPDIR/slipway-test-pg-<pid>`, on 127.0.0.1 at a free port. It is
+//! started through `setpriv --pdeathsig SIGQUIT` from a thread that lives
+//! as long as the process, so it stops (immediate shutdown) when the test
+//! process ends however it ends; data dirs of test processes that are gone
+//! are removed by the next one. As root (PostgreSQL refuses to run as
+//! root) it runs as the `postgres` user the package creates.
+//!
+//! Without the binaries `database_url()` fails saying so, unless
+//! `SLIPWAY_TEST_NO_POSTGRES=1` asks to skip the PostgreSQL variants
+//! ([`skipped`]).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Env var naming the directory of `initdb`, `postgres` and `createdb`.
+pub(crate) const BIN_ENV: &str = "SLIPWAY_TEST_POSTGRES_BIN";
+
+/// Env var that, set to 1, skips the PostgreSQL variants of the tests.
+pub(crate) const SKIP_ENV: &str = "SLIPWAY_TEST_NO_POSTGRES";
+
+/// How long the server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Prefix of the data dirs in the temp dir (followed by the pid).
+const DIR_PREFIX: &str = "slipway-test-pg-";
+
+/// The running server of this process.
+#[derive(Debug)]
+struct Server {
+    /// Directory of the binaries.
+    bin: PathBuf,
+    /// Port on 127.0.0.1.
+    port: u16,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+
+/// Numbers the databases of this process.
+static NEXT_DB: AtomicU32 = AtomicU32::new(1);
+
+/// True when `SLIPWAY_TEST_NO_POSTGRES=1` asks to skip PostgreSQL tests.
+pub(crate) fn skipped() -> bool {
+    std::env::var(SKIP_ENV).is_ok_and(|v| v == "1")
+}
+
+/// The URL of a new, empty database on this process's server (started on
+/// first use).
+pub(crate) fn database_url() -> Result<String, String> {
+    let server = SERVER.get_or_init(start).as_ref().map_err(Clone::clone)?;
+    let name = format!("test_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let out = Command::new(server.bin.join("createdb"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .arg(&name)
+        .output()
+        .map_err(|e| format!("running createdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "createdb {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(format!(
+        "postgres://postgres@127.0.0.1:{}/{name}",
+        server.port
+    ))
+}
+
+/// The directory of the PostgreSQL binaries.
+fn bin_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os(BIN_ENV) {
+        let dir = PathBuf::from(dir);
+        if !dir.join("initdb").is_file() {
+            return Err(format!("{BIN_ENV}={} has no initdb in it", dir.display()));
+        }
+        return Ok(dir);
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        format!(
+            "PostgreSQL binaries not found (no /usr/lib/postgresql/*/bin/initdb): install \
+             Debian's postgresql package or set {BIN_ENV} to the directory of initdb and \
+             postgres; {SKIP_ENV}=1 skips the PostgreSQL variants of the tests"
+        )
+    })
+}
+
+/// `setpriv` prefix: as root, run as the `postgres` user.
+fn as_postgres_user(command: &mut Command, root: bool) {
+    if root {
+        command.args([
+            "--reuid",
+            "postgres",
+            "--regid",
+            "postgres",
+            "--clear-groups",
+        ]);
+    }
+}
+
+fn run_id(args: &[&str]) -> Result<u32, String> {
+    let out = Command::new("id")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running id: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| {
+            format!(
+                "id {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// Removes the data dirs of test processes that no longer run.
+fn sweep_stale(tmp: &Path) {
+    for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn start() -> Result<Server, String> {
+    let bin = bin_dir()?;
+    let root = run_id(&["-u"])? == 0;
+    let tmp = std::env::temp_dir();
+    sweep_stale(&tmp);
+    let dir = tmp.join(format!("{DIR_PREFIX}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    if root {
+        let (uid, gid) = (run_id(&["-u", "postgres"])?, run_id(&["-g", "postgres"])?);
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {} to postgres: {e}", dir.display()))?;
+    }
+    let data = dir.join("data");
+    let mut initdb = Command::new("setpriv");
+    as_postgres_user(&mut initdb, root);
+    let out = initdb
+        .arg(bin.join("initdb"))
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "-N",
+        ])
+        .output()
+        .map_err(|e| format!("running setpriv initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("finding a free port: {e}"))?
+        .port();
+    let log = dir.join("postgres.log");
+    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut postgres = Command::new("setpriv");
+    as_postgres_user(&mut postgres, root);
+    postgres
+        .args(["--pdeathsig", "SIGQUIT"])
+        .arg(bin.join("postgres"))
+        .arg("-D")
+        .arg(&data)
+        .arg("-k")
+        .arg(&dir)
+        .args(["-p", &port.to_string()])
+        .args(["-c", "listen_addresses=127.0.0.1"])
+        .args(["-c", "max_connections=400"])
+        // A throwaway server: durability buys nothing here.
+        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    // The parent-death signal follows the thread that spawned the server:
+    // spawn it from a thread that never ends.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("test-postgres".into())
+        .spawn(move || {
+            let child = postgres.spawn();
+            let started = child.is_ok();
+            let _ = tx.send(child.map_err(|e| format!("starting postgres: {e}")));
+            if started {
+                loop {
+                    std::thread::park();
+                }
+            }
+        })
+        .map_err(|e| format!("spawning the postgres thread: {e}"))?;
+    let mut child = rx
+        .recv()
+        .map_err(|_| "the postgres thread ended".to_owned())??;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let ready = Command::new(bin.join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .status()
+            .map_err(|e| format!("running pg_isready: {e}"))?;
+        if ready.success() {
+            return Ok(Server { bin, port });
+        }
+        let exited = child.try_wait().map_err(|e| e.to_string())?;
+        if exited.is_some() || Instant::now() > deadline {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!(
+                "the test PostgreSQL server did not start ({}): {log}",
+                match exited {
+                    Some(status) => format!("exited, {status}"),
+                    None => format!("not ready after {START_TIMEOUT:?}"),
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

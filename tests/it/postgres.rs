@@ -1,0 +1,184 @@
+//! The controller on PostgreSQL (`--database-url`, here through
+//! `SLIPWAY_DATABASE_URL`): enrollment and a deploy through the real
+//! binaries against a private PostgreSQL server of this test process, two
+//! controllers migrating one empty database at once, and the errors of a
+//! bad or unreachable `database_url` (never showing its password).
+
+// Helpers here panic on a failed setup step, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{bin, free_port, text, Agent, Controller};
+use crate::test_postgres;
+
+/// A fresh database of the test server; panics (failing the test) when
+/// PostgreSQL cannot run here, `None` when `SLIPWAY_TEST_NO_POSTGRES=1`.
+fn database() -> Option<String> {
+    if test_postgres::skipped() {
+        eprintln!("{}=1: PostgreSQL test skipped", test_postgres::SKIP_ENV);
+        return None;
+    }
+    Some(test_postgres::database_url().unwrap_or_else(|e| panic!("test PostgreSQL: {e}")))
+}
+
+#[test]
+fn a_controller_on_postgres_enrolls_agents_and_deploys() {
+    let Some(url) = database() else { return };
+    let http = tempfile::tempdir().unwrap();
+    let http_ready = http.path().join("http-ready");
+    let mut controller = Controller::start_postgres(
+        &url,
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--http-ready-file",
+            http_ready.to_str().unwrap(),
+        ],
+    );
+    let mut agents = Agent::enroll_all(&controller, &["p1", "p2"]);
+    for a in &mut agents {
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    controller.wait_online(&reader, 2, Duration::from_secs(30));
+
+    let work = tempfile::tempdir().unwrap();
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "v1",
+        crate::support::APP,
+        &["--wait"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for a in &agents {
+        assert_eq!(
+            a.get().as_deref(),
+            Some("v1"),
+            "{} does not serve v1",
+            a.name
+        );
+    }
+    // Ready: the database answers and its schema is this build's.
+    let addr = fs::read_to_string(&http_ready).unwrap();
+    let (code, body) =
+        crate::http::curl(&controller, &[&format!("https://{}/readyz", addr.trim())]);
+    assert_eq!(code, 200, "{body}");
+    // The store is the PostgreSQL database: no SQLite file was made.
+    assert!(!controller.data_dir().join("controller.db").exists());
+
+    // A restart finds the nodes, their identities and the history there.
+    controller.restart();
+    controller.wait_online(&reader, 2, Duration::from_secs(30));
+    let kinds: Vec<String> = controller
+        .audit(&reader)
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for kind in ["NODE_ENROLLED", "DEPLOY_STARTED", "DEPLOY_COMPLETED"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+
+    // `backup` covers the SQLite store only, and says what to do instead.
+    let pass = work.path().join("passphrase");
+    fs::write(&pass, "correct horse battery\n").unwrap();
+    let out = controller.cli(&[
+        "backup",
+        "--out",
+        work.path().join("b.age").to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("pg_dump"), "{}", text(&out));
+}
+
+#[test]
+fn two_controllers_on_one_empty_database_both_start() {
+    let Some(url) = database() else { return };
+    // Replicas share the key file environments are sealed under.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("secrets.key");
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .unwrap()
+        .write_all(format!("{}\n", "ab".repeat(32)).as_bytes())
+        .unwrap();
+    let key = key.to_str().unwrap().to_owned();
+    let controllers: Vec<Controller> = std::thread::scope(|scope| {
+        let starts: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| Controller::start_postgres(&url, &["--secrets-key", &key])))
+            .collect();
+        starts.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    // Both answer, from the one database.
+    let token = controllers[0].api_token("read");
+    for c in &controllers {
+        let out = c.slipway(&token, &["nodes", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
+
+#[test]
+fn a_bad_database_url_is_refused_naming_the_setting_and_hiding_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str]| {
+        Command::new(bin("slipway-controller"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = serve(&["--database-url", "mysql://slipway:hunter2@db/slipway"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let err = text(&out);
+    assert!(err.contains("database_url"), "{err}");
+    assert!(err.contains("expected postgres://"), "{err}");
+    assert!(err.contains("slipway:***@db"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let config = dir.path().join("controller.toml");
+    fs::write(
+        &config,
+        "database_url = \"postgres://slipway:hunter2@db:notaport/x\"\n",
+    )
+    .unwrap();
+    let out = serve(&["--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let err = text(&out);
+    assert!(
+        err.contains("database_url") && err.contains("not a PostgreSQL URL"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
+    // Well formed but nothing answers: a start failure (1), password hidden.
+    let port = free_port();
+    let out = Command::new(bin("slipway-controller"))
+        .args(["token", "list", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env(
+            "SLIPWAY_DATABASE_URL",
+            format!("postgres://slipway:hunter2@127.0.0.1:{port}/slipway"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = text(&out);
+    assert!(
+        err.contains(&format!("slipway:***@127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
