@@ -47,7 +47,8 @@ const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// On SIGTERM: how long open connections may take to finish.
 const EXIT_DRAIN: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
-/// A connection that took this long is logged, with where the time went.
+/// Reaching the backend took this long: logged (a keep-alive connection
+/// that lives long is not; its life is logged at debug level).
 const SLOW: Duration = Duration::from_secs(1);
 /// Before the one retry of a backend that could not be reached.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -654,11 +655,12 @@ async fn forward(
         match out {
             Ok(mut outbound) => {
                 let connected = started.elapsed();
+                if connected >= SLOW {
+                    tracing::warn!(%backend, connect_ms = connected.as_millis() as u64, "slow connect to the backend");
+                }
                 let _ = outbound.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                if started.elapsed() >= SLOW {
-                    tracing::warn!(%backend, connect_ms = connected.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "slow connection through the front");
-                }
+                tracing::debug!(%backend, total_ms = started.elapsed().as_millis() as u64, "connection through the front ended");
                 drop(held);
                 return;
             }
