@@ -7,7 +7,8 @@
 //! and in HTTP mode (`listen_mode = "http"`), and Debian's nginx as a
 //! reverse proxy with keep-alive to the same backend, started here with a
 //! config and prefix of its own on a loopback port (one worker process, as
-//! the front has one thread). Then:
+//! the front has one thread), and nginx's TCP proxy (`stream`) as the
+//! reference for TCP mode. Then:
 //! - latency: N requests one after another, each on a new TCP connection:
 //!   mean, p50, p99, max and failures, per path;
 //! - `wrk --latency` from loopback, keep-alive connections: requests/s and
@@ -57,6 +58,7 @@ fn main() {
     let wrk = tool("wrk");
     let nginx = tool("nginx").map(|bin| Nginx::start(&bin, backend, 1));
     let nginx2 = tool("nginx").map(|bin| Nginx::start(&bin, backend, 2));
+    let nginx_tcp = tool("nginx").and_then(|bin| Nginx::start_stream(&bin, backend));
 
     let mut paths: Vec<(&str, SocketAddr)> = vec![
         ("direct", backend),
@@ -66,6 +68,10 @@ fn main() {
     match &nginx {
         Ok(n) => paths.push(("nginx", n.public)),
         Err(why) => println!("nginx: skipped ({why})"),
+    }
+    match &nginx_tcp {
+        Ok(n) => paths.push(("nginx, TCP (stream)", n.public)),
+        Err(why) => println!("nginx as a TCP proxy: skipped ({why})"),
     }
     paths.push(("front TCP, 2 thr", tcp2.public));
     paths.push(("front HTTP, 2 thr", http2.public));
@@ -77,7 +83,7 @@ fn main() {
     for (label, addr) in &paths {
         let l = latency(*addr, requests);
         println!(
-            "  {label:<18} mean {:>7.1} µs  p50 {:>7.1} µs  p99 {:>7.1} µs  max {:>8.1} µs  failed {}",
+            "  {label:<20} mean {:>7.1} µs  p50 {:>7.1} µs  p99 {:>7.1} µs  max {:>8.1} µs  failed {}",
             l.mean, l.p50, l.p99, l.max, l.failed
         );
     }
@@ -95,12 +101,12 @@ fn main() {
         match run_wrk(&wrk, *addr, 2, conns, seconds) {
             Ok(f) => {
                 println!(
-                    "  {label:<18} {:>9.0} requests/s  p50 {:>8.1} µs  p99 {:>8.1} µs  errors {}",
+                    "  {label:<20} {:>9.0} requests/s  p50 {:>8.1} µs  p99 {:>8.1} µs  errors {}",
                     f.rps, f.p50_us, f.p99_us, f.errors
                 );
                 figures.push((*label, f));
             }
-            Err(e) => println!("  {label:<18} wrk failed: {e}"),
+            Err(e) => println!("  {label:<20} wrk failed: {e}"),
         }
     }
     let get = |l: &str| figures.iter().find(|(k, _)| *k == l).map(|(_, f)| f);
@@ -113,6 +119,13 @@ fn main() {
             t.p99_us - d.p99_us,
             if ratio >= 0.9 { "met" } else { "NOT met" }
         );
+        if let Some(n) = get("nginx, TCP (stream)") {
+            println!(
+                "    the same hop through nginx's TCP proxy: {:.1} % of direct; the front {:+.1} % against it",
+                n.rps / d.rps * 100.0,
+                (t.rps / n.rps - 1.0) * 100.0
+            );
+        }
     }
     match (get("front, HTTP mode"), get("nginx")) {
         (Some(h), Some(n)) => println!(
@@ -138,7 +151,7 @@ fn main() {
         ),
         _ => println!("  the same with two threads/workers each: not measured"),
     }
-    drop((tcp, http, tcp2, http2, nginx, nginx2));
+    drop((tcp, http, tcp2, http2, nginx, nginx2, nginx_tcp));
 
     for mode in ["tcp", "http"] {
         memory(&wrk, mode, seconds.min(5));
@@ -276,6 +289,40 @@ struct Nginx {
 }
 
 impl Nginx {
+    /// nginx as a TCP proxy (its `stream` module, a dynamic module on
+    /// Debian: `libnginx-mod-stream`, looked for at
+    /// `SLIPWAY_BENCH_NGINX_STREAM_MODULE` or Debian's path), the same hop
+    /// as the front's TCP mode.
+    fn start_stream(bin: &Path, backend: SocketAddr) -> Result<Self, String> {
+        let module = std::env::var("SLIPWAY_BENCH_NGINX_STREAM_MODULE")
+            .unwrap_or_else(|_| "/usr/lib/nginx/modules/ngx_stream_module.so".to_owned());
+        if !Path::new(&module).exists() {
+            return Err(format!(
+                "{module} not found (Debian: libnginx-mod-stream; or set SLIPWAY_BENCH_NGINX_STREAM_MODULE)"
+            ));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let public = free_addr();
+        let conf = format!(
+            r#"load_module {module};
+daemon off;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 4096; }}
+stream {{
+    server {{
+        listen {public};
+        proxy_pass {backend};
+    }}
+}}
+"#,
+            p = p.display()
+        );
+        Ok(Self::run(bin, dir, public, &conf))
+    }
+
     fn start(bin: &Path, backend: SocketAddr, workers: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
@@ -313,6 +360,11 @@ http {{
 "#,
             p = p.display()
         );
+        Self::run(bin, dir, public, &conf)
+    }
+
+    fn run(bin: &Path, dir: tempfile::TempDir, public: SocketAddr, conf: &str) -> Self {
+        let p = dir.path();
         std::fs::write(p.join("nginx.conf"), conf).unwrap();
         let child = Command::new(bin)
             .arg("-p")
