@@ -1,12 +1,21 @@
-//! The artifact store: `<data_dir>/artifacts/<sha256>`, content-addressed.
+//! The artifact store: content-addressed by sha256, in `<data_dir>/artifacts/`
+//! and, for controller replicas, in a [`Shared`] store as well.
 //!
-//! Uploads ([`Upload`]) are written to a temp file in the same directory
+//! Uploads ([`Upload`]) are written to a temp file in the local directory
 //! while being hashed, checked against the declared digest, fsynced and
 //! renamed into place, so a stored artifact is always complete and its name
-//! is its sha256. Nothing is ever held whole in memory: agents download
-//! ([`Artifacts::chunks`]) in [`CHUNK_SIZE`] pieces.
+//! is its sha256. With a shared store (`artifact_dir`, or the PostgreSQL
+//! database when there is none) the upload is then published there, and
+//! the local directory is this replica's cache of it: a replica asked for
+//! an artifact it does not hold fetches it from the shared store, checking
+//! the digest as it comes. Every read served to an agent
+//! ([`Artifacts::chunks`]) checks the digest first: a corrupt cached copy is
+//! dropped and fetched again, a corrupt shared copy is dropped (the next
+//! upload stores it afresh), and neither is ever served. Nothing is ever
+//! held whole in memory: agents download in [`CHUNK_SIZE`] pieces, the
+//! database holds [`DB_CHUNK_SIZE`] ones.
 
-use std::io;
+use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
@@ -17,6 +26,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use crate::store::{Backend, Store, StoreError};
+
 /// Directory under the data dir holding the artifacts.
 pub const ARTIFACTS_DIR: &str = "artifacts";
 /// Directory under the data dir holding agent binaries for upgrades: apart
@@ -25,10 +36,15 @@ pub const AGENT_BINARIES_DIR: &str = "agent-binaries";
 /// Size of each chunk sent to agents: far below gRPC's 4 MiB message limit,
 /// large enough that a 20 MB artifact is ~80 messages.
 pub const CHUNK_SIZE: usize = 256 * 1024;
+/// Size of each chunk row in the database: few rows per artifact, and one
+/// row is all a replica holds in memory while copying.
+pub const DB_CHUNK_SIZE: usize = 1024 * 1024;
 /// Chunks read ahead of a slow agent; bounds memory per download.
 const CHUNKS_AHEAD: usize = 4;
 /// Largest artifact accepted: the agents' default `[artifacts] max_size`.
 pub const MAX_ARTIFACT_SIZE: u64 = 2 * 1024 * 1024 * 1024;
+/// Buffer for hashing and copying files.
+const COPY_BUFFER: usize = 64 * 1024;
 
 /// Errors of the artifact store.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +90,23 @@ pub enum ArtifactError {
         /// Size the client declared.
         declared: u64,
     },
+    /// A stored copy does not hash to its name (a disk or a database that
+    /// changed it): it was dropped, never served.
+    #[error(
+        "the stored copy of artifact {sha256} in {place} is corrupt ({why}); it was dropped: \
+         upload the artifact again"
+    )]
+    Corrupt {
+        /// The digest.
+        sha256: String,
+        /// Where the copy was: a file, or `the database`.
+        place: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The database holding the shared copies failed.
+    #[error("artifact store: {0}")]
+    Store(#[from] StoreError),
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -93,7 +126,11 @@ impl From<ArtifactError> for Status {
             | ArtifactError::SizeMismatch { .. }
             | ArtifactError::NotThatArtifact { .. } => Status::invalid_argument(err.to_string()),
             ArtifactError::NotFound(_) => Status::not_found(err.to_string()),
-            ArtifactError::Io { .. } => {
+            ArtifactError::Corrupt { .. } => {
+                tracing::error!(%err, "artifact store");
+                Status::data_loss(err.to_string())
+            }
+            ArtifactError::Io { .. } | ArtifactError::Store(_) => {
                 tracing::error!(%err, "artifact store");
                 Status::internal("artifact store failed inside the controller; see its log")
             }
@@ -114,10 +151,27 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArtifactError {
     move |source| ArtifactError::Io { path, source }
 }
 
+/// Where replicas find the artifacts one of them was given.
+#[derive(Debug, Clone)]
+pub enum Shared {
+    /// `artifact_dir`: a directory every replica mounts, holding
+    /// `<dir>/artifacts/<sha256>` and `<dir>/agent-binaries/<sha256>`.
+    Dir(PathBuf),
+    /// The PostgreSQL store itself, in chunks (no `artifact_dir` set).
+    Database(Store),
+}
+
 /// The store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
+    /// The local directory: the store itself, or this replica's cache of
+    /// the shared one.
     dir: PathBuf,
+    /// Which store: [`ARTIFACTS_DIR`] or [`AGENT_BINARIES_DIR`] (the
+    /// directory name, and `kind` in the database).
+    kind: &'static str,
+    /// The store every replica sees, if any.
+    shared: Option<Shared>,
 }
 
 impl Artifacts {
@@ -125,6 +179,31 @@ impl Artifacts {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             dir: data_dir.join(ARTIFACTS_DIR),
+            kind: ARTIFACTS_DIR,
+            shared: None,
+        }
+    }
+
+    /// The store `serve` uses: the data dir caching `artifact_dir` when it
+    /// is set, else caching the database when that is PostgreSQL (shared
+    /// by replicas), else the data dir alone (SQLite).
+    pub fn for_serve(data_dir: &Path, artifact_dir: Option<&Path>, store: &Store) -> Self {
+        let shared = match (artifact_dir, store.backend()) {
+            (Some(dir), _) => Some(Shared::Dir(dir.to_owned())),
+            (None, Backend::Postgres) => Some(Shared::Database(store.clone())),
+            (None, Backend::Sqlite) => None,
+        };
+        Self {
+            shared,
+            ..Self::new(data_dir)
+        }
+    }
+
+    /// This store, caching `shared`.
+    pub fn with_shared(self, shared: Shared) -> Self {
+        Self {
+            shared: Some(shared),
+            ..self
         }
     }
 
@@ -132,43 +211,55 @@ impl Artifacts {
     pub fn agent_binaries(&self) -> Self {
         Self {
             dir: self.dir.with_file_name(AGENT_BINARIES_DIR),
+            kind: AGENT_BINARIES_DIR,
+            shared: self.shared.clone(),
         }
     }
 
-    /// Where the artifact with this (checked) digest lives.
+    /// Where the artifact with this (checked) digest lives locally.
     pub fn path(&self, sha256: &str) -> Result<PathBuf, ArtifactError> {
         check_digest(sha256)?;
         Ok(self.dir.join(sha256))
     }
 
-    /// True if the artifact is stored.
+    /// True if the artifact is stored (in the shared store, when there is
+    /// one: a copy only in this replica's cache is not one the others see,
+    /// so a client uploads it again and it is published).
     pub async fn contains(&self, sha256: &str) -> Result<bool, ArtifactError> {
-        let path = self.path(sha256)?;
-        Ok(tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file()))
+        match self.size(sha256).await {
+            Ok(_) => Ok(true),
+            Err(ArtifactError::NotFound(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 
-    /// Size of a stored artifact.
+    /// Size of a stored artifact (in the shared store, when there is one).
     pub async fn size(&self, sha256: &str) -> Result<u64, ArtifactError> {
         let path = self.path(sha256)?;
-        match tokio::fs::metadata(&path).await {
-            Ok(meta) if meta.is_file() => Ok(meta.len()),
-            Ok(_) => Err(ArtifactError::NotFound(sha256.to_owned())),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                Err(ArtifactError::NotFound(sha256.to_owned()))
+        match &self.shared {
+            None => file_size(&path, sha256).await,
+            Some(Shared::Dir(root)) => file_size(&root.join(self.kind).join(sha256), sha256).await,
+            Some(Shared::Database(store)) => {
+                match store.stored_artifact(self.kind, sha256).await? {
+                    Some(row) => Ok(u64::try_from(row.size).unwrap_or(u64::MAX)),
+                    None => Err(ArtifactError::NotFound(sha256.to_owned())),
+                }
             }
-            Err(source) => Err(ArtifactError::Io { path, source }),
         }
     }
 
     /// Streams the artifact in [`CHUNK_SIZE`] pieces with offsets, `last`
     /// set on the final one (an empty artifact is one empty, last chunk).
-    /// Fails at once if it is not stored.
+    /// The local copy is checked against the digest first (fetched from
+    /// the shared store when missing or corrupt); the bytes are hashed
+    /// again as they are sent and the last chunk is withheld, with an
+    /// error, if they changed meanwhile. Fails at once if it is not stored.
     pub async fn chunks(
         &self,
         sha256: &str,
         command_id: &str,
     ) -> Result<ReceiverStream<Result<ArtifactChunk, Status>>, ArtifactError> {
-        let path = self.path(sha256)?;
+        let path = self.cached(sha256).await?;
         let mut file = match File::open(&path).await {
             Ok(file) => file,
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -179,8 +270,10 @@ impl Artifacts {
         let size = file.metadata().await.map_err(io_err(&path))?.len();
         let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
         let command_id = command_id.to_owned();
+        let sha256 = sha256.to_owned();
         tokio::spawn(async move {
             let mut offset = 0u64;
+            let mut hasher = Sha256::new();
             loop {
                 let mut data = Vec::with_capacity(CHUNK_SIZE);
                 let read = (&mut file)
@@ -189,15 +282,32 @@ impl Artifacts {
                     .await;
                 let chunk = match read {
                     Ok(n) => {
+                        hasher.update(&data);
                         let last = offset + n as u64 >= size || n == 0;
-                        let chunk = ArtifactChunk {
-                            command_id: command_id.clone(),
-                            offset,
-                            data,
-                            last,
-                        };
-                        offset += n as u64;
-                        Ok(chunk)
+                        let actual = last.then(|| hex::encode(hasher.clone().finalize()));
+                        match actual {
+                            Some(actual) if actual != sha256 => {
+                                tracing::error!(
+                                    path = %path.display(), %sha256, %actual,
+                                    "artifact changed on disk while being sent; dropped"
+                                );
+                                let _ = tokio::fs::remove_file(&path).await;
+                                Err(Status::data_loss(format!(
+                                    "artifact {sha256} changed on the controller's disk while \
+                                     being sent; it was dropped: fetch it again"
+                                )))
+                            }
+                            _ => {
+                                let chunk = ArtifactChunk {
+                                    command_id: command_id.clone(),
+                                    offset,
+                                    data,
+                                    last,
+                                };
+                                offset += n as u64;
+                                Ok(chunk)
+                            }
+                        }
                     }
                     Err(err) => {
                         tracing::error!(path = %path.display(), %err, "reading artifact");
@@ -211,6 +321,198 @@ impl Artifacts {
             }
         });
         Ok(ReceiverStream::new(rx))
+    }
+
+    /// The local copy of the artifact, checked against its digest: a
+    /// corrupt copy is dropped, and a missing or dropped one fetched from
+    /// the shared store (checked as it comes).
+    async fn cached(&self, sha256: &str) -> Result<PathBuf, ArtifactError> {
+        let path = self.path(sha256)?;
+        match hash_file(&path).await? {
+            Some((actual, _)) if actual == sha256 => return Ok(path),
+            Some((actual, size)) => {
+                tracing::error!(
+                    path = %path.display(), %sha256, %actual,
+                    "cached artifact does not match its digest; dropped"
+                );
+                tokio::fs::remove_file(&path).await.map_err(io_err(&path))?;
+                if self.shared.is_none() {
+                    return Err(ArtifactError::Corrupt {
+                        sha256: sha256.to_owned(),
+                        place: path.display().to_string(),
+                        why: format!("its {size} bytes hash to {actual}"),
+                    });
+                }
+            }
+            None if self.shared.is_none() => {
+                return Err(ArtifactError::NotFound(sha256.to_owned()))
+            }
+            None => {}
+        }
+        self.fetch(sha256).await?;
+        Ok(path)
+    }
+
+    /// Copies the artifact from the shared store into the local directory,
+    /// checking its size and digest as it comes. A shared copy that fails
+    /// the check is dropped.
+    async fn fetch(&self, sha256: &str) -> Result<(), ArtifactError> {
+        let local = Self {
+            shared: None,
+            ..self.clone()
+        };
+        match &self.shared {
+            None => Err(ArtifactError::NotFound(sha256.to_owned())),
+            Some(Shared::Dir(root)) => {
+                let path = root.join(self.kind).join(sha256);
+                let mut file = match File::open(&path).await {
+                    Ok(file) => file,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                        return Err(ArtifactError::NotFound(sha256.to_owned()))
+                    }
+                    Err(source) => return Err(ArtifactError::Io { path, source }),
+                };
+                let size = file.metadata().await.map_err(io_err(&path))?.len();
+                let mut upload = local.start(Some(sha256), size).await?;
+                let mut buf = vec![0; CHUNK_SIZE];
+                let copied = async {
+                    loop {
+                        let n = file.read(&mut buf).await.map_err(io_err(&path))?;
+                        if n == 0 {
+                            break;
+                        }
+                        upload.write(&buf[..n]).await?;
+                    }
+                    upload.finish().await
+                }
+                .await;
+                match copied {
+                    Err(
+                        err @ (ArtifactError::Mismatch { .. } | ArtifactError::SizeMismatch { .. }),
+                    ) => {
+                        tracing::error!(
+                            path = %path.display(), %sha256, %err,
+                            "shared artifact does not match its digest; dropped"
+                        );
+                        let _ = tokio::fs::remove_file(&path).await;
+                        Err(ArtifactError::Corrupt {
+                            sha256: sha256.to_owned(),
+                            place: path.display().to_string(),
+                            why: err.to_string(),
+                        })
+                    }
+                    other => other.map(drop),
+                }
+            }
+            Some(Shared::Database(store)) => {
+                let Some(row) = store.stored_artifact(self.kind, sha256).await? else {
+                    return Err(ArtifactError::NotFound(sha256.to_owned()));
+                };
+                let copied = async {
+                    let size = u64::try_from(row.size).map_err(|_| corrupt_row(&row))?;
+                    if size > MAX_ARTIFACT_SIZE {
+                        return Err(ArtifactError::TooLarge(size));
+                    }
+                    if row.chunks != db_chunks(size) {
+                        return Err(corrupt_row(&row));
+                    }
+                    let mut upload = local.start(Some(sha256), size).await?;
+                    for idx in 0..row.chunks {
+                        let want =
+                            (size - idx as u64 * DB_CHUNK_SIZE as u64).min(DB_CHUNK_SIZE as u64);
+                        match store.artifact_chunk(self.kind, sha256, idx).await? {
+                            Some(data) if data.len() as u64 == want => {
+                                upload.write(&data).await?;
+                            }
+                            found => {
+                                return Err(ArtifactError::SizeMismatch {
+                                    declared: want,
+                                    received: found.map_or(0, |d| d.len() as u64),
+                                })
+                            }
+                        }
+                    }
+                    upload.finish().await.map(drop)
+                }
+                .await;
+                match copied {
+                    Err(
+                        err @ (ArtifactError::Mismatch { .. }
+                        | ArtifactError::SizeMismatch { .. }
+                        | ArtifactError::TooLarge(_)),
+                    ) => {
+                        tracing::error!(
+                            %sha256, kind = self.kind, %err,
+                            "artifact in the database does not match its digest; dropped"
+                        );
+                        store.delete_artifact(self.kind, sha256).await?;
+                        Err(ArtifactError::Corrupt {
+                            sha256: sha256.to_owned(),
+                            place: "the database".to_owned(),
+                            why: err.to_string(),
+                        })
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// Copies the artifact just stored locally at `path` into the shared
+    /// store, unless it holds it already (content-addressed: the same name
+    /// is the same bytes, and a corrupt copy is caught by its reader).
+    async fn publish(&self, sha256: &str, path: &Path, size: u64) -> Result<(), ArtifactError> {
+        match &self.shared {
+            None => Ok(()),
+            Some(Shared::Dir(root)) => {
+                let dir = root.join(self.kind);
+                let dest = dir.join(sha256);
+                if file_size(&dest, sha256).await.ok() == Some(size) {
+                    return Ok(());
+                }
+                let (source, sha256) = (path.to_owned(), sha256.to_owned());
+                tokio::task::spawn_blocking(move || copy_atomically(&source, &dir, &sha256))
+                    .await
+                    .map_err(|e| io_err(path)(io::Error::other(e)))?
+            }
+            Some(Shared::Database(store)) => {
+                if store.stored_artifact(self.kind, sha256).await?.is_some() {
+                    return Ok(());
+                }
+                let mut file = File::open(path).await.map_err(io_err(path))?;
+                let mut hasher = Sha256::new();
+                let mut idx = 0i64;
+                loop {
+                    let mut data = Vec::with_capacity(DB_CHUNK_SIZE);
+                    let n = (&mut file)
+                        .take(DB_CHUNK_SIZE as u64)
+                        .read_to_end(&mut data)
+                        .await
+                        .map_err(io_err(path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&data);
+                    store
+                        .put_artifact_chunk(self.kind, sha256, idx, &data)
+                        .await?;
+                    idx += 1;
+                }
+                let actual = hex::encode(hasher.finalize());
+                if actual != sha256 {
+                    return Err(ArtifactError::Corrupt {
+                        sha256: sha256.to_owned(),
+                        place: path.display().to_string(),
+                        why: format!("it changed while copied: its bytes hash to {actual}"),
+                    });
+                }
+                let size = i64::try_from(size).map_err(|_| ArtifactError::TooLarge(size))?;
+                store
+                    .finish_artifact(self.kind, sha256, size, idx, now_secs())
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Starts an upload of an artifact declared to have digest `sha256`
@@ -246,13 +548,131 @@ impl Artifacts {
         Ok(Upload {
             declared: sha256.map(str::to_owned),
             declared_size: size,
-            dir: self.dir.clone(),
+            store: self.clone(),
             temp: Some(temp),
             file,
             hasher: Sha256::new(),
             bytes: 0,
         })
     }
+}
+
+/// The row's chunk count for an artifact of `size` bytes.
+fn db_chunks(size: u64) -> i64 {
+    i64::try_from(size.div_ceil(DB_CHUNK_SIZE as u64)).unwrap_or(i64::MAX)
+}
+
+/// A `stored_artifacts` row whose numbers cannot be right.
+fn corrupt_row(row: &crate::store::StoredArtifact) -> ArtifactError {
+    ArtifactError::SizeMismatch {
+        declared: u64::try_from(row.size).unwrap_or(0),
+        received: u64::try_from(row.chunks).unwrap_or(0),
+    }
+}
+
+/// Seconds since the epoch.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Size of the file at `path`, [`ArtifactError::NotFound`] naming
+/// `sha256` if there is none.
+async fn file_size(path: &Path, sha256: &str) -> Result<u64, ArtifactError> {
+    match tokio::fs::metadata(path).await {
+        Ok(meta) if meta.is_file() => Ok(meta.len()),
+        Ok(_) => Err(ArtifactError::NotFound(sha256.to_owned())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            Err(ArtifactError::NotFound(sha256.to_owned()))
+        }
+        Err(source) => Err(ArtifactError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The sha256 (hex) and size of the file at `path`, `None` if there is no
+/// file. A file over [`MAX_ARTIFACT_SIZE`] is hashed no further than that
+/// (it cannot be a stored artifact, so its digest cannot match).
+async fn hash_file(path: &Path) -> Result<Option<(String, u64)>, ArtifactError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ArtifactError::Io { path, source }),
+        };
+        let mut reader = file.take(MAX_ARTIFACT_SIZE + 1);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0; COPY_BUFFER];
+        let mut size = 0u64;
+        loop {
+            let n = reader.read(&mut buf).map_err(io_err(&path))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            hasher.update(&buf[..n]);
+        }
+        Ok(Some((hex::encode(hasher.finalize()), size)))
+    })
+    .await
+    .map_err(|e| ArtifactError::Io {
+        path: PathBuf::new(),
+        source: io::Error::other(e),
+    })?
+}
+
+/// Copies `source` to `<dir>/<sha256>` so that the name only ever holds
+/// the whole file: a temp file in `dir`, written, checked against
+/// `sha256`, fsynced, renamed over the name, the directory fsynced. Two
+/// replicas doing this at once each rename a complete copy of the same
+/// bytes into place. Blocking.
+fn copy_atomically(source: &Path, dir: &Path, sha256: &str) -> Result<(), ArtifactError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let suffix =
+        crate::pki::crypto::random_hex::<8>().map_err(|e| io_err(dir)(io::Error::other(e)))?;
+    let temp = dir.join(format!(".upload-{suffix}"));
+    let copied = (|| {
+        let mut from = std::fs::File::open(source).map_err(io_err(source))?;
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(io_err(&temp))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0; COPY_BUFFER];
+        let mut bytes = 0u64;
+        loop {
+            let n = from.read(&mut buf).map_err(io_err(source))?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            hasher.update(&buf[..n]);
+            to.write_all(&buf[..n]).map_err(io_err(&temp))?;
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != sha256 {
+            return Err(ArtifactError::Corrupt {
+                sha256: sha256.to_owned(),
+                place: source.display().to_string(),
+                why: format!("it changed while copied: its {bytes} bytes hash to {actual}"),
+            });
+        }
+        to.sync_all().map_err(io_err(&temp))?;
+        let dest = dir.join(sha256);
+        std::fs::rename(&temp, &dest).map_err(io_err(&dest))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    copied
 }
 
 /// An upload in progress: bytes go to a temp file and into the hash. Dropped
@@ -264,8 +684,9 @@ pub struct Upload {
     declared: Option<String>,
     /// Bytes the client said it sends: more is refused as it streams.
     declared_size: u64,
-    /// The store's directory; the file lands at `<dir>/<sha256>`.
-    dir: PathBuf,
+    /// The store: the file lands at `<dir>/<sha256>`, then is published to
+    /// its shared store.
+    store: Artifacts,
     /// Removed on drop unless renamed into place.
     temp: Option<PathBuf>,
     file: File,
@@ -298,8 +719,9 @@ impl Upload {
         self.finish_any().await.map(|(_, size)| size)
     }
 
-    /// Checks the size (and the declared digest, if any) and moves the
-    /// file into the store; returns its digest and size.
+    /// Checks the size (and the declared digest, if any), moves the file
+    /// into the store and publishes it to the shared store; returns its
+    /// digest and size.
     pub async fn finish_any(mut self) -> Result<(String, u64), ArtifactError> {
         if self.bytes != self.declared_size {
             return Err(ArtifactError::SizeMismatch {
@@ -319,11 +741,12 @@ impl Upload {
         }
         let temp = self.temp.clone().unwrap_or_default();
         self.file.sync_all().await.map_err(io_err(&temp))?;
-        let dest = self.dir.join(&actual);
+        let dest = self.store.dir.join(&actual);
         tokio::fs::rename(&temp, &dest)
             .await
             .map_err(io_err(&dest))?;
         self.temp = None;
+        self.store.publish(&actual, &dest, self.bytes).await?;
         Ok((actual, self.bytes))
     }
 }
