@@ -835,4 +835,285 @@ mod tests {
             Err(ArtifactError::NotFound(_))
         ));
     }
+
+    /// Stores `data` through `store`, as an upload from a client does.
+    async fn put(store: &Artifacts, data: &[u8]) -> String {
+        let sha = crate::pki::crypto::sha256_hex(data);
+        let mut up = store.upload(&sha, data.len() as u64).await.unwrap();
+        for part in data.chunks(100_000) {
+            up.write(part).await.unwrap();
+        }
+        up.finish().await.unwrap();
+        sha
+    }
+
+    /// All of the artifact as `store` serves it to an agent.
+    async fn served(store: &Artifacts, sha: &str) -> Result<Vec<u8>, ArtifactError> {
+        let chunks: Vec<_> = store.chunks(sha, "c").await?.collect().await;
+        let mut data = Vec::new();
+        for chunk in chunks {
+            data.extend(
+                chunk
+                    .map_err(|s| ArtifactError::NotFound(s.message().to_owned()))?
+                    .data,
+            );
+        }
+        Ok(data)
+    }
+
+    /// Files in `dir` whose name starts with a dot (temp files).
+    fn temp_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_local_file_is_dropped_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Artifacts::new(dir.path());
+        let sha = put(&store, b"the release").await;
+        assert_eq!(served(&store, &sha).await.unwrap(), b"the release");
+        // Same size, other bytes: only the digest can tell.
+        std::fs::write(store.path(&sha).unwrap(), b"the relea5e").unwrap();
+        let err = served(&store, &sha).await.unwrap_err();
+        assert!(
+            matches!(&err, ArtifactError::Corrupt { sha256, .. } if *sha256 == sha),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("upload the artifact again"),
+            "{err}"
+        );
+        assert!(!store.contains(&sha).await.unwrap());
+        // Uploading again repairs it.
+        put(&store, b"the release").await;
+        assert_eq!(served(&store, &sha).await.unwrap(), b"the release");
+    }
+
+    #[tokio::test]
+    async fn replicas_share_a_directory_each_caching_it() {
+        let (a_dir, b_dir, shared) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let a = Artifacts::new(a_dir.path()).with_shared(Shared::Dir(shared.path().into()));
+        let b = Artifacts::new(b_dir.path()).with_shared(Shared::Dir(shared.path().into()));
+        let data: Vec<u8> = (0..CHUNK_SIZE * 3 + 7).map(|i| (i % 253) as u8).collect();
+        let sha = put(&a, &data).await;
+        let shared_file = shared.path().join(ARTIFACTS_DIR).join(&sha);
+        assert_eq!(std::fs::read(&shared_file).unwrap(), data);
+        assert!(temp_files(&shared.path().join(ARTIFACTS_DIR)).is_empty());
+        // B sees it, fetches it into its cache and serves it.
+        assert_eq!(b.size(&sha).await.unwrap(), data.len() as u64);
+        assert!(!b.path(&sha).unwrap().exists());
+        assert_eq!(served(&b, &sha).await.unwrap(), data);
+        assert_eq!(std::fs::read(b.path(&sha).unwrap()).unwrap(), data);
+        // Not an agent binary.
+        assert!(matches!(
+            b.agent_binaries().chunks(&sha, "c").await,
+            Err(ArtifactError::NotFound(_))
+        ));
+        // B's cached copy corrupted on disk: dropped and fetched again.
+        let mut bad = data.clone();
+        bad[5] ^= 1;
+        std::fs::write(b.path(&sha).unwrap(), &bad).unwrap();
+        assert_eq!(served(&b, &sha).await.unwrap(), data);
+        assert_eq!(std::fs::read(b.path(&sha).unwrap()).unwrap(), data);
+        // The shared copy corrupted and B's cache gone: never served, the
+        // shared copy dropped, the error names the digest.
+        std::fs::write(&shared_file, &bad).unwrap();
+        std::fs::remove_file(b.path(&sha).unwrap()).unwrap();
+        let err = served(&b, &sha).await.unwrap_err();
+        assert!(
+            matches!(&err, ArtifactError::Corrupt { sha256, .. } if *sha256 == sha),
+            "{err}"
+        );
+        assert!(!shared_file.exists());
+        assert!(!b.path(&sha).unwrap().exists());
+        assert!(!a.contains(&sha).await.unwrap());
+        // A still serves its own verified copy; an upload publishes again.
+        assert_eq!(served(&a, &sha).await.unwrap(), data);
+        put(&a, &data).await;
+        assert_eq!(served(&b, &sha).await.unwrap(), data);
+        // Unknown digest: a clear error naming it.
+        let missing = "0".repeat(64);
+        let err = b.chunks(&missing, "c").await.unwrap_err();
+        assert!(err.to_string().contains(&missing), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_writing_one_artifact_at_once_into_the_directory() {
+        let shared = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..CHUNK_SIZE * 8).map(|i| (i % 241) as u8).collect();
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let uploads: Vec<_> = dirs
+            .iter()
+            .map(|d| {
+                let store = Artifacts::new(d.path()).with_shared(Shared::Dir(shared.path().into()));
+                let data = data.clone();
+                tokio::spawn(async move { put(&store, &data).await })
+            })
+            .collect();
+        let mut shas = Vec::new();
+        for upload in uploads {
+            shas.push(upload.await.unwrap());
+        }
+        assert!(shas.windows(2).all(|w| w[0] == w[1]));
+        let dir = shared.path().join(ARTIFACTS_DIR);
+        assert_eq!(std::fs::read(dir.join(&shas[0])).unwrap(), data);
+        assert!(temp_files(&dir).is_empty());
+    }
+
+    #[test]
+    fn an_atomic_copy_that_does_not_match_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("src");
+        std::fs::write(&source, b"bytes").unwrap();
+        let shared = dir.path().join("shared");
+        let claimed = crate::pki::crypto::sha256_hex(b"other bytes");
+        let err = copy_atomically(&source, &shared, &claimed).unwrap_err();
+        assert!(matches!(err, ArtifactError::Corrupt { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+        let right = crate::pki::crypto::sha256_hex(b"bytes");
+        copy_atomically(&source, &shared, &right).unwrap();
+        assert_eq!(std::fs::read(shared.join(&right)).unwrap(), b"bytes");
+        assert!(temp_files(&shared).is_empty());
+    }
+
+    crate::store::testing::store_tests!(
+        replicas_share_artifacts_through_the_database,
+        two_replicas_storing_one_artifact_at_once_in_the_database,
+        a_corrupt_chunk_in_the_database_is_caught_by_the_digest,
+        the_database_store_keeps_the_size_limit
+    );
+
+    /// Two replicas (own data dirs) on `store`.
+    fn replicas(store: &Store) -> (Artifacts, Artifacts, [tempfile::TempDir; 2]) {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let a = Artifacts::new(dirs[0].path()).with_shared(Shared::Database(store.clone()));
+        let b = Artifacts::new(dirs[1].path()).with_shared(Shared::Database(store.clone()));
+        (a, b, dirs)
+    }
+
+    async fn replicas_share_artifacts_through_the_database(store: Store) {
+        let (a, b, _dirs) = replicas(&store);
+        // Over two database chunks, not a whole number of them.
+        let data: Vec<u8> = (0..DB_CHUNK_SIZE * 2 + 5)
+            .map(|i| (i % 239) as u8)
+            .collect();
+        let sha = put(&a, &data).await;
+        let row = store
+            .stored_artifact(ARTIFACTS_DIR, &sha)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((row.size, row.chunks), (data.len() as i64, 3));
+        assert!(b.contains(&sha).await.unwrap());
+        assert_eq!(served(&b, &sha).await.unwrap(), data);
+        assert_eq!(std::fs::read(b.path(&sha).unwrap()).unwrap(), data);
+        // An empty artifact: no chunk, one empty last message.
+        let empty = put(&a, b"").await;
+        assert_eq!(
+            store
+                .stored_artifact(ARTIFACTS_DIR, &empty)
+                .await
+                .unwrap()
+                .unwrap()
+                .chunks,
+            0
+        );
+        assert_eq!(served(&b, &empty).await.unwrap(), b"");
+        // Agent binaries are their own store.
+        let bin = put(&a.agent_binaries(), b"agent").await;
+        assert!(!b.contains(&bin).await.unwrap());
+        assert_eq!(served(&b.agent_binaries(), &bin).await.unwrap(), b"agent");
+        let missing = "1".repeat(64);
+        let err = b.chunks(&missing, "c").await.unwrap_err();
+        assert!(
+            matches!(&err, ArtifactError::NotFound(s) if *s == missing),
+            "{err}"
+        );
+    }
+
+    async fn two_replicas_storing_one_artifact_at_once_in_the_database(store: Store) {
+        let (a, b, _dirs) = replicas(&store);
+        let data: Vec<u8> = (0..DB_CHUNK_SIZE * 3).map(|i| (i % 233) as u8).collect();
+        let (sha_a, sha_b) = tokio::join!(put(&a, &data), put(&b, &data));
+        assert_eq!(sha_a, sha_b);
+        let (_, c_dir) = (a, tempfile::tempdir().unwrap());
+        let c = Artifacts::new(c_dir.path()).with_shared(Shared::Database(store.clone()));
+        assert_eq!(served(&c, &sha_a).await.unwrap(), data);
+    }
+
+    async fn a_corrupt_chunk_in_the_database_is_caught_by_the_digest(store: Store) {
+        let (a, b, _dirs) = replicas(&store);
+        let data: Vec<u8> = (0..DB_CHUNK_SIZE + 10).map(|i| (i % 229) as u8).collect();
+        let sha = put(&a, &data).await;
+        // Same length, one bit off: only the digest can tell.
+        let mut bad = data[DB_CHUNK_SIZE..].to_vec();
+        bad[0] ^= 1;
+        store
+            .put_artifact_chunk(ARTIFACTS_DIR, &sha, 1, &bad)
+            .await
+            .unwrap();
+        let err = served(&b, &sha).await.unwrap_err();
+        assert!(
+            matches!(&err, ArtifactError::Corrupt { sha256, place, .. }
+                if *sha256 == sha && place == "the database"),
+            "{err}"
+        );
+        // Dropped, never cached: an upload stores it afresh.
+        assert!(!b.path(&sha).unwrap().exists());
+        assert_eq!(
+            store.stored_artifact(ARTIFACTS_DIR, &sha).await.unwrap(),
+            None
+        );
+        put(&b, &data).await;
+        let c_dir = tempfile::tempdir().unwrap();
+        let c = Artifacts::new(c_dir.path()).with_shared(Shared::Database(store.clone()));
+        assert_eq!(served(&c, &sha).await.unwrap(), data);
+        // A chunk of the wrong length is caught before hashing.
+        store
+            .put_artifact_chunk(ARTIFACTS_DIR, &sha, 0, b"short")
+            .await
+            .unwrap();
+        let d_dir = tempfile::tempdir().unwrap();
+        let d = Artifacts::new(d_dir.path()).with_shared(Shared::Database(store.clone()));
+        assert!(matches!(
+            served(&d, &sha).await,
+            Err(ArtifactError::Corrupt { .. })
+        ));
+    }
+
+    async fn the_database_store_keeps_the_size_limit(store: Store) {
+        let (a, b, _dirs) = replicas(&store);
+        let sha = "2".repeat(64);
+        assert!(matches!(
+            a.upload(&sha, MAX_ARTIFACT_SIZE + 1).await,
+            Err(ArtifactError::TooLarge(_))
+        ));
+        // A row claiming more than the limit is not fetched.
+        store
+            .put_artifact_chunk(ARTIFACTS_DIR, &sha, 0, b"x")
+            .await
+            .unwrap();
+        store
+            .finish_artifact(ARTIFACTS_DIR, &sha, 1, 1, 0)
+            .await
+            .unwrap();
+        let big = i64::try_from(MAX_ARTIFACT_SIZE + 1).unwrap();
+        sqlx::query("UPDATE stored_artifacts SET size = $1 WHERE sha256 = $2")
+            .bind(big)
+            .bind(&sha)
+            .execute(store.pool_for_tests())
+            .await
+            .unwrap();
+        let err = served(&b, &sha).await.unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
+        assert!(!b.path(&sha).unwrap().exists());
+    }
 }

@@ -145,6 +145,12 @@ impl Store {
         tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
+
+    /// The pool, for tests that damage the tables on purpose.
+    #[cfg(test)]
+    pub(crate) fn pool_for_tests(&self) -> &sqlx::AnyPool {
+        &self.pool
+    }
 }
 
 #[cfg(test)]
