@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{bin, free_port, text, Agent, Controller};
+use crate::support::{artifact, bin, free_port, sha256_file, text, Agent, Controller, APP};
 use crate::test_postgres;
 
 /// A fresh database of the test server; panics (failing the test) when
@@ -97,6 +97,67 @@ fn a_controller_on_postgres_enrolls_agents_and_deploys() {
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("pg_dump"), "{}", text(&out));
+}
+
+#[test]
+fn an_artifact_uploaded_to_one_replica_is_deployed_through_another() {
+    let Some(url) = database() else { return };
+    // Two replicas with data dirs of their own: the artifacts go to the
+    // database, each replica's data dir caches them.
+    let a = Controller::start_postgres(&url, &[]);
+    let b = a.postgres_replica(&[]);
+    assert_ne!(a.data_dir(), b.data_dir());
+    let mut agents = Agent::enroll_all(&b, &["r1", "r2"]);
+    for agent in &mut agents {
+        agent.run();
+    }
+    let reader = b.api_token("read");
+    let deployer = b.api_token("deploy:web");
+    b.wait_online(&reader, 2, Duration::from_secs(30));
+
+    let work = tempfile::tempdir().unwrap();
+    let art = artifact(work.path(), "v1", APP);
+    let sha = sha256_file(&art);
+    let cached = |c: &Controller| c.data_dir().join("artifacts").join(&sha);
+    // Uploaded through A. A holds no agent's session (sessions are per
+    // replica), so this deploy selects no node: A stores the artifact and
+    // refuses to start a deployment of nothing.
+    let out = a.deploy_web(&deployer, &art, &sha, "v1", &["--tag", "env:nowhere"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("uploaded"), "{}", text(&out));
+    assert!(cached(&a).exists());
+    assert!(!cached(&b).exists());
+    // Deployed through B, which finds it stored (the CLI sends no bytes)
+    // and, when the agent asks, fetches it from the database into its
+    // cache, checking the digest.
+    let out = b.deploy_web(&deployer, &art, &sha, "v1", &["--node", "r1", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("already on the controller"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(agents[0].get().as_deref(), Some("v1"));
+    assert_eq!(sha256_file(&cached(&b)), sha);
+
+    assert_eq!(agents[1].get(), None);
+
+    // B's cached copy corrupted on disk: the next agent to fetch it (r2,
+    // which has no copy of its own) is never sent it; B drops it and
+    // fetches it from the database again.
+    let mut bytes = fs::read(cached(&b)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(cached(&b), &bytes).unwrap();
+    let out = b.deploy_web(&deployer, &art, &sha, "v1", &["--node", "r2", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(agents[1].get().as_deref(), Some("v1"));
+    assert_eq!(sha256_file(&cached(&b)), sha);
+    let log = fs::read_to_string(b.dir.path().join("controller.log")).unwrap();
+    assert!(
+        log.contains("cached artifact does not match its digest"),
+        "{log}"
+    );
 }
 
 #[test]
