@@ -712,6 +712,32 @@ mod tests {
     }
 
     #[test]
+    fn artifact_dir_comes_from_the_flag_or_the_file() {
+        let parse = |flag: Option<&str>, file: &str| -> Result<ServeConfig, ConfigError> {
+            ServeConfig::new(
+                RawConfig {
+                    data_dir: Some("/d".into()),
+                    artifact_dir: flag.map(PathBuf::from),
+                    ..RawConfig::default()
+                },
+                Some(toml::from_str(file).unwrap()),
+            )
+        };
+        assert_eq!(parse(None, "").unwrap().artifact_dir, None);
+        let file = "artifact_dir = \"/shared/file\"";
+        assert_eq!(
+            parse(None, file).unwrap().artifact_dir,
+            Some(PathBuf::from("/shared/file"))
+        );
+        assert_eq!(
+            parse(Some("/shared/flag"), file).unwrap().artifact_dir,
+            Some(PathBuf::from("/shared/flag"))
+        );
+        let err = parse(None, "artifact_dir = \"\"").unwrap_err().to_string();
+        assert!(err.contains("artifact_dir"), "{err}");
+    }
+
+    #[test]
     fn database_url_comes_from_the_flag_or_the_file_and_is_checked() {
         let parse = |flag: Option<&str>, file: &str| -> Result<ServeConfig, ConfigError> {
             ServeConfig::new(
