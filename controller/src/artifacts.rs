@@ -340,7 +340,7 @@ impl Artifacts {
                     return Err(ArtifactError::Corrupt {
                         sha256: sha256.to_owned(),
                         place: path.display().to_string(),
-                        why: format!("its {size} bytes hash to {actual}"),
+                        why: format!("its {size} bytes have sha256 {actual}"),
                     });
                 }
             }
@@ -503,7 +503,7 @@ impl Artifacts {
                     return Err(ArtifactError::Corrupt {
                         sha256: sha256.to_owned(),
                         place: path.display().to_string(),
-                        why: format!("it changed while copied: its bytes hash to {actual}"),
+                        why: format!("it changed while copied: its bytes have sha256 {actual}"),
                     });
                 }
                 let size = i64::try_from(size).map_err(|_| ArtifactError::TooLarge(size))?;
@@ -659,7 +659,7 @@ fn copy_atomically(source: &Path, dir: &Path, sha256: &str) -> Result<(), Artifa
             return Err(ArtifactError::Corrupt {
                 sha256: sha256.to_owned(),
                 place: source.display().to_string(),
-                why: format!("it changed while copied: its {bytes} bytes hash to {actual}"),
+                why: format!("it changed while copied: its {bytes} bytes have sha256 {actual}"),
             });
         }
         to.sync_all().map_err(io_err(&temp))?;
