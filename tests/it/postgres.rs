@@ -1,7 +1,9 @@
 //! The controller on PostgreSQL (`--database-url`, here through
 //! `SLIPWAY_DATABASE_URL`): enrollment and a deploy through the real
 //! binaries against a private PostgreSQL server of this test process, two
-//! controllers migrating one empty database at once, and the errors of a
+//! controllers migrating one empty database at once, two replicas with
+//! data dirs of their own sharing artifacts (in the database or an
+//! `artifact_dir`), and the errors of a
 //! bad or unreachable `database_url` (never showing its password).
 
 // Helpers here panic on a failed setup step, like the tests themselves.
@@ -102,10 +104,34 @@ fn a_controller_on_postgres_enrolls_agents_and_deploys() {
 #[test]
 fn an_artifact_uploaded_to_one_replica_is_deployed_through_another() {
     let Some(url) = database() else { return };
-    // Two replicas with data dirs of their own: the artifacts go to the
-    // database, each replica's data dir caches them.
-    let a = Controller::start_postgres(&url, &[]);
-    let b = a.postgres_replica(&[]);
+    // The artifacts go to the database.
+    let shared = upload_to_one_replica_deploy_through_another(&url, &[]);
+    assert!(shared.is_none());
+}
+
+#[test]
+fn replicas_share_artifacts_through_artifact_dir() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let shared_dir = dir.path().join("shared");
+    let flags = ["--artifact-dir", shared_dir.to_str().unwrap()];
+    let sha = upload_to_one_replica_deploy_through_another(&url, &flags).unwrap();
+    // There, whole and under its digest; no temp file left.
+    let stored = shared_dir.join("artifacts").join(&sha);
+    assert_eq!(sha256_file(&stored), sha);
+    assert_eq!(
+        fs::read_dir(shared_dir.join("artifacts")).unwrap().count(),
+        1
+    );
+}
+
+/// Two replicas (`serve_args`) with data dirs of their own on the database
+/// at `url`, each caching the shared artifacts: an artifact uploaded
+/// through one is deployed through the other. The artifact's sha256 when
+/// `serve_args` name an `--artifact-dir`.
+fn upload_to_one_replica_deploy_through_another(url: &str, serve_args: &[&str]) -> Option<String> {
+    let a = Controller::start_postgres(url, serve_args);
+    let b = a.postgres_replica(serve_args);
     assert_ne!(a.data_dir(), b.data_dir());
     let mut agents = Agent::enroll_all(&b, &["r1", "r2"]);
     for agent in &mut agents {
@@ -158,6 +184,7 @@ fn an_artifact_uploaded_to_one_replica_is_deployed_through_another() {
         log.contains("cached artifact does not match its digest"),
         "{log}"
     );
+    serve_args.contains(&"--artifact-dir").then_some(sha)
 }
 
 #[test]
