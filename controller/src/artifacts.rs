@@ -408,13 +408,23 @@ impl Artifacts {
                 let Some(row) = store.stored_artifact(self.kind, sha256).await? else {
                     return Err(ArtifactError::NotFound(sha256.to_owned()));
                 };
+                let corrupt = |why: String| ArtifactError::Corrupt {
+                    sha256: sha256.to_owned(),
+                    place: "the database".to_owned(),
+                    why,
+                };
                 let copied = async {
-                    let size = u64::try_from(row.size).map_err(|_| corrupt_row(&row))?;
+                    let size = u64::try_from(row.size)
+                        .map_err(|_| corrupt(format!("its row records {} bytes", row.size)))?;
                     if size > MAX_ARTIFACT_SIZE {
                         return Err(ArtifactError::TooLarge(size));
                     }
                     if row.chunks != db_chunks(size) {
-                        return Err(corrupt_row(&row));
+                        return Err(corrupt(format!(
+                            "its row records {size} bytes in {} chunks, not {}",
+                            row.chunks,
+                            db_chunks(size)
+                        )));
                     }
                     let mut upload = local.start(Some(sha256), size).await?;
                     for idx in 0..row.chunks {
@@ -424,36 +434,33 @@ impl Artifacts {
                             Some(data) if data.len() as u64 == want => {
                                 upload.write(&data).await?;
                             }
-                            found => {
-                                return Err(ArtifactError::SizeMismatch {
-                                    declared: want,
-                                    received: found.map_or(0, |d| d.len() as u64),
-                                })
+                            Some(data) => {
+                                return Err(corrupt(format!(
+                                    "chunk {idx} has {} bytes, expected {want}",
+                                    data.len()
+                                )))
                             }
+                            None => return Err(corrupt(format!("chunk {idx} is missing"))),
                         }
                     }
                     upload.finish().await.map(drop)
                 }
                 .await;
-                match copied {
+                let err = match copied {
+                    Err(err @ ArtifactError::Corrupt { .. }) => err,
                     Err(
                         err @ (ArtifactError::Mismatch { .. }
                         | ArtifactError::SizeMismatch { .. }
                         | ArtifactError::TooLarge(_)),
-                    ) => {
-                        tracing::error!(
-                            %sha256, kind = self.kind, %err,
-                            "artifact in the database does not match its digest; dropped"
-                        );
-                        store.delete_artifact(self.kind, sha256).await?;
-                        Err(ArtifactError::Corrupt {
-                            sha256: sha256.to_owned(),
-                            place: "the database".to_owned(),
-                            why: err.to_string(),
-                        })
-                    }
-                    other => other,
-                }
+                    ) => corrupt(err.to_string()),
+                    other => return other,
+                };
+                tracing::error!(
+                    %sha256, kind = self.kind, %err,
+                    "artifact in the database does not match its digest; dropped"
+                );
+                store.delete_artifact(self.kind, sha256).await?;
+                Err(err)
             }
         }
     }
@@ -560,14 +567,6 @@ impl Artifacts {
 /// The row's chunk count for an artifact of `size` bytes.
 fn db_chunks(size: u64) -> i64 {
     i64::try_from(size.div_ceil(DB_CHUNK_SIZE as u64)).unwrap_or(i64::MAX)
-}
-
-/// A `stored_artifacts` row whose numbers cannot be right.
-fn corrupt_row(row: &crate::store::StoredArtifact) -> ArtifactError {
-    ArtifactError::SizeMismatch {
-        declared: u64::try_from(row.size).unwrap_or(0),
-        received: u64::try_from(row.chunks).unwrap_or(0),
-    }
 }
 
 /// Seconds since the epoch.
@@ -1083,10 +1082,12 @@ mod tests {
             .unwrap();
         let d_dir = tempfile::tempdir().unwrap();
         let d = Artifacts::new(d_dir.path()).with_shared(Shared::Database(store.clone()));
-        assert!(matches!(
-            served(&d, &sha).await,
-            Err(ArtifactError::Corrupt { .. })
-        ));
+        let err = served(&d, &sha).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("chunk 0 has 5 bytes, expected {DB_CHUNK_SIZE}")),
+            "{err}"
+        );
     }
 
     async fn the_database_store_keeps_the_size_limit(store: Store) {
