@@ -308,6 +308,11 @@ pub struct ServeArgs {
     /// start]. Keep a copy apart from backups of the data dir.
     #[arg(long, value_name = "FILE")]
     pub secrets_key: Option<PathBuf>,
+    /// A directory every controller replica mounts, holding uploaded
+    /// artifacts (config: artifact_dir) [default: the data dir, or with
+    /// PostgreSQL the database]. The data dir caches them.
+    #[arg(long, value_name = "DIR")]
+    pub artifact_dir: Option<PathBuf>,
 }
 
 /// `token` subcommands.

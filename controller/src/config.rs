@@ -84,6 +84,10 @@ pub struct RawConfig {
     /// The store: unset for SQLite in the data dir, or
     /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
     pub database_url: Option<String>,
+    /// A directory every controller replica mounts, holding the uploaded
+    /// artifacts (the data dir then caches them). Unset: in the data dir,
+    /// or with PostgreSQL in the database.
+    pub artifact_dir: Option<PathBuf>,
     /// Address for the gRPC listener.
     pub listen: Option<SocketAddr>,
     /// Heartbeats per second aimed for across the fleet; the announced
@@ -180,6 +184,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// The PostgreSQL store, when not SQLite in the data dir.
     pub database_url: Option<PostgresUrl>,
+    /// The artifacts every replica shares, when not in the data dir (or,
+    /// with PostgreSQL, the database).
+    pub artifact_dir: Option<PathBuf>,
     /// Address for the gRPC listener (enrollment and agent links).
     pub listen: SocketAddr,
     /// Heartbeat policy and certificate lifetime for agent sessions.
@@ -247,6 +254,7 @@ impl ServeConfig {
             secrets_key: data_dir.join(crate::secrets::KEY_FILE),
             data_dir,
             database_url: None,
+            artifact_dir: None,
         }
     }
 
@@ -403,6 +411,7 @@ impl ServeConfig {
             http_plain: args.http_plain.then_some(true),
             metrics_loopback_no_auth: args.metrics_loopback_no_auth.then_some(true),
             secrets_key: args.secrets_key,
+            artifact_dir: args.artifact_dir,
             ..RawConfig::default()
         };
         let mut config = Self::new(flags, file).map_err(|err| match (err, &args.config) {
@@ -435,6 +444,16 @@ impl ServeConfig {
         }
         if let Some(path) = flags.secrets_key.or(file.secrets_key) {
             config.secrets_key = path;
+        }
+        if let Some(path) = flags.artifact_dir.or(file.artifact_dir) {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "artifact_dir",
+                    value: "\"\"".to_owned(),
+                    why: "expected the path of a directory every replica mounts",
+                });
+            }
+            config.artifact_dir = Some(path);
         }
         for name in file
             .server_names
@@ -690,6 +709,32 @@ mod tests {
             .to_string();
         assert!(err.contains("metrics_loopback_no_auth"), "{err}");
         assert!(err.contains("http_listen"), "{err}");
+    }
+
+    #[test]
+    fn artifact_dir_comes_from_the_flag_or_the_file() {
+        let parse = |flag: Option<&str>, file: &str| -> Result<ServeConfig, ConfigError> {
+            ServeConfig::new(
+                RawConfig {
+                    data_dir: Some("/d".into()),
+                    artifact_dir: flag.map(PathBuf::from),
+                    ..RawConfig::default()
+                },
+                Some(toml::from_str(file).unwrap()),
+            )
+        };
+        assert_eq!(parse(None, "").unwrap().artifact_dir, None);
+        let file = "artifact_dir = \"/shared/file\"";
+        assert_eq!(
+            parse(None, file).unwrap().artifact_dir,
+            Some(PathBuf::from("/shared/file"))
+        );
+        assert_eq!(
+            parse(Some("/shared/flag"), file).unwrap().artifact_dir,
+            Some(PathBuf::from("/shared/flag"))
+        );
+        let err = parse(None, "artifact_dir = \"\"").unwrap_err().to_string();
+        assert!(err.contains("artifact_dir"), "{err}");
     }
 
     #[test]

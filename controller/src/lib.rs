@@ -24,7 +24,9 @@
 //!                (nodes, join_tokens, api_tokens, operators, deployments,
 //!                audit, controller_state); transactions stay inside its
 //!                methods; the heartbeat shapes it stores (Metrics, App)
-//!     artifacts  the content-addressed artifact files
+//!     artifacts  the content-addressed artifacts: the data dir, or for
+//!                replicas the data dir caching `artifact_dir` or the
+//!                store's chunks (uses store); digest checked on every read
 //!     backup     encrypted backups of the data dir, restore, schedule
 //!     secrets    the key file, the sealed data key, apps' environments and their tag layers
 //!                sealed per version (AES-256-GCM) and rendered as `.env`

@@ -192,7 +192,7 @@ async fn serve_notifying(
     };
     let enrollment = EnrollmentService::new(ca.clone(), store.clone(), config.link.cert_validity);
     let sessions = rotation.sessions.clone();
-    let artifacts = Artifacts::new(&config.data_dir);
+    let artifacts = Artifacts::for_serve(&config.data_dir, config.artifact_dir.as_deref(), &store);
     let commands = Commands::new();
     let link = AgentLinkService::new(
         ca,
@@ -319,7 +319,7 @@ async fn serve_notifying(
         store.clone(),
         sessions.clone(),
         commands.clone(),
-        Artifacts::new(&config.data_dir),
+        Artifacts::for_serve(&config.data_dir, config.artifact_dir.as_deref(), &store),
         stop_polling.clone(),
     ));
     let droplet_sync = config.digitalocean.clone().and_then(|c| {

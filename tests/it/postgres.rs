@@ -1,7 +1,9 @@
 //! The controller on PostgreSQL (`--database-url`, here through
 //! `SLIPWAY_DATABASE_URL`): enrollment and a deploy through the real
 //! binaries against a private PostgreSQL server of this test process, two
-//! controllers migrating one empty database at once, and the errors of a
+//! controllers migrating one empty database at once, two replicas with
+//! data dirs of their own sharing artifacts (in the database or an
+//! `artifact_dir`), and the errors of a
 //! bad or unreachable `database_url` (never showing its password).
 
 // Helpers here panic on a failed setup step, like the tests themselves.
@@ -13,7 +15,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{bin, free_port, text, Agent, Controller};
+use crate::support::{artifact, bin, free_port, sha256_file, text, Agent, Controller, APP};
 use crate::test_postgres;
 
 /// A fresh database of the test server; panics (failing the test) when
@@ -97,6 +99,92 @@ fn a_controller_on_postgres_enrolls_agents_and_deploys() {
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("pg_dump"), "{}", text(&out));
+}
+
+#[test]
+fn an_artifact_uploaded_to_one_replica_is_deployed_through_another() {
+    let Some(url) = database() else { return };
+    // The artifacts go to the database.
+    let shared = upload_to_one_replica_deploy_through_another(&url, &[]);
+    assert!(shared.is_none());
+}
+
+#[test]
+fn replicas_share_artifacts_through_artifact_dir() {
+    let Some(url) = database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let shared_dir = dir.path().join("shared");
+    let flags = ["--artifact-dir", shared_dir.to_str().unwrap()];
+    let sha = upload_to_one_replica_deploy_through_another(&url, &flags).unwrap();
+    // There, whole and under its digest; no temp file left.
+    let stored = shared_dir.join("artifacts").join(&sha);
+    assert_eq!(sha256_file(&stored), sha);
+    assert_eq!(
+        fs::read_dir(shared_dir.join("artifacts")).unwrap().count(),
+        1
+    );
+}
+
+/// Two replicas (`serve_args`) with data dirs of their own on the database
+/// at `url`, each caching the shared artifacts: an artifact uploaded
+/// through one is deployed through the other. The artifact's sha256 when
+/// `serve_args` name an `--artifact-dir`.
+fn upload_to_one_replica_deploy_through_another(url: &str, serve_args: &[&str]) -> Option<String> {
+    let a = Controller::start_postgres(url, serve_args);
+    let b = a.postgres_replica(serve_args);
+    assert_ne!(a.data_dir(), b.data_dir());
+    let mut agents = Agent::enroll_all(&b, &["r1", "r2"]);
+    for agent in &mut agents {
+        agent.run();
+    }
+    let reader = b.api_token("read");
+    let deployer = b.api_token("deploy:web");
+    b.wait_online(&reader, 2, Duration::from_secs(30));
+
+    let work = tempfile::tempdir().unwrap();
+    let art = artifact(work.path(), "v1", APP);
+    let sha = sha256_file(&art);
+    let cached = |c: &Controller| c.data_dir().join("artifacts").join(&sha);
+    // Uploaded through A. A holds no agent's session (sessions are per
+    // replica), so this deploy selects no node: A stores the artifact and
+    // refuses to start a deployment of nothing.
+    let out = a.deploy_web(&deployer, &art, &sha, "v1", &["--tag", "env:nowhere"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("uploaded"), "{}", text(&out));
+    assert!(cached(&a).exists());
+    assert!(!cached(&b).exists());
+    // Deployed through B, which finds it stored (the CLI sends no bytes)
+    // and, when the agent asks, fetches it from the database into its
+    // cache, checking the digest.
+    let out = b.deploy_web(&deployer, &art, &sha, "v1", &["--node", "r1", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("already on the controller"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(agents[0].get().as_deref(), Some("v1"));
+    assert_eq!(sha256_file(&cached(&b)), sha);
+
+    assert_eq!(agents[1].get(), None);
+
+    // B's cached copy corrupted on disk: the next agent to fetch it (r2,
+    // which has no copy of its own) is never sent it; B drops it and
+    // fetches it from the database again.
+    let mut bytes = fs::read(cached(&b)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(cached(&b), &bytes).unwrap();
+    let out = b.deploy_web(&deployer, &art, &sha, "v1", &["--node", "r2", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(agents[1].get().as_deref(), Some("v1"));
+    assert_eq!(sha256_file(&cached(&b)), sha);
+    let log = fs::read_to_string(b.dir.path().join("controller.log")).unwrap();
+    assert!(
+        log.contains("cached artifact does not match its digest"),
+        "{log}"
+    );
+    serve_args.contains(&"--artifact-dir").then_some(sha)
 }
 
 #[test]

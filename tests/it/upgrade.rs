@@ -410,8 +410,9 @@ fn binaries_that_fail_version_or_their_digest_are_refused_before_any_swap() {
     );
     unchanged("refused for another version");
 
-    // The controller's copy corrupted (same size): the agent's own digest
-    // check refuses the bytes it gets.
+    // The controller's copy corrupted (same size): the controller checks
+    // the digest before it serves any read, so it is never sent (and the
+    // agent's own digest check would refuse it too).
     let good = agent_with_version(work.path(), NEW_VERSION);
     let out = controller.slipway(
         &token,
@@ -447,8 +448,13 @@ fn binaries_that_fail_version_or_their_digest_are_refused_before_any_swap() {
     let r = json(&out);
     let r = node_result(&r, "ref-1");
     assert_eq!(r["outcome"], "failed", "{r}");
-    assert!(r["message"].as_str().unwrap().contains("sha256"), "{r}");
-    unchanged("refused by the agent's digest check");
+    let message = r["message"].as_str().unwrap();
+    assert!(
+        message.contains("sha256") && message.contains("corrupt"),
+        "{r}"
+    );
+    assert!(!stored.exists(), "the corrupt copy is dropped");
+    unchanged("refused by the controller's digest check");
     assert_ne!(agent_version(&controller, &token, "ref-1"), NEW_VERSION);
 }
 

@@ -662,7 +662,9 @@ async fn run_inner(
                     "node {node_name} ({node_id}) of droplet {} is online",
                     made.name
                 );
-                let artifacts = crate::artifacts::Artifacts::new(&data_dir);
+                // With PostgreSQL the artifacts replicas share are in the
+                // database (this command knows no `artifact_dir`).
+                let artifacts = crate::artifacts::Artifacts::for_serve(&data_dir, None, &store);
                 let running = wait_current(&store, &artifacts, &node_id, deadline).await?;
                 if running.is_empty() {
                     println!("no app of node {node_name} has a current release to deploy");

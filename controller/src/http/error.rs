@@ -159,7 +159,10 @@ impl From<ApiError> for AppError {
                 ArtifactError::TooLarge(_) => Self::TooLarge(artifact.to_string()),
                 ArtifactError::NotThatArtifact { .. } => Self::Conflict(artifact.to_string()),
                 ArtifactError::NotFound(_) => Self::NotFound(artifact.to_string()),
-                ArtifactError::Io { .. } => Self::Internal(artifact.to_string()),
+                ArtifactError::Corrupt { .. } => Self::Conflict(artifact.to_string()),
+                ArtifactError::Io { .. } | ArtifactError::Store(_) => {
+                    Self::Internal(artifact.to_string())
+                }
             },
             ApiError::Store(store) => store.into(),
             ApiError::NotFound(what) => Self::NotFound(what),

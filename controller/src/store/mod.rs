@@ -36,6 +36,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions as _, Connection as _, Executo
 use crate::pki::crypto::CryptoError;
 
 mod api_tokens;
+mod artifacts;
 mod audit;
 mod controller_state;
 mod database_url;
@@ -52,6 +53,7 @@ mod web_sessions;
 pub(crate) mod testing;
 
 pub use api_tokens::{ApiTokenInfo, ApiTokenRow};
+pub use artifacts::StoredArtifact;
 use audit::insert_audit;
 pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
@@ -91,6 +93,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0012_join_token_node_name.sql"),
     include_str!("../../migrations/0013_env_layers.sql"),
     include_str!("../../migrations/0014_cert_issuer.sql"),
+    include_str!("../../migrations/0015_artifact_chunks.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -99,6 +102,7 @@ const MIGRATIONS: &[&str] = &[
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0001_init.sql"),
     include_str!("../../migrations-postgres/0002_cert_issuer.sql"),
+    include_str!("../../migrations-postgres/0003_artifact_chunks.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -149,6 +153,26 @@ pub enum StoreError {
     /// `PRAGMA integrity_check` found a problem.
     #[error("the database fails its integrity check: {0}")]
     Integrity(String),
+    /// An artifact's chunks do not add up to the size and count its
+    /// writer declares: the row that makes it visible is not written.
+    #[error(
+        "artifact {kind}/{sha256} in the database has {found_chunks} chunks of {found_bytes} \
+         bytes in all, expected {chunks} chunks of {size} bytes"
+    )]
+    ArtifactIncomplete {
+        /// Which store (`artifacts`, `agent-binaries`).
+        kind: String,
+        /// The artifact's digest.
+        sha256: String,
+        /// Chunks declared.
+        chunks: i64,
+        /// Bytes declared.
+        size: i64,
+        /// Chunks found.
+        found_chunks: i64,
+        /// Bytes found in them.
+        found_bytes: i64,
+    },
     /// A JSON column does not hold what we wrote there.
     #[error("corrupt JSON in column {column}: {source}")]
     Json {

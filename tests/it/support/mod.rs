@@ -276,6 +276,37 @@ impl Controller {
         c
     }
 
+    /// Another `serve` of this controller's PostgreSQL database with a
+    /// data dir of its own, as a replica on another machine runs: it
+    /// shares the database and, copied into its data dir before it starts
+    /// as an operator copies them, the CA (`ca.pem`, `ca.key`) and
+    /// `secrets.key`; nothing else (its artifacts are its own cache).
+    pub fn postgres_replica(&self, serve_args: &[&str]) -> Self {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let url = self
+            .database_url
+            .clone()
+            .expect("a PostgreSQL replica of a controller on PostgreSQL");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::DirBuilder::new().mode(0o700).create(&data).unwrap();
+        for file in ["ca.pem", "ca.key", "secrets.key"] {
+            // fs::copy keeps the mode (0600 for the keys).
+            fs::copy(self.data_dir().join(file), data.join(file)).unwrap();
+        }
+        let mut c = Self {
+            dir,
+            port: 0,
+            child: None,
+            serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
+            wrapper: Vec::new(),
+            shared_data: None,
+            database_url: Some(url),
+        };
+        c.restart();
+        c
+    }
+
     /// `https://127.0.0.1:PORT` of the gRPC listener, as an agent's
     /// `[controller] urls` lists it.
     pub fn https_url(&self) -> String {
