@@ -28,6 +28,7 @@ use crate::config::ServeConfig;
 use crate::link::commands::Commands;
 use crate::link::enroll::EnrollmentService;
 use crate::link::registry::{CloseReason, Sessions};
+use crate::link::replicas::{Replica, ReplicaError};
 use crate::link::session::AgentLinkService;
 use crate::pki::ca::{Ca, CaError};
 use crate::pki::tls::{self, TlsError};
@@ -67,6 +68,9 @@ pub enum ServeError {
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This replica could not be recorded.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -142,9 +146,22 @@ async fn serve_notifying(
     let hosts = config.certificate_hosts();
     let identity = ca.server_identity(&config.data_dir, &hosts, config.server_cert_validity)?;
     let store = Store::open_at(&config.data_dir, config.database_url.as_ref()).await?;
-    // No deployment of this process runs yet: any marked running was
-    // interrupted by a crash or restart and must not block its app.
-    let abandoned = store.abandon_running_deployments(crate::now_unix()).await?;
+    let local = listener.local_addr().ok();
+    let replica = Replica::start(
+        &store,
+        &config.data_dir,
+        local.map_or_else(|| config.listen.to_string(), |a| a.to_string()),
+        config.http.map(|h| h.listen.to_string()),
+    )
+    .await?;
+    // From here on this replica is recorded as the owner of the
+    // deployments it starts.
+    let store = replica.store().clone();
+    // No deployment of this process runs yet: any marked running whose
+    // replica is gone (this controller before a crash or restart, or a
+    // dead replica) was cut short and must not block its app. Those of
+    // live replicas go on.
+    let abandoned = replica.abandon_dead_deployments(crate::now_unix()).await?;
     if !abandoned.is_empty() {
         tracing::warn!(
             deployments = ?abandoned,
@@ -160,10 +177,9 @@ async fn serve_notifying(
         server: server_cert.clone(),
         hosts: hosts.clone(),
         validity: config.server_cert_validity,
-        sessions: Sessions::new(),
+        sessions: Sessions::for_replica(replica.clone()),
         store: store.clone(),
     };
-    let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
     let ca_pem = config.data_dir.join(crate::pki::ca::CA_CERT_FILE);
     tracing::info!(
@@ -306,6 +322,7 @@ async fn serve_notifying(
         stop_polling.clone(),
     ));
     let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
+    let replica_task = tokio::spawn(replica.run(stop_polling.clone()));
     let rotation = tokio::spawn(rotation.run(stop_polling.clone()));
     let backups = config.backup.clone().map(|schedule| {
         tokio::spawn(scheduled_backups(
@@ -382,6 +399,7 @@ async fn serve_notifying(
     }
     let _ = poller.await;
     let _ = renewer.await;
+    let _ = replica_task.await;
     let _ = rotation.await;
     if let Some(backups) = backups {
         let _ = backups.await;

@@ -46,6 +46,7 @@ mod github;
 mod join_tokens;
 mod nodes;
 mod operators;
+mod replicas;
 mod web_sessions;
 
 #[cfg(test)]
@@ -69,6 +70,7 @@ pub use nodes::{
     PeerCert, Public, Release,
 };
 pub use operators::OperatorRow;
+pub use replicas::{ReplicaRow, SessionHolder};
 pub use web_sessions::WebSessionRow;
 
 /// File name of the database inside the data dir.
@@ -91,6 +93,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0012_join_token_node_name.sql"),
     include_str!("../../migrations/0013_env_layers.sql"),
     include_str!("../../migrations/0014_cert_issuer.sql"),
+    include_str!("../../migrations/0015_replicas.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -99,6 +102,7 @@ const MIGRATIONS: &[&str] = &[
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0001_init.sql"),
     include_str!("../../migrations-postgres/0002_cert_issuer.sql"),
+    include_str!("../../migrations-postgres/0003_replicas.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -219,6 +223,9 @@ impl Backend {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// The replica this handle writes for ([`Store::for_replica`]): the
+    /// owner recorded on the deployments it starts.
+    replica: Option<std::sync::Arc<str>>,
     /// Which engine: for the few queries that differ between them.
     backend: Backend,
 }
@@ -304,6 +311,7 @@ impl Store {
             .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;
         let store = Self {
             pool,
+            replica: None,
             backend: Backend::Postgres,
         };
         store.migrate_postgres().await?;
@@ -395,6 +403,7 @@ impl Store {
             .await?;
         let store = Self {
             pool,
+            replica: None,
             backend: Backend::Sqlite,
         };
         store.migrate_sqlite().await?;
