@@ -70,7 +70,7 @@ pub enum ServeError {
     Store(#[from] StoreError),
     /// This replica could not be recorded.
     #[error(transparent)]
-    Replica(#[from] ReplicaError),
+    Replica(Box<ReplicaError>),
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -93,6 +93,12 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+impl From<ReplicaError> for ServeError {
+    fn from(err: ReplicaError) -> Self {
+        Self::Replica(Box::new(err))
+    }
 }
 
 impl From<crate::secrets::SecretsError> for ServeError {
