@@ -257,7 +257,7 @@ fn slow_app() -> String {
 }
 
 /// The audit events about deployment `id` as `controller` shows them.
-fn deployment_events(controller: &Controller, token: &str, id: &str) -> Vec<Value> {
+pub(crate) fn deployment_events(controller: &Controller, token: &str, id: &str) -> Vec<Value> {
     controller
         .audit(token)
         .into_iter()
@@ -267,7 +267,7 @@ fn deployment_events(controller: &Controller, token: &str, id: &str) -> Vec<Valu
 
 /// Starts a slow rolling deploy (one node at a time) of `version` through
 /// `controller` and returns its deployment id at once.
-fn start_rolling(
+pub(crate) fn start_rolling(
     controller: &Controller,
     token: &str,
     work: &std::path::Path,
