@@ -161,13 +161,16 @@ impl Replica {
         &self,
         now: i64,
     ) -> Result<HashMap<String, ReplicaRow>, StoreError> {
+        // Each replica judged once (on SQLite that opens its lock file),
+        // not once per node it holds.
+        let live = self.live_ids(now).await?;
         Ok(self
             .inner
             .store
             .session_holders()
             .await?
             .into_iter()
-            .filter(|h| h.replica.id != self.inner.id && self.is_alive(&h.replica, now))
+            .filter(|h| h.replica.id != self.inner.id && live.contains(&h.replica.id))
             .map(|h| (h.node_id, h.replica))
             .collect())
     }
