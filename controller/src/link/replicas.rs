@@ -27,6 +27,9 @@ use crate::store::{Backend, ReplicaRow, Store, StoreError};
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// A replica unseen for this many renewals is dead.
 pub const DEAD_AFTER_RENEWALS: u64 = 3;
+/// A replica unseen this long is forgotten (its record and session
+/// records deleted): long past the liveness window, so only the dead go.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// The folder of the data dir holding the SQLite replicas' lock files.
 const LOCK_DIR: &str = "replicas";
 
@@ -220,6 +223,12 @@ impl Replica {
                 ),
                 Ok(_) => {}
                 Err(err) => tracing::warn!(%err, "cannot check for dead replicas' deployments"),
+            }
+            let cutoff = now.saturating_sub(i64::try_from(FORGET_AFTER.as_secs()).unwrap_or(0));
+            match store.remove_replicas_unseen_since(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(replicas = n, "forgot replicas unseen for an hour"),
+                Err(err) => tracing::warn!(%err, "cannot forget long-dead replicas"),
             }
         }
         if let Err(err) = self.inner.store.remove_replica(&self.inner.id).await {

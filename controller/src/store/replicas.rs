@@ -101,6 +101,25 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the replicas unseen since before `cutoff`, with the
+    /// sessions they held; returns how many.
+    pub async fn remove_replicas_unseen_since(&self, cutoff: i64) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "DELETE FROM agent_sessions
+             WHERE replica_id IN (SELECT id FROM replicas WHERE seen_at < $1)",
+        )
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query("DELETE FROM replicas WHERE seen_at < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
     /// Every recorded replica, oldest start first.
     pub async fn replicas(&self) -> Result<Vec<ReplicaRow>, StoreError> {
         let rows = sqlx::query(
@@ -225,6 +244,21 @@ mod tests {
         assert_eq!(holders.len(), 1);
         assert_eq!(holders[0].node_id, "n-2");
         assert_eq!(holders[0].replica, replica("bb", 100));
+
+        // Replicas unseen long ago go with their sessions; others stay.
+        store.open_agent_session("n-3", "a", 1, 103).await.unwrap();
+        store.register_replica(&replica("old", 50)).await.unwrap();
+        store.open_agent_session("n-4", "old", 1, 50).await.unwrap();
+        assert_eq!(store.remove_replicas_unseen_since(100).await.unwrap(), 1);
+        let nodes: Vec<String> = store
+            .session_holders()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|h| h.node_id)
+            .collect();
+        assert_eq!(nodes, ["n-2", "n-3"]);
+        store.close_agent_session("n-3", "a", 1).await.unwrap();
 
         // Removing a replica takes its sessions with it.
         store.remove_replica("bb").await.unwrap();
