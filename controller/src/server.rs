@@ -251,6 +251,9 @@ async fn serve_notifying(
     // GitHub: the rollouts' notes go to the status queue (never waited
     // for); the webhook endpoint starts deployments through `control`.
     let stop_github = CancellationToken::new();
+    // Deployments of dead replicas failed after the start, for GitHub.
+    let (later_tx, later_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut later_rx = Some(later_rx);
     let mut github_hooks = None;
     let github_queue = match &config.github {
         Some(github) => {
@@ -278,6 +281,9 @@ async fn serve_notifying(
                 store.clone(),
                 notes,
                 abandoned.clone(),
+                later_rx
+                    .take()
+                    .unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1),
                 stop_github.clone(),
             ))
         }
@@ -328,7 +334,9 @@ async fn serve_notifying(
         stop_polling.clone(),
     ));
     let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
-    let replica_task = tokio::spawn(replica.run(stop_polling.clone()));
+    // Without GitHub nobody listens for the later ones.
+    let later = later_rx.is_none().then_some(later_tx);
+    let replica_task = tokio::spawn(replica.run(later, stop_polling.clone()));
     let rotation = tokio::spawn(rotation.run(stop_polling.clone()));
     let backups = config.backup.clone().map(|schedule| {
         tokio::spawn(scheduled_backups(

@@ -189,8 +189,13 @@ impl Replica {
     }
 
     /// Renews this replica's record every [`RENEW_EVERY`] and fails dead
-    /// replicas' deployments, until `stop`; then removes the record.
-    pub async fn run(self, stop: CancellationToken) {
+    /// replicas' deployments (their ids sent on `abandoned`), until
+    /// `stop`; then removes the record.
+    pub async fn run(
+        self,
+        abandoned: Option<tokio::sync::mpsc::UnboundedSender<Vec<String>>>,
+        stop: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(RENEW_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -217,10 +222,15 @@ impl Replica {
                 Err(err) => tracing::warn!(%err, "cannot renew this replica's record"),
             }
             match self.abandon_dead_deployments(now).await {
-                Ok(ids) if !ids.is_empty() => tracing::warn!(
-                    deployments = ?ids,
-                    "marked deployments of a controller replica that is gone as failed"
-                ),
+                Ok(ids) if !ids.is_empty() => {
+                    tracing::warn!(
+                        deployments = ?ids,
+                        "marked deployments of a controller replica that is gone as failed"
+                    );
+                    if let Some(tx) = &abandoned {
+                        let _ = tx.send(ids);
+                    }
+                }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(%err, "cannot check for dead replicas' deployments"),
             }
