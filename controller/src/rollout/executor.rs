@@ -823,7 +823,7 @@ impl Run {
             self.started.elapsed(),
         );
         let stop_reason = stopped.as_ref().map_or("", |s| s.reason.as_str());
-        if let Err(err) = self
+        match self
             .store
             .finish_deployment(
                 &self.deployment_id,
@@ -835,7 +835,15 @@ impl Run {
             )
             .await
         {
-            tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                deployment_id = %self.deployment_id, %status,
+                "the deployment was already marked failed (another replica took this one for \
+                 dead); its end is not recorded again"
+            ),
+            Err(err) => {
+                tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
+            }
         }
         tracing::info!(deployment_id = %self.deployment_id, ?message, "deployment finished");
         if let Some(observer) = &self.observer {

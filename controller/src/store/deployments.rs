@@ -385,6 +385,9 @@ impl Store {
 
     /// Marks a deployment finished and records the final audit event, together.
     /// `stop_reason` says why a rollout stopped early ('' if it did not).
+    /// Only a running deployment: false (nothing written) if it was marked
+    /// failed meanwhile (its replica taken for dead by another), so the
+    /// audit log never tells two ends of one deployment.
     pub async fn finish_deployment(
         &self,
         id: &str,
@@ -393,11 +396,11 @@ impl Store {
         stop_reason: &str,
         finished: &AuditEvent,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE deployments SET status = $1, message = $2, stop_reason = $5, finished_at = $3
-             WHERE id = $4",
+             WHERE id = $4 AND status = 'running'",
         )
         .bind(status)
         .bind(message)
@@ -406,9 +409,12 @@ impl Store {
         .bind(stop_reason)
         .execute(&mut *tx)
         .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
         insert_audit(&mut tx, finished, now).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Per-node rows of a deployment: (node id, outcome, message), by node.
@@ -755,10 +761,10 @@ mod tests {
                     id,
                     serde_json::json!({}),
                 );
-                store
+                assert!(store
                     .finish_deployment(id, "failed", "1 of 2 nodes failed", "", &ev, at)
                     .await
-                    .unwrap();
+                    .unwrap());
             }
         };
         // One running deployment per app: each ends before the next.

@@ -328,12 +328,34 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(abandoned, ["d-b"]);
+        // b's late end (it was only slow) does not overwrite that, nor
+        // add a second end to the audit log.
+        let late = AuditEvent::success(
+            audit::DEPLOY_COMPLETED,
+            "tok-1",
+            "deployment",
+            "d-b",
+            json.clone(),
+        );
+        let recorded = store
+            .finish_deployment(
+                "d-b",
+                "succeeded",
+                "1 of 1 nodes succeeded",
+                "",
+                &late,
+                2_003,
+            )
+            .await
+            .unwrap();
+        assert!(!recorded);
         let events = store.audit_events().await.unwrap();
         let failed: Vec<_> = events
             .iter()
             .filter(|e| e.event_type == "DEPLOY_FAILED")
             .collect();
         assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(!events.iter().any(|e| e.event_type == "DEPLOY_COMPLETED"));
         assert_eq!(failed[0].resource_id, "d-old");
         assert_eq!(
             failed[0].error_message.as_deref(),
