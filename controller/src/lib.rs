@@ -34,8 +34,10 @@
 //!                its scopes) < operator (operator certificates) · oidc
 //!                (GitHub Actions OIDC tokens: jwt < jwks < grants, the
 //!                verifier; callers with the granted scopes)
-//! L3  link/      liveness (heartbeat rules, pure) · registry (live
-//!                sessions) < commands (routes answers to whoever sent the
+//! L3  link/      liveness (heartbeat rules, pure) · replicas (this
+//!                controller replica's record, liveness of the others, the
+//!                sweep of dead replicas' deployments) < registry (live
+//!                sessions, recorded per replica) < commands (routes answers to whoever sent the
 //!                command) < enroll, session (the Enrollment and AgentLink
 //!                services; `enroll --replace` re-keys a node) · rotation
 //!                (follows a CA rotation while serving: trust, server

@@ -168,7 +168,8 @@ impl Scraper {
         let mut views = fleet::nodes(&self.store, now).await?;
         let fleet_secs = t.elapsed().as_secs_f64();
         if let Some(sessions) = &self.sessions {
-            fleet::apply_sessions(&mut views, |id| sessions.contains(id));
+            let online = sessions.online().await;
+            fleet::apply_sessions(&mut views, |id| online.contains(id));
         }
         let t = Instant::now();
         let deployments = self.store.deployment_counts().await?;

@@ -28,6 +28,7 @@ use crate::config::ServeConfig;
 use crate::link::commands::Commands;
 use crate::link::enroll::EnrollmentService;
 use crate::link::registry::{CloseReason, Sessions};
+use crate::link::replicas::{Replica, ReplicaError};
 use crate::link::session::AgentLinkService;
 use crate::pki::ca::{Ca, CaError};
 use crate::pki::tls::{self, TlsError};
@@ -67,6 +68,9 @@ pub enum ServeError {
     /// The database could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This replica could not be recorded.
+    #[error(transparent)]
+    Replica(Box<ReplicaError>),
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -89,6 +93,12 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+impl From<ReplicaError> for ServeError {
+    fn from(err: ReplicaError) -> Self {
+        Self::Replica(Box::new(err))
+    }
 }
 
 impl From<crate::secrets::SecretsError> for ServeError {
@@ -142,9 +152,22 @@ async fn serve_notifying(
     let hosts = config.certificate_hosts();
     let identity = ca.server_identity(&config.data_dir, &hosts, config.server_cert_validity)?;
     let store = Store::open_at(&config.data_dir, config.database_url.as_ref()).await?;
-    // No deployment of this process runs yet: any marked running was
-    // interrupted by a crash or restart and must not block its app.
-    let abandoned = store.abandon_running_deployments(crate::now_unix()).await?;
+    let local = listener.local_addr().ok();
+    let replica = Replica::start(
+        &store,
+        &config.data_dir,
+        local.map_or_else(|| config.listen.to_string(), |a| a.to_string()),
+        config.http.map(|h| h.listen.to_string()),
+    )
+    .await?;
+    // From here on this replica is recorded as the owner of the
+    // deployments it starts.
+    let store = replica.store().clone();
+    // No deployment of this process runs yet: any marked running whose
+    // replica is gone (this controller before a crash or restart, or a
+    // dead replica) was cut short and must not block its app. Those of
+    // live replicas go on.
+    let abandoned = replica.abandon_dead_deployments(crate::now_unix()).await?;
     if !abandoned.is_empty() {
         tracing::warn!(
             deployments = ?abandoned,
@@ -160,10 +183,9 @@ async fn serve_notifying(
         server: server_cert.clone(),
         hosts: hosts.clone(),
         validity: config.server_cert_validity,
-        sessions: Sessions::new(),
+        sessions: Sessions::for_replica(replica.clone()),
         store: store.clone(),
     };
-    let local = listener.local_addr().ok();
     // The CA path is what `slipway --ca` (SLIPWAY_CA) needs.
     let ca_pem = config.data_dir.join(crate::pki::ca::CA_CERT_FILE);
     tracing::info!(
@@ -229,6 +251,9 @@ async fn serve_notifying(
     // GitHub: the rollouts' notes go to the status queue (never waited
     // for); the webhook endpoint starts deployments through `control`.
     let stop_github = CancellationToken::new();
+    // Deployments of dead replicas failed after the start, for GitHub.
+    let (later_tx, later_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut later_rx = Some(later_rx);
     let mut github_hooks = None;
     let github_queue = match &config.github {
         Some(github) => {
@@ -256,6 +281,9 @@ async fn serve_notifying(
                 store.clone(),
                 notes,
                 abandoned.clone(),
+                later_rx
+                    .take()
+                    .unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1),
                 stop_github.clone(),
             ))
         }
@@ -306,6 +334,9 @@ async fn serve_notifying(
         stop_polling.clone(),
     ));
     let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
+    // Without GitHub nobody listens for the later ones.
+    let later = later_rx.is_none().then_some(later_tx);
+    let replica_task = tokio::spawn(replica.run(later, stop_polling.clone()));
     let rotation = tokio::spawn(rotation.run(stop_polling.clone()));
     let backups = config.backup.clone().map(|schedule| {
         tokio::spawn(scheduled_backups(
@@ -382,6 +413,7 @@ async fn serve_notifying(
     }
     let _ = poller.await;
     let _ = renewer.await;
+    let _ = replica_task.await;
     let _ = rotation.await;
     if let Some(backups) = backups {
         let _ = backups.await;

@@ -3,8 +3,11 @@
 //! binaries against a private PostgreSQL server of this test process, two
 //! controllers migrating one empty database at once, two replicas with
 //! data dirs of their own sharing artifacts (in the database or an
-//! `artifact_dir`), and the errors of a
-//! bad or unreachable `database_url` (never showing its password).
+//! `artifact_dir`), the errors of a bad or unreachable `database_url`
+//! (never showing its password), and replicas on it: sessions seen through
+//! any replica, a replica starting mid-rollout leaving it alone, a dead
+//! replica's rollout failed by another once the liveness window has
+//! passed.
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -15,7 +18,10 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{artifact, bin, free_port, sha256_file, text, Agent, Controller, APP};
+use crate::replicas::{deployment_events, start_rolling};
+use crate::support::{
+    artifact, bin, free_port, sha256_file, text, wait_until, Agent, Controller, APP,
+};
 use crate::test_postgres;
 
 /// A fresh database of the test server; panics (failing the test) when
@@ -269,4 +275,67 @@ fn a_bad_database_url_is_refused_naming_the_setting_and_hiding_the_password() {
         "{err}"
     );
     assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn replicas_on_postgres_share_sessions_and_fail_only_a_dead_replicas_rollout() {
+    let Some(url) = database() else { return };
+    let mut a = Controller::start_postgres(&url, &[]);
+    let b = a.replica();
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // Both agents know replica a only.
+    let mut agents = Agent::enroll_all(&a, &["q1", "q2"]);
+    for agent in &mut agents {
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    a.wait_online(&reader, 2, Duration::from_secs(60));
+    b.wait_online(&reader, 2, Duration::from_secs(10));
+
+    // A replica starting mid-rollout leaves it to a: it completes.
+    let work = tempfile::tempdir().unwrap();
+    let first = start_rolling(&a, &deployer, work.path(), "p1");
+    let c = a.replica();
+    wait_until(
+        "the rolling deploy to finish",
+        Duration::from_secs(90),
+        || {
+            deployment_events(&c, &reader, &first).iter().any(|e| {
+                e["event_type"] == "DEPLOY_COMPLETED" || e["event_type"] == "DEPLOY_FAILED"
+            })
+        },
+    );
+    let events = deployment_events(&c, &reader, &first);
+    assert!(
+        events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED")
+            && !events.iter().any(|e| e["event_type"] == "DEPLOY_FAILED"),
+        "{events:#?}"
+    );
+
+    // a dies mid-rollout (kill -9): once it is unseen past the liveness
+    // window (15 s), another replica fails its deployment, naming it.
+    let second = start_rolling(&a, &deployer, work.path(), "p2");
+    std::thread::sleep(Duration::from_secs(1));
+    a.kill();
+    let killed = std::time::Instant::now();
+    let mut failed = None;
+    wait_until(
+        "the dead replica's deploy to be failed",
+        Duration::from_secs(60),
+        || {
+            failed = deployment_events(&b, &reader, &second)
+                .into_iter()
+                .find(|e| e["event_type"] == "DEPLOY_FAILED");
+            failed.is_some()
+        },
+    );
+    let waited = killed.elapsed();
+    // Not before the window: a live replica's rollout is never cut short.
+    assert!(waited >= Duration::from_secs(9), "failed after {waited:?}");
+    let failed = failed.unwrap();
+    let why = failed["error_message"].as_str().unwrap_or_default();
+    assert!(why.contains("that ran it is gone"), "{failed:#}");
+    // Its nodes show offline through b once a is dead.
+    b.wait_online(&reader, 0, Duration::from_secs(10));
 }

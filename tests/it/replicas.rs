@@ -5,6 +5,11 @@
 //! within its backoff while its app keeps serving; a deploy through the
 //! survivor then works. An agent whose list holds dead addresses comes
 //! online through the live one.
+//!
+//! On the controller's side: a node is online through any replica while a
+//! live one holds its session; a replica starting leaves the rollouts of
+//! live replicas alone, and a dead replica's rollout is failed by another,
+//! naming it (not taken over: that is the next step).
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -56,9 +61,9 @@ fn killing_the_replica_an_agent_is_on_moves_it_to_the_other_and_the_app_keeps_se
     let link = agent.link();
     assert_eq!(link["replicas"], serde_json::json!(urls), "{link}");
     live.wait_online(&reader, 1, Duration::from_secs(30));
-    // Each replica knows the sessions it holds only (the controller's
-    // session table is in memory): the other does not show the node online.
-    assert_eq!(other.online(&reader), 0);
+    // The other replica shows the node online too: the store says which
+    // live replica holds its session.
+    other.wait_online(&reader, 1, Duration::from_secs(10));
 
     // v1 through the replica it is on.
     let work = tempfile::tempdir().unwrap();
@@ -243,4 +248,142 @@ fn a_bad_urls_list_stops_the_agent_at_start_naming_the_file_and_key() {
             text(&out)
         );
     }
+}
+
+/// The test app, slow to come up: its health gate takes seconds (the
+/// agents of that test have a start period longer than that).
+fn slow_app() -> String {
+    format!("import time\ntime.sleep(4)\n{APP}")
+}
+
+/// The audit events about deployment `id` as `controller` shows them.
+pub(crate) fn deployment_events(controller: &Controller, token: &str, id: &str) -> Vec<Value> {
+    controller
+        .audit(token)
+        .into_iter()
+        .filter(|e| e["resource_id"] == id)
+        .collect()
+}
+
+/// Starts a slow rolling deploy (one node at a time) of `version` through
+/// `controller` and returns its deployment id at once.
+pub(crate) fn start_rolling(
+    controller: &Controller,
+    token: &str,
+    work: &std::path::Path,
+    version: &str,
+) -> String {
+    let out = controller.deploy_version(
+        token,
+        work,
+        version,
+        &slow_app(),
+        &["--json", "--strategy", "rolling", "--max-parallel", "1"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+    started["deployment_id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn replicas_share_sessions_and_only_a_dead_replicas_rollout_is_failed() {
+    let mut a = Controller::start();
+    let b = a.replica();
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // Both agents know replica a only.
+    let mut agents = Agent::enroll_all(&a, &["r1", "r2"]);
+    for agent in &mut agents {
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    a.wait_online(&reader, 2, Duration::from_secs(60));
+    // a logged the id it drew.
+    let log = fs::read_to_string(a.dir.path().join("controller.log")).unwrap();
+    let a_id = log
+        .lines()
+        .find_map(|l| l.split("controller replica registered").nth(1))
+        // Past the colours around `=`: the 16 hex digits of the id.
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_hexdigit())
+                .find(|w| w.len() == 16)
+        })
+        .unwrap_or_else(|| panic!("no replica id in the log: {log}"))
+        .to_owned();
+
+    // Through b, which holds no session: both online all the same.
+    b.wait_online(&reader, 2, Duration::from_secs(10));
+    let out = b.slipway(&reader, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["counts"]["online"], 2, "{status:#}");
+
+    // A third replica starting while a's rolling deploy runs leaves it
+    // alone: it completes.
+    let work = tempfile::tempdir().unwrap();
+    let first = start_rolling(&a, &deployer, work.path(), "s1");
+    let c = a.replica();
+    wait_until(
+        "the rolling deploy to finish",
+        Duration::from_secs(90),
+        || {
+            deployment_events(&c, &reader, &first).iter().any(|e| {
+                e["event_type"] == "DEPLOY_COMPLETED" || e["event_type"] == "DEPLOY_FAILED"
+            })
+        },
+    );
+    let events = deployment_events(&c, &reader, &first);
+    assert!(
+        events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED"),
+        "{events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e["event_type"] == "DEPLOY_FAILED"),
+        "{events:#?}"
+    );
+    for agent in &agents {
+        assert_eq!(agent.current().as_deref(), Some("s1"), "{}", agent.name);
+    }
+
+    // A command through a replica that does not hold the nodes' sessions
+    // says which replica does (commands are not routed between replicas).
+    let out = b.slipway(&deployer, &["restart", "web"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let held = format!("'s session is held by replica {a_id} ({})", a.url());
+    let shown = text(&out);
+    assert_eq!(shown.matches(&held).count(), 2, "{shown}");
+    assert!(shown.contains("this replica cannot reach it"), "{shown}");
+
+    // Replica a dies in the middle of its next rolling deploy: another
+    // replica fails it, naming a, within the liveness sweep.
+    let second = start_rolling(&a, &deployer, work.path(), "s2");
+    std::thread::sleep(Duration::from_secs(1));
+    a.kill();
+    let mut failed = None;
+    wait_until(
+        "the dead replica's deploy to be failed",
+        Duration::from_secs(40),
+        || {
+            failed = deployment_events(&b, &reader, &second)
+                .into_iter()
+                .find(|e| e["event_type"] == "DEPLOY_FAILED");
+            failed.is_some()
+        },
+    );
+    let failed = failed.unwrap();
+    let why = failed["error_message"].as_str().unwrap_or_default();
+    assert!(why.contains("controller restarted"), "{failed:#}");
+    assert!(why.contains("that ran it is gone"), "{failed:#}");
+    assert!(
+        why.contains("does not take a rollout over yet"),
+        "{failed:#}"
+    );
+    // The app is not blocked: a deploy through b is accepted (its nodes
+    // are offline now, their agents knowing only a: it fails on them).
+    let out = b.deploy_version(&deployer, work.path(), "s3", APP, &["--wait"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"),
+        "{}",
+        text(&out)
+    );
 }

@@ -661,10 +661,11 @@ impl ControlService {
         };
         let now = crate::now_unix();
         let mut views = fleet::nodes(&self.store, now).await?;
-        fleet::apply_sessions(&mut views, |id| self.sessions.contains(id));
+        let online = self.sessions.online().await;
+        fleet::apply_sessions(&mut views, |id| online.contains(id));
         let connected: Vec<String> = views
             .iter()
-            .filter(|v| self.sessions.contains(&v.id))
+            .filter(|v| online.contains(&v.id))
             .map(|v| v.id.clone())
             .collect();
         let deployments = self.store.last_deployments(app).await?;
@@ -967,7 +968,8 @@ impl Control for ControlService {
         let mut nodes = fleet::nodes(&self.store, crate::now_unix())
             .await
             .map_err(ApiError::from)?;
-        fleet::apply_sessions(&mut nodes, |id| self.sessions.contains(id));
+        let online = self.sessions.online().await;
+        fleet::apply_sessions(&mut nodes, |id| online.contains(id));
         let mut nodes: Vec<slipway_proto::v1::NodeView> = nodes.iter().map(Into::into).collect();
         // Each release's env version, from the controller's deployments.
         let mut by_app = std::collections::HashMap::new();

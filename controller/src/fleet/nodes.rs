@@ -89,7 +89,7 @@ fn view(row: FleetRow, now: i64, started_at: i64, unreachable_after: u32) -> Nod
     }
 }
 
-/// The controller's own views know its sessions (`connected` says which
+/// The views know the live sessions of every replica (`connected` says which
 /// node holds one): a node that looks online from its last heartbeat but
 /// holds no session is [`NodeState::Disconnected`] (no command could reach
 /// it), and one not yet heard from since the start that holds a session is

@@ -110,12 +110,14 @@ struct Queue {
 /// `interrupted`: deployments a controller restart cut short (see
 /// [`crate::store::Store::abandon_running_deployments`]); their GitHub
 /// deployments, if they had one still running, get an `error` status.
+/// `later`: those found later (a dead replica's), the same way.
 pub fn spawn(
     config: Arc<GithubConfig>,
     client: Client,
     store: Store,
     notes: mpsc::Receiver<Note>,
     interrupted: Vec<String>,
+    later: mpsc::UnboundedReceiver<Vec<String>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let mut queue = Queue {
@@ -128,7 +130,7 @@ pub fn spawn(
     };
     tokio::spawn(async move {
         queue.interrupted(interrupted).await;
-        queue.run(notes, stop).await;
+        queue.run(notes, later, stop).await;
     })
 }
 
@@ -188,9 +190,15 @@ impl Queue {
         }
     }
 
-    async fn run(mut self, mut notes: mpsc::Receiver<Note>, stop: CancellationToken) {
+    async fn run(
+        mut self,
+        mut notes: mpsc::Receiver<Note>,
+        mut later: mpsc::UnboundedReceiver<Vec<String>>,
+        stop: CancellationToken,
+    ) {
         let mut in_flight: Option<JoinHandle<Result<Option<u64>, GhError>>> = None;
         let mut open = true;
+        let mut later_open = true;
         loop {
             let due = self
                 .jobs
@@ -210,6 +218,10 @@ impl Queue {
                 note = notes.recv(), if open => match note {
                     Some(note) => self.merge(note),
                     None => open = false,
+                },
+                ids = later.recv(), if later_open => match ids {
+                    Some(ids) => self.interrupted(ids).await,
+                    None => later_open = false,
                 },
                 done = async {
                     match in_flight.as_mut() {

@@ -191,7 +191,8 @@ impl HttpState {
             .fleet
             .get(|| async {
                 let mut views = crate::fleet::nodes(self.store(), crate::now_unix()).await?;
-                crate::fleet::apply_sessions(&mut views, |id| self.sessions().contains(id));
+                let online = self.sessions().online().await;
+                crate::fleet::apply_sessions(&mut views, |id| online.contains(id));
                 Ok(Arc::new(views))
             })
             .await

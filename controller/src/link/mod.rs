@@ -6,5 +6,6 @@ pub mod commands;
 pub mod enroll;
 pub mod liveness;
 pub mod registry;
+pub mod replicas;
 pub mod rotation;
 pub mod session;

@@ -3,14 +3,21 @@
 //! interval), to close a revoked node's stream, to replace a stale session
 //! when a node reconnects, and to end every stream at shutdown (graceful
 //! HTTP/2 shutdown otherwise waits for long-lived streams forever).
+//!
+//! With a [`Replica`] it also records each session in the store, so that
+//! any replica tells a node online when any live replica holds its session
+//! ([`Sessions::online`]), and names the holder when it cannot reach it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use slipway_proto::v1::ControllerMessage;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use super::replicas::Replica;
+use crate::store::ReplicaRow;
 
 /// The outbound half of a session: what the controller sends to the agent.
 pub type Outbound = mpsc::Sender<Result<ControllerMessage, tonic::Status>>;
@@ -62,6 +69,23 @@ pub struct Sessions {
 struct Inner {
     live: Mutex<HashMap<String, Entry>>,
     next_id: AtomicU64,
+    /// This replica, when sessions are recorded in the store.
+    replica: Option<Replica>,
+}
+
+/// The nodes online as of one look: this replica's sessions and those
+/// other live replicas hold.
+#[derive(Debug, Default)]
+pub struct Online {
+    local: HashSet<String>,
+    remote: HashMap<String, ReplicaRow>,
+}
+
+impl Online {
+    /// True if some live replica holds `node_id`'s session.
+    pub fn contains(&self, node_id: &str) -> bool {
+        self.local.contains(node_id) || self.remote.contains_key(node_id)
+    }
 }
 
 /// Held by a running session; dropping it unregisters the session.
@@ -74,6 +98,11 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// Tells this session apart from another of the same node.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
     /// Resolves when the controller closes this session, with the reason.
     pub async fn closed(&self) -> CloseReason {
         self.closer.token.cancelled().await;
@@ -114,6 +143,80 @@ impl Sessions {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry of `replica`, recording sessions in its store.
+    pub fn for_replica(replica: Replica) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                replica: Some(replica),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Records in the store that this replica holds `node_id`'s session
+    /// `session_id` (nothing without a replica).
+    pub async fn record_open(
+        &self,
+        node_id: &str,
+        session_id: u64,
+    ) -> Result<(), crate::store::StoreError> {
+        match &self.inner.replica {
+            Some(replica) => {
+                replica
+                    .store()
+                    .open_agent_session(node_id, replica.id(), session_id, crate::now_unix())
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Clears the store's record of `node_id`'s session `session_id`, if it
+    /// is still this replica's.
+    pub async fn record_closed(&self, node_id: &str, session_id: u64) {
+        if let Some(replica) = &self.inner.replica {
+            if let Err(err) = replica
+                .store()
+                .close_agent_session(node_id, replica.id(), session_id)
+                .await
+            {
+                tracing::warn!(%node_id, %err, "cannot clear the session record");
+            }
+        }
+    }
+
+    /// The nodes online now: this replica's sessions and those of other
+    /// live replicas. A store that cannot be read leaves this replica's
+    /// own (logged).
+    pub async fn online(&self) -> Online {
+        let local: HashSet<String> = self.lock().keys().cloned().collect();
+        let remote = match &self.inner.replica {
+            Some(replica) => match replica.remote_holders(crate::now_unix()).await {
+                Ok(remote) => remote,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot read other replicas' sessions");
+                    HashMap::new()
+                }
+            },
+            None => HashMap::new(),
+        };
+        Online { local, remote }
+    }
+
+    /// Why this replica cannot send to `node_id`: another live replica
+    /// holds its session (named), or no replica does.
+    pub async fn unreachable(&self, node_id: &str) -> String {
+        let mut online = self.online().await;
+        match online.remote.remove(node_id) {
+            Some(holder) => format!(
+                "node {node_id}'s session is held by replica {} ({}); this replica cannot \
+                 reach it",
+                holder.id, holder.grpc_addr
+            ),
+            None => "unreachable (no live session)".to_owned(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {

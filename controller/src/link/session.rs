@@ -270,6 +270,10 @@ impl AgentLinkService {
         if !recorded {
             return Err(SessionError::Revoked(node_id.clone()));
         }
+        // Other replicas learn from the store that this one holds it.
+        self.sessions
+            .record_open(node_id, handle.session_id())
+            .await?;
         record_droplet_claim(&self.store, node_id, hello.droplet_id, now).await?;
         let welcome = Welcome {
             node_id: node_id.clone(),
@@ -432,7 +436,9 @@ async fn run_session(
         }
         None => tracing::info!(%node_id, "agent disconnected"),
     }
+    let session_id = handle.session_id();
     drop(handle);
+    sessions.record_closed(&node_id, session_id).await;
     // A node that already opened a newer session (this one was replaced)
     // has its commands again there; only a node now without a session
     // starts the deployments' reconnect grace.

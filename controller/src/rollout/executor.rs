@@ -614,12 +614,11 @@ impl Run {
                         if self.send(i, command_id, message, &mut inflight).await {
                             states[i] = NodeState::Running;
                         } else {
-                            let result = self.result(
-                                i,
-                                Outcome::Failed,
-                                "",
-                                "unreachable (no live session)",
-                            );
+                            let why = self
+                                .sessions
+                                .unreachable(&self.plan.targets[i].node_id)
+                                .await;
+                            let result = self.result(i, Outcome::Failed, "", &why);
                             self.record(i, &result).await;
                             states[i] = NodeState::Failed;
                             failed_in_order.push(i);
@@ -702,9 +701,8 @@ impl Run {
                     let undo = Action::Rollback { to_release_id: to };
                     let message = undo.message(&undo_id, &self.plan.app, &target.node_id);
                     if !self.send(i, undo_id, message, &mut inflight).await {
-                        let why = format!(
-                            "{reason}; could not roll it back: unreachable (no live session)"
-                        );
+                        let unreachable = self.sessions.unreachable(&target.node_id).await;
+                        let why = format!("{reason}; could not roll it back: {unreachable}");
                         let result = self.result(i, Outcome::Failed, &switched_to, &why);
                         self.record(i, &result).await;
                         results[i] = Some(result);
@@ -825,7 +823,7 @@ impl Run {
             self.started.elapsed(),
         );
         let stop_reason = stopped.as_ref().map_or("", |s| s.reason.as_str());
-        if let Err(err) = self
+        match self
             .store
             .finish_deployment(
                 &self.deployment_id,
@@ -837,7 +835,15 @@ impl Run {
             )
             .await
         {
-            tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                deployment_id = %self.deployment_id, %status,
+                "the deployment was already marked failed (another replica took this one for \
+                 dead); its end is not recorded again"
+            ),
+            Err(err) => {
+                tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
+            }
         }
         tracing::info!(deployment_id = %self.deployment_id, ?message, "deployment finished");
         if let Some(observer) = &self.observer {

@@ -178,8 +178,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
                                       selector, rollout, status, started_at, env_version,
-                                      snapshots)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9, $10, $11)",
+                                      snapshots, owner_replica)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9, $10, $11, $12)",
         )
         .bind(deployment.id)
         .bind(deployment.kind)
@@ -192,6 +192,7 @@ impl Store {
         .bind(deployment.started_at)
         .bind(deployment.env_version.and_then(|v| i64::try_from(v).ok()))
         .bind(serde_json::Value::from(deployment.snapshots.to_vec()).to_string())
+        .bind(self.replica.as_deref())
         .execute(&mut *tx)
         .await?;
         for node in deployment.nodes {
@@ -260,19 +261,36 @@ impl Store {
 
     /// Marks every deployment still `running` failed ("controller
     /// restarted"), with its unanswered nodes, and records its final audit
-    /// event: run at start-up, when no deployment of this process can be
-    /// running, so an interrupted one never blocks its app. Returns the ids.
-    pub async fn abandon_running_deployments(&self, now: i64) -> Result<Vec<String>, StoreError> {
-        const WHY: &str = "controller restarted before the deployment finished";
+    /// event — except those owned by a replica in `live` (their replica
+    /// still drives them). Run at start-up and periodically, so a
+    /// deployment cut short by its controller's end never blocks its app.
+    /// Returns the ids.
+    pub async fn abandon_running_deployments(
+        &self,
+        now: i64,
+        live: &[String],
+    ) -> Result<Vec<String>, StoreError> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, kind, app, release_id, actor FROM deployments WHERE status = 'running'
-             ORDER BY started_at, rowid",
+            "SELECT id, kind, app, release_id, actor, owner_replica FROM deployments
+             WHERE status = 'running' ORDER BY started_at, rowid",
         )
         .fetch_all(&mut *tx)
         .await?;
         let mut ids = Vec::new();
         for row in rows {
+            let owner: Option<String> = row.try_get("owner_replica")?;
+            if owner.as_ref().is_some_and(|o| live.contains(o)) {
+                continue;
+            }
+            // Without an owner: started before replicas were recorded.
+            let why = match &owner {
+                Some(owner) => format!(
+                    "controller restarted before the deployment finished (replica {owner} \
+                     that ran it is gone; another replica does not take a rollout over yet)"
+                ),
+                None => "controller restarted before the deployment finished".to_owned(),
+            };
             let id: String = row.try_get("id")?;
             let kind: String = row.try_get("kind")?;
             let app: String = row.try_get("app")?;
@@ -299,7 +317,7 @@ impl Store {
                         finished_at = $2
                  WHERE id = $3",
             )
-            .bind(WHY)
+            .bind(&why)
             .bind(now)
             .bind(&id)
             .execute(&mut *tx)
@@ -322,10 +340,10 @@ impl Store {
                     "deployment_id": id,
                     "app": app,
                     "release_id": release_id,
-                    "stop_reason": WHY,
+                    "stop_reason": why,
                     "unanswered_nodes": unanswered,
                 }),
-                WHY,
+                &why,
             );
             insert_audit(&mut tx, &event, now).await?;
             ids.push(id);
@@ -367,6 +385,9 @@ impl Store {
 
     /// Marks a deployment finished and records the final audit event, together.
     /// `stop_reason` says why a rollout stopped early ('' if it did not).
+    /// Only a running deployment: false (nothing written) if it was marked
+    /// failed meanwhile (its replica taken for dead by another), so the
+    /// audit log never tells two ends of one deployment.
     pub async fn finish_deployment(
         &self,
         id: &str,
@@ -375,11 +396,11 @@ impl Store {
         stop_reason: &str,
         finished: &AuditEvent,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE deployments SET status = $1, message = $2, stop_reason = $5, finished_at = $3
-             WHERE id = $4",
+             WHERE id = $4 AND status = 'running'",
         )
         .bind(status)
         .bind(message)
@@ -388,9 +409,12 @@ impl Store {
         .bind(stop_reason)
         .execute(&mut *tx)
         .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
         insert_audit(&mut tx, finished, now).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Per-node rows of a deployment: (node id, outcome, message), by node.
@@ -638,7 +662,7 @@ mod tests {
              1970-01-01T00:16:40Z; wait for it to finish (slipway audit shows it)"
         );
 
-        let abandoned = store.abandon_running_deployments(2_000).await.unwrap();
+        let abandoned = store.abandon_running_deployments(2_000, &[]).await.unwrap();
         assert_eq!(abandoned, vec!["d-1".to_owned(), "d-2".to_owned()]);
         let (status, stop_reason): (String, String) =
             sqlx::query_as("SELECT status, stop_reason FROM deployments WHERE id = 'd-1'")
@@ -737,10 +761,10 @@ mod tests {
                     id,
                     serde_json::json!({}),
                 );
-                store
+                assert!(store
                     .finish_deployment(id, "failed", "1 of 2 nodes failed", "", &ev, at)
                     .await
-                    .unwrap();
+                    .unwrap());
             }
         };
         // One running deployment per app: each ends before the next.

@@ -47,6 +47,7 @@ mod github;
 mod join_tokens;
 mod nodes;
 mod operators;
+mod replicas;
 mod web_sessions;
 
 #[cfg(test)]
@@ -71,6 +72,7 @@ pub use nodes::{
     PeerCert, Public, Release,
 };
 pub use operators::OperatorRow;
+pub use replicas::{ReplicaRow, SessionHolder};
 pub use web_sessions::WebSessionRow;
 
 /// File name of the database inside the data dir.
@@ -94,6 +96,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0013_env_layers.sql"),
     include_str!("../../migrations/0014_cert_issuer.sql"),
     include_str!("../../migrations/0015_artifact_chunks.sql"),
+    include_str!("../../migrations/0016_replicas.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -103,6 +106,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0001_init.sql"),
     include_str!("../../migrations-postgres/0002_cert_issuer.sql"),
     include_str!("../../migrations-postgres/0003_artifact_chunks.sql"),
+    include_str!("../../migrations-postgres/0004_replicas.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -243,6 +247,9 @@ impl Backend {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// The replica this handle writes for ([`Store::for_replica`]): the
+    /// owner recorded on the deployments it starts.
+    replica: Option<std::sync::Arc<str>>,
     /// Which engine: for the few queries that differ between them.
     backend: Backend,
 }
@@ -328,6 +335,7 @@ impl Store {
             .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;
         let store = Self {
             pool,
+            replica: None,
             backend: Backend::Postgres,
         };
         store.migrate_postgres().await?;
@@ -419,6 +427,7 @@ impl Store {
             .await?;
         let store = Self {
             pool,
+            replica: None,
             backend: Backend::Sqlite,
         };
         store.migrate_sqlite().await?;

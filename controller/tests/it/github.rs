@@ -387,6 +387,7 @@ async fn rollout_notes_become_a_deployment_with_statuses_and_the_replaced_one_go
         store.clone(),
         notes,
         Vec::new(),
+        tokio::sync::mpsc::unbounded_channel().1,
         stop.clone(),
     );
     for note in [
@@ -517,6 +518,7 @@ async fn github_down_gives_up_after_the_deadline_with_an_audit_event_and_never_b
         store.clone(),
         notes,
         Vec::new(),
+        tokio::sync::mpsc::unbounded_channel().1,
         stop.clone(),
     );
     // Handing notes over never waits, however GitHub is: `note` is not
@@ -576,14 +578,19 @@ async fn a_rollout_cut_short_by_a_restart_gets_error_on_github() {
         .unwrap();
     let (_observer, notes) = Observer::channel();
     let stop = CancellationToken::new();
+    let (later_tx, later_rx) = tokio::sync::mpsc::unbounded_channel();
     let task = slipway_controller::github::status::spawn(
         cfg.clone(),
         cfg.client().unwrap(),
         store.clone(),
         notes,
-        vec!["d-7".to_owned(), "d-unknown".to_owned()],
+        vec!["d-unknown".to_owned()],
+        later_rx,
         stop.clone(),
     );
+    // Found later (a dead replica's deployment failed by this one): the
+    // same error status.
+    later_tx.send(vec!["d-7".to_owned()]).unwrap();
     wait_for("the error status", Duration::from_secs(20), || async {
         api.deployments()
             .await
@@ -689,6 +696,7 @@ async fn a_create_whose_answer_was_lost_is_not_made_twice() {
         store.clone(),
         notes,
         Vec::new(),
+        tokio::sync::mpsc::unbounded_channel().1,
         stop.clone(),
     );
     observer.note(started("d-4", 1));
