@@ -102,6 +102,35 @@ fn status(node: &Node) -> serde_json::Value {
     node.run(&["status", "--json"]).ok().json()["apps"][0].clone()
 }
 
+/// Deploys `art` as release v0 of `app`; it must succeed.
+fn deploy_v0(node: &Node, app: &str, art: &Path) {
+    let r = node
+        .run(&[
+            "deploy",
+            "--app",
+            app,
+            "--artifact",
+            art.to_str().unwrap(),
+            "--id",
+            "v0",
+            "--json",
+        ])
+        .json();
+    assert_eq!(r["outcome"], "succeeded", "{r:#}");
+}
+
+/// `NAME STATE` of every container of `app`, running or not (`docker ps -a`).
+fn containers_of(app: &str) -> String {
+    docker_cli(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=slipway.app={app}"),
+        "--format",
+        "{{.Names}} {{.State}}",
+    ])
+}
+
 /// What the app's container publishes its port on (`docker ps`).
 fn published(app: &str) -> String {
     docker_cli(&[
@@ -368,29 +397,8 @@ fn a_docker_restart_behind_the_front_loses_nothing_and_a_failed_one_keeps_the_ol
         images: Vec::new(),
     };
     let art = image_artifact(node.dir.path(), &app, "v0", &mut cleanup.images);
-    let r = node
-        .run(&[
-            "deploy",
-            "--app",
-            &app,
-            "--artifact",
-            art.to_str().unwrap(),
-            "--id",
-            "v0",
-            "--json",
-        ])
-        .json();
-    assert_eq!(r["outcome"], "succeeded", "{r:#}");
-    let containers = || {
-        docker_cli(&[
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label=slipway.app={app}"),
-            "--format",
-            "{{.Names}} {{.State}}",
-        ])
-    };
+    deploy_v0(&node, &app, &art);
+    let containers = || containers_of(&app);
     let load =
         crate::support::load::Load::start(public, "/", 2, 1, Duration::from_secs(120), 100_000);
     // A restart: a new container of v0 on the other port, then the switch.
@@ -440,29 +448,8 @@ fn a_kill_of_the_agent_around_the_switch_of_a_docker_restart_leaves_one_containe
         images: Vec::new(),
     };
     let art = image_artifact(node.dir.path(), &app, "v0", &mut cleanup.images);
-    let r = node
-        .run(&[
-            "deploy",
-            "--app",
-            &app,
-            "--artifact",
-            art.to_str().unwrap(),
-            "--id",
-            "v0",
-            "--json",
-        ])
-        .json();
-    assert_eq!(r["outcome"], "succeeded", "{r:#}");
-    let containers = || {
-        docker_cli(&[
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label=slipway.app={app}"),
-            "--format",
-            "{{.Names}} {{.State}}",
-        ])
-    };
+    deploy_v0(&node, &app, &art);
+    let containers = || containers_of(&app);
     let load =
         crate::support::load::Load::start(public, "/", 2, 1, Duration::from_secs(120), 100_000);
     let t0 = std::time::Instant::now();
