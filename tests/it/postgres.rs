@@ -18,7 +18,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::replicas::{deployment_events, start_rolling};
+use crate::replicas::{deployment_events, ended_deployment_events, start_rolling};
 use crate::support::{
     artifact, bin, free_port, sha256_file, text, wait_until, Agent, Controller, APP,
 };
@@ -297,16 +297,7 @@ fn replicas_on_postgres_share_sessions_and_fail_only_a_dead_replicas_rollout() {
     let work = tempfile::tempdir().unwrap();
     let first = start_rolling(&a, &deployer, work.path(), "p1");
     let c = a.replica();
-    wait_until(
-        "the rolling deploy to finish",
-        Duration::from_secs(90),
-        || {
-            deployment_events(&c, &reader, &first).iter().any(|e| {
-                e["event_type"] == "DEPLOY_COMPLETED" || e["event_type"] == "DEPLOY_FAILED"
-            })
-        },
-    );
-    let events = deployment_events(&c, &reader, &first);
+    let events = ended_deployment_events(&c, &reader, &first);
     assert!(
         events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED")
             && !events.iter().any(|e| e["event_type"] == "DEPLOY_FAILED"),

@@ -265,6 +265,26 @@ pub(crate) fn deployment_events(controller: &Controller, token: &str, id: &str) 
         .collect()
 }
 
+/// The audit events about deployment `id` once it has ended (completed or
+/// failed), as `controller` shows them; waits up to 90 s for the end.
+pub(crate) fn ended_deployment_events(
+    controller: &Controller,
+    token: &str,
+    id: &str,
+) -> Vec<Value> {
+    let ended = |events: &[Value]| {
+        events
+            .iter()
+            .any(|e| e["event_type"] == "DEPLOY_COMPLETED" || e["event_type"] == "DEPLOY_FAILED")
+    };
+    wait_until(
+        "the rolling deploy to finish",
+        Duration::from_secs(90),
+        || ended(&deployment_events(controller, token, id)),
+    );
+    deployment_events(controller, token, id)
+}
+
 /// Starts a slow rolling deploy (one node at a time) of `version` through
 /// `controller` and returns its deployment id at once.
 pub(crate) fn start_rolling(
@@ -323,16 +343,7 @@ fn replicas_share_sessions_and_only_a_dead_replicas_rollout_is_failed() {
     let work = tempfile::tempdir().unwrap();
     let first = start_rolling(&a, &deployer, work.path(), "s1");
     let c = a.replica();
-    wait_until(
-        "the rolling deploy to finish",
-        Duration::from_secs(90),
-        || {
-            deployment_events(&c, &reader, &first).iter().any(|e| {
-                e["event_type"] == "DEPLOY_COMPLETED" || e["event_type"] == "DEPLOY_FAILED"
-            })
-        },
-    );
-    let events = deployment_events(&c, &reader, &first);
+    let events = ended_deployment_events(&c, &reader, &first);
     assert!(
         events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED"),
         "{events:#?}"
