@@ -13,6 +13,7 @@ mod download;
 mod exec_driver;
 mod exec_listen;
 mod front;
+mod front_http;
 mod keep;
 mod layers;
 mod lifecycle;
