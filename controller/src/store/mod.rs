@@ -47,6 +47,7 @@ mod github;
 mod join_tokens;
 mod nodes;
 mod operators;
+mod node_commands;
 mod replicas;
 mod web_sessions;
 
@@ -72,6 +73,7 @@ pub use nodes::{
     PeerCert, Public, Release,
 };
 pub use operators::OperatorRow;
+pub use node_commands::{ClaimedCommand, CommandEventRow, NodeCommandState};
 pub use replicas::{ReplicaRow, SessionHolder};
 pub use web_sessions::WebSessionRow;
 
@@ -97,6 +99,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0014_cert_issuer.sql"),
     include_str!("../../migrations/0015_artifact_chunks.sql"),
     include_str!("../../migrations/0016_replicas.sql"),
+    include_str!("../../migrations/0017_node_commands.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -107,6 +110,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0002_cert_issuer.sql"),
     include_str!("../../migrations-postgres/0003_artifact_chunks.sql"),
     include_str!("../../migrations-postgres/0004_replicas.sql"),
+    include_str!("../../migrations-postgres/0005_node_commands.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
