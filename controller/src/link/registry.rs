@@ -6,7 +6,8 @@
 //!
 //! With a [`Replica`] it also records each session in the store, so that
 //! any replica tells a node online when any live replica holds its session
-//! ([`Sessions::online`]), and names the holder when it cannot reach it.
+//! ([`Sessions::online`]); with a [`Router`] a command for such a node goes
+//! to that replica through the store ([`Sessions::send`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

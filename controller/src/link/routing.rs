@@ -743,7 +743,102 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::commands::Answer;
+    use crate::store::Store;
     use slipway_proto::v1::{Deploy, StatusRequest, TrustBundle};
+
+    /// Replica `a` asks node n-1, whose session replica `b` holds (a real
+    /// SQLite store, both routers running): b's session gets the command,
+    /// the agent's answer reaches a's waiter, a report of another node is
+    /// not passed on, and the rows are gone after. Then b stops claiming
+    /// (it still looks alive): a's next ask hears Disconnected once the
+    /// row was not claimed within the pickup timeout.
+    #[tokio::test]
+    async fn a_command_goes_to_the_holder_and_its_answer_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let a = Replica::start(&store, dir.path(), "127.0.0.1:1".into(), None)
+            .await
+            .unwrap();
+        let b = Replica::start(&store, dir.path(), "127.0.0.1:2".into(), None)
+            .await
+            .unwrap();
+        let (a_commands, b_commands) = (Commands::new(), Commands::new());
+        let a_sessions = Sessions::for_replica(a.clone());
+        let b_sessions = Sessions::for_replica(b.clone());
+        let a_router = Router::new(a.clone(), a_commands.clone());
+        a_sessions.route_through(a_router.clone());
+        let b_router = Router::new(b.clone(), b_commands.clone());
+        b_sessions.route_through(b_router.clone());
+        let handle = b_sessions.register("n-1");
+        let (out, mut agent) = mpsc::channel(8);
+        handle.accept_commands(out);
+        b_sessions
+            .record_open("n-1", handle.session_id())
+            .await
+            .unwrap();
+        let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+        let a_task = tokio::spawn(a_router.run(a_sessions.clone(), stop_a.clone()));
+        let b_task = tokio::spawn(b_router.run(b_sessions.clone(), stop_b.clone()));
+
+        let ask = |id: &'static str| {
+            let (commands, sessions) = (a_commands.clone(), a_sessions.clone());
+            tokio::spawn(async move {
+                commands
+                    .ask(&sessions, "n-1", id, status(id), Duration::from_secs(10))
+                    .await
+            })
+        };
+        let asking = ask("s-1.n-1");
+        let got = tokio::time::timeout(Duration::from_secs(5), agent.recv())
+            .await
+            .expect("the command reached b's session")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, status("s-1.n-1"));
+        let result = |message: &str| CommandResult {
+            command_id: "s-1.n-1".to_owned(),
+            message: message.to_owned(),
+            ..CommandResult::default()
+        };
+        b_commands.result("n-2", result("not n-1's word"));
+        b_commands.progress(
+            "n-1",
+            Progress {
+                command_id: "s-1.n-1".to_owned(),
+                step: "status".to_owned(),
+                ..Progress::default()
+            },
+        );
+        b_commands.result("n-1", result("fine"));
+        assert_eq!(asking.await.unwrap(), Answer::Result(result("fine")));
+        let mut cleaned = false;
+        for _ in 0..50 {
+            if store.node_command_states(a.id()).await.unwrap().is_empty() {
+                cleaned = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(cleaned, "the answered command's row is deleted");
+        assert!(store.node_command_events(a.id()).await.unwrap().is_empty());
+
+        stop_b.cancel();
+        b_task.await.unwrap();
+        let started = Instant::now();
+        let answer = ask("s-2.n-1").await.unwrap();
+        assert_eq!(answer, Answer::Disconnected);
+        let waited = started.elapsed();
+        assert!(
+            waited >= PICKUP_TIMEOUT && waited < PICKUP_TIMEOUT + Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert!(store.node_command_states(a.id()).await.unwrap().is_empty());
+        // A node no live replica holds cannot be sent to at all.
+        assert!(!a_sessions.send("n-9", status("s-3.n-9")).await);
+        stop_a.cancel();
+        a_task.await.unwrap();
+    }
 
     fn status(id: &str) -> ControllerMessage {
         ControllerMessage {

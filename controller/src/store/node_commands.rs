@@ -105,6 +105,17 @@ impl Store {
                  FOR UPDATE SKIP LOCKED"
             }
         };
+        // Most polls find nothing: a plain read first, so they never take
+        // the write lock.
+        let waiting = sqlx::query(
+            "SELECT id FROM node_commands WHERE target_replica = $1 AND picked_at IS NULL LIMIT 1",
+        )
+        .bind(target)
+        .fetch_optional(&self.pool)
+        .await?;
+        if waiting.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin().await?;
         let rows = sqlx::query(select)
             .bind(target)
