@@ -848,6 +848,92 @@ mod tests {
         }
     }
 
+    /// A node whose session was on replica a (the command's sender) moves
+    /// to replica b mid-command: a's waiter hears Disconnected, then
+    /// Reconnected when b's session got the command again through the
+    /// store; b's answer reaches a.
+    #[tokio::test]
+    async fn a_node_that_moves_to_another_replica_gets_its_command_again_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let a = Replica::start(&store, dir.path(), "127.0.0.1:1".into(), None)
+            .await
+            .unwrap();
+        let b = Replica::start(&store, dir.path(), "127.0.0.1:2".into(), None)
+            .await
+            .unwrap();
+        let (a_commands, b_commands) = (Commands::new(), Commands::new());
+        let a_sessions = Sessions::for_replica(a.clone());
+        let b_sessions = Sessions::for_replica(b.clone());
+        let a_router = Router::new(a.clone(), a_commands.clone());
+        a_sessions.route_through(a_router.clone());
+        let b_router = Router::new(b.clone(), b_commands.clone());
+        b_sessions.route_through(b_router.clone());
+        let stop = CancellationToken::new();
+        let a_task = tokio::spawn(a_router.run(a_sessions.clone(), stop.clone()));
+        let b_task = tokio::spawn(b_router.run(b_sessions.clone(), stop.clone()));
+
+        // On a first: the command goes out on a's own session.
+        let on_a = a_sessions.register("n-1");
+        let (out, mut agent_a) = mpsc::channel(8);
+        on_a.accept_commands(out);
+        a_sessions
+            .record_open("n-1", on_a.session_id())
+            .await
+            .unwrap();
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let message = status("d-1.n-1");
+        a_commands.register("d-1.n-1", "n-1", tx, message.clone());
+        assert!(a_sessions.send("n-1", message.clone()).await);
+        assert_eq!(agent_a.recv().await.unwrap().unwrap(), message);
+
+        // The session ends on a (as session.rs does it) and opens on b.
+        let session = on_a.session_id();
+        drop(on_a);
+        a_sessions.record_closed("n-1", session).await;
+        a_commands.disconnected("n-1");
+        assert!(matches!(
+            events.recv().await,
+            Some((_, NodeEvent::Disconnected))
+        ));
+        let on_b = b_sessions.register("n-1");
+        let (out, mut agent_b) = mpsc::channel(8);
+        on_b.accept_commands(out);
+        b_sessions
+            .record_open("n-1", on_b.session_id())
+            .await
+            .unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(5), agent_b.recv())
+            .await
+            .expect("b's session got the command again")
+            .unwrap()
+            .unwrap();
+        assert_eq!(again, message);
+        assert!(matches!(
+            events.recv().await,
+            Some((_, NodeEvent::Reconnected))
+        ));
+        let result = CommandResult {
+            command_id: "d-1.n-1".to_owned(),
+            message: "done on b".to_owned(),
+            ..CommandResult::default()
+        };
+        b_commands.result("n-1", result.clone());
+        let answer = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("b's answer reached a");
+        match answer {
+            Some((id, NodeEvent::Result(r))) => {
+                assert_eq!(id, "d-1.n-1");
+                assert_eq!(r, result);
+            }
+            other => panic!("{other:?}"),
+        }
+        stop.cancel();
+        a_task.await.unwrap();
+        b_task.await.unwrap();
+    }
+
     #[test]
     fn only_commands_with_an_id_are_routed() {
         assert_eq!(command_id_of(&status("s-1.n-a")), Some("s-1.n-a"));
