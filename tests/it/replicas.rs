@@ -418,6 +418,13 @@ fn node_outcomes(done: &Value) -> Vec<(String, String, String)> {
 fn commands_through_a_replica_without_the_sessions_reach_the_nodes_through_the_holder() {
     let a = Controller::start();
     let b = a.replica();
+    commands_reach_the_nodes_through_the_holder(&a, b);
+}
+
+/// Agents pinned to replica `b`; a rolling deploy (results, progress,
+/// audit), `status --refresh` and a restart through `a`, which holds no
+/// session; then `b` is killed and a deploy through `a` reaches nobody.
+pub(crate) fn commands_reach_the_nodes_through_the_holder(a: &Controller, b: Controller) {
     let reader = a.api_token("read");
     let deployer = a.api_token("deploy:web");
     // The agents know replica b only: a never holds their sessions.
