@@ -428,7 +428,7 @@ pub(crate) fn commands_reach_the_nodes_through_the_holder(a: &Controller, b: Con
     let reader = a.api_token("read");
     let deployer = a.api_token("deploy:web");
     // The agents know replica b only: a never holds their sessions.
-    let mut agents = Agent::enroll_all(&a, &["p1", "p2"]);
+    let mut agents = Agent::enroll_all(a, &["p1", "p2"]);
     for agent in &mut agents {
         agent.set_controller_urls(&[b.https_url()]);
         agent.run();
@@ -447,7 +447,14 @@ pub(crate) fn commands_reach_the_nodes_through_the_holder(a: &Controller, b: Con
         work.path(),
         "q1",
         APP,
-        &["--strategy", "rolling", "--max-parallel", "1", "--wait", "--json"],
+        &[
+            "--strategy",
+            "rolling",
+            "--max-parallel",
+            "1",
+            "--wait",
+            "--json",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     let took = started.elapsed();
@@ -459,8 +466,11 @@ pub(crate) fn commands_reach_the_nodes_through_the_holder(a: &Controller, b: Con
         assert_eq!(agent.current().as_deref(), Some("q1"), "{}", agent.name);
         assert_eq!(agent.get().as_deref(), Some("q1"), "{}", agent.name);
     }
-    let id = done["deployment_id"].as_str().unwrap_or_default().to_owned();
-    let events = ended_deployment_events(&a, &reader, &id);
+    let id = done["deployment_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let events = ended_deployment_events(a, &reader, &id);
     assert!(
         events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED"),
         "{events:#?}"

@@ -602,7 +602,9 @@ impl Router {
                                     commands.notify(command_id, NodeEvent::Disconnected);
                                 }
                                 Ok(false) => s.picked = true,
-                                Err(err) => tracing::warn!(%err, "cannot withdraw a routed command"),
+                                Err(err) => {
+                                    tracing::warn!(%err, "cannot withdraw a routed command")
+                                }
                             }
                         }
                     }
@@ -701,7 +703,9 @@ impl Router {
                         commands.notify(command_id, NodeEvent::Disconnected);
                     }
                 }
-                Err(err) => tracing::warn!(replica = %s.replica, %err, "refused an answer from another replica"),
+                Err(err) => {
+                    tracing::warn!(replica = %s.replica, %err, "refused an answer from another replica")
+                }
             }
         }
         for (row, seq) in read {

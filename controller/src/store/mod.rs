@@ -45,9 +45,9 @@ mod droplets;
 mod env;
 mod github;
 mod join_tokens;
+mod node_commands;
 mod nodes;
 mod operators;
-mod node_commands;
 mod replicas;
 mod web_sessions;
 
@@ -68,12 +68,12 @@ pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use env::EnvVersionRow;
 pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
+pub use node_commands::{ClaimedCommand, CommandEventRow, NodeCommandState};
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewCert, NewEnrollment, NewNode, NodeCert, NodeRow,
     PeerCert, Public, Release,
 };
 pub use operators::OperatorRow;
-pub use node_commands::{ClaimedCommand, CommandEventRow, NodeCommandState};
 pub use replicas::{ReplicaRow, SessionHolder};
 pub use web_sessions::WebSessionRow;
 

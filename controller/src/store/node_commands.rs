@@ -278,10 +278,11 @@ impl Store {
 
     /// Every recorded agent session: node id, holding replica, session id.
     pub async fn agent_session_records(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT node_id, replica_id, session_id FROM agent_sessions ORDER BY node_id")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT node_id, replica_id, session_id FROM agent_sessions ORDER BY node_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok((
@@ -340,7 +341,11 @@ mod tests {
         all.sort();
         let expected: Vec<String> = (0..20).map(|i| format!("r-{i:02}")).collect();
         assert_eq!(all, expected, "each row claimed exactly once");
-        assert!(store.claim_node_commands("b", 201, 10).await.unwrap().is_empty());
+        assert!(store
+            .claim_node_commands("b", 201, 10)
+            .await
+            .unwrap()
+            .is_empty());
         // c's row is c's alone, with its bytes intact.
         let c = store.claim_node_commands("c", 201, 10).await.unwrap();
         assert_eq!(
@@ -466,7 +471,10 @@ mod tests {
         assert_eq!(store.node_command_events("a").await.unwrap().len(), 1);
         assert_eq!(store.delete_node_commands_before(1_000).await.unwrap(), 0);
 
-        store.open_agent_session("n-2", "b", 7, 5_000).await.unwrap();
+        store
+            .open_agent_session("n-2", "b", 7, 5_000)
+            .await
+            .unwrap();
         assert_eq!(
             store.agent_session_records().await.unwrap(),
             [("n-2".to_owned(), "b".to_owned(), 7)]
