@@ -155,8 +155,7 @@ fn upload_to_one_replica_deploy_through_another(url: &str, serve_args: &[&str]) 
     let art = artifact(work.path(), "v1", APP);
     let sha = sha256_file(&art);
     let cached = |c: &Controller| c.data_dir().join("artifacts").join(&sha);
-    // Uploaded through A. A holds no agent's session (sessions are per
-    // replica), so this deploy selects no node: A stores the artifact and
+    // Uploaded through A, selecting no node: A stores the artifact and
     // refuses to start a deployment of nothing.
     let out = a.deploy_web(&deployer, &art, &sha, "v1", &["--tag", "env:nowhere"]);
     assert!(!out.status.success(), "{}", text(&out));
