@@ -523,3 +523,65 @@ pub(crate) fn commands_reach_the_nodes_through_the_holder(a: &Controller, b: Con
         assert_eq!(agent.current().as_deref(), Some("q2"), "{}", agent.name);
     }
 }
+
+#[test]
+fn a_node_moving_between_replicas_mid_deploy_gets_its_command_where_it_lands() {
+    let a = Controller::start();
+    let b = a.replica();
+    let c = a.replica();
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // The agents know b and c, never a: a's deploy is routed throughout.
+    let urls = [b.https_url(), c.https_url()];
+    let mut agents = Agent::enroll_all(&a, &["m1", "m2"]);
+    for agent in &mut agents {
+        agent.set_controller_urls(&urls);
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    a.wait_online(&reader, 2, Duration::from_secs(60));
+
+    // The replica holding the session of the node whose command runs
+    // (its release unpacked, the slow app not yet healthy) dies: the node
+    // moves to the other replica and gets its command again there.
+    let work = tempfile::tempdir().unwrap();
+    let id = start_rolling(&a, &deployer, work.path(), "w1");
+    let mut busy = 0;
+    wait_until(
+        "a node to receive w1",
+        Duration::from_secs(30),
+        || match agents.iter().position(|a| a.has_release("w1")) {
+            Some(i) => {
+                busy = i;
+                true
+            }
+            None => false,
+        },
+    );
+    let on = connected_to(&agents[busy], Duration::from_secs(5));
+    let (mut holder, other) = if on == urls[0] { (b, c) } else { (c, b) };
+    holder.kill();
+    wait_until(
+        "the node to move to the live replica",
+        Duration::from_secs(60),
+        || agents[busy].link()["connected_to"].as_str() == Some(other.https_url().as_str()),
+    );
+    let events = ended_deployment_events(&a, &reader, &id);
+    assert!(
+        events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED"),
+        "{events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e["event_type"] == "DEPLOY_FAILED"),
+        "{events:#?}"
+    );
+    for agent in &agents {
+        assert_eq!(agent.current().as_deref(), Some("w1"), "{}", agent.name);
+    }
+    // a sent it again to where the node landed.
+    let log = fs::read_to_string(a.dir.path().join("controller.log")).unwrap();
+    assert!(
+        log.contains("node moved: sending the command again"),
+        "{log}"
+    );
+}
