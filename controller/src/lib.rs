@@ -38,7 +38,9 @@
 //!                controller replica's record, liveness of the others, the
 //!                sweep of dead replicas' deployments) < registry (live
 //!                sessions, recorded per replica) < commands (routes answers to whoever sent the
-//!                command) < enroll, session (the Enrollment and AgentLink
+//!                command) · routing (commands for nodes another replica
+//!                holds, through the store; behind registry's `send`)
+//!                < enroll, session (the Enrollment and AgentLink
 //!                services; `enroll --replace` re-keys a node) · rotation
 //!                (follows a CA rotation while serving: trust, server
 //!                certificate, the bundle to every agent)

@@ -216,6 +216,10 @@ async fn serve_notifying(
     let sessions = rotation.sessions.clone();
     let artifacts = Artifacts::for_serve(&config.data_dir, config.artifact_dir.as_deref(), &store);
     let commands = Commands::new();
+    // Commands for nodes whose session another live replica holds go
+    // through the store to that replica.
+    let router = crate::link::routing::Router::new(replica.clone(), commands.clone());
+    sessions.route_through(router.clone());
     let link = AgentLinkService::new(
         ca,
         store.clone(),
@@ -338,6 +342,7 @@ async fn serve_notifying(
     let later = later_rx.is_none().then_some(later_tx);
     let replica_task = tokio::spawn(replica.run(later, stop_polling.clone()));
     let rotation = tokio::spawn(rotation.run(stop_polling.clone()));
+    let routing = tokio::spawn(router.run(sessions.clone(), stop_polling.clone()));
     let backups = config.backup.clone().map(|schedule| {
         tokio::spawn(scheduled_backups(
             store.clone(),
@@ -415,6 +420,7 @@ async fn serve_notifying(
     let _ = renewer.await;
     let _ = replica_task.await;
     let _ = rotation.await;
+    let _ = routing.await;
     if let Some(backups) = backups {
         let _ = backups.await;
     }

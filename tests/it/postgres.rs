@@ -7,7 +7,8 @@
 //! (never showing its password), and replicas on it: sessions seen through
 //! any replica, a replica starting mid-rollout leaving it alone, a dead
 //! replica's rollout failed by another once the liveness window has
-//! passed.
+//! passed; commands through a replica without the nodes' sessions reaching
+//! them through the one that holds them.
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -18,7 +19,10 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::replicas::{deployment_events, ended_deployment_events, start_rolling};
+use crate::replicas::{
+    commands_reach_the_nodes_through_the_holder, deployment_events, ended_deployment_events,
+    start_rolling,
+};
 use crate::support::{
     artifact, bin, free_port, sha256_file, text, wait_until, Agent, Controller, APP,
 };
@@ -151,8 +155,7 @@ fn upload_to_one_replica_deploy_through_another(url: &str, serve_args: &[&str]) 
     let art = artifact(work.path(), "v1", APP);
     let sha = sha256_file(&art);
     let cached = |c: &Controller| c.data_dir().join("artifacts").join(&sha);
-    // Uploaded through A. A holds no agent's session (sessions are per
-    // replica), so this deploy selects no node: A stores the artifact and
+    // Uploaded through A, selecting no node: A stores the artifact and
     // refuses to start a deployment of nothing.
     let out = a.deploy_web(&deployer, &art, &sha, "v1", &["--tag", "env:nowhere"]);
     assert!(!out.status.success(), "{}", text(&out));
@@ -329,4 +332,12 @@ fn replicas_on_postgres_share_sessions_and_fail_only_a_dead_replicas_rollout() {
     assert!(why.contains("that ran it is gone"), "{failed:#}");
     // Its nodes show offline through b once a is dead.
     b.wait_online(&reader, 0, Duration::from_secs(10));
+}
+
+#[test]
+fn commands_through_a_postgres_replica_without_the_sessions_reach_the_nodes() {
+    let Some(url) = database() else { return };
+    let a = Controller::start_postgres(&url, &[]);
+    let b = a.replica();
+    commands_reach_the_nodes_through_the_holder(&a, b);
 }

@@ -9,7 +9,9 @@
 //! On the controller's side: a node is online through any replica while a
 //! live one holds its session; a replica starting leaves the rollouts of
 //! live replicas alone, and a dead replica's rollout is failed by another,
-//! naming it (not taken over: that is the next step).
+//! naming it (not taken over: that is the next step). Commands go through
+//! any replica: a deploy, a restart and `status --refresh` through one
+//! that holds no session reach the nodes through the one that does.
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::load::Load;
-use crate::support::{free_ports, text, wait_until, Agent, Controller, APP};
+use crate::support::{free_ports, stdout, text, wait_until, Agent, Controller, APP};
 
 /// The replica `slipway-agent status` says the session is on, once it says
 /// one (within `limit`).
@@ -357,13 +359,10 @@ fn replicas_share_sessions_and_only_a_dead_replicas_rollout_is_failed() {
     }
 
     // A command through a replica that does not hold the nodes' sessions
-    // says which replica does (commands are not routed between replicas).
+    // reaches them through the one that does (routed through the store).
     let out = b.slipway(&deployer, &["restart", "web"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    let held = format!("'s session is held by replica {a_id} ({})", a.url());
-    let shown = text(&out);
-    assert_eq!(shown.matches(&held).count(), 2, "{shown}");
-    assert!(shown.contains("this replica cannot reach it"), "{shown}");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains(&a_id), "{}", text(&out));
 
     // Replica a dies in the middle of its next rolling deploy: another
     // replica fails it, naming a, within the liveness sweep.
@@ -396,5 +395,193 @@ fn replicas_share_sessions_and_only_a_dead_replicas_rollout_is_failed() {
         !String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"),
         "{}",
         text(&out)
+    );
+}
+
+/// The `nodes` of a `deploy --wait --json` result: (name, outcome,
+/// release) each, by name.
+fn node_outcomes(done: &Value) -> Vec<(String, String, String)> {
+    let mut nodes: Vec<(String, String, String)> = done["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {done}"))
+        .iter()
+        .map(|n| {
+            let field = |k: &str| n[k].as_str().unwrap_or_default().to_owned();
+            (field("node_name"), field("outcome"), field("release_id"))
+        })
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+#[test]
+fn commands_through_a_replica_without_the_sessions_reach_the_nodes_through_the_holder() {
+    let a = Controller::start();
+    let b = a.replica();
+    commands_reach_the_nodes_through_the_holder(&a, b);
+}
+
+/// Agents pinned to replica `b`; a rolling deploy (results, progress,
+/// audit), `status --refresh` and a restart through `a`, which holds no
+/// session; then `b` is killed and a deploy through `a` reaches nobody.
+pub(crate) fn commands_reach_the_nodes_through_the_holder(a: &Controller, b: Controller) {
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // The agents know replica b only: a never holds their sessions.
+    let mut agents = Agent::enroll_all(a, &["p1", "p2"]);
+    for agent in &mut agents {
+        agent.set_controller_urls(&[b.https_url()]);
+        agent.run();
+    }
+    for agent in &agents {
+        assert_eq!(connected_to(agent, Duration::from_secs(30)), b.https_url());
+    }
+    a.wait_online(&reader, 2, Duration::from_secs(30));
+
+    // A rolling deploy through a: both nodes switch, each result is the
+    // node's own, and a records the deployment's end.
+    let work = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = a.deploy_version(
+        &deployer,
+        work.path(),
+        "q1",
+        APP,
+        &[
+            "--strategy",
+            "rolling",
+            "--max-parallel",
+            "1",
+            "--wait",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let took = started.elapsed();
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["succeeded"], true, "{done}");
+    let ok = |name: &str| (name.to_owned(), "succeeded".to_owned(), "q1".to_owned());
+    assert_eq!(node_outcomes(&done), [ok("p1"), ok("p2")], "{done}");
+    for agent in &agents {
+        assert_eq!(agent.current().as_deref(), Some("q1"), "{}", agent.name);
+        assert_eq!(agent.get().as_deref(), Some("q1"), "{}", agent.name);
+    }
+    let id = done["deployment_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let events = ended_deployment_events(a, &reader, &id);
+    assert!(
+        events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED"),
+        "{events:#?}"
+    );
+    eprintln!("rolling deploy of 2 nodes through the replica without their sessions: {took:?}");
+
+    // The agents' progress comes through too: the streamed steps of a
+    // second deploy name both nodes.
+    let out = a.deploy_version(&deployer, work.path(), "q2", APP, &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = stdout(&out);
+    for name in ["p1", "p2"] {
+        assert!(
+            shown.lines().filter(|l| l.contains(name)).count() >= 2,
+            "no progress of {name}: {}",
+            text(&out)
+        );
+    }
+    for agent in &agents {
+        assert_eq!(agent.current().as_deref(), Some("q2"), "{}", agent.name);
+    }
+
+    // One-off asks: `status --refresh` through a hears both nodes.
+    let out = a.slipway(&reader, &["status", "--refresh"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("OK: 2 nodes online, 1 app healthy"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("did not answer"), "{}", text(&out));
+    // A restart through a.
+    let pids: Vec<Option<u64>> = agents.iter().map(Agent::app_pid).collect();
+    let out = a.slipway(&deployer, &["restart", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for (agent, before) in agents.iter().zip(&pids) {
+        wait_until("the app to restart", Duration::from_secs(20), || {
+            agent.app_pid().is_some() && agent.app_pid() != *before
+        });
+    }
+
+    // Replica b dies: no live replica holds the nodes; a deploy through a
+    // reaches nobody and says so.
+    let mut b = b;
+    b.kill();
+    a.wait_online(&reader, 0, Duration::from_secs(30));
+    let out = a.deploy_version(&deployer, work.path(), "q3", APP, &["--wait"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    for agent in &agents {
+        assert_eq!(agent.current().as_deref(), Some("q2"), "{}", agent.name);
+    }
+}
+
+#[test]
+fn a_node_moving_between_replicas_mid_deploy_gets_its_command_where_it_lands() {
+    let a = Controller::start();
+    let b = a.replica();
+    let c = a.replica();
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // The agents know b and c, never a: a's deploy is routed throughout.
+    let urls = [b.https_url(), c.https_url()];
+    let mut agents = Agent::enroll_all(&a, &["m1", "m2"]);
+    for agent in &mut agents {
+        agent.set_controller_urls(&urls);
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    a.wait_online(&reader, 2, Duration::from_secs(60));
+
+    // The replica holding the session of the node whose command runs
+    // (its release unpacked, the slow app not yet healthy) dies: the node
+    // moves to the other replica and gets its command again there.
+    let work = tempfile::tempdir().unwrap();
+    let id = start_rolling(&a, &deployer, work.path(), "w1");
+    let mut busy = 0;
+    wait_until(
+        "a node to receive w1",
+        Duration::from_secs(30),
+        || match agents.iter().position(|a| a.has_release("w1")) {
+            Some(i) => {
+                busy = i;
+                true
+            }
+            None => false,
+        },
+    );
+    let on = connected_to(&agents[busy], Duration::from_secs(5));
+    let (mut holder, other) = if on == urls[0] { (b, c) } else { (c, b) };
+    holder.kill();
+    wait_until(
+        "the node to move to the live replica",
+        Duration::from_secs(60),
+        || agents[busy].link()["connected_to"].as_str() == Some(other.https_url().as_str()),
+    );
+    let events = ended_deployment_events(&a, &reader, &id);
+    assert!(
+        events.iter().any(|e| e["event_type"] == "DEPLOY_COMPLETED"),
+        "{events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e["event_type"] == "DEPLOY_FAILED"),
+        "{events:#?}"
+    );
+    for agent in &agents {
+        assert_eq!(agent.current().as_deref(), Some("w1"), "{}", agent.name);
+    }
+    // a sent it again to where the node landed.
+    let log = fs::read_to_string(a.dir.path().join("controller.log")).unwrap();
+    assert!(
+        log.contains("node moved: sending the command again"),
+        "{log}"
     );
 }

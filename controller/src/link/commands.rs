@@ -33,6 +33,9 @@ struct Pending {
     message: ControllerMessage,
     /// Set when a new session of the node got the command again.
     resent: bool,
+    /// Sent for another replica (`super::routing`): its answers go back
+    /// there, and this replica never routes it on.
+    relay: bool,
 }
 
 /// Routes agents' Progress and CommandResult to the deployment waiting for
@@ -67,8 +70,58 @@ impl Commands {
                 events,
                 message,
                 resent: false,
+                relay: false,
             },
         );
+    }
+
+    /// Registers a command another replica routed here to `node_id`'s
+    /// session: its reports go to `events`, for that replica.
+    pub(crate) fn register_relay(
+        &self,
+        command_id: &str,
+        node_id: &str,
+        events: mpsc::UnboundedSender<(String, NodeEvent)>,
+        message: ControllerMessage,
+    ) {
+        self.lock().insert(
+            command_id.to_owned(),
+            Pending {
+                node_id: node_id.to_owned(),
+                events,
+                message,
+                resent: false,
+                relay: true,
+            },
+        );
+    }
+
+    /// The commands this replica waits on (not those relayed for
+    /// another): command id and node id.
+    pub(crate) fn routable(&self) -> Vec<(String, String)> {
+        self.lock()
+            .iter()
+            .filter(|(_, p)| !p.relay)
+            .map(|(command_id, p)| (command_id.clone(), p.node_id.clone()))
+            .collect()
+    }
+
+    /// The message of the pending command `command_id`.
+    pub(crate) fn message(&self, command_id: &str) -> Option<ControllerMessage> {
+        self.lock().get(command_id).map(|p| p.message.clone())
+    }
+
+    /// Tells the waiter of `command_id` about its node's session (a
+    /// [`NodeEvent::Disconnected`] or [`NodeEvent::Reconnected`] seen
+    /// through another replica).
+    pub(crate) fn notify(&self, command_id: &str, event: NodeEvent) {
+        let mut live = self.lock();
+        if let Some(pending) = live.get_mut(command_id) {
+            if matches!(event, NodeEvent::Reconnected) {
+                pending.resent = true;
+            }
+            let _ = pending.events.send((command_id.to_owned(), event));
+        }
     }
 
     /// The commands still waiting on `node_id`'s answer, to send again on

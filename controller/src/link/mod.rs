@@ -8,4 +8,5 @@ pub mod liveness;
 pub mod registry;
 pub mod replicas;
 pub mod rotation;
+pub mod routing;
 pub mod session;

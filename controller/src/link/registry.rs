@@ -6,7 +6,8 @@
 //!
 //! With a [`Replica`] it also records each session in the store, so that
 //! any replica tells a node online when any live replica holds its session
-//! ([`Sessions::online`]), and names the holder when it cannot reach it.
+//! ([`Sessions::online`]); with a [`Router`] a command for such a node goes
+//! to that replica through the store ([`Sessions::send`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::replicas::Replica;
+use super::routing::Router;
 use crate::store::ReplicaRow;
 
 /// The outbound half of a session: what the controller sends to the agent.
@@ -71,6 +73,8 @@ struct Inner {
     next_id: AtomicU64,
     /// This replica, when sessions are recorded in the store.
     replica: Option<Replica>,
+    /// Routes commands for nodes other replicas hold (set once at start).
+    router: OnceLock<Router>,
 }
 
 /// The nodes online as of one look: this replica's sessions and those
@@ -155,6 +159,14 @@ impl Sessions {
         }
     }
 
+    /// From now on commands for nodes whose session another live replica
+    /// holds go through `router` (once; a second router is ignored).
+    pub fn route_through(&self, router: Router) {
+        if self.inner.router.set(router).is_err() {
+            tracing::warn!("commands are routed already; a second router is ignored");
+        }
+    }
+
     /// Records in the store that this replica holds `node_id`'s session
     /// `session_id` (nothing without a replica).
     pub async fn record_open(
@@ -205,8 +217,9 @@ impl Sessions {
         Online { local, remote }
     }
 
-    /// Why this replica cannot send to `node_id`: another live replica
-    /// holds its session (named), or no replica does.
+    /// Why no command reaches `node_id`: another live replica holds its
+    /// session (named) but the command could not be routed there (no
+    /// router, or the store failed), or no replica does.
     pub async fn unreachable(&self, node_id: &str) -> String {
         let mut online = self.online().await;
         match online.remote.remove(node_id) {
@@ -272,9 +285,22 @@ impl Sessions {
         self.lock().contains_key(node_id)
     }
 
-    /// Queues `message` on `node_id`'s session; false if the node holds no
-    /// session or it ended meanwhile.
+    /// Queues `message` on `node_id`'s session: this replica's, or, with a
+    /// router, the one another live replica holds (through the store);
+    /// false if no replica can reach the node.
     pub async fn send(&self, node_id: &str, message: ControllerMessage) -> bool {
+        if self.contains(node_id) {
+            return self.send_local(node_id, message).await;
+        }
+        match self.inner.router.get() {
+            Some(router) => router.send(node_id, message).await,
+            None => false,
+        }
+    }
+
+    /// Queues `message` on `node_id`'s session with this replica; false if
+    /// the node holds none here or it ended meanwhile.
+    pub(crate) async fn send_local(&self, node_id: &str, message: ControllerMessage) -> bool {
         // Cloned out so the lock is not held across the await.
         let outbound = self.lock().get(node_id).and_then(|e| e.outbound.clone());
         match outbound {

@@ -45,6 +45,7 @@ mod droplets;
 mod env;
 mod github;
 mod join_tokens;
+mod node_commands;
 mod nodes;
 mod operators;
 mod replicas;
@@ -67,6 +68,7 @@ pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use env::EnvVersionRow;
 pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
+pub use node_commands::{ClaimedCommand, CommandEventRow, NodeCommandState};
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewCert, NewEnrollment, NewNode, NodeCert, NodeRow,
     PeerCert, Public, Release,
@@ -97,6 +99,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0014_cert_issuer.sql"),
     include_str!("../../migrations/0015_artifact_chunks.sql"),
     include_str!("../../migrations/0016_replicas.sql"),
+    include_str!("../../migrations/0017_node_commands.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -107,6 +110,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0002_cert_issuer.sql"),
     include_str!("../../migrations-postgres/0003_artifact_chunks.sql"),
     include_str!("../../migrations-postgres/0004_replicas.sql"),
+    include_str!("../../migrations-postgres/0005_node_commands.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
