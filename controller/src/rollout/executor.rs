@@ -19,7 +19,9 @@ use super::policy::{next_step, outcome_text, summarize, Batch, NodeState, Step};
 use crate::audit::AuditEvent;
 use crate::link::commands::{Commands, NodeEvent};
 use crate::link::registry::Sessions;
-use crate::store::{DeploymentStep, NewDeployment, NewDeploymentNode, Store, StoreError};
+use crate::store::{
+    DeploymentStep, NewDeployment, NewDeploymentNode, OrphanedDeployment, Store, StoreError,
+};
 
 /// Longest a node may take to answer a command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -191,6 +193,7 @@ pub async fn start_observed(
                 started_at: now,
                 nodes: &nodes,
                 env_version,
+                plan: Some(&plan.to_record()),
             },
             &AuditEvent::success(
                 started_type,
@@ -250,9 +253,211 @@ pub async fn start_observed(
         steps: std::sync::Mutex::new(vec![Vec::new(); n_targets]),
         observer,
         finished_nodes: std::sync::Mutex::new(HashMap::new()),
+        resumed: false,
+        lost: std::sync::atomic::AtomicBool::new(false),
     };
-    tokio::spawn(run.execute(ev_rx));
+    tokio::spawn(run.execute(ev_rx, Progress::fresh(n_targets)));
     Ok(out_rx)
+}
+
+/// How a dead replica's deployment went for this replica
+/// ([`take_over`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeOver {
+    /// This replica carries it on.
+    Resumed,
+    /// It cannot be carried on: failed, naming why.
+    Failed(String),
+    /// Another replica took it first (or it ended meanwhile).
+    Lost,
+}
+
+/// Takes over `orphan`, a running deployment of a dead replica, for the
+/// replica `store` writes for: rebuilds its run from the recorded plan
+/// and per-node rows and carries it on (nodes with a result keep it;
+/// nodes of a started batch without one are sent their command again
+/// under the same id, which the agent answers from its record or
+/// finishes; later batches follow as planned; the rollout's failure policy
+/// applies as it would have). A deployment whose plan cannot be rebuilt
+/// is failed, naming why.
+pub async fn take_over(
+    store: &Store,
+    sessions: &Sessions,
+    commands: &Commands,
+    orphan: &OrphanedDeployment,
+) -> Result<TakeOver, StoreError> {
+    let me = store.replica_id().ok_or(StoreError::NoReplica)?.to_owned();
+    let dead = orphan.owner.as_deref();
+    let dead_shown = dead.unwrap_or("(none recorded)");
+    let fail = |why: String| async move {
+        let now = crate::now_unix();
+        if store
+            .fail_orphaned_deployment(&orphan.id, dead, &why, now)
+            .await?
+        {
+            Ok(TakeOver::Failed(why))
+        } else {
+            Ok(TakeOver::Lost)
+        }
+    };
+    let plan = match orphan.plan.as_deref().map(Plan::from_record) {
+        Some(Ok(plan)) => plan,
+        Some(Err(err)) => {
+            return fail(format!(
+                "controller replica {dead_shown} that ran the deployment is gone and {err}"
+            ))
+            .await
+        }
+        None => {
+            return fail(format!(
+                "controller replica {dead_shown} that ran the deployment is gone and it was \
+                 recorded without its plan (by an older controller): it cannot be carried on"
+            ))
+            .await
+        }
+    };
+    let details = serde_json::json!({
+        "deployment_id": orphan.id,
+        "app": plan.app,
+        "kind": plan.action.kind(),
+        "release_id": plan.action.release_id(),
+        "from_replica": dead,
+        "to_replica": me,
+    });
+    let event = AuditEvent::success(
+        crate::audit::DEPLOY_TAKEN_OVER,
+        &plan.actor,
+        "deployment",
+        &orphan.id,
+        details,
+    );
+    let Some(rows) = store
+        .take_over_deployment(&orphan.id, dead, &event, crate::now_unix())
+        .await?
+    else {
+        return Ok(TakeOver::Lost);
+    };
+    let batches = plan.rollout.batches(plan.targets.len());
+    let consistent = rows.len() == plan.targets.len()
+        && rows
+            .iter()
+            .zip(&plan.targets)
+            .all(|(row, t)| row.node_id == t.node_id);
+    if !consistent {
+        let why = format!(
+            "controller replica {dead_shown} that ran the deployment is gone and its recorded \
+             nodes do not match its recorded plan ({} rows, {} targets): it cannot be carried on",
+            rows.len(),
+            plan.targets.len()
+        );
+        let failed = store
+            .fail_orphaned_deployment(&orphan.id, Some(&me), &why, crate::now_unix())
+            .await?;
+        return Ok(if failed {
+            TakeOver::Failed(why)
+        } else {
+            TakeOver::Lost
+        });
+    }
+    let n = plan.targets.len();
+    let mut progress = Progress::fresh(n);
+    let mut finished = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let outcome = match row.outcome.as_str() {
+            "succeeded" => Some(Outcome::Succeeded),
+            // Rolled back after succeeding: the undo is sent again (same
+            // id: answered from the agent's record) if the rollout stops.
+            "rolled_back" => Some(Outcome::RolledBack),
+            "failed" => Some(Outcome::Failed),
+            // Skipped and pending: nothing ran on the node for this
+            // deployment yet, or its command is sent again.
+            _ => None,
+        };
+        let Some(outcome) = outcome else { continue };
+        let state = if outcome == Outcome::Failed {
+            progress.failed_in_order.push(i);
+            NodeState::Failed
+        } else {
+            NodeState::Succeeded
+        };
+        progress.states[i] = state;
+        let target = &plan.targets[i];
+        progress.results[i] = Some(NodeResult {
+            node_id: target.node_id.clone(),
+            node_name: target.name.clone(),
+            outcome: outcome as i32,
+            release_id: row.release_id.clone(),
+            message: row.message.clone(),
+        });
+        finished.push(i);
+    }
+    // The nodes of a batch partly done when the owner died: their
+    // commands may be out already; sent again under the same id.
+    for batch in &batches {
+        let started = batch.nodes.clone().any(|i| progress.results[i].is_some());
+        if started {
+            progress
+                .resend
+                .extend(batch.nodes.clone().filter(|&i| progress.results[i].is_none()));
+        }
+    }
+    tracing::warn!(
+        deployment_id = %orphan.id, from_replica = %dead_shown, to_replica = %me,
+        done = finished.len(), nodes = n, "taking over the deployment of a dead replica"
+    );
+    let (out_tx, out_rx) = mpsc::channel(1);
+    // Nobody follows a taken-over deployment's stream: its record and
+    // the audit log tell how it goes.
+    drop(out_rx);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let run = Run {
+        store: store.clone(),
+        sessions: sessions.clone(),
+        commands: commands.clone(),
+        deployment_id: orphan.id.clone(),
+        started: Instant::now(),
+        command_ids: rows.iter().map(|r| r.command_id.clone()).collect(),
+        prior: rows.iter().map(|r| r.prior_release.clone()).collect(),
+        plan,
+        batches,
+        out: out_tx,
+        events_tx: ev_tx,
+        steps: std::sync::Mutex::new(vec![Vec::new(); n]),
+        observer: None,
+        finished_nodes: std::sync::Mutex::new(
+            finished
+                .iter()
+                .map(|&i| (i, progress.states[i] == NodeState::Failed))
+                .collect(),
+        ),
+        resumed: true,
+        lost: std::sync::atomic::AtomicBool::new(false),
+    };
+    tokio::spawn(run.execute(ev_rx, progress));
+    Ok(TakeOver::Resumed)
+}
+
+/// Where a run starts from: nothing done (a new deployment), or the
+/// recorded state of one taken over.
+#[derive(Debug)]
+struct Progress {
+    states: Vec<NodeState>,
+    results: Vec<Option<NodeResult>>,
+    /// Failed targets, in the order they failed.
+    failed_in_order: Vec<usize>,
+    /// Targets whose command is sent (again) before anything else.
+    resend: Vec<usize>,
+}
+
+impl Progress {
+    fn fresh(n: usize) -> Self {
+        Self {
+            states: vec![NodeState::Pending; n],
+            results: vec![None; n],
+            failed_in_order: Vec::new(),
+            resend: Vec::new(),
+        }
+    }
 }
 
 /// A command sent and not answered yet.
@@ -306,6 +511,14 @@ struct Run {
     /// Whether each node that has a result failed (its latest result), for
     /// the observer's progress counts.
     finished_nodes: std::sync::Mutex<HashMap<usize, bool>>,
+    /// Taken over from a dead replica: the nodes' sessions may still be
+    /// on their way here, so a command that finds no session waits for
+    /// the node to connect (up to the reconnect grace) instead of failing
+    /// it at once.
+    resumed: bool,
+    /// Set when a write was refused because another replica took the
+    /// deployment over: this run stops, writing nothing more.
+    lost: std::sync::atomic::AtomicBool,
 }
 
 /// Steps kept per node of a deployment (a node sends about ten; a
@@ -383,10 +596,25 @@ impl Run {
         let sent = tokio::time::timeout(SEND_TIMEOUT, self.sessions.send(node_id, message))
             .await
             .unwrap_or(false);
+        let now = Instant::now();
+        if !sent && self.resumed {
+            // Still registered: sent when the node's session opens here
+            // ([`Commands::reconnected`]).
+            let grace = self.plan.action.reconnect_grace(RECONNECT_GRACE);
+            inflight.insert(
+                command_id,
+                InFlight {
+                    index,
+                    sent_at: now,
+                    deadline: now + grace,
+                    step: None,
+                },
+            );
+            return true;
+        }
         if !sent && !self.commands.forget_unless_resent(&command_id) {
             return false;
         }
-        let now = Instant::now();
         inflight.insert(
             command_id,
             InFlight {
@@ -548,7 +776,7 @@ impl Run {
             deployment_id = %self.deployment_id, node_id = %result.node_id,
             outcome = outcome_text(result.outcome), message = %result.message, "node finished"
         );
-        if let Err(err) = self
+        match self
             .store
             .record_node_result(
                 command_id,
@@ -560,7 +788,17 @@ impl Run {
             )
             .await
         {
-            tracing::error!(%err, %command_id, "could not record a node result");
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    deployment_id = %self.deployment_id, %command_id,
+                    "the deployment is no longer this replica's (taken over by another, or \
+                     ended): this replica stops running it"
+                );
+                self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            Err(err) => tracing::error!(%err, %command_id, "could not record a node result"),
         }
         self.emit(deploy_event::Kind::NodeResult(result.clone()));
         if let Some(observer) = &self.observer {
@@ -584,14 +822,44 @@ impl Run {
         }
     }
 
-    async fn execute(self, mut events: Events) {
-        let n = self.plan.targets.len();
-        let mut states = vec![NodeState::Pending; n];
-        let mut results: Vec<Option<NodeResult>> = vec![None; n];
-        let mut failed_in_order = Vec::new();
+    /// True once another replica owns the deployment.
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Forgets the commands still awaited (a run that lost its lease).
+    fn abandon(&self, inflight: &HashMap<String, InFlight>) {
+        for command_id in inflight.keys() {
+            self.commands.forget(command_id);
+        }
+        tracing::warn!(deployment_id = %self.deployment_id, "stopped running a deployment this replica no longer owns");
+    }
+
+    async fn execute(self, mut events: Events, from: Progress) {
+        let Progress {
+            mut states,
+            mut results,
+            mut failed_in_order,
+            resend,
+        } = from;
         let mut inflight: HashMap<String, InFlight> = HashMap::new();
+        for i in resend {
+            let command_id = self.command_ids[i].clone();
+            let message =
+                self.plan
+                    .action
+                    .message(&command_id, &self.plan.app, &self.plan.targets[i].node_id);
+            // A resumed run keeps every command (see `send`).
+            if self.send(i, command_id, message, &mut inflight).await {
+                states[i] = NodeState::Running;
+            }
+        }
         let batch_count = u32::try_from(self.batches.len()).unwrap_or(u32::MAX);
         let stopped_by = loop {
+            if self.lost() {
+                self.abandon(&inflight);
+                return;
+            }
             match next_step(&self.plan.rollout, &self.batches, &states, &failed_in_order) {
                 Step::Start(b) => {
                     let batch = self.batches[b].clone();
@@ -645,6 +913,10 @@ impl Run {
             Some(by) => Some(self.stop(by, &states, &mut results, &mut events).await),
             None => None,
         };
+        if self.lost() {
+            self.abandon(&inflight);
+            return;
+        }
         self.finish(results, stopped).await;
     }
 

@@ -61,7 +61,7 @@ pub use controller_state::ControllerStart;
 pub use database_url::{redact, PostgresUrl};
 pub use deployments::{
     DeploymentCount, DeploymentNodeRecord, DeploymentRecord, DeploymentStep, NewDeployment,
-    NewDeploymentNode,
+    NewDeploymentNode, OrphanedDeployment, RecordedNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use env::EnvVersionRow;
@@ -97,6 +97,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0014_cert_issuer.sql"),
     include_str!("../../migrations/0015_artifact_chunks.sql"),
     include_str!("../../migrations/0016_replicas.sql"),
+    include_str!("../../migrations/0017_deployment_plans.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -107,6 +108,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0002_cert_issuer.sql"),
     include_str!("../../migrations-postgres/0003_artifact_chunks.sql"),
     include_str!("../../migrations-postgres/0004_replicas.sql"),
+    include_str!("../../migrations-postgres/0005_deployment_plans.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -177,6 +179,9 @@ pub enum StoreError {
         /// Bytes found in them.
         found_bytes: i64,
     },
+    /// A write that needs an owning replica through a handle of none.
+    #[error("this store handle writes for no controller replica: it cannot own a deployment")]
+    NoReplica,
     /// A JSON column does not hold what we wrote there.
     #[error("corrupt JSON in column {column}: {source}")]
     Json {
