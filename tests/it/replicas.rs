@@ -496,6 +496,10 @@ fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_
     let reader = a.api_token("read");
     let deployer = a.api_token("deploy:web");
     let urls = [a.https_url(), b.https_url()];
+    // Every session on a (commands are not routed between replicas): b
+    // is down while the agents connect, then back on its port (an agent
+    // stays on the replica it is on).
+    b.kill();
     let mut agents = Agent::enroll_all(&a, &["t1", "t2", "t3"]);
     for agent in &mut agents {
         agent.set_controller_urls(&urls);
@@ -505,6 +509,7 @@ fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_
     for agent in &agents {
         connected_to_other(agent, &urls[0], Duration::from_secs(30));
     }
+    b.restart();
     a.wait_online(&reader, 3, Duration::from_secs(60));
     let work = tempfile::tempdir().unwrap();
 

@@ -792,7 +792,9 @@ mod tests {
 
     crate::store::testing::store_tests!(
         one_running_deployment_per_app_until_a_restart_abandons_it,
-        last_deployments_are_the_newest_per_app_with_node_results
+        last_deployments_are_the_newest_per_app_with_node_results,
+        a_dead_replicas_deployment_is_taken_over_by_one_replica_and_its_old_owner_fenced,
+        one_deployment_per_app_holds_across_replicas_racing
     );
 
     fn new_deployment<'a>(
@@ -1012,5 +1014,242 @@ mod tests {
         assert_eq!(api.len(), 1);
         assert_eq!(api[0].id, "d-4");
         assert!(store.last_deployments(Some("db")).await.unwrap().is_empty());
+    }
+
+    async fn a_dead_replicas_deployment_is_taken_over_by_one_replica_and_its_old_owner_fenced(
+        store: Store,
+    ) {
+        let json = serde_json::json!({});
+        let plan = serde_json::json!({"version": 1, "app": "web"});
+        let nodes = [
+            NewDeploymentNode {
+                node_id: "n-1",
+                command_id: "d-1.n-1",
+                batch: 1,
+                prior_release: "v0",
+            },
+            NewDeploymentNode {
+                node_id: "n-2",
+                command_id: "d-1.n-2",
+                batch: 2,
+                prior_release: "",
+            },
+        ];
+        let a = store.clone().for_replica("a");
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            json.clone(),
+        );
+        a.insert_deployment(
+            &NewDeployment {
+                plan: Some(&plan),
+                ..new_deployment("d-1", "web", &nodes, &json)
+            },
+            &started,
+        )
+        .await
+        .unwrap();
+        assert!(a
+            .record_node_result("d-1.n-1", "succeeded", "v1", "ok", &[], 1_001)
+            .await
+            .unwrap());
+        // a is alive: nothing is orphaned.
+        assert!(store
+            .orphaned_deployments(&["a".to_owned()])
+            .await
+            .unwrap()
+            .is_empty());
+        // a is dead: the deployment is orphaned, with its plan; a sweep
+        // does not fail it (it can be carried on).
+        let live = ["b".to_owned(), "c".to_owned()];
+        let orphans = store.orphaned_deployments(&live).await.unwrap();
+        assert_eq!(
+            orphans,
+            [OrphanedDeployment {
+                id: "d-1".to_owned(),
+                owner: Some("a".to_owned()),
+                plan: Some(plan.to_string()),
+            }]
+        );
+        assert!(store
+            .abandon_running_deployments(1_002, &live)
+            .await
+            .unwrap()
+            .is_empty());
+        // b and c race for it: exactly one wins.
+        let claim = |replica: &'static str| {
+            let store = store.clone().for_replica(replica);
+            async move {
+                let event = AuditEvent::success(
+                    audit::DEPLOY_TAKEN_OVER,
+                    "tok-1",
+                    "deployment",
+                    "d-1",
+                    serde_json::json!({ "to_replica": replica }),
+                );
+                store
+                    .take_over_deployment("d-1", Some("a"), &event, 1_003)
+                    .await
+                    .unwrap()
+                    .map(|nodes| (replica, nodes))
+            }
+        };
+        let (by_b, by_c) = tokio::join!(claim("b"), claim("c"));
+        let (winner, rows) = match (by_b, by_c) {
+            (Some(won), None) | (None, Some(won)) => won,
+            other => panic!("not exactly one winner: {other:?}"),
+        };
+        let loser = if winner == "b" { "c" } else { "b" };
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].node_id.as_str(), rows[0].outcome.as_str(), rows[0].release_id.as_str()),
+            ("n-1", "succeeded", "v1")
+        );
+        assert_eq!(
+            (rows[1].command_id.as_str(), rows[1].batch, rows[1].outcome.as_str()),
+            ("d-1.n-2", 2, "pending")
+        );
+        assert_eq!(rows[0].prior_release, "v0");
+        // Claiming again from the dead owner: nobody wins any more.
+        assert!(claim(loser).await.is_none());
+        // Failing it as a's (it is not a's any more) does nothing.
+        assert!(!store
+            .fail_orphaned_deployment("d-1", Some("a"), "no", 1_004)
+            .await
+            .unwrap());
+
+        // Fencing: a (only slow, say) writes nothing any more.
+        assert!(!a
+            .record_node_result("d-1.n-2", "failed", "", "late", &[], 1_005)
+            .await
+            .unwrap());
+        let ended = |by: &str| {
+            AuditEvent::success(
+                audit::DEPLOY_COMPLETED,
+                "tok-1",
+                "deployment",
+                "d-1",
+                serde_json::json!({ "by": by }),
+            )
+        };
+        assert!(!a
+            .finish_deployment("d-1", "failed", "late", "", &ended("a"), 1_005)
+            .await
+            .unwrap());
+        let loser_store = store.clone().for_replica(loser);
+        assert!(!loser_store
+            .record_node_result("d-1.n-2", "failed", "", "loser", &[], 1_005)
+            .await
+            .unwrap());
+        // The winner's writes go through.
+        let owner = store.clone().for_replica(winner);
+        assert!(owner
+            .record_node_result("d-1.n-2", "succeeded", "v1", "ok", &[], 1_006)
+            .await
+            .unwrap());
+        assert!(owner
+            .finish_deployment(
+                "d-1",
+                "succeeded",
+                "2 of 2 nodes succeeded",
+                "",
+                &ended(winner),
+                1_007
+            )
+            .await
+            .unwrap());
+        let nodes = store.deployment_nodes("d-1").await.unwrap();
+        assert_eq!(nodes[1], ("n-2".to_owned(), "succeeded".to_owned(), "ok".to_owned()));
+        // A finished deployment takes no more node results, from anyone.
+        assert!(!owner
+            .record_node_result("d-1.n-2", "failed", "", "after the end", &[], 1_008)
+            .await
+            .unwrap());
+        let events: Vec<(String, serde_json::Value)> = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.resource_id == "d-1")
+            .map(|e| (e.event_type, e.details))
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["DEPLOY_STARTED", "DEPLOY_TAKEN_OVER", "DEPLOY_COMPLETED"]
+        );
+        assert_eq!(events[1].1["to_replica"], winner);
+        assert_eq!(events[2].1["by"], winner);
+        // A handle of no replica cannot take a deployment over.
+        let err = store
+            .take_over_deployment("d-1", Some("a"), &ended("x"), 1_009)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoReplica), "{err}");
+    }
+
+    async fn one_deployment_per_app_holds_across_replicas_racing(store: Store) {
+        let json = serde_json::json!({});
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d",
+            json.clone(),
+        );
+        let insert = |replica: &'static str, id: &'static str| {
+            let store = store.clone().for_replica(replica);
+            let json = json.clone();
+            let started = started.clone();
+            async move {
+                store
+                    .insert_deployment(&new_deployment(id, "web", &[], &json), &started)
+                    .await
+            }
+        };
+        for round in 0..5 {
+            let ids: [&'static str; 3] = match round {
+                0 => ["r0-a", "r0-b", "r0-c"],
+                1 => ["r1-a", "r1-b", "r1-c"],
+                2 => ["r2-a", "r2-b", "r2-c"],
+                3 => ["r3-a", "r3-b", "r3-c"],
+                _ => ["r4-a", "r4-b", "r4-c"],
+            };
+            let (a, b, c) = tokio::join!(
+                insert("a", ids[0]),
+                insert("b", ids[1]),
+                insert("c", ids[2])
+            );
+            let results = [a, b, c];
+            let won: Vec<usize> = (0..3).filter(|&i| results[i].is_ok()).collect();
+            assert_eq!(won.len(), 1, "round {round}: {results:?}");
+            for r in &results {
+                if let Err(err) = r {
+                    assert!(matches!(err, StoreError::AppBusy { .. }), "{err}");
+                }
+            }
+            let running: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM deployments WHERE app = 'web' AND status = 'running'",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            assert_eq!(running, 1);
+            let ev = AuditEvent::success(
+                audit::DEPLOY_COMPLETED,
+                "tok-1",
+                "deployment",
+                ids[won[0]],
+                json.clone(),
+            );
+            let owner = store.clone().for_replica(["a", "b", "c"][won[0]]);
+            assert!(owner
+                .finish_deployment(ids[won[0]], "succeeded", "", "", &ev, 1_001)
+                .await
+                .unwrap());
+        }
     }
 }
