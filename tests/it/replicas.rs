@@ -294,12 +294,24 @@ pub(crate) fn start_rolling(
     work: &std::path::Path,
     version: &str,
 ) -> String {
+    start_rolling_in_batches(controller, token, work, version, 1)
+}
+
+/// [`start_rolling`] with batches of `per_batch` nodes.
+fn start_rolling_in_batches(
+    controller: &Controller,
+    token: &str,
+    work: &std::path::Path,
+    version: &str,
+    per_batch: u32,
+) -> String {
+    let per_batch = per_batch.to_string();
     let out = controller.deploy_version(
         token,
         work,
         version,
         &slow_app(),
-        &["--json", "--strategy", "rolling", "--max-parallel", "1"],
+        &["--json", "--strategy", "rolling", "--max-parallel", &per_batch],
     );
     assert!(out.status.success(), "{}", text(&out));
     let started: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -555,4 +567,146 @@ fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_
     let out = a.slipway(&reader, &["status", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(&second), "{}", text(&out));
+}
+
+#[test]
+fn a_taken_over_rolling_deploy_that_fails_stops_and_rolls_back_as_it_would_have() {
+    let mut a = Controller::start();
+    let mut b = a.replica();
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    let urls = [a.https_url(), b.https_url()];
+    // Every session on a (see the test above).
+    b.kill();
+    let mut agents = Agent::enroll_all(&a, &["f1", "f2", "f3"]);
+    for agent in &mut agents {
+        agent.set_controller_urls(&urls);
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    for agent in &agents {
+        connected_to_other(agent, &urls[0], Duration::from_secs(30));
+    }
+    b.restart();
+    a.wait_online(&reader, 3, Duration::from_secs(60));
+    let work = tempfile::tempdir().unwrap();
+    // Slow to come up, and failing at start on a node whose BREAK lists
+    // the release.
+    let app = format!(
+        "import os, sys, time\ntime.sleep(4)\nif open('VERSION').read().strip() in \
+         os.environ.get('BREAK', '').split(','):\n    sys.exit(3)\n{APP}"
+    );
+    let out = a.deploy_version(&deployer, work.path(), "g1", &app, &["--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    agents[1].add_env("BREAK=g2");
+
+    // a dies while f1 deploys g2; b carries the rollout on: f1 succeeds,
+    // f2 fails, so f3 is skipped and f1 sent back to g1, as a would have.
+    let out = a.deploy_version(
+        &deployer,
+        work.path(),
+        "g2",
+        &app,
+        &["--json", "--strategy", "rolling", "--max-parallel", "1"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = started["deployment_id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    a.kill();
+    let events = in_order(ended_deployment_events(&b, &reader, &id));
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["DEPLOY_STARTED", "DEPLOY_TAKEN_OVER", "DEPLOY_FAILED"],
+        "{events:#?}"
+    );
+    let details = &events[2]["details"];
+    assert_eq!(
+        details["stop_reason"], "deployment stopped after f2 failed",
+        "{details:#}"
+    );
+    assert_eq!(details["rolled_back_nodes"], serde_json::json!(["f1"]), "{details:#}");
+    assert_eq!(details["skipped_nodes"], serde_json::json!(["f3"]), "{details:#}");
+    // Each command ran once: f1 its deploy and its undo, f2 its deploy,
+    // f3 nothing.
+    let f1 = ledger_commands_of(&agents[0], &id);
+    assert_eq!(f1.len(), 2, "{f1:?}");
+    assert!(f1.iter().any(|c| c.ends_with(".undo")), "{f1:?}");
+    for command in &f1 {
+        assert_eq!(ledger_runs(&agents[0], command), 1, "{command}");
+    }
+    assert_eq!(ledger_commands_of(&agents[1], &id).len(), 1);
+    assert!(ledger_commands_of(&agents[2], &id).is_empty());
+    for agent in &agents {
+        assert_eq!(agent.current().as_deref(), Some("g1"), "{}", agent.name);
+    }
+}
+
+/// Needs commands routed between replicas (a command for a node goes to
+/// the replica holding its session): the agents spread over the three.
+#[test]
+fn three_replicas_twenty_agents_a_killed_owners_rolling_deploys_complete_through_the_others() {
+    let mut a = Controller::start();
+    let mut b = a.replica();
+    let c = a.replica();
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    let urls = [a.https_url(), b.https_url(), c.https_url()];
+    let names: Vec<String> = (1..=20).map(|i| format!("m{i:02}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut agents = Agent::enroll_all(&a, &names);
+    for agent in &mut agents {
+        agent.set_controller_urls(&urls);
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    for replica in [&a, &b, &c] {
+        replica.wait_online(&reader, 20, Duration::from_secs(120));
+    }
+    let work = tempfile::tempdir().unwrap();
+    // A deploy through each replica reaches all twenty.
+    for (replica, version) in [(&a, "w1"), (&b, "w2"), (&c, "w3")] {
+        let out = replica.deploy_version(&deployer, work.path(), version, APP, &["--wait"]);
+        assert!(out.status.success(), "{version}: {}", text(&out));
+        for agent in &agents {
+            assert_eq!(agent.current().as_deref(), Some(version), "{}", agent.name);
+        }
+    }
+
+    // The owner dies in the middle of a batch (the first five deploying).
+    let first = start_rolling_in_batches(&a, &deployer, work.path(), "w4", 5);
+    std::thread::sleep(Duration::from_secs(1));
+    let killed_at = Instant::now();
+    a.kill();
+    assert_taken_over_and_completed(&b, &reader, &first, &agents, "w4");
+    println!(
+        "mid-batch kill: {first} completed {:?} after the kill",
+        killed_at.elapsed()
+    );
+
+    // The owner dies at a batch boundary (the first five done).
+    a.restart();
+    let second = start_rolling_in_batches(&b, &deployer, work.path(), "w5", 5);
+    wait_until(
+        "the first batch's results",
+        Duration::from_secs(90),
+        || {
+            agents
+                .iter()
+                .filter(|agent| !ledger_commands_of(agent, &second).is_empty())
+                .count()
+                >= 5
+        },
+    );
+    let killed_at = Instant::now();
+    b.kill();
+    assert_taken_over_and_completed(&c, &reader, &second, &agents, "w5");
+    println!(
+        "batch-boundary kill: {second} completed {:?} after the kill",
+        killed_at.elapsed()
+    );
 }
