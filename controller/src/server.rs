@@ -341,6 +341,7 @@ async fn serve_notifying(
     let carrier = crate::link::replicas::Carrier {
         sessions: sessions.clone(),
         commands: commands.clone(),
+        live: control.live().clone(),
     };
     let replica_task = tokio::spawn(replica.run(later, Some(carrier), stop_polling.clone()));
     let rotation = tokio::spawn(rotation.run(stop_polling.clone()));

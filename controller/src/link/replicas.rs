@@ -74,6 +74,8 @@ pub struct Carrier {
     pub sessions: crate::link::registry::Sessions,
     /// Routing of the agents' answers.
     pub commands: crate::link::commands::Commands,
+    /// Where followers of this replica's deployments find their events.
+    pub live: crate::api::live::Live,
 }
 
 /// This replica; cheap to clone.
@@ -222,10 +224,15 @@ impl Replica {
             match crate::rollout::take_over(store, &carrier.sessions, &carrier.commands, &orphan)
                 .await?
             {
-                TakeOver::Resumed => tracing::warn!(
-                    deployment_id = %orphan.id, from_replica = ?orphan.owner,
-                    "took over a dead replica's deployment"
-                ),
+                TakeOver::Resumed { first, events } => {
+                    tracing::warn!(
+                        deployment_id = %orphan.id, from_replica = ?orphan.owner,
+                        "took over a dead replica's deployment"
+                    );
+                    // Followable here from now on (HTTP API, web UI);
+                    // nobody holds the starter's end.
+                    drop(carrier.live.follow(&orphan.id, first, events));
+                }
                 TakeOver::Failed(why) => {
                     tracing::warn!(deployment_id = %orphan.id, %why, "failed a dead replica's deployment");
                     failed.push(orphan.id);

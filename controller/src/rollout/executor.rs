@@ -262,10 +262,17 @@ pub async fn start_observed(
 
 /// How a dead replica's deployment went for this replica
 /// ([`take_over`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum TakeOver {
-    /// This replica carries it on.
-    Resumed,
+    /// This replica carries it on: its events from here (`first`, a
+    /// [`DeployStarted`] that re-announces it, then `events`), for
+    /// whoever follows it on this replica ([`crate::api::live::Live`]).
+    Resumed {
+        /// The re-announcement.
+        first: DeployEvent,
+        /// The rest, up to its end.
+        events: mpsc::Receiver<DeployEvent>,
+    },
     /// It cannot be carried on: failed, naming why.
     Failed(String),
     /// Another replica took it first (or it ended meanwhile).
@@ -324,7 +331,7 @@ pub async fn take_over(
         "from_replica": dead,
         "to_replica": me,
     });
-    let event = AuditEvent::success(
+    let taken_over = AuditEvent::success(
         crate::audit::DEPLOY_TAKEN_OVER,
         &plan.actor,
         "deployment",
@@ -332,7 +339,7 @@ pub async fn take_over(
         details,
     );
     let Some(rows) = store
-        .take_over_deployment(&orphan.id, dead, &event, crate::now_unix())
+        .take_over_deployment(&orphan.id, dead, &taken_over, crate::now_unix())
         .await?
     else {
         return Ok(TakeOver::Lost);
@@ -405,10 +412,16 @@ pub async fn take_over(
         deployment_id = %orphan.id, from_replica = %dead_shown, to_replica = %me,
         done = finished.len(), nodes = n, "taking over the deployment of a dead replica"
     );
-    let (out_tx, out_rx) = mpsc::channel(1);
-    // Nobody follows a taken-over deployment's stream: its record and
-    // the audit log tell how it goes.
-    drop(out_rx);
+    let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
+    let first = event(deploy_event::Kind::Started(DeployStarted {
+        deployment_id: orphan.id.clone(),
+        app: plan.app.clone(),
+        release_id: plan.action.release_id().to_owned(),
+        nodes: plan.targets.iter().map(target_node).collect(),
+        rollout: Some(plan.rollout.to_proto()),
+        actor: plan.actor.clone(),
+        env_version: plan.action.env_version(),
+    }));
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let run = Run {
         store: store.clone(),
@@ -434,7 +447,10 @@ pub async fn take_over(
         lost: std::sync::atomic::AtomicBool::new(false),
     };
     tokio::spawn(run.execute(ev_rx, progress));
-    Ok(TakeOver::Resumed)
+    Ok(TakeOver::Resumed {
+        first,
+        events: out_rx,
+    })
 }
 
 /// Where a run starts from: nothing done (a new deployment), or the
