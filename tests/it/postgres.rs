@@ -344,7 +344,10 @@ fn replicas_on_postgres_share_sessions_and_take_over_only_a_dead_replicas_rollou
     );
     let failed = failed.unwrap();
     let why = failed["error_message"].as_str().unwrap_or_default();
-    assert!(why.contains("connection lost during the command"), "{failed:#}");
+    assert!(
+        why.contains("connection lost during the command"),
+        "{failed:#}"
+    );
     // Its nodes show offline through b once a is dead.
     b.wait_online(&reader, 0, Duration::from_secs(10));
 }

@@ -311,7 +311,13 @@ fn start_rolling_in_batches(
         work,
         version,
         &slow_app(),
-        &["--json", "--strategy", "rolling", "--max-parallel", &per_batch],
+        &[
+            "--json",
+            "--strategy",
+            "rolling",
+            "--max-parallel",
+            &per_batch,
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     let started: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -399,7 +405,10 @@ fn replicas_share_sessions_and_only_a_dead_replicas_rollout_is_taken_over() {
     );
     let failed = failed.unwrap();
     let why = failed["error_message"].as_str().unwrap_or_default();
-    assert!(why.contains("connection lost during the command"), "{failed:#}");
+    assert!(
+        why.contains("connection lost during the command"),
+        "{failed:#}"
+    );
     let events = in_order(deployment_events(&b, &reader, &second));
     let kinds: Vec<&str> = events
         .iter()
@@ -410,7 +419,11 @@ fn replicas_share_sessions_and_only_a_dead_replicas_rollout_is_taken_over() {
         ["DEPLOY_STARTED", "DEPLOY_TAKEN_OVER", "DEPLOY_FAILED"],
         "{events:#?}"
     );
-    assert_eq!(events[1]["details"]["from_replica"], a_id.as_str(), "{events:#?}");
+    assert_eq!(
+        events[1]["details"]["from_replica"],
+        a_id.as_str(),
+        "{events:#?}"
+    );
     // The app is not blocked: a deploy through b is accepted (its nodes
     // are offline now, their agents knowing only a: it fails on them).
     let out = b.deploy_version(&deployer, work.path(), "s3", APP, &["--wait"]);
@@ -435,9 +448,9 @@ fn ledger_runs(agent: &Agent, command_id: &str) -> usize {
         return 0;
     };
     let ledger: Value = serde_json::from_str(&text).unwrap();
-    ledger["results"]
-        .as_array()
-        .map_or(0, |r| r.iter().filter(|e| e["command_id"] == command_id).count())
+    ledger["results"].as_array().map_or(0, |r| {
+        r.iter().filter(|e| e["command_id"] == command_id).count()
+    })
 }
 
 /// The command ids of deployment `id` in `agent`'s ledger (its undo
@@ -547,11 +560,9 @@ fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_
     // of the next deploy has its result (at the batch boundary).
     a.restart();
     let second = start_rolling(&b, &deployer, work.path(), "k2");
-    wait_until(
-        "the first node's result",
-        Duration::from_secs(60),
-        || !ledger_commands_of(&agents[0], &second).is_empty(),
-    );
+    wait_until("the first node's result", Duration::from_secs(60), || {
+        !ledger_commands_of(&agents[0], &second).is_empty()
+    });
     let killed_at = Instant::now();
     b.kill();
     for agent in &agents {
@@ -629,8 +640,16 @@ fn a_taken_over_rolling_deploy_that_fails_stops_and_rolls_back_as_it_would_have(
         details["stop_reason"], "deployment stopped after f2 failed",
         "{details:#}"
     );
-    assert_eq!(details["rolled_back_nodes"], serde_json::json!(["f1"]), "{details:#}");
-    assert_eq!(details["skipped_nodes"], serde_json::json!(["f3"]), "{details:#}");
+    assert_eq!(
+        details["rolled_back_nodes"],
+        serde_json::json!(["f1"]),
+        "{details:#}"
+    );
+    assert_eq!(
+        details["skipped_nodes"],
+        serde_json::json!(["f3"]),
+        "{details:#}"
+    );
     // Each command ran once: f1 its deploy and its undo, f2 its deploy,
     // f3 nothing.
     let f1 = ledger_commands_of(&agents[0], &id);
@@ -691,17 +710,13 @@ fn three_replicas_twenty_agents_a_killed_owners_rolling_deploys_complete_through
     // The owner dies at a batch boundary (the first five done).
     a.restart();
     let second = start_rolling_in_batches(&b, &deployer, work.path(), "w5", 5);
-    wait_until(
-        "the first batch's results",
-        Duration::from_secs(90),
-        || {
-            agents
-                .iter()
-                .filter(|agent| !ledger_commands_of(agent, &second).is_empty())
-                .count()
-                >= 5
-        },
-    );
+    wait_until("the first batch's results", Duration::from_secs(90), || {
+        agents
+            .iter()
+            .filter(|agent| !ledger_commands_of(agent, &second).is_empty())
+            .count()
+            >= 5
+    });
     let killed_at = Instant::now();
     b.kill();
     assert_taken_over_and_completed(&c, &reader, &second, &agents, "w5");

@@ -403,9 +403,12 @@ pub async fn take_over(
     for batch in &batches {
         let started = batch.nodes.clone().any(|i| progress.results[i].is_some());
         if started {
-            progress
-                .resend
-                .extend(batch.nodes.clone().filter(|&i| progress.results[i].is_none()));
+            progress.resend.extend(
+                batch
+                    .nodes
+                    .clone()
+                    .filter(|&i| progress.results[i].is_none()),
+            );
         }
     }
     tracing::warn!(
@@ -861,10 +864,11 @@ impl Run {
         let mut inflight: HashMap<String, InFlight> = HashMap::new();
         for i in resend {
             let command_id = self.command_ids[i].clone();
-            let message =
-                self.plan
-                    .action
-                    .message(&command_id, &self.plan.app, &self.plan.targets[i].node_id);
+            let message = self.plan.action.message(
+                &command_id,
+                &self.plan.app,
+                &self.plan.targets[i].node_id,
+            );
             // A resumed run keeps every command (see `send`).
             if self.send(i, command_id, message, &mut inflight).await {
                 states[i] = NodeState::Running;

@@ -57,9 +57,7 @@ pub mod observer;
 pub mod plan;
 pub mod policy;
 
-pub use executor::{
-    start, start_observed, take_over, TakeOver, COMMAND_TIMEOUT, RECONNECT_GRACE,
-};
+pub use executor::{start, start_observed, take_over, TakeOver, COMMAND_TIMEOUT, RECONNECT_GRACE};
 pub use observer::{Note, Observer};
 pub use plan::{Action, EnvPayload, EnvText, Plan, PlanRecordError, Target, AGENT_APP};
 pub use policy::{

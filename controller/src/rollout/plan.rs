@@ -669,12 +669,20 @@ mod tests {
     fn a_plan_that_cannot_be_carried_on_says_why() {
         let env = plan(Action::Env {
             version: 4,
-            payloads: [("n-1".to_owned(), EnvPayload::new(4, "SECRET=1\n".to_owned()))].into(),
+            payloads: [(
+                "n-1".to_owned(),
+                EnvPayload::new(4, "SECRET=1\n".to_owned()),
+            )]
+            .into(),
         });
         let text = env.to_record().to_string();
         assert!(!text.contains("SECRET"), "{text}");
         let err = Plan::from_record(&text).unwrap_err();
-        assert!(err.to_string().contains("env deployment cannot be carried on"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("env deployment cannot be carried on"),
+            "{err}"
+        );
         let mut record = plan(Action::Restart).to_record();
         record["version"] = serde_json::json!(9);
         let err = Plan::from_record(&record.to_string()).unwrap_err();

@@ -1105,11 +1105,19 @@ mod tests {
         let loser = if winner == "b" { "c" } else { "b" };
         assert_eq!(rows.len(), 2);
         assert_eq!(
-            (rows[0].node_id.as_str(), rows[0].outcome.as_str(), rows[0].release_id.as_str()),
+            (
+                rows[0].node_id.as_str(),
+                rows[0].outcome.as_str(),
+                rows[0].release_id.as_str()
+            ),
             ("n-1", "succeeded", "v1")
         );
         assert_eq!(
-            (rows[1].command_id.as_str(), rows[1].batch, rows[1].outcome.as_str()),
+            (
+                rows[1].command_id.as_str(),
+                rows[1].batch,
+                rows[1].outcome.as_str()
+            ),
             ("d-1.n-2", 2, "pending")
         );
         assert_eq!(rows[0].prior_release, "v0");
@@ -1162,7 +1170,10 @@ mod tests {
             .await
             .unwrap());
         let nodes = store.deployment_nodes("d-1").await.unwrap();
-        assert_eq!(nodes[1], ("n-2".to_owned(), "succeeded".to_owned(), "ok".to_owned()));
+        assert_eq!(
+            nodes[1],
+            ("n-2".to_owned(), "succeeded".to_owned(), "ok".to_owned())
+        );
         // A finished deployment takes no more node results, from anyone.
         assert!(!owner
             .record_node_result("d-1.n-2", "failed", "", "after the end", &[], 1_008)
