@@ -752,7 +752,7 @@ async fn fail_running_in(
         }),
         why,
     );
-    insert_audit(&mut **tx, &event, now).await?;
+    insert_audit(tx, &event, now).await?;
     Ok(true)
 }
 
