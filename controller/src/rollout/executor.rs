@@ -1163,3 +1163,156 @@ impl Run {
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{EnvPayload, Rollout, Strategy};
+
+    crate::store::testing::store_tests!(
+        a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done,
+    );
+
+    fn plan(action: Action) -> Plan {
+        Plan {
+            app: "web".to_owned(),
+            action,
+            targets: vec![Target {
+                node_id: "n-1".to_owned(),
+                name: "web-1".to_owned(),
+            }],
+            actor: "tok-1".to_owned(),
+            selector: serde_json::json!({}),
+            rollout: Rollout {
+                strategy: Strategy::Rolling,
+                max_parallel: 1,
+                max_unavailable: 0,
+                canary: 0,
+            },
+            snapshots: Vec::new(),
+        }
+    }
+
+    /// Records deployment `id` of `plan` as replica `a`'s, its one node
+    /// with result `outcome` ("pending": none).
+    async fn record(store: &Store, id: &str, plan: &Plan, outcome: &str) {
+        let a = store.clone().for_replica("a");
+        let command_id = format!("{id}.n-1");
+        let nodes = [NewDeploymentNode {
+            node_id: "n-1",
+            command_id: &command_id,
+            batch: 1,
+            prior_release: "v0",
+        }];
+        let record = plan.to_record();
+        a.insert_deployment(
+            &NewDeployment {
+                id,
+                kind: plan.action.kind(),
+                app: &plan.app,
+                release_id: plan.action.release_id(),
+                artifact_sha256: "",
+                actor: &plan.actor,
+                selector: &plan.selector,
+                rollout: &plan.rollout.to_json(),
+                snapshots: &[],
+                started_at: 1_000,
+                nodes: &nodes,
+                env_version: None,
+                plan: Some(&record),
+            },
+            &AuditEvent::success(
+                plan.action.started_event(),
+                &plan.actor,
+                "deployment",
+                id,
+                serde_json::json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+        if outcome != "pending" {
+            assert!(a
+                .record_node_result(&command_id, outcome, "v1", "done", &[], 1_001)
+                .await
+                .unwrap());
+        }
+    }
+
+    async fn a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done(store: Store) {
+        let env = plan(Action::Env {
+            version: 2,
+            payloads: [("n-1".to_owned(), EnvPayload::new(2, "A=1\n".to_owned()))].into(),
+        });
+        let mut done = plan(Action::Deploy {
+            release_id: "v1".to_owned(),
+            sha256: "ab".repeat(32),
+            git_sha: String::new(),
+            artifact_url: String::new(),
+        });
+        done.app = "api".to_owned();
+        record(&store, "d-env", &env, "pending").await;
+        record(&store, "d-done", &done, "succeeded").await;
+        let b = store.clone().for_replica("b");
+        let (sessions, commands) = (Sessions::new(), Commands::new());
+        let orphans = b.orphaned_deployments(&["b".to_owned()]).await.unwrap();
+        assert_eq!(orphans.len(), 2);
+
+        // The env delivery's texts are not recorded: failed, naming why.
+        let outcome = take_over(&b, &sessions, &commands, &orphans[0])
+            .await
+            .unwrap();
+        let TakeOver::Failed(why) = outcome else {
+            panic!("not failed: {outcome:?}");
+        };
+        assert!(
+            why.contains("replica a that ran the deployment is gone"),
+            "{why}"
+        );
+        assert!(why.contains("env deployment cannot be carried on"), "{why}");
+        let record = store.deployment("d-env").await.unwrap().unwrap();
+        assert_eq!(record.status, "failed");
+        assert_eq!(record.message, why);
+
+        // Every node done when its owner died: the taker records the end.
+        let outcome = take_over(&b, &sessions, &commands, &orphans[1])
+            .await
+            .unwrap();
+        assert!(matches!(outcome, TakeOver::Resumed { .. }), "{outcome:?}");
+        // A second taker finds it taken.
+        let c = store.clone().for_replica("c");
+        let again = take_over(&c, &sessions, &commands, &orphans[1])
+            .await
+            .unwrap();
+        assert!(matches!(again, TakeOver::Lost), "{again:?}");
+        let mut status = String::new();
+        for _ in 0..100 {
+            status = store.deployment("d-done").await.unwrap().unwrap().status;
+            if status != "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, "succeeded");
+        let kinds: Vec<(String, String)> = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.resource_id.starts_with("d-"))
+            .map(|e| (e.resource_id, e.event_type))
+            .collect();
+        let of = |id: &str| -> Vec<&str> {
+            kinds
+                .iter()
+                .filter(|(r, _)| r == id)
+                .map(|(_, k)| k.as_str())
+                .collect()
+        };
+        assert_eq!(of("d-env"), ["ENV_DELIVERY_STARTED", "ENV_DELIVERY_FAILED"]);
+        assert_eq!(
+            of("d-done"),
+            ["DEPLOY_STARTED", "DEPLOY_TAKEN_OVER", "DEPLOY_COMPLETED"]
+        );
+    }
+}
