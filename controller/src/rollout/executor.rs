@@ -958,6 +958,10 @@ impl Run {
         let mut rolled_back = Vec::new();
         let mut inflight: HashMap<String, InFlight> = HashMap::new();
         for (i, state) in states.iter().enumerate() {
+            if self.lost() {
+                // Another replica owns it now and stops it itself.
+                break;
+            }
             match state {
                 NodeState::Pending => {
                     let result = self.result(i, Outcome::Skipped, "", &reason);
@@ -1003,7 +1007,7 @@ impl Run {
                 NodeState::Failed | NodeState::Running => {}
             }
         }
-        while !inflight.is_empty() {
+        while !inflight.is_empty() && !self.lost() {
             let (_, i, answer) = self.next_answer(events, &mut inflight).await;
             let result = if answer.outcome == Outcome::Succeeded as i32 {
                 rolled_back.push(i);
@@ -1028,6 +1032,10 @@ impl Run {
             };
             self.record(i, &result).await;
             results[i] = Some(result);
+        }
+        // Lost to another replica: its undo commands are not awaited here.
+        for command_id in inflight.keys() {
+            self.commands.forget(command_id);
         }
         Stopped {
             reason,
