@@ -345,15 +345,21 @@ pub async fn take_over(
         return Ok(TakeOver::Lost);
     };
     let batches = plan.rollout.batches(plan.targets.len());
+    // Rows written by another replica: each must be the target's, under
+    // the command id this deployment gives it, with a valid release.
     let consistent = rows.len() == plan.targets.len()
-        && rows
-            .iter()
-            .zip(&plan.targets)
-            .all(|(row, t)| row.node_id == t.node_id);
+        && rows.iter().zip(&plan.targets).all(|(row, t)| {
+            row.node_id == t.node_id
+                && row.command_id == format!("{}.{}", orphan.id, t.node_id)
+                && (row.prior_release.is_empty()
+                    || slipway_proto::limits::check_release_id("prior_release", &row.prior_release)
+                        .is_ok())
+        });
     if !consistent {
         let why = format!(
             "controller replica {dead_shown} that ran the deployment is gone and its recorded \
-             nodes do not match its recorded plan ({} rows, {} targets): it cannot be carried on",
+             nodes do not match its recorded plan ({} rows for {} targets, or a row with another \
+             node, command id or an invalid release): it cannot be carried on",
             rows.len(),
             plan.targets.len()
         );
