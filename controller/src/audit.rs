@@ -58,6 +58,10 @@ pub const DEPLOY_STARTED: &str = "DEPLOY_STARTED";
 pub const DEPLOY_COMPLETED: &str = "DEPLOY_COMPLETED";
 /// At least one node of a deploy failed (details name them and why).
 pub const DEPLOY_FAILED: &str = "DEPLOY_FAILED";
+/// A running deployment (any kind) whose controller replica died was taken
+/// over by another replica, which carries it on from its recorded state
+/// (details name both replicas and the nodes already done).
+pub const DEPLOY_TAKEN_OVER: &str = "DEPLOY_TAKEN_OVER";
 /// A rollback was recorded and its commands sent.
 pub const ROLLBACK_STARTED: &str = "ROLLBACK_STARTED";
 /// Every node of a rollback succeeded.

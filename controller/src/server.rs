@@ -165,8 +165,10 @@ async fn serve_notifying(
     let store = replica.store().clone();
     // No deployment of this process runs yet: any marked running whose
     // replica is gone (this controller before a crash or restart, or a
-    // dead replica) was cut short and must not block its app. Those of
-    // live replicas go on.
+    // dead replica) and that cannot be carried on (recorded without its
+    // plan) was cut short and must not block its app. Those with a plan
+    // are taken over once the agent sessions can be served (the replica's
+    // first renewal); those of live replicas go on.
     let abandoned = replica.abandon_dead_deployments(crate::now_unix()).await?;
     if !abandoned.is_empty() {
         tracing::warn!(
@@ -340,7 +342,12 @@ async fn serve_notifying(
     let renewer = tokio::spawn(renewal.run(identity.renew_at(), stop_polling.clone()));
     // Without GitHub nobody listens for the later ones.
     let later = later_rx.is_none().then_some(later_tx);
-    let replica_task = tokio::spawn(replica.run(later, stop_polling.clone()));
+    let carrier = crate::link::replicas::Carrier {
+        sessions: sessions.clone(),
+        commands: commands.clone(),
+        live: control.live().clone(),
+    };
+    let replica_task = tokio::spawn(replica.run(later, Some(carrier), stop_polling.clone()));
     let rotation = tokio::spawn(rotation.run(stop_polling.clone()));
     let routing = tokio::spawn(router.run(sessions.clone(), stop_polling.clone()));
     let backups = config.backup.clone().map(|schedule| {

@@ -8,8 +8,14 @@
 //! after the window. PostgreSQL replicas on other machines are judged by
 //! the window alone.
 //!
-//! Every renewal also fails the running deployments of replicas that are
-//! not alive (they are not taken over: that needs a lease, not done yet).
+//! A running deployment's lease is its owner (`deployments.owner_replica`)
+//! being alive. Every renewal also takes over the running deployments of
+//! replicas that are not alive ([`crate::rollout::take_over`]: a
+//! conditional update, one replica wins) and carries them on; those that
+//! cannot be carried on (recorded without their plan, by an older
+//! controller) are failed, naming why. Every write of a deployment's
+//! result is conditional on its replica still owning it, so a replica
+//! that was only slow cannot write over its successor's work.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,6 +26,7 @@ use std::time::Duration;
 use nix::fcntl::{Flock, FlockArg};
 use tokio_util::sync::CancellationToken;
 
+use crate::rollout::TakeOver;
 use crate::store::{Backend, ReplicaRow, Store, StoreError};
 
 /// How often a replica renews its `seen_at` (and sweeps dead replicas'
@@ -57,6 +64,18 @@ pub enum ReplicaError {
 pub fn seen_recently(seen_at: i64, now: i64) -> bool {
     let window = i64::try_from(RENEW_EVERY.as_secs() * DEAD_AFTER_RENEWALS).unwrap_or(i64::MAX);
     now.saturating_sub(seen_at) <= window
+}
+
+/// What a replica carries dead replicas' deployments on with: its agent
+/// sessions and command routing.
+#[derive(Debug, Clone)]
+pub struct Carrier {
+    /// This replica's agent sessions.
+    pub sessions: crate::link::registry::Sessions,
+    /// Routing of the agents' answers.
+    pub commands: crate::link::commands::Commands,
+    /// Where followers of this replica's deployments find their events.
+    pub live: crate::api::live::Live,
 }
 
 /// This replica; cheap to clone.
@@ -178,8 +197,10 @@ impl Replica {
             .collect())
     }
 
-    /// Fails the running deployments of replicas not alive now; returns
-    /// their ids.
+    /// Fails the running deployments of replicas not alive now that were
+    /// recorded without their plan (no replica can carry them on); returns
+    /// their ids. Those with a plan are left to
+    /// [`Self::take_over_dead_deployments`].
     pub async fn abandon_dead_deployments(&self, now: i64) -> Result<Vec<String>, StoreError> {
         let live = self.live_ids(now).await?;
         self.inner
@@ -188,12 +209,48 @@ impl Replica {
             .await
     }
 
-    /// Renews this replica's record every [`RENEW_EVERY`] and fails dead
-    /// replicas' deployments (their ids sent on `abandoned`), until
-    /// `stop`; then removes the record.
+    /// Takes over the running deployments of replicas not alive now and
+    /// carries them on through `carrier`; fails those that cannot be
+    /// carried on and returns their ids.
+    pub async fn take_over_dead_deployments(
+        &self,
+        now: i64,
+        carrier: &Carrier,
+    ) -> Result<Vec<String>, StoreError> {
+        let live = self.live_ids(now).await?;
+        let store = &self.inner.store;
+        let mut failed = store.abandon_running_deployments(now, &live).await?;
+        for orphan in store.orphaned_deployments(&live).await? {
+            match crate::rollout::take_over(store, &carrier.sessions, &carrier.commands, &orphan)
+                .await?
+            {
+                TakeOver::Resumed { first, events } => {
+                    tracing::warn!(
+                        deployment_id = %orphan.id, from_replica = ?orphan.owner,
+                        "took over a dead replica's deployment"
+                    );
+                    // Followable here from now on (HTTP API, web UI);
+                    // nobody holds the starter's end.
+                    drop(carrier.live.follow(&orphan.id, first, events));
+                }
+                TakeOver::Failed(why) => {
+                    tracing::warn!(deployment_id = %orphan.id, %why, "failed a dead replica's deployment");
+                    failed.push(orphan.id);
+                }
+                TakeOver::Lost => {}
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Renews this replica's record every [`RENEW_EVERY`] and takes over
+    /// dead replicas' deployments through `carrier` (the ids of those it
+    /// had to fail sent on `abandoned`; without a carrier they are all
+    /// failed), until `stop`; then removes the record.
     pub async fn run(
         self,
         abandoned: Option<tokio::sync::mpsc::UnboundedSender<Vec<String>>>,
+        carrier: Option<Carrier>,
         stop: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(RENEW_EVERY);
@@ -221,7 +278,11 @@ impl Replica {
                 }
                 Err(err) => tracing::warn!(%err, "cannot renew this replica's record"),
             }
-            match self.abandon_dead_deployments(now).await {
+            let swept = match &carrier {
+                Some(carrier) => self.take_over_dead_deployments(now, carrier).await,
+                None => self.abandon_dead_deployments(now).await,
+            };
+            match swept {
                 Ok(ids) if !ids.is_empty() => {
                     tracing::warn!(
                         deployments = ?ids,

@@ -19,7 +19,9 @@ use super::policy::{next_step, outcome_text, summarize, Batch, NodeState, Step};
 use crate::audit::AuditEvent;
 use crate::link::commands::{Commands, NodeEvent};
 use crate::link::registry::Sessions;
-use crate::store::{DeploymentStep, NewDeployment, NewDeploymentNode, Store, StoreError};
+use crate::store::{
+    DeploymentStep, NewDeployment, NewDeploymentNode, OrphanedDeployment, Store, StoreError,
+};
 
 /// Longest a node may take to answer a command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -191,6 +193,7 @@ pub async fn start_observed(
                 started_at: now,
                 nodes: &nodes,
                 env_version,
+                plan: Some(&plan.to_record()),
             },
             &AuditEvent::success(
                 started_type,
@@ -250,9 +253,236 @@ pub async fn start_observed(
         steps: std::sync::Mutex::new(vec![Vec::new(); n_targets]),
         observer,
         finished_nodes: std::sync::Mutex::new(HashMap::new()),
+        resumed: false,
+        lost: std::sync::atomic::AtomicBool::new(false),
     };
-    tokio::spawn(run.execute(ev_rx));
+    tokio::spawn(run.execute(ev_rx, Progress::fresh(n_targets)));
     Ok(out_rx)
+}
+
+/// How a dead replica's deployment went for this replica
+/// ([`take_over`]).
+#[derive(Debug)]
+pub enum TakeOver {
+    /// This replica carries it on: its events from here (`first`, a
+    /// [`DeployStarted`] that re-announces it, then `events`), for
+    /// whoever follows it on this replica ([`crate::api::live::Live`]).
+    Resumed {
+        /// The re-announcement.
+        first: DeployEvent,
+        /// The rest, up to its end.
+        events: mpsc::Receiver<DeployEvent>,
+    },
+    /// It cannot be carried on: failed, naming why.
+    Failed(String),
+    /// Another replica took it first (or it ended meanwhile).
+    Lost,
+}
+
+/// Takes over `orphan`, a running deployment of a dead replica, for the
+/// replica `store` writes for: rebuilds its run from the recorded plan
+/// and per-node rows and carries it on (nodes with a result keep it;
+/// nodes of a started batch without one are sent their command again
+/// under the same id, which the agent answers from its record or
+/// finishes; later batches follow as planned; the rollout's failure policy
+/// applies as it would have). A deployment whose plan cannot be rebuilt
+/// is failed, naming why.
+pub async fn take_over(
+    store: &Store,
+    sessions: &Sessions,
+    commands: &Commands,
+    orphan: &OrphanedDeployment,
+) -> Result<TakeOver, StoreError> {
+    let me = store.replica_id().ok_or(StoreError::NoReplica)?.to_owned();
+    let dead = orphan.owner.as_deref();
+    let dead_shown = dead.unwrap_or("(none recorded)");
+    let fail = |why: String| async move {
+        let now = crate::now_unix();
+        if store
+            .fail_orphaned_deployment(&orphan.id, dead, &why, now)
+            .await?
+        {
+            Ok(TakeOver::Failed(why))
+        } else {
+            Ok(TakeOver::Lost)
+        }
+    };
+    let plan = match orphan.plan.as_deref().map(Plan::from_record) {
+        Some(Ok(plan)) => plan,
+        Some(Err(err)) => {
+            return fail(format!(
+                "controller replica {dead_shown} that ran the deployment is gone and {err}"
+            ))
+            .await
+        }
+        None => {
+            return fail(format!(
+                "controller replica {dead_shown} that ran the deployment is gone and it was \
+                 recorded without its plan (by an older controller): it cannot be carried on"
+            ))
+            .await
+        }
+    };
+    let details = serde_json::json!({
+        "deployment_id": orphan.id,
+        "app": plan.app,
+        "kind": plan.action.kind(),
+        "release_id": plan.action.release_id(),
+        "from_replica": dead,
+        "to_replica": me,
+    });
+    let taken_over = AuditEvent::success(
+        crate::audit::DEPLOY_TAKEN_OVER,
+        &plan.actor,
+        "deployment",
+        &orphan.id,
+        details,
+    );
+    let Some(rows) = store
+        .take_over_deployment(&orphan.id, dead, &taken_over, crate::now_unix())
+        .await?
+    else {
+        return Ok(TakeOver::Lost);
+    };
+    let batches = plan.rollout.batches(plan.targets.len());
+    // Rows written by another replica: each must be the target's, under
+    // the command id this deployment gives it, with a valid release.
+    let consistent = rows.len() == plan.targets.len()
+        && rows.iter().zip(&plan.targets).all(|(row, t)| {
+            row.node_id == t.node_id
+                && row.command_id == format!("{}.{}", orphan.id, t.node_id)
+                && (row.prior_release.is_empty()
+                    || slipway_proto::limits::check_release_id("prior_release", &row.prior_release)
+                        .is_ok())
+        });
+    if !consistent {
+        let why = format!(
+            "controller replica {dead_shown} that ran the deployment is gone and its recorded \
+             nodes do not match its recorded plan ({} rows for {} targets, or a row with another \
+             node, command id or an invalid release): it cannot be carried on",
+            rows.len(),
+            plan.targets.len()
+        );
+        let failed = store
+            .fail_orphaned_deployment(&orphan.id, Some(&me), &why, crate::now_unix())
+            .await?;
+        return Ok(if failed {
+            TakeOver::Failed(why)
+        } else {
+            TakeOver::Lost
+        });
+    }
+    let n = plan.targets.len();
+    let mut progress = Progress::fresh(n);
+    let mut finished = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let outcome = match row.outcome.as_str() {
+            "succeeded" => Some(Outcome::Succeeded),
+            // Rolled back after succeeding: the undo is sent again (same
+            // id: answered from the agent's record) if the rollout stops.
+            "rolled_back" => Some(Outcome::RolledBack),
+            "failed" => Some(Outcome::Failed),
+            // Skipped and pending: nothing ran on the node for this
+            // deployment yet, or its command is sent again.
+            _ => None,
+        };
+        let Some(outcome) = outcome else { continue };
+        let state = if outcome == Outcome::Failed {
+            progress.failed_in_order.push(i);
+            NodeState::Failed
+        } else {
+            NodeState::Succeeded
+        };
+        progress.states[i] = state;
+        let target = &plan.targets[i];
+        progress.results[i] = Some(NodeResult {
+            node_id: target.node_id.clone(),
+            node_name: target.name.clone(),
+            outcome: outcome as i32,
+            release_id: row.release_id.clone(),
+            message: row.message.clone(),
+        });
+        finished.push(i);
+    }
+    // The nodes of a batch partly done when the owner died: their
+    // commands may be out already; sent again under the same id.
+    for batch in &batches {
+        let started = batch.nodes.clone().any(|i| progress.results[i].is_some());
+        if started {
+            progress.resend.extend(
+                batch
+                    .nodes
+                    .clone()
+                    .filter(|&i| progress.results[i].is_none()),
+            );
+        }
+    }
+    tracing::warn!(
+        deployment_id = %orphan.id, from_replica = %dead_shown, to_replica = %me,
+        done = finished.len(), nodes = n, "taking over the deployment of a dead replica"
+    );
+    let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
+    let first = event(deploy_event::Kind::Started(DeployStarted {
+        deployment_id: orphan.id.clone(),
+        app: plan.app.clone(),
+        release_id: plan.action.release_id().to_owned(),
+        nodes: plan.targets.iter().map(target_node).collect(),
+        rollout: Some(plan.rollout.to_proto()),
+        actor: plan.actor.clone(),
+        env_version: plan.action.env_version(),
+    }));
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let run = Run {
+        store: store.clone(),
+        sessions: sessions.clone(),
+        commands: commands.clone(),
+        deployment_id: orphan.id.clone(),
+        started: Instant::now(),
+        command_ids: rows.iter().map(|r| r.command_id.clone()).collect(),
+        prior: rows.iter().map(|r| r.prior_release.clone()).collect(),
+        plan,
+        batches,
+        out: out_tx,
+        events_tx: ev_tx,
+        steps: std::sync::Mutex::new(vec![Vec::new(); n]),
+        observer: None,
+        finished_nodes: std::sync::Mutex::new(
+            finished
+                .iter()
+                .map(|&i| (i, progress.states[i] == NodeState::Failed))
+                .collect(),
+        ),
+        resumed: true,
+        lost: std::sync::atomic::AtomicBool::new(false),
+    };
+    tokio::spawn(run.execute(ev_rx, progress));
+    Ok(TakeOver::Resumed {
+        first,
+        events: out_rx,
+    })
+}
+
+/// Where a run starts from: nothing done (a new deployment), or the
+/// recorded state of one taken over.
+#[derive(Debug)]
+struct Progress {
+    states: Vec<NodeState>,
+    results: Vec<Option<NodeResult>>,
+    /// Failed targets, in the order they failed.
+    failed_in_order: Vec<usize>,
+    /// Targets whose command is sent (again) before anything else.
+    resend: Vec<usize>,
+}
+
+impl Progress {
+    fn fresh(n: usize) -> Self {
+        Self {
+            states: vec![NodeState::Pending; n],
+            results: vec![None; n],
+            failed_in_order: Vec::new(),
+            resend: Vec::new(),
+        }
+    }
 }
 
 /// A command sent and not answered yet.
@@ -306,6 +536,14 @@ struct Run {
     /// Whether each node that has a result failed (its latest result), for
     /// the observer's progress counts.
     finished_nodes: std::sync::Mutex<HashMap<usize, bool>>,
+    /// Taken over from a dead replica: the nodes' sessions may still be
+    /// on their way here, so a command that finds no session waits for
+    /// the node to connect (up to the reconnect grace) instead of failing
+    /// it at once.
+    resumed: bool,
+    /// Set when a write was refused because another replica took the
+    /// deployment over: this run stops, writing nothing more.
+    lost: std::sync::atomic::AtomicBool,
 }
 
 /// Steps kept per node of a deployment (a node sends about ten; a
@@ -383,10 +621,25 @@ impl Run {
         let sent = tokio::time::timeout(SEND_TIMEOUT, self.sessions.send(node_id, message))
             .await
             .unwrap_or(false);
+        let now = Instant::now();
+        if !sent && self.resumed {
+            // Still registered: sent when the node's session opens here
+            // ([`Commands::reconnected`]).
+            let grace = self.plan.action.reconnect_grace(RECONNECT_GRACE);
+            inflight.insert(
+                command_id,
+                InFlight {
+                    index,
+                    sent_at: now,
+                    deadline: now + grace,
+                    step: None,
+                },
+            );
+            return true;
+        }
         if !sent && !self.commands.forget_unless_resent(&command_id) {
             return false;
         }
-        let now = Instant::now();
         inflight.insert(
             command_id,
             InFlight {
@@ -548,7 +801,7 @@ impl Run {
             deployment_id = %self.deployment_id, node_id = %result.node_id,
             outcome = outcome_text(result.outcome), message = %result.message, "node finished"
         );
-        if let Err(err) = self
+        match self
             .store
             .record_node_result(
                 command_id,
@@ -560,7 +813,17 @@ impl Run {
             )
             .await
         {
-            tracing::error!(%err, %command_id, "could not record a node result");
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    deployment_id = %self.deployment_id, %command_id,
+                    "the deployment is no longer this replica's (taken over by another, or \
+                     ended): this replica stops running it"
+                );
+                self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            Err(err) => tracing::error!(%err, %command_id, "could not record a node result"),
         }
         self.emit(deploy_event::Kind::NodeResult(result.clone()));
         if let Some(observer) = &self.observer {
@@ -584,14 +847,45 @@ impl Run {
         }
     }
 
-    async fn execute(self, mut events: Events) {
-        let n = self.plan.targets.len();
-        let mut states = vec![NodeState::Pending; n];
-        let mut results: Vec<Option<NodeResult>> = vec![None; n];
-        let mut failed_in_order = Vec::new();
+    /// True once another replica owns the deployment.
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Forgets the commands still awaited (a run that lost its lease).
+    fn abandon(&self, inflight: &HashMap<String, InFlight>) {
+        for command_id in inflight.keys() {
+            self.commands.forget(command_id);
+        }
+        tracing::warn!(deployment_id = %self.deployment_id, "stopped running a deployment this replica no longer owns");
+    }
+
+    async fn execute(self, mut events: Events, from: Progress) {
+        let Progress {
+            mut states,
+            mut results,
+            mut failed_in_order,
+            resend,
+        } = from;
         let mut inflight: HashMap<String, InFlight> = HashMap::new();
+        for i in resend {
+            let command_id = self.command_ids[i].clone();
+            let message = self.plan.action.message(
+                &command_id,
+                &self.plan.app,
+                &self.plan.targets[i].node_id,
+            );
+            // A resumed run keeps every command (see `send`).
+            if self.send(i, command_id, message, &mut inflight).await {
+                states[i] = NodeState::Running;
+            }
+        }
         let batch_count = u32::try_from(self.batches.len()).unwrap_or(u32::MAX);
         let stopped_by = loop {
+            if self.lost() {
+                self.abandon(&inflight);
+                return;
+            }
             match next_step(&self.plan.rollout, &self.batches, &states, &failed_in_order) {
                 Step::Start(b) => {
                     let batch = self.batches[b].clone();
@@ -645,6 +939,10 @@ impl Run {
             Some(by) => Some(self.stop(by, &states, &mut results, &mut events).await),
             None => None,
         };
+        if self.lost() {
+            self.abandon(&inflight);
+            return;
+        }
         self.finish(results, stopped).await;
     }
 
@@ -666,6 +964,10 @@ impl Run {
         let mut rolled_back = Vec::new();
         let mut inflight: HashMap<String, InFlight> = HashMap::new();
         for (i, state) in states.iter().enumerate() {
+            if self.lost() {
+                // Another replica owns it now and stops it itself.
+                break;
+            }
             match state {
                 NodeState::Pending => {
                     let result = self.result(i, Outcome::Skipped, "", &reason);
@@ -711,7 +1013,7 @@ impl Run {
                 NodeState::Failed | NodeState::Running => {}
             }
         }
-        while !inflight.is_empty() {
+        while !inflight.is_empty() && !self.lost() {
             let (_, i, answer) = self.next_answer(events, &mut inflight).await;
             let result = if answer.outcome == Outcome::Succeeded as i32 {
                 rolled_back.push(i);
@@ -736,6 +1038,10 @@ impl Run {
             };
             self.record(i, &result).await;
             results[i] = Some(result);
+        }
+        // Lost to another replica: its undo commands are not awaited here.
+        for command_id in inflight.keys() {
+            self.commands.forget(command_id);
         }
         Stopped {
             reason,
@@ -869,5 +1175,158 @@ impl Run {
                     .unwrap_or_default(),
             })))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{EnvPayload, Rollout, Strategy};
+
+    crate::store::testing::store_tests!(
+        a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done,
+    );
+
+    fn plan(action: Action) -> Plan {
+        Plan {
+            app: "web".to_owned(),
+            action,
+            targets: vec![Target {
+                node_id: "n-1".to_owned(),
+                name: "web-1".to_owned(),
+            }],
+            actor: "tok-1".to_owned(),
+            selector: serde_json::json!({}),
+            rollout: Rollout {
+                strategy: Strategy::Rolling,
+                max_parallel: 1,
+                max_unavailable: 0,
+                canary: 0,
+            },
+            snapshots: Vec::new(),
+        }
+    }
+
+    /// Records deployment `id` of `plan` as replica `a`'s, its one node
+    /// with result `outcome` ("pending": none).
+    async fn record(store: &Store, id: &str, plan: &Plan, outcome: &str) {
+        let a = store.clone().for_replica("a");
+        let command_id = format!("{id}.n-1");
+        let nodes = [NewDeploymentNode {
+            node_id: "n-1",
+            command_id: &command_id,
+            batch: 1,
+            prior_release: "v0",
+        }];
+        let record = plan.to_record();
+        a.insert_deployment(
+            &NewDeployment {
+                id,
+                kind: plan.action.kind(),
+                app: &plan.app,
+                release_id: plan.action.release_id(),
+                artifact_sha256: "",
+                actor: &plan.actor,
+                selector: &plan.selector,
+                rollout: &plan.rollout.to_json(),
+                snapshots: &[],
+                started_at: 1_000,
+                nodes: &nodes,
+                env_version: None,
+                plan: Some(&record),
+            },
+            &AuditEvent::success(
+                plan.action.started_event(),
+                &plan.actor,
+                "deployment",
+                id,
+                serde_json::json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+        if outcome != "pending" {
+            assert!(a
+                .record_node_result(&command_id, outcome, "v1", "done", &[], 1_001)
+                .await
+                .unwrap());
+        }
+    }
+
+    async fn a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done(store: Store) {
+        let env = plan(Action::Env {
+            version: 2,
+            payloads: [("n-1".to_owned(), EnvPayload::new(2, "A=1\n".to_owned()))].into(),
+        });
+        let mut done = plan(Action::Deploy {
+            release_id: "v1".to_owned(),
+            sha256: "ab".repeat(32),
+            git_sha: String::new(),
+            artifact_url: String::new(),
+        });
+        done.app = "api".to_owned();
+        record(&store, "d-env", &env, "pending").await;
+        record(&store, "d-done", &done, "succeeded").await;
+        let b = store.clone().for_replica("b");
+        let (sessions, commands) = (Sessions::new(), Commands::new());
+        let orphans = b.orphaned_deployments(&["b".to_owned()]).await.unwrap();
+        assert_eq!(orphans.len(), 2);
+
+        // The env delivery's texts are not recorded: failed, naming why.
+        let outcome = take_over(&b, &sessions, &commands, &orphans[0])
+            .await
+            .unwrap();
+        let TakeOver::Failed(why) = outcome else {
+            panic!("not failed: {outcome:?}");
+        };
+        assert!(
+            why.contains("replica a that ran the deployment is gone"),
+            "{why}"
+        );
+        assert!(why.contains("env deployment cannot be carried on"), "{why}");
+        let record = store.deployment("d-env").await.unwrap().unwrap();
+        assert_eq!(record.status, "failed");
+        assert_eq!(record.message, why);
+
+        // Every node done when its owner died: the taker records the end.
+        let outcome = take_over(&b, &sessions, &commands, &orphans[1])
+            .await
+            .unwrap();
+        assert!(matches!(outcome, TakeOver::Resumed { .. }), "{outcome:?}");
+        // A second taker finds it taken.
+        let c = store.clone().for_replica("c");
+        let again = take_over(&c, &sessions, &commands, &orphans[1])
+            .await
+            .unwrap();
+        assert!(matches!(again, TakeOver::Lost), "{again:?}");
+        let mut status = String::new();
+        for _ in 0..100 {
+            status = store.deployment("d-done").await.unwrap().unwrap().status;
+            if status != "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, "succeeded");
+        let kinds: Vec<(String, String)> = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.resource_id.starts_with("d-"))
+            .map(|e| (e.resource_id, e.event_type))
+            .collect();
+        let of = |id: &str| -> Vec<&str> {
+            kinds
+                .iter()
+                .filter(|(r, _)| r == id)
+                .map(|(_, k)| k.as_str())
+                .collect()
+        };
+        assert_eq!(of("d-env"), ["ENV_DELIVERY_STARTED", "ENV_DELIVERY_FAILED"]);
+        assert_eq!(
+            of("d-done"),
+            ["DEPLOY_STARTED", "DEPLOY_TAKEN_OVER", "DEPLOY_COMPLETED"]
+        );
     }
 }

@@ -48,18 +48,38 @@
 //! deployment only when they come from the node the command was sent to
 //! ([`crate::link::commands::Commands`]).
 //!
-//! One deployment per app runs at a time:
+//! One deployment per app runs at a time, across replicas:
 //! [`crate::store::Store::insert_deployment`] refuses a second one while
-//! the first is `running` ([`crate::store::StoreError::AppBusy`]).
+//! the first is `running` ([`crate::store::StoreError::AppBusy`]), checked
+//! in the database's write transaction (SQLite `BEGIN IMMEDIATE`,
+//! PostgreSQL's write advisory lock).
+//!
+//! # Takeover
+//!
+//! A deployment is recorded with its whole plan ([`Plan::to_record`]) and
+//! the replica that runs it (`owner_replica`): its lease is that replica
+//! being alive (renewed every few seconds; on SQLite also its lock file).
+//! When it dies, another replica takes the deployment over
+//! ([`executor::take_over`]: a conditional update, exactly one wins,
+//! audit `DEPLOY_TAKEN_OVER` naming both replicas) and carries it on from
+//! its recorded state: nodes with a result keep it; nodes of a started
+//! batch without one are sent their command again under the same id (the
+//! agent answers from its ledger, or its result follows); later batches
+//! and the stop/rollback policy go on as they would have. Every node
+//! result and the end are written only while the writer still owns the
+//! deployment, so a replica that was only slow stops instead of writing
+//! over its successor's work. An env delivery (its texts are secret, not
+//! recorded) or a deployment recorded without a plan is failed instead,
+//! naming why.
 
 pub mod executor;
 pub mod observer;
 pub mod plan;
 pub mod policy;
 
-pub use executor::{start, start_observed, COMMAND_TIMEOUT, RECONNECT_GRACE};
+pub use executor::{start, start_observed, take_over, TakeOver, COMMAND_TIMEOUT, RECONNECT_GRACE};
 pub use observer::{Note, Observer};
-pub use plan::{Action, EnvPayload, EnvText, Plan, Target, AGENT_APP};
+pub use plan::{Action, EnvPayload, EnvText, Plan, PlanRecordError, Target, AGENT_APP};
 pub use policy::{
     default_release_id, next_step, summarize, Batch, NodeState, Rollout, RolloutError, Step,
     Strategy,

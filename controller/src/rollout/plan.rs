@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use slipway_proto::v1::{controller_message, ControllerMessage};
 
-use super::policy::Rollout;
+use super::policy::{Rollout, Strategy};
 use crate::audit;
 
 /// A node a deployment targets.
@@ -303,6 +303,261 @@ pub struct Plan {
     pub snapshots: Vec<serde_json::Value>,
 }
 
+/// The plan version [`Plan::to_record`] writes.
+const PLAN_RECORD_VERSION: u32 = 1;
+/// Targets a recorded plan may name (a fleet is far smaller).
+const MAX_RECORDED_TARGETS: usize = 100_000;
+/// Longest string a recorded plan may hold (ids, names, URLs).
+const MAX_RECORDED_TEXT: usize = 8_192;
+
+/// A deployment's plan as recorded in `deployments.plan`, so another
+/// replica can carry it on if the one running it dies (see
+/// [`super::executor::take_over`]). An env delivery's `.env` texts are
+/// never written there (they hold secrets): such a plan cannot be resumed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct PlanRecord {
+    /// [`PLAN_RECORD_VERSION`].
+    version: u32,
+    app: String,
+    action: ActionRecord,
+    /// (node id, node name), in rollout order.
+    targets: Vec<(String, String)>,
+    actor: String,
+    selector: serde_json::Value,
+    rollout: RolloutRecord,
+    snapshots: Vec<serde_json::Value>,
+}
+
+/// [`Action`] as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum ActionRecord {
+    Deploy {
+        release_id: String,
+        sha256: String,
+        git_sha: String,
+        artifact_url: String,
+    },
+    Rollback {
+        to_release_id: String,
+    },
+    Restart,
+    Stop,
+    Start,
+    Prune {
+        keep: u32,
+    },
+    AgentUpgrade {
+        sha256: String,
+        size: u64,
+        version: String,
+        commit_deadline_secs: u32,
+    },
+    /// Its payloads are not recorded.
+    Env {
+        version: u64,
+    },
+}
+
+/// [`Rollout`] as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct RolloutRecord {
+    strategy: String,
+    max_parallel: u32,
+    max_unavailable: u32,
+    canary: u32,
+}
+
+/// Why a recorded plan cannot be carried on.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanRecordError {
+    /// The column does not hold a plan this controller reads.
+    #[error("its recorded plan is not readable: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A plan version this controller does not know.
+    #[error("its recorded plan has version {found}; this controller reads version {known}")]
+    Version {
+        /// In the record.
+        found: u32,
+        /// Known here.
+        known: u32,
+    },
+    /// A value beyond the limits a plan can have.
+    #[error("its recorded plan is out of bounds: {0}")]
+    Limit(String),
+    /// The action cannot be resumed from the record.
+    #[error("a {0} deployment cannot be carried on by another replica: {1}")]
+    NotResumable(&'static str, &'static str),
+}
+
+impl Plan {
+    /// The plan as recorded on its deployment (see [`Self::from_record`]).
+    pub fn to_record(&self) -> serde_json::Value {
+        let action = match &self.action {
+            Action::Deploy {
+                release_id,
+                sha256,
+                git_sha,
+                artifact_url,
+            } => ActionRecord::Deploy {
+                release_id: release_id.clone(),
+                sha256: sha256.clone(),
+                git_sha: git_sha.clone(),
+                artifact_url: artifact_url.clone(),
+            },
+            Action::Rollback { to_release_id } => ActionRecord::Rollback {
+                to_release_id: to_release_id.clone(),
+            },
+            Action::Restart => ActionRecord::Restart,
+            Action::Stop => ActionRecord::Stop,
+            Action::Start => ActionRecord::Start,
+            Action::Prune { keep } => ActionRecord::Prune { keep: *keep },
+            Action::AgentUpgrade {
+                sha256,
+                size,
+                version,
+                commit_deadline_secs,
+            } => ActionRecord::AgentUpgrade {
+                sha256: sha256.clone(),
+                size: *size,
+                version: version.clone(),
+                commit_deadline_secs: *commit_deadline_secs,
+            },
+            Action::Env { version, .. } => ActionRecord::Env { version: *version },
+        };
+        let record = PlanRecord {
+            version: PLAN_RECORD_VERSION,
+            app: self.app.clone(),
+            action,
+            targets: self
+                .targets
+                .iter()
+                .map(|t| (t.node_id.clone(), t.name.clone()))
+                .collect(),
+            actor: self.actor.clone(),
+            selector: self.selector.clone(),
+            rollout: RolloutRecord {
+                strategy: self.rollout.strategy.name().to_owned(),
+                max_parallel: self.rollout.max_parallel,
+                max_unavailable: self.rollout.max_unavailable,
+                canary: self.rollout.canary,
+            },
+            snapshots: self.snapshots.clone(),
+        };
+        serde_json::to_value(record).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The plan recorded as `text` (written by this or another replica:
+    /// checked), or why it cannot be carried on.
+    pub fn from_record(text: &str) -> Result<Self, PlanRecordError> {
+        let record: PlanRecord = serde_json::from_str(text)?;
+        if record.version != PLAN_RECORD_VERSION {
+            return Err(PlanRecordError::Version {
+                found: record.version,
+                known: PLAN_RECORD_VERSION,
+            });
+        }
+        let limit = |what: &str| PlanRecordError::Limit(what.to_owned());
+        if record.targets.is_empty() || record.targets.len() > MAX_RECORDED_TARGETS {
+            return Err(limit(&format!("{} targets", record.targets.len())));
+        }
+        let long = |s: &str| s.len() > MAX_RECORDED_TEXT;
+        if long(&record.app)
+            || long(&record.actor)
+            || record
+                .targets
+                .iter()
+                .any(|(id, name)| id.is_empty() || long(id) || long(name))
+        {
+            return Err(limit("an empty or too long app, actor or target"));
+        }
+        let strategy = match record.rollout.strategy.as_str() {
+            "all_at_once" => Strategy::AllAtOnce,
+            "rolling" => Strategy::Rolling,
+            "canary" => Strategy::Canary,
+            other => {
+                return Err(limit(&format!(
+                    "unknown strategy {}",
+                    slipway_proto::limits::shown(other)
+                )))
+            }
+        };
+        if strategy == Strategy::Rolling && record.rollout.max_parallel == 0 {
+            return Err(limit("a rolling rollout with batches of 0 nodes"));
+        }
+        let rollout = Rollout {
+            strategy,
+            max_parallel: record.rollout.max_parallel,
+            max_unavailable: record.rollout.max_unavailable,
+            canary: record.rollout.canary,
+        };
+        let action = match record.action {
+            ActionRecord::Deploy {
+                release_id,
+                sha256,
+                git_sha,
+                artifact_url,
+            } => {
+                if [&release_id, &sha256, &git_sha, &artifact_url]
+                    .iter()
+                    .any(|s| long(s))
+                {
+                    return Err(limit("a too long release id, digest or URL"));
+                }
+                Action::Deploy {
+                    release_id,
+                    sha256,
+                    git_sha,
+                    artifact_url,
+                }
+            }
+            ActionRecord::Rollback { to_release_id } if !long(&to_release_id) => {
+                Action::Rollback { to_release_id }
+            }
+            ActionRecord::Rollback { .. } => return Err(limit("a too long release id")),
+            ActionRecord::Restart => Action::Restart,
+            ActionRecord::Stop => Action::Stop,
+            ActionRecord::Start => Action::Start,
+            ActionRecord::Prune { keep } => Action::Prune { keep },
+            ActionRecord::AgentUpgrade {
+                sha256,
+                size,
+                version,
+                commit_deadline_secs,
+            } => {
+                if long(&sha256) || long(&version) {
+                    return Err(limit("a too long digest or version"));
+                }
+                Action::AgentUpgrade {
+                    sha256,
+                    size,
+                    version,
+                    commit_deadline_secs,
+                }
+            }
+            ActionRecord::Env { .. } => {
+                return Err(PlanRecordError::NotResumable(
+                    "env",
+                    "its environment texts hold secrets and are not recorded with it",
+                ))
+            }
+        };
+        Ok(Self {
+            app: record.app,
+            action,
+            targets: record
+                .targets
+                .into_iter()
+                .map(|(node_id, name)| Target { node_id, name })
+                .collect(),
+            actor: record.actor,
+            selector: record.selector,
+            rollout,
+            snapshots: record.snapshots,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,5 +602,100 @@ mod tests {
             }
             other => panic!("not a deploy: {other:?}"),
         }
+    }
+
+    fn plan(action: Action) -> Plan {
+        Plan {
+            app: "web".to_owned(),
+            action,
+            targets: vec![
+                Target {
+                    node_id: "n-1".to_owned(),
+                    name: "web-1".to_owned(),
+                },
+                Target {
+                    node_id: "n-2".to_owned(),
+                    name: "web-2".to_owned(),
+                },
+            ],
+            actor: "tok-1".to_owned(),
+            selector: serde_json::json!({"labels": {"role": "web"}}),
+            rollout: Rollout {
+                strategy: Strategy::Rolling,
+                max_parallel: 1,
+                max_unavailable: 0,
+                canary: 0,
+            },
+            snapshots: vec![serde_json::json!({"node": "n-1", "action_id": 7})],
+        }
+    }
+
+    #[test]
+    fn a_recorded_plan_reads_back_the_same() {
+        for action in [
+            Action::Deploy {
+                release_id: "v1".to_owned(),
+                sha256: "ab".repeat(32),
+                git_sha: "c0ffee".to_owned(),
+                artifact_url: "https://example.com/a.tar.gz".to_owned(),
+            },
+            Action::Rollback {
+                to_release_id: "v0".to_owned(),
+            },
+            Action::Restart,
+            Action::Stop,
+            Action::Start,
+            Action::Prune { keep: 3 },
+            Action::AgentUpgrade {
+                sha256: "cd".repeat(32),
+                size: 123,
+                version: "1.2.3".to_owned(),
+                commit_deadline_secs: 60,
+            },
+        ] {
+            let p = plan(action);
+            let back = Plan::from_record(&p.to_record().to_string()).unwrap();
+            assert_eq!(back.app, p.app);
+            assert_eq!(back.action, p.action);
+            assert_eq!(back.targets, p.targets);
+            assert_eq!(back.actor, p.actor);
+            assert_eq!(back.selector, p.selector);
+            assert_eq!(back.rollout, p.rollout);
+            assert_eq!(back.snapshots, p.snapshots);
+        }
+    }
+
+    #[test]
+    fn a_plan_that_cannot_be_carried_on_says_why() {
+        let env = plan(Action::Env {
+            version: 4,
+            payloads: [(
+                "n-1".to_owned(),
+                EnvPayload::new(4, "SECRET=1\n".to_owned()),
+            )]
+            .into(),
+        });
+        let text = env.to_record().to_string();
+        assert!(!text.contains("SECRET"), "{text}");
+        let err = Plan::from_record(&text).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("env deployment cannot be carried on"),
+            "{err}"
+        );
+        let mut record = plan(Action::Restart).to_record();
+        record["version"] = serde_json::json!(9);
+        let err = Plan::from_record(&record.to_string()).unwrap_err();
+        assert!(err.to_string().contains("version 9"), "{err}");
+        let mut record = plan(Action::Restart).to_record();
+        record["targets"] = serde_json::json!([]);
+        assert!(matches!(
+            Plan::from_record(&record.to_string()),
+            Err(PlanRecordError::Limit(_))
+        ));
+        assert!(matches!(
+            Plan::from_record("{\"version\":1"),
+            Err(PlanRecordError::Json(_))
+        ));
     }
 }

@@ -32,6 +32,9 @@ pub struct NewDeployment<'a> {
     pub nodes: &'a [NewDeploymentNode<'a>],
     /// The env version it goes live with (deploys and env deliveries).
     pub env_version: Option<u64>,
+    /// Its whole plan, for another replica to carry it on
+    /// ([`crate::rollout::Plan::to_record`]); None: it cannot be.
+    pub plan: Option<&'a serde_json::Value>,
 }
 
 /// One target of a deployment to record.
@@ -107,6 +110,38 @@ pub struct DeploymentStep {
     pub unix_time: i64,
 }
 
+/// A running deployment whose replica is dead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanedDeployment {
+    /// `d-…`.
+    pub id: String,
+    /// The dead replica that ran it (None: started before replicas were
+    /// recorded).
+    pub owner: Option<String>,
+    /// Its plan as recorded (None: recorded by an older controller).
+    pub plan: Option<String>,
+}
+
+/// One target's row of a running deployment, as recorded, to carry the
+/// deployment on from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedNode {
+    /// The node.
+    pub node_id: String,
+    /// The command sent (or to send) to it.
+    pub command_id: String,
+    /// 1-based batch.
+    pub batch: u32,
+    /// Release current on it before ('' unknown).
+    pub prior_release: String,
+    /// "pending", "succeeded", "failed", "rolled_back" or "skipped".
+    pub outcome: String,
+    /// Release it reported.
+    pub release_id: String,
+    /// Why.
+    pub message: String,
+}
+
 /// How many deployments of one app, kind and status are recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeploymentCount {
@@ -178,8 +213,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO deployments (id, kind, app, release_id, artifact_sha256, actor,
                                       selector, rollout, status, started_at, env_version,
-                                      snapshots, owner_replica)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9, $10, $11, $12)",
+                                      snapshots, owner_replica, plan)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9, $10, $11, $12, $13)",
         )
         .bind(deployment.id)
         .bind(deployment.kind)
@@ -193,6 +228,7 @@ impl Store {
         .bind(deployment.env_version.and_then(|v| i64::try_from(v).ok()))
         .bind(serde_json::Value::from(deployment.snapshots.to_vec()).to_string())
         .bind(self.replica.as_deref())
+        .bind(deployment.plan.map(serde_json::Value::to_string))
         .execute(&mut *tx)
         .await?;
         for node in deployment.nodes {
@@ -262,9 +298,10 @@ impl Store {
     /// Marks every deployment still `running` failed ("controller
     /// restarted"), with its unanswered nodes, and records its final audit
     /// event — except those owned by a replica in `live` (their replica
-    /// still drives them). Run at start-up and periodically, so a
-    /// deployment cut short by its controller's end never blocks its app.
-    /// Returns the ids.
+    /// still drives them) and those with a recorded plan (another replica
+    /// takes them over: [`Self::take_over_deployment`]). Run at start-up
+    /// and periodically, so a deployment cut short by its controller's end
+    /// never blocks its app. Returns the ids.
     pub async fn abandon_running_deployments(
         &self,
         now: i64,
@@ -272,8 +309,8 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, kind, app, release_id, actor, owner_replica FROM deployments
-             WHERE status = 'running' ORDER BY started_at, rowid",
+            "SELECT id, owner_replica FROM deployments
+             WHERE status = 'running' AND plan IS NULL ORDER BY started_at, rowid",
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -287,73 +324,144 @@ impl Store {
             let why = match &owner {
                 Some(owner) => format!(
                     "controller restarted before the deployment finished (replica {owner} \
-                     that ran it is gone; another replica does not take a rollout over yet)"
+                     that ran it is gone; the deployment was recorded without its plan, by an \
+                     older controller, so no replica can carry it on)"
                 ),
                 None => "controller restarted before the deployment finished".to_owned(),
             };
             let id: String = row.try_get("id")?;
-            let kind: String = row.try_get("kind")?;
-            let app: String = row.try_get("app")?;
-            let release_id: String = row.try_get("release_id")?;
-            let actor: String = row.try_get("actor")?;
-            let unanswered: Vec<String> = sqlx::query_scalar(
-                "SELECT node_id FROM deployment_nodes
-                 WHERE deployment_id = $1 AND outcome = 'pending' ORDER BY rowid",
-            )
-            .bind(&id)
-            .fetch_all(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE deployment_nodes SET outcome = 'failed', message = $1, finished_at = $2
-                 WHERE deployment_id = $3 AND outcome = 'pending'",
-            )
-            .bind("controller restarted before the node's result")
-            .bind(now)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE deployments SET status = 'failed', message = $1, stop_reason = $1,
-                        finished_at = $2
-                 WHERE id = $3",
-            )
-            .bind(&why)
-            .bind(now)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-            let event_type = match kind.as_str() {
-                "rollback" => crate::audit::ROLLBACK_FAILED,
-                "restart" => crate::audit::RESTART_FAILED,
-                "stop" => crate::audit::STOP_FAILED,
-                "start" => crate::audit::START_FAILED,
-                "prune" => crate::audit::PRUNE_FAILED,
-                "agent-upgrade" => crate::audit::AGENT_UPGRADE_FAILED,
-                _ => crate::audit::DEPLOY_FAILED,
-            };
-            let event = AuditEvent::error(
-                event_type,
-                &actor,
-                "deployment",
-                &id,
-                serde_json::json!({
-                    "deployment_id": id,
-                    "app": app,
-                    "release_id": release_id,
-                    "stop_reason": why,
-                    "unanswered_nodes": unanswered,
-                }),
-                &why,
-            );
-            insert_audit(&mut tx, &event, now).await?;
+            fail_running_in(&mut tx, &id, &why, now).await?;
             ids.push(id);
         }
         tx.commit().await?;
         Ok(ids)
     }
 
+    /// The running deployments whose owner is not in `live` (their replica
+    /// is dead), oldest first, with their recorded plans.
+    pub async fn orphaned_deployments(
+        &self,
+        live: &[String],
+    ) -> Result<Vec<OrphanedDeployment>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, owner_replica, plan FROM deployments
+             WHERE status = 'running' ORDER BY started_at, rowid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for row in rows {
+            let owner: Option<String> = row.try_get("owner_replica")?;
+            if owner.as_ref().is_some_and(|o| live.contains(o)) {
+                continue;
+            }
+            out.push(OrphanedDeployment {
+                id: row.try_get("id")?,
+                owner,
+                plan: row.try_get("plan")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Takes deployment `id` over from its dead owner `dead` for this
+    /// handle's replica: a conditional update, so among replicas racing
+    /// for it exactly one wins; the winner records `taken_over` in the
+    /// audit log in the same transaction and gets the per-node rows (in
+    /// rollout order) to carry it on from. None: another replica won, or
+    /// the deployment ended or changed owner meanwhile.
+    pub async fn take_over_deployment(
+        &self,
+        id: &str,
+        dead: Option<&str>,
+        taken_over: &AuditEvent,
+        now: i64,
+    ) -> Result<Option<Vec<RecordedNode>>, StoreError> {
+        let me = self.replica.as_deref().ok_or(StoreError::NoReplica)?;
+        let mut tx = self.begin().await?;
+        let claimed = match dead {
+            Some(dead) => {
+                sqlx::query(
+                    "UPDATE deployments SET owner_replica = $1
+                     WHERE id = $2 AND status = 'running' AND owner_replica = $3",
+                )
+                .bind(me)
+                .bind(id)
+                .bind(dead)
+                .execute(&mut *tx)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE deployments SET owner_replica = $1
+                     WHERE id = $2 AND status = 'running' AND owner_replica IS NULL",
+                )
+                .bind(me)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+            }
+        };
+        if claimed.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let rows = sqlx::query(
+            "SELECT node_id, command_id, batch, prior_release, outcome, release_id, message
+             FROM deployment_nodes WHERE deployment_id = $1 ORDER BY rowid",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let nodes = rows
+            .iter()
+            .map(|row| {
+                let batch: i64 = row.try_get("batch")?;
+                Ok(RecordedNode {
+                    node_id: row.try_get("node_id")?,
+                    command_id: row.try_get("command_id")?,
+                    batch: u32::try_from(batch).unwrap_or(u32::MAX),
+                    prior_release: row.try_get("prior_release")?,
+                    outcome: row.try_get("outcome")?,
+                    release_id: row.try_get("release_id")?,
+                    message: row.try_get("message")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        insert_audit(&mut tx, taken_over, now).await?;
+        tx.commit().await?;
+        Ok(Some(nodes))
+    }
+
+    /// Fails running deployment `id` owned by `owner` (a dead replica, or
+    /// this one after taking it over) because it cannot be carried on
+    /// (`why`), with its final audit event; false if it is not running
+    /// under that owner any more (another replica got to it).
+    pub async fn fail_orphaned_deployment(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        why: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let current: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT owner_replica FROM deployments WHERE id = $1 AND status = 'running'",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current.as_ref().is_none_or(|o| o.as_deref() != owner) {
+            return Ok(false);
+        }
+        let done = fail_running_in(&mut tx, id, why, now).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
     /// Records how one node of a deployment ended, with the steps it
-    /// reported on the way.
+    /// reported on the way. A handle of a replica writes only while its
+    /// replica owns the running deployment: false (nothing written) once
+    /// another replica took it over (fencing a replica that was only slow).
     pub async fn record_node_result(
         &self,
         command_id: &str,
@@ -362,15 +470,18 @@ impl Store {
         message: &str,
         steps: &[DeploymentStep],
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let steps = serde_json::to_string(steps).map_err(|source| StoreError::Json {
             column: "deployment_nodes.steps",
             source,
         })?;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE deployment_nodes SET outcome = $1, release_id = $2, message = $3,
                     finished_at = $4, steps = $5
-             WHERE command_id = $6",
+             WHERE command_id = $6
+               AND EXISTS (SELECT 1 FROM deployments d
+                           WHERE d.id = deployment_nodes.deployment_id AND d.status = 'running'
+                             AND ($7 IS NULL OR d.owner_replica = $7))",
         )
         .bind(outcome)
         .bind(release_id)
@@ -378,16 +489,18 @@ impl Store {
         .bind(now)
         .bind(steps)
         .bind(command_id)
+        .bind(self.replica.as_deref())
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Marks a deployment finished and records the final audit event, together.
     /// `stop_reason` says why a rollout stopped early ('' if it did not).
-    /// Only a running deployment: false (nothing written) if it was marked
-    /// failed meanwhile (its replica taken for dead by another), so the
-    /// audit log never tells two ends of one deployment.
+    /// Only a running deployment owned by this handle's replica (any, for
+    /// a handle of none): false (nothing written) if it was marked failed
+    /// or taken over meanwhile (its replica taken for dead by another), so
+    /// the audit log never tells two ends of one deployment.
     pub async fn finish_deployment(
         &self,
         id: &str,
@@ -400,13 +513,14 @@ impl Store {
         let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE deployments SET status = $1, message = $2, stop_reason = $5, finished_at = $3
-             WHERE id = $4 AND status = 'running'",
+             WHERE id = $4 AND status = 'running' AND ($6 IS NULL OR owner_replica = $6)",
         )
         .bind(status)
         .bind(message)
         .bind(now)
         .bind(id)
         .bind(stop_reason)
+        .bind(self.replica.as_deref())
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
@@ -566,6 +680,82 @@ impl Store {
     }
 }
 
+/// Marks running deployment `id` failed (`why`) with its unanswered nodes
+/// and records its final audit event, in `tx`; false if it was not running.
+async fn fail_running_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+    why: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT kind, app, release_id, actor FROM deployments
+         WHERE id = $1 AND status = 'running'",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?
+    else {
+        return Ok(false);
+    };
+    let kind: String = row.try_get("kind")?;
+    let app: String = row.try_get("app")?;
+    let release_id: String = row.try_get("release_id")?;
+    let actor: String = row.try_get("actor")?;
+    let unanswered: Vec<String> = sqlx::query_scalar(
+        "SELECT node_id FROM deployment_nodes
+         WHERE deployment_id = $1 AND outcome = 'pending' ORDER BY rowid",
+    )
+    .bind(id)
+    .fetch_all(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE deployment_nodes SET outcome = 'failed', message = $1, finished_at = $2
+         WHERE deployment_id = $3 AND outcome = 'pending'",
+    )
+    .bind("controller restarted before the node's result")
+    .bind(now)
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE deployments SET status = 'failed', message = $1, stop_reason = $1,
+                finished_at = $2
+         WHERE id = $3",
+    )
+    .bind(why)
+    .bind(now)
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    let event_type = match kind.as_str() {
+        "rollback" => crate::audit::ROLLBACK_FAILED,
+        "restart" => crate::audit::RESTART_FAILED,
+        "stop" => crate::audit::STOP_FAILED,
+        "start" => crate::audit::START_FAILED,
+        "prune" => crate::audit::PRUNE_FAILED,
+        "agent-upgrade" => crate::audit::AGENT_UPGRADE_FAILED,
+        "env" => crate::audit::ENV_DELIVERY_FAILED,
+        _ => crate::audit::DEPLOY_FAILED,
+    };
+    let event = AuditEvent::error(
+        event_type,
+        &actor,
+        "deployment",
+        id,
+        serde_json::json!({
+            "deployment_id": id,
+            "app": app,
+            "release_id": release_id,
+            "stop_reason": why,
+            "unanswered_nodes": unanswered,
+        }),
+        why,
+    );
+    insert_audit(tx, &event, now).await?;
+    Ok(true)
+}
+
 /// A `deployments` row (id, kind, app, release_id, actor, status,
 /// started_at, finished_at, message) with its nodes.
 fn deployment_record(
@@ -602,7 +792,9 @@ mod tests {
 
     crate::store::testing::store_tests!(
         one_running_deployment_per_app_until_a_restart_abandons_it,
-        last_deployments_are_the_newest_per_app_with_node_results
+        last_deployments_are_the_newest_per_app_with_node_results,
+        a_dead_replicas_deployment_is_taken_over_by_one_replica_and_its_old_owner_fenced,
+        one_deployment_per_app_holds_across_replicas_racing
     );
 
     fn new_deployment<'a>(
@@ -624,6 +816,7 @@ mod tests {
             started_at: 1_000,
             nodes,
             env_version: None,
+            plan: None,
         }
     }
 
@@ -738,6 +931,7 @@ mod tests {
                             started_at: at,
                             nodes: &nodes,
                             env_version: None,
+                            plan: None,
                         },
                         &AuditEvent::success(
                             audit::RESTART_STARTED,
@@ -820,5 +1014,253 @@ mod tests {
         assert_eq!(api.len(), 1);
         assert_eq!(api[0].id, "d-4");
         assert!(store.last_deployments(Some("db")).await.unwrap().is_empty());
+    }
+
+    async fn a_dead_replicas_deployment_is_taken_over_by_one_replica_and_its_old_owner_fenced(
+        store: Store,
+    ) {
+        let json = serde_json::json!({});
+        let plan = serde_json::json!({"version": 1, "app": "web"});
+        let nodes = [
+            NewDeploymentNode {
+                node_id: "n-1",
+                command_id: "d-1.n-1",
+                batch: 1,
+                prior_release: "v0",
+            },
+            NewDeploymentNode {
+                node_id: "n-2",
+                command_id: "d-1.n-2",
+                batch: 2,
+                prior_release: "",
+            },
+        ];
+        let a = store.clone().for_replica("a");
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            json.clone(),
+        );
+        a.insert_deployment(
+            &NewDeployment {
+                plan: Some(&plan),
+                ..new_deployment("d-1", "web", &nodes, &json)
+            },
+            &started,
+        )
+        .await
+        .unwrap();
+        assert!(a
+            .record_node_result("d-1.n-1", "succeeded", "v1", "ok", &[], 1_001)
+            .await
+            .unwrap());
+        // a is alive: nothing is orphaned.
+        assert!(store
+            .orphaned_deployments(&["a".to_owned()])
+            .await
+            .unwrap()
+            .is_empty());
+        // a is dead: the deployment is orphaned, with its plan; a sweep
+        // does not fail it (it can be carried on).
+        let live = ["b".to_owned(), "c".to_owned()];
+        let orphans = store.orphaned_deployments(&live).await.unwrap();
+        assert_eq!(
+            orphans,
+            [OrphanedDeployment {
+                id: "d-1".to_owned(),
+                owner: Some("a".to_owned()),
+                plan: Some(plan.to_string()),
+            }]
+        );
+        assert!(store
+            .abandon_running_deployments(1_002, &live)
+            .await
+            .unwrap()
+            .is_empty());
+        // b and c race for it: exactly one wins.
+        let claim = |replica: &'static str| {
+            let store = store.clone().for_replica(replica);
+            async move {
+                let event = AuditEvent::success(
+                    audit::DEPLOY_TAKEN_OVER,
+                    "tok-1",
+                    "deployment",
+                    "d-1",
+                    serde_json::json!({ "to_replica": replica }),
+                );
+                store
+                    .take_over_deployment("d-1", Some("a"), &event, 1_003)
+                    .await
+                    .unwrap()
+                    .map(|nodes| (replica, nodes))
+            }
+        };
+        let (by_b, by_c) = tokio::join!(claim("b"), claim("c"));
+        let (winner, rows) = match (by_b, by_c) {
+            (Some(won), None) | (None, Some(won)) => won,
+            other => panic!("not exactly one winner: {other:?}"),
+        };
+        let loser = if winner == "b" { "c" } else { "b" };
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (
+                rows[0].node_id.as_str(),
+                rows[0].outcome.as_str(),
+                rows[0].release_id.as_str()
+            ),
+            ("n-1", "succeeded", "v1")
+        );
+        assert_eq!(
+            (
+                rows[1].command_id.as_str(),
+                rows[1].batch,
+                rows[1].outcome.as_str()
+            ),
+            ("d-1.n-2", 2, "pending")
+        );
+        assert_eq!(rows[0].prior_release, "v0");
+        // Claiming again from the dead owner: nobody wins any more.
+        assert!(claim(loser).await.is_none());
+        // Failing it as a's (it is not a's any more) does nothing.
+        assert!(!store
+            .fail_orphaned_deployment("d-1", Some("a"), "no", 1_004)
+            .await
+            .unwrap());
+
+        // Fencing: a (only slow, say) writes nothing any more.
+        assert!(!a
+            .record_node_result("d-1.n-2", "failed", "", "late", &[], 1_005)
+            .await
+            .unwrap());
+        let ended = |by: &str| {
+            AuditEvent::success(
+                audit::DEPLOY_COMPLETED,
+                "tok-1",
+                "deployment",
+                "d-1",
+                serde_json::json!({ "by": by }),
+            )
+        };
+        assert!(!a
+            .finish_deployment("d-1", "failed", "late", "", &ended("a"), 1_005)
+            .await
+            .unwrap());
+        let loser_store = store.clone().for_replica(loser);
+        assert!(!loser_store
+            .record_node_result("d-1.n-2", "failed", "", "loser", &[], 1_005)
+            .await
+            .unwrap());
+        // The winner's writes go through.
+        let owner = store.clone().for_replica(winner);
+        assert!(owner
+            .record_node_result("d-1.n-2", "succeeded", "v1", "ok", &[], 1_006)
+            .await
+            .unwrap());
+        assert!(owner
+            .finish_deployment(
+                "d-1",
+                "succeeded",
+                "2 of 2 nodes succeeded",
+                "",
+                &ended(winner),
+                1_007
+            )
+            .await
+            .unwrap());
+        let nodes = store.deployment_nodes("d-1").await.unwrap();
+        assert_eq!(
+            nodes[1],
+            ("n-2".to_owned(), "succeeded".to_owned(), "ok".to_owned())
+        );
+        // A finished deployment takes no more node results, from anyone.
+        assert!(!owner
+            .record_node_result("d-1.n-2", "failed", "", "after the end", &[], 1_008)
+            .await
+            .unwrap());
+        let events: Vec<(String, serde_json::Value)> = store
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.resource_id == "d-1")
+            .map(|e| (e.event_type, e.details))
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["DEPLOY_STARTED", "DEPLOY_TAKEN_OVER", "DEPLOY_COMPLETED"]
+        );
+        assert_eq!(events[1].1["to_replica"], winner);
+        assert_eq!(events[2].1["by"], winner);
+        // A handle of no replica cannot take a deployment over.
+        let err = store
+            .take_over_deployment("d-1", Some("a"), &ended("x"), 1_009)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoReplica), "{err}");
+    }
+
+    async fn one_deployment_per_app_holds_across_replicas_racing(store: Store) {
+        let json = serde_json::json!({});
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d",
+            json.clone(),
+        );
+        let insert = |replica: &'static str, id: &'static str| {
+            let store = store.clone().for_replica(replica);
+            let json = json.clone();
+            let started = started.clone();
+            async move {
+                store
+                    .insert_deployment(&new_deployment(id, "web", &[], &json), &started)
+                    .await
+            }
+        };
+        for round in 0..5 {
+            let ids: [&'static str; 3] = match round {
+                0 => ["r0-a", "r0-b", "r0-c"],
+                1 => ["r1-a", "r1-b", "r1-c"],
+                2 => ["r2-a", "r2-b", "r2-c"],
+                3 => ["r3-a", "r3-b", "r3-c"],
+                _ => ["r4-a", "r4-b", "r4-c"],
+            };
+            let (a, b, c) = tokio::join!(
+                insert("a", ids[0]),
+                insert("b", ids[1]),
+                insert("c", ids[2])
+            );
+            let results = [a, b, c];
+            let won: Vec<usize> = (0..3).filter(|&i| results[i].is_ok()).collect();
+            assert_eq!(won.len(), 1, "round {round}: {results:?}");
+            for r in &results {
+                if let Err(err) = r {
+                    assert!(matches!(err, StoreError::AppBusy { .. }), "{err}");
+                }
+            }
+            let running: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM deployments WHERE app = 'web' AND status = 'running'",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            assert_eq!(running, 1);
+            let ev = AuditEvent::success(
+                audit::DEPLOY_COMPLETED,
+                "tok-1",
+                "deployment",
+                ids[won[0]],
+                json.clone(),
+            );
+            let owner = store.clone().for_replica(["a", "b", "c"][won[0]]);
+            assert!(owner
+                .finish_deployment(ids[won[0]], "succeeded", "", "", &ev, 1_001)
+                .await
+                .unwrap());
+        }
     }
 }

@@ -62,7 +62,7 @@ pub use controller_state::ControllerStart;
 pub use database_url::{redact, PostgresUrl};
 pub use deployments::{
     DeploymentCount, DeploymentNodeRecord, DeploymentRecord, DeploymentStep, NewDeployment,
-    NewDeploymentNode,
+    NewDeploymentNode, OrphanedDeployment, RecordedNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use env::EnvVersionRow;
@@ -100,6 +100,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0015_artifact_chunks.sql"),
     include_str!("../../migrations/0016_replicas.sql"),
     include_str!("../../migrations/0017_node_commands.sql"),
+    include_str!("../../migrations/0018_deployment_plans.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -111,6 +112,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0003_artifact_chunks.sql"),
     include_str!("../../migrations-postgres/0004_replicas.sql"),
     include_str!("../../migrations-postgres/0005_node_commands.sql"),
+    include_str!("../../migrations-postgres/0006_deployment_plans.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -181,6 +183,9 @@ pub enum StoreError {
         /// Bytes found in them.
         found_bytes: i64,
     },
+    /// A write that needs an owning replica through a handle of none.
+    #[error("this store handle writes for no controller replica: it cannot own a deployment")]
+    NoReplica,
     /// A JSON column does not hold what we wrote there.
     #[error("corrupt JSON in column {column}: {source}")]
     Json {

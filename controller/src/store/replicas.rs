@@ -304,6 +304,7 @@ mod tests {
                     started_at: 1_000,
                     nodes: if id == "d-b" { &nodes } else { &[] },
                     env_version: None,
+                    plan: None,
                 },
                 &started,
             )
@@ -385,6 +386,7 @@ mod tests {
                     started_at: 2_100,
                     nodes: &[],
                     env_version: None,
+                    plan: None,
                 },
                 &started,
             )

@@ -229,7 +229,18 @@ pub(crate) async fn follow(
                 if let Some(live) = &live {
                     live.finish();
                 }
-                return Err(crate::api::status_error(&format!("{what} stream"), status));
+                let err = crate::api::status_error(&format!("{what} stream"), status);
+                // The replica running it may have died: another carries it
+                // on, and any replica shows its record.
+                return Err(match &started {
+                    Some(s) => err.context(format!(
+                        "lost the controller following deployment {id}; if that controller \
+                         replica died, another carries the deployment on: `slipway status` or \
+                         GET /api/v1/deployments/{id} through any replica shows how it ends",
+                        id = s.deployment_id
+                    )),
+                    None => err,
+                });
             }
         };
         match event.kind {
