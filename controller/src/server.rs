@@ -346,6 +346,7 @@ async fn serve_notifying(
         sessions: sessions.clone(),
         commands: commands.clone(),
         live: control.live().clone(),
+        observer: control.observer().cloned(),
     };
     let replica_task = tokio::spawn(replica.run(later, Some(carrier), stop_polling.clone()));
     let rotation = tokio::spawn(rotation.run(stop_polling.clone()));

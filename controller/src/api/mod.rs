@@ -279,6 +279,12 @@ impl ControlService {
         self
     }
 
+    /// Who watches deployments from outside (GitHub's status queue), if
+    /// anyone.
+    pub fn observer(&self) -> Option<&rollout::Observer> {
+        self.observer.as_ref()
+    }
+
     /// Running deployments' events, by deployment id.
     pub fn live(&self) -> &live::Live {
         &self.live

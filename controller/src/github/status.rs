@@ -20,8 +20,11 @@
 //!              replaced
 //! ```
 //!
-//! A deployment a controller restart cut short (marked failed at start)
-//! gets `error` on GitHub, if its GitHub deployment had not finished.
+//! A deployment another replica (or this controller after a restart)
+//! takes over is followed on from there ([`Note::Resumed`]): an
+//! `in_progress` status says so, then its progress and end as usual. One
+//! that could not be carried on (failed at start or by the sweep) gets
+//! `error`, if its GitHub deployment had not finished.
 //!
 //! A 4xx other than a rate limit is not retried (GitHub would answer the
 //! same); if the Deployment itself could not be created, its later updates
@@ -190,6 +193,75 @@ impl Queue {
         }
     }
 
+    /// Follows on a deployment another replica took over (`started` as its
+    /// start was): its GitHub deployment, when the dead replica had made
+    /// one and it is not finished, gets an `in_progress` status saying so
+    /// and the rest as usual; one not made yet is made now (the create
+    /// looks for it by payload first, so a lost answer makes no second).
+    async fn resumed(&mut self, started: Note, done: usize, failed: usize, from: &str) {
+        let Note::Started {
+            deployment_id,
+            app,
+            kind,
+            release_id,
+            git_sha,
+            nodes,
+            ..
+        } = &started
+        else {
+            return;
+        };
+        let Some(link) = self.config.link(app) else {
+            return;
+        };
+        if *kind != "deploy" || git_sha.is_empty() {
+            return;
+        }
+        let row = match self.store.github_deployment(deployment_id).await {
+            Ok(row) => row,
+            Err(err) => {
+                tracing::warn!(%err, %deployment_id, "github: cannot read the deployment; creating it if missing");
+                None
+            }
+        };
+        let Some(row) = row else {
+            self.merge(started);
+            return;
+        };
+        if matches!(
+            row.state.as_str(),
+            "success" | "failure" | "error" | "inactive"
+        ) {
+            return;
+        }
+        let tracked = Arc::new(Tracked {
+            deployment_id: deployment_id.clone(),
+            link: link.clone(),
+            sha: row.sha,
+            nodes: *nodes,
+            release_id: release_id.clone(),
+            log_url: self
+                .config
+                .public_url
+                .as_ref()
+                .map(|base| format!("{base}/deployments/{deployment_id}")),
+            github_id: Mutex::new(u64::try_from(row.github_id).ok()),
+        });
+        self.tracked
+            .insert(deployment_id.clone(), Arc::clone(&tracked));
+        self.push(
+            &tracked,
+            Work::Status {
+                state: "in_progress",
+                text: format!(
+                    "carried on by another controller replica ({from} is gone); \
+                     {done}/{nodes} nodes done, {failed} failed"
+                ),
+            },
+            true,
+        );
+    }
+
     async fn run(
         mut self,
         mut notes: mpsc::Receiver<Note>,
@@ -216,6 +288,13 @@ impl Queue {
                     return;
                 }
                 note = notes.recv(), if open => match note {
+                    Some(Note::Resumed { deployment_id, app, kind, release_id, git_sha, nodes, done, failed, from_replica }) => {
+                        let started = Note::Started {
+                            deployment_id, app, kind, release_id, git_sha, nodes,
+                            actor: String::new(),
+                        };
+                        self.resumed(started, done, failed, &from_replica).await;
+                    }
                     Some(note) => self.merge(note),
                     None => open = false,
                 },
@@ -273,6 +352,8 @@ impl Queue {
 
     fn merge(&mut self, note: Note) {
         match note {
+            // Needs the store: handled by `resumed` before it gets here.
+            Note::Resumed { .. } => {}
             Note::Started {
                 deployment_id,
                 app,

@@ -76,6 +76,8 @@ pub struct Carrier {
     pub commands: crate::link::commands::Commands,
     /// Where followers of this replica's deployments find their events.
     pub live: crate::api::live::Live,
+    /// Told of each deployment taken over (GitHub's statuses follow it).
+    pub observer: Option<crate::rollout::Observer>,
 }
 
 /// This replica; cheap to clone.
@@ -221,8 +223,14 @@ impl Replica {
         let store = &self.inner.store;
         let mut failed = store.abandon_running_deployments(now, &live).await?;
         for orphan in store.orphaned_deployments(&live).await? {
-            match crate::rollout::take_over(store, &carrier.sessions, &carrier.commands, &orphan)
-                .await?
+            match crate::rollout::take_over(
+                store,
+                &carrier.sessions,
+                &carrier.commands,
+                &orphan,
+                carrier.observer.as_ref(),
+            )
+            .await?
             {
                 TakeOver::Resumed { first, events } => {
                     tracing::warn!(

@@ -292,6 +292,7 @@ pub async fn take_over(
     sessions: &Sessions,
     commands: &Commands,
     orphan: &OrphanedDeployment,
+    observer: Option<&Observer>,
 ) -> Result<TakeOver, StoreError> {
     let me = store.replica_id().ok_or(StoreError::NoReplica)?.to_owned();
     let dead = orphan.owner.as_deref();
@@ -431,6 +432,26 @@ pub async fn take_over(
         actor: plan.actor.clone(),
         env_version: plan.action.env_version(),
     }));
+    if let Some(observer) = observer {
+        let git_sha = match &plan.action {
+            Action::Deploy { git_sha, .. } => git_sha.clone(),
+            _ => String::new(),
+        };
+        observer.note(Note::Resumed {
+            deployment_id: orphan.id.clone(),
+            app: plan.app.clone(),
+            kind: plan.action.kind(),
+            release_id: plan.action.release_id().to_owned(),
+            git_sha,
+            nodes: n,
+            done: finished.len(),
+            failed: finished
+                .iter()
+                .filter(|&&i| progress.states[i] == NodeState::Failed)
+                .count(),
+            from_replica: dead_shown.to_owned(),
+        });
+    }
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let run = Run {
         store: store.clone(),
@@ -445,7 +466,7 @@ pub async fn take_over(
         out: out_tx,
         events_tx: ev_tx,
         steps: std::sync::Mutex::new(vec![Vec::new(); n]),
-        observer: None,
+        observer: observer.cloned(),
         finished_nodes: std::sync::Mutex::new(
             finished
                 .iter()
@@ -1273,7 +1294,7 @@ mod tests {
         assert_eq!(orphans.len(), 2);
 
         // The env delivery's texts are not recorded: failed, naming why.
-        let outcome = take_over(&b, &sessions, &commands, &orphans[0])
+        let outcome = take_over(&b, &sessions, &commands, &orphans[0], None)
             .await
             .unwrap();
         let TakeOver::Failed(why) = outcome else {
@@ -1289,13 +1310,13 @@ mod tests {
         assert_eq!(record.message, why);
 
         // Every node done when its owner died: the taker records the end.
-        let outcome = take_over(&b, &sessions, &commands, &orphans[1])
+        let outcome = take_over(&b, &sessions, &commands, &orphans[1], None)
             .await
             .unwrap();
         assert!(matches!(outcome, TakeOver::Resumed { .. }), "{outcome:?}");
         // A second taker finds it taken.
         let c = store.clone().for_replica("c");
-        let again = take_over(&c, &sessions, &commands, &orphans[1])
+        let again = take_over(&c, &sessions, &commands, &orphans[1], None)
             .await
             .unwrap();
         assert!(matches!(again, TakeOver::Lost), "{again:?}");

@@ -1,6 +1,7 @@
 //! What a deployment tells whoever watches it from outside the rollout
 //! (the GitHub deployment statuses): a [`Note`] at its start, after each
-//! node's result, and at its end. Notes go into a bounded channel with
+//! node's result, and at its end — and when another replica takes it over
+//! from a dead one, a note saying so, so that the watcher follows it on. Notes go into a bounded channel with
 //! `try_send`: the rollout never waits for an observer, and an observer
 //! that falls behind loses progress notes, never the rollout's pace.
 
@@ -34,6 +35,20 @@ pub enum Note {
         /// The node that just finished and how.
         node: String,
         outcome: String,
+    },
+    /// Another replica took the deployment over from a dead one and
+    /// carries it on; `done` and `failed` nodes had results before.
+    Resumed {
+        deployment_id: String,
+        app: String,
+        kind: &'static str,
+        release_id: String,
+        git_sha: String,
+        nodes: usize,
+        done: usize,
+        failed: usize,
+        /// The replica that ran it before.
+        from_replica: String,
     },
     /// The deployment ended.
     Finished {
