@@ -362,6 +362,24 @@ impl OwnServer {
         self.child.as_ref().map(std::process::Child::id)
     }
 
+    /// Runs `sql` with `psql` on database `db` of it; the unaligned,
+    /// tuples-only output.
+    #[allow(dead_code)] // The benchmarks' (counters in pg_stat_*); not the tests'.
+    pub(crate) fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", db, "-Atc", sql])
+            .output()
+            .map_err(|e| format!("running psql: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "psql {sql:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     /// Stops it at once, as a crash does: SIGQUIT to the postmaster
     /// (immediate shutdown: every backend killed, no checkpoint; the next
     /// start recovers from the WAL). Waits until it has exited.
