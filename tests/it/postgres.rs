@@ -405,6 +405,13 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
     assert_eq!(readyz(&a, &ready_a), 200);
     assert_eq!(readyz(&b, &ready_b), 200);
 
+    let connects = |agent: &Agent| {
+        fs::read_to_string(agent.dir.path().join("agent.log"))
+            .unwrap_or_default()
+            .matches("connected to the controller")
+            .count()
+    };
+    let connects_before: Vec<usize> = agents.iter().map(connects).collect();
     let v3 = artifact(work.path(), "v3", APP);
     let v3_sha = sha256_file(&v3);
 
@@ -487,9 +494,14 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
     // The agents kept their sessions or came back.
     a.wait_online(&reader, 2, Duration::from_secs(60));
     b.wait_online(&reader, 2, Duration::from_secs(10));
-    for agent in &agents {
+    for (agent, before) in agents.iter().zip(&connects_before) {
         let link = agent.link();
         assert!(link["connected_to"].is_string(), "{}: {link}", agent.name);
+        eprintln!(
+            "{}: {} new session(s) since the outage began",
+            agent.name,
+            connects(agent) - before
+        );
     }
     // Deploys work again, through either replica.
     for agent in &agents {
