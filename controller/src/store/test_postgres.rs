@@ -35,6 +35,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Prefix of the data dirs in the temp dir (followed by the pid).
 const DIR_PREFIX: &str = "slipway-test-pg-";
 
+/// Prefix of an [`OwnServer`]'s dir (followed by the pid, `-` and a
+/// number): not [`DIR_PREFIX`], which older sweeps take for a pid whole.
+const OWN_PREFIX: &str = "slipway-own-pg-";
+
 /// The running server of this process.
 #[derive(Debug)]
 struct Server {
@@ -143,10 +147,14 @@ fn run_id(args: &[&str]) -> Result<u32, String> {
 fn sweep_stale(tmp: &Path) {
     for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
         let name = entry.file_name();
-        // `<pid>` (the shared server) or `<pid>-<n>` (an [`OwnServer`]).
+        // `DIR_PREFIX<pid>` (the shared server) or `OWN_PREFIX<pid>-<n>`
+        // (an [`OwnServer`]).
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|n| {
+                n.strip_prefix(DIR_PREFIX)
+                    .or_else(|| n.strip_prefix(OWN_PREFIX))
+            })
             .and_then(|rest| rest.split('-').next())
         else {
             continue;
@@ -330,7 +338,7 @@ impl OwnServer {
         let tmp = std::env::temp_dir();
         sweep_stale(&tmp);
         let dir = tmp.join(format!(
-            "{DIR_PREFIX}{}-{}",
+            "{OWN_PREFIX}{}-{}",
             std::process::id(),
             NEXT_OWN.fetch_add(1, Ordering::Relaxed)
         ));
