@@ -38,7 +38,9 @@ pub async fn connect_agents(
 
 /// Enrolls one agent named `name` (with `tags`) with the controller at
 /// `url`, whose store is `store` and CA's fingerprint `ca`, its state dir
-/// under `states`, and opens its session.
+/// under `states`, and opens its session. Each step is tried up to
+/// [`ATTEMPTS`] times, a second apart (thousands enrolling at once can
+/// outwait a connection pool); the last error stops the bench.
 pub async fn enroll_and_connect(
     url: &str,
     store: &slipway_controller::store::Store,
@@ -47,22 +49,44 @@ pub async fn enroll_and_connect(
     name: &str,
     tags: &[String],
 ) -> Session {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let token = slipway_controller::auth::token::create(
-        store,
-        ca,
-        slipway_controller::auth::token::DEFAULT_TTL,
-        tags,
-        now,
-    )
-    .await
-    .unwrap()
-    .to_string();
     let state = states.join(name);
-    link::enroll(url, &token, &state, name, false)
+    let token = retry(name, || async {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        slipway_controller::auth::token::create(
+            store,
+            ca,
+            slipway_controller::auth::token::DEFAULT_TTL,
+            tags,
+            now,
+        )
         .await
-        .unwrap();
-    link::connect(url, &state, Hello::default()).await.unwrap()
+        .map(|t| t.to_string())
+    })
+    .await;
+    retry(name, || link::enroll(url, &token, &state, name, false)).await;
+    retry(name, || link::connect(url, &state, Hello::default())).await
+}
+
+/// Tries of each step of [`enroll_and_connect`].
+const ATTEMPTS: u32 = 5;
+
+/// `step()` until it succeeds, at most [`ATTEMPTS`] times a second apart.
+async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    name: &str,
+    mut step: impl FnMut() -> F,
+) -> T {
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Ok(value) => return value,
+            Err(err) if attempt < ATTEMPTS => {
+                eprintln!("{name}: attempt {attempt} failed: {err}");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(err) => panic!("{name}: {ATTEMPTS} attempts failed, the last: {err}"),
+        }
+    }
 }
 
 /// The heartbeat interval the controller announced.
