@@ -8,7 +8,10 @@
 //! any replica, a replica starting mid-rollout leaving it alone, a dead
 //! replica's rollout failed by another once the liveness window has
 //! passed; commands through a replica without the nodes' sessions reaching
-//! them through the one that holds them.
+//! them through the one that holds them; and PostgreSQL crashed for 20 s
+//! under two replicas and their agents: apps serving throughout, the CLI
+//! failing promptly naming the database, both replicas recovering on their
+//! own.
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -361,4 +364,195 @@ fn commands_through_a_postgres_replica_without_the_sessions_reach_the_nodes() {
     let a = Controller::start_postgres(&url, &[]);
     let b = a.replica();
     commands_reach_the_nodes_through_the_holder(&a, b);
+}
+
+/// `--http-listen` on a port the kernel picks, written to `ready`.
+fn http_flags(ready: &std::path::Path) -> [String; 4] {
+    [
+        "--http-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--http-ready-file".to_owned(),
+        ready.to_str().unwrap().to_owned(),
+    ]
+}
+
+/// The HTTP status of `/readyz` on the listener written to `ready`.
+fn readyz(controller: &Controller, ready: &std::path::Path) -> u16 {
+    let addr = fs::read_to_string(ready).unwrap();
+    crate::http::curl(controller, &[&format!("https://{}/readyz", addr.trim())]).0
+}
+
+#[test]
+fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() {
+    use std::time::Instant;
+    if test_postgres::skipped() {
+        eprintln!("{}=1: PostgreSQL test skipped", test_postgres::SKIP_ENV);
+        return;
+    }
+    // A server of this test's own: the others' keeps running.
+    let mut pg =
+        test_postgres::OwnServer::start(&[]).unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
+    let url = pg.database_url().unwrap();
+    let ready = tempfile::tempdir().unwrap();
+    let (ready_a, ready_b) = (ready.path().join("a"), ready.path().join("b"));
+    let flags_a = http_flags(&ready_a);
+    let flags_b = http_flags(&ready_b);
+    let a = Controller::start_postgres(&url, &flags_a.each_ref().map(String::as_str));
+    let b = a.postgres_replica(&flags_b.each_ref().map(String::as_str));
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // One agent enrolled through each replica, both listing both.
+    let mut agents = vec![Agent::enroll(&a, "o1"), Agent::enroll(&b, "o2")];
+    let urls = [a.https_url(), b.https_url()];
+    agents[0].set_controller_urls(&urls);
+    agents[1].set_controller_urls(&[urls[1].clone(), urls[0].clone()]);
+    for agent in &mut agents {
+        agent.run();
+    }
+    a.wait_online(&reader, 2, Duration::from_secs(60));
+    b.wait_online(&reader, 2, Duration::from_secs(10));
+    // Each deployed through the replica holding its session (agents pick
+    // one of their list).
+    let holder = |agent: &Agent| {
+        let on = crate::replicas::connected_to(agent, Duration::from_secs(30));
+        if on == urls[0] {
+            &a
+        } else {
+            &b
+        }
+    };
+    let work = tempfile::tempdir().unwrap();
+    for agent in &agents {
+        let out = holder(agent).deploy_version(
+            &deployer,
+            work.path(),
+            "v1",
+            APP,
+            &["--node", &agent.name, "--wait"],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for agent in &agents {
+        assert_eq!(agent.get().as_deref(), Some("v1"), "{}", agent.name);
+    }
+    assert_eq!(readyz(&a, &ready_a), 200);
+    assert_eq!(readyz(&b, &ready_b), 200);
+
+    let connects = |agent: &Agent| {
+        fs::read_to_string(agent.dir.path().join("agent.log"))
+            .unwrap_or_default()
+            .matches("connected to the controller")
+            .count()
+    };
+    let connects_before: Vec<usize> = agents.iter().map(connects).collect();
+    let v3 = artifact(work.path(), "v3", APP);
+    let v3_sha = sha256_file(&v3);
+
+    // PostgreSQL stops as by a crash, for 20 s.
+    pg.crash().unwrap();
+    let down = Instant::now();
+    // The apps answer the whole time, probed while the CLI, in another
+    // thread, fails promptly naming the database (no panic, no hang) and
+    // /readyz says not ready.
+    let mut probes = 0;
+    let mut failures = Vec::new();
+    std::thread::scope(|scope| {
+        let cli = scope.spawn(|| {
+            let checks: [(&Controller, &str, Vec<&str>); 2] = [
+                (&a, &reader, vec!["status"]),
+                (
+                    &b,
+                    &deployer,
+                    vec![
+                        "deploy",
+                        "web",
+                        v3.to_str().unwrap(),
+                        "--sha",
+                        &v3_sha,
+                        "--id",
+                        "v3",
+                        "--node",
+                        "o2",
+                    ],
+                ),
+            ];
+            for (c, token, args) in &checks {
+                let t = Instant::now();
+                let out = c.slipway(token, args);
+                let took = t.elapsed();
+                let said = text(&out);
+                eprintln!(
+                    "`slipway {}` with PostgreSQL down ({took:?}): {said}",
+                    args.join(" ")
+                );
+                assert!(!out.status.success(), "{said}");
+                assert!(took < Duration::from_secs(15), "took {took:?}: {said}");
+                assert!(said.contains("database does not answer"), "{said}");
+                assert!(!said.contains("panicked"), "{said}");
+            }
+            assert_eq!(readyz(&a, &ready_a), 503, "/readyz with the database down");
+        });
+        while down.elapsed() < Duration::from_secs(20) {
+            for agent in &agents {
+                probes += 1;
+                let got = agent.get();
+                if got.as_deref() != Some("v1") {
+                    failures.push(format!("{} at {:?}: {got:?}", agent.name, down.elapsed()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        cli.join().unwrap();
+    });
+    pg.resume().unwrap();
+    let outage = down.elapsed();
+    assert!(probes >= 40, "only {probes} probes in {outage:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {probes} probes failed: {failures:#?}",
+        failures.len()
+    );
+
+    // Both replicas recover without a restart.
+    for (c, ready) in [(&a, &ready_a), (&b, &ready_b)] {
+        wait_until("/readyz OK again", Duration::from_secs(30), || {
+            readyz(c, ready) == 200
+        });
+        wait_until(
+            "`slipway status` to work again",
+            Duration::from_secs(30),
+            || c.slipway(&reader, &["status"]).status.success(),
+        );
+    }
+    // The agents kept their sessions or came back.
+    a.wait_online(&reader, 2, Duration::from_secs(60));
+    b.wait_online(&reader, 2, Duration::from_secs(10));
+    for (agent, before) in agents.iter().zip(&connects_before) {
+        let link = agent.link();
+        assert!(link["connected_to"].is_string(), "{}: {link}", agent.name);
+        eprintln!(
+            "{}: {} new session(s) since the outage began",
+            agent.name,
+            connects(agent) - before
+        );
+    }
+    // Deploys work again, through either replica.
+    for agent in &agents {
+        let out = holder(agent).deploy_version(
+            &deployer,
+            work.path(),
+            "v2",
+            APP,
+            &["--node", &agent.name, "--wait"],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(agent.get().as_deref(), Some("v2"), "{}", agent.name);
+    }
+    // Neither took the other for dead because its record went stale while
+    // the database was down.
+    for c in [&a, &b] {
+        let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+        assert!(!log.contains("controller replica that is gone"), "{log}");
+        assert!(log.contains("judging no other replica dead"), "{log}");
+    }
 }

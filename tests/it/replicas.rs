@@ -28,7 +28,7 @@ use crate::support::{free_ports, stdout, text, wait_until, Agent, Controller, AP
 
 /// The replica `slipway-agent status` says the session is on, once it says
 /// one (within `limit`).
-fn connected_to(agent: &Agent, limit: Duration) -> String {
+pub(crate) fn connected_to(agent: &Agent, limit: Duration) -> String {
     let mut on = String::new();
     wait_until("the agent's status to name a replica", limit, || {
         let link: Value = agent.link();

@@ -102,6 +102,24 @@ pub(crate) fn validated<M: Validate>(message: &M) -> Result<(), ApiError> {
     Ok(message.validate()?)
 }
 
+/// What a client is told while the store does not answer.
+pub(crate) const DATABASE_UNAVAILABLE: &str =
+    "the controller's database does not answer (down or unreachable); try again once it is back";
+
+impl ApiError {
+    /// True if this is the store failing to reach its database, directly
+    /// or while checking the caller's token or certificate.
+    pub(crate) fn store_unavailable(&self) -> bool {
+        match self {
+            Self::Store(err) | Self::Token(ApiTokenError::Store(err)) => err.is_unavailable(),
+            Self::Operator(op) => {
+                matches!(&**op, OperatorError::Store(err) if err.is_unavailable())
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
         match err {
@@ -141,6 +159,10 @@ impl From<ApiError> for Status {
                 Status::failed_precondition(err.to_string())
             }
             ApiError::Store(StoreError::EnvConflict { .. }) => Status::aborted(err.to_string()),
+            _ if err.store_unavailable() => {
+                tracing::warn!(%err, "controller api: the database is unavailable");
+                Status::unavailable(DATABASE_UNAVAILABLE)
+            }
             ApiError::Token(_)
             | ApiError::Operator(_)
             | ApiError::Store(_)

@@ -16,6 +16,11 @@
 //! controller) are failed, naming why. Every write of a deployment's
 //! result is conditional on its replica still owning it, so a replica
 //! that was only slow cannot write over its successor's work.
+//!
+//! Not right after this replica could not renew for a while (the store was
+//! down or unreachable): the others could not either, so their records are
+//! stale without them being dead. The sweep waits one liveness window
+//! after such a gap, time for every live replica to renew again.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -59,11 +64,23 @@ pub enum ReplicaError {
     },
 }
 
+/// The liveness window in seconds: [`DEAD_AFTER_RENEWALS`] renewals.
+fn window_secs() -> i64 {
+    i64::try_from(RENEW_EVERY.as_secs() * DEAD_AFTER_RENEWALS).unwrap_or(i64::MAX)
+}
+
 /// True if a replica last seen at `seen_at` is within the liveness window
 /// at `now`.
 pub fn seen_recently(seen_at: i64, now: i64) -> bool {
-    let window = i64::try_from(RENEW_EVERY.as_secs() * DEAD_AFTER_RENEWALS).unwrap_or(i64::MAX);
-    now.saturating_sub(seen_at) <= window
+    now.saturating_sub(seen_at) <= window_secs()
+}
+
+/// True if this replica's renewal at `now` comes after at least one missed
+/// renewal since the one at `before` (the store did not answer, or too
+/// slowly): the other replicas' records may be stale for the same reason.
+fn after_a_gap(before: i64, now: i64) -> bool {
+    let every = i64::try_from(RENEW_EVERY.as_secs()).unwrap_or(i64::MAX);
+    now.saturating_sub(before) > every.saturating_mul(2)
 }
 
 /// What a replica carries dead replicas' deployments on with: its agent
@@ -263,6 +280,10 @@ impl Replica {
     ) {
         let mut tick = tokio::time::interval(RENEW_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When this replica last renewed its record, and before when it
+        // judges no other replica dead (see the module doc).
+        let mut renewed_at: Option<i64> = None;
+        let mut judge_from = i64::MIN;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -270,8 +291,8 @@ impl Replica {
             }
             let now = crate::now_unix();
             let store = &self.inner.store;
-            match store.renew_replica(&self.inner.id, now).await {
-                Ok(true) => {}
+            let renewed = match store.renew_replica(&self.inner.id, now).await {
+                Ok(true) => true,
                 // Swept away as dead by another replica (this one was
                 // unseen too long): record it again.
                 Ok(false) => {
@@ -280,11 +301,35 @@ impl Replica {
                         ..self.inner.record.clone()
                     };
                     tracing::warn!(replica = %self.inner.id, "replica record was gone; registering again");
-                    if let Err(err) = store.register_replica(&record).await {
-                        tracing::warn!(%err, "cannot register this replica again");
+                    match store.register_replica(&record).await {
+                        Ok(()) => true,
+                        Err(err) => {
+                            tracing::warn!(%err, "cannot register this replica again");
+                            false
+                        }
                     }
                 }
-                Err(err) => tracing::warn!(%err, "cannot renew this replica's record"),
+                Err(err) => {
+                    tracing::warn!(%err, "cannot renew this replica's record");
+                    false
+                }
+            };
+            if !renewed {
+                continue;
+            }
+            if let Some(before) = renewed_at {
+                if after_a_gap(before, now) {
+                    judge_from = now.saturating_add(window_secs());
+                    tracing::warn!(
+                        unrenewed_for_secs = now.saturating_sub(before),
+                        "this replica could not renew its record for a while (the store was \
+                         unreachable?): judging no other replica dead for one liveness window"
+                    );
+                }
+            }
+            renewed_at = Some(now);
+            if now < judge_from {
+                continue;
             }
             let swept = match &carrier {
                 Some(carrier) => self.take_over_dead_deployments(now, carrier).await,
@@ -368,6 +413,14 @@ mod tests {
             seen_recently(100, 90),
             "a clock a little behind is not death"
         );
+    }
+
+    #[test]
+    fn a_missed_renewal_is_a_gap() {
+        assert!(!after_a_gap(100, 105));
+        assert!(!after_a_gap(100, 110), "a slow tick is not a gap");
+        assert!(after_a_gap(100, 111));
+        assert!(after_a_gap(100, 130), "a store outage of 20 s");
     }
 
     #[tokio::test]

@@ -128,6 +128,12 @@ const POSTGRES_MAX_CONNECTIONS: u32 = 10;
 /// How long opening a PostgreSQL store waits for the server before failing.
 const POSTGRES_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a query waits for a pooled PostgreSQL connection (reconnecting
+/// while the server is down) before failing with [`StoreError::is_unavailable`]:
+/// a request that needs two lookups (its credentials, then its data) still
+/// fails within seconds, not minutes, while the database is down.
+const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `pg_advisory_xact_lock` key held while migrating: replicas starting at
 /// once migrate one after the other (the later ones find nothing to do).
 /// Arbitrary but fixed; "slipway1" in ASCII.
@@ -287,6 +293,30 @@ fn is_busy(code: Option<&str>) -> bool {
         .is_some_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
+impl StoreError {
+    /// True if the database could not be reached (down, restarting,
+    /// unreachable, every connection busy past the acquire timeout) rather
+    /// than refusing the query: the caller may try again later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Db(err) => match err {
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_) => true,
+                // SQLSTATE class 08 (connection exception) and 57P
+                // (the server shutting down, crashed or starting).
+                sqlx::Error::Database(db) => db
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 impl Store {
     /// The store `database_url` names: PostgreSQL when it is set, else the
     /// SQLite file in `data_dir` ([`Store::open`]).
@@ -338,7 +368,7 @@ impl Store {
         first.close().await?;
         let pool = AnyPoolOptions::new()
             .max_connections(POSTGRES_MAX_CONNECTIONS)
-            .acquire_timeout(POSTGRES_CONNECT_TIMEOUT)
+            .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Connect(format!("{url}: {e}")))?;

@@ -35,6 +35,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Prefix of the data dirs in the temp dir (followed by the pid).
 const DIR_PREFIX: &str = "slipway-test-pg-";
 
+/// Prefix of an [`OwnServer`]'s dir (followed by the pid, `-` and a
+/// number): not [`DIR_PREFIX`], which older sweeps take for a pid whole.
+const OWN_PREFIX: &str = "slipway-own-pg-";
+
 /// The running server of this process.
 #[derive(Debug)]
 struct Server {
@@ -49,6 +53,9 @@ static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
 /// Numbers the databases of this process.
 static NEXT_DB: AtomicU32 = AtomicU32::new(1);
 
+/// Numbers the [`OwnServer`]s of this process.
+static NEXT_OWN: AtomicU32 = AtomicU32::new(1);
+
 /// True when `SLIPWAY_TEST_NO_POSTGRES=1` asks to skip PostgreSQL tests.
 pub(crate) fn skipped() -> bool {
     std::env::var(SKIP_ENV).is_ok_and(|v| v == "1")
@@ -58,16 +65,14 @@ pub(crate) fn skipped() -> bool {
 /// first use).
 pub(crate) fn database_url() -> Result<String, String> {
     let server = SERVER.get_or_init(start).as_ref().map_err(Clone::clone)?;
+    create_database(&server.bin, server.port)
+}
+
+/// Creates a new, empty database on the server at `port`; its URL.
+fn create_database(bin: &Path, port: u16) -> Result<String, String> {
     let name = format!("test_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    let out = Command::new(server.bin.join("createdb"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &server.port.to_string(),
-            "-U",
-            "postgres",
-        ])
+    let out = Command::new(bin.join("createdb"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .arg(&name)
         .output()
         .map_err(|e| format!("running createdb: {e}"))?;
@@ -77,10 +82,7 @@ pub(crate) fn database_url() -> Result<String, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(format!(
-        "postgres://postgres@127.0.0.1:{}/{name}",
-        server.port
-    ))
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/{name}"))
 }
 
 /// The directory of the PostgreSQL binaries.
@@ -145,7 +147,16 @@ fn run_id(args: &[&str]) -> Result<u32, String> {
 fn sweep_stale(tmp: &Path) {
     for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+        // `DIR_PREFIX<pid>` (the shared server) or `OWN_PREFIX<pid>-<n>`
+        // (an [`OwnServer`]).
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| {
+                n.strip_prefix(DIR_PREFIX)
+                    .or_else(|| n.strip_prefix(OWN_PREFIX))
+            })
+            .and_then(|rest| rest.split('-').next())
+        else {
             continue;
         };
         if !Path::new("/proc").join(pid).exists() {
@@ -160,11 +171,28 @@ fn start() -> Result<Server, String> {
     let tmp = std::env::temp_dir();
     sweep_stale(&tmp);
     let dir = tmp.join(format!("{DIR_PREFIX}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let data = init_data_dir(&bin, &dir, root)?;
+    let port = free_port()?;
+    spawn_server(&bin, &dir, &data, port, root, &[])?;
+    Ok(Server { bin, port })
+}
+
+/// A free port on 127.0.0.1 a moment ago.
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free port: {e}"))
+}
+
+/// Makes `dir` afresh (owned by `postgres` as root) and `initdb`s
+/// `dir/data`; returns the data dir.
+fn init_data_dir(bin: &Path, dir: &Path, root: bool) -> Result<PathBuf, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     if root {
         let (uid, gid) = (run_id(&["-u", "postgres"])?, run_id(&["-g", "postgres"])?);
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
             .map_err(|e| format!("chown {} to postgres: {e}", dir.display()))?;
     }
     let data = dir.join("data");
@@ -191,27 +219,45 @@ fn start() -> Result<Server, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("finding a free port: {e}"))?
-        .port();
+    Ok(data)
+}
+
+/// Starts `postgres` on `data` at 127.0.0.1:`port` (socket and log in
+/// `dir`, `settings` as extra `-c name=value`) and waits until it accepts
+/// connections; the postmaster's process.
+fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    port: u16,
+    root: bool,
+    settings: &[(&str, &str)],
+) -> Result<std::process::Child, String> {
     let log = dir.join("postgres.log");
-    let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
     let mut postgres = Command::new("setpriv");
     as_postgres_user(&mut postgres, root);
     postgres
         .args(["--pdeathsig", "SIGQUIT"])
         .arg(bin.join("postgres"))
         .arg("-D")
-        .arg(&data)
+        .arg(data)
         .arg("-k")
-        .arg(&dir)
+        .arg(dir)
         .args(["-p", &port.to_string()])
         .args(["-c", "listen_addresses=127.0.0.1"])
         .args(["-c", "max_connections=400"])
         // A throwaway server: durability buys nothing here.
         .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-        .args(["-c", "full_page_writes=off"])
+        .args(["-c", "full_page_writes=off"]);
+    for (name, value) in settings {
+        postgres.arg("-c").arg(format!("{name}={value}"));
+    }
+    postgres
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file);
@@ -241,7 +287,7 @@ fn start() -> Result<Server, String> {
             .status()
             .map_err(|e| format!("running pg_isready: {e}"))?;
         if ready.success() {
-            return Ok(Server { bin, port });
+            return Ok(child);
         }
         let exited = child.try_wait().map_err(|e| e.to_string())?;
         if exited.is_some() || Instant::now() > deadline {
@@ -255,5 +301,144 @@ fn start() -> Result<Server, String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A PostgreSQL server of the caller's own, not shared with other tests:
+/// one it may stop as by a crash ([`OwnServer::crash`]) and start again
+/// on the same data dir and port ([`OwnServer::resume`]), or load (a
+/// benchmark). Stopped and its dir removed when dropped.
+#[derive(Debug)]
+pub(crate) struct OwnServer {
+    /// Directory of the binaries.
+    bin: PathBuf,
+    /// Holds the data dir, socket and log.
+    dir: PathBuf,
+    /// The data dir.
+    data: PathBuf,
+    /// Port on 127.0.0.1.
+    port: u16,
+    /// Whether it runs as the `postgres` user.
+    root: bool,
+    /// Extra `-c` settings.
+    settings: Vec<(String, String)>,
+    /// The postmaster, while it runs.
+    child: Option<std::process::Child>,
+}
+
+/// How long an immediate shutdown may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl OwnServer {
+    /// Initialises and starts a server with `settings` as extra
+    /// `-c name=value` on top of the shared server's.
+    pub(crate) fn start(settings: &[(&str, &str)]) -> Result<Self, String> {
+        let bin = bin_dir()?;
+        let root = run_id(&["-u"])? == 0;
+        let tmp = std::env::temp_dir();
+        sweep_stale(&tmp);
+        let dir = tmp.join(format!(
+            "{OWN_PREFIX}{}-{}",
+            std::process::id(),
+            NEXT_OWN.fetch_add(1, Ordering::Relaxed)
+        ));
+        let data = init_data_dir(&bin, &dir, root)?;
+        let mut server = Self {
+            bin,
+            dir,
+            data,
+            port: free_port()?,
+            root,
+            settings: settings
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+            child: None,
+        };
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// The URL of a new, empty database on it.
+    pub(crate) fn database_url(&self) -> Result<String, String> {
+        create_database(&self.bin, self.port)
+    }
+
+    /// The postmaster's pid, while it runs (its backends are its children).
+    #[allow(dead_code)] // The benchmarks' (CPU of the server); not the tests'.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Runs `sql` with `psql` on database `db` of it; the unaligned,
+    /// tuples-only output.
+    #[allow(dead_code)] // The benchmarks' (counters in pg_stat_*); not the tests'.
+    pub(crate) fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", db, "-Atc", sql])
+            .output()
+            .map_err(|e| format!("running psql: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "psql {sql:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Stops it at once, as a crash does: SIGQUIT to the postmaster
+    /// (immediate shutdown: every backend killed, no checkpoint; the next
+    /// start recovers from the WAL). Waits until it has exited.
+    pub(crate) fn crash(&mut self) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let out = Command::new("kill")
+            .args(["-QUIT", &child.id().to_string()])
+            .output()
+            .map_err(|e| format!("running kill: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "kill -QUIT {}: {}",
+                child.id(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "postgres still runs {STOP_TIMEOUT:?} after SIGQUIT"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts it (again) on its data dir and port; waits until it accepts
+    /// connections.
+    pub(crate) fn resume(&mut self) -> Result<(), String> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let settings: Vec<(&str, &str)> = self
+            .settings
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        self.child = Some(spawn_server(
+            &self.bin, &self.dir, &self.data, self.port, self.root, &settings,
+        )?);
+        Ok(())
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.crash();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

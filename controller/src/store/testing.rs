@@ -3,6 +3,8 @@
 //! a `sqlite` and a `postgres` test calling it, e.g.
 //! `store::nodes::tests::renewals_keep_one_cert::postgres`.
 
+// OwnServer is for the end-to-end tests and benchmarks.
+#[allow(dead_code)]
 #[path = "test_postgres.rs"]
 pub(crate) mod test_postgres;
 

@@ -10,7 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use slipway_agent::link::{self, Session};
-use slipway_proto::v1::{agent_message, AgentMessage, Heartbeat, Hello};
+use slipway_proto::v1::{
+    agent_message, controller_message, AgentMessage, CommandResult, ControllerMessage, Heartbeat,
+    Hello, Outcome,
+};
 
 /// Enrolls `n` agents named `name(i)` with the controller listening at
 /// `url` (its data dir `data`: join tokens are made in its store), their
@@ -23,27 +26,67 @@ pub async fn connect_agents(
     name: impl Fn(usize) -> String,
 ) -> Vec<Session> {
     let store = slipway_controller::store::Store::open(data).await.unwrap();
-    let ca = slipway_controller::pki::ca::Ca::load_or_create(data).unwrap();
+    let ca = slipway_controller::pki::ca::Ca::load_or_create(data)
+        .unwrap()
+        .fingerprint();
     let mut sessions = Vec::with_capacity(n);
     for i in 0..n {
+        sessions.push(enroll_and_connect(url, &store, &ca, states, &name(i), &[]).await);
+    }
+    sessions
+}
+
+/// Enrolls one agent named `name` (with `tags`) with the controller at
+/// `url`, whose store is `store` and CA's fingerprint `ca`, its state dir
+/// under `states`, and opens its session. Each step is tried up to
+/// [`ATTEMPTS`] times, a second apart (thousands enrolling at once can
+/// outwait a connection pool); the last error stops the bench.
+pub async fn enroll_and_connect(
+    url: &str,
+    store: &slipway_controller::store::Store,
+    ca: &str,
+    states: &Path,
+    name: &str,
+    tags: &[String],
+) -> Session {
+    let state = states.join(name);
+    let token = retry(name, || async {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let token = slipway_controller::auth::token::create(
-            &store,
-            &ca.fingerprint(),
+        slipway_controller::auth::token::create(
+            store,
+            ca,
             slipway_controller::auth::token::DEFAULT_TTL,
-            &[],
+            tags,
             now,
         )
         .await
-        .unwrap()
-        .to_string();
-        let state = states.join(format!("a{i}"));
-        link::enroll(url, &token, &state, &name(i), false)
-            .await
-            .unwrap();
-        sessions.push(link::connect(url, &state, Hello::default()).await.unwrap());
+        .map(|t| t.to_string())
+    })
+    .await;
+    retry(name, || link::enroll(url, &token, &state, name, false)).await;
+    retry(name, || link::connect(url, &state, Hello::default())).await
+}
+
+/// Tries of each step of [`enroll_and_connect`].
+const ATTEMPTS: u32 = 5;
+
+/// `step()` until it succeeds, at most [`ATTEMPTS`] times a second apart.
+async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    name: &str,
+    mut step: impl FnMut() -> F,
+) -> T {
+    let mut attempt = 1;
+    loop {
+        match step().await {
+            Ok(value) => return value,
+            Err(err) if attempt < ATTEMPTS => {
+                eprintln!("{name}: attempt {attempt} failed: {err}");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(err) => panic!("{name}: {ATTEMPTS} attempts failed, the last: {err}"),
+        }
     }
-    sessions
 }
 
 /// The heartbeat interval the controller announced.
@@ -54,7 +97,9 @@ pub fn interval(sessions: &[Session]) -> Duration {
 }
 
 /// Sends `beat()` on `session` every `interval` (as a real agent does)
-/// until `end` or until `go_on` says stop; returns how many were sent.
+/// until `end` or until `go_on` says stop, answering every Deploy command
+/// at once with a success (an instantly-acking agent: nothing is fetched
+/// or started); returns how many heartbeats were sent.
 pub async fn heartbeat(
     session: Session,
     interval: Duration,
@@ -64,21 +109,40 @@ pub async fn heartbeat(
 ) -> u64 {
     let mut inbound = session.inbound;
     let mut sent = 0;
+    let mut next = Instant::now();
     while go_on() && Instant::now() < end {
-        let message = AgentMessage {
-            kind: Some(agent_message::Kind::Heartbeat(beat())),
-        };
-        if session.outbound.send(message).await.is_err() {
-            break;
-        }
-        sent += 1;
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            message = inbound.message() => {
-                if !matches!(message, Ok(Some(_))) {
-                    break;
-                }
+        if Instant::now() >= next {
+            let message = AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(beat())),
+            };
+            if session.outbound.send(message).await.is_err() {
+                break;
             }
+            sent += 1;
+            next += interval;
+        }
+        let wake = tokio::time::Instant::from_std(next.min(end));
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            message = inbound.message() => match message {
+                Ok(Some(ControllerMessage {
+                    kind: Some(controller_message::Kind::Deploy(deploy)),
+                })) => {
+                    let result = AgentMessage {
+                        kind: Some(agent_message::Kind::Result(CommandResult {
+                            command_id: deploy.command_id,
+                            outcome: Outcome::Succeeded as i32,
+                            release_id: deploy.release_id,
+                            message: "simulated agent: deployed".into(),
+                        })),
+                    };
+                    if session.outbound.send(result).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            },
         }
     }
     sent
