@@ -608,3 +608,93 @@ fn a_push_deploys_the_url_template_checked_against_its_checksums_and_the_http_ap
     assert!(api.log().iter().all(|e| e["auth"] != "app-jwt"));
     api.assert_no_violations();
 }
+
+#[test]
+fn a_deploy_the_restarted_controller_carries_on_ends_on_github_too() {
+    let work = tempfile::tempdir().unwrap();
+    let key = app_key(work.path());
+    let api = GhApi::start(&key);
+    api.add_commit("v2", SHA2);
+    let config = work.path().join("controller.toml");
+    fs::write(
+        &config,
+        format!(
+            "[github]\napi_url = \"{}\"\napp_id = {APP_ID}\ninstallation_id = {INSTALLATION_ID}\n\
+             private_key_file = \"{}\"\nretry_min_wait = \"50ms\"\nretry_max_wait = \"300ms\"\n\
+             [github.apps.web]\nrepo = \"acme/web\"\n",
+            api.base,
+            key.display(),
+        ),
+    )
+    .unwrap();
+    let mut controller = Controller::start_with(&["--config", config.to_str().unwrap()]);
+    let mut agents = vec![
+        Agent::enroll(&controller, "web-1"),
+        Agent::enroll(&controller, "web-2"),
+    ];
+    for a in &mut agents {
+        a.set_start_period("8s");
+        a.run();
+    }
+    let reader = controller.api_token("read");
+    let deployer = controller.api_token("deploy:web");
+    controller.wait_online(&reader, 2, Duration::from_secs(30));
+
+    // A slow rolling deploy of a known commit; GitHub hears of it, then the
+    // controller is stopped in the middle and started again.
+    let slow = format!("import time\ntime.sleep(4)\n{APP}");
+    let out = controller.deploy_version(
+        &deployer,
+        work.path(),
+        "c1",
+        &slow,
+        &[
+            "--git-sha",
+            SHA2,
+            "--strategy",
+            "rolling",
+            "--max-parallel",
+            "1",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until(
+        "the GitHub deployment in progress",
+        Duration::from_secs(30),
+        || {
+            api.deployments()
+                .first()
+                .is_some_and(|d| states(d).iter().any(|s| s == "in_progress"))
+        },
+    );
+    controller.restart();
+
+    // The restarted controller carries the deployment on, and GitHub's
+    // deployment says so, then ends in success: not left in progress.
+    wait_until(
+        "the GitHub deployment's success",
+        Duration::from_secs(90),
+        || {
+            api.deployments()
+                .first()
+                .is_some_and(|d| states(d).last().map(String::as_str) == Some("success"))
+        },
+    );
+    let deployments = api.deployments();
+    assert_eq!(deployments.len(), 1, "{deployments:#?}");
+    let carried = deployments[0]["statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| {
+            s["state"] == "in_progress"
+                && s["description"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("carried on by another controller replica"))
+        });
+    assert!(carried, "{:#}", deployments[0]);
+    for a in &agents {
+        assert_eq!(a.current().as_deref(), Some("c1"), "{}", a.name);
+    }
+}
