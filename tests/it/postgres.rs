@@ -390,8 +390,12 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
         return;
     }
     // A server of this test's own: the others' keeps running.
-    let mut pg =
-        test_postgres::OwnServer::start(&[]).unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
+    // Commits acknowledged before the crash must survive it, as on a real
+    // server: the test servers' `synchronous_commit=off` loses the last
+    // few hundred milliseconds (here the end of the v1 deploy just
+    // before the crash, leaving it "running" and the app blocked).
+    let mut pg = test_postgres::OwnServer::start(&[("synchronous_commit", "on")])
+        .unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
     let url = pg.database_url().unwrap();
     let ready = tempfile::tempdir().unwrap();
     let (ready_a, ready_b) = (ready.path().join("a"), ready.path().join("b"));
@@ -430,6 +434,18 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
             APP,
             &["--node", &agent.name, "--wait"],
         );
+        if !out.status.success() {
+            // What the replicas did is the first thing to look at.
+            for c in [&a, &b] {
+                let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                eprintln!(
+                    "---- the last lines of a replica's log\n{}",
+                    tail.join("\n")
+                );
+            }
+        }
         assert!(out.status.success(), "{}", text(&out));
     }
     for agent in &agents {
@@ -491,6 +507,35 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
                 assert!(!said.contains("panicked"), "{said}");
             }
             assert_eq!(readyz(&a, &ready_a), 503, "/readyz with the database down");
+            // The HTTP API: 503 naming the database, with Retry-After (not
+            // a 500, nor a 401 from the token check that could not run).
+            let t = Instant::now();
+            let addr = fs::read_to_string(&ready_b).unwrap();
+            let (code, body) = crate::http::curl(
+                &a,
+                &[
+                    "-H",
+                    &format!("Authorization: Bearer {reader}"),
+                    "-D",
+                    "-",
+                    &format!("https://{}/api/v1/nodes", addr.trim()),
+                ],
+            );
+            eprintln!(
+                "GET /api/v1/nodes with PostgreSQL down ({:?}): {code} {body}",
+                t.elapsed()
+            );
+            assert_eq!(code, 503, "{body}");
+            assert!(body.contains("database does not answer"), "{body}");
+            assert!(
+                body.to_ascii_lowercase().contains("retry-after: 5"),
+                "{body}"
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "took {:?}",
+                t.elapsed()
+            );
         });
         while down.elapsed() < Duration::from_secs(20) {
             for agent in &agents {
@@ -545,6 +590,18 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
             APP,
             &["--node", &agent.name, "--wait"],
         );
+        if !out.status.success() {
+            // What the replicas did is the first thing to look at.
+            for c in [&a, &b] {
+                let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                eprintln!(
+                    "---- the last lines of a replica's log\n{}",
+                    tail.join("\n")
+                );
+            }
+        }
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(agent.get().as_deref(), Some("v2"), "{}", agent.name);
     }

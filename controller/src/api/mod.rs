@@ -42,6 +42,7 @@ pub mod live;
 
 use error::validated;
 pub use error::ApiError;
+pub(crate) use error::DATABASE_UNAVAILABLE;
 
 /// How long a refreshed FleetStatus waits for the nodes' fresh heartbeats.
 pub const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

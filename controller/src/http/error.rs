@@ -56,10 +56,17 @@ pub enum AppError {
     /// The body is larger than the route accepts: 413.
     #[error("{0}")]
     TooLarge(String),
+    /// The controller's database does not answer (down, restarting,
+    /// unreachable): 503 with `Retry-After`, the caller may try again.
+    #[error("{}", crate::api::DATABASE_UNAVAILABLE)]
+    Unavailable,
     /// The controller failed; details are in its log: 500.
     #[error("the controller failed; see its log")]
     Internal(String),
 }
+
+/// Seconds a client is asked to wait before trying again after a 503.
+const RETRY_AFTER_SECS: &str = "5";
 
 impl AppError {
     /// A bad request field.
@@ -80,6 +87,7 @@ impl AppError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::LengthRequired => StatusCode::LENGTH_REQUIRED,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,6 +111,12 @@ impl IntoResponse for AppError {
             }),
         )
             .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -115,6 +129,10 @@ impl IntoResponse for AppError {
 
 impl From<StoreError> for AppError {
     fn from(err: StoreError) -> Self {
+        if err.is_unavailable() {
+            tracing::warn!(error = %err, "http api: the database does not answer");
+            return Self::Unavailable;
+        }
         match err {
             StoreError::AppBusy { .. } | StoreError::EnvConflict { .. } => {
                 Self::Conflict(err.to_string())
@@ -126,6 +144,12 @@ impl From<StoreError> for AppError {
 
 impl From<ApiError> for AppError {
     fn from(err: ApiError) -> Self {
+        // Also while checking the caller's token or certificate: a caller
+        // is not told "unauthenticated" because the database is down.
+        if err.store_unavailable() {
+            tracing::warn!(error = %err, "http api: the database does not answer");
+            return Self::Unavailable;
+        }
         match err {
             ApiError::NoToken
             | ApiError::Token(ApiTokenError::Malformed | ApiTokenError::Unknown) => {
@@ -171,5 +195,34 @@ impl From<ApiError> for AppError {
             }
             ApiError::Token(_) | ApiError::Secrets(_) => Self::Internal(err.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_that_does_not_answer_is_a_503_to_try_again_not_a_500_or_a_401() {
+        let down = || StoreError::Db(sqlx::Error::PoolTimedOut);
+        for err in [
+            AppError::from(down()),
+            AppError::from(ApiError::Store(down())),
+            AppError::from(ApiError::Token(ApiTokenError::Store(down()))),
+        ] {
+            let response = err.into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "5");
+        }
+        assert_eq!(
+            AppError::Unavailable.to_string(),
+            crate::api::DATABASE_UNAVAILABLE
+        );
+        // A query the database refused is still the controller's failure.
+        let refused = StoreError::Db(sqlx::Error::RowNotFound);
+        assert_eq!(
+            AppError::from(refused).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }
