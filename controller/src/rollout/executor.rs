@@ -32,6 +32,35 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(30);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events buffered for a slow CLI; the deployment never waits on it.
 const EVENT_QUEUE: usize = 256;
+/// How long a deployment's end is tried again while the database does not
+/// answer, and the pause between tries: an end not recorded would leave
+/// the deployment "running" and its app blocked.
+const END_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
+const END_RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs `write` again while it fails with the database not answering
+/// ([`StoreError::is_unavailable`]), every `every` for up to `limit`; the
+/// last outcome.
+async fn while_unavailable<T, F, Fut>(
+    limit: Duration,
+    every: Duration,
+    mut write: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    loop {
+        match write().await {
+            Err(err) if err.is_unavailable() && started.elapsed() + every <= limit => {
+                tracing::warn!(%err, "the database does not answer; trying again");
+                tokio::time::sleep(every).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 fn event(kind: deploy_event::Kind) -> DeployEvent {
     DeployEvent { kind: Some(kind) }
@@ -1150,9 +1179,8 @@ impl Run {
             self.started.elapsed(),
         );
         let stop_reason = stopped.as_ref().map_or("", |s| s.reason.as_str());
-        match self
-            .store
-            .finish_deployment(
+        let ended = while_unavailable(END_RETRY_FOR, END_RETRY_EVERY, || {
+            self.store.finish_deployment(
                 &self.deployment_id,
                 status,
                 &message,
@@ -1160,8 +1188,9 @@ impl Run {
                 &audit_event,
                 crate::now_unix(),
             )
-            .await
-        {
+        })
+        .await;
+        match ended {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
                 deployment_id = %self.deployment_id, %status,
@@ -1202,6 +1231,43 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_end_is_written_again_while_the_database_does_not_answer_and_only_then() {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let every = Duration::from_secs(2);
+        // Down twice, then it answers: three writes, the last one kept.
+        let got = while_unavailable(Duration::from_secs(60), every, || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(StoreError::Db(sqlx::Error::PoolTimedOut))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(2));
+        // Any other failure is not tried again.
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        let got: Result<(), _> = while_unavailable(Duration::from_secs(60), every, || {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Err(StoreError::Db(sqlx::Error::RowNotFound)) }
+        })
+        .await;
+        assert!(got.is_err());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Down for good: given up once the limit is reached.
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        let got: Result<(), _> = while_unavailable(Duration::from_secs(10), every, || {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Err(StoreError::Db(sqlx::Error::PoolClosed)) }
+        })
+        .await;
+        assert!(got.is_err_and(|e| e.is_unavailable()));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 6);
+    }
     use crate::rollout::{EnvPayload, Rollout, Strategy};
 
     crate::store::testing::store_tests!(
