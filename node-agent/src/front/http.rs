@@ -72,6 +72,10 @@ pub(super) const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 /// section.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64 * 1024;
+/// The 502 texts of a backend that failed a request.
+const CLOSED_WITHOUT_ANSWER: &str =
+    "bad gateway: the app closed the connection without an answer\n";
+const NOT_REACHABLE: &str = "bad gateway: the app's backend is not reachable\n";
 /// Read buffers grow by this much at a time.
 const READ_CHUNK: usize = 16 * 1024;
 /// Relayed bytes are written out once this many are gathered.
@@ -275,12 +279,7 @@ impl Conn {
             }
             let Some(backend) = lock(&self.routes).target.as_ref().map(|t| t.backend) else {
                 return self
-                    .short(
-                        client,
-                        &head,
-                        "502 Bad Gateway",
-                        "bad gateway: no release is live yet\n",
-                    )
+                    .bad_gateway(client, &head, "bad gateway: no release is live yet\n")
                     .await;
             };
             let held = Held::new(&self.routes, &self.changed, backend);
@@ -326,24 +325,11 @@ impl Conn {
                 }
                 Err(Relay::Write(e) | Relay::Truncated(e)) => {
                     tracing::warn!(%backend, error = %e, "the backend failed a request");
-                    return self
-                        .short(
-                            client,
-                            &head,
-                            "502 Bad Gateway",
-                            "bad gateway: the app closed the connection without an answer\n",
-                        )
-                        .await;
+                    return self.bad_gateway(client, &head, CLOSED_WITHOUT_ANSWER).await;
                 }
             }
         }
-        self.short(
-            client,
-            &head,
-            "502 Bad Gateway",
-            "bad gateway: the app's backend is not reachable\n",
-        )
-        .await
+        self.bad_gateway(client, &head, NOT_REACHABLE).await
     }
 
     /// [`Conn::forward`] once more on a new connection to `backend`, after
@@ -360,26 +346,12 @@ impl Conn {
             Err(e) => {
                 tracing::warn!(%backend, error = %e, "cannot reach the backend");
                 drop(held);
-                return self
-                    .short(
-                        client,
-                        &head,
-                        "502 Bad Gateway",
-                        "bad gateway: the app's backend is not reachable\n",
-                    )
-                    .await;
+                return self.bad_gateway(client, &head, NOT_REACHABLE).await;
             }
         };
         if let Err(e) = kept.stream.write_all(&head.bytes).await {
             tracing::warn!(%backend, error = %e, "the backend failed a request");
-            return self
-                .short(
-                    client,
-                    &head,
-                    "502 Bad Gateway",
-                    "bad gateway: the app closed the connection without an answer\n",
-                )
-                .await;
+            return self.bad_gateway(client, &head, CLOSED_WITHOUT_ANSWER).await;
         }
         self.answer(client, &head, kept, held, false).await
     }
@@ -404,36 +376,17 @@ impl Conn {
                 }
                 Err(ReadResponse::ClosedBeforeAnswer) => {
                     tracing::warn!(%backend, "the backend closed the connection without an answer");
-                    return self
-                        .short(
-                            client,
-                            head,
-                            "502 Bad Gateway",
-                            "bad gateway: the app closed the connection without an answer\n",
-                        )
-                        .await;
+                    return self.bad_gateway(client, head, CLOSED_WITHOUT_ANSWER).await;
                 }
                 Err(ReadResponse::Bad(why)) => {
                     tracing::warn!(%backend, why, "the backend's answer is malformed");
                     return self
-                        .short(
-                            client,
-                            head,
-                            "502 Bad Gateway",
-                            "bad gateway: the app's answer is malformed\n",
-                        )
+                        .bad_gateway(client, head, "bad gateway: the app's answer is malformed\n")
                         .await;
                 }
                 Err(ReadResponse::Io(e)) => {
                     tracing::warn!(%backend, error = %e, "the backend failed a request");
-                    return self
-                        .short(
-                            client,
-                            head,
-                            "502 Bad Gateway",
-                            "bad gateway: the app closed the connection without an answer\n",
-                        )
-                        .await;
+                    return self.bad_gateway(client, head, CLOSED_WITHOUT_ANSWER).await;
                 }
             };
             self.out.clear();
@@ -493,6 +446,16 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// [`Conn::short`] with a `502 Bad Gateway`.
+    async fn bad_gateway(
+        &mut self,
+        client: &mut Box<dyn Stream>,
+        head: &RequestHead,
+        text: &str,
+    ) -> io::Result<bool> {
+        self.short(client, head, "502 Bad Gateway", text).await
     }
 
     /// Answers the client with a short text of the front's own; false when
