@@ -751,6 +751,32 @@ mod tests {
     use crate::store::Store;
     use slipway_proto::v1::{Deploy, StatusRequest, TrustBundle};
 
+    /// One replica of a test, routing through its own router. Keep
+    /// `replica` bound to the end of the test: it holds the lock that says
+    /// the replica lives.
+    struct Side {
+        replica: Replica,
+        commands: Commands,
+        sessions: Sessions,
+        router: Router,
+    }
+
+    /// Starts a replica on `store` serving `grpc` (a name only: nothing
+    /// listens), with its sessions routed through its router.
+    async fn side(store: &Store, dir: &std::path::Path, grpc: &str) -> Side {
+        let replica = Replica::start(store, dir, grpc.into(), None).await.unwrap();
+        let commands = Commands::new();
+        let sessions = Sessions::for_replica(replica.clone());
+        let router = Router::new(replica.clone(), commands.clone());
+        sessions.route_through(router.clone());
+        Side {
+            replica,
+            commands,
+            sessions,
+            router,
+        }
+    }
+
     /// Replica `a` asks node n-1, whose session replica `b` holds (a real
     /// SQLite store, both routers running): b's session gets the command,
     /// the agent's answer reaches a's waiter, a report of another node is
@@ -761,19 +787,18 @@ mod tests {
     async fn a_command_goes_to_the_holder_and_its_answer_comes_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
-        let a = Replica::start(&store, dir.path(), "127.0.0.1:1".into(), None)
-            .await
-            .unwrap();
-        let b = Replica::start(&store, dir.path(), "127.0.0.1:2".into(), None)
-            .await
-            .unwrap();
-        let (a_commands, b_commands) = (Commands::new(), Commands::new());
-        let a_sessions = Sessions::for_replica(a.clone());
-        let b_sessions = Sessions::for_replica(b.clone());
-        let a_router = Router::new(a.clone(), a_commands.clone());
-        a_sessions.route_through(a_router.clone());
-        let b_router = Router::new(b.clone(), b_commands.clone());
-        b_sessions.route_through(b_router.clone());
+        let Side {
+            replica: a,
+            commands: a_commands,
+            sessions: a_sessions,
+            router: a_router,
+        } = side(&store, dir.path(), "127.0.0.1:1").await;
+        let Side {
+            replica: _b,
+            commands: b_commands,
+            sessions: b_sessions,
+            router: b_router,
+        } = side(&store, dir.path(), "127.0.0.1:2").await;
         let handle = b_sessions.register("n-1");
         let (out, mut agent) = mpsc::channel(8);
         handle.accept_commands(out);
@@ -860,19 +885,18 @@ mod tests {
     async fn a_node_that_moves_to_another_replica_gets_its_command_again_there() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
-        let a = Replica::start(&store, dir.path(), "127.0.0.1:1".into(), None)
-            .await
-            .unwrap();
-        let b = Replica::start(&store, dir.path(), "127.0.0.1:2".into(), None)
-            .await
-            .unwrap();
-        let (a_commands, b_commands) = (Commands::new(), Commands::new());
-        let a_sessions = Sessions::for_replica(a.clone());
-        let b_sessions = Sessions::for_replica(b.clone());
-        let a_router = Router::new(a.clone(), a_commands.clone());
-        a_sessions.route_through(a_router.clone());
-        let b_router = Router::new(b.clone(), b_commands.clone());
-        b_sessions.route_through(b_router.clone());
+        let Side {
+            replica: _a,
+            commands: a_commands,
+            sessions: a_sessions,
+            router: a_router,
+        } = side(&store, dir.path(), "127.0.0.1:1").await;
+        let Side {
+            replica: _b,
+            commands: b_commands,
+            sessions: b_sessions,
+            router: b_router,
+        } = side(&store, dir.path(), "127.0.0.1:2").await;
         let stop = CancellationToken::new();
         let a_task = tokio::spawn(a_router.run(a_sessions.clone(), stop.clone()));
         let b_task = tokio::spawn(b_router.run(b_sessions.clone(), stop.clone()));
