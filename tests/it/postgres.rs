@@ -426,28 +426,33 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
         }
     };
     let work = tempfile::tempdir().unwrap();
-    for agent in &agents {
-        let out = holder(agent).deploy_version(
-            &deployer,
-            work.path(),
-            "v1",
-            APP,
-            &["--node", &agent.name, "--wait"],
-        );
-        if !out.status.success() {
-            // What the replicas did is the first thing to look at.
-            for c in [&a, &b] {
-                let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
-                let tail: Vec<&str> = log.lines().rev().take(60).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                eprintln!(
-                    "---- the last lines of a replica's log\n{}",
-                    tail.join("\n")
-                );
+    // Deploys `version` to each agent through the replica holding its
+    // session; on a failure the replicas' last log lines come first.
+    let deploy_each = |version: &str| {
+        for agent in &agents {
+            let out = holder(agent).deploy_version(
+                &deployer,
+                work.path(),
+                version,
+                APP,
+                &["--node", &agent.name, "--wait"],
+            );
+            if !out.status.success() {
+                for c in [&a, &b] {
+                    let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+                    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    eprintln!(
+                        "---- the last lines of a replica's log\n{}",
+                        tail.join("\n")
+                    );
+                }
             }
+            assert!(out.status.success(), "{}", text(&out));
+            assert_eq!(agent.get().as_deref(), Some(version), "{}", agent.name);
         }
-        assert!(out.status.success(), "{}", text(&out));
-    }
+    };
+    deploy_each("v1");
     for agent in &agents {
         assert_eq!(agent.get().as_deref(), Some("v1"), "{}", agent.name);
     }
@@ -582,29 +587,7 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
         );
     }
     // Deploys work again, through either replica.
-    for agent in &agents {
-        let out = holder(agent).deploy_version(
-            &deployer,
-            work.path(),
-            "v2",
-            APP,
-            &["--node", &agent.name, "--wait"],
-        );
-        if !out.status.success() {
-            // What the replicas did is the first thing to look at.
-            for c in [&a, &b] {
-                let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
-                let tail: Vec<&str> = log.lines().rev().take(60).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                eprintln!(
-                    "---- the last lines of a replica's log\n{}",
-                    tail.join("\n")
-                );
-            }
-        }
-        assert!(out.status.success(), "{}", text(&out));
-        assert_eq!(agent.get().as_deref(), Some("v2"), "{}", agent.name);
-    }
+    deploy_each("v2");
     // Neither took the other for dead because its record went stale while
     // the database was down.
     for c in [&a, &b] {
