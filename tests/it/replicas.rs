@@ -514,18 +514,19 @@ fn assert_taken_over_and_completed(
     }
 }
 
-#[test]
-fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_a_node_twice() {
-    let mut a = Controller::start();
+/// Two replicas a and b, and agents `names` (listing both, a slow health
+/// gate) whose sessions are all on a — so the takeover, not routing, is
+/// what is tested: b is down while they connect, then back on its port
+/// (an agent stays on the replica it is on). Also a read and a deploy
+/// token.
+fn agents_on_one_of_two(names: &[&str]) -> (Controller, Controller, String, String, Vec<Agent>) {
+    let a = Controller::start();
     let mut b = a.replica();
     let reader = a.api_token("read");
     let deployer = a.api_token("deploy:web");
     let urls = [a.https_url(), b.https_url()];
-    // Every session on a (so the takeover, not routing, is what is tested): b
-    // is down while the agents connect, then back on its port (an agent
-    // stays on the replica it is on).
     b.kill();
-    let mut agents = Agent::enroll_all(&a, &["t1", "t2", "t3"]);
+    let mut agents = Agent::enroll_all(&a, names);
     for agent in &mut agents {
         agent.set_controller_urls(&urls);
         agent.set_start_period("8s");
@@ -535,7 +536,14 @@ fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_
         connected_to_other(agent, &urls[0], Duration::from_secs(30));
     }
     b.restart();
-    a.wait_online(&reader, 3, Duration::from_secs(60));
+    a.wait_online(&reader, names.len(), Duration::from_secs(60));
+    (a, b, reader, deployer, agents)
+}
+
+#[test]
+fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_a_node_twice() {
+    let (mut a, mut b, reader, deployer, agents) = agents_on_one_of_two(&["t1", "t2", "t3"]);
+    let urls = [a.https_url(), b.https_url()];
     let work = tempfile::tempdir().unwrap();
 
     // (b) a dies in the middle of a batch: the first node is deploying.
@@ -582,24 +590,7 @@ fn a_dead_replicas_rolling_deploy_is_taken_over_and_completes_without_deploying_
 
 #[test]
 fn a_taken_over_rolling_deploy_that_fails_stops_and_rolls_back_as_it_would_have() {
-    let mut a = Controller::start();
-    let mut b = a.replica();
-    let reader = a.api_token("read");
-    let deployer = a.api_token("deploy:web");
-    let urls = [a.https_url(), b.https_url()];
-    // Every session on a (see the test above).
-    b.kill();
-    let mut agents = Agent::enroll_all(&a, &["f1", "f2", "f3"]);
-    for agent in &mut agents {
-        agent.set_controller_urls(&urls);
-        agent.set_start_period("8s");
-        agent.run();
-    }
-    for agent in &agents {
-        connected_to_other(agent, &urls[0], Duration::from_secs(30));
-    }
-    b.restart();
-    a.wait_online(&reader, 3, Duration::from_secs(60));
+    let (mut a, b, reader, deployer, agents) = agents_on_one_of_two(&["f1", "f2", "f3"]);
     let work = tempfile::tempdir().unwrap();
     // Slow to come up, and failing at start on a node whose BREAK lists
     // the release.
