@@ -203,16 +203,27 @@ impl Replica {
         now: i64,
     ) -> Result<HashMap<String, ReplicaRow>, StoreError> {
         // Each replica judged once (on SQLite that opens its lock file),
-        // not once per node it holds.
-        let live = self.live_ids(now).await?;
+        // not once per node it holds; the sessions read as two short
+        // columns, not joined with the replica's row.
+        let live: HashMap<String, ReplicaRow> = self
+            .inner
+            .store
+            .replicas()
+            .await?
+            .into_iter()
+            .filter(|r| r.id != self.inner.id && self.is_alive(r, now))
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        if live.is_empty() {
+            return Ok(HashMap::new());
+        }
         Ok(self
             .inner
             .store
-            .session_holders()
+            .sessions_not_of(&self.inner.id)
             .await?
             .into_iter()
-            .filter(|h| h.replica.id != self.inner.id && live.contains(&h.replica.id))
-            .map(|h| (h.node_id, h.replica))
+            .filter_map(|(node, replica)| Some((node, live.get(&replica)?.clone())))
             .collect())
     }
 

@@ -43,6 +43,7 @@ mod database_url;
 mod deployments;
 mod droplets;
 mod env;
+mod fleet_cache;
 mod github;
 mod join_tokens;
 mod node_commands;
@@ -101,6 +102,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0016_replicas.sql"),
     include_str!("../../migrations/0017_node_commands.sql"),
     include_str!("../../migrations/0018_deployment_plans.sql"),
+    include_str!("../../migrations/0019_fleet_changes.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, numbered on their own: 0001 is the
@@ -113,6 +115,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations-postgres/0004_replicas.sql"),
     include_str!("../../migrations-postgres/0005_node_commands.sql"),
     include_str!("../../migrations-postgres/0006_deployment_plans.sql"),
+    include_str!("../../migrations-postgres/0007_fleet_changes.sql"),
 ];
 
 /// How long a writer waits for another process (e.g. `token create` while
@@ -267,6 +270,9 @@ pub struct Store {
     replica: Option<std::sync::Arc<str>>,
     /// Which engine: for the few queries that differ between them.
     backend: Backend,
+    /// The fleet as last read, brought up to date with the rows changed
+    /// since ([`Store::fleet`]); shared by every clone.
+    fleet: std::sync::Arc<fleet_cache::FleetCache>,
 }
 
 /// A JSON column parsed into `T`.
@@ -376,6 +382,7 @@ impl Store {
             pool,
             replica: None,
             backend: Backend::Postgres,
+            fleet: std::sync::Arc::default(),
         };
         store.migrate_postgres().await?;
         Ok(store)
@@ -468,6 +475,7 @@ impl Store {
             pool,
             replica: None,
             backend: Backend::Sqlite,
+            fleet: std::sync::Arc::default(),
         };
         store.migrate_sqlite().await?;
         Ok(store)

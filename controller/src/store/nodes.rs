@@ -11,7 +11,7 @@ use sqlx::AnyConnection;
 use sqlx::Row as _;
 
 use super::join_tokens::use_join_token;
-use super::{insert_audit, json_column, json_text, Backend, Store, StoreError};
+use super::{insert_audit, Backend, Store, StoreError};
 use crate::audit::AuditEvent;
 
 /// Host metrics as stored and shown.
@@ -496,28 +496,6 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The newest certificate of every live (unrevoked) node, by name.
-    pub async fn live_node_certs(&self) -> Result<Vec<NodeCert>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT n.id, n.name, c.issued_at, c.expires_at, c.ca_sha256
-             FROM nodes n JOIN node_certs c ON c.fingerprint = n.cert_fingerprint
-             WHERE n.revoked_at IS NULL ORDER BY n.name, n.id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(NodeCert {
-                    id: row.try_get("id")?,
-                    name: row.try_get("name")?,
-                    issued_at: row.try_get("issued_at")?,
-                    expires_at: row.try_get("expires_at")?,
-                    ca_sha256: row.try_get("ca_sha256")?,
-                })
-            })
-            .collect()
-    }
-
     /// Ids of every revoked node.
     pub async fn revoked_node_ids(&self) -> Result<Vec<String>, StoreError> {
         Ok(
@@ -534,43 +512,6 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?,
         )
-    }
-
-    /// Every node with its latest heartbeat, by name (metrics and apps in
-    /// the shapes they were stored in, [`Metrics`] and [`App`]).
-    pub async fn fleet(&self) -> Result<Vec<FleetRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, name, labels, agent_version, enrolled_at, revoked_at, last_seen_at,
-                    heartbeat_at, agent_rss_bytes, metrics, apps, heartbeat_interval_secs,
-                    cert_expires_at
-             FROM nodes ORDER BY name, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                let metrics: Option<String> = row.try_get("metrics")?;
-                let rss: Option<i64> = row.try_get("agent_rss_bytes")?;
-                let interval: Option<i64> = row.try_get("heartbeat_interval_secs")?;
-                Ok(FleetRow {
-                    id: row.try_get("id")?,
-                    name: row.try_get("name")?,
-                    labels: json_column(&row, "labels", "nodes.labels")?,
-                    agent_version: row.try_get("agent_version")?,
-                    enrolled_at: row.try_get("enrolled_at")?,
-                    revoked_at: row.try_get("revoked_at")?,
-                    last_seen_at: row.try_get("last_seen_at")?,
-                    heartbeat_at: row.try_get("heartbeat_at")?,
-                    agent_rss_bytes: rss.and_then(|v| u64::try_from(v).ok()),
-                    metrics: metrics
-                        .map(|m| json_text(&m, "nodes.metrics"))
-                        .transpose()?,
-                    apps: json_column(&row, "apps", "nodes.apps")?,
-                    heartbeat_interval_secs: interval.and_then(|v| u64::try_from(v).ok()),
-                    cert_expires_at: row.try_get("cert_expires_at")?,
-                })
-            })
-            .collect()
     }
 
     /// Finds a node by id, or else the live node of that name (names are

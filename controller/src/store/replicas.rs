@@ -175,6 +175,20 @@ impl Store {
         Ok(())
     }
 
+    /// The recorded sessions of every replica but `own`: node id and
+    /// replica id (the replicas themselves are read once, with
+    /// [`Store::replicas`]; at 10,000 nodes this is read on every fleet view).
+    pub async fn sessions_not_of(&self, own: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT node_id, replica_id FROM agent_sessions WHERE replica_id <> $1")
+                .bind(own)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("node_id")?, row.try_get("replica_id")?)))
+            .collect()
+    }
+
     /// Every recorded session with the replica holding it (alive or not:
     /// the caller judges).
     pub async fn session_holders(&self) -> Result<Vec<SessionHolder>, StoreError> {
