@@ -350,8 +350,10 @@ ensure_owner_mode() {
 write_config() {
   if [ -e "$CONF" ]; then
     ensure_owner_mode "$CONF" "root:$USER_NAME" 0640
-    if [ -n "$CONTROLLER" ] && ! grep -q "^url = \"$CONTROLLER\"" "$CONF"; then
-      say "note: $CONF exists and is kept as it is; its [controller] url is not $CONTROLLER"
+    # `url = "X"`, or X among the replicas of a one-line `urls = [...]`.
+    if [ -n "$CONTROLLER" ] \
+        && ! grep -E '^[[:space:]]*urls?[[:space:]]*=' "$CONF" | grep -qF "\"$CONTROLLER\""; then
+      say "note: $CONF exists and is kept as it is; its [controller] url (or urls) does not name $CONTROLLER"
     fi
     return
   fi
