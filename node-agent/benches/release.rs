@@ -276,6 +276,7 @@ fn deploy(store: &Deployer, art: &Path, id: &str) -> Duration {
         artifact: art.to_owned(),
         sha256: None,
         id: Some(ReleaseId::new(id).unwrap()),
+        verified: None,
     })
     .unwrap();
     t.elapsed()

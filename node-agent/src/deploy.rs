@@ -100,6 +100,11 @@ pub struct DeployRequest {
     /// hashes.
     pub sha256: Option<Sha256>,
     pub id: Option<ReleaseId>,
+    /// The artifact is already the app's cache entry for `sha256`, verified
+    /// by this process while it fetched or looked it up, and pinned since
+    /// (so prune could not touch it): not hashed a second time. Used only
+    /// when it is exactly that entry; anything else is copied and checked.
+    pub verified: Option<cache::Fetched>,
 }
 
 /// Time spent in one step, for the report.
@@ -812,8 +817,18 @@ impl Session<'_> {
         self.run_again("deploy")?;
         self.settle_cut_short()?;
         let mut timer = Timer::new();
-        let fetched = cache::copy_file(&self.paths().cache, &req.artifact, req.sha256.as_ref())
-            .map_err(|e| DeployError::fetch(&req.artifact, e))?;
+        let fetched = match &req.verified {
+            Some(v)
+                if req.sha256.as_ref() == Some(&v.sha256)
+                    && v.path == req.artifact
+                    && v.path == self.paths().cache.join(&v.sha256)
+                    && v.path.is_file() =>
+            {
+                v.clone()
+            }
+            _ => cache::copy_file(&self.paths().cache, &req.artifact, req.sha256.as_ref())
+                .map_err(|e| DeployError::fetch(&req.artifact, e))?,
+        };
         let (cached, sha) = (fetched.path, fetched.sha256.into_string());
         timer.lap("fetch");
         let previous = self.inner.current()?;
@@ -1138,5 +1153,77 @@ impl Session<'_> {
         }
         .save(&root);
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::release::ReleaseId;
+
+    fn store_for(dir: &Path) -> Deployer {
+        let root = dir.join("app");
+        let text = format!("[apps.web]\nroot = \"{}\"\n", root.display());
+        let config = Config::parse(&dir.join("agent.toml"), &text).unwrap();
+        Deployer::new(config.app("web").unwrap(), &Bridge::current())
+    }
+
+    fn artifact(dir: &Path, version: &str) -> PathBuf {
+        let src = dir.join(format!("src-{version}"));
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("VERSION"), version).unwrap();
+        let out = dir.join(format!("{version}.tar.gz"));
+        crate::artifact::pack_dir(&src, &out, crate::artifact::Compression::Gzip).unwrap();
+        out
+    }
+
+    fn deploy(store: &Deployer, req: &DeployRequest) -> Result<DeployReport> {
+        store.begin("deploy", req.id.as_ref()).unwrap().deploy(req)
+    }
+
+    /// A claim that the artifact was verified is taken only for the
+    /// app's own cache entry of that digest; any other file is checked.
+    #[tokio::test]
+    async fn only_the_cache_entry_itself_skips_the_second_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_for(dir.path());
+        let v1 = artifact(dir.path(), "v1");
+        let v2 = artifact(dir.path(), "v2");
+        let sha1 = Sha256::of_file(&v1).unwrap();
+        // The v2 file claimed "verified" as v1's digest, outside the cache:
+        // copied and hashed, so refused.
+        let lie = cache::Fetched {
+            path: v2.clone(),
+            sha256: sha1.clone(),
+            bytes: 1,
+            cached: true,
+        };
+        let refused = deploy(
+            &store,
+            &DeployRequest {
+                artifact: v2.clone(),
+                sha256: Some(sha1.clone()),
+                id: Some(ReleaseId::new("r1").unwrap()),
+                verified: Some(lie),
+            },
+        );
+        assert!(refused.is_err(), "a mislabelled file was deployed");
+        // The real cache entry, verified by a lookup: deployed as is.
+        let cache_dir = store.paths().cache.clone();
+        let entry = cache::copy_file(&cache_dir, &v1, Some(&sha1)).unwrap();
+        let report = deploy(
+            &store,
+            &DeployRequest {
+                artifact: entry.path.clone(),
+                sha256: Some(sha1),
+                id: Some(ReleaseId::new("r1").unwrap()),
+                verified: Some(entry),
+            },
+        )
+        .unwrap();
+        assert_eq!(report.outcome, Outcome::Succeeded);
+        let current = fs::read_to_string(dir.path().join("app/current/VERSION")).unwrap();
+        assert_eq!(current, "v1");
     }
 }

@@ -326,6 +326,7 @@ fn execute(cli: Cli) -> Result<u8, Failure> {
                         artifact,
                         sha256,
                         id,
+                        verified: None,
                     })?)
                 })(),
                 (None, Some(url)) => deploy_from_url(&config, &store, &url, sha256, id),
@@ -702,14 +703,15 @@ fn deploy_from_url(
             &mut |line| eprintln!("{line}"),
         ))
         .map_err(download_failure)?;
-    // From here the app's lock keeps prune away; the deploy re-hashes the
-    // cached file under it.
+    // From here the app's lock keeps prune away; the file verified while
+    // downloading stayed pinned, so it is not hashed again.
     let mut session = store.begin("deploy", id.as_ref())?;
     drop(pin);
     Ok(session.deploy(&DeployRequest {
-        artifact: fetched.path,
+        artifact: fetched.path.clone(),
         sha256: Some(sha256),
         id,
+        verified: Some(fetched),
     })?)
 }
 

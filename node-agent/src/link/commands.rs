@@ -444,9 +444,11 @@ async fn deploy_artifact(
         drop(pin);
         session
             .deploy(&DeployRequest {
-                artifact: fetched.path,
+                artifact: fetched.path.clone(),
                 sha256: Some(sha256),
                 id: release,
+                // Verified above (looked up or fetched) and pinned since.
+                verified: Some(fetched),
             })
             .map_err(|e| e.to_string())
     })

@@ -173,6 +173,7 @@ mod tests {
                 artifact,
                 sha256: None,
                 id: Some(id),
+                verified: None,
             })
             .unwrap();
         assert_eq!(report.outcome, crate::deploy::Outcome::Succeeded);
