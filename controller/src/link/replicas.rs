@@ -359,6 +359,21 @@ impl Replica {
                 Ok(_) => {}
                 Err(err) => tracing::warn!(%err, "cannot check for dead replicas' deployments"),
             }
+            // Commands a dead replica routed through the others: nobody
+            // reads their answers (its deployments are carried on above).
+            match self.live_ids(now).await {
+                Ok(live) => match store.delete_node_commands_of_senders_not_in(&live).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        rows = n,
+                        "deleted commands routed by replicas that are gone"
+                    ),
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot delete commands of replicas that are gone")
+                    }
+                },
+                Err(err) => tracing::warn!(%err, "cannot list the live replicas"),
+            }
             let cutoff = now.saturating_sub(i64::try_from(FORGET_AFTER.as_secs()).unwrap_or(0));
             match store.remove_replicas_unseen_since(cutoff).await {
                 Ok(0) => {}

@@ -276,6 +276,42 @@ impl Store {
         Ok(events.rows_affected() + commands.rows_affected())
     }
 
+    /// Deletes the commands queued by replicas not in `live` and the
+    /// reports written for them (nobody waits for those any more: a dead
+    /// sender's deployment is carried on by another replica, which sends
+    /// its own); returns how many rows went. Nothing goes when `live` is
+    /// empty.
+    pub async fn delete_node_commands_of_senders_not_in(
+        &self,
+        live: &[String],
+    ) -> Result<u64, StoreError> {
+        if live.is_empty() {
+            return Ok(0);
+        }
+        let list = (1..=live.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "DELETE FROM node_command_events WHERE command_row IN
+               (SELECT id FROM node_commands WHERE sender_replica NOT IN ({list}))"
+        );
+        let mut events = sqlx::query(&sql);
+        for id in live {
+            events = events.bind(id);
+        }
+        let events = events.execute(&mut *tx).await?;
+        let sql = format!("DELETE FROM node_commands WHERE sender_replica NOT IN ({list})");
+        let mut commands = sqlx::query(&sql);
+        for id in live {
+            commands = commands.bind(id);
+        }
+        let commands = commands.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(events.rows_affected() + commands.rows_affected())
+    }
+
     /// Every recorded agent session: node id, holding replica, session id.
     pub async fn agent_session_records(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
         let rows = sqlx::query(
@@ -302,7 +338,45 @@ mod tests {
     crate::store::testing::store_tests!(
         routed_commands_are_claimed_once_and_answered_in_order,
         routed_commands_are_withdrawn_and_cleaned_up,
+        a_dead_senders_commands_go_with_their_answers,
     );
+
+    async fn a_dead_senders_commands_go_with_their_answers(store: Store) {
+        for (id, sender) in [("r-a", "a"), ("r-x1", "x"), ("r-x2", "x")] {
+            store
+                .enqueue_node_command(id, &format!("d-1.{id}"), "n-1", sender, "b", b"m", 100)
+                .await
+                .unwrap();
+        }
+        store
+            .add_node_command_event("r-x1", 1, "result", b"r", 110)
+            .await
+            .unwrap();
+        store
+            .add_node_command_event("r-a", 1, "progress", b"p", 110)
+            .await
+            .unwrap();
+        // No live replica known: nothing goes.
+        assert_eq!(
+            store
+                .delete_node_commands_of_senders_not_in(&[])
+                .await
+                .unwrap(),
+            0
+        );
+        let live = ["a".to_owned(), "b".to_owned()];
+        assert_eq!(
+            store
+                .delete_node_commands_of_senders_not_in(&live)
+                .await
+                .unwrap(),
+            3,
+            "x's two commands and the answer to one"
+        );
+        assert!(store.node_command_states("x").await.unwrap().is_empty());
+        assert_eq!(store.node_command_states("a").await.unwrap().len(), 1);
+        assert_eq!(store.node_command_events("a").await.unwrap().len(), 1);
+    }
 
     async fn routed_commands_are_claimed_once_and_answered_in_order(store: Store) {
         for i in 0..20 {
