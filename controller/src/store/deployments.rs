@@ -142,6 +142,22 @@ pub struct RecordedNode {
     pub message: String,
 }
 
+/// What a follower of a deployment needs beside its [`DeploymentRecord`]
+/// to rebuild the events its replica sent
+/// ([`crate::api::watch`]): the rollout, the env version, why the
+/// rollout stopped, and the targets in rollout order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentShape {
+    /// The rollout as recorded (`{"strategy": "rolling", "max_parallel": …}`).
+    pub rollout: serde_json::Value,
+    /// The env version it goes live with (deploys and env deliveries).
+    pub env_version: Option<u64>,
+    /// Why the rollout stopped early ('' if it did not, or still runs).
+    pub stop_reason: String,
+    /// The target node ids in rollout order (as recorded).
+    pub order: Vec<String>,
+}
+
 /// How many deployments of one app, kind and status are recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeploymentCount {
@@ -660,6 +676,39 @@ impl Store {
         rows.iter()
             .map(|row| deployment_record(row, row.try_get("id")?, Vec::new()))
             .collect()
+    }
+
+    /// The rollout, env version, stop reason and target order of
+    /// deployment `id`; None if there is no such deployment.
+    pub async fn deployment_shape(&self, id: &str) -> Result<Option<DeploymentShape>, StoreError> {
+        let Some(row) =
+            sqlx::query("SELECT rollout, env_version, stop_reason FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let rollout =
+            serde_json::from_str(row.try_get::<&str, _>("rollout")?).map_err(|source| {
+                StoreError::Json {
+                    column: "deployments.rollout",
+                    source,
+                }
+            })?;
+        let env_version: Option<i64> = row.try_get("env_version")?;
+        let order: Vec<String> = sqlx::query_scalar(
+            "SELECT node_id FROM deployment_nodes WHERE deployment_id = $1 ORDER BY rowid",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(DeploymentShape {
+            rollout,
+            env_version: env_version.and_then(|v| u64::try_from(v).ok()),
+            stop_reason: row.try_get("stop_reason")?,
+            order,
+        }))
     }
 
     /// One deployment with its per-node results.
