@@ -372,3 +372,363 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, name: &str, outcome: &str, finished_at: Option<i64>) -> DeploymentNodeRecord {
+        DeploymentNodeRecord {
+            node_id: id.to_owned(),
+            node_name: name.to_owned(),
+            outcome: outcome.to_owned(),
+            release_id: if outcome == "succeeded" { "r2" } else { "r1" }.to_owned(),
+            message: format!("{name} {outcome}"),
+            finished_at,
+            steps: Vec::new(),
+        }
+    }
+
+    fn record(status: &str, nodes: Vec<DeploymentNodeRecord>) -> DeploymentRecord {
+        DeploymentRecord {
+            id: "d-00000000000000ab".to_owned(),
+            kind: "deploy".to_owned(),
+            app: "web".to_owned(),
+            release_id: "r2".to_owned(),
+            actor: "t-1".to_owned(),
+            status: status.to_owned(),
+            started_at: 100,
+            finished_at: (status != "running").then_some(200),
+            message: "deployment stopped after b failed: 2 of 3 nodes failed".to_owned(),
+            nodes,
+            snapshots: Vec::new(),
+        }
+    }
+
+    fn shape(stop_reason: &str) -> DeploymentShape {
+        DeploymentShape {
+            rollout: serde_json::json!({
+                "strategy": "rolling", "max_parallel": 1, "max_unavailable": 0, "canary": 0
+            }),
+            env_version: Some(7),
+            stop_reason: stop_reason.to_owned(),
+            // Rollout order is not name order.
+            order: vec!["n-c".to_owned(), "n-a".to_owned(), "n-b".to_owned()],
+        }
+    }
+
+    fn result_of(event: &DeployEvent) -> &NodeResult {
+        match &event.kind {
+            Some(deploy_event::Kind::NodeResult(r)) => r,
+            other => panic!("not a NodeResult: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_record_gives_the_events_its_replica_sent() {
+        let running = record(
+            "running",
+            vec![
+                node("n-a", "a", "succeeded", Some(120)),
+                node("n-b", "b", "pending", None),
+                node("n-c", "c", "succeeded", Some(110)),
+            ],
+        );
+        let Some(deploy_event::Kind::Started(started)) = started_event(&running, &shape("")).kind
+        else {
+            panic!("not Started");
+        };
+        assert_eq!(started.deployment_id, "d-00000000000000ab");
+        assert_eq!(
+            (started.app.as_str(), started.release_id.as_str()),
+            ("web", "r2")
+        );
+        assert_eq!(started.actor, "t-1");
+        assert_eq!(started.env_version, 7);
+        let order: Vec<&str> = started.nodes.iter().map(|n| n.node_name.as_str()).collect();
+        assert_eq!(order, ["c", "a", "b"]);
+        let rollout = started.rollout.unwrap();
+        assert_eq!(rollout.strategy, rollout::Strategy::Rolling as i32);
+        assert_eq!(rollout.max_parallel, 1);
+        assert!(finished_event(&running, &shape("")).is_none(), "it runs");
+
+        // Results in the order they were recorded, pending ones left out,
+        // and only those not sent yet.
+        let mut sent = HashSet::new();
+        let results = new_results(&running, &sent);
+        let names: Vec<&str> = results
+            .iter()
+            .map(|e| result_of(e).node_name.as_str())
+            .collect();
+        assert_eq!(names, ["c", "a"]);
+        let c = result_of(&results[0]);
+        assert_eq!(c.outcome, Outcome::Succeeded as i32);
+        assert_eq!(
+            (c.release_id.as_str(), c.message.as_str()),
+            ("r2", "c succeeded")
+        );
+        sent.insert(("n-c".to_owned(), Outcome::Succeeded as i32));
+        assert_eq!(new_results(&running, &sent).len(), 1);
+
+        // Stopped after b failed: a rolled back, c skipped.
+        let ended = record(
+            "failed",
+            vec![
+                node("n-a", "a", "rolled_back", Some(150)),
+                node("n-b", "b", "failed", Some(140)),
+                node("n-c", "c", "succeeded", Some(110)),
+            ],
+        );
+        let reason = crate::rollout::stop_reason("b");
+        // A node that succeeded, then was rolled back, gets its second
+        // result: the last one is its outcome.
+        sent.insert(("n-a".to_owned(), Outcome::Succeeded as i32));
+        let later: Vec<(String, i32)> = new_results(&ended, &sent)
+            .iter()
+            .map(|e| (result_of(e).node_name.clone(), result_of(e).outcome))
+            .collect();
+        assert_eq!(
+            later,
+            [
+                ("b".to_owned(), Outcome::Failed as i32),
+                ("a".to_owned(), Outcome::RolledBack as i32)
+            ]
+        );
+        let Some(deploy_event::Kind::Finished(f)) =
+            finished_event(&ended, &shape(&reason)).and_then(|e| e.kind)
+        else {
+            panic!("not Finished");
+        };
+        assert_eq!(f.deployment_id, "d-00000000000000ab");
+        assert!(!f.succeeded);
+        assert_eq!(f.failed_nodes, 2);
+        assert_eq!(f.message, ended.message);
+        assert_eq!(f.stop_reason, "deployment stopped after b failed");
+        assert_eq!(f.stopped_by, "b");
+
+        let done = record("succeeded", vec![node("n-a", "a", "succeeded", Some(120))]);
+        let Some(deploy_event::Kind::Finished(f)) =
+            finished_event(&done, &shape("")).and_then(|e| e.kind)
+        else {
+            panic!("not Finished");
+        };
+        assert!(f.succeeded);
+        assert_eq!((f.failed_nodes, f.stopped_by.as_str()), (0, ""));
+    }
+
+    #[test]
+    fn an_unknown_recorded_rollout_is_left_unset() {
+        assert_eq!(
+            rollout_of(&serde_json::json!({"strategy": "sideways"})),
+            None
+        );
+        assert_eq!(rollout_of(&serde_json::json!("rolling")), None);
+        let all = rollout_of(&serde_json::json!({"strategy": "all_at_once"})).unwrap();
+        assert_eq!(all.strategy, rollout::Strategy::AllAtOnce as i32);
+    }
+
+    /// A store holding running deployment `ID` of nodes n-a, n-b (rolling).
+    async fn store_with_running() -> (tempfile::TempDir, Store) {
+        use crate::store::{NewDeployment, NewDeploymentNode};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let rollout = serde_json::json!({
+            "strategy": "rolling", "max_parallel": 1, "max_unavailable": 0, "canary": 0
+        });
+        let nodes = [
+            NewDeploymentNode {
+                node_id: "n-b",
+                command_id: "d-00000000000000ab.n-b",
+                batch: 1,
+                prior_release: "r1",
+            },
+            NewDeploymentNode {
+                node_id: "n-a",
+                command_id: "d-00000000000000ab.n-a",
+                batch: 2,
+                prior_release: "r1",
+            },
+        ];
+        let started = crate::audit::AuditEvent::success(
+            crate::audit::DEPLOY_STARTED,
+            "t-1",
+            "deployment",
+            ID,
+            serde_json::json!({}),
+        );
+        store
+            .insert_deployment(
+                &NewDeployment {
+                    id: ID,
+                    kind: "deploy",
+                    app: "web",
+                    release_id: "r2",
+                    artifact_sha256: "",
+                    actor: "t-1",
+                    selector: &serde_json::json!({}),
+                    rollout: &rollout,
+                    snapshots: &[],
+                    started_at: 100,
+                    nodes: &nodes,
+                    env_version: Some(3),
+                    plan: None,
+                },
+                &started,
+            )
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    const ID: &str = "d-00000000000000ab";
+
+    async fn record_result(store: &Store, node: &str, at: i64) {
+        let recorded = store
+            .record_node_result(&format!("{ID}.{node}"), "succeeded", "r2", "ok", &[], at)
+            .await
+            .unwrap();
+        assert!(recorded);
+    }
+
+    async fn finish(store: &Store) {
+        let end = crate::audit::AuditEvent::success(
+            crate::audit::DEPLOY_COMPLETED,
+            "t-1",
+            "deployment",
+            ID,
+            serde_json::json!({}),
+        );
+        let done = store
+            .finish_deployment(ID, "succeeded", "2 of 2 nodes succeeded", "", &end, 300)
+            .await
+            .unwrap();
+        assert!(done);
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<DeployEvent>) -> deploy_event::Kind {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream goes on")
+            .kind
+            .expect("a kind")
+    }
+
+    #[tokio::test]
+    async fn a_deployment_another_replica_runs_is_followed_from_the_record_to_its_end() {
+        let (_dir, store) = store_with_running().await;
+        let shape = store.deployment_shape(ID).await.unwrap().unwrap();
+        assert_eq!(shape.order, ["n-b", "n-a"], "rollout order, not by id");
+        assert_eq!(shape.env_version, Some(3));
+        assert_eq!(shape.rollout["strategy"], "rolling");
+        assert!(store
+            .deployment_shape("d-0000000000000000")
+            .await
+            .unwrap()
+            .is_none());
+        record_result(&store, "n-b", 110).await;
+
+        let live = Live::default();
+        let stop = CancellationToken::new();
+        assert!(watch(&store, &live, "d-0000000000000000", stop.clone())
+            .await
+            .unwrap()
+            .is_none());
+        let mut rx = watch(&store, &live, ID, stop.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        let deploy_event::Kind::Started(started) = next(&mut rx).await else {
+            panic!("not Started");
+        };
+        assert_eq!(started.deployment_id, ID);
+        assert_eq!(started.env_version, 3);
+        let deploy_event::Kind::NodeResult(b) = next(&mut rx).await else {
+            panic!("not a NodeResult");
+        };
+        assert_eq!(b.node_id, "n-b");
+        // Recorded later, seen by the next poll; then the end.
+        record_result(&store, "n-a", 120).await;
+        finish(&store).await;
+        let deploy_event::Kind::NodeResult(a) = next(&mut rx).await else {
+            panic!("not a NodeResult");
+        };
+        assert_eq!(a.node_id, "n-a");
+        let deploy_event::Kind::Finished(f) = next(&mut rx).await else {
+            panic!("not Finished");
+        };
+        assert!(f.succeeded);
+        assert_eq!(f.message, "2 of 2 nodes succeeded");
+        assert!(rx.recv().await.is_none(), "the stream ends after Finished");
+
+        // Stopping the server ends a follower of a running deployment.
+        let (_dir, store) = store_with_running().await;
+        let mut rx = watch(&store, &live, ID, stop.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Started(_)
+        ));
+        stop.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(matches!(ended, Ok(None)), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deployment_taken_over_here_shows_the_results_recorded_before_once() {
+        let (_dir, store) = store_with_running().await;
+        // Recorded by the replica that died.
+        record_result(&store, "n-b", 110).await;
+        // Taken over here: the live events start at the takeover.
+        let live = Live::default();
+        let (tx, events) = mpsc::channel(8);
+        let record = store.deployment(ID).await.unwrap().unwrap();
+        let shape = store.deployment_shape(ID).await.unwrap().unwrap();
+        drop(live.follow(ID, started_event(&record, &shape), events));
+        let mut rx = watch(&store, &live, ID, CancellationToken::new())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Started(_)
+        ));
+        let deploy_event::Kind::NodeResult(b) = next(&mut rx).await else {
+            panic!("not a NodeResult");
+        };
+        assert_eq!(b.node_id, "n-b");
+        // The live stream sends n-b's result again (a command answered
+        // from the agent's ledger): not shown twice.
+        let result = |node: &str| DeployEvent {
+            kind: Some(deploy_event::Kind::NodeResult(NodeResult {
+                node_id: node.to_owned(),
+                node_name: String::new(),
+                outcome: Outcome::Succeeded as i32,
+                release_id: "r2".to_owned(),
+                message: "ok".to_owned(),
+            })),
+        };
+        tx.send(result("n-b")).await.unwrap();
+        tx.send(result("n-a")).await.unwrap();
+        tx.send(DeployEvent {
+            kind: Some(deploy_event::Kind::Finished(DeployFinished {
+                deployment_id: ID.to_owned(),
+                succeeded: true,
+                ..DeployFinished::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let deploy_event::Kind::NodeResult(a) = next(&mut rx).await else {
+            panic!("not a NodeResult");
+        };
+        assert_eq!(a.node_id, "n-a");
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Finished(_)
+        ));
+        assert!(rx.recv().await.is_none());
+    }
+}
