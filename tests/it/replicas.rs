@@ -1113,6 +1113,9 @@ fn deploy_wait_through_a_balancer_re_attaches_when_its_replica_dies_and_any_repl
         out.contains(&format!("deploy {id} succeeded: 3 of 3 nodes succeeded")),
         "{out}{err}"
     );
+    // The last batch, started by b after it took the deployment over, is
+    // shown (b's live events are followed once it runs it), once.
+    assert_eq!(lines_with(&out, "batch 3/3: l3"), 1, "{out}{err}");
     assert_eq!(
         lines_with(&err, "lost the controller replica it followed"),
         1,

@@ -188,9 +188,11 @@ pub async fn watch(
     let (tx, rx) = mpsc::channel(WATCH_QUEUE);
     let follower = Follower {
         store: store.clone(),
+        live: live.clone(),
         id: id.to_owned(),
         tx,
         stop,
+        started: false,
         sent: HashSet::new(),
     };
     tokio::spawn(async move {
@@ -206,9 +208,16 @@ pub async fn watch(
 /// One follower's state.
 struct Follower {
     store: Store,
+    /// This replica's running deployments: followed from the record, the
+    /// deployment may be taken over here, and its live events (progress
+    /// too) are then followed instead.
+    live: Live,
     id: String,
     tx: mpsc::Sender<DeployEvent>,
     stop: CancellationToken,
+    /// `Started` was sent (a replay after a switch to the live events
+    /// does not send it again).
+    started: bool,
     /// (node id, outcome) of every NodeResult sent.
     sent: HashSet<(String, i32)>,
 }
@@ -225,11 +234,22 @@ enum End {
 }
 
 impl Follower {
+    /// Sends `event` unless it was sent already (`Started`, a node's
+    /// result with the same outcome); false once the receiver is gone.
     async fn send(&mut self, event: DeployEvent) -> bool {
-        if let Some(deploy_event::Kind::NodeResult(r)) = &event.kind {
-            if !self.sent.insert((r.node_id.clone(), r.outcome)) {
-                return true;
+        match &event.kind {
+            Some(deploy_event::Kind::NodeResult(r)) => {
+                if !self.sent.insert((r.node_id.clone(), r.outcome)) {
+                    return true;
+                }
             }
+            Some(deploy_event::Kind::Started(_)) => {
+                if self.started {
+                    return true;
+                }
+                self.started = true;
+            }
+            _ => {}
         }
         self.tx.send(event).await.is_ok()
     }
@@ -240,17 +260,17 @@ impl Follower {
         shape: DeploymentShape,
         followed: Option<Followed>,
     ) {
-        let started = match followed {
-            Some(followed) => match self.live(&record, followed).await {
+        let tried_live = followed.is_some();
+        if let Some(followed) = followed {
+            match self.live(&record, followed).await {
                 End::Finished | End::Gone => return,
-                End::FromStore => true,
-            },
-            None => false,
-        };
-        if !started && !self.send(started_event(&record, &shape)).await {
+                End::FromStore => {}
+            }
+        }
+        if !self.send(started_event(&record, &shape)).await {
             return;
         }
-        self.poll(record, shape).await;
+        self.poll(record, shape, tried_live).await;
     }
 
     /// The live events (past, then the rest), with the recorded results
@@ -321,9 +341,25 @@ impl Follower {
     }
 
     /// From the store: each new node result, then `Finished` once the
-    /// record says the deployment ended.
-    async fn poll(mut self, mut record: DeploymentRecord, mut shape: DeploymentShape) {
+    /// record says the deployment ended. If this replica takes the
+    /// deployment over meanwhile (and its live events were not followed
+    /// yet), they are followed from then on.
+    async fn poll(
+        mut self,
+        mut record: DeploymentRecord,
+        mut shape: DeploymentShape,
+        mut tried_live: bool,
+    ) {
         loop {
+            if !tried_live {
+                if let Some(followed) = self.live.subscribe(&self.id) {
+                    tried_live = true;
+                    match self.live(&record, followed).await {
+                        End::Finished | End::Gone => return,
+                        End::FromStore => {}
+                    }
+                }
+            }
             let ended = record.status != "running";
             if ended {
                 // The stop reason is written with the end.
@@ -725,6 +761,50 @@ mod tests {
             panic!("not a NodeResult");
         };
         assert_eq!(a.node_id, "n-a");
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Finished(_)
+        ));
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_follower_from_the_record_switches_to_the_live_events_once_taken_over_here() {
+        let (_dir, store) = store_with_running().await;
+        let live = Live::default();
+        let mut rx = watch(&store, &live, ID, CancellationToken::new())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Started(_)
+        ));
+        // This replica takes it over: progress lines (only live) follow.
+        let (tx, events) = mpsc::channel(8);
+        let record = store.deployment(ID).await.unwrap().unwrap();
+        let shape = store.deployment_shape(ID).await.unwrap().unwrap();
+        drop(live.follow(ID, started_event(&record, &shape), events));
+        tx.send(DeployEvent {
+            kind: Some(deploy_event::Kind::Progress(
+                slipway_proto::v1::NodeProgress {
+                    node_id: "n-a".to_owned(),
+                    step: "fetch".to_owned(),
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+        let deploy_event::Kind::Progress(p) = next(&mut rx).await else {
+            panic!("not the live Progress (Started is not sent again)");
+        };
+        assert_eq!(p.step, "fetch");
+        tx.send(DeployEvent {
+            kind: Some(deploy_event::Kind::Finished(DeployFinished::default())),
+        })
+        .await
+        .unwrap();
         assert!(matches!(
             next(&mut rx).await,
             deploy_event::Kind::Finished(_)
