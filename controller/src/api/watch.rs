@@ -237,19 +237,15 @@ impl Follower {
     /// Sends `event` unless it was sent already (`Started`, a node's
     /// result with the same outcome); false once the receiver is gone.
     async fn send(&mut self, event: DeployEvent) -> bool {
-        match &event.kind {
+        let again = match &event.kind {
             Some(deploy_event::Kind::NodeResult(r)) => {
-                if !self.sent.insert((r.node_id.clone(), r.outcome)) {
-                    return true;
-                }
+                !self.sent.insert((r.node_id.clone(), r.outcome))
             }
-            Some(deploy_event::Kind::Started(_)) => {
-                if self.started {
-                    return true;
-                }
-                self.started = true;
-            }
-            _ => {}
+            Some(deploy_event::Kind::Started(_)) => std::mem::replace(&mut self.started, true),
+            _ => false,
+        };
+        if again {
+            return true;
         }
         self.tx.send(event).await.is_ok()
     }

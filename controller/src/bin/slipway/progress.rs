@@ -88,6 +88,8 @@ pub(crate) fn started_line(what: &str, s: &DeployStarted) -> String {
         // They keep each node's current release.
         ("restart" | "prune" | "stop" | "start", _) => String::new(),
         ("env", _) => format!(" env v{}", s.env_version),
+        // `slipway watch`: the kind is not known, nor what "" means.
+        ("deployment", "") => String::new(),
         (_, "") => " release (previous)".to_owned(),
         (_, id) => format!(" release {id}"),
     };
