@@ -126,7 +126,7 @@ enum Command {
     /// Fleet summary: nodes by state, releases current per app, unhealthy
     /// apps with their check's output, agent drift, last deployments.
     /// Exits 0 when every node is online and every app healthy, 1 naming
-    /// what is not (for `watch` and monitoring).
+    /// what is not (for watch(1) and monitoring).
     #[command(visible_alias = "fleet")]
     Status(StatusArgs),
     /// Restart an app's current release on the selected nodes (behind its

@@ -605,3 +605,29 @@ fn finished(
         ExitCode::FAILURE
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    #[test]
+    fn only_a_lost_connection_is_worth_re_attaching() {
+        for lost in [
+            Status::unavailable("tcp connect error"),
+            Status::cancelled("operation was canceled"),
+            Status::unknown("h2 protocol error: error reading a body from connection"),
+        ] {
+            assert!(lost_connection(&lost), "{lost:?}");
+        }
+        for refused in [
+            Status::permission_denied("token t-1 may not follow a deployment"),
+            Status::invalid_argument("deployment_id: not d- and 16 hex digits"),
+            Status::not_found("no deployment d-0123456789abcdef"),
+            Status::unauthenticated("unknown token"),
+            Status::new(Code::Unknown, "the app said no"),
+        ] {
+            assert!(!lost_connection(&refused), "{refused:?}");
+        }
+    }
+}
