@@ -5,10 +5,11 @@
 //! has its events in [`Live`]: they are replayed, then the live ones
 //! follow. Any other replica (or one whose follower fell behind) rebuilds
 //! the same events from the store: `Started` from the record, a
-//! `NodeResult` per recorded node result, and, while the deployment runs,
+//! `NodeResult` per recorded node result (after the steps the node
+//! reported, recorded with it, as `Progress`), and, while the deployment runs,
 //! polls the record every [`POLL_EVERY`] for new results, ending with the
 //! `Finished` event its replica sent (same outcome fields) once the
-//! record says it ended. Per-node progress lines exist only live.
+//! record says it ended. A running node's steps exist only live.
 //!
 //! A node's results are sent once per outcome (a node that succeeded and
 //! was then rolled back gets both, as from its replica), so a replica
@@ -19,8 +20,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use slipway_proto::v1::{
-    deploy_event, rollout, DeployEvent, DeployFinished, DeployStarted, NodeResult, Outcome,
-    TargetNode,
+    deploy_event, rollout, DeployEvent, DeployFinished, DeployStarted, NodeProgress, NodeResult,
+    Outcome, TargetNode,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -148,7 +149,9 @@ pub fn finished_event(record: &DeploymentRecord, shape: &DeploymentShape) -> Opt
 }
 
 /// The node results of `record` not in `sent` (node id, outcome), in the
-/// order they were recorded.
+/// order they were recorded, each after the steps the node reported
+/// (recorded with its result) as `Progress` events, as its replica
+/// streamed them.
 fn new_results(record: &DeploymentRecord, sent: &HashSet<(String, i32)>) -> Vec<DeployEvent> {
     let mut done: Vec<&DeploymentNodeRecord> = record
         .nodes
@@ -156,13 +159,37 @@ fn new_results(record: &DeploymentRecord, sent: &HashSet<(String, i32)>) -> Vec<
         .filter(|n| outcome_of(&n.outcome).is_some())
         .collect();
     done.sort_by_key(|n| n.finished_at);
-    done.into_iter()
-        .filter_map(node_result)
-        .filter(|r| !sent.contains(&(r.node_id.clone(), r.outcome)))
-        .map(|r| DeployEvent {
-            kind: Some(deploy_event::Kind::NodeResult(r)),
-        })
-        .collect()
+    let mut events = Vec::new();
+    for node in done {
+        let Some(result) = node_result(node) else {
+            continue;
+        };
+        if sent.contains(&(result.node_id.clone(), result.outcome)) {
+            continue;
+        }
+        events.extend(node.steps.iter().map(|s| DeployEvent {
+            kind: Some(deploy_event::Kind::Progress(NodeProgress {
+                node_id: node.node_id.clone(),
+                node_name: node.node_name.clone(),
+                step: s.step.clone(),
+                message: s.message.clone(),
+                unix_time: s.unix_time,
+            })),
+        }));
+        events.push(DeployEvent {
+            kind: Some(deploy_event::Kind::NodeResult(result)),
+        });
+    }
+    events
+}
+
+/// The node an event is about (progress and results).
+fn node_of(event: &DeployEvent) -> Option<&str> {
+    match &event.kind {
+        Some(deploy_event::Kind::NodeResult(r)) => Some(&r.node_id),
+        Some(deploy_event::Kind::Progress(p)) => Some(&p.node_id),
+        _ => None,
+    }
 }
 
 /// Follows deployment `id`: its events so far, then the rest as they come,
@@ -194,6 +221,7 @@ pub async fn watch(
         stop,
         started: false,
         sent: HashSet::new(),
+        steps: HashSet::new(),
     };
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + MAX_WATCH;
@@ -220,6 +248,9 @@ struct Follower {
     started: bool,
     /// (node id, outcome) of every NodeResult sent.
     sent: HashSet<(String, i32)>,
+    /// (node id, step, message, time) of every Progress sent: a step
+    /// streamed live is not sent again from the record.
+    steps: HashSet<(String, String, String, i64)>,
 }
 
 /// Why the follower stopped sending.
@@ -242,6 +273,12 @@ impl Follower {
                 !self.sent.insert((r.node_id.clone(), r.outcome))
             }
             Some(deploy_event::Kind::Started(_)) => std::mem::replace(&mut self.started, true),
+            Some(deploy_event::Kind::Progress(p)) => !self.steps.insert((
+                p.node_id.clone(),
+                p.step.clone(),
+                p.message.clone(),
+                p.unix_time,
+            )),
             _ => false,
         };
         if again {
@@ -281,10 +318,7 @@ impl Follower {
             })
             .collect();
         let mut before = new_results(record, &HashSet::new());
-        before.retain(|e| match &e.kind {
-            Some(deploy_event::Kind::NodeResult(r)) => !live_results.contains(r.node_id.as_str()),
-            _ => false,
-        });
+        before.retain(|e| node_of(e).is_some_and(|node| !live_results.contains(node)));
         let mut before = Some(before);
         for event in followed.past {
             let is_started = matches!(event.kind, Some(deploy_event::Kind::Started(_)));
@@ -615,8 +649,13 @@ mod tests {
     const ID: &str = "d-00000000000000ab";
 
     async fn record_result(store: &Store, node: &str, at: i64) {
+        let steps = [crate::store::DeploymentStep {
+            step: "fetch".to_owned(),
+            message: format!("{node} fetched"),
+            unix_time: at - 1,
+        }];
         let recorded = store
-            .record_node_result(&format!("{ID}.{node}"), "succeeded", "r2", "ok", &[], at)
+            .record_node_result(&format!("{ID}.{node}"), "succeeded", "r2", "ok", &steps, at)
             .await
             .unwrap();
         assert!(recorded);
@@ -675,6 +714,19 @@ mod tests {
         };
         assert_eq!(started.deployment_id, ID);
         assert_eq!(started.env_version, 3);
+        // Its recorded steps, then its result.
+        let deploy_event::Kind::Progress(step) = next(&mut rx).await else {
+            panic!("not its step");
+        };
+        assert_eq!(
+            (
+                step.node_id.as_str(),
+                step.step.as_str(),
+                step.message.as_str()
+            ),
+            ("n-b", "fetch", "n-b fetched")
+        );
+        assert_eq!(step.unix_time, 109);
         let deploy_event::Kind::NodeResult(b) = next(&mut rx).await else {
             panic!("not a NodeResult");
         };
@@ -682,6 +734,10 @@ mod tests {
         // Recorded later, seen by the next poll; then the end.
         record_result(&store, "n-a", 120).await;
         finish(&store).await;
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Progress(_)
+        ));
         let deploy_event::Kind::NodeResult(a) = next(&mut rx).await else {
             panic!("not a NodeResult");
         };
@@ -726,6 +782,10 @@ mod tests {
         assert!(matches!(
             next(&mut rx).await,
             deploy_event::Kind::Started(_)
+        ));
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Progress(_)
         ));
         let deploy_event::Kind::NodeResult(b) = next(&mut rx).await else {
             panic!("not a NodeResult");

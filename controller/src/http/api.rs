@@ -810,7 +810,8 @@ fn outcome_name(outcome: v1::Outcome) -> &'static str {
 /// with JSON data; the stream ends after `finished`. Any replica follows
 /// a running deployment: the one running it sends its events as they
 /// come; another rebuilds them from the database (`started`, then each
-/// `node_result` as it is recorded, then `finished`; no `progress`). A
+/// `node_result` as it is recorded, after that node's recorded steps as
+/// `progress`, then `finished`). A
 /// deployment that ended more than a minute before (or on another
 /// replica) gets one `snapshot` event (its record) and the stream ends.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/events", tag = "deployments",
