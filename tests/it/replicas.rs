@@ -1140,6 +1140,13 @@ fn deploy_wait_through_a_balancer_re_attaches_when_its_replica_dies_and_any_repl
         [ok("l1"), ok("l2"), ok("l3")],
         "{events:?}"
     );
+    // l1's steps, recorded with its result by a, came from the record.
+    assert!(
+        events
+            .iter()
+            .any(|(kind, data)| kind == "progress" && data["node_name"] == "l1"),
+        "{events:?}"
+    );
     let finished = &events.last().unwrap().1;
     assert_eq!(finished["deployment_id"], id.as_str(), "{finished}");
     assert_eq!(finished["succeeded"], true, "{finished}");
