@@ -843,8 +843,64 @@ mod tests {
         one_running_deployment_per_app_until_a_restart_abandons_it,
         last_deployments_are_the_newest_per_app_with_node_results,
         a_dead_replicas_deployment_is_taken_over_by_one_replica_and_its_old_owner_fenced,
-        one_deployment_per_app_holds_across_replicas_racing
+        one_deployment_per_app_holds_across_replicas_racing,
+        a_deployments_shape_is_its_rollout_env_version_stop_reason_and_target_order
     );
+
+    async fn a_deployments_shape_is_its_rollout_env_version_stop_reason_and_target_order(
+        store: Store,
+    ) {
+        let rollout = serde_json::json!({"strategy": "rolling", "max_parallel": 1});
+        // Targets in rollout order, not id order.
+        let nodes = [
+            NewDeploymentNode {
+                node_id: "n-2",
+                command_id: "d-1.n-2",
+                batch: 1,
+                prior_release: "",
+            },
+            NewDeploymentNode {
+                node_id: "n-1",
+                command_id: "d-1.n-1",
+                batch: 2,
+                prior_release: "",
+            },
+        ];
+        let mut deployment = new_deployment("d-1", "web", &nodes, &rollout);
+        deployment.env_version = Some(4);
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            serde_json::json!({}),
+        );
+        store
+            .insert_deployment(&deployment, &started)
+            .await
+            .unwrap();
+        let shape = store.deployment_shape("d-1").await.unwrap().unwrap();
+        assert_eq!(shape.rollout, rollout);
+        assert_eq!(shape.env_version, Some(4));
+        assert_eq!(shape.stop_reason, "");
+        assert_eq!(shape.order, ["n-2", "n-1"]);
+        let end = AuditEvent::error(
+            audit::DEPLOY_FAILED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            serde_json::json!({}),
+            "stopped",
+        );
+        let stop = crate::rollout::stop_reason("web-2");
+        assert!(store
+            .finish_deployment("d-1", "failed", "stopped", &stop, &end, 2_000)
+            .await
+            .unwrap());
+        let shape = store.deployment_shape("d-1").await.unwrap().unwrap();
+        assert_eq!(shape.stop_reason, "deployment stopped after web-2 failed");
+        assert_eq!(store.deployment_shape("d-2").await.unwrap(), None);
+    }
 
     fn new_deployment<'a>(
         id: &'a str,
