@@ -48,7 +48,9 @@
 //!                certificate health of the whole system) < status (the
 //!                summary, pure) < wire (both as API messages)
 //!     rollout/   policy (batches, next_step: pure) < plan < executor
-//! L5  api/       the Control service: authorization, selection, streams
+//! L5  api/       the Control service: authorization, selection, streams;
+//!                live (running deployments' events) < watch (following
+//!                any deployment by id: live, else from the store)
 //!     metrics    /metrics: the fleet, deployments and the controller in
 //!                the Prometheus text format, with observe's histograms
 //!     http/      axum: health, browser sessions, the JSON API (uses api/),

@@ -243,6 +243,9 @@ async fn serve_notifying(
         }
         None => None,
     };
+    // Deployment followers end when shutdown begins (the graceful
+    // shutdown would wait for their streams).
+    let stopping_followers = CancellationToken::new();
     let mut control = ControlService::new(
         store.clone(),
         sessions.clone(),
@@ -252,6 +255,7 @@ async fn serve_notifying(
         secrets,
     )
     .with_oidc(oidc)
+    .with_stopping(stopping_followers.clone())
     .with_snapshots(snapshot_policy)
     .with_droplets(config.digitalocean.is_some());
     // GitHub: the rollouts' notes go to the status queue (never waited
@@ -382,6 +386,7 @@ async fn serve_notifying(
     let stopping = notifier.clone();
     let shutdown = async move {
         shutdown.await;
+        stopping_followers.cancel();
         if let Err(e) = stopping.stopping("stopping: closing agent sessions") {
             tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)");
         }

@@ -18,6 +18,7 @@ use crate::v1::{
     EnvHistoryRequest, FetchArtifactRequest, FleetStatusRequest, GetEnvRequest, Heartbeat, Hello,
     ListEnvRequest, NodeEvent, NodeEventKind, NodeMetrics, Progress, PruneRequest, PublicAddress,
     RenewRequest, RestartRequest, RollbackRequest, Selector, StartRequest, StopRequest,
+    WatchDeploymentRequest,
 };
 
 /// A trust bundle (PEM CA certificates): a few KiB each.
@@ -348,6 +349,20 @@ pub fn check_commit_deadline(field: &str, secs: u32) -> Result<(), FieldError> {
             format!("{secs} s is out of range ({MIN_COMMIT_DEADLINE_SECS}..={MAX_COMMIT_DEADLINE_SECS})"),
         ))
     }
+}
+
+/// A deployment id: `d-` and 16 hex digits (as the controller makes them,
+/// and as the HTTP API's `/api/v1/deployments/{id}` accepts them).
+pub fn check_deployment_id(field: &str, id: &str) -> Result<(), FieldError> {
+    let valid =
+        id.len() == 18 && id.starts_with("d-") && id.bytes().skip(2).all(|b| b.is_ascii_hexdigit());
+    if valid {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        field,
+        format!("deployment id {} is not d- and 16 hex digits", shown(id)),
+    ))
 }
 
 /// A sha256 as stored: 64 lowercase hex digits.
@@ -956,6 +971,12 @@ impl Validate for PruneRequest {
     }
 }
 
+impl Validate for WatchDeploymentRequest {
+    fn validate(&self) -> Result<(), FieldError> {
+        check_deployment_id("deployment_id", &self.deployment_id)
+    }
+}
+
 impl Validate for FleetStatusRequest {
     fn validate(&self) -> Result<(), FieldError> {
         if self.app.is_empty() {
@@ -968,6 +989,30 @@ impl Validate for FleetStatusRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watched_deployment_ids_are_d_and_16_hex_digits() {
+        let watch = |id: &str| {
+            WatchDeploymentRequest {
+                deployment_id: id.to_owned(),
+            }
+            .validate()
+        };
+        assert_eq!(watch("d-0123456789abcdef"), Ok(()));
+        for bad in [
+            "",
+            "d-0123456789abcde",
+            "d-0123456789abcdef0",
+            "x-0123456789abcdef",
+            "d-0123456789abcdeg",
+            "d-0123456789abcd\u{e9}",
+            "../../etc/passwd",
+        ] {
+            let err = watch(bad).unwrap_err();
+            assert_eq!(err.field, "deployment_id", "{bad:?}");
+            assert!(err.problem.contains("not d- and 16 hex digits"), "{err}");
+        }
+    }
 
     #[test]
     fn env_layers_take_tags_with_their_limits() {

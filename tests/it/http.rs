@@ -107,7 +107,7 @@ pub(crate) fn wait_done(controller: &Controller, token: &str, id: &str) -> Value
 }
 
 /// The (event, data) pairs of an SSE stream's text.
-fn sse_events(text: &str) -> Vec<(String, Value)> {
+pub(crate) fn sse_events(text: &str) -> Vec<(String, Value)> {
     text.split("\n\n")
         .filter_map(|block| {
             let mut name = None;

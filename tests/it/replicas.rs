@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::load::Load;
-use crate::support::{free_ports, stdout, text, wait_until, Agent, Controller, APP};
+use crate::support::{free_ports, json, stderr, stdout, text, wait_until, Agent, Controller, APP};
 
 /// The replica `slipway-agent status` says the session is on, once it says
 /// one (within `limit`).
@@ -521,7 +521,17 @@ fn assert_taken_over_and_completed(
 /// token.
 fn agents_on_one_of_two(names: &[&str]) -> (Controller, Controller, String, String, Vec<Agent>) {
     let a = Controller::start();
-    let mut b = a.replica();
+    let b = a.replica();
+    agents_on_first_of(a, b, names)
+}
+
+/// [`agents_on_one_of_two`] with replicas `a` and `b` started by the
+/// caller.
+fn agents_on_first_of(
+    a: Controller,
+    mut b: Controller,
+    names: &[&str],
+) -> (Controller, Controller, String, String, Vec<Agent>) {
     let reader = a.api_token("read");
     let deployer = a.api_token("deploy:web");
     let urls = [a.https_url(), b.https_url()];
@@ -902,5 +912,327 @@ fn a_node_moving_between_replicas_mid_deploy_gets_its_command_where_it_lands() {
     assert!(
         log.contains("node moved: sending the command again"),
         "{log}"
+    );
+}
+
+/// A TCP load balancer in front of controller replicas, as an operator
+/// puts one before them: each connection goes to the first address that
+/// accepts it, bytes copied both ways; when either side closes, so does
+/// the other (a client whose replica died sees its connection end).
+struct Balancer {
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Balancer {
+    fn start(backends: Vec<String>) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = backends
+                    .iter()
+                    .find_map(|b| std::net::TcpStream::connect(b).ok());
+                match server {
+                    Some(server) => {
+                        Self::pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                        Self::pipe(server, client);
+                    }
+                    None => {
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+
+    /// Copies `from` to `to` on a thread of its own; closes both at the end.
+    fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The deployment id (`d-` and 16 hex digits) in `text`, if any.
+fn deployment_id_in(text: &str) -> Option<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .find(|w| {
+            w.len() == 18 && w.starts_with("d-") && w[2..].chars().all(|c| c.is_ascii_hexdigit())
+        })
+        .map(str::to_owned)
+}
+
+/// How many lines of `text` contain `needle`.
+fn lines_with(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// `curl -N` following `GET /api/v1/deployments/{id}/events` on
+/// `controller`'s HTTP API into `path`.
+fn follow_sse(
+    controller: &Controller,
+    token: &str,
+    id: &str,
+    path: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "180", "--cacert"])
+        .arg(controller.ca_pem())
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!(
+            "{}/api/v1/deployments/{id}/events",
+            controller.http_url()
+        ))
+        .stdout(std::process::Stdio::from(fs::File::create(path).unwrap()))
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to `limit`) for `child` to exit; its status.
+fn exits_within(
+    child: &mut std::process::Child,
+    what: &str,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_until(what, limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
+/// The `node_result` events of an SSE stream: (node name, outcome) each.
+fn sse_results(events: &[(String, Value)]) -> Vec<(String, String)> {
+    let mut results: Vec<(String, String)> = events
+        .iter()
+        .filter(|(kind, _)| kind == "node_result")
+        .map(|(_, data)| {
+            (
+                data["node_name"].as_str().unwrap_or_default().to_owned(),
+                data["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    results.sort();
+    results
+}
+
+#[test]
+fn deploy_wait_through_a_balancer_re_attaches_when_its_replica_dies_and_any_replica_follows_by_id()
+{
+    let a = Controller::start_http();
+    let b = a.http_replica();
+    let names = ["l1", "l2", "l3"];
+    let (mut a, b, reader, deployer, agents) = agents_on_first_of(a, b, &names);
+    let work = tempfile::tempdir().unwrap();
+    let balancer = Balancer::start(vec![a.url(), b.url()]);
+
+    // A slow rolling deploy followed through the balancer (to a, the
+    // first address, while it lives).
+    let art = crate::support::artifact(work.path(), "z1", &slow_app());
+    let sha = crate::support::sha256_file(&art);
+    let out_path = work.path().join("deploy.out");
+    let err_path = work.path().join("deploy.err");
+    let mut deploy = std::process::Command::new(crate::support::bin("slipway"))
+        .args(["--controller", &balancer.addr, "--ca"])
+        .arg(a.ca_pem())
+        .args(["--token", &deployer, "deploy", "web"])
+        .arg(&art)
+        .args(["--sha", &sha, "--id", "z1"])
+        .args(["--strategy", "rolling", "--max-parallel", "1", "--wait"])
+        .stdout(fs::File::create(&out_path).unwrap())
+        .stderr(fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let shown = || fs::read_to_string(&out_path).unwrap_or_default();
+    let mut id = String::new();
+    wait_until(
+        "the deploy to start",
+        Duration::from_secs(60),
+        || match deployment_id_in(&shown()) {
+            Some(found) => {
+                id = found;
+                true
+            }
+            None => false,
+        },
+    );
+    // Followed through b, which does not run it: from the record.
+    let sse_path = work.path().join("events.txt");
+    let mut sse = follow_sse(&b, &reader, &id, &sse_path);
+
+    // a dies once the first node has its result, the others to come.
+    wait_until("the first node's result", Duration::from_secs(60), || {
+        shown().contains("[l1] SUCCEEDED")
+    });
+    let killed_at = Instant::now();
+    a.kill();
+    let status = exits_within(
+        &mut deploy,
+        "deploy --wait to end",
+        Duration::from_secs(180),
+    );
+    let out = shown();
+    let err = fs::read_to_string(&err_path).unwrap();
+    println!(
+        "deploy --wait ended {:?} after its replica was killed:\n{out}{err}",
+        killed_at.elapsed()
+    );
+    assert!(status.success(), "{status}\n{out}{err}");
+    for name in names {
+        assert_eq!(
+            lines_with(&out, &format!("[{name}] SUCCEEDED")),
+            1,
+            "{name}\n{out}{err}"
+        );
+    }
+    assert!(
+        out.contains(&format!("deploy {id} succeeded: 3 of 3 nodes succeeded")),
+        "{out}{err}"
+    );
+    // The last batch, started by b after it took the deployment over, is
+    // shown (b's live events are followed once it runs it), once.
+    assert_eq!(lines_with(&out, "batch 3/3: l3"), 1, "{out}{err}");
+    assert_eq!(
+        lines_with(&err, "lost the controller replica it followed"),
+        1,
+        "{out}{err}"
+    );
+    assert!(
+        err.contains(&format!("re-attached through {}", balancer.addr)),
+        "{out}{err}"
+    );
+    assert_taken_over_and_completed(&b, &reader, &id, &agents, "z1");
+
+    // The SSE stream through b: every node's result once, then finished.
+    let curl = exits_within(&mut sse, "the SSE stream to end", Duration::from_secs(60));
+    assert!(curl.success(), "curl -N ended with {curl}");
+    let events = crate::http::sse_events(&fs::read_to_string(&sse_path).unwrap());
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"started"), "{events:?}");
+    assert_eq!(kinds.last(), Some(&"finished"), "{events:?}");
+    let ok = |n: &str| (n.to_owned(), "succeeded".to_owned());
+    assert_eq!(
+        sse_results(&events),
+        [ok("l1"), ok("l2"), ok("l3")],
+        "{events:?}"
+    );
+    // l1's steps, recorded with its result by a, came from the record.
+    assert!(
+        events
+            .iter()
+            .any(|(kind, data)| kind == "progress" && data["node_name"] == "l1"),
+        "{events:?}"
+    );
+    let finished = &events.last().unwrap().1;
+    assert_eq!(finished["deployment_id"], id.as_str(), "{finished}");
+    assert_eq!(finished["succeeded"], true, "{finished}");
+
+    // `slipway watch` of the finished deployment: its results, its
+    // outcome.
+    let watched = b.slipway(&reader, &["watch", &id]);
+    let watched_text = text(&watched);
+    assert!(watched.status.success(), "{watched_text}");
+    for name in names {
+        assert_eq!(
+            lines_with(&stdout(&watched), &format!("[{name}] SUCCEEDED")),
+            1,
+            "{watched_text}"
+        );
+    }
+    assert!(
+        watched_text.contains(&format!(
+            "deployment {id} succeeded: 3 of 3 nodes succeeded"
+        )),
+        "{watched_text}"
+    );
+
+    // A deployment that fails (the release exits at start: each node
+    // rolls back), run by b, followed through a (back, running none).
+    a.restart();
+    let broken = "import sys\nsys.exit(3)\n";
+    let started = b.deploy_version(&deployer, work.path(), "z2", broken, &["--json"]);
+    assert!(started.status.success(), "{}", text(&started));
+    let failed_id = json(&started)["deployment_id"].as_str().unwrap().to_owned();
+    let sse_path = work.path().join("failed.txt");
+    let mut sse = follow_sse(&a, &reader, &failed_id, &sse_path);
+    let curl = exits_within(&mut sse, "the SSE stream to end", Duration::from_secs(120));
+    assert!(curl.success(), "curl -N ended with {curl}");
+    let events = crate::http::sse_events(&fs::read_to_string(&sse_path).unwrap());
+    let results = sse_results(&events);
+    assert_eq!(results.len(), 3, "{events:?}");
+    assert!(
+        results.iter().all(|(_, outcome)| outcome != "succeeded"),
+        "{events:?}"
+    );
+    let (last, finished) = events.last().unwrap();
+    assert_eq!(last, "finished", "{events:?}");
+    assert_eq!(finished["succeeded"], false, "{finished}");
+    assert_eq!(finished["failed_nodes"], 3, "{finished}");
+
+    // Watched through either replica: each node's failure, exit 1.
+    for replica in [&a, &b] {
+        let watched = replica.slipway(&reader, &["watch", &failed_id, "--json"]);
+        assert_eq!(watched.status.code(), Some(1), "{}", text(&watched));
+        let done = json(&watched);
+        assert_eq!(done["deployment_id"], failed_id.as_str(), "{done}");
+        assert_eq!(done["succeeded"], false, "{done}");
+        let outcomes = node_outcomes(&done);
+        assert_eq!(outcomes.len(), 3, "{done}");
+        assert!(
+            outcomes
+                .iter()
+                .all(|(_, outcome, _)| outcome != "succeeded"),
+            "{done}"
+        );
+    }
+    let watched = a.slipway(&reader, &["watch", &failed_id]);
+    assert_eq!(watched.status.code(), Some(1), "{}", text(&watched));
+    assert!(
+        stderr(&watched).contains(&format!(
+            "deployment {failed_id} failed: 3 of 3 nodes failed"
+        )),
+        "{}",
+        text(&watched)
+    );
+
+    // Ids are checked: a malformed one is refused before anything is
+    // asked, an unknown one by the controller.
+    let bad = b.slipway(&reader, &["watch", "d-nothex"]);
+    assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
+    assert!(
+        stderr(&bad).contains("is not d- and 16 hex digits"),
+        "{}",
+        text(&bad)
+    );
+    let unknown = b.slipway(&reader, &["watch", "d-0000000000000000"]);
+    assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown));
+    assert!(
+        stderr(&unknown).contains("no deployment d-0000000000000000"),
+        "{}",
+        text(&unknown)
     );
 }

@@ -15,7 +15,7 @@ use slipway_proto::v1::{
     controller_message, AgentUpgradeRequest, ChangeEnvRequest, ControllerMessage,
     EnvHistoryRequest, EnvHistoryResponse, FleetStatusRequest, FleetStatusResponse, GetEnvRequest,
     GetEnvResponse, ListEnvRequest, ListEnvResponse, PruneRequest, RestartRequest, StartRequest,
-    StatusRequest, StopRequest,
+    StatusRequest, StopRequest, WatchDeploymentRequest,
 };
 use slipway_proto::v1::{
     selector, AuditEntry, DeployEvent, DeployRequest, ListAuditRequest, ListAuditResponse,
@@ -39,6 +39,7 @@ use crate::store::{Store, StoreError};
 mod env;
 mod error;
 pub mod live;
+pub mod watch;
 
 use error::validated;
 pub use error::ApiError;
@@ -94,6 +95,10 @@ pub struct ControlService {
     /// The controller has a `[digitalocean]` table: the fleet views show
     /// the droplets too.
     digitalocean: bool,
+    /// Cancelled when the server begins to shut down: deployment
+    /// followers' streams ([`watch`]) end then, so the graceful shutdown
+    /// does not wait for them.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// A deployment that has started: its id and its events.
@@ -195,7 +200,16 @@ impl ControlService {
             secrets,
             snapshots: None,
             digitalocean: false,
+            stopping: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// The service whose deployment followers stop when `stopping` is
+    /// cancelled (the server's shutdown).
+    #[must_use]
+    pub fn with_stopping(mut self, stopping: tokio_util::sync::CancellationToken) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// The service accepting GitHub Actions OIDC tokens checked by `oidc`.
@@ -289,6 +303,18 @@ impl ControlService {
     /// Running deployments' events, by deployment id.
     pub fn live(&self) -> &live::Live {
         &self.live
+    }
+
+    /// Follows deployment `id` whichever replica runs it (see [`watch`]),
+    /// until its end or `stop`; NOT_FOUND if there is no such deployment.
+    pub async fn watch_for(
+        &self,
+        id: &str,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<tokio::sync::mpsc::Receiver<DeployEvent>, ApiError> {
+        watch::watch(&self.store, &self.live, id, stop)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no deployment {id}")))
     }
 
     /// Authenticates the call and checks `allowed`; on refusal records
@@ -914,6 +940,19 @@ impl Control for ControlService {
     type PruneStream = ReceiverStream<Result<DeployEvent, Status>>;
     type AgentUpgradeStream = ReceiverStream<Result<DeployEvent, Status>>;
     type ChangeEnvStream = ReceiverStream<Result<DeployEvent, Status>>;
+    type WatchDeploymentStream = ReceiverStream<Result<DeployEvent, Status>>;
+
+    async fn watch_deployment(
+        &self,
+        request: Request<WatchDeploymentRequest>,
+    ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
+        validated(request.get_ref())?;
+        self.authorize(&request, "follow a deployment", Caller::can_read)
+            .await?;
+        let id = request.into_inner().deployment_id;
+        let events = self.watch_for(&id, self.stopping.clone()).await?;
+        Ok(Response::new(forward(events)))
+    }
 
     async fn change_env(
         &self,

@@ -807,9 +807,13 @@ fn outcome_name(outcome: v1::Outcome) -> &'static str {
 
 /// Live progress of a deployment as Server-Sent Events: `started`,
 /// `batch`, `progress` (a node's step), `node_result`, `finished`, each
-/// with JSON data; the stream ends after `finished`. A deployment that
-/// ended more than a minute ago gets one `snapshot` event (its record)
-/// and the stream ends.
+/// with JSON data; the stream ends after `finished`. Any replica follows
+/// a running deployment: the one running it sends its events as they
+/// come; another rebuilds them from the database (`started`, then each
+/// `node_result` as it is recorded, after that node's recorded steps as
+/// `progress`, then `finished`). A
+/// deployment that ended more than a minute before (or on another
+/// replica) gets one `snapshot` event (its record) and the stream ends.
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/events", tag = "deployments",
     params(("id" = String, Path, description = "Deployment id (d-…)", pattern = r"^d-[0-9a-f]{16}$")),
     responses(
@@ -826,8 +830,7 @@ async fn deployment_events(
     let id = deployment_id(id)?;
     who.require(&state, "follow a deployment", Caller::can_read)
         .await?;
-    let followed = state.control().live().subscribe(&id);
-    let snapshot = match followed {
+    let snapshot = match state.control().live().subscribe(&id) {
         Some(_) => None,
         None => Some(
             state
@@ -838,52 +841,36 @@ async fn deployment_events(
         ),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(SSE_QUEUE);
-    let stop = state.shutdown().clone();
-    tokio::spawn(async move {
-        if let Some(record) = snapshot {
+    match snapshot.filter(|record| record.status != "running") {
+        Some(record) => {
             let data = serde_json::to_string(&deployment_out(record, true)).unwrap_or_default();
             let _ = tx
                 .send(Ok(Event::default().event("snapshot").data(data)))
                 .await;
-            return;
         }
-        let Some(followed) = followed else { return };
-        for event in &followed.past {
-            if let Some(e) = sse_event(event) {
-                if tx.send(Ok(e)).await.is_err() {
-                    return;
-                }
-            }
-        }
-        let Some(mut rest) = followed.rest else {
-            return;
-        };
-        loop {
-            let next = tokio::select! {
-                () = stop.cancelled() => return,
-                () = tx.closed() => return,
-                next = rest.recv() => next,
-            };
-            match next {
-                Ok(event) => {
+        None => {
+            // Here or on another replica: followed (live or from the
+            // record) until `finished`, the client leaving, or shutdown.
+            let mut events = state
+                .control()
+                .watch_for(&id, state.shutdown().clone())
+                .await?;
+            tokio::spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        () = tx.closed() => return,
+                        next = events.recv() => next,
+                    };
+                    let Some(event) = next else { return };
                     if let Some(e) = sse_event(&event) {
                         if tx.send(Ok(e)).await.is_err() {
                             return;
                         }
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let _ = tx
-                        .send(Ok(Event::default()
-                            .event("lagged")
-                            .data(format!("{{\"missed\":{n}}}"))))
-                        .await;
-                    return;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            }
+            });
         }
-    });
+    }
     Ok(Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
         .into_response())

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::observer::{Note, Observer};
 use super::plan::{Action, Plan, Target};
-use super::policy::{next_step, outcome_text, summarize, Batch, NodeState, Step};
+use super::policy::{next_step, outcome_text, stop_reason, summarize, Batch, NodeState, Step};
 use crate::audit::AuditEvent;
 use crate::link::commands::{Commands, NodeEvent};
 use crate::link::registry::Sessions;
@@ -1005,10 +1005,7 @@ impl Run {
         results: &mut [Option<NodeResult>],
         events: &mut Events,
     ) -> Stopped {
-        let reason = format!(
-            "deployment stopped after {} failed",
-            self.plan.targets[by].name
-        );
+        let reason = stop_reason(&self.plan.targets[by].name);
         tracing::warn!(deployment_id = %self.deployment_id, %reason, "rollout stopped");
         let mut skipped = Vec::new();
         let mut rolled_back = Vec::new();

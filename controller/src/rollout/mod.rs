@@ -81,6 +81,6 @@ pub use executor::{start, start_observed, take_over, TakeOver, COMMAND_TIMEOUT, 
 pub use observer::{Note, Observer};
 pub use plan::{Action, EnvPayload, EnvText, Plan, PlanRecordError, Target, AGENT_APP};
 pub use policy::{
-    default_release_id, next_step, summarize, Batch, NodeState, Rollout, RolloutError, Step,
-    Strategy,
+    default_release_id, next_step, stop_reason, summarize, Batch, NodeState, Rollout, RolloutError,
+    Step, Strategy,
 };

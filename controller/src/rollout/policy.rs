@@ -293,6 +293,12 @@ pub fn summarize(results: &[NodeResult]) -> (bool, u32, String) {
     (false, count, message)
 }
 
+/// Why a rollout stopped, as recorded and sent: "deployment stopped after
+/// web-2 failed" (a follower from the record finds the node by it).
+pub fn stop_reason(node_name: &str) -> String {
+    format!("deployment stopped after {node_name} failed")
+}
+
 /// The outcome as recorded: `succeeded`, `failed`, `rolled_back`, `skipped`.
 pub(crate) fn outcome_text(outcome: i32) -> &'static str {
     match Outcome::try_from(outcome) {

@@ -142,6 +142,22 @@ pub struct RecordedNode {
     pub message: String,
 }
 
+/// What a follower of a deployment needs beside its [`DeploymentRecord`]
+/// to rebuild the events its replica sent
+/// ([`crate::api::watch`]): the rollout, the env version, why the
+/// rollout stopped, and the targets in rollout order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentShape {
+    /// The rollout as recorded (`{"strategy": "rolling", "max_parallel": …}`).
+    pub rollout: serde_json::Value,
+    /// The env version it goes live with (deploys and env deliveries).
+    pub env_version: Option<u64>,
+    /// Why the rollout stopped early ('' if it did not, or still runs).
+    pub stop_reason: String,
+    /// The target node ids in rollout order (as recorded).
+    pub order: Vec<String>,
+}
+
 /// How many deployments of one app, kind and status are recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeploymentCount {
@@ -662,6 +678,39 @@ impl Store {
             .collect()
     }
 
+    /// The rollout, env version, stop reason and target order of
+    /// deployment `id`; None if there is no such deployment.
+    pub async fn deployment_shape(&self, id: &str) -> Result<Option<DeploymentShape>, StoreError> {
+        let Some(row) =
+            sqlx::query("SELECT rollout, env_version, stop_reason FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let rollout =
+            serde_json::from_str(row.try_get::<&str, _>("rollout")?).map_err(|source| {
+                StoreError::Json {
+                    column: "deployments.rollout",
+                    source,
+                }
+            })?;
+        let env_version: Option<i64> = row.try_get("env_version")?;
+        let order: Vec<String> = sqlx::query_scalar(
+            "SELECT node_id FROM deployment_nodes WHERE deployment_id = $1 ORDER BY rowid",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(DeploymentShape {
+            rollout,
+            env_version: env_version.and_then(|v| u64::try_from(v).ok()),
+            stop_reason: row.try_get("stop_reason")?,
+            order,
+        }))
+    }
+
     /// One deployment with its per-node results.
     pub async fn deployment(&self, id: &str) -> Result<Option<DeploymentRecord>, StoreError> {
         let row = sqlx::query(
@@ -794,8 +843,64 @@ mod tests {
         one_running_deployment_per_app_until_a_restart_abandons_it,
         last_deployments_are_the_newest_per_app_with_node_results,
         a_dead_replicas_deployment_is_taken_over_by_one_replica_and_its_old_owner_fenced,
-        one_deployment_per_app_holds_across_replicas_racing
+        one_deployment_per_app_holds_across_replicas_racing,
+        a_deployments_shape_is_its_rollout_env_version_stop_reason_and_target_order
     );
+
+    async fn a_deployments_shape_is_its_rollout_env_version_stop_reason_and_target_order(
+        store: Store,
+    ) {
+        let rollout = serde_json::json!({"strategy": "rolling", "max_parallel": 1});
+        // Targets in rollout order, not id order.
+        let nodes = [
+            NewDeploymentNode {
+                node_id: "n-2",
+                command_id: "d-1.n-2",
+                batch: 1,
+                prior_release: "",
+            },
+            NewDeploymentNode {
+                node_id: "n-1",
+                command_id: "d-1.n-1",
+                batch: 2,
+                prior_release: "",
+            },
+        ];
+        let mut deployment = new_deployment("d-1", "web", &nodes, &rollout);
+        deployment.env_version = Some(4);
+        let started = AuditEvent::success(
+            audit::DEPLOY_STARTED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            serde_json::json!({}),
+        );
+        store
+            .insert_deployment(&deployment, &started)
+            .await
+            .unwrap();
+        let shape = store.deployment_shape("d-1").await.unwrap().unwrap();
+        assert_eq!(shape.rollout, rollout);
+        assert_eq!(shape.env_version, Some(4));
+        assert_eq!(shape.stop_reason, "");
+        assert_eq!(shape.order, ["n-2", "n-1"]);
+        let end = AuditEvent::error(
+            audit::DEPLOY_FAILED,
+            "tok-1",
+            "deployment",
+            "d-1",
+            serde_json::json!({}),
+            "stopped",
+        );
+        let stop = crate::rollout::stop_reason("web-2");
+        assert!(store
+            .finish_deployment("d-1", "failed", "stopped", &stop, &end, 2_000)
+            .await
+            .unwrap());
+        let shape = store.deployment_shape("d-1").await.unwrap().unwrap();
+        assert_eq!(shape.stop_reason, "deployment stopped after web-2 failed");
+        assert_eq!(store.deployment_shape("d-2").await.unwrap(), None);
+    }
 
     fn new_deployment<'a>(
         id: &'a str,

@@ -62,8 +62,8 @@ pub use audit::AuditFilter;
 pub use controller_state::ControllerStart;
 pub use database_url::{redact, PostgresUrl};
 pub use deployments::{
-    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, DeploymentStep, NewDeployment,
-    NewDeploymentNode, OrphanedDeployment, RecordedNode,
+    DeploymentCount, DeploymentNodeRecord, DeploymentRecord, DeploymentShape, DeploymentStep,
+    NewDeployment, NewDeploymentNode, OrphanedDeployment, RecordedNode,
 };
 pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use env::EnvVersionRow;

@@ -23,7 +23,7 @@ use slipway_controller::proto::v1::{
     agent_message, AppStatus, CommandResult, DeployRequest, DiskUsage, EnrollRequest,
     FetchArtifactRequest, FleetStatusRequest, Heartbeat, ListAuditRequest, ListNodesRequest,
     NodeMetrics, Progress, PruneRequest, ReleaseInfo, RestartRequest, RollbackRequest, Selector,
-    StartRequest, StopRequest, UploadChunk,
+    StartRequest, StopRequest, UploadChunk, WatchDeploymentRequest,
 };
 use slipway_controller::proto::view;
 use tonic::Code;
@@ -354,6 +354,28 @@ async fn control_api_fields_over_their_limits_are_named() {
         err.message().contains("is not on the controller"),
         "{err:?}"
     );
+    // A deployment to follow: its id checked, then looked up.
+    let watch = |id: String| WatchDeploymentRequest { deployment_id: id };
+    for bad in ["d".repeat(1_000_000), "d-../../etc/pass".to_owned()] {
+        let err = control
+            .watch_deployment(authed(watch(bad), &token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().starts_with("deployment_id: deployment id ")
+                && err.message().ends_with("is not d- and 16 hex digits"),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().len() < 400, "{}", err.message());
+    }
+    let err = control
+        .watch_deployment(authed(watch("d-0123456789abcdef".to_owned()), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(err.message(), "no deployment d-0123456789abcdef");
     controller.stop().await;
 }
 
@@ -663,6 +685,15 @@ async fn throw(
         ))
         .await;
     assert_clear("fleet status", &answer);
+    let answer = control
+        .watch_deployment(authed(
+            WatchDeploymentRequest {
+                deployment_id: f.a.clone(),
+            },
+            token,
+        ))
+        .await;
+    assert_clear("watch deployment", &answer);
     let chunk = UploadChunk {
         sha256: f.a.clone(),
         data: f.b.clone().into_bytes(),

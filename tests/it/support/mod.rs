@@ -276,6 +276,43 @@ impl Controller {
         c
     }
 
+    /// [`Controller::replica`] of a controller started with
+    /// [`Controller::start_http`]: its HTTP API on a port of its own, learnt
+    /// from a ready file in its own dir (see [`Controller::http_url`]).
+    pub fn http_replica(&self) -> Self {
+        assert!(
+            self.wrapper.is_empty(),
+            "a replica of a wrapped controller is not supported"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mine = self
+            .dir
+            .path()
+            .join("http-ready")
+            .to_string_lossy()
+            .into_owned();
+        let own = dir.path().join("http-ready").to_string_lossy().into_owned();
+        assert!(
+            self.serve_args.contains(&mine),
+            "not a controller started with its HTTP API (start_http)"
+        );
+        let mut c = Self {
+            dir,
+            port: 0,
+            child: None,
+            serve_args: self
+                .serve_args
+                .iter()
+                .map(|a| if *a == mine { own.clone() } else { a.clone() })
+                .collect(),
+            wrapper: Vec::new(),
+            shared_data: Some(self.data_dir()),
+            database_url: self.database_url.clone(),
+        };
+        c.restart();
+        c
+    }
+
     /// Another `serve` of this controller's PostgreSQL database with a
     /// data dir of its own, as a replica on another machine runs: it
     /// shares the database and, copied into its data dir before it starts

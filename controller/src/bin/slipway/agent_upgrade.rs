@@ -145,5 +145,5 @@ pub(crate) async fn agent_upgrade(
         .await
         .map_err(|s| status_error("agent upgrade refused", s))?
         .into_inner();
-    deploy::follow_or_return(stream, "agent upgrade", &args.wait).await
+    deploy::follow_or_return(api, stream, "agent upgrade", &args.wait).await
 }

@@ -13,6 +13,7 @@ use slipway_proto::limits::{self, Validate as _};
 use slipway_proto::v1::{
     deploy_event, rollout, selector, DeployEvent, DeployRequest, PruneRequest, RestartRequest,
     RollbackRequest, Rollout, Selector, StartRequest, StopRequest, UploadChunk,
+    WatchDeploymentRequest,
 };
 use tokio::io::AsyncReadExt as _;
 
@@ -201,7 +202,12 @@ impl RolloutArgs {
 pub(crate) struct WaitArgs {
     /// Follow the deployment until every node finished (live on a
     /// terminal, plain lines otherwise); exit 1 naming every node that
-    /// failed, was skipped or rolled back, and why.
+    /// failed, was skipped or rolled back, and why. If the controller
+    /// replica it follows dies, it connects to --controller again (with
+    /// several replicas, a load balancer in front of them) and re-attaches
+    /// to the deployment another replica carries on, for up to 2 minutes,
+    /// saying so in one line; nothing is shown twice and the exit code is
+    /// the deployment's.
     #[arg(long)]
     wait: bool,
     /// Print JSON: the deployment id and target nodes, or with --wait the
@@ -417,7 +423,7 @@ pub(crate) async fn deploy(api: &mut Api, args: &DeployArgs) -> anyhow::Result<E
         .await
         .map_err(|s| status_error("deploy refused", s))?
         .into_inner();
-    follow_or_return(stream, "deploy", &args.wait).await
+    follow_or_return(api, stream, "deploy", &args.wait).await
 }
 
 pub(crate) async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
@@ -436,7 +442,7 @@ pub(crate) async fn rollback(api: &mut Api, args: &RollbackArgs) -> anyhow::Resu
         .await
         .map_err(|s| status_error("rollback refused", s))?
         .into_inner();
-    follow_or_return(stream, "rollback", &args.wait).await
+    follow_or_return(api, stream, "rollback", &args.wait).await
 }
 
 /// `rollback --with-env`: the env version release `--to` went live with
@@ -480,7 +486,7 @@ async fn rollback_with_env(api: &mut Api, args: &RollbackArgs) -> anyhow::Result
         .await
         .map_err(|s| status_error("rollback refused", s))?
         .into_inner();
-    let code = progress::follow(stream, "rollback", output).await?;
+    let code = progress::follow(api, stream, "rollback", output).await?;
     if code != ExitCode::SUCCESS {
         bail!("the rollback to {to} did not succeed everywhere; env v{env_version} not restored");
     }
@@ -499,18 +505,19 @@ async fn rollback_with_env(api: &mut Api, args: &RollbackArgs) -> anyhow::Result
         .await
         .map_err(|s| status_error("env rollback refused", s))?
         .into_inner();
-    progress::follow(stream, "env", progress::Output::detect(args.wait.json)).await
+    progress::follow(api, stream, "env", progress::Output::detect(args.wait.json)).await
 }
 
 /// With --wait, follows the deployment to its end; else returns once the
 /// controller reported it started (it runs on regardless).
 pub(crate) async fn follow_or_return(
+    api: &Api,
     mut stream: tonic::Streaming<DeployEvent>,
     what: &str,
     wait: &WaitArgs,
 ) -> anyhow::Result<ExitCode> {
     if wait.wait {
-        return progress::follow(stream, what, progress::Output::detect(wait.json)).await;
+        return progress::follow(api, stream, what, progress::Output::detect(wait.json)).await;
     }
     let first = stream
         .message()
@@ -559,7 +566,7 @@ pub(crate) async fn restart(api: &mut Api, args: &RestartArgs) -> anyhow::Result
         .await
         .map_err(|s| status_error("restart refused", s))?
         .into_inner();
-    progress::follow(stream, "restart", progress::Output::detect(args.json)).await
+    progress::follow(api, stream, "restart", progress::Output::detect(args.json)).await
 }
 
 pub(crate) async fn stop(api: &mut Api, args: &StopStartArgs) -> anyhow::Result<ExitCode> {
@@ -573,7 +580,7 @@ pub(crate) async fn stop(api: &mut Api, args: &StopStartArgs) -> anyhow::Result<
         .await
         .map_err(|s| status_error("stop refused", s))?
         .into_inner();
-    progress::follow(stream, "stop", progress::Output::detect(args.json)).await
+    progress::follow(api, stream, "stop", progress::Output::detect(args.json)).await
 }
 
 pub(crate) async fn start(api: &mut Api, args: &StopStartArgs) -> anyhow::Result<ExitCode> {
@@ -587,7 +594,7 @@ pub(crate) async fn start(api: &mut Api, args: &StopStartArgs) -> anyhow::Result
         .await
         .map_err(|s| status_error("start refused", s))?
         .into_inner();
-    progress::follow(stream, "start", progress::Output::detect(args.json)).await
+    progress::follow(api, stream, "start", progress::Output::detect(args.json)).await
 }
 
 pub(crate) async fn prune(api: &mut Api, args: &PruneArgs) -> anyhow::Result<ExitCode> {
@@ -602,5 +609,38 @@ pub(crate) async fn prune(api: &mut Api, args: &PruneArgs) -> anyhow::Result<Exi
         .await
         .map_err(|s| status_error("prune refused", s))?
         .into_inner();
-    progress::follow(stream, "prune", progress::Output::detect(args.json)).await
+    progress::follow(api, stream, "prune", progress::Output::detect(args.json)).await
+}
+
+/// `slipway watch`.
+#[derive(Debug, Args)]
+pub(crate) struct WatchArgs {
+    /// Deployment id (d- and 16 hex digits), as `deploy` printed it.
+    id: String,
+    /// Print one JSON object at the end: the outcome of every node.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Follows any deployment by id to its end, like `deploy --wait`; the exit
+/// code is the deployment's.
+pub(crate) async fn watch(api: &mut Api, args: &WatchArgs) -> anyhow::Result<ExitCode> {
+    let request = WatchDeploymentRequest {
+        deployment_id: args.id.clone(),
+    };
+    request.validate().map_err(|e| Usage(e.to_string()))?;
+    let stream = api
+        .client
+        .watch_deployment(client::authed(request, &api.token))
+        .await
+        .map_err(|s| status_error("watch refused", s))?
+        .into_inner();
+    progress::follow_deployment(
+        api,
+        stream,
+        "deployment",
+        progress::Output::detect(args.json),
+        Some(&args.id),
+    )
+    .await
 }

@@ -221,7 +221,7 @@ async fn change(
         .await
         .map_err(|s| status_error("env change refused", s))?
         .into_inner();
-    follow_or_return(stream, "env", &delivery.wait).await
+    follow_or_return(api, stream, "env", &delivery.wait).await
 }
 
 pub(crate) async fn env(api: &mut Api, command: &EnvCommand) -> anyhow::Result<ExitCode> {

@@ -30,7 +30,7 @@ use slipway_proto::cli::{error_text, EXIT_USAGE};
 
 use crate::agent_upgrade::AgentUpgradeArgs;
 use crate::audit::AuditArgs;
-use crate::deploy::{DeployArgs, PruneArgs, RestartArgs, RollbackArgs, StopStartArgs};
+use crate::deploy::{DeployArgs, PruneArgs, RestartArgs, RollbackArgs, StopStartArgs, WatchArgs};
 use crate::fleet::{ReadArgs, ReleasesArgs, StatusArgs};
 
 /// Slipway: deploy to and inspect a fleet through its controller.
@@ -110,6 +110,12 @@ enum Command {
     /// Roll the selected nodes back (to their previous release, or --to);
     /// --wait and the rollout flags as for deploy.
     Rollback(RollbackArgs),
+    /// Follow any deployment (deploy, rollback, restart, ...) by id to its
+    /// end, whoever started it and whichever controller replica runs it,
+    /// with the output of `deploy --wait`; exits 0 if every node
+    /// succeeded, 1 naming those that did not. A deployment that ended
+    /// shows its recorded results at once.
+    Watch(WatchArgs),
     /// Show the fleet.
     Nodes(ReadArgs),
     /// An app's releases on every node (from the nodes' last heartbeats):
@@ -120,7 +126,7 @@ enum Command {
     /// Fleet summary: nodes by state, releases current per app, unhealthy
     /// apps with their check's output, agent drift, last deployments.
     /// Exits 0 when every node is online and every app healthy, 1 naming
-    /// what is not (for `watch` and monitoring).
+    /// what is not (for watch(1) and monitoring).
     #[command(visible_alias = "fleet")]
     Status(StatusArgs),
     /// Restart an app's current release on the selected nodes (behind its
@@ -187,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Deploy(args) => deploy::deploy(&mut api, args).await,
         Command::Rollback(args) => deploy::rollback(&mut api, args).await,
+        Command::Watch(args) => deploy::watch(&mut api, args).await,
         Command::Nodes(args) => fleet::nodes(&mut api, args).await,
         Command::Releases(args) => fleet::releases(&mut api, args).await,
         Command::Audit(args) => audit::audit(&mut api, args).await,

@@ -4,16 +4,20 @@
 //! object at the end (`--json`). The exit code says whether every node
 //! succeeded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{anyhow, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slipway_proto::v1::{
     deploy_event, rollout, DeployEvent, DeployFinished, DeployStarted, NodeResult, Outcome,
+    WatchDeploymentRequest,
 };
+use slipway_proto::{client, limits};
+
+use crate::api::Api;
 
 /// How often a live spinner moves.
 const TICK: Duration = Duration::from_millis(120);
@@ -84,6 +88,8 @@ pub(crate) fn started_line(what: &str, s: &DeployStarted) -> String {
         // They keep each node's current release.
         ("restart" | "prune" | "stop" | "start", _) => String::new(),
         ("env", _) => format!(" env v{}", s.env_version),
+        // `slipway watch`: the kind is not known, nor what "" means.
+        ("deployment", "") => String::new(),
         (_, "") => " release (previous)".to_owned(),
         (_, id) => format!(" release {id}"),
     };
@@ -204,47 +210,165 @@ impl Live {
     }
 }
 
+/// How long a follower keeps trying to re-attach to a deployment after it
+/// lost the controller replica it followed (the deployment goes on on
+/// another replica): every try connects to `--controller` again (a load
+/// balancer in front of the replicas sends it to a live one) and calls
+/// WatchDeployment.
+pub(crate) const REATTACH_FOR: Duration = Duration::from_secs(120);
+/// The first wait before re-attaching; it doubles up to [`REATTACH_MAX_WAIT`].
+const REATTACH_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// The longest wait between two tries.
+const REATTACH_MAX_WAIT: Duration = Duration::from_secs(5);
+/// One try (connect and call) that takes longer failed.
+const REATTACH_TRY: Duration = Duration::from_secs(10);
+
+/// Whether a failed stream lost its connection (the controller replica
+/// died or went away) rather than being refused: only then is it worth
+/// re-attaching elsewhere.
+pub(crate) fn lost_connection(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+        // A transport error (a connection reset, an h2 error) comes as
+        // Unknown with its source attached; the server never sends it.
+        tonic::Code::Unknown => {
+            let text = status.message().to_ascii_lowercase();
+            std::error::Error::source(status).is_some()
+                || [
+                    "connection",
+                    "h2 protocol",
+                    "transport",
+                    "broken pipe",
+                    "reset",
+                ]
+                .iter()
+                .any(|word| text.contains(word))
+        }
+        _ => false,
+    }
+}
+
+/// What was shown already: after a re-attachment the controller replays
+/// the deployment's events, and none is shown twice.
+#[derive(Debug, Default)]
+struct Seen {
+    batches: HashSet<u32>,
+    progress: HashSet<(String, String, String, i64)>,
+    /// (node id, outcome): a node rolled back after it succeeded shows both.
+    results: HashSet<(String, i32)>,
+}
+
 /// Follows a deployment's event stream to its end and shows it; exit code
-/// 0 only if every node succeeded.
+/// 0 only if every node succeeded. If the stream's connection is lost after
+/// the deployment started (its controller replica died), re-attaches
+/// through `api`'s controller address with WatchDeployment for up to
+/// [`REATTACH_FOR`], saying so in one line, and goes on as if nothing
+/// happened.
 pub(crate) async fn follow(
-    mut stream: tonic::Streaming<DeployEvent>,
+    api: &Api,
+    stream: tonic::Streaming<DeployEvent>,
     what: &str,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
+    follow_deployment(api, stream, what, output, None).await
+}
+
+/// [`follow`] of a stream that must be of deployment `expect` (when
+/// given): an event of another deployment is an error.
+pub(crate) async fn follow_deployment(
+    api: &Api,
+    mut stream: tonic::Streaming<DeployEvent>,
+    what: &str,
+    output: Output,
+    expect: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let mut live = (output == Output::Live).then(Live::new);
     let mut started: Option<DeployStarted> = None;
+    // The deployment followed: as asked for, else as Started named it.
+    let mut id: Option<String> = expect.map(ToOwned::to_owned);
     // node id -> its last result (a node rolled back by the controller
     // after it succeeded gets a second one).
     let mut results: HashMap<String, NodeResult> = HashMap::new();
+    let mut seen = Seen::default();
+    // The connection of a re-attachment, kept while its stream is read.
+    let mut _reattached: Option<Api> = None;
     let plain = |text: String| {
         if output == Output::Plain {
             println!("{} {text}", stamp());
         }
     };
+    let stop_live = |live: &Option<Live>| {
+        if let Some(live) = live {
+            live.finish();
+        }
+    };
     loop {
         let event = match stream.message().await {
             Ok(Some(event)) => event,
-            Ok(None) => break,
-            Err(status) => {
-                if let Some(live) = &live {
-                    live.finish();
+            lost => {
+                // The stream failed, or ended before the result.
+                let (err, retry) = match lost {
+                    Err(status) => {
+                        let retry = lost_connection(&status);
+                        (
+                            crate::api::status_error(&format!("{what} stream"), status),
+                            retry,
+                        )
+                    }
+                    _ => (
+                        anyhow!("the controller ended the {what} stream before the result"),
+                        true,
+                    ),
+                };
+                let Some(followed) = id.clone().filter(|_| retry) else {
+                    stop_live(&live);
+                    return Err(match &id {
+                        Some(id) => err.context(format!(
+                            "lost the controller following deployment {id}; if that controller \
+                             replica died, another carries the deployment on: `slipway status` or \
+                             GET /api/v1/deployments/{id} through any replica shows how it ends"
+                        )),
+                        None => err.context("check `slipway audit`"),
+                    });
+                };
+                let why = slipway_proto::cli::error_text(err.as_ref());
+                match reattach(api, &followed, err).await {
+                    Ok((fresh, next)) => {
+                        let line = format!(
+                            "{what} {followed}: lost the controller replica it followed ({why}); \
+                             re-attached through {}, following it on",
+                            fresh.controller()
+                        );
+                        match &live {
+                            Some(live) => live.line(&line),
+                            None => eprintln!("{} {line}", stamp()),
+                        }
+                        stream = next;
+                        _reattached = Some(fresh);
+                        continue;
+                    }
+                    Err(err) => {
+                        stop_live(&live);
+                        return Err(err);
+                    }
                 }
-                let err = crate::api::status_error(&format!("{what} stream"), status);
-                // The replica running it may have died: another carries it
-                // on, and any replica shows its record.
-                return Err(match &started {
-                    Some(s) => err.context(format!(
-                        "lost the controller following deployment {id}; if that controller \
-                         replica died, another carries the deployment on: `slipway status` or \
-                         GET /api/v1/deployments/{id} through any replica shows how it ends",
-                        id = s.deployment_id
-                    )),
-                    None => err,
-                });
             }
         };
         match event.kind {
             Some(deploy_event::Kind::Started(s)) => {
+                if let Some(id) = &id {
+                    if s.deployment_id != *id {
+                        stop_live(&live);
+                        bail!(
+                            "the controller sent the events of deployment {} while following {id}",
+                            limits::shown(&s.deployment_id)
+                        );
+                    }
+                }
+                if started.is_some() {
+                    // Replayed after a re-attachment: shown already.
+                    continue;
+                }
                 plain(started_line(what, &s));
                 if let Some(live) = &mut live {
                     println!("{}", started_line(what, &s));
@@ -253,9 +377,13 @@ pub(crate) async fn follow(
                         bar.enable_steady_tick(TICK);
                     }
                 }
+                id = Some(s.deployment_id.clone());
                 started = Some(s);
             }
             Some(deploy_event::Kind::Batch(b)) => {
+                if !seen.batches.insert(b.index) {
+                    continue;
+                }
                 let names: Vec<&str> = b.nodes.iter().map(|n| n.node_name.as_str()).collect();
                 let text = format!(
                     "batch {}/{}{}: {}",
@@ -275,12 +403,34 @@ pub(crate) async fn follow(
                 }
             }
             Some(deploy_event::Kind::Progress(p)) => {
+                let key = (
+                    p.node_id.clone(),
+                    p.step.clone(),
+                    p.message.clone(),
+                    p.unix_time,
+                );
+                if !seen.progress.insert(key) {
+                    continue;
+                }
                 plain(format!("[{}] {}: {}", p.node_name, p.step, p.message));
                 if let Some(bar) = live.as_ref().and_then(|l| l.bar(&p.node_id)) {
                     bar.set_message(format!("{}: {}", p.step, p.message));
                 }
             }
             Some(deploy_event::Kind::NodeResult(r)) => {
+                if let Some(s) = &started {
+                    if !s.nodes.iter().any(|n| n.node_id == r.node_id) {
+                        stop_live(&live);
+                        bail!(
+                            "the controller sent a result of node {} that deployment {} does not target",
+                            limits::shown(&r.node_id),
+                            s.deployment_id
+                        );
+                    }
+                }
+                if !seen.results.insert((r.node_id.clone(), r.outcome)) {
+                    continue;
+                }
                 plain(format!("[{}] {}", r.node_name, result_text(&r)));
                 if let Some(live) = &live {
                     if let Some(bar) = live.bar(&r.node_id) {
@@ -297,18 +447,90 @@ pub(crate) async fn follow(
                 results.insert(r.node_id.clone(), r);
             }
             Some(deploy_event::Kind::Finished(f)) => {
-                if let Some(live) = &live {
-                    live.finish();
+                stop_live(&live);
+                if let Some(id) = &id {
+                    if f.deployment_id != *id {
+                        bail!(
+                            "the controller sent the end of deployment {} while following {id}",
+                            limits::shown(&f.deployment_id)
+                        );
+                    }
                 }
                 return Ok(finished(what, output, started.as_ref(), &results, &f));
             }
             None => {}
         }
     }
-    if let Some(live) = &live {
-        live.finish();
+}
+
+/// Re-attaches to deployment `id` after losing the stream that followed it
+/// (`lost`): connects to the controller address again and calls
+/// WatchDeployment, waiting 1 s, then twice as long each time (at most
+/// [`REATTACH_MAX_WAIT`]), for up to [`REATTACH_FOR`]. A refusal (the
+/// token's scope, an unknown deployment) ends it at once.
+async fn reattach(
+    api: &Api,
+    id: &str,
+    lost: anyhow::Error,
+) -> anyhow::Result<(Api, tonic::Streaming<DeployEvent>)> {
+    let deadline = tokio::time::Instant::now() + REATTACH_FOR;
+    let mut wait = REATTACH_FIRST_WAIT;
+    let mut last = lost;
+    loop {
+        if tokio::time::Instant::now() + wait > deadline {
+            return Err(last.context(format!(
+                "lost the controller following deployment {id} and could not re-attach through \
+                 {} for {} s; another replica may still carry it on: `slipway watch {id}` or \
+                 `slipway status` shows how it ends",
+                api.controller(),
+                REATTACH_FOR.as_secs()
+            )));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(REATTACH_MAX_WAIT);
+        let attempt = tokio::time::timeout(REATTACH_TRY, async {
+            let mut fresh = api.reconnect().await.map_err(Err)?;
+            let request = WatchDeploymentRequest {
+                deployment_id: id.to_owned(),
+            };
+            match fresh
+                .client
+                .watch_deployment(client::authed(request, &fresh.token))
+                .await
+            {
+                Ok(response) => Ok((fresh, response.into_inner())),
+                Err(status) if lost_connection(&status) => {
+                    Err(Err(crate::api::status_error("re-attaching", status)))
+                }
+                Err(status) => Err(Ok(status)),
+            }
+        })
+        .await;
+        match attempt {
+            Ok(Ok(attached)) => return Ok(attached),
+            // Refused: trying again cannot help.
+            Ok(Err(Ok(status))) => {
+                return Err(
+                    crate::api::status_error("re-attaching refused", status).context(format!(
+                        "lost the controller following deployment {id} and could not re-attach"
+                    )),
+                )
+            }
+            Ok(Err(Err(err))) => {
+                if err.chain().any(|e| e.is::<crate::Usage>()) {
+                    return Err(err);
+                }
+                last = err;
+            }
+            Err(_) => {
+                last = anyhow!(
+                    "re-attaching through {} took longer than {} s",
+                    api.controller(),
+                    REATTACH_TRY.as_secs()
+                );
+            }
+        }
     }
-    bail!("the controller ended the {what} stream before the result; check `slipway audit`")
 }
 
 /// Prints the end of a deployment; the exit code.
@@ -381,5 +603,31 @@ fn finished(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    #[test]
+    fn only_a_lost_connection_is_worth_re_attaching() {
+        for lost in [
+            Status::unavailable("tcp connect error"),
+            Status::cancelled("operation was canceled"),
+            Status::unknown("h2 protocol error: error reading a body from connection"),
+        ] {
+            assert!(lost_connection(&lost), "{lost:?}");
+        }
+        for refused in [
+            Status::permission_denied("token t-1 may not follow a deployment"),
+            Status::invalid_argument("deployment_id: not d- and 16 hex digits"),
+            Status::not_found("no deployment d-0123456789abcdef"),
+            Status::unauthenticated("unknown token"),
+            Status::new(Code::Unknown, "the app said no"),
+        ] {
+            assert!(!lost_connection(&refused), "{refused:?}");
+        }
     }
 }
