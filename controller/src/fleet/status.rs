@@ -275,10 +275,14 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
         None if considered.is_empty() => problems.push("no node is enrolled".to_owned()),
         _ => {}
     }
+    // A set: with 10,000 nodes, a search of the list for each node was
+    // most of a status call's time.
+    let connected_ids: std::collections::HashSet<&str> =
+        inputs.connected.iter().map(String::as_str).collect();
     let mut nodes = Vec::with_capacity(considered.len());
     for v in &considered {
         *counts.entry(v.state.as_str().to_owned()).or_default() += 1;
-        let connected = inputs.connected.contains(&v.id);
+        let connected = connected_ids.contains(v.id.as_str());
         let refresh = inputs.refresh.map(|answers| {
             answers
                 .get(&v.id)
