@@ -693,7 +693,7 @@ impl ControlService {
             None
         };
         let now = crate::now_unix();
-        let mut views = fleet::nodes(&self.store, now).await?;
+        let (mut views, node_certs) = fleet::nodes_and_certs(&self.store, now).await?;
         let online = self.sessions.online().await;
         fleet::apply_sessions(&mut views, |id| online.contains(id));
         let connected: Vec<String> = views
@@ -704,11 +704,17 @@ impl ControlService {
         let deployments = self.store.last_deployments(app).await?;
         // A certificate that cannot be read is a problem status shows, not
         // a failed call: the rest of the summary still helps.
-        let (certs, unreadable) =
-            match fleet::certs::system_cert_health(&self.data_dir, &self.store, now).await {
-                Ok(certs) => (Some(certs), None),
-                Err(err) => (None, Some(format!("certificate health unknown: {err}"))),
-            };
+        let (certs, unreadable) = match fleet::certs::system_cert_health_with(
+            &self.data_dir,
+            &self.store,
+            node_certs,
+            now,
+        )
+        .await
+        {
+            Ok(certs) => (Some(certs), None),
+            Err(err) => (None, Some(format!("certificate health unknown: {err}"))),
+        };
         let mut status = fleet::summarize_status(
             &views,
             &fleet::StatusInputs {

@@ -303,6 +303,18 @@ pub async fn system_cert_health(
     store: &Store,
     now: i64,
 ) -> Result<SystemCertHealth, CertHealthError> {
+    let nodes = store.live_node_certs().await?;
+    system_cert_health_with(data_dir, store, nodes, now).await
+}
+
+/// [`system_cert_health`] with the live nodes' certificates already read
+/// ([`crate::store::Store::fleet_and_certs`]).
+pub async fn system_cert_health_with(
+    data_dir: &Path,
+    store: &Store,
+    nodes: Vec<crate::store::NodeCert>,
+    now: i64,
+) -> Result<SystemCertHealth, CertHealthError> {
     let dir = data_dir.to_owned();
     let mut certs = tokio::task::spawn_blocking(move || data_dir_certs(&dir))
         .await
@@ -310,7 +322,7 @@ pub async fn system_cert_health(
             path: data_dir.to_owned(),
             why: format!("reading task failed: {e}"),
         })??;
-    for node in store.live_node_certs().await? {
+    for node in nodes {
         certs.push(CertHealth {
             kind: CertKind::Node,
             name: node.name,

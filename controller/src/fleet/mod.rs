@@ -10,7 +10,7 @@ mod nodes;
 mod status;
 mod wire;
 
-pub use nodes::{apply_sessions, nodes, revoke, NodeView, RevokeError, Revoked};
+pub use nodes::{apply_sessions, nodes, nodes_and_certs, revoke, NodeView, RevokeError, Revoked};
 pub use status::{
     summarize_status, AgentSummary, AppSummary, FleetStatus, NodeStatus, RefreshAnswer,
     ReleaseNodes, StatusInputs, UnhealthyApp, VersionNodes, RSS_OUTLIER_FACTOR,

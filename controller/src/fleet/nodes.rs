@@ -46,12 +46,26 @@ pub struct NodeView {
 /// and the start time and setting the running (or last) `serve` recorded; a
 /// data dir where `serve` never ran counts as started at the epoch.
 pub async fn nodes(store: &Store, now: i64) -> Result<Vec<NodeView>, StoreError> {
+    let rows = store.fleet().await?;
+    views(store, rows, now).await
+}
+
+/// [`nodes`] and the newest certificate of every live node, from one read
+/// of the fleet.
+pub async fn nodes_and_certs(
+    store: &Store,
+    now: i64,
+) -> Result<(Vec<NodeView>, Vec<crate::store::NodeCert>), StoreError> {
+    let (rows, certs) = store.fleet_and_certs().await?;
+    Ok((views(store, rows, now).await?, certs))
+}
+
+async fn views(store: &Store, rows: Vec<FleetRow>, now: i64) -> Result<Vec<NodeView>, StoreError> {
     let start = store.controller_start().await?;
     let (started_at, unreachable_after) = start
         .map_or((0, liveness::DEFAULT_UNREACHABLE_AFTER), |s| {
             (s.started_at, s.unreachable_after)
         });
-    let rows = store.fleet().await?;
     Ok(rows
         .into_iter()
         .map(|row| view(row, now, started_at, unreachable_after))

@@ -13,13 +13,14 @@
 //! - **SQLite**: `changed` is a counter bumped in the writing transaction;
 //!   one writer at a time means numbers are taken in commit order, so
 //!   "above the highest number seen" is exact.
-//! - **PostgreSQL**: `changed` is the server's clock in milliseconds;
+//! - **PostgreSQL**: `changed` is the server's clock in microseconds;
 //!   writers run at once (replicas, heartbeats), so a row stamped just
-//!   before a read may commit just after it. A read therefore asks again
-//!   for the rows stamped [`OVERLAP_MS`] before the previous read's clock
+//!   before a read may commit just after it. A read therefore looks again
+//!   at the rows stamped [`OVERLAP_US`] before the previous read's clock
 //!   (a write that stays uncommitted longer than that after changing a
-//!   node row is not one this store makes), and reads everything again
-//!   when the server's clock went backwards.
+//!   node row is not one this store makes): their ids and stamps first,
+//!   then in full only those whose stamp it has not read; and it reads
+//!   everything again when the server's clock went backwards.
 //!
 //! Either way everything is read again every [`FULL_EVERY`] and whenever a
 //! read fails half-way, so nothing can stay wrong for long. Rows are never
@@ -33,8 +34,12 @@ use sqlx::Row as _;
 use super::nodes::{FleetRow, NodeCert};
 use super::{json_column, json_text, Backend, Store, StoreError};
 
-/// PostgreSQL: how far before the previous read's clock a read looks again.
-pub(super) const OVERLAP_MS: i64 = 5_000;
+/// PostgreSQL: how far before the previous read's clock a read looks
+/// again, in microseconds.
+pub(super) const OVERLAP_US: i64 = 5_000_000;
+
+/// Rows read in full by id per query.
+const BY_ID_CHUNK: usize = 500;
 
 /// Everything is read again at least this often.
 pub(super) const FULL_EVERY: Duration = Duration::from_secs(300);
@@ -43,6 +48,8 @@ pub(super) const FULL_EVERY: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone)]
 struct Entry {
     row: FleetRow,
+    /// Its `changed` as read.
+    changed: i64,
     /// The row of `node_certs` its `cert_fingerprint` names (`None`: no
     /// such row, which the store never writes).
     cert: Option<CertInfo>,
@@ -60,7 +67,7 @@ struct CertInfo {
 struct Known {
     nodes: HashMap<String, Entry>,
     /// SQLite: the highest `changed` seen. PostgreSQL: the server's clock
-    /// (ms) taken just before the last read.
+    /// (µs) taken just before the last read.
     mark: i64,
     /// When everything was last read.
     full_at: Instant,
@@ -80,10 +87,11 @@ const SELECT: &str = "SELECT n.id, n.name, n.labels, n.agent_version, n.enrolled
         c.ca_sha256 AS cert_ca_sha256
    FROM nodes n LEFT JOIN node_certs c ON c.fingerprint = n.cert_fingerprint";
 
-/// The PostgreSQL server's clock, in milliseconds since the epoch.
-const PG_CLOCK: &str = "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)";
+/// The PostgreSQL server's clock, in microseconds since the epoch (as the
+/// trigger of migration 0007 stamps rows).
+const PG_CLOCK: &str = "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)";
 
-fn entry(row: &sqlx::any::AnyRow) -> Result<(Entry, i64), StoreError> {
+fn entry(row: &sqlx::any::AnyRow) -> Result<Entry, StoreError> {
     let metrics: Option<String> = row.try_get("metrics")?;
     let rss: Option<i64> = row.try_get("agent_rss_bytes")?;
     let interval: Option<i64> = row.try_get("heartbeat_interval_secs")?;
@@ -114,8 +122,11 @@ fn entry(row: &sqlx::any::AnyRow) -> Result<(Entry, i64), StoreError> {
         heartbeat_interval_secs: interval.and_then(|v| u64::try_from(v).ok()),
         cert_expires_at: row.try_get("cert_expires_at")?,
     };
-    let changed: i64 = row.try_get("changed")?;
-    Ok((Entry { row: fleet, cert }, changed))
+    Ok(Entry {
+        row: fleet,
+        changed: row.try_get("changed")?,
+        cert,
+    })
 }
 
 impl Store {
@@ -153,8 +164,8 @@ impl Store {
         let mut nodes = HashMap::with_capacity(rows.len());
         let mut highest = 0;
         for row in &rows {
-            let (entry, changed) = entry(row)?;
-            highest = highest.max(changed);
+            let entry = entry(row)?;
+            highest = highest.max(entry.changed);
             nodes.insert(entry.row.id.clone(), entry);
         }
         Ok(Known {
@@ -165,32 +176,55 @@ impl Store {
     }
 
     async fn fleet_changes(&self, mut known: Known) -> Result<Known, StoreError> {
-        let (since, clock) = match self.backend {
-            Backend::Sqlite => (known.mark, None),
+        let rows = match self.backend {
+            Backend::Sqlite => {
+                sqlx::query(&format!("{SELECT} WHERE n.changed > $1"))
+                    .bind(known.mark)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
             Backend::Postgres => {
                 let clock = self.pg_clock().await?;
                 if clock < known.mark {
                     // The server's clock went back: stamps mean nothing.
                     return self.fleet_everything().await;
                 }
-                (known.mark.saturating_sub(OVERLAP_MS), Some(clock))
+                let stamps = sqlx::query("SELECT id, changed FROM nodes WHERE changed >= $1")
+                    .bind(known.mark.saturating_sub(OVERLAP_US))
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut unread = Vec::new();
+                for row in &stamps {
+                    let id: String = row.try_get("id")?;
+                    let changed: i64 = row.try_get("changed")?;
+                    if known.nodes.get(&id).is_none_or(|e| e.changed != changed) {
+                        unread.push(id);
+                    }
+                }
+                let mut rows = Vec::with_capacity(unread.len());
+                for ids in unread.chunks(BY_ID_CHUNK) {
+                    let list = (1..=ids.len())
+                        .map(|i| format!("${i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!("{SELECT} WHERE n.id IN ({list})");
+                    let mut query = sqlx::query(&sql);
+                    for id in ids {
+                        query = query.bind(id);
+                    }
+                    rows.extend(query.fetch_all(&self.pool).await?);
+                }
+                known.mark = clock;
+                rows
             }
         };
-        let filter = match self.backend {
-            Backend::Sqlite => " WHERE n.changed > $1",
-            Backend::Postgres => " WHERE n.changed >= $1",
-        };
-        let rows = sqlx::query(&format!("{SELECT}{filter}"))
-            .bind(since)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut highest = known.mark;
         for row in &rows {
-            let (entry, changed) = entry(row)?;
-            highest = highest.max(changed);
+            let entry = entry(row)?;
+            if self.backend == Backend::Sqlite {
+                known.mark = known.mark.max(entry.changed);
+            }
             known.nodes.insert(entry.row.id.clone(), entry);
         }
-        known.mark = clock.unwrap_or(highest);
         Ok(known)
     }
 
@@ -209,22 +243,30 @@ impl Store {
     /// The newest certificate of every live (not revoked) node, sorted by
     /// node name then id.
     pub async fn live_node_certs(&self) -> Result<Vec<NodeCert>, StoreError> {
-        Ok(self
-            .fleet_entries()
-            .await?
-            .into_iter()
-            .filter(|e| e.row.revoked_at.is_none())
-            .filter_map(|e| {
-                let cert = e.cert?;
-                Some(NodeCert {
-                    id: e.row.id,
-                    name: e.row.name,
-                    issued_at: cert.issued_at,
-                    expires_at: cert.expires_at,
-                    ca_sha256: cert.ca_sha256,
-                })
-            })
-            .collect())
+        Ok(self.fleet_and_certs().await?.1)
+    }
+
+    /// [`Store::fleet`] and [`Store::live_node_certs`] from one read (a
+    /// status call needs both).
+    pub async fn fleet_and_certs(&self) -> Result<(Vec<FleetRow>, Vec<NodeCert>), StoreError> {
+        let entries = self.fleet_entries().await?;
+        let mut rows = Vec::with_capacity(entries.len());
+        let mut certs = Vec::with_capacity(entries.len());
+        for e in entries {
+            if e.row.revoked_at.is_none() {
+                if let Some(cert) = e.cert {
+                    certs.push(NodeCert {
+                        id: e.row.id.clone(),
+                        name: e.row.name.clone(),
+                        issued_at: cert.issued_at,
+                        expires_at: cert.expires_at,
+                        ca_sha256: cert.ca_sha256,
+                    });
+                }
+            }
+            rows.push(e.row);
+        }
+        Ok((rows, certs))
     }
 }
 
