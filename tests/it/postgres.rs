@@ -596,3 +596,159 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
         assert!(log.contains("judging no other replica dead"), "{log}");
     }
 }
+
+#[test]
+fn a_rolling_deploy_running_through_a_postgres_outage_completes_once_per_node() {
+    use std::time::Instant;
+    if test_postgres::skipped() {
+        eprintln!("{}=1: PostgreSQL test skipped", test_postgres::SKIP_ENV);
+        return;
+    }
+    // A server of this test's own, losing no acknowledged commit (see the
+    // outage test above).
+    let mut pg = test_postgres::OwnServer::start(&[("synchronous_commit", "on")])
+        .unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
+    let url = pg.database_url().unwrap();
+    let ready = tempfile::tempdir().unwrap();
+    let (ready_a, ready_b) = (ready.path().join("a"), ready.path().join("b"));
+    let flags_a = http_flags(&ready_a);
+    let flags_b = http_flags(&ready_b);
+    let a = Controller::start_postgres(&url, &flags_a.each_ref().map(String::as_str));
+    let b = a.postgres_replica(&flags_b.each_ref().map(String::as_str));
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // Four agents on replica a (the one running the rollout); b lives on
+    // beside it, the replica that would take the rollout over if it
+    // judged a dead.
+    let mut agents = Agent::enroll_all(&a, &["u1", "u2", "u3", "u4"]);
+    for agent in &mut agents {
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    a.wait_online(&reader, 4, Duration::from_secs(60));
+    b.wait_online(&reader, 4, Duration::from_secs(10));
+
+    // One node at a time, each taking seconds to come up: the rollout
+    // spans the outage. Followed to its end by the CLI, in the background.
+    let work = tempfile::tempdir().unwrap();
+    let slow = crate::replicas::slow_app();
+    let started = Instant::now();
+    let (out, outage) = std::thread::scope(|scope| {
+        let cli = scope.spawn(|| {
+            a.deploy_version(
+                &deployer,
+                work.path(),
+                "v1",
+                &slow,
+                &[
+                    "--strategy",
+                    "rolling",
+                    "--max-parallel",
+                    "1",
+                    "--wait",
+                    "--json",
+                ],
+            )
+        });
+        // The first node's result in: PostgreSQL stops as by a crash, for
+        // 16 s, while the other nodes deploy (longer than a write waits for
+        // a connection, 5 s, after the next node's result comes in).
+        wait_until("the first node's result", Duration::from_secs(60), || {
+            agents.iter().any(|agent| {
+                fs::read_to_string(agent.state_dir().join("commands.json"))
+                    .is_ok_and(|t| t.contains("\"command_id\""))
+            })
+        });
+        pg.crash().unwrap();
+        let down = Instant::now();
+        eprintln!("PostgreSQL down {:?} into the deploy", started.elapsed());
+        std::thread::sleep(Duration::from_secs(16));
+        pg.resume().unwrap();
+        let outage = down.elapsed();
+        (cli.join().unwrap(), outage)
+    });
+    eprintln!(
+        "the deploy took {:?} (PostgreSQL down for {outage:?}): {}",
+        started.elapsed(),
+        text(&out)
+    );
+    let dump_logs = || {
+        for c in [&a, &b] {
+            let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("---- a replica's log, last lines\n{}", tail.join("\n"));
+        }
+    };
+    if std::env::var_os("PGOUT_DEBUG").is_some() || !out.status.success() {
+        dump_logs();
+    }
+    assert!(out.status.success(), "{}", text(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["succeeded"], true, "{done:#}");
+    let id = done["deployment_id"].as_str().unwrap().to_owned();
+
+    // The audit log: started, completed, in order; never taken over
+    // (neither replica died) nor failed.
+    let events = crate::replicas::in_order(crate::replicas::ended_deployment_events(
+        &b, &reader, &id,
+    ));
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(kinds, ["DEPLOY_STARTED", "DEPLOY_COMPLETED"], "{events:#?}");
+    assert_eq!(
+        events[1]["details"]["failed_nodes"],
+        serde_json::json!([]),
+        "{events:#?}"
+    );
+    // Every node ran the deployment's command once and serves v1.
+    for agent in &agents {
+        let commands = crate::replicas::ledger_commands_of(agent, &id);
+        assert_eq!(commands.len(), 1, "{}: {commands:?}", agent.name);
+        assert_eq!(
+            crate::replicas::ledger_runs(agent, &commands[0]),
+            1,
+            "{} ran {} more than once",
+            agent.name,
+            commands[0]
+        );
+        assert_eq!(agent.current().as_deref(), Some("v1"), "{}", agent.name);
+        assert_eq!(agent.get().as_deref(), Some("v1"), "{}", agent.name);
+    }
+    // The record shows every node's result, also those that came in while
+    // the database was down.
+    wait_until(
+        "`slipway status` to work again",
+        Duration::from_secs(30),
+        || b.slipway(&reader, &["status"]).status.success(),
+    );
+    let status = b.slipway(&reader, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let last = &status["apps"][0]["last_deployment"];
+    assert_eq!(last["id"], id.as_str(), "{status:#}");
+    assert_eq!(last["status"], "succeeded", "{status:#}");
+    let outcomes: Vec<&str> = last["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {status:#}"))
+        .iter()
+        .map(|n| n["outcome"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, ["succeeded"; 4], "{status:#}");
+    // Both replicas ready again; neither took the other for dead.
+    for (c, ready) in [(&a, &ready_a), (&b, &ready_b)] {
+        wait_until("/readyz OK again", Duration::from_secs(30), || {
+            readyz(c, ready) == 200
+        });
+        let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+        assert!(!log.contains("controller replica that is gone"), "{log}");
+        assert!(!log.contains("took over a dead replica's deployment"), "{log}");
+    }
+    // The next deploy works as usual.
+    let out = b.deploy_version(&deployer, work.path(), "v2", APP, &["--wait"]);
+    if !out.status.success() {
+        dump_logs();
+    }
+    assert!(out.status.success(), "{}", text(&out));
+}

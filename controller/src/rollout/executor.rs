@@ -37,6 +37,12 @@ const EVENT_QUEUE: usize = 256;
 /// the deployment "running" and its app blocked.
 const END_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
 const END_RETRY_EVERY: Duration = Duration::from_secs(2);
+/// How long a node's result is tried again while the database does not
+/// answer. The rollout waits meanwhile (the next batch starts only once
+/// the result is recorded; results of other nodes wait in memory), so a
+/// replica that takes it over later finds every result; past this the
+/// rollout stops, failed, naming why.
+const RESULT_RETRY_FOR: Duration = Duration::from_secs(5 * 60);
 
 /// Runs `write` again while it fails with the database not answering
 /// ([`StoreError::is_unavailable`]), every `every` for up to `limit`; the
@@ -284,6 +290,7 @@ pub async fn start_observed(
         finished_nodes: std::sync::Mutex::new(HashMap::new()),
         resumed: false,
         lost: std::sync::atomic::AtomicBool::new(false),
+        halted: std::sync::Mutex::new(None),
     };
     tokio::spawn(run.execute(ev_rx, Progress::fresh(n_targets)));
     Ok(out_rx)
@@ -504,6 +511,7 @@ pub async fn take_over(
         ),
         resumed: true,
         lost: std::sync::atomic::AtomicBool::new(false),
+        halted: std::sync::Mutex::new(None),
     };
     tokio::spawn(run.execute(ev_rx, progress));
     Ok(TakeOver::Resumed {
@@ -594,6 +602,10 @@ struct Run {
     /// Set when a write was refused because another replica took the
     /// deployment over: this run stops, writing nothing more.
     lost: std::sync::atomic::AtomicBool,
+    /// Why the rollout cannot be carried on, once a node's result could
+    /// not be recorded ([`RESULT_RETRY_FOR`]): it starts nothing more and
+    /// ends failed with this reason.
+    halted: std::sync::Mutex<Option<String>>,
 }
 
 /// Steps kept per node of a deployment (a node sends about ten; a
@@ -851,9 +863,14 @@ impl Run {
             deployment_id = %self.deployment_id, node_id = %result.node_id,
             outcome = outcome_text(result.outcome), message = %result.message, "node finished"
         );
-        match self
-            .store
-            .record_node_result(
+        if self.halted().is_some() {
+            // The database did not answer for long; nothing more is written
+            // but the end. The node's result is in the end's details.
+            self.emit(deploy_event::Kind::NodeResult(result.clone()));
+            return;
+        }
+        let write = || {
+            self.store.record_node_result(
                 command_id,
                 outcome_text(result.outcome),
                 &result.release_id,
@@ -861,8 +878,32 @@ impl Run {
                 &steps,
                 crate::now_unix(),
             )
-            .await
-        {
+        };
+        let written = match write().await {
+            Err(err) if err.is_unavailable() => {
+                tracing::warn!(
+                    deployment_id = %self.deployment_id, node_id = %result.node_id, %err,
+                    "the database does not answer: the rollout waits until the node's result \
+                     is recorded"
+                );
+                let target = &self.plan.targets[index];
+                self.emit(deploy_event::Kind::Progress(NodeProgress {
+                    node_id: target.node_id.clone(),
+                    node_name: target.name.clone(),
+                    step: "record".to_owned(),
+                    message: format!(
+                        "{} on the node; the controller's database does not answer: the rollout \
+                         waits until the result is recorded (up to {} s)",
+                        outcome_text(result.outcome),
+                        RESULT_RETRY_FOR.as_secs()
+                    ),
+                    unix_time: crate::now_unix(),
+                }));
+                while_unavailable(RESULT_RETRY_FOR, END_RETRY_EVERY, write).await
+            }
+            other => other,
+        };
+        match written {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(
@@ -873,7 +914,24 @@ impl Run {
                 self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
-            Err(err) => tracing::error!(%err, %command_id, "could not record a node result"),
+            Err(err) => {
+                let why = if err.is_unavailable() {
+                    format!(
+                        "the controller's database did not answer for {} s: the result of node \
+                         {} could not be recorded, so the rollout was stopped",
+                        RESULT_RETRY_FOR.as_secs(),
+                        result.node_name
+                    )
+                } else {
+                    format!(
+                        "the result of node {} could not be recorded ({err}), so the rollout \
+                         was stopped",
+                        result.node_name
+                    )
+                };
+                tracing::error!(%err, %command_id, deployment_id = %self.deployment_id, "{why}");
+                self.halt(why);
+            }
         }
         self.emit(deploy_event::Kind::NodeResult(result.clone()));
         if let Some(observer) = &self.observer {
@@ -895,6 +953,23 @@ impl Run {
                 outcome: outcome_text(result.outcome).to_owned(),
             });
         }
+    }
+
+    /// Why the rollout was stopped for a result it could not record, if it
+    /// was.
+    fn halted(&self) -> Option<String> {
+        self.halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops the rollout for `why` (the first reason is kept).
+    fn halt(&self, why: String) {
+        self.halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(why);
     }
 
     /// True once another replica owns the deployment.
@@ -935,6 +1010,10 @@ impl Run {
             if self.lost() {
                 self.abandon(&inflight);
                 return;
+            }
+            if let Some(why) = self.halted() {
+                self.halt_here(&why, &mut states, &mut results, &inflight);
+                break None;
             }
             match next_step(&self.plan.rollout, &self.batches, &states, &failed_in_order) {
                 Step::Start(b) => {
@@ -989,11 +1068,48 @@ impl Run {
             Some(by) => Some(self.stop(by, &states, &mut results, &mut events).await),
             None => None,
         };
+        if let Some(why) = self.halted() {
+            // Halted while stopping: what was not done yet is left as is.
+            self.halt_here(&why, &mut states, &mut results, &HashMap::new());
+        }
         if self.lost() {
             self.abandon(&inflight);
             return;
         }
         self.finish(results, stopped).await;
+    }
+
+    /// The rollout cannot be carried on ([`Self::halted`]): the commands
+    /// still awaited are no longer followed (their nodes failed, naming
+    /// why), the targets never started are skipped. Nothing is written;
+    /// the end carries it all.
+    fn halt_here(
+        &self,
+        why: &str,
+        states: &mut [NodeState],
+        results: &mut [Option<NodeResult>],
+        inflight: &HashMap<String, InFlight>,
+    ) {
+        for command_id in inflight.keys() {
+            self.commands.forget(command_id);
+        }
+        for (i, state) in states.iter_mut().enumerate() {
+            let result = match state {
+                NodeState::Pending => self.result(i, Outcome::Skipped, "", why),
+                NodeState::Running => self.result(
+                    i,
+                    Outcome::Failed,
+                    "",
+                    &format!("its result was not awaited: {why}"),
+                ),
+                NodeState::Succeeded | NodeState::Failed => continue,
+            };
+            if results[i].is_none() {
+                self.emit(deploy_event::Kind::NodeResult(result.clone()));
+                results[i] = Some(result);
+            }
+            *state = NodeState::Failed;
+        }
     }
 
     /// The rollout stopped because of target `by`: skips the targets never
@@ -1014,8 +1130,9 @@ impl Run {
         let mut rolled_back = Vec::new();
         let mut inflight: HashMap<String, InFlight> = HashMap::new();
         for (i, state) in states.iter().enumerate() {
-            if self.lost() {
-                // Another replica owns it now and stops it itself.
+            if self.lost() || self.halted().is_some() {
+                // Another replica owns it now and stops it itself, or the
+                // database does not answer: nothing more is started.
                 break;
             }
             match state {
@@ -1063,7 +1180,7 @@ impl Run {
                 NodeState::Failed | NodeState::Running => {}
             }
         }
-        while !inflight.is_empty() && !self.lost() {
+        while !inflight.is_empty() && !self.lost() && self.halted().is_none() {
             let (_, i, answer) = self.next_answer(events, &mut inflight).await;
             let result = if answer.outcome == Outcome::Succeeded as i32 {
                 rolled_back.push(i);
@@ -1114,9 +1231,14 @@ impl Run {
             })
             .collect();
         let (succeeded, failed_nodes, summary) = summarize(&ordered);
-        let message = match &stopped {
-            Some(s) => format!("{}: {summary}", s.reason),
-            None => summary,
+        // A result that could not be recorded fails the deployment, even
+        // when every node succeeded: its record is not complete.
+        let halted = self.halted();
+        let succeeded = succeeded && halted.is_none();
+        let message = match (&halted, &stopped) {
+            (Some(why), _) => format!("{why}: {summary}"),
+            (None, Some(s)) => format!("{}: {summary}", s.reason),
+            (None, None) => summary,
         };
         let event_type = self.plan.action.finished_event(succeeded);
         let failed: Vec<serde_json::Value> = ordered
@@ -1154,6 +1276,9 @@ impl Run {
             details["rolled_back_nodes"] = serde_json::json!(names(&s.rolled_back));
             details["skipped_nodes"] = serde_json::json!(names(&s.skipped));
         }
+        if let Some(why) = &halted {
+            details["stop_reason"] = serde_json::Value::from(why.as_str());
+        }
         let audit_event = if succeeded {
             AuditEvent::success(
                 event_type,
@@ -1178,7 +1303,11 @@ impl Run {
             succeeded,
             self.started.elapsed(),
         );
-        let stop_reason = stopped.as_ref().map_or("", |s| s.reason.as_str());
+        let stop_reason = match (&halted, &stopped) {
+            (Some(why), _) => why.as_str(),
+            (None, Some(s)) => s.reason.as_str(),
+            (None, None) => "",
+        };
         let ended = while_unavailable(END_RETRY_FOR, END_RETRY_EVERY, || {
             self.store.finish_deployment(
                 &self.deployment_id,

@@ -317,6 +317,11 @@ impl StoreError {
     }
 }
 
+/// What a client (the CLI, the HTTP API, an agent) is told while the
+/// store does not answer ([`StoreError::is_unavailable`]).
+pub const DATABASE_UNAVAILABLE: &str =
+    "the controller's database does not answer (down or unreachable); try again once it is back";
+
 impl Store {
     /// The store `database_url` names: PostgreSQL when it is set, else the
     /// SQLite file in `data_dir` ([`Store::open`]).
