@@ -768,6 +768,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_database_that_does_not_answer_is_unavailable_to_the_agent_not_internal() {
+        use crate::store::StoreError;
+        let down = || StoreError::Db(sqlx::Error::PoolTimedOut);
+        for err in [
+            SessionError::Store(down()),
+            SessionError::Artifact(ArtifactError::Store(down())),
+        ] {
+            let status = Status::from(err);
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert_eq!(status.message(), crate::store::DATABASE_UNAVAILABLE);
+        }
+        // A query the database refused is the controller's problem.
+        let status = Status::from(SessionError::Store(StoreError::Db(sqlx::Error::RowNotFound)));
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+
+    #[test]
     fn renewal_is_due_two_thirds_into_the_life() {
         let week = 7 * 24 * 3600;
         assert_eq!(renew_after(1_000, 1_000 + week), 1_000 + week * 2 / 3);

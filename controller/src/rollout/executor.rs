@@ -1401,6 +1401,7 @@ mod tests {
 
     crate::store::testing::store_tests!(
         a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done,
+        a_result_that_cannot_be_recorded_stops_the_rollout_failed_naming_why,
     );
 
     fn plan(action: Action) -> Plan {
@@ -1467,6 +1468,107 @@ mod tests {
                 .await
                 .unwrap());
         }
+    }
+
+    /// A rollout whose node result cannot be written (the database stays
+    /// unreachable past [`RESULT_RETRY_FOR`]) starts nothing more and
+    /// ends failed, saying why, and its CLI is told meanwhile.
+    async fn a_result_that_cannot_be_recorded_stops_the_rollout_failed_naming_why(store: Store) {
+        // Two nodes, one at a time; the first done when its owner died.
+        let mut two = plan(Action::Deploy {
+            release_id: "v1".to_owned(),
+            sha256: "ab".repeat(32),
+            git_sha: String::new(),
+            artifact_url: String::new(),
+        });
+        two.targets.push(Target {
+            node_id: "n-2".to_owned(),
+            name: "web-2".to_owned(),
+        });
+        let a = store.clone().for_replica("a");
+        let nodes: Vec<(String, String, u32)> = (1..=2)
+            .map(|i| (format!("n-{i}"), format!("d-1.n-{i}"), i))
+            .collect();
+        let rows: Vec<NewDeploymentNode<'_>> = nodes
+            .iter()
+            .map(|(node, command, batch)| NewDeploymentNode {
+                node_id: node,
+                command_id: command,
+                batch: *batch,
+                prior_release: "v0",
+            })
+            .collect();
+        let record = two.to_record();
+        a.insert_deployment(
+            &NewDeployment {
+                id: "d-1",
+                kind: "deploy",
+                app: "web",
+                release_id: "v1",
+                artifact_sha256: "",
+                actor: "tok-1",
+                selector: &two.selector,
+                rollout: &two.rollout.to_json(),
+                snapshots: &[],
+                started_at: 1_000,
+                nodes: &rows,
+                env_version: None,
+                plan: Some(&record),
+            },
+            &AuditEvent::success(
+                "DEPLOY_STARTED",
+                "tok-1",
+                "deployment",
+                "d-1",
+                serde_json::json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(a
+            .record_node_result("d-1.n-1", "succeeded", "v1", "done", &[], 1_001)
+            .await
+            .unwrap());
+        let b = store.clone().for_replica("b");
+        let orphans = b.orphaned_deployments(&["b".to_owned()]).await.unwrap();
+        let (sessions, commands) = (Sessions::new(), Commands::new());
+        let outcome = take_over(&b, &sessions, &commands, &orphans[0], None)
+            .await
+            .unwrap();
+        let TakeOver::Resumed { mut events, .. } = outcome else {
+            panic!("not resumed: {outcome:?}");
+        };
+        // The database goes away for good: every write fails at once as
+        // unavailable. Time runs on by itself from here (the reconnect
+        // grace of web-2, which never connects, the retries).
+        store.close().await;
+        tokio::time::pause();
+        let mut seen = Vec::new();
+        let finished = loop {
+            let Some(ev) = events.recv().await else {
+                panic!("no end in {seen:#?}");
+            };
+            match ev.kind {
+                Some(deploy_event::Kind::Finished(f)) => break f,
+                Some(kind) => seen.push(kind),
+                None => {}
+            }
+        };
+        // The CLI heard why it waited, then web-2's result.
+        let waited = seen.iter().any(|k| {
+            matches!(k, deploy_event::Kind::Progress(p)
+                if p.node_name == "web-2" && p.step == "record"
+                    && p.message.contains("database does not answer"))
+        });
+        assert!(waited, "{seen:#?}");
+        assert!(!finished.succeeded, "{finished:?}");
+        assert!(
+            finished
+                .stop_reason
+                .contains("database did not answer for 300 s: the result of node web-2"),
+            "{finished:?}"
+        );
+        assert!(finished.message.starts_with(&finished.stop_reason), "{finished:?}");
     }
 
     async fn a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done(store: Store) {
