@@ -2,6 +2,14 @@
 //! the nodes' sessions, follows their answers (timeouts, lost
 //! connections), stops and rolls back as [`next_step`] decides, and
 //! records and streams every node's result and the outcome.
+//!
+//! While the database does not answer, the rollout waits: a node's result
+//! is written again until it is recorded (up to [`RESULT_RETRY_FOR`]),
+//! before anything else is started, so the record stays complete for a
+//! replica that may take the deployment over; the answers of other nodes
+//! wait in memory meanwhile. A result still not recorded past that stops
+//! the rollout, failed, naming why; the end is written again for longer
+//! ([`END_RETRY_FOR`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -714,6 +722,51 @@ impl Run {
         true
     }
 
+    /// After a command to target `index` found no way to its node: if
+    /// that is because the database does not answer (another replica's
+    /// session is found through it), waits until it answers again (up to
+    /// [`RESULT_RETRY_FOR`], else the rollout halts) and returns true, so
+    /// the command is sent again. False when the database answers.
+    async fn waited_for_the_store(&self, index: usize) -> bool {
+        if self.halted().is_some() {
+            return false;
+        }
+        let probe = || self.store.schema_version();
+        match probe().await {
+            Err(err) if err.is_unavailable() => {
+                let target = &self.plan.targets[index];
+                tracing::warn!(
+                    deployment_id = %self.deployment_id, node_id = %target.node_id, %err,
+                    "the database does not answer: the command waits for it to find the node's session"
+                );
+                self.emit(deploy_event::Kind::Progress(NodeProgress {
+                    node_id: target.node_id.clone(),
+                    node_name: target.name.clone(),
+                    step: "send".to_owned(),
+                    message: format!(
+                        "no session of the node here and the controller's database does not \
+                         answer: the command waits for it (up to {} s)",
+                        RESULT_RETRY_FOR.as_secs()
+                    ),
+                    unix_time: crate::now_unix(),
+                }));
+                match while_unavailable(RESULT_RETRY_FOR, END_RETRY_EVERY, probe).await {
+                    Ok(_) => true,
+                    Err(err) => {
+                        self.halt(format!(
+                            "the controller's database did not answer for {} s: the command \
+                             for node {} could not be sent ({err}), so the rollout was stopped",
+                            RESULT_RETRY_FOR.as_secs(),
+                            target.name
+                        ));
+                        false
+                    }
+                }
+            }
+            _ => false,
+        }
+    }
+
     /// Waits until one in-flight command ends (answer, timeout or lost
     /// connection), passing progress on meanwhile. `inflight` is not empty.
     async fn next_answer(
@@ -1028,13 +1081,23 @@ impl Run {
                         canary: batch.canary,
                     }));
                     for i in batch.nodes {
+                        if self.halted().is_some() {
+                            // The rest stay pending: skipped at the halt.
+                            break;
+                        }
                         let command_id = self.command_ids[i].clone();
                         let message = self.plan.action.message(
                             &command_id,
                             &self.plan.app,
                             &self.plan.targets[i].node_id,
                         );
-                        if self.send(i, command_id, message, &mut inflight).await {
+                        let mut sent = self
+                            .send(i, command_id.clone(), message.clone(), &mut inflight)
+                            .await;
+                        if !sent && self.waited_for_the_store(i).await {
+                            sent = self.send(i, command_id, message, &mut inflight).await;
+                        }
+                        if sent {
                             states[i] = NodeState::Running;
                         } else {
                             let why = self
@@ -1402,6 +1465,7 @@ mod tests {
     crate::store::testing::store_tests!(
         a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done,
         a_result_that_cannot_be_recorded_stops_the_rollout_failed_naming_why,
+        a_command_that_cannot_be_sent_for_the_database_waits_then_stops_the_rollout,
     );
 
     fn plan(action: Action) -> Plan {
@@ -1569,6 +1633,51 @@ mod tests {
             "{finished:?}"
         );
         assert!(finished.message.starts_with(&finished.stop_reason), "{finished:?}");
+    }
+
+    /// A command for a node with no session here, while the database (the
+    /// way to another replica's session) does not answer: the rollout
+    /// waits for it, telling the CLI, and past [`RESULT_RETRY_FOR`] stops
+    /// failed, naming why — not "unreachable" at once.
+    async fn a_command_that_cannot_be_sent_for_the_database_waits_then_stops_the_rollout(
+        store: Store,
+    ) {
+        let one = plan(Action::Deploy {
+            release_id: "v1".to_owned(),
+            sha256: "ab".repeat(32),
+            git_sha: String::new(),
+            artifact_url: String::new(),
+        });
+        let (sessions, commands) = (Sessions::new(), Commands::new());
+        let mut events = start(&store, &sessions, &commands, one).await.unwrap();
+        // Gone before the run sends anything (it runs once this test
+        // waits); time runs on by itself from here.
+        store.close().await;
+        tokio::time::pause();
+        let mut seen = Vec::new();
+        let finished = loop {
+            let Some(ev) = events.recv().await else {
+                panic!("no end in {seen:#?}");
+            };
+            match ev.kind {
+                Some(deploy_event::Kind::Finished(f)) => break f,
+                Some(kind) => seen.push(kind),
+                None => {}
+            }
+        };
+        let waited = seen.iter().any(|k| {
+            matches!(k, deploy_event::Kind::Progress(p)
+                if p.node_name == "web-1" && p.step == "send"
+                    && p.message.contains("database does not answer"))
+        });
+        assert!(waited, "{seen:#?}");
+        assert!(!finished.succeeded, "{finished:?}");
+        assert!(
+            finished.stop_reason.contains(
+                "database did not answer for 300 s: the command for node web-1 could not be sent"
+            ),
+            "{finished:?}"
+        );
     }
 
     async fn a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done(store: Store) {
