@@ -700,9 +700,8 @@ fn a_rolling_deploy_running_through_a_postgres_outage_completes_once_per_node() 
 
     // The audit log: started, completed, in order; never taken over
     // (neither replica died) nor failed.
-    let events = crate::replicas::in_order(crate::replicas::ended_deployment_events(
-        &b, &reader, &id,
-    ));
+    let events =
+        crate::replicas::in_order(crate::replicas::ended_deployment_events(&b, &reader, &id));
     let kinds: Vec<&str> = events
         .iter()
         .map(|e| e["event_type"].as_str().unwrap_or_default())
@@ -753,7 +752,9 @@ fn a_rolling_deploy_running_through_a_postgres_outage_completes_once_per_node() 
     let log = fs::read_to_string(a.dir.path().join("controller.log")).unwrap();
     let waited = log.contains("the rollout waits until the node's result is recorded");
     let fetched_again = log.contains("agent request not served: the database does not answer");
-    eprintln!("the rollout waited to record a result: {waited}; a fetch was asked again: {fetched_again}");
+    eprintln!(
+        "the rollout waited to record a result: {waited}; a fetch was asked again: {fetched_again}"
+    );
     assert!(waited || fetched_again, "{log}");
     // Both replicas ready again; neither took the other for dead.
     for (c, ready) in [(&a, &ready_a), (&b, &ready_b)] {
@@ -762,7 +763,13 @@ fn a_rolling_deploy_running_through_a_postgres_outage_completes_once_per_node() 
         });
         let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
         assert!(!log.contains("controller replica that is gone"), "{log}");
-        assert!(!log.contains("took over a dead replica's deployment"), "{log}");
+        assert!(
+            !log.contains("took over a dead replica's deployment"),
+            "{log}"
+        );
+        // Because each, renewing its record after the gap, judged no
+        // other replica dead for one liveness window.
+        assert!(log.contains("judging no other replica dead"), "{log}");
     }
     // The next deploy works as usual.
     let out = b.deploy_version(&deployer, work.path(), "v2", APP, &["--wait"]);

@@ -780,7 +780,9 @@ mod tests {
             assert_eq!(status.message(), crate::store::DATABASE_UNAVAILABLE);
         }
         // A query the database refused is the controller's problem.
-        let status = Status::from(SessionError::Store(StoreError::Db(sqlx::Error::RowNotFound)));
+        let status = Status::from(SessionError::Store(StoreError::Db(
+            sqlx::Error::RowNotFound,
+        )));
         assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
     }
 

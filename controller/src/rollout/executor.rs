@@ -860,7 +860,10 @@ impl Run {
         let Action::AgentUpgrade { version, .. } = &self.plan.action else {
             return;
         };
-        let reported = match self.store.fleet().await {
+        // The database may be down a moment (the node's version is read
+        // from it): waited for as a result's write is.
+        let fleet = while_unavailable(RESULT_RETRY_FOR, END_RETRY_EVERY, || self.store.fleet());
+        let reported = match fleet.await {
             Ok(rows) => rows
                 .into_iter()
                 .find(|r| r.id == result.node_id)
@@ -1384,11 +1387,16 @@ impl Run {
         .await;
         match ended {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                deployment_id = %self.deployment_id, %status,
-                "the deployment was already marked failed (another replica took this one for \
-                 dead); its end is not recorded again"
-            ),
+            Ok(false) => match self.store.deployment(&self.deployment_id).await {
+                // An earlier try was committed but its answer lost (the
+                // database went away in between): recorded.
+                Ok(Some(d)) if d.status == status && d.message == message => {}
+                _ => tracing::warn!(
+                    deployment_id = %self.deployment_id, %status,
+                    "the deployment was already marked failed (another replica took this one \
+                     for dead); its end is not recorded again"
+                ),
+            },
             Err(err) => {
                 tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
             }
@@ -1632,7 +1640,10 @@ mod tests {
                 .contains("database did not answer for 300 s: the result of node web-2"),
             "{finished:?}"
         );
-        assert!(finished.message.starts_with(&finished.stop_reason), "{finished:?}");
+        assert!(
+            finished.message.starts_with(&finished.stop_reason),
+            "{finished:?}"
+        );
     }
 
     /// A command for a node with no session here, while the database (the

@@ -35,12 +35,12 @@ use super::ledger::{LedgerFile, Recorded};
 use super::replicas::{self, Replicas};
 use super::{tls, LinkError};
 use crate::artifact::cache::{self, Fetched};
+use crate::artifact::controller::FetchError;
 use crate::artifact::https as download;
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, ArtifactsConfig, Config, ControllerConfig};
 use crate::deploy::{DeployReport, DeployRequest, Deployer, Outcome};
 use crate::digest::Sha256;
-use crate::artifact::controller::FetchError;
 use crate::release::ReleaseId;
 
 /// How long an artifact fetch is tried again while the controller answers
@@ -447,7 +447,9 @@ async fn deploy_artifact(
                             ));
                             tokio::time::sleep(FETCH_RETRY_EVERY).await;
                         }
-                        other => break other.map_err(|e| format!("cannot fetch the artifact: {e}")),
+                        other => {
+                            break other.map_err(|e| format!("cannot fetch the artifact: {e}"))
+                        }
                     }
                 }
             }

@@ -347,9 +347,10 @@ async fn a_fetch_the_controller_cannot_serve_now_is_asked_again_and_succeeds() {
     };
     let addr = start(&pki, down).await;
     let (node, commands) = node_and_commands(&pki, &addr);
-    let (result, progress) = tokio::time::timeout(PATIENCE, run(&commands, deploy("u-1", &sha, "v1")))
-        .await
-        .expect("the fetch is still asked again");
+    let (result, progress) =
+        tokio::time::timeout(PATIENCE, run(&commands, deploy("u-1", &sha, "v1")))
+            .await
+            .expect("the fetch is still asked again");
     assert_eq!(
         result.outcome,
         Outcome::Succeeded as i32,
@@ -359,7 +360,9 @@ async fn a_fetch_the_controller_cannot_serve_now_is_asked_again_and_succeeds() {
     assert_eq!(asked.load(Ordering::SeqCst), 3);
     let waited = progress
         .iter()
-        .filter(|p| p.contains("cannot serve the artifact now") && p.contains("database does not answer"))
+        .filter(|p| {
+            p.contains("cannot serve the artifact now") && p.contains("database does not answer")
+        })
         .count();
     assert_eq!(waited, 2, "{progress:?}");
 
@@ -376,7 +379,11 @@ async fn a_fetch_the_controller_cannot_serve_now_is_asked_again_and_succeeds() {
         .await
         .expect("a refused fetch is not asked again");
     assert_eq!(result.outcome, Outcome::Failed as i32, "{result:?}");
-    assert!(result.message.contains("session failed inside"), "{}", result.message);
+    assert!(
+        result.message.contains("session failed inside"),
+        "{}",
+        result.message
+    );
     assert_eq!(asked.load(Ordering::SeqCst), 1);
     assert_eq!(node.current(), None);
 }
