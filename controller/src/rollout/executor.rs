@@ -611,8 +611,9 @@ struct Run {
     /// deployment over: this run stops, writing nothing more.
     lost: std::sync::atomic::AtomicBool,
     /// Why the rollout cannot be carried on, once a node's result could
-    /// not be recorded ([`RESULT_RETRY_FOR`]): it starts nothing more and
-    /// ends failed with this reason.
+    /// not be recorded or its command not sent for the database not
+    /// answering ([`RESULT_RETRY_FOR`]): it starts nothing more and ends
+    /// failed with this reason.
     halted: std::sync::Mutex<Option<String>>,
 }
 
@@ -1011,8 +1012,8 @@ impl Run {
         }
     }
 
-    /// Why the rollout was stopped for a result it could not record, if it
-    /// was.
+    /// Why the rollout was stopped for a write it could not make (or a
+    /// command it could not send), if it was.
     fn halted(&self) -> Option<String> {
         self.halted
             .lock()
