@@ -46,6 +46,12 @@ pub const MAX_ROUTED_MESSAGE: usize = MAX_ENV_CONTENT + 64 * 1024;
 pub const MAX_ROUTED_EVENT: usize = 64 * 1024;
 /// Most commands claimed at once.
 const CLAIM_BATCH: i64 = 64;
+/// How long an answer for the sender of a routed command is written again
+/// while the database does not answer, and the pause between tries: a
+/// node's result that came in during a short outage still reaches the
+/// deployment, rather than its command timing out.
+const ANSWER_RETRY_FOR: Duration = Duration::from_secs(120);
+const ANSWER_RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// Event kinds in `node_command_events`.
 const KIND_PROGRESS: &str = "progress";
@@ -438,7 +444,12 @@ impl Router {
                 () = stop.cancelled() => break,
                 received = relay_rx.recv() => {
                     match received {
-                        Some((command_id, event)) => self.relay_answer(&command_id, event).await,
+                        // Written again while the database does not
+                        // answer; a shutdown does not wait for it.
+                        Some((command_id, event)) => tokio::select! {
+                            () = self.relay_answer(&command_id, event) => {}
+                            () = stop.cancelled() => break,
+                        },
                         None => break,
                     }
                     continue;
@@ -530,13 +541,12 @@ impl Router {
     }
 
     async fn write_event(&self, row: &str, seq: i64, kind: &str, payload: &[u8]) {
-        if let Err(err) = self
-            .inner
-            .replica
-            .store()
-            .add_node_command_event(row, seq, kind, payload, crate::now_unix())
-            .await
-        {
+        let store = self.inner.replica.store();
+        let written = crate::store::while_unavailable(ANSWER_RETRY_FOR, ANSWER_RETRY_EVERY, || {
+            store.add_node_command_event(row, seq, kind, payload, crate::now_unix())
+        })
+        .await;
+        if let Err(err) = written {
             tracing::warn!(%row, %err, "cannot pass a node's answer back to the replica that sent the command");
         }
     }

@@ -28,7 +28,8 @@ use crate::audit::AuditEvent;
 use crate::link::commands::{Commands, NodeEvent};
 use crate::link::registry::Sessions;
 use crate::store::{
-    DeploymentStep, NewDeployment, NewDeploymentNode, OrphanedDeployment, Store, StoreError,
+    while_unavailable, DeploymentStep, NewDeployment, NewDeploymentNode, OrphanedDeployment, Store,
+    StoreError,
 };
 
 /// Longest a node may take to answer a command.
@@ -51,30 +52,6 @@ const END_RETRY_EVERY: Duration = Duration::from_secs(2);
 /// replica that takes it over later finds every result; past this the
 /// rollout stops, failed, naming why.
 const RESULT_RETRY_FOR: Duration = Duration::from_secs(5 * 60);
-
-/// Runs `write` again while it fails with the database not answering
-/// ([`StoreError::is_unavailable`]), every `every` for up to `limit`; the
-/// last outcome.
-async fn while_unavailable<T, F, Fut>(
-    limit: Duration,
-    every: Duration,
-    mut write: F,
-) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let started = Instant::now();
-    loop {
-        match write().await {
-            Err(err) if err.is_unavailable() && started.elapsed() + every <= limit => {
-                tracing::warn!(%err, "the database does not answer; trying again");
-                tokio::time::sleep(every).await;
-            }
-            other => return other,
-        }
-    }
-}
 
 fn event(kind: deploy_event::Kind) -> DeployEvent {
     DeployEvent { kind: Some(kind) }
