@@ -625,10 +625,15 @@ fn a_rolling_deploy_running_through_a_postgres_outage_completes_once_per_node() 
     let b = a.postgres_replica(&flags_b.each_ref().map(String::as_str));
     let reader = a.api_token("read");
     let deployer = a.api_token("deploy:web");
-    // Four agents on replica a (the one running the rollout); b lives on
-    // beside it, the replica that would take the rollout over if it
-    // judged a dead.
-    let mut agents = Agent::enroll_all(&a, &["u1", "u2", "u3", "u4"]);
+    // Four agents, every other one on replica b: a runs the rollout and
+    // reaches b's through the database (routed commands and answers); b is
+    // also the replica that would take the rollout over if it judged a
+    // dead.
+    let mut agents: Vec<Agent> = ["u1", "u2", "u3", "u4"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Agent::enroll(if i % 2 == 0 { &a } else { &b }, name))
+        .collect();
     for agent in &mut agents {
         agent.set_start_period("8s");
         agent.run();
