@@ -130,6 +130,12 @@ impl From<ArtifactError> for Status {
                 tracing::error!(%err, "artifact store");
                 Status::data_loss(err.to_string())
             }
+            // Not in the cache and the database does not answer: worth
+            // another try once it is back.
+            ArtifactError::Store(ref store) if store.is_unavailable() => {
+                tracing::warn!(%err, "artifact store");
+                Status::unavailable(crate::store::DATABASE_UNAVAILABLE)
+            }
             ArtifactError::Io { .. } | ArtifactError::Store(_) => {
                 tracing::error!(%err, "artifact store");
                 Status::internal("artifact store failed inside the controller; see its log")

@@ -11,7 +11,9 @@
 //! them through the one that holds them; and PostgreSQL crashed for 20 s
 //! under two replicas and their agents: apps serving throughout, the CLI
 //! failing promptly naming the database, both replicas recovering on their
-//! own.
+//! own; and for 20 s in the middle of a rolling deploy: it waits for the
+//! database and completes, each node deployed once, its record and audit
+//! log complete, no takeover.
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -595,4 +597,215 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
         assert!(!log.contains("controller replica that is gone"), "{log}");
         assert!(log.contains("judging no other replica dead"), "{log}");
     }
+}
+
+/// A rolling deploy (one node at a time, seconds each) through replica a
+/// while PostgreSQL crashes for 20 s after the first node's result: the
+/// rollout waits until it can record the results that came in meanwhile,
+/// then carries on; it succeeds as it would have, each agent runs its
+/// command once, the record and the audit log are complete and in order,
+/// and replica b never takes it over.
+#[test]
+fn a_rolling_deploy_running_through_a_postgres_outage_completes_once_per_node() {
+    use std::time::Instant;
+    if test_postgres::skipped() {
+        eprintln!("{}=1: PostgreSQL test skipped", test_postgres::SKIP_ENV);
+        return;
+    }
+    // A server of this test's own, losing no acknowledged commit (see the
+    // outage test above).
+    let mut pg = test_postgres::OwnServer::start(&[("synchronous_commit", "on")])
+        .unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
+    let url = pg.database_url().unwrap();
+    let ready = tempfile::tempdir().unwrap();
+    let (ready_a, ready_b) = (ready.path().join("a"), ready.path().join("b"));
+    let flags_a = http_flags(&ready_a);
+    let flags_b = http_flags(&ready_b);
+    let a = Controller::start_postgres(&url, &flags_a.each_ref().map(String::as_str));
+    let b = a.postgres_replica(&flags_b.each_ref().map(String::as_str));
+    let reader = a.api_token("read");
+    let deployer = a.api_token("deploy:web");
+    // Four agents, every other one on replica b: a runs the rollout and
+    // reaches b's through the database (routed commands and answers); b is
+    // also the replica that would take the rollout over if it judged a
+    // dead.
+    let mut agents: Vec<Agent> = ["u1", "u2", "u3", "u4"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Agent::enroll(if i % 2 == 0 { &a } else { &b }, name))
+        .collect();
+    for agent in &mut agents {
+        agent.set_start_period("8s");
+        agent.run();
+    }
+    a.wait_online(&reader, 4, Duration::from_secs(60));
+    b.wait_online(&reader, 4, Duration::from_secs(10));
+
+    // One node at a time, each taking seconds to come up: the rollout
+    // spans the outage. Followed to its end by the CLI, in the background.
+    let work = tempfile::tempdir().unwrap();
+    let slow = crate::replicas::slow_app();
+    let started = Instant::now();
+    let (out, outage) = std::thread::scope(|scope| {
+        let cli = scope.spawn(|| {
+            a.deploy_version(
+                &deployer,
+                work.path(),
+                "v1",
+                &slow,
+                &[
+                    "--strategy",
+                    "rolling",
+                    "--max-parallel",
+                    "1",
+                    "--wait",
+                    "--json",
+                ],
+            )
+        });
+        // The first node's result in: PostgreSQL stops as by a crash, for
+        // 20 s, while the next nodes deploy: the next node's result comes
+        // in well within it (about 5 s), and its write waits 5 s for a
+        // connection and fails (or, the crash a moment before that node
+        // fetched its artifact, the fetch is refused Unavailable).
+        wait_until("the first node's result", Duration::from_secs(60), || {
+            agents.iter().any(|agent| {
+                fs::read_to_string(agent.state_dir().join("commands.json"))
+                    .is_ok_and(|t| t.contains("\"command_id\""))
+            })
+        });
+        pg.crash().unwrap();
+        let down = Instant::now();
+        eprintln!("PostgreSQL down {:?} into the deploy", started.elapsed());
+        assert!(!cli.is_finished(), "the deploy ended before the outage");
+        std::thread::sleep(Duration::from_secs(20));
+        // Three nodes of about 5 s each were left: without waiting for the
+        // database the rollout would have ended by now (or failed).
+        let ended_without_the_database = cli.is_finished();
+        pg.resume().unwrap();
+        let outage = down.elapsed();
+        let out = cli.join().unwrap();
+        assert!(
+            !ended_without_the_database,
+            "the deploy ended while PostgreSQL was down: {}",
+            text(&out)
+        );
+        (out, outage)
+    });
+    eprintln!(
+        "the deploy took {:?} (PostgreSQL down for {outage:?}): {}",
+        started.elapsed(),
+        text(&out)
+    );
+    let dump_logs = || {
+        for c in [&a, &b] {
+            let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("---- a replica's log, last lines\n{}", tail.join("\n"));
+        }
+    };
+    if !out.status.success() {
+        dump_logs();
+    }
+    assert!(out.status.success(), "{}", text(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["succeeded"], true, "{done:#}");
+    let id = done["deployment_id"].as_str().unwrap().to_owned();
+
+    // The audit log: started, completed, in order; never taken over
+    // (neither replica died) nor failed.
+    let events =
+        crate::replicas::in_order(crate::replicas::ended_deployment_events(&b, &reader, &id));
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(kinds, ["DEPLOY_STARTED", "DEPLOY_COMPLETED"], "{events:#?}");
+    assert_eq!(
+        events[1]["details"]["failed_nodes"],
+        serde_json::json!([]),
+        "{events:#?}"
+    );
+    // Every node ran the deployment's command once and serves v1.
+    for agent in &agents {
+        let commands = crate::replicas::ledger_commands_of(agent, &id);
+        assert_eq!(commands.len(), 1, "{}: {commands:?}", agent.name);
+        assert_eq!(
+            crate::replicas::ledger_runs(agent, &commands[0]),
+            1,
+            "{} ran {} more than once",
+            agent.name,
+            commands[0]
+        );
+        assert_eq!(agent.current().as_deref(), Some("v1"), "{}", agent.name);
+        assert_eq!(agent.get().as_deref(), Some("v1"), "{}", agent.name);
+    }
+    // The record shows every node's result, also those that came in while
+    // the database was down.
+    wait_until(
+        "`slipway status` to work again",
+        Duration::from_secs(30),
+        || b.slipway(&reader, &["status"]).status.success(),
+    );
+    let status = b.slipway(&reader, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let last = &status["apps"][0]["last_deployment"];
+    assert_eq!(last["id"], id.as_str(), "{status:#}");
+    assert_eq!(last["status"], "succeeded", "{status:#}");
+    let outcomes: Vec<&str> = last["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {status:#}"))
+        .iter()
+        .map(|n| n["outcome"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, ["succeeded"; 4], "{status:#}");
+    // Where the outage met the rollout (it depends on the moment): a's
+    // write of a node's result, a's command for a node of b (found through
+    // the database), b's write of the answer of such a node for a (when
+    // its router was not itself waiting), an agent's artifact fetch
+    // (answered Unavailable and asked again).
+    let log_a = fs::read_to_string(a.dir.path().join("controller.log")).unwrap();
+    let log_b = fs::read_to_string(b.dir.path().join("controller.log")).unwrap();
+    let waits = [
+        (
+            "a waited to record a result",
+            log_a.contains("the rollout waits until the node's result is recorded"),
+        ),
+        (
+            "a's command waited to find b's session",
+            log_a.contains("the command waits for it to find the node's session"),
+        ),
+        (
+            "b wrote a routed answer again",
+            log_b.contains("the database does not answer; trying again"),
+        ),
+        (
+            "a fetch was asked again",
+            log_a.contains("agent request not served: the database does not answer")
+                || log_b.contains("agent request not served: the database does not answer"),
+        ),
+    ];
+    eprintln!("where the rollout waited for the database: {waits:?}");
+    // Both replicas ready again; neither took the other for dead.
+    for (c, ready) in [(&a, &ready_a), (&b, &ready_b)] {
+        wait_until("/readyz OK again", Duration::from_secs(30), || {
+            readyz(c, ready) == 200
+        });
+        let log = fs::read_to_string(c.dir.path().join("controller.log")).unwrap();
+        assert!(!log.contains("controller replica that is gone"), "{log}");
+        assert!(
+            !log.contains("took over a dead replica's deployment"),
+            "{log}"
+        );
+        // Because each, renewing its record after the gap, judged no
+        // other replica dead for one liveness window.
+        assert!(log.contains("judging no other replica dead"), "{log}");
+    }
+    // The next deploy works as usual.
+    let out = b.deploy_version(&deployer, work.path(), "v2", APP, &["--wait"]);
+    if !out.status.success() {
+        dump_logs();
+    }
+    assert!(out.status.success(), "{}", text(&out));
 }

@@ -256,7 +256,7 @@ fn a_bad_urls_list_stops_the_agent_at_start_naming_the_file_and_key() {
 
 /// The test app, slow to come up: its health gate takes seconds (the
 /// agents of that test have a start period longer than that).
-fn slow_app() -> String {
+pub(crate) fn slow_app() -> String {
     format!("import time\ntime.sleep(4)\n{APP}")
 }
 
@@ -435,7 +435,7 @@ fn replicas_share_sessions_and_only_a_dead_replicas_rollout_is_taken_over() {
 }
 
 /// `events` (as `slipway audit` lists them) oldest first.
-fn in_order(mut events: Vec<Value>) -> Vec<Value> {
+pub(crate) fn in_order(mut events: Vec<Value>) -> Vec<Value> {
     events.sort_by_key(|e| e["id"].as_i64().unwrap_or_default());
     events
 }
@@ -443,7 +443,7 @@ fn in_order(mut events: Vec<Value>) -> Vec<Value> {
 /// How many results `agent` recorded in its command ledger for
 /// `command_id`: one per run of the command (a command sent again is
 /// answered from the ledger without running or recording again).
-fn ledger_runs(agent: &Agent, command_id: &str) -> usize {
+pub(crate) fn ledger_runs(agent: &Agent, command_id: &str) -> usize {
     let Ok(text) = fs::read_to_string(agent.state_dir().join("commands.json")) else {
         return 0;
     };
@@ -455,7 +455,7 @@ fn ledger_runs(agent: &Agent, command_id: &str) -> usize {
 
 /// The command ids of deployment `id` in `agent`'s ledger (its undo
 /// commands included).
-fn ledger_commands_of(agent: &Agent, id: &str) -> Vec<String> {
+pub(crate) fn ledger_commands_of(agent: &Agent, id: &str) -> Vec<String> {
     let Ok(text) = fs::read_to_string(agent.state_dir().join("commands.json")) else {
         return Vec::new();
     };

@@ -103,8 +103,7 @@ pub(crate) fn validated<M: Validate>(message: &M) -> Result<(), ApiError> {
 }
 
 /// What a client is told while the store does not answer.
-pub(crate) const DATABASE_UNAVAILABLE: &str =
-    "the controller's database does not answer (down or unreachable); try again once it is back";
+pub(crate) use crate::store::DATABASE_UNAVAILABLE;
 
 impl ApiError {
     /// True if this is the store failing to reach its database, directly

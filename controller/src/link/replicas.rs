@@ -19,12 +19,16 @@
 //!
 //! Not right after this replica could not renew for a while (the store was
 //! down or unreachable): the others could not either, so their records are
-//! stale without them being dead. The sweep waits one liveness window
-//! after such a gap, time for every live replica to renew again.
+//! stale without them being dead. Nor while it cannot renew: a replica
+//! whose own record is stale judges none by theirs. Until one liveness
+//! window after such a gap, time for every live replica to renew again,
+//! every replica with a record counts as alive, for the sweep and for
+//! routing commands to the sessions the others hold alike.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +87,14 @@ fn after_a_gap(before: i64, now: i64) -> bool {
     now.saturating_sub(before) > every.saturating_mul(2)
 }
 
+/// True if a replica that last renewed its own record at `renewed_at`, and
+/// after its last gap judges from `judge_from`, may judge the others by
+/// their records at `now`: not while its own renewals fail (the store does
+/// not answer; theirs fail too), nor within the window after.
+fn may_judge(renewed_at: i64, judge_from: i64, now: i64) -> bool {
+    now >= judge_from && !after_a_gap(renewed_at, now)
+}
+
 /// What a replica carries dead replicas' deployments on with: its agent
 /// sessions and command routing.
 #[derive(Debug, Clone)]
@@ -112,6 +124,10 @@ struct Inner {
     /// Held while this replica runs (SQLite).
     _lock: Option<Flock<File>>,
     record: ReplicaRow,
+    /// When this replica last renewed its record ([`may_judge`]).
+    renewed_at: AtomicI64,
+    /// Before when it judges no other replica dead ([`may_judge`]).
+    judge_from: AtomicI64,
 }
 
 impl Replica {
@@ -151,6 +167,8 @@ impl Replica {
                 store: store.clone().for_replica(&id),
                 lock_dir,
                 _lock: lock,
+                renewed_at: AtomicI64::new(record.seen_at),
+                judge_from: AtomicI64::new(i64::MIN),
                 record,
             }),
         })
@@ -167,12 +185,18 @@ impl Replica {
     }
 
     /// True if `replica` lives at `now`: this one always; another when seen
-    /// within the window and (SQLite) its lock is held.
+    /// within the window (or this one cannot judge by records now:
+    /// [`may_judge`]) and (SQLite) its lock is held.
     pub fn is_alive(&self, replica: &ReplicaRow, now: i64) -> bool {
         if replica.id == self.inner.id {
             return true;
         }
-        seen_recently(replica.seen_at, now)
+        let judging = may_judge(
+            self.inner.renewed_at.load(Ordering::Relaxed),
+            self.inner.judge_from.load(Ordering::Relaxed),
+            now,
+        );
+        (seen_recently(replica.seen_at, now) || !judging)
             && self
                 .inner
                 .lock_dir
@@ -291,10 +315,6 @@ impl Replica {
     ) {
         let mut tick = tokio::time::interval(RENEW_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When this replica last renewed its record, and before when it
-        // judges no other replica dead (see the module doc).
-        let mut renewed_at: Option<i64> = None;
-        let mut judge_from = i64::MIN;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -328,18 +348,18 @@ impl Replica {
             if !renewed {
                 continue;
             }
-            if let Some(before) = renewed_at {
-                if after_a_gap(before, now) {
-                    judge_from = now.saturating_add(window_secs());
-                    tracing::warn!(
-                        unrenewed_for_secs = now.saturating_sub(before),
-                        "this replica could not renew its record for a while (the store was \
-                         unreachable?): judging no other replica dead for one liveness window"
-                    );
-                }
+            let before = self.inner.renewed_at.swap(now, Ordering::Relaxed);
+            if after_a_gap(before, now) {
+                self.inner
+                    .judge_from
+                    .store(now.saturating_add(window_secs()), Ordering::Relaxed);
+                tracing::warn!(
+                    unrenewed_for_secs = now.saturating_sub(before),
+                    "this replica could not renew its record for a while (the store was \
+                     unreachable?): judging no other replica dead for one liveness window"
+                );
             }
-            renewed_at = Some(now);
-            if now < judge_from {
+            if !may_judge(now, self.inner.judge_from.load(Ordering::Relaxed), now) {
                 continue;
             }
             let swept = match &carrier {
@@ -442,6 +462,21 @@ mod tests {
     }
 
     #[test]
+    fn no_replica_is_judged_by_its_record_while_or_just_after_this_one_cannot_renew() {
+        // Renewing every 5 s, no gap: judging.
+        assert!(may_judge(100, i64::MIN, 105));
+        assert!(may_judge(100, i64::MIN, 110), "a slow tick");
+        // Its own renewals fail for more than two periods: not judging
+        // (the others' records are as stale as its own).
+        assert!(!may_judge(100, i64::MIN, 111));
+        assert!(!may_judge(100, i64::MIN, 130));
+        // Renewed again after the gap: not for one window.
+        assert!(!may_judge(130, 145, 130));
+        assert!(!may_judge(140, 145, 144));
+        assert!(may_judge(145, 145, 145));
+    }
+
+    #[test]
     fn a_missed_renewal_is_a_gap() {
         assert!(!after_a_gap(100, 105));
         assert!(!after_a_gap(100, 110), "a slow tick is not a gap");
@@ -506,8 +541,13 @@ mod tests {
         let holders = a.remote_holders(now).await.unwrap();
         assert_eq!(holders.len(), 1);
         assert_eq!(holders["n-1"].grpc_addr, "127.0.0.1:2");
-        // Unseen past the window (its lock still held): dead.
         let later = now + 16;
+        // a could not renew its own record meanwhile either (the store did
+        // not answer): it takes nobody for dead by a stale record.
+        assert_eq!(a.remote_holders(later).await.unwrap().len(), 1);
+        // a renewed its own meanwhile, b not, unseen past the window (its
+        // lock still held): dead.
+        a.inner.renewed_at.store(later - 5, Ordering::Relaxed);
         assert!(a.remote_holders(later).await.unwrap().is_empty());
         assert_eq!(a.live_ids(later).await.unwrap(), [a.id().to_owned()]);
     }

@@ -9,7 +9,8 @@
 //! commands it waits on: a node that moved to another replica (or to this
 //! one) gets them again there, with a Reconnected; one no live replica
 //! holds is reported Disconnected to its waiters; a row its holder did not
-//! claim within [`PICKUP_TIMEOUT`] (the holder died) is withdrawn and
+//! claim within [`PICKUP_TIMEOUT`] of a store that answers (the holder
+//! died; not while the database was down and nobody could claim) is withdrawn and
 //! counts as a lost connection. Everything read from the tables was
 //! written by another process and is checked like a message from a peer.
 
@@ -46,6 +47,12 @@ pub const MAX_ROUTED_MESSAGE: usize = MAX_ENV_CONTENT + 64 * 1024;
 pub const MAX_ROUTED_EVENT: usize = 64 * 1024;
 /// Most commands claimed at once.
 const CLAIM_BATCH: i64 = 64;
+/// How long an answer for the sender of a routed command is written again
+/// while the database does not answer, and the pause between tries: a
+/// node's result that came in during a short outage still reaches the
+/// deployment, rather than its command timing out.
+const ANSWER_RETRY_FOR: Duration = Duration::from_secs(120);
+const ANSWER_RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// Event kinds in `node_command_events`.
 const KIND_PROGRESS: &str = "progress";
@@ -289,6 +296,10 @@ struct Inner {
     /// Where this replica's [`Commands`] report on relayed commands.
     relay_tx: mpsc::UnboundedSender<(String, NodeEvent)>,
     relay_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, NodeEvent)>>>,
+    /// Since when the store has answered this replica without a failure:
+    /// a holder is given [`PICKUP_TIMEOUT`] of a working store to claim a
+    /// command (it cannot claim while the database does not answer).
+    answered_since: Mutex<Instant>,
 }
 
 impl Router {
@@ -303,8 +314,29 @@ impl Router {
                 relayed: Mutex::new(HashMap::new()),
                 relay_tx,
                 relay_rx: Mutex::new(Some(relay_rx)),
+                answered_since: Mutex::new(Instant::now()),
             }),
         }
+    }
+
+    /// Notes that a store call failed ([`Inner::answered_since`]).
+    fn store_failed(&self) {
+        *self
+            .inner
+            .answered_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// When a command queued at `queued_at` is overdue for pickup: after
+    /// [`PICKUP_TIMEOUT`] of a working store.
+    fn pickup_overdue(&self, queued_at: Instant) -> bool {
+        let since = *self
+            .inner
+            .answered_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        queued_at.max(since).elapsed() >= PICKUP_TIMEOUT
     }
 
     fn relayed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relayed>> {
@@ -438,7 +470,12 @@ impl Router {
                 () = stop.cancelled() => break,
                 received = relay_rx.recv() => {
                     match received {
-                        Some((command_id, event)) => self.relay_answer(&command_id, event).await,
+                        // Written again while the database does not
+                        // answer; a shutdown does not wait for it.
+                        Some((command_id, event)) => tokio::select! {
+                            () = self.relay_answer(&command_id, event) => {}
+                            () = stop.cancelled() => break,
+                        },
                         None => break,
                     }
                     continue;
@@ -465,6 +502,7 @@ impl Router {
         {
             Ok(claimed) => claimed,
             Err(err) => {
+                self.store_failed();
                 tracing::warn!(%err, "cannot claim commands routed to this replica");
                 return;
             }
@@ -530,13 +568,12 @@ impl Router {
     }
 
     async fn write_event(&self, row: &str, seq: i64, kind: &str, payload: &[u8]) {
-        if let Err(err) = self
-            .inner
-            .replica
-            .store()
-            .add_node_command_event(row, seq, kind, payload, crate::now_unix())
-            .await
-        {
+        let store = self.inner.replica.store();
+        let written = crate::store::while_unavailable(ANSWER_RETRY_FOR, ANSWER_RETRY_EVERY, || {
+            store.add_node_command_event(row, seq, kind, payload, crate::now_unix())
+        })
+        .await;
+        if let Err(err) = written {
             tracing::warn!(%row, %err, "cannot pass a node's answer back to the replica that sent the command");
         }
     }
@@ -576,7 +613,7 @@ impl Router {
         // Rows not claimed in time: their holder is taken for gone.
         if sent
             .values()
-            .any(|s| !s.picked && !s.lost && s.queued_at.elapsed() >= PICKUP_TIMEOUT)
+            .any(|s| !s.picked && !s.lost && self.pickup_overdue(s.queued_at))
         {
             match store.node_command_states(self.inner.replica.id()).await {
                 Ok(states) => {
@@ -591,7 +628,7 @@ impl Router {
                         }
                         if picked.contains(&s.row) {
                             s.picked = true;
-                        } else if s.queued_at.elapsed() >= PICKUP_TIMEOUT {
+                        } else if self.pickup_overdue(s.queued_at) {
                             match store.withdraw_node_command(&s.row).await {
                                 Ok(true) => {
                                     tracing::warn!(
@@ -603,13 +640,17 @@ impl Router {
                                 }
                                 Ok(false) => s.picked = true,
                                 Err(err) => {
-                                    tracing::warn!(%err, "cannot withdraw a routed command")
+                                    self.store_failed();
+                                    tracing::warn!(%err, "cannot withdraw a routed command");
                                 }
                             }
                         }
                     }
                 }
-                Err(err) => tracing::warn!(%err, "cannot read the routed commands' state"),
+                Err(err) => {
+                    self.store_failed();
+                    tracing::warn!(%err, "cannot read the routed commands' state");
+                }
             }
         }
 
@@ -617,6 +658,7 @@ impl Router {
         let holders = match self.remote_sessions().await {
             Ok(holders) => holders,
             Err(err) => {
+                self.store_failed();
                 tracing::warn!(%err, "cannot read which replicas hold the nodes");
                 return;
             }
@@ -669,6 +711,7 @@ impl Router {
         let events = match store.node_command_events(self.inner.replica.id()).await {
             Ok(events) => events,
             Err(err) => {
+                self.store_failed();
                 tracing::warn!(%err, "cannot read the answers to routed commands");
                 return;
             }

@@ -108,6 +108,10 @@ impl From<SessionError> for Status {
             SessionError::NoHello | SessionError::Ca(CaError::Csr(_)) | SessionError::Field(_) => {
                 Status::invalid_argument(err.to_string())
             }
+            // An agent tries again (an artifact fetch) while it says so.
+            SessionError::Store(ref store) if store.is_unavailable() => {
+                Status::unavailable(crate::store::DATABASE_UNAVAILABLE)
+            }
             SessionError::Ca(_) | SessionError::Store(_) => {
                 Status::internal("session failed inside the controller; see its log")
             }
@@ -285,6 +289,18 @@ impl AgentLinkService {
     }
 
     async fn refuse(&self, event_type: &'static str, peer: &str, actor: &str, err: &SessionError) {
+        let unavailable = match err {
+            SessionError::Store(store) | SessionError::Artifact(ArtifactError::Store(store)) => {
+                store.is_unavailable()
+            }
+            _ => false,
+        };
+        if unavailable {
+            // Not the agent's doing, and nothing to audit it in: the agent
+            // is told to try again.
+            tracing::warn!(%peer, %err, event_type, "agent request not served: the database does not answer");
+            return;
+        }
         tracing::warn!(%peer, %err, event_type, "agent request refused");
         let event = AuditEvent::error(
             event_type,
@@ -360,6 +376,12 @@ pub fn renew_after(issued_at: i64, expires_at: i64) -> i64 {
 /// Reads the agent's messages until it ends the stream or the controller
 /// closes the session; stores every heartbeat and routes progress and
 /// results to the deployment that sent the command.
+///
+/// A heartbeat is written beside the loop, one at a time: while the
+/// database does not answer, each write waits for a connection (seconds),
+/// and a result or progress behind it must not wait as well (a rollout
+/// carries on with it in memory). A heartbeat that comes while the last
+/// one is still being written is not written (the next one is).
 async fn run_session(
     store: Store,
     commands: Commands,
@@ -369,9 +391,21 @@ async fn run_session(
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
+    // The heartbeat being written, if any (see above).
+    let mut writing: Option<HeartbeatWrite> = None;
     let closed_by = loop {
         let message = tokio::select! {
             reason = handle.closed() => break Some(reason),
+            written = heartbeat_written(&mut writing) => {
+                writing = None;
+                match written {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => break Some(CloseReason::Revoked),
+                    Ok(Err(err)) => tracing::warn!(%node_id, %err, "could not record heartbeat"),
+                    Err(err) => tracing::error!(%node_id, %err, "heartbeat write failed"),
+                }
+                continue;
+            }
             message = inbound.message() => message,
         };
         // Every field is checked before anything stores or routes it; an
@@ -388,14 +422,18 @@ async fn run_session(
         match message {
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
-            })) => match store
-                .record_heartbeat(&node_id, crate::now_unix(), &heartbeat)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => break Some(CloseReason::Revoked),
-                Err(err) => tracing::warn!(%node_id, %err, "could not record heartbeat"),
-            },
+            })) => {
+                if writing.is_some() {
+                    tracing::debug!(%node_id, "heartbeat not recorded: the last one is still being written");
+                } else {
+                    let (store, node_id) = (store.clone(), node_id.clone());
+                    writing = Some(tokio::spawn(async move {
+                        store
+                            .record_heartbeat(&node_id, crate::now_unix(), &heartbeat)
+                            .await
+                    }));
+                }
+            }
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Progress(progress)),
             })) => commands.progress(&node_id, progress),
@@ -436,6 +474,8 @@ async fn run_session(
         }
         None => tracing::info!(%node_id, "agent disconnected"),
     }
+    // A heartbeat still being written finishes on its own.
+    drop(writing);
     let session_id = handle.session_id();
     drop(handle);
     sessions.record_closed(&node_id, session_id).await;
@@ -444,6 +484,19 @@ async fn run_session(
     // starts the deployments' reconnect grace.
     if !sessions.contains(&node_id) {
         commands.disconnected(&node_id);
+    }
+}
+
+/// A heartbeat being written: whether the node is still enrolled.
+type HeartbeatWrite = tokio::task::JoinHandle<Result<bool, crate::store::StoreError>>;
+
+/// The outcome of the heartbeat being written; never, when none is.
+async fn heartbeat_written(
+    writing: &mut Option<HeartbeatWrite>,
+) -> Result<Result<bool, crate::store::StoreError>, tokio::task::JoinError> {
+    match writing {
+        Some(write) => write.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -713,6 +766,25 @@ async fn record_droplet_claim(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_that_does_not_answer_is_unavailable_to_the_agent_not_internal() {
+        use crate::store::StoreError;
+        let down = || StoreError::Db(sqlx::Error::PoolTimedOut);
+        for err in [
+            SessionError::Store(down()),
+            SessionError::Artifact(ArtifactError::Store(down())),
+        ] {
+            let status = Status::from(err);
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert_eq!(status.message(), crate::store::DATABASE_UNAVAILABLE);
+        }
+        // A query the database refused is the controller's problem.
+        let status = Status::from(SessionError::Store(StoreError::Db(
+            sqlx::Error::RowNotFound,
+        )));
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
 
     #[test]
     fn renewal_is_due_two_thirds_into_the_life() {

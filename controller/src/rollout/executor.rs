@@ -2,6 +2,14 @@
 //! the nodes' sessions, follows their answers (timeouts, lost
 //! connections), stops and rolls back as [`next_step`] decides, and
 //! records and streams every node's result and the outcome.
+//!
+//! While the database does not answer, the rollout waits: a node's result
+//! is written again until it is recorded (up to [`RESULT_RETRY_FOR`]),
+//! before anything else is started, so the record stays complete for a
+//! replica that may take the deployment over; the answers of other nodes
+//! wait in memory meanwhile. A result still not recorded past that stops
+//! the rollout, failed, naming why; the end is written again for longer
+//! ([`END_RETRY_FOR`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +28,8 @@ use crate::audit::AuditEvent;
 use crate::link::commands::{Commands, NodeEvent};
 use crate::link::registry::Sessions;
 use crate::store::{
-    DeploymentStep, NewDeployment, NewDeploymentNode, OrphanedDeployment, Store, StoreError,
+    while_unavailable, DeploymentStep, NewDeployment, NewDeploymentNode, OrphanedDeployment, Store,
+    StoreError,
 };
 
 /// Longest a node may take to answer a command.
@@ -37,30 +46,12 @@ const EVENT_QUEUE: usize = 256;
 /// the deployment "running" and its app blocked.
 const END_RETRY_FOR: Duration = Duration::from_secs(10 * 60);
 const END_RETRY_EVERY: Duration = Duration::from_secs(2);
-
-/// Runs `write` again while it fails with the database not answering
-/// ([`StoreError::is_unavailable`]), every `every` for up to `limit`; the
-/// last outcome.
-async fn while_unavailable<T, F, Fut>(
-    limit: Duration,
-    every: Duration,
-    mut write: F,
-) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let started = Instant::now();
-    loop {
-        match write().await {
-            Err(err) if err.is_unavailable() && started.elapsed() + every <= limit => {
-                tracing::warn!(%err, "the database does not answer; trying again");
-                tokio::time::sleep(every).await;
-            }
-            other => return other,
-        }
-    }
-}
+/// How long a node's result is tried again while the database does not
+/// answer. The rollout waits meanwhile (the next batch starts only once
+/// the result is recorded; results of other nodes wait in memory), so a
+/// replica that takes it over later finds every result; past this the
+/// rollout stops, failed, naming why.
+const RESULT_RETRY_FOR: Duration = Duration::from_secs(5 * 60);
 
 fn event(kind: deploy_event::Kind) -> DeployEvent {
     DeployEvent { kind: Some(kind) }
@@ -284,6 +275,7 @@ pub async fn start_observed(
         finished_nodes: std::sync::Mutex::new(HashMap::new()),
         resumed: false,
         lost: std::sync::atomic::AtomicBool::new(false),
+        halted: std::sync::Mutex::new(None),
     };
     tokio::spawn(run.execute(ev_rx, Progress::fresh(n_targets)));
     Ok(out_rx)
@@ -504,6 +496,7 @@ pub async fn take_over(
         ),
         resumed: true,
         lost: std::sync::atomic::AtomicBool::new(false),
+        halted: std::sync::Mutex::new(None),
     };
     tokio::spawn(run.execute(ev_rx, progress));
     Ok(TakeOver::Resumed {
@@ -594,6 +587,11 @@ struct Run {
     /// Set when a write was refused because another replica took the
     /// deployment over: this run stops, writing nothing more.
     lost: std::sync::atomic::AtomicBool,
+    /// Why the rollout cannot be carried on, once a node's result could
+    /// not be recorded or its command not sent for the database not
+    /// answering ([`RESULT_RETRY_FOR`]): it starts nothing more and ends
+    /// failed with this reason.
+    halted: std::sync::Mutex<Option<String>>,
 }
 
 /// Steps kept per node of a deployment (a node sends about ten; a
@@ -702,6 +700,51 @@ impl Run {
         true
     }
 
+    /// After a command to target `index` found no way to its node: if
+    /// that is because the database does not answer (another replica's
+    /// session is found through it), waits until it answers again (up to
+    /// [`RESULT_RETRY_FOR`], else the rollout halts) and returns true, so
+    /// the command is sent again. False when the database answers.
+    async fn waited_for_the_store(&self, index: usize) -> bool {
+        if self.halted().is_some() {
+            return false;
+        }
+        let probe = || self.store.schema_version();
+        match probe().await {
+            Err(err) if err.is_unavailable() => {
+                let target = &self.plan.targets[index];
+                tracing::warn!(
+                    deployment_id = %self.deployment_id, node_id = %target.node_id, %err,
+                    "the database does not answer: the command waits for it to find the node's session"
+                );
+                self.emit(deploy_event::Kind::Progress(NodeProgress {
+                    node_id: target.node_id.clone(),
+                    node_name: target.name.clone(),
+                    step: "send".to_owned(),
+                    message: format!(
+                        "no session of the node here and the controller's database does not \
+                         answer: the command waits for it (up to {} s)",
+                        RESULT_RETRY_FOR.as_secs()
+                    ),
+                    unix_time: crate::now_unix(),
+                }));
+                match while_unavailable(RESULT_RETRY_FOR, END_RETRY_EVERY, probe).await {
+                    Ok(_) => true,
+                    Err(err) => {
+                        self.halt(format!(
+                            "the controller's database did not answer for {} s: the command \
+                             for node {} could not be sent ({err}), so the rollout was stopped",
+                            RESULT_RETRY_FOR.as_secs(),
+                            target.name
+                        ));
+                        false
+                    }
+                }
+            }
+            _ => false,
+        }
+    }
+
     /// Waits until one in-flight command ends (answer, timeout or lost
     /// connection), passing progress on meanwhile. `inflight` is not empty.
     async fn next_answer(
@@ -795,7 +838,10 @@ impl Run {
         let Action::AgentUpgrade { version, .. } = &self.plan.action else {
             return;
         };
-        let reported = match self.store.fleet().await {
+        // The database may be down a moment (the node's version is read
+        // from it): waited for as a result's write is.
+        let fleet = while_unavailable(RESULT_RETRY_FOR, END_RETRY_EVERY, || self.store.fleet());
+        let reported = match fleet.await {
             Ok(rows) => rows
                 .into_iter()
                 .find(|r| r.id == result.node_id)
@@ -851,9 +897,14 @@ impl Run {
             deployment_id = %self.deployment_id, node_id = %result.node_id,
             outcome = outcome_text(result.outcome), message = %result.message, "node finished"
         );
-        match self
-            .store
-            .record_node_result(
+        if self.halted().is_some() {
+            // The database did not answer for long; nothing more is written
+            // but the end. The node's result is in the end's details.
+            self.emit(deploy_event::Kind::NodeResult(result.clone()));
+            return;
+        }
+        let write = || {
+            self.store.record_node_result(
                 command_id,
                 outcome_text(result.outcome),
                 &result.release_id,
@@ -861,8 +912,32 @@ impl Run {
                 &steps,
                 crate::now_unix(),
             )
-            .await
-        {
+        };
+        let written = match write().await {
+            Err(err) if err.is_unavailable() => {
+                tracing::warn!(
+                    deployment_id = %self.deployment_id, node_id = %result.node_id, %err,
+                    "the database does not answer: the rollout waits until the node's result \
+                     is recorded"
+                );
+                let target = &self.plan.targets[index];
+                self.emit(deploy_event::Kind::Progress(NodeProgress {
+                    node_id: target.node_id.clone(),
+                    node_name: target.name.clone(),
+                    step: "record".to_owned(),
+                    message: format!(
+                        "{} on the node; the controller's database does not answer: the rollout \
+                         waits until the result is recorded (up to {} s)",
+                        outcome_text(result.outcome),
+                        RESULT_RETRY_FOR.as_secs()
+                    ),
+                    unix_time: crate::now_unix(),
+                }));
+                while_unavailable(RESULT_RETRY_FOR, END_RETRY_EVERY, write).await
+            }
+            other => other,
+        };
+        match written {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(
@@ -873,7 +948,24 @@ impl Run {
                 self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
-            Err(err) => tracing::error!(%err, %command_id, "could not record a node result"),
+            Err(err) => {
+                let why = if err.is_unavailable() {
+                    format!(
+                        "the controller's database did not answer for {} s: the result of node \
+                         {} could not be recorded, so the rollout was stopped",
+                        RESULT_RETRY_FOR.as_secs(),
+                        result.node_name
+                    )
+                } else {
+                    format!(
+                        "the result of node {} could not be recorded ({err}), so the rollout \
+                         was stopped",
+                        result.node_name
+                    )
+                };
+                tracing::error!(%err, %command_id, deployment_id = %self.deployment_id, "{why}");
+                self.halt(why);
+            }
         }
         self.emit(deploy_event::Kind::NodeResult(result.clone()));
         if let Some(observer) = &self.observer {
@@ -895,6 +987,23 @@ impl Run {
                 outcome: outcome_text(result.outcome).to_owned(),
             });
         }
+    }
+
+    /// Why the rollout was stopped for a write it could not make (or a
+    /// command it could not send), if it was.
+    fn halted(&self) -> Option<String> {
+        self.halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops the rollout for `why` (the first reason is kept).
+    fn halt(&self, why: String) {
+        self.halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(why);
     }
 
     /// True once another replica owns the deployment.
@@ -936,6 +1045,10 @@ impl Run {
                 self.abandon(&inflight);
                 return;
             }
+            if let Some(why) = self.halted() {
+                self.halt_here(&why, &mut states, &mut results, &inflight);
+                break None;
+            }
             match next_step(&self.plan.rollout, &self.batches, &states, &failed_in_order) {
                 Step::Start(b) => {
                     let batch = self.batches[b].clone();
@@ -949,13 +1062,23 @@ impl Run {
                         canary: batch.canary,
                     }));
                     for i in batch.nodes {
+                        if self.halted().is_some() {
+                            // The rest stay pending: skipped at the halt.
+                            break;
+                        }
                         let command_id = self.command_ids[i].clone();
                         let message = self.plan.action.message(
                             &command_id,
                             &self.plan.app,
                             &self.plan.targets[i].node_id,
                         );
-                        if self.send(i, command_id, message, &mut inflight).await {
+                        let mut sent = self
+                            .send(i, command_id.clone(), message.clone(), &mut inflight)
+                            .await;
+                        if !sent && self.waited_for_the_store(i).await {
+                            sent = self.send(i, command_id, message, &mut inflight).await;
+                        }
+                        if sent {
                             states[i] = NodeState::Running;
                         } else {
                             let why = self
@@ -989,11 +1112,48 @@ impl Run {
             Some(by) => Some(self.stop(by, &states, &mut results, &mut events).await),
             None => None,
         };
+        if let Some(why) = self.halted() {
+            // Halted while stopping: what was not done yet is left as is.
+            self.halt_here(&why, &mut states, &mut results, &HashMap::new());
+        }
         if self.lost() {
             self.abandon(&inflight);
             return;
         }
         self.finish(results, stopped).await;
+    }
+
+    /// The rollout cannot be carried on ([`Self::halted`]): the commands
+    /// still awaited are no longer followed (their nodes failed, naming
+    /// why), the targets never started are skipped. Nothing is written;
+    /// the end carries it all.
+    fn halt_here(
+        &self,
+        why: &str,
+        states: &mut [NodeState],
+        results: &mut [Option<NodeResult>],
+        inflight: &HashMap<String, InFlight>,
+    ) {
+        for command_id in inflight.keys() {
+            self.commands.forget(command_id);
+        }
+        for (i, state) in states.iter_mut().enumerate() {
+            let result = match state {
+                NodeState::Pending => self.result(i, Outcome::Skipped, "", why),
+                NodeState::Running => self.result(
+                    i,
+                    Outcome::Failed,
+                    "",
+                    &format!("its result was not awaited: {why}"),
+                ),
+                NodeState::Succeeded | NodeState::Failed => continue,
+            };
+            if results[i].is_none() {
+                self.emit(deploy_event::Kind::NodeResult(result.clone()));
+                results[i] = Some(result);
+            }
+            *state = NodeState::Failed;
+        }
     }
 
     /// The rollout stopped because of target `by`: skips the targets never
@@ -1011,8 +1171,9 @@ impl Run {
         let mut rolled_back = Vec::new();
         let mut inflight: HashMap<String, InFlight> = HashMap::new();
         for (i, state) in states.iter().enumerate() {
-            if self.lost() {
-                // Another replica owns it now and stops it itself.
+            if self.lost() || self.halted().is_some() {
+                // Another replica owns it now and stops it itself, or the
+                // database does not answer: nothing more is started.
                 break;
             }
             match state {
@@ -1060,7 +1221,7 @@ impl Run {
                 NodeState::Failed | NodeState::Running => {}
             }
         }
-        while !inflight.is_empty() && !self.lost() {
+        while !inflight.is_empty() && !self.lost() && self.halted().is_none() {
             let (_, i, answer) = self.next_answer(events, &mut inflight).await;
             let result = if answer.outcome == Outcome::Succeeded as i32 {
                 rolled_back.push(i);
@@ -1111,9 +1272,14 @@ impl Run {
             })
             .collect();
         let (succeeded, failed_nodes, summary) = summarize(&ordered);
-        let message = match &stopped {
-            Some(s) => format!("{}: {summary}", s.reason),
-            None => summary,
+        // A result that could not be recorded fails the deployment, even
+        // when every node succeeded: its record is not complete.
+        let halted = self.halted();
+        let succeeded = succeeded && halted.is_none();
+        let message = match (&halted, &stopped) {
+            (Some(why), _) => format!("{why}: {summary}"),
+            (None, Some(s)) => format!("{}: {summary}", s.reason),
+            (None, None) => summary,
         };
         let event_type = self.plan.action.finished_event(succeeded);
         let failed: Vec<serde_json::Value> = ordered
@@ -1151,6 +1317,9 @@ impl Run {
             details["rolled_back_nodes"] = serde_json::json!(names(&s.rolled_back));
             details["skipped_nodes"] = serde_json::json!(names(&s.skipped));
         }
+        if let Some(why) = &halted {
+            details["stop_reason"] = serde_json::Value::from(why.as_str());
+        }
         let audit_event = if succeeded {
             AuditEvent::success(
                 event_type,
@@ -1175,7 +1344,11 @@ impl Run {
             succeeded,
             self.started.elapsed(),
         );
-        let stop_reason = stopped.as_ref().map_or("", |s| s.reason.as_str());
+        let stop_reason = match (&halted, &stopped) {
+            (Some(why), _) => why.as_str(),
+            (None, Some(s)) => s.reason.as_str(),
+            (None, None) => "",
+        };
         let ended = while_unavailable(END_RETRY_FOR, END_RETRY_EVERY, || {
             self.store.finish_deployment(
                 &self.deployment_id,
@@ -1189,11 +1362,16 @@ impl Run {
         .await;
         match ended {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                deployment_id = %self.deployment_id, %status,
-                "the deployment was already marked failed (another replica took this one for \
-                 dead); its end is not recorded again"
-            ),
+            Ok(false) => match self.store.deployment(&self.deployment_id).await {
+                // An earlier try was committed but its answer lost (the
+                // database went away in between): recorded.
+                Ok(Some(d)) if d.status == status && d.message == message => {}
+                _ => tracing::warn!(
+                    deployment_id = %self.deployment_id, %status,
+                    "the deployment was already marked failed (another replica took this one \
+                     for dead); its end is not recorded again"
+                ),
+            },
             Err(err) => {
                 tracing::error!(%err, deployment_id = %self.deployment_id, "could not record the end");
             }
@@ -1269,6 +1447,8 @@ mod tests {
 
     crate::store::testing::store_tests!(
         a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done,
+        a_result_that_cannot_be_recorded_stops_the_rollout_failed_naming_why,
+        a_command_that_cannot_be_sent_for_the_database_waits_then_stops_the_rollout,
     );
 
     fn plan(action: Action) -> Plan {
@@ -1335,6 +1515,155 @@ mod tests {
                 .await
                 .unwrap());
         }
+    }
+
+    /// A rollout whose node result cannot be written (the database stays
+    /// unreachable past [`RESULT_RETRY_FOR`]) starts nothing more and
+    /// ends failed, saying why, and its CLI is told meanwhile.
+    async fn a_result_that_cannot_be_recorded_stops_the_rollout_failed_naming_why(store: Store) {
+        // Two nodes, one at a time; the first done when its owner died.
+        let mut two = plan(Action::Deploy {
+            release_id: "v1".to_owned(),
+            sha256: "ab".repeat(32),
+            git_sha: String::new(),
+            artifact_url: String::new(),
+        });
+        two.targets.push(Target {
+            node_id: "n-2".to_owned(),
+            name: "web-2".to_owned(),
+        });
+        let a = store.clone().for_replica("a");
+        let nodes: Vec<(String, String, u32)> = (1..=2)
+            .map(|i| (format!("n-{i}"), format!("d-1.n-{i}"), i))
+            .collect();
+        let rows: Vec<NewDeploymentNode<'_>> = nodes
+            .iter()
+            .map(|(node, command, batch)| NewDeploymentNode {
+                node_id: node,
+                command_id: command,
+                batch: *batch,
+                prior_release: "v0",
+            })
+            .collect();
+        let record = two.to_record();
+        a.insert_deployment(
+            &NewDeployment {
+                id: "d-1",
+                kind: "deploy",
+                app: "web",
+                release_id: "v1",
+                artifact_sha256: "",
+                actor: "tok-1",
+                selector: &two.selector,
+                rollout: &two.rollout.to_json(),
+                snapshots: &[],
+                started_at: 1_000,
+                nodes: &rows,
+                env_version: None,
+                plan: Some(&record),
+            },
+            &AuditEvent::success(
+                "DEPLOY_STARTED",
+                "tok-1",
+                "deployment",
+                "d-1",
+                serde_json::json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(a
+            .record_node_result("d-1.n-1", "succeeded", "v1", "done", &[], 1_001)
+            .await
+            .unwrap());
+        let b = store.clone().for_replica("b");
+        let orphans = b.orphaned_deployments(&["b".to_owned()]).await.unwrap();
+        let (sessions, commands) = (Sessions::new(), Commands::new());
+        let outcome = take_over(&b, &sessions, &commands, &orphans[0], None)
+            .await
+            .unwrap();
+        let TakeOver::Resumed { mut events, .. } = outcome else {
+            panic!("not resumed: {outcome:?}");
+        };
+        // The database goes away for good: every write fails at once as
+        // unavailable. Time runs on by itself from here (the reconnect
+        // grace of web-2, which never connects, the retries).
+        store.close().await;
+        tokio::time::pause();
+        let mut seen = Vec::new();
+        let finished = loop {
+            let Some(ev) = events.recv().await else {
+                panic!("no end in {seen:#?}");
+            };
+            match ev.kind {
+                Some(deploy_event::Kind::Finished(f)) => break f,
+                Some(kind) => seen.push(kind),
+                None => {}
+            }
+        };
+        // The CLI heard why it waited, then web-2's result.
+        let waited = seen.iter().any(|k| {
+            matches!(k, deploy_event::Kind::Progress(p)
+                if p.node_name == "web-2" && p.step == "record"
+                    && p.message.contains("database does not answer"))
+        });
+        assert!(waited, "{seen:#?}");
+        assert!(!finished.succeeded, "{finished:?}");
+        assert!(
+            finished
+                .stop_reason
+                .contains("database did not answer for 300 s: the result of node web-2"),
+            "{finished:?}"
+        );
+        assert!(
+            finished.message.starts_with(&finished.stop_reason),
+            "{finished:?}"
+        );
+    }
+
+    /// A command for a node with no session here, while the database (the
+    /// way to another replica's session) does not answer: the rollout
+    /// waits for it, telling the CLI, and past [`RESULT_RETRY_FOR`] stops
+    /// failed, naming why — not "unreachable" at once.
+    async fn a_command_that_cannot_be_sent_for_the_database_waits_then_stops_the_rollout(
+        store: Store,
+    ) {
+        let one = plan(Action::Deploy {
+            release_id: "v1".to_owned(),
+            sha256: "ab".repeat(32),
+            git_sha: String::new(),
+            artifact_url: String::new(),
+        });
+        let (sessions, commands) = (Sessions::new(), Commands::new());
+        let mut events = start(&store, &sessions, &commands, one).await.unwrap();
+        // Gone before the run sends anything (it runs once this test
+        // waits); time runs on by itself from here.
+        store.close().await;
+        tokio::time::pause();
+        let mut seen = Vec::new();
+        let finished = loop {
+            let Some(ev) = events.recv().await else {
+                panic!("no end in {seen:#?}");
+            };
+            match ev.kind {
+                Some(deploy_event::Kind::Finished(f)) => break f,
+                Some(kind) => seen.push(kind),
+                None => {}
+            }
+        };
+        let waited = seen.iter().any(|k| {
+            matches!(k, deploy_event::Kind::Progress(p)
+                if p.node_name == "web-1" && p.step == "send"
+                    && p.message.contains("database does not answer"))
+        });
+        assert!(waited, "{seen:#?}");
+        assert!(!finished.succeeded, "{finished:?}");
+        assert!(
+            finished.stop_reason.contains(
+                "database did not answer for 300 s: the command for node web-1 could not be sent"
+            ),
+            "{finished:?}"
+        );
     }
 
     async fn a_takeover_fails_what_cannot_be_carried_on_and_finishes_what_is_done(store: Store) {

@@ -33,7 +33,11 @@
 //!                   Rollback to the release current on them before
 //!                   ──▶ ROLLED_BACK "deployment stopped after web-2 failed"
 //!   Done        ──▶ every batch ran
-//! finished ──▶ succeeded (every node SUCCEEDED) or failed
+//!   (database down: a node's result is written again, and a command that
+//!    found no session waits for it, before anything else; past
+//!    RESULT_RETRY_FOR the rollout halts: running nodes FAILED, never
+//!    started SKIPPED, the deployment failed naming why)
+//! finished ──▶ succeeded (every node SUCCEEDED, every result recorded) or failed
 //!              audit DEPLOY_COMPLETED / DEPLOY_FAILED
 //!                    (ROLLBACK_…, RESTART_…, PRUNE_… likewise)
 //! ```

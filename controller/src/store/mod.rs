@@ -323,6 +323,35 @@ impl StoreError {
     }
 }
 
+/// Runs `write` again while it fails with the database not answering
+/// ([`StoreError::is_unavailable`]), every `every` for up to `limit`; the
+/// last outcome.
+pub async fn while_unavailable<T, F, Fut>(
+    limit: Duration,
+    every: Duration,
+    mut write: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        match write().await {
+            Err(err) if err.is_unavailable() && started.elapsed() + every <= limit => {
+                tracing::warn!(%err, "the database does not answer; trying again");
+                tokio::time::sleep(every).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// What a client (the CLI, the HTTP API, an agent) is told while the
+/// store does not answer ([`StoreError::is_unavailable`]).
+pub const DATABASE_UNAVAILABLE: &str =
+    "the controller's database does not answer (down or unreachable); try again once it is back";
+
 impl Store {
     /// The store `database_url` names: PostgreSQL when it is set, else the
     /// SQLite file in `data_dir` ([`Store::open`]).

@@ -55,6 +55,11 @@ pub enum FetchError {
     /// The controller refused the fetch.
     #[error("controller refused the session: {0}")]
     Refused(String),
+    /// The controller cannot serve the fetch now (gRPC `Unavailable`: its
+    /// database does not answer, or it is shutting down): worth another
+    /// try a little later.
+    #[error("controller cannot serve the artifact now: {0}")]
+    Unavailable(String),
     /// The cache could not be written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -130,7 +135,13 @@ async fn fetch_kind(
             during: "in answer to the fetch",
             after: limits.read_timeout,
         })?
-        .map_err(|status| FetchError::Refused(status_text(&status)))?
+        .map_err(|status| {
+            if status.code() == tonic::Code::Unavailable {
+                FetchError::Unavailable(status_text(&status))
+            } else {
+                FetchError::Refused(status_text(&status))
+            }
+        })?
         .into_inner();
     receive(stream, addr, sha256, cache, limits).await
 }

@@ -35,12 +35,20 @@ use super::ledger::{LedgerFile, Recorded};
 use super::replicas::{self, Replicas};
 use super::{tls, LinkError};
 use crate::artifact::cache::{self, Fetched};
+use crate::artifact::controller::FetchError;
 use crate::artifact::https as download;
 use crate::bridge::Bridge;
 use crate::config::{AppConfig, ArtifactsConfig, Config, ControllerConfig};
 use crate::deploy::{DeployReport, DeployRequest, Deployer, Outcome};
 use crate::digest::Sha256;
 use crate::release::ReleaseId;
+
+/// How long an artifact fetch is tried again while the controller answers
+/// that it cannot serve it now (its database does not answer), and the
+/// pause between tries: a database outage of a few seconds in the middle
+/// of a rollout does not fail the node.
+const FETCH_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+const FETCH_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where command output goes: the *current* session's stream. A command
 /// outlives the session it came on (a reconnect mid-deploy); its progress and
@@ -410,15 +418,41 @@ async fn deploy_artifact(
             Source::Controller {
                 replicas,
                 state_dir,
-            } => replicas::first_answer(replicas, "artifact fetch", |url| {
-                let (sha256, cache, state_dir) = (&sha256, &cache, &state_dir);
-                async move {
-                    fetch_from_controller(&url, state_dir, sha256, id, cache, &config.artifacts)
-                        .await
+            } => {
+                let started = tokio::time::Instant::now();
+                loop {
+                    let fetched = replicas::first_answer(replicas, "artifact fetch", |url| {
+                        let (sha256, cache, state_dir) = (&sha256, &cache, &state_dir);
+                        async move {
+                            fetch_from_controller(
+                                &url,
+                                state_dir,
+                                sha256,
+                                id,
+                                cache,
+                                &config.artifacts,
+                            )
+                            .await
+                        }
+                    })
+                    .await;
+                    match fetched {
+                        Err(LinkError::Fetch(FetchError::Unavailable(why)))
+                            if started.elapsed() + FETCH_RETRY_EVERY <= FETCH_RETRY_FOR =>
+                        {
+                            report(format!(
+                                "the controller cannot serve the artifact now ({why}); trying \
+                                 again in {} s",
+                                FETCH_RETRY_EVERY.as_secs()
+                            ));
+                            tokio::time::sleep(FETCH_RETRY_EVERY).await;
+                        }
+                        other => {
+                            break other.map_err(|e| format!("cannot fetch the artifact: {e}"))
+                        }
+                    }
                 }
-            })
-            .await
-            .map_err(|e| format!("cannot fetch the artifact: {e}")),
+            }
         },
     };
     let fetched = match fetched {

@@ -130,7 +130,10 @@ pub fn another_may_answer(e: &LinkError) -> bool {
         | LinkError::NoWelcome => true,
         LinkError::Fetch(f) => matches!(
             f,
-            FetchError::Idle { .. } | FetchError::Refused(_) | FetchError::BadArtifact { .. }
+            FetchError::Idle { .. }
+                | FetchError::Refused(_)
+                | FetchError::Unavailable(_)
+                | FetchError::BadArtifact { .. }
         ),
         _ => false,
     }

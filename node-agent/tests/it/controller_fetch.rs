@@ -103,6 +103,9 @@ enum Step {
     /// Send nothing more but keep the stream open, as a controller that
     /// vanished behind a dead network would, until the agent hangs up.
     Stall,
+    /// As the first step: answer the request with this status instead of
+    /// a stream (the controller refusing it).
+    Refuse(Status),
 }
 
 type Script = Box<dyn Fn(&FetchArtifactRequest) -> Vec<Step> + Send + Sync>;
@@ -132,7 +135,13 @@ impl AgentLink for FakeController {
         &self,
         request: Request<FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        let steps = (self.script)(request.get_ref());
+        let mut steps = (self.script)(request.get_ref());
+        if let Some(Step::Refuse(_)) = steps.first() {
+            let Step::Refuse(status) = steps.remove(0) else {
+                unreachable!()
+            };
+            return Err(status);
+        }
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             for step in steps {
@@ -145,6 +154,10 @@ impl AgentLink for FakeController {
                     Step::Hold(gate) => gate.notified().await,
                     Step::Stall => {
                         tx.closed().await;
+                        return;
+                    }
+                    Step::Refuse(status) => {
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 }
@@ -304,6 +317,74 @@ async fn an_artifact_comes_from_the_session_replica_else_from_the_next_ones() {
         result.message
     );
     assert_eq!(quiet_asked.load(Ordering::SeqCst), 2);
+    assert_eq!(node.current(), None);
+}
+
+/// A controller whose database does not answer for a moment answers the
+/// fetch `Unavailable`: the agent asks again a little later and the deploy
+/// succeeds, telling the controller why it waited. Any other refusal is
+/// not asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_the_controller_cannot_serve_now_is_asked_again_and_succeeds() {
+    let pki = pki();
+    let body = targz(&tar_of(&[("VERSION", "v1")]));
+    let sha = sha256(&body);
+    let asked = Arc::new(AtomicUsize::new(0));
+    let down = {
+        let (asked, body) = (asked.clone(), body.clone());
+        FakeController {
+            script: Box::new(move |_| {
+                if asked.fetch_add(1, Ordering::SeqCst) < 2 {
+                    vec![Step::Refuse(Status::unavailable(
+                        "the controller's database does not answer (down or unreachable); \
+                         try again once it is back",
+                    ))]
+                } else {
+                    vec![chunk(0, &body, true)]
+                }
+            }),
+        }
+    };
+    let addr = start(&pki, down).await;
+    let (node, commands) = node_and_commands(&pki, &addr);
+    let (result, progress) =
+        tokio::time::timeout(PATIENCE, run(&commands, deploy("u-1", &sha, "v1")))
+            .await
+            .expect("the fetch is still asked again");
+    assert_eq!(
+        result.outcome,
+        Outcome::Succeeded as i32,
+        "{result:?} {progress:?}"
+    );
+    assert_eq!(node.current().as_deref(), Some("v1"));
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    let waited = progress
+        .iter()
+        .filter(|p| {
+            p.contains("cannot serve the artifact now") && p.contains("database does not answer")
+        })
+        .count();
+    assert_eq!(waited, 2, "{progress:?}");
+
+    // Refused otherwise: failed at once, asked once.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let refusing = counting(&asked, || {
+        vec![Step::Refuse(Status::internal(
+            "session failed inside the controller; see its log",
+        ))]
+    });
+    let addr = start(&pki, refusing).await;
+    let (node, commands) = node_and_commands(&pki, &addr);
+    let (result, _) = tokio::time::timeout(PATIENCE, run(&commands, deploy("u-2", &sha, "v1")))
+        .await
+        .expect("a refused fetch is not asked again");
+    assert_eq!(result.outcome, Outcome::Failed as i32, "{result:?}");
+    assert!(
+        result.message.contains("session failed inside"),
+        "{}",
+        result.message
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
     assert_eq!(node.current(), None);
 }
 
