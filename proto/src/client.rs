@@ -134,6 +134,15 @@ pub fn identity_from_pem(
     Ok(ClientIdentity { chain, key })
 }
 
+/// While a call is open, the channel pings the controller this often
+/// (HTTP/2 PING)...
+pub const KEEPALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...and drops the connection when a ping is not answered within this: a
+/// controller whose machine went silent (no reset, no close) ends a
+/// `deploy --wait` stream within ~20 s, so the CLI can re-attach through
+/// another replica, instead of waiting for ever.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A TLS channel to the controller at `address`, verified against `roots`.
 pub async fn connect(address: &str, roots: RootCertStore) -> Result<Channel, ClientError> {
     connect_as(address, roots, None).await
@@ -177,6 +186,8 @@ pub async fn connect_as(
     // The URI only names the authority; the connector above does the TLS.
     Endpoint::from_shared(format!("http://{target}"))
         .map_err(|_| ClientError::Address(address.to_owned()))?
+        .http2_keep_alive_interval(KEEPALIVE_EVERY)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .connect_with_connector(connector)
         .await
         .map_err(|source| ClientError::Connect {

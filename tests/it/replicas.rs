@@ -922,6 +922,8 @@ fn a_node_moving_between_replicas_mid_deploy_gets_its_command_where_it_lands() {
 struct Balancer {
     addr: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Backends taken out (as a health-checking balancer would), by index.
+    down: std::sync::Arc<Vec<std::sync::atomic::AtomicBool>>,
 }
 
 impl Balancer {
@@ -932,6 +934,9 @@ impl Balancer {
         let addr = listener.local_addr().unwrap().to_string();
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let down: std::sync::Arc<Vec<AtomicBool>> =
+            std::sync::Arc::new(backends.iter().map(|_| AtomicBool::new(false)).collect());
+        let is_down = down.clone();
         std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 let client = match listener.accept() {
@@ -944,7 +949,9 @@ impl Balancer {
                 client.set_nonblocking(false).unwrap();
                 let server = backends
                     .iter()
-                    .find_map(|b| std::net::TcpStream::connect(b).ok());
+                    .zip(is_down.iter())
+                    .filter(|(_, down)| !down.load(Ordering::Relaxed))
+                    .find_map(|(b, _)| std::net::TcpStream::connect(b).ok());
                 match server {
                     Some(server) => {
                         Self::pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -956,7 +963,12 @@ impl Balancer {
                 }
             }
         });
-        Self { addr, stop }
+        Self { addr, stop, down }
+    }
+
+    /// Sends no new connection to backend `index` (open ones stay).
+    fn take_out(&self, index: usize) {
+        self.down[index].store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Copies `from` to `to` on a thread of its own; closes both at the end.
@@ -1235,4 +1247,82 @@ fn deploy_wait_through_a_balancer_re_attaches_when_its_replica_dies_and_any_repl
         "{}",
         text(&unknown)
     );
+}
+
+/// A replica that goes silent (its process stopped: no reset, no close,
+/// the connection just stops answering) while `deploy --wait` follows it:
+/// the CLI's HTTP/2 pings go unanswered, it drops the connection and
+/// re-attaches through the balancer (which took the silent replica out),
+/// and ends with the deployment's result once that replica carries on.
+#[test]
+fn deploy_wait_re_attaches_when_its_replica_goes_silent() {
+    let a = Controller::start_http();
+    let b = a.http_replica();
+    let names = ["q1", "q2"];
+    let (a, b, reader, deployer, _agents) = agents_on_first_of(a, b, &names);
+    let work = tempfile::tempdir().unwrap();
+    let balancer = Balancer::start(vec![a.url(), b.url()]);
+    let art = crate::support::artifact(work.path(), "q1", &slow_app());
+    let sha = crate::support::sha256_file(&art);
+    let out_path = work.path().join("deploy.out");
+    let err_path = work.path().join("deploy.err");
+    let mut deploy = std::process::Command::new(crate::support::bin("slipway"))
+        .args(["--controller", &balancer.addr, "--ca"])
+        .arg(a.ca_pem())
+        .args(["--token", &deployer, "deploy", "web"])
+        .arg(&art)
+        .args(["--sha", &sha, "--id", "q1"])
+        .args(["--strategy", "rolling", "--max-parallel", "1", "--wait"])
+        .stdout(fs::File::create(&out_path).unwrap())
+        .stderr(fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let shown = || fs::read_to_string(&out_path).unwrap_or_default();
+    let said = || fs::read_to_string(&err_path).unwrap_or_default();
+    wait_until("the deploy to start", Duration::from_secs(60), || {
+        deployment_id_in(&shown()).is_some()
+    });
+    let id = deployment_id_in(&shown()).unwrap();
+
+    // a goes silent; the balancer sends new connections to b only.
+    balancer.take_out(0);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(a.pid().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let silent_at = Instant::now();
+    wait_until(
+        "deploy --wait to notice the silence and re-attach",
+        Duration::from_secs(90),
+        || said().contains("lost the controller replica it followed"),
+    );
+    println!(
+        "re-attached {:?} after its replica went silent: {}",
+        silent_at.elapsed(),
+        said().trim()
+    );
+    assert!(
+        said().contains(&format!("re-attached through {}", balancer.addr)),
+        "{}",
+        said()
+    );
+    // a carries on (its lock was held all along: nobody took over).
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let status = exits_within(
+        &mut deploy,
+        "deploy --wait to end",
+        Duration::from_secs(180),
+    );
+    let (out, err) = (shown(), said());
+    assert!(status.success(), "{status}\n{out}{err}");
+    for name in names {
+        assert_eq!(
+            lines_with(&out, &format!("[{name}] SUCCEEDED")),
+            1,
+            "{name}\n{out}{err}"
+        );
+    }
+    assert!(
+        out.contains(&format!("deploy {id} succeeded: 2 of 2 nodes succeeded")),
+        "{out}{err}"
+    );
+    drop((b, reader));
 }
