@@ -379,9 +379,12 @@ pub fn renew_after(issued_at: i64, expires_at: i64) -> i64 {
 ///
 /// A heartbeat is written beside the loop, one at a time: while the
 /// database does not answer, each write waits for a connection (seconds),
-/// and a result or progress behind it must not wait as well (a rollout
-/// carries on with it in memory). A heartbeat that comes while the last
-/// one is still being written is not written (the next one is).
+/// and progress behind it must not wait as well (a rollout carries on with
+/// it in memory). A heartbeat that comes while the last one is still being
+/// written waits its turn (a newer one replaces it). A command's result
+/// waits (at most [`RESULT_WAITS_FOR_HEARTBEAT`]) for the heartbeats sent
+/// before it to be stored: `status --refresh` counts on the store holding
+/// the heartbeat the agent sent with its answer.
 async fn run_session(
     store: Store,
     commands: Commands,
@@ -391,18 +394,19 @@ async fn run_session(
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
-    // The heartbeat being written, if any (see above).
-    let mut writing: Option<HeartbeatWrite> = None;
+    // The heartbeats being written and waiting (see above).
+    let mut beats = Heartbeats {
+        store: store.clone(),
+        node_id: node_id.clone(),
+        writing: None,
+        next: None,
+    };
     let closed_by = loop {
         let message = tokio::select! {
             reason = handle.closed() => break Some(reason),
-            written = heartbeat_written(&mut writing) => {
-                writing = None;
-                match written {
-                    Ok(Ok(true)) => {}
-                    Ok(Ok(false)) => break Some(CloseReason::Revoked),
-                    Ok(Err(err)) => tracing::warn!(%node_id, %err, "could not record heartbeat"),
-                    Err(err) => tracing::error!(%node_id, %err, "heartbeat write failed"),
+            written = heartbeat_written(&mut beats.writing) => {
+                if beats.written(written) {
+                    break Some(CloseReason::Revoked);
                 }
                 continue;
             }
@@ -422,24 +426,18 @@ async fn run_session(
         match message {
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
-            })) => {
-                if writing.is_some() {
-                    tracing::debug!(%node_id, "heartbeat not recorded: the last one is still being written");
-                } else {
-                    let (store, node_id) = (store.clone(), node_id.clone());
-                    writing = Some(tokio::spawn(async move {
-                        store
-                            .record_heartbeat(&node_id, crate::now_unix(), &heartbeat)
-                            .await
-                    }));
-                }
-            }
+            })) => beats.add(heartbeat),
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Progress(progress)),
             })) => commands.progress(&node_id, progress),
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::Result(result)),
-            })) => commands.result(&node_id, result),
+            })) => {
+                if beats.settle(RESULT_WAITS_FOR_HEARTBEAT).await {
+                    break Some(CloseReason::Revoked);
+                }
+                commands.result(&node_id, result);
+            }
             Ok(Some(AgentMessage {
                 kind: Some(agent_message::Kind::NodeEvent(event)),
             })) => {
@@ -475,7 +473,7 @@ async fn run_session(
         None => tracing::info!(%node_id, "agent disconnected"),
     }
     // A heartbeat still being written finishes on its own.
-    drop(writing);
+    drop(beats);
     let session_id = handle.session_id();
     drop(handle);
     sessions.record_closed(&node_id, session_id).await;
@@ -489,6 +487,82 @@ async fn run_session(
 
 /// A heartbeat being written: whether the node is still enrolled.
 type HeartbeatWrite = tokio::task::JoinHandle<Result<bool, crate::store::StoreError>>;
+
+/// How long a command's result waits for the heartbeats before it to be
+/// stored (a database that answers takes milliseconds; one that does not
+/// must not hold a rollout's results for long).
+const RESULT_WAITS_FOR_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One session's heartbeats on their way to the store: at most one being
+/// written and the newest one waiting.
+struct Heartbeats {
+    store: Store,
+    node_id: String,
+    writing: Option<HeartbeatWrite>,
+    next: Option<slipway_proto::v1::Heartbeat>,
+}
+
+impl Heartbeats {
+    /// Writes `heartbeat` now, or after the one being written.
+    fn add(&mut self, heartbeat: slipway_proto::v1::Heartbeat) {
+        if self.writing.is_some() {
+            self.next = Some(heartbeat);
+        } else {
+            self.start(heartbeat);
+        }
+    }
+
+    fn start(&mut self, heartbeat: slipway_proto::v1::Heartbeat) {
+        let (store, node_id) = (self.store.clone(), self.node_id.clone());
+        self.writing = Some(tokio::spawn(async move {
+            store
+                .record_heartbeat(&node_id, crate::now_unix(), &heartbeat)
+                .await
+        }));
+    }
+
+    /// The write under way ended with `written`; starts the waiting one.
+    /// True if the node turned out revoked.
+    fn written(
+        &mut self,
+        written: Result<Result<bool, crate::store::StoreError>, tokio::task::JoinError>,
+    ) -> bool {
+        self.writing = None;
+        let node_id = &self.node_id;
+        match written {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return true,
+            Ok(Err(err)) => tracing::warn!(%node_id, %err, "could not record heartbeat"),
+            Err(err) => tracing::error!(%node_id, %err, "heartbeat write failed"),
+        }
+        if let Some(next) = self.next.take() {
+            self.start(next);
+        }
+        false
+    }
+
+    /// Waits (at most `limit`) until every heartbeat received so far is
+    /// written. True if the node turned out revoked.
+    async fn settle(&mut self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.writing.is_some() {
+            let written =
+                tokio::time::timeout_at(deadline, heartbeat_written(&mut self.writing)).await;
+            match written {
+                Ok(written) => {
+                    if self.written(written) {
+                        return true;
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(node_id = %self.node_id, "a result goes on before the heartbeat before it is stored (the database is slow to answer)");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+}
 
 /// The outcome of the heartbeat being written; never, when none is.
 async fn heartbeat_written(
