@@ -12,7 +12,8 @@
 //! /proc), CPU of PostgreSQL (its postmaster and every backend), heartbeats
 //! sent per second and the row updates of `nodes` PostgreSQL counted, and
 //! the wall time of ~50 `slipway status` runs (the real CLI, a process
-//! each, spread over the window and the replicas): p50 and p99. Then a
+//! each, spread over the window and the replicas; `SLIPWAY_BENCH_STATUS_RUNS`
+//! sets how many): p50 and p99. Then a
 //! rolling deploy (`--strategy rolling --max-parallel 100`) to 1,000 of the
 //! agents (tag `bench:deploy`), which answer each Deploy at once with a
 //! success: the wall time of `slipway deploy --wait`.
@@ -329,8 +330,12 @@ fn main() {
     // `slipway status` through each replica in turn, spread over the window.
     let mut status_ms = Vec::new();
     let mut status_errors = Vec::new();
-    for k in 0..STATUS_SAMPLES {
-        let slot = start + window.mul_f64(k as f64 / STATUS_SAMPLES as f64);
+    let samples =
+        usize::try_from(env_num("SLIPWAY_BENCH_STATUS_RUNS", STATUS_SAMPLES as u64)).unwrap();
+    // For a profiler attached from outside (`perf record -p PID`).
+    println!("window starts: replica pids {pids:?}, PostgreSQL {pg_pid}");
+    for k in 0..samples {
+        let slot = start + window.mul_f64(k as f64 / samples as f64);
         std::thread::sleep(slot.saturating_duration_since(Instant::now()));
         let t = Instant::now();
         let out = replicas[k % REPLICAS].slipway(&reader, &["status"]);
