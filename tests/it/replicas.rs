@@ -987,6 +987,34 @@ impl Drop for Balancer {
     }
 }
 
+/// `slipway deploy web … --wait` of release `id` of the slow app (one node
+/// at a time) through `balancer`, started in the background: the process
+/// and the files its stdout and stderr go to (in `dir`).
+fn slow_deploy_wait(
+    balancer: &Balancer,
+    controller: &Controller,
+    deployer: &str,
+    dir: &std::path::Path,
+    id: &str,
+) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf) {
+    let art = crate::support::artifact(dir, id, &slow_app());
+    let sha = crate::support::sha256_file(&art);
+    let out_path = dir.join("deploy.out");
+    let err_path = dir.join("deploy.err");
+    let deploy = std::process::Command::new(crate::support::bin("slipway"))
+        .args(["--controller", &balancer.addr, "--ca"])
+        .arg(controller.ca_pem())
+        .args(["--token", deployer, "deploy", "web"])
+        .arg(&art)
+        .args(["--sha", &sha, "--id", id])
+        .args(["--strategy", "rolling", "--max-parallel", "1", "--wait"])
+        .stdout(fs::File::create(&out_path).unwrap())
+        .stderr(fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    (deploy, out_path, err_path)
+}
+
 /// The deployment id (`d-` and 16 hex digits) in `text`, if any.
 fn deployment_id_in(text: &str) -> Option<String> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
@@ -1064,21 +1092,8 @@ fn deploy_wait_through_a_balancer_re_attaches_when_its_replica_dies_and_any_repl
 
     // A slow rolling deploy followed through the balancer (to a, the
     // first address, while it lives).
-    let art = crate::support::artifact(work.path(), "z1", &slow_app());
-    let sha = crate::support::sha256_file(&art);
-    let out_path = work.path().join("deploy.out");
-    let err_path = work.path().join("deploy.err");
-    let mut deploy = std::process::Command::new(crate::support::bin("slipway"))
-        .args(["--controller", &balancer.addr, "--ca"])
-        .arg(a.ca_pem())
-        .args(["--token", &deployer, "deploy", "web"])
-        .arg(&art)
-        .args(["--sha", &sha, "--id", "z1"])
-        .args(["--strategy", "rolling", "--max-parallel", "1", "--wait"])
-        .stdout(fs::File::create(&out_path).unwrap())
-        .stderr(fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut deploy, out_path, err_path) =
+        slow_deploy_wait(&balancer, &a, &deployer, work.path(), "z1");
     let shown = || fs::read_to_string(&out_path).unwrap_or_default();
     let mut id = String::new();
     wait_until(
@@ -1262,21 +1277,8 @@ fn deploy_wait_re_attaches_when_its_replica_goes_silent() {
     let (a, b, reader, deployer, _agents) = agents_on_first_of(a, b, &names);
     let work = tempfile::tempdir().unwrap();
     let balancer = Balancer::start(vec![a.url(), b.url()]);
-    let art = crate::support::artifact(work.path(), "q1", &slow_app());
-    let sha = crate::support::sha256_file(&art);
-    let out_path = work.path().join("deploy.out");
-    let err_path = work.path().join("deploy.err");
-    let mut deploy = std::process::Command::new(crate::support::bin("slipway"))
-        .args(["--controller", &balancer.addr, "--ca"])
-        .arg(a.ca_pem())
-        .args(["--token", &deployer, "deploy", "web"])
-        .arg(&art)
-        .args(["--sha", &sha, "--id", "q1"])
-        .args(["--strategy", "rolling", "--max-parallel", "1", "--wait"])
-        .stdout(fs::File::create(&out_path).unwrap())
-        .stderr(fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut deploy, out_path, err_path) =
+        slow_deploy_wait(&balancer, &a, &deployer, work.path(), "q1");
     let shown = || fs::read_to_string(&out_path).unwrap_or_default();
     let said = || fs::read_to_string(&err_path).unwrap_or_default();
     wait_until("the deploy to start", Duration::from_secs(60), || {
