@@ -203,16 +203,15 @@ impl Store {
                 }
                 let mut rows = Vec::with_capacity(unread.len());
                 for ids in unread.chunks(BY_ID_CHUNK) {
-                    let list = (1..=ids.len())
-                        .map(|i| format!("${i}"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let sql = format!("{SELECT} WHERE n.id IN ({list})");
-                    let mut query = sqlx::query(&sql);
-                    for id in ids {
-                        query = query.bind(id);
-                    }
-                    rows.extend(query.fetch_all(&self.pool).await?);
+                    let sql = format!(
+                        "{SELECT} WHERE n.id IN ({})",
+                        super::placeholders(ids.len())
+                    );
+                    rows.extend(
+                        super::bind_all(sqlx::query(&sql), ids)
+                            .fetch_all(&self.pool)
+                            .await?,
+                    );
                 }
                 known.mark = clock;
                 rows

@@ -293,6 +293,27 @@ fn json_text<T: serde::de::DeserializeOwned>(
     serde_json::from_str(text).map_err(|source| StoreError::Json { column, source })
 }
 
+/// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values
+/// (both engines number their parameters so through the Any driver).
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `query` with each of `values` bound, in order (an `IN` list made with
+/// [`placeholders`]).
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    values: &'q [String],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for value in values {
+        query = query.bind(value.as_str());
+    }
+    query
+}
+
 /// SQLITE_BUSY (5) or SQLITE_LOCKED (6), with or without extended bits.
 fn is_busy(code: Option<&str>) -> bool {
     code.and_then(|c| c.parse::<i32>().ok())

@@ -288,26 +288,19 @@ impl Store {
         if live.is_empty() {
             return Ok(0);
         }
-        let list = (1..=live.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = super::placeholders(live.len());
         let mut tx = self.begin().await?;
         let sql = format!(
             "DELETE FROM node_command_events WHERE command_row IN
                (SELECT id FROM node_commands WHERE sender_replica NOT IN ({list}))"
         );
-        let mut events = sqlx::query(&sql);
-        for id in live {
-            events = events.bind(id);
-        }
-        let events = events.execute(&mut *tx).await?;
+        let events = super::bind_all(sqlx::query(&sql), live)
+            .execute(&mut *tx)
+            .await?;
         let sql = format!("DELETE FROM node_commands WHERE sender_replica NOT IN ({list})");
-        let mut commands = sqlx::query(&sql);
-        for id in live {
-            commands = commands.bind(id);
-        }
-        let commands = commands.execute(&mut *tx).await?;
+        let commands = super::bind_all(sqlx::query(&sql), live)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(events.rows_affected() + commands.rows_affected())
     }
