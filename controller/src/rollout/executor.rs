@@ -1451,6 +1451,23 @@ mod tests {
         a_command_that_cannot_be_sent_for_the_database_waits_then_stops_the_rollout,
     );
 
+    /// The events up to the end, and the end.
+    async fn until_finished(
+        events: &mut mpsc::Receiver<DeployEvent>,
+    ) -> (Vec<deploy_event::Kind>, DeployFinished) {
+        let mut seen = Vec::new();
+        loop {
+            let Some(ev) = events.recv().await else {
+                panic!("no end in {seen:#?}");
+            };
+            match ev.kind {
+                Some(deploy_event::Kind::Finished(f)) => return (seen, f),
+                Some(kind) => seen.push(kind),
+                None => {}
+            }
+        }
+    }
+
     fn plan(action: Action) -> Plan {
         Plan {
             app: "web".to_owned(),
@@ -1590,17 +1607,7 @@ mod tests {
         // grace of web-2, which never connects, the retries).
         store.close().await;
         tokio::time::pause();
-        let mut seen = Vec::new();
-        let finished = loop {
-            let Some(ev) = events.recv().await else {
-                panic!("no end in {seen:#?}");
-            };
-            match ev.kind {
-                Some(deploy_event::Kind::Finished(f)) => break f,
-                Some(kind) => seen.push(kind),
-                None => {}
-            }
-        };
+        let (seen, finished) = until_finished(&mut events).await;
         // The CLI heard why it waited, then web-2's result.
         let waited = seen.iter().any(|k| {
             matches!(k, deploy_event::Kind::Progress(p)
@@ -1640,17 +1647,7 @@ mod tests {
         // waits); time runs on by itself from here.
         store.close().await;
         tokio::time::pause();
-        let mut seen = Vec::new();
-        let finished = loop {
-            let Some(ev) = events.recv().await else {
-                panic!("no end in {seen:#?}");
-            };
-            match ev.kind {
-                Some(deploy_event::Kind::Finished(f)) => break f,
-                Some(kind) => seen.push(kind),
-                None => {}
-            }
-        };
+        let (seen, finished) = until_finished(&mut events).await;
         let waited = seen.iter().any(|k| {
             matches!(k, deploy_event::Kind::Progress(p)
                 if p.node_name == "web-1" && p.step == "send"
