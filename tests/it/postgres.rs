@@ -384,19 +384,27 @@ fn readyz(controller: &Controller, ready: &std::path::Path) -> u16 {
     crate::http::curl(controller, &[&format!("https://{}/readyz", addr.trim())]).0
 }
 
-#[test]
-fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() {
-    use std::time::Instant;
-    if test_postgres::skipped() {
-        eprintln!("{}=1: PostgreSQL test skipped", test_postgres::SKIP_ENV);
-        return;
-    }
-    // A server of this test's own: the others' keeps running.
-    // Commits acknowledged before the crash must survive it, as on a real
-    // server: the test servers' `synchronous_commit=off` loses the last
-    // few hundred milliseconds (here the end of the v1 deploy just
-    // before the crash, leaving it "running" and the app blocked).
-    let mut pg = test_postgres::OwnServer::start(&[("synchronous_commit", "on")])
+/// What the outage tests start with: a PostgreSQL server of the test's
+/// own and two replicas on it, each with its HTTP API (`ready_a`,
+/// `ready_b` its ready files), and a read and a `deploy:web` token.
+struct OutageSetup {
+    pg: test_postgres::OwnServer,
+    _ready: tempfile::TempDir,
+    ready_a: std::path::PathBuf,
+    ready_b: std::path::PathBuf,
+    a: Controller,
+    b: Controller,
+    reader: String,
+    deployer: String,
+}
+
+fn outage_setup() -> OutageSetup {
+    // A server of the test's own: the others' keeps running. Commits
+    // acknowledged before a crash must survive it, as on a real server:
+    // the test servers' `synchronous_commit=off` loses the last few
+    // hundred milliseconds (e.g. the end of a deploy just before the
+    // crash, leaving it "running" and the app blocked).
+    let pg = test_postgres::OwnServer::start(&[("synchronous_commit", "on")])
         .unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
     let url = pg.database_url().unwrap();
     let ready = tempfile::tempdir().unwrap();
@@ -407,6 +415,35 @@ fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() 
     let b = a.postgres_replica(&flags_b.each_ref().map(String::as_str));
     let reader = a.api_token("read");
     let deployer = a.api_token("deploy:web");
+    OutageSetup {
+        pg,
+        _ready: ready,
+        ready_a,
+        ready_b,
+        a,
+        b,
+        reader,
+        deployer,
+    }
+}
+
+#[test]
+fn a_postgres_outage_keeps_apps_serving_and_the_replicas_recover_on_their_own() {
+    use std::time::Instant;
+    if test_postgres::skipped() {
+        eprintln!("{}=1: PostgreSQL test skipped", test_postgres::SKIP_ENV);
+        return;
+    }
+    let OutageSetup {
+        mut pg,
+        _ready,
+        ready_a,
+        ready_b,
+        a,
+        b,
+        reader,
+        deployer,
+    } = outage_setup();
     // One agent enrolled through each replica, both listing both.
     let mut agents = vec![Agent::enroll(&a, "o1"), Agent::enroll(&b, "o2")];
     let urls = [a.https_url(), b.https_url()];
@@ -612,19 +649,16 @@ fn a_rolling_deploy_running_through_a_postgres_outage_completes_once_per_node() 
         eprintln!("{}=1: PostgreSQL test skipped", test_postgres::SKIP_ENV);
         return;
     }
-    // A server of this test's own, losing no acknowledged commit (see the
-    // outage test above).
-    let mut pg = test_postgres::OwnServer::start(&[("synchronous_commit", "on")])
-        .unwrap_or_else(|e| panic!("test PostgreSQL: {e}"));
-    let url = pg.database_url().unwrap();
-    let ready = tempfile::tempdir().unwrap();
-    let (ready_a, ready_b) = (ready.path().join("a"), ready.path().join("b"));
-    let flags_a = http_flags(&ready_a);
-    let flags_b = http_flags(&ready_b);
-    let a = Controller::start_postgres(&url, &flags_a.each_ref().map(String::as_str));
-    let b = a.postgres_replica(&flags_b.each_ref().map(String::as_str));
-    let reader = a.api_token("read");
-    let deployer = a.api_token("deploy:web");
+    let OutageSetup {
+        mut pg,
+        _ready,
+        ready_a,
+        ready_b,
+        a,
+        b,
+        reader,
+        deployer,
+    } = outage_setup();
     // Four agents, every other one on replica b: a runs the rollout and
     // reaches b's through the database (routed commands and answers); b is
     // also the replica that would take the rollout over if it judged a
