@@ -436,7 +436,7 @@ pub fn encode(snapshot: &Snapshot) -> String {
                     .set(d.total_bytes as f64);
             }
         }
-        for a in &v.apps {
+        for a in v.apps.iter() {
             let class = health_class(&a.health);
             app_health
                 .with_label_values(&[&a.app, &v.name, &v.id, class])
@@ -529,26 +529,29 @@ mod tests {
         NodeView {
             id: id.to_owned(),
             name: name.to_owned(),
-            labels: serde_json::json!({}),
+            labels: serde_json::json!({}).into(),
             state,
             last_seen_at: Some(990),
             heartbeat_age_secs: Some(10),
             agent_version: version.to_owned(),
             agent_rss_bytes: Some(7_000_000),
-            metrics: Some(Metrics {
-                cpu_percent: 25.0,
-                mem_used_bytes: 1_000,
-                mem_total_bytes: 4_000,
-                load1: 0.5,
-                load5: 0.25,
-                load15: 0.125,
-                disks: vec![Disk {
-                    mount: "/app".to_owned(),
-                    used_bytes: 10,
-                    total_bytes: 100,
-                }],
-            }),
-            apps,
+            metrics: Some(
+                Metrics {
+                    cpu_percent: 25.0,
+                    mem_used_bytes: 1_000,
+                    mem_total_bytes: 4_000,
+                    load1: 0.5,
+                    load5: 0.25,
+                    load15: 0.125,
+                    disks: vec![Disk {
+                        mount: "/app".to_owned(),
+                        used_bytes: 10,
+                        total_bytes: 100,
+                    }],
+                }
+                .into(),
+            ),
+            apps: apps.into(),
             revoked_at: None,
             cert_expires_at: 5_000,
         }

@@ -184,7 +184,7 @@ pub fn render_table(nodes: &[NodeView]) -> String {
             if apps.is_empty() { dash() } else { apps },
         ]);
     }
-    table(&rows)
+    table(rows)
 }
 
 /// Where mode names are shown to people.
@@ -287,7 +287,7 @@ pub fn render_status(status: &FleetStatus) -> String {
                 },
             ]);
         }
-        out.push_str(&table(&rows));
+        out.push_str(&table(rows));
     }
     for app in &status.apps {
         let _ = writeln!(out, "\napp {}", esc(&app.app));
@@ -301,7 +301,7 @@ pub fn render_status(status: &FleetStatus) -> String {
                 out,
                 "  {release} current on {} node(s): {}",
                 r.count,
-                esc(&r.nodes.join(", "))
+                esc_list(&r.nodes)
             );
         }
         for p in &app.public {
@@ -324,7 +324,7 @@ pub fn render_status(status: &FleetStatus) -> String {
             );
         }
         if !app.busy.is_empty() {
-            let _ = writeln!(out, "  busy on: {}", esc(&app.busy.join(", ")));
+            let _ = writeln!(out, "  busy on: {}", esc_list(&app.busy));
         }
         if let Some(d) = &app.last_deployment {
             let release = if d.release_id.is_empty() {
@@ -370,7 +370,7 @@ pub fn render_status(status: &FleetStatus) -> String {
         let versions: Vec<String> = agents
             .versions
             .iter()
-            .map(|v| format!("{} on {}", esc(&v.version), esc(&v.nodes.join(", "))))
+            .map(|v| format!("{} on {}", esc(&v.version), esc_list(&v.nodes)))
             .collect();
         let _ = writeln!(
             out,
@@ -395,7 +395,7 @@ pub fn render_status(status: &FleetStatus) -> String {
                 format!(
                     "{} node(s) still on the old CA: {}",
                     r.lagging_nodes.len(),
-                    esc(&r.lagging_nodes.join(", "))
+                    esc_list(&r.lagging_nodes)
                 )
             }
         );
@@ -442,7 +442,7 @@ fn render_certificates(out: &mut String, certs: &[CertificateHealth]) {
         ]);
     }
     out.push_str("\ncertificates:\n");
-    out.push_str(&table(&rows));
+    out.push_str(&table(rows));
     // Soonest first, as the controller sends them.
     if let Some(first) = nodes.first() {
         let _ = writeln!(
@@ -462,42 +462,70 @@ fn esc(value: &str) -> String {
     limits::one_line(value, limits::MAX_NODE_NAME)
 }
 
+/// Names joined with ", " as [`esc`] shows them: only as many as can be
+/// shown are joined (a release on 10,000 nodes is one cut line).
+fn esc_list(names: &[String]) -> String {
+    // Characters are at most 4 bytes: past this, the line is cut anyway.
+    let enough = limits::MAX_NODE_NAME.saturating_mul(4).saturating_add(1);
+    let mut joined = String::new();
+    for (i, name) in names.iter().enumerate() {
+        if joined.len() > enough {
+            break;
+        }
+        if i > 0 {
+            joined.push_str(", ");
+        }
+        joined.push_str(name);
+    }
+    esc(&joined)
+}
+
 /// Left-aligned columns, two spaces apart, the last one unpadded. Every
 /// cell is shown on one line (control characters escaped) and all but the
 /// last cut at [`MAX_COLUMN`] characters.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
-    let rows: Vec<[String; N]> = rows
-        .iter()
-        .map(|row| {
-            let mut i = 0;
-            row.clone().map(|cell| {
-                i += 1;
-                let max = if i == N {
-                    limits::MAX_MESSAGE
-                } else {
-                    MAX_COLUMN
-                };
-                limits::one_line(&cell, max)
-            })
-        })
-        .collect();
+///
+/// Rows are taken by value: a cell already fit to show (most are: short,
+/// one line) is used as it is, so 10,000 rows cost no copy of each cell.
+fn table<const N: usize>(mut rows: Vec<[String; N]>) -> String {
     let mut widths = [0usize; N];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
+    for row in &mut rows {
+        for (i, (cell, width)) in row.iter_mut().zip(widths.iter_mut()).enumerate() {
+            let max = if i + 1 == N {
+                limits::MAX_MESSAGE
+            } else {
+                MAX_COLUMN
+            };
+            // Bytes bound characters: a cell of at most `max` bytes with
+            // no control character is shown as it is.
+            if cell.len() > max || cell.chars().any(char::is_control) {
+                *cell = limits::one_line(cell, max);
+            }
+            let chars = if cell.is_ascii() {
+                cell.len()
+            } else {
+                cell.chars().count()
+            };
+            *width = (*width).max(chars);
         }
     }
-    let mut out = String::new();
+    let line_width: usize = widths.iter().map(|w| w + 2).sum();
+    let mut out = String::with_capacity(rows.len().saturating_mul(line_width));
     for row in &rows {
-        let mut line = String::new();
+        let start = out.len();
         for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<width$}  ");
+            out.push_str(cell);
+            if i + 1 < N {
+                let chars = if cell.is_ascii() {
+                    cell.len()
+                } else {
+                    cell.chars().count()
+                };
+                out.extend(std::iter::repeat_n(' ', width - chars + 2));
             }
         }
-        out.push_str(line.trim_end());
+        // No trailing blanks (an empty last cell leaves the padding).
+        let end = out[start..].trim_end().len() + start;
+        out.truncate(end);
         out.push('\n');
     }
     out

@@ -741,7 +741,7 @@ impl ControlService {
                 }
             ));
         }
-        let mut wire: slipway_proto::v1::FleetStatus = (&status).into();
+        let mut wire: slipway_proto::v1::FleetStatus = status.into();
         wire.ca_rotation = rotation;
         Ok(wire)
     }

@@ -68,7 +68,7 @@ pub async fn once(
         }
         let mut plans = Vec::new();
         let mut skipped = Vec::new();
-        for app in &node.apps {
+        for app in node.apps.iter() {
             let Some((release_id, sha256)) = store.current_release(&app.app).await? else {
                 continue;
             };

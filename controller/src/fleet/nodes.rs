@@ -19,7 +19,7 @@ pub struct NodeView {
     /// Node name.
     pub name: String,
     /// Labels.
-    pub labels: serde_json::Value,
+    pub labels: std::sync::Arc<serde_json::Value>,
     /// online / unreachable / unknown / revoked.
     pub state: NodeState,
     /// Last Hello or heartbeat (seconds since the epoch).
@@ -31,9 +31,9 @@ pub struct NodeView {
     /// Agent RSS, bytes.
     pub agent_rss_bytes: Option<u64>,
     /// Host metrics from the last heartbeat.
-    pub metrics: Option<Metrics>,
+    pub metrics: Option<std::sync::Arc<Metrics>>,
     /// Apps from the last Hello or heartbeat.
-    pub apps: Vec<App>,
+    pub apps: std::sync::Arc<[App]>,
     /// When the node was revoked.
     pub revoked_at: Option<i64>,
     /// Expiry of its newest certificate.

@@ -217,7 +217,7 @@ fn list(groups: &[ReleaseNodes]) -> String {
 }
 
 /// The median of agent RSS values and the nodes well above it.
-fn rss_summary(rss: &[(String, u64)]) -> (Option<u64>, Vec<(String, u64)>) {
+fn rss_summary(rss: &[(&str, u64)]) -> (Option<u64>, Vec<(String, u64)>) {
     let mut values: Vec<u64> = rss.iter().map(|(_, v)| *v).collect();
     if values.is_empty() {
         return (None, Vec::new());
@@ -235,7 +235,7 @@ fn rss_summary(rss: &[(String, u64)]) -> (Option<u64>, Vec<(String, u64)>) {
             *v > median.saturating_mul(RSS_OUTLIER_FACTOR)
                 && v.saturating_sub(median) > RSS_OUTLIER_MIN_EXCESS
         })
-        .cloned()
+        .map(|(name, v)| ((*name).to_owned(), *v))
         .collect();
     (Some(median), outliers)
 }
@@ -289,13 +289,16 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
                 .copied()
                 .unwrap_or(RefreshAnswer::NoSession)
         });
-        let heard = v
-            .heartbeat_age_secs
-            .map_or_else(|| "never".to_owned(), |age| format!("{age}s ago"));
+        // Made only for a node with something to say (most have nothing).
+        let heard = || {
+            v.heartbeat_age_secs
+                .map_or_else(|| "never".to_owned(), |age| format!("{age}s ago"))
+        };
         match v.state {
             NodeState::Unreachable => problems.push(format!(
-                "{} is unreachable (last heartbeat {heard})",
-                v.name
+                "{} is unreachable (last heartbeat {})",
+                v.name,
+                heard()
             )),
             NodeState::Unknown => problems.push(format!(
                 "{} has not been heard from since the controller started",
@@ -304,23 +307,27 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
             NodeState::Revoked => notes.push(format!("{} is revoked", v.name)),
             NodeState::Disconnected => match refresh.and_then(RefreshAnswer::failure) {
                 Some(why) => problems.push(format!(
-                    "{} did not answer the status request ({why}; last heartbeat {heard})",
-                    v.name
+                    "{} did not answer the status request ({why}; last heartbeat {})",
+                    v.name,
+                    heard()
                 )),
                 None => problems.push(format!(
-                    "{} holds no session with the controller (last heartbeat {heard}): \
+                    "{} holds no session with the controller (last heartbeat {}): \
                      commands cannot reach it",
-                    v.name
+                    v.name,
+                    heard()
                 )),
             },
             NodeState::Online => match refresh.and_then(RefreshAnswer::failure) {
                 Some(why) => problems.push(format!(
-                    "{} did not answer the status request ({why}; last heartbeat {heard})",
-                    v.name
+                    "{} did not answer the status request ({why}; last heartbeat {})",
+                    v.name,
+                    heard()
                 )),
                 None if !connected => notes.push(format!(
-                    "{} holds no session right now (last heartbeat {heard})",
-                    v.name
+                    "{} holds no session right now (last heartbeat {})",
+                    v.name,
+                    heard()
                 )),
                 None => {}
             },
@@ -460,9 +467,9 @@ pub fn summarize_status(views: &[NodeView], inputs: &StatusInputs<'_>) -> FleetS
     if versions.len() > 1 {
         notes.push(format!("agent versions differ: {}", list(&versions)));
     }
-    let rss: Vec<(String, u64)> = live
+    let rss: Vec<(&str, u64)> = live
         .iter()
-        .filter_map(|v| v.agent_rss_bytes.map(|r| (v.name.clone(), r)))
+        .filter_map(|v| v.agent_rss_bytes.map(|r| (v.name.as_str(), r)))
         .collect();
     let (rss_median_bytes, rss_outliers) = rss_summary(&rss);
     let versions = versions
@@ -510,7 +517,7 @@ mod tests {
 
     /// The summary as `slipway status` prints it.
     fn render_status(status: &FleetStatus) -> String {
-        slipway_proto::view::render_status(&status.into())
+        slipway_proto::view::render_status(&status.clone().into())
     }
 
     const MIB: u64 = 1024 * 1024;
@@ -531,14 +538,14 @@ mod tests {
         NodeView {
             id: format!("n-{name}"),
             name: name.to_owned(),
-            labels: serde_json::json!({}),
+            labels: serde_json::json!({}).into(),
             state,
             last_seen_at: Some(100),
             heartbeat_age_secs: Some(3),
             agent_version: version.to_owned(),
             agent_rss_bytes: Some(rss_mib * MIB),
             metrics: None,
-            apps,
+            apps: apps.into(),
             revoked_at: None,
             cert_expires_at: 0,
         }
@@ -838,11 +845,12 @@ mod tests {
     #[test]
     fn rss_outliers_are_well_above_the_median() {
         assert_eq!(rss_summary(&[]), (None, vec![]));
-        let rss = |values: &[u64]| -> Vec<(String, u64)> {
+        const NAMES: [&str; 4] = ["n0", "n1", "n2", "n3"];
+        let rss = |values: &[u64]| -> Vec<(&str, u64)> {
             values
                 .iter()
                 .enumerate()
-                .map(|(i, v)| (format!("n{i}"), v * MIB))
+                .map(|(i, v)| (NAMES[i], v * MIB))
                 .collect()
         };
         // Even count: the mean of the middle two.

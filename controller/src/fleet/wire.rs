@@ -60,7 +60,7 @@ impl From<&NodeView> for v1::NodeView {
             heartbeat_age_secs: v.heartbeat_age_secs,
             agent_version: v.agent_version.clone(),
             agent_rss_bytes: v.agent_rss_bytes,
-            metrics: v.metrics.as_ref().map(Into::into),
+            metrics: v.metrics.as_deref().map(Into::into),
             apps: v.apps.iter().map(Into::into).collect(),
             revoked_at: v.revoked_at,
             cert_expires_at: v.cert_expires_at,
@@ -68,64 +68,64 @@ impl From<&NodeView> for v1::NodeView {
     }
 }
 
-impl From<&FleetStatus> for v1::FleetStatus {
-    fn from(s: &FleetStatus) -> Self {
+/// By value: a status of 10,000 nodes is moved into its message, not
+/// copied string by string.
+impl From<FleetStatus> for v1::FleetStatus {
+    fn from(s: FleetStatus) -> Self {
+        let now = s.generated_at;
         Self {
             generated_at: s.generated_at,
-            app: s.app.clone(),
+            app: s.app,
             refreshed: s.refreshed,
             counts: s
                 .counts
-                .iter()
-                .map(|(state, n)| (state.clone(), count(*n)))
+                .into_iter()
+                .map(|(state, n)| (state, count(n)))
                 .collect(),
-            nodes: s.nodes.iter().map(node_status).collect(),
+            nodes: s.nodes.into_iter().map(node_status).collect(),
             apps: s.apps.iter().map(app_summary).collect(),
             agents: Some(v1::AgentSummary {
                 versions: s
                     .agents
                     .versions
-                    .iter()
+                    .into_iter()
                     .map(|v| v1::VersionNodes {
-                        version: v.version.clone(),
+                        version: v.version,
                         count: count(v.count),
-                        nodes: v.nodes.clone(),
+                        nodes: v.nodes,
                     })
                     .collect(),
                 rss_median_bytes: s.agents.rss_median_bytes,
                 rss_outliers: s
                     .agents
                     .rss_outliers
-                    .iter()
-                    .map(|(node, rss_bytes)| v1::RssOutlier {
-                        node: node.clone(),
-                        rss_bytes: *rss_bytes,
-                    })
+                    .into_iter()
+                    .map(|(node, rss_bytes)| v1::RssOutlier { node, rss_bytes })
                     .collect(),
             }),
-            problems: s.problems.clone(),
-            notes: s.notes.clone(),
+            problems: s.problems,
+            notes: s.notes,
             certificates: s
                 .certificates
-                .iter()
-                .map(|c| certificate(c, s.generated_at))
+                .into_iter()
+                .map(|c| certificate(c, now))
                 .collect(),
             ca_rotation: None,
         }
     }
 }
 
-fn certificate(c: &CertHealth, now: i64) -> v1::CertificateHealth {
+fn certificate(c: CertHealth, now: i64) -> v1::CertificateHealth {
     v1::CertificateHealth {
         kind: c.kind.as_str().to_owned(),
-        name: c.name.clone(),
-        id: c.id.clone(),
-        not_before: c.not_before,
-        not_after: c.not_after,
         days_left: c.days_left(now),
         level: c.level(now).as_str().to_owned(),
         renewed_automatically: c.renewed_automatically(),
         not_after_rfc3339: crate::rfc3339(c.not_after),
+        not_before: c.not_before,
+        not_after: c.not_after,
+        name: c.name,
+        id: c.id,
     }
 }
 
@@ -133,14 +133,14 @@ fn count(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
 
-fn node_status(n: &NodeStatus) -> v1::NodeStatus {
+fn node_status(n: NodeStatus) -> v1::NodeStatus {
     v1::NodeStatus {
-        id: n.id.clone(),
-        name: n.name.clone(),
+        id: n.id,
+        name: n.name,
         state: v1::NodeState::from(n.state).into(),
         connected: n.connected,
         heartbeat_age_secs: n.heartbeat_age_secs,
-        agent_version: n.agent_version.clone(),
+        agent_version: n.agent_version,
         agent_rss_bytes: n.agent_rss_bytes,
         refresh: n
             .refresh

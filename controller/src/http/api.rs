@@ -340,13 +340,13 @@ async fn nodes(State(state): State<HttpState>, who: Principal) -> Result<Respons
                     state: state_name(v.state),
                     id: v.id.clone(),
                     name: v.name.clone(),
-                    labels: v.labels.clone(),
+                    labels: (*v.labels).clone(),
                     last_seen_at: v.last_seen_at,
                     heartbeat_age_secs: v.heartbeat_age_secs,
                     agent_version: v.agent_version.clone(),
                     agent_rss_bytes: v.agent_rss_bytes,
-                    metrics: v.metrics.clone(),
-                    apps: v.apps.clone(),
+                    metrics: v.metrics.as_deref().cloned(),
+                    apps: v.apps.to_vec(),
                     revoked_at: v.revoked_at,
                     cert_expires_at: v.cert_expires_at,
                 })
@@ -461,7 +461,7 @@ async fn apps(
     let mut by_app: BTreeMap<String, Vec<AppNodeOut>> = BTreeMap::new();
     for v in views.iter() {
         let node_state = slipway_proto::view::state_name(v1::NodeView::from(v).state()).to_owned();
-        for a in &v.apps {
+        for a in v.apps.iter() {
             by_app.entry(a.app.clone()).or_default().push(AppNodeOut {
                 node_id: v.id.clone(),
                 node_name: v.name.clone(),

@@ -1077,7 +1077,7 @@ mod tests {
         NodeView {
             id: format!("n-{name}"),
             name: name.to_owned(),
-            labels: serde_json::json!({}),
+            labels: serde_json::json!({}).into(),
             state: NodeState::Online,
             last_seen_at: Some(990),
             heartbeat_age_secs: Some(10),
@@ -1092,7 +1092,8 @@ mod tests {
                 env_version: 0,
                 releases: Vec::new(),
                 public: None,
-            }],
+            }]
+            .into(),
             revoked_at: None,
             cert_expires_at: 0,
         }

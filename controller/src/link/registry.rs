@@ -82,7 +82,7 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Online {
     local: HashSet<String>,
-    remote: HashMap<String, ReplicaRow>,
+    remote: HashMap<String, Arc<ReplicaRow>>,
 }
 
 impl Online {

@@ -225,18 +225,20 @@ impl Replica {
     pub async fn remote_holders(
         &self,
         now: i64,
-    ) -> Result<HashMap<String, ReplicaRow>, StoreError> {
+    ) -> Result<HashMap<String, Arc<ReplicaRow>>, StoreError> {
         // Each replica judged once (on SQLite that opens its lock file),
         // not once per node it holds; the sessions read as two short
         // columns, not joined with the replica's row.
-        let live: HashMap<String, ReplicaRow> = self
+        // Each live replica's row shared by the nodes it holds (10,000
+        // copies of a few rows made a status call slower).
+        let live: HashMap<String, Arc<ReplicaRow>> = self
             .inner
             .store
             .replicas()
             .await?
             .into_iter()
             .filter(|r| r.id != self.inner.id && self.is_alive(r, now))
-            .map(|r| (r.id.clone(), r))
+            .map(|r| (r.id.clone(), Arc::new(r)))
             .collect();
         if live.is_empty() {
             return Ok(HashMap::new());

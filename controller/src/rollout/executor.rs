@@ -74,8 +74,11 @@ async fn prior_releases(store: &Store, plan: &Plan) -> Result<Vec<String>, Store
         .await?
         .into_iter()
         .filter_map(|row| {
-            let app = row.apps.into_iter().find(|a| a.app == plan.app)?;
-            Some((row.id, (app.current_release, row.last_seen_at.unwrap_or(0))))
+            let app = row.apps.iter().find(|a| a.app == plan.app)?;
+            Some((
+                row.id,
+                (app.current_release.clone(), row.last_seen_at.unwrap_or(0)),
+            ))
         })
         .collect();
     let deployed = store.last_switched_releases(&plan.app).await?;

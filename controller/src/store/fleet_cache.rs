@@ -27,6 +27,7 @@
 //! deleted from `nodes` (revoked nodes stay), so updates are all there is.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::Row as _;
@@ -65,7 +66,10 @@ struct CertInfo {
 /// The nodes by id and how far they are known.
 #[derive(Debug)]
 struct Known {
-    nodes: HashMap<String, Entry>,
+    nodes: HashMap<String, Arc<Entry>>,
+    /// Every entry sorted by name then id, made again only after a read
+    /// that brought a change (most reads bring none, or a few).
+    sorted: Option<Arc<[Arc<Entry>]>>,
     /// SQLite: the highest `changed` seen. PostgreSQL: the server's clock
     /// (µs) taken just before the last read.
     mark: i64,
@@ -133,22 +137,29 @@ impl Store {
     /// Every node as of now, sorted by name then id: the rows changed since
     /// this process last looked are read, the rest come from memory (see
     /// the module doc).
-    async fn fleet_entries(&self) -> Result<Vec<Entry>, StoreError> {
+    async fn fleet_entries(&self) -> Result<Arc<[Arc<Entry>]>, StoreError> {
         let mut known = self.fleet.known.lock().await;
         // Taken out while reading: a read that fails half-way leaves
         // nothing behind, and the next one reads everything.
         let current = known.take();
-        let fresh = match current {
+        let mut fresh = match current {
             Some(current) if current.full_at.elapsed() < FULL_EVERY => {
                 self.fleet_changes(current).await?
             }
             _ => self.fleet_everything().await?,
         };
-        let mut entries: Vec<Entry> = fresh.nodes.values().cloned().collect();
+        let sorted = match &fresh.sorted {
+            Some(sorted) => sorted.clone(),
+            None => {
+                let mut entries: Vec<Arc<Entry>> = fresh.nodes.values().cloned().collect();
+                entries.sort_by(|a, b| (&a.row.name, &a.row.id).cmp(&(&b.row.name, &b.row.id)));
+                let sorted: Arc<[Arc<Entry>]> = entries.into();
+                fresh.sorted = Some(sorted.clone());
+                sorted
+            }
+        };
         *known = Some(fresh);
-        drop(known);
-        entries.sort_by(|a, b| (&a.row.name, &a.row.id).cmp(&(&b.row.name, &b.row.id)));
-        Ok(entries)
+        Ok(sorted)
     }
 
     async fn pg_clock(&self) -> Result<i64, StoreError> {
@@ -166,10 +177,11 @@ impl Store {
         for row in &rows {
             let entry = entry(row)?;
             highest = highest.max(entry.changed);
-            nodes.insert(entry.row.id.clone(), entry);
+            nodes.insert(entry.row.id.clone(), Arc::new(entry));
         }
         Ok(Known {
             nodes,
+            sorted: None,
             mark: clock.unwrap_or(highest),
             full_at: Instant::now(),
         })
@@ -222,7 +234,8 @@ impl Store {
             if self.backend == Backend::Sqlite {
                 known.mark = known.mark.max(entry.changed);
             }
-            known.nodes.insert(entry.row.id.clone(), entry);
+            known.nodes.insert(entry.row.id.clone(), Arc::new(entry));
+            known.sorted = None;
         }
         Ok(known)
     }
@@ -234,8 +247,8 @@ impl Store {
         Ok(self
             .fleet_entries()
             .await?
-            .into_iter()
-            .map(|e| e.row)
+            .iter()
+            .map(|e| e.row.clone())
             .collect())
     }
 
@@ -251,19 +264,19 @@ impl Store {
         let entries = self.fleet_entries().await?;
         let mut rows = Vec::with_capacity(entries.len());
         let mut certs = Vec::with_capacity(entries.len());
-        for e in entries {
+        for e in entries.iter() {
             if e.row.revoked_at.is_none() {
-                if let Some(cert) = e.cert {
+                if let Some(cert) = &e.cert {
                     certs.push(NodeCert {
                         id: e.row.id.clone(),
                         name: e.row.name.clone(),
                         issued_at: cert.issued_at,
                         expires_at: cert.expires_at,
-                        ca_sha256: cert.ca_sha256,
+                        ca_sha256: cert.ca_sha256.clone(),
                     });
                 }
             }
-            rows.push(e.row);
+            rows.push(e.row.clone());
         }
         Ok((rows, certs))
     }

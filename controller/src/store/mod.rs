@@ -791,7 +791,7 @@ mod tests {
         assert_eq!(peer.node.id, "n-1");
         assert_eq!((peer.issued_at, peer.expires_at), (1000, 2000));
         let fleet = store.fleet().await.unwrap();
-        assert_eq!(fleet[0].apps, []);
+        assert!(fleet[0].apps.is_empty());
         assert_eq!(fleet[0].metrics, None);
         assert_eq!(store.controller_start().await.unwrap(), None);
         let version: i64 = sqlx::query_scalar("PRAGMA user_version")

@@ -284,7 +284,7 @@ pub struct FleetRow {
     /// Node name.
     pub name: String,
     /// JSON object of labels.
-    pub labels: serde_json::Value,
+    pub labels: std::sync::Arc<serde_json::Value>,
     /// Agent version last reported.
     pub agent_version: String,
     /// Enrollment time.
@@ -298,9 +298,9 @@ pub struct FleetRow {
     /// Agent RSS from the last heartbeat.
     pub agent_rss_bytes: Option<u64>,
     /// Host metrics from the last heartbeat.
-    pub metrics: Option<Metrics>,
+    pub metrics: Option<std::sync::Arc<Metrics>>,
     /// App states from the last Hello or heartbeat.
-    pub apps: Vec<App>,
+    pub apps: std::sync::Arc<[App]>,
     /// Interval announced in the node's last Welcome.
     pub heartbeat_interval_secs: Option<u64>,
     /// Expiry of the node's newest certificate.
@@ -908,7 +908,7 @@ mod tests {
         );
         let fleet = store.fleet().await.unwrap();
         assert_eq!(
-            fleet[0].labels,
+            *fleet[0].labels,
             serde_json::json!({"env": "staging", "role": "web", "zone": "a"})
         );
         assert_eq!(fleet[0].agent_version, "1.1");
