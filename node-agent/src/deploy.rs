@@ -338,7 +338,15 @@ fn switch_front(app: &AppConfig, port: Option<u16>, release: &str) -> Result<Opt
         Some(RunConfig::Pm2(_)) => FRONT_DRAIN,
         _ => return Ok(None),
     };
-    crate::front::switch(&app.root, listen, app.listen_mode, port, release, drain)
+    crate::front::switch(
+        &app.root,
+        listen,
+        app.listen_mode,
+        app.kernel_forward,
+        port,
+        release,
+        drain,
+    )
         .map(Some)
         .map_err(|e| DriverError::failed("front", e.to_string()).into())
 }
