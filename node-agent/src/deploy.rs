@@ -347,8 +347,8 @@ fn switch_front(app: &AppConfig, port: Option<u16>, release: &str) -> Result<Opt
         release,
         drain,
     )
-        .map(Some)
-        .map_err(|e| DriverError::failed("front", e.to_string()).into())
+    .map(Some)
+    .map_err(|e| DriverError::failed("front", e.to_string()).into())
 }
 
 /// The app's front after an edit of its config: a front that still holds

@@ -211,12 +211,9 @@ pub fn switch(
     })?;
     let backend = SocketAddr::from(([127, 0, 0, 1], port));
     let before: Option<Target> = durable::read_json(&files.target);
-    if before
-        .as_ref()
-        .is_some_and(|t| {
-            t.backend == backend && t.mode == mode && t.kernel_forward == kernel_forward
-        })
-        && is_running(&files)
+    if before.as_ref().is_some_and(|t| {
+        t.backend == backend && t.mode == mode && t.kernel_forward == kernel_forward
+    }) && is_running(&files)
     {
         if let Some(s) =
             FrontState::load(&files).filter(|s| s.backend == Some(backend) && s.mode == mode)
@@ -286,10 +283,8 @@ pub fn switch(
         switched_in.as_millis(),
         match (&applied.kernel.table, mode) {
             (Some(_), _) => "; kernel-forwarded for local clients".to_owned(),
-            (None, ListenMode::Tcp) if listen.is_tcp_v4() && kernel_forward => format!(
-                "; {}",
-                applied.kernel.describe()
-            ),
+            (None, ListenMode::Tcp) if listen.is_tcp_v4() && kernel_forward =>
+                format!("; {}", applied.kernel.describe()),
             _ => String::new(),
         },
         drained_text(mode, open, waited, drain)
@@ -573,6 +568,11 @@ impl Kernel {
     /// connections it forwarded are watched until they end.
     fn remove(&mut self) -> Result<(), String> {
         if self.installed.is_none() && !self.maybe_present {
+            return Ok(());
+        }
+        if self.installed.is_none() && !kernel::exists(&self.table) {
+            // Looked for, never written: nothing of ours there.
+            self.maybe_present = false;
             return Ok(());
         }
         match kernel::nft(&kernel::removal(&self.table)) {

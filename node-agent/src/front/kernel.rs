@@ -75,6 +75,18 @@ fn nft_bin() -> std::ffi::OsString {
     std::env::var_os(NFT_ENV).unwrap_or_else(|| "nft".into())
 }
 
+/// Whether the table exists (`nft list table`, which changes nothing); a
+/// missing or failing `nft` says no.
+pub fn exists(table: &str) -> bool {
+    Command::new(nft_bin())
+        .args(["list", "table", "ip", table])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Runs `nft -f -` with `batch` on stdin; its stderr in the error.
 pub fn nft(batch: &str) -> Result<(), String> {
     let bin = nft_bin();
@@ -167,8 +179,7 @@ pub fn count_open<'a>(
         if orig_dport.parse::<u16>().ok() != Some(public) {
             continue;
         }
-        let (Ok(ip), Ok(port)) = (reply_src.parse::<Ipv4Addr>(), reply_sport.parse::<u16>())
-        else {
+        let (Ok(ip), Ok(port)) = (reply_src.parse::<Ipv4Addr>(), reply_sport.parse::<u16>()) else {
             continue;
         };
         let from = SocketAddrV4::new(ip, port);
@@ -184,7 +195,8 @@ pub fn open_connections(
     public: u16,
     backends: &[SocketAddrV4],
 ) -> Result<BTreeMap<SocketAddrV4, u64>, String> {
-    let file = std::fs::File::open(CONNTRACK).map_err(|e| format!("cannot read {CONNTRACK}: {e}"))?;
+    let file =
+        std::fs::File::open(CONNTRACK).map_err(|e| format!("cannot read {CONNTRACK}: {e}"))?;
     let mut lines = Vec::new();
     let mut counts = BTreeMap::new();
     let mut reader = BufReader::new(file);
@@ -236,7 +248,10 @@ mod tests {
     fn the_ruleset_replaces_the_table_in_one_batch() {
         let b = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8081);
         let r = ruleset("t", "127.0.0.1:3000".parse().unwrap(), b);
-        assert!(r.starts_with("table ip t {}\ndelete table ip t\ntable ip t {"), "{r}");
+        assert!(
+            r.starts_with("table ip t {}\ndelete table ip t\ntable ip t {"),
+            "{r}"
+        );
         assert!(
             r.contains("ip daddr 127.0.0.1 tcp dport 3000 dnat to 127.0.0.1:8081"),
             "{r}"

@@ -82,12 +82,25 @@ fn deploy(node: &Node, v: &str, env: &[(&str, &str)]) -> (serde_json::Value, Str
     let art = artifact(node, v);
     let run = node
         .run_env(
-            &["deploy", "--app", "web", "--artifact", art.to_str().unwrap(), "--id", v, "--json"],
+            &[
+                "deploy",
+                "--app",
+                "web",
+                "--artifact",
+                art.to_str().unwrap(),
+                "--id",
+                v,
+                "--json",
+            ],
             env,
         )
         .ok();
     let r = run.json();
-    assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}\n{}", run.stderr);
+    assert_eq!(
+        r["outcome"], "succeeded",
+        "deploy {v}: {r:#}\n{}",
+        run.stderr
+    );
     (r, run.stderr)
 }
 
@@ -109,7 +122,10 @@ fn table(node: &Node) -> Option<String> {
 }
 
 fn any_slipway_table() -> String {
-    let out = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "nft list tables: {out:?}");
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -158,7 +174,11 @@ fn ask(s: &mut TcpStream) -> String {
         if let Some(end) = text.find("\r\n\r\n") {
             let len: usize = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
                 .unwrap()
                 .parse()
                 .unwrap();
@@ -175,7 +195,9 @@ fn ask(s: &mut TcpStream) -> String {
 
 #[test]
 fn kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table() {
-    if !netns::enter("front_kernel::kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table") {
+    if !netns::enter(
+        "front_kernel::kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table",
+    ) {
         return;
     }
     const DEPLOYS: usize = 6;
@@ -190,7 +212,10 @@ fn kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table()
     let rules = table(&node).expect("no table after the first deploy");
     assert!(
         rules.contains("hook output")
-            && rules.contains(&format!("ip daddr 127.0.0.1 tcp dport {public} dnat to 127.0.0.1:{}", ports[0])),
+            && rules.contains(&format!(
+                "ip daddr 127.0.0.1 tcp dport {public} dnat to 127.0.0.1:{}",
+                ports[0]
+            )),
         "{rules}"
     );
     assert!(!rules.contains("prerouting"), "{rules}");
@@ -207,7 +232,11 @@ fn kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table()
         let r = node.deploy_json(&artifact(&node, &v), &v).ok().json();
         assert_eq!(r["outcome"], "succeeded", "deploy {v}: {r:#}");
         timeline.step(&v, started, Instant::now());
-        eprintln!("{:.3}s: {v} deployed: {}", t0.elapsed().as_secs_f64(), r["steps"]);
+        eprintln!(
+            "{:.3}s: {v} deployed: {}",
+            t0.elapsed().as_secs_f64(),
+            r["steps"]
+        );
         // The table now forwards to the new release's port, the only rule.
         let rules = table(&node).unwrap();
         assert!(
@@ -219,17 +248,28 @@ fn kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table()
     }
     std::thread::sleep(Duration::from_millis(300));
     let report = load.stop();
-    eprintln!("{DEPLOYS} kernel-forwarded pm2 fork deploys: {}", report.summary());
+    eprintln!(
+        "{DEPLOYS} kernel-forwarded pm2 fork deploys: {}",
+        report.summary()
+    );
     assert_eq!(report.failures(), 0, "{}", report.summary());
     assert!(report.ok >= 300, "too little load: {}", report.summary());
     let seen: BTreeSet<String> = report.bodies.iter().cloned().collect();
     assert!(seen.is_subset(&deployed), "{seen:?}");
     assert!(seen.contains(&format!("v{DEPLOYS}")), "{seen:?}");
     let stale = timeline.stale(&report, false);
-    assert!(stale.is_empty(), "{} stale: {:?}", stale.len(), &stale[..stale.len().min(5)]);
+    assert!(
+        stale.is_empty(),
+        "{} stale: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
     // The load went through the kernel's translation, not the front.
     let forwarded = forwarded_by_kernel(public, ports);
-    assert!(forwarded >= 100, "only {forwarded} connections forwarded by the kernel");
+    assert!(
+        forwarded >= 100,
+        "only {forwarded} connections forwarded by the kernel"
+    );
 
     // A clean stop of the app takes the table away.
     drop(stop);
@@ -239,7 +279,9 @@ fn kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table()
 
 #[test]
 fn kernel_forwarded_connections_are_drained_before_the_old_release_stops() {
-    if !netns::enter("front_kernel::kernel_forwarded_connections_are_drained_before_the_old_release_stops") {
+    if !netns::enter(
+        "front_kernel::kernel_forwarded_connections_are_drained_before_the_old_release_stops",
+    ) {
         return;
     }
     let public = free_port();
@@ -262,12 +304,20 @@ fn kernel_forwarded_connections_are_drained_before_the_old_release_stops() {
         let started = Instant::now();
         let d = s.spawn(|| deploy(&node, "v1", &[]));
         let key = old.to_string();
-        wait_until("the front to count the old connection", Duration::from_secs(30), || {
-            front_state(&node)["draining"][&key].as_u64() == Some(1)
-        });
-        assert_eq!(front_state(&node)["backend"], format!("127.0.0.1:{}", ports[1]));
+        wait_until(
+            "the front to count the old connection",
+            Duration::from_secs(30),
+            || front_state(&node)["draining"][&key].as_u64() == Some(1),
+        );
+        assert_eq!(
+            front_state(&node)["backend"],
+            format!("127.0.0.1:{}", ports[1])
+        );
         std::thread::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed()));
-        assert!(!d.is_finished(), "the deploy did not wait for the open connection");
+        assert!(
+            !d.is_finished(),
+            "the deploy did not wait for the open connection"
+        );
         // The old release still serves it.
         assert_eq!(ask(&mut held), "v0");
         drop(held);
@@ -278,7 +328,10 @@ fn kernel_forwarded_connections_are_drained_before_the_old_release_stops() {
     assert!(log.contains("previous backend drained in"), "{log}");
     assert!(log.contains("kernel-forwarded for local clients"), "{log}");
     assert!(took >= Duration::from_millis(1500), "{took:?}");
-    assert_eq!(http_get(public, "/").unwrap().1.split(' ').next(), Some("v1"));
+    assert_eq!(
+        http_get(public, "/").unwrap().1.split(' ').next(),
+        Some("v1")
+    );
 
     // Bounded: a connection that stays open is waited for at most the
     // drain bound (3 s for PM2), then the old release stops all the same.
@@ -287,7 +340,10 @@ fn kernel_forwarded_connections_are_drained_before_the_old_release_stops() {
     let started = Instant::now();
     let (_, log) = deploy(&node, "v2", &[]);
     let took = started.elapsed();
-    assert!(log.contains("1 connections still open to the previous backend after 3s"), "{log}");
+    assert!(
+        log.contains("1 connections still open to the previous backend after 3s"),
+        "{log}"
+    );
     assert!(took >= Duration::from_secs(3), "{took:?}");
     // v1 is gone: its connection was closed.
     let mut rest = Vec::new();
@@ -316,7 +372,10 @@ fn kernel_forward_false_leaves_no_table() {
     }
     assert_eq!(forwarded_by_kernel(public, ports), 0);
     let n = notes(&node);
-    assert!(n.contains("not kernel-forwarded: kernel_forward = false"), "{n}");
+    assert!(
+        n.contains("not kernel-forwarded: kernel_forward = false"),
+        "{n}"
+    );
 }
 
 #[test]
@@ -345,13 +404,23 @@ fn a_missing_or_refused_nft_leaves_the_front_proxying() {
         let _stop = StopApp(&node);
         for v in ["v0", "v1"] {
             let (_, log) = deploy(&node, v, &[(kernel::NFT_ENV, nft)]);
-            assert!(log.contains("not kernel-forwarded: nft failed"), "{nft}: {log}");
-            assert_eq!(http_get(public, "/").unwrap().1.split(' ').next(), Some(v), "{nft}");
+            assert!(
+                log.contains("not kernel-forwarded: nft failed"),
+                "{nft}: {log}"
+            );
+            assert_eq!(
+                http_get(public, "/").unwrap().1.split(' ').next(),
+                Some(v),
+                "{nft}"
+            );
         }
         assert_eq!(any_slipway_table(), "");
         assert_eq!(forwarded_by_kernel(public, ports), 0);
         let n = notes(&node);
-        assert!(n.contains("not kernel-forwarded: nft failed") && n.contains(said), "{nft}: {n}");
+        assert!(
+            n.contains("not kernel-forwarded: nft failed") && n.contains(said),
+            "{nft}: {n}"
+        );
         // Said once at warn, not at every switch.
         let log = fs::read_to_string(node.root.join(".slipway/run/front.log")).unwrap();
         assert_eq!(log.matches("WARN").count(), 1, "{nft}: {log}");

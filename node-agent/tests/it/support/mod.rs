@@ -93,6 +93,7 @@ impl Node {
             .arg(&self.config)
             .args(args)
             .env_remove("SLIPWAY_TEST_CRASH_AT");
+        c.envs(netns::nft_env());
         c
     }
 

@@ -10,6 +10,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Set in the test process started inside the namespace (its name).
 const INSIDE: &str = "SLIPWAY_TEST_NETNS";
 
+/// Outside a test's namespace the agent's fronts get an `nft` that does not
+/// exist (they proxy every connection themselves, as before kernel
+/// forwarding): no test writes rules into the machine's namespace.
+pub fn nft_env() -> Option<(&'static str, &'static str)> {
+    std::env::var_os(INSIDE).is_none().then_some((
+        slipway_agent::front::kernel::NFT_ENV,
+        "/nonexistent/nft-outside-the-test-network-namespace",
+    ))
+}
+
 /// Whether `ip` and `nft` can be used here (root, both installed), or why
 /// not.
 fn unusable() -> Option<String> {
@@ -17,9 +27,14 @@ fn unusable() -> Option<String> {
         return Some("not root (network namespaces and nftables need it)".into());
     }
     for tool in ["ip", "nft"] {
-        let found = Command::new(tool).arg("-V").output().is_ok_and(|o| o.status.success());
+        let found = Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !found {
-            return Some(format!("`{tool} -V` does not run ({tool} is not installed?)"));
+            return Some(format!(
+                "`{tool} -V` does not run ({tool} is not installed?)"
+            ));
         }
     }
     None
