@@ -2180,6 +2180,86 @@ url = "http://127.0.0.1:{port}/"
     }
 
     #[test]
+    fn kernel_forward_is_checked() {
+        let app = |listen: &str, extra: &str, driver: &str| {
+            format!(
+                r#"
+[apps.web]
+root = "/srv/web"
+listen = "{listen}"
+{extra}
+[apps.web.run]
+{driver}
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/"
+"#
+            )
+        };
+        let docker =
+            "driver = \"docker\"\nimage = \"web:1\"\ncontainer_port = 3000\nports = [8080, 8081]";
+        let on = |cfg: Config| cfg.app("web").unwrap().kernel_forward;
+        assert!(on(parse(&app("127.0.0.1:3000", "", docker)).unwrap()));
+        assert!(on(parse(&app(
+            "127.0.0.1:3000",
+            "kernel_forward = true",
+            docker
+        ))
+        .unwrap()));
+        assert!(!on(parse(&app(
+            "127.0.0.1:3000",
+            "kernel_forward = false",
+            docker
+        ))
+        .unwrap()));
+        // `false` where nothing would be kernel-forwarded anyway is kept.
+        assert!(!on(parse(&app(
+            "127.0.0.1:3000",
+            "listen_mode = \"http\"\nkernel_forward = false",
+            docker
+        ))
+        .unwrap()));
+        for (listen, extra, driver, why) in [
+            (
+                "127.0.0.1:3000",
+                "listen_mode = \"http\"\nkernel_forward = true",
+                docker,
+                "a setting of TCP mode",
+            ),
+            ("[::1]:3000", "kernel_forward = true", docker, "is IPv6"),
+            (
+                "/run/web.sock",
+                "kernel_forward = true",
+                docker,
+                "is a unix socket",
+            ),
+            (
+                "127.0.0.1:3000",
+                "kernel_forward = true",
+                "driver = \"exec\"\ncommand = [\"./app\"]",
+                "exec driver hands the socket",
+            ),
+        ] {
+            let msg = parse(&app(listen, extra, driver)).unwrap_err().to_string();
+            assert!(
+                msg.contains("apps.web.kernel_forward") && msg.contains(why),
+                "{listen} {extra}: {msg}"
+            );
+        }
+        let msg = parse("[apps.web]\nroot = \"/srv/web\"\nkernel_forward = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("apps.web.kernel_forward") && msg.contains("needs listen"),
+            "{msg}"
+        );
+        let msg = parse(&app("127.0.0.1:3000", "kernel_forward = \"yes\"", docker))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("kernel_forward"), "{msg}");
+    }
+
+    #[test]
     fn full_app_parses_with_units() {
         let cfg = parse(
             r#"

@@ -221,6 +221,19 @@ fn kernel_forwarded_deploys_under_load_lose_nothing_and_stop_removes_the_table()
     assert!(!rules.contains("prerouting"), "{rules}");
     let n = notes(&node);
     assert!(n.contains("kernel-forwarded for local clients"), "{n}");
+    let st = node.run(&["status", "--json"]).ok().json();
+    let f = st["apps"][0]["public"]["forwarding"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        f.starts_with("kernel-forwarded for local clients"),
+        "{st:#}"
+    );
+    let text = node.run(&["status"]).ok().stdout;
+    assert!(
+        text.contains("kernel-forwarded for local clients"),
+        "{text}"
+    );
 
     let t0 = Instant::now();
     let mut timeline = Timeline::live("v0", t0);
