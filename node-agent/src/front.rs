@@ -215,8 +215,11 @@ pub fn switch(
         t.backend == backend && t.mode == mode && t.kernel_forward == kernel_forward
     }) && is_running(&files)
     {
-        if let Some(s) =
-            FrontState::load(&files).filter(|s| s.backend == Some(backend) && s.mode == mode)
+        // Applied: the front answered that target's seq (its kernel rules,
+        // if any, follow it).
+        let seq = before.as_ref().map_or(0, |t| t.seq);
+        if let Some(s) = FrontState::load(&files)
+            .filter(|s| s.backend == Some(backend) && s.mode == mode && s.seq >= seq)
         {
             // Switched already (a switch cut short by a kill of the agent,
             // taken up again): what may still drain from the previous
