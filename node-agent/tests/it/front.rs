@@ -54,6 +54,11 @@ fn deploy(node: &Node, app: &str, art: &Path, id: &str) -> serde_json::Value {
 
 #[test]
 fn docker_deploys_under_load_through_the_front_lose_nothing() {
+    // In a network namespace of its own (the test's dockerd too): the
+    // front forwards in the kernel (nftables) there, as it does by default.
+    if !netns::enter("front::docker_deploys_under_load_through_the_front_lose_nothing") {
+        return;
+    }
     const DEPLOYS: usize = 20;
     let engine = PrivateDockerd::start();
     let socket = engine.socket();
@@ -145,7 +150,8 @@ fn docker_deploys_under_load_through_the_front_lose_nothing() {
     let notes = st["apps"][0]["processes"]["notes"].to_string();
     assert!(
         notes.contains(&format!("agent proxy: 127.0.0.1:{public} forwards"))
-            && notes.contains(&last),
+            && notes.contains(&last)
+            && notes.contains("kernel-forwarded for local clients"),
         "{st:#}"
     );
 }

@@ -1,6 +1,6 @@
 //! Tests that install nftables rules run inside a network namespace of
 //! their own, so no rule ever touches the machine's namespace: the test
-//! process runs itself again under `ip netns exec` (one test, `--exact`),
+//! process runs itself again in it (`nsenter --net`, one test, `--exact`),
 //! and the namespace is removed afterwards, with whatever still runs in it
 //! (the front, a PM2 daemon) killed by pid.
 
@@ -26,7 +26,7 @@ fn unusable() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root (network namespaces and nftables need it)".into());
     }
-    for tool in ["ip", "nft"] {
+    for tool in ["ip", "nft", "nsenter"] {
         let found = Command::new(tool)
             .arg("-V")
             .output()
@@ -93,8 +93,11 @@ pub fn enter(test: &str) -> bool {
         .success();
     assert!(ok, "cannot bring lo up in {}", ns.0);
     let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
+    // nsenter rather than `ip netns exec`, which mounts a sysfs of the
+    // namespace over /sys and so hides the cgroup hierarchy a test's own
+    // dockerd needs.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.0))
         .arg(exe)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(INSIDE, &ns.0)
