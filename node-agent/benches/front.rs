@@ -17,6 +17,17 @@
 //! - memory: 10 fronts, each in front of a backend of its own, all under
 //!   `wrk` at once: the sum of their resident memory during the load.
 //!
+//! TCP mode is measured twice: as it runs by default, with kernel
+//! forwarding (the front's nftables table DNATs this machine's connections
+//! to the backend, so wrk's requests never pass the front), and with
+//! `kernel_forward = false` (the front copies every byte itself). Run as
+//! root with `ip` and `nft` at hand, the bench runs itself again inside a
+//! network namespace of its own (`ip netns exec`, loopback only) and
+//! removes it afterwards: no rule touches the machine's namespace.
+//! Otherwise it runs where it is, and says whether kernel forwarding could
+//! be set up (if it could, the fronts' tables are in the current namespace
+//! for the bench's duration and removed when each front stops).
+//!
 //! A missing `wrk` or `nginx` is said and its lines skipped: never a figure
 //! made up. `SLIPWAY_BENCH_REQUESTS=N` sets N (default 5000),
 //! `SLIPWAY_BENCH_SECONDS` the time of each `wrk` run (default 10),
@@ -45,16 +56,74 @@ fn env_or(key: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Set in the bench process started inside its network namespace.
+const INSIDE: &str = "SLIPWAY_BENCH_NETNS";
+
+/// Runs the bench again in a network namespace of its own, when it can:
+/// `true` when that was done (its output is this run's).
+fn in_netns() -> bool {
+    if std::env::var_os(INSIDE).is_some() || !nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    let runs = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !runs(&["nft", "-V"]) {
+        return false;
+    }
+    let name = format!("slipway-bench-{}", std::process::id());
+    if !runs(&["ip", "netns", "add", &name]) {
+        return false;
+    }
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _remove = Remove(name.clone());
+    assert!(
+        runs(&["ip", "netns", "exec", &name, "ip", "link", "set", "lo", "up"]),
+        "cannot bring lo up in {name}"
+    );
+    println!("(in network namespace {name}, loopback only)");
+    let status = Command::new("ip")
+        .args(["netns", "exec", &name])
+        .arg(std::env::current_exe().unwrap())
+        .args(std::env::args_os().skip(1))
+        .env(INSIDE, &name)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the bench failed in {name}: {status}");
+    true
+}
+
 fn main() {
+    if in_netns() {
+        return;
+    }
     let requests = env_or("SLIPWAY_BENCH_REQUESTS", 5000) as usize;
     let seconds = env_or("SLIPWAY_BENCH_SECONDS", 10);
     let conns = env_or("SLIPWAY_BENCH_CONNECTIONS", 32);
     let backend = backend();
     let tcp = Front::start(backend, "tcp");
+    let tcp_user = Front::start_with(backend, "tcp", 1, false);
     let http = Front::start(backend, "http");
     // Both sides on two threads/workers too (the machine's cores).
-    let tcp2 = Front::start_with(backend, "tcp", 2);
-    let http2 = Front::start_with(backend, "http", 2);
+    let tcp2 = Front::start_with(backend, "tcp", 2, false);
+    let http2 = Front::start_with(backend, "http", 2, true);
+    match tcp.kernel() {
+        Some(t) => println!("front, TCP mode: kernel-forwarded (nftables table ip {t})"),
+        None => println!(
+            "front, TCP mode: NOT kernel-forwarded ({}); both TCP lines measure the userspace proxy",
+            tcp.why_not()
+        ),
+    }
     let wrk = tool("wrk");
     let nginx = tool("nginx").map(|bin| Nginx::start(&bin, backend, 1));
     let nginx2 = tool("nginx").map(|bin| Nginx::start(&bin, backend, 2));
@@ -63,6 +132,7 @@ fn main() {
     let mut paths: Vec<(&str, SocketAddr)> = vec![
         ("direct", backend),
         ("front, TCP mode", tcp.public),
+        ("front, TCP userspace", tcp_user.public),
         ("front, HTTP mode", http.public),
     ];
     match &nginx {
@@ -73,7 +143,7 @@ fn main() {
         Ok(n) => paths.push(("nginx, TCP (stream)", n.public)),
         Err(why) => println!("nginx as a TCP proxy: skipped ({why})"),
     }
-    paths.push(("front TCP, 2 thr", tcp2.public));
+    paths.push(("front TCP user, 2 thr", tcp2.public));
     paths.push(("front HTTP, 2 thr", http2.public));
     if let Ok(n) = &nginx2 {
         paths.push(("nginx, 2 workers", n.public));
@@ -119,6 +189,13 @@ fn main() {
             t.p99_us - d.p99_us,
             if ratio >= 0.9 { "met" } else { "NOT met" }
         );
+        if let Some(u) = get("front, TCP userspace") {
+            println!(
+                "    with kernel_forward = false (every byte through the front): {:.1} % of direct, p99 {:+.1} µs",
+                u.rps / d.rps * 100.0,
+                u.p99_us - d.p99_us
+            );
+        }
         if let Some(n) = get("nginx, TCP (stream)") {
             println!(
                 "    the same hop through nginx's TCP proxy: {:.1} % of direct; the front {:+.1} % against it",
@@ -151,7 +228,7 @@ fn main() {
         ),
         _ => println!("  the same with two threads/workers each: not measured"),
     }
-    drop((tcp, http, tcp2, http2, nginx, nginx2, nginx_tcp));
+    drop((tcp, tcp_user, http, tcp2, http2, nginx, nginx2, nginx_tcp));
 
     for mode in ["tcp", "http"] {
         memory(&wrk, mode, seconds.min(5));
@@ -163,7 +240,10 @@ fn main() {
 /// RSS counts the pages of the agent binary every front maps; PSS shares
 /// them out, so the PSS sum is what the 10 fronts cost the machine.
 fn memory(wrk: &Path, mode: &str, seconds: u64) {
-    let fronts: Vec<Front> = (0..APPS).map(|_| Front::start(backend(), mode)).collect();
+    // Userspace: with kernel forwarding the fronts would see no traffic.
+    let fronts: Vec<Front> = (0..APPS)
+        .map(|_| Front::start_with(backend(), mode, 1, false))
+        .collect();
     let idle: Vec<Mem> = fronts.iter().map(|f| Mem::of(f.child.id())).collect();
     let loads: Vec<Child> = fronts
         .iter()
@@ -184,7 +264,7 @@ fn memory(wrk: &Path, mode: &str, seconds: u64) {
     }
     let mib = |v: &[Mem], f: fn(&Mem) -> u64| v.iter().map(f).sum::<u64>() as f64 / 1024.0;
     println!(
-        "{APPS} fronts in {mode} mode under load (wrk -t1 -c4 each, at once): RSS {:.1} MiB in all ({:.1}–{:.1} MiB each), PSS {:.1} MiB in all, private {:.1} MiB in all; idle: RSS {:.1}, PSS {:.1} MiB in all",
+        "{APPS} fronts in {mode} mode (userspace) under load (wrk -t1 -c4 each, at once): RSS {:.1} MiB in all ({:.1}–{:.1} MiB each), PSS {:.1} MiB in all, private {:.1} MiB in all; idle: RSS {:.1}, PSS {:.1} MiB in all",
         mib(&busy, |m| m.rss),
         busy.iter().map(|m| m.rss).min().unwrap() as f64 / 1024.0,
         busy.iter().map(|m| m.rss).max().unwrap() as f64 / 1024.0,
@@ -239,17 +319,20 @@ struct Front {
 }
 
 impl Front {
+    /// In `mode`, with kernel forwarding (TCP mode's default).
     fn start(backend: SocketAddr, mode: &str) -> Self {
-        Self::start_with(backend, mode, 1)
+        Self::start_with(backend, mode, 1, true)
     }
 
-    fn start_with(backend: SocketAddr, mode: &str, threads: usize) -> Self {
+    fn start_with(backend: SocketAddr, mode: &str, threads: usize, kernel: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join(".slipway/run");
         std::fs::create_dir_all(&run).unwrap();
         std::fs::write(
             run.join("front-target.json"),
-            format!(r#"{{"backend":"{backend}","seq":1,"release":"bench","mode":"{mode}"}}"#),
+            format!(
+                r#"{{"backend":"{backend}","seq":1,"release":"bench","mode":"{mode}","kernel_forward":{kernel}}}"#
+            ),
         )
         .unwrap();
         let public = free_addr();
@@ -267,6 +350,38 @@ impl Front {
             public,
             _dir: dir,
         }
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let path = self._dir.path().join(".slipway/run/front.json");
+        let t = Instant::now();
+        loop {
+            if let Some(s) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .filter(|s| s["seq"] == 1)
+            {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no state in {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The front's nftables table, when the kernel forwards for it.
+    fn kernel(&self) -> Option<String> {
+        self.state()["kernel"]["table"].as_str().map(str::to_owned)
+    }
+
+    fn why_not(&self) -> String {
+        self.state()["kernel"]["why_not"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
     }
 }
 

@@ -338,6 +338,9 @@ pub struct RawApp {
     pub listen: Option<String>,
     /// How the agent's proxy forwards `listen`: `"tcp"` or `"http"`.
     pub listen_mode: Option<String>,
+    /// TCP mode on an IPv4 `listen`: let the kernel (nftables DNAT) forward
+    /// local clients' connections to the live backend (default true).
+    pub kernel_forward: Option<bool>,
 }
 
 /// `[apps.NAME.logs]` as written.
@@ -481,6 +484,10 @@ pub struct AppConfig {
     pub listen: Option<ListenAddr>,
     /// How the agent's proxy forwards `listen` (docker, PM2 fork mode).
     pub listen_mode: ListenMode,
+    /// TCP mode on an IPv4 `listen`: the front also installs nftables rules
+    /// so that connections from this machine are forwarded by the kernel
+    /// (`kernel_forward`, default true; see [`crate::front`]).
+    pub kernel_forward: bool,
 }
 
 /// Liveness with consequences: restarts, crash loops, automatic rollback.
@@ -732,6 +739,7 @@ impl AppConfig {
             recovery: RecoveryConfig::default(),
             listen: None,
             listen_mode: ListenMode::Tcp,
+            kernel_forward: true,
         }
     }
 }
@@ -922,6 +930,13 @@ impl Config {
                 app.listen.is_some(),
                 run.as_ref(),
             );
+            let kernel_forward = p.kernel_forward(
+                app.kernel_forward,
+                app.listen.is_some(),
+                listen.as_ref(),
+                listen_mode,
+                run.as_ref(),
+            );
             if let (Some(RunConfig::Docker(_)), Some(h)) = (&run, &health) {
                 if !h.check.mentions_port() {
                     p.push(
@@ -958,6 +973,7 @@ impl Config {
                     recovery,
                     listen,
                     listen_mode,
+                    kernel_forward,
                 },
             );
         }
@@ -1332,6 +1348,50 @@ impl Problems<'_> {
             );
         }
         mode
+    }
+
+    /// `kernel_forward`: said only where it means something, an IPv4
+    /// `listen` forwarded by the agent's proxy in TCP mode.
+    fn kernel_forward(
+        &mut self,
+        value: Option<bool>,
+        has_listen: bool,
+        listen: Option<&ListenAddr>,
+        mode: ListenMode,
+        run: Option<&RunConfig>,
+    ) -> bool {
+        let Some(on) = value else {
+            return true;
+        };
+        let why_not = match (listen, run) {
+            // An invalid listen: said already.
+            (None, _) if has_listen => return false,
+            (None, _) => Some("needs listen (the public address the agent's proxy holds)".to_owned()),
+            (Some(_), Some(RunConfig::Exec(_))) => Some(
+                "is a setting of the agent's proxy (docker, PM2 fork mode); the exec driver hands the socket itself to the app, with no proxy in between".to_owned(),
+            ),
+            (Some(ListenAddr::Unix(p)), _) => Some(format!(
+                "needs an IPv4 listen address; {} is a unix socket",
+                p.display()
+            )),
+            (Some(ListenAddr::Tcp(a)), _) if !a.is_ipv4() => Some(format!(
+                "needs an IPv4 listen address (nftables `ip` family); {a} is IPv6"
+            )),
+            _ if mode == ListenMode::Http => Some(
+                "is a setting of TCP mode; with listen_mode = \"http\" every request passes the front".to_owned(),
+            ),
+            _ => None,
+        };
+        match why_not {
+            // `false` where nothing would be forwarded by the kernel anyway
+            // is harmless and kept.
+            Some(msg) if on => {
+                self.push("kernel_forward", msg);
+                false
+            }
+            Some(_) => false,
+            None => on,
+        }
     }
 
     fn listen(
@@ -2117,6 +2177,86 @@ url = "http://127.0.0.1:{port}/"
             msg.contains("apps.web.listen_mode") && msg.contains("exec driver hands the socket"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn kernel_forward_is_checked() {
+        let app = |listen: &str, extra: &str, driver: &str| {
+            format!(
+                r#"
+[apps.web]
+root = "/srv/web"
+listen = "{listen}"
+{extra}
+[apps.web.run]
+{driver}
+[apps.web.health]
+check = "http"
+url = "http://127.0.0.1:{{port}}/"
+"#
+            )
+        };
+        let docker =
+            "driver = \"docker\"\nimage = \"web:1\"\ncontainer_port = 3000\nports = [8080, 8081]";
+        let on = |cfg: Config| cfg.app("web").unwrap().kernel_forward;
+        assert!(on(parse(&app("127.0.0.1:3000", "", docker)).unwrap()));
+        assert!(on(parse(&app(
+            "127.0.0.1:3000",
+            "kernel_forward = true",
+            docker
+        ))
+        .unwrap()));
+        assert!(!on(parse(&app(
+            "127.0.0.1:3000",
+            "kernel_forward = false",
+            docker
+        ))
+        .unwrap()));
+        // `false` where nothing would be kernel-forwarded anyway is kept.
+        assert!(!on(parse(&app(
+            "127.0.0.1:3000",
+            "listen_mode = \"http\"\nkernel_forward = false",
+            docker
+        ))
+        .unwrap()));
+        for (listen, extra, driver, why) in [
+            (
+                "127.0.0.1:3000",
+                "listen_mode = \"http\"\nkernel_forward = true",
+                docker,
+                "a setting of TCP mode",
+            ),
+            ("[::1]:3000", "kernel_forward = true", docker, "is IPv6"),
+            (
+                "/run/web.sock",
+                "kernel_forward = true",
+                docker,
+                "is a unix socket",
+            ),
+            (
+                "127.0.0.1:3000",
+                "kernel_forward = true",
+                "driver = \"exec\"\ncommand = [\"./app\"]",
+                "exec driver hands the socket",
+            ),
+        ] {
+            let msg = parse(&app(listen, extra, driver)).unwrap_err().to_string();
+            assert!(
+                msg.contains("apps.web.kernel_forward") && msg.contains(why),
+                "{listen} {extra}: {msg}"
+            );
+        }
+        let msg = parse("[apps.web]\nroot = \"/srv/web\"\nkernel_forward = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("apps.web.kernel_forward") && msg.contains("needs listen"),
+            "{msg}"
+        );
+        let msg = parse(&app("127.0.0.1:3000", "kernel_forward = \"yes\"", docker))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("kernel_forward"), "{msg}");
     }
 
     #[test]

@@ -338,9 +338,17 @@ fn switch_front(app: &AppConfig, port: Option<u16>, release: &str) -> Result<Opt
         Some(RunConfig::Pm2(_)) => FRONT_DRAIN,
         _ => return Ok(None),
     };
-    crate::front::switch(&app.root, listen, app.listen_mode, port, release, drain)
-        .map(Some)
-        .map_err(|e| DriverError::failed("front", e.to_string()).into())
+    crate::front::switch(
+        &app.root,
+        listen,
+        app.listen_mode,
+        app.kernel_forward,
+        port,
+        release,
+        drain,
+    )
+    .map(Some)
+    .map_err(|e| DriverError::failed("front", e.to_string()).into())
 }
 
 /// The app's front after an edit of its config: a front that still holds

@@ -18,10 +18,18 @@
 //! A backend that refuses a connection is tried once more after a re-read
 //! of the target (a switch may be under way); then the client's connection
 //! is closed.
+//!
+//! In TCP mode on an IPv4 address the front also has the kernel forward
+//! the connections opened on this machine (nftables DNAT, see
+//! [`kernel`]): it installs the rules for the target before it answers a
+//! switch, counts the connections the kernel forwarded to earlier backends
+//! under `draining`, and removes its table when it exits cleanly.
+//! `kernel_forward = false` (in the target) turns that off; a missing or
+//! refused `nft` is logged once and leaves the front proxying everything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -38,6 +46,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::durable;
 
 mod http;
+pub mod kernel;
 use crate::listen::{ListenAddr, ListenMode};
 
 /// How long a backend connect may take.
@@ -52,6 +61,9 @@ const POLL: Duration = Duration::from_millis(20);
 const SLOW: Duration = Duration::from_secs(1);
 /// Before the one retry of a backend that could not be reached.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How often the kernel-forwarded connections still open to earlier
+/// backends are counted, while there are any.
+const CONNTRACK_POLL: Duration = Duration::from_millis(100);
 
 /// Environment variable setting the front's worker threads (default 1: a
 /// front per app, most apps on a droplet idle; more for one busy app).
@@ -99,6 +111,37 @@ pub struct Target {
     /// files of fronts older than the HTTP mode: TCP.
     #[serde(default)]
     pub mode: ListenMode,
+    /// TCP mode, IPv4: the kernel forwards this machine's own clients
+    /// (`kernel_forward` of the app's config); absent in older files: on.
+    #[serde(default = "yes")]
+    pub kernel_forward: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Whether the kernel forwards the connections made from this machine
+/// (TCP mode), as the front last applied it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelForward {
+    /// The nftables table doing it, when it does.
+    pub table: Option<String>,
+    /// Why not, when it does not.
+    pub why_not: Option<String>,
+}
+
+impl KernelForward {
+    /// For `status`: "kernel-forwarded for local clients …" or why not.
+    pub fn describe(&self) -> String {
+        match (&self.table, &self.why_not) {
+            (Some(t), _) => format!(
+                "kernel-forwarded for local clients (nftables table ip {t}); clients from other machines through the front"
+            ),
+            (None, Some(why)) => format!("not kernel-forwarded: {why}"),
+            (None, None) => "not kernel-forwarded".to_owned(),
+        }
+    }
 }
 
 /// What the front reports in `front.json`.
@@ -116,6 +159,9 @@ pub struct FrontState {
     /// mode) still open.
     #[serde(default)]
     pub draining: BTreeMap<String, u64>,
+    /// TCP mode: kernel forwarding for local clients.
+    #[serde(default)]
+    pub kernel: KernelForward,
 }
 
 impl FrontState {
@@ -144,12 +190,14 @@ fn failed(listen: &ListenAddr, message: impl Into<String>) -> FrontError {
 }
 
 /// Points the app's front at `127.0.0.1:port` (starting the front if it is
-/// not running), then waits, at most `drain`, for the connections still open
-/// to the previous backend to finish. Returns one line for the deploy log.
+/// not running; `kernel_forward`: see [`Target::kernel_forward`]), then
+/// waits, at most `drain`, for the connections still open to the previous
+/// backend to finish. Returns one line for the deploy log.
 pub fn switch(
     root: &Path,
     listen: &ListenAddr,
     mode: ListenMode,
+    kernel_forward: bool,
     port: u16,
     release: &str,
     drain: Duration,
@@ -163,13 +211,15 @@ pub fn switch(
     })?;
     let backend = SocketAddr::from(([127, 0, 0, 1], port));
     let before: Option<Target> = durable::read_json(&files.target);
-    if before
-        .as_ref()
-        .is_some_and(|t| t.backend == backend && t.mode == mode)
-        && is_running(&files)
+    if before.as_ref().is_some_and(|t| {
+        t.backend == backend && t.mode == mode && t.kernel_forward == kernel_forward
+    }) && is_running(&files)
     {
-        if let Some(s) =
-            FrontState::load(&files).filter(|s| s.backend == Some(backend) && s.mode == mode)
+        // Applied: the front answered that target's seq (its kernel rules,
+        // if any, follow it).
+        let seq = before.as_ref().map_or(0, |t| t.seq);
+        if let Some(s) = FrontState::load(&files)
+            .filter(|s| s.backend == Some(backend) && s.mode == mode && s.seq >= seq)
         {
             // Switched already (a switch cut short by a kill of the agent,
             // taken up again): what may still drain from the previous
@@ -187,6 +237,7 @@ pub fn switch(
         seq: before.map_or(1, |t| t.seq + 1),
         release: Some(release.to_owned()),
         mode,
+        kernel_forward,
     };
     durable::write_json(&files.target, &target).map_err(|e| {
         failed(
@@ -230,9 +281,15 @@ pub fn switch(
     let switched_in = t.elapsed();
     let (open, waited) = wait_drained(&files, applied.draining, drain);
     Ok(format!(
-        "front on {listen} forwards new {} to {backend} (switched in {} ms{})",
+        "front on {listen} forwards new {} to {backend} (switched in {} ms{}{})",
         what(mode),
         switched_in.as_millis(),
+        match (&applied.kernel.table, mode) {
+            (Some(_), _) => "; kernel-forwarded for local clients".to_owned(),
+            (None, ListenMode::Tcp) if listen.is_tcp_v4() && kernel_forward =>
+                format!("; {}", applied.kernel.describe()),
+            _ => String::new(),
+        },
         drained_text(mode, open, waited, drain)
     ))
 }
@@ -371,8 +428,9 @@ pub fn describe(root: &Path, listen: &ListenAddr) -> String {
         (true, Some(s)) => format!(
             "agent proxy: {listen} forwards new {} to {} (release {}){}",
             match s.mode {
-                ListenMode::Tcp => "connections",
-                ListenMode::Http => "requests (listen_mode = http)",
+                ListenMode::Tcp if listen.is_tcp_v4() => format!("connections (tcp, {})", s.kernel.describe()),
+                ListenMode::Tcp => "connections (tcp)".to_owned(),
+                ListenMode::Http => "requests (listen_mode = http)".to_owned(),
             },
             s.backend.map_or("nothing yet".into(), |b| b.to_string()),
             s.release.as_deref().unwrap_or("?"),
@@ -391,6 +449,13 @@ pub fn describe(root: &Path, listen: &ListenAddr) -> String {
 struct Routes {
     target: Option<Target>,
     open: BTreeMap<SocketAddr, u64>,
+    /// The seq of the target the kernel's rules (if any) follow: what the
+    /// front answers a switch with (a re-read of the target for a retry
+    /// does not change it).
+    applied_seq: u64,
+    kernel: KernelForward,
+    /// Connections the kernel forwarded to earlier backends, still open.
+    kernel_open: BTreeMap<SocketAddr, u64>,
 }
 
 impl Routes {
@@ -401,14 +466,18 @@ impl Routes {
             listen: listen.to_string(),
             backend: current,
             release: self.target.as_ref().and_then(|t| t.release.clone()),
-            seq: self.target.as_ref().map_or(0, |t| t.seq),
+            seq: self.applied_seq,
             mode: self.target.as_ref().map_or(ListenMode::Tcp, |t| t.mode),
-            draining: self
-                .open
-                .iter()
-                .filter(|(b, n)| Some(**b) != current && **n > 0)
-                .map(|(b, n)| (b.to_string(), *n))
-                .collect(),
+            draining: {
+                let mut d: BTreeMap<String, u64> = BTreeMap::new();
+                for (b, n) in self.open.iter().chain(&self.kernel_open) {
+                    if Some(*b) != current && *n > 0 {
+                        *d.entry(b.to_string()).or_default() += n;
+                    }
+                }
+                d
+            },
+            kernel: self.kernel.clone(),
         }
     }
 }
@@ -452,7 +521,225 @@ pub fn run(root: &Path, listen: &ListenAddr) -> anyhow::Result<()> {
             .build()
     }
     .context("cannot start the front's runtime")?;
-    runtime.block_on(serve(files, listen.clone(), socket))
+    let kernel = Kernel::new(root, listen);
+    runtime.block_on(serve(files, listen.clone(), socket, kernel))
+}
+
+/// The front's side of kernel forwarding: the rules it installed, and the
+/// earlier backends whose kernel-forwarded connections it still counts.
+struct Kernel {
+    table: String,
+    /// The public address, when the kernel can forward it (TCP, IPv4).
+    listen: Option<SocketAddrV4>,
+    /// The backend the installed rules forward to.
+    installed: Option<SocketAddrV4>,
+    /// A table of an earlier front process may exist (after a kill -9):
+    /// removed when this one does not forward.
+    maybe_present: bool,
+    /// A failure of `nft` was logged at warn already.
+    warned: bool,
+    /// Earlier backends kernel-forwarded connections may still be open to.
+    watch: BTreeSet<SocketAddrV4>,
+}
+
+impl Kernel {
+    fn new(root: &Path, listen: &ListenAddr) -> Self {
+        Self {
+            table: kernel::table_name(root),
+            listen: match listen {
+                ListenAddr::Tcp(a) => kernel::v4(*a),
+                ListenAddr::Unix(_) => None,
+            },
+            installed: None,
+            maybe_present: matches!(listen, ListenAddr::Tcp(SocketAddr::V4(_))),
+            warned: false,
+            watch: BTreeSet::new(),
+        }
+    }
+
+    /// A failure of `nft`: at warn the first time, then at debug.
+    fn failed(&mut self, what: &str, e: &str) {
+        if self.warned {
+            tracing::debug!(table = %self.table, error = %e, "{what}");
+        } else {
+            self.warned = true;
+            tracing::warn!(table = %self.table, error = %e, "{what}; the front proxies every connection itself");
+        }
+    }
+
+    /// Removes the table if this front installed it or one may be left;
+    /// connections it forwarded are watched until they end.
+    fn remove(&mut self) -> Result<(), String> {
+        if self.installed.is_none() && !self.maybe_present {
+            return Ok(());
+        }
+        if self.installed.is_none() && !kernel::exists(&self.table) {
+            // Looked for, never written: nothing of ours there.
+            self.maybe_present = false;
+            return Ok(());
+        }
+        match kernel::nft(&kernel::removal(&self.table)) {
+            Ok(()) => {
+                self.watch.extend(self.installed.take());
+                self.maybe_present = false;
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing of ours can be there if it was never installed.
+                if self.installed.is_none() {
+                    self.maybe_present = false;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the rules follow `target`.
+    fn apply(&mut self, target: Option<&Target>) -> KernelForward {
+        let want = match (self.listen, target) {
+            (None, _) => Err("the listen address is not IPv4 TCP".to_owned()),
+            (_, None) => Err("no backend yet".to_owned()),
+            (_, Some(t)) if t.mode == ListenMode::Http => {
+                Err("listen_mode = \"http\": every request passes the front".to_owned())
+            }
+            (_, Some(t)) if !t.kernel_forward => Err("kernel_forward = false".to_owned()),
+            (Some(l), Some(t)) => kernel::v4(t.backend)
+                .map(|b| (l, b))
+                .ok_or_else(|| format!("the backend {} is not IPv4", t.backend)),
+        };
+        let (listen, backend) = match want {
+            Ok(w) => w,
+            Err(why) => {
+                let had = self.installed.is_some();
+                if let Err(e) = self.remove() {
+                    if !had {
+                        // Only a table a killed front may have left.
+                        tracing::debug!(table = %self.table, error = %e, "no kernel forwarding table removed");
+                    } else {
+                        tracing::error!(table = %self.table, error = %e, "cannot remove the kernel forwarding rules");
+                    }
+                    if had {
+                        return KernelForward {
+                            table: None,
+                            why_not: Some(format!(
+                                "{why}; but the table ip {} left could not be removed: {e}",
+                                self.table
+                            )),
+                        };
+                    }
+                }
+                return KernelForward {
+                    table: None,
+                    why_not: Some(why),
+                };
+            }
+        };
+        if self.installed == Some(backend) {
+            return KernelForward {
+                table: Some(self.table.clone()),
+                why_not: None,
+            };
+        }
+        let why_not = match kernel::nft(&kernel::ruleset(&self.table, listen, backend)) {
+            Ok(()) => {
+                self.maybe_present = true;
+                if let Some(old) = self.installed.replace(backend) {
+                    self.watch.insert(old);
+                }
+                self.watch.remove(&backend);
+                // Draining needs the conntrack table: without it the rules
+                // go again (connections the kernel forwarded could not be
+                // waited for).
+                match kernel::open_connections(listen.port(), &[]) {
+                    Ok(_) => {
+                        return KernelForward {
+                            table: Some(self.table.clone()),
+                            why_not: None,
+                        }
+                    }
+                    Err(e) => {
+                        let why = format!(
+                            "cannot count the connections it would forward ({e}), so they could not be drained"
+                        );
+                        self.failed("kernel forwarding not used", &why);
+                        if let Err(e) = self.remove() {
+                            tracing::error!(table = %self.table, error = %e, "cannot remove the kernel forwarding rules");
+                        }
+                        why
+                    }
+                }
+            }
+            Err(e) => {
+                self.failed("cannot install the kernel forwarding rules", &e);
+                // Rules left to an earlier backend must not stay.
+                if self.installed.is_some() {
+                    if let Err(e) = self.remove() {
+                        tracing::error!(table = %self.table, error = %e, "cannot remove the kernel forwarding rules to the earlier backend");
+                    }
+                }
+                format!("nft failed: {e}")
+            }
+        };
+        KernelForward {
+            table: None,
+            why_not: Some(why_not),
+        }
+    }
+
+    /// The kernel-forwarded connections still open to earlier backends;
+    /// those with none left are no longer watched.
+    fn count(&mut self) -> BTreeMap<SocketAddr, u64> {
+        let Some(listen) = self.listen else {
+            return BTreeMap::new();
+        };
+        if self.watch.is_empty() {
+            return BTreeMap::new();
+        }
+        let watched: Vec<SocketAddrV4> = self.watch.iter().copied().collect();
+        match kernel::open_connections(listen.port(), &watched) {
+            Ok(counts) => {
+                self.watch.retain(|b| counts.contains_key(b));
+                counts
+                    .into_iter()
+                    .map(|(b, n)| (SocketAddr::V4(b), n))
+                    .collect()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count the kernel-forwarded connections to earlier backends; not waiting for them");
+                self.watch.clear();
+                BTreeMap::new()
+            }
+        }
+    }
+}
+
+type SharedKernel = Arc<Mutex<Kernel>>;
+
+/// Applies `target` to the kernel's rules off the runtime thread, then
+/// makes it the front's target: new connections and the answer (`seq`)
+/// follow it only once the rules do.
+async fn take_target(routes: &Shared, kernel: &SharedKernel, target: Option<Target>) {
+    let (k, t) = (kernel.clone(), target.clone());
+    let applied = tokio::task::spawn_blocking(move || {
+        let mut k = k.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = k.apply(t.as_ref());
+        (state, k.count())
+    })
+    .await;
+    let (state, counts) = applied.unwrap_or_else(|e| {
+        (
+            KernelForward {
+                table: None,
+                why_not: Some(format!("the rules' task failed: {e}")),
+            },
+            BTreeMap::new(),
+        )
+    });
+    let mut r = lock(routes);
+    r.applied_seq = target.as_ref().map_or(0, |t| t.seq);
+    r.target = target;
+    r.kernel = state;
+    r.kernel_open = counts;
 }
 
 /// Writes the state file off the runtime thread, latest state last.
@@ -471,6 +758,7 @@ async fn serve(
     files: FrontFiles,
     listen: ListenAddr,
     socket: std::os::fd::OwnedFd,
+    kernel: Kernel,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -487,10 +775,9 @@ async fn serve(
             Listener::Unix(tokio::net::UnixListener::from_std(l)?)
         }
     };
-    let routes: Shared = Arc::new(Mutex::new(Routes {
-        target: durable::read_json(&files.target),
-        open: BTreeMap::new(),
-    }));
+    let routes: Shared = Arc::new(Mutex::new(Routes::default()));
+    let kernel: SharedKernel = Arc::new(Mutex::new(kernel));
+    take_target(&routes, &kernel, durable::read_json(&files.target)).await;
     // Drain progress is written by one task, woken by connection ends.
     let changed = Arc::new(tokio::sync::Notify::new());
     let writer = {
@@ -511,6 +798,32 @@ async fn serve(
                     last = Some(state);
                 }
                 changed.notified().await;
+            }
+        })
+    };
+    // Kernel-forwarded connections to earlier backends are counted from
+    // conntrack while there are any.
+    let poller = {
+        let (routes, changed, kernel) = (routes.clone(), changed.clone(), kernel.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CONNTRACK_POLL).await;
+                let k = kernel.clone();
+                let Ok(counts) = tokio::task::spawn_blocking(move || {
+                    let mut k = k.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    (!k.watch.is_empty()).then(|| k.count())
+                })
+                .await
+                else {
+                    continue;
+                };
+                let Some(counts) = counts else { continue };
+                let mut r = lock(&routes);
+                if r.kernel_open != counts {
+                    r.kernel_open = counts;
+                    drop(r);
+                    changed.notify_one();
+                }
             }
         })
     };
@@ -541,12 +854,25 @@ async fn serve(
                     let path = files.target.clone();
                     tokio::task::spawn_blocking(move || durable::read_json(&path)).await.ok().flatten()
                 };
-                lock(&routes).target = target;
+                take_target(&routes, &kernel, target).await;
                 changed.notify_one();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+    }
+    // A clean exit takes the rules away: this machine's clients reach the
+    // front's socket (closed next) like any other.
+    poller.abort();
+    let k = kernel.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        k.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove()
+    })
+    .await;
+    if let Ok(Err(e)) = removed {
+        tracing::warn!(error = %e, "cannot remove the kernel forwarding rules on exit");
     }
     drop(listener);
     let t = Instant::now();

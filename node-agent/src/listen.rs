@@ -103,6 +103,11 @@ impl ListenAddr {
         Ok(Self::Tcp(addr))
     }
 
+    /// An IPv4 TCP address (what the front's kernel forwarding covers).
+    pub fn is_tcp_v4(&self) -> bool {
+        matches!(self, Self::Tcp(SocketAddr::V4(_)))
+    }
+
     /// Creates the listening socket. A unix socket file left by an earlier
     /// holder is replaced; any other file at that path is an error.
     pub fn bind(&self) -> io::Result<OwnedFd> {

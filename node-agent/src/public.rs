@@ -55,6 +55,11 @@ pub struct Public {
     pub backend: Option<String>,
     /// agent_proxy: connections still open to earlier backends.
     pub draining: u64,
+    /// agent_proxy in TCP mode on IPv4: whether the kernel forwards this
+    /// machine's own clients ("kernel-forwarded for local clients …" or
+    /// why not). Not on the wire yet: the agent's `status` shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<String>,
     /// An address still held for the app that its config no longer names
     /// (`listen` removed or changed), and by what: a front (`run`'s next
     /// pass or the next deploy lets it go) or the exec supervisor (the
@@ -85,6 +90,7 @@ pub fn of(app: &AppConfig) -> Public {
         release: None,
         backend: None,
         draining: 0,
+        forwarding: None,
         left_behind: None,
         left_by: None,
     };
@@ -128,6 +134,11 @@ pub fn of(app: &AppConfig) -> Public {
                     public.release = s.backend.and(s.release);
                     public.backend = s.backend.map(|b| b.to_string());
                     public.draining = s.draining.values().sum();
+                    if s.mode == crate::listen::ListenMode::Tcp
+                        && app.listen.as_ref().is_some_and(|l| l.is_tcp_v4())
+                    {
+                        public.forwarding = Some(s.kernel.describe());
+                    }
                 }
             }
         }
@@ -168,6 +179,9 @@ pub fn line(p: &Public) -> String {
     }
     if p.draining > 0 {
         line.push_str(&format!("; {} draining", p.draining));
+    }
+    if let Some(f) = &p.forwarding {
+        line.push_str(&format!("; {f}"));
     }
     if let Some(old) = &p.left_behind {
         line.push_str(&format!(

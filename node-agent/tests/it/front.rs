@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use crate::support::load::{Load, Timeline};
 use crate::support::{
-    busybox_image_on, docker_cli_on, free_port, free_ports, http_get, targz, wait_until, Node,
-    PrivateDockerd, RawTar, RunningAgent,
+    busybox_image_on, docker_cli_on, free_port, free_ports, http_get, netns, targz, wait_until,
+    Node, PrivateDockerd, RawTar, RunningAgent,
 };
 
 const LOAD_TIME: Duration = Duration::from_secs(300);
@@ -54,6 +54,11 @@ fn deploy(node: &Node, app: &str, art: &Path, id: &str) -> serde_json::Value {
 
 #[test]
 fn docker_deploys_under_load_through_the_front_lose_nothing() {
+    // In a network namespace of its own (the test's dockerd too): the
+    // front forwards in the kernel (nftables) there, as it does by default.
+    if !netns::enter("front::docker_deploys_under_load_through_the_front_lose_nothing") {
+        return;
+    }
     const DEPLOYS: usize = 20;
     let engine = PrivateDockerd::start();
     let socket = engine.socket();
@@ -145,7 +150,8 @@ fn docker_deploys_under_load_through_the_front_lose_nothing() {
     let notes = st["apps"][0]["processes"]["notes"].to_string();
     assert!(
         notes.contains(&format!("agent proxy: 127.0.0.1:{public} forwards"))
-            && notes.contains(&last),
+            && notes.contains(&last)
+            && notes.contains("kernel-forwarded for local clients"),
         "{st:#}"
     );
 }
@@ -453,6 +459,11 @@ deadline = "30s"
 
 #[test]
 fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
+    // In a network namespace of its own: the front forwards in the kernel
+    // (nftables) there, as it does by default.
+    if !netns::enter("front::pm2_fork_deploys_under_load_through_the_front_lose_nothing") {
+        return;
+    }
     const DEPLOYS: usize = 20;
     let public = free_port();
     let ports = free_ports::<2>();
@@ -513,6 +524,11 @@ fn pm2_fork_deploys_under_load_through_the_front_lose_nothing() {
 
 #[test]
 fn the_front_outlives_restarts_and_a_kill_of_the_agent_under_load() {
+    // In a network namespace of its own: the front forwards in the kernel
+    // (nftables) there, as it does by default.
+    if !netns::enter("front::the_front_outlives_restarts_and_a_kill_of_the_agent_under_load") {
+        return;
+    }
     let public = free_port();
     let ports = free_ports::<2>();
     let pm2_home = tempfile::tempdir().unwrap();
@@ -569,18 +585,36 @@ fn the_front_outlives_restarts_and_a_kill_of_the_agent_under_load() {
     )
     .unwrap();
     wait_until("the front to be gone", Duration::from_secs(10), || {
-        http_get(public, "/").is_none()
+        !Path::new(&format!("/proc/{pid}")).exists()
     });
+    // Its kernel rules stay, pointing at the live release: this machine's
+    // clients are still served.
+    assert!(http_get(public, "/").is_some_and(|(_, b)| b.starts_with("v1 ")));
     let _agent = RunningAgent::start(&node);
     wait_until(
         "run to start the front again",
         Duration::from_secs(30),
-        || http_get(public, "/").is_some_and(|(_, b)| b.starts_with("v1 ")),
+        || {
+            fs::read_to_string(node.root.join(".slipway/run/front.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|s| {
+                    s["pid"].as_u64() != Some(pid as u64) && s["kernel"]["table"].is_string()
+                })
+        },
     );
+    assert!(http_get(public, "/").is_some_and(|(_, b)| b.starts_with("v1 ")));
 }
 
 #[test]
 fn a_kill_of_the_agent_around_the_switch_leaves_one_consistent_release_serving() {
+    // In a network namespace of its own: the front forwards in the kernel
+    // (nftables) there, as it does by default.
+    if !netns::enter(
+        "front::a_kill_of_the_agent_around_the_switch_leaves_one_consistent_release_serving",
+    ) {
+        return;
+    }
     let public = free_port();
     let ports = free_ports::<2>();
     let pm2_home = tempfile::tempdir().unwrap();
@@ -623,6 +657,25 @@ fn a_kill_of_the_agent_around_the_switch_leaves_one_consistent_release_serving()
         assert_eq!(procs.len(), 1, "{point}: {st:#}");
         let notes = st["apps"][0]["processes"]["notes"].to_string();
         assert!(notes.contains("(release v0)"), "{point}: {st:#}");
+        // The kernel forwards to v0's process set too.
+        assert!(
+            notes.contains("kernel-forwarded for local clients"),
+            "{point}: {st:#}"
+        );
+        let rules = std::process::Command::new("nft")
+            .args([
+                "list",
+                "table",
+                "ip",
+                &slipway_agent::front::kernel::table_name(&node.root),
+            ])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert!(
+            rules.contains(&format!("dnat to 127.0.0.1:{}", ports[0])),
+            "{point}: {rules}"
+        );
     }
     let report = load.stop();
     eprintln!("kills around the switch under load: {}", report.summary());

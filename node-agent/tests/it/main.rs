@@ -14,6 +14,7 @@ mod exec_driver;
 mod exec_listen;
 mod front;
 mod front_http;
+mod front_kernel;
 mod keep;
 mod layers;
 mod lifecycle;

@@ -15,6 +15,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The agents these tests start give their fronts an `nft` that does not
+/// exist: the fronts proxy every connection themselves and no test writes
+/// nftables rules into the machine's network namespace (the agent's own
+/// tests cover kernel forwarding, each in a namespace of its own).
+const NFT_ENV: &str = slipway_agent::front::kernel::NFT_ENV;
+const NO_NFT: &str = "/nonexistent/nft-outside-a-test-network-namespace";
+
 /// Spawns `cmd`, again while the file is busy (ETXTBSY): a binary this
 /// process just wrote may still be open for writing in a child another
 /// test thread forked and that has not exec'd yet.
@@ -794,6 +801,7 @@ liveness_interval = "500ms"
             .arg("--config")
             .arg(&self.config)
             .args(args)
+            .env(NFT_ENV, NO_NFT)
             .output()
             .unwrap()
     }
@@ -870,6 +878,7 @@ liveness_interval = "500ms"
                 .arg("run")
                 .arg("--ready-file")
                 .arg(&ready)
+                .env(NFT_ENV, NO_NFT)
                 .envs(self.run_env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log)),
@@ -907,6 +916,7 @@ liveness_interval = "500ms"
                 .arg(&self.config)
                 .arg(&ready)
                 .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+                .env(NFT_ENV, NO_NFT)
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
                 .spawn()

@@ -6,6 +6,7 @@
 
 mod docker_image;
 pub mod load;
+pub mod netns;
 mod private_dockerd;
 
 use std::collections::BTreeSet;
@@ -92,11 +93,19 @@ impl Node {
             .arg(&self.config)
             .args(args)
             .env_remove("SLIPWAY_TEST_CRASH_AT");
+        c.envs(netns::nft_env());
         c
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
         Run::from(self.cmd(args).output().unwrap())
+    }
+
+    /// [`Node::run`] with `env` added (what the agent starts inherits it).
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = self.cmd(args);
+        c.envs(env.iter().copied());
+        Run::from(c.output().unwrap())
     }
 
     /// Writes an artifact with `files` into the node dir and returns its path.
