@@ -52,6 +52,9 @@ command -v chromium >/dev/null || need_tools+=(chromium)
 command -v npm >/dev/null || need_tools+=(npm)
 # wrk: the HTTP API benchmark (tests/benches/http_api.rs) loads it from loopback.
 command -v wrk >/dev/null || need_tools+=(wrk)
+# nft (nftables): the front's kernel forwarding, tested inside network
+# namespaces the tests make (node-agent/tests/it/front_kernel.rs).
+command -v nft >/dev/null || need_tools+=(nftables)
 # jq: the deploy step of the GitHub Action reads the CLI's JSON with it, as
 # on GitHub's runners (tests/it/oidc.rs runs that step).
 command -v jq >/dev/null || need_tools+=(jq)
