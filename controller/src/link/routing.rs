@@ -1110,6 +1110,79 @@ mod tests {
         a_task.await.unwrap();
     }
 
+    /// On PostgreSQL the replicas wake each other (LISTEN/NOTIFY): asks
+    /// routed one after the other are each answered in a few round trips
+    /// of the database, not after the holder's and then the sender's poll
+    /// (about [`POLL_EVERY`] an ask, on average).
+    #[tokio::test]
+    async fn on_postgres_routed_asks_do_not_wait_for_the_poll() {
+        let Some(store) = crate::store::testing::postgres_store().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let a = side(&store, dir.path(), "127.0.0.1:1").await;
+        let b = side(&store, dir.path(), "127.0.0.1:2").await;
+        let handle = b.sessions.register("n-1");
+        let (out, mut agent) = mpsc::channel(8);
+        handle.accept_commands(out);
+        b.sessions
+            .record_open("n-1", handle.session_id())
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let a_task = tokio::spawn(a.router.clone().run(a.sessions.clone(), stop.clone()));
+        let b_task = tokio::spawn(b.router.clone().run(b.sessions.clone(), stop.clone()));
+        // The agent answers each command at once, through b.
+        let b_commands = b.commands.clone();
+        let agent_task = tokio::spawn(async move {
+            while let Some(Ok(message)) = agent.recv().await {
+                let command_id = command_id_of(&message).unwrap().to_owned();
+                b_commands.result(
+                    "n-1",
+                    CommandResult {
+                        command_id,
+                        message: "fine".to_owned(),
+                        ..CommandResult::default()
+                    },
+                );
+            }
+        });
+        for router in [&a.router, &b.router] {
+            let mut listening = false;
+            for _ in 0..50 {
+                if router.inner.listening.load(std::sync::atomic::Ordering::Relaxed) {
+                    listening = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(listening, "each router listens for notifications");
+        }
+        const ASKS: u32 = 30;
+        let started = Instant::now();
+        for i in 0..ASKS {
+            let id = format!("s-{i}.n-1");
+            let answer = a
+                .commands
+                .ask(&a.sessions, "n-1", &id, status(&id), Duration::from_secs(10))
+                .await;
+            match answer {
+                Answer::Result(r) => assert_eq!(r.command_id, id),
+                other => panic!("{other:?}"),
+            }
+        }
+        let took = started.elapsed();
+        assert!(
+            took < POLL_EVERY * ASKS / 2,
+            "{ASKS} routed asks took {took:?}: woken, each takes far less than a poll"
+        );
+        stop.cancel();
+        a_task.await.unwrap();
+        b_task.await.unwrap();
+        drop(handle);
+        agent_task.abort();
+    }
+
     fn status(id: &str) -> ControllerMessage {
         ControllerMessage {
             kind: Some(controller_message::Kind::StatusRequest(StatusRequest {
