@@ -504,24 +504,6 @@ impl Store {
         sessions.sort();
         Ok(sessions)
     }
-
-    /// Every recorded agent session: node id, holding replica, session id.
-    pub async fn agent_session_records(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT node_id, replica_id, session_id FROM agent_sessions ORDER BY node_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("node_id")?,
-                    row.try_get("replica_id")?,
-                    row.try_get("session_id")?,
-                ))
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -890,7 +872,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            store.agent_session_records().await.unwrap(),
+            store
+                .agent_sessions_of(&["n-2".to_owned(), "n-9".to_owned()])
+                .await
+                .unwrap(),
             [("n-2".to_owned(), "b".to_owned(), 7)]
         );
     }
