@@ -749,11 +749,13 @@ impl Router {
     /// Sender side, when woken: reads the answers to the commands this
     /// replica queued and forgets those nobody waits on any more.
     async fn answers(&self) {
-        let pending = self.inner.commands.routable();
         let mut sent = self.inner.sent.lock().await;
         if sent.is_empty() {
             return;
         }
+        // Read under the lock: a command in `sent` was registered before
+        // it was queued, so it is among these while it is waited on.
+        let pending = self.inner.commands.routable();
         self.read_answers(&mut sent).await;
         self.forget_done(&mut sent, &pending).await;
     }
@@ -782,8 +784,9 @@ impl Router {
     /// reports those whose node is gone; forgets those nobody waits on.
     async fn check(&self, sessions: &Sessions) {
         let commands = &self.inner.commands;
-        let pending = commands.routable();
         let mut sent = self.inner.sent.lock().await;
+        // Read under the lock (see `answers`).
+        let pending = commands.routable();
         let away: Vec<String> = pending
             .iter()
             .filter(|(_, node)| !sessions.contains(node))
