@@ -499,6 +499,22 @@ mod tests {
         .await
         .expect("a place freed by the gRPC client that left");
         drop((second, again, back));
+
+        // The API description lists the answer.
+        let (status, doc) = call(
+            &app,
+            Request::get("/api/v1/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let busy = &doc["paths"]["/api/v1/deployments/{id}/events"]["get"]["responses"]["503"];
+        assert!(busy["headers"]["Retry-After"].is_object(), "{busy}");
+        assert!(
+            busy["content"]["application/json"]["schema"].is_object(),
+            "{busy}"
+        );
     }
 
     /// The router over `store`, with its files (artifacts, key file) in

@@ -380,15 +380,22 @@ impl Router {
             return Ok(HashMap::new());
         }
         let replica = &self.inner.replica;
-        let live = replica.live_ids(crate::now_unix()).await?;
-        Ok(replica
-            .store()
-            .agent_sessions_of(nodes)
-            .await?
-            .into_iter()
-            .filter(|(_, holder, _)| holder != replica.id() && live.contains(holder))
-            .map(|(node, holder, session)| (node, (holder, session)))
-            .collect())
+        let now = crate::now_unix();
+        // Each replica judged once (on SQLite that opens its lock file).
+        let mut judged: HashMap<String, bool> = HashMap::new();
+        let mut remote = HashMap::new();
+        for (node, session, holder) in replica.store().agent_sessions_of(nodes).await? {
+            if holder.id == replica.id() {
+                continue;
+            }
+            let alive = *judged
+                .entry(holder.id.clone())
+                .or_insert_with(|| replica.is_alive(&holder, now));
+            if alive {
+                remote.insert(node, (holder.id, session));
+            }
+        }
+        Ok(remote)
     }
 
     /// Queues `message` for `node_id` to the live replica holding its
@@ -436,7 +443,8 @@ impl Router {
                 tracing::warn!(%command_id, %err, "cannot delete a routed command's old row");
             }
         }
-        // Woken below: the holder claims at once rather than at its poll.
+        // Queuing wakes the holder (PostgreSQL): it claims at once rather
+        // than at its poll.
         let row = match crate::pki::crypto::random_hex::<12>() {
             Ok(row) => row,
             Err(err) => {
@@ -461,10 +469,6 @@ impl Router {
             return false;
         }
         tracing::debug!(%node_id, %command_id, %replica, %row, "command queued for the replica holding the node");
-        if let Err(err) = store.notify_replica(replica, RoutingWake::Commands).await {
-            // Its poll claims the command a little later.
-            tracing::debug!(%replica, %err, "cannot wake the replica holding the node");
-        }
         sent.insert(
             command_id.to_owned(),
             Sent {

@@ -8,7 +8,7 @@
 
 use sqlx::Row as _;
 
-use super::{Backend, Store, StoreError};
+use super::{Backend, ReplicaRow, Store, StoreError};
 
 /// A command queued for another replica, as that replica claimed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +121,8 @@ fn event_row(row: &sqlx::any::AnyRow) -> Result<CommandEventRow, StoreError> {
 
 impl Store {
     /// Queues `message` (command `command_id` for `node_id`) from
-    /// `sender` to `target` under the row id `id`.
+    /// `sender` to `target` under the row id `id`; on PostgreSQL the same
+    /// statement wakes `target` ([`RoutingWake::Commands`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn enqueue_node_command(
         &self,
@@ -133,20 +134,36 @@ impl Store {
         message: &[u8],
         now: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO node_commands
-               (id, command_id, node_id, sender_replica, target_replica, message, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(id)
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "INSERT INTO node_commands
+                   (id, command_id, node_id, sender_replica, target_replica, message, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            }
+            // Delivered when the insert commits.
+            Backend::Postgres => {
+                "WITH queued AS (
+                   INSERT INTO node_commands
+                     (id, command_id, node_id, sender_replica, target_replica, message, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   RETURNING id)
+                 SELECT pg_notify($8, $9) FROM queued"
+            }
+        };
+        let mut query = sqlx::query(sql)
+            .bind(id)
         .bind(command_id)
         .bind(node_id)
         .bind(sender)
         .bind(target)
         .bind(message.to_vec())
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        .bind(now);
+        if self.backend == Backend::Postgres {
+            query = query
+                .bind(ROUTING_CHANNEL)
+                .bind(RoutingWake::Commands.payload(target));
+        }
+        query.execute(&self.pool).await?;
         Ok(())
     }
 
@@ -477,17 +494,21 @@ impl Store {
         Ok(events.rows_affected() + commands.rows_affected())
     }
 
-    /// The recorded agent sessions of `nodes` (those that have one): node
-    /// id, holding replica, session id; a few hundred nodes per statement.
+    /// The recorded agent sessions of `nodes` (those that have one, held
+    /// by a recorded replica): node id, session id and the holding
+    /// replica's record (alive or not: the caller judges), by node; a few
+    /// hundred nodes per statement.
     pub async fn agent_sessions_of(
         &self,
         nodes: &[String],
-    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+    ) -> Result<Vec<(String, i64, ReplicaRow)>, StoreError> {
         let mut sessions = Vec::new();
         for chunk in nodes.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "SELECT node_id, replica_id, session_id FROM agent_sessions
-                 WHERE node_id IN ({})",
+                "SELECT s.node_id, s.session_id,
+                        r.id, r.grpc_addr, r.http_addr, r.started_at, r.seen_at
+                 FROM agent_sessions s JOIN replicas r ON r.id = s.replica_id
+                 WHERE s.node_id IN ({})",
                 super::placeholders(chunk.len())
             );
             let rows = super::bind_all(sqlx::query(&sql), chunk)
@@ -495,13 +516,13 @@ impl Store {
                 .await?;
             for row in &rows {
                 sessions.push((
-                    row.try_get("node_id")?,
-                    row.try_get("replica_id")?,
+                    row.try_get::<String, _>("node_id")?,
                     row.try_get("session_id")?,
+                    super::replicas::replica_row(row)?,
                 ));
             }
         }
-        sessions.sort();
+        sessions.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(sessions)
     }
 }
@@ -614,19 +635,36 @@ mod tests {
         assert!(store.node_command_states("b").await.unwrap().is_empty());
         assert!(store.node_command_events("a").await.unwrap().is_empty());
 
-        // The sessions of the nodes asked about, many per statement.
+        // The sessions of the nodes asked about, many per statement, with
+        // their replica's record; one of a replica without a record is
+        // left out.
+        let b = replica_b();
+        store.register_replica(&b).await.unwrap();
         for i in 0..250 {
+            let holder = if i == 100 { "gone" } else { "b" };
             store
-                .open_agent_session(&format!("n-{i:03}"), "b", i, 100)
+                .open_agent_session(&format!("n-{i:03}"), holder, i, 100)
                 .await
                 .unwrap();
         }
         let asked: Vec<String> = (0..260).step_by(2).map(|i| format!("n-{i:03}")).collect();
         let found = store.agent_sessions_of(&asked).await.unwrap();
-        assert_eq!(found.len(), 125, "the nodes 250 to 258 have none");
-        assert_eq!(found[0], ("n-000".to_owned(), "b".to_owned(), 0));
-        assert_eq!(found[124], ("n-248".to_owned(), "b".to_owned(), 248));
+        assert_eq!(found.len(), 124, "the nodes 250 to 258 have none; n-100's holder is gone");
+        assert_eq!(found[0], ("n-000".to_owned(), 0, b.clone()));
+        assert_eq!(found[123], ("n-248".to_owned(), 248, b));
+        assert!(found.iter().all(|(node, _, _)| node != "n-100"));
         assert!(store.agent_sessions_of(&[]).await.unwrap().is_empty());
+    }
+
+    /// The record of replica `b`.
+    fn replica_b() -> ReplicaRow {
+        ReplicaRow {
+            id: "b".to_owned(),
+            grpc_addr: "127.0.0.1:2".to_owned(),
+            http_addr: None,
+            started_at: 10,
+            seen_at: 20,
+        }
     }
 
     async fn a_notification_wakes_the_replica_it_names(store: Store) {
@@ -654,8 +692,13 @@ mod tests {
                     .notify_replica("r-a", RoutingWake::Commands)
                     .await
                     .unwrap();
+                // Queuing a command wakes its target in the same statement.
+                store
+                    .enqueue_node_command("r-1", "d-1.n-1", "n-1", "r-b", "r-c", b"m", 100)
+                    .await
+                    .unwrap();
                 let mut got = Vec::new();
-                for _ in 0..2 {
+                for _ in 0..3 {
                     let n = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
                         .await
                         .expect("a notification within 5 s")
@@ -663,7 +706,7 @@ mod tests {
                     assert_eq!(n.channel(), ROUTING_CHANNEL);
                     got.push(n.payload().to_owned());
                 }
-                assert_eq!(got, ["e:r-b", "c:r-a"], "in the order sent");
+                assert_eq!(got, ["e:r-b", "c:r-a", "c:r-c"], "in the order sent");
             }
         }
     }
@@ -867,6 +910,7 @@ mod tests {
         assert_eq!(store.node_command_events("a").await.unwrap().len(), 1);
         assert_eq!(store.delete_node_commands_before(1_000).await.unwrap(), 0);
 
+        store.register_replica(&replica_b()).await.unwrap();
         store
             .open_agent_session("n-2", "b", 7, 5_000)
             .await
@@ -876,7 +920,7 @@ mod tests {
                 .agent_sessions_of(&["n-2".to_owned(), "n-9".to_owned()])
                 .await
                 .unwrap(),
-            [("n-2".to_owned(), "b".to_owned(), 7)]
+            [("n-2".to_owned(), 7, replica_b())]
         );
     }
 }
