@@ -692,7 +692,10 @@ mod tests {
         };
         let limits = |total, per_caller| crate::api::watch::FollowerLimits { total, per_caller };
         assert_eq!(with(None, None).unwrap().followers, limits(256, 16));
-        assert_eq!(with(Some(1000), Some(50)).unwrap().followers, limits(1000, 50));
+        assert_eq!(
+            with(Some(1000), Some(50)).unwrap().followers,
+            limits(1000, 50)
+        );
         // A total under the default per caller lowers that with it.
         assert_eq!(with(Some(8), None).unwrap().followers, limits(8, 8));
         for (total, per_caller, key) in [
@@ -707,7 +710,10 @@ mod tests {
         let path = dir.path().join("controller.toml");
         std::fs::write(&path, "max_followers = 64\nmax_followers_per_caller = 4\n").unwrap();
         let file = RawConfig::from_file(&path).unwrap();
-        assert_eq!((file.max_followers, file.max_followers_per_caller), (Some(64), Some(4)));
+        assert_eq!(
+            (file.max_followers, file.max_followers_per_caller),
+            (Some(64), Some(4))
+        );
     }
 
     #[test]

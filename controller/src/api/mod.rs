@@ -972,9 +972,7 @@ impl Control for ControlService {
             .authorize(&request, "follow a deployment", Caller::can_read)
             .await?;
         let id = request.into_inner().deployment_id;
-        let events = self
-            .watch_for(&id, &caller, self.stopping.clone())
-            .await?;
+        let events = self.watch_for(&id, &caller, self.stopping.clone()).await?;
         Ok(Response::new(forward(events)))
     }
 

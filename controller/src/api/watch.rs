@@ -876,7 +876,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(matches!(next(&mut rx).await, deploy_event::Kind::Started(_)));
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Started(_)
+        ));
         assert!(followers.admit("t-b").is_err(), "the one slot is taken");
         drop(rx);
         all_freed(&followers).await;
@@ -953,10 +956,12 @@ mod tests {
 
         let live = Live::default();
         let stop = CancellationToken::new();
-        assert!(watch(&store, &live, "d-0000000000000000", slot(), stop.clone())
-            .await
-            .unwrap()
-            .is_none());
+        assert!(
+            watch(&store, &live, "d-0000000000000000", slot(), stop.clone())
+                .await
+                .unwrap()
+                .is_none()
+        );
         let mut rx = watch(&store, &live, ID, slot(), stop.clone())
             .await
             .unwrap()

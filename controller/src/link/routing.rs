@@ -693,7 +693,11 @@ impl Router {
 
     /// Holder side: the row to write back for the sender of a relayed
     /// command, with that sender; None if there is nothing to write.
-    fn relay_answer(&self, command_id: &str, event: NodeEvent) -> Option<(NewCommandEvent, String)> {
+    fn relay_answer(
+        &self,
+        command_id: &str,
+        event: NodeEvent,
+    ) -> Option<(NewCommandEvent, String)> {
         let (kind, payload, last) = match event {
             NodeEvent::Progress(p) => (KIND_PROGRESS, p.encode_to_vec(), false),
             NodeEvent::Result(r) => (KIND_RESULT, r.encode_to_vec(), true),
@@ -909,7 +913,10 @@ impl Router {
             .collect();
         // A full read leaves more: read on (a bounded number of times).
         for _ in 0..8 {
-            let events = match store.take_node_command_events(self.inner.replica.id()).await {
+            let events = match store
+                .take_node_command_events(self.inner.replica.id())
+                .await
+            {
                 Ok(events) => events,
                 Err(err) => {
                     self.store_failed();
@@ -1157,7 +1164,11 @@ mod tests {
         for router in [&a.router, &b.router] {
             let mut listening = false;
             for _ in 0..50 {
-                if router.inner.listening.load(std::sync::atomic::Ordering::Relaxed) {
+                if router
+                    .inner
+                    .listening
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
                     listening = true;
                     break;
                 }
@@ -1171,7 +1182,13 @@ mod tests {
             let id = format!("s-{i}.n-1");
             let answer = a
                 .commands
-                .ask(&a.sessions, "n-1", &id, status(&id), Duration::from_secs(10))
+                .ask(
+                    &a.sessions,
+                    "n-1",
+                    &id,
+                    status(&id),
+                    Duration::from_secs(10),
+                )
                 .await;
             match answer {
                 Answer::Result(r) => assert_eq!(r.command_id, id),

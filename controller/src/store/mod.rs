@@ -70,8 +70,8 @@ pub use env::EnvVersionRow;
 pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
 pub use node_commands::{
-    ClaimedCommand, CommandEventRow, NewCommandEvent, NodeCommandState, RoutingWake, MAX_EVENTS_READ,
-    ROUTING_CHANNEL,
+    ClaimedCommand, CommandEventRow, NewCommandEvent, NodeCommandState, RoutingWake,
+    MAX_EVENTS_READ, ROUTING_CHANNEL,
 };
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewCert, NewEnrollment, NewNode, NodeCert, NodeRow,

@@ -152,12 +152,12 @@ impl Store {
         };
         let mut query = sqlx::query(sql)
             .bind(id)
-        .bind(command_id)
-        .bind(node_id)
-        .bind(sender)
-        .bind(target)
-        .bind(message.to_vec())
-        .bind(now);
+            .bind(command_id)
+            .bind(node_id)
+            .bind(sender)
+            .bind(target)
+            .bind(message.to_vec())
+            .bind(now);
         if self.backend == Backend::Postgres {
             query = query
                 .bind(ROUTING_CHANNEL)
@@ -280,7 +280,14 @@ impl Store {
             let values = (0..chunk.len())
                 .map(|i| {
                     let b = i * 5;
-                    format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5)
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${})",
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
@@ -342,10 +349,7 @@ impl Store {
         .bind(i64::try_from(MAX_EVENTS_READ).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
-        let mut events = rows
-            .iter()
-            .map(event_row)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut events = rows.iter().map(event_row).collect::<Result<Vec<_>, _>>()?;
         // RETURNING gives no order.
         events.sort_by(|a, b| (&a.command_row, a.seq).cmp(&(&b.command_row, b.seq)));
         Ok(events)
@@ -370,9 +374,7 @@ impl Store {
     /// (PostgreSQL); None on SQLite. It reconnects (and listens again) by
     /// itself on its next receive after a lost connection; notifications
     /// sent meanwhile are lost.
-    pub async fn routing_listener(
-        &self,
-    ) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+    pub async fn routing_listener(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
         let Some(url) = &self.postgres_url else {
             return Ok(None);
         };
@@ -589,12 +591,19 @@ mod tests {
         assert_eq!(taken[0].payload, [0, 255]);
         assert_eq!(taken[450].payload, 450_i64.to_be_bytes());
         assert!(
-            store.take_node_command_events("a").await.unwrap().is_empty(),
+            store
+                .take_node_command_events("a")
+                .await
+                .unwrap()
+                .is_empty(),
             "taken once"
         );
         let b = store.take_node_command_events("b").await.unwrap();
         assert_eq!(b.len(), 1);
-        assert_eq!((b[0].command_row.as_str(), b[0].kind.as_str()), ("r-3", "gone"));
+        assert_eq!(
+            (b[0].command_row.as_str(), b[0].kind.as_str()),
+            ("r-3", "gone")
+        );
 
         // Past one read's limit: the rest on the next, still in order.
         let many: Vec<NewCommandEvent> = (1..=i64::try_from(MAX_EVENTS_READ).unwrap() + 5)
@@ -649,7 +658,11 @@ mod tests {
         }
         let asked: Vec<String> = (0..260).step_by(2).map(|i| format!("n-{i:03}")).collect();
         let found = store.agent_sessions_of(&asked).await.unwrap();
-        assert_eq!(found.len(), 124, "the nodes 250 to 258 have none; n-100's holder is gone");
+        assert_eq!(
+            found.len(),
+            124,
+            "the nodes 250 to 258 have none; n-100's holder is gone"
+        );
         assert_eq!(found[0], ("n-000".to_owned(), 0, b.clone()));
         assert_eq!(found[123], ("n-248".to_owned(), 248, b));
         assert!(found.iter().all(|(node, _, _)| node != "n-100"));
@@ -668,9 +681,18 @@ mod tests {
     }
 
     async fn a_notification_wakes_the_replica_it_names(store: Store) {
-        assert_eq!(RoutingWake::parse(&RoutingWake::Commands.payload("r-a"), "r-a"), Some(RoutingWake::Commands));
-        assert_eq!(RoutingWake::parse(&RoutingWake::Answers.payload("r-a"), "r-a"), Some(RoutingWake::Answers));
-        assert_eq!(RoutingWake::parse(&RoutingWake::Answers.payload("r-a"), "r-b"), None);
+        assert_eq!(
+            RoutingWake::parse(&RoutingWake::Commands.payload("r-a"), "r-a"),
+            Some(RoutingWake::Commands)
+        );
+        assert_eq!(
+            RoutingWake::parse(&RoutingWake::Answers.payload("r-a"), "r-a"),
+            Some(RoutingWake::Answers)
+        );
+        assert_eq!(
+            RoutingWake::parse(&RoutingWake::Answers.payload("r-a"), "r-b"),
+            None
+        );
         assert_eq!(RoutingWake::parse("x:r-a", "r-a"), None);
         assert_eq!(RoutingWake::parse("r-a", "r-a"), None);
         let listener = store.routing_listener().await.unwrap();
@@ -699,10 +721,11 @@ mod tests {
                     .unwrap();
                 let mut got = Vec::new();
                 for _ in 0..3 {
-                    let n = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
-                        .await
-                        .expect("a notification within 5 s")
-                        .unwrap();
+                    let n =
+                        tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
+                            .await
+                            .expect("a notification within 5 s")
+                            .unwrap();
                     assert_eq!(n.channel(), ROUTING_CHANNEL);
                     got.push(n.payload().to_owned());
                 }
