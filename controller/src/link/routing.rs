@@ -5,7 +5,13 @@
 //! sends it on the session and writes the agent's Progress and
 //! CommandResult for it back (`node_command_events`); the sender reads
 //! those and hands them to its [`Commands`] as if a local session had
-//! reported them. Every [`POLL_EVERY`] each replica also checks the
+//! reported them. The holder claims what waits in one statement, the
+//! answers go back many rows per insert and the sender reads and deletes
+//! them in one statement. On PostgreSQL queuing a command wakes its holder
+//! and writing answers wakes their sender (`NOTIFY`, [`RoutingWake`]); the
+//! poll (every [`POLL_EVERY`]; on SQLite every [`BUSY_POLL_EVERY`] while
+//! commands are in flight) catches what a lost notification left. Every
+//! [`POLL_EVERY`] each replica also checks the
 //! commands it waits on: a node that moved to another replica (or to this
 //! one) gets them again there, with a Reconnected; one no live replica
 //! holds is reported Disconnected to its waiters; a row its holder did not
