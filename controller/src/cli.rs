@@ -259,8 +259,9 @@ pub struct NodeRevokeArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file with the same keys (data_dir, listen) plus heartbeats_per_sec
-    /// (fleet-wide target, default 50) and unreachable_after_intervals
-    /// (default 3); flags win over it.
+    /// (fleet-wide target, default 50), unreachable_after_intervals
+    /// (default 3), max_followers (deployment followers per replica, default
+    /// 256) and max_followers_per_caller (default 16); flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Directory for the CA, keys and database (created mode 0700).

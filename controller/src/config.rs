@@ -126,6 +126,12 @@ pub struct RawConfig {
     /// GitHub Actions OIDC tokens as CI credentials (file only;
     /// `crate::auth::oidc`).
     pub oidc: Option<crate::auth::oidc::RawOidc>,
+    /// Deployment followers (`slipway watch`, the HTTP events stream) one
+    /// replica serves at once, in all (file only; default 256).
+    pub max_followers: Option<usize>,
+    /// Deployment followers one replica serves at once per caller (API
+    /// token or operator; file only; default 16).
+    pub max_followers_per_caller: Option<usize>,
 }
 
 /// `[backup]`: scheduled encrypted backups of the data dir.
@@ -215,6 +221,8 @@ pub struct ServeConfig {
     pub github: Option<crate::github::GithubConfig>,
     /// The key file apps' environments are sealed under.
     pub secrets_key: PathBuf,
+    /// How many deployment followers this replica serves at once.
+    pub followers: crate::api::watch::FollowerLimits,
 }
 
 /// Checked HTTP listener settings.
@@ -255,6 +263,7 @@ impl ServeConfig {
             data_dir,
             database_url: None,
             artifact_dir: None,
+            followers: crate::api::watch::FollowerLimits::default(),
         }
     }
 
@@ -386,6 +395,32 @@ fn backup_schedule(raw: RawBackup) -> Result<BackupSchedule, ConfigError> {
     })
 }
 
+/// Checks `max_followers` and `max_followers_per_caller` (defaults for
+/// those unset): each at least 1, the one per caller at most the total.
+fn follower_limits(
+    total: Option<usize>,
+    per_caller: Option<usize>,
+) -> Result<crate::api::watch::FollowerLimits, ConfigError> {
+    let defaults = crate::api::watch::FollowerLimits::default();
+    let total = total.unwrap_or(defaults.total);
+    if total == 0 {
+        return Err(ConfigError::Invalid {
+            key: "max_followers",
+            value: "0".to_owned(),
+            why: "must be at least 1 (deployments could not be followed at all)",
+        });
+    }
+    let per_caller = per_caller.unwrap_or(defaults.per_caller.min(total));
+    if per_caller == 0 || per_caller > total {
+        return Err(ConfigError::Invalid {
+            key: "max_followers_per_caller",
+            value: per_caller.to_string(),
+            why: "must be at least 1 and at most max_followers",
+        });
+    }
+    Ok(crate::api::watch::FollowerLimits { total, per_caller })
+}
+
 fn is_server_name(name: &str) -> bool {
     name.parse::<std::net::IpAddr>().is_ok() || is_dns_name(name.strip_prefix("*.").unwrap_or(name))
 }
@@ -482,6 +517,12 @@ impl ServeConfig {
             }
             config.link.heartbeat.target_rate = rate;
         }
+        config.followers = follower_limits(
+            flags.max_followers.or(file.max_followers),
+            flags
+                .max_followers_per_caller
+                .or(file.max_followers_per_caller),
+        )?;
         if let Some(after) = flags
             .unreachable_after_intervals
             .or(file.unreachable_after_intervals)
@@ -636,6 +677,43 @@ mod tests {
         assert_eq!(config.unreachable_after, 4);
         assert_eq!(config.link.heartbeat.target_rate, 50);
         assert!(ServeConfig::new(RawConfig::default(), None).is_err());
+    }
+
+    #[test]
+    fn follower_limits_default_and_are_checked() {
+        let with = |total: Option<usize>, per_caller: Option<usize>| {
+            let file = RawConfig {
+                data_dir: Some("/d".into()),
+                max_followers: total,
+                max_followers_per_caller: per_caller,
+                ..RawConfig::default()
+            };
+            ServeConfig::new(RawConfig::default(), Some(file))
+        };
+        let limits = |total, per_caller| crate::api::watch::FollowerLimits { total, per_caller };
+        assert_eq!(with(None, None).unwrap().followers, limits(256, 16));
+        assert_eq!(
+            with(Some(1000), Some(50)).unwrap().followers,
+            limits(1000, 50)
+        );
+        // A total under the default per caller lowers that with it.
+        assert_eq!(with(Some(8), None).unwrap().followers, limits(8, 8));
+        for (total, per_caller, key) in [
+            (Some(0), None, "max_followers ="),
+            (None, Some(0), "max_followers_per_caller"),
+            (Some(4), Some(5), "max_followers_per_caller"),
+        ] {
+            let err = with(total, per_caller).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        std::fs::write(&path, "max_followers = 64\nmax_followers_per_caller = 4\n").unwrap();
+        let file = RawConfig::from_file(&path).unwrap();
+        assert_eq!(
+            (file.max_followers, file.max_followers_per_caller),
+            (Some(64), Some(4))
+        );
     }
 
     #[test]

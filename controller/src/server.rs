@@ -256,6 +256,7 @@ async fn serve_notifying(
     )
     .with_oidc(oidc)
     .with_stopping(stopping_followers.clone())
+    .with_followers(config.followers)
     .with_snapshots(snapshot_policy)
     .with_droplets(config.digitalocean.is_some());
     // GitHub: the rollouts' notes go to the status queue (never waited

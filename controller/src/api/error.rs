@@ -76,6 +76,10 @@ pub enum ApiError {
         /// Why it was not sent.
         reason: Box<ApiError>,
     },
+    /// This replica follows as many deployments as it may (in all, or for
+    /// this caller).
+    #[error(transparent)]
+    TooManyFollowers(#[from] crate::api::watch::TooManyFollowers),
 }
 
 impl From<OperatorError> for ApiError {
@@ -154,6 +158,7 @@ impl From<ApiError> for Status {
                 Status::failed_precondition(err.to_string())
             }
             ApiError::NotFound(_) => Status::not_found(err.to_string()),
+            ApiError::TooManyFollowers(_) => Status::resource_exhausted(err.to_string()),
             ApiError::NotDelivered { .. } | ApiError::LayerConflict(_) => {
                 Status::failed_precondition(err.to_string())
             }

@@ -99,6 +99,8 @@ pub struct ControlService {
     /// followers' streams ([`watch`]) end then, so the graceful shutdown
     /// does not wait for them.
     stopping: tokio_util::sync::CancellationToken,
+    /// The deployment followers served here, within their limits.
+    followers: watch::Followers,
 }
 
 /// A deployment that has started: its id and its events.
@@ -201,6 +203,7 @@ impl ControlService {
             snapshots: None,
             digitalocean: false,
             stopping: tokio_util::sync::CancellationToken::new(),
+            followers: watch::Followers::default(),
         }
     }
 
@@ -209,6 +212,14 @@ impl ControlService {
     #[must_use]
     pub fn with_stopping(mut self, stopping: tokio_util::sync::CancellationToken) -> Self {
         self.stopping = stopping;
+        self
+    }
+
+    /// The service following at most `limits` deployments at once
+    /// ([`watch::Followers`]).
+    #[must_use]
+    pub fn with_followers(mut self, limits: watch::FollowerLimits) -> Self {
+        self.followers = watch::Followers::new(limits);
         self
     }
 
@@ -310,9 +321,13 @@ impl ControlService {
     pub async fn watch_for(
         &self,
         id: &str,
+        caller: &Caller,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<tokio::sync::mpsc::Receiver<DeployEvent>, ApiError> {
-        watch::watch(&self.store, &self.live, id, stop)
+        let slot = self.followers.admit(&caller.token_id).inspect_err(|err| {
+            tracing::warn!(deployment_id = %id, caller = %caller.token_id, %err, "deployment follower refused");
+        })?;
+        watch::watch(&self.store, &self.live, id, slot, stop)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no deployment {id}")))
     }
@@ -953,10 +968,11 @@ impl Control for ControlService {
         request: Request<WatchDeploymentRequest>,
     ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
         validated(request.get_ref())?;
-        self.authorize(&request, "follow a deployment", Caller::can_read)
+        let caller = self
+            .authorize(&request, "follow a deployment", Caller::can_read)
             .await?;
         let id = request.into_inner().deployment_id;
-        let events = self.watch_for(&id, self.stopping.clone()).await?;
+        let events = self.watch_for(&id, &caller, self.stopping.clone()).await?;
         Ok(Response::new(forward(events)))
     }
 
@@ -1326,7 +1342,14 @@ fn forward(
 ) -> ReceiverStream<Result<DeployEvent, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
+        loop {
+            // A client that went away ends the stream at once (a
+            // follower's slot is freed with it), not at the next event.
+            let event = tokio::select! {
+                () = tx.closed() => break,
+                event = events.recv() => event,
+            };
+            let Some(event) = event else { break };
             if tx.send(Ok(event)).await.is_err() {
                 break;
             }

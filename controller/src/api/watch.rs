@@ -15,8 +15,14 @@
 //! was then rolled back gets both, as from its replica), so a replica
 //! that took a deployment over (its live events start at the takeover)
 //! still shows the results recorded before.
+//!
+//! Each follower holds a slot of this replica's [`Followers`] for as long
+//! as its stream runs: at most [`FollowerLimits::total`] in all and
+//! [`FollowerLimits::per_caller`] per caller (token); past either, a new
+//! follower is refused ([`TooManyFollowers`]) until one ends.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use slipway_proto::v1::{
@@ -38,6 +44,149 @@ pub const POLL_EVERY: Duration = Duration::from_millis(500);
 pub const MAX_WATCH: Duration = Duration::from_secs(24 * 60 * 60);
 /// Events buffered towards one follower.
 const WATCH_QUEUE: usize = 64;
+/// Default [`FollowerLimits::total`].
+pub const DEFAULT_MAX_FOLLOWERS: usize = 256;
+/// Default [`FollowerLimits::per_caller`].
+pub const DEFAULT_MAX_FOLLOWERS_PER_CALLER: usize = 16;
+
+/// How many deployment followers one replica serves at once
+/// (`max_followers`, `max_followers_per_caller` in the controller config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowerLimits {
+    /// In all.
+    pub total: usize,
+    /// Per caller identity (API token, or operator).
+    pub per_caller: usize,
+}
+
+impl Default for FollowerLimits {
+    fn default() -> Self {
+        Self {
+            total: DEFAULT_MAX_FOLLOWERS,
+            per_caller: DEFAULT_MAX_FOLLOWERS_PER_CALLER,
+        }
+    }
+}
+
+/// A follower refused: the limit it hit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TooManyFollowers {
+    /// The replica serves its most followers.
+    #[error(
+        "this controller replica already serves {limit} deployment followers, its limit \
+         (max_followers); try again once one ends, or follow through another replica"
+    )]
+    Total {
+        /// The limit.
+        limit: usize,
+    },
+    /// The caller has its most followers open here.
+    #[error(
+        "caller {caller} already follows {limit} deployments on this controller replica, the limit \
+         per caller (max_followers_per_caller); end one of those streams first"
+    )]
+    PerCaller {
+        /// The caller (token id).
+        caller: String,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The deployment followers of this replica, counted against
+/// [`FollowerLimits`]; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Followers {
+    inner: Arc<FollowersInner>,
+}
+
+#[derive(Debug, Default)]
+struct FollowersInner {
+    limits: FollowerLimits,
+    /// Followers in all, and per caller (callers with none are removed).
+    counts: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+impl Followers {
+    /// Followers counted against `limits`.
+    pub fn new(limits: FollowerLimits) -> Self {
+        Self {
+            inner: Arc::new(FollowersInner {
+                limits,
+                counts: Mutex::default(),
+            }),
+        }
+    }
+
+    /// A slot for a follower of `caller`, held until the slot is dropped;
+    /// refused past a limit.
+    pub fn admit(&self, caller: &str) -> Result<FollowerSlot, TooManyFollowers> {
+        let limits = self.inner.limits;
+        // Counts change in one step under the lock: consistent after a
+        // panic elsewhere.
+        let mut counts = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (total, by_caller) = &mut *counts;
+        if *total >= limits.total {
+            return Err(TooManyFollowers::Total {
+                limit: limits.total,
+            });
+        }
+        let mine = by_caller.entry(caller.to_owned()).or_insert(0);
+        if *mine >= limits.per_caller {
+            return Err(TooManyFollowers::PerCaller {
+                caller: slipway_proto::limits::shown(caller).to_string(),
+                limit: limits.per_caller,
+            });
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(FollowerSlot {
+            followers: self.clone(),
+            caller: caller.to_owned(),
+        })
+    }
+
+    /// Followers served now: in all, and `caller`'s.
+    pub fn count(&self, caller: &str) -> (usize, usize) {
+        let counts = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (counts.0, counts.1.get(caller).copied().unwrap_or(0))
+    }
+}
+
+/// One follower's place among [`Followers`]; freed when dropped (with the
+/// follower's task, when its stream ends or its client goes away).
+#[derive(Debug)]
+pub struct FollowerSlot {
+    followers: Followers,
+    caller: String,
+}
+
+impl Drop for FollowerSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .followers
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (total, by_caller) = &mut *counts;
+        *total = total.saturating_sub(1);
+        if let Some(mine) = by_caller.get_mut(&self.caller) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                by_caller.remove(&self.caller);
+            }
+        }
+    }
+}
 
 /// `Outcome` of a recorded node outcome; None while it is pending.
 fn outcome_of(text: &str) -> Option<Outcome> {
@@ -196,11 +345,12 @@ fn node_of(event: &DeployEvent) -> Option<&str> {
 /// until its `Finished` event (see the module doc). None if there is no
 /// such deployment. The stream also ends when the receiver is dropped,
 /// `stop` is cancelled (the server shuts down), after [`MAX_WATCH`], or
-/// if the deployment's record disappears.
+/// if the deployment's record disappears; `slot` is freed then.
 pub async fn watch(
     store: &Store,
     live: &Live,
     id: &str,
+    slot: FollowerSlot,
     stop: CancellationToken,
 ) -> Result<Option<mpsc::Receiver<DeployEvent>>, StoreError> {
     // The record is read before subscribing: a result recorded in between
@@ -224,6 +374,7 @@ pub async fn watch(
         steps: HashSet::new(),
     };
     tokio::spawn(async move {
+        let _slot = slot;
         let deadline = tokio::time::Instant::now() + MAX_WATCH;
         let watched = tokio::time::timeout_at(deadline, follower.run(record, shape, followed));
         if watched.await.is_err() {
@@ -439,6 +590,63 @@ impl Follower {
     }
 }
 
+/// Tests elsewhere (the HTTP and gRPC doors) follow a deployment too.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::store::{NewDeployment, NewDeploymentNode, Store};
+
+    /// Records deployment `id` (two nodes, one per batch, no result yet)
+    /// as running.
+    pub(crate) async fn insert_running(store: &Store, id: &str) {
+        let rollout = serde_json::json!({
+            "strategy": "rolling", "max_parallel": 1, "max_unavailable": 0, "canary": 0
+        });
+        let (b, a) = (format!("{id}.n-b"), format!("{id}.n-a"));
+        let nodes = [
+            NewDeploymentNode {
+                node_id: "n-b",
+                command_id: &b,
+                batch: 1,
+                prior_release: "r1",
+            },
+            NewDeploymentNode {
+                node_id: "n-a",
+                command_id: &a,
+                batch: 2,
+                prior_release: "r1",
+            },
+        ];
+        let started = crate::audit::AuditEvent::success(
+            crate::audit::DEPLOY_STARTED,
+            "t-1",
+            "deployment",
+            id,
+            serde_json::json!({}),
+        );
+        store
+            .insert_deployment(
+                &NewDeployment {
+                    id,
+                    kind: "deploy",
+                    app: "web",
+                    release_id: "r2",
+                    artifact_sha256: "",
+                    actor: "t-1",
+                    selector: &serde_json::json!({}),
+                    rollout: &rollout,
+                    snapshots: &[],
+                    started_at: 100,
+                    nodes: &nodes,
+                    env_version: Some(3),
+                    plan: None,
+                },
+                &started,
+            )
+            .await
+            .unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,56 +802,103 @@ mod tests {
     }
 
     /// A store holding running deployment `ID` of nodes n-a, n-b (rolling).
+    /// A follower's slot of a replica without other followers.
+    fn slot() -> FollowerSlot {
+        Followers::default().admit("t-test").unwrap()
+    }
+
     async fn store_with_running() -> (tempfile::TempDir, Store) {
-        use crate::store::{NewDeployment, NewDeploymentNode};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
-        let rollout = serde_json::json!({
-            "strategy": "rolling", "max_parallel": 1, "max_unavailable": 0, "canary": 0
-        });
-        let nodes = [
-            NewDeploymentNode {
-                node_id: "n-b",
-                command_id: "d-00000000000000ab.n-b",
-                batch: 1,
-                prior_release: "r1",
-            },
-            NewDeploymentNode {
-                node_id: "n-a",
-                command_id: "d-00000000000000ab.n-a",
-                batch: 2,
-                prior_release: "r1",
-            },
-        ];
-        let started = crate::audit::AuditEvent::success(
-            crate::audit::DEPLOY_STARTED,
-            "t-1",
-            "deployment",
-            ID,
-            serde_json::json!({}),
-        );
-        store
-            .insert_deployment(
-                &NewDeployment {
-                    id: ID,
-                    kind: "deploy",
-                    app: "web",
-                    release_id: "r2",
-                    artifact_sha256: "",
-                    actor: "t-1",
-                    selector: &serde_json::json!({}),
-                    rollout: &rollout,
-                    snapshots: &[],
-                    started_at: 100,
-                    nodes: &nodes,
-                    env_version: Some(3),
-                    plan: None,
-                },
-                &started,
-            )
-            .await
-            .unwrap();
+        test_support::insert_running(&store, ID).await;
         (dir, store)
+    }
+
+    #[test]
+    fn followers_are_capped_in_all_and_per_caller_and_freed_when_dropped() {
+        let followers = Followers::new(FollowerLimits {
+            total: 3,
+            per_caller: 2,
+        });
+        let a1 = followers.admit("t-a").unwrap();
+        let _a2 = followers.admit("t-a").unwrap();
+        let err = followers.admit("t-a").unwrap_err();
+        assert_eq!(
+            err,
+            TooManyFollowers::PerCaller {
+                caller: "\"t-a\"".to_owned(),
+                limit: 2
+            }
+        );
+        assert!(
+            err.to_string().contains("max_followers_per_caller"),
+            "{err}"
+        );
+        let b1 = followers.admit("t-b").unwrap();
+        let err = followers.admit("t-c").unwrap_err();
+        assert_eq!(err, TooManyFollowers::Total { limit: 3 });
+        assert!(err.to_string().contains("(max_followers)"), "{err}");
+        assert_eq!(followers.count("t-a"), (3, 2));
+        drop(a1);
+        assert_eq!(followers.count("t-a"), (2, 1));
+        let _c1 = followers.admit("t-c").unwrap();
+        drop(b1);
+        assert_eq!(followers.count("t-b"), (2, 0));
+        let _a3 = followers.admit("t-a").unwrap();
+        assert_eq!(followers.count("t-a"), (3, 2));
+    }
+
+    /// Waits (up to 5 s) until no follower holds a slot of `followers`.
+    async fn all_freed(followers: &Followers) {
+        let freed = tokio::time::timeout(Duration::from_secs(5), async {
+            while followers.count("").0 > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(freed.is_ok(), "every follower's slot is freed");
+    }
+
+    /// A follower served from the record holds its slot while it polls
+    /// and frees it when its receiver goes away (not only at its next
+    /// event), or when the deployment ends.
+    #[tokio::test]
+    async fn a_followers_slot_is_freed_when_its_receiver_goes_away() {
+        let (_dir, store) = store_with_running().await;
+        let live = Live::default();
+        let followers = Followers::new(FollowerLimits {
+            total: 1,
+            per_caller: 1,
+        });
+        let stop = CancellationToken::new();
+        let slot = followers.admit("t-a").unwrap();
+        let mut rx = watch(&store, &live, ID, slot, stop.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            next(&mut rx).await,
+            deploy_event::Kind::Started(_)
+        ));
+        assert!(followers.admit("t-b").is_err(), "the one slot is taken");
+        drop(rx);
+        all_freed(&followers).await;
+        // A follower that reaches the end frees its slot too.
+        let slot = followers.admit("t-b").unwrap();
+        finish(&store).await;
+        let mut rx = watch(&store, &live, ID, slot, stop.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        while rx.recv().await.is_some() {}
+        all_freed(&followers).await;
+        // No such deployment: the slot goes at once.
+        let slot = followers.admit("t-b").unwrap();
+        assert!(watch(&store, &live, "d-0000000000000000", slot, stop)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(followers.count("t-b"), (0, 0));
     }
 
     const ID: &str = "d-00000000000000ab";
@@ -701,11 +956,13 @@ mod tests {
 
         let live = Live::default();
         let stop = CancellationToken::new();
-        assert!(watch(&store, &live, "d-0000000000000000", stop.clone())
-            .await
-            .unwrap()
-            .is_none());
-        let mut rx = watch(&store, &live, ID, stop.clone())
+        assert!(
+            watch(&store, &live, "d-0000000000000000", slot(), stop.clone())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let mut rx = watch(&store, &live, ID, slot(), stop.clone())
             .await
             .unwrap()
             .unwrap();
@@ -751,7 +1008,7 @@ mod tests {
 
         // Stopping the server ends a follower of a running deployment.
         let (_dir, store) = store_with_running().await;
-        let mut rx = watch(&store, &live, ID, stop.clone())
+        let mut rx = watch(&store, &live, ID, slot(), stop.clone())
             .await
             .unwrap()
             .unwrap();
@@ -775,7 +1032,7 @@ mod tests {
         let record = store.deployment(ID).await.unwrap().unwrap();
         let shape = store.deployment_shape(ID).await.unwrap().unwrap();
         drop(live.follow(ID, started_event(&record, &shape), events));
-        let mut rx = watch(&store, &live, ID, CancellationToken::new())
+        let mut rx = watch(&store, &live, ID, slot(), CancellationToken::new())
             .await
             .unwrap()
             .unwrap();
@@ -828,7 +1085,7 @@ mod tests {
     async fn a_follower_from_the_record_switches_to_the_live_events_once_taken_over_here() {
         let (_dir, store) = store_with_running().await;
         let live = Live::default();
-        let mut rx = watch(&store, &live, ID, CancellationToken::new())
+        let mut rx = watch(&store, &live, ID, slot(), CancellationToken::new())
             .await
             .unwrap()
             .unwrap();

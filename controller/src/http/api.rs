@@ -821,6 +821,8 @@ fn outcome_name(outcome: v1::Outcome) -> &'static str {
         (status = 400, description = "Not a deployment id", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 503, description = "This replica follows as many deployments as it may (in all, or for this token: the error says which limit); try again after Retry-After seconds", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ))]
 async fn deployment_events(
     State(state): State<HttpState>,
@@ -853,7 +855,7 @@ async fn deployment_events(
             // record) until `finished`, the client leaving, or shutdown.
             let mut events = state
                 .control()
-                .watch_for(&id, state.shutdown().clone())
+                .watch_for(&id, &who.caller, state.shutdown().clone())
                 .await?;
             tokio::spawn(async move {
                 loop {

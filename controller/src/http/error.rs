@@ -60,6 +60,10 @@ pub enum AppError {
     /// unreachable): 503 with `Retry-After`, the caller may try again.
     #[error("{}", crate::api::DATABASE_UNAVAILABLE)]
     Unavailable,
+    /// The controller serves as much of this as it may now (a limit on
+    /// open streams): 503 with `Retry-After`; the message names the limit.
+    #[error("{0}")]
+    Busy(String),
     /// The controller failed; details are in its log: 500.
     #[error("the controller failed; see its log")]
     Internal(String),
@@ -87,7 +91,7 @@ impl AppError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::LengthRequired => StatusCode::LENGTH_REQUIRED,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -190,6 +194,7 @@ impl From<ApiError> for AppError {
             },
             ApiError::Store(store) => store.into(),
             ApiError::NotFound(what) => Self::NotFound(what),
+            ApiError::TooManyFollowers(_) => Self::Busy(err.to_string()),
             ApiError::NotDelivered { .. } | ApiError::LayerConflict(_) => {
                 Self::Conflict(err.to_string())
             }

@@ -382,6 +382,141 @@ mod tests {
 
     crate::store::testing::store_tests!(health_open_api_closed_and_every_error_is_json);
 
+    /// Deployment followers are capped per replica through both doors
+    /// alike (HTTP: 503 with Retry-After and a JSON error; gRPC:
+    /// ResourceExhausted), each saying which limit; a follower that goes
+    /// away frees its place.
+    #[tokio::test]
+    async fn deployment_followers_are_capped_through_http_and_grpc() {
+        use slipway_proto::v1::control_server::Control as _;
+        use slipway_proto::v1::WatchDeploymentRequest;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        const ID: &str = "d-00000000000000cd";
+        crate::api::watch::test_support::insert_running(&store, ID).await;
+        let control = ControlService::new(
+            store.clone(),
+            Sessions::new(),
+            Commands::new(),
+            Artifacts::new(dir.path()),
+            dir.path().to_path_buf(),
+            crate::secrets::Secrets::open(&store, &dir.path().join("secrets.key"))
+                .await
+                .unwrap(),
+        )
+        .with_followers(crate::api::watch::FollowerLimits {
+            total: 3,
+            per_caller: 2,
+        });
+        let state = HttpState::new(
+            store.clone(),
+            Sessions::new(),
+            control.clone(),
+            CancellationToken::new(),
+        );
+        let app = router(state);
+        let one = apitoken::create(&store, &[Scope::Read], 1).await.unwrap();
+        let two = apitoken::create(&store, &[Scope::Read], 1).await.unwrap();
+        let sse = |token: &str| {
+            Request::get(format!("/api/v1/deployments/{ID}/events"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        let grpc = |token: &str| {
+            let mut request = tonic::Request::new(WatchDeploymentRequest {
+                deployment_id: ID.to_owned(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            request
+        };
+
+        // Two streams of token one over HTTP: its own limit.
+        let first = app.clone().oneshot(sse(&one)).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let second = app.clone().oneshot(sse(&one)).await.unwrap();
+        assert_eq!(second.status(), StatusCode::OK);
+        let refused = app.clone().oneshot(sse(&one)).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers()[axum::http::header::RETRY_AFTER], "5");
+        let bytes = axum::body::to_bytes(refused.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let message = body["error"].as_str().unwrap();
+        assert!(
+            message.contains("already follows 2 deployments")
+                && message.contains("(max_followers_per_caller)"),
+            "{body}"
+        );
+        // A third over gRPC (token two): the replica's limit is reached.
+        let third = control.watch_deployment(grpc(&two)).await.unwrap();
+        let status = control.watch_deployment(grpc(&two)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("3 deployment followers")
+                && status.message().contains("(max_followers)"),
+            "{}",
+            status.message()
+        );
+        let (status, body) = call(&app, sse(&two)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body["error"].as_str().unwrap().contains("(max_followers)"),
+            "{body}"
+        );
+
+        // An HTTP client goes away: its place is free again, for gRPC.
+        drop(first);
+        let again = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match control.watch_deployment(grpc(&two)).await {
+                    Ok(stream) => break stream,
+                    Err(status) => {
+                        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a place freed by the HTTP client that left");
+        // A gRPC client goes away: its place is free again, for HTTP.
+        drop(third);
+        let back = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                let response = app.clone().oneshot(sse(&one)).await.unwrap();
+                if response.status() == StatusCode::OK {
+                    break response;
+                }
+                assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a place freed by the gRPC client that left");
+        drop((second, again, back));
+
+        // The API description lists the answer.
+        let (status, doc) = call(
+            &app,
+            Request::get("/api/v1/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let busy = &doc["paths"]["/api/v1/deployments/{id}/events"]["get"]["responses"]["503"];
+        assert!(busy["headers"]["Retry-After"].is_object(), "{busy}");
+        assert!(
+            busy["content"]["application/json"]["schema"].is_object(),
+            "{busy}"
+        );
+    }
+
     /// The router over `store`, with its files (artifacts, key file) in
     /// `dir`.
     async fn app(dir: &std::path::Path, store: Store) -> (Router, Store) {

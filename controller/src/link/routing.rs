@@ -5,7 +5,13 @@
 //! sends it on the session and writes the agent's Progress and
 //! CommandResult for it back (`node_command_events`); the sender reads
 //! those and hands them to its [`Commands`] as if a local session had
-//! reported them. Every [`POLL_EVERY`] each replica also checks the
+//! reported them. The holder claims what waits in one statement, the
+//! answers go back many rows per insert and the sender reads and deletes
+//! them in one statement. On PostgreSQL queuing a command wakes its holder
+//! and writing answers wakes their sender (`NOTIFY`, [`RoutingWake`]); the
+//! poll (every [`POLL_EVERY`]; on SQLite every [`BUSY_POLL_EVERY`] while
+//! commands are in flight) catches what a lost notification left. Every
+//! [`POLL_EVERY`] each replica also checks the
 //! commands it waits on: a node that moved to another replica (or to this
 //! one) gets them again there, with a Reconnected; one no live replica
 //! holds is reported Disconnected to its waiters; a row its holder did not
@@ -28,11 +34,21 @@ use tokio_util::sync::CancellationToken;
 use super::commands::{Commands, NodeEvent};
 use super::registry::Sessions;
 use super::replicas::Replica;
-use crate::store::StoreError;
+use crate::store::{NewCommandEvent, RoutingWake, StoreError};
 
 /// How often a replica claims the commands queued for it and reads the
-/// answers to those it queued.
+/// answers to those it queued. On PostgreSQL the replica queuing a
+/// command or writing an answer also wakes its peer at once (NOTIFY): this
+/// poll then only catches a notification that was lost.
 pub const POLL_EVERY: Duration = Duration::from_millis(150);
+/// The poll on SQLite (no notifications) while this replica waits on
+/// answers to commands it queued or relays commands for another.
+pub const BUSY_POLL_EVERY: Duration = Duration::from_millis(25);
+/// The pause before listening again after the notification connection
+/// failed (PostgreSQL down): the poll carries on meanwhile.
+const LISTEN_RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Most answers written back in one go.
+const MAX_ANSWERS_WRITTEN: usize = 1024;
 /// A queued command its holder did not claim within this is withdrawn:
 /// the holder is taken for gone.
 pub const PICKUP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -272,6 +288,8 @@ struct Sent {
 #[derive(Debug)]
 struct Relayed {
     row: String,
+    /// The replica that queued it (woken when answers are written).
+    sender: String,
     /// The last answer written.
     seq: i64,
     since: Instant,
@@ -300,6 +318,14 @@ struct Inner {
     /// a holder is given [`PICKUP_TIMEOUT`] of a working store to claim a
     /// command (it cannot claim while the database does not answer).
     answered_since: Mutex<Instant>,
+    /// Woken when commands were queued for this replica (PostgreSQL
+    /// notification).
+    claim_wake: tokio::sync::Notify,
+    /// Woken when answers to this replica's commands were written.
+    answers_wake: tokio::sync::Notify,
+    /// True while notifications are received: the poll stays at
+    /// [`POLL_EVERY`] then.
+    listening: std::sync::atomic::AtomicBool,
 }
 
 impl Router {
@@ -315,6 +341,9 @@ impl Router {
                 relay_tx,
                 relay_rx: Mutex::new(Some(relay_rx)),
                 answered_since: Mutex::new(Instant::now()),
+                claim_wake: tokio::sync::Notify::new(),
+                answers_wake: tokio::sync::Notify::new(),
+                listening: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -347,19 +376,32 @@ impl Router {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Node id → (replica, session) of every session a live replica other
-    /// than this one holds.
-    async fn remote_sessions(&self) -> Result<HashMap<String, (String, i64)>, StoreError> {
+    /// Node id → (replica, session) of each of `nodes` whose session a live
+    /// replica other than this one holds.
+    async fn remote_sessions(
+        &self,
+        nodes: &[String],
+    ) -> Result<HashMap<String, (String, i64)>, StoreError> {
+        if nodes.is_empty() {
+            return Ok(HashMap::new());
+        }
         let replica = &self.inner.replica;
-        let live = replica.live_ids(crate::now_unix()).await?;
-        Ok(replica
-            .store()
-            .agent_session_records()
-            .await?
-            .into_iter()
-            .filter(|(_, holder, _)| holder != replica.id() && live.contains(holder))
-            .map(|(node, holder, session)| (node, (holder, session)))
-            .collect())
+        let now = crate::now_unix();
+        // Each replica judged once (on SQLite that opens its lock file).
+        let mut judged: HashMap<String, bool> = HashMap::new();
+        let mut remote = HashMap::new();
+        for (node, session, holder) in replica.store().agent_sessions_of(nodes).await? {
+            if holder.id == replica.id() {
+                continue;
+            }
+            let alive = *judged
+                .entry(holder.id.clone())
+                .or_insert_with(|| replica.is_alive(&holder, now));
+            if alive {
+                remote.insert(node, (holder.id, session));
+            }
+        }
+        Ok(remote)
     }
 
     /// Queues `message` for `node_id` to the live replica holding its
@@ -370,7 +412,7 @@ impl Router {
             return false;
         };
         let mut sent = self.inner.sent.lock().await;
-        let holders = match self.remote_sessions().await {
+        let holders = match self.remote_sessions(&[node_id.to_owned()]).await {
             Ok(holders) => holders,
             Err(err) => {
                 tracing::warn!(%node_id, %err, "cannot read which replica holds the node");
@@ -407,6 +449,8 @@ impl Router {
                 tracing::warn!(%command_id, %err, "cannot delete a routed command's old row");
             }
         }
+        // Queuing wakes the holder (PostgreSQL): it claims at once rather
+        // than at its poll.
         let row = match crate::pki::crypto::random_hex::<12>() {
             Ok(row) => row,
             Err(err) => {
@@ -450,7 +494,9 @@ impl Router {
     /// Claims the commands queued for this replica and sends them on the
     /// local sessions; passes their answers back; reads the answers to
     /// the commands this replica queued and re-routes those whose node
-    /// moved. Every [`POLL_EVERY`] until `stop`.
+    /// moved. At once when woken (PostgreSQL notifications), else every
+    /// [`POLL_EVERY`] ([`BUSY_POLL_EVERY`] on SQLite while commands are in
+    /// flight), until `stop`.
     pub async fn run(self, sessions: Sessions, stop: CancellationToken) {
         let taken = self
             .inner
@@ -462,31 +508,125 @@ impl Router {
             tracing::error!("the command router runs twice; the second stops");
             return;
         };
-        let mut tick = tokio::time::interval(POLL_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let listener = tokio::spawn(self.clone().listen(stop.clone()));
+        let mut next_poll = Instant::now();
         let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 received = relay_rx.recv() => {
-                    match received {
-                        // Written again while the database does not
-                        // answer; a shutdown does not wait for it.
-                        Some((command_id, event)) => tokio::select! {
-                            () = self.relay_answer(&command_id, event) => {}
-                            () = stop.cancelled() => break,
-                        },
-                        None => break,
+                    let Some(first) = received else { break };
+                    // What else came meanwhile goes in the same write.
+                    let mut answers = vec![first];
+                    while answers.len() < MAX_ANSWERS_WRITTEN {
+                        match relay_rx.try_recv() {
+                            Ok(more) => answers.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    let events: Vec<(NewCommandEvent, String)> = answers
+                        .into_iter()
+                        .filter_map(|(command_id, event)| self.relay_answer(&command_id, event))
+                        .collect();
+                    // Written again while the database does not answer; a
+                    // shutdown does not wait for it.
+                    tokio::select! {
+                        () = self.write_events(events) => {}
+                        () = stop.cancelled() => break,
                     }
                     continue;
                 }
-                _ = tick.tick() => {}
+                () = self.inner.claim_wake.notified() => {
+                    self.claim(&sessions).await;
+                    continue;
+                }
+                () = self.inner.answers_wake.notified() => {
+                    self.answers().await;
+                    continue;
+                }
+                () = tokio::time::sleep_until(next_poll) => {}
             }
             self.claim(&sessions).await;
             self.check(&sessions).await;
             if last_sweep.elapsed() >= SWEEP_EVERY {
                 last_sweep = Instant::now();
                 self.sweep().await;
+            }
+            next_poll = Instant::now() + self.poll_every().await;
+        }
+        listener.abort();
+    }
+
+    /// The pause until the next poll ([`Router::run`]).
+    async fn poll_every(&self) -> Duration {
+        use std::sync::atomic::Ordering;
+        if self.inner.listening.load(Ordering::Relaxed) {
+            return POLL_EVERY;
+        }
+        let waiting = !self.inner.sent.lock().await.is_empty();
+        if waiting || !self.relayed().is_empty() {
+            BUSY_POLL_EVERY
+        } else {
+            POLL_EVERY
+        }
+    }
+
+    /// PostgreSQL: receives the notifications for this replica and wakes
+    /// [`Router::run`]; listens again after a lost connection (a
+    /// notification sent meanwhile is lost: the poll catches up). Returns
+    /// at once on SQLite.
+    async fn listen(self, stop: CancellationToken) {
+        use std::sync::atomic::Ordering;
+        let store = self.inner.replica.store().clone();
+        let me = self.inner.replica.id().to_owned();
+        let mut failing = false;
+        let mut listener = loop {
+            match store.routing_listener().await {
+                Ok(Some(listener)) => break listener,
+                Ok(None) => return,
+                Err(err) => {
+                    if !failing {
+                        tracing::warn!(%err, "cannot listen for routed commands; polling meanwhile");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(LISTEN_RETRY_EVERY) => {}
+            }
+        };
+        self.inner.listening.store(true, Ordering::Relaxed);
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => return,
+                received = listener.recv() => received,
+            };
+            match received {
+                Ok(notification) => {
+                    if failing {
+                        failing = false;
+                        self.inner.listening.store(true, Ordering::Relaxed);
+                        tracing::info!("listening for routed commands again");
+                    }
+                    match RoutingWake::parse(notification.payload(), &me) {
+                        Some(RoutingWake::Commands) => self.inner.claim_wake.notify_one(),
+                        Some(RoutingWake::Answers) => self.inner.answers_wake.notify_one(),
+                        None => {}
+                    }
+                }
+                Err(err) => {
+                    // The listener connects again on the next receive.
+                    if !failing {
+                        failing = true;
+                        self.inner.listening.store(false, Ordering::Relaxed);
+                        tracing::warn!(%err, "lost the notifications of routed commands; polling meanwhile");
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(LISTEN_RETRY_EVERY) => {}
+                    }
+                }
             }
         }
     }
@@ -507,12 +647,25 @@ impl Router {
                 return;
             }
         };
+        if claimed.len() >= usize::try_from(CLAIM_BATCH).unwrap_or(usize::MAX) {
+            // More may wait: claimed on the next turn of the loop.
+            self.inner.claim_wake.notify_one();
+        }
+        let mut refused = Vec::new();
         for c in claimed {
             let message = match decode_command(&c.id, &c.command_id, &c.node_id, &c.message) {
                 Ok(message) => message,
                 Err(err) => {
                     tracing::warn!(sender = %slipway_proto::limits::shown(&c.sender_replica), %err, "refused a routed command");
-                    self.write_event(&c.id, 1, KIND_GONE, &[]).await;
+                    refused.push((
+                        NewCommandEvent {
+                            command_row: c.id.clone(),
+                            seq: 1,
+                            kind: KIND_GONE,
+                            payload: Vec::new(),
+                        },
+                        c.sender_replica.clone(),
+                    ));
                     continue;
                 }
             };
@@ -521,6 +674,7 @@ impl Router {
                 c.command_id.clone(),
                 Relayed {
                     row: c.id.clone(),
+                    sender: c.sender_replica.clone(),
                     seq: 0,
                     since: Instant::now(),
                 },
@@ -533,29 +687,35 @@ impl Router {
             );
             tracing::debug!(node_id = %c.node_id, command_id = %c.command_id, sender = %c.sender_replica, "relaying a routed command");
             if !sessions.send_local(&c.node_id, message).await {
-                self.relay_answer(&c.command_id, NodeEvent::Disconnected)
-                    .await;
+                // Written with the other answers by the loop.
+                let _ = self
+                    .inner
+                    .relay_tx
+                    .send((c.command_id.clone(), NodeEvent::Disconnected));
             }
         }
+        self.write_events(refused).await;
     }
 
-    /// Holder side: writes an answer to a relayed command back for its
-    /// sender.
-    async fn relay_answer(&self, command_id: &str, event: NodeEvent) {
+    /// Holder side: the row to write back for the sender of a relayed
+    /// command, with that sender; None if there is nothing to write.
+    fn relay_answer(
+        &self,
+        command_id: &str,
+        event: NodeEvent,
+    ) -> Option<(NewCommandEvent, String)> {
         let (kind, payload, last) = match event {
             NodeEvent::Progress(p) => (KIND_PROGRESS, p.encode_to_vec(), false),
             NodeEvent::Result(r) => (KIND_RESULT, r.encode_to_vec(), true),
             NodeEvent::Disconnected => (KIND_GONE, Vec::new(), true),
             // Sent again on the node's new session here: answers follow.
-            NodeEvent::Reconnected => return,
+            NodeEvent::Reconnected => return None,
         };
-        let next = {
+        let (row, seq, sender) = {
             let mut relayed = self.relayed();
-            let Some(entry) = relayed.get_mut(command_id) else {
-                return;
-            };
+            let entry = relayed.get_mut(command_id)?;
             entry.seq += 1;
-            let next = (entry.row.clone(), entry.seq);
+            let next = (entry.row.clone(), entry.seq, entry.sender.clone());
             if last {
                 relayed.remove(command_id);
             }
@@ -564,17 +724,72 @@ impl Router {
         if last {
             self.inner.commands.forget(command_id);
         }
-        self.write_event(&next.0, next.1, kind, &payload).await;
+        Some((
+            NewCommandEvent {
+                command_row: row,
+                seq,
+                kind,
+                payload,
+            },
+            sender,
+        ))
     }
 
-    async fn write_event(&self, row: &str, seq: i64, kind: &str, payload: &[u8]) {
+    /// Holder side: writes `events` back (one statement for many), trying
+    /// again while the database does not answer, and wakes their senders.
+    async fn write_events(&self, events: Vec<(NewCommandEvent, String)>) {
+        if events.is_empty() {
+            return;
+        }
         let store = self.inner.replica.store();
+        let senders: HashSet<String> = events.iter().map(|(_, s)| s.clone()).collect();
+        let rows: Vec<NewCommandEvent> = events.into_iter().map(|(e, _)| e).collect();
         let written = crate::store::while_unavailable(ANSWER_RETRY_FOR, ANSWER_RETRY_EVERY, || {
-            store.add_node_command_event(row, seq, kind, payload, crate::now_unix())
+            store.add_node_command_events(&rows, crate::now_unix())
         })
         .await;
         if let Err(err) = written {
-            tracing::warn!(%row, %err, "cannot pass a node's answer back to the replica that sent the command");
+            tracing::warn!(rows = rows.len(), %err, "cannot pass nodes' answers back to the replicas that sent the commands");
+            return;
+        }
+        for sender in senders {
+            if let Err(err) = store.notify_replica(&sender, RoutingWake::Answers).await {
+                // Its poll reads the answers a little later.
+                tracing::debug!(%sender, %err, "cannot wake the replica waiting on answers");
+            }
+        }
+    }
+
+    /// Sender side, when woken: reads the answers to the commands this
+    /// replica queued and forgets those nobody waits on any more.
+    async fn answers(&self) {
+        let mut sent = self.inner.sent.lock().await;
+        if sent.is_empty() {
+            return;
+        }
+        // Read under the lock: a command in `sent` was registered before
+        // it was queued, so it is among these while it is waited on.
+        let pending = self.inner.commands.routable();
+        self.read_answers(&mut sent).await;
+        self.forget_done(&mut sent, &pending).await;
+    }
+
+    /// Deletes the rows of the commands in `sent` nobody waits on any more
+    /// (answered, timed out): not among `pending`.
+    async fn forget_done(&self, sent: &mut HashMap<String, Sent>, pending: &[(String, String)]) {
+        let waiting: HashSet<&str> = pending.iter().map(|(c, _)| c.as_str()).collect();
+        let done: Vec<String> = sent
+            .keys()
+            .filter(|c| !waiting.contains(c.as_str()))
+            .cloned()
+            .collect();
+        let rows: Vec<String> = done
+            .iter()
+            .filter_map(|c| sent.remove(c))
+            .map(|s| s.row)
+            .collect();
+        if let Err(err) = self.inner.replica.store().delete_node_commands(&rows).await {
+            tracing::warn!(rows = rows.len(), %err, "cannot delete routed commands");
         }
     }
 
@@ -583,32 +798,20 @@ impl Router {
     /// reports those whose node is gone; forgets those nobody waits on.
     async fn check(&self, sessions: &Sessions) {
         let commands = &self.inner.commands;
-        let pending = commands.routable();
         let mut sent = self.inner.sent.lock().await;
-        let away: Vec<&(String, String)> = pending
+        // Read under the lock (see `answers`).
+        let pending = commands.routable();
+        let away: Vec<String> = pending
             .iter()
             .filter(|(_, node)| !sessions.contains(node))
+            .map(|(_, node)| node.clone())
             .collect();
         if sent.is_empty() && away.is_empty() {
             return;
         }
         let store = self.inner.replica.store().clone();
         self.read_answers(&mut sent).await;
-
-        // Nobody waits on these any more (answered, timed out).
-        let waiting: HashSet<&str> = pending.iter().map(|(c, _)| c.as_str()).collect();
-        let done: Vec<String> = sent
-            .keys()
-            .filter(|c| !waiting.contains(c.as_str()))
-            .cloned()
-            .collect();
-        for command_id in done {
-            if let Some(s) = sent.remove(&command_id) {
-                if let Err(err) = store.delete_node_command(&s.row).await {
-                    tracing::warn!(%command_id, %err, "cannot delete a routed command");
-                }
-            }
-        }
+        self.forget_done(&mut sent, &pending).await;
 
         // Rows not claimed in time: their holder is taken for gone.
         if sent
@@ -654,8 +857,8 @@ impl Router {
             }
         }
 
-        // Where the nodes are now.
-        let holders = match self.remote_sessions().await {
+        // Where the nodes away from this replica are now.
+        let holders = match self.remote_sessions(&away).await {
             Ok(holders) => holders,
             Err(err) => {
                 self.store_failed();
@@ -663,13 +866,12 @@ impl Router {
                 return;
             }
         };
+        let mut back = Vec::new();
         for (command_id, node_id) in &pending {
             if sessions.contains(node_id) {
                 // Back on this replica: its session got the command again.
                 if let Some(s) = sent.remove(command_id) {
-                    if let Err(err) = store.delete_node_command(&s.row).await {
-                        tracing::warn!(%command_id, %err, "cannot delete a routed command");
-                    }
+                    back.push(s.row);
                 }
                 continue;
             }
@@ -702,28 +904,49 @@ impl Router {
                 (_, None) => {}
             }
         }
+        if let Err(err) = store.delete_node_commands(&back).await {
+            tracing::warn!(rows = back.len(), %err, "cannot delete routed commands");
+        }
     }
 
-    /// Reads the answers to this replica's routed commands and hands them
-    /// to [`Commands`]; deletes what it read.
+    /// Reads (and deletes, in the same statement) the answers to this
+    /// replica's routed commands and hands them to [`Commands`].
     async fn read_answers(&self, sent: &mut HashMap<String, Sent>) {
         let store = self.inner.replica.store();
-        let events = match store.node_command_events(self.inner.replica.id()).await {
-            Ok(events) => events,
-            Err(err) => {
-                self.store_failed();
-                tracing::warn!(%err, "cannot read the answers to routed commands");
-                return;
-            }
-        };
         let by_row: HashMap<String, String> = sent
             .iter()
             .map(|(c, s)| (s.row.clone(), c.clone()))
             .collect();
-        let mut read: HashMap<String, i64> = HashMap::new();
+        // A full read leaves more: read on (a bounded number of times).
+        for _ in 0..8 {
+            let events = match store
+                .take_node_command_events(self.inner.replica.id())
+                .await
+            {
+                Ok(events) => events,
+                Err(err) => {
+                    self.store_failed();
+                    tracing::warn!(%err, "cannot read the answers to routed commands");
+                    return;
+                }
+            };
+            let full = events.len() >= crate::store::MAX_EVENTS_READ;
+            self.hand_on(sent, &by_row, events);
+            if !full {
+                break;
+            }
+        }
+    }
+
+    /// Hands the answers `events` to [`Commands`] (each once, in order);
+    /// `by_row` maps `sent`'s rows to their command ids.
+    fn hand_on(
+        &self,
+        sent: &mut HashMap<String, Sent>,
+        by_row: &HashMap<String, String>,
+        events: Vec<crate::store::CommandEventRow>,
+    ) {
         for e in events {
-            let last = read.entry(e.command_row.clone()).or_insert(0);
-            *last = (*last).max(e.seq);
             let Some(command_id) = by_row.get(&e.command_row) else {
                 continue;
             };
@@ -749,11 +972,6 @@ impl Router {
                 Err(err) => {
                     tracing::warn!(replica = %s.replica, %err, "refused an answer from another replica")
                 }
-            }
-        }
-        for (row, seq) in read {
-            if let Err(err) = store.delete_node_command_events(&row, seq).await {
-                tracing::warn!(%row, %err, "cannot delete read answers");
             }
         }
     }
@@ -910,6 +1128,89 @@ mod tests {
         assert!(!a_sessions.send("n-9", status("s-3.n-9")).await);
         stop_a.cancel();
         a_task.await.unwrap();
+    }
+
+    /// On PostgreSQL the replicas wake each other (LISTEN/NOTIFY): asks
+    /// routed one after the other are each answered in a few round trips
+    /// of the database, not after the holder's and then the sender's poll
+    /// (about [`POLL_EVERY`] an ask, on average).
+    #[tokio::test]
+    async fn on_postgres_routed_asks_do_not_wait_for_the_poll() {
+        let Some(store) = crate::store::testing::postgres_store().await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let a = side(&store, dir.path(), "127.0.0.1:1").await;
+        let b = side(&store, dir.path(), "127.0.0.1:2").await;
+        let handle = b.sessions.register("n-1");
+        let (out, mut agent) = mpsc::channel(8);
+        handle.accept_commands(out);
+        b.sessions
+            .record_open("n-1", handle.session_id())
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let a_task = tokio::spawn(a.router.clone().run(a.sessions.clone(), stop.clone()));
+        let b_task = tokio::spawn(b.router.clone().run(b.sessions.clone(), stop.clone()));
+        // The agent answers each command at once, through b.
+        let b_commands = b.commands.clone();
+        let agent_task = tokio::spawn(async move {
+            while let Some(Ok(message)) = agent.recv().await {
+                let command_id = command_id_of(&message).unwrap().to_owned();
+                b_commands.result(
+                    "n-1",
+                    CommandResult {
+                        command_id,
+                        message: "fine".to_owned(),
+                        ..CommandResult::default()
+                    },
+                );
+            }
+        });
+        for router in [&a.router, &b.router] {
+            let mut listening = false;
+            for _ in 0..50 {
+                if router
+                    .inner
+                    .listening
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    listening = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(listening, "each router listens for notifications");
+        }
+        const ASKS: u32 = 30;
+        let started = Instant::now();
+        for i in 0..ASKS {
+            let id = format!("s-{i}.n-1");
+            let answer = a
+                .commands
+                .ask(
+                    &a.sessions,
+                    "n-1",
+                    &id,
+                    status(&id),
+                    Duration::from_secs(10),
+                )
+                .await;
+            match answer {
+                Answer::Result(r) => assert_eq!(r.command_id, id),
+                other => panic!("{other:?}"),
+            }
+        }
+        let took = started.elapsed();
+        assert!(
+            took < POLL_EVERY * ASKS / 2,
+            "{ASKS} routed asks took {took:?}: woken, each takes far less than a poll"
+        );
+        stop.cancel();
+        a_task.await.unwrap();
+        b_task.await.unwrap();
+        drop(handle);
+        agent_task.abort();
     }
 
     fn status(id: &str) -> ControllerMessage {

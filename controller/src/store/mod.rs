@@ -69,7 +69,10 @@ pub use droplets::{DropletClaim, DropletRow, DropletSync};
 pub use env::EnvVersionRow;
 pub use github::GithubDeploymentRow;
 pub use join_tokens::JoinTokenRow;
-pub use node_commands::{ClaimedCommand, CommandEventRow, NodeCommandState};
+pub use node_commands::{
+    ClaimedCommand, CommandEventRow, NewCommandEvent, NodeCommandState, RoutingWake,
+    MAX_EVENTS_READ, ROUTING_CHANNEL,
+};
 pub use nodes::{
     App, Disk, Enrolled, FleetRow, Metrics, NewCert, NewEnrollment, NewNode, NodeCert, NodeRow,
     PeerCert, Public, Release,
@@ -270,6 +273,9 @@ pub struct Store {
     replica: Option<std::sync::Arc<str>>,
     /// Which engine: for the few queries that differ between them.
     backend: Backend,
+    /// The PostgreSQL database's URL (None on SQLite): a connection of its
+    /// own listens for notifications ([`Store::routing_listener`]).
+    postgres_url: Option<std::sync::Arc<PostgresUrl>>,
     /// The fleet as last read, brought up to date with the rows changed
     /// since ([`Store::fleet`]); shared by every clone.
     fleet: std::sync::Arc<fleet_cache::FleetCache>,
@@ -432,6 +438,7 @@ impl Store {
             pool,
             replica: None,
             backend: Backend::Postgres,
+            postgres_url: Some(std::sync::Arc::new(url.clone())),
             fleet: std::sync::Arc::default(),
         };
         store.migrate_postgres().await?;
@@ -525,6 +532,7 @@ impl Store {
             pool,
             replica: None,
             backend: Backend::Sqlite,
+            postgres_url: None,
             fleet: std::sync::Arc::default(),
         };
         store.migrate_sqlite().await?;

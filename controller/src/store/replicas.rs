@@ -33,7 +33,7 @@ pub struct SessionHolder {
     pub replica: ReplicaRow,
 }
 
-fn replica_row(row: &sqlx::any::AnyRow) -> Result<ReplicaRow, StoreError> {
+pub(super) fn replica_row(row: &sqlx::any::AnyRow) -> Result<ReplicaRow, StoreError> {
     Ok(ReplicaRow {
         id: row.try_get("id")?,
         grpc_addr: row.try_get("grpc_addr")?,
