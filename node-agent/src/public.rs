@@ -57,7 +57,7 @@ pub struct Public {
     pub draining: u64,
     /// agent_proxy in TCP mode on IPv4: whether the kernel forwards this
     /// machine's own clients ("kernel-forwarded for local clients …" or
-    /// why not). Not on the wire yet: the agent's `status` shows it.
+    /// why not); sent in heartbeats, clipped to the wire's limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forwarding: Option<String>,
     /// An address still held for the app that its config no longer names
@@ -156,6 +156,17 @@ pub fn to_wire(p: &Public) -> slipway_proto::v1::PublicAddress {
         release: p.release.clone().unwrap_or_default(),
         backend: p.backend.clone().unwrap_or_default(),
         draining: p.draining.min(limits::MAX_DRAINING),
+        forwarding: p
+            .forwarding
+            .as_deref()
+            .map(|f| {
+                limits::truncate(
+                    &limits::one_line(f, limits::MAX_FORWARDING),
+                    limits::MAX_FORWARDING,
+                )
+                .to_owned()
+            })
+            .unwrap_or_default(),
     }
 }
 

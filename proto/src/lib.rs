@@ -163,6 +163,7 @@ mod tests {
                     release: "20240101T000000Z-abc123".to_owned(),
                     backend: "127.0.0.1:8081".to_owned(),
                     draining: 2,
+                    forwarding: String::new(),
                 }),
             }],
             agent_version: "0.1.0".to_owned(),

@@ -55,6 +55,8 @@ pub const MAX_RELEASE_REASON: usize = 512;
 /// An app's public address (`PublicAddress.address`): the agent's own
 /// limit on `listen`.
 pub const MAX_PUBLIC_ADDRESS: usize = 256;
+/// `PublicAddress.forwarding`, bytes.
+pub const MAX_FORWARDING: usize = 256;
 /// Open connections a front reports as draining: far more than one
 /// process holds file descriptors for.
 pub const MAX_DRAINING: u64 = 1 << 32;
@@ -529,6 +531,11 @@ pub fn check_public(field: &str, p: &PublicAddress) -> Result<(), FieldError> {
             format!("{} is not one of {}", shown(&p.mode), known.join(", ")),
         ));
     };
+    check_line(
+        &format!("{field}.forwarding"),
+        &p.forwarding,
+        MAX_FORWARDING,
+    )?;
     let at = format!("{field}.address");
     check_line(&at, &p.address, MAX_PUBLIC_ADDRESS)?;
     if *held {
@@ -1398,7 +1405,23 @@ mod tests {
             release: release.to_owned(),
             backend: backend.to_owned(),
             draining: 0,
+            forwarding: String::new(),
         };
+        let forwarding = |text: &str| PublicAddress {
+            forwarding: text.to_owned(),
+            ..public("0.0.0.0:3000", "agent_proxy", "v7", "127.0.0.1:8081")
+        };
+        check_public(
+            "public",
+            &forwarding(
+                "kernel-forwarded for local clients (nftables table ip slipway_front_0123456789ab)",
+            ),
+        )
+        .unwrap();
+        let err = check_public("public", &forwarding("ok\nFAKE")).unwrap_err();
+        assert_eq!(err.field, "public.forwarding", "{err}");
+        let err = check_public("public", &forwarding(&"x".repeat(257))).unwrap_err();
+        assert_eq!(err.field, "public.forwarding", "{err}");
         for ok in [
             public("0.0.0.0:3000", "agent_proxy", "v7", "127.0.0.1:8081"),
             public("[::]:80", "socket_handover", "v1", ""),

@@ -227,6 +227,13 @@ pub fn public_line(p: &PublicAddress) -> String {
     if p.draining > 0 {
         let _ = write!(line, "; {} draining", p.draining);
     }
+    if !p.forwarding.is_empty() {
+        let _ = write!(
+            line,
+            "; {}",
+            limits::one_line(&p.forwarding, limits::MAX_FORWARDING)
+        );
+    }
     line
 }
 
@@ -641,6 +648,9 @@ struct PublicJson<'a> {
     release: Option<&'a str>,
     backend: Option<&'a str>,
     draining: u64,
+    /// Kernel forwarding of the node's own clients, or why not; null
+    /// when the agent did not say.
+    forwarding: Option<&'a str>,
 }
 
 impl<'a> From<&'a PublicAddress> for PublicJson<'a> {
@@ -652,6 +662,7 @@ impl<'a> From<&'a PublicAddress> for PublicJson<'a> {
             release: some(&p.release),
             backend: some(&p.backend),
             draining: p.draining,
+            forwarding: some(&p.forwarding),
         }
     }
 }

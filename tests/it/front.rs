@@ -228,11 +228,18 @@ deadline = "20s"
         [format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}")].contains(&backend.to_owned()),
         "{status:#}"
     );
+    // These agents' fronts have no `nft` (support::NO_NFT): the agent says
+    // why, and the fleet view carries it.
+    let forwarding = on["forwarding"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        forwarding.starts_with("not kernel-forwarded: ") && forwarding.contains("nft"),
+        "{status:#}"
+    );
     let out = controller.slipway(&reader, &["status"]);
     assert!(
         stdout(&out).contains(&format!(
             "public on d1: {public} (agent proxy): new connections go to {last} on {backend}"
-        )),
+        )) && stdout(&out).contains(&forwarding),
         "{}",
         text(&out)
     );
@@ -252,6 +259,11 @@ deadline = "20s"
     assert_eq!(node["public"]["address"], public.as_str(), "{apps:#}");
     assert_eq!(node["public"]["mode"], "agent_proxy", "{apps:#}");
     assert_eq!(node["public"]["release"], last.as_str(), "{apps:#}");
+    assert_eq!(
+        node["public"]["forwarding"],
+        forwarding.as_str(),
+        "{apps:#}"
+    );
     let (code, nodes) = get(&controller, &reader, "/api/v1/nodes");
     assert_eq!(code, 200, "{nodes:#}");
     assert_eq!(nodes[0]["apps"][0]["public"]["release"], last.as_str());

@@ -299,7 +299,7 @@ pub struct NodeOut {
     metrics: Option<crate::store::Metrics>,
     /// Apps of the last heartbeat, with their releases and (`public`)
     /// their public address: `address`, `mode`, `release`, `backend`,
-    /// `draining` as in `/api/v1/apps`.
+    /// `draining`, `forwarding` as in `/api/v1/apps`.
     #[schema(value_type = Vec<Object>)]
     apps: Vec<crate::store::App>,
     /// When the node was revoked.
@@ -431,6 +431,9 @@ pub struct PublicOut {
     backend: Option<String>,
     /// Connections still finishing on earlier backends.
     draining: u64,
+    /// agent_proxy in TCP mode on IPv4: whether the kernel forwards the
+    /// node's own clients to the backend, or why not; null otherwise.
+    forwarding: Option<String>,
 }
 
 impl From<&crate::store::Public> for PublicOut {
@@ -442,6 +445,7 @@ impl From<&crate::store::Public> for PublicOut {
             release: some(&p.release),
             backend: some(&p.backend),
             draining: p.draining,
+            forwarding: some(&p.forwarding),
         }
     }
 }

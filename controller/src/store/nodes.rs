@@ -84,6 +84,9 @@ pub struct Public {
     /// Connections still finishing on earlier backends.
     #[serde(default)]
     pub draining: u64,
+    /// Whether the kernel forwards the node's own clients, or why not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub forwarding: String,
 }
 
 impl From<&PublicAddress> for Public {
@@ -94,6 +97,7 @@ impl From<&PublicAddress> for Public {
             release: p.release.clone(),
             backend: p.backend.clone(),
             draining: p.draining,
+            forwarding: p.forwarding.clone(),
         }
     }
 }
@@ -106,6 +110,7 @@ impl From<&Public> for PublicAddress {
             release: p.release.clone(),
             backend: p.backend.clone(),
             draining: p.draining,
+            forwarding: p.forwarding.clone(),
         }
     }
 }

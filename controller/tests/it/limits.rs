@@ -437,6 +437,7 @@ async fn a_public_address_claim_is_checked_stored_and_a_forged_one_refused() {
     let controller = Controller::start().await;
     let (state, node_id) = controller.enroll("web-1").await;
     let mut session = controller.connect(state.path(), &node_id).await;
+    let forwarding = "kernel-forwarded for local clients (nftables table ip slipway_front_0123456789ab); clients from other machines through the front";
     let app = |address: &str, backend: &str| AppStatus {
         app: "web".to_owned(),
         current_release: "v1".to_owned(),
@@ -446,6 +447,7 @@ async fn a_public_address_claim_is_checked_stored_and_a_forged_one_refused() {
             release: "v1".to_owned(),
             backend: backend.to_owned(),
             draining: 0,
+            forwarding: forwarding.to_owned(),
         }),
         ..Default::default()
     };
@@ -490,6 +492,7 @@ async fn a_public_address_claim_is_checked_stored_and_a_forged_one_refused() {
         ),
         ("0.0.0.0:3000", "agent_proxy", "v1", "127.0.0.1:8081")
     );
+    assert_eq!(public.forwarding, forwarding);
     controller.stop().await;
 }
 
