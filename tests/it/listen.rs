@@ -1,8 +1,9 @@
 //! The agent-held public address through the controller: an exec app with
 //! `listen` gets deploys pushed with `slipway deploy --wait` to
-//! `slipway-agent run`, and the agent itself restarts, all under load, and
-//! not one request is refused or lost (the socket lives in the app's
-//! supervisor, which a restart of the agent does not touch).
+//! `slipway-agent run`, the agent itself restarts and the app is restarted
+//! through the controller, all under load, and not one request is refused
+//! or lost (the socket lives in the app's supervisor, which a restart of
+//! the agent does not touch).
 
 // Helpers here panic on a failed setup step, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -17,7 +18,7 @@ use crate::support::{artifact, sha256_file, text, Agent, Controller};
 const SOCKET_APP: &str = include_str!("../fixtures/socket_server.py");
 
 #[test]
-fn pushed_exec_deploys_and_an_agent_restart_under_load_lose_nothing() {
+fn pushed_exec_deploys_an_agent_restart_and_an_app_restart_under_load_lose_nothing() {
     const DEPLOYS: usize = 20;
     let controller = Controller::start();
     let mut agent = Agent::enroll_with(&controller, "l1", "web", |root, port| {
@@ -69,6 +70,22 @@ deadline = "20s"
             controller.wait_online(&reader, 1, Duration::from_secs(30));
         }
     }
+    // A restart pushed by the controller, under the same load: a new
+    // process of the live release on the held socket, then the old one
+    // drains.
+    let before = agent.app_pid().unwrap();
+    let out = controller.slipway(&deployer, &["restart", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("[l1] SUCCEEDED (release v{DEPLOYS})")),
+        "{}",
+        text(&out)
+    );
+    assert_ne!(
+        agent.app_pid().unwrap(),
+        before,
+        "the app was not restarted"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
     eprintln!(

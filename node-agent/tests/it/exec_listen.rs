@@ -81,7 +81,7 @@ fn status(node: &Node) -> serde_json::Value {
 }
 
 #[test]
-fn twenty_deploys_under_load_on_the_held_socket_lose_nothing() {
+fn twenty_deploys_and_restarts_under_load_on_the_held_socket_lose_nothing() {
     let a = app();
     a.node
         .deploy(&release(&a.node, "v1", None, true), "v1")
@@ -99,6 +99,32 @@ fn twenty_deploys_under_load_on_the_held_socket_lose_nothing() {
         let rep = run.json();
         assert_eq!(rep["outcome"], "succeeded", "deploy {v}: {rep:#}");
         versions.insert(v);
+    }
+    // Restarts of the app under the same load: each starts a new process
+    // of the live release on the held socket, gated, then the old one
+    // drains, as a deploy does.
+    // The pid of the one process left once an old one has drained.
+    let pid = |node: &Node| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = status(node);
+            let procs = s["apps"][0]["processes"]["processes"].clone();
+            if procs.as_array().is_some_and(|p| p.len() == 1) {
+                assert_eq!(procs[0]["release"], "v21", "{s:#}");
+                return procs[0]["pid"].clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never one process: {s:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for _ in 0..2 {
+        let before = pid(&a.node);
+        a.node.run(&["restart", "--app", "web"]).ok();
+        let after = pid(&a.node);
+        assert_ne!(before, after, "a restart started a new process");
     }
     // A request after the last switch answers from the last release.
     std::thread::sleep(Duration::from_millis(300));
@@ -124,7 +150,7 @@ fn twenty_deploys_under_load_on_the_held_socket_lose_nothing() {
     let procs = s["apps"][0]["processes"]["processes"].as_array().unwrap();
     assert_eq!(procs.len(), 1, "{s:#}");
     assert_eq!(procs[0]["release"], "v21");
-    eprintln!("20 deploys under load: {}", report.summary());
+    eprintln!("20 deploys and 2 restarts under load: {}", report.summary());
 }
 
 #[test]
