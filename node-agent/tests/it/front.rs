@@ -417,7 +417,7 @@ fn the_http_front_adds_forwarding_headers_and_answers_502_without_a_backend() {
 const PM2_SERVER: &str = include_str!("../fixtures/pm2-app/server.js");
 
 /// Kills this test's PM2 daemon, whatever happened.
-struct Pm2Home(PathBuf);
+pub(crate) struct Pm2Home(pub(crate) PathBuf);
 
 impl Drop for Pm2Home {
     fn drop(&mut self) {
@@ -431,8 +431,19 @@ impl Drop for Pm2Home {
 /// A node whose app `web` is a one-instance PM2 fork-mode app behind the
 /// front on `public`, its process sets on `ports`.
 fn pm2_fork_node(public: u16, ports: [u16; 2], pm2_home: &Path) -> Node {
+    pm2_fork_node_with(public, ports, pm2_home, "")
+}
+
+/// [`pm2_fork_node`] with `extra` lines in `[apps.web]`.
+pub(crate) fn pm2_fork_node_with(
+    public: u16,
+    ports: [u16; 2],
+    pm2_home: &Path,
+    extra: &str,
+) -> Node {
     Node::new(&format!(
         r#"listen = "127.0.0.1:{public}"
+{extra}
 
 [apps.web.run]
 driver = "pm2"

@@ -11,12 +11,13 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use slipway_agent::front::kernel;
 
+use crate::front::{pm2_fork_node_with as pm2_node, Pm2Home};
 use crate::support::load::{Load, Timeline};
 use crate::support::{free_port, free_ports, http_get, netns, wait_until, Node};
 
@@ -25,18 +26,6 @@ const LOAD_REQUESTS: usize = 200_000;
 /// The PM2 test app (answers `RELEASE PID` on $PORT).
 const PM2_SERVER: &str = include_str!("../fixtures/pm2-app/server.js");
 
-/// Kills this test's PM2 daemon, whatever happened.
-struct Pm2Home(PathBuf);
-
-impl Drop for Pm2Home {
-    fn drop(&mut self) {
-        let _ = Command::new("pm2")
-            .arg("kill")
-            .env("PM2_HOME", &self.0)
-            .output();
-    }
-}
-
 /// Stops the app (and its front) however the test ends.
 struct StopApp<'a>(&'a Node);
 
@@ -44,36 +33,6 @@ impl Drop for StopApp<'_> {
     fn drop(&mut self) {
         let _ = self.0.run(&["stop", "--app", "web"]);
     }
-}
-
-/// A PM2 fork-mode app `web` behind the front on `public` (TCP mode),
-/// plus `extra` lines in `[apps.web]`.
-fn pm2_node(public: u16, ports: [u16; 2], pm2_home: &Path, extra: &str) -> Node {
-    Node::new(&format!(
-        r#"listen = "127.0.0.1:{public}"
-{extra}
-
-[apps.web.run]
-driver = "pm2"
-script = "server.js"
-instances = 1
-exec_mode = "fork"
-ports = [{}, {}]
-pm2_home = "{}"
-
-[apps.web.health]
-check = "http"
-url = "http://127.0.0.1:{{port}}/api/health"
-interval = "100ms"
-successes = 2
-retries = 2
-start_period = "500ms"
-deadline = "30s"
-"#,
-        ports[0],
-        ports[1],
-        pm2_home.display()
-    ))
 }
 
 /// Deploys release `v` with `env` added: the report, and the agent's log
