@@ -624,6 +624,17 @@ impl Store {
             }
         }
     }
+
+    /// [`Self::begin`] without [`WRITE_LOCK`] on PostgreSQL, for writes
+    /// that touch only rows of their own (inserts of new rows, deletes of
+    /// the caller's rows) and need no one-at-a-time order there; SQLite
+    /// still takes its write lock at once (IMMEDIATE).
+    async fn begin_unlocked(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => Ok(self.pool.begin().await?),
+        }
+    }
 }
 
 /// The index of the first migration of `migrations` a database at

@@ -270,12 +270,8 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
-        // Inserts only: no advisory write lock on PostgreSQL (rows of
-        // their own); SQLite takes its write lock at once.
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        // Inserts only: rows of their own.
+        let mut tx = self.begin_unlocked().await?;
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
             let values = (0..chunk.len())
                 .map(|i| {
@@ -426,12 +422,8 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        // Deletes of the sender's own rows: no advisory write lock needed
-        // on PostgreSQL.
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        // Deletes of the sender's own rows.
+        let mut tx = self.begin_unlocked().await?;
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let list = super::placeholders(chunk.len());
             let sql = format!("DELETE FROM node_command_events WHERE command_row IN ({list})");
